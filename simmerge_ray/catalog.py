@@ -1,0 +1,165 @@
+"""The catalog file: which checkpoints exist, their optional base, and each task's data.
+
+One YAML file is shared by every stage (features, probes, labels, planning), so it is validated
+once here, at the edge, with errors that name the entry at fault. Paths are relative to the
+file unless absolute.
+
+    base: checkpoints/base          # optional
+    models:
+      - name: code-1
+        path: checkpoints/code-1
+        task: code                  # optional: the task this model is the expert of
+    tasks:
+      code: {probes: probes/code.jsonl, eval: eval/code.jsonl}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from simmerge_ray.errors import ConfigError
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    path: Path
+    task: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ \t\n"):
+            raise ValueError("must be non-empty with no slashes or whitespace")
+        return v
+
+
+class TaskEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    probes: Path | None = None
+    eval: Path | None = None
+
+
+class Catalog(BaseModel):
+    """A validated catalog with absolute paths."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    base: Path | None = None
+    models: list[ModelEntry]
+    tasks: dict[str, TaskEntry] = {}
+    source: Path | None = None  # the file it was read from, for messages
+
+    @classmethod
+    def load(cls, path: str | Path, *, check_paths: bool = True) -> "Catalog":
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: catalog file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a catalog is a mapping with a 'models' list")
+        return cls.from_dict(raw, root=path.parent, source=path, check_paths=check_paths)
+
+    @classmethod
+    def from_dict(cls, raw: dict, *, root: Path, source: Path | None = None,
+                  check_paths: bool = True) -> "Catalog":
+        where = source or "catalog"
+        try:
+            cat = cls.model_validate({**raw, "source": source})
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = _describe_loc(raw, err["loc"])
+            raise ConfigError(f"{where}: {loc}: {err['msg']}") from None
+        models = [m.model_copy(update={"path": _resolve(root, m.path)}) for m in cat.models]
+        tasks = {
+            t: TaskEntry(probes=_resolve(root, e.probes), eval=_resolve(root, e.eval))
+            for t, e in cat.tasks.items()
+        }
+        cat = cat.model_copy(update={"models": models, "tasks": tasks, "base": _resolve(root, cat.base)})
+        seen: set[str] = set()
+        for i, m in enumerate(cat.models):
+            if m.name in seen:
+                raise ConfigError(f"{where}: models[{i}] (name {m.name!r}): duplicate model name")
+            seen.add(m.name)
+            if check_paths and not m.path.exists():
+                raise ConfigError(f"{where}: models[{i}] (name {m.name!r}): path {m.path} does not exist")
+        if check_paths and cat.base is not None and not cat.base.exists():
+            raise ConfigError(f"{where}: base: path {cat.base} does not exist")
+        return cat
+
+    # ---- lookups -------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def model(self, name: str) -> ModelEntry:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError(f"{self.source or 'catalog'}: no model named {name!r}; known: {', '.join(self.names)}")
+
+    def experts(self, task: str) -> list[ModelEntry]:
+        return [m for m in self.models if m.task == task]
+
+    def task(self, name: str) -> TaskEntry:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise ConfigError(
+                f"{self.source or 'catalog'}: no task named {name!r}; known: {', '.join(self.tasks)}"
+            ) from None
+
+    def to_yaml(self, relative_to: Path | None = None) -> str:
+        """Serialise, with paths relative to `relative_to` where possible (portable catalogs)."""
+
+        def rel(p: Path | None) -> str | None:
+            if p is None:
+                return None
+            if relative_to is not None:
+                try:
+                    return str(Path(p).resolve().relative_to(Path(relative_to).resolve()))
+                except ValueError:
+                    pass
+            return str(p)
+
+        out: dict = {}
+        if self.base is not None:
+            out["base"] = rel(self.base)
+        out["models"] = [
+            {"name": m.name, "path": rel(m.path), **({"task": m.task} if m.task else {})} for m in self.models
+        ]
+        if self.tasks:
+            out["tasks"] = {
+                t: {k: rel(v) for k, v in (("probes", e.probes), ("eval", e.eval)) if v is not None}
+                for t, e in self.tasks.items()
+            }
+        return yaml.safe_dump(out, sort_keys=False)
+
+
+def _resolve(root: Path, p: Path | None) -> Path | None:
+    if p is None:
+        return None
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else (root / p).resolve()
+
+
+def _describe_loc(raw: dict, loc: tuple) -> str:
+    """'models[2] (name 'x').path' style location for a pydantic error."""
+    parts: list[str] = []
+    node: object = raw
+    for key in loc:
+        if isinstance(key, int):
+            label = f"[{key}]"
+            if isinstance(node, list) and key < len(node) and isinstance(node[key], dict) and "name" in node[key]:
+                label += f" (name {node[key]['name']!r})"
+            parts.append(label)
+            node = node[key] if isinstance(node, list) and key < len(node) else None
+        else:
+            parts.append(("." if parts else "") + str(key))
+            node = node.get(key) if isinstance(node, dict) else None
+    return "".join(parts) or "catalog"

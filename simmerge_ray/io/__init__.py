@@ -1,0 +1,1 @@
+"""Checkpoint reading, streaming safetensors writing, atomic output folders."""

@@ -1,0 +1,212 @@
+"""Open a Hugging Face checkpoint folder without loading it.
+
+A `Checkpoint` is an index (tensor name -> shard file, byte range, dtype, shape) built from the
+safetensors headers alone; tensors are read one at a time on demand. Nothing here holds more
+than the tensor being read, so a 111B-parameter folder opens in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from simmerge_ray.errors import CheckpointError
+from simmerge_ray.io.digest_cache import file_digest
+from simmerge_ray.io.safetensors_format import DTYPE_TO_TORCH, TORCH_TO_DTYPE, TensorEntry, read_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+_LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_index(tensor_name: str) -> int | None:
+    """Transformer block index of a tensor (`model.layers.7.mlp...` -> 7), None outside blocks."""
+    m = _LAYER_RE.search(tensor_name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder's tensor index plus its config; reads tensors lazily."""
+
+    path: Path
+    config: dict
+    entries: dict[str, TensorEntry]
+    header_bytes: dict[str, bytes] = field(repr=False, default_factory=dict)
+    _pickled: dict[str, torch.Tensor] | None = field(repr=False, default=None)
+
+    # ---- opening -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, allow_pickle: bool = False) -> "Checkpoint":
+        """Index a checkpoint folder (or a lone .safetensors file) from its headers only."""
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"{path}: checkpoint not found")
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise CheckpointError(f"{path}: expected a checkpoint folder or a .safetensors file")
+            entries, _, raw = read_header(path)
+            return cls(path, {}, entries, {path.name: raw})
+        config = _read_config(path)
+        index = path / INDEX_FILE
+        if index.exists():
+            files = _shards_from_index(path, index)
+        elif (path / SINGLE_FILE).exists():
+            files = {SINGLE_FILE: None}
+        else:
+            loose = sorted(p.name for p in path.glob("*.safetensors"))
+            if loose:
+                files = {name: None for name in loose}
+            elif any((path / name).exists() for name in PICKLE_FILES) or list(path.glob("pytorch_model*.bin")):
+                if not allow_pickle:
+                    raise CheckpointError(
+                        f"{path}: holds only a pickle-based .bin checkpoint; loading pickle can run "
+                        f"arbitrary code. Convert it once with `simmerge convert {path} --out DIR "
+                        f"--allow-pickle`, or pass --allow-pickle to read it anyway."
+                    )
+                return cls._from_pickle(path, config)
+            else:
+                raise CheckpointError(f"{path}: no model.safetensors, shards or index found")
+        entries: dict[str, TensorEntry] = {}
+        headers: dict[str, bytes] = {}
+        for fname, expected in files.items():
+            shard = path / fname
+            if not shard.exists():
+                raise CheckpointError(f"{path}: shard {fname} listed in {INDEX_FILE} is missing")
+            found, _, raw = read_header(shard)
+            headers[fname] = raw
+            if expected is not None:
+                absent = sorted(expected - found.keys())
+                if absent:
+                    raise CheckpointError(
+                        f"{path}: tensor {absent[0]!r} is listed in {INDEX_FILE} under {fname} "
+                        f"but absent from that shard ({len(absent)} missing)"
+                    )
+            for name, entry in found.items():
+                if name in entries:
+                    raise CheckpointError(f"{path}: tensor {name!r} appears in two shards")
+                entries[name] = entry
+        return cls(path, config, entries, headers)
+
+    @classmethod
+    def _from_pickle(cls, path: Path, config: dict) -> "Checkpoint":
+        state: dict[str, torch.Tensor] = {}
+        for f in sorted(path.glob("pytorch_model*.bin")):
+            state.update(torch.load(f, map_location="cpu", mmap=True, weights_only=False))
+        entries = {
+            name: TensorEntry(name, TORCH_TO_DTYPE[t.dtype], tuple(t.shape), path / "pytorch_model.bin", 0, 0)
+            for name, t in state.items()
+        }
+        return cls(path, config, entries, {}, state)
+
+    # ---- metadata ------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self.entries)
+
+    @property
+    def num_layers(self) -> int:
+        n = self.config.get("num_hidden_layers") or self.config.get("n_layer")
+        if n:
+            return int(n)
+        idx = [layer_index(k) for k in self.entries]
+        found = [i for i in idx if i is not None]
+        return max(found) + 1 if found else 0
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """True when the output head shares the input embedding (and so is absent on disk)."""
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def _entry(self, name: str) -> TensorEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+
+    # ---- reading -------------------------------------------------------------------------
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor in its stored dtype.
+
+        Reads the byte range the (validated) header declares with a positioned read into a
+        fresh tensor: one copy from the page cache, and no mapping that would leave the
+        whole file's pages counted against this process.
+        """
+        entry = self._entry(name)
+        if self._pickled is not None:
+            return self._pickled[name]
+        out = torch.empty(entry.shape, dtype=DTYPE_TO_TORCH[entry.dtype])
+        if entry.nbytes == 0:
+            return out
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        fd = os.open(entry.file, os.O_RDONLY)
+        try:
+            got = 0
+            while got < entry.nbytes:
+                n = os.preadv(fd, [view[got:]], entry.begin + got)
+                if n <= 0:
+                    raise CheckpointError(f"{entry.file}: truncated while reading tensor {name!r}")
+                got += n
+        except OSError as e:
+            raise CheckpointError(f"{entry.file}: cannot read tensor {name!r}: {e}") from None
+        finally:
+            os.close(fd)
+        return out
+
+    def read_f32(self, name: str) -> torch.Tensor:
+        return self.read(name).to(torch.float32)
+
+    # ---- identity ------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Content fingerprint: headers plus file digests (cached by path, size and mtime).
+
+        Two folders with the same tensors in the same shards get the same fingerprint
+        wherever they live, so caches keyed by it survive moves and copies.
+        """
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps(self.config, sort_keys=True).encode())
+        files = sorted({e.file for e in self.entries.values()})
+        for f in files:
+            h.update(f.name.encode())
+            h.update(self.header_bytes.get(f.name, b""))
+            h.update(file_digest(f).encode())
+        return h.hexdigest()
+
+
+def _read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.exists():
+        return {}
+    try:
+        return json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg}: invalid JSON ({e})") from None
+
+
+def _shards_from_index(path: Path, index: Path) -> dict[str, set[str]]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: invalid index file ({e!r})") from None
+    files: dict[str, set[str]] = {}
+    for tensor, fname in weight_map.items():
+        files.setdefault(fname, set()).add(tensor)
+    return dict(sorted(files.items()))

@@ -1,0 +1,49 @@
+"""Content digests of large files, remembered by (path, size, mtime) so each file is hashed once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+from simmerge_ray.io.atomic import atomic_write_text
+
+_LOCK = threading.Lock()
+CHUNK = 16 * 1024 * 1024
+
+
+def cache_root() -> Path:
+    """Where the project keeps caches (override with SIMMERGE_CACHE)."""
+    return Path(os.environ.get("SIMMERGE_CACHE", Path.home() / ".cache" / "simmerge"))
+
+
+def file_digest(path: Path) -> str:
+    """blake2b of a file's bytes; a file unchanged since the last call is not read again."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    store = cache_root() / "file_digests.json"
+    with _LOCK:
+        known = _load(store)
+        if key in known:
+            return known[key]
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    with _LOCK:
+        known = _load(store)
+        known[key] = digest
+        store.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(store, json.dumps(known))
+    return digest
+
+
+def _load(store: Path) -> dict[str, str]:
+    try:
+        return json.loads(store.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}

@@ -1,0 +1,179 @@
+"""The safetensors file format: header parsing with validation, and a streaming writer.
+
+We parse headers ourselves (8-byte little-endian length + JSON) so that a truncated or corrupt
+file is reported by name before any tensor is read, and we write files tensor by tensor so a
+merge never holds a whole output shard in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from simmerge_ray.errors import CheckpointError
+
+DTYPE_TO_TORCH: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TORCH_TO_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_TO_TORCH.items()}
+DTYPE_BYTES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}
+# Names users write in configs (mergekit style) -> safetensors dtype codes.
+DTYPE_ALIASES: dict[str, str] = {
+    "bfloat16": "BF16", "bf16": "BF16",
+    "float16": "F16", "fp16": "F16", "half": "F16",
+    "float32": "F32", "fp32": "F32", "float": "F32",
+    "float64": "F64",
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def dtype_code(name: str) -> str:
+    """Map a user dtype name ('bfloat16', 'BF16', 'fp32', ...) to a safetensors dtype code."""
+    if name in DTYPE_TO_TORCH:
+        return name
+    code = DTYPE_ALIASES.get(name.lower())
+    if code is None:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPE_ALIASES)}")
+    return code
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its shard file and byte range, as declared in the header."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    begin: int  # absolute file offset of the first byte
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], bytes]:
+    """Parse and validate a safetensors header; return (entries, metadata, raw header bytes).
+
+    Checks that the header is valid JSON, that every byte range is consistent with dtype and
+    shape, and that the file is long enough to hold every tensor (truncation is caught here).
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: corrupt or truncated safetensors header (declares {n} header bytes, "
+                    f"file has {size})"
+                )
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    entries: dict[str, TensorEntry] = {}
+    for name, spec in header.items():
+        try:
+            dtype, shape, (b, e) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
+        entry = TensorEntry(name, dtype, shape, path, data_start + b, data_start + e)
+        if dtype in DTYPE_BYTES and entry.nbytes != entry.numel * DTYPE_BYTES[dtype]:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} declares {entry.nbytes} bytes for shape {list(shape)} {dtype}"
+            )
+        if entry.end > size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name!r} ends at byte {entry.end} but the file has {size}"
+            )
+        entries[name] = entry
+    return entries, metadata, raw
+
+
+class StreamingWriter:
+    """Write a safetensors file one tensor at a time, in a declared order.
+
+    The header is computed up front from the declared (name, shape, dtype) list, so each tensor
+    can be written and dropped as soon as it is computed: memory stays at one tensor.
+    """
+
+    def __init__(self, path: Path, specs: list[tuple[str, tuple[int, ...], str]],
+                 metadata: dict[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self._specs = list(specs)
+        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for name, shape, dtype in self._specs:
+            nbytes = DTYPE_BYTES[dtype]
+            for d in shape:
+                nbytes *= d
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._f: BinaryIO = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, shape, dtype = self._specs[self._next]
+        if name != want_name:
+            raise ValueError(f"{self.path}: expected tensor {want_name!r} next, got {name!r}")
+        if tuple(tensor.shape) != tuple(shape) or TORCH_TO_DTYPE[tensor.dtype] != dtype:
+            raise ValueError(
+                f"{self.path}: tensor {name!r} is {list(tensor.shape)} {tensor.dtype}, "
+                f"declared {list(shape)} {dtype}"
+            )
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        if t.numel():
+            self._f.write(memoryview(t.view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._specs):
+            missing = [s[0] for s in self._specs[self._next:]]
+            self._f.close()
+            raise ValueError(f"{self.path}: closed before writing {missing[:3]}...")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+        self.path.unlink(missing_ok=True)

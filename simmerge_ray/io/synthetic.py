@@ -1,0 +1,147 @@
+"""Synthetic checkpoints of real transformers architectures, for tests and benchmarks.
+
+Tensor names and shapes come from the architecture's own transformers classes (instantiated on
+the meta device, so a 100B-shaped model costs nothing); values come from a seeded generator per
+tensor, so any tensor can be regenerated alone and the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from simmerge_ray.io.atomic import atomic_output_dir
+from simmerge_ray.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
+from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, StreamingWriter, dtype_code
+
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt_neox", "cohere2")
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """What to generate: an architecture at a size, a seed, a storage dtype and a shard size."""
+
+    architecture: str = "llama"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    vocab_size: int = 256
+    tie_word_embeddings: bool = False
+    seed: int = 0
+    dtype: str = "bfloat16"
+    max_shard_bytes: int = 2 * 1024**3
+    init_std: float = 0.02
+
+
+def make_config(spec: SyntheticSpec):
+    """A transformers config object for the spec's architecture and size."""
+    from transformers import AutoConfig
+
+    if spec.architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture {spec.architecture!r} not in {ARCHITECTURES}")
+    inter = spec.intermediate_size or 4 * spec.hidden_size
+    kw: dict = dict(
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        intermediate_size=inter,
+        vocab_size=spec.vocab_size,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        max_position_embeddings=512,
+    )
+    if spec.architecture != "gpt_neox":
+        kw["num_key_value_heads"] = spec.num_kv_heads or spec.num_heads
+    if spec.architecture == "cohere2":
+        kw["sliding_window"] = 64
+    cfg = AutoConfig.for_model(spec.architecture, **kw)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cfg.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[spec.architecture]]
+    cfg.torch_dtype = DTYPE_TO_TORCH[dtype_code(spec.dtype)]
+    return cfg
+
+
+def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors a checkpoint of this config stores (tied ones once)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}|{name}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float,
+                  *, norms_at_one: bool = True) -> torch.Tensor:
+    """The float32 values of one synthetic tensor (norm weights near 1 unless told otherwise)."""
+    g = torch.Generator().manual_seed(_tensor_seed(seed, name))
+    t = torch.randn(shape, generator=g) * std
+    if norms_at_one and "norm" in name and len(shape) == 1 and name.endswith("weight"):
+        t = 1.0 + t
+    return t
+
+
+def write_checkpoint(out: Path, config, tensors, dtype: str, max_shard_bytes: int,
+                     *, overwrite: bool = False) -> Path:
+    """Write named tensors (an iterable of (name, shape, producer)) as a sharded HF folder.
+
+    `producer()` is called for one tensor at a time, right before it is written.
+    """
+    code = dtype_code(dtype)
+    items = list(tensors)
+    shards: list[list[tuple[str, tuple[int, ...], object]]] = [[]]
+    size = 0
+    for name, shape, producer in items:
+        nbytes = DTYPE_BYTES[code] * int(torch.Size(shape).numel())
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape, producer))
+        size += nbytes
+    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+        weight_map: dict[str, str] = {}
+        total = 0
+        for i, shard in enumerate(shards):
+            fname = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            w = StreamingWriter(tmp / fname, [(n, s, code) for n, s, _ in shard])
+            for name, shape, producer in shard:
+                t = producer().to(DTYPE_TO_TORCH[code])
+                w.write(name, t)
+                weight_map[name] = fname
+                total += t.numel() * t.element_size()
+            w.close()
+        if len(shards) > 1:
+            (tmp / INDEX_FILE).write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
+        config.save_pretrained(tmp)
+    return Path(out)
+
+
+def make_checkpoint(out: Path, spec: SyntheticSpec, *, base: Path | None = None,
+                    delta_std: float = 0.0, overwrite: bool = False) -> Path:
+    """Generate a checkpoint; with `base`, values are base + seeded noise of `delta_std`
+    (a fine-tune-like variant that shares the base's direction, as real experts do)."""
+    config = make_config(spec)
+    shapes = tensor_shapes(config)
+    base_ckpt = Checkpoint.open(base) if base is not None else None
+
+    def producer(name: str, shape: tuple[int, ...]):
+        def make() -> torch.Tensor:
+            if base_ckpt is None:
+                return random_tensor(name, shape, spec.seed, spec.init_std)
+            delta = random_tensor(name, shape, spec.seed, delta_std, norms_at_one=False)
+            return base_ckpt.read_f32(name) + delta
+        return make
+
+    items = [(n, s, producer(n, s)) for n, s in shapes.items()]
+    return write_checkpoint(out, config, items, spec.dtype, spec.max_shard_bytes, overwrite=overwrite)

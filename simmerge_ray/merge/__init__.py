@@ -1,0 +1,1 @@
+"""Merging: operators (pure tensor math), mergekit-compatible configs, and the streaming executor."""

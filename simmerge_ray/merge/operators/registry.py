@@ -1,0 +1,87 @@
+"""The merge-method registry: each method is a pure tensor function plus its parameters as data.
+
+A method's function receives float32 tensors and resolved parameter values for one tensor name
+and returns the merged float32 tensor. It does no I/O and knows nothing of Ray, so it is tested
+directly against mergekit on small tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from simmerge_ray.errors import ConfigError
+
+Value = float | int | bool
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method. `per_model` ones are set per input model (e.g. weight)."""
+
+    name: str
+    default: Value | None = None  # None: required
+    per_model: bool = False
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What a method sees for one tensor: the models' values, the base, and parameter values."""
+
+    tensors: list[torch.Tensor]  # float32, one per non-base model, in config order
+    base: torch.Tensor | None  # float32 or None
+    per_model: dict[str, list[Value]]  # param name -> one value per tensor above
+    options: dict[str, Value]  # global parameters
+    generator: torch.Generator | None = None  # for stochastic methods, seeded per tensor
+
+
+MethodFn = Callable[[MergeInputs], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method: its function, parameters and input constraints."""
+
+    name: str
+    fn: MethodFn
+    params: tuple[Param, ...]
+    needs_base: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    stochastic: bool = False
+    # With `base_in_inputs`, the base model's tensor is passed as one of `tensors` (slerp, linear);
+    # otherwise it is only `base` and its own entry in `models` (if any) is dropped (TIES & co).
+    base_in_inputs: bool = True
+    doc: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    for key in (method.name, *method.aliases):
+        if key in METHODS:
+            raise ValueError(f"merge method {key!r} registered twice")
+        METHODS[key] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look a method up by name; the error lists what exists."""
+    import simmerge_ray.merge.operators  # noqa: F401  (registers the built-in methods)
+
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(
+            f"merge_method: unknown method {name!r}; known: {', '.join(sorted(METHODS))}"
+        ) from None

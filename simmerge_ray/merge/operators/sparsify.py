@@ -1,0 +1,43 @@
+"""Sparsification of task vectors: keep the largest coordinates (TIES) or a random share (DARE)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rescale_l1(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale `masked` so its l1 norm matches `original`'s (DARE's rescaling)."""
+    before = original.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """Zero all but the round(down) `density` share of coordinates with the largest |delta|.
+
+    Ties in |delta| are broken by torch.argsort's order, as mergekit does, so results agree
+    element for element.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    order = torch.argsort(delta.abs().reshape(-1), descending=True)[:k]
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
+    mask[order] = 1
+    masked = delta * mask.reshape(delta.shape)
+    return rescale_l1(delta, masked) if rescale else masked
+
+
+def random(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Keep each coordinate with probability `density` (a seeded Bernoulli mask)."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
+    masked = delta * mask
+    return rescale_l1(delta, masked) if rescale else masked

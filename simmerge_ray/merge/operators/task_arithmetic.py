@@ -1,0 +1,89 @@
+"""The task-arithmetic family: merges of task vectors (model - base), declared as data.
+
+TIES, DARE and plain task arithmetic differ only in how each task vector is sparsified and
+whether a sign consensus masks disagreeing coordinates; each variant below is one row of data
+over the same function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from simmerge_ray.merge.operators import sparsify
+from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, register
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    sparsification: str | None  # None | "magnitude" | "random"
+    consensus: bool  # TIES sign election by sum
+    default_normalize: bool
+    default_rescale: bool
+
+
+VARIANTS = (
+    Variant("task_arithmetic", None, False, False, False),
+    Variant("ties", "magnitude", True, True, False),
+    Variant("dare_ties", "random", True, False, True),
+    Variant("dare_linear", "random", False, False, True),
+)
+
+
+def generalized_task_arithmetic(inp: MergeInputs, *, variant: Variant) -> torch.Tensor:
+    base = inp.base
+    assert base is not None
+    if not inp.tensors:
+        return base.clone()
+    opts = inp.options
+    deltas = torch.empty((len(inp.tensors), *base.shape), dtype=base.dtype)
+    for i, t in enumerate(inp.tensors):
+        delta = t - base
+        density = float(inp.per_model["density"][i])
+        if variant.sparsification == "magnitude":
+            delta = sparsify.magnitude(delta, density, bool(opts["rescale"]))
+        elif variant.sparsification == "random":
+            delta = sparsify.random(delta, density, bool(opts["rescale"]), inp.generator)
+        deltas[i] = delta
+    weights = torch.tensor([float(w) for w in inp.per_model["weight"]], dtype=base.dtype)
+    weights = weights.reshape(-1, *([1] * base.dim()))
+    deltas.mul_(weights)
+    if variant.consensus:
+        elected = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+        mask = (deltas.sign() == elected).to(base.dtype)
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0).expand_as(mixed).clone()
+        divisor[divisor.abs() < 1e-8] = 1
+    if opts["normalize"]:
+        mixed = mixed / divisor
+    lam = float(opts["lambda"])
+    if lam != 1:
+        mixed = mixed * lam
+    return base + mixed
+
+
+for _v in VARIANTS:
+    register(MergeMethod(
+        name=_v.name,
+        fn=partial(generalized_task_arithmetic, variant=_v),
+        params=(
+            Param("weight", per_model=True),
+            Param("density", 1.0, per_model=True),
+            Param("normalize", _v.default_normalize),
+            Param("rescale", _v.default_rescale),
+            Param("lambda", 1.0),
+            Param("int8_mask", False),
+        ),
+        needs_base=True,
+        min_models=1,
+        stochastic=_v.sparsification == "random",
+        base_in_inputs=False,
+        doc=f"task vectors; sparsification={_v.sparsification}, sign consensus={_v.consensus}",
+    ))

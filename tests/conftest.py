@@ -1,0 +1,44 @@
+"""Shared fixtures: one real local Ray cluster per test session, on its own temp dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the project's caches (file digests, probe outputs) inside the test session."""
+    os.environ["SIMMERGE_CACHE"] = str(tmp_path_factory.mktemp("simmerge-cache"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray started by the tests (short temp dir: Ray's socket paths have a length limit)."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    ray.init(
+        num_cpus=4,
+        object_store_memory=300 * 1024 * 1024,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"SIMMERGE_CACHE": os.environ["SIMMERGE_CACHE"]}},
+    )
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
