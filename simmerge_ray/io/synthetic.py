@@ -16,6 +16,7 @@ import torch
 
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
+from simmerge_ray.io.side_files import copy_side_files
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, StreamingWriter, dtype_code
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt_neox", "cohere2")
@@ -90,30 +91,30 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float,
     return t
 
 
-def write_checkpoint(out: Path, config, tensors, dtype: str, max_shard_bytes: int,
-                     *, overwrite: bool = False) -> Path:
-    """Write named tensors (an iterable of (name, shape, producer)) as a sharded HF folder.
+def write_checkpoint(out: Path, config, tensors, max_shard_bytes: int, *, overwrite: bool = False,
+                     side_files_from: Path | None = None) -> Path:
+    """Write tensors as a (sharded) HF folder; `tensors` yields (name, shape, dtype, producer).
 
-    `producer()` is called for one tensor at a time, right before it is written.
+    `producer()` is called for one tensor at a time, right before it is written, so memory
+    stays at one tensor. `config` is a transformers config (saved as config.json) or a dict.
     """
-    code = dtype_code(dtype)
-    items = list(tensors)
-    shards: list[list[tuple[str, tuple[int, ...], object]]] = [[]]
+    items = [(name, tuple(shape), dtype_code(dtype), producer) for name, shape, dtype, producer in tensors]
+    shards: list[list] = [[]]
     size = 0
-    for name, shape, producer in items:
-        nbytes = DTYPE_BYTES[code] * int(torch.Size(shape).numel())
+    for item in items:
+        nbytes = DTYPE_BYTES[item[2]] * int(torch.Size(item[1]).numel())
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append((name, shape, producer))
+        shards[-1].append(item)
         size += nbytes
     with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
         weight_map: dict[str, str] = {}
         total = 0
         for i, shard in enumerate(shards):
             fname = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            w = StreamingWriter(tmp / fname, [(n, s, code) for n, s, _ in shard])
-            for name, shape, producer in shard:
+            w = StreamingWriter(tmp / fname, [(n, s, c) for n, s, c, _ in shard])
+            for name, _, code, producer in shard:
                 t = producer().to(DTYPE_TO_TORCH[code])
                 w.write(name, t)
                 weight_map[name] = fname
@@ -123,7 +124,12 @@ def write_checkpoint(out: Path, config, tensors, dtype: str, max_shard_bytes: in
             (tmp / INDEX_FILE).write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
             )
-        config.save_pretrained(tmp)
+        if isinstance(config, dict):
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        else:
+            config.save_pretrained(tmp)
+        if side_files_from is not None:
+            copy_side_files(Path(side_files_from), tmp)
     return Path(out)
 
 
@@ -143,5 +149,5 @@ def make_checkpoint(out: Path, spec: SyntheticSpec, *, base: Path | None = None,
             return base_ckpt.read_f32(name) + delta
         return make
 
-    items = [(n, s, producer(n, s)) for n, s in shapes.items()]
-    return write_checkpoint(out, config, items, spec.dtype, spec.max_shard_bytes, overwrite=overwrite)
+    items = [(n, s, spec.dtype, producer(n, s)) for n, s in shapes.items()]
+    return write_checkpoint(out, config, items, spec.max_shard_bytes, overwrite=overwrite)

@@ -136,6 +136,16 @@ class MergeSpec:
             elif p.name not in self.parameters:
                 raise ConfigError(f"{self.source}: missing parameter {p.name!r} for {self.method.name}")
 
+    def check_tensors(self, names: list[str], num_layers: int) -> None:
+        """Resolve every tensor's parameters up front: a bad value fails before any read."""
+        for name in names:
+            options, per_model = self.resolve(name, num_layers)
+            if self.method.check is not None:
+                try:
+                    self.method.check(name, options, per_model)
+                except ConfigError as e:
+                    raise ConfigError(f"{self.source}: {e}") from None
+
     # ---- per-tensor resolution -----------------------------------------------------------
     def resolve(self, tensor_name: str, num_layers: int) -> tuple[dict[str, Any], dict[str, list[Any]]]:
         """(global options, per-model values) for one tensor, gradients and filters applied.

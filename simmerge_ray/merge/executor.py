@@ -22,12 +22,11 @@ import torch
 from simmerge_ray.errors import CheckpointError, MergeError
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
+from simmerge_ray.io.side_files import copy_tokenizer
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, dtype_code
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.tensor_merge import merge_tensor
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 # Set by the fault-injection test: the first worker to reach its second unit exits abruptly
 # (once, tracked by this marker file), to prove that a lost worker is retried cleanly.
 CRASH_ONCE_ENV = "SIMMERGE_TEST_CRASH_ONCE"
@@ -171,6 +170,7 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
     t0 = time.perf_counter()
     ckpts, base = open_inputs(spec)
     ref = next(iter(ckpts.values()))
+    spec.check_tensors(ref.tensor_names, ref.num_layers)
     plans = plan_shards(ref, spec.out_dtype or spec.dtype, opts.shard_bytes)
     out = Path(out)
     with atomic_output_dir(out, overwrite=opts.overwrite) as tmp:
@@ -179,6 +179,7 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
             memory=opts.memory_per_worker,
             max_restarts=opts.max_retries,
             max_task_retries=opts.max_retries,
+            runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == CRASH_ONCE_ENV}} or None,
         )
         n_workers = max(1, min(opts.workers, len(plans)))
         workers = [worker_cls.remote(spec, opts.cpus_per_worker) for _ in range(n_workers)]
@@ -233,9 +234,7 @@ def _write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], base: Check
         if (source.path / "generation_config.json").exists():
             shutil.copy2(source.path / "generation_config.json", out / "generation_config.json")
     if tok_source.path.is_dir():
-        for fname in TOKENIZER_FILES:
-            if (tok_source.path / fname).exists():
-                shutil.copy2(tok_source.path / fname, out / fname)
+        copy_tokenizer(tok_source.path, out)
     (out / "simmerge_merge.json").write_text(json.dumps({
         "merge_method": spec.method.name,
         "models": [m.ref for m in spec.inputs],

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from simmerge_ray.errors import MergeError
-from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, register
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, Value, register
+
+
+def check_weights(tensor_name: str, options: dict[str, Value], per_model: dict[str, list[Value]]) -> None:
+    weights = [float(w) for w in per_model["weight"]]
+    if options["normalize"] and abs(sum(weights)) < 1e-12:
+        raise ConfigError(f"linear: weights {weights} for tensor {tensor_name!r} sum to zero and normalize is on")
 
 
 def linear(inp: MergeInputs) -> torch.Tensor:
@@ -14,10 +20,7 @@ def linear(inp: MergeInputs) -> torch.Tensor:
     for t, w in zip(inp.tensors, weights):
         out.add_(t, alpha=w)
     if inp.options["normalize"]:
-        total = sum(weights)
-        if abs(total) < 1e-12:
-            raise MergeError(f"linear: weights {weights} sum to zero and normalize is on")
-        out.div_(total)
+        out.div_(sum(weights))
     return out
 
 
@@ -25,5 +28,6 @@ register(MergeMethod(
     name="linear",
     fn=linear,
     params=(Param("weight", per_model=True), Param("normalize", True)),
+    check=check_weights,
     doc="sum_i w_i x_i, divided by sum_i w_i when normalize",
 ))

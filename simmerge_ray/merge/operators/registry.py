@@ -38,6 +38,8 @@ class MergeInputs:
 
 
 MethodFn = Callable[[MergeInputs], torch.Tensor]
+# Checks resolved parameters before any tensor is read; raises ConfigError naming the problem.
+CheckFn = Callable[[str, dict[str, Value], dict[str, list[Value]]], None]
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class MergeMethod:
     # With `base_in_inputs`, the base model's tensor is passed as one of `tensors` (slerp, linear);
     # otherwise it is only `base` and its own entry in `models` (if any) is dropped (TIES & co).
     base_in_inputs: bool = True
+    check: CheckFn | None = None
     doc: str = ""
     aliases: tuple[str, ...] = field(default=())
 

@@ -1,0 +1,31 @@
+"""`simmerge convert SRC --out DIR --allow-pickle`: turn a pickle .bin checkpoint into safetensors."""
+
+from __future__ import annotations
+
+import argparse
+
+from simmerge_ray.errors import SimMergeError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("convert", help="convert a pytorch_model.bin checkpoint to safetensors")
+    p.add_argument("src", help="checkpoint folder holding pytorch_model*.bin")
+    p.add_argument("--out", required=True)
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="required: unpickling can run code, only convert files you trust")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from simmerge_ray.io.checkpoint import Checkpoint
+    from simmerge_ray.io.synthetic import write_checkpoint
+
+    if not args.allow_pickle:
+        raise SimMergeError("convert reads pickle files, which can run code: pass --allow-pickle to confirm")
+    ck = Checkpoint.open(args.src, allow_pickle=True)
+    items = [(n, e.shape, e.dtype, (lambda n=n: ck.read(n))) for n, e in ck.entries.items()]
+    out = write_checkpoint(args.out, ck.config, items, 2 * 1024**3, overwrite=args.overwrite,
+                           side_files_from=ck.path)
+    print(f"converted {len(items)} tensors -> {out}")
+    return 0

@@ -1,0 +1,139 @@
+"""Checkpoint reading: index from headers, lazy reads, tied embeddings, fingerprints, bad files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from simmerge_ray.cli import main as cli_main
+from simmerge_ray.errors import CheckpointError
+from simmerge_ray.io.checkpoint import Checkpoint, layer_index
+from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
+
+SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64,
+                     max_shard_bytes=20_000)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ck") / "m", SPEC)
+
+
+def test_index_and_reads_match_safetensors(sharded: Path) -> None:
+    ck = Checkpoint.open(sharded)
+    assert (sharded / "model.safetensors.index.json").exists()
+    files = sorted(sharded.glob("*.safetensors"))
+    assert len(files) > 1
+    reference: dict[str, torch.Tensor] = {}
+    for f in files:
+        reference.update(load_file(f))
+    assert set(ck.tensor_names) == set(reference)
+    for name, t in reference.items():
+        got = ck.read(name)
+        assert got.dtype == torch.bfloat16 and got.shape == t.shape
+        assert torch.equal(got, t)
+    assert ck.num_layers == 2
+    assert ck.nbytes == sum(t.numel() * 2 for t in reference.values())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
+def test_dtypes_round_trip(tmp_path: Path, dtype: str) -> None:
+    out = make_checkpoint(tmp_path / dtype, dataclasses.replace(SPEC, dtype=dtype, max_shard_bytes=10**9))
+    ck = Checkpoint.open(out)
+    want = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    ref = load_file(out / "model.safetensors")
+    for name in ck.tensor_names:
+        assert ck.read(name).dtype == want
+        assert torch.equal(ck.read(name), ref[name])
+
+
+def test_tied_embeddings_are_not_invented(tmp_path: Path) -> None:
+    tied = Checkpoint.open(make_checkpoint(tmp_path / "tied", dataclasses.replace(SPEC, tie_word_embeddings=True)))
+    untied = Checkpoint.open(make_checkpoint(tmp_path / "untied", SPEC))
+    assert tied.tied_embeddings and "lm_head.weight" not in tied.entries
+    assert "lm_head.weight" in untied.entries
+    assert set(untied.entries) - set(tied.entries) == {"lm_head.weight"}
+
+
+def test_layer_index() -> None:
+    assert layer_index("model.layers.7.mlp.up_proj.weight") == 7
+    assert layer_index("gpt_neox.layers.12.attention.dense.weight") == 12
+    assert layer_index("model.embed_tokens.weight") is None
+
+
+def test_fingerprint_is_content_keyed(tmp_path: Path, sharded: Path) -> None:
+    fp = Checkpoint.open(sharded).fingerprint()
+    moved = shutil.copytree(sharded, tmp_path / "elsewhere")
+    assert Checkpoint.open(moved).fingerprint() == fp
+    other = make_checkpoint(tmp_path / "other", dataclasses.replace(SPEC, seed=5))
+    assert Checkpoint.open(other).fingerprint() != fp
+    # same header, one byte of data changed -> different fingerprint
+    f = sorted(moved.glob("*.safetensors"))[-1]
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert Checkpoint.open(moved).fingerprint() != fp
+
+
+def test_missing_shard_is_named(tmp_path: Path, sharded: Path) -> None:
+    ck = shutil.copytree(sharded, tmp_path / "c")
+    victim = sorted(ck.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"shard {victim.name} .*missing"):
+        Checkpoint.open(ck)
+
+
+def test_tensor_in_index_but_absent(tmp_path: Path, sharded: Path) -> None:
+    ck = shutil.copytree(sharded, tmp_path / "c")
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.norm.weight"]
+    index["weight_map"]["model.layers.9.ghost.weight"] = shard
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.9\.ghost\.weight' is listed .* absent"):
+        Checkpoint.open(ck)
+
+
+def test_truncated_and_corrupt_files(tmp_path: Path, sharded: Path) -> None:
+    ck = shutil.copytree(sharded, tmp_path / "c")
+    f = sorted(ck.glob("model-*.safetensors"))[0]
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 10])
+    with pytest.raises(CheckpointError, match=rf"{f.name}: truncated: tensor '.*' ends at byte"):
+        Checkpoint.open(ck)
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + data[24:])
+    with pytest.raises(CheckpointError, match=rf"{f.name}: corrupt safetensors header"):
+        Checkpoint.open(ck)
+    f.write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        Checkpoint.open(ck)
+
+
+def test_pickle_checkpoint_refused_unless_opted_in(tmp_path: Path, sharded: Path, capsys) -> None:
+    src = tmp_path / "bin"
+    src.mkdir()
+    state = {n: Checkpoint.open(sharded).read(n) for n in Checkpoint.open(sharded).tensor_names}
+    torch.save(state, src / "pytorch_model.bin")
+    shutil.copy(sharded / "config.json", src / "config.json")
+    with pytest.raises(CheckpointError, match=r"pickle-based \.bin checkpoint.*simmerge convert"):
+        Checkpoint.open(src)
+    assert cli_main(["convert", str(src), "--out", str(tmp_path / "conv")]) == 2
+    assert "pass --allow-pickle" in capsys.readouterr().err
+    assert not (tmp_path / "conv").exists()
+    assert cli_main(["convert", str(src), "--out", str(tmp_path / "conv"), "--allow-pickle"]) == 0
+    conv = Checkpoint.open(tmp_path / "conv")
+    for n, t in state.items():
+        assert torch.equal(conv.read(n), t)
+
+
+def test_lone_safetensors_file(tmp_path: Path) -> None:
+    save_file({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, tmp_path / "x.safetensors")
+    ck = Checkpoint.open(tmp_path / "x.safetensors")
+    assert torch.equal(ck.read("w"), torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    with pytest.raises(CheckpointError, match="no tensor named 'v'"):
+        ck.read("v")

@@ -1,0 +1,170 @@
+"""The streaming executor: real Ray actors, worker loss, atomic output, and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from simmerge_ray.cli import main as cli_main
+from simmerge_ray.errors import CheckpointError, ConfigError, MergeError, SimMergeError
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.safetensors_format import read_header
+from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, write_checkpoint
+from simmerge_ray.merge.config import MergeSpec
+from simmerge_ray.merge.executor import CRASH_ONCE_ENV, ExecOptions, run_merge
+
+SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64,
+                     max_shard_bytes=20_000)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    make_checkpoint(root / "base", SPEC)
+    for i in (1, 2):
+        make_checkpoint(root / f"m{i}", dataclasses.replace(SPEC, seed=i), base=root / "base", delta_std=0.02)
+    make_checkpoint(root / "wide", dataclasses.replace(SPEC, hidden_size=48, seed=3))
+    make_checkpoint(root / "qwen", dataclasses.replace(SPEC, architecture="qwen2", seed=4))
+    return root
+
+
+def _config(root: Path, name: str, cfg: dict) -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+DARE = {"merge_method": "dare_ties", "base_model": "base", "dtype": "bfloat16",
+        "models": [{"model": "m1", "parameters": {"weight": 0.6, "density": 0.5}},
+                   {"model": "m2", "parameters": {"weight": 0.4, "density": 0.5}}]}
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix == ".safetensors"}
+
+
+def test_output_loads_in_transformers(ray_cluster, models: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config(models, "lin", {"merge_method": "linear", "dtype": "bfloat16", "models": [
+        {"model": "m1", "parameters": {"weight": 1.0}}, {"model": "m2", "parameters": {"weight": 1.0}}]})
+    res = run_merge(MergeSpec.load(cfg), tmp_path / "out", ExecOptions(workers=2, shard_bytes=15_000))
+    assert res.shards > 1 and (tmp_path / "out" / "model.safetensors.index.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    logits = model(torch.tensor([[1, 5, 9, 3]])).logits
+    assert logits.shape == (1, 4, 64) and torch.isfinite(logits).all()
+    # the loaded weights are the average of the inputs
+    m1, m2 = Checkpoint.open(models / "m1"), Checkpoint.open(models / "m2")
+    name = "model.layers.1.mlp.down_proj.weight"
+    want = ((m1.read_f32(name) + m2.read_f32(name)) / 2).to(torch.bfloat16).float()
+    assert torch.equal(model.state_dict()[name], want)
+
+
+def test_worker_count_and_crash_do_not_change_bytes(ray_cluster, models: Path, tmp_path: Path) -> None:
+    cfg = _config(models, "dare", DARE)
+    opts = ExecOptions(workers=1, shard_bytes=15_000)
+    run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "one", opts)
+    run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "two", dataclasses.replace(opts, workers=2))
+    marker = tmp_path / "crashed"
+    os.environ[CRASH_ONCE_ENV] = str(marker)
+    try:
+        res = run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "crash", dataclasses.replace(opts, workers=2))
+    finally:
+        del os.environ[CRASH_ONCE_ENV]
+    assert marker.exists(), "the fault was not injected"
+    assert res.shards >= 3
+    one = _bytes(tmp_path / "one")
+    assert one == _bytes(tmp_path / "two") == _bytes(tmp_path / "crash")
+    run_merge(MergeSpec.load(cfg, seed=8), tmp_path / "seed8", opts)
+    assert _bytes(tmp_path / "seed8") != one  # the seed matters
+
+
+def _no_leftovers(parent: Path) -> None:
+    assert not [p.name for p in parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_mismatched_architectures_are_named(ray_cluster, models: Path, tmp_path: Path) -> None:
+    for other, pattern in (("wide", r"model 'wide' .*tensor 'model\.embed_tokens\.weight' has shape \[64, 48\]"),
+                           ("qwen", r"model 'qwen' .* extra tensor '.*q_proj\.bias'")):
+        cfg = _config(models, f"bad-{other}", {"merge_method": "linear", "models": [
+            {"model": "m1", "parameters": {"weight": 1}}, {"model": other, "parameters": {"weight": 1}}]})
+        with pytest.raises(CheckpointError, match=pattern):
+            run_merge(MergeSpec.load(cfg), tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_nonfinite_result_fails_unless_allowed(ray_cluster, models: Path, tmp_path: Path) -> None:
+    src = Checkpoint.open(models / "m1")
+    poisoned = "model.layers.0.self_attn.o_proj.weight"
+
+    def producer(name: str):
+        def make() -> torch.Tensor:
+            t = src.read_f32(name)
+            if name == poisoned:
+                t[0, 0] = float("inf")
+            return t
+        return make
+
+    write_checkpoint(models / "inf", src.config, [(n, e.shape, "bfloat16", producer(n)) for n, e in src.entries.items()],
+                     10**9, overwrite=True)
+    cfg = _config(models, "nan", {"merge_method": "linear", "models": [
+        {"model": "inf", "parameters": {"weight": 1}}, {"model": "m2", "parameters": {"weight": 1}}]})
+    with pytest.raises(MergeError, match=rf"merged tensor '{poisoned}' has 1 NaN/Inf"):
+        run_merge(MergeSpec.load(cfg), tmp_path / "out", ExecOptions(workers=2))
+    assert not (tmp_path / "out").exists()
+    _no_leftovers(tmp_path)
+    run_merge(MergeSpec.load(cfg), tmp_path / "out", ExecOptions(allow_nonfinite=True))
+    assert torch.isinf(Checkpoint.open(tmp_path / "out").read_f32(poisoned)).sum() == 1
+
+
+@pytest.mark.parametrize("cfg, pattern", [
+    ({"merge_method": "frobnicate", "models": [{"model": "m1"}]}, r"unknown method 'frobnicate'; known: .*ties"),
+    ({"merge_method": "ties", "models": [{"model": "m1", "parameters": {"weight": 1}}]},
+     r"merge_method 'ties' needs a base_model"),
+    ({"merge_method": "linear", "models": [{"model": "m1", "parameters": {"weight": 1}},
+                                           {"model": "m2", "parameters": {"weight": -1}}]},
+     r"weights \[1.0, -1.0\] for tensor '.*' sum to zero"),
+    ({"merge_method": "linear", "models": [{"model": "m1", "parameters": {"weight": 1}}], "mystery": 1},
+     r"unsupported key 'mystery'"),
+    ({"merge_method": "linear", "models": [{"model": "m1", "parameters": {"wieght": 1}}]},
+     r"models\[0\].parameters: unknown parameter 'wieght' for linear"),
+    ({"merge_method": "linear", "models": [{"model": "m1"}, {"model": "m2", "parameters": {"weight": 1}}]},
+     r"model 'm1': missing parameter 'weight'"),
+    ({"merge_method": "slerp", "base_model": "m1", "models": [{"model": "m1"}, {"model": "m2"}]},
+     r"missing parameter 't' for slerp"),
+    ({"merge_method": "linear", "models": [{"model": "nowhere", "parameters": {"weight": 1}}]},
+     r"model 'nowhere' not found as a local path \(nothing is downloaded"),
+    ({"merge_method": "linear", "dtype": "float12", "models": [{"model": "m1", "parameters": {"weight": 1}}]},
+     r"dtype: unknown dtype 'float12'"),
+])
+def test_bad_configs(ray_cluster, models: Path, tmp_path: Path, cfg: dict, pattern: str) -> None:
+    path = _config(models, "bad", cfg)
+    with pytest.raises(ConfigError, match=pattern):
+        spec = MergeSpec.load(path)
+        run_merge(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_existing_output_and_overwrites_on_request(ray_cluster, models: Path, tmp_path: Path,
+                                                              capsys) -> None:
+    cfg = _config(models, "cli", {"merge_method": "slerp", "base_model": "m1", "parameters": {"t": 0.5},
+                                  "models": [{"model": "m1"}, {"model": "m2"}]})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert cli_main(["merge", str(cfg), "--out", str(out)]) == 2
+    assert "already exists (pass --overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+    assert cli_main(["merge", str(cfg), "--out", str(out), "--overwrite", "--shard-size", "16K"]) == 0
+    assert not (out / "keep.txt").exists()
+    assert len(list(out.glob("*.safetensors"))) > 1
+    for f in out.glob("*.safetensors"):
+        read_header(f)  # every shard complete and valid
+    _no_leftovers(tmp_path)
+    assert isinstance(ConfigError("x"), SimMergeError)
