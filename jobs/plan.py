@@ -1,0 +1,9 @@
+"""Ray job: plan a multi-way merge with the selector (`simmerge plan`).
+
+    ray job submit --working-dir . -- python jobs/plan.py --config plan.yaml --out DEST
+"""
+
+from _entry import main
+
+if __name__ == "__main__":
+    main("plan")

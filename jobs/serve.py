@@ -1,0 +1,9 @@
+"""Ray job: the online operator bandit behind Ray Serve (`simmerge serve`).
+
+    ray job submit --working-dir . -- python jobs/serve.py --config serve.yaml
+"""
+
+from _entry import main
+
+if __name__ == "__main__":
+    main("serve")

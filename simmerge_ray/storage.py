@@ -1,0 +1,155 @@
+"""Outputs and configs by path or URI: a local folder here, object storage on a cluster.
+
+`resolve()` turns a destination string into a pyarrow filesystem and a path on it: a plain path
+is the local disk; a URI goes to pyarrow's own filesystems (file://, s3://, gs://, hdfs://) and,
+for schemes pyarrow lacks (abfs://, az://, ...), to fsspec when its backend is installed. Stages
+always write a local folder (atomically, by rename); `upload_dir()` then publishes it: files go
+under a temporary sibling prefix, which is moved into place in one rename where the filesystem
+can, else file by file (object stores); a `_SUCCESS` manifest is written last either way, so a
+reader that finds it knows the folder is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from simmerge_ray.errors import ConfigError, SimMergeError
+
+SUCCESS_MARKER = "_SUCCESS"
+
+
+class StorageError(SimMergeError):
+    """An upload or download to a path or URI failed; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a destination string points: a filesystem, the path on it, and the original text."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    @property
+    def is_plain_path(self) -> bool:
+        """True for a path without a scheme, which stages can write to directly."""
+        return "://" not in self.uri
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+
+def resolve(dest: str | Path) -> Location:
+    """The filesystem and path of `dest`; raises ConfigError for a scheme nothing can handle."""
+    text = str(dest)
+    if "://" not in text:
+        return Location(pafs.LocalFileSystem(), str(Path(text).expanduser().resolve()), text)
+    try:
+        fs, path = pafs.FileSystem.from_uri(text)
+        return Location(fs, path.rstrip("/") or "/", text)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as arrow_error:
+        reason = str(arrow_error)
+    try:
+        import fsspec.core
+
+        fsspec_fs, path = fsspec.core.url_to_fs(text)
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"{text}: no filesystem for this URI (pyarrow: {reason}; fsspec: {e}); "
+                          f"install the fsspec backend of its scheme, e.g. adlfs for abfs://") from None
+    return Location(pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs)), path.rstrip("/"), text)
+
+
+def exists(loc: Location) -> bool:
+    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+
+
+def upload_dir(src: Path, dest: str, *, overwrite: bool = False) -> dict:
+    """Publish the finished local folder `src` at `dest`; returns the `_SUCCESS` manifest.
+
+    An existing `dest` is refused unless `overwrite`. On failure the temporary prefix is removed
+    and a previous `dest` is left as it was.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise StorageError(f"{src}: nothing to upload (not a folder)")
+    loc = resolve(dest)
+    if exists(loc) and not overwrite:
+        raise StorageError(f"{dest}: output already exists (pass --overwrite to replace it)")
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    manifest: dict = {"files": {p.relative_to(src).as_posix(): p.stat().st_size for p in files}}
+    manifest["bytes"] = sum(manifest["files"].values())
+    parent, name = posixpath.split(loc.path)
+    tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        loc.fs.create_dir(tmp, recursive=True)
+        pafs.copy_files(str(src), tmp, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=loc.fs, use_threads=True)
+        _replace(loc.fs, tmp, loc.path)
+        with loc.fs.open_output_stream(loc.join(SUCCESS_MARKER)) as out:
+            out.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
+    except OSError as e:
+        _delete_quietly(loc.fs, tmp)
+        raise StorageError(f"{dest}: upload of {src} failed: {e}") from e
+    return manifest
+
+
+def _replace(fs: pafs.FileSystem, tmp: str, final: str) -> None:
+    """Put folder `tmp` at `final`: one rename where supported, else a move of each file."""
+    had_old = fs.get_file_info(final).type != pafs.FileType.NotFound
+    if isinstance(fs, pafs.LocalFileSystem):
+        trash = f"{final}.old-{uuid.uuid4().hex[:8]}"
+        if had_old:
+            fs.move(final, trash)
+        fs.move(tmp, final)
+        if had_old:
+            fs.delete_dir(trash)
+        return
+    if had_old:
+        fs.delete_dir(final)
+    move_files(fs, tmp, final)
+
+
+def move_files(fs: pafs.FileSystem, src: str, dst: str) -> None:
+    """Move every file under `src` to the same relative path under `dst`, then drop `src`.
+
+    For object stores, where a folder is only a key prefix and cannot be renamed at once; a
+    single-file move there is a server-side copy.
+    """
+    infos = fs.get_file_info(pafs.FileSelector(src, recursive=True))
+    fs.create_dir(dst, recursive=True)
+    for info in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        target = posixpath.join(dst, posixpath.relpath(info.path, src))
+        fs.create_dir(posixpath.dirname(target), recursive=True)
+        fs.move(info.path, target)
+    _delete_quietly(fs, src)
+
+
+def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+    except OSError:
+        pass
+
+
+def download_file(uri: str, local_dir: Path) -> Path:
+    """A local copy of the file at `uri` (a plain path is returned as is)."""
+    loc = resolve(uri)
+    if loc.is_plain_path:
+        return Path(loc.path)
+    info = loc.fs.get_file_info(loc.path)
+    if info.type != pafs.FileType.File:
+        raise StorageError(f"{uri}: no such file")
+    local = Path(local_dir) / posixpath.basename(loc.path)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with loc.fs.open_input_stream(loc.path) as inp, open(local, "wb") as out:
+        while chunk := inp.read(16 * 1024 * 1024):
+            out.write(chunk)
+    return local

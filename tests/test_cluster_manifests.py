@@ -1,0 +1,166 @@
+"""cluster/*.yaml: rendered from cluster/render.py, valid against the KubeRay v1 CRDs (strict), and
+every job's actors fit a worker group."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import shlex
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from simmerge_ray import kuberay
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFESTS = sorted((REPO / "cluster").glob("*.yaml"))
+HEAVY_STAGES = {"features", "probe", "label", "merge", "fit", "pipeline"}
+
+
+@pytest.fixture(scope="module")
+def crd_dir(repo_root: Path) -> Path:
+    """The CRDs sit in shared/ beside the repo (CI) or inside it."""
+    for candidate in (repo_root.parent / "shared" / "kuberay", repo_root / "shared" / "kuberay"):
+        if (candidate / "ray.io_rayjobs.yaml").exists():
+            return candidate
+    pytest.fail(f"KubeRay CRDs not found in {repo_root.parent / 'shared'} or {repo_root / 'shared'}")
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((REPO / "cluster" / name).read_text())
+
+
+def _standing_cluster() -> dict:
+    return _load("raycluster.yaml")["spec"]
+
+
+def test_manifests_are_what_render_py_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("cluster_render", REPO / "cluster" / "render.py")
+    render = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "cluster_render", render)  # dataclasses look their module up
+    spec.loader.exec_module(render)
+    rendered = render.render()
+    assert sorted(rendered) == [p.name for p in MANIFESTS]
+    stale = [name for name, text in rendered.items() if (REPO / "cluster" / name).read_text() != text]
+    assert stale == [], "run: python cluster/render.py"
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_is_valid_and_placeable(path: Path, crd_dir: Path) -> None:
+    doc = yaml.safe_load(path.read_text())
+    # A RayJob must fit its own cluster and the standing RayCluster (`ray job submit` there).
+    standing = [_standing_cluster()] if doc["kind"] == "RayJob" else []
+    assert kuberay.manifest_problems(doc, crd_dir, standing) == []
+
+
+def test_the_set_of_manifests() -> None:
+    docs = [yaml.safe_load(p.read_text()) for p in MANIFESTS]
+    jobs = {d["metadata"]["labels"]["simmerge-ray/stage"]: d for d in docs if d["kind"] == "RayJob"}
+    assert set(jobs) == HEAVY_STAGES
+    for stage, job in jobs.items():
+        spec = job["spec"]
+        words = shlex.split(spec["entrypoint"])
+        assert words[:2] == ["python", f"jobs/{stage}.py"] and (REPO / words[1]).exists()
+        assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+        assert spec["submissionMode"] == "K8sJobMode"
+        env = yaml.safe_load(spec["runtimeEnvYAML"])
+        assert env["working_dir"] and any(p.startswith("simmerge_ray @ ") for p in env["pip"])
+        assert spec["rayClusterSpec"]["enableInTreeAutoscaling"] is True
+    cluster = _standing_cluster()
+    assert cluster["enableInTreeAutoscaling"] is True and "autoscalerOptions" in cluster
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert groups["cpu"]["maxReplicas"] > groups["cpu"]["minReplicas"]
+    assert groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert groups["gpu"]["rayStartParams"]["num-gpus"] == "1"
+    (service,) = [d for d in docs if d["kind"] == "RayService"]
+    apps = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert [a["import_path"] for a in apps] == ["simmerge_ray.bandit.service:app"]
+
+
+# ---- the checks themselves must catch what they are for ----------------------------------------
+
+def test_bogus_field_is_rejected_only_by_the_strict_schema(crd_dir: Path) -> None:
+    doc = _load("raycluster.yaml")
+    doc["spec"]["enableInTreeAutoscalling"] = True  # typo
+    doc["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["gpuz"] = 1
+    raw = kuberay.load_crd_schema(crd_dir / "ray.io_rayclusters.yaml")
+    assert list(jsonschema.Draft7Validator(raw).iter_errors(doc)) == []  # the CRD as is lets both through
+    problems = kuberay.manifest_problems(doc, crd_dir)
+    assert len(problems) == 2
+    assert any("enableInTreeAutoscalling" in p and p.startswith("spec:") for p in problems)
+    assert any("gpuz" in p and "workerGroupSpecs.1.template.spec.containers.0" in p for p in problems)
+
+
+def test_wrong_types_are_rejected(crd_dir: Path) -> None:
+    doc = _load("rayjob-merge.yaml")
+    doc["spec"]["ttlSecondsAfterFinished"] = "3600"
+    doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParams"]["num-cpus"] = 8  # must be a string
+    problems = kuberay.manifest_problems(doc, crd_dir)
+    assert any(p.startswith("spec.ttlSecondsAfterFinished:") for p in problems)
+    assert any("rayStartParams.num-cpus" in p for p in problems)
+
+
+def test_open_maps_and_metadata_stay_open(crd_dir: Path) -> None:
+    doc = _load("rayjob-fit.yaml")
+    doc["metadata"]["annotations"] = {"team": "merging"}
+    doc["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["any-ray-flag"] = "x"
+    doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"]["extra/label"] = "y"
+    assert kuberay.manifest_problems(doc, crd_dir) == []
+
+
+def test_gpu_actor_without_gpu_group_is_caught(crd_dir: Path) -> None:
+    doc = _load("rayjob-probe.yaml")
+    cpu_group = _standing_cluster()["workerGroupSpecs"][0]
+    assert cpu_group["groupName"] == "cpu"
+    doc["spec"]["rayClusterSpec"]["workerGroupSpecs"] = [copy.deepcopy(cpu_group)]
+    problems = kuberay.manifest_problems(doc, crd_dir)
+    assert len(problems) == 1
+    assert problems[0].startswith("inference actor asking {'num_cpus': 4.0, 'num_gpus': 1.0")
+    assert "cpu: 8 CPU, 0 GPU" in problems[0]
+
+
+def test_gpu_ask_from_runtime_env_is_read() -> None:
+    """Asks given as SIMMERGE_* env_vars in the runtime env count like flags; flags win."""
+    stage, asks = kuberay.job_asks("python jobs/label.py --config c.yaml --cpus-per-actor 3",
+                                   {"SIMMERGE_GPUS_PER_INFERENCE_ACTOR": "2", "SIMMERGE_CPUS_PER_ACTOR": "1"})
+    assert stage == "label"
+    assert asks["streaming"].num_cpus == 3.0 and asks["inference"].num_gpus == 2.0
+    problems = kuberay.placement_problems(asks, _standing_cluster())  # its GPU nodes have 1 GPU each
+    assert len(problems) == 1 and problems[0].startswith("inference actor asking {'num_cpus': 1.0, 'num_gpus': 2.0")
+
+
+def test_memory_and_cpu_asks_are_checked() -> None:
+    cluster = _standing_cluster()
+    _, fits = kuberay.job_asks("python jobs/merge.py --cpus-per-actor 8 --memory-per-actor 22Gi")
+    assert kuberay.placement_problems(fits, cluster) == []
+    _, gpu_node = kuberay.job_asks("python jobs/merge.py --cpus-per-actor 8 --memory-per-actor 23Gi")
+    assert kuberay.placement_problems(gpu_node, cluster) == []  # only the GPU group's nodes hold it
+    _, too_big = kuberay.job_asks("python jobs/merge.py --cpus-per-actor 8 --memory-per-actor 47Gi")
+    assert len(kuberay.placement_problems(too_big, cluster)) == 1
+    _, too_many = kuberay.job_asks("python jobs/fit.py --cpus-per-actor 9")
+    assert len(kuberay.placement_problems(too_many, cluster)) == 1
+
+
+def test_gpu_requests_must_match_ray_gpus() -> None:
+    cluster = copy.deepcopy(_standing_cluster())
+    cluster["workerGroupSpecs"][1]["rayStartParams"]["num-gpus"] = "2"
+    problems = kuberay.cluster_problems(cluster)
+    assert problems == ["worker group 'gpu': pods get nvidia.com/gpu=1 but Ray is told num-gpus=2"]
+
+
+def test_entrypoint_that_is_not_a_job_script_is_reported(crd_dir: Path) -> None:
+    doc = _load("rayjob-merge.yaml")
+    doc["spec"]["entrypoint"] = "python train.py --cpus-per-actor 2"
+    assert any("does not run a jobs/<stage>.py script" in p for p in kuberay.manifest_problems(doc, crd_dir))
+
+
+def test_cli_checks_a_folder(crd_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert kuberay.main([*map(str, MANIFESTS), "--crds", str(crd_dir)]) == 0
+    bad = _load("rayjob-probe.yaml")
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"] = bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][:0]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert kuberay.main([str(tmp_path / "bad.yaml"), "--crds", str(crd_dir)]) == 1
+    assert "fits no worker group (no worker groups)" in capsys.readouterr().out

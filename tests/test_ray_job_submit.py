@@ -1,0 +1,240 @@
+"""jobs/ entry points under `ray job submit` on a real Ray head started here, and in-process checks
+of what the shared entry code does before Ray is involved."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from simmerge_ray import resources
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_PYTHON = REPO / ".venv" / "bin" / "python"
+RAY = Path(sys.executable).parent / "ray"
+EXCLUDES = [".venv", "runs", "out", ".git", ".cache", "**/__pycache__", ".pytest_cache", "*.egg-info"]
+
+
+def _load_entry():
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        import _entry
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    return _entry
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class RayHead:
+    """A `ray start --head` of our own: its own ports and temp dir, stopped through its process group.
+
+    `ray start` runs in a new session, so it and every process it spawns (GCS, raylet, dashboard,
+    job drivers, workers) share the process group whose id is its PID; teardown signals that
+    group only, never processes found by name.
+    """
+
+    def __init__(self) -> None:
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rj-", dir="/tmp"))  # short: socket path limit
+        gcs, self.dashboard_port, client, agent, env_agent, metrics = _free_ports(6)
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        cmd = [str(RAY), "start", "--head", f"--port={gcs}", f"--dashboard-port={self.dashboard_port}",
+               "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={self.temp_dir}",
+               "--num-cpus=2", "--object-store-memory=200000000", f"--ray-client-server-port={client}",
+               f"--dashboard-agent-listen-port={agent}", f"--runtime-env-agent-port={env_agent}",
+               f"--metrics-export-port={metrics}", "--disable-usage-stats"]
+        proc = subprocess.Popen(cmd, env=self.env, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.pgid = proc.pid
+        out, _ = proc.communicate(timeout=180)
+        if proc.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start failed:\n{out}")
+        self._wait_for_jobs_api()
+
+    def _wait_for_jobs_api(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.address}/api/jobs/", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(1.0)
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(RAY), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def submit(self, submission_id: str, *entrypoint: str) -> None:
+        runtime_env = json.dumps({"excludes": EXCLUDES})
+        res = self.ray("job", "submit", "--address", self.address, "--submission-id", submission_id,
+                       "--no-wait", "--working-dir", str(REPO), "--runtime-env-json", runtime_env,
+                       "--", str(VENV_PYTHON), *entrypoint)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+    def wait(self, submission_id: str, timeout: float = 300) -> str:
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(self.address)
+        deadline = time.monotonic() + timeout
+        while (status := client.get_job_status(submission_id)) not in {
+                JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            assert time.monotonic() < deadline, f"job {submission_id} still {status} after {timeout} s"
+            time.sleep(2.0)
+        return str(status.value)
+
+    def logs(self, submission_id: str) -> str:
+        res = self.ray("job", "logs", "--address", self.address, submission_id)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    def stop(self) -> None:
+        for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and _group_alive(self.pgid):
+                time.sleep(0.5)
+            if not _group_alive(self.pgid):
+                break
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while a live (non-zombie) process of the group exists."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[RayHead]:
+    head = RayHead()
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="module")
+def merge_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("job-inputs")
+    spec = dict(architecture="llama", hidden_size=32, num_layers=2, num_heads=2, vocab_size=64)
+    make_checkpoint(root / "a", SyntheticSpec(**spec, seed=1))
+    make_checkpoint(root / "b", SyntheticSpec(**spec, seed=2))
+    (root / "linear.yaml").write_text(
+        f"merge_method: linear\nmodels:\n"
+        f"  - model: {root / 'a'}\n    parameters: {{weight: 0.25}}\n"
+        f"  - model: {root / 'b'}\n    parameters: {{weight: 0.75}}\n"
+        f"dtype: float32\n")
+    (root / "bad.yaml").write_text(
+        f"merge_methd: linear\nmodels:\n  - model: {root / 'a'}\n  - model: {root / 'b'}\n")
+    return root
+
+
+@pytest.mark.slow
+def test_merge_job_succeeds_and_bad_config_fails(ray_head: RayHead, merge_inputs: Path, tmp_path: Path) -> None:
+    """Two jobs at once on the 2-CPU head: a merge to a file:// URI, and one with a misspelt key."""
+    out_uri = f"file://{tmp_path}/merged"
+    ray_head.submit("merge-ok", "jobs/merge.py", "--config", str(merge_inputs / "linear.yaml"),
+                    "--out", out_uri, "--cpus-per-actor", "0.5", "--max-actors", "1")
+    ray_head.submit("merge-bad", "jobs/merge.py", "--config", str(merge_inputs / "bad.yaml"),
+                    "--out", str(tmp_path / "never"))
+
+    assert ray_head.wait("merge-ok") == "SUCCEEDED", ray_head.logs("merge-ok")
+    logs = ray_head.logs("merge-ok")
+    assert "--cpus-per-worker 0.5 --workers 1" in logs  # the asks reached the merge command
+    merged = Checkpoint.open(tmp_path / "merged")
+    a, b = Checkpoint.open(merge_inputs / "a"), Checkpoint.open(merge_inputs / "b")
+    assert set(merged.entries) == set(a.entries)
+    for name in a.entries:
+        want = 0.25 * a.read_f32(name) + 0.75 * b.read_f32(name)
+        assert (merged.read_f32(name) - want).abs().max().item() < 1e-6, name
+    manifest = json.loads((tmp_path / "merged" / "_SUCCESS").read_text())
+    assert manifest["files"]["model.safetensors"] == (tmp_path / "merged" / "model.safetensors").stat().st_size
+    assert f"uploaded {len(manifest['files'])} files" in logs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temp prefix left behind
+
+    assert ray_head.wait("merge-bad") == "FAILED"
+    bad_logs = ray_head.logs("merge-bad")
+    assert "merge_methd" in bad_logs and "error" in bad_logs
+    assert not (tmp_path / "never").exists()
+
+
+# ---- the shared entry code, in-process (no Ray needed before these fail) ------------------------
+
+def test_stage_not_in_this_version_exits_with_a_clear_message(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    entry = _load_entry()
+    monkeypatch.setitem(entry.STAGES, "someday", entry.Stage((entry.Step(("someday",), "someday"),)))
+    assert entry.run("someday", ["--config", "x.yaml"]) == entry.NOT_AVAILABLE
+    err = capsys.readouterr().err
+    assert "stage 'someday' is not available" in err and "simmerge_ray.cli.someday does not exist" in err
+
+
+def test_bad_resource_flag_fails_before_any_work(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    entry = _load_entry()
+    assert entry.run("merge", ["--config", "x.yaml", "--out", str(tmp_path / "o"),
+                               "--gpus-per-inference-actor", "1.5"]) == 2
+    assert "--gpus-per-inference-actor" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_command_lines_built_for_the_stages() -> None:
+    entry = _load_entry()
+    args, extra = entry.build_parser("merge").parse_known_args(
+        ["--config", "m.yaml", "--out", "/o", "--overwrite", "--cpus-per-actor", "2", "--max-actors", "3",
+         "--shard-size", "1G", "--workers", "5"])
+    asks = resources.resources_from_flags(args, {})
+    (merge,) = entry.STAGES["merge"].steps
+    # positional config, the output, overwrite, the derived CPU ask; the user's --workers wins.
+    assert entry.command_argv(merge, args, extra, "/o", asks, "m.yaml") == [
+        "merge", "m.yaml", "--out", "/o", "--overwrite", "--cpus-per-worker", "2.0",
+        "--shard-size", "1G", "--workers", "5"]
+    args, extra = entry.build_parser("features").parse_known_args(
+        ["--config", "cat.yaml", "--out", "/f", "--overwrite", "--batch-size", "4"])
+    structural, functional = entry.STAGES["features"].steps
+    assert entry.command_argv(structural, args, extra, "/f", asks, "cat.yaml") == [
+        "features", "structural", "--catalog", "cat.yaml", "--out", "/f", "--overwrite"]
+    assert entry.command_argv(functional, args, extra, "/f", asks, "cat.yaml") == [
+        "functional-features", "--catalog", "cat.yaml", "--out", "/f", "--batch-size", "4"]
+
+
+def test_every_stage_has_its_job_script() -> None:
+    entry = _load_entry()
+    assert set(entry.STAGES) == {"zoo_build", "probe", "features", "label", "fit", "plan", "merge", "serve",
+                                 "pipeline"}
+    assert set(resources.STAGE_ROLES) == set(entry.STAGES)  # the manifest checks know every stage
+    for stage in entry.STAGES:
+        assert f'main("{stage}")' in (REPO / "jobs" / f"{stage}.py").read_text()
