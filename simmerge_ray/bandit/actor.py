@@ -1,0 +1,75 @@
+"""The bandit as a named, restartable Ray actor.
+
+The actor is a thin shell around `BanditCore`: its constructor loads the state folder, so when
+Ray restarts it after a crash or `ray.kill(..., no_restart=False)` it resumes from the last
+persisted update, pending decisions included. Calls are served one at a time (the state file is
+rewritten by each), and calls that were in flight when the actor died are retried on the
+restarted actor; feedback is idempotent, so a retry is never learned twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from simmerge_ray.errors import CheckpointError, ConfigError
+from simmerge_ray.bandit.core import BanditCore, PriorKind
+
+ACTOR_NAME = "simmerge-bandit"
+NAMESPACE = "simmerge"
+
+
+class BanditActor:
+    def __init__(self, state_dir: str):
+        self.core = BanditCore(Path(state_dir))
+
+    def decide(self, x: list[float], arms: list[str] | None = None) -> dict[str, Any]:
+        return self.core.decide(x, arms)
+
+    def feedback(self, decision_id: str, reward: float) -> dict[str, Any]:
+        return self.core.feedback(decision_id, reward)
+
+    def add_arm(self, name: str, prior: PriorKind = "pooled", prior_var: float | None = None) -> dict[str, Any]:
+        return self.core.add_arm(name, prior, prior_var)
+
+    def stats(self) -> dict[str, Any]:
+        return self.core.stats()
+
+    def settings(self) -> dict[str, Any]:
+        return {**self.core.settings, "state_dir": str(self.core.state_dir)}
+
+    def feature_names(self) -> list[str]:
+        return list(self.core.encoder.feature_names)
+
+
+def start_bandit_actor(
+    state_dir: Path,
+    *,
+    name: str = ACTOR_NAME,
+    namespace: str = NAMESPACE,
+    max_restarts: int = -1,
+) -> ray.actor.ActorHandle:
+    """Create the named actor over `state_dir`, or return the running one of that name.
+
+    The actor reserves no CPU: it is I/O-light and must not starve the cluster's other work.
+    """
+    remote_cls = ray.remote(BanditActor)
+    handle = remote_cls.options(
+        name=name,
+        namespace=namespace,
+        get_if_exists=True,
+        max_restarts=max_restarts,
+        max_task_retries=-1,
+        num_cpus=0,
+    ).remote(str(Path(state_dir).resolve()))
+    # Surfaces a bad state folder now, not at the first request, and refuses to silently hand
+    # back a running actor of the same name that serves another folder.
+    try:
+        running = ray.get(handle.settings.remote())["state_dir"]
+    except ray.exceptions.RayActorError as e:  # its constructor raised: a bad state folder
+        raise CheckpointError(f"{state_dir}: the bandit actor could not load it: {e}") from e
+    if running != str(Path(state_dir).resolve()):
+        raise ConfigError(f"actor {namespace}/{name} already serves {running}, not {state_dir}")
+    return handle

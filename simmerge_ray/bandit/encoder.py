@@ -1,0 +1,121 @@
+"""Context encoders z = g(x): the frozen map from raw pair features to the bandit's features.
+
+METHOD.md uses the offline selector's last hidden layer. The selector plugs in by implementing
+`Encoder` and registering a loader in `ENCODER_LOADERS`; `IdentityEncoder` (standardised raw
+features) lets the bandit run without one. Encoders are rebuilt from a JSON spec so that a
+restarted actor gets exactly the same map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.bandit.errors import FeatureError
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """A frozen feature map. `feature_names` fixes the order of the raw input columns."""
+
+    @property
+    def feature_names(self) -> tuple[str, ...]: ...
+
+    @property
+    def width(self) -> int:
+        """Width h of the encoded features."""
+        ...
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Map raw features [n, d] (d = len(feature_names)) to encoded features [n, h]."""
+        ...
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description that `load_encoder` turns back into an equal encoder."""
+        ...
+
+
+class IdentityEncoder:
+    """Standardise each raw feature with a mean and scale fitted once, then frozen."""
+
+    kind = "identity"
+
+    def __init__(self, feature_names: Sequence[str], mean: np.ndarray, scale: np.ndarray):
+        self._names = tuple(feature_names)
+        self.mean = np.asarray(mean, dtype=np.float64)
+        self.scale = np.asarray(scale, dtype=np.float64)
+        d = len(self._names)
+        if self.mean.shape != (d,) or self.scale.shape != (d,):
+            raise ConfigError(
+                f"identity encoder: mean/scale shapes {self.mean.shape}/{self.scale.shape} "
+                f"do not match {d} feature names"
+            )
+        if not (np.all(np.isfinite(self.mean)) and np.all(self.scale > 0)):
+            raise ConfigError("identity encoder: mean must be finite and scale positive")
+
+    @classmethod
+    def fit(cls, feature_names: Sequence[str], x: np.ndarray) -> IdentityEncoder:
+        """Fit on the offline features; constant columns keep scale 1 (they become 0)."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != len(feature_names) or x.shape[0] == 0:
+            raise ConfigError(
+                f"identity encoder: need a non-empty [n, {len(feature_names)}] matrix, got {x.shape}"
+            )
+        if not np.all(np.isfinite(x)):
+            raise ConfigError("identity encoder: fitting features contain NaN/Inf")
+        std = x.std(axis=0)
+        return cls(feature_names, x.mean(axis=0), np.where(std > 1e-12, std, 1.0))
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self._names
+
+    @property
+    def width(self) -> int:
+        return len(self._names)
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        x = check_features(x, len(self._names))
+        return (x - self.mean) / self.scale
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "feature_names": list(self._names),
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> IdentityEncoder:
+        return cls(spec["feature_names"], np.array(spec["mean"]), np.array(spec["scale"]))
+
+
+def check_features(x: np.ndarray | Sequence[float], width: int) -> np.ndarray:
+    """Return x as a float64 [n, width] matrix or raise FeatureError saying what is wrong."""
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != width:
+        raise FeatureError(f"features: expected width {width}, got shape {tuple(arr.shape)}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        col = int(np.argwhere(bad)[0][1])
+        raise FeatureError(f"features: non-finite value at index {col}")
+    return arr
+
+
+ENCODER_LOADERS: dict[str, Callable[[dict[str, Any]], Encoder]] = {
+    IdentityEncoder.kind: IdentityEncoder.from_spec,
+}
+
+
+def load_encoder(spec: dict[str, Any]) -> Encoder:
+    """Rebuild an encoder from its `spec()`."""
+    kind = spec.get("kind")
+    if kind not in ENCODER_LOADERS:
+        raise ConfigError(f"encoder spec: unknown kind {kind!r} (known: {sorted(ENCODER_LOADERS)})")
+    return ENCODER_LOADERS[kind](spec)

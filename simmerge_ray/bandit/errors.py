@@ -1,0 +1,42 @@
+"""Bandit errors. Each carries the HTTP status the service answers with, so that bad input is
+reported as a 4xx with the message, whatever layer detects it."""
+
+from __future__ import annotations
+
+from simmerge_ray.errors import SimMergeError
+
+
+class BanditError(SimMergeError):
+    """A request the bandit refuses; `http_status` is what the HTTP front returns."""
+
+    http_status = 400
+
+
+class FeatureError(BanditError):
+    """Context features are unusable: wrong width, NaN/Inf, unknown model or task."""
+
+    http_status = 422
+
+
+class RewardError(BanditError):
+    """A reward that is not a finite number."""
+
+    http_status = 422
+
+
+class UnknownDecisionError(BanditError):
+    """Feedback names a decision id this bandit never made (or has long forgotten)."""
+
+    http_status = 404
+
+
+class UnknownNameError(BanditError):
+    """A model, task or arm name that is not known."""
+
+    http_status = 404
+
+
+class DuplicateArmError(BanditError):
+    """An arm of that name already exists."""
+
+    http_status = 409

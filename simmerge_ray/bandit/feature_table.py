@@ -1,0 +1,65 @@
+"""Resolve (model a, model b, task) to the raw feature vector x(a, b, t) of the feature table
+(`features.parquet`: string columns a, b, task and Float64 columns prefixed s_ / f_)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.bandit.errors import FeatureError, UnknownNameError
+
+FEATURE_PREFIXES = ("s_", "f_")
+KEY_COLUMNS = ("a", "b", "task")
+
+
+def feature_columns(df: pl.DataFrame) -> list[str]:
+    """The numeric feature columns (prefix s_ or f_), in table order."""
+    return [
+        c
+        for c, dtype in df.schema.items()
+        if c.startswith(FEATURE_PREFIXES) and dtype.is_numeric()
+    ]
+
+
+class FeatureTable:
+    """An in-memory index of a feature table, in a fixed column order."""
+
+    def __init__(self, df: pl.DataFrame, feature_names: Sequence[str], source: str = "features"):
+        missing = [c for c in (*KEY_COLUMNS, *feature_names) if c not in df.columns]
+        if missing:
+            raise ConfigError(f"{source}: missing columns {missing}")
+        self.source = source
+        self.feature_names = tuple(feature_names)
+        keys = df.select(KEY_COLUMNS).rows()
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"{source}: duplicate (a, b, task) rows")
+        self._row = {key: i for i, key in enumerate(keys)}
+        self._x = df.select(self.feature_names).cast(pl.Float64).to_numpy()
+        self.models = frozenset(df["a"].to_list()) | frozenset(df["b"].to_list())
+        self.tasks = frozenset(df["task"].to_list())
+
+    @classmethod
+    def load(cls, path: Path, feature_names: Sequence[str]) -> FeatureTable:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: feature table not found")
+        return cls(pl.read_parquet(path), feature_names, source=str(path))
+
+    def lookup(self, a: str, b: str, task: str) -> np.ndarray:
+        """x(a, b, task) as float64 [d]; names that are not in the table raise UnknownNameError."""
+        for kind, name, known in (("model", a, self.models), ("model", b, self.models),
+                                  ("task", task, self.tasks)):
+            if name not in known:
+                raise UnknownNameError(f"{self.source}: unknown {kind} {name!r}")
+        row = self._row.get((a, b, task))
+        if row is None:
+            raise UnknownNameError(f"{self.source}: no features for pair ({a!r}, {b!r}) on task {task!r}")
+        x = self._x[row]
+        if not np.all(np.isfinite(x)):
+            bad = [n for n, v in zip(self.feature_names, x) if not np.isfinite(v)]
+            raise FeatureError(f"{self.source}: ({a}, {b}, {task}) has non-finite features {bad}")
+        return x.copy()

@@ -1,0 +1,78 @@
+"""The bandit's state folder.
+
+    DIR/bandit.json   settings fixed at creation: encoder spec, feature table, ledger bounds
+    DIR/state.npz     everything that changes: posteriors, generator state, pending decisions
+
+`state.npz` is rewritten after every mutation through a temporary sibling and one `os.replace`,
+so a reader (or an actor restarted after a kill) sees either the previous or the new state,
+never a mix. The JSON part of the mutable state travels inside the npz as a uint8 array so the
+whole state is one file and one rename.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simmerge_ray.errors import CheckpointError
+from simmerge_ray.io.atomic import atomic_write_text
+
+SETTINGS_FILE = "bandit.json"
+STATE_FILE = "state.npz"
+_META_KEY = "__meta__"
+
+
+def write_settings(state_dir: Path, settings: dict[str, Any]) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(state_dir / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+
+
+def read_settings(state_dir: Path) -> dict[str, Any]:
+    path = Path(state_dir) / SETTINGS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no bandit state here (create one with `simmerge bandit-init`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def write_state(state_dir: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Atomically replace DIR/state.npz with `meta` (JSON-able) and `arrays`."""
+    if _META_KEY in arrays:
+        raise ValueError(f"array name {_META_KEY!r} is reserved")
+    buf = io.BytesIO()
+    payload = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(buf, **{_META_KEY: payload}, **arrays)
+    path = Path(state_dir) / STATE_FILE
+    tmp = path.with_name(f".{STATE_FILE}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_bytes(buf.getbuffer())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(state_dir: Path) -> None:
+    """Drop temporaries left by a writer killed mid-write (call only when no writer is active)."""
+    for tmp in Path(state_dir).glob(f".{STATE_FILE}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def read_state(state_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    path = Path(state_dir) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing bandit state file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        meta = json.loads(arrays.pop(_META_KEY).tobytes().decode())
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: unreadable bandit state ({e})") from e
+    return meta, arrays

@@ -1,0 +1,178 @@
+"""`simmerge bandit-init`, `simmerge serve` and `simmerge bandit-sim`: the online bandit."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from simmerge_ray.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bandit-init",
+        help="create a bandit state folder (identity encoder; warm start from labels if given)",
+    )
+    p.add_argument("--state", type=Path, required=True, help="state folder to create")
+    p.add_argument("--features", type=Path, required=True, help="features.parquet (a, b, task, s_*, f_*)")
+    p.add_argument("--labels", type=Path, help="labels.parquet for the warm start (full information)")
+    p.add_argument("--operators", help="comma-separated arms when there are no labels (cold start)")
+    _add_bandit_args(p)
+    p.add_argument("--warm-weight", type=float, default=1.0, help="weight of each offline row")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_init)
+
+    p = subparsers.add_parser("serve", help="serve bandit decisions over HTTP (Ray Serve)")
+    p.add_argument("--state", type=Path, required=True, help="state folder from `bandit-init`")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--features", type=Path, help="feature table for name lookups (default: the state's)")
+    p.set_defaults(func=_serve)
+
+    p = subparsers.add_parser("bandit-sim", help="replay simulator: cumulative regret of bandit policies")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--labels", type=Path, help="labels.parquet")
+    src.add_argument("--synthetic", action="store_true", help="a synthetic problem with a known optimum")
+    p.add_argument("--features", type=Path, help="features.parquet (with --labels)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (regret.json, regret.png)")
+    p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--test-frac", type=float, default=0.3, help="share of model pairs held out")
+    p.add_argument("--add-operator", help="operator added as a new arm (default: most often best)")
+    p.add_argument("--add-at", type=int, default=60, help="it becomes available after this many rounds")
+    _add_bandit_args(p)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_simulate)
+
+
+def _add_bandit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--noise-var", type=float, default=0.04, help="reward noise (re-fitted on warm start)")
+    p.add_argument("--prior-var", type=float, default=1.0)
+    p.add_argument("--exploration", type=float, default=1.0, help="posterior std multiplier")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _config(args: argparse.Namespace):
+    from simmerge_ray.bandit.lints import LinTSConfig
+
+    return LinTSConfig(
+        noise_var=args.noise_var, prior_var=args.prior_var, exploration=args.exploration, seed=args.seed
+    )
+
+
+def _read_parquet(path: Path, what: str) -> pl.DataFrame:
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    return pl.read_parquet(path)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from simmerge_ray.bandit.core import BanditCore
+    from simmerge_ray.bandit.encoder import IdentityEncoder
+    from simmerge_ray.bandit.feature_table import feature_columns
+    from simmerge_ray.bandit.lints import LinTS
+    from simmerge_ray.bandit.simulate import replay_data
+
+    features = _read_parquet(args.features, "feature table")
+    names = feature_columns(features)
+    if not names:
+        raise ConfigError(f"{args.features}: no numeric columns prefixed s_ or f_")
+    encoder = IdentityEncoder.fit(names, features.select(names).cast(pl.Float64).to_numpy())
+    if args.labels:
+        data = replay_data(_read_parquet(args.labels, "labels"), features, names)
+        bandit = LinTS(encoder.width, data.operators, _config(args))
+        bandit.warm_start(encoder.encode(data.x), data.rewards, weight=args.warm_weight)
+        how = f"warm start from {len(data.keys)} contexts"
+    elif args.operators:
+        bandit = LinTS(encoder.width, [o.strip() for o in args.operators.split(",") if o.strip()], _config(args))
+        how = "cold start"
+    else:
+        raise ConfigError("give --labels (warm start) or --operators (cold start)")
+    core = BanditCore.create(args.state, encoder, bandit, feature_table=args.features, overwrite=args.overwrite)
+    print(f"bandit state in {args.state}: arms {bandit.arm_names}, {len(names)} features, {how}, "
+          f"noise_var {core.bandit.noise_var:.4g}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from simmerge_ray.bandit.state import read_settings
+
+    read_settings(args.state)  # a clear error before importing or starting Ray
+    import ray
+    from ray import serve
+
+    from simmerge_ray.bandit.service import serve_bandit
+    from simmerge_ray.cli.common import init_ray
+
+    init_ray()
+    # The actor is owned by this process: keep its handle alive for as long as we serve (a
+    # non-detached actor whose handles are all dropped is destroyed), and stop both on exit.
+    actor = serve_bandit(args.state, host=args.host, port=args.port, feature_table=args.features)
+    print(f"bandit serving on http://{args.host}:{args.port} (state {args.state}); Ctrl-C to stop", flush=True)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill`, `ray job stop`, Kubernetes
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        serve.shutdown()
+        ray.kill(actor, no_restart=True)
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from simmerge_ray.bandit.simulate import SimSettings, replay_data, simulate, split_by_pair, write_report
+    from simmerge_ray.bandit.synthetic import synthetic_tables
+    from simmerge_ray.io.atomic import atomic_output_dir
+
+    if args.synthetic:
+        labels, features = synthetic_tables()
+    else:
+        if args.features is None:
+            raise ConfigError("--labels needs --features")
+        labels, features = _read_parquet(args.labels, "labels"), _read_parquet(args.features, "feature table")
+    data = replay_data(labels, features)
+    train, test = split_by_pair(data, args.test_frac, args.seed)
+    settings = SimSettings(rounds=args.rounds, repeats=args.repeats, seed=args.seed, bandit=_config(args))
+    new_op = args.add_operator or _most_often_best(train)
+    results = {
+        "all_operators": simulate(train, test, settings),
+        "operator_added": simulate(train, test, settings, new_operator=new_op, add_at=args.add_at),
+    }
+    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+        write_report(results, tmp)
+    print(_table(results))
+    print(f"wrote {args.out}/regret.json and {args.out}/regret.png")
+    return 0
+
+
+def _most_often_best(train) -> str:
+    """The operator that wins most training contexts: adding it late is the hardest case."""
+    complete = np.isfinite(train.rewards).all(axis=1)
+    wins = np.bincount(np.argmax(train.rewards[complete], axis=1), minlength=len(train.operators))
+    return train.operators[int(np.argmax(wins))]
+
+
+def _table(results: dict) -> str:
+    lines = []
+    for run, res in results.items():
+        marks = list(next(iter(res["policies"].values()))["at"])
+        title = run
+        if res["new_operator"] is not None:
+            title += f" ({res['new_operator']} added after round {res['add_at']})"
+        lines.append(f"{title}: cumulative regret, mean ± std over {res['repeats']} repeats")
+        lines.append(f"  {'policy':<16}" + "".join(f"{'@' + m:>16}" for m in marks) + f"{'oracle pick':>13}")
+        for name, e in res["policies"].items():
+            cells = "".join(f"{e['at'][m]['mean']:>9.2f} ± {e['at'][m]['std']:<4.2f}" for m in marks)
+            lines.append(f"  {name:<16}{cells}{e['oracle_pick_rate']:>13.1%}")
+    return "\n".join(lines)

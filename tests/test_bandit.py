@@ -1,0 +1,315 @@
+"""The bandit without Ray: LinTS math, encoder, state file, decision ledger, replay simulator."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from simmerge_ray.bandit.core import BanditCore
+from simmerge_ray.bandit.encoder import IdentityEncoder, load_encoder
+from simmerge_ray.bandit.errors import (
+    BanditError,
+    DuplicateArmError,
+    FeatureError,
+    RewardError,
+    UnknownDecisionError,
+    UnknownNameError,
+)
+from simmerge_ray.bandit.feature_table import FeatureTable
+from simmerge_ray.bandit.lints import LinTS, LinTSConfig
+from simmerge_ray.bandit.simulate import SimSettings, replay_data, simulate, split_by_pair
+from simmerge_ray.bandit.state import STATE_FILE, read_state
+from simmerge_ray.bandit.synthetic import SyntheticBanditSpec, synthetic_tables
+from simmerge_ray.cli import main as cli_main
+from simmerge_ray.errors import CheckpointError, ConfigError
+
+
+def _linear_data(n: int, width: int, k: int, noise: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, width))
+    w = rng.normal(size=(width + 1, k))
+    r = np.c_[z, np.ones(n)] @ w + noise * rng.normal(size=(n, k))
+    return z, r, w
+
+
+# ----- LinTS math
+def test_posterior_is_the_bayesian_ridge_solution():
+    cfg = LinTSConfig(noise_var=0.5, prior_var=2.0)
+    z, r, _ = _linear_data(30, 3, 1, 0.3)
+    bandit = LinTS(3, ["a"], cfg)
+    for zi, ri in zip(z, r[:, 0]):
+        bandit.update("a", zi, ri)
+    x = np.c_[z, np.ones(30)]
+    precision = np.eye(4) / 2.0 + x.T @ x / 0.5
+    mean, cov = bandit.posterior(0)
+    np.testing.assert_allclose(cov, np.linalg.inv(precision), rtol=1e-10)
+    np.testing.assert_allclose(mean, np.linalg.solve(precision, x.T @ r[:, 0] / 0.5), rtol=1e-10)
+    assert bandit.arms[0].plays == 30
+
+
+def test_warm_start_equals_sequential_updates_and_skips_missing_rewards():
+    z, r, _ = _linear_data(40, 4, 2, 0.1)
+    r[::5, 1] = np.nan
+    batched = LinTS(4, ["a", "b"])
+    batched.warm_start(z, r, fit_noise=False)
+    sequential = LinTS(4, ["a", "b"])
+    for zi, ri in zip(z, r):
+        for arm, value in zip(["a", "b"], ri):
+            if np.isfinite(value):
+                sequential.update(arm, zi, value)
+    for i in range(2):
+        np.testing.assert_allclose(batched.posterior(i)[0], sequential.posterior(i)[0], rtol=1e-9)
+        np.testing.assert_allclose(batched.posterior(i)[1], sequential.posterior(i)[1], rtol=1e-9)
+    assert batched.arms[1].weight == 32  # 8 of 40 rewards missing
+    assert batched.arms[0].plays == 0  # offline data is not online play
+
+
+def test_warm_start_fits_the_noise_variance():
+    z, r, _ = _linear_data(3000, 5, 3, noise=0.2, seed=1)
+    bandit = LinTS(5, ["a", "b", "c"])
+    bandit.warm_start(z, r)
+    assert bandit.noise_var == pytest.approx(0.04, rel=0.1)
+
+
+def test_thompson_draws_follow_the_posterior_marginal():
+    z, r, _ = _linear_data(20, 2, 2, 0.3)
+    bandit = LinTS(2, ["a", "b"], LinTSConfig(seed=3))
+    bandit.warm_start(z, r, fit_noise=False)
+    ctx = np.array([0.5, -1.0])
+    draws = np.array([bandit.sample_scores(ctx) for _ in range(8000)])
+    x = np.array([0.5, -1.0, 1.0])
+    for i in range(2):
+        mean, cov = bandit.posterior(i)
+        assert draws[:, i].mean() == pytest.approx(x @ mean, abs=4 * np.sqrt(x @ cov @ x / 8000))
+        assert draws[:, i].var() == pytest.approx(x @ cov @ x, rel=0.08)
+
+
+def test_seeded_runs_repeat_and_seeds_differ():
+    ctx = np.zeros(3)
+
+    def draws(seed: int) -> np.ndarray:
+        bandit = LinTS(3, ["a", "b", "c"], LinTSConfig(seed=seed))
+        return np.array([bandit.sample_scores(ctx) for _ in range(5)])
+
+    np.testing.assert_array_equal(draws(7), draws(7))
+    assert not np.allclose(draws(7), draws(8))
+
+
+def test_state_round_trip_resumes_exactly():
+    z, r, _ = _linear_data(50, 3, 2, 0.2)
+    bandit = LinTS(3, ["a", "b"], LinTSConfig(seed=5))
+    bandit.warm_start(z, r)
+    bandit.sample_scores(z[0])  # advance the generator
+    clone = LinTS.from_state(*bandit.to_state())
+    for zi in z[:5]:
+        np.testing.assert_array_equal(bandit.sample_scores(zi), clone.sample_scores(zi))
+    assert clone.noise_var == bandit.noise_var
+
+
+def test_added_arm_gets_pooled_prior_and_is_learned_when_best():
+    z, r, w = _linear_data(200, 2, 2, 0.05)
+    bandit = LinTS(2, ["a", "b"], LinTSConfig(seed=0))
+    bandit.warm_start(z, r)
+    pooled = bandit.pooled_prior_mean()
+    np.testing.assert_allclose(pooled, (bandit.posterior(0)[0] + bandit.posterior(1)[0]) / 2)
+    bandit.add_arm("c", prior_mean=pooled)
+    np.testing.assert_allclose(bandit.posterior(2)[0], pooled)
+    with pytest.raises(DuplicateArmError, match="'c'"):
+        bandit.add_arm("c")
+    rng = np.random.default_rng(0)
+    chosen = []
+    for _ in range(150):
+        ctx = rng.normal(size=2)
+        arm, _ = bandit.choose(ctx)
+        true = np.r_[ctx, 1.0] @ w  # within about +-5 here
+        reward = 6.0 if arm == 2 else true[arm]  # c is linear too, and the best everywhere
+        bandit.update(arm, ctx, reward)
+        chosen.append(arm)
+    assert np.mean(np.array(chosen[-50:]) == 2) > 0.9
+
+
+def test_bad_rewards_and_configs_are_refused():
+    bandit = LinTS(2, ["a"])
+    with pytest.raises(RewardError):
+        bandit.update("a", np.zeros(2), float("nan"))
+    with pytest.raises(UnknownNameError, match="'zz'"):
+        bandit.update("zz", np.zeros(2), 1.0)
+    with pytest.raises(ConfigError, match="noise_var"):
+        LinTSConfig(noise_var=0.0)
+    with pytest.raises(ConfigError, match="rewards shape"):
+        bandit.warm_start(np.zeros((3, 2)), np.zeros((3, 2)))
+
+
+# ----- encoder and feature table
+def test_identity_encoder_standardises_and_round_trips():
+    x = np.c_[np.arange(10.0), np.full(10, 3.0)]
+    enc = IdentityEncoder.fit(["s_a", "f_b"], x)
+    z = enc.encode(x)
+    np.testing.assert_allclose(z[:, 0].mean(), 0, atol=1e-12)
+    np.testing.assert_allclose(z[:, 0].std(), 1)
+    np.testing.assert_array_equal(z[:, 1], 0)  # constant column
+    again = load_encoder(json.loads(json.dumps(enc.spec())))
+    np.testing.assert_array_equal(again.encode(x), z)
+    with pytest.raises(FeatureError, match="expected width 2"):
+        enc.encode(np.zeros(3))
+    with pytest.raises(FeatureError, match="index 1"):
+        enc.encode([1.0, float("inf")])
+
+
+def test_feature_table_lookup_names_what_is_unknown():
+    _, features = synthetic_tables(SyntheticBanditSpec(n_models=3, tasks=("code",), n_features=2))
+    table = FeatureTable(features, ["s_syn0", "f_syn1"])
+    row = features.filter((pl.col("a") == "m0") & (pl.col("b") == "m2"))
+    np.testing.assert_array_equal(table.lookup("m0", "m2", "code"), row.select("s_syn0", "f_syn1").to_numpy()[0])
+    with pytest.raises(UnknownNameError, match="model 'gpt'"):
+        table.lookup("gpt", "m2", "code")
+    with pytest.raises(UnknownNameError, match="task 'law'"):
+        table.lookup("m0", "m2", "law")
+    with pytest.raises(UnknownNameError, match="no features for pair"):
+        table.lookup("m0", "m0", "code")
+
+
+# ----- decision ledger and state folder
+@pytest.fixture()
+def core(tmp_path: Path) -> BanditCore:
+    z, r, _ = _linear_data(60, 3, 3, 0.1)
+    enc = IdentityEncoder.fit(["s_0", "s_1", "f_2"], z)
+    bandit = LinTS(3, ["linear", "slerp", "ties"], LinTSConfig(seed=1))
+    bandit.warm_start(enc.encode(z), r)
+    return BanditCore.create(tmp_path / "state", enc, bandit, max_pending=5)
+
+
+def test_decide_feedback_and_idempotency(core: BanditCore):
+    d = core.decide([0.1, 0.2, 0.3])
+    assert d["operator"] in ("linear", "slerp", "ties")
+    assert d["operator"] == max(d["scores"], key=d["scores"].get)
+    first = core.feedback(d["decision_id"], 0.7)
+    again = core.feedback(d["decision_id"], 0.1)
+    assert (first["status"], again["status"], again["reward"]) == ("counted", "duplicate", 0.7)
+    stats = core.stats()
+    assert (stats["feedback"], stats["duplicates"], stats["pending"]) == (1, 1, 0)
+    arm = next(a for a in stats["arms"] if a["name"] == d["operator"])
+    assert (arm["plays"], arm["mean_reward"]) == (1, 0.7)
+    with pytest.raises(UnknownDecisionError, match="'nope'"):
+        core.feedback("nope", 0.5)
+    d2 = core.decide([0.0, 0.0, 0.0])
+    with pytest.raises(RewardError):
+        core.feedback(d2["decision_id"], float("nan"))
+    with pytest.raises(FeatureError, match="width 3"):
+        core.decide([1.0, 2.0])
+
+
+def test_decide_can_be_restricted_to_some_arms(core: BanditCore, tmp_path: Path):
+    shutil.copytree(core.state_dir, tmp_path / "twin")
+    twin = BanditCore(tmp_path / "twin")
+    free, only = twin.decide([0.4, 0.1, -0.3]), core.decide([0.4, 0.1, -0.3], arms=["slerp"])
+    assert only["operator"] == "slerp"
+    assert only["scores"] == free["scores"]  # same draws: the restriction only limits the argmax
+    with pytest.raises(UnknownNameError, match="unknown arm 'magic'"):
+        core.decide([0.0, 0.0, 0.0], arms=["slerp", "magic"])
+    with pytest.raises(BanditError, match="at least one arm"):
+        core.decide([0.0, 0.0, 0.0], arms=[])
+
+
+def test_state_folder_survives_a_restart_exactly(core: BanditCore, tmp_path: Path):
+    pending = core.decide([0.3, -0.2, 1.0])
+    done = core.decide([1.0, 0.0, 0.0])
+    core.feedback(done["decision_id"], 0.4)
+    restarted = BanditCore(core.state_dir)  # what a restarted actor does
+    assert restarted.stats() == core.stats()
+    ctx = [0.5, 0.5, -0.5]
+    assert restarted.decide(ctx)["scores"] == core.decide(ctx)["scores"]
+    assert restarted.feedback(pending["decision_id"], 0.9)["status"] == "counted"
+    assert restarted.feedback(done["decision_id"], 0.4)["status"] == "duplicate"
+    # A stray temporary file from an interrupted write does not matter; a corrupt state does.
+    (core.state_dir / f".{STATE_FILE}.dead.tmp").write_bytes(b"partial")
+    assert BanditCore(core.state_dir).stats()["feedback"] == 2
+    broken = tmp_path / "broken"
+    shutil.copytree(core.state_dir, broken)
+    (broken / STATE_FILE).write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match=STATE_FILE):
+        BanditCore(broken)
+
+
+def test_ledger_is_bounded_and_arms_persist(core: BanditCore):
+    ids = [core.decide([0.0, 0.1, 0.2])["decision_id"] for _ in range(7)]
+    with pytest.raises(UnknownDecisionError):
+        core.feedback(ids[0], 0.5)  # expired: max_pending is 5
+    assert core.feedback(ids[-1], 0.5)["status"] == "counted"
+    core.add_arm("dare_ties", prior="zero", prior_var=0.5)
+    meta, _ = read_state(core.state_dir)
+    assert [a["name"] for a in meta["lints"]["arms"]][-1] == "dare_ties"
+    assert set(BanditCore(core.state_dir).decide([0.0, 0.0, 0.0])["scores"]) == {
+        "linear", "slerp", "ties", "dare_ties"
+    }
+    assert core.stats()["expired"] == 2
+    with pytest.raises(CheckpointError, match="already exists"):
+        BanditCore.create(core.state_dir, core.encoder, core.bandit)
+
+
+# ----- replay simulator
+def test_replay_data_joins_and_averages_labels():
+    labels, features = synthetic_tables(SyntheticBanditSpec(n_models=3, tasks=("code",), n_features=2))
+    dup = labels.head(1).with_columns(pl.col("gap_closed") + 1.0)  # a second params setting
+    data = replay_data(pl.concat([labels, dup]), features)
+    assert data.operators == ("dare_ties", "linear", "slerp", "ties")
+    assert data.rewards.shape == (6, 4)
+    first = labels.row(0, named=True)
+    row = data.keys.index((first["task"], first["expert"], first["aux"]))
+    assert data.rewards[row, data.operators.index(first["operator"])] == pytest.approx(first["gap_closed"] + 0.5)
+    with pytest.raises(ConfigError, match=r"no row for 1 labelled .*\('code', 'm1', 'm0'\)"):
+        replay_data(labels, features.filter((pl.col("a") != "m1") | (pl.col("b") != "m0")))
+    train, test = split_by_pair(data, 0.34, seed=0)
+    pair = lambda k: frozenset(k[1:])  # noqa: E731
+    assert not {pair(k) for k in train.keys} & {pair(k) for k in test.keys}
+
+
+def test_bandit_beats_uniform_and_learns_an_added_operator():
+    labels, features = synthetic_tables(SyntheticBanditSpec(n_models=8, seed=2))
+    train, test = split_by_pair(replay_data(labels, features), 0.3, seed=0)
+    settings = SimSettings(rounds=150, repeats=3, seed=0, checkpoints=(60,))
+    res = simulate(train, test, settings)["policies"]
+    regret = {name: res[name]["at"]["150"]["mean"] for name in res}
+    assert regret["bandit"] < 0.25 * regret["uniform"]
+    assert regret["bandit_cold"] < regret["uniform"]
+    assert regret["bandit"] <= regret["bandit_cold"]
+    assert res["bandit"]["oracle_pick_rate"] > 0.8 > 0.4 > res["uniform"]["oracle_pick_rate"]
+    # Hide the operator that is most often best for 20 rounds, then add it.
+    best = int(np.bincount(np.argmax(train.rewards, axis=1)).argmax())
+    best_share = float((np.argmax(test.rewards, axis=1) == best).mean())
+    added = simulate(train, test, settings, new_operator=train.operators[best], add_at=20)["policies"]
+    assert added["greedy_offline"]["new_operator_share_after_add"] == 0.0
+    assert added["bandit"]["new_operator_share_after_add"] > 0.5 * best_share
+    assert added["bandit"]["at"]["150"]["mean"] < 0.5 * added["greedy_offline"]["at"]["150"]["mean"]
+
+
+def test_cli_bandit_init_and_sim(tmp_path: Path):
+    labels, features = synthetic_tables(SyntheticBanditSpec(n_models=5, seed=2))
+    labels.write_parquet(tmp_path / "labels.parquet")
+    features.write_parquet(tmp_path / "features.parquet")
+    state = tmp_path / "state"
+    assert cli_main(["bandit-init", "--state", str(state), "--features", str(tmp_path / "features.parquet"),
+                     "--labels", str(tmp_path / "labels.parquet")]) == 0
+    core = BanditCore(state)
+    assert core.bandit.arm_names == ["dare_ties", "linear", "slerp", "ties"]
+    assert all(a.weight == 60 for a in core.bandit.arms)  # 5*4 ordered pairs x 3 tasks
+    out = tmp_path / "sim"
+    assert cli_main(["bandit-sim", "--labels", str(tmp_path / "labels.parquet"), "--features",
+                     str(tmp_path / "features.parquet"), "--out", str(out), "--rounds", "30",
+                     "--repeats", "2", "--add-at", "10"]) == 0
+    report = json.loads((out / "regret.json").read_text())
+    assert set(report) == {"all_operators", "operator_added"}
+    assert len(report["all_operators"]["policies"]["bandit"]["cum_regret_mean"]) == 30
+    assert (out / "regret.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli_main(["bandit-init", "--state", str(state), "--features",
+                     str(tmp_path / "features.parquet"), "--operators", "a,b"]) == 2  # exists
+
+
+def test_cli_serve_refuses_a_folder_without_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert cli_main(["serve", "--state", str(tmp_path / "none"), "--port", "1"]) == 2
+    assert "no bandit state here" in capsys.readouterr().err

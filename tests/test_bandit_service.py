@@ -1,0 +1,213 @@
+"""The bandit service for real: named Ray actor + Ray Serve on loopback, spoken to over HTTP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+
+from simmerge_ray.bandit.core import BanditCore
+from simmerge_ray.bandit.encoder import IdentityEncoder
+from simmerge_ray.bandit.lints import LinTS, LinTSConfig
+from simmerge_ray.bandit.simulate import replay_data
+from simmerge_ray.bandit.synthetic import SyntheticBanditSpec, synthetic_tables
+
+ACTOR = "simmerge-bandit-test"
+NAMESPACE = "simmerge-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    def __init__(self, port: int):
+        self.base = f"http://127.0.0.1:{port}"
+
+    def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def stats(self) -> dict[str, Any]:
+        status, body = self.call("GET", "/stats")
+        assert status == 200
+        return body
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tmp_path_factory):
+    from ray import serve
+
+    from simmerge_ray.bandit.service import serve_bandit
+
+    root = tmp_path_factory.mktemp("bandit-svc")
+    labels, features = synthetic_tables(SyntheticBanditSpec(n_models=4, tasks=("code", "math"), n_features=4))
+    features.write_parquet(root / "features.parquet")
+    data = replay_data(labels, features)
+    encoder = IdentityEncoder.fit(data.feature_names, data.x)
+    bandit = LinTS(encoder.width, data.operators, LinTSConfig(seed=0))
+    bandit.warm_start(encoder.encode(data.x), data.rewards)
+    state = root / "state"
+    BanditCore.create(state, encoder, bandit, feature_table=root / "features.parquet")
+    port = _free_port()
+    actor = serve_bandit(state, port=port, actor_name=ACTOR, namespace=NAMESPACE, app_name="bandit-test")
+    yield {"client": Client(port), "actor": actor, "state": state, "root": root, "x": data.x,
+           "operators": list(data.operators)}
+    serve.shutdown()
+    ray_cluster.kill(actor, no_restart=True)
+
+
+def test_decide_feedback_round_trip(service):
+    client, x = service["client"], service["x"]
+    before = client.stats()
+    status, d = client.call("POST", "/decide", {"features": x[0].tolist()})
+    assert status == 200
+    assert set(d["scores"]) == set(service["operators"])
+    assert d["operator"] == max(d["scores"], key=d["scores"].get)
+    status, fb = client.call("POST", "/feedback", {"decision_id": d["decision_id"], "reward": 0.625})
+    assert (status, fb["status"], fb["operator"]) == (200, "counted", d["operator"])
+    after = client.stats()
+    assert after["decisions"] == before["decisions"] + 1
+    assert after["feedback"] == before["feedback"] + 1
+    plays = {a["name"]: a["plays"] for a in after["arms"]}
+    assert plays[d["operator"]] == {a["name"]: a["plays"] for a in before["arms"]}[d["operator"]] + 1
+    # By names (resolved through the feature table), restricted to one operator.
+    status, named = client.call("POST", "/decide", {"a": "m1", "b": "m3", "task": "math", "arms": ["ties"]})
+    assert status == 200 and named["pair"] == {"a": "m1", "b": "m3", "task": "math"}
+    assert named["operator"] == "ties"
+    assert client.call("GET", "/healthz") == (200, {"status": "ok", "arms": service["operators"],
+                                                    "decisions": after["decisions"] + 1})
+
+
+def test_feedback_is_idempotent(service):
+    client, x = service["client"], service["x"]
+    _, d = client.call("POST", "/decide", {"features": x[1].tolist()})
+    before = client.stats()
+    replies = [client.call("POST", "/feedback", {"decision_id": d["decision_id"], "reward": r})
+               for r in (0.5, 0.5, 0.9)]
+    assert [(s, b["status"], b["reward"]) for s, b in replies] == [
+        (200, "counted", 0.5), (200, "duplicate", 0.5), (200, "duplicate", 0.5)]
+    after = client.stats()
+    assert after["feedback"] == before["feedback"] + 1
+    assert after["duplicates"] == before["duplicates"] + 2
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "needle"),
+    [
+        ("POST", "/decide", b'{"features": [1, 2', 422, "JSON decode error"),
+        ("POST", "/decide", {"features": [1.0, 2.0]}, 422, "expected width 4"),
+        ("POST", "/decide", b'{"features": [NaN, 0, 0, 0]}', 422, "finite number"),
+        ("POST", "/decide", {"a": "m1", "b": "m2"}, 422, "all of 'a', 'b' and 'task'"),
+        ("POST", "/decide", {"features": [0, 0, 0, 0], "task": "code"}, 422, "not both"),
+        ("POST", "/decide", {"a": "gpt5", "b": "m2", "task": "code"}, 404, "unknown model 'gpt5'"),
+        ("POST", "/decide", {"a": "m1", "b": "m2", "task": "law"}, 404, "unknown task 'law'"),
+        ("POST", "/decide", {"features": [0, 0, 0, 0], "arms": ["magic"]}, 404, "unknown arm 'magic'"),
+        ("POST", "/feedback", b'{"decision_id": "x", "reward": NaN}', 422, "finite number"),
+        ("POST", "/feedback", {"decision_id": "nope", "reward": 0.1}, 404, "unknown decision id 'nope'"),
+        ("POST", "/feedback", {"decision_id": "nope", "reward": 0.1, "extra": 1}, 422, "Extra inputs"),
+        ("POST", "/feedback", b"[1, 2]", 422, "valid dictionary"),
+        ("POST", "/arms", {"name": "linear"}, 409, "'linear' already exists"),
+        ("POST", "/arms", {"name": "bad name!"}, 422, "pattern"),
+        ("POST", "/arms", {"name": "x", "prior": "optimistic"}, 422, "'pooled' or 'zero'"),
+    ],
+)
+def test_malformed_requests_get_a_4xx_with_a_message(service, method, path, body, status, needle):
+    raw = body if isinstance(body, bytes) else None
+    got, reply = service["client"].call(method, path, None if raw else body, raw=raw)
+    assert got == status
+    assert needle in json.dumps(reply["detail"])
+
+
+def test_add_arm_then_it_is_sampled(service):
+    client, x = service["client"], service["x"]
+    status, reply = client.call("POST", "/arms", {"name": "task_arithmetic", "prior": "pooled"})
+    assert status == 200 and reply["arms"][-1] == "task_arithmetic"
+    _, d = client.call("POST", "/decide", {"features": x[2].tolist()})
+    assert "task_arithmetic" in d["scores"]
+    assert client.stats()["arms"][-1] == {"name": "task_arithmetic", "plays": 0, "mean_reward": None,
+                                          "data_weight": 0.0, "prior_var": 1.0}
+
+
+def test_state_survives_an_actor_kill_and_resumes_exactly(service, ray_cluster):
+    client, x = service["client"], service["x"]
+    _, d = client.call("POST", "/decide", {"features": x[3].tolist()})
+    before = client.stats()
+    pid_before = _actor_pid(service["actor"])
+    ray_cluster.kill(service["actor"], no_restart=False)
+    # Feedback for a decision made before the kill counts after the restart.
+    status, fb = client.call("POST", "/feedback", {"decision_id": d["decision_id"], "reward": 0.8})
+    assert (status, fb["status"]) == (200, "counted")
+    after = client.stats()
+    assert after["decisions"] == before["decisions"]
+    assert after["feedback"] == before["feedback"] + 1
+    assert after["pending"] == before["pending"] - 1
+    assert _actor_pid(service["actor"]) != pid_before  # it really was a new process
+    # The restarted actor continues exactly: the next draw equals one made from a copy of the
+    # state on disk (posteriors and generator state included).
+    copy = service["root"] / "state-copy"
+    shutil.copytree(service["state"], copy)
+    expected = BanditCore(copy).decide(x[4])
+    _, got = client.call("POST", "/decide", {"features": x[4].tolist()})
+    assert got["scores"] == expected["scores"] and got["operator"] == expected["operator"]
+
+
+def _actor_pid(actor) -> int:
+    import os
+
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+
+
+def test_concurrent_clients(service):
+    client, x = service["client"], service["x"]
+    before = client.stats()
+
+    def worker(k: int) -> list[str]:
+        ids = []
+        for i in range(6):
+            status, d = client.call("POST", "/decide", {"features": x[(k * 6 + i) % len(x)].tolist()})
+            assert status == 200
+            status, fb = client.call("POST", "/feedback", {"decision_id": d["decision_id"], "reward": 0.1 * i})
+            assert (status, fb["status"]) == (200, "counted")
+            ids.append(d["decision_id"])
+        return ids
+
+    with ThreadPoolExecutor(4) as pool:
+        ids = [i for chunk in pool.map(worker, range(4)) for i in chunk]
+    assert len(set(ids)) == 24
+    after = client.stats()
+    assert after["decisions"] - before["decisions"] == 24
+    assert after["feedback"] - before["feedback"] == 24
+    assert sum(a["plays"] for a in after["arms"]) - sum(a["plays"] for a in before["arms"]) == 24
+    assert np.isclose(
+        sum(a["mean_reward"] * a["plays"] for a in after["arms"] if a["plays"])
+        - sum(a["mean_reward"] * a["plays"] for a in before["arms"] if a["plays"]),
+        4 * sum(0.1 * i for i in range(6)),
+    )
+
+
+def test_actor_refuses_a_bad_folder_and_a_name_clash(service, tmp_path):
+    from simmerge_ray.bandit.actor import start_bandit_actor
+    from simmerge_ray.errors import CheckpointError, ConfigError
+
+    with pytest.raises(CheckpointError, match="no bandit state here"):
+        start_bandit_actor(tmp_path, name="simmerge-bandit-empty", namespace=NAMESPACE)
+    with pytest.raises(ConfigError, match="already serves"):
+        start_bandit_actor(service["root"] / "elsewhere", name=ACTOR, namespace=NAMESPACE)
