@@ -1,0 +1,90 @@
+"""Training data of the selector: one row per (task, expert, aux) with every operator's utility.
+
+Labels are full-information (every operator was merged and evaluated for every pair), so each
+row carries a vector of utilities; features x(a=expert, b=aux, t=task) come from the feature
+table. Feature columns are the numeric columns prefixed `s_` (structural) or `f_`
+(functional); their sorted names are the selector's feature schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from simmerge_ray.errors import ConfigError
+
+FEATURE_PREFIXES = ("s_", "f_")
+UTILITY_CLIP = (-2.0, 2.0)  # GapClosed can explode where the expert-aux gap is tiny
+
+
+def feature_columns(df: pl.DataFrame, prefixes: tuple[str, ...] = FEATURE_PREFIXES) -> list[str]:
+    """Sorted numeric feature columns with the given prefixes."""
+    return sorted(c for c, t in df.schema.items() if c.startswith(prefixes) and t.is_numeric())
+
+
+@dataclass
+class PairData:
+    """Arrays for training and evaluation, aligned row by row."""
+
+    x: np.ndarray  # [n, d] raw features
+    y: np.ndarray  # [n, k] utility (gap closed) per operator, clipped
+    tasks: list[str]  # [n]
+    experts: list[str]
+    auxes: list[str]
+    feature_names: list[str]
+    operators: list[str]
+
+    @property
+    def pair_keys(self) -> list[str]:
+        """Unordered model pair: the unit that must never straddle train and test."""
+        return ["|".join(sorted((a, b))) for a, b in zip(self.experts, self.auxes)]
+
+    def subset(self, idx: np.ndarray | list[int]) -> "PairData":
+        idx = np.asarray(idx, dtype=int)
+        return PairData(self.x[idx], self.y[idx], [self.tasks[i] for i in idx], [self.experts[i] for i in idx],
+                        [self.auxes[i] for i in idx], self.feature_names, self.operators)
+
+    def select_features(self, names: list[str]) -> "PairData":
+        cols = [self.feature_names.index(n) for n in names]
+        return PairData(self.x[:, cols], self.y, self.tasks, self.experts, self.auxes, list(names), self.operators)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+def build_pair_data(labels: pl.DataFrame, features: pl.DataFrame, *,
+                    operators: list[str] | None = None) -> PairData:
+    """Pivot labels to one utility vector per (task, expert, aux) and join the features.
+
+    Rows lacking an operator's label or the pair's features are dropped; an empty result is
+    an error saying which side is missing.
+    """
+    for col in ("task", "expert", "aux", "operator", "gap_closed"):
+        if col not in labels.columns:
+            raise ConfigError(f"labels table: missing column {col!r}")
+    for col in ("a", "b", "task"):
+        if col not in features.columns:
+            raise ConfigError(f"feature table: missing column {col!r}")
+    ops = operators or sorted(labels["operator"].unique().to_list())
+    wide = (
+        labels.filter(pl.col("operator").is_in(ops))
+        .group_by(["task", "expert", "aux", "operator"]).agg(pl.col("gap_closed").mean())
+        .pivot(on="operator", index=["task", "expert", "aux"], values="gap_closed")
+        .drop_nulls(subset=ops)
+    )
+    names = feature_columns(features)
+    if not names:
+        raise ConfigError("feature table: no numeric columns prefixed s_ or f_")
+    joined = wide.join(features.rename({"a": "expert", "b": "aux"}), on=["expert", "aux", "task"], how="inner")
+    joined = joined.drop_nulls(subset=names).sort(["task", "expert", "aux"])
+    if joined.height == 0:
+        raise ConfigError(
+            f"no (task, expert, aux) row has both labels ({wide.height} labelled) and features "
+            f"({features.height} feature rows): check that model and task names agree"
+        )
+    x = joined.select(names).to_numpy().astype(np.float64)
+    y = np.clip(joined.select(ops).to_numpy().astype(np.float64), *UTILITY_CLIP)
+    return PairData(x, y, joined["task"].to_list(), joined["expert"].to_list(), joined["aux"].to_list(),
+                    names, list(ops))

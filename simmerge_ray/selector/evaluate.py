@@ -1,0 +1,129 @@
+"""Judging the selector on pairs it never saw: accuracy, GapClosed per task, regret.
+
+Every evaluation is out-of-fold: outer folds split by model pair (or leave one task out);
+hyperparameters, when searched, are searched on the outer training part only (nested), so no
+test pair influences its own prediction.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from simmerge_ray.selector.data import PairData
+from simmerge_ray.selector.folds import Split, group_kfold, leave_one_task_out
+from simmerge_ray.selector.model import Selector, SelectorConfig
+from simmerge_ray.selector.train import fit_selector
+
+FitFn = Callable[[PairData], Selector]
+
+
+def out_of_fold(data: PairData, splits: list[Split], fit: FitFn) -> tuple[np.ndarray, list[str]]:
+    """Predicted utilities for every test row, and the majority-class operator of its training part."""
+    pred = np.full(data.y.shape, np.nan)
+    majority = [""] * len(data)
+    for tr, te in splits:
+        train = data.subset(tr)
+        sel = fit(train)
+        test = data.subset(te)
+        pred[te] = sel.predict(test.x, test.tasks)
+        best_in_train = Counter(train.operators[i] for i in train.y.argmax(axis=1)).most_common(1)[0][0]
+        for i in te:
+            majority[i] = best_in_train
+    return pred, majority
+
+
+def summarize(data: PairData, pred: np.ndarray, majority: list[str]) -> dict:
+    """Selection accuracy, GapClosed per task and method, and regret."""
+    ops = data.operators
+    rows = np.arange(len(data))
+    pick = pred.argmax(axis=1)
+    chosen = data.y[rows, pick]
+    oracle = data.y.max(axis=1)
+    maj = data.y[rows, [ops.index(m) for m in majority]]
+    methods = {"simmerge": chosen, "oracle": oracle, "majority": maj, **{o: data.y[:, j] for j, o in enumerate(ops)}}
+    tasks = sorted(set(data.tasks))
+    t_arr = np.asarray(data.tasks)
+    gap = {m: {t: float(v[t_arr == t].mean()) for t in tasks} | {"mean": float(np.mean([v[t_arr == t].mean()
+                                                                                          for t in tasks]))}
+           for m, v in methods.items()}
+    correct = chosen >= oracle - 1e-9
+    best_fixed = max(ops, key=lambda o: gap[o]["mean"])
+    oracle_op = [ops[i] for i in data.y.argmax(axis=1)]
+    return {
+        "n": len(data),
+        "selection_accuracy": float(correct.mean()),
+        "selection_accuracy_by_best_operator": {o: float(correct[np.asarray(oracle_op) == o].mean())
+                                                for o in ops if o in oracle_op},
+        "oracle_operator_share": {o: oracle_op.count(o) / len(data) for o in ops},
+        "gap_closed": gap,
+        "regret": {m: float((oracle - v).mean()) for m, v in methods.items()},
+        "best_fixed_operator": best_fixed,
+        "simmerge_vs_best_fixed": gap["simmerge"]["mean"] - gap[best_fixed]["mean"],
+        "simmerge_share_of_oracle": gap["simmerge"]["mean"] / gap["oracle"]["mean"] if gap["oracle"]["mean"] else None,
+    }
+
+
+def evaluate_pairs(data: PairData, fit: FitFn, *, folds: int = 5, seed: int = 0) -> dict:
+    pred, maj = out_of_fold(data, group_kfold(data.pair_keys, folds, seed), fit)
+    return {"split": f"{folds}-fold by unordered model pair", **summarize(data, pred, maj)}
+
+
+def evaluate_loto(data: PairData, fit: FitFn) -> dict:
+    """Leave one task out: the held-out task is new, so its task code is unknown (zeros)."""
+    splits = leave_one_task_out(data.tasks)
+    pred, maj = out_of_fold(data, list(splits.values()), fit)
+    return {"split": "leave one task out", **summarize(data, pred, maj)}
+
+
+def fixed_fit(cfg: SelectorConfig) -> FitFn:
+    return lambda train: fit_selector(train, cfg)
+
+
+def ablation(data: PairData, cfg: SelectorConfig, *, folds: int = 5, seed: int = 0) -> dict[str, dict]:
+    """The same folds with all features, functional only, structural only, and no task code."""
+    variants: dict[str, tuple[PairData, SelectorConfig]] = {"all features": (data, cfg)}
+    func = [n for n in data.feature_names if n.startswith("f_")]
+    struct = [n for n in data.feature_names if n.startswith("s_")]
+    if func:
+        variants["functional only"] = (data.select_features(func), cfg)
+    if struct:
+        variants["structural only"] = (data.select_features(struct), cfg)
+    variants["no task encoding"] = (data, replace(cfg, task_encoding=False))
+    out = {}
+    for name, (d, c) in variants.items():
+        r = evaluate_pairs(d, fixed_fit(c), folds=folds, seed=seed)
+        out[name] = {"selection_accuracy": r["selection_accuracy"], "gap_closed_mean": r["gap_closed"]["simmerge"]["mean"],
+                     "regret": r["regret"]["simmerge"], "features": len(d.feature_names)}
+    return out
+
+
+def gap_chart(report: dict, path: Path, title: str) -> Path:
+    """Bar chart of GapClosed per task and method (the paper's Figure 2 layout)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gap = report["gap_closed"]
+    methods = [m for m in ("simmerge", "linear", "slerp", "ties", "majority", "oracle") if m in gap]
+    methods += [m for m in gap if m not in methods]
+    tasks = [t for t in gap["simmerge"] if t != "mean"] + ["mean"]
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks)), 3.8))
+    for i, m in enumerate(methods):
+        ax.bar(np.arange(len(tasks)) + i * width, [100 * gap[m][t] for t in tasks], width, label=m)
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
+    ax.set_ylabel("gap closed (%)")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_title(title)
+    ax.legend(ncol=min(len(methods), 4), fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

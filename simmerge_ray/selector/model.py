@@ -1,0 +1,151 @@
+"""f_plan: an MLP from standardised pair features (+ optional task one-hot) to one utility per
+operator, saved as a self-describing folder.
+
+The folder holds the weights (safetensors), the feature schema, the standardisation
+statistics, the operator list and the training config, so a selector applies to any feature
+table with the same schema, and refuses one without it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.io.atomic import atomic_output_dir
+
+WEIGHTS = "selector.safetensors"
+SCHEMA = "selector.json"
+
+
+@dataclass(frozen=True)
+class SelectorConfig:
+    """Hyperparameters (what Ray Tune searches) and training settings."""
+
+    hidden: int = 64
+    depth: int = 2
+    dropout: float = 0.1
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    epochs: int = 300
+    task_encoding: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SelectorConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"selector config: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+class SelectorMLP(nn.Module):
+    """Hidden layers (the bandit's encoder g) followed by a linear utility head."""
+
+    def __init__(self, d_in: int, n_out: int, hidden: int, depth: int, dropout: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = d_in
+        for _ in range(depth):
+            layers += [nn.Linear(d, hidden), nn.GELU(), nn.Dropout(dropout)]
+            d = hidden
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@dataclass
+class Selector:
+    """A trained selector: schema + statistics + network."""
+
+    feature_names: list[str]
+    operators: list[str]
+    tasks: list[str]  # known tasks, for the one-hot; empty when task encoding is off
+    mean: np.ndarray
+    scale: np.ndarray
+    config: SelectorConfig
+    net: SelectorMLP
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ---- inputs ----------------------------------------------------------------------------
+    def design(self, x: np.ndarray, tasks: list[str] | None) -> torch.Tensor:
+        """Standardise features and append the task one-hot (zeros for an unknown task)."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.feature_names):
+            raise ConfigError(f"selector expects {len(self.feature_names)} features, got shape {x.shape}")
+        z = (x - self.mean) / self.scale
+        if self.config.task_encoding and self.tasks:
+            onehot = np.zeros((len(z), len(self.tasks)))
+            for i, t in enumerate(tasks or [None] * len(z)):
+                if t in self.tasks:
+                    onehot[i, self.tasks.index(t)] = 1.0
+            z = np.concatenate([z, onehot], axis=1)
+        return torch.as_tensor(np.nan_to_num(z), dtype=torch.float32)
+
+    # ---- outputs ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x: np.ndarray, tasks: list[str] | None = None) -> np.ndarray:
+        """Predicted utility per operator, [n, k]."""
+        self.net.eval()
+        return self.net(self.design(x, tasks)).double().numpy()
+
+    def choose(self, x: np.ndarray, tasks: list[str] | None = None) -> list[str]:
+        return [self.operators[i] for i in self.predict(x, tasks).argmax(axis=1)]
+
+    @torch.no_grad()
+    def encode(self, x: np.ndarray, tasks: list[str] | None = None) -> np.ndarray:
+        """The last hidden layer: the frozen context encoder of the online bandit."""
+        self.net.eval()
+        return self.net.encode(self.design(x, tasks)).double().numpy()
+
+    @property
+    def width(self) -> int:
+        return self.config.hidden if self.config.depth > 0 else len(self.feature_names)
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save(self, out: str | Path, *, overwrite: bool = True) -> Path:
+        with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+            save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, tmp / WEIGHTS)
+            (tmp / SCHEMA).write_text(json.dumps({
+                "feature_names": self.feature_names, "operators": self.operators, "tasks": self.tasks,
+                "mean": self.mean.tolist(), "scale": self.scale.tolist(), "config": asdict(self.config),
+                "meta": self.meta,
+            }, indent=1))
+        return Path(out)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Selector":
+        path = Path(path)
+        try:
+            raw = json.loads((path / SCHEMA).read_text())
+            state = load_file(path / WEIGHTS)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: not a selector folder ({e.filename} missing)") from None
+        cfg = SelectorConfig.from_dict(raw["config"])
+        d_in = len(raw["feature_names"]) + (len(raw["tasks"]) if cfg.task_encoding else 0)
+        net = SelectorMLP(d_in, len(raw["operators"]), cfg.hidden, cfg.depth, cfg.dropout)
+        net.load_state_dict(state)
+        return cls(raw["feature_names"], raw["operators"], raw["tasks"], np.asarray(raw["mean"]),
+                   np.asarray(raw["scale"]), cfg, net, raw.get("meta", {}))
+
+    def check_schema(self, available: list[str], where: str) -> None:
+        """Refuse a feature table that lacks this selector's features (name the first few)."""
+        missing = [n for n in self.feature_names if n not in available]
+        if missing:
+            raise ConfigError(
+                f"{where}: lacks {len(missing)} of the selector's {len(self.feature_names)} features "
+                f"(e.g. {', '.join(missing[:3])}); it was trained on another feature schema"
+            )

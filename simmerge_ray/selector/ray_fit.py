@@ -1,0 +1,124 @@
+"""Ray Train fits the selector; Ray Tune (ASHA) searches its hyperparameters.
+
+Tune trials train one selector per inner fold in lockstep and report the mean validation
+utility of the chosen operators every few epochs, so ASHA can stop weak configurations early.
+Folds are split by model pair, never by row.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from simmerge_ray.selector.data import PairData
+from simmerge_ray.selector.folds import group_kfold
+from simmerge_ray.selector.model import Selector, SelectorConfig
+from simmerge_ray.selector.train import chosen_utility, new_selector, train_epochs
+
+SEARCH_SPACE_DOC = "hidden, depth, dropout, lr, weight_decay, task_encoding"
+
+
+def search_space(allow_task_encoding: bool = True) -> dict:
+    from ray import tune
+
+    return {
+        "hidden": tune.choice([32, 64, 128]),
+        "depth": tune.choice([1, 2, 3]),
+        "dropout": tune.uniform(0.0, 0.3),
+        "lr": tune.loguniform(1e-3, 1e-2),
+        "weight_decay": tune.loguniform(1e-5, 1e-2),
+        "task_encoding": tune.choice([True, False]) if allow_task_encoding else False,
+    }
+
+
+def _trial(config: dict, data: PairData, base: dict, folds: int, chunk: int) -> None:
+    from ray import tune
+
+    cfg = SelectorConfig.from_dict({**base, **config})
+    splits = group_kfold(data.pair_keys, folds, seed=cfg.seed)
+    runs = []
+    for tr, va in splits:
+        sel = new_selector(data.subset(tr), cfg)
+        runs.append((sel, data.subset(tr), data.subset(va), None))
+    for step in range(max(1, cfg.epochs // chunk)):
+        utils, runs_next = [], []
+        for sel, tr, va, opt in runs:
+            opt = train_epochs(sel, tr, chunk, optimizer=opt)
+            utils.append(chosen_utility(sel, va))
+            runs_next.append((sel, tr, va, opt))
+        runs = runs_next
+        tune.report({"val_utility": float(np.mean(utils)), "epochs": (step + 1) * chunk})
+
+
+def tune_selector(data: PairData, *, num_samples: int = 8, folds: int = 3, base: SelectorConfig = SelectorConfig(),
+                  storage: str | Path | None = None, chunk: int = 25,
+                  allow_task_encoding: bool = True) -> tuple[SelectorConfig, list[dict]]:
+    """ASHA search over pair-grouped inner folds of `data`; returns the best config and all trials."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    base_d = {k: v for k, v in asdict(base).items() if k not in ("hidden", "depth", "dropout", "lr",
+                                                                   "weight_decay", "task_encoding")}
+    trainable = tune.with_parameters(_trial, data=data, base=base_d, folds=folds, chunk=chunk)
+    trainable = tune.with_resources(trainable, {"cpu": 1})
+    storage = Path(storage or tempfile.mkdtemp(prefix="simmerge-tune-")).resolve()
+    tuner = tune.Tuner(
+        trainable,
+        param_space=search_space(allow_task_encoding),
+        tune_config=tune.TuneConfig(
+            metric="val_utility", mode="max", num_samples=num_samples, reuse_actors=True,
+            scheduler=ASHAScheduler(max_t=max(1, base.epochs // chunk), grace_period=2, reduction_factor=2),
+            search_alg=tune.search.BasicVariantGenerator(random_state=base.seed),
+        ),
+        run_config=tune.RunConfig(storage_path=str(storage), name="selector-tune", verbose=0),
+    )
+    results = tuner.fit()
+    best = results.get_best_result()
+    trials = [{**r.config, "val_utility": r.metrics.get("val_utility"), "epochs": r.metrics.get("epochs")}
+              for r in results if r.metrics]
+    return replace(base, **{k: best.config[k] for k in best.config}), trials
+
+
+def _train_loop(config: dict) -> None:
+    """Ray Train worker: data-parallel full-batch training (DDP over gloo with >1 worker)."""
+    import ray.train
+    import ray.train.torch
+
+    data: PairData = config["data"]
+    cfg = SelectorConfig.from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    sel = new_selector(data, cfg)  # statistics from all rows: identical on every worker
+    shard = data.subset(np.arange(rank, len(data), world))
+    sel.net = ray.train.torch.prepare_model(sel.net, move_to_device=False)
+    train_epochs(sel, shard, cfg.epochs)
+    net = sel.net.module if hasattr(sel.net, "module") else sel.net
+    sel.net = net
+    metrics = {"train_utility": chosen_utility(sel, data)}
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as d:
+            sel.save(Path(d) / "selector")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(Path(d) / "selector")))
+    else:
+        ray.train.report(metrics)
+
+
+def train_with_ray(data: PairData, cfg: SelectorConfig, *, num_workers: int = 1,
+                   storage: str | Path | None = None) -> Selector:
+    """Fit on all of `data` with a Ray Train TorchTrainer and return the trained selector."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = Path(storage or tempfile.mkdtemp(prefix="simmerge-train-")).resolve()
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"data": data, "cfg": asdict(cfg)},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False),
+        run_config=RunConfig(storage_path=str(storage), name="selector-train"),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        return Selector.load(d)

@@ -1,0 +1,73 @@
+"""Fitting the selector: plain torch, no Ray (Ray Train and Tune wrap these functions)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from simmerge_ray.selector.data import PairData
+from simmerge_ray.selector.model import Selector, SelectorConfig, SelectorMLP
+
+
+def new_selector(data: PairData, cfg: SelectorConfig) -> Selector:
+    """An untrained selector whose standardisation statistics come from `data`."""
+    mean = data.x.mean(axis=0)
+    std = data.x.std(axis=0)
+    scale = np.where(std > 1e-12, std, 1.0)
+    tasks = sorted(set(data.tasks)) if cfg.task_encoding else []
+    torch.manual_seed(cfg.seed)
+    d_in = data.x.shape[1] + len(tasks)
+    net = SelectorMLP(d_in, len(data.operators), cfg.hidden, cfg.depth, cfg.dropout)
+    return Selector(list(data.feature_names), list(data.operators), tasks, mean, scale, cfg, net)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny full-batch MLPs run fastest on one thread; more only adds synchronisation cost
+    (and collapses on a loaded machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_epochs(sel: Selector, data: PairData, epochs: int,
+                 on_epoch: Callable[[int, float], None] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
+    """Full-batch AdamW on the mean squared error of every operator's utility.
+
+    Full information labels make this a regression on all k outputs at once; the argmax of
+    the fitted utilities is the selection. Returns the optimizer so training can resume.
+    """
+    x = sel.design(data.x, data.tasks)
+    y = torch.as_tensor(data.y, dtype=torch.float32)
+    opt = optimizer or torch.optim.AdamW(sel.net.parameters(), lr=sel.config.lr,
+                                         weight_decay=sel.config.weight_decay)
+    sel.net.train()
+    with one_thread():
+        for epoch in range(epochs):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(sel.net(x), y)
+            loss.backward()
+            opt.step()
+            if on_epoch is not None:
+                on_epoch(epoch, float(loss))
+    sel.net.eval()
+    return opt
+
+
+def fit_selector(data: PairData, cfg: SelectorConfig) -> Selector:
+    sel = new_selector(data, cfg)
+    train_epochs(sel, data, cfg.epochs)
+    return sel
+
+
+def chosen_utility(sel: Selector, data: PairData) -> float:
+    """Mean realised utility of the operators the selector picks (higher is better)."""
+    pick = sel.predict(data.x, data.tasks).argmax(axis=1)
+    return float(data.y[np.arange(len(pick)), pick].mean())
