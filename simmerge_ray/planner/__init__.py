@@ -1,0 +1,1 @@
+"""Multi-way planning: plans, feature propagation through unbuilt merges, and plan search."""
