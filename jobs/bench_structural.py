@@ -1,0 +1,181 @@
+"""Benchmark: structural features of a catalog in one Gram pass, against (a) the naive pairwise
+way (every pair reads both models and the base) and (b) the read limit, measured in the same
+run as a plain pass that only sums the same files with the same reader and actor pool.
+
+    .venv/bin/python jobs/bench_structural.py                  # 8 x ~0.5 GB bf16 + base
+    .venv/bin/python jobs/bench_structural.py --scale 0.1      # a quick, smaller run
+
+Checkpoints are generated once under --root and reused. Prints a table and writes JSON.
+Targets (from the issue): Gram pass >= 3x faster than naive; >= 60% of the plain pass's GB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from simmerge_ray import resources  # noqa: E402
+from simmerge_ray.catalog import Catalog  # noqa: E402
+from simmerge_ray.cli.common import init_ray  # noqa: E402
+from simmerge_ray.features.structural import ChunkReader, StructuralOptions, compute_structural, open_rows  # noqa: E402
+from simmerge_ray.io.checkpoint import Checkpoint  # noqa: E402
+from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint  # noqa: E402
+
+
+def spec_for(scale: float, seed: int) -> SyntheticSpec:
+    """A llama of ~0.5 GB bf16 at scale 1 (14 layers, hidden 1024, MLP 4096, vocab 8192)."""
+    layers = max(2, round(14 * scale))
+    return SyntheticSpec(architecture="llama", hidden_size=1024, num_layers=layers, num_heads=16,
+                         intermediate_size=4096, vocab_size=8192, seed=seed, dtype="bfloat16",
+                         max_shard_bytes=200 * 1024**2)
+
+
+def ensure_catalog(root: Path, n_models: int, scale: float) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "base").exists():
+        make_checkpoint(root / "base", spec_for(scale, 0))
+    for i in range(n_models):
+        if not (root / f"ft{i}").exists():
+            print(f"generating ft{i} ...", flush=True)
+            make_checkpoint(root / f"ft{i}", spec_for(scale, 1 + i), base=root / "base", delta_std=0.002)
+    cat = root / f"catalog-{n_models}.yaml"
+    cat.write_text("base: base\nmodels:\n" + "".join(f"  - {{name: ft{i}, path: ft{i}}}\n" for i in range(n_models)))
+    return cat
+
+
+def pair_catalog(root: Path, a: str, b: str) -> Path:
+    path = root / f"pair-{a}-{b}.yaml"
+    path.write_text(f"base: base\nmodels:\n  - {{name: {a}, path: {a}}}\n  - {{name: {b}, path: {b}}}\n")
+    return path
+
+
+class SumWorker:
+    """The read-limit pass: same reader, same chunks, and only a sum of what was read."""
+
+    def __init__(self, paths: list[str], chunk_elems: int, as_float: bool) -> None:
+        torch.set_num_threads(1)
+        self.ckpts = [Checkpoint.open(p) for p in paths]
+        self.chunk_elems, self.as_float = chunk_elems, as_float
+
+    def run(self, tensors: list[str]) -> tuple[int, float]:
+        reader = ChunkReader(self.ckpts, self.chunk_elems)
+        acc = 0.0
+        for t in tensors:
+            for parts in reader.raw_chunks(t):
+                for p in parts:
+                    if self.as_float:
+                        acc += float(p.sum(dtype=torch.float32))
+                    else:  # every byte touched, as 8-byte words: the cheapest full reduction
+                        acc += float(p.view(torch.uint8).numpy().view(np.uint64).sum(dtype=np.uint64))
+        return sum(reader.bytes_read), acc
+
+
+def sum_pass(catalog: Path, workers: int, chunk_elems: int, as_float: bool) -> dict:
+    rows = open_rows(Catalog.load(catalog))
+    size = {t: sum(c.entries[t].nbytes for c in rows.ckpts) for t in rows.tensors}
+    shares: list[list[str]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for t in sorted(rows.tensors, key=lambda t: -size[t]):  # same balancing as the Gram pass
+        w = load.index(min(load))
+        load[w] += size[t]
+        shares[w].append(t)
+    cls = ray.remote(SumWorker).options(**resources.streaming_ask().ray_options())
+    actors = [cls.remote([str(c.path) for c in rows.ckpts], chunk_elems, as_float) for _ in range(workers)]
+    ray.get([a.__ray_ready__.remote() for a in actors])  # actor start-up is not read time
+    t0 = time.perf_counter()
+    out = ray.get([a.run.remote(s) for a, s in zip(actors, shares)])
+    seconds = time.perf_counter() - t0
+    for a in actors:
+        ray.kill(a)
+    nbytes = sum(b for b, _ in out)
+    return {"seconds": seconds, "bytes": nbytes, "gbps": nbytes / 1e9 / seconds}
+
+
+def gram_pass(catalog: Path, out: Path, workers: int, chunk_elems: int) -> dict:
+    run = compute_structural(Catalog.load(catalog), out,
+                             StructuralOptions(workers=workers, chunk_elems=chunk_elems, use_cache=False,
+                                               overwrite=True))
+    return {"seconds": run.seconds, "bytes": run.total_bytes_read, "gbps": run.total_bytes_read / 1e9 / run.seconds,
+            "compute_seconds": sum(run.per_tensor_seconds)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", type=Path, default=REPO / "runs" / "bench" / "structural_ckpts")
+    p.add_argument("--json", type=Path, default=REPO / "runs" / "bench" / "structural.json")
+    p.add_argument("--models", type=int, default=8)
+    p.add_argument("--scale", type=float, default=1.0, help="model size relative to ~0.5 GB")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--chunk-elems", type=int, default=1 << 17)
+    p.add_argument("--naive-pairs", type=int, default=0,
+                   help="time only this many pairs of the naive way and extrapolate (0: all pairs)")
+    args = p.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    catalog = ensure_catalog(args.root, args.models, args.scale)
+    names = [f"ft{i}" for i in range(args.models)]
+    for n in names + ["base"]:
+        Checkpoint.open(args.root / n).fingerprint()  # file digests are cached: not part of any timing
+    init_ray(num_cpus=max(args.workers, 2))
+    model_gb = Checkpoint.open(args.root / "ft0").nbytes / 1e9
+    work = args.root.parent / "structural_out"
+
+    sum_pass(catalog, args.workers, args.chunk_elems, False)  # warm the page cache: every pass reads warm
+    plain = sum_pass(catalog, args.workers, args.chunk_elems, False)
+    plain_f = sum_pass(catalog, args.workers, args.chunk_elems, True)
+    gram = gram_pass(catalog, work / "gram", args.workers, args.chunk_elems)
+
+    pairs = list(itertools.combinations(names, 2))
+    timed = pairs[: args.naive_pairs] if args.naive_pairs else pairs
+    naive_s, naive_bytes = 0.0, 0
+    for a, b in timed:
+        r = gram_pass(pair_catalog(args.root, a, b), work / "pair", args.workers, args.chunk_elems)
+        naive_s += r["seconds"]
+        naive_bytes += r["bytes"]
+        print(f"  naive pair {a}-{b}: {r['seconds']:.1f} s", flush=True)
+    naive_total = naive_s * len(pairs) / len(timed)
+
+    result = {
+        "models": args.models, "model_gb": model_gb, "with_base": True, "workers": args.workers,
+        "chunk_elems": args.chunk_elems, "cpus": os.cpu_count(),
+        "plain_sum_bytes": plain, "plain_sum_float": plain_f, "gram_pass": gram,
+        "naive": {"pairs": len(pairs), "pairs_timed": len(timed), "seconds_timed": naive_s,
+                  "bytes_timed": naive_bytes, "seconds_estimated_all": naive_total},
+        "speedup_vs_naive": naive_total / gram["seconds"],
+        "throughput_vs_plain_sum": gram["gbps"] / plain["gbps"],
+        "throughput_vs_plain_float_sum": gram["gbps"] / plain_f["gbps"],
+    }
+    rows = [
+        ("plain pass, byte sum (read limit)", plain["seconds"], plain["bytes"], plain["gbps"]),
+        ("plain pass, float32 sum", plain_f["seconds"], plain_f["bytes"], plain_f["gbps"]),
+        ("Gram pass (all features)", gram["seconds"], gram["bytes"], gram["gbps"]),
+        (f"naive pairwise ({len(timed)}/{len(pairs)} pairs timed, total est.)", naive_total,
+         naive_bytes * len(pairs) // len(timed), naive_bytes * len(pairs) / len(timed) / 1e9 / naive_total),
+    ]
+    print(f"\n{args.models} models + base, {model_gb:.2f} GB each, {args.workers} actors, "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'pass':58s} {'seconds':>9s} {'GB read':>9s} {'GB/s':>7s}")
+    for name, s, b, g in rows:
+        print(f"{name:58s} {s:9.1f} {b / 1e9:9.2f} {g:7.3f}")
+    print(f"\nGram pass vs naive: {result['speedup_vs_naive']:.1f}x faster (target >= 3x)")
+    print(f"Gram pass throughput: {100 * result['throughput_vs_plain_sum']:.0f}% of the byte-sum pass, "
+          f"{100 * result['throughput_vs_plain_float_sum']:.0f}% of the float-sum pass (target >= 60%)")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

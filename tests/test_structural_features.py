@@ -1,0 +1,300 @@
+"""Structural features: every value against a brute-force numpy computation, the cache's read
+counts, and the errors on bad input. Checkpoints are tiny real bf16 safetensors folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from simmerge_ray.catalog import Catalog
+from simmerge_ray.cli import main as cli_main
+from simmerge_ray.errors import CheckpointError, ConfigError
+from simmerge_ray.features.gram_math import FEATURES, GramAccumulator, PairStats, pair_features, raw_gram
+from simmerge_ray.features.module_groups import GROUPS, depth_third, module_group
+from simmerge_ray.features.structural import StructuralOptions, compute_structural
+from simmerge_ray.io.checkpoint import Checkpoint, layer_index
+from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, make_config, write_checkpoint
+
+SPEC = SyntheticSpec(architecture="qwen2", hidden_size=32, num_layers=4, num_heads=4, vocab_size=64,
+                     max_shard_bytes=24_000)  # several shards per model
+OPTS = StructuralOptions(workers=1, chunk_elems=1000)  # chunks end mid-tensor
+
+
+def _spec(**kw) -> SyntheticSpec:
+    return SyntheticSpec(**{**SPEC.__dict__, **kw})
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A base, four fine-tune-like variants of it and one unrelated model."""
+    root = tmp_path_factory.mktemp("zoo")
+    make_checkpoint(root / "base", SPEC)
+    for i in range(4):
+        make_checkpoint(root / f"ft{i}", _spec(seed=10 + i), base=root / "base", delta_std=0.004 * (i + 1))
+    make_checkpoint(root / "raw0", _spec(seed=100))
+    return root
+
+
+def _catalog(root: Path, models: list[str], base: str | None, name: str = "catalog.yaml") -> Catalog:
+    lines = ([f"base: {base}"] if base else []) + ["models:"]
+    lines += [f"  - {{name: {m}, path: {m}}}" for m in models]
+    (root / name).write_text("\n".join(lines) + "\n")
+    return Catalog.load(root / name)
+
+
+# ---- brute force ------------------------------------------------------------------------------
+
+def _flat(path: Path, tensors: list[str]) -> np.ndarray:
+    ck = Checkpoint.open(path)
+    return np.concatenate([ck.read(t).to(torch.float64).numpy().ravel() for t in tensors])
+
+
+def _brute(root: Path, models: list[str], base: str | None, tensors: list[str]) -> dict[tuple[str, str], dict]:
+    x = {m: _flat(root / m, tensors) for m in models}
+    x0 = _flat(root / base, tensors) if base else None
+    out = {}
+    for a in models:
+        for b in models:
+            if a == b:
+                continue
+            na, nb = np.linalg.norm(x[a]), np.linalg.norm(x[b])
+            l2 = np.linalg.norm(x[a] - x[b])
+            f = {"weight_cos": x[a] @ x[b] / (na * nb), "l2": l2, "l2_rel": l2 / ((na + nb) / 2)}
+            if x0 is not None:
+                ta, tb = x[a] - x0, x[b] - x0
+                sa, sb = np.linalg.norm(ta), np.linalg.norm(tb)
+                prod = np.sign(ta) * np.sign(tb)
+                f |= {"tv_cos": ta @ tb / (sa * sb), "tv_norm_a": sa, "tv_norm_b": sb, "tv_norm_ratio": sa / sb,
+                      "sign_agree": (prod > 0).sum() / (prod != 0).sum()}
+            out[(a, b)] = f
+    return out
+
+
+def _assert_matches(df: pl.DataFrame, expect: dict, suffix: str, has_base: bool) -> None:
+    rows = {(r["a"], r["b"]): r for r in df.iter_rows(named=True)}
+    assert set(rows) == set(expect)
+    for pair, want in expect.items():
+        for f in FEATURES:
+            got = rows[pair][f"s_{f}{suffix}"]
+            if f in want:
+                assert got == pytest.approx(want[f], rel=1e-9, abs=1e-12), (pair, f, suffix)
+            else:
+                assert got is None and not has_base, (pair, f, suffix)
+
+
+def _scopes(tensors: list[str], num_layers: int) -> dict[str, list[str]]:
+    scopes = {"": tensors}
+    for g in GROUPS:
+        scopes[f"_{g}"] = [t for t in tensors if module_group(t) == g]
+    for d in range(3):
+        scopes[f"_d{d}"] = [t for t in tensors
+                            if layer_index(t) is not None and depth_third(layer_index(t), num_layers) == d]
+    return scopes
+
+
+# ---- pure math --------------------------------------------------------------------------------
+
+def test_module_groups_and_thirds() -> None:
+    assert module_group("model.layers.3.self_attn.q_proj.weight") == "attn"
+    assert module_group("model.layers.3.self_attn.q_norm.weight") == "norm"
+    assert module_group("model.layers.0.mlp.down_proj.weight") == "mlp"
+    assert module_group("gpt_neox.layers.1.attention.query_key_value.bias") == "attn"
+    assert module_group("gpt_neox.layers.1.mlp.dense_4h_to_h.weight") == "mlp"
+    assert module_group("gpt_neox.final_layer_norm.bias") == "norm"
+    assert module_group("model.embed_tokens.weight") == "embed"
+    assert module_group("lm_head.weight") == "embed"
+    assert module_group("model.rotary_emb.inv_freq") == "other"
+    assert [depth_third(i, 6) for i in range(6)] == [0, 0, 1, 1, 2, 2]
+    assert [depth_third(i, 3) for i in range(3)] == [0, 1, 2]
+    assert [depth_third(i, 2) for i in range(2)] == [0, 2]
+    with pytest.raises(ValueError):
+        depth_third(4, 4)
+
+
+@pytest.mark.parametrize("cols", [[0, 1, 2, 3, 4], [2], [1, 4]])
+def test_accumulator_columns_equal_full_gram(cols: list[int]) -> None:
+    """Chunked accumulation of any column subset equals numpy on the whole centred matrix."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 2500)) * np.array([[1.0], [1.0], [1.0], [1.0], [3.0]])
+    x[:4, :300] = x[4, :300]  # some task-vector coordinates exactly zero
+    ref = 4
+    acc = GramAccumulator(5, ref, cols, signed=True)
+    for s in range(0, 2500, 700):
+        acc.add(torch.from_numpy(x[:, s:s + 700].copy()))
+    z = x - x[ref]
+    z[ref] = x[ref]
+    np.testing.assert_allclose(acc.gram.numpy(), (z @ z.T)[:, cols], rtol=1e-12)
+    sgn = np.sign(z)
+    sgn[ref] = 0
+    agree, disagree = acc.counts()
+    prod = sgn[:, None, :] * sgn[None, cols, :]
+    np.testing.assert_array_equal(agree, (prod > 0).sum(-1))
+    np.testing.assert_array_equal(disagree, (prod < 0).sum(-1))
+    assert raw_gram(z @ z.T, ref) == pytest.approx(x @ x.T, rel=1e-12)
+
+
+def test_pair_features_undefined_are_nan() -> None:
+    """A model equal to the base has no task-vector direction: NaN, never Inf or 0."""
+    x = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [2.0, 2.0, 5.0], [1.0, 2.0, 3.0]])  # row 3 = base
+    z = x - x[3]
+    z[3] = x[3]
+    sgn = np.sign(z)
+    sgn[3] = 0
+    prod = sgn[:, None, :] * sgn[None, :, :]
+    stats = PairStats(z @ z.T, (prod > 0).sum(-1), (prod < 0).sum(-1))
+    f = pair_features(stats, ref=3, n_models=3, has_base=True)
+    assert np.isnan(f["tv_cos"][0, 2]) and np.isnan(f["sign_agree"][0, 2]) and np.isnan(f["tv_norm_ratio"][2, 0])
+    assert f["tv_norm_ratio"][0, 2] == 0.0
+    assert f["l2"][0, 2] == pytest.approx(np.sqrt(5.0))
+    assert f["weight_cos"][0, 1] == pytest.approx(1.0)
+
+
+# ---- the pass against brute force ---------------------------------------------------------------
+
+def test_features_with_base_equal_brute_force(ray_cluster, zoo: Path, tmp_path: Path) -> None:
+    models = ["ft0", "ft1", "ft2"]
+    run = compute_structural(_catalog(zoo, models, "base"), tmp_path / "out",
+                             StructuralOptions(workers=2, chunk_elems=1000))  # a pool of two actors
+    ck = Checkpoint.open(zoo / "ft0")
+    tensors = sorted(ck.entries)
+    df = pl.read_parquet(tmp_path / "out" / "structural.parquet")
+    assert df.height == 6 and all(c.startswith("s_") for c in df.columns[2:])
+    assert all(df.schema[c] == pl.Float64 for c in df.columns[2:])
+    for suffix, scope in _scopes(tensors, ck.num_layers).items():
+        assert scope, suffix
+        _assert_matches(df, _brute(zoo, models, "base", scope), suffix, True)
+    # Per-layer long table: one row per ordered pair and layer.
+    layers = pl.read_parquet(tmp_path / "out" / "structural_layers.parquet")
+    assert layers.height == 6 * ck.num_layers
+    for layer in range(ck.num_layers):
+        expect = _brute(zoo, models, "base", [t for t in tensors if layer_index(t) == layer])
+        _assert_matches(layers.filter(pl.col("layer") == layer), expect, "", True)
+    assert layers.filter(pl.col("layer") == 3)["rel_depth"][0] == pytest.approx(3.5 / 4)
+    # Per-tensor raw Gram matrices: models in catalog order, then the base.
+    grams = load_file(tmp_path / "out" / "gram.safetensors")
+    meta = json.loads((tmp_path / "out" / "gram_meta.json").read_text())
+    assert meta["models"] == models and meta["base"] == "base" and set(grams) == set(tensors)
+    t = "model.layers.2.mlp.up_proj.weight"
+    x = np.stack([_flat(zoo / m, [t]) for m in models + ["base"]])
+    np.testing.assert_allclose(grams[t], x @ x.T, rtol=1e-12)
+    assert meta["tensors"][t] == {"numel": x.shape[1], "shape": [128, 32], "group": "mlp", "layer": 2, "third": 1}
+    # Each byte of each checkpoint read exactly once.
+    for name in models + ["base"]:
+        assert run.bytes_read[name] == Checkpoint.open(zoo / name).nbytes
+        assert run.tensor_reads[name] == len(tensors)
+
+
+def test_features_without_base_equal_brute_force(ray_cluster, zoo: Path, tmp_path: Path) -> None:
+    models = ["ft1", "raw0", "ft0"]  # near-identical fine-tunes and an unrelated model, no base
+    compute_structural(_catalog(zoo, models, None), tmp_path / "out", OPTS)
+    df = pl.read_parquet(tmp_path / "out" / "structural.parquet")
+    tensors = sorted(Checkpoint.open(zoo / "raw0").entries)
+    for suffix, scope in _scopes(tensors, 4).items():
+        _assert_matches(df, _brute(zoo, models, None, scope), suffix, False)
+    assert df["s_tv_cos"].null_count() == df.height  # no base: task-vector features are null
+    grams = load_file(tmp_path / "out" / "gram.safetensors")
+    x = np.stack([_flat(zoo / m, ["lm_head.weight"]) for m in models])
+    np.testing.assert_allclose(grams["lm_head.weight"], x @ x.T, rtol=1e-12)
+
+
+# ---- cache ------------------------------------------------------------------------------------
+
+def test_cache_computes_only_the_new_column(ray_cluster, zoo: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "cache"))  # start from an empty cache
+    old, new = ["ft0", "ft1", "ft2"], "ft3"
+    n_tensors = len(Checkpoint.open(zoo / "ft0").entries)
+    nbytes = {m: Checkpoint.open(zoo / m).nbytes for m in old + [new, "base"]}
+    first = compute_structural(_catalog(zoo, old, "base"), tmp_path / "one", OPTS)
+    assert first.entries_computed == n_tensors * 4 * 4 and first.pairs_cached == 0
+
+    second = compute_structural(_catalog(zoo, old + [new], "base", "c2.yaml"), tmp_path / "two", OPTS)
+    # Only the new model's Gram column is computed (5 rows x 1 column per tensor) ...
+    assert second.entries_computed == n_tensors * 5 * 1
+    assert second.pairs_cached == 10  # the 4x4 upper triangle among old models and base
+    # ... and every checkpoint, new or old, is read exactly once: the new model for its own
+    # values, the others because its inner products with them need their values.
+    assert second.bytes_read == {m: nbytes[m] for m in old + [new, "base"]}
+    assert second.tensor_reads == {m: n_tensors for m in old + [new, "base"]}
+
+    # Reordered and shrunk: everything comes from the cache, nothing is read.
+    third = compute_structural(_catalog(zoo, [new, "ft1"], "base", "c3.yaml"), tmp_path / "three", OPTS)
+    assert third.total_bytes_read == 0 and third.entries_computed == 0
+
+    # Features assembled from cached and new entries are still exact.
+    tensors = sorted(Checkpoint.open(zoo / "ft0").entries)
+    two = pl.read_parquet(tmp_path / "two" / "structural.parquet")
+    _assert_matches(two, _brute(zoo, old + [new], "base", tensors), "", True)
+    _assert_matches(pl.read_parquet(tmp_path / "three" / "structural.parquet"),
+                    _brute(zoo, [new, "ft1"], "base", tensors), "", True)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def test_too_few_models(zoo: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="at least 2 models; the catalog has 1"):
+        compute_structural(_catalog(zoo, ["ft0"], "base"), tmp_path / "o")
+    (zoo / "empty.yaml").write_text("models: []\n")
+    with pytest.raises(ConfigError, match="has 0"):
+        compute_structural(Catalog.load(zoo / "empty.yaml"), tmp_path / "o")
+
+
+def test_models_with_different_tensors(zoo: Path, tmp_path: Path) -> None:
+    make_checkpoint(tmp_path / "wide", _spec(hidden_size=48, seed=3))
+    make_checkpoint(tmp_path / "deep", _spec(num_layers=5, seed=4))
+    for m in ("ft0", "ft1"):
+        (tmp_path / m).symlink_to(zoo / m)
+    cat = _catalog(tmp_path, ["ft0", "ft1", "wide", "deep"], None)
+    with pytest.raises(CheckpointError) as err:
+        compute_structural(cat, tmp_path / "o")
+    msg = str(err.value)
+    assert "model 'wide'" in msg and "of 'model.embed_tokens.weight' is [64, 48] not [64, 32]" in msg
+    assert "model 'deep'" in msg and "has extra 'model.layers.4." in msg
+    assert "model 'ft1'" not in msg
+
+
+def test_base_of_another_architecture(zoo: Path, tmp_path: Path) -> None:
+    make_checkpoint(tmp_path / "neox", _spec(architecture="gpt_neox"))
+    for m in ("ft0", "ft1"):
+        (tmp_path / m).symlink_to(zoo / m)
+    with pytest.raises(CheckpointError, match=r"base .*neox is a 'gpt_neox' checkpoint but the models are 'qwen2'"):
+        compute_structural(_catalog(tmp_path, ["ft0", "ft1"], "neox"), tmp_path / "o")
+
+
+def test_nan_tensor_is_reported_by_name(ray_cluster, zoo: Path, tmp_path: Path) -> None:
+    src = Checkpoint.open(zoo / "ft1")
+    bad = "model.layers.1.self_attn.k_proj.weight"
+
+    def producer(name: str):
+        def make() -> torch.Tensor:
+            t = src.read_f32(name)
+            if name == bad:
+                t.view(-1)[17] = float("nan")
+            return t
+        return make
+
+    write_checkpoint(tmp_path / "poisoned", make_config(SPEC),
+                     [(n, e.shape, "bfloat16", producer(n)) for n, e in src.entries.items()], 10**9)
+    (tmp_path / "ft0").symlink_to(zoo / "ft0")
+    (tmp_path / "base").symlink_to(zoo / "base")
+    with pytest.raises(CheckpointError, match=rf"tensor '{bad}' holds NaN or Inf values in model 'poisoned'"):
+        compute_structural(_catalog(tmp_path, ["ft0", "poisoned"], "base"), tmp_path / "o", OPTS)
+    assert not (tmp_path / "o").exists()
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+def test_cli_structural(ray_cluster, zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cat = _catalog(zoo, ["ft0", "ft3"], "base", "cli.yaml")
+    out = tmp_path / "feat"
+    assert cli_main(["features", "structural", "--catalog", str(cat.source), "--out", str(out), "--workers", "1"]) == 0
+    assert pl.read_parquet(out / "structural.parquet").height == 2
+    assert "2 models" in capsys.readouterr().out
+    assert cli_main(["features", "structural", "--catalog", str(cat.source), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
