@@ -1,0 +1,86 @@
+"""Propagated weight features equal those of merges that were actually built (linear and SLERP)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from simmerge_ray.catalog import Catalog
+from simmerge_ray.features.structural import StructuralOptions, compute_structural
+from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
+from simmerge_ray.merge.config import MergeSpec
+from simmerge_ray.merge.executor import ExecOptions, run_merge
+from simmerge_ray.planner.plan import Plan
+from simmerge_ray.planner.propagate import (
+    GramTable, PairLookup, initial_state, proxy_features, step_state, structural_features,
+)
+
+SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=3, num_heads=4, vocab_size=64,
+                     dtype="float32")
+EXACT = ["weight_cos", "l2", "l2_rel", "tv_cos", "tv_norm_a", "tv_norm_b", "tv_norm_ratio"]
+
+
+@pytest.fixture(scope="module")
+def built(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("prop")
+    make_checkpoint(root / "base", SPEC)
+    for i, std in ((1, 0.01), (2, 0.03), (3, 0.02)):
+        make_checkpoint(root / f"m{i}", dataclasses.replace(SPEC, seed=i), base=root / "base", delta_std=std)
+    plan = Plan("code", ["m1", "m2", "m3"], ["slerp", "linear"])
+    paths = {m: root / m for m in plan.models}
+    for j, cfg in enumerate(plan.step_configs(paths, root / "base"), start=1):
+        if j > 1:
+            cfg = _replace_refs(cfg, f"step-{j - 1}", str(root / f"step-{j - 1}"))
+        spec = MergeSpec.from_dict({**cfg, "out_dtype": "float32"}, root=root)
+        run_merge(spec, root / f"step-{j}", ExecOptions(workers=1))
+    small = Catalog.from_dict({"base": "base", "models": [{"name": f"m{i}", "path": f"m{i}"} for i in (1, 2, 3)]},
+                              root=root)
+    big = Catalog.from_dict({"base": "base", "models": [{"name": n, "path": n} for n in
+                                                        ("m1", "m2", "m3", "step-1", "step-2")]}, root=root)
+    compute_structural(small, root / "feat-small", StructuralOptions(workers=1, use_cache=False))
+    compute_structural(big, root / "feat-big", StructuralOptions(workers=1, use_cache=False))
+    return {"root": root, "plan": plan}
+
+
+def _replace_refs(node, old: str, new: str):
+    if isinstance(node, dict):
+        return {k: _replace_refs(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_replace_refs(v, old, new) for v in node]
+    return new if node == old else node
+
+
+def test_exact_features_of_built_merges(built: dict) -> None:
+    root = built["root"]
+    gt = GramTable.load(root / "feat-small")
+    actual = pl.read_parquet(root / "feat-big" / "structural.parquet")
+    s1 = step_state(gt, initial_state(gt, "m1"), "m2", "slerp")
+    s2 = step_state(gt, s1, "m3", "linear")
+    checks = [(s1, "step-1", "m3"), (s1, "step-1", "m1"), (s2, "step-2", "m2"), (s2, "step-2", "m1")]
+    got = structural_features(gt, [c[0] for c in checks], [c[2] for c in checks])
+    compared = 0
+    for i, (_, built_name, other) in enumerate(checks):
+        row = actual.filter((pl.col("a") == built_name) & (pl.col("b") == other))
+        assert row.height == 1
+        for col, values in got.items():
+            if not any(col.startswith(f"s_{f}") for f in EXACT) or row[col][0] is None:
+                continue
+            np.testing.assert_allclose(values[i], row[col][0], rtol=2e-5, atol=1e-9, err_msg=f"{col} {built_name}")
+            compared += 1
+    assert compared > 4 * 40  # every exact feature, globally, per group and per third
+    # the slerp step is not the plain average: its coefficients differ from (0.5, 0.5)
+    assert not np.allclose(s1.coef[:, 0], 0.5)
+
+
+def test_proxy_is_mixture_of_component_features(built: dict) -> None:
+    table = pl.DataFrame({"a": ["m1", "m2"], "b": ["m3", "m3"], "task": ["code", "code"],
+                          "f_kl_ab_mean": [0.2, 0.6], "s_sign_agree": [0.5, 0.7]})
+    gt = GramTable.load(built["root"] / "feat-small")
+    state = step_state(gt, initial_state(gt, "m1"), "m2", "linear")
+    lookup = PairLookup(table, ["f_kl_ab_mean", "s_sign_agree"])
+    x = proxy_features(lookup, [state], ["m3"], "code")
+    np.testing.assert_allclose(x[0], [0.4, 0.6])
