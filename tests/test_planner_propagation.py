@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.features.structural import StructuralOptions, compute_structural
@@ -84,3 +85,23 @@ def test_proxy_is_mixture_of_component_features(built: dict) -> None:
     lookup = PairLookup(table, ["f_kl_ab_mean", "s_sign_agree"])
     x = proxy_features(lookup, [state], ["m3"], "code")
     np.testing.assert_allclose(x[0], [0.4, 0.6])
+
+
+def test_plan_executes_with_the_streaming_engine(built: dict, tmp_path: Path) -> None:
+    from simmerge_ray.cli import main as cli_main
+    from simmerge_ray.io.checkpoint import Checkpoint
+
+    root, plan = built["root"], built["plan"]
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    (tmp_path / "catalog.yaml").write_text(
+        f"base: {root / 'base'}\nmodels:\n" + "".join(f"  - {{name: {m}, path: {root / m}}}\n" for m in plan.models))
+    out = tmp_path / "merged"
+    assert cli_main(["merge", "--plan", str(tmp_path / "plan.json"), "--catalog", str(tmp_path / "catalog.yaml"),
+                     "--out", str(out), "--dtype", "float32", "--workers", "1"]) == 0
+    got, want = Checkpoint.open(out), Checkpoint.open(root / "step-2")
+    assert got.tensor_names == want.tensor_names
+    for name in want.tensor_names:
+        assert torch.equal(got.read(name), want.read(name))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # intermediates removed
+    assert cli_main(["merge", "--plan", str(tmp_path / "nope.json"), "--catalog", str(tmp_path / "catalog.yaml"),
+                     "--out", str(tmp_path / "x")]) == 2

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 
 from simmerge_ray.cli.common import init_ray
+from simmerge_ray.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("merge", help="execute a mergekit YAML config (streaming, on Ray)")
-    p.add_argument("config", help="mergekit-style YAML (models/slices, merge_method, parameters, dtype)")
+    p = subparsers.add_parser("merge", help="execute a mergekit YAML config or a plan (streaming, on Ray)")
+    p.add_argument("config", nargs="?", help="mergekit-style YAML (models/slices, merge_method, parameters, dtype)")
+    p.add_argument("--plan", help="a plan.json from `simmerge plan` (instead of CONFIG); needs --catalog")
+    p.add_argument("--catalog", help="the catalog the plan's model names refer to")
+    p.add_argument("--dtype", default=None, help="output dtype of a plan's merge (default: the inputs')")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--workers", type=int, default=None,
@@ -28,17 +32,43 @@ def run(args: argparse.Namespace) -> int:
     from simmerge_ray.merge.executor import ExecOptions, run_merge
     from simmerge_ray.resources import max_actors, parse_bytes, streaming_ask
 
-    spec = MergeSpec.load(args.config, seed=args.seed)
+    if bool(args.config) == bool(args.plan):
+        raise ConfigError("give either a CONFIG.yaml or --plan PLAN.json")
     ask = streaming_ask()
     opts = ExecOptions(workers=args.workers or max_actors(2),
                        cpus_per_worker=args.cpus_per_worker or ask.num_cpus,
                        memory_per_worker=ask.memory,
                        shard_bytes=parse_bytes(args.shard_size, what="--shard-size"),
                        allow_nonfinite=args.allow_nonfinite, overwrite=args.overwrite)
+    if args.plan:
+        return _run_plan(args, opts)
+    spec = MergeSpec.load(args.config, seed=args.seed)
     init_ray(args.address)
     res = run_merge(spec, args.out, opts)
     print(f"merged {len(spec.inputs)} models with {spec.method.name}: {res.tensors} tensors in "
           f"{res.shards} shard(s) -> {res.out}")
     print(f"read {res.bytes_read / 1e9:.3f} GB, wrote {res.bytes_written / 1e9:.3f} GB in {res.seconds:.1f} s "
           f"({res.read_gbps:.2f} GB/s input)")
+    return 0
+
+
+def _run_plan(args: argparse.Namespace, opts) -> int:
+    from pathlib import Path
+
+    from simmerge_ray.catalog import Catalog
+    from simmerge_ray.planner.execute import execute_plan
+    from simmerge_ray.planner.plan import Plan
+
+    if not args.catalog:
+        raise ConfigError("--plan needs --catalog (the plan names catalog models)")
+    plan_file = Path(args.plan)
+    if not plan_file.exists():
+        raise ConfigError(f"{plan_file}: plan file not found")
+    plan = Plan.from_json(plan_file.read_text(), str(plan_file))
+    catalog = Catalog.load(args.catalog)
+    init_ray(args.address)
+    results = execute_plan(plan, catalog, Path(args.out), opts, out_dtype=args.dtype)
+    total = sum(r.seconds for r in results)
+    print(f"executed {len(results)} step(s) of {' -> '.join(plan.models)} "
+          f"({', '.join(plan.operators)}) in {total:.1f} s -> {args.out}")
     return 0

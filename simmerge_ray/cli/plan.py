@@ -1,0 +1,119 @@
+"""`simmerge plan`: choose the operator for a pair, or subset, order and operators for k-way merges."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from simmerge_ray.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("plan", help="pick the merge (operator; or subset, order and operators)")
+    p.add_argument("--selector", required=True, help="selector folder from `simmerge fit`")
+    p.add_argument("--aux-selector", default=None,
+                   help="selector fitted with --target aux_gap_closed (enables the auxiliary-gain objective)")
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--features", required=True, help="features folder (features.parquet, gram.safetensors)")
+    p.add_argument("--task", required=True, help="target task")
+    p.add_argument("--expert", help="pairwise mode: the expert model")
+    p.add_argument("--aux", help="pairwise mode: the auxiliary model")
+    p.add_argument("--models", nargs="+", help="multi-way mode: candidate models")
+    p.add_argument("--max-way", type=int, default=4)
+    p.add_argument("--min-way", type=int, default=2)
+    p.add_argument("--required-expert", default=None, help="the plan must start from this model")
+    p.add_argument("--beam-width", type=int, default=64)
+    p.add_argument("--retention-weight", type=float, default=1.0)
+    p.add_argument("--aux-weight", type=float, default=0.0)
+    p.add_argument("--out", required=True, help="folder for plan.json and the mergekit YAML file(s)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from simmerge_ray.catalog import Catalog
+
+    catalog = Catalog.load(args.catalog)
+    if args.models and (args.expert or args.aux):
+        raise ConfigError("give either --expert/--aux (pairwise) or --models (multi-way), not both")
+    if args.models:
+        return _multiway(args, catalog)
+    if not (args.expert and args.aux):
+        raise ConfigError("pairwise mode needs --expert and --aux (or use --models for multi-way)")
+    return _pairwise(args, catalog)
+
+
+def _pairwise(args: argparse.Namespace, catalog) -> int:
+    import polars as pl
+
+    from simmerge_ray.planner.plan import Plan
+    from simmerge_ray.selector.model import Selector
+
+    sel = Selector.load(args.selector)
+    for m in (args.expert, args.aux):
+        catalog.model(m)
+    feats = pl.read_parquet(_features_file(args.features))
+    sel.check_schema(feats.columns, str(_features_file(args.features)))
+    row = feats.filter((pl.col("a") == args.expert) & (pl.col("b") == args.aux) & (pl.col("task") == args.task))
+    if row.height == 0:
+        raise ConfigError(f"features missing for pair ({args.expert!r}, {args.aux!r}) on task {args.task!r}")
+    u = sel.predict(row.select(sel.feature_names).to_numpy(), [args.task])[0]
+    best = int(u.argmax())
+    print(f"{args.expert} + {args.aux} on {args.task}: choose {sel.operators[best]}")
+    for op, val in sorted(zip(sel.operators, u), key=lambda x: -x[1]):
+        print(f"  {op:<8} predicted gap closed {100 * val:6.1f}%")
+    plan = Plan(args.task, [args.expert, args.aux], [sel.operators[best]], [float(u[best])], [], float(u[best]))
+    out = Path(args.out)
+    files = plan.write(out, {m.name: m.path for m in catalog.models}, catalog.base)
+    files[0].rename(out / "merge.yaml")
+    print(f"wrote {out / 'plan.json'} and {out / 'merge.yaml'} (run: simmerge merge {out / 'merge.yaml'} --out DIR)")
+    return 0
+
+
+def build_step_model(selector_dir: str, features_dir: str, aux_selector_dir: str | None = None):
+    import polars as pl
+
+    from simmerge_ray.planner.propagate import GramTable
+    from simmerge_ray.planner.step_model import SelectorStepModel
+    from simmerge_ray.selector.model import Selector
+
+    feats = pl.read_parquet(_features_file(features_dir))
+    grams = GramTable.load(Path(features_dir))
+    aux = Selector.load(aux_selector_dir) if aux_selector_dir else None
+    return SelectorStepModel(Selector.load(selector_dir), grams, feats, aux)
+
+
+def _multiway(args: argparse.Namespace, catalog) -> int:
+    from simmerge_ray.planner.search import Objective, SearchSpace, search
+
+    for m in args.models:
+        catalog.model(m)
+    if args.required_expert:
+        if args.required_expert not in args.models:
+            raise ConfigError(f"--required-expert {args.required_expert!r} is not among --models")
+        experts = [args.required_expert]
+    else:
+        experts = [m for m in args.models if catalog.model(m).task == args.task]
+    step_model = build_step_model(args.selector, args.features, args.aux_selector)
+    space = SearchSpace(args.task, list(args.models), experts, args.min_way, args.max_way, args.beam_width)
+    res = search(space, step_model, Objective(args.retention_weight, args.aux_weight))
+    best = res.best
+    print(f"scored {res.scored} plans in {res.seconds:.2f} s ({res.plans_per_second:.0f} plans/s, "
+          f"{'exhaustive' if res.exhaustive else f'beam {args.beam_width}'})")
+    for rank, p in enumerate(res.plans[:5], start=1):
+        steps = " ".join(f"-[{op}]-> {m}" for op, m in zip(p.operators, p.models[1:]))
+        print(f"{rank}. score {p.score:.3f}: {p.models[0]} {steps}  (step utilities "
+              f"{', '.join(f'{u:.2f}' for u in p.step_utility)})")
+    out = Path(args.out)
+    best.write(out, {m.name: m.path for m in catalog.models}, catalog.base)
+    (out / "alternatives.yaml").write_text(yaml.safe_dump(
+        [{"models": p.models, "operators": p.operators, "score": p.score} for p in res.plans[1:]], sort_keys=False))
+    print(f"wrote {out / 'plan.json'} and {best.k - 1} step YAML file(s); execute with "
+          f"`simmerge merge --plan {out / 'plan.json'} --catalog {args.catalog} --out DIR`")
+    return 0
+
+
+def _features_file(features: str) -> Path:
+    p = Path(features)
+    return p / "features.parquet" if p.is_dir() else p
