@@ -108,8 +108,15 @@ def check_features(x: np.ndarray | Sequence[float], width: int) -> np.ndarray:
     return arr
 
 
+def _selector_encoder(spec: dict[str, Any]) -> Encoder:
+    from simmerge_ray.selector.encoder import SelectorEncoder
+
+    return SelectorEncoder.from_spec(spec)
+
+
 ENCODER_LOADERS: dict[str, Callable[[dict[str, Any]], Encoder]] = {
     IdentityEncoder.kind: IdentityEncoder.from_spec,
+    "selector": _selector_encoder,  # the offline selector's last hidden layer (METHOD.md)
 }
 
 

@@ -35,23 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.set_defaults(func=run_evaluate)
 
 
-def load_pair_data(features: str, labels: str, target: str = "gap_closed"):
-    import polars as pl
-
-    from simmerge_ray.errors import ConfigError
-    from simmerge_ray.selector.data import build_pair_data
-
-    fpath = Path(features)
-    fpath = fpath / "features.parquet" if fpath.is_dir() else fpath
-    try:
-        feats, labs = pl.read_parquet(fpath), pl.read_parquet(labels)
-    except FileNotFoundError as e:
-        raise ConfigError(f"{e.filename}: not found") from None
-    if target != "gap_closed":
-        labs = labs.drop("gap_closed").rename({target: "gap_closed"})
-    return build_pair_data(labs, feats)
-
-
 def choose_config(data, args: argparse.Namespace, storage: Path):
     """Ray Tune's best config on pair-grouped folds of `data` (or the default one)."""
     from simmerge_ray.selector.model import SelectorConfig
@@ -66,6 +49,7 @@ def choose_config(data, args: argparse.Namespace, storage: Path):
 
 
 def run_fit(args: argparse.Namespace) -> int:
+    from simmerge_ray.selector.data import load_pair_data
     from simmerge_ray.selector.ray_fit import train_with_ray
 
     data = load_pair_data(args.features, args.labels, args.target)
@@ -83,6 +67,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from simmerge_ray.io.atomic import atomic_output_dir
+    from simmerge_ray.selector.data import load_pair_data
     from simmerge_ray.selector.evaluate import ablation, evaluate_loto, evaluate_pairs, fixed_fit, gap_chart
     from simmerge_ray.selector.folds import group_kfold
 

@@ -188,18 +188,16 @@ class ChunkReader:
         (buffers reused by the next step)."""
         entries = [ck.entries[tensor] for ck in self.ckpts]
         numel = entries[0].numel
-        fds = [os.open(e.file, os.O_RDONLY) for e in entries]
-        try:
-            for start in range(0, numel, self.chunk_elems):
-                k = min(self.chunk_elems, numel - start)
-                parts = []
-                for i, (e, fd) in enumerate(zip(entries, fds)):
-                    parts.append(self._read(i, fd, e, start, k))
-                    self.bytes_read[i] += k * DTYPE_BYTES[e.dtype]
-                yield parts
-        finally:
-            for fd in fds:
-                os.close(fd)
+        for start in range(0, numel, self.chunk_elems):
+            k = min(self.chunk_elems, numel - start)
+            parts = []
+            for i, (ck, e) in enumerate(zip(self.ckpts, entries)):
+                key = (i, e.dtype)  # one buffer per row: a step's parts are alive together
+                if key not in self._raw:
+                    self._raw[key] = torch.empty(self.chunk_elems, dtype=DTYPE_TO_TORCH[e.dtype])
+                parts.append(ck.read_range(tensor, start, k, out=self._raw[key]))
+                self.bytes_read[i] += k * DTYPE_BYTES[e.dtype]
+            yield parts
 
     def chunks(self, tensor: str) -> Iterator[torch.Tensor]:
         """Yield (rows, k) float64 blocks covering the tensor; each block is reused by the next."""
@@ -208,25 +206,6 @@ class ChunkReader:
             for i, part in enumerate(parts):
                 block[i].copy_(part)
             yield block
-
-    def _read(self, row: int, fd: int, entry, start: int, k: int) -> torch.Tensor:
-        key = (row, entry.dtype)  # one buffer per row: a step's parts are alive together
-        raw = self._raw.get(key)
-        if raw is None:
-            raw = self._raw[key] = torch.empty(self.chunk_elems, dtype=DTYPE_TO_TORCH[entry.dtype])
-        out = raw[:k]
-        view = memoryview(out.view(torch.uint8).numpy())
-        size = DTYPE_BYTES[entry.dtype]
-        offset, want, got = entry.begin + start * size, k * size, 0
-        try:
-            while got < want:
-                n = os.preadv(fd, [view[got:want]], offset + got)
-                if n <= 0:
-                    raise CheckpointError(f"{entry.file}: truncated while reading tensor {entry.name!r}")
-                got += n
-        except OSError as err:
-            raise CheckpointError(f"{entry.file}: cannot read tensor {entry.name!r}: {err}") from None
-        return out
 
 
 class GramWorker:

@@ -18,7 +18,7 @@ import torch
 
 from simmerge_ray.errors import CheckpointError
 from simmerge_ray.io.digest_cache import file_digest
-from simmerge_ray.io.safetensors_format import DTYPE_TO_TORCH, TORCH_TO_DTYPE, TensorEntry, read_header
+from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, TORCH_TO_DTYPE, TensorEntry, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -153,15 +153,31 @@ class Checkpoint:
         entry = self._entry(name)
         if self._pickled is not None:
             return self._pickled[name]
-        out = torch.empty(entry.shape, dtype=DTYPE_TO_TORCH[entry.dtype])
-        if entry.nbytes == 0:
+        return self.read_range(name, 0, entry.numel).reshape(entry.shape)
+
+    def read_range(self, name: str, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, start + count) of the flattened tensor, in its stored dtype.
+
+        Lets a consumer stream a tensor far larger than memory; `out` (a flat buffer of the
+        stored dtype) is filled and returned instead of allocating.
+        """
+        entry = self._entry(name)
+        if self._pickled is not None:
+            return self._pickled[name].reshape(-1)[start:start + count]
+        if not 0 <= start <= start + count <= entry.numel:
+            raise CheckpointError(f"{self.path}: range [{start}, {start + count}) outside tensor {name!r}")
+        if out is None:
+            out = torch.empty(count, dtype=DTYPE_TO_TORCH[entry.dtype])
+        out = out[:count]
+        if count == 0:
             return out
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        size = DTYPE_BYTES[entry.dtype]
+        view = memoryview(out.view(torch.uint8).numpy())
+        offset, want, got = entry.begin + start * size, count * size, 0
         fd = os.open(entry.file, os.O_RDONLY)
         try:
-            got = 0
-            while got < entry.nbytes:
-                n = os.preadv(fd, [view[got:]], entry.begin + got)
+            while got < want:
+                n = os.preadv(fd, [view[got:want]], offset + got)
                 if n <= 0:
                     raise CheckpointError(f"{entry.file}: truncated while reading tensor {name!r}")
                 got += n

@@ -150,20 +150,37 @@ class StreamingWriter:
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
         self._next = 0
+        self._done = 0  # elements of the current tensor written so far
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next declared tensor whole."""
+        _, shape, _ = self._specs[self._next] if self._next < len(self._specs) else (None, None, None)
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{self.path}: tensor {name!r} is {list(tensor.shape)}, declared {list(shape)}")
+        self.write_part(name, tensor)
+
+    def write_part(self, name: str, part: torch.Tensor) -> None:
+        """Append the next elements (in flattened order) of the tensor being written; the
+        tensor is complete once its declared number of elements has arrived."""
+        if self._next >= len(self._specs):
+            raise ValueError(f"{self.path}: tensor {name!r} is beyond the declared tensors")
         want_name, shape, dtype = self._specs[self._next]
         if name != want_name:
             raise ValueError(f"{self.path}: expected tensor {want_name!r} next, got {name!r}")
-        if tuple(tensor.shape) != tuple(shape) or TORCH_TO_DTYPE[tensor.dtype] != dtype:
-            raise ValueError(
-                f"{self.path}: tensor {name!r} is {list(tensor.shape)} {tensor.dtype}, "
-                f"declared {list(shape)} {dtype}"
-            )
-        t = tensor.detach().cpu().contiguous().reshape(-1)
+        if TORCH_TO_DTYPE[part.dtype] != dtype:
+            raise ValueError(f"{self.path}: tensor {name!r} part is {part.dtype}, declared {dtype}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        t = part.detach().cpu().contiguous().reshape(-1)
+        if self._done + t.numel() > numel:
+            raise ValueError(f"{self.path}: tensor {name!r} receives more than its {numel} elements")
         if t.numel():
             self._f.write(memoryview(t.view(torch.uint8).numpy()))
-        self._next += 1
+        self._done += t.numel()
+        if self._done == numel:
+            self._next += 1
+            self._done = 0
 
     def close(self) -> None:
         if self._next != len(self._specs):

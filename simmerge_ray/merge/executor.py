@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
@@ -38,6 +39,10 @@ class ExecOptions:
     cpus_per_worker: float = 1.0
     memory_per_worker: int | None = None  # bytes, a Ray scheduling hint
     shard_bytes: int = 512 * 1024**2
+    # A tensor whose float32 working set (inputs + output) exceeds stream_bytes is merged in
+    # chunks of chunk_elems elements, where the method allows (see MergeMethod.combination).
+    stream_bytes: int = 256 * 1024**2
+    chunk_elems: int = 8 * 1024**2
     allow_nonfinite: bool = False
     overwrite: bool = False
     max_retries: int = 3
@@ -111,9 +116,11 @@ def plan_shards(ref: Checkpoint, out_dtype: str | None, shard_bytes: int) -> lis
 class ShardMerger:
     """Merges whole output shards; one instance lives in each Ray actor."""
 
-    def __init__(self, spec: MergeSpec, cpus: float) -> None:
+    def __init__(self, spec: MergeSpec, cpus: float, stream_bytes: int, chunk_elems: int) -> None:
         torch.set_num_threads(max(1, int(cpus)))
         self.spec = spec
+        self.stream_bytes = stream_bytes
+        self.chunk_elems = chunk_elems
         self.ckpts, self.base = open_inputs(spec)
         self.num_layers = next(iter(self.ckpts.values())).num_layers
         self._units_done = 0
@@ -127,13 +134,22 @@ class ShardMerger:
         partial = final.with_name(final.name + ".partial")
         writer = StreamingWriter(partial, list(plan.tensors), {"format": "pt"})
         read_bytes = 0
+        names = [t[0] for t in plan.tensors]
+
+        def fetch(i: int):
+            # Streamed tensors are read chunk by chunk when merged, never prefetched whole.
+            return None if i >= len(names) or self._streamed(names[i]) else pool.submit(self._read_inputs, names[i])
+
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self._read_inputs, plan.tensors[0][0])
+            pending = fetch(0)
             try:
                 for i, (name, _, code) in enumerate(plan.tensors):
+                    if pending is None:
+                        read_bytes += self._merge_streamed(name, DTYPE_TO_TORCH[code], writer, allow_nonfinite)
+                        pending = fetch(i + 1)
+                        continue
                     inputs, base, nbytes = pending.result()
-                    if i + 1 < len(plan.tensors):
-                        pending = pool.submit(self._read_inputs, plan.tensors[i + 1][0])
+                    pending = fetch(i + 1)
                     merged = merge_tensor(self.spec, name, inputs.__getitem__, base, self.num_layers,
                                           allow_nonfinite=allow_nonfinite)
                     writer.write(name, merged.to(DTYPE_TO_TORCH[code]))
@@ -147,6 +163,52 @@ class ShardMerger:
         self._units_done += 1
         return {"file": plan.file, "tensors": len(plan.tensors), "bytes_read": read_bytes,
                 "bytes_written": final.stat().st_size, "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+
+    def _streamed(self, name: str) -> bool:
+        """Merge chunk by chunk: the float32 working set of this tensor would exceed the budget
+        and the method is a fixed linear combination (linear, SLERP, task arithmetic)."""
+        if self.spec.method.combination is None:
+            return False
+        numel = next(iter(self.ckpts.values())).entries[name].numel
+        return 4 * numel * (len(self.ckpts) + 2) > self.stream_bytes
+
+    def _merge_streamed(self, name: str, dtype: torch.dtype, writer, allow_nonfinite: bool) -> int:
+        """Two passes over chunks: the inputs' Gram matrix (SLERP only), then the combination."""
+        spec = self.spec
+        srcs = [self.ckpts[m.ref] for m in spec.inputs]
+        base = self.base if (self.base is not None and not spec.method.base_in_inputs) else None
+        options, per_model = spec.resolve(name, self.num_layers)
+        numel = srcs[0].entries[name].numel
+        chunk = max(1, self.chunk_elems)
+        read = 0
+
+        def chunks():
+            nonlocal read
+            for start in range(0, numel, chunk):
+                k = min(chunk, numel - start)
+                parts = [ck.read_range(name, start, k).to(torch.float32) for ck in srcs]
+                b = base.read_range(name, start, k).to(torch.float32) if base is not None else None
+                read += k * sum(DTYPE_BYTES[ck.entries[name].dtype] for ck in [*srcs, *([base] if base else [])])
+                yield start, parts, b
+
+        gram = None
+        if spec.method.combination_needs_gram:
+            gram = np.zeros((len(srcs), len(srcs)))
+            for _, parts, _ in chunks():
+                block = torch.stack(parts).double()
+                gram += (block @ block.T).numpy()
+        coeffs, base_coeff = spec.method.combination(gram, options, per_model)
+        for _, parts, b in chunks():
+            out = torch.zeros_like(parts[0])
+            for c, x in zip(coeffs, parts):
+                out.add_(x, alpha=c)
+            if b is not None and base_coeff != 0:
+                out.add_(b, alpha=base_coeff)
+            if not allow_nonfinite and not torch.isfinite(out).all():
+                raise MergeError(f"merged tensor {name!r} has {int((~torch.isfinite(out)).sum())} NaN/Inf values "
+                                 f"({spec.method.name}); pass --allow-nonfinite to write it anyway")
+            writer.write_part(name, out.to(dtype))
+        return read
 
     def _read_inputs(self, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, int]:
         inputs = {ref: ck.read(name) for ref, ck in self.ckpts.items()}
@@ -182,7 +244,8 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == CRASH_ONCE_ENV}} or None,
         )
         n_workers = max(1, min(opts.workers, len(plans)))
-        workers = [worker_cls.remote(spec, opts.cpus_per_worker) for _ in range(n_workers)]
+        workers = [worker_cls.remote(spec, opts.cpus_per_worker, opts.stream_bytes, opts.chunk_elems)
+                   for _ in range(n_workers)]
         try:
             # Largest shards first, round robin: the pool finishes close together.
             order = sorted(range(len(plans)), key=lambda i: -sum(

@@ -9,6 +9,7 @@ table. Feature columns are the numeric columns prefixed `s_` (structural) or `f_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -78,7 +79,11 @@ def build_pair_data(labels: pl.DataFrame, features: pl.DataFrame, *,
     if not names:
         raise ConfigError("feature table: no numeric columns prefixed s_ or f_")
     joined = wide.join(features.rename({"a": "expert", "b": "aux"}), on=["expert", "aux", "task"], how="inner")
-    joined = joined.drop_nulls(subset=names).sort(["task", "expert", "aux"])
+    joined = joined.with_columns(pl.col(names).cast(pl.Float64).fill_nan(None)).sort(["task", "expert", "aux"])
+    # Undefined features (an empty depth third of a shallow model, task vectors without a
+    # base) are null in whole columns: such columns are left out of the schema, not the rows.
+    names = [c for c in names if joined[c].null_count() < joined.height]
+    joined = joined.drop_nulls(subset=names)
     if joined.height == 0:
         raise ConfigError(
             f"no (task, expert, aux) row has both labels ({wide.height} labelled) and features "
@@ -88,3 +93,21 @@ def build_pair_data(labels: pl.DataFrame, features: pl.DataFrame, *,
     y = np.clip(joined.select(ops).to_numpy().astype(np.float64), *UTILITY_CLIP)
     return PairData(x, y, joined["task"].to_list(), joined["expert"].to_list(), joined["aux"].to_list(),
                     names, list(ops))
+
+
+def load_pair_data(features: str | Path, labels: str | Path, target: str = "gap_closed") -> PairData:
+    """PairData from a features folder (or parquet file) and a labels parquet.
+
+    `target` picks the utility: `gap_closed` (the expert's side) or `aux_gap_closed`.
+    """
+    fpath = Path(features)
+    fpath = fpath / "features.parquet" if fpath.is_dir() else fpath
+    try:
+        feats, labs = pl.read_parquet(fpath), pl.read_parquet(labels)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{e.filename}: not found") from None
+    if target != "gap_closed":
+        if target not in labs.columns:
+            raise ConfigError(f"{labels}: no column {target!r}")
+        labs = labs.drop("gap_closed").rename({target: "gap_closed"})
+    return build_pair_data(labs, feats)

@@ -24,10 +24,17 @@ def linear(inp: MergeInputs) -> torch.Tensor:
     return out
 
 
+def linear_combination(_gram, options: dict[str, Value], per_model: dict[str, list[Value]]) -> tuple[list[float], float]:
+    weights = [float(w) for w in per_model["weight"]]
+    total = sum(weights) if options["normalize"] else 1.0
+    return [w / total for w in weights], 0.0
+
+
 register(MergeMethod(
     name="linear",
     fn=linear,
     params=(Param("weight", per_model=True), Param("normalize", True)),
     check=check_weights,
+    combination=linear_combination,
     doc="sum_i w_i x_i, divided by sum_i w_i when normalize",
 ))

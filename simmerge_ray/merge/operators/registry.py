@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np  # noqa: F401  (named in the CombinationFn annotation)
 import torch
 
 from simmerge_ray.errors import ConfigError
@@ -40,6 +41,11 @@ class MergeInputs:
 MethodFn = Callable[[MergeInputs], torch.Tensor]
 # Checks resolved parameters before any tensor is read; raises ConfigError naming the problem.
 CheckFn = Callable[[str, dict[str, Value], dict[str, list[Value]]], None]
+# For methods whose result is a fixed linear combination of the inputs (and the base):
+# (Gram matrix of the input tensors or None, options, per-model values) -> (coefficient per
+# input, coefficient of the base). Lets the executor stream a tensor larger than memory in
+# chunks: one pass for the Gram matrix when `needs_gram`, one to combine.
+CombinationFn = Callable[["np.ndarray | None", dict[str, Value], dict[str, list[Value]]], tuple[list[float], float]]
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,8 @@ class MergeMethod:
     # otherwise it is only `base` and its own entry in `models` (if any) is dropped (TIES & co).
     base_in_inputs: bool = True
     check: CheckFn | None = None
+    combination: CombinationFn | None = None
+    combination_needs_gram: bool = False
     doc: str = ""
     aliases: tuple[str, ...] = field(default=())
 

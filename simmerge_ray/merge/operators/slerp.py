@@ -49,6 +49,11 @@ def slerp(inp: MergeInputs) -> torch.Tensor:
     return v0 * c0 + v1 * c1
 
 
+def slerp_combination(gram, options, _per_model) -> tuple[list[float], float]:
+    c0, c1 = slerp_coefficients_from_gram(float(options["t"]), gram[0, 0], gram[1, 1], gram[0, 1])
+    return [c0, c1], 0.0
+
+
 register(MergeMethod(
     name="slerp",
     fn=slerp,
@@ -56,5 +61,7 @@ register(MergeMethod(
     needs_base=True,
     min_models=2,
     max_models=2,
+    combination=slerp_combination,
+    combination_needs_gram=True,
     doc="spherical interpolation from base_model (t=0) to the other model (t=1)",
 ))

@@ -69,6 +69,15 @@ def generalized_task_arithmetic(inp: MergeInputs, *, variant: Variant) -> torch.
     return base + mixed
 
 
+def task_arithmetic_combination(_gram, options, per_model) -> tuple[list[float], float]:
+    """base + lambda * sum_i w_i (x_i - base) / D as coefficients (D = sum w when normalize)."""
+    weights = [float(w) for w in per_model["weight"]]
+    total = sum(weights)
+    divisor = total if options["normalize"] and abs(total) >= 1e-8 else 1.0
+    coeffs = [float(options["lambda"]) * w / divisor for w in weights]
+    return coeffs, 1.0 - sum(coeffs)
+
+
 for _v in VARIANTS:
     register(MergeMethod(
         name=_v.name,
@@ -85,5 +94,7 @@ for _v in VARIANTS:
         min_models=1,
         stochastic=_v.sparsification == "random",
         base_in_inputs=False,
+        # only plain task arithmetic is a fixed combination; sparsified variants are not
+        combination=task_arithmetic_combination if _v.sparsification is None and not _v.consensus else None,
         doc=f"task vectors; sparsification={_v.sparsification}, sign consensus={_v.consensus}",
     ))

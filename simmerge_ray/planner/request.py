@@ -1,0 +1,134 @@
+"""One planning request, from its fields to the written plan: shared by `simmerge plan` and the
+batch planner, so a plan made in a batch is the plan a single call makes, by construction.
+
+A request names a target task, the candidate models (a list, a glob over catalog names, or the
+whole catalog), the plan size range, the objective's weights and optionally the expert every
+plan must start from. Checks that need the catalog (unknown model or task, a required expert
+outside the candidates) happen here; those that need features (a pair without features) happen
+during the search. Both raise ConfigError naming the model, task or field at fault.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from simmerge_ray.catalog import Catalog
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.planner.search import Objective, SearchResult, SearchSpace, StepModel, search
+
+
+class PlanRequest(BaseModel):
+    """One row of a request table (the fields of `simmerge plan`'s multi-way mode)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    request_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    task: str = Field(min_length=1)
+    models: list[str] | None = None  # candidate models
+    model_glob: str | None = None  # or: catalog models whose name matches (fnmatch)
+    min_way: int = 2
+    max_way: int = 4
+    required_expert: str | None = None
+    retention_weight: float = Field(default=1.0, ge=0)
+    aux_weight: float = Field(default=0.0, ge=0)
+    beam_width: int = Field(default=64, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PlanRequest":
+        if self.models is not None and self.model_glob is not None:
+            raise ValueError("give models or model_glob, not both")
+        if self.min_way < 2 or self.max_way < self.min_way:
+            raise ValueError(f"size range [min_way={self.min_way}, max_way={self.max_way}] is invalid "
+                             f"(need 2 <= min_way <= max_way)")
+        if self.retention_weight == 0 and self.aux_weight == 0:
+            raise ValueError("retention_weight and aux_weight are both 0: nothing to maximise")
+        return self
+
+    @classmethod
+    def parse(cls, raw: dict, where: str = "request") -> "PlanRequest":
+        """Validate a raw row (None values mean 'use the default'); errors name the field."""
+        try:
+            return cls.model_validate({k: v for k, v in raw.items() if v is not None})
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "request"
+            msg = err["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{where}: {field}: {msg}") from None
+
+    def content(self) -> dict:
+        """The fields that decide the plan (everything but the id), for content keys."""
+        return self.model_dump(exclude={"request_id"})
+
+    @property
+    def objective(self) -> Objective:
+        return Objective(self.retention_weight, self.aux_weight)
+
+
+def candidates(req: PlanRequest, catalog: Catalog) -> list[str]:
+    """The request's candidate models, each checked against the catalog."""
+    if req.models is not None:
+        for m in req.models:
+            catalog.model(m)
+        return list(req.models)
+    if req.model_glob is not None:
+        names = [n for n in catalog.names if fnmatch.fnmatchcase(n, req.model_glob)]
+        if not names:
+            raise ConfigError(f"model_glob {req.model_glob!r} matches no model of the catalog "
+                              f"({', '.join(catalog.names)})")
+        return names
+    return catalog.names
+
+
+def search_space(req: PlanRequest, catalog: Catalog) -> SearchSpace:
+    """Everything checkable before the (costly) step model is loaded."""
+    if catalog.tasks:
+        catalog.task(req.task)
+    models = candidates(req, catalog)
+    if req.required_expert:
+        if req.required_expert not in models:
+            raise ConfigError(f"required expert {req.required_expert!r} is not among the candidate models "
+                              f"({', '.join(models)})")
+        experts = [req.required_expert]
+    else:
+        experts = [m for m in models if catalog.model(m).task == req.task]
+    return SearchSpace(req.task, models, experts, req.min_way, req.max_way, req.beam_width)
+
+
+def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, keep: int = 10) -> SearchResult:
+    """The ranked plans of one request (best first)."""
+    return search(search_space(req, catalog), step_model, req.objective, keep=keep)
+
+
+def write_plans(result: SearchResult, catalog: Catalog, out: Path) -> None:
+    """plan.json and step-<j>.yaml of the best plan, alternatives.yaml with the runners-up."""
+    out = Path(out)
+    result.best.write(out, {m.name: m.path for m in catalog.models}, catalog.base)
+    (out / "alternatives.yaml").write_text(yaml.safe_dump(
+        [{"models": p.models, "operators": p.operators, "score": p.score} for p in result.plans[1:]],
+        sort_keys=False))
+
+
+def build_step_model(selector_dir: str | Path, features_dir: str | Path, aux_selector_dir: str | Path | None = None):
+    """The selector step model over a features folder: loads the selector(s), the feature table
+    and the Gram matrices (the costly part of planning, done once per process or actor)."""
+    import polars as pl
+
+    from simmerge_ray.planner.propagate import GramTable
+    from simmerge_ray.planner.step_model import SelectorStepModel
+    from simmerge_ray.selector.model import Selector
+
+    try:
+        feats = pl.read_parquet(features_file(features_dir))
+    except FileNotFoundError:
+        raise ConfigError(f"{features_file(features_dir)}: feature table not found") from None
+    grams = GramTable.load(Path(features_dir))
+    aux = Selector.load(aux_selector_dir) if aux_selector_dir else None
+    return SelectorStepModel(Selector.load(selector_dir), grams, feats, aux)
+
+
+def features_file(features: str | Path) -> Path:
+    p = Path(features)
+    return p / "features.parquet" if p.is_dir() else p

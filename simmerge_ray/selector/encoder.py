@@ -1,0 +1,42 @@
+"""The selector's last hidden layer as the online bandit's frozen context encoder (METHOD.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simmerge_ray.selector.model import Selector
+
+
+class SelectorEncoder:
+    """z = g(x): standardise, then the selector's hidden layers. Task-agnostic (no task code),
+    so a new task needs nothing new; saved selectors are rebuilt from their folder."""
+
+    kind = "selector"
+
+    def __init__(self, selector: Selector, path: str | Path | None = None) -> None:
+        self.selector = selector
+        self.path = str(path) if path is not None else None
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(self.selector.feature_names)
+
+    @property
+    def width(self) -> int:
+        return self.selector.width
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        return self.selector.encode(x, None)
+
+    def spec(self) -> dict[str, Any]:
+        if self.path is None:
+            raise ValueError("a selector encoder needs a saved selector folder to be rebuilt")
+        return {"kind": self.kind, "path": self.path}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "SelectorEncoder":
+        return cls(Selector.load(spec["path"]), spec["path"])
+
