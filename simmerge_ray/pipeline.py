@@ -137,6 +137,8 @@ def run_bandit(s: PipelineSettings) -> None:
     feats = pl.read_parquet(s.out / "features" / "features.parquet")
     labels = pl.read_parquet(s.out / "labels" / "labels.parquet")
     pairs = load_pair_data(str(s.out / "features"), str(s.out / "labels" / "labels.parquet"))
+    usable = pl.DataFrame({"task": pairs.tasks, "expert": pairs.experts, "aux": pairs.auxes})
+    labels = labels.join(usable, on=["task", "expert", "aux"], how="semi")  # rows with complete features
     data = replay_data(labels, feats, pairs.feature_names)
     train, test = split_by_pair(data, 0.3, s.seed)
     train_keys = set(train.keys)

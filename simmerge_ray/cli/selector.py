@@ -99,9 +99,9 @@ def format_summary(report: dict) -> str:
     methods = [m for m in ("simmerge", "linear", "slerp", "ties", "majority", "oracle") if m in g]
     tasks = list(g["simmerge"])
     lines = [f"held-out pairs ({r['split']}, n={r['n']}): selection accuracy {r['selection_accuracy']:.1%}",
-             "method      " + "".join(f"{t:>12}" for t in tasks)]
+             "method      " + "".join(f"{t:>14}" for t in tasks)]
     for m in methods:
-        lines.append(f"{m:<12}" + "".join(f"{100 * g[m][t]:>11.1f}%" for t in tasks))
+        lines.append(f"{m:<12}" + "".join(f"{100 * g[m][t]:>13.1f}%" for t in tasks))
     lo = report["leave_one_task_out"]
     lines.append(f"leave one task out: accuracy {lo['selection_accuracy']:.1%}, SimMerge "
                  f"{100 * lo['gap_closed']['simmerge']['mean']:.1f}% vs best fixed "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,18 +78,38 @@ def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
+def _add_base_chunks(base: Checkpoint, name: str, deltas: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    start = 0
+    for d in deltas:
+        yield base.read_range(name, start, d.numel()).to(torch.float32) + d
+        start += d.numel()
+
+
 def _tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}|{name}".encode(), digest_size=8).digest(), "little") >> 1
 
 
+CHUNK = 16 * 1024**2  # elements generated at a time for tensors larger than this
+
+
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float,
-                  *, norms_at_one: bool = True) -> torch.Tensor:
-    """The float32 values of one synthetic tensor (norm weights near 1 unless told otherwise)."""
-    g = torch.Generator().manual_seed(_tensor_seed(seed, name))
-    t = torch.randn(shape, generator=g) * std
-    if norms_at_one and "norm" in name and len(shape) == 1 and name.endswith("weight"):
-        t = 1.0 + t
-    return t
+                  *, norms_at_one: bool = True) -> torch.Tensor | Iterator[torch.Tensor]:
+    """The float32 values of one synthetic tensor (norm weights near 1 unless told otherwise).
+
+    Tensors above CHUNK elements come as an iterator of flat chunks, each from its own seed,
+    so a 3-billion-element embedding is generated without ever being whole in memory.
+    """
+    numel = int(torch.Size(shape).numel())
+    offset = 1.0 if norms_at_one and "norm" in name and len(shape) == 1 and name.endswith("weight") else 0.0
+    if numel <= CHUNK:
+        g = torch.Generator().manual_seed(_tensor_seed(seed, name))
+        return torch.randn(shape, generator=g) * std + offset
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for i, start in enumerate(range(0, numel, CHUNK)):
+            g = torch.Generator().manual_seed(_tensor_seed(seed, f"{name}#{i}"))
+            yield torch.randn(min(CHUNK, numel - start), generator=g) * std + offset
+    return chunks()
 
 
 def write_checkpoint(out: Path, config, tensors, max_shard_bytes: int, *, overwrite: bool = False,
@@ -115,10 +136,13 @@ def write_checkpoint(out: Path, config, tensors, max_shard_bytes: int, *, overwr
             fname = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             w = StreamingWriter(tmp / fname, [(n, s, c) for n, s, c, _ in shard])
             for name, _, code, producer in shard:
-                t = producer().to(DTYPE_TO_TORCH[code])
-                w.write(name, t)
+                made = producer()
+                # a producer returns the tensor, or an iterator of flat chunks for huge ones
+                for part in ([made] if isinstance(made, torch.Tensor) else made):
+                    part = part.to(DTYPE_TO_TORCH[code])
+                    w.write_part(name, part)
+                    total += part.numel() * part.element_size()
                 weight_map[name] = fname
-                total += t.numel() * t.element_size()
             w.close()
         if len(shards) > 1:
             (tmp / INDEX_FILE).write_text(
@@ -142,11 +166,13 @@ def make_checkpoint(out: Path, spec: SyntheticSpec, *, base: Path | None = None,
     base_ckpt = Checkpoint.open(base) if base is not None else None
 
     def producer(name: str, shape: tuple[int, ...]):
-        def make() -> torch.Tensor:
+        def make() -> torch.Tensor | Iterator[torch.Tensor]:
             if base_ckpt is None:
                 return random_tensor(name, shape, spec.seed, spec.init_std)
             delta = random_tensor(name, shape, spec.seed, delta_std, norms_at_one=False)
-            return base_ckpt.read_f32(name) + delta
+            if isinstance(delta, torch.Tensor):
+                return base_ckpt.read_f32(name) + delta
+            return _add_base_chunks(base_ckpt, name, delta)
         return make
 
     items = [(n, s, spec.dtype, producer(n, s)) for n, s in shapes.items()]
