@@ -1,0 +1,64 @@
+"""`simmerge features <kind>`: similarity features of every model pair of a catalog.
+
+`structural` (weights) lives here. Other kinds live in their own modules: a module
+`simmerge_ray.cli.features_<kind>` exposing `register_feature(subparsers)` (which adds its
+parser to the `features` sub-commands and sets `func`) is picked up by adding its name to
+FEATURE_MODULES below, e.g. "features_functional" for `simmerge features functional`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from simmerge_ray.cli.common import init_ray
+
+# Modules under simmerge_ray.cli adding a `simmerge features <kind>` sub-command.
+FEATURE_MODULES: tuple[str, ...] = ("features_functional",)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("features", help="similarity features of every model pair of a catalog")
+    kinds = p.add_subparsers(dest="feature_kind", required=True, metavar="KIND")
+    _register_structural(kinds)
+    for name in FEATURE_MODULES:
+        importlib.import_module(f"simmerge_ray.cli.{name}").register_feature(kinds)
+
+
+def _register_structural(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("structural", help="weight-space features (cosines, l2, task vectors, sign "
+                                            "agreement) and per-tensor Gram matrices, in one read pass")
+    p.add_argument("--catalog", required=True, help="catalog YAML (models, optional base)")
+    p.add_argument("--out", required=True, help="output folder (structural.parquet, gram.safetensors, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--workers", type=int, default=None,
+                   help="actors in the pool (default: SIMMERGE_MAX_ACTORS, else one per free CPU)")
+    p.add_argument("--chunk-elems", type=int, default=1 << 17, help="values read per model per step")
+    p.add_argument("--no-cache", action="store_true", help="recompute everything, touch no cache")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    p.set_defaults(func=run_structural)
+
+
+def run_structural(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from simmerge_ray.catalog import Catalog
+    from simmerge_ray.features.structural import StructuralOptions, compute_structural
+
+    catalog = Catalog.load(args.catalog)
+    init_ray(args.address)
+    opts = StructuralOptions(workers=args.workers, chunk_elems=args.chunk_elems,
+                             use_cache=not args.no_cache, overwrite=args.overwrite)
+    with tqdm(desc="structural pass", unit="B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        run = compute_structural(catalog, args.out, opts, progress)
+    read = run.total_bytes_read
+    print(f"structural features of {len(run.models)} models"
+          f"{' with base ' + run.base if run.base else ''}: {run.tensors} tensors "
+          f"({run.tensors_computed} computed, {run.pairs_cached} row pairs from cache) -> {run.out}")
+    print(f"read {read / 1e9:.3f} GB in {run.seconds:.1f} s"
+          + (f" ({read / 1e9 / run.seconds:.2f} GB/s)" if read else ""))
+    return 0

@@ -1,0 +1,125 @@
+"""Functional pair features from cached probe outputs, and the joined feature table.
+
+    DIR/functional.parquet  one row per ordered pair (a != b) and task:
+        a, b, task (String); Float64: f_kl_ab_{mean,median,p10,p90}, f_kl_ba_{...},
+        f_act_cos_{mean,d0,d1,d2}, f_attn_cos_{mean,d0,d1,d2}
+    DIR/features.parquet    functional joined with DIR/structural.parquet on (a, b)
+
+KL is over every scored position of every probe (a = first argument: f_kl_ab = KL(p_a||p_b)).
+Cosines are per layer, averaged over probes, then summarised over all layers (_mean) and over
+relative-depth thirds (_d0.._d2): the width never depends on depth. Each model's outputs are
+read once per probe for all pairs, so the N^2 step runs no model and reads each cache once.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.features.functional_math import depth_summary, distribution_summary, kl_per_position, layer_cosines
+from simmerge_ray.inference.catalog_probes import ModelProbes, check_comparable
+from simmerge_ray.inference.compact import expand_logprobs
+
+KL_STATS = ("mean", "median", "p10", "p90")
+DEPTH_STATS = ("mean", "d0", "d1", "d2")
+FUNCTIONAL_COLUMNS: tuple[str, ...] = (
+    *(f"f_kl_{d}_{s}" for d in ("ab", "ba") for s in KL_STATS),
+    *(f"f_act_cos_{s}" for s in DEPTH_STATS),
+    *(f"f_attn_cos_{s}" for s in DEPTH_STATS),
+)
+SCHEMA = {"a": pl.String, "b": pl.String, "task": pl.String, **{c: pl.Float64 for c in FUNCTIONAL_COLUMNS}}
+
+
+def full_logprobs(record: dict[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
+    """[T, V] log-probs from a record in either stored form."""
+    if "logp" in record:
+        return record["logp"]
+    return expand_logprobs(record["topk_idx"], record["topk_logp"], record["tail_logmass"], vocab_size)
+
+
+def _check_shapes(a: str, b: str, ra: dict[str, torch.Tensor], rb: dict[str, torch.Tensor]) -> None:
+    for field in ("hidden", "attn"):
+        if ra[field].shape != rb[field].shape:
+            raise ConfigError(
+                f"models {a!r} and {b!r}: {field} outputs have shapes {tuple(ra[field].shape)} vs "
+                f"{tuple(rb[field].shape)}; functional features need the same architecture and depth"
+            )
+
+
+def task_pair_rows(plan: dict[str, ModelProbes], task: str) -> list[dict]:
+    """Rows of every ordered pair of the plan's models on one task."""
+    names = list(plan)
+    pairs = list(combinations(names, 2))
+    for a, b in pairs:
+        check_comparable(plan[a], plan[b])
+    kl: dict[tuple[str, str], list[np.ndarray]] = {}
+    act: dict[tuple[str, str], torch.Tensor] = {}
+    attn: dict[tuple[str, str], torch.Tensor] = {}
+    num_probes = plan[names[0]].probes.num_probes if names else 0
+    for pid in range(num_probes):
+        recs = {n: plan[n].cache.record(pid) for n in names}
+        logps = {n: full_logprobs(recs[n], plan[n].vocab_size) for n in names}
+        for a, b in pairs:
+            _check_shapes(a, b, recs[a], recs[b])
+            kl.setdefault((a, b), []).append(kl_per_position(logps[a], logps[b]).numpy())
+            kl.setdefault((b, a), []).append(kl_per_position(logps[b], logps[a]).numpy())
+            act[(a, b)] = act.get((a, b), 0) + layer_cosines(recs[a]["hidden"], recs[b]["hidden"])
+            attn[(a, b)] = attn.get((a, b), 0) + layer_cosines(recs[a]["attn"], recs[b]["attn"])
+    rows = []
+    for a, b in pairs:
+        act_profile = (act[(a, b)] / num_probes).numpy()
+        attn_profile = (attn[(a, b)] / num_probes).numpy()
+        shared = {**depth_summary(act_profile, "f_act_cos"), **depth_summary(attn_profile, "f_attn_cos")}
+        for x, y in ((a, b), (b, a)):
+            row = {"a": x, "b": y, "task": task}
+            for direction, key in (("ab", (x, y)), ("ba", (y, x))):
+                stats = distribution_summary(np.concatenate(kl[key]))
+                row.update({f"f_kl_{direction}_{s}": stats[s] for s in KL_STATS})
+            rows.append({**row, **shared})
+    return rows
+
+
+def functional_table(plans: dict[str, dict[str, ModelProbes]]) -> pl.DataFrame:
+    """All tasks' pair rows in the documented schema (column order fixed)."""
+    rows = [r for task, plan in plans.items() for r in task_pair_rows(plan, task)]
+    return pl.DataFrame(rows, schema=SCHEMA, orient="row") if rows else pl.DataFrame(schema=SCHEMA)
+
+
+def join_structural(functional: pl.DataFrame, structural_path: Path) -> pl.DataFrame:
+    """x(a, b, t): functional rows with the structural columns of their (a, b); every pair must exist."""
+    structural = pl.read_parquet(structural_path)
+    missing = functional.join(structural.select("a", "b"), on=["a", "b"], how="anti")
+    if missing.height:
+        a, b = missing.row(0, named=True)["a"], missing.row(0, named=True)["b"]
+        raise ConfigError(
+            f"{structural_path}: no structural row for pair ({a}, {b}) ({missing.height} functional rows "
+            f"unmatched); was it computed from the same catalog?"
+        )
+    return functional.join(structural, on=["a", "b"], how="left")
+
+
+def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    frame.write_parquet(tmp)
+    os.replace(tmp, path)
+
+
+def write_functional_features(plans: dict[str, dict[str, ModelProbes]], out_dir: Path) -> dict[str, Path]:
+    """Write DIR/functional.parquet, and DIR/features.parquet when DIR/structural.parquet exists."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    functional = functional_table(plans)
+    written = {"functional": out_dir / "functional.parquet"}
+    write_parquet_atomic(functional, written["functional"])
+    structural = out_dir / "structural.parquet"
+    if structural.exists():
+        written["features"] = out_dir / "features.parquet"
+        write_parquet_atomic(join_structural(functional, structural), written["features"])
+    return written

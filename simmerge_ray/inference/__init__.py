@@ -1,0 +1,1 @@
+"""Probe inference: back-ends that run a model, the Ray Data pipeline and the output cache."""

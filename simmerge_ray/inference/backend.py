@@ -1,0 +1,66 @@
+"""One interface over the inference back-ends: a padded, masked batch in, raw outputs out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from simmerge_ray.errors import CheckpointError
+
+
+@dataclass
+class ForwardOutputs:
+    """Logits [B,T,V], per-block hidden states L x [B,T,H], per-block attentions L x [B,heads,T,T]."""
+
+    logits: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...]
+    attentions: tuple[torch.Tensor, ...]
+
+
+class Backend(Protocol):
+    name: str
+    device: torch.device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ForwardOutputs: ...
+
+
+def pick_device() -> torch.device:
+    """CUDA where present (lent GPU, cluster node), otherwise CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def load_config(model_dir: Path):
+    """The model's transformers config, or a CheckpointError naming the folder."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # OSError, ValueError, JSON errors: all mean "this folder is not loadable"
+        raise CheckpointError(f"{model_dir}: cannot load model config ({e})") from None
+
+
+def split_outputs(out) -> ForwardOutputs:
+    """Keep the block outputs (drop the embedding output at index 0) and the attentions."""
+    if out.attentions is None or any(a is None for a in out.attentions):
+        raise CheckpointError("model returned no attention maps; it must support attn_implementation='eager'")
+    return ForwardOutputs(out.logits, tuple(out.hidden_states[1:]), tuple(out.attentions))
+
+
+def load_backend(name: str, model_dir: Path, *, dtype: str = "float32", nvme_path: Path | None = None) -> Backend:
+    """Construct a back-end by name (`hf` or `deepspeed`)."""
+    if name == "hf":
+        from simmerge_ray.inference.hf_backend import HFBackend
+
+        return HFBackend(Path(model_dir), torch_dtype(dtype))
+    if name == "deepspeed":
+        from simmerge_ray.inference.deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(Path(model_dir), torch_dtype(dtype), nvme_path=nvme_path)
+    raise ValueError(f"unknown inference backend {name!r} (hf, deepspeed)")

@@ -1,0 +1,91 @@
+"""On-disk cache of probe outputs for one (model fingerprint, probe-set digest, settings) key.
+
+    <root>/<key>/meta.json                       what the key stands for
+    <root>/<key>/chunk-<run>-<seq>.safetensors   records of one batch: "<probe>/<field>" tensors,
+                                                 header metadata "probe_ids" lists the probes
+Chunks are written by the actors, each complete batch atomically (temp file + rename), so an
+interrupted run keeps every finished batch and a rerun computes only the probes not in a chunk.
+The folder must be reachable by every node that runs actors (as the checkpoints must be).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from simmerge_ray.errors import CheckpointError
+from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.io.digest_cache import cache_root
+
+META = "meta.json"
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "probe_outputs"
+
+
+class ProbeCache:
+    """Reader and writer of one key's chunk files."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._where: dict[int, Path] = {}
+
+    # ---- writing -------------------------------------------------------------------------
+    def write_meta(self, meta: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / META).exists():
+            atomic_write_text(self.root / META, json.dumps(meta, indent=2, sort_keys=True))
+
+    def write_chunk(self, records: dict[int, dict[str, torch.Tensor]], run_id: str, seq: int) -> Path:
+        """Store a batch's records as one file, visible only once complete."""
+        tensors = {f"{pid}/{name}": t for pid, rec in records.items() for name, t in rec.items()}
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"chunk-{run_id}-{seq:05d}.safetensors"
+        tmp = self.root / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+        save_file(tensors, tmp, metadata={"probe_ids": json.dumps(sorted(records))})
+        os.replace(tmp, path)
+        return path
+
+    # ---- reading -------------------------------------------------------------------------
+    @property
+    def meta(self) -> dict:
+        try:
+            return json.loads((self.root / META).read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.root}: probe cache has no {META}; run `simmerge probe` first") from None
+
+    def chunk_files(self) -> list[Path]:
+        return sorted(self.root.glob("chunk-*.safetensors"))
+
+    def chunk_probe_ids(self) -> dict[Path, list[int]]:
+        """Probe ids per chunk file, from the headers only."""
+        out: dict[Path, list[int]] = {}
+        for path in self.chunk_files():
+            with safe_open(path, framework="pt") as f:
+                out[path] = json.loads(f.metadata()["probe_ids"])
+        return out
+
+    def done_ids(self) -> set[int]:
+        return {pid for ids in self.chunk_probe_ids().values() for pid in ids}
+
+    def is_complete(self) -> bool:
+        return (self.root / META).exists() and self.done_ids() >= set(range(self.meta["num_probes"]))
+
+    def record(self, pid: int) -> dict[str, torch.Tensor]:
+        """All stored tensors of one probe (the probe -> chunk index is rebuilt on a miss)."""
+        if pid not in self._where:
+            self._where = {p: path for path, ids in self.chunk_probe_ids().items() for p in ids}
+        try:
+            path = self._where[pid]
+        except KeyError:
+            raise CheckpointError(f"{self.root}: probe {pid} is not in the cache (run incomplete?)") from None
+        prefix = f"{pid}/"
+        with safe_open(path, framework="pt") as f:
+            return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}

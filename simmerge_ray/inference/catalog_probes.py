@@ -1,0 +1,120 @@
+"""Probe every catalog model on every task's probes, through the cache.
+
+Per (task, model): read the task's probe file, tokenise it with the model's tokenizer (its own
+folder, else the catalog base's), key a cache by (model fingerprint, probe digest, settings) and
+run only what the cache lacks. Config and tokenizer problems surface here, before any actor
+starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from simmerge_ray.catalog import Catalog, ModelEntry
+from simmerge_ray.inference.backend import load_config
+from simmerge_ray.inference.cache import ProbeCache
+from simmerge_ray.inference.pipeline import ProbeJob, RunReport, run_model_jobs
+from simmerge_ray.inference.settings import ProbeSettings, RunOptions, cache_key
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.probes.errors import ProbeError, VocabularyError
+from simmerge_ray.probes.loading import load_probe_texts
+from simmerge_ray.probes.tokenize import TokenizedProbes, has_tokenizer, load_tokenizer, tokenize_probes, vocabulary_digest
+
+
+@dataclass(frozen=True)
+class ModelProbes:
+    """One model's tokenised probes of one task and the cache that holds its outputs."""
+
+    name: str
+    model_dir: Path
+    vocab_digest: str
+    tokenizer_size: int  # entries in the tokenizer's vocabulary
+    vocab_size: int  # width of the model's logits (config.vocab_size)
+    probes: TokenizedProbes
+    cache: ProbeCache
+
+
+def tokenizer_folder(catalog: Catalog, entry: ModelEntry) -> Path:
+    if has_tokenizer(entry.path):
+        return entry.path
+    if catalog.base is not None and has_tokenizer(catalog.base):
+        return catalog.base
+    raise ProbeError(f"{entry.path}: model {entry.name!r} has no tokenizer files, and neither has the catalog base")
+
+
+def plan_task(catalog: Catalog, task: str, settings: ProbeSettings, cache_dir: Path) -> dict[str, ModelProbes]:
+    """Tokenise the task's probes for every model and locate each model's cache (runs nothing)."""
+    probe_file = catalog.task(task).probes
+    if probe_file is None:
+        raise ProbeError(f"{catalog.source or 'catalog'}: task {task!r} names no probe file")
+    texts = load_probe_texts(probe_file)
+    tokenized: dict[Path, tuple[str, int, TokenizedProbes]] = {}
+    plan: dict[str, ModelProbes] = {}
+    for entry in catalog.models:
+        config = load_config(entry.path)
+        tok_dir = tokenizer_folder(catalog, entry)
+        if tok_dir not in tokenized:
+            tok = load_tokenizer(tok_dir)
+            tokenized[tok_dir] = (vocabulary_digest(tok), len(tok.get_vocab()),
+                                  tokenize_probes(texts, tok, settings.max_length, source=str(probe_file)))
+        vocab_digest, tokenizer_size, probes = tokenized[tok_dir]
+        fingerprint = Checkpoint.open(entry.path).fingerprint()
+        cache = ProbeCache(Path(cache_dir) / cache_key(fingerprint, probes.digest(), settings))
+        cache.write_meta({
+            "model": str(entry.path), "fingerprint": fingerprint, "probe_file": str(probe_file),
+            "probe_digest": probes.digest(), "num_probes": probes.num_probes, "truncated": probes.truncated,
+            "settings": settings.model_dump(), "vocab_size": int(config.vocab_size),
+            "num_layers": int(config.num_hidden_layers),
+        })
+        plan[entry.name] = ModelProbes(entry.name, entry.path, vocab_digest, tokenizer_size, int(config.vocab_size),
+                                        probes, cache)
+    return plan
+
+
+def check_comparable(a: ModelProbes, b: ModelProbes) -> None:
+    """Refuse to compare next-token distributions unless vocabularies and token ids match."""
+    if a.vocab_digest != b.vocab_digest:
+        raise VocabularyError(
+            f"models {a.name!r} ({a.model_dir}, {a.tokenizer_size} tokens) and {b.name!r} ({b.model_dir}, "
+            f"{b.tokenizer_size} tokens) have different tokenizer vocabularies; KL between their next-token "
+            f"distributions is undefined (functional features need identical vocabularies)"
+        )
+    if a.vocab_size != b.vocab_size:
+        raise VocabularyError(
+            f"models {a.name!r} ({a.model_dir}) and {b.name!r} ({b.model_dir}) have vocab_size "
+            f"{a.vocab_size} vs {b.vocab_size}; KL needs identical output vocabularies"
+        )
+    if a.probes.digest() != b.probes.digest():
+        raise VocabularyError(f"models {a.name!r} and {b.name!r} tokenise the probes differently")
+
+
+def probe_catalog(catalog: Catalog, settings: ProbeSettings, options: RunOptions, cache_dir: Path, *,
+                  tasks: list[str] | None = None, require_comparable: bool = False,
+                  on_model: Callable[[str, list[ModelProbes]], Callable[[int], object] | None] | None = None,
+                  ) -> tuple[dict[str, dict[str, ModelProbes]], dict[tuple[str, str], RunReport]]:
+    """Plan every task, then run each model's missing probes of all tasks in one actor pool.
+    Returns the plans and a run report per (task, model).
+
+    With `require_comparable`, every pair must share vocabulary and tokenisation (checked before
+    any model runs, so a mismatch costs nothing)."""
+    tasks = list(catalog.tasks) if tasks is None else tasks
+    plans = {t: plan_task(catalog, t, settings, cache_dir) for t in tasks}
+    if require_comparable:
+        for plan in plans.values():
+            models = list(plan.values())
+            for i, a in enumerate(models):
+                for b in models[i + 1:]:
+                    check_comparable(a, b)
+    reports: dict[tuple[str, str], RunReport] = {}
+    for entry in catalog.models:
+        # All of a model's tasks in one actor pool: the model loads once per actor.
+        # Tasks with the same probes share a cache key: run those once.
+        work = {plan[entry.name].cache.root: plan[entry.name] for plan in plans.values()}
+        progress = on_model(entry.name, list(work.values())) if on_model is not None else None
+        done = run_model_jobs(entry.path, [ProbeJob(mp.probes, mp.cache) for mp in work.values()], settings,
+                              options, progress=progress)
+        by_cache = dict(zip(work, done))
+        reports.update({(task, entry.name): by_cache[plan[entry.name].cache.root] for task, plan in plans.items()})
+    return plans, reports

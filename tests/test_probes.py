@@ -1,0 +1,188 @@
+"""Probe loading, tokenisation, the Ray Data inference pipeline, its cache and both back-ends."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from simmerge_ray.catalog import Catalog
+from simmerge_ray.errors import CheckpointError
+from simmerge_ray.inference.backend import load_backend
+from simmerge_ray.inference.cache import ProbeCache
+from simmerge_ray.inference.catalog_probes import plan_task
+from simmerge_ray.inference.compact import compact_logprobs, expand_logprobs
+from simmerge_ray.inference.extract import pad_batch, probe_records
+from simmerge_ray.inference.pipeline import run_model_probes
+from simmerge_ray.inference.settings import ProbeSettings, RunOptions
+from simmerge_ray.inference.synthetic_lm import make_corpus, make_tiny_lm, train_tokenizer
+from simmerge_ray.probes.errors import ProbeError
+from simmerge_ray.probes.loading import load_probe_texts
+from simmerge_ray.probes.tokenize import load_tokenizer, tokenize_probes
+
+SETTINGS = ProbeSettings(max_length=12, attn_max_length=6)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("probe-models")
+    tok = train_tokenizer(make_corpus(300, seed=1))
+    model = make_tiny_lm(root / "m", tok, seed=3)
+    probes = tokenize_probes(make_corpus(10, seed=5, max_words=16), load_tokenizer(model), SETTINGS.max_length)
+    return {"root": root, "model": model, "probes": probes}
+
+
+@functools.cache
+def _plain_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+
+
+def direct_record(model_dir: Path, ids: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """One probe alone (no padding) through plain transformers."""
+    model = _plain_model(model_dir)
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_hidden_states=True, output_attentions=True)
+    t = min(len(ids), SETTINGS.attn_max_length)
+    return {
+        "logp": torch.log_softmax(out.logits[0], dim=-1),
+        "hidden": torch.stack([h[0].mean(dim=0) for h in out.hidden_states[1:]]),
+        "attn": torch.stack([a[0, :, :t, :t].mean(dim=0) for a in out.attentions]),
+    }
+
+
+# ---- loading ----------------------------------------------------------------------------------
+def test_three_formats_give_the_same_probes(tmp_path: Path) -> None:
+    texts = ["the cat sees a dog", "two plus three", "print ( value )"]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)) + "\n\n")
+    (tmp_path / "p.txt").write_text(texts[0] + "\n\n" + "\n".join(texts[1:]) + "\n")
+    pl.DataFrame({"text": texts, "n": [1, 2, 3]}).write_parquet(tmp_path / "p.parquet")
+    for name in ("p.jsonl", "p.txt", "p.parquet"):
+        assert load_probe_texts(tmp_path / name) == texts
+
+
+def test_bad_probe_files_name_file_and_line(tmp_path: Path) -> None:
+    with pytest.raises(ProbeError, match="missing.jsonl: probe file not found"):
+        load_probe_texts(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ProbeError, match="empty.txt: probe file holds no probes"):
+        load_probe_texts(tmp_path / "empty.txt")
+    (tmp_path / "bad.txt").write_bytes(b"fine line\nanother\ncaf\xe9 au lait\n")
+    with pytest.raises(ProbeError, match=r"bad.txt: line 3: not valid UTF-8 \(byte 0xe9 at column 4\)"):
+        load_probe_texts(tmp_path / "bad.txt")
+    (tmp_path / "nofield.jsonl").write_text('{"text": "ok"}\n{"prompt": "x"}\n')
+    with pytest.raises(ProbeError, match="nofield.jsonl: line 2: expected an object with a string field 'text'"):
+        load_probe_texts(tmp_path / "nofield.jsonl")
+    pl.DataFrame({"prompt": ["x"]}).write_parquet(tmp_path / "nocol.parquet")
+    with pytest.raises(ProbeError, match="nocol.parquet: no column 'text'"):
+        load_probe_texts(tmp_path / "nocol.parquet")
+
+
+def test_truncation_is_counted(tiny: dict) -> None:
+    tok = load_tokenizer(tiny["model"])
+    texts = ["the cat", "the cat sees a big red dog and then runs", "one two three four five six"]
+    full = [len(tok(t)["input_ids"]) for t in texts]
+    probes = tokenize_probes(texts, tok, max_length=5)
+    assert [len(p) for p in probes.ids] == [min(n, 5) for n in full]
+    assert probes.truncated == sum(n > 5 for n in full) == 2
+    assert probes.ids[0][0] == tok.convert_tokens_to_ids("[BOS]")
+
+
+# ---- compact distributions -----------------------------------------------------------------
+def test_compact_form_round_trip() -> None:
+    logp = torch.log_softmax(torch.randn(7, 50, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
+    exact = compact_logprobs(logp, k=50)
+    assert torch.allclose(expand_logprobs(**exact, vocab_size=50), logp, atol=1e-6)
+    approx = expand_logprobs(**compact_logprobs(logp, k=10), vocab_size=50)
+    assert torch.allclose(approx.exp().sum(-1), torch.ones(7, dtype=torch.float32), atol=1e-5)
+    top = logp.topk(10, dim=-1)
+    assert torch.equal(approx.gather(1, top.indices), top.values)
+    rest = torch.ones_like(logp, dtype=torch.bool).scatter_(1, top.indices, False)
+    tail = approx[rest].reshape(7, 40)
+    assert torch.allclose(tail, tail[:, :1].expand(7, 40))  # tail spread evenly
+
+
+# ---- pipeline ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def resumed(tiny: dict, ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A run interrupted by an exception after 2 batches (1 actor), then resumed with 2 actors."""
+    probes = tiny["probes"]
+    cache = ProbeCache(tmp_path_factory.mktemp("resume") / "cache")
+    cache.write_meta({"num_probes": probes.num_probes})
+    interrupt = RunOptions(num_actors=1, batch_size=2, fail_after_batches=2)
+    with pytest.raises(Exception, match="injected interruption after 2 batches"):
+        run_model_probes(tiny["model"], probes, SETTINGS, interrupt, cache)
+    first = cache.chunk_probe_ids()
+    complete_after_interrupt = cache.is_complete()
+    report = run_model_probes(tiny["model"], probes, SETTINGS, RunOptions(num_actors=2, batch_size=3), cache)
+    return {"cache": cache, "first": first, "complete_after_interrupt": complete_after_interrupt, "report": report}
+
+
+def test_interrupted_run_resumes_without_rerunning_probes(tiny: dict, resumed: dict) -> None:
+    probes, cache, first = tiny["probes"], resumed["cache"], resumed["first"]
+    assert len(first) == 2 and sum(map(len, first.values())) == 4
+    assert not resumed["complete_after_interrupt"]
+    assert resumed["report"].probes_run == probes.num_probes - 4
+    assert resumed["report"].tokens_run == probes.num_tokens - sum(len(probes.ids[i]) for v in first.values() for i in v)
+    chunks = cache.chunk_probe_ids()
+    ran = [pid for ids in chunks.values() for pid in ids]
+    assert sorted(ran) == list(range(probes.num_probes)), "every probe ran exactly once over both runs"
+    assert all(chunks[p] == ids for p, ids in first.items()), "finished chunks were kept, not redone"
+    assert cache.is_complete()
+    assert run_model_probes(tiny["model"], probes, SETTINGS, RunOptions(), cache).probes_run == 0
+
+
+def test_batched_pipeline_equals_unpadded_direct_runs(tiny: dict, resumed: dict) -> None:
+    probes, cache = tiny["probes"], resumed["cache"]
+    assert len({len(p) for p in probes.ids}) > 1, "probes of several lengths exercise padding"
+    for pid in range(probes.num_probes):
+        got, want = cache.record(pid), direct_record(tiny["model"], probes.ids[pid])
+        assert set(got) == {"logp", "hidden", "attn"}
+        for k in want:
+            assert got[k].shape == want[k].shape
+            torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_hf_and_deepspeed_backends_agree(tiny: dict, resumed: dict, tmp_path: Path) -> None:
+    """DeepSpeed ZeRO-3 (params offloaded to CPU, gloo) in a Ray actor vs the hf back-end's cache."""
+    probes = tiny["probes"]
+    ds_cache = ProbeCache(tmp_path / "deepspeed")
+    ds_cache.write_meta({"num_probes": probes.num_probes})
+    run_model_probes(tiny["model"], probes, SETTINGS, RunOptions(backend="deepspeed", batch_size=5), ds_cache)
+    worst = 0.0
+    for pid in range(probes.num_probes):
+        a, b = resumed["cache"].record(pid), ds_cache.record(pid)
+        assert set(a) == set(b)
+        worst = max([worst] + [(a[k] - b[k]).abs().max().item() for k in a])
+    assert worst < 1e-4
+
+
+def test_bad_model_config_is_named_before_any_actor(tiny: dict, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    (tmp_path / "p.txt").write_text("the cat\n")
+    cat = Catalog.from_dict({"models": [{"name": "ok", "path": str(tiny["model"])}, {"name": "bad", "path": str(broken)}],
+                             "tasks": {"t": {"probes": "p.txt"}}}, root=tmp_path)
+    with pytest.raises(CheckpointError, match=f"{broken}: cannot load model config"):
+        plan_task(cat, "t", SETTINGS, tmp_path / "cache")
+
+
+def test_padding_masks_are_right_aligned() -> None:
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_records_keep_only_real_tokens(tiny: dict) -> None:
+    backend = load_backend("hf", tiny["model"])
+    ids, mask = pad_batch([[2, 5, 6, 7, 8, 9, 10, 11], [2, 5]])
+    recs = probe_records(backend.forward(ids, mask), mask, SETTINGS.model_copy(update={"full_vocab_limit": 8, "top_k": 4}))
+    assert recs[1]["topk_idx"].shape == (2, 4) and recs[1]["tail_logmass"].shape == (2,)
+    assert recs[0]["attn"].shape == (2, 6, 6) and recs[1]["attn"].shape == (2, 2, 2)
+    assert torch.allclose(recs[1]["attn"].sum(-1), torch.ones(2, 2))
