@@ -71,6 +71,11 @@ JOBS = (
         (CPU, GPU)),
     Job("merge", f"--config /data/configs/merge.yaml --out {ARTIFACTS}/merged/example {STREAMING_ASK} "
                  "--max-actors 16", (CPU,)),
+    # Planning actors are light (1 CPU, 2 Gi: the selector, Gram matrices and feature table);
+    # the pool grows from 1 to --max-actors with the backlog and the cpu group follows it.
+    Job("plan_batch", f"--config /data/requests.parquet --out {ARTIFACTS}/plans --selector /data/selector "
+                      "--catalog /data/catalog.yaml --features /data/features --cache /data/plan-cache "
+                      "--cpus-per-actor 1 --memory-per-actor 2Gi --max-actors 32", (CPU,)),
     Job("fit", f"--config /data/configs/fit.yaml --out {ARTIFACTS}/selector --cpus-per-actor 4 "
                "--memory-per-actor 8Gi", (CPU,)),
     Job("pipeline", f"--config /data/configs/pipeline.yaml --out {ARTIFACTS}/pipeline {STREAMING_ASK} "

@@ -64,14 +64,18 @@ STAGES: dict[str, Stage] = {
     # Structural features first (it creates the folder), then the functional ones, which join the
     # two into features.parquet; flags the job does not know go to the functional step.
     "features": Stage((Step(("features", "structural"), "features", config="--catalog", extras=False),
-                       Step(("functional-features",), "probe", config="--catalog", overwrite=False))),
+                       Step(("features", "functional"), "features", config="--catalog", overwrite=False))),
     "label": Stage((Step(("label",), "zoo", config="--catalog", overwrite=False),)),  # resumes from its cache
-    "fit": Stage((Step(("fit",), "fit"),)),
-    "plan": Stage((Step(("plan",), "plan"),)),
+    # fit and plan take their inputs as flags (--features, --labels, --selector, ...), passed through.
+    "fit": Stage((Step(("fit",), "selector", config=None),)),
+    "plan": Stage((Step(("plan",), "plan", config=None, overwrite=False),)),
+    # --config is the request table; the pool size comes from --max-actors (SIMMERGE_MAX_ACTORS).
+    "plan_batch": Stage((Step(("plan-batch",), "plan_batch", config="--requests", overwrite=False),)),
     "merge": Stage((Step(("merge",), "merge", config="positional", resource_flags=_merge_flags),)),
     # A long-running job: the bandit's HTTP server on the cluster; --config is its state folder.
     "serve": Stage((Step(("serve",), "serve", config="--state", out=False, overwrite=False),)),
-    "pipeline": Stage((Step(("pipeline",), "pipeline"),)),
+    # --config is the zoo config; every stage runs into --out, finished stages are reused.
+    "pipeline": Stage((Step(("pipeline",), "demo", overwrite=False),)),
 }
 
 

@@ -40,6 +40,7 @@ STAGE_ROLES: dict[str, tuple[str, ...]] = {
     "label": (STREAMING, INFERENCE),
     "fit": (STREAMING,),
     "plan": (STREAMING,),
+    "plan_batch": (STREAMING,),
     "merge": (STREAMING,),
     "serve": (STREAMING,),
     "pipeline": (STREAMING, INFERENCE),

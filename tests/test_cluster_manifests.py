@@ -17,7 +17,7 @@ from simmerge_ray import kuberay
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = sorted((REPO / "cluster").glob("*.yaml"))
-HEAVY_STAGES = {"features", "probe", "label", "merge", "fit", "pipeline"}
+HEAVY_STAGES = {"features", "probe", "label", "merge", "fit", "pipeline", "plan_batch"}
 
 
 @pytest.fixture(scope="module")

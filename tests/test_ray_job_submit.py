@@ -192,6 +192,45 @@ def test_merge_job_succeeds_and_bad_config_fails(ray_head: RayHead, merge_inputs
     assert not (tmp_path / "never").exists()
 
 
+REPORT_KEYS = (
+    [f"pairwise.gap_closed.{m}.mean" for m in ("simmerge", "linear", "slerp", "ties", "oracle")]
+    + ["pairwise.selection_accuracy"]
+    + [f"multiway.{k}way.{m}.expert_retention" for k in (3, 4)
+       for m in ("simmerge", "random_order", "linear", "slerp", "ties", "oracle")]
+    + [f"bandit.regret.{p}.{r}" for p in ("bandit", "bandit_cold", "random", "greedy") for r in (60, 200)]
+    + [f"timings.{s}" for s in ("zoo", "structural", "functional", "labels", "selector_eval", "fit",
+                                 "multiway", "bandit")]
+)
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+@pytest.mark.slow
+def test_whole_pipeline_job_on_the_tiny_testbed(ray_head: RayHead, tmp_path: Path) -> None:
+    """`ray job submit -- python jobs/pipeline.py` on the tiny zoo: every stage, then the report."""
+    out = tmp_path / "run"
+    ray_head.submit("pipeline", "jobs/pipeline.py", "--config", str(REPO / "configs" / "zoo_tiny.yaml"),
+                    "--out", str(out), "--quick")
+    assert ray_head.wait("pipeline", timeout=1500) == "SUCCEEDED", ray_head.logs("pipeline")[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    for key in REPORT_KEYS:
+        value = _get(report, key)
+        assert isinstance(value, float) and value == value and abs(value) != float("inf"), key
+    g = report["pairwise"]["gap_closed"]
+    # the oracle is the best operator per pair: nothing beats it, on any task
+    for task, best in g["oracle"].items():
+        assert all(g[m][task] <= best + 1e-9 for m in ("simmerge", "linear", "slerp", "ties")), task
+    for chart in ("gap_closed.png", "multiway_retention.png", "regret.png", "feature_utility_heatmap.png"):
+        assert (out / chart).read_bytes()[:4] == b"\x89PNG", chart
+    md = (out / "report.md").read_text()
+    assert "## Multi-way plans" in md and "| simmerge |" in md
+    assert "[8/8] bandit" in ray_head.logs("pipeline")
+
+
 # ---- the shared entry code, in-process (no Ray needed before these fail) ------------------------
 
 def test_stage_not_in_this_version_exits_with_a_clear_message(monkeypatch: pytest.MonkeyPatch,
@@ -228,12 +267,12 @@ def test_command_lines_built_for_the_stages() -> None:
     assert entry.command_argv(structural, args, extra, "/f", asks, "cat.yaml") == [
         "features", "structural", "--catalog", "cat.yaml", "--out", "/f", "--overwrite"]
     assert entry.command_argv(functional, args, extra, "/f", asks, "cat.yaml") == [
-        "functional-features", "--catalog", "cat.yaml", "--out", "/f", "--batch-size", "4"]
+        "features", "functional", "--catalog", "cat.yaml", "--out", "/f", "--batch-size", "4"]
 
 
 def test_every_stage_has_its_job_script() -> None:
     entry = _load_entry()
-    assert set(entry.STAGES) == {"zoo_build", "probe", "features", "label", "fit", "plan", "merge", "serve",
+    assert set(entry.STAGES) == {"zoo_build", "probe", "features", "label", "fit", "plan", "plan_batch", "merge", "serve",
                                  "pipeline"}
     assert set(resources.STAGE_ROLES) == set(entry.STAGES)  # the manifest checks know every stage
     for stage in entry.STAGES:

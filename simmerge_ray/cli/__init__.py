@@ -10,7 +10,9 @@ import sys
 from simmerge_ray.errors import SimMergeError
 
 # Modules under simmerge_ray.cli, each adding one or more subcommands.
-COMMAND_MODULES: tuple[str, ...] = ("merge",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "merge", "convert", "zoo", "features", "probe", "selector", "plan", "plan_batch", "serve", "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

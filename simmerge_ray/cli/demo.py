@@ -17,7 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="zoo YAML (default: configs/zoo_default.yaml)")
         p.add_argument("--tune-samples", type=int, default=6)
         p.add_argument("--folds", type=int, default=5)
-        p.add_argument("--sim-repeats", type=int, default=20)
+        p.add_argument("--sim-repeats", type=int, default=10)
+        p.add_argument("--quick", action="store_true",
+                       help="smoke-test sizes: no hyperparameter search, 3 folds, few 3/4-way labels, "
+                            "2 bandit repeats (for tests and the tiny zoo)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--address", default=None)
         p.set_defaults(func=run)
@@ -33,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     init_ray(args.address)
     settings = PipelineSettings(Path(args.zoo_config).resolve(), out, tune_samples=args.tune_samples,
                                 folds=args.folds, sim_repeats=args.sim_repeats, seed=args.seed)
+    if args.quick:
+        settings.tune_samples, settings.folds, settings.sim_repeats = 0, 3, 2
+        settings.label_args = ["--subsets-3", "3", "--subsets-4", "2", "--mixed-4", "2"]
     timings = run_pipeline(settings)
     report = write_report(out, timings)
     p = report["pairwise"]

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.planner.request import build_step_model, features_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,8 +52,8 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
     sel = Selector.load(args.selector)
     for m in (args.expert, args.aux):
         catalog.model(m)
-    feats = pl.read_parquet(_features_file(args.features))
-    sel.check_schema(feats.columns, str(_features_file(args.features)))
+    feats = pl.read_parquet(features_file(args.features))
+    sel.check_schema(feats.columns, str(features_file(args.features)))
     row = feats.filter((pl.col("a") == args.expert) & (pl.col("b") == args.aux) & (pl.col("task") == args.task))
     if row.height == 0:
         raise ConfigError(f"features missing for pair ({args.expert!r}, {args.aux!r}) on task {args.task!r}")
@@ -71,34 +70,15 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
     return 0
 
 
-def build_step_model(selector_dir: str, features_dir: str, aux_selector_dir: str | None = None):
-    import polars as pl
-
-    from simmerge_ray.planner.propagate import GramTable
-    from simmerge_ray.planner.step_model import SelectorStepModel
-    from simmerge_ray.selector.model import Selector
-
-    feats = pl.read_parquet(_features_file(features_dir))
-    grams = GramTable.load(Path(features_dir))
-    aux = Selector.load(aux_selector_dir) if aux_selector_dir else None
-    return SelectorStepModel(Selector.load(selector_dir), grams, feats, aux)
-
-
 def _multiway(args: argparse.Namespace, catalog) -> int:
-    from simmerge_ray.planner.search import Objective, SearchSpace, search
+    from simmerge_ray.planner.request import PlanRequest, plan_request, search_space, write_plans
 
-    for m in args.models:
-        catalog.model(m)
-    if args.required_expert:
-        if args.required_expert not in args.models:
-            raise ConfigError(f"--required-expert {args.required_expert!r} is not among --models")
-        experts = [args.required_expert]
-    else:
-        experts = [m for m in args.models if catalog.model(m).task == args.task]
-    step_model = build_step_model(args.selector, args.features, args.aux_selector)
-    space = SearchSpace(args.task, list(args.models), experts, args.min_way, args.max_way, args.beam_width)
-    res = search(space, step_model, Objective(args.retention_weight, args.aux_weight))
-    best = res.best
+    req = PlanRequest.parse({
+        "request_id": "cli", "task": args.task, "models": args.models, "min_way": args.min_way,
+        "max_way": args.max_way, "required_expert": args.required_expert, "beam_width": args.beam_width,
+        "retention_weight": args.retention_weight, "aux_weight": args.aux_weight}, "simmerge plan")
+    search_space(req, catalog)  # bad models or task: fail before loading the step model
+    res = plan_request(req, catalog, build_step_model(args.selector, args.features, args.aux_selector))
     print(f"scored {res.scored} plans in {res.seconds:.2f} s ({res.plans_per_second:.0f} plans/s, "
           f"{'exhaustive' if res.exhaustive else f'beam {args.beam_width}'})")
     for rank, p in enumerate(res.plans[:5], start=1):
@@ -106,14 +86,7 @@ def _multiway(args: argparse.Namespace, catalog) -> int:
         print(f"{rank}. score {p.score:.3f}: {p.models[0]} {steps}  (step utilities "
               f"{', '.join(f'{u:.2f}' for u in p.step_utility)})")
     out = Path(args.out)
-    best.write(out, {m.name: m.path for m in catalog.models}, catalog.base)
-    (out / "alternatives.yaml").write_text(yaml.safe_dump(
-        [{"models": p.models, "operators": p.operators, "score": p.score} for p in res.plans[1:]], sort_keys=False))
-    print(f"wrote {out / 'plan.json'} and {best.k - 1} step YAML file(s); execute with "
+    write_plans(res, catalog, out)
+    print(f"wrote {out / 'plan.json'} and {res.best.k - 1} step YAML file(s); execute with "
           f"`simmerge merge --plan {out / 'plan.json'} --catalog {args.catalog} --out DIR`")
     return 0
-
-
-def _features_file(features: str) -> Path:
-    p = Path(features)
-    return p / "features.parquet" if p.is_dir() else p

@@ -54,9 +54,9 @@ class PlanRequest(BaseModel):
             return cls.model_validate({k: v for k, v in raw.items() if v is not None})
         except ValidationError as e:
             err = e.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "request"
+            field = ".".join(str(p) for p in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
-            raise ConfigError(f"{where}: {field}: {msg}") from None
+            raise ConfigError(f"{where}: {field + ': ' if field else ''}{msg}") from None
 
     def content(self) -> dict:
         """The fields that decide the plan (everything but the id), for content keys."""
@@ -98,8 +98,16 @@ def search_space(req: PlanRequest, catalog: Catalog) -> SearchSpace:
 
 
 def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, keep: int = 10) -> SearchResult:
-    """The ranked plans of one request (best first)."""
-    return search(search_space(req, catalog), step_model, req.objective, keep=keep)
+    """The ranked plans of one request (best first).
+
+    Torch runs on one thread here: the selector's small batches are fastest so, and its float32
+    sums then round the same way in every process (a CLI call, a batch actor), so the same
+    request gives bit-identical scores wherever it is planned."""
+    from simmerge_ray.selector.train import one_thread
+
+    space = search_space(req, catalog)
+    with one_thread():
+        return search(space, step_model, req.objective, keep=keep)
 
 
 def write_plans(result: SearchResult, catalog: Catalog, out: Path) -> None:

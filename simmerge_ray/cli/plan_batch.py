@@ -1,0 +1,44 @@
+"""`simmerge plan-batch`: plan many requests at once on an autoscaled actor pool (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("plan-batch", help="plan merges for a table of requests (one row per target)")
+    p.add_argument("--requests", required=True, help="request table: .parquet (file or folder) or .jsonl")
+    p.add_argument("--selector", required=True, help="selector folder from `simmerge fit`")
+    p.add_argument("--aux-selector", default=None, help="selector fitted on aux_gap_closed (aux_weight > 0)")
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--features", required=True, help="features folder (features.parquet, gram.safetensors)")
+    p.add_argument("--out", required=True, help="folder for results.parquet, plans/, summary.json")
+    p.add_argument("--cache", default=None, help="results cache folder (default: OUT/cache); reruns skip "
+                                                  "requests found there")
+    p.add_argument("--actors", type=int, default=None,
+                   help="most planning actors; the pool grows from 1 with the backlog "
+                        "(default: SIMMERGE_MAX_ACTORS, else 4)")
+    p.add_argument("--rows-per-block", type=int, default=4, help="requests handed to an actor at a time")
+    p.add_argument("--execute-top", type=int, default=0, metavar="K",
+                   help="merge the K plans with the highest predicted score (streaming engine)")
+    p.add_argument("--merge-workers", type=int, default=2, help="workers of each --execute-top merge")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from simmerge_ray import resources
+    from simmerge_ray.cli.common import init_ray
+    from simmerge_ray.planner.batch import BatchSettings, run_batch
+
+    settings = BatchSettings(
+        requests=args.requests, selector=args.selector, catalog=args.catalog, features=args.features,
+        out=args.out, aux_selector=args.aux_selector, cache=args.cache,
+        actors=args.actors or resources.max_actors(4), rows_per_block=args.rows_per_block,
+        execute_top=args.execute_top, merge_workers=args.merge_workers)
+    init_ray()
+    r = run_batch(settings)
+    print(f"{r.requests} requests in {r.seconds:.1f} s ({r.requests_per_second:.1f}/s, up to {r.actors} actors): "
+          f"{r.ok} ok, {r.errors} errors ({r.invalid} invalid); planned {r.planned}, from cache {r.cached}"
+          + (f"; merged {r.executed}" if settings.execute_top else ""))
+    print(f"wrote {args.out}/results.parquet and {args.out}/plans/")
+    return 0

@@ -1,0 +1,334 @@
+"""Batch planning: many requests planned by an autoscaled pool of Ray actors, resumable.
+
+The request table (parquet, or JSON lines) is read with Ray Data. A cheap first pass, in plain
+Ray tasks, validates every row (PlanRequest) and keys it by a digest of its content and of the
+inputs (selector, features, catalog); rows whose key is in the results cache are answered from
+it. The rest is cut into blocks of a few requests and fed to `map_batches` with an actor pool of
+`min_size=1, max_size=N`: each actor loads the selector, the Gram matrices and the feature
+table once, and Ray Data grows the pool while blocks wait (on KubeRay the autoscaler adds nodes
+for the new actors). A request that fails (unknown model or task, missing features, bad size
+range) becomes an error row; it never stops the batch.
+
+Layout of the output folder:
+    results.parquet        one row per request (RESULT_SCHEMA), sorted by request_id
+    summary.json           counts and timings of this run
+    plans/<request_id>/    plan.json, step-<j>.yaml, alternatives.yaml (as `simmerge plan` writes)
+    merged/<id>-<key12>/   --execute-top K: the merged model of the K best plans
+    cache/<key>/           the results cache (row.json + plan files), reused by reruns
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from simmerge_ray.catalog import Catalog
+from simmerge_ray.errors import ConfigError, SimMergeError
+from simmerge_ray.io.atomic import atomic_output_dir, atomic_write_text
+from simmerge_ray.planner.request import PlanRequest, build_step_model, features_file, plan_request, write_plans
+
+CACHE_VERSION = 1  # bump when a change to the planner changes plans: old cache entries are ignored
+PENDING = "pending"  # internal status: valid and not in the cache yet
+ROW_FILE = "row.json"
+
+RESULT_SCHEMA = pa.schema([
+    ("request_id", pa.string()),
+    ("key", pa.string()),  # digest of the request's content + the inputs' fingerprints
+    ("status", pa.string()),  # ok | error
+    ("error", pa.string()),
+    ("task", pa.string()),
+    ("request", pa.string()),  # the validated request as JSON (the raw row when invalid)
+    ("models", pa.list_(pa.string())),  # chosen plan, merge order
+    ("operators", pa.list_(pa.string())),  # one per step
+    ("score", pa.float64()),  # the objective's predicted value
+    ("step_utility", pa.list_(pa.float64())),  # predicted GapClosed per step
+    ("step_aux_utility", pa.list_(pa.float64())),
+    ("runner_up_models", pa.list_(pa.string())),
+    ("runner_up_operators", pa.list_(pa.string())),
+    ("runner_up_score", pa.float64()),
+    ("margin", pa.float64()),  # score - runner_up_score
+    ("plans_scored", pa.int64()),
+    ("exhaustive", pa.bool_()),
+    ("search_seconds", pa.float64()),
+    ("plan_dir", pa.string()),  # relative to the output folder
+    ("cached", pa.bool_()),  # answered from the results cache in this run
+    ("merged", pa.string()),  # --execute-top: merged model folder, relative to the output folder
+])
+_PER_RUN = ("request_id", "cached", "plan_dir", "merged")  # not stored in the cache
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    requests: str  # .parquet file or folder, or .jsonl/.json
+    selector: str
+    catalog: str
+    features: str
+    out: str
+    aux_selector: str | None = None
+    cache: str | None = None  # default: <out>/cache
+    actors: int = 2  # most actors in the pool
+    rows_per_block: int = 4  # requests per block: the unit of work handed to an actor
+    execute_top: int = 0
+    merge_workers: int = 2
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cache) if self.cache else Path(self.out) / "cache"
+
+
+@dataclass
+class BatchReport:
+    requests: int
+    ok: int
+    errors: int
+    planned: int  # searched in this run
+    cached: int  # answered from the results cache
+    invalid: int  # rejected by validation (no search)
+    executed: int
+    actors: int
+    seconds: float
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.requests / max(self.seconds, 1e-9)
+
+
+# ---- keys and the results cache -------------------------------------------------------------
+
+def _digest(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def inputs_fingerprint(s: BatchSettings) -> str:
+    """Digest of everything besides the request that decides a plan; a missing input is named."""
+    from simmerge_ray.io.digest_cache import file_digest
+
+    files = {"selector": [Path(s.selector) / "selector.json", Path(s.selector) / "selector.safetensors"],
+             "features": [features_file(s.features), Path(s.features) / "gram.safetensors",
+                          Path(s.features) / "gram_meta.json"]}
+    if s.aux_selector:
+        files["aux_selector"] = [Path(s.aux_selector) / "selector.json", Path(s.aux_selector) / "selector.safetensors"]
+    parts: dict[str, Any] = {"version": CACHE_VERSION}
+    for what, paths in files.items():
+        for p in paths:
+            if not p.is_file():
+                raise ConfigError(f"{p}: {what} file not found")
+        parts[what] = [file_digest(p) for p in paths]
+    catalog = Catalog.load(s.catalog)
+    parts["catalog"] = catalog.model_dump(mode="json", exclude={"source"})
+    return _digest(parts)
+
+
+def request_key(req: PlanRequest, fingerprint: str) -> str:
+    return _digest({"request": req.content(), "inputs": fingerprint})
+
+
+def _cached_row(cache: Path, key: str) -> dict | None:
+    try:
+        return json.loads((cache / key / ROW_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename a finished folder into place; a concurrent twin (same key, same content) may win."""
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / ROW_FILE).exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- pass 1: validate, key, answer from the cache (plain Ray tasks) --------------------------
+
+def prepare_rows(batch: pa.Table, fingerprint: str, cache_dir: str) -> pa.Table:
+    rows = []
+    for raw in batch.to_pylist():
+        rid = str(raw.get("request_id") or "")
+        try:
+            req = PlanRequest.parse(raw, f"request {rid or '(no request_id)'}")
+        except ConfigError as e:
+            rows.append({"request_id": rid, "key": _digest({"raw": raw, "inputs": fingerprint}), "status": "error",
+                         "error": str(e), "task": raw.get("task"), "cached": False,
+                         "request": json.dumps(raw, sort_keys=True, default=str)})
+            continue
+        key = request_key(req, fingerprint)
+        hit = _cached_row(Path(cache_dir), key)
+        if hit is not None:
+            rows.append({**hit, "request_id": rid, "cached": True})
+        else:
+            rows.append({"request_id": rid, "key": key, "status": PENDING, "task": req.task, "cached": False,
+                         "request": req.model_dump_json()})
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def select_rows(batch: pa.Table, pending: bool) -> pa.Table:
+    is_pending = pc.equal(batch["status"], PENDING)
+    return batch.filter(is_pending if pending else pc.invert(is_pending))
+
+
+# ---- pass 2: plan (the actor pool) -----------------------------------------------------------
+
+class PlanWorker:
+    """An actor of the pool: loads the planning inputs once, then plans block after block."""
+
+    def __init__(self, selector: str, features: str, catalog: str, aux_selector: str | None, cache_dir: str) -> None:
+        self.catalog = Catalog.load(catalog)
+        self.step_model = build_step_model(selector, features, aux_selector)
+        self.cache = Path(cache_dir)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist([self.plan_row(r) for r in batch.to_pylist()], schema=RESULT_SCHEMA)
+
+    def plan_row(self, row: dict) -> dict:
+        req = PlanRequest.model_validate_json(row["request"])
+        base = {"key": row["key"], "task": req.task, "request": row["request"]}
+        tmp = self.cache / f".{row['key']}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            res = plan_request(req, self.catalog, self.step_model)
+        except SimMergeError as e:  # a bad request: the same inputs fail the same way, so cache it
+            outcome, res = {**base, "status": "error", "error": str(e)}, None
+        except Exception as e:  # noqa: BLE001 - an unexpected failure: report it, retry on a rerun
+            return {**base, "request_id": req.request_id, "status": "error", "cached": False,
+                    "error": f"{type(e).__name__}: {e}"}
+        else:
+            best, runner = res.plans[0], (res.plans[1] if len(res.plans) > 1 else None)
+            outcome = {**base, "status": "ok", "models": best.models, "operators": best.operators,
+                       "score": best.score, "step_utility": best.step_utility,
+                       "step_aux_utility": best.step_aux_utility,
+                       "runner_up_models": runner.models if runner else None,
+                       "runner_up_operators": runner.operators if runner else None,
+                       "runner_up_score": runner.score if runner else None,
+                       "margin": best.score - runner.score if runner else None,
+                       "plans_scored": res.scored, "exhaustive": res.exhaustive, "search_seconds": res.seconds}
+        tmp.mkdir(parents=True)
+        if res is not None:
+            write_plans(res, self.catalog, tmp)
+        (tmp / ROW_FILE).write_text(json.dumps(outcome))  # last: marks the entry complete
+        _publish(tmp, self.cache / row["key"])
+        return {**outcome, "request_id": req.request_id, "cached": False}
+
+
+# ---- the driver ------------------------------------------------------------------------------
+
+def read_requests(path: str):
+    """The request table as a Ray Dataset (parquet file or folder; .jsonl/.json lines)."""
+    import ray
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{path}: request table not found")
+    if p.suffix in (".jsonl", ".json"):
+        return ray.data.read_json(str(p), lines=True)
+    return ray.data.read_parquet(str(p))
+
+
+def run_batch(s: BatchSettings) -> BatchReport:
+    """Plan every request of `s.requests` into `s.out` (resumable: see the module docstring)."""
+    import ray
+
+    from simmerge_ray import resources
+
+    if s.actors < 1 or s.rows_per_block < 1:
+        raise ConfigError(f"actors ({s.actors}) and rows per block ({s.rows_per_block}) must be >= 1")
+    t0 = time.perf_counter()
+    out, cache = Path(s.out), s.cache_dir
+    cache.mkdir(parents=True, exist_ok=True)
+    fingerprint = inputs_fingerprint(s)
+    keyed = read_requests(s.requests).map_batches(
+        prepare_rows, fn_kwargs={"fingerprint": fingerprint, "cache_dir": str(cache)},
+        batch_format="pyarrow", batch_size=None).materialize()
+    pending = keyed.map_batches(select_rows, fn_kwargs={"pending": True}, batch_format="pyarrow", batch_size=None)
+    n_pending = pending.count()
+    parts = [keyed.map_batches(select_rows, fn_kwargs={"pending": False}, batch_format="pyarrow", batch_size=None)]
+    if n_pending:
+        build_step_model(s.selector, s.features, s.aux_selector)  # bad inputs: one clear error, before any actor
+        planned = pending.repartition(math.ceil(n_pending / s.rows_per_block)).map_batches(
+            PlanWorker,
+            fn_constructor_kwargs={"selector": s.selector, "features": s.features, "catalog": s.catalog,
+                                   "aux_selector": s.aux_selector, "cache_dir": str(cache)},
+            batch_size=s.rows_per_block, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.actors),
+            **resources.streaming_ask().ray_options())
+        parts.append(planned)
+    done = [b for b in parts[0].iter_batches(batch_size=None, batch_format="pyarrow")]
+    fresh = [b for ds in parts[1:] for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+    order = [("request_id", "ascending"), ("key", "ascending")]
+    rows = pa.concat_tables(done + fresh).cast(RESULT_SCHEMA).sort_by(order).to_pylist() if done + fresh else []
+    invalid = sum(r["status"] == "error" and not r["cached"] for t in done for r in t.to_pylist())
+    rows = _flag_duplicate_ids(rows)
+    for r in rows:
+        if r["status"] == "ok":
+            r["plan_dir"] = _materialise_plan(cache / r["key"], out / "plans" / r["request_id"], out)
+    executed = _execute_top(rows, s) if s.execute_top else 0
+    report = BatchReport(
+        requests=len(rows), ok=sum(r["status"] == "ok" for r in rows),
+        errors=sum(r["status"] == "error" for r in rows), planned=n_pending,
+        cached=sum(bool(r["cached"]) for r in rows), invalid=invalid,
+        executed=executed, actors=s.actors, seconds=time.perf_counter() - t0)
+    _write_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), out / "results.parquet")
+    atomic_write_text(out / "summary.json", json.dumps(
+        {**asdict(report), "requests_per_second": report.requests_per_second, "settings": asdict(s)}, indent=1))
+    return report
+
+
+def _flag_duplicate_ids(rows: list[dict]) -> list[dict]:
+    """Request ids name output folders, so each must be unique: duplicates become errors."""
+    counts = Counter(r["request_id"] for r in rows if r["request_id"])
+    for r in rows:
+        n = counts.get(r["request_id"], 0)
+        if n > 1:
+            r.update({f: None for f in RESULT_SCHEMA.names if f not in ("request_id", "key", "task", "request",
+                                                                         "cached")})
+            r.update(status="error", error=f"request_id {r['request_id']!r} appears {n} times in the request table")
+    return rows
+
+
+def _materialise_plan(entry: Path, target: Path, out: Path) -> str:
+    """Copy a cached plan folder to the output folder; returns its path relative to `out`."""
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        for f in entry.iterdir():
+            if f.name != ROW_FILE:
+                shutil.copy2(f, tmp / f.name)
+    return str(target.relative_to(out))
+
+
+def _execute_top(rows: list[dict], s: BatchSettings) -> int:
+    """Merge the K plans of highest predicted score (a merge already there is kept: its folder
+    name carries the request's key, so it was made from this very plan)."""
+    from simmerge_ray.merge.executor import ExecOptions
+    from simmerge_ray.planner.execute import execute_plan
+    from simmerge_ray.planner.plan import Plan
+
+    catalog = Catalog.load(s.catalog)
+    out = Path(s.out)
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (-r["score"], r["request_id"]))
+    for r in ok[: s.execute_top]:
+        target = out / "merged" / f"{r['request_id']}-{r['key'][:12]}"
+        if not target.exists():
+            plan = Plan.from_json((out / r["plan_dir"] / "plan.json").read_text(), r["plan_dir"])
+            execute_plan(plan, catalog, target, ExecOptions(workers=s.merge_workers))
+        r["merged"] = str(target.relative_to(out))
+    return min(s.execute_top, len(ok))
+
+
+def _write_table(table: pa.Table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)

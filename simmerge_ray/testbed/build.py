@@ -1,0 +1,191 @@
+"""`zoo build`: data files, tokenizer, base pretraining, expert fine-tunes (Ray tasks), score matrix.
+
+Output (written to a temporary folder, renamed when complete):
+    catalog.yaml            base + experts (task = domain) + tasks (probes, eval)
+    checkpoints/<name>/     HF folders (config, model.safetensors, tokenizer)
+    data/<task>/probes.jsonl ({"text"}), data/<task>/eval.jsonl ({"prompt", "answer"})
+    scores.parquet          model x task: loglik (the score) and accuracy
+    manifest.json           config, its digest, per-file digests, timings, training losses
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from pathlib import Path
+
+import polars as pl
+import ray
+import torch
+import transformers
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from simmerge_ray.catalog import Catalog, ModelEntry, TaskEntry
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.io.atomic import atomic_output_dir, atomic_write_text
+from simmerge_ray.testbed.domains import Example, get_domain
+from simmerge_ray.testbed.domains.general import general_texts
+from simmerge_ray.testbed.evaluate import encode, score
+from simmerge_ray.testbed.model_factory import init_model, make_config
+from simmerge_ray.testbed.tokenizer import EOS, PAD, train_tokenizer
+from simmerge_ray.testbed.train import mixed_texts, pack_blocks, train_lm
+from simmerge_ray.testbed.zoo_config import BaseConfig, ZooConfig
+
+EVAL_MAX_LEN = 192
+
+
+def _take(it, n: int) -> list:
+    return list(itertools.islice(it, n))
+
+
+def held_out_sets(cfg: ZooConfig) -> tuple[dict[str, list[str]], dict[str, list[Example]]]:
+    """Per domain: unlabeled probe prompts and the labeled eval examples."""
+    probes, evals = {}, {}
+    for name in cfg.domains:
+        dom = get_domain(name)
+        probes[name] = [e.prompt for e in _take(dom.examples("probe", cfg.data.seed), cfg.data.probe_prompts)]
+        evals[name] = _take(dom.examples("eval", cfg.data.seed), cfg.data.eval_examples)
+        if len(evals[name]) < cfg.data.eval_examples:
+            raise ConfigError(f"data.eval_examples: domain {name!r} has only {len(evals[name])} held-out examples")
+    return probes, evals
+
+
+def _tokenizer_corpus(cfg: ZooConfig):
+    """General text then each domain's training text, `sample_chars` of each, in a fixed order."""
+    sources = [general_texts(cfg.tokenizer.seed)] + [get_domain(d).train_texts(cfg.tokenizer.seed) for d in cfg.domains]
+    for src in sources:
+        size = 0
+        for text in src:
+            yield text
+            size += len(text)
+            if size >= cfg.tokenizer.sample_chars:
+                break
+
+
+def _tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), eos_token=EOS, pad_token=PAD, bos_token=EOS)
+
+
+def _training_blocks(cfg: ZooConfig, tok: PreTrainedTokenizerFast, domain: str | None, variant) -> torch.Tensor:
+    """The token blocks one model trains on: the base's mixture, or one variant's domain subset."""
+    train = cfg.base if domain is None else variant
+    n_blocks = train.steps * train.batch_size
+    if domain is None:
+        base: BaseConfig = cfg.base
+        streams = [general_texts(base.seed)] + [get_domain(d).train_texts(base.seed) for d in cfg.domains]
+        share = base.domain_share / len(cfg.domains)
+        texts = mixed_texts(streams, [1 - base.domain_share] + [share] * len(cfg.domains), base.seed)
+    else:
+        texts = get_domain(domain).train_texts(variant.seed, variant.subset)
+    return pack_blocks(texts, tok, cfg.data.seq_len, n_blocks)
+
+
+@ray.remote(num_cpus=1)
+def _train_remote(cfg_json: str, tok_json: str, domain: str | None, variant_name: str | None,
+                  base_state: dict | None, evals: dict[str, list[Example]]) -> dict:
+    """Train the base (domain None) or one expert from the base weights; score it on every domain."""
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    cfg = ZooConfig.model_validate_json(cfg_json)
+    tok = _tokenizer_from_json(tok_json)
+    variant = None if domain is None else next(v for v in cfg.domains[domain].variants if v.name == variant_name)
+    model = init_model(cfg.architecture, len(tok), tok.eos_token_id, tok.pad_token_id, cfg.seed)
+    if base_state is not None:
+        model.load_state_dict(base_state)
+    t0, c0 = time.perf_counter(), time.process_time()
+    blocks = _training_blocks(cfg, tok, domain, variant)
+    losses = train_lm(model, blocks, cfg.base if domain is None else variant, variant.lora if variant else None)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    scores = {t: score(model, encode(ex, tok, EVAL_MAX_LEN)) for t, ex in evals.items()}
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    return {"state": state, "losses": losses, "seconds": seconds, "cpu_seconds": cpu_seconds, "scores": scores,
+            "tokens": int(blocks.numel())}
+
+
+def _save_checkpoint(cfg: ZooConfig, tok: PreTrainedTokenizerFast, state: dict, path: Path) -> None:
+    config = make_config(cfg.architecture, len(tok), tok.eos_token_id, tok.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state)
+    transformers.utils.logging.disable_progress_bar()
+    model.save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+
+
+def _digest(path: Path) -> str:
+    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False, log=print) -> Path:
+    """Build the whole zoo into `out` (Ray must be initialised); returns the catalog path."""
+    t_start = time.perf_counter()
+    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+        probes, evals = held_out_sets(cfg)
+        tasks = {}
+        for name in cfg.domains:
+            _write_jsonl(tmp / "data" / name / "probes.jsonl", [{"text": p} for p in probes[name]])
+            _write_jsonl(tmp / "data" / name / "eval.jsonl", [{"prompt": e.prompt, "answer": e.answer} for e in evals[name]])
+            tasks[name] = TaskEntry(probes=Path(f"data/{name}/probes.jsonl"), eval=Path(f"data/{name}/eval.jsonl"))
+
+        t0 = time.perf_counter()
+        tok = train_tokenizer(_tokenizer_corpus(cfg), cfg.tokenizer.vocab_size)
+        tok_json = tok.backend_tokenizer.to_str()
+        timings = {"tokenizer_s": time.perf_counter() - t0}
+        log(f"tokenizer: {len(tok)} tokens in {timings['tokenizer_s']:.1f}s")
+
+        cfg_json = cfg.model_dump_json()
+        evals_ref = ray.put(evals)
+        base = ray.get(_train_remote.remote(cfg_json, tok_json, None, None, None, evals_ref))
+        _save_checkpoint(cfg, tok, base["state"], tmp / "checkpoints" / "base")
+        timings["base_s"] = base["seconds"]
+        log(f"base: {base['tokens']} tokens in {base['seconds']:.0f}s ({base['cpu_seconds']:.0f} CPU s), "
+        f"final loss {base['losses'][-1]:.3f}")
+
+        base_ref = ray.put(base["state"])
+        results: dict[str, dict] = {"base": base}
+        pending: dict = {}
+        queue = list(cfg.experts())
+        t0 = time.perf_counter()
+        while queue or pending:
+            while queue and len(pending) < cfg.runtime.workers:
+                domain, v = queue.pop(0)
+                pending[_train_remote.remote(cfg_json, tok_json, domain, v.name, base_ref, evals_ref)] = v.name
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name = pending.pop(done[0])
+            results[name] = ray.get(done[0])
+            _save_checkpoint(cfg, tok, results[name]["state"], tmp / "checkpoints" / name)
+            r = results[name]
+            log(f"expert {name}: {r['seconds']:.0f}s ({r['cpu_seconds']:.0f} CPU s), final loss {r['losses'][-1]:.3f}")
+        timings["experts_wall_s"] = time.perf_counter() - t0
+
+        catalog = Catalog(
+            base=Path("checkpoints/base"),
+            models=[ModelEntry(name=v.name, path=Path(f"checkpoints/{v.name}"), task=d) for d, v in cfg.experts()],
+            tasks=tasks,
+        )
+        atomic_write_text(tmp / "catalog.yaml", catalog.to_yaml())
+        rows = [
+            {"model": m, "model_task": (None if m == "base" else d), "task": t, "score": s["score"], "loglik": s["loglik"], "accuracy": s["accuracy"]}
+            for m, d in [("base", None), *((v.name, d) for d, v in cfg.experts())]
+            for t, s in results[m]["scores"].items()
+        ]
+        pl.DataFrame(rows).write_parquet(tmp / "scores.parquet")
+        timings["total_s"] = time.perf_counter() - t_start
+        manifest = {
+            "config": cfg.model_dump(mode="json"),
+            "config_digest": cfg.digest(),
+            "timings": timings,
+            "digests": {p.relative_to(tmp).as_posix(): _digest(p) for p in sorted((tmp / "checkpoints").rglob("*")) if p.is_file()},
+            "losses": {m: [r["losses"][0], r["losses"][-1]] for m, r in results.items()},
+            "tokens": {m: r["tokens"] for m, r in results.items()},
+            "train_seconds": {m: [round(r["seconds"], 2), round(r["cpu_seconds"], 2)] for m, r in results.items()},
+        }
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
+    return Path(out) / "catalog.yaml"

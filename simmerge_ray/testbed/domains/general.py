@@ -1,0 +1,28 @@
+"""General English text for pretraining the base: the help topics shipped with Python (pydoc_data)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from functools import cache
+
+CHUNK_CHARS = 1200
+
+
+@cache
+def _documents() -> tuple[str, ...]:
+    from pydoc_data.topics import topics
+
+    docs = []
+    for name in sorted(topics):
+        text = topics[name]
+        docs.extend(text[i:i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS))
+    return tuple(docs)
+
+
+def general_texts(seed: int) -> Iterator[str]:
+    docs = list(_documents())
+    rng = random.Random(f"general|{seed}")
+    while True:
+        rng.shuffle(docs)
+        yield from docs

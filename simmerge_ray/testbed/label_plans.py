@@ -1,0 +1,89 @@
+"""Which merges the label run measures: singles, every 2-way pair, and sampled 3-/4-way plans.
+
+A plan is an ordered list of models and one operator per merge step, merged as a left fold
+(METHOD.md): M_1 = m_1, M_j = op_{j-1}(M_{j-1}, m_j). Sampling (seeded, documented in
+docs/testbed.md):
+  - 2-way: every ordered (expert of task t, expert of another task) pair x every operator;
+  - 3-way: `subsets_3` subsets of 3 experts of distinct tasks, each with every order and every
+    operator sequence (3! x |O|^2 plans);
+  - 4-way: `subsets_4` subsets of 4 experts of distinct tasks, each with every order under each
+    fixed operator (4! x |O| plans) plus `mixed_4` random (order, mixed operator sequence) plans.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import random
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from simmerge_ray.testbed.merging import DEFAULT_PARAMS, OPERATORS
+
+# Bump when the scoring changes: old cached results then stop matching.
+SCORE_VERSION = "loglik-v1"
+
+
+class LabelSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    operators: tuple[str, ...] = OPERATORS
+    subsets_3: int = Field(12, ge=0)
+    subsets_4: int = Field(4, ge=0)
+    mixed_4: int = Field(12, ge=0, description="random mixed-operator plans per 4-way subset")
+    seed: int = 0
+    gap_epsilon: float = Field(1e-3, ge=0, description="pairs whose expert-aux score gap is smaller are dropped")
+    workers: int = Field(2, gt=0)
+    plans_per_call: int = Field(16, gt=0)
+
+
+@dataclass(frozen=True)
+class Plan:
+    models: tuple[str, ...]
+    operators: tuple[str, ...]  # one per merge step: len(models) - 1
+    tasks: tuple[str, ...]  # tasks the result is scored on
+
+    @property
+    def k(self) -> int:
+        return len(self.models)
+
+    def key(self, fingerprints: dict[str, str], task_digests: dict[str, str]) -> str:
+        """Content key: model and base fingerprints, operators with their parameters, eval sets."""
+        payload = {
+            "models": [fingerprints[m] for m in self.models],
+            "base": fingerprints.get("base"),
+            "steps": [[op, DEFAULT_PARAMS[op]] for op in self.operators],
+            "eval": {t: task_digests[t] for t in self.tasks},
+            "score": SCORE_VERSION,
+        }
+        return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _distinct_task_subsets(experts: dict[str, str], k: int) -> list[tuple[str, ...]]:
+    return [c for c in itertools.combinations(sorted(experts), k) if len({experts[m] for m in c}) == k]
+
+
+def enumerate_plans(experts: dict[str, str], all_tasks: list[str], settings: LabelSettings,
+                    extra_singles: tuple[str, ...] = ("base",)) -> list[Plan]:
+    """All plans of a label run, in a deterministic order. `experts`: model name -> its task."""
+    ops = settings.operators
+    plans = [Plan((m,), (), tuple(all_tasks)) for m in (*extra_singles, *sorted(experts))]
+    for a, b in itertools.permutations(sorted(experts), 2):
+        if experts[a] != experts[b]:
+            plans += [Plan((a, b), (op,), (experts[a], experts[b])) for op in ops]
+    rng = random.Random(f"labels|{settings.seed}")
+    for k, n_subsets in ((3, settings.subsets_3), (4, settings.subsets_4)):
+        candidates = _distinct_task_subsets(experts, k)
+        chosen = rng.sample(candidates, min(n_subsets, len(candidates)))
+        for subset in chosen:
+            tasks = tuple(experts[m] for m in subset)
+            orders = list(itertools.permutations(subset))
+            if k == 3:
+                seqs = list(itertools.product(ops, repeat=k - 1))
+                plans += [Plan(o, s, tasks) for o in orders for s in seqs]
+            else:
+                plans += [Plan(o, (op,) * (k - 1), tasks) for o in orders for op in ops]
+                mixed = [(o, s) for o in orders for s in itertools.product(ops, repeat=k - 1) if len(set(s)) > 1]
+                plans += [Plan(o, s, tasks) for o, s in rng.sample(mixed, min(settings.mixed_4, len(mixed)))]
+    return plans

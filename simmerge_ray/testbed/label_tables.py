@@ -1,0 +1,103 @@
+"""Turn measured plan scores into the label tables (schemas in docs/testbed.md) and their summary.
+
+Pure functions over plain dicts and polars frames: no Ray, no files.
+"""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+
+from simmerge_ray.testbed.label_plans import Plan
+from simmerge_ray.testbed.merging import DEFAULT_PARAMS
+
+Scores = dict[str, float]  # task -> score
+
+
+def gap_closed(s_merge: float, s_expert: float, s_aux: float) -> float:
+    """METHOD.md: (s(merge) - s(aux)) / (s(expert) - s(aux)) on the expert's task."""
+    return (s_merge - s_aux) / (s_expert - s_aux)
+
+
+def model_scores_table(singles: dict[str, Scores]) -> pl.DataFrame:
+    return pl.DataFrame(
+        [{"model": m, "task": t, "score": s} for m, scores in singles.items() for t, s in scores.items()],
+        schema={"model": pl.String, "task": pl.String, "score": pl.Float64},
+    )
+
+
+def pairwise_table(results: list[tuple[Plan, Scores]], singles: dict[str, Scores],
+                   experts: dict[str, str], epsilon: float) -> tuple[pl.DataFrame, int]:
+    """labels.parquet rows, and how many (pair, operator) rows were dropped for a gap below epsilon."""
+    rows, dropped = [], 0
+    for plan, scores in results:
+        a, b = plan.models
+        t, u = experts[a], experts[b]
+        s_e, s_a = singles[a][t], singles[b][t]
+        if s_e - s_a < epsilon:
+            dropped += 1
+            continue
+        s_ea, s_aa = singles[a][u], singles[b][u]
+        op = plan.operators[0]
+        rows.append({
+            "task": t, "expert": a, "aux": b, "aux_task": u, "operator": op,
+            "params": json.dumps(DEFAULT_PARAMS[op], sort_keys=True),
+            "s_merge_task": scores[t], "s_merge_aux_task": scores[u],
+            "s_expert_task": s_e, "s_aux_task": s_a, "s_expert_aux_task": s_ea, "s_aux_aux_task": s_aa,
+            "gap_closed": gap_closed(scores[t], s_e, s_a),
+            "aux_gap_closed": (scores[u] - s_ea) / (s_aa - s_ea) if s_aa - s_ea >= epsilon else None,
+        })
+    schema = {
+        "task": pl.String, "expert": pl.String, "aux": pl.String, "aux_task": pl.String, "operator": pl.String,
+        "params": pl.String, **{c: pl.Float64 for c in (
+            "s_merge_task", "s_merge_aux_task", "s_expert_task", "s_aux_task", "s_expert_aux_task",
+            "s_aux_aux_task", "gap_closed", "aux_gap_closed")},
+    }
+    return pl.DataFrame(rows, schema=schema), dropped
+
+
+def multiway_table(results: list[tuple[Plan, Scores]], singles: dict[str, Scores],
+                   experts: dict[str, str]) -> pl.DataFrame:
+    rows = []
+    for plan, scores in results:
+        first = plan.models[0]
+        t = experts[first]
+        s_e = singles[first][t]
+        rows.append({
+            "task": t, "models": list(plan.models), "operators": list(plan.operators), "k": plan.k,
+            "s_merge_task": scores[t], "s_expert_task": s_e,
+            "expert_retention": scores[t] / s_e - 1,
+            "scores": json.dumps(scores, sort_keys=True),
+        })
+    schema = {"task": pl.String, "models": pl.List(pl.String), "operators": pl.List(pl.String), "k": pl.Int64,
+              "s_merge_task": pl.Float64, "s_expert_task": pl.Float64, "expert_retention": pl.Float64,
+              "scores": pl.String}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def gap_summary(labels: pl.DataFrame) -> pl.DataFrame:
+    """Per task (and 'mean' over tasks): mean GapClosed of each fixed operator and of the oracle
+    (best operator per (expert, aux) pair), plus how often each operator is the best."""
+    per_pair = labels.group_by("task", "expert", "aux").agg(
+        pl.col("gap_closed").max().alias("oracle"),
+        pl.col("operator").sort_by("gap_closed", descending=True).first().alias("best"),
+    )
+    ops = sorted(labels["operator"].unique().to_list())
+    fixed = labels.pivot(on="operator", index="task", values="gap_closed", aggregate_function="mean")
+    oracle = per_pair.group_by("task").agg(pl.col("oracle").mean(), pl.len().alias("pairs"))
+    wins = per_pair.pivot(on="best", index="task", values="expert", aggregate_function="len")
+    wins = wins.rename({op: f"best_{op}" for op in ops if op in wins.columns})
+    out = fixed.join(oracle, on="task").join(wins, on="task", how="left").sort("task")
+    for op in ops:
+        if f"best_{op}" not in out.columns:
+            out = out.with_columns(pl.lit(0, dtype=pl.UInt32).alias(f"best_{op}"))
+    out = out.with_columns(pl.col(f"best_{op}").fill_null(0) for op in ops)
+    mean_row = out.select(
+        pl.lit("mean").alias("task"),
+        *(pl.col(op).mean() for op in ops),
+        pl.col("oracle").mean(),
+        pl.col("pairs").sum(),
+        *(pl.col(f"best_{op}").sum() for op in ops),
+    )
+    return pl.concat([out.select(mean_row.columns), mean_row], how="vertical_relaxed")

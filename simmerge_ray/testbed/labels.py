@@ -1,0 +1,186 @@
+"""`label`: merge and evaluate every plan on Ray actors, cached per plan, then write the tables.
+
+Each actor loads the catalog's weights, tokenizer and eval sets once, then merges in memory and
+scores the result; plans of one subset go to the same call so merge prefixes are shared. Every
+finished plan is written to `OUT/cache/<key>.json` (key = content of the models, operators,
+parameters and eval sets) as soon as its call returns, so an interrupted run resumes where it
+stopped and a rerun recomputes nothing.
+
+Outputs: labels.parquet (2-way), labels_multiway.parquet (3-/4-way), model_scores.parquet,
+gap_summary.parquet and label_summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import ray
+import torch
+
+from simmerge_ray.catalog import Catalog
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.digest_cache import file_digest
+from simmerge_ray.testbed.label_plans import LabelSettings, Plan, enumerate_plans
+from simmerge_ray.testbed.label_tables import gap_summary, model_scores_table, multiway_table, pairwise_table
+from simmerge_ray.testbed.merging import DEFAULT_PARAMS, merge_state_dicts
+
+EVAL_MAX_LEN = 192
+
+
+@dataclass(frozen=True)
+class LabelRunReport:
+    total: int  # plans in the run
+    computed: int  # measured by this call
+    cached: int  # found in the cache
+    complete: bool  # every plan measured: tables written
+    seconds: float
+    out: Path
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    ck = Checkpoint.open(path)
+    return {name: ck.read(name) for name in ck.entries}
+
+
+@ray.remote(num_cpus=1)
+class PlanEvaluator:
+    """Holds one catalog's weights and encoded eval sets; merges and scores plans."""
+
+    def __init__(self, catalog_path: str) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from simmerge_ray.testbed.evaluate import encode, load_examples
+        from simmerge_ray.testbed.tokenizer import load_tokenizer
+
+        torch.set_num_threads(1)
+        cat = Catalog.load(catalog_path)
+        self.states = {m.name: _read_state(m.path) for m in cat.models}
+        self.states["base"] = _read_state(cat.base)
+        tok = load_tokenizer(cat.base)
+        self.evals = {t: encode(load_examples(e.eval), tok, EVAL_MAX_LEN) for t, e in cat.tasks.items()}
+        self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(cat.base)),
+                                                      attn_implementation="eager", dtype=torch.float32)
+
+    def run(self, plans: list[Plan]) -> list[dict[str, dict[str, float]]]:
+        from simmerge_ray.testbed.evaluate import score
+
+        memo: dict[tuple, dict[str, torch.Tensor]] = {}
+        out = []
+        for plan in plans:
+            cur = self.states[plan.models[0]]
+            for j, op in enumerate(plan.operators):
+                prefix = (plan.models[: j + 2], plan.operators[: j + 1])
+                if prefix not in memo:
+                    memo[prefix] = merge_state_dicts(op, [cur, self.states[plan.models[j + 1]]],
+                                                     self.states["base"], DEFAULT_PARAMS[op])
+                cur = memo[prefix]
+            self.model.load_state_dict(cur)
+            out.append({t: score(self.model, self.evals[t]) for t in plan.tasks})
+        return out
+
+
+def check_label_catalog(cat: Catalog) -> dict[str, str]:
+    """The catalog's experts (name -> task), after checking it can be labelled at all."""
+    if cat.base is None:
+        raise ConfigError(f"{cat.source}: labels need a 'base' (ties merges task vectors against it)")
+    experts = {m.name: m.task for m in cat.models if m.task}
+    if "base" in experts:
+        raise ConfigError(f"{cat.source}: a model may not be named 'base' (reserved for the catalog's base)")
+    for t in sorted(set(experts.values())):
+        entry = cat.tasks.get(t)
+        if entry is None or entry.eval is None:
+            raise ConfigError(f"{cat.source}: tasks.{t}: an 'eval' file is needed to label merges")
+    if len(set(experts.values())) < 2:
+        raise ConfigError(f"{cat.source}: labels need experts of at least two tasks")
+    return experts
+
+
+def _calls(todo: list[tuple[str, Plan]], per_call: int) -> list[list[tuple[str, Plan]]]:
+    """Batch plans over the same model set together (shared merge prefixes), `per_call` at most."""
+    groups: dict[frozenset, list] = defaultdict(list)
+    for item in todo:
+        groups[frozenset(item[1].models)].append(item)
+    return [g[i:i + per_call] for g in groups.values() for i in range(0, len(g), per_call)]
+
+
+def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_plans: int | None = None,
+               log=print) -> LabelRunReport:
+    """Measure every plan not yet cached under `out` (at most `max_plans` new ones), then, if
+    all are measured, write the tables. Ray must be initialised."""
+    t0 = time.perf_counter()
+    cat = Catalog.load(catalog_path)
+    experts = check_label_catalog(cat)
+    fingerprints = {m.name: Checkpoint.open(m.path).fingerprint() for m in cat.models}
+    fingerprints["base"] = Checkpoint.open(cat.base).fingerprint()
+    tasks = sorted(cat.tasks)
+    task_digests = {t: file_digest(cat.tasks[t].eval) for t in tasks if cat.tasks[t].eval is not None}
+    plans = enumerate_plans(experts, [t for t in tasks if t in task_digests], settings)
+    keyed = [(p.key(fingerprints, task_digests), p) for p in plans]
+    cache = Path(out) / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    todo = [(k, p) for k, p in keyed if not (cache / f"{k}.json").exists()]
+    cached = len(keyed) - len(todo)
+    if max_plans is not None:
+        todo = todo[:max_plans]
+    log(f"label: {len(keyed)} plans, {cached} cached, {len(todo)} to measure")
+
+    calls = _calls(todo, settings.plans_per_call)
+    computed = 0
+    if calls:
+        actors = [PlanEvaluator.remote(str(Path(catalog_path).resolve())) for _ in range(min(settings.workers, len(calls)))]
+        idle = list(actors)
+        pending: dict = {}
+        while calls or pending:
+            while calls and idle:
+                actor, batch = idle.pop(), calls.pop(0)
+                pending[actor.run.remote([p for _, p in batch])] = (actor, batch)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            actor, batch = pending.pop(done[0])
+            idle.append(actor)
+            for (key, plan), scores in zip(batch, ray.get(done[0])):
+                record = {"models": plan.models, "operators": plan.operators, "scores": scores}
+                atomic_write_text(cache / f"{key}.json", json.dumps(record))
+            computed += len(batch)
+            if computed % 200 < len(batch):
+                log(f"label: {computed}/{len(todo)} measured ({time.perf_counter() - t0:.0f}s)")
+        for a in actors:
+            ray.kill(a)
+
+    complete = cached + computed == len(keyed)
+    if complete:
+        _write_tables(Path(out), keyed, cache, experts, settings, time.perf_counter() - t0)
+    return LabelRunReport(len(keyed), computed, cached, complete, time.perf_counter() - t0, Path(out))
+
+
+def _write_tables(out: Path, keyed: list[tuple[str, Plan]], cache: Path, experts: dict[str, str],
+                  settings: LabelSettings, seconds: float) -> None:
+    results = [(p, json.loads((cache / f"{k}.json").read_text())["scores"]) for k, p in keyed]
+    singles = {p.models[0]: {t: s["score"] for t, s in sc.items()} for p, sc in results if p.k == 1}
+    merged = [(p, {t: s["score"] for t, s in sc.items()}) for p, sc in results if p.k > 1]
+    labels, dropped = pairwise_table([r for r in merged if r[0].k == 2], singles, experts, settings.gap_epsilon)
+    multi = multiway_table([r for r in merged if r[0].k > 2], singles, experts)
+    summary = gap_summary(labels)
+    for name, df in (("labels", labels), ("labels_multiway", multi), ("model_scores", model_scores_table(singles)),
+                     ("gap_summary", summary)):
+        tmp = out / f".{name}.parquet.tmp"
+        df.write_parquet(tmp)
+        tmp.replace(out / f"{name}.parquet")
+    info = {
+        "settings": settings.model_dump(mode="json"),
+        "params": DEFAULT_PARAMS,
+        "plans": len(keyed),
+        "labels_2way": labels.height,
+        "dropped_2way_small_gap": dropped,
+        "labels_3way": int((multi["k"] == 3).sum()),
+        "labels_4way": int((multi["k"] == 4).sum()),
+        "seconds_last_run": seconds,
+        "gap_closed": summary.to_dicts(),
+    }
+    atomic_write_text(out / "label_summary.json", json.dumps(info, indent=1))

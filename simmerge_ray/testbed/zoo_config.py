@@ -1,0 +1,149 @@
+"""The zoo config (YAML), validated at the edge: architecture, tokenizer, base budget, experts.
+
+Every seed sits under a key named `seed`; the same config and seeds give byte-identical
+checkpoints (runtime settings such as the number of workers do not change any weight).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.testbed.domains import DOMAINS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArchitectureConfig(_Strict):
+    type: Literal["llama", "qwen2", "mistral", "gpt_neox"] = "llama"
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(192, gt=0)
+    max_position_embeddings: int = Field(256, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ArchitectureConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        return self
+
+
+class TokenizerConfig(_Strict):
+    vocab_size: int = Field(1024, ge=300)
+    sample_chars: int = Field(150_000, gt=0, description="characters sampled from each source to train BPE")
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    seq_len: int = Field(128, gt=8)
+    eval_examples: int = Field(64, gt=0)
+    probe_prompts: int = Field(32, gt=0)
+    seed: int = 0
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(16, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    seed: int = 0
+
+
+class BaseConfig(TrainConfig):
+    domain_share: float = Field(0.15, ge=0, le=1, description="share of base documents drawn from the domains")
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    head: bool = Field(False, description="also adapt the output head (lm_head), not only the blocks")
+
+
+class VariantConfig(TrainConfig):
+    name: str
+    subset: tuple[int, int] | None = Field(None, description="(index, of): train on one hash bucket of the data")
+    lora: LoraConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ \t\n"):
+            raise ValueError("must be non-empty with no slashes or whitespace")
+        return v
+
+    @field_validator("subset")
+    @classmethod
+    def _subset_ok(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not (v[1] > 0 and 0 <= v[0] < v[1]):
+            raise ValueError("subset is (index, of) with 0 <= index < of")
+        return v
+
+
+class DomainConfig(_Strict):
+    variants: list[VariantConfig] = Field(min_length=1)
+
+
+class RuntimeConfig(_Strict):
+    """How the build runs; nothing here changes a weight."""
+
+    workers: int = Field(2, gt=0)
+
+
+class ZooConfig(_Strict):
+    seed: int = 0
+    architecture: ArchitectureConfig = ArchitectureConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig = DataConfig()
+    base: BaseConfig
+    domains: dict[str, DomainConfig] = Field(min_length=2)
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @field_validator("domains")
+    @classmethod
+    def _known_domains(cls, v: dict[str, DomainConfig]) -> dict[str, DomainConfig]:
+        unknown = sorted(set(v) - set(DOMAINS))
+        if unknown:
+            raise ValueError(f"unknown domain(s) {', '.join(unknown)}; known: {', '.join(DOMAINS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ZooConfig":
+        names = [v.name for d in self.domains.values() for v in d.variants]
+        dup = sorted({n for n in names if names.count(n) > 1} | ({"base"} & set(names)))
+        if dup:
+            raise ValueError(f"expert names must be unique and not 'base': {', '.join(dup)}")
+        return self
+
+    def experts(self) -> list[tuple[str, VariantConfig]]:
+        """(domain, variant) in config order: the catalog's model order."""
+        return [(d, v) for d, cfg in self.domains.items() for v in cfg.variants]
+
+    def digest(self) -> str:
+        """Content digest of everything that shapes the weights (runtime excluded)."""
+        payload = self.model_dump(mode="json", exclude={"runtime"})
+        return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=12).hexdigest()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ZooConfig":
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: zoo config not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            raise ConfigError(f"{path}: {loc}: {err['msg']}") from None

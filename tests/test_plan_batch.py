@@ -1,0 +1,162 @@
+"""Batch planning: one row per request, the same plans as single `simmerge plan` calls, error rows
+for bad requests, reruns answered from the results cache, --execute-top merges the best plan."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from simmerge_ray.catalog import Catalog
+from simmerge_ray.cli import main as simmerge
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.planner.batch import BatchSettings, run_batch
+from simmerge_ray.planner.plan import Plan
+from simmerge_ray.planner.request import PlanRequest, build_step_model, plan_request
+from simmerge_ray.planner.synthetic import build_world
+
+
+@pytest.fixture(scope="module")
+def world(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("plan-batch")
+    w = build_world(root, n_models=8)
+    # A catalog with one model more than the features know: its requests lack features.
+    raw = yaml.safe_load(w.catalog.read_text())
+    raw["models"].append({"name": "code-9", "path": "ckpt/code-0", "task": "code"})
+    (root / "catalog-plus.yaml").write_text(yaml.safe_dump(raw))
+    return w, root / "catalog-plus.yaml"
+
+
+def valid_requests(models: list[str], tasks: tuple[str, ...], n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        task = rng.choice(tasks)
+        expert = f"{task}-{rng.randint(0, 1)}"
+        others = rng.sample([m for m in models if not m.startswith(task)], rng.randint(1, 3))
+        req = {"request_id": f"r{i:03d}", "task": task, "models": [expert, *others],
+               "max_way": rng.choice([2, 3, 3]) if len(others) > 2 else 4}
+        if i % 7 == 0:
+            req["required_expert"] = expert
+        if i % 11 == 0:
+            req.update(models=None, model_glob=f"{task}-[01]", max_way=2)
+        out.append(req)
+    return out
+
+
+BAD = [
+    ({"request_id": "bad-model", "task": "code", "models": ["code-0", "nope-1"]}, "no model named 'nope-1'"),
+    ({"request_id": "bad-size", "task": "code", "models": ["code-0", "math-0"], "min_way": 4, "max_way": 2},
+     "size range [min_way=4, max_way=2] is invalid"),
+    ({"request_id": "bad-task", "task": "poetry", "models": ["code-0", "math-0"]}, "no task named 'poetry'"),
+    ({"request_id": "no-features", "task": "code", "models": ["code-9", "math-0"]},
+     "model 'code-9' has no Gram matrices"),
+    ({"request_id": "bad-expert", "task": "math", "models": ["math-0", "code-0"], "required_expert": "math-1"},
+     "required expert 'math-1' is not among the candidate models"),
+    ({"request_id": "typo", "task": "code", "models": ["code-0", "rag-0"], "max_wya": 3},
+     "max_wya: Extra inputs are not permitted"),
+    ({"request_id": "bad/id", "task": "code", "models": ["code-0", "rag-0"]}, "request_id: String should match"),
+    ({"request_id": "dup", "task": "code", "models": ["code-0", "rag-0"]}, "request_id 'dup' appears 2 times"),
+    ({"request_id": "dup", "task": "math", "models": ["math-0", "rag-0"]}, "request_id 'dup' appears 2 times"),
+]
+
+
+def test_batch_matches_single_plans_and_resumes(world, tmp_path: Path) -> None:
+    w, catalog_plus = world
+    good = valid_requests(w.models, w.tasks, 200)
+    table = good + [r for r, _ in BAD]
+    pl.DataFrame(table, infer_schema_length=None).write_parquet(tmp_path / "requests.parquet")
+    settings = BatchSettings(requests=str(tmp_path / "requests.parquet"), selector=str(w.selector),
+                             catalog=str(catalog_plus), features=str(w.features), out=str(tmp_path / "out"),
+                             actors=2)
+    first = run_batch(settings)
+    res = pl.read_parquet(tmp_path / "out" / "results.parquet")
+    assert res.height == len(table) == first.requests
+    assert sorted(res["request_id"].to_list()) == sorted(r["request_id"] for r in table)
+    assert (first.ok, first.errors, first.cached) == (200, len(BAD), 0)
+    assert first.invalid == 3  # bad-size, typo, bad/id never reach an actor
+    assert first.planned == len(table) - 3
+    by_id = {r["request_id"]: r for r in res.iter_rows(named=True)}
+    for req, message in BAD:
+        rows = res.filter(pl.col("request_id") == req["request_id"])
+        assert rows["status"].to_list() == ["error"] * rows.height
+        assert all(message in e for e in rows["error"].to_list()), (req, rows["error"].to_list())
+
+    # Every plan equals the one the single-request function (what `simmerge plan` calls) makes.
+    catalog = Catalog.load(catalog_plus)
+    model = build_step_model(w.selector, w.features)
+    for req in good:
+        row = by_id[req["request_id"]]
+        single = plan_request(PlanRequest.parse(req), catalog, model)
+        best, runner = single.plans[0], single.plans[1]
+        assert row["status"] == "ok" and row["error"] is None
+        assert (row["models"], row["operators"]) == (best.models, best.operators)
+        assert row["score"] == pytest.approx(best.score, rel=1e-9)
+        assert row["step_utility"] == pytest.approx(best.step_utility, rel=1e-9)
+        assert (row["runner_up_models"], row["runner_up_operators"]) == (runner.models, runner.operators)
+        assert row["margin"] == pytest.approx(best.score - runner.score, rel=1e-6, abs=1e-12)
+        assert row["margin"] >= 0 and row["plans_scored"] == single.scored
+        plan = Plan.from_json((tmp_path / "out" / row["plan_dir"] / "plan.json").read_text())
+        assert (plan.models, plan.operators) == (best.models, best.operators)
+        assert len(list((tmp_path / "out" / row["plan_dir"]).glob("step-*.yaml"))) == best.k - 1
+    assert len({(tuple(m), tuple(o)) for m, o in zip(res["models"].to_list(), res["operators"].to_list()) if m}) > 10
+
+    # `simmerge plan` itself writes byte-identical plan files for a few requests.
+    for req in (good[1], good[7], good[11]):
+        out = tmp_path / "single" / req["request_id"]
+        argv = ["plan", "--selector", str(w.selector), "--catalog", str(catalog_plus), "--features",
+                str(w.features), "--task", req["task"], "--max-way", str(req["max_way"]), "--out", str(out)]
+        models = req["models"] or [m for m in w.models if m.startswith(req["task"] + "-")]
+        argv += ["--models", *models] + (["--required-expert", req["required_expert"]]
+                                         if req.get("required_expert") else [])
+        assert simmerge(argv) == 0
+        batch_dir = tmp_path / "out" / by_id[req["request_id"]]["plan_dir"]
+        for f in sorted(out.iterdir()):
+            assert f.read_text() == (batch_dir / f.name).read_text(), f.name
+
+    # Rerun: nothing is planned again; then one changed request is the only one replanned.
+    again = run_batch(settings)
+    assert again.planned == 0 and again.cached == len(table) - 3
+    res2 = pl.read_parquet(tmp_path / "out" / "results.parquet")
+    changed = [c for c in res.columns if c != "cached" and not res2[c].equals(res[c])]
+    assert changed == [] and res2["cached"].sum() == len(table) - 3
+    good[5]["max_way"] = 2
+    pl.DataFrame(good + [r for r, _ in BAD], infer_schema_length=None).write_parquet(tmp_path / "requests.parquet")
+    third = run_batch(settings)
+    assert third.planned == 1 and third.cached == len(table) - 4
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["planned"] == 1 and summary["requests"] == len(table)
+
+
+def test_cli_jsonl_and_execute_top(world, tmp_path: Path) -> None:
+    w, _ = world
+    rows = [{"request_id": "a", "task": "code", "models": ["code-0", "math-0", "rag-0"], "max_way": 3},
+            {"request_id": "b", "task": "rag", "models": ["rag-1", "chat-0"]},
+            {"request_id": "c", "task": "math", "model_glob": "math-*"},
+            {"request_id": "d", "task": "chat", "models": ["chat-0"]}]
+    (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["plan-batch", "--requests", str(tmp_path / "req.jsonl"), "--selector", str(w.selector),
+            "--catalog", str(w.catalog), "--features", str(w.features), "--out", str(tmp_path / "out"),
+            "--actors", "1", "--execute-top", "1", "--merge-workers", "1"]
+    assert simmerge(argv) == 0
+    res = pl.read_parquet(tmp_path / "out" / "results.parquet")
+    assert res["request_id"].to_list() == ["a", "b", "c", "d"]
+    assert res["status"].to_list() == ["ok", "ok", "ok", "error"]
+    assert "1 models cannot make a 2-way plan" in res["error"][3]
+    top = res.filter(pl.col("status") == "ok").sort("score", descending=True).row(0, named=True)
+    merged = [r for r in res["merged"].to_list() if r]
+    assert merged == [top["merged"]] and top["merged"].startswith(f"merged/{top['request_id']}-")
+    ck = Checkpoint.open(tmp_path / "out" / top["merged"])
+    assert set(ck.entries) == set(Checkpoint.open(Catalog.load(w.catalog).model("code-0").path).entries)
+    # Bad inputs of the whole batch are one clear error, before any work.
+    shutil.copytree(w.selector, tmp_path / "sel")
+    (tmp_path / "sel" / "selector.safetensors").unlink()
+    with pytest.raises(ConfigError, match="selector.safetensors: selector file not found"):
+        run_batch(BatchSettings(requests=str(tmp_path / "req.jsonl"), selector=str(tmp_path / "sel"),
+                                catalog=str(w.catalog), features=str(w.features), out=str(tmp_path / "o2")))

@@ -1,0 +1,318 @@
+"""The testbed: domains, tokenizer, training, the tiny zoo (built once per session), labels."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from simmerge_ray.catalog import Catalog
+from simmerge_ray.errors import ConfigError, MergeError
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.testbed.domains import DOMAINS
+from simmerge_ray.testbed.domains.multilingual import parse_po
+from simmerge_ray.testbed.evaluate import encode
+from simmerge_ray.testbed.label_plans import LabelSettings, Plan, enumerate_plans
+from simmerge_ray.testbed.label_tables import gap_summary, multiway_table, pairwise_table
+from simmerge_ray.testbed.lora import add_lora, merge_lora
+from simmerge_ray.testbed.merging import merge_state_dicts
+from simmerge_ray.testbed.model_factory import init_model
+from simmerge_ray.testbed.tokenizer import train_tokenizer
+from simmerge_ray.testbed.zoo_config import ArchitectureConfig, ZooConfig
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "zoo_tiny.yaml"
+DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "zoo_default.yaml"
+LABELS = LabelSettings(subsets_3=1, subsets_4=1, mixed_4=2, workers=2)
+
+
+# ---- the tiny zoo, built once per session (and a second time for determinism) -------------------
+@pytest.fixture(scope="session")
+def tiny_zoo(ray_cluster, tmp_path_factory) -> Path:
+    from simmerge_ray.testbed.build import build_zoo
+
+    out = tmp_path_factory.mktemp("zoo") / "tiny"
+    return build_zoo(ZooConfig.load(TINY), out, log=lambda *_: None).parent
+
+
+def test_tiny_zoo_rebuild_gives_identical_checkpoints(tiny_zoo, tmp_path):
+    from simmerge_ray.testbed.build import build_zoo
+
+    again = build_zoo(ZooConfig.load(TINY), tmp_path / "again", log=lambda *_: None).parent
+    first = json.loads((tiny_zoo / "manifest.json").read_text())["digests"]
+    second = json.loads((again / "manifest.json").read_text())["digests"]
+    assert first == second
+    names = ["base", *(v.name for _, v in ZooConfig.load(TINY).experts())]
+    for name in names:
+        rel = f"checkpoints/{name}/model.safetensors"
+        assert rel in first
+        assert (tiny_zoo / rel).read_bytes() == (again / rel).read_bytes()
+
+
+def test_tiny_zoo_catalog_and_checkpoints(tiny_zoo):
+    cat = Catalog.load(tiny_zoo / "catalog.yaml")
+    cfg = ZooConfig.load(TINY)
+    assert cat.names == [v.name for _, v in cfg.experts()]
+    assert sorted(cat.tasks) == sorted(cfg.domains)
+    assert [m.name for m in cat.experts("math")] == ["math-a", "math-lora"]
+    for path in [cat.base, *(m.path for m in cat.models)]:
+        ck = Checkpoint.open(path)
+        assert ck.config["model_type"] == "llama"
+        assert ck.num_layers == 2
+        assert (path / "tokenizer.json").exists()
+    for t, entry in cat.tasks.items():
+        evals = [json.loads(line) for line in entry.eval.read_text().splitlines()]
+        probes = [json.loads(line) for line in entry.probes.read_text().splitlines()]
+        assert len(evals) == cfg.data.eval_examples and set(evals[0]) == {"prompt", "answer"}
+        assert len(probes) == cfg.data.probe_prompts and set(probes[0]) == {"text"}
+    # the LoRA expert moved only linear layers (blocks and head), each by a rank <= 4 update
+    base = load_file(str(cat.base / "model.safetensors"))
+    lora = load_file(str(cat.model("math-lora").path / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.input_layernorm.weight"):
+        assert torch.equal(base[name], lora[name])
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight"):
+        assert 0 < torch.linalg.matrix_rank(lora[name] - base[name]) <= 4
+
+
+def test_tiny_zoo_experts_beat_base_and_others_on_their_domain(tiny_zoo):
+    scores = pl.read_parquet(tiny_zoo / "scores.parquet")
+    s = {(r["model"], r["task"]): r["score"] for r in scores.iter_rows(named=True)}
+    cfg = ZooConfig.load(TINY)
+    for domain, v in cfg.experts():
+        assert s[(v.name, domain)] > s[("base", domain)], (v.name, domain)
+    for domain in cfg.domains:
+        best_own = max(s[(v.name, domain)] for v in cfg.domains[domain].variants)
+        others = [s[(v.name, domain)] for d, v in cfg.experts() if d != domain]
+        assert best_own > max(others), domain
+
+
+# ---- labels on the tiny zoo -------------------------------------------------------------------
+def test_label_run_resumes_without_redoing_finished_plans(tiny_zoo, tmp_path):
+    from simmerge_ray.testbed.labels import run_labels
+
+    out = tmp_path / "labels"
+    first = run_labels(tiny_zoo / "catalog.yaml", out, LABELS, max_plans=20, log=lambda *_: None)
+    assert (first.computed, first.cached, first.complete) == (20, 0, False)
+    assert not (out / "labels.parquet").exists()
+    done = {p: p.stat().st_mtime_ns for p in (out / "cache").glob("*.json")}
+    assert len(done) == 20
+
+    second = run_labels(tiny_zoo / "catalog.yaml", out, LABELS, log=lambda *_: None)
+    assert second.cached == 20 and second.computed == second.total - 20 and second.complete
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())
+
+    cat = Catalog.load(tiny_zoo / "catalog.yaml")
+    experts = {m.name: m.task for m in cat.models}
+    labels = pl.read_parquet(out / "labels.parquet")
+    cross = sum(1 for a, b in itertools.permutations(experts, 2) if experts[a] != experts[b])
+    info = json.loads((out / "label_summary.json").read_text())
+    assert labels.height + info["dropped_2way_small_gap"] == cross * 3
+    assert set(labels["operator"]) == {"linear", "slerp", "ties"}
+    recomputed = (labels["s_merge_task"] - labels["s_aux_task"]) / (labels["s_expert_task"] - labels["s_aux_task"])
+    assert (recomputed - labels["gap_closed"]).abs().max() < 1e-12
+    scores = pl.read_parquet(out / "model_scores.parquet")
+    row = labels.row(0, named=True)
+    s = {(r["model"], r["task"]): r["score"] for r in scores.iter_rows(named=True)}
+    assert row["s_expert_task"] == s[(row["expert"], row["task"])]
+    assert row["s_aux_aux_task"] == s[(row["aux"], row["aux_task"])]
+    assert json.loads(row["params"]) == info["params"][row["operator"]]
+    multi = pl.read_parquet(out / "labels_multiway.parquet")
+    assert int((multi["k"] == 3).sum()) == 6 * 9 and int((multi["k"] == 4).sum()) == 24 * 3 + 2
+    assert info["labels_3way"] == 54 and info["labels_4way"] == 74
+
+
+def test_label_merge_matches_a_hand_merge(tiny_zoo, ray_cluster):
+    """One plan measured by the actor equals merging and scoring by hand."""
+    from transformers import AutoModelForCausalLM
+
+    from simmerge_ray.testbed.evaluate import load_examples, score
+    from simmerge_ray.testbed.labels import PlanEvaluator
+    from simmerge_ray.testbed.tokenizer import load_tokenizer
+
+    cat = Catalog.load(tiny_zoo / "catalog.yaml")
+    actor = PlanEvaluator.remote(str(tiny_zoo / "catalog.yaml"))
+    got = ray_cluster.get(actor.run.remote([Plan(("code-a", "rag-a"), ("linear",), ("code", "rag"))]))[0]
+    ray_cluster.kill(actor)
+    a = load_file(str(cat.model("code-a").path / "model.safetensors"))
+    b = load_file(str(cat.model("rag-a").path / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(str(cat.base))
+    model.load_state_dict({k: 0.5 * a[k] + 0.5 * b[k] for k in a})
+    tok = load_tokenizer(cat.base)
+    want = score(model, encode(load_examples(cat.tasks["rag"].eval), tok, 192))
+    assert got["rag"]["score"] == pytest.approx(want["score"], rel=1e-6)
+
+
+# ---- pure parts -------------------------------------------------------------------------------
+def test_gap_closed_and_tables_on_a_hand_checked_case():
+    experts = {"c1": "code", "m1": "math", "m2": "math"}
+    singles = {
+        "c1": {"code": 0.30, "math": 0.10},
+        "m1": {"code": 0.10, "math": 0.40},
+        "m2": {"code": 0.2995, "math": 0.20},
+    }
+    results = [
+        (Plan(("c1", "m1"), ("linear",), ("code", "math")), {"code": 0.25, "math": 0.31}),
+        (Plan(("c1", "m1"), ("ties",), ("code", "math")), {"code": 0.20, "math": 0.37}),
+        (Plan(("c1", "m2"), ("linear",), ("code", "math")), {"code": 0.29, "math": 0.15}),
+        (Plan(("m1", "c1"), ("linear",), ("math", "code")), {"math": 0.31, "code": 0.25}),
+    ]
+    labels, dropped = pairwise_table(results, singles, experts, epsilon=1e-3)
+    assert dropped == 1  # c1 vs m2 on code: gap 0.0005 < epsilon
+    r = {(x["expert"], x["aux"], x["operator"]): x for x in labels.iter_rows(named=True)}
+    assert r[("c1", "m1", "linear")]["gap_closed"] == pytest.approx((0.25 - 0.10) / (0.30 - 0.10))  # 0.75
+    assert r[("c1", "m1", "linear")]["aux_gap_closed"] == pytest.approx((0.31 - 0.10) / (0.40 - 0.10))  # 0.7
+    assert r[("c1", "m1", "ties")]["gap_closed"] == pytest.approx(0.5)
+    assert r[("m1", "c1", "linear")]["gap_closed"] == pytest.approx((0.31 - 0.10) / (0.40 - 0.10))
+    summary = {x["task"]: x for x in gap_summary(labels).iter_rows(named=True)}
+    assert summary["code"]["linear"] == pytest.approx(0.75) and summary["code"]["ties"] == pytest.approx(0.5)
+    assert summary["code"]["oracle"] == pytest.approx(0.75) and summary["code"]["best_linear"] == 1
+    assert summary["mean"]["pairs"] == 2 and summary["mean"]["best_ties"] == 0
+
+    multi = multiway_table([(Plan(("c1", "m1", "m2"), ("linear", "ties"), ("code", "math", "math")),
+                             {"code": 0.24, "math": 0.3})], singles, experts)
+    row = multi.row(0, named=True)
+    assert row["k"] == 3 and row["task"] == "code" and row["operators"] == ["linear", "ties"]
+    assert row["expert_retention"] == pytest.approx(0.24 / 0.30 - 1)
+
+
+def test_enumerate_plans_counts_and_sampling_is_seeded():
+    experts = {f"{d}-{i}": d for d in ("a", "b", "c", "d") for i in range(2)}
+    s = LabelSettings(subsets_3=2, subsets_4=1, mixed_4=5)
+    plans = enumerate_plans(experts, ["a", "b", "c", "d"], s)
+    by_k = {k: [p for p in plans if p.k == k] for k in (1, 2, 3, 4)}
+    assert len(by_k[1]) == 9  # base + 8 experts
+    assert len(by_k[2]) == (8 * 6) * 3  # ordered cross-task pairs x operators
+    assert len(by_k[3]) == 2 * 6 * 9
+    assert len(by_k[4]) == 24 * 3 + 5
+    assert all(len({experts[m] for m in p.models}) == p.k for p in plans if p.k > 1)
+    assert sum(len(set(p.operators)) > 1 for p in by_k[4]) == 5
+    assert plans == enumerate_plans(experts, ["a", "b", "c", "d"], s)
+    assert plans != enumerate_plans(experts, ["a", "b", "c", "d"], s.model_copy(update={"seed": 1}))
+
+
+def test_merge_state_dicts_operators():
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(4, 8, generator=g)}
+    a = {"w": base["w"] + torch.randn(4, 8, generator=g) * 0.1}
+    b = {"w": base["w"] + torch.randn(4, 8, generator=g) * 0.1}
+    lin = merge_state_dicts("linear", [a, b], base, {"weight": [0.5, 0.5]})
+    assert torch.allclose(lin["w"], 0.5 * a["w"] + 0.5 * b["w"])
+    assert torch.equal(merge_state_dicts("slerp", [a, b], None, {"t": 0.0})["w"], a["w"])
+    ties = merge_state_dicts("ties", [a, b], base, {"weight": [1.0, 1.0], "density": [1.0, 1.0]})
+    da, db = a["w"] - base["w"], b["w"] - base["w"]
+    agree = da.sign() == db.sign()
+    assert torch.allclose(ties["w"][agree], (base["w"] + (da + db) / 2)[agree])
+    with pytest.raises(MergeError, match="weight"):
+        merge_state_dicts("linear", [a, b], None, {"weight": [1.0]})
+    with pytest.raises(MergeError, match="missing"):
+        merge_state_dicts("linear", [a, {"v": a["w"]}], None, {"weight": [0.5, 0.5]})
+
+
+def test_lora_merges_back_to_the_same_function():
+    arch = ArchitectureConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
+    model = init_model(arch, 300, 0, 1, seed=0)
+    trainable = add_lora(model, rank=2, alpha=4.0, seed=0)
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(0.05)
+    x = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        wrapped = model(input_ids=x).logits
+        merge_lora(model)
+        merged = model(input_ids=x).logits
+    assert torch.allclose(wrapped, merged, atol=1e-5)
+    assert all(type(m).__name__ != "LoRALinear" for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt_neox"])
+def test_every_supported_architecture_builds_and_runs(arch):
+    cfg = ArchitectureConfig(type=arch, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
+    m1 = init_model(cfg, 300, 0, 1, seed=3)
+    m2 = init_model(cfg, 300, 0, 1, seed=3)
+    assert m1.config.model_type == arch
+    assert all(torch.equal(p, q) for p, q in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert m1(input_ids=torch.randint(0, 300, (1, 8))).logits.shape == (1, 8, 300)
+
+
+def test_held_out_items_never_reach_training():
+    for name in ("math", "rag", "instruct"):
+        dom = DOMAINS[name]
+        train = set(itertools.islice(dom.train_texts(0), 3000))
+        held = [e.text for e in itertools.islice(dom.examples("eval", 0), 200)]
+        assert len(held) == 200 and not train & set(held), name
+    code_eval = {ex.prompt for ex in itertools.islice(DOMAINS["code"].examples("eval", 0), 20)}
+    code_train = "".join(itertools.islice(DOMAINS["code"].train_texts(0), 4000))
+    assert not any(p in code_train for p in code_eval)
+    ml_eval = {ex.prompt.split("\n")[0] for ex in itertools.islice(DOMAINS["multilingual"].examples("eval", 0), 50)}
+    ml_train = {t.split("\n")[0] for t in itertools.islice(DOMAINS["multilingual"].train_texts(0), 5000)}
+    assert ml_eval and not ml_eval & ml_train
+
+
+def test_parse_po_skips_fuzzy_plural_and_untranslated():
+    text = '''msgid ""
+msgstr "Content-Type: text/plain"
+
+msgid "Save"
+msgstr "Sichern"
+
+#, fuzzy
+msgid "Old"
+msgstr "Alt"
+
+msgid "Long "
+"line"
+msgstr "Lange "
+"Zeile"
+
+msgid "one file"
+msgid_plural "%d files"
+msgstr[0] "eine Datei"
+
+msgid "Empty"
+msgstr ""
+'''
+    assert parse_po(text) == [("Save", "Sichern"), ("Long line", "Lange Zeile")]
+
+
+def test_eval_encoding_marks_exactly_the_answer_tokens():
+    from simmerge_ray.testbed.domains.base import Example
+
+    tok = train_tokenizer(["Problem: 3 + 4\nAnswer: 7\n" * 50, "Passage: x y\nAnswer: Kalo Asas\n" * 50], 300)
+    exs = [Example("Problem: 3 + 4\nAnswer:", " 7"), Example("Passage: x y\nAnswer:", " Kalo Asas")]
+    enc = encode(exs, tok, 64)
+    for i, ex in enumerate(exs):
+        targets = enc.input_ids[i, 1:][enc.target_mask[i, :-1]]
+        assert tok.decode(targets.tolist()) == ex.answer
+        assert int(enc.attention_mask[i].sum()) == len(tok(ex.text)["input_ids"])
+
+
+def test_zoo_config_errors_name_the_field(tmp_path):
+    good = ZooConfig.load(DEFAULT)
+    assert len(good.experts()) == 15 and sum(v.lora is not None for _, v in good.experts()) == 5
+    bad = tmp_path / "zoo.yaml"
+    bad.write_text(TINY.read_text().replace("multilingual:", "klingon:"))
+    with pytest.raises(ConfigError, match=r"zoo\.yaml: domains: .*klingon"):
+        ZooConfig.load(bad)
+    bad.write_text(TINY.read_text().replace("name: rag-a", "name: code-a"))
+    with pytest.raises(ConfigError, match="code-a"):
+        ZooConfig.load(bad)
+    bad.write_text(TINY.read_text().replace("num_heads: 2", "num_heads: 3"))
+    with pytest.raises(ConfigError, match="architecture.*num_heads"):
+        ZooConfig.load(bad)
+    assert ZooConfig.load(TINY).digest() == ZooConfig.load(TINY).digest()
+
+
+def test_cli_reports_bad_inputs_without_traceback(tmp_path, capsys):
+    from simmerge_ray.cli import main
+
+    assert main(["zoo", "build", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "z")]) == 2
+    assert "none.yaml: zoo config not found" in capsys.readouterr().err
+    cat = tmp_path / "catalog.yaml"
+    cat.write_text("models: []\n")
+    assert main(["label", "--catalog", str(cat), "--out", str(tmp_path / "l")]) == 2
+    assert "base" in capsys.readouterr().err
