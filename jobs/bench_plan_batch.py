@@ -116,7 +116,8 @@ def main() -> int:
     print(f"\nbatch planning, {args.requests} requests (8-model world, 2..4-way plans of 2..4 candidates)")
     print(f"{'actors':>6} {'seconds':>8} {'requests/s':>11} {'search s':>9}")
     for b in results["batch"]:
-        print(f"{b['actors']:>6} {b['seconds']:>8.1f} {b['requests_per_second']:>11.2f} {b['search_seconds_total']:>9.1f}")
+        print(f"{b['actors']:>6} {b['seconds']:>8.1f} {b['requests_per_second']:>11.2f} "
+              f"{b['search_seconds_total']:>9.1f}")
     print("\nsearch per request (one required expert, all models candidates, plans of 2..4 models)")
     print(f"{'models':>6} {'step model':>10} {'mode':>10} {'plans':>8} {'seconds':>8} {'plans/s':>9} {'best':>7}")
     for s in results["search"]:

@@ -114,7 +114,7 @@ def run(s: PipelineSettings, *, echo: Callable[[str], None] = print) -> dict[str
 def run_multiway(s: PipelineSettings) -> None:
     import polars as pl
 
-    from simmerge_ray.cli.plan import build_step_model
+    from simmerge_ray.planner.request import build_step_model
     from simmerge_ray.planner.evaluate import PlanScorer, evaluate_multiway
 
     model = build_step_model(str(s.out / "selector"), str(s.out / "features"))

@@ -316,3 +316,29 @@ def test_cli_reports_bad_inputs_without_traceback(tmp_path, capsys):
     cat.write_text("models: []\n")
     assert main(["label", "--catalog", str(cat), "--out", str(tmp_path / "l")]) == 2
     assert "base" in capsys.readouterr().err
+
+
+def test_score_equals_a_per_example_computation():
+    """The batched, length-sorted score equals scoring each example on its own."""
+    import math
+
+    from simmerge_ray.testbed.domains.base import Example
+    from simmerge_ray.testbed.evaluate import score
+
+    tok = train_tokenizer(["Problem: 12 + 30\nAnswer: 42\nPassage: a b c d e f\nAnswer: Kalo\n" * 40], 300)
+    arch = ArchitectureConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
+    model = init_model(arch, len(tok), tok.eos_token_id, tok.pad_token_id, seed=1).eval()
+    exs = [Example("Problem: 12 + 30\nAnswer:", " 42"), Example("Passage: a b c d e f\nAnswer:", " Kalo"),
+           Example("Problem: 1\nAnswer:", " 12 + 30 42")]
+    got = score(model, encode(exs, tok, 64), batch_size=2)
+    per_example = []
+    with torch.no_grad():
+        for ex in exs:
+            n_prompt = len(tok(ex.prompt)["input_ids"])
+            ids = torch.tensor([tok(ex.text)["input_ids"]])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            lps = [logp[j - 1, ids[0, j]] for j in range(n_prompt, ids.shape[1])]
+            per_example.append(float(sum(lps) / len(lps)))
+    want = sum(per_example) / len(per_example)
+    assert got["loglik"] == pytest.approx(want, abs=1e-5)
+    assert got["score"] == pytest.approx(math.exp(want), rel=1e-5)

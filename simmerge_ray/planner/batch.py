@@ -26,7 +26,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ RESULT_SCHEMA = pa.schema([
     ("cached", pa.bool_()),  # answered from the results cache in this run
     ("merged", pa.string()),  # --execute-top: merged model folder, relative to the output folder
 ])
-_PER_RUN = ("request_id", "cached", "plan_dir", "merged")  # not stored in the cache
+_PER_RUN = ("request_id", "request", "cached", "plan_dir", "merged")  # not stored in the cache
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def prepare_rows(batch: pa.Table, fingerprint: str, cache_dir: str) -> pa.Table:
         key = request_key(req, fingerprint)
         hit = _cached_row(Path(cache_dir), key)
         if hit is not None:
-            rows.append({**hit, "request_id": rid, "cached": True})
+            rows.append({**hit, "request_id": rid, "request": req.model_dump_json(), "cached": True})
         else:
             rows.append({"request_id": rid, "key": key, "status": PENDING, "task": req.task, "cached": False,
                          "request": req.model_dump_json()})
@@ -195,14 +195,14 @@ class PlanWorker:
 
     def plan_row(self, row: dict) -> dict:
         req = PlanRequest.model_validate_json(row["request"])
-        base = {"key": row["key"], "task": req.task, "request": row["request"]}
+        base = {"key": row["key"], "task": req.task}
         tmp = self.cache / f".{row['key']}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             res = plan_request(req, self.catalog, self.step_model)
         except SimMergeError as e:  # a bad request: the same inputs fail the same way, so cache it
             outcome, res = {**base, "status": "error", "error": str(e)}, None
         except Exception as e:  # noqa: BLE001 - an unexpected failure: report it, retry on a rerun
-            return {**base, "request_id": req.request_id, "status": "error", "cached": False,
+            return {**base, "request_id": req.request_id, "request": row["request"], "status": "error", "cached": False,
                     "error": f"{type(e).__name__}: {e}"}
         else:
             best, runner = res.plans[0], (res.plans[1] if len(res.plans) > 1 else None)
@@ -217,9 +217,9 @@ class PlanWorker:
         tmp.mkdir(parents=True)
         if res is not None:
             write_plans(res, self.catalog, tmp)
-        (tmp / ROW_FILE).write_text(json.dumps(outcome))  # last: marks the entry complete
+        (tmp / ROW_FILE).write_text(json.dumps({k: v for k, v in outcome.items() if k not in _PER_RUN}))  # last
         _publish(tmp, self.cache / row["key"])
-        return {**outcome, "request_id": req.request_id, "cached": False}
+        return {**outcome, "request_id": req.request_id, "request": row["request"], "cached": False}
 
 
 # ---- the driver ------------------------------------------------------------------------------
@@ -245,6 +245,10 @@ def run_batch(s: BatchSettings) -> BatchReport:
     if s.actors < 1 or s.rows_per_block < 1:
         raise ConfigError(f"actors ({s.actors}) and rows per block ({s.rows_per_block}) must be >= 1")
     t0 = time.perf_counter()
+    # Absolute paths: Ray workers need not share the driver's working directory.
+    s = replace(s, **{f: str(Path(getattr(s, f)).resolve()) for f in ("requests", "selector", "catalog", "features",
+                                                                      "out", "aux_selector", "cache")
+                      if getattr(s, f)})
     out, cache = Path(s.out), s.cache_dir
     cache.mkdir(parents=True, exist_ok=True)
     fingerprint = inputs_fingerprint(s)
