@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.yaml_io import check_name, read_yaml
 
 
 class ModelEntry(BaseModel):
@@ -32,9 +33,7 @@ class ModelEntry(BaseModel):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\ \t\n"):
-            raise ValueError("must be non-empty with no slashes or whitespace")
-        return v
+        return check_name(v)
 
 
 class TaskEntry(BaseModel):
@@ -55,12 +54,7 @@ class Catalog(BaseModel):
     @classmethod
     def load(cls, path: str | Path, *, check_paths: bool = True) -> "Catalog":
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: catalog file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        raw = read_yaml(path, "catalog file")
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a catalog is a mapping with a 'models' list")
         return cls.from_dict(raw, root=path.parent, source=path, check_paths=check_paths)

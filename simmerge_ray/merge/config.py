@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.yaml_io import read_yaml
 from simmerge_ray.io.checkpoint import layer_index
 from simmerge_ray.io.safetensors_format import dtype_code
 from simmerge_ray.merge.operators import MergeMethod, get_method
@@ -56,12 +55,7 @@ class MergeSpec:
     @classmethod
     def load(cls, path: str | Path, *, seed: int = 0) -> "MergeSpec":
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: merge config not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        raw = read_yaml(path, "merge config")
         return cls.from_dict(raw, root=path.parent, source=str(path), seed=seed)
 
     @classmethod

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.yaml_io import check_name, read_yaml
 from simmerge_ray.testbed.domains import DOMAINS
 
 
@@ -76,9 +76,7 @@ class VariantConfig(TrainConfig):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\ \t\n"):
-            raise ValueError("must be non-empty with no slashes or whitespace")
-        return v
+        return check_name(v)
 
     @field_validator("subset")
     @classmethod
@@ -135,12 +133,7 @@ class ZooConfig(_Strict):
     @classmethod
     def load(cls, path: str | Path) -> "ZooConfig":
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: zoo config not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        raw = read_yaml(path, "zoo config")
         try:
             return cls.model_validate(raw)
         except ValidationError as e:

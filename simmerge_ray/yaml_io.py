@@ -1,0 +1,28 @@
+"""Reading the project's YAML files with errors that name the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from simmerge_ray.errors import ConfigError
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """Parsed YAML of `path`; a missing file or bad YAML is a ConfigError naming it as `what`."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+
+
+def check_name(value: str) -> str:
+    """A name usable as a folder and a table key: non-empty, no slashes or whitespace."""
+    if not value or any(c in value for c in "/\\ \t\n"):
+        raise ValueError("must be non-empty with no slashes or whitespace")
+    return value
