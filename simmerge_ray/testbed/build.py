@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import polars as pl
@@ -32,12 +33,12 @@ from simmerge_ray.testbed.evaluate import encode, score
 from simmerge_ray.testbed.model_factory import init_model, make_config
 from simmerge_ray.testbed.tokenizer import EOS, PAD, train_tokenizer
 from simmerge_ray.testbed.train import mixed_texts, pack_blocks, train_lm
-from simmerge_ray.testbed.zoo_config import BaseConfig, ZooConfig
+from simmerge_ray.testbed.zoo_config import VariantConfig, ZooConfig
 
 EVAL_MAX_LEN = 192
 
 
-def _take(it, n: int) -> list:
+def _take(it: Iterator, n: int) -> list:
     return list(itertools.islice(it, n))
 
 
@@ -53,7 +54,7 @@ def held_out_sets(cfg: ZooConfig) -> tuple[dict[str, list[str]], dict[str, list[
     return probes, evals
 
 
-def _tokenizer_corpus(cfg: ZooConfig):
+def _tokenizer_corpus(cfg: ZooConfig) -> Iterator[str]:
     """General text then each domain's training text, `sample_chars` of each, in a fixed order."""
     sources = [general_texts(cfg.tokenizer.seed)] + [get_domain(d).train_texts(cfg.tokenizer.seed) for d in cfg.domains]
     for src in sources:
@@ -69,18 +70,17 @@ def _tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), eos_token=EOS, pad_token=PAD, bos_token=EOS)
 
 
-def _training_blocks(cfg: ZooConfig, tok: PreTrainedTokenizerFast, domain: str | None, variant) -> torch.Tensor:
+def _training_blocks(cfg: ZooConfig, tok: PreTrainedTokenizerFast, domain: str | None,
+                     variant: VariantConfig | None) -> torch.Tensor:
     """The token blocks one model trains on: the base's mixture, or one variant's domain subset."""
-    train = cfg.base if domain is None else variant
-    n_blocks = train.steps * train.batch_size
-    if domain is None:
-        base: BaseConfig = cfg.base
+    if domain is None or variant is None:
+        base = cfg.base
         streams = [general_texts(base.seed)] + [get_domain(d).train_texts(base.seed) for d in cfg.domains]
         share = base.domain_share / len(cfg.domains)
         texts = mixed_texts(streams, [1 - base.domain_share] + [share] * len(cfg.domains), base.seed)
-    else:
-        texts = get_domain(domain).train_texts(variant.seed, variant.subset)
-    return pack_blocks(texts, tok, cfg.data.seq_len, n_blocks)
+        return pack_blocks(texts, tok, cfg.data.seq_len, base.steps * base.batch_size)
+    texts = get_domain(domain).train_texts(variant.seed, variant.subset)
+    return pack_blocks(texts, tok, cfg.data.seq_len, variant.steps * variant.batch_size)
 
 
 @ray.remote(num_cpus=1)
@@ -123,7 +123,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False, log=print) -> Path:
+def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
+              log: Callable[[str], None] = print) -> Path:
     """Build the whole zoo into `out` (Ray must be initialised); returns the catalog path."""
     t_start = time.perf_counter()
     with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import polars as pl
 import ray
 import torch
 
@@ -111,7 +111,7 @@ def _calls(todo: list[tuple[str, Plan]], per_call: int) -> list[list[tuple[str, 
 
 
 def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_plans: int | None = None,
-               log=print) -> LabelRunReport:
+               log: Callable[[str], None] = print) -> LabelRunReport:
     """Measure every plan not yet cached under `out` (at most `max_plans` new ones), then, if
     all are measured, write the tables. Ray must be initialised."""
     t0 = time.perf_counter()
