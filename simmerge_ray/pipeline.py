@@ -138,7 +138,11 @@ def run_bandit(s: PipelineSettings) -> None:
     labels = pl.read_parquet(s.out / "labels" / "labels.parquet")
     pairs = load_pair_data(str(s.out / "features"), str(s.out / "labels" / "labels.parquet"))
     usable = pl.DataFrame({"task": pairs.tasks, "expert": pairs.experts, "aux": pairs.auxes})
-    labels = labels.join(usable, on=["task", "expert", "aux"], how="semi")  # rows with complete features
+    labels = labels.join(usable, on=["task", "expert", "aux"], how="semi")  # rows the selector can use
+    # The replay needs finite contexts: an undefined feature takes its column mean, which is
+    # what the selector (the encoder) imputes too.
+    feats = feats.with_columns([pl.col(c).cast(pl.Float64).fill_nan(None).fill_null(pl.col(c).mean())
+                                for c in pairs.feature_names])
     data = replay_data(labels, feats, pairs.feature_names)
     train, test = split_by_pair(data, 0.3, s.seed)
     train_keys = set(train.keys)

@@ -80,16 +80,17 @@ def build_pair_data(labels: pl.DataFrame, features: pl.DataFrame, *,
         raise ConfigError("feature table: no numeric columns prefixed s_ or f_")
     joined = wide.join(features.rename({"a": "expert", "b": "aux"}), on=["expert", "aux", "task"], how="inner")
     joined = joined.with_columns(pl.col(names).cast(pl.Float64).fill_nan(None)).sort(["task", "expert", "aux"])
-    # Undefined features (an empty depth third of a shallow model, task vectors without a
-    # base) are null in whole columns: such columns are left out of the schema, not the rows.
+    # Undefined features are null: in whole columns (an empty depth third of a shallow model,
+    # task vectors without a base) they leave the schema; in some rows (a LoRA expert's
+    # untouched embeddings have no task-vector direction) they stay NaN, and the selector
+    # imputes the training mean (0 after standardisation) for them.
     names = [c for c in names if joined[c].null_count() < joined.height]
-    joined = joined.drop_nulls(subset=names)
     if joined.height == 0:
         raise ConfigError(
             f"no (task, expert, aux) row has both labels ({wide.height} labelled) and features "
             f"({features.height} feature rows): check that model and task names agree"
         )
-    x = joined.select(names).to_numpy().astype(np.float64)
+    x = joined.select(names).to_numpy().astype(np.float64)  # nulls -> NaN
     y = np.clip(joined.select(ops).to_numpy().astype(np.float64), *UTILITY_CLIP)
     return PairData(x, y, joined["task"].to_list(), joined["expert"].to_list(), joined["aux"].to_list(),
                     names, list(ops))

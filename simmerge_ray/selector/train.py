@@ -14,8 +14,9 @@ from simmerge_ray.selector.model import Selector, SelectorConfig, SelectorMLP
 
 def new_selector(data: PairData, cfg: SelectorConfig) -> Selector:
     """An untrained selector whose standardisation statistics come from `data`."""
-    mean = data.x.mean(axis=0)
-    std = data.x.std(axis=0)
+    # NaN marks an undefined feature of a row: statistics ignore it, `design` imputes the mean.
+    mean = np.nan_to_num(np.nanmean(data.x, axis=0))
+    std = np.nan_to_num(np.nanstd(data.x, axis=0))
     scale = np.where(std > 1e-12, std, 1.0)
     tasks = sorted(set(data.tasks)) if cfg.task_encoding else []
     torch.manual_seed(cfg.seed)
