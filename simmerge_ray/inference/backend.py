@@ -64,3 +64,17 @@ def load_backend(name: str, model_dir: Path, *, dtype: str = "float32", nvme_pat
 
         return DeepSpeedBackend(Path(model_dir), torch_dtype(dtype), nvme_path=nvme_path)
     raise ValueError(f"unknown inference backend {name!r} (hf, deepspeed)")
+
+
+def run_model(model: torch.nn.Module, device: torch.device | str, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor) -> ForwardOutputs:
+    """One forward pass with every layer's hidden states and attention maps (callers choose
+    the grad mode: ZeRO-3 needs no_grad, plain models can use inference_mode)."""
+    out = model(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        output_hidden_states=True,
+        output_attentions=True,
+        use_cache=False,
+    )
+    return split_outputs(out)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from simmerge_ray.errors import CheckpointError, ConfigError
-from simmerge_ray.inference.backend import ForwardOutputs, load_config, pick_device, split_outputs
+from simmerge_ray.inference.backend import ForwardOutputs, load_config, pick_device, run_model
 
 
 def zero_inference_config(dtype: torch.dtype, nvme_path: Path | None, *, pin_memory: bool) -> dict:
@@ -83,11 +83,4 @@ class DeepSpeedBackend:
 
     @torch.no_grad()  # not inference_mode: ZeRO-3 hooks gather parameters in place
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ForwardOutputs:
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            output_hidden_states=True,
-            output_attentions=True,
-            use_cache=False,
-        )
-        return split_outputs(out)
+        return run_model(self.model, self.device, input_ids, attention_mask)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from simmerge_ray.errors import CheckpointError
-from simmerge_ray.inference.backend import ForwardOutputs, load_config, pick_device, split_outputs
+from simmerge_ray.inference.backend import ForwardOutputs, load_config, pick_device, run_model
 
 
 class HFBackend:
@@ -28,11 +28,4 @@ class HFBackend:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ForwardOutputs:
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            output_hidden_states=True,
-            output_attentions=True,
-            use_cache=False,
-        )
-        return split_outputs(out)
+        return run_model(self.model, self.device, input_ids, attention_mask)
