@@ -1,13 +1,13 @@
 """Merging one tensor: read inputs, resolve parameters, call the method, check the result.
 
-Shared by the streaming Ray executor and the in-memory merges of the testbed, so both produce
-the same values for the same config and seed.
+The streaming executor's per-tensor step (the testbed's in-memory merges call the same
+registered operator functions, so both produce the same values).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 
@@ -43,19 +43,3 @@ def merge_tensor(spec: MergeSpec, name: str, read: Callable[[str], torch.Tensor]
         )
     return out
 
-
-def merge_state_dicts(spec: MergeSpec, states: Mapping[str, Mapping[str, torch.Tensor]],
-                      num_layers: int, *, allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
-    """Merge in-memory state dicts keyed by the config's model refs (small models only).
-
-    The output keeps each tensor in the dtype of the first input (float32 math in between).
-    """
-    first = states[spec.inputs[0].ref]
-    base_state = states[spec.base.ref] if spec.base is not None else None
-    out: dict[str, torch.Tensor] = {}
-    for name, ref_t in first.items():
-        base_t = base_state[name] if base_state is not None else None
-        merged = merge_tensor(spec, name, lambda r: states[r][name], base_t, num_layers,
-                              allow_nonfinite=allow_nonfinite)
-        out[name] = merged.to(ref_t.dtype)
-    return out
