@@ -17,7 +17,6 @@ from pathlib import Path
 from simmerge_ray.errors import SimMergeError
 from simmerge_ray.io.atomic import atomic_write_text
 
-MARKER = ".stage.json"
 
 
 @dataclass
@@ -95,7 +94,7 @@ def run(s: PipelineSettings, *, echo: Callable[[str], None] = print) -> dict[str
     all_stages = stages(s)
     for i, st in enumerate(all_stages, start=1):
         key = _digest([st.name, *st.inputs, *upstream])
-        marker = s.out / f"{MARKER[:-5]}-{st.name}.json"
+        marker = s.out / f".stage-{st.name}.json"  # the digest of this stage's inputs
         prefix = f"[{i}/{len(all_stages)}] {st.name:<13}"
         if marker.exists() and json.loads(marker.read_text()).get("key") == key:
             timings[st.name] = json.loads(marker.read_text())["seconds"]

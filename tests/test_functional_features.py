@@ -62,7 +62,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     a = make_tiny_lm(root / "a", tok, num_layers=3, seed=1)
     b = make_tiny_lm(root / "b", tok, num_layers=3, seed=2, base=a, delta_std=0.08)
     other_tok = train_tokenizer(make_corpus(300, seed=1, max_words=4), vocab_size=30)
-    odd = make_tiny_lm(root / "odd", other_tok, num_layers=3, seed=4)
+    make_tiny_lm(root / "odd", other_tok, num_layers=3, seed=4)  # read through catalog_odd.yaml
     texts = make_corpus(7, seed=11, max_words=14)
     (root / "probes.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     (root / "other.txt").write_text("\n".join(make_corpus(4, seed=12, max_words=6)) + "\n")
