@@ -76,6 +76,8 @@ STAGES: dict[str, Stage] = {
     "serve": Stage((Step(("serve",), "serve", config="--state", out=False, overwrite=False),)),
     # --config is the zoo config; every stage runs into --out, finished stages are reused.
     "pipeline": Stage((Step(("pipeline",), "demo", overwrite=False),)),
+    # --config is the target zoo's config; --selector (the source zoo's selector) passes through.
+    "transfer": Stage((Step(("transfer",), "transfer", overwrite=False),)),
 }
 
 

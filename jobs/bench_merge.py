@@ -3,8 +3,11 @@
 Builds three synthetic llama checkpoints of about --size-gb each (bf16, sharded; reused when
 present), then merges them with each tool in turn, sampling the proportional set size (PSS) of
 the whole process tree every 50 ms: PSS counts shared pages once, so a Ray driver plus its
-workers and a single mergekit process are measured on the same footing. Prints a table and
-writes JSON.
+workers and a single mergekit process are measured on the same footing. `simmerge merge` runs
+twice per worker count: cold (the command starts a local Ray, as on a laptop) and joining a
+running Ray cluster (as a `ray job submit` does; the cluster's daemons and workers are counted
+in its memory). The inputs are read once before timing, so every tool starts from a warm page
+cache. Prints a table and writes JSON.
 
     python jobs/bench_merge.py --size-gb 1.5 --out runs/bench
 """
@@ -27,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from simmerge_ray.io.checkpoint import Checkpoint  # noqa: E402
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint  # noqa: E402
 
-from _measure import timed  # noqa: E402
+from _measure import ray_head, timed  # noqa: E402
 
 
 def spec_for(size_gb: float) -> SyntheticSpec:
@@ -68,27 +71,46 @@ def main() -> None:
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
            "RAY_USAGE_STATS_ENABLED": "0"}
     bin_dir = Path(sys.executable).parent
+    sm = [str(bin_dir / "simmerge"), "merge", str(cfg_path)]
     runs = {
-        "simmerge (1 worker)": [str(bin_dir / "simmerge"), "merge", str(cfg_path), "--workers", "1"],
-        "simmerge (2 workers)": [str(bin_dir / "simmerge"), "merge", str(cfg_path), "--workers", "2"],
-        "mergekit-yaml": [str(bin_dir / "mergekit-yaml"), str(cfg_path)],
+        "simmerge, 1 worker, cold": (sm + ["--workers", "1"], None),
+        "simmerge, 2 workers, cold": (sm + ["--workers", "2"], None),
+        "simmerge, 1 worker, on a cluster": (sm + ["--workers", "1"], "cluster"),
+        "simmerge, 2 workers, on a cluster": (sm + ["--workers", "2"], "cluster"),
+        "mergekit-yaml": ([str(bin_dir / "mergekit-yaml"), str(cfg_path)], None),
     }
-    results = {}
-    for label, cmd in runs.items():
-        out = root / "merge-out"
+    for name in names:  # warm the page cache: no tool pays for the first read from disk
+        for f in (ckpt_dir / name).glob("*.safetensors"):
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+    results: dict[str, dict] = {}
+    out = root / "merge-out"
+
+    def measure(label: str, cmd: list[str], group: int | None = None) -> None:
         shutil.rmtree(out, ignore_errors=True)
-        cmd = cmd + (["--out", str(out)] if cmd[1] == "merge" else [str(out), "--no-copy-tokenizer"])
         print(f"running {label} ...", flush=True)
-        r = timed(cmd, env)
+        r = timed(cmd, env, group=group)
         r["input_gbps"] = in_bytes / 1e9 / r["seconds"]
         results[label] = r
         shutil.rmtree(out, ignore_errors=True)
+
+    for label, (cmd, where) in runs.items():
+        if where is None:
+            extra = ["--out", str(out)] if cmd[1] == "merge" else [str(out), "--no-copy-tokenizer"]
+            measure(label, cmd + extra)
+    # The cluster is started only now, so its idle daemons do not share the machine with the runs above.
+    with ray_head(bin_dir / "ray", env, num_cpus=os.cpu_count() or 2) as (address, group):
+        for label, (cmd, where) in runs.items():
+            if where is not None:
+                measure(label, cmd + ["--out", str(out), "--address", address], group)
+    results = {label: results[label] for label in runs}
     mk = results["mergekit-yaml"]
     print(f"\n{args.method} merge of 3 x {in_bytes / 3e9:.2f} GB bf16 checkpoints ({os.cpu_count()} CPUs)")
-    print(f"{'tool':<22}{'seconds':>9}{'input GB/s':>12}{'peak PSS GB':>13}{'peak RSS GB':>13}{'speed vs mk':>13}"
+    print(f"{'tool':<36}{'seconds':>9}{'input GB/s':>12}{'peak PSS GB':>13}{'peak RSS GB':>13}{'speed vs mk':>13}"
           f"{'PSS vs mk':>11}")
     for label, r in results.items():
-        print(f"{label:<22}{r['seconds']:>9.1f}{r['input_gbps']:>12.3f}{r['peak_pss_gb']:>13.2f}"
+        print(f"{label:<36}{r['seconds']:>9.1f}{r['input_gbps']:>12.3f}{r['peak_pss_gb']:>13.2f}"
               f"{r['peak_rss_gb']:>13.2f}{r['input_gbps'] / mk['input_gbps']:>12.2f}x"
               f"{r['peak_pss_gb'] / mk['peak_pss_gb']:>10.2f}x")
     report = {"method": args.method, "input_bytes": in_bytes, "cpus": os.cpu_count(), "results": results}

@@ -44,7 +44,7 @@ def _digest(parts: list[str]) -> str:
     return hashlib.blake2b("\n".join(parts).encode(), digest_size=12).hexdigest()
 
 
-def _cli(argv: list[str]) -> None:
+def run_command(argv: list[str]) -> None:
     from simmerge_ray.cli import main
 
     code = main([str(a) for a in argv])
@@ -61,22 +61,22 @@ def stages(s: PipelineSettings) -> list[Stage]:
     common = ["--tune-samples", s.tune_samples, "--seed", s.seed]
     return [
         Stage("zoo", "build the testbed (pretrain a base, fine-tune experts)",
-              lambda: _cli(["zoo", "build", "--config", s.zoo_config, "--out", out / "zoo", "--overwrite"]),
+              lambda: run_command(["zoo", "build", "--config", s.zoo_config, "--out", out / "zoo", "--overwrite"]),
               [zoo_digest]),
         Stage("structural", "structural features (one streaming Gram pass)",
-              lambda: _cli(["features", "structural", "--catalog", catalog, "--out", feats, "--overwrite"]), []),
+              lambda: run_command(["features", "structural", "--catalog", catalog, "--out", feats, "--overwrite"]), []),
         Stage("functional", "probe inference on Ray Data and functional features",
-              lambda: _cli(["features", "functional", "--catalog", catalog, "--out", feats, *s.probe_args]),
+              lambda: run_command(["features", "functional", "--catalog", catalog, "--out", feats, *s.probe_args]),
               s.probe_args),
         Stage("labels", "merge and evaluate 2-, 3- and 4-way merges (ground truth)",
-              lambda: _cli(["label", "--catalog", catalog, "--out", labels, *s.label_args]), s.label_args),
+              lambda: run_command(["label", "--catalog", catalog, "--out", labels, *s.label_args]), s.label_args),
         Stage("selector_eval", "selector on held-out pairs (Ray Tune nested), leave-one-task-out, ablation",
-              lambda: _cli(["evaluate-selector", "--features", feats, "--labels", labels / "labels.parquet",
+              lambda: run_command(["evaluate-selector", "--features", feats, "--labels", labels / "labels.parquet",
                             "--out", out / "selector_eval", "--folds", s.folds, *common]), [str(s.folds), *map(str, common)]),
         Stage("fit", "fit the selectors on all pairs (Ray Tune, then Ray Train)",
-              lambda: (_cli(["fit", "--features", feats, "--labels", labels / "labels.parquet",
+              lambda: (run_command(["fit", "--features", feats, "--labels", labels / "labels.parquet",
                              "--out", out / "selector", *common]),
-                       _cli(["fit", "--features", feats, "--labels", labels / "labels.parquet",
+                       run_command(["fit", "--features", feats, "--labels", labels / "labels.parquet",
                              "--out", out / "selector_aux", "--target", "aux_gap_closed", *common])),
               [*map(str, common)]),
         Stage("multiway", "plan 3- and 4-way merges and judge them on measured merges",
@@ -86,12 +86,17 @@ def stages(s: PipelineSettings) -> list[Stage]:
     ]
 
 
-def run(s: PipelineSettings, *, echo: Callable[[str], None] = print) -> dict[str, float]:
-    """Run every stage (skipping finished ones); returns seconds per stage."""
+def run(s: PipelineSettings, *, echo: Callable[[str], None] = print, until: str | None = None) -> dict[str, float]:
+    """Run every stage, or those up to `until` (skipping finished ones); returns seconds per stage."""
     s.out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     upstream: list[str] = []
     all_stages = stages(s)
+    if until is not None:
+        names = [st.name for st in all_stages]
+        if until not in names:
+            raise SimMergeError(f"no pipeline stage {until!r}; stages: {', '.join(names)}")
+        all_stages = all_stages[:names.index(until) + 1]
     for i, st in enumerate(all_stages, start=1):
         key = _digest([st.name, *st.inputs, *upstream])
         marker = s.out / f".stage-{st.name}.json"  # the digest of this stage's inputs

@@ -44,6 +44,7 @@ STAGE_ROLES: dict[str, tuple[str, ...]] = {
     "merge": (STREAMING,),
     "serve": (STREAMING,),
     "pipeline": (STREAMING, INFERENCE),
+    "transfer": (STREAMING, INFERENCE),
 }
 
 _BYTES = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGTP]i?|[kmgtp])?B?\s*$")

@@ -13,10 +13,11 @@ import yaml
 from simmerge_ray.cli import main as cli_main
 from simmerge_ray.errors import CheckpointError, ConfigError, MergeError, SimMergeError
 from simmerge_ray.io.checkpoint import Checkpoint
-from simmerge_ray.io.safetensors_format import read_header
+from simmerge_ray.io.safetensors_format import file_layout, read_header
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, write_checkpoint
 from simmerge_ray.merge.config import MergeSpec
-from simmerge_ray.merge.executor import CRASH_ONCE_ENV, ExecOptions, run_merge
+from simmerge_ray.merge.executor import CRASH_ONCE_ENV, ExecOptions, ShardPlan, plan_units, run_merge
+from simmerge_ray.merge.tensor_merge import check_finite
 
 SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64,
                      max_shard_bytes=20_000)
@@ -84,6 +85,48 @@ def test_worker_count_and_crash_do_not_change_bytes(ray_cluster, models: Path, t
     assert _bytes(tmp_path / "seed8") != one  # the seed matters
 
 
+def test_tensors_split_across_workers_give_the_same_bytes(ray_cluster, models: Path, tmp_path: Path) -> None:
+    """Linear and task arithmetic cut large tensors into element ranges written by different
+    workers at their offsets in one shard; the file equals the single-worker one, crash or not."""
+    cfg = _config(models, "ta", {"merge_method": "task_arithmetic", "base_model": "base", "dtype": "bfloat16",
+                                 "models": [{"model": "m1", "parameters": {"weight": 0.7}},
+                                            {"model": "m2", "parameters": {"weight": 0.5}}]})
+    one = run_merge(MergeSpec.load(cfg), tmp_path / "one", ExecOptions(workers=1, shard_bytes=10**9))
+    split = ExecOptions(workers=3, shard_bytes=10**9, unit_elems=700, chunk_elems=256)
+    res = run_merge(MergeSpec.load(cfg), tmp_path / "split", split)
+    assert one.shards == res.shards == 1 and one.units == 1 and res.units > 10
+    assert len({u["pid"] for u in res.per_unit}) == 3  # every worker wrote part of the one file
+    assert any(u["pieces"] > 1 for u in res.per_unit)  # units also gather several small tensors
+    marker = tmp_path / "crashed"
+    os.environ[CRASH_ONCE_ENV] = str(marker)
+    try:
+        run_merge(MergeSpec.load(cfg), tmp_path / "crash", split)
+    finally:
+        del os.environ[CRASH_ONCE_ENV]
+    assert marker.exists(), "the fault was not injected"
+    assert _bytes(tmp_path / "one") == _bytes(tmp_path / "split") == _bytes(tmp_path / "crash")
+    assert res.bytes_read == one.bytes_read == 3 * Checkpoint.open(models / "m1").nbytes
+
+
+def test_work_units_cover_every_tensor_once() -> None:
+    shards = [ShardPlan("a.safetensors", (("x", (10, 10), "BF16"), ("y", (5,), "F32"), ("z", (3, 4), "BF16"))),
+              ShardPlan("b.safetensors", (("w", (250,), "BF16"),))]
+    layouts = {s.file: file_layout(list(s.tensors)) for s in shards}
+    split_units = [(40,), (40,), (20, 5, 12)] + [(40,)] * 6 + [(10,)]
+    for can_split, want in ((True, split_units), (False, [(100,), (5, 12), (250,)])):
+        units = plan_units(shards, layouts, lambda name: can_split, 40)
+        assert [tuple(p.count for p in u.pieces) for u in units] == want
+        for s in shards:
+            for name, shape, code in s.tensors:
+                pieces = sorted((p for u in units for p in u.pieces if p.name == name), key=lambda p: p.start)
+                assert [p.start for p in pieces] == [sum(q.count for q in pieces[:i]) for i in range(len(pieces))]
+                assert sum(p.count for p in pieces) == int(torch.tensor(shape).prod())
+                assert all(p.offset == layouts[s.file].offsets[name] + p.start * (2 if code == "BF16" else 4)
+                           for p in pieces)
+        for u in units:  # a unit writes into one file only
+            assert {p.name for p in u.pieces} <= {t[0] for s in shards if s.file == u.file for t in s.tensors}
+
+
 def _no_leftovers(parent: Path) -> None:
     assert not [p.name for p in parent.iterdir() if ".tmp-" in p.name]
 
@@ -115,7 +158,7 @@ def test_nonfinite_result_fails_unless_allowed(ray_cluster, models: Path, tmp_pa
                      10**9, overwrite=True)
     cfg = _config(models, "nan", {"merge_method": "linear", "models": [
         {"model": "inf", "parameters": {"weight": 1}}, {"model": "m2", "parameters": {"weight": 1}}]})
-    with pytest.raises(MergeError, match=rf"merged tensor '{poisoned}' has 1 NaN/Inf"):
+    with pytest.raises(MergeError, match=rf"merged tensor .{poisoned}. has 1 NaN/Inf values \(first at flat index 0;"):
         run_merge(MergeSpec.load(cfg), tmp_path / "out", ExecOptions(workers=2))
     assert not (tmp_path / "out").exists()
     _no_leftovers(tmp_path)
@@ -190,3 +233,11 @@ def test_streamed_tensors_equal_whole_tensor_merges(ray_cluster, models: Path, t
     inputs = 2 + (cfg["merge_method"] == "task_arithmetic")
     passes = 2 if cfg["merge_method"] == "slerp" else 1  # SLERP's Gram pass reads the inputs again
     assert res.bytes_read == passes * inputs * Checkpoint.open(models / "m1").nbytes
+
+
+def test_finite_check_is_exact_when_the_sum_overflows() -> None:
+    check_finite(torch.tensor([3e38, 3e38, -1.0]), "t", "linear")  # the sum is inf, every value finite
+    with pytest.raises(MergeError, match=r"'t' has 2 NaN/Inf values \(first at flat index 1; linear\)"):
+        check_finite(torch.tensor([1.0, float("nan"), float("-inf")]), "t", "linear")
+    with pytest.raises(MergeError, match=r"1 NaN/Inf values among elements 100\.\.102 \(first at flat index 102;"):
+        check_finite(torch.tensor([1.0, 2.0, float("inf")]), "t", "linear", offset=100)

@@ -16,6 +16,7 @@ from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, run_merge
 from simmerge_ray.planner.plan import Plan
+from simmerge_ray.planner.proxy_accuracy import compare_columns, ranks, spearman, summarize_families
 from simmerge_ray.planner.propagate import (
     GramTable, PairLookup, initial_state, proxy_features, step_state, structural_features,
 )
@@ -105,3 +106,22 @@ def test_plan_executes_with_the_streaming_engine(built: dict, tmp_path: Path) ->
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # intermediates removed
     assert cli_main(["merge", "--plan", str(tmp_path / "nope.json"), "--catalog", str(tmp_path / "catalog.yaml"),
                      "--out", str(tmp_path / "x")]) == 2
+
+
+def test_proxy_accuracy_statistics() -> None:
+    """The measures the proxy-accuracy job reports: rank correlation (ties share a rank) and
+    relative error, per column and per feature family."""
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert spearman(x, x ** 3) == pytest.approx(1.0) and spearman(x, -x) == pytest.approx(-1.0)
+    np.testing.assert_allclose(ranks(np.array([3.0, 1.0, 3.0, 2.0])), [2.5, 0.0, 2.5, 1.0])
+    # ties: ranks (0, 1.5, 1.5, 3) against (0, 1, 2, 3) -> Pearson of the ranks
+    assert spearman(np.array([1.0, 2.0, 2.0, 3.0]), x[:4]) == pytest.approx(np.corrcoef([0, 1.5, 1.5, 3], [0, 1, 2, 3])[0, 1])
+    assert np.isnan(spearman(np.array([1.0, np.nan, 2.0]), np.array([1.0, 2.0, 3.0])))  # < 3 finite rows
+    actual = np.column_stack([x, x, 10 * x])
+    pred = np.column_stack([x, x[::-1], 10 * x + 1])
+    cols = compare_columns(pred, actual, ["s_weight_cos", "s_sign_agree", "f_kl_ab_mean"])
+    assert cols["s_weight_cos"]["max_abs"] == 0.0 and cols["s_sign_agree"]["spearman"] == pytest.approx(-1.0)
+    assert cols["f_kl_ab_mean"]["rel_mae"] == pytest.approx(1 / 30) and cols["f_kl_ab_mean"]["spearman"] == pytest.approx(1.0)
+    fams = summarize_families(cols)
+    assert list(fams) == ["sign agreement (mixture)", "weight-space (Gram)", "KL (convexity bound)"]
+    assert fams["weight-space (Gram)"]["spearman_median"] == pytest.approx(1.0)

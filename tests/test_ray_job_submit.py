@@ -230,6 +230,18 @@ def test_whole_pipeline_job_on_the_tiny_testbed(ray_head: RayHead, tmp_path: Pat
     assert "## Multi-way plans" in md and "| simmerge |" in md
     assert "[8/8] bandit" in ray_head.logs("pipeline")
 
+    # The fitted selector applied, unchanged, as a transfer job: finished stages are reused, the
+    # pairwise labels come from the label cache, and the report compares it with the oracle.
+    ray_head.submit("transfer", "jobs/transfer.py", "--config", str(REPO / "configs" / "zoo_tiny.yaml"),
+                    "--out", str(out), "--selector", str(out / "selector"), "--no-reference")
+    assert ray_head.wait("transfer", timeout=600) == "SUCCEEDED", ray_head.logs("transfer")[-3000:]
+    logs = ray_head.logs("transfer")
+    assert "[1/4] zoo" in logs and "done earlier" in logs and "SimMerge (transferred)" in logs
+    t = json.loads((out / "transfer" / "transfer.json").read_text())["transfer"]
+    assert t["n"] == report["pairwise"]["pairs"] and 0 <= t["selection_accuracy"] <= 1
+    for task, best in t["gap_closed"]["oracle"].items():
+        assert t["gap_closed"]["simmerge"][task] <= best + 1e-9, task
+
 
 # ---- the shared entry code, in-process (no Ray needed before these fail) ------------------------
 
@@ -273,7 +285,7 @@ def test_command_lines_built_for_the_stages() -> None:
 def test_every_stage_has_its_job_script() -> None:
     entry = _load_entry()
     assert set(entry.STAGES) == {"zoo_build", "probe", "features", "label", "fit", "plan", "plan_batch", "merge", "serve",
-                                 "pipeline"}
+                                 "pipeline", "transfer"}
     assert set(resources.STAGE_ROLES) == set(entry.STAGES)  # the manifest checks know every stage
     for stage in entry.STAGES:
         assert f'main("{stage}")' in (REPO / "jobs" / f"{stage}.py").read_text()

@@ -8,7 +8,8 @@ import pytest
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.selector.data import build_pair_data
-from simmerge_ray.selector.evaluate import ablation, evaluate_loto, evaluate_pairs, fixed_fit, gap_chart
+from simmerge_ray.selector.evaluate import (ablation, evaluate_loto, evaluate_pairs, evaluate_transfer, fixed_fit,
+                                             gap_chart)
 from simmerge_ray.selector.folds import group_kfold, leave_one_task_out
 from simmerge_ray.selector.model import Selector, SelectorConfig
 from simmerge_ray.selector.ray_fit import train_with_ray, tune_selector
@@ -110,3 +111,25 @@ def test_ray_tune_search(ray_cluster, data, tmp_path) -> None:
     assert all(np.isfinite(t["val_utility"]) for t in trials)
     assert best.hidden in (32, 64, 128) and best.depth in (1, 2, 3)
     assert max(t["val_utility"] for t in trials) > 0.5
+
+
+def test_transfer_applies_a_selector_unchanged(data) -> None:
+    """A selector fitted on one zoo, judged on another (here: a second draw of the same rule,
+    with an extra feature column and one operator fewer) without retraining."""
+    sel = fit_selector(data, SelectorConfig(epochs=300, seed=0))
+    labels, features = synthetic_tables(seed=7, n_models=12)
+    target = build_pair_data(labels, features.with_columns(s_extra=pl.lit(1.0)))
+    report = evaluate_transfer(sel, target)
+    assert report["n"] == len(target) and "majority" not in report["gap_closed"]
+    assert report["selection_accuracy"] > 0.8
+    assert report["gap_closed"]["simmerge"]["mean"] > report["gap_closed"][report["best_fixed_operator"]]["mean"] + 0.1
+    # Only the target's operators compete: the choice is the best predicted among linear and ties.
+    two = build_pair_data(labels.filter(pl.col("operator") != "slerp"), features)
+    sub = evaluate_transfer(sel, two)
+    pred = sel.predict(two.x, two.tasks)[:, [0, 2]]
+    chosen = two.y[np.arange(len(two)), pred.argmax(axis=1)]
+    tasks = np.asarray(two.tasks)
+    assert sub["gap_closed"]["simmerge"]["mean"] == pytest.approx(
+        np.mean([chosen[tasks == t].mean() for t in sorted(set(two.tasks))]))
+    with pytest.raises(ConfigError, match="target feature table: lacks 1 of the selector's 3 features .*s_x2"):
+        evaluate_transfer(sel, target.select_features(["f_noise", "s_x1"]))

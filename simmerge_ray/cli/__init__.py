@@ -11,7 +11,7 @@ from simmerge_ray.errors import SimMergeError
 
 # Modules under simmerge_ray.cli, each adding one or more subcommands.
 COMMAND_MODULES: tuple[str, ...] = (
-    "merge", "convert", "zoo", "features", "probe", "selector", "plan", "plan_batch", "serve", "demo",
+    "merge", "convert", "zoo", "features", "probe", "selector", "plan", "plan_batch", "serve", "demo", "transfer",
 )
 
 

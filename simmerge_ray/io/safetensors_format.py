@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -125,6 +127,60 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], byt
     return entries, metadata, raw
 
 
+@dataclass(frozen=True)
+class FileLayout:
+    """Where every tensor of a safetensors file will sit, known before any data is computed."""
+
+    header: bytes  # the 8-byte length, the JSON header, its padding
+    offsets: dict[str, int]  # absolute file offset of each tensor's first byte
+    size: int  # total file size
+
+
+def file_layout(specs: list[tuple[str, tuple[int, ...], str]], metadata: dict[str, str] | None = None) -> FileLayout:
+    """The layout of a file holding `specs` (name, shape, dtype code) in this order."""
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    rel: dict[str, int] = {}
+    offset = 0
+    for name, shape, dtype in specs:
+        nbytes = DTYPE_BYTES[dtype]
+        for d in shape:
+            nbytes *= d
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        rel[name] = offset
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    head = struct.pack("<Q", len(raw)) + raw
+    return FileLayout(head, {k: len(head) + v for k, v in rel.items()}, len(head) + offset)
+
+
+def preallocate(path: Path, layout: FileLayout) -> None:
+    """Create `path` with its header and its full (sparse) length, for RangeWriters to fill."""
+    with open(path, "wb") as f:
+        f.write(layout.header)
+        f.truncate(layout.size)
+
+
+class RangeWriter:
+    """Writes byte ranges of a preallocated file: several workers fill one output file, each
+    its own tensors or element ranges, at offsets fixed by the file's layout."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_WRONLY)
+
+    def write_at(self, offset: int, part: torch.Tensor) -> None:
+        data = memoryview(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], offset + done)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    abort = close  # the caller owns the file (the merge removes its whole temporary folder)
+
+
 class StreamingWriter:
     """Write a safetensors file one tensor at a time, in a declared order.
 
@@ -136,19 +192,9 @@ class StreamingWriter:
                  metadata: dict[str, str] | None = None) -> None:
         self.path = Path(path)
         self._specs = list(specs)
-        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
-        offset = 0
-        for name, shape, dtype in self._specs:
-            nbytes = DTYPE_BYTES[dtype]
-            for d in shape:
-                nbytes *= d
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
+        layout = file_layout(self._specs, metadata)
         self._f: BinaryIO = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
+        self._f.write(layout.header)
         self._next = 0
         self._done = 0  # elements of the current tensor written so far
 
@@ -194,3 +240,37 @@ class StreamingWriter:
     def abort(self) -> None:
         self._f.close()
         self.path.unlink(missing_ok=True)
+
+
+class BackgroundWriter:
+    """Feeds a RangeWriter from one background thread, in submission order, so the next chunk
+    is computed while this one is written.
+
+    At most one write is left in flight when `write_at` returns: a caller that alternates two
+    output buffers may refill one as soon as it has submitted the other.
+    """
+
+    def __init__(self, writer: RangeWriter) -> None:
+        self.writer = writer
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-writer")
+        self._pending: deque[Future] = deque()
+
+    def write_at(self, offset: int, part: torch.Tensor) -> None:
+        """Write `part` at `offset`; it must not change until the next call returns (or `close`)."""
+        self._pending.append(self._pool.submit(self.writer.write_at, offset, part))
+        while len(self._pending) > 1:
+            self._pending.popleft().result()  # re-raises a failed write here
+
+    def close(self) -> None:
+        """Wait for every write, then close the file."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
+            self.writer.close()
+
+    def abort(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+        self.writer.abort()

@@ -35,11 +35,26 @@ def merge_tensor(spec: MergeSpec, name: str, read: Callable[[str], torch.Tensor]
     base_f32 = base.to(torch.float32) if base is not None else None
     gen = tensor_generator(spec.seed, name) if spec.method.stochastic else None
     out = spec.method.fn(MergeInputs(tensors, base_f32, per_model, options, gen))
-    if not allow_nonfinite and not torch.isfinite(out).all():
-        bad = int((~torch.isfinite(out)).sum())
-        raise MergeError(
-            f"merged tensor {name!r} has {bad} NaN/Inf values ({spec.method.name}); "
-            f"pass --allow-nonfinite to write it anyway"
-        )
+    if not allow_nonfinite:
+        check_finite(out, name, spec.method.name)
     return out
+
+
+def check_finite(values: torch.Tensor, name: str, method: str, *, offset: int = 0) -> None:
+    """Refuse NaN/Inf in a merged tensor (or in its chunk starting at element `offset`).
+
+    A finite sum proves every value finite (NaN and Inf propagate through it) in one reduction;
+    only a non-finite sum, which overflow can also produce, pays for the element-wise check.
+    """
+    if torch.isfinite(values.sum()):
+        return
+    bad = ~torch.isfinite(values)
+    count = int(bad.sum())
+    if count:
+        first = offset + int(bad.reshape(-1).nonzero()[0])
+        where = f" among elements {offset}..{offset + values.numel() - 1}" if offset else ""
+        raise MergeError(
+            f"merged tensor {name!r} has {count} NaN/Inf values{where} (first at flat index {first}; "
+            f"{method}); pass --allow-nonfinite to write it anyway"
+        )
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simmerge_ray.errors import ConfigError
 from simmerge_ray.selector.data import PairData
 from simmerge_ray.selector.folds import Split, group_kfold, leave_one_task_out
 from simmerge_ray.selector.model import Selector, SelectorConfig
@@ -37,15 +38,18 @@ def out_of_fold(data: PairData, splits: list[Split], fit: FitFn) -> tuple[np.nda
     return pred, majority
 
 
-def summarize(data: PairData, pred: np.ndarray, majority: list[str]) -> dict:
-    """Selection accuracy, GapClosed per task and method, and regret."""
+def summarize(data: PairData, pred: np.ndarray, majority: list[str] | None) -> dict:
+    """Selection accuracy, GapClosed per task and method, and regret (`majority`: the
+    majority-class rule's operator per row, None where there is no training part to take it from)."""
     ops = data.operators
     rows = np.arange(len(data))
     pick = pred.argmax(axis=1)
     chosen = data.y[rows, pick]
     oracle = data.y.max(axis=1)
-    maj = data.y[rows, [ops.index(m) for m in majority]]
-    methods = {"simmerge": chosen, "oracle": oracle, "majority": maj, **{o: data.y[:, j] for j, o in enumerate(ops)}}
+    methods = {"simmerge": chosen, "oracle": oracle}
+    if majority is not None:
+        methods["majority"] = data.y[rows, [ops.index(m) for m in majority]]
+    methods |= {o: data.y[:, j] for j, o in enumerate(ops)}
     tasks = sorted(set(data.tasks))
     t_arr = np.asarray(data.tasks)
     gap = {m: {t: float(v[t_arr == t].mean()) for t in tasks} | {"mean": float(np.mean([v[t_arr == t].mean()
@@ -78,6 +82,22 @@ def evaluate_loto(data: PairData, fit: FitFn) -> dict:
     splits = leave_one_task_out(data.tasks)
     pred, maj = out_of_fold(data, list(splits.values()), fit)
     return {"split": "leave one task out", **summarize(data, pred, maj)}
+
+
+def evaluate_transfer(sel: Selector, data: PairData) -> dict:
+    """A fitted selector judged, unchanged, on another zoo's pairs (no retraining).
+
+    The target table must hold every feature of the selector's schema, and its operators must
+    be ones the selector predicts; an unknown task gets no task code, as in leave-one-task-out.
+    """
+    sel.check_schema(data.feature_names, "target feature table")
+    unknown = [o for o in data.operators if o not in sel.operators]
+    if unknown:
+        raise ConfigError(f"target labels have operators the selector does not predict: {', '.join(unknown)}")
+    data = data.select_features(sel.feature_names)
+    pred_all = sel.predict(data.x, data.tasks)
+    pred = pred_all[:, [sel.operators.index(o) for o in data.operators]]
+    return {"split": "transfer: selector fitted on another zoo, applied unchanged", **summarize(data, pred, None)}
 
 
 def fixed_fit(cfg: SelectorConfig) -> FitFn:

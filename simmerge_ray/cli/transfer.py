@@ -1,0 +1,86 @@
+"""`simmerge transfer`: a fitted selector applied, unchanged, to the zoo of a larger model.
+
+The paper fits f_plan on 7B checkpoints and applies it to 111B ones. Here: build the target
+zoo and its pairwise labels with the pipeline's own stages (reused when already done), apply
+the source selector with no retraining, and compare it with the target's fixed operators, its
+oracle and, for reference, a selector fitted on the target zoo itself (held-out pairs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# Pairwise labels only: the multi-way labels are not needed to judge a pairwise selector.
+PAIRWISE_ONLY = ["--subsets-3", "0", "--subsets-4", "0", "--mixed-4", "0"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("transfer", help="apply a fitted selector unchanged to another zoo and judge it")
+    p.add_argument("--selector", required=True, help="selector folder fitted on the source zoo (e.g. runs/demo/selector)")
+    p.add_argument("--zoo-config", "--config", dest="zoo_config", required=True,
+                   help="the target zoo's YAML (e.g. configs/zoo_large.yaml)")
+    p.add_argument("--out", required=True, help="run folder for the target zoo (finished stages are reused)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the in-zoo reference (a selector fitted and judged on the target zoo)")
+    p.add_argument("--tune-samples", type=int, default=6, help="Ray Tune trials of the in-zoo reference")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--address", default=None)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from simmerge_ray.cli.common import init_ray
+    from simmerge_ray.io.atomic import atomic_output_dir
+    from simmerge_ray.pipeline import PipelineSettings
+    from simmerge_ray.pipeline import run as run_pipeline
+    from simmerge_ray.selector.data import load_pair_data
+    from simmerge_ray.selector.evaluate import evaluate_transfer, gap_chart
+    from simmerge_ray.selector.model import Selector
+
+    sel = Selector.load(args.selector)  # fail on a bad folder before hours of zoo building
+    out = Path(args.out).resolve()
+    init_ray(args.address)
+    settings = PipelineSettings(Path(args.zoo_config).resolve(), out, tune_samples=args.tune_samples,
+                                folds=args.folds, seed=args.seed, label_args=PAIRWISE_ONLY)
+    timings = run_pipeline(settings, until="labels" if args.no_reference else "selector_eval")
+    data = load_pair_data(out / "features", out / "labels" / "labels.parquet")
+    report = {
+        "source_selector": str(Path(args.selector).resolve()),
+        "source_rows": sel.meta.get("rows"),
+        "target_zoo_config": str(settings.zoo_config),
+        "transfer": evaluate_transfer(sel, data),
+        "timings": timings,
+    }
+    ref_file = out / "selector_eval" / "selector_report.json"
+    if not args.no_reference and ref_file.exists():
+        report["in_zoo"] = json.loads(ref_file.read_text())["held_out_pairs"]
+    with atomic_output_dir(out / "transfer", overwrite=True) as tmp:
+        (tmp / "transfer.json").write_text(json.dumps(report, indent=2))
+        gap_chart(report["transfer"], tmp / "gap_closed_transfer.png",
+                  "GapClosed on the target zoo, selector fitted on the source zoo")
+    print(format_transfer(report))
+    return 0
+
+
+def format_transfer(report: dict) -> str:
+    """Per-task GapClosed of the transferred selector, the fixed operators, the oracle (and the
+    in-zoo reference), plus accuracy and share of the oracle."""
+    t = report["transfer"]
+    g = t["gap_closed"]
+    tasks = [k for k in g["simmerge"] if k != "mean"] + ["mean"]
+    rows = [("SimMerge (transferred)", g["simmerge"])]
+    if "in_zoo" in report:
+        rows.append(("SimMerge (fitted here)", report["in_zoo"]["gap_closed"]["simmerge"]))
+    rows += [(m, g[m]) for m in ("linear", "slerp", "ties", "oracle") if m in g]
+    lines = [f"transfer to {report['target_zoo_config']} (n={t['n']} pairs): selection accuracy "
+             f"{t['selection_accuracy']:.1%}, {100 * (t['simmerge_share_of_oracle'] or 0):.0f}% of the oracle, "
+             f"{100 * t['simmerge_vs_best_fixed']:+.1f} points vs the best fixed operator ({t['best_fixed_operator']})",
+             f"{'GapClosed %':<24}" + "".join(f"{k:>13}" for k in tasks)]
+    lines += [f"{name:<24}" + "".join(f"{100 * v[k]:>13.1f}" for k in tasks) for name, v in rows]
+    if "in_zoo" in report:
+        lines.append(f"in-zoo reference: selection accuracy {report['in_zoo']['selection_accuracy']:.1%} "
+                     f"({report['in_zoo']['split']})")
+    return "\n".join(lines)
