@@ -12,6 +12,8 @@ interleaved (plain, 1 actor, 2 actors, ..., plain) and the fastest of each kind 
 the host is shared. Steady state = tokens/s after the first batch's records (i.e. without the
 process start, imports and model load). Prints a table, writes JSON.
 Target (from the issue): 1 actor >= 0.85x the plain loop; the 2-actor speed-up is reported.
+A catalog's models share one pool (`run_jobs`), so the start-up measured here is paid once per
+catalog, not once per model.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from simmerge_ray.inference.cache import ProbeCache
 from simmerge_ray.inference.catalog_probes import plan_task
 from simmerge_ray.inference.compact import compact_logprobs, expand_logprobs
 from simmerge_ray.inference.extract import pad_batch, probe_records
-from simmerge_ray.inference.pipeline import run_model_probes
+from simmerge_ray.inference.pipeline import ModelWork, ProbeJob, run_jobs, run_model_probes
 from simmerge_ray.inference.settings import ProbeSettings, RunOptions
 from simmerge_ray.inference.synthetic_lm import make_corpus, make_tiny_lm, train_tokenizer
 from simmerge_ray.probes.errors import ProbeError
@@ -33,7 +33,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tok = train_tokenizer(make_corpus(300, seed=1))
     model = make_tiny_lm(root / "m", tok, seed=3)
     probes = tokenize_probes(make_corpus(10, seed=5, max_words=16), load_tokenizer(model), SETTINGS.max_length)
-    return {"root": root, "model": model, "probes": probes}
+    return {"root": root, "model": model, "probes": probes, "tok": tok}
 
 
 @functools.cache
@@ -146,6 +146,30 @@ def test_batched_pipeline_equals_unpadded_direct_runs(tiny: dict, resumed: dict)
         for k in want:
             assert got[k].shape == want[k].shape
             torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4)
+
+
+def test_one_pool_serves_several_models(tiny: dict, ray_cluster, tmp_path: Path) -> None:
+    """A catalog runs in one actor pool: each actor swaps models as their blocks arrive, and
+    every cache gets its own model's records, none of another's."""
+    probes = tiny["probes"]
+    other = make_tiny_lm(tmp_path / "m2", tiny["tok"], seed=4)
+    caches = [ProbeCache(tmp_path / f"cache{i}") for i in range(3)]
+    short = tokenize_probes(make_corpus(4, seed=9, max_words=8), load_tokenizer(other), SETTINGS.max_length)
+    for cache, p in zip(caches, (probes, probes, short)):
+        cache.write_meta({"num_probes": p.num_probes})
+    work = [ModelWork(tiny["model"], [ProbeJob(probes, caches[0])]),
+            ModelWork(other, [ProbeJob(probes, caches[1]), ProbeJob(short, caches[2])])]
+    seen: list[int] = []
+    reports = run_jobs(work, SETTINGS, RunOptions(num_actors=1, batch_size=4), progress=lambda m, _t: seen.append(m))
+    assert [[r.probes_run for r in m] for m in reports] == [[probes.num_probes], [probes.num_probes, short.num_probes]]
+    assert sorted(seen) == [0] * probes.num_probes + [1] * (probes.num_probes + short.num_probes)
+    for model, cache, p in ((tiny["model"], caches[0], probes), (other, caches[1], probes), (other, caches[2], short)):
+        assert cache.is_complete()
+        for pid in range(p.num_probes):
+            got, want = cache.record(pid), direct_record(model, p.ids[pid])
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(caches[0].record(0)["logp"], caches[1].record(0)["logp"])  # two different models
 
 
 @pytest.mark.slow

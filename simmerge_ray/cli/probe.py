@@ -92,16 +92,16 @@ def probe_from_args(args: argparse.Namespace, *, require_comparable: bool = Fals
     init_ray(args.address)
     bars: list[tqdm] = []
 
-    def on_model(name: str, work: list[ModelProbes]) -> Callable[[int], object]:
-        for bar in bars:
-            bar.close()
-        total = sum(mp.probes.num_tokens for mp in work)
-        cached = sum(len(mp.probes.ids[i]) for mp in work for i in mp.cache.done_ids())
-        bars[:] = [tqdm(total=total, initial=cached, unit="tok", desc=name)]
-        return bars[0].update
+    def on_start(work: dict[str, list[ModelProbes]]) -> Callable[[str, int], object]:
+        """One bar for the catalog's probe tokens (cached ones count as done)."""
+        runs = [mp for models in work.values() for mp in models]
+        total = sum(mp.probes.num_tokens for mp in runs)
+        cached = sum(len(mp.probes.ids[i]) for mp in runs for i in mp.cache.done_ids())
+        bars[:] = [tqdm(total=total, initial=cached, unit="tok", desc=f"{len(work)} models")]
+        return lambda _name, tokens: bars[0].update(tokens)
 
     plans, reports = probe_catalog(catalog, settings, options, cache_dir, tasks=args.tasks,
-                                   require_comparable=require_comparable, on_model=on_model)
+                                   require_comparable=require_comparable, on_start=on_start)
     for bar in bars:
         bar.close()
     return ProbeRun(out, settings, options, plans, reports)

@@ -15,7 +15,7 @@ from pathlib import Path
 from simmerge_ray.catalog import Catalog, ModelEntry
 from simmerge_ray.inference.backend import load_config
 from simmerge_ray.inference.cache import ProbeCache
-from simmerge_ray.inference.pipeline import ProbeJob, RunReport, run_model_jobs
+from simmerge_ray.inference.pipeline import ModelWork, ProbeJob, RunReport, run_jobs
 from simmerge_ray.inference.settings import ProbeSettings, RunOptions, cache_key
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.probes.errors import ProbeError, VocabularyError
@@ -92,10 +92,11 @@ def check_comparable(a: ModelProbes, b: ModelProbes) -> None:
 
 def probe_catalog(catalog: Catalog, settings: ProbeSettings, options: RunOptions, cache_dir: Path, *,
                   tasks: list[str] | None = None, require_comparable: bool = False,
-                  on_model: Callable[[str, list[ModelProbes]], Callable[[int], object] | None] | None = None,
+                  on_start: Callable[[dict[str, list[ModelProbes]]], Callable[[str, int], object] | None] | None = None,
                   ) -> tuple[dict[str, dict[str, ModelProbes]], dict[tuple[str, str], RunReport]]:
-    """Plan every task, then run each model's missing probes of all tasks in one actor pool.
-    Returns the plans and a run report per (task, model).
+    """Plan every task, then run every model's missing probes of all tasks in one actor pool.
+    Returns the plans and a run report per (task, model). `on_start(work per model)` may
+    return a `progress(model name, tokens)` callable.
 
     With `require_comparable`, every pair must share vocabulary and tokenisation (checked before
     any model runs, so a mismatch costs nothing)."""
@@ -107,14 +108,23 @@ def probe_catalog(catalog: Catalog, settings: ProbeSettings, options: RunOptions
             for i, a in enumerate(models):
                 for b in models[i + 1:]:
                     check_comparable(a, b)
+    # All models in one actor pool (start-up paid once); all of a model's tasks in one load.
+    # Tasks with the same probes share a cache key: run those once. DeepSpeed keeps one pool per
+    # model: a ZeRO-3 engine per process, and start-up is small next to loading a model that large.
+    work = [{plan[entry.name].cache.root: plan[entry.name] for plan in plans.values()} for entry in catalog.models]
+    progress = on_start({e.name: list(w.values()) for e, w in zip(catalog.models, work)}) if on_start else None
+    order = list(range(len(work)))
+    groups = [order] if options.backend == "hf" else [[i] for i in order]
+    done: list[list[RunReport]] = [[] for _ in work]
+    for group in groups:
+        reports_of = run_jobs([ModelWork(catalog.models[i].path, [ProbeJob(mp.probes, mp.cache) for mp in work[i].values()])
+                               for i in group], settings, options,
+                              progress=(lambda m, tokens, g=group: progress(catalog.models[g[m]].name, tokens))
+                              if progress else None)
+        for i, r in zip(group, reports_of):
+            done[i] = r
     reports: dict[tuple[str, str], RunReport] = {}
-    for entry in catalog.models:
-        # All of a model's tasks in one actor pool: the model loads once per actor.
-        # Tasks with the same probes share a cache key: run those once.
-        work = {plan[entry.name].cache.root: plan[entry.name] for plan in plans.values()}
-        progress = on_model(entry.name, list(work.values())) if on_model is not None else None
-        done = run_model_jobs(entry.path, [ProbeJob(mp.probes, mp.cache) for mp in work.values()], settings,
-                              options, progress=progress)
-        by_cache = dict(zip(work, done))
+    for entry, w, model_reports in zip(catalog.models, work, done):
+        by_cache = dict(zip(w, model_reports))
         reports.update({(task, entry.name): by_cache[plan[entry.name].cache.root] for task, plan in plans.items()})
     return plans, reports

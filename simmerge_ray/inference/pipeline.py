@@ -1,11 +1,13 @@
-"""The Ray Data probe pipeline for one model: pending probes -> actor pool -> cache chunks.
+"""The Ray Data probe pipeline: pending probes of one or many models -> actor pool -> cache chunks.
 
-`map_batches` with a callable class and `ActorPoolStrategy(size=n)`: each actor loads the model
-once (in `__init__`) and then serves batches; each batch is padded and masked, run, reduced to
-per-probe records and written to the cache as one chunk. Several probe sets of the same model
-(one per task, each with its own cache) share one pool, so a model is loaded once per actor,
-not once per task. Only probes absent from their cache are fed in, so an interrupted run
-resumes where it stopped.
+`map_batches` with a callable class and `ActorPoolStrategy(size=n)`: each batch is padded and
+masked, run, reduced to per-probe records and written to its cache as one chunk. One pool serves
+a whole catalog: rows are grouped by model (a block never mixes models), and an actor loads a
+model when its first block of that model arrives, keeping one model loaded at a time. The
+pool's start-up (a fresh process imports torch and transformers, Ray Data plans the dataset) is
+paid once per catalog, not once per model. Several probe sets of a model (one per task, each
+with its own cache) are served by the same load. Only probes absent from their cache are fed in,
+so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -28,21 +30,32 @@ class InjectedInterruption(RuntimeError):
 
 
 class ProbeWorker:
-    """Callable class for `map_batches`: one model per actor, one cache chunk per batch and job."""
+    """Callable class for `map_batches`: serves batches of any of `model_dirs`, loading a model
+    when a batch of it arrives (one model held at a time); one cache chunk per batch and job."""
 
-    def __init__(self, model_dir: str, cache_dirs: list[str], settings: ProbeSettings, options: RunOptions) -> None:
+    def __init__(self, model_dirs: list[str], cache_dirs: list[list[str]], settings: ProbeSettings,
+                 options: RunOptions) -> None:
         import torch
 
-        from simmerge_ray.inference.backend import load_backend
-
         torch.set_num_threads(max(1, int(options.cpus_per_actor)))
-        self.backend = load_backend(options.backend, Path(model_dir), dtype=settings.dtype,
-                                    nvme_path=options.nvme_path)
-        self.caches = [ProbeCache(Path(d)) for d in cache_dirs]
+        self.model_dirs = model_dirs
+        self.caches = [[ProbeCache(Path(d)) for d in dirs] for dirs in cache_dirs]
         self.settings = settings
+        self.options = options
         self.fail_after = options.fail_after_batches
         self.run_id = uuid.uuid4().hex[:8]
         self.batches_done = 0
+        self.loaded: int | None = None
+        self.backend = None
+
+    def _use(self, model: int) -> None:
+        from simmerge_ray.inference.backend import load_backend
+
+        if model != self.loaded:
+            self.backend = None  # release the previous model before loading the next
+            self.backend = load_backend(self.options.backend, Path(self.model_dirs[model]),
+                                        dtype=self.settings.dtype, nvme_path=self.options.nvme_path)
+            self.loaded = model
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from simmerge_ray.inference.extract import pad_batch, probe_records
@@ -50,15 +63,20 @@ class ProbeWorker:
         if self.fail_after is not None and self.batches_done >= self.fail_after:
             raise InjectedInterruption(f"injected interruption after {self.batches_done} batches")
         seqs = [np.asarray(s).tolist() for s in batch["input_ids"]]
-        ids, mask = pad_batch(seqs)
-        records = probe_records(self.backend.forward(ids, mask), mask, self.settings)
-        per_job: dict[int, dict[int, dict]] = {}
-        for job, pid, rec in zip(batch["job"].tolist(), batch["probe_id"].tolist(), records):
-            per_job.setdefault(job, {})[pid] = rec
-        for job, recs in per_job.items():
-            self.caches[job].write_chunk(recs, self.run_id, self.batches_done)
+        models = batch["model"].tolist()
+        for model in sorted(set(models)):  # one model per batch, as blocks never mix models
+            rows = [i for i, m in enumerate(models) if m == model]
+            self._use(model)
+            ids, mask = pad_batch([seqs[i] for i in rows])
+            records = probe_records(self.backend.forward(ids, mask), mask, self.settings)
+            per_job: dict[int, dict[int, dict]] = {}
+            for i, rec in zip(rows, records):
+                per_job.setdefault(int(batch["job"][i]), {})[int(batch["probe_id"][i])] = rec
+            for job, recs in per_job.items():
+                self.caches[model][job].write_chunk(recs, self.run_id, self.batches_done)
         self.batches_done += 1
-        return {"job": batch["job"], "probe_id": batch["probe_id"], "tokens": np.asarray([len(s) for s in seqs])}
+        return {"model": batch["model"], "job": batch["job"], "probe_id": batch["probe_id"],
+                "tokens": np.asarray([len(s) for s in seqs])}
 
 
 @dataclass(frozen=True)
@@ -81,40 +99,52 @@ class RunReport:
     first_result_tokens: int = 0
 
 
-def _blocks(pending: list[tuple[int, int]], jobs: list[ProbeJob], batch_size: int, max_blocks: int) -> list:
-    """Arrow blocks of whole batches (Ray Data does not form a batch across blocks), at most
-    `max_blocks` of them so a pool of actors has several to share without tiny tasks."""
+@dataclass(frozen=True)
+class ModelWork:
+    """One model and its probe sets."""
+
+    model_dir: Path
+    jobs: list[ProbeJob]
+
+
+def _blocks(pending: list[tuple[int, int, int]], work: list[ModelWork], batch_size: int, max_blocks: int) -> list:
+    """Arrow blocks of whole batches of one model each (Ray Data does not form a batch across
+    blocks), at most `max_blocks` per model so a pool of actors has several to share."""
     import pyarrow as pa
 
-    n_batches = -(-len(pending) // batch_size)
-    rows_per_block = batch_size * -(-n_batches // max_blocks)
     blocks = []
-    for start in range(0, len(pending), rows_per_block):
-        rows = pending[start:start + rows_per_block]
-        blocks.append(pa.table({
-            "job": pa.array([j for j, _ in rows], pa.int64()),
-            "probe_id": pa.array([p for _, p in rows], pa.int64()),
-            "input_ids": pa.array([list(jobs[j].probes.ids[p]) for j, p in rows], pa.list_(pa.int64())),
-        }))
+    for m in sorted({m for m, _, _ in pending}):
+        mine = [r for r in pending if r[0] == m]
+        n_batches = -(-len(mine) // batch_size)
+        rows_per_block = batch_size * -(-n_batches // max_blocks)
+        for start in range(0, len(mine), rows_per_block):
+            rows = mine[start:start + rows_per_block]
+            blocks.append(pa.table({
+                "model": pa.array([r[0] for r in rows], pa.int64()),
+                "job": pa.array([r[1] for r in rows], pa.int64()),
+                "probe_id": pa.array([r[2] for r in rows], pa.int64()),
+                "input_ids": pa.array([list(work[r[0]].jobs[r[1]].probes.ids[r[2]]) for r in rows], pa.list_(pa.int64())),
+            }))
     return blocks
 
 
-def run_model_jobs(model_dir: Path, jobs: list[ProbeJob], settings: ProbeSettings, options: RunOptions, *,
-                   progress: Callable[[int], object] | None = None) -> list[RunReport]:
-    """Run every job's probes missing from its cache through one actor pool; one report per job.
-    `progress(tokens)` is called per finished batch."""
+def run_jobs(work: list[ModelWork], settings: ProbeSettings, options: RunOptions, *,
+             progress: Callable[[int, int], object] | None = None) -> list[list[RunReport]]:
+    """Run every model's probes missing from their caches through one actor pool; a report per
+    model and job. `progress(model, tokens)` is called per finished batch."""
     import ray
 
-    pending = [(j, p) for j, job in enumerate(jobs) for p in sorted(set(range(job.probes.num_probes))
-                                                                    - job.cache.done_ids())]
+    pending = [(m, j, p) for m, w in enumerate(work) for j, job in enumerate(w.jobs)
+               for p in sorted(set(range(job.probes.num_probes)) - job.cache.done_ids())]
     if not pending:
-        return [RunReport(0, 0, 0.0) for _ in jobs]
-    # Longest first, so each batch holds similar lengths (little padding).
-    pending.sort(key=lambda jp: -len(jobs[jp[0]].probes.ids[jp[1]]))
-    ds = ray.data.from_arrow(_blocks(pending, jobs, options.batch_size, 4 * options.num_actors))
+        return [[RunReport(0, 0, 0.0) for _ in w.jobs] for w in work]
+    # By model, then longest first, so each batch holds similar lengths (little padding).
+    pending.sort(key=lambda r: (r[0], -len(work[r[0]].jobs[r[1]].probes.ids[r[2]])))
+    ds = ray.data.from_arrow(_blocks(pending, work, options.batch_size, 4 * options.num_actors))
     out = ds.map_batches(
         ProbeWorker,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "cache_dirs": [str(j.cache.root) for j in jobs],
+        fn_constructor_kwargs={"model_dirs": [str(w.model_dir) for w in work],
+                               "cache_dirs": [[str(j.cache.root) for j in w.jobs] for w in work],
                                "settings": settings, "options": options},
         batch_size=options.batch_size,
         batch_format="numpy",
@@ -124,22 +154,23 @@ def run_model_jobs(model_dir: Path, jobs: list[ProbeJob], settings: ProbeSetting
         **({"memory": options.memory_per_actor} if options.memory_per_actor else {}),
     )
     start = time.perf_counter()
-    probes_run = [0] * len(jobs)
-    tokens_run = [0] * len(jobs)
+    probes_run = [[0] * len(w.jobs) for w in work]
+    tokens_run = [[0] * len(w.jobs) for w in work]
     first: tuple[float, int] | None = None
     for result in out.iter_batches(batch_size=None, batch_format="numpy"):
-        for job, tokens in zip(result["job"].tolist(), result["tokens"].tolist()):
-            probes_run[job] += 1
-            tokens_run[job] += tokens
-        batch_tokens = int(result["tokens"].sum())
-        first = first or (time.perf_counter() - start, batch_tokens)
-        if progress is not None:
-            progress(batch_tokens)
+        for m, job, tokens in zip(result["model"].tolist(), result["job"].tolist(), result["tokens"].tolist()):
+            probes_run[m][job] += 1
+            tokens_run[m][job] += tokens
+            if progress is not None:
+                progress(m, tokens)
+        first = first or (time.perf_counter() - start, int(result["tokens"].sum()))
     seconds = time.perf_counter() - start
-    return [RunReport(probes_run[j], tokens_run[j], seconds, *(first or (0.0, 0))) for j in range(len(jobs))]
+    return [[RunReport(probes_run[m][j], tokens_run[m][j], seconds, *(first or (0.0, 0))) for j in range(len(w.jobs))]
+            for m, w in enumerate(work)]
 
 
 def run_model_probes(model_dir: Path, probes: TokenizedProbes, settings: ProbeSettings, options: RunOptions,
                      cache: ProbeCache, *, progress: Callable[[int], object] | None = None) -> RunReport:
-    """One probe set of one model (see `run_model_jobs`)."""
-    return run_model_jobs(model_dir, [ProbeJob(probes, cache)], settings, options, progress=progress)[0]
+    """One probe set of one model (see `run_jobs`)."""
+    prog = (lambda _m, tokens: progress(tokens)) if progress is not None else None
+    return run_jobs([ModelWork(Path(model_dir), [ProbeJob(probes, cache)])], settings, options, progress=prog)[0][0]
