@@ -1,0 +1,101 @@
+"""Do the planner's later steps ask the selector about inputs it was trained on? (issue 7)
+
+For every labelled 3- and 4-way plan of a finished pipeline run (default: runs/demo), walks
+the plan's steps with the planner's step model and standardises each step's features with the
+selector's own training statistics. It then reports, per step index, how far the step inputs
+sit from the pairwise training rows: the median over steps of the largest |z| across features,
+and the share of steps whose largest |z| exceeds the 99th percentile of the training rows' own.
+Step 1 merges two catalog models, exactly like a training row; steps 2 and 3 start from an
+intermediate merge. It also reports how well the planner's score ranks the measured expert
+retention of the plans of each (task, subset): the mean Spearman correlation over subsets.
+Prints a table, writes JSON.
+
+    python jobs/planner_coverage.py --run runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+from simmerge_ray.io.atomic import atomic_write_text  # noqa: E402
+from simmerge_ray.planner.evaluate import PlanScorer  # noqa: E402
+from simmerge_ray.planner.proxy_accuracy import spearman  # noqa: E402
+from simmerge_ray.planner.request import build_step_model  # noqa: E402
+from simmerge_ray.selector.data import load_pair_data  # noqa: E402
+
+
+def max_abs_z(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Per row, the largest |standardised value| over features (undefined features ignored)."""
+    z = np.abs((x - mean) / scale)
+    return np.nanmax(np.where(np.isfinite(z), z, np.nan), axis=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default="runs/demo", help="a finished pipeline run (selector/, features/, labels/)")
+    args = ap.parse_args()
+    run = Path(args.run).resolve()
+    model = build_step_model(run / "selector", run / "features")
+    sel = model.selector
+    cols = [model.names.index(n) for n in sel.feature_names]
+    train = load_pair_data(run / "features", run / "labels" / "labels.parquet").select_features(sel.feature_names)
+    train_z = max_abs_z(train.x, sel.mean, sel.scale)
+    cut = float(np.nanpercentile(train_z, 99))
+
+    plans = pl.read_parquet(run / "labels" / "labels_multiway.parquet").select(["task", "models", "operators"]).rows()
+    seen: set[tuple] = set()
+    per_step: dict[int, list[float]] = {}
+    for task, models, ops in plans:
+        state = model.start(models[0])
+        for j, (nxt, op) in enumerate(zip(models[1:], ops), start=1):
+            key = (task, tuple(models[:j + 1]), tuple(ops[:j - 1]))  # the step's input: prefix and next model
+            if key not in seen:
+                seen.add(key)
+                x = model.features([state], [nxt], task)[:, cols]
+                per_step.setdefault(j, []).append(float(max_abs_z(x, sel.mean, sel.scale)[0]))
+            state = model.extend(state, nxt, op)
+
+    # Within each labelled (task, subset): predicted score against measured retention.
+    scorer = PlanScorer(model)
+    groups: dict[tuple, list[tuple[float, float]]] = {}
+    for task, models, ops, k, ret in pl.read_parquet(run / "labels" / "labels_multiway.parquet").select(
+            ["task", "models", "operators", "k", "expert_retention"]).rows():
+        groups.setdefault((k, task, tuple(sorted(models))), []).append((scorer.score(models, ops, task), ret))
+    rank: dict[str, list[float]] = {}
+    for (k, _, _), pairs in groups.items():
+        rho = spearman(np.array([p for p, _ in pairs]), np.array([r for _, r in pairs]))
+        if rho == rho:
+            rank.setdefault(f"{k}way", []).append(rho)
+
+    report = {"run": str(run), "training_rows": len(train), "training_max_abs_z_p99": cut,
+              "score_vs_retention_spearman": {k: {"groups": len(v), "mean": float(np.mean(v)),
+                                                  "share_positive": float(np.mean(np.asarray(v) > 0))}
+                                              for k, v in sorted(rank.items())},
+              "training_max_abs_z_median": float(np.nanmedian(train_z)), "steps": {}}
+    for j, vals in sorted(per_step.items()):
+        v = np.asarray(vals)
+        report["steps"][str(j)] = {"inputs": len(v), "max_abs_z_median": float(np.median(v)),
+                                   "share_beyond_training_p99": float((v > cut).mean())}
+    atomic_write_text(run / "multiway" / "planner_coverage.json", json.dumps(report, indent=2))
+    print(f"\nselector training rows: {len(train)}; their largest |z| per row: median "
+          f"{report['training_max_abs_z_median']:.2f}, 99th percentile {cut:.2f}")
+    print(f"{'step':>5}{'distinct inputs':>17}{'median largest |z|':>20}{'share beyond training p99':>28}")
+    for j, r in report["steps"].items():
+        print(f"{j:>5}{r['inputs']:>17}{r['max_abs_z_median']:>20.2f}{100 * r['share_beyond_training_p99']:>27.1f}%")
+    for k, r in report["score_vs_retention_spearman"].items():
+        print(f"{k}: planner score vs measured retention within a subset: mean Spearman {r['mean']:+.3f} "
+              f"over {r['groups']} (task, subset) groups, positive in {100 * r['share_positive']:.0f}%")
+    print(f"\nwrote {run / 'multiway' / 'planner_coverage.json'}")
+
+
+if __name__ == "__main__":
+    main()
