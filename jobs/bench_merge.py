@@ -6,7 +6,7 @@ the whole process tree every 50 ms: PSS counts shared pages once, so a Ray drive
 workers and a single mergekit process are measured on the same footing. `simmerge merge` runs
 twice per worker count: cold (the command starts a local Ray, as on a laptop) and joining a
 running Ray cluster (as a `ray job submit` does; the cluster's daemons and workers are counted
-in its memory). The inputs are read once before timing, so every tool starts from a warm page
+in its memory); and once with `--in-process` (one worker in the command's own process, no Ray). The inputs are read once before timing, so every tool starts from a warm page
 cache. Prints a table and writes JSON.
 
     python jobs/bench_merge.py --size-gb 1.5 --out runs/bench
@@ -75,6 +75,7 @@ def main() -> None:
     runs = {
         "simmerge, 1 worker, cold": (sm + ["--workers", "1"], None),
         "simmerge, 2 workers, cold": (sm + ["--workers", "2"], None),
+        "simmerge --in-process (no Ray)": (sm + ["--in-process"], None),
         "simmerge, 1 worker, on a cluster": (sm + ["--workers", "1"], "cluster"),
         "simmerge, 2 workers, on a cluster": (sm + ["--workers", "2"], "cluster"),
         "mergekit-yaml": ([str(bin_dir / "mergekit-yaml"), str(cfg_path)], None),

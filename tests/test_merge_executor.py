@@ -79,8 +79,9 @@ def test_worker_count_and_crash_do_not_change_bytes(ray_cluster, models: Path, t
         del os.environ[CRASH_ONCE_ENV]
     assert marker.exists(), "the fault was not injected"
     assert res.shards >= 3
+    run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "local", dataclasses.replace(opts, in_process=True))
     one = _bytes(tmp_path / "one")
-    assert one == _bytes(tmp_path / "two") == _bytes(tmp_path / "crash")
+    assert one == _bytes(tmp_path / "two") == _bytes(tmp_path / "crash") == _bytes(tmp_path / "local")
     run_merge(MergeSpec.load(cfg, seed=8), tmp_path / "seed8", opts)
     assert _bytes(tmp_path / "seed8") != one  # the seed matters
 
@@ -104,8 +105,16 @@ def test_tensors_split_across_workers_give_the_same_bytes(ray_cluster, models: P
     finally:
         del os.environ[CRASH_ONCE_ENV]
     assert marker.exists(), "the fault was not injected"
-    assert _bytes(tmp_path / "one") == _bytes(tmp_path / "split") == _bytes(tmp_path / "crash")
+    threads = torch.get_num_threads()
+    local = run_merge(MergeSpec.load(cfg), tmp_path / "local", dataclasses.replace(split, in_process=True))
+    assert torch.get_num_threads() == threads  # the in-process merge leaves the caller's torch as it was
+    assert {u["pid"] for u in local.per_unit} == {os.getpid()}
+    assert _bytes(tmp_path / "one") == _bytes(tmp_path / "split") == _bytes(tmp_path / "crash") == _bytes(tmp_path / "local")
     assert res.bytes_read == one.bytes_read == 3 * Checkpoint.open(models / "m1").nbytes
+    assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "cli"), "--in-process"]) == 0
+    assert _bytes(tmp_path / "cli") == _bytes(tmp_path / "one")
+    assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "bad"), "--in-process", "--workers", "2"]) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 def test_work_units_cover_every_tensor_once() -> None:

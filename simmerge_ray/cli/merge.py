@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of stochastic methods (DARE)")
     p.add_argument("--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of failing")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--in-process", action="store_true",
+                   help="merge in this process without Ray (one worker, no retries): skips starting a "
+                        "local Ray for a laptop-sized merge; the output bytes are the same")
     p.set_defaults(func=run)
 
 
@@ -34,8 +37,10 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.config) == bool(args.plan):
         raise ConfigError("give either a CONFIG.yaml or --plan PLAN.json")
+    if args.in_process and (args.address or (args.workers or 1) > 1):
+        raise ConfigError("--in-process runs one worker in this process: drop --address and --workers")
     ask = streaming_ask()
-    opts = ExecOptions(workers=args.workers or max_actors(2),
+    opts = ExecOptions(workers=1 if args.in_process else args.workers or max_actors(2), in_process=args.in_process,
                        cpus_per_worker=args.cpus_per_worker or ask.num_cpus,
                        memory_per_worker=ask.memory,
                        shard_bytes=parse_bytes(args.shard_size, what="--shard-size"),
@@ -43,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plan:
         return _run_plan(args, opts)
     spec = MergeSpec.load(args.config, seed=args.seed)
-    init_ray(args.address)
+    if not args.in_process:
+        init_ray(args.address)
     res = run_merge(spec, args.out, opts)
     print(f"merged {len(spec.inputs)} models with {spec.method.name}: {res.tensors} tensors in "
           f"{res.shards} shard(s) -> {res.out}")
@@ -66,7 +72,8 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
         raise ConfigError(f"{plan_file}: plan file not found")
     plan = Plan.from_json(plan_file.read_text(), str(plan_file))
     catalog = Catalog.load(args.catalog)
-    init_ray(args.address)
+    if not args.in_process:
+        init_ray(args.address)
     results = execute_plan(plan, catalog, Path(args.out), opts, out_dtype=args.dtype)
     total = sum(r.seconds for r in results)
     print(f"executed {len(results)} step(s) of {' -> '.join(plan.models)} "

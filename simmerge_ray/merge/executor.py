@@ -53,6 +53,9 @@ class ExecOptions:
     chunk_elems: int = 1024**2
     # Elements per work unit; None: about a quarter of each worker's share, at least 16M.
     unit_elems: int | None = None
+    # Merge in this process, one unit after another, without Ray: no cluster start-up for a
+    # local single-worker merge, and no retries (a crash ends the command). Same bytes.
+    in_process: bool = False
     allow_nonfinite: bool = False
     overwrite: bool = False
     max_retries: int = 3
@@ -337,30 +340,12 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
         partial = {p.file: tmp / (p.file + ".partial") for p in plans}
         for p in plans:
             preallocate(partial[p.file], layouts[p.file])
-        worker_cls = ray.remote(UnitMerger).options(
-            num_cpus=opts.cpus_per_worker,
-            memory=opts.memory_per_worker,
-            max_restarts=opts.max_retries,
-            max_task_retries=opts.max_retries,
-            runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == CRASH_ONCE_ENV}} or None,
-        )
-        n_workers = max(1, min(opts.workers, len(units)))
-        workers = [worker_cls.remote(spec, opts.cpus_per_worker, opts.stream_bytes, opts.chunk_elems)
-                   for _ in range(n_workers)]
-        try:
-            # Largest units first, round robin: the pool finishes close together.
-            order = sorted(range(len(units)), key=lambda i: -units[i].elems)
-            futures = [workers[k % n_workers].run.remote(units[i], str(partial[units[i].file]), opts.allow_nonfinite)
-                       for k, i in enumerate(order)]
-            stats = ray.get(futures)
-        except ray.exceptions.RayTaskError as e:
-            cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else None
-            if isinstance(cause, (MergeError, CheckpointError)):
-                raise cause from None
-            raise
-        finally:
-            for w in workers:
-                ray.kill(w)
+        # Largest units first: a pool finishes close together.
+        order = sorted(range(len(units)), key=lambda i: -units[i].elems)
+        if opts.in_process:
+            stats = _run_in_process(spec, opts, [units[i] for i in order], partial)
+        else:
+            stats = _run_on_ray(spec, opts, [units[i] for i in order], partial)
         with ThreadPoolExecutor(max_workers=4) as pool:  # make every shard durable, then publish it
             list(pool.map(_sync, partial.values()))
         for p in plans:
@@ -377,6 +362,41 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
         units=len(units),
         per_unit=stats,
     )
+
+
+def _run_on_ray(spec: MergeSpec, opts: ExecOptions, units: list[WorkUnit], partial: dict[str, Path]) -> list[dict]:
+    """Units round robin over a pool of restartable actors; a lost worker's unit is retried."""
+    worker_cls = ray.remote(UnitMerger).options(
+        num_cpus=opts.cpus_per_worker,
+        memory=opts.memory_per_worker,
+        max_restarts=opts.max_retries,
+        max_task_retries=opts.max_retries,
+        runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == CRASH_ONCE_ENV}} or None,
+    )
+    n_workers = max(1, min(opts.workers, len(units)))
+    workers = [worker_cls.remote(spec, opts.cpus_per_worker, opts.stream_bytes, opts.chunk_elems)
+               for _ in range(n_workers)]
+    try:
+        futures = [workers[k % n_workers].run.remote(u, str(partial[u.file]), opts.allow_nonfinite)
+                   for k, u in enumerate(units)]
+        return ray.get(futures)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else None
+        if isinstance(cause, (MergeError, CheckpointError)):
+            raise cause from None
+        raise
+    finally:
+        for w in workers:
+            ray.kill(w)
+
+
+def _run_in_process(spec: MergeSpec, opts: ExecOptions, units: list[WorkUnit], partial: dict[str, Path]) -> list[dict]:
+    threads = torch.get_num_threads()
+    try:
+        merger = UnitMerger(spec, opts.cpus_per_worker, opts.stream_bytes, opts.chunk_elems)
+        return [merger.run(u, str(partial[u.file]), opts.allow_nonfinite) for u in units]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _sync(path: Path) -> None:
