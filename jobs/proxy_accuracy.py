@@ -1,7 +1,8 @@
 """How far the planner's propagated features are from those of merges actually built (issue 7).
 
 On a finished pipeline run (default: the demo's, runs/demo), samples expert/auxiliary pairs
-(A, B), builds M = op(A, B) for every operator with the planner's step parameters, and measures
+(A, B), builds M = op(A, B) for every operator as a one-step plan through the merge engine (the
+planner's step parameters), and measures
 the real features of (M, C) on A's task for every other catalog model C with the project's own
 commands (`simmerge features structural` and `features functional`, probe outputs of the
 catalog's models reused from the run's cache). The planner's values for the same rows come from
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,19 +28,18 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 import yaml  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 
 from simmerge_ray.catalog import Catalog  # noqa: E402
-from simmerge_ray.io.atomic import atomic_output_dir, atomic_write_text  # noqa: E402
-from simmerge_ray.io.side_files import copy_tokenizer  # noqa: E402
+from simmerge_ray.io.atomic import atomic_write_text  # noqa: E402
+from simmerge_ray.merge.executor import ExecOptions  # noqa: E402
 from simmerge_ray.pipeline import run_command  # noqa: E402
-from simmerge_ray.planner.plan import STEP_PARAMS  # noqa: E402
+from simmerge_ray.planner.execute import execute_plan  # noqa: E402
+from simmerge_ray.planner.plan import STEP_PARAMS, Plan  # noqa: E402
 from simmerge_ray.planner.propagate import (  # noqa: E402
     PROXY_PREFIXES, GramTable, PairLookup, initial_state, proxy_features, step_state, structural_features,
 )
 from simmerge_ray.planner.proxy_accuracy import compare_columns, summarize_families  # noqa: E402
 from simmerge_ray.selector.data import feature_columns  # noqa: E402
-from simmerge_ray.testbed.merging import merge_state_dicts  # noqa: E402
 
 HEADLINE = ("s_weight_cos", "s_tv_cos", "s_l2", "s_sign_agree", "f_kl_ab_mean", "f_kl_ba_mean",
             "f_act_cos_mean", "f_attn_cos_mean")
@@ -53,18 +52,10 @@ def sample_pairs(cat: Catalog, n: int, seed: int) -> list[tuple[str, str, str]]:
     return rng.sample(pairs, min(n, len(pairs)))
 
 
-def build_merge(cat: Catalog, a: str, b: str, op: str, out: Path) -> None:
-    """M = op(A, B) in memory with the planner's step parameters, written as a checkpoint folder."""
-    src = cat.model(a).path
-    sds = [load_file(cat.model(m).path / "model.safetensors") for m in (a, b)]
-    base = load_file(cat.base / "model.safetensors") if cat.base else None
-    merged = merge_state_dicts(op, sds, base, STEP_PARAMS[op])
-    with atomic_output_dir(out, overwrite=True) as tmp:
-        save_file({k: v.contiguous() for k, v in merged.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-        for f in ("config.json", "generation_config.json"):
-            if (src / f).exists():
-                shutil.copy2(src / f, tmp / f)
-        copy_tokenizer(src, tmp)
+def build_merge(cat: Catalog, a: str, b: str, op: str, task: str, out: Path) -> None:
+    """M = op(A, B) as the planner would execute it: a one-step plan through the merge engine
+    (in this process: the merges are tiny), with the planner's step parameters."""
+    execute_plan(Plan(task, [a, b], [op]), cat, out, ExecOptions(in_process=True, overwrite=True))
 
 
 def main() -> None:
@@ -87,7 +78,7 @@ def main() -> None:
             name = f"{op}-{a}-{b}"
             path = out / "merges" / name
             if not (path / "model.safetensors").exists():
-                build_merge(cat, a, b, op, path)
+                build_merge(cat, a, b, op, task, path)
             merges.append((name, a, b, op, task))
     catalog = {
         "base": str(cat.base),

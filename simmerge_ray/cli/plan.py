@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.planner.request import build_step_model, features_file
+from simmerge_ray.planner.request import build_step_model
+from simmerge_ray.selector.data import features_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -112,19 +112,18 @@ def probe_catalog(catalog: Catalog, settings: ProbeSettings, options: RunOptions
     # Tasks with the same probes share a cache key: run those once. DeepSpeed keeps one pool per
     # model: a ZeRO-3 engine per process, and start-up is small next to loading a model that large.
     work = [{plan[entry.name].cache.root: plan[entry.name] for plan in plans.values()} for entry in catalog.models]
-    progress = on_start({e.name: list(w.values()) for e, w in zip(catalog.models, work)}) if on_start else None
-    order = list(range(len(work)))
-    groups = [order] if options.backend == "hf" else [[i] for i in order]
-    done: list[list[RunReport]] = [[] for _ in work]
-    for group in groups:
-        reports_of = run_jobs([ModelWork(catalog.models[i].path, [ProbeJob(mp.probes, mp.cache) for mp in work[i].values()])
-                               for i in group], settings, options,
-                              progress=(lambda m, tokens, g=group: progress(catalog.models[g[m]].name, tokens))
-                              if progress else None)
-        for i, r in zip(group, reports_of):
-            done[i] = r
+    names = [entry.name for entry in catalog.models]
+    progress = on_start(dict(zip(names, (list(w.values()) for w in work)))) if on_start else None
+    model_work = [ModelWork(entry.path, [ProbeJob(mp.probes, mp.cache) for mp in w.values()])
+                  for entry, w in zip(catalog.models, work)]
+    pools = [list(range(len(work)))] if options.backend == "hf" else [[i] for i in range(len(work))]
+    done: dict[int, list[RunReport]] = {}
+    for pool in pools:
+        ran = run_jobs([model_work[i] for i in pool], settings, options,
+                       progress=(lambda m, tokens, pool=pool: progress(names[pool[m]], tokens)) if progress else None)
+        done.update(zip(pool, ran))
     reports: dict[tuple[str, str], RunReport] = {}
-    for entry, w, model_reports in zip(catalog.models, work, done):
-        by_cache = dict(zip(w, model_reports))
+    for i, (entry, w) in enumerate(zip(catalog.models, work)):
+        by_cache = dict(zip(w, done[i]))
         reports.update({(task, entry.name): by_cache[plan[entry.name].cache.root] for task, plan in plans.items()})
     return plans, reports

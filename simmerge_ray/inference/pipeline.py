@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +114,8 @@ def _blocks(pending: list[tuple[int, int, int]], work: list[ModelWork], batch_si
     import pyarrow as pa
 
     blocks = []
-    for m in sorted({m for m, _, _ in pending}):
-        mine = [r for r in pending if r[0] == m]
+    for _, group in groupby(pending, key=lambda r: r[0]):  # `pending` is sorted by model
+        mine = list(group)
         n_batches = -(-len(mine) // batch_size)
         rows_per_block = batch_size * -(-n_batches // max_blocks)
         for start in range(0, len(mine), rows_per_block):

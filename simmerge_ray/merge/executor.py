@@ -104,12 +104,12 @@ class WorkUnit:
         return sum(p.count for p in self.pieces)
 
 
-def plan_units(shards: list[ShardPlan], layouts: dict, splittable, unit_elems: int) -> list[WorkUnit]:
+def plan_units(shards: list[ShardPlan], layouts: dict, split: bool, unit_elems: int) -> list[WorkUnit]:
     """Cut every shard into units of about `unit_elems` elements, in file order.
 
-    A tensor larger than a unit is split into element ranges when `splittable(name)` (fixed
-    linear combinations: every element is merged on its own); otherwise it is one piece.
-    Units never span two files.
+    With `split` (an elementwise method, see MergeMethod.elementwise) a tensor larger than a
+    unit is cut into element ranges; otherwise it is one piece (SLERP needs the whole tensor's
+    Gram matrix, TIES/DARE rank or sample over it). Units never span two files.
     """
     units: list[WorkUnit] = []
     for shard in shards:
@@ -118,7 +118,7 @@ def plan_units(shards: list[ShardPlan], layouts: dict, splittable, unit_elems: i
         size = 0
         for name, shape, code in shard.tensors:
             numel = int(np.prod(shape, dtype=np.int64))
-            step = unit_elems if splittable(name) and numel > unit_elems else max(numel, 1)
+            step = unit_elems if split and numel > unit_elems else max(numel, 1)
             for start in range(0, max(numel, 1), step):
                 k = min(step, numel - start)
                 if cur and size + k > unit_elems:
@@ -229,10 +229,10 @@ class UnitMerger:
         arithmetic), and for SLERP when the tensor's float32 working set exceeds the budget (its
         coefficients need a first pass over the chunks for the Gram matrix)."""
         method = self.spec.method
+        if method.elementwise:
+            return True
         if method.combination is None:
             return False
-        if not method.combination_needs_gram:
-            return True
         numel = next(iter(self.ckpts.values())).entries[name].numel
         return 4 * numel * (len(self.ckpts) + 2) > self.stream_bytes
 
@@ -316,14 +316,6 @@ class UnitMerger:
             os._exit(1)
 
 
-def splittable(spec: MergeSpec):
-    """Tensors whose elements merge independently with fixed coefficients can be cut into
-    element ranges (linear, task arithmetic; not SLERP, whose coefficients need the whole
-    tensor's Gram matrix, nor TIES/DARE, which rank or sample over the whole tensor)."""
-    method = spec.method
-    return lambda name: method.combination is not None and not method.combination_needs_gram
-
-
 def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions()) -> MergeResult:
     """Merge `spec` into the folder `out` (written beside it, renamed when complete)."""
     t0 = time.perf_counter()
@@ -334,7 +326,7 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
     layouts = {p.file: file_layout(list(p.tensors), {"format": "pt"}) for p in plans}
     total = sum(e.numel for e in ref.entries.values())
     unit_elems = opts.unit_elems or max(total // (4 * max(1, opts.workers)), 1 << 24)
-    units = plan_units(plans, layouts, splittable(spec), unit_elems)
+    units = plan_units(plans, layouts, spec.method.elementwise, unit_elems)
     out = Path(out)
     with atomic_output_dir(out, overwrite=opts.overwrite) as tmp:
         partial = {p.file: tmp / (p.file + ".partial") for p in plans}

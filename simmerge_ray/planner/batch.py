@@ -36,7 +36,8 @@ import pyarrow.compute as pc
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError, SimMergeError
 from simmerge_ray.io.atomic import atomic_output_dir, atomic_write_text
-from simmerge_ray.planner.request import PlanRequest, build_step_model, features_file, plan_request, write_plans
+from simmerge_ray.planner.request import PlanRequest, build_step_model, plan_request, write_plans
+from simmerge_ray.selector.data import features_file
 
 CACHE_VERSION = 1  # bump when a change to the planner changes plans: old cache entries are ignored
 PENDING = "pending"  # internal status: valid and not in the cache yet

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.planner.search import Objective, SearchResult, SearchSpace, StepModel, search
+from simmerge_ray.selector.data import features_file
 
 
 class PlanRequest(BaseModel):
@@ -135,8 +136,3 @@ def build_step_model(selector_dir: str | Path, features_dir: str | Path, aux_sel
     grams = GramTable.load(Path(features_dir))
     aux = Selector.load(aux_selector_dir) if aux_selector_dir else None
     return SelectorStepModel(Selector.load(selector_dir), grams, feats, aux)
-
-
-def features_file(features: str | Path) -> Path:
-    p = Path(features)
-    return p / "features.parquet" if p.is_dir() else p

@@ -96,15 +96,19 @@ def build_pair_data(labels: pl.DataFrame, features: pl.DataFrame, *,
                     names, list(ops))
 
 
+def features_file(features: str | Path) -> Path:
+    """The feature table of a features folder, or the parquet file given."""
+    p = Path(features)
+    return p / "features.parquet" if p.is_dir() else p
+
+
 def load_pair_data(features: str | Path, labels: str | Path, target: str = "gap_closed") -> PairData:
     """PairData from a features folder (or parquet file) and a labels parquet.
 
     `target` picks the utility: `gap_closed` (the expert's side) or `aux_gap_closed`.
     """
-    fpath = Path(features)
-    fpath = fpath / "features.parquet" if fpath.is_dir() else fpath
     try:
-        feats, labs = pl.read_parquet(fpath), pl.read_parquet(labels)
+        feats, labs = pl.read_parquet(features_file(features)), pl.read_parquet(labels)
     except FileNotFoundError as e:
         raise ConfigError(f"{e.filename}: not found") from None
     if target != "gap_closed":

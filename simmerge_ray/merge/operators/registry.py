@@ -68,6 +68,12 @@ class MergeMethod:
     doc: str = ""
     aliases: tuple[str, ...] = field(default=())
 
+    @property
+    def elementwise(self) -> bool:
+        """Every element merges on its own with coefficients known before any read (linear, task
+        arithmetic): a tensor can be merged, and split between workers, by element range."""
+        return self.combination is not None and not self.combination_needs_gram
+
     def param(self, name: str) -> Param:
         for p in self.params:
             if p.name == name:
