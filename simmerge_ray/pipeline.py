@@ -88,15 +88,15 @@ def stages(s: PipelineSettings) -> list[Stage]:
 
 def run(s: PipelineSettings, *, echo: Callable[[str], None] = print, until: str | None = None) -> dict[str, float]:
     """Run every stage, or those up to `until` (skipping finished ones); returns seconds per stage."""
-    s.out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    upstream: list[str] = []
     all_stages = stages(s)
     if until is not None:
         names = [st.name for st in all_stages]
         if until not in names:
             raise SimMergeError(f"no pipeline stage {until!r}; stages: {', '.join(names)}")
         all_stages = all_stages[:names.index(until) + 1]
+    s.out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    upstream: list[str] = []
     for i, st in enumerate(all_stages, start=1):
         key = _digest([st.name, *st.inputs, *upstream])
         marker = s.out / f".stage-{st.name}.json"  # the digest of this stage's inputs

@@ -86,7 +86,8 @@ def test_worker_count_and_crash_do_not_change_bytes(ray_cluster, models: Path, t
     assert _bytes(tmp_path / "seed8") != one  # the seed matters
 
 
-def test_tensors_split_across_workers_give_the_same_bytes(ray_cluster, models: Path, tmp_path: Path) -> None:
+def test_tensors_split_across_workers_give_the_same_bytes(ray_cluster, models: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """Linear and task arithmetic cut large tensors into element ranges written by different
     workers at their offsets in one shard; the file equals the single-worker one, crash or not."""
     cfg = _config(models, "ta", {"merge_method": "task_arithmetic", "base_model": "base", "dtype": "bfloat16",
@@ -113,7 +114,9 @@ def test_tensors_split_across_workers_give_the_same_bytes(ray_cluster, models: P
     assert res.bytes_read == one.bytes_read == 3 * Checkpoint.open(models / "m1").nbytes
     assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "cli"), "--in-process"]) == 0
     assert _bytes(tmp_path / "cli") == _bytes(tmp_path / "one")
+    capsys.readouterr()
     assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "bad"), "--in-process", "--workers", "2"]) == 2
+    assert "--in-process runs one worker in this process: drop --address and --workers" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from simmerge_ray import resources
+from simmerge_ray.errors import SimMergeError
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 
@@ -244,6 +245,15 @@ def test_whole_pipeline_job_on_the_tiny_testbed(ray_head: RayHead, tmp_path: Pat
 
 
 # ---- the shared entry code, in-process (no Ray needed before these fail) ------------------------
+
+def test_pipeline_refuses_an_unknown_stage_before_writing(tmp_path: Path) -> None:
+    from simmerge_ray.pipeline import PipelineSettings, run
+
+    settings = PipelineSettings(REPO / "configs" / "zoo_tiny.yaml", tmp_path / "run")
+    with pytest.raises(SimMergeError, match=r"no pipeline stage 'label'; stages: zoo, structural, functional, labels,"):
+        run(settings, until="label")
+    assert not (tmp_path / "run").exists()
+
 
 def test_stage_not_in_this_version_exits_with_a_clear_message(monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:

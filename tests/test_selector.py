@@ -133,3 +133,6 @@ def test_transfer_applies_a_selector_unchanged(data) -> None:
         np.mean([chosen[tasks == t].mean() for t in sorted(set(two.tasks))]))
     with pytest.raises(ConfigError, match="target feature table: lacks 1 of the selector's 3 features .*s_x2"):
         evaluate_transfer(sel, target.select_features(["f_noise", "s_x1"]))
+    extra = labels.filter(pl.col("operator") == "linear").with_columns(operator=pl.lit("dare_linear"))
+    with pytest.raises(ConfigError, match="target labels have operators the selector does not predict: dare_linear"):
+        evaluate_transfer(sel, build_pair_data(labels.vstack(extra), features))
