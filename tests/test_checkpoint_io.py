@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -40,6 +41,26 @@ def test_index_and_reads_match_safetensors(sharded: Path) -> None:
         assert torch.equal(got, t)
     assert ck.num_layers == 2
     assert ck.nbytes == sum(t.numel() * 2 for t in reference.values())
+
+
+def test_mapped_ranges_equal_reads(sharded: Path) -> None:
+    """Zero-copy views of the mapped shards equal positioned reads, at any offset, before and
+    after the consumed pages are released; a Checkpoint with live mappings still pickles."""
+    ck = Checkpoint.open(sharded)
+    for name, entry in ck.entries.items():
+        n = entry.numel
+        for start, count in [(0, n), (n // 3, n - n // 3), (n - 1, 1), (n // 2, 0)]:
+            view = ck.map_range(name, start, count)
+            assert view.dtype == torch.bfloat16 and view.numel() == count
+            assert torch.equal(view.clone(), ck.read_range(name, start, count))
+        ck.release_range(name, 0, n)
+        assert torch.equal(ck.map_range(name, 0, n).clone(), ck.read(name).reshape(-1))  # re-faulted
+    clone = pickle.loads(pickle.dumps(ck))
+    assert clone.entries == ck.entries and not clone._maps
+    name = next(iter(ck.entries))
+    assert torch.equal(clone.map_range(name, 0, 5).clone(), ck.read_range(name, 0, 5))
+    with pytest.raises(CheckpointError, match=rf"range \[3, \d+\) outside tensor '{name}'"):
+        ck.map_range(name, 3, ck.entries[name].numel)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.cli import main as cli_main
 from simmerge_ray.errors import CheckpointError, ConfigError
+from simmerge_ray.features import gram_kernel
 from simmerge_ray.features.gram_math import FEATURES, GramAccumulator, PairStats, pair_features, raw_gram
 from simmerge_ray.features.module_groups import GROUPS, depth_third, module_group
 from simmerge_ray.features.structural import StructuralOptions, compute_structural
@@ -23,7 +24,7 @@ from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, make_confi
 
 SPEC = SyntheticSpec(architecture="qwen2", hidden_size=32, num_layers=4, num_heads=4, vocab_size=64,
                      max_shard_bytes=24_000)  # several shards per model
-OPTS = StructuralOptions(workers=1, chunk_elems=1000)  # chunks end mid-tensor
+OPTS = StructuralOptions(workers=1, chunk_elems=1000, precision="float64")  # chunks end mid-tensor; exact
 
 
 def _spec(**kw) -> SyntheticSpec:
@@ -76,16 +77,30 @@ def _brute(root: Path, models: list[str], base: str | None, tensors: list[str]) 
     return out
 
 
-def _assert_matches(df: pl.DataFrame, expect: dict, suffix: str, has_base: bool) -> None:
+# (relative, absolute) per feature; float32 errors scale with the norms, so a cosine near 0 needs
+# the absolute bound.
+TOL = {"float64": (1e-9, 1e-12), "float32": (1e-5, 1e-7)}
+
+
+def _assert_matches(df: pl.DataFrame, expect: dict, suffix: str, has_base: bool,
+                    tol: tuple[float, float] = TOL["float64"]) -> None:
     rows = {(r["a"], r["b"]): r for r in df.iter_rows(named=True)}
     assert set(rows) == set(expect)
     for pair, want in expect.items():
         for f in FEATURES:
             got = rows[pair][f"s_{f}{suffix}"]
             if f in want:
-                assert got == pytest.approx(want[f], rel=1e-9, abs=1e-12), (pair, f, suffix)
+                assert got == pytest.approx(want[f], rel=tol[0], abs=tol[1]), (pair, f, suffix)
             else:
                 assert got is None and not has_base, (pair, f, suffix)
+
+
+def _assert_gram(got: np.ndarray, want: np.ndarray, precision: str) -> None:
+    """float64: relative 1e-12 per entry; float32: 1e-6 of the largest squared norm."""
+    if precision == "float64":
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    else:
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.diag(want).max())
 
 
 def _scopes(tensors: list[str], num_layers: int) -> dict[str, list[str]]:
@@ -117,26 +132,78 @@ def test_module_groups_and_thirds() -> None:
         depth_third(4, 4)
 
 
+PATHS = [("kernel", "float64"), ("kernel", "float32"), ("torch", "float64")]
+
+
+@pytest.mark.parametrize("path,precision", PATHS)
 @pytest.mark.parametrize("cols", [[0, 1, 2, 3, 4], [2], [1, 4]])
-def test_accumulator_columns_equal_full_gram(cols: list[int]) -> None:
-    """Chunked accumulation of any column subset equals numpy on the whole centred matrix."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16, torch.float32])
+def test_accumulator_columns_equal_full_gram(path: str, precision: str, cols: list[int], dtype: torch.dtype) -> None:
+    """Chunked accumulation of any column subset, on the fused kernel in either precision and on
+    the torch path, equals numpy on the whole centred matrix; sign counts are exact everywhere.
+    Chunks (700) and the tensor (2,501) end mid-block, and the reference is not the last row."""
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((5, 2500)) * np.array([[1.0], [1.0], [1.0], [1.0], [3.0]])
-    x[:4, :300] = x[4, :300]  # some task-vector coordinates exactly zero
-    ref = 4
-    acc = GramAccumulator(5, ref, cols, signed=True)
-    for s in range(0, 2500, 700):
-        acc.add(torch.from_numpy(x[:, s:s + 700].copy()))
-    z = x - x[ref]
-    z[ref] = x[ref]
-    np.testing.assert_allclose(acc.gram.numpy(), (z @ z.T)[:, cols], rtol=1e-12)
+    x = rng.standard_normal((5, 2501)) * np.array([[1.0], [1.0], [1.0], [1.0], [3.0]])
+    ref = 3
+    x[:, :300] = x[ref, :300]  # some task-vector coordinates exactly zero
+    stored = torch.from_numpy(x).to(dtype)
+    acc = GramAccumulator(5, ref, cols, signed=True, use_kernel=path == "kernel", precision=precision)
+    assert acc.uses_kernel == (path == "kernel")  # the compiler is there: the kernel must build
+    for s in range(0, 2501, 700):
+        acc.add_parts([stored[i, s:s + 700] for i in range(5)])
+    xs = stored.double().numpy()
+    z = xs - xs[ref]
+    z[ref] = xs[ref]
+    gram, agree, disagree = acc.result()
+    want = (z @ z.T)[:, cols]
+    if precision == "float64":
+        np.testing.assert_allclose(gram, want, rtol=1e-12)
+    else:  # float32 products: error relative to the rows' norms
+        norms = np.sqrt(np.outer(np.diag(z @ z.T), np.diag(z @ z.T)))[:, cols]
+        assert np.abs(gram - want).max() / norms.max() < 1e-6
+        assert np.abs(gram - want).max() > 0 or dtype == torch.float16  # it is float32 arithmetic
     sgn = np.sign(z)
     sgn[ref] = 0
-    agree, disagree = acc.counts()
     prod = sgn[:, None, :] * sgn[None, cols, :]
     np.testing.assert_array_equal(agree, (prod > 0).sum(-1))
     np.testing.assert_array_equal(disagree, (prod < 0).sum(-1))
-    assert raw_gram(z @ z.T, ref) == pytest.approx(x @ x.T, rel=1e-12)
+    assert (agree + disagree).min() < 2201  # the zeroed coordinates were not counted
+
+
+def test_raw_gram_from_centred() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 50))
+    z = x - x[2]
+    z[2] = x[2]
+    assert raw_gram(z @ z.T, 2) == pytest.approx(x @ x.T, rel=1e-12)
+
+
+def test_kernel_builds_once_into_its_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The binary is compiled once per (source, compiler, CPU) into SIMMERGE_KERNEL_DIR and
+    reused; SIMMERGE_GRAM_KERNEL=0 turns the kernel off and the torch path takes over."""
+    monkeypatch.setenv("SIMMERGE_KERNEL_DIR", str(tmp_path))
+    gram_kernel.load.cache_clear()
+    try:
+        assert gram_kernel.load() is not None
+        built = list(tmp_path.glob("gram_kernel-*.so"))
+        assert len(built) == 1 and not list(tmp_path.glob(".*"))  # no temporary left behind
+        stamp = built[0].stat().st_mtime_ns
+        gram_kernel.load.cache_clear()
+        assert gram_kernel.load() is not None
+        assert built[0].stat().st_mtime_ns == stamp
+        monkeypatch.setenv("SIMMERGE_GRAM_KERNEL", "0")
+        gram_kernel.load.cache_clear()
+        assert gram_kernel.load() is None
+        assert not GramAccumulator(3, 0, [0, 1, 2], signed=True).uses_kernel
+    finally:
+        gram_kernel.load.cache_clear()
+
+
+def test_bad_precision_is_refused() -> None:
+    with pytest.raises(ConfigError, match="precision"):
+        StructuralOptions(precision="float16")
+    with pytest.raises(ValueError, match="precision"):
+        GramAccumulator(3, 0, [0], signed=False, precision="half")
 
 
 def test_pair_features_undefined_are_nan() -> None:
@@ -157,10 +224,12 @@ def test_pair_features_undefined_are_nan() -> None:
 
 # ---- the pass against brute force ---------------------------------------------------------------
 
-def test_features_with_base_equal_brute_force(ray_cluster, zoo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_features_with_base_equal_brute_force(ray_cluster, zoo: Path, tmp_path: Path, precision: str) -> None:
     models = ["ft0", "ft1", "ft2"]
     run = compute_structural(_catalog(zoo, models, "base"), tmp_path / "out",
-                             StructuralOptions(workers=2, chunk_elems=1000))  # a pool of two actors
+                             StructuralOptions(workers=2, chunk_elems=1000, precision=precision))  # two actors
+    tol = TOL[precision]
     ck = Checkpoint.open(zoo / "ft0")
     tensors = sorted(ck.entries)
     df = pl.read_parquet(tmp_path / "out" / "structural.parquet")
@@ -168,13 +237,13 @@ def test_features_with_base_equal_brute_force(ray_cluster, zoo: Path, tmp_path: 
     assert all(df.schema[c] == pl.Float64 for c in df.columns[2:])
     for suffix, scope in _scopes(tensors, ck.num_layers).items():
         assert scope, suffix
-        _assert_matches(df, _brute(zoo, models, "base", scope), suffix, True)
+        _assert_matches(df, _brute(zoo, models, "base", scope), suffix, True, tol)
     # Per-layer long table: one row per ordered pair and layer.
     layers = pl.read_parquet(tmp_path / "out" / "structural_layers.parquet")
     assert layers.height == 6 * ck.num_layers
     for layer in range(ck.num_layers):
         expect = _brute(zoo, models, "base", [t for t in tensors if layer_index(t) == layer])
-        _assert_matches(layers.filter(pl.col("layer") == layer), expect, "", True)
+        _assert_matches(layers.filter(pl.col("layer") == layer), expect, "", True, tol)
     assert layers.filter(pl.col("layer") == 3)["rel_depth"][0] == pytest.approx(3.5 / 4)
     # Per-tensor raw Gram matrices: models in catalog order, then the base.
     grams = load_file(tmp_path / "out" / "gram.safetensors")
@@ -182,7 +251,7 @@ def test_features_with_base_equal_brute_force(ray_cluster, zoo: Path, tmp_path: 
     assert meta["models"] == models and meta["base"] == "base" and set(grams) == set(tensors)
     t = "model.layers.2.mlp.up_proj.weight"
     x = np.stack([_flat(zoo / m, [t]) for m in models + ["base"]])
-    np.testing.assert_allclose(grams[t], x @ x.T, rtol=1e-12)
+    _assert_gram(grams[t], x @ x.T, precision)
     assert meta["tensors"][t] == {"numel": x.shape[1], "shape": [128, 32], "group": "mlp", "layer": 2, "third": 1}
     # Each byte of each checkpoint read exactly once.
     for name in models + ["base"]:
@@ -190,17 +259,19 @@ def test_features_with_base_equal_brute_force(ray_cluster, zoo: Path, tmp_path: 
         assert run.tensor_reads[name] == len(tensors)
 
 
-def test_features_without_base_equal_brute_force(ray_cluster, zoo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_features_without_base_equal_brute_force(ray_cluster, zoo: Path, tmp_path: Path, precision: str) -> None:
     models = ["ft1", "raw0", "ft0"]  # near-identical fine-tunes and an unrelated model, no base
-    compute_structural(_catalog(zoo, models, None), tmp_path / "out", OPTS)
+    compute_structural(_catalog(zoo, models, None), tmp_path / "out",
+                       StructuralOptions(workers=1, chunk_elems=1000, precision=precision))
     df = pl.read_parquet(tmp_path / "out" / "structural.parquet")
     tensors = sorted(Checkpoint.open(zoo / "raw0").entries)
     for suffix, scope in _scopes(tensors, 4).items():
-        _assert_matches(df, _brute(zoo, models, None, scope), suffix, False)
+        _assert_matches(df, _brute(zoo, models, None, scope), suffix, False, TOL[precision])
     assert df["s_tv_cos"].null_count() == df.height  # no base: task-vector features are null
     grams = load_file(tmp_path / "out" / "gram.safetensors")
     x = np.stack([_flat(zoo / m, ["lm_head.weight"]) for m in models])
-    np.testing.assert_allclose(grams["lm_head.weight"], x @ x.T, rtol=1e-12)
+    _assert_gram(grams["lm_head.weight"], x @ x.T, precision)
 
 
 # ---- cache ------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from safetensors.numpy import load_file, save_file
 from simmerge_ray import resources
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import CheckpointError, ConfigError
-from simmerge_ray.features.gram_math import FEATURES, GramAccumulator, PairStats, pair_features, raw_gram, total
+from simmerge_ray.features.gram_math import (FEATURES, PRECISIONS, GramAccumulator, PairStats, pair_features,
+                                             raw_gram, total)
 from simmerge_ray.features.module_groups import GROUPS, THIRDS, depth_third, module_group
 from simmerge_ray.io.atomic import atomic_output_dir, atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint, layer_index
@@ -47,12 +48,19 @@ CACHE_VERSION = "v1"
 
 @dataclass(frozen=True)
 class StructuralOptions:
-    """How the pass runs; none of these change the features (beyond float64 rounding)."""
+    """How the pass runs; only `precision` changes the features, and only in rounding."""
 
     workers: int | None = None  # actors in the pool (default: SIMMERGE_MAX_ACTORS, else one per free CPU)
-    chunk_elems: int = 1 << 17  # values read per model per step (cache-sized: see GramAccumulator.add)
+    chunk_elems: int = 1 << 20  # values mapped per model per step (the kernel blocks it further)
+    precision: str = "float32"  # products in float32 (~1e-7 relative) or float64 (exact for bf16)
     use_cache: bool = True
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.chunk_elems < 1:
+            raise ConfigError(f"chunk_elems: expected a positive count, got {self.chunk_elems}")
 
 
 @dataclass
@@ -70,6 +78,7 @@ class StructuralRun:
     pairs_cached: int  # unordered row pairs found in the cache
     seconds: float
     per_tensor_seconds: list[float] = field(default_factory=list)
+    stream_seconds: float = 0.0  # from the actor pool being ready to the last tensor's result
 
     @property
     def total_bytes_read(self) -> int:
@@ -169,62 +178,62 @@ def _check_base(first_name: str, first: Checkpoint, base: Checkpoint) -> None:
 # ---- streaming reads --------------------------------------------------------------------------
 
 class ChunkReader:
-    """Reads the same element range of one tensor from several checkpoints into a float64 block.
+    """Streams the same element range of one tensor from several checkpoints, in stored dtypes.
 
-    Positioned reads of exactly the declared byte range: each byte of each tensor is read once,
-    `chunk_elems` values per checkpoint at a time, so memory stays at a few chunks however large
-    the tensor is.
+    Each byte of each tensor is read once, `chunk_elems` values per checkpoint at a time. By
+    default the values are zero-copy views of the memory-mapped shards, and the pages of each
+    step are unmapped once the consumer asks for the next, so memory stays at a few chunks
+    however large the tensor is. `mapped=False` copies each step out with positioned reads.
     """
 
-    def __init__(self, ckpts: Sequence[Checkpoint], chunk_elems: int) -> None:
+    def __init__(self, ckpts: Sequence[Checkpoint], chunk_elems: int, mapped: bool = True) -> None:
         self.ckpts = list(ckpts)
-        self.chunk_elems = chunk_elems
+        self.chunk_elems, self.mapped = chunk_elems, mapped
         self.bytes_read = [0] * len(self.ckpts)
-        self._block = torch.empty(len(self.ckpts), chunk_elems, dtype=torch.float64)
         self._raw: dict[tuple[int, str], torch.Tensor] = {}
 
     def raw_chunks(self, tensor: str) -> Iterator[list[torch.Tensor]]:
         """Yield, per step, each checkpoint's next `chunk_elems` values in their stored dtype
-        (buffers reused by the next step)."""
+        (valid until the next step)."""
         entries = [ck.entries[tensor] for ck in self.ckpts]
         numel = entries[0].numel
         for start in range(0, numel, self.chunk_elems):
             k = min(self.chunk_elems, numel - start)
             parts = []
             for i, (ck, e) in enumerate(zip(self.ckpts, entries)):
-                key = (i, e.dtype)  # one buffer per row: a step's parts are alive together
-                if key not in self._raw:
-                    self._raw[key] = torch.empty(self.chunk_elems, dtype=DTYPE_TO_TORCH[e.dtype])
-                parts.append(ck.read_range(tensor, start, k, out=self._raw[key]))
+                if self.mapped:
+                    parts.append(ck.map_range(tensor, start, k))
+                else:
+                    key = (i, e.dtype)  # one buffer per row: a step's parts are alive together
+                    if key not in self._raw:
+                        self._raw[key] = torch.empty(self.chunk_elems, dtype=DTYPE_TO_TORCH[e.dtype])
+                    parts.append(ck.read_range(tensor, start, k, out=self._raw[key]))
                 self.bytes_read[i] += k * DTYPE_BYTES[e.dtype]
             yield parts
-
-    def chunks(self, tensor: str) -> Iterator[torch.Tensor]:
-        """Yield (rows, k) float64 blocks covering the tensor; each block is reused by the next."""
-        for parts in self.raw_chunks(tensor):
-            block = self._block[:, :parts[0].numel()]
-            for i, part in enumerate(parts):
-                block[i].copy_(part)
-            yield block
+            if self.mapped:
+                del parts
+                for ck in self.ckpts:
+                    ck.release_range(tensor, start, k)
 
 
 class GramWorker:
     """One actor of the pool: streams its tensors and returns small matrices."""
 
     def __init__(self, paths: Sequence[str], ref: int, cols: Sequence[int], signed: bool,
-                 chunk_elems: int, cpus: float) -> None:
+                 chunk_elems: int, precision: str, cpus: float) -> None:
         torch.set_num_threads(max(1, int(cpus)))
         self.ckpts = [Checkpoint.open(p) for p in paths]
         self.ref, self.cols, self.signed, self.chunk_elems = ref, list(cols), signed, chunk_elems
+        self.precision = precision
 
     def gram(self, tensor: str) -> dict:
         t0 = time.perf_counter()
         reader = ChunkReader(self.ckpts, min(self.chunk_elems, self.ckpts[0].entries[tensor].numel))
-        acc = GramAccumulator(len(self.ckpts), self.ref, self.cols, self.signed)
-        for block in reader.chunks(tensor):
-            acc.add(block)
-        agree, disagree = acc.counts()
-        return {"tensor": tensor, "gram": acc.gram.numpy(), "agree": agree, "disagree": disagree,
+        acc = GramAccumulator(len(self.ckpts), self.ref, self.cols, self.signed, precision=self.precision)
+        for parts in reader.raw_chunks(tensor):
+            acc.add_parts(parts)
+        gram, agree, disagree = acc.result()
+        return {"tensor": tensor, "gram": gram, "agree": agree, "disagree": disagree,
                 "bytes_read": reader.bytes_read, "seconds": time.perf_counter() - t0}
 
 
@@ -239,9 +248,9 @@ class GramCache:
     removals all hit the cache.
     """
 
-    def __init__(self, ref_fingerprint: str, signed: bool, root: Path | None = None) -> None:
+    def __init__(self, ref_fingerprint: str, signed: bool, precision: str, root: Path | None = None) -> None:
         kind = "base" if signed else "first"
-        self.dir = (root or cache_root()) / "structural" / CACHE_VERSION / f"{kind}-{ref_fingerprint}"
+        self.dir = (root or cache_root()) / "structural" / CACHE_VERSION / f"{kind}-{precision}-{ref_fingerprint}"
 
     def _path(self, k1: str, k2: str) -> Path:
         a, b = sorted((k1, k2))
@@ -314,7 +323,7 @@ def compute_structural(catalog: Catalog, out: str | Path, opts: StructuralOption
         raise ConfigError(f"{out}: output already exists (pass --overwrite to replace it)")
     m = len(rows.names)
     keys = [REF_KEY if i == rows.ref else rows.ckpts[i].fingerprint() for i in range(m)]
-    cache = GramCache(rows.ckpts[rows.ref].fingerprint(), rows.has_base)
+    cache = GramCache(rows.ckpts[rows.ref].fingerprint(), rows.has_base, opts.precision)
     pairs = [(i, j) for i in range(m) for j in range(i, m)]
     found: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     if opts.use_cache:
@@ -377,8 +386,10 @@ def _run_pass(rows: Rows, plan: Plan, keys: Sequence[str], cache: GramCache, opt
     col_pos = [plan.read_rows.index(c) for c in plan.cols]
     paths = [str(rows.ckpts[r].path) for r in plan.read_rows]
     worker_cls = ray.remote(GramWorker).options(**ask.ray_options())
-    workers = [worker_cls.remote(paths, ref_pos, col_pos, rows.has_base, opts.chunk_elems, ask.num_cpus)
-               for _ in range(n_workers)]
+    workers = [worker_cls.remote(paths, ref_pos, col_pos, rows.has_base, opts.chunk_elems, opts.precision,
+                                 ask.num_cpus) for _ in range(n_workers)]
+    ray.get([w.__ray_ready__.remote() for w in workers])
+    t_ready = time.perf_counter()
     # Largest tensors first, each to the least loaded actor: the pool finishes close together.
     load = [0] * n_workers
     pending: dict[ray.ObjectRef, str] = {}
@@ -405,6 +416,7 @@ def _run_pass(rows: Rows, plan: Plan, keys: Sequence[str], cache: GramCache, opt
             done += size[t]
             if progress:
                 progress(done, grand)
+        run.stream_seconds = time.perf_counter() - t_ready
     finally:
         for w in workers:
             ray.kill(w)
@@ -539,4 +551,4 @@ def _run_json(run: StructuralRun) -> dict:
     return {"models": run.models, "base": run.base, "tensors": run.tensors,
             "tensors_computed": run.tensors_computed, "bytes_read": run.bytes_read,
             "tensor_reads": run.tensor_reads, "entries_computed": run.entries_computed,
-            "pairs_cached": run.pairs_cached, "seconds": run.seconds}
+            "pairs_cached": run.pairs_cached, "seconds": run.seconds, "stream_seconds": run.stream_seconds}

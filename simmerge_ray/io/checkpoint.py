@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ class Checkpoint:
     entries: dict[str, TensorEntry]
     header_bytes: dict[str, bytes] = field(repr=False, default_factory=dict)
     _pickled: dict[str, torch.Tensor] | None = field(repr=False, default=None)
+    _maps: dict[Path, mmap.mmap] = field(repr=False, default_factory=dict, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": {}}  # mappings belong to one process
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
@@ -186,6 +191,52 @@ class Checkpoint:
         finally:
             os.close(fd)
         return out
+
+    def map_range(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Elements [start, start + count) of the flattened tensor as a zero-copy view of the
+        memory-mapped shard (copy-on-write, never written back). For passes that only read:
+        no copy out of the page cache. Pair with `release_range` so that pages already
+        consumed stop counting against this process."""
+        entry = self._entry(name)
+        if self._pickled is not None:
+            return self._pickled[name].reshape(-1)[start:start + count]
+        if not 0 <= start <= start + count <= entry.numel:
+            raise CheckpointError(f"{self.path}: range [{start}, {start + count}) outside tensor {name!r}")
+        size = DTYPE_BYTES[entry.dtype]
+        if count == 0:
+            return torch.empty(0, dtype=DTYPE_TO_TORCH[entry.dtype])
+        return torch.frombuffer(self._map(entry), dtype=DTYPE_TO_TORCH[entry.dtype], count=count,
+                                offset=entry.begin + start * size)
+
+    def release_range(self, name: str, start: int, count: int) -> None:
+        """Drop this process's mapping of a consumed range (the page cache keeps the pages), so a
+        streaming pass holds a few chunks of mapped memory, not whole files. The page where the
+        range ends is kept (the next range may still need it); the page where it starts is
+        dropped, which at worst costs one re-fault."""
+        entry = self._entry(name)
+        m = self._maps.get(entry.file)
+        if m is None or count <= 0:
+            return
+        size = DTYPE_BYTES[entry.dtype]
+        lo = (entry.begin + start * size) // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = (entry.begin + (start + count) * size) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def _map(self, entry: TensorEntry) -> mmap.mmap:
+        m = self._maps.get(entry.file)
+        if m is None:
+            try:
+                with open(entry.file, "rb") as f:
+                    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{entry.file}: cannot map tensor {entry.name!r}: {e}") from None
+            if len(m) < entry.end:
+                raise CheckpointError(f"{entry.file}: truncated: tensor {entry.name!r} ends at byte {entry.end}, "
+                                      f"the file has {len(m)}")
+            m.madvise(mmap.MADV_SEQUENTIAL)
+            self._maps[entry.file] = m
+        return m
 
     def read_f32(self, name: str) -> torch.Tensor:
         return self.read(name).to(torch.float32)
