@@ -162,6 +162,9 @@ def test_one_pool_serves_several_models(tiny: dict, ray_cluster, tmp_path: Path)
     seen: list[int] = []
     reports = run_jobs(work, SETTINGS, RunOptions(num_actors=1, batch_size=4), progress=lambda m, _t: seen.append(m))
     assert [[r.probes_run for r in m] for m in reports] == [[probes.num_probes], [probes.num_probes, short.num_probes]]
+    # Batch time is attributed to the job it served and, with one actor, fits inside the run.
+    busy = [r.busy_seconds for m in reports for r in m]
+    assert all(b > 0 for b in busy) and sum(busy) < reports[0][0].seconds
     assert sorted(seen) == [0] * probes.num_probes + [1] * (probes.num_probes + short.num_probes)
     for model, cache, p in ((tiny["model"], caches[0], probes), (other, caches[1], probes), (other, caches[2], short)):
         assert cache.is_complete()

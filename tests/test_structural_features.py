@@ -199,6 +199,31 @@ def test_kernel_builds_once_into_its_cache(tmp_path: Path, monkeypatch: pytest.M
         gram_kernel.load.cache_clear()
 
 
+def test_portable_kernel_build_gives_the_same_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built without -march=native (no AVX: the scalar sign masks, no fused bf16 path), the
+    kernel gives the float64 Gram and the exact sign counts of the torch path."""
+    monkeypatch.setenv("SIMMERGE_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(gram_kernel, "FLAGS", ("-O2", "-fPIC", "-shared", "-std=gnu11"))
+    gram_kernel.load.cache_clear()
+    try:
+        rng = np.random.default_rng(2)
+        x = torch.from_numpy(rng.standard_normal((7, 1300))).to(torch.bfloat16)
+        x[:, :100] = x[6, :100]
+        results = []
+        for use_kernel, precision in ((True, "float32"), (True, "float64"), (False, "float64")):
+            acc = GramAccumulator(7, 6, list(range(7)), signed=True, use_kernel=use_kernel, precision=precision)
+            assert acc.uses_kernel == use_kernel
+            acc.add_parts(list(x))
+            results.append(acc.result())
+        for got in results[:2]:
+            np.testing.assert_array_equal(got[1], results[2][1])
+            np.testing.assert_array_equal(got[2], results[2][2])
+        np.testing.assert_allclose(results[1][0], results[2][0], rtol=1e-12)
+        np.testing.assert_allclose(results[0][0], results[2][0], rtol=0, atol=1e-6 * np.diag(results[2][0]).max())
+    finally:
+        gram_kernel.load.cache_clear()
+
+
 def test_bad_precision_is_refused() -> None:
     with pytest.raises(ConfigError, match="precision"):
         StructuralOptions(precision="float16")

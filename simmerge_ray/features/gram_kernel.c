@@ -36,159 +36,106 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-/* ---- float64 block helpers ---------------------------------------------------------------- */
-
-/* Row values of columns [off, off + n), minus the reference row's when `ref` is given. */
-static void load_f64(void *dst_, const void *src, int dt, int64_t off, int n, const void *ref_) {
-    double *dst = dst_;
-    const double *ref = ref_;
-    int i = 0;
-    if (dt == DT_BF16) {
-        const uint16_t *s = (const uint16_t *)src + off;
-        if (ref) for (; i < n; i++) dst[i] = (double)bf16_to_f32(s[i]) - ref[i];
-        else for (; i < n; i++) dst[i] = bf16_to_f32(s[i]);
-    } else if (dt == DT_F32) {
-        const float *s = (const float *)src + off;
-        if (ref) for (; i < n; i++) dst[i] = (double)s[i] - ref[i];
-        else for (; i < n; i++) dst[i] = s[i];
-    } else {
-        const double *s = (const double *)src + off;
-        if (ref) for (; i < n; i++) dst[i] = s[i] - ref[i];
-        else for (; i < n; i++) dst[i] = s[i];
-    }
-    for (; i < BLK; i++) dst[i] = 0.0; /* the tail pads with zeros: no products, no signs */
-}
+/* ---- per-precision block helpers, written once ------------------------------------------ */
 
 static inline v4d ld4d(const double *p) { v4d v; memcpy(&v, p, sizeof v); return v; }
-
-/* One 3 x 3 tile of products over the block: acc[3a + b] += <z[ri[a]], z[cj[b]]> lane-wise
- * (lanes are summed once per call, not once per block). On the diagonal (ri == cj) the three
- * products below it are skipped: the caller reads only the upper triangle. */
-static inline __attribute__((always_inline)) void tile_f64_in(const double *z, const int *ri, const int *cj,
-                                                               v4du *acc, const int diag) {
-    const double *a0 = z + ri[0] * BLK, *a1 = z + ri[1] * BLK, *a2 = z + ri[2] * BLK;
-    const double *b0 = z + cj[0] * BLK, *b1 = z + cj[1] * BLK, *b2 = z + cj[2] * BLK;
-    v4d s00 = {0}, s01 = {0}, s02 = {0}, s10 = {0}, s11 = {0}, s12 = {0}, s20 = {0}, s21 = {0}, s22 = {0};
-    for (int c = 0; c < BLK; c += 4) {
-        v4d x0 = ld4d(a0 + c), x1 = ld4d(a1 + c), x2 = ld4d(a2 + c);
-        v4d y0 = diag ? x0 : ld4d(b0 + c), y1 = diag ? x1 : ld4d(b1 + c), y2 = diag ? x2 : ld4d(b2 + c);
-        s00 += x0 * y0; s01 += x0 * y1; s02 += x0 * y2;
-        s11 += x1 * y1; s12 += x1 * y2;
-        s22 += x2 * y2;
-        if (!diag) { s10 += x1 * y0; s20 += x2 * y0; s21 += x2 * y1; }
-    }
-    acc[0] += s00; acc[1] += s01; acc[2] += s02;
-    acc[4] += s11; acc[5] += s12;
-    acc[8] += s22;
-    if (!diag) { acc[3] += s10; acc[6] += s20; acc[7] += s21; }
-}
-
-static void tile_f64(const void *z, const int *ri, const int *cj, v4du *acc, int diag) {
-    if (diag) tile_f64_in(z, ri, cj, acc, 1);
-    else tile_f64_in(z, ri, cj, acc, 0);
-}
-
-/* Sign masks of one block row: bit b of word w set where the value is nonzero (nz), and
- * where its sign bit is set (sg; meaningful only where nz). */
-static void masks_f64(const void *z_, uint64_t *nz, uint64_t *sg) {
-    const double *z = z_;
-    for (int w = 0; w < WORDS; w++) {
-        uint64_t p = 0, q = 0;
-        const double *zw = z + 64 * w;
-#ifdef __AVX__
-        const __m256d zero = _mm256_setzero_pd();
-        for (int b = 0; b < 64; b += 4) {
-            __m256d v = _mm256_loadu_pd(zw + b);
-            p |= (uint64_t)_mm256_movemask_pd(_mm256_cmp_pd(v, zero, _CMP_NEQ_UQ)) << b;
-            q |= (uint64_t)_mm256_movemask_pd(v) << b;
-        }
-#else
-        for (int b = 0; b < 64; b++) {
-            p |= (uint64_t)(zw[b] != 0.0) << b;
-            q |= (uint64_t)(zw[b] < 0.0) << b;
-        }
-#endif
-        nz[w] = p;
-        sg[w] = q;
-    }
-}
-
-/* ---- float32 block helpers ---------------------------------------------------------------- */
-
-/* Row values of columns [off, off + n), minus the reference row's when `ref` is given. */
-static void load_f32(void *dst_, const void *src, int dt, int64_t off, int n, const void *ref_) {
-    float *dst = dst_;
-    const float *ref = ref_;
-    int i = 0;
-    if (dt == DT_BF16) {
-        const uint16_t *s = (const uint16_t *)src + off;
-        if (ref) for (; i < n; i++) dst[i] = bf16_to_f32(s[i]) - ref[i];
-        else for (; i < n; i++) dst[i] = bf16_to_f32(s[i]);
-    } else if (dt == DT_F32) {
-        const float *s = (const float *)src + off;
-        if (ref) for (; i < n; i++) dst[i] = s[i] - ref[i];
-        else for (; i < n; i++) dst[i] = s[i];
-    } else {
-        const double *s = (const double *)src + off;
-        if (ref) for (; i < n; i++) dst[i] = (float)s[i] - ref[i];
-        else for (; i < n; i++) dst[i] = (float)s[i];
-    }
-    for (; i < BLK; i++) dst[i] = 0.0f;
-}
-
 static inline v8f ld8f(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+static inline v4d keep4d(v4d v) { return v; }
+
 /* The block's float32 lane sums, widened and folded into float64 lanes. */
-static inline v4d widen(v8f v) {
+static inline v4d widen8f(v8f v) {
     v4f lo = __builtin_shufflevector(v, v, 0, 1, 2, 3), hi = __builtin_shufflevector(v, v, 4, 5, 6, 7);
     return __builtin_convertvector(lo, v4d) + __builtin_convertvector(hi, v4d);
 }
 
-static inline __attribute__((always_inline)) void tile_f32_in(const float *z, const int *ri, const int *cj,
-                                                               v4du *acc, const int diag) {
-    const float *a0 = z + ri[0] * BLK, *a1 = z + ri[1] * BLK, *a2 = z + ri[2] * BLK;
-    const float *b0 = z + cj[0] * BLK, *b1 = z + cj[1] * BLK, *b2 = z + cj[2] * BLK;
-    v8f s00 = {0}, s01 = {0}, s02 = {0}, s10 = {0}, s11 = {0}, s12 = {0}, s20 = {0}, s21 = {0}, s22 = {0};
-    for (int c = 0; c < BLK; c += 8) {
-        v8f x0 = ld8f(a0 + c), x1 = ld8f(a1 + c), x2 = ld8f(a2 + c);
-        v8f y0 = diag ? x0 : ld8f(b0 + c), y1 = diag ? x1 : ld8f(b1 + c), y2 = diag ? x2 : ld8f(b2 + c);
-        s00 += x0 * y0; s01 += x0 * y1; s02 += x0 * y2;
-        s11 += x1 * y1; s12 += x1 * y2;
-        s22 += x2 * y2;
-        if (!diag) { s10 += x1 * y0; s20 += x2 * y0; s21 += x2 * y1; }
+/*
+ * BLOCK_HELPERS(SUF, T, VT, LANES, LD, WIDEN) defines, for element type T in vectors VT of LANES:
+ *  - load_SUF: a row's values of columns [off, off + n) in T, minus the reference row's when
+ *    `ref` is given; the tail of the block is padded with zeros (no products, no signs).
+ *  - tile_SUF: one 3 x 3 tile of products over the block, acc[3a + b] += <z[ri[a]], z[cj[b]]>
+ *    lane-wise (lanes are summed once per call, not once per block). On the diagonal
+ *    (ri == cj) the three products below it are skipped: the caller reads the upper triangle.
+ */
+#define BLOCK_HELPERS(SUF, T, VT, LANES, LD, WIDEN)                                                     \
+    static void load_##SUF(void *dst_, const void *src, int dt, int64_t off, int n, const void *ref_) {   \
+        T *dst = dst_;                                                                                  \
+        const T *ref = ref_;                                                                            \
+        int i = 0;                                                                                      \
+        if (dt == DT_BF16) {                                                                            \
+            const uint16_t *s = (const uint16_t *)src + off;                                            \
+            if (ref) for (; i < n; i++) dst[i] = (T)bf16_to_f32(s[i]) - ref[i];                         \
+            else for (; i < n; i++) dst[i] = bf16_to_f32(s[i]);                                        \
+        } else if (dt == DT_F32) {                                                                      \
+            const float *s = (const float *)src + off;                                                  \
+            if (ref) for (; i < n; i++) dst[i] = (T)s[i] - ref[i];                                      \
+            else for (; i < n; i++) dst[i] = s[i];                                                      \
+        } else {                                                                                        \
+            const double *s = (const double *)src + off;                                                \
+            if (ref) for (; i < n; i++) dst[i] = (T)s[i] - ref[i];                                      \
+            else for (; i < n; i++) dst[i] = (T)s[i];                                                   \
+        }                                                                                               \
+        for (; i < BLK; i++) dst[i] = 0;                                                                \
+    }                                                                                                   \
+    static inline __attribute__((always_inline)) void tile_##SUF##_in(const T *z, const int *ri,          \
+                                                                      const int *cj, v4du *acc,           \
+                                                                      const int diag) {                   \
+        const T *a0 = z + ri[0] * BLK, *a1 = z + ri[1] * BLK, *a2 = z + ri[2] * BLK;                    \
+        const T *b0 = z + cj[0] * BLK, *b1 = z + cj[1] * BLK, *b2 = z + cj[2] * BLK;                    \
+        VT s00 = {0}, s01 = {0}, s02 = {0}, s10 = {0}, s11 = {0}, s12 = {0}, s20 = {0}, s21 = {0},       \
+           s22 = {0};                                                                                   \
+        for (int c = 0; c < BLK; c += LANES) {                                                          \
+            VT x0 = LD(a0 + c), x1 = LD(a1 + c), x2 = LD(a2 + c);                                       \
+            VT y0 = diag ? x0 : LD(b0 + c), y1 = diag ? x1 : LD(b1 + c), y2 = diag ? x2 : LD(b2 + c);   \
+            s00 += x0 * y0; s01 += x0 * y1; s02 += x0 * y2;                                             \
+            s11 += x1 * y1; s12 += x1 * y2;                                                             \
+            s22 += x2 * y2;                                                                             \
+            if (!diag) { s10 += x1 * y0; s20 += x2 * y0; s21 += x2 * y1; }                              \
+        }                                                                                               \
+        acc[0] += WIDEN(s00); acc[1] += WIDEN(s01); acc[2] += WIDEN(s02);                               \
+        acc[4] += WIDEN(s11); acc[5] += WIDEN(s12);                                                     \
+        acc[8] += WIDEN(s22);                                                                           \
+        if (!diag) { acc[3] += WIDEN(s10); acc[6] += WIDEN(s20); acc[7] += WIDEN(s21); }                \
+    }                                                                                                   \
+    static void tile_##SUF(const void *z, const int *ri, const int *cj, v4du *acc, int diag) {           \
+        if (diag) tile_##SUF##_in(z, ri, cj, acc, 1);                                                   \
+        else tile_##SUF##_in(z, ri, cj, acc, 0);                                                        \
     }
-    acc[0] += widen(s00); acc[1] += widen(s01); acc[2] += widen(s02);
-    acc[4] += widen(s11); acc[5] += widen(s12);
-    acc[8] += widen(s22);
-    if (!diag) { acc[3] += widen(s10); acc[6] += widen(s20); acc[7] += widen(s21); }
-}
 
-static void tile_f32(const void *z, const int *ri, const int *cj, v4du *acc, int diag) {
-    if (diag) tile_f32_in(z, ri, cj, acc, 1);
-    else tile_f32_in(z, ri, cj, acc, 0);
-}
+BLOCK_HELPERS(f64, double, v4d, 4, ld4d, keep4d)
+BLOCK_HELPERS(f32, float, v8f, 8, ld8f, widen8f)
 
-static void masks_f32(const void *z_, uint64_t *nz, uint64_t *sg) {
-    const float *z = z_;
-    for (int w = 0; w < WORDS; w++) {
-        uint64_t p = 0, q = 0;
-        const float *zw = z + 64 * w;
+/* MASK_HELPERS(SUF, T, P, VEC, LANES) defines masks_SUF: the sign masks of one block row, bit b of
+ * word w set where the value is nonzero (nz), and where its sign bit is set (sg; meaningful only
+ * where nz). P is the intrinsics' suffix (pd, ps) and VEC their vector type. */
 #ifdef __AVX__
-        const __m256 zero = _mm256_setzero_ps();
-        for (int b = 0; b < 64; b += 8) {
-            __m256 v = _mm256_loadu_ps(zw + b);
-            p |= (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)) << b;
-            q |= (uint64_t)_mm256_movemask_ps(v) << b;
-        }
-#else
-        for (int b = 0; b < 64; b++) {
-            p |= (uint64_t)(zw[b] != 0.0f) << b;
-            q |= (uint64_t)(zw[b] < 0.0f) << b;
-        }
-#endif
-        nz[w] = p;
-        sg[w] = q;
+#define MASK_WORD(T, P, VEC, LANES)                                                                     \
+    const VEC zero = _mm256_setzero_##P();                                                              \
+    for (int b = 0; b < 64; b += LANES) {                                                               \
+        VEC v = _mm256_loadu_##P(zw + b);                                                               \
+        p |= (uint64_t)_mm256_movemask_##P(_mm256_cmp_##P(v, zero, _CMP_NEQ_UQ)) << b;                  \
+        q |= (uint64_t)_mm256_movemask_##P(v) << b;                                                     \
     }
-}
+#else
+#define MASK_WORD(T, P, VEC, LANES)                                                                     \
+    for (int b = 0; b < 64; b++) {                                                                      \
+        p |= (uint64_t)(zw[b] != 0) << b;                                                               \
+        q |= (uint64_t)(zw[b] < 0) << b;                                                                \
+    }
+#endif
+#define MASK_HELPERS(SUF, T, P, VEC, LANES)                                                             \
+    static void masks_##SUF(const void *z_, uint64_t *nz, uint64_t *sg) {                               \
+        const T *z = z_;                                                                                \
+        for (int w = 0; w < WORDS; w++) {                                                               \
+            uint64_t p = 0, q = 0;                                                                      \
+            const T *zw = z + 64 * w;                                                                   \
+            MASK_WORD(T, P, VEC, LANES)                                                                 \
+            nz[w] = p;                                                                                  \
+            sg[w] = q;                                                                                  \
+        }                                                                                               \
+    }
+
+MASK_HELPERS(f64, double, pd, __m256d, 4)
+MASK_HELPERS(f32, float, ps, __m256, 8)
 
 /* The hot case fused: a full block of bf16 values, centred in float32, and its sign masks taken
  * while the values are in registers (instead of a second sweep through masks_f32). */
