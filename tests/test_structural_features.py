@@ -394,3 +394,12 @@ def test_cli_structural(ray_cluster, zoo: Path, tmp_path: Path, capsys: pytest.C
     assert "2 models" in capsys.readouterr().out
     assert cli_main(["features", "structural", "--catalog", str(cat.source), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+    # --precision float64 reaches the kernel: the Gram matrices are exact, float32's are not.
+    t = "model.layers.2.mlp.up_proj.weight"
+    x = np.stack([_flat(zoo / m, [t]) for m in ["ft0", "ft3", "base"]])
+    for precision, exact in (("float64", True), ("float32", False)):
+        assert cli_main(["features", "structural", "--catalog", str(cat.source), "--out", str(out), "--overwrite",
+                         "--no-cache", "--precision", precision]) == 0
+        got = load_file(out / "gram.safetensors")[t]
+        assert np.allclose(got, x @ x.T, rtol=1e-12, atol=0) == exact, precision
+        _assert_gram(got, x @ x.T, precision)
