@@ -92,6 +92,7 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
 def layout(lib: ctypes.CDLL) -> tuple[int, int, int, int]:
     """(block columns, mask words per block, tile size, maximum rows) of the loaded binary."""
     vals = [ctypes.c_int() for _ in range(4)]
@@ -103,9 +104,7 @@ class KernelState:
     """Scratch space and argument arrays for one accumulator's calls (reused across chunks)."""
 
     def __init__(self, lib: ctypes.CDLL, rows: int, ref: int, cols: list[int], float32: bool) -> None:
-        block, words, tile, max_rows = layout(lib)
-        if rows > max_rows:
-            raise ValueError(f"the Gram kernel takes at most {max_rows} rows, got {rows}")
+        block, words, tile, _ = layout(lib)  # more rows than the kernel takes: rejected by the call
         self.fn, self.rows, self.ref, self.float32 = lib.gram_chunk, rows, ref, int(float32)
         self.cols = np.asarray(cols, dtype=np.int32)
         self.all_cols = int(list(cols) == list(range(rows)))
@@ -119,7 +118,7 @@ class KernelState:
             signed: bool) -> None:
         """Fold one step of `parts` (one flat tensor per row, equal lengths) into the sums."""
         k = parts[0].numel()
-        keep = []
+        keep = []  # converted copies stay alive until the call returns
         for i, p in enumerate(parts):
             if p.dtype not in DTYPE_CODES:  # f16 and others: exact in float32
                 p = p.to(torch.float32)
@@ -132,4 +131,3 @@ class KernelState:
                      disagree.ctypes.data, self.scratch.ctypes.data, self.masks.ctypes.data)
         if rc != 0:
             raise ValueError(f"Gram kernel rejected {self.rows} rows, reference {self.ref}, columns {self.cols}")
-        del keep

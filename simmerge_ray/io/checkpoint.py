@@ -147,6 +147,10 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
 
+    def _check_range(self, entry: TensorEntry, start: int, count: int) -> None:
+        if not 0 <= start <= start + count <= entry.numel:
+            raise CheckpointError(f"{self.path}: range [{start}, {start + count}) outside tensor {entry.name!r}")
+
     # ---- reading -------------------------------------------------------------------------
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor in its stored dtype.
@@ -169,8 +173,7 @@ class Checkpoint:
         entry = self._entry(name)
         if self._pickled is not None:
             return self._pickled[name].reshape(-1)[start:start + count]
-        if not 0 <= start <= start + count <= entry.numel:
-            raise CheckpointError(f"{self.path}: range [{start}, {start + count}) outside tensor {name!r}")
+        self._check_range(entry, start, count)
         if out is None:
             out = torch.empty(count, dtype=DTYPE_TO_TORCH[entry.dtype])
         out = out[:count]
@@ -200,8 +203,7 @@ class Checkpoint:
         entry = self._entry(name)
         if self._pickled is not None:
             return self._pickled[name].reshape(-1)[start:start + count]
-        if not 0 <= start <= start + count <= entry.numel:
-            raise CheckpointError(f"{self.path}: range [{start}, {start + count}) outside tensor {name!r}")
+        self._check_range(entry, start, count)
         size = DTYPE_BYTES[entry.dtype]
         if count == 0:
             return torch.empty(0, dtype=DTYPE_TO_TORCH[entry.dtype])
