@@ -63,6 +63,22 @@ def test_mapped_ranges_equal_reads(sharded: Path) -> None:
         ck.map_range(name, 3, ck.entries[name].numel)
 
 
+def test_shard_truncated_after_open_is_named_when_mapped(tmp_path: Path, sharded: Path) -> None:
+    """A shard cut short between opening and mapping gets an error naming the file and tensor,
+    not a crash on touching pages past its end; the file itself is left as it was."""
+    root = shutil.copytree(sharded, tmp_path / "c")
+    ck = Checkpoint.open(root)
+    name = max(ck.entries, key=lambda n: ck.entries[n].end)
+    shard = ck.entries[name].file
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size - 8)
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: truncated: tensor '{name}' ends at byte {size}, "
+                                              rf"the file has {size - 8}"):
+        ck.map_range(name, 0, 1)
+    assert shard.stat().st_size == size - 8
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
 def test_dtypes_round_trip(tmp_path: Path, dtype: str) -> None:
     out = make_checkpoint(tmp_path / dtype, dataclasses.replace(SPEC, dtype=dtype, max_shard_bytes=10**9))

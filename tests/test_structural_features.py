@@ -225,8 +225,10 @@ def test_portable_kernel_build_gives_the_same_counts(tmp_path: Path, monkeypatch
 
 
 def test_bad_precision_is_refused() -> None:
-    with pytest.raises(ConfigError, match="precision"):
+    with pytest.raises(ConfigError, match="precision: expected one of float32, float64, got 'float16'"):
         StructuralOptions(precision="float16")
+    with pytest.raises(ConfigError, match="chunk_elems: expected a positive count, got 0"):
+        StructuralOptions(chunk_elems=0)
     with pytest.raises(ValueError, match="precision"):
         GramAccumulator(3, 0, [0], signed=False, precision="half")
 
