@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from simmerge_ray import resources  # noqa: E402
 from simmerge_ray.catalog import Catalog  # noqa: E402
 from simmerge_ray.cli.common import init_ray  # noqa: E402
-from simmerge_ray.features.structural import ChunkReader, StructuralOptions, compute_structural, open_rows  # noqa: E402
+from simmerge_ray.features.structural import (ChunkReader, StructuralOptions, batch_calls,  # noqa: E402
+                                              compute_structural, open_rows)
 from simmerge_ray.io.checkpoint import Checkpoint  # noqa: E402
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint  # noqa: E402
 
@@ -86,19 +87,14 @@ class SumWorker:
 
 
 def sum_pass(catalog: Path, workers: int, chunk_elems: int, as_float: bool) -> dict:
+    """The same tensors to the same actors in the same batches as the Gram pass."""
     rows = open_rows(Catalog.load(catalog))
     size = {t: sum(c.entries[t].nbytes for c in rows.ckpts) for t in rows.tensors}
-    shares: list[list[str]] = [[] for _ in range(workers)]
-    load = [0] * workers
-    for t in sorted(rows.tensors, key=lambda t: -size[t]):  # same balancing as the Gram pass
-        w = load.index(min(load))
-        load[w] += size[t]
-        shares[w].append(t)
     cls = ray.remote(SumWorker).options(**resources.streaming_ask().ray_options())
     actors = [cls.remote([str(c.path) for c in rows.ckpts], chunk_elems, as_float) for _ in range(workers)]
     ray.get([a.__ray_ready__.remote() for a in actors])  # actor start-up is not read time
     t0 = time.perf_counter()
-    out = ray.get([a.run.remote(s) for a, s in zip(actors, shares)])
+    out = ray.get([actors[w].run.remote(batch) for w, batch in batch_calls(rows.tensors, size, workers)])
     seconds = time.perf_counter() - t0
     for a in actors:
         ray.kill(a)
@@ -118,6 +114,12 @@ def gram_pass(catalog: Path, out: Path, workers: int, chunk_elems: int, precisio
             "compute_seconds": sum(run.per_tensor_seconds)}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median streaming time, with every run's seconds beside it."""
+    mid = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    return mid | {"seconds_all": [r["seconds"] for r in runs]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--root", type=Path, default=REPO / "runs" / "bench" / "structural_ckpts")
@@ -126,6 +128,7 @@ def main() -> int:
     p.add_argument("--scale", type=float, default=1.0, help="model size relative to ~0.5 GB")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--chunk-elems", type=int, default=StructuralOptions.chunk_elems)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each pass; the median is reported")
     p.add_argument("--naive-pairs", type=int, default=0,
                    help="time only this many pairs of the naive way and extrapolate (0: all pairs)")
     args = p.parse_args()
@@ -139,10 +142,13 @@ def main() -> int:
     work = args.root.parent / "structural_out"
 
     sum_pass(catalog, args.workers, args.chunk_elems, False)  # warm the page cache: every pass reads warm
-    plain = sum_pass(catalog, args.workers, args.chunk_elems, False)
-    plain_f = sum_pass(catalog, args.workers, args.chunk_elems, True)
-    gram = gram_pass(catalog, work / "gram", args.workers, args.chunk_elems, "float32")
-    gram64 = gram_pass(catalog, work / "gram", args.workers, args.chunk_elems, "float64")
+    runs: dict[str, list[dict]] = {"plain": [], "plain_f": [], "gram": [], "gram64": []}
+    for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every pass
+        runs["plain"].append(sum_pass(catalog, args.workers, args.chunk_elems, False))
+        runs["plain_f"].append(sum_pass(catalog, args.workers, args.chunk_elems, True))
+        runs["gram"].append(gram_pass(catalog, work / "gram", args.workers, args.chunk_elems, "float32"))
+        runs["gram64"].append(gram_pass(catalog, work / "gram", args.workers, args.chunk_elems, "float64"))
+    plain, plain_f, gram, gram64 = (median_run(runs[k]) for k in ("plain", "plain_f", "gram", "gram64"))
 
     pairs = list(itertools.combinations(names, 2))
     timed = pairs[: args.naive_pairs] if args.naive_pairs else pairs
@@ -156,12 +162,14 @@ def main() -> int:
 
     result = {
         "models": args.models, "model_gb": model_gb, "with_base": True, "workers": args.workers,
+        "repeats": args.repeats,
         "chunk_elems": args.chunk_elems, "cpus": os.cpu_count(),
         "plain_sum_bytes": plain, "plain_sum_float": plain_f, "gram_pass": gram, "gram_pass_float64": gram64,
         "naive": {"pairs": len(pairs), "pairs_timed": len(timed), "seconds_timed": naive_s,
                   "bytes_timed": naive_bytes, "seconds_estimated_all": naive_total},
         "speedup_vs_naive": naive_total / gram["seconds_end_to_end"],
         "throughput_vs_plain_sum": gram["gbps"] / plain["gbps"],
+        "throughput_vs_plain_sum_per_repeat": [p["seconds"] / g["seconds"] for p, g in zip(runs["plain"], runs["gram"])],
         "throughput_vs_plain_float_sum": gram["gbps"] / plain_f["gbps"],
         "throughput_vs_plain_sum_float64": gram64["gbps"] / plain["gbps"],
         "throughput_end_to_end_vs_plain_sum": gram["gbps_end_to_end"] / plain["gbps"],
@@ -177,7 +185,7 @@ def main() -> int:
          naive_bytes * len(pairs) // len(timed), naive_bytes * len(pairs) / len(timed) / 1e9 / naive_total),
     ]
     print(f"\n{args.models} models + base, {model_gb:.2f} GB each, {args.workers} actors, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs; median of {args.repeats} runs of each pass")
     print(f"{'pass':58s} {'seconds':>9s} {'GB read':>9s} {'GB/s':>7s}")
     for name, s, b, g in rows:
         print(f"{name:58s} {s:9.1f} {b / 1e9:9.2f} {g:7.3f}")

@@ -18,7 +18,7 @@ from simmerge_ray.errors import CheckpointError, ConfigError
 from simmerge_ray.features import gram_kernel
 from simmerge_ray.features.gram_math import FEATURES, GramAccumulator, PairStats, pair_features, raw_gram
 from simmerge_ray.features.module_groups import GROUPS, depth_third, module_group
-from simmerge_ray.features.structural import StructuralOptions, compute_structural
+from simmerge_ray.features.structural import StructuralOptions, batch_calls, compute_structural
 from simmerge_ray.io.checkpoint import Checkpoint, layer_index
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, make_config, write_checkpoint
 
@@ -199,6 +199,55 @@ def test_kernel_builds_once_into_its_cache(tmp_path: Path, monkeypatch: pytest.M
         gram_kernel.load.cache_clear()
 
 
+@pytest.mark.parametrize("cols", [[0, 1, 2, 3, 4, 5, 6], [2, 5]])
+def test_fused_bf16_blocks_equal_numpy(cols: list[int]) -> None:
+    """Whole bf16 blocks take the fused path (values in even/odd order, packed sign masks counted
+    in groups of 16 blocks); with one row stored as float32 the same values take the
+    natural-order path. Both equal numpy, counts exactly, over chunks that fill mask groups and
+    end mid-group and mid-block; a +0/-0 pair is a zero difference, counted as neither sign."""
+    rng = np.random.default_rng(3)
+    k, step, ref = 2 * 4096 + 3 * 256 + 77, 6000, 4
+    x = torch.from_numpy(rng.standard_normal((7, k))).to(torch.bfloat16)
+    x[:, :500] = x[ref, :500]
+    x[1, 600:700], x[ref, 600:700] = 0.0, -0.0
+    xs = x.double().numpy()
+    z = xs - xs[ref]
+    z[ref] = xs[ref]
+    sgn = np.sign(z)
+    sgn[ref] = 0
+    prod = sgn[:, None, :] * sgn[None, cols, :]
+    want = (z @ z.T)[:, cols]
+    norms = np.sqrt(np.outer(np.diag(z @ z.T), np.diag(z @ z.T)))[:, cols]
+    for parts in (list(x), [p.float() if i == 6 else p for i, p in enumerate(x)]):
+        acc = GramAccumulator(7, ref, cols, signed=True, precision="float32")
+        assert acc.uses_kernel
+        for s in range(0, k, step):
+            acc.add_parts([p[s:s + step] for p in parts])
+        gram, agree, disagree = acc.result()
+        np.testing.assert_array_equal(agree, (prod > 0).sum(-1))
+        np.testing.assert_array_equal(disagree, (prod < 0).sum(-1))
+        assert np.abs(gram - want).max() / norms.max() < 1e-6
+
+
+def test_batch_calls_balance_the_pool() -> None:
+    """Every tensor goes to exactly one call; the workers' bytes differ by at most the largest
+    tensor; each worker gets about `per_worker` calls, in order of its tensors' sizes."""
+    rng = np.random.default_rng(4)
+    size = {f"t{i}": int(s) for i, s in enumerate(rng.integers(1, 1000, 200))}
+    size["big"] = 5000
+    calls = batch_calls(list(size), size, n_workers=3, per_worker=8)
+    assigned = [t for _, batch in calls for t in batch]
+    assert sorted(assigned) == sorted(size)
+    load = [sum(size[t] for w, batch in calls if w == k for t in batch) for k in range(3)]
+    assert max(load) - min(load) <= 5000
+    for k in range(3):
+        mine = [batch for w, batch in calls if w == k]
+        assert 1 <= len(mine) <= 9
+        flat = [size[t] for batch in mine for t in batch]
+        assert flat == sorted(flat, reverse=True)
+    assert batch_calls(["a"], {"a": 10}, n_workers=2) == [(0, ["a"])]
+
+
 def test_portable_kernel_build_gives_the_same_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Built without -march=native (no AVX: the scalar sign masks, no fused bf16 path), the
     kernel gives the float64 Gram and the exact sign counts of the torch path."""
@@ -207,7 +256,7 @@ def test_portable_kernel_build_gives_the_same_counts(tmp_path: Path, monkeypatch
     gram_kernel.load.cache_clear()
     try:
         rng = np.random.default_rng(2)
-        x = torch.from_numpy(rng.standard_normal((7, 1300))).to(torch.bfloat16)
+        x = torch.from_numpy(rng.standard_normal((7, 9013))).to(torch.bfloat16)  # 2 groups of sign masks and more
         x[:, :100] = x[6, :100]
         results = []
         for use_kernel, precision in ((True, "float32"), (True, "float64"), (False, "float64")):

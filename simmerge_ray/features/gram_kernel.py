@@ -94,7 +94,7 @@ def load() -> ctypes.CDLL | None:
 
 @functools.cache
 def layout(lib: ctypes.CDLL) -> tuple[int, int, int, int]:
-    """(block columns, mask words per block, tile size, maximum rows) of the loaded binary."""
+    """(block columns, mask words per row, tile size, maximum rows) of the loaded binary."""
     vals = [ctypes.c_int() for _ in range(4)]
     lib.gram_kernel_layout(*[ctypes.byref(v) for v in vals])
     return tuple(v.value for v in vals)  # type: ignore[return-value]

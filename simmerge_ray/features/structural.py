@@ -32,7 +32,8 @@ from safetensors.numpy import load_file, save_file
 
 from simmerge_ray import resources
 from simmerge_ray.catalog import Catalog
-from simmerge_ray.errors import CheckpointError, ConfigError
+from simmerge_ray.errors import CheckpointError, ConfigError, ray_get
+from simmerge_ray.features import gram_kernel
 from simmerge_ray.features.gram_math import (FEATURES, PRECISIONS, GramAccumulator, PairStats, pair_features,
                                              raw_gram, total)
 from simmerge_ray.features.module_groups import GROUPS, THIRDS, depth_third, module_group
@@ -44,6 +45,7 @@ from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, Stre
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 REF_KEY = "ref"  # cache key of the reference row (its fingerprint names the cache folder)
 CACHE_VERSION = "v1"
+BATCHES_PER_WORKER = 8  # calls per actor in a pass: progress steps, each with little overhead
 
 
 @dataclass(frozen=True)
@@ -225,8 +227,14 @@ class GramWorker:
         self.ckpts = [Checkpoint.open(p) for p in paths]
         self.ref, self.cols, self.signed, self.chunk_elems = ref, list(cols), signed, chunk_elems
         self.precision = precision
+        gram_kernel.load()  # built or loaded at start-up, not inside the first tensor
 
-    def gram(self, tensor: str) -> dict:
+    def gram(self, tensors: Sequence[str]) -> list[dict]:
+        """The Gram blocks of a batch of tensors (one call per batch: per-call overhead, paid in
+        the driver on the same cores, stays small next to the streaming)."""
+        return [self._one(t) for t in tensors]
+
+    def _one(self, tensor: str) -> dict:
         t0 = time.perf_counter()
         reader = ChunkReader(self.ckpts, min(self.chunk_elems, self.ckpts[0].entries[tensor].numel))
         acc = GramAccumulator(len(self.ckpts), self.ref, self.cols, self.signed, precision=self.precision)
@@ -385,35 +393,31 @@ def _run_pass(rows: Rows, plan: Plan, keys: Sequence[str], cache: GramCache, opt
     ref_pos = plan.read_rows.index(rows.ref)
     col_pos = [plan.read_rows.index(c) for c in plan.cols]
     paths = [str(rows.ckpts[r].path) for r in plan.read_rows]
+    gram_kernel.load()  # built once here, not by every actor of this node at once
     worker_cls = ray.remote(GramWorker).options(**ask.ray_options())
     workers = [worker_cls.remote(paths, ref_pos, col_pos, rows.has_base, opts.chunk_elems, opts.precision,
                                  ask.num_cpus) for _ in range(n_workers)]
     ray.get([w.__ray_ready__.remote() for w in workers])
     t_ready = time.perf_counter()
-    # Largest tensors first, each to the least loaded actor: the pool finishes close together.
-    load = [0] * n_workers
-    pending: dict[ray.ObjectRef, str] = {}
-    for t in sorted(todo, key=lambda t: -size[t]):
-        w = load.index(min(load))
-        load[w] += size[t]
-        pending[workers[w].gram.remote(t)] = t
+    pending = {workers[w].gram.remote(batch): batch for w, batch in batch_calls(todo, size, n_workers)}
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            t = pending.pop(ready[0])
-            res = _unwrap(ready[0])
-            _check_finite(rows, plan, t, res["gram"], col_pos)
-            block = {"gram": res["gram"], "agree": res["agree"], "disagree": res["disagree"]}
-            if opts.use_cache:
-                save_file(block, str(_saved(work, t)))
-            blocks[t] = block
-            for r, nbytes in zip(plan.read_rows, res["bytes_read"]):
-                run.bytes_read[rows.names[r]] += nbytes
-                run.tensor_reads[rows.names[r]] += 1
-            run.tensors_computed += 1
-            run.entries_computed += res["gram"].size
-            run.per_tensor_seconds.append(res["seconds"])
-            done += size[t]
+            pending.pop(ready[0])
+            for res in ray_get(ready[0]):
+                t = res["tensor"]
+                _check_finite(rows, plan, t, res["gram"], col_pos)
+                block = {"gram": res["gram"], "agree": res["agree"], "disagree": res["disagree"]}
+                if opts.use_cache:
+                    save_file(block, str(_saved(work, t)))
+                blocks[t] = block
+                for r, nbytes in zip(plan.read_rows, res["bytes_read"]):
+                    run.bytes_read[rows.names[r]] += nbytes
+                    run.tensor_reads[rows.names[r]] += 1
+                run.tensors_computed += 1
+                run.entries_computed += res["gram"].size
+                run.per_tensor_seconds.append(res["seconds"])
+                done += size[t]
             if progress:
                 progress(done, grand)
         run.stream_seconds = time.perf_counter() - t_ready
@@ -423,18 +427,33 @@ def _run_pass(rows: Rows, plan: Plan, keys: Sequence[str], cache: GramCache, opt
     return blocks
 
 
+def batch_calls(tensors: Sequence[str], size: dict[str, int], n_workers: int,
+                per_worker: int = BATCHES_PER_WORKER) -> list[tuple[int, list[str]]]:
+    """(worker, tensors) calls: the largest tensors first, each to the least loaded worker, so
+    the pool finishes close together; then each worker's share cut into about `per_worker`
+    batches of similar bytes (a progress step each, and little per-call overhead)."""
+    load = [0] * n_workers
+    shares: list[list[str]] = [[] for _ in range(n_workers)]
+    for t in sorted(tensors, key=lambda t: -size[t]):
+        w = load.index(min(load))
+        load[w] += size[t]
+        shares[w].append(t)
+    calls = []
+    for w, share in enumerate(shares):
+        target, batch, acc = max(1, load[w] // per_worker), [], 0
+        for t in share:
+            batch.append(t)
+            acc += size[t]
+            if acc >= target:
+                calls.append((w, batch))
+                batch, acc = [], 0
+        if batch:
+            calls.append((w, batch))
+    return calls
+
+
 def _saved(work: Path, tensor: str) -> Path:
     return work / f"{hashlib.blake2b(tensor.encode(), digest_size=8).hexdigest()}.safetensors"
-
-
-def _unwrap(ref: ray.ObjectRef) -> dict:
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, (CheckpointError, ConfigError)):
-            raise cause from None
-        raise
 
 
 def _check_finite(rows: Rows, plan: Plan, tensor: str, gram: np.ndarray, col_pos: Sequence[int]) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import ray
 import torch
 
-from simmerge_ray.errors import CheckpointError, MergeError
+from simmerge_ray.errors import CheckpointError, ray_get
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from simmerge_ray.io.side_files import copy_tokenizer
@@ -371,12 +371,7 @@ def _run_on_ray(spec: MergeSpec, opts: ExecOptions, units: list[WorkUnit], parti
     try:
         futures = [workers[k % n_workers].run.remote(u, str(partial[u.file]), opts.allow_nonfinite)
                    for k, u in enumerate(units)]
-        return ray.get(futures)
-    except ray.exceptions.RayTaskError as e:
-        cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else None
-        if isinstance(cause, (MergeError, CheckpointError)):
-            raise cause from None
-        raise
+        return ray_get(futures)
     finally:
         for w in workers:
             ray.kill(w)
