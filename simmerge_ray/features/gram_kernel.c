@@ -185,8 +185,8 @@ static inline uint32_t pack_bits(__m256i a, __m256i b, __m256i c, __m256i d) {
     return (uint32_t)_mm256_movemask_epi8(_mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d)));
 }
 
-/* A centred row, and when `signed_` its nonzero and sign-bit masks (32 bits per 32 values). */
-static void load_bf16_fast(float *dst, const uint16_t *s, const float *ref, uint32_t *nz, uint32_t *sg, int signed_) {
+/* A centred row, and when `signed_` its nonzero and sign-bit masks (WORDS words). */
+static void load_bf16_fast(float *dst, const uint16_t *s, const float *ref, uint64_t *nz, uint64_t *sg, int signed_) {
     const __m256 zero = _mm256_setzero_ps();
     for (int c = 0; c < BLK; c += 32) {
         _mm_prefetch((const char *)(s + c + 4 * BLK), _MM_HINT_T1); /* to L2: a hint, never faults */
@@ -200,9 +200,11 @@ static void load_bf16_fast(float *dst, const uint16_t *s, const float *ref, uint
         if (!signed_) continue;
         __m256i n[4];
         for (int q = 0; q < 4; q++) n[q] = _mm256_castps_si256(_mm256_cmp_ps(v[q], zero, _CMP_NEQ_UQ));
-        nz[c / 32] = pack_bits(n[0], n[1], n[2], n[3]);
-        sg[c / 32] = pack_bits(_mm256_castps_si256(v[0]), _mm256_castps_si256(v[1]), _mm256_castps_si256(v[2]),
-                               _mm256_castps_si256(v[3]));
+        const uint32_t nzb = pack_bits(n[0], n[1], n[2], n[3]);
+        const uint32_t sgb = pack_bits(_mm256_castps_si256(v[0]), _mm256_castps_si256(v[1]),
+                                       _mm256_castps_si256(v[2]), _mm256_castps_si256(v[3]));
+        memcpy((char *)nz + c / 8, &nzb, 4); /* 32 bits per 32 values, into the 64-bit words */
+        memcpy((char *)sg + c / 8, &sgb, 4);
     }
 }
 
@@ -311,9 +313,10 @@ static inline __attribute__((always_inline)) int gram_chunk_in(
     memset(z + R * row_bytes, 0, row_bytes * (size_t)(rpad + 1 - R));
     v4du *acc = (v4du *)(z + (rpad + 1) * row_bytes); /* rpad x cpad lane sums, this call */
     memset(acc, 0, sizeof(v4du) * (size_t)rpad * cpad);
-    int all_bf16 = 1;
-    for (int i = 0; i < R; i++) all_bf16 &= dtypes[i] == DT_BF16;
-    const int fast = FAST_BF16 && f32 && all_bf16;
+#if FAST_BF16
+    int fast = f32; /* every row bf16: blocks of one order (see above) */
+    for (int i = 0; i < R; i++) fast &= dtypes[i] == DT_BF16;
+#endif
     int nb = 0; /* blocks of masks in the current group */
 
     for (int64_t off = 0; off < k; off += BLK) {
@@ -325,8 +328,8 @@ static inline __attribute__((always_inline)) int gram_chunk_in(
             for (int i = 0; i < R; i++)
                 if (i != ref)
                     load_bf16_fast((float *)(z + i * row_bytes), (const uint16_t *)rows[i] + off, (const float *)zr,
-                                   (uint32_t *)(nzm + (int64_t)i * MWORDS + nb * WORDS),
-                                   (uint32_t *)(sgm + (int64_t)i * MWORDS + nb * WORDS), signed_);
+                                   nzm + (int64_t)i * MWORDS + nb * WORDS, sgm + (int64_t)i * MWORDS + nb * WORDS,
+                                   signed_);
         } else
 #endif
         {
@@ -349,7 +352,6 @@ static inline __attribute__((always_inline)) int gram_chunk_in(
             nb = 0;
         }
     }
-    (void)fast;
     /* Tile (ti, tj) entry (a, b) sits at acc[ti * cpad + tj * TILE + TILE * a + b]. */
     for (int ti = 0; ti < rpad; ti += TILE)
         for (int tj = 0; tj < cpad; tj += TILE) {
