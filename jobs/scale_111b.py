@@ -2,7 +2,8 @@
 
 Builds three synthetic cohere2 checkpoints with the 111B model's true widths (hidden 12288,
 MLP 36864, vocabulary 256000, 96 heads, 8 KV heads; bf16, 2 GB shards) and --layers blocks,
-then runs the structural feature pass over them and a 3-way linear merge, sampling the peak
+then runs the structural feature pass over them, a 3-way linear merge and a TIES merge (the
+first model as base, every large tensor streamed in three passes), sampling the peak
 memory (PSS) of each run's whole process tree. From the measured throughput it derives the
 cost of the same work on full 111B checkpoints on W workers. Prints a table, writes JSON.
 
@@ -64,6 +65,11 @@ def main() -> None:
     (root / "merge.yaml").write_text(yaml.safe_dump(
         {"merge_method": "linear", "dtype": "bfloat16",
          "models": [{"model": str(ckpts / n), "parameters": {"weight": 1.0}} for n in names]}))
+    # TIES with m1 as the base: every large tensor, the 6.29 GB embedding included, is streamed
+    # (two passes for the magnitude thresholds, one to merge).
+    (root / "ties.yaml").write_text(yaml.safe_dump(
+        {"merge_method": "ties", "base_model": str(ckpts / names[0]), "dtype": "bfloat16",
+         "models": [{"model": str(ckpts / n), "parameters": {"weight": 0.5, "density": 0.3}} for n in names[1:]]}))
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "RAY_USAGE_STATS_ENABLED": "0"}
     bin_dir = Path(sys.executable).parent
     runs = {
@@ -72,16 +78,18 @@ def main() -> None:
                                 "--no-cache", "--workers", str(args.workers)],
         "3-way linear merge": [str(bin_dir / "simmerge"), "merge", str(root / "merge.yaml"), "--out",
                                str(root / "merged"), "--overwrite", "--workers", str(args.workers)],
+        "3-way TIES merge": [str(bin_dir / "simmerge"), "merge", str(root / "ties.yaml"), "--out",
+                             str(root / "merged"), "--overwrite", "--workers", str(args.workers)],
     }
     results = {}
     for label, cmd in runs.items():
         print(f"running {label} ...", flush=True)
         r = timed(cmd, env)
+        shutil.rmtree(root / "merged", ignore_errors=True)  # the disk holds one merged model at a time
         r.pop("output")
         r["input_gb"] = 3 * size / 1e9
         r["gbps"] = r["input_gb"] / r["seconds"]
         results[label] = r
-    shutil.rmtree(root / "merged", ignore_errors=True)
     if not args.keep:
         shutil.rmtree(ckpts, ignore_errors=True)
 
@@ -92,6 +100,7 @@ def main() -> None:
         cost[w] = {
             "features_minutes_per_model": full_bytes / 1e9 / (per_worker["structural features"] * w) / 60,
             "merge3_minutes": 3 * full_bytes / 1e9 / (per_worker["3-way linear merge"] * w) / 60,
+            "ties3_minutes": 3 * full_bytes / 1e9 / (per_worker["3-way TIES merge"] * w) / 60,
         }
     print(f"\ncohere2 shapes, {args.layers} layer(s): {size / 1e9:.2f} GB per checkpoint (bf16), largest tensor "
           f"{biggest / 1e9:.2f} GB; {args.workers} workers on {os.cpu_count()} CPUs")
@@ -101,9 +110,9 @@ def main() -> None:
               f"{r['peak_pss_gb'] / (size / 1e9):>17.2f}x")
     print(f"\nfull model: {full_params() / 1e9:.1f}B parameters, {full_bytes / 1e9:.0f} GB bf16; at the measured "
           f"per-worker rates:")
-    print(f"{'workers':>8}{'features min/model':>20}{'3-way merge min':>17}")
+    print(f"{'workers':>8}{'features min/model':>20}{'3-way merge min':>17}{'3-way TIES min':>16}")
     for w, c in cost.items():
-        print(f"{w:>8}{c['features_minutes_per_model']:>20.1f}{c['merge3_minutes']:>17.1f}")
+        print(f"{w:>8}{c['features_minutes_per_model']:>20.1f}{c['merge3_minutes']:>17.1f}{c['ties3_minutes']:>16.1f}")
     report = {"layers": args.layers, "checkpoint_bytes": size, "largest_tensor_bytes": biggest,
               "workers": args.workers, "results": results, "full_params": full_params(),
               "full_bytes": full_bytes, "per_worker_gbps": per_worker, "cost_model": cost}

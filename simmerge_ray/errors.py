@@ -21,6 +21,10 @@ class MergeError(SimMergeError):
     """A merge cannot be carried out on these inputs (shapes, NaN/Inf, zero weights...)."""
 
 
+class OutputError(SimMergeError):
+    """An output cannot be written where asked (no space left, no permission...)."""
+
+
 def ray_get(refs: Any) -> Any:
     """`ray.get`, with a SimMergeError raised inside a task or actor re-raised as itself: the
     user sees its one-line message (which names the file or tensor), not a Ray traceback."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -245,6 +248,56 @@ def test_streamed_tensors_equal_whole_tensor_merges(ray_cluster, models: Path, t
     inputs = 2 + (cfg["merge_method"] == "task_arithmetic")
     passes = 2 if cfg["merge_method"] == "slerp" else 1  # SLERP's Gram pass reads the inputs again
     assert res.bytes_read == passes * inputs * Checkpoint.open(models / "m1").nbytes
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_streamed_ties_equals_whole_tensor_ties(ray_cluster, tmp_path: Path, rescale: bool) -> None:
+    """TIES on tensors above the memory budget: two passes find each model's magnitude threshold,
+    a third merges chunk by chunk. float32 checkpoints (distinct magnitudes, so no ties at the
+    threshold): the same bytes as the whole-tensor merge, up to the l1 rescaling's summation
+    order, and every input read three times (once for a model kept whole, density 1)."""
+    f32 = dataclasses.replace(SPEC, dtype="float32")
+    make_checkpoint(tmp_path / "base", f32)
+    for i in (1, 2, 3):
+        make_checkpoint(tmp_path / f"m{i}", dataclasses.replace(f32, seed=i), base=tmp_path / "base", delta_std=0.02)
+    cfg = _config(tmp_path, "ties", {
+        "merge_method": "ties", "base_model": "base", "parameters": {"rescale": rescale, "normalize": True},
+        "models": [{"model": "m1", "parameters": {"weight": 0.6, "density": 0.3}},
+                   {"model": "m2", "parameters": {"weight": 0.5, "density": 0.7}},
+                   {"model": "m3", "parameters": {"weight": 0.4, "density": 1.0}}]})
+    run_merge(MergeSpec.load(cfg), tmp_path / "whole", ExecOptions(workers=1))
+    res = run_merge(MergeSpec.load(cfg), tmp_path / "chunks", ExecOptions(workers=2, stream_bytes=1, chunk_elems=300))
+    whole, chunks = Checkpoint.open(tmp_path / "whole"), Checkpoint.open(tmp_path / "chunks")
+    for name in whole.tensor_names:
+        if rescale:
+            torch.testing.assert_close(chunks.read(name), whole.read(name), rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(chunks.read(name), whole.read(name)), name
+    assert res.bytes_read == 3 * 4 * Checkpoint.open(tmp_path / "m1").nbytes
+
+
+def test_an_output_that_does_not_fit_fails_before_merging(models: Path, tmp_path: Path) -> None:
+    """The output's blocks are reserved before any input is read: a file-size limit smaller than
+    the merged shard (a real EFBIG from the kernel, as a full disk gives ENOSPC) ends the merge
+    with one line naming the file, exit status 2, and nothing left behind."""
+    cfg = _config(models, "fit", {"merge_method": "linear", "dtype": "bfloat16", "models": [
+        {"model": "m1", "parameters": {"weight": 0.5}}, {"model": "m2", "parameters": {"weight": 0.5}}]})
+    out = tmp_path / "merged"
+    limit = Checkpoint.open(models / "m1").nbytes // 2
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        "from simmerge_ray.cli import main\n"
+        f"sys.exit(main(['merge', {str(cfg)!r}, '--out', {str(out)!r}, '--in-process']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("simmerge merge: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert re.search(r"model\.safetensors\.partial: cannot reserve \d+ bytes: File too large$", errors[0]), errors
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_finite_check_is_exact_when_the_sum_overflows() -> None:

@@ -8,8 +8,10 @@ merge never holds a whole output shard in memory.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
+import shutil
 import struct
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,7 +21,7 @@ from typing import BinaryIO
 
 import torch
 
-from simmerge_ray.errors import CheckpointError
+from simmerge_ray.errors import CheckpointError, OutputError
 
 DTYPE_TO_TORCH: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -156,10 +158,27 @@ def file_layout(specs: list[tuple[str, tuple[int, ...], str]], metadata: dict[st
 
 
 def preallocate(path: Path, layout: FileLayout) -> None:
-    """Create `path` with its header and its full (sparse) length, for RangeWriters to fill."""
-    with open(path, "wb") as f:
-        f.write(layout.header)
-        f.truncate(layout.size)
+    """Create `path` with its header and its full length, for RangeWriters to fill. The blocks
+    are reserved up front where the file system can (posix_fallocate), so a disk too small for
+    the output fails here, before any input is read, not hours into a merge."""
+    try:
+        with open(path, "wb") as f:
+            f.write(layout.header)
+            f.truncate(layout.size)
+            try:
+                os.posix_fallocate(f.fileno(), 0, layout.size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # unsupported: stay sparse
+                    raise
+    except OSError as e:
+        raise OutputError(_write_failure(path, e, f"cannot reserve {layout.size} bytes")) from None
+
+
+def _write_failure(path: Path, e: OSError, what: str) -> str:
+    msg = f"{path}: {what}: {e.strerror or e}"
+    if e.errno == errno.ENOSPC:
+        msg += f" ({shutil.disk_usage(Path(path).parent).free / 1e9:.2f} GB free there)"
+    return msg
 
 
 def _sync_file_range():
@@ -189,8 +208,11 @@ class RangeWriter:
     def write_at(self, offset: int, part: torch.Tensor) -> None:
         data = memoryview(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         done = 0
-        while done < len(data):
-            done += os.pwrite(self._fd, data[done:], offset + done)
+        try:
+            while done < len(data):
+                done += os.pwrite(self._fd, data[done:], offset + done)
+        except OSError as e:
+            raise OutputError(_write_failure(self.path, e, f"cannot write {len(data)} bytes at offset {offset}")) from None
         if _SYNC_FILE_RANGE is not None and done:
             _SYNC_FILE_RANGE(self._fd, offset, done, SYNC_FILE_RANGE_WRITE)  # a hint: failures are harmless
 

@@ -32,6 +32,8 @@ from simmerge_ray.io.safetensors_format import (
     DTYPE_BYTES, DTYPE_TO_TORCH, BackgroundWriter, RangeWriter, dtype_code, file_layout, preallocate,
 )
 from simmerge_ray.merge.config import MergeSpec
+from simmerge_ray.merge.operators import MergeInputs
+from simmerge_ray.merge.operators.magnitude_select import MagnitudeSelect
 from simmerge_ray.merge.tensor_merge import check_finite, merge_tensor
 
 # Set by the fault-injection test: the first worker to reach its second unit exits abruptly
@@ -46,8 +48,8 @@ class ExecOptions:
     memory_per_worker: int | None = None  # bytes, a Ray scheduling hint
     shard_bytes: int = 512 * 1024**2
     # Linear combinations (linear, task arithmetic) are merged in chunks of chunk_elems
-    # elements, and so is SLERP for a tensor whose float32 working set (inputs + output)
-    # exceeds stream_bytes. 1M elements keeps a chunk's buffers in the L2/L3 caches: 1.5x
+    # elements, and so are SLERP and TIES for a tensor whose float32 working set (inputs +
+    # output) exceeds stream_bytes. 1M elements keeps a chunk's buffers in the L2/L3 caches: 1.5x
     # faster than 8M on this machine's EPYC, and a few MB per worker.
     stream_bytes: int = 256 * 1024**2
     chunk_elems: int = 1024**2
@@ -225,13 +227,14 @@ class UnitMerger:
                 "seconds": time.perf_counter() - t0, "pid": os.getpid()}
 
     def _fused(self, name: str) -> bool:
-        """Merge with the fused chunk loop: always for a fixed linear combination (linear, task
-        arithmetic), and for SLERP when the tensor's float32 working set exceeds the budget (its
-        coefficients need a first pass over the chunks for the Gram matrix)."""
+        """Merge with a chunk loop: always for a fixed linear combination (linear, task
+        arithmetic), and when the tensor's float32 working set exceeds the budget for SLERP (its
+        coefficients need a first pass over the chunks for the Gram matrix) and TIES (two first
+        passes find each model's magnitude threshold)."""
         method = self.spec.method
         if method.elementwise:
             return True
-        if method.combination is None:
+        if method.combination is None and method.chunked is None:
             return False
         numel = next(iter(self.ckpts.values())).entries[name].numel
         return 4 * numel * (len(self.ckpts) + 2) > self.stream_bytes
@@ -244,20 +247,10 @@ class UnitMerger:
             buf = self._buffers[(key, dtype)] = torch.empty(self.chunk_elems, dtype=dtype)
         return buf
 
-    def _merge_combination(self, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool,
-                           pool: ThreadPoolExecutor) -> int:
-        """sum_i c_i x_i (+ c_b base) in float32 over the piece's elements, chunk by chunk into
-        reused buffers, the next chunk read while this one is combined."""
-        spec, name = self.spec, piece.name
-        if piece.count == 0:
-            return 0
-        srcs = [self.ckpts[m.ref] for m in spec.inputs]
-        base = self.base if (self.base is not None and not spec.method.base_in_inputs) else None
-        readers = srcs + ([base] if base is not None else [])
-        options, per_model = spec.resolve(name, self.num_layers)
-        dtype, itemsize = DTYPE_TO_TORCH[piece.dtype], DTYPE_BYTES[piece.dtype]
-        chunk = max(1, self.chunk_elems)
-        end = piece.start + piece.count
+    def _chunk_passes(self, piece: Piece, readers: list[Checkpoint], pool: ThreadPoolExecutor):
+        """A function giving one pass over the piece's chunks: (start, one chunk per reader in its
+        stored dtype) into reused buffers, the next chunk read while this one is used."""
+        name, chunk, end = piece.name, max(1, self.chunk_elems), piece.start + piece.count
         starts = list(range(piece.start, end, chunk))
 
         def read(n: int) -> list[torch.Tensor]:
@@ -273,6 +266,30 @@ class UnitMerger:
                     pending = pool.submit(read, n + 1)
                 yield starts[n], parts
 
+        return passes
+
+    def _write_chunk(self, piece: Piece, writer: BackgroundWriter, start: int, values: torch.Tensor,
+                     allow_nonfinite: bool) -> None:
+        if not allow_nonfinite:
+            check_finite(values, piece.name, self.spec.method.name, offset=start)
+        self._out_slot ^= 1  # two output buffers: one being written while the other fills
+        out = self._buffer(("out", self._out_slot), DTYPE_TO_TORCH[piece.dtype])[:values.numel()]
+        writer.write_at(piece.offset + (start - piece.start) * DTYPE_BYTES[piece.dtype], out.copy_(values))
+
+    def _merge_combination(self, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool,
+                           pool: ThreadPoolExecutor) -> int:
+        """sum_i c_i x_i (+ c_b base) in float32 over the piece's elements, chunk by chunk into
+        reused buffers, the next chunk read while this one is combined."""
+        spec, name = self.spec, piece.name
+        if piece.count == 0:
+            return 0
+        if spec.method.combination is None:
+            return self._merge_chunked(piece, writer, allow_nonfinite, pool)
+        srcs = [self.ckpts[m.ref] for m in spec.inputs]
+        base = self.base if (self.base is not None and not spec.method.base_in_inputs) else None
+        readers = srcs + ([base] if base is not None else [])
+        options, per_model = spec.resolve(name, self.num_layers)
+        passes = self._chunk_passes(piece, readers, pool)
         bytes_per_pass = piece.count * sum(DTYPE_BYTES[ck.entries[name].dtype] for ck in readers)
         gram = None
         if spec.method.combination_needs_gram:  # the piece is the whole tensor (see plan_units)
@@ -292,12 +309,34 @@ class UnitMerger:
                     if x.dtype != torch.float32:  # a same-dtype add is several times faster than a mixed one
                         x = self._buffer(("f32",), torch.float32)[:k].copy_(x)
                     acc.add_(x, alpha=c)
-            if not allow_nonfinite:
-                check_finite(acc, name, spec.method.name, offset=start)
-            self._out_slot ^= 1  # two output buffers: one being written while the other fills
-            out = self._buffer(("out", self._out_slot), dtype)[:k]
-            writer.write_at(piece.offset + (start - piece.start) * itemsize, out.copy_(acc))
+            self._write_chunk(piece, writer, start, acc, allow_nonfinite)
         return bytes_per_pass * (2 if gram is not None else 1)
+
+    def _merge_chunked(self, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool,
+                       pool: ThreadPoolExecutor) -> int:
+        """TIES and kin on a whole tensor, chunk by chunk: two passes find each sparsified model's
+        magnitude mask (magnitude_select), a third merges with the masks."""
+        spec, name = self.spec, piece.name
+        srcs = [self.ckpts[m.ref] for m in spec.inputs]
+        assert self.base is not None  # TIES & co need a base (MergeMethod.needs_base)
+        options, per_model = spec.resolve(name, self.num_layers)
+        passes = self._chunk_passes(piece, [*srcs, self.base], pool)
+        selects = [MagnitudeSelect(piece.count, float(d), bool(options["rescale"])) if float(d) < 1 else None
+                   for d in per_model["density"]]
+        n_passes = 1
+        if any(s is not None for s in selects):
+            for step in ("first_pass", "second_pass"):
+                for _, parts in passes():
+                    base = parts[-1].to(torch.float32)
+                    for sel, x in zip(selects, parts):
+                        if sel is not None:
+                            getattr(sel, step)(x.to(torch.float32) - base)
+            n_passes = 3
+        masks = [s.mask() if s is not None else None for s in selects]
+        for start, parts in passes():
+            inp = MergeInputs([x.to(torch.float32) for x in parts[:-1]], parts[-1].to(torch.float32), per_model, options)
+            self._write_chunk(piece, writer, start, spec.method.chunked(inp, masks), allow_nonfinite)
+        return n_passes * piece.count * sum(DTYPE_BYTES[ck.entries[name].dtype] for ck in [*srcs, self.base])
 
     def _read_inputs(self, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, int]:
         inputs = {ref: ck.read(name) for ref, ck in self.ckpts.items()}

@@ -46,6 +46,11 @@ CheckFn = Callable[[str, dict[str, Value], dict[str, list[Value]]], None]
 # input, coefficient of the base). Lets the executor stream a tensor larger than memory in
 # chunks: one pass for the Gram matrix when `needs_gram`, one to combine.
 CombinationFn = Callable[["np.ndarray | None", dict[str, Value], dict[str, list[Value]]], tuple[list[float], float]]
+# For methods that are elementwise once each model's magnitude mask over the whole tensor is
+# known (TIES, task arithmetic with consensus): (chunk inputs, one MagnitudeMask or None per
+# model) -> merged chunk. Lets the executor stream a tensor larger than memory: two passes of
+# magnitude_select find the masks (for models with density < 1), a third merges.
+ChunkedFn = Callable[["MergeInputs", list], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class MergeMethod:
     check: CheckFn | None = None
     combination: CombinationFn | None = None
     combination_needs_gram: bool = False
+    chunked: ChunkedFn | None = None
     doc: str = ""
     aliases: tuple[str, ...] = field(default=())
 

@@ -7,12 +7,14 @@ over the same function.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from simmerge_ray.merge.operators import sparsify
+from simmerge_ray.merge.operators.magnitude_select import MagnitudeMask
 from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, register
 
 
@@ -48,6 +50,24 @@ def generalized_task_arithmetic(inp: MergeInputs, *, variant: Variant) -> torch.
         elif variant.sparsification == "random":
             delta = sparsify.random(delta, density, bool(opts["rescale"]), inp.generator)
         deltas[i] = delta
+    return _combine(base, deltas, inp, variant)
+
+
+def chunked_magnitude_task_arithmetic(inp: MergeInputs, masks: Sequence[MagnitudeMask | None], *,
+                                      variant: Variant) -> torch.Tensor:
+    """The same merge on one chunk of flat tensors, with each model's magnitude mask found
+    beforehand over the whole tensor (magnitude_select); chunks in index order."""
+    base = inp.base
+    assert base is not None
+    deltas = torch.empty((len(inp.tensors), *base.shape), dtype=base.dtype)
+    for i, (t, mask) in enumerate(zip(inp.tensors, masks)):
+        deltas[i] = t - base if mask is None else mask.apply(t - base)
+    return _combine(base, deltas, inp, variant)
+
+
+def _combine(base: torch.Tensor, deltas: torch.Tensor, inp: MergeInputs, variant: Variant) -> torch.Tensor:
+    """The elementwise rest: weights, the sign election, normalisation and lambda."""
+    opts = inp.options
     weights = torch.tensor([float(w) for w in inp.per_model["weight"]], dtype=base.dtype)
     weights = weights.reshape(-1, *([1] * base.dim()))
     deltas.mul_(weights)
@@ -96,5 +116,7 @@ for _v in VARIANTS:
         base_in_inputs=False,
         # only plain task arithmetic is a fixed combination; sparsified variants are not
         combination=task_arithmetic_combination if _v.sparsification is None and not _v.consensus else None,
+        # with each model's magnitude threshold found first, TIES is elementwise: streamable
+        chunked=partial(chunked_magnitude_task_arithmetic, variant=_v) if _v.sparsification != "random" else None,
         doc=f"task vectors; sparsification={_v.sparsification}, sign consensus={_v.consensus}",
     ))
