@@ -255,7 +255,7 @@ def test_streamed_ties_equals_whole_tensor_ties(ray_cluster, tmp_path: Path, res
     """TIES on tensors above the memory budget: two passes find each model's magnitude threshold,
     a third merges chunk by chunk. float32 checkpoints (distinct magnitudes, so no ties at the
     threshold): the same bytes as the whole-tensor merge, up to the l1 rescaling's summation
-    order, and every input read three times (once for a model kept whole, density 1)."""
+    order, and every input read three times (the threshold passes read them all together)."""
     f32 = dataclasses.replace(SPEC, dtype="float32")
     make_checkpoint(tmp_path / "base", f32)
     for i in (1, 2, 3):
