@@ -40,7 +40,7 @@ from simmerge_ray.features.module_groups import GROUPS, THIRDS, depth_third, mod
 from simmerge_ray.io.atomic import atomic_output_dir, atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint, layer_index
 from simmerge_ray.io.digest_cache import cache_root
-from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, StreamingWriter
+from simmerge_ray.io.safetensors_format import DTYPE_BYTES, StreamingWriter
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 REF_KEY = "ref"  # cache key of the reference row (its fingerprint names the cache folder)
@@ -182,17 +182,15 @@ def _check_base(first_name: str, first: Checkpoint, base: Checkpoint) -> None:
 class ChunkReader:
     """Streams the same element range of one tensor from several checkpoints, in stored dtypes.
 
-    Each byte of each tensor is read once, `chunk_elems` values per checkpoint at a time. By
-    default the values are zero-copy views of the memory-mapped shards, and the pages of each
-    step are unmapped once the consumer asks for the next, so memory stays at a few chunks
-    however large the tensor is. `mapped=False` copies each step out with positioned reads.
+    Each byte of each tensor is read once, `chunk_elems` values per checkpoint at a time, as
+    zero-copy views of the memory-mapped shards; the pages of each step are unmapped once the
+    consumer asks for the next, so memory stays at a few chunks however large the tensor is.
     """
 
-    def __init__(self, ckpts: Sequence[Checkpoint], chunk_elems: int, mapped: bool = True) -> None:
+    def __init__(self, ckpts: Sequence[Checkpoint], chunk_elems: int) -> None:
         self.ckpts = list(ckpts)
-        self.chunk_elems, self.mapped = chunk_elems, mapped
+        self.chunk_elems = chunk_elems
         self.bytes_read = [0] * len(self.ckpts)
-        self._raw: dict[tuple[int, str], torch.Tensor] = {}
 
     def raw_chunks(self, tensor: str) -> Iterator[list[torch.Tensor]]:
         """Yield, per step, each checkpoint's next `chunk_elems` values in their stored dtype
@@ -201,21 +199,13 @@ class ChunkReader:
         numel = entries[0].numel
         for start in range(0, numel, self.chunk_elems):
             k = min(self.chunk_elems, numel - start)
-            parts = []
-            for i, (ck, e) in enumerate(zip(self.ckpts, entries)):
-                if self.mapped:
-                    parts.append(ck.map_range(tensor, start, k))
-                else:
-                    key = (i, e.dtype)  # one buffer per row: a step's parts are alive together
-                    if key not in self._raw:
-                        self._raw[key] = torch.empty(self.chunk_elems, dtype=DTYPE_TO_TORCH[e.dtype])
-                    parts.append(ck.read_range(tensor, start, k, out=self._raw[key]))
+            parts = [ck.map_range(tensor, start, k) for ck in self.ckpts]
+            for i, e in enumerate(entries):
                 self.bytes_read[i] += k * DTYPE_BYTES[e.dtype]
             yield parts
-            if self.mapped:
-                del parts
-                for ck in self.ckpts:
-                    ck.release_range(tensor, start, k)
+            del parts
+            for ck in self.ckpts:
+                ck.release_range(tensor, start, k)
 
 
 class GramWorker:

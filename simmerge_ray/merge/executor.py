@@ -208,7 +208,7 @@ class UnitMerger:
             try:
                 for i, piece in enumerate(pieces):
                     if pending is None:
-                        read_bytes += self._merge_combination(piece, writer, allow_nonfinite, pool)
+                        read_bytes += self._merge_chunks(piece, writer, allow_nonfinite, pool)
                         pending = fetch(i + 1)
                         continue
                     inputs, base, nbytes = pending.result()
@@ -268,6 +268,19 @@ class UnitMerger:
 
         return passes
 
+    @staticmethod
+    def _pass_bytes(piece: Piece, readers: list[Checkpoint]) -> int:
+        return piece.count * sum(DTYPE_BYTES[ck.entries[piece.name].dtype] for ck in readers)
+
+    def _merge_chunks(self, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool,
+                      pool: ThreadPoolExecutor) -> int:
+        """A piece merged by a chunk loop (see `_fused`); returns the bytes it read."""
+        if piece.count == 0:
+            return 0
+        if self.spec.method.combination is not None:
+            return self._merge_combination(piece, writer, allow_nonfinite, pool)
+        return self._merge_chunked(piece, writer, allow_nonfinite, pool)
+
     def _write_chunk(self, piece: Piece, writer: BackgroundWriter, start: int, values: torch.Tensor,
                      allow_nonfinite: bool) -> None:
         if not allow_nonfinite:
@@ -281,16 +294,12 @@ class UnitMerger:
         """sum_i c_i x_i (+ c_b base) in float32 over the piece's elements, chunk by chunk into
         reused buffers, the next chunk read while this one is combined."""
         spec, name = self.spec, piece.name
-        if piece.count == 0:
-            return 0
-        if spec.method.combination is None:
-            return self._merge_chunked(piece, writer, allow_nonfinite, pool)
         srcs = [self.ckpts[m.ref] for m in spec.inputs]
         base = self.base if (self.base is not None and not spec.method.base_in_inputs) else None
         readers = srcs + ([base] if base is not None else [])
         options, per_model = spec.resolve(name, self.num_layers)
         passes = self._chunk_passes(piece, readers, pool)
-        bytes_per_pass = piece.count * sum(DTYPE_BYTES[ck.entries[name].dtype] for ck in readers)
+        bytes_per_pass = self._pass_bytes(piece, readers)
         gram = None
         if spec.method.combination_needs_gram:  # the piece is the whole tensor (see plan_units)
             gram = np.zeros((len(srcs), len(srcs)))
@@ -316,11 +325,11 @@ class UnitMerger:
                        pool: ThreadPoolExecutor) -> int:
         """TIES and kin on a whole tensor, chunk by chunk: two passes find each sparsified model's
         magnitude mask (magnitude_select), a third merges with the masks."""
-        spec, name = self.spec, piece.name
-        srcs = [self.ckpts[m.ref] for m in spec.inputs]
+        spec = self.spec
         assert self.base is not None  # TIES & co need a base (MergeMethod.needs_base)
-        options, per_model = spec.resolve(name, self.num_layers)
-        passes = self._chunk_passes(piece, [*srcs, self.base], pool)
+        readers = [*(self.ckpts[m.ref] for m in spec.inputs), self.base]
+        options, per_model = spec.resolve(piece.name, self.num_layers)
+        passes = self._chunk_passes(piece, readers, pool)
         selects = [MagnitudeSelect(piece.count, float(d), bool(options["rescale"])) if float(d) < 1 else None
                    for d in per_model["density"]]
         n_passes = 1
@@ -336,7 +345,7 @@ class UnitMerger:
         for start, parts in passes():
             inp = MergeInputs([x.to(torch.float32) for x in parts[:-1]], parts[-1].to(torch.float32), per_model, options)
             self._write_chunk(piece, writer, start, spec.method.chunked(inp, masks), allow_nonfinite)
-        return n_passes * piece.count * sum(DTYPE_BYTES[ck.entries[name].dtype] for ck in [*srcs, self.base])
+        return n_passes * self._pass_bytes(piece, readers)
 
     def _read_inputs(self, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, int]:
         inputs = {ref: ck.read(name) for ref, ck in self.ckpts.items()}

@@ -59,7 +59,8 @@ class MagnitudeSelect:
         self.high = torch.zeros(BUCKETS, dtype=torch.int64)
         self.low = torch.zeros(BUCKETS, dtype=torch.int64)
         self.high_l1 = torch.zeros(BUCKETS, dtype=torch.float64)  # sum |delta| per top-bits bucket
-        self.bucket: int | None = None
+        self.bucket: int | None = None  # the top-bits bucket holding the k-th value, after pass 1
+        self._above = 0  # values in buckets above it
 
     def first_pass(self, delta: torch.Tensor) -> None:
         absd = delta.abs()
