@@ -26,9 +26,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from simmerge_ray.merge.arms import STEP_ARMS  # noqa: E402
 from simmerge_ray.planner.search import Objective, SearchSpace, search  # noqa: E402
 
-OPS = ["linear", "slerp", "ties"]
+OPS = list(STEP_ARMS)
 
 
 class SyntheticStepModel:

@@ -34,7 +34,8 @@ from simmerge_ray.io.atomic import atomic_write_text  # noqa: E402
 from simmerge_ray.merge.executor import ExecOptions  # noqa: E402
 from simmerge_ray.pipeline import run_command  # noqa: E402
 from simmerge_ray.planner.execute import execute_plan  # noqa: E402
-from simmerge_ray.planner.plan import STEP_PARAMS, Plan  # noqa: E402
+from simmerge_ray.merge.arms import STEP_ARMS  # noqa: E402
+from simmerge_ray.planner.plan import Plan  # noqa: E402
 from simmerge_ray.planner.propagate import (  # noqa: E402
     PROXY_PREFIXES, GramTable, PairLookup, initial_state, proxy_features, step_state, structural_features,
 )
@@ -67,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     run, out = Path(args.run).resolve(), Path(args.out).resolve()
     cat = Catalog.load(run / "zoo" / "catalog.yaml")
-    ops = list(STEP_PARAMS)
+    ops = list(STEP_ARMS)
     pairs = sample_pairs(cat, args.pairs, args.seed)
     t0 = time.perf_counter()
 

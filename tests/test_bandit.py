@@ -255,13 +255,13 @@ def test_ledger_is_bounded_and_arms_persist(core: BanditCore):
 # ----- replay simulator
 def test_replay_data_joins_and_averages_labels():
     labels, features = synthetic_tables(SyntheticBanditSpec(n_models=3, tasks=("code",), n_features=2))
-    dup = labels.head(1).with_columns(pl.col("gap_closed") + 1.0)  # a second params setting
+    dup = labels.head(1).with_columns(pl.col("utility") + 1.0)  # a second params setting
     data = replay_data(pl.concat([labels, dup]), features)
     assert data.operators == ("dare_ties", "linear", "slerp", "ties")
     assert data.rewards.shape == (6, 4)
     first = labels.row(0, named=True)
     row = data.keys.index((first["task"], first["expert"], first["aux"]))
-    assert data.rewards[row, data.operators.index(first["operator"])] == pytest.approx(first["gap_closed"] + 0.5)
+    assert data.rewards[row, data.operators.index(first["operator"])] == pytest.approx(first["utility"] + 0.5)
     with pytest.raises(ConfigError, match=r"no row for 1 labelled .*\('code', 'm1', 'm0'\)"):
         replay_data(labels, features.filter((pl.col("a") != "m1") | (pl.col("b") != "m0")))
     train, test = split_by_pair(data, 0.34, seed=0)

@@ -63,6 +63,13 @@ CASES = {
     "dare_linear": {"merge_method": "dare_linear", "base_model": "base", "models": [
         {"model": "m1", "parameters": {"weight": 0.5, "density": 1.0}},
         {"model": "m2", "parameters": {"weight": 0.5, "density": 1.0}}]},
+    "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": "base", "parameters": {"gamma": 0.05}, "models": [
+        {"model": "m1", "parameters": {"weight": 0.6, "density": 0.7}},
+        {"model": "m2", "parameters": {"weight": 0.5, "density": 0.9}}]},
+    "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": "base", "parameters": {"normalize": True},
+                         "models": [{"model": "m1", "parameters": {"weight": 1.0, "density": 0.8}},
+                                    {"model": "m2", "parameters": {"weight": 1.0, "density": 0.6}},
+                                    {"model": "m3", "parameters": {"weight": 0.5, "density": 0.97}}]},
 }
 
 

@@ -32,7 +32,7 @@ def synthetic_tables(seed: int = 0, n_models: int = 16, tasks=("code", "math", "
             t = task_of[a]
             util = {"linear": 0.5 - 0.6 * x1, "slerp": 0.5 + 0.6 * x2, "ties": 0.3 + 0.4 * x1 * x2}
             for op, u in util.items():
-                lab.append({"task": t, "expert": a, "aux": b, "operator": op, "gap_closed": u + 0.02 * rng.normal()})
+                lab.append({"task": t, "expert": a, "aux": b, "operator": op, "utility": u + 0.02 * rng.normal()})
             feat.append({"a": a, "b": b, "task": t, "s_x1": x1, "s_x2": x2, "f_noise": noise})
     return pl.DataFrame(lab), pl.DataFrame(feat)
 
@@ -64,7 +64,7 @@ def test_selector_recovers_known_rule(data) -> None:
     report = evaluate_pairs(data, fixed_fit(SelectorConfig(epochs=300, seed=0)), folds=5)
     chance = max(report["oracle_operator_share"].values())
     assert report["selection_accuracy"] > 0.8 > chance + 0.2
-    assert report["gap_closed"]["simmerge"]["mean"] > report["gap_closed"][report["best_fixed_operator"]]["mean"] + 0.1
+    assert report["utility"]["simmerge"]["mean"] > report["utility"][report["best_fixed_operator"]]["mean"] + 0.1
     assert report["simmerge_share_of_oracle"] > 0.9
     assert report["regret"]["simmerge"] < report["regret"]["majority"]
     loto = evaluate_loto(data, fixed_fit(SelectorConfig(epochs=300, task_encoding=False)))
@@ -120,16 +120,16 @@ def test_transfer_applies_a_selector_unchanged(data) -> None:
     labels, features = synthetic_tables(seed=7, n_models=12)
     target = build_pair_data(labels, features.with_columns(s_extra=pl.lit(1.0)))
     report = evaluate_transfer(sel, target)
-    assert report["n"] == len(target) and "majority" not in report["gap_closed"]
+    assert report["n"] == len(target) and "majority" not in report["utility"]
     assert report["selection_accuracy"] > 0.8
-    assert report["gap_closed"]["simmerge"]["mean"] > report["gap_closed"][report["best_fixed_operator"]]["mean"] + 0.1
+    assert report["utility"]["simmerge"]["mean"] > report["utility"][report["best_fixed_operator"]]["mean"] + 0.1
     # Only the target's operators compete: the choice is the best predicted among linear and ties.
     two = build_pair_data(labels.filter(pl.col("operator") != "slerp"), features)
     sub = evaluate_transfer(sel, two)
     pred = sel.predict(two.x, two.tasks)[:, [0, 2]]
     chosen = two.y[np.arange(len(two)), pred.argmax(axis=1)]
     tasks = np.asarray(two.tasks)
-    assert sub["gap_closed"]["simmerge"]["mean"] == pytest.approx(
+    assert sub["utility"]["simmerge"]["mean"] == pytest.approx(
         np.mean([chosen[tasks == t].mean() for t in sorted(set(two.tasks))]))
     with pytest.raises(ConfigError, match="target feature table: lacks 1 of the selector's 3 features .*s_x2"):
         evaluate_transfer(sel, target.select_features(["f_noise", "s_x1"]))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError, MergeError
 from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.merge.arms import ARM_NAMES
 from simmerge_ray.testbed.domains import DOMAINS
 from simmerge_ray.testbed.domains.multilingual import parse_po
 from simmerge_ray.testbed.evaluate import encode
@@ -39,18 +40,33 @@ def tiny_zoo(ray_cluster, tmp_path_factory) -> Path:
     return build_zoo(ZooConfig.load(TINY), out, log=lambda *_: None).parent
 
 
-def test_tiny_zoo_rebuild_gives_identical_checkpoints(tiny_zoo, tmp_path):
+def test_tiny_zoo_rebuild_gives_identical_checkpoints(tiny_zoo, tmp_path, monkeypatch):
+    """Pretraining is cached by content: a rebuild reuses the base; a build on an empty cache
+    trains it again, to the same bytes (determinism); a corrupt entry is a logged miss."""
+    from simmerge_ray.testbed import pretrain_cache
     from simmerge_ray.testbed.build import build_zoo
 
-    again = build_zoo(ZooConfig.load(TINY), tmp_path / "again", log=lambda *_: None).parent
-    first = json.loads((tiny_zoo / "manifest.json").read_text())["digests"]
-    second = json.loads((again / "manifest.json").read_text())["digests"]
-    assert first == second
-    names = ["base", *(v.name for _, v in ZooConfig.load(TINY).experts())]
-    for name in names:
+    cfg = ZooConfig.load(TINY)
+    logs: list[str] = []
+    again = build_zoo(cfg, tmp_path / "again", log=logs.append).parent
+    assert any(line.startswith("base: reused from the pretrain cache") for line in logs)
+    monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "fresh-cache"))
+    logs = []
+    fresh = build_zoo(cfg, tmp_path / "fresh", log=logs.append).parent
+    assert not any("pretrain cache" in line for line in logs)
+    digests = [json.loads((z / "manifest.json").read_text())["digests"] for z in (tiny_zoo, again, fresh)]
+    assert digests[0] == digests[1] == digests[2]
+    for name in ["base", *(v.name for _, v in cfg.experts())]:
         rel = f"checkpoints/{name}/model.safetensors"
-        assert rel in first
-        assert (tiny_zoo / rel).read_bytes() == (again / rel).read_bytes()
+        assert rel in digests[0]
+        assert (tiny_zoo / rel).read_bytes() == (fresh / rel).read_bytes()
+
+    (entry,) = (tmp_path / "fresh-cache" / "testbed-pretrain").iterdir()
+    state = entry / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])  # truncated by a crash or a full disk
+    messages: list[str] = []
+    assert pretrain_cache.load(entry.name, messages.append) is None
+    assert len(messages) == 1 and str(entry) in messages[0] and "rebuilding" in messages[0]
 
 
 def test_tiny_zoo_catalog_and_checkpoints(tiny_zoo):
@@ -110,8 +126,14 @@ def test_label_run_resumes_without_redoing_finished_plans(tiny_zoo, tmp_path):
     labels = pl.read_parquet(out / "labels.parquet")
     cross = sum(1 for a, b in itertools.permutations(experts, 2) if experts[a] != experts[b])
     info = json.loads((out / "label_summary.json").read_text())
-    assert labels.height + info["dropped_2way_small_gap"] == cross * 3
-    assert set(labels["operator"]) == {"linear", "slerp", "ties"}
+    assert labels.height + info["dropped_2way_small_gap"] == cross * len(ARM_NAMES)
+    assert set(labels["operator"]) == set(ARM_NAMES)
+    both = labels.filter(pl.col("aux_gap_closed").is_not_null())
+    assert ((both["gap_closed"] + both["aux_gap_closed"]) / 2 - both["utility"]).abs().max() < 1e-12
+    # a mirrored arm is one merge: linear_expert of (a, b) scored the same as linear_aux of (b, a)
+    mirrored = labels.filter(pl.col("operator") == "linear_expert").join(
+        labels.filter(pl.col("operator") == "linear_aux"), left_on=["expert", "aux"], right_on=["aux", "expert"])
+    assert mirrored.height > 0 and (mirrored["s_merge_task"] - mirrored["s_merge_aux_task_right"]).abs().max() == 0
     recomputed = (labels["s_merge_task"] - labels["s_aux_task"]) / (labels["s_expert_task"] - labels["s_aux_task"])
     assert (recomputed - labels["gap_closed"]).abs().max() < 1e-12
     scores = pl.read_parquet(out / "model_scores.parquet")
@@ -167,7 +189,11 @@ def test_gap_closed_and_tables_on_a_hand_checked_case():
     assert r[("c1", "m1", "linear")]["aux_gap_closed"] == pytest.approx((0.31 - 0.10) / (0.40 - 0.10))  # 0.7
     assert r[("c1", "m1", "ties")]["gap_closed"] == pytest.approx(0.5)
     assert r[("m1", "c1", "linear")]["gap_closed"] == pytest.approx((0.31 - 0.10) / (0.40 - 0.10))
-    summary = {x["task"]: x for x in gap_summary(labels).iter_rows(named=True)}
+    assert r[("c1", "m1", "linear")]["utility"] == pytest.approx((0.75 + 0.7) / 2)
+    assert r[("c1", "m1", "ties")]["utility"] == pytest.approx((0.5 + 0.9) / 2)
+    two_sided = {x["task"]: x for x in gap_summary(labels).iter_rows(named=True)}
+    assert two_sided["code"]["oracle"] == pytest.approx(0.725) and two_sided["code"]["best_linear"] == 1
+    summary = {x["task"]: x for x in gap_summary(labels, "gap_closed").iter_rows(named=True)}
     assert summary["code"]["linear"] == pytest.approx(0.75) and summary["code"]["ties"] == pytest.approx(0.5)
     assert summary["code"]["oracle"] == pytest.approx(0.75) and summary["code"]["best_linear"] == 1
     assert summary["mean"]["pairs"] == 2 and summary["mean"]["best_ties"] == 0
@@ -185,7 +211,7 @@ def test_enumerate_plans_counts_and_sampling_is_seeded():
     plans = enumerate_plans(experts, ["a", "b", "c", "d"], s)
     by_k = {k: [p for p in plans if p.k == k] for k in (1, 2, 3, 4)}
     assert len(by_k[1]) == 9  # base + 8 experts
-    assert len(by_k[2]) == (8 * 6) * 3  # ordered cross-task pairs x operators
+    assert len(by_k[2]) == (8 * 6) * len(ARM_NAMES)  # ordered cross-task pairs x arms
     assert len(by_k[3]) == 2 * 6 * 9
     assert len(by_k[4]) == 24 * 3 + 5
     assert all(len({experts[m] for m in p.models}) == p.k for p in plans if p.k > 1)

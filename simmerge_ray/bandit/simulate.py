@@ -35,7 +35,7 @@ from simmerge_ray.bandit.feature_table import feature_columns
 from simmerge_ray.bandit.lints import LinTS, LinTSConfig
 from simmerge_ray.io.atomic import atomic_write_text
 
-LABEL_COLUMNS = ("task", "expert", "aux", "operator", "gap_closed")
+LABEL_COLUMNS = ("task", "expert", "aux", "operator")
 POLICIES = ("bandit", "bandit_cold", "greedy_offline", "best_fixed", "uniform")
 
 OfflinePredictor = Callable[[np.ndarray], np.ndarray]  # raw x [n, d] -> utilities [n, k]
@@ -56,13 +56,15 @@ class ReplayData:
 
 
 def replay_data(
-    labels: pl.DataFrame, features: pl.DataFrame, feature_names: Sequence[str] | None = None
+    labels: pl.DataFrame, features: pl.DataFrame, feature_names: Sequence[str] | None = None,
+    reward: str = "utility",
 ) -> ReplayData:
-    """Join labels (one row per task, expert, aux, operator) with x(expert, aux, task).
+    """Join labels (one row per task, expert, aux, operator) with x(expert, aux, task); the
+    `reward` column (the two-sided utility by default) is what a played arm earns.
 
     Several rows for one operator (e.g. different params) are averaged.
     """
-    missing = [c for c in LABEL_COLUMNS if c not in labels.columns]
+    missing = [c for c in (*LABEL_COLUMNS, reward) if c not in labels.columns]
     if missing:
         raise ConfigError(f"labels: missing columns {missing}")
     names = list(feature_names) if feature_names is not None else feature_columns(features)
@@ -74,8 +76,8 @@ def replay_data(
     operators = tuple(sorted(labels["operator"].unique().to_list()))
     wide = (
         labels.group_by("task", "expert", "aux", "operator")
-        .agg(pl.col("gap_closed").cast(pl.Float64).mean())
-        .pivot(on="operator", index=["task", "expert", "aux"], values="gap_closed")
+        .agg(pl.col(reward).cast(pl.Float64).mean())
+        .pivot(on="operator", index=["task", "expert", "aux"], values=reward)
         .sort("task", "expert", "aux")
     )
     joined = wide.join(

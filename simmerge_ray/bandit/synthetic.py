@@ -20,7 +20,7 @@ import polars as pl
 class SyntheticBanditSpec:
     n_models: int = 10
     tasks: tuple[str, ...] = ("code", "math", "multilingual")
-    operators: tuple[str, ...] = ("linear", "slerp", "ties", "dare_ties")
+    operators: tuple[str, ...] = ("linear", "slerp", "ties", "dare_ties")  # arm names (merge/arms.py)
     n_features: int = 8
     weight_scale: float = 0.15
     noise_std: float = 0.05
@@ -28,7 +28,8 @@ class SyntheticBanditSpec:
 
 
 def synthetic_tables(spec: SyntheticBanditSpec = SyntheticBanditSpec()) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(labels, features): labels has task, expert, aux, aux_task, operator, params, gap_closed;
+    """(labels, features): labels has task, expert, aux, aux_task, operator, params, utility (and
+    gap_closed, the same values);
     features has a, b, task and Float64 columns s_* / f_*."""
     rng = np.random.default_rng(spec.seed)
     models = [f"m{i}" for i in range(spec.n_models)]
@@ -50,6 +51,7 @@ def synthetic_tables(spec: SyntheticBanditSpec = SyntheticBanditSpec()) -> tuple
                     label_rows.append({
                         "task": task, "expert": a, "aux": b, "aux_task": aux_task,
                         "operator": op, "params": json.dumps({}), "gap_closed": gap,
+                        "utility": gap,
                     })
     schema = {"a": pl.String, "b": pl.String, "task": pl.String, **{n: pl.Float64 for n in names}}
     return pl.DataFrame(label_rows), pl.DataFrame(feature_rows, schema=schema)

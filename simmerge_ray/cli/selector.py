@@ -14,8 +14,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", required=True, help="features folder (features.parquet) or a parquet file")
     p.add_argument("--labels", required=True, help="labels.parquet from `simmerge label`")
     p.add_argument("--out", required=True)
-    p.add_argument("--target", default="gap_closed", choices=["gap_closed", "aux_gap_closed"],
-                   help="utility to predict: the expert side (default) or the auxiliary side")
+    p.add_argument("--target", default="utility", choices=["utility", "gap_closed", "aux_gap_closed"],
+                   help="label column to predict: the two-sided utility (default), the expert side or the auxiliary side")
     p.add_argument("--tune-samples", type=int, default=8, help="Ray Tune trials (0: default config)")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
@@ -88,22 +88,30 @@ def run_evaluate(args: argparse.Namespace) -> int:
     }
     with atomic_output_dir(out, overwrite=True) as tmp:
         (tmp / "selector_report.json").write_text(json.dumps(report, indent=2))
-        gap_chart(report["held_out_pairs"], tmp / "gap_closed.png", "GapClosed on held-out pairs")
+        gap_chart(report["held_out_pairs"], tmp / "utility.png", f"{args.target} on held-out pairs")
     print(format_summary(report))
     return 0
 
 
 def format_summary(report: dict) -> str:
+    from simmerge_ray.merge.arms import ARM_NAMES
+
     r = report["held_out_pairs"]
-    g = r["gap_closed"]
-    methods = [m for m in ("simmerge", "linear", "slerp", "ties", "majority", "oracle") if m in g]
+    g = r["utility"]
+    methods = [m for m in ("simmerge", *ARM_NAMES, "majority", "oracle") if m in g]
+    methods += [m for m in g if m not in methods]
     tasks = list(g["simmerge"])
+    width = max(len(m) for m in methods) + 2
     lines = [f"held-out pairs ({r['split']}, n={r['n']}): selection accuracy {r['selection_accuracy']:.1%}",
-             "method      " + "".join(f"{t:>14}" for t in tasks)]
+             "method".ljust(width) + "".join(f"{t:>14}" for t in tasks)]
     for m in methods:
-        lines.append(f"{m:<12}" + "".join(f"{100 * g[m][t]:>13.1f}%" for t in tasks))
+        lines.append(m.ljust(width) + "".join(f"{100 * g[m][t]:>13.1f}%" for t in tasks))
+    best = r["best_fixed_operator"]
+    gain = 100 * r["simmerge_vs_best_fixed"]
+    lines.append(f"verdict: SimMerge {'beats' if gain > 0 else 'does not beat'} the best fixed arm ({best}) by "
+                 f"{gain:+.1f} points; {100 * (r['simmerge_share_of_oracle'] or 0):.0f}% of the oracle")
     lo = report["leave_one_task_out"]
     lines.append(f"leave one task out: accuracy {lo['selection_accuracy']:.1%}, SimMerge "
-                 f"{100 * lo['gap_closed']['simmerge']['mean']:.1f}% vs best fixed "
-                 f"{100 * lo['gap_closed'][lo['best_fixed_operator']]['mean']:.1f}%")
+                 f"{100 * lo['utility']['simmerge']['mean']:.1f}% vs best fixed "
+                 f"{100 * lo['utility'][lo['best_fixed_operator']]['mean']:.1f}%")
     return "\n".join(lines)

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from simmerge_ray.merge.arms import ARM_NAMES
+
 # Pairwise labels only: the multi-way labels are not needed to judge a pairwise selector.
 PAIRWISE_ONLY = ["--subsets-3", "0", "--subsets-4", "0", "--mixed-4", "0"]
 
@@ -59,26 +61,26 @@ def run(args: argparse.Namespace) -> int:
         report["in_zoo"] = json.loads(ref_file.read_text())["held_out_pairs"]
     with atomic_output_dir(out / "transfer", overwrite=True) as tmp:
         (tmp / "transfer.json").write_text(json.dumps(report, indent=2))
-        gap_chart(report["transfer"], tmp / "gap_closed_transfer.png",
-                  "GapClosed on the target zoo, selector fitted on the source zoo")
+        gap_chart(report["transfer"], tmp / "utility_transfer.png",
+                  "utility on the target zoo, selector fitted on the source zoo")
     print(format_transfer(report))
     return 0
 
 
 def format_transfer(report: dict) -> str:
-    """Per-task GapClosed of the transferred selector, the fixed operators, the oracle (and the
-    in-zoo reference), plus accuracy and share of the oracle."""
+    """Per-task utility of the transferred selector, the fixed arms, the oracle (and the in-zoo
+    reference), plus accuracy and share of the oracle."""
     t = report["transfer"]
-    g = t["gap_closed"]
+    g = t["utility"]
     tasks = [k for k in g["simmerge"] if k != "mean"] + ["mean"]
     rows = [("SimMerge (transferred)", g["simmerge"])]
     if "in_zoo" in report:
-        rows.append(("SimMerge (fitted here)", report["in_zoo"]["gap_closed"]["simmerge"]))
-    rows += [(m, g[m]) for m in ("linear", "slerp", "ties", "oracle") if m in g]
+        rows.append(("SimMerge (fitted here)", report["in_zoo"]["utility"]["simmerge"]))
+    rows += [(m, g[m]) for m in (*ARM_NAMES, "oracle") if m in g]
     lines = [f"transfer to {report['target_zoo_config']} (n={t['n']} pairs): selection accuracy "
              f"{t['selection_accuracy']:.1%}, {100 * (t['simmerge_share_of_oracle'] or 0):.0f}% of the oracle, "
-             f"{100 * t['simmerge_vs_best_fixed']:+.1f} points vs the best fixed operator ({t['best_fixed_operator']})",
-             f"{'GapClosed %':<24}" + "".join(f"{k:>13}" for k in tasks)]
+             f"{100 * t['simmerge_vs_best_fixed']:+.1f} points vs the best fixed arm ({t['best_fixed_operator']})",
+             f"{'utility %':<24}" + "".join(f"{k:>13}" for k in tasks)]
     lines += [f"{name:<24}" + "".join(f"{100 * v[k]:>13.1f}" for k in tasks) for name, v in rows]
     if "in_zoo" in report:
         lines.append(f"in-zoo reference: selection accuracy {report['in_zoo']['selection_accuracy']:.1%} "

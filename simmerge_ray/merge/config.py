@@ -94,7 +94,7 @@ class MergeSpec:
             inputs = list(models)
             if base is not None and all(m.ref != base.ref for m in models):
                 inputs.append(base)  # mergekit adds a base that is not listed
-            if base is not None and method.name == "slerp":
+            if base is not None and method.base_first:
                 inputs.sort(key=lambda m: m.ref != base.ref)  # the base is slerp's t=0 end
         else:
             inputs = [m for m in models if base is None or m.ref != base.ref]

@@ -17,9 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
+from simmerge_ray.merge.arms import STEP_ARMS
 from simmerge_ray.planner.search import Objective, StepModel
-
-FIXED = ("linear", "slerp", "ties")
 
 
 class PlanScorer:
@@ -78,7 +77,7 @@ def evaluate_multiway(labels: pl.DataFrame, scorer: PlanScorer) -> dict:
             "random_order": float(np.mean(best_per_order)),
             "oracle": max(r for *_, r in scored),
         }
-        for op in FIXED:
+        for op in STEP_ARMS:
             fixed = [r for _, _, o, r in scored if set(o) == {op}]
             if fixed:
                 values[op] = float(np.mean(fixed))

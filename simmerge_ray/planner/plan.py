@@ -1,7 +1,7 @@
-"""A multi-way merge plan: an ordered subset of the catalog and one operator per step.
+"""A multi-way merge plan: an ordered subset of the catalog and one arm per step.
 
-Merged as a left fold, M_1 = m_1, M_j = op_{j-1}(M_{j-1}, m_j), each step with the testbed's
-default parameters (the ones its labels were measured with), so a plan's predicted utility and
+Merged as a left fold, M_1 = m_1, M_j = arm_{j-1}(M_{j-1}, m_j), each step an arm of
+merge/arms.py (the parameters the labels were measured with), so a plan's predicted utility and
 its measured outcome refer to the same merge. A plan serialises to JSON and to one
 mergekit-compatible YAML per step.
 """
@@ -16,14 +16,7 @@ from typing import Any
 import yaml
 
 from simmerge_ray.errors import ConfigError
-
-# Step parameters: the first input is the merge so far, the second the joining model.
-STEP_PARAMS: dict[str, dict[str, Any]] = {
-    "linear": {"weight": [0.5, 0.5], "normalize": True},
-    "slerp": {"t": 0.5},
-    "ties": {"weight": [1.0, 1.0], "density": [0.5, 0.5], "normalize": True},
-}
-
+from simmerge_ray.merge.arms import get_arm
 
 @dataclass
 class Plan:
@@ -43,8 +36,7 @@ class Plan:
         if len(set(self.models)) != len(self.models):
             raise ConfigError(f"plan {self.models}: a model appears twice")
         for op in self.operators:
-            if op not in STEP_PARAMS:
-                raise ConfigError(f"plan {self.models}: unknown step operator {op!r} (known: {', '.join(STEP_PARAMS)})")
+            get_arm(op)  # an unknown arm is a ConfigError listing the known ones
 
     @property
     def k(self) -> int:
@@ -69,21 +61,7 @@ class Plan:
         configs = []
         prev = str(paths[self.models[0]])
         for j, (op, model) in enumerate(zip(self.operators, self.models[1:]), start=1):
-            p = STEP_PARAMS[op]
-            cur = str(paths[model])
-            if op == "slerp":
-                cfg = {"merge_method": "slerp", "base_model": prev, "parameters": {"t": p["t"]},
-                       "models": [{"model": prev}, {"model": cur}]}
-            else:
-                per = [{k: v[i] for k, v in p.items() if isinstance(v, list)} for i in range(2)]
-                cfg = {"merge_method": op, "models": [{"model": prev, "parameters": per[0]},
-                                                      {"model": cur, "parameters": per[1]}],
-                       "parameters": {k: v for k, v in p.items() if not isinstance(v, list)}}
-                if op == "ties":
-                    if base is None:
-                        raise ConfigError("a TIES step needs the catalog's base model")
-                    cfg["base_model"] = str(base)
-            configs.append(cfg)
+            configs.append(get_arm(op).mergekit_config(prev, str(paths[model]), None if base is None else str(base)))
             prev = step_dir.format(j=j)
         return configs
 

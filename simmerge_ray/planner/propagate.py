@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.gram_math import FEATURES, PairStats, basis_change, pair_features
 from simmerge_ray.merge.operators.slerp import slerp_coefficients_from_gram
-from simmerge_ray.planner.plan import STEP_PARAMS
+from simmerge_ray.merge.arms import get_arm
 
 GROUPS = ("attn", "mlp", "embed", "norm")
 THIRDS = (0, 1, 2)
@@ -87,8 +87,10 @@ def step_state(gt: GramTable, state: MergeState, model: str, op: str) -> MergeSt
     r = gt.index(model)
     e = np.zeros(len(gt.rows))
     e[r] = 1.0
-    if op == "slerp":
-        t = float(STEP_PARAMS["slerp"]["t"])
+    arm = get_arm(op)
+    form = arm.linear_form()
+    if form is None:  # SLERP: coefficients from each tensor's angle, exact from the Gram matrices
+        t = float(arm.params["t"])
         gc = np.einsum("trs,ts->tr", gt.gram, state.coef)
         g00 = np.einsum("tr,tr->t", state.coef, gc)
         g01 = gc[:, r]
@@ -97,12 +99,15 @@ def step_state(gt: GramTable, state: MergeState, model: str, op: str) -> MergeSt
         coef = c[:, :1] * state.coef + c[:, 1:] * e
         w_new = t
     else:
-        # linear with weights (0.5, 0.5); TIES's proxy is task arithmetic with its weights,
-        # normalised: base + (w1 d1 + w2 d2) / (w1 + w2), the same combination of models.
-        w = STEP_PARAMS[op]["weight"]
-        a, b = w[0] / sum(w), w[1] / sum(w)
+        # exact for linear and task arithmetic; sparsified arms (TIES & co) take the dense
+        # task-arithmetic combination with their weights as a proxy
+        a, b, c_base = form
         coef = a * state.coef + b * e
-        w_new = b
+        if c_base:
+            if gt.base is None:
+                raise ConfigError(f"step arm {op!r} needs the catalog's base model")
+            coef[:, len(gt.rows) - 1] += c_base
+        w_new = b / (a + b) if a + b else 0.5
     mix = {k: v * (1 - w_new) for k, v in state.mix.items()}
     mix[model] = mix.get(model, 0.0) + w_new
     return MergeState(coef, mix)

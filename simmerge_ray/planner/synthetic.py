@@ -67,7 +67,7 @@ def build_world(root: Path, n_models: int = 8, tasks: tuple[str, ...] = TASKS, s
 
 
 def synthetic_labels(features: pl.DataFrame, catalog: Catalog, rng: np.random.Generator) -> pl.DataFrame:
-    """Gap closed per (task, expert of task, aux, operator): a known function of features, so
+    """Utility per (task, expert of task, aux, operator): a known function of features, so
     the selector learns a rule that depends on the pair."""
     experts = {m.name: m.task for m in catalog.models}
     rows = []
@@ -77,5 +77,5 @@ def synthetic_labels(features: pl.DataFrame, catalog: Catalog, rng: np.random.Ge
         x1, x2 = r["s_weight_cos"], r["f_kl_ab_mean"]
         util = {"linear": 0.4 + 0.5 * x1 - 0.1 * x2, "slerp": 0.5 + 0.2 * x2, "ties": 0.3 + 0.8 * x1 * x1}
         rows += [{"task": r["task"], "expert": r["a"], "aux": r["b"], "operator": op,
-                  "gap_closed": u + 0.02 * float(rng.normal())} for op, u in util.items()]
+                  "utility": u + 0.02 * float(rng.normal())} for op, u in util.items()]
     return pl.DataFrame(rows)

@@ -7,12 +7,28 @@ import shutil
 from pathlib import Path
 
 from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.merge.arms import ARM_NAMES, PAPER_ARMS, STEP_ARMS
 from simmerge_ray.report.charts import feature_utility_heatmap, grouped_bars
 
-PAIR_METHODS = ("simmerge", "linear", "slerp", "ties", "majority", "oracle")
-MULTI_METHODS = ("simmerge", "random_order", "linear", "slerp", "ties", "oracle")
+PAIR_METHODS = ("simmerge", *ARM_NAMES, "majority", "oracle")
+ONE_SIDED_METHODS = ("simmerge", *PAPER_ARMS, "oracle")
+MULTI_METHODS = ("simmerge", "random_order", *STEP_ARMS, "oracle")
 BANDIT_POLICIES = {"bandit": "bandit", "bandit_cold": "bandit_cold", "random": "uniform",
                    "greedy": "greedy_offline", "best_fixed": "best_fixed"}
+
+
+def testbed_section(zoo: Path) -> dict:
+    """Every model's accuracy and score per domain (the base included), and its task vector."""
+    import polars as pl
+
+    rows = pl.read_parquet(zoo / "scores.parquet").to_dicts()
+    scores: dict[str, dict] = {}
+    for r in rows:
+        entry = scores.setdefault(r["model"], {"expert_of": r["model_task"]})
+        entry[r["task"]] = {"accuracy": r["accuracy"], "score": r["score"]}
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    return {"scores": scores, "task_vectors": manifest.get("task_vectors", {}),
+            "eval_examples": manifest["config"]["data"]["eval_examples"]}
 
 
 def build_report(out: Path, timings: dict[str, float]) -> dict:
@@ -25,12 +41,19 @@ def build_report(out: Path, timings: dict[str, float]) -> dict:
             "split": held["split"],
             "pairs": held["n"],
             "selection_accuracy": held["selection_accuracy"],
-            "gap_closed": {m: held["gap_closed"][m] for m in PAIR_METHODS if m in held["gap_closed"]},
+            "utility": {m: held["utility"][m] for m in PAIR_METHODS if m in held["utility"]},
+            "gap_closed": {m: held["gap_closed"][m] for m in ONE_SIDED_METHODS if m in held.get("gap_closed", {})},
+            "best_fixed_arm": held["best_fixed_operator"],
+            "simmerge_vs_best_fixed": held["simmerge_vs_best_fixed"],
+            "simmerge_share_of_oracle": held["simmerge_share_of_oracle"],
+            "headroom_share": held["headroom_share"],
+            "oracle_arm_share": held["oracle_operator_share"],
             "regret": held["regret"],
             "leave_one_task_out": {"selection_accuracy": sel["leave_one_task_out"]["selection_accuracy"],
-                                   "gap_closed": sel["leave_one_task_out"]["gap_closed"]},
+                                   "utility": sel["leave_one_task_out"]["utility"]},
             "ablation": sel["ablation"],
         },
+        "testbed": testbed_section(out / "zoo"),
         "multiway": {key: {m: {"expert_retention": v["expert_retention"][m]} for m in MULTI_METHODS
                            if m in v["expert_retention"]} | {"subsets": v["subsets"]}
                      for key, v in multi.items() if key.endswith("way")},
@@ -50,7 +73,7 @@ def write_report(out: Path, timings: dict[str, float]) -> dict:
 
     report = build_report(out, timings)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    shutil.copy(out / "selector_eval" / "gap_closed.png", out / "gap_closed.png")
+    shutil.copy(out / "selector_eval" / "utility.png", out / "utility.png")
     shutil.copy(out / "bandit" / "regret.png", out / "regret.png")
     grouped_bars({k: {m: report["multiway"][k][m]["expert_retention"] for m in MULTI_METHODS
                       if m in report["multiway"][k]} for k in report["multiway"] if k.endswith("way")},
@@ -62,36 +85,47 @@ def write_report(out: Path, timings: dict[str, float]) -> dict:
     return report
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def render_markdown(report: dict) -> str:
     p = report["pairwise"]
-    tasks = [t for t in p["gap_closed"]["simmerge"] if t != "mean"] + ["mean"]
-    lines = ["# SimMerge demo report", "",
-             f"## Pairwise operator selection ({p['split']}, {p['pairs']} expert-auxiliary pairs)", "",
-             f"Selection accuracy (operator with the best measured GapClosed): **{p['selection_accuracy']:.1%}**; "
-             f"leave one task out: {p['leave_one_task_out']['selection_accuracy']:.1%}.", "",
-             "GapClosed (% of the expert-auxiliary gap kept on the expert's task):", "",
-             "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
-    for m, g in p["gap_closed"].items():
-        lines.append(f"| {m} | " + " | ".join(f"{100 * g[t]:.1f}" for t in tasks) + " |")
-    lines += ["", "![GapClosed](gap_closed.png)", "", "Ablation (same folds):", "",
-              "| features | selection accuracy | mean GapClosed | regret |", "|---|---:|---:|---:|"]
-    for name, a in p["ablation"].items():
-        lines.append(f"| {name} | {a['selection_accuracy']:.1%} | {100 * a['gap_closed_mean']:.1f} | "
-                     f"{a['regret']:.3f} |")
-    lines += ["", "## Multi-way plans (measured expert retention, %)", "",
-              "| k | subsets | " + " | ".join(MULTI_METHODS) + " |", "|---|---:|" + "---:|" * len(MULTI_METHODS)]
-    for k, v in report["multiway"].items():
-        if not k.endswith("way"):
-            continue
-        lines.append(f"| {k} | {v['subsets']} | " + " | ".join(
-            f"{100 * v[m]['expert_retention']:.1f}" if m in v else "-" for m in MULTI_METHODS) + " |")
+    tasks = [t for t in p["utility"]["simmerge"] if t != "mean"] + ["mean"]
+    tb = report["testbed"]
+    domains = sorted({t for m in tb["scores"].values() for t in m if t != "expert_of"})
+    lines = ["# SimMerge demo report", "", "## Testbed: answer accuracy per model and domain", ""]
+    lines += _table(["model", "expert of", *domains],
+                    [[m, v["expert_of"] or "-", *(f"{v[d]['accuracy']:.3f}" for d in domains)]
+                     for m, v in tb["scores"].items()])
+    lines += ["", f"## Pairwise arm selection ({p['split']}, {p['pairs']} expert-auxiliary pairs)", "",
+              f"Selection accuracy (arm with the best measured utility): **{p['selection_accuracy']:.1%}**; "
+              f"leave one task out: {p['leave_one_task_out']['selection_accuracy']:.1%}. SimMerge minus the best "
+              f"fixed arm ({p['best_fixed_arm']}): **{100 * p['simmerge_vs_best_fixed']:+.1f} points**; "
+              f"share of the oracle: {100 * (p['simmerge_share_of_oracle'] or 0):.0f}%.", "",
+              "Two-sided utility (%, mean of the gap closed on the expert's and on the auxiliary's task):", ""]
+    lines += _table(["method", *tasks], [[m, *(f"{100 * g[t]:.1f}" for t in tasks)] for m, g in p["utility"].items()])
+    if p["gap_closed"]:
+        lines += ["", "The paper's one-sided GapClosed (%, expert's task only) of its three operators, their "
+                  "oracle, and the arm SimMerge picked:", ""]
+        lines += _table(["method", *tasks], [[m, *(f"{100 * g[t]:.1f}" for t in tasks)]
+                                             for m, g in p["gap_closed"].items()])
+    lines += ["", "![utility](utility.png)", "", "Ablation (same folds):", ""]
+    lines += _table(["features", "selection accuracy", "mean utility", "regret"],
+                    [[n, f"{a['selection_accuracy']:.1%}", f"{100 * a['utility_mean']:.1f}", f"{a['regret']:.3f}"]
+                     for n, a in p["ablation"].items()])
+    lines += ["", "## Multi-way plans (measured expert retention, %)", ""]
+    lines += _table(["k", "subsets", *MULTI_METHODS],
+                    [[k, str(v["subsets"]), *(f"{100 * v[m]['expert_retention']:.1f}" if m in v else "-"
+                                              for m in MULTI_METHODS)]
+                     for k, v in report["multiway"].items() if k.endswith("way")])
+    rounds = list(report["bandit"]["regret"]["bandit"])
     lines += ["", "![multi-way](multiway_retention.png)", "",
-              "## Online bandit (cumulative regret in GapClosed, held-out pairs)", "",
-              "| policy | " + " | ".join(f"round {r}" for r in report["bandit"]["regret"]["bandit"]) + " |",
-              "|---|" + "---:|" * len(report["bandit"]["regret"]["bandit"])]
-    for name, at in report["bandit"]["regret"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in at.values()) + " |")
+              "## Online bandit (cumulative regret in utility, held-out pairs)", ""]
+    lines += _table(["policy", *(f"round {r}" for r in rounds)],
+                    [[n, *(f"{v:.2f}" for v in at.values())] for n, at in report["bandit"]["regret"].items()])
     lines += ["", "![regret](regret.png)", "", "![feature-utility correlations](feature_utility_heatmap.png)", "",
-              "## Timings (s)", "", "| stage | seconds |", "|---|---:|"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in report["timings"].items()]
+              "## Timings (s)", ""]
+    lines += _table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in report["timings"].items()])
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Training data of the selector: one row per (task, expert, aux) with every operator's utility.
+"""Training data of the selector: one row per (task, expert, aux) with every arm's utility.
 
 Labels are full-information (every operator was merged and evaluated for every pair), so each
 row carries a vector of utilities; features x(a=expert, b=aux, t=task) come from the feature
@@ -30,12 +30,13 @@ class PairData:
     """Arrays for training and evaluation, aligned row by row."""
 
     x: np.ndarray  # [n, d] raw features
-    y: np.ndarray  # [n, k] utility (gap closed) per operator, clipped
+    y: np.ndarray  # [n, k] utility per arm (the fitted target), clipped
     tasks: list[str]  # [n]
     experts: list[str]
     auxes: list[str]
     feature_names: list[str]
     operators: list[str]
+    gap: np.ndarray | None = None  # [n, k] the paper's one-sided GapClosed beside a two-sided target
 
     @property
     def pair_keys(self) -> list[str]:
@@ -45,36 +46,52 @@ class PairData:
     def subset(self, idx: np.ndarray | list[int]) -> "PairData":
         idx = np.asarray(idx, dtype=int)
         return PairData(self.x[idx], self.y[idx], [self.tasks[i] for i in idx], [self.experts[i] for i in idx],
-                        [self.auxes[i] for i in idx], self.feature_names, self.operators)
+                        [self.auxes[i] for i in idx], self.feature_names, self.operators,
+                        None if self.gap is None else self.gap[idx])
 
     def select_features(self, names: list[str]) -> "PairData":
         cols = [self.feature_names.index(n) for n in names]
-        return PairData(self.x[:, cols], self.y, self.tasks, self.experts, self.auxes, list(names), self.operators)
+        return PairData(self.x[:, cols], self.y, self.tasks, self.experts, self.auxes, list(names), self.operators,
+                        self.gap)
 
     def __len__(self) -> int:
         return len(self.tasks)
 
 
+TARGETS = ("utility", "gap_closed", "aux_gap_closed")
+
+
+def _wide(labels: pl.DataFrame, ops: list[str], value: str) -> pl.DataFrame:
+    """One row per (task, expert, aux), one column per arm, complete rows only."""
+    return (
+        labels.filter(pl.col("operator").is_in(ops))
+        .group_by(["task", "expert", "aux", "operator"]).agg(pl.col(value).mean())
+        .pivot(on="operator", index=["task", "expert", "aux"], values=value)
+        .drop_nulls(subset=ops)
+    )
+
+
 def build_pair_data(labels: pl.DataFrame, features: pl.DataFrame, *,
-                    operators: list[str] | None = None) -> PairData:
+                    operators: list[str] | None = None, target: str = "utility") -> PairData:
     """Pivot labels to one utility vector per (task, expert, aux) and join the features.
 
-    Rows lacking an operator's label or the pair's features are dropped; an empty result is
-    an error saying which side is missing.
+    `target` is the label column fitted: `utility` (two-sided, METHOD.md), `gap_closed` (the
+    expert's side) or `aux_gap_closed`. Rows lacking an operator's label or the pair's features
+    are dropped; an empty result is an error saying which side is missing.
     """
-    for col in ("task", "expert", "aux", "operator", "gap_closed"):
+    if target not in TARGETS:
+        raise ConfigError(f"target: {target!r} is not one of {', '.join(TARGETS)}")
+    for col in ("task", "expert", "aux", "operator", target):
         if col not in labels.columns:
             raise ConfigError(f"labels table: missing column {col!r}")
     for col in ("a", "b", "task"):
         if col not in features.columns:
             raise ConfigError(f"feature table: missing column {col!r}")
     ops = operators or sorted(labels["operator"].unique().to_list())
-    wide = (
-        labels.filter(pl.col("operator").is_in(ops))
-        .group_by(["task", "expert", "aux", "operator"]).agg(pl.col("gap_closed").mean())
-        .pivot(on="operator", index=["task", "expert", "aux"], values="gap_closed")
-        .drop_nulls(subset=ops)
-    )
+    wide = _wide(labels, ops, target)
+    if target != "gap_closed" and "gap_closed" in labels.columns:
+        gap_wide = _wide(labels, ops, "gap_closed").rename({o: f"gap:{o}" for o in ops})
+        wide = wide.join(gap_wide, on=["task", "expert", "aux"], how="left")
     names = feature_columns(features)
     if not names:
         raise ConfigError("feature table: no numeric columns prefixed s_ or f_")
@@ -92,8 +109,11 @@ def build_pair_data(labels: pl.DataFrame, features: pl.DataFrame, *,
         )
     x = joined.select(names).to_numpy().astype(np.float64)  # nulls -> NaN
     y = np.clip(joined.select(ops).to_numpy().astype(np.float64), *UTILITY_CLIP)
+    gap_cols = [f"gap:{o}" for o in ops]
+    gap = (np.clip(joined.select(gap_cols).to_numpy().astype(np.float64), *UTILITY_CLIP)
+           if all(c in joined.columns for c in gap_cols) else None)
     return PairData(x, y, joined["task"].to_list(), joined["expert"].to_list(), joined["aux"].to_list(),
-                    names, list(ops))
+                    names, list(ops), gap)
 
 
 def features_file(features: str | Path) -> Path:
@@ -102,17 +122,13 @@ def features_file(features: str | Path) -> Path:
     return p / "features.parquet" if p.is_dir() else p
 
 
-def load_pair_data(features: str | Path, labels: str | Path, target: str = "gap_closed") -> PairData:
-    """PairData from a features folder (or parquet file) and a labels parquet.
-
-    `target` picks the utility: `gap_closed` (the expert's side) or `aux_gap_closed`.
-    """
+def load_pair_data(features: str | Path, labels: str | Path, target: str = "utility") -> PairData:
+    """PairData from a features folder (or parquet file) and a labels parquet (`target`: see
+    build_pair_data)."""
     try:
         feats, labs = pl.read_parquet(features_file(features)), pl.read_parquet(labels)
     except FileNotFoundError as e:
         raise ConfigError(f"{e.filename}: not found") from None
-    if target != "gap_closed":
-        if target not in labs.columns:
-            raise ConfigError(f"{labels}: no column {target!r}")
-        labs = labs.drop("gap_closed").rename({target: "gap_closed"})
-    return build_pair_data(labs, feats)
+    if target not in labs.columns:
+        raise ConfigError(f"{labels}: no column {target!r}")
+    return build_pair_data(labs, feats, target=target)

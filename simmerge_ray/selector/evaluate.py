@@ -1,4 +1,4 @@
-"""Judging the selector on pairs it never saw: accuracy, GapClosed per task, regret.
+"""Judging the selector on pairs it never saw: accuracy, utility per task, regret.
 
 Every evaluation is out-of-fold: outer folds split by model pair (or leave one task out);
 hyperparameters, when searched, are searched on the outer training part only (nested), so no
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.merge.arms import PAPER_ARMS
 from simmerge_ray.selector.data import PairData
 from simmerge_ray.selector.folds import Split, group_kfold, leave_one_task_out
 from simmerge_ray.selector.model import Selector, SelectorConfig
@@ -38,9 +39,23 @@ def out_of_fold(data: PairData, splits: list[Split], fit: FitFn) -> tuple[np.nda
     return pred, majority
 
 
+def _per_task(values: dict[str, np.ndarray], tasks: list[str]) -> dict[str, dict[str, float]]:
+    """Mean per task, and 'mean' as the unweighted mean of the task means."""
+    names = sorted(set(tasks))
+    t_arr = np.asarray(tasks)
+    out = {}
+    for m, v in values.items():
+        per = {t: float(v[t_arr == t].mean()) for t in names}
+        out[m] = per | {"mean": float(np.mean(list(per.values())))}
+    return out
+
+
 def summarize(data: PairData, pred: np.ndarray, majority: list[str] | None) -> dict:
-    """Selection accuracy, GapClosed per task and method, and regret (`majority`: the
-    majority-class rule's operator per row, None where there is no training part to take it from)."""
+    """Selection accuracy, utility per task and method, and regret (`majority`: the
+    majority-class rule's operator per row, None where there is no training part to take it from).
+
+    Beside a two-sided target, `gap_closed` gives the paper's one-sided GapClosed of its three
+    arms, of their oracle, and of the arm SimMerge picked."""
     ops = data.operators
     rows = np.arange(len(data))
     pick = pred.argmax(axis=1)
@@ -50,26 +65,31 @@ def summarize(data: PairData, pred: np.ndarray, majority: list[str] | None) -> d
     if majority is not None:
         methods["majority"] = data.y[rows, [ops.index(m) for m in majority]]
     methods |= {o: data.y[:, j] for j, o in enumerate(ops)}
-    tasks = sorted(set(data.tasks))
-    t_arr = np.asarray(data.tasks)
-    gap = {m: {t: float(v[t_arr == t].mean()) for t in tasks} | {"mean": float(np.mean([v[t_arr == t].mean()
-                                                                                          for t in tasks]))}
-           for m, v in methods.items()}
+    util = _per_task(methods, data.tasks)
     correct = chosen >= oracle - 1e-9
-    best_fixed = max(ops, key=lambda o: gap[o]["mean"])
+    best_fixed = max(ops, key=lambda o: util[o]["mean"])
     oracle_op = [ops[i] for i in data.y.argmax(axis=1)]
-    return {
+    out = {
         "n": len(data),
         "selection_accuracy": float(correct.mean()),
         "selection_accuracy_by_best_operator": {o: float(correct[np.asarray(oracle_op) == o].mean())
                                                 for o in ops if o in oracle_op},
         "oracle_operator_share": {o: oracle_op.count(o) / len(data) for o in ops},
-        "gap_closed": gap,
+        "utility": util,
         "regret": {m: float((oracle - v).mean()) for m, v in methods.items()},
         "best_fixed_operator": best_fixed,
-        "simmerge_vs_best_fixed": gap["simmerge"]["mean"] - gap[best_fixed]["mean"],
-        "simmerge_share_of_oracle": gap["simmerge"]["mean"] / gap["oracle"]["mean"] if gap["oracle"]["mean"] else None,
+        "simmerge_vs_best_fixed": util["simmerge"]["mean"] - util[best_fixed]["mean"],
+        "simmerge_share_of_oracle": util["simmerge"]["mean"] / util["oracle"]["mean"] if util["oracle"]["mean"] else None,
+        "headroom_share": ((util["simmerge"]["mean"] - util[best_fixed]["mean"])
+                           / (util["oracle"]["mean"] - util[best_fixed]["mean"])
+                           if util["oracle"]["mean"] > util[best_fixed]["mean"] else None),
     }
+    if data.gap is not None:
+        paper = [j for j, o in enumerate(ops) if o in PAPER_ARMS]
+        one_sided = {"simmerge": data.gap[rows, pick], "oracle": data.gap[:, paper].max(axis=1)} | {
+            ops[j]: data.gap[:, j] for j in paper}
+        out["gap_closed"] = _per_task(one_sided, data.tasks)
+    return out
 
 
 def evaluate_pairs(data: PairData, fit: FitFn, *, folds: int = 5, seed: int = 0) -> dict:
@@ -117,31 +137,32 @@ def ablation(data: PairData, cfg: SelectorConfig, *, folds: int = 5, seed: int =
     out = {}
     for name, (d, c) in variants.items():
         r = evaluate_pairs(d, fixed_fit(c), folds=folds, seed=seed)
-        out[name] = {"selection_accuracy": r["selection_accuracy"], "gap_closed_mean": r["gap_closed"]["simmerge"]["mean"],
+        out[name] = {"selection_accuracy": r["selection_accuracy"], "utility_mean": r["utility"]["simmerge"]["mean"],
                      "regret": r["regret"]["simmerge"], "features": len(d.feature_names)}
     return out
 
 
 def gap_chart(report: dict, path: Path, title: str) -> Path:
-    """Bar chart of GapClosed per task and method (the paper's Figure 2 layout)."""
+    """Bar chart of the utility per task: SimMerge, the paper's arms, the best fixed arm, the
+    majority rule and the oracle (the paper's Figure 2 layout)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gap = report["gap_closed"]
-    methods = [m for m in ("simmerge", "linear", "slerp", "ties", "majority", "oracle") if m in gap]
-    methods += [m for m in gap if m not in methods]
+    gap = report["utility"]
+    shown = ("simmerge", *PAPER_ARMS, report["best_fixed_operator"], "majority", "oracle")
+    methods = [m for m in dict.fromkeys(shown) if m in gap]
     tasks = [t for t in gap["simmerge"] if t != "mean"] + ["mean"]
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks)), 3.8))
     for i, m in enumerate(methods):
         ax.bar(np.arange(len(tasks)) + i * width, [100 * gap[m][t] for t in tasks], width, label=m)
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
-    ax.set_ylabel("gap closed (%)")
+    ax.set_ylabel("utility (%)")
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_title(title)
-    ax.legend(ncol=min(len(methods), 4), fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

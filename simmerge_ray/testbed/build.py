@@ -27,13 +27,14 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from simmerge_ray.catalog import Catalog, ModelEntry, TaskEntry
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.atomic import atomic_output_dir, atomic_write_text
+from simmerge_ray.testbed import pretrain_cache
 from simmerge_ray.testbed.domains import Example, get_domain
 from simmerge_ray.testbed.domains.general import general_texts
 from simmerge_ray.testbed.evaluate import encode, score
 from simmerge_ray.testbed.model_factory import init_model, make_config
 from simmerge_ray.testbed.tokenizer import EOS, PAD, train_tokenizer
 from simmerge_ray.testbed.train import mixed_texts, pack_blocks, train_lm
-from simmerge_ray.testbed.zoo_config import VariantConfig, ZooConfig
+from simmerge_ray.testbed.zoo_config import TrainConfig, VariantConfig, ZooConfig
 
 EVAL_MAX_LEN = 192
 
@@ -70,39 +71,85 @@ def _tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), eos_token=EOS, pad_token=PAD, bos_token=EOS)
 
 
-def _training_blocks(cfg: ZooConfig, tok: PreTrainedTokenizerFast, domain: str | None,
-                     variant: VariantConfig | None) -> torch.Tensor:
-    """The token blocks one model trains on: the base's mixture, or one variant's domain subset."""
-    if domain is None or variant is None:
-        base = cfg.base
-        streams = [general_texts(base.seed)] + [get_domain(d).train_texts(base.seed) for d in cfg.domains]
-        share = base.domain_share / len(cfg.domains)
-        texts = mixed_texts(streams, [1 - base.domain_share] + [share] * len(cfg.domains), base.seed)
-        return pack_blocks(texts, tok, cfg.data.seq_len, base.steps * base.batch_size)
+def _mixture(cfg: ZooConfig, tok: PreTrainedTokenizerFast, domain_share: float, seed: int, n_blocks: int) -> torch.Tensor:
+    """General text with `domain_share` of documents drawn evenly from the domains."""
+    streams = [general_texts(seed)] + [get_domain(d).train_texts(seed) for d in cfg.domains]
+    share = domain_share / len(cfg.domains)
+    texts = mixed_texts(streams, [1 - domain_share] + [share] * len(cfg.domains), seed)
+    return pack_blocks(texts, tok, cfg.data.seq_len, n_blocks)
+
+
+def _role(cfg: ZooConfig, role: str) -> tuple[TrainConfig, str | None, VariantConfig | None]:
+    """(training settings, domain, variant) of 'base', 'continued' or an expert's name."""
+    if role == "base":
+        return cfg.base, None, None
+    if role == "continued":
+        assert cfg.continued is not None
+        return cfg.continued, None, None
+    domain, variant = next((d, v) for d, v in cfg.experts() if v.name == role)
+    return variant, domain, variant
+
+
+def _training_blocks(cfg: ZooConfig, tok: PreTrainedTokenizerFast, role: str) -> torch.Tensor:
+    """The token blocks one model trains on: a pretraining mixture, or one variant's domain subset."""
+    train, domain, variant = _role(cfg, role)
+    if variant is None:
+        return _mixture(cfg, tok, train.domain_share, train.seed, train.steps * train.batch_size)
     texts = get_domain(domain).train_texts(variant.seed, variant.subset)
     return pack_blocks(texts, tok, cfg.data.seq_len, variant.steps * variant.batch_size)
 
 
 @ray.remote(num_cpus=1)
-def _train_remote(cfg_json: str, tok_json: str, domain: str | None, variant_name: str | None,
-                  base_state: dict | None, evals: dict[str, list[Example]]) -> dict:
-    """Train the base (domain None) or one expert from the base weights; score it on every domain."""
+def _train_remote(cfg_json: str, tok_json: str, role: str, start_state: dict | None,
+                  evals: dict[str, list[Example]]) -> dict:
+    """Train the base, the continued-pretraining checkpoint or one expert from `start_state`;
+    score it on every domain."""
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     cfg = ZooConfig.model_validate_json(cfg_json)
     tok = _tokenizer_from_json(tok_json)
-    variant = None if domain is None else next(v for v in cfg.domains[domain].variants if v.name == variant_name)
+    train, _, variant = _role(cfg, role)
     model = init_model(cfg.architecture, len(tok), tok.eos_token_id, tok.pad_token_id, cfg.seed)
-    if base_state is not None:
-        model.load_state_dict(base_state)
+    if start_state is not None:
+        model.load_state_dict(start_state)
     t0, c0 = time.perf_counter(), time.process_time()
-    blocks = _training_blocks(cfg, tok, domain, variant)
-    losses = train_lm(model, blocks, cfg.base if domain is None else variant, variant.lora if variant else None)
+    blocks = _training_blocks(cfg, tok, role)
+    losses = train_lm(model, blocks, train, variant.lora if variant else None)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     scores = {t: score(model, encode(ex, tok, EVAL_MAX_LEN)) for t, ex in evals.items()}
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     return {"state": state, "losses": losses, "seconds": seconds, "cpu_seconds": cpu_seconds, "scores": scores,
             "tokens": int(blocks.numel())}
+
+
+def task_vector_table(base: dict[str, torch.Tensor], experts: dict[str, dict[str, torch.Tensor]]) -> dict:
+    """Per expert |tau| / |theta_0| (tau = expert - base, over every tensor), and the matrix of
+    task-vector cosines: how far each fine-tune moved, and how alike the moves are."""
+    names = list(experts)
+    flat0 = torch.cat([t.reshape(-1).double() for t in base.values()])
+    taus = torch.stack([torch.cat([(sd[k].double() - base[k].double()).reshape(-1) for k in base])
+                        for sd in experts.values()])
+    norms = taus.norm(dim=1)
+    cos = (taus @ taus.T) / torch.outer(norms, norms).clamp_min(1e-30)
+    return {"relative_norm": {n: float(norms[i] / flat0.norm()) for i, n in enumerate(names)},
+            "cosine": {n: {m: round(float(cos[i, j]), 4) for j, m in enumerate(names)} for i, n in enumerate(names)}}
+
+
+def _pretrained(cfg: ZooConfig, role: str, train: Callable[[], ray.ObjectRef], log: Callable[[str], None]) -> dict:
+    """The base or continued checkpoint's training result, from the per-machine cache when an
+    entry for the same config exists (pretrain_cache), else trained now and cached."""
+    part = cfg.model_dump(mode="json", include={"seed", "architecture", "tokenizer", "data", "base"})
+    part["domains"] = sorted(cfg.domains)
+    if role == "continued":
+        part["continued"] = cfg.model_dump(mode="json", include={"continued"})
+    key = pretrain_cache.pretrain_key(part, role)
+    hit = pretrain_cache.load(key, log)
+    if hit is not None:
+        log(f"{role}: reused from the pretrain cache ({key[:12]})")
+        return hit
+    result = ray.get(train())
+    pretrain_cache.store(key, result)
+    return result
 
 
 def _save_checkpoint(cfg: ZooConfig, tok: PreTrainedTokenizerFast, state: dict, path: Path) -> None:
@@ -143,21 +190,27 @@ def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
 
         cfg_json = cfg.model_dump_json()
         evals_ref = ray.put(evals)
-        base = ray.get(_train_remote.remote(cfg_json, tok_json, None, None, None, evals_ref))
+        base = _pretrained(cfg, "base", lambda: _train_remote.remote(cfg_json, tok_json, "base", None, evals_ref), log)
         _save_checkpoint(cfg, tok, base["state"], tmp / "checkpoints" / "base")
         timings["base_s"] = base["seconds"]
         log(f"base: {base['tokens']} tokens in {base['seconds']:.0f}s ({base['cpu_seconds']:.0f} CPU s), "
         f"final loss {base['losses'][-1]:.3f}")
 
-        base_ref = ray.put(base["state"])
+        starts = {"base": ray.put(base["state"])}
         results: dict[str, dict] = {"base": base}
+        if cfg.continued is not None:
+            results["continued"] = _pretrained(
+                cfg, "continued", lambda: _train_remote.remote(cfg_json, tok_json, "continued", starts["base"], evals_ref), log)
+            starts["continued"] = ray.put(results["continued"]["state"])
+            log(f"continued pretraining: {results['continued']['seconds']:.0f}s, "
+                f"final loss {results['continued']['losses'][-1]:.3f}")
         pending: dict = {}
         queue = list(cfg.experts())
         t0 = time.perf_counter()
         while queue or pending:
             while queue and len(pending) < cfg.runtime.workers:
-                domain, v = queue.pop(0)
-                pending[_train_remote.remote(cfg_json, tok_json, domain, v.name, base_ref, evals_ref)] = v.name
+                _, v = queue.pop(0)
+                pending[_train_remote.remote(cfg_json, tok_json, v.name, starts[v.start], evals_ref)] = v.name
             done, _ = ray.wait(list(pending), num_returns=1)
             name = pending.pop(done[0])
             results[name] = ray.get(done[0])
@@ -187,6 +240,7 @@ def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
             "losses": {m: [r["losses"][0], r["losses"][-1]] for m, r in results.items()},
             "tokens": {m: r["tokens"] for m, r in results.items()},
             "train_seconds": {m: [round(r["seconds"], 2), round(r["cpu_seconds"], 2)] for m, r in results.items()},
+            "task_vectors": task_vector_table(base["state"], {v.name: results[v.name]["state"] for _, v in cfg.experts()}),
         }
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
     return Path(out) / "catalog.yaml"

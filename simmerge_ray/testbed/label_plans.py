@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from simmerge_ray.testbed.merging import DEFAULT_PARAMS, OPERATORS
+from simmerge_ray.merge.arms import ARM_NAMES, STEP_ARMS, get_arm
 
 # Bump when the scoring changes: old cached results then stop matching.
 SCORE_VERSION = "loglik-v1"
@@ -28,7 +28,8 @@ SCORE_VERSION = "loglik-v1"
 
 class LabelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    operators: tuple[str, ...] = OPERATORS
+    operators: tuple[str, ...] = Field(ARM_NAMES, description="arms measured on every 2-way pair")
+    step_operators: tuple[str, ...] = Field(STEP_ARMS, description="arms used as steps of sampled 3-/4-way plans")
     subsets_3: int = Field(12, ge=0)
     subsets_4: int = Field(4, ge=0)
     mixed_4: int = Field(12, ge=0, description="random mixed-operator plans per 4-way subset")
@@ -48,12 +49,26 @@ class Plan:
     def k(self) -> int:
         return len(self.models)
 
+    def canonical(self) -> "Plan":
+        """The same merge written one fixed way: a 2-way plan whose arm has a mirror (linear_expert
+        of (a, b) is linear_aux of (b, a); symmetric arms mirror themselves) in model-name order,
+        so the label run measures each merge once."""
+        if self.k != 2:
+            return self
+        mirror = get_arm(self.operators[0]).mirror()
+        if mirror is None or self.models <= self.models[::-1]:
+            return self
+        return Plan(self.models[::-1], (mirror,), self.tasks[::-1])
+
     def key(self, fingerprints: dict[str, str], task_digests: dict[str, str]) -> str:
-        """Content key: model and base fingerprints, operators with their parameters, eval sets."""
+        """Content key: model and base fingerprints, operators with their parameters, eval sets;
+        the same for the two spellings of a mirrored 2-way merge."""
+        if self.canonical() is not self:
+            return self.canonical().key(fingerprints, task_digests)
         payload = {
             "models": [fingerprints[m] for m in self.models],
             "base": fingerprints.get("base"),
-            "steps": [[op, DEFAULT_PARAMS[op]] for op in self.operators],
+            "steps": [[get_arm(op).method, dict(get_arm(op).params)] for op in self.operators],
             "eval": {t: task_digests[t] for t in self.tasks},
             "score": SCORE_VERSION,
         }
@@ -67,11 +82,11 @@ def _distinct_task_subsets(experts: dict[str, str], k: int) -> list[tuple[str, .
 def enumerate_plans(experts: dict[str, str], all_tasks: list[str], settings: LabelSettings,
                     extra_singles: tuple[str, ...] = ("base",)) -> list[Plan]:
     """All plans of a label run, in a deterministic order. `experts`: model name -> its task."""
-    ops = settings.operators
+    ops = settings.step_operators
     plans = [Plan((m,), (), tuple(all_tasks)) for m in (*extra_singles, *sorted(experts))]
     for a, b in itertools.permutations(sorted(experts), 2):
         if experts[a] != experts[b]:
-            plans += [Plan((a, b), (op,), (experts[a], experts[b])) for op in ops]
+            plans += [Plan((a, b), (op,), (experts[a], experts[b])) for op in settings.operators]
     rng = random.Random(f"labels|{settings.seed}")
     for k, n_subsets in ((3, settings.subsets_3), (4, settings.subsets_4)):
         candidates = _distinct_task_subsets(experts, k)

@@ -9,8 +9,8 @@ import json
 
 import polars as pl
 
+from simmerge_ray.merge.arms import get_arm
 from simmerge_ray.testbed.label_plans import Plan
-from simmerge_ray.testbed.merging import DEFAULT_PARAMS
 
 Scores = dict[str, float]  # task -> score
 
@@ -18,6 +18,12 @@ Scores = dict[str, float]  # task -> score
 def gap_closed(s_merge: float, s_expert: float, s_aux: float) -> float:
     """METHOD.md: (s(merge) - s(aux)) / (s(expert) - s(aux)) on the expert's task."""
     return (s_merge - s_aux) / (s_expert - s_aux)
+
+
+def two_sided_utility(gap: float, aux_gap: float | None) -> float | None:
+    """METHOD.md: U = (GapClosed on the expert's task + GapClosed on the auxiliary's task) / 2;
+    undefined (None) where the auxiliary side's gap is too small to measure."""
+    return None if aux_gap is None else (gap + aux_gap) / 2
 
 
 def model_scores_table(singles: dict[str, Scores]) -> pl.DataFrame:
@@ -40,19 +46,21 @@ def pairwise_table(results: list[tuple[Plan, Scores]], singles: dict[str, Scores
             continue
         s_ea, s_aa = singles[a][u], singles[b][u]
         op = plan.operators[0]
+        arm = get_arm(op)
+        gap = gap_closed(scores[t], s_e, s_a)
+        aux_gap = (scores[u] - s_ea) / (s_aa - s_ea) if s_aa - s_ea >= epsilon else None
         rows.append({
             "task": t, "expert": a, "aux": b, "aux_task": u, "operator": op,
-            "params": json.dumps(DEFAULT_PARAMS[op], sort_keys=True),
+            "params": json.dumps({"method": arm.method, **arm.params}, sort_keys=True),
             "s_merge_task": scores[t], "s_merge_aux_task": scores[u],
             "s_expert_task": s_e, "s_aux_task": s_a, "s_expert_aux_task": s_ea, "s_aux_aux_task": s_aa,
-            "gap_closed": gap_closed(scores[t], s_e, s_a),
-            "aux_gap_closed": (scores[u] - s_ea) / (s_aa - s_ea) if s_aa - s_ea >= epsilon else None,
+            "gap_closed": gap, "aux_gap_closed": aux_gap, "utility": two_sided_utility(gap, aux_gap),
         })
     schema = {
         "task": pl.String, "expert": pl.String, "aux": pl.String, "aux_task": pl.String, "operator": pl.String,
         "params": pl.String, **{c: pl.Float64 for c in (
             "s_merge_task", "s_merge_aux_task", "s_expert_task", "s_aux_task", "s_expert_aux_task",
-            "s_aux_aux_task", "gap_closed", "aux_gap_closed")},
+            "s_aux_aux_task", "gap_closed", "aux_gap_closed", "utility")},
     }
     return pl.DataFrame(rows, schema=schema), dropped
 
@@ -76,15 +84,17 @@ def multiway_table(results: list[tuple[Plan, Scores]], singles: dict[str, Scores
     return pl.DataFrame(rows, schema=schema)
 
 
-def gap_summary(labels: pl.DataFrame) -> pl.DataFrame:
-    """Per task (and 'mean' over tasks): mean GapClosed of each fixed operator and of the oracle
-    (best operator per (expert, aux) pair), plus how often each operator is the best."""
-    per_pair = labels.group_by("task", "expert", "aux").agg(
-        pl.col("gap_closed").max().alias("oracle"),
-        pl.col("operator").sort_by("gap_closed", descending=True).first().alias("best"),
-    )
+def gap_summary(labels: pl.DataFrame, value: str = "utility") -> pl.DataFrame:
+    """Per task (and 'mean' over tasks): mean `value` (the two-sided utility, or the one-sided
+    gap_closed) of each arm and of the oracle (best arm per (expert, aux) pair), plus how often
+    each arm is the best. Rows where `value` is undefined (a too small auxiliary gap) are left out."""
     ops = sorted(labels["operator"].unique().to_list())
-    fixed = labels.pivot(on="operator", index="task", values="gap_closed", aggregate_function="mean")
+    labels = labels.filter(pl.col(value).is_not_null())
+    per_pair = labels.group_by("task", "expert", "aux").agg(
+        pl.col(value).max().alias("oracle"),
+        pl.col("operator").sort_by(value, descending=True).first().alias("best"),
+    )
+    fixed = labels.pivot(on="operator", index="task", values=value, aggregate_function="mean")
     oracle = per_pair.group_by("task").agg(pl.col("oracle").mean(), pl.len().alias("pairs"))
     wins = per_pair.pivot(on="best", index="task", values="expert", aggregate_function="len")
     wins = wins.rename({op: f"best_{op}" for op in ops if op in wins.columns})

@@ -28,8 +28,9 @@ from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.digest_cache import file_digest
 from simmerge_ray.testbed.label_plans import LabelSettings, Plan, enumerate_plans
+from simmerge_ray.merge.arms import get_arm
 from simmerge_ray.testbed.label_tables import gap_summary, model_scores_table, multiway_table, pairwise_table
-from simmerge_ray.testbed.merging import DEFAULT_PARAMS, merge_state_dicts
+from simmerge_ray.testbed.merging import merge_arm
 
 EVAL_MAX_LEN = 192
 
@@ -78,8 +79,7 @@ class PlanEvaluator:
             for j, op in enumerate(plan.operators):
                 prefix = (plan.models[: j + 2], plan.operators[: j + 1])
                 if prefix not in memo:
-                    memo[prefix] = merge_state_dicts(op, [cur, self.states[plan.models[j + 1]]],
-                                                     self.states["base"], DEFAULT_PARAMS[op])
+                    memo[prefix] = merge_arm(op, cur, self.states[plan.models[j + 1]], self.states["base"])
                 cur = memo[prefix]
             self.model.load_state_dict(cur)
             out.append({t: score(self.model, self.evals[t]) for t in plan.tasks})
@@ -125,11 +125,14 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     keyed = [(p.key(fingerprints, task_digests), p) for p in plans]
     cache = Path(out) / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    todo = [(k, p) for k, p in keyed if not (cache / f"{k}.json").exists()]
-    cached = len(keyed) - len(todo)
+    unique: dict[str, Plan] = {}  # a mirrored 2-way merge is measured once, under its canonical form
+    for k, p in keyed:
+        unique.setdefault(k, p)
+    todo = [(k, p.canonical()) for k, p in unique.items() if not (cache / f"{k}.json").exists()]
+    cached = len(unique) - len(todo)
     if max_plans is not None:
         todo = todo[:max_plans]
-    log(f"label: {len(keyed)} plans, {cached} cached, {len(todo)} to measure")
+    log(f"label: {len(keyed)} plans ({len(unique)} distinct merges), {cached} cached, {len(todo)} to measure")
 
     calls = _calls(todo, settings.plans_per_call)
     computed = 0
@@ -153,10 +156,10 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
         for a in actors:
             ray.kill(a)
 
-    complete = cached + computed == len(keyed)
+    complete = cached + computed == len(unique)
     if complete:
         _write_tables(Path(out), keyed, cache, experts, settings, time.perf_counter() - t0)
-    return LabelRunReport(len(keyed), computed, cached, complete, time.perf_counter() - t0, Path(out))
+    return LabelRunReport(len(unique), computed, cached, complete, time.perf_counter() - t0, Path(out))
 
 
 def _write_tables(out: Path, keyed: list[tuple[str, Plan]], cache: Path, experts: dict[str, str],
@@ -174,13 +177,15 @@ def _write_tables(out: Path, keyed: list[tuple[str, Plan]], cache: Path, experts
         tmp.replace(out / f"{name}.parquet")
     info = {
         "settings": settings.model_dump(mode="json"),
-        "params": DEFAULT_PARAMS,
+        "params": {a: {"method": get_arm(a).method, **get_arm(a).params}
+                   for a in dict.fromkeys(settings.operators + settings.step_operators)},
         "plans": len(keyed),
         "labels_2way": labels.height,
         "dropped_2way_small_gap": dropped,
         "labels_3way": int((multi["k"] == 3).sum()),
         "labels_4way": int((multi["k"] == 4).sum()),
         "seconds_last_run": seconds,
-        "gap_closed": summary.to_dicts(),
+        "utility": summary.to_dicts(),
+        "gap_closed": gap_summary(labels, "gap_closed").to_dicts(),
     }
     atomic_write_text(out / "label_summary.json", json.dumps(info, indent=1))

@@ -1,4 +1,4 @@
-"""In-memory merges of small state dicts with the project's merge operators, and the label defaults.
+"""In-memory merges of small state dicts with the project's merge operators.
 
 The testbed's models are tiny, so a merge is a loop over tensor names calling the registered
 operator function directly; the same functions back the streaming executor, so a label measured
@@ -12,21 +12,18 @@ from typing import Any
 
 import torch
 
-from simmerge_ray.errors import MergeError
+from simmerge_ray.errors import ConfigError, MergeError
+from simmerge_ray.merge.arms import get_arm
 from simmerge_ray.merge.operators import MergeInputs, get_method
 from simmerge_ray.merge.tensor_merge import tensor_generator
 
 StateDict = Mapping[str, torch.Tensor]
 
-# The fixed operators of the labels and their default parameters (recorded in every label row).
-# slerp's t=0 end ("base_model") is the first input: the expert, or the merge so far in a fold.
-# ties works on task vectors against the zoo's base.
-DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
-    "linear": {"weight": [0.5, 0.5], "normalize": True},
-    "slerp": {"t": 0.5, "base_model": "first"},
-    "ties": {"weight": [1.0, 1.0], "density": [0.5, 0.5], "normalize": True, "base_model": "base"},
-}
-OPERATORS: tuple[str, ...] = tuple(DEFAULT_PARAMS)
+
+def merge_arm(arm: str, first: StateDict, second: StateDict, base: StateDict | None, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Merge two state dicts with a declared arm (merge/arms.py)."""
+    a = get_arm(arm)
+    return merge_state_dicts(a.method, [first, second], base, a.params, seed=seed)
 
 
 def merge_state_dicts(method: str, state_dicts: Sequence[StateDict], base_state_dict: StateDict | None,
@@ -34,23 +31,14 @@ def merge_state_dicts(method: str, state_dicts: Sequence[StateDict], base_state_
     """Merge `state_dicts` tensor by tensor with operator `method`.
 
     `params` holds the method's parameters: per-model ones as lists (one value per state dict),
-    global ones as scalars; missing ones take the method's defaults. `base_model` in params is
-    descriptive only. Methods that take the base as an input (slerp) get `state_dicts[0]` there.
+    global ones as scalars; missing ones take the method's defaults. Methods that take the base
+    as an input (slerp) get `state_dicts[0]` there.
     """
     m = get_method(method)
-    per_model: dict[str, list] = {}
-    options: dict[str, Any] = {}
-    for p in m.params:
-        value = params.get(p.name, p.default)
-        if value is None:
-            raise MergeError(f"{method}: missing parameter {p.name!r}")
-        if p.per_model:
-            values = list(value) if isinstance(value, (list, tuple)) else [value] * len(state_dicts)
-            if len(values) != len(state_dicts):
-                raise MergeError(f"{method}: parameter {p.name!r} has {len(values)} values for {len(state_dicts)} models")
-            per_model[p.name] = values
-        else:
-            options[p.name] = value
+    try:
+        per_model, options = m.resolve(params, len(state_dicts))
+    except ConfigError as e:
+        raise MergeError(str(e)) from None
     if m.needs_base and not m.base_in_inputs and base_state_dict is None:
         raise MergeError(f"{method}: needs the base model's weights")
     out: dict[str, torch.Tensor] = {}

@@ -62,6 +62,15 @@ class BaseConfig(TrainConfig):
     domain_share: float = Field(0.15, ge=0, le=1, description="share of base documents drawn from the domains")
 
 
+class ContinuedConfig(TrainConfig):
+    """A continued-pretraining checkpoint: the base trained further on its own mixture with a
+    larger domain share. Experts may start from it instead of the base (as teams fine-tune from
+    mid-training checkpoints); the catalog's base stays the original, so their task vectors
+    share the continued-pretraining move."""
+
+    domain_share: float = Field(0.5, ge=0, le=1)
+
+
 class LoraConfig(_Strict):
     rank: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
@@ -72,6 +81,7 @@ class VariantConfig(TrainConfig):
     name: str
     subset: tuple[int, int] | None = Field(None, description="(index, of): train on one hash bucket of the data")
     lora: LoraConfig | None = None
+    start: Literal["base", "continued"] = Field("base", description="checkpoint the fine-tune starts from")
 
     @field_validator("name")
     @classmethod
@@ -102,6 +112,7 @@ class ZooConfig(_Strict):
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
     base: BaseConfig
+    continued: ContinuedConfig | None = None
     domains: dict[str, DomainConfig] = Field(min_length=2)
     runtime: RuntimeConfig = RuntimeConfig()
 
@@ -119,6 +130,9 @@ class ZooConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1} | ({"base"} & set(names)))
         if dup:
             raise ValueError(f"expert names must be unique and not 'base': {', '.join(dup)}")
+        orphans = [v.name for _, v in self.experts() if v.start == "continued" and self.continued is None]
+        if orphans:
+            raise ValueError(f"experts {', '.join(orphans)} start from 'continued', but the config has no 'continued' section")
         return self
 
     def experts(self) -> list[tuple[str, VariantConfig]]:

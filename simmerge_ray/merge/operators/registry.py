@@ -7,8 +7,10 @@ directly against mergekit on small tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+
+from typing import Any
 
 import numpy as np  # noqa: F401  (named in the CombinationFn annotation)
 import torch
@@ -67,6 +69,8 @@ class MergeMethod:
     # With `base_in_inputs`, the base model's tensor is passed as one of `tensors` (slerp, linear);
     # otherwise it is only `base` and its own entry in `models` (if any) is dropped (TIES & co).
     base_in_inputs: bool = True
+    # With `base_first`, a listed base is the first input (SLERP's t=0 end).
+    base_first: bool = False
     check: CheckFn | None = None
     combination: CombinationFn | None = None
     combination_needs_gram: bool = False
@@ -79,6 +83,26 @@ class MergeMethod:
         """Every element merges on its own with coefficients known before any read (linear, task
         arithmetic): a tensor can be merged, and split between workers, by element range."""
         return self.combination is not None and not self.combination_needs_gram
+
+    def resolve(self, params: Mapping[str, Any], n_models: int) -> tuple[dict[str, list[Value]], dict[str, Value]]:
+        """Split flat parameter values into (per-model lists, global options), defaults filled in.
+
+        Per-model values may be one scalar for every model or a list of `n_models` values.
+        """
+        per_model: dict[str, list[Value]] = {}
+        options: dict[str, Value] = {}
+        for p in self.params:
+            value = params.get(p.name, p.default)
+            if value is None:
+                raise ConfigError(f"{self.name}: missing parameter {p.name!r}")
+            if p.per_model:
+                values = list(value) if isinstance(value, (list, tuple)) else [value] * n_models
+                if len(values) != n_models:
+                    raise ConfigError(f"{self.name}: parameter {p.name!r} has {len(values)} values for {n_models} models")
+                per_model[p.name] = values
+            else:
+                options[p.name] = value
+        return per_model, options
 
     def param(self, name: str) -> Param:
         for p in self.params:

@@ -58,6 +58,7 @@ register(MergeMethod(
     name="slerp",
     fn=slerp,
     params=(Param("t"),),
+    base_first=True,
     needs_base=True,
     min_models=2,
     max_models=2,

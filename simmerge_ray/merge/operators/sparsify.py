@@ -32,6 +32,23 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> tor
     return rescale_l1(delta, masked) if rescale else masked
 
 
+def outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+    """Breadcrumbs: drop the `gamma` share of largest |delta| (outliers), then the smallest, to keep
+    `density` of the coordinates; as mergekit, the outlier cut shrinks when both cannot be met."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep = int(density * n)
+    if keep <= 0 or n == 0:
+        return torch.zeros_like(delta)
+    n_bottom = max(0, n - keep - int(gamma * n))
+    order = torch.argsort(delta.abs().reshape(-1))[n_bottom:n_bottom + keep]
+    mask = torch.zeros(n, dtype=delta.dtype)
+    mask[order] = 1
+    masked = delta * mask.reshape(delta.shape)
+    return rescale_l1(delta, masked) if rescale else masked
+
+
 def random(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> torch.Tensor:
     """Keep each coordinate with probability `density` (a seeded Bernoulli mask)."""
     if density >= 1:

@@ -21,7 +21,7 @@ from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Para
 @dataclass(frozen=True)
 class Variant:
     name: str
-    sparsification: str | None  # None | "magnitude" | "random"
+    sparsification: str | None  # None | "magnitude" | "random" | "outliers"
     consensus: bool  # TIES sign election by sum
     default_normalize: bool
     default_rescale: bool
@@ -32,6 +32,8 @@ VARIANTS = (
     Variant("ties", "magnitude", True, True, False),
     Variant("dare_ties", "random", True, False, True),
     Variant("dare_linear", "random", False, False, True),
+    Variant("breadcrumbs", "outliers", False, False, False),
+    Variant("breadcrumbs_ties", "outliers", True, False, False),
 )
 
 
@@ -47,6 +49,8 @@ def generalized_task_arithmetic(inp: MergeInputs, *, variant: Variant) -> torch.
         density = float(inp.per_model["density"][i])
         if variant.sparsification == "magnitude":
             delta = sparsify.magnitude(delta, density, bool(opts["rescale"]))
+        elif variant.sparsification == "outliers":
+            delta = sparsify.outliers(delta, density, float(opts["gamma"]), bool(opts["rescale"]))
         elif variant.sparsification == "random":
             delta = sparsify.random(delta, density, bool(opts["rescale"]), inp.generator)
         deltas[i] = delta
@@ -109,6 +113,7 @@ for _v in VARIANTS:
             Param("rescale", _v.default_rescale),
             Param("lambda", 1.0),
             Param("int8_mask", False),
+            *((Param("gamma", 0.01),) if _v.sparsification == "outliers" else ()),
         ),
         needs_base=True,
         min_models=1,
@@ -117,6 +122,7 @@ for _v in VARIANTS:
         # only plain task arithmetic is a fixed combination; sparsified variants are not
         combination=task_arithmetic_combination if _v.sparsification is None and not _v.consensus else None,
         # with each model's magnitude threshold found first, TIES is elementwise: streamable
-        chunked=partial(chunked_magnitude_task_arithmetic, variant=_v) if _v.sparsification != "random" else None,
+        chunked=(partial(chunked_magnitude_task_arithmetic, variant=_v)
+                 if _v.sparsification in (None, "magnitude") else None),
         doc=f"task vectors; sparsification={_v.sparsification}, sign consensus={_v.consensus}",
     ))

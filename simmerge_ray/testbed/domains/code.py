@@ -1,24 +1,27 @@
-"""Code: Python source of the standard library of the running interpreter (the modules at the top
-of its Lib directory).
+"""Code: predict what a short generated Python snippet prints.
 
-Files are split by path between train, probe and eval; an eval example is a few lines of a
-held-out file as the prompt and the next line as the answer.
+The base pretrains on real Python (the running interpreter's standard library, see
+`stdlib_documents`, part of the general text), so it knows the language; the code task, like a
+code-execution fine-tuning set, asks for the exact output of a snippet: list and string methods,
+arithmetic on variables, small functions. Answers are exact, so a small model can learn them
+and accuracy separates an expert from the base.
 """
 
 from __future__ import annotations
 
 import random
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.testbed.domains.base import Example, Split, in_subset, split_of
+from simmerge_ray.testbed.domains.base import Example
+from simmerge_ray.testbed.domains.generated import GeneratedDomain
 
 CHUNK_CHARS = 1200
-CONTEXT_LINES = 4
-MAX_PROMPT_CHARS = 160
+_NAMES = ("x", "y", "n", "a", "b", "items", "word", "total", "data", "vals")
+_WORDS = ("cat", "sun", "map", "red", "pen", "box", "car", "tea", "owl", "fig", "ink", "jam")
 
 
 def stdlib_dir() -> Path:
@@ -26,55 +29,91 @@ def stdlib_dir() -> Path:
 
 
 @cache
-def _files() -> tuple[tuple[str, str], ...]:
-    """(file name, source) of every top-level stdlib module, sorted, read once per process."""
+def stdlib_documents() -> tuple[str, ...]:
+    """Chunks of about CHUNK_CHARS (cut at line ends) of every top-level stdlib module, sorted."""
     root = stdlib_dir()
-    out = []
+    docs: list[str] = []
     for path in sorted(root.glob("*.py")):
         try:
-            out.append((path.name, path.read_text(encoding="utf-8")))
+            source = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-    if not out:
-        raise ConfigError(f"{root}: no Python standard-library sources found for the code domain")
-    return tuple(out)
+        cur: list[str] = []
+        size = 0
+        for line in source.splitlines(keepends=True):
+            cur.append(line)
+            size += len(line)
+            if size >= CHUNK_CHARS:
+                docs.append("".join(cur))
+                cur, size = [], 0
+        if cur:
+            docs.append("".join(cur))
+    if not docs:
+        raise ConfigError(f"{root}: no Python standard-library sources found for the general text")
+    return tuple(docs)
 
 
-def _chunks(source: str) -> list[str]:
-    """Cut a file at line boundaries into pieces of about CHUNK_CHARS."""
-    pieces, cur, size = [], [], 0
-    for line in source.splitlines(keepends=True):
-        cur.append(line)
-        size += len(line)
-        if size >= CHUNK_CHARS:
-            pieces.append("".join(cur))
-            cur, size = [], 0
-    if cur:
-        pieces.append("".join(cur))
-    return pieces
+def _list(rng: random.Random) -> list[int]:
+    return [rng.randint(0, 20) for _ in range(rng.randint(3, 5))]
 
 
-class CodeDomain:
-    name = "code"
+def _snippets() -> list[Callable[[random.Random], tuple[str, str]]]:
+    """Generators of (code, printed output); each is checked by running it (see the tests)."""
 
-    def train_texts(self, seed: int, subset: tuple[int, int] | None = None) -> Iterator[str]:
-        docs = [c for rel, src in _files() if split_of(rel) == "train" and in_subset(rel, subset) for c in _chunks(src)]
-        rng = random.Random(f"code|train|{seed}")
-        while True:
-            rng.shuffle(docs)
-            yield from docs
+    def arith(rng: random.Random) -> tuple[str, str]:
+        v, a, b = rng.choice(_NAMES), rng.randint(1, 30), rng.randint(1, 9)
+        op = rng.choice(("+=", "-=", "*="))
+        out = {"+=": a + b, "-=": a - b, "*=": a * b}[op]
+        return f"{v} = {a}\n{v} {op} {b}\nprint({v})", str(out)
 
-    def examples(self, split: Split, seed: int) -> Iterator[Example]:
-        rng = random.Random(f"code|{split}|{seed}")
-        held = [src.splitlines() for rel, src in _files() if split_of(rel) == split]
-        candidates = [
-            (f, i) for f, lines in enumerate(held) for i in range(CONTEXT_LINES, len(lines))
-            if 10 <= len(lines[i].strip()) <= 60 and not lines[i].strip().startswith("#")
-        ]
-        rng.shuffle(candidates)
-        for f, i in candidates:
-            lines = held[f]
-            yield Example(("\n".join(lines[i - CONTEXT_LINES:i]) + "\n")[-MAX_PROMPT_CHARS:], lines[i])
+    def length(rng: random.Random) -> tuple[str, str]:
+        v, xs = rng.choice(_NAMES), _list(rng)
+        return f"{v} = {xs}\nprint(len({v}))", str(len(xs))
+
+    def index(rng: random.Random) -> tuple[str, str]:
+        v, xs = rng.choice(_NAMES), _list(rng)
+        i = rng.choice((0, 1, -1))
+        return f"{v} = {xs}\nprint({v}[{i}])", str(xs[i])
+
+    def sort(rng: random.Random) -> tuple[str, str]:
+        v, xs = rng.choice(_NAMES), _list(rng)
+        return f"{v} = {xs}\nprint(sorted({v}))", str(sorted(xs))
+
+    def agg(rng: random.Random) -> tuple[str, str]:
+        v, xs = rng.choice(_NAMES), _list(rng)
+        fn = rng.choice(("max", "min", "sum"))
+        return f"{v} = {xs}\nprint({fn}({v}))", str({"max": max, "min": min, "sum": sum}[fn](xs))
+
+    def append(rng: random.Random) -> tuple[str, str]:
+        v, xs, e = rng.choice(_NAMES), _list(rng)[:3], rng.randint(0, 20)
+        return f"{v} = {xs}\n{v}.append({e})\nprint({v})", str(xs + [e])
+
+    def upper(rng: random.Random) -> tuple[str, str]:
+        v, w = rng.choice(_NAMES), rng.choice(_WORDS)
+        fn = rng.choice(("upper", "title"))
+        return f"{v} = '{w}'\nprint({v}.{fn}())", getattr(w, fn)()
+
+    def reverse(rng: random.Random) -> tuple[str, str]:
+        v, w = rng.choice(_NAMES), rng.choice(_WORDS) + rng.choice(_WORDS)
+        return f"{v} = '{w}'\nprint({v}[::-1])", w[::-1]
+
+    def join(rng: random.Random) -> tuple[str, str]:
+        v, ws, sep = rng.choice(_NAMES), rng.sample(_WORDS, 3), rng.choice(("-", ", ", "+"))
+        return f"{v} = {ws}\nprint('{sep}'.join({v}))", sep.join(ws)
+
+    def func(rng: random.Random) -> tuple[str, str]:
+        k, c, arg = rng.randint(2, 5), rng.randint(0, 9), rng.randint(1, 9)
+        return f"def f(v):\n    return v * {k} + {c}\nprint(f({arg}))", str(arg * k + c)
+
+    return [arith, length, index, sort, agg, append, upper, reverse, join, func]
 
 
-DOMAIN = CodeDomain()
+_MAKERS = _snippets()
+
+
+def make_example(rng: random.Random) -> Example:
+    code, out = rng.choice(_MAKERS)(rng)
+    return Example(f"Code:\n{code}\nOutput:", f" {out}")
+
+
+DOMAIN = GeneratedDomain("code", make_example)

@@ -1,4 +1,5 @@
-"""General English text for pretraining the base: the help topics shipped with Python (pydoc_data)."""
+"""General text for pretraining the base: the help topics shipped with Python (pydoc_data) and the
+source of its standard library, so the base knows English prose about Python and Python itself."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import random
 from collections.abc import Iterator
 from functools import cache
 
-CHUNK_CHARS = 1200
+from simmerge_ray.testbed.domains.code import CHUNK_CHARS, stdlib_documents
 
 
 @cache
@@ -17,7 +18,7 @@ def _documents() -> tuple[str, ...]:
     for name in sorted(topics):
         text = topics[name]
         docs.extend(text[i:i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS))
-    return tuple(docs)
+    return tuple(docs) + stdlib_documents()
 
 
 def general_texts(seed: int) -> Iterator[str]:

@@ -1,0 +1,82 @@
+"""The arms are declared once (merge/arms.py): every consumer takes its list from there, and each
+arm's three forms agree: the in-memory merge the labels measure, the mergekit YAML a plan writes
+(run by the streaming executor) and the linear form the planner propagates."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
+from simmerge_ray.merge.arms import ARM_NAMES, ARMS, PAPER_ARMS, STEP_ARMS, get_arm
+from simmerge_ray.merge.config import MergeSpec
+from simmerge_ray.merge.executor import ExecOptions, run_merge
+from simmerge_ray.testbed.label_plans import LabelSettings
+from simmerge_ray.testbed.merging import merge_arm
+
+SPEC = SyntheticSpec(architecture="llama", hidden_size=16, num_layers=2, num_heads=2, vocab_size=64, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("arms")
+    make_checkpoint(root / "base", SPEC)
+    for i in (1, 2):
+        make_checkpoint(root / f"m{i}", dataclasses.replace(SPEC, seed=i), base=root / "base", delta_std=0.02)
+    return {n: root / n for n in ("base", "m1", "m2")}
+
+
+def test_consumers_take_the_arms_from_the_declaration() -> None:
+    from simmerge_ray.report.summary import MULTI_METHODS, PAIR_METHODS
+
+    assert len(ARMS) >= 6 and len(set(ARM_NAMES)) == len(ARM_NAMES)
+    assert PAPER_ARMS == ("linear", "slerp", "ties")
+    assert LabelSettings().operators == ARM_NAMES and LabelSettings().step_operators == STEP_ARMS
+    assert [m for m in PAIR_METHODS if m in ARM_NAMES] == list(ARM_NAMES)
+    assert [m for m in MULTI_METHODS if m in ARM_NAMES] == list(STEP_ARMS)
+    with pytest.raises(ConfigError, match="unknown arm 'linera'; known: linear, slerp, ties"):
+        get_arm("linera")
+
+
+def test_mirrors_are_the_same_merge(models) -> None:
+    sd = {n: load_file(str(p / "model.safetensors")) for n, p in models.items()}
+    for arm in ARMS:
+        mirror = arm.mirror()
+        if mirror is None:
+            continue
+        ab = merge_arm(arm.name, sd["m1"], sd["m2"], sd["base"])
+        ba = merge_arm(mirror, sd["m2"], sd["m1"], sd["base"])
+        for k in ab:
+            torch.testing.assert_close(ab[k], ba[k], rtol=0, atol=1e-6, msg=f"{arm.name} vs {mirror}: {k}")
+    assert get_arm("linear_expert").mirror() == "linear_aux" and get_arm("ties").mirror() == "ties"
+
+
+@pytest.mark.parametrize("arm", ARM_NAMES)
+def test_arm_yaml_runs_the_same_merge_as_the_labels(arm: str, models, tmp_path: Path) -> None:
+    """The mergekit YAML of an arm, run by the streaming executor, equals the in-memory merge;
+    where the arm has an exact linear form, that form equals it too."""
+    a = get_arm(arm)
+    cfg = a.mergekit_config(str(models["m1"]), str(models["m2"]), str(models["base"]))
+    spec = MergeSpec.from_dict({**cfg, "dtype": "float32"}, source=f"arm {arm}")
+    run_merge(spec, tmp_path / "out", ExecOptions(in_process=True))
+    streamed = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        streamed |= load_file(str(f))
+    sd = {n: load_file(str(p / "model.safetensors")) for n, p in models.items()}
+    want = merge_arm(arm, sd["m1"], sd["m2"], sd["base"])
+    assert sorted(streamed) == sorted(want)
+    for k in want:
+        torch.testing.assert_close(streamed[k], want[k], rtol=1e-5, atol=1e-6, msg=f"{arm}: {k}")
+    form = a.linear_form()
+    if a.method in ("linear", "task_arithmetic"):
+        c1, c2, cb = form
+        for k in want:
+            torch.testing.assert_close(c1 * sd["m1"][k] + c2 * sd["m2"][k] + cb * sd["base"][k], want[k],
+                                       rtol=1e-5, atol=1e-6)
+    elif a.method == "slerp":
+        assert form is None
