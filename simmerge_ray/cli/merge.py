@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simmerge_ray.merge.config import MergeSpec
-    from simmerge_ray.merge.executor import ExecOptions, input_paths, run_merge
+    from simmerge_ray.merge.executor import ExecOptions, check_merge, input_paths, run_merge
     from simmerge_ray.resources import max_actors, parse_bytes, streaming_ask
 
     if bool(args.config) == bool(args.plan):
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_plan(args, opts)
     spec = MergeSpec.load(args.config, seed=args.seed)
     check_output(args.out, overwrite=args.overwrite, inputs=[*input_paths(spec), args.config])
+    check_merge(spec)
     if not args.in_process:
         init_ray(args.address)
     res = run_merge(spec, args.out, opts)

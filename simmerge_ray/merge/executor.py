@@ -375,12 +375,20 @@ class UnitMerger:
             os._exit(1)
 
 
-def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions()) -> MergeResult:
-    """Merge `spec` into the folder `out` (written beside it, renamed when complete)."""
-    t0 = time.perf_counter()
+def check_merge(spec: MergeSpec) -> tuple[dict[str, Checkpoint], Checkpoint | None]:
+    """Open the inputs (headers only) and resolve every tensor's parameters: each problem of
+    the inputs or the config fails here, before Ray starts or any tensor is read."""
     ckpts, base = open_inputs(spec)
     ref = next(iter(ckpts.values()))
     spec.check_tensors(ref.tensor_names, ref.num_layers)
+    return ckpts, base
+
+
+def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions()) -> MergeResult:
+    """Merge `spec` into the folder `out` (written beside it, renamed when complete)."""
+    t0 = time.perf_counter()
+    ckpts, base = check_merge(spec)
+    ref = next(iter(ckpts.values()))
     plans = plan_shards(ref, spec.out_dtype or spec.dtype, opts.shard_bytes)
     layouts = {p.file: file_layout(list(p.tensors), {"format": "pt"}) for p in plans}
     total = sum(e.numel for e in ref.entries.values())
