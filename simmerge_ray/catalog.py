@@ -91,6 +91,12 @@ class Catalog(BaseModel):
     def names(self) -> list[str]:
         return [m.name for m in self.models]
 
+    @property
+    def paths(self) -> list[Path]:
+        """Every checkpoint and data file it names, and its own file: what no output may replace."""
+        tasks = [p for t in self.tasks.values() for p in (t.probes, t.eval) if p is not None]
+        return [m.path for m in self.models] + [p for p in (self.base, self.source) if p is not None] + tasks
+
     def model(self, name: str) -> ModelEntry:
         for m in self.models:
             if m.name == name:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from simmerge_ray.errors import ConfigError, SimMergeError
+from simmerge_ray.io.out_checks import MARKER, check_not_input
 
 SUCCESS_MARKER = "_SUCCESS"
 
@@ -73,15 +74,22 @@ def exists(loc: Location) -> bool:
 def upload_dir(src: Path, dest: str, *, overwrite: bool = False) -> dict:
     """Publish the finished local folder `src` at `dest`; returns the `_SUCCESS` manifest.
 
-    An existing `dest` is refused unless `overwrite`. On failure the temporary prefix is removed
-    and a previous `dest` is left as it was.
+    An existing `dest` is refused unless `overwrite`, and replaced only if simmerge wrote it (it
+    holds MARKER or `_SUCCESS`); a local `dest` may not be, hold or lie inside `src`. On failure
+    the temporary prefix is removed and a previous `dest` is left as it was.
     """
     src = Path(src)
     if not src.is_dir():
         raise StorageError(f"{src}: nothing to upload (not a folder)")
     loc = resolve(dest)
-    if exists(loc) and not overwrite:
-        raise StorageError(f"{dest}: output already exists (pass --overwrite to replace it)")
+    if loc.is_plain_path:
+        check_not_input(Path(loc.path), [src])
+    if exists(loc):
+        if not overwrite:
+            raise StorageError(f"{dest}: output already exists (pass --overwrite to replace it)")
+        if not any(loc.fs.get_file_info(loc.join(m)).type == pafs.FileType.File for m in (MARKER, SUCCESS_MARKER)):
+            raise StorageError(f"{dest}: not written by simmerge (no {MARKER} or {SUCCESS_MARKER}); "
+                               f"--overwrite replaces only simmerge's outputs")
     files = sorted(p for p in src.rglob("*") if p.is_file())
     manifest: dict = {"files": {p.relative_to(src).as_posix(): p.stat().st_size for p in files}}
     manifest["bytes"] = sum(manifest["files"].values())

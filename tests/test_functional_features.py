@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from simmerge_ray.cli import main
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.features.functional import FUNCTIONAL_COLUMNS, functional_table, join_structural
+from simmerge_ray.features.functional import FUNCTIONAL_COLUMNS, functional_table
+from simmerge_ray.features.joined import join_structural
 from simmerge_ray.features.functional_math import depth_summary, depth_thirds, kl_per_position, layer_cosines
 from simmerge_ray.inference.backend import load_backend
 from simmerge_ray.inference.cache import ProbeCache

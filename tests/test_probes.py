@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -13,13 +15,14 @@ import torch
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import CheckpointError
 from simmerge_ray.inference.backend import load_backend
-from simmerge_ray.inference.cache import ProbeCache
+from simmerge_ray.inference.cache import ProbeCache, discard_entries
 from simmerge_ray.inference.catalog_probes import plan_task
 from simmerge_ray.inference.compact import compact_logprobs, expand_logprobs
 from simmerge_ray.inference.extract import pad_batch, probe_records
 from simmerge_ray.inference.pipeline import ModelWork, ProbeJob, run_jobs, run_model_probes
 from simmerge_ray.inference.settings import ProbeSettings, RunOptions
 from simmerge_ray.inference.synthetic_lm import make_corpus, make_tiny_lm, train_tokenizer
+from simmerge_ray.io.digest_cache import file_digest
 from simmerge_ray.probes.errors import ProbeError
 from simmerge_ray.probes.loading import load_probe_texts
 from simmerge_ray.probes.tokenize import load_tokenizer, tokenize_probes
@@ -213,3 +216,49 @@ def test_records_keep_only_real_tokens(tiny: dict) -> None:
     assert recs[1]["topk_idx"].shape == (2, 4) and recs[1]["tail_logmass"].shape == (2,)
     assert recs[0]["attn"].shape == (2, 6, 6) and recs[1]["attn"].shape == (2, 2, 2)
     assert torch.allclose(recs[1]["attn"].sum(-1), torch.ones(2, 2))
+
+
+def test_truncated_chunk_is_a_miss_recomputed_and_rewritten(tiny: dict, resumed: dict, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    probes = tiny["probes"]
+    cache = ProbeCache(shutil.copytree(resumed["cache"].root, tmp_path / "cache"))
+    chunks = cache.chunk_probe_ids()
+    victim, lost = next(iter(chunks.items()))
+    victim.write_bytes(victim.read_bytes()[:100])  # a run killed while the disk filled, or a bad copy
+    (cache.root / "meta.json").write_text('{"num_probes": ')  # truncated too
+    cache.write_meta({"num_probes": probes.num_probes})
+    assert json.loads((cache.root / "meta.json").read_text()) == {"num_probes": probes.num_probes}
+    with caplog.at_level("WARNING"):
+        report = run_model_probes(tiny["model"], probes, SETTINGS, RunOptions(), cache)
+    assert str(victim) in caplog.text and "meta.json" in caplog.text
+    assert report.probes_run == len(lost)
+    assert cache.is_complete()
+    for pid in range(probes.num_probes):
+        want = resumed["cache"].record(pid)
+        got = cache.record(pid)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_discarding_the_cache_removes_only_its_entries(resumed: dict, tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    shutil.copytree(resumed["cache"].root, root / "key1")
+    (root / "key1" / "notes.txt").write_text("not a cache file")
+    (root / "readme.md").write_text("mine")
+    assert discard_entries(root) == 1
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == ["key1", "key1/notes.txt", "readme.md"]
+
+
+def test_corrupt_digest_store_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"w" * 1000)
+    want = hashlib.blake2b(f.read_bytes(), digest_size=16).hexdigest()
+    assert file_digest(f) == want
+    store = tmp_path / "cache" / "file_digests.json"
+    for junk in (store.read_bytes()[:7], b"\xff\xfe", b"[1, 2]"):
+        store.write_bytes(junk)
+        with caplog.at_level("WARNING"):
+            assert file_digest(f) == want
+        assert str(store) in caplog.text
+        assert list(json.loads(store.read_text()).values()) == [want]

@@ -454,3 +454,78 @@ def test_cli_structural(ray_cluster, zoo: Path, tmp_path: Path, capsys: pytest.C
         got = load_file(out / "gram.safetensors")[t]
         assert np.allclose(got, x @ x.T, rtol=1e-12, atol=0) == exact, precision
         _assert_gram(got, x @ x.T, precision)
+
+
+# ---- a features folder shared with the functional stage, and a cache that heals ---------------
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_structural_overwrite_keeps_the_functional_stage_and_probe_cache(ray_cluster, zoo: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """The README's layout: both stages to one `feats/`; `structural --overwrite` replaces only
+    its own files and rewrites the join, the functional table and the probe cache stay as they are."""
+    from simmerge_ray.features.functional import FUNCTIONAL_COLUMNS, SCHEMA
+    from simmerge_ray.io.stage_files import stage_files
+
+    cat = _catalog(zoo, ["ft0", "ft1", "ft3"], "base", "shared.yaml")
+    feats = tmp_path / "feats"
+    names = ["ft0", "ft1", "ft3"]
+    rows = [{"a": a, "b": b, "task": "code", **{c: float(i) for i, c in enumerate(FUNCTIONAL_COLUMNS)}}
+            for a in names for b in names if a != b]
+    with stage_files(feats, "functional", ("functional.parquet",), replace=True) as tmp:
+        pl.DataFrame(rows, schema=SCHEMA, orient="row").write_parquet(tmp / "functional.parquet")
+    (feats / "probe_cache" / "key").mkdir(parents=True)
+    (feats / "probe_cache" / "key" / "chunk-r-00000.safetensors").write_bytes(b"expensive probe outputs")
+    (feats / "notes.txt").write_text("mine")
+    kept = {k: v for k, v in _tree(feats).items() if k in ("functional.parquet", "notes.txt",
+                                                           ".simmerge-stage-functional.json")
+            or k.startswith("probe_cache")}
+    argv = ["features", "structural", "--catalog", str(cat.source), "--out", str(feats), "--workers", "1"]
+    assert cli_main(argv) == 0
+    first = pl.read_parquet(feats / "features.parquet")
+    assert first.height == 6 and "s_weight_cos" in first.columns and "f_kl_ab_mean" in first.columns
+    assert cli_main(argv) == 2
+    assert "structural.parquet: output already exists (pass --overwrite" in capsys.readouterr().err
+    assert cli_main(argv + ["--overwrite", "--no-cache"]) == 0
+    assert {k: v for k, v in _tree(feats).items() if k in kept} == kept
+    again = pl.read_parquet(feats / "features.parquet")  # recomputed: float32 products, same to ~1e-7
+    assert again.columns == first.columns and again.select("a", "b", "task").equals(first.select("a", "b", "task"))
+    assert np.allclose(again.select(pl.col(pl.Float64)).to_numpy(), first.select(pl.col(pl.Float64)).to_numpy(),
+                       rtol=1e-5, atol=1e-7, equal_nan=True)
+    assert not [p for p in feats.iterdir() if ".tmp-" in p.name]
+
+
+def test_structural_refuses_to_replace_a_file_it_did_not_write(zoo: Path, tmp_path: Path, capsys) -> None:
+    cat = _catalog(zoo, ["ft0", "ft1"], "base", "user.yaml")
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    (feats / "gram.safetensors").write_bytes(b"the user's own file")
+    argv = ["features", "structural", "--catalog", str(cat.source), "--out", str(feats), "--overwrite"]
+    assert cli_main(argv) == 2  # refused before Ray starts
+    assert "gram.safetensors: not written by simmerge" in capsys.readouterr().err
+    assert _tree(feats) == {"gram.safetensors": b"the user's own file"}
+
+
+def test_truncated_gram_cache_entries_are_misses_and_healed(ray_cluster, zoo: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    from simmerge_ray.features.gram_cache import load_entry
+
+    monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "cache"))
+    cat = _catalog(zoo, ["ft0", "ft2"], "base", "heal.yaml")
+    compute_structural(cat, tmp_path / "one", OPTS)
+    entries = sorted((tmp_path / "cache" / "structural").rglob("*.safetensors"))
+    assert len(entries) == 6  # 3 rows (2 models + base): 6 unordered pairs
+    entries[0].write_bytes(entries[0].read_bytes()[:50])  # truncated mid-header
+    data = bytearray(entries[1].read_bytes())
+    data[-3] ^= 0xFF  # a flipped bit in the values: caught by the digest
+    entries[1].write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        run = compute_structural(cat, tmp_path / "two", OPTS)
+    assert run.pairs_cached == 4 and run.entries_computed > 0
+    assert str(entries[0]) in caplog.text and str(entries[1]) in caplog.text and "digest mismatch" in caplog.text
+    assert all(load_entry(e) is not None for e in entries)  # rewritten whole
+    assert pl.read_parquet(tmp_path / "two" / "structural.parquet").equals(
+        pl.read_parquet(tmp_path / "one" / "structural.parquet"))

@@ -13,19 +13,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--allow-pickle", action="store_true",
                    help="required: unpickling can run code, only convert files you trust")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Pickles are loaded with torch's restricted unpickler (tensors only), never as code."""
     from simmerge_ray.io.checkpoint import Checkpoint
+    from simmerge_ray.io.out_checks import check_output
     from simmerge_ray.io.synthetic import write_checkpoint
 
     if not args.allow_pickle:
         raise SimMergeError("convert reads pickle files, which can run code: pass --allow-pickle to confirm")
+    check_output(args.out, overwrite=args.overwrite, inputs=[args.src])
     ck = Checkpoint.open(args.src, allow_pickle=True)
     items = [(n, e.shape, e.dtype, (lambda n=n: ck.read(n))) for n, e in ck.entries.items()]
     out = write_checkpoint(args.out, ck.config, items, 2 * 1024**3, overwrite=args.overwrite,
-                           side_files_from=ck.path)
+                           side_files_from=ck.path, inputs=[args.src])
     print(f"converted {len(items)} tensors -> {out}")
     return 0

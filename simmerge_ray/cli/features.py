@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from pathlib import Path
 
 from simmerge_ray.cli.common import init_ray
 
@@ -29,8 +30,10 @@ def _register_structural(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("structural", help="weight-space features (cosines, l2, task vectors, sign "
                                             "agreement) and per-tensor Gram matrices, in one read pass")
     p.add_argument("--catalog", required=True, help="catalog YAML (models, optional base)")
-    p.add_argument("--out", required=True, help="output folder (structural.parquet, gram.safetensors, ...)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--out", required=True, help="output folder, shareable with `features functional` "
+                                                "(structural.parquet, gram.safetensors, ...)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace this stage's files from an earlier run (no other file of --out)")
     p.add_argument("--workers", type=int, default=None,
                    help="actors in the pool (default: SIMMERGE_MAX_ACTORS, else one per free CPU)")
     p.add_argument("--chunk-elems", type=int, default=1 << 20, help="values mapped per model per step")
@@ -46,9 +49,10 @@ def run_structural(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from simmerge_ray.catalog import Catalog
-    from simmerge_ray.features.structural import StructuralOptions, compute_structural
+    from simmerge_ray.features.structural import StructuralOptions, check_structural_out, compute_structural
 
     catalog = Catalog.load(args.catalog)
+    check_structural_out(catalog, Path(args.out), args.overwrite)
     init_ray(args.address)
     opts = StructuralOptions(workers=args.workers, chunk_elems=args.chunk_elems, precision=args.precision,
                              use_cache=not args.no_cache, overwrite=args.overwrite)

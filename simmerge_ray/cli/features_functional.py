@@ -21,8 +21,9 @@ def register_feature(kinds: argparse._SubParsersAction) -> None:
 
 def run_functional(args: argparse.Namespace) -> int:
     from simmerge_ray.features.functional import write_functional_features
+    from simmerge_ray.features.joined import FUNCTIONAL_FILE, JOINED_FILE
 
-    run = probe_from_args(args, require_comparable=True)
+    run = probe_from_args(args, require_comparable=True, outputs=(FUNCTIONAL_FILE, JOINED_FILE))
     print_summary(run)
     write_manifest(run)
     for what, path in write_functional_features(run.plans, run.out).items():

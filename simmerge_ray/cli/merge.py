@@ -6,6 +6,7 @@ import argparse
 
 from simmerge_ray.cli.common import init_ray
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.io.out_checks import check_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--catalog", help="the catalog the plan's model names refer to")
     p.add_argument("--dtype", default=None, help="output dtype of a plan's merge (default: the inputs')")
     p.add_argument("--out", required=True, help="output checkpoint folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote (never an input)")
     p.add_argument("--workers", type=int, default=None,
                    help="merge actors (default: SIMMERGE_MAX_ACTORS or 2)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simmerge_ray.merge.config import MergeSpec
-    from simmerge_ray.merge.executor import ExecOptions, run_merge
+    from simmerge_ray.merge.executor import ExecOptions, check_merge, input_paths, run_merge
     from simmerge_ray.resources import max_actors, parse_bytes, streaming_ask
 
     if bool(args.config) == bool(args.plan):
@@ -48,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plan:
         return _run_plan(args, opts)
     spec = MergeSpec.load(args.config, seed=args.seed)
+    check_output(args.out, overwrite=args.overwrite, inputs=[*input_paths(spec), args.config])
+    check_merge(spec)
     if not args.in_process:
         init_ray(args.address)
     res = run_merge(spec, args.out, opts)
@@ -72,6 +75,7 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
         raise ConfigError(f"{plan_file}: plan file not found")
     plan = Plan.from_json(plan_file.read_text(), str(plan_file))
     catalog = Catalog.load(args.catalog)
+    check_output(args.out, overwrite=opts.overwrite, inputs=[*catalog.paths, plan_file])
     if not args.in_process:
         init_ray(args.address)
     results = execute_plan(plan, catalog, Path(args.out), opts, out_dtype=args.dtype)

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.io.atomic import atomic_output_dir
+from simmerge_ray.io.out_checks import check_output
 from simmerge_ray.planner.request import build_step_model
 from simmerge_ray.selector.data import features_file
 
@@ -28,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--retention-weight", type=float, default=1.0)
     p.add_argument("--aux-weight", type=float, default=0.0)
     p.add_argument("--out", required=True, help="folder for plan.json and the mergekit YAML file(s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote")
     p.set_defaults(func=run)
 
 
@@ -35,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from simmerge_ray.catalog import Catalog
 
     catalog = Catalog.load(args.catalog)
+    check_output(args.out, overwrite=args.overwrite, inputs=_inputs(args, catalog))
+    if catalog.tasks:
+        catalog.task(args.task)  # a typo lists the known tasks
     if args.models and (args.expert or args.aux):
         raise ConfigError("give either --expert/--aux (pairwise) or --models (multi-way), not both")
     if args.models:
@@ -42,6 +48,11 @@ def run(args: argparse.Namespace) -> int:
     if not (args.expert and args.aux):
         raise ConfigError("pairwise mode needs --expert and --aux (or use --models for multi-way)")
     return _pairwise(args, catalog)
+
+
+def _inputs(args: argparse.Namespace, catalog) -> list:
+    """What a plan is computed from: its --out may be none of them, nor hold or lie inside one."""
+    return [*catalog.paths, args.selector, args.features] + ([args.aux_selector] if args.aux_selector else [])
 
 
 def _pairwise(args: argparse.Namespace, catalog) -> int:
@@ -55,6 +66,9 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
         catalog.model(m)
     feats = pl.read_parquet(features_file(args.features))
     sel.check_schema(feats.columns, str(features_file(args.features)))
+    known = sorted(feats.get_column("task").unique().to_list())
+    if args.task not in known:
+        raise ConfigError(f"{features_file(args.features)}: no task {args.task!r}; known: {', '.join(known)}")
     row = feats.filter((pl.col("a") == args.expert) & (pl.col("b") == args.aux) & (pl.col("task") == args.task))
     if row.height == 0:
         raise ConfigError(f"features missing for pair ({args.expert!r}, {args.aux!r}) on task {args.task!r}")
@@ -65,8 +79,9 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
         print(f"  {op:<8} predicted gap closed {100 * val:6.1f}%")
     plan = Plan(args.task, [args.expert, args.aux], [sel.operators[best]], [float(u[best])], [], float(u[best]))
     out = Path(args.out)
-    files = plan.write(out, {m.name: m.path for m in catalog.models}, catalog.base)
-    files[0].rename(out / "merge.yaml")
+    with atomic_output_dir(out, overwrite=args.overwrite, inputs=_inputs(args, catalog)) as tmp:
+        files = plan.write(tmp, {m.name: m.path for m in catalog.models}, catalog.base)
+        files[0].rename(tmp / "merge.yaml")
     print(f"wrote {out / 'plan.json'} and {out / 'merge.yaml'} (run: simmerge merge {out / 'merge.yaml'} --out DIR)")
     return 0
 
@@ -87,7 +102,8 @@ def _multiway(args: argparse.Namespace, catalog) -> int:
         print(f"{rank}. score {p.score:.3f}: {p.models[0]} {steps}  (step utilities "
               f"{', '.join(f'{u:.2f}' for u in p.step_utility)})")
     out = Path(args.out)
-    write_plans(res, catalog, out)
+    with atomic_output_dir(out, overwrite=args.overwrite, inputs=_inputs(args, catalog)) as tmp:
+        write_plans(res, catalog, tmp)
     print(f"wrote {out / 'plan.json'} and {res.best.k - 1} step YAML file(s); execute with "
           f"`simmerge merge --plan {out / 'plan.json'} --catalog {args.catalog} --out DIR`")
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ def add_probe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", "--config", dest="catalog", required=True, help="catalog YAML")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--cache", default=None, help="probe-output cache folder (default: DIR/probe_cache)")
-    p.add_argument("--overwrite", action="store_true", help="discard cached probe outputs in --cache first")
+    p.add_argument("--overwrite", action="store_true", help="discard the probe outputs cached in --cache first (only its cache entries)")
     p.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: all in the catalog)")
     p.add_argument("--backend", choices=("hf", "deepspeed"), default="hf",
                    help="hf: model in memory; deepspeed: ZeRO-3 inference with parameters offloaded")
@@ -61,15 +60,20 @@ class ProbeRun:
     reports: dict[tuple[str, str], RunReport]
 
 
-def probe_from_args(args: argparse.Namespace, *, require_comparable: bool = False) -> ProbeRun:
-    """Validate the flags, start or join Ray, and run every model's missing probes."""
+def probe_from_args(args: argparse.Namespace, *, require_comparable: bool = False,
+                    outputs: tuple[str, ...] = ()) -> ProbeRun:
+    """Validate the flags and the output folder (for the manifest and `outputs`), start or join
+    Ray, and run every model's missing probes."""
     from pydantic import ValidationError
     from tqdm import tqdm
 
     from simmerge_ray import resources
     from simmerge_ray.catalog import Catalog
     from simmerge_ray.errors import ConfigError
+    from simmerge_ray.inference.cache import discard_entries
     from simmerge_ray.inference.catalog_probes import probe_catalog
+    from simmerge_ray.io.out_checks import check_not_input
+    from simmerge_ray.io.stage_files import check_stage
 
     catalog = Catalog.load(args.catalog)
     ask = resources.inference_ask()
@@ -87,8 +91,10 @@ def probe_from_args(args: argparse.Namespace, *, require_comparable: bool = Fals
         raise ConfigError(f"{flag}: {err['msg']}") from None
     out = Path(args.out)
     cache_dir = Path(args.cache) if args.cache else out / "probe_cache"
-    if args.overwrite and cache_dir.exists():
-        shutil.rmtree(cache_dir)
+    check_stage(out, (MANIFEST, *outputs), replace=True, inputs=catalog.paths)
+    check_not_input(cache_dir, catalog.paths)
+    if args.overwrite:
+        discard_entries(cache_dir)
     init_ray(args.address)
     bars: list[tqdm] = []
 
@@ -109,7 +115,7 @@ def probe_from_args(args: argparse.Namespace, *, require_comparable: bool = Fals
 
 def write_manifest(run: ProbeRun) -> Path:
     """DIR/probe_manifest.json: settings, and per task and model the cache folder and what ran."""
-    from simmerge_ray.io.atomic import atomic_write_text
+    from simmerge_ray.io.stage_files import stage_files
 
     manifest = {
         "settings": run.settings.model_dump(),
@@ -125,8 +131,8 @@ def write_manifest(run: ProbeRun) -> Path:
             for task, plan in run.plans.items()
         },
     }
-    run.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run.out / MANIFEST, json.dumps(manifest, indent=2))
+    with stage_files(run.out, "probe", (MANIFEST,), replace=True) as tmp:
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return run.out / MANIFEST
 
 

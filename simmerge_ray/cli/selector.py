@@ -8,12 +8,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from simmerge_ray.cli.common import init_ray
+from simmerge_ray.io.out_checks import check_output
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", required=True, help="features folder (features.parquet) or a parquet file")
     p.add_argument("--labels", required=True, help="labels.parquet from `simmerge label`")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder (replaced if simmerge wrote it)")
     p.add_argument("--target", default="utility", choices=["utility", "gap_closed", "aux_gap_closed"],
                    help="label column to predict: the two-sided utility (default), the expert side or the auxiliary side")
     p.add_argument("--tune-samples", type=int, default=8, help="Ray Tune trials (0: default config)")
@@ -53,8 +54,8 @@ def run_fit(args: argparse.Namespace) -> int:
     from simmerge_ray.selector.ray_fit import train_with_ray
 
     data = load_pair_data(args.features, args.labels, args.target)
+    out = check_output(args.out, overwrite=True, inputs=[args.features, args.labels])
     init_ray(args.address)
-    out = Path(args.out)
     work = out.parent / f".{out.name}.ray"
     cfg, trials = choose_config(data, args, work)
     sel = train_with_ray(data, cfg, num_workers=args.workers, storage=work)
@@ -72,8 +73,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from simmerge_ray.selector.folds import group_kfold
 
     data = load_pair_data(args.features, args.labels, args.target)
+    out = check_output(args.out, overwrite=True, inputs=[args.features, args.labels])
     init_ray(args.address)
-    out = Path(args.out)
     work = out.parent / f".{out.name}.ray"
     # Hyperparameters are searched on the first outer fold's training pairs only, never on a
     # test pair of that fold; the other folds reuse that config (documented approximation).
@@ -86,7 +87,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         "ablation": ablation(data, cfg, folds=args.folds, seed=args.seed),
         "tune_trials": trials,
     }
-    with atomic_output_dir(out, overwrite=True) as tmp:
+    with atomic_output_dir(out, overwrite=True, inputs=[args.features, args.labels]) as tmp:
         (tmp / "selector_report.json").write_text(json.dumps(report, indent=2))
         gap_chart(report["held_out_pairs"], tmp / "utility.png", f"{args.target} on held-out pairs")
     print(format_summary(report))

@@ -149,7 +149,8 @@ def _simulate(args: argparse.Namespace) -> int:
         "all_operators": simulate(train, test, settings),
         "operator_added": simulate(train, test, settings, new_operator=new_op, add_at=args.add_at),
     }
-    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+    inputs = [p for p in (args.features, args.labels) if p is not None]
+    with atomic_output_dir(args.out, overwrite=args.overwrite, inputs=inputs) as tmp:
         write_report(results, tmp)
     print(_table(results))
     print(f"wrote {args.out}/regret.json and {args.out}/regret.png")

@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from simmerge_ray.cli.common import init_ray
     from simmerge_ray.io.atomic import atomic_output_dir
+    from simmerge_ray.io.out_checks import check_output
     from simmerge_ray.pipeline import PipelineSettings
     from simmerge_ray.pipeline import run as run_pipeline
     from simmerge_ray.selector.data import load_pair_data
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     sel = Selector.load(args.selector)  # fail on a bad folder before hours of zoo building
     out = Path(args.out).resolve()
+    inputs = [args.selector, args.zoo_config]
+    check_output(out / "transfer", overwrite=True, inputs=inputs)
     init_ray(args.address)
     settings = PipelineSettings(Path(args.zoo_config).resolve(), out, tune_samples=args.tune_samples,
                                 folds=args.folds, seed=args.seed, label_args=PAIRWISE_ONLY)
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     ref_file = out / "selector_eval" / "selector_report.json"
     if not args.no_reference and ref_file.exists():
         report["in_zoo"] = json.loads(ref_file.read_text())["held_out_pairs"]
-    with atomic_output_dir(out / "transfer", overwrite=True) as tmp:
+    with atomic_output_dir(out / "transfer", overwrite=True, inputs=inputs) as tmp:
         (tmp / "transfer.json").write_text(json.dumps(report, indent=2))
         gap_chart(report["transfer"], tmp / "utility_transfer.png",
                   "utility on the target zoo, selector fitted on the source zoo")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from simmerge_ray.cli.common import init_ray
+from simmerge_ray.io.out_checks import check_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b = zoo_sub.add_parser("build", help="pretrain a base and fine-tune experts; write a catalog")
     b.add_argument("--config", required=True, help="zoo YAML (e.g. configs/zoo_default.yaml)")
     b.add_argument("--out", required=True, help="output folder (catalog.yaml, checkpoints/, data/)")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    b.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote")
     b.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     b.set_defaults(func=run_build)
 
@@ -36,10 +37,28 @@ def run_build(args: argparse.Namespace) -> int:
     from simmerge_ray.testbed.zoo_config import ZooConfig
 
     cfg = ZooConfig.load(args.config)
+    check_output(args.out, overwrite=args.overwrite, inputs=[args.config])
     init_ray(args.address)
     catalog = build_zoo(cfg, Path(args.out), overwrite=args.overwrite)
     print(f"zoo: {len(cfg.experts())} experts + base -> {catalog}")
     return 0
+
+
+def _check_eval_files(catalog, tasks: set[str]) -> None:
+    """Every eval file readable, each line a prompt and an answer (strings): checked here, since
+    in an actor a bad file surfaces as an actor's death long after Ray started."""
+    from simmerge_ray.errors import ConfigError
+    from simmerge_ray.testbed.evaluate import load_examples
+
+    for task in sorted(tasks):
+        path = catalog.tasks[task].eval
+        try:
+            examples = load_examples(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the eval set of task {task!r} ({e})") from None
+        for i, ex in enumerate(examples, start=1):
+            if not (isinstance(ex.prompt, str) and isinstance(ex.answer, str) and ex.prompt and ex.answer):
+                raise ConfigError(f"{path}: example {i}: 'prompt' and 'answer' must be non-empty strings")
 
 
 def run_label(args: argparse.Namespace) -> int:
@@ -58,7 +77,8 @@ def run_label(args: argparse.Namespace) -> int:
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
-    check_label_catalog(Catalog.load(args.catalog))  # fail before starting Ray
+    catalog = Catalog.load(args.catalog)
+    _check_eval_files(catalog, set(check_label_catalog(catalog).values()))  # fail before starting Ray
     init_ray(args.address)
     rep = run_labels(Path(args.catalog), Path(args.out), settings, max_plans=args.max_plans)
     state = "complete: tables written" if rep.complete else "incomplete: rerun to resume"

@@ -13,8 +13,6 @@ read once per probe for all pairs, so the N^2 step runs no model and reads each 
 
 from __future__ import annotations
 
-import os
-import uuid
 from itertools import combinations
 from pathlib import Path
 
@@ -25,7 +23,9 @@ import torch
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.functional_math import depth_summary, distribution_summary, kl_per_position, layer_cosines
 from simmerge_ray.inference.catalog_probes import ModelProbes, check_comparable
+from simmerge_ray.features.joined import FUNCTIONAL_FILE, write_joined
 from simmerge_ray.inference.compact import expand_logprobs
+from simmerge_ray.io.stage_files import stage_files
 
 KL_STATS = ("mean", "median", "p10", "p90")
 DEPTH_STATS = ("mean", "d0", "d1", "d2")
@@ -92,34 +92,16 @@ def functional_table(plans: dict[str, dict[str, ModelProbes]]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=SCHEMA, orient="row") if rows else pl.DataFrame(schema=SCHEMA)
 
 
-def join_structural(functional: pl.DataFrame, structural_path: Path) -> pl.DataFrame:
-    """x(a, b, t): functional rows with the structural columns of their (a, b); every pair must exist."""
-    structural = pl.read_parquet(structural_path)
-    missing = functional.join(structural.select("a", "b"), on=["a", "b"], how="anti")
-    if missing.height:
-        a, b = missing.row(0, named=True)["a"], missing.row(0, named=True)["b"]
-        raise ConfigError(
-            f"{structural_path}: no structural row for pair ({a}, {b}) ({missing.height} functional rows "
-            f"unmatched); was it computed from the same catalog?"
-        )
-    return functional.join(structural, on=["a", "b"], how="left")
-
-
-def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    frame.write_parquet(tmp)
-    os.replace(tmp, path)
-
-
 def write_functional_features(plans: dict[str, dict[str, ModelProbes]], out_dir: Path) -> dict[str, Path]:
-    """Write DIR/functional.parquet, and DIR/features.parquet when DIR/structural.parquet exists."""
+    """Write DIR/functional.parquet (replacing only the one a previous run wrote: the stage
+    resumes from its probe cache, so a rerun needs no --overwrite), and DIR/features.parquet
+    when DIR/structural.parquet exists. No other file of DIR is touched."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     functional = functional_table(plans)
-    written = {"functional": out_dir / "functional.parquet"}
-    write_parquet_atomic(functional, written["functional"])
-    structural = out_dir / "structural.parquet"
-    if structural.exists():
-        written["features"] = out_dir / "features.parquet"
-        write_parquet_atomic(join_structural(functional, structural), written["features"])
+    with stage_files(out_dir, "functional", (FUNCTIONAL_FILE,), replace=True) as tmp:
+        functional.write_parquet(tmp / FUNCTIONAL_FILE)
+    written = {"functional": out_dir / FUNCTIONAL_FILE}
+    joined = write_joined(out_dir)
+    if joined is not None:
+        written["features"] = joined
     return written

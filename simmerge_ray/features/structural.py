@@ -28,24 +28,26 @@ import numpy as np
 import polars as pl
 import ray
 import torch
-from safetensors.numpy import load_file, save_file
 
 from simmerge_ray import resources
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import CheckpointError, ConfigError, ray_get
 from simmerge_ray.features import gram_kernel
+from simmerge_ray.features.gram_cache import GramCache, load_entry, save_entry
 from simmerge_ray.features.gram_math import (FEATURES, PRECISIONS, GramAccumulator, PairStats, pair_features,
                                              raw_gram, total)
 from simmerge_ray.features.module_groups import GROUPS, THIRDS, depth_third, module_group
-from simmerge_ray.io.atomic import atomic_output_dir, atomic_write_text
+from simmerge_ray.features.joined import JOINED_FILE, write_joined
+from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint, layer_index
-from simmerge_ray.io.digest_cache import cache_root
-from simmerge_ray.io.safetensors_format import DTYPE_BYTES, StreamingWriter
+from simmerge_ray.io.safetensors_format import DTYPE_BYTES, FLOAT_DTYPES, StreamingWriter
+from simmerge_ray.io.stage_files import check_stage, stage_files
 
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 REF_KEY = "ref"  # cache key of the reference row (its fingerprint names the cache folder)
-CACHE_VERSION = "v1"
-BATCHES_PER_WORKER = 8  # calls per actor in a pass: progress steps, each with little overhead
+BATCHES_PER_WORKER = 8
+# What the pass writes to its --out folder (which it shares with the functional stage).
+STRUCTURAL_FILES = ("structural.parquet", "structural_layers.parquet", "gram.safetensors", "gram_meta.json",
+                    "structural_run.json")  # calls per actor in a pass: progress steps, each with little overhead
 
 
 @dataclass(frozen=True)
@@ -237,49 +239,6 @@ class GramWorker:
 
 # ---- the cache of Gram entries ----------------------------------------------------------------
 
-class GramCache:
-    """Gram entries and sign counts per unordered pair of rows, keyed by fingerprints.
-
-    One folder per reference (the base's fingerprint, or the first model's when there is no
-    base; the centred basis depends on it) and one small safetensors file per pair holding one
-    value per tensor. Models are identified by content, so moves, renames, reorderings and
-    removals all hit the cache.
-    """
-
-    def __init__(self, ref_fingerprint: str, signed: bool, precision: str, root: Path | None = None) -> None:
-        kind = "base" if signed else "first"
-        self.dir = (root or cache_root()) / "structural" / CACHE_VERSION / f"{kind}-{precision}-{ref_fingerprint}"
-
-    def _path(self, k1: str, k2: str) -> Path:
-        a, b = sorted((k1, k2))
-        return self.dir / f"{a}__{b}.safetensors"
-
-    def load(self, k1: str, k2: str, tensors: Sequence[str]) -> dict[str, np.ndarray] | None:
-        """The pair's arrays in the order of `tensors`, or None if any tensor is absent."""
-        path = self._path(k1, k2)
-        if not path.exists():
-            return None
-        data = load_file(path)
-        names = json.loads(data.pop("tensors").tobytes().decode())
-        index = {n: i for i, n in enumerate(names)}
-        if any(t not in index for t in tensors):
-            return None
-        pick = np.array([index[t] for t in tensors], dtype=np.int64)
-        return {k: v[pick] for k, v in data.items()}
-
-    def save(self, k1: str, k2: str, tensors: Sequence[str], arrays: dict[str, np.ndarray]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self._path(k1, k2)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        names = np.frombuffer(json.dumps(list(tensors)).encode(), dtype=np.uint8).copy()
-        save_file({**arrays, "tensors": names}, str(tmp))
-        os.replace(tmp, path)
-
-    def work_dir(self, plan_digest: str) -> Path:
-        """Per-tensor results of an unfinished pass, so a crashed pass resumes where it stopped."""
-        return self.dir / f"work-{plan_digest}"
-
-
 @dataclass
 class Plan:
     """What a pass must compute: the rows it reads and the Gram columns it computes."""
@@ -315,10 +274,9 @@ def compute_structural(catalog: Catalog, out: str | Path, opts: StructuralOption
     `progress(done, total)` is called with bytes of checkpoint data processed so far.
     """
     t0 = time.perf_counter()
-    rows = open_rows(catalog)
     out = Path(out)
-    if out.exists() and not opts.overwrite:
-        raise ConfigError(f"{out}: output already exists (pass --overwrite to replace it)")
+    check_structural_out(catalog, out, opts.overwrite)
+    rows = open_rows(catalog)
     m = len(rows.names)
     keys = [REF_KEY if i == rows.ref else rows.ckpts[i].fingerprint() for i in range(m)]
     cache = GramCache(rows.ckpts[rows.ref].fingerprint(), rows.has_base, opts.precision)
@@ -343,11 +301,18 @@ def compute_structural(catalog: Catalog, out: str | Path, opts: StructuralOption
         if opts.use_cache:
             shutil.rmtree(cache.work_dir(_plan_digest(plan, keys, rows)), ignore_errors=True)
     stats = _assemble(found, m, len(rows.tensors))
-    with atomic_output_dir(out, overwrite=opts.overwrite) as tmp:
+    with stage_files(out, "structural", STRUCTURAL_FILES, replace=opts.overwrite, inputs=catalog.paths) as tmp:
         _write_outputs(tmp, rows, stats, keys)
         run.seconds = time.perf_counter() - t0
         atomic_write_text(tmp / "structural_run.json", json.dumps(_run_json(run), indent=2))
+    write_joined(out)
     return run
+
+
+def check_structural_out(catalog: Catalog, out: Path, overwrite: bool) -> None:
+    """The output checks of the pass, before any work (the CLI calls it before Ray starts)."""
+    check_stage(out, STRUCTURAL_FILES, replace=overwrite, inputs=catalog.paths)
+    check_stage(out, (JOINED_FILE,), replace=True)
 
 
 def _plan_digest(plan: Plan, keys: Sequence[str], rows: Rows) -> str:
@@ -364,8 +329,9 @@ def _run_pass(rows: Rows, plan: Plan, keys: Sequence[str], cache: GramCache, opt
         work.mkdir(parents=True, exist_ok=True)
     blocks: dict[str, dict] = {}
     for t in rows.tensors:
-        if opts.use_cache and _saved(work, t).exists():
-            blocks[t] = load_file(_saved(work, t))
+        saved = load_entry(GramCache.work_file(work, t)) if opts.use_cache else None
+        if saved is not None:
+            blocks[t] = saved
     todo = [t for t in rows.tensors if t not in blocks]
     size = {t: sum(rows.entry(r, t).nbytes for r in plan.read_rows) for t in todo}
     grand, done = sum(size.values()), 0
@@ -399,7 +365,7 @@ def _run_pass(rows: Rows, plan: Plan, keys: Sequence[str], cache: GramCache, opt
                 _check_finite(rows, plan, t, res["gram"], col_pos)
                 block = {"gram": res["gram"], "agree": res["agree"], "disagree": res["disagree"]}
                 if opts.use_cache:
-                    save_file(block, str(_saved(work, t)))
+                    save_entry(GramCache.work_file(work, t), block)
                 blocks[t] = block
                 for r, nbytes in zip(plan.read_rows, res["bytes_read"]):
                     run.bytes_read[rows.names[r]] += nbytes
@@ -440,10 +406,6 @@ def batch_calls(tensors: Sequence[str], size: dict[str, int], n_workers: int,
         if batch:
             calls.append((w, batch))
     return calls
-
-
-def _saved(work: Path, tensor: str) -> Path:
-    return work / f"{hashlib.blake2b(tensor.encode(), digest_size=8).hexdigest()}.safetensors"
 
 
 def _check_finite(rows: Rows, plan: Plan, tensor: str, gram: np.ndarray, col_pos: Sequence[int]) -> None:

@@ -5,12 +5,15 @@
                                                  header metadata "probe_ids" lists the probes
 Chunks are written by the actors, each complete batch atomically (temp file + rename), so an
 interrupted run keeps every finished batch and a rerun computes only the probes not in a chunk.
+A chunk or meta.json that cannot be read (truncated, corrupt) is a miss: logged with its path,
+removed, and its probes computed again.
 The folder must be reachable by every node that runs actors (as the checkpoints must be).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -23,7 +26,10 @@ from simmerge_ray.errors import CheckpointError
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.digest_cache import cache_root
 
+log = logging.getLogger(__name__)
+
 META = "meta.json"
+CHUNK_GLOB = "chunk-*.safetensors"
 
 
 def default_cache_dir() -> Path:
@@ -39,9 +45,16 @@ class ProbeCache:
 
     # ---- writing -------------------------------------------------------------------------
     def write_meta(self, meta: dict) -> None:
+        """Write meta.json unless a readable one is there (an unreadable one is replaced)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        if not (self.root / META).exists():
-            atomic_write_text(self.root / META, json.dumps(meta, indent=2, sort_keys=True))
+        path = self.root / META
+        if path.exists():
+            try:
+                json.loads(path.read_text())
+                return
+            except (OSError, ValueError) as e:
+                log.warning("%s: unreadable probe-cache entry (%s); writing it again", path, e)
+        atomic_write_text(path, json.dumps(meta, indent=2, sort_keys=True))
 
     def write_chunk(self, records: dict[int, dict[str, torch.Tensor]], run_id: str, seq: int) -> Path:
         """Store a batch's records as one file, visible only once complete."""
@@ -62,14 +75,25 @@ class ProbeCache:
             raise CheckpointError(f"{self.root}: probe cache has no {META}; run `simmerge probe` first") from None
 
     def chunk_files(self) -> list[Path]:
-        return sorted(self.root.glob("chunk-*.safetensors"))
+        return sorted(self.root.glob(CHUNK_GLOB))
 
     def chunk_probe_ids(self) -> dict[Path, list[int]]:
-        """Probe ids per chunk file, from the headers only."""
+        """Probe ids per chunk file, from the headers only. A chunk whose header cannot be read
+        is removed (its probes then count as not done, and are computed again)."""
         out: dict[Path, list[int]] = {}
         for path in self.chunk_files():
-            with safe_open(path, framework="pt") as f:
-                out[path] = json.loads(f.metadata()["probe_ids"])
+            try:
+                with safe_open(path, framework="pt") as f:
+                    ids = json.loads(f.metadata()["probe_ids"])
+                if not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
+                    raise ValueError(f"probe_ids is {ids!r}")
+            except FileNotFoundError:
+                continue  # removed meanwhile by a concurrent reader
+            except Exception as e:  # the safetensors library raises its own SafetensorError
+                log.warning("%s: unreadable probe-cache chunk (%s); removed, its probes run again", path, e)
+                path.unlink(missing_ok=True)
+                continue
+            out[path] = ids
         return out
 
     def done_ids(self) -> set[int]:
@@ -87,5 +111,23 @@ class ProbeCache:
         except KeyError:
             raise CheckpointError(f"{self.root}: probe {pid} is not in the cache (run incomplete?)") from None
         prefix = f"{pid}/"
-        with safe_open(path, framework="pt") as f:
-            return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        except Exception as e:  # the safetensors library raises its own SafetensorError
+            raise CheckpointError(f"{path}: unreadable probe-cache chunk ({e}); rerun to compute it again") from None
+
+
+def discard_entries(cache_dir: Path) -> int:
+    """Remove the probe-cache entries in `cache_dir` (folders holding a meta.json: their
+    meta.json and chunk files only); anything else there is left alone. Returns the count."""
+    removed = 0
+    for meta in sorted(Path(cache_dir).glob(f"*/{META}")):
+        for f in [*meta.parent.glob(CHUNK_GLOB), *meta.parent.glob(".chunk-*.tmp"), meta]:
+            f.unlink(missing_ok=True)
+        try:
+            meta.parent.rmdir()
+        except OSError:
+            pass  # holds something that is not ours: kept
+        removed += 1
+    return removed

@@ -1,15 +1,19 @@
-"""Write-then-rename helpers: an output either exists complete or not at all."""
+"""Write-then-rename helpers: an output either exists complete or not at all, and a command
+replaces only an output folder it wrote itself (see out_checks)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from simmerge_ray.errors import SimMergeError
+from simmerge_ray.errors import OutputError
+from simmerge_ray.io.out_checks import MARKER, check_output, check_replaceable
+from simmerge_ray.io.owner import OWNER_FILE, clean_stale, write_owner
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -20,28 +24,44 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def owned_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new folder `parent/<prefix><random>` recording this process as its owner."""
+    tmp = Path(parent) / f"{prefix}{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        write_owner(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{tmp.parent}: cannot create the output there: {e.strerror or e}") from None
+    return tmp
+
+
 @contextmanager
-def atomic_output_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: Path, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; rename it to `out` only if the block succeeds.
 
-    An existing `out` is refused unless `overwrite`; on failure the temporary folder is removed
+    `out` is checked first (out_checks.check_output: not an input, not the current folder, an
+    existing one replaced only with `overwrite` and only if it carries MARKER). Temporary
+    folders of killed runs beside `out` are removed. On failure the temporary folder is removed
     and any previous `out` is left untouched.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SimMergeError(f"{out}: output already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    out = check_output(out, overwrite=overwrite, inputs=inputs)
+    clean_stale(out.parent, (f".{out.name}.tmp-", f".{out.name}.old-"))
+    tmp = owned_temp_dir(out.parent, f".{out.name}.tmp-")
     try:
+        (tmp / MARKER).write_text(json.dumps({"written_by": "simmerge"}) + "\n")
         yield tmp
+        check_replaceable(out, overwrite=overwrite)  # again: it may have appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
         trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, trash)
+        write_owner(trash)
         os.replace(tmp, out)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out)
+    (out / OWNER_FILE).unlink()  # after the rename: a run killed before it leaves a cleanable folder

@@ -72,9 +72,9 @@ class Checkpoint:
             elif any((path / name).exists() for name in PICKLE_FILES) or list(path.glob("pytorch_model*.bin")):
                 if not allow_pickle:
                     raise CheckpointError(
-                        f"{path}: holds only a pickle-based .bin checkpoint; loading pickle can run "
-                        f"arbitrary code. Convert it once with `simmerge convert {path} --out DIR "
-                        f"--allow-pickle`, or pass --allow-pickle to read it anyway."
+                        f"{path}: holds only a pickle-based .bin checkpoint, which is not read here; "
+                        f"convert it once to safetensors with `simmerge convert {path} --out DIR "
+                        f"--allow-pickle` (only for a file you trust)"
                     )
                 return cls._from_pickle(path, config)
             else:
@@ -102,9 +102,22 @@ class Checkpoint:
 
     @classmethod
     def _from_pickle(cls, path: Path, config: dict) -> "Checkpoint":
+        """Tensors only (`weights_only`): a pickle that would build any other object, or run
+        code, is refused by torch's restricted unpickler."""
         state: dict[str, torch.Tensor] = {}
         for f in sorted(path.glob("pytorch_model*.bin")):
-            state.update(torch.load(f, map_location="cpu", mmap=True, weights_only=False))
+            try:
+                loaded = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:  # pickle and torch raise many types for a refused or corrupt file
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointError(f"{f}: not a plain tensor checkpoint, refused ({first})") from None
+            if not isinstance(loaded, dict):
+                raise CheckpointError(f"{f}: expected a dict of tensors, found {type(loaded).__name__}")
+            for name, t in loaded.items():
+                if not isinstance(t, torch.Tensor) or t.dtype not in TORCH_TO_DTYPE:
+                    what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise CheckpointError(f"{f}: entry {name!r} is {what}, not a tensor of a safetensors dtype")
+            state.update(loaded)
         entries = {
             name: TensorEntry(name, TORCH_TO_DTYPE[t.dtype], tuple(t.shape), path / "pytorch_model.bin", 0, 0)
             for name, t in state.items()
@@ -266,16 +279,28 @@ def _read_config(path: Path) -> dict:
         return {}
     try:
         return json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg}: invalid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{cfg}: invalid JSON ({e!r})") from None
 
 
 def _shards_from_index(path: Path, index: Path) -> dict[str, set[str]]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{index}: invalid index file ({e!r})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: invalid index file (weight_map is not a mapping)")
     files: dict[str, set[str]] = {}
     for tensor, fname in weight_map.items():
+        if not isinstance(fname, str) or not _inside(fname):
+            raise CheckpointError(f"{index}: tensor {tensor!r} is mapped to {fname!r}, which is not a file "
+                                  f"name inside the model folder")
         files.setdefault(fname, set()).add(tensor)
     return dict(sorted(files.items()))
+
+
+def _inside(fname: str) -> bool:
+    """A shard named in the index must be a plain relative path below the folder (no `..`, not
+    absolute), so a crafted index cannot make the reader open a file elsewhere."""
+    p = Path(fname)
+    return bool(fname) and "\\" not in fname and not p.is_absolute() and ".." not in p.parts and p.name != ""

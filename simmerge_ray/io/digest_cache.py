@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 from pathlib import Path
 
 from simmerge_ray.io.atomic import atomic_write_text
 
+log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 CHUNK = 16 * 1024 * 1024
 
@@ -43,7 +45,16 @@ def file_digest(path: Path) -> str:
 
 
 def _load(store: Path) -> dict[str, str]:
+    """The remembered digests; an unreadable store (truncated, corrupt) is empty, so every
+    digest is computed again and the store is rewritten whole, atomically."""
     try:
-        return json.loads(store.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        known = json.loads(store.read_text())
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        log.warning("%s: unreadable digest cache (%s); starting it afresh", store, e)
+        return {}
+    if not isinstance(known, dict) or not all(isinstance(v, str) for v in known.values()):
+        log.warning("%s: malformed digest cache; starting it afresh", store)
+        return {}
+    return known

@@ -46,7 +46,8 @@ DTYPE_ALIASES: dict[str, str] = {
     "float32": "F32", "fp32": "F32", "float": "F32",
     "float64": "F64",
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's limit
 
 
 def dtype_code(name: str) -> str:
@@ -83,10 +84,13 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], bytes]:
-    """Parse and validate a safetensors header; return (entries, metadata, raw header bytes).
+    """Parse and strictly validate a safetensors header; return (entries, metadata, raw bytes).
 
-    Checks that the header is valid JSON, that every byte range is consistent with dtype and
-    shape, and that the file is long enough to hold every tensor (truncation is caught here).
+    At least as strict as the safetensors library: a bounded header of JSON with the documented
+    shape only, known dtypes, integer offsets with 0 <= begin <= end, byte counts equal to
+    dtype x shape, and ranges that neither overlap nor leave holes and tile the data area
+    exactly (a truncated file is caught here). Every violation is a CheckpointError naming the
+    file and the tensor, before any tensor is read.
     """
     try:
         size = path.stat().st_size
@@ -103,31 +107,67 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], byt
             raw = f.read(n)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not raw.startswith(b"{"):
+        raise CheckpointError(f"{path}: corrupt safetensors header (does not start with '{{')")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt safetensors header (nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     data_start = 8 + n
-    entries: dict[str, TensorEntry] = {}
-    for name, spec in header.items():
-        try:
-            dtype, shape, (b, e) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
-        entry = TensorEntry(name, dtype, shape, path, data_start + b, data_start + e)
-        if dtype in DTYPE_BYTES and entry.nbytes != entry.numel * DTYPE_BYTES[dtype]:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} declares {entry.nbytes} bytes for shape {list(shape)} {dtype}"
-            )
-        if entry.end > size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {name!r} ends at byte {entry.end} but the file has {size}"
-            )
-        entries[name] = entry
+    entries = {name: _entry(path, name, spec, data_start) for name, spec in header.items()}
+    _check_tiling(path, list(entries.values()), data_start, size)
     return entries, metadata, raw
+
+
+def _is_int(x: object) -> bool:
+    """A JSON integer that fits the library's usize (a bool is not one)."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 64
+
+
+def _entry(path: Path, name: str, spec: object, data_start: int) -> TensorEntry:
+    """One header entry, checked on its own: known dtype, integer shape and offsets, sizes."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= spec.keys():
+        raise CheckpointError(f"{where}: corrupt header entry (needs dtype, shape and data_offsets)")
+    dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise CheckpointError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPE_BYTES)})")
+    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} are not integers 0 <= begin <= end")
+    entry = TensorEntry(name, dtype, tuple(shape), path, data_start + offsets[0], data_start + offsets[1])
+    if entry.nbytes != entry.numel * DTYPE_BYTES[dtype]:
+        raise CheckpointError(f"{where}: declares {entry.nbytes} bytes for shape {shape} {dtype}")
+    return entry
+
+
+def _check_tiling(path: Path, entries: list[TensorEntry], data_start: int, size: int) -> None:
+    """The byte ranges must cover the data area exactly once: no overlap, no hole, no excess."""
+    at, prev = data_start, None
+    for e in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if e.end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {e.name!r} ends at byte {e.end} but the file has {size}")
+        if e.begin < at:
+            raise CheckpointError(f"{path}: tensor {e.name!r} overlaps tensor {prev!r} (bytes {e.begin}..{at})")
+        if e.begin > at:
+            raise CheckpointError(f"{path}: tensor {e.name!r} starts at byte {e.begin}, leaving a hole after "
+                                  f"{'the header' if prev is None else repr(prev)} (byte {at})")
+        at, prev = e.end, e.name
+    if at != size:
+        raise CheckpointError(f"{path}: {size - at} bytes after the last tensor"
+                              f"{'' if prev is None else f' {prev!r}'} belong to no tensor")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +113,7 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float,
 
 
 def write_checkpoint(out: Path, config, tensors, max_shard_bytes: int, *, overwrite: bool = False,
-                     side_files_from: Path | None = None) -> Path:
+                     side_files_from: Path | None = None, inputs: Sequence[Path] = ()) -> Path:
     """Write tensors as a (sharded) HF folder; `tensors` yields (name, shape, dtype, producer).
 
     `producer()` is called for one tensor at a time, right before it is written, so memory
@@ -129,7 +129,7 @@ def write_checkpoint(out: Path, config, tensors, max_shard_bytes: int, *, overwr
             size = 0
         shards[-1].append(item)
         size += nbytes
-    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+    with atomic_output_dir(Path(out), overwrite=overwrite, inputs=inputs) as tmp:
         weight_map: dict[str, str] = {}
         total = 0
         for i, shard in enumerate(shards):

@@ -9,6 +9,7 @@ usual SLERP form); `base_model`, `merge_method`, `parameters` (global and per mo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,11 +168,23 @@ class MergeSpec:
             if name in scope:
                 value = evaluate_setting(scope[name], tensor_name, t)
                 if value is not None:
-                    return value
+                    return self._typed(name, value, default, model)
         if default is None:
             where = f"model {model!r}, " if model else ""
             raise ConfigError(f"{self.source}: {where}tensor {tensor_name!r}: no value for parameter {name!r}")
         return default
+
+
+    def _typed(self, name: str, value: Any, default: Any, model: str | None) -> Any:
+        """A flag (a parameter whose default is a bool) must be a bool, any other parameter a
+        finite number: `density: abc` is a one-line error here, not a traceback mid-merge."""
+        where = f"{self.source}: {f'model {model!r}: ' if model else ''}parameter {name!r}"
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return value
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:

@@ -29,7 +29,7 @@ from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from simmerge_ray.io.side_files import copy_tokenizer
 from simmerge_ray.io.safetensors_format import (
-    DTYPE_BYTES, DTYPE_TO_TORCH, BackgroundWriter, RangeWriter, dtype_code, file_layout, preallocate,
+    DTYPE_BYTES, DTYPE_TO_TORCH, FLOAT_DTYPES, BackgroundWriter, RangeWriter, dtype_code, file_layout, preallocate,
 )
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.operators import MergeInputs
@@ -157,7 +157,18 @@ def open_inputs(spec: MergeSpec) -> tuple[dict[str, Checkpoint], Checkpoint | No
                     f"model {name!r} ({ck.path}): tensor {t!r} has shape {list(ck.entries[t].shape)}, "
                     f"{ref_name!r} has {list(e.shape)}"
                 )
+            dt = ck.entries[t].dtype
+            if dt != e.dtype and not (dt in FLOAT_DTYPES and e.dtype in FLOAT_DTYPES):
+                raise CheckpointError(
+                    f"model {name!r} ({ck.entries[t].file}): tensor {t!r} is {dt}, {ref_name!r} has {e.dtype}: "
+                    f"a float tensor is merged only with float tensors, others only with the same dtype"
+                )
     return ckpts, base
+
+
+def input_paths(spec: MergeSpec) -> list[Path]:
+    """The folders a merge reads: its output may not be, hold or lie inside any of them."""
+    return [m.path for m in spec.inputs] + ([spec.base.path] if spec.base is not None else [])
 
 
 def plan_shards(ref: Checkpoint, out_dtype: str | None, shard_bytes: int) -> list[ShardPlan]:
@@ -165,7 +176,7 @@ def plan_shards(ref: Checkpoint, out_dtype: str | None, shard_bytes: int) -> lis
     groups: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
     size = 0
     for name, e in ref.entries.items():
-        code = dtype_code(out_dtype) if out_dtype and e.dtype in ("F32", "F16", "BF16", "F64") else e.dtype
+        code = dtype_code(out_dtype) if out_dtype and e.dtype in FLOAT_DTYPES else e.dtype
         nbytes = e.numel * DTYPE_BYTES[code]
         if groups[-1] and size + nbytes > shard_bytes:
             groups.append([])
@@ -364,19 +375,27 @@ class UnitMerger:
             os._exit(1)
 
 
-def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions()) -> MergeResult:
-    """Merge `spec` into the folder `out` (written beside it, renamed when complete)."""
-    t0 = time.perf_counter()
+def check_merge(spec: MergeSpec) -> tuple[dict[str, Checkpoint], Checkpoint | None]:
+    """Open the inputs (headers only) and resolve every tensor's parameters: each problem of
+    the inputs or the config fails here, before Ray starts or any tensor is read."""
     ckpts, base = open_inputs(spec)
     ref = next(iter(ckpts.values()))
     spec.check_tensors(ref.tensor_names, ref.num_layers)
+    return ckpts, base
+
+
+def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions()) -> MergeResult:
+    """Merge `spec` into the folder `out` (written beside it, renamed when complete)."""
+    t0 = time.perf_counter()
+    ckpts, base = check_merge(spec)
+    ref = next(iter(ckpts.values()))
     plans = plan_shards(ref, spec.out_dtype or spec.dtype, opts.shard_bytes)
     layouts = {p.file: file_layout(list(p.tensors), {"format": "pt"}) for p in plans}
     total = sum(e.numel for e in ref.entries.values())
     unit_elems = opts.unit_elems or max(total // (4 * max(1, opts.workers)), 1 << 24)
     units = plan_units(plans, layouts, spec.method.elementwise, unit_elems)
     out = Path(out)
-    with atomic_output_dir(out, overwrite=opts.overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=opts.overwrite, inputs=input_paths(spec)) as tmp:
         partial = {p.file: tmp / (p.file + ".partial") for p in plans}
         for p in plans:
             preallocate(partial[p.file], layouts[p.file])

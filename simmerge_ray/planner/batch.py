@@ -35,10 +35,12 @@ import pyarrow.compute as pc
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError, SimMergeError
-from simmerge_ray.io.atomic import atomic_output_dir, atomic_write_text
+from simmerge_ray.io.atomic import atomic_output_dir
+from simmerge_ray.io.stage_files import check_stage, stage_files
 from simmerge_ray.planner.request import PlanRequest, build_step_model, plan_request, write_plans
 from simmerge_ray.selector.data import features_file
 
+BATCH_FILES = ("results.parquet", "summary.json")  # what a rerun replaces in --out (besides plans/)
 CACHE_VERSION = 1  # bump when a change to the planner changes plans: old cache entries are ignored
 PENDING = "pending"  # internal status: valid and not in the cache yet
 ROW_FILE = "row.json"
@@ -251,6 +253,8 @@ def run_batch(s: BatchSettings) -> BatchReport:
                                                                       "out", "aux_selector", "cache")
                       if getattr(s, f)})
     out, cache = Path(s.out), s.cache_dir
+    inputs = [getattr(s, f) for f in ("requests", "selector", "catalog", "features", "aux_selector") if getattr(s, f)]
+    check_stage(out, BATCH_FILES, replace=True, inputs=inputs)
     cache.mkdir(parents=True, exist_ok=True)
     fingerprint = inputs_fingerprint(s)
     keyed = read_requests(s.requests).map_batches(
@@ -284,9 +288,10 @@ def run_batch(s: BatchSettings) -> BatchReport:
         errors=sum(r["status"] == "error" for r in rows), planned=n_pending,
         cached=sum(bool(r["cached"]) for r in rows), invalid=invalid,
         executed=executed, actors=s.actors, seconds=time.perf_counter() - t0)
-    _write_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), out / "results.parquet")
-    atomic_write_text(out / "summary.json", json.dumps(
-        {**asdict(report), "requests_per_second": report.requests_per_second, "settings": asdict(s)}, indent=1))
+    with stage_files(out, "plan-batch", BATCH_FILES, replace=True) as tmp:
+        _write_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), tmp / "results.parquet")
+        (tmp / "summary.json").write_text(json.dumps(
+            {**asdict(report), "requests_per_second": report.requests_per_second, "settings": asdict(s)}, indent=1))
     return report
 
 

@@ -122,13 +122,23 @@ def features_file(features: str | Path) -> Path:
     return p / "features.parquet" if p.is_dir() else p
 
 
+def _read_table(path: Path, what: str) -> pl.DataFrame:
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        return pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise ConfigError(f"{path}: unreadable {what} ({str(e).splitlines()[0]})") from None
+
+
 def load_pair_data(features: str | Path, labels: str | Path, target: str = "utility") -> PairData:
     """PairData from a features folder (or parquet file) and a labels parquet (`target`: see
     build_pair_data)."""
-    try:
-        feats, labs = pl.read_parquet(features_file(features)), pl.read_parquet(labels)
-    except FileNotFoundError as e:
-        raise ConfigError(f"{e.filename}: not found") from None
+    feats_path = features_file(features)
+    if Path(features).is_dir() and not feats_path.exists():
+        raise ConfigError(f"{features}: no {feats_path.name} in this folder (run `simmerge features structural` "
+                          f"and `simmerge features functional` with --out {features} first)")
+    feats, labs = _read_table(feats_path, "feature table"), _read_table(Path(labels), "labels")
     if target not in labs.columns:
         raise ConfigError(f"{labels}: no column {target!r}")
     return build_pair_data(labs, feats, target=target)

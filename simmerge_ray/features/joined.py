@@ -1,0 +1,40 @@
+"""The joined feature table: DIR/features.parquet = functional rows with the structural columns
+of their (a, b). The two stages run in either order into one folder; whichever finishes second
+writes the join, so it always reflects both stages' latest files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.io.stage_files import stage_files
+
+STRUCTURAL_FILE = "structural.parquet"
+FUNCTIONAL_FILE = "functional.parquet"
+JOINED_FILE = "features.parquet"
+
+
+def join_structural(functional: pl.DataFrame, structural_path: Path) -> pl.DataFrame:
+    """x(a, b, t): functional rows with the structural columns of their (a, b); every pair must exist."""
+    structural = pl.read_parquet(structural_path)
+    missing = functional.join(structural.select("a", "b"), on=["a", "b"], how="anti")
+    if missing.height:
+        a, b = missing.row(0, named=True)["a"], missing.row(0, named=True)["b"]
+        raise ConfigError(
+            f"{structural_path}: no structural row for pair ({a}, {b}) ({missing.height} functional rows "
+            f"unmatched); was it computed from the same catalog?"
+        )
+    return functional.join(structural, on=["a", "b"], how="left")
+
+
+def write_joined(out: Path) -> Path | None:
+    """Write DIR/features.parquet when both stages' tables are in `out`; returns its path."""
+    out = Path(out)
+    if not ((out / STRUCTURAL_FILE).exists() and (out / FUNCTIONAL_FILE).exists()):
+        return None
+    joined = join_structural(pl.read_parquet(out / FUNCTIONAL_FILE), out / STRUCTURAL_FILE)
+    with stage_files(out, "joined", (JOINED_FILE,), replace=True) as tmp:
+        joined.write_parquet(tmp / JOINED_FILE)
+    return out / JOINED_FILE

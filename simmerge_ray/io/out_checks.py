@@ -1,0 +1,73 @@
+"""Checks of an output path, run before any work: a command never replaces, deletes or writes
+into what it did not create.
+
+An output folder that simmerge wrote carries MARKER; only such a folder is replaced by
+--overwrite. An output may not be, hold or lie inside one of the command's inputs, nor be the
+current folder or one above it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from simmerge_ray.errors import ConfigError, OutputError
+
+MARKER = ".simmerge-output.json"
+
+
+def _real(p: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.abspath(p)))
+
+
+def check_not_input(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse an output that is, holds or lies inside an input (its replacement would delete
+    the input, or its files would land among the input's)."""
+    o = _real(out)
+    for given in inputs:
+        i = _real(given)
+        if o == i:
+            raise ConfigError(f"{out}: the output is the input {given}; choose a new folder")
+        if o in i.parents:
+            raise ConfigError(f"{out}: the output holds the input {given}; choose a new folder")
+        if i in o.parents:
+            raise ConfigError(f"{out}: the output lies inside the input {given}; choose a new folder")
+
+
+def check_creatable(out: Path) -> None:
+    """Refuse an output under a file or on a folder this process cannot write (a read-only
+    mount): one line now, not an OSError traceback after the work."""
+    probe = _real(out).parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{out}: cannot create the output: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: cannot write in {probe} (read-only file system or no permission)")
+
+
+def check_replaceable(out: Path, *, overwrite: bool) -> None:
+    """An existing `out` may be replaced only with `overwrite`, and only if simmerge wrote it."""
+    o = _real(out)
+    if o == _real(".") or o in _real(".").parents:
+        raise ConfigError(f"{out}: the output would replace the current folder; choose a new folder")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise OutputError(f"{out}: output already exists (pass --overwrite to replace it)")
+    if out.is_symlink() or not out.is_dir():
+        raise OutputError(f"{out}: not a folder simmerge wrote (a file or link); remove it yourself "
+                          f"or choose another --out")
+    if not (out / MARKER).is_file():
+        raise OutputError(f"{out}: not written by simmerge (no {MARKER}); --overwrite replaces only "
+                          f"simmerge's outputs: remove it yourself or choose another --out")
+
+
+def check_output(out: str | os.PathLike, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Every check of an output folder that a run will create or replace; returns it as a Path."""
+    out = Path(out)
+    check_not_input(out, inputs)
+    check_replaceable(out, overwrite=overwrite)
+    check_creatable(out)
+    return out

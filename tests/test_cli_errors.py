@@ -1,0 +1,158 @@
+"""User errors are one line and exit 2, with the inputs byte-identical and nothing written:
+each case here once printed a traceback (or a useless line) instead."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from simmerge_ray.cli import main as cli_main
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
+
+SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64,
+                     max_shard_bytes=20_000)
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.blake2b(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    make_checkpoint(root / "base", SPEC)
+    for i in (1, 2):
+        make_checkpoint(root / f"m{i}", dataclasses.replace(SPEC, seed=i), base=root / "base", delta_std=0.02)
+    return root
+
+
+def _one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.mark.parametrize("params, needle", [
+    ({"weight": 0.5, "density": "abc"}, "model 'm1': parameter 'density': expected a finite number, got 'abc'"),
+    ({"weight": ".nan", "density": 0.5}, "parameter 'weight': expected a finite number, got '.nan'"),
+    ({"weight": 0.5, "density": [0.5, "x"]}, "parameter 'density': expected a finite number"),
+])
+def test_bad_parameter_values_are_one_line(models: Path, tmp_path: Path, capsys, params: dict, needle: str) -> None:
+    cfg = tmp_path / "dare.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "dare_ties", "base_model": str(models / "base"), "models": [
+        {"model": str(models / "m1"), "parameters": params},
+        {"model": str(models / "m2"), "parameters": {"weight": 0.5, "density": 0.5}}]}))
+    before = tree_hash(models)
+    assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "out")]) == 2  # refused before Ray starts
+    _one_line_error(capsys, needle.replace("'m1'", repr(str(models / "m1"))))
+    assert tree_hash(models) == before
+    assert not (tmp_path / "out").exists()
+
+
+def _catalog(root: Path, tasks: dict | None = None, base: bool = False) -> Path:
+    for name in ("a", "b"):
+        (root / name).mkdir(exist_ok=True)
+    cat = {"models": [{"name": "a", "path": "a", "task": "code"}, {"name": "b", "path": "b", "task": "math"}],
+           **({"tasks": tasks} if tasks else {}), **({"base": "base"} if base else {})}
+    (root / "catalog.yaml").write_text(yaml.safe_dump(cat))
+    return root / "catalog.yaml"
+
+
+def test_plan_with_a_misspelt_task_lists_the_known_ones(tmp_path: Path, capsys) -> None:
+    (tmp_path / "p.jsonl").write_text('"x"\n')
+    cat = _catalog(tmp_path, {"code": {"probes": "p.jsonl"}, "math": {"probes": "p.jsonl"}})
+    assert cli_main(["plan", "--selector", str(tmp_path / "sel"), "--catalog", str(cat), "--features",
+                     str(tmp_path / "feats"), "--task", "coding", "--expert", "a", "--aux", "b",
+                     "--out", str(tmp_path / "plan")]) == 2
+    _one_line_error(capsys, "no task named 'coding'; known: code, math")
+    assert not (tmp_path / "plan").exists()
+
+
+def test_fit_on_a_folder_without_features_says_what_is_missing(tmp_path: Path, capsys) -> None:
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    (tmp_path / "labels.parquet").write_bytes(b"")
+    assert cli_main(["fit", "--features", str(feats), "--labels", str(tmp_path / "labels.parquet"),
+                     "--out", str(tmp_path / "sel")]) == 2
+    _one_line_error(capsys, f"{feats}: no features.parquet in this folder", "simmerge features structural")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats", "labels.parquet"]
+
+
+def test_fit_on_an_unreadable_label_table_names_it(tmp_path: Path, capsys) -> None:
+    import polars as pl
+
+    feats = tmp_path / "features.parquet"
+    pl.DataFrame({"a": ["x"], "b": ["y"], "task": ["t"]}).write_parquet(feats)
+    (tmp_path / "labels.parquet").write_bytes(b"PAR1 not really")
+    assert cli_main(["fit", "--features", str(feats), "--labels", str(tmp_path / "labels.parquet"),
+                     "--out", str(tmp_path / "sel")]) == 2
+    _one_line_error(capsys, f"{tmp_path / 'labels.parquet'}: unreadable labels")
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"prompt": "q", "answer": "a"}\nnot json\n', "line 2: expected a JSON object with 'prompt' and 'answer'"),
+    ('{"prompt": "q", "answer": 7}\n', "example 1: 'prompt' and 'answer' must be non-empty strings"),
+    (b"\xff\xfe\x00binary", "cannot read the eval set of task 'math'"),
+])
+def test_label_checks_eval_files_before_ray_starts(tmp_path: Path, capsys, content, needle: str) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "good.jsonl").write_text('{"prompt": "q", "answer": "a"}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    cat = _catalog(tmp_path, {"code": {"eval": "good.jsonl"}, "math": {"eval": "bad.jsonl"}}, base=True)
+    before = tree_hash(tmp_path)
+    assert cli_main(["label", "--catalog", str(cat), "--out", str(tmp_path / "labels")]) == 2
+    _one_line_error(capsys, str(bad), needle)
+    assert tree_hash(tmp_path) == before
+
+
+class _RunsCode:
+    """A pickle payload that would create a file when unpickled without restrictions."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_convert_loads_pickles_with_weights_only(models: Path, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "bin"
+    src.mkdir()
+    shutil.copy(models / "m1" / "config.json", src / "config.json")
+    marker = tmp_path / "pwned"
+    state = {n: Checkpoint.open(models / "m1").read(n) for n in Checkpoint.open(models / "m1").tensor_names}
+    torch.save({**state, "evil": _RunsCode(marker)}, src / "pytorch_model.bin")
+    before = tree_hash(src)
+    assert cli_main(["convert", str(src), "--out", str(tmp_path / "conv"), "--allow-pickle"]) == 2
+    _one_line_error(capsys, f"{src / 'pytorch_model.bin'}: not a plain tensor checkpoint, refused")
+    assert not marker.exists() and not (tmp_path / "conv").exists()
+    assert tree_hash(src) == before
+    torch.save(state, src / "pytorch_model.bin")  # plain tensors convert as before
+    assert cli_main(["convert", str(src), "--out", str(tmp_path / "conv"), "--allow-pickle"]) == 0
+    conv = Checkpoint.open(tmp_path / "conv")
+    assert all(torch.equal(conv.read(n), t) for n, t in state.items())
+
+
+def test_merge_of_a_pickle_checkpoint_points_to_convert(models: Path, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "bin"
+    src.mkdir()
+    torch.save({"w": torch.ones(2)}, src / "pytorch_model.bin")
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(json.dumps({"merge_method": "linear", "models": [
+        {"model": str(src), "parameters": {"weight": 1}}, {"model": str(models / "m1"), "parameters": {"weight": 1}}]}))
+    assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    err = _one_line_error(capsys, f"simmerge convert {src} --out DIR --allow-pickle")
+    assert "or pass --allow-pickle" not in err

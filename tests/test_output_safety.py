@@ -1,0 +1,255 @@
+"""Nothing lost: a command never deletes, replaces or writes into what it did not create.
+
+Real checkpoints, real merges (in process: the output checks run before any merge engine),
+real processes killed with SIGKILL, and a real read-only mount where the machine allows one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from simmerge_ray.cli import main as cli_main
+from simmerge_ray.errors import ConfigError, OutputError
+from simmerge_ray.io.atomic import atomic_output_dir
+from simmerge_ray.io.out_checks import MARKER
+from simmerge_ray.io.owner import OWNER_FILE, write_owner
+from simmerge_ray.io.stage_files import stage_files
+from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
+
+SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64,
+                     max_shard_bytes=20_000)
+SLERP = {"merge_method": "slerp", "base_model": "m1", "parameters": {"t": 0.5},
+         "models": [{"model": "m1"}, {"model": "m2"}]}
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    """Every file under `root` (hidden ones included) -> blake2b of its bytes."""
+    return {str(p.relative_to(root)): hashlib.blake2b(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def workspace(tmp_path: Path) -> Path:
+    """models/{m1,m2} + an unrelated NOTES.txt, and a merge config beside them."""
+    models = tmp_path / "models"
+    for i in (1, 2):
+        make_checkpoint(models / f"m{i}", dataclasses.replace(SPEC, seed=i))
+    (models / "NOTES.txt").write_text("my notes")
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump({**SLERP, "models": [
+        {"model": str(models / "m1")}, {"model": str(models / "m2")}], "base_model": str(models / "m1")}))
+    return tmp_path
+
+
+def _merge(ws: Path, out: str | Path, *extra: str) -> int:
+    return cli_main(["merge", str(ws / "merge.yaml"), "--out", str(out), "--in-process", *extra])
+
+
+@pytest.mark.parametrize("target, message", [
+    ("models/m1", "the output is the input"),
+    ("models", "the output holds the input"),
+    ("models/m1/merged", "the output lies inside the input"),
+])
+def test_out_overlapping_an_input_is_refused(workspace: Path, capsys, target: str, message: str) -> None:
+    before = tree_hash(workspace)
+    assert _merge(workspace, workspace / target, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert tree_hash(workspace) == before  # the models, their notes and nothing new
+
+
+def test_overwrite_replaces_only_an_output_simmerge_wrote(workspace: Path, capsys) -> None:
+    user = workspace / "mine"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    before = tree_hash(workspace)
+    assert _merge(workspace, user, "--overwrite") == 2
+    assert f"not written by simmerge (no {MARKER})" in capsys.readouterr().err
+    assert tree_hash(workspace) == before
+
+    out = workspace / "merged"
+    assert _merge(workspace, out) == 0
+    assert json.loads((out / MARKER).read_text()) == {"written_by": "simmerge"}
+    assert not (out / OWNER_FILE).exists()
+    (out / "model.safetensors").write_bytes(b"stale")
+    assert _merge(workspace, out, "--overwrite") == 0
+    assert (out / "model.safetensors").read_bytes() != b"stale"
+    assert sorted(p.name for p in workspace.iterdir()) == ["merge.yaml", "merged", "mine", "models"]
+
+
+def test_out_dot_and_parents_of_the_current_folder_are_refused(workspace: Path, capsys,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    here = workspace / "runs" / "today"
+    here.mkdir(parents=True)
+    (here / "log.txt").write_text("today's log")
+    monkeypatch.chdir(here)
+    before = tree_hash(workspace)
+    for out in (".", "..", str(workspace / "runs")):
+        assert _merge(workspace, out, "--overwrite") == 2
+        assert "would replace the current folder" in capsys.readouterr().err
+    assert tree_hash(workspace) == before
+    assert sorted(p.name for p in workspace.iterdir()) == ["merge.yaml", "models", "runs"]  # no ..tmp-*
+
+
+def test_out_under_a_file_is_one_line_exit_2(workspace: Path, capsys) -> None:
+    (workspace / "afile").write_text("x")
+    assert _merge(workspace, workspace / "afile" / "out") == 2
+    err = capsys.readouterr().err
+    assert f"{workspace / 'afile'} is a file" in err and len(err.strip().splitlines()) == 1
+    assert (workspace / "afile").read_text() == "x"
+
+
+def test_out_on_a_read_only_mount_is_one_line_exit_2(workspace: Path) -> None:
+    """A real read-only bind mount in a private mount namespace (needs root and unshare)."""
+    ro = workspace / "ro"
+    ro.mkdir()
+    (ro / "kept.txt").write_text("x")
+    simmerge = Path(sys.executable).with_name("simmerge")
+    script = (f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} || exit 99; "
+              f"exec {simmerge} merge {workspace / 'merge.yaml'} --out {ro / 'out'} --in-process")
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) to make a read-only mount")
+    res = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    if res.returncode == 99:
+        pytest.skip(f"cannot make a read-only mount here: {res.stderr.strip()}")
+    assert res.returncode == 2, res.stderr
+    assert "read-only file system or no permission" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert sorted(p.name for p in ro.iterdir()) == ["kept.txt"]
+
+
+HOLD_OPEN = """
+import sys, time
+from pathlib import Path
+from simmerge_ray.io.atomic import atomic_output_dir
+with atomic_output_dir(Path(sys.argv[1])) as tmp:
+    (tmp / "big.bin").write_bytes(b"x" * 1_000_000)
+    print(tmp, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_temp_folder_of_a_killed_run_is_cleaned_at_the_next_run(workspace: Path) -> None:
+    out = workspace / "merged"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_OPEN, str(out)], stdout=subprocess.PIPE, text=True)
+    tmp = Path(proc.stdout.readline().strip())
+    assert tmp.name.startswith(".merged.tmp-") and (tmp / "big.bin").exists()
+    alive = workspace / ".merged.tmp-alive"  # a live owner (this process): must be kept
+    alive.mkdir()
+    write_owner(alive)
+    unowned = workspace / ".merged.tmp-unowned"  # no owner record: not provably ours, kept
+    unowned.mkdir()
+    (unowned / "f").write_text("?")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert tmp.exists()  # SIGKILL ran no cleanup
+    assert _merge(workspace, out) == 0
+    assert not tmp.exists()
+    assert alive.exists() and (unowned / "f").read_text() == "?"
+    assert (out / "model.safetensors").exists()
+
+
+def test_a_recycled_pid_is_not_mistaken_for_the_owner(tmp_path: Path) -> None:
+    """The owner record holds the PID's start time: same PID, other start time = dead owner."""
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.tmp-recycled"
+    stale.mkdir()
+    write_owner(stale)
+    record = json.loads((stale / OWNER_FILE).read_text())
+    assert record["pid"] == os.getpid() and record["start"] is not None
+    (stale / OWNER_FILE).write_text(json.dumps({**record, "start": str(int(record["start"]) - 1)}))
+    with atomic_output_dir(out) as tmp:
+        (tmp / "x").write_text("1")
+    assert not stale.exists() and (out / "x").read_text() == "1"
+
+
+def test_failed_block_leaves_nothing_and_keeps_the_previous_output(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "a").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "a").write_text("v2")
+            raise RuntimeError("boom")
+    assert (out / "a").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ---- a folder shared by stages ------------------------------------------------------------
+
+def test_stages_sharing_a_folder_never_touch_each_others_files(tmp_path: Path) -> None:
+    feats = tmp_path / "feats"
+    (feats / "probe_cache" / "k").mkdir(parents=True)
+    (feats / "probe_cache" / "k" / "chunk-a-00000.safetensors").write_bytes(b"cached")
+    (feats / "my_notes.txt").write_text("mine")
+    with stage_files(feats, "functional", ("functional.parquet",), replace=True) as tmp:
+        (tmp / "functional.parquet").write_text("f1")
+    mine = ("structural.parquet", "gram.safetensors", ".simmerge-stage-structural.json")
+    others = tree_hash(feats)
+    for version in ("s1", "s2"):  # a rerun with --overwrite replaces only this stage's files
+        with stage_files(feats, "structural", ("structural.parquet", "gram.safetensors"), replace=True) as tmp:
+            (tmp / "structural.parquet").write_text(version)
+            (tmp / "gram.safetensors").write_text(version)
+    assert (feats / "structural.parquet").read_text() == "s2"
+    assert {k: v for k, v in tree_hash(feats).items() if k not in mine} == others
+    assert not [p for p in feats.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_stage_refuses_files_it_did_not_write(tmp_path: Path) -> None:
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    (feats / "structural.parquet").write_text("the user's")
+    with pytest.raises(OutputError, match=r"structural\.parquet: output already exists \(pass --overwrite"):
+        with stage_files(feats, "structural", ("structural.parquet",), replace=False):
+            pass
+    with pytest.raises(OutputError, match=r"structural\.parquet: not written by simmerge"):
+        with stage_files(feats, "structural", ("structural.parquet",), replace=True):
+            pass
+    assert (feats / "structural.parquet").read_text() == "the user's"
+    assert sorted(p.name for p in feats.iterdir()) == ["structural.parquet"]
+
+
+def test_a_stage_inside_an_input_is_refused(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    with pytest.raises(ConfigError, match="the output lies inside the input"):
+        with stage_files(model / "feats", "structural", ("x",), replace=True, inputs=[model]):
+            pass
+    assert list(model.iterdir()) == []
+
+
+KILLED_STAGE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from simmerge_ray.io.stage_files import stage_files
+    with stage_files(Path(sys.argv[1]), "structural", ("structural.parquet",), replace=True) as tmp:
+        (tmp / "structural.parquet").write_text("half")
+        print(tmp, flush=True)
+        time.sleep(600)
+""")
+
+
+def test_killed_stage_leaves_the_folder_as_it_was_and_is_cleaned(tmp_path: Path) -> None:
+    feats = tmp_path / "feats"
+    with stage_files(feats, "structural", ("structural.parquet",), replace=True) as tmp:
+        (tmp / "structural.parquet").write_text("complete")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_STAGE, str(feats)], stdout=subprocess.PIPE, text=True)
+    tmp = Path(proc.stdout.readline().strip())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert tmp.exists() and (feats / "structural.parquet").read_text() == "complete"
+    with stage_files(feats, "structural", ("structural.parquet",), replace=True) as new:
+        (new / "structural.parquet").write_text("again")
+    assert not tmp.exists()
+    assert (feats / "structural.parquet").read_text() == "again"
