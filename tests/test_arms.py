@@ -4,7 +4,6 @@ arm's three forms agree: the in-memory merge the labels measure, the mergekit YA
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
+from simmerge_ray.io.synthetic import SyntheticSpec, make_family
 from simmerge_ray.merge.arms import ARM_NAMES, ARMS, PAPER_ARMS, STEP_ARMS, get_arm
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, run_merge
@@ -24,10 +23,7 @@ SPEC = SyntheticSpec(architecture="llama", hidden_size=16, num_layers=2, num_hea
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("arms")
-    make_checkpoint(root / "base", SPEC)
-    for i in (1, 2):
-        make_checkpoint(root / f"m{i}", dataclasses.replace(SPEC, seed=i), base=root / "base", delta_std=0.02)
+    root = make_family(tmp_path_factory.mktemp("arms"), SPEC)
     return {n: root / n for n in ("base", "m1", "m2")}
 
 

@@ -3,7 +3,6 @@ each case here once printed a traceback (or a useless line) instead."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -16,7 +15,7 @@ import yaml
 
 from simmerge_ray.cli import main as cli_main
 from simmerge_ray.io.checkpoint import Checkpoint
-from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
+from simmerge_ray.io.synthetic import SyntheticSpec, make_family
 
 SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64,
                      max_shard_bytes=20_000)
@@ -29,10 +28,7 @@ def tree_hash(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    make_checkpoint(root / "base", SPEC)
-    for i in (1, 2):
-        make_checkpoint(root / f"m{i}", dataclasses.replace(SPEC, seed=i), base=root / "base", delta_std=0.02)
+    root = make_family(tmp_path_factory.mktemp("models"), SPEC)
     return root
 
 

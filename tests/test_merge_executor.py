@@ -17,7 +17,7 @@ from simmerge_ray.cli import main as cli_main
 from simmerge_ray.errors import CheckpointError, ConfigError, MergeError, SimMergeError
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.safetensors_format import file_layout, read_header
-from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, write_checkpoint
+from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, make_family, write_checkpoint
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import CRASH_ONCE_ENV, ExecOptions, ShardPlan, plan_units, run_merge
 from simmerge_ray.merge.tensor_merge import check_finite
@@ -28,10 +28,7 @@ SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_hea
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    make_checkpoint(root / "base", SPEC)
-    for i in (1, 2):
-        make_checkpoint(root / f"m{i}", dataclasses.replace(SPEC, seed=i), base=root / "base", delta_std=0.02)
+    root = make_family(tmp_path_factory.mktemp("models"), SPEC)
     make_checkpoint(root / "wide", dataclasses.replace(SPEC, hidden_size=48, seed=3))
     make_checkpoint(root / "qwen", dataclasses.replace(SPEC, architecture="qwen2", seed=4))
     return root

@@ -22,6 +22,7 @@ from simmerge_ray import resources
 from simmerge_ray.errors import SimMergeError
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
+from simmerge_ray.merge.arms import ARM_NAMES, PAPER_ARMS
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -194,7 +195,8 @@ def test_merge_job_succeeds_and_bad_config_fails(ray_head: RayHead, merge_inputs
 
 
 REPORT_KEYS = (
-    [f"pairwise.gap_closed.{m}.mean" for m in ("simmerge", "linear", "slerp", "ties", "oracle")]
+    [f"pairwise.utility.{m}.mean" for m in ("simmerge", *ARM_NAMES, "majority", "oracle")]
+    + [f"pairwise.gap_closed.{m}.mean" for m in ("simmerge", *PAPER_ARMS, "oracle")]
     + ["pairwise.selection_accuracy"]
     + [f"multiway.{k}way.{m}.expert_retention" for k in (3, 4)
        for m in ("simmerge", "random_order", "linear", "slerp", "ties", "oracle")]
@@ -221,11 +223,16 @@ def test_whole_pipeline_job_on_the_tiny_testbed(ray_head: RayHead, tmp_path: Pat
     for key in REPORT_KEYS:
         value = _get(report, key)
         assert isinstance(value, float) and value == value and abs(value) != float("inf"), key
-    g = report["pairwise"]["gap_closed"]
-    # the oracle is the best operator per pair: nothing beats it, on any task
+    g = report["pairwise"]["utility"]
+    # the oracle is the best arm per pair: nothing beats it, on any task
     for task, best in g["oracle"].items():
-        assert all(g[m][task] <= best + 1e-9 for m in ("simmerge", "linear", "slerp", "ties")), task
-    for chart in ("gap_closed.png", "multiway_retention.png", "regret.png", "feature_utility_heatmap.png"):
+        assert all(g[m][task] <= best + 1e-9 for m in ("simmerge", *ARM_NAMES)), task
+    # every model of the testbed, the base included, with accuracy and score on every domain
+    scores = report["testbed"]["scores"]
+    assert scores["base"]["expert_of"] is None and scores["code-a"]["expert_of"] == "code"
+    assert all(0 <= scores[m][d]["accuracy"] <= 1 for m in scores for d in ("code", "math", "rag"))
+    assert report["metric"]["utilities_on"] == "accuracy"
+    for chart in ("utility.png", "multiway_retention.png", "regret.png", "feature_utility_heatmap.png"):
         assert (out / chart).read_bytes()[:4] == b"\x89PNG", chart
     md = (out / "report.md").read_text()
     assert "## Multi-way plans" in md and "| simmerge |" in md
@@ -240,8 +247,8 @@ def test_whole_pipeline_job_on_the_tiny_testbed(ray_head: RayHead, tmp_path: Pat
     assert "[1/4] zoo" in logs and "done earlier" in logs and "SimMerge (transferred)" in logs
     t = json.loads((out / "transfer" / "transfer.json").read_text())["transfer"]
     assert t["n"] == report["pairwise"]["pairs"] and 0 <= t["selection_accuracy"] <= 1
-    for task, best in t["gap_closed"]["oracle"].items():
-        assert t["gap_closed"]["simmerge"][task] <= best + 1e-9, task
+    for task, best in t["utility"]["oracle"].items():
+        assert t["utility"]["simmerge"][task] <= best + 1e-9, task
 
 
 # ---- the shared entry code, in-process (no Ray needed before these fail) ------------------------

@@ -109,8 +109,9 @@ def format_summary(report: dict) -> str:
         lines.append(m.ljust(width) + "".join(f"{100 * g[m][t]:>13.1f}%" for t in tasks))
     best = r["best_fixed_operator"]
     gain = 100 * r["simmerge_vs_best_fixed"]
-    lines.append(f"verdict: SimMerge {'beats' if gain > 0 else 'does not beat'} the best fixed arm ({best}) by "
-                 f"{gain:+.1f} points; {100 * (r['simmerge_share_of_oracle'] or 0):.0f}% of the oracle")
+    verdict = (f"beats the best fixed arm ({best}) by {gain:.1f} points" if gain > 0
+               else f"does not beat the best fixed arm ({best}): {gain:+.1f} points")
+    lines.append(f"verdict: SimMerge {verdict}; {100 * (r['simmerge_share_of_oracle'] or 0):.0f}% of the oracle")
     lo = report["leave_one_task_out"]
     lines.append(f"leave one task out: accuracy {lo['selection_accuracy']:.1%}, SimMerge "
                  f"{100 * lo['utility']['simmerge']['mean']:.1f}% vs best fixed "

@@ -27,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lab.add_argument("--mixed-4", type=int, default=None, help="random mixed-operator plans per 4-way subset")
     lab.add_argument("--workers", type=int, default=None, help="evaluator actors (default 2)")
     lab.add_argument("--seed", type=int, default=None, help="seed of the 3-/4-way subset sampling")
+    lab.add_argument("--metric", choices=["accuracy", "score"], default=None,
+                     help="what GapClosed and retention are computed on: answer-token accuracy (default) "
+                          "or the smooth likelihood score")
     lab.add_argument("--max-plans", type=int, default=None, help="measure at most this many new plans, then stop")
     lab.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     lab.set_defaults(func=run_label)
@@ -70,7 +73,8 @@ def run_label(args: argparse.Namespace) -> int:
     from simmerge_ray.testbed.labels import check_label_catalog, run_labels
 
     overrides = {k: v for k, v in (("subsets_3", args.subsets_3), ("subsets_4", args.subsets_4),
-                                   ("mixed_4", args.mixed_4), ("workers", args.workers), ("seed", args.seed))
+                                   ("mixed_4", args.mixed_4), ("workers", args.workers), ("seed", args.seed),
+                                   ("metric", args.metric))
                  if v is not None}
     try:
         settings = LabelSettings(**overrides)

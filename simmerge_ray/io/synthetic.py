@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -177,3 +177,13 @@ def make_checkpoint(out: Path, spec: SyntheticSpec, *, base: Path | None = None,
 
     items = [(n, s, spec.dtype, producer(n, s)) for n, s in shapes.items()]
     return write_checkpoint(out, config, items, spec.max_shard_bytes, overwrite=overwrite)
+
+
+def make_family(root: Path, spec: SyntheticSpec, n: int = 2, delta_std: float = 0.02) -> Path:
+    """`root/base` and `n` fine-tune-like models `root/m1..mn` (seeds 1..n) around it: the
+    smallest catalog a merge needs."""
+    root = Path(root)
+    make_checkpoint(root / "base", spec)
+    for i in range(1, n + 1):
+        make_checkpoint(root / f"m{i}", replace(spec, seed=i), base=root / "base", delta_std=delta_std)
+    return root

@@ -36,7 +36,9 @@ def build_report(out: Path, timings: dict[str, float]) -> dict:
     multi = json.loads((out / "multiway" / "multiway.json").read_text())
     regret = json.loads((out / "bandit" / "regret.json").read_text())
     held = sel["held_out_pairs"]
+    labels = json.loads((out / "labels" / "label_summary.json").read_text())
     report: dict = {
+        "metric": {"utilities_on": labels.get("metric", "score"), "gap_epsilon": labels.get("gap_epsilon")},
         "pairwise": {
             "split": held["split"],
             "pairs": held["n"],
@@ -95,7 +97,9 @@ def render_markdown(report: dict) -> str:
     tasks = [t for t in p["utility"]["simmerge"] if t != "mean"] + ["mean"]
     tb = report["testbed"]
     domains = sorted({t for m in tb["scores"].values() for t in m if t != "expert_of"})
-    lines = ["# SimMerge demo report", "", "## Testbed: answer accuracy per model and domain", ""]
+    lines = ["# SimMerge demo report", "",
+             f"Utilities (GapClosed, retention) are computed on **{report['metric']['utilities_on']}**.", "",
+             "## Testbed: answer accuracy per model and domain", ""]
     lines += _table(["model", "expert of", *domains],
                     [[m, v["expert_of"] or "-", *(f"{v[d]['accuracy']:.3f}" for d in domains)]
                      for m, v in tb["scores"].items()])

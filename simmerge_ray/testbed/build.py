@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -104,11 +105,11 @@ def _train_remote(cfg_json: str, tok_json: str, role: str, start_state: dict | N
                   evals: dict[str, list[Example]]) -> dict:
     """Train the base, the continued-pretraining checkpoint or one expert from `start_state`;
     score it on every domain."""
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
     cfg = ZooConfig.model_validate_json(cfg_json)
-    tok = _tokenizer_from_json(tok_json)
     train, _, variant = _role(cfg, role)
+    torch.set_num_threads(getattr(train, "threads", 1))
+    torch.use_deterministic_algorithms(True)
+    tok = _tokenizer_from_json(tok_json)
     model = init_model(cfg.architecture, len(tok), tok.eos_token_id, tok.pad_token_id, cfg.seed)
     if start_state is not None:
         model.load_state_dict(start_state)
@@ -135,11 +136,15 @@ def task_vector_table(base: dict[str, torch.Tensor], experts: dict[str, dict[str
             "cosine": {n: {m: round(float(cos[i, j]), 4) for j, m in enumerate(names)} for i, n in enumerate(names)}}
 
 
-def _pretrained(cfg: ZooConfig, role: str, train: Callable[[], ray.ObjectRef], log: Callable[[str], None]) -> dict:
+def _pretrained(cfg: ZooConfig, tok_json: str, role: str, train: Callable[[], ray.ObjectRef],
+                log: Callable[[str], None]) -> dict:
     """The base or continued checkpoint's training result, from the per-machine cache when an
-    entry for the same config exists (pretrain_cache), else trained now and cached."""
+    entry for the same config, tokenizer and Python (whose standard library is training text)
+    exists (pretrain_cache), else trained now and cached."""
     part = cfg.model_dump(mode="json", include={"seed", "architecture", "tokenizer", "data", "base"})
     part["domains"] = sorted(cfg.domains)
+    part["tokenizer_digest"] = hashlib.blake2b(tok_json.encode(), digest_size=16).hexdigest()
+    part["python"] = sys.version
     if role == "continued":
         part["continued"] = cfg.model_dump(mode="json", include={"continued"})
     key = pretrain_cache.pretrain_key(part, role)
@@ -190,7 +195,8 @@ def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
 
         cfg_json = cfg.model_dump_json()
         evals_ref = ray.put(evals)
-        base = _pretrained(cfg, "base", lambda: _train_remote.remote(cfg_json, tok_json, "base", None, evals_ref), log)
+        base = _pretrained(cfg, tok_json, "base", lambda: _train_remote.options(num_cpus=cfg.base.threads).remote(
+            cfg_json, tok_json, "base", None, evals_ref), log)
         _save_checkpoint(cfg, tok, base["state"], tmp / "checkpoints" / "base")
         timings["base_s"] = base["seconds"]
         log(f"base: {base['tokens']} tokens in {base['seconds']:.0f}s ({base['cpu_seconds']:.0f} CPU s), "
@@ -200,7 +206,8 @@ def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
         results: dict[str, dict] = {"base": base}
         if cfg.continued is not None:
             results["continued"] = _pretrained(
-                cfg, "continued", lambda: _train_remote.remote(cfg_json, tok_json, "continued", starts["base"], evals_ref), log)
+                cfg, tok_json, "continued", lambda: _train_remote.options(num_cpus=cfg.continued.threads).remote(
+                    cfg_json, tok_json, "continued", starts["base"], evals_ref), log)
             starts["continued"] = ray.put(results["continued"]["state"])
             log(f"continued pretraining: {results['continued']['seconds']:.0f}s, "
                 f"final loss {results['continued']['losses'][-1]:.3f}")

@@ -18,6 +18,8 @@ import json
 import random
 from dataclasses import dataclass
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from simmerge_ray.merge.arms import ARM_NAMES, STEP_ARMS, get_arm
@@ -34,7 +36,17 @@ class LabelSettings(BaseModel):
     subsets_4: int = Field(4, ge=0)
     mixed_4: int = Field(12, ge=0, description="random mixed-operator plans per 4-way subset")
     seed: int = 0
-    gap_epsilon: float = Field(1e-3, ge=0, description="pairs whose expert-aux score gap is smaller are dropped")
+    metric: Literal["accuracy", "score"] = Field(
+        "accuracy", description="what utilities are computed on: greedy answer-token accuracy, or the likelihood score")
+    gap_epsilon: float | None = Field(None, ge=0, description=(
+        "pairs whose expert-aux gap is smaller are dropped (default: 0.05 in accuracy, about two standard "
+        "errors of a 256-example eval set; 1e-3 in score)"))
+
+    @property
+    def epsilon(self) -> float:
+        if self.gap_epsilon is not None:
+            return self.gap_epsilon
+        return 0.05 if self.metric == "accuracy" else 1e-3
     workers: int = Field(2, gt=0)
     plans_per_call: int = Field(16, gt=0)
 

@@ -165,9 +165,10 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
 def _write_tables(out: Path, keyed: list[tuple[str, Plan]], cache: Path, experts: dict[str, str],
                   settings: LabelSettings, seconds: float) -> None:
     results = [(p, json.loads((cache / f"{k}.json").read_text())["scores"]) for k, p in keyed]
-    singles = {p.models[0]: {t: s["score"] for t, s in sc.items()} for p, sc in results if p.k == 1}
-    merged = [(p, {t: s["score"] for t, s in sc.items()}) for p, sc in results if p.k > 1]
-    labels, dropped = pairwise_table([r for r in merged if r[0].k == 2], singles, experts, settings.gap_epsilon)
+    metric = settings.metric
+    singles = {p.models[0]: {t: s[metric] for t, s in sc.items()} for p, sc in results if p.k == 1}
+    merged = [(p, {t: s[metric] for t, s in sc.items()}) for p, sc in results if p.k > 1]
+    labels, dropped = pairwise_table([r for r in merged if r[0].k == 2], singles, experts, settings.epsilon)
     multi = multiway_table([r for r in merged if r[0].k > 2], singles, experts)
     summary = gap_summary(labels)
     for name, df in (("labels", labels), ("labels_multiway", multi), ("model_scores", model_scores_table(singles)),
@@ -177,6 +178,8 @@ def _write_tables(out: Path, keyed: list[tuple[str, Plan]], cache: Path, experts
         tmp.replace(out / f"{name}.parquet")
     info = {
         "settings": settings.model_dump(mode="json"),
+        "metric": settings.metric,
+        "gap_epsilon": settings.epsilon,
         "params": {a: {"method": get_arm(a).method, **get_arm(a).params}
                    for a in dict.fromkeys(settings.operators + settings.step_operators)},
         "plans": len(keyed),

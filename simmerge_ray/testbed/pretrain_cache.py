@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from simmerge_ray.io.digest_cache import cache_root
@@ -48,7 +49,7 @@ def load(key: str, log: Callable[[str], None] = print) -> dict | None:
         state = load_file(str(entry / "state.safetensors"))
         if sorted(state) != sorted(meta["tensors"]):
             raise ValueError("tensor names differ from meta.json")
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:  # safetensors raises ValueError subclasses
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         log(f"pretrain cache: ignoring unreadable entry {entry} ({type(e).__name__}: {e}); rebuilding it")
         return None
     return {**meta["result"], "state": state, "cached": True}

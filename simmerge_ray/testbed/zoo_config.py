@@ -58,11 +58,19 @@ class TrainConfig(_Strict):
     seed: int = 0
 
 
-class BaseConfig(TrainConfig):
-    domain_share: float = Field(0.15, ge=0, le=1, description="share of base documents drawn from the domains")
+class PretrainConfig(TrainConfig):
+    """Pretraining on the general mixture; it runs alone, so it may use several intra-op threads
+    (part of what shapes the weights: the same thread count gives the same bytes)."""
+
+    domain_share: float = Field(0.15, ge=0, le=1, description="share of documents drawn from the domains")
+    threads: int = Field(1, ge=1, le=64)
 
 
-class ContinuedConfig(TrainConfig):
+class BaseConfig(PretrainConfig):
+    """The base model's pretraining from random weights."""
+
+
+class ContinuedConfig(PretrainConfig):
     """A continued-pretraining checkpoint: the base trained further on its own mixture with a
     larger domain share. Experts may start from it instead of the base (as teams fine-tune from
     mid-training checkpoints); the catalog's base stays the original, so their task vectors

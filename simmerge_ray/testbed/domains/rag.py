@@ -20,15 +20,15 @@ def _name(rng: random.Random, parts: int) -> str:
 
 
 def make_example(rng: random.Random) -> Example:
-    town = _name(rng, 3)
+    town = _name(rng, 2)
     facts = {
-        "mayor": (f"Its mayor is {_name(rng, 2)} {_name(rng, 2)}.", "Who is the mayor of {town}?"),
+        "mayor": (f"Its mayor is {_name(rng, 2)}.", "Who is the mayor of {town}?"),
         "year": (f"It was founded in {rng.randint(1100, 1990)}.", "When was {town} founded?"),
         "river": (f"The river {_name(rng, 2)} runs through it.", "Which river runs through {town}?"),
         "goods": (f"It is known for its {rng.choice(_GOODS)}.", "What is {town} known for?"),
         "people": (f"About {rng.randint(200, 9999)} people live there.", "How many people live in {town}?"),
     }
-    chosen = rng.sample(sorted(facts), 3)
+    chosen = rng.sample(sorted(facts), 2)
     asked = rng.choice(chosen)
     sentence = facts[asked][0]
     answer = {
