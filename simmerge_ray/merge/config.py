@@ -358,8 +358,9 @@ def _check_contract(method: MergeMethod, sl: OutputSlice, source: str) -> None:
         want = f"{method.min_models}" + (f"-{method.max_models}" if method.max_models is not None else "+")
         if method.max_models == method.min_models:
             want = str(method.min_models)
-        what = "models including the base" if method.base_in_inputs and method.needs_base else (
-            "models besides the base" if uses_base else "models")
+        noun = "model" if want == "1" else "models"
+        what = f"{noun} including the base" if method.base_in_inputs and method.needs_base else (
+            f"{noun} besides the base" if uses_base else noun)
         raise ConfigError(f"{source}: {sl.where}: merge_method {method.name!r} takes {want} {what}, got {n}")
 
 

@@ -53,8 +53,8 @@ def slice_ranges(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> list[list[tup
             depth = ckpts[s.model.ref].num_layers
             lo, hi = s.layer_range if s.layer_range is not None else (0, depth)
             if hi > depth:
-                raise ConfigError(f"{spec.source}: {s.where}.layer_range: {[lo, hi]} is beyond model "
-                                  f"{s.model.ref!r}'s {depth} layers")
+                raise ConfigError(f"{spec.source}: {s.where}.layer_range: {[lo, hi]} is beyond the {depth} "
+                                  f"layers of model {s.model.ref!r}")
             ranges.append((lo, hi))
         out.append(ranges)
     return out
