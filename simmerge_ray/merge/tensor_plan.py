@@ -69,6 +69,7 @@ def plan_tensors(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> list[TensorTa
     """Every output tensor's task, in output order (before, blocks, after)."""
     ranges = slice_ranges(spec, ckpts)
     first = ckpts[spec.slices[0].sources[0].model.ref]
+    _check_same_architecture(spec.slices[0].sources[0].model.ref, ckpts)
     outside = [n for n in first.tensor_names if layer_index(n) is None]
     tasks = [_task(spec, ckpts, spec.slices[0], n, [n] * len(spec.slices[0].sources), 0.0)
              for n in outside if _is_pre(n)]
@@ -150,3 +151,22 @@ def _check_tensors(ckpts: dict[str, Checkpoint], reads: list[tuple[str, str]]) -
             raise CheckpointError(
                 f"model {model!r} ({entry.file}): tensor {name!r} is {entry.dtype}, {ref_model!r} has {ref.dtype}: "
                 f"a float tensor is merged only with float tensors, others only with the same dtype")
+
+
+def _templates(ck: Checkpoint) -> dict[str, None]:
+    """A model's tensor names with block indices set to 0 (what every block holds), in order."""
+    return dict.fromkeys(n if layer_index(n) is None else with_layer_index(n, 0) for n in ck.tensor_names)
+
+
+def _check_same_architecture(lead: str, ckpts: dict[str, Checkpoint]) -> None:
+    """Every input holds the same kinds of tensors as the first (mergekit would silently drop
+    a model's extra tensors, such as qwen2's attention biases merged into a llama)."""
+    want = _templates(ckpts[lead])
+    for ref, ck in ckpts.items():
+        have = _templates(ck)
+        missing, extra = [t for t in want if t not in have], [t for t in have if t not in want]
+        if missing or extra:
+            what = f"lacks tensor {missing[0]!r}" if missing else f"has extra tensor {extra[0]!r}"
+            hint = " (tied vs untied embeddings?)" if any("lm_head" in t or "embed_out" in t for t in missing + extra) else ""
+            raise CheckpointError(f"model {ref!r} ({ck.path}) {what} compared with {lead!r}{hint}; "
+                                  f"{len(missing)} missing, {len(extra)} extra: models must share one architecture")
