@@ -41,9 +41,14 @@ def _one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:
 
 
 @pytest.mark.parametrize("params, needle", [
-    ({"weight": 0.5, "density": "abc"}, "model 'm1': parameter 'density': expected a finite number, got 'abc'"),
-    ({"weight": ".nan", "density": 0.5}, "parameter 'weight': expected a finite number, got '.nan'"),
-    ({"weight": 0.5, "density": [0.5, "x"]}, "parameter 'density': expected a finite number"),
+    ({"weight": 0.5, "density": "abc"}, "models[0].parameters.density: expected a finite number, got 'abc'"),
+    ({"weight": ".nan", "density": 0.5}, "models[0].parameters.weight: expected a finite number, got '.nan'"),
+    ({"weight": 0.5, "density": [0.5, "x"]}, "models[0].parameters.density: expected a finite number, got 'x'"),
+    ({"weight": 0.5, "density": 1.5}, "models[0].parameters.density: expected a number in [0.0, 1.0], got 1.5"),
+    ({"weight": 0.5, "density": [{"filter": "mlp", "value": -0.1}, {"value": 0.5}]},
+     "models[0].parameters.density[0].value: expected a number in [0.0, 1.0], got -0.1"),
+    ({"weight": [0.5, True], "density": 0.5}, "models[0].parameters.weight: expected a finite number, got True"),
+    ({"weight": 0.5, "denisty": 0.5}, "models[0].parameters: unknown parameter 'denisty' for dare_ties"),
 ])
 def test_bad_parameter_values_are_one_line(models: Path, tmp_path: Path, capsys, params: dict, needle: str) -> None:
     cfg = tmp_path / "dare.yaml"
@@ -52,8 +57,48 @@ def test_bad_parameter_values_are_one_line(models: Path, tmp_path: Path, capsys,
         {"model": str(models / "m2"), "parameters": {"weight": 0.5, "density": 0.5}}]}))
     before = tree_hash(models)
     assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "out")]) == 2  # refused before Ray starts
-    _one_line_error(capsys, needle.replace("'m1'", repr(str(models / "m1"))))
+    _one_line_error(capsys, f"{cfg}: {needle}")
     assert tree_hash(models) == before
+
+
+@pytest.mark.parametrize("cfg, needle", [
+    ({"merge_method": "slerp", "base_model": "m1", "parameters": {"t": -0.5},
+      "models": [{"model": "m1"}, {"model": "m2"}]}, "parameters.t: expected a number in [0.0, 1.0], got -0.5"),
+    ({"merge_method": "slerp", "base_model": "m1", "parameters": {"t": 0.5}, "slices": [{"sources": [
+        {"model": "m1", "layer_range": [0, 40]}, {"model": "m2", "layer_range": [0, 40]}]}]},
+     "slices[0].sources[0].layer_range: [0, 40] is beyond the 2 layers of model 'm1'"),
+    ({"merge_method": "linear", "parameters": {"weight": 1.0}, "slices": [{"sources": [
+        {"model": "m1", "layer_range": [0, 1]}, {"model": "m2", "layer_range": [0, 2]}]}]},
+     "slices[0]: sources span different numbers of layers ([[0, 1], [0, 2]])"),
+    ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "m1", "layer_range": [1, "2"]}]}]},
+     "slices[0].sources[0].layer_range: expected [start, end] with 0 <= start < end, got [1, '2']"),
+    ({"merge_method": "ties", "parameters": {"weight": 1.0}, "models": [{"model": "m1"}, {"model": "m2"}]},
+     "merge_method 'ties' needs a base_model"),
+    ({"merge_method": "ties", "base_model": "base", "parameters": {"weight": 1.0}, "slices": [{"sources": [
+        {"model": "m1", "layer_range": [0, 2]}, {"model": "m2", "layer_range": [0, 2]}]}]},
+     "slices[0]: base_model 'base' is not among the slice's sources"),
+    ({"merge_method": "nearswap", "base_model": "base", "parameters": {"t": 0.1},
+      "models": [{"model": "m1"}, {"model": "m2"}]}, "models: merge_method 'nearswap' takes 1 model besides the base, got 2"),
+    ({"merge_method": "della", "base_model": "base", "models": [
+        {"model": "m1", "parameters": {"weight": 1.0, "density": 0.9, "epsilon": 0.2}}]},
+     "parameter 'epsilon': density 0.9 +/- epsilon 0.2 must lie in (0, 1)"),
+    ({"merge_method": "karcher", "parameters": {"max_iter": 2.5}, "models": [{"model": "m1"}, {"model": "m2"}]},
+     "parameters.max_iter: expected an integer, got 2.5"),
+    ({"merge_method": "linear", "parameters": {"weight": 1.0}, "tokenizer_source": "union",
+      "models": [{"model": "m1"}, {"model": "m2"}]}, "tokenizer_source: 'union' (a merged vocabulary) is not supported"),
+    ({"merge_method": "linear", "parameters": {"weight": 1.0}, "chat_template": "chatml",
+      "models": [{"model": "m1"}, {"model": "m2"}]}, "chat_template: expected the text of a Jinja template, got 'chatml'"),
+])
+def test_bad_configs_are_one_line_before_any_read(models: Path, tmp_path: Path, capsys, cfg: dict,
+                                                  needle: str) -> None:
+    """Layer ranges, tensor names, method contracts and values are checked against the inputs'
+    headers before Ray starts: one line naming the file, the key and the value."""
+    path = models / f"bad-{len(list(models.glob('bad-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    before = tree_hash(models)
+    assert cli_main(["merge", str(path), "--out", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, f"{path}: {needle}")
+    assert tree_hash(models) == before and not (tmp_path / "out").exists()
     assert not (tmp_path / "out").exists()
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from simmerge_ray.io.checkpoint import Checkpoint
-from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
+from simmerge_ray.io.synthetic import SyntheticSpec
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, run_merge
+from mergekit_oracle import load_all, make_zoo, run_mergekit
 
 ARCHS = {
     "llama": SyntheticSpec(architecture="llama", hidden_size=32, num_layers=3, num_heads=4, vocab_size=96,
@@ -64,7 +64,7 @@ CASES = {
         {"model": "m1", "parameters": {"weight": 0.5, "density": 1.0}},
         {"model": "m2", "parameters": {"weight": 0.5, "density": 1.0}}]},
     "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": "base", "parameters": {"gamma": 0.05}, "models": [
-        {"model": "m1", "parameters": {"weight": 0.6, "density": 0.7}},
+        {"model": "m1", "parameters": {"weight": 0.6, "density": 0.7, "gamma": 0.1}},
         {"model": "m2", "parameters": {"weight": 0.5, "density": 0.9}}]},
     "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": "base", "parameters": {"normalize": True},
                          "models": [{"model": "m1", "parameters": {"weight": 1.0, "density": 0.8}},
@@ -77,39 +77,8 @@ CASES = {
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
     """base + three fine-tune-like variants per (architecture, storage dtype), sharded."""
     root = tmp_path_factory.mktemp("zoo")
-    out: dict[tuple[str, str], Path] = {}
-    for arch, spec in ARCHS.items():
-        for dtype in ("bfloat16", "float32"):
-            d = root / f"{arch}-{dtype}"
-            s = dataclasses.replace(spec, dtype=dtype)
-            make_checkpoint(d / "base", s)
-            for i in (1, 2, 3):
-                make_checkpoint(d / f"m{i}", dataclasses.replace(s, seed=i), base=d / "base", delta_std=0.01)
-            out[(arch, dtype)] = d
-    return out
-
-
-def _mergekit(cfg: dict, root: Path, out: Path) -> None:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge as mk_run
-    from mergekit.options import MergeOptions
-
-    def absolutize(node):
-        if isinstance(node, dict):
-            return {k: (str(root / v) if k in ("model", "base_model") else absolutize(v)) for k, v in node.items()}
-        if isinstance(node, list):
-            return [absolutize(v) for v in node]
-        return node
-
-    mk_run(MergeConfiguration.model_validate(absolutize(cfg)), str(out),
-           MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-
-
-def _load_all(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
+    return {(arch, dtype): make_zoo(root / f"{arch}-{dtype}", dataclasses.replace(spec, dtype=dtype))
+            for arch, spec in ARCHS.items() for dtype in ("bfloat16", "float32")}
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -123,8 +92,8 @@ def test_operator_matches_mergekit(ray_cluster, zoo, tmp_path: Path, arch: str, 
         ours, theirs = tmp_path / f"ours-{dtype}", tmp_path / f"mk-{dtype}"
         workers = 2 if case.startswith("ties") else 1
         run_merge(MergeSpec.load(root / f"{case}.yaml"), ours, ExecOptions(workers=workers, shard_bytes=30_000))
-        _mergekit(cfg, root, theirs)
-        a, b = _load_all(ours), _load_all(theirs)
+        run_mergekit(cfg, root, theirs)
+        a, b = load_all(ours), load_all(theirs)
         assert set(a) == set(b), f"tensor sets differ: {set(a) ^ set(b)}"
         for name in a:
             assert a[name].dtype == b[name].dtype == torch.float32
@@ -140,7 +109,7 @@ def test_bf16_output_is_rounded_float32_result(ray_cluster, zoo, tmp_path: Path)
         cfg = {**CASES["ties"], "dtype": "float32", "out_dtype": out_dtype}
         (root / f"ties-{out_dtype}.yaml").write_text(yaml.safe_dump(cfg))
         run_merge(MergeSpec.load(root / f"ties-{out_dtype}.yaml"), tmp_path / out_dtype, ExecOptions(workers=1))
-    f32, bf16 = _load_all(tmp_path / "float32"), _load_all(tmp_path / "bfloat16")
+    f32, bf16 = load_all(tmp_path / "float32"), load_all(tmp_path / "bfloat16")
     for name in f32:
         assert bf16[name].dtype == torch.bfloat16
         assert torch.equal(bf16[name], f32[name].to(torch.bfloat16))

@@ -33,6 +33,13 @@ def layer_index(tensor_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def with_layer_index(tensor_name: str, index: int) -> str:
+    """The same tensor in block `index` (`model.layers.7.mlp...`, 2 -> `model.layers.2.mlp...`)."""
+    m = _LAYER_RE.search(tensor_name)
+    assert m is not None, tensor_name
+    return f"{tensor_name[:m.start(1)]}{index}{tensor_name[m.end(1):]}"
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint folder's tensor index plus its config; reads tensors lazily."""

@@ -1,56 +1,91 @@
-"""mergekit-compatible merge configs: parsing, validation, and per-tensor parameter resolution.
+"""mergekit-compatible merge configs: parsing and validation, before any checkpoint is opened.
 
-Accepted: `models:` lists, or `slices:` whose sources all span the same full layer range (the
-usual SLERP form); `base_model`, `merge_method`, `parameters` (global and per model), `dtype`,
-`out_dtype`, `tokenizer_source` (base or a model). Parameter values may be scalars, gradients
-(lists interpolated over relative depth, as mergekit reads them) or filtered lists
-(`- filter: self_attn\n  value: ...`). Any other key is an error naming it.
+Accepted, as mergekit reads them: `models:` lists; `slices:` of `sources` with `layer_range`
+(subsets of layers, and several slices stacked one after another), each slice with its own
+`base_model` and `parameters`; `modules:` with one module (the form of single-module
+architectures); `base_model`, `merge_method`, `parameters` (global, per module, per slice, per
+source), `dtype`, `out_dtype`, `tokenizer_source` (base or a model), `chat_template`. Parameter
+values are scalars, gradients (lists interpolated over a slice's relative depth) or filtered
+lists (`- filter: self_attn\n  value: ...`); every value written is type- and range-checked
+here. Any other key is an error naming it. Which input tensors make each output tensor is
+decided in `tensor_plan`, once the inputs' headers are open.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.yaml_io import read_yaml
-from simmerge_ray.io.checkpoint import layer_index
 from simmerge_ray.io.safetensors_format import dtype_code
-from simmerge_ray.merge.operators import MergeMethod, get_method
+from simmerge_ray.merge.operators import MergeMethod, Param, get_method
+from simmerge_ray.yaml_io import read_yaml
 
-_TOP_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-             "tokenizer_source"}
+_TOP_KEYS = {"merge_method", "models", "slices", "modules", "base_model", "parameters", "dtype", "out_dtype",
+             "tokenizer_source", "chat_template"}
 _UNSUPPORTED = {
-    "modules": "per-module configs (multimodal models) are not supported",
-    "tokenizer": "tokenizer surgery is not supported; use tokenizer_source: base or a model",
-    "chat_template": "chat_template is not supported; edit the output's tokenizer_config.json",
+    "tokenizer": "the tokenizer: block (vocabulary surgery) is not supported; use tokenizer_source: base "
+                 "or a model",
 }
 
 
 @dataclass(frozen=True)
 class InputModel:
-    """One input checkpoint and its own parameter settings (mergekit's `models:` entry)."""
+    """One input checkpoint as a config names it."""
 
     ref: str  # as written in the config
     path: Path
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """One model's layers in an output slice (mergekit's `sources:` entry)."""
+
+    model: InputModel
+    layer_range: tuple[int, int] | None  # None: every layer of the model (the `models:` form)
     parameters: dict[str, Any]
+    where: str  # config path, for messages
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """A run of output layers merged from the same layers of its sources."""
+
+    sources: tuple[SliceSource, ...]
+    base: InputModel | None
+    parameters: dict[str, Any]
+    where: str
 
 
 @dataclass(frozen=True)
 class MergeSpec:
-    """A validated merge: method, inputs in order, base, settings, output dtype."""
+    """A validated merge config: method, slices in output order, settings."""
 
     method: MergeMethod
-    inputs: tuple[InputModel, ...]  # models whose tensors the method receives, in order
-    base: InputModel | None
+    slices: tuple[OutputSlice, ...]
+    base: InputModel | None  # the config's base_model (slices may name their own)
     parameters: dict[str, Any]  # global settings
-    dtype: str | None  # mergekit's working dtype; we always compute in float32
+    module_parameters: dict[str, Any]  # the `modules:` entry's settings
+    dtype: str | None  # mergekit's working dtype; we compute in float32 (see README)
     out_dtype: str | None
     tokenizer_source: str | None
+    chat_template: str | None = None
     source: str = "config"  # for messages
     seed: int = 0
+
+    @property
+    def inputs(self) -> tuple[InputModel, ...]:
+        """Every model the merge reads, each once, in config order."""
+        seen: dict[str, InputModel] = {}
+        for sl in self.slices:
+            for s in sl.sources:
+                seen.setdefault(s.model.ref, s.model)
+            if sl.base is not None:
+                seen.setdefault(sl.base.ref, sl.base)
+        if self.base is not None:
+            seen.setdefault(self.base.ref, self.base)
+        return tuple(seen.values())
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -71,51 +106,40 @@ class MergeSpec:
                 raise ConfigError(f"{source}: unsupported key {key!r} (known: {', '.join(sorted(_TOP_KEYS))})")
         if "merge_method" not in raw:
             raise ConfigError(f"{source}: missing key 'merge_method'")
-        method = get_method(str(raw["merge_method"]))
-        if ("models" in raw) == ("slices" in raw):
-            raise ConfigError(f"{source}: give exactly one of 'models' or 'slices'")
-        entries = _model_entries(raw, source)
-        global_params = _params(raw.get("parameters"), f"{source}: parameters")
-        for name in global_params:
-            _check_param_name(method, name, f"{source}: parameters")
-        for ref, params, where in entries:
-            for name in params:
-                _check_param_name(method, name, f"{where}.parameters")
+        try:
+            method = get_method(str(raw["merge_method"]))
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        body, module_params, prefix = _module_body(raw, source)
         resolve = _path_resolver(root, source)
-        models = [InputModel(ref, resolve(ref, where), params) for ref, params, where in entries]
-        base = None
-        if raw.get("base_model") is not None:
-            ref = str(raw["base_model"])
-            base = next((m for m in models if m.ref == ref), None) or InputModel(
-                ref, resolve(ref, "base_model"), {}
-            )
-        if method.needs_base and base is None:
-            raise ConfigError(f"{source}: merge_method {method.name!r} needs a base_model")
-        if method.base_in_inputs:
-            inputs = list(models)
-            if base is not None and all(m.ref != base.ref for m in models):
-                inputs.append(base)  # mergekit adds a base that is not listed
-            if base is not None and method.base_first:
-                inputs.sort(key=lambda m: m.ref != base.ref)  # the base is slerp's t=0 end
+        base = None if raw.get("base_model") is None else InputModel(str(raw["base_model"]),
+                                                                     resolve(str(raw["base_model"]), "base_model"))
+        check = _ParamChecker(method, source)
+        global_params = check.scope(raw.get("parameters"), "parameters")
+        module_params = check.scope(module_params, f"{prefix}parameters") if prefix else {}
+        if "models" in body:
+            slices = (_models_slice(body["models"], base, method, resolve, check, f"{prefix}models"),)
         else:
-            inputs = [m for m in models if base is None or m.ref != base.ref]
-        if len(inputs) < method.min_models or (method.max_models and len(inputs) > method.max_models):
-            want = f"{method.min_models}" + (f"-{method.max_models}" if method.max_models else "+")
-            raise ConfigError(
-                f"{source}: merge_method {method.name!r} takes {want} models"
-                f"{' including the base' if method.base_in_inputs and method.needs_base else ''}, got {len(inputs)}"
-            )
+            slices = _slices(body["slices"], base, method, resolve, check, f"{prefix}slices")
         for dt_key in ("dtype", "out_dtype"):
             if raw.get(dt_key) is not None:
                 try:
                     dtype_code(str(raw[dt_key]))
                 except ValueError as e:
                     raise ConfigError(f"{source}: {dt_key}: {e}") from None
+        names = {m.ref for sl in slices for m in (*(s.model for s in sl.sources), sl.base) if m is not None}
         tok = raw.get("tokenizer_source")
-        if tok is not None and tok != "base" and all(m.ref != tok for m in models):
-            raise ConfigError(f"{source}: tokenizer_source {tok!r} must be 'base' or one of the models")
-        spec = cls(method, tuple(inputs), base, global_params, raw.get("dtype"), raw.get("out_dtype"),
-                   tok, source, seed)
+        if tok == "union":
+            raise ConfigError(f"{source}: tokenizer_source: 'union' (a merged vocabulary) is not supported; "
+                              f"use 'base' or one of the models")
+        if tok is not None and tok != "base" and tok not in names:
+            raise ConfigError(f"{source}: tokenizer_source: {tok!r} must be 'base' or one of the models")
+        template = raw.get("chat_template")
+        if template is not None and (not isinstance(template, str) or "{" not in template):
+            raise ConfigError(f"{source}: chat_template: expected the text of a Jinja template, got {template!r} "
+                              f"(named templates such as 'chatml' or 'auto' are not supported)")
+        spec = cls(method, slices, base, global_params, module_params, raw.get("dtype"), raw.get("out_dtype"),
+                   tok, template, source, seed)
         spec._check_required()
         return spec
 
@@ -124,67 +148,30 @@ class MergeSpec:
         for p in self.method.params:
             if p.default is not None:
                 continue
-            if p.per_model:
-                for m in self.inputs:
-                    if p.name not in m.parameters and p.name not in self.parameters:
-                        raise ConfigError(f"{self.source}: model {m.ref!r}: missing parameter {p.name!r}")
-            elif p.name not in self.parameters:
-                raise ConfigError(f"{self.source}: missing parameter {p.name!r} for {self.method.name}")
+            for sl in self.slices:
+                if p.per_model:
+                    for s in method_sources(self.method, sl):
+                        if all(p.name not in scope for scope in (s.parameters, *self.shared_scopes(sl))):
+                            raise ConfigError(f"{self.source}: {s.where}: model {s.model.ref!r}: "
+                                              f"missing parameter {p.name!r}")
+                elif all(p.name not in scope for scope in self.shared_scopes(sl)):
+                    raise ConfigError(f"{self.source}: missing parameter {p.name!r} for {self.method.name}")
 
-    def check_tensors(self, names: list[str], num_layers: int) -> None:
-        """Resolve every tensor's parameters up front: a bad value fails before any read."""
-        for name in names:
-            options, per_model = self.resolve(name, num_layers)
-            if self.method.check is not None:
-                try:
-                    self.method.check(name, options, per_model)
-                except ConfigError as e:
-                    raise ConfigError(f"{self.source}: {e}") from None
-
-    # ---- per-tensor resolution -----------------------------------------------------------
-    def resolve(self, tensor_name: str, num_layers: int) -> tuple[dict[str, Any], dict[str, list[Any]]]:
-        """(global options, per-model values) for one tensor, gradients and filters applied.
-
-        A tensor in block i of n gets t = i/(n-1) (1 when n == 1); tensors outside blocks get
-        t = 0, as mergekit does.
-        """
-        idx = layer_index(tensor_name)
-        t = 0.0 if idx is None else (idx / (num_layers - 1) if num_layers > 1 else 1.0)
-        options: dict[str, Any] = {}
-        per_model: dict[str, list[Any]] = {}
-        for p in self.method.params:
-            if p.per_model:
-                per_model[p.name] = [
-                    self._value(p.name, (m.parameters, self.parameters), tensor_name, t, p.default, m.ref)
-                    for m in self.inputs
-                ]
-            else:
-                options[p.name] = self._value(p.name, (self.parameters,), tensor_name, t, p.default, None)
-        return options, per_model
-
-    def _value(self, name: str, scopes: tuple[dict, ...], tensor_name: str, t: float, default: Any,
-               model: str | None) -> Any:
-        for scope in scopes:
-            if name in scope:
-                value = evaluate_setting(scope[name], tensor_name, t)
-                if value is not None:
-                    return self._typed(name, value, default, model)
-        if default is None:
-            where = f"model {model!r}, " if model else ""
-            raise ConfigError(f"{self.source}: {where}tensor {tensor_name!r}: no value for parameter {name!r}")
-        return default
+    def shared_scopes(self, sl: OutputSlice) -> tuple[dict[str, Any], ...]:
+        """Settings below a source's own, highest precedence first (as mergekit reads them)."""
+        return sl.parameters, self.module_parameters, self.parameters
 
 
-    def _typed(self, name: str, value: Any, default: Any, model: str | None) -> Any:
-        """A flag (a parameter whose default is a bool) must be a bool, any other parameter a
-        finite number: `density: abc` is a one-line error here, not a traceback mid-merge."""
-        where = f"{self.source}: {f'model {model!r}: ' if model else ''}parameter {name!r}"
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-        return value
+def method_sources(method: MergeMethod, sl: OutputSlice) -> list[SliceSource]:
+    """The slice's sources the method receives as `tensors`, in order: all of them for methods
+    that take the base as an input (SLERP's base first), else all but the base."""
+    base = sl.base.ref if sl.base is not None else None
+    if method.base_in_inputs:
+        out = list(sl.sources)
+        if base is not None and method.base_first:
+            out.sort(key=lambda s: s.model.ref != base)
+        return out
+    return [s for s in sl.sources if s.model.ref != base]
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
@@ -194,79 +181,187 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
         setting = [setting]
     if isinstance(setting, (bool, int, float, str)):
         return setting
-    if isinstance(setting, list):
-        if not setting:
-            return None
-        if all(isinstance(e, (bool, int, float, str)) for e in setting):
-            if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
-                scaled = t * (len(setting) - 1)
-                i0 = int(scaled)
-                i1 = min(len(setting) - 1, i0 + 1)
-                frac = scaled - i0
-                return (1 - frac) * setting[i0] + frac * setting[i1]
-            return setting[int(t * (len(setting) - 1))]
-        for cond in setting:
-            flt = cond.get("filter")
-            if flt is None or flt == "*" or flt in tensor_name:
-                return evaluate_setting(cond["value"], tensor_name, t)
+    if not setting:
         return None
-    raise ConfigError(f"unexpected parameter value {setting!r}")
+    if all(isinstance(e, (bool, int, float, str)) for e in setting):
+        if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        return setting[int(t * (len(setting) - 1))]
+    for cond in setting:
+        flt = cond.get("filter")
+        if flt is None or flt == "*" or flt in tensor_name:
+            return evaluate_setting(cond["value"], tensor_name, t)
+    return None
 
 
-def _model_entries(raw: dict, source: str) -> list[tuple[str, dict, str]]:
-    """(model ref, its parameters, where) from `models:` or full-range `slices:`."""
-    if "models" in raw:
-        items = raw["models"]
-        if not isinstance(items, list) or not items:
-            raise ConfigError(f"{source}: 'models' must be a non-empty list")
-        out = []
-        for i, m in enumerate(items):
-            where = f"{source}: models[{i}]"
-            if not isinstance(m, dict) or "model" not in m:
-                raise ConfigError(f"{where}: each entry needs a 'model' key")
-            extra = set(m) - {"model", "parameters"}
-            if extra:
-                raise ConfigError(f"{where}: unsupported key {sorted(extra)[0]!r}")
-            out.append((str(m["model"]), _params(m.get("parameters"), where), where))
-        return out
-    slices = raw["slices"]
-    if not isinstance(slices, list) or len(slices) != 1:
-        raise ConfigError(
-            f"{source}: slices: only one slice covering every layer is supported "
-            f"(layer-stacking 'passthrough' merges are not)"
-        )
-    sl = slices[0]
-    extra = set(sl) - {"sources"}
+class _ParamChecker:
+    """Checks a `parameters:` mapping at load: known names, and every value it can take (each
+    scalar, gradient point and filtered value) of the parameter's type and range."""
+
+    def __init__(self, method: MergeMethod, source: str) -> None:
+        self.method = method
+        self.source = source
+
+    def scope(self, value: Any, where: str) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.source}: {where}: expected a mapping of parameters, got {value!r}")
+        for name, setting in value.items():
+            try:
+                param = self.method.param(name)
+            except KeyError:
+                known = ", ".join(p.name for p in self.method.params) or "none"
+                raise ConfigError(f"{self.source}: {where}: unknown parameter {name!r} for "
+                                  f"{self.method.name} (known: {known})") from None
+            self._setting(param, setting, f"{where}.{name}")
+        return dict(value)
+
+    def _setting(self, param: Param, setting: Any, where: str) -> None:
+        if isinstance(setting, dict):
+            setting = [setting]
+        if isinstance(setting, list) and setting and all(isinstance(e, dict) for e in setting):
+            for i, cond in enumerate(setting):
+                extra = set(cond) - {"filter", "value"}
+                if "value" not in cond or extra:
+                    raise ConfigError(f"{self.source}: {where}[{i}]: a filtered value is "
+                                      f"{{filter: NAME, value: VALUE}}, got {cond!r}")
+                if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+                    raise ConfigError(f"{self.source}: {where}[{i}].filter: expected a string, "
+                                      f"got {cond['filter']!r}")
+                self._setting(param, cond["value"], f"{where}[{i}].value")
+            return
+        values = setting if isinstance(setting, list) else [setting]
+        if isinstance(setting, list) and not setting:
+            raise ConfigError(f"{self.source}: {where}: empty list")
+        for v in values:
+            problem = param.problem(v)
+            if problem:
+                raise ConfigError(f"{self.source}: {where}: {problem}, got {v!r}")
+        if isinstance(setting, list) and len(setting) > 1 and any(isinstance(v, bool) for v in setting) \
+                and not isinstance(param.default, bool):
+            raise ConfigError(f"{self.source}: {where}: a gradient is a list of numbers, got {setting!r}")
+
+
+def _module_body(raw: dict, source: str) -> tuple[dict, Any, str]:
+    """The mapping that holds `models` or `slices`: the config itself, or its one module."""
+    forms = [k for k in ("models", "slices", "modules") if raw.get(k)]
+    if len(forms) != 1:
+        raise ConfigError(f"{source}: give exactly one of 'models', 'slices' or 'modules'")
+    if forms[0] != "modules":
+        return raw, None, ""
+    modules = raw["modules"]
+    if not isinstance(modules, dict) or len(modules) != 1:
+        raise ConfigError(f"{source}: modules: only one module is supported (single-module architectures); "
+                          f"got {list(modules) if isinstance(modules, dict) else modules!r}")
+    name, body = next(iter(modules.items()))
+    prefix = f"modules.{name}."
+    if not isinstance(body, dict):
+        raise ConfigError(f"{source}: {prefix[:-1]}: expected a mapping")
+    extra = set(body) - {"models", "slices", "parameters"}
     if extra:
-        raise ConfigError(f"{source}: slices[0]: unsupported key {sorted(extra)[0]!r}")
-    out = []
-    ranges = set()
-    for i, s in enumerate(sl.get("sources") or []):
-        where = f"{source}: slices[0].sources[{i}]"
-        extra = set(s) - {"model", "layer_range", "parameters"}
+        raise ConfigError(f"{source}: {prefix}{sorted(extra)[0]}: unsupported key")
+    if bool(body.get("models")) == bool(body.get("slices")):
+        raise ConfigError(f"{source}: {prefix[:-1]}: give exactly one of 'models' or 'slices'")
+    return body, body.get("parameters"), prefix
+
+
+def _models_slice(items: Any, base: InputModel | None, method: MergeMethod, resolve, check: _ParamChecker,
+                  where: str) -> OutputSlice:
+    """`models:` is one slice over every layer; a base_model not listed is added (as mergekit)."""
+    source = check.source
+    if not isinstance(items, list):
+        raise ConfigError(f"{source}: {where}: expected a non-empty list")
+    sources = []
+    for i, m in enumerate(items):
+        at = f"{where}[{i}]"
+        if not isinstance(m, dict) or "model" not in m:
+            raise ConfigError(f"{source}: {at}: each entry needs a 'model' key")
+        extra = set(m) - {"model", "parameters"}
         if extra:
-            raise ConfigError(f"{where}: unsupported key {sorted(extra)[0]!r}")
-        ranges.add(tuple(s.get("layer_range") or ()))
-        out.append((str(s["model"]), _params(s.get("parameters"), where), where))
-    if len(ranges) > 1:
-        raise ConfigError(f"{source}: slices[0]: sources have different layer_range {sorted(ranges)}")
-    return out
+            raise ConfigError(f"{source}: {at}: unsupported key {sorted(extra)[0]!r}")
+        ref = str(m["model"])
+        sources.append(SliceSource(InputModel(ref, resolve(ref, at)), None,
+                                   check.scope(m.get("parameters"), f"{at}.parameters"), at))
+    if base is not None and all(s.model.ref != base.ref for s in sources):
+        sources.append(SliceSource(base, None, {}, "base_model"))
+    sl = OutputSlice(tuple(sources), base, {}, where)
+    _check_contract(method, sl, source)
+    return sl
 
 
-def _params(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: 'parameters' must be a mapping")
-    return dict(value)
+def _slices(items: Any, base: InputModel | None, method: MergeMethod, resolve, check: _ParamChecker,
+            where: str) -> tuple[OutputSlice, ...]:
+    source = check.source
+    if not isinstance(items, list):
+        raise ConfigError(f"{source}: {where}: expected a non-empty list")
+    out = []
+    for i, sl in enumerate(items):
+        at = f"{where}[{i}]"
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
+            raise ConfigError(f"{source}: {at}: each slice needs a non-empty 'sources' list")
+        extra = set(sl) - {"sources", "base_model", "parameters"}
+        if extra:
+            raise ConfigError(f"{source}: {at}: unsupported key {sorted(extra)[0]!r}")
+        sources = []
+        for j, s in enumerate(sl["sources"]):
+            sat = f"{at}.sources[{j}]"
+            if not isinstance(s, dict) or "model" not in s:
+                raise ConfigError(f"{source}: {sat}: each source needs a 'model' key")
+            extra = set(s) - {"model", "layer_range", "parameters"}
+            if extra:
+                raise ConfigError(f"{source}: {sat}: unsupported key {sorted(extra)[0]!r}")
+            ref = str(s["model"])
+            sources.append(SliceSource(InputModel(ref, resolve(ref, sat)), _layer_range(s, f"{sat}.layer_range", source),
+                                       check.scope(s.get("parameters"), f"{sat}.parameters"), sat))
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+        if len(lengths) > 1:
+            raise ConfigError(f"{source}: {at}: sources span different numbers of layers "
+                              f"({[list(s.layer_range) for s in sources]}); every source of a slice needs as many")
+        sl_base = base
+        if sl.get("base_model") is not None:
+            ref = str(sl["base_model"])
+            sl_base = InputModel(ref, resolve(ref, f"{at}.base_model"))
+        out_slice = OutputSlice(tuple(sources), sl_base, check.scope(sl.get("parameters"), f"{at}.parameters"), at)
+        _check_contract(method, out_slice, source)
+        out.append(out_slice)
+    return tuple(out)
 
 
-def _check_param_name(method: MergeMethod, name: str, where: str) -> None:
-    try:
-        method.param(name)
-    except KeyError:
-        known = ", ".join(p.name for p in method.params)
-        raise ConfigError(f"{where}: unknown parameter {name!r} for {method.name} (known: {known})") from None
+def _layer_range(s: dict, where: str, source: str) -> tuple[int, int]:
+    value = s.get("layer_range")
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or not 0 <= value[0] < value[1]):
+        raise ConfigError(f"{source}: {where}: expected [start, end] with 0 <= start < end, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _check_contract(method: MergeMethod, sl: OutputSlice, source: str) -> None:
+    """The method's base and input-count rules, per slice, as mergekit's input contracts."""
+    refs = [s.model.ref for s in sl.sources]
+    if len(set(refs)) != len(refs):
+        raise ConfigError(f"{source}: {sl.where}: model {next(r for r in refs if refs.count(r) > 1)!r} "
+                          f"is listed twice")
+    uses_base = method.needs_base or not method.base_in_inputs
+    if method.needs_base and sl.base is None:
+        raise ConfigError(f"{source}: merge_method {method.name!r} needs a base_model")
+    if uses_base and sl.base is not None and sl.base.ref not in refs:
+        raise ConfigError(f"{source}: {sl.where}: base_model {sl.base.ref!r} is not among the slice's sources "
+                          f"(merge_method {method.name!r} reads it from them)")
+    n = len(method_sources(method, sl))
+    if n < method.min_models or (method.max_models is not None and n > method.max_models):
+        want = f"{method.min_models}" + (f"-{method.max_models}" if method.max_models is not None else "+")
+        if method.max_models == method.min_models:
+            want = str(method.min_models)
+        noun = "model" if want == "1" else "models"
+        what = f"{noun} including the base" if method.base_in_inputs and method.needs_base else (
+            f"{noun} besides the base" if uses_base else noun)
+        raise ConfigError(f"{source}: {sl.where}: merge_method {method.name!r} takes {want} {what}, got {n}")
 
 
 def _path_resolver(root: Path | None, source: str):

@@ -12,9 +12,7 @@ bytes do not depend on the number of workers or on retries.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,17 +22,18 @@ import numpy as np
 import ray
 import torch
 
-from simmerge_ray.errors import CheckpointError, ray_get
+from simmerge_ray.errors import ray_get
 from simmerge_ray.io.atomic import atomic_output_dir
-from simmerge_ray.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
-from simmerge_ray.io.side_files import copy_tokenizer
+from simmerge_ray.io.checkpoint import SINGLE_FILE, Checkpoint
 from simmerge_ray.io.safetensors_format import (
     DTYPE_BYTES, DTYPE_TO_TORCH, FLOAT_DTYPES, BackgroundWriter, RangeWriter, dtype_code, file_layout, preallocate,
 )
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.operators import MergeInputs
 from simmerge_ray.merge.operators.magnitude_select import MagnitudeSelect
+from simmerge_ray.merge.output_files import write_side_files
 from simmerge_ray.merge.tensor_merge import check_finite, merge_tensor
+from simmerge_ray.merge.tensor_plan import TensorTask, output_layers, plan_tensors
 
 # Set by the fault-injection test: the first worker to reach its second unit exits abruptly
 # (once, tracked by this marker file), to prove that a lost worker is retried cleanly.
@@ -133,49 +132,24 @@ def plan_units(shards: list[ShardPlan], layouts: dict, split: bool, unit_elems: 
     return units
 
 
-def open_inputs(spec: MergeSpec) -> tuple[dict[str, Checkpoint], Checkpoint | None]:
-    """Open every input and check they hold the same tensor names and shapes."""
-    ckpts = {m.ref: Checkpoint.open(m.path) for m in spec.inputs}
-    base = None
-    if spec.base is not None:
-        base = ckpts.get(spec.base.ref) or Checkpoint.open(spec.base.path)
-    ref_name, ref = next(iter(ckpts.items()))
-    others = list(ckpts.items())[1:] + ([(spec.base.ref, base)] if base is not None and spec.base.ref not in ckpts else [])
-    for name, ck in others:
-        missing = [t for t in ref.entries if t not in ck.entries]
-        extra = [t for t in ck.entries if t not in ref.entries]
-        if missing or extra:
-            what = f"lacks tensor {missing[0]!r}" if missing else f"has extra tensor {extra[0]!r}"
-            hint = " (tied vs untied embeddings?)" if any("lm_head" in t or "embed_out" in t for t in missing + extra) else ""
-            raise CheckpointError(
-                f"model {name!r} ({ck.path}) {what} compared with {ref_name!r}{hint}; "
-                f"{len(missing)} missing, {len(extra)} extra: models must share one architecture"
-            )
-        for t, e in ref.entries.items():
-            if ck.entries[t].shape != e.shape:
-                raise CheckpointError(
-                    f"model {name!r} ({ck.path}): tensor {t!r} has shape {list(ck.entries[t].shape)}, "
-                    f"{ref_name!r} has {list(e.shape)}"
-                )
-            dt = ck.entries[t].dtype
-            if dt != e.dtype and not (dt in FLOAT_DTYPES and e.dtype in FLOAT_DTYPES):
-                raise CheckpointError(
-                    f"model {name!r} ({ck.entries[t].file}): tensor {t!r} is {dt}, {ref_name!r} has {e.dtype}: "
-                    f"a float tensor is merged only with float tensors, others only with the same dtype"
-                )
-    return ckpts, base
+def open_inputs(spec: MergeSpec) -> dict[str, Checkpoint]:
+    """Every input's index and config (headers only), by the config's model reference."""
+    return {m.ref: Checkpoint.open(m.path) for m in spec.inputs}
 
 
 def input_paths(spec: MergeSpec) -> list[Path]:
     """The folders a merge reads: its output may not be, hold or lie inside any of them."""
-    return [m.path for m in spec.inputs] + ([spec.base.path] if spec.base is not None else [])
+    return [m.path for m in spec.inputs]
 
 
-def plan_shards(ref: Checkpoint, out_dtype: str | None, shard_bytes: int) -> list[ShardPlan]:
-    """Group tensors, in checkpoint order, into output shards of about `shard_bytes`."""
+def plan_shards(tasks: list[TensorTask], ckpts: dict[str, Checkpoint], out_dtype: str | None,
+                shard_bytes: int) -> list[ShardPlan]:
+    """Group output tensors, in output order, into shards of about `shard_bytes`."""
     groups: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
     size = 0
-    for name, e in ref.entries.items():
+    for task in tasks:
+        model, in_name = task.all_reads[0]
+        name, e = task.name, ckpts[model].entries[in_name]
         code = dtype_code(out_dtype) if out_dtype and e.dtype in FLOAT_DTYPES else e.dtype
         nbytes = e.numel * DTYPE_BYTES[code]
         if groups[-1] and size + nbytes > shard_bytes:
@@ -191,13 +165,14 @@ def plan_shards(ref: Checkpoint, out_dtype: str | None, shard_bytes: int) -> lis
 class UnitMerger:
     """Merges work units; one instance lives in each Ray actor."""
 
-    def __init__(self, spec: MergeSpec, cpus: float, stream_bytes: int, chunk_elems: int) -> None:
+    def __init__(self, spec: MergeSpec, tasks: dict[str, TensorTask], cpus: float, stream_bytes: int,
+                 chunk_elems: int) -> None:
         torch.set_num_threads(max(1, int(cpus)))
         self.spec = spec
+        self.tasks = tasks
         self.stream_bytes = stream_bytes
         self.chunk_elems = chunk_elems
-        self.ckpts, self.base = open_inputs(spec)
-        self.num_layers = next(iter(self.ckpts.values())).num_layers
+        self.ckpts = open_inputs(spec)
         self._units_done = 0
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._out_slot = 0
@@ -222,13 +197,13 @@ class UnitMerger:
                         read_bytes += self._merge_chunks(piece, writer, allow_nonfinite, pool)
                         pending = fetch(i + 1)
                         continue
-                    inputs, base, nbytes = pending.result()
+                    tensors, nbytes = pending.result()
                     pending = fetch(i + 1)
-                    merged = merge_tensor(self.spec, piece.name, inputs.__getitem__, base, self.num_layers,
+                    merged = merge_tensor(self.spec, self.tasks[piece.name], tensors.__getitem__,
                                           allow_nonfinite=allow_nonfinite)
                     writer.write_at(piece.offset, merged.to(DTYPE_TO_TORCH[piece.dtype]))
                     read_bytes += nbytes
-                    del inputs, base, merged
+                    del tensors, merged
                 writer.close()
             except BaseException:
                 writer.abort()
@@ -247,8 +222,9 @@ class UnitMerger:
             return True
         if method.combination is None and method.chunked is None:
             return False
-        numel = next(iter(self.ckpts.values())).entries[name].numel
-        return 4 * numel * (len(self.ckpts) + 2) > self.stream_bytes
+        reads = self.tasks[name].all_reads
+        numel = self.ckpts[reads[0][0]].entries[reads[0][1]].numel
+        return 4 * numel * (len(reads) + 2) > self.stream_bytes
 
     def _buffer(self, key: tuple, dtype: torch.dtype) -> torch.Tensor:
         """A chunk-sized buffer reused across chunks and tensors: fresh allocations of this size
@@ -258,16 +234,17 @@ class UnitMerger:
             buf = self._buffers[(key, dtype)] = torch.empty(self.chunk_elems, dtype=dtype)
         return buf
 
-    def _chunk_passes(self, piece: Piece, readers: list[Checkpoint], pool: ThreadPoolExecutor):
-        """A function giving one pass over the piece's chunks: (start, one chunk per reader in its
-        stored dtype) into reused buffers, the next chunk read while this one is used."""
-        name, chunk, end = piece.name, max(1, self.chunk_elems), piece.start + piece.count
+    def _chunk_passes(self, piece: Piece, reads: tuple[tuple[str, str], ...], pool: ThreadPoolExecutor):
+        """A function giving one pass over the piece's chunks: (start, one chunk per read (model,
+        tensor) in its stored dtype) into reused buffers, the next chunk read while this one is used."""
+        chunk, end = max(1, self.chunk_elems), piece.start + piece.count
         starts = list(range(piece.start, end, chunk))
+        readers = [(self.ckpts[model], name) for model, name in reads]
 
         def read(n: int) -> list[torch.Tensor]:
             start, k = starts[n], min(chunk, end - starts[n])
             return [ck.read_range(name, start, k, out=self._buffer(("in", j, n % 2), DTYPE_TO_TORCH[ck.entries[name].dtype]))
-                    for j, ck in enumerate(readers)]
+                    for j, (ck, name) in enumerate(readers)]
 
         def passes():
             pending = pool.submit(read, 0)
@@ -279,9 +256,8 @@ class UnitMerger:
 
         return passes
 
-    @staticmethod
-    def _pass_bytes(piece: Piece, readers: list[Checkpoint]) -> int:
-        return piece.count * sum(DTYPE_BYTES[ck.entries[piece.name].dtype] for ck in readers)
+    def _pass_bytes(self, piece: Piece, reads: tuple[tuple[str, str], ...]) -> int:
+        return piece.count * sum(DTYPE_BYTES[self.ckpts[model].entries[name].dtype] for model, name in reads)
 
     def _merge_chunks(self, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool,
                       pool: ThreadPoolExecutor) -> int:
@@ -304,21 +280,18 @@ class UnitMerger:
                            pool: ThreadPoolExecutor) -> int:
         """sum_i c_i x_i (+ c_b base) in float32 over the piece's elements, chunk by chunk into
         reused buffers, the next chunk read while this one is combined."""
-        spec, name = self.spec, piece.name
-        srcs = [self.ckpts[m.ref] for m in spec.inputs]
-        base = self.base if (self.base is not None and not spec.method.base_in_inputs) else None
-        readers = srcs + ([base] if base is not None else [])
-        options, per_model = spec.resolve(name, self.num_layers)
-        passes = self._chunk_passes(piece, readers, pool)
-        bytes_per_pass = self._pass_bytes(piece, readers)
+        spec, task = self.spec, self.tasks[piece.name]
+        n_src = len(task.reads)
+        passes = self._chunk_passes(piece, task.all_reads, pool)
+        bytes_per_pass = self._pass_bytes(piece, task.all_reads)
         gram = None
         if spec.method.combination_needs_gram:  # the piece is the whole tensor (see plan_units)
-            gram = np.zeros((len(srcs), len(srcs)))
+            gram = np.zeros((n_src, n_src))
             for _, parts in passes():
-                block = torch.stack([p.double() for p in parts[:len(srcs)]])
+                block = torch.stack([p.double() for p in parts[:n_src]])
                 gram += (block @ block.T).numpy()
-        coeffs, base_coeff = spec.method.combination(gram, options, per_model)
-        if base is not None:
+        coeffs, base_coeff = spec.method.combination(gram, task.options, task.per_model)
+        if task.base is not None:
             coeffs = [*coeffs, base_coeff]
         for start, parts in passes():
             k = parts[0].numel()
@@ -336,11 +309,10 @@ class UnitMerger:
                        pool: ThreadPoolExecutor) -> int:
         """TIES and kin on a whole tensor, chunk by chunk: two passes find each sparsified model's
         magnitude mask (magnitude_select), a third merges with the masks."""
-        spec = self.spec
-        assert self.base is not None  # TIES & co need a base (MergeMethod.needs_base)
-        readers = [*(self.ckpts[m.ref] for m in spec.inputs), self.base]
-        options, per_model = spec.resolve(piece.name, self.num_layers)
-        passes = self._chunk_passes(piece, readers, pool)
+        spec, task = self.spec, self.tasks[piece.name]
+        assert task.base is not None  # TIES & co need a base (MergeMethod.needs_base)
+        options, per_model = task.options, task.per_model
+        passes = self._chunk_passes(piece, task.all_reads, pool)
         selects = [MagnitudeSelect(piece.count, float(d), bool(options["rescale"])) if float(d) < 1 else None
                    for d in per_model["density"]]
         n_passes = 1
@@ -356,17 +328,12 @@ class UnitMerger:
         for start, parts in passes():
             inp = MergeInputs([x.to(torch.float32) for x in parts[:-1]], parts[-1].to(torch.float32), per_model, options)
             self._write_chunk(piece, writer, start, spec.method.chunked(inp, masks), allow_nonfinite)
-        return n_passes * self._pass_bytes(piece, readers)
+        return n_passes * self._pass_bytes(piece, task.all_reads)
 
-    def _read_inputs(self, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, int]:
-        inputs = {ref: ck.read(name) for ref, ck in self.ckpts.items()}
-        nbytes = sum(ck.entries[name].nbytes for ck in self.ckpts.values())
-        base = None
-        if self.base is not None:
-            base = inputs.get(self.spec.base.ref) if self.spec.base.ref in inputs else self.base.read(name)
-            if self.spec.base.ref not in self.ckpts:
-                nbytes += self.base.entries[name].nbytes
-        return inputs, base, nbytes
+    def _read_inputs(self, name: str) -> tuple[dict[tuple[str, str], torch.Tensor], int]:
+        reads = set(self.tasks[name].all_reads)
+        tensors = {(model, t): self.ckpts[model].read(t) for model, t in reads}
+        return tensors, sum(self.ckpts[model].entries[t].nbytes for model, t in reads)
 
     def _maybe_crash(self) -> None:
         marker = os.environ.get(CRASH_ONCE_ENV)
@@ -375,23 +342,21 @@ class UnitMerger:
             os._exit(1)
 
 
-def check_merge(spec: MergeSpec) -> tuple[dict[str, Checkpoint], Checkpoint | None]:
-    """Open the inputs (headers only) and resolve every tensor's parameters: each problem of
-    the inputs or the config fails here, before Ray starts or any tensor is read."""
-    ckpts, base = open_inputs(spec)
-    ref = next(iter(ckpts.values()))
-    spec.check_tensors(ref.tensor_names, ref.num_layers)
-    return ckpts, base
+def check_merge(spec: MergeSpec) -> tuple[dict[str, Checkpoint], list[TensorTask]]:
+    """Open the inputs (headers only) and plan every output tensor with its parameters: each
+    problem of the inputs or the config fails here, before Ray starts or any tensor is read."""
+    ckpts = open_inputs(spec)
+    return ckpts, plan_tensors(spec, ckpts)
 
 
 def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions()) -> MergeResult:
     """Merge `spec` into the folder `out` (written beside it, renamed when complete)."""
     t0 = time.perf_counter()
-    ckpts, base = check_merge(spec)
-    ref = next(iter(ckpts.values()))
-    plans = plan_shards(ref, spec.out_dtype or spec.dtype, opts.shard_bytes)
+    ckpts, task_list = check_merge(spec)
+    tasks = {t.name: t for t in task_list}
+    plans = plan_shards(task_list, ckpts, spec.out_dtype or spec.dtype, opts.shard_bytes)
     layouts = {p.file: file_layout(list(p.tensors), {"format": "pt"}) for p in plans}
-    total = sum(e.numel for e in ref.entries.values())
+    total = sum(int(np.prod(shape, dtype=np.int64)) for p in plans for _, shape, _ in p.tensors)
     unit_elems = opts.unit_elems or max(total // (4 * max(1, opts.workers)), 1 << 24)
     units = plan_units(plans, layouts, spec.method.elementwise, unit_elems)
     out = Path(out)
@@ -402,14 +367,14 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
         # Largest units first: a pool finishes close together.
         order = sorted(range(len(units)), key=lambda i: -units[i].elems)
         if opts.in_process:
-            stats = _run_in_process(spec, opts, [units[i] for i in order], partial)
+            stats = _run_in_process(spec, tasks, opts, [units[i] for i in order], partial)
         else:
-            stats = _run_on_ray(spec, opts, [units[i] for i in order], partial)
+            stats = _run_on_ray(spec, tasks, opts, [units[i] for i in order], partial)
         with ThreadPoolExecutor(max_workers=4) as pool:  # make every shard durable, then publish it
             list(pool.map(_sync, partial.values()))
         for p in plans:
             os.replace(partial[p.file], tmp / p.file)
-        _write_side_files(spec, ckpts, base, plans, tmp)
+        write_side_files(spec, ckpts, output_layers(spec, ckpts), plans, tmp)
         written = sum((tmp / p.file).stat().st_size for p in plans)
     return MergeResult(
         out=out,
@@ -423,7 +388,7 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
     )
 
 
-def _run_on_ray(spec: MergeSpec, opts: ExecOptions, units: list[WorkUnit], partial: dict[str, Path]) -> list[dict]:
+def _run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], opts: ExecOptions, units: list[WorkUnit], partial: dict[str, Path]) -> list[dict]:
     """Units round robin over a pool of restartable actors; a lost worker's unit is retried."""
     worker_cls = ray.remote(UnitMerger).options(
         num_cpus=opts.cpus_per_worker,
@@ -433,7 +398,8 @@ def _run_on_ray(spec: MergeSpec, opts: ExecOptions, units: list[WorkUnit], parti
         runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == CRASH_ONCE_ENV}} or None,
     )
     n_workers = max(1, min(opts.workers, len(units)))
-    workers = [worker_cls.remote(spec, opts.cpus_per_worker, opts.stream_bytes, opts.chunk_elems)
+    tasks_ref = ray.put(tasks)
+    workers = [worker_cls.remote(spec, tasks_ref, opts.cpus_per_worker, opts.stream_bytes, opts.chunk_elems)
                for _ in range(n_workers)]
     try:
         futures = [workers[k % n_workers].run.remote(u, str(partial[u.file]), opts.allow_nonfinite)
@@ -444,10 +410,10 @@ def _run_on_ray(spec: MergeSpec, opts: ExecOptions, units: list[WorkUnit], parti
             ray.kill(w)
 
 
-def _run_in_process(spec: MergeSpec, opts: ExecOptions, units: list[WorkUnit], partial: dict[str, Path]) -> list[dict]:
+def _run_in_process(spec: MergeSpec, tasks: dict[str, TensorTask], opts: ExecOptions, units: list[WorkUnit], partial: dict[str, Path]) -> list[dict]:
     threads = torch.get_num_threads()
     try:
-        merger = UnitMerger(spec, opts.cpus_per_worker, opts.stream_bytes, opts.chunk_elems)
+        merger = UnitMerger(spec, tasks, opts.cpus_per_worker, opts.stream_bytes, opts.chunk_elems)
         return [merger.run(u, str(partial[u.file]), opts.allow_nonfinite) for u in units]
     finally:
         torch.set_num_threads(threads)
@@ -461,33 +427,3 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], base: Checkpoint | None,
-                      plans: list[ShardPlan], out: Path) -> None:
-    """Index, config, generation config and tokenizer (from the base model, else the first)."""
-    if len(plans) > 1:
-        weight_map = {name: p.file for p in plans for name, _, _ in p.tensors}
-        total = sum((out / p.file).stat().st_size for p in plans)
-        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2))
-    source = base if base is not None else next(iter(ckpts.values()))
-    tok_source = source
-    if spec.tokenizer_source not in (None, "base"):
-        tok_source = ckpts.get(spec.tokenizer_source) or source
-    if source.path.is_dir():
-        config = dict(source.config)
-        out_dtype = spec.out_dtype or spec.dtype
-        if out_dtype:
-            key = "dtype" if "dtype" in config else "torch_dtype"
-            config[key] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype_code(out_dtype)]
-        if config:
-            (out / "config.json").write_text(json.dumps(config, indent=2))
-        if (source.path / "generation_config.json").exists():
-            shutil.copy2(source.path / "generation_config.json", out / "generation_config.json")
-    if tok_source.path.is_dir():
-        copy_tokenizer(tok_source.path, out)
-    (out / "simmerge_merge.json").write_text(json.dumps({
-        "merge_method": spec.method.name,
-        "models": [m.ref for m in spec.inputs],
-        "base_model": spec.base.ref if spec.base else None,
-        "seed": spec.seed,
-    }, indent=2))

@@ -14,6 +14,7 @@ import torch
 from simmerge_ray.errors import MergeError
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.operators import MergeInputs
+from simmerge_ray.merge.tensor_plan import TensorTask
 
 
 def tensor_generator(seed: int, tensor_name: str) -> torch.Generator:
@@ -23,20 +24,18 @@ def tensor_generator(seed: int, tensor_name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
-def merge_tensor(spec: MergeSpec, name: str, read: Callable[[str], torch.Tensor],
-                 base: torch.Tensor | None, num_layers: int, *,
+def merge_tensor(spec: MergeSpec, task: TensorTask, read: Callable[[tuple[str, str]], torch.Tensor], *,
                  allow_nonfinite: bool = False) -> torch.Tensor:
-    """The merged float32 value of tensor `name`.
+    """The merged float32 value of one output tensor.
 
-    `read(ref)` returns an input model's tensor (any dtype); inputs are read in config order.
+    `read((model ref, tensor name))` returns an input tensor (any dtype), as `task` names them.
     """
-    options, per_model = spec.resolve(name, num_layers)
-    tensors = [read(m.ref).to(torch.float32) for m in spec.inputs]
-    base_f32 = base.to(torch.float32) if base is not None else None
-    gen = tensor_generator(spec.seed, name) if spec.method.stochastic else None
-    out = spec.method.fn(MergeInputs(tensors, base_f32, per_model, options, gen))
+    tensors = [read(r).to(torch.float32) for r in task.reads]
+    base = read(task.base).to(torch.float32) if task.base is not None else None
+    gen = tensor_generator(spec.seed, task.name) if spec.method.stochastic else None
+    out = spec.method.fn(MergeInputs(tensors, base, task.per_model, task.options, gen))
     if not allow_nonfinite:
-        check_finite(out, name, spec.method.name)
+        check_finite(out, task.name, spec.method.name)
     return out
 
 

@@ -7,6 +7,7 @@ directly against mergekit on small tensors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -22,11 +23,31 @@ Value = float | int | bool
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter of a method. `per_model` ones are set per input model (e.g. weight)."""
+    """One parameter of a method. `per_model` ones are set per input model (e.g. weight).
+
+    A flag (bool default) takes true/false; any other parameter a finite number, an integer
+    with `integer`, within [low, high] where given: checked on every value a config writes.
+    """
 
     name: str
     default: Value | None = None  # None: required
     per_model: bool = False
+    low: float | None = None
+    high: float | None = None
+    integer: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not valid for this parameter, or None when it is."""
+        if isinstance(self.default, bool):
+            return None if isinstance(value, bool) else "expected true or false"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return "expected a finite number"
+        if self.integer and value != int(value):
+            return "expected an integer"
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            return f"expected a number in [{'-inf' if self.low is None else self.low}, " \
+                   f"{'inf' if self.high is None else self.high}]"
+        return None
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def slerp_combination(gram, options, _per_model) -> tuple[list[float], float]:
 register(MergeMethod(
     name="slerp",
     fn=slerp,
-    params=(Param("t"),),
+    params=(Param("t", low=0.0, high=1.0),),
     base_first=True,
     needs_base=True,
     min_models=2,

@@ -1,4 +1,5 @@
-"""Sparsification of task vectors: keep the largest coordinates (TIES) or a random share (DARE)."""
+"""Sparsification of task vectors: keep the largest coordinates (TIES), a random share (DARE), the
+middle of the magnitudes (breadcrumbs) or a magnitude-ranked random share (DELLA)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,21 @@ def random(delta: torch.Tensor, density: float, rescale: bool, generator: torch.
     mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
     masked = delta * mask
     return rescale_l1(delta, masked) if rescale else masked
+
+
+def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
+             generator: torch.Generator | None) -> torch.Tensor:
+    """DELLA: keep each coordinate with a probability rising linearly with its |delta| rank in
+    its row, from density - epsilon (smallest) to density + epsilon (largest)."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(delta.dtype) + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    share = ((ranks - low) / (high - low)).clamp(0, 1)
+    mask = torch.bernoulli((density - epsilon) + share * 2 * epsilon, generator=generator)
+    masked = rows * mask
+    out = rescale_l1(rows, masked) if rescale else masked
+    return out.reshape(delta.shape)

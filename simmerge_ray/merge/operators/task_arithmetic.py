@@ -1,6 +1,6 @@
 """The task-arithmetic family: merges of task vectors (model - base), declared as data.
 
-TIES, DARE and plain task arithmetic differ only in how each task vector is sparsified and
+TIES, DARE, breadcrumbs, DELLA and plain task arithmetic differ only in how each task vector is sparsified and
 whether a sign consensus masks disagreeing coordinates; each variant below is one row of data
 over the same function.
 """
@@ -13,6 +13,7 @@ from functools import partial
 
 import torch
 
+from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.operators import sparsify
 from simmerge_ray.merge.operators.magnitude_select import MagnitudeMask
 from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, register
@@ -21,7 +22,7 @@ from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Para
 @dataclass(frozen=True)
 class Variant:
     name: str
-    sparsification: str | None  # None | "magnitude" | "random" | "outliers"
+    sparsification: str | None  # None | "magnitude" | "random" | "outliers" | "magprune"
     consensus: bool  # TIES sign election by sum
     default_normalize: bool
     default_rescale: bool
@@ -34,6 +35,8 @@ VARIANTS = (
     Variant("dare_linear", "random", False, False, True),
     Variant("breadcrumbs", "outliers", False, False, False),
     Variant("breadcrumbs_ties", "outliers", True, False, False),
+    Variant("della", "magprune", True, True, True),
+    Variant("della_linear", "magprune", False, False, True),
 )
 
 
@@ -50,9 +53,12 @@ def generalized_task_arithmetic(inp: MergeInputs, *, variant: Variant) -> torch.
         if variant.sparsification == "magnitude":
             delta = sparsify.magnitude(delta, density, bool(opts["rescale"]))
         elif variant.sparsification == "outliers":
-            delta = sparsify.outliers(delta, density, float(opts["gamma"]), bool(opts["rescale"]))
+            delta = sparsify.outliers(delta, density, float(inp.per_model["gamma"][i]), bool(opts["rescale"]))
         elif variant.sparsification == "random":
             delta = sparsify.random(delta, density, bool(opts["rescale"]), inp.generator)
+        elif variant.sparsification == "magprune":
+            delta = sparsify.magprune(delta, density, float(inp.per_model["epsilon"][i]), bool(opts["rescale"]),
+                                      inp.generator)
         deltas[i] = delta
     return _combine(base, deltas, inp, variant)
 
@@ -93,6 +99,15 @@ def _combine(base: torch.Tensor, deltas: torch.Tensor, inp: MergeInputs, variant
     return base + mixed
 
 
+def check_magprune(tensor_name: str, _options, per_model: dict[str, list]) -> None:
+    """DELLA draws keep probabilities in [density - epsilon, density + epsilon]: both ends must
+    lie strictly inside (0, 1) for a model that is sparsified (density < 1)."""
+    for d, e in zip(per_model["density"], per_model["epsilon"]):
+        if 0 < d < 1 and not (0 < d - e and d + e < 1):
+            raise ConfigError(f"parameter 'epsilon': density {d} +/- epsilon {e} must lie in (0, 1) "
+                              f"(tensor {tensor_name!r})")
+
+
 def task_arithmetic_combination(_gram, options, per_model) -> tuple[list[float], float]:
     """base + lambda * sum_i w_i (x_i - base) / D as coefficients (D = sum w when normalize)."""
     weights = [float(w) for w in per_model["weight"]]
@@ -108,16 +123,18 @@ for _v in VARIANTS:
         fn=partial(generalized_task_arithmetic, variant=_v),
         params=(
             Param("weight", per_model=True),
-            Param("density", 1.0, per_model=True),
+            Param("density", 1.0, per_model=True, low=0.0, high=1.0),
             Param("normalize", _v.default_normalize),
             Param("rescale", _v.default_rescale),
             Param("lambda", 1.0),
             Param("int8_mask", False),
-            *((Param("gamma", 0.01),) if _v.sparsification == "outliers" else ()),
+            *((Param("gamma", 0.01, per_model=True, low=0.0, high=1.0),) if _v.sparsification == "outliers" else ()),
+            *((Param("epsilon", 0.15, per_model=True, low=0.0, high=1.0),) if _v.sparsification == "magprune" else ()),
         ),
+        check=check_magprune if _v.sparsification == "magprune" else None,
         needs_base=True,
         min_models=1,
-        stochastic=_v.sparsification == "random",
+        stochastic=_v.sparsification in ("random", "magprune"),
         base_in_inputs=False,
         # only plain task arithmetic is a fixed combination; sparsified variants are not
         combination=task_arithmetic_combination if _v.sparsification is None and not _v.consensus else None,

@@ -1,0 +1,172 @@
+"""Which input tensors make each output tensor, with their parameters resolved.
+
+mergekit's layout, from the config's slices and the inputs' headers: the tensors before the
+blocks (embeddings) come from the first slice's sources, the blocks from each slice in turn
+(output block k of a slice reads block start + k of each source and is renumbered to follow the
+previous slices), the tensors after the blocks (final norm, head) from the last slice. Gradients
+are spread over each slice's own depth; tensors outside blocks take t = 0. Everything here runs
+on the driver before any tensor is read, so a bad range, a missing tensor, a shape mismatch or
+a bad parameter value fails first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from simmerge_ray.errors import CheckpointError, ConfigError
+from simmerge_ray.io.checkpoint import Checkpoint, layer_index, with_layer_index
+from simmerge_ray.io.safetensors_format import FLOAT_DTYPES
+from simmerge_ray.merge.config import MergeSpec, OutputSlice, SliceSource, evaluate_setting, method_sources
+
+Value = float | int | bool
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor: the method's inputs (model ref, tensor name) in order, the base, and
+    its parameter values."""
+
+    name: str
+    reads: tuple[tuple[str, str], ...]
+    base: tuple[str, str] | None
+    options: dict[str, Value]
+    per_model: dict[str, list[Value]]
+
+    @property
+    def all_reads(self) -> tuple[tuple[str, str], ...]:
+        return self.reads + ((self.base,) if self.base is not None else ())
+
+
+def _is_pre(name: str) -> bool:
+    """Input embeddings come before the blocks; every other tensor outside them after."""
+    return "embed" in name and "embed_out" not in name and "lm_head" not in name
+
+
+def slice_ranges(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> list[list[tuple[int, int]]]:
+    """Each slice's layer range per source (a `models:` source spans its model), checked
+    against the model's depth."""
+    out = []
+    for sl in spec.slices:
+        ranges = []
+        for s in sl.sources:
+            depth = ckpts[s.model.ref].num_layers
+            lo, hi = s.layer_range if s.layer_range is not None else (0, depth)
+            if hi > depth:
+                raise ConfigError(f"{spec.source}: {s.where}.layer_range: {[lo, hi]} is beyond the {depth} "
+                                  f"layers of model {s.model.ref!r}")
+            ranges.append((lo, hi))
+        out.append(ranges)
+    return out
+
+
+def output_layers(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> int:
+    """num_hidden_layers of the output."""
+    return sum(r[0][1] - r[0][0] for r in slice_ranges(spec, ckpts))
+
+
+def plan_tensors(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> list[TensorTask]:
+    """Every output tensor's task, in output order (before, blocks, after)."""
+    ranges = slice_ranges(spec, ckpts)
+    first = ckpts[spec.slices[0].sources[0].model.ref]
+    _check_same_architecture(spec.slices[0].sources[0].model.ref, ckpts)
+    outside = [n for n in first.tensor_names if layer_index(n) is None]
+    tasks = [_task(spec, ckpts, spec.slices[0], n, [n] * len(spec.slices[0].sources), 0.0)
+             for n in outside if _is_pre(n)]
+    out_layer = 0
+    for sl, rng in zip(spec.slices, ranges):
+        lead = ckpts[sl.sources[0].model.ref]
+        by_layer: dict[int, list[str]] = {}
+        for n in lead.tensor_names:
+            idx = layer_index(n)
+            if idx is not None:
+                by_layer.setdefault(idx, []).append(n)
+        n_layers = rng[0][1] - rng[0][0]
+        for k in range(n_layers):
+            t = k / (n_layers - 1) if n_layers > 1 else 1.0
+            for name in by_layer.get(rng[0][0] + k, []):
+                ins = [with_layer_index(name, lo + k) for lo, _ in rng]
+                tasks.append(_task(spec, ckpts, sl, with_layer_index(name, out_layer), ins, t))
+            out_layer += 1
+    last = spec.slices[-1]
+    tasks += [_task(spec, ckpts, last, n, [n] * len(last.sources), 0.0) for n in outside if not _is_pre(n)]
+    return tasks
+
+
+def _task(spec: MergeSpec, ckpts: dict[str, Checkpoint], sl: OutputSlice, out_name: str, in_names: list[str],
+          t: float) -> TensorTask:
+    names = {s.model.ref: n for s, n in zip(sl.sources, in_names)}
+    _check_tensors(ckpts, [(s.model.ref, names[s.model.ref]) for s in sl.sources])
+    method = spec.method
+    inputs = method_sources(method, sl)
+    base = None
+    if not method.base_in_inputs and sl.base is not None:
+        base = (sl.base.ref, names[sl.base.ref])
+    shared = spec.shared_scopes(sl)
+    options = {p.name: _value(spec, p, shared, out_name, t, None) for p in method.params if not p.per_model}
+    per_model = {p.name: [_value(spec, p, (s.parameters, *shared), names[s.model.ref], t, s) for s in inputs]
+                 for p in method.params if p.per_model}
+    if method.check is not None:
+        try:
+            method.check(out_name, options, per_model)
+        except ConfigError as e:
+            raise ConfigError(f"{spec.source}: {e}") from None
+    return TensorTask(out_name, tuple((s.model.ref, names[s.model.ref]) for s in inputs), base, options, per_model)
+
+
+def _value(spec: MergeSpec, param, scopes: tuple[dict[str, Any], ...], tensor_name: str, t: float,
+           source: SliceSource | None) -> Value:
+    """The first scope's value that applies to this tensor, else the default (mergekit's order)."""
+    for scope in scopes:
+        if param.name in scope:
+            value = evaluate_setting(scope[param.name], tensor_name, t)
+            if value is not None:
+                problem = param.problem(value)  # an interpolated value stays in range; kept for safety
+                if problem:
+                    raise ConfigError(f"{spec.source}: parameter {param.name!r}: {problem}, got {value!r}")
+                return value
+    if param.default is None:
+        where = f"{source.where}: model {source.model.ref!r}, " if source is not None else ""
+        raise ConfigError(f"{spec.source}: {where}tensor {tensor_name!r}: no value for parameter {param.name!r}")
+    return param.default
+
+
+def _check_tensors(ckpts: dict[str, Checkpoint], reads: list[tuple[str, str]]) -> None:
+    """Every input holds its tensor, all of one shape and of compatible dtypes."""
+    ref_model, ref_name = reads[0]
+    ref = ckpts[ref_model].entries.get(ref_name)
+    for model, name in reads:
+        ck = ckpts[model]
+        entry = ck.entries.get(name)
+        if entry is None:
+            hint = " (tied vs untied embeddings?)" if "lm_head" in name or "embed_out" in name else ""
+            raise CheckpointError(f"model {model!r} ({ck.path}) lacks tensor {name!r}{hint}; "
+                                  f"models must share one architecture")
+        if ref is None:
+            continue
+        if entry.shape != ref.shape:
+            raise CheckpointError(f"model {model!r} ({ck.path}): tensor {name!r} has shape {list(entry.shape)}, "
+                                  f"{ref_model!r}'s {ref_name!r} has {list(ref.shape)}")
+        if entry.dtype != ref.dtype and not (entry.dtype in FLOAT_DTYPES and ref.dtype in FLOAT_DTYPES):
+            raise CheckpointError(
+                f"model {model!r} ({entry.file}): tensor {name!r} is {entry.dtype}, {ref_model!r} has {ref.dtype}: "
+                f"a float tensor is merged only with float tensors, others only with the same dtype")
+
+
+def _templates(ck: Checkpoint) -> dict[str, None]:
+    """A model's tensor names with block indices set to 0 (what every block holds), in order."""
+    return dict.fromkeys(n if layer_index(n) is None else with_layer_index(n, 0) for n in ck.tensor_names)
+
+
+def _check_same_architecture(lead: str, ckpts: dict[str, Checkpoint]) -> None:
+    """Every input holds the same kinds of tensors as the first (mergekit would silently drop
+    a model's extra tensors, such as qwen2's attention biases merged into a llama)."""
+    want = _templates(ckpts[lead])
+    for ref, ck in ckpts.items():
+        have = _templates(ck)
+        missing, extra = [t for t in want if t not in have], [t for t in have if t not in want]
+        if missing or extra:
+            what = f"lacks tensor {missing[0]!r}" if missing else f"has extra tensor {extra[0]!r}"
+            hint = " (tied vs untied embeddings?)" if any("lm_head" in t or "embed_out" in t for t in missing + extra) else ""
+            raise CheckpointError(f"model {ref!r} ({ck.path}) {what} compared with {lead!r}{hint}; "
+                                  f"{len(missing)} missing, {len(extra)} extra: models must share one architecture")

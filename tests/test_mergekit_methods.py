@@ -1,0 +1,127 @@
+"""The methods mergekit has beyond linear/SLERP/TIES/DARE equal mergekit's result tensor for
+tensor (deterministic ones to float32 rounding; DELLA, which draws random masks, statistically),
+on tiny llama and qwen2 checkpoints merged in-process; mergekit runs in-process as the oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mergekit_oracle import load_all, make_zoo, run_mergekit
+
+from simmerge_ray.io.synthetic import SyntheticSpec
+from simmerge_ray.merge.config import MergeSpec
+from simmerge_ray.merge.executor import ExecOptions, run_merge
+
+ARCHS = {arch: SyntheticSpec(architecture=arch, hidden_size=16, num_layers=4, num_heads=2, vocab_size=32,
+                             intermediate_size=32) for arch in ("llama", "qwen2")}
+THREE = [{"model": "m1"}, {"model": "m2"}, {"model": "m3"}]
+
+CASES = {
+    # four layers in all: mergekit 0.1.5 cannot write a qwen2 config of another depth (its
+    # layer_types list keeps the input's length); deeper stacks are in the config-file tests
+    "passthrough_stack": {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "m1", "layer_range": [0, 2]}]},
+        {"sources": [{"model": "m2", "layer_range": [1, 3],
+                      "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]}]},
+    "model_stock": {"merge_method": "model_stock", "base_model": "base", "models": THREE},
+    "model_stock_filter_wise": {"merge_method": "model_stock", "base_model": "base",
+                                "parameters": {"filter_wise": True}, "models": THREE},
+    "breadcrumbs_per_model_gamma": {"merge_method": "breadcrumbs", "base_model": "base", "models": [
+        {"model": "m1", "parameters": {"weight": 0.6, "density": 0.7, "gamma": 0.1}},
+        {"model": "m2", "parameters": {"weight": 0.5, "density": 0.9, "gamma": 0.02}}]},
+    "ties_int8_mask": {"merge_method": "ties", "base_model": "base", "parameters": {"int8_mask": True}, "models": [
+        {"model": "m1", "parameters": {"weight": 0.6, "density": 0.5}},
+        {"model": "m2", "parameters": {"weight": 0.4, "density": 0.7}}]},
+    "nuslerp": {"merge_method": "nuslerp", "models": [
+        {"model": "m1", "parameters": {"weight": 0.3}}, {"model": "m2", "parameters": {"weight": [0.2, 0.9]}}]},
+    "nuslerp_base_row_wise": {"merge_method": "nuslerp", "base_model": "base",
+                              "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}, "models": [
+        {"model": "m1", "parameters": {"weight": 0.6}}, {"model": "m2", "parameters": {"weight": 0.4}}]},
+    "nuslerp_columns": {"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False}, "models": [
+        {"model": "m1", "parameters": {"weight": 1.0}}, {"model": "m2", "parameters": {"weight": 1.0}}]},
+    "multislerp": {"merge_method": "multislerp", "models": [
+        {"model": "m1", "parameters": {"weight": 0.5}}, {"model": "m2", "parameters": {"weight": 0.3}},
+        {"model": "m3", "parameters": {"weight": 0.2}}]},
+    "multislerp_base": {"merge_method": "multislerp", "base_model": "base", "parameters": {"weight": 1.0},
+                        "models": THREE},
+    "karcher": {"merge_method": "karcher", "parameters": {"max_iter": 20, "tol": 1e-6}, "models": THREE},
+    "sce": {"merge_method": "sce", "base_model": "base", "parameters": {"select_topk": 0.5}, "models": THREE},
+    "sce_all": {"merge_method": "sce", "base_model": "base", "models": THREE},
+    "nearswap": {"merge_method": "nearswap", "base_model": "base", "parameters": {"t": 0.005},
+                 "models": [{"model": "base"}, {"model": "m1"}]},
+    "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": "base", "models": [{"model": "m1"}]},
+    "ram": {"merge_method": "ram", "base_model": "base", "parameters": {"epsilon": 0.01}, "models": THREE},
+    "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": "base",
+                   "parameters": {"epsilon": 0.01, "r": 0.5, "alpha": 0.4}, "models": THREE},
+}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("zoo")
+    return {arch: make_zoo(root / arch, spec) for arch, spec in ARCHS.items()}
+
+
+def merge_both(cfg: dict, root: Path, tmp: Path, name: str) -> tuple[dict, dict]:
+    """(ours, mergekit's) tensors for `cfg`, computed in float32 on both sides."""
+    cfg = {**cfg, "dtype": "float32", "out_dtype": "float32"}
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    run_merge(MergeSpec.load(root / f"{name}.yaml"), tmp / f"ours-{name}", ExecOptions(in_process=True))
+    run_mergekit(cfg, root, tmp / f"mk-{name}")
+    return load_all(tmp / f"ours-{name}"), load_all(tmp / f"mk-{name}")
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_method_matches_mergekit(zoo, tmp_path: Path, arch: str, case: str) -> None:
+    ours, theirs = merge_both(CASES[case], zoo[arch], tmp_path, case)
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=2e-6, atol=2e-6, msg=f"{case} {arch} {name}")
+    m1 = load_all(zoo[arch] / "m1")
+    assert any(not torch.equal(ours[n], m1[n].float()) for n in ours if n in m1)  # not a copy of an input
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_matches_mergekit_statistically(zoo, tmp_path: Path, method: str) -> None:
+    """DELLA's masks are random (mergekit draws from torch's global RNG, we seed per tensor): the
+    share of each task vector kept, and the merged change's norm, agree; larger |delta| are kept
+    more often, on both sides."""
+    root = zoo["llama"]
+    cfg = {"merge_method": method, "base_model": "base", "parameters": {"rescale": False}, "models": [
+        {"model": "m1", "parameters": {"weight": 1.0, "density": 0.4, "epsilon": 0.3}}]}
+    ours, theirs = merge_both(cfg, root, tmp_path, method)
+    base, m1 = load_all(root / "base"), load_all(root / "m1")
+    stats = {}
+    for side, merged in (("ours", ours), ("mk", theirs)):
+        kept = total = 0
+        top = top_total = 0
+        norm2 = 0.0
+        for name, value in merged.items():
+            delta, change = m1[name].float() - base[name].float(), value - base[name].float()
+            keep = change != 0
+            kept, total = kept + int(keep.sum()), total + keep.numel()
+            big = delta.abs() >= delta.abs().median()
+            top, top_total = top + int((keep & big).sum()), top_total + int(big.sum())
+            norm2 += float(change.square().sum())
+            assert torch.equal(change[keep], delta[keep])  # kept values are the model's, unscaled
+        stats[side] = (kept / total, top / top_total, norm2 ** 0.5)
+    (share, top_share, norm), (mk_share, mk_top, mk_norm) = stats["ours"], stats["mk"]
+    assert abs(share - 0.4) < 0.02 and abs(mk_share - 0.4) < 0.02, stats
+    assert top_share > share + 0.05 and mk_top > mk_share + 0.05, stats
+    assert abs(norm / mk_norm - 1) < 0.05, stats
+
+
+def test_della_is_seeded_per_tensor(zoo, tmp_path: Path) -> None:
+    root = zoo["qwen2"]
+    cfg = {"merge_method": "della", "base_model": "base", "models": [
+        {"model": "m1", "parameters": {"weight": 1.0, "density": 0.5}},
+        {"model": "m2", "parameters": {"weight": 1.0, "density": 0.5}}]}
+    (root / "della_seed.yaml").write_text(yaml.safe_dump(cfg))
+    for out in ("a", "b"):
+        run_merge(MergeSpec.load(root / "della_seed.yaml", seed=7), tmp_path / out, ExecOptions(in_process=True))
+    a, b = load_all(tmp_path / "a"), load_all(tmp_path / "b")
+    assert all(torch.equal(a[n], b[n]) for n in a)
