@@ -28,6 +28,7 @@ GPU_IMAGE = f"{IMAGE}-gpu"
 PROJECT_ARCHIVE = "https://github.com/your-org/simmerge_ray/archive/refs/heads/main.zip"
 DATA_PVC = "simmerge-data"  # ReadWriteMany volume holding checkpoints and configs, at /data
 OBJECT_STORE_SECRET = "simmerge-object-store"  # optional: AWS_ACCESS_KEY_ID, ... for s3:// outputs
+BANDIT_TOKEN_SECRET = "simmerge-bandit-token"  # required by the RayService: key `token`, the write token
 ARTIFACTS = "s3://simmerge-artifacts"
 GIB = 2**30
 
@@ -85,6 +86,9 @@ JOBS = (
 # An application builder: `app(args: dict) -> serve.Application`, over the state folder args["state"].
 BANDIT_IMPORT_PATH = "simmerge_ray.bandit.service:app"
 BANDIT_STATE = "/data/bandit/state"
+# The builder and the replicas read the token from this variable, set on every pod of the service.
+BANDIT_TOKEN_ENV = [{"name": "SIMMERGE_BANDIT_TOKEN",
+                     "valueFrom": {"secretKeyRef": {"name": BANDIT_TOKEN_SECRET, "key": "token"}}}]
 
 
 def runtime_env(env_vars: dict[str, str] | None = None) -> dict:
@@ -96,7 +100,7 @@ def runtime_env(env_vars: dict[str, str] | None = None) -> dict:
 
 
 def _container(name: str, image: str, cpus: int, memory_gib: int, gpus: int = 0,
-               ports: list[dict] | None = None) -> dict:
+               ports: list[dict] | None = None, env: list[dict] | None = None) -> dict:
     amount = {"cpu": str(cpus), "memory": f"{memory_gib}Gi"}
     if gpus:
         amount["nvidia.com/gpu"] = str(gpus)
@@ -104,6 +108,7 @@ def _container(name: str, image: str, cpus: int, memory_gib: int, gpus: int = 0,
         "name": name,
         "image": image,
         "resources": {"requests": dict(amount), "limits": dict(amount)},
+        **({"env": env} if env else {}),
         "envFrom": [{"secretRef": {"name": OBJECT_STORE_SECRET, "optional": True}}],
         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
         "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
@@ -131,11 +136,11 @@ def head_group(serve: bool = False) -> dict:
     return {
         # num-cpus 0: no actor lands on the head, so losing a worker never takes the driver with it.
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-        "template": _pod(_container("ray-head", IMAGE, 2, 8, ports=ports)),
+        "template": _pod(_container("ray-head", IMAGE, 2, 8, ports=ports, env=BANDIT_TOKEN_ENV if serve else None)),
     }
 
 
-def worker_group(g: Group) -> dict:
+def worker_group(g: Group, env: list[dict] | None = None) -> dict:
     params = {
         "num-cpus": str(g.cpus),
         "memory": str(g.ray_memory_gib * GIB),
@@ -149,8 +154,8 @@ def worker_group(g: Group) -> dict:
         "minReplicas": g.min_replicas,
         "maxReplicas": g.max_replicas,
         "rayStartParams": params,
-        "template": _pod(_container("ray-worker", GPU_IMAGE if g.gpus else IMAGE, g.cpus, g.memory_gib, g.gpus),
-                         g.gpus),
+        "template": _pod(_container("ray-worker", GPU_IMAGE if g.gpus else IMAGE, g.cpus, g.memory_gib, g.gpus,
+                                    env=env), g.gpus),
     }
 
 
@@ -165,7 +170,7 @@ def cluster_spec(groups: tuple[Group, ...], serve: bool = False) -> dict:
                           "limits": {"cpu": "500m", "memory": "512Mi"}},
         },
         "headGroupSpec": head_group(serve),
-        "workerGroupSpecs": [worker_group(g) for g in groups],
+        "workerGroupSpecs": [worker_group(g, BANDIT_TOKEN_ENV if serve else None) for g in groups],
     }
 
 
@@ -225,7 +230,11 @@ def manifests() -> dict[str, dict]:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (runtimeEnvYAML, serveConfigV2) as readable `|` blocks."""
+    """Multi-line strings (runtimeEnvYAML, serveConfigV2) as readable `|` blocks; a value shared by
+    several pods is written out in each, not as a YAML alias."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
 
 
 _Dumper.add_representer(

@@ -18,6 +18,7 @@ import http.client
 import json
 import os
 import platform
+import secrets
 import socket
 import sys
 import tempfile
@@ -46,12 +47,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+TOKEN = secrets.token_urlsafe(32)  # the write token of the benchmark's own service
+
+
 def _request(conn: http.client.HTTPConnection, path: str, body: dict | None) -> dict:
-    """POST `body` to `path`, or GET it when there is no body."""
+    """POST `body` to `path` (with the write token), or GET it when there is no body."""
     if body is None:
         conn.request("GET", path)
     else:
-        conn.request("POST", path, body=json.dumps(body), headers={"content-type": "application/json"})
+        conn.request("POST", path, body=json.dumps(body),
+                     headers={"content-type": "application/json", "authorization": f"Bearer {TOKEN}"})
     resp = conn.getresponse()
     payload = resp.read()
     if resp.status != 200:
@@ -137,7 +142,8 @@ def main() -> int:
 
     init_ray()
     port = _free_port()
-    actor = serve_bandit(work / "state", port=port, actor_name="simmerge-bandit-bench", app_name="bandit-bench")
+    actor = serve_bandit(work / "state", token=TOKEN, port=port, actor_name="simmerge-bandit-bench",
+                         app_name="bandit-bench")
     decision_ids: list[str] = []
     try:
         def by_features(k: int, i: int) -> tuple[str, dict]:

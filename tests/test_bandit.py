@@ -16,14 +16,17 @@ from simmerge_ray.bandit.errors import (
     BanditError,
     DuplicateArmError,
     FeatureError,
+    NonFiniteStateError,
+    NonFiniteUpdateError,
     RewardError,
     UnknownDecisionError,
     UnknownNameError,
 )
 from simmerge_ray.bandit.feature_table import FeatureTable
+from simmerge_ray.bandit.limits import FEATURE_BOUND, REWARD_BOUND
 from simmerge_ray.bandit.lints import LinTS, LinTSConfig
 from simmerge_ray.bandit.simulate import SimSettings, replay_data, simulate, split_by_pair
-from simmerge_ray.bandit.state import STATE_FILE, read_state
+from simmerge_ray.bandit.state import STATE_FILE, read_state, write_state
 from simmerge_ray.bandit.synthetic import SyntheticBanditSpec, synthetic_tables
 from simmerge_ray.cli import main as cli_main
 from simmerge_ray.errors import CheckpointError, ConfigError
@@ -145,6 +148,19 @@ def test_bad_rewards_and_configs_are_refused():
         bandit.warm_start(np.zeros((3, 2)), np.zeros((3, 2)))
 
 
+def test_an_update_that_would_make_a_posterior_non_finite_is_refused():
+    bandit = LinTS(2, ["a", "b"])
+    bandit.update("a", np.array([0.5, -1.0]), 1.0)
+    meta, arrays = bandit.to_state()
+    posterior = bandit.posterior(0)
+    with pytest.raises(NonFiniteUpdateError, match="^reward: learning 1 would make arm 'a'"):
+        bandit.update("a", np.array([1e200, 0.0]), 1.0)  # x x^T overflows to Inf
+    after_meta, after_arrays = bandit.to_state()
+    assert after_meta == meta
+    assert all(np.array_equal(arrays[k], after_arrays[k]) for k in arrays)
+    assert all(np.array_equal(x, y) for x, y in zip(bandit.posterior(0), posterior))
+
+
 # ----- encoder and feature table
 def test_identity_encoder_standardises_and_round_trips():
     x = np.c_[np.arange(10.0), np.full(10, 3.0)]
@@ -157,7 +173,7 @@ def test_identity_encoder_standardises_and_round_trips():
     np.testing.assert_array_equal(again.encode(x), z)
     with pytest.raises(FeatureError, match="expected width 2"):
         enc.encode(np.zeros(3))
-    with pytest.raises(FeatureError, match="index 1"):
+    with pytest.raises(FeatureError, match=r"^features\[1\]: must be a finite number"):
         enc.encode([1.0, float("inf")])
 
 
@@ -313,3 +329,61 @@ def test_cli_bandit_init_and_sim(tmp_path: Path):
 def test_cli_serve_refuses_a_folder_without_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert cli_main(["serve", "--state", str(tmp_path / "none"), "--port", "1"]) == 2
     assert "no bandit state here" in capsys.readouterr().err
+
+
+# ----- hostile values: declared bounds, nothing non-finite learned or saved (issue 21)
+def test_rewards_and_features_outside_the_declared_bounds_are_refused(core: BanditCore):
+    d = core.decide([0.1, 0.2, 0.3])
+    state = core.state_dir / STATE_FILE
+    before = state.read_bytes()
+    for bad in (1e308, -1e308, REWARD_BOUND * 1.01, float("inf"), float("nan"), True, "0.5"):
+        with pytest.raises(RewardError, match="^reward: must be"):
+            core.feedback(d["decision_id"], bad)
+    for bad in ([1e308, 0.0, 0.0], [0.0, 0.0, -2 * FEATURE_BOUND], [0.0, float("nan"), 0.0]):
+        col = next(i for i, v in enumerate(bad) if not abs(v) <= FEATURE_BOUND)
+        with pytest.raises(FeatureError, match=rf"^features\[{col}\]: must be a finite number in \[-1e\+06, 1e\+06\]"):
+            core.decide(bad)
+    with pytest.raises(BanditError, match=r"^prior_var: must be in \[1e-06, 1e\+06\], got 1e-09"):
+        core.add_arm("fragile", prior_var=1e-9)
+    assert state.read_bytes() == before
+    assert core.feedback(d["decision_id"], -REWARD_BOUND)["status"] == "counted"  # the bound is allowed
+    _, arrays = read_state(core.state_dir)
+    assert all(np.all(np.isfinite(a)) for a in arrays.values() if a.dtype.kind == "f")
+
+
+def test_a_context_whose_scores_overflow_is_refused_without_a_trace(tmp_path: Path):
+    # A frozen encoder with a tiny scale maps an in-bounds feature to 1e300: the draw's variance
+    # x^T Sigma x overflows. The refusal must not even advance the generator.
+    enc = IdentityEncoder(["s_0", "s_1"], np.zeros(2), np.array([1e-300, 1.0]))
+    core = BanditCore.create(tmp_path / "state", enc, LinTS(2, ["a", "b"]))
+    shutil.copytree(core.state_dir, tmp_path / "twin")
+    before = (core.state_dir / STATE_FILE).read_bytes()
+    with pytest.raises(FeatureError, match="^features: this context gives non-finite scores"):
+        core.decide([1.0, 0.0])
+    assert (core.state_dir / STATE_FILE).read_bytes() == before
+    ctx = [1e-301, 0.5]
+    assert core.decide(ctx)["scores"] == BanditCore(tmp_path / "twin").decide(ctx)["scores"]
+
+
+def test_a_non_finite_state_is_never_saved_and_refused_on_load(core: BanditCore, tmp_path: Path):
+    path = core.state_dir / STATE_FILE
+    before, stats = path.read_bytes(), core.stats()
+    meta, arrays = read_state(core.state_dir)
+    arrays["lints_zr"][1, 0] = np.nan
+    with pytest.raises(NonFiniteStateError, match=rf"{STATE_FILE}: not saved, array 'lints_zr' is not finite"):
+        write_state(core.state_dir, meta, arrays)
+    # The core's last line of defence: a mutation whose state cannot be saved is undone in memory.
+    core.bandit.arms[0].rr = float("nan")
+    with pytest.raises(NonFiniteStateError, match=r"meta.lints.arms\[0\].rr is not finite"):
+        core.add_arm("dare_ties")
+    assert path.read_bytes() == before and core.stats() == stats and np.isfinite(core.bandit.arms[0].rr)
+    assert sorted(p.name for p in core.state_dir.iterdir()) == ["bandit.json", STATE_FILE]
+    # A state poisoned before this check existed (the old service saved NaN posteriors) is a clear
+    # error naming the file, not a bandit that answers with null scores.
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(core.state_dir, poisoned)
+    meta["lints"]["arms"][2]["rr"] = float("nan")
+    arrays["lints_zr"][1, 0] = 0.0
+    np.savez(poisoned / STATE_FILE, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    with pytest.raises(CheckpointError, match=rf"poisoned/{STATE_FILE}: meta.lints.arms\[2\].rr is not finite"):
+        BanditCore(poisoned)

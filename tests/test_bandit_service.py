@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import socket
@@ -15,12 +16,15 @@ import pytest
 
 from simmerge_ray.bandit.core import BanditCore
 from simmerge_ray.bandit.encoder import IdentityEncoder
+from simmerge_ray.bandit.limits import MAX_BODY_BYTES
 from simmerge_ray.bandit.lints import LinTS, LinTSConfig
 from simmerge_ray.bandit.simulate import replay_data
+from simmerge_ray.bandit.state import STATE_FILE, read_state
 from simmerge_ray.bandit.synthetic import SyntheticBanditSpec, synthetic_tables
 
 ACTOR = "simmerge-bandit-test"
 NAMESPACE = "simmerge-test"
+TOKEN = "test-token-0123456789abcdef"
 
 
 def _free_port() -> int:
@@ -33,10 +37,13 @@ class Client:
     def __init__(self, port: int):
         self.base = f"http://127.0.0.1:{port}"
 
-    def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+    def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
+             token: str | None = TOKEN) -> tuple[int, Any]:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"content-type": "application/json"})
+        headers = {"content-type": "application/json"}
+        if token is not None:
+            headers["authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 return resp.status, json.loads(resp.read())
@@ -65,9 +72,10 @@ def service(ray_cluster, tmp_path_factory):
     state = root / "state"
     BanditCore.create(state, encoder, bandit, feature_table=root / "features.parquet")
     port = _free_port()
-    actor = serve_bandit(state, port=port, actor_name=ACTOR, namespace=NAMESPACE, app_name="bandit-test")
+    actor = serve_bandit(state, token=TOKEN, port=port, actor_name=ACTOR, namespace=NAMESPACE,
+                         app_name="bandit-test")
     yield {"client": Client(port), "actor": actor, "state": state, "root": root, "x": data.x,
-           "operators": list(data.operators)}
+           "operators": list(data.operators), "port": port}
     serve.shutdown()
     ray_cluster.kill(actor, no_restart=True)
 
@@ -211,3 +219,165 @@ def test_actor_refuses_a_bad_folder_and_a_name_clash(service, tmp_path):
         start_bandit_actor(tmp_path, name="simmerge-bandit-empty", namespace=NAMESPACE)
     with pytest.raises(ConfigError, match="already serves"):
         start_bandit_actor(service["root"] / "elsewhere", name=ACTOR, namespace=NAMESPACE)
+
+
+# ----- hostile input (issue 21): bounds, body size, token; the saved state untouched and finite
+def _saved(service) -> bytes:
+    return (service["state"] / STATE_FILE).read_bytes()
+
+
+def _assert_state_finite(service) -> None:
+    _, arrays = read_state(service["state"])  # refuses a non-finite state itself; check anyway
+    assert all(np.all(np.isfinite(a)) for a in arrays.values() if a.dtype.kind == "f")
+
+
+def _one_line(reply: dict, start: str) -> None:
+    detail = reply["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and detail.startswith(start), detail
+
+
+@pytest.mark.parametrize(("path", "body", "message"), [
+    ("/feedback", {"reward": 1e308}, "reward: Input should be less than or equal to 10"),
+    ("/feedback", {"reward": -1e308}, "reward: Input should be greater than or equal to -10"),
+    ("/feedback", {"reward": 10.5}, "reward: Input should be less than or equal to 10"),
+    ("/decide", {"features": [1e308, 1e308, 1e308, 1e308]}, "features[0]: Input should be less than or equal to"),
+    ("/decide", {"features": [0.0, 0.0, 0.0, -2e6]}, "features[3]: Input should be greater than or equal to"),
+    ("/arms", {"name": "fragile", "prior_var": 1e-320}, "prior_var: Input should be greater than or equal to"),
+])
+def test_values_outside_the_declared_bounds_are_refused(service, path, body, message):
+    client, x = service["client"], service["x"]
+    status, d = client.call("POST", "/decide", {"features": x[5].tolist()})
+    assert status == 200
+    if path == "/feedback":
+        body = {"decision_id": d["decision_id"], **body}
+    before, stats = _saved(service), client.stats()
+    status, reply = client.call("POST", path, body)
+    assert status == 422
+    _one_line(reply, message)
+    assert _saved(service) == before and client.stats() == stats
+    _assert_state_finite(service)
+    # The bandit still learns and answers with numbers (the 1e308 reward once made it all NaN).
+    status, fb = client.call("POST", "/feedback", {"decision_id": d["decision_id"], "reward": 0.3})
+    assert (status, fb["status"]) == (200, "counted")
+    _, nxt = client.call("POST", "/decide", {"features": x[6].tolist()})
+    assert all(np.isfinite(v) for v in [*nxt["scores"].values(), *nxt["expected"].values()])
+    _assert_state_finite(service)
+
+
+def _post_raw(port: int, path: str, body: bytes | list[bytes]) -> tuple[int, dict]:
+    """POST a body of bytes (with Content-Length) or of chunks (chunked, no length)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    headers = {"content-type": "application/json", "authorization": f"Bearer {TOKEN}"}
+    try:
+        conn.request("POST", path, body=iter(body) if isinstance(body, list) else body, headers=headers,
+                     encode_chunked=isinstance(body, list))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered before reading all of it: the answer is still there to read
+    resp = conn.getresponse()
+    try:
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_a_body_over_the_limit_is_refused_with_413(service):
+    client, x = service["client"], service["x"]
+    status, d = client.call("POST", "/decide", {"features": x[7].tolist()})
+    before, stats = _saved(service), client.stats()
+    # The issue's 54 MB feedback, with its Content-Length; then 2 MiB chunked, without one.
+    big = json.dumps({"decision_id": d["decision_id"], "reward": 0.5, "pad": "x" * (54 * 2**20)}).encode()
+    chunk = b" " * (64 * 2**10)
+    for path, body in (("/feedback", big), ("/decide", big),
+                       ("/feedback", [b'{"decision_id": "x", "reward": 0.1', *[chunk] * 32, b"}"])):
+        status, reply = _post_raw(service["port"], path, body)
+        assert status == 413
+        _one_line(reply, f"body: larger than the limit of {MAX_BODY_BYTES} bytes")
+    assert _saved(service) == before and client.stats() == stats
+    # Just under the limit is parsed as usual (and refused for its extra field, not its size).
+    status, reply = _post_raw(service["port"], "/decide", json.dumps(
+        {"features": x[0].tolist(), "pad": "x" * (MAX_BODY_BYTES - 200)}).encode())
+    assert status == 422 and "pad: Extra inputs are not permitted" in reply["detail"]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/feedback", {"decision_id": "any", "reward": 0.5}),
+    ("/feedback", {"decision_id": "any", "reward": 1e308}),  # 401 comes before the body's 422
+    ("/arms", {"name": "intruder"}),
+])
+def test_writes_need_the_token(service, path, body):
+    client, x = service["client"], service["x"]
+    _, d = client.call("POST", "/decide", {"features": x[8].tolist()}, token=None)  # decisions stay open
+    if path == "/feedback":
+        body = {**body, "decision_id": d["decision_id"]}
+    before, stats = _saved(service), client.stats()
+    for token in (None, "wrong-token-0123456789", TOKEN + "x", TOKEN[:-1], ""):
+        status, reply = client.call("POST", path, body, token=token)
+        assert status == 401, (token, reply)
+        _one_line(reply, "authorization: ")
+    # The right token in another scheme is still refused.
+    req = urllib.request.Request(client.base + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json", "authorization": f"Basic {TOKEN}"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=60)
+    assert err.value.code == 401 and err.value.headers["www-authenticate"] == "Bearer"
+    assert _saved(service) == before and client.stats() == stats
+    assert client.call("GET", "/stats", token=None)[0] == 200 and client.call("GET", "/healthz", token=None)[0] == 200
+    status, _ = client.call("POST", path, body)  # with the token: served (or refused for the body)
+    assert status == (422 if body.get("reward") == 1e308 else 200)
+
+
+def test_the_rayservice_import_path_builds_a_guarded_app(service, ray_cluster, tmp_path):
+    """cluster/rayservice-bandit.yaml deploys `simmerge_ray.bandit.service:app`: build it the same
+    way (a detached actor of its own over a copy of the state) and check the token guards it."""
+    from ray import serve
+
+    from simmerge_ray.bandit.service import app
+
+    state = tmp_path / "state"
+    shutil.copytree(service["state"], state)
+    token_file = tmp_path / "token"
+    token_file.write_text("builder-token-0123456789\n")  # as a mounted Secret file may end
+    name = "simmerge-bandit-built"
+    serve.run(app({"state": str(state), "token_file": str(token_file), "actor_name": name,
+                   "namespace": NAMESPACE}), name="bandit-built", route_prefix="/built")
+    try:
+        client = service["client"]
+        assert client.call("GET", "/built/healthz")[1]["status"] == "ok"
+        status, d = client.call("POST", "/built/decide", {"features": service["x"][0].tolist()}, token=None)
+        assert status == 200
+        body = {"decision_id": d["decision_id"], "reward": 0.5}
+        assert client.call("POST", "/built/feedback", body)[0] == 401  # the main service's token
+        status, fb = client.call("POST", "/built/feedback", body, token="builder-token-0123456789")
+        assert (status, fb["status"]) == (200, "counted")
+        assert BanditCore(state).stats()["feedback"] == BanditCore(service["state"]).stats()["feedback"] + 1
+    finally:
+        serve.delete("bandit-built")
+        ray_cluster.kill(ray_cluster.get_actor(name, namespace=NAMESPACE), no_restart=True)
+    with pytest.raises(ValueError, match="need 'state'"):
+        app({"state_dir": str(state)})
+
+
+def test_the_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch, capsys):
+    from simmerge_ray.bandit.auth import TOKEN_ENV, load_token
+    from simmerge_ray.cli import main as cli_main
+    from simmerge_ray.errors import ConfigError
+
+    (tmp_path / "t").write_text("  file-token-0123456789\n")
+    monkeypatch.setenv(TOKEN_ENV, "env-token-0123456789")
+    assert load_token(tmp_path / "t") == "file-token-0123456789"  # the file wins
+    assert load_token() == "env-token-0123456789"
+    (tmp_path / "short").write_text("abc")
+    with pytest.raises(ConfigError, match="short: the bandit token must have at least 16 characters"):
+        load_token(tmp_path / "short")
+    with pytest.raises(ConfigError, match="missing: cannot read the bandit token"):
+        load_token(tmp_path / "missing")
+    monkeypatch.delenv(TOKEN_ENV)
+    # `simmerge serve` without a token: one line, exit 2, before Ray starts.
+    state = tmp_path / "state"
+    labels, features = synthetic_tables(SyntheticBanditSpec(n_models=3, tasks=("code",), n_features=2))
+    data = replay_data(labels, features)
+    encoder = IdentityEncoder.fit(data.feature_names, data.x)
+    BanditCore.create(state, encoder, LinTS(encoder.width, data.operators))
+    assert cli_main(["serve", "--state", str(state), "--port", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no bandit token: pass --token-file FILE or set SIMMERGE_BANDIT_TOKEN" in err

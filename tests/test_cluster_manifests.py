@@ -4,7 +4,9 @@ every job's actors fit a worker group."""
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -78,6 +80,27 @@ def test_the_set_of_manifests() -> None:
     (service,) = [d for d in docs if d["kind"] == "RayService"]
     apps = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
     assert [a["import_path"] for a in apps] == ["simmerge_ray.bandit.service:app"]
+
+
+def test_the_bandit_service_gets_its_token_from_a_secret() -> None:
+    """Every pod of the RayService (the builder and the replicas may run on any) reads
+    SIMMERGE_BANDIT_TOKEN from the Secret; no other manifest carries it; the import path is a
+    builder that exists (tests/test_bandit_service.py deploys it)."""
+    from simmerge_ray.bandit.auth import TOKEN_ENV
+
+    want = [{"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": "simmerge-bandit-token", "key": "token"}}}]
+    for path in MANIFESTS:
+        doc = yaml.safe_load(path.read_text())
+        spec = doc["spec"].get("rayClusterConfig") or doc["spec"].get("rayClusterSpec") or doc["spec"]
+        pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        envs = [p["template"]["spec"]["containers"][0].get("env") for p in pods]
+        assert envs == [want if doc["kind"] == "RayService" else None] * len(pods), path.name
+        assert TOKEN_ENV not in path.read_text() or doc["kind"] == "RayService"
+    (service,) = [yaml.safe_load(p.read_text()) for p in MANIFESTS if p.name == "rayservice-bandit.yaml"]
+    (bandit,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    module, attr = bandit["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    assert "token" not in json.dumps(bandit["args"])  # the secret never sits in the manifest
 
 
 # ---- the checks themselves must catch what they are for ----------------------------------------

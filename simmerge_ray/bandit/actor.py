@@ -50,10 +50,13 @@ def start_bandit_actor(
     name: str = ACTOR_NAME,
     namespace: str = NAMESPACE,
     max_restarts: int = -1,
+    detached: bool = False,
 ) -> ray.actor.ActorHandle:
     """Create the named actor over `state_dir`, or return the running one of that name.
 
     The actor reserves no CPU: it is I/O-light and must not starve the cluster's other work.
+    `detached`: it outlives its creator (a Serve replica started from a config, which may be
+    replaced); otherwise it belongs to the calling driver.
     """
     remote_cls = ray.remote(BanditActor)
     handle = remote_cls.options(
@@ -63,6 +66,7 @@ def start_bandit_actor(
         max_restarts=max_restarts,
         max_task_retries=-1,
         num_cpus=0,
+        lifetime="detached" if detached else None,
     ).remote(str(Path(state_dir).resolve()))
     # Surfaces a bad state folder now, not at the first request, and refuses to silently hand
     # back a running actor of the same name that serves another folder.

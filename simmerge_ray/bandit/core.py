@@ -1,16 +1,18 @@
 """The bandit service's state machine, without Ray: encoder + LinTS + a ledger of decisions.
 
-Every mutation (a decision, a counted feedback, a new arm) is written to the state folder before
-the call returns, so whatever a client was told survives a crash of the process that told it:
-a decision id handed out is pending on disk, and its feedback counts after a restart. Feedback is
-idempotent by decision id: a repeated id is acknowledged as a duplicate and not learned twice.
-The ledger is bounded (oldest pending decisions expire, oldest answered ids are forgotten) so
-that the state file, rewritten on every update, stays small.
+Inputs are checked against the bounds of limits.py, and whatever would leave a NaN or Inf in
+the bandit (a context whose scores overflow, an update, a state to save) is refused with the
+state unchanged, in memory and on disk. Every mutation (a decision, a counted feedback, a new
+arm) is written to the state folder before the call returns, so whatever a client was told
+survives a crash of the process that told it: a decision id handed out is pending on disk, and
+its feedback counts after a restart. Feedback is idempotent by decision id: a repeated id is
+acknowledged as a duplicate and not learned twice. The ledger is bounded (oldest pending
+decisions expire, oldest answered ids are forgotten) so that the state file, rewritten on every
+update, stays small.
 """
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -21,8 +23,9 @@ from typing import Any, Literal
 import numpy as np
 
 from simmerge_ray.errors import CheckpointError, ConfigError
-from simmerge_ray.bandit.encoder import Encoder, check_features, load_encoder
-from simmerge_ray.bandit.errors import BanditError, RewardError, UnknownDecisionError
+from simmerge_ray.bandit.encoder import Encoder, load_encoder
+from simmerge_ray.bandit.errors import BanditError, FeatureError, NonFiniteStateError, UnknownDecisionError
+from simmerge_ray.bandit.limits import check_features, check_prior_var, check_reward
 from simmerge_ray.bandit.lints import LinTS
 from simmerge_ray.bandit.state import (
     SETTINGS_FILE,
@@ -52,6 +55,11 @@ class BanditCore:
         self.state_dir = Path(state_dir)
         self.settings = read_settings(self.state_dir)
         self.encoder: Encoder = load_encoder(self.settings["encoder"])
+        self._load()
+        remove_stale_temporaries(self.state_dir)
+
+    def _load(self) -> None:
+        """(Re)read the mutable state from disk: at start, and to undo a refused mutation."""
         meta, arrays = read_state(self.state_dir)
         lints_arrays = {k.removeprefix("lints_"): v for k, v in arrays.items() if k.startswith("lints_")}
         self.bandit = LinTS.from_state(meta["lints"], lints_arrays)
@@ -71,7 +79,6 @@ class BanditCore:
             for d, a, r in zip(arrays["done_id"], arrays["done_arm"], arrays["done_reward"])
         )
         self.counters: dict[str, int] = dict(meta["counters"])
-        remove_stale_temporaries(self.state_dir)
 
     @classmethod
     def create(
@@ -113,8 +120,13 @@ class BanditCore:
         if allowed == []:
             raise BanditError("'arms' must name at least one arm")
         z = self.encoder.encode(x)[0]
-        arm, draws = self.bandit.choose(z, allowed)
-        means = self.bandit.mean_scores(z)[0]
+        with np.errstate(all="ignore"):
+            arm, draws = self.bandit.choose(z, allowed)
+            means = self.bandit.mean_scores(z)[0]
+        if not (np.all(np.isfinite(draws)) and np.all(np.isfinite(means))):
+            self._load()  # rewind the generator: a refused request leaves no trace
+            raise FeatureError("features: this context gives non-finite scores (values far outside "
+                               "the encoder's range); refused")
         names = self.bandit.arm_names
         seq = self.counters["decisions"]
         decision_id = uuid.uuid4().hex
@@ -134,8 +146,7 @@ class BanditCore:
 
     def feedback(self, decision_id: str, reward: float) -> dict[str, Any]:
         """Learn from the reward of a pending decision; a repeated id is a no-op duplicate."""
-        if not isinstance(reward, (int, float)) or not math.isfinite(reward):
-            raise RewardError(f"decision {decision_id}: reward must be a finite number, got {reward!r}")
+        reward = check_reward(reward)
         if decision_id in self.done:
             arm, first = self.done[decision_id]
             self.counters["duplicates"] += 1
@@ -144,14 +155,14 @@ class BanditCore:
         decision = self.pending.get(decision_id)
         if decision is None:
             raise UnknownDecisionError(f"unknown decision id {decision_id!r} (never made, or expired)")
-        self.bandit.update(decision.arm, decision.z, float(reward))
+        self.bandit.update(decision.arm, decision.z, reward)
         del self.pending[decision_id]
-        self.done[decision_id] = (decision.arm, float(reward))
+        self.done[decision_id] = (decision.arm, reward)
         while len(self.done) > self.settings["max_done"]:
             self.done.popitem(last=False)
         self.counters["feedback"] += 1
         self._persist()
-        return {"decision_id": decision_id, "operator": decision.arm, "status": "counted", "reward": float(reward)}
+        return {"decision_id": decision_id, "operator": decision.arm, "status": "counted", "reward": reward}
 
     def add_arm(self, name: str, prior: PriorKind = "pooled", prior_var: float | None = None) -> dict[str, Any]:
         """Add an operator. 'pooled' starts it at the average of the current arms' posteriors."""
@@ -160,7 +171,7 @@ class BanditCore:
         if prior not in ("pooled", "zero"):
             raise BanditError(f"arm {name!r}: prior must be 'pooled' or 'zero', got {prior!r}")
         mean = self.bandit.pooled_prior_mean() if prior == "pooled" else None
-        self.bandit.add_arm(name, prior_mean=mean, prior_var=prior_var)
+        self.bandit.add_arm(name, prior_mean=mean, prior_var=check_prior_var(prior_var))
         self._persist()
         return {"arm": name, "arms": self.bandit.arm_names}
 
@@ -187,7 +198,12 @@ class BanditCore:
 
     # ----- persistence
     def _persist(self) -> None:
-        _write(self.state_dir, self.bandit, self.pending, self.done, self.counters)
+        """Save; a state that cannot be saved (non-finite) is undone in memory too, then refused."""
+        try:
+            _write(self.state_dir, self.bandit, self.pending, self.done, self.counters)
+        except NonFiniteStateError:
+            self._load()
+            raise
 
 
 def _write(

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.bandit.errors import FeatureError
+from simmerge_ray.bandit.limits import check_features
 
 
 @runtime_checkable
@@ -92,20 +92,6 @@ class IdentityEncoder:
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> IdentityEncoder:
         return cls(spec["feature_names"], np.array(spec["mean"]), np.array(spec["scale"]))
-
-
-def check_features(x: np.ndarray | Sequence[float], width: int) -> np.ndarray:
-    """Return x as a float64 [n, width] matrix or raise FeatureError saying what is wrong."""
-    arr = np.asarray(x, dtype=np.float64)
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    if arr.ndim != 2 or arr.shape[1] != width:
-        raise FeatureError(f"features: expected width {width}, got shape {tuple(arr.shape)}")
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        col = int(np.argwhere(bad)[0][1])
-        raise FeatureError(f"features: non-finite value at index {col}")
-    return arr
 
 
 def _selector_encoder(spec: dict[str, Any]) -> Encoder:

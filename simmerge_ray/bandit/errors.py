@@ -24,6 +24,16 @@ class RewardError(BanditError):
     http_status = 422
 
 
+class NonFiniteUpdateError(RewardError):
+    """Learning this reward would make a posterior (or what it is built from) NaN or Inf."""
+
+
+class NonFiniteStateError(BanditError):
+    """The bandit's state would be saved with a NaN or Inf: refused, the saved state kept."""
+
+    http_status = 422
+
+
 class UnknownDecisionError(BanditError):
     """Feedback names a decision id this bandit never made (or has long forgotten)."""
 

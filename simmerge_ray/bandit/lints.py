@@ -13,13 +13,13 @@ weight vector and costs one normal draw per arm.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.bandit.errors import DuplicateArmError, RewardError, UnknownNameError
+from simmerge_ray.bandit.errors import DuplicateArmError, NonFiniteUpdateError, RewardError, UnknownNameError
 
 NOISE_VAR_FLOOR = 1e-4
 
@@ -129,14 +129,16 @@ class LinTS:
     def posterior(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(mean [p], covariance [p, p]) of arm i's weights."""
         if i not in self._posterior:
-            arm = self._arms[i]
-            precision = np.eye(self.dim) / arm.prior_var + arm.gram / self.noise_var
-            chol = np.linalg.cholesky(precision)
-            chol_inv = np.linalg.solve(chol, np.eye(self.dim))
-            cov = chol_inv.T @ chol_inv
-            mean = cov @ (arm.prior_mean / arm.prior_var + arm.zr / self.noise_var)
-            self._posterior[i] = (mean, cov)
+            self._posterior[i] = self._solve(self._arms[i])
         return self._posterior[i]
+
+    def _solve(self, arm: ArmStats) -> tuple[np.ndarray, np.ndarray]:
+        precision = np.eye(self.dim) / arm.prior_var + arm.gram / self.noise_var
+        chol = np.linalg.cholesky(precision)
+        chol_inv = np.linalg.solve(chol, np.eye(self.dim))
+        cov = chol_inv.T @ chol_inv
+        mean = cov @ (arm.prior_mean / arm.prior_var + arm.zr / self.noise_var)
+        return mean, cov
 
     def mean_scores(self, z: np.ndarray) -> np.ndarray:
         """Posterior-mean rewards [n, k] for encoded features [n, width] (the greedy policy)."""
@@ -173,19 +175,31 @@ class LinTS:
 
     # ----- learning
     def update(self, arm: int | str, z: np.ndarray, reward: float) -> None:
-        """Online update of the played arm only."""
+        """Online update of the played arm only; refused, the arm unchanged, if its statistics or
+        posterior would stop being finite (the bandit must never learn, or save, a NaN)."""
         i = self.arm_index(arm) if isinstance(arm, str) else int(arm)
         if not np.isfinite(reward):
             raise RewardError(f"reward must be a finite number, got {reward}")
         x = self.design(z)[0]
         a = self._arms[i]
-        a.gram += np.outer(x, x)
-        a.zr += x * reward
-        a.rr += reward * reward
-        a.weight += 1.0
-        a.plays += 1
-        a.reward_sum += float(reward)
-        self._posterior.pop(i, None)
+        with np.errstate(all="ignore"):
+            new = replace(a, gram=a.gram + np.outer(x, x), zr=a.zr + x * reward, rr=a.rr + reward * reward,
+                          weight=a.weight + 1.0, plays=a.plays + 1, reward_sum=a.reward_sum + float(reward))
+        self._posterior[i] = self._checked_solve(new, f"reward: learning {reward:g}")
+        self._arms[i] = new
+
+    def _checked_solve(self, arm: ArmStats, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """The posterior of `arm`, or NonFiniteUpdateError if it or the statistics are not finite."""
+        with np.errstate(all="ignore"):
+            try:
+                mean, cov = self._solve(arm)
+            except np.linalg.LinAlgError:  # the precision matrix is no longer positive definite
+                mean = cov = np.array([np.nan])
+        values = (arm.prior_mean, arm.gram, arm.zr, arm.rr, arm.reward_sum, mean, cov)
+        if not all(np.all(np.isfinite(v)) for v in values):
+            raise NonFiniteUpdateError(f"{what} would make arm {arm.name!r}'s posterior non-finite; "
+                                       "refused, the bandit is unchanged")
+        return mean, cov
 
     def warm_start(
         self, z: np.ndarray, rewards: np.ndarray, *, weight: float = 1.0, fit_noise: bool = True

@@ -2,15 +2,18 @@
 
     POST /decide    {"features": [...]} or {"a": .., "b": .., "task": ..}; optional "arms": [..]
                     -> decision_id, operator, sampled scores, posterior means
-    POST /feedback  {"decision_id": .., "reward": ..} -> status counted | duplicate
-    POST /arms      {"name": .., "prior": "pooled" | "zero", "prior_var": ..}
+    POST /feedback  {"decision_id": .., "reward": ..} -> status counted | duplicate     (token)
+    POST /arms      {"name": .., "prior": "pooled" | "zero", "prior_var": ..}           (token)
     GET  /stats     counters and per-arm plays and mean rewards
     GET  /healthz   the actor answers
 
-Bodies are validated by pydantic (malformed JSON, missing or extra fields, NaN/Inf -> 422);
-errors the bandit raises carry their own 4xx status (unknown id or name 404, duplicate arm 409,
-wrong feature width 422); an actor that cannot be reached is a 503. Model names are resolved
-through the feature table here, in the replica, so the actor only ever sees numbers.
+Bodies over MAX_BODY_BYTES are refused (413) before they are parsed. The two writing endpoints
+need `Authorization: Bearer <token>` (401 without it; see auth.py). Bodies are validated by
+pydantic against the bounds of limits.py (malformed JSON, missing or extra fields, NaN/Inf, a
+value out of bounds -> 422, one line naming the field); errors the bandit raises carry their own
+4xx status (unknown id or name 404, duplicate arm 409, wrong feature width 422); an actor that
+cannot be reached is a 503. Model names are resolved through the feature table here, in the
+replica, so the actor only ever sees numbers.
 (No `from __future__ import annotations` here: FastAPI must see the request models as classes.)
 """
 
@@ -18,19 +21,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from simmerge_ray.bandit.actor import ACTOR_NAME, NAMESPACE, start_bandit_actor
+from simmerge_ray.bandit.auth import check_authorization, load_token, token_digest
+from simmerge_ray.bandit.body_limit import BodyLimit
 from simmerge_ray.bandit.errors import BanditError
 from simmerge_ray.bandit.feature_table import FeatureTable
+from simmerge_ray.bandit.limits import FEATURE_BOUND, MAX_BODY_BYTES, MAX_FEATURES, PRIOR_VAR_RANGE, REWARD_BOUND
 
 APP_NAME = "simmerge-bandit"
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Feature = Annotated[float, Field(allow_inf_nan=False, ge=-FEATURE_BOUND, le=FEATURE_BOUND)]
+Reward = Annotated[float, Field(allow_inf_nan=False, ge=-REWARD_BOUND, le=REWARD_BOUND)]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 
@@ -39,11 +46,11 @@ class DecideRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    features: list[FiniteFloat] | None = None
+    features: Annotated[list[Feature], Field(max_length=MAX_FEATURES)] | None = None
     a: Name | None = None
     b: Name | None = None
     task: Name | None = None
-    arms: list[Name] | None = None  # restrict the choice to these operators
+    arms: Annotated[list[Name], Field(max_length=1000)] | None = None  # restrict the choice to these operators
 
     @model_validator(mode="after")
     def _one_form(self) -> "DecideRequest":
@@ -59,7 +66,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     decision_id: Annotated[str, Field(min_length=1, max_length=64)]
-    reward: FiniteFloat
+    reward: Reward
 
 
 class ArmRequest(BaseModel):
@@ -67,19 +74,33 @@ class ArmRequest(BaseModel):
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
     prior: Literal["pooled", "zero"] = "pooled"
-    prior_var: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    prior_var: Annotated[float, Field(ge=PRIOR_VAR_RANGE[0], le=PRIOR_VAR_RANGE[1])] | None = None
 
 
 api = FastAPI(title="simmerge bandit", description=__doc__)
+api.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+
+
+def _field(loc: tuple | list) -> str:
+    """('body', 'features', 3) -> 'features[3]': the field as the client wrote it."""
+    name = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "body"
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's default echoes the offending input, and a NaN there makes the 422 itself fail
-    # to serialise (a 500): answer with where and what only.
-    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-              for e in exc.errors()]
-    return JSONResponse(status_code=422, content={"detail": errors})
+    # One line naming each field at fault. FastAPI's default echoes the offending input, and a
+    # NaN there makes the 422 itself fail to serialise (a 500): say where and what only.
+    lines = []
+    for e in exc.errors():
+        loc = e.get("loc", ())
+        if e.get("type") == "json_invalid":  # loc is ('body', character position)
+            lines.append(f"body: JSON decode error at character {loc[-1]}")
+        else:
+            lines.append(f"{_field(loc)}: {e.get('msg', '')}")
+    return JSONResponse(status_code=422, content={"detail": "; ".join(lines).replace("\n", " ")})
 
 
 @api.exception_handler(BanditError)
@@ -87,7 +108,15 @@ async def _bandit_error(_: Request, exc: BanditError) -> JSONResponse:
     # Errors raised inside the actor arrive as RayTaskError subclasses of the original class;
     # `cause` is the original exception and carries the plain message.
     cause = getattr(exc, "cause", exc)
-    return JSONResponse(status_code=type(exc).http_status, content={"detail": str(cause)})
+    status = type(exc).http_status
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(status_code=status, content={"detail": str(cause)}, headers=headers)
+
+
+async def _require_token(authorization: Annotated[str | None, Header()] = None) -> None:
+    """Dependency of the writing endpoints: it runs before their body is validated, so a caller
+    without the token learns nothing but 401."""
+    check_authorization(authorization, serve.get_replica_context().servable_object.token_digest)
 
 
 @api.exception_handler(ray.exceptions.RayActorError)
@@ -98,7 +127,12 @@ async def _actor_down(_: Request, exc: ray.exceptions.RayActorError) -> JSONResp
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 @serve.ingress(api)
 class BanditIngress:
-    def __init__(self, actor_name: str, namespace: str, feature_table: str | None):
+    def __init__(self, actor_name: str, namespace: str, feature_table: str | None, token_sha256: str,
+                 state_dir: str | None = None):
+        """`state_dir` set (a Serve config deploy, no driver): get or start the detached actor."""
+        self.token_digest = token_sha256
+        if state_dir is not None:
+            start_bandit_actor(Path(state_dir), name=actor_name, namespace=namespace, detached=True)
         self.actor = ray.get_actor(actor_name, namespace=namespace)
         settings = ray.get(self.actor.settings.remote())
         names = ray.get(self.actor.feature_names.remote())
@@ -115,11 +149,11 @@ class BanditIngress:
         result = await self.actor.decide.remote(x.tolist(), req.arms)
         return {**result, "pair": {"a": req.a, "b": req.b, "task": req.task}}
 
-    @api.post("/feedback")
+    @api.post("/feedback", dependencies=[Depends(_require_token)])
     async def feedback(self, req: FeedbackRequest) -> dict[str, Any]:
         return await self.actor.feedback.remote(req.decision_id, req.reward)
 
-    @api.post("/arms")
+    @api.post("/arms", dependencies=[Depends(_require_token)])
     async def add_arm(self, req: ArmRequest) -> dict[str, Any]:
         return await self.actor.add_arm.remote(req.name, req.prior, req.prior_var)
 
@@ -136,6 +170,7 @@ class BanditIngress:
 def serve_bandit(
     state_dir: Path,
     *,
+    token: str,
     host: str = "127.0.0.1",
     port: int = 8000,
     feature_table: Path | None = None,
@@ -144,14 +179,29 @@ def serve_bandit(
     app_name: str = APP_NAME,
     route_prefix: str = "/",
 ) -> ray.actor.ActorHandle:
-    """Start (or join) the bandit actor over `state_dir` and expose it over HTTP on host:port.
-
-    Needs a running Ray (the caller's `ray.init`); returns the actor handle.
+    """Start (or join) the bandit actor over `state_dir` and expose it over HTTP on host:port;
+    writes need `token`. Needs a running Ray (the caller's `ray.init`); returns the actor handle.
     """
     actor = start_bandit_actor(state_dir, name=actor_name, namespace=namespace)
     # One access-log line per request is a measurable share of a few-ms request: keep warnings.
     quiet = {"enable_access_log": False, "log_level": "WARNING"}
     serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
-    app = BanditIngress.bind(actor_name, namespace, str(feature_table) if feature_table else None)
+    app = BanditIngress.bind(actor_name, namespace, str(feature_table) if feature_table else None,
+                             token_digest(token))
     serve.run(app, name=app_name, route_prefix=route_prefix, logging_config=quiet)
     return actor
+
+
+def app(args: dict[str, str]) -> serve.Application:
+    """Application builder for a Serve config (the RayService's `import_path`).
+
+    args: `state` (the state folder), optional `feature_table`, `token_file`, `actor_name`,
+    `namespace`; without `token_file` the token comes from SIMMERGE_BANDIT_TOKEN (the manifest
+    sets it from a Secret). The actor is detached: no driver owns it there.
+    """
+    unknown = set(args) - {"state", "feature_table", "token_file", "actor_name", "namespace"}
+    if "state" not in args or unknown:
+        raise ValueError(f"bandit app args: need 'state', unknown {sorted(unknown)}")
+    token = load_token(Path(args["token_file"]) if args.get("token_file") else None)
+    return BanditIngress.bind(args.get("actor_name", ACTOR_NAME), args.get("namespace", NAMESPACE),
+                              args.get("feature_table"), token_digest(token), str(args["state"]))

@@ -5,8 +5,9 @@
 
 `state.npz` is rewritten after every mutation through a temporary sibling and one `os.replace`,
 so a reader (or an actor restarted after a kill) sees either the previous or the new state,
-never a mix. The JSON part of the mutable state travels inside the npz as a uint8 array so the
-whole state is one file and one rename.
+never a mix. A state with a NaN or Inf anywhere is never written, and refused when read. The
+JSON part of the mutable state travels inside the npz as a uint8 array so the whole state is one
+file and one rename.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from simmerge_ray.bandit.errors import NonFiniteStateError
 from simmerge_ray.errors import CheckpointError
 from simmerge_ray.io.atomic import atomic_write_text
 
@@ -47,6 +49,10 @@ def write_state(state_dir: Path, meta: dict[str, Any], arrays: dict[str, np.ndar
     """Atomically replace DIR/state.npz with `meta` (JSON-able) and `arrays`."""
     if _META_KEY in arrays:
         raise ValueError(f"array name {_META_KEY!r} is reserved")
+    bad = _first_nonfinite(meta, arrays)
+    if bad is not None:
+        raise NonFiniteStateError(f"{Path(state_dir) / STATE_FILE}: not saved, {bad} is not finite "
+                                  "(the saved state is unchanged)")
     buf = io.BytesIO()
     payload = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     np.savez(buf, **{_META_KEY: payload}, **arrays)
@@ -75,4 +81,25 @@ def read_state(state_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta = json.loads(arrays.pop(_META_KEY).tobytes().decode())
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: unreadable bandit state ({e})") from e
+    bad = _first_nonfinite(meta, arrays)
+    if bad is not None:
+        raise CheckpointError(f"{path}: {bad} is not finite; this bandit state is unusable "
+                              "(restore it from a backup or create a new one with `simmerge bandit-init`)")
     return meta, arrays
+
+
+def _first_nonfinite(meta: Any, arrays: dict[str, np.ndarray]) -> str | None:
+    """Name of the first NaN/Inf in the state (an array, or a number inside the JSON part), or None."""
+    for name, arr in arrays.items():
+        if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+            return f"array {name!r}"
+    stack: list[tuple[str, Any]] = [("meta", meta)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not np.isfinite(value):
+            return where
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{k}", v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+    return None

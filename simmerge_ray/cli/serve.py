@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--features", type=Path, help="feature table for name lookups (default: the state's)")
+    p.add_argument("--token-file", type=Path,
+                   help="file holding the token that POST /feedback and /arms require "
+                        "(default: the SIMMERGE_BANDIT_TOKEN environment variable)")
     p.set_defaults(func=_serve)
 
     p = subparsers.add_parser("bandit-sim", help="replay simulator: cumulative regret of bandit policies")
@@ -100,9 +103,11 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from simmerge_ray.bandit.auth import load_token
     from simmerge_ray.bandit.state import read_settings
 
-    read_settings(args.state)  # a clear error before importing or starting Ray
+    read_settings(args.state)  # clear errors before importing or starting Ray
+    token = load_token(args.token_file)
     import ray
     from ray import serve
 
@@ -112,7 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
     init_ray()
     # The actor is owned by this process: keep its handle alive for as long as we serve (a
     # non-detached actor whose handles are all dropped is destroyed), and stop both on exit.
-    actor = serve_bandit(args.state, host=args.host, port=args.port, feature_table=args.features)
+    actor = serve_bandit(args.state, token=token, host=args.host, port=args.port, feature_table=args.features)
     print(f"bandit serving on http://{args.host}:{args.port} (state {args.state}); Ctrl-C to stop", flush=True)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill`, `ray job stop`, Kubernetes
     try:
