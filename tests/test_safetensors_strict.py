@@ -138,14 +138,23 @@ def _merge_config(tmp_path: Path, m1: Path, m2: Path) -> Path:
     return cfg
 
 
-def test_a_tensor_relabelled_as_integer_is_not_merged_as_float(tmp_path: Path, valid: bytes, capsys) -> None:
+def _valid_and_mutated(tmp_path: Path, valid: bytes, mutate) -> tuple[Path, Path]:
+    """m1 holds the valid file, m2 the same bytes with `mutate(header)` applied to its header."""
     m1, m2 = tmp_path / "m1", tmp_path / "m2"
     for m in (m1, m2):
         m.mkdir()
     (m1 / "model.safetensors").write_bytes(valid)
     header, body = _split(valid)
-    header["b.weight"]["dtype"] = "I16"  # same size as BF16: only the label changed
+    mutate(header)
     (m2 / "model.safetensors").write_bytes(_join(header, body))
+    return m1, m2
+
+
+def test_a_tensor_relabelled_as_integer_is_not_merged_as_float(tmp_path: Path, valid: bytes, capsys) -> None:
+    def relabel(header: dict) -> None:
+        header["b.weight"]["dtype"] = "I16"  # same size as BF16: only the label changed
+
+    m1, m2 = _valid_and_mutated(tmp_path, valid, relabel)
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.rglob("*.safetensors")}
     out = tmp_path / "out"
     assert cli_main(["merge", str(_merge_config(tmp_path, m1, m2)), "--out", str(out), "--in-process"]) == 2
@@ -156,14 +165,9 @@ def test_a_tensor_relabelled_as_integer_is_not_merged_as_float(tmp_path: Path, v
 
 
 def test_overlapping_offsets_are_never_merged(tmp_path: Path, valid: bytes, capsys) -> None:
-    m1, m2 = tmp_path / "m1", tmp_path / "m2"
-    for m in (m1, m2):
-        m.mkdir()
-    (m1 / "model.safetensors").write_bytes(valid)
-    header, body = _split(valid)
+    header, _ = _split(valid)
     order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
-    _shift(header, order[1], -2)
-    (m2 / "model.safetensors").write_bytes(_join(header, body))
+    m1, m2 = _valid_and_mutated(tmp_path, valid, lambda h: _shift(h, order[1], -2))
     assert cli_main(["merge", str(_merge_config(tmp_path, m1, m2)), "--out", str(tmp_path / "out"),
                      "--in-process"]) == 2
     assert f"{m2 / 'model.safetensors'}: tensor '{order[1]}' overlaps" in capsys.readouterr().err
