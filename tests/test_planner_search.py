@@ -113,7 +113,7 @@ def test_plan_json_and_yaml_round_trip(tmp_path: Path) -> None:
     assert s2["base_model"] == str(tmp_path / "base")
     (tmp_path / "plan" / "step-1").mkdir()
     spec = MergeSpec.load(files[1])  # a valid mergekit config for our engine
-    assert spec.method.name == "ties" and [m.ref for m in spec.inputs] == ["step-1", str(tmp_path / "c")]
+    assert spec.method.name == "ties" and [m.ref for m in spec.inputs] == ["step-1", str(tmp_path / "c"), str(tmp_path / "base")]
     with pytest.raises(ConfigError, match="absent from the catalog: c"):
         plan.step_configs({"a": tmp_path / "a", "b": tmp_path / "b"}, None)
     with pytest.raises(ConfigError, match="a model appears twice"):

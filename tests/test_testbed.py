@@ -318,7 +318,7 @@ def test_eval_encoding_marks_exactly_the_answer_tokens():
 
 def test_zoo_config_errors_name_the_field(tmp_path):
     good = ZooConfig.load(DEFAULT)
-    assert len(good.experts()) == 15 and sum(v.lora is not None for _, v in good.experts()) == 5
+    assert len(good.experts()) == 15 and sum(v.lora is not None for _, v in good.experts()) == 4
     bad = tmp_path / "zoo.yaml"
     bad.write_text(TINY.read_text().replace("multilingual:", "klingon:"))
     with pytest.raises(ConfigError, match=r"zoo\.yaml: domains: .*klingon"):

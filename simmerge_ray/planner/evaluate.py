@@ -58,7 +58,8 @@ def evaluate_multiway(labels: pl.DataFrame, scorer: PlanScorer) -> dict:
     The random and fixed-operator baselines are expectations over the labelled orders, not
     draws, so they carry no sampling noise.
     """
-    rows = labels.filter(pl.col("k") >= 3).select(["task", "models", "operators", "k", "expert_retention"]).rows()
+    rows = (labels.filter(pl.col("k") >= 3, pl.col("expert_retention").is_not_null())
+            .select(["task", "models", "operators", "k", "expert_retention"]).rows())
     groups: dict[tuple, list[tuple]] = defaultdict(list)
     for task, models, ops, k, ret in rows:
         groups[(task, tuple(sorted(models)))].append((tuple(models), tuple(ops), k, ret))

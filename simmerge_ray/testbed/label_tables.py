@@ -75,7 +75,8 @@ def multiway_table(results: list[tuple[Plan, Scores]], singles: dict[str, Scores
         rows.append({
             "task": t, "models": list(plan.models), "operators": list(plan.operators), "k": plan.k,
             "s_merge_task": scores[t], "s_expert_task": s_e,
-            "expert_retention": scores[t] / s_e - 1,
+            # undefined where the expert scores 0 on its own task (possible in accuracy on tiny zoos)
+            "expert_retention": scores[t] / s_e - 1 if s_e > 0 else None,
             "scores": json.dumps(scores, sort_keys=True),
         })
     schema = {"task": pl.String, "models": pl.List(pl.String), "operators": pl.List(pl.String), "k": pl.Int64,
