@@ -270,23 +270,30 @@ def _module_body(raw: dict, source: str) -> tuple[dict, Any, str]:
     return body, body.get("parameters"), prefix
 
 
+def _refuse_extra(entry: dict, allowed: set[str], at: str, source: str) -> None:
+    extra = set(entry) - allowed
+    if extra:
+        raise ConfigError(f"{source}: {at}: unsupported key {sorted(extra)[0]!r}")
+
+
+def _source(entry: Any, at: str, noun: str, resolve, check: _ParamChecker, *, with_range: bool = False) -> SliceSource:
+    """One input of a slice: a `models:` entry, or a `sources:` entry (which may carry a layer_range)."""
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise ConfigError(f"{check.source}: {at}: each {noun} needs a 'model' key")
+    _refuse_extra(entry, {"model", "parameters", *(("layer_range",) if with_range else ())}, at, check.source)
+    ref = str(entry["model"])
+    model = InputModel(ref, resolve(ref, at))
+    layers = _layer_range(entry, f"{at}.layer_range", check.source) if with_range else None
+    return SliceSource(model, layers, check.scope(entry.get("parameters"), f"{at}.parameters"), at)
+
+
 def _models_slice(items: Any, base: InputModel | None, method: MergeMethod, resolve, check: _ParamChecker,
                   where: str) -> OutputSlice:
     """`models:` is one slice over every layer; a base_model not listed is added (as mergekit)."""
     source = check.source
     if not isinstance(items, list):
         raise ConfigError(f"{source}: {where}: expected a non-empty list")
-    sources = []
-    for i, m in enumerate(items):
-        at = f"{where}[{i}]"
-        if not isinstance(m, dict) or "model" not in m:
-            raise ConfigError(f"{source}: {at}: each entry needs a 'model' key")
-        extra = set(m) - {"model", "parameters"}
-        if extra:
-            raise ConfigError(f"{source}: {at}: unsupported key {sorted(extra)[0]!r}")
-        ref = str(m["model"])
-        sources.append(SliceSource(InputModel(ref, resolve(ref, at)), None,
-                                   check.scope(m.get("parameters"), f"{at}.parameters"), at))
+    sources = [_source(m, f"{where}[{i}]", "entry", resolve, check) for i, m in enumerate(items)]
     if base is not None and all(s.model.ref != base.ref for s in sources):
         sources.append(SliceSource(base, None, {}, "base_model"))
     sl = OutputSlice(tuple(sources), base, {}, where)
@@ -304,20 +311,9 @@ def _slices(items: Any, base: InputModel | None, method: MergeMethod, resolve, c
         at = f"{where}[{i}]"
         if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
             raise ConfigError(f"{source}: {at}: each slice needs a non-empty 'sources' list")
-        extra = set(sl) - {"sources", "base_model", "parameters"}
-        if extra:
-            raise ConfigError(f"{source}: {at}: unsupported key {sorted(extra)[0]!r}")
-        sources = []
-        for j, s in enumerate(sl["sources"]):
-            sat = f"{at}.sources[{j}]"
-            if not isinstance(s, dict) or "model" not in s:
-                raise ConfigError(f"{source}: {sat}: each source needs a 'model' key")
-            extra = set(s) - {"model", "layer_range", "parameters"}
-            if extra:
-                raise ConfigError(f"{source}: {sat}: unsupported key {sorted(extra)[0]!r}")
-            ref = str(s["model"])
-            sources.append(SliceSource(InputModel(ref, resolve(ref, sat)), _layer_range(s, f"{sat}.layer_range", source),
-                                       check.scope(s.get("parameters"), f"{sat}.parameters"), sat))
+        _refuse_extra(sl, {"sources", "base_model", "parameters"}, at, source)
+        sources = [_source(s, f"{at}.sources[{j}]", "source", resolve, check, with_range=True)
+                   for j, s in enumerate(sl["sources"])]
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
         if len(lengths) > 1:
             raise ConfigError(f"{source}: {at}: sources span different numbers of layers "

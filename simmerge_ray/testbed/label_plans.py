@@ -75,8 +75,9 @@ class Plan:
     def key(self, fingerprints: dict[str, str], task_digests: dict[str, str]) -> str:
         """Content key: model and base fingerprints, operators with their parameters, eval sets;
         the same for the two spellings of a mirrored 2-way merge."""
-        if self.canonical() is not self:
-            return self.canonical().key(fingerprints, task_digests)
+        canonical = self.canonical()
+        if canonical is not self:
+            return canonical.key(fingerprints, task_digests)
         payload = {
             "models": [fingerprints[m] for m in self.models],
             "base": fingerprints.get("base"),
