@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from free_ports import free_ports
 
 from simmerge_ray import resources
 from simmerge_ray.errors import SimMergeError
@@ -39,16 +39,6 @@ def _load_entry():
     return _entry
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class RayHead:
     """A `ray start --head` of our own: its own ports and temp dir, stopped through its process group.
 
@@ -59,7 +49,7 @@ class RayHead:
 
     def __init__(self) -> None:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rj-", dir="/tmp"))  # short: socket path limit
-        gcs, self.dashboard_port, client, agent, env_agent, metrics = _free_ports(6)
+        gcs, self.dashboard_port, client, agent, env_agent, metrics = free_ports(6)
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
         cmd = [str(RAY), "start", "--head", f"--port={gcs}", f"--dashboard-port={self.dashboard_port}",

@@ -59,6 +59,9 @@ class StructuralOptions:
     precision: str = "float32"  # products in float32 (~1e-7 relative) or float64 (exact for bf16)
     use_cache: bool = True
     overwrite: bool = False
+    # Custom Ray resources each actor asks for, to place the pass on nodes that advertise them.
+    resources: dict[str, float] | None = None
+    max_retries: int = 3  # restarts of an actor lost with its node, and retries of its calls (pure reads)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -350,7 +353,8 @@ def _run_pass(rows: Rows, plan: Plan, keys: Sequence[str], cache: GramCache, opt
     col_pos = [plan.read_rows.index(c) for c in plan.cols]
     paths = [str(rows.ckpts[r].path) for r in plan.read_rows]
     gram_kernel.load()  # built once here, not by every actor of this node at once
-    worker_cls = ray.remote(GramWorker).options(**ask.ray_options())
+    worker_cls = ray.remote(GramWorker).options(**ask.ray_options(), resources=opts.resources,
+                                                max_restarts=opts.max_retries, max_task_retries=opts.max_retries)
     workers = [worker_cls.remote(paths, ref_pos, col_pos, rows.has_base, opts.chunk_elems, opts.precision,
                                  ask.num_cpus) for _ in range(n_workers)]
     ray.get([w.__ray_ready__.remote() for w in workers])

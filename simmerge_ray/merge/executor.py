@@ -59,7 +59,10 @@ class ExecOptions:
     in_process: bool = False
     allow_nonfinite: bool = False
     overwrite: bool = False
-    max_retries: int = 3
+    max_retries: int = 3  # restarts of a lost worker (its process or its node), and retries of its unit
+    # Custom Ray resources each worker asks for, to place the merge on nodes that advertise them
+    # (`ray start --resources '{"nvme": 4}'`); None: anywhere with CPUs.
+    resources: dict[str, float] | None = None
 
 
 @dataclass
@@ -395,6 +398,7 @@ def _run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], opts: ExecOptions
         memory=opts.memory_per_worker,
         max_restarts=opts.max_retries,
         max_task_retries=opts.max_retries,
+        resources=opts.resources,
         runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == CRASH_ONCE_ENV}} or None,
     )
     n_workers = max(1, min(opts.workers, len(units)))

@@ -1,0 +1,263 @@
+"""Driver of tests/test_lost_node.py, run as a process of its own so that the test process's Ray
+(the session's `ray_cluster`) is never touched: a two-node Ray cluster on this machine, a merge
+and a structural pass spread over both nodes, the second node's raylet killed mid-run.
+
+    python tests/lost_node_driver.py WORKDIR
+
+Each node is a `ray start --block` in a session of its own, with its own temp folder under
+WORKDIR, its own ports and the custom resources `merge_slot` and `gram_slot` (one each): the
+merge's workers and the structural pass's actors ask for one slot each, so with two of each,
+each pool has exactly one actor on each node. Both stages run twice: once undisturbed, together;
+once with node 2's raylet killed (SIGKILL, by its PID) while node 2 merges a unit and holds an
+actor of the structural pass; a third node then joins, as a replaced pod would, and the
+restarted actors finish there. Outputs go to WORKDIR/{ref,lost}-{merged,features}; WORKDIR/
+result.json records what ran where. Each node's process group id is appended to WORKDIR/pgids as
+soon as it starts, so the test can kill them even if this driver dies; this driver kills every
+group it started on the way out, whatever happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+from free_ports import free_ports  # beside this file: sys.path[0] when run as a script
+from simmerge_ray.catalog import Catalog
+from simmerge_ray.features.structural import StructuralOptions, compute_structural
+from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
+from simmerge_ray.merge.config import MergeSpec
+from simmerge_ray.merge.executor import ExecOptions, run_merge
+
+RAY = Path(sys.executable).parent / "ray"
+SLOTS = {"merge_slot": 1, "gram_slot": 1}
+# Small models cut in small work units and chunks: each actor makes many calls.
+SPEC = SyntheticSpec(architecture="llama", hidden_size=128, num_layers=4, num_heads=4, vocab_size=4096,
+                     max_shard_bytes=2**20)
+MODELS = ("m1", "m2", "m3")
+# The GCS declares a silent raylet dead after about 3 s instead of about 30 s.
+HEALTH = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
+          "RAY_health_check_timeout_ms": "2000", "RAY_health_check_failure_threshold": "3"}
+
+
+class Node:
+    """One `ray start --block` of ours: its own session (process group), ports and temp folder."""
+
+    def __init__(self, work: Path, name: str, env: dict[str, str], gcs_port: int, head: bool,
+                 slots: dict[str, int] = SLOTS) -> None:
+        self.name = name
+        temp = work / name
+        temp.mkdir()
+        nm, om, agent, agent_grpc, env_agent, metrics, client = free_ports(7)
+        cmd = [str(RAY), "start", "--block", f"--temp-dir={temp}", "--num-cpus=2",
+               f"--resources={json.dumps(slots)}", "--object-store-memory=100000000",
+               "--node-ip-address=127.0.0.1", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+               f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+               f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+               "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats"]
+        if head:
+            cmd += ["--head", f"--port={gcs_port}", "--include-dashboard=false", f"--ray-client-server-port={client}"]
+        else:
+            cmd += [f"--address=127.0.0.1:{gcs_port}"]
+        self.log = open(work / f"{name}.log", "w")
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=self.log, stderr=subprocess.STDOUT)
+        self.pgid = self.proc.pid
+        with open(work / "pgids", "a") as f:
+            f.write(f"{self.pgid}\n")
+
+    def check(self) -> None:
+        """Fail at once, naming the log, when `ray start` gave up (e.g. a startup timeout)."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"ray start of {self.name} exited with {self.proc.returncode}; see {self.log.name}")
+
+    def processes(self) -> list[psutil.Process]:
+        """`ray start` and its descendants: the raylet, and the workers it spawned (which run in
+        sessions of their own, so outside this node's process group)."""
+        try:
+            root = psutil.Process(self.pgid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def titles(self) -> set[str]:
+        """Titles of this node's Ray workers, e.g. 'ray::UnitMerger.run' while one merges a unit."""
+        out = set()
+        for p in self.processes():
+            try:
+                title = " ".join(p.cmdline()).strip()
+            except psutil.Error:
+                continue
+            if title.startswith("ray::"):
+                out.add(title.split()[0].rstrip("()"))
+        return out
+
+    def raylet_pid(self) -> int:
+        (raylet,) = [p.pid for p in self.processes() if p.name() == "raylet"]
+        return raylet
+
+    def kill(self) -> None:
+        """SIGKILL the node's process group, then any worker of it still alive, by PID."""
+        workers = self.processes()[1:]
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for p in workers:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def make_inputs(work: Path) -> tuple[MergeSpec, Catalog]:
+    make_checkpoint(work / "base", SPEC)
+    for i, name in enumerate(MODELS, 1):
+        make_checkpoint(work / name, dataclasses.replace(SPEC, seed=i), base=work / "base", delta_std=0.01)
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(work / "base"), "dtype": "bfloat16",
+           "models": [{"model": str(work / m), "parameters": {"weight": w}} for m, w in zip(MODELS, (0.5, 0.3, 0.2))]}
+    (work / "merge.yaml").write_text(yaml.safe_dump(cfg))
+    lines = [f"base: {work / 'base'}", "models:", *[f"  - {{name: {m}, path: {work / m}}}" for m in MODELS]]
+    (work / "catalog.yaml").write_text("\n".join(lines) + "\n")
+    return MergeSpec.load(work / "merge.yaml"), Catalog.load(work / "catalog.yaml")
+
+
+class Stage:
+    """One stage run in a thread of this driver; its error, if any, is kept for result.json."""
+
+    def __init__(self, fn, *args) -> None:
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn, *args))
+        self.thread.start()
+
+    def _run(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # reported in result.json; the test fails on it
+            self.error = f"{type(e).__name__}: {e}"
+
+
+def merge(work: Path, tag: str, spec: MergeSpec) -> Stage:
+    opts = ExecOptions(workers=2, resources={"merge_slot": 1}, shard_bytes=2**20, unit_elems=1 << 14)
+    return Stage(run_merge, spec, work / f"{tag}-merged", opts)
+
+
+def structural(work: Path, tag: str, catalog: Catalog, workers: int) -> Stage:
+    opts = StructuralOptions(workers=workers, resources={"gram_slot": 1}, use_cache=False, chunk_elems=1 << 13)
+    return Stage(compute_structural, catalog, work / f"{tag}-features", opts)
+
+
+def watch(nodes: list[Node], stages: list[Stage], seen: dict[str, set[str]], until=None) -> bool:
+    """Record the nodes' worker titles in `seen` every 50 ms while a stage runs. With `until`,
+    return True as soon as it holds for node 2's titles."""
+    while any(s.thread.is_alive() for s in stages):
+        for node in nodes:
+            titles = node.titles()
+            seen.setdefault(node.name, set()).update(titles)
+            if until is not None and node.name == "node2" and until(titles):
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def errors(stages: dict[str, Stage]) -> dict[str, str]:
+    for s in stages.values():
+        s.thread.join()
+    return {name: s.error for name, s in stages.items() if s.error}
+
+
+def wait_for_nodes(ray, nodes: list[Node], work: Path, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    n = len(nodes)
+    while sum(node["Alive"] for node in ray.nodes()) < n:
+        for node in nodes:
+            node.check()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fewer than {n} Ray nodes alive after {timeout:.0f} s; see {work}/*.log")
+        time.sleep(0.2)
+
+
+def main(work: Path) -> int:
+    import ray
+
+    t0 = time.perf_counter()
+    result: dict = {"timings": {}}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **HEALTH,
+                "SIMMERGE_CACHE": str(work / "cache")})
+    os.environ.update(env)
+    nodes: list[Node] = []
+    try:
+        (gcs,) = free_ports(1)
+        nodes.append(Node(work, "head", env, gcs, head=True))
+        spec, catalog = make_inputs(work)  # while the head starts
+        result["timings"]["inputs_s"] = time.perf_counter() - t0
+        (work / "result.json").write_text(json.dumps(result, indent=2))  # progress, for a post-mortem
+        deadline = time.monotonic() + 90
+        while True:  # the GCS accepts drivers a moment after `ray start` forks it
+            try:
+                ray.init(address=f"127.0.0.1:{gcs}", log_to_driver=False)
+                break
+            except (ConnectionError, RuntimeError):
+                nodes[0].check()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        nodes.append(Node(work, "node2", env, gcs, head=False))
+        wait_for_nodes(ray, nodes, work)
+        result["timings"]["cluster_s"] = time.perf_counter() - t0
+        (work / "result.json").write_text(json.dumps(result, indent=2))
+
+        t = time.perf_counter()
+        ref = {"merge": merge(work, "ref", spec), "structural": structural(work, "ref", catalog, 2)}
+        seen_ref: dict[str, set[str]] = {}
+        watch(nodes, list(ref.values()), seen_ref)
+        result["ref_errors"] = errors(ref)
+        result["ref_seen"] = {k: sorted(v) for k, v in seen_ref.items()}
+        result["timings"]["undisturbed_s"] = time.perf_counter() - t
+        (work / "result.json").write_text(json.dumps(result, indent=2))
+
+        # The lost run, in an order that makes the kill land mid-run whatever the machine's speed:
+        # the structural pass asks for a third actor, which no node can host until the
+        # replacement joins, so the pass (and its actor on node 2) waits; the merge starts; node
+        # 2's raylet is killed while node 2 merges a unit.
+        t = time.perf_counter()
+        seen_lost: dict[str, set[str]] = {}
+        lost = {"structural": structural(work, "lost", catalog, 3)}
+        watch(nodes, list(lost.values()), seen_lost, until=lambda titles: "ray::GramWorker" in titles)
+        lost["merge"] = merge(work, "lost", spec)
+        mid = watch(nodes, [lost["merge"]], seen_lost, until=lambda titles: "ray::UnitMerger.run" in titles)
+        result["killed_mid_run"] = mid  # False: the merge ended before a poll saw node 2 merging
+        if mid:
+            raylet = nodes[1].raylet_pid()
+            os.kill(raylet, signal.SIGKILL)
+            result["killed_raylet_pid"] = raylet
+            result["killed_after_s"] = time.perf_counter() - t
+        # The replacement: room for the restarted actors and the structural pass's third.
+        nodes.append(Node(work, "node3", env, gcs, head=False, slots={"merge_slot": 1, "gram_slot": 2}))
+        watch(nodes, list(lost.values()), seen_lost)
+        result["lost_errors"] = errors(lost)
+        result["lost_seen"] = {k: sorted(v) for k, v in seen_lost.items()}
+        result["timings"]["lost_s"] = time.perf_counter() - t
+        result["alive_nodes_after"] = sum(n["Alive"] for n in ray.nodes())
+    finally:
+        ray.shutdown()
+        for node in nodes:
+            node.kill()
+        result["timings"]["total_s"] = time.perf_counter() - t0
+        (work / "result.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))
