@@ -26,8 +26,8 @@ def run_mergekit(cfg: dict, root: Path, out: Path, *, copy_tokenizer: bool = Fal
 
     def absolutize(node):
         if isinstance(node, dict):
-            return {k: (str(root / v) if k in ("model", "base_model") or (k == "tokenizer_source" and v != "base")
-                        else absolutize(v)) for k, v in node.items()}
+            return {k: (str(root / v) if k in ("model", "base_model", "tokenizer_source", "source")
+                        and isinstance(v, str) and (root / v).is_dir() else absolutize(v)) for k, v in node.items()}
         if isinstance(node, list):
             return [absolutize(v) for v in node]
         return node

@@ -1,10 +1,8 @@
 """Real-world-style mergekit configs (tests/data/mergekit_configs: slices, stacking, gradients,
 filters, modules, tokenizer settings) run unchanged and match mergekit, on tiny llama and qwen2
-checkpoints with tokenizers. Values agree to the output dtype's last bit (over 99% exactly).
-
-We compute in float32 whatever `dtype` says (README: what `dtype` means), so the oracle runs each
-config with `dtype: float32` and the config's output dtype; the config as written gives the same
-bytes here."""
+checkpoints with tokenizers. Both compute in the config's `dtype` (README: what `dtype` means);
+values agree to the output dtype's last bit (over 99% exactly). `compute_dtype="float32"` gives
+the bytes of the config with `dtype: float32` and the same output dtype."""
 
 from __future__ import annotations
 
@@ -30,7 +28,8 @@ def _write_tokenizer(folder: Path, max_length: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 32)}}
+    # qwen2's tokenizer class adds <|endoftext|> when absent: it is one of the 32 tokens here
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 31)}, "<|endoftext|>": 31}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
@@ -54,7 +53,7 @@ def test_config_matches_mergekit(zoo, tmp_path: Path, arch: str, path: Path) -> 
     root = zoo[arch]
     cfg = yaml.safe_load(path.read_text())
     out_dtype = cfg.get("out_dtype") or cfg["dtype"]
-    oracle_cfg = {**cfg, "dtype": "float32", "out_dtype": out_dtype}
+    f32_cfg = {**cfg, "dtype": "float32", "out_dtype": out_dtype}
     (root / path.name).write_text(path.read_text())
     run_merge(MergeSpec.load(root / path.name), tmp_path / "ours", ExecOptions(in_process=True))
     ours = load_all(tmp_path / "ours")
@@ -66,11 +65,13 @@ def test_config_matches_mergekit(zoo, tmp_path: Path, arch: str, path: Path) -> 
         # input's length); our config lists one layer type per output layer
         assert config["layer_types"] == ["full_attention"] * depth
         return
-    (root / f"oracle-{path.name}").write_text(yaml.safe_dump(oracle_cfg))
-    run_merge(MergeSpec.load(root / f"oracle-{path.name}"), tmp_path / "ours-f32", ExecOptions(in_process=True))
-    same = load_all(tmp_path / "ours-f32")
-    assert all(torch.equal(ours[n], same[n]) for n in ours)  # dtype: only the output's dtype here
-    run_mergekit(oracle_cfg, root, tmp_path / "mk", copy_tokenizer=True)
+    (root / f"f32-{path.name}").write_text(yaml.safe_dump(f32_cfg))
+    run_merge(MergeSpec.load(root / f"f32-{path.name}"), tmp_path / "ours-f32", ExecOptions(in_process=True))
+    run_merge(MergeSpec.load(root / path.name), tmp_path / "ours-opt", ExecOptions(in_process=True,
+                                                                                   compute_dtype="float32"))
+    same, opt = load_all(tmp_path / "ours-f32"), load_all(tmp_path / "ours-opt")
+    assert all(torch.equal(opt[n], same[n]) for n in opt)  # the float32 option: the old behaviour
+    run_mergekit(cfg, root, tmp_path / "mk", copy_tokenizer=True)
     theirs = load_all(tmp_path / "mk")
     assert sorted(ours) == sorted(theirs)
     equal = total = 0

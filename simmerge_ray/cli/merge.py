@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="CPUs per merge actor (default: SIMMERGE_CPUS_PER_ACTOR or 1)")
     p.add_argument("--shard-size", default="512M", help="output shard size, e.g. 512M, 2G")
     p.add_argument("--seed", type=int, default=0, help="seed of stochastic methods (DARE)")
+    p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype the methods compute in, whatever the config's `dtype` says (default: the "
+                        "config's `dtype`, as mergekit; float32 without one); the output dtype is unchanged")
     p.add_argument("--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of failing")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--in-process", action="store_true",
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
                        cpus_per_worker=args.cpus_per_worker or ask.num_cpus,
                        memory_per_worker=ask.memory,
                        shard_bytes=parse_bytes(args.shard_size, what="--shard-size"),
-                       allow_nonfinite=args.allow_nonfinite, overwrite=args.overwrite)
+                       allow_nonfinite=args.allow_nonfinite, overwrite=args.overwrite,
+                       compute_dtype=args.compute_dtype)
     if args.plan:
         return _run_plan(args, opts)
     spec = MergeSpec.load(args.config, seed=args.seed)

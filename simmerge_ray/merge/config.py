@@ -4,7 +4,8 @@ Accepted, as mergekit reads them: `models:` lists; `slices:` of `sources` with `
 (subsets of layers, and several slices stacked one after another), each slice with its own
 `base_model` and `parameters`; `modules:` with one module (the form of single-module
 architectures); `base_model`, `merge_method`, `parameters` (global, per module, per slice, per
-source), `dtype`, `out_dtype`, `tokenizer_source` (base or a model), `chat_template`. Parameter
+source), `dtype` (the compute dtype), `out_dtype`, `tokenizer_source` (`base`, `union` or a model)
+or the `tokenizer:` block (see `tokenizer`), `chat_template` (a name or a Jinja text). Parameter
 values are scalars, gradients (lists interpolated over a slice's relative depth) or filtered
 lists (`- filter: self_attn\n  value: ...`); every value written is type- and range-checked
 here. Any other key is an error naming it. Which input tensors make each output tensor is
@@ -19,15 +20,13 @@ from typing import Any
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.safetensors_format import dtype_code
+from simmerge_ray.merge.chat_templates import check_template
 from simmerge_ray.merge.operators import MergeMethod, Param, get_method
+from simmerge_ray.merge.tokenizer import TokenizerSpec, parse_tokenizer
 from simmerge_ray.yaml_io import read_yaml
 
 _TOP_KEYS = {"merge_method", "models", "slices", "modules", "base_model", "parameters", "dtype", "out_dtype",
-             "tokenizer_source", "chat_template"}
-_UNSUPPORTED = {
-    "tokenizer": "the tokenizer: block (vocabulary surgery) is not supported; use tokenizer_source: base "
-                 "or a model",
-}
+             "tokenizer_source", "tokenizer", "chat_template"}
 
 
 @dataclass(frozen=True)
@@ -67,10 +66,10 @@ class MergeSpec:
     base: InputModel | None  # the config's base_model (slices may name their own)
     parameters: dict[str, Any]  # global settings
     module_parameters: dict[str, Any]  # the `modules:` entry's settings
-    dtype: str | None  # mergekit's working dtype; we compute in float32 (see README)
+    dtype: str | None  # the compute dtype, as mergekit (ExecOptions.compute_dtype overrides it)
     out_dtype: str | None
-    tokenizer_source: str | None
-    chat_template: str | None = None
+    tokenizer: TokenizerSpec | None
+    chat_template: str | None = None  # a template name (chat_templates.NAMES), "auto" or Jinja text
     source: str = "config"  # for messages
     seed: int = 0
 
@@ -100,8 +99,6 @@ class MergeSpec:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: a merge config is a mapping")
         for key in raw:
-            if key in _UNSUPPORTED:
-                raise ConfigError(f"{source}: key {key!r}: {_UNSUPPORTED[key]}")
             if key not in _TOP_KEYS:
                 raise ConfigError(f"{source}: unsupported key {key!r} (known: {', '.join(sorted(_TOP_KEYS))})")
         if "merge_method" not in raw:
@@ -128,16 +125,10 @@ class MergeSpec:
                 except ValueError as e:
                     raise ConfigError(f"{source}: {dt_key}: {e}") from None
         names = {m.ref for sl in slices for m in (*(s.model for s in sl.sources), sl.base) if m is not None}
-        tok = raw.get("tokenizer_source")
-        if tok == "union":
-            raise ConfigError(f"{source}: tokenizer_source: 'union' (a merged vocabulary) is not supported; "
-                              f"use 'base' or one of the models")
-        if tok is not None and tok != "base" and tok not in names:
-            raise ConfigError(f"{source}: tokenizer_source: {tok!r} must be 'base' or one of the models")
+        tok = parse_tokenizer(raw, names, source)
         template = raw.get("chat_template")
-        if template is not None and (not isinstance(template, str) or "{" not in template):
-            raise ConfigError(f"{source}: chat_template: expected the text of a Jinja template, got {template!r} "
-                              f"(named templates such as 'chatml' or 'auto' are not supported)")
+        if template is not None:
+            check_template(template, f"{source}: chat_template")
         spec = cls(method, slices, base, global_params, module_params, raw.get("dtype"), raw.get("out_dtype"),
                    tok, template, source, seed)
         spec._check_required()

@@ -26,14 +26,15 @@ from simmerge_ray.errors import ray_get
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.checkpoint import SINGLE_FILE, Checkpoint
 from simmerge_ray.io.safetensors_format import (
-    DTYPE_BYTES, DTYPE_TO_TORCH, FLOAT_DTYPES, BackgroundWriter, RangeWriter, dtype_code, file_layout, preallocate,
+    DTYPE_BYTES, DTYPE_TO_TORCH, FLOAT_DTYPES, TORCH_TO_DTYPE, BackgroundWriter, RangeWriter, dtype_code, file_layout, preallocate,
 )
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.operators import MergeInputs
 from simmerge_ray.merge.operators.magnitude_select import MagnitudeSelect
 from simmerge_ray.merge.output_files import write_side_files
-from simmerge_ray.merge.tensor_merge import check_finite, merge_tensor
+from simmerge_ray.merge.tensor_merge import check_finite, compute_dtype, merge_tensor, working_dtype
 from simmerge_ray.merge.tensor_plan import TensorTask, output_layers, plan_tensors
+from simmerge_ray.merge.tokenizer import BuiltVocabulary, build_vocabulary
 
 # Set by the fault-injection test: the first worker to reach its second unit exits abruptly
 # (once, tracked by this marker file), to prove that a lost worker is retried cleanly.
@@ -63,6 +64,10 @@ class ExecOptions:
     # Custom Ray resources each worker asks for, to place the merge on nodes that advertise them
     # (`ray start --resources '{"nvme": 4}'`); None: anywhere with CPUs.
     resources: dict[str, float] | None = None
+    # The dtype the methods compute in; None: the config's `dtype`, as mergekit (float32 when
+    # the config gives none). "float32" computes every method in float32 whatever the config
+    # says (`--compute-dtype float32`); the output keeps out_dtype/dtype either way.
+    compute_dtype: str | None = None
 
 
 @dataclass
@@ -154,11 +159,12 @@ def plan_shards(tasks: list[TensorTask], ckpts: dict[str, Checkpoint], out_dtype
         model, in_name = task.all_reads[0]
         name, e = task.name, ckpts[model].entries[in_name]
         code = dtype_code(out_dtype) if out_dtype and e.dtype in FLOAT_DTYPES else e.dtype
-        nbytes = e.numel * DTYPE_BYTES[code]
+        shape = e.shape if task.vocab is None else (task.vocab.rows, *e.shape[1:])
+        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[code]
         if groups[-1] and size + nbytes > shard_bytes:
             groups.append([])
             size = 0
-        groups[-1].append((name, e.shape, code))
+        groups[-1].append((name, tuple(shape), code))
         size += nbytes
     n = len(groups)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -169,9 +175,11 @@ class UnitMerger:
     """Merges work units; one instance lives in each Ray actor."""
 
     def __init__(self, spec: MergeSpec, tasks: dict[str, TensorTask], cpus: float, stream_bytes: int,
-                 chunk_elems: int) -> None:
+                 chunk_elems: int, compute: str = "F32") -> None:
         torch.set_num_threads(max(1, int(cpus)))
         self.spec = spec
+        self.compute = DTYPE_TO_TORCH[compute]
+        self.work = working_dtype(spec, self.compute)
         self.tasks = tasks
         self.stream_bytes = stream_bytes
         self.chunk_elems = chunk_elems
@@ -203,7 +211,7 @@ class UnitMerger:
                     tensors, nbytes = pending.result()
                     pending = fetch(i + 1)
                     merged = merge_tensor(self.spec, self.tasks[piece.name], tensors.__getitem__,
-                                          allow_nonfinite=allow_nonfinite)
+                                          compute=self.compute, allow_nonfinite=allow_nonfinite)
                     writer.write_at(piece.offset, merged.to(DTYPE_TO_TORCH[piece.dtype]))
                     read_bytes += nbytes
                     del tensors, merged
@@ -221,6 +229,8 @@ class UnitMerger:
         coefficients need a first pass over the chunks for the Gram matrix) and TIES (two first
         passes find each model's magnitude threshold)."""
         method = self.spec.method
+        if self.tasks[name].vocab is not None:  # rows remapped to the output vocabulary: whole
+            return False
         if method.elementwise:
             return True
         if method.combination is None and method.chunked is None:
@@ -267,12 +277,22 @@ class UnitMerger:
         """A piece merged by a chunk loop (see `_fused`); returns the bytes it read."""
         if piece.count == 0:
             return 0
-        if self.spec.method.combination is not None:
+        if self.spec.method.combination is not None and not self._rounds_inside():
             return self._merge_combination(piece, writer, allow_nonfinite, pool)
         return self._merge_chunked(piece, writer, allow_nonfinite, pool)
 
+    def _rounds_inside(self) -> bool:
+        """The method computes in a half-precision compute dtype (task arithmetic in bf16): its
+        float32 combination would skip mergekit's intermediate rounding, so the chunked form runs."""
+        return self.work != torch.float32 and self.spec.method.chunked is not None
+
+    def _rounded(self, x: torch.Tensor) -> torch.Tensor:
+        """An input chunk rounded to the compute dtype (a no-op when it is float32)."""
+        return x if self.compute == torch.float32 or x.dtype == self.compute else x.to(self.compute)
+
     def _write_chunk(self, piece: Piece, writer: BackgroundWriter, start: int, values: torch.Tensor,
                      allow_nonfinite: bool) -> None:
+        values = values.to(self.compute)
         if not allow_nonfinite:
             check_finite(values, piece.name, self.spec.method.name, offset=start)
         self._out_slot ^= 1  # two output buffers: one being written while the other fills
@@ -291,7 +311,7 @@ class UnitMerger:
         if spec.method.combination_needs_gram:  # the piece is the whole tensor (see plan_units)
             gram = np.zeros((n_src, n_src))
             for _, parts in passes():
-                block = torch.stack([p.double() for p in parts[:n_src]])
+                block = torch.stack([self._rounded(p).double() for p in parts[:n_src]])
                 gram += (block @ block.T).numpy()
         coeffs, base_coeff = spec.method.combination(gram, task.options, task.per_model)
         if task.base is not None:
@@ -299,9 +319,10 @@ class UnitMerger:
         for start, parts in passes():
             k = parts[0].numel()
             acc = self._buffer(("acc",), torch.float32)[:k]
-            acc.copy_(parts[0]).mul_(coeffs[0])
+            acc.copy_(self._rounded(parts[0])).mul_(coeffs[0])
             for c, x in zip(coeffs[1:], parts[1:]):
                 if c != 0:
+                    x = self._rounded(x)
                     if x.dtype != torch.float32:  # a same-dtype add is several times faster than a mixed one
                         x = self._buffer(("f32",), torch.float32)[:k].copy_(x)
                     acc.add_(x, alpha=c)
@@ -316,20 +337,22 @@ class UnitMerger:
         assert task.base is not None  # TIES & co need a base (MergeMethod.needs_base)
         options, per_model = task.options, task.per_model
         passes = self._chunk_passes(piece, task.all_reads, pool)
-        selects = [MagnitudeSelect(piece.count, float(d), bool(options["rescale"])) if float(d) < 1 else None
-                   for d in per_model["density"]]
+        selects = [MagnitudeSelect(piece.count, float(d), bool(options["rescale"]))
+                   if float(d) < 1 and spec.method.chunked_masks else None for d in per_model["density"]]
         n_passes = 1
+        work = self.work
         if any(s is not None for s in selects):
             for step in ("first_pass", "second_pass"):
                 for _, parts in passes():
-                    base = parts[-1].to(torch.float32)
+                    base = parts[-1].to(self.compute).to(work)
                     for sel, x in zip(selects, parts):
                         if sel is not None:
-                            getattr(sel, step)(x.to(torch.float32) - base)
+                            getattr(sel, step)((x.to(self.compute).to(work) - base).to(torch.float32))
             n_passes = 3
         masks = [s.mask() if s is not None else None for s in selects]
         for start, parts in passes():
-            inp = MergeInputs([x.to(torch.float32) for x in parts[:-1]], parts[-1].to(torch.float32), per_model, options)
+            inp = MergeInputs([x.to(self.compute).to(work) for x in parts[:-1]], parts[-1].to(self.compute).to(work),
+                              per_model, options)
             self._write_chunk(piece, writer, start, spec.method.chunked(inp, masks), allow_nonfinite)
         return n_passes * self._pass_bytes(piece, task.all_reads)
 
@@ -345,17 +368,24 @@ class UnitMerger:
             os._exit(1)
 
 
-def check_merge(spec: MergeSpec) -> tuple[dict[str, Checkpoint], list[TensorTask]]:
-    """Open the inputs (headers only) and plan every output tensor with its parameters: each
-    problem of the inputs or the config fails here, before Ray starts or any tensor is read."""
+def check_merge(spec: MergeSpec) -> tuple[dict[str, Checkpoint], list[TensorTask], BuiltVocabulary | None]:
+    """Open the inputs (headers only), build the output tokenizer the config asks for (tokenizer
+    files only), and plan every output tensor with its parameters: each problem of the inputs or
+    the config fails here, before Ray starts or any tensor is read."""
     ckpts = open_inputs(spec)
-    return ckpts, plan_tensors(spec, ckpts)
+    vocab = None
+    if spec.tokenizer is not None:
+        lead = spec.base.ref if spec.base is not None else spec.inputs[0].ref
+        vocab = build_vocabulary(spec.tokenizer, {m.ref: m.path for m in spec.inputs},
+                                 {ref: ck.config for ref, ck in ckpts.items()}, lead, spec.source)
+    return ckpts, plan_tensors(spec, ckpts, vocab), vocab
 
 
 def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions()) -> MergeResult:
     """Merge `spec` into the folder `out` (written beside it, renamed when complete)."""
     t0 = time.perf_counter()
-    ckpts, task_list = check_merge(spec)
+    ckpts, task_list, vocab = check_merge(spec)
+    compute = TORCH_TO_DTYPE[compute_dtype(spec, opts.compute_dtype)]
     tasks = {t.name: t for t in task_list}
     plans = plan_shards(task_list, ckpts, spec.out_dtype or spec.dtype, opts.shard_bytes)
     layouts = {p.file: file_layout(list(p.tensors), {"format": "pt"}) for p in plans}
@@ -370,14 +400,14 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
         # Largest units first: a pool finishes close together.
         order = sorted(range(len(units)), key=lambda i: -units[i].elems)
         if opts.in_process:
-            stats = _run_in_process(spec, tasks, opts, [units[i] for i in order], partial)
+            stats = _run_in_process(spec, tasks, opts, [units[i] for i in order], partial, compute)
         else:
-            stats = _run_on_ray(spec, tasks, opts, [units[i] for i in order], partial)
+            stats = _run_on_ray(spec, tasks, opts, [units[i] for i in order], partial, compute)
         with ThreadPoolExecutor(max_workers=4) as pool:  # make every shard durable, then publish it
             list(pool.map(_sync, partial.values()))
         for p in plans:
             os.replace(partial[p.file], tmp / p.file)
-        write_side_files(spec, ckpts, output_layers(spec, ckpts), plans, tmp)
+        write_side_files(spec, ckpts, output_layers(spec, ckpts), plans, tmp, vocab)
         written = sum((tmp / p.file).stat().st_size for p in plans)
     return MergeResult(
         out=out,
@@ -391,7 +421,8 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
     )
 
 
-def _run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], opts: ExecOptions, units: list[WorkUnit], partial: dict[str, Path]) -> list[dict]:
+def _run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], opts: ExecOptions, units: list[WorkUnit],
+                partial: dict[str, Path], compute: str) -> list[dict]:
     """Units round robin over a pool of restartable actors; a lost worker's unit is retried."""
     worker_cls = ray.remote(UnitMerger).options(
         num_cpus=opts.cpus_per_worker,
@@ -403,7 +434,7 @@ def _run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], opts: ExecOptions
     )
     n_workers = max(1, min(opts.workers, len(units)))
     tasks_ref = ray.put(tasks)
-    workers = [worker_cls.remote(spec, tasks_ref, opts.cpus_per_worker, opts.stream_bytes, opts.chunk_elems)
+    workers = [worker_cls.remote(spec, tasks_ref, opts.cpus_per_worker, opts.stream_bytes, opts.chunk_elems, compute)
                for _ in range(n_workers)]
     try:
         futures = [workers[k % n_workers].run.remote(u, str(partial[u.file]), opts.allow_nonfinite)
@@ -414,10 +445,11 @@ def _run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], opts: ExecOptions
             ray.kill(w)
 
 
-def _run_in_process(spec: MergeSpec, tasks: dict[str, TensorTask], opts: ExecOptions, units: list[WorkUnit], partial: dict[str, Path]) -> list[dict]:
+def _run_in_process(spec: MergeSpec, tasks: dict[str, TensorTask], opts: ExecOptions, units: list[WorkUnit],
+                    partial: dict[str, Path], compute: str) -> list[dict]:
     threads = torch.get_num_threads()
     try:
-        merger = UnitMerger(spec, tasks, opts.cpus_per_worker, opts.stream_bytes, opts.chunk_elems)
+        merger = UnitMerger(spec, tasks, opts.cpus_per_worker, opts.stream_bytes, opts.chunk_elems, compute)
         return [merger.run(u, str(partial[u.file]), opts.allow_nonfinite) for u in units]
     finally:
         torch.set_num_threads(threads)

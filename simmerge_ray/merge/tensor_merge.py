@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from simmerge_ray.errors import MergeError
+from simmerge_ray.errors import ConfigError, MergeError
+from simmerge_ray.io.safetensors_format import DTYPE_TO_TORCH, FLOAT_DTYPES, dtype_code
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.operators import MergeInputs
 from simmerge_ray.merge.tensor_plan import TensorTask
@@ -24,16 +25,38 @@ def tensor_generator(seed: int, tensor_name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
+def compute_dtype(spec: MergeSpec, override: str | None = None) -> torch.dtype:
+    """The dtype a merge computes in: `override` (--compute-dtype), else the config's `dtype`
+    (mergekit's meaning), else float32."""
+    name = override or spec.dtype or "float32"
+    code = dtype_code(name)
+    if code not in FLOAT_DTYPES:
+        raise ConfigError(f"{spec.source}: compute dtype {name!r} is not a float dtype")
+    return DTYPE_TO_TORCH[code]
+
+
+def working_dtype(spec: MergeSpec, compute: torch.dtype) -> torch.dtype:
+    """The dtype the method's function receives: the compute dtype for methods that compute in
+    it (mergekit's task-arithmetic family), float32 for the others (inputs rounded first)."""
+    return compute if spec.method.native_dtype else torch.float32
+
+
 def merge_tensor(spec: MergeSpec, task: TensorTask, read: Callable[[tuple[str, str]], torch.Tensor], *,
-                 allow_nonfinite: bool = False) -> torch.Tensor:
-    """The merged float32 value of one output tensor.
+                 compute: torch.dtype = torch.float32, allow_nonfinite: bool = False) -> torch.Tensor:
+    """The merged value of one output tensor, rounded to `compute` as mergekit rounds it.
 
     `read((model ref, tensor name))` returns an input tensor (any dtype), as `task` names them.
+    Inputs are rounded to `compute` first; vocabulary tensors are then remapped to the output
+    tokenizer's rows (in `compute`, as mergekit does).
     """
-    tensors = [read(r).to(torch.float32) for r in task.reads]
-    base = read(task.base).to(torch.float32) if task.base is not None else None
+    work = working_dtype(spec, compute)
+    loaded = {r: read(r).to(compute) for r in task.all_reads}
+    if task.vocab is not None:
+        loaded = task.vocab.remap(loaded)
+    tensors = [loaded[r].to(work) for r in task.reads]
+    base = loaded[task.base].to(work) if task.base is not None else None
     gen = tensor_generator(spec.seed, task.name) if spec.method.stochastic else None
-    out = spec.method.fn(MergeInputs(tensors, base, task.per_model, task.options, gen))
+    out = spec.method.fn(MergeInputs(tensors, base, task.per_model, task.options, gen)).to(compute)
     if not allow_nonfinite:
         check_finite(out, task.name, spec.method.name)
     return out

@@ -18,6 +18,8 @@ from simmerge_ray.errors import CheckpointError, ConfigError
 from simmerge_ray.io.checkpoint import Checkpoint, layer_index, with_layer_index
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES
 from simmerge_ray.merge.config import MergeSpec, OutputSlice, SliceSource, evaluate_setting, method_sources
+from simmerge_ray.merge.tokenizer import BuiltVocabulary, token_rows
+from simmerge_ray.merge.vocabulary import VocabRemap, row_sources
 
 Value = float | int | bool
 
@@ -32,6 +34,7 @@ class TensorTask:
     base: tuple[str, str] | None
     options: dict[str, Value]
     per_model: dict[str, list[Value]]
+    vocab: VocabRemap | None = None  # embeddings and head when the config builds a tokenizer
 
     @property
     def all_reads(self) -> tuple[tuple[str, str], ...]:
@@ -65,13 +68,23 @@ def output_layers(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> int:
     return sum(r[0][1] - r[0][0] for r in slice_ranges(spec, ckpts))
 
 
-def plan_tensors(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> list[TensorTask]:
-    """Every output tensor's task, in output order (before, blocks, after)."""
+def is_vocabulary(name: str, ck: Checkpoint) -> bool:
+    """An embedding or head tensor whose rows are the model's tokens (mergekit's vocabulary axis 0)."""
+    entry = ck.entries.get(name)
+    size = ck.config.get("vocab_size")
+    return (layer_index(name) is None and entry is not None and len(entry.shape) == 2
+            and any(k in name for k in ("embed_tokens", "lm_head", "embed_out", "wte"))
+            and (not isinstance(size, int) or entry.shape[0] == size))
+
+
+def plan_tensors(spec: MergeSpec, ckpts: dict[str, Checkpoint], vocab: BuiltVocabulary | None = None) -> list[TensorTask]:
+    """Every output tensor's task, in output order (before, blocks, after); with `vocab` (the
+    config builds a tokenizer) the vocabulary tensors carry their rows' re-indexing."""
     ranges = slice_ranges(spec, ckpts)
     first = ckpts[spec.slices[0].sources[0].model.ref]
     _check_same_architecture(spec.slices[0].sources[0].model.ref, ckpts)
     outside = [n for n in first.tensor_names if layer_index(n) is None]
-    tasks = [_task(spec, ckpts, spec.slices[0], n, [n] * len(spec.slices[0].sources), 0.0)
+    tasks = [_task(spec, ckpts, spec.slices[0], n, [n] * len(spec.slices[0].sources), 0.0, vocab)
              for n in outside if _is_pre(n)]
     out_layer = 0
     for sl, rng in zip(spec.slices, ranges):
@@ -89,14 +102,18 @@ def plan_tensors(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> list[TensorTa
                 tasks.append(_task(spec, ckpts, sl, with_layer_index(name, out_layer), ins, t))
             out_layer += 1
     last = spec.slices[-1]
-    tasks += [_task(spec, ckpts, last, n, [n] * len(last.sources), 0.0) for n in outside if not _is_pre(n)]
+    tasks += [_task(spec, ckpts, last, n, [n] * len(last.sources), 0.0, vocab) for n in outside if not _is_pre(n)]
     return tasks
 
 
 def _task(spec: MergeSpec, ckpts: dict[str, Checkpoint], sl: OutputSlice, out_name: str, in_names: list[str],
-          t: float) -> TensorTask:
+          t: float, vocab: BuiltVocabulary | None = None) -> TensorTask:
     names = {s.model.ref: n for s, n in zip(sl.sources, in_names)}
-    _check_tensors(ckpts, [(s.model.ref, names[s.model.ref]) for s in sl.sources])
+    lead = sl.sources[0].model.ref
+    remap = None
+    if vocab is not None and is_vocabulary(names[lead], ckpts[lead]):
+        remap = _remap(spec, ckpts, sl, names, vocab)
+    _check_tensors(ckpts, [(s.model.ref, names[s.model.ref]) for s in sl.sources], rows_may_differ=remap is not None)
     method = spec.method
     inputs = method_sources(method, sl)
     base = None
@@ -111,7 +128,30 @@ def _task(spec: MergeSpec, ckpts: dict[str, Checkpoint], sl: OutputSlice, out_na
             method.check(out_name, options, per_model)
         except ConfigError as e:
             raise ConfigError(f"{spec.source}: {e}") from None
-    return TensorTask(out_name, tuple((s.model.ref, names[s.model.ref]) for s in inputs), base, options, per_model)
+    return TensorTask(out_name, tuple((s.model.ref, names[s.model.ref]) for s in inputs), base, options, per_model,
+                      remap)
+
+
+def _remap(spec: MergeSpec, ckpts: dict[str, Checkpoint], sl: OutputSlice, names: dict[str, str],
+           vocab: BuiltVocabulary) -> VocabRemap:
+    """The re-indexing of one vocabulary tensor over the slice's models (mergekit's gather)."""
+    assert spec.tokenizer is not None
+    models = [s.model.ref for s in sl.sources]
+    explicit, forced = token_rows(spec.tokenizer, vocab, spec.source)
+    for tid, src in explicit.items():
+        if src.model is None:
+            continue
+        word = next(w for w, i in vocab.vocab.items() if i == tid)
+        where = f"{spec.source}: tokenizer.tokens.{word}.source"
+        if src.model not in names:
+            raise ConfigError(f"{where}: model {src.model!r} is not a source of {names[models[0]]!r}")
+        n_rows = ckpts[src.model].entries[names[src.model]].shape[0]
+        if src.row >= n_rows:
+            raise ConfigError(f"{where}: row {src.row} is past the {n_rows} rows of {src.model!r}'s "
+                              f"{names[src.model]!r}")
+    perms = {m: vocab.perms[m] for m in models}
+    base = sl.base.ref if sl.base is not None else None
+    return VocabRemap(vocab.rows, len(vocab.vocab), perms, row_sources(perms, models, base, explicit, forced), forced)
 
 
 def _value(spec: MergeSpec, param, scopes: tuple[dict[str, Any], ...], tensor_name: str, t: float,
@@ -131,8 +171,9 @@ def _value(spec: MergeSpec, param, scopes: tuple[dict[str, Any], ...], tensor_na
     return param.default
 
 
-def _check_tensors(ckpts: dict[str, Checkpoint], reads: list[tuple[str, str]]) -> None:
-    """Every input holds its tensor, all of one shape and of compatible dtypes."""
+def _check_tensors(ckpts: dict[str, Checkpoint], reads: list[tuple[str, str]], *, rows_may_differ: bool = False) -> None:
+    """Every input holds its tensor, all of one shape (but for the rows of a vocabulary tensor
+    re-indexed to a built tokenizer) and of compatible dtypes."""
     ref_model, ref_name = reads[0]
     ref = ckpts[ref_model].entries.get(ref_name)
     for model, name in reads:
@@ -144,7 +185,7 @@ def _check_tensors(ckpts: dict[str, Checkpoint], reads: list[tuple[str, str]]) -
                                   f"models must share one architecture")
         if ref is None:
             continue
-        if entry.shape != ref.shape:
+        if (entry.shape[1:] if rows_may_differ else entry.shape) != (ref.shape[1:] if rows_may_differ else ref.shape):
             raise CheckpointError(f"model {model!r} ({ck.path}): tensor {name!r} has shape {list(entry.shape)}, "
                                   f"{ref_model!r}'s {ref_name!r} has {list(ref.shape)}")
         if entry.dtype != ref.dtype and not (entry.dtype in FLOAT_DTYPES and ref.dtype in FLOAT_DTYPES):

@@ -54,8 +54,8 @@ class Param:
 class MergeInputs:
     """What a method sees for one tensor: the models' values, the base, and parameter values."""
 
-    tensors: list[torch.Tensor]  # float32, one per non-base model, in config order
-    base: torch.Tensor | None  # float32 or None
+    tensors: list[torch.Tensor]  # float32 (native_dtype methods: the compute dtype), in config order
+    base: torch.Tensor | None  # as `tensors`, or None
     per_model: dict[str, list[Value]]  # param name -> one value per tensor above
     options: dict[str, Value]  # global parameters
     generator: torch.Generator | None = None  # for stochastic methods, seeded per tensor
@@ -96,6 +96,12 @@ class MergeMethod:
     combination: CombinationFn | None = None
     combination_needs_gram: bool = False
     chunked: ChunkedFn | None = None
+    # `chunked` sparsifies each model by magnitude masks (TIES): the executor finds them first.
+    chunked_masks: bool = False
+    # Computes in the dtype of its inputs, as mergekit's version does (the task-arithmetic
+    # family: every intermediate rounded to `dtype`); the others compute in float32 from inputs
+    # rounded to `dtype` and round their result, as mergekit's linear/SLERP/... do.
+    native_dtype: bool = False
     doc: str = ""
     aliases: tuple[str, ...] = field(default=())
 

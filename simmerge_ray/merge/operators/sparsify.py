@@ -26,7 +26,8 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> tor
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    order = torch.argsort(delta.abs().reshape(-1), descending=True)[:k]
+    # sorted as float32 whatever the compute dtype: half-precision ties then fall in mergekit's order
+    order = torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:k]
     mask = torch.zeros(delta.numel(), dtype=delta.dtype)
     mask[order] = 1
     masked = delta * mask.reshape(delta.shape)

@@ -141,5 +141,7 @@ for _v in VARIANTS:
         # with each model's magnitude threshold found first, TIES is elementwise: streamable
         chunked=(partial(chunked_magnitude_task_arithmetic, variant=_v)
                  if _v.sparsification in (None, "magnitude") else None),
+        chunked_masks=_v.sparsification == "magnitude",
+        native_dtype=True,
         doc=f"task vectors; sparsification={_v.sparsification}, sign consensus={_v.consensus}",
     ))

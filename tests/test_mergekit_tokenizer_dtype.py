@@ -1,0 +1,201 @@
+"""Vocabularies, chat templates and the compute dtype, against mergekit run in-process.
+
+Two tiny llama checkpoints whose word-level tokenizers share only part of their vocabulary,
+in another order, each with its own special token: the output tokenizer (`union`, `base`, a
+model, the `tokenizer:` block with per-token sources, forcing and padding) holds mergekit's
+tokens, and every token's embedding and head row equals mergekit's. mergekit numbers the tokens
+`union` adds in a hash order, so rows are compared by token. Merges compute in `dtype` as
+mergekit does (bf16, fp16), or in float32 with the option.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mergekit_oracle import load_all, make_zoo, run_mergekit
+
+from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
+from simmerge_ray.merge.chat_templates import NAMES
+from simmerge_ray.merge.config import MergeSpec
+from simmerge_ray.merge.executor import ExecOptions, run_merge
+
+WORDS = {"a": [f"w{i}" for i in range(26)], "b": [f"w{i}" for i in range(10, 36)][::-1]}
+SPECIAL = {"a": "<|im_start|>", "b": "<|tool|>"}
+
+
+def _tokenizer(words: list[str], special: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    out.add_special_tokens({"additional_special_tokens": [special]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Models a and b: different vocabularies (30 tokens each, 16 shared words)."""
+    root = tmp_path_factory.mktemp("vocab")
+    for seed, name in enumerate(("a", "b"), start=1):
+        tok = _tokenizer(WORDS[name], SPECIAL[name])
+        spec = SyntheticSpec(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                             vocab_size=len(tok.get_vocab()), seed=seed)
+        make_checkpoint(root / name, spec)
+        tok.save_pretrained(root / name)
+    return root
+
+
+def _both(cfg: dict, root: Path, tmp: Path, opts: ExecOptions = ExecOptions(in_process=True)) -> tuple[Path, Path]:
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    run_merge(MergeSpec.load(root / "cfg.yaml"), tmp / "ours", opts)
+    run_mergekit(cfg, root, tmp / "mk", copy_tokenizer=True)
+    return tmp / "ours", tmp / "mk"
+
+
+TOKENIZER_CASES = {
+    "union_linear": {"merge_method": "linear", "base_model": "a", "tokenizer_source": "union", "models": [
+        {"model": "a", "parameters": {"weight": 0.6}}, {"model": "b", "parameters": {"weight": 0.4}}]},
+    "model_source_ties_fp16": {"merge_method": "ties", "base_model": "a", "tokenizer_source": "b",
+                               "parameters": {"density": 0.5, "weight": 1.0}, "dtype": "float16",
+                               "models": [{"model": "a"}, {"model": "b"}]},
+    "base_slerp": {"merge_method": "slerp", "base_model": "b", "tokenizer_source": "base", "parameters": {"t": 0.3},
+                   "models": [{"model": "a"}, {"model": "b"}]},
+    "block_bf16": {"merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.3}, "dtype": "bfloat16",
+                   "tokenizer": {"source": "union", "pad_to_multiple_of": 8, "tokens": {
+                       "<|im_start|>": {"source": "a"},
+                       "<|tool|>": {"source": {"kind": "zero"}, "force": True},
+                       "w3": {"source": {"kind": "model_token", "model": "b", "token": "w20"}, "force": True},
+                       "<new>": {"source": {"kind": "model_token", "model": "a", "token_id": 5}}}},
+                   "models": [{"model": "a"}, {"model": "b"}]},
+}
+
+
+@pytest.mark.parametrize("case", list(TOKENIZER_CASES))
+def test_vocabulary_matches_mergekit(pair: Path, tmp_path: Path, case: str) -> None:
+    from transformers import AutoTokenizer
+
+    cfg = {"dtype": "float32", **TOKENIZER_CASES[case]}
+    ours, mk = _both(cfg, pair, tmp_path)
+    mine, theirs = AutoTokenizer.from_pretrained(ours), AutoTokenizer.from_pretrained(mk)
+    vo, vm = mine.get_vocab(), theirs.get_vocab()
+    assert set(vo) == set(vm)
+    assert {t for t, i in vo.items() if i in mine.added_tokens_decoder} == \
+           {t for t, i in vm.items() if i in theirs.added_tokens_decoder}
+    a, b = load_all(ours), load_all(mk)
+    assert sorted(a) == sorted(b)
+    rows = json.loads((ours / "config.json").read_text())["vocab_size"]
+    assert rows == json.loads((mk / "config.json").read_text())["vocab_size"]
+    for name in a:
+        assert a[name].shape == b[name].shape, name
+        if "embed_tokens" in name or "lm_head" in name:
+            assert a[name].shape[0] == rows
+            for tok, i in vo.items():
+                torch.testing.assert_close(a[name][i], b[name][vm[tok]], msg=f"{case} {name} {tok!r}")
+            torch.testing.assert_close(a[name][len(vo):], b[name][len(vm):])  # padding: the rows' mean
+        else:  # SLERP's float32 arithmetic may differ from mergekit's in the last bit
+            torch.testing.assert_close(a[name], b[name], msg=f"{case} {name}")
+    if case == "block_bf16":  # a forced zero row, and a row borrowed from another token of b
+        embed = a["model.embed_tokens.weight"]
+        assert not embed[vo["<|tool|>"]].any()
+        assert embed[vo["w3"]].any()
+
+
+@pytest.mark.parametrize("name", sorted(NAMES))
+def test_named_chat_template_renders_as_mergekits(pair: Path, tmp_path: Path, name: str) -> None:
+    from transformers import AutoTokenizer
+
+    cfg = {"merge_method": "linear", "dtype": "float32", "chat_template": name,
+           "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 1.0}}]}
+    if name == "chatml":  # with a built tokenizer too
+        cfg["tokenizer_source"] = "a"
+    cfg["models"][1]["model"] = "a2"
+    (pair / "a2").exists() or _copy_model(pair / "a", pair / "a2")
+    ours, mk = _both(cfg, pair, tmp_path)
+    mine, theirs = AutoTokenizer.from_pretrained(ours), AutoTokenizer.from_pretrained(mk)
+    chats = [[{"role": "user", "content": " hi "}, {"role": "assistant", "content": "yo"},
+              {"role": "user", "content": "more"}],
+             [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}]]
+    for chat in chats:
+        for gen in (False, True):
+            want = theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+            assert mine.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen) == want
+
+
+def _copy_model(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.copytree(src, dst)
+
+
+def test_chat_template_text_and_auto(pair: Path, tmp_path: Path) -> None:
+    """A Jinja text is written as given; `auto` takes the template most inputs carry."""
+    from transformers import AutoTokenizer
+
+    text = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    for name in ("c", "d"):
+        if not (pair / name).exists():
+            _copy_model(pair / "a", pair / name)
+            tok = AutoTokenizer.from_pretrained(pair / name)
+            tok.chat_template = text
+            tok.save_pretrained(pair / name)
+    models = [{"model": "c", "parameters": {"weight": 1.0}}, {"model": "d", "parameters": {"weight": 1.0}}]
+    for template, want in ((text.replace("] ", "]: "), text.replace("] ", "]: ")), ("auto", text)):
+        cfg = {"merge_method": "linear", "tokenizer_source": "union", "chat_template": template, "models": models}
+        (pair / "t.yaml").write_text(yaml.safe_dump(cfg))
+        run_merge(MergeSpec.load(pair / "t.yaml"), tmp_path / "out", ExecOptions(in_process=True, overwrite=True))
+        assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == want
+
+
+COMPUTE_CASES = {
+    "ties": {"merge_method": "ties", "base_model": "base", "parameters": {"normalize": True}, "models": [
+        {"model": "m1", "parameters": {"weight": 1.0, "density": [1, 0.7, 0.1]}},
+        {"model": "m2", "parameters": {"weight": [0, 0.3, 0.7, 1], "density": 0.5}},
+        {"model": "m3", "parameters": {"weight": 0.5, "density": 0.33}}]},
+    "linear": {"merge_method": "linear", "models": [
+        {"model": "m1", "parameters": {"weight": 0.7}}, {"model": "m2", "parameters": {"weight": [0.1, 0.9]}}]},
+    "slerp": {"merge_method": "slerp", "base_model": "m1", "parameters": {"t": [0, 0.4, 1]},
+              "models": [{"model": "m1"}, {"model": "m2"}]},
+    "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": "base", "parameters": {"lambda": 0.8},
+                        "models": [{"model": "m1", "parameters": {"weight": 0.5}},
+                                   {"model": "m2", "parameters": {"weight": 0.9}}]},
+}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=3, num_heads=4, vocab_size=64,
+                         intermediate_size=64, dtype="float32")
+    return make_zoo(tmp_path_factory.mktemp("zoo"), spec)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", list(COMPUTE_CASES))
+def test_compute_dtype_matches_mergekit(zoo: Path, tmp_path: Path, case: str, dtype: str) -> None:
+    """`dtype` is the compute dtype: mergekit's bytes, to its rounding (float32 inputs, so the
+    rounding of the inputs to `dtype` matters); `--compute-dtype float32` gives the float32 merge."""
+    cfg = {**COMPUTE_CASES[case], "dtype": dtype}
+    ours, mk = _both(cfg, zoo, tmp_path)
+    a, b = load_all(ours), load_all(mk)
+    exact = total = 0
+    for name in a:
+        assert a[name].dtype == b[name].dtype == getattr(torch, dtype)
+        # one ulp of `dtype` where float32 sums of another order round the other way
+        torch.testing.assert_close(a[name].float(), b[name].float(), rtol=1e-2 if dtype == "bfloat16" else 1e-3,
+                                   atol=1e-5, msg=f"{case} {dtype} {name}")
+        exact, total = exact + int((a[name] == b[name]).sum()), total + a[name].numel()
+    # linear: mergekit hands the weights over in `dtype` (0.7 -> 0.69921875 in bf16); one ulp apart
+    assert exact / total > (0.999 if case in ("ties", "task_arithmetic") else 0.97), exact / total
+    run_merge(MergeSpec.load(zoo / "cfg.yaml"), tmp_path / "f32",
+              ExecOptions(in_process=True, compute_dtype="float32"))
+    (zoo / "old.yaml").write_text(yaml.safe_dump({**cfg, "dtype": "float32", "out_dtype": dtype}))
+    run_merge(MergeSpec.load(zoo / "old.yaml"), tmp_path / "old", ExecOptions(in_process=True))
+    f32, old = load_all(tmp_path / "f32"), load_all(tmp_path / "old")
+    assert all(torch.equal(f32[n], old[n]) for n in f32)
+    assert any(not torch.equal(f32[n], a[n]) for n in a)  # the two modes do differ
