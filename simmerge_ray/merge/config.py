@@ -13,7 +13,7 @@ decided in `tensor_plan`, once the inputs' headers are open.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ class MergeSpec:
     chat_template: str | None = None
     source: str = "config"  # for messages
     seed: int = 0
+    config: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # as given (model card)
 
     @property
     def inputs(self) -> tuple[InputModel, ...]:
@@ -139,7 +140,7 @@ class MergeSpec:
             raise ConfigError(f"{source}: chat_template: expected the text of a Jinja template, got {template!r} "
                               f"(named templates such as 'chatml' or 'auto' are not supported)")
         spec = cls(method, slices, base, global_params, module_params, raw.get("dtype"), raw.get("out_dtype"),
-                   tok, template, source, seed)
+                   tok, template, source, seed, config=raw)
         spec._check_required()
         return spec
 
