@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.selector.data import load_pair_data
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Using it on your checkpoints"
@@ -230,17 +231,18 @@ def test_merge_output_carries_card_config_and_parameters(walkthrough: dict) -> N
 def test_output_is_quiet_readable_and_has_verdicts(walkthrough: dict) -> None:
     out = walkthrough["out"]
     text = "".join(out.values())
-    ray_info = [ln for ln in text.splitlines() if re.search(r"\tINFO |\bINFO \w+\.py:\d+ --", ln)]
+    ray_info = [ln for ln in text.splitlines()  # Python's INFO lines and the C++ ones ("[date I pid tid]")
+                if re.search(r"\tINFO |\bINFO \w+\.py:\d+ --|^\[[^\]]* I \d+ \d+\] ", ln)]
     assert ray_info == [] and "core_worker" not in text and "Traceback" not in text
     merge = out["simmerge merge my-merge.yaml --out merged/"]
     assert re.search(r"read \d+(\.\d+)? KiB, wrote \d+(\.\d+)? KiB in [\d.]+ s \([\d.]+ [KMG]iB/s input\)", merge), merge
     assert "GB" not in merge
     fit = next(v for k, v in out.items() if k.startswith("simmerge fit "))
-    n = len(__import__("polars").read_parquet(walkthrough["ws"] / "labels" / "labels.parquet"))
+    n = len(load_pair_data(walkthrough["ws"] / "feats", walkthrough["ws"] / "labels" / "labels.parquet"))
     assert f"simmerge fit: warning: only {n} labelled pairs (fewer than 50)" in fit
     ev = next(v for k, v in out.items() if k.startswith("simmerge evaluate-selector "))
     assert re.search(r"^verdict: SimMerge (beats|does not beat|ties with) the best fixed arm \(\w+\)", ev, re.M), ev
-    label = out["simmerge label --catalog catalog.yaml --out labels/"]
+    label = next(v for k, v in out.items() if k.startswith("simmerge label "))
     assert ("4-way: none (4-way plans need experts of 4 distinct tasks; the catalog's experts cover 3 "
             "(code, math, rag))") in label
     # --verbose restores Ray's INFO lines.

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _verbose = False
 # Set for Ray's processes unless --verbose (and unless the user set them): the C++ log level, and
@@ -49,13 +53,43 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if not _verbose:
         level = logging.WARNING
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True, logging_level=level)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=_verbose, logging_level=level)
+    with _without_cpp_info_lines(enabled=not _verbose):
+        if address:
+            ray.init(address=address, log_to_driver=True, logging_level=level)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=_verbose, logging_level=level)
     if not _verbose:
         for name in ("ray.tune", "ray.train", "ray.serve"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# A C++ log line at INFO: "[2026-11-30 08:44:05,770 I 15261 15261] logging.cc:303: ..."
+_CPP_INFO = re.compile(rb"^\[[^\]]* I \d+ \d+\] ")
+
+
+@contextmanager
+def _without_cpp_info_lines(enabled: bool) -> Iterator[None]:
+    """While Ray starts, hold this process's stderr (file descriptor 2) and pass on every line
+    but the C++ INFO ones: the core worker announces at INFO the very log level
+    RAY_BACKEND_LOG_LEVEL sets, before applying it. Processes Ray starts meanwhile inherit the
+    held file as their stderr; their logs go to the session folder anyway."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [ln for ln in held.read().splitlines(keepends=True) if not _CPP_INFO.match(ln)]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def quiet_ray_data() -> None:
