@@ -1,12 +1,18 @@
 """The `simmerge` command. Each subcommand lives in its own module under this package and
-exposes `register(subparsers)`; user errors print one line and exit 2, never a traceback."""
+exposes `register(subparsers)`; user errors print one line and exit 2, never a traceback.
+
+Every command's help shows each option's default and an example (its parser's `epilog`);
+`--verbose` on any command keeps Ray's own logs, which are otherwise kept below warnings.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from collections.abc import Iterator
 
+from simmerge_ray import __version__
 from simmerge_ray.errors import SimMergeError
 
 # Modules under simmerge_ray.cli, each adding one or more subcommands.
@@ -15,19 +21,72 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Texts with line breaks (the epilog's examples) as written, others wrapped; an option's
+    default appended to its help, except for flags, options without a default (None) and help
+    that already says what the default is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+                or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def leaf_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+                 ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """(command path, parser) of every runnable subcommand, e.g. (('features', 'structural'), p)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+        return
+    seen: set[int] = set()
+    for name, sub in subs[0].choices.items():
+        if id(sub) not in seen:  # an alias maps to the same parser
+            seen.add(id(sub))
+            yield from leaf_parsers(sub, (*path, name))
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield from _all_parsers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simmerge",
         description="Choose how to merge LLM checkpoints from similarity signals, then merge them.",
+        epilog="example:\n  simmerge merge my-merge.yaml --out merged/\n"
+               "  simmerge COMMAND --help   (each command's options, defaults and an example)",
     )
+    parser.add_argument("--version", action="version", version=f"simmerge {__version__}",
+                        help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"simmerge_ray.cli.{name}").register(subparsers)
+    for p in _all_parsers(parser):
+        p.formatter_class = HelpFormatter
+    for _, p in leaf_parsers(parser):
+        p.add_argument("--verbose", action="store_true",
+                       help="show Ray's own logs (INFO lines, Ray Data and Tune progress reports)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from simmerge_ray.cli.common import set_verbose
+
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        set_verbose(True)  # never reset: stages a `demo --verbose` runs in this process stay verbose
     try:
         return int(args.func(args) or 0)
     except SimMergeError as e:

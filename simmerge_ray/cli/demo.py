@@ -11,23 +11,25 @@ DEFAULT_ZOO = Path(__file__).resolve().parents[2] / "configs" / "zoo_default.yam
 def register(subparsers: argparse._SubParsersAction) -> None:
     for name, help_text in (("demo", "end-to-end demo on the built-in testbed, with a report"),
                             ("pipeline", "the whole pipeline on a zoo config (same as demo)")):
-        p = subparsers.add_parser(name, help=help_text)
+        p = subparsers.add_parser(name, help=help_text,
+                                  epilog=f"examples:\n  simmerge {name} --out runs/demo\n"
+                                         f"  simmerge {name} --zoo-config configs/zoo_tiny.yaml --quick --out runs/tiny")
         p.add_argument("--out", required=True, help="run folder (reused: finished stages are skipped)")
         p.add_argument("--zoo-config", "--config", dest="zoo_config", default=str(DEFAULT_ZOO),
                        help="zoo YAML (default: configs/zoo_default.yaml)")
-        p.add_argument("--tune-samples", type=int, default=6)
-        p.add_argument("--folds", type=int, default=5)
-        p.add_argument("--sim-repeats", type=int, default=10)
+        p.add_argument("--tune-samples", type=int, default=6, help="Ray Tune trials of the selector's search")
+        p.add_argument("--folds", type=int, default=5, help="folds over model pairs of the selector evaluation")
+        p.add_argument("--sim-repeats", type=int, default=10, help="repeats of the bandit replay simulation")
         p.add_argument("--quick", action="store_true",
                        help="smoke-test sizes: no hyperparameter search, 3 folds, few 3/4-way labels, "
                             "2 bandit repeats (for tests and the tiny zoo)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--address", default=None)
+        p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+        p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
         p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from simmerge_ray.cli.common import init_ray
+    from simmerge_ray.cli.common import init_ray, verdict_line
     from simmerge_ray.pipeline import PipelineSettings
     from simmerge_ray.pipeline import run as run_pipeline
     from simmerge_ray.report.summary import write_report
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     p = report["pairwise"]
     g = p["utility"]
     best_fixed = p["best_fixed_arm"]
+    print(verdict_line(p["simmerge_vs_best_fixed"], best_fixed, p["simmerge_share_of_oracle"], " on held-out pairs"))
     print(f"\nSimMerge reaches a two-sided utility of {100 * g['simmerge']['mean']:.1f}% on held-out pairs "
           f"(best fixed arm, {best_fixed}: {100 * g[best_fixed]['mean']:.1f}%; oracle "
           f"{100 * g['oracle']['mean']:.1f}%); selection accuracy {p['selection_accuracy']:.1%}.")

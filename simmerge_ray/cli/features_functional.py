@@ -14,7 +14,8 @@ from simmerge_ray.cli.probe import add_probe_flags, print_summary, probe_from_ar
 
 def register_feature(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("functional", help="KL, activation and attention cosines of every model pair "
-                                            "per task, from cached probe inference")
+                                            "per task, from cached probe inference",
+                         epilog="example:\n  simmerge features functional --catalog catalog.yaml --out feats/")
     add_probe_flags(p)
     p.set_defaults(func=run_functional)
 

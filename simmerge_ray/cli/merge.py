@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import argparse
 
-from simmerge_ray.cli.common import init_ray
+from simmerge_ray.cli.common import human_bytes, human_rate, init_ray
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.out_checks import check_output
 
 
+def _methods_text() -> str:
+    """The registry's merge methods, wrapped, for `merge --help`."""
+    import textwrap
+
+    from simmerge_ray.merge.operators import METHODS
+
+    return textwrap.fill(", ".join(sorted(METHODS)), width=88, initial_indent="  ", subsequent_indent="  ")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("merge", help="execute a mergekit YAML config or a plan (streaming, on Ray)")
+    p = subparsers.add_parser(
+        "merge", help="execute a mergekit YAML config or a plan (streaming, on Ray)",
+        description="Execute a mergekit YAML config (or a plan from `simmerge plan`) with the streaming "
+                    "engine. The output folder holds the weights, config.json, the tokenizer, README.md "
+                    "(a model card) and mergekit_config.yml (the exact config).",
+        epilog=f"merge methods (merge_method:):\n{_methods_text()}\n\nexamples:\n"
+               "  simmerge merge my-merge.yaml --out merged/\n"
+               "  simmerge merge --plan plan-3way/plan.json --catalog catalog.yaml --out merged-3way/")
     p.add_argument("config", nargs="?", help="mergekit-style YAML (models/slices, merge_method, parameters, dtype)")
     p.add_argument("--plan", help="a plan.json from `simmerge plan` (instead of CONFIG); needs --catalog")
     p.add_argument("--catalog", help="the catalog the plan's model names refer to")
     p.add_argument("--dtype", default=None, help="output dtype of a plan's merge (default: the inputs')")
-    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--out", required=True, help="output checkpoint folder (created; never an input)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote (never an input)")
     p.add_argument("--workers", type=int, default=None,
                    help="merge actors (default: SIMMERGE_MAX_ACTORS or 2)")
@@ -60,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     res = run_merge(spec, args.out, opts)
     print(f"merged {len(spec.inputs)} models with {spec.method.name}: {res.tensors} tensors in "
           f"{res.shards} shard(s) -> {res.out}")
-    print(f"read {res.bytes_read / 1e9:.3f} GB, wrote {res.bytes_written / 1e9:.3f} GB in {res.seconds:.1f} s "
-          f"({res.read_gbps:.2f} GB/s input)")
+    print(f"read {human_bytes(res.bytes_read)}, wrote {human_bytes(res.bytes_written)} in {res.seconds:.1f} s "
+          f"({human_rate(res.bytes_read, res.seconds)} input)")
     return 0
 
 
@@ -86,4 +102,6 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
     total = sum(r.seconds for r in results)
     print(f"executed {len(results)} step(s) of {' -> '.join(plan.models)} "
           f"({', '.join(plan.operators)}) in {total:.1f} s -> {args.out}")
+    print(f"read {human_bytes(sum(r.bytes_read for r in results))}, wrote "
+          f"{human_bytes(results[-1].bytes_written)} (the last step's output)")
     return 0

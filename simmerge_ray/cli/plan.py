@@ -13,22 +13,37 @@ from simmerge_ray.selector.data import features_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("plan", help="pick the merge (operator; or subset, order and operators)")
+    p = subparsers.add_parser(
+        "plan", help="pick the merge (operator; or subset, order and operators)",
+        description="Pairwise (--expert, --aux): the arm with the highest predicted utility, written as "
+                    "merge.yaml. Multi-way (--models): the subset, order and arms with the highest score, "
+                    "written as plan.json and one mergekit YAML per step. A plan's score is "
+                    "--retention-weight x the product of its steps' predicted utilities (the predicted "
+                    "share of the expert's gap on --task that survives every step) + --aux-weight x the "
+                    "mean predicted gain on the merged-in models' own tasks.",
+        epilog="examples:\n"
+               "  simmerge plan --selector selector/ --catalog catalog.yaml --features feats/ \\\n"
+               "      --task code --expert code-1 --aux math-1 --out plan-pair/\n"
+               "  simmerge plan --selector selector/ --catalog catalog.yaml --features feats/ \\\n"
+               "      --task code --models code-1 math-1 rag-1 --min-way 3 --max-way 3 --out plan-3way/")
     p.add_argument("--selector", required=True, help="selector folder from `simmerge fit`")
     p.add_argument("--aux-selector", default=None,
                    help="selector fitted with --target aux_gap_closed (enables the auxiliary-gain objective)")
-    p.add_argument("--catalog", required=True)
+    p.add_argument("--catalog", required=True, help="catalog YAML the model names refer to")
     p.add_argument("--features", required=True, help="features folder (features.parquet, gram.safetensors)")
     p.add_argument("--task", required=True, help="target task")
     p.add_argument("--expert", help="pairwise mode: the expert model")
     p.add_argument("--aux", help="pairwise mode: the auxiliary model")
     p.add_argument("--models", nargs="+", help="multi-way mode: candidate models")
-    p.add_argument("--max-way", type=int, default=4)
-    p.add_argument("--min-way", type=int, default=2)
+    p.add_argument("--max-way", type=int, default=4, help="multi-way mode: most models in a plan")
+    p.add_argument("--min-way", type=int, default=2, help="multi-way mode: fewest models in a plan")
     p.add_argument("--required-expert", default=None, help="the plan must start from this model")
-    p.add_argument("--beam-width", type=int, default=64)
-    p.add_argument("--retention-weight", type=float, default=1.0)
-    p.add_argument("--aux-weight", type=float, default=0.0)
+    p.add_argument("--beam-width", type=int, default=64,
+                   help="multi-way mode: partial plans kept per depth where exhaustive search is too large")
+    p.add_argument("--retention-weight", type=float, default=1.0,
+                   help="weight of the expert's predicted retention in a plan's score")
+    p.add_argument("--aux-weight", type=float, default=0.0,
+                   help="weight of the predicted gain on the other models' tasks (needs --aux-selector)")
     p.add_argument("--out", required=True, help="folder for plan.json and the mergekit YAML file(s)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote")
     p.set_defaults(func=run)
@@ -80,8 +95,9 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
     plan = Plan(args.task, [args.expert, args.aux], [sel.operators[best]], [float(u[best])], [], float(u[best]))
     out = Path(args.out)
     with atomic_output_dir(out, overwrite=args.overwrite, inputs=_inputs(args, catalog)) as tmp:
-        files = plan.write(tmp, {m.name: m.path for m in catalog.models}, catalog.base)
-        files[0].rename(tmp / "merge.yaml")
+        files = plan.write(tmp, {m.name: m.path for m in catalog.models}, catalog.base, step_root=out.resolve())
+        (tmp / "merge.yaml").write_text(files[0].read_text().replace(files[0].name, "merge.yaml", 1))
+        files[0].unlink()
     print(f"wrote {out / 'plan.json'} and {out / 'merge.yaml'} (run: simmerge merge {out / 'merge.yaml'} --out DIR)")
     return 0
 
@@ -96,14 +112,17 @@ def _multiway(args: argparse.Namespace, catalog) -> int:
     search_space(req, catalog)  # bad models or task: fail before loading the step model
     res = plan_request(req, catalog, build_step_model(args.selector, args.features, args.aux_selector))
     print(f"scored {res.scored} plans in {res.seconds:.2f} s ({res.plans_per_second:.0f} plans/s, "
-          f"{'exhaustive' if res.exhaustive else f'beam {args.beam_width}'})")
+          f"{'exhaustive' if res.exhaustive else f'beam {args.beam_width}'}); score = {args.retention_weight:g} x "
+          f"predicted share of the expert's gap on {args.task} kept by every step"
+          + (f" + {args.aux_weight:g} x predicted gain on the other models' tasks" if args.aux_weight else ""))
     for rank, p in enumerate(res.plans[:5], start=1):
         steps = " ".join(f"-[{op}]-> {m}" for op, m in zip(p.operators, p.models[1:]))
         print(f"{rank}. score {p.score:.3f}: {p.models[0]} {steps}  (step utilities "
               f"{', '.join(f'{u:.2f}' for u in p.step_utility)})")
     out = Path(args.out)
     with atomic_output_dir(out, overwrite=args.overwrite, inputs=_inputs(args, catalog)) as tmp:
-        write_plans(res, catalog, tmp)
+        write_plans(res, catalog, tmp, step_root=out.resolve())
     print(f"wrote {out / 'plan.json'} and {res.best.k - 1} step YAML file(s); execute with "
-          f"`simmerge merge --plan {out / 'plan.json'} --catalog {args.catalog} --out DIR`")
+          f"`simmerge merge --plan {out / 'plan.json'} --catalog {args.catalog} --out DIR`, or step by step "
+          f"(see each step file's first lines)")
     return 0

@@ -6,11 +6,13 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("plan-batch", help="plan merges for a table of requests (one row per target)")
+    p = subparsers.add_parser("plan-batch", help="plan merges for a table of requests (one row per target)",
+                              epilog="example:\n  simmerge plan-batch --requests requests.jsonl --selector selector/ "
+                                     "--catalog catalog.yaml --features feats/ --out batch/")
     p.add_argument("--requests", required=True, help="request table: .parquet (file or folder) or .jsonl")
     p.add_argument("--selector", required=True, help="selector folder from `simmerge fit`")
     p.add_argument("--aux-selector", default=None, help="selector fitted on aux_gap_closed (aux_weight > 0)")
-    p.add_argument("--catalog", required=True)
+    p.add_argument("--catalog", required=True, help="catalog YAML the requests' model names refer to")
     p.add_argument("--features", required=True, help="features folder (features.parquet, gram.safetensors)")
     p.add_argument("--out", required=True, help="folder for results.parquet, plans/, summary.json")
     p.add_argument("--cache", default=None, help="results cache folder (default: OUT/cache); reruns skip "

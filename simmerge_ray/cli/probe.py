@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from simmerge_ray.cli.common import init_ray
+from simmerge_ray.cli.common import init_ray, quiet_ray_data
 from simmerge_ray.inference.catalog_probes import ModelProbes
 from simmerge_ray.inference.pipeline import RunReport
 from simmerge_ray.inference.settings import ProbeSettings, RunOptions
@@ -24,8 +24,10 @@ MANIFEST = "probe_manifest.json"
 
 def add_probe_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that runs probe inference."""
-    p.add_argument("--catalog", "--config", dest="catalog", required=True, help="catalog YAML")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--catalog", "--config", dest="catalog", required=True,
+                   help="catalog YAML (each task's probes: .jsonl with a \"text\" field, .parquet or .txt, "
+                        "one probe per line)")
+    p.add_argument("--out", required=True, help="output folder (shareable with `features structural`)")
     p.add_argument("--cache", default=None, help="probe-output cache folder (default: DIR/probe_cache)")
     p.add_argument("--overwrite", action="store_true", help="discard the probe outputs cached in --cache first (only its cache entries)")
     p.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: all in the catalog)")
@@ -33,18 +35,20 @@ def add_probe_flags(p: argparse.ArgumentParser) -> None:
                    help="hf: model in memory; deepspeed: ZeRO-3 inference with parameters offloaded")
     p.add_argument("--nvme-path", default=None, help="deepspeed: offload parameters to NVMe here")
     p.add_argument("--actors", type=int, default=None, help="actors per model (default: SIMMERGE_MAX_ACTORS or 1)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="probes per forward pass")
     p.add_argument("--max-length", type=int, default=128, help="truncate probes to this many tokens")
     p.add_argument("--attn-max-length", type=int, default=64, help="attention maps over the first N tokens")
     p.add_argument("--full-vocab-limit", type=int, default=8192,
                    help="store whole next-token distributions up to this vocabulary size")
     p.add_argument("--top-k", type=int, default=256, help="compact form above the limit: top-k + tail mass")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype the models run in")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("probe", help="run every catalog model on its tasks' probes (cached, resumable)")
+    p = subparsers.add_parser("probe", help="run every catalog model on its tasks' probes (cached, resumable)",
+                              epilog="example:\n  simmerge probe --catalog catalog.yaml --out probes-out/")
     add_probe_flags(p)
     p.set_defaults(func=run_probe)
 
@@ -96,6 +100,7 @@ def probe_from_args(args: argparse.Namespace, *, require_comparable: bool = Fals
     if args.overwrite:
         discard_entries(cache_dir)
     init_ray(args.address)
+    quiet_ray_data()
     bars: list[tqdm] = []
 
     def on_start(work: dict[str, list[ModelProbes]]) -> Callable[[str, int], object]:
@@ -103,7 +108,7 @@ def probe_from_args(args: argparse.Namespace, *, require_comparable: bool = Fals
         runs = [mp for models in work.values() for mp in models]
         total = sum(mp.probes.num_tokens for mp in runs)
         cached = sum(len(mp.probes.ids[i]) for mp in runs for i in mp.cache.done_ids())
-        bars[:] = [tqdm(total=total, initial=cached, unit="tok", desc=f"{len(work)} models")]
+        bars[:] = [tqdm(total=total, initial=cached, unit="tok", desc=f"{len(work)} models", disable=None)]
         return lambda _name, tokens: bars[0].update(tokens)
 
     plans, reports = probe_catalog(catalog, settings, options, cache_dir, tasks=args.tasks,

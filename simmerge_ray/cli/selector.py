@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from simmerge_ray.cli.common import init_ray
+from simmerge_ray.cli.common import init_ray, verdict_line
 from simmerge_ray.io.out_checks import check_output
+from simmerge_ray.selector.data import MIN_LABELLED_PAIRS
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -17,23 +23,54 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (replaced if simmerge wrote it)")
     p.add_argument("--target", default="utility", choices=["utility", "gap_closed", "aux_gap_closed"],
                    help="label column to predict: the two-sided utility (default), the expert side or the auxiliary side")
-    p.add_argument("--tune-samples", type=int, default=8, help="Ray Tune trials (0: default config)")
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tune-samples", type=int, default=8,
+                   help="Ray Tune trials of the hyperparameter search (0: no search, the default config)")
+    p.add_argument("--epochs", type=int, default=300, help="training epochs (full batch)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search, the folds and the initial weights")
     p.add_argument("--no-task-encoding", action="store_true", help="task-agnostic selector")
-    p.add_argument("--address", default=None)
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("fit", help="fit the selector (Ray Tune search, then Ray Train)")
+    p = subparsers.add_parser(
+        "fit", help="fit the selector (Ray Tune search, then Ray Train)",
+        description=f"Fit the selector on labelled pairs (rows of labels.parquet). Below {MIN_LABELLED_PAIRS} "
+                    f"labelled pairs it warns: too few for the selector to beat a fixed arm reliably.",
+        epilog="example:\n  simmerge fit --features feats/ --labels labels/labels.parquet --out selector/")
     _common(p)
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     p.set_defaults(func=run_fit)
-    e = subparsers.add_parser("evaluate-selector",
-                              help="held-out pairs and leave-one-task-out evaluation, ablation, chart")
+    e = subparsers.add_parser(
+        "evaluate-selector", help="held-out pairs and leave-one-task-out evaluation, ablation, chart",
+        description="Judge the selector on held-out model pairs (grouped folds) and held-out tasks; ends "
+                    "with a verdict line: SimMerge against the best fixed arm, by how much.",
+        epilog="example:\n  simmerge evaluate-selector --features feats/ --labels labels/labels.parquet "
+               "--out selector-eval/")
     _common(e)
-    e.add_argument("--folds", type=int, default=5)
+    e.add_argument("--folds", type=int, default=5, help="folds over model pairs (at most one per pair)")
     e.set_defaults(func=run_evaluate)
+
+
+def warn_few_pairs(command: str, n: int) -> None:
+    """One warning line (stderr) below the documented minimum of labelled pairs."""
+    if n < MIN_LABELLED_PAIRS:
+        print(f"simmerge {command}: warning: only {n} labelled pairs (fewer than {MIN_LABELLED_PAIRS}): too few to "
+              f"trust the selector over a fixed arm; label more experts or tasks", file=sys.stderr)
+
+
+@contextmanager
+def ray_work_dir() -> Iterator[Path]:
+    """Ray Tune's and Ray Train's storage for one run: a folder under the cache (never beside
+    --out), removed when the run ends."""
+    from simmerge_ray.io.digest_cache import cache_root
+
+    root = cache_root() / "ray-work"
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="selector-", dir=root))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def choose_config(data, args: argparse.Namespace, storage: Path):
@@ -55,10 +92,11 @@ def run_fit(args: argparse.Namespace) -> int:
 
     data = load_pair_data(args.features, args.labels, args.target)
     out = check_output(args.out, overwrite=True, inputs=[args.features, args.labels])
+    warn_few_pairs("fit", len(data))
     init_ray(args.address)
-    work = out.parent / f".{out.name}.ray"
-    cfg, trials = choose_config(data, args, work)
-    sel = train_with_ray(data, cfg, num_workers=args.workers, storage=work)
+    with ray_work_dir() as work:
+        cfg, trials = choose_config(data, args, work)
+        sel = train_with_ray(data, cfg, num_workers=args.workers, storage=work)
     sel.meta = {"target": args.target, "rows": len(data), "tune_trials": trials}
     sel.save(out)
     print(f"selector ({args.target}) fitted on {len(data)} pairs, {len(data.feature_names)} features, "
@@ -74,12 +112,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     data = load_pair_data(args.features, args.labels, args.target)
     out = check_output(args.out, overwrite=True, inputs=[args.features, args.labels])
-    init_ray(args.address)
-    work = out.parent / f".{out.name}.ray"
+    warn_few_pairs("evaluate-selector", len(data))
+    if args.tune_samples > 0:  # the folds themselves are fitted in this process
+        init_ray(args.address)
     # Hyperparameters are searched on the first outer fold's training pairs only, never on a
     # test pair of that fold; the other folds reuse that config (documented approximation).
     train_idx, _ = group_kfold(data.pair_keys, args.folds, args.seed)[0]
-    cfg, trials = choose_config(data.subset(train_idx), args, work)
+    with ray_work_dir() as work:
+        cfg, trials = choose_config(data.subset(train_idx), args, work)
     report = {
         "config": asdict(cfg),
         "held_out_pairs": evaluate_pairs(data, fixed_fit(cfg), folds=args.folds, seed=args.seed),
@@ -107,11 +147,7 @@ def format_summary(report: dict) -> str:
              "method".ljust(width) + "".join(f"{t:>14}" for t in tasks)]
     for m in methods:
         lines.append(m.ljust(width) + "".join(f"{100 * g[m][t]:>13.1f}%" for t in tasks))
-    best = r["best_fixed_operator"]
-    gain = 100 * r["simmerge_vs_best_fixed"]
-    verdict = (f"beats the best fixed arm ({best}) by {gain:.1f} points" if gain > 0
-               else f"does not beat the best fixed arm ({best}): {gain:+.1f} points")
-    lines.append(f"verdict: SimMerge {verdict}; {100 * (r['simmerge_share_of_oracle'] or 0):.0f}% of the oracle")
+    lines.append(verdict_line(r["simmerge_vs_best_fixed"], r["best_fixed_operator"], r["simmerge_share_of_oracle"]))
     lo = report["leave_one_task_out"]
     lines.append(f"leave one task out: accuracy {lo['selection_accuracy']:.1%}, SimMerge "
                  f"{100 * lo['utility']['simmerge']['mean']:.1f}% vs best fixed "

@@ -17,6 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bandit-init",
         help="create a bandit state folder (identity encoder; warm start from labels if given)",
+        epilog="example:\n  simmerge bandit-init --state bandit/ --features feats/features.parquet "
+               "--labels labels/labels.parquet",
     )
     p.add_argument("--state", type=Path, required=True, help="state folder to create")
     p.add_argument("--features", type=Path, required=True, help="features.parquet (a, b, task, s_*, f_*)")
@@ -24,40 +26,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--operators", help="comma-separated arms when there are no labels (cold start)")
     _add_bandit_args(p)
     p.add_argument("--warm-weight", type=float, default=1.0, help="weight of each offline row")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a state folder that simmerge wrote")
     p.set_defaults(func=_init)
 
-    p = subparsers.add_parser("serve", help="serve bandit decisions over HTTP (Ray Serve)")
+    p = subparsers.add_parser("serve", help="serve bandit decisions over HTTP (Ray Serve)",
+                              epilog="example:\n  simmerge serve --state bandit/ --port 8000 --token-file bandit.token")
     p.add_argument("--state", type=Path, required=True, help="state folder from `bandit-init`")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--features", type=Path, help="feature table for name lookups (default: the state's)")
     p.add_argument("--token-file", type=Path,
                    help="file holding the token that POST /feedback and /arms require "
                         "(default: the SIMMERGE_BANDIT_TOKEN environment variable)")
     p.set_defaults(func=_serve)
 
-    p = subparsers.add_parser("bandit-sim", help="replay simulator: cumulative regret of bandit policies")
+    p = subparsers.add_parser("bandit-sim", help="replay simulator: cumulative regret of bandit policies",
+                              epilog="example:\n  simmerge bandit-sim --labels labels/labels.parquet "
+                                     "--features feats/features.parquet --out bandit-sim/")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--labels", type=Path, help="labels.parquet")
     src.add_argument("--synthetic", action="store_true", help="a synthetic problem with a known optimum")
     p.add_argument("--features", type=Path, help="features.parquet (with --labels)")
     p.add_argument("--out", type=Path, required=True, help="output folder (regret.json, regret.png)")
-    p.add_argument("--rounds", type=int, default=200)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=200, help="decisions per replay")
+    p.add_argument("--repeats", type=int, default=20, help="replays (different seeds) averaged")
     p.add_argument("--test-frac", type=float, default=0.3, help="share of model pairs held out")
     p.add_argument("--add-operator", help="operator added as a new arm (default: most often best)")
     p.add_argument("--add-at", type=int, default=60, help="it becomes available after this many rounds")
     _add_bandit_args(p)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote")
     p.set_defaults(func=_simulate)
 
 
 def _add_bandit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-var", type=float, default=0.04, help="reward noise (re-fitted on warm start)")
-    p.add_argument("--prior-var", type=float, default=1.0)
+    p.add_argument("--prior-var", type=float, default=1.0, help="prior variance of each arm's weights")
     p.add_argument("--exploration", type=float, default=1.0, help="posterior std multiplier")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior sampling")
 
 
 def _config(args: argparse.Namespace):
@@ -82,9 +87,16 @@ def _init(args: argparse.Namespace) -> int:
     from simmerge_ray.bandit.simulate import replay_data
 
     features = _read_parquet(args.features, "feature table")
-    names = feature_columns(features)
+    numeric = feature_columns(features)
+    # A column with NaN somewhere (e.g. the middle depth third of a 2-layer model, which has no
+    # layer) carries no usable context: the bandit is fitted on the finite columns only.
+    finite = features.select(numeric).cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    names = [c for c, ok in zip(numeric, np.isfinite(finite).all(axis=0)) if ok]
     if not names:
-        raise ConfigError(f"{args.features}: no numeric columns prefixed s_ or f_")
+        raise ConfigError(f"{args.features}: no numeric columns prefixed s_ or f_ with finite values in every row")
+    if len(names) < len(numeric):
+        dropped = [c for c in numeric if c not in names]
+        print(f"bandit-init: {len(dropped)} feature column(s) with NaN/Inf left out: {', '.join(dropped)}")
     encoder = IdentityEncoder.fit(names, features.select(names).cast(pl.Float64).to_numpy())
     if args.labels:
         data = replay_data(_read_parquet(args.labels, "labels"), features, names)

@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from simmerge_ray.cli.common import verdict_line
 from simmerge_ray.merge.arms import ARM_NAMES
 
 # Pairwise labels only: the multi-way labels are not needed to judge a pairwise selector.
@@ -19,7 +20,9 @@ PAIRWISE_ONLY = ["--subsets-3", "0", "--subsets-4", "0", "--mixed-4", "0"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("transfer", help="apply a fitted selector unchanged to another zoo and judge it")
+    p = subparsers.add_parser("transfer", help="apply a fitted selector unchanged to another zoo and judge it",
+                              epilog="example:\n  simmerge transfer --selector runs/demo/selector "
+                                     "--zoo-config configs/zoo_large.yaml --out runs/transfer")
     p.add_argument("--selector", required=True, help="selector folder fitted on the source zoo (e.g. runs/demo/selector)")
     p.add_argument("--zoo-config", "--config", dest="zoo_config", required=True,
                    help="the target zoo's YAML (e.g. configs/zoo_large.yaml)")
@@ -27,9 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-reference", action="store_true",
                    help="skip the in-zoo reference (a selector fitted and judged on the target zoo)")
     p.add_argument("--tune-samples", type=int, default=6, help="Ray Tune trials of the in-zoo reference")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--address", default=None)
+    p.add_argument("--folds", type=int, default=5, help="folds over model pairs of the in-zoo reference")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=run)
 
 
@@ -85,6 +88,8 @@ def format_transfer(report: dict) -> str:
              f"{100 * t['simmerge_vs_best_fixed']:+.1f} points vs the best fixed arm ({t['best_fixed_operator']})",
              f"{'utility %':<24}" + "".join(f"{k:>13}" for k in tasks)]
     lines += [f"{name:<24}" + "".join(f"{100 * v[k]:>13.1f}" for k in tasks) for name, v in rows]
+    lines.append(verdict_line(t["simmerge_vs_best_fixed"], t["best_fixed_operator"], t["simmerge_share_of_oracle"],
+                              " on the target zoo, without retraining"))
     if "in_zoo" in report:
         lines.append(f"in-zoo reference: selection accuracy {report['in_zoo']['selection_accuracy']:.1%} "
                      f"({report['in_zoo']['split']})")

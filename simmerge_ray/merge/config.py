@@ -14,7 +14,7 @@ decided in `tensor_plan`, once the inputs' headers are open.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ class MergeSpec:
     chat_template: str | None = None  # a template name (chat_templates.NAMES), "auto" or Jinja text
     source: str = "config"  # for messages
     seed: int = 0
+    config: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # as given (model card)
 
     @property
     def inputs(self) -> tuple[InputModel, ...]:
@@ -130,7 +131,7 @@ class MergeSpec:
         if template is not None:
             check_template(template, f"{source}: chat_template")
         spec = cls(method, slices, base, global_params, module_params, raw.get("dtype"), raw.get("out_dtype"),
-                   tok, template, source, seed)
+                   tok, template, source, seed, config=raw)
         spec._check_required()
         return spec
 

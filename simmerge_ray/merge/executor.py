@@ -407,7 +407,8 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
             list(pool.map(_sync, partial.values()))
         for p in plans:
             os.replace(partial[p.file], tmp / p.file)
-        write_side_files(spec, ckpts, output_layers(spec, ckpts), plans, tmp, vocab)
+        write_side_files(spec, ckpts, output_layers(spec, ckpts), plans, tmp, vocab,
+                         str(compute_dtype(spec, opts.compute_dtype)).removeprefix("torch."))
         written = sum((tmp / p.file).stat().st_size for p in plans)
     return MergeResult(
         out=out,

@@ -279,9 +279,10 @@ def run_batch(s: BatchSettings) -> BatchReport:
     rows = pa.concat_tables(done + fresh).cast(RESULT_SCHEMA).sort_by(order).to_pylist() if done + fresh else []
     invalid = sum(r["status"] == "error" and not r["cached"] for t in done for r in t.to_pylist())
     rows = _flag_duplicate_ids(rows)
+    catalog = Catalog.load(s.catalog) if any(r["status"] == "ok" for r in rows) else None
     for r in rows:
         if r["status"] == "ok":
-            r["plan_dir"] = _materialise_plan(cache / r["key"], out / "plans" / r["request_id"], out)
+            r["plan_dir"] = _materialise_plan(cache / r["key"], out / "plans" / r["request_id"], out, catalog)
     executed = _execute_top(rows, s) if s.execute_top else 0
     report = BatchReport(
         requests=len(rows), ok=sum(r["status"] == "ok" for r in rows),
@@ -307,12 +308,18 @@ def _flag_duplicate_ids(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _materialise_plan(entry: Path, target: Path, out: Path) -> str:
-    """Copy a cached plan folder to the output folder; returns its path relative to `out`."""
+def _materialise_plan(entry: Path, target: Path, out: Path, catalog: Catalog) -> str:
+    """Copy a cached plan folder to the output folder, its step files written for their final
+    place (each names the previous step's output by its absolute path, as `simmerge plan`
+    writes them); returns its path relative to `out`."""
+    from simmerge_ray.planner.plan import Plan
+
     with atomic_output_dir(target, overwrite=True) as tmp:
         for f in entry.iterdir():
-            if f.name != ROW_FILE:
+            if f.name != ROW_FILE and not (f.name.startswith("step-") and f.suffix == ".yaml"):
                 shutil.copy2(f, tmp / f.name)
+        plan = Plan.from_json((entry / "plan.json").read_text(), str(entry / "plan.json"))
+        plan.write(tmp, {m.name: m.path for m in catalog.models}, catalog.base, step_root=target)
     return str(target.relative_to(out))
 
 

@@ -65,14 +65,25 @@ class Plan:
             prev = step_dir.format(j=j)
         return configs
 
-    def write(self, out_dir: Path, paths: dict[str, Path], base: Path | None) -> list[Path]:
-        """plan.json plus step-<j>.yaml files (step j's output folder is `step-<j>`)."""
+    def write(self, out_dir: Path, paths: dict[str, Path], base: Path | None,
+              step_root: Path | None = None) -> list[Path]:
+        """plan.json plus step-<j>.yaml files; step j's output folder is `step_root/step-<j>`.
+
+        With `step_root` (the plan folder's final, absolute place) each step file names the
+        previous step's output by its absolute path, so it runs from any folder, with mergekit too;
+        without, by `step-<j>`, which our engine finds beside the file when the current folder
+        has no such folder."""
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "plan.json").write_text(self.to_json())
+        root = Path(step_root).resolve() if step_root is not None else None
+        step_dir = str(root / "step-{j}") if root is not None else "step-{j}"
         files = []
-        for j, cfg in enumerate(self.step_configs(paths, base), start=1):
+        for j, cfg in enumerate(self.step_configs(paths, base, step_dir=step_dir), start=1):
             f = out_dir / f"step-{j}.yaml"
-            f.write_text(f"# step {j}/{self.k - 1} of plan {' -> '.join(self.models)}; run from this folder\n"
-                         + yaml.safe_dump(cfg, sort_keys=False))
+            last = j == self.k - 1
+            out = "MERGED" if last else step_dir.format(j=j)
+            here = str(root / f.name) if root is not None else f.name
+            f.write_text(f"# step {j}/{self.k - 1} of plan {' -> '.join(self.models)}; run (after the steps before it):\n"
+                         f"#   simmerge merge {here} --out {out}\n" + yaml.safe_dump(cfg, sort_keys=False))
             files.append(f)
         return files

@@ -111,10 +111,11 @@ def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, k
         return search(space, step_model, req.objective, keep=keep)
 
 
-def write_plans(result: SearchResult, catalog: Catalog, out: Path) -> None:
-    """plan.json and step-<j>.yaml of the best plan, alternatives.yaml with the runners-up."""
+def write_plans(result: SearchResult, catalog: Catalog, out: Path, step_root: Path | None = None) -> None:
+    """plan.json and step-<j>.yaml of the best plan, alternatives.yaml with the runners-up
+    (`step_root`: see Plan.write)."""
     out = Path(out)
-    result.best.write(out, {m.name: m.path for m in catalog.models}, catalog.base)
+    result.best.write(out, {m.name: m.path for m in catalog.models}, catalog.base, step_root)
     (out / "alternatives.yaml").write_text(yaml.safe_dump(
         [{"models": p.models, "operators": p.operators, "score": p.score} for p in result.plans[1:]],
         sort_keys=False))

@@ -17,6 +17,10 @@ import polars as pl
 from simmerge_ray.errors import ConfigError
 
 FEATURE_PREFIXES = ("s_", "f_")
+# Below this many labelled pairs ((expert, aux, task) rows) `fit` and `evaluate-selector` warn. A
+# rule of thumb, not a measurement: each held-out fold then holds a handful of pairs per task and
+# nine arms' utilities are fitted from them, so a selector rarely beats the best fixed arm.
+MIN_LABELLED_PAIRS = 50
 UTILITY_CLIP = (-2.0, 2.0)  # GapClosed can explode where the expert-aux gap is tiny
 
 

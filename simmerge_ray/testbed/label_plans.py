@@ -92,6 +92,21 @@ def _distinct_task_subsets(experts: dict[str, str], k: int) -> list[tuple[str, .
     return [c for c in itertools.combinations(sorted(experts), k) if len({experts[m] for m in c}) == k]
 
 
+def empty_size_reasons(experts: dict[str, str], settings: LabelSettings) -> dict[int, str]:
+    """Why a plan size gets no samples in a label run: {k: reason}, for k = 2, 3, 4."""
+    tasks = sorted(set(experts.values()))
+    reasons = {}
+    if len(tasks) < 2:
+        reasons[2] = f"2-way plans pair experts of different tasks; the catalog's experts cover {len(tasks)}"
+    for k, n, flag in ((3, settings.subsets_3, "--subsets-3"), (4, settings.subsets_4, "--subsets-4")):
+        if n == 0:
+            reasons[k] = f"{k}-way plans: {flag} is 0"
+        elif len(tasks) < k:
+            reasons[k] = (f"{k}-way plans need experts of {k} distinct tasks; the catalog's experts cover "
+                          f"{len(tasks)} ({', '.join(tasks)})")
+    return reasons
+
+
 def enumerate_plans(experts: dict[str, str], all_tasks: list[str], settings: LabelSettings,
                     extra_singles: tuple[str, ...] = ("base",)) -> list[Plan]:
     """All plans of a label run, in a deterministic order. `experts`: model name -> its task."""

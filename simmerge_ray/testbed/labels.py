@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.digest_cache import file_digest
-from simmerge_ray.testbed.label_plans import LabelSettings, Plan, enumerate_plans
+from simmerge_ray.testbed.label_plans import LabelSettings, Plan, empty_size_reasons, enumerate_plans
 from simmerge_ray.merge.arms import get_arm
 from simmerge_ray.testbed.label_tables import gap_summary, model_scores_table, multiway_table, pairwise_table
 from simmerge_ray.testbed.merging import merge_arm
@@ -133,6 +133,10 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     if max_plans is not None:
         todo = todo[:max_plans]
     log(f"label: {len(keyed)} plans ({len(unique)} distinct merges), {cached} cached, {len(todo)} to measure")
+    sizes = Counter(p.k for p in plans if p.k > 1)
+    reasons = empty_size_reasons(experts, settings)
+    log("label: " + "; ".join(f"{k}-way: {sizes[k]} plans" if sizes[k] else f"{k}-way: none ({reasons.get(k, 'no samples')})"
+                              for k in (2, 3, 4)))
 
     calls = _calls(todo, settings.plans_per_call)
     computed = 0

@@ -1,0 +1,249 @@
+"""The README's user walkthrough ("Using it on your checkpoints") runs, as written.
+
+The test makes the layout the section names (`checkpoints/`, `probes/`, `eval/`, beside the
+section's `catalog.yaml` and `my-merge.yaml`, which it takes from the README's yaml blocks): a
+tiny base and four experts fine-tuned here on three tasks with exact answers, so labels differ.
+Then one process runs every `bash` block of the section in order (`simmerge ...` lines through
+the CLI's `main`, the other lines through bash), its stdout and stderr captured at the file
+descriptors, so Ray's C++ log lines count too. One process, one Ray: a user's shell starts Ray
+per command, which would add minutes here; the CLI's own `init_ray` starts it, quiet as a user
+gets it. Blocks marked `<!-- walkthrough: skip (...) -->` (a server, a cluster) are not run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.selector.data import load_pair_data
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SECTION = "## Using it on your checkpoints"
+SKIP = re.compile(r"<!-- walkthrough: skip \((.+?)\) -->\s*$")
+
+# Each task: a prompt word and a shift; the answer is the key word shifted in KEYS.
+KEYS = ("cat", "dog", "fish", "bird", "tree", "house")
+TASKS = {"code": ("code", 1), "math": ("plus", 2), "rag": ("river", 3)}
+EXPERTS = {"code-1": ("code", 1), "code-2": ("code", 2), "math-1": ("math", 1), "rag-1": ("rag", 1)}
+
+
+def section_blocks(text: str) -> list[tuple[str, str, str | None]]:
+    """(language, body, skip reason or None) of each fenced block of the walkthrough section."""
+    start = text.index(SECTION)
+    end = text.find("\n## ", start + len(SECTION))
+    lines = text[start:end if end > 0 else None].splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].startswith("```") and len(lines[i]) > 3:
+            lang = lines[i][3:].strip()
+            j = i + 1
+            while not lines[j].startswith("```"):
+                j += 1
+            prev = next((ln for ln in reversed(lines[:i]) if ln.strip()), "")
+            m = SKIP.search(prev)
+            blocks.append((lang, "\n".join(lines[i + 1:j]), m.group(1) if m else None))
+            i = j
+        i += 1
+    return blocks
+
+
+def shell_commands(body: str) -> list[str]:
+    """Commands of a bash block: continuation lines joined, comment-only lines dropped."""
+    joined = body.replace("\\\n", " ")
+    return [ln.strip() for ln in joined.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def _examples(task: str) -> list[dict[str, str]]:
+    word, shift = TASKS[task]
+    return [{"prompt": f"{word} {k} value", "answer": f" {KEYS[(i + shift) % len(KEYS)]}"} for i, k in enumerate(KEYS)]
+
+
+def build_workspace(root: Path) -> None:
+    """checkpoints/{base,code-1,code-2,math-1,rag-1}, probes/ and eval/ files: a 2-layer llama
+    (hidden 32) and experts fine-tuned on their task's answers (30 full-batch steps each)."""
+    from transformers import AutoModelForCausalLM
+
+    from simmerge_ray.inference.synthetic_lm import WORDS, make_tiny_lm, train_tokenizer
+    from simmerge_ray.selector.train import one_thread
+
+    texts = [" ".join(WORDS)] + [e["prompt"] + e["answer"] for t in TASKS for e in _examples(t)]
+    tok = train_tokenizer(texts, vocab_size=64)
+    base = make_tiny_lm(root / "checkpoints" / "base", tok, seed=0, init_std=0.02)
+    for d in ("eval", "probes"):
+        (root / d).mkdir()
+    for task in TASKS:
+        examples = _examples(task)
+        (root / "eval" / f"{task}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
+        probes = [e["prompt"] + e["answer"] for e in examples]
+        if task == "code":
+            (root / "probes" / "code.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in probes))
+        else:
+            (root / "probes" / f"{task}.txt").write_text("\n".join(probes) + "\n")
+    with one_thread():
+        for name, (task, seed) in EXPERTS.items():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_pretrained(base)
+            opt = torch.optim.AdamW(model.parameters(), lr=0.01 * seed)
+            enc = tok([e["prompt"] + e["answer"] for e in _examples(task)], return_tensors="pt")
+            labels = torch.full_like(enc["input_ids"], -100)
+            labels[:, -1] = enc["input_ids"][:, -1]  # the answer word, the last token
+            for _ in range(30):
+                model(input_ids=enc["input_ids"], labels=labels).loss.backward()
+                opt.step()
+                opt.zero_grad()
+            model.save_pretrained(root / "checkpoints" / name)
+            tok.save_pretrained(root / "checkpoints" / name)
+
+
+DRIVER = textwrap.dedent('''
+    import os, shlex, subprocess, sys, time
+    import ray
+    from simmerge_ray.cli import main
+    for cmd in sys.argv[1:]:
+        if cmd == "RESTART_RAY":
+            ray.shutdown()
+            continue
+        print(f"@@@ {cmd}", flush=True)
+        t0 = time.perf_counter()
+        if cmd.startswith("simmerge ") and not any(c in cmd for c in ";>|&"):
+            rc = main(shlex.split(cmd, comments=True)[1:])
+        else:
+            rc = subprocess.run(["bash", "-c", cmd]).returncode
+        sys.stdout.flush(); sys.stderr.flush()
+        print(f"@@@ rc={rc} {time.perf_counter() - t0:.1f}s", flush=True)
+        if rc:
+            sys.exit(rc)
+''')
+
+
+def run_driver(ws: Path, commands: list[str], timeout: float) -> dict[str, str]:
+    """Run `commands` in one process (see the module docstring); {command: its output}."""
+    env = {**os.environ, "PYTHONPATH": str(README.parent), "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    for var in ("RAY_ADDRESS", "RAY_BACKEND_LOG_LEVEL", "RAY_AIR_NEW_OUTPUT"):
+        env.pop(var, None)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with tempfile.TemporaryDirectory(prefix="rw-", dir="/tmp") as ray_tmp:  # short: socket paths
+        env["RAY_TMPDIR"] = ray_tmp  # its own Ray, never one another process started
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, *commands], cwd=ws, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # its local Ray's processes follow their driver
+            stdout = proc.communicate()[0] + f"\n@@@ killed after {timeout} s\n"
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    # The whole output, for a failure's reader, and the CPU seconds of the processes reaped.
+    (ws.parent / "walkthrough.log").write_text(stdout + f"\n@@@ cpu {cpu:.1f}s\n")
+    parts = re.split(r"^@@@ (.*)$\n", stdout, flags=re.M)
+    out = {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2) if not parts[i].startswith("rc=")}
+    assert proc.returncode == 0, stdout[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def walkthrough(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    ws = tmp_path_factory.mktemp("walkthrough")
+    blocks = section_blocks(README.read_text())
+    for lang, body, _ in blocks:
+        first = body.splitlines()[0] if body else ""
+        if lang == "yaml" and re.match(r"# [\w.-]+\.ya?ml\b", first):
+            (ws / first.split()[1]).write_text(body + "\n")
+    build_workspace(ws)
+    commands = [c for lang, body, skip in blocks if lang == "bash" and skip is None for c in shell_commands(body)]
+    # After the walkthrough, on a fresh Ray: --verbose brings Ray's INFO lines back.
+    verbose = "simmerge merge my-merge.yaml --out merged-verbose/ --workers 1 --verbose"
+    out = run_driver(ws, [*commands, "RESTART_RAY", verbose], timeout=1800)
+    return {"ws": ws, "blocks": blocks, "commands": commands, "out": out, "verbose": out.pop(verbose)}
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    ck = Checkpoint.open(folder)
+    return {n: ck.read(n) for n in ck.tensor_names}
+
+
+def test_every_readme_command_runs_and_writes_its_own_folder(walkthrough: dict) -> None:
+    ws, commands, blocks = walkthrough["ws"], walkthrough["commands"], walkthrough["blocks"]
+    assert list(walkthrough["out"]) == commands  # each one ran, in order, exit 0
+    assert [c.split()[1] for c in commands if c.startswith("simmerge ")] == [
+        "merge", "features", "features", "label", "fit", "evaluate-selector", "plan", "merge", "plan", "merge",
+        "merge", "merge", "bandit-init"]
+    skipped = [body for lang, body, skip in blocks if skip]
+    assert len(skipped) == 2 and "simmerge serve" in skipped[0] and "ray job submit" in skipped[1]
+    outs = [shlex.split(c)[shlex.split(c).index("--out") + 1] for c in commands if " --out " in c]
+    shared = {o for o in outs if outs.count(o) > 1}
+    assert shared == {"feats/"}  # the two feature stages, which own separate files there
+    for name in ("merged", "merged-pair", "merged-3way", "merged-3way-steps", "selector", "selector-eval",
+                 "plan-pair", "plan-3way", "labels", "bandit"):
+        assert (ws / name).is_dir(), name
+    # No work folder of Ray Tune/Train or of a killed run beside the outputs.
+    assert sorted(p.name for p in ws.iterdir() if p.name.startswith(".")) == []
+    lab = json.loads((ws / "labels" / "label_summary.json").read_text())
+    assert lab["labels_2way"] > 0 and lab["labels_3way"] > 0 and lab["labels_4way"] == 0
+
+
+def test_plan_steps_run_from_any_folder_and_match_the_plan_merge(walkthrough: dict) -> None:
+    ws = walkthrough["ws"]
+    step2 = yaml.safe_load((ws / "plan-3way" / "step-2.yaml").read_text())
+    refs = [m["model"] for m in step2["models"]] + [step2.get("base_model")]
+    assert str((ws / "plan-3way" / "step-1").resolve()) in refs
+    got, want = _tensors(ws / "merged-3way-steps"), _tensors(ws / "merged-3way")
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    header = (ws / "plan-3way" / "step-2.yaml").read_text().splitlines()[1]
+    assert header == f"#   simmerge merge {(ws / 'plan-3way' / 'step-2.yaml').resolve()} --out MERGED"
+
+
+def test_merge_output_carries_card_config_and_parameters(walkthrough: dict) -> None:
+    from simmerge_ray import __version__
+
+    merged = walkthrough["ws"] / "merged"
+    given = yaml.safe_load((walkthrough["ws"] / "my-merge.yaml").read_text())
+    assert yaml.safe_load((merged / "mergekit_config.yml").read_text()) == given
+    info = json.loads((merged / "simmerge_merge.json").read_text())
+    assert info["merge_method"] == "ties" and info["tool"] == f"simmerge {__version__}"
+    assert info["models"] == ["checkpoints/code-1", "checkpoints/math-1", "checkpoints/base"]
+    sources = info["parameters"]["slices"][0]["sources"]
+    assert [(s["model"], s["parameters"]) for s in sources] == [
+        ("checkpoints/code-1", {"weight": 0.5, "density": 0.5}), ("checkpoints/math-1", {"weight": 0.5, "density": 0.5}),
+        ("checkpoints/base", {})]
+    card = (merged / "README.md").read_text()
+    assert card.startswith("---\nbase_model:\n") and f"simmerge {__version__}" in card
+    assert "`ties` with `checkpoints/base` as the base model" in card
+    assert '* `checkpoints/code-1`: `{"weight": 0.5, "density": 0.5}`' in card
+    assert (merged / "mergekit_config.yml").read_text().strip() in card
+    assert (merged / ".simmerge-output.json").is_file()  # still an output simmerge owns
+
+
+def test_output_is_quiet_readable_and_has_verdicts(walkthrough: dict) -> None:
+    out = walkthrough["out"]
+    text = "".join(out.values())
+    ray_info = [ln for ln in text.splitlines()  # Python's INFO lines and the C++ ones ("[date I pid tid]")
+                if re.search(r"\tINFO |\bINFO \w+\.py:\d+ --|^\[[^\]]* I \d+ \d+\] ", ln)]
+    assert ray_info == [] and "core_worker" not in text and "Traceback" not in text
+    merge = out["simmerge merge my-merge.yaml --out merged/"]
+    assert re.search(r"read \d+(\.\d+)? KiB, wrote \d+(\.\d+)? KiB in [\d.]+ s \([\d.]+ [KMG]iB/s input\)", merge), merge
+    assert "GB" not in merge
+    fit = next(v for k, v in out.items() if k.startswith("simmerge fit "))
+    n = len(load_pair_data(walkthrough["ws"] / "feats", walkthrough["ws"] / "labels" / "labels.parquet"))
+    assert f"simmerge fit: warning: only {n} labelled pairs (fewer than 50)" in fit
+    ev = next(v for k, v in out.items() if k.startswith("simmerge evaluate-selector "))
+    assert re.search(r"^verdict: SimMerge (beats|does not beat|ties with) the best fixed arm \(\w+\)", ev, re.M), ev
+    label = next(v for k, v in out.items() if k.startswith("simmerge label "))
+    assert ("4-way: none (4-way plans need experts of 4 distinct tasks; the catalog's experts cover 3 "
+            "(code, math, rag))") in label
+    # --verbose restores Ray's INFO lines.
+    assert re.search(r"INFO worker\.py:\d+ -- Started a local Ray instance", walkthrough["verbose"])
