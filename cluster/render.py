@@ -13,6 +13,7 @@ that every job's asks fit a worker group.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,14 @@ def runtime_env(env_vars: dict[str, str] | None = None) -> dict:
     if env_vars:
         env["env_vars"] = env_vars
     return env
+
+
+def node_types(groups: tuple[Group, ...]) -> str:
+    """SIMMERGE_NODE_TYPES of a job on these groups: what one node of each offers Ray, and how
+    many the autoscaler may start. simmerge_ray.placement checks every actor's ask against it
+    before submitting work (Ray's autoscaler does not tell the job which node types it can add)."""
+    return json.dumps({g.name: {"CPU": g.cpus, "GPU": g.gpus, "memory": g.ray_memory_gib * GIB,
+                                "max_count": g.max_replicas} for g in groups}, separators=(",", ":"))
 
 
 def _container(name: str, image: str, cpus: int, memory_gib: int, gpus: int = 0,
@@ -190,7 +199,8 @@ def rayjob(job: Job) -> dict:
         "metadata": _meta(f"simmerge-{job.stage.replace('_', '-')}", **{"simmerge-ray/stage": job.stage}),
         "spec": {
             "entrypoint": f"python jobs/{job.stage}.py {job.args}",
-            "runtimeEnvYAML": yaml.safe_dump(runtime_env(), sort_keys=False),
+            "runtimeEnvYAML": yaml.safe_dump(runtime_env({"SIMMERGE_NODE_TYPES": node_types(job.groups)}),
+                                             sort_keys=False, width=4096),
             "submissionMode": "K8sJobMode",
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 3600,

@@ -156,7 +156,7 @@ def test_label_merge_matches_a_hand_merge(tiny_zoo, ray_cluster):
     from simmerge_ray.testbed.tokenizer import load_tokenizer
 
     cat = Catalog.load(tiny_zoo / "catalog.yaml")
-    actor = PlanEvaluator.remote(str(tiny_zoo / "catalog.yaml"))
+    actor = ray_cluster.remote(PlanEvaluator).remote(str(tiny_zoo / "catalog.yaml"))
     got = ray_cluster.get(actor.run.remote([Plan(("code-a", "rag-a"), ("linear",), ("code", "rag"))]))[0]
     ray_cluster.kill(actor)
     a = load_file(str(cat.model("code-a").path / "model.safetensors"))

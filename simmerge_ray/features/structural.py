@@ -29,7 +29,7 @@ import polars as pl
 import ray
 import torch
 
-from simmerge_ray import resources
+from simmerge_ray import placement, resources
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import CheckpointError, ConfigError, ray_get
 from simmerge_ray.features import gram_kernel
@@ -352,6 +352,7 @@ def _run_pass(rows: Rows, plan: Plan, keys: Sequence[str], cache: GramCache, opt
     ref_pos = plan.read_rows.index(rows.ref)
     col_pos = [plan.read_rows.index(c) for c in plan.cols]
     paths = [str(rows.ckpts[r].path) for r in plan.read_rows]
+    placement.check_placeable("structural actor", ask, opts.resources)
     gram_kernel.load()  # built once here, not by every actor of this node at once
     worker_cls = ray.remote(GramWorker).options(**ask.ray_options(), resources=opts.resources,
                                                 max_restarts=opts.max_retries, max_task_retries=opts.max_retries)

@@ -22,6 +22,7 @@ import numpy as np
 import ray
 import torch
 
+from simmerge_ray import placement
 from simmerge_ray.errors import ray_get
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.checkpoint import SINGLE_FILE, Checkpoint
@@ -35,6 +36,7 @@ from simmerge_ray.merge.output_files import write_side_files
 from simmerge_ray.merge.tensor_merge import check_finite, compute_dtype, merge_tensor, working_dtype
 from simmerge_ray.merge.tensor_plan import TensorTask, output_layers, plan_tensors
 from simmerge_ray.merge.tokenizer import BuiltVocabulary, build_vocabulary
+from simmerge_ray.resources import ResourceAsk
 
 # Set by the fault-injection test: the first worker to reach its second unit exits abruptly
 # (once, tracked by this marker file), to prove that a lost worker is retried cleanly.
@@ -425,6 +427,8 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
 def _run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], opts: ExecOptions, units: list[WorkUnit],
                 partial: dict[str, Path], compute: str) -> list[dict]:
     """Units round robin over a pool of restartable actors; a lost worker's unit is retried."""
+    placement.check_placeable("merge worker", ResourceAsk(opts.cpus_per_worker, 0.0, opts.memory_per_worker),
+                              opts.resources)
     worker_cls = ray.remote(UnitMerger).options(
         num_cpus=opts.cpus_per_worker,
         memory=opts.memory_per_worker,

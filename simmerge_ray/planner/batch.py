@@ -243,7 +243,7 @@ def run_batch(s: BatchSettings) -> BatchReport:
     """Plan every request of `s.requests` into `s.out` (resumable: see the module docstring)."""
     import ray
 
-    from simmerge_ray import resources
+    from simmerge_ray import placement, resources
 
     if s.actors < 1 or s.rows_per_block < 1:
         raise ConfigError(f"actors ({s.actors}) and rows per block ({s.rows_per_block}) must be >= 1")
@@ -255,6 +255,8 @@ def run_batch(s: BatchSettings) -> BatchReport:
     out, cache = Path(s.out), s.cache_dir
     inputs = [getattr(s, f) for f in ("requests", "selector", "catalog", "features", "aux_selector") if getattr(s, f)]
     check_stage(out, BATCH_FILES, replace=True, inputs=inputs)
+    ask = resources.streaming_ask()
+    placement.check_placeable("plan-batch actor", ask)  # not a silent wait for a node that never comes
     cache.mkdir(parents=True, exist_ok=True)
     fingerprint = inputs_fingerprint(s)
     keyed = read_requests(s.requests).map_batches(
@@ -271,7 +273,7 @@ def run_batch(s: BatchSettings) -> BatchReport:
                                    "aux_selector": s.aux_selector, "cache_dir": str(cache)},
             batch_size=s.rows_per_block, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.actors),
-            **resources.streaming_ask().ray_options())
+            **ask.ray_options())
         parts.append(planned)
     done = [b for b in parts[0].iter_batches(batch_size=None, batch_format="pyarrow")]
     fresh = [b for ds in parts[1:] for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]

@@ -22,6 +22,7 @@ from pathlib import Path
 import ray
 import torch
 
+from simmerge_ray import placement, resources
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.atomic import atomic_write_text
@@ -50,17 +51,17 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return {name: ck.read(name) for name in ck.entries}
 
 
-@ray.remote(num_cpus=1)
 class PlanEvaluator:
-    """Holds one catalog's weights and encoded eval sets; merges and scores plans."""
+    """An inference actor (resources.inference_ask()): holds one catalog's weights and encoded
+    eval sets; merges and scores plans."""
 
-    def __init__(self, catalog_path: str) -> None:
+    def __init__(self, catalog_path: str, threads: int = 1) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from simmerge_ray.testbed.evaluate import encode, load_examples
         from simmerge_ray.testbed.tokenizer import load_tokenizer
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         cat = Catalog.load(catalog_path)
         self.states = {m.name: _read_state(m.path) for m in cat.models}
         self.states["base"] = _read_state(cat.base)
@@ -141,7 +142,11 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     calls = _calls(todo, settings.plans_per_call)
     computed = 0
     if calls:
-        actors = [PlanEvaluator.remote(str(Path(catalog_path).resolve())) for _ in range(min(settings.workers, len(calls)))]
+        ask = resources.inference_ask()
+        placement.check_placeable("label actor", ask)  # not a silent wait for a node that never comes
+        evaluator = ray.remote(PlanEvaluator).options(**ask.ray_options())
+        actors = [evaluator.remote(str(Path(catalog_path).resolve()), max(1, int(ask.num_cpus)))
+                  for _ in range(min(settings.workers, len(calls)))]
         idle = list(actors)
         pending: dict = {}
         while calls or pending:

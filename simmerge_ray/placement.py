@@ -1,0 +1,176 @@
+"""Can this cluster ever host an actor with this ask? Checked before any work is submitted.
+
+Ray leaves a task or actor whose resources no node has pending forever (with a warning in the
+logs), and on an autoscaling cluster it cannot tell "no node yet" from "no node ever". This
+module answers it from the node types the cluster can have:
+
+- the nodes alive now (`ray.nodes()`), the head included;
+- the node types an autoscaler reported to the GCS (`ClusterConfig`, written by autoscalers
+  that report it; Ray's own v1 autoscaler and KubeRay's do not);
+- the node types declared in SIMMERGE_NODE_TYPES: inline JSON `{"type": {"CPU": 8, ...}}`, or
+  the path of a Ray autoscaler config (its `available_node_types`) or of a KubeRay
+  RayCluster/RayJob/RayService manifest (its worker groups). cluster/render.py sets it in every
+  manifest's runtime env from the same worker groups it renders.
+
+An ask that fits none of them raises `UnsatisfiableAsk`, one line naming the resource. When an
+autoscaler runs but declares no node types (nothing to check against) the check is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.resources import ResourceAsk
+
+NODE_TYPES_ENV = "SIMMERGE_NODE_TYPES"
+AUTOSCALER_STATUS_KEY = "__autoscaling_status"  # ray_constants.DEBUG_AUTOSCALING_STATUS (v1 monitor)
+
+
+class UnsatisfiableAsk(ConfigError):
+    """An actor's resource ask that no node type of the cluster offers."""
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """What one node of a kind offers Ray's scheduler; max_count 0: none can exist."""
+
+    name: str
+    resources: dict[str, float]
+    max_count: int = 1
+
+
+def ask_bundle(ask: ResourceAsk, extra: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The ask as Ray resource names -> amounts (zero amounts left out)."""
+    bundle = {"CPU": ask.num_cpus, "GPU": ask.num_gpus, "memory": float(ask.memory or 0), **(extra or {})}
+    return {k: float(v) for k, v in bundle.items() if v}
+
+
+def live_node_types() -> list[NodeType]:
+    """The alive nodes of the connected cluster, one entry each."""
+    import ray
+
+    return [NodeType(f"node {n['NodeManagerAddress']} ({n['NodeID'][:8]})",
+                     {k: float(v) for k, v in n["Resources"].items() if not k.startswith("node:")})
+            for n in ray.nodes() if n["Alive"]]
+
+
+def reported_node_types() -> list[NodeType]:
+    """Node types an autoscaler reported to the GCS (empty when none did)."""
+    import ray._private.state
+
+    config = ray._private.state.state.get_cluster_config()
+    if config is None:
+        return []
+    return [NodeType(g.name or f"group {i}", {k: float(v) for k, v in g.resources.items()},
+                     g.max_count if g.max_count >= 0 else 1 << 30)
+            for i, g in enumerate(config.node_group_configs)]
+
+
+def autoscaler_running() -> bool:
+    """Whether an autoscaler can add nodes. Ray's monitor publishes its status in the GCS; a
+    plain `ray start`/`ray.init` runs it too, with a read-only provider whose node types are the
+    nodes themselves (`node_<node id>`), so such a report means no autoscaling."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    raw = _internal_kv_get(AUTOSCALER_STATUS_KEY) if _internal_kv_initialized() else None
+    try:
+        report = json.loads(raw).get("autoscaler_report") if raw else None
+    except ValueError:
+        return False
+    if not report:
+        return False
+    mapping = report.get("node_type_mapping") or {}
+    return not all(kind == f"node_{node}" for node, kind in mapping.items())
+
+
+def declared_node_types(env: Mapping[str, str] | None = None) -> list[NodeType]:
+    """The node types SIMMERGE_NODE_TYPES declares (empty when unset)."""
+    text = (os.environ if env is None else env).get(NODE_TYPES_ENV, "").strip()
+    if not text:
+        return []
+    if text.startswith("{"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{NODE_TYPES_ENV}: not JSON ({e})") from None
+        return [NodeType(name, {k: float(v) for k, v in (spec.get("resources", spec)).items()
+                                if k != "max_count"}, int(spec.get("max_count", 1)))
+                for name, spec in raw.items()]
+    return node_types_from_file(Path(text))
+
+
+def node_types_from_file(path: Path) -> list[NodeType]:
+    """Node types of a Ray autoscaler config (JSON or YAML) or of a KubeRay manifest."""
+    import yaml
+
+    from simmerge_ray import kuberay
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{NODE_TYPES_ENV}={path}: cannot read it ({e})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{NODE_TYPES_ENV}={path}: not a mapping")
+    if "available_node_types" in doc:
+        return [NodeType(name, {k: float(v) for k, v in t.get("resources", {}).items()},
+                         int(t.get("max_workers", doc.get("max_workers", 1))))
+                for name, t in doc["available_node_types"].items()]
+    spec = doc.get("spec", {})
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+    if "workerGroupSpecs" not in cluster:
+        raise ConfigError(f"{NODE_TYPES_ENV}={path}: neither a Ray autoscaler config (available_node_types) "
+                          "nor a KubeRay manifest (workerGroupSpecs)")
+    out = []
+    for group in cluster["workerGroupSpecs"]:
+        c = kuberay.group_capacity(group)
+        res = {"CPU": c.cpus, "GPU": c.gpus, **({"memory": float(c.memory)} if c.memory else {}),
+               **{k: float(v) for k, v in group.get("resources", {}).items() if k not in ("CPU", "GPU", "memory")}}
+        out.append(NodeType(c.group, res, c.max_replicas))
+    return out
+
+
+def cluster_node_types() -> tuple[list[NodeType], bool]:
+    """(every node type known for the connected cluster, whether that list is complete)."""
+    live, reported, declared = live_node_types(), reported_node_types(), declared_node_types()
+    complete = bool(reported or declared) or not autoscaler_running()
+    return live + reported + declared, complete
+
+
+def _fmt(amount: float, resource: str) -> str:
+    return f"{amount / 2**30:.3g} GiB" if resource == "memory" else f"{amount:g}"
+
+
+def unsatisfiable_reason(what: str, bundle: Mapping[str, float], types: list[NodeType]) -> str | None:
+    """None when some node type holds `bundle`, else one line naming the resource short."""
+    usable = [t for t in types if t.max_count > 0]
+    if any(all(t.resources.get(k, 0.0) >= v for k, v in bundle.items()) for t in usable):
+        return None
+    asked = ", ".join(f"{k}={_fmt(v, k)}" for k, v in bundle.items())
+    names = ", ".join(sorted({t.name for t in usable})) or "none"
+    for resource, amount in bundle.items():
+        most = max((t.resources.get(resource, 0.0) for t in usable), default=0.0)
+        if most < amount:
+            return (f"{what} asks for {resource}={_fmt(amount, resource)} ({asked}) but no node type of this "
+                    f"cluster offers that much {resource} (the most: {_fmt(most, resource)}; node types: {names})")
+    return (f"{what} asks for {asked} together, which no single node type of this cluster offers "
+            f"(node types: {names})")
+
+
+def check_placeable(what: str, ask: ResourceAsk, extra: Mapping[str, float] | None = None) -> None:
+    """Raise UnsatisfiableAsk at once when no node type of the connected cluster can host the ask
+    (no check before Ray is initialised: a local Ray started later gets this machine's resources)."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    types, complete = cluster_node_types()
+    if not complete:
+        return
+    reason = unsatisfiable_reason(what, ask_bundle(ask, extra), types)
+    if reason:
+        raise UnsatisfiableAsk(reason)

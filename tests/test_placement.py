@@ -1,0 +1,111 @@
+"""simmerge_ray.placement: an ask no node type offers fails at once, naming the resource; the
+cluster manifests' asks are the jobs' asks, and fit the node types each job declares."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from simmerge_ray import kuberay, placement, resources
+from simmerge_ray.placement import NodeType, UnsatisfiableAsk, ask_bundle, unsatisfiable_reason
+from simmerge_ray.resources import ResourceAsk
+
+REPO = Path(__file__).resolve().parents[1]
+RAYJOBS = sorted((REPO / "cluster").glob("rayjob-*.yaml"))
+GIB = 2**30
+TYPES = [NodeType("head", {"CPU": 0.0, "memory": 8.0 * GIB}),
+         NodeType("cpu", {"CPU": 8.0, "memory": 22.0 * GIB}, 8),
+         NodeType("gpu", {"CPU": 8.0, "GPU": 1.0, "memory": 46.0 * GIB}, 4),
+         NodeType("big", {"CPU": 64.0}, 0)]  # max_count 0: can never exist
+
+
+def test_reason_names_the_resource_that_no_node_type_has() -> None:
+    assert unsatisfiable_reason("x", ask_bundle(ResourceAsk(4, 1, 24 * GIB)), TYPES) is None
+    msg = unsatisfiable_reason("label actor", ask_bundle(ResourceAsk(4, 2)), TYPES)
+    assert msg == ("label actor asks for GPU=2 (CPU=4, GPU=2) but no node type of this cluster offers that much "
+                   "GPU (the most: 1; node types: cpu, gpu, head)")
+    msg = unsatisfiable_reason("m", ask_bundle(ResourceAsk(16)), TYPES)  # 'big' has 64 CPUs but max_count 0
+    assert msg.startswith("m asks for CPU=16 (CPU=16) but") and "(the most: 8;" in msg
+    assert unsatisfiable_reason("m", ask_bundle(ResourceAsk(1, 0, 30 * GIB)), TYPES) is None  # the gpu type
+    msg = unsatisfiable_reason("m", ask_bundle(ResourceAsk(1, 0, 50 * GIB)), TYPES)
+    assert msg.startswith("m asks for memory=50 GiB (CPU=1, memory=50 GiB)") and "(the most: 46 GiB;" in msg
+    msg = unsatisfiable_reason("m", ask_bundle(ResourceAsk(1), {"nvme": 1}), TYPES)
+    assert msg.startswith("m asks for nvme=1 (CPU=1, nvme=1)") and "(the most: 0;" in msg
+    # Each resource exists somewhere, but not together on one node type.
+    msg = unsatisfiable_reason("m", {"GPU": 1.0, "memory": 20.0 * GIB, "CPU": 8.0}, TYPES[:2] + [
+        NodeType("gpu-small", {"CPU": 8.0, "GPU": 1.0, "memory": 10.0 * GIB})])
+    assert msg.startswith("m asks for GPU=1, memory=20 GiB, CPU=8 together, which no single node type")
+
+
+def test_declared_node_types_inline_autoscaler_config_and_manifest(tmp_path: Path) -> None:
+    inline = {placement.NODE_TYPES_ENV: '{"w": {"CPU": 2, "max_count": 3}}'}
+    assert placement.declared_node_types(inline) == [NodeType("w", {"CPU": 2.0}, 3)]
+    cfg = {"max_workers": 5, "available_node_types": {
+        "ray.head.default": {"resources": {"CPU": 0}, "max_workers": 0},
+        "ray.worker.cpu": {"resources": {"CPU": 1, "nvme": 2}, "min_workers": 0, "max_workers": 3}}}
+    (tmp_path / "as.json").write_text(json.dumps(cfg))
+    assert placement.declared_node_types({placement.NODE_TYPES_ENV: str(tmp_path / "as.json")}) == [
+        NodeType("ray.head.default", {"CPU": 0.0}, 0), NodeType("ray.worker.cpu", {"CPU": 1.0, "nvme": 2.0}, 3)]
+    types = placement.node_types_from_file(REPO / "cluster" / "raycluster.yaml")
+    assert types == [NodeType("cpu", {"CPU": 8.0, "GPU": 0.0, "memory": 22.0 * GIB}, 8),
+                     NodeType("gpu", {"CPU": 8.0, "GPU": 1.0, "memory": 46.0 * GIB}, 4)]
+    assert placement.declared_node_types({}) == []
+    with pytest.raises(placement.ConfigError, match="SIMMERGE_NODE_TYPES: not JSON"):
+        placement.declared_node_types({placement.NODE_TYPES_ENV: "{oops"})
+    (tmp_path / "other.yaml").write_text("a: 1\n")
+    with pytest.raises(placement.ConfigError, match="neither a Ray autoscaler config"):
+        placement.node_types_from_file(tmp_path / "other.yaml")
+
+
+def _entry():
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        import _entry
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    return _entry
+
+
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
+def test_manifest_asks_are_the_jobs_asks_and_fit_the_declared_node_types(path: Path) -> None:
+    """One place: the entrypoint's flags. What the manifest checker reads from them equals what
+    the job itself exports to the library (jobs/_entry.py's parser, resources.export), and each
+    ask fits a node type the job declares (SIMMERGE_NODE_TYPES), which are the manifest's own
+    worker groups."""
+    spec = yaml.safe_load(path.read_text())["spec"]
+    env_vars = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+    stage, manifest_asks = kuberay.job_asks(spec["entrypoint"], env_vars)
+    args, _ = _entry().build_parser(stage).parse_known_args(shlex.split(spec["entrypoint"])[2:])
+    exported = dict(env_vars)
+    resources.export(resources.resources_from_flags(args, env_vars), exported)
+    job = resources.StageResources.from_env(exported)
+    assert manifest_asks == {role: job.for_role(role) for role in resources.STAGE_ROLES[stage]}
+    assert any(a.memory for a in manifest_asks.values())  # the manifests do set memory
+
+    declared = placement.declared_node_types(env_vars)
+    assert declared == placement.node_types_from_file(path)
+    for role, ask in manifest_asks.items():
+        assert unsatisfiable_reason(role, ask_bundle(ask), declared) is None, (role, ask)
+    # Doubling the largest CPU ask of a job makes it unsatisfiable there, named.
+    role, ask = max(manifest_asks.items(), key=lambda kv: kv[1].num_cpus)
+    too_big = ResourceAsk(2 * max(t.resources["CPU"] for t in declared), ask.num_gpus, ask.memory)
+    assert unsatisfiable_reason(role, ask_bundle(too_big), declared).startswith(f"{role} asks for CPU=")
+
+
+def test_check_placeable_on_a_fixed_cluster(ray_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the session's fixed 4-CPU cluster (no autoscaler): a 1-CPU ask passes, an 8-CPU ask
+    and a custom resource fail at once."""
+    monkeypatch.delenv(placement.NODE_TYPES_ENV, raising=False)
+    placement.check_placeable("x", ResourceAsk(1))
+    t = time.perf_counter()
+    with pytest.raises(UnsatisfiableAsk, match=r"^structural actor asks for CPU=8 \(CPU=8\) but no node type"):
+        placement.check_placeable("structural actor", ResourceAsk(8))
+    with pytest.raises(UnsatisfiableAsk, match=r"^merge worker asks for nvme=1 .*\(the most: 0;"):
+        placement.check_placeable("merge worker", ResourceAsk(1), {"nvme": 1})
+    assert time.perf_counter() - t < 5
