@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import psutil
 
-from free_ports import free_ports  # beside this file: sys.path[0] when run as a script
+from cluster_processes import free_ports, kill_group  # beside this file: sys.path[0] when run as a script
 
 RAY = Path(sys.executable).parent / "ray"
 WORKER_TYPE = "ray.worker.cpu"
@@ -89,15 +88,7 @@ class Head:
             procs = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.Error:
             procs = []
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        kill_group(self.proc.pid, procs)
         self.proc.wait(timeout=30)
         self.log.close()
 
@@ -117,14 +108,17 @@ class Sampler(threading.Thread):
 
         return sum(n["Alive"] for n in ray.nodes()) - 1  # the head runs no work
 
+    def sample(self) -> None:
+        n, t = self.workers(), time.perf_counter() - self.t0
+        if not self.timeline or self.timeline[-1][1] != n:
+            self.timeline.append((round(t, 2), n))
+        if self.first_answer is None and self.cache is not None and any(self.cache.glob("*/row.json")):
+            self.first_answer = round(t, 2)
+
     def run(self) -> None:
-        while not self.stop.is_set():
-            n, t = self.workers(), time.perf_counter() - self.t0
-            if not self.timeline or self.timeline[-1][1] != n:
-                self.timeline.append((round(t, 2), n))
-            if self.first_answer is None and self.cache is not None and any(self.cache.glob("*/row.json")):
-                self.first_answer = round(t, 2)
-            time.sleep(self.period)
+        while not self.stop.wait(self.period):
+            self.sample()
+        self.sample()  # the state when stopped: wait_for may have seen a change the loop had not yet
 
     def wait_for(self, n: int, timeout: float) -> float | None:
         """Seconds since t0 when the cluster had `n` workers, or None after `timeout` s."""

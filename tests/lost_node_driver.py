@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from free_ports import free_ports  # beside this file: sys.path[0] when run as a script
+from cluster_processes import free_ports, kill_group  # beside this file: sys.path[0] when run as a script
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.features.structural import StructuralOptions, compute_structural
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
@@ -107,15 +107,7 @@ class Node:
     def kill(self) -> None:
         """SIGKILL the node's process group, then any worker of it still alive, by PID."""
         workers = self.processes()[1:]
-        try:
-            os.killpg(self.pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for p in workers:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        kill_group(self.pgid, workers)
         self.proc.wait(timeout=30)
         self.log.close()
 

@@ -12,11 +12,9 @@ by process group (and by PID) here too, however the test ends.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +33,8 @@ from simmerge_ray.planner.batch import BatchSettings, run_batch
 from simmerge_ray.planner.synthetic import build_world
 from simmerge_ray.testbed.label_plans import LabelSettings
 from simmerge_ray.testbed.labels import run_labels
+
+from cluster_processes import digests, processes_naming, stop_driver
 
 DRIVER = Path(__file__).with_name("autoscaling_driver.py")
 # A zoo of two one-layer experts trained for 2 steps: a label run in seconds.
@@ -70,41 +70,10 @@ def _requests(models: list[str]) -> list[dict]:
     return out
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if not p.name.startswith(".")}
 
 
-def _ours(work: Path) -> list[psutil.Process]:
-    """Live processes whose command line names the driver's folder (raylets, GCS, monitor, driver)."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if str(work) in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
 
 
-def _stop(proc: subprocess.Popen, work: Path) -> None:
-    """Interrupt the driver (it kills its cluster and writes result.json), then kill its process
-    group and the head's, by id."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    pgids = [proc.pid]
-    if (work / "pgids").exists():
-        pgids += [int(line) for line in (work / "pgids").read_text().split()]
-    for pgid in pgids:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
 
 
 def _build_inputs(work: Path) -> tuple[dict, dict]:
@@ -155,6 +124,7 @@ def _tails(work: Path) -> str:
     return "\n".join(parts)
 
 
+@pytest.mark.autoscaling
 def test_autoscaling_cluster_grows_answers_and_shrinks(ray_cluster) -> None:
     work = Path(tempfile.mkdtemp(prefix="as-", dir="/tmp"))  # short: Ray's socket paths are limited
     t0 = time.monotonic()
@@ -206,7 +176,7 @@ def test_autoscaling_cluster_grows_answers_and_shrinks(ray_cluster) -> None:
             a, b = pl.read_parquet(work / "ref-labels" / table), pl.read_parquet(work / "as-labels" / table)
             assert a.height > 0 and a.equals(b), table
         assert result["merge"]["shards"] >= 1
-        assert _digests(work / "as-merged") == _digests(work / "ref-merged")
+        assert digests(work / "as-merged") == digests(work / "ref-merged")
 
         # Every actor asked for what simmerge_ray.resources says (SIMMERGE_CPUS_PER_*ACTOR=1 in
         # the driver), and the pools spread over the nodes the autoscaler added.
@@ -219,13 +189,13 @@ def test_autoscaling_cluster_grows_answers_and_shrinks(ray_cluster) -> None:
         # Idle at the end: back to 0 worker nodes.
         assert result["released_s"] is not None and timeline[-1][1] == 0
     finally:
-        _stop(proc, work)
+        stop_driver(proc, work)
         log.close()
         if (work / "result.json").exists():  # the story of a failed run too
             print(f"\nresult.json: {(work / 'result.json').read_text()}")
         deadline = time.monotonic() + 20
-        while _ours(work) and time.monotonic() < deadline:
+        while processes_naming(work) and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = _ours(work)
+        left = processes_naming(work)
         shutil.rmtree(work, ignore_errors=True)
     assert left == [], f"processes left behind: {[p.pid for p in left]}"

@@ -11,11 +11,9 @@ the test ends.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,27 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import psutil
+
+from cluster_processes import digests, processes_naming, stop_driver
 
 DRIVER = Path(__file__).with_name("lost_node_driver.py")
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    """Every file simmerge wrote for the model (not the marker, which names its own run)."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if not p.name.startswith(".")}
 
 
-def _ours(work: Path) -> list[psutil.Process]:
-    """Live processes whose command line names the driver's folder (raylets, GCS, agents, driver)."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if str(work) in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
 
 
 def _tails(work: Path) -> str:
@@ -55,24 +40,6 @@ def _tails(work: Path) -> str:
     return "\n".join(parts)
 
 
-def _stop(proc: subprocess.Popen, work: Path) -> None:
-    """Interrupt the driver (it then stops its nodes and writes result.json), then kill its
-    process group and every node group it recorded, by id."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    pgids = [proc.pid]
-    if (work / "pgids").exists():
-        pgids += [int(line) for line in (work / "pgids").read_text().split()]
-    for pgid in pgids:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
 
 
 def test_merge_and_structural_pass_survive_a_lost_node() -> None:
@@ -85,7 +52,7 @@ def test_merge_and_structural_pass_survive_a_lost_node() -> None:
         try:
             out, _ = proc.communicate(timeout=600)
         except subprocess.TimeoutExpired:
-            _stop(proc, work)
+            stop_driver(proc, work)
             out = proc.stdout.read() if proc.stdout else ""
         assert proc.returncode == 0, f"driver exit {proc.returncode}:\n{out[-3000:]}\n{_tails(work)}"
         result = json.loads((work / "result.json").read_text())
@@ -104,7 +71,7 @@ def test_merge_and_structural_pass_survive_a_lost_node() -> None:
         assert actors(result["lost_seen"], "node3") == {"ray::UnitMerger", "ray::GramWorker"}
         assert result["alive_nodes_after"] == 2  # the head and the replacement
 
-        ref, lost = _digests(work / "ref-merged"), _digests(work / "lost-merged")
+        ref, lost = digests(work / "ref-merged"), digests(work / "lost-merged")
         assert sum(name.endswith(".safetensors") for name in ref) >= 4 and lost == ref
 
         for table in ("structural.parquet", "structural_layers.parquet"):
@@ -116,10 +83,10 @@ def test_merge_and_structural_pass_survive_a_lost_node() -> None:
         assert (work / "ref-features" / "gram.safetensors").read_bytes() == \
             (work / "lost-features" / "gram.safetensors").read_bytes()
     finally:
-        _stop(proc, work)
+        stop_driver(proc, work)
         deadline = time.monotonic() + 20
-        while _ours(work) and time.monotonic() < deadline:
+        while processes_naming(work) and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = _ours(work)
+        left = processes_naming(work)
         shutil.rmtree(work, ignore_errors=True)
     assert left == [], f"processes left behind: {[p.pid for p in left]}"

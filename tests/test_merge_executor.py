@@ -235,9 +235,10 @@ def test_cli_refuses_existing_output_and_overwrites_on_request(ray_cluster, mode
 def test_streamed_tensors_equal_whole_tensor_merges(ray_cluster, models: Path, tmp_path: Path, cfg: dict) -> None:
     """Tensors above the memory budget are merged chunk by chunk with the same result."""
     path = _config(models, "stream", {**cfg, "out_dtype": "float32"})
-    run_merge(MergeSpec.load(path), tmp_path / "whole", ExecOptions(workers=1))
+    # In this process: streaming is the engine's unit function, the same in every placement.
+    run_merge(MergeSpec.load(path), tmp_path / "whole", ExecOptions(in_process=True))
     res = run_merge(MergeSpec.load(path), tmp_path / "chunks",
-                    ExecOptions(workers=1, stream_bytes=1, chunk_elems=300))  # every tensor, odd chunks
+                    ExecOptions(in_process=True, stream_bytes=1, chunk_elems=300))  # every tensor, odd chunks
     whole, chunks = Checkpoint.open(tmp_path / "whole"), Checkpoint.open(tmp_path / "chunks")
     for name in whole.tensor_names:
         torch.testing.assert_close(chunks.read(name), whole.read(name), rtol=1e-6, atol=1e-7)
@@ -261,7 +262,7 @@ def test_streamed_ties_equals_whole_tensor_ties(ray_cluster, tmp_path: Path, res
         "models": [{"model": "m1", "parameters": {"weight": 0.6, "density": 0.3}},
                    {"model": "m2", "parameters": {"weight": 0.5, "density": 0.7}},
                    {"model": "m3", "parameters": {"weight": 0.4, "density": 1.0}}]})
-    run_merge(MergeSpec.load(cfg), tmp_path / "whole", ExecOptions(workers=1))
+    run_merge(MergeSpec.load(cfg), tmp_path / "whole", ExecOptions(in_process=True))
     res = run_merge(MergeSpec.load(cfg), tmp_path / "chunks", ExecOptions(workers=2, stream_bytes=1, chunk_elems=300))
     whole, chunks = Checkpoint.open(tmp_path / "whole"), Checkpoint.open(tmp_path / "chunks")
     for name in whole.tensor_names:

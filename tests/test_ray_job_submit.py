@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from free_ports import free_ports
+from cluster_processes import free_ports
 
 from simmerge_ray import resources
 from simmerge_ray.errors import SimMergeError
