@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -71,3 +73,14 @@ def stop_driver(proc: subprocess.Popen, work: Path) -> None:
     for pgid in pgids:
         kill_group(pgid, [])
     proc.wait(timeout=30)
+
+
+def reap(work: Path, wait_s: float = 20.0) -> list[psutil.Process]:
+    """Wait up to `wait_s` for every process naming `work` to end, remove the folder, and return
+    those still alive (a test asserts there are none)."""
+    deadline = time.monotonic() + wait_s
+    while processes_naming(work) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = processes_naming(work)
+    shutil.rmtree(work, ignore_errors=True)
+    return left

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from simmerge_ray.planner.synthetic import build_world
 from simmerge_ray.testbed.label_plans import LabelSettings
 from simmerge_ray.testbed.labels import run_labels
 
-from cluster_processes import digests, processes_naming, stop_driver
+from cluster_processes import digests, reap, stop_driver
 
 DRIVER = Path(__file__).with_name("autoscaling_driver.py")
 # A zoo of two one-layer experts trained for 2 steps: a label run in seconds.
@@ -193,9 +192,5 @@ def test_autoscaling_cluster_grows_answers_and_shrinks(ray_cluster) -> None:
         log.close()
         if (work / "result.json").exists():  # the story of a failed run too
             print(f"\nresult.json: {(work / 'result.json').read_text()}")
-        deadline = time.monotonic() + 20
-        while processes_naming(work) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = processes_naming(work)
-        shutil.rmtree(work, ignore_errors=True)
+        left = reap(work)
     assert left == [], f"processes left behind: {[p.pid for p in left]}"

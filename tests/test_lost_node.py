@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from cluster_processes import digests, processes_naming, stop_driver
+from cluster_processes import digests, reap, stop_driver
 
 DRIVER = Path(__file__).with_name("lost_node_driver.py")
 
@@ -84,9 +83,5 @@ def test_merge_and_structural_pass_survive_a_lost_node() -> None:
             (work / "lost-features" / "gram.safetensors").read_bytes()
     finally:
         stop_driver(proc, work)
-        deadline = time.monotonic() + 20
-        while processes_naming(work) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = processes_naming(work)
-        shutil.rmtree(work, ignore_errors=True)
+        left = reap(work)
     assert left == [], f"processes left behind: {[p.pid for p in left]}"
