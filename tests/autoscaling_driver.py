@@ -33,7 +33,7 @@ from pathlib import Path
 
 import psutil
 
-from cluster_processes import free_ports, kill_group  # beside this file: sys.path[0] when run as a script
+from cluster_processes import connect, free_ports, kill_group  # beside this file: sys.path[0] when run as a script
 
 RAY = Path(sys.executable).parent / "ray"
 WORKER_TYPE = "ray.worker.cpu"
@@ -253,15 +253,7 @@ def main(work: Path) -> int:
         (gcs,) = free_ports(1)
         head = Head(work, env, gcs)
         deadline = time.monotonic() + 120
-        while True:  # the GCS accepts drivers a moment after `ray start` forks it
-            try:
-                ray.init(address=f"127.0.0.1:{gcs}", log_to_driver=False)
-                break
-            except (ConnectionError, RuntimeError):
-                head.check()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        connect(gcs, head.check, 120)
         result["head_up_s"] = round(time.perf_counter() - t0, 2)
         while not (work / "inputs.json").exists():  # the test builds them meanwhile
             head.check()

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -84,3 +85,20 @@ def reap(work: Path, wait_s: float = 20.0) -> list[psutil.Process]:
     left = processes_naming(work)
     shutil.rmtree(work, ignore_errors=True)
     return left
+
+
+def connect(gcs_port: int, head_alive: Callable[[], None], timeout_s: float) -> None:
+    """ray.init to a head started moments ago: its GCS accepts drivers a little after `ray start`
+    forks it, so retry until `timeout_s`, checking the head is still alive between tries."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.init(address=f"127.0.0.1:{gcs_port}", log_to_driver=False)
+            return
+        except (ConnectionError, RuntimeError):
+            head_alive()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from cluster_processes import free_ports, kill_group  # beside this file: sys.path[0] when run as a script
+from cluster_processes import connect, free_ports, kill_group  # beside this file: sys.path[0] when run as a script
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.features.structural import StructuralOptions, compute_structural
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
@@ -195,16 +195,7 @@ def main(work: Path) -> int:
         spec, catalog = make_inputs(work)  # while the head starts
         result["timings"]["inputs_s"] = time.perf_counter() - t0
         (work / "result.json").write_text(json.dumps(result, indent=2))  # progress, for a post-mortem
-        deadline = time.monotonic() + 90
-        while True:  # the GCS accepts drivers a moment after `ray start` forks it
-            try:
-                ray.init(address=f"127.0.0.1:{gcs}", log_to_driver=False)
-                break
-            except (ConnectionError, RuntimeError):
-                nodes[0].check()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        connect(gcs, nodes[0].check, 90)
         nodes.append(Node(work, "node2", env, gcs, head=False))
         wait_for_nodes(ray, nodes, work)
         result["timings"]["cluster_s"] = time.perf_counter() - t0

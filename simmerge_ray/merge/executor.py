@@ -387,7 +387,8 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
     """Merge `spec` into the folder `out` (written beside it, renamed when complete)."""
     t0 = time.perf_counter()
     ckpts, task_list, vocab = check_merge(spec)
-    compute = TORCH_TO_DTYPE[compute_dtype(spec, opts.compute_dtype)]
+    compute_torch = compute_dtype(spec, opts.compute_dtype)
+    compute = TORCH_TO_DTYPE[compute_torch]
     tasks = {t.name: t for t in task_list}
     plans = plan_shards(task_list, ckpts, spec.out_dtype or spec.dtype, opts.shard_bytes)
     layouts = {p.file: file_layout(list(p.tensors), {"format": "pt"}) for p in plans}
@@ -410,7 +411,7 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
         for p in plans:
             os.replace(partial[p.file], tmp / p.file)
         write_side_files(spec, ckpts, output_layers(spec, ckpts), plans, tmp, vocab,
-                         str(compute_dtype(spec, opts.compute_dtype)).removeprefix("torch."))
+                         str(compute_torch).removeprefix("torch."))
         written = sum((tmp / p.file).stat().st_size for p in plans)
     return MergeResult(
         out=out,
