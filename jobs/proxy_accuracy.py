@@ -56,7 +56,7 @@ def sample_pairs(cat: Catalog, n: int, seed: int) -> list[tuple[str, str, str]]:
 def build_merge(cat: Catalog, a: str, b: str, op: str, task: str, out: Path) -> None:
     """M = op(A, B) as the planner would execute it: a one-step plan through the merge engine
     (in this process: the merges are tiny), with the planner's step parameters."""
-    execute_plan(Plan(task, [a, b], [op]), cat, out, ExecOptions(in_process=True, overwrite=True))
+    execute_plan(Plan(task, [a, b], [op]), cat, out, ExecOptions(overwrite=True))
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 from simmerge_ray.io.checkpoint import Checkpoint  # noqa: E402
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint  # noqa: E402
 
-from _measure import timed  # noqa: E402
+from benchmarks.measure import timed  # noqa: E402
 
 FULL = {"hidden": 12288, "intermediate": 36864, "vocab": 256000, "heads": 96, "kv_heads": 8, "layers": 64}
 

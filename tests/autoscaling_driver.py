@@ -195,7 +195,7 @@ def scenarios(work: Path, inputs: dict, sampler: Sampler, result: dict, config: 
     os.environ["SIMMERGE_CPUS_PER_ACTOR"] = "1"
     spec = MergeSpec.load(inputs["merge_config"])
     result["unsatisfiable"]["merge_custom_resource"] = fails_fast(
-        lambda: run_merge(spec, work / "as-bad-merge", ExecOptions(workers=2, resources={"nvme": 1})))
+        lambda: run_merge(spec, work / "as-bad-merge", ExecOptions(placement="ray", workers=2, resources={"nvme": 1})))
     mark("unsatisfiable_end")
 
     # 2. Batch planning from 0 worker nodes; then back to 0.
@@ -220,7 +220,7 @@ def scenarios(work: Path, inputs: dict, sampler: Sampler, result: dict, config: 
     result["label"] = {"complete": rep.complete, "computed": rep.computed, "seconds": round(rep.seconds, 2),
                        "max_workers": sampler.max_between(t, mark("label_end"))}
     t = mark("merge_start")
-    merged = run_merge(spec, work / "as-merged", ExecOptions(workers=2))
+    merged = run_merge(spec, work / "as-merged", ExecOptions(placement="ray", workers=2))
     result["merge"] = {"shards": merged.shards, "seconds": round(merged.seconds, 2),
                        "max_workers": sampler.max_between(t, mark("merge_end"))}
 

@@ -140,7 +140,7 @@ class Stage:
 
 
 def merge(work: Path, tag: str, spec: MergeSpec) -> Stage:
-    opts = ExecOptions(workers=2, resources={"merge_slot": 1}, shard_bytes=2**20, unit_elems=1 << 14)
+    opts = ExecOptions(placement="ray", workers=2, resources={"merge_slot": 1}, shard_bytes=2**20, unit_elems=1 << 14)
     return Stage(run_merge, spec, work / f"{tag}-merged", opts)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -19,6 +20,35 @@ def make_zoo(root: Path, spec: SyntheticSpec, n: int = 3) -> Path:
     return root
 
 
+@contextlib.contextmanager
+def _ties_in_index_order():
+    """mergekit's magnitude sparsification with ties at the threshold kept in index order.
+
+    mergekit ranks |delta| with torch.argsort, whose order among equal values is unspecified (it
+    differs between sizes, CPU and GPU); our linear-time selection keeps ties in index order, as
+    a stable sort does. The oracle is pinned to that order so results compare element for
+    element; everything else is mergekit's own code.
+    """
+    import mergekit.sparsify as mk_sparsify
+
+    original = mk_sparsify.magnitude
+
+    def magnitude(tensor: torch.Tensor, density: float, rescale_norm=None) -> torch.Tensor:
+        if density >= 1 or density <= 0 or tensor.numel() == 0:
+            return original(tensor, density, rescale_norm)
+        k = max(1, int(density * tensor.numel()))
+        keep = torch.sort(tensor.abs().reshape(-1).float(), descending=True, stable=True).indices[:k]
+        mask = torch.zeros(tensor.numel(), dtype=tensor.dtype)
+        mask[keep] = 1
+        return mk_sparsify.rescaled_masked_tensor(tensor, mask.reshape_as(tensor), rescale_norm)
+
+    mk_sparsify.magnitude = magnitude
+    try:
+        yield
+    finally:
+        mk_sparsify.magnitude = original
+
+
 def run_mergekit(cfg: dict, root: Path, out: Path, *, copy_tokenizer: bool = False) -> None:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge as mk_run
@@ -32,8 +62,9 @@ def run_mergekit(cfg: dict, root: Path, out: Path, *, copy_tokenizer: bool = Fal
             return [absolutize(v) for v in node]
         return node
 
-    mk_run(MergeConfiguration.model_validate(absolutize(cfg)), str(out),
-           MergeOptions(copy_tokenizer=copy_tokenizer, write_model_card=False, quiet=True))
+    with _ties_in_index_order():
+        mk_run(MergeConfiguration.model_validate(absolutize(cfg)), str(out),
+               MergeOptions(copy_tokenizer=copy_tokenizer, write_model_card=False, quiet=True))
 
 
 def load_all(folder: Path) -> dict[str, torch.Tensor]:

@@ -59,7 +59,7 @@ def test_arm_yaml_runs_the_same_merge_as_the_labels(arm: str, models, tmp_path: 
     a = get_arm(arm)
     cfg = a.mergekit_config(str(models["m1"]), str(models["m2"]), str(models["base"]))
     spec = MergeSpec.from_dict({**cfg, "dtype": "float32"}, source=f"arm {arm}")
-    run_merge(spec, tmp_path / "out", ExecOptions(in_process=True))
+    run_merge(spec, tmp_path / "out", ExecOptions())
     streamed = {}
     for f in (tmp_path / "out").glob("*.safetensors"):
         streamed |= load_file(str(f))

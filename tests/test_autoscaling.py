@@ -101,7 +101,7 @@ def _build_inputs(work: Path) -> tuple[dict, dict]:
     run_batch(BatchSettings(requests=inputs["requests"], selector=inputs["selector"], catalog=inputs["catalog"],
                             features=inputs["features"], out=str(work / "ref-plans"), actors=2))
     run_labels(zoo, work / "ref-labels", LabelSettings(**LABELS), log=lambda *_: None)
-    run_merge(MergeSpec.load(work / "merge.yaml"), work / "ref-merged", ExecOptions(in_process=True, workers=1))
+    run_merge(MergeSpec.load(work / "merge.yaml"), work / "ref-merged", ExecOptions(workers=1))
     timings["reference_s"] = time.perf_counter() - t
     return inputs, timings
 

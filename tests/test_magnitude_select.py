@@ -36,7 +36,7 @@ def test_equals_the_sort_without_ties(density: float, rescale: bool, chunk: int)
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("chunk", [1, 50, 333, 5000])
+@pytest.mark.parametrize("chunk", [7, 333, 5000])
 def test_ties_at_the_threshold_are_kept_in_index_order(chunk: int) -> None:
     """Few distinct magnitudes, many ties: exactly k kept, all above the k-th value and the
     first of the values equal to it, as a stable descending sort would keep."""

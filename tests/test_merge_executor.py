@@ -19,7 +19,9 @@ from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.safetensors_format import file_layout, read_header
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, make_family, write_checkpoint
 from simmerge_ray.merge.config import MergeSpec
-from simmerge_ray.merge.executor import CRASH_ONCE_ENV, ExecOptions, ShardPlan, plan_units, run_merge
+from simmerge_ray.merge.executor import ExecOptions, run_merge
+from simmerge_ray.merge.unit_merger import CRASH_ONCE_ENV
+from simmerge_ray.merge.units import ShardPlan, plan_units
 from simmerge_ray.merge.tensor_merge import check_finite
 
 SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64,
@@ -68,21 +70,21 @@ def test_output_loads_in_transformers(ray_cluster, models: Path, tmp_path: Path)
 
 def test_worker_count_and_crash_do_not_change_bytes(ray_cluster, models: Path, tmp_path: Path) -> None:
     cfg = _config(models, "dare", DARE)
-    opts = ExecOptions(workers=1, shard_bytes=15_000)
-    run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "one", opts)
-    run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "two", dataclasses.replace(opts, workers=2))
+    opts = ExecOptions(placement="ray", workers=2, shard_bytes=15_000)
+    run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "one", dataclasses.replace(opts, placement="local", workers=1))
+    run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "two", opts)
     marker = tmp_path / "crashed"
     os.environ[CRASH_ONCE_ENV] = str(marker)
     try:
-        res = run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "crash", dataclasses.replace(opts, workers=2))
+        res = run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "crash", opts)
     finally:
         del os.environ[CRASH_ONCE_ENV]
     assert marker.exists(), "the fault was not injected"
     assert res.shards >= 3
-    run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "local", dataclasses.replace(opts, in_process=True))
+    run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "local", dataclasses.replace(opts, placement="local", workers=2))
     one = _bytes(tmp_path / "one")
     assert one == _bytes(tmp_path / "two") == _bytes(tmp_path / "crash") == _bytes(tmp_path / "local")
-    run_merge(MergeSpec.load(cfg, seed=8), tmp_path / "seed8", opts)
+    run_merge(MergeSpec.load(cfg, seed=8), tmp_path / "seed8", dataclasses.replace(opts, placement="local"))
     assert _bytes(tmp_path / "seed8") != one  # the seed matters
 
 
@@ -94,7 +96,7 @@ def test_tensors_split_across_workers_give_the_same_bytes(ray_cluster, models: P
                                  "models": [{"model": "m1", "parameters": {"weight": 0.7}},
                                             {"model": "m2", "parameters": {"weight": 0.5}}]})
     one = run_merge(MergeSpec.load(cfg), tmp_path / "one", ExecOptions(workers=1, shard_bytes=10**9))
-    split = ExecOptions(workers=3, shard_bytes=10**9, unit_elems=700, chunk_elems=256)
+    split = ExecOptions(placement="ray", workers=3, shard_bytes=10**9, unit_elems=700, chunk_elems=256)
     res = run_merge(MergeSpec.load(cfg), tmp_path / "split", split)
     assert one.shards == res.shards == 1 and one.units == 1 and res.units > 10
     assert len({u["pid"] for u in res.per_unit}) == 3  # every worker wrote part of the one file
@@ -107,17 +109,14 @@ def test_tensors_split_across_workers_give_the_same_bytes(ray_cluster, models: P
         del os.environ[CRASH_ONCE_ENV]
     assert marker.exists(), "the fault was not injected"
     threads = torch.get_num_threads()
-    local = run_merge(MergeSpec.load(cfg), tmp_path / "local", dataclasses.replace(split, in_process=True))
-    assert torch.get_num_threads() == threads  # the in-process merge leaves the caller's torch as it was
+    local = run_merge(MergeSpec.load(cfg), tmp_path / "local", dataclasses.replace(split, placement="local"))
+    assert torch.get_num_threads() == threads  # the local merge leaves the caller's torch as it was
     assert {u["pid"] for u in local.per_unit} == {os.getpid()}
     assert _bytes(tmp_path / "one") == _bytes(tmp_path / "split") == _bytes(tmp_path / "crash") == _bytes(tmp_path / "local")
     assert res.bytes_read == one.bytes_read == 3 * Checkpoint.open(models / "m1").nbytes
-    assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "cli"), "--in-process"]) == 0
+    assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "cli")]) == 0  # local threads by default
     assert _bytes(tmp_path / "cli") == _bytes(tmp_path / "one")
-    capsys.readouterr()
-    assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "bad"), "--in-process", "--workers", "2"]) == 2
-    assert "--in-process runs one worker in this process: drop --address and --workers" in capsys.readouterr().err
-    assert not (tmp_path / "bad").exists()
+    assert "threads)" in capsys.readouterr().out
 
 
 def test_work_units_cover_every_tensor_once() -> None:
@@ -236,9 +235,9 @@ def test_streamed_tensors_equal_whole_tensor_merges(ray_cluster, models: Path, t
     """Tensors above the memory budget are merged chunk by chunk with the same result."""
     path = _config(models, "stream", {**cfg, "out_dtype": "float32"})
     # In this process: streaming is the engine's unit function, the same in every placement.
-    run_merge(MergeSpec.load(path), tmp_path / "whole", ExecOptions(in_process=True))
+    run_merge(MergeSpec.load(path), tmp_path / "whole", ExecOptions())
     res = run_merge(MergeSpec.load(path), tmp_path / "chunks",
-                    ExecOptions(in_process=True, stream_bytes=1, chunk_elems=300))  # every tensor, odd chunks
+                    ExecOptions(stream_bytes=1, chunk_elems=300))  # every tensor, odd chunks
     whole, chunks = Checkpoint.open(tmp_path / "whole"), Checkpoint.open(tmp_path / "chunks")
     for name in whole.tensor_names:
         torch.testing.assert_close(chunks.read(name), whole.read(name), rtol=1e-6, atol=1e-7)
@@ -262,7 +261,7 @@ def test_streamed_ties_equals_whole_tensor_ties(ray_cluster, tmp_path: Path, res
         "models": [{"model": "m1", "parameters": {"weight": 0.6, "density": 0.3}},
                    {"model": "m2", "parameters": {"weight": 0.5, "density": 0.7}},
                    {"model": "m3", "parameters": {"weight": 0.4, "density": 1.0}}]})
-    run_merge(MergeSpec.load(cfg), tmp_path / "whole", ExecOptions(in_process=True))
+    run_merge(MergeSpec.load(cfg), tmp_path / "whole", ExecOptions())
     res = run_merge(MergeSpec.load(cfg), tmp_path / "chunks", ExecOptions(workers=2, stream_bytes=1, chunk_elems=300))
     whole, chunks = Checkpoint.open(tmp_path / "whole"), Checkpoint.open(tmp_path / "chunks")
     for name in whole.tensor_names:
@@ -286,7 +285,7 @@ def test_an_output_that_does_not_fit_fails_before_merging(models: Path, tmp_path
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
         "from simmerge_ray.cli import main\n"
-        f"sys.exit(main(['merge', {str(cfg)!r}, '--out', {str(out)!r}, '--in-process']))\n"
+        f"sys.exit(main(['merge', {str(cfg)!r}, '--out', {str(out)!r}]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr

@@ -83,16 +83,16 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_operator_matches_mergekit(ray_cluster, zoo, tmp_path: Path, arch: str, case: str) -> None:
+def test_operator_matches_mergekit(zoo, tmp_path: Path, arch: str, case: str) -> None:
     # llama in both storage dtypes; qwen2 (biases, another layout) in bf16.
     for dtype in ("bfloat16", "float32") if arch == "llama" else ("bfloat16",):
         root = zoo[(arch, dtype)]
         cfg = {**CASES[case], "dtype": "float32", "out_dtype": "float32"}
         (root / f"{case}.yaml").write_text(yaml.safe_dump(cfg))
         ours, theirs = tmp_path / f"ours-{dtype}", tmp_path / f"mk-{dtype}"
-        # TIES runs on the Ray pool (two workers, several shards); the rest in this process: the
-        # placements give the same bytes (test_merge_executor), so one of them suffices here.
-        opts = ExecOptions(workers=2, shard_bytes=30_000, in_process=not case.startswith("ties"))
+        # two worker threads over several shards; the Ray placement gives the same bytes
+        # (test_merge_executor), so one placement suffices here
+        opts = ExecOptions(workers=2, shard_bytes=30_000)
         run_merge(MergeSpec.load(root / f"{case}.yaml"), ours, opts)
         run_mergekit(cfg, root, theirs)
         a, b = load_all(ours), load_all(theirs)
@@ -110,7 +110,7 @@ def test_bf16_output_is_rounded_float32_result(ray_cluster, zoo, tmp_path: Path)
     for out_dtype in ("float32", "bfloat16"):
         cfg = {**CASES["ties"], "dtype": "float32", "out_dtype": out_dtype}
         (root / f"ties-{out_dtype}.yaml").write_text(yaml.safe_dump(cfg))
-        run_merge(MergeSpec.load(root / f"ties-{out_dtype}.yaml"), tmp_path / out_dtype, ExecOptions(in_process=True))
+        run_merge(MergeSpec.load(root / f"ties-{out_dtype}.yaml"), tmp_path / out_dtype, ExecOptions())
     f32, bf16 = load_all(tmp_path / "float32"), load_all(tmp_path / "bfloat16")
     for name in f32:
         assert bf16[name].dtype == torch.bfloat16

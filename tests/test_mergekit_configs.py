@@ -55,7 +55,7 @@ def test_config_matches_mergekit(zoo, tmp_path: Path, arch: str, path: Path) -> 
     out_dtype = cfg.get("out_dtype") or cfg["dtype"]
     f32_cfg = {**cfg, "dtype": "float32", "out_dtype": out_dtype}
     (root / path.name).write_text(path.read_text())
-    run_merge(MergeSpec.load(root / path.name), tmp_path / "ours", ExecOptions(in_process=True))
+    run_merge(MergeSpec.load(root / path.name), tmp_path / "ours", ExecOptions())
     ours = load_all(tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     depth = config["num_hidden_layers"]
@@ -66,9 +66,8 @@ def test_config_matches_mergekit(zoo, tmp_path: Path, arch: str, path: Path) -> 
         assert config["layer_types"] == ["full_attention"] * depth
         return
     (root / f"f32-{path.name}").write_text(yaml.safe_dump(f32_cfg))
-    run_merge(MergeSpec.load(root / f"f32-{path.name}"), tmp_path / "ours-f32", ExecOptions(in_process=True))
-    run_merge(MergeSpec.load(root / path.name), tmp_path / "ours-opt", ExecOptions(in_process=True,
-                                                                                   compute_dtype="float32"))
+    run_merge(MergeSpec.load(root / f"f32-{path.name}"), tmp_path / "ours-f32", ExecOptions())
+    run_merge(MergeSpec.load(root / path.name), tmp_path / "ours-opt", ExecOptions(compute_dtype="float32"))
     same, opt = load_all(tmp_path / "ours-f32"), load_all(tmp_path / "ours-opt")
     assert all(torch.equal(opt[n], same[n]) for n in opt)  # the float32 option: the old behaviour
     run_mergekit(cfg, root, tmp_path / "mk", copy_tokenizer=True)

@@ -69,7 +69,7 @@ def merge_both(cfg: dict, root: Path, tmp: Path, name: str) -> tuple[dict, dict]
     """(ours, mergekit's) tensors for `cfg`, computed in float32 on both sides."""
     cfg = {**cfg, "dtype": "float32", "out_dtype": "float32"}
     (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-    run_merge(MergeSpec.load(root / f"{name}.yaml"), tmp / f"ours-{name}", ExecOptions(in_process=True))
+    run_merge(MergeSpec.load(root / f"{name}.yaml"), tmp / f"ours-{name}", ExecOptions())
     run_mergekit(cfg, root, tmp / f"mk-{name}")
     return load_all(tmp / f"ours-{name}"), load_all(tmp / f"mk-{name}")
 
@@ -80,7 +80,7 @@ def test_method_matches_mergekit(zoo, tmp_path: Path, arch: str, case: str) -> N
     ours, theirs = merge_both(CASES[case], zoo[arch], tmp_path, case)
     assert sorted(ours) == sorted(theirs)
     for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=2e-6, atol=2e-6, msg=f"{case} {arch} {name}")
+        torch.testing.assert_close(ours[name], theirs[name], rtol=2e-6, atol=2e-6, msg=lambda m: f"{case} {arch} {name}: {m}")
     m1 = load_all(zoo[arch] / "m1")
     assert any(not torch.equal(ours[n], m1[n].float()) for n in ours if n in m1)  # not a copy of an input
 
@@ -122,6 +122,6 @@ def test_della_is_seeded_per_tensor(zoo, tmp_path: Path) -> None:
         {"model": "m2", "parameters": {"weight": 1.0, "density": 0.5}}]}
     (root / "della_seed.yaml").write_text(yaml.safe_dump(cfg))
     for out in ("a", "b"):
-        run_merge(MergeSpec.load(root / "della_seed.yaml", seed=7), tmp_path / out, ExecOptions(in_process=True))
+        run_merge(MergeSpec.load(root / "della_seed.yaml", seed=7), tmp_path / out, ExecOptions())
     a, b = load_all(tmp_path / "a"), load_all(tmp_path / "b")
     assert all(torch.equal(a[n], b[n]) for n in a)

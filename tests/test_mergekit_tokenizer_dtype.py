@@ -52,7 +52,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _both(cfg: dict, root: Path, tmp: Path, opts: ExecOptions = ExecOptions(in_process=True)) -> tuple[Path, Path]:
+def _both(cfg: dict, root: Path, tmp: Path, opts: ExecOptions = ExecOptions()) -> tuple[Path, Path]:
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     run_merge(MergeSpec.load(root / "cfg.yaml"), tmp / "ours", opts)
     run_mergekit(cfg, root, tmp / "mk", copy_tokenizer=True)
@@ -149,7 +149,7 @@ def test_chat_template_text_and_auto(pair: Path, tmp_path: Path) -> None:
     for template, want in ((text.replace("] ", "]: "), text.replace("] ", "]: ")), ("auto", text)):
         cfg = {"merge_method": "linear", "tokenizer_source": "union", "chat_template": template, "models": models}
         (pair / "t.yaml").write_text(yaml.safe_dump(cfg))
-        run_merge(MergeSpec.load(pair / "t.yaml"), tmp_path / "out", ExecOptions(in_process=True, overwrite=True))
+        run_merge(MergeSpec.load(pair / "t.yaml"), tmp_path / "out", ExecOptions(overwrite=True))
         assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == want
 
 
@@ -193,9 +193,9 @@ def test_compute_dtype_matches_mergekit(zoo: Path, tmp_path: Path, case: str, dt
     # linear: mergekit hands the weights over in `dtype` (0.7 -> 0.69921875 in bf16); one ulp apart
     assert exact / total > (0.999 if case in ("ties", "task_arithmetic") else 0.97), exact / total
     run_merge(MergeSpec.load(zoo / "cfg.yaml"), tmp_path / "f32",
-              ExecOptions(in_process=True, compute_dtype="float32"))
+              ExecOptions(compute_dtype="float32"))
     (zoo / "old.yaml").write_text(yaml.safe_dump({**cfg, "dtype": "float32", "out_dtype": dtype}))
-    run_merge(MergeSpec.load(zoo / "old.yaml"), tmp_path / "old", ExecOptions(in_process=True))
+    run_merge(MergeSpec.load(zoo / "old.yaml"), tmp_path / "old", ExecOptions())
     f32, old = load_all(tmp_path / "f32"), load_all(tmp_path / "old")
     assert all(torch.equal(f32[n], old[n]) for n in f32)
     assert any(not torch.equal(f32[n], a[n]) for n in a)  # the two modes do differ

@@ -53,7 +53,7 @@ def workspace(tmp_path: Path) -> Path:
 
 
 def _merge(ws: Path, out: str | Path, *extra: str) -> int:
-    return cli_main(["merge", str(ws / "merge.yaml"), "--out", str(out), "--in-process", *extra])
+    return cli_main(["merge", str(ws / "merge.yaml"), "--out", str(out), *extra])
 
 
 @pytest.mark.parametrize("target, message", [
@@ -117,7 +117,7 @@ def test_out_on_a_read_only_mount_is_one_line_exit_2(workspace: Path) -> None:
     (ro / "kept.txt").write_text("x")
     simmerge = Path(sys.executable).with_name("simmerge")
     script = (f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} || exit 99; "
-              f"exec {simmerge} merge {workspace / 'merge.yaml'} --out {ro / 'out'} --in-process")
+              f"exec {simmerge} merge {workspace / 'merge.yaml'} --out {ro / 'out'}")
     if shutil.which("unshare") is None:
         pytest.skip("no unshare(1) to make a read-only mount")
     res = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)

@@ -157,7 +157,7 @@ def test_a_tensor_relabelled_as_integer_is_not_merged_as_float(tmp_path: Path, v
     m1, m2 = _valid_and_mutated(tmp_path, valid, relabel)
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.rglob("*.safetensors")}
     out = tmp_path / "out"
-    assert cli_main(["merge", str(_merge_config(tmp_path, m1, m2)), "--out", str(out), "--in-process"]) == 2
+    assert cli_main(["merge", str(_merge_config(tmp_path, m1, m2)), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "tensor 'b.weight' is I16" in err and "has BF16" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
@@ -168,8 +168,7 @@ def test_overlapping_offsets_are_never_merged(tmp_path: Path, valid: bytes, caps
     header, _ = _split(valid)
     order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
     m1, m2 = _valid_and_mutated(tmp_path, valid, lambda h: _shift(h, order[1], -2))
-    assert cli_main(["merge", str(_merge_config(tmp_path, m1, m2)), "--out", str(tmp_path / "out"),
-                     "--in-process"]) == 2
+    assert cli_main(["merge", str(_merge_config(tmp_path, m1, m2)), "--out", str(tmp_path / "out")]) == 2
     assert f"{m2 / 'model.safetensors'}: tensor '{order[1]}' overlaps" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

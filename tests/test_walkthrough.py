@@ -235,7 +235,7 @@ def test_output_is_quiet_readable_and_has_verdicts(walkthrough: dict) -> None:
                 if re.search(r"\tINFO |\bINFO \w+\.py:\d+ --|^\[[^\]]* I \d+ \d+\] ", ln)]
     assert ray_info == [] and "core_worker" not in text and "Traceback" not in text
     merge = out["simmerge merge my-merge.yaml --out merged/"]
-    assert re.search(r"read \d+(\.\d+)? KiB, wrote \d+(\.\d+)? KiB in [\d.]+ s \([\d.]+ [KMG]iB/s input\)", merge), merge
+    assert re.search(r"read \d+(\.\d+)? KiB, wrote \d+(\.\d+)? KiB in [\d.]+ s \([\d.]+ [KMG]iB/s input; \d+ threads?\)", merge), merge
     assert "GB" not in merge
     fit = next(v for k, v in out.items() if k.startswith("simmerge fit "))
     n = len(load_pair_data(walkthrough["ws"] / "feats", walkthrough["ws"] / "labels" / "labels.parquet"))

@@ -21,6 +21,12 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+# Commands whose module registers nothing else: `simmerge merge ...` builds only its own parser,
+# so a merge does not pay for importing every other command's dependencies (polars, pydantic).
+SOLE_MODULE: dict[str, str] = {"merge": "merge", "convert": "convert", "plan": "plan", "plan-batch": "plan_batch",
+                               "transfer": "transfer"}
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Texts with line breaks (the epilog's examples) as written, others wrapped; an option's
     default appended to its help, except for flags, options without a default (None) and help
@@ -61,7 +67,7 @@ def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentP
                 yield from _all_parsers(sub)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simmerge",
         description="Choose how to merge LLM checkpoints from similarity signals, then merge them.",
@@ -71,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"simmerge {__version__}",
                         help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(f"simmerge_ray.cli.{name}").register(subparsers)
     for p in _all_parsers(parser):
         p.formatter_class = HelpFormatter
@@ -84,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from simmerge_ray.cli.common import set_verbose
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    modules = (SOLE_MODULE[command],) if command in SOLE_MODULE else COMMAND_MODULES
+    args = build_parser(modules).parse_args(argv)
     if args.verbose:
         set_verbose(True)  # never reset: stages a `demo --verbose` runs in this process stay verbose
     try:

@@ -1,8 +1,10 @@
-"""`simmerge merge CONFIG.yaml --out DIR`: run a mergekit-style merge on Ray, streaming."""
+"""`simmerge merge CONFIG.yaml --out DIR`: run a mergekit-style merge, streaming, in this process
+or on a Ray cluster."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from simmerge_ray.cli.common import human_bytes, human_rate, init_ray
 from simmerge_ray.errors import ConfigError
@@ -20,12 +22,15 @@ def _methods_text() -> str:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "merge", help="execute a mergekit YAML config or a plan (streaming, on Ray)",
+        "merge", help="execute a mergekit YAML config or a plan (streaming; local threads or Ray)",
         description="Execute a mergekit YAML config (or a plan from `simmerge plan`) with the streaming "
-                    "engine. The output folder holds the weights, config.json, the tokenizer, README.md "
-                    "(a model card) and mergekit_config.yml (the exact config).",
+                    "engine: in this process on every core by default, on Ray when a cluster is named "
+                    "(--address, RAY_ADDRESS) or --ray is given. The output folder holds the weights, "
+                    "config.json, the tokenizer, README.md (a model card) and mergekit_config.yml (the "
+                    "exact config); the bytes are the same in every placement.",
         epilog=f"merge methods (merge_method:):\n{_methods_text()}\n\nexamples:\n"
                "  simmerge merge my-merge.yaml --out merged/\n"
+               "  simmerge merge my-merge.yaml --out merged/ --dry-run\n"
                "  simmerge merge --plan plan-3way/plan.json --catalog catalog.yaml --out merged-3way/")
     p.add_argument("config", nargs="?", help="mergekit-style YAML (models/slices, merge_method, parameters, dtype)")
     p.add_argument("--plan", help="a plan.json from `simmerge plan` (instead of CONFIG); needs --catalog")
@@ -34,20 +39,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output checkpoint folder (created; never an input)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote (never an input)")
     p.add_argument("--workers", type=int, default=None,
-                   help="merge actors (default: SIMMERGE_MAX_ACTORS or 2)")
+                   help="worker threads here, or merge actors on Ray (default: this machine's CPUs here; "
+                        "SIMMERGE_MAX_ACTORS or 2 on Ray)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="CPUs per merge actor (default: SIMMERGE_CPUS_PER_ACTOR or 1)")
+                   help="CPUs per worker: torch threads here, the actor's ask on Ray (default: "
+                        "SIMMERGE_CPUS_PER_ACTOR or 1)")
     p.add_argument("--shard-size", default="512M", help="output shard size, e.g. 512M, 2G")
     p.add_argument("--seed", type=int, default=0, help="seed of stochastic methods (DARE)")
     p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype the methods compute in, whatever the config's `dtype` says (default: the "
                         "config's `dtype`, as mergekit; float32 without one); the output dtype is unchanged")
     p.add_argument("--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of failing")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--in-process", action="store_true",
-                   help="merge in this process without Ray (one worker, no retries): skips starting a "
-                        "local Ray for a laptop-sized merge; the output bytes are the same")
+    p.add_argument("--address", default=None,
+                   help="merge on this Ray cluster (default: RAY_ADDRESS when set, else no Ray)")
+    p.add_argument("--ray", action="store_true",
+                   help="merge on Ray even without --address/RAY_ADDRESS (starts a local Ray); "
+                        "default: off, threads in this process")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything and print the tensors, bytes, peak memory per worker and "
+                        "estimated time, without merging (default: off)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (default: a bar on stderr when it is a terminal)")
     p.set_defaults(func=run)
+
+
+def _placement(args: argparse.Namespace) -> str:
+    """Ray when a cluster is named (--address, RAY_ADDRESS) or --ray is given; else this process."""
+    return "ray" if args.ray or args.address or os.environ.get("RAY_ADDRESS") else "local"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,27 +75,43 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.config) == bool(args.plan):
         raise ConfigError("give either a CONFIG.yaml or --plan PLAN.json")
-    if args.in_process and (args.address or (args.workers or 1) > 1):
-        raise ConfigError("--in-process runs one worker in this process: drop --address and --workers")
+    placement = _placement(args)
     ask = streaming_ask()
-    opts = ExecOptions(workers=1 if args.in_process else args.workers or max_actors(2), in_process=args.in_process,
+    opts = ExecOptions(placement=placement,
+                       workers=args.workers or (max_actors(2) if placement == "ray" else None),
                        cpus_per_worker=args.cpus_per_worker or ask.num_cpus,
                        memory_per_worker=ask.memory,
                        shard_bytes=parse_bytes(args.shard_size, what="--shard-size"),
                        allow_nonfinite=args.allow_nonfinite, overwrite=args.overwrite,
-                       compute_dtype=args.compute_dtype)
+                       compute_dtype=args.compute_dtype, progress=not args.quiet)
     if args.plan:
         return _run_plan(args, opts)
     spec = MergeSpec.load(args.config, seed=args.seed)
     check_output(args.out, overwrite=args.overwrite, inputs=[*input_paths(spec), args.config])
+    if args.dry_run:
+        return _dry_run(spec, opts)
     check_merge(spec)
-    if not args.in_process:
+    if placement == "ray":
         init_ray(args.address)
     res = run_merge(spec, args.out, opts)
     print(f"merged {len(spec.inputs)} models with {spec.method.name}: {res.tensors} tensors in "
           f"{res.shards} shard(s) -> {res.out}")
     print(f"read {human_bytes(res.bytes_read)}, wrote {human_bytes(res.bytes_written)} in {res.seconds:.1f} s "
-          f"({human_rate(res.bytes_read, res.seconds)} input)")
+          f"({human_rate(res.bytes_read, res.seconds)} input; {opts.n_workers} "
+          f"{'Ray actor' if placement == 'ray' else 'thread'}{'s' if opts.n_workers != 1 else ''})")
+    return 0
+
+
+def _dry_run(spec, opts) -> int:
+    from simmerge_ray.merge.estimate import estimate_merge
+
+    est = estimate_merge(spec, opts)
+    where = f"{est.workers} {'Ray actor' if est.placement == 'ray' else 'thread'}" + ("s" if est.workers != 1 else "")
+    print(f"dry run: {est.method}, {est.tensors} tensors in {est.shards} shard(s), {est.units} work units on "
+          f"{where}; nothing was merged or written")
+    print(f"would read {human_bytes(est.bytes_read)} and write {human_bytes(est.bytes_written)}")
+    print(f"peak memory per worker: about {human_bytes(est.peak_bytes_per_worker)} (plus the process itself)")
+    print(f"estimated time: about {est.seconds:.0f} s at this project's measured rates")
     return 0
 
 
@@ -96,7 +130,9 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
     plan = Plan.from_json(plan_file.read_text(), str(plan_file))
     catalog = Catalog.load(args.catalog)
     check_output(args.out, overwrite=opts.overwrite, inputs=[*catalog.paths, plan_file])
-    if not args.in_process:
+    if args.dry_run:
+        raise ConfigError("--dry-run takes a CONFIG.yaml (a plan's steps are configs: run it on each step file)")
+    if opts.placement == "ray":
         init_ray(args.address)
     results = execute_plan(plan, catalog, Path(args.out), opts, out_dtype=args.dtype)
     total = sum(r.seconds for r in results)

@@ -12,75 +12,23 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from simmerge_ray import native
 
 SOURCE = Path(__file__).with_name("gram_kernel.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
 
 
-def kernel_dir() -> Path:
-    if os.environ.get("SIMMERGE_KERNEL_DIR"):
-        return Path(os.environ["SIMMERGE_KERNEL_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "simmerge_ray" / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(cc: str) -> Path:
-    """Compile into the cache, keyed by everything the binary depends on; atomic rename."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.blake2b("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), platform.machine(),
-                                     _cpu_flags()]).encode(), digest_size=12).hexdigest()
-    target = kernel_dir() / f"gram_kernel-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".gram_kernel-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it is disabled or cannot be built (logged once)."""
-    if os.environ.get("SIMMERGE_GRAM_KERNEL", "1") == "0":
-        return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        log.warning("no C compiler found: structural features use the slower torch path")
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(cc)))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        log.warning("cannot build %s (%s): structural features use the slower torch path", SOURCE, detail)
+    lib = native.load_library(SOURCE, FLAGS, "SIMMERGE_GRAM_KERNEL", "structural features use the slower torch path")
+    if lib is None:
         return None
     fn = lib.gram_chunk
     p = ctypes.c_void_p

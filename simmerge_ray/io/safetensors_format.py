@@ -7,7 +7,6 @@ merge never holds a whole output shard in memory.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -22,6 +21,7 @@ from typing import BinaryIO
 import torch
 
 from simmerge_ray.errors import CheckpointError, OutputError
+from simmerge_ray.io.writeback import start_writeback
 
 DTYPE_TO_TORCH: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -221,19 +221,6 @@ def _write_failure(path: Path, e: OSError, what: str) -> str:
     return msg
 
 
-def _sync_file_range():
-    """Linux's sync_file_range(2), or None: starts writing a byte range back to disk without
-    waiting, so the final fsync has little left to do (Python's os module does not expose it)."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
-SYNC_FILE_RANGE_WRITE = 2
 
 
 class RangeWriter:
@@ -253,8 +240,8 @@ class RangeWriter:
                 done += os.pwrite(self._fd, data[done:], offset + done)
         except OSError as e:
             raise OutputError(_write_failure(self.path, e, f"cannot write {len(data)} bytes at offset {offset}")) from None
-        if _SYNC_FILE_RANGE is not None and done:
-            _SYNC_FILE_RANGE(self._fd, offset, done, SYNC_FILE_RANGE_WRITE)  # a hint: failures are harmless
+        if done:
+            start_writeback(self._fd, offset, done)
 
     def close(self) -> None:
         if self._fd >= 0:

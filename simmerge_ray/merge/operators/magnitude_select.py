@@ -1,11 +1,12 @@
-"""TIES's magnitude top-k over a tensor seen in chunks (pure math, no I/O).
+"""TIES's magnitude top-k in linear time, over a tensor seen whole or in chunks (pure math, no I/O).
 
-In memory, `sparsify.magnitude` sorts |delta| to keep the k largest. A tensor larger than memory
-is seen in chunks instead, so the k-th largest |delta| is found by radix selection on its float32
-bits, which order non-negative floats: a first pass counts the top 16 bits of every |delta|, a
-second counts the low 16 bits inside the one bucket that holds the k-th value. That gives the
-exact threshold and how many values equal to it are kept; ties are kept in index order (the sort
-breaks them in an unspecified order, so only ties at the threshold can differ from it).
+The k-th largest |delta| is found by radix selection on the bits of |delta|, which order
+non-negative floats as integers do. A 16-bit compute dtype (bf16, fp16) has 65,536 bit patterns:
+one histogram pass gives the exact threshold. float32 needs two: a first pass counts the top 16
+bits of every |delta|, a second counts the low 16 bits inside the one bucket that holds the k-th
+value. Either way that gives the exact threshold and how many values equal to it are kept; ties
+are kept in index order, as a stable descending sort keeps them. Linear time replaces the
+O(n log n) argsort, and chunks let a tensor larger than memory be selected.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from dataclasses import dataclass
 import torch
 
 BUCKETS = 1 << 16
+_INT = {2: torch.int16, 4: torch.int32}
 
 
 def _bits(absd: torch.Tensor) -> torch.Tensor:
-    return absd.contiguous().view(torch.int32)  # non-negative: bincount takes them as they are
+    """|delta|'s bit pattern as a non-negative int32 (16-bit dtypes: the pattern itself)."""
+    return absd.contiguous().view(_INT[absd.element_size()]).to(torch.int32)
 
 
 def _split(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -40,57 +43,108 @@ class MagnitudeMask:
 
     def apply(self, delta: torch.Tensor) -> torch.Tensor:
         absd = delta.abs()
-        keep = absd > self.value
+        # 1 where |delta| > value, else 0, without a boolean tensor (the slow ops here): the
+        # difference of two distinct floats of one dtype is never rounded to zero.
+        keep = absd.sub(self.value).clamp_(min=0).sign_()
         if self.ties > 0:
             equal = absd == self.value
-            keep |= equal & (equal.cumsum(0) <= self.ties)
+            first = equal & (equal.cumsum(0) <= self.ties)
+            keep.add_(first)
             self.ties -= min(self.ties, int(equal.sum()))
-        out = delta * keep  # several times faster than torch.where or masked_fill here
+        out = keep.mul_(delta)
         return out.mul_(self.scale) if self.scale != 1.0 else out
 
 
 class MagnitudeSelect:
-    """The mask keeping the k = max(1, int(density * numel)) largest |delta| (as
-    `sparsify.magnitude`), built from two passes over the chunks of one flat tensor."""
+    """The mask keeping the k = max(1, int(density * numel)) largest |delta| (as mergekit's
+    magnitude sparsification), from one pass over the chunks of a flat tensor (16-bit dtypes) or
+    two (float32): call `first_pass` on every chunk, then `second_pass` on every chunk when
+    `needs_second_pass`, then `mask()`."""
 
     def __init__(self, numel: int, density: float, rescale: bool) -> None:
         self.k = max(1, int(density * numel)) if density > 0 and numel else 0
         self.rescale = rescale
         self.high = torch.zeros(BUCKETS, dtype=torch.int64)
         self.low = torch.zeros(BUCKETS, dtype=torch.int64)
-        self.high_l1 = torch.zeros(BUCKETS, dtype=torch.float64)  # sum |delta| per top-bits bucket
+        self.high_l1 = torch.zeros(BUCKETS, dtype=torch.float64)  # sum |delta| per first-pass bucket
         self.bucket: int | None = None  # the top-bits bucket holding the k-th value, after pass 1
         self._above = 0  # values in buckets above it
+        self._dtype: torch.dtype | None = None
+
+    @property
+    def needs_second_pass(self) -> bool:
+        return self._dtype is None or self._dtype.itemsize == 4
 
     def first_pass(self, delta: torch.Tensor) -> None:
+        self._dtype = delta.dtype
         absd = delta.abs()
-        high = _bits(absd) >> 16
+        high = _bits(absd)
+        if high.element_size() == 4 and delta.element_size() == 4:
+            high = high >> 16
         self.high += torch.bincount(high, minlength=BUCKETS)
         if self.rescale:
-            self.high_l1 += torch.bincount(high, weights=absd, minlength=BUCKETS)
+            self.high_l1 += torch.bincount(high, weights=absd.double(), minlength=BUCKETS)
 
     def second_pass(self, delta: torch.Tensor) -> None:
+        if not self.needs_second_pass:
+            return
         if self.bucket is None:
             self.bucket, self._above = _split(self.high, self.k)
         bits = _bits(delta.abs())
         inside = bits[(bits >> 16) == self.bucket]
         self.low += torch.bincount(inside & (BUCKETS - 1), minlength=BUCKETS)
 
+    def add_counts(self, high: torch.Tensor, dtype: torch.dtype) -> None:
+        """A first pass's histogram counted elsewhere (the fused kernel), for deltas of `dtype`."""
+        self._dtype = dtype
+        self.high += high
+
+    def low_bucket(self) -> int:
+        """float32's second pass: the top-bits bucket whose low bits it counts."""
+        if self.bucket is None:
+            self.bucket, self._above = _split(self.high, self.k)
+        return self.bucket
+
+    def add_low_counts(self, low: torch.Tensor) -> None:
+        self.low += low
+
     def mask(self) -> MagnitudeMask:
-        """The mask, once both passes have seen every chunk."""
+        """The mask, once the passes have seen every chunk."""
         if self.k == 0:
             return MagnitudeMask(float("inf"), 0)
+        if not self.needs_second_pass:
+            return self._mask16()
+        if self.bucket is None:  # no chunk at all went through second_pass (k > 0 means there were some)
+            raise RuntimeError("MagnitudeSelect.mask() before second_pass")
         need = self.k - self._above
         j, above_in = _split(self.low, need)
-        bits = torch.tensor([(self.bucket << 16) | j], dtype=torch.int32)
-        value = float(bits.view(torch.float32))
+        value = float(torch.tensor([(self.bucket << 16) | j], dtype=torch.int32).view(torch.float32))
         ties = need - above_in
         scale = 1.0
         if self.rescale:
             lows = torch.arange(j + 1, BUCKETS, dtype=torch.int32) | (self.bucket << 16)
             inside_l1 = float((self.low[j + 1:].double() * lows.view(torch.float32).double()).sum())
-            kept = float(self.high_l1[self.bucket + 1:].sum()) + inside_l1 + ties * value
-            total = float(self.high_l1.sum())
-            if total >= 1e-7 and kept >= 1e-7:  # as sparsify.rescale_l1
-                scale = total / kept
+            scale = self._scale(float(self.high_l1[self.bucket + 1:].sum()) + inside_l1 + ties * value)
         return MagnitudeMask(value, ties, scale)
+
+    def _mask16(self) -> MagnitudeMask:
+        j, above = _split(self.high, self.k)
+        value = float(torch.tensor([j], dtype=torch.int32).to(torch.int16).view(self._dtype))
+        ties = self.k - above
+        scale = self._scale(float(self.high_l1[j + 1:].sum()) + ties * value) if self.rescale else 1.0
+        return MagnitudeMask(value, ties, scale)
+
+    def _scale(self, kept: float) -> float:
+        """total l1 / kept l1, or 1 when either is ~0 (as sparsify.rescale_l1)."""
+        total = float(self.high_l1.sum())
+        return total / kept if total >= 1e-7 and kept >= 1e-7 else 1.0
+
+
+def select_magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """Zero all but the int(density * numel) largest |delta| (at least one) of a whole tensor, in
+    linear time; ties at the threshold are kept in index order."""
+    flat = delta.reshape(-1)
+    sel = MagnitudeSelect(flat.numel(), density, rescale)
+    sel.first_pass(flat)
+    sel.second_pass(flat)
+    return sel.mask().apply(flat).reshape(delta.shape)

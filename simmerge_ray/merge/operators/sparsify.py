@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from simmerge_ray.merge.operators.magnitude_select import select_magnitude
+
 
 def rescale_l1(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Scale `masked` so its l1 norm matches `original`'s (DARE's rescaling)."""
@@ -16,21 +18,16 @@ def rescale_l1(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) 
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """Zero all but the round(down) `density` share of coordinates with the largest |delta|.
+    """Zero all but the int(density * numel) coordinates (at least one) with the largest |delta|.
 
-    Ties in |delta| are broken by torch.argsort's order, as mergekit does, so results agree
-    element for element.
+    Linear time (radix selection, magnitude_select); ties at the threshold are kept in index
+    order, as a stable descending sort keeps them.
     """
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
-    # sorted as float32 whatever the compute dtype: half-precision ties then fall in mergekit's order
-    order = torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:k]
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
-    mask[order] = 1
-    masked = delta * mask.reshape(delta.shape)
+    masked = select_magnitude(delta, density)
     return rescale_l1(delta, masked) if rescale else masked
 
 

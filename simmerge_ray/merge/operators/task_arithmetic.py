@@ -17,6 +17,7 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.operators import sparsify
 from simmerge_ray.merge.operators.magnitude_select import MagnitudeMask
 from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, register
+from simmerge_ray.merge.operators.scratch import Scratch
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def generalized_task_arithmetic(inp: MergeInputs, *, variant: Variant) -> torch.
     if not inp.tensors:
         return base.clone()
     opts = inp.options
-    deltas = torch.empty((len(inp.tensors), *base.shape), dtype=base.dtype)
+    deltas = []
     for i, t in enumerate(inp.tensors):
         delta = t - base
         density = float(inp.per_model["density"][i])
@@ -59,44 +60,84 @@ def generalized_task_arithmetic(inp: MergeInputs, *, variant: Variant) -> torch.
         elif variant.sparsification == "magprune":
             delta = sparsify.magprune(delta, density, float(inp.per_model["epsilon"][i]), bool(opts["rescale"]),
                                       inp.generator)
-        deltas[i] = delta
+        deltas.append(delta)
     return _combine(base, deltas, inp, variant)
 
 
 def chunked_magnitude_task_arithmetic(inp: MergeInputs, masks: Sequence[MagnitudeMask | None], *,
-                                      variant: Variant) -> torch.Tensor:
+                                      variant: Variant, scratch: Scratch | None = None) -> torch.Tensor:
     """The same merge on one chunk of flat tensors, with each model's magnitude mask found
-    beforehand over the whole tensor (magnitude_select); chunks in index order."""
+    beforehand over the whole tensor (magnitude_select); chunks in index order. The result may
+    live in `scratch`: use it before the next call with the same scratch."""
     base = inp.base
     assert base is not None
-    deltas = torch.empty((len(inp.tensors), *base.shape), dtype=base.dtype)
-    for i, (t, mask) in enumerate(zip(inp.tensors, masks)):
-        deltas[i] = t - base if mask is None else mask.apply(t - base)
-    return _combine(base, deltas, inp, variant)
+    deltas = [t - base if mask is None else mask.apply(t - base) for t, mask in zip(inp.tensors, masks)]
+    return _combine(base, deltas, inp, variant, scratch)
 
 
-def _combine(base: torch.Tensor, deltas: torch.Tensor, inp: MergeInputs, variant: Variant) -> torch.Tensor:
+def _combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], inp: MergeInputs, variant: Variant,
+             scratch: Scratch | None = None) -> torch.Tensor:
     """The elementwise rest: weights, the sign election, normalisation and lambda."""
     opts = inp.options
-    weights = torch.tensor([float(w) for w in inp.per_model["weight"]], dtype=base.dtype)
-    weights = weights.reshape(-1, *([1] * base.dim()))
-    deltas.mul_(weights)
-    if variant.consensus:
-        elected = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
-        mask = (deltas.sign() == elected).to(base.dtype)
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0).expand_as(mixed).clone()
-        divisor[divisor.abs() < 1e-8] = 1
-    if opts["normalize"]:
-        mixed = mixed / divisor
-    lam = float(opts["lambda"])
+    return combine(base, deltas, inp.per_model["weight"], consensus=variant.consensus,
+                   normalize=bool(opts["normalize"]), lam=float(opts["lambda"]), scratch=scratch)
+
+
+def combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], *, consensus: bool,
+            normalize: bool, lam: float, scratch: Scratch | None = None) -> torch.Tensor:
+    """base + lambda * (sum_i w_i d_i [agrees with the elected sign]) / divisor, as mergekit computes it.
+
+    Every intermediate is rounded to the compute dtype (base.dtype) exactly where mergekit's
+    op-by-op arithmetic in that dtype rounds it (torch computes half-precision ops in float32
+    and rounds each result), so the bytes are the same; but the work runs in float32 on flat
+    reusable buffers with no boolean tensors (comparisons are the slow ops on this path):
+    e = +1 where sum_i w_i d_i >= 0 else -1; max(w_i d_i e, 0) keeps the agreeing part of each
+    model, sign() of it counts the model in the divisor.
+    """
+    c, shape, k = base.dtype, base.shape, base.numel()
+    s = scratch or Scratch()
+    low = s.get("low", k, c)
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        if c != torch.float32:
+            low.copy_(t)
+            t.copy_(low)
+        return t
+
+    wb = [float(torch.tensor(float(w), dtype=c)) for w in weights]  # mergekit's weight tensor is in c
+    wd = [s.get(("wd", i), k) for i in range(len(deltas))]
+    mixed = s.get("mixed", k)
+    for i, d in enumerate(deltas):
+        rounded(wd[i].copy_(d.reshape(-1)).mul_(wb[i]))
+        mixed.copy_(wd[i]) if i == 0 else mixed.add_(wd[i])
+    rounded(mixed)
+    if consensus:
+        elected = mixed.sign_().add_(0.5).sign_()  # +1 where the sum is >= 0, else -1
+        divisor, part = s.get("divisor", k).zero_(), s.get("part", k)
+        total = s.get("total", k).zero_()
+        for i, w in enumerate(wb):
+            torch.mul(wd[i], elected, out=part).clamp_(min=0)
+            total.add_(part)
+            divisor.add_(part.sign_(), alpha=w)
+        mixed = rounded(total.mul_(elected))
+        rounded(divisor)
+        if normalize:  # divisor 0 (no model agrees) -> 1: add 1 - |sign(divisor)|
+            divisor.add_(torch.abs(divisor, out=part).sign_().neg_().add_(1))
+            rounded(mixed.div_(divisor))
+    elif normalize:
+        total_w = float(torch.tensor(wb, dtype=c).sum())
+        rounded(mixed.div_(total_w if abs(total_w) >= 1e-8 else 1.0))
     if lam != 1:
-        mixed = mixed * lam
-    return base + mixed
+        rounded(mixed.mul_(lam))
+    flat_base = base.reshape(-1) if c == torch.float32 else s.get("base", k).copy_(base.reshape(-1))
+    mixed.add_(flat_base)
+    return mixed.reshape(shape) if c == torch.float32 else low.copy_(mixed).reshape(shape)
+
+
+def variant_of(method) -> Variant | None:
+    """The task-arithmetic variant a registered method runs, or None for other methods."""
+    fn = method.chunked or method.fn
+    return getattr(fn, "keywords", {}).get("variant")
 
 
 def check_magprune(tensor_name: str, _options, per_model: dict[str, list]) -> None:

@@ -1,0 +1,102 @@
+"""Where a merge's work units run: threads of the command's own process, or a pool of Ray actors.
+
+Both drive the same `UnitMerger` over the same units and offsets, so the output bytes are the
+same in every placement. The local placement starts nothing: torch releases the GIL in its
+kernels and the file reads and writes, so threads over units use every core without a cluster.
+The Ray placement is for a cluster (`ray job submit`, KubeRay): actors are restarted and their
+units retried when a worker or its node is lost.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import torch
+
+from simmerge_ray.merge.config import MergeSpec
+from simmerge_ray.merge.progress import Progress
+from simmerge_ray.merge.tensor_plan import TensorTask
+from simmerge_ray.merge.unit_merger import CRASH_ONCE_ENV, UnitMerger
+from simmerge_ray.merge.units import WorkUnit
+
+
+def local_cpus() -> int:
+    """The CPUs this process may run on (its affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUnit], partial: dict[str, Path],
+              compute: str, *, workers: int, threads_per_worker: int, stream_bytes: int, chunk_elems: int,
+              allow_nonfinite: bool, progress: Progress) -> list[dict]:
+    """Units over `workers` threads, each with its own UnitMerger (buffers, file handles); torch
+    runs `threads_per_worker` threads per op meanwhile and is restored afterwards."""
+    n = max(1, min(workers, len(units)))
+    mergers: list[UnitMerger] = []
+    local = threading.local()
+    lock = threading.Lock()
+
+    def merger() -> UnitMerger:
+        if getattr(local, "merger", None) is None:
+            local.merger = UnitMerger(spec, tasks, stream_bytes, chunk_elems, compute, progress=progress.advance)
+            with lock:
+                mergers.append(local.merger)
+        return local.merger
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads_per_worker))
+    try:
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="merge-worker") as pool:
+            futures = [pool.submit(lambda u=u: merger().run(u, str(partial[u.file]), allow_nonfinite)) for u in units]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                for f in futures:
+                    f.cancel()
+                raise failed[0].exception()
+            return [f.result() for f in futures]
+    finally:
+        torch.set_num_threads(saved)
+
+
+def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUnit], partial: dict[str, Path],
+               compute: str, *, workers: int, cpus_per_worker: float, memory_per_worker: int | None,
+               resources: dict[str, float] | None, max_retries: int, stream_bytes: int, chunk_elems: int,
+               allow_nonfinite: bool, progress: Progress, numels: dict[str, int]) -> list[dict]:
+    """Units round robin over a pool of restartable actors; a lost worker's unit is retried."""
+    import ray
+
+    from simmerge_ray import placement
+    from simmerge_ray.errors import ray_get
+    from simmerge_ray.resources import ResourceAsk
+
+    placement.check_placeable("merge worker", ResourceAsk(cpus_per_worker, 0.0, memory_per_worker), resources)
+    worker_cls = ray.remote(UnitMerger).options(
+        num_cpus=cpus_per_worker,
+        memory=memory_per_worker,
+        max_restarts=max_retries,
+        max_task_retries=max_retries,
+        resources=resources,
+        runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == CRASH_ONCE_ENV}} or None,
+    )
+    n = max(1, min(workers, len(units)))
+    tasks_ref = ray.put(tasks)
+    actors = [worker_cls.remote(spec, tasks_ref, stream_bytes, chunk_elems, compute, threads=int(max(1, cpus_per_worker)))
+              for _ in range(n)]
+    try:
+        futures = [actors[k % n].run.remote(u, str(partial[u.file]), allow_nonfinite) for k, u in enumerate(units)]
+        unit_of = {f: u for f, u in zip(futures, units)}
+        pending = list(futures)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for f in ready:
+                ray_get([f])  # raises a failed unit's error at once, as a one-line MergeError
+                u = unit_of[f]
+                progress.advance(u.elems, sum(1 for p in u.pieces if p.start + p.count >= numels[p.name]))
+        return ray_get(futures)
+    finally:
+        for a in actors:
+            ray.kill(a)
+

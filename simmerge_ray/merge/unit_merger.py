@@ -1,0 +1,324 @@
+"""Merging one work unit: read its tensors (or element ranges), merge, write at fixed offsets.
+
+Plain torch and file I/O, no Ray: the same object runs in a thread of the command's own process
+(the local placement) or inside a Ray actor (the cluster placement), so both give the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, BackgroundWriter, RangeWriter
+from simmerge_ray.merge.config import MergeSpec
+from simmerge_ray.merge.operators import MergeInputs
+from simmerge_ray.merge.operators.magnitude_select import MagnitudeSelect
+from simmerge_ray.merge.operators import ties_native
+from simmerge_ray.merge.operators.scratch import Scratch
+from simmerge_ray.merge.operators.task_arithmetic import variant_of
+from simmerge_ray.merge.tensor_merge import check_finite, merge_tensor, working_dtype
+from simmerge_ray.merge.tensor_plan import TensorTask
+from simmerge_ray.merge.units import Piece, WorkUnit
+
+# Set by the fault-injection test: the first worker to reach its second unit exits abruptly
+# (once, tracked by this marker file), to prove that a lost worker is retried cleanly.
+CRASH_ONCE_ENV = "SIMMERGE_TEST_CRASH_ONCE"
+
+Chunks = Callable[[], Iterator[tuple[int, list[torch.Tensor]]]]
+
+
+def open_inputs(spec: MergeSpec) -> dict[str, Checkpoint]:
+    """Every input's index and config (headers only), by the config's model reference."""
+    return {m.ref: Checkpoint.open(m.path) for m in spec.inputs}
+
+
+class UnitMerger:
+    """Merges work units into preallocated output files; one per worker thread or Ray actor.
+
+    A tensor of a fixed linear combination (linear, task arithmetic) or of TIES and kin is merged
+    by a chunk loop over flat buffers: no float32 copy of a whole tensor, and the next chunk is
+    read while this one is merged. SLERP and the other whole-tensor methods read the whole tensor
+    unless its float32 working set exceeds `stream_bytes` (then SLERP streams too, a first pass
+    giving its Gram matrix). A tensor that needs several passes (SLERP's Gram, TIES's magnitude
+    threshold) and whose inputs fit in `stream_bytes` is read once and kept for the passes.
+    """
+
+    def __init__(self, spec: MergeSpec, tasks: dict[str, TensorTask], stream_bytes: int, chunk_elems: int,
+                 compute: str = "F32", threads: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        if threads is not None:  # a Ray actor owns its process; local threads leave torch as it is
+            torch.set_num_threads(max(1, threads))
+        self.spec = spec
+        self.compute = DTYPE_TO_TORCH[compute]
+        self.work = working_dtype(spec, self.compute)
+        self.tasks = tasks
+        self.stream_bytes = stream_bytes
+        self.chunk_elems = max(1, chunk_elems)
+        self.ckpts = open_inputs(spec)
+        self.progress = progress
+        self.scratch = Scratch()
+        self._units_done = 0
+        self._read = 0
+        self._out_slot = 0
+
+    def run(self, unit: WorkUnit, path: str, allow_nonfinite: bool) -> dict:
+        """Merge `unit` into the preallocated file `path` (its pieces' byte ranges only)."""
+        self._maybe_crash()
+        t0 = time.perf_counter()
+        self._read = 0
+        writer = BackgroundWriter(RangeWriter(Path(path)))
+        pieces = unit.pieces
+
+        def fetch(i: int):
+            # Tensors merged by a chunk loop read their own chunks, never a whole tensor here.
+            return None if i >= len(pieces) or self._fused(pieces[i].name) else pool.submit(self._read_inputs, pieces[i].name)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-reader") as pool:
+            pending = fetch(0)
+            try:
+                for i, piece in enumerate(pieces):
+                    if pending is None:
+                        self._merge_chunks(piece, writer, allow_nonfinite, pool)
+                        self._advance(0, self._ends(piece))
+                        pending = fetch(i + 1)
+                        continue
+                    tensors = pending.result()
+                    pending = fetch(i + 1)
+                    merged = merge_tensor(self.spec, self.tasks[piece.name], tensors.__getitem__,
+                                          compute=self.compute, allow_nonfinite=allow_nonfinite)
+                    writer.write_at(piece.offset, merged.to(DTYPE_TO_TORCH[piece.dtype]))
+                    self._advance(piece.count, 1)
+                    del tensors, merged
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        self._units_done += 1
+        return {"file": unit.file, "pieces": len(pieces), "elements": unit.elems, "bytes_read": self._read,
+                "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+
+    def _advance(self, elements: int, tensors: int = 0) -> None:
+        """Report merged elements and finished tensors to the progress bar, if any."""
+        if self.progress is not None:
+            self.progress(elements, tensors)
+
+    def _ends(self, piece: Piece) -> int:
+        """1 when `piece` is the last element range of its tensor (a tensor finished), else 0."""
+        task = self.tasks[piece.name]
+        if task.vocab is not None:  # re-indexed rows: always merged whole
+            return 1
+        model, name = task.all_reads[0]
+        return int(piece.start + piece.count >= self.ckpts[model].entries[name].numel)
+
+    def _fused(self, name: str) -> bool:
+        """Merge with a chunk loop: always for a fixed linear combination (linear, task
+        arithmetic) and for TIES and kin (each model's magnitude threshold is found by chunk
+        passes first); for SLERP when the tensor's float32 working set exceeds the budget (its
+        coefficients need a first pass over the chunks for the Gram matrix)."""
+        method = self.spec.method
+        if self.tasks[name].vocab is not None:  # rows remapped to the output vocabulary: whole
+            return False
+        if method.elementwise or method.chunked is not None:
+            return True
+        if method.combination is None:
+            return False
+        reads = self.tasks[name].all_reads
+        numel = self.ckpts[reads[0][0]].entries[reads[0][1]].numel
+        return 4 * numel * (len(reads) + 2) > self.stream_bytes
+
+    def piece_cost(self, piece: Piece) -> tuple[int, int, str]:
+        """(bytes read, peak bytes held, kind) of merging `piece`, by the same decisions `run`
+        takes: what `simmerge merge --dry-run` reports. kind: "combination" (a fixed linear
+        combination), "chunked" (TIES and kin), "whole" (one whole tensor at a time)."""
+        task = self.tasks[piece.name]
+        sizes = [DTYPE_BYTES[self.ckpts[m].entries[t].dtype] for m, t in task.all_reads]
+        stored = piece.count * sum(sizes)
+        if not self._fused(piece.name):
+            return stored, stored + 4 * piece.count * (len(sizes) + 2), "whole"
+        method = self.spec.method
+        chunk = min(self.chunk_elems, piece.count)
+        buffers = chunk * (2 * sum(sizes) + 2 * DTYPE_BYTES[piece.dtype] + 4 * (len(sizes) + 8))
+        if method.combination is not None and not self._rounds_inside():
+            passes, kind = (2 if method.combination_needs_gram else 1), "combination"
+        else:
+            selecting = method.chunked_masks and any(float(d) < 1 for d in task.per_model["density"])
+            passes, kind = 1 + (2 if self.work.itemsize == 4 else 1) * selecting, "chunked"
+        if passes > 1 and stored <= self.stream_bytes:
+            return stored, stored + buffers, kind
+        return passes * stored, buffers, kind
+
+    def _buffer(self, key: tuple, dtype: torch.dtype) -> torch.Tensor:
+        return self.scratch.get(key, self.chunk_elems, dtype)
+
+    def _chunks(self, piece: Piece, reads: tuple[tuple[str, str], ...], pool: ThreadPoolExecutor,
+                passes: int) -> Chunks:
+        """A function giving one pass over the piece's chunks: (start, one chunk per read (model,
+        tensor) in its stored dtype). With several passes and inputs that fit in `stream_bytes`,
+        the inputs are read once and every pass slices them; otherwise each pass reads its
+        chunks into reused buffers, the next chunk read while this one is used."""
+        chunk, end = self.chunk_elems, piece.start + piece.count
+        starts = list(range(piece.start, end, chunk))
+        readers = [(self.ckpts[model], name) for model, name in reads]
+        nbytes = piece.count * sum(DTYPE_BYTES[ck.entries[name].dtype] for ck, name in readers)
+        if passes > 1 and nbytes <= self.stream_bytes:
+            whole = [ck.read_range(name, piece.start, piece.count) for ck, name in readers]
+            self._read += nbytes
+
+            def sliced():
+                for s in starts:
+                    yield s, [w[s - piece.start:min(s + chunk, end) - piece.start] for w in whole]
+
+            return sliced
+
+        def read(n: int) -> list[torch.Tensor]:
+            start, k = starts[n], min(chunk, end - starts[n])
+            parts = [ck.read_range(name, start, k, out=self._buffer(("in", j, n % 2), DTYPE_TO_TORCH[ck.entries[name].dtype]))
+                     for j, (ck, name) in enumerate(readers)]
+            self._read += k * sum(p.element_size() for p in parts)
+            return parts
+
+        def streamed():
+            pending = pool.submit(read, 0)
+            for n in range(len(starts)):
+                parts = pending.result()
+                if n + 1 < len(starts):
+                    pending = pool.submit(read, n + 1)
+                yield starts[n], parts
+
+        return streamed
+
+    def _merge_chunks(self, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool,
+                      pool: ThreadPoolExecutor) -> None:
+        """A piece merged by a chunk loop (see `_fused`)."""
+        if piece.count == 0:
+            return
+        if self.spec.method.combination is not None and not self._rounds_inside():
+            self._merge_combination(piece, writer, allow_nonfinite, pool)
+        else:
+            self._merge_chunked(piece, writer, allow_nonfinite, pool)
+
+    def _rounds_inside(self) -> bool:
+        """The method computes in a half-precision compute dtype (task arithmetic in bf16): its
+        float32 combination would skip mergekit's intermediate rounding, so the chunked form runs."""
+        return self.work != torch.float32 and self.spec.method.chunked is not None
+
+    def _rounded(self, x: torch.Tensor) -> torch.Tensor:
+        """An input chunk rounded to the compute dtype (a no-op when it is float32)."""
+        return x if self.compute == torch.float32 or x.dtype == self.compute else x.to(self.compute)
+
+    def _working(self, x: torch.Tensor) -> torch.Tensor:
+        """An input chunk as the method's function receives it (see working_dtype)."""
+        return self._rounded(x).to(self.work)
+
+    def _write_chunk(self, piece: Piece, writer: BackgroundWriter, start: int, values: torch.Tensor,
+                     allow_nonfinite: bool) -> None:
+        out_dtype = DTYPE_TO_TORCH[piece.dtype]
+        if out_dtype != self.compute:  # rounded to the compute dtype first, as mergekit rounds it
+            values = values.to(self.compute)
+        self._out_slot ^= 1  # two output buffers: one being written while the other fills
+        out = self._buffer(("out", self._out_slot), out_dtype)[:values.numel()].copy_(values)
+        if not allow_nonfinite:
+            check_finite(out, piece.name, self.spec.method.name, offset=start)
+        writer.write_at(piece.offset + (start - piece.start) * DTYPE_BYTES[piece.dtype], out)
+        self._advance(values.numel())
+
+    def _merge_combination(self, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool,
+                           pool: ThreadPoolExecutor) -> None:
+        """sum_i c_i x_i (+ c_b base) in float32 over the piece's elements, chunk by chunk into
+        reused buffers."""
+        spec, task = self.spec, self.tasks[piece.name]
+        n_src = len(task.reads)
+        needs_gram = spec.method.combination_needs_gram  # the piece is the whole tensor (see plan_units)
+        chunks = self._chunks(piece, task.all_reads, pool, passes=2 if needs_gram else 1)
+        gram = None
+        if needs_gram:
+            gram = np.zeros((n_src, n_src))
+            for _, parts in chunks():
+                block = torch.stack([self._rounded(p).double() for p in parts[:n_src]])
+                gram += (block @ block.T).numpy()
+        coeffs, base_coeff = spec.method.combination(gram, task.options, task.per_model)
+        if task.base is not None:
+            coeffs = [*coeffs, base_coeff]
+        for start, parts in chunks():
+            k = parts[0].numel()
+            acc = self._buffer(("acc",), torch.float32)[:k]
+            acc.copy_(self._rounded(parts[0])).mul_(coeffs[0])
+            for c, x in zip(coeffs[1:], parts[1:]):
+                if c != 0:
+                    x = self._rounded(x)
+                    if x.dtype != torch.float32:  # a same-dtype add is several times faster than a mixed one
+                        x = self._buffer(("f32",), torch.float32)[:k].copy_(x)
+                    acc.add_(x, alpha=c)
+            self._write_chunk(piece, writer, start, acc, allow_nonfinite)
+
+    def _merge_chunked(self, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool,
+                       pool: ThreadPoolExecutor) -> None:
+        """TIES and kin on a whole tensor, chunk by chunk: one pass (two for float32) finds each
+        sparsified model's magnitude threshold (magnitude_select), the last merges with the masks."""
+        spec, task = self.spec, self.tasks[piece.name]
+        assert task.base is not None  # TIES & co need a base (MergeMethod.needs_base)
+        options, per_model = task.options, task.per_model
+        selects = [MagnitudeSelect(piece.count, float(d), bool(options["rescale"]))
+                   if float(d) < 1 and spec.method.chunked_masks else None for d in per_model["density"]]
+        selecting = any(s is not None for s in selects)
+        passes = 1 + (2 if self.work.itemsize == 4 else 1) * selecting
+        chunks = self._chunks(piece, task.all_reads, pool, passes)
+        lib = self._ties_kernel(task, selecting)
+        if lib is not None:
+            self._merge_fused(lib, piece, writer, allow_nonfinite, chunks, selects, passes)
+            return
+        if selecting:
+            for step in ("first_pass", "second_pass")[:passes - 1]:
+                for _, parts in chunks():
+                    base = self._working(parts[-1])
+                    for sel, x in zip(selects, parts):
+                        if sel is not None:
+                            getattr(sel, step)(self._working(x) - base)
+        masks = [s.mask() if s is not None else None for s in selects]
+        for start, parts in chunks():
+            inp = MergeInputs([self._working(x) for x in parts[:-1]], self._working(parts[-1]), per_model, options)
+            self._write_chunk(piece, writer, start, spec.method.chunked(inp, masks, scratch=self.scratch),
+                              allow_nonfinite)
+
+    def _ties_kernel(self, task: TensorTask, selecting: bool):
+        """The fused TIES kernel when it covers this tensor (see ties_native.usable), else None."""
+        if variant_of(self.spec.method) is None or self.work != self.compute:
+            return None
+        lib = ties_native.load()
+        stored = [DTYPE_TO_TORCH[self.ckpts[m].entries[t].dtype] for m, t in task.all_reads]
+        return lib if ties_native.usable(lib, self.work, stored, selecting and bool(task.options["rescale"])) else None
+
+    def _merge_fused(self, lib, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool, chunks: Chunks,
+                     selects: list[MagnitudeSelect | None], passes: int) -> None:
+        """_merge_chunked's passes, each one fused loop of the C kernel per chunk."""
+        task = self.tasks[piece.name]
+        variant = variant_of(self.spec.method)
+        for n in range(passes - 1):
+            for _, parts in chunks():
+                ties_native.histogram_pass(lib, parts[:-1], parts[-1], selects, second=n == 1)
+        masks = [s.mask() if s is not None else None for s in selects]
+        for start, parts in chunks():
+            out = self._buffer(("ties",), self.work)[:parts[0].numel()]
+            ties_native.merge_chunk(lib, parts[:-1], parts[-1], masks, task.per_model["weight"],
+                                    consensus=variant.consensus, normalize=bool(task.options["normalize"]),
+                                    lam=float(task.options["lambda"]), out=out)
+            self._write_chunk(piece, writer, start, out, allow_nonfinite)
+
+    def _read_inputs(self, name: str) -> dict[tuple[str, str], torch.Tensor]:
+        reads = set(self.tasks[name].all_reads)
+        tensors = {(model, t): self.ckpts[model].read(t) for model, t in reads}
+        self._read += sum(self.ckpts[model].entries[t].nbytes for model, t in reads)
+        return tensors
+
+    def _maybe_crash(self) -> None:
+        marker = os.environ.get(CRASH_ONCE_ENV)
+        if marker and self._units_done >= 1 and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os._exit(1)
