@@ -166,7 +166,7 @@ def walkthrough(tmp_path_factory: pytest.TempPathFactory) -> dict:
     build_workspace(ws)
     commands = [c for lang, body, skip in blocks if lang == "bash" and skip is None for c in shell_commands(body)]
     # After the walkthrough, on a fresh Ray: --verbose brings Ray's INFO lines back.
-    verbose = "simmerge merge my-merge.yaml --out merged-verbose/ --workers 1 --verbose"
+    verbose = "simmerge merge my-merge.yaml --out merged-verbose/ --ray --workers 1 --verbose"
     out = run_driver(ws, [*commands, "RESTART_RAY", verbose], timeout=1800)
     return {"ws": ws, "blocks": blocks, "commands": commands, "out": out, "verbose": out.pop(verbose)}
 
