@@ -22,16 +22,16 @@ def make_zoo(root: Path, spec: SyntheticSpec, n: int = 3) -> Path:
 
 @contextlib.contextmanager
 def _ties_in_index_order():
-    """mergekit's magnitude sparsification with ties at the threshold kept in index order.
+    """mergekit's magnitude and breadcrumbs sparsification with ties kept in index order.
 
-    mergekit ranks |delta| with torch.argsort, whose order among equal values is unspecified (it
-    differs between sizes, CPU and GPU); our linear-time selection keeps ties in index order, as
-    a stable sort does. The oracle is pinned to that order so results compare element for
-    element; everything else is mergekit's own code.
+    mergekit ranks |delta| with torch.argsort / torch.sort, whose order among equal values is
+    unspecified (it differs between sizes, CPU and GPU); our linear-time selection keeps ties in
+    index order, as a stable sort does. The oracle is pinned to that order so results compare
+    element for element; everything else is mergekit's own code.
     """
     import mergekit.sparsify as mk_sparsify
 
-    original = mk_sparsify.magnitude
+    original, original_outliers = mk_sparsify.magnitude, mk_sparsify.magnitude_outliers
 
     def magnitude(tensor: torch.Tensor, density: float, rescale_norm=None) -> torch.Tensor:
         if density >= 1 or density <= 0 or tensor.numel() == 0:
@@ -42,11 +42,21 @@ def _ties_in_index_order():
         mask[keep] = 1
         return mk_sparsify.rescaled_masked_tensor(tensor, mask.reshape_as(tensor), rescale_norm)
 
-    mk_sparsify.magnitude = magnitude
+    def magnitude_outliers(tensor: torch.Tensor, density: float, rescale_norm=None, gamma: float = 0.01):
+        if density >= 1:
+            return original_outliers(tensor, density, rescale_norm, gamma)
+        n, keep = tensor.numel(), int(density * tensor.numel())
+        n_bot = max(0, n - keep - int(gamma * n))
+        order = torch.sort(tensor.abs().reshape(-1).float(), stable=True).indices[n_bot:n_bot + keep]
+        mask = torch.zeros(n, dtype=tensor.dtype)
+        mask[order] = 1
+        return mk_sparsify.rescaled_masked_tensor(tensor, mask.reshape_as(tensor), rescale_norm)
+
+    mk_sparsify.magnitude, mk_sparsify.magnitude_outliers = magnitude, magnitude_outliers
     try:
         yield
     finally:
-        mk_sparsify.magnitude = original
+        mk_sparsify.magnitude, mk_sparsify.magnitude_outliers = original, original_outliers
 
 
 def run_mergekit(cfg: dict, root: Path, out: Path, *, copy_tokenizer: bool = False) -> None:

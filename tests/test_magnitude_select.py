@@ -57,3 +57,19 @@ def test_edge_densities() -> None:
     assert torch.equal(_chunked(delta, 0.0, False, 2), torch.zeros(4))
     assert torch.equal(_chunked(delta, 0.01, False, 3), torch.tensor([0.0, -2.0, 0.0, 0.0]))  # at least one
     assert torch.equal(_chunked(delta, 0.75, False, 1), torch.tensor([0.5, -2.0, 1.0, 0.0]))
+
+
+@pytest.mark.parametrize("values", ["distinct", "ties"])
+def test_breadcrumbs_band_equals_a_stable_ascending_sort(values: str) -> None:
+    """Breadcrumbs keeps ascending ranks [n_bottom, n_bottom + keep) of |delta|: found in linear
+    time from both ends, exactly the band a stable sort gives, ties and zeros included."""
+    g = torch.Generator().manual_seed(4)
+    delta = (torch.randn(4_000, generator=g) if values == "distinct"
+             else torch.randint(-5, 6, (4_000,), generator=g).float() * 0.5)
+    for density, gamma in ((0.3, 0.05), (0.9, 0.2), (0.5, 0.0), (0.01, 0.5)):
+        n, keep = delta.numel(), int(density * delta.numel())
+        n_bottom = max(0, n - keep - int(gamma * n))
+        order = torch.sort(delta.abs(), stable=True).indices[n_bottom:n_bottom + keep]
+        want = torch.zeros_like(delta)
+        want[order] = delta[order]
+        assert torch.equal(sparsify.outliers(delta, density, gamma), want), (density, gamma)

@@ -14,7 +14,7 @@
  *    arithmetic throughput.
  * Sign counts are exact integers in both. Portable C with GCC vector extensions; AVX2
  * intrinsics for the hot case (whole blocks of bf16 rows in float32), the sign masks and their
- * popcounts, with scalar fallbacks. Measured choices (jobs/bench_structural.py): diagonal
+ * popcounts, with scalar fallbacks. Measured choices (benchmarks/bench_structural.py): diagonal
  * tiles keep two sets of sums (6 FMA chains cannot hide the FMA latency), each row stream is
  * prefetched into L2 four blocks ahead (into L1, the 9+ streams at equal page offsets evict
  * each other), and sign masks are counted 16 blocks at a time.

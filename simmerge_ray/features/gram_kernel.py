@@ -2,7 +2,7 @@
 
 Why C and not torch: the pass is memory-bound work that torch would do in four sweeps (convert,
 centre, multiply, count signs); the kernel does it in one, at several times the speed (see
-jobs/bench_structural.py). It is compiled for the host CPU with the system C compiler, once per
+benchmarks/bench_structural.py). It is compiled for the host CPU with the system C compiler, once per
 (source, compiler, CPU) and cached under `SIMMERGE_KERNEL_DIR` (default
 ~/.cache/simmerge_ray/kernels). Without a compiler, or with SIMMERGE_GRAM_KERNEL=0, `load()`
 returns None and callers use the torch path, which gives the same numbers.

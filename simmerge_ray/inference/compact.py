@@ -3,7 +3,7 @@
 Storing [T, V] float32 per probe is fine for small vocabularies and far too much for 256k ones.
 The compact form keeps the k most likely tokens exactly and the log of the remaining mass;
 `expand` spreads that tail uniformly over the other V-k tokens. The KL computed from expanded
-forms differs from the exact KL; `jobs/bench_probe.py` measures by how much (docs/functional.md).
+forms differs from the exact KL; `benchmarks/bench_probe.py` measures by how much (docs/functional.md).
 """
 
 from __future__ import annotations

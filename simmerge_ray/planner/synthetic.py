@@ -3,7 +3,7 @@ variants), a catalog with tasks, real structural features and Gram matrices, a s
 functional feature table and a selector fitted on synthetic labels.
 
 It exercises every input the planner reads, with the real file formats, without the minutes the
-tiny testbed takes to train and probe models; tests and jobs/bench_plan_batch.py use it. Needs
+tiny testbed takes to train and probe models; tests and benchmarks/bench_plan_batch.py use it. Needs
 Ray (the structural pass runs on actors).
 """
 

@@ -41,6 +41,16 @@ class MagnitudeMask:
     ties: int
     scale: float = 1.0
 
+    def keep(self, values: torch.Tensor) -> torch.Tensor:
+        """The boolean mask itself, for a chunk of `values` (advances the ties kept, as `apply`)."""
+        absd = values.abs()
+        keep = absd > self.value
+        if self.ties > 0:
+            equal = absd == self.value
+            keep |= equal & (equal.cumsum(0) <= self.ties)
+            self.ties -= min(self.ties, int(equal.sum()))
+        return keep
+
     def apply(self, delta: torch.Tensor) -> torch.Tensor:
         absd = delta.abs()
         # 1 where |delta| > value, else 0, without a boolean tensor (the slow ops here): the
@@ -61,8 +71,11 @@ class MagnitudeSelect:
     two (float32): call `first_pass` on every chunk, then `second_pass` on every chunk when
     `needs_second_pass`, then `mask()`."""
 
-    def __init__(self, numel: int, density: float, rescale: bool) -> None:
-        self.k = max(1, int(density * numel)) if density > 0 and numel else 0
+    def __init__(self, numel: int, density: float, rescale: bool, *, count: int | None = None) -> None:
+        if count is not None:  # exactly `count` values, none when 0
+            self.k = max(0, min(count, numel))
+        else:
+            self.k = max(1, int(density * numel)) if density > 0 and numel else 0
         self.rescale = rescale
         self.high = torch.zeros(BUCKETS, dtype=torch.int64)
         self.low = torch.zeros(BUCKETS, dtype=torch.int64)
@@ -148,3 +161,19 @@ def select_magnitude(delta: torch.Tensor, density: float, rescale: bool = False)
     sel.first_pass(flat)
     sel.second_pass(flat)
     return sel.mask().apply(flat).reshape(delta.shape)
+
+
+_MAX_FINITE = 0x7F7FFFFF
+
+
+def smallest(values: torch.Tensor, m: int) -> torch.Tensor:
+    """A boolean mask of the `m` smallest of non-negative float32 `values` in a stable ascending
+    order (ties in index order), in linear time: the bit patterns are reversed (max finite minus
+    the pattern, infinities and NaN first clamped to the largest finite value), so the m
+    smallest become the m largest, which the radix selection finds."""
+    bits = values.reshape(-1).contiguous().view(torch.int32).clamp(max=_MAX_FINITE)
+    flipped = (_MAX_FINITE - bits).view(torch.float32)
+    sel = MagnitudeSelect(flipped.numel(), 0.0, False, count=m)
+    sel.first_pass(flipped)
+    sel.second_pass(flipped)
+    return sel.mask().keep(flipped)

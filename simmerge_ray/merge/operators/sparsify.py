@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from simmerge_ray.merge.operators.magnitude_select import select_magnitude
+from simmerge_ray.merge.operators.magnitude_select import select_magnitude, smallest
 
 
 def rescale_l1(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -41,10 +41,11 @@ def outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = 
     if keep <= 0 or n == 0:
         return torch.zeros_like(delta)
     n_bottom = max(0, n - keep - int(gamma * n))
-    order = torch.argsort(delta.abs().reshape(-1))[n_bottom:n_bottom + keep]
-    mask = torch.zeros(n, dtype=delta.dtype)
-    mask[order] = 1
-    masked = delta * mask.reshape(delta.shape)
+    # ascending ranks [n_bottom, n_bottom + keep) of |delta| (as float32, as mergekit ranks them),
+    # ties in index order: the n_bottom + keep smallest, less the n_bottom smallest; linear time
+    mags = delta.abs().reshape(-1).float()
+    band = smallest(mags, n_bottom + keep) & ~smallest(mags, n_bottom)
+    masked = delta * band.reshape(delta.shape).to(delta.dtype)
     return rescale_l1(delta, masked) if rescale else masked
 
 

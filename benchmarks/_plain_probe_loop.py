@@ -5,7 +5,7 @@ torch, transformers (through the hf back-end) and the same record extraction, lo
 and runs every probe. bench_probe.py times it from spawn to exit, and also calls `plain_loop`
 inside its own warm process.
 
-    python jobs/_plain_probe_loop.py MODEL_DIR PROBES.json BATCH_SIZE MAX_LENGTH   # prints JSON
+    python benchmarks/_plain_probe_loop.py MODEL_DIR PROBES.json BATCH_SIZE MAX_LENGTH   # prints JSON
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from simmerge_ray.inference.backend import load_backend  # noqa: E402
-from simmerge_ray.inference.extract import pad_batch, probe_records  # noqa: E402
-from simmerge_ray.inference.settings import ProbeSettings  # noqa: E402
+from simmerge_ray.inference.backend import load_backend
+from simmerge_ray.inference.extract import pad_batch, probe_records
+from simmerge_ray.inference.settings import ProbeSettings
 
 
 def plain_loop(model_dir: Path, ids: list[list[int]], settings: ProbeSettings,

@@ -1,7 +1,7 @@
 """Markdown tables of a demo run's testbed: the score matrix, label counts, and per-domain
 GapClosed of each fixed operator and of the oracle (the table the selector must beat).
 
-    python jobs/testbed_tables.py runs/demo
+    python -m benchmarks.testbed_tables runs/demo
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 way (every pair reads both models and the base) and (b) the read limit, measured in the same
 run as a plain pass that only sums the same files with the same reader and actor pool.
 
-    .venv/bin/python jobs/bench_structural.py                  # 8 x ~0.5 GB bf16 + base
-    .venv/bin/python jobs/bench_structural.py --scale 0.1      # a quick, smaller run
+    .venv/bin/python -m benchmarks.bench_structural                  # 8 x ~0.5 GB bf16 + base
+    .venv/bin/python -m benchmarks.bench_structural --scale 0.1      # a quick, smaller run
 
 Checkpoints are generated once under --root and reused. Prints a table and writes JSON.
 Targets (from the issue): Gram pass >= 3x faster than naive; >= 60% of the plain pass's GB/s.
@@ -23,19 +23,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import ray
+import torch
 
-from simmerge_ray import resources  # noqa: E402
-from simmerge_ray.catalog import Catalog  # noqa: E402
-from simmerge_ray.cli.common import init_ray  # noqa: E402
-from simmerge_ray.features.structural import (ChunkReader, StructuralOptions, batch_calls,  # noqa: E402
+from simmerge_ray import resources
+from simmerge_ray.catalog import Catalog
+from simmerge_ray.cli.common import init_ray
+from simmerge_ray.features.structural import (ChunkReader, StructuralOptions, batch_calls,
                                               compute_structural, open_rows)
-from simmerge_ray.io.checkpoint import Checkpoint  # noqa: E402
-from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint  # noqa: E402
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 
 
 def spec_for(scale: float, seed: int) -> SyntheticSpec:

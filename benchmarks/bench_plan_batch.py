@@ -1,7 +1,7 @@
 """Benchmark of batch planning: requests planned per second with 1 and 2 actors, and the time per
 request of the planner's search for catalogs of 8, 16 and 32 models (exhaustive vs beam).
 
-    .venv/bin/python jobs/bench_plan_batch.py [--requests 200] [--json bench_plan_batch.json]
+    .venv/bin/python -m benchmarks.bench_plan_batch [--requests 200] [--json bench_plan_batch.json]
 
 Part 1 runs `run_batch` on a synthetic planning world (simmerge_ray.planner.synthetic: 8 tiny
 real checkpoints, real structural features and Gram matrices, a fitted selector), each pool size
@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simmerge_ray.merge.arms import STEP_ARMS  # noqa: E402
-from simmerge_ray.planner.search import Objective, SearchSpace, search  # noqa: E402
+from simmerge_ray.merge.arms import STEP_ARMS
+from simmerge_ray.planner.search import Objective, SearchSpace, search
 
 OPS = list(STEP_ARMS)
 

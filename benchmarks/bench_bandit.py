@@ -8,7 +8,7 @@ the floor that Serve itself costs on this machine. Every /decide rewrites the st
 service's durability contract), so the numbers include that. Target: p99 of /decide under
 20 ms with 1 client. Prints a table and writes JSON.
 
-    python jobs/bench_bandit.py --requests 400 --out runs/bench_bandit
+    python -m benchmarks.bench_bandit --requests 400 --out runs/bench_bandit
 """
 
 from __future__ import annotations
@@ -29,14 +29,13 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-from simmerge_ray.bandit.core import BanditCore  # noqa: E402
-from simmerge_ray.bandit.encoder import IdentityEncoder  # noqa: E402
-from simmerge_ray.bandit.lints import LinTS, LinTSConfig  # noqa: E402
-from simmerge_ray.bandit.simulate import replay_data  # noqa: E402
-from simmerge_ray.bandit.synthetic import SyntheticBanditSpec, synthetic_tables  # noqa: E402
-from simmerge_ray.io.atomic import atomic_write_text  # noqa: E402
+from simmerge_ray.bandit.core import BanditCore
+from simmerge_ray.bandit.encoder import IdentityEncoder
+from simmerge_ray.bandit.lints import LinTS, LinTSConfig
+from simmerge_ray.bandit.simulate import replay_data
+from simmerge_ray.bandit.synthetic import SyntheticBanditSpec, synthetic_tables
+from simmerge_ray.io.atomic import atomic_write_text
 
 TARGET_P99_MS = 20.0
 

@@ -4,7 +4,7 @@ Prints the score matrix (models x domains), the phase timings (wall and, for tra
 seconds of the training processes, which stay meaningful on a shared machine), the label counts
 and the GapClosed table of each fixed operator and of the oracle; writes it all as JSON.
 
-    python jobs/bench_testbed.py --config configs/zoo_default.yaml --out runs/testbed
+    python -m benchmarks.bench_testbed --config configs/zoo_default.yaml --out runs/testbed
 """
 
 from __future__ import annotations
@@ -17,15 +17,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import polars as pl  # noqa: E402
+import polars as pl
 
-from simmerge_ray.cli.common import init_ray  # noqa: E402
-from simmerge_ray.testbed.build import build_zoo  # noqa: E402
-from simmerge_ray.testbed.label_plans import LabelSettings  # noqa: E402
-from simmerge_ray.testbed.labels import run_labels  # noqa: E402
-from simmerge_ray.testbed.zoo_config import ZooConfig  # noqa: E402
+from simmerge_ray.cli.common import init_ray
+from simmerge_ray.testbed.build import build_zoo
+from simmerge_ray.testbed.label_plans import LabelSettings
+from simmerge_ray.testbed.labels import run_labels
+from simmerge_ray.testbed.zoo_config import ZooConfig
 
 
 def main() -> int:

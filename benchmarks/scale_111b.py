@@ -7,7 +7,7 @@ first model as base, every large tensor streamed in three passes), sampling the 
 memory (PSS) of each run's whole process tree. From the measured throughput it derives the
 cost of the same work on full 111B checkpoints on W workers. Prints a table, writes JSON.
 
-    python jobs/scale_111b.py --layers 1 --out runs/scale
+    python -m benchmarks.scale_111b --layers 1 --out runs/scale
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from simmerge_ray.io.checkpoint import Checkpoint  # noqa: E402
-from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint  # noqa: E402
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 
-from benchmarks.measure import timed  # noqa: E402
+from benchmarks.measure import timed
 
 FULL = {"hidden": 12288, "intermediate": 36864, "vocab": 256000, "heads": 96, "kv_heads": 8, "layers": 64}
 

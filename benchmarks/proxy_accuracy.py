@@ -10,7 +10,7 @@ the run's Gram matrices (exact for linear and SLERP, the linear formula as TIES'
 mixture bounds of the pair features (functional features, sign agreement). Prints per operator
 and feature family the Spearman rank correlation and the relative error; writes JSON.
 
-    python jobs/proxy_accuracy.py --run runs/demo --out runs/proxy --pairs 8
+    python -m benchmarks.proxy_accuracy --run runs/demo --out runs/proxy --pairs 8
 """
 
 from __future__ import annotations
@@ -18,29 +18,27 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-import yaml  # noqa: E402
+import numpy as np
+import polars as pl
+import yaml
 
-from simmerge_ray.catalog import Catalog  # noqa: E402
-from simmerge_ray.io.atomic import atomic_write_text  # noqa: E402
-from simmerge_ray.merge.executor import ExecOptions  # noqa: E402
-from simmerge_ray.pipeline import run_command  # noqa: E402
-from simmerge_ray.planner.execute import execute_plan  # noqa: E402
-from simmerge_ray.merge.arms import STEP_ARMS  # noqa: E402
-from simmerge_ray.planner.plan import Plan  # noqa: E402
-from simmerge_ray.planner.propagate import (  # noqa: E402
+from simmerge_ray.catalog import Catalog
+from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.merge.executor import ExecOptions
+from simmerge_ray.pipeline import run_command
+from simmerge_ray.planner.execute import execute_plan
+from simmerge_ray.merge.arms import STEP_ARMS
+from simmerge_ray.planner.plan import Plan
+from simmerge_ray.planner.propagate import (
     PROXY_PREFIXES, GramTable, PairLookup, initial_state, proxy_features, step_state, structural_features,
 )
-from simmerge_ray.planner.proxy_accuracy import compare_columns, summarize_families  # noqa: E402
-from simmerge_ray.selector.data import feature_columns  # noqa: E402
+from simmerge_ray.planner.proxy_accuracy import compare_columns, summarize_families
+from simmerge_ray.selector.data import feature_columns
 
 HEADLINE = ("s_weight_cos", "s_tv_cos", "s_l2", "s_sign_agree", "f_kl_ab_mean", "f_kl_ba_mean",
             "f_act_cos_mean", "f_attn_cos_mean")

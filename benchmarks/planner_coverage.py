@@ -10,27 +10,25 @@ intermediate merge. It also reports how well the planner's score ranks the measu
 retention of the plans of each (task, subset): the mean Spearman correlation over subsets.
 Prints a table, writes JSON.
 
-    python jobs/planner_coverage.py --run runs/demo
+    python -m benchmarks.planner_coverage --run runs/demo
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
+import numpy as np
+import polars as pl
 
-from simmerge_ray.io.atomic import atomic_write_text  # noqa: E402
-from simmerge_ray.planner.evaluate import PlanScorer  # noqa: E402
-from simmerge_ray.planner.proxy_accuracy import spearman  # noqa: E402
-from simmerge_ray.planner.request import build_step_model  # noqa: E402
-from simmerge_ray.selector.data import load_pair_data  # noqa: E402
+from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.planner.evaluate import PlanScorer
+from simmerge_ray.planner.proxy_accuracy import spearman
+from simmerge_ray.planner.request import build_step_model
+from simmerge_ray.selector.data import load_pair_data
 
 
 def max_abs_z(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:

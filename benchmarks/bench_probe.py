@@ -2,8 +2,8 @@
 single-process transformers loop over the same probes and model, in the same run; plus the KL
 error of the compact (top-k + tail mass) next-token form on a large-vocabulary model.
 
-    .venv/bin/python jobs/bench_probe.py                 # 1200 probes, llama h384 x 6 layers, vocab 4096
-    .venv/bin/python jobs/bench_probe.py --probes 200 --repeats 1   # quicker
+    .venv/bin/python -m benchmarks.bench_probe                 # 1200 probes, llama h384 x 6 layers, vocab 4096
+    .venv/bin/python -m benchmarks.bench_probe --probes 200 --repeats 1   # quicker
 
 Every timing is end to end: for Ray, from submitting the dataset to the last batch written
 (worker process start, imports, model load, padding, forward, extraction, cache writes). The
@@ -33,24 +33,23 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
-from _plain_probe_loop import plain_loop  # noqa: E402
+from benchmarks._plain_probe_loop import plain_loop
 
-from simmerge_ray.cli.common import init_ray  # noqa: E402
-from simmerge_ray.features.functional_math import kl_per_position  # noqa: E402
-from simmerge_ray.inference.backend import load_backend  # noqa: E402
-from simmerge_ray.inference.cache import ProbeCache  # noqa: E402
-from simmerge_ray.inference.compact import compact_logprobs, expand_logprobs  # noqa: E402
-from simmerge_ray.inference.extract import pad_batch, probe_records  # noqa: E402
-from simmerge_ray.inference.pipeline import run_model_probes  # noqa: E402
-from simmerge_ray.inference.settings import ProbeSettings, RunOptions  # noqa: E402
-from simmerge_ray.inference.synthetic_lm import make_corpus, make_tiny_lm, train_tokenizer  # noqa: E402
-from simmerge_ray.probes.tokenize import TokenizedProbes, load_tokenizer, tokenize_probes  # noqa: E402
+from simmerge_ray.cli.common import init_ray
+from simmerge_ray.features.functional_math import kl_per_position
+from simmerge_ray.inference.backend import load_backend
+from simmerge_ray.inference.cache import ProbeCache
+from simmerge_ray.inference.compact import compact_logprobs, expand_logprobs
+from simmerge_ray.inference.extract import pad_batch, probe_records
+from simmerge_ray.inference.pipeline import run_model_probes
+from simmerge_ray.inference.settings import ProbeSettings, RunOptions
+from simmerge_ray.inference.synthetic_lm import make_corpus, make_tiny_lm, train_tokenizer
+from simmerge_ray.probes.tokenize import TokenizedProbes, load_tokenizer, tokenize_probes
 
 
 def plain_loop_fresh(model_dir: Path, probes_file: Path, batch_size: int, max_length: int) -> tuple[float, float]:
