@@ -31,8 +31,9 @@ import torch
 from simmerge_ray import resources
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.cli.common import init_ray
-from simmerge_ray.features.structural import (ChunkReader, StructuralOptions, batch_calls,
+from simmerge_ray.features.structural import (StructuralOptions, batch_calls,
                                               compute_structural, open_rows)
+from simmerge_ray.features.structural_reads import ChunkReader
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 

@@ -1,0 +1,75 @@
+"""Streaming reads of the structural pass and the worker that folds them into Gram matrices.
+
+Plain torch and memory maps: `GramWorker` becomes a Ray actor in structural.py, which holds the
+Ray plumbing; here nothing imports Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from simmerge_ray.features import gram_kernel
+from simmerge_ray.features.gram_math import GramAccumulator
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.safetensors_format import DTYPE_BYTES
+
+
+class ChunkReader:
+    """Streams the same element range of one tensor from several checkpoints, in stored dtypes.
+
+    Each byte of each tensor is read once, `chunk_elems` values per checkpoint at a time, as
+    zero-copy views of the memory-mapped shards; the pages of each step are unmapped once the
+    consumer asks for the next, so memory stays at a few chunks however large the tensor is.
+    """
+
+    def __init__(self, ckpts: Sequence[Checkpoint], chunk_elems: int) -> None:
+        self.ckpts = list(ckpts)
+        self.chunk_elems = chunk_elems
+        self.bytes_read = [0] * len(self.ckpts)
+
+    def raw_chunks(self, tensor: str) -> Iterator[list[torch.Tensor]]:
+        """Yield, per step, each checkpoint's next `chunk_elems` values in their stored dtype
+        (valid until the next step)."""
+        entries = [ck.entries[tensor] for ck in self.ckpts]
+        numel = entries[0].numel
+        for start in range(0, numel, self.chunk_elems):
+            k = min(self.chunk_elems, numel - start)
+            parts = [ck.map_range(tensor, start, k) for ck in self.ckpts]
+            for i, e in enumerate(entries):
+                self.bytes_read[i] += k * DTYPE_BYTES[e.dtype]
+            yield parts
+            del parts
+            for ck in self.ckpts:
+                ck.release_range(tensor, start, k)
+
+
+class GramWorker:
+    """One actor of the pool: streams its tensors and returns small matrices."""
+
+    def __init__(self, paths: Sequence[str], ref: int, cols: Sequence[int], signed: bool,
+                 chunk_elems: int, precision: str, cpus: float) -> None:
+        torch.set_num_threads(max(1, int(cpus)))
+        self.ckpts = [Checkpoint.open(p) for p in paths]
+        self.ref, self.cols, self.signed, self.chunk_elems = ref, list(cols), signed, chunk_elems
+        self.precision = precision
+        gram_kernel.load()  # built or loaded at start-up, not inside the first tensor
+
+    def gram(self, tensors: Sequence[str]) -> list[dict]:
+        """The Gram blocks of a batch of tensors (one call per batch: per-call overhead, paid in
+        the driver on the same cores, stays small next to the streaming)."""
+        return [self._one(t) for t in tensors]
+
+    def _one(self, tensor: str) -> dict:
+        t0 = time.perf_counter()
+        reader = ChunkReader(self.ckpts, min(self.chunk_elems, self.ckpts[0].entries[tensor].numel))
+        acc = GramAccumulator(len(self.ckpts), self.ref, self.cols, self.signed, precision=self.precision)
+        for parts in reader.raw_chunks(tensor):
+            acc.add_parts(parts)
+        gram, agree, disagree = acc.result()
+        return {"tensor": tensor, "gram": gram, "agree": agree, "disagree": disagree,
+                "bytes_read": reader.bytes_read, "seconds": time.perf_counter() - t0}
+
+
