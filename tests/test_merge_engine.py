@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from simmerge_ray.cli import main as cli_main
-from simmerge_ray.cli.common import human_bytes
+from simmerge_ray.sizes import human_bytes
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.synthetic import SyntheticSpec, make_family
 from simmerge_ray.merge.config import MergeSpec

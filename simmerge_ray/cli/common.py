@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from simmerge_ray.sizes import human_bytes, human_rate  # noqa: F401 (the CLI's size formatting)
+
 _verbose = False
 # Set for Ray's processes unless --verbose (and unless the user set them): the C++ log level, and
 # Tune's classic reporter (silent with verbose=0, where the new one still prints status boxes).
@@ -116,20 +118,3 @@ def verdict_line(gain: float, best_fixed: str, share_of_oracle: float | None, wh
         what = f"does not beat the best fixed arm ({best_fixed}): {points:+.1f} points"
     share = "" if share_of_oracle is None else f"; {100 * share_of_oracle:.0f}% of the oracle"
     return f"verdict: SimMerge {what}{where}{share}"
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.50 KiB', 3.2e9 -> '2.98 GiB': binary units, three significant figures."""
-    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-    i = 0
-    while abs(n) >= 1000 and i < len(units) - 1:  # 1000-1023 B reads better as 0.98 KiB
-        n /= 1024
-        i += 1
-    if i == 0:
-        return f"{n:.0f} B"
-    return f"{n:.{2 if abs(n) < 10 else 1 if abs(n) < 100 else 0}f} {units[i]}"
-
-
-def human_rate(n_bytes: float, seconds: float) -> str:
-    """Bytes over seconds as '12.3 MiB/s' ('-' when no time was measured)."""
-    return f"{human_bytes(n_bytes / seconds)}/s" if seconds > 0 else "-"

@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, overwrite=args.overwrite, inputs=[*input_paths(spec), args.config])
     if args.dry_run:
         return _dry_run(spec, opts)
-    check_merge(spec)
     if placement == "ray":
+        check_merge(spec)  # every input or config problem fails here, before Ray starts
         init_ray(args.address)
     res = run_merge(spec, args.out, opts)
     print(f"merged {len(spec.inputs)} models with {spec.method.name}: {res.tensors} tensors in "

@@ -22,7 +22,7 @@ import numpy as np
 
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.checkpoint import Checkpoint
-from simmerge_ray.io.safetensors_format import TORCH_TO_DTYPE, file_layout, preallocate
+from simmerge_ray.io.safetensors_format import DTYPE_TO_TORCH, TORCH_TO_DTYPE, file_layout, preallocate
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.output_files import write_side_files
 from simmerge_ray.merge.placements import local_cpus, run_local, run_on_ray
@@ -106,7 +106,12 @@ class MergeLayout:
 
     @property
     def numels(self) -> dict[str, int]:
-        return {name: int(np.prod(shape, dtype=np.int64)) for p in self.shards for name, shape, _ in p.tensors}
+        return _numels(self.shards)
+
+
+def _numels(shards: list[ShardPlan]) -> dict[str, int]:
+    """Elements of every output tensor, by name."""
+    return {name: int(np.prod(shape, dtype=np.int64)) for p in shards for name, shape, _ in p.tensors}
 
 
 def input_paths(spec: MergeSpec) -> list[Path]:
@@ -133,7 +138,7 @@ def plan_merge(spec: MergeSpec, opts: ExecOptions = ExecOptions()) -> MergeLayou
     compute = TORCH_TO_DTYPE[compute_dtype(spec, opts.compute_dtype)]
     shards = plan_shards(task_list, ckpts, spec.out_dtype or spec.dtype, opts.shard_bytes)
     layouts = {p.file: file_layout(list(p.tensors), {"format": "pt"}) for p in shards}
-    total = sum(int(np.prod(shape, dtype=np.int64)) for p in shards for _, shape, _ in p.tensors)
+    total = sum(_numels(shards).values())
     unit_elems = opts.unit_elems or max(total // (4 * opts.n_workers), 1 << 24)
     units = plan_units(shards, layouts, spec.method.elementwise, unit_elems)
     units.sort(key=lambda u: -u.elems)  # largest first: a pool finishes close together
@@ -146,8 +151,7 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
     plan = plan_merge(spec, opts)
     out = Path(out)
     numels = plan.numels
-    bytes_in = sum(ck.entries[name].nbytes for t in plan.tasks.values() for ref, name in set(t.all_reads)
-                   for ck in (plan.ckpts[ref],))
+    bytes_in = sum(plan.ckpts[ref].entries[name].nbytes for t in plan.tasks.values() for ref, name in set(t.all_reads))
     progress = Progress.for_terminal(sum(numels.values()), len(numels), bytes_in, quiet=not opts.progress)
     with atomic_output_dir(out, overwrite=opts.overwrite, inputs=input_paths(spec)) as tmp:
         partial = {p.file: tmp / (p.file + ".partial") for p in plan.shards}
@@ -162,7 +166,7 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
             else:
                 stats = run_on_ray(spec, plan.tasks, plan.units, partial, plan.compute, workers=opts.n_workers,
                                    cpus_per_worker=opts.cpus_per_worker, memory_per_worker=opts.memory_per_worker,
-                                   resources=opts.resources, max_retries=opts.max_retries, numels=numels, **common)
+                                   resources=opts.resources, max_retries=opts.max_retries, **common)
         finally:
             progress.close()
         with ThreadPoolExecutor(max_workers=4) as pool:  # make every shard durable, then publish it
@@ -170,7 +174,7 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
         for p in plan.shards:
             os.replace(partial[p.file], tmp / p.file)
         write_side_files(spec, plan.ckpts, output_layers(spec, plan.ckpts), plan.shards, tmp, plan.vocab,
-                         _dtype_name(plan.compute))
+                         str(DTYPE_TO_TORCH[plan.compute]).removeprefix("torch."))
         written = sum((tmp / p.file).stat().st_size for p in plan.shards)
     return MergeResult(
         out=out,
@@ -182,12 +186,6 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
         units=len(plan.units),
         per_unit=stats,
     )
-
-
-def _dtype_name(code: str) -> str:
-    from simmerge_ray.io.safetensors_format import DTYPE_TO_TORCH
-
-    return str(DTYPE_TO_TORCH[code]).removeprefix("torch.")
 
 
 def _sync(path: Path) -> None:

@@ -34,15 +34,11 @@ def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUni
     """Units over `workers` threads, each with its own UnitMerger (buffers, file handles); torch
     runs `threads_per_worker` threads per op meanwhile and is restored afterwards."""
     n = max(1, min(workers, len(units)))
-    mergers: list[UnitMerger] = []
     local = threading.local()
-    lock = threading.Lock()
 
     def merger() -> UnitMerger:
         if getattr(local, "merger", None) is None:
             local.merger = UnitMerger(spec, tasks, stream_bytes, chunk_elems, compute, progress=progress.advance)
-            with lock:
-                mergers.append(local.merger)
         return local.merger
 
     saved = torch.get_num_threads()
@@ -64,7 +60,7 @@ def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUni
 def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUnit], partial: dict[str, Path],
                compute: str, *, workers: int, cpus_per_worker: float, memory_per_worker: int | None,
                resources: dict[str, float] | None, max_retries: int, stream_bytes: int, chunk_elems: int,
-               allow_nonfinite: bool, progress: Progress, numels: dict[str, int]) -> list[dict]:
+               allow_nonfinite: bool, progress: Progress) -> list[dict]:
     """Units round robin over a pool of restartable actors; a lost worker's unit is retried."""
     import ray
 
@@ -94,7 +90,7 @@ def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUn
             for f in ready:
                 ray_get([f])  # raises a failed unit's error at once, as a one-line MergeError
                 u = unit_of[f]
-                progress.advance(u.elems, sum(1 for p in u.pieces if p.start + p.count >= numels[p.name]))
+                progress.advance(u.elems, sum(p.last for p in u.pieces))
         return ray_get(futures)
     finally:
         for a in actors:

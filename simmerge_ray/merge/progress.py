@@ -12,13 +12,7 @@ import threading
 import time
 from typing import TextIO
 
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError
+from simmerge_ray.sizes import human_bytes, human_rate
 
 
 class Progress:
@@ -56,11 +50,10 @@ class Progress:
         elapsed = (now or time.perf_counter()) - self._t0
         share = min(1.0, self.done / self.total)
         read = share * self.bytes_in
-        rate = read / elapsed if elapsed > 0 else 0.0
-        eta = f"{(self.bytes_in - read) / rate:.0f} s" if rate > 0 and share < 1 else "-"
+        eta = f"{(self.bytes_in - read) * elapsed / read:.0f} s" if read > 0 and share < 1 else "-"
         bar = "#" * int(share * 24)
-        return (f"{self.label} [{bar:<24}] {share:4.0%} {_size(read)} / {_size(self.bytes_in)}  "
-                f"{self.tensors}/{self.tensors_total} tensors  {_size(rate)}/s  ETA {eta}")
+        return (f"{self.label} [{bar:<24}] {share:4.0%} {human_bytes(read)} / {human_bytes(self.bytes_in)}  "
+                f"{self.tensors}/{self.tensors_total} tensors  {human_rate(read, elapsed)}  ETA {eta}")
 
     def _draw(self, now: float) -> None:
         self.stream.write("\r" + self.line(now) + "\x1b[K")

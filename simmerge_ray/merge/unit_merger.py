@@ -86,7 +86,7 @@ class UnitMerger:
                 for i, piece in enumerate(pieces):
                     if pending is None:
                         self._merge_chunks(piece, writer, allow_nonfinite, pool)
-                        self._advance(0, self._ends(piece))
+                        self._advance(0, int(piece.last))
                         pending = fetch(i + 1)
                         continue
                     tensors = pending.result()
@@ -108,14 +108,6 @@ class UnitMerger:
         """Report merged elements and finished tensors to the progress bar, if any."""
         if self.progress is not None:
             self.progress(elements, tensors)
-
-    def _ends(self, piece: Piece) -> int:
-        """1 when `piece` is the last element range of its tensor (a tensor finished), else 0."""
-        task = self.tasks[piece.name]
-        if task.vocab is not None:  # re-indexed rows: always merged whole
-            return 1
-        model, name = task.all_reads[0]
-        return int(piece.start + piece.count >= self.ckpts[model].entries[name].numel)
 
     def _fused(self, name: str) -> bool:
         """Merge with a chunk loop: always for a fixed linear combination (linear, task
@@ -142,17 +134,26 @@ class UnitMerger:
         stored = piece.count * sum(sizes)
         if not self._fused(piece.name):
             return stored, stored + 4 * piece.count * (len(sizes) + 2), "whole"
-        method = self.spec.method
         chunk = min(self.chunk_elems, piece.count)
         buffers = chunk * (2 * sum(sizes) + 2 * DTYPE_BYTES[piece.dtype] + 4 * (len(sizes) + 8))
-        if method.combination is not None and not self._rounds_inside():
-            passes, kind = (2 if method.combination_needs_gram else 1), "combination"
-        else:
-            selecting = method.chunked_masks and any(float(d) < 1 for d in task.per_model["density"])
-            passes, kind = 1 + (2 if self.work.itemsize == 4 else 1) * selecting, "chunked"
-        if passes > 1 and stored <= self.stream_bytes:
+        kind, passes = self._passes(task)
+        if self._kept(passes, stored):
             return stored, stored + buffers, kind
         return passes * stored, buffers, kind
+
+    def _passes(self, task: TensorTask) -> tuple[str, int]:
+        """(kind, passes over the inputs) of a tensor merged by a chunk loop: "combination" (a
+        fixed linear combination; SLERP's Gram matrix takes a first pass) or "chunked" (TIES and
+        kin; one threshold pass per sparsified model, two in float32)."""
+        method = self.spec.method
+        if method.combination is not None and not self._rounds_inside():
+            return "combination", 2 if method.combination_needs_gram else 1
+        selecting = method.chunked_masks and any(float(d) < 1 for d in task.per_model["density"])
+        return "chunked", 1 + (2 if self.work.itemsize == 4 else 1) * selecting
+
+    def _kept(self, passes: int, nbytes: int) -> bool:
+        """Inputs read once and kept for every pass: several passes, and they fit in stream_bytes."""
+        return passes > 1 and nbytes <= self.stream_bytes
 
     def _buffer(self, key: tuple, dtype: torch.dtype) -> torch.Tensor:
         return self.scratch.get(key, self.chunk_elems, dtype)
@@ -167,7 +168,7 @@ class UnitMerger:
         starts = list(range(piece.start, end, chunk))
         readers = [(self.ckpts[model], name) for model, name in reads]
         nbytes = piece.count * sum(DTYPE_BYTES[ck.entries[name].dtype] for ck, name in readers)
-        if passes > 1 and nbytes <= self.stream_bytes:
+        if self._kept(passes, nbytes):
             whole = [ck.read_range(name, piece.start, piece.count) for ck, name in readers]
             self._read += nbytes
 
@@ -199,10 +200,10 @@ class UnitMerger:
         """A piece merged by a chunk loop (see `_fused`)."""
         if piece.count == 0:
             return
-        if self.spec.method.combination is not None and not self._rounds_inside():
-            self._merge_combination(piece, writer, allow_nonfinite, pool)
-        else:
-            self._merge_chunked(piece, writer, allow_nonfinite, pool)
+        kind, passes = self._passes(self.tasks[piece.name])
+        chunks = self._chunks(piece, self.tasks[piece.name].all_reads, pool, passes)
+        merge = self._merge_combination if kind == "combination" else self._merge_chunked
+        merge(piece, writer, allow_nonfinite, chunks, passes)
 
     def _rounds_inside(self) -> bool:
         """The method computes in a half-precision compute dtype (task arithmetic in bf16): its
@@ -229,16 +230,14 @@ class UnitMerger:
         writer.write_at(piece.offset + (start - piece.start) * DTYPE_BYTES[piece.dtype], out)
         self._advance(values.numel())
 
-    def _merge_combination(self, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool,
-                           pool: ThreadPoolExecutor) -> None:
+    def _merge_combination(self, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool, chunks: Chunks,
+                           passes: int) -> None:
         """sum_i c_i x_i (+ c_b base) in float32 over the piece's elements, chunk by chunk into
-        reused buffers."""
+        reused buffers (a first pass gives SLERP's Gram matrix: the piece is the whole tensor)."""
         spec, task = self.spec, self.tasks[piece.name]
         n_src = len(task.reads)
-        needs_gram = spec.method.combination_needs_gram  # the piece is the whole tensor (see plan_units)
-        chunks = self._chunks(piece, task.all_reads, pool, passes=2 if needs_gram else 1)
         gram = None
-        if needs_gram:
+        if spec.method.combination_needs_gram:  # its first pass: the Gram matrix
             gram = np.zeros((n_src, n_src))
             for _, parts in chunks():
                 block = torch.stack([self._rounded(p).double() for p in parts[:n_src]])
@@ -258,8 +257,8 @@ class UnitMerger:
                     acc.add_(x, alpha=c)
             self._write_chunk(piece, writer, start, acc, allow_nonfinite)
 
-    def _merge_chunked(self, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool,
-                       pool: ThreadPoolExecutor) -> None:
+    def _merge_chunked(self, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool, chunks: Chunks,
+                       passes: int) -> None:
         """TIES and kin on a whole tensor, chunk by chunk: one pass (two for float32) finds each
         sparsified model's magnitude threshold (magnitude_select), the last merges with the masks."""
         spec, task = self.spec, self.tasks[piece.name]
@@ -268,8 +267,6 @@ class UnitMerger:
         selects = [MagnitudeSelect(piece.count, float(d), bool(options["rescale"]))
                    if float(d) < 1 and spec.method.chunked_masks else None for d in per_model["density"]]
         selecting = any(s is not None for s in selects)
-        passes = 1 + (2 if self.work.itemsize == 4 else 1) * selecting
-        chunks = self._chunks(piece, task.all_reads, pool, passes)
         lib = self._ties_kernel(task, selecting)
         if lib is not None:
             self._merge_fused(lib, piece, writer, allow_nonfinite, chunks, selects, passes)

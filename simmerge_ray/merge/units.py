@@ -31,6 +31,7 @@ class Piece:
     count: int
     dtype: str  # output dtype code
     offset: int
+    last: bool = True  # the tensor's last range: merging it finishes the tensor (progress counts it)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def plan_units(shards: list[ShardPlan], layouts: dict, split: bool, unit_elems: 
                 if cur and size + k > unit_elems:
                     units.append(WorkUnit(shard.file, tuple(cur)))
                     cur, size = [], 0
-                cur.append(Piece(name, start, k, code, offsets[name] + start * DTYPE_BYTES[code]))
+                cur.append(Piece(name, start, k, code, offsets[name] + start * DTYPE_BYTES[code], start + k >= numel))
                 size += k
         if cur:
             units.append(WorkUnit(shard.file, tuple(cur)))

@@ -41,26 +41,31 @@ class MagnitudeMask:
     ties: int
     scale: float = 1.0
 
+    def _tied(self, absd: torch.Tensor) -> torch.Tensor | None:
+        """The values equal to the threshold still kept in this chunk (index order), or None;
+        advances the count of ties left to keep."""
+        if self.ties <= 0:
+            return None
+        equal = absd == self.value
+        first = equal & (equal.cumsum(0) <= self.ties)
+        self.ties -= min(self.ties, int(equal.sum()))
+        return first
+
     def keep(self, values: torch.Tensor) -> torch.Tensor:
         """The boolean mask itself, for a chunk of `values` (advances the ties kept, as `apply`)."""
         absd = values.abs()
         keep = absd > self.value
-        if self.ties > 0:
-            equal = absd == self.value
-            keep |= equal & (equal.cumsum(0) <= self.ties)
-            self.ties -= min(self.ties, int(equal.sum()))
-        return keep
+        tied = self._tied(absd)
+        return keep if tied is None else keep | tied
 
     def apply(self, delta: torch.Tensor) -> torch.Tensor:
         absd = delta.abs()
         # 1 where |delta| > value, else 0, without a boolean tensor (the slow ops here): the
         # difference of two distinct floats of one dtype is never rounded to zero.
         keep = absd.sub(self.value).clamp_(min=0).sign_()
-        if self.ties > 0:
-            equal = absd == self.value
-            first = equal & (equal.cumsum(0) <= self.ties)
-            keep.add_(first)
-            self.ties -= min(self.ties, int(equal.sum()))
+        tied = self._tied(absd)
+        if tied is not None:
+            keep.add_(tied)
         out = keep.mul_(delta)
         return out.mul_(self.scale) if self.scale != 1.0 else out
 
@@ -157,10 +162,14 @@ def select_magnitude(delta: torch.Tensor, density: float, rescale: bool = False)
     """Zero all but the int(density * numel) largest |delta| (at least one) of a whole tensor, in
     linear time; ties at the threshold are kept in index order."""
     flat = delta.reshape(-1)
-    sel = MagnitudeSelect(flat.numel(), density, rescale)
+    return _whole(MagnitudeSelect(flat.numel(), density, rescale), flat).apply(flat).reshape(delta.shape)
+
+
+def _whole(sel: MagnitudeSelect, flat: torch.Tensor) -> MagnitudeMask:
+    """`sel`'s mask over one whole flat tensor (every pass over it at once)."""
     sel.first_pass(flat)
     sel.second_pass(flat)
-    return sel.mask().apply(flat).reshape(delta.shape)
+    return sel.mask()
 
 
 _MAX_FINITE = 0x7F7FFFFF
@@ -173,7 +182,4 @@ def smallest(values: torch.Tensor, m: int) -> torch.Tensor:
     smallest become the m largest, which the radix selection finds."""
     bits = values.reshape(-1).contiguous().view(torch.int32).clamp(max=_MAX_FINITE)
     flipped = (_MAX_FINITE - bits).view(torch.float32)
-    sel = MagnitudeSelect(flipped.numel(), 0.0, False, count=m)
-    sel.first_pass(flipped)
-    sel.second_pass(flipped)
-    return sel.mask().keep(flipped)
+    return _whole(MagnitudeSelect(flipped.numel(), 0.0, False, count=m), flipped).keep(flipped)

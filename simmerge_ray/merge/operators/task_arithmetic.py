@@ -83,6 +83,17 @@ def _combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], inp: MergeInput
                    normalize=bool(opts["normalize"]), lam=float(opts["lambda"]), scratch=scratch)
 
 
+def weights_in(weights: Sequence[float], dtype: torch.dtype) -> list[float]:
+    """The weights as mergekit uses them: a tensor in the compute dtype, so rounded to it."""
+    return [float(torch.tensor(float(w), dtype=dtype)) for w in weights]
+
+
+def weight_divisor(rounded_weights: Sequence[float], dtype: torch.dtype) -> float:
+    """Plain task arithmetic's normaliser: the weights' sum in the compute dtype, 1 when ~0."""
+    total = float(torch.tensor(list(rounded_weights), dtype=dtype).sum())
+    return total if abs(total) >= 1e-8 else 1.0
+
+
 def combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], *, consensus: bool,
             normalize: bool, lam: float, scratch: Scratch | None = None) -> torch.Tensor:
     """base + lambda * (sum_i w_i d_i [agrees with the elected sign]) / divisor, as mergekit computes it.
@@ -104,7 +115,7 @@ def combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequenc
             t.copy_(low)
         return t
 
-    wb = [float(torch.tensor(float(w), dtype=c)) for w in weights]  # mergekit's weight tensor is in c
+    wb = weights_in(weights, c)
     wd = [s.get(("wd", i), k) for i in range(len(deltas))]
     mixed = s.get("mixed", k)
     for i, d in enumerate(deltas):
@@ -125,8 +136,7 @@ def combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequenc
             divisor.add_(torch.abs(divisor, out=part).sign_().neg_().add_(1))
             rounded(mixed.div_(divisor))
     elif normalize:
-        total_w = float(torch.tensor(wb, dtype=c).sum())
-        rounded(mixed.div_(total_w if abs(total_w) >= 1e-8 else 1.0))
+        rounded(mixed.div_(weight_divisor(wb, c)))
     if lam != 1:
         rounded(mixed.mul_(lam))
     flat_base = base.reshape(-1) if c == torch.float32 else s.get("base", k).copy_(base.reshape(-1))

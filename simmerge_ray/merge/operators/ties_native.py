@@ -18,6 +18,7 @@ import torch
 
 from simmerge_ray import native
 from simmerge_ray.merge.operators.magnitude_select import MagnitudeMask, MagnitudeSelect
+from simmerge_ray.merge.operators.task_arithmetic import weight_divisor, weights_in
 
 SOURCE = Path(__file__).with_name("ties_kernel.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off", "-fno-trapping-math")
@@ -73,15 +74,13 @@ def merge_chunk(lib: ctypes.CDLL, xs: Sequence[torch.Tensor], base: torch.Tensor
                 normalize: bool, lam: float, out: torch.Tensor) -> torch.Tensor:
     """TIES (or plain task arithmetic) of one chunk into `out` (the compute dtype), masks advanced
     past the ties this chunk kept, as MagnitudeMask.apply advances them."""
-    c = base.dtype
-    wb = [float(torch.tensor(float(w), dtype=c)) for w in weights]  # as combine: mergekit's weights are in c
-    total_w = float(torch.tensor(wb, dtype=c).sum())
+    wb = weights_in(weights, base.dtype)
     ties = _ints([m.ties if m is not None else 0 for m in masks], ctypes.c_int64)
-    rc = lib.ties_merge(DTYPES[c], len(xs), _ptrs(xs), base.data_ptr(), base.numel(),
+    rc = lib.ties_merge(DTYPES[base.dtype], len(xs), _ptrs(xs), base.data_ptr(), base.numel(),
                         _ints([m is not None for m in masks]),
                         (ctypes.c_float * len(xs))(*[m.value if m is not None else 0.0 for m in masks]),
                         ties, (ctypes.c_float * len(xs))(*wb), int(consensus), int(normalize),
-                        total_w if abs(total_w) >= 1e-8 else 1.0, lam, out.data_ptr())
+                        weight_divisor(wb, base.dtype), lam, out.data_ptr())
     if rc != 0:
         raise ValueError(f"TIES kernel: {len(xs)} models is more than it takes")
     for m, left in zip(masks, ties):
