@@ -122,6 +122,8 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
     from simmerge_ray.planner.execute import execute_plan
     from simmerge_ray.planner.plan import Plan
 
+    if args.dry_run:  # a flag conflict, refused before any file is read
+        raise ConfigError("--dry-run takes a CONFIG.yaml (a plan's steps are configs: run it on each step file)")
     if not args.catalog:
         raise ConfigError("--plan needs --catalog (the plan names catalog models)")
     plan_file = Path(args.plan)
@@ -130,8 +132,6 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
     plan = Plan.from_json(plan_file.read_text(), str(plan_file))
     catalog = Catalog.load(args.catalog)
     check_output(args.out, overwrite=opts.overwrite, inputs=[*catalog.paths, plan_file])
-    if args.dry_run:
-        raise ConfigError("--dry-run takes a CONFIG.yaml (a plan's steps are configs: run it on each step file)")
     if opts.placement == "ray":
         init_ray(args.address)
     results = execute_plan(plan, catalog, Path(args.out), opts, out_dtype=args.dtype)
