@@ -57,9 +57,9 @@ def _write_range(fd: int, view: memoryview | None, start: int, end: int) -> None
 def floor(files: list[Path], out_bytes: int, out_dir: Path, threads: int | None = None) -> dict:
     threads = threads or len(os.sched_getaffinity(0))
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / "floor.bin"
+    target = out_dir / f".io-floor-{os.getpid()}.bin"  # a new file of its own: nothing else is touched
     t0 = time.perf_counter()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.posix_fallocate(fd, 0, out_bytes)  # blocks reserved up front, as the merge engine does
         step = -(-out_bytes // threads)
