@@ -1,7 +1,7 @@
 """C kernels built on first use with the system compiler, cached, and loaded through ctypes.
 
-Each kernel (features/gram_kernel.c, merge/operators/ties_kernel.c) is compiled for the host
-CPU once per (source, compiler, flags, CPU) into `SIMMERGE_KERNEL_DIR` (default
+Each kernel (features/gram_kernel.c, merge/operators/ties_kernel.c and combine_kernel.c) is
+compiled for the host CPU once per (source, compiler, flags, CPU) into `SIMMERGE_KERNEL_DIR` (default
 ~/.cache/simmerge_ray/kernels), written beside its final name and renamed, so concurrent first
 uses never load a half-written file. Without a compiler, or when its switch variable is "0",
 `load_library` returns None and callers use their torch path, which gives the same numbers.

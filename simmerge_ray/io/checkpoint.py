@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.errors import CheckpointError
 from simmerge_ray.io.digest_cache import file_digest
@@ -184,6 +184,11 @@ class Checkpoint:
             return self._pickled[name]
         return self.read_range(name, 0, entry.numel).reshape(entry.shape)
 
+    @property
+    def is_safetensors(self) -> bool:
+        """Stored as safetensors (read by byte range), not as a pickled state dict."""
+        return self._pickled is None
+
     def read_range(self, name: str, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements [start, start + count) of the flattened tensor, in its stored dtype.
 
@@ -197,10 +202,16 @@ class Checkpoint:
         if out is None:
             out = torch.empty(count, dtype=DTYPE_TO_TORCH[entry.dtype])
         out = out[:count]
-        if count == 0:
-            return out
+        if count:
+            self.read_into(name, start, count, memoryview(out.view(torch.uint8).numpy()))
+        return out
+
+    def read_into(self, name: str, start: int, count: int, view: memoryview) -> None:
+        """Elements [start, start + count) of the flattened tensor's stored bytes into `view` (a
+        writable byte buffer of at least that size): read_range without torch."""
+        entry = self._entry(name)
+        self._check_range(entry, start, count)
         size = DTYPE_BYTES[entry.dtype]
-        view = memoryview(out.view(torch.uint8).numpy())
         offset, want, got = entry.begin + start * size, count * size, 0
         fd = os.open(entry.file, os.O_RDONLY)
         try:
@@ -213,7 +224,6 @@ class Checkpoint:
             raise CheckpointError(f"{entry.file}: cannot read tensor {name!r}: {e}") from None
         finally:
             os.close(fd)
-        return out
 
     def map_range(self, name: str, start: int, count: int) -> torch.Tensor:
         """Elements [start, start + count) of the flattened tensor as a zero-copy view of the

@@ -13,29 +13,54 @@ import os
 import shutil
 import struct
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import torch
+import numpy as np
+
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.errors import CheckpointError, OutputError
 from simmerge_ray.io.writeback import start_writeback
 
-DTYPE_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
-TORCH_TO_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_TO_TORCH.items()}
+
+
+class _TorchDtypes(Mapping):
+    """dtype code -> torch dtype (or its inverse), built on first lookup: torch is imported only
+    by a merge that uses it (see lazy_torch)."""
+
+    def __init__(self, inverse: bool) -> None:
+        self._inverse = inverse
+        self._table: dict | None = None
+
+    def _get(self) -> dict:
+        if self._table is None:
+            forward = {code: getattr(torch, name) for code, name in TORCH_NAMES.items()}
+            self._table = {v: k for k, v in forward.items()} if self._inverse else forward
+        return self._table
+
+    def __getitem__(self, key):
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(TORCH_NAMES)
+
+    def __contains__(self, key) -> bool:
+        return key in TORCH_NAMES if not self._inverse else key in self._get()
+
+
+DTYPE_TO_TORCH: Mapping[str, torch.dtype] = _TorchDtypes(inverse=False)
+TORCH_TO_DTYPE: Mapping[torch.dtype, str] = _TorchDtypes(inverse=True)
 DTYPE_BYTES: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
 }
@@ -52,7 +77,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's limit
 
 def dtype_code(name: str) -> str:
     """Map a user dtype name ('bfloat16', 'BF16', 'fp32', ...) to a safetensors dtype code."""
-    if name in DTYPE_TO_TORCH:
+    if name in TORCH_NAMES:
         return name
     code = DTYPE_ALIASES.get(name.lower())
     if code is None:
@@ -232,8 +257,13 @@ class RangeWriter:
         self.path = Path(path)
         self._fd = os.open(self.path, os.O_WRONLY)
 
-    def write_at(self, offset: int, part: torch.Tensor) -> None:
-        data = memoryview(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    def write_at(self, offset: int, part: "torch.Tensor | np.ndarray") -> None:
+        """Write `part`'s bytes at `offset`: a tensor, or a contiguous numpy buffer (the torch-free
+        linear path)."""
+        if isinstance(part, np.ndarray):
+            data = memoryview(part).cast("B")
+        else:
+            data = memoryview(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         done = 0
         try:
             while done < len(data):
@@ -325,7 +355,7 @@ class BackgroundWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-writer")
         self._pending: deque[Future] = deque()
 
-    def write_at(self, offset: int, part: torch.Tensor) -> None:
+    def write_at(self, offset: int, part: "torch.Tensor | np.ndarray") -> None:
         """Write `part` at `offset`; it must not change until the next call returns (or `close`)."""
         self._pending.append(self._pool.submit(self.writer.write_at, offset, part))
         while len(self._pending) > 1:

@@ -22,12 +22,12 @@ import numpy as np
 
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.checkpoint import Checkpoint
-from simmerge_ray.io.safetensors_format import DTYPE_TO_TORCH, TORCH_TO_DTYPE, file_layout, preallocate
+from simmerge_ray.io.safetensors_format import TORCH_NAMES, file_layout, preallocate
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.output_files import write_side_files
 from simmerge_ray.merge.placements import local_cpus, run_local, run_on_ray
 from simmerge_ray.merge.progress import Progress
-from simmerge_ray.merge.tensor_merge import compute_dtype
+from simmerge_ray.merge.tensor_merge import compute_code
 from simmerge_ray.merge.tensor_plan import TensorTask, output_layers, plan_tensors
 from simmerge_ray.merge.tokenizer import BuiltVocabulary, build_vocabulary
 from simmerge_ray.merge.unit_merger import open_inputs
@@ -135,7 +135,7 @@ def check_merge(spec: MergeSpec) -> tuple[dict[str, Checkpoint], list[TensorTask
 def plan_merge(spec: MergeSpec, opts: ExecOptions = ExecOptions()) -> MergeLayout:
     """Everything about a merge but the merging: checks, shards, offsets and work units."""
     ckpts, task_list, vocab = check_merge(spec)
-    compute = TORCH_TO_DTYPE[compute_dtype(spec, opts.compute_dtype)]
+    compute = compute_code(spec, opts.compute_dtype)
     shards = plan_shards(task_list, ckpts, spec.out_dtype or spec.dtype, opts.shard_bytes)
     layouts = {p.file: file_layout(list(p.tensors), {"format": "pt"}) for p in shards}
     total = sum(_numels(shards).values())
@@ -174,7 +174,7 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
         for p in plan.shards:
             os.replace(partial[p.file], tmp / p.file)
         write_side_files(spec, plan.ckpts, output_layers(spec, plan.ckpts), plan.shards, tmp, plan.vocab,
-                         str(DTYPE_TO_TORCH[plan.compute]).removeprefix("torch."))
+                         TORCH_NAMES[plan.compute])
         written = sum((tmp / p.file).stat().st_size for p in plan.shards)
     return MergeResult(
         out=out,

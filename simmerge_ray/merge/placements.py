@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.progress import Progress
@@ -31,8 +31,7 @@ def local_cpus() -> int:
 def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUnit], partial: dict[str, Path],
               compute: str, *, workers: int, threads_per_worker: int, stream_bytes: int, chunk_elems: int,
               allow_nonfinite: bool, progress: Progress) -> list[dict]:
-    """Units over `workers` threads, each with its own UnitMerger (buffers, file handles); torch
-    runs `threads_per_worker` threads per op meanwhile and is restored afterwards."""
+    """Units over `workers` threads, each with its own UnitMerger (buffers, file handles)."""
     n = max(1, min(workers, len(units)))
     local = threading.local()
 
@@ -41,8 +40,12 @@ def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUni
             local.merger = UnitMerger(spec, tasks, stream_bytes, chunk_elems, compute, progress=progress.advance)
         return local.merger
 
-    saved = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads_per_worker))
+    # torch (when the merge needs it: a linear merge by the C kernel never imports it) runs
+    # threads_per_worker threads per op during the merge, restored afterwards
+    uses_torch = UnitMerger(spec, tasks, stream_bytes, chunk_elems, compute).uses_torch(units)
+    saved = torch.get_num_threads() if uses_torch else None
+    if saved is not None:
+        torch.set_num_threads(max(1, threads_per_worker))
     try:
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="merge-worker") as pool:
             futures = [pool.submit(lambda u=u: merger().run(u, str(partial[u.file]), allow_nonfinite)) for u in units]
@@ -54,7 +57,8 @@ def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUni
                 raise failed[0].exception()
             return [f.result() for f in futures]
     finally:
-        torch.set_num_threads(saved)
+        if saved is not None:
+            torch.set_num_threads(saved)
 
 
 def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUnit], partial: dict[str, Path],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.errors import ConfigError, MergeError
 from simmerge_ray.io.safetensors_format import DTYPE_TO_TORCH, FLOAT_DTYPES, dtype_code
@@ -25,14 +25,15 @@ def tensor_generator(seed: int, tensor_name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
-def compute_dtype(spec: MergeSpec, override: str | None = None) -> torch.dtype:
-    """The dtype a merge computes in: `override` (--compute-dtype), else the config's `dtype`
-    (mergekit's meaning), else float32."""
+def compute_code(spec: MergeSpec, override: str | None = None) -> str:
+    """The dtype code a merge computes in: `override` (--compute-dtype), else the config's
+    `dtype` (mergekit's meaning), else float32."""
     name = override or spec.dtype or "float32"
     code = dtype_code(name)
     if code not in FLOAT_DTYPES:
         raise ConfigError(f"{spec.source}: compute dtype {name!r} is not a float dtype")
-    return DTYPE_TO_TORCH[code]
+    return code
+
 
 
 def working_dtype(spec: MergeSpec, compute: torch.dtype) -> torch.dtype:
@@ -42,13 +43,14 @@ def working_dtype(spec: MergeSpec, compute: torch.dtype) -> torch.dtype:
 
 
 def merge_tensor(spec: MergeSpec, task: TensorTask, read: Callable[[tuple[str, str]], torch.Tensor], *,
-                 compute: torch.dtype = torch.float32, allow_nonfinite: bool = False) -> torch.Tensor:
+                 compute: torch.dtype | None = None, allow_nonfinite: bool = False) -> torch.Tensor:
     """The merged value of one output tensor, rounded to `compute` as mergekit rounds it.
 
     `read((model ref, tensor name))` returns an input tensor (any dtype), as `task` names them.
     Inputs are rounded to `compute` first; vocabulary tensors are then remapped to the output
     tokenizer's rows (in `compute`, as mergekit does).
     """
+    compute = torch.float32 if compute is None else compute
     work = working_dtype(spec, compute)
     loaded = {r: read(r).to(compute) for r in task.all_reads}
     if task.vocab is not None:
@@ -73,10 +75,13 @@ def check_finite(values: torch.Tensor, name: str, method: str, *, offset: int = 
     bad = ~torch.isfinite(values)
     count = int(bad.sum())
     if count:
-        first = offset + int(bad.reshape(-1).nonzero()[0])
-        where = f" among elements {offset}..{offset + values.numel() - 1}" if offset else ""
-        raise MergeError(
-            f"merged tensor {name!r} has {count} NaN/Inf values{where} (first at flat index {first}; "
-            f"{method}); pass --allow-nonfinite to write it anyway"
-        )
+        raise nonfinite_error(name, method, count, offset + int(bad.reshape(-1).nonzero()[0]), offset,
+                              values.numel())
 
+
+def nonfinite_error(name: str, method: str, count: int, first: int, offset: int, numel: int) -> MergeError:
+    """The one-line error for `count` NaN/Inf values (the first at flat index `first`) in a merged
+    tensor, or in its chunk of `numel` elements from `offset`."""
+    where = f" among elements {offset}..{offset + numel - 1}" if offset else ""
+    return MergeError(f"merged tensor {name!r} has {count} NaN/Inf values{where} (first at flat index {first}; "
+                      f"{method}); pass --allow-nonfinite to write it anyway")

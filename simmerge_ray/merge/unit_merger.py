@@ -6,6 +6,7 @@ Plain torch and file I/O, no Ray: the same object runs in a thread of the comman
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -13,17 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, BackgroundWriter, RangeWriter
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.operators import MergeInputs
 from simmerge_ray.merge.operators.magnitude_select import MagnitudeSelect
-from simmerge_ray.merge.operators import ties_native
+from simmerge_ray.merge.operators import combine_native, ties_native
 from simmerge_ray.merge.operators.scratch import Scratch
 from simmerge_ray.merge.operators.task_arithmetic import variant_of
-from simmerge_ray.merge.tensor_merge import check_finite, merge_tensor, working_dtype
+from simmerge_ray.merge.tensor_merge import check_finite, merge_tensor, nonfinite_error, working_dtype
 from simmerge_ray.merge.tensor_plan import TensorTask
 from simmerge_ray.merge.units import Piece, WorkUnit
 
@@ -31,7 +32,7 @@ from simmerge_ray.merge.units import Piece, WorkUnit
 # (once, tracked by this marker file), to prove that a lost worker is retried cleanly.
 CRASH_ONCE_ENV = "SIMMERGE_TEST_CRASH_ONCE"
 
-Chunks = Callable[[], Iterator[tuple[int, list[torch.Tensor]]]]
+Chunks = Callable[[], Iterator[tuple[int, list["torch.Tensor"]]]]
 
 
 def open_inputs(spec: MergeSpec) -> dict[str, Checkpoint]:
@@ -56,8 +57,7 @@ class UnitMerger:
         if threads is not None:  # a Ray actor owns its process; local threads leave torch as it is
             torch.set_num_threads(max(1, threads))
         self.spec = spec
-        self.compute = DTYPE_TO_TORCH[compute]
-        self.work = working_dtype(spec, self.compute)
+        self.compute_code = compute
         self.tasks = tasks
         self.stream_bytes = stream_bytes
         self.chunk_elems = max(1, chunk_elems)
@@ -67,6 +67,19 @@ class UnitMerger:
         self._units_done = 0
         self._read = 0
         self._out_slot = 0
+
+    @functools.cached_property
+    def compute(self) -> torch.dtype:
+        return DTYPE_TO_TORCH[self.compute_code]
+
+    @functools.cached_property
+    def work(self) -> torch.dtype:
+        return working_dtype(self.spec, self.compute)
+
+    def uses_torch(self, units: list[WorkUnit]) -> bool:
+        """Whether merging `units` needs torch: not when every piece is a combination the C
+        kernel runs (a linear merge: torch is then never imported)."""
+        return any(self._native(p) is None for u in units for p in u.pieces)
 
     def run(self, unit: WorkUnit, path: str, allow_nonfinite: bool) -> dict:
         """Merge `unit` into the preallocated file `path` (its pieces' byte ranges only)."""
@@ -149,7 +162,8 @@ class UnitMerger:
         if method.combination is not None and not self._rounds_inside():
             return "combination", 2 if method.combination_needs_gram else 1
         selecting = method.chunked_masks and any(float(d) < 1 for d in task.per_model["density"])
-        return "chunked", 1 + (2 if self.work.itemsize == 4 else 1) * selecting
+        work_bytes = DTYPE_BYTES[self.compute_code] if method.native_dtype else 4
+        return "chunked", 1 + (2 if work_bytes == 4 else 1) * selecting
 
     def _kept(self, passes: int, nbytes: int) -> bool:
         """Inputs read once and kept for every pass: several passes, and they fit in stream_bytes."""
@@ -200,6 +214,10 @@ class UnitMerger:
         """A piece merged by a chunk loop (see `_fused`)."""
         if piece.count == 0:
             return
+        lib = self._native(piece)
+        if lib is not None:
+            self._merge_native(lib, piece, writer, allow_nonfinite, pool)
+            return
         kind, passes = self._passes(self.tasks[piece.name])
         chunks = self._chunks(piece, self.tasks[piece.name].all_reads, pool, passes)
         merge = self._merge_combination if kind == "combination" else self._merge_chunked
@@ -208,7 +226,8 @@ class UnitMerger:
     def _rounds_inside(self) -> bool:
         """The method computes in a half-precision compute dtype (task arithmetic in bf16): its
         float32 combination would skip mergekit's intermediate rounding, so the chunked form runs."""
-        return self.work != torch.float32 and self.spec.method.chunked is not None
+        method = self.spec.method
+        return method.native_dtype and self.compute_code != "F32" and method.chunked is not None
 
     def _rounded(self, x: torch.Tensor) -> torch.Tensor:
         """An input chunk rounded to the compute dtype (a no-op when it is float32)."""
@@ -242,9 +261,7 @@ class UnitMerger:
             for _, parts in chunks():
                 block = torch.stack([self._rounded(p).double() for p in parts[:n_src]])
                 gram += (block @ block.T).numpy()
-        coeffs, base_coeff = spec.method.combination(gram, task.options, task.per_model)
-        if task.base is not None:
-            coeffs = [*coeffs, base_coeff]
+        coeffs = self._coefficients(task, gram)
         for start, parts in chunks():
             k = parts[0].numel()
             acc = self._buffer(("acc",), torch.float32)[:k]
@@ -256,6 +273,61 @@ class UnitMerger:
                         x = self._buffer(("f32",), torch.float32)[:k].copy_(x)
                     acc.add_(x, alpha=c)
             self._write_chunk(piece, writer, start, acc, allow_nonfinite)
+
+    def _coefficients(self, task: TensorTask, gram: np.ndarray | None) -> list[float]:
+        """A combination's coefficient per read (model inputs, then the base when it has one)."""
+        coeffs, base_coeff = self.spec.method.combination(gram, task.options, task.per_model)
+        return [*coeffs, base_coeff] if task.base is not None else list(coeffs)
+
+    def _native(self, piece: Piece):
+        """The combination kernel when it merges `piece` (a combination without a Gram pass,
+        safetensors inputs, dtypes it covers, SIMMERGE_COMBINE_KERNEL not 0), else None."""
+        task = self.tasks[piece.name]
+        if not self._fused(piece.name) or self._passes(task) != ("combination", 1):
+            return None
+        if not all(self.ckpts[m].is_safetensors for m, _ in task.all_reads):
+            return None
+        lib = combine_native.load()
+        stored = [self.ckpts[m].entries[t].dtype for m, t in task.all_reads]
+        return lib if combine_native.usable(lib, self.compute_code, stored, piece.dtype) else None
+
+    def _merge_native(self, lib, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool,
+                      pool: ThreadPoolExecutor) -> None:
+        """_merge_combination by the C kernel on byte buffers: no torch. The next chunk is read
+        while this one is combined; zero coefficients after the first are dropped, as there."""
+        task = self.tasks[piece.name]
+        readers = [(self.ckpts[m], t) for m, t in task.all_reads]
+        dtypes = [ck.entries[t].dtype for ck, t in readers]
+        coeffs = self._coefficients(task, None)
+        keep = [0] + [j for j in range(1, len(coeffs)) if coeffs[j] != 0]
+        chunk, end, size = self.chunk_elems, piece.start + piece.count, DTYPE_BYTES[piece.dtype]
+        starts = range(piece.start, end, chunk)
+
+        def read(n: int) -> list[np.ndarray]:
+            start, k = starts[n], min(chunk, end - starts[n])
+            parts = []
+            for j, (ck, t) in enumerate(readers):
+                buf = self.scratch.bytes(("in", j, n % 2), chunk * DTYPE_BYTES[dtypes[j]])[:k * DTYPE_BYTES[dtypes[j]]]
+                ck.read_into(t, start, k, memoryview(buf))
+                parts.append(buf)
+            self._read += sum(p.nbytes for p in parts)
+            return parts
+
+        pending = pool.submit(read, 0)
+        for n, start in enumerate(starts):
+            parts = pending.result()
+            if n + 1 < len(starts):
+                pending = pool.submit(read, n + 1)
+            k = min(chunk, end - start)
+            self._out_slot ^= 1
+            out = self.scratch.bytes(("out", self._out_slot), chunk * size)[:k * size]
+            bad, first = combine_native.combine(lib, [parts[j] for j in keep], [dtypes[j] for j in keep],
+                                                [coeffs[j] for j in keep], self.compute_code, out, piece.dtype,
+                                                check=not allow_nonfinite)
+            if bad:
+                raise nonfinite_error(piece.name, self.spec.method.name, bad, start + first, start, k)
+            writer.write_at(piece.offset + (start - piece.start) * size, out)
+            self._advance(k)
 
     def _merge_chunked(self, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool, chunks: Chunks,
                        passes: int) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 Key = tuple[str, str]  # (model ref, tensor name)
 

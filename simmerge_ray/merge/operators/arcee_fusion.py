@@ -3,7 +3,7 @@ divergence of the rows' softmaxes) is an upper outlier: >= median + 1.5 IQR."""
 
 from __future__ import annotations
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, register
 

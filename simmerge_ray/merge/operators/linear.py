@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, Value, register

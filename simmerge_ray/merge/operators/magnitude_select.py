@@ -13,15 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 BUCKETS = 1 << 16
-_INT = {2: torch.int16, 4: torch.int32}
 
 
 def _bits(absd: torch.Tensor) -> torch.Tensor:
     """|delta|'s bit pattern as a non-negative int32 (16-bit dtypes: the pattern itself)."""
-    return absd.contiguous().view(_INT[absd.element_size()]).to(torch.int32)
+    return absd.contiguous().view(torch.int16 if absd.element_size() == 2 else torch.int32).to(torch.int32)
 
 
 def _split(hist: torch.Tensor, k: int) -> tuple[int, int]:

@@ -3,7 +3,7 @@ between their task vectors (whole tensor, or per row with filter_wise)."""
 
 from __future__ import annotations
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, register
 

@@ -3,7 +3,7 @@ the tangent space at their weighted Euclidean mean direction, rescaled by their 
 
 from __future__ import annotations
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.errors import MergeError
 from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, register

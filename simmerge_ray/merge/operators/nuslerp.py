@@ -3,7 +3,7 @@ over the whole flattened tensor or row by row / column by column."""
 
 from __future__ import annotations
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, register
 

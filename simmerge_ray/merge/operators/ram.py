@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, register
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np  # noqa: F401  (named in the CombinationFn annotation)
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.errors import ConfigError
 
@@ -61,7 +61,7 @@ class MergeInputs:
     generator: torch.Generator | None = None  # for stochastic methods, seeded per tensor
 
 
-MethodFn = Callable[[MergeInputs], torch.Tensor]
+MethodFn = Callable[[MergeInputs], "torch.Tensor"]
 # Checks resolved parameters before any tensor is read; raises ConfigError naming the problem.
 CheckFn = Callable[[str, dict[str, Value], dict[str, list[Value]]], None]
 # For methods whose result is a fixed linear combination of the inputs (and the base):
@@ -73,7 +73,7 @@ CombinationFn = Callable[["np.ndarray | None", dict[str, Value], dict[str, list[
 # known (TIES, task arithmetic with consensus): (chunk inputs, one MagnitudeMask or None per
 # model) -> merged chunk. Lets the executor stream a tensor larger than memory: two passes of
 # magnitude_select find the masks (for models with density < 1), a third merges.
-ChunkedFn = Callable[["MergeInputs", list], torch.Tensor]
+ChunkedFn = Callable[["MergeInputs", list], "torch.Tensor"]
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ vector's mean square, and average with TIES's sign election."""
 
 from __future__ import annotations
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, register
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, register
 

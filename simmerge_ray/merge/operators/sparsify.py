@@ -3,7 +3,7 @@ middle of the magnitudes (breadcrumbs) or a magnitude-ranked random share (DELLA
 
 from __future__ import annotations
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.merge.operators.magnitude_select import select_magnitude, smallest
 

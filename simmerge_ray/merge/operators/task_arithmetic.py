@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.operators import sparsify

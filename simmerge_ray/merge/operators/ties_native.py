@@ -14,7 +14,7 @@ import functools
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray import native
 from simmerge_ray.merge.operators.magnitude_select import MagnitudeMask, MagnitudeSelect
@@ -22,8 +22,12 @@ from simmerge_ray.merge.operators.task_arithmetic import weight_divisor, weights
 
 SOURCE = Path(__file__).with_name("ties_kernel.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off", "-fno-trapping-math")
-DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _P = ctypes.c_void_p
+
+
+def _code(dtype: torch.dtype) -> int:
+    """The kernel's dtype argument: 0 float32, 1 bfloat16."""
+    return 0 if dtype == torch.float32 else 1
 
 
 @functools.cache
@@ -55,7 +59,7 @@ def histogram_pass(lib: ctypes.CDLL, xs: Sequence[torch.Tensor], base: torch.Ten
     n, k = len(xs), base.numel()
     if not second:
         hist = torch.zeros((n, 1 << 16), dtype=torch.int64)
-        lib.ties_hist(DTYPES[base.dtype], n, _ptrs(xs), base.data_ptr(), k,
+        lib.ties_hist(_code(base.dtype), n, _ptrs(xs), base.data_ptr(), k,
                       _ints([s is not None for s in selects]), hist.data_ptr())
         for i, s in enumerate(selects):
             if s is not None:
@@ -76,7 +80,7 @@ def merge_chunk(lib: ctypes.CDLL, xs: Sequence[torch.Tensor], base: torch.Tensor
     past the ties this chunk kept, as MagnitudeMask.apply advances them."""
     wb = weights_in(weights, base.dtype)
     ties = _ints([m.ties if m is not None else 0 for m in masks], ctypes.c_int64)
-    rc = lib.ties_merge(DTYPES[base.dtype], len(xs), _ptrs(xs), base.data_ptr(), base.numel(),
+    rc = lib.ties_merge(_code(base.dtype), len(xs), _ptrs(xs), base.data_ptr(), base.numel(),
                         _ints([m is not None for m in masks]),
                         (ctypes.c_float * len(xs))(*[m.value if m is not None else 0.0 for m in masks]),
                         ties, (ctypes.c_float * len(xs))(*wb), int(consensus), int(normalize),
@@ -93,4 +97,4 @@ def usable(lib: ctypes.CDLL | None, compute: torch.dtype, stored: Sequence[torch
            masks_rescale: bool) -> bool:
     """The kernel covers this tensor: a kernel, a bf16/float32 compute dtype every input is
     stored in, and no l1 rescaling."""
-    return lib is not None and compute in DTYPES and all(d == compute for d in stored) and not masks_rescale
+    return lib is not None and compute in (torch.float32, torch.bfloat16) and all(d == compute for d in stored) and not masks_rescale
