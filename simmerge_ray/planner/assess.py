@@ -94,9 +94,9 @@ def expert_alone(sel: Selector, aux_sel: Selector | None, objective: Objective |
         value = EXPERT_ALONE[target]
     else:
         if target != "gap_closed" and k > 2:
-            return {"available": False, "reason": f"the selector predicts {target}: a product of several steps' "
-                                                  f"{target} has no expert-alone value (defined for 2-way plans "
-                                                  f"and for gap_closed selectors)"}
+            return {"available": False, "reason": f"the selector predicts {target}, and a product of several "
+                                                  f"steps' {target} has no expert-alone value; it is defined for "
+                                                  f"2-way plans and for gap_closed selectors"}
         per_step = min(max(EXPERT_ALONE[target], RETENTION_CLIP[0]), RETENTION_CLIP[1])
         aux_value = 0.0  # without an auxiliary selector the search scores no auxiliary term
         if aux_sel is not None and objective.aux_weight:
