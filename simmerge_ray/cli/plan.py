@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from simmerge_ray.errors import ConfigError
@@ -73,6 +74,7 @@ def _inputs(args: argparse.Namespace, catalog) -> list:
 def _pairwise(args: argparse.Namespace, catalog) -> int:
     import polars as pl
 
+    from simmerge_ray.planner.assess import arm_table, expert_alone, input_flags, plan_intervals
     from simmerge_ray.planner.plan import Plan
     from simmerge_ray.selector.model import Selector
 
@@ -87,12 +89,24 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
     row = feats.filter((pl.col("a") == args.expert) & (pl.col("b") == args.aux) & (pl.col("task") == args.task))
     if row.height == 0:
         raise ConfigError(f"features missing for pair ({args.expert!r}, {args.aux!r}) on task {args.task!r}")
-    u = sel.predict(row.select(sel.feature_names).to_numpy(), [args.task])[0]
+    x = row.select(sel.feature_names).to_numpy()
+    u = sel.predict(x, [args.task])[0]
     best = int(u.argmax())
-    print(f"{args.expert} + {args.aux} on {args.task}: choose {sel.operators[best]}")
-    for op, val in sorted(zip(sel.operators, u), key=lambda x: -x[1]):
-        print(f"  {op:<8} predicted gap closed {100 * val:6.1f}%")
     plan = Plan(args.task, [args.expert, args.aux], [sel.operators[best]], [float(u[best])], [], float(u[best]))
+    plan.arms = arm_table(sel, u)
+    plan.intervals = plan_intervals(sel, None, plan.operators, plan.step_utility, [], None)
+    plan.flags = input_flags(sel, sel.standardise(x), plan.models, {m.name: m.task for m in catalog.models}, args.task)
+    plan.expert_alone = expert_alone(sel, None, None, 2, plan.score)
+    what = TARGET_WORDS.get(sel.meta.get("target"), "value")
+    print(f"{args.expert} + {args.aux} on {args.task}: choose {sel.operators[best]}")
+    width = max(len(a["operator"]) for a in plan.arms)
+    for arm in plan.arms:
+        print(f"  {arm['operator']:<{width}} predicted {what} {100 * arm['predicted']:6.1f}%"
+              + "".join(f"  {key}%: {_pct(iv)}" for key, iv in arm["interval"].items()))
+    if not plan.intervals["available"]:
+        print(f"  intervals unavailable: {plan.intervals['reason']}")
+    _print_trust(plan, f"keeping {args.expert} alone (not merging) scores {{value}} {what}; the best arm, "
+                       f"{sel.operators[best]}, is predicted {{best}}")
     out = Path(args.out)
     with atomic_output_dir(out, overwrite=args.overwrite, inputs=_inputs(args, catalog)) as tmp:
         files = plan.write(tmp, {m.name: m.path for m in catalog.models}, catalog.base, step_root=out.resolve())
@@ -100,6 +114,32 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
         files[0].unlink()
     print(f"wrote {out / 'plan.json'} and {out / 'merge.yaml'} (run: simmerge merge {out / 'merge.yaml'} --out DIR)")
     return 0
+
+
+TARGET_WORDS = {"utility": "utility", "gap_closed": "gap closed", "aux_gap_closed": "auxiliary gap closed"}
+
+
+def _interval(iv: list[float] | None) -> str:
+    return "unbounded" if iv is None else f"[{iv[0]:.3f}, {iv[1]:.3f}]"
+
+
+def _pct(iv: list[float] | None) -> str:
+    return "unbounded" if iv is None else f"[{100 * iv[0]:6.1f}%, {100 * iv[1]:6.1f}%]"
+
+
+def _print_trust(plan, alone: str, percent: bool = True) -> None:
+    """Flags as one-line warnings (stderr), then how not merging compares with the best prediction."""
+    for f in plan.flags:
+        print(f"simmerge plan: warning: {f['message']}", file=sys.stderr)
+    ea = plan.expert_alone
+    if not ea.get("available"):
+        print(f"not merging: not compared ({ea.get('reason')})")
+        return
+    fmt = (lambda v: f"{100 * v:.1f}%") if percent else (lambda v: f"{v:.3f}")
+    margin = f"{100 * abs(ea['margin']):.1f} points" if percent else f"{abs(ea['margin']):.3f}"
+    text = alone.format(value=fmt(ea["value"]), best=fmt(ea["best"]))
+    print(f"not merging is predicted better: {text}, {margin} lower" if ea["better"] else
+          f"not merging is predicted worse: {text}, {margin} higher")
 
 
 def _multiway(args: argparse.Namespace, catalog) -> int:
@@ -117,8 +157,20 @@ def _multiway(args: argparse.Namespace, catalog) -> int:
           + (f" + {args.aux_weight:g} x predicted gain on the other models' tasks" if args.aux_weight else ""))
     for rank, p in enumerate(res.plans[:5], start=1):
         steps = " ".join(f"-[{op}]-> {m}" for op, m in zip(p.operators, p.models[1:]))
-        print(f"{rank}. score {p.score:.3f}: {p.models[0]} {steps}  (step utilities "
-              f"{', '.join(f'{u:.2f}' for u in p.step_utility)})")
+        levels = p.intervals.get("levels", {})
+        bound = next((f" ({key}% bound {_interval(v['score'])})" for key, v in levels.items()), "")
+        flagged = sum(f["kind"] != "unchecked" for f in p.flags)
+        print(f"{rank}. score {p.score:.3f}{bound}: {p.models[0]} {steps}  (step utilities "
+              f"{', '.join(f'{u:.2f}' for u in p.step_utility)})"
+              + (f"  [{flagged} flag{'s' * (flagged > 1)}]" if flagged else ""))
+    best = res.best
+    if best.intervals.get("available"):
+        print("bounds: the objective at the ends of every step's interval; they hold when every step's interval "
+              "holds, which is not measured for steps on unbuilt merges (plan.json: intervals)")
+    else:
+        print(f"intervals unavailable: {best.intervals.get('reason')}")
+    _print_trust(best, "keeping the expert alone scores {value} on this objective, the best plan {best}",
+                 percent=False)
     out = Path(args.out)
     with atomic_output_dir(out, overwrite=args.overwrite, inputs=_inputs(args, catalog)) as tmp:
         write_plans(res, catalog, tmp, step_root=out.resolve())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -13,7 +14,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from simmerge_ray.cli.common import init_ray, verdict_line
+from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.out_checks import check_output
+from simmerge_ray.selector.calibration import level_key
 from simmerge_ray.selector.data import MIN_LABELLED_PAIRS
 
 
@@ -28,6 +31,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=300, help="training epochs (full batch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search, the folds and the initial weights")
     p.add_argument("--no-task-encoding", action="store_true", help="task-agnostic selector")
+    p.add_argument("--calibration-folds", type=int, default=5,
+                   help="folds by model pair whose out-of-fold residuals calibrate the prediction intervals "
+                        "(evaluate-selector: inside each outer training part); 0: no intervals")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
 
 
@@ -49,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(e)
     e.add_argument("--folds", type=int, default=5, help="folds over model pairs (at most one per pair)")
     e.set_defaults(func=run_evaluate)
+
+
+def check_calibration_folds(folds: int) -> None:
+    if folds < 0 or folds == 1:
+        raise ConfigError(f"--calibration-folds: {folds} is not 0 (no intervals) or at least 2")
 
 
 def warn_few_pairs(command: str, n: int) -> None:
@@ -88,8 +99,11 @@ def choose_config(data, args: argparse.Namespace, storage: Path):
 
 def run_fit(args: argparse.Namespace) -> int:
     from simmerge_ray.selector.data import load_pair_data
+    from simmerge_ray.selector.evaluate import fixed_fit
     from simmerge_ray.selector.ray_fit import train_with_ray
+    from simmerge_ray.selector.uncertainty import add_uncertainty
 
+    check_calibration_folds(args.calibration_folds)
     data = load_pair_data(args.features, args.labels, args.target)
     out = check_output(args.out, overwrite=True, inputs=[args.features, args.labels])
     warn_few_pairs("fit", len(data))
@@ -97,11 +111,25 @@ def run_fit(args: argparse.Namespace) -> int:
     with ray_work_dir() as work:
         cfg, trials = choose_config(data, args, work)
         sel = train_with_ray(data, cfg, num_workers=args.workers, storage=work)
+    add_uncertainty(sel, data, fixed_fit(cfg), args.calibration_folds, args.seed)
     sel.meta = {"target": args.target, "rows": len(data), "tune_trials": trials}
     sel.save(out)
     print(f"selector ({args.target}) fitted on {len(data)} pairs, {len(data.feature_names)} features, "
           f"operators {', '.join(data.operators)}; config {asdict(cfg)} -> {out}")
+    print(calibration_line(sel))
     return 0
+
+
+def calibration_line(sel) -> str:
+    """What the saved intervals are, in one line."""
+    cal = sel.calibration
+    if cal is None:
+        return "intervals: none (--calibration-folds 0, or fewer than 2 model pairs)"
+    widths = ", ".join(f"{level_key(lv)}%: " + ("unbounded for some arm (too few pairs)" if any(map(math.isinf, hw))
+                                                else f"+-{min(hw):.3f} to +-{max(hw):.3f}")
+                       for lv, hw in zip(cal.levels, cal.halfwidth.tolist()))
+    return (f"intervals: per-arm split-conformal from {cal.folds}-fold out-of-fold residuals on {cal.rows} pairs "
+            f"({widths})")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -110,6 +138,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from simmerge_ray.selector.evaluate import ablation, evaluate_loto, evaluate_pairs, fixed_fit, gap_chart
     from simmerge_ray.selector.folds import group_kfold
 
+    check_calibration_folds(args.calibration_folds)
     data = load_pair_data(args.features, args.labels, args.target)
     out = check_output(args.out, overwrite=True, inputs=[args.features, args.labels])
     warn_few_pairs("evaluate-selector", len(data))
@@ -122,7 +151,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         cfg, trials = choose_config(data.subset(train_idx), args, work)
     report = {
         "config": asdict(cfg),
-        "held_out_pairs": evaluate_pairs(data, fixed_fit(cfg), folds=args.folds, seed=args.seed),
+        "held_out_pairs": evaluate_pairs(data, fixed_fit(cfg), folds=args.folds, seed=args.seed,
+                                         calibration_folds=args.calibration_folds),
         "leave_one_task_out": evaluate_loto(data, fixed_fit(replace(cfg, task_encoding=False))),
         "ablation": ablation(data, cfg, folds=args.folds, seed=args.seed),
         "tune_trials": trials,
@@ -148,6 +178,11 @@ def format_summary(report: dict) -> str:
     for m in methods:
         lines.append(m.ljust(width) + "".join(f"{100 * g[m][t]:>13.1f}%" for t in tasks))
     lines.append(verdict_line(r["simmerge_vs_best_fixed"], r["best_fixed_operator"], r["simmerge_share_of_oracle"]))
+    if "intervals" in r:
+        cov = r["intervals"]["levels"]
+        lines.append(f"interval coverage on held-out pairs ({r['intervals']['rows']} pairs x {r['intervals']['arms']} "
+                     "arms): " + ", ".join(f"nominal {k}%: {100 * c['all_arms']:.1f}% (picked arm "
+                                           f"{100 * c['picked_arm']:.1f}%)" for k, c in cov.items()))
     lo = report["leave_one_task_out"]
     lines.append(f"leave one task out: accuracy {lo['selection_accuracy']:.1%}, SimMerge "
                  f"{100 * lo['utility']['simmerge']['mean']:.1f}% vs best fixed "

@@ -41,7 +41,7 @@ from simmerge_ray.planner.request import PlanRequest, build_step_model, plan_req
 from simmerge_ray.selector.data import features_file
 
 BATCH_FILES = ("results.parquet", "summary.json")  # what a rerun replaces in --out (besides plans/)
-CACHE_VERSION = 1  # bump when a change to the planner changes plans: old cache entries are ignored
+CACHE_VERSION = 2  # bump when a change to the planner changes plans (2: intervals, flags): old entries are ignored
 PENDING = "pending"  # internal status: valid and not in the cache yet
 ROW_FILE = "row.json"
 

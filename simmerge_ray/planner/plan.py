@@ -27,6 +27,11 @@ class Plan:
     step_aux_utility: list[float] = field(default_factory=list)  # predicted aux gain per step
     score: float = float("nan")  # the objective's value
     objective: dict[str, float] = field(default_factory=dict)
+    # How far to trust the numbers above (planner/assess.py); empty in plans written before them.
+    arms: list[dict[str, Any]] = field(default_factory=list)  # pairwise: every arm with its intervals
+    intervals: dict[str, Any] = field(default_factory=dict)  # per level: steps and the score's bound
+    flags: list[dict[str, Any]] = field(default_factory=list)  # inputs outside the training rows
+    expert_alone: dict[str, Any] = field(default_factory=dict)  # is not merging predicted better?
 
     def __post_init__(self) -> None:
         if len(self.models) < 2:

@@ -99,16 +99,24 @@ def search_space(req: PlanRequest, catalog: Catalog) -> SearchSpace:
 
 
 def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, keep: int = 10) -> SearchResult:
-    """The ranked plans of one request (best first).
+    """The ranked plans of one request (best first), each with its intervals, input flags and
+    expert-alone comparison (planner/assess.py) when the step model is a selector.
 
     Torch runs on one thread here: the selector's small batches are fastest so, and its float32
     sums then round the same way in every process (a CLI call, a batch actor), so the same
     request gives bit-identical scores wherever it is planned."""
+    from simmerge_ray.planner.assess import assess_plan
+    from simmerge_ray.planner.step_model import SelectorStepModel
     from simmerge_ray.selector.train import one_thread
 
     space = search_space(req, catalog)
     with one_thread():
-        return search(space, step_model, req.objective, keep=keep)
+        result = search(space, step_model, req.objective, keep=keep)
+        if isinstance(step_model, SelectorStepModel):
+            tasks = {m.name: m.task for m in catalog.models}
+            for plan in result.plans:
+                assess_plan(plan, step_model, tasks, req.objective)
+    return result
 
 
 def write_plans(result: SearchResult, catalog: Catalog, out: Path, step_root: Path | None = None) -> None:

@@ -52,6 +52,15 @@ class SelectorStepModel:
             x[:, j] = proxy[:, self.proxy_cols.index(name)] if name in self.proxy_cols else exact[name]
         return x
 
+    def plan_inputs(self, models: Sequence[str], operators: Sequence[str], task: str) -> np.ndarray:
+        """The selector's input row of each step of a plan, replayed: [steps, selector features]."""
+        state = self.start(models[0])
+        rows = []
+        for nxt, op in zip(models[1:], operators):
+            rows.append(self.features([state], [nxt], task)[0])
+            state = self.extend(state, nxt, op)
+        return np.stack(rows)[:, [self.names.index(n) for n in self.selector.feature_names]]
+
     def step_utilities(self, states: Sequence[MergeState], nexts: Sequence[str], task: str
                        ) -> tuple[np.ndarray, np.ndarray | None]:
         x = self.features(states, nexts, task)

@@ -41,6 +41,14 @@ class PairData:
     feature_names: list[str]
     operators: list[str]
     gap: np.ndarray | None = None  # [n, k] the paper's one-sided GapClosed beside a two-sided target
+    aux_tasks: list[str | None] | None = None  # [n] the auxiliary's task (None: the labels lack aux_task)
+
+    @property
+    def same_task_pairs(self) -> bool | None:
+        """Whether any row pairs two experts of one task (None: unknown, no aux_task column)."""
+        if self.aux_tasks is None:
+            return None
+        return any(t == u for t, u in zip(self.tasks, self.aux_tasks))
 
     @property
     def pair_keys(self) -> list[str]:
@@ -51,18 +59,23 @@ class PairData:
         idx = np.asarray(idx, dtype=int)
         return PairData(self.x[idx], self.y[idx], [self.tasks[i] for i in idx], [self.experts[i] for i in idx],
                         [self.auxes[i] for i in idx], self.feature_names, self.operators,
-                        None if self.gap is None else self.gap[idx])
+                        None if self.gap is None else self.gap[idx],
+                        None if self.aux_tasks is None else [self.aux_tasks[i] for i in idx])
 
     def select_features(self, names: list[str]) -> "PairData":
         cols = [self.feature_names.index(n) for n in names]
         return PairData(self.x[:, cols], self.y, self.tasks, self.experts, self.auxes, list(names), self.operators,
-                        self.gap)
+                        self.gap, self.aux_tasks)
 
     def __len__(self) -> int:
         return len(self.tasks)
 
 
 TARGETS = ("utility", "gap_closed", "aux_gap_closed")
+# Each target's value for not merging (the expert alone), from testbed/label_tables.py: on the
+# expert's task GapClosed = (s_e - s_a) / (s_e - s_a) = 1; on the auxiliary's task
+# (s_ea - s_ea) / (s_aa - s_ea) = 0; the two-sided utility is their mean, 1/2.
+EXPERT_ALONE = {"utility": 0.5, "gap_closed": 1.0, "aux_gap_closed": 0.0}
 
 
 def _wide(labels: pl.DataFrame, ops: list[str], value: str) -> pl.DataFrame:
@@ -96,6 +109,9 @@ def build_pair_data(labels: pl.DataFrame, features: pl.DataFrame, *,
     if target != "gap_closed" and "gap_closed" in labels.columns:
         gap_wide = _wide(labels, ops, "gap_closed").rename({o: f"gap:{o}" for o in ops})
         wide = wide.join(gap_wide, on=["task", "expert", "aux"], how="left")
+    if "aux_task" in labels.columns:
+        aux_task = labels.select("task", "expert", "aux", "aux_task").unique(subset=["task", "expert", "aux"])
+        wide = wide.join(aux_task, on=["task", "expert", "aux"], how="left")
     names = feature_columns(features)
     if not names:
         raise ConfigError("feature table: no numeric columns prefixed s_ or f_")
@@ -116,8 +132,9 @@ def build_pair_data(labels: pl.DataFrame, features: pl.DataFrame, *,
     gap_cols = [f"gap:{o}" for o in ops]
     gap = (np.clip(joined.select(gap_cols).to_numpy().astype(np.float64), *UTILITY_CLIP)
            if all(c in joined.columns for c in gap_cols) else None)
+    aux_tasks = joined["aux_task"].to_list() if "aux_task" in joined.columns else None
     return PairData(x, y, joined["task"].to_list(), joined["expert"].to_list(), joined["aux"].to_list(),
-                    names, list(ops), gap)
+                    names, list(ops), gap, aux_tasks)
 
 
 def features_file(features: str | Path) -> Path:

@@ -7,8 +7,6 @@ test pair influences its own prediction.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,26 +15,11 @@ import numpy as np
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.arms import PAPER_ARMS
 from simmerge_ray.selector.data import PairData
-from simmerge_ray.selector.folds import Split, group_kfold, leave_one_task_out
+from simmerge_ray.selector.folds import group_kfold, leave_one_task_out
 from simmerge_ray.selector.model import Selector, SelectorConfig
+from simmerge_ray.selector.oof import FitFn, out_of_fold
 from simmerge_ray.selector.train import fit_selector
-
-FitFn = Callable[[PairData], Selector]
-
-
-def out_of_fold(data: PairData, splits: list[Split], fit: FitFn) -> tuple[np.ndarray, list[str]]:
-    """Predicted utilities for every test row, and the majority-class operator of its training part."""
-    pred = np.full(data.y.shape, np.nan)
-    majority = [""] * len(data)
-    for tr, te in splits:
-        train = data.subset(tr)
-        sel = fit(train)
-        test = data.subset(te)
-        pred[te] = sel.predict(test.x, test.tasks)
-        best_in_train = Counter(train.operators[i] for i in train.y.argmax(axis=1)).most_common(1)[0][0]
-        for i in te:
-            majority[i] = best_in_train
-    return pred, majority
+from simmerge_ray.selector.uncertainty import held_out_coverage
 
 
 def _per_task(values: dict[str, np.ndarray], tasks: list[str]) -> dict[str, dict[str, float]]:
@@ -92,9 +75,16 @@ def summarize(data: PairData, pred: np.ndarray, majority: list[str] | None) -> d
     return out
 
 
-def evaluate_pairs(data: PairData, fit: FitFn, *, folds: int = 5, seed: int = 0) -> dict:
-    pred, maj = out_of_fold(data, group_kfold(data.pair_keys, folds, seed), fit)
-    return {"split": f"{folds}-fold by unordered model pair", **summarize(data, pred, maj)}
+def evaluate_pairs(data: PairData, fit: FitFn, *, folds: int = 5, seed: int = 0,
+                   calibration_folds: int = 0) -> dict:
+    """Held-out pairs; with `calibration_folds` > 0 also the measured coverage of the intervals
+    (calibrated inside each outer training part, as `fit` calibrates on all pairs)."""
+    splits = group_kfold(data.pair_keys, folds, seed)
+    pred, maj = out_of_fold(data, splits, fit)
+    out = {"split": f"{folds}-fold by unordered model pair", **summarize(data, pred, maj)}
+    if calibration_folds > 0:
+        out["intervals"] = held_out_coverage(data, splits, pred, fit, calibration_folds, seed)
+    return out
 
 
 def evaluate_loto(data: PairData, fit: FitFn) -> dict:

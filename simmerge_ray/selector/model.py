@@ -3,7 +3,9 @@ operator, saved as a self-describing folder.
 
 The folder holds the weights (safetensors), the feature schema, the standardisation
 statistics, the operator list and the training config, so a selector applies to any feature
-table with the same schema, and refuses one without it.
+table with the same schema, and refuses one without it. Selectors fitted by `simmerge fit` also
+hold their interval calibration and training domain (calibration.py, domain.py); a folder
+without them (an older fit) still loads, with both None.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from torch import nn
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.atomic import atomic_output_dir
+from simmerge_ray.selector.calibration import Calibration
+from simmerge_ray.selector.domain import TrainingDomain
 
 WEIGHTS = "selector.safetensors"
 SCHEMA = "selector.json"
@@ -79,14 +83,20 @@ class Selector:
     config: SelectorConfig
     net: SelectorMLP
     meta: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration | None = None  # interval half-widths per arm (None: not calibrated)
+    domain: TrainingDomain | None = None  # what the training rows covered (None: not recorded)
 
     # ---- inputs ----------------------------------------------------------------------------
-    def design(self, x: np.ndarray, tasks: list[str] | None) -> torch.Tensor:
-        """Standardise features and append the task one-hot (zeros for an unknown task)."""
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        """z-scores of the features with the training statistics (NaN stays NaN: undefined)."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != len(self.feature_names):
             raise ConfigError(f"selector expects {len(self.feature_names)} features, got shape {x.shape}")
-        z = (x - self.mean) / self.scale
+        return (x - self.mean) / self.scale
+
+    def design(self, x: np.ndarray, tasks: list[str] | None) -> torch.Tensor:
+        """Standardise features and append the task one-hot (zeros for an unknown task)."""
+        z = self.standardise(x)
         if self.config.task_encoding and self.tasks:
             onehot = np.zeros((len(z), len(self.tasks)))
             for i, t in enumerate(tasks or [None] * len(z)):
@@ -123,6 +133,8 @@ class Selector:
                 "feature_names": self.feature_names, "operators": self.operators, "tasks": self.tasks,
                 "mean": self.mean.tolist(), "scale": self.scale.tolist(), "config": asdict(self.config),
                 "meta": self.meta,
+                **({"calibration": self.calibration.to_dict()} if self.calibration else {}),
+                **({"domain": self.domain.to_dict()} if self.domain else {}),
             }, indent=1))
         return Path(out)
 
@@ -138,8 +150,11 @@ class Selector:
         d_in = len(raw["feature_names"]) + (len(raw["tasks"]) if cfg.task_encoding else 0)
         net = SelectorMLP(d_in, len(raw["operators"]), cfg.hidden, cfg.depth, cfg.dropout)
         net.load_state_dict(state)
+        where = str(path / SCHEMA)
+        calib = Calibration.from_dict(raw["calibration"], raw["operators"], where) if "calibration" in raw else None
+        domain = TrainingDomain.from_dict(raw["domain"], raw["feature_names"], where) if "domain" in raw else None
         return cls(raw["feature_names"], raw["operators"], raw["tasks"], np.asarray(raw["mean"]),
-                   np.asarray(raw["scale"]), cfg, net, raw.get("meta", {}))
+                   np.asarray(raw["scale"]), cfg, net, raw.get("meta", {}), calib, domain)
 
     def check_schema(self, available: list[str], where: str) -> None:
         """Refuse a feature table that lacks this selector's features (name the first few)."""

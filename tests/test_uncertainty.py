@@ -1,0 +1,205 @@
+"""Intervals, out-of-distribution flags and the expert-alone comparison (issue 18, item 4):
+the conformal math on known residuals, the measured coverage, flags on a same-task pair and on an
+extreme row, `simmerge plan` with a selector of known outputs, and an older selector folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from simmerge_ray.catalog import Catalog
+from simmerge_ray.cli import main as simmerge
+from simmerge_ray.planner.assess import expert_alone
+from simmerge_ray.planner.propagate import GramTable
+from simmerge_ray.planner.request import PlanRequest, plan_request
+from simmerge_ray.planner.search import Objective
+from simmerge_ray.planner.step_model import SelectorStepModel
+from simmerge_ray.planner.synthetic import build_world
+from simmerge_ray.selector.calibration import LEVELS, Calibration, calibrate, conformal_quantile, coverage
+from simmerge_ray.selector.data import EXPERT_ALONE, build_pair_data
+from simmerge_ray.selector.domain import training_domain
+from simmerge_ray.selector.evaluate import evaluate_pairs, fixed_fit
+from simmerge_ray.selector.model import Selector, SelectorConfig
+from simmerge_ray.testbed.label_tables import gap_closed, two_sided_utility
+
+
+def test_conformal_quantile_on_known_residuals() -> None:
+    r = np.array([7, 3, 10, 1, 9, 2, 8, 4, 6, 5], dtype=float)  # 1..10 shuffled, n = 10
+    assert conformal_quantile(r, 0.8) == 9.0  # rank ceil(11 x 0.8) = 9
+    assert conformal_quantile(r, 0.9) == 10.0  # rank ceil(11 x 0.9) = 10
+    assert conformal_quantile(np.append(r, np.nan), 0.9) == 10.0  # undefined residuals are ignored
+    assert conformal_quantile(np.arange(1.0, 10.0), 0.9) == 9.0  # (9 + 1) x 0.9 is rank 9, not 10
+    assert math.isinf(conformal_quantile(np.arange(1.0, 5.0), 0.9))  # rank 5 of 4: unbounded
+    y = np.column_stack([np.zeros(10), np.zeros(10)])
+    pred = np.column_stack([r / 10, -2 * r / 10])
+    cal = calibrate(y, pred, ["a", "b"], folds=5)
+    np.testing.assert_allclose(cal.halfwidth, [[0.9, 1.8], [1.0, 2.0]])
+    lo, hi = cal.intervals(np.array([[0.5, 0.5]]))["80"]
+    np.testing.assert_allclose([lo[0], hi[0]], [[-0.4, -1.3], [1.4, 2.3]])
+    again = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())), ["b", "a"], "selector.json")
+    np.testing.assert_allclose(again.halfwidth, cal.halfwidth[:, ::-1])
+    # Coverage: a 0.5 half-width covers residuals 0.1..0.5 of 1..10 tenths, the argmax arm is arm a.
+    hw = np.full((10, len(LEVELS), 2), 0.5)
+    cov = coverage(y, pred, hw)
+    assert cov["80"] == {"nominal": 0.8, "all_arms": pytest.approx(7 / 20), "picked_arm": 0.5, "mean_width": 1.0}
+
+
+def test_expert_alone_values_follow_the_label_definitions() -> None:
+    s_e, s_a, s_ea, s_aa = 0.6, 0.2, 0.1, 0.5  # expert and aux on the expert's task, then on the aux's
+    expert_side = gap_closed(s_e, s_e, s_a)  # the merge is the expert: s_merge = s_e on the expert's task
+    aux_side = gap_closed(s_ea, s_aa, s_ea)  # label_tables' aux side: (s_merge - s_ea) / (s_aa - s_ea)
+    assert (expert_side, aux_side) == (1.0, 0.0)
+    assert EXPERT_ALONE == {"utility": two_sided_utility(expert_side, aux_side), "gap_closed": expert_side,
+                            "aux_gap_closed": aux_side}
+
+
+@pytest.fixture(scope="module")
+def small_selector() -> Selector:
+    """A 1-layer selector over three features whose outputs are the head bias (weights zero)."""
+    rng = np.random.default_rng(0)
+    feats = pl.DataFrame({"a": [f"m{i}" for i in range(40)], "b": [f"n{i}" for i in range(40)], "task": "code",
+                          "s_x": rng.normal(size=40), "s_y": rng.normal(size=40), "f_z": rng.normal(size=40)})
+    labels = pl.DataFrame([{"task": "code", "expert": a, "aux": b, "aux_task": "math", "operator": op, "utility": 0.0}
+                           for a, b in zip(feats["a"], feats["b"]) for op in ("linear", "slerp", "ties")])
+    data = build_pair_data(labels, feats)
+    sel = fixed_fit(SelectorConfig(hidden=4, depth=1, epochs=1))(data)
+    return known_outputs(sel, data, [0.2, 0.3, 0.1])
+
+
+def known_outputs(sel: Selector, data, bias: list[float]) -> Selector:
+    """Set every prediction to `bias`; calibrate half-widths 0.1/0.2/0.3 (80%) and 0.15/0.25/unbounded
+    (90%); record the domain of `data` (no same-task pair)."""
+    with torch.no_grad():
+        for p in sel.net.parameters():
+            p.zero_()
+        sel.net.head.bias.copy_(torch.tensor(bias))
+    sel.meta = {"target": "utility"}
+    sel.calibration = Calibration(list(sel.operators), LEVELS, np.array([[0.1, 0.2, 0.3], [0.15, 0.25, np.inf]]),
+                                  rows=40, folds=5)
+    sel.domain = training_domain(sel.standardise(data.x), sel.feature_names, data.same_task_pairs)
+    return sel
+
+
+def test_domain_flags_an_extreme_row_and_round_trips(small_selector: Selector, tmp_path: Path) -> None:
+    dom = small_selector.domain
+    assert dom.same_task_pairs is False and dom.rows == 40 and 1.5 < dom.max_abs_z < 4
+    assert dom.outlier(np.zeros(3)) is None and dom.outlier(np.array([np.nan, np.nan, np.nan])) is None
+    out = dom.outlier(np.array([0.5, np.nan, -dom.max_abs_z - 1]))
+    assert out is not None and out["feature"] == "s_y" and out["z"] == pytest.approx(-dom.max_abs_z - 1)
+    small_selector.save(tmp_path / "sel")
+    again = Selector.load(tmp_path / "sel")
+    assert again.domain.max_abs_z == dom.max_abs_z and again.domain.same_task_pairs is False
+    np.testing.assert_array_equal(again.calibration.halfwidth, small_selector.calibration.halfwidth)
+
+
+def test_expert_alone_for_multiway_objectives(small_selector: Selector) -> None:
+    obj = Objective(retention_weight=2.0)
+    ea = expert_alone(small_selector, None, obj, 2, 0.6)  # utility: a 2-way plan's expert alone is 2 x 0.5
+    assert ea["available"] and ea["value"] == 1.0 and ea["better"] and ea["margin"] == pytest.approx(0.4)
+    assert not expert_alone(small_selector, None, obj, 3, 0.6)["available"]
+    small_selector.meta["target"] = "gap_closed"
+    try:
+        ea = expert_alone(small_selector, None, obj, 4, 2.5)  # no step loses any of the gap: 2 x 1
+        assert ea["value"] == 2.0 and not ea["better"]
+    finally:
+        small_selector.meta["target"] = "utility"
+
+
+def test_coverage_is_measured_on_held_out_pairs() -> None:
+    rng = np.random.default_rng(1)
+    n = 60
+    feats = pl.DataFrame({"a": [f"m{i}" for i in range(n)], "b": [f"n{i}" for i in range(n)], "task": "code",
+                          "s_x": rng.normal(size=n)})
+    labels = pl.DataFrame([{"task": "code", "expert": a, "aux": b, "operator": op,
+                            "utility": 0.5 + 0.3 * x * (op == "ties") + 0.1 * rng.normal()}
+                           for a, b, x in zip(feats["a"], feats["b"], feats["s_x"]) for op in ("linear", "ties")])
+    rep = evaluate_pairs(build_pair_data(labels, feats), fixed_fit(SelectorConfig(hidden=8, depth=1, epochs=40)),
+                         folds=3, calibration_folds=3)
+    cov = rep["intervals"]
+    assert (cov["rows"], cov["arms"]) == (n, 2) and set(cov["levels"]) == {"80", "90"}
+    for key, c in cov["levels"].items():
+        assert abs(c["all_arms"] - c["nominal"]) <= 0.15, (key, c)
+    assert cov["levels"]["90"]["mean_width"] > cov["levels"]["80"]["mean_width"] > 0
+
+
+@pytest.fixture(scope="module")
+def world(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+    """The planning world with two code experts (code-0, code-1); its selector is an older folder
+    (no calibration, no domain, no target)."""
+    return build_world(tmp_path_factory.mktemp("uncertainty"), n_models=5, epochs=5)
+
+
+def _plan(w, selector: Path, out: Path, *extra: str) -> int:
+    return simmerge(["plan", "--selector", str(selector), "--catalog", str(w.catalog), "--features", str(w.features),
+                     "--task", "code", "--out", str(out), *extra])
+
+
+def test_plan_flags_a_same_task_pair_and_an_extreme_row(world, small_selector: Selector, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    feats = pl.read_parquet(world.features / "features.parquet")
+    rows = feats.filter(pl.col("a").str.starts_with("code") & (pl.col("task") == "code"))
+    data = build_pair_data(pl.DataFrame([{"task": "code", "expert": a, "aux": b, "aux_task": b.split("-")[0],
+                                          "operator": op, "utility": 0.0} for a, b in zip(rows["a"], rows["b"])
+                                         if not b.startswith("code") for op in ("linear", "slerp", "ties")]), feats)
+    sel = known_outputs(fixed_fit(SelectorConfig(hidden=4, depth=1, epochs=1))(data), data, [0.2, 0.3, 0.1])
+    sel.save(tmp_path / "sel")
+    # An extreme value of one feature for the same-task pair, in a copy of the features folder.
+    fdir = tmp_path / "feats"
+    shutil.copytree(world.features, fdir)
+    j = sel.feature_names.index("f_kl_ab_mean")
+    far = sel.mean[j] + 50 * sel.scale[j]
+    feats.with_columns(pl.when((pl.col("a") == "code-0") & (pl.col("b") == "code-1")).then(far)
+                       .otherwise(pl.col("f_kl_ab_mean")).alias("f_kl_ab_mean")).write_parquet(fdir / "features.parquet")
+    w = world.__class__(world.catalog, fdir, world.selector, world.models, world.tasks)
+    assert _plan(w, tmp_path / "sel", tmp_path / "pair", "--expert", "code-0", "--aux", "code-1") == 0
+    out, err = capsys.readouterr()
+    assert "code-0 + code-1 on code: choose slerp" in out
+    assert "slerp  predicted utility   30.0%  80%: [  10.0%,   50.0%]  90%: [   5.0%,   55.0%]" in out
+    assert "ties   predicted utility   10.0%  80%: [ -20.0%,   40.0%]  90%: unbounded" in out
+    assert ("not merging is predicted better: keeping code-0 alone (not merging) scores 50.0% utility; the best arm, "
+            "slerp, is predicted 30.0%, 20.0 points lower") in out
+    warnings = err.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("simmerge plan: warning: code-0 + code-1: ") for w in warnings)
+    assert "code-1 is a code expert like code-0" in warnings[0]
+    assert "input outside the training rows: f_kl_ab_mean at z = +50.0" in warnings[1]
+    plan = json.loads((tmp_path / "pair" / "plan.json").read_text())
+    assert [f["kind"] for f in plan["flags"]] == ["same_task", "out_of_range"]
+    assert plan["flags"][1]["feature"] == "f_kl_ab_mean" and plan["flags"][1]["z"] == pytest.approx(50.0)
+    assert plan["expert_alone"] == {"available": True, "target": "utility", "value": 0.5,
+                                    "best": pytest.approx(0.3), "better": True, "margin": pytest.approx(0.2)}
+    assert plan["arms"][0]["operator"] == "slerp" and plan["arms"][0]["interval"]["80"] == pytest.approx([0.1, 0.5])
+    assert plan["intervals"]["levels"]["90"]["score"] == pytest.approx([0.05, 0.55])
+
+    # Multi-way: every 3-way plan of code-0, code-1, math-0 chains the two code experts; each
+    # step's input is checked, and the score's bound is the objective at the step bounds.
+    model = SelectorStepModel(sel, GramTable.load(world.features), feats)
+    req = PlanRequest.parse({"request_id": "x", "task": "code", "models": ["code-0", "code-1", "math-0"],
+                             "min_way": 3, "max_way": 3, "required_expert": "code-0"})
+    best = plan_request(req, Catalog.load(world.catalog), model).best
+    same = [f for f in best.flags if f["kind"] == "same_task"]
+    assert [(f["step"], f["model"]) for f in same] == [(best.models.index("code-1"), "code-1")]
+    assert best.operators == ["slerp", "slerp"] and best.score == pytest.approx(0.09)
+    assert best.intervals["levels"]["80"]["score"] == pytest.approx([0.01, 0.25])  # (0.3 -+ 0.2)^2
+    assert not best.expert_alone["available"]  # a utility selector's 3-way product has no expert-alone value
+
+
+def test_an_older_selector_folder_plans_without_intervals(world, tmp_path: Path, capsys) -> None:
+    old = json.loads((world.selector / "selector.json").read_text())
+    assert "calibration" not in old and "domain" not in old
+    sel = Selector.load(world.selector)
+    assert sel.calibration is None and sel.domain is None
+    assert _plan(world, world.selector, tmp_path / "pair", "--expert", "code-0", "--aux", "math-0") == 0
+    out, err = capsys.readouterr()
+    assert "intervals unavailable: the selector has no interval calibration" in out
+    assert "not merging: not compared (the selector records no target" in out
+    assert "out-of-distribution checks skipped" in err
+    plan = json.loads((tmp_path / "pair" / "plan.json").read_text())
+    assert plan["intervals"]["available"] is False and plan["arms"][0]["interval"] == {}
+    assert [f["kind"] for f in plan["flags"]] == ["unchecked"]
