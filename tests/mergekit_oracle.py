@@ -82,3 +82,18 @@ def load_all(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(f))
     return tensors
+
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bit patterns as integers in the order of the values (+0 and -0 equal)."""
+    bits = {2: torch.int16, 4: torch.int32}[x.element_size()]
+    i = x.view(bits).long()
+    return torch.where(i < 0, -(i & (2 ** (8 * x.element_size() - 1) - 1)), i)
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest distance between a and b (one float dtype) in units in the last place: 0 when
+    the values are equal, 1 when the farthest pair are neighbouring values of the dtype."""
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+    return int((_ordered(a) - _ordered(b)).abs().max()) if a.numel() else 0
+

@@ -58,6 +58,7 @@ def _linear(models: list[str], weights: list[float], **extra) -> dict:
 
 CASES = {
     "bf16": _linear(["m1", "m2", "base"], [0.3, 0.7, 0.0], dtype="bfloat16"),
+    "stored-dtypes-promoted": _linear(["m1", "m3", "m2"], [0.5, 0.2, 0.4]),  # no dtype: float32 (bf16 + f32)
     "bf16-in-f32-compute": _linear(["m1", "m2"], [1.0, 2.0], dtype="bfloat16", out_dtype="float32"),
     "mixed-inputs-bf16-compute": _linear(["m1", "m3", "m4"], [0.5, 0.25, 0.25], dtype="bfloat16"),
     "mixed-inputs-fp16": _linear(["m3", "m4", "m2"], [0.2, 0.5, 0.3], dtype="float16"),
@@ -77,7 +78,7 @@ def test_kernel_gives_the_torch_paths_bytes(models: Path, tmp_path: Path, kernel
     native = _merge(models, tmp_path / "native", CASES[case], kernel=True)
     spec, opts = MergeSpec.load(models / "combine.yaml"), ExecOptions()
     plan = plan_merge(spec, opts)
-    merger = UnitMerger(spec, plan.tasks, opts.stream_bytes, opts.chunk_elems, plan.compute)
+    merger = UnitMerger(spec, plan.tasks, opts.stream_bytes, opts.chunk_elems)
     assert not merger.uses_torch(plan.units)  # every tensor went through the kernel
     reference = _merge(models, tmp_path / "torch", CASES[case], kernel=False)
     assert native and native == reference
@@ -85,7 +86,7 @@ def test_kernel_gives_the_torch_paths_bytes(models: Path, tmp_path: Path, kernel
 
 def test_kernel_rounds_like_torch_on_hard_values() -> None:
     """Ties to even, values near bf16/fp16 limits, subnormals, signed zeros, a zero coefficient
-    after the first: the kernel against torch's op-by-op arithmetic, element by element."""
+    after the first, a divisor: the kernel against torch's op-by-op arithmetic, element by element."""
     lib = combine_native.load()
     assert lib is not None, "no C compiler: the kernel is what this test checks"
     rng = np.random.default_rng(0)
@@ -93,8 +94,10 @@ def test_kernel_rounds_like_torch_on_hard_values() -> None:
     x32 = rng.standard_normal((3, k)).astype(np.float32) * np.float32(10.0) ** rng.integers(-40, 5, (3, k))
     x32[:, :8] = [[0.0, -0.0, 65504.0, 65519.0, 3.3895e38, 1e-45, 1.0 + 2**-8, -(1.0 + 3 * 2**-8)]] * 3
     coeffs = [0.7, 0.0, 1.3]
-    for dt, compute, out_dt in [("F32", "F32", "BF16"), ("F32", "BF16", "BF16"), ("F32", "F16", "F16"),
-                                ("F32", "F32", "F32"), ("BF16", "F32", "F16")]:
+    for dt, compute, out_dt, divisor in [("F32", "F32", "BF16", 1.0), ("F32", "BF16", "BF16", 1.0),
+                                         ("F32", "F16", "F16", 1.0), ("F32", "F32", "F32", 1.0),
+                                         ("BF16", "F32", "F16", 1.0), ("F32", "BF16", "BF16", 2.0000002),
+                                         ("BF16", "F16", "F16", 0.3), ("F32", "F32", "F32", 1.7)]:
         torch_in = torch.from_numpy(x32.copy()).to({"F32": torch.float32, "BF16": torch.bfloat16}[dt])
         # the torch path (UnitMerger._merge_combination / _write_chunk), zero terms after the first skipped
         tdt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -103,14 +106,16 @@ def test_kernel_rounds_like_torch_on_hard_values() -> None:
         for c, t in zip(coeffs[1:], rounded[1:]):
             if c != 0:
                 acc.add_(t.to(torch.float32), alpha=c)
+        if divisor != 1.0:  # linear's normalisation, as mergekit's div_
+            acc.div_(divisor)
         want = (acc if compute == "F32" else acc.to(tdt[compute])).to(tdt[out_dt])
         parts = [t.contiguous().view(torch.uint8).numpy() for t in torch_in]
         out = np.empty(k * (4 if out_dt == "F32" else 2), dtype=np.uint8)
         keep = [0, 2]
         bad, first = combine_native.combine(lib, [parts[j] for j in keep], [dt, dt], [coeffs[j] for j in keep],
-                                            compute, out, out_dt, check=True)
+                                            compute, out, out_dt, check=True, divisor=divisor)
         got = torch.from_numpy(out).view(tdt[out_dt])
-        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (dt, compute, out_dt)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (dt, compute, out_dt, divisor)
         n_bad = int((~torch.isfinite(want)).sum())
         assert bad == n_bad and (first == int((~torch.isfinite(want)).nonzero()[0]) if n_bad else first == -1)
 

@@ -86,7 +86,7 @@ def test_progress_counts_every_element_and_tensor(models: Path, tmp_path: Path) 
     partial = {p.file: out / p.file for p in plan.shards}
     for p in plan.shards:
         preallocate(partial[p.file], plan.layouts[p.file])
-    stats = run_local(spec, plan.tasks, plan.units, partial, plan.compute, workers=2, threads_per_worker=1,
+    stats = run_local(spec, plan.tasks, plan.units, partial, workers=2, threads_per_worker=1,
                       stream_bytes=opts.stream_bytes, chunk_elems=opts.chunk_elems, allow_nonfinite=False,
                       progress=progress)
     assert len(stats) == len(plan.units) > 2

@@ -1,8 +1,8 @@
 """Real-world-style mergekit configs (tests/data/mergekit_configs: slices, stacking, gradients,
 filters, modules, tokenizer settings) run unchanged and match mergekit, on tiny llama and qwen2
-checkpoints with tokenizers. Both compute in the config's `dtype` (README: what `dtype` means);
-values agree to the output dtype's last bit (over 99% exactly). `compute_dtype="float32"` gives
-the bytes of the config with `dtype: float32` and the same output dtype."""
+checkpoints with tokenizers. Both compute in the config's `dtype` (README: what `dtype` means)
+and the bytes are mergekit's. `compute_dtype="float32"` gives the bytes of the config with
+`dtype: float32` and the same output dtype."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from mergekit_oracle import load_all, make_zoo, run_mergekit
+from mergekit_oracle import load_all, make_zoo, run_mergekit, ulps
 
 from simmerge_ray.io.synthetic import SyntheticSpec
 from simmerge_ray.merge.config import MergeSpec
@@ -73,12 +73,8 @@ def test_config_matches_mergekit(zoo, tmp_path: Path, arch: str, path: Path) -> 
     run_mergekit(cfg, root, tmp_path / "mk", copy_tokenizer=True)
     theirs = load_all(tmp_path / "mk")
     assert sorted(ours) == sorted(theirs)
-    equal = total = 0
-    for name in ours:
-        # float32 results that differ in the last bits can round one output ulp apart
-        torch.testing.assert_close(ours[name], theirs[name], msg=f"{path.stem} {arch} {name}")
-        equal, total = equal + int((ours[name] == theirs[name]).sum()), total + ours[name].numel()
-    assert equal / total > 0.99
+    for name in ours:  # every method computes in `dtype` in mergekit's order of operations
+        assert ulps(ours[name], theirs[name]) == 0, f"{path.stem} {arch} {name}"
     mk_config = json.loads((tmp_path / "mk" / "config.json").read_text())
     assert depth == mk_config["num_hidden_layers"]
     _check_tokenizer(cfg, root, tmp_path / "ours", tmp_path / "mk")

@@ -1,6 +1,8 @@
 """The methods mergekit has beyond linear/SLERP/TIES/DARE equal mergekit's result tensor for
-tensor (deterministic ones to float32 rounding; DELLA, which draws random masks, statistically),
-on tiny llama and qwen2 checkpoints merged in-process; mergekit runs in-process as the oracle."""
+tensor, on tiny llama and qwen2 checkpoints merged in-process; mergekit runs in-process as the
+oracle. In float32 to float32 rounding; in bf16 and fp16 (`dtype`, from float32 inputs, so their
+rounding counts) bit for bit: every method computes in `dtype` in mergekit's order of operations.
+DARE and DELLA, which draw random masks, agree statistically in every dtype."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from mergekit_oracle import load_all, make_zoo, run_mergekit
+from mergekit_oracle import load_all, make_zoo, run_mergekit, ulps
 
 from simmerge_ray.io.synthetic import SyntheticSpec
 from simmerge_ray.merge.config import MergeSpec
@@ -65,9 +67,18 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {arch: make_zoo(root / arch, spec) for arch, spec in ARCHS.items()}
 
 
-def merge_both(cfg: dict, root: Path, tmp: Path, name: str) -> tuple[dict, dict]:
-    """(ours, mergekit's) tensors for `cfg`, computed in float32 on both sides."""
-    cfg = {**cfg, "dtype": "float32", "out_dtype": "float32"}
+@pytest.fixture(scope="module")
+def f32_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The llama zoo stored in float32: merged in bf16/fp16, every input is rounded first."""
+    spec = SyntheticSpec(**{**ARCHS["llama"].__dict__, "dtype": "float32"})
+    return make_zoo(tmp_path_factory.mktemp("f32zoo"), spec)
+
+
+def merge_both(cfg: dict, root: Path, tmp: Path, name: str, dtype: str | None = "float32") -> tuple[dict, dict]:
+    """(ours, mergekit's) tensors for `cfg`, computed in `dtype` on both sides (float32 by
+    default; None: the config's own)."""
+    if dtype is not None:
+        cfg = {**cfg, "dtype": dtype, "out_dtype": dtype}
     (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     run_merge(MergeSpec.load(root / f"{name}.yaml"), tmp / f"ours-{name}", ExecOptions())
     run_mergekit(cfg, root, tmp / f"mk-{name}")
@@ -85,15 +96,33 @@ def test_method_matches_mergekit(zoo, tmp_path: Path, arch: str, case: str) -> N
     assert any(not torch.equal(ours[n], m1[n].float()) for n in ours if n in m1)  # not a copy of an input
 
 
-@pytest.mark.parametrize("method", ["della", "della_linear"])
-def test_della_matches_mergekit_statistically(zoo, tmp_path: Path, method: str) -> None:
-    """DELLA's masks are random (mergekit draws from torch's global RNG, we seed per tensor): the
-    share of each task vector kept, and the merged change's norm, agree; larger |delta| are kept
-    more often, on both sides."""
+@pytest.mark.parametrize("case", list(CASES))
+def test_method_matches_mergekit_in_half_precision(f32_zoo: Path, tmp_path: Path, case: str) -> None:
+    """`dtype: bfloat16` / `float16` on float32 inputs: mergekit's bytes exactly. (mergekit
+    writes arcee_fusion's and ramplus_tl's results in float32, its float32 mask having promoted
+    them; we write `dtype`, and their values rounded to it are ours.)"""
+    for dtype in ("bfloat16", "float16"):
+        cfg = {**CASES[case], "dtype": dtype}
+        ours, theirs = merge_both(cfg, f32_zoo, tmp_path, f"{case}-{dtype}", dtype=None)
+        assert sorted(ours) == sorted(theirs)
+        for name in ours:
+            assert ours[name].dtype == getattr(torch, dtype), name
+            assert ulps(ours[name], theirs[name].to(ours[name].dtype)) == 0, f"{case} {dtype} {name}"
+
+
+STOCHASTIC = {"dare_linear": {}, "della": {"epsilon": 0.3}, "della_linear": {"epsilon": 0.3}}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("method", list(STOCHASTIC))
+def test_random_masks_match_mergekit_statistically(zoo, tmp_path: Path, method: str, dtype: str) -> None:
+    """DARE's and DELLA's masks are random (mergekit draws from torch's global RNG, we seed per
+    tensor): the share of each task vector kept and the merged change's norm agree, in every
+    compute dtype; DELLA keeps larger |delta| more often, DARE does not, on both sides."""
     root = zoo["llama"]
     cfg = {"merge_method": method, "base_model": "base", "parameters": {"rescale": False}, "models": [
-        {"model": "m1", "parameters": {"weight": 1.0, "density": 0.4, "epsilon": 0.3}}]}
-    ours, theirs = merge_both(cfg, root, tmp_path, method)
+        {"model": "m1", "parameters": {"weight": 1.0, "density": 0.4, **STOCHASTIC[method]}}]}
+    ours, theirs = merge_both(cfg, root, tmp_path, method, dtype=dtype)
     base, m1 = load_all(root / "base"), load_all(root / "m1")
     stats = {}
     for side, merged in (("ours", ours), ("mk", theirs)):
@@ -107,11 +136,15 @@ def test_della_matches_mergekit_statistically(zoo, tmp_path: Path, method: str) 
             big = delta.abs() >= delta.abs().median()
             top, top_total = top + int((keep & big).sum()), top_total + int(big.sum())
             norm2 += float(change.square().sum())
-            assert torch.equal(change[keep], delta[keep])  # kept values are the model's, unscaled
+            if dtype == "float32":
+                assert torch.equal(change[keep], delta[keep])  # kept values are the model's, unscaled
         stats[side] = (kept / total, top / top_total, norm2 ** 0.5)
     (share, top_share, norm), (mk_share, mk_top, mk_norm) = stats["ours"], stats["mk"]
     assert abs(share - 0.4) < 0.02 and abs(mk_share - 0.4) < 0.02, stats
-    assert top_share > share + 0.05 and mk_top > mk_share + 0.05, stats
+    if method.startswith("della"):
+        assert top_share > share + 0.05 and mk_top > mk_share + 0.05, stats
+    else:
+        assert abs(top_share - share) < 0.03 and abs(mk_top - mk_share) < 0.03, stats
     assert abs(norm / mk_norm - 1) < 0.05, stats
 
 

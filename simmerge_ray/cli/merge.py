@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of stochastic methods (DARE)")
     p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype the methods compute in, whatever the config's `dtype` says (default: the "
-                        "config's `dtype`, as mergekit; float32 without one); the output dtype is unchanged")
+                        "config's `dtype`, as mergekit; without one, each tensor's inputs' dtype, as mergekit); "
+                        "the output dtype is unchanged")
     p.add_argument("--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of failing")
     p.add_argument("--address", default=None,
                    help="merge on this Ray cluster (default: RAY_ADDRESS when set, else no Ray)")

@@ -13,7 +13,7 @@ import os
 import shutil
 import struct
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +73,18 @@ DTYPE_ALIASES: dict[str, str] = {
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's limit
+
+
+def promoted(codes: Iterable[str]) -> str | None:
+    """torch.promote_types over stored dtype codes, as mergekit aligns a tensor's inputs: one
+    dtype stays itself, bf16 with fp16 (or either with float32) gives float32, float64 wins;
+    None when any input is not a float."""
+    found = set(codes)
+    if not found or not found <= set(FLOAT_DTYPES):
+        return None
+    if len(found) == 1:
+        return found.pop()
+    return "F64" if "F64" in found else "F32"
 
 
 def dtype_code(name: str) -> str:

@@ -39,7 +39,7 @@ class MergeEstimate:
 
 def estimate_merge(spec: MergeSpec, opts: ExecOptions = ExecOptions()) -> MergeEstimate:
     plan = plan_merge(spec, opts)
-    merger = UnitMerger(spec, plan.tasks, opts.stream_bytes, opts.chunk_elems, plan.compute)
+    merger = UnitMerger(spec, plan.tasks, opts.stream_bytes, opts.chunk_elems)
     read = peak = 0
     worker_seconds = 0.0
     for unit in plan.units:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.output_files import write_side_files
 from simmerge_ray.merge.placements import local_cpus, run_local, run_on_ray
 from simmerge_ray.merge.progress import Progress
-from simmerge_ray.merge.tensor_merge import compute_code
+from simmerge_ray.merge.tensor_merge import compute_code, tensor_compute
 from simmerge_ray.merge.tensor_plan import TensorTask, output_layers, plan_tensors
 from simmerge_ray.merge.tokenizer import BuiltVocabulary, build_vocabulary
 from simmerge_ray.merge.unit_merger import open_inputs
@@ -59,9 +60,10 @@ class ExecOptions:
     # Custom Ray resources each worker asks for, to place the merge on nodes that advertise them
     # (`ray start --resources '{"nvme": 4}'`); None: anywhere with CPUs.
     resources: dict[str, float] | None = None
-    # The dtype the methods compute in; None: the config's `dtype`, as mergekit (float32 when
-    # the config gives none). "float32" computes every method in float32 whatever the config
-    # says (`--compute-dtype float32`); the output keeps out_dtype/dtype either way.
+    # The dtype the methods compute in; None: the config's `dtype`, as mergekit, and without one
+    # each tensor's inputs' dtype (promoted when they differ: bf16 with fp16 gives float32), as
+    # mergekit. "float32" computes every method in float32 whatever the config says
+    # (`--compute-dtype float32`); the output's dtype does not change with it.
     compute_dtype: str | None = None
     progress: bool = False  # a progress bar on stderr (only drawn when it is a terminal)
 
@@ -102,7 +104,7 @@ class MergeLayout:
     shards: list[ShardPlan]
     layouts: dict
     units: list[WorkUnit]
-    compute: str  # dtype code the methods compute in
+    compute: str  # the dtype the tensors compute in, by name ("bfloat16"; several when they differ)
 
     @property
     def numels(self) -> dict[str, int]:
@@ -112,6 +114,15 @@ class MergeLayout:
 def _numels(shards: list[ShardPlan]) -> dict[str, int]:
     """Elements of every output tensor, by name."""
     return {name: int(np.prod(shape, dtype=np.int64)) for p in shards for name, shape, _ in p.tensors}
+
+
+def compute_summary(tasks: list[TensorTask]) -> str:
+    """The compute dtype by name ("bfloat16"), or each one with its tensor count when tensors
+    differ (inputs of several dtypes without `dtype`: "bfloat16 (20 tensors), float32 (2 tensors)")."""
+    counts = Counter(TORCH_NAMES[t.compute] for t in tasks)
+    if len(counts) <= 1:
+        return next(iter(counts), "float32")
+    return ", ".join(f"{name} ({n} tensor{'s' * (n != 1)})" for name, n in counts.most_common())
 
 
 def input_paths(spec: MergeSpec) -> list[Path]:
@@ -135,14 +146,17 @@ def check_merge(spec: MergeSpec) -> tuple[dict[str, Checkpoint], list[TensorTask
 def plan_merge(spec: MergeSpec, opts: ExecOptions = ExecOptions()) -> MergeLayout:
     """Everything about a merge but the merging: checks, shards, offsets and work units."""
     ckpts, task_list, vocab = check_merge(spec)
-    compute = compute_code(spec, opts.compute_dtype)
+    merge_compute = compute_code(spec, opts.compute_dtype)
+    task_list = [replace(t, compute=tensor_compute(merge_compute, (ckpts[m].entries[n].dtype for m, n in t.all_reads)))
+                 for t in task_list]
     shards = plan_shards(task_list, ckpts, spec.out_dtype or spec.dtype, opts.shard_bytes)
     layouts = {p.file: file_layout(list(p.tensors), {"format": "pt"}) for p in shards}
     total = sum(_numels(shards).values())
     unit_elems = opts.unit_elems or max(total // (4 * opts.n_workers), 1 << 24)
     units = plan_units(shards, layouts, spec.method.elementwise, unit_elems)
     units.sort(key=lambda u: -u.elems)  # largest first: a pool finishes close together
-    return MergeLayout(ckpts, {t.name: t for t in task_list}, vocab, shards, layouts, units, compute)
+    return MergeLayout(ckpts, {t.name: t for t in task_list}, vocab, shards, layouts, units,
+                       compute_summary(task_list))
 
 
 def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions()) -> MergeResult:
@@ -161,10 +175,10 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
                       allow_nonfinite=opts.allow_nonfinite, progress=progress)
         try:
             if opts.placement == "local":
-                stats = run_local(spec, plan.tasks, plan.units, partial, plan.compute, workers=opts.n_workers,
+                stats = run_local(spec, plan.tasks, plan.units, partial, workers=opts.n_workers,
                                   threads_per_worker=int(max(1, opts.cpus_per_worker)), **common)
             else:
-                stats = run_on_ray(spec, plan.tasks, plan.units, partial, plan.compute, workers=opts.n_workers,
+                stats = run_on_ray(spec, plan.tasks, plan.units, partial, workers=opts.n_workers,
                                    cpus_per_worker=opts.cpus_per_worker, memory_per_worker=opts.memory_per_worker,
                                    resources=opts.resources, max_retries=opts.max_retries, **common)
         finally:
@@ -174,7 +188,7 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
         for p in plan.shards:
             os.replace(partial[p.file], tmp / p.file)
         write_side_files(spec, plan.ckpts, output_layers(spec, plan.ckpts), plan.shards, tmp, plan.vocab,
-                         TORCH_NAMES[plan.compute])
+                         plan.compute)
         written = sum((tmp / p.file).stat().st_size for p in plan.shards)
     return MergeResult(
         out=out,

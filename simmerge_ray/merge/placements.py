@@ -29,7 +29,7 @@ def local_cpus() -> int:
 
 
 def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUnit], partial: dict[str, Path],
-              compute: str, *, workers: int, threads_per_worker: int, stream_bytes: int, chunk_elems: int,
+              *, workers: int, threads_per_worker: int, stream_bytes: int, chunk_elems: int,
               allow_nonfinite: bool, progress: Progress) -> list[dict]:
     """Units over `workers` threads, each with its own UnitMerger (buffers, file handles)."""
     n = max(1, min(workers, len(units)))
@@ -37,12 +37,12 @@ def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUni
 
     def merger() -> UnitMerger:
         if getattr(local, "merger", None) is None:
-            local.merger = UnitMerger(spec, tasks, stream_bytes, chunk_elems, compute, progress=progress.advance)
+            local.merger = UnitMerger(spec, tasks, stream_bytes, chunk_elems, progress=progress.advance)
         return local.merger
 
     # torch (when the merge needs it: a linear merge by the C kernel never imports it) runs
     # threads_per_worker threads per op during the merge, restored afterwards
-    uses_torch = UnitMerger(spec, tasks, stream_bytes, chunk_elems, compute).uses_torch(units)
+    uses_torch = UnitMerger(spec, tasks, stream_bytes, chunk_elems).uses_torch(units)
     saved = torch.get_num_threads() if uses_torch else None
     if saved is not None:
         torch.set_num_threads(max(1, threads_per_worker))
@@ -62,7 +62,7 @@ def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUni
 
 
 def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUnit], partial: dict[str, Path],
-               compute: str, *, workers: int, cpus_per_worker: float, memory_per_worker: int | None,
+               *, workers: int, cpus_per_worker: float, memory_per_worker: int | None,
                resources: dict[str, float] | None, max_retries: int, stream_bytes: int, chunk_elems: int,
                allow_nonfinite: bool, progress: Progress) -> list[dict]:
     """Units round robin over a pool of restartable actors; a lost worker's unit is retried."""
@@ -83,7 +83,7 @@ def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUn
     )
     n = max(1, min(workers, len(units)))
     tasks_ref = ray.put(tasks)
-    actors = [worker_cls.remote(spec, tasks_ref, stream_bytes, chunk_elems, compute, threads=int(max(1, cpus_per_worker)))
+    actors = [worker_cls.remote(spec, tasks_ref, stream_bytes, chunk_elems, threads=int(max(1, cpus_per_worker)))
               for _ in range(n)]
     try:
         futures = [actors[k % n].run.remote(u, str(partial[u.file]), allow_nonfinite) for k, u in enumerate(units)]

@@ -7,12 +7,12 @@ registered operator functions, so both produce the same values).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.errors import ConfigError, MergeError
-from simmerge_ray.io.safetensors_format import DTYPE_TO_TORCH, FLOAT_DTYPES, dtype_code
+from simmerge_ray.io.safetensors_format import DTYPE_TO_TORCH, FLOAT_DTYPES, dtype_code, promoted
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.operators import MergeInputs
 from simmerge_ray.merge.tensor_plan import TensorTask
@@ -25,32 +25,42 @@ def tensor_generator(seed: int, tensor_name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
-def compute_code(spec: MergeSpec, override: str | None = None) -> str:
-    """The dtype code a merge computes in: `override` (--compute-dtype), else the config's
-    `dtype` (mergekit's meaning), else float32."""
-    name = override or spec.dtype or "float32"
+def compute_code(spec: MergeSpec, override: str | None = None) -> str | None:
+    """The dtype code every tensor of a merge computes in: `override` (--compute-dtype), else the
+    config's `dtype` (mergekit's meaning); None without either: each tensor then computes in its
+    inputs' dtype (see tensor_compute)."""
+    name = override or spec.dtype
+    if name is None:
+        return None
     code = dtype_code(name)
     if code not in FLOAT_DTYPES:
         raise ConfigError(f"{spec.source}: compute dtype {name!r} is not a float dtype")
     return code
 
 
+def tensor_compute(merge_compute: str | None, stored: Iterable[str]) -> str:
+    """The dtype code one output tensor computes in: the merge's (--compute-dtype or the
+    config's `dtype`), else its inputs' promoted dtype, as mergekit computes without `dtype`
+    (float32 for a tensor that is not all floats)."""
+    return merge_compute or promoted(stored) or "F32"
+
 
 def working_dtype(spec: MergeSpec, compute: torch.dtype) -> torch.dtype:
     """The dtype the method's function receives: the compute dtype for methods that compute in
-    it (mergekit's task-arithmetic family), float32 for the others (inputs rounded first)."""
+    it as mergekit's do (all but linear and SLERP), float32 for those two (inputs rounded first)."""
     return compute if spec.method.native_dtype else torch.float32
 
 
 def merge_tensor(spec: MergeSpec, task: TensorTask, read: Callable[[tuple[str, str]], torch.Tensor], *,
-                 compute: torch.dtype | None = None, allow_nonfinite: bool = False) -> torch.Tensor:
-    """The merged value of one output tensor, rounded to `compute` as mergekit rounds it.
+                 allow_nonfinite: bool = False) -> torch.Tensor:
+    """The merged value of one output tensor, rounded to its compute dtype (`task.compute`) as
+    mergekit rounds it.
 
     `read((model ref, tensor name))` returns an input tensor (any dtype), as `task` names them.
-    Inputs are rounded to `compute` first; vocabulary tensors are then remapped to the output
-    tokenizer's rows (in `compute`, as mergekit does).
+    Inputs are rounded to the compute dtype first; vocabulary tensors are then remapped to the
+    output tokenizer's rows (in that dtype, as mergekit does).
     """
-    compute = torch.float32 if compute is None else compute
+    compute = DTYPE_TO_TORCH[task.compute]
     work = working_dtype(spec, compute)
     loaded = {r: read(r).to(compute) for r in task.all_reads}
     if task.vocab is not None:

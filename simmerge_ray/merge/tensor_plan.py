@@ -35,6 +35,7 @@ class TensorTask:
     options: dict[str, Value]
     per_model: dict[str, list[Value]]
     vocab: VocabRemap | None = None  # embeddings and head when the config builds a tokenizer
+    compute: str = "F32"  # dtype code it computes in (set by the executor's plan_merge)
 
     @property
     def all_reads(self) -> tuple[tuple[str, str], ...]:

@@ -7,12 +7,16 @@ every other model's tokens it lacks: regular tokens first, in each model's id or
 follows a hash order here, so new ids may differ from its; each token's rows are the same),
 then the models' added tokens with their settings (the first model's when they differ). Tokens
 named under `tokens:` are added when missing. A token whose id is at or past its model's
-`vocab_size` (config.json) has no row and is ignored. Only tokenizer files are read here: it
-runs on the driver, before any tensor.
+`vocab_size` (config.json) has no row: it is ignored, and for `base` and `union` the base's
+tokenizer is trimmed of such tokens first (its vocabulary, added tokens and BPE merges), as
+mergekit trims it; like mergekit, only a BPE tokenizer can be trimmed. Only tokenizer files are
+read here: it runs on the driver, before any tensor.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,15 +140,14 @@ def build_vocabulary(tok: TokenizerSpec, models: dict[str, Path], configs: dict[
     """Load every model's tokenizer, build the output's, and map each model's rows onto it."""
     toks = {ref: _load(path, f"{source}: model {ref!r}") for ref, path in models.items()}
     sizes = {ref: _vocab_size(configs[ref], len(t.get_vocab())) for ref, t in toks.items()}
-    base_tok = toks[base]
-    past = sorted((i, t) for t, i in base_tok.get_vocab().items() if i >= sizes[base])
-    if past and tok.source in ("base", "union"):
-        raise ConfigError(f"{source}: tokenizer of {base!r} has tokens past its vocab_size {sizes[base]} "
-                          f"(first {past[0][1]!r} at {past[0][0]}); trimming it is not supported")
+    if tok.source in ("base", "union"):
+        toks[base] = trimmed(toks[base], sizes[base], f"{source}: model {base!r} ({models[base]})")
     if tok.source == "union":
-        out = _union(toks, sizes, base, models[base])
+        out = _union(toks, sizes, base)
+    elif tok.source == "base":
+        out = toks[base]
     else:
-        out = _load(models[base if tok.source == "base" else tok.source], f"{source}: tokenizer")
+        out = _load(models[tok.source], f"{source}: tokenizer")
     have = set(out.get_vocab())
     for t in tok.tokens:
         if t not in have:
@@ -164,7 +167,39 @@ def build_vocabulary(tok: TokenizerSpec, models: dict[str, Path], configs: dict[
     return BuiltVocabulary(out, vocab, rows, perms, {ref: t.get_vocab() for ref, t in toks.items()})
 
 
-def _union(toks: dict[str, Any], sizes: dict[str, int], base: str, base_path: Path):
+def trimmed(tok: Any, size: int, where: str) -> Any:
+    """`tok` without its tokens at or past `size` (ids the model has no row for): removed from
+    the vocabulary, the added tokens and every BPE merge naming or making one; `tok` itself when
+    it has none. Only a BPE tokenizer is trimmed (mergekit's rule); any other is refused."""
+    past = sorted((i, t) for t, i in tok.get_vocab().items() if i >= size)
+    if not past:
+        return tok
+    import tokenizers
+
+    state = json.loads(tok.backend_tokenizer.to_str())
+    kind = state["model"].get("type")
+    if kind != "BPE":
+        raise ConfigError(f"{where}: tokenizer has {len(past)} tokens at or past vocab_size {size} (first "
+                          f"{past[0][1]!r} at {past[0][0]}); only a BPE tokenizer can be trimmed, this one is {kind}")
+    gone = {t for _, t in past}
+    state["added_tokens"] = [a for a in state["added_tokens"] if a["id"] < size]
+    state["model"]["vocab"] = {t: i for t, i in state["model"]["vocab"].items() if t not in gone}
+    pairs = [m.split(" ") if isinstance(m, str) else m for m in state["model"]["merges"]]
+    state["model"]["merges"] = [m for m, parts in zip(state["model"]["merges"], pairs)
+                                if gone.isdisjoint([*parts, "".join(parts)])]
+    tok._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(state))
+    return tok
+
+
+def _reloaded(tok: Any) -> Any:
+    """A fresh copy of `tok`, saved and loaded again (its class may add tokens on load, as in
+    mergekit's union)."""
+    with tempfile.TemporaryDirectory() as folder:
+        tok.save_pretrained(folder)
+        return _load(Path(folder), "tokenizer")
+
+
+def _union(toks: dict[str, Any], sizes: dict[str, int], base: str):
     """The base's tokenizer plus every token of the others it lacks (see the module doc)."""
     regular: dict[str, None] = {}
     added: dict[str, Any] = {}
@@ -178,7 +213,7 @@ def _union(toks: dict[str, Any], sizes: dict[str, int], base: str, base_path: Pa
         for idx, info in sorted(special.items()):
             if idx < sizes[ref]:
                 added.setdefault(info.content, info)
-    out = _load(base_path, "tokenizer")  # a fresh copy: the base's own object stays as read
+    out = _reloaded(toks[base])  # a fresh copy: the base's own object stays as read
     base_vocab = set(toks[base].get_vocab())
     for word in regular:
         if word not in base_vocab and word not in added:

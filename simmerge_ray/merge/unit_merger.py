@@ -6,7 +6,6 @@ Plain torch and file I/O, no Ray: the same object runs in a thread of the comman
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -49,15 +48,14 @@ class UnitMerger:
     unless its float32 working set exceeds `stream_bytes` (then SLERP streams too, a first pass
     giving its Gram matrix). A tensor that needs several passes (SLERP's Gram, TIES's magnitude
     threshold) and whose inputs fit in `stream_bytes` is read once and kept for the passes.
+    Each tensor computes in its own dtype (TensorTask.compute, fixed by the plan).
     """
 
     def __init__(self, spec: MergeSpec, tasks: dict[str, TensorTask], stream_bytes: int, chunk_elems: int,
-                 compute: str = "F32", threads: int | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 threads: int | None = None, progress: Callable[[int, int], None] | None = None) -> None:
         if threads is not None:  # a Ray actor owns its process; local threads leave torch as it is
             torch.set_num_threads(max(1, threads))
         self.spec = spec
-        self.compute_code = compute
         self.tasks = tasks
         self.stream_bytes = stream_bytes
         self.chunk_elems = max(1, chunk_elems)
@@ -68,13 +66,14 @@ class UnitMerger:
         self._read = 0
         self._out_slot = 0
 
-    @functools.cached_property
-    def compute(self) -> torch.dtype:
-        return DTYPE_TO_TORCH[self.compute_code]
+    @staticmethod
+    def _compute(task: TensorTask) -> torch.dtype:
+        """The dtype the tensor computes in (TensorTask.compute)."""
+        return DTYPE_TO_TORCH[task.compute]
 
-    @functools.cached_property
-    def work(self) -> torch.dtype:
-        return working_dtype(self.spec, self.compute)
+    def _work(self, task: TensorTask) -> torch.dtype:
+        """The dtype the method's function receives for the tensor (see working_dtype)."""
+        return working_dtype(self.spec, self._compute(task))
 
     def uses_torch(self, units: list[WorkUnit]) -> bool:
         """Whether merging `units` needs torch: not when every piece is a combination the C
@@ -105,7 +104,7 @@ class UnitMerger:
                     tensors = pending.result()
                     pending = fetch(i + 1)
                     merged = merge_tensor(self.spec, self.tasks[piece.name], tensors.__getitem__,
-                                          compute=self.compute, allow_nonfinite=allow_nonfinite)
+                                          allow_nonfinite=allow_nonfinite)
                     writer.write_at(piece.offset, merged.to(DTYPE_TO_TORCH[piece.dtype]))
                     self._advance(piece.count, 1)
                     del tensors, merged
@@ -159,10 +158,10 @@ class UnitMerger:
         fixed linear combination; SLERP's Gram matrix takes a first pass) or "chunked" (TIES and
         kin; one threshold pass per sparsified model, two in float32)."""
         method = self.spec.method
-        if method.combination is not None and not self._rounds_inside():
+        if method.combination is not None and not self._rounds_inside(task):
             return "combination", 2 if method.combination_needs_gram else 1
         selecting = method.chunked_masks and any(float(d) < 1 for d in task.per_model["density"])
-        work_bytes = DTYPE_BYTES[self.compute_code] if method.native_dtype else 4
+        work_bytes = DTYPE_BYTES[task.compute] if method.native_dtype else 4
         return "chunked", 1 + (2 if work_bytes == 4 else 1) * selecting
 
     def _kept(self, passes: int, nbytes: int) -> bool:
@@ -223,25 +222,26 @@ class UnitMerger:
         merge = self._merge_combination if kind == "combination" else self._merge_chunked
         merge(piece, writer, allow_nonfinite, chunks, passes)
 
-    def _rounds_inside(self) -> bool:
+    def _rounds_inside(self, task: TensorTask) -> bool:
         """The method computes in a half-precision compute dtype (task arithmetic in bf16): its
         float32 combination would skip mergekit's intermediate rounding, so the chunked form runs."""
         method = self.spec.method
-        return method.native_dtype and self.compute_code != "F32" and method.chunked is not None
+        return method.native_dtype and task.compute != "F32" and method.chunked is not None
 
-    def _rounded(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _rounded(x: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
         """An input chunk rounded to the compute dtype (a no-op when it is float32)."""
-        return x if self.compute == torch.float32 or x.dtype == self.compute else x.to(self.compute)
+        return x if compute == torch.float32 or x.dtype == compute else x.to(compute)
 
-    def _working(self, x: torch.Tensor) -> torch.Tensor:
+    def _working(self, x: torch.Tensor, task: TensorTask) -> torch.Tensor:
         """An input chunk as the method's function receives it (see working_dtype)."""
-        return self._rounded(x).to(self.work)
+        return self._rounded(x, self._compute(task)).to(self._work(task))
 
     def _write_chunk(self, piece: Piece, writer: BackgroundWriter, start: int, values: torch.Tensor,
                      allow_nonfinite: bool) -> None:
-        out_dtype = DTYPE_TO_TORCH[piece.dtype]
-        if out_dtype != self.compute:  # rounded to the compute dtype first, as mergekit rounds it
-            values = values.to(self.compute)
+        out_dtype, compute = DTYPE_TO_TORCH[piece.dtype], self._compute(self.tasks[piece.name])
+        if out_dtype != compute:  # rounded to the compute dtype first, as mergekit rounds it
+            values = values.to(compute)
         self._out_slot ^= 1  # two output buffers: one being written while the other fills
         out = self._buffer(("out", self._out_slot), out_dtype)[:values.numel()].copy_(values)
         if not allow_nonfinite:
@@ -251,33 +251,40 @@ class UnitMerger:
 
     def _merge_combination(self, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool, chunks: Chunks,
                            passes: int) -> None:
-        """sum_i c_i x_i (+ c_b base) in float32 over the piece's elements, chunk by chunk into
-        reused buffers (a first pass gives SLERP's Gram matrix: the piece is the whole tensor)."""
+        """sum_i c_i x_i (+ c_b base) in float32 over the piece's elements (then divided, for
+        linear), chunk by chunk into reused buffers (a first pass gives SLERP's Gram matrix: the
+        piece is the whole tensor)."""
         spec, task = self.spec, self.tasks[piece.name]
-        n_src = len(task.reads)
+        n_src, compute = len(task.reads), self._compute(task)
         gram = None
         if spec.method.combination_needs_gram:  # its first pass: the Gram matrix
             gram = np.zeros((n_src, n_src))
             for _, parts in chunks():
-                block = torch.stack([self._rounded(p).double() for p in parts[:n_src]])
+                block = torch.stack([self._rounded(p, compute).double() for p in parts[:n_src]])
                 gram += (block @ block.T).numpy()
-        coeffs = self._coefficients(task, gram)
+        coeffs, divisor = self._coefficients(task, gram)
         for start, parts in chunks():
             k = parts[0].numel()
             acc = self._buffer(("acc",), torch.float32)[:k]
-            acc.copy_(self._rounded(parts[0])).mul_(coeffs[0])
+            acc.copy_(self._rounded(parts[0], compute)).mul_(coeffs[0])
             for c, x in zip(coeffs[1:], parts[1:]):
                 if c != 0:
-                    x = self._rounded(x)
+                    x = self._rounded(x, compute)
                     if x.dtype != torch.float32:  # a same-dtype add is several times faster than a mixed one
                         x = self._buffer(("f32",), torch.float32)[:k].copy_(x)
                     acc.add_(x, alpha=c)
+            if divisor != 1.0:
+                acc.div_(divisor)
             self._write_chunk(piece, writer, start, acc, allow_nonfinite)
 
-    def _coefficients(self, task: TensorTask, gram: np.ndarray | None) -> list[float]:
-        """A combination's coefficient per read (model inputs, then the base when it has one)."""
-        coeffs, base_coeff = self.spec.method.combination(gram, task.options, task.per_model)
-        return [*coeffs, base_coeff] if task.base is not None else list(coeffs)
+    def _coefficients(self, task: TensorTask, gram: np.ndarray | None) -> tuple[list[float], float]:
+        """A combination's coefficient per read (model inputs, then the base when it has one) and
+        the divisor of their sum (see MergeMethod.combination_terms; else 1)."""
+        method = self.spec.method
+        if method.combination_terms is not None:
+            return method.combination_terms(task.options, task.per_model)
+        coeffs, base_coeff = method.combination(gram, task.options, task.per_model)
+        return ([*coeffs, base_coeff] if task.base is not None else list(coeffs)), 1.0
 
     def _native(self, piece: Piece):
         """The combination kernel when it merges `piece` (a combination without a Gram pass,
@@ -289,7 +296,7 @@ class UnitMerger:
             return None
         lib = combine_native.load()
         stored = [self.ckpts[m].entries[t].dtype for m, t in task.all_reads]
-        return lib if combine_native.usable(lib, self.compute_code, stored, piece.dtype) else None
+        return lib if combine_native.usable(lib, task.compute, stored, piece.dtype) else None
 
     def _merge_native(self, lib, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool,
                       pool: ThreadPoolExecutor) -> None:
@@ -298,7 +305,7 @@ class UnitMerger:
         task = self.tasks[piece.name]
         readers = [(self.ckpts[m], t) for m, t in task.all_reads]
         dtypes = [ck.entries[t].dtype for ck, t in readers]
-        coeffs = self._coefficients(task, None)
+        coeffs, divisor = self._coefficients(task, None)
         keep = [0] + [j for j in range(1, len(coeffs)) if coeffs[j] != 0]
         chunk, end, size = self.chunk_elems, piece.start + piece.count, DTYPE_BYTES[piece.dtype]
         starts = range(piece.start, end, chunk)
@@ -322,8 +329,8 @@ class UnitMerger:
             self._out_slot ^= 1
             out = self.scratch.bytes(("out", self._out_slot), chunk * size)[:k * size]
             bad, first = combine_native.combine(lib, [parts[j] for j in keep], [dtypes[j] for j in keep],
-                                                [coeffs[j] for j in keep], self.compute_code, out, piece.dtype,
-                                                check=not allow_nonfinite)
+                                                [coeffs[j] for j in keep], task.compute, out, piece.dtype,
+                                                check=not allow_nonfinite, divisor=divisor)
             if bad:
                 raise nonfinite_error(piece.name, self.spec.method.name, bad, start + first, start, k)
             writer.write_at(piece.offset + (start - piece.start) * size, out)
@@ -346,23 +353,25 @@ class UnitMerger:
         if selecting:
             for step in ("first_pass", "second_pass")[:passes - 1]:
                 for _, parts in chunks():
-                    base = self._working(parts[-1])
+                    base = self._working(parts[-1], task)
                     for sel, x in zip(selects, parts):
                         if sel is not None:
-                            getattr(sel, step)(self._working(x) - base)
+                            getattr(sel, step)(self._working(x, task) - base)
         masks = [s.mask() if s is not None else None for s in selects]
         for start, parts in chunks():
-            inp = MergeInputs([self._working(x) for x in parts[:-1]], self._working(parts[-1]), per_model, options)
+            inp = MergeInputs([self._working(x, task) for x in parts[:-1]], self._working(parts[-1], task), per_model,
+                              options)
             self._write_chunk(piece, writer, start, spec.method.chunked(inp, masks, scratch=self.scratch),
                               allow_nonfinite)
 
     def _ties_kernel(self, task: TensorTask, selecting: bool):
         """The fused TIES kernel when it covers this tensor (see ties_native.usable), else None."""
-        if variant_of(self.spec.method) is None or self.work != self.compute:
+        if variant_of(self.spec.method) is None or self._work(task) != self._compute(task):
             return None
         lib = ties_native.load()
         stored = [DTYPE_TO_TORCH[self.ckpts[m].entries[t].dtype] for m, t in task.all_reads]
-        return lib if ties_native.usable(lib, self.work, stored, selecting and bool(task.options["rescale"])) else None
+        rescaled = selecting and bool(task.options["rescale"])
+        return lib if ties_native.usable(lib, self._work(task), stored, rescaled) else None
 
     def _merge_fused(self, lib, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool, chunks: Chunks,
                      selects: list[MagnitudeSelect | None], passes: int) -> None:
@@ -374,7 +383,7 @@ class UnitMerger:
                 ties_native.histogram_pass(lib, parts[:-1], parts[-1], selects, second=n == 1)
         masks = [s.mask() if s is not None else None for s in selects]
         for start, parts in chunks():
-            out = self._buffer(("ties",), self.work)[:parts[0].numel()]
+            out = self._buffer(("ties",), self._work(task))[:parts[0].numel()]
             ties_native.merge_chunk(lib, parts[:-1], parts[-1], masks, task.per_model["weight"],
                                     consensus=variant.consensus, normalize=bool(task.options["normalize"]),
                                     lam=float(task.options["lambda"]), out=out)

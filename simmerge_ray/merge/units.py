@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from simmerge_ray.io.checkpoint import SINGLE_FILE, Checkpoint
-from simmerge_ray.io.safetensors_format import DTYPE_BYTES, FLOAT_DTYPES, dtype_code
+from simmerge_ray.io.safetensors_format import DTYPE_BYTES, FLOAT_DTYPES, dtype_code, promoted
 from simmerge_ray.merge.tensor_plan import TensorTask
 
 
@@ -79,7 +79,10 @@ def plan_shards(tasks: list[TensorTask], ckpts: dict[str, Checkpoint], out_dtype
     for task in tasks:
         model, in_name = task.all_reads[0]
         name, e = task.name, ckpts[model].entries[in_name]
-        code = dtype_code(out_dtype) if out_dtype and e.dtype in FLOAT_DTYPES else e.dtype
+        code = e.dtype
+        if e.dtype in FLOAT_DTYPES:  # without out_dtype/dtype, the inputs' (promoted) dtype, as mergekit writes it
+            stored = (ckpts[m].entries[t].dtype for m, t in task.all_reads)
+            code = dtype_code(out_dtype) if out_dtype else promoted(stored) or e.dtype
         shape = e.shape if task.vocab is None else (task.vocab.rows, *e.shape[1:])
         nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[code]
         if groups[-1] and size + nbytes > shard_bytes:

@@ -1,4 +1,4 @@
-"""Merge operators: each a pure function of float32 tensors, registered by name."""
+"""Merge operators: each a pure function of tensors (in the compute dtype), registered by name."""
 
 from simmerge_ray.merge.operators import (  # noqa: F401  (register)
     arcee_fusion, karcher, linear, model_stock, multislerp, nearswap, nuslerp, passthrough, ram, sce, slerp,

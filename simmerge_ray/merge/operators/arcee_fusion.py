@@ -38,5 +38,6 @@ register(MergeMethod(
     min_models=1,
     max_models=1,
     stochastic=True,  # only tensors above SAMPLE elements draw a sample
+    native_dtype=True,
     doc="base + (x - base) where importance >= median + 1.5 IQR",
 ))

@@ -1,12 +1,12 @@
-/* A fixed linear combination of one chunk: out = round(sum_i c_i x_i), one pass over memory.
+/* A fixed linear combination of one chunk: out = round(sum_i c_i x_i / d), one pass over memory.
  *
  * The executor's linear and task-arithmetic merges (UnitMerger._merge_combination) are this sum.
  * The kernel runs it without torch, so a linear merge never imports torch (3-4 s here), and
  * gives the torch path's bytes: inputs are rounded to the compute dtype first, the first term
  * is a rounded product, every later one a fused multiply-add (torch's add(alpha=c) is an FMA on
- * CPUs that have one; without one both sides round the product), and the float32 sum is rounded
- * to the compute dtype, then converted to the output dtype (nearest even; NaN to the canonical
- * quiet NaN, as torch).
+ * CPUs that have one; without one both sides round the product), the float32 sum is divided by d
+ * when d is not 1 (linear's normalisation, as mergekit's div_), rounded to the compute dtype,
+ * then converted to the output dtype (nearest even; NaN to the canonical quiet NaN, as torch).
  * dtype codes: 0 float32, 1 bfloat16, 2 float16.
  */
 #include <math.h>
@@ -57,8 +57,11 @@ static void term(float *restrict acc, const void *x, int64_t m, int dtype, float
     else { const float *restrict p = x; TERM_LOOPS(p[b]) }
 }
 
-/* out[b] = acc[b] rounded to `compute`, then converted to `out_dtype`; acc[b] = what was written */
-static void store(float *restrict acc, void *out, int64_t m, int compute, int out_dtype) {
+/* out[b] = acc[b] / divisor rounded to `compute`, then converted to `out_dtype`; acc[b] = what
+ * was written */
+static void store(float *restrict acc, void *out, int64_t m, float divisor, int compute, int out_dtype) {
+    if (divisor != 1.0f)
+        for (int64_t b = 0; b < m; b++) acc[b] = acc[b] / divisor;
     if (compute == 1)
         for (int64_t b = 0; b < m; b++) acc[b] = round_bf16(acc[b]);
     else if (compute == 2)
@@ -83,7 +86,7 @@ static inline const void *at(const void *p, int dtype, int64_t j) {
 /* Returns the number of non-finite output values (0 when check is 0), or -1 for a bad call;
  * *first gets the index of the first one. in_round: round each input to `compute` before use
  * when its stored dtype is another (compute is a half-precision dtype). */
-int64_t combine(int n, const int *in_dtypes, const void *const *xs, const float *coeffs, int64_t k,
+int64_t combine(int n, const int *in_dtypes, const void *const *xs, const float *coeffs, float divisor, int64_t k,
                 int compute, int in_round, int out_dtype, void *out, int check, int64_t *first) {
     if (n < 1 || n > MAX_INPUTS) return -1;
     float acc[BLOCK] __attribute__((aligned(64)));
@@ -94,7 +97,7 @@ int64_t combine(int n, const int *in_dtypes, const void *const *xs, const float 
         for (int i = 0; i < n; i++)
             term(acc, at(xs[i], in_dtypes[i], j0), m, in_dtypes[i], coeffs[i], i == 0,
                  in_round && in_dtypes[i] != compute ? compute : 0);
-        store(acc, (char *)out + j0 * (out_dtype == 0 ? 4 : 2), m, compute, out_dtype);
+        store(acc, (char *)out + j0 * (out_dtype == 0 ? 4 : 2), m, divisor, compute, out_dtype);
         if (check) {
             int64_t block_bad = 0;
             for (int64_t b = 0; b < m; b++) block_bad += !is_finite(acc[b]);

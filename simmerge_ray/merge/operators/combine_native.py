@@ -31,8 +31,8 @@ def load() -> ctypes.CDLL | None:
     lib = native.load_library(SOURCE, FLAGS, "SIMMERGE_COMBINE_KERNEL", "linear merges use the torch path")
     if lib is None:
         return None
-    lib.combine.argtypes = [ctypes.c_int, _P, _P, _P, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P,
-                            ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
+    lib.combine.argtypes = [ctypes.c_int, _P, _P, _P, ctypes.c_float, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                            ctypes.c_int, _P, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
     lib.combine.restype = ctypes.c_int64
     return lib
 
@@ -44,14 +44,14 @@ def usable(lib: ctypes.CDLL | None, compute: str, stored: Sequence[str], out: st
 
 
 def combine(lib: ctypes.CDLL, parts: Sequence[np.ndarray], dtypes: Sequence[str], coeffs: Sequence[float],
-            compute: str, out: np.ndarray, out_dtype: str, *, check: bool) -> tuple[int, int]:
-    """out = sum_i coeffs[i] * parts[i] (see combine_kernel.c for the rounding); `parts` hold the
+            compute: str, out: np.ndarray, out_dtype: str, *, check: bool, divisor: float = 1.0) -> tuple[int, int]:
+    """out = sum_i coeffs[i] * parts[i] / divisor (see combine_kernel.c for the rounding); `parts` hold the
     stored bytes of k elements each, `out` room for k elements of `out_dtype`.
     Returns (non-finite values, index of the first) when `check`, else (0, -1). See `usable`."""
     k = out.nbytes // DTYPE_BYTES[out_dtype]
     first = ctypes.c_int64(-1)
     bad = lib.combine(len(parts), (ctypes.c_int * len(parts))(*[CODES[d] for d in dtypes]),
                       (_P * len(parts))(*[p.ctypes.data for p in parts]),
-                      (ctypes.c_float * len(parts))(*coeffs), k, CODES[compute], int(compute != "F32"),
+                      (ctypes.c_float * len(parts))(*coeffs), divisor, k, CODES[compute], int(compute != "F32"),
                       CODES[out_dtype], out.ctypes.data, int(check), ctypes.byref(first))
     return int(bad), int(first.value)

@@ -38,5 +38,6 @@ register(MergeMethod(
     needs_base=True,
     base_in_inputs=False,
     min_models=2,
+    native_dtype=True,
     doc="t = n cos / (1 + (n - 1) cos); t mean(x_i) + (1 - t) base",
 ))

@@ -44,5 +44,6 @@ register(MergeMethod(
     params=(Param("weight", per_model=True), Param("normalize_weights", True), Param("eps", 1e-8, low=0.0)),
     base_in_inputs=False,
     min_models=1,
+    native_dtype=True,
     doc="barycentric interpolation on the hypersphere (of task vectors when a base is given)",
 ))

@@ -22,5 +22,6 @@ register(MergeMethod(
     base_in_inputs=False,
     min_models=1,
     max_models=1,
+    native_dtype=True,
     doc="w = clamp(t / |base - x|, 0, 1); w x + (1 - w) base",
 ))

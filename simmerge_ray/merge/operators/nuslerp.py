@@ -48,5 +48,6 @@ register(MergeMethod(
     base_in_inputs=False,
     min_models=2,
     max_models=2,
+    native_dtype=True,
     doc="SLERP with t = w_1 / (w_0 + w_1), of task vectors when a base is given",
 ))

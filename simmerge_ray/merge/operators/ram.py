@@ -35,6 +35,7 @@ register(MergeMethod(
     params=(Param("epsilon", 1e-5, low=0.0),),
     needs_base=True,
     base_in_inputs=False,
+    native_dtype=True,
     doc="unique changes kept, shared ones averaged (|delta| > epsilon counts as a change)",
 ))
 register(MergeMethod(
@@ -43,5 +44,6 @@ register(MergeMethod(
     params=(Param("r", 0.1), Param("alpha", 0.2), Param("epsilon", 1e-5, low=0.0)),
     needs_base=True,
     base_in_inputs=False,
+    native_dtype=True,
     doc="RAM with unique changes scaled by 1 + r clamp(shared/unique, 0, alpha), per tensor",
 ))

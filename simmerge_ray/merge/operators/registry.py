@@ -1,7 +1,8 @@
 """The merge-method registry: each method is a pure tensor function plus its parameters as data.
 
-A method's function receives float32 tensors and resolved parameter values for one tensor name
-and returns the merged float32 tensor. It does no I/O and knows nothing of Ray, so it is tested
+A method's function receives the inputs of one tensor in its working dtype (the compute dtype,
+or float32 for linear and SLERP: see `native_dtype`) and resolved parameter values, and returns
+the merged tensor. It does no I/O and knows nothing of Ray, so it is tested
 directly against mergekit on small tensors.
 """
 
@@ -54,7 +55,7 @@ class Param:
 class MergeInputs:
     """What a method sees for one tensor: the models' values, the base, and parameter values."""
 
-    tensors: list[torch.Tensor]  # float32 (native_dtype methods: the compute dtype), in config order
+    tensors: list[torch.Tensor]  # in the compute dtype (float32 unless native_dtype), in config order
     base: torch.Tensor | None  # as `tensors`, or None
     per_model: dict[str, list[Value]]  # param name -> one value per tensor above
     options: dict[str, Value]  # global parameters
@@ -69,6 +70,11 @@ CheckFn = Callable[[str, dict[str, Value], dict[str, list[Value]]], None]
 # input, coefficient of the base). Lets the executor stream a tensor larger than memory in
 # chunks: one pass for the Gram matrix when `needs_gram`, one to combine.
 CombinationFn = Callable[["np.ndarray | None", dict[str, Value], dict[str, list[Value]]], tuple[list[float], float]]
+# How the executor evaluates a fixed combination when mergekit's order of operations differs
+# from `combination`'s coefficients (linear: weights, then a division by their sum):
+# (options, per-model values) -> (a weight per input, a divisor); the executor computes
+# sum_i w_i x_i in float32 (one fused multiply-add per term) and divides by the divisor.
+TermsFn = Callable[[dict[str, Value], dict[str, list[Value]]], tuple[list[float], float]]
 # For methods that are elementwise once each model's magnitude mask over the whole tensor is
 # known (TIES, task arithmetic with consensus): (chunk inputs, one MagnitudeMask or None per
 # model) -> merged chunk. Lets the executor stream a tensor larger than memory: two passes of
@@ -95,12 +101,13 @@ class MergeMethod:
     check: CheckFn | None = None
     combination: CombinationFn | None = None
     combination_needs_gram: bool = False
+    combination_terms: TermsFn | None = None
     chunked: ChunkedFn | None = None
     # `chunked` sparsifies each model by magnitude masks (TIES): the executor finds them first.
     chunked_masks: bool = False
-    # Computes in the dtype of its inputs, as mergekit's version does (the task-arithmetic
-    # family: every intermediate rounded to `dtype`); the others compute in float32 from inputs
-    # rounded to `dtype` and round their result, as mergekit's linear/SLERP/... do.
+    # Computes in the dtype of its inputs (the compute dtype), every intermediate rounded to it,
+    # as mergekit's version does (all but linear and SLERP); the others receive float32 inputs
+    # rounded to the compute dtype and their result is rounded, as mergekit's linear/SLERP.
     native_dtype: bool = False
     doc: str = ""
     aliases: tuple[str, ...] = field(default=())

@@ -45,5 +45,6 @@ register(MergeMethod(
     needs_base=True,
     base_in_inputs=False,
     min_models=1,
+    native_dtype=True,
     doc="variance top-k selection, mean-square model weights, sign election",
 ))

@@ -49,15 +49,22 @@ def outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = 
     return rescale_l1(delta, masked) if rescale else masked
 
 
+def _draw_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype random masks are drawn and rescaled in, as mergekit on CPU: bf16 stays bf16,
+    anything else float32 (fp16 sums of |delta| would overflow)."""
+    return dtype if dtype == torch.bfloat16 else torch.float32
+
+
 def random(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> torch.Tensor:
     """Keep each coordinate with probability `density` (a seeded Bernoulli mask)."""
     if density >= 1:
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
-    masked = delta * mask
-    return rescale_l1(delta, masked) if rescale else masked
+    work = delta.to(_draw_dtype(delta.dtype))
+    mask = torch.bernoulli(torch.full_like(work, density), generator=generator)
+    masked = work * mask
+    return (rescale_l1(work, masked) if rescale else masked).to(delta.dtype)
 
 
 def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
@@ -68,11 +75,13 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
+    draw = _draw_dtype(delta.dtype)
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(delta.dtype) + 1
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(draw) + 1
     low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     share = ((ranks - low) / (high - low)).clamp(0, 1)
     mask = torch.bernoulli((density - epsilon) + share * 2 * epsilon, generator=generator)
-    masked = rows * mask
-    out = rescale_l1(rows, masked) if rescale else masked
-    return out.reshape(delta.shape)
+    work = rows.to(draw)
+    masked = work * mask
+    out = rescale_l1(work, masked) if rescale else masked
+    return out.to(delta.dtype).reshape(delta.shape)
