@@ -1,7 +1,8 @@
 """Real-world-style mergekit configs (tests/data/mergekit_configs: slices, stacking, gradients,
-filters, modules, tokenizer settings) run unchanged and match mergekit, on tiny llama and qwen2
-checkpoints with tokenizers. Both compute in the config's `dtype` (README: what `dtype` means)
-and the bytes are mergekit's. `compute_dtype="float32"` gives the bytes of the config with
+filters, modules, tokenizer settings) run unchanged and match mergekit, on tiny llama, qwen2 and
+EXAONE 3 checkpoints (GPT-2-style names: transformer.wte, transformer.h.N) with tokenizers. Both
+compute in the config's `dtype` (README: what `dtype` means) and the bytes are mergekit's (SLERP
+to one ulp). `compute_dtype="float32"` gives the bytes of the config with
 `dtype: float32` and the same output dtype."""
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import torch
 import yaml
 from mergekit_oracle import load_all, make_zoo, run_mergekit, ulps
 
+from simmerge_ray.io.checkpoint import layer_index
 from simmerge_ray.io.synthetic import SyntheticSpec
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, run_merge
 
 CONFIGS = sorted((Path(__file__).parent / "data" / "mergekit_configs").glob("*.yml"))
 ARCHS = {arch: SyntheticSpec(architecture=arch, hidden_size=16, num_layers=4, num_heads=2, vocab_size=32,
-                             intermediate_size=32) for arch in ("llama", "qwen2")}
+                             intermediate_size=32) for arch in ("llama", "qwen2", "exaone")}
 
 
 def _write_tokenizer(folder: Path, max_length: int) -> None:
@@ -59,7 +61,7 @@ def test_config_matches_mergekit(zoo, tmp_path: Path, arch: str, path: Path) -> 
     ours = load_all(tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     depth = config["num_hidden_layers"]
-    assert depth == len({n.split(".")[2] for n in ours if ".layers." in n})
+    assert depth == len({layer_index(n) for n in ours} - {None})
     if arch == "qwen2" and depth != 4:
         # mergekit 0.1.5 cannot write a qwen2 config of another depth (layer_types keeps the
         # input's length); our config lists one layer type per output layer
@@ -73,8 +75,11 @@ def test_config_matches_mergekit(zoo, tmp_path: Path, arch: str, path: Path) -> 
     run_mergekit(cfg, root, tmp_path / "mk", copy_tokenizer=True)
     theirs = load_all(tmp_path / "mk")
     assert sorted(ours) == sorted(theirs)
-    for name in ours:  # every method computes in `dtype` in mergekit's order of operations
-        assert ulps(ours[name], theirs[name]) == 0, f"{path.stem} {arch} {name}"
+    # every method computes in `dtype` in mergekit's order of operations; SLERP's coefficients
+    # come from a float64 Gram matrix (its streamed form), so to one ulp
+    slack = 1 if cfg["merge_method"] == "slerp" else 0
+    for name in ours:
+        assert ulps(ours[name], theirs[name]) <= slack, f"{path.stem} {arch} {name}"
     mk_config = json.loads((tmp_path / "mk" / "config.json").read_text())
     assert depth == mk_config["num_hidden_layers"]
     _check_tokenizer(cfg, root, tmp_path / "ours", tmp_path / "mk")

@@ -2,13 +2,16 @@
 
 Tensor names and shapes come from the architecture's own transformers classes (instantiated on
 the meta device, so a 100B-shaped model costs nothing); values come from a seeded generator per
-tensor, so any tensor can be regenerated alone and the same seed gives the same bytes.
+tensor, so any tensor can be regenerated alone and the same seed gives the same bytes. EXAONE 3
+(`exaone`), which transformers loads through llama's classes, is stored under its own checkpoint
+names (`transformer.h.N.attn.attention.q_proj`, ...), as its published checkpoints are.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +23,19 @@ from simmerge_ray.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from simmerge_ray.io.side_files import copy_side_files
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, StreamingWriter, dtype_code
 
-ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt_neox", "cohere2")
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt_neox", "cohere2", "exaone")
+
+# Architectures whose checkpoints transformers renames onto another's modules on load: the
+# donor's model class, and its names rewritten to the checkpoint's (in order).
+STORED_NAMES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "exaone": ("LlamaForCausalLM", (
+        (r"^model\.embed_tokens\.", "transformer.wte."), (r"^model\.layers\.", "transformer.h."),
+        (r"^model\.norm\.", "transformer.ln_f."), (r"\.self_attn\.o_proj\.", ".attn.attention.out_proj."),
+        (r"\.self_attn\.", ".attn.attention."), (r"\.input_layernorm\.", ".ln_1."),
+        (r"\.post_attention_layernorm\.", ".ln_2."), (r"\.mlp\.gate_proj\.", ".mlp.c_fc_0."),
+        (r"\.mlp\.up_proj\.", ".mlp.c_fc_1."), (r"\.mlp\.down_proj\.", ".mlp.c_proj."),
+    )),
+}
 
 
 @dataclass(frozen=True)
@@ -61,21 +76,32 @@ def make_config(spec: SyntheticSpec):
         kw["num_key_value_heads"] = spec.num_kv_heads or spec.num_heads
     if spec.architecture == "cohere2":
         kw["sliding_window"] = 64
+    if spec.architecture == "exaone":  # its default eos id (361) is past a small vocabulary
+        kw["eos_token_id"] = spec.vocab_size - 1
     cfg = AutoConfig.for_model(spec.architecture, **kw)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    cfg.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[spec.architecture]]
+    cfg.architectures = ["ExaoneForCausalLM" if spec.architecture == "exaone"
+                         else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[spec.architecture]]
     cfg.torch_dtype = DTYPE_TO_TORCH[dtype_code(spec.dtype)]
     return cfg
 
 
 def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors a checkpoint of this config stores (tied ones once)."""
-    from transformers import AutoModelForCausalLM
+    import transformers
 
+    donor, renames = STORED_NAMES.get(config.model_type, (None, ()))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+        model = (getattr(transformers, donor)(config) if donor
+                 else transformers.AutoModelForCausalLM.from_config(config))
+    return {_stored_name(name, renames): tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _stored_name(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    for pattern, replacement in renames:
+        name = re.sub(pattern, replacement, name)
+    return name
 
 
 def _add_base_chunks(base: Checkpoint, name: str, deltas: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:

@@ -2,8 +2,9 @@
 
 Each named template renders a conversation as mergekit's template of that name does (tested
 against it); the texts are our own. `auto` picks the template most of the input models' tokenizers
-carry. Anything else must be the Jinja text of a template. mergekit's `exaone` is not offered:
-its rendering carries the indentation of its template file.
+carry. Anything else must be the Jinja text of a template. mergekit's `exaone` renders with the
+indentation of its template file's lines (transformers strips only the block tags' whitespace);
+ours writes the same spaces and newlines, so conversations render identically.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ NAMES: dict[str, str] = {
                "{%- elif message['role'] == 'assistant' -%}{{ ' ' ~ message['content'] ~ eos_token }}"
                "{%- else -%}{{ raise_exception('Only user and assistant roles are supported, with the exception "
                "of an initial optional system message!') }}{%- endif -%}{%- endfor -%}",
+    "exaone": _EACH + "{%- if loop.first and message['role'] != 'system' -%}"
+                      "{{ '        [|system|][|endofturn|]\\n\\n' }}{%- endif -%}"
+                      "{{ '    [|' ~ message['role'] ~ '|]' ~ message['content'] ~ '\\n        ' }}"
+                      "{{ '\\n\\n' if message['role'] == 'user' else '[|endofturn|]\\n\\n' }}{%- endfor -%}"
+                      "{%- if add_generation_prompt -%}{{ '    [|assistant|]\\n' }}{%- endif -%}",
     "alpaca": "{%- set systems = messages | selectattr('role', 'equalto', 'system') | list -%}"
               "{{ (systems | last).content | trim if systems else '' }}{{ '\\n\\n' }}"
               "{%- set heads = {'user': '### Instruction:', 'assistant': '### Response:', "

@@ -43,8 +43,9 @@ class TensorTask:
 
 
 def _is_pre(name: str) -> bool:
-    """Input embeddings come before the blocks; every other tensor outside them after."""
-    return "embed" in name and "embed_out" not in name and "lm_head" not in name
+    """Input embeddings (`embed_tokens`, GPT-2-style `wte`) come before the blocks; every other
+    tensor outside them after."""
+    return ("embed" in name or ".wte." in name) and "embed_out" not in name and "lm_head" not in name
 
 
 def slice_ranges(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> list[list[tuple[int, int]]]:
