@@ -92,6 +92,11 @@ class Catalog(BaseModel):
         return [m.name for m in self.models]
 
     @property
+    def model_tasks(self) -> dict[str, str | None]:
+        """Each model's task (None for a model that is no task's expert), by name."""
+        return {m.name: m.task for m in self.models}
+
+    @property
     def paths(self) -> list[Path]:
         """Every checkpoint and data file it names, and its own file: what no output may replace."""
         tasks = [p for t in self.tasks.values() for p in (t.probes, t.eval) if p is not None]

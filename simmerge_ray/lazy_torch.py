@@ -30,11 +30,4 @@ else:
     torch = _Torch()
 
 
-def loaded() -> bool:
-    """Whether torch has been imported in this process (by anyone)."""
-    import sys
-
-    return "torch" in sys.modules
-
-
-__all__ = ["loaded", "torch"]
+__all__ = ["torch"]

@@ -95,7 +95,7 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
     plan = Plan(args.task, [args.expert, args.aux], [sel.operators[best]], [float(u[best])], [], float(u[best]))
     plan.arms = arm_table(sel, u)
     plan.intervals = plan_intervals(sel, None, plan.operators, plan.step_utility, [], None)
-    plan.flags = input_flags(sel, sel.standardise(x), plan.models, {m.name: m.task for m in catalog.models}, args.task)
+    plan.flags = input_flags(sel, sel.standardise(x), plan.models, catalog.model_tasks, args.task)
     plan.expert_alone = expert_alone(sel, None, None, 2, plan.score)
     what = TARGET_WORDS.get(sel.meta.get("target"), "value")
     print(f"{args.expert} + {args.aux} on {args.task}: choose {sel.operators[best]}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +32,18 @@ from simmerge_ray.merge.units import Piece, WorkUnit
 CRASH_ONCE_ENV = "SIMMERGE_TEST_CRASH_ONCE"
 
 Chunks = Callable[[], Iterator[tuple[int, list["torch.Tensor"]]]]
+
+
+def _prefetched(starts: Sequence[int], read: Callable[[int], list],
+                pool: ThreadPoolExecutor) -> Iterator[tuple[int, list]]:
+    """(start, read(n)) for each chunk n of `starts`, chunk n + 1 read on `pool` while chunk n
+    is used: the reading side of every chunk loop (torch buffers or the kernel's byte buffers)."""
+    pending = pool.submit(read, 0)
+    for n, start in enumerate(starts):
+        parts = pending.result()
+        if n + 1 < len(starts):
+            pending = pool.submit(read, n + 1)
+        yield start, parts
 
 
 def open_inputs(spec: MergeSpec) -> dict[str, Checkpoint]:
@@ -198,15 +210,7 @@ class UnitMerger:
             self._read += k * sum(p.element_size() for p in parts)
             return parts
 
-        def streamed():
-            pending = pool.submit(read, 0)
-            for n in range(len(starts)):
-                parts = pending.result()
-                if n + 1 < len(starts):
-                    pending = pool.submit(read, n + 1)
-                yield starts[n], parts
-
-        return streamed
+        return lambda: _prefetched(starts, read, pool)
 
     def _merge_chunks(self, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool,
                       pool: ThreadPoolExecutor) -> None:
@@ -300,8 +304,8 @@ class UnitMerger:
 
     def _merge_native(self, lib, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool,
                       pool: ThreadPoolExecutor) -> None:
-        """_merge_combination by the C kernel on byte buffers: no torch. The next chunk is read
-        while this one is combined; zero coefficients after the first are dropped, as there."""
+        """_merge_combination by the C kernel on byte buffers: no torch. Zero coefficients after
+        the first are dropped, as there."""
         task = self.tasks[piece.name]
         readers = [(self.ckpts[m], t) for m, t in task.all_reads]
         dtypes = [ck.entries[t].dtype for ck, t in readers]
@@ -320,11 +324,7 @@ class UnitMerger:
             self._read += sum(p.nbytes for p in parts)
             return parts
 
-        pending = pool.submit(read, 0)
-        for n, start in enumerate(starts):
-            parts = pending.result()
-            if n + 1 < len(starts):
-                pending = pool.submit(read, n + 1)
+        for start, parts in _prefetched(starts, read, pool):
             k = min(chunk, end - start)
             self._out_slot ^= 1
             out = self.scratch.bytes(("out", self._out_slot), chunk * size)[:k * size]

@@ -113,7 +113,7 @@ def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, k
     with one_thread():
         result = search(space, step_model, req.objective, keep=keep)
         if isinstance(step_model, SelectorStepModel):
-            tasks = {m.name: m.task for m in catalog.models}
+            tasks = catalog.model_tasks
             for plan in result.plans:
                 assess_plan(plan, step_model, tasks, req.objective)
     return result

@@ -69,7 +69,7 @@ def build_world(root: Path, n_models: int = 8, tasks: tuple[str, ...] = TASKS, s
 def synthetic_labels(features: pl.DataFrame, catalog: Catalog, rng: np.random.Generator) -> pl.DataFrame:
     """Utility per (task, expert of task, aux, operator): a known function of features, so
     the selector learns a rule that depends on the pair."""
-    experts = {m.name: m.task for m in catalog.models}
+    experts = catalog.model_tasks
     rows = []
     for r in features.iter_rows(named=True):
         if experts.get(r["a"]) != r["task"]:
