@@ -59,12 +59,13 @@ class Row:
     reference: str
     tol: tuple[float, float]
     tol_name: str
+    informative: bool = False  # measures a difference (reported) rather than checking a promise
 
 
 ROWS = (
     Row("hf cuda fp32 (TF32 off) vs hf cpu", "hf-cuda", "hf-cpu", FP32, "fp32"),
-    Row("hf cuda TF32 on vs hf cpu", "hf-cuda-tf32", "hf-cpu", TF32, "tf32"),
-    Row("hf cuda TF32 on vs TF32 off", "hf-cuda-tf32", "hf-cuda", TF32, "tf32"),
+    Row("hf cuda TF32 on vs hf cpu", "hf-cuda-tf32", "hf-cpu", TF32, "tf32", informative=True),
+    Row("hf cuda TF32 on vs TF32 off", "hf-cuda-tf32", "hf-cuda", TF32, "tf32", informative=True),
     Row("deepspeed cuda vs hf cuda", "ds-cuda", "hf-cuda", FP32, "fp32"),
     Row("deepspeed cuda vs hf cpu", "ds-cuda", "hf-cpu", FP32, "fp32"),
     Row("deepspeed cpu vs hf cpu", "ds-cpu", "hf-cpu", FP32, "fp32"),
@@ -181,19 +182,25 @@ def stage_hf(scratch: Path, out: Path) -> dict:
     from simmerge_ray.inference.backend import load_backend
 
     probes, result = _probes(scratch), {"device_info": _device_info()}
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # as an environment with TF32 on would
     start = time.perf_counter()
     backend = load_backend("hf", scratch / "model")
     result["load_s"] = time.perf_counter() - start
     result["device"] = str(backend.device)
-    passes = [("highest", "hf-cpu" if backend.device.type == "cpu" else "hf-cuda")]
+    # The back-end pins IEEE float32 matmuls when it loads, whatever the process asked for before
+    # (this stage asked for TF32 first): the first pass checks that pin. The second switches TF32
+    # on after loading, to measure what it would change (informative rows).
+    passes = [(None, "hf-cpu" if backend.device.type == "cpu" else "hf-cuda")]
     if backend.device.type == "cuda":
         passes.append(("high", "hf-cuda-tf32"))
     for precision, variant in passes:
-        torch.set_float32_matmul_precision(precision)  # "high" = TF32 matmuls, "highest" = IEEE float32
+        if precision is not None:
+            torch.set_float32_matmul_precision(precision)  # "high" = TF32 matmuls
         _, cold = _forward_all(backend, probes)
         records, warm = _forward_all(backend, probes)
         _save(scratch, variant, records)
-        result[variant] = {"matmul_precision": torch.get_float32_matmul_precision(),
+        result[variant] = {"matmul_precision": precision or "pinned by the back-end",
                            "cold": _timing(cold), "warm": _timing(warm)}
     return result
 
@@ -427,7 +434,8 @@ def comparisons(scratch: Path, cuda: bool) -> list[dict]:
             rows.append({**entry, "status": "not run", "note": f"no {row.variant if got is None else row.reference} records"})
             continue
         cmp = compare_records(got, ref, row.tol)
-        rows.append({**entry, **cmp, "status": "pass" if cmp["ok"] else "FAIL"})
+        status = "pass" if cmp["ok"] else ("info" if row.informative else "FAIL")
+        rows.append({**entry, **cmp, "status": status})
     return rows
 
 

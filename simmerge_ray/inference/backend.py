@@ -28,8 +28,14 @@ class Backend(Protocol):
 
 
 def pick_device() -> torch.device:
-    """CUDA where present (lent GPU, cluster node), otherwise CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """CUDA where present (lent GPU, cluster node), otherwise CPU. On CUDA, float32 matmuls are
+    pinned to IEEE precision: with TF32 (which an environment can switch on, e.g. NVIDIA's
+    containers) a probe's log-probs moved by up to 0.19 on an H200, and cached probe outputs
+    must not depend on where they were computed."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.set_float32_matmul_precision("highest")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def torch_dtype(name: str) -> torch.dtype:
