@@ -32,9 +32,9 @@ class LabelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     operators: tuple[str, ...] = Field(ARM_NAMES, description="arms measured on every 2-way pair")
     step_operators: tuple[str, ...] = Field(STEP_ARMS, description="arms used as steps of sampled 3-/4-way plans")
-    subsets_3: int = Field(12, ge=0)
-    subsets_4: int = Field(4, ge=0)
-    mixed_4: int = Field(12, ge=0, description="random mixed-operator plans per 4-way subset")
+    subsets_3: int = Field(8, ge=0)
+    subsets_4: int = Field(3, ge=0)
+    mixed_4: int = Field(8, ge=0, description="random mixed-operator plans per 4-way subset")
     seed: int = 0
     metric: Literal["accuracy", "score"] = Field(
         "accuracy", description="what utilities are computed on: greedy answer-token accuracy, or the likelihood score")
