@@ -149,7 +149,7 @@ def run(stage: str, argv: list[str] | None = None) -> int:
             raise storage.StorageError(f"{args.out}: output already exists (pass --overwrite to replace it)")
 
         from simmerge_ray import cli
-        from simmerge_ray.cli.common import init_ray
+        from simmerge_ray.ray_session import init_ray
 
         init_ray()
         for step in STAGES[stage].steps:
