@@ -124,7 +124,7 @@ def main() -> int:
     from ray import serve
 
     from simmerge_ray.bandit.service import serve_bandit
-    from simmerge_ray.cli.common import init_ray
+    from simmerge_ray.ray_session import init_ray
 
     work = Path(tempfile.mkdtemp(prefix="bench-bandit-"))
     labels, features = synthetic_tables(SyntheticBanditSpec(n_models=12, n_features=args.features))

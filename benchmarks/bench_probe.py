@@ -40,7 +40,7 @@ import torch
 
 from benchmarks._plain_probe_loop import plain_loop
 
-from simmerge_ray.cli.common import init_ray
+from simmerge_ray.ray_session import init_ray
 from simmerge_ray.features.functional_math import kl_per_position
 from simmerge_ray.inference.backend import load_backend
 from simmerge_ray.inference.cache import ProbeCache

@@ -30,7 +30,7 @@ import torch
 
 from simmerge_ray import resources
 from simmerge_ray.catalog import Catalog
-from simmerge_ray.cli.common import init_ray
+from simmerge_ray.ray_session import init_ray
 from simmerge_ray.features.structural import (StructuralOptions, batch_calls,
                                               compute_structural, open_rows)
 from simmerge_ray.features.structural_reads import ChunkReader

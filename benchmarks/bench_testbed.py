@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 import polars as pl
 
-from simmerge_ray.cli.common import init_ray
+from simmerge_ray.pipeline.layout import RunLayout
+from simmerge_ray.ray_session import init_ray
 from simmerge_ray.testbed.build import build_zoo
 from simmerge_ray.testbed.label_plans import LabelSettings
 from simmerge_ray.testbed.labels import run_labels
@@ -34,22 +35,23 @@ def main() -> int:
     ap.add_argument("--reuse-zoo", action="store_true", help="label an existing zoo in OUT/zoo instead of building")
     args = ap.parse_args()
     out = Path(args.out)
+    run = RunLayout(out)  # the pipeline's folders, so the demo's tools read this output too
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_ray()
     cfg = ZooConfig.load(args.config)
-    zoo = out / "zoo"
+    zoo = run.zoo
     t0 = time.perf_counter()
     if not args.reuse_zoo:
         build_zoo(cfg, zoo, overwrite=True)
     build_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    report = run_labels(zoo / "catalog.yaml", out / "labels", LabelSettings())
+    report = run_labels(run.catalog, run.labels, LabelSettings())
     label_s = time.perf_counter() - t1
 
     manifest = json.loads((zoo / "manifest.json").read_text())
     scores = pl.read_parquet(zoo / "scores.parquet").pivot(on="task", index="model", values="score")
-    summary = json.loads((out / "labels" / "label_summary.json").read_text())
-    gap = pl.read_parquet(out / "labels" / "gap_summary.parquet")
+    summary = json.loads(run.label_summary.read_text())
+    gap = pl.read_parquet(run.labels / "gap_summary.parquet")
     cpu = sum(c for _, c in manifest["train_seconds"].values())
     pl.Config.set_tbl_rows(50)
     pl.Config.set_tbl_cols(20)

@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 
 from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.pipeline.layout import RunLayout
 from simmerge_ray.planner.evaluate import PlanScorer
 from simmerge_ray.planner.proxy_accuracy import spearman
 from simmerge_ray.planner.request import build_step_model
@@ -41,15 +42,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/demo", help="a finished pipeline run (selector/, features/, labels/)")
     args = ap.parse_args()
-    run = Path(args.run).resolve()
-    model = build_step_model(run / "selector", run / "features")
+    run = RunLayout(Path(args.run).resolve())
+    model = build_step_model(run.selector, run.features)
     sel = model.selector
     cols = [model.names.index(n) for n in sel.feature_names]
-    train = load_pair_data(run / "features", run / "labels" / "labels.parquet").select_features(sel.feature_names)
+    train = load_pair_data(run.features, run.pair_labels).select_features(sel.feature_names)
     train_z = max_abs_z(train.x, sel.mean, sel.scale)
     cut = float(np.nanpercentile(train_z, 99))
 
-    plans = pl.read_parquet(run / "labels" / "labels_multiway.parquet").select(["task", "models", "operators"]).rows()
+    plans = pl.read_parquet(run.multiway_labels).select(["task", "models", "operators"]).rows()
     seen: set[tuple] = set()
     per_step: dict[int, list[float]] = {}
     for task, models, ops in plans:
@@ -65,7 +66,7 @@ def main() -> None:
     # Within each labelled (task, subset): predicted score against measured retention.
     scorer = PlanScorer(model)
     groups: dict[tuple, list[tuple[float, float]]] = {}
-    for task, models, ops, k, ret in pl.read_parquet(run / "labels" / "labels_multiway.parquet").select(
+    for task, models, ops, k, ret in pl.read_parquet(run.multiway_labels).select(
             ["task", "models", "operators", "k", "expert_retention"]).rows():
         groups.setdefault((k, task, tuple(sorted(models))), []).append((scorer.score(models, ops, task), ret))
     rank: dict[str, list[float]] = {}
@@ -74,7 +75,7 @@ def main() -> None:
         if rho == rho:
             rank.setdefault(f"{k}way", []).append(rho)
 
-    report = {"run": str(run), "training_rows": len(train), "training_max_abs_z_p99": cut,
+    report = {"run": str(run.root), "training_rows": len(train), "training_max_abs_z_p99": cut,
               "score_vs_retention_spearman": {k: {"groups": len(v), "mean": float(np.mean(v)),
                                                   "share_positive": float(np.mean(np.asarray(v) > 0))}
                                               for k, v in sorted(rank.items())},
@@ -83,7 +84,7 @@ def main() -> None:
         v = np.asarray(vals)
         report["steps"][str(j)] = {"inputs": len(v), "max_abs_z_median": float(np.median(v)),
                                    "share_beyond_training_p99": float((v > cut).mean())}
-    atomic_write_text(run / "multiway" / "planner_coverage.json", json.dumps(report, indent=2))
+    atomic_write_text(run.multiway / "planner_coverage.json", json.dumps(report, indent=2))
     print(f"\nselector training rows: {len(train)}; their largest |z| per row: median "
           f"{report['training_max_abs_z_median']:.2f}, 99th percentile {cut:.2f}")
     print(f"{'step':>5}{'distinct inputs':>17}{'median largest |z|':>20}{'share beyond training p99':>28}")
@@ -92,7 +93,7 @@ def main() -> None:
     for k, r in report["score_vs_retention_spearman"].items():
         print(f"{k}: planner score vs measured retention within a subset: mean Spearman {r['mean']:+.3f} "
               f"over {r['groups']} (task, subset) groups, positive in {100 * r['share_positive']:.0f}%")
-    print(f"\nwrote {run / 'multiway' / 'planner_coverage.json'}")
+    print(f"\nwrote {run.multiway / 'planner_coverage.json'}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ import yaml
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.merge.executor import ExecOptions
-from simmerge_ray.pipeline import run_command
+from simmerge_ray.features.structural import StructuralOptions
+from simmerge_ray.pipeline import features as feature_stages
+from simmerge_ray.pipeline.layout import RunLayout
 from simmerge_ray.planner.execute import execute_plan
 from simmerge_ray.merge.arms import STEP_ARMS
 from simmerge_ray.planner.plan import Plan
@@ -64,8 +66,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=8, help="sampled (A, B) pairs; each is merged with every operator")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    run, out = Path(args.run).resolve(), Path(args.out).resolve()
-    cat = Catalog.load(run / "zoo" / "catalog.yaml")
+    run, out = RunLayout(Path(args.run).resolve()), Path(args.out).resolve()
+    cat = Catalog.load(run.catalog)
     ops = list(STEP_ARMS)
     pairs = sample_pairs(cat, args.pairs, args.seed)
     t0 = time.perf_counter()
@@ -90,16 +92,16 @@ def main() -> None:
 
     # 2. Their actual features, with the same commands (zoo models' probe outputs come from the run's cache).
     feats = out / "features"
-    run_command(["features", "structural", "--catalog", out / "catalog.yaml", "--out", feats, "--overwrite"])
-    run_command(["features", "functional", "--catalog", out / "catalog.yaml", "--out", feats,
-          "--cache", run / "features" / "probe_cache"])
+    feature_stages.structural(out / "catalog.yaml", feats, StructuralOptions(overwrite=True))
+    feature_stages.functional(feature_stages.ProbeRequest(out / "catalog.yaml", feats, feature_stages.run_options(),
+                                                          cache=run.features / "probe_cache"))
     actual_table = pl.read_parquet(feats / "features.parquet")
     measured_s = time.perf_counter() - t0 - built_s
 
     # 3. The planner's values for the same (M, C, task) rows, from the run's own features.
-    run_table = pl.read_parquet(run / "features" / "features.parquet")
+    run_table = pl.read_parquet(run.feature_table)
     columns = [c for c in feature_columns(run_table) if c in actual_table.columns]
-    grams = GramTable.load(run / "features")
+    grams = GramTable.load(run.features)
     proxy_cols = [c for c in columns if c.startswith(PROXY_PREFIXES)]
     lookup = PairLookup(run_table, proxy_cols)
     index = {k: i for i, k in enumerate(actual_table.select(["a", "b", "task"]).rows())}
@@ -114,7 +116,7 @@ def main() -> None:
         rows[op][0].append(pred)
         rows[op][1].append(actual_x[[index[(name, c, task)] for c in others]])
 
-    report = {"run": str(run), "pairs": [list(p) for p in pairs], "operators": ops,
+    report = {"run": str(run.root), "pairs": [list(p) for p in pairs], "operators": ops,
               "seconds": {"build": built_s, "measure": measured_s}, "by_operator": {}}
     for op, (pred, act) in rows.items():
         per_col = compare_columns(np.vstack(pred), np.vstack(act), columns)

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import polars as pl
 
+from simmerge_ray.pipeline.layout import RunLayout
+
 
 def main() -> None:
-    run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
-    scores = pl.read_parquet(run / "zoo" / "scores.parquet")
+    run = RunLayout(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo"))
+    scores = pl.read_parquet(run.zoo / "scores.parquet")
     tasks = sorted(scores["task"].unique().to_list())
     wide = scores.pivot(on="task", index=["model", "model_task"], values="score").sort(
         ["model_task", "model"], nulls_last=False)
@@ -23,8 +25,8 @@ def main() -> None:
     print("|---|---|" + "---:|" * len(tasks))
     for row in wide.iter_rows(named=True):
         print(f"| {row['model']} | {row['model_task'] or '-'} | " + " | ".join(f"{row[t]:.3f}" for t in tasks) + " |")
-    pair = pl.read_parquet(run / "labels" / "labels.parquet")
-    multi = pl.read_parquet(run / "labels" / "labels_multiway.parquet")
+    pair = pl.read_parquet(run.pair_labels)
+    multi = pl.read_parquet(run.multiway_labels)
     counts = multi.group_by("k").len().sort("k")
     print(f"\nLabels: {pair.height} two-way merges ({pair.select(['task', 'expert', 'aux']).unique().height} "
           f"expert-auxiliary pairs x {pair['operator'].n_unique()} operators); "

@@ -5,6 +5,9 @@ path or URI, resource asks), exports the asks as SIMMERGE_* variables for the li
 cluster it was submitted to (RAY_ADDRESS, set by `ray job submit` and by KubeRay) or starts a
 local Ray, runs the command, and publishes the output to object storage when `--out` is a URI.
 Flags the job does not know are passed on to the command unchanged.
+
+simmerge_ray is imported from the job's working directory (`ray job submit --working-dir .` puts
+it first on PYTHONPATH) or, run without Ray, from the installed package (`pip install -e .`).
 """
 
 from __future__ import annotations
@@ -18,12 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("simmerge_ray") is None:  # run from a Ray working_dir, not installed
-    sys.path.insert(0, str(REPO_ROOT))
-
-from simmerge_ray import resources, storage  # noqa: E402
-from simmerge_ray.errors import SimMergeError  # noqa: E402
+from simmerge_ray import resources, storage
+from simmerge_ray.errors import SimMergeError
 
 NOT_AVAILABLE = 3  # exit status of a job whose stage this version does not have yet
 
@@ -149,7 +148,7 @@ def run(stage: str, argv: list[str] | None = None) -> int:
             raise storage.StorageError(f"{args.out}: output already exists (pass --overwrite to replace it)")
 
         from simmerge_ray import cli
-        from simmerge_ray.cli.common import init_ray
+        from simmerge_ray.ray_session import init_ray
 
         init_ray()
         for step in STAGES[stage].steps:

@@ -17,7 +17,7 @@ from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, make_famil
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, plan_merge, run_merge
 from simmerge_ray.merge.operators import combine_native
-from simmerge_ray.merge.unit_merger import UnitMerger
+from simmerge_ray.merge.piece_routes import PieceRoutes, open_inputs
 
 SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=1, num_heads=4, vocab_size=64)
 
@@ -78,8 +78,8 @@ def test_kernel_gives_the_torch_paths_bytes(models: Path, tmp_path: Path, kernel
     native = _merge(models, tmp_path / "native", CASES[case], kernel=True)
     spec, opts = MergeSpec.load(models / "combine.yaml"), ExecOptions()
     plan = plan_merge(spec, opts)
-    merger = UnitMerger(spec, plan.tasks, opts.stream_bytes, opts.chunk_elems)
-    assert not merger.uses_torch(plan.units)  # every tensor went through the kernel
+    routes = PieceRoutes(spec, plan.tasks, open_inputs(spec), opts.stream_bytes, opts.chunk_elems)
+    assert not routes.uses_torch(plan.units)  # every tensor went through the kernel
     reference = _merge(models, tmp_path / "torch", CASES[case], kernel=False)
     assert native and native == reference
 

@@ -3,6 +3,7 @@ cluster manifests' asks are the jobs' asks, and fit the node types each job decl
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import sys
@@ -64,12 +65,12 @@ def test_declared_node_types_inline_autoscaler_config_and_manifest(tmp_path: Pat
 
 
 def _entry():
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        import _entry
-    finally:
-        sys.path.remove(str(REPO / "jobs"))
-    return _entry
+    """jobs/_entry.py as a module, as a job script imports it (from the script's own folder)."""
+    spec = importlib.util.spec_from_file_location("_entry", REPO / "jobs" / "_entry.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_entry"] = module  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)

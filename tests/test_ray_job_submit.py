@@ -3,6 +3,7 @@ of what the shared entry code does before Ray is involved."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -31,12 +32,12 @@ EXCLUDES = [".venv", "runs", "out", ".git", ".cache", "**/__pycache__", ".pytest
 
 
 def _load_entry():
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        import _entry
-    finally:
-        sys.path.remove(str(REPO / "jobs"))
-    return _entry
+    """jobs/_entry.py as a module, as a job script imports it (from the script's own folder)."""
+    spec = importlib.util.spec_from_file_location("_entry", REPO / "jobs" / "_entry.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_entry"] = module  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
 
 
 class RayHead:

@@ -88,7 +88,7 @@ def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.Argumen
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simmerge_ray.cli.common import set_verbose
+    from simmerge_ray.ray_session import set_verbose
 
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)

@@ -29,10 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from simmerge_ray.cli.common import init_ray, verdict_line
+    from simmerge_ray.cli.common import verdict_line
     from simmerge_ray.pipeline import PipelineSettings
     from simmerge_ray.pipeline import run as run_pipeline
+    from simmerge_ray.ray_session import init_ray
     from simmerge_ray.report.summary import write_report
+    from simmerge_ray.testbed.label_plans import LabelSettings
 
     out = Path(args.out).resolve()
     init_ray(args.address)
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
                                 folds=args.folds, sim_repeats=args.sim_repeats, seed=args.seed)
     if args.quick:
         settings.tune_samples, settings.folds, settings.sim_repeats = 0, 3, 2
-        settings.label_args = ["--subsets-3", "3", "--subsets-4", "2", "--mixed-4", "2"]
+        settings.labels = LabelSettings(subsets_3=3, subsets_4=2, mixed_4=2)
     timings = run_pipeline(settings)
     report = write_report(out, timings)
     p = report["pairwise"]

@@ -12,8 +12,6 @@ import argparse
 import importlib
 from pathlib import Path
 
-from simmerge_ray.cli.common import human_bytes, human_rate, init_ray
-
 # Modules under simmerge_ray.cli adding a `simmerge features <kind>` sub-command.
 FEATURE_MODULES: tuple[str, ...] = ("features_functional",)
 
@@ -49,26 +47,10 @@ def _register_structural(kinds: argparse._SubParsersAction) -> None:
 
 
 def run_structural(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from simmerge_ray.features.structural import StructuralOptions
+    from simmerge_ray.pipeline.features import structural
 
-    from simmerge_ray.catalog import Catalog
-    from simmerge_ray.features.structural import StructuralOptions, check_structural_out, compute_structural
-
-    catalog = Catalog.load(args.catalog)
-    check_structural_out(catalog, Path(args.out), args.overwrite)
-    init_ray(args.address)
     opts = StructuralOptions(workers=args.workers, chunk_elems=args.chunk_elems, precision=args.precision,
                              use_cache=not args.no_cache, overwrite=args.overwrite)
-    with tqdm(desc="structural pass", unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-              disable=None) as bar:  # no bar where stderr is not a terminal
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        run = compute_structural(catalog, args.out, opts, progress)
-    read = run.total_bytes_read
-    print(f"structural features of {len(run.models)} models"
-          f"{' with base ' + run.base if run.base else ''}: {run.tensors} tensors "
-          f"({run.tensors_computed} computed, {run.pairs_cached} row pairs from cache) -> {run.out}")
-    print(f"read {human_bytes(read)} in {run.seconds:.1f} s" + (f" ({human_rate(read, run.seconds)})" if read else ""))
+    structural(Path(args.catalog), Path(args.out), opts, address=args.address)
     return 0

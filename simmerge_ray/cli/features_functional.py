@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from simmerge_ray.cli.probe import add_probe_flags, print_summary, probe_from_args, write_manifest
+from simmerge_ray.cli.probe import add_probe_flags, probe_request
 
 
 def register_feature(kinds: argparse._SubParsersAction) -> None:
@@ -21,12 +21,7 @@ def register_feature(kinds: argparse._SubParsersAction) -> None:
 
 
 def run_functional(args: argparse.Namespace) -> int:
-    from simmerge_ray.features.functional import write_functional_features
-    from simmerge_ray.features.joined import FUNCTIONAL_FILE, JOINED_FILE
+    from simmerge_ray.pipeline.features import functional
 
-    run = probe_from_args(args, require_comparable=True, outputs=(FUNCTIONAL_FILE, JOINED_FILE))
-    print_summary(run)
-    write_manifest(run)
-    for what, path in write_functional_features(run.plans, run.out).items():
-        print(f"wrote {what}: {path}")
+    functional(probe_request(args))
     return 0

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from simmerge_ray.cli.common import human_bytes, human_rate, init_ray
+from simmerge_ray.cli.common import human_bytes, human_rate
+from simmerge_ray.ray_session import init_ray
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.out_checks import check_output
 

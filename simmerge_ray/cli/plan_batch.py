@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simmerge_ray import resources
-    from simmerge_ray.cli.common import init_ray
+    from simmerge_ray.ray_session import init_ray
     from simmerge_ray.planner.batch import BatchSettings, run_batch
 
     settings = BatchSettings(

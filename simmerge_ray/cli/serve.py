@@ -124,7 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from simmerge_ray.bandit.service import serve_bandit
-    from simmerge_ray.cli.common import init_ray
+    from simmerge_ray.ray_session import init_ray
 
     init_ray()
     # The actor is owned by this process: keep its handle alive for as long as we serve (a

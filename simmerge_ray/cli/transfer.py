@@ -15,9 +15,6 @@ from pathlib import Path
 from simmerge_ray.cli.common import verdict_line
 from simmerge_ray.merge.arms import ARM_NAMES
 
-# Pairwise labels only: the multi-way labels are not needed to judge a pairwise selector.
-PAIRWISE_ONLY = ["--subsets-3", "0", "--subsets-4", "0", "--mixed-4", "0"]
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("transfer", help="apply a fitted selector unchanged to another zoo and judge it",
@@ -37,24 +34,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from simmerge_ray.cli.common import init_ray
     from simmerge_ray.io.atomic import atomic_output_dir
     from simmerge_ray.io.out_checks import check_output
-    from simmerge_ray.pipeline import PipelineSettings
+    from simmerge_ray.pipeline import PipelineSettings, RunLayout
     from simmerge_ray.pipeline import run as run_pipeline
+    from simmerge_ray.ray_session import init_ray
     from simmerge_ray.selector.data import load_pair_data
     from simmerge_ray.selector.evaluate import evaluate_transfer, gap_chart
     from simmerge_ray.selector.model import Selector
+    from simmerge_ray.testbed.label_plans import LabelSettings
 
     sel = Selector.load(args.selector)  # fail on a bad folder before hours of zoo building
     out = Path(args.out).resolve()
+    layout = RunLayout(out)
     inputs = [args.selector, args.zoo_config]
-    check_output(out / "transfer", overwrite=True, inputs=inputs)
+    check_output(layout.transfer, overwrite=True, inputs=inputs)
     init_ray(args.address)
+    # Pairwise labels only: the multi-way labels are not needed to judge a pairwise selector.
     settings = PipelineSettings(Path(args.zoo_config).resolve(), out, tune_samples=args.tune_samples,
-                                folds=args.folds, seed=args.seed, label_args=PAIRWISE_ONLY)
+                                folds=args.folds, seed=args.seed,
+                                labels=LabelSettings(subsets_3=0, subsets_4=0, mixed_4=0))
     timings = run_pipeline(settings, until="labels" if args.no_reference else "selector_eval")
-    data = load_pair_data(out / "features", out / "labels" / "labels.parquet")
+    data = load_pair_data(layout.features, layout.pair_labels)
     report = {
         "source_selector": str(Path(args.selector).resolve()),
         "source_rows": sel.meta.get("rows"),
@@ -62,10 +63,9 @@ def run(args: argparse.Namespace) -> int:
         "transfer": evaluate_transfer(sel, data),
         "timings": timings,
     }
-    ref_file = out / "selector_eval" / "selector_report.json"
-    if not args.no_reference and ref_file.exists():
-        report["in_zoo"] = json.loads(ref_file.read_text())["held_out_pairs"]
-    with atomic_output_dir(out / "transfer", overwrite=True, inputs=inputs) as tmp:
+    if not args.no_reference and layout.selector_report.exists():
+        report["in_zoo"] = json.loads(layout.selector_report.read_text())["held_out_pairs"]
+    with atomic_output_dir(layout.transfer, overwrite=True, inputs=inputs) as tmp:
         (tmp / "transfer.json").write_text(json.dumps(report, indent=2))
         gap_chart(report["transfer"], tmp / "utility_transfer.png",
                   "utility on the target zoo, selector fitted on the source zoo")

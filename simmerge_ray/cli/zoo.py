@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from simmerge_ray.cli.common import init_ray
-from simmerge_ray.io.out_checks import check_output
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     zoo = subparsers.add_parser("zoo", help="the testbed: train a zoo of small domain experts")
@@ -54,41 +51,18 @@ def _label_default(field: str) -> object:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from simmerge_ray.testbed.build import build_zoo
-    from simmerge_ray.testbed.zoo_config import ZooConfig
+    from simmerge_ray.pipeline.zoo import build
 
-    cfg = ZooConfig.load(args.config)
-    check_output(args.out, overwrite=args.overwrite, inputs=[args.config])
-    init_ray(args.address)
-    catalog = build_zoo(cfg, Path(args.out), overwrite=args.overwrite)
-    print(f"zoo: {len(cfg.experts())} experts + base -> {catalog}")
+    build(Path(args.config), Path(args.out), overwrite=args.overwrite, address=args.address)
     return 0
-
-
-def _check_eval_files(catalog, tasks: set[str]) -> None:
-    """Every eval file readable, each line a prompt and an answer (strings): checked here, since
-    in an actor a bad file surfaces as an actor's death long after Ray started."""
-    from simmerge_ray.errors import ConfigError
-    from simmerge_ray.testbed.evaluate import load_examples
-
-    for task in sorted(tasks):
-        path = catalog.tasks[task].eval
-        try:
-            examples = load_examples(path)
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read the eval set of task {task!r} ({e})") from None
-        for i, ex in enumerate(examples, start=1):
-            if not (isinstance(ex.prompt, str) and isinstance(ex.answer, str) and ex.prompt and ex.answer):
-                raise ConfigError(f"{path}: example {i}: 'prompt' and 'answer' must be non-empty strings")
 
 
 def run_label(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from simmerge_ray.catalog import Catalog
     from simmerge_ray.errors import ConfigError
+    from simmerge_ray.pipeline.zoo import label
     from simmerge_ray.testbed.label_plans import LabelSettings
-    from simmerge_ray.testbed.labels import check_label_catalog, run_labels
 
     overrides = {k: v for k, v in (("subsets_3", args.subsets_3), ("subsets_4", args.subsets_4),
                                    ("mixed_4", args.mixed_4), ("workers", args.workers), ("seed", args.seed),
@@ -99,19 +73,5 @@ def run_label(args: argparse.Namespace) -> int:
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
-    catalog = Catalog.load(args.catalog)
-    _check_eval_files(catalog, set(check_label_catalog(catalog).values()))  # fail before starting Ray
-    init_ray(args.address)
-    rep = run_labels(Path(args.catalog), Path(args.out), settings, max_plans=args.max_plans)
-    state = "complete: tables written" if rep.complete else "incomplete: rerun to resume"
-    print(f"label: {rep.computed} measured, {rep.cached} cached of {rep.total} plans in {rep.seconds:.0f}s ({state}) -> {rep.out}")
-    if rep.complete:
-        import json
-
-        info = json.loads((rep.out / "label_summary.json").read_text())
-        dropped = info["dropped_2way_small_gap"]
-        print(f"labels: {info['labels_2way']} labelled pairs"
-              + (f" ({dropped} dropped: the expert's and the auxiliary's scores differ by less than "
-                 f"{info['gap_epsilon']:g}, so GapClosed is undefined)" if dropped else "")
-              + f"; {info['labels_3way']} 3-way and {info['labels_4way']} 4-way plans")
+    label(Path(args.catalog), Path(args.out), settings, max_plans=args.max_plans, address=args.address)
     return 0

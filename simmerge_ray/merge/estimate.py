@@ -2,7 +2,7 @@
 
 Everything `run_merge` checks before reading a tensor is checked here too (inputs, parameters,
 tokenizer, output folder). Bytes and peak memory come from the engine's own decisions per work
-unit (UnitMerger.piece_cost); the time is the input bytes over the per-worker rates that
+unit (PieceRoutes.piece_cost); the time is the input bytes over the per-worker rates that
 `benchmarks/bench_merge.py` measured on this project's 2-core VM (README, "Benchmarks"), split
 over the workers: another machine scales them, so the estimate is an order of magnitude, not a
 promise. The command's start-up is not included: 0.3 s, plus 3-4 s of importing torch for
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, plan_merge
-from simmerge_ray.merge.unit_merger import UnitMerger
+from simmerge_ray.merge.piece_routes import PieceRoutes, open_inputs
 
 # Input bytes per second per worker, by how the engine merges a tensor: medians of three runs of
 # benchmarks/bench_merge.py (bf16, warm page cache, 2 workers). "whole" (SLERP and the other
@@ -39,12 +39,12 @@ class MergeEstimate:
 
 def estimate_merge(spec: MergeSpec, opts: ExecOptions = ExecOptions()) -> MergeEstimate:
     plan = plan_merge(spec, opts)
-    merger = UnitMerger(spec, plan.tasks, opts.stream_bytes, opts.chunk_elems)
+    routes = PieceRoutes(spec, plan.tasks, open_inputs(spec), opts.stream_bytes, opts.chunk_elems)
     read = peak = 0
     worker_seconds = 0.0
     for unit in plan.units:
         for piece in unit.pieces:
-            r, held, kind = merger.piece_cost(piece)
+            r, held, kind = routes.piece_cost(piece)
             read += r
             peak = max(peak, held)
             worker_seconds += r / INPUT_BYTES_PER_S[kind]

@@ -31,7 +31,7 @@ from simmerge_ray.merge.progress import Progress
 from simmerge_ray.merge.tensor_merge import compute_code, tensor_compute
 from simmerge_ray.merge.tensor_plan import TensorTask, output_layers, plan_tensors
 from simmerge_ray.merge.tokenizer import BuiltVocabulary, build_vocabulary
-from simmerge_ray.merge.unit_merger import open_inputs
+from simmerge_ray.merge.piece_routes import open_inputs
 from simmerge_ray.merge.units import ShardPlan, WorkUnit, plan_shards, plan_units
 
 PLACEMENTS = ("local", "ray")

@@ -17,6 +17,7 @@ from pathlib import Path
 from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.merge.config import MergeSpec
+from simmerge_ray.merge.piece_routes import PieceRoutes, open_inputs
 from simmerge_ray.merge.progress import Progress
 from simmerge_ray.merge.tensor_plan import TensorTask
 from simmerge_ray.merge.unit_merger import CRASH_ONCE_ENV, UnitMerger
@@ -42,7 +43,7 @@ def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUni
 
     # torch (when the merge needs it: a linear merge by the C kernel never imports it) runs
     # threads_per_worker threads per op during the merge, restored afterwards
-    uses_torch = UnitMerger(spec, tasks, stream_bytes, chunk_elems).uses_torch(units)
+    uses_torch = PieceRoutes(spec, tasks, open_inputs(spec), stream_bytes, chunk_elems).uses_torch(units)
     saved = torch.get_num_threads() if uses_torch else None
     if saved is not None:
         torch.set_num_threads(max(1, threads_per_worker))

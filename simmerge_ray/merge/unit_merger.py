@@ -15,15 +15,14 @@ from pathlib import Path
 import numpy as np
 from simmerge_ray.lazy_torch import torch
 
-from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, BackgroundWriter, RangeWriter
 from simmerge_ray.merge.config import MergeSpec
-from simmerge_ray.merge.operators import MergeInputs
+from simmerge_ray.merge.operators import MergeInputs, combine_native, ties_native
 from simmerge_ray.merge.operators.magnitude_select import MagnitudeSelect
-from simmerge_ray.merge.operators import combine_native, ties_native
 from simmerge_ray.merge.operators.scratch import Scratch
 from simmerge_ray.merge.operators.task_arithmetic import variant_of
-from simmerge_ray.merge.tensor_merge import check_finite, merge_tensor, nonfinite_error, working_dtype
+from simmerge_ray.merge.piece_routes import PieceRoutes, open_inputs
+from simmerge_ray.merge.tensor_merge import check_finite, merge_tensor, nonfinite_error
 from simmerge_ray.merge.tensor_plan import TensorTask
 from simmerge_ray.merge.units import Piece, WorkUnit
 
@@ -46,11 +45,6 @@ def _prefetched(starts: Sequence[int], read: Callable[[int], list],
         yield start, parts
 
 
-def open_inputs(spec: MergeSpec) -> dict[str, Checkpoint]:
-    """Every input's index and config (headers only), by the config's model reference."""
-    return {m.ref: Checkpoint.open(m.path) for m in spec.inputs}
-
-
 class UnitMerger:
     """Merges work units into preallocated output files; one per worker thread or Ray actor.
 
@@ -60,7 +54,8 @@ class UnitMerger:
     unless its float32 working set exceeds `stream_bytes` (then SLERP streams too, a first pass
     giving its Gram matrix). A tensor that needs several passes (SLERP's Gram, TIES's magnitude
     threshold) and whose inputs fit in `stream_bytes` is read once and kept for the passes.
-    Each tensor computes in its own dtype (TensorTask.compute, fixed by the plan).
+    Each tensor computes in its own dtype (TensorTask.compute, fixed by the plan). Which of these
+    paths a piece takes is decided by PieceRoutes (piece_routes.py), which the dry run prices.
     """
 
     def __init__(self, spec: MergeSpec, tasks: dict[str, TensorTask], stream_bytes: int, chunk_elems: int,
@@ -69,28 +64,14 @@ class UnitMerger:
             torch.set_num_threads(max(1, threads))
         self.spec = spec
         self.tasks = tasks
-        self.stream_bytes = stream_bytes
-        self.chunk_elems = max(1, chunk_elems)
-        self.ckpts = open_inputs(spec)
+        self.routes = PieceRoutes(spec, tasks, open_inputs(spec), stream_bytes, chunk_elems)
+        self.ckpts = self.routes.ckpts
+        self.chunk_elems = self.routes.chunk_elems
         self.progress = progress
         self.scratch = Scratch()
         self._units_done = 0
         self._read = 0
         self._out_slot = 0
-
-    @staticmethod
-    def _compute(task: TensorTask) -> torch.dtype:
-        """The dtype the tensor computes in (TensorTask.compute)."""
-        return DTYPE_TO_TORCH[task.compute]
-
-    def _work(self, task: TensorTask) -> torch.dtype:
-        """The dtype the method's function receives for the tensor (see working_dtype)."""
-        return working_dtype(self.spec, self._compute(task))
-
-    def uses_torch(self, units: list[WorkUnit]) -> bool:
-        """Whether merging `units` needs torch: not when every piece is a combination the C
-        kernel runs (a linear merge: torch is then never imported)."""
-        return any(self._native(p) is None for u in units for p in u.pieces)
 
     def run(self, unit: WorkUnit, path: str, allow_nonfinite: bool) -> dict:
         """Merge `unit` into the preallocated file `path` (its pieces' byte ranges only)."""
@@ -102,7 +83,7 @@ class UnitMerger:
 
         def fetch(i: int):
             # Tensors merged by a chunk loop read their own chunks, never a whole tensor here.
-            return None if i >= len(pieces) or self._fused(pieces[i].name) else pool.submit(self._read_inputs, pieces[i].name)
+            return None if i >= len(pieces) or self.routes.fused(pieces[i].name) else pool.submit(self._read_inputs, pieces[i].name)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-reader") as pool:
             pending = fetch(0)
@@ -133,53 +114,6 @@ class UnitMerger:
         if self.progress is not None:
             self.progress(elements, tensors)
 
-    def _fused(self, name: str) -> bool:
-        """Merge with a chunk loop: always for a fixed linear combination (linear, task
-        arithmetic) and for TIES and kin (each model's magnitude threshold is found by chunk
-        passes first); for SLERP when the tensor's float32 working set exceeds the budget (its
-        coefficients need a first pass over the chunks for the Gram matrix)."""
-        method = self.spec.method
-        if self.tasks[name].vocab is not None:  # rows remapped to the output vocabulary: whole
-            return False
-        if method.elementwise or method.chunked is not None:
-            return True
-        if method.combination is None:
-            return False
-        reads = self.tasks[name].all_reads
-        numel = self.ckpts[reads[0][0]].entries[reads[0][1]].numel
-        return 4 * numel * (len(reads) + 2) > self.stream_bytes
-
-    def piece_cost(self, piece: Piece) -> tuple[int, int, str]:
-        """(bytes read, peak bytes held, kind) of merging `piece`, by the same decisions `run`
-        takes: what `simmerge merge --dry-run` reports. kind: "combination" (a fixed linear
-        combination), "chunked" (TIES and kin), "whole" (one whole tensor at a time)."""
-        task = self.tasks[piece.name]
-        sizes = [DTYPE_BYTES[self.ckpts[m].entries[t].dtype] for m, t in task.all_reads]
-        stored = piece.count * sum(sizes)
-        if not self._fused(piece.name):
-            return stored, stored + 4 * piece.count * (len(sizes) + 2), "whole"
-        chunk = min(self.chunk_elems, piece.count)
-        buffers = chunk * (2 * sum(sizes) + 2 * DTYPE_BYTES[piece.dtype] + 4 * (len(sizes) + 8))
-        kind, passes = self._passes(task)
-        if self._kept(passes, stored):
-            return stored, stored + buffers, kind
-        return passes * stored, buffers, kind
-
-    def _passes(self, task: TensorTask) -> tuple[str, int]:
-        """(kind, passes over the inputs) of a tensor merged by a chunk loop: "combination" (a
-        fixed linear combination; SLERP's Gram matrix takes a first pass) or "chunked" (TIES and
-        kin; one threshold pass per sparsified model, two in float32)."""
-        method = self.spec.method
-        if method.combination is not None and not self._rounds_inside(task):
-            return "combination", 2 if method.combination_needs_gram else 1
-        selecting = method.chunked_masks and any(float(d) < 1 for d in task.per_model["density"])
-        work_bytes = DTYPE_BYTES[task.compute] if method.native_dtype else 4
-        return "chunked", 1 + (2 if work_bytes == 4 else 1) * selecting
-
-    def _kept(self, passes: int, nbytes: int) -> bool:
-        """Inputs read once and kept for every pass: several passes, and they fit in stream_bytes."""
-        return passes > 1 and nbytes <= self.stream_bytes
-
     def _buffer(self, key: tuple, dtype: torch.dtype) -> torch.Tensor:
         return self.scratch.get(key, self.chunk_elems, dtype)
 
@@ -193,7 +127,7 @@ class UnitMerger:
         starts = list(range(piece.start, end, chunk))
         readers = [(self.ckpts[model], name) for model, name in reads]
         nbytes = piece.count * sum(DTYPE_BYTES[ck.entries[name].dtype] for ck, name in readers)
-        if self._kept(passes, nbytes):
+        if self.routes.kept(passes, nbytes):
             whole = [ck.read_range(name, piece.start, piece.count) for ck, name in readers]
             self._read += nbytes
 
@@ -217,20 +151,14 @@ class UnitMerger:
         """A piece merged by a chunk loop (see `_fused`)."""
         if piece.count == 0:
             return
-        lib = self._native(piece)
+        lib = self.routes.native(piece)
         if lib is not None:
             self._merge_native(lib, piece, writer, allow_nonfinite, pool)
             return
-        kind, passes = self._passes(self.tasks[piece.name])
+        kind, passes = self.routes.passes(self.tasks[piece.name])
         chunks = self._chunks(piece, self.tasks[piece.name].all_reads, pool, passes)
         merge = self._merge_combination if kind == "combination" else self._merge_chunked
         merge(piece, writer, allow_nonfinite, chunks, passes)
-
-    def _rounds_inside(self, task: TensorTask) -> bool:
-        """The method computes in a half-precision compute dtype (task arithmetic in bf16): its
-        float32 combination would skip mergekit's intermediate rounding, so the chunked form runs."""
-        method = self.spec.method
-        return method.native_dtype and task.compute != "F32" and method.chunked is not None
 
     @staticmethod
     def _rounded(x: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
@@ -239,11 +167,11 @@ class UnitMerger:
 
     def _working(self, x: torch.Tensor, task: TensorTask) -> torch.Tensor:
         """An input chunk as the method's function receives it (see working_dtype)."""
-        return self._rounded(x, self._compute(task)).to(self._work(task))
+        return self._rounded(x, self.routes.compute(task)).to(self.routes.work(task))
 
     def _write_chunk(self, piece: Piece, writer: BackgroundWriter, start: int, values: torch.Tensor,
                      allow_nonfinite: bool) -> None:
-        out_dtype, compute = DTYPE_TO_TORCH[piece.dtype], self._compute(self.tasks[piece.name])
+        out_dtype, compute = DTYPE_TO_TORCH[piece.dtype], self.routes.compute(self.tasks[piece.name])
         if out_dtype != compute:  # rounded to the compute dtype first, as mergekit rounds it
             values = values.to(compute)
         self._out_slot ^= 1  # two output buffers: one being written while the other fills
@@ -259,7 +187,7 @@ class UnitMerger:
         linear), chunk by chunk into reused buffers (a first pass gives SLERP's Gram matrix: the
         piece is the whole tensor)."""
         spec, task = self.spec, self.tasks[piece.name]
-        n_src, compute = len(task.reads), self._compute(task)
+        n_src, compute = len(task.reads), self.routes.compute(task)
         gram = None
         if spec.method.combination_needs_gram:  # its first pass: the Gram matrix
             gram = np.zeros((n_src, n_src))
@@ -289,18 +217,6 @@ class UnitMerger:
             return method.combination_terms(task.options, task.per_model)
         coeffs, base_coeff = method.combination(gram, task.options, task.per_model)
         return ([*coeffs, base_coeff] if task.base is not None else list(coeffs)), 1.0
-
-    def _native(self, piece: Piece):
-        """The combination kernel when it merges `piece` (a combination without a Gram pass,
-        safetensors inputs, dtypes it covers, SIMMERGE_COMBINE_KERNEL not 0), else None."""
-        task = self.tasks[piece.name]
-        if not self._fused(piece.name) or self._passes(task) != ("combination", 1):
-            return None
-        if not all(self.ckpts[m].is_safetensors for m, _ in task.all_reads):
-            return None
-        lib = combine_native.load()
-        stored = [self.ckpts[m].entries[t].dtype for m, t in task.all_reads]
-        return lib if combine_native.usable(lib, task.compute, stored, piece.dtype) else None
 
     def _merge_native(self, lib, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool,
                       pool: ThreadPoolExecutor) -> None:
@@ -346,7 +262,7 @@ class UnitMerger:
         selects = [MagnitudeSelect(piece.count, float(d), bool(options["rescale"]))
                    if float(d) < 1 and spec.method.chunked_masks else None for d in per_model["density"]]
         selecting = any(s is not None for s in selects)
-        lib = self._ties_kernel(task, selecting)
+        lib = self.routes.ties_kernel(task, selecting)
         if lib is not None:
             self._merge_fused(lib, piece, writer, allow_nonfinite, chunks, selects, passes)
             return
@@ -364,15 +280,6 @@ class UnitMerger:
             self._write_chunk(piece, writer, start, spec.method.chunked(inp, masks, scratch=self.scratch),
                               allow_nonfinite)
 
-    def _ties_kernel(self, task: TensorTask, selecting: bool):
-        """The fused TIES kernel when it covers this tensor (see ties_native.usable), else None."""
-        if variant_of(self.spec.method) is None or self._work(task) != self._compute(task):
-            return None
-        lib = ties_native.load()
-        stored = [DTYPE_TO_TORCH[self.ckpts[m].entries[t].dtype] for m, t in task.all_reads]
-        rescaled = selecting and bool(task.options["rescale"])
-        return lib if ties_native.usable(lib, self._work(task), stored, rescaled) else None
-
     def _merge_fused(self, lib, piece: Piece, writer: BackgroundWriter, allow_nonfinite: bool, chunks: Chunks,
                      selects: list[MagnitudeSelect | None], passes: int) -> None:
         """_merge_chunked's passes, each one fused loop of the C kernel per chunk."""
@@ -383,7 +290,7 @@ class UnitMerger:
                 ties_native.histogram_pass(lib, parts[:-1], parts[-1], selects, second=n == 1)
         masks = [s.mask() if s is not None else None for s in selects]
         for start, parts in chunks():
-            out = self._buffer(("ties",), self._work(task))[:parts[0].numel()]
+            out = self._buffer(("ties",), self.routes.work(task))[:parts[0].numel()]
             ties_native.merge_chunk(lib, parts[:-1], parts[-1], masks, task.per_model["weight"],
                                     consensus=variant.consensus, normalize=bool(task.options["normalize"]),
                                     lam=float(task.options["lambda"]), out=out)

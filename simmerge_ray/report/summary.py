@@ -8,6 +8,7 @@ from pathlib import Path
 
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.merge.arms import ARM_NAMES, PAPER_ARMS, STEP_ARMS
+from simmerge_ray.pipeline.layout import RunLayout
 from simmerge_ray.report.charts import feature_utility_heatmap, grouped_bars
 
 PAIR_METHODS = ("simmerge", *ARM_NAMES, "majority", "oracle")
@@ -32,11 +33,12 @@ def testbed_section(zoo: Path) -> dict:
 
 
 def build_report(out: Path, timings: dict[str, float]) -> dict:
-    sel = json.loads((out / "selector_eval" / "selector_report.json").read_text())
-    multi = json.loads((out / "multiway" / "multiway.json").read_text())
-    regret = json.loads((out / "bandit" / "regret.json").read_text())
+    run = RunLayout(out)
+    sel = json.loads(run.selector_report.read_text())
+    multi = json.loads((run.multiway / "multiway.json").read_text())
+    regret = json.loads((run.bandit / "regret.json").read_text())
     held = sel["held_out_pairs"]
-    labels = json.loads((out / "labels" / "label_summary.json").read_text())
+    labels = json.loads(run.label_summary.read_text())
     report: dict = {
         "metric": {"utilities_on": labels.get("metric", "score"), "gap_epsilon": labels.get("gap_epsilon")},
         "pairwise": {
@@ -55,7 +57,7 @@ def build_report(out: Path, timings: dict[str, float]) -> dict:
                                    "utility": sel["leave_one_task_out"]["utility"]},
             "ablation": sel["ablation"],
         },
-        "testbed": testbed_section(out / "zoo"),
+        "testbed": testbed_section(run.zoo),
         "multiway": {key: {m: {"expert_retention": v["expert_retention"][m]} for m in MULTI_METHODS
                            if m in v["expert_retention"]} | {"subsets": v["subsets"]}
                      for key, v in multi.items() if key.endswith("way")},
@@ -73,15 +75,16 @@ def build_report(out: Path, timings: dict[str, float]) -> dict:
 def write_report(out: Path, timings: dict[str, float]) -> dict:
     from simmerge_ray.selector.data import load_pair_data
 
+    run = RunLayout(out)
     report = build_report(out, timings)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    shutil.copy(out / "selector_eval" / "utility.png", out / "utility.png")
-    shutil.copy(out / "bandit" / "regret.png", out / "regret.png")
+    shutil.copy(run.selector_eval / "utility.png", out / "utility.png")
+    shutil.copy(run.bandit / "regret.png", out / "regret.png")
     grouped_bars({k: {m: report["multiway"][k][m]["expert_retention"] for m in MULTI_METHODS
                       if m in report["multiway"][k]} for k in report["multiway"] if k.endswith("way")},
                  out / "multiway_retention.png", "expert retention (%)",
                  "multi-way merges: change of the expert's score on its task")
-    data = load_pair_data(str(out / "features"), str(out / "labels" / "labels.parquet"))
+    data = load_pair_data(str(run.features), str(run.pair_labels))
     feature_utility_heatmap(data.x, data.y, data.feature_names, data.operators, out / "feature_utility_heatmap.png")
     atomic_write_text(out / "report.md", render_markdown(report))
     return report

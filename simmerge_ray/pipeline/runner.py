@@ -1,0 +1,121 @@
+"""The whole SimMerge pipeline on a testbed: zoo -> features -> labels -> selector -> plans -> bandit.
+
+Each stage calls the same library function as the `simmerge` command a user would run, writing
+into its own folder of the run (layout.py). A stage that finished with the same inputs is
+skipped (a marker file holds the digest of its inputs), and the stages' own caches make an
+interrupted run resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from simmerge_ray.errors import SimMergeError
+from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.pipeline.layout import RunLayout
+from simmerge_ray.testbed.label_plans import LabelSettings
+
+
+@dataclass
+class PipelineSettings:
+    zoo_config: Path
+    out: Path
+    tune_samples: int = 6
+    folds: int = 5
+    sim_rounds: int = 200
+    sim_repeats: int = 20
+    seed: int = 0
+    labels: LabelSettings = field(default_factory=LabelSettings)  # the fields set are the label stage's inputs
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    run: Callable[[], None]
+    inputs: list[str]  # what the stage's result depends on (digested into its marker)
+
+
+def _digest(parts: list[str]) -> str:
+    return hashlib.blake2b("\n".join(parts).encode(), digest_size=12).hexdigest()
+
+
+def _label_inputs(settings: LabelSettings) -> list[str]:
+    """The label settings given explicitly, as the flag words that keyed the label stage's marker
+    when the stage ran `simmerge label` (so that finished runs stay reusable)."""
+    return [word for name in LabelSettings.model_fields if name in settings.model_fields_set
+            for word in (f"--{name.replace('_', '-')}", str(getattr(settings, name)))]
+
+
+def stages(s: PipelineSettings) -> list[Stage]:
+    from simmerge_ray.features.structural import StructuralOptions
+    from simmerge_ray.pipeline import features, selector, zoo
+    from simmerge_ray.pipeline.bandit import replay_bandit
+    from simmerge_ray.pipeline.multiway import judge_multiway
+
+    run = RunLayout(s.out)
+    zoo_digest = hashlib.blake2b(Path(s.zoo_config).read_bytes(), digest_size=12).hexdigest()
+    search = ["--tune-samples", str(s.tune_samples), "--seed", str(s.seed)]
+
+    def selectors(out: Path, target: selector.Target = "utility") -> selector.SelectorSettings:
+        return selector.SelectorSettings(run.features, run.pair_labels, out, target=target,
+                                         tune_samples=s.tune_samples, seed=s.seed)
+
+    def fit_both() -> None:
+        selector.fit(selectors(run.selector))
+        selector.fit(selectors(run.aux_selector, "aux_gap_closed"))
+
+    return [
+        Stage("zoo", "build the testbed (pretrain a base, fine-tune experts)",
+              lambda: zoo.build(s.zoo_config, run.zoo, overwrite=True), [zoo_digest]),
+        Stage("structural", "structural features (one streaming Gram pass)",
+              lambda: features.structural(run.catalog, run.features, StructuralOptions(overwrite=True)), []),
+        Stage("functional", "probe inference on Ray Data and functional features",
+              lambda: features.functional(features.ProbeRequest(run.catalog, run.features, features.run_options())),
+              []),
+        Stage("labels", "merge and evaluate 2-, 3- and 4-way merges (ground truth)",
+              lambda: zoo.label(run.catalog, run.labels, s.labels), _label_inputs(s.labels)),
+        Stage("selector_eval", "selector on held-out pairs (Ray Tune nested), leave-one-task-out, ablation",
+              lambda: selector.evaluate(selectors(run.selector_eval), folds=s.folds), [str(s.folds), *search]),
+        Stage("fit", "fit the selectors on all pairs (Ray Tune, then Ray Train)", fit_both, search),
+        Stage("multiway", "plan 3- and 4-way merges and judge them on measured merges",
+              lambda: judge_multiway(run), []),
+        Stage("bandit", "online bandit replayed on held-out pairs",
+              lambda: replay_bandit(run, rounds=s.sim_rounds, repeats=s.sim_repeats, seed=s.seed),
+              [str(s.sim_rounds), str(s.sim_repeats)]),
+    ]
+
+
+def run(s: PipelineSettings, *, echo: Callable[[str], None] = print, until: str | None = None) -> dict[str, float]:
+    """Run every stage, or those up to `until` (skipping finished ones); returns seconds per stage."""
+    all_stages = stages(s)
+    if until is not None:
+        names = [st.name for st in all_stages]
+        if until not in names:
+            raise SimMergeError(f"no pipeline stage {until!r}; stages: {', '.join(names)}")
+        all_stages = all_stages[:names.index(until) + 1]
+    s.out.mkdir(parents=True, exist_ok=True)
+    layout = RunLayout(s.out)
+    timings: dict[str, float] = {}
+    upstream: list[str] = []
+    for i, st in enumerate(all_stages, start=1):
+        key = _digest([st.name, *st.inputs, *upstream])
+        marker = layout.marker(st.name)
+        prefix = f"[{i}/{len(all_stages)}] {st.name:<13}"
+        if marker.exists() and json.loads(marker.read_text()).get("key") == key:
+            timings[st.name] = json.loads(marker.read_text())["seconds"]
+            echo(f"{prefix} done earlier ({timings[st.name]:.0f} s), reused")
+        else:
+            echo(f"{prefix} {st.title} ...")
+            t0 = time.perf_counter()
+            st.run()
+            timings[st.name] = time.perf_counter() - t0
+            atomic_write_text(marker, json.dumps({"key": key, "seconds": timings[st.name]}))
+            echo(f"{prefix} finished in {timings[st.name]:.0f} s")
+        upstream.append(key)
+    return timings

@@ -1,0 +1,182 @@
+"""The selector stages: fit f_plan (Ray Tune search, then Ray Train) and judge it on held-out
+pairs and tasks. `simmerge fit` and `simmerge evaluate-selector` run these, and so does the
+pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.io.out_checks import check_output
+from simmerge_ray.ray_session import init_ray
+from simmerge_ray.report.verdict import verdict_line
+from simmerge_ray.selector.calibration import level_key
+from simmerge_ray.selector.data import MIN_LABELLED_PAIRS
+
+if TYPE_CHECKING:  # torch and Ray: imported when a stage runs, not with the command line
+    from simmerge_ray.selector.data import PairData
+    from simmerge_ray.selector.model import Selector, SelectorConfig
+
+Target = Literal["utility", "gap_closed", "aux_gap_closed"]
+
+
+@dataclass(frozen=True)
+class SelectorSettings:
+    """What both selector stages read, write and search (the commands' shared flags)."""
+
+    features: Path  # features folder (features.parquet) or a parquet file
+    labels: Path  # labels.parquet
+    out: Path
+    target: Target = "utility"  # the label column predicted
+    tune_samples: int = 8  # Ray Tune trials (0: no search, the default config)
+    epochs: int = 300
+    seed: int = 0  # of the search, the folds and the initial weights
+    task_encoding: bool = True
+    calibration_folds: int = 5  # folds of the interval calibration; 0: no intervals
+    address: str | None = None  # Ray address (default: RAY_ADDRESS or a local Ray)
+
+
+def check_calibration_folds(folds: int) -> None:
+    if folds < 0 or folds == 1:
+        raise ConfigError(f"--calibration-folds: {folds} is not 0 (no intervals) or at least 2")
+
+
+def warn_few_pairs(command: str, n: int) -> None:
+    """One warning line (stderr) below the documented minimum of labelled pairs."""
+    if n < MIN_LABELLED_PAIRS:
+        print(f"simmerge {command}: warning: only {n} labelled pairs (fewer than {MIN_LABELLED_PAIRS}): too few to "
+              f"trust the selector over a fixed arm; label more experts or tasks", file=sys.stderr)
+
+
+@contextmanager
+def ray_work_dir() -> Iterator[Path]:
+    """Ray Tune's and Ray Train's storage for one run: a folder under the cache (never beside
+    the output), removed when the run ends."""
+    from simmerge_ray.io.digest_cache import cache_root
+
+    root = cache_root() / "ray-work"
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="selector-", dir=root))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def choose_config(data: PairData, s: SelectorSettings, storage: Path) -> tuple[SelectorConfig, list[dict]]:
+    """Ray Tune's best config on pair-grouped folds of `data` (or the default one), and its trials."""
+    from simmerge_ray.selector.model import SelectorConfig
+    from simmerge_ray.selector.ray_fit import tune_selector
+
+    base = SelectorConfig(epochs=s.epochs, seed=s.seed, task_encoding=s.task_encoding)
+    if s.tune_samples <= 0:
+        return base, []
+    return tune_selector(data, num_samples=s.tune_samples, folds=3, base=base, storage=storage,
+                         allow_task_encoding=s.task_encoding)
+
+
+def fit(s: SelectorSettings, *, workers: int = 1, echo: Callable[[str], None] = print) -> Selector:
+    """Search a config, train on every labelled pair with `workers` Ray Train workers, calibrate
+    the intervals, and save the selector to s.out."""
+    from simmerge_ray.selector.data import load_pair_data
+    from simmerge_ray.selector.evaluate import fixed_fit
+    from simmerge_ray.selector.ray_fit import train_with_ray
+    from simmerge_ray.selector.uncertainty import add_uncertainty
+
+    check_calibration_folds(s.calibration_folds)
+    data = load_pair_data(s.features, s.labels, s.target)
+    out = check_output(s.out, overwrite=True, inputs=[s.features, s.labels])
+    warn_few_pairs("fit", len(data))
+    init_ray(s.address)
+    with ray_work_dir() as work:
+        cfg, trials = choose_config(data, s, work)
+        sel = train_with_ray(data, cfg, num_workers=workers, storage=work)
+    add_uncertainty(sel, data, fixed_fit(cfg), s.calibration_folds, s.seed)
+    sel.meta = {"target": s.target, "rows": len(data), "tune_trials": trials}
+    sel.save(out)
+    echo(f"selector ({s.target}) fitted on {len(data)} pairs, {len(data.feature_names)} features, "
+         f"operators {', '.join(data.operators)}; config {asdict(cfg)} -> {out}")
+    echo(calibration_line(sel))
+    return sel
+
+
+def calibration_line(sel: Selector) -> str:
+    """What the saved intervals are, in one line."""
+    cal = sel.calibration
+    if cal is None:
+        return "intervals: none (--calibration-folds 0, or fewer than 2 model pairs)"
+    widths = ", ".join(f"{level_key(lv)}%: " + ("unbounded for some arm (too few pairs)" if any(map(math.isinf, hw))
+                                                else f"+-{min(hw):.3f} to +-{max(hw):.3f}")
+                       for lv, hw in zip(cal.levels, cal.halfwidth.tolist()))
+    return (f"intervals: per-arm split-conformal from {cal.folds}-fold out-of-fold residuals on {cal.rows} pairs "
+            f"({widths})")
+
+
+def evaluate(s: SelectorSettings, *, folds: int = 5, echo: Callable[[str], None] = print) -> dict:
+    """Held-out pairs (`folds` grouped by pair), leave-one-task-out and the feature ablation:
+    s.out/selector_report.json and utility.png; returns the report."""
+    from simmerge_ray.io.atomic import atomic_output_dir
+    from simmerge_ray.selector.data import load_pair_data
+    from simmerge_ray.selector.evaluate import ablation, evaluate_loto, evaluate_pairs, fixed_fit, gap_chart
+    from simmerge_ray.selector.folds import group_kfold
+
+    check_calibration_folds(s.calibration_folds)
+    data = load_pair_data(s.features, s.labels, s.target)
+    out = check_output(s.out, overwrite=True, inputs=[s.features, s.labels])
+    warn_few_pairs("evaluate-selector", len(data))
+    if s.tune_samples > 0:  # the folds themselves are fitted in this process
+        init_ray(s.address)
+    # Hyperparameters are searched on the first outer fold's training pairs only, never on a
+    # test pair of that fold; the other folds reuse that config (documented approximation).
+    train_idx, _ = group_kfold(data.pair_keys, folds, s.seed)[0]
+    with ray_work_dir() as work:
+        cfg, trials = choose_config(data.subset(train_idx), s, work)
+    report = {
+        "config": asdict(cfg),
+        "held_out_pairs": evaluate_pairs(data, fixed_fit(cfg), folds=folds, seed=s.seed,
+                                         calibration_folds=s.calibration_folds),
+        "leave_one_task_out": evaluate_loto(data, fixed_fit(replace(cfg, task_encoding=False))),
+        "ablation": ablation(data, cfg, folds=folds, seed=s.seed),
+        "tune_trials": trials,
+    }
+    with atomic_output_dir(out, overwrite=True, inputs=[s.features, s.labels]) as tmp:
+        (tmp / "selector_report.json").write_text(json.dumps(report, indent=2))
+        gap_chart(report["held_out_pairs"], tmp / "utility.png", f"{s.target} on held-out pairs")
+    echo(format_summary(report))
+    return report
+
+
+def format_summary(report: dict) -> str:
+    """The evaluation's table of utility per method and task, its verdict, coverage and LOTO lines."""
+    from simmerge_ray.merge.arms import ARM_NAMES
+
+    r = report["held_out_pairs"]
+    g = r["utility"]
+    methods = [m for m in ("simmerge", *ARM_NAMES, "majority", "oracle") if m in g]
+    methods += [m for m in g if m not in methods]
+    tasks = list(g["simmerge"])
+    width = max(len(m) for m in methods) + 2
+    lines = [f"held-out pairs ({r['split']}, n={r['n']}): selection accuracy {r['selection_accuracy']:.1%}",
+             "method".ljust(width) + "".join(f"{t:>14}" for t in tasks)]
+    for m in methods:
+        lines.append(m.ljust(width) + "".join(f"{100 * g[m][t]:>13.1f}%" for t in tasks))
+    lines.append(verdict_line(r["simmerge_vs_best_fixed"], r["best_fixed_operator"], r["simmerge_share_of_oracle"]))
+    if "intervals" in r:
+        cov = r["intervals"]["levels"]
+        lines.append(f"interval coverage on held-out pairs ({r['intervals']['rows']} pairs x {r['intervals']['arms']} "
+                     "arms): " + ", ".join(f"nominal {k}%: {100 * c['all_arms']:.1f}% (picked arm "
+                                           f"{100 * c['picked_arm']:.1f}%)" for k, c in cov.items()))
+    lo = report["leave_one_task_out"]
+    lines.append(f"leave one task out: accuracy {lo['selection_accuracy']:.1%}, SimMerge "
+                 f"{100 * lo['utility']['simmerge']['mean']:.1f}% vs best fixed "
+                 f"{100 * lo['utility'][lo['best_fixed_operator']]['mean']:.1f}%")
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Ray start-up shared by the commands, the pipeline and the benchmarks: it works by hand and
+under `ray job submit`, and keeps Ray's own logs quiet unless verbose (`--verbose`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_verbose = False
+# Set for Ray's processes unless --verbose (and unless the user set them): the C++ log level, and
+# Tune's classic reporter (silent with verbose=0, where the new one still prints status boxes).
+_QUIET_ENV = {"RAY_BACKEND_LOG_LEVEL": "fatal", "RAY_AIR_NEW_OUTPUT": "0"}
+_set_here: set[str] = set()
+
+
+def set_verbose(verbose: bool) -> None:
+    """`--verbose`: keep Ray's INFO logs, its C++ error lines and Ray Data/Tune progress reports."""
+    global _verbose
+    _verbose = verbose
+
+
+def is_verbose() -> bool:
+    return _verbose
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Join the cluster the job was submitted to (RAY_ADDRESS), or start a local Ray.
+
+    Idempotent: a second call in the same process is a no-op. Unless `--verbose`, the console
+    gets Ray's Python warnings and errors only: no INFO lines, no Tune status tables, and no C++
+    log lines (such as Ray Data's harmless "constructor arguments in the object store and
+    max_restarts > 0"); RAY_BACKEND_LOG_LEVEL=fatal also keeps the C++ logs of a local Ray's
+    own processes out of its session log files. A variable the user set wins.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    level = logging.INFO
+    for var, quiet in _QUIET_ENV.items():
+        if not _verbose and var not in os.environ:
+            os.environ[var] = quiet
+            _set_here.add(var)
+        elif _verbose and var in _set_here:  # a later verbose start in the same process
+            os.environ.pop(var)
+            _set_here.discard(var)
+    if not _verbose:
+        level = logging.WARNING
+    address = address or os.environ.get("RAY_ADDRESS")
+    with _without_cpp_info_lines(enabled=not _verbose):
+        if address:
+            ray.init(address=address, log_to_driver=True, logging_level=level)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=_verbose, logging_level=level)
+    if not _verbose:
+        for name in ("ray.tune", "ray.train", "ray.serve"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# A C++ log line at INFO: "[2026-11-30 08:44:05,770 I 15261 15261] logging.cc:303: ..."
+_CPP_INFO = re.compile(rb"^\[[^\]]* I \d+ \d+\] ")
+
+
+@contextmanager
+def _without_cpp_info_lines(enabled: bool) -> Iterator[None]:
+    """While Ray starts, hold this process's stderr (file descriptor 2) and pass on every line
+    but the C++ INFO ones: the core worker announces at INFO the very log level
+    RAY_BACKEND_LOG_LEVEL sets, before applying it. Processes Ray starts meanwhile inherit the
+    held file as their stderr; their logs go to the session folder anyway."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [ln for ln in held.read().splitlines(keepends=True) if not _CPP_INFO.match(ln)]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's console logs (execution plans, progress reports every 10 s) below warnings,
+    unless `--verbose`; they stay in the session's ray-data.log. Call after `init_ray`."""
+    if _verbose:
+        return
+    import ray.data
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if getattr(handler, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__):
+            handler.setLevel(logging.WARNING)
