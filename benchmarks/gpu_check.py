@@ -292,7 +292,7 @@ def stage_ray(scratch: Path, out: Path) -> dict:
     import torch
 
     from simmerge_ray import resources
-    from simmerge_ray.cli.common import quiet_ray_data
+    from simmerge_ray.ray_session import quiet_ray_data
     from simmerge_ray.inference.cache import ProbeCache
     from simmerge_ray.inference.pipeline import run_model_probes
     from simmerge_ray.inference.settings import RunOptions

@@ -56,6 +56,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     with _without_cpp_info_lines(enabled=not _verbose):
         if address:
             ray.init(address=address, log_to_driver=True, logging_level=level)
+            if not _verbose:
+                _drop_streamed_cpp_info_lines()
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=_verbose, logging_level=level)
     if not _verbose:
@@ -65,6 +67,24 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
 
 # A C++ log line at INFO: "[2026-11-30 08:44:05,770 I 15261 15261] logging.cc:303: ..."
 _CPP_INFO = re.compile(rb"^\[[^\]]* I \d+ \d+\] ")
+
+
+def _drop_streamed_cpp_info_lines() -> None:
+    """On a cluster, leave the C++ INFO lines out of the worker logs Ray streams to this driver
+    (each worker announces RAY_BACKEND_LOG_LEVEL at INFO as it applies it); every other line,
+    warnings and errors included, is printed as before."""
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+
+    with dispatcher._lock:
+        printers = [(n, h) for n, h in dispatcher.handlers if n == "ray_print_logs"]
+    for name, printer in printers:
+        def kept(data: dict, printer=printer) -> None:
+            lines = [ln for ln in data.get("lines", []) if not _CPP_INFO.match(ln.encode(errors="replace"))]
+            if lines:
+                printer({**data, "lines": lines})
+
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, kept)
 
 
 @contextmanager

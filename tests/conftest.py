@@ -1,13 +1,16 @@
-"""Shared fixtures: one real local Ray cluster per test session, on its own temp dir."""
+"""Shared fixtures: one real local Ray cluster per test session, on its own temp dir, and one
+`ray start --head` for the tests that submit jobs."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cluster_processes import RayHead
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -37,6 +40,17 @@ def ray_cluster():
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[RayHead]:
+    """A `ray start --head` with the jobs API, for the tests that `ray job submit` (the job tests
+    and the walkthrough's cluster block): started once per session, stopped by its process group."""
+    head = RayHead()
+    try:
+        yield head
+    finally:
+        head.stop()
 
 
 @pytest.fixture(scope="session")

@@ -58,9 +58,7 @@ class Client:
 
 @pytest.fixture(scope="module")
 def service(ray_cluster, tmp_path_factory):
-    from ray import serve
-
-    from simmerge_ray.bandit.service import serve_bandit
+    from simmerge_ray.bandit.service import serve_bandit, stop_serving
 
     root = tmp_path_factory.mktemp("bandit-svc")
     labels, features = synthetic_tables(SyntheticBanditSpec(n_models=4, tasks=("code", "math"), n_features=4))
@@ -76,8 +74,7 @@ def service(ray_cluster, tmp_path_factory):
                          app_name="bandit-test")
     yield {"client": Client(port), "actor": actor, "state": state, "root": root, "x": data.x,
            "operators": list(data.operators), "port": port}
-    serve.shutdown()
-    ray_cluster.kill(actor, no_restart=True)
+    stop_serving(actor)  # as `simmerge serve` stops: Serve, then the actor (the session's Ray stays)
 
 
 def test_decide_feedback_round_trip(service):

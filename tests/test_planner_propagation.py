@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
+import yaml
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.features.structural import StructuralOptions, compute_structural
@@ -104,6 +106,17 @@ def test_plan_executes_with_the_streaming_engine(built: dict, tmp_path: Path) ->
     for name in want.tensor_names:
         assert torch.equal(got.read(name), want.read(name))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # intermediates removed
+    # The card names the catalog models and the plan's first step, not the step's temporary folder.
+    card = (out / "README.md").read_text()
+    prose = card[:card.index("### Configuration")]
+    assert ".merged.plan-" not in prose and ".merged.plan-" in card  # only in the config as run
+    assert yaml.safe_load(card.split("---\n")[1])["base_model"] == [str(root / m) for m in ("m1", "m2", "m3", "base")]
+    assert f"Step 2 of 2 of the plan `{tmp_path / 'plan.json'}` for task `code`: m1 -slerp-> m2 -linear-> m3." in prose
+    assert "* `plan step 1: m1 -slerp-> m2` (an intermediate output, not kept)" in prose
+    assert f"* `m3` ({root / 'm3'})" in prose
+    info = json.loads((out / "simmerge_merge.json").read_text())
+    assert list(info["plan"]["steps"].values()) == ["plan step 1: m1 -slerp-> m2"]
+    assert info["plan"]["model_names"][str(root / "m3")] == "m3"
     assert cli_main(["merge", "--plan", str(tmp_path / "nope.json"), "--catalog", str(tmp_path / "catalog.yaml"),
                      "--out", str(tmp_path / "x")]) == 2
 

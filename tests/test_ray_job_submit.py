@@ -1,23 +1,15 @@
-"""jobs/ entry points under `ray job submit` on a real Ray head started here, and in-process checks
+"""jobs/ entry points under `ray job submit` on the session's real Ray head (conftest.py), and in-process checks
 of what the shared entry code does before Ray is involved."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_processes import free_ports
+from cluster_processes import RayHead
 
 from simmerge_ray import resources
 from simmerge_ray.errors import SimMergeError
@@ -26,9 +18,6 @@ from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 from simmerge_ray.merge.arms import ARM_NAMES, PAPER_ARMS
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_PYTHON = REPO / ".venv" / "bin" / "python"
-RAY = Path(sys.executable).parent / "ray"
-EXCLUDES = [".venv", "runs", "out", ".git", ".cache", "**/__pycache__", ".pytest_cache", "*.egg-info"]
 
 
 def _load_entry():
@@ -38,106 +27,6 @@ def _load_entry():
     sys.modules["_entry"] = module  # its dataclasses resolve their annotations through it
     spec.loader.exec_module(module)
     return module
-
-
-class RayHead:
-    """A `ray start --head` of our own: its own ports and temp dir, stopped through its process group.
-
-    `ray start` runs in a new session, so it and every process it spawns (GCS, raylet, dashboard,
-    job drivers, workers) share the process group whose id is its PID; teardown signals that
-    group only, never processes found by name.
-    """
-
-    def __init__(self) -> None:
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="rj-", dir="/tmp"))  # short: socket path limit
-        gcs, self.dashboard_port, client, agent, env_agent, metrics = free_ports(6)
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-        cmd = [str(RAY), "start", "--head", f"--port={gcs}", f"--dashboard-port={self.dashboard_port}",
-               "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={self.temp_dir}",
-               "--num-cpus=2", "--object-store-memory=200000000", f"--ray-client-server-port={client}",
-               f"--dashboard-agent-listen-port={agent}", f"--runtime-env-agent-port={env_agent}",
-               f"--metrics-export-port={metrics}", "--disable-usage-stats"]
-        proc = subprocess.Popen(cmd, env=self.env, start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.pgid = proc.pid
-        out, _ = proc.communicate(timeout=180)
-        if proc.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"ray start failed:\n{out}")
-        self._wait_for_jobs_api()
-
-    def _wait_for_jobs_api(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.address}/api/jobs/", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(1.0)
-
-    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(RAY), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
-
-    def submit(self, submission_id: str, *entrypoint: str) -> None:
-        runtime_env = json.dumps({"excludes": EXCLUDES})
-        res = self.ray("job", "submit", "--address", self.address, "--submission-id", submission_id,
-                       "--no-wait", "--working-dir", str(REPO), "--runtime-env-json", runtime_env,
-                       "--", str(VENV_PYTHON), *entrypoint)
-        assert res.returncode == 0, res.stdout + res.stderr
-
-    def wait(self, submission_id: str, timeout: float = 300) -> str:
-        from ray.job_submission import JobStatus, JobSubmissionClient
-
-        client = JobSubmissionClient(self.address)
-        deadline = time.monotonic() + timeout
-        while (status := client.get_job_status(submission_id)) not in {
-                JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-            assert time.monotonic() < deadline, f"job {submission_id} still {status} after {timeout} s"
-            time.sleep(2.0)
-        return str(status.value)
-
-    def logs(self, submission_id: str) -> str:
-        res = self.ray("job", "logs", "--address", self.address, submission_id)
-        assert res.returncode == 0, res.stderr
-        return res.stdout
-
-    def stop(self) -> None:
-        for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.pgid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and _group_alive(self.pgid):
-                time.sleep(0.5)
-            if not _group_alive(self.pgid):
-                break
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _group_alive(pgid: int) -> bool:
-    """True while a live (non-zombie) process of the group exists."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[RayHead]:
-    head = RayHead()
-    try:
-        yield head
-    finally:
-        head.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,12 @@ Then one process runs every `bash` block of the section in order (`simmerge ...`
 the CLI's `main`, the other lines through bash), its stdout and stderr captured at the file
 descriptors, so Ray's C++ log lines count too. One process, one Ray: a user's shell starts Ray
 per command, which would add minutes here; the CLI's own `init_ray` starts it, quiet as a user
-gets it. Blocks marked `<!-- walkthrough: skip (...) -->` (a server, a cluster) are not run.
+gets it. `simmerge serve` runs as the process of its own a user starts in another shell (joined
+to that Ray, on a free port for the README's 8000) until its block's commands have run, then is
+stopped by its PID (SIGTERM, its own shutdown). The cluster block's `ray job submit` goes to the
+session's `ray start --head` (RAY_ADDRESS, as the README says; the job's `s3://` output becomes a
+`file://` one); its `kubectl apply` is not run (no Kubernetes here): the manifest it names is
+checked against the KubeRay CRDs instead.
 """
 
 from __future__ import annotations
@@ -26,13 +31,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cluster_processes import RayHead, free_ports
 
 from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.merge.arms import ARM_NAMES
 from simmerge_ray.selector.data import load_pair_data
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Using it on your checkpoints"
 SKIP = re.compile(r"<!-- walkthrough: skip \((.+?)\) -->\s*$")
+STOP_SERVER = "STOP_SERVER"  # the driver stops the server it started, after the server's block
 
 # Each task: a prompt word and a shift; the answer is the key word shifted in KEYS.
 KEYS = ("cat", "dog", "fish", "bird", "tree", "house")
@@ -109,30 +117,63 @@ def build_workspace(root: Path) -> None:
 
 
 DRIVER = textwrap.dedent('''
-    import os, shlex, subprocess, sys, time
+    import json, os, shlex, signal, subprocess, sys, threading, time
     import ray
     from simmerge_ray.cli import main
+    from simmerge_ray.ray_session import init_ray
+    # What the README tells a user to set for its cluster block; not for the simmerge lines,
+    # which start (or reuse) the local Ray.
+    shell_env = {**os.environ, **json.loads(os.environ.pop("WALKTHROUGH_SHELL_ENV"))}
+    server, decision = None, None
     for cmd in sys.argv[1:]:
         if cmd == "RESTART_RAY":
             ray.shutdown()
             continue
         print(f"@@@ {cmd}", flush=True)
         t0 = time.perf_counter()
-        if cmd.startswith("simmerge ") and not any(c in cmd for c in ";>|&"):
+        if cmd == "STOP_SERVER":  # Ctrl-C in the server's shell: SIGTERM by its PID
+            server.send_signal(signal.SIGTERM)
+            print(server.communicate(timeout=300)[0], end="")
+            rc, server = server.returncode, None
+        elif cmd.startswith("simmerge serve "):  # a process of its own, joined to this one's Ray
+            init_ray()
+            env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+            server = subprocess.Popen(shlex.split(cmd, comments=True), env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)
+            timer = threading.Timer(600, server.kill)  # a server that never comes up fails here
+            timer.start()
+            while (line := server.stdout.readline()) and not line.startswith("bandit serving on "):
+                print(line, end="")
+            timer.cancel()
+            print(line, end="")
+            rc = 0 if line else server.wait()
+        elif cmd.startswith("simmerge ") and not any(c in cmd for c in ";>|&"):
             rc = main(shlex.split(cmd, comments=True)[1:])
         else:
-            rc = subprocess.run(["bash", "-c", cmd]).returncode
+            if decision is not None:
+                cmd = cmd.replace("<id>", decision)
+            res = subprocess.run(["bash", "-c", cmd], env=shell_env, stdout=subprocess.PIPE, text=True)
+            print(res.stdout, end="" if res.stdout.endswith("\\n") or not res.stdout else "\\n")
+            try:
+                decision = json.loads(res.stdout).get("decision_id", decision)
+            except (ValueError, AttributeError):
+                pass
+            rc = res.returncode
         sys.stdout.flush(); sys.stderr.flush()
         print(f"@@@ rc={rc} {time.perf_counter() - t0:.1f}s", flush=True)
         if rc:
+            if server is not None:
+                server.kill()
             sys.exit(rc)
 ''')
 
 
-def run_driver(ws: Path, commands: list[str], timeout: float) -> dict[str, str]:
-    """Run `commands` in one process (see the module docstring); {command: its output}."""
+def run_driver(ws: Path, commands: list[str], timeout: float, shell_env: dict[str, str]) -> dict[str, str]:
+    """Run `commands` in one process (see the module docstring), the non-simmerge ones with
+    `shell_env` added; {command: its output}."""
     env = {**os.environ, "PYTHONPATH": str(README.parent), "PYTHONUNBUFFERED": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+           "WALKTHROUGH_SHELL_ENV": json.dumps(shell_env)}
     for var in ("RAY_ADDRESS", "RAY_BACKEND_LOG_LEVEL", "RAY_AIR_NEW_OUTPUT"):
         env.pop(var, None)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -155,8 +196,28 @@ def run_driver(ws: Path, commands: list[str], timeout: float) -> dict[str, str]:
     return out
 
 
+def runnable(blocks: list[tuple[str, str, str | None]], ws: Path, port: int) -> list[tuple[str, str]]:
+    """(README command, command run) of every bash command of the section, in order: the
+    server's port and the job's object-store output substituted, STOP_SERVER after the server's
+    block; `kubectl` lines are left out (see the module docstring)."""
+    steps = []
+    for lang, body, skip in blocks:
+        if lang != "bash" or skip is not None:
+            continue
+        commands = shell_commands(body)
+        for c in commands:
+            run = c.replace("s3://bucket/merged", f"file://{ws / 'merged-cluster'}")
+            if any(c.startswith(p) for p in ("simmerge serve ", "curl ")):
+                run = run.replace("--port 8000", f"--port {port}").replace("localhost:8000", f"localhost:{port}")
+            if not c.startswith("kubectl "):
+                steps.append((c, run))
+        if any(c.startswith("simmerge serve ") for c in commands):
+            steps.append((STOP_SERVER, STOP_SERVER))
+    return steps
+
+
 @pytest.fixture(scope="module")
-def walkthrough(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def walkthrough(tmp_path_factory: pytest.TempPathFactory, ray_head: RayHead) -> dict:
     ws = tmp_path_factory.mktemp("walkthrough")
     blocks = section_blocks(README.read_text())
     for lang, body, _ in blocks:
@@ -165,10 +226,15 @@ def walkthrough(tmp_path_factory: pytest.TempPathFactory) -> dict:
             (ws / first.split()[1]).write_text(body + "\n")
     build_workspace(ws)
     commands = [c for lang, body, skip in blocks if lang == "bash" and skip is None for c in shell_commands(body)]
+    steps = runnable(blocks, ws, free_ports(1)[0])
     # After the walkthrough, on a fresh Ray: --verbose brings Ray's INFO lines back.
     verbose = "simmerge merge my-merge.yaml --out merged-verbose/ --ray --workers 1 --verbose"
-    out = run_driver(ws, [*commands, "RESTART_RAY", verbose], timeout=1800)
-    return {"ws": ws, "blocks": blocks, "commands": commands, "out": out, "verbose": out.pop(verbose)}
+    shell_env = {"RAY_ADDRESS": ray_head.address, "REPO": str(README.parent)}
+    out = run_driver(ws, [run for _, run in steps] + ["RESTART_RAY", verbose], timeout=1800, shell_env=shell_env)
+    verbose_out = out.pop(verbose)
+    assert list(out) == [run for _, run in steps]  # each one ran, in order, exit 0
+    return {"ws": ws, "blocks": blocks, "commands": commands, "verbose": verbose_out,
+            "out": {readme: out[run] for readme, run in steps}}
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -178,17 +244,19 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_every_readme_command_runs_and_writes_its_own_folder(walkthrough: dict) -> None:
     ws, commands, blocks = walkthrough["ws"], walkthrough["commands"], walkthrough["blocks"]
-    assert list(walkthrough["out"]) == commands  # each one ran, in order, exit 0
+    assert [b for b in blocks if b[2]] == []  # no block is skipped
+    # Every command ran, in order, exit 0 (the server until STOP_SERVER), but kubectl's.
+    assert [c for c in walkthrough["out"] if c != STOP_SERVER] == [c for c in commands if not c.startswith("kubectl ")]
     assert [c.split()[1] for c in commands if c.startswith("simmerge ")] == [
         "merge", "features", "features", "label", "fit", "evaluate-selector", "plan", "merge", "plan", "merge",
-        "merge", "merge", "bandit-init"]
-    skipped = [body for lang, body, skip in blocks if skip]
-    assert len(skipped) == 2 and "simmerge serve" in skipped[0] and "ray job submit" in skipped[1]
+        "merge", "merge", "bandit-init", "serve"]
+    assert [c.split()[0] for c in commands if not c.startswith("simmerge ")] == [
+        "python", "curl", "curl", "ray", "kubectl"]
     outs = [shlex.split(c)[shlex.split(c).index("--out") + 1] for c in commands if " --out " in c]
     shared = {o for o in outs if outs.count(o) > 1}
     assert shared == {"feats/"}  # the two feature stages, which own separate files there
-    for name in ("merged", "merged-pair", "merged-3way", "merged-3way-steps", "selector", "selector-eval",
-                 "plan-pair", "plan-3way", "labels", "bandit"):
+    for name in ("merged", "merged-pair", "merged-3way", "merged-3way-steps", "merged-cluster", "selector",
+                 "selector-eval", "plan-pair", "plan-3way", "labels", "bandit"):
         assert (ws / name).is_dir(), name
     # No work folder of Ray Tune/Train or of a killed run beside the outputs.
     assert sorted(p.name for p in ws.iterdir() if p.name.startswith(".")) == []
@@ -205,6 +273,19 @@ def test_plan_steps_run_from_any_folder_and_match_the_plan_merge(walkthrough: di
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
     header = (ws / "plan-3way" / "step-2.yaml").read_text().splitlines()[1]
     assert header == f"#   simmerge merge {(ws / 'plan-3way' / 'step-2.yaml').resolve()} --out MERGED"
+    # Model cards name what the user knows: `merge --plan`'s the catalog models and the plan's
+    # steps (its intermediate folder only in the config as run); the step files' the plan folder.
+    plan = json.loads((ws / "plan-3way" / "plan.json").read_text())
+    card = (ws / "merged-3way" / "README.md").read_text()
+    prose = card[:card.index("### Configuration")]
+    chain = plan["models"][0] + "".join(f" -{op}-> {m}" for op, m in zip(plan["operators"], plan["models"][1:]))
+    assert "plan-" not in prose.replace("plan-3way/plan.json", "") and ".merged-3way.plan-" in card
+    assert f"Step 2 of 2 of the plan `plan-3way/plan.json` for task `code`: {chain}." in prose
+    assert f"* `plan step 1: {chain.rsplit(' -', 1)[0]}` (an intermediate output, not kept)" in prose
+    last = plan["models"][-1]
+    assert f"* `{last}` ({(ws / 'checkpoints' / last).resolve()})" in prose
+    steps_card = (ws / "merged-3way-steps" / "README.md").read_text()
+    assert f"* `{(ws / 'plan-3way' / 'step-1').resolve()}`" in steps_card
 
 
 def test_merge_output_carries_card_config_and_parameters(walkthrough: dict) -> None:
@@ -230,7 +311,8 @@ def test_merge_output_carries_card_config_and_parameters(walkthrough: dict) -> N
 
 def test_output_is_quiet_readable_and_has_verdicts(walkthrough: dict) -> None:
     out = walkthrough["out"]
-    text = "".join(out.values())
+    # simmerge's output and the server's; `ray job submit` prints Ray's CLI INFO lines by design.
+    text = "".join(v for c, v in out.items() if not c.startswith("ray job submit "))
     ray_info = [ln for ln in text.splitlines()  # Python's INFO lines and the C++ ones ("[date I pid tid]")
                 if re.search(r"\tINFO |\bINFO \w+\.py:\d+ --|^\[[^\]]* I \d+ \d+\] ", ln)]
     assert ray_info == [] and "core_worker" not in text and "Traceback" not in text
@@ -247,3 +329,40 @@ def test_output_is_quiet_readable_and_has_verdicts(walkthrough: dict) -> None:
             "(code, math, rag))") in label
     # --verbose restores Ray's INFO lines.
     assert re.search(r"INFO worker\.py:\d+ -- Started a local Ray instance", walkthrough["verbose"])
+
+
+def test_the_server_answers_the_readme_queries_and_stops_cleanly(walkthrough: dict) -> None:
+    out = walkthrough["out"]
+    serve = next(c for c in out if c.startswith("simmerge serve "))
+    decide = next(c for c in out if c.startswith("curl -s localhost:8000/decide"))
+    feedback = next(c for c in out if c.startswith("curl -s localhost:8000/feedback"))
+    d = json.loads(out[decide])
+    assert d["pair"] == {"a": "code-1", "b": "math-1", "task": "code"}
+    assert d["operator"] == max(d["scores"], key=d["scores"].get)
+    assert set(d["scores"]) == set(ARM_NAMES)  # bandit-init's warm start from the labels of every arm
+    fb = json.loads(out[feedback])  # the <id> of the reply above, counted once
+    assert (fb["status"], fb["operator"], fb["reward"]) == ("counted", d["operator"], 0.62)
+    assert out[serve].splitlines()[-1].startswith("bandit serving on http://127.0.0.1:")
+    # Its own shutdown, on SIGTERM: Serve, the actor, Ray, in order, and no raylet line about a
+    # task that failed on the way (serve.shutdown()'s graceful_shutdown retry message).
+    stop = out[STOP_SERVER]
+    assert stop.splitlines()[-2:] == ["stopping", "stopped"], stop
+    assert "(raylet)" not in out[serve] + stop and "failed" not in stop and "Traceback" not in stop, stop
+
+
+def test_the_cluster_block_runs_on_a_ray_head(walkthrough: dict, repo_root: Path) -> None:
+    from simmerge_ray import kuberay
+
+    ws, out = walkthrough["ws"], walkthrough["out"]
+    submit = next(c for c in out if c.startswith("ray job submit "))
+    assert "succeeded" in out[submit].lower(), out[submit]
+    assert (ws / "merged-cluster" / "_SUCCESS").is_file()  # published to the URI when complete
+    got, want = _tensors(ws / "merged-cluster"), _tensors(ws / "merged")
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)  # same bytes as locally
+    # kubectl apply: the manifest it names, against the KubeRay CRDs (as tests/test_cluster_manifests.py).
+    (kubectl,) = [c for c in walkthrough["commands"] if c.startswith("kubectl ")]
+    manifest = Path(shlex.split(kubectl.replace("$REPO", str(repo_root)))[-1])
+    crds = next(d for d in (repo_root.parent / "shared" / "kuberay", repo_root / "shared" / "kuberay")
+                if (d / "ray.io_rayjobs.yaml").exists())
+    standing = [yaml.safe_load((repo_root / "cluster" / "raycluster.yaml").read_text())["spec"]]
+    assert kuberay.manifest_problems(yaml.safe_load(manifest.read_text()), crds, standing) == []

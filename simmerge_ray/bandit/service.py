@@ -192,6 +192,31 @@ def serve_bandit(
     return actor
 
 
+def stop_serving(actor: ray.actor.ActorHandle | None = None, *, timeout_s: float = 30.0) -> None:
+    """Shut Serve down (its handles, then the controller, which removes the replicas and proxies
+    first), then the bandit actor; the caller then shuts Ray down.
+
+    `serve.shutdown()` asks the controller to shut down through a handle that retries forever
+    (Serve creates the controller with `max_task_retries=-1`); the controller ends by killing
+    itself, so the call fails once and Ray prints a "(raylet) Task
+    ServeController.graceful_shutdown failed ... will be retried" line. The same call without
+    retries shuts down the same way, silently.
+    """
+    from ray.serve.context import _disconnect, _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is not None:
+        client.shutdown_cached_handles()
+        try:
+            ray.get(client._controller.graceful_shutdown.options(max_task_retries=0).remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            pass  # the controller is gone: the expected end of a graceful shutdown
+        client._shutdown = True
+        _disconnect()
+    if actor is not None:
+        ray.kill(actor, no_restart=True)
+
+
 def app(args: dict[str, str]) -> serve.Application:
     """Application builder for a Serve config (the RayService's `import_path`).
 

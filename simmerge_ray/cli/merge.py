@@ -136,7 +136,7 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
     check_output(args.out, overwrite=opts.overwrite, inputs=[*catalog.paths, plan_file])
     if opts.placement == "ray":
         init_ray(args.address)
-    results = execute_plan(plan, catalog, Path(args.out), opts, out_dtype=args.dtype)
+    results = execute_plan(plan, catalog, Path(args.out), opts, out_dtype=args.dtype, plan_file=plan_file)
     total = sum(r.seconds for r in results)
     print(f"executed {len(results)} step(s) of {' -> '.join(plan.models)} "
           f"({', '.join(plan.operators)}) in {total:.1f} s -> {args.out}")

@@ -121,9 +121,8 @@ def _serve(args: argparse.Namespace) -> int:
     read_settings(args.state)  # clear errors before importing or starting Ray
     token = load_token(args.token_file)
     import ray
-    from ray import serve
 
-    from simmerge_ray.bandit.service import serve_bandit
+    from simmerge_ray.bandit.service import serve_bandit, stop_serving
     from simmerge_ray.ray_session import init_ray
 
     init_ray()
@@ -138,8 +137,10 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("stopping", flush=True)
     finally:
-        serve.shutdown()
-        ray.kill(actor, no_restart=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second `kill` must not cut the shutdown short
+        stop_serving(actor)
+        ray.shutdown()
+    print("stopped", flush=True)
     return 0
 
 

@@ -58,6 +58,17 @@ class OutputSlice:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """What a model card says about a merge whose config names its inputs by path only: a step
+    of a plan, whose inputs are catalog models and the output of the step before it."""
+
+    origin: str  # one line: which plan, which step, the whole chain
+    names: dict[str, str]  # ref -> the catalog name of a model input
+    steps: dict[str, str]  # ref -> an earlier step's output, described (an intermediate folder)
+    models: tuple[str, ...]  # every checkpoint behind the output so far (the card's base_model)
+
+
+@dataclass(frozen=True)
 class MergeSpec:
     """A validated merge config: method, slices in output order, settings."""
 
@@ -73,6 +84,7 @@ class MergeSpec:
     source: str = "config"  # for messages
     seed: int = 0
     config: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # as given (model card)
+    provenance: Provenance | None = field(default=None, compare=False, repr=False)  # a plan step's (model card)
 
     @property
     def inputs(self) -> tuple[InputModel, ...]:

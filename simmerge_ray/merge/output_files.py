@@ -74,6 +74,9 @@ def write_provenance(spec: MergeSpec, out: Path, compute: str = "float32") -> No
     from simmerge_ray import __version__
 
     params = merge_parameters(spec)
+    prov = spec.provenance
+    plan = None if prov is None else {"origin": prov.origin, "model_names": prov.names, "steps": prov.steps,
+                                      "models": list(prov.models)}
     (out / "simmerge_merge.json").write_text(json.dumps({
         "merge_method": spec.method.name,
         "models": [m.ref for m in spec.inputs],
@@ -86,6 +89,7 @@ def write_provenance(spec: MergeSpec, out: Path, compute: str = "float32") -> No
         "seed": spec.seed,
         "tool": f"simmerge {__version__}",
         "config_file": CONFIG_FILE if spec.config is not None else None,
+        **({"plan": plan} if plan is not None else {}),
     }, indent=2, default=str))
     config_text = None
     if spec.config is not None:
@@ -96,19 +100,28 @@ def write_provenance(spec: MergeSpec, out: Path, compute: str = "float32") -> No
 
 def model_card(spec: MergeSpec, params: dict[str, Any], config_text: str | None, version: str,
                compute: str = "float32") -> str:
-    """A Hugging Face model card: inputs, method, parameters, tool version and the config."""
-    bases = [str(m.path) for m in spec.inputs]
+    """A Hugging Face model card: inputs, method, parameters, tool version and the config. A plan
+    step's card (`spec.provenance`) names its inputs as the user knows them: catalog models by
+    name, the step before it by its place in the plan, never by a temporary folder."""
+    prov = spec.provenance
+    names = {} if prov is None else {**prov.names, **prov.steps}
+    bases = list(prov.models) if prov is not None else [str(m.path) for m in spec.inputs]
     front = yaml.safe_dump({"base_model": bases, "library_name": "transformers",
                             "tags": ["merge", "mergekit", "simmerge"]}, sort_keys=False)
-    base = f" with `{spec.base.ref}` as the base model" if spec.base else ""
+    base = f" with `{names.get(spec.base.ref, spec.base.ref)}` as the base model" if spec.base else ""
     lines = ["---", front.rstrip(), "---", "# Merged model", "",
              f"Made with simmerge {version} (simmerge_ray), which executes mergekit configurations.", "",
              "## Merge details", "", "### Method", "",
              f"`{spec.method.name}`{base}; computed in {compute}"
              + (f", written as {spec.out_dtype or spec.dtype}" if (spec.out_dtype or spec.dtype) else "")
              + (f"; seed {spec.seed}" if spec.seed else "") + ".", "",
+             *([] if prov is None else ["### Plan", "", prov.origin, ""]),
              "### Models merged", ""]
-    lines += [f"* `{m.ref}`" + (f" ({m.path})" if str(m.path) != m.ref else "") for m in spec.inputs]
+    for m in spec.inputs:
+        if prov is not None and m.ref in prov.steps:
+            lines.append(f"* `{prov.steps[m.ref]}` (an intermediate output, not kept)")
+        else:
+            lines.append(f"* `{names.get(m.ref, m.ref)}`" + (f" ({m.path})" if str(m.path) != names.get(m.ref, m.ref) else ""))
     lines += ["", "### Parameters", ""]
     if params["global"]:
         lines.append(f"* global: `{json.dumps(params['global'], default=str)}`")
@@ -121,11 +134,13 @@ def model_card(spec: MergeSpec, params: dict[str, Any], config_text: str | None,
         for src in sl["sources"]:
             rng = f" layers {src['layer_range']}" if src["layer_range"] else ""
             if src["parameters"] or rng:
-                lines.append(f"* {where}`{src['model']}`{rng}: `{json.dumps(src['parameters'], default=str)}`")
+                lines.append(f"* {where}`{names.get(src['model'], src['model'])}`{rng}: "
+                             f"`{json.dumps(src['parameters'], default=str)}`")
     if lines[-1] == "":
         lines.append("none (every parameter at its default)")
     if config_text is not None:
-        lines += ["", "### Configuration", "", f"The configuration used, as given (also in `{CONFIG_FILE}`):", "",
+        given = "as given" if prov is None else "as the plan made it (intermediate outputs by their temporary path)"
+        lines += ["", "### Configuration", "", f"The configuration used, {given} (also in `{CONFIG_FILE}`):", "",
                   "```yaml", config_text.rstrip(), "```"]
     return "\n".join(lines) + "\n"
 

@@ -339,7 +339,8 @@ def _execute_top(rows: list[dict], s: BatchSettings) -> int:
         target = out / "merged" / f"{r['request_id']}-{r['key'][:12]}"
         if not target.exists():
             plan = Plan.from_json((out / r["plan_dir"] / "plan.json").read_text(), r["plan_dir"])
-            execute_plan(plan, catalog, target, ExecOptions(placement="ray", workers=s.merge_workers))
+            execute_plan(plan, catalog, target, ExecOptions(placement="ray", workers=s.merge_workers),
+                         plan_file=out / r["plan_dir"] / "plan.json")
         r["merged"] = str(target.relative_to(out))
     return min(s.execute_top, len(ok))
 

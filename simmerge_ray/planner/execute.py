@@ -8,13 +8,39 @@ from dataclasses import replace
 from pathlib import Path
 
 from simmerge_ray.catalog import Catalog
-from simmerge_ray.merge.config import MergeSpec
+from simmerge_ray.merge.config import MergeSpec, Provenance
 from simmerge_ray.merge.executor import ExecOptions, MergeResult, run_merge
 from simmerge_ray.planner.plan import Plan
 
 
+def chain(models: list[str], operators: list[str]) -> str:
+    """'code-1 -ties-> math-1 -linear-> rag-1': models merged in order, each step's arm."""
+    return models[0] + "".join(f" -{op}-> {m}" for op, m in zip(operators, models[1:]))
+
+
+def step_provenance(plan: Plan, catalog: Catalog, j: int, step_dir: str, plan_file: Path | None = None
+                    ) -> Provenance:
+    """Step j's inputs as the user knows them (catalog names; step j-1 by its place in the plan),
+    for the model card of its output; `step_dir` names step i's output folder with `{j}`."""
+    names = {str(m.path): m.name for m in catalog.models if m.name in plan.models}
+    if catalog.base is not None:
+        names[str(catalog.base)] = "the catalog's base"
+    where = f" `{plan_file}`" if plan_file is not None else ""
+    steps = {step_dir.format(j=i): f"plan step {i}: {chain(plan.models[:i + 1], plan.operators[:i])}"
+             for i in range(1, j)}
+    used = [m.name for m in catalog.models if m.name in plan.models[:j + 1]]
+    models = tuple(str(m.path) for m in catalog.models if m.name in used)
+    if catalog.base is not None:
+        models += (str(catalog.base),)
+    origin = (f"Step {j} of {len(plan.operators)} of the plan{where} for task `{plan.task}`: "
+              f"{chain(plan.models, plan.operators)}.")
+    return Provenance(origin=origin, names=names, steps=steps, models=models)
+
+
 def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = ExecOptions(),
-                 out_dtype: str | None = None) -> list[MergeResult]:
+                 out_dtype: str | None = None, plan_file: Path | None = None) -> list[MergeResult]:
+    """Run the plan's steps into `out`, each intermediate in a work folder beside it (removed);
+    each output's model card names the catalog models and the plan's steps, not that folder."""
     out = Path(out)
     if out.exists() and not opts.overwrite:
         from simmerge_ray.errors import SimMergeError
@@ -23,14 +49,16 @@ def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = Ex
     work = out.parent / f".{out.name}.plan-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True)
     paths = {m.name: m.path for m in catalog.models}
-    configs = plan.step_configs(paths, catalog.base, step_dir=str(work / "step-{j}"))
+    step_dir = str(work / "step-{j}")
+    configs = plan.step_configs(paths, catalog.base, step_dir=step_dir)
     results = []
     try:
         for j, cfg in enumerate(configs, start=1):
             last = j == len(configs)
             if out_dtype:
                 cfg = {**cfg, "out_dtype": out_dtype}
-            spec = MergeSpec.from_dict(cfg, root=work, source=f"plan step {j}")
+            spec = replace(MergeSpec.from_dict(cfg, root=work, source=f"plan step {j}"),
+                           provenance=step_provenance(plan, catalog, j, step_dir, plan_file))
             target = out if last else work / f"step-{j}"
             results.append(run_merge(spec, target, replace(opts, overwrite=opts.overwrite if last else False)))
             if j > 1:

@@ -41,22 +41,48 @@ def feature_utility_heatmap(x: np.ndarray, y: np.ndarray, features: list[str], o
     return path
 
 
-def grouped_bars(values: dict[str, dict[str, float]], path: Path, ylabel: str, title: str,
-                 scale: float = 100.0) -> Path:
-    """values[group][method] -> a bar per method within each group."""
+def legend_beside(ax) -> None:
+    """The legend to the right of the axes, outside them, where it covers no bar."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def bars_under_legend(fig) -> list[str]:
+    """The labels of the bars whose drawn box meets the legend's (none in a readable chart)."""
+    fig.canvas.draw()
+    covered = []
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None:
+            continue
+        box = legend.get_window_extent()
+        for container in ax.containers:
+            covered += [container.get_label() for bar in container if bar.get_window_extent().overlaps(box)]
+    return covered
+
+
+def grouped_bars_figure(values: dict[str, dict[str, float]], ylabel: str, title: str, scale: float = 100.0):
+    """values[group][method] -> a bar per method within each group; the legend beside the axes."""
     plt = _plt()
     groups = list(values)
     methods = list(dict.fromkeys(m for g in groups for m in values[g]))
     width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)) + 1.6, 3.6))
     for i, m in enumerate(methods):
         ax.bar(np.arange(len(groups)) + i * width, [scale * values[g].get(m, np.nan) for g in groups], width, label=m)
     ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(ncol=min(len(methods), 4), fontsize=8)
+    legend_beside(ax)
     fig.tight_layout()
+    return fig
+
+
+def grouped_bars(values: dict[str, dict[str, float]], path: Path, ylabel: str, title: str,
+                 scale: float = 100.0) -> Path:
+    """`grouped_bars_figure`, saved as a PNG at `path`."""
+    plt = _plt()
+    fig = grouped_bars_figure(values, ylabel, title, scale)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

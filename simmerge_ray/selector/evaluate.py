@@ -132,13 +132,15 @@ def ablation(data: PairData, cfg: SelectorConfig, *, folds: int = 5, seed: int =
     return out
 
 
-def gap_chart(report: dict, path: Path, title: str) -> Path:
+def gap_figure(report: dict, title: str):
     """Bar chart of the utility per task: SimMerge, the paper's arms, the best fixed arm, the
-    majority rule and the oracle (the paper's Figure 2 layout)."""
+    majority rule and the oracle (the paper's Figure 2 layout); the legend beside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from simmerge_ray.report.charts import legend_beside
 
     gap = report["utility"]
     shown = ("simmerge", *PAPER_ARMS, report["best_fixed_operator"], "majority", "oracle")
@@ -152,8 +154,17 @@ def gap_chart(report: dict, path: Path, title: str) -> Path:
     ax.set_ylabel("utility (%)")
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    legend_beside(ax)
     fig.tight_layout()
+    return fig
+
+
+def gap_chart(report: dict, path: Path, title: str) -> Path:
+    """`gap_figure`, saved as a PNG at `path` (utility.png; gap_closed.png before the
+    two-sided utility)."""
+    import matplotlib.pyplot as plt
+
+    fig = gap_figure(report, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
