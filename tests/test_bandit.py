@@ -79,6 +79,41 @@ def test_warm_start_fits_the_noise_variance():
     assert bandit.noise_var == pytest.approx(0.04, rel=0.1)
 
 
+def test_log_evidence_is_the_gaussian_marginal_likelihood():
+    """The Woodbury form from sufficient statistics equals the n x n Gaussian density directly."""
+    z, r, _ = _linear_data(25, 3, 1, 0.2, seed=4)
+    m = np.array([0.3, -0.2, 0.1, 0.5])
+    bandit = LinTS(3, [], LinTSConfig())
+    bandit.add_arm("a", m, 1.0)
+    bandit.warm_start(z, r, fit_noise=False)
+    x = np.c_[z, np.ones(25)]
+    for a, s in ((0.7, 0.05), (0.01, 0.3)):
+        cov = s * np.eye(25) + a * x @ x.T
+        d = r[:, 0] - x @ m
+        direct = -0.5 * (25 * np.log(2 * np.pi) + np.linalg.slogdet(cov)[1] + d @ np.linalg.solve(cov, d))
+        assert bandit.log_evidence(0, a, s) == pytest.approx(direct, rel=1e-9)
+
+
+def test_fit_evidence_shrinks_towards_a_right_prior_and_recovers_the_noise():
+    """Rewards made exactly by the prior mean's weights want a tiny prior variance; the same rows
+    against a zero prior want a large one. The noise variance comes out near the true 0.04."""
+    z, r, w = _linear_data(300, 4, 2, 0.2, seed=5)
+    grid = dict(prior_vars=np.logspace(-6, 1, 22), noise_vars=np.logspace(-3, 0, 31))
+    right = LinTS(4, [], LinTSConfig())
+    for i in range(2):
+        right.add_arm(f"a{i}", w[:, i])
+    right.warm_start(z, r, fit_noise=False)
+    prior_right, noise_right = right.fit_evidence(**grid)
+    zero = LinTS(4, ["a0", "a1"], LinTSConfig())
+    zero.warm_start(z, r, fit_noise=False)
+    prior_zero, noise_zero = zero.fit_evidence(**grid)
+    assert prior_right <= 1e-4 < 0.1 <= prior_zero
+    assert 0.03 < noise_right < 0.055 and 0.03 < noise_zero < 0.055
+    assert right.noise_var == noise_right and all(a.prior_var == prior_right for a in right.arms)
+    with pytest.raises(ConfigError, match="no absorbed rows"):
+        LinTS(4, ["a"], LinTSConfig()).fit_evidence()
+
+
 def test_thompson_draws_follow_the_posterior_marginal():
     z, r, _ = _linear_data(20, 2, 2, 0.3)
     bandit = LinTS(2, ["a", "b"], LinTSConfig(seed=3))

@@ -92,6 +92,24 @@ def test_save_load_round_trip_and_schema_check(data, tmp_path) -> None:
         Selector.load(tmp_path)
 
 
+def test_bandit_head_prior_starts_from_the_selectors_prediction(data) -> None:
+    """The selector's head on its last hidden layer, as each arm's prior mean, reproduces
+    `predict`; with the evidence-fitted variances the warm bandit's mean stays close to it."""
+    from simmerge_ray.bandit.simulate import SimSettings, warm_bandit
+    from simmerge_ray.selector.encoder import SelectorEncoder
+
+    sel = fit_selector(data, SelectorConfig(epochs=50, task_encoding=False))
+    enc = SelectorEncoder(sel)
+    z = enc.encode(data.x)
+    prior = enc.head_prior()
+    fresh = np.stack([np.c_[z, np.ones(len(z))] @ prior[op] for op in sel.operators], axis=1)
+    np.testing.assert_allclose(fresh, sel.predict(data.x), rtol=1e-5, atol=1e-6)
+    bandit = warm_bandit(enc, sel.operators, z, data.y, SimSettings())
+    assert bandit.arms[0].prior_var < 1.0  # the evidence shrinks towards the head
+    moved = np.abs(bandit.mean_scores(z) - sel.predict(data.x)).mean()
+    assert moved < np.abs(sel.predict(data.x)).mean()
+
+
 def test_gap_chart_written(data, tmp_path) -> None:
     report = evaluate_pairs(data, fixed_fit(SelectorConfig(epochs=30)), folds=3)
     png = gap_chart(report, tmp_path / "gap.png", "synthetic")

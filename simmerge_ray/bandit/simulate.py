@@ -5,7 +5,8 @@ information), so any policy can be replayed: each round draws a context from hel
 the policy picks an operator, its reward is the measured GapClosed of that operator, and the
 regret is the oracle's reward (best available operator) minus it. Policies:
 
-- bandit: Linear Thompson sampling warm-started on the training pairs (offline data);
+- bandit: Linear Thompson sampling warm-started on the training pairs (offline data), its prior
+  mean the offline selector's head when the encoder is the selector;
 - bandit_cold: the same with no offline data;
 - greedy_offline: the offline selector's argmax, never updated (default selector: the
   posterior-mean regression fitted on the training pairs; any [n, k] predictor plugs in);
@@ -179,6 +180,23 @@ class SimSettings:
     checkpoints: tuple[int, ...] = (60, 200)
     bandit: LinTSConfig = LinTSConfig()
     warm_weight: float = 1.0
+    fit_evidence: bool = True  # empirical-Bayes prior and noise variances of the warm bandit
+
+
+def warm_bandit(encoder: Encoder, arms: Sequence[str], z: np.ndarray, rewards: np.ndarray,
+                settings: SimSettings) -> LinTS:
+    """The warm-started bandit: each arm's prior mean is the encoder's own prediction head where it
+    has one (the offline selector's), then the offline rows are absorbed and, with
+    `settings.fit_evidence`, the prior and noise variances are chosen by their evidence."""
+    bandit = LinTS(encoder.width, (), settings.bandit)
+    head = getattr(encoder, "head_prior", None)
+    priors = head(intercept=settings.bandit.intercept) if head is not None else {}
+    for arm in arms:
+        bandit.add_arm(arm, priors.get(arm))
+    bandit.warm_start(z, rewards, weight=settings.warm_weight)
+    if settings.fit_evidence:
+        bandit.fit_evidence()
+    return bandit
 
 
 def simulate(
@@ -210,8 +228,7 @@ def simulate(
     encoder = encoder or IdentityEncoder.fit(train.feature_names, train.x)
     z_train, z_test = encoder.encode(train.x), encoder.encode(test.x)
 
-    warm = LinTS(encoder.width, [ops[i] for i in initial], settings.bandit)
-    warm.warm_start(z_train, train.rewards[:, initial], weight=settings.warm_weight)
+    warm = warm_bandit(encoder, [ops[i] for i in initial], z_train, train.rewards[:, initial], settings)
     if offline_predict is None:
         offline = np.full((len(test.keys), len(ops)), -np.inf)
         offline[:, initial] = warm.mean_scores(z_test)

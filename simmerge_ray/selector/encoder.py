@@ -31,6 +31,16 @@ class SelectorEncoder:
     def encode(self, x: np.ndarray) -> np.ndarray:
         return self.selector.encode(x, None)
 
+    def head_prior(self, intercept: bool = True) -> dict[str, np.ndarray]:
+        """Per operator, the selector's linear utility head on z ([W_o, b_o], the bias last as in
+        the bandit's design): as a warm bandit's prior mean, each arm starts from the offline
+        selector's own prediction instead of from zero."""
+        head = self.selector.net.head
+        w = head.weight.detach().double().numpy()
+        b = head.bias.detach().double().numpy()
+        return {op: np.append(w[i], b[i]) if intercept else w[i].copy()
+                for i, op in enumerate(self.selector.operators)}
+
     def spec(self) -> dict[str, Any]:
         if self.path is None:
             raise ValueError("a selector encoder needs a saved selector folder to be rebuilt")
