@@ -38,7 +38,7 @@ from cluster_processes import connect, free_ports, kill_group  # beside this fil
 RAY = Path(sys.executable).parent / "ray"
 WORKER_TYPE = "ray.worker.cpu"
 MAX_WORKERS = 3
-IDLE_S = 6  # the autoscaler's idle timeout (idle_timeout_minutes = 0.1)
+IDLE_S = 10  # the autoscaler's idle timeout: short for the test, long enough that a node is not ended while it starts
 RELEASE_TIMEOUT_S = 60  # how long the driver waits for the cluster to go back to 0 workers
 
 

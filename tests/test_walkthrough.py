@@ -117,7 +117,7 @@ def build_workspace(root: Path) -> None:
 
 
 DRIVER = textwrap.dedent('''
-    import json, os, shlex, signal, subprocess, sys, threading, time
+    import json, os, pty, shlex, signal, subprocess, sys, threading, time
     import ray
     from simmerge_ray.cli import main
     from simmerge_ray.ray_session import init_ray
@@ -125,6 +125,9 @@ DRIVER = textwrap.dedent('''
     # which start (or reuse) the local Ray.
     shell_env = {**os.environ, **json.loads(os.environ.pop("WALKTHROUGH_SHELL_ENV"))}
     server, decision = None, None
+    # The shell lines read from a terminal, as in a user's shell (Ray's CLI picks its output style
+    # from whether stdin is one); their output is captured as before.
+    _, terminal = pty.openpty()
     for cmd in sys.argv[1:]:
         if cmd == "RESTART_RAY":
             ray.shutdown()
@@ -152,7 +155,7 @@ DRIVER = textwrap.dedent('''
         else:
             if decision is not None:
                 cmd = cmd.replace("<id>", decision)
-            res = subprocess.run(["bash", "-c", cmd], env=shell_env, stdout=subprocess.PIPE, text=True)
+            res = subprocess.run(["bash", "-c", cmd], env=shell_env, stdin=terminal, stdout=subprocess.PIPE, text=True)
             print(res.stdout, end="" if res.stdout.endswith("\\n") or not res.stdout else "\\n")
             try:
                 decision = json.loads(res.stdout).get("decision_id", decision)
@@ -311,8 +314,8 @@ def test_merge_output_carries_card_config_and_parameters(walkthrough: dict) -> N
 
 def test_output_is_quiet_readable_and_has_verdicts(walkthrough: dict) -> None:
     out = walkthrough["out"]
-    # simmerge's output and the server's; `ray job submit` prints Ray's CLI INFO lines by design.
-    text = "".join(v for c, v in out.items() if not c.startswith("ray job submit "))
+    # Every command's output: simmerge's, the server's, and `ray job submit`'s with the job's log.
+    text = "".join(out.values())
     ray_info = [ln for ln in text.splitlines()  # Python's INFO lines and the C++ ones ("[date I pid tid]")
                 if re.search(r"\tINFO |\bINFO \w+\.py:\d+ --|^\[[^\]]* I \d+ \d+\] ", ln)]
     assert ray_info == [] and "core_worker" not in text and "Traceback" not in text

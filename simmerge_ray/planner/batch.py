@@ -1,13 +1,15 @@
 """Batch planning: many requests planned by an autoscaled pool of Ray actors, resumable.
 
-The request table (parquet, or JSON lines) is read with Ray Data. A cheap first pass, in plain
-Ray tasks, validates every row (PlanRequest) and keys it by a digest of its content and of the
-inputs (selector, features, catalog); rows whose key is in the results cache are answered from
-it. The rest is cut into blocks of a few requests and fed to `map_batches` with an actor pool of
-`min_size=1, max_size=N`: each actor loads the selector, the Gram matrices and the feature
+The request table (parquet, or JSON lines) is read by the driver: a cheap first pass there
+validates every row (PlanRequest) and keys it by a digest of its content and of the inputs
+(selector, features, catalog); rows whose key is in the results cache are answered from it. The
+rest is cut into blocks of a few requests and fed to Ray Data's `map_batches` with an actor pool
+of `min_size=1, max_size=N`: each actor loads the selector, the Gram matrices and the feature
 table once, and Ray Data grows the pool while blocks wait (on KubeRay the autoscaler adds nodes
-for the new actors). A request that fails (unknown model or task, missing features, bad size
-range) becomes an error row; it never stops the batch.
+for the new actors). The actors are the only work placed on the cluster: no read, key or
+shuffle task waits for (or dies with) a node that an autoscaler is adding or removing. A request
+that fails (unknown model or task, missing features, bad size range) becomes an error row; it
+never stops the batch.
 
 Layout of the output folder:
     results.parquet        one row per request (RESULT_SCHEMA), sorted by request_id
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 import uuid
@@ -155,7 +156,7 @@ def _publish(tmp: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ---- pass 1: validate, key, answer from the cache (plain Ray tasks) --------------------------
+# ---- pass 1: validate, key, answer from the cache (on the driver) ---------------------------
 
 def prepare_rows(batch: pa.Table, fingerprint: str, cache_dir: str) -> pa.Table:
     rows = []
@@ -227,16 +228,22 @@ class PlanWorker:
 
 # ---- the driver ------------------------------------------------------------------------------
 
-def read_requests(path: str):
-    """The request table as a Ray Dataset (parquet file or folder; .jsonl/.json lines)."""
-    import ray
+def read_requests(path: str) -> pa.Table:
+    """The request table: a parquet file or folder, or a .jsonl/.json file of JSON lines."""
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
 
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{path}: request table not found")
-    if p.suffix in (".jsonl", ".json"):
-        return ray.data.read_json(str(p), lines=True)
-    return ray.data.read_parquet(str(p))
+    try:
+        return pj.read_json(p) if p.suffix in (".jsonl", ".json") else pq.read_table(p)
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"{path}: not a readable request table ({str(e).splitlines()[0]})") from None
+
+
+def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
 
 
 def run_batch(s: BatchSettings) -> BatchReport:
@@ -258,28 +265,23 @@ def run_batch(s: BatchSettings) -> BatchReport:
     ask = resources.streaming_ask()
     placement.check_placeable("plan-batch actor", ask)  # not a silent wait for a node that never comes
     cache.mkdir(parents=True, exist_ok=True)
-    fingerprint = inputs_fingerprint(s)
-    keyed = read_requests(s.requests).map_batches(
-        prepare_rows, fn_kwargs={"fingerprint": fingerprint, "cache_dir": str(cache)},
-        batch_format="pyarrow", batch_size=None).materialize()
-    pending = keyed.map_batches(select_rows, fn_kwargs={"pending": True}, batch_format="pyarrow", batch_size=None)
-    n_pending = pending.count()
-    parts = [keyed.map_batches(select_rows, fn_kwargs={"pending": False}, batch_format="pyarrow", batch_size=None)]
+    keyed = prepare_rows(read_requests(s.requests), inputs_fingerprint(s), str(cache))
+    pending, done = select_rows(keyed, pending=True), select_rows(keyed, pending=False)
+    n_pending = pending.num_rows
+    fresh: list[pa.Table] = []
     if n_pending:
         build_step_model(s.selector, s.features, s.aux_selector)  # bad inputs: one clear error, before any actor
-        planned = pending.repartition(math.ceil(n_pending / s.rows_per_block)).map_batches(
+        planned = ray.data.from_arrow(_blocks(pending, s.rows_per_block)).map_batches(
             PlanWorker,
             fn_constructor_kwargs={"selector": s.selector, "features": s.features, "catalog": s.catalog,
                                    "aux_selector": s.aux_selector, "cache_dir": str(cache)},
             batch_size=s.rows_per_block, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.actors),
             **ask.ray_options())
-        parts.append(planned)
-    done = [b for b in parts[0].iter_batches(batch_size=None, batch_format="pyarrow")]
-    fresh = [b for ds in parts[1:] for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+        fresh = list(planned.iter_batches(batch_size=None, batch_format="pyarrow"))
     order = [("request_id", "ascending"), ("key", "ascending")]
-    rows = pa.concat_tables(done + fresh).cast(RESULT_SCHEMA).sort_by(order).to_pylist() if done + fresh else []
-    invalid = sum(r["status"] == "error" and not r["cached"] for t in done for r in t.to_pylist())
+    rows = pa.concat_tables([done, *fresh]).cast(RESULT_SCHEMA).sort_by(order).to_pylist()
+    invalid = sum(r["status"] == "error" and not r["cached"] for r in done.to_pylist())
     rows = _flag_duplicate_ids(rows)
     catalog = Catalog.load(s.catalog) if any(r["status"] == "ok" for r in rows) else None
     for r in rows:
