@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -48,12 +49,20 @@ def spec_for(size_gb: float) -> SyntheticSpec:
                          max_shard_bytes=500 * 1024**2)
 
 
-def config(method: str, ckpt_dir: Path) -> dict:
-    if method == "linear":
-        return {"merge_method": "linear", "dtype": "bfloat16",
-                "models": [{"model": str(ckpt_dir / n), "parameters": {"weight": 1.0}} for n in NAMES]}
+def linear_config(ckpt_dir: Path) -> dict:
+    """Linear over the three checkpoints."""
+    return {"merge_method": "linear", "dtype": "bfloat16",
+            "models": [{"model": str(ckpt_dir / n), "parameters": {"weight": 1.0}} for n in NAMES]}
+
+
+def ties_config(ckpt_dir: Path) -> dict:
+    """TIES of two checkpoints over the third as base, density 0.5."""
     return {"merge_method": "ties", "dtype": "bfloat16", "base_model": str(ckpt_dir / "base"),
             "models": [{"model": str(ckpt_dir / n), "parameters": {"weight": 0.5, "density": 0.5}} for n in NAMES[1:]]}
+
+
+# The benchmarked merges, by the method each config names (the --methods choices).
+CONFIGS: dict[str, Callable[[Path], dict]] = {"linear": linear_config, "ties": ties_config}
 
 
 def _workers(output: str) -> int:
@@ -65,7 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gb", type=float, default=1.07, help="size of each of the three checkpoints")
     ap.add_argument("--out", default="runs/bench")
-    ap.add_argument("--methods", nargs="+", default=["linear", "ties"], choices=["linear", "ties"])
+    ap.add_argument("--methods", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--skip-cluster", action="store_true", help="leave out the run on a Ray cluster")
     args = ap.parse_args()
     root = Path(args.out).resolve()
@@ -96,7 +105,7 @@ def main() -> None:
                     "cpus": len(os.sched_getaffinity(0)), "methods": {}}
     for method in args.methods:
         cfg_path = root / f"bench-merge-{method}.yaml"
-        cfg_path.write_text(yaml.safe_dump(config(method, ckpt_dir)))
+        cfg_path.write_text(yaml.safe_dump(CONFIGS[method](ckpt_dir)))
         in_bytes = report["input_bytes"]
         sm = [str(bin_dir / "simmerge"), "merge", str(cfg_path), "--out", str(out), "--quiet"]
         rows: dict[str, dict] = {}

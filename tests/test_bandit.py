@@ -25,7 +25,7 @@ from simmerge_ray.bandit.errors import (
 from simmerge_ray.bandit.feature_table import FeatureTable
 from simmerge_ray.bandit.limits import FEATURE_BOUND, REWARD_BOUND
 from simmerge_ray.bandit.lints import LinTS, LinTSConfig
-from simmerge_ray.bandit.simulate import SimSettings, replay_data, simulate, split_by_pair
+from simmerge_ray.bandit.simulate import SimSettings, most_often_best, replay_data, simulate, split_by_pair, warm_bandit
 from simmerge_ray.bandit.state import STATE_FILE, read_state, write_state
 from simmerge_ray.bandit.synthetic import SyntheticBanditSpec, synthetic_tables
 from simmerge_ray.cli import main as cli_main
@@ -349,12 +349,19 @@ def test_cli_bandit_init_and_sim(tmp_path: Path):
     core = BanditCore(state)
     assert core.bandit.arm_names == ["dare_ties", "linear", "slerp", "ties"]
     assert all(a.weight == 60 for a in core.bandit.arms)  # 5*4 ordered pairs x 3 tasks
+    # The bandit served is the one the replay simulator measures: warm_bandit, variances by evidence.
+    data = replay_data(labels, features)
+    want = warm_bandit(core.encoder, data.operators, core.encoder.encode(data.x), data.rewards, SimSettings())
+    assert core.bandit.noise_var == want.noise_var
+    assert [a.prior_var for a in core.bandit.arms] == [a.prior_var for a in want.arms]
     out = tmp_path / "sim"
     assert cli_main(["bandit-sim", "--labels", str(tmp_path / "labels.parquet"), "--features",
                      str(tmp_path / "features.parquet"), "--out", str(out), "--rounds", "30",
                      "--repeats", "2", "--add-at", "10"]) == 0
     report = json.loads((out / "regret.json").read_text())
     assert set(report) == {"all_operators", "operator_added"}
+    train, _ = split_by_pair(data, 0.3, seed=0)  # bandit-sim's defaults
+    assert report["operator_added"]["new_operator"] == most_often_best(train)
     assert len(report["all_operators"]["policies"]["bandit"]["cum_regret_mean"]) == 30
     assert (out / "regret.png").read_bytes()[:4] == b"\x89PNG"
     assert cli_main(["bandit-init", "--state", str(state), "--features",

@@ -271,6 +271,33 @@ def simulate(
     return _summary(regret, picks, ops, settings, new_operator, add_at, len(train.keys), len(test.keys))
 
 
+def most_often_best(train: ReplayData) -> str:
+    """The operator that wins the most complete training contexts: holding back the usual winner is
+    the hardest case for a policy, and the choice never looks at held-out rewards."""
+    complete = np.isfinite(train.rewards).all(axis=1)
+    wins = np.bincount(np.argmax(train.rewards[complete], axis=1), minlength=len(train.operators))
+    return train.operators[int(np.argmax(wins))]
+
+
+def replay_adding(
+    train: ReplayData,
+    test: ReplayData,
+    settings: SimSettings,
+    *,
+    add_at: int,
+    new_operator: str | None = None,
+    encoder: Encoder | None = None,
+    offline_predict: OfflinePredictor | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two replays over the same draws: every operator from the start, then `new_operator`
+    (default: `most_often_best`) held back until round `add_at`."""
+    new_operator = new_operator or most_often_best(train)
+    every = simulate(train, test, settings, encoder=encoder, offline_predict=offline_predict)
+    added = simulate(train, test, settings, encoder=encoder, offline_predict=offline_predict,
+                     new_operator=new_operator, add_at=add_at)
+    return every, added
+
+
 def _summary(
     regret: dict[str, np.ndarray],
     picks: dict[str, np.ndarray],

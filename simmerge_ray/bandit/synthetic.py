@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from simmerge_ray.merge.arms import SYNTHETIC_BANDIT_ARMS
+
 
 @dataclass(frozen=True)
 class SyntheticBanditSpec:
     n_models: int = 10
     tasks: tuple[str, ...] = ("code", "math", "multilingual")
-    operators: tuple[str, ...] = ("linear", "slerp", "ties", "dare_ties")  # arm names (merge/arms.py)
+    operators: tuple[str, ...] = SYNTHETIC_BANDIT_ARMS
     n_features: int = 8
     weight_scale: float = 0.15
     noise_std: float = 0.05

@@ -7,7 +7,6 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 from simmerge_ray.errors import ConfigError
@@ -51,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=200, help="decisions per replay")
     p.add_argument("--repeats", type=int, default=20, help="replays (different seeds) averaged")
     p.add_argument("--test-frac", type=float, default=0.3, help="share of model pairs held out")
-    p.add_argument("--add-operator", help="operator added as a new arm (default: most often best)")
+    p.add_argument("--add-operator", help="operator added as a new arm (default: most often best in training)")
     p.add_argument("--add-at", type=int, default=60, help="it becomes available after this many rounds")
     _add_bandit_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote")
@@ -59,8 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_bandit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--noise-var", type=float, default=0.04, help="reward noise (re-fitted on warm start)")
-    p.add_argument("--prior-var", type=float, default=1.0, help="prior variance of each arm's weights")
+    p.add_argument("--noise-var", type=float, default=0.04,
+                   help="reward noise variance (a warm start chooses it by evidence)")
+    p.add_argument("--prior-var", type=float, default=1.0,
+                   help="prior variance of each arm's weights (a warm start chooses it by evidence)")
     p.add_argument("--exploration", type=float, default=1.0, help="posterior std multiplier")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior sampling")
 
@@ -81,36 +82,23 @@ def _read_parquet(path: Path, what: str) -> pl.DataFrame:
 
 def _init(args: argparse.Namespace) -> int:
     from simmerge_ray.bandit.core import BanditCore
-    from simmerge_ray.bandit.encoder import IdentityEncoder
-    from simmerge_ray.bandit.feature_table import feature_columns
-    from simmerge_ray.bandit.lints import LinTS
-    from simmerge_ray.bandit.simulate import replay_data
+    from simmerge_ray.bandit.initial import initial_bandit
+    from simmerge_ray.bandit.simulate import SimSettings
 
-    features = _read_parquet(args.features, "feature table")
-    numeric = feature_columns(features)
-    # A column with NaN somewhere (e.g. the middle depth third of a 2-layer model, which has no
-    # layer) carries no usable context: the bandit is fitted on the finite columns only.
-    finite = features.select(numeric).cast(pl.Float64).fill_null(float("nan")).to_numpy()
-    names = [c for c, ok in zip(numeric, np.isfinite(finite).all(axis=0)) if ok]
-    if not names:
-        raise ConfigError(f"{args.features}: no numeric columns prefixed s_ or f_ with finite values in every row")
-    if len(names) < len(numeric):
-        dropped = [c for c in numeric if c not in names]
-        print(f"bandit-init: {len(dropped)} feature column(s) with NaN/Inf left out: {', '.join(dropped)}")
-    encoder = IdentityEncoder.fit(names, features.select(names).cast(pl.Float64).to_numpy())
-    if args.labels:
-        data = replay_data(_read_parquet(args.labels, "labels"), features, names)
-        bandit = LinTS(encoder.width, data.operators, _config(args))
-        bandit.warm_start(encoder.encode(data.x), data.rewards, weight=args.warm_weight)
-        how = f"warm start from {len(data.keys)} contexts"
-    elif args.operators:
-        bandit = LinTS(encoder.width, [o.strip() for o in args.operators.split(",") if o.strip()], _config(args))
-        how = "cold start"
-    else:
+    if not (args.labels or args.operators):
         raise ConfigError("give --labels (warm start) or --operators (cold start)")
-    core = BanditCore.create(args.state, encoder, bandit, feature_table=args.features, overwrite=args.overwrite)
-    print(f"bandit state in {args.state}: arms {bandit.arm_names}, {len(names)} features, {how}, "
-          f"noise_var {core.bandit.noise_var:.4g}")
+    labels = _read_parquet(args.labels, "labels") if args.labels else None
+    operators = [o.strip() for o in (args.operators or "").split(",") if o.strip()]
+    start = initial_bandit(_read_parquet(args.features, "feature table"),
+                           SimSettings(bandit=_config(args), warm_weight=args.warm_weight),
+                           labels=labels, operators=operators)
+    if start.dropped:
+        print(f"bandit-init: {len(start.dropped)} feature column(s) with NaN/Inf left out: {', '.join(start.dropped)}")
+    core = BanditCore.create(args.state, start.encoder, start.bandit, feature_table=args.features,
+                             overwrite=args.overwrite)
+    how = f"warm start from {start.contexts} contexts" if start.contexts else "cold start"
+    print(f"bandit state in {args.state}: arms {core.bandit.arm_names}, {start.encoder.width} features, {how}, "
+          f"prior_var {core.bandit.arms[0].prior_var:.4g}, noise_var {core.bandit.noise_var:.4g}")
     return 0
 
 
@@ -149,7 +137,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from simmerge_ray.bandit.simulate import SimSettings, replay_data, simulate, split_by_pair, write_report
+    from simmerge_ray.bandit.simulate import SimSettings, replay_data, replay_adding, split_by_pair, write_report
     from simmerge_ray.bandit.synthetic import synthetic_tables
     from simmerge_ray.io.atomic import atomic_output_dir
 
@@ -159,27 +147,16 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.features is None:
             raise ConfigError("--labels needs --features")
         labels, features = _read_parquet(args.labels, "labels"), _read_parquet(args.features, "feature table")
-    data = replay_data(labels, features)
-    train, test = split_by_pair(data, args.test_frac, args.seed)
+    train, test = split_by_pair(replay_data(labels, features), args.test_frac, args.seed)
     settings = SimSettings(rounds=args.rounds, repeats=args.repeats, seed=args.seed, bandit=_config(args))
-    new_op = args.add_operator or _most_often_best(train)
-    results = {
-        "all_operators": simulate(train, test, settings),
-        "operator_added": simulate(train, test, settings, new_operator=new_op, add_at=args.add_at),
-    }
+    every, added = replay_adding(train, test, settings, add_at=args.add_at, new_operator=args.add_operator)
+    results = {"all_operators": every, "operator_added": added}
     inputs = [p for p in (args.features, args.labels) if p is not None]
     with atomic_output_dir(args.out, overwrite=args.overwrite, inputs=inputs) as tmp:
         write_report(results, tmp)
     print(_table(results))
     print(f"wrote {args.out}/regret.json and {args.out}/regret.png")
     return 0
-
-
-def _most_often_best(train) -> str:
-    """The operator that wins most training contexts: adding it late is the hardest case."""
-    complete = np.isfinite(train.rewards).all(axis=1)
-    wins = np.bincount(np.argmax(train.rewards[complete], axis=1), minlength=len(train.operators))
-    return train.operators[int(np.argmax(wins))]
 
 
 def _table(results: dict) -> str:

@@ -132,3 +132,9 @@ def check_arms(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     for n in names:
         get_arm(n)
     return tuple(names)
+
+
+# The arms of the synthetic bandit problem (bandit/synthetic.py): the paper's three and a
+# stochastic one. Its seeded tables draw one column per arm in this order, so the order is
+# written out here rather than derived from ARMS.
+SYNTHETIC_BANDIT_ARMS: tuple[str, ...] = check_arms(("linear", "slerp", "ties", "dare_ties"))

@@ -6,13 +6,15 @@ import json
 
 from simmerge_ray.pipeline.layout import RunLayout
 
+ADD_AT = 60  # the round after which the second replay adds an operator
+
 
 def replay_bandit(run: RunLayout, *, rounds: int, repeats: int, seed: int) -> None:
     """bandit/regret.json and regret.png. The selector used as encoder and greedy baseline is
     fitted on the training pairs only, so that the held-out replay never saw its pairs."""
     import polars as pl
 
-    from simmerge_ray.bandit.simulate import SimSettings, replay_data, simulate, split_by_pair, write_report
+    from simmerge_ray.bandit.simulate import SimSettings, replay_adding, replay_data, split_by_pair, write_report
     from simmerge_ray.selector.data import load_pair_data
     from simmerge_ray.selector.encoder import SelectorEncoder
     from simmerge_ray.selector.model import Selector, SelectorConfig
@@ -33,11 +35,9 @@ def replay_bandit(run: RunLayout, *, rounds: int, repeats: int, seed: int) -> No
     rows = [i for i, k in enumerate(zip(pairs.tasks, pairs.experts, pairs.auxes)) if k in train_keys]
     cfg = json.loads((run.selector / "selector.json").read_text())["config"]
     sel: Selector = fit_selector(pairs.subset(rows), SelectorConfig.from_dict({**cfg, "task_encoding": False}))
-    enc = SelectorEncoder(sel)
     settings = SimSettings(rounds=rounds, repeats=repeats, seed=seed)
-    results = {"main": simulate(train, test, settings, encoder=enc, offline_predict=lambda x: sel.predict(x))}
-    add = max(sel.operators, key=lambda o: float(test.rewards[:, list(test.operators).index(o)].mean()))
-    results[f"add_{add}_at_60"] = simulate(train, test, settings, encoder=enc,
-                                           offline_predict=lambda x: sel.predict(x), new_operator=add, add_at=60)
+    every, added = replay_adding(train, test, settings, add_at=ADD_AT, encoder=SelectorEncoder(sel),
+                                 offline_predict=sel.predict)
+    results = {"main": every, f"add_{added['new_operator']}_at_{ADD_AT}": added}
     run.bandit.mkdir(exist_ok=True)
     write_report(results, run.bandit)

@@ -1,0 +1,53 @@
+"""The bandit a new state folder starts from (`simmerge bandit-init`).
+
+A warm start goes through `simulate.warm_bandit`, the function the replay simulator (and so the
+pipeline's bandit stage) measures: the bandit that is served is the one whose regret was reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from simmerge_ray.bandit.encoder import IdentityEncoder
+from simmerge_ray.bandit.feature_table import feature_columns
+from simmerge_ray.bandit.lints import LinTS
+from simmerge_ray.bandit.simulate import SimSettings, replay_data, warm_bandit
+from simmerge_ray.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class InitialBandit:
+    encoder: IdentityEncoder
+    bandit: LinTS
+    dropped: tuple[str, ...]  # feature columns left out: NaN or Inf in some row
+    contexts: int  # offline contexts absorbed; 0 for a cold start
+
+
+def finite_feature_columns(features: pl.DataFrame) -> tuple[list[str], list[str]]:
+    """(kept, dropped) numeric feature columns. A column with NaN somewhere (e.g. the middle depth
+    third of a 2-layer model, which has no layer) carries no usable context."""
+    numeric = feature_columns(features)
+    values = features.select(numeric).cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    kept = [c for c, ok in zip(numeric, np.isfinite(values).all(axis=0)) if ok]
+    if not kept:
+        raise ConfigError("features: no numeric columns prefixed s_ or f_ with finite values in every row")
+    return kept, [c for c in numeric if c not in kept]
+
+
+def initial_bandit(features: pl.DataFrame, settings: SimSettings, *, labels: pl.DataFrame | None = None,
+                   operators: Sequence[str] = ()) -> InitialBandit:
+    """The identity encoder fitted on every row of the feature table, and a bandit warm-started
+    from `labels` (every operator they measure) or, without labels, cold with `operators`."""
+    names, dropped = finite_feature_columns(features)
+    encoder = IdentityEncoder.fit(names, features.select(names).cast(pl.Float64).to_numpy())
+    if labels is not None:
+        data = replay_data(labels, features, names)
+        bandit = warm_bandit(encoder, data.operators, encoder.encode(data.x), data.rewards, settings)
+        return InitialBandit(encoder, bandit, tuple(dropped), len(data.keys))
+    if not operators:
+        raise ConfigError("give labels (warm start) or operators (cold start)")
+    return InitialBandit(encoder, LinTS(encoder.width, operators, settings.bandit), tuple(dropped), 0)
