@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_AUTH_MODE=disabled
-exec .venv/bin/python -m pytest -q --durations=15 "$@"
+# Two workers, a file each at a time: most of the long tests wait on processes of their own, so
+# the 2 cores are shared with the short files meanwhile (tests/conftest.py orders the long ones first).
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 "$@"

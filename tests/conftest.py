@@ -17,6 +17,18 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# The files whose tests wait on processes of their own (a submitted job, the walkthrough's
+# driver, the autoscaling and two-node clusters, DeepSpeed): first, so that with two workers
+# (`-n 2 --dist loadfile`, scripts/test.sh) the short files fill the other worker meanwhile.
+LONG_FIRST = ("test_ray_job_submit.py", "test_walkthrough.py", "test_autoscaling.py", "test_probes.py",
+              "test_lost_node.py", "test_testbed.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: file order kept otherwise
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the project's caches (file digests, probe outputs) inside the test session."""

@@ -178,9 +178,11 @@ def test_autoscaling_cluster_grows_answers_and_shrinks(ray_cluster) -> None:
         assert digests(work / "as-merged") == digests(work / "ref-merged")
 
         # Every actor asked for what simmerge_ray.resources says (SIMMERGE_CPUS_PER_*ACTOR=1 in
-        # the driver), and the pools spread over the nodes the autoscaler added.
+        # the driver), on the nodes the autoscaler added; the pools created at once spread over
+        # them. (Batch planning's pool grows one actor at a time: on a loaded machine the first
+        # actor can answer every block before the next has started on its new node.)
         actors = result["actors"]
-        for cls, min_nodes in (("MapWorker(MapBatches(PlanWorker))", 2), ("GramWorker", 2), ("PlanEvaluator", 1),
+        for cls, min_nodes in (("MapWorker(MapBatches(PlanWorker))", 1), ("GramWorker", 2), ("PlanEvaluator", 1),
                                ("UnitMerger", 1)):
             assert actors[cls]["asks"] == [{"CPU": 1.0}], (cls, actors[cls])
             assert len(actors[cls]["nodes"]) >= min_nodes, (cls, actors[cls])
