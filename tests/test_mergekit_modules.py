@@ -118,8 +118,8 @@ CASES = {
                                                      {"model": "m1", "layer_range": [0, 2]},
                                                      {"model": "m2", "layer_range": [1, 3],
                                                       "parameters": {"density": 0.3}}]}]},
-            "multi_modal_projector": {"models": [{"model": "m1"}, {"model": "m2"}],
-                                      "parameters": {"density": 0.9}},
+            "multi_modal_projector": {"models": [{"model": "m1"}, {"model": "m2"}],  # its mlp at t = 1, as mergekit
+                                      "parameters": {"density": [0.9, 0.4]}},
             "text_decoder": {"models": [{"model": "m2"}, {"model": "m1", "parameters": {"weight": 0.8}}]},
         },
     },
@@ -131,24 +131,92 @@ def _depths(config: dict) -> tuple:
             config["vision_config"].get("num_hidden_layers"), config["vision_config"].get("depth"))
 
 
-@pytest.mark.parametrize("case", list(CASES), ids=["-".join(c) for c in CASES])
-def test_modules_match_mergekit(zoo, tmp_path: Path, case: tuple[str, str]) -> None:
-    root, cfg = zoo[case[0]], CASES[case]
+def _match_mergekit(root: Path, tmp_path: Path, case: tuple[str, str], cfg: dict) -> dict[str, torch.Tensor]:
+    """Merge `cfg` with simmerge and with mergekit: the same tensor names, values to float32
+    rounding (as tests/test_merge_vs_mergekit.py: the kernels' order of operations), the same
+    depth keys in config.json. Returns our tensors."""
     (root / f"{case[1]}.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     run_merge(MergeSpec.load(root / f"{case[1]}.yml"), tmp_path / "ours", ExecOptions())
     run_mergekit(cfg, root, tmp_path / "mk")
     ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "mk")
     assert sorted(ours) == sorted(theirs)
-    for name in ours:  # to float32 rounding, as tests/test_merge_vs_mergekit.py (the kernels' order of operations)
+    for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=2e-6, atol=2e-6, msg=f"{case} {name}")
     mine = json.loads((tmp_path / "ours" / "config.json").read_text())
     mk = json.loads((tmp_path / "mk" / "config.json").read_text())
     assert _depths(mine) == _depths(mk)
+    return ours
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=["-".join(c) for c in CASES])
+def test_modules_match_mergekit(zoo, tmp_path: Path, case: tuple[str, str]) -> None:
+    root, cfg = zoo[case[0]], CASES[case]
+    ours = _match_mergekit(root, tmp_path, case, cfg)
     if len(cfg["modules"]) > 1:  # the model card says which settings belong to which module
         card = (tmp_path / "ours" / "README.md").read_text()
         assert all(name in card for name in cfg["modules"]), card
     base = Checkpoint.open(root / "base")  # the merge changed every module it names
     assert all(not torch.equal(ours[n], base.read_f32(n)) for n in ours if n in base.entries and "norm" not in n)
+
+
+# Top-level `models:` on a modular architecture: mergekit gives the list to every module of the
+# architecture, each merged over its own blocks, so a gradient spreads over each module's depth
+# (4 text layers, 3 vision blocks, none in the projector), not over one flat run of layers.
+TOP_MODELS = {
+    (arch, "ties_top_level_models_gradients"): {
+        "merge_method": "ties", "base_model": "base", "dtype": "float32", "parameters": {"normalize": True},
+        "models": [{"model": "m1", "parameters": {"weight": [0.2, 0.8], "density": [0.3, 0.9]}},
+                   {"model": "m2", "parameters": {"weight": 0.5, "density": [0.9, 0.4, 0.6]}}],
+    } for arch in ("mistral3", "qwen2_vl")
+} | {
+    (arch, "linear_top_level_models_gradients"): {
+        "merge_method": "linear", "dtype": "float32", "parameters": {"normalize": False},
+        "models": [{"model": "m1", "parameters": {"weight": [0.2, 0.8]}},
+                   {"model": "m2", "parameters": {"weight": [{"filter": "mlp", "value": [1.0, 0.1]},
+                                                             {"value": [0.7, 0.3, 0.5]}]}}],
+    } for arch in ("mistral3", "qwen2_vl")
+}
+
+
+@pytest.mark.parametrize("case", list(TOP_MODELS), ids=["-".join(c) for c in TOP_MODELS])
+def test_top_level_models_match_mergekit_module_by_module(zoo, tmp_path: Path, case: tuple[str, str]) -> None:
+    root = zoo[case[0]]
+    ours = _match_mergekit(root, tmp_path, case, TOP_MODELS[case])
+    base = Checkpoint.open(root / "base")  # every module is in the output, as in the inputs
+    assert sorted(ours) == sorted(base.entries)
+
+
+def test_top_level_slices_refused_as_mergekit(zoo, tmp_path: Path, capsys, no_tensor_reads) -> None:
+    """mergekit refuses top-level `slices:` on a model of several modules; so do we, in one line."""
+    cfg = {"merge_method": "linear", "parameters": {"weight": 0.5}, "dtype": "float32",
+           "slices": [{"sources": [{"model": "m1", "layer_range": [0, 2]}, {"model": "m2", "layer_range": [1, 3]}]}]}
+    for arch, name in (("mistral3", "Mistral3ForConditionalGeneration"), ("qwen2_vl", "Qwen2VLForConditionalGeneration")):
+        path = zoo[arch] / "top-level-slices.yml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        assert cli_main(["merge", str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        for needle in (str(path), ": slices: ", "layer_range [[0, 2]]", name, "modules:"):
+            assert needle in err, err
+        assert not (tmp_path / "out").exists()
+
+
+def test_top_level_slices_mergekit_refuses(zoo, tmp_path: Path) -> None:
+    cfg = {"merge_method": "linear", "parameters": {"weight": 0.5}, "dtype": "float32",
+           "slices": [{"sources": [{"model": "m1", "layer_range": [0, 2]}, {"model": "m2", "layer_range": [1, 3]}]}]}
+    for arch in ("mistral3", "qwen2_vl"):
+        with pytest.raises(RuntimeError, match="must use modules: config syntax"):
+            run_mergekit(cfg, zoo[arch], tmp_path / f"mk-{arch}")
+
+
+def test_top_level_models_with_tokenizer_refused(zoo) -> None:
+    from simmerge_ray.errors import ConfigError
+    from simmerge_ray.merge.executor import check_merge
+
+    cfg = {"merge_method": "linear", "parameters": {"weight": 0.5}, "tokenizer_source": "base",
+           "models": [{"model": "m1"}, {"model": "m2"}]}
+    with pytest.raises(ConfigError, match=r"tokenizer_source: not supported on Mistral3ForConditionalGeneration"):
+        check_merge(MergeSpec.from_dict(cfg, root=zoo["mistral3"]))
 
 
 def test_modules_on_ray_equal_local(ray_cluster, zoo, tmp_path: Path) -> None:

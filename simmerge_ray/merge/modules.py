@@ -25,12 +25,16 @@ class ModuleLayout:
     prefixes: tuple[str, ...]  # the module owns every tensor whose name starts with one of these
     depth_keys: tuple[str, ...]  # dotted config keys of its depth, first present wins; () for no blocks
     post: tuple[str, ...] = ()  # tensors outside blocks that follow them (final norm, head); others precede
+    # prefixes of tensors outside blocks whose gradients take t = 1, not 0: mergekit's Qwen2-VL
+    # projector declares 2 layers (override_num_layers) whose template is the unindexed
+    # `visual.merger.mlp.*`, so it plans each of them at t = 0, then at t = 1, and writes the last
+    t_one: tuple[str, ...] = ()
 
 
 _QWEN2_VL = {
     "text_decoder": ModuleLayout(("model.", "lm_head."), ("num_hidden_layers", "text_config.num_hidden_layers"),
                                  ("model.norm.weight", "lm_head.weight")),
-    "multi_modal_projector": ModuleLayout(("visual.merger.",), ()),
+    "multi_modal_projector": ModuleLayout(("visual.merger.",), (), t_one=("visual.merger.mlp.",)),
     "vision_tower": ModuleLayout(("visual.",), ("vision_config.depth",)),
 }
 
@@ -85,6 +89,29 @@ def module_layouts(names: list[str], config: dict, source: str) -> dict[str, Mod
         if name not in layouts:
             raise ConfigError(f"{source}: modules.{name}: unknown module {name!r} for {arch} "
                               f"(known: {', '.join(layouts)})")
+    return layouts
+
+
+def whole_model_layouts(slices: tuple, config: dict, raw: dict | None, source: str) -> dict[str, ModuleLayout] | None:
+    """A config without `modules:` on a modular architecture, as mergekit reads it: its top-level
+    `models:` is given to every module of the architecture (each module merged over its own blocks,
+    so a gradient spreads over that module's depth), so every module's layout is returned; top-level
+    `slices:` mergekit refuses ("must use modules: config syntax"), and so do we, as tokenizer
+    settings (as with several modules). None for an architecture not declared modular."""
+    arch = architecture_of(config)
+    layouts = LAYOUTS.get(arch)
+    if layouts is None:
+        return None
+    names = ", ".join(layouts)
+    if len(slices) != 1 or any(s.layer_range is not None for s in slices[0].sources):
+        ranges = [list(sl.sources[0].layer_range) for sl in slices if sl.sources[0].layer_range is not None]
+        raise ConfigError(f"{source}: slices: top-level slices (layer_range {ranges}) on {arch}, whose modules are "
+                          f"{names}: give each module's slices under 'modules:' (mergekit refuses them too)")
+    raw = raw or {}
+    key = next((k for k in ("tokenizer", "tokenizer_source") if raw.get(k) is not None), None)
+    if key is not None:
+        raise ConfigError(f"{source}: {key}: not supported on {arch}, whose 'models:' is merged as its modules "
+                          f"{names} (got {raw[key]!r})")
     return layouts
 
 

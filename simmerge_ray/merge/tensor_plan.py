@@ -11,14 +11,15 @@ a bad parameter value fails first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from simmerge_ray.errors import CheckpointError, ConfigError
 from simmerge_ray.io.checkpoint import Checkpoint, layer_index, with_layer_index
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES
 from simmerge_ray.merge.config import MergeSpec, OutputSlice, SliceSource, evaluate_setting, method_sources
-from simmerge_ray.merge.modules import ModuleLayout, depth_key, module_depth, module_layouts, owner
+from simmerge_ray.merge.modules import (ModuleLayout, depth_key, module_depth, module_layouts, owner,
+                                        whole_model_layouts)
 from simmerge_ray.merge.tokenizer import BuiltVocabulary, token_rows
 from simmerge_ray.merge.vocabulary import VocabRemap, row_sources
 
@@ -67,17 +68,33 @@ class _Part:
         layout = self.layouts[self.module]
         return module_depth(layout, ck.config), f" ({depth_key(layout, ck.config) or 'no blocks'})"
 
+    def outside_t(self, name: str) -> float:
+        """The t of a tensor outside blocks: 0, but for those mergekit plans as unindexed layers."""
+        return float(self.layouts is not None and name.startswith(self.layouts[self.module].t_one or ("\0",)))
+
     def is_pre(self, name: str) -> bool:
         return _is_pre(name) if self.layouts is None else name not in self.layouts[self.module].post
 
 
 def _parts(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> list[_Part]:
-    """The whole checkpoint as one part, or each of the config's modules of a modular architecture."""
+    """The whole checkpoint as one part, or each module of a modular architecture: the config's
+    `modules:`, or (top-level `models:`, as mergekit) every module of the architecture, each
+    merged by that one `models:` slice over its own blocks."""
     lead = ckpts[spec.slices[0].sources[0].model.ref]
-    layouts = module_layouts(list(spec.modules), lead.config, spec.source) if spec.modules else None
+    if not spec.modules:
+        layouts = whole_model_layouts(spec.slices, lead.config, spec.config, spec.source)
+        if layouts is None:
+            return [_Part(spec.slices)]
+        return [_Part((replace(spec.slices[0], module=name),), name, layouts) for name in layouts]
+    layouts = module_layouts(list(spec.modules), lead.config, spec.source)
     if layouts is None:
         return [_Part(spec.slices)]
     return [_Part(spec.module_slices(name), name, layouts) for name in spec.modules]
+
+
+def check_parts(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> None:
+    """Fail now (before any tokenizer or tensor is read) on a config form the architecture refuses."""
+    _parts(spec, ckpts)
 
 
 def slice_ranges(spec: MergeSpec, ckpts: dict[str, Checkpoint],
@@ -138,7 +155,7 @@ def _plan_part(spec: MergeSpec, ckpts: dict[str, Checkpoint], part: _Part, range
     first_slice, last = part.slices[0], part.slices[-1]
     first = ckpts[first_slice.sources[0].model.ref]
     outside = [n for n in first.tensor_names if layer_index(n) is None and part.owns(n)]
-    tasks = [_task(spec, ckpts, first_slice, n, [n] * len(first_slice.sources), 0.0, vocab)
+    tasks = [_task(spec, ckpts, first_slice, n, [n] * len(first_slice.sources), part.outside_t(n), vocab)
              for n in outside if part.is_pre(n)]
     out_layer = 0
     for sl, rng in zip(part.slices, ranges):
@@ -155,7 +172,8 @@ def _plan_part(spec: MergeSpec, ckpts: dict[str, Checkpoint], part: _Part, range
                 ins = [with_layer_index(name, lo + k) for lo, _ in rng]
                 tasks.append(_task(spec, ckpts, sl, with_layer_index(name, out_layer), ins, t))
             out_layer += 1
-    tasks += [_task(spec, ckpts, last, n, [n] * len(last.sources), 0.0, vocab) for n in outside if not part.is_pre(n)]
+    tasks += [_task(spec, ckpts, last, n, [n] * len(last.sources), part.outside_t(n), vocab)
+              for n in outside if not part.is_pre(n)]
     return tasks
 
 
