@@ -2,25 +2,28 @@
 
 Accepted, as mergekit reads them: `models:` lists; `slices:` of `sources` with `layer_range`
 (subsets of layers, and several slices stacked one after another), each slice with its own
-`base_model` and `parameters`; `modules:` with one module (the form of single-module
-architectures); `base_model`, `merge_method`, `parameters` (global, per module, per slice, per
-source), `dtype` (the compute dtype), `out_dtype`, `tokenizer_source` (`base`, `union` or a model)
-or the `tokenizer:` block (see `tokenizer`), `chat_template` (a name or a Jinja text). Parameter
-values are scalars, gradients (lists interpolated over a slice's relative depth) or filtered
-lists (`- filter: self_attn\n  value: ...`); every value written is type- and range-checked
-here. Any other key is an error naming it. Which input tensors make each output tensor is
-decided in `tensor_plan`, once the inputs' headers are open.
+`base_model` and `parameters`; `modules:` with one module, or several for the modular
+architectures declared in `modules` (Mistral3, Qwen2-VL: each module's slices are tagged with its
+name, its parameters sit between the global ones and the slice's); `base_model`, `merge_method`,
+`parameters` (global, per module, per slice, per source), `dtype` (the compute dtype),
+`out_dtype`, `tokenizer_source` (`base`, `union` or a model) or the `tokenizer:` block (see
+`tokenizer`), `chat_template` (a name or a Jinja text). Parameter values are scalars, gradients
+(lists interpolated over a slice's relative depth) or filtered lists (`- filter: self_attn\n  value:
+...`); every value written is type- and range-checked here. Any other key is an error naming it.
+Which input tensors make each output tensor is decided in `tensor_plan`, once the inputs' headers
+are open.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.safetensors_format import dtype_code
 from simmerge_ray.merge.chat_templates import check_template
+from simmerge_ray.merge.modules import parse_modules
 from simmerge_ray.merge.operators import MergeMethod, Param, get_method
 from simmerge_ray.merge.tokenizer import TokenizerSpec, parse_tokenizer
 from simmerge_ray.yaml_io import read_yaml
@@ -55,6 +58,7 @@ class OutputSlice:
     base: InputModel | None
     parameters: dict[str, Any]
     where: str
+    module: str = ""  # the `modules:` entry it belongs to ("" without `modules:`)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,10 @@ class MergeSpec:
     seed: int = 0
     config: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # as given (model card)
     provenance: Provenance | None = field(default=None, compare=False, repr=False)  # a plan step's (model card)
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)  # `modules:` names -> their parameters
+
+    def module_slices(self, name: str) -> tuple[OutputSlice, ...]:
+        return tuple(sl for sl in self.slices if sl.module == name)
 
     @property
     def inputs(self) -> tuple[InputModel, ...]:
@@ -120,17 +128,26 @@ class MergeSpec:
             method = get_method(str(raw["merge_method"]))
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-        body, module_params, prefix = _module_body(raw, source)
         resolve = _path_resolver(root, source)
         base = None if raw.get("base_model") is None else InputModel(str(raw["base_model"]),
                                                                      resolve(str(raw["base_model"]), "base_model"))
         check = _ParamChecker(method, source)
         global_params = check.scope(raw.get("parameters"), "parameters")
-        module_params = check.scope(module_params, f"{prefix}parameters") if prefix else {}
-        if "models" in body:
-            slices = (_models_slice(body["models"], base, method, resolve, check, f"{prefix}models"),)
-        else:
-            slices = _slices(body["slices"], base, method, resolve, check, f"{prefix}slices")
+        modules: dict[str, dict[str, Any]] = {}
+        slices: tuple[OutputSlice, ...] = ()
+        for name, body in _module_bodies(raw, source):
+            prefix = f"modules.{name}." if name else ""
+            if name:
+                modules[name] = check.scope(body.get("parameters"), f"{prefix}parameters")
+            if "models" in body:
+                part = (_models_slice(body["models"], base, method, resolve, check, f"{prefix}models"),)
+            else:
+                part = _slices(body["slices"], base, method, resolve, check, f"{prefix}slices")
+            slices += tuple(replace(sl, module=name) for sl in part)
+        if len(modules) > 1 and (raw.get("tokenizer") is not None or raw.get("tokenizer_source") is not None):
+            key = "tokenizer" if raw.get("tokenizer") is not None else "tokenizer_source"
+            raise ConfigError(f"{source}: {key}: not supported with several modules (got {raw[key]!r})")
+        module_params = next(iter(modules.values())) if len(modules) == 1 else {}
         for dt_key in ("dtype", "out_dtype"):
             if raw.get(dt_key) is not None:
                 try:
@@ -143,7 +160,7 @@ class MergeSpec:
         if template is not None:
             check_template(template, f"{source}: chat_template")
         spec = cls(method, slices, base, global_params, module_params, raw.get("dtype"), raw.get("out_dtype"),
-                   tok, template, source, seed, config=raw)
+                   tok, template, source, seed, config=raw, modules=modules)
         spec._check_required()
         return spec
 
@@ -163,7 +180,7 @@ class MergeSpec:
 
     def shared_scopes(self, sl: OutputSlice) -> tuple[dict[str, Any], ...]:
         """Settings below a source's own, highest precedence first (as mergekit reads them)."""
-        return sl.parameters, self.module_parameters, self.parameters
+        return sl.parameters, self.modules.get(sl.module, self.module_parameters), self.parameters
 
 
 def method_sources(method: MergeMethod, sl: OutputSlice) -> list[SliceSource]:
@@ -251,27 +268,15 @@ class _ParamChecker:
             raise ConfigError(f"{self.source}: {where}: a gradient is a list of numbers, got {setting!r}")
 
 
-def _module_body(raw: dict, source: str) -> tuple[dict, Any, str]:
-    """The mapping that holds `models` or `slices`: the config itself, or its one module."""
+def _module_bodies(raw: dict, source: str) -> list[tuple[str, dict]]:
+    """The mappings that hold `models` or `slices`, by module name: the config itself (name ""),
+    or each of its modules."""
     forms = [k for k in ("models", "slices", "modules") if raw.get(k)]
     if len(forms) != 1:
         raise ConfigError(f"{source}: give exactly one of 'models', 'slices' or 'modules'")
     if forms[0] != "modules":
-        return raw, None, ""
-    modules = raw["modules"]
-    if not isinstance(modules, dict) or len(modules) != 1:
-        raise ConfigError(f"{source}: modules: only one module is supported (single-module architectures); "
-                          f"got {list(modules) if isinstance(modules, dict) else modules!r}")
-    name, body = next(iter(modules.items()))
-    prefix = f"modules.{name}."
-    if not isinstance(body, dict):
-        raise ConfigError(f"{source}: {prefix[:-1]}: expected a mapping")
-    extra = set(body) - {"models", "slices", "parameters"}
-    if extra:
-        raise ConfigError(f"{source}: {prefix}{sorted(extra)[0]}: unsupported key")
-    if bool(body.get("models")) == bool(body.get("slices")):
-        raise ConfigError(f"{source}: {prefix[:-1]}: give exactly one of 'models' or 'slices'")
-    return body, body.get("parameters"), prefix
+        return [("", raw)]
+    return parse_modules(raw["modules"], source)
 
 
 def _refuse_extra(entry: dict, allowed: set[str], at: str, source: str) -> None:

@@ -29,7 +29,7 @@ from simmerge_ray.merge.output_files import write_side_files
 from simmerge_ray.merge.placements import local_cpus, run_local, run_on_ray
 from simmerge_ray.merge.progress import Progress
 from simmerge_ray.merge.tensor_merge import compute_code, tensor_compute
-from simmerge_ray.merge.tensor_plan import TensorTask, output_layers, plan_tensors
+from simmerge_ray.merge.tensor_plan import TensorTask, check_parts, output_layers, plan_tensors
 from simmerge_ray.merge.tokenizer import BuiltVocabulary, build_vocabulary
 from simmerge_ray.merge.piece_routes import open_inputs
 from simmerge_ray.merge.units import ShardPlan, WorkUnit, plan_shards, plan_units
@@ -135,6 +135,7 @@ def check_merge(spec: MergeSpec) -> tuple[dict[str, Checkpoint], list[TensorTask
     files only), and plan every output tensor with its parameters: each problem of the inputs or
     the config fails here, before Ray starts or any tensor is read."""
     ckpts = open_inputs(spec)
+    check_parts(spec, ckpts)
     vocab = None
     if spec.tokenizer is not None:
         lead = spec.base.ref if spec.base is not None else spec.inputs[0].ref

@@ -15,13 +15,14 @@ from simmerge_ray.io.safetensors_format import dtype_code
 from simmerge_ray.io.side_files import copy_tokenizer
 from simmerge_ray.merge.chat_templates import resolve_template
 from simmerge_ray.merge.config import MergeSpec
+from simmerge_ray.merge.modules import set_depth
 from simmerge_ray.merge.tokenizer import BuiltVocabulary
 
 _TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
-def write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], num_layers: int, plans: list, out: Path,
-                     vocab: BuiltVocabulary | None = None, compute: str = "float32") -> None:
+def write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], num_layers: int | dict[str, int], plans: list,
+                     out: Path, vocab: BuiltVocabulary | None = None, compute: str = "float32") -> None:
     """Index, config (the base model's, else the first model's, with the output's depth, dtype
     and vocabulary size), generation config, and the tokenizer: the one built for the config
     (`vocab`), else the config model's files; saved by transformers with the chat template when
@@ -60,8 +61,10 @@ def merge_parameters(spec: MergeSpec) -> dict[str, Any]:
     return {
         "global": spec.parameters,
         "module": spec.module_parameters,
+        **({"modules": spec.modules} if len(spec.modules) > 1 else {}),
         "slices": [{"parameters": sl.parameters,
                     "base_model": sl.base.ref if sl.base else None,
+                    **({"module": sl.module} if len(spec.modules) > 1 else {}),
                     "sources": [{"model": s.model.ref, "layer_range": list(s.layer_range) if s.layer_range else None,
                                  "parameters": s.parameters} for s in sl.sources]}
                    for sl in spec.slices],
@@ -127,8 +130,12 @@ def model_card(spec: MergeSpec, params: dict[str, Any], config_text: str | None,
         lines.append(f"* global: `{json.dumps(params['global'], default=str)}`")
     if params["module"]:
         lines.append(f"* module: `{json.dumps(params['module'], default=str)}`")
+    for name, module_params in params.get("modules", {}).items():
+        if module_params:
+            lines.append(f"* module {name}: `{json.dumps(module_params, default=str)}`")
     for i, sl in enumerate(params["slices"]):
         where = f"slice {i}: " if len(params["slices"]) > 1 else ""
+        where = f"{sl['module']} {where}" if "module" in sl else where
         if sl["parameters"]:
             lines.append(f"* {where}slice: `{json.dumps(sl['parameters'], default=str)}`")
         for src in sl["sources"]:
@@ -145,8 +152,10 @@ def model_card(spec: MergeSpec, params: dict[str, Any], config_text: str | None,
     return "\n".join(lines) + "\n"
 
 
-def output_config(spec: MergeSpec, source: Checkpoint, num_layers: int, vocab_size: int | None = None) -> dict:
-    """The source's config.json with the output's num_hidden_layers, dtype and vocab_size."""
+def output_config(spec: MergeSpec, source: Checkpoint, num_layers: int | dict[str, int],
+                  vocab_size: int | None = None) -> dict:
+    """The source's config.json with the output's num_hidden_layers (for a modular architecture,
+    each module's depth key, as mergekit writes them), dtype and vocab_size."""
     config = dict(source.config)
     if not config:
         return config
@@ -156,6 +165,10 @@ def output_config(spec: MergeSpec, source: Checkpoint, num_layers: int, vocab_si
     if out_dtype:
         key = "dtype" if "dtype" in config else "torch_dtype"
         config[key] = _TORCH_NAMES[dtype_code(out_dtype)]
+    if isinstance(num_layers, dict):
+        for key, n in num_layers.items():
+            set_depth(config, key, n)
+        return config
     for key in ("num_hidden_layers", "n_layer"):
         if key in config:
             config[key] = num_layers

@@ -11,13 +11,15 @@ a bad parameter value fails first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from simmerge_ray.errors import CheckpointError, ConfigError
 from simmerge_ray.io.checkpoint import Checkpoint, layer_index, with_layer_index
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES
 from simmerge_ray.merge.config import MergeSpec, OutputSlice, SliceSource, evaluate_setting, method_sources
+from simmerge_ray.merge.modules import (ModuleLayout, depth_key, module_depth, module_layouts, owner,
+                                        whole_model_layouts)
 from simmerge_ray.merge.tokenizer import BuiltVocabulary, token_rows
 from simmerge_ray.merge.vocabulary import VocabRemap, row_sources
 
@@ -48,26 +50,85 @@ def _is_pre(name: str) -> bool:
     return ("embed" in name or ".wte." in name) and "embed_out" not in name and "lm_head" not in name
 
 
-def slice_ranges(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> list[list[tuple[int, int]]]:
+@dataclass(frozen=True)
+class _Part:
+    """The tensors one run of slices merges: a whole checkpoint, or one module of a modular one."""
+
+    slices: tuple[OutputSlice, ...]
+    module: str = ""
+    layouts: dict[str, ModuleLayout] | None = None
+
+    def owns(self, name: str) -> bool:
+        return self.layouts is None or owner(name, self.layouts) == self.module
+
+    def depth(self, ck: Checkpoint) -> tuple[int, str]:
+        """A model's depth in this part, and where it was read (for messages)."""
+        if self.layouts is None:
+            return ck.num_layers, ""
+        layout = self.layouts[self.module]
+        return module_depth(layout, ck.config), f" ({depth_key(layout, ck.config) or 'no blocks'})"
+
+    def outside_t(self, name: str) -> float:
+        """The t of a tensor outside blocks: 0, but for those mergekit plans as unindexed layers."""
+        return float(self.layouts is not None and name.startswith(self.layouts[self.module].t_one or ("\0",)))
+
+    def is_pre(self, name: str) -> bool:
+        return _is_pre(name) if self.layouts is None else name not in self.layouts[self.module].post
+
+
+def _parts(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> list[_Part]:
+    """The whole checkpoint as one part, or each module of a modular architecture: the config's
+    `modules:`, or (top-level `models:`, as mergekit) every module of the architecture, each
+    merged by that one `models:` slice over its own blocks."""
+    lead = ckpts[spec.slices[0].sources[0].model.ref]
+    if not spec.modules:
+        layouts = whole_model_layouts(spec.slices, lead.config, spec.config, spec.source)
+        if layouts is None:
+            return [_Part(spec.slices)]
+        return [_Part((replace(spec.slices[0], module=name),), name, layouts) for name in layouts]
+    layouts = module_layouts(list(spec.modules), lead.config, spec.source)
+    if layouts is None:
+        return [_Part(spec.slices)]
+    return [_Part(spec.module_slices(name), name, layouts) for name in spec.modules]
+
+
+def check_parts(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> None:
+    """Fail now (before any tokenizer or tensor is read) on a config form the architecture refuses."""
+    _parts(spec, ckpts)
+
+
+def slice_ranges(spec: MergeSpec, ckpts: dict[str, Checkpoint],
+                 part: _Part | None = None) -> list[list[tuple[int, int]]]:
     """Each slice's layer range per source (a `models:` source spans its model), checked
-    against the model's depth."""
+    against the model's depth (in its module, for a modular architecture)."""
+    part = part or _Part(spec.slices)
     out = []
-    for sl in spec.slices:
+    for sl in part.slices:
         ranges = []
         for s in sl.sources:
-            depth = ckpts[s.model.ref].num_layers
+            depth, key = part.depth(ckpts[s.model.ref])
             lo, hi = s.layer_range if s.layer_range is not None else (0, depth)
             if hi > depth:
                 raise ConfigError(f"{spec.source}: {s.where}.layer_range: {[lo, hi]} is beyond the {depth} "
-                                  f"layers of model {s.model.ref!r}")
+                                  f"layers{key} of model {s.model.ref!r}")
             ranges.append((lo, hi))
         out.append(ranges)
     return out
 
 
-def output_layers(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> int:
-    """num_hidden_layers of the output."""
-    return sum(r[0][1] - r[0][0] for r in slice_ranges(spec, ckpts))
+def output_layers(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> int | dict[str, int]:
+    """num_hidden_layers of the output; for a modular architecture, each module's depth by the
+    config key it is written to."""
+    parts = _parts(spec, ckpts)
+    if parts[0].layouts is None:
+        return sum(r[0][1] - r[0][0] for r in slice_ranges(spec, ckpts))
+    lead = ckpts[spec.slices[0].sources[0].model.ref].config
+    out = {}
+    for part in parts:
+        key = depth_key(part.layouts[part.module], lead)
+        if key is not None:
+            out[key] = sum(r[0][1] - r[0][0] for r in slice_ranges(spec, ckpts, part))
+    return out
 
 
 def is_vocabulary(name: str, ck: Checkpoint) -> bool:
@@ -80,21 +141,29 @@ def is_vocabulary(name: str, ck: Checkpoint) -> bool:
 
 
 def plan_tensors(spec: MergeSpec, ckpts: dict[str, Checkpoint], vocab: BuiltVocabulary | None = None) -> list[TensorTask]:
-    """Every output tensor's task, in output order (before, blocks, after); with `vocab` (the
-    config builds a tokenizer) the vocabulary tensors carry their rows' re-indexing."""
-    ranges = slice_ranges(spec, ckpts)
-    first = ckpts[spec.slices[0].sources[0].model.ref]
+    """Every output tensor's task, in output order (before, blocks, after; module by module for
+    a modular architecture); with `vocab` (the config builds a tokenizer) the vocabulary tensors
+    carry their rows' re-indexing."""
     _check_same_architecture(spec.slices[0].sources[0].model.ref, ckpts)
-    outside = [n for n in first.tensor_names if layer_index(n) is None]
-    tasks = [_task(spec, ckpts, spec.slices[0], n, [n] * len(spec.slices[0].sources), 0.0, vocab)
-             for n in outside if _is_pre(n)]
+    parts = _parts(spec, ckpts)
+    ranges = [slice_ranges(spec, ckpts, part) for part in parts]  # every range checked before planning
+    return [t for part, rng in zip(parts, ranges) for t in _plan_part(spec, ckpts, part, rng, vocab)]
+
+
+def _plan_part(spec: MergeSpec, ckpts: dict[str, Checkpoint], part: _Part, ranges: list[list[tuple[int, int]]],
+               vocab: BuiltVocabulary | None) -> list[TensorTask]:
+    first_slice, last = part.slices[0], part.slices[-1]
+    first = ckpts[first_slice.sources[0].model.ref]
+    outside = [n for n in first.tensor_names if layer_index(n) is None and part.owns(n)]
+    tasks = [_task(spec, ckpts, first_slice, n, [n] * len(first_slice.sources), part.outside_t(n), vocab)
+             for n in outside if part.is_pre(n)]
     out_layer = 0
-    for sl, rng in zip(spec.slices, ranges):
+    for sl, rng in zip(part.slices, ranges):
         lead = ckpts[sl.sources[0].model.ref]
         by_layer: dict[int, list[str]] = {}
         for n in lead.tensor_names:
             idx = layer_index(n)
-            if idx is not None:
+            if idx is not None and part.owns(n):
                 by_layer.setdefault(idx, []).append(n)
         n_layers = rng[0][1] - rng[0][0]
         for k in range(n_layers):
@@ -103,8 +172,8 @@ def plan_tensors(spec: MergeSpec, ckpts: dict[str, Checkpoint], vocab: BuiltVoca
                 ins = [with_layer_index(name, lo + k) for lo, _ in rng]
                 tasks.append(_task(spec, ckpts, sl, with_layer_index(name, out_layer), ins, t))
             out_layer += 1
-    last = spec.slices[-1]
-    tasks += [_task(spec, ckpts, last, n, [n] * len(last.sources), 0.0, vocab) for n in outside if not _is_pre(n)]
+    tasks += [_task(spec, ckpts, last, n, [n] * len(last.sources), part.outside_t(n), vocab)
+              for n in outside if not part.is_pre(n)]
     return tasks
 
 
