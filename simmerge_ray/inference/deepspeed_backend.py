@@ -43,6 +43,12 @@ def _init_single_rank(backend: str) -> None:
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    if os.environ.get("WORLD_SIZE") == "1":
+        # DeepSpeed's CPU back-end JIT-compiles a shared-memory all-reduce op when it starts (1 to
+        # 3 minutes on each fresh machine); one rank never reduces across processes, so skip it.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend)
 
 
