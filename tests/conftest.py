@@ -18,10 +18,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # The files whose tests wait on processes of their own (a submitted job, the walkthrough's
-# driver, the autoscaling and two-node clusters, DeepSpeed): first, so that with two workers
-# (`-n 2 --dist loadfile`, scripts/test.sh) the short files fill the other worker meanwhile.
-LONG_FIRST = ("test_ray_job_submit.py", "test_walkthrough.py", "test_autoscaling.py", "test_probes.py",
-              "test_lost_node.py", "test_testbed.py")
+# driver, the autoscaling and two-node clusters, DeepSpeed), longest first: with two workers
+# (`-n 2 --dist loadfile --no-loadscope-reorder`, scripts/test.sh) the first two go to different
+# workers, and the short files fill in around the rest.
+LONG_FIRST = ("test_ray_job_submit.py", "test_walkthrough.py", "test_testbed.py", "test_autoscaling.py",
+              "test_probes.py", "test_lost_node.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
