@@ -40,7 +40,7 @@ from simmerge_ray.planner.propagate import (
     PROXY_PREFIXES, GramTable, PairLookup, initial_state, proxy_features, step_state, structural_features,
 )
 from simmerge_ray.planner.proxy_accuracy import compare_columns, summarize_families
-from simmerge_ray.selector.data import feature_columns
+from simmerge_ray.features.schema import KEY_COLUMNS, feature_columns
 
 HEADLINE = ("s_weight_cos", "s_tv_cos", "s_l2", "s_sign_agree", "f_kl_ab_mean", "f_kl_ba_mean",
             "f_act_cos_mean", "f_attn_cos_mean")
@@ -100,11 +100,11 @@ def main() -> None:
 
     # 3. The planner's values for the same (M, C, task) rows, from the run's own features.
     run_table = pl.read_parquet(run.feature_table)
-    columns = [c for c in feature_columns(run_table) if c in actual_table.columns]
+    columns = [c for c in sorted(feature_columns(run_table)) if c in actual_table.columns]
     grams = GramTable.load(run.features)
     proxy_cols = [c for c in columns if c.startswith(PROXY_PREFIXES)]
     lookup = PairLookup(run_table, proxy_cols)
-    index = {k: i for i, k in enumerate(actual_table.select(["a", "b", "task"]).rows())}
+    index = {k: i for i, k in enumerate(actual_table.select(KEY_COLUMNS).rows())}
     actual_x = actual_table.select(columns).to_numpy().astype(np.float64)
     rows: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {op: ([], []) for op in ops}
     for name, a, b, op, task in merges:

@@ -11,18 +11,7 @@ import polars as pl
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.bandit.errors import FeatureError, UnknownNameError
-
-FEATURE_PREFIXES = ("s_", "f_")
-KEY_COLUMNS = ("a", "b", "task")
-
-
-def feature_columns(df: pl.DataFrame) -> list[str]:
-    """The numeric feature columns (prefix s_ or f_), in table order."""
-    return [
-        c
-        for c, dtype in df.schema.items()
-        if c.startswith(FEATURE_PREFIXES) and dtype.is_numeric()
-    ]
+from simmerge_ray.features.schema import KEY_COLUMNS
 
 
 class FeatureTable:

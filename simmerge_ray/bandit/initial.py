@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from simmerge_ray.bandit.encoder import IdentityEncoder
-from simmerge_ray.bandit.feature_table import feature_columns
+from simmerge_ray.features.schema import feature_columns
 from simmerge_ray.bandit.lints import LinTS
 from simmerge_ray.bandit.simulate import SimSettings, replay_data, warm_bandit
 from simmerge_ray.errors import ConfigError

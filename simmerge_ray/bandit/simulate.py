@@ -32,7 +32,7 @@ import polars as pl
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.bandit.encoder import Encoder, IdentityEncoder
-from simmerge_ray.bandit.feature_table import feature_columns
+from simmerge_ray.features.schema import KEY_COLUMNS, feature_columns
 from simmerge_ray.bandit.lints import LinTS, LinTSConfig
 from simmerge_ray.io.atomic import atomic_write_text
 
@@ -71,7 +71,7 @@ def replay_data(
     names = list(feature_names) if feature_names is not None else feature_columns(features)
     if not names:
         raise ConfigError("features: no numeric columns prefixed s_ or f_")
-    lacking = [c for c in ("a", "b", "task", *names) if c not in features.columns]
+    lacking = [c for c in (*KEY_COLUMNS, *names) if c not in features.columns]
     if lacking:
         raise ConfigError(f"features: missing columns {lacking}")
     operators = tuple(sorted(labels["operator"].unique().to_list()))
@@ -82,7 +82,7 @@ def replay_data(
         .sort("task", "expert", "aux")
     )
     joined = wide.join(
-        features.select("a", "b", "task", *names).rename({"a": "expert", "b": "aux"}),
+        features.select(*KEY_COLUMNS, *names).rename({"a": "expert", "b": "aux"}),
         on=["task", "expert", "aux"],
         how="left",
     )

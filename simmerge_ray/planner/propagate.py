@@ -22,12 +22,12 @@ from safetensors.numpy import load_file
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.gram_math import FEATURES, PairStats, basis_change, pair_features
+from simmerge_ray.features.module_groups import GROUPS, THIRDS
+from simmerge_ray.features.schema import FUNCTIONAL_PREFIX, KEY_COLUMNS
 from simmerge_ray.merge.operators.slerp import slerp_coefficients_from_gram
 from simmerge_ray.merge.arms import get_arm
 
-GROUPS = ("attn", "mlp", "embed", "norm")
-THIRDS = (0, 1, 2)
-PROXY_PREFIXES = ("f_", "s_sign_agree")
+PROXY_PREFIXES = (FUNCTIONAL_PREFIX, "s_sign_agree")
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class PairLookup:
 
     def __init__(self, features: pl.DataFrame, columns: list[str]) -> None:
         self.columns = columns
-        keys = features.select(["a", "b", "task"]).rows()
+        keys = features.select(KEY_COLUMNS).rows()
         self._rows = {k: i for i, k in enumerate(keys)}
         self._x = features.select(columns).to_numpy().astype(np.float64) if columns else np.zeros((len(keys), 0))
 

@@ -15,18 +15,13 @@ import numpy as np
 import polars as pl
 
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.features.schema import KEY_COLUMNS, feature_columns
 
-FEATURE_PREFIXES = ("s_", "f_")
 # Below this many labelled pairs ((expert, aux, task) rows) `fit` and `evaluate-selector` warn. A
 # rule of thumb, not a measurement: each held-out fold then holds a handful of pairs per task and
 # nine arms' utilities are fitted from them, so a selector rarely beats the best fixed arm.
 MIN_LABELLED_PAIRS = 50
 UTILITY_CLIP = (-2.0, 2.0)  # GapClosed can explode where the expert-aux gap is tiny
-
-
-def feature_columns(df: pl.DataFrame, prefixes: tuple[str, ...] = FEATURE_PREFIXES) -> list[str]:
-    """Sorted numeric feature columns with the given prefixes."""
-    return sorted(c for c, t in df.schema.items() if c.startswith(prefixes) and t.is_numeric())
 
 
 @dataclass
@@ -101,7 +96,7 @@ def build_pair_data(labels: pl.DataFrame, features: pl.DataFrame, *,
     for col in ("task", "expert", "aux", "operator", target):
         if col not in labels.columns:
             raise ConfigError(f"labels table: missing column {col!r}")
-    for col in ("a", "b", "task"):
+    for col in KEY_COLUMNS:
         if col not in features.columns:
             raise ConfigError(f"feature table: missing column {col!r}")
     ops = operators or sorted(labels["operator"].unique().to_list())
@@ -112,7 +107,7 @@ def build_pair_data(labels: pl.DataFrame, features: pl.DataFrame, *,
     if "aux_task" in labels.columns:
         aux_task = labels.select("task", "expert", "aux", "aux_task").unique(subset=["task", "expert", "aux"])
         wide = wide.join(aux_task, on=["task", "expert", "aux"], how="left")
-    names = feature_columns(features)
+    names = sorted(feature_columns(features))
     if not names:
         raise ConfigError("feature table: no numeric columns prefixed s_ or f_")
     joined = wide.join(features.rename({"a": "expert", "b": "aux"}), on=["expert", "aux", "task"], how="inner")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.features.schema import FUNCTIONAL_PREFIX, STRUCTURAL_PREFIX
 from simmerge_ray.merge.arms import PAPER_ARMS
 from simmerge_ray.selector.data import PairData
 from simmerge_ray.selector.folds import group_kfold, leave_one_task_out
@@ -117,8 +118,8 @@ def fixed_fit(cfg: SelectorConfig) -> FitFn:
 def ablation(data: PairData, cfg: SelectorConfig, *, folds: int = 5, seed: int = 0) -> dict[str, dict]:
     """The same folds with all features, functional only, structural only, and no task code."""
     variants: dict[str, tuple[PairData, SelectorConfig]] = {"all features": (data, cfg)}
-    func = [n for n in data.feature_names if n.startswith("f_")]
-    struct = [n for n in data.feature_names if n.startswith("s_")]
+    func = [n for n in data.feature_names if n.startswith(FUNCTIONAL_PREFIX)]
+    struct = [n for n in data.feature_names if n.startswith(STRUCTURAL_PREFIX)]
     if func:
         variants["functional only"] = (data.select_features(func), cfg)
     if struct:

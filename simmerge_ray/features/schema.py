@@ -1,0 +1,17 @@
+"""The feature table's schema, one declaration for everything that reads `features.parquet` (the
+selector, the bandit, the planner's propagation): the key columns of a row, and the prefixes that
+mark structural (weight-space) and functional (probe) features."""
+
+from __future__ import annotations
+
+import polars as pl
+
+KEY_COLUMNS: tuple[str, ...] = ("a", "b", "task")  # expert (or merge so far), joining model, task
+STRUCTURAL_PREFIX = "s_"
+FUNCTIONAL_PREFIX = "f_"
+FEATURE_PREFIXES: tuple[str, ...] = (STRUCTURAL_PREFIX, FUNCTIONAL_PREFIX)
+
+
+def feature_columns(df: pl.DataFrame, prefixes: tuple[str, ...] = FEATURE_PREFIXES) -> list[str]:
+    """The numeric columns with the given prefixes, in table order."""
+    return [c for c, dtype in df.schema.items() if c.startswith(prefixes) and dtype.is_numeric()]
