@@ -5,6 +5,8 @@ Not a test module."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +27,20 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 RAY = Path(sys.executable).parent / "ray"
 EXCLUDES = [".venv", "runs", "out", ".git", ".cache", "**/__pycache__", ".pytest_cache", "*.egg-info"]
+
+
+@contextlib.contextmanager
+def startup_lock():
+    """One Ray start at a time among this machine's test processes (the two xdist workers): a
+    start picks free ports and Ray's processes bind them moments later, so two starts at once can
+    end on one port (seen with both workers' first tests: a raylet reached another cluster's
+    server, "Runtime Env Agent network error: ... on_read bad version", and jobs failed)."""
+    with open(Path(tempfile.gettempdir()) / "simmerge-tests-ray-start.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def free_ports(n: int) -> list[int]:
@@ -123,6 +139,10 @@ class RayHead:
     """
 
     def __init__(self) -> None:
+        with startup_lock():  # until its ports are bound and the jobs API answers
+            self._start()
+
+    def _start(self) -> None:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rj-", dir="/tmp"))  # short: socket path limit
         gcs, self.dashboard_port, client, agent, env_agent, metrics = free_ports(6)
         self.address = f"http://127.0.0.1:{self.dashboard_port}"

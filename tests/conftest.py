@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_processes import RayHead
+from cluster_processes import RayHead, startup_lock
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -42,14 +42,15 @@ def ray_cluster():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-    ray.init(
-        num_cpus=4,
-        object_store_memory=300 * 1024 * 1024,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"SIMMERGE_CACHE": os.environ["SIMMERGE_CACHE"]}},
-    )
+    with startup_lock():
+        ray.init(
+            num_cpus=4,
+            object_store_memory=300 * 1024 * 1024,
+            include_dashboard=False,
+            _temp_dir=temp_dir,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"SIMMERGE_CACHE": os.environ["SIMMERGE_CACHE"]}},
+        )
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
