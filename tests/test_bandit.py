@@ -368,6 +368,19 @@ def test_cli_bandit_init_and_sim(tmp_path: Path):
                      str(tmp_path / "features.parquet"), "--operators", "a,b"]) == 2  # exists
 
 
+def test_cli_bandit_init_names_a_feature_table_without_finite_columns(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]):
+    _, features = synthetic_tables(SyntheticBanditSpec(n_models=3, seed=1))
+    path = tmp_path / "features.parquet"
+    features.with_columns(pl.lit(float("nan")).alias(c) for c in features.columns
+                          if c.startswith(("s_", "f_"))).write_parquet(path)
+    state = tmp_path / "state"
+    assert cli_main(["bandit-init", "--state", str(state), "--features", str(path), "--operators", "linear,ties"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"simmerge bandit-init: error: {path}: no numeric columns prefixed s_ or f_ with finite values in every row"], err
+    assert not state.exists()  # nothing written
+
+
 def test_cli_serve_refuses_a_folder_without_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert cli_main(["serve", "--state", str(tmp_path / "none"), "--port", "1"]) == 2
     assert "no bandit state here" in capsys.readouterr().err

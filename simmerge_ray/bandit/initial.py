@@ -13,10 +13,10 @@ import numpy as np
 import polars as pl
 
 from simmerge_ray.bandit.encoder import IdentityEncoder
-from simmerge_ray.features.schema import feature_columns
 from simmerge_ray.bandit.lints import LinTS
 from simmerge_ray.bandit.simulate import SimSettings, replay_data, warm_bandit
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.features.schema import feature_columns
 
 
 @dataclass(frozen=True)
@@ -27,22 +27,23 @@ class InitialBandit:
     contexts: int  # offline contexts absorbed; 0 for a cold start
 
 
-def finite_feature_columns(features: pl.DataFrame) -> tuple[list[str], list[str]]:
+def finite_feature_columns(features: pl.DataFrame, source: str = "features") -> tuple[list[str], list[str]]:
     """(kept, dropped) numeric feature columns. A column with NaN somewhere (e.g. the middle depth
     third of a 2-layer model, which has no layer) carries no usable context."""
     numeric = feature_columns(features)
     values = features.select(numeric).cast(pl.Float64).fill_null(float("nan")).to_numpy()
     kept = [c for c, ok in zip(numeric, np.isfinite(values).all(axis=0)) if ok]
     if not kept:
-        raise ConfigError("features: no numeric columns prefixed s_ or f_ with finite values in every row")
+        raise ConfigError(f"{source}: no numeric columns prefixed s_ or f_ with finite values in every row")
     return kept, [c for c in numeric if c not in kept]
 
 
 def initial_bandit(features: pl.DataFrame, settings: SimSettings, *, labels: pl.DataFrame | None = None,
-                   operators: Sequence[str] = ()) -> InitialBandit:
+                   operators: Sequence[str] = (), source: str = "features") -> InitialBandit:
     """The identity encoder fitted on every row of the feature table, and a bandit warm-started
-    from `labels` (every operator they measure) or, without labels, cold with `operators`."""
-    names, dropped = finite_feature_columns(features)
+    from `labels` (every operator they measure) or, without labels, cold with `operators`;
+    `source` names the feature table in errors."""
+    names, dropped = finite_feature_columns(features, source)
     encoder = IdentityEncoder.fit(names, features.select(names).cast(pl.Float64).to_numpy())
     if labels is not None:
         data = replay_data(labels, features, names)

@@ -91,7 +91,7 @@ def _init(args: argparse.Namespace) -> int:
     operators = [o.strip() for o in (args.operators or "").split(",") if o.strip()]
     start = initial_bandit(_read_parquet(args.features, "feature table"),
                            SimSettings(bandit=_config(args), warm_weight=args.warm_weight),
-                           labels=labels, operators=operators)
+                           labels=labels, operators=operators, source=str(args.features))
     if start.dropped:
         print(f"bandit-init: {len(start.dropped)} feature column(s) with NaN/Inf left out: {', '.join(start.dropped)}")
     core = BanditCore.create(args.state, start.encoder, start.bandit, feature_table=args.features,

@@ -80,7 +80,6 @@ class MergeSpec:
     slices: tuple[OutputSlice, ...]
     base: InputModel | None  # the config's base_model (slices may name their own)
     parameters: dict[str, Any]  # global settings
-    module_parameters: dict[str, Any]  # the `modules:` entry's settings
     dtype: str | None  # the compute dtype, as mergekit (ExecOptions.compute_dtype overrides it)
     out_dtype: str | None
     tokenizer: TokenizerSpec | None
@@ -93,6 +92,11 @@ class MergeSpec:
 
     def module_slices(self, name: str) -> tuple[OutputSlice, ...]:
         return tuple(sl for sl in self.slices if sl.module == name)
+
+    @property
+    def module_parameters(self) -> dict[str, Any]:
+        """The settings of a config's one `modules:` entry ({} without one, or with several)."""
+        return next(iter(self.modules.values())) if len(self.modules) == 1 else {}
 
     @property
     def inputs(self) -> tuple[InputModel, ...]:
@@ -147,7 +151,6 @@ class MergeSpec:
         if len(modules) > 1 and (raw.get("tokenizer") is not None or raw.get("tokenizer_source") is not None):
             key = "tokenizer" if raw.get("tokenizer") is not None else "tokenizer_source"
             raise ConfigError(f"{source}: {key}: not supported with several modules (got {raw[key]!r})")
-        module_params = next(iter(modules.values())) if len(modules) == 1 else {}
         for dt_key in ("dtype", "out_dtype"):
             if raw.get(dt_key) is not None:
                 try:
@@ -159,7 +162,7 @@ class MergeSpec:
         template = raw.get("chat_template")
         if template is not None:
             check_template(template, f"{source}: chat_template")
-        spec = cls(method, slices, base, global_params, module_params, raw.get("dtype"), raw.get("out_dtype"),
+        spec = cls(method, slices, base, global_params, raw.get("dtype"), raw.get("out_dtype"),
                    tok, template, source, seed, config=raw, modules=modules)
         spec._check_required()
         return spec
@@ -180,7 +183,7 @@ class MergeSpec:
 
     def shared_scopes(self, sl: OutputSlice) -> tuple[dict[str, Any], ...]:
         """Settings below a source's own, highest precedence first (as mergekit reads them)."""
-        return sl.parameters, self.modules.get(sl.module, self.module_parameters), self.parameters
+        return sl.parameters, self.modules.get(sl.module, {}), self.parameters
 
 
 def method_sources(method: MergeMethod, sl: OutputSlice) -> list[SliceSource]:

@@ -70,7 +70,7 @@ class _Part:
 
     def outside_t(self, name: str) -> float:
         """The t of a tensor outside blocks: 0, but for those mergekit plans as unindexed layers."""
-        return float(self.layouts is not None and name.startswith(self.layouts[self.module].t_one or ("\0",)))
+        return float(self.layouts is not None and name.startswith(self.layouts[self.module].t_one))
 
     def is_pre(self, name: str) -> bool:
         return _is_pre(name) if self.layouts is None else name not in self.layouts[self.module].post
