@@ -35,6 +35,7 @@ class SyntheticStepModel:
     """Step utilities from a fixed random table u[last model, next model, operator]."""
 
     operators = OPS
+    has_aux = False  # no auxiliary side: plans start from the expert
 
     def __init__(self, models: list[str], seed: int = 0) -> None:
         self.index = {m: i for i, m in enumerate(models)}
@@ -43,7 +44,7 @@ class SyntheticStepModel:
     def start(self, expert: str) -> tuple[int, ...]:
         return (self.index[expert],)
 
-    def extend(self, state: tuple[int, ...], model: str, op: str) -> tuple[int, ...]:
+    def extend(self, state: tuple[int, ...], model: str, arm) -> tuple[int, ...]:
         return state + (self.index[model],)
 
     def step_utilities(self, states, nexts, task):
@@ -53,7 +54,8 @@ class SyntheticStepModel:
 
 
 def time_search(step_model, models: list[str], expert: str, beam: bool) -> dict:
-    space = SearchSpace("code", models, [expert], 2, 4, beam_width=64, exhaustive_max_k=1 if beam else 4)
+    space = SearchSpace("code", models, [expert], 2, 4, beam_width=64, exhaustive_max_plans=0 if beam else 10**9,
+                        tasks={expert: "code"})
     t0 = time.perf_counter()
     res = search(space, step_model, Objective())
     return {"seconds": time.perf_counter() - t0, "plans_scored": res.scored, "best_score": res.best.score,

@@ -24,9 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 import numpy as np
 import polars as pl
 
+from simmerge_ray.catalog import Catalog
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.pipeline.layout import RunLayout
 from simmerge_ray.planner.evaluate import PlanScorer
+from simmerge_ray.planner.plan import Plan
 from simmerge_ray.planner.proxy_accuracy import spearman
 from simmerge_ray.planner.request import build_step_model
 from simmerge_ray.selector.data import load_pair_data
@@ -43,32 +45,36 @@ def main() -> None:
     ap.add_argument("--run", default="runs/demo", help="a finished pipeline run (selector/, features/, labels/)")
     args = ap.parse_args()
     run = RunLayout(Path(args.run).resolve())
-    model = build_step_model(run.selector, run.features)
+    model = build_step_model(run.selector, run.features, run.aux_selector if run.aux_selector.exists() else None)
     sel = model.selector
     cols = [model.names.index(n) for n in sel.feature_names]
     train = load_pair_data(run.features, run.pair_labels).select_features(sel.feature_names)
     train_z = max_abs_z(train.x, sel.mean, sel.scale)
     cut = float(np.nanpercentile(train_z, 99))
 
-    plans = pl.read_parquet(run.multiway_labels).select(["task", "models", "operators"]).rows()
+    labels = pl.read_parquet(run.multiway_labels)
+    plans = labels.select(["task", "models", "operators", "weighting"]).rows()
     seen: set[tuple] = set()
     per_step: dict[int, list[float]] = {}
-    for task, models, ops in plans:
+    for task, models, ops, weighting in plans:
+        arms = Plan(task, models, ops, weighting=weighting).step_arms()
         state = model.start(models[0])
-        for j, (nxt, op) in enumerate(zip(models[1:], ops), start=1):
-            key = (task, tuple(models[:j + 1]), tuple(ops[:j - 1]))  # the step's input: prefix and next model
+        for j, (nxt, arm) in enumerate(zip(models[1:], arms), start=1):
+            key = (task, tuple(models[:j + 1]), tuple(a.name for a in arms[:j - 1]))  # prefix and next model
             if key not in seen:
                 seen.add(key)
                 x = model.features([state], [nxt], task)[:, cols]
                 per_step.setdefault(j, []).append(float(max_abs_z(x, sel.mean, sel.scale)[0]))
-            state = model.extend(state, nxt, op)
+            state = model.extend(state, nxt, arm)
 
-    # Within each labelled (task, subset): predicted score against measured retention.
-    scorer = PlanScorer(model)
+    # Within each labelled (task, subset): predicted score against measured retention of the
+    # first model (the expert of `task`).
+    scorer = PlanScorer(model, Catalog.load(run.catalog).model_tasks)
     groups: dict[tuple, list[tuple[float, float]]] = {}
-    for task, models, ops, k, ret in pl.read_parquet(run.multiway_labels).select(
-            ["task", "models", "operators", "k", "expert_retention"]).rows():
-        groups.setdefault((k, task, tuple(sorted(models))), []).append((scorer.score(models, ops, task), ret))
+    for task, models, ops, weighting, k, ret in labels.select(
+            ["task", "models", "operators", "weighting", "k", "expert_retention"]).rows():
+        groups.setdefault((k, task, tuple(sorted(models))), []).append(
+            (scorer.score(models, ops, weighting, models[0]), ret))
     rank: dict[str, list[float]] = {}
     for (k, _, _), pairs in groups.items():
         rho = spearman(np.array([p for p, _ in pairs]), np.array([r for _, r in pairs]))

@@ -11,6 +11,10 @@ mixture bounds of the pair features (functional features, sign agreement). Print
 and feature family the Spearman rank correlation and the relative error; writes JSON.
 
     python -m benchmarks.proxy_accuracy --run runs/demo --out runs/proxy --pairs 8
+    python -m benchmarks.proxy_accuracy --run runs/demo --out runs/proxy-anchor --weighting anchor
+
+`--weighting` runs each one-step plan at that fold weighting's first share (half and equal:
+1/2; anchor: 1/3 for the joining model), so weighted steps are measured too.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from simmerge_ray.features.structural import StructuralOptions
 from simmerge_ray.pipeline import features as feature_stages
 from simmerge_ray.pipeline.layout import RunLayout
 from simmerge_ray.planner.execute import execute_plan
-from simmerge_ray.merge.arms import STEP_ARMS
+from simmerge_ray.merge.arms import STEP_ARMS, WEIGHTING_NAMES, get_weighting
 from simmerge_ray.planner.plan import Plan
 from simmerge_ray.planner.propagate import (
     PROXY_PREFIXES, GramTable, PairLookup, initial_state, proxy_features, step_state, structural_features,
@@ -53,10 +57,10 @@ def sample_pairs(cat: Catalog, n: int, seed: int) -> list[tuple[str, str, str]]:
     return rng.sample(pairs, min(n, len(pairs)))
 
 
-def build_merge(cat: Catalog, a: str, b: str, op: str, task: str, out: Path) -> None:
+def build_merge(plan: Plan, cat: Catalog, out: Path) -> None:
     """M = op(A, B) as the planner would execute it: a one-step plan through the merge engine
-    (in this process: the merges are tiny), with the planner's step parameters."""
-    execute_plan(Plan(task, [a, b], [op]), cat, out, ExecOptions(overwrite=True))
+    (in this process: the merges are tiny), at the plan's step share."""
+    execute_plan(plan, cat, out, ExecOptions(overwrite=True))
 
 
 def main() -> None:
@@ -65,6 +69,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/proxy")
     ap.add_argument("--pairs", type=int, default=8, help="sampled (A, B) pairs; each is merged with every operator")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weighting", default="half", choices=list(WEIGHTING_NAMES),
+                    help="fold weighting whose first step share the merges use (anchor: 1/3)")
     args = ap.parse_args()
     run, out = RunLayout(Path(args.run).resolve()), Path(args.out).resolve()
     cat = Catalog.load(run.catalog)
@@ -76,10 +82,10 @@ def main() -> None:
     merges: list[tuple[str, str, str, str, str]] = []  # (name, a, b, op, task)
     for a, b, task in pairs:
         for op in ops:
-            name = f"{op}-{a}-{b}"
+            name = f"{op}-{args.weighting}-{a}-{b}"
             path = out / "merges" / name
             if not (path / "model.safetensors").exists():
-                build_merge(cat, a, b, op, task, path)
+                build_merge(Plan(task, [a, b], [op], weighting=args.weighting), cat, path)
             merges.append((name, a, b, op, task))
     catalog = {
         "base": str(cat.base),
@@ -109,7 +115,8 @@ def main() -> None:
     rows: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {op: ([], []) for op in ops}
     for name, a, b, op, task in merges:
         others = [m.name for m in cat.models if m.name not in (a, b)]
-        states = [step_state(grams, initial_state(grams, a), b, op)] * len(others)
+        arm = Plan(task, [a, b], [op], weighting=args.weighting).step_arms()[0]
+        states = [step_state(grams, initial_state(grams, a), b, arm)] * len(others)
         exact = structural_features(grams, states, others)
         proxy = proxy_features(lookup, states, others, task)
         pred = np.column_stack([proxy[:, proxy_cols.index(c)] if c in proxy_cols else exact[c] for c in columns])
@@ -117,6 +124,7 @@ def main() -> None:
         rows[op][1].append(actual_x[[index[(name, c, task)] for c in others]])
 
     report = {"run": str(run.root), "pairs": [list(p) for p in pairs], "operators": ops,
+              "weighting": args.weighting, "share": get_weighting(args.weighting).share(1),
               "seconds": {"build": built_s, "measure": measured_s}, "by_operator": {}}
     for op, (pred, act) in rows.items():
         per_col = compare_columns(np.vstack(pred), np.vstack(act), columns)
@@ -128,7 +136,7 @@ def main() -> None:
 
 
 def print_report(report: dict) -> None:
-    print(f"\npropagated vs actual features of built merges (M = op(A, B), C): "
+    print(f"\npropagated vs actual features of built merges (M = op(A, B) at share {report.get('share', 0.5):.3g}, C): "
           f"{len(report['pairs'])} pairs x {len(report['operators'])} operators")
     print(f"{'operator':<9}{'family':<30}{'cols':>5}{'Spearman med':>14}{'min':>7}{'rel err med':>13}")
     for op, r in report["by_operator"].items():

@@ -1,4 +1,5 @@
-"""Propagated weight features equal those of merges that were actually built (linear and SLERP)."""
+"""Propagated weight features equal those of merges that were actually built (linear and SLERP
+steps at the shares of a weighted fold); a linear plan runs as one folded merge."""
 
 from __future__ import annotations
 
@@ -34,13 +35,9 @@ def built(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
     make_checkpoint(root / "base", SPEC)
     for i, std in ((1, 0.01), (2, 0.03), (3, 0.02)):
         make_checkpoint(root / f"m{i}", dataclasses.replace(SPEC, seed=i), base=root / "base", delta_std=std)
-    plan = Plan("code", ["m1", "m2", "m3"], ["slerp", "linear"])
-    paths = {m: root / m for m in plan.models}
-    for j, cfg in enumerate(plan.step_configs(paths, root / "base"), start=1):
-        if j > 1:
-            cfg = _replace_refs(cfg, f"step-{j - 1}", str(root / f"step-{j - 1}"))
-        spec = MergeSpec.from_dict({**cfg, "out_dtype": "float32"}, root=root)
-        run_merge(spec, root / f"step-{j}", ExecOptions(workers=1))
+    # "anchor": step 1 is SLERP at t = 1/3, step 2 linear giving m3 a quarter
+    plan = Plan("code", ["m1", "m2", "m3"], ["slerp", "linear"], weighting="anchor")
+    step_by_step(plan, root, root)
     small = Catalog.from_dict({"base": "base", "models": [{"name": f"m{i}", "path": f"m{i}"} for i in (1, 2, 3)]},
                               root=root)
     big = Catalog.from_dict({"base": "base", "models": [{"name": n, "path": n} for n in
@@ -48,6 +45,17 @@ def built(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
     compute_structural(small, root / "feat-small", StructuralOptions(workers=1, use_cache=False))
     compute_structural(big, root / "feat-big", StructuralOptions(workers=1, use_cache=False))
     return {"root": root, "plan": plan}
+
+
+def step_by_step(plan: Plan, models: Path, out: Path) -> Path:
+    """Build every step of `plan` into out/step-<j> (float32); returns the last."""
+    paths = {m: models / m for m in plan.models}
+    for j, cfg in enumerate(plan.step_configs(paths, models / "base"), start=1):
+        if j > 1:
+            cfg = _replace_refs(cfg, f"step-{j - 1}", str(out / f"step-{j - 1}"))
+        spec = MergeSpec.from_dict({**cfg, "out_dtype": "float32"}, root=out)
+        run_merge(spec, out / f"step-{j}", ExecOptions(workers=1))
+    return out / f"step-{plan.k - 1}"
 
 
 def _replace_refs(node, old: str, new: str):
@@ -62,8 +70,10 @@ def test_exact_features_of_built_merges(built: dict) -> None:
     root = built["root"]
     gt = GramTable.load(root / "feat-small")
     actual = pl.read_parquet(root / "feat-big" / "structural.parquet")
-    s1 = step_state(gt, initial_state(gt, "m1"), "m2", "slerp")
-    s2 = step_state(gt, s1, "m3", "linear")
+    arms = built["plan"].step_arms()
+    assert (arms[0].params["t"], arms[1].share) == (pytest.approx(1 / 3), pytest.approx(1 / 4))
+    s1 = step_state(gt, initial_state(gt, "m1"), "m2", arms[0])
+    s2 = step_state(gt, s1, "m3", arms[1])
     checks = [(s1, "step-1", "m3"), (s1, "step-1", "m1"), (s2, "step-2", "m2"), (s2, "step-2", "m1")]
     got = structural_features(gt, [c[0] for c in checks], [c[2] for c in checks])
     compared = 0
@@ -76,8 +86,9 @@ def test_exact_features_of_built_merges(built: dict) -> None:
             np.testing.assert_allclose(values[i], row[col][0], rtol=2e-5, atol=1e-9, err_msg=f"{col} {built_name}")
             compared += 1
     assert compared > 4 * 40  # every exact feature, globally, per group and per third
-    # the slerp step is not the plain average: its coefficients differ from (0.5, 0.5)
-    assert not np.allclose(s1.coef[:, 0], 0.5)
+    # the slerp step is not a plain weighted mean: its coefficients differ from (2/3, 1/3)
+    assert not np.allclose(s1.coef[:, 0], 2 / 3)
+    assert s2.mix == pytest.approx({"m1": 0.5, "m2": 0.25, "m3": 0.25})
 
 
 def test_proxy_is_mixture_of_component_features(built: dict) -> None:
@@ -138,3 +149,30 @@ def test_proxy_accuracy_statistics() -> None:
     fams = summarize_families(cols)
     assert list(fams) == ["sign agreement (mixture)", "weight-space (Gram)", "KL (convexity bound)"]
     assert fams["weight-space (Gram)"]["spearman_median"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("weighting", ["half", "equal"])
+def test_a_linear_plan_runs_as_one_folded_merge(built: dict, tmp_path: Path, weighting: str) -> None:
+    from simmerge_ray.io.checkpoint import Checkpoint
+    from simmerge_ray.planner.execute import execute_plan, fold_coefficients
+
+    root = built["root"]
+    plan = Plan("code", ["m1", "m2", "m3"], ["linear", "linear"], weighting=weighting)
+    want = step_by_step(plan, root, tmp_path / "steps")
+    catalog = Catalog.from_dict({"base": "base", "models": [{"name": m, "path": m} for m in plan.models]}, root=root)
+    out = tmp_path / "work" / "folded"
+    out.parent.mkdir()
+    results = execute_plan(plan, catalog, out, ExecOptions(workers=1), out_dtype="float32")
+    assert len(results) == 1  # one pass over the tensors
+    assert sorted(p.name for p in out.parent.iterdir()) == ["folded"]  # no intermediate checkpoint
+    coef = fold_coefficients(plan)
+    expected = {"half": [0.25, 0.25, 0.5], "equal": [1 / 3] * 3}[weighting]
+    assert list(coef.values()) == pytest.approx(expected)
+    got, ref = Checkpoint.open(out), Checkpoint.open(want)
+    for name in ref.tensor_names:
+        if weighting == "half":  # shares that are powers of two round the same either way: same bytes
+            assert torch.equal(got.read(name), ref.read(name)), name
+        else:  # 1/3 is not: the folded merge rounds once per term, the steps once per step
+            torch.testing.assert_close(got.read(name), ref.read(name), rtol=1e-6, atol=1e-7)
+    assert "folded into one linear combination" in (out / "README.md").read_text()
+    assert fold_coefficients(built["plan"]) is None  # a SLERP step: step by step

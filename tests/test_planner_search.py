@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from pathlib import Path
@@ -15,76 +16,114 @@ from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.planner.plan import Plan
 from simmerge_ray.planner.search import Objective, SearchSpace, search
 
-OPS = ["linear", "slerp", "ties"]
+from simmerge_ray.merge.arms import ARM_NAMES, STEP_ARMS, WEIGHTING_NAMES, step_arm
+from simmerge_ray.planner.objective import StepPrediction
+from simmerge_ray.planner.search import expert_of
+from simmerge_ray.planner.shares import at_share
+
+# The arms the table predicts: the step arms plus linear at 1/4 and 3/4, so a step's share moves
+# its value (planner/shares.py interpolates the linear family and shifts SLERP and TIES by it).
+TABLE_OPS = [a for a in ARM_NAMES if a in (*STEP_ARMS, "linear_expert", "linear_aux")]
+TASKS = ["code", "math", "rag"]
 
 
 class TableModel:
-    """u(prefix, next, op) depends on the last model of the prefix, the next model and the op,
-    so order matters; v is a per-model constant. States are tuples of (model, op) pairs."""
+    """u(prefix, next, arm, task) depends on the last model of the prefix, the next model, the
+    arm and the task, so order matters; v(next, arm) on the joining model and the arm. States
+    are tuples of models."""
 
-    operators = OPS
+    operators = TABLE_OPS
+    has_aux = True
 
     def __init__(self, models: list[str], seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
-        self.u = {(a, b, op): rng.uniform(0.3, 1.2) for a in models for b in models for op in OPS}
-        self.v = {b: rng.uniform(0, 1) for b in models}
+        self.u = {(a, b, op, t): rng.uniform(0.3, 1.2) for a in models for b in models for op in TABLE_OPS for t in TASKS}
+        self.v = {(b, op): rng.uniform(0, 1) for b in models for op in TABLE_OPS}
         self.calls = 0
 
-    def start(self, expert: str):
-        return (expert,)
+    def start(self, model: str):
+        return (model,)
 
-    def extend(self, state, model: str, op: str):
+    def extend(self, state, model: str, arm):
         return state + (model,)
 
     def step_utilities(self, states, nexts, task):
         self.calls += 1
-        u = np.array([[self.u[(s[-1], m, op)] for op in OPS] for s, m in zip(states, nexts)])
-        v = np.array([[self.v[m]] * len(OPS) for m in nexts])
+        u = np.array([[self.u[(s[-1], m, op, task)] for op in TABLE_OPS] for s, m in zip(states, nexts)])
+        v = np.array([[self.v[(m, op)] for op in TABLE_OPS] for m in nexts])
         return u, v
 
 
-def brute_force(model: TableModel, experts, candidates, kmin, kmax, obj: Objective) -> tuple[float, list, list]:
-    best = (-math.inf, None, None)
-    for e in experts:
-        others = [m for m in candidates if m != e]
-        for k in range(kmin, kmax + 1):
-            for order in itertools.permutations(others, k - 1):
-                for ops in itertools.product(OPS, repeat=k - 1):
-                    seq = [e, *order]
-                    u = [model.u[(seq[i], seq[i + 1], ops[i])] for i in range(k - 1)]
-                    v = [model.v[m] for m in order]
-                    s = obj.score(u, v)
+def tasks_of(models: list[str]) -> dict[str, str]:
+    return {m: TASKS[i % len(TASKS)] for i, m in enumerate(models)}
+
+
+def brute_force(model: TableModel, experts, candidates, kmin, kmax, obj: Objective, tasks,
+                weightings=WEIGHTING_NAMES) -> tuple[float, list, list, str]:
+    """Every ordered subset holding an expert (anywhere), every weighting, every step-arm sequence."""
+    @functools.cache
+    def value(key: tuple, op: str, share: float) -> float:
+        table = [model.u[(*key[:2], o, key[2])] for o in TABLE_OPS] if len(key) == 3 else \
+            [model.v[(key[0], o)] for o in TABLE_OPS]
+        return float(at_share(np.array([table]), TABLE_OPS, op, share)[0])
+
+    best = (-math.inf, None, None, None)
+    for k in range(kmin, kmax + 1):
+        for seq in itertools.permutations(candidates, k):
+            expert = expert_of(seq, experts)
+            if expert is None:
+                continue
+            for w in weightings:
+                for ops in itertools.product(STEP_ARMS, repeat=k - 1):
+                    steps = []
+                    for j in range(1, k):
+                        share = step_arm(ops[j - 1], w, j).share
+                        kept = {t: value((seq[j - 1], seq[j], t), ops[j - 1], share)
+                                for t in dict.fromkeys(tasks[m] for m in seq[:j])}
+                        steps.append(StepPrediction(seq[j], share, kept, value((seq[j],), ops[j - 1], share)))
+                    s = obj.score(obj.retention(seq[0], steps, tasks), expert)
                     if s > best[0]:
-                        best = (s, seq, list(ops))
+                        best = (s, list(seq), list(ops), w)
     return best
 
 
 @pytest.mark.parametrize("obj", [Objective(), Objective(retention_weight=0.5, aux_weight=0.5)])
 def test_exhaustive_finds_known_best(obj: Objective) -> None:
-    models = [f"m{i}" for i in range(7)]
+    models = [f"m{i}" for i in range(5)]
+    tasks = tasks_of(models)
     tm = TableModel(models, seed=1)
-    space = SearchSpace(task="code", candidates=models, experts=["m0", "m1"], min_k=2, max_k=4)
+    space = SearchSpace(task="code", candidates=models, experts=["m0", "m3"], min_k=2, max_k=4, tasks=tasks)
     res = search(space, tm, obj)
-    score, seq, ops = brute_force(tm, ["m0", "m1"], models, 2, 4, obj)
+    score, seq, ops, w = brute_force(tm, ["m0", "m3"], models, 2, 4, obj, tasks)
     assert res.exhaustive
-    assert res.best.models == seq and res.best.operators == ops
+    assert (res.best.models, res.best.operators, res.best.weighting) == (seq, ops, w)
     assert res.best.score == pytest.approx(score)
-    # every ordered plan of 2..4 models from 2 experts, each with 3^(k-1) operator sequences
-    expected = sum(2 * math.perm(6, k - 1) * 3 ** (k - 1) for k in (2, 3, 4))
+    assert res.best.expert == expert_of(seq, ["m0", "m3"])
+    # every partial plan grown by every model and step arm: |W| x sum_k P(5, k) x 3^(k-1)
+    expected = len(WEIGHTING_NAMES) * sum(math.perm(5, k) * 3 ** (k - 1) for k in (2, 3, 4))
     assert res.scored == expected
     assert res.plans[1].score <= res.best.score
+    # the expert is not always first: the space lets the search put it anywhere
+    assert any(p.models[0] != p.expert for p in res.plans) or seq[0] == expert_of(seq, ["m0", "m3"])
+    # what leaving a model out costs, for every model not in the best plan
+    assert {e["model"] for e in res.best.excluded} == set(models) - set(res.best.models)
+    assert all(e["effect"] <= 1e-12 for e in res.best.excluded)
 
 
-def test_beam_search_beyond_four_models() -> None:
-    models = [f"m{i}" for i in range(8)]
+def test_beam_search_when_the_space_is_large() -> None:
+    models = [f"m{i}" for i in range(6)]
+    tasks = tasks_of(models)
     tm = TableModel(models, seed=2)
-    space = SearchSpace(task="code", candidates=models, experts=["m0"], min_k=5, max_k=5, beam_width=200)
-    res = search(space, tm, Objective())
-    assert not res.exhaustive and res.best.k == 5
-    score, seq, ops = brute_force(tm, ["m0"], models, 5, 5, Objective())
+
+    def space(beam: int) -> SearchSpace:
+        return SearchSpace(task="code", candidates=models, experts=["m0"], min_k=4, max_k=4, beam_width=beam,
+                           exhaustive_max_plans=0, tasks=tasks, weightings=("equal",))
+
+    res = search(space(400), tm, Objective())
+    assert not res.exhaustive and res.best.k == 4 and "m0" in res.best.models
+    score, *_ = brute_force(tm, ["m0"], models, 4, 4, Objective(), tasks, weightings=("equal",))
     assert res.best.score == pytest.approx(score, rel=0.05)  # a wide beam gets (nearly) the optimum
-    narrow = search(SearchSpace(task="code", candidates=models, experts=["m0"], min_k=5, max_k=5, beam_width=4),
-                    tm, Objective())
+    narrow = search(space(4), tm, Objective())
     assert narrow.scored < res.scored
 
 

@@ -78,8 +78,8 @@ REPORT_KEYS = (
     [f"pairwise.utility.{m}.mean" for m in ("simmerge", *ARM_NAMES, "majority", "oracle")]
     + [f"pairwise.gap_closed.{m}.mean" for m in ("simmerge", *PAPER_ARMS, "oracle")]
     + ["pairwise.selection_accuracy"]
-    + [f"multiway.{k}way.{m}.expert_retention" for k in (3, 4)
-       for m in ("simmerge", "random_order", "linear", "slerp", "ties", "oracle")]
+    + [f"multiway.{k}way.{m}.{r}" for k in (3, 4) for r in ("expert_retention", "mean_retention")
+       for m in ("simmerge", "random_order", "linear", "slerp", "ties", "equal_share", "oracle")]
     + [f"bandit.regret.{p}.{r}" for p in ("bandit", "bandit_cold", "random", "greedy") for r in (60, 200)]
     + [f"timings.{s}" for s in ("zoo", "structural", "functional", "labels", "selector_eval", "fit",
                                  "multiway", "bandit")]
@@ -112,7 +112,8 @@ def test_whole_pipeline_job_on_the_tiny_testbed(ray_head: RayHead, tmp_path: Pat
     assert scores["base"]["expert_of"] is None and scores["code-a"]["expert_of"] == "code"
     assert all(0 <= scores[m][d]["accuracy"] <= 1 for m in scores for d in ("code", "math", "rag"))
     assert report["metric"]["utilities_on"] == "accuracy"
-    for chart in ("utility.png", "multiway_retention.png", "regret.png", "feature_utility_heatmap.png"):
+    for chart in ("utility.png", "multiway_retention.png", "multiway_by_task.png", "regret.png",
+                  "feature_utility_heatmap.png"):
         assert (out / chart).read_bytes()[:4] == b"\x89PNG", chart
     md = (out / "report.md").read_text()
     assert "## Multi-way plans" in md and "| simmerge |" in md

@@ -29,7 +29,8 @@ from simmerge_ray.testbed.zoo_config import ArchitectureConfig, ZooConfig
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "zoo_tiny.yaml"
 DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "zoo_default.yaml"
-LABELS = LabelSettings(subsets_3=1, subsets_4=1, mixed_4=2, workers=2)
+LABELS = LabelSettings(subsets_3=1, subsets_4=1, weightings=("half", "anchor"), mixed_3=1, mixed_4=1, orders_4=4,
+                       workers=2)
 
 
 # ---- the tiny zoo, built once per session (and a second time for determinism) -------------------
@@ -144,8 +145,17 @@ def test_label_run_resumes_without_redoing_finished_plans(tiny_zoo, tmp_path):
     assert row["s_aux_aux_task"] == s[(row["aux"], row["aux_task"])]
     assert json.loads(row["params"]) == info["params"][row["operator"]]
     multi = pl.read_parquet(out / "labels_multiway.parquet")
-    assert int((multi["k"] == 3).sum()) == 6 * 9 and int((multi["k"] == 4).sum()) == 24 * 3 + 2
-    assert info["labels_3way"] == 54 and info["labels_4way"] == 74
+    # weightings x (one sequence per step arm + mixed) x orders
+    assert int((multi["k"] == 3).sum()) == 2 * 4 * 6 and int((multi["k"] == 4).sum()) == 2 * 4 * 4
+    assert info["labels_3way"] == 48 and info["labels_4way"] == 32
+    assert set(multi["weighting"]) == {"half", "anchor"}
+    for r in multi.filter(pl.col("k") == 3).head(5).iter_rows(named=True):
+        kept = json.loads(r["retention"])
+        assert set(kept) == set(r["models"]) and r["expert_retention"] == kept[r["models"][0]]
+        sc = json.loads(r["scores"])
+        for m, t in zip(r["models"], r["model_tasks"]):
+            assert kept[m] == pytest.approx(sc[t] / s[(m, t)] - 1)
+        assert r["mean_retention"] == pytest.approx(sum(kept.values()) / 3)
 
 
 def test_label_merge_matches_a_hand_merge(tiny_zoo, ray_cluster):
@@ -199,26 +209,49 @@ def test_gap_closed_and_tables_on_a_hand_checked_case():
     assert summary["code"]["oracle"] == pytest.approx(0.75) and summary["code"]["best_linear"] == 1
     assert summary["mean"]["pairs"] == 2 and summary["mean"]["best_ties"] == 0
 
-    multi = multiway_table([(Plan(("c1", "m1", "m2"), ("linear", "ties"), ("code", "math", "math")),
+    multi = multiway_table([(Plan(("c1", "m1", "m2"), ("linear", "ties"), ("code", "math", "math"), "equal"),
                              {"code": 0.24, "math": 0.3})], singles, experts)
     row = multi.row(0, named=True)
     assert row["k"] == 3 and row["task"] == "code" and row["operators"] == ["linear", "ties"]
+    assert row["weighting"] == "equal" and row["model_tasks"] == ["code", "math", "math"]
     assert row["expert_retention"] == pytest.approx(0.24 / 0.30 - 1)
+    kept = {"c1": 0.24 / 0.30 - 1, "m1": 0.3 / 0.4 - 1, "m2": 0.3 / 0.2 - 1}
+    assert json.loads(row["retention"]) == pytest.approx(kept)
+    assert row["mean_retention"] == pytest.approx(sum(kept.values()) / 3)
 
 
 def test_enumerate_plans_counts_and_sampling_is_seeded():
     experts = {f"{d}-{i}": d for d in ("a", "b", "c", "d") for i in range(2)}
-    s = LabelSettings(subsets_3=2, subsets_4=1, mixed_4=5)
+    s = LabelSettings(subsets_3=2, subsets_4=1, mixed_3=2, mixed_4=5, orders_4=6)
     plans = enumerate_plans(experts, ["a", "b", "c", "d"], s)
     by_k = {k: [p for p in plans if p.k == k] for k in (1, 2, 3, 4)}
     assert len(by_k[1]) == 9  # base + 8 experts
     assert len(by_k[2]) == (8 * 6) * len(ARM_NAMES)  # ordered cross-task pairs x arms
-    assert len(by_k[3]) == 2 * 6 * 9
-    assert len(by_k[4]) == 24 * 3 + 5
+    assert all(p.weighting is None for p in by_k[2])  # pairwise arms run as declared
+    w = len(s.weightings)
+    assert len(by_k[3]) == 2 * w * (3 + 2) * 6  # subsets x weightings x sequences x every order
+    assert len(by_k[4]) == 1 * w * (3 + 5) * 6  # ... x sampled orders
     assert all(len({experts[m] for m in p.models}) == p.k for p in plans if p.k > 1)
-    assert sum(len(set(p.operators)) > 1 for p in by_k[4]) == 5
+    # every (weighting, arm sequence) rule of a subset is measured in the same orders, and the
+    # first model of those orders takes every position
+    for k in (3, 4):
+        rules: dict = {}
+        for p in by_k[k]:
+            rules.setdefault((frozenset(p.models), p.weighting, p.operators), set()).add(p.models)
+        orders = {frozenset(m): o for (m, _, _), o in rules.items()}
+        assert all(o == orders[m] for (m, _, _), o in rules.items())
+        for subset, o in orders.items():
+            assert {order[0] for order in o} == set(subset) or k == 4
+    assert sum(len(set(p.operators)) > 1 for p in by_k[4]) == w * 5 * 6
     assert plans == enumerate_plans(experts, ["a", "b", "c", "d"], s)
     assert plans != enumerate_plans(experts, ["a", "b", "c", "d"], s.model_copy(update={"seed": 1}))
+    # a half-weighted fold is the merge the previous (unweighted) labels measured: same cache key
+    fp = {m: m for m in experts} | {"base": "base"}
+    digests = {t: t for t in "abcd"}
+    p = by_k[3][0]
+    half = Plan(p.models, p.operators, p.tasks, "half")
+    assert half.key(fp, digests) == Plan(p.models, p.operators, p.tasks).key(fp, digests)
+    assert Plan(p.models, p.operators, p.tasks, "equal").key(fp, digests) != half.key(fp, digests)
 
 
 def test_merge_state_dicts_operators():

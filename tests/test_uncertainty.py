@@ -19,7 +19,7 @@ from simmerge_ray.cli import main as simmerge
 from simmerge_ray.planner.assess import expert_alone
 from simmerge_ray.planner.propagate import GramTable
 from simmerge_ray.planner.request import PlanRequest, plan_request
-from simmerge_ray.planner.search import Objective
+from simmerge_ray.planner.objective import Objective
 from simmerge_ray.planner.step_model import SelectorStepModel
 from simmerge_ray.planner.synthetic import build_world
 from simmerge_ray.selector.calibration import LEVELS, Calibration, calibrate, conformal_quantile, coverage
@@ -100,16 +100,14 @@ def test_domain_flags_an_extreme_row_and_round_trips(small_selector: Selector, t
 
 
 def test_expert_alone_for_multiway_objectives(small_selector: Selector) -> None:
-    obj = Objective(retention_weight=2.0)
-    ea = expert_alone(small_selector, None, obj, 2, 0.6)  # utility: a 2-way plan's expert alone is 2 x 0.5
-    assert ea["available"] and ea["value"] == 1.0 and ea["better"] and ea["margin"] == pytest.approx(0.4)
-    assert not expert_alone(small_selector, None, obj, 3, 0.6)["available"]
-    small_selector.meta["target"] = "gap_closed"
-    try:
-        ea = expert_alone(small_selector, None, obj, 4, 2.5)  # no step loses any of the gap: 2 x 1
-        assert ea["value"] == 2.0 and not ea["better"]
-    finally:
-        small_selector.meta["target"] = "utility"
+    # Not merging keeps the expert's whole gap (R = 1) and none of the other models' own gaps.
+    obj = Objective(retention_weight=2.0, aux_weight=1.0)
+    ea = expert_alone(small_selector, obj, 1.5)
+    assert ea == {"available": True, "target": "retention", "value": 2.0, "best": 1.5, "better": True,
+                  "margin": pytest.approx(0.5)}
+    assert not expert_alone(small_selector, obj, 2.5)["better"]
+    # pairwise plans: the selector's own target for the expert alone (utility: 0.5)
+    assert expert_alone(small_selector, None, 0.6)["value"] == 0.5
 
 
 def test_coverage_is_measured_on_held_out_pairs() -> None:
@@ -187,7 +185,7 @@ def test_plan_flags_a_same_task_pair_and_an_extreme_row(world, small_selector: S
     assert [(f["step"], f["model"]) for f in same] == [(best.models.index("code-1"), "code-1")]
     assert best.operators == ["slerp", "slerp"] and best.score == pytest.approx(0.09)
     assert best.intervals["levels"]["80"]["score"] == pytest.approx([0.01, 0.25])  # (0.3 -+ 0.2)^2
-    assert not best.expert_alone["available"]  # a utility selector's 3-way product has no expert-alone value
+    assert best.expert_alone["value"] == 1.0 and best.expert_alone["better"]  # 0.09 of the gap against all of it
 
 
 def test_an_older_selector_folder_plans_without_intervals(world, tmp_path: Path, capsys) -> None:

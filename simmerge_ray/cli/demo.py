@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
                                 folds=args.folds, sim_repeats=args.sim_repeats, seed=args.seed)
     if args.quick:
         settings.tune_samples, settings.folds, settings.sim_repeats = 0, 3, 2
-        settings.labels = LabelSettings(subsets_3=3, subsets_4=2, mixed_4=2)
+        settings.labels = LabelSettings(subsets_3=3, subsets_4=2, mixed_3=1, mixed_4=1, orders_4=4)
     timings = run_pipeline(settings)
     report = write_report(out, timings)
     p = report["pairwise"]
@@ -55,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
     for k in ("3way", "4way"):
         if k in report["multiway"]:
             r = report["multiway"][k]
-            print(f"{k}: expert retention SimMerge {100 * r['simmerge']['expert_retention']:+.1f}% vs random order "
-                  f"{100 * r['random_order']['expert_retention']:+.1f}%, oracle {100 * r['oracle']['expert_retention']:+.1f}%")
+            line = ", ".join(f"{name} {100 * r[m]['expert_retention']:+.1f}% / {100 * r[m]['mean_retention']:+.1f}%"
+                             for m, name in (("simmerge", "SimMerge"), ("random_order", "random order"),
+                                             ("equal_share", "model soup"), ("oracle", "oracle")) if m in r)
+            print(f"{k}: retention of the expert / mean over the plan's models: {line}")
     b = report["bandit"]["regret"]
     print(f"bandit regret at round 60: {b['bandit'].get('60', float('nan')):.2f} "
           f"(uniform random {b['random'].get('60', float('nan')):.2f})")

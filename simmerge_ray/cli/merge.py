@@ -138,8 +138,10 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
         init_ray(args.address)
     results = execute_plan(plan, catalog, Path(args.out), opts, out_dtype=args.dtype, plan_file=plan_file)
     total = sum(r.seconds for r in results)
-    print(f"executed {len(results)} step(s) of {' -> '.join(plan.models)} "
-          f"({', '.join(plan.operators)}) in {total:.1f} s -> {args.out}")
+    how = ("as one linear merge (every step is linear: the fold's weights multiplied out)"
+           if len(results) == 1 < len(plan.operators) else f"{len(results)} step(s)")
+    print(f"executed {' -> '.join(plan.models)} ({', '.join(plan.operators)}"
+          f"{f'; weighting {plan.weighting}' if plan.weighting else ''}) {how} in {total:.1f} s -> {args.out}")
     print(f"read {human_bytes(sum(r.bytes_read for r in results))}, wrote "
           f"{human_bytes(results[-1].bytes_written)} (the last step's output)")
     return 0

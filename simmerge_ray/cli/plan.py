@@ -18,10 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "plan", help="pick the merge (operator; or subset, order and operators)",
         description="Pairwise (--expert, --aux): the arm with the highest predicted utility, written as "
                     "merge.yaml. Multi-way (--models): the subset, order and arms with the highest score, "
-                    "written as plan.json and one mergekit YAML per step. A plan's score is "
-                    "--retention-weight x the product of its steps' predicted utilities (the predicted "
-                    "share of the expert's gap on --task that survives every step) + --aux-weight x the "
-                    "mean predicted gain on the merged-in models' own tasks.",
+                    "written as plan.json and one mergekit YAML per step. Plans fold their models in "
+                    "order, the expert of --task anywhere in it, with a weighting (half, equal, anchor: "
+                    "the share each step gives the joining model). A plan's score is --retention-weight x "
+                    "the predicted share of the expert's gap on --task that survives the plan + "
+                    "--aux-weight x the mean predicted share of every other model's gap on its own task "
+                    "that survives (needs --aux-selector).",
         epilog="examples:\n"
                "  simmerge plan --selector selector/ --catalog catalog.yaml --features feats/ \\\n"
                "      --task code --expert code-1 --aux math-1 --out plan-pair/\n"
@@ -38,13 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", help="multi-way mode: candidate models")
     p.add_argument("--max-way", type=int, default=4, help="multi-way mode: most models in a plan")
     p.add_argument("--min-way", type=int, default=2, help="multi-way mode: fewest models in a plan")
-    p.add_argument("--required-expert", default=None, help="the plan must start from this model")
+    p.add_argument("--required-expert", default=None, help="the expert every plan must hold")
     p.add_argument("--beam-width", type=int, default=64,
                    help="multi-way mode: partial plans kept per depth where exhaustive search is too large")
     p.add_argument("--retention-weight", type=float, default=1.0,
                    help="weight of the expert's predicted retention in a plan's score")
     p.add_argument("--aux-weight", type=float, default=0.0,
-                   help="weight of the predicted gain on the other models' tasks (needs --aux-selector)")
+                   help="weight of the other models' predicted retention on their own tasks (needs --aux-selector)")
     p.add_argument("--out", required=True, help="folder for plan.json and the mergekit YAML file(s)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote")
     p.set_defaults(func=run)
@@ -94,9 +96,9 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
     best = int(u.argmax())
     plan = Plan(args.task, [args.expert, args.aux], [sel.operators[best]], [float(u[best])], [], float(u[best]))
     plan.arms = arm_table(sel, u)
-    plan.intervals = plan_intervals(sel, None, plan.operators, plan.step_utility, [], None)
+    plan.intervals = plan_intervals(sel, plan.operators, plan.step_utility)
     plan.flags = input_flags(sel, sel.standardise(x), plan.models, catalog.model_tasks, args.task)
-    plan.expert_alone = expert_alone(sel, None, None, 2, plan.score)
+    plan.expert_alone = expert_alone(sel, None, plan.score)
     what = TARGET_WORDS.get(sel.meta.get("target"), "value")
     print(f"{args.expert} + {args.aux} on {args.task}: choose {sel.operators[best]}")
     width = max(len(a["operator"]) for a in plan.arms)
@@ -153,17 +155,21 @@ def _multiway(args: argparse.Namespace, catalog) -> int:
     res = plan_request(req, catalog, build_step_model(args.selector, args.features, args.aux_selector))
     print(f"scored {res.scored} plans in {res.seconds:.2f} s ({res.plans_per_second:.0f} plans/s, "
           f"{'exhaustive' if res.exhaustive else f'beam {args.beam_width}'}); score = {args.retention_weight:g} x "
-          f"predicted share of the expert's gap on {args.task} kept by every step"
-          + (f" + {args.aux_weight:g} x predicted gain on the other models' tasks" if args.aux_weight else ""))
+          f"predicted share of the expert's gap on {args.task} that survives"
+          + (f" + {args.aux_weight:g} x the other models' mean predicted retention" if args.aux_weight else ""))
     for rank, p in enumerate(res.plans[:5], start=1):
         steps = " ".join(f"-[{op}]-> {m}" for op, m in zip(p.operators, p.models[1:]))
         levels = p.intervals.get("levels", {})
         bound = next((f" ({key}% bound {_interval(v['score'])})" for key, v in levels.items()), "")
         flagged = sum(f["kind"] != "unchecked" for f in p.flags)
-        print(f"{rank}. score {p.score:.3f}{bound}: {p.models[0]} {steps}  (step utilities "
-              f"{', '.join(f'{u:.2f}' for u in p.step_utility)})"
+        kept = ", ".join(f"{m} {r:.2f}" for m, r in p.retention.items() if r is not None)
+        print(f"{rank}. score {p.score:.3f}{bound}: {p.models[0]} {steps}  (weighting {p.weighting}, expert "
+              f"{p.expert}; predicted share of each model's gap kept: {kept})"
               + (f"  [{flagged} flag{'s' * (flagged > 1)}]" if flagged else ""))
     best = res.best
+    for ex in best.excluded:
+        print(f"left out {ex['model']}: the best plan with it scores {ex['best_score_with']:.3f} "
+              f"({ex['effect']:+.3f})")
     if best.intervals.get("available"):
         print("bounds: the objective at the ends of every step's interval; they hold when every step's interval "
               "holds, which is not measured for steps on unbuilt merges (plan.json: intervals)")

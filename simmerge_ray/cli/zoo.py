@@ -27,13 +27,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lab.add_argument("--catalog", required=True, help="catalog.yaml with a base and tasks with eval files")
     lab.add_argument("--out", required=True, help="label folder; its cache/ makes reruns resume")
     lab.add_argument("--subsets-3", type=int, default=None,
-                     help=f"3-way subsets of experts of distinct tasks, each with all orders x operator sequences "
-                          f"(default: {_label_default('subsets_3')})")
+                     help=f"3-way subsets of experts of distinct tasks, each with all orders x weightings x step-arm "
+                          f"sequences (default: {_label_default('subsets_3')})")
     lab.add_argument("--subsets-4", type=int, default=None,
-                     help=f"4-way subsets of experts of distinct tasks, each with all orders x each fixed operator "
-                          f"(default: {_label_default('subsets_4')})")
+                     help=f"4-way subsets of experts of distinct tasks, each with --orders-4 orders x weightings x "
+                          f"step-arm sequences (default: {_label_default('subsets_4')})")
+    lab.add_argument("--mixed-3", type=int, default=None,
+                     help=f"random mixed step-arm sequences per 3-way subset, beside one per step arm "
+                          f"(default: {_label_default('mixed_3')})")
     lab.add_argument("--mixed-4", type=int, default=None,
-                     help=f"random mixed-operator plans per 4-way subset (default: {_label_default('mixed_4')})")
+                     help=f"random mixed step-arm sequences per 4-way subset, beside one per step arm "
+                          f"(default: {_label_default('mixed_4')})")
+    lab.add_argument("--orders-4", type=int, default=None,
+                     help=f"random orders per 4-way subset, of 24 (default: {_label_default('orders_4')})")
+    lab.add_argument("--weightings", nargs="+", default=None,
+                     help=f"fold weightings of the 3-/4-way plans (default: {' '.join(_label_default('weightings'))})")
     lab.add_argument("--workers", type=int, default=None, help=f"evaluator actors (default: {_label_default('workers')})")
     lab.add_argument("--seed", type=int, default=None, help=f"seed of the 3-/4-way subset sampling (default: {_label_default('seed')})")
     lab.add_argument("--metric", choices=["accuracy", "score"], default=None,
@@ -65,8 +73,9 @@ def run_label(args: argparse.Namespace) -> int:
     from simmerge_ray.testbed.label_plans import LabelSettings
 
     overrides = {k: v for k, v in (("subsets_3", args.subsets_3), ("subsets_4", args.subsets_4),
-                                   ("mixed_4", args.mixed_4), ("workers", args.workers), ("seed", args.seed),
-                                   ("metric", args.metric))
+                                   ("mixed_3", args.mixed_3), ("mixed_4", args.mixed_4), ("orders_4", args.orders_4),
+                                   ("weightings", args.weightings and tuple(args.weightings)),
+                                   ("workers", args.workers), ("seed", args.seed), ("metric", args.metric))
                  if v is not None}
     try:
         settings = LabelSettings(**overrides)

@@ -13,8 +13,9 @@ methods (TIES & co) work on differences against the catalog's base.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from functools import cache
 from typing import Any
 
 from simmerge_ray.errors import ConfigError
@@ -54,6 +55,39 @@ class Arm:
 
         (c1, c2), cb = task_arithmetic_combination(None, options, per_model)
         return c1, c2, cb
+
+    @property
+    def share(self) -> float | None:
+        """The joining (second) model's share of the merge, where the arm has one: SLERP's t, or
+        the second weight over the sum for normalised weighted arms; None otherwise (task
+        arithmetic adds whole task vectors, so it has no share to move)."""
+        if "t" in self.params:
+            return float(self.params["t"])
+        w = self.params.get("weight")
+        if isinstance(w, (list, tuple)) and self.params.get("normalize") and sum(w) > 0:
+            return float(w[1]) / float(sum(w))
+        return None
+
+    def at_share(self, w: float) -> "Arm":
+        """This arm with the joining model's share set to `w` (a weighted fold step); the arm
+        itself when `w` is already its share, so equal steps keep their names and label keys."""
+        own = self.share
+        if own is None:
+            raise ConfigError(f"arm {self.name!r} has no share to set (a weighted step needs linear, "
+                              f"SLERP or a normalised task-vector arm)")
+        if not 0.0 <= w <= 1.0:
+            raise ConfigError(f"arm {self.name!r}: share {w} is outside [0, 1]")
+        if abs(own - w) < 1e-12:
+            return self
+        key = "t" if "t" in self.params else "weight"
+        value = float(w) if key == "t" else [1.0 - float(w), float(w)]
+        return replace(self, name=f"{self.name}@{w:.4g}", params={**self.params, key: value})
+
+    def family(self) -> tuple[str, str]:
+        """Arms that differ only in their share form one family (linear, linear_expert,
+        linear_aux): the planner interpolates a family's predictions between their shares."""
+        rest = {k: v for k, v in self.params.items() if k not in ("t", "weight")}
+        return self.method, repr(sorted(rest.items()))
 
     def mirror(self) -> str | None:
         """The arm that gives the same merge with the inputs swapped (itself when symmetric); None
@@ -114,9 +148,54 @@ ARMS: tuple[Arm, ...] = (
 
 ARM_NAMES: tuple[str, ...] = tuple(a.name for a in ARMS)
 PAPER_ARMS: tuple[str, ...] = tuple(a.name for a in ARMS if a.paper)
-# The arms a multi-way fold may use at each step (each extra arm multiplies the plan space).
+# The arms a multi-way fold may use at each step (each extra arm multiplies the plan space),
+# applied at the share the plan's weighting gives each step.
 STEP_ARMS: tuple[str, ...] = PAPER_ARMS
 _BY_NAME = {a.name: a for a in ARMS}
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """How a left fold shares weight: step j (j >= 1, joining the (j+1)-th model) gives the
+    joining model `share(j)` and the merge so far the rest."""
+
+    name: str
+    share: Callable[[int], float]
+    doc: str = ""
+
+    def final_shares(self, k: int) -> list[float]:
+        """Each position's share of a k-way fold of linear steps."""
+        shares = [1.0]
+        for j in range(1, k):
+            w = self.share(j)
+            shares = [s * (1 - w) for s in shares] + [w]
+        return shares
+
+
+# The fold weightings of multi-way plans, in report order. With the position of the expert free,
+# "anchor" with the expert first and "half" with the expert last are the two that favour it.
+WEIGHTINGS: tuple[Weighting, ...] = (
+    Weighting("half", lambda j: 0.5, doc="every step 0.5/0.5: the last model ends at 1/2, the first two at 1/2^(k-1)"),
+    Weighting("equal", lambda j: 1.0 / (j + 1), doc="the running mean: step j gives 1/(j+1), every model ends at 1/k"),
+    Weighting("anchor", lambda j: 1.0 / (j + 2), doc="the first model counts twice: it ends at 2/(k+1), the others at 1/(k+1)"),
+)
+WEIGHTING_NAMES: tuple[str, ...] = tuple(w.name for w in WEIGHTINGS)
+# Plans written before weightings existed folded at 0.5 every step.
+DEFAULT_WEIGHTING = "half"
+_WEIGHTINGS = {w.name: w for w in WEIGHTINGS}
+
+
+def get_weighting(name: str) -> Weighting:
+    try:
+        return _WEIGHTINGS[name]
+    except KeyError:
+        raise ConfigError(f"unknown weighting {name!r}; known: {', '.join(WEIGHTING_NAMES)}") from None
+
+
+@cache  # pure, and called once per grown plan by the search
+def step_arm(op: str, weighting: str, j: int) -> Arm:
+    """The arm that step j of a fold with `weighting` runs: `op` at that step's share."""
+    return get_arm(op).at_share(get_weighting(weighting).share(j))
 
 
 def get_arm(name: str) -> Arm:

@@ -10,15 +10,18 @@ from simmerge_ray.pipeline.layout import RunLayout
 
 
 def judge_multiway(run: RunLayout) -> dict:
-    """multiway/multiway.json from the fitted selector, the features and the multi-way labels."""
+    """multiway/multiway.json from the fitted selectors (the two-sided one and its auxiliary twin),
+    the features and the multi-way labels."""
     import polars as pl
 
+    from simmerge_ray.catalog import Catalog
     from simmerge_ray.planner.evaluate import PlanScorer, evaluate_multiway
     from simmerge_ray.planner.request import build_step_model
 
-    model = build_step_model(str(run.selector), str(run.features))
+    aux = run.aux_selector if run.aux_selector.exists() else None
+    model = build_step_model(str(run.selector), str(run.features), None if aux is None else str(aux))
     labels = pl.read_parquet(run.multiway_labels)
-    result = evaluate_multiway(labels, PlanScorer(model))
+    result = evaluate_multiway(labels, PlanScorer(model, Catalog.load(run.catalog).model_tasks))
     run.multiway.mkdir(exist_ok=True)
     atomic_write_text(run.multiway / "multiway.json", json.dumps(result, indent=2))
     return result

@@ -46,10 +46,9 @@ def _digest(parts: list[str]) -> str:
 
 
 def _label_inputs(settings: LabelSettings) -> list[str]:
-    """The label settings given explicitly, as the flag words that keyed the label stage's marker
-    when the stage ran `simmerge label` (so that finished runs stay reusable)."""
-    return [word for name in LabelSettings.model_fields if name in settings.model_fields_set
-            for word in (f"--{name.replace('_', '-')}", str(getattr(settings, name)))]
+    """Every label setting, defaults included: a new default (a change of the sampled plan space)
+    makes the label stage run again, which its per-plan cache keeps to the new plans."""
+    return [json.dumps(settings.model_dump(mode="json"), sort_keys=True)]
 
 
 def stages(s: PipelineSettings) -> list[Stage]:

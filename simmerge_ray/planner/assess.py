@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from simmerge_ray.planner.plan import Plan
-from simmerge_ray.planner.search import RETENTION_CLIP, Objective
+from simmerge_ray.planner.objective import Objective, StepPrediction
 from simmerge_ray.selector.calibration import level_key
 from simmerge_ray.selector.data import EXPERT_ALONE
 from simmerge_ray.selector.model import Selector
@@ -53,58 +53,32 @@ def arm_table(sel: Selector, pred: np.ndarray) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -r["predicted"])
 
 
-def plan_intervals(sel: Selector, aux_sel: Selector | None, operators: list[str], u: list[float],
-                   v: list[float], objective: Objective | None) -> dict[str, Any]:
-    """Per level: each step's interval and the score's bound (SCORE_BOUND). `objective` None: the
-    score is the single step's prediction itself (pairwise plans)."""
+def plan_intervals(sel: Selector, operators: list[str], u: list[float]) -> dict[str, Any]:
+    """Pairwise plans: per level, the step's interval, which is the score's."""
     if sel.calibration is None:
         return {"available": False, "reason": NO_CALIBRATION}
     levels: dict[str, Any] = {}
     for lv in sel.calibration.levels:
         h = _halfwidths(sel, operators, lv)
-        u_lo, u_hi = [x - w for x, w in zip(u, h)], [x + w for x, w in zip(u, h)]
-        entry: dict[str, Any] = {"steps": [bounds(lo, hi) for lo, hi in zip(u_lo, u_hi)]}
-        if objective is None:
-            entry["score"] = entry["steps"][0]
-        else:
-            hv = _halfwidths(aux_sel, operators, lv) if v else []
-            entry["score"] = None if hv is None else bounds(
-                objective.score(u_lo, [x - w for x, w in zip(v, hv)]),
-                objective.score(u_hi, [x + w for x, w in zip(v, hv)]))
-        levels[level_key(lv)] = entry
-    out: dict[str, Any] = {"available": True, "levels": levels}
-    if objective is not None:
-        out["score_bound"] = SCORE_BOUND
-    return out
+        steps = [bounds(x - w, x + w) for x, w in zip(u, h)]
+        levels[level_key(lv)] = {"steps": steps, "score": steps[0]}
+    return {"available": True, "levels": levels}
 
 
-def expert_alone(sel: Selector, aux_sel: Selector | None, objective: Objective | None, k: int,
-                 best: float) -> dict[str, Any]:
+def expert_alone(sel: Selector, objective: Objective | None, best: float) -> dict[str, Any]:
     """The value of not merging under the plan's objective, against the best plan's `best`.
 
     Pairwise (`objective` None): the selector's target for the expert alone (EXPERT_ALONE).
-    Multi-way: retention_weight x R + aux_weight x V, with R = 1 for a GapClosed selector (no step
-    loses any of the expert's gap) and V = the auxiliary target's value (0: nothing gained on
-    the other tasks). For another target a product of step predictions has no expert-alone
-    value beyond one step, so only 2-way plans get one."""
+    Multi-way: the expert keeps its whole gap (R = 1) and no other model keeps any of its own, so
+    the value is retention_weight x 1 + aux_weight x 0."""
+    if objective is not None:
+        value = objective.retention_weight
+        return {"available": True, "target": "retention", "value": value, "best": float(best),
+                "better": bool(best < value), "margin": float(value - best)}
     target = sel.meta.get("target")
     if target not in EXPERT_ALONE:
         return {"available": False, "reason": "the selector records no target (selector.json meta.target)"}
-    if objective is None:
-        value = EXPERT_ALONE[target]
-    else:
-        if target != "gap_closed" and k > 2:
-            return {"available": False, "reason": f"the selector predicts {target}, and a product of several "
-                                                  f"steps' {target} has no expert-alone value; it is defined for "
-                                                  f"2-way plans and for gap_closed selectors"}
-        per_step = min(max(EXPERT_ALONE[target], RETENTION_CLIP[0]), RETENTION_CLIP[1])
-        aux_value = 0.0  # without an auxiliary selector the search scores no auxiliary term
-        if aux_sel is not None and objective.aux_weight:
-            aux_target = aux_sel.meta.get("target")
-            if aux_target not in EXPERT_ALONE:
-                return {"available": False, "reason": "the auxiliary selector records no target"}
-            aux_value = EXPERT_ALONE[aux_target]
-        value = objective.retention_weight * per_step + objective.aux_weight * aux_value
+    value = EXPERT_ALONE[target]
     return {"available": True, "target": target, "value": value, "best": float(best),
             "better": bool(best < value), "margin": float(value - best)}
 
@@ -140,11 +114,51 @@ def input_flags(sel: Selector, z_rows: np.ndarray, models: list[str], model_task
     return flags
 
 
+def multiway_intervals(step_model: SelectorStepModel, plan: Plan, steps: list[StepPrediction],
+                       objective: Objective, model_tasks: dict[str, str | None]) -> dict[str, Any]:
+    """Per level: each step's interval on the expert's side (plan.step_utility) and the score's
+    bound (SCORE_BOUND), from the selectors' calibrated half-widths per arm. A two-sided selector's
+    merge-side value 2 U - V gets the half-width 2 h_U + h_V."""
+    sel, aux = step_model.selector, step_model.aux_selector
+    if sel.calibration is None or (aux is not None and aux.calibration is None):
+        return {"available": False, "reason": NO_CALIBRATION}
+    levels: dict[str, Any] = {}
+    ops = plan.operators
+    for lv in sel.calibration.levels:
+        hu = _halfwidths(sel, ops, lv)
+        hv = _halfwidths(aux, ops, lv) if aux is not None else [0.0] * len(ops)
+        if hu is None or hv is None:
+            continue
+        hk = [2 * a + b for a, b in zip(hu, hv)] if step_model.two_sided else hu
+        bounded = []
+        for sign in (-1, 1):
+            bounded.append([StepPrediction(st.model, st.share, {t: x + sign * hk[j] for t, x in st.kept.items()},
+                                           None if st.joining is None else st.joining + sign * hv[j])
+                            for j, st in enumerate(steps)])
+        expert_in = plan.models[0] == plan.expert
+        step_iv = []
+        for j, st in enumerate(steps):
+            if expert_in:
+                step_iv.append(bounds(plan.step_utility[j] - hk[j], plan.step_utility[j] + hk[j]))
+            elif st.model == plan.expert:
+                step_iv.append(bounds(plan.step_utility[j] - hv[j], plan.step_utility[j] + hv[j]))
+                expert_in = True
+            else:
+                step_iv.append([1.0, 1.0])
+        lo, hi = (objective.score(objective.retention(plan.models[0], b, model_tasks), plan.expert)
+                  for b in bounded)
+        levels[level_key(lv)] = {"steps": step_iv, "score": bounds(lo, hi)}
+    return {"available": True, "levels": levels, "score_bound": SCORE_BOUND}
+
+
 def assess_plan(plan: Plan, step_model: SelectorStepModel, model_tasks: dict[str, str | None],
                 objective: Objective) -> None:
     """Fill a multi-way plan's intervals, flags and expert-alone comparison in place."""
-    sel, aux = step_model.selector, step_model.aux_selector
-    z = sel.standardise(step_model.plan_inputs(plan.models, plan.operators, plan.task))
-    plan.intervals = plan_intervals(sel, aux, plan.operators, plan.step_utility, plan.step_aux_utility, objective)
+    from simmerge_ray.planner.search import Replayer
+
+    sel = step_model.selector
+    steps = Replayer(step_model, plan.task, model_tasks).replay(plan.models, plan.operators, plan.weighting)
+    z = sel.standardise(step_model.plan_inputs(plan.models, plan.step_arms(), plan.task))
+    plan.intervals = multiway_intervals(step_model, plan, steps, objective, model_tasks)
     plan.flags = input_flags(sel, z, plan.models, model_tasks, plan.task)
-    plan.expert_alone = expert_alone(sel, aux, objective, plan.k, plan.score)
+    plan.expert_alone = expert_alone(sel, objective, plan.score)

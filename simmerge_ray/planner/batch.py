@@ -42,7 +42,9 @@ from simmerge_ray.planner.request import PlanRequest, build_step_model, plan_req
 from simmerge_ray.selector.data import features_file
 
 BATCH_FILES = ("results.parquet", "summary.json")  # what a rerun replaces in --out (besides plans/)
-CACHE_VERSION = 2  # bump when a change to the planner changes plans (2: intervals, flags): old entries are ignored
+# Bump when a change to the planner changes plans (2: intervals, flags; 3: weightings, the expert
+# anywhere, the retention objective): old entries are ignored.
+CACHE_VERSION = 3
 PENDING = "pending"  # internal status: valid and not in the cache yet
 ROW_FILE = "row.json"
 
@@ -55,8 +57,10 @@ RESULT_SCHEMA = pa.schema([
     ("request", pa.string()),  # the validated request as JSON (the raw row when invalid)
     ("models", pa.list_(pa.string())),  # chosen plan, merge order
     ("operators", pa.list_(pa.string())),  # one per step
+    ("weighting", pa.string()),  # the fold weighting (merge/arms.py WEIGHTINGS)
+    ("expert", pa.string()),  # the target task's expert among `models`
     ("score", pa.float64()),  # the objective's predicted value
-    ("step_utility", pa.list_(pa.float64())),  # predicted GapClosed per step
+    ("step_utility", pa.list_(pa.float64())),  # predicted share of the expert's gap kept per step
     ("step_aux_utility", pa.list_(pa.float64())),
     ("runner_up_models", pa.list_(pa.string())),
     ("runner_up_operators", pa.list_(pa.string())),
@@ -211,7 +215,7 @@ class PlanWorker:
         else:
             best, runner = res.plans[0], (res.plans[1] if len(res.plans) > 1 else None)
             outcome = {**base, "status": "ok", "models": best.models, "operators": best.operators,
-                       "score": best.score, "step_utility": best.step_utility,
+                       "weighting": best.weighting, "expert": best.expert, "score": best.score, "step_utility": best.step_utility,
                        "step_aux_utility": best.step_aux_utility,
                        "runner_up_models": runner.models if runner else None,
                        "runner_up_operators": runner.operators if runner else None,

@@ -1,96 +1,103 @@
 """Judging multi-way plans on the testbed's measured 3- and 4-way merges.
 
-For every labelled subset and target task (the subset's expert of that task first), the
-planner ranks the labelled orders and operator sequences with predicted utilities only; we
-then read the measured expert retention (s_merge / s_expert - 1 on the target task) of
+For every labelled subset and every task of its models (that task's model is the expert), the
+planner ranks the subset's labelled plans (orders with the expert anywhere, fold weightings,
+step arms) with predicted values only; we then read each plan's measured retention,
+s_merge / s_model - 1 of every model on its own task:
 - simmerge: the planner's top plan;
-- random_order: a uniformly random order, each with the planner's best operator sequence;
-- each fixed operator used at every step, in a uniformly random order;
-- oracle: the best measured plan.
+- random_order: the planner's weighting and step arms in a uniformly random order (the
+  expectation over the labelled orders of that rule);
+- one entry per step arm: that arm at every step, in a random order under a random weighting;
+- equal_share: the equal-weight linear fold (a model soup of the subset);
+- oracle: the plan whose measured value of the planner's objective is best.
+Each entry reports `expert_retention` (the expert's) and `mean_retention` (the mean over the
+plan's models). Baselines are expectations over labelled plans, not draws: no sampling noise.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import polars as pl
 
 from simmerge_ray.merge.arms import STEP_ARMS
-from simmerge_ray.planner.search import Objective, StepModel
+from simmerge_ray.planner.objective import Objective, Outcome
+from simmerge_ray.planner.search import Replayer, StepModel
+
+# The objective plans are judged on: the expert's side and the others' sides weigh the same, as
+# in the pairwise two-sided utility.
+JUDGED = Objective(retention_weight=1.0, aux_weight=1.0)
+EQUAL_SHARE = ("linear", "equal")
 
 
 class PlanScorer:
-    """Predicted objective of given plans, sharing prefix states between plans."""
+    """Predicted objective of given plans, sharing prefix predictions between plans of a target."""
 
-    def __init__(self, model: StepModel, objective: Objective = Objective()) -> None:
+    def __init__(self, model: StepModel, tasks: Mapping[str, str | None], objective: Objective = JUDGED) -> None:
         self.model = model
+        self.tasks = tasks
         self.objective = objective
-        self._states: dict[tuple, object] = {}
-        self._utils: dict[tuple, np.ndarray] = {}
+        self._replayers: dict[str, Replayer] = {}
 
-    def _state(self, prefix: tuple) -> object:
-        if prefix not in self._states:
-            if len(prefix) == 1:
-                self._states[prefix] = self.model.start(prefix[0])
-            else:
-                *head, (model, op) = prefix
-                self._states[prefix] = self.model.extend(self._state(tuple(head)), model, op)
-        return self._states[prefix]
+    def score(self, models: Sequence[str], ops: Sequence[str], weighting: str | None, expert: str) -> float:
+        task = self.tasks[expert]
+        rp = self._replayers.setdefault(task, Replayer(self.model, task, self.tasks))
+        steps = rp.replay(models, ops, weighting)
+        return self.objective.score(self.objective.retention(models[0], steps, self.tasks), expert)
 
-    def score(self, models: Sequence[str], ops: Sequence[str], task: str) -> float:
-        prefix: tuple = (models[0],)
-        u = []
-        for model, op in zip(models[1:], ops):
-            key = (prefix, model, task)
-            if key not in self._utils:
-                util, _ = self.model.step_utilities([self._state(prefix)], [model], task)
-                self._utils[key] = util[0]
-            u.append(float(self._utils[key][self.model.operators.index(op)]))
-            prefix = prefix + ((model, op),)
-        return self.objective.score(u, [])
+
+def _measured_score(objective: Objective, retention: Mapping[str, float | None], expert: str) -> float:
+    return objective.score({m: None if r is None else 1 + r for m, r in retention.items()}, expert)
+
+
+def _mean(outcomes: list[Outcome]) -> dict[str, float]:
+    return {"expert_retention": float(np.nanmean([o.expert_retention for o in outcomes])),
+            "mean_retention": float(np.nanmean([o.mean_retention for o in outcomes]))}
 
 
 def evaluate_multiway(labels: pl.DataFrame, scorer: PlanScorer) -> dict:
-    """Mean measured expert retention per k and method (and per task), over labelled subsets.
-
-    The random and fixed-operator baselines are expectations over the labelled orders, not
-    draws, so they carry no sampling noise.
-    """
-    rows = (labels.filter(pl.col("k") >= 3, pl.col("expert_retention").is_not_null())
-            .select(["task", "models", "operators", "k", "expert_retention"]).rows())
-    groups: dict[tuple, list[tuple]] = defaultdict(list)
-    for task, models, ops, k, ret in rows:
-        groups[(task, tuple(sorted(models)))].append((tuple(models), tuple(ops), k, ret))
-    per: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    per_task: dict[int, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    learned_vs_random: dict[str, list[float]] = defaultdict(list)
-    for (task, _), plans in sorted(groups.items()):
-        k = plans[0][2]
-        scored = [(scorer.score(m, o, task), m, o, r) for m, o, _, r in plans]
-        by_order: dict[tuple, list] = defaultdict(list)
-        for s, m, o, r in scored:
-            by_order[m].append((s, o, r))
-        best_per_order = [max(v, key=lambda x: x[0])[2] for v in by_order.values()]
-        values = {
-            "simmerge": max(scored, key=lambda x: x[0])[3],
-            "random_order": float(np.mean(best_per_order)),
-            "oracle": max(r for *_, r in scored),
+    """Mean measured retentions per plan size and method, overall and per target task."""
+    rows = labels.filter(pl.col("k") >= 3).select(["models", "operators", "weighting", "k", "retention"]).rows()
+    subsets: dict[tuple, list[tuple]] = defaultdict(list)
+    for models, ops, weighting, k, retention in rows:
+        subsets[tuple(sorted(models))].append((tuple(models), tuple(ops), weighting, json.loads(retention)))
+    per: dict[int, dict[str, list[Outcome]]] = defaultdict(lambda: defaultdict(list))
+    per_task: dict[int, dict[str, dict[str, list[Outcome]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for subset, plans in sorted(subsets.items()):
+        k = len(subset)
+        for expert in subset:
+            task = scorer.tasks[expert]
+            outcomes = [Outcome.of(r, expert) for *_, r in plans]
+            predicted = [scorer.score(m, o, w, expert) for m, o, w, _ in plans]
+            pick = int(np.argmax(predicted))
+            _, p_ops, p_w, _ = plans[pick]
+            same_rule = [o for (m, ops, w, _), o in zip(plans, outcomes) if ops == p_ops and w == p_w]
+            measured = [_measured_score(scorer.objective, r, expert) for *_, r in plans]
+            values = {"simmerge": [outcomes[pick]], "random_order": same_rule,
+                      "oracle": [outcomes[int(np.argmax(measured))]]}
+            for op in STEP_ARMS:
+                values[op] = [o for (m, ops, w, _), o in zip(plans, outcomes) if set(ops) == {op}]
+            values["equal_share"] = [o for (m, ops, w, _), o in zip(plans, outcomes)
+                                     if set(ops) == {EQUAL_SHARE[0]} and w == EQUAL_SHARE[1]]
+            for method, outs in values.items():
+                if outs:
+                    avg = _mean(outs)
+                    per[k][method].append(Outcome(avg["expert_retention"], avg["mean_retention"]))
+                    per_task[k][task][method].append(Outcome(avg["expert_retention"], avg["mean_retention"]))
+    result: dict = {}
+    for k in sorted(per):
+        by_task = {t: {m: _mean(v) for m, v in d.items()} for t, d in sorted(per_task[k].items())}
+        result[f"{k}way"] = {
+            "subsets": len({s for s in subsets if len(s) == k}),
+            "targets": len(per[k]["simmerge"]),
+            **{m: _mean(v) for m, v in per[k].items()},
+            "by_task": by_task,
+            "learned_minus_random_order": {
+                t: {key: d["simmerge"][key] - d["random_order"][key] for key in ("expert_retention", "mean_retention")}
+                for t, d in by_task.items()},
         }
-        for op in STEP_ARMS:
-            fixed = [r for _, _, o, r in scored if set(o) == {op}]
-            if fixed:
-                values[op] = float(np.mean(fixed))
-        for method, v in values.items():
-            per[k][method].append(v)
-            per_task[k][task][method].append(v)
-        learned_vs_random[task].append(values["simmerge"] - values["random_order"])
-    return {
-        f"{k}way": {
-            "subsets": len(next(iter(per[k].values()))),
-            "expert_retention": {m: float(np.mean(v)) for m, v in per[k].items()},
-            "by_task": {t: {m: float(np.mean(v)) for m, v in d.items()} for t, d in per_task[k].items()},
-        }
-        for k in sorted(per)
-    } | {"learned_minus_random_order": {t: float(np.mean(v)) for t, v in learned_vs_random.items()}}
+    result["objective"] = scorer.objective.as_dict()
+    return result

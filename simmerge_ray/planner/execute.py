@@ -1,4 +1,9 @@
-"""Execute a plan with the streaming engine, keeping each intermediate only until the next step."""
+"""Execute a plan with the streaming engine.
+
+A plan whose every step is a linear arm is one linear combination of its models, tensor by
+tensor: it runs as a single merge with the fold's coefficients multiplied out, in one pass and
+with no intermediate checkpoint. Other plans run step by step, each intermediate kept only until
+the next step has read it."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from simmerge_ray.catalog import Catalog
+from simmerge_ray.errors import ConfigError, SimMergeError
 from simmerge_ray.merge.config import MergeSpec, Provenance
 from simmerge_ray.merge.executor import ExecOptions, MergeResult, run_merge
 from simmerge_ray.planner.plan import Plan
@@ -37,18 +43,57 @@ def step_provenance(plan: Plan, catalog: Catalog, j: int, step_dir: str, plan_fi
     return Provenance(origin=origin, names=names, steps=steps, models=models)
 
 
+def fold_coefficients(plan: Plan) -> dict[str, float] | None:
+    """Each model's weight in the plan's merge when every step is linear (M_j = a_j M_(j-1) +
+    b_j m_j, multiplied out), else None."""
+    coef = {plan.models[0]: 1.0}
+    for arm, model in zip(plan.step_arms(), plan.models[1:]):
+        if arm.method != "linear":
+            return None
+        a, b, _ = arm.linear_form()
+        coef = {m: a * w for m, w in coef.items()}
+        coef[model] = coef.get(model, 0.0) + b
+    return coef
+
+
+def folded_config(plan: Plan, paths: dict[str, Path]) -> dict | None:
+    """The mergekit config of a linear plan as one merge (see fold_coefficients), else None."""
+    coef = fold_coefficients(plan)
+    if coef is None:
+        return None
+    missing = [m for m in plan.models if m not in paths]
+    if missing:
+        raise ConfigError(f"plan names models absent from the catalog: {', '.join(missing)}")
+    return {"merge_method": "linear", "parameters": {"normalize": False},
+            "models": [{"model": str(paths[m]), "parameters": {"weight": w}} for m, w in coef.items()]}
+
+
+def _folded_provenance(plan: Plan, catalog: Catalog, coef: dict[str, float], plan_file: Path | None) -> Provenance:
+    names = {str(m.path): m.name for m in catalog.models if m.name in plan.models}
+    where = f" `{plan_file}`" if plan_file is not None else ""
+    weights = ", ".join(f"{m} {w:.4g}" for m, w in coef.items())
+    origin = (f"The plan{where} for task `{plan.task}`, {chain(plan.models, plan.operators)}, folded into one "
+              f"linear combination (every step is linear): {weights}.")
+    return Provenance(origin=origin, names=names, steps={},
+                      models=tuple(str(m.path) for m in catalog.models if m.name in plan.models))
+
+
 def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = ExecOptions(),
                  out_dtype: str | None = None, plan_file: Path | None = None) -> list[MergeResult]:
     """Run the plan's steps into `out`, each intermediate in a work folder beside it (removed);
     each output's model card names the catalog models and the plan's steps, not that folder."""
     out = Path(out)
     if out.exists() and not opts.overwrite:
-        from simmerge_ray.errors import SimMergeError
-
         raise SimMergeError(f"{out}: output already exists (pass --overwrite to replace it)")
+    paths = {m.name: m.path for m in catalog.models}
+    folded = folded_config(plan, paths)
+    if folded is not None:
+        cfg = {**folded, "out_dtype": out_dtype} if out_dtype else folded
+        spec = replace(MergeSpec.from_dict(cfg, root=out.parent, source="plan (folded)"),
+                       provenance=_folded_provenance(plan, catalog, fold_coefficients(plan), plan_file))
+        return [run_merge(spec, out, opts)]
     work = out.parent / f".{out.name}.plan-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True)
-    paths = {m.name: m.path for m in catalog.models}
     step_dir = str(work / "step-{j}")
     configs = plan.step_configs(paths, catalog.base, step_dir=step_dir)
     results = []

@@ -1,8 +1,9 @@
-"""A multi-way merge plan: an ordered subset of the catalog and one arm per step.
+"""A multi-way merge plan: an ordered subset of the catalog, one arm per step and a weighting.
 
 Merged as a left fold, M_1 = m_1, M_j = arm_{j-1}(M_{j-1}, m_j), each step an arm of
-merge/arms.py (the parameters the labels were measured with), so a plan's predicted utility and
-its measured outcome refer to the same merge. A plan serialises to JSON and to one
+merge/arms.py run at the share the plan's weighting gives that step (`weighting` None: each arm
+as declared, the form of pairwise plans and of plans written before weightings existed). The
+target task's expert may sit anywhere in the order. A plan serialises to JSON and to one
 mergekit-compatible YAML per step.
 """
 
@@ -16,15 +17,19 @@ from typing import Any
 import yaml
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.merge.arms import get_arm
+from simmerge_ray.merge.arms import Arm, get_arm, get_weighting, step_arm
+
 
 @dataclass
 class Plan:
     task: str
-    models: list[str]  # merge order; models[0] is the expert of `task`
-    operators: list[str]  # one per step, len(models) - 1
-    step_utility: list[float] = field(default_factory=list)  # predicted GapClosed per step
-    step_aux_utility: list[float] = field(default_factory=list)  # predicted aux gain per step
+    models: list[str]  # merge order
+    operators: list[str]  # one arm per step, len(models) - 1
+    # Pairwise plans: the predicted GapClosed and auxiliary gain of the step. Multi-way plans:
+    # per step, the predicted share of the expert's gap it keeps (1 before the expert joins; at
+    # its own step, the share it keeps when joining) and of the joining model's own gap.
+    step_utility: list[float] = field(default_factory=list)
+    step_aux_utility: list[float] = field(default_factory=list)
     score: float = float("nan")  # the objective's value
     objective: dict[str, float] = field(default_factory=dict)
     # How far to trust the numbers above (planner/assess.py); empty in plans written before them.
@@ -32,6 +37,10 @@ class Plan:
     intervals: dict[str, Any] = field(default_factory=dict)  # per level: steps and the score's bound
     flags: list[dict[str, Any]] = field(default_factory=list)  # inputs outside the training rows
     expert_alone: dict[str, Any] = field(default_factory=dict)  # is not merging predicted better?
+    weighting: str | None = None  # fold weighting (merge/arms.py WEIGHTINGS); None: arms as declared
+    expert: str = ""  # the target task's expert among `models` (default: the first model)
+    retention: dict[str, float | None] = field(default_factory=dict)  # predicted R per model (objective.py)
+    excluded: list[dict[str, Any]] = field(default_factory=list)  # candidates left out, with the predicted effect
 
     def __post_init__(self) -> None:
         if len(self.models) < 2:
@@ -42,6 +51,17 @@ class Plan:
             raise ConfigError(f"plan {self.models}: a model appears twice")
         for op in self.operators:
             get_arm(op)  # an unknown arm is a ConfigError listing the known ones
+        if self.weighting is not None:
+            get_weighting(self.weighting)
+        self.expert = self.expert or self.models[0]
+        if self.expert not in self.models:
+            raise ConfigError(f"plan {self.models}: expert {self.expert!r} is not one of its models")
+
+    def step_arms(self) -> list[Arm]:
+        """The arm each step runs, at its share."""
+        if self.weighting is None:
+            return [get_arm(op) for op in self.operators]
+        return [step_arm(op, self.weighting, j) for j, op in enumerate(self.operators, start=1)]
 
     @property
     def k(self) -> int:
@@ -65,8 +85,8 @@ class Plan:
             raise ConfigError(f"plan names models absent from the catalog: {', '.join(missing)}")
         configs = []
         prev = str(paths[self.models[0]])
-        for j, (op, model) in enumerate(zip(self.operators, self.models[1:]), start=1):
-            configs.append(get_arm(op).mergekit_config(prev, str(paths[model]), None if base is None else str(base)))
+        for j, (arm, model) in enumerate(zip(self.step_arms(), self.models[1:]), start=1):
+            configs.append(arm.mergekit_config(prev, str(paths[model]), None if base is None else str(base)))
             prev = step_dir.format(j=j)
         return configs
 

@@ -25,7 +25,7 @@ from simmerge_ray.features.gram_math import FEATURES, PairStats, basis_change, p
 from simmerge_ray.features.module_groups import GROUPS, THIRDS
 from simmerge_ray.features.schema import FUNCTIONAL_PREFIX, KEY_COLUMNS
 from simmerge_ray.merge.operators.slerp import slerp_coefficients_from_gram
-from simmerge_ray.merge.arms import get_arm
+from simmerge_ray.merge.arms import Arm, get_arm
 
 PROXY_PREFIXES = (FUNCTIONAL_PREFIX, "s_sign_agree")
 
@@ -82,12 +82,13 @@ def initial_state(gt: GramTable, model: str) -> MergeState:
     return MergeState(coef, {model: 1.0})
 
 
-def step_state(gt: GramTable, state: MergeState, model: str, op: str) -> MergeState:
-    """The coefficients of op(state, model) with the plan's step parameters."""
+def step_state(gt: GramTable, state: MergeState, model: str, arm: Arm | str) -> MergeState:
+    """The coefficients of arm(state, model): an Arm (a weighted step's, at its share) or a name."""
     r = gt.index(model)
     e = np.zeros(len(gt.rows))
     e[r] = 1.0
-    arm = get_arm(op)
+    arm = get_arm(arm) if isinstance(arm, str) else arm
+    op = arm.name
     form = arm.linear_form()
     if form is None:  # SLERP: coefficients from each tensor's angle, exact from the Gram matrices
         t = float(arm.params["t"])

@@ -3,7 +3,7 @@ batch planner, so a plan made in a batch is the plan a single call makes, by con
 
 A request names a target task, the candidate models (a list, a glob over catalog names, or the
 whole catalog), the plan size range, the objective's weights and optionally the expert every
-plan must start from. Checks that need the catalog (unknown model or task, a required expert
+plan must hold. Checks that need the catalog (unknown model or task, a required expert
 outside the candidates) happen here; those that need features (a pair without features) happen
 during the search. Both raise ConfigError naming the model, task or field at fault.
 """
@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.planner.search import Objective, SearchResult, SearchSpace, StepModel, search
+from simmerge_ray.planner.objective import Objective
+from simmerge_ray.planner.search import SearchResult, SearchSpace, StepModel, search
 from simmerge_ray.selector.data import features_file
 
 
@@ -95,7 +96,8 @@ def search_space(req: PlanRequest, catalog: Catalog) -> SearchSpace:
         experts = [req.required_expert]
     else:
         experts = [m for m in models if catalog.model(m).task == req.task]
-    return SearchSpace(req.task, models, experts, req.min_way, req.max_way, req.beam_width)
+    return SearchSpace(req.task, models, experts, req.min_way, req.max_way, req.beam_width,
+                       tasks={m: catalog.model(m).task for m in models})
 
 
 def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, keep: int = 10) -> SearchResult:
@@ -125,7 +127,8 @@ def write_plans(result: SearchResult, catalog: Catalog, out: Path, step_root: Pa
     out = Path(out)
     result.best.write(out, {m.name: m.path for m in catalog.models}, catalog.base, step_root)
     (out / "alternatives.yaml").write_text(yaml.safe_dump(
-        [{"models": p.models, "operators": p.operators, "score": p.score} for p in result.plans[1:]],
+        [{"models": p.models, "operators": p.operators, "weighting": p.weighting, "expert": p.expert,
+          "score": p.score} for p in result.plans[1:]],
         sort_keys=False))
 
 

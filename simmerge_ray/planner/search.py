@@ -1,78 +1,86 @@
-"""Plan search: every ordered subset and operator sequence up to 4 models, beam search beyond.
+"""Plan search over the multi-way plan space: an ordered subset of the candidates with the
+target task's expert anywhere in it, a fold weighting, and one step arm per step.
 
-Plans grow one step at a time from an expert of the target task; the step model predicts the
-utility of every operator for (merge so far, next model) in one batched call, so each prefix is
-featurised once whatever the number of operators. Prefixes are shared by every plan that
-extends them, which is what makes scoring all 4! * 3^3 orders-and-operators per subset cheap.
+Plans grow one model at a time. Each (merge so far, next model) pair is featurised once per task
+it is judged on, and the step model predicts every arm's value for it in one batched call; each
+(weighting, step arm) then reads its value at the step's share (planner/shares.py). Prefixes are
+shared by every plan that extends them, across weightings where the shares agree. The search is
+exhaustive while the space holds at most `exhaustive_max_plans` plans, a beam beyond.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.merge.arms import STEP_ARMS, WEIGHTING_NAMES, check_arms, get_weighting, step_arm
+from simmerge_ray.planner.objective import RETENTION_CLIP, Objective, StepPrediction, advance
 from simmerge_ray.planner.plan import Plan
+from simmerge_ray.planner.shares import at_share
 
-RETENTION_CLIP = (0.0, 1.5)
+__all__ = ["RETENTION_CLIP", "Objective", "SearchResult", "SearchSpace", "StepModel", "search"]
 
 
 class StepModel(Protocol):
     """Predicts step utilities for intermediate merges that are never built."""
 
-    operators: list[str]
+    operators: list[str]  # the arms whose values step_utilities returns, in column order
+    has_aux: bool  # whether step_utilities returns the auxiliary side
 
-    def start(self, expert: str) -> Any: ...
+    def start(self, model: str) -> Any: ...
 
-    def extend(self, state: Any, model: str, op: str) -> Any: ...
+    def extend(self, state: Any, model: str, arm: Any) -> Any: ...
 
     def step_utilities(self, states: Sequence[Any], nexts: Sequence[str], task: str
                        ) -> tuple[np.ndarray, np.ndarray | None]:
-        """(U, V): predicted GapClosed [n, ops] of merging each state with its next model, and
-        the predicted auxiliary gain [n, ops] (None when no auxiliary model is available)."""
+        """(U, V): predicted GapClosed on `task` [n, ops] of merging each state with its next
+        model, and the predicted auxiliary-side GapClosed of the next model [n, ops] (None
+        without an auxiliary selector)."""
         ...
-
-
-@dataclass(frozen=True)
-class Objective:
-    """score = retention_weight * prod_j clip(u_j) + aux_weight * mean_j v_j.
-
-    The product is the predicted share of the expert's gap on the target task that survives
-    every step; the mean is the predicted share of the auxiliaries' own gaps brought in.
-    """
-
-    retention_weight: float = 1.0
-    aux_weight: float = 0.0
-
-    def score(self, u: Sequence[float], v: Sequence[float]) -> float:
-        retention = math.prod(min(max(x, RETENTION_CLIP[0]), RETENTION_CLIP[1]) for x in u)
-        aux = float(np.mean(v)) if v else 0.0
-        return self.retention_weight * retention + self.aux_weight * aux
 
 
 @dataclass(frozen=True)
 class SearchSpace:
     task: str
     candidates: list[str]  # models that may join
-    experts: list[str]  # models allowed first (experts of the task, or the required expert)
+    experts: list[str]  # the target task's experts (or the required one): every plan holds one
     min_k: int = 2
     max_k: int = 4
     beam_width: int = 64
-    exhaustive_max_k: int = 4
+    exhaustive_max_plans: int = 200_000
+    weightings: tuple[str, ...] = WEIGHTING_NAMES
+    step_arms: tuple[str, ...] = STEP_ARMS
+    tasks: Mapping[str, str | None] = field(default_factory=dict)  # model -> its task
 
     def __post_init__(self) -> None:
         if self.min_k < 2 or self.max_k < self.min_k:
             raise ConfigError(f"plan size range [{self.min_k}, {self.max_k}] is invalid (need 2 <= min <= max)")
         if not self.experts:
             raise ConfigError(f"no expert of task {self.task!r} among the candidate models")
-        pool = set(self.candidates) | set(self.experts)
-        if len(pool) < self.min_k:
-            raise ConfigError(f"{len(pool)} models cannot make a {self.min_k}-way plan")
+        if len(self.pool) < self.min_k:
+            raise ConfigError(f"{len(self.pool)} models cannot make a {self.min_k}-way plan")
+        if not self.weightings or not self.step_arms:
+            raise ConfigError("a search needs at least one weighting and one step arm")
+        for w in self.weightings:
+            get_weighting(w)
+        check_arms(self.step_arms)
+
+    @property
+    def pool(self) -> list[str]:
+        return list(dict.fromkeys([*self.experts, *self.candidates]))
+
+    def size(self) -> int:
+        """Plans in the space (ordered subsets of min_k..max_k models, counted with or without
+        an expert: an upper bound), times weightings and step-arm sequences."""
+        n = len(self.pool)
+        return sum(math.perm(n, k) * len(self.weightings) * len(self.step_arms) ** (k - 1)
+                   for k in range(self.min_k, self.max_k + 1))
 
 
 @dataclass
@@ -94,47 +102,176 @@ class SearchResult:
 
 @dataclass
 class _Partial:
+    key: tuple  # (models, resolved step arms): identifies the merge so far
     state: Any
+    weighting: str
     models: list[str]
     ops: list[str]
-    u: list[float]
-    v: list[float]
+    steps: list[StepPrediction]
+    retention: dict[str, float | None]
+
+
+class Replayer:
+    """Step predictions with a cache keyed by the merge so far, the next model and the task, so
+    plans that share a prefix (in a search or among labelled plans) share its predictions."""
+
+    def __init__(self, model: StepModel, target: str, tasks: Mapping[str, str | None]) -> None:
+        self.model = model
+        self.target = target
+        self.tasks = tasks
+        self.cache: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}
+        self.states: dict[tuple, Any] = {}
+
+    def state(self, models: tuple[str, ...], arms: tuple) -> Any:
+        key = (models, tuple(a.name for a in arms))
+        if key not in self.states:
+            self.states[key] = (self.model.start(models[0]) if len(models) == 1 else
+                                self.model.extend(self.state(models[:-1], arms[:-1]), models[-1], arms[-1]))
+        return self.states[key]
+
+    def predict(self, jobs: Sequence[tuple[tuple, Any, str, str]]) -> None:
+        """Fill the cache for (prefix key, state, next model, task) jobs, one call per task."""
+        by_task: dict[str, list[tuple]] = {}
+        for key, state, nxt, task in jobs:
+            if (key, nxt, task) not in self.cache:
+                by_task.setdefault(task, []).append((key, state, nxt))
+        for task, rows in by_task.items():
+            rows = list({(k, n): (k, s, n) for k, s, n in rows}.values())
+            u, v = self.model.step_utilities([s for _, s, _ in rows], [n for _, _, n in rows], task)
+            for i, (key, _, nxt) in enumerate(rows):
+                self.cache[(key, nxt, task)] = (u[i:i + 1], None if v is None else v[i:i + 1])
+
+    def tasks_of(self, models: Sequence[str]) -> list[str]:
+        return list(dict.fromkeys(t for m in models if (t := self.tasks.get(m)) is not None))
+
+    def jobs(self, key: tuple, state: Any, models: Sequence[str], nxt: str) -> list[tuple]:
+        tasks = self.tasks_of(models)
+        return [(key, state, nxt, t) for t in dict.fromkeys([*tasks, self.target])]
+
+    def step(self, key: tuple, models: Sequence[str], nxt: str, op: str, share: float) -> StepPrediction:
+        ops = self.model.operators
+        kept = {t: float(at_share(self.cache[(key, nxt, t)][0], ops, op, share)[0]) for t in self.tasks_of(models)}
+        v = self.cache[(key, nxt, self.target)][1]
+        joining = None if v is None else float(at_share(v, ops, op, share)[0])
+        return StepPrediction(nxt, share, kept, joining)
+
+    def replay(self, models: Sequence[str], ops: Sequence[str], weighting: str | None) -> list[StepPrediction]:
+        """The step predictions of one plan (`weighting` None: each arm at its declared share)."""
+        from simmerge_ray.merge.arms import get_arm
+
+        arms = [get_arm(op) if weighting is None else step_arm(op, weighting, j) for j, op in enumerate(ops, start=1)]
+        steps = []
+        for j in range(1, len(models)):
+            key = (tuple(models[:j]), tuple(a.name for a in arms[:j - 1]))
+            state = self.state(tuple(models[:j]), tuple(arms[:j - 1]))
+            self.predict(self.jobs(key, state, models[:j], models[j]))
+            steps.append(self.step(key, models[:j], models[j], ops[j - 1], arms[j - 1].share or 0.5))
+        return steps
+
+
+def expert_of(models: Sequence[str], experts: Sequence[str]) -> str | None:
+    """The plan's expert: the first of its models that is one of the target task's experts."""
+    return next((m for m in models if m in experts), None)
+
+
+def make_plan(space: SearchSpace, objective: Objective, models: list[str], ops: list[str], weighting: str,
+              steps: list[StepPrediction]) -> Plan:
+    expert = expert_of(models, space.experts)
+    retention = objective.retention(models[0], steps, space.tasks)
+    e_task = space.tasks.get(expert)
+    u = []
+    for step in steps:
+        if step.model == expert:
+            u.append(1.0 if step.joining is None else step.joining)
+        elif expert in models[: models.index(step.model)]:
+            u.append(step.kept.get(e_task, 1.0))
+        else:
+            u.append(1.0)
+    v = [s.joining for s in steps] if all(s.joining is not None for s in steps) else []
+    return Plan(space.task, list(models), list(ops), u, v, objective.score(retention, expert), objective.as_dict(),
+                weighting=weighting, expert=expert, retention=retention)
+
+
+def _share_values(rp: Replayer, jobs: list[tuple[_Partial, str]], space: SearchSpace, depth: int
+                  ) -> tuple[dict, dict]:
+    """kept[(task, op, weighting)] and joining[(op, weighting)]: each step arm's value at the
+    weighting's share of this depth, as vectors over `jobs` (NaN where a job's prefix has no
+    model of that task); one interpolation per task, arm and weighting for the whole depth."""
+    ops = rp.model.operators
+    nan = np.full(len(ops), np.nan)
+    weightings = list(dict.fromkeys(p.weighting for p, _ in jobs))
+    shares = {w: get_weighting(w).share(depth - 1) for w in weightings}
+    tasks = list(dict.fromkeys(t for p, _ in jobs for t in rp.tasks_of(p.models)))
+    kept, joining = {}, {}
+    for t in tasks:
+        rows = np.stack([rp.cache[(p.key, m, t)][0][0] if (p.key, m, t) in rp.cache else nan for p, m in jobs])
+        for op in space.step_arms:
+            for w in weightings:
+                kept[(t, op, w)] = at_share(rows, ops, op, step_arm(op, w, depth - 1).share)
+    if rp.model.has_aux:
+        rows = np.stack([rp.cache[(p.key, m, rp.target)][1][0] for p, m in jobs])
+        for op in space.step_arms:
+            for w in weightings:
+                joining[(op, w)] = at_share(rows, ops, op, step_arm(op, w, depth - 1).share)
+    return kept, joining
 
 
 def search(space: SearchSpace, step_model: StepModel, objective: Objective = Objective(), *,
            keep: int = 10) -> SearchResult:
     t0 = time.perf_counter()
-    exhaustive = space.max_k <= space.exhaustive_max_k
-    frontier = [_Partial(step_model.start(e), [e], [], [], []) for e in space.experts]
-    complete: list[Plan] = []
+    exhaustive = space.size() <= space.exhaustive_max_plans
+    rp = Replayer(step_model, space.task, space.tasks)
+    # Without an auxiliary selector nothing predicts what a model keeps when it joins a merge, so
+    # the expert goes first (its retention is then a product of predicted GapClosed).
+    starts = space.pool if step_model.has_aux else list(space.experts)
+    frontier = [_Partial(((m,), ()), rp.state((m,), ()), w, [m], [], [], {m: 1.0})
+                for w in space.weightings for m in starts]
+    complete: list[tuple[float, _Partial]] = []
     scored = 0
-    ops = step_model.operators
     for depth in range(2, space.max_k + 1):
-        jobs = [(p, m) for p in frontier for m in space.candidates if m not in p.models]
+        jobs = [(p, m) for p in frontier for m in space.pool if m not in p.models]
         if not jobs:
             break
-        u, v = step_model.step_utilities([p.state for p, _ in jobs], [m for _, m in jobs], space.task)
+        rp.predict([j for p, m in jobs for j in rp.jobs(p.key, p.state, p.models, m)])
+        kept, joining = _share_values(rp, jobs, space, depth)
         grown: list[tuple[float, _Partial]] = []
-        for row, (p, m) in enumerate(jobs):
-            for j, op in enumerate(ops):
-                child = _Partial(None, p.models + [m], p.ops + [op], p.u + [float(u[row, j])],
-                                 p.v + ([float(v[row, j])] if v is not None else []))
-                score = objective.score(child.u, child.v)
+        for i, (p, m) in enumerate(jobs):
+            p_tasks = rp.tasks_of(p.models)
+            models = p.models + [m]
+            expert = expert_of(models, space.experts)
+            for op in space.step_arms:
+                arm = step_arm(op, p.weighting, depth - 1)
+                j = joining.get((op, p.weighting))
+                step = StepPrediction(m, arm.share, {t: float(kept[(t, op, p.weighting)][i]) for t in p_tasks},
+                                      None if j is None else float(j[i]))
+                retention = advance(p.retention, step, space.tasks)
+                score = objective.score(retention, expert)
                 scored += 1
-                if depth >= space.min_k:
-                    complete.append(Plan(space.task, child.models, child.ops, child.u, child.v, score,
-                                         {"retention_weight": objective.retention_weight,
-                                          "aux_weight": objective.aux_weight}))
+                child = _Partial((tuple(models), p.key[1] + (arm.name,)), (p.state, m, arm), p.weighting, models,
+                                 p.ops + [op], p.steps + [step], retention)
+                if depth >= space.min_k and expert is not None:
+                    complete.append((score, child))
                 if depth < space.max_k:
-                    child.state = (p.state, m, op)  # built lazily below, only for survivors
                     grown.append((score, child))
         if not exhaustive:
             grown.sort(key=lambda sc: -sc[0])
             grown = grown[: space.beam_width]
         frontier = []
         for _, child in grown:
-            prev_state, m, op = child.state
-            child.state = step_model.extend(prev_state, m, op)
+            prev, m, arm = child.state
+            if child.key not in rp.states:
+                rp.states[child.key] = step_model.extend(prev, m, arm)
+            child.state = rp.states[child.key]
             frontier.append(child)
-    complete.sort(key=lambda p: (-p.score, p.k, p.models, p.operators))
-    return SearchResult(complete[:keep], scored, time.perf_counter() - t0, exhaustive)
+    if not complete:
+        raise ConfigError(f"no plan of {space.min_k}-{space.max_k} models holds an expert of {space.task!r}")
+    complete.sort(key=lambda sc: (-sc[0], len(sc[1].models), sc[1].models, sc[1].ops, sc[1].weighting))
+    best_with: dict[str, float] = {}
+    for score, c in complete:
+        for x in c.models:
+            best_with.setdefault(x, score)  # sorted best first: the first score seen is the best
+    plans = [make_plan(space, objective, c.models, c.ops, c.weighting, c.steps) for _, c in complete[:keep]]
+    best = plans[0]
+    best.excluded = [{"model": m, "best_score_with": best_with[m], "effect": best_with[m] - best.score}
+                     for m in space.pool if m not in best.models and m in best_with]
+    return SearchResult(plans, scored, time.perf_counter() - t0, exhaustive)

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.merge.arms import Arm
 from simmerge_ray.planner.propagate import (
     PROXY_PREFIXES, GramTable, MergeState, PairLookup, initial_state, proxy_features, step_state,
     structural_features,
@@ -17,8 +19,11 @@ from simmerge_ray.selector.model import Selector
 class SelectorStepModel:
     """Scores (merge so far, next model) steps with a trained selector, never building merges.
 
-    `aux_selector`, when given, is a selector trained on the auxiliary side's gap closed and
-    supplies the objective's auxiliary-gain term.
+    `aux_selector`, when given, is a selector trained on the auxiliary side's gap closed: it
+    predicts what the joining model keeps. The step's GapClosed on the merge-so-far side is the
+    selector's own prediction for a gap_closed selector, and 2 U - V for a two-sided utility
+    selector (U = (GapClosed + auxiliary GapClosed) / 2); a utility selector without its
+    auxiliary twin gives U itself, a proxy.
     """
 
     def __init__(self, selector: Selector, grams: GramTable, features: pl.DataFrame,
@@ -27,6 +32,10 @@ class SelectorStepModel:
         self.aux_selector = aux_selector
         self.grams = grams
         self.operators = list(selector.operators)
+        if aux_selector is not None and list(aux_selector.operators) != self.operators:
+            raise ConfigError(f"the auxiliary selector predicts arms {list(aux_selector.operators)}, the selector "
+                              f"{self.operators}: fit both on the same labels")
+        self.two_sided = selector.meta.get("target") == "utility" and aux_selector is not None
         names = list(selector.feature_names)
         for extra in (aux_selector.feature_names if aux_selector else []):
             if extra not in names:
@@ -36,11 +45,15 @@ class SelectorStepModel:
         self.proxy_cols = [n for n in names if n.startswith(PROXY_PREFIXES) or not n.startswith("s_")]
         self.lookup = PairLookup(features, self.proxy_cols)
 
-    def start(self, expert: str) -> MergeState:
-        return initial_state(self.grams, expert)
+    @property
+    def has_aux(self) -> bool:
+        return self.aux_selector is not None
 
-    def extend(self, state: MergeState, model: str, op: str) -> MergeState:
-        return step_state(self.grams, state, model, op)
+    def start(self, model: str) -> MergeState:
+        return initial_state(self.grams, model)
+
+    def extend(self, state: MergeState, model: str, arm: Arm | str) -> MergeState:
+        return step_state(self.grams, state, model, arm)
 
     def features(self, states: Sequence[MergeState], nexts: Sequence[str], task: str) -> np.ndarray:
         """[n, len(self.names)]: exact structural columns, mixture proxies for the rest."""
@@ -52,13 +65,13 @@ class SelectorStepModel:
             x[:, j] = proxy[:, self.proxy_cols.index(name)] if name in self.proxy_cols else exact[name]
         return x
 
-    def plan_inputs(self, models: Sequence[str], operators: Sequence[str], task: str) -> np.ndarray:
+    def plan_inputs(self, models: Sequence[str], arms: Sequence[Arm], task: str) -> np.ndarray:
         """The selector's input row of each step of a plan, replayed: [steps, selector features]."""
         state = self.start(models[0])
         rows = []
-        for nxt, op in zip(models[1:], operators):
+        for nxt, arm in zip(models[1:], arms):
             rows.append(self.features([state], [nxt], task)[0])
-            state = self.extend(state, nxt, op)
+            state = self.extend(state, nxt, arm)
         return np.stack(rows)[:, [self.names.index(n) for n in self.selector.feature_names]]
 
     def step_utilities(self, states: Sequence[MergeState], nexts: Sequence[str], task: str
@@ -71,4 +84,6 @@ class SelectorStepModel:
         if self.aux_selector is not None:
             cols = [self.names.index(n) for n in self.aux_selector.feature_names]
             v = self.aux_selector.predict(x[:, cols], tasks)
+            if self.two_sided:
+                u = 2 * u - v
         return u, v

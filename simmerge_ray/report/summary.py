@@ -13,7 +13,8 @@ from simmerge_ray.report.charts import feature_utility_heatmap, grouped_bars
 
 PAIR_METHODS = ("simmerge", *ARM_NAMES, "majority", "oracle")
 ONE_SIDED_METHODS = ("simmerge", *PAPER_ARMS, "oracle")
-MULTI_METHODS = ("simmerge", "random_order", *STEP_ARMS, "oracle")
+MULTI_METHODS = ("simmerge", "random_order", *STEP_ARMS, "equal_share", "oracle")
+RETENTIONS = ("expert_retention", "mean_retention")
 BANDIT_POLICIES = {"bandit": "bandit", "bandit_cold": "bandit_cold", "random": "uniform",
                    "greedy": "greedy_offline", "best_fixed": "best_fixed"}
 
@@ -58,13 +59,14 @@ def build_report(out: Path, timings: dict[str, float]) -> dict:
             "ablation": sel["ablation"],
         },
         "testbed": testbed_section(run.zoo),
-        "multiway": {key: {m: {"expert_retention": v["expert_retention"][m]} for m in MULTI_METHODS
-                           if m in v["expert_retention"]} | {"subsets": v["subsets"]}
+        "multiway": {key: {m: {r: v[m][r] for r in RETENTIONS} for m in MULTI_METHODS if m in v}
+                     | {"subsets": v["subsets"], "targets": v["targets"],
+                        "by_task": v["by_task"], "learned_minus_random_order": v["learned_minus_random_order"]}
                      for key, v in multi.items() if key.endswith("way")},
         "bandit": {"regret": {}},
         "timings": {**timings, "total": sum(timings.values())},
     }
-    report["multiway"]["learned_minus_random_order"] = multi.get("learned_minus_random_order", {})
+    report["multiway"]["objective"] = multi.get("objective", {})
     main = regret["main"]
     for name, key in BANDIT_POLICIES.items():
         at = main["policies"][key]["at"]
@@ -80,10 +82,15 @@ def write_report(out: Path, timings: dict[str, float]) -> dict:
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     shutil.copy(run.selector_eval / "utility.png", out / "utility.png")
     shutil.copy(run.bandit / "regret.png", out / "regret.png")
-    grouped_bars({k: {m: report["multiway"][k][m]["expert_retention"] for m in MULTI_METHODS
-                      if m in report["multiway"][k]} for k in report["multiway"] if k.endswith("way")},
-                 out / "multiway_retention.png", "expert retention (%)",
-                 "multi-way merges: change of the expert's score on its task")
+    ways = [k for k in report["multiway"] if k.endswith("way")]
+    grouped_bars({f"{k} {r.split('_')[0]}": {m: report["multiway"][k][m][r] for m in MULTI_METHODS
+                                             if m in report["multiway"][k]} for k in ways for r in RETENTIONS},
+                 out / "multiway_retention.png", "retention (%)",
+                 "multi-way merges: retention of the expert, and mean over the plan's models")
+    grouped_bars({t: {m: d[m]["mean_retention"] for m in ("simmerge", "random_order", "equal_share", "oracle") if m in d}
+                  for k in ways for t, d in ((f"{k} {t}", d) for t, d in report["multiway"][k]["by_task"].items())},
+                 out / "multiway_by_task.png", "mean retention (%)",
+                 "multi-way merges per target task: the planner against random order, the model soup and the oracle")
     data = load_pair_data(str(run.features), str(run.pair_labels))
     feature_utility_heatmap(data.x, data.y, data.feature_names, data.operators, out / "feature_utility_heatmap.png")
     atomic_write_text(out / "report.md", render_markdown(report))
@@ -122,11 +129,18 @@ def render_markdown(report: dict) -> str:
     lines += _table(["features", "selection accuracy", "mean utility", "regret"],
                     [[n, f"{a['selection_accuracy']:.1%}", f"{100 * a['utility_mean']:.1f}", f"{a['regret']:.3f}"]
                      for n, a in p["ablation"].items()])
-    lines += ["", "## Multi-way plans (measured expert retention, %)", ""]
-    lines += _table(["k", "subsets", *MULTI_METHODS],
-                    [[k, str(v["subsets"]), *(f"{100 * v[m]['expert_retention']:.1f}" if m in v else "-"
-                                              for m in MULTI_METHODS)]
-                     for k, v in report["multiway"].items() if k.endswith("way")])
+    mw = {k: v for k, v in report["multiway"].items() if k.endswith("way")}
+    lines += ["", "## Multi-way plans (measured retention, %: expert / mean over the plan's models)", ""]
+    lines += _table(["k", "subsets x targets", *MULTI_METHODS],
+                    [[k, f"{v['subsets']} x {v['targets'] // max(v['subsets'], 1)}",
+                      *(f"{100 * v[m]['expert_retention']:.1f} / {100 * v[m]['mean_retention']:.1f}" if m in v else "-"
+                        for m in MULTI_METHODS)] for k, v in mw.items()])
+    lines += ["", "Planner minus random order, per target task (points of expert / mean retention):", ""]
+    tasks_mw = sorted({t for v in mw.values() for t in v["learned_minus_random_order"]})
+    lines += _table(["k", *tasks_mw], [[k, *(f"{100 * d['expert_retention']:+.1f} / {100 * d['mean_retention']:+.1f}"
+                                             if (d := v["learned_minus_random_order"].get(t)) else "-" for t in tasks_mw)]
+                                       for k, v in mw.items()])
+    lines += ["", "![multi-way by task](multiway_by_task.png)"]
     rounds = list(report["bandit"]["regret"]["bandit"])
     lines += ["", "![multi-way](multiway_retention.png)", "",
               "## Online bandit (cumulative regret in utility, held-out pairs)", ""]

@@ -4,10 +4,11 @@ A plan is an ordered list of models and one operator per merge step, merged as a
 (METHOD.md): M_1 = m_1, M_j = op_{j-1}(M_{j-1}, m_j). Sampling (seeded, documented in
 docs/testbed.md):
   - 2-way: every ordered (expert of task t, expert of another task) pair x every operator;
-  - 3-way: `subsets_3` subsets of 3 experts of distinct tasks, each with every order and every
-    operator sequence (3! x |O|^2 plans);
-  - 4-way: `subsets_4` subsets of 4 experts of distinct tasks, each with every order under each
-    fixed operator (4! x |O| plans) plus `mixed_4` random (order, mixed operator sequence) plans.
+  - 3-way: `subsets_3` subsets of 3 experts of distinct tasks; 4-way: `subsets_4` subsets of 4.
+    Each subset is measured under every fold weighting (merge/arms.py WEIGHTINGS) x every step
+    arm at every step plus `mixed_3` / `mixed_4` random mixed arm sequences, each such rule in
+    every order (3-way) or in `orders_4` random orders (4-way), so that a rule's random-order
+    value is an expectation over measured orders and the expert sits at every position.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import itertools
 import json
 import random
 from dataclasses import dataclass
-
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from simmerge_ray.merge.arms import ARM_NAMES, STEP_ARMS, get_arm
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.merge.arms import ARM_NAMES, STEP_ARMS, WEIGHTING_NAMES, get_arm, get_weighting, step_arm
 
 # Bump when the scoring changes: old cached results then stop matching.
 SCORE_VERSION = "loglik-v1"
@@ -32,15 +33,29 @@ class LabelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     operators: tuple[str, ...] = Field(ARM_NAMES, description="arms measured on every 2-way pair")
     step_operators: tuple[str, ...] = Field(STEP_ARMS, description="arms used as steps of sampled 3-/4-way plans")
+    weightings: tuple[str, ...] = Field(WEIGHTING_NAMES, min_length=1,
+                                        description="fold weightings of sampled 3-/4-way plans")
     subsets_3: int = Field(8, ge=0)
     subsets_4: int = Field(3, ge=0)
-    mixed_4: int = Field(8, ge=0, description="random mixed-operator plans per 4-way subset")
+    mixed_3: int = Field(2, ge=0, description="random mixed step-arm sequences per 3-way subset")
+    mixed_4: int = Field(1, ge=0, description="random mixed step-arm sequences per 4-way subset")
+    orders_4: int = Field(8, ge=1, description="random orders per 4-way subset (of 24)")
     seed: int = 0
     metric: Literal["accuracy", "score"] = Field(
         "accuracy", description="what utilities are computed on: greedy answer-token accuracy, or the likelihood score")
     gap_epsilon: float | None = Field(None, ge=0, description=(
         "pairs whose expert-aux gap is smaller are dropped (default: 0.05 in accuracy, about two standard "
         "errors of a 256-example eval set; 1e-3 in score)"))
+
+    @field_validator("weightings")
+    @classmethod
+    def _known_weightings(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for w in names:
+            try:
+                get_weighting(w)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return names
 
     @property
     def epsilon(self) -> float:
@@ -56,10 +71,17 @@ class Plan:
     models: tuple[str, ...]
     operators: tuple[str, ...]  # one per merge step: len(models) - 1
     tasks: tuple[str, ...]  # tasks the result is scored on
+    weighting: str | None = None  # fold weighting of multi-way plans; None: each arm as declared
 
     @property
     def k(self) -> int:
         return len(self.models)
+
+    def step_arms(self) -> list:
+        """The arm each step runs, at its share."""
+        if self.weighting is None:
+            return [get_arm(op) for op in self.operators]
+        return [step_arm(op, self.weighting, j) for j, op in enumerate(self.operators, start=1)]
 
     def canonical(self) -> "Plan":
         """The same merge written one fixed way: a 2-way plan whose arm has a mirror (linear_expert
@@ -81,7 +103,7 @@ class Plan:
         payload = {
             "models": [fingerprints[m] for m in self.models],
             "base": fingerprints.get("base"),
-            "steps": [[get_arm(op).method, dict(get_arm(op).params)] for op in self.operators],
+            "steps": [[arm.method, dict(arm.params)] for arm in self.step_arms()],
             "eval": {t: task_digests[t] for t in self.tasks},
             "score": SCORE_VERSION,
         }
@@ -116,17 +138,17 @@ def enumerate_plans(experts: dict[str, str], all_tasks: list[str], settings: Lab
         if experts[a] != experts[b]:
             plans += [Plan((a, b), (op,), (experts[a], experts[b])) for op in settings.operators]
     rng = random.Random(f"labels|{settings.seed}")
-    for k, n_subsets in ((3, settings.subsets_3), (4, settings.subsets_4)):
-        candidates = _distinct_task_subsets(experts, k)
-        chosen = rng.sample(candidates, min(n_subsets, len(candidates)))
-        for subset in chosen:
+    chosen = {k: rng.sample(c, min(n, len(c))) for k, n in ((3, settings.subsets_3), (4, settings.subsets_4))
+              if (c := _distinct_task_subsets(experts, k))}
+    for k, subsets in chosen.items():
+        mixed_n = settings.mixed_3 if k == 3 else settings.mixed_4
+        for subset in subsets:
             tasks = tuple(experts[m] for m in subset)
+            srng = random.Random(f"labels|{settings.seed}|{'|'.join(subset)}")
+            mixed = [s for s in itertools.product(ops, repeat=k - 1) if len(set(s)) > 1]
+            seqs = [(op,) * (k - 1) for op in ops] + srng.sample(mixed, min(mixed_n, len(mixed)))
             orders = list(itertools.permutations(subset))
-            if k == 3:
-                seqs = list(itertools.product(ops, repeat=k - 1))
-                plans += [Plan(o, s, tasks) for o in orders for s in seqs]
-            else:
-                plans += [Plan(o, (op,) * (k - 1), tasks) for o in orders for op in ops]
-                mixed = [(o, s) for o in orders for s in itertools.product(ops, repeat=k - 1) if len(set(s)) > 1]
-                plans += [Plan(o, s, tasks) for o, s in rng.sample(mixed, min(settings.mixed_4, len(mixed)))]
+            if k == 4:
+                orders = srng.sample(orders, min(settings.orders_4, len(orders)))
+            plans += [Plan(o, s, tasks, w) for w in settings.weightings for s in seqs for o in orders]
     return plans

@@ -67,21 +67,28 @@ def pairwise_table(results: list[tuple[Plan, Scores]], singles: dict[str, Scores
 
 def multiway_table(results: list[tuple[Plan, Scores]], singles: dict[str, Scores],
                    experts: dict[str, str]) -> pl.DataFrame:
+    """labels_multiway.parquet: one row per plan, with every model's measured retention on its own
+    task (s_merge / s_model - 1; undefined where the model scores 0 there, possible in accuracy on
+    tiny zoos) and their mean; `task` and `expert_retention` are the first model's."""
     rows = []
     for plan, scores in results:
+        retention = {m: (scores[experts[m]] / singles[m][experts[m]] - 1 if singles[m][experts[m]] > 0 else None)
+                     for m in plan.models}
+        defined = [r for r in retention.values() if r is not None]
         first = plan.models[0]
         t = experts[first]
-        s_e = singles[first][t]
         rows.append({
             "task": t, "models": list(plan.models), "operators": list(plan.operators), "k": plan.k,
-            "s_merge_task": scores[t], "s_expert_task": s_e,
-            # undefined where the expert scores 0 on its own task (possible in accuracy on tiny zoos)
-            "expert_retention": scores[t] / s_e - 1 if s_e > 0 else None,
+            "weighting": plan.weighting, "model_tasks": [experts[m] for m in plan.models],
+            "s_merge_task": scores[t], "s_expert_task": singles[first][t], "expert_retention": retention[first],
+            "mean_retention": sum(defined) / len(defined) if defined else None,
+            "retention": json.dumps(retention, sort_keys=True),
             "scores": json.dumps(scores, sort_keys=True),
         })
     schema = {"task": pl.String, "models": pl.List(pl.String), "operators": pl.List(pl.String), "k": pl.Int64,
-              "s_merge_task": pl.Float64, "s_expert_task": pl.Float64, "expert_retention": pl.Float64,
-              "scores": pl.String}
+              "weighting": pl.String, "model_tasks": pl.List(pl.String), "s_merge_task": pl.Float64,
+              "s_expert_task": pl.Float64, "expert_retention": pl.Float64, "mean_retention": pl.Float64,
+              "retention": pl.String, "scores": pl.String}
     return pl.DataFrame(rows, schema=schema)
 
 

@@ -29,7 +29,7 @@ from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.digest_cache import file_digest
 from simmerge_ray.testbed.label_plans import LabelSettings, Plan, empty_size_reasons, enumerate_plans
-from simmerge_ray.merge.arms import get_arm
+from simmerge_ray.merge.arms import get_arm, get_weighting
 from simmerge_ray.testbed.label_tables import gap_summary, model_scores_table, multiway_table, pairwise_table
 from simmerge_ray.testbed.merging import merge_arm
 
@@ -77,10 +77,11 @@ class PlanEvaluator:
         out = []
         for plan in plans:
             cur = self.states[plan.models[0]]
-            for j, op in enumerate(plan.operators):
-                prefix = (plan.models[: j + 2], plan.operators[: j + 1])
+            arms = plan.step_arms()
+            for j, arm in enumerate(arms):
+                prefix = (plan.models[: j + 2], tuple(a.name for a in arms[: j + 1]))
                 if prefix not in memo:
-                    memo[prefix] = merge_arm(op, cur, self.states[plan.models[j + 1]], self.states["base"])
+                    memo[prefix] = merge_arm(arm, cur, self.states[plan.models[j + 1]], self.states["base"])
                 cur = memo[prefix]
             self.model.load_state_dict(cur)
             out.append({t: score(self.model, self.evals[t]) for t in plan.tasks})
@@ -157,7 +158,8 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
             actor, batch = pending.pop(done[0])
             idle.append(actor)
             for (key, plan), scores in zip(batch, ray.get(done[0])):
-                record = {"models": plan.models, "operators": plan.operators, "scores": scores}
+                record = {"models": plan.models, "operators": plan.operators, "weighting": plan.weighting,
+                          "scores": scores}
                 atomic_write_text(cache / f"{key}.json", json.dumps(record))
             computed += len(batch)
             if computed % 200 < len(batch):
@@ -191,6 +193,7 @@ def _write_tables(out: Path, keyed: list[tuple[str, Plan]], cache: Path, experts
         "gap_epsilon": settings.epsilon,
         "params": {a: {"method": get_arm(a).method, **get_arm(a).params}
                    for a in dict.fromkeys(settings.operators + settings.step_operators)},
+        "weightings": {w: get_weighting(w).doc for w in settings.weightings},
         "plans": len(keyed),
         "labels_2way": labels.height,
         "dropped_2way_small_gap": dropped,

@@ -13,16 +13,17 @@ from typing import Any
 import torch
 
 from simmerge_ray.errors import ConfigError, MergeError
-from simmerge_ray.merge.arms import get_arm
+from simmerge_ray.merge.arms import Arm, get_arm
 from simmerge_ray.merge.operators import MergeInputs, get_method
 from simmerge_ray.merge.tensor_merge import tensor_generator
 
 StateDict = Mapping[str, torch.Tensor]
 
 
-def merge_arm(arm: str, first: StateDict, second: StateDict, base: StateDict | None, *, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Merge two state dicts with a declared arm (merge/arms.py)."""
-    a = get_arm(arm)
+def merge_arm(arm: Arm | str, first: StateDict, second: StateDict, base: StateDict | None, *,
+              seed: int = 0) -> dict[str, torch.Tensor]:
+    """Merge two state dicts with an arm (merge/arms.py; by name, or a weighted step's Arm)."""
+    a = get_arm(arm) if isinstance(arm, str) else arm
     return merge_state_dicts(a.method, [first, second], base, a.params, seed=seed)
 
 

@@ -1,0 +1,98 @@
+"""What a multi-way plan is predicted to be worth: each model's retention on its own task.
+
+A fold's step j merges the merge so far with model m_j. For a model i of the plan,
+
+    R_i = (share of its gap it keeps when it joins: 1 for the first model, otherwise the step's
+           predicted auxiliary-side GapClosed)
+          x prod over the later steps of the predicted GapClosed on its task,
+
+each factor clipped to RETENTION_CLIP. The plan's score weighs the expert against the rest, as the
+pairwise utility weighs its two sides:
+
+    score = retention_weight x R_expert + aux_weight x mean over the other models of R_i.
+
+Models without a task, or every joining model when no auxiliary selector is available, have no
+R_i and leave the mean. A partial plan without the expert yet counts R_expert = 1 (an optimistic
+bound, so that a beam does not drop plans that add the expert late). Pure: no I/O, no Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+RETENTION_CLIP = (0.0, 1.5)
+
+
+def clip(x: float) -> float:
+    return min(max(x, RETENTION_CLIP[0]), RETENTION_CLIP[1])
+
+
+@dataclass(frozen=True)
+class StepPrediction:
+    """The predictions of one fold step (joining `model` at `share`)."""
+
+    model: str
+    share: float
+    kept: Mapping[str, float]  # task of a model already merged -> predicted GapClosed on it
+    joining: float | None = None  # predicted auxiliary-side GapClosed of the joining model
+
+
+def advance(retention: Mapping[str, float | None], step: StepPrediction, tasks: Mapping[str, str | None]
+            ) -> dict[str, float | None]:
+    """The models' R after one more step (a new dict)."""
+    out: dict[str, float | None] = {}
+    for m, r in retention.items():
+        t = tasks.get(m)
+        out[m] = r * clip(step.kept[t]) if r is not None and t is not None and t in step.kept else r
+    out[step.model] = None if step.joining is None or tasks.get(step.model) is None else clip(step.joining)
+    return out
+
+
+@dataclass(frozen=True)
+class Objective:
+    retention_weight: float = 1.0
+    aux_weight: float = 0.0
+
+    def retention(self, first: str, steps: Sequence[StepPrediction], tasks: Mapping[str, str | None]
+                  ) -> dict[str, float | None]:
+        """R_i of every model of the plan (None where it cannot be predicted)."""
+        out: dict[str, float | None] = {first: 1.0}
+        for step in steps:
+            out = advance(out, step, tasks)
+        return out
+
+    def score(self, retention: Mapping[str, float | None], expert: str | None) -> float:
+        r_e = retention.get(expert, 1.0) if expert is not None else 1.0
+        others = [r for m, r in retention.items() if m != expert and r is not None]
+        aux = sum(others) / len(others) if others else 0.0
+        return self.retention_weight * (1.0 if r_e is None else r_e) + self.aux_weight * aux
+
+    def as_dict(self) -> dict[str, float]:
+        return {"retention_weight": self.retention_weight, "aux_weight": self.aux_weight}
+
+
+def measured_retention(scores: Mapping[str, float], singles: Mapping[str, Mapping[str, float]],
+                       tasks: Mapping[str, str]) -> dict[str, float | None]:
+    """Each model's measured retention on its own task, s_merge / s_model - 1 (None where the
+    model scores 0 on its task)."""
+    out: dict[str, float | None] = {}
+    for m, t in tasks.items():
+        s = singles[m][t]
+        out[m] = scores[t] / s - 1 if s > 0 else None
+    return out
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A measured plan's expert and mean retention (s_merge / s_model - 1)."""
+
+    expert_retention: float
+    mean_retention: float
+
+    @classmethod
+    def of(cls, retention: Mapping[str, float | None], expert: str) -> "Outcome":
+        vals = [r for r in retention.values() if r is not None]
+        e = retention.get(expert)
+        return cls(math.nan if e is None else float(e), float(sum(vals) / len(vals)) if vals else math.nan)

@@ -1,0 +1,83 @@
+"""The multi-way judge on a hand-made label table: what each method's entry averages over."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from simmerge_ray.merge.arms import STEP_ARMS, WEIGHTING_NAMES
+from simmerge_ray.planner.evaluate import JUDGED, evaluate_multiway
+
+TASKS = {"a": "x", "b": "y", "c": "z"}
+
+
+def retention(models: tuple, ops: tuple, weighting: str) -> dict[str, float]:
+    """A made-up ground truth: the last model keeps most, ties helps, 'anchor' favours the first."""
+    out = {}
+    for pos, m in enumerate(models):
+        r = -0.9 + 0.3 * pos + 0.05 * ops.count("ties")
+        if weighting == "anchor" and pos == 0:
+            r += 0.5
+        out[m] = r + 0.01 * "abc".index(m)
+    return out
+
+
+def labels() -> pl.DataFrame:
+    rows = []
+    for order in itertools.permutations("abc"):
+        for w in WEIGHTING_NAMES:
+            for ops in [(op, op) for op in STEP_ARMS] + [("linear", "ties")]:
+                kept = retention(order, ops, w)
+                rows.append({"models": list(order), "operators": list(ops), "weighting": w, "k": 3,
+                             "retention": json.dumps(kept)})
+    return pl.DataFrame(rows)
+
+
+class Oracle:
+    """A scorer that predicts the measured objective exactly (duck-typed PlanScorer)."""
+
+    objective = JUDGED
+    tasks = TASKS
+
+    def score(self, models, ops, weighting, expert) -> float:
+        kept = retention(tuple(models), tuple(ops), weighting)
+        return JUDGED.score({m: 1 + r for m, r in kept.items()}, expert)
+
+
+class Backwards(Oracle):
+    def score(self, models, ops, weighting, expert) -> float:
+        return -super().score(models, ops, weighting, expert)
+
+
+def test_a_perfect_scorer_is_the_oracle_and_baselines_are_expectations() -> None:
+    table = labels()
+    res = evaluate_multiway(table, Oracle())["3way"]
+    assert res["subsets"] == 1 and res["targets"] == 3
+    assert res["simmerge"] == res["oracle"]
+    # the best plan for each target: that model last (0.3 x 2), anchor cannot beat it
+    for expert in "abc":
+        assert res["by_task"][TASKS[expert]]["simmerge"]["expert_retention"] == pytest.approx(
+            -0.9 + 0.6 + 0.1 + 0.01 * "abc".index(expert))
+    # random order keeps the pick's weighting and arms and averages over the 6 orders
+    pick_ops, pick_w = ("ties", "ties"), "anchor"
+    rand = [retention(o, pick_ops, pick_w) for o in itertools.permutations("abc")]
+    want = np.mean([np.mean(list(r.values())) for r in rand])
+    assert res["random_order"]["mean_retention"] == pytest.approx(want)
+    # a fixed arm: every order and weighting with that arm at both steps
+    lin = [retention(o, ("linear", "linear"), w) for o in itertools.permutations("abc") for w in WEIGHTING_NAMES]
+    assert res["linear"]["mean_retention"] == pytest.approx(np.mean([np.mean(list(r.values())) for r in lin]))
+    soup = [retention(o, ("linear", "linear"), "equal") for o in itertools.permutations("abc")]
+    assert res["equal_share"]["mean_retention"] == pytest.approx(np.mean([np.mean(list(r.values())) for r in soup]))
+    assert res["learned_minus_random_order"]["x"]["mean_retention"] == pytest.approx(
+        res["by_task"]["x"]["simmerge"]["mean_retention"] - res["by_task"]["x"]["random_order"]["mean_retention"])
+
+
+def test_a_backwards_scorer_picks_the_worst_plan() -> None:
+    res = evaluate_multiway(labels(), Backwards())["3way"]
+    # it puts the expert first without the anchor's bonus; random order averages its positions
+    assert res["simmerge"]["expert_retention"] < res["random_order"]["expert_retention"] < res["oracle"]["expert_retention"]
+    assert res["simmerge"]["mean_retention"] < res["oracle"]["mean_retention"]
