@@ -70,14 +70,15 @@ def main() -> None:
     # Within each labelled (task, subset): predicted score against measured retention of the
     # first model (the expert of `task`).
     scorer = PlanScorer(model, Catalog.load(run.catalog).model_tasks)
-    groups: dict[tuple, list[tuple[float, float]]] = {}
+    groups: dict[tuple, list[tuple]] = {}
     for task, models, ops, weighting, k, ret in labels.select(
             ["task", "models", "operators", "weighting", "k", "expert_retention"]).rows():
-        groups.setdefault((k, task, tuple(sorted(models))), []).append(
-            (scorer.score(models, ops, weighting, models[0]), ret))
+        # the first model is `task`'s only expert in the subset (its models have distinct tasks)
+        groups.setdefault((k, task, tuple(sorted(models)), models[0]), []).append((models, ops, weighting, ret))
     rank: dict[str, list[float]] = {}
-    for (k, _, _), pairs in groups.items():
-        rho = spearman(np.array([p for p, _ in pairs]), np.array([r for _, r in pairs]))
+    for (k, _, _, expert), plans in groups.items():
+        predicted = scorer.score_many([(m, o, w) for m, o, w, _ in plans], expert)
+        rho = spearman(np.array(predicted), np.array([r for *_, r in plans]))
         if rho == rho:
             rank.setdefault(f"{k}way", []).append(rho)
 

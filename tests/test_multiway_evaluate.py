@@ -43,14 +43,15 @@ class Oracle:
     objective = JUDGED
     tasks = TASKS
 
-    def score(self, models, ops, weighting, expert) -> float:
-        kept = retention(tuple(models), tuple(ops), weighting)
-        return JUDGED.score({m: 1 + r for m, r in kept.items()}, expert)
+    sign = 1.0
+
+    def score_many(self, plans, expert) -> list[float]:
+        return [self.sign * JUDGED.score({m: 1 + r for m, r in retention(tuple(m), tuple(o), w).items()}, expert)
+                for m, o, w in plans]
 
 
 class Backwards(Oracle):
-    def score(self, models, ops, weighting, expert) -> float:
-        return -super().score(models, ops, weighting, expert)
+    sign = -1.0
 
 
 def test_a_perfect_scorer_is_the_oracle_and_baselines_are_expectations() -> None:

@@ -192,6 +192,14 @@ def get_weighting(name: str) -> Weighting:
         raise ConfigError(f"unknown weighting {name!r}; known: {', '.join(WEIGHTING_NAMES)}") from None
 
 
+def fold_arms(operators: tuple[str, ...] | list[str], weighting: str | None) -> list[Arm]:
+    """The arm each step of a fold runs: `weighting` None runs every arm as declared (pairwise
+    plans, and folds written before weightings existed), else each at its step's share."""
+    if weighting is None:
+        return [get_arm(op) for op in operators]
+    return [step_arm(op, weighting, j) for j, op in enumerate(operators, start=1)]
+
+
 @cache  # pure, and called once per grown plan by the search
 def step_arm(op: str, weighting: str, j: int) -> Arm:
     """The arm that step j of a fold with `weighting` runs: `op` at that step's share."""

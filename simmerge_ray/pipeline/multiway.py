@@ -17,11 +17,13 @@ def judge_multiway(run: RunLayout) -> dict:
     from simmerge_ray.catalog import Catalog
     from simmerge_ray.planner.evaluate import PlanScorer, evaluate_multiway
     from simmerge_ray.planner.request import build_step_model
+    from simmerge_ray.selector.train import one_thread
 
     aux = run.aux_selector if run.aux_selector.exists() else None
     model = build_step_model(str(run.selector), str(run.features), None if aux is None else str(aux))
     labels = pl.read_parquet(run.multiway_labels)
-    result = evaluate_multiway(labels, PlanScorer(model, Catalog.load(run.catalog).model_tasks))
+    with one_thread():  # many small selector calls: fastest on one thread, and unharmed by a busy machine
+        result = evaluate_multiway(labels, PlanScorer(model, Catalog.load(run.catalog).model_tasks))
     run.multiway.mkdir(exist_ok=True)
     atomic_write_text(run.multiway / "multiway.json", json.dumps(result, indent=2))
     return result

@@ -42,11 +42,15 @@ class PlanScorer:
         self.objective = objective
         self._replayers: dict[str, Replayer] = {}
 
-    def score(self, models: Sequence[str], ops: Sequence[str], weighting: str | None, expert: str) -> float:
+    def score_many(self, plans: Sequence[tuple[Sequence[str], Sequence[str], str | None]], expert: str) -> list[float]:
+        """Predicted objective of each (models, step arms, weighting) with `expert` as the expert."""
         task = self.tasks[expert]
         rp = self._replayers.setdefault(task, Replayer(self.model, task, self.tasks))
-        steps = rp.replay(models, ops, weighting)
-        return self.objective.score(self.objective.retention(models[0], steps, self.tasks), expert)
+        return [self.objective.score(self.objective.retention(p[0][0], steps, self.tasks), expert)
+                for p, steps in zip(plans, rp.replay_many(plans))]
+
+    def score(self, models: Sequence[str], ops: Sequence[str], weighting: str | None, expert: str) -> float:
+        return self.score_many([(models, ops, weighting)], expert)[0]
 
 
 def _measured_score(objective: Objective, retention: Mapping[str, float | None], expert: str) -> float:
@@ -71,7 +75,7 @@ def evaluate_multiway(labels: pl.DataFrame, scorer: PlanScorer) -> dict:
         for expert in subset:
             task = scorer.tasks[expert]
             outcomes = [Outcome.of(r, expert) for *_, r in plans]
-            predicted = [scorer.score(m, o, w, expert) for m, o, w, _ in plans]
+            predicted = scorer.score_many([(m, o, w) for m, o, w, _ in plans], expert)
             pick = int(np.argmax(predicted))
             _, p_ops, p_w, _ = plans[pick]
             same_rule = [o for (m, ops, w, _), o in zip(plans, outcomes) if ops == p_ops and w == p_w]

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.merge.arms import Arm, get_arm, get_weighting, step_arm
+from simmerge_ray.merge.arms import Arm, fold_arms, get_arm, get_weighting
 
 
 @dataclass
@@ -59,9 +59,7 @@ class Plan:
 
     def step_arms(self) -> list[Arm]:
         """The arm each step runs, at its share."""
-        if self.weighting is None:
-            return [get_arm(op) for op in self.operators]
-        return [step_arm(op, self.weighting, j) for j, op in enumerate(self.operators, start=1)]
+        return fold_arms(self.operators, self.weighting)
 
     @property
     def k(self) -> int:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.merge.arms import STEP_ARMS, WEIGHTING_NAMES, check_arms, get_weighting, step_arm
+from simmerge_ray.merge.arms import STEP_ARMS, WEIGHTING_NAMES, check_arms, fold_arms, get_weighting, step_arm
 from simmerge_ray.planner.objective import RETENTION_CLIP, Objective, StepPrediction, advance
 from simmerge_ray.planner.plan import Plan
 from simmerge_ray.planner.shares import at_share
@@ -155,18 +155,26 @@ class Replayer:
         joining = None if v is None else float(at_share(v, ops, op, share)[0])
         return StepPrediction(nxt, share, kept, joining)
 
-    def replay(self, models: Sequence[str], ops: Sequence[str], weighting: str | None) -> list[StepPrediction]:
-        """The step predictions of one plan (`weighting` None: each arm at its declared share)."""
-        from simmerge_ray.merge.arms import get_arm
+    def replay_many(self, plans: Sequence[tuple[Sequence[str], Sequence[str], str | None]]
+                    ) -> list[list[StepPrediction]]:
+        """The step predictions of several plans (models, step arms, weighting; weighting None:
+        each arm at its declared share), with one selector call per task for all their steps."""
+        prepared, jobs = [], []
+        for models, ops, weighting in plans:
+            arms = fold_arms(list(ops), weighting)
+            keys = []
+            for j in range(1, len(models)):
+                key = (tuple(models[:j]), tuple(a.name for a in arms[:j - 1]))
+                jobs += self.jobs(key, self.state(tuple(models[:j]), tuple(arms[:j - 1])), models[:j], models[j])
+                keys.append(key)
+            prepared.append((models, ops, arms, keys))
+        self.predict(jobs)
+        return [[self.step(key, models[:j], models[j], ops[j - 1], arms[j - 1].share or 0.5)
+                 for j, key in enumerate(keys, start=1)] for models, ops, arms, keys in prepared]
 
-        arms = [get_arm(op) if weighting is None else step_arm(op, weighting, j) for j, op in enumerate(ops, start=1)]
-        steps = []
-        for j in range(1, len(models)):
-            key = (tuple(models[:j]), tuple(a.name for a in arms[:j - 1]))
-            state = self.state(tuple(models[:j]), tuple(arms[:j - 1]))
-            self.predict(self.jobs(key, state, models[:j], models[j]))
-            steps.append(self.step(key, models[:j], models[j], ops[j - 1], arms[j - 1].share or 0.5))
-        return steps
+    def replay(self, models: Sequence[str], ops: Sequence[str], weighting: str | None) -> list[StepPrediction]:
+        """The step predictions of one plan."""
+        return self.replay_many([(models, ops, weighting)])[0]
 
 
 def expert_of(models: Sequence[str], experts: Sequence[str]) -> str | None:

@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.merge.arms import ARM_NAMES, STEP_ARMS, WEIGHTING_NAMES, get_arm, get_weighting, step_arm
+from simmerge_ray.merge.arms import ARM_NAMES, STEP_ARMS, WEIGHTING_NAMES, Arm, fold_arms, get_arm, get_weighting
 
 # Bump when the scoring changes: old cached results then stop matching.
 SCORE_VERSION = "loglik-v1"
@@ -77,11 +77,9 @@ class Plan:
     def k(self) -> int:
         return len(self.models)
 
-    def step_arms(self) -> list:
+    def step_arms(self) -> list[Arm]:
         """The arm each step runs, at its share."""
-        if self.weighting is None:
-            return [get_arm(op) for op in self.operators]
-        return [step_arm(op, self.weighting, j) for j, op in enumerate(self.operators, start=1)]
+        return fold_arms(self.operators, self.weighting)
 
     def canonical(self) -> "Plan":
         """The same merge written one fixed way: a 2-way plan whose arm has a mirror (linear_expert
