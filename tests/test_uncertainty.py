@@ -16,7 +16,7 @@ import torch
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.cli import main as simmerge
-from simmerge_ray.planner.assess import expert_alone
+from simmerge_ray.planner.assess import expert_alone, input_flags
 from simmerge_ray.planner.propagate import GramTable
 from simmerge_ray.planner.request import PlanRequest, plan_request
 from simmerge_ray.planner.objective import Objective
@@ -97,6 +97,20 @@ def test_domain_flags_an_extreme_row_and_round_trips(small_selector: Selector, t
     again = Selector.load(tmp_path / "sel")
     assert again.domain.max_abs_z == dom.max_abs_z and again.domain.same_task_pairs is False
     np.testing.assert_array_equal(again.calibration.halfwidth, small_selector.calibration.halfwidth)
+
+
+def test_same_task_flags_follow_tasks_not_positions(small_selector: Selector) -> None:
+    tasks = {"code-1": "code", "code-2": "code", "math-1": "math", "rag-1": "rag"}
+    z = np.zeros((2, 3))
+    # the expert last: every step joins models of distinct tasks, nothing to flag
+    assert input_flags(small_selector, z, ["math-1", "rag-1", "code-1"], tasks, "code", "code-1") == []
+    # two code experts in one plan, the second joining at step 2: flagged there, naming the first
+    flags = input_flags(small_selector, z, ["code-1", "math-1", "code-2"], tasks, "code", "code-1")
+    assert [(f["kind"], f["step"], f["shares_task_with"]) for f in flags] == [("same_task", 2, ["code-1"])]
+    # an expert the catalog gives no task still counts as one of the target task
+    untagged = {**tasks, "mine": None}
+    flags = input_flags(small_selector, z, ["mine", "math-1", "code-1"], untagged, "code", "mine")
+    assert [(f["step"], f["shares_task_with"]) for f in flags] == [(2, ["mine"])]
 
 
 def test_expert_alone_for_multiway_objectives(small_selector: Selector) -> None:

@@ -84,10 +84,12 @@ def expert_alone(sel: Selector, objective: Objective | None, best: float) -> dic
 
 
 def input_flags(sel: Selector, z_rows: np.ndarray, models: list[str], model_tasks: dict[str, str | None],
-                task: str) -> list[dict[str, Any]]:
+                task: str, expert: str | None = None) -> list[dict[str, Any]]:
     """Flags of each step j (merging models[:j] with models[j], standardised input z_rows[j-1]):
     a same-task step when the labels held no same-task pair, an input whose largest |z| exceeds
-    the training rows' threshold."""
+    the training rows' threshold. `expert` (default models[0]) counts as a model of `task` even
+    where the catalog gives it no task."""
+    expert = expert or models[0]
     domain = sel.domain
     if domain is None:
         return [{"kind": "unchecked", "step": None, "message": NO_DOMAIN}]
@@ -98,8 +100,8 @@ def input_flags(sel: Selector, z_rows: np.ndarray, models: list[str], model_task
                  else f"{merged[0]} + {nxt}")
         t = model_tasks.get(nxt)
         shared = [m for m in merged if t is not None and model_tasks.get(m) == t]
-        if not shared and t == task:
-            shared = [merged[0]]  # the expert of the target task
+        if not shared and t == task and expert in merged:
+            shared = [expert]  # the expert of the target task, untagged in the catalog
         if domain.same_task_pairs is False and shared:
             flags.append({"kind": "same_task", "step": j, "model": nxt, "task": t, "shares_task_with": shared,
                           "message": f"{where}: {nxt} is a {t} expert like {', '.join(shared)}; no labelled pair "
@@ -160,5 +162,5 @@ def assess_plan(plan: Plan, step_model: SelectorStepModel, model_tasks: dict[str
     steps = Replayer(step_model, plan.task, model_tasks).replay(plan.models, plan.operators, plan.weighting)
     z = sel.standardise(step_model.plan_inputs(plan.models, plan.step_arms(), plan.task))
     plan.intervals = multiway_intervals(step_model, plan, steps, objective, model_tasks)
-    plan.flags = input_flags(sel, z, plan.models, model_tasks, plan.task)
+    plan.flags = input_flags(sel, z, plan.models, model_tasks, plan.task, plan.expert)
     plan.expert_alone = expert_alone(sel, objective, plan.score)
