@@ -48,7 +48,7 @@ from simmerge_ray.inference.compact import compact_logprobs, expand_logprobs
 from simmerge_ray.inference.extract import pad_batch, probe_records
 from simmerge_ray.inference.pipeline import run_model_probes
 from simmerge_ray.inference.settings import ProbeSettings, RunOptions
-from simmerge_ray.inference.synthetic_lm import make_corpus, make_tiny_lm, train_tokenizer
+from benchmarks.synthetic_lm import make_corpus, make_tiny_lm, train_tokenizer
 from simmerge_ray.probes.tokenize import TokenizedProbes, load_tokenizer, tokenize_probes
 
 

@@ -352,7 +352,7 @@ def run_stage_here(name: str, scratch: Path, out: Path) -> int:
 
 def build_testbed(scratch: Path) -> dict:
     """The seeded llama and its tokenizer (the project's testbed helpers) and the probes."""
-    from simmerge_ray.inference.synthetic_lm import make_corpus, make_tiny_lm, train_tokenizer
+    from benchmarks.synthetic_lm import make_corpus, make_tiny_lm, train_tokenizer
     from simmerge_ray.probes.tokenize import load_tokenizer, tokenize_probes
 
     start = time.perf_counter()

@@ -29,7 +29,7 @@ from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.pipeline.layout import RunLayout
 from simmerge_ray.planner.evaluate import PlanScorer
 from simmerge_ray.planner.plan import Plan
-from simmerge_ray.planner.proxy_accuracy import spearman
+from benchmarks.proxy_stats import spearman
 from simmerge_ray.planner.request import build_step_model
 from simmerge_ray.selector.data import load_pair_data
 

@@ -43,7 +43,7 @@ from simmerge_ray.planner.plan import Plan
 from simmerge_ray.planner.propagate import (
     PROXY_PREFIXES, GramTable, PairLookup, initial_state, proxy_features, step_state, structural_features,
 )
-from simmerge_ray.planner.proxy_accuracy import compare_columns, summarize_families
+from benchmarks.proxy_stats import compare_columns, summarize_families
 from simmerge_ray.features.schema import KEY_COLUMNS, feature_columns
 
 HEADLINE = ("s_weight_cos", "s_tv_cos", "s_l2", "s_sign_agree", "f_kl_ab_mean", "f_kl_ba_mean",

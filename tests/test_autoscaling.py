@@ -29,7 +29,7 @@ from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, run_merge
 from simmerge_ray.planner.batch import BatchSettings, run_batch
-from simmerge_ray.planner.synthetic import build_world
+from benchmarks.synthetic_world import build_world
 from simmerge_ray.testbed.label_plans import LabelSettings
 from simmerge_ray.testbed.labels import run_labels
 

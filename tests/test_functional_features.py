@@ -21,7 +21,7 @@ from simmerge_ray.inference.cache import ProbeCache
 from simmerge_ray.inference.catalog_probes import ModelProbes
 from simmerge_ray.inference.extract import pad_batch, probe_records
 from simmerge_ray.inference.settings import ProbeSettings
-from simmerge_ray.inference.synthetic_lm import make_corpus, make_tiny_lm, train_tokenizer
+from benchmarks.synthetic_lm import make_corpus, make_tiny_lm, train_tokenizer
 from simmerge_ray.probes.tokenize import load_tokenizer, tokenize_probes, vocabulary_digest
 
 MAX_LEN, ATTN_LEN = 10, 5

@@ -143,3 +143,23 @@ def test_nothing_patches_sys_path() -> None:
     found = [f"{_rel(p)}:{node.lineno}" for p in files for node in _nodes(p) if _patches_sys_path(node)]
     assert not found, _report("install the package (pip install -e .) or set PYTHONPATH instead of "
                               "patching sys.path", found)
+
+
+def _module_name(path: Path) -> str:
+    name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    return name.removesuffix(".__init__")
+
+
+def test_every_library_module_serves_the_library() -> None:
+    """A module that only tests or benchmarks import (synthetic worlds, experiment statistics)
+    belongs in benchmarks/; the library's roots are its command modules and what jobs/ import."""
+    from simmerge_ray.cli import COMMAND_MODULES
+    from simmerge_ray.cli.features import FEATURE_MODULES  # `simmerge features <kind>`, loaded by name
+
+    roots = ({f"simmerge_ray.cli.{m}" for m in (*COMMAND_MODULES, *FEATURE_MODULES)}
+             | {"simmerge_ray", "simmerge_ray.cli"})
+    modules = {_module_name(p): p for p in _py(LIBRARY)}
+    used = {name for p in _py(LIBRARY, JOBS) for _, name in _imported(p)}
+    orphans = [f"{_rel(p)}: imported by no library module or job" for m, p in sorted(modules.items())
+               if m not in roots and m not in used and not any(u.startswith(m + ".") for u in used)]
+    assert not orphans, _report("move test and experiment helpers to benchmarks/", orphans)

@@ -19,7 +19,7 @@ from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.planner.batch import BatchSettings, run_batch
 from simmerge_ray.planner.plan import Plan
 from simmerge_ray.planner.request import PlanRequest, build_step_model, plan_request
-from simmerge_ray.planner.synthetic import build_world
+from benchmarks.synthetic_world import build_world
 
 
 @pytest.fixture(scope="module")

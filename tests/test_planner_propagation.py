@@ -19,7 +19,7 @@ from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, run_merge
 from simmerge_ray.planner.plan import Plan
-from simmerge_ray.planner.proxy_accuracy import compare_columns, ranks, spearman, summarize_families
+from benchmarks.proxy_stats import compare_columns, ranks, spearman, summarize_families
 from simmerge_ray.planner.propagate import (
     GramTable, PairLookup, initial_state, proxy_features, step_state, structural_features,
 )

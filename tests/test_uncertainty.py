@@ -21,7 +21,7 @@ from simmerge_ray.planner.propagate import GramTable
 from simmerge_ray.planner.request import PlanRequest, plan_request
 from simmerge_ray.planner.objective import Objective
 from simmerge_ray.planner.step_model import SelectorStepModel
-from simmerge_ray.planner.synthetic import build_world
+from benchmarks.synthetic_world import build_world
 from simmerge_ray.selector.calibration import LEVELS, Calibration, calibrate, conformal_quantile, coverage
 from simmerge_ray.selector.data import EXPERT_ALONE, build_pair_data
 from simmerge_ray.selector.domain import training_domain

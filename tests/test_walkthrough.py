@@ -84,7 +84,7 @@ def build_workspace(root: Path) -> None:
     (hidden 32) and experts fine-tuned on their task's answers (30 full-batch steps each)."""
     from transformers import AutoModelForCausalLM
 
-    from simmerge_ray.inference.synthetic_lm import WORDS, make_tiny_lm, train_tokenizer
+    from benchmarks.synthetic_lm import WORDS, make_tiny_lm, train_tokenizer
     from simmerge_ray.selector.train import one_thread
 
     texts = [" ".join(WORDS)] + [e["prompt"] + e["answer"] for t in TASKS for e in _examples(t)]
