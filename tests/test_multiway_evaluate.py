@@ -82,3 +82,20 @@ def test_a_backwards_scorer_picks_the_worst_plan() -> None:
     # it puts the expert first without the anchor's bonus; random order averages its positions
     assert res["simmerge"]["expert_retention"] < res["random_order"]["expert_retention"] < res["oracle"]["expert_retention"]
     assert res["simmerge"]["mean_retention"] < res["oracle"]["mean_retention"]
+
+
+def test_objective_scores_retention_from_step_predictions() -> None:
+    from simmerge_ray.planner.objective import Objective, StepPrediction
+
+    tasks = {"e": "x", "a": "y", "b": "z"}
+    steps = [StepPrediction("a", 0.5, {"x": 0.8}, 0.6), StepPrediction("b", 0.5, {"x": 0.5, "y": 0.9}, 2.0)]
+    obj = Objective(retention_weight=1.0, aux_weight=1.0)
+    r = obj.retention("e", steps, tasks)
+    # e: 0.8 x 0.5; a: joins keeping 0.6, then 0.9; b: joins keeping 2.0, clipped to 1.5
+    assert r == pytest.approx({"e": 0.4, "a": 0.54, "b": 1.5})
+    assert obj.score(r, "e") == pytest.approx(0.4 + (0.54 + 1.5) / 2)
+    # the expert joining last without an auxiliary prediction: nothing says what it keeps
+    blind = [StepPrediction("a", 0.5, {"y": 0.8}, None), StepPrediction("e", 0.5, {"y": 0.7}, None)]
+    r = obj.retention("a", blind, tasks)
+    assert r["e"] is None and obj.score(r, "e") == -float("inf")
+    assert obj.score({"a": 1.0}, None) == pytest.approx(1.0 + 1.0)  # before the expert joins: R_expert = 1

@@ -64,10 +64,15 @@ class Objective:
         return out
 
     def score(self, retention: Mapping[str, float | None], expert: str | None) -> float:
-        r_e = retention.get(expert, 1.0) if expert is not None else 1.0
+        """`expert` None: a partial plan without the expert yet (R_expert = 1). An expert whose R
+        cannot be predicted (it joined later, and no auxiliary selector says what it keeps)
+        makes the plan unscorable: -inf."""
+        r_e = retention.get(expert) if expert is not None else 1.0
+        if r_e is None:
+            return -math.inf
         others = [r for m, r in retention.items() if m != expert and r is not None]
         aux = sum(others) / len(others) if others else 0.0
-        return self.retention_weight * (1.0 if r_e is None else r_e) + self.aux_weight * aux
+        return self.retention_weight * r_e + self.aux_weight * aux
 
     def as_dict(self) -> dict[str, float]:
         return {"retention_weight": self.retention_weight, "aux_weight": self.aux_weight}

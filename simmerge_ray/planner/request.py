@@ -96,8 +96,10 @@ def search_space(req: PlanRequest, catalog: Catalog) -> SearchSpace:
         experts = [req.required_expert]
     else:
         experts = [m for m in models if catalog.model(m).task == req.task]
-    return SearchSpace(req.task, models, experts, req.min_way, req.max_way, req.beam_width,
-                       tasks={m: catalog.model(m).task for m in models})
+    tasks = {m: catalog.model(m).task for m in models}
+    for e in experts:  # a required expert the catalog gives no task is the target task's
+        tasks[e] = tasks[e] or req.task
+    return SearchSpace(req.task, models, experts, req.min_way, req.max_way, req.beam_width, tasks=tasks)
 
 
 def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, keep: int = 10) -> SearchResult:
@@ -115,7 +117,7 @@ def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, k
     with one_thread():
         result = search(space, step_model, req.objective, keep=keep)
         if isinstance(step_model, SelectorStepModel):
-            tasks = catalog.model_tasks
+            tasks = {**catalog.model_tasks, **space.tasks}
             for plan in result.plans:
                 assess_plan(plan, step_model, tasks, req.objective)
     return result
