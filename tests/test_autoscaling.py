@@ -184,7 +184,10 @@ def test_autoscaling_cluster_grows_answers_and_shrinks(ray_cluster) -> None:
         actors = result["actors"]
         for cls, min_nodes in (("MapWorker(MapBatches(PlanWorker))", 1), ("GramWorker", 2), ("PlanEvaluator", 1),
                                ("UnitMerger", 1)):
-            assert actors[cls]["asks"] == [{"CPU": 1.0}], (cls, actors[cls])
+            # Ray Data may add its own memory estimate to map actors it starts after seeing
+            # outputs ({"CPU": 1.0, "memory": 836.0} in one CI run); the CPU ask is ours.
+            asks = actors[cls]["asks"]
+            assert asks and all(a.get("CPU") == 1.0 and set(a) <= {"CPU", "memory"} for a in asks), (cls, actors[cls])
             assert len(actors[cls]["nodes"]) >= min_nodes, (cls, actors[cls])
 
         # Idle at the end: back to 0 worker nodes.
