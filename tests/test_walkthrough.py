@@ -252,15 +252,19 @@ def test_every_readme_command_runs_and_writes_its_own_folder(walkthrough: dict) 
     assert [c for c in walkthrough["out"] if c != STOP_SERVER] == [c for c in commands if not c.startswith("kubectl ")]
     assert [c.split()[1] for c in commands if c.startswith("simmerge ")] == [
         "merge", "features", "features", "label", "fit", "evaluate-selector", "plan", "merge", "plan", "merge",
-        "merge", "merge", "bandit-init", "serve"]
+        "merge", "merge", "fit", "plan", "bandit-init", "serve"]
     assert [c.split()[0] for c in commands if not c.startswith("simmerge ")] == [
         "python", "curl", "curl", "ray", "kubectl"]
     outs = [shlex.split(c)[shlex.split(c).index("--out") + 1] for c in commands if " --out " in c]
     shared = {o for o in outs if outs.count(o) > 1}
     assert shared == {"feats/"}  # the two feature stages, which own separate files there
     for name in ("merged", "merged-pair", "merged-3way", "merged-3way-steps", "merged-cluster", "selector",
-                 "selector-eval", "plan-pair", "plan-3way", "labels", "bandit"):
+                 "selector-eval", "selector-aux", "plan-pair", "plan-3way", "plan-3way-both", "labels", "bandit"):
         assert (ws / name).is_dir(), name
+    # With the auxiliary selector every model of the plan has a predicted retention.
+    both = json.loads((ws / "plan-3way-both" / "plan.json").read_text())
+    assert both["expert"] == "code-1" and set(both["retention"]) == set(both["models"])
+    assert all(r is not None for r in both["retention"].values()) and both["weighting"] in ("half", "equal", "anchor")
     # No work folder of Ray Tune/Train or of a killed run beside the outputs.
     assert sorted(p.name for p in ws.iterdir() if p.name.startswith(".")) == []
     lab = json.loads((ws / "labels" / "label_summary.json").read_text())
@@ -282,6 +286,9 @@ def test_plan_steps_run_from_any_folder_and_match_the_plan_merge(walkthrough: di
     card = (ws / "merged-3way" / "README.md").read_text()
     prose = card[:card.index("### Configuration")]
     chain = plan["models"][0] + "".join(f" -{op}-> {m}" for op, m in zip(plan["operators"], plan["models"][1:]))
+    if set(plan["operators"]) == {"linear"}:  # one folded merge: no step, no intermediate folder
+        assert f"The plan `plan-3way/plan.json` for task `code`, {chain}, folded into one linear combination" in prose
+        return
     assert "plan-" not in prose.replace("plan-3way/plan.json", "") and ".merged-3way.plan-" in card
     assert f"Step 2 of 2 of the plan `plan-3way/plan.json` for task `code`: {chain}." in prose
     assert f"* `plan step 1: {chain.rsplit(' -', 1)[0]}` (an intermediate output, not kept)" in prose
