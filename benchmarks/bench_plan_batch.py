@@ -26,7 +26,8 @@ import numpy as np
 
 
 from simmerge_ray.merge.arms import STEP_ARMS
-from simmerge_ray.planner.search import Objective, SearchSpace, search
+from simmerge_ray.planner.objective import Objective
+from simmerge_ray.planner.search import SearchSpace, search
 
 OPS = list(STEP_ARMS)
 

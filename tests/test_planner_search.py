@@ -14,7 +14,8 @@ import yaml
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.planner.plan import Plan
-from simmerge_ray.planner.search import Objective, SearchSpace, search
+from simmerge_ray.planner.objective import Objective
+from simmerge_ray.planner.search import SearchSpace, search
 
 from simmerge_ray.merge.arms import ARM_NAMES, STEP_ARMS, WEIGHTING_NAMES, step_arm
 from simmerge_ray.planner.objective import StepPrediction

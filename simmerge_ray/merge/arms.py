@@ -163,14 +163,6 @@ class Weighting:
     share: Callable[[int], float]
     doc: str = ""
 
-    def final_shares(self, k: int) -> list[float]:
-        """Each position's share of a k-way fold of linear steps."""
-        shares = [1.0]
-        for j in range(1, k):
-            w = self.share(j)
-            shares = [s * (1 - w) for s in shares] + [w]
-        return shares
-
 
 # The fold weightings of multi-way plans, in report order. With the position of the expert free,
 # "anchor" with the expert first and "half" with the expert last are the two that favour it.
@@ -180,8 +172,6 @@ WEIGHTINGS: tuple[Weighting, ...] = (
     Weighting("anchor", lambda j: 1.0 / (j + 2), doc="the first model counts twice: it ends at 2/(k+1), the others at 1/(k+1)"),
 )
 WEIGHTING_NAMES: tuple[str, ...] = tuple(w.name for w in WEIGHTINGS)
-# Plans written before weightings existed folded at 0.5 every step.
-DEFAULT_WEIGHTING = "half"
 _WEIGHTINGS = {w.name: w for w in WEIGHTINGS}
 
 

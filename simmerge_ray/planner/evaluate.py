@@ -88,9 +88,9 @@ def evaluate_multiway(labels: pl.DataFrame, scorer: PlanScorer) -> dict:
                                      if set(ops) == {EQUAL_SHARE[0]} and w == EQUAL_SHARE[1]]
             for method, outs in values.items():
                 if outs:
-                    avg = _mean(outs)
-                    per[k][method].append(Outcome(avg["expert_retention"], avg["mean_retention"]))
-                    per_task[k][task][method].append(Outcome(avg["expert_retention"], avg["mean_retention"]))
+                    avg = Outcome(**_mean(outs))
+                    per[k][method].append(avg)
+                    per_task[k][task][method].append(avg)
     result: dict = {}
     for k in sorted(per):
         by_task = {t: {m: _mean(v) for m, v in d.items()} for t, d in sorted(per_task[k].items())}

@@ -56,11 +56,8 @@ def fold_coefficients(plan: Plan) -> dict[str, float] | None:
     return coef
 
 
-def folded_config(plan: Plan, paths: dict[str, Path]) -> dict | None:
-    """The mergekit config of a linear plan as one merge (see fold_coefficients), else None."""
-    coef = fold_coefficients(plan)
-    if coef is None:
-        return None
+def folded_config(plan: Plan, coef: dict[str, float], paths: dict[str, Path]) -> dict:
+    """The mergekit config of a linear plan as one merge, with its fold_coefficients."""
     missing = [m for m in plan.models if m not in paths]
     if missing:
         raise ConfigError(f"plan names models absent from the catalog: {', '.join(missing)}")
@@ -86,11 +83,12 @@ def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = Ex
     if out.exists() and not opts.overwrite:
         raise SimMergeError(f"{out}: output already exists (pass --overwrite to replace it)")
     paths = {m.name: m.path for m in catalog.models}
-    folded = folded_config(plan, paths)
-    if folded is not None:
+    coef = fold_coefficients(plan)
+    if coef is not None:
+        folded = folded_config(plan, coef, paths)
         cfg = {**folded, "out_dtype": out_dtype} if out_dtype else folded
         spec = replace(MergeSpec.from_dict(cfg, root=out.parent, source="plan (folded)"),
-                       provenance=_folded_provenance(plan, catalog, fold_coefficients(plan), plan_file))
+                       provenance=_folded_provenance(plan, catalog, coef, plan_file))
         return [run_merge(spec, out, opts)]
     work = out.parent / f".{out.name}.plan-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True)

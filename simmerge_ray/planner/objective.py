@@ -34,7 +34,7 @@ class StepPrediction:
     """The predictions of one fold step (joining `model` at `share`)."""
 
     model: str
-    share: float
+    share: float | None  # None: an arm without a share, run as declared
     kept: Mapping[str, float]  # task of a model already merged -> predicted GapClosed on it
     joining: float | None = None  # predicted auxiliary-side GapClosed of the joining model
 
@@ -76,17 +76,6 @@ class Objective:
 
     def as_dict(self) -> dict[str, float]:
         return {"retention_weight": self.retention_weight, "aux_weight": self.aux_weight}
-
-
-def measured_retention(scores: Mapping[str, float], singles: Mapping[str, Mapping[str, float]],
-                       tasks: Mapping[str, str]) -> dict[str, float | None]:
-    """Each model's measured retention on its own task, s_merge / s_model - 1 (None where the
-    model scores 0 on its task)."""
-    out: dict[str, float | None] = {}
-    for m, t in tasks.items():
-        s = singles[m][t]
-        out[m] = scores[t] / s - 1 if s > 0 else None
-    return out
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,9 @@ import numpy as np
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.arms import STEP_ARMS, WEIGHTING_NAMES, check_arms, fold_arms, get_weighting, step_arm
-from simmerge_ray.planner.objective import RETENTION_CLIP, Objective, StepPrediction, advance
+from simmerge_ray.planner.objective import Objective, StepPrediction, advance
 from simmerge_ray.planner.plan import Plan
 from simmerge_ray.planner.shares import at_share
-
-__all__ = ["RETENTION_CLIP", "Objective", "SearchResult", "SearchSpace", "StepModel", "search"]
 
 
 class StepModel(Protocol):
@@ -123,10 +121,18 @@ class Replayer:
         self.states: dict[tuple, Any] = {}
 
     def state(self, models: tuple[str, ...], arms: tuple) -> Any:
+        """The merge of `models` folded with `arms` (one fewer), built once."""
         key = (models, tuple(a.name for a in arms))
+        if key not in self.states and len(models) == 1:
+            self.states[key] = self.model.start(models[0])
         if key not in self.states:
-            self.states[key] = (self.model.start(models[0]) if len(models) == 1 else
-                                self.model.extend(self.state(models[:-1], arms[:-1]), models[-1], arms[-1]))
+            return self.extend(key, self.state(models[:-1], arms[:-1]), models[-1], arms[-1])
+        return self.states[key]
+
+    def extend(self, key: tuple, prev: Any, model: str, arm: Any) -> Any:
+        """The state `key` (its prefix's state `prev` merged with `model` by `arm`), built once."""
+        if key not in self.states:
+            self.states[key] = self.model.extend(prev, model, arm)
         return self.states[key]
 
     def predict(self, jobs: Sequence[tuple[tuple, Any, str, str]]) -> None:
@@ -148,7 +154,7 @@ class Replayer:
         tasks = self.tasks_of(models)
         return [(key, state, nxt, t) for t in dict.fromkeys([*tasks, self.target])]
 
-    def step(self, key: tuple, models: Sequence[str], nxt: str, op: str, share: float) -> StepPrediction:
+    def step(self, key: tuple, models: Sequence[str], nxt: str, op: str, share: float | None) -> StepPrediction:
         ops = self.model.operators
         kept = {t: float(at_share(self.cache[(key, nxt, t)][0], ops, op, share)[0]) for t in self.tasks_of(models)}
         v = self.cache[(key, nxt, self.target)][1]
@@ -169,7 +175,7 @@ class Replayer:
                 keys.append(key)
             prepared.append((models, ops, arms, keys))
         self.predict(jobs)
-        return [[self.step(key, models[:j], models[j], ops[j - 1], arms[j - 1].share or 0.5)
+        return [[self.step(key, models[:j], models[j], ops[j - 1], arms[j - 1].share)
                  for j, key in enumerate(keys, start=1)] for models, ops, arms, keys in prepared]
 
     def replay(self, models: Sequence[str], ops: Sequence[str], weighting: str | None) -> list[StepPrediction]:
@@ -182,10 +188,10 @@ def expert_of(models: Sequence[str], experts: Sequence[str]) -> str | None:
     return next((m for m in models if m in experts), None)
 
 
-def make_plan(space: SearchSpace, objective: Objective, models: list[str], ops: list[str], weighting: str,
-              steps: list[StepPrediction]) -> Plan:
+def make_plan(space: SearchSpace, objective: Objective, p: _Partial) -> Plan:
+    """A grown partial plan as a Plan, with the expert's side of each step as its step utility."""
+    models, steps, retention = p.models, p.steps, p.retention
     expert = expert_of(models, space.experts)
-    retention = objective.retention(models[0], steps, space.tasks)
     e_task = space.tasks.get(expert)
     u = []
     for step in steps:
@@ -196,8 +202,8 @@ def make_plan(space: SearchSpace, objective: Objective, models: list[str], ops: 
         else:
             u.append(1.0)
     v = [s.joining for s in steps] if all(s.joining is not None for s in steps) else []
-    return Plan(space.task, list(models), list(ops), u, v, objective.score(retention, expert), objective.as_dict(),
-                weighting=weighting, expert=expert, retention=retention)
+    return Plan(space.task, list(models), list(p.ops), u, v, objective.score(retention, expert), objective.as_dict(),
+                weighting=p.weighting, expert=expert, retention=retention)
 
 
 def _share_values(rp: Replayer, jobs: list[tuple[_Partial, str]], space: SearchSpace, depth: int
@@ -208,7 +214,6 @@ def _share_values(rp: Replayer, jobs: list[tuple[_Partial, str]], space: SearchS
     ops = rp.model.operators
     nan = np.full(len(ops), np.nan)
     weightings = list(dict.fromkeys(p.weighting for p, _ in jobs))
-    shares = {w: get_weighting(w).share(depth - 1) for w in weightings}
     tasks = list(dict.fromkeys(t for p, _ in jobs for t in rp.tasks_of(p.models)))
     kept, joining = {}, {}
     for t in tasks:
@@ -266,10 +271,7 @@ def search(space: SearchSpace, step_model: StepModel, objective: Objective = Obj
             grown = grown[: space.beam_width]
         frontier = []
         for _, child in grown:
-            prev, m, arm = child.state
-            if child.key not in rp.states:
-                rp.states[child.key] = step_model.extend(prev, m, arm)
-            child.state = rp.states[child.key]
+            child.state = rp.extend(child.key, *child.state)  # built only for the survivors
             frontier.append(child)
     if not complete:
         raise ConfigError(f"no plan of {space.min_k}-{space.max_k} models holds an expert of {space.task!r}")
@@ -278,7 +280,7 @@ def search(space: SearchSpace, step_model: StepModel, objective: Objective = Obj
     for score, c in complete:
         for x in c.models:
             best_with.setdefault(x, score)  # sorted best first: the first score seen is the best
-    plans = [make_plan(space, objective, c.models, c.ops, c.weighting, c.steps) for _, c in complete[:keep]]
+    plans = [make_plan(space, objective, c) for _, c in complete[:keep]]
     best = plans[0]
     best.excluded = [{"model": m, "best_score_with": best_with[m], "effect": best_with[m] - best.score}
                      for m in space.pool if m not in best.models and m in best_with]

@@ -55,12 +55,12 @@ def _interp(pred: np.ndarray, xs: np.ndarray, cols: np.ndarray, x: float) -> np.
     return sum(w * pred[:, cols[i]] for i, w in _weights(xs, x))
 
 
-def at_share(pred: np.ndarray, operators: Sequence[str], op: str, share: float) -> np.ndarray:
-    """pred [n, len(operators)] -> [n]: the value of arm `op` run at `share`."""
+def at_share(pred: np.ndarray, operators: Sequence[str], op: str, share: float | None) -> np.ndarray:
+    """pred [n, len(operators)] -> [n]: the value of arm `op` run at `share` (None: as declared)."""
     ops = tuple(operators)
     i = ops.index(op)
     own = get_arm(op).share
-    if own is None or abs(own - share) < 1e-12:
+    if own is None or share is None or abs(own - share) < 1e-12:
         return pred[:, i]
     shares, cols = _families(ops)[op]
     if len(shares) > 1:
