@@ -201,3 +201,14 @@ def test_merge_of_a_pickle_checkpoint_points_to_convert(models: Path, tmp_path: 
     assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "out")]) == 2
     err = _one_line_error(capsys, f"simmerge convert {src} --out DIR --allow-pickle")
     assert "or pass --allow-pickle" not in err
+
+
+def test_label_refuses_an_unknown_weighting_before_reading_anything(tmp_path: Path, capsys) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "good.jsonl").write_text('{"prompt": "q", "answer": "a"}\n')
+    cat = _catalog(tmp_path, {"code": {"eval": "good.jsonl"}, "math": {"eval": "good.jsonl"}}, base=True)
+    before = tree_hash(tmp_path)
+    assert cli_main(["label", "--catalog", str(cat), "--out", str(tmp_path / "labels"),
+                     "--weightings", "half", "thirds"]) == 2
+    _one_line_error(capsys, "--weightings", "unknown weighting 'thirds'; known: half, equal, anchor")
+    assert tree_hash(tmp_path) == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import itertools
 import math
 from pathlib import Path
@@ -162,3 +163,11 @@ def test_plan_json_and_yaml_round_trip(tmp_path: Path) -> None:
         Plan("code", ["a"], [])
     with pytest.raises(ConfigError, match="not a plan file"):
         Plan.from_json("{}", "p.json")
+    weighted = Plan("code", ["a", "b", "c"], ["linear", "ties"], [1.0, 0.6], [0.3, 0.4], 0.8, weighting="anchor",
+                    expert="c")
+    assert Plan.from_json(weighted.to_json()) == weighted
+    bad = json.loads(weighted.to_json()) | {"weighting": "thirds"}
+    with pytest.raises(ConfigError, match=r"^p\.json: unknown weighting 'thirds'; known: half, equal, anchor$"):
+        Plan.from_json(json.dumps(bad), "p.json")
+    with pytest.raises(ConfigError, match=r"^p\.json: plan \['a', 'b', 'c'\]: expert 'z' is not one of its models$"):
+        Plan.from_json(json.dumps(bad | {"weighting": None, "expert": "z"}), "p.json")

@@ -75,6 +75,8 @@ class Plan:
             return cls(**raw)
         except (json.JSONDecodeError, TypeError) as e:
             raise ConfigError(f"{where}: not a plan file ({e})") from None
+        except ConfigError as e:  # a field the plan checks (an unknown arm or weighting): name the file
+            raise ConfigError(f"{where}: {e}") from None
 
     def step_configs(self, paths: dict[str, Path], base: Path | None, step_dir: str = "step-{j}") -> list[dict]:
         """mergekit configs, one per step; step j reads the output of step j-1 from `step_dir`."""
