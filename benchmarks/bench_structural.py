@@ -25,14 +25,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 import numpy as np
-import ray
 import torch
 
 from simmerge_ray import resources
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.ray_session import init_ray
-from simmerge_ray.features.structural import (StructuralOptions, batch_calls,
-                                              compute_structural, open_rows)
+from simmerge_ray.actor_pool import ActorPool
+from simmerge_ray.features.structural import (StructuralOptions, compute_structural, open_rows,
+                                              tensor_batches)
 from simmerge_ray.features.structural_reads import ChunkReader
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
@@ -90,14 +90,12 @@ def sum_pass(catalog: Path, workers: int, chunk_elems: int, as_float: bool) -> d
     """The same tensors to the same actors in the same batches as the Gram pass."""
     rows = open_rows(Catalog.load(catalog))
     size = {t: sum(c.entries[t].nbytes for c in rows.ckpts) for t in rows.tensors}
-    cls = ray.remote(SumWorker).options(**resources.streaming_ask().ray_options())
-    actors = [cls.remote([str(c.path) for c in rows.ckpts], chunk_elems, as_float) for _ in range(workers)]
-    ray.get([a.__ray_ready__.remote() for a in actors])  # actor start-up is not read time
-    t0 = time.perf_counter()
-    out = ray.get([actors[w].run.remote(batch) for w, batch in batch_calls(rows.tensors, size, workers)])
-    seconds = time.perf_counter() - t0
-    for a in actors:
-        ray.kill(a)
+    with ActorPool(SumWorker, workers, resources.streaming_ask(), what="sum actor",
+                   args=([str(c.path) for c in rows.ckpts], chunk_elems, as_float)) as pool:
+        pool.wait_ready()  # actor start-up is not read time
+        t0 = time.perf_counter()
+        out = [r for _, r in pool.map_unordered("run", tensor_batches(rows.tensors, size, workers))]
+        seconds = time.perf_counter() - t0
     nbytes = sum(b for b, _ in out)
     return {"seconds": seconds, "bytes": nbytes, "gbps": nbytes / 1e9 / seconds}
 

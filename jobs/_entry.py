@@ -1,10 +1,11 @@
 """The body shared by every jobs/<stage>.py entry point.
 
-A job is `simmerge <command>` run inside a Ray job: it parses the job flags (config, output
-path or URI, resource asks), exports the asks as SIMMERGE_* variables for the library, joins the
-cluster it was submitted to (RAY_ADDRESS, set by `ray job submit` and by KubeRay) or starts a
-local Ray, runs the command, and publishes the output to object storage when `--out` is a URI.
-Flags the job does not know are passed on to the command unchanged.
+A job is the `simmerge <command>` program run inside a Ray job: it parses the job flags (config,
+output path or URI, resource asks), exports the asks as SIMMERGE_* variables, runs each step as
+`python -m simmerge_ray ...` (a child that inherits them and RAY_ADDRESS, so it joins the cluster
+the job was submitted to, set by `ray job submit` and by KubeRay, or starts a local Ray), and
+publishes the output to object storage when `--out` is a URI. Flags the job does not know are
+passed on to the command unchanged: each command's flags are defined once, by the command.
 
 simmerge_ray is imported from the job's working directory (`ray job submit --working-dir .` puts
 it first on PYTHONPATH) or, run without Ray, from the installed package (`pip install -e .`).
@@ -13,14 +14,16 @@ it first on PYTHONPATH) or, run without Ray, from the installed package (`pip in
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import simmerge_ray
 from simmerge_ray import resources, storage
 from simmerge_ray.errors import SimMergeError
 
@@ -32,7 +35,7 @@ class Step:
     """One `simmerge` command that a job runs."""
 
     command: tuple[str, ...]  # the subcommand words, e.g. ("features", "structural")
-    module: str  # simmerge_ray.cli.<module> registers it
+    module: str  # simmerge_ray/cli/<module>.py defines it
     config: str | None = "--config"  # "positional", the flag that takes the config file, or None
     out: bool = True  # the command takes --out
     overwrite: bool = True  # the command takes --overwrite (replace the output)
@@ -96,15 +99,29 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
 
 
 def unavailable(stage: str) -> str | None:
-    """Why this version cannot run `stage`, or None when it can."""
-    from simmerge_ray import cli
-
+    """Why this version cannot run `stage` (a manifest written for a newer one), or None."""
+    cli = Path(simmerge_ray.__file__).parent / "cli"
     for step in STAGES[stage].steps:
-        if importlib.util.find_spec(f"simmerge_ray.cli.{step.module}") is None:
-            return f"module simmerge_ray.cli.{step.module} does not exist"
-        if step.module not in cli.COMMAND_MODULES:
-            return f"simmerge_ray.cli.{step.module} is not registered in simmerge_ray.cli.COMMAND_MODULES"
+        if not (cli / f"{step.module}.py").is_file():
+            return f"simmerge_ray/cli/{step.module}.py does not exist"
     return None
+
+
+def run_command(argv: list[str]) -> int:
+    """`simmerge ARGV` as a child process; its output goes to the job's log. A job stopped by
+    `ray job stop` (SIGTERM) stops the command too rather than leaving it running."""
+    child = subprocess.Popen([sys.executable, "-m", "simmerge_ray", *argv])
+
+    def stop(signum: int, _frame: object) -> None:
+        child.terminate()
+        child.wait()
+        sys.exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def command_argv(step: Step, args: argparse.Namespace, extra: list[str], out: str | None,
@@ -146,15 +163,10 @@ def run(stage: str, argv: list[str] | None = None) -> int:
         local_out = None if target is None else (target.path if target.is_plain_path else str(staging / "out"))
         if target is not None and not target.is_plain_path and storage.exists(target) and not args.overwrite:
             raise storage.StorageError(f"{args.out}: output already exists (pass --overwrite to replace it)")
-
-        from simmerge_ray import cli
-        from simmerge_ray.ray_session import init_ray
-
-        init_ray()
         for step in STAGES[stage].steps:
             command = command_argv(step, args, extra, local_out, asks, None if config is None else str(config))
             print(f"{prog}: simmerge {' '.join(command)}", flush=True)
-            status = cli.main(command)
+            status = run_command(command)
             if status != 0:
                 return status
         if target is not None and not target.is_plain_path:

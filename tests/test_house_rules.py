@@ -94,9 +94,10 @@ def _imports_of(module: str, files: list[Path]) -> list[str]:
 
 
 def test_only_the_cli_imports_the_cli() -> None:
-    library = [p for p in _py(LIBRARY) if CLI not in p.parents]
-    found = _imports_of("simmerge_ray.cli", library)
-    assert not found, _report("the library must not depend on its command line", found)
+    outside = [p for p in _py(LIBRARY, JOBS) if CLI not in p.parents and p.name != "__main__.py"]
+    found = _imports_of("simmerge_ray.cli", outside)
+    assert not found, _report("the library and the jobs must not depend on the command line's code "
+                              "(a job runs `python -m simmerge_ray`)", found)
 
 
 def test_the_library_and_jobs_do_not_import_benchmarks() -> None:
@@ -152,12 +153,13 @@ def _module_name(path: Path) -> str:
 
 def test_every_library_module_serves_the_library() -> None:
     """A module that only tests or benchmarks import (synthetic worlds, experiment statistics)
-    belongs in benchmarks/; the library's roots are its command modules and what jobs/ import."""
+    belongs in benchmarks/; the library's roots are its command modules, `python -m simmerge_ray`
+    and what jobs/ import."""
     from simmerge_ray.cli import COMMAND_MODULES
     from simmerge_ray.cli.features import FEATURE_MODULES  # `simmerge features <kind>`, loaded by name
 
     roots = ({f"simmerge_ray.cli.{m}" for m in (*COMMAND_MODULES, *FEATURE_MODULES)}
-             | {"simmerge_ray", "simmerge_ray.cli"})
+             | {"simmerge_ray", "simmerge_ray.cli", "simmerge_ray.__main__"})  # __main__: what jobs run
     modules = {_module_name(p): p for p in _py(LIBRARY)}
     used = {name for p in _py(LIBRARY, JOBS) for _, name in _imported(p)}
     orphans = [f"{_rel(p)}: imported by no library module or job" for m, p in sorted(modules.items())

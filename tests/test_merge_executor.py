@@ -20,9 +20,10 @@ from simmerge_ray.io.safetensors_format import file_layout, read_header
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, make_family, write_checkpoint
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, run_merge
-from simmerge_ray.merge.unit_merger import CRASH_ONCE_ENV
 from simmerge_ray.merge.units import ShardPlan, plan_units
 from simmerge_ray.merge.tensor_merge import check_finite
+
+from merge_faults import crash_once
 
 SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64,
                      max_shard_bytes=20_000)
@@ -74,11 +75,8 @@ def test_worker_count_and_crash_do_not_change_bytes(ray_cluster, models: Path, t
     run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "one", dataclasses.replace(opts, placement="local", workers=1))
     run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "two", opts)
     marker = tmp_path / "crashed"
-    os.environ[CRASH_ONCE_ENV] = str(marker)
-    try:
-        res = run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "crash", opts)
-    finally:
-        del os.environ[CRASH_ONCE_ENV]
+    res = run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "crash",
+                    dataclasses.replace(opts, worker_cls=crash_once(marker)))
     assert marker.exists(), "the fault was not injected"
     assert res.shards >= 3
     run_merge(MergeSpec.load(cfg, seed=7), tmp_path / "local", dataclasses.replace(opts, placement="local", workers=2))
@@ -102,11 +100,7 @@ def test_tensors_split_across_workers_give_the_same_bytes(ray_cluster, models: P
     assert len({u["pid"] for u in res.per_unit}) == 3  # every worker wrote part of the one file
     assert any(u["pieces"] > 1 for u in res.per_unit)  # units also gather several small tensors
     marker = tmp_path / "crashed"
-    os.environ[CRASH_ONCE_ENV] = str(marker)
-    try:
-        run_merge(MergeSpec.load(cfg), tmp_path / "crash", split)
-    finally:
-        del os.environ[CRASH_ONCE_ENV]
+    run_merge(MergeSpec.load(cfg), tmp_path / "crash", dataclasses.replace(split, worker_cls=crash_once(marker)))
     assert marker.exists(), "the fault was not injected"
     threads = torch.get_num_threads()
     local = run_merge(MergeSpec.load(cfg), tmp_path / "local", dataclasses.replace(split, placement="local"))

@@ -149,7 +149,7 @@ def test_stage_not_in_this_version_exits_with_a_clear_message(monkeypatch: pytes
     monkeypatch.setitem(entry.STAGES, "someday", entry.Stage((entry.Step(("someday",), "someday"),)))
     assert entry.run("someday", ["--config", "x.yaml"]) == entry.NOT_AVAILABLE
     err = capsys.readouterr().err
-    assert "stage 'someday' is not available" in err and "simmerge_ray.cli.someday does not exist" in err
+    assert "stage 'someday' is not available" in err and "simmerge_ray/cli/someday.py does not exist" in err
 
 
 def test_bad_resource_flag_fails_before_any_work(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from simmerge_ray.errors import CheckpointError, ConfigError
 from simmerge_ray.features import gram_kernel
 from simmerge_ray.features.gram_math import FEATURES, GramAccumulator, PairStats, pair_features, raw_gram
 from simmerge_ray.features.module_groups import GROUPS, depth_third, module_group
-from simmerge_ray.features.structural import StructuralOptions, batch_calls, compute_structural
+from simmerge_ray.features.structural import StructuralOptions, compute_structural, tensor_batches
 from simmerge_ray.io.checkpoint import Checkpoint, layer_index
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, make_config, write_checkpoint
 
@@ -229,23 +229,23 @@ def test_fused_bf16_blocks_equal_numpy(cols: list[int]) -> None:
         assert np.abs(gram - want).max() / norms.max() < 1e-6
 
 
-def test_batch_calls_balance_the_pool() -> None:
-    """Every tensor goes to exactly one call; the workers' bytes differ by at most the largest
-    tensor; each worker gets about `per_worker` calls, in order of its tensors' sizes."""
+def test_tensor_batches_balance_the_pool() -> None:
+    """Every tensor goes to exactly one batch, largest first, about `per_worker` per worker; handed
+    to whichever of 3 actors frees up first (time = bytes), the actors' loads differ by at most the
+    largest batch."""
     rng = np.random.default_rng(4)
     size = {f"t{i}": int(s) for i, s in enumerate(rng.integers(1, 1000, 200))}
     size["big"] = 5000
-    calls = batch_calls(list(size), size, n_workers=3, per_worker=8)
-    assigned = [t for _, batch in calls for t in batch]
-    assert sorted(assigned) == sorted(size)
-    load = [sum(size[t] for w, batch in calls if w == k for t in batch) for k in range(3)]
-    assert max(load) - min(load) <= 5000
-    for k in range(3):
-        mine = [batch for w, batch in calls if w == k]
-        assert 1 <= len(mine) <= 9
-        flat = [size[t] for batch in mine for t in batch]
-        assert flat == sorted(flat, reverse=True)
-    assert batch_calls(["a"], {"a": 10}, n_workers=2) == [(0, ["a"])]
+    batches = tensor_batches(list(size), size, n_workers=3, per_worker=8)
+    flat = [t for batch in batches for t in batch]
+    assert sorted(flat) == sorted(size) and flat[0] == "big"
+    assert [size[t] for t in flat] == sorted(size.values(), reverse=True)
+    assert 20 <= len(batches) <= 25
+    load = [0, 0, 0]
+    for batch in batches:
+        load[load.index(min(load))] += sum(size[t] for t in batch)
+    assert max(load) - min(load) <= max(sum(size[t] for t in b) for b in batches)
+    assert tensor_batches(["a"], {"a": 10}, n_workers=2) == [["a"]]
 
 
 def test_portable_kernel_build_gives_the_same_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

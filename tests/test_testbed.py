@@ -19,7 +19,7 @@ from simmerge_ray.merge.arms import ARM_NAMES
 from simmerge_ray.testbed.domains import DOMAINS
 from simmerge_ray.testbed.domains.multilingual import _VERBS
 from simmerge_ray.testbed.evaluate import encode
-from simmerge_ray.testbed.label_plans import LabelSettings, Plan, enumerate_plans
+from simmerge_ray.testbed.label_plans import LabelPlan, LabelSettings, enumerate_plans
 from simmerge_ray.testbed.label_tables import gap_summary, multiway_table, pairwise_table
 from simmerge_ray.testbed.lora import add_lora, merge_lora
 from simmerge_ray.testbed.merging import merge_state_dicts
@@ -168,7 +168,7 @@ def test_label_merge_matches_a_hand_merge(tiny_zoo, ray_cluster):
 
     cat = Catalog.load(tiny_zoo / "catalog.yaml")
     actor = ray_cluster.remote(PlanEvaluator).remote(str(tiny_zoo / "catalog.yaml"))
-    got = ray_cluster.get(actor.run.remote([Plan(("code-a", "rag-a"), ("linear",), ("code", "rag"))]))[0]
+    got = ray_cluster.get(actor.run.remote([LabelPlan(("code-a", "rag-a"), ("linear",), tasks=("code", "rag"))]))[0]
     ray_cluster.kill(actor)
     a = load_file(str(cat.model("code-a").path / "model.safetensors"))
     b = load_file(str(cat.model("rag-a").path / "model.safetensors"))
@@ -188,10 +188,10 @@ def test_gap_closed_and_tables_on_a_hand_checked_case():
         "m2": {"code": 0.2995, "math": 0.20},
     }
     results = [
-        (Plan(("c1", "m1"), ("linear",), ("code", "math")), {"code": 0.25, "math": 0.31}),
-        (Plan(("c1", "m1"), ("ties",), ("code", "math")), {"code": 0.20, "math": 0.37}),
-        (Plan(("c1", "m2"), ("linear",), ("code", "math")), {"code": 0.29, "math": 0.15}),
-        (Plan(("m1", "c1"), ("linear",), ("math", "code")), {"math": 0.31, "code": 0.25}),
+        (LabelPlan(("c1", "m1"), ("linear",), tasks=("code", "math")), {"code": 0.25, "math": 0.31}),
+        (LabelPlan(("c1", "m1"), ("ties",), tasks=("code", "math")), {"code": 0.20, "math": 0.37}),
+        (LabelPlan(("c1", "m2"), ("linear",), tasks=("code", "math")), {"code": 0.29, "math": 0.15}),
+        (LabelPlan(("m1", "c1"), ("linear",), tasks=("math", "code")), {"math": 0.31, "code": 0.25}),
     ]
     labels, dropped = pairwise_table(results, singles, experts, epsilon=1e-3)
     assert dropped == 1  # c1 vs m2 on code: gap 0.0005 < epsilon
@@ -209,7 +209,7 @@ def test_gap_closed_and_tables_on_a_hand_checked_case():
     assert summary["code"]["oracle"] == pytest.approx(0.75) and summary["code"]["best_linear"] == 1
     assert summary["mean"]["pairs"] == 2 and summary["mean"]["best_ties"] == 0
 
-    multi = multiway_table([(Plan(("c1", "m1", "m2"), ("linear", "ties"), ("code", "math", "math"), "equal"),
+    multi = multiway_table([(LabelPlan(("c1", "m1", "m2"), ("linear", "ties"), "equal", tasks=("code", "math", "math")),
                              {"code": 0.24, "math": 0.3})], singles, experts)
     row = multi.row(0, named=True)
     assert row["k"] == 3 and row["task"] == "code" and row["operators"] == ["linear", "ties"]
@@ -249,9 +249,9 @@ def test_enumerate_plans_counts_and_sampling_is_seeded():
     fp = {m: m for m in experts} | {"base": "base"}
     digests = {t: t for t in "abcd"}
     p = by_k[3][0]
-    half = Plan(p.models, p.operators, p.tasks, "half")
-    assert half.key(fp, digests) == Plan(p.models, p.operators, p.tasks).key(fp, digests)
-    assert Plan(p.models, p.operators, p.tasks, "equal").key(fp, digests) != half.key(fp, digests)
+    half = LabelPlan(p.models, p.operators, "half", tasks=p.tasks)
+    assert half.key(fp, digests) == LabelPlan(p.models, p.operators, tasks=p.tasks).key(fp, digests)
+    assert LabelPlan(p.models, p.operators, "equal", tasks=p.tasks).key(fp, digests) != half.key(fp, digests)
 
 
 def test_merge_state_dicts_operators():

@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from simmerge_ray import placement, resources
+from simmerge_ray import resources
+from simmerge_ray.actor_pool import ActorPool
 from simmerge_ray.catalog import Catalog
-from simmerge_ray.errors import CheckpointError, ConfigError, ray_get
+from simmerge_ray.errors import CheckpointError, ConfigError
 from simmerge_ray.features import gram_kernel
 from simmerge_ray.features.gram_cache import GramCache, load_entry, save_entry
 from simmerge_ray.features.gram_math import PRECISIONS
@@ -45,10 +46,10 @@ from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.stage_files import check_stage, stage_files
 
 REF_KEY = "ref"  # cache key of the reference row (its fingerprint names the cache folder)
-BATCHES_PER_WORKER = 8
+BATCHES_PER_WORKER = 8  # calls per actor in a pass: progress steps, each with little overhead
 # What the pass writes to its --out folder (which it shares with the functional stage).
 STRUCTURAL_FILES = ("structural.parquet", "structural_layers.parquet", "gram.safetensors", "gram_meta.json",
-                    "structural_run.json")  # calls per actor in a pass: progress steps, each with little overhead
+                    "structural_run.json")
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class StructuralRun:
 # ---- the cache of Gram entries ----------------------------------------------------------------
 
 @dataclass
-class Plan:
+class ReadPlan:
     """What a pass must compute: the rows it reads and the Gram columns it computes."""
 
     read_rows: list[int]
@@ -107,7 +108,7 @@ class Plan:
         return not self.cols
 
 
-def plan_pass(rows: int, ref: int, missing: set[tuple[int, int]]) -> Plan:
+def plan_pass(rows: int, ref: int, missing: set[tuple[int, int]]) -> ReadPlan:
     """Columns covering every missing pair: rows never computed before (missing diagonal) first,
     then one side of each remaining pair. Every missing pair then has a side among the columns,
     and only the rows that appear in a missing pair (plus the reference) are read."""
@@ -116,9 +117,9 @@ def plan_pass(rows: int, ref: int, missing: set[tuple[int, int]]) -> Plan:
         if i not in cols and j not in cols:
             cols.append(j)
     if not cols:
-        return Plan([], [])
+        return ReadPlan([], [])
     read = sorted({i for pair in missing for i in pair} | {ref})
-    return Plan(read, sorted(cols))
+    return ReadPlan(read, sorted(cols))
 
 
 # ---- the pass ---------------------------------------------------------------------------------
@@ -171,13 +172,13 @@ def check_structural_out(catalog: Catalog, out: Path, overwrite: bool) -> None:
     check_stage(out, (JOINED_FILE,), replace=True)
 
 
-def _plan_digest(plan: Plan, keys: Sequence[str], rows: Rows) -> str:
+def _plan_digest(plan: ReadPlan, keys: Sequence[str], rows: Rows) -> str:
     h = hashlib.blake2b(digest_size=8)
     h.update(json.dumps([[keys[i] for i in plan.read_rows], [keys[i] for i in plan.cols], rows.tensors]).encode())
     return h.hexdigest()
 
 
-def _run_pass(rows: Rows, plan: Plan, keys: Sequence[str], cache: GramCache, opts: StructuralOptions,
+def _run_pass(rows: Rows, plan: ReadPlan, keys: Sequence[str], cache: GramCache, opts: StructuralOptions,
               run: StructuralRun, progress: Callable[[int, int], None] | None) -> dict[str, dict]:
     """Stream the plan's rows through a pool of actors; returns per-tensor result blocks."""
     work = cache.work_dir(_plan_digest(plan, keys, rows))
@@ -205,20 +206,15 @@ def _run_pass(rows: Rows, plan: Plan, keys: Sequence[str], cache: GramCache, opt
     ref_pos = plan.read_rows.index(rows.ref)
     col_pos = [plan.read_rows.index(c) for c in plan.cols]
     paths = [str(rows.ckpts[r].path) for r in plan.read_rows]
-    placement.check_placeable("structural actor", ask, opts.resources)
     gram_kernel.load()  # built once here, not by every actor of this node at once
-    worker_cls = ray.remote(GramWorker).options(**ask.ray_options(), resources=opts.resources,
-                                                max_restarts=opts.max_retries, max_task_retries=opts.max_retries)
-    workers = [worker_cls.remote(paths, ref_pos, col_pos, rows.has_base, opts.chunk_elems, opts.precision,
-                                 ask.num_cpus) for _ in range(n_workers)]
-    ray.get([w.__ray_ready__.remote() for w in workers])
-    t_ready = time.perf_counter()
-    pending = {workers[w].gram.remote(batch): batch for w, batch in batch_calls(todo, size, n_workers)}
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            pending.pop(ready[0])
-            for res in ray_get(ready[0]):
+    with ActorPool(GramWorker, n_workers, ask, what="structural actor", resources=opts.resources,
+                   max_retries=opts.max_retries,
+                   args=(paths, ref_pos, col_pos, rows.has_base, opts.chunk_elems, opts.precision,
+                         ask.num_cpus)) as pool:
+        pool.wait_ready()
+        t_ready = time.perf_counter()
+        for batch, results in pool.map_unordered("gram", tensor_batches(todo, size, n_workers)):
+            for res in results:
                 t = res["tensor"]
                 _check_finite(rows, plan, t, res["gram"], col_pos)
                 block = {"gram": res["gram"], "agree": res["agree"], "disagree": res["disagree"]}
@@ -235,38 +231,28 @@ def _run_pass(rows: Rows, plan: Plan, keys: Sequence[str], cache: GramCache, opt
             if progress:
                 progress(done, grand)
         run.stream_seconds = time.perf_counter() - t_ready
-    finally:
-        for w in workers:
-            ray.kill(w)
     return blocks
 
 
-def batch_calls(tensors: Sequence[str], size: dict[str, int], n_workers: int,
-                per_worker: int = BATCHES_PER_WORKER) -> list[tuple[int, list[str]]]:
-    """(worker, tensors) calls: the largest tensors first, each to the least loaded worker, so
-    the pool finishes close together; then each worker's share cut into about `per_worker`
-    batches of similar bytes (a progress step each, and little per-call overhead)."""
-    load = [0] * n_workers
-    shares: list[list[str]] = [[] for _ in range(n_workers)]
-    for t in sorted(tensors, key=lambda t: -size[t]):
-        w = load.index(min(load))
-        load[w] += size[t]
-        shares[w].append(t)
-    calls = []
-    for w, share in enumerate(shares):
-        target, batch, acc = max(1, load[w] // per_worker), [], 0
-        for t in share:
-            batch.append(t)
-            acc += size[t]
-            if acc >= target:
-                calls.append((w, batch))
-                batch, acc = [], 0
-        if batch:
-            calls.append((w, batch))
-    return calls
+def tensor_batches(tensors: Sequence[str], size: dict[str, int], n_workers: int,
+                   per_worker: int = BATCHES_PER_WORKER) -> list[list[str]]:
+    """The tensors, largest first, cut into about `per_worker` x `n_workers` batches of similar
+    bytes (a progress step each, and little per-call overhead). Handed out in this order to
+    whichever actor frees up first, the largest work starts first and the pool finishes close
+    together (list scheduling in decreasing size: within one batch of the ideal)."""
+    ordered = sorted(tensors, key=lambda t: -size[t])
+    target = max(1, sum(size[t] for t in tensors) // (max(1, n_workers) * per_worker))
+    batches, batch, acc = [], [], 0
+    for t in ordered:
+        batch.append(t)
+        acc += size[t]
+        if acc >= target:
+            batches.append(batch)
+            batch, acc = [], 0
+    return batches + ([batch] if batch else [])
 
 
-def _check_finite(rows: Rows, plan: Plan, tensor: str, gram: np.ndarray, col_pos: Sequence[int]) -> None:
+def _check_finite(rows: Rows, plan: ReadPlan, tensor: str, gram: np.ndarray, col_pos: Sequence[int]) -> None:
     """NaN or Inf anywhere in a row makes its own Gram entry non-finite: report it by name."""
     diag = {plan.cols[k]: gram[p, k] for k, p in enumerate(col_pos)}
     bad = [r for r, v in diag.items() if not np.isfinite(v)]

@@ -20,10 +20,10 @@ from simmerge_ray.io.checkpoint import layer_index
 from simmerge_ray.io.safetensors_format import StreamingWriter
 
 if TYPE_CHECKING:
-    from simmerge_ray.features.structural import Plan, StructuralRun
+    from simmerge_ray.features.structural import ReadPlan, StructuralRun
 
 
-def pair_arrays(blocks: dict[str, dict], plan: Plan, tensors: Sequence[str], i: int, j: int) -> dict[str, np.ndarray]:
+def pair_arrays(blocks: dict[str, dict], plan: ReadPlan, tensors: Sequence[str], i: int, j: int) -> dict[str, np.ndarray]:
     """One pair's per-tensor values, taken from whichever side is a computed column."""
     if j in plan.cols and i in plan.read_rows:
         r, c = plan.read_rows.index(i), plan.cols.index(j)

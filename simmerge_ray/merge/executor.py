@@ -32,6 +32,7 @@ from simmerge_ray.merge.tensor_merge import compute_code, tensor_compute
 from simmerge_ray.merge.tensor_plan import TensorTask, check_parts, output_layers, plan_tensors
 from simmerge_ray.merge.tokenizer import BuiltVocabulary, build_vocabulary
 from simmerge_ray.merge.piece_routes import open_inputs
+from simmerge_ray.merge.unit_merger import UnitMerger
 from simmerge_ray.merge.units import ShardPlan, WorkUnit, plan_shards, plan_units
 
 PLACEMENTS = ("local", "ray")
@@ -66,6 +67,9 @@ class ExecOptions:
     # (`--compute-dtype float32`); the output's dtype does not change with it.
     compute_dtype: str | None = None
     progress: bool = False  # a progress bar on stderr (only drawn when it is a terminal)
+    # The class every worker thread or actor merges with: a subclass can add instrumentation
+    # (the fault-injection tests crash one) without the library carrying it.
+    worker_cls: type[UnitMerger] = UnitMerger
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -173,7 +177,7 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
         for p in plan.shards:
             preallocate(partial[p.file], plan.layouts[p.file])
         common = dict(stream_bytes=opts.stream_bytes, chunk_elems=opts.chunk_elems,
-                      allow_nonfinite=opts.allow_nonfinite, progress=progress)
+                      allow_nonfinite=opts.allow_nonfinite, progress=progress, worker_cls=opts.worker_cls)
         try:
             if opts.placement == "local":
                 stats = run_local(spec, plan.tasks, plan.units, partial, workers=opts.n_workers,

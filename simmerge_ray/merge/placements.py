@@ -20,7 +20,7 @@ from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.piece_routes import PieceRoutes, open_inputs
 from simmerge_ray.merge.progress import Progress
 from simmerge_ray.merge.tensor_plan import TensorTask
-from simmerge_ray.merge.unit_merger import CRASH_ONCE_ENV, UnitMerger
+from simmerge_ray.merge.unit_merger import UnitMerger
 from simmerge_ray.merge.units import WorkUnit
 
 
@@ -31,14 +31,14 @@ def local_cpus() -> int:
 
 def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUnit], partial: dict[str, Path],
               *, workers: int, threads_per_worker: int, stream_bytes: int, chunk_elems: int,
-              allow_nonfinite: bool, progress: Progress) -> list[dict]:
+              allow_nonfinite: bool, progress: Progress, worker_cls: type[UnitMerger] = UnitMerger) -> list[dict]:
     """Units over `workers` threads, each with its own UnitMerger (buffers, file handles)."""
     n = max(1, min(workers, len(units)))
     local = threading.local()
 
     def merger() -> UnitMerger:
         if getattr(local, "merger", None) is None:
-            local.merger = UnitMerger(spec, tasks, stream_bytes, chunk_elems, progress=progress.advance)
+            local.merger = worker_cls(spec, tasks, stream_bytes, chunk_elems, progress=progress.advance)
         return local.merger
 
     # torch (when the merge needs it: a linear merge by the C kernel never imports it) runs
@@ -49,7 +49,7 @@ def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUni
         torch.set_num_threads(max(1, threads_per_worker))
     try:
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="merge-worker") as pool:
-            futures = [pool.submit(lambda u=u: merger().run(u, str(partial[u.file]), allow_nonfinite)) for u in units]
+            futures = [pool.submit(lambda u=u: merger().run(u, partial, allow_nonfinite)) for u in units]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             failed = [f for f in done if f.exception() is not None]
             if failed:
@@ -65,39 +65,22 @@ def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUni
 def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUnit], partial: dict[str, Path],
                *, workers: int, cpus_per_worker: float, memory_per_worker: int | None,
                resources: dict[str, float] | None, max_retries: int, stream_bytes: int, chunk_elems: int,
-               allow_nonfinite: bool, progress: Progress) -> list[dict]:
-    """Units round robin over a pool of restartable actors; a lost worker's unit is retried."""
+               allow_nonfinite: bool, progress: Progress, worker_cls: type[UnitMerger] = UnitMerger) -> list[dict]:
+    """Units over a pool of restartable actors; a lost worker's unit is retried. Results in unit order."""
     import ray
 
-    from simmerge_ray import placement
-    from simmerge_ray.errors import ray_get
+    from simmerge_ray.actor_pool import ActorPool
     from simmerge_ray.resources import ResourceAsk
 
-    placement.check_placeable("merge worker", ResourceAsk(cpus_per_worker, 0.0, memory_per_worker), resources)
-    worker_cls = ray.remote(UnitMerger).options(
-        num_cpus=cpus_per_worker,
-        memory=memory_per_worker,
-        max_restarts=max_retries,
-        max_task_retries=max_retries,
-        resources=resources,
-        runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k == CRASH_ONCE_ENV}} or None,
-    )
-    n = max(1, min(workers, len(units)))
+    ask = ResourceAsk(cpus_per_worker, 0.0, memory_per_worker)
     tasks_ref = ray.put(tasks)
-    actors = [worker_cls.remote(spec, tasks_ref, stream_bytes, chunk_elems, threads=int(max(1, cpus_per_worker)))
-              for _ in range(n)]
-    try:
-        futures = [actors[k % n].run.remote(u, str(partial[u.file]), allow_nonfinite) for k, u in enumerate(units)]
-        unit_of = {f: u for f, u in zip(futures, units)}
-        pending = list(futures)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for f in ready:
-                ray_get([f])  # raises a failed unit's error at once, as a one-line MergeError
-                u = unit_of[f]
-                progress.advance(u.elems, sum(p.last for p in u.pieces))
-        return ray_get(futures)
-    finally:
-        for a in actors:
-            ray.kill(a)
-
+    index = {id(u): k for k, u in enumerate(units)}
+    results: list[dict] = [{}] * len(units)
+    with ActorPool(worker_cls, min(workers, len(units)), ask, what="merge worker", resources=resources,
+                   max_retries=max_retries, args=(spec, tasks_ref, stream_bytes, chunk_elems,
+                                                  int(max(1, cpus_per_worker)))) as pool:
+        # two calls in flight per actor: the next unit is queued while the driver handles a result
+        for u, result in pool.map_unordered("run", units, in_flight=2, args=(partial, allow_nonfinite)):
+            results[index[id(u)]] = result
+            progress.advance(u.elems, sum(p.last for p in u.pieces))
+    return results

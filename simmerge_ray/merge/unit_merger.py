@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,10 +25,6 @@ from simmerge_ray.merge.piece_routes import PieceRoutes, open_inputs
 from simmerge_ray.merge.tensor_merge import check_finite, merge_tensor, nonfinite_error
 from simmerge_ray.merge.tensor_plan import TensorTask
 from simmerge_ray.merge.units import Piece, WorkUnit
-
-# Set by the fault-injection test: the first worker to reach its second unit exits abruptly
-# (once, tracked by this marker file), to prove that a lost worker is retried cleanly.
-CRASH_ONCE_ENV = "SIMMERGE_TEST_CRASH_ONCE"
 
 Chunks = Callable[[], Iterator[tuple[int, list["torch.Tensor"]]]]
 
@@ -69,16 +65,15 @@ class UnitMerger:
         self.chunk_elems = self.routes.chunk_elems
         self.progress = progress
         self.scratch = Scratch()
-        self._units_done = 0
         self._read = 0
         self._out_slot = 0
 
-    def run(self, unit: WorkUnit, path: str, allow_nonfinite: bool) -> dict:
-        """Merge `unit` into the preallocated file `path` (its pieces' byte ranges only)."""
-        self._maybe_crash()
+    def run(self, unit: WorkUnit, partial: Mapping[str, Path], allow_nonfinite: bool) -> dict:
+        """Merge `unit` into its shard's preallocated file `partial[unit.file]` (its pieces' byte
+        ranges only)."""
         t0 = time.perf_counter()
         self._read = 0
-        writer = BackgroundWriter(RangeWriter(Path(path)))
+        writer = BackgroundWriter(RangeWriter(Path(partial[unit.file])))
         pieces = unit.pieces
 
         def fetch(i: int):
@@ -105,7 +100,6 @@ class UnitMerger:
             except BaseException:
                 writer.abort()
                 raise
-        self._units_done += 1
         return {"file": unit.file, "pieces": len(pieces), "elements": unit.elems, "bytes_read": self._read,
                 "seconds": time.perf_counter() - t0, "pid": os.getpid()}
 
@@ -301,9 +295,3 @@ class UnitMerger:
         tensors = {(model, t): self.ckpts[model].read(t) for model, t in reads}
         self._read += sum(self.ckpts[model].entries[t].nbytes for model, t in reads)
         return tensors
-
-    def _maybe_crash(self) -> None:
-        marker = os.environ.get(CRASH_ONCE_ENV)
-        if marker and self._units_done >= 1 and not os.path.exists(marker):
-            Path(marker).write_text(str(os.getpid()))
-            os._exit(1)

@@ -1,9 +1,7 @@
-"""A multi-way merge plan: an ordered subset of the catalog, one arm per step and a weighting.
+"""A merge plan: an ordered subset of the catalog, one arm per step and a weighting (a fold,
+merge/fold.py), with the planner's predictions and how far to trust them.
 
-Merged as a left fold, M_1 = m_1, M_j = arm_{j-1}(M_{j-1}, m_j), each step an arm of
-merge/arms.py run at the share the plan's weighting gives that step (`weighting` None: each arm
-as declared, the form of pairwise plans and of plans written before weightings existed). The
-target task's expert may sit anywhere in the order. A plan serialises to JSON and to one
+The target task's expert may sit anywhere in the order. A plan serialises to JSON and to one
 mergekit-compatible YAML per step.
 """
 
@@ -17,7 +15,8 @@ from typing import Any
 import yaml
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.merge.arms import Arm, fold_arms, get_arm, get_weighting
+from simmerge_ray.merge.arms import Arm
+from simmerge_ray.merge.fold import Fold, check_fold
 
 
 @dataclass
@@ -45,21 +44,18 @@ class Plan:
     def __post_init__(self) -> None:
         if len(self.models) < 2:
             raise ConfigError(f"a plan merges at least two models, got {self.models}")
-        if len(self.operators) != len(self.models) - 1:
-            raise ConfigError(f"plan {self.models}: {len(self.operators)} operators for {len(self.models) - 1} steps")
-        if len(set(self.models)) != len(self.models):
-            raise ConfigError(f"plan {self.models}: a model appears twice")
-        for op in self.operators:
-            get_arm(op)  # an unknown arm is a ConfigError listing the known ones
-        if self.weighting is not None:
-            get_weighting(self.weighting)
+        check_fold(self.models, self.operators, self.weighting)
         self.expert = self.expert or self.models[0]
         if self.expert not in self.models:
             raise ConfigError(f"plan {self.models}: expert {self.expert!r} is not one of its models")
 
+    @property
+    def fold(self) -> Fold:
+        return Fold(tuple(self.models), tuple(self.operators), self.weighting)
+
     def step_arms(self) -> list[Arm]:
         """The arm each step runs, at its share."""
-        return fold_arms(self.operators, self.weighting)
+        return self.fold.step_arms()
 
     @property
     def k(self) -> int:

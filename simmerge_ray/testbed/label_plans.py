@@ -1,7 +1,7 @@
 """Which merges the label run measures: singles, every 2-way pair, and sampled 3-/4-way plans.
 
-A plan is an ordered list of models and one operator per merge step, merged as a left fold
-(METHOD.md): M_1 = m_1, M_j = op_{j-1}(M_{j-1}, m_j). Sampling (seeded, documented in
+A label plan is a fold of models (merge/fold.py, METHOD.md's M_j = op_{j-1}(M_{j-1}, m_j)) and
+the tasks its result is scored on. Sampling (seeded, documented in
 docs/testbed.md):
   - 2-way: every ordered (expert of task t, expert of another task) pair x every operator;
   - 3-way: `subsets_3` subsets of 3 experts of distinct tasks; 4-way: `subsets_4` subsets of 4.
@@ -17,13 +17,14 @@ import hashlib
 import itertools
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.merge.arms import ARM_NAMES, STEP_ARMS, WEIGHTING_NAMES, Arm, fold_arms, get_arm, get_weighting
+from simmerge_ray.merge.arms import ARM_NAMES, STEP_ARMS, WEIGHTING_NAMES, get_arm, get_weighting
+from simmerge_ray.merge.fold import Fold
 
 # Bump when the scoring changes: old cached results then stop matching.
 SCORE_VERSION = "loglik-v1"
@@ -46,6 +47,8 @@ class LabelSettings(BaseModel):
     gap_epsilon: float | None = Field(None, ge=0, description=(
         "pairs whose expert-aux gap is smaller are dropped (default: 0.05 in accuracy, about two standard "
         "errors of a 256-example eval set; 1e-3 in score)"))
+    workers: int = Field(2, gt=0)
+    plans_per_call: int = Field(16, gt=0)
 
     @field_validator("weightings")
     @classmethod
@@ -62,26 +65,15 @@ class LabelSettings(BaseModel):
         if self.gap_epsilon is not None:
             return self.gap_epsilon
         return 0.05 if self.metric == "accuracy" else 1e-3
-    workers: int = Field(2, gt=0)
-    plans_per_call: int = Field(16, gt=0)
 
 
 @dataclass(frozen=True)
-class Plan:
-    models: tuple[str, ...]
-    operators: tuple[str, ...]  # one per merge step: len(models) - 1
-    tasks: tuple[str, ...]  # tasks the result is scored on
-    weighting: str | None = None  # fold weighting of multi-way plans; None: each arm as declared
+class LabelPlan(Fold):
+    """A fold the label run measures (a single model when k = 1), scored on `tasks`."""
 
-    @property
-    def k(self) -> int:
-        return len(self.models)
+    tasks: tuple[str, ...] = field(kw_only=True)  # tasks the result is scored on
 
-    def step_arms(self) -> list[Arm]:
-        """The arm each step runs, at its share."""
-        return fold_arms(self.operators, self.weighting)
-
-    def canonical(self) -> "Plan":
+    def canonical(self) -> LabelPlan:
         """The same merge written one fixed way: a 2-way plan whose arm has a mirror (linear_expert
         of (a, b) is linear_aux of (b, a); symmetric arms mirror themselves) in model-name order,
         so the label run measures each merge once."""
@@ -90,7 +82,7 @@ class Plan:
         mirror = get_arm(self.operators[0]).mirror()
         if mirror is None or self.models <= self.models[::-1]:
             return self
-        return Plan(self.models[::-1], (mirror,), self.tasks[::-1])
+        return LabelPlan(self.models[::-1], (mirror,), tasks=self.tasks[::-1])
 
     def key(self, fingerprints: dict[str, str], task_digests: dict[str, str]) -> str:
         """Content key: model and base fingerprints, operators with their parameters, eval sets;
@@ -128,13 +120,13 @@ def empty_size_reasons(experts: dict[str, str], settings: LabelSettings) -> dict
 
 
 def enumerate_plans(experts: dict[str, str], all_tasks: list[str], settings: LabelSettings,
-                    extra_singles: tuple[str, ...] = ("base",)) -> list[Plan]:
+                    extra_singles: tuple[str, ...] = ("base",)) -> list[LabelPlan]:
     """All plans of a label run, in a deterministic order. `experts`: model name -> its task."""
     ops = settings.step_operators
-    plans = [Plan((m,), (), tuple(all_tasks)) for m in (*extra_singles, *sorted(experts))]
+    plans = [LabelPlan((m,), (), tasks=tuple(all_tasks)) for m in (*extra_singles, *sorted(experts))]
     for a, b in itertools.permutations(sorted(experts), 2):
         if experts[a] != experts[b]:
-            plans += [Plan((a, b), (op,), (experts[a], experts[b])) for op in settings.operators]
+            plans += [LabelPlan((a, b), (op,), tasks=(experts[a], experts[b])) for op in settings.operators]
     rng = random.Random(f"labels|{settings.seed}")
     chosen = {k: rng.sample(c, min(n, len(c))) for k, n in ((3, settings.subsets_3), (4, settings.subsets_4))
               if (c := _distinct_task_subsets(experts, k))}
@@ -148,5 +140,5 @@ def enumerate_plans(experts: dict[str, str], all_tasks: list[str], settings: Lab
             orders = list(itertools.permutations(subset))
             if k == 4:
                 orders = srng.sample(orders, min(settings.orders_4, len(orders)))
-            plans += [Plan(o, s, tasks, w) for w in settings.weightings for s in seqs for o in orders]
+            plans += [LabelPlan(o, s, w, tasks=tasks) for w in settings.weightings for s in seqs for o in orders]
     return plans

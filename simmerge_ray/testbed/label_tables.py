@@ -10,7 +10,7 @@ import json
 import polars as pl
 
 from simmerge_ray.merge.arms import get_arm
-from simmerge_ray.testbed.label_plans import Plan
+from simmerge_ray.testbed.label_plans import LabelPlan
 
 Scores = dict[str, float]  # task -> score
 
@@ -33,7 +33,7 @@ def model_scores_table(singles: dict[str, Scores]) -> pl.DataFrame:
     )
 
 
-def pairwise_table(results: list[tuple[Plan, Scores]], singles: dict[str, Scores],
+def pairwise_table(results: list[tuple[LabelPlan, Scores]], singles: dict[str, Scores],
                    experts: dict[str, str], epsilon: float) -> tuple[pl.DataFrame, int]:
     """labels.parquet rows, and how many (pair, operator) rows were dropped for a gap below epsilon."""
     rows, dropped = [], 0
@@ -65,7 +65,7 @@ def pairwise_table(results: list[tuple[Plan, Scores]], singles: dict[str, Scores
     return pl.DataFrame(rows, schema=schema), dropped
 
 
-def multiway_table(results: list[tuple[Plan, Scores]], singles: dict[str, Scores],
+def multiway_table(results: list[tuple[LabelPlan, Scores]], singles: dict[str, Scores],
                    experts: dict[str, str]) -> pl.DataFrame:
     """labels_multiway.parquet: one row per plan, with every model's measured retention on its own
     task (s_merge / s_model - 1; undefined where the model scores 0 there, possible in accuracy on

@@ -19,16 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 import torch
 
-from simmerge_ray import placement, resources
+from simmerge_ray import resources
+from simmerge_ray.actor_pool import ActorPool
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.digest_cache import file_digest
-from simmerge_ray.testbed.label_plans import LabelSettings, Plan, empty_size_reasons, enumerate_plans
+from simmerge_ray.testbed.label_plans import LabelSettings, LabelPlan, empty_size_reasons, enumerate_plans
 from simmerge_ray.merge.arms import get_arm, get_weighting
 from simmerge_ray.testbed.label_tables import gap_summary, model_scores_table, multiway_table, pairwise_table
 from simmerge_ray.testbed.merging import merge_arm
@@ -70,7 +70,7 @@ class PlanEvaluator:
         self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(cat.base)),
                                                       attn_implementation="eager", dtype=torch.float32)
 
-    def run(self, plans: list[Plan]) -> list[dict[str, dict[str, float]]]:
+    def run(self, plans: list[LabelPlan]) -> list[dict[str, dict[str, float]]]:
         from simmerge_ray.testbed.evaluate import score
 
         memo: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -104,7 +104,7 @@ def check_label_catalog(cat: Catalog) -> dict[str, str]:
     return experts
 
 
-def _calls(todo: list[tuple[str, Plan]], per_call: int) -> list[list[tuple[str, Plan]]]:
+def _calls(todo: list[tuple[str, LabelPlan]], per_call: int) -> list[list[tuple[str, LabelPlan]]]:
     """Batch plans over the same model set together (shared merge prefixes), `per_call` at most."""
     groups: dict[frozenset, list] = defaultdict(list)
     for item in todo:
@@ -127,7 +127,7 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     keyed = [(p.key(fingerprints, task_digests), p) for p in plans]
     cache = Path(out) / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    unique: dict[str, Plan] = {}  # a mirrored 2-way merge is measured once, under its canonical form
+    unique: dict[str, LabelPlan] = {}  # a mirrored 2-way merge is measured once, under its canonical form
     for k, p in keyed:
         unique.setdefault(k, p)
     todo = [(k, p.canonical()) for k, p in unique.items() if not (cache / f"{k}.json").exists()]
@@ -144,28 +144,19 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     computed = 0
     if calls:
         ask = resources.inference_ask()
-        placement.check_placeable("label actor", ask)  # not a silent wait for a node that never comes
-        evaluator = ray.remote(PlanEvaluator).options(**ask.ray_options())
-        actors = [evaluator.remote(str(Path(catalog_path).resolve()), max(1, int(ask.num_cpus)))
-                  for _ in range(min(settings.workers, len(calls)))]
-        idle = list(actors)
-        pending: dict = {}
-        while calls or pending:
-            while calls and idle:
-                actor, batch = idle.pop(), calls.pop(0)
-                pending[actor.run.remote([p for _, p in batch])] = (actor, batch)
-            done, _ = ray.wait(list(pending), num_returns=1)
-            actor, batch = pending.pop(done[0])
-            idle.append(actor)
-            for (key, plan), scores in zip(batch, ray.get(done[0])):
-                record = {"models": plan.models, "operators": plan.operators, "weighting": plan.weighting,
-                          "scores": scores}
-                atomic_write_text(cache / f"{key}.json", json.dumps(record))
-            computed += len(batch)
-            if computed % 200 < len(batch):
-                log(f"label: {computed}/{len(todo)} measured ({time.perf_counter() - t0:.0f}s)")
-        for a in actors:
-            ray.kill(a)
+        sent = [[p for _, p in batch] for batch in calls]
+        batch_of = {id(plans): batch for plans, batch in zip(sent, calls)}
+        with ActorPool(PlanEvaluator, min(settings.workers, len(calls)), ask, what="label actor",
+                       args=(str(Path(catalog_path).resolve()), max(1, int(ask.num_cpus)))) as pool:
+            for plans, results in pool.map_unordered("run", sent):
+                batch = batch_of[id(plans)]
+                for (key, plan), scores in zip(batch, results):
+                    record = {"models": plan.models, "operators": plan.operators, "weighting": plan.weighting,
+                              "scores": scores}
+                    atomic_write_text(cache / f"{key}.json", json.dumps(record))
+                computed += len(batch)
+                if computed % 200 < len(batch):
+                    log(f"label: {computed}/{len(todo)} measured ({time.perf_counter() - t0:.0f}s)")
 
     complete = cached + computed == len(unique)
     if complete:
@@ -173,7 +164,7 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     return LabelRunReport(len(unique), computed, cached, complete, time.perf_counter() - t0, Path(out))
 
 
-def _write_tables(out: Path, keyed: list[tuple[str, Plan]], cache: Path, experts: dict[str, str],
+def _write_tables(out: Path, keyed: list[tuple[str, LabelPlan]], cache: Path, experts: dict[str, str],
                   settings: LabelSettings, seconds: float) -> None:
     results = [(p, json.loads((cache / f"{k}.json").read_text())["scores"]) for k, p in keyed]
     metric = settings.metric

@@ -1,0 +1,78 @@
+"""The one pool of Ray actors that the streaming stages share (Gram pass, merge, labels).
+
+Each stage has per-actor state worth keeping (open checkpoints, a loaded catalog, buffers), so
+it runs a fixed set of actors rather than tasks, and feeds them work as they free up: the next
+item goes to whichever actor finished first, so a slow item never holds the others back. The
+resource ask is passed in by the caller (from the command's flags or the job's manifest),
+checked against the cluster's node types before anything starts, and the actors are killed
+when the pool closes, also on an error.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+import ray
+
+from simmerge_ray import placement
+from simmerge_ray.errors import ray_get
+from simmerge_ray.resources import ResourceAsk
+
+T = TypeVar("T")
+
+
+class ActorPool(Generic[T]):
+    """`size` actors of `actor_cls`, each built with `args`, asking `ask` (plus custom `resources`).
+
+    With `max_retries` > 0 a lost actor is restarted and its calls retried, so a worker or node
+    lost mid-run costs only the calls it held (the methods must be safe to repeat)."""
+
+    def __init__(self, actor_cls: type, size: int, ask: ResourceAsk, *, what: str, args: Sequence[Any] = (),
+                 resources: Mapping[str, float] | None = None, max_retries: int = 0) -> None:
+        placement.check_placeable(what, ask, dict(resources) if resources else None)
+        options: dict[str, Any] = {**ask.ray_options(), "max_restarts": max_retries, "max_task_retries": max_retries}
+        if resources:
+            options["resources"] = dict(resources)
+        remote_cls = ray.remote(actor_cls).options(**options)
+        self.actors = [remote_cls.remote(*args) for _ in range(max(1, size))]
+
+    def wait_ready(self) -> None:
+        """Block until every actor has started (so start-up is not counted as work)."""
+        ray_get([a.__ray_ready__.remote() for a in self.actors])
+
+    def map_unordered(self, method: str, items: Sequence[T], *, in_flight: int = 1,
+                      args: Sequence[Any] = ()) -> Iterator[tuple[T, Any]]:
+        """(item, `actor.method(item, *args)`) as each call finishes, items handed out in order.
+
+        `in_flight` calls per actor keep it busy across the driver's round trip; a failed call
+        raises at once (a SimMergeError as its own one-line message)."""
+        todo = deque(items)
+        pending: dict[Any, tuple[Any, T]] = {}
+
+        def submit(actor: Any) -> None:
+            item = todo.popleft()
+            pending[getattr(actor, method).remote(item, *args)] = (actor, item)
+
+        for _ in range(in_flight):
+            for actor in self.actors:
+                if todo:
+                    submit(actor)
+        while pending:
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            actor, item = pending.pop(ready)
+            result = ray_get(ready)
+            if todo:
+                submit(actor)
+            yield item, result
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+
+    def __enter__(self) -> ActorPool[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,46 @@
+"""A left fold of models, the shape of every multi-way merge: M_1 = m_1, M_j = arm_{j-1}(M_{j-1}, m_j).
+
+Each step runs an arm of merge/arms.py at the share its weighting gives that step (`weighting`
+None: each arm as declared, the form of pairwise merges and of plans written before weightings
+existed). The planner's plans and the label run's measured merges are both folds; this is the one
+place that checks a fold and says which arm each step runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.merge.arms import Arm, fold_arms, get_arm, get_weighting
+
+
+@dataclass(frozen=True)
+class Fold:
+    models: tuple[str, ...]  # merge order
+    operators: tuple[str, ...]  # one arm per step: len(models) - 1
+    weighting: str | None = None  # merge/arms.py WEIGHTINGS; None: each arm as declared
+
+    def __post_init__(self) -> None:
+        check_fold(self.models, self.operators, self.weighting)
+
+    @property
+    def k(self) -> int:
+        return len(self.models)
+
+    def step_arms(self) -> list[Arm]:
+        """The arm each step runs, at its share."""
+        return fold_arms(self.operators, self.weighting)
+
+
+def check_fold(models: Sequence[str], operators: Sequence[str], weighting: str | None) -> None:
+    """A ConfigError naming the fold when its steps do not match its models, a model repeats, or
+    an arm or the weighting is unknown (listing the known ones)."""
+    if len(operators) != max(0, len(models) - 1):
+        raise ConfigError(f"plan {list(models)}: {len(operators)} operators for {len(models) - 1} steps")
+    if len(set(models)) != len(models):
+        raise ConfigError(f"plan {list(models)}: a model appears twice")
+    for op in operators:
+        get_arm(op)
+    if weighting is not None:
+        get_weighting(weighting)

@@ -1,0 +1,53 @@
+"""The one actor pool (simmerge_ray/actor_pool.py) on the session's real Ray: every item once,
+paired with its own result, on every actor; errors as one line; actors gone after the pool."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+import ray.cloudpickle
+
+from simmerge_ray.actor_pool import ActorPool
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.placement import UnsatisfiableAsk
+from simmerge_ray.resources import ResourceAsk
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
+
+
+class Squarer:
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def run(self, x: int, scale: int) -> tuple[int, int]:
+        if x < 0:
+            raise ConfigError(f"item {x}: negative")
+        time.sleep(0.05 if x % 3 == 0 else 0.0)  # uneven work: results come back out of order
+        return x * x * scale + self.offset, os.getpid()
+
+
+def test_every_item_once_with_its_result_on_every_actor(ray_cluster) -> None:
+    with ActorPool(Squarer, 2, ResourceAsk(0.5), what="test actor", args=(1,)) as pool:
+        pool.wait_ready()
+        got = list(pool.map_unordered("run", list(range(20)), in_flight=2, args=(10,)))
+        actors = pool.actors
+    assert sorted(x for x, _ in got) == list(range(20))
+    assert all(value == x * x * 10 + 1 for x, (value, _) in got)
+    assert len({pid for _, (_, pid) in got}) == 2  # both actors took work
+    assert [x for x, _ in got] != list(range(20))  # handed out as actors free up, not in lockstep
+    with pytest.raises(ray.exceptions.RayActorError):  # killed when the pool closed
+        ray.get(actors[0].__ray_ready__.remote(), timeout=30)
+
+
+def test_a_failed_call_raises_its_own_one_line_error(ray_cluster) -> None:
+    with ActorPool(Squarer, 1, ResourceAsk(0.5), what="test actor", args=(0,)) as pool:
+        with pytest.raises(ConfigError, match=r"^item -1: negative$"):
+            list(pool.map_unordered("run", [1, -1, 2], args=(1,)))
+
+
+def test_an_ask_no_node_offers_fails_before_any_actor_starts(ray_cluster) -> None:
+    with pytest.raises(UnsatisfiableAsk, match=r"^test actor asks for CPU=64"):
+        ActorPool(Squarer, 1, ResourceAsk(64.0), what="test actor")
