@@ -28,7 +28,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_consumers_take_the_arms_from_the_declaration() -> None:
-    from simmerge_ray.report.summary import MULTI_METHODS, PAIR_METHODS
+    from simmerge_ray.pipeline.report import MULTI_METHODS, PAIR_METHODS
 
     assert len(ARMS) >= 6 and len(set(ARM_NAMES)) == len(ARM_NAMES)
     assert PAPER_ARMS == ("linear", "slerp", "ties")

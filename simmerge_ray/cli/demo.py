@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from simmerge_ray.pipeline import PipelineSettings
     from simmerge_ray.pipeline import run as run_pipeline
     from simmerge_ray.ray_session import init_ray
-    from simmerge_ray.report.summary import write_report
+    from simmerge_ray.pipeline.report import write_report
     from simmerge_ray.testbed.label_plans import LabelSettings
 
     out = Path(args.out).resolve()

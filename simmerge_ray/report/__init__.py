@@ -1,1 +1,2 @@
-"""The demo report: charts and the markdown/JSON summary of a pipeline run."""
+"""How results are shown: charts (charts.py) and the one-line verdicts of the commands that
+evaluate (verdict.py). The pipeline's own report is simmerge_ray/pipeline/report.py."""
