@@ -1,8 +1,11 @@
-"""Ray Train fits the selector; Ray Tune (ASHA) searches its hyperparameters.
+"""Ray Train fits the selector; Ray Tune searches its hyperparameters.
 
 Tune trials train one selector per inner fold in lockstep and report the mean validation
-utility of the chosen operators every few epochs, so ASHA can stop weak configurations early.
-Folds are split by model pair, never by row.
+utility of the chosen operators every few epochs; folds are split by model pair, never by row.
+Every trial runs to the end and the best final utility wins: no early stopping, because ASHA's
+stopping decisions depend on when each trial's results reach the scheduler, and it picked
+another configuration of the same data and seed on a loaded machine (even with one trial at a
+time). A search is therefore reproducible, at the cost of the epochs ASHA would have cut.
 """
 
 from __future__ import annotations
@@ -56,9 +59,8 @@ def _trial(config: dict, data: PairData, base: dict, folds: int, chunk: int) -> 
 def tune_selector(data: PairData, *, num_samples: int = 8, folds: int = 3, base: SelectorConfig = SelectorConfig(),
                   storage: str | Path | None = None, chunk: int = 25,
                   allow_task_encoding: bool = True) -> tuple[SelectorConfig, list[dict]]:
-    """ASHA search over pair-grouped inner folds of `data`; returns the best config and all trials."""
+    """Random search over pair-grouped inner folds of `data`; returns the best config and all trials."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     base_d = {k: v for k, v in asdict(base).items() if k not in ("hidden", "depth", "dropout", "lr",
                                                                    "weight_decay", "task_encoding")}
@@ -70,7 +72,6 @@ def tune_selector(data: PairData, *, num_samples: int = 8, folds: int = 3, base:
         param_space=search_space(allow_task_encoding),
         tune_config=tune.TuneConfig(
             metric="val_utility", mode="max", num_samples=num_samples, reuse_actors=True,
-            scheduler=ASHAScheduler(max_t=max(1, base.epochs // chunk), grace_period=2, reduction_factor=2),
             search_alg=tune.search.BasicVariantGenerator(random_state=base.seed),
         ),
         run_config=tune.RunConfig(storage_path=str(storage), name="selector-tune", verbose=0),
