@@ -1,6 +1,6 @@
 """Driver of tests/test_lost_node.py, run as a process of its own so that the test process's Ray
 (the session's `ray_cluster`) is never touched: a two-node Ray cluster on this machine, a merge
-and a structural pass spread over both nodes, the second node's raylet killed mid-run.
+and a structural pass spread over both nodes, the second node killed mid-run.
 
     python tests/lost_node_driver.py WORKDIR
 
@@ -8,7 +8,7 @@ Each node is a `ray start --block` in a session of its own, with its own temp fo
 WORKDIR, its own ports and the custom resources `merge_slot` and `gram_slot` (one each): the
 merge's workers and the structural pass's actors ask for one slot each, so with two of each,
 each pool has exactly one actor on each node. Both stages run twice: once undisturbed, together;
-once with node 2's raylet killed (SIGKILL, by its PID) while node 2 merges a unit and holds an
+once with node 2 killed (its raylet and workers, SIGKILL by PID) while node 2 merges a unit and holds an
 actor of the structural pass; a third node then joins, as a replaced pod would, and the
 restarted actors finish there. Outputs go to WORKDIR/{ref,lost}-{merged,features}; WORKDIR/
 result.json records what ran where. Each node's process group id is appended to WORKDIR/pgids as
@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -88,21 +87,20 @@ class Node:
         except psutil.Error:
             return []
 
-    def titles(self) -> set[str]:
-        """Titles of this node's Ray workers, e.g. 'ray::UnitMerger.run' while one merges a unit."""
-        out = set()
+    def workers(self) -> dict[int, str]:
+        """PID -> title of this node's Ray workers, e.g. 'ray::UnitMerger.run' while one merges a unit."""
+        out = {}
         for p in self.processes():
             try:
                 title = " ".join(p.cmdline()).strip()
             except psutil.Error:
                 continue
             if title.startswith("ray::"):
-                out.add(title.split()[0].rstrip("()"))
+                out[p.pid] = title.split()[0].rstrip("()")
         return out
 
-    def raylet_pid(self) -> int:
-        (raylet,) = [p.pid for p in self.processes() if p.name() == "raylet"]
-        return raylet
+    def titles(self) -> set[str]:
+        return set(self.workers().values())
 
     def kill(self) -> None:
         """SIGKILL the node's process group, then any worker of it still alive, by PID."""
@@ -129,12 +127,13 @@ class Stage:
 
     def __init__(self, fn, *args) -> None:
         self.error: str | None = None
+        self.result = None
         self.thread = threading.Thread(target=self._run, args=(fn, *args))
         self.thread.start()
 
     def _run(self, fn, *args) -> None:
         try:
-            fn(*args)
+            self.result = fn(*args)
         except BaseException as e:  # reported in result.json; the test fails on it
             self.error = f"{type(e).__name__}: {e}"
 
@@ -149,13 +148,17 @@ def structural(work: Path, tag: str, catalog: Catalog, workers: int) -> Stage:
     return Stage(compute_structural, catalog, work / f"{tag}-features", opts)
 
 
-def watch(nodes: list[Node], stages: list[Stage], seen: dict[str, set[str]], until=None) -> bool:
-    """Record the nodes' worker titles in `seen` every 50 ms while a stage runs. With `until`,
-    return True as soon as it holds for node 2's titles."""
+def watch(nodes: list[Node], stages: list[Stage], seen: dict[str, set[str]], until=None,
+          pids: dict[str, set[int]] | None = None) -> bool:
+    """Record the nodes' worker titles in `seen` (and their PIDs in `pids`) every 50 ms while a
+    stage runs. With `until`, return True as soon as it holds for node 2's titles."""
     while any(s.thread.is_alive() for s in stages):
         for node in nodes:
-            titles = node.titles()
+            workers = node.workers()
+            titles = set(workers.values())
             seen.setdefault(node.name, set()).update(titles)
+            if pids is not None:
+                pids.setdefault(node.name, set()).update(workers)
             if until is not None and node.name == "node2" and until(titles):
                 return True
         time.sleep(0.05)
@@ -213,24 +216,30 @@ def main(work: Path) -> int:
         # The lost run, in an order that makes the kill land mid-run whatever the machine's speed:
         # the structural pass asks for a third actor, which no node can host until the
         # replacement joins, so the pass (and its actor on node 2) waits; the merge starts; node
-        # 2's raylet is killed while node 2 merges a unit.
+        # 2 is killed while it merges a unit.
         t = time.perf_counter()
         seen_lost: dict[str, set[str]] = {}
+        pids_lost: dict[str, set[int]] = {}
         lost = {"structural": structural(work, "lost", catalog, 3)}
-        watch(nodes, list(lost.values()), seen_lost, until=lambda titles: "ray::GramWorker" in titles)
+        watch(nodes, list(lost.values()), seen_lost, until=lambda titles: "ray::GramWorker" in titles, pids=pids_lost)
         lost["merge"] = merge(work, "lost", spec)
-        mid = watch(nodes, [lost["merge"]], seen_lost, until=lambda titles: "ray::UnitMerger.run" in titles)
+        mid = watch(nodes, [lost["merge"]], seen_lost, until=lambda titles: "ray::UnitMerger.run" in titles,
+                    pids=pids_lost)
         result["killed_mid_run"] = mid  # False: the merge ended before a poll saw node 2 merging
-        if mid:
-            raylet = nodes[1].raylet_pid()
-            os.kill(raylet, signal.SIGKILL)
-            result["killed_raylet_pid"] = raylet
+        if mid:  # the whole node goes, as a lost pod does: its raylet and every worker on it
+            result["killed_pids"] = sorted(p.pid for p in nodes[1].processes())
+            nodes[1].kill()
             result["killed_after_s"] = time.perf_counter() - t
         # The replacement: room for the restarted actors and the structural pass's third.
         nodes.append(Node(work, "node3", env, gcs, head=False, slots={"merge_slot": 1, "gram_slot": 2}))
-        watch(nodes, list(lost.values()), seen_lost)
+        watch(nodes, list(lost.values()), seen_lost, pids=pids_lost)
         result["lost_errors"] = errors(lost)
         result["lost_seen"] = {k: sorted(v) for k, v in seen_lost.items()}
+        # Which nodes merged units, from the PIDs the merge reports per unit: the unit node 2 held
+        # when it died is retried by its actor restarted on the replacement. (A title poll can miss
+        # that actor: the surviving actor takes the remaining units meanwhile, so it may live briefly.)
+        unit_pids = {u["pid"] for u in lost["merge"].result.per_unit} if lost["merge"].result else set()
+        result["lost_merge_nodes"] = sorted(name for name, ps in pids_lost.items() if ps & unit_pids)
         result["timings"]["lost_s"] = time.perf_counter() - t
         result["alive_nodes_after"] = sum(n["Alive"] for n in ray.nodes())
     finally:

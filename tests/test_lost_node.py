@@ -64,10 +64,12 @@ def test_merge_and_structural_pass_survive_a_lost_node() -> None:
         # Each pool had one actor on each node (one slot of each kind per node), in both runs.
         for seen in (result["ref_seen"], result["lost_seen"]):
             assert actors(seen, "head") == actors(seen, "node2") == {"ray::UnitMerger", "ray::GramWorker"}
-        # The kill landed while node 2 merged a unit; the actors lost with it (and the structural
-        # pass's third, which waited for room) ran on the replacement node.
+        # The kill landed while node 2 merged a unit; the unit it held was merged again by its actor,
+        # restarted on the replacement node, and the structural pass's actors (its lost one and
+        # the third, which waited for room) ran there too.
         assert result["killed_mid_run"] is True
-        assert actors(result["lost_seen"], "node3") == {"ray::UnitMerger", "ray::GramWorker"}
+        assert "node3" in result["lost_merge_nodes"] and "head" in result["lost_merge_nodes"], result["lost_merge_nodes"]
+        assert "ray::GramWorker" in actors(result["lost_seen"], "node3")
         assert result["alive_nodes_after"] == 2  # the head and the replacement
 
         ref, lost = digests(work / "ref-merged"), digests(work / "lost-merged")

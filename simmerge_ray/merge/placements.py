@@ -79,7 +79,10 @@ def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUn
     with ActorPool(worker_cls, min(workers, len(units)), ask, what="merge worker", resources=resources,
                    max_retries=max_retries, args=(spec, tasks_ref, stream_bytes, chunk_elems,
                                                   int(max(1, cpus_per_worker)))) as pool:
-        # two calls in flight per actor: the next unit is queued while the driver handles a result
+        # Units are cut for `workers` workers: start them all before handing any out, so each
+        # shares the work from the first unit; two calls in flight per actor keep the next unit
+        # queued while the driver handles a result.
+        pool.wait_ready()
         for u, result in pool.map_unordered("run", units, in_flight=2, args=(partial, allow_nonfinite)):
             results[index[id(u)]] = result
             progress.advance(u.elems, sum(p.last for p in u.pieces))
