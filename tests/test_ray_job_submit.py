@@ -128,6 +128,9 @@ def test_whole_pipeline_job_on_the_tiny_testbed(ray_head: RayHead, tmp_path: Pat
     assert "[1/4] zoo" in logs and "done earlier" in logs and "SimMerge (transferred)" in logs
     t = json.loads((out / "transfer" / "transfer.json").read_text())["transfer"]
     assert t["n"] == report["pairwise"]["pairs"] and 0 <= t["selection_accuracy"] <= 1
+    # Its own training pairs: only those beyond the training rows' 99th percentile of |z| are flagged.
+    assert "outside the selector's training domain" in logs
+    assert t["outside_training_domain"]["rows"] == t["n"] and t["outside_training_domain"]["share"] <= 0.05
     for task, best in t["utility"]["oracle"].items():
         assert t["utility"]["simmerge"][task] <= best + 1e-9, task
 

@@ -8,6 +8,7 @@ import pytest
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.selector.data import build_pair_data
+from simmerge_ray.selector.domain import training_domain
 from simmerge_ray.selector.evaluate import (ablation, evaluate_loto, evaluate_pairs, evaluate_transfer, fixed_fit,
                                              gap_chart)
 from simmerge_ray.selector.folds import group_kfold, leave_one_task_out
@@ -153,8 +154,25 @@ def test_transfer_applies_a_selector_unchanged(data) -> None:
     tasks = np.asarray(two.tasks)
     assert sub["utility"]["simmerge"]["mean"] == pytest.approx(
         np.mean([chosen[tasks == t].mean() for t in sorted(set(two.tasks))]))
+    assert "outside_training_domain" not in report  # fitted without a recorded domain
     with pytest.raises(ConfigError, match="target feature table: lacks 1 of the selector's 3 features .*s_x2"):
         evaluate_transfer(sel, target.select_features(["f_noise", "s_x1"]))
     extra = labels.filter(pl.col("operator") == "linear").with_columns(operator=pl.lit("dare_linear"))
     with pytest.raises(ConfigError, match="target labels have operators the selector does not predict: dare_linear"):
         evaluate_transfer(sel, build_pair_data(labels.vstack(extra), features))
+
+
+def test_transfer_counts_target_pairs_outside_the_training_domain(data) -> None:
+    """A target drawn like the training rows stays (almost) inside the domain; the same target with
+    one feature moved far beyond the training range is flagged on every row, naming that feature."""
+    sel = fit_selector(data, SelectorConfig(epochs=100, seed=0))
+    sel.domain = training_domain(sel.standardise(data.x), sel.feature_names, data.same_task_pairs)
+    labels, features = synthetic_tables(seed=7, n_models=12)
+    target = build_pair_data(labels, features)
+    inside = evaluate_transfer(sel, target)["outside_training_domain"]
+    assert inside["rows"] == len(target) and inside["share"] <= 0.05
+    assert inside["threshold"] == pytest.approx(sel.domain.max_abs_z)
+    shifted = build_pair_data(labels, features.with_columns(s_x2=pl.col("s_x2") + 100.0))
+    far = evaluate_transfer(sel, shifted)["outside_training_domain"]
+    assert far["outside"] == far["rows"] == len(shifted) and far["share"] == 1.0
+    assert far["most_extreme_feature"] == {"s_x2": len(shifted)}

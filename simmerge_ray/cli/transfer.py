@@ -90,6 +90,10 @@ def format_transfer(report: dict) -> str:
     lines += [f"{name:<24}" + "".join(f"{100 * v[k]:>13.1f}" for k in tasks) for name, v in rows]
     lines.append(verdict_line(t["simmerge_vs_best_fixed"], t["best_fixed_operator"], t["simmerge_share_of_oracle"],
                               " on the target zoo, without retraining"))
+    if "outside_training_domain" in t:
+        d = t["outside_training_domain"]
+        lines.append(f"outside the selector's training domain: {d['outside']} of {d['rows']} target pairs "
+                     f"({d['share']:.0%}; largest |z| beyond {d['threshold']:.1f})")
     if "in_zoo" in report:
         lines.append(f"in-zoo reference: selection accuracy {report['in_zoo']['selection_accuracy']:.1%} "
                      f"({report['in_zoo']['split']})")

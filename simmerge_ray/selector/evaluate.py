@@ -108,7 +108,24 @@ def evaluate_transfer(sel: Selector, data: PairData) -> dict:
     data = data.select_features(sel.feature_names)
     pred_all = sel.predict(data.x, data.tasks)
     pred = pred_all[:, [sel.operators.index(o) for o in data.operators]]
-    return {"split": "transfer: selector fitted on another zoo, applied unchanged", **summarize(data, pred, None)}
+    out = {"split": "transfer: selector fitted on another zoo, applied unchanged", **summarize(data, pred, None)}
+    if sel.domain is not None:
+        out["outside_training_domain"] = outside_domain(sel, data)
+    return out
+
+
+def outside_domain(sel: Selector, data: PairData) -> dict:
+    """How many of `data`'s rows lie outside the selector's training domain (a standardised
+    feature beyond what 99% of training rows stay within): where a transferred selector
+    extrapolates, before any label says how well it does."""
+    z = sel.standardise(data.x)
+    flagged = [o for o in (sel.domain.outlier(row) for row in z) if o is not None]
+    worst: dict[str, int] = {}
+    for o in flagged:
+        worst[o["feature"]] = worst.get(o["feature"], 0) + 1
+    return {"rows": len(z), "outside": len(flagged), "share": len(flagged) / len(z) if len(z) else 0.0,
+            "threshold": sel.domain.max_abs_z,
+            "most_extreme_feature": dict(sorted(worst.items(), key=lambda kv: -kv[1])[:5])}
 
 
 def fixed_fit(cfg: SelectorConfig) -> FitFn:
