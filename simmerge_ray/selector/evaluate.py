@@ -7,6 +7,7 @@ test pair influences its own prediction.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -120,12 +121,9 @@ def outside_domain(sel: Selector, data: PairData) -> dict:
     extrapolates, before any label says how well it does."""
     z = sel.standardise(data.x)
     flagged = [o for o in (sel.domain.outlier(row) for row in z) if o is not None]
-    worst: dict[str, int] = {}
-    for o in flagged:
-        worst[o["feature"]] = worst.get(o["feature"], 0) + 1
     return {"rows": len(z), "outside": len(flagged), "share": len(flagged) / len(z) if len(z) else 0.0,
             "threshold": sel.domain.max_abs_z,
-            "most_extreme_feature": dict(sorted(worst.items(), key=lambda kv: -kv[1])[:5])}
+            "most_extreme_feature": dict(Counter(o["feature"] for o in flagged).most_common(5))}
 
 
 def fixed_fit(cfg: SelectorConfig) -> FitFn:
