@@ -43,18 +43,17 @@ class ActorPool(Generic[T]):
         ray_get([a.__ray_ready__.remote() for a in self.actors])
 
     def map_unordered(self, method: str, items: Sequence[T], *, in_flight: int = 1,
-                      args: Sequence[Any] = ()) -> Iterator[tuple[int, Any]]:
-        """(k, `actor.method(items[k], *args)`) as each call finishes, items handed out in order;
-        the position k lets a caller find what it keeps beside each item, and put results in order.
+                      args: Sequence[Any] = ()) -> Iterator[tuple[T, Any]]:
+        """(item, `actor.method(item, *args)`) as each call finishes, items handed out in order.
 
         `in_flight` calls per actor keep it busy across the driver's round trip; a failed call
         raises at once (a SimMergeError as its own one-line message)."""
-        todo = deque(enumerate(items))
-        pending: dict[Any, tuple[Any, int]] = {}
+        todo = deque(items)
+        pending: dict[Any, tuple[Any, T]] = {}
 
         def submit(actor: Any) -> None:
-            k, item = todo.popleft()
-            pending[getattr(actor, method).remote(item, *args)] = (actor, k)
+            item = todo.popleft()
+            pending[getattr(actor, method).remote(item, *args)] = (actor, item)
 
         for _ in range(in_flight):
             for actor in self.actors:
@@ -62,11 +61,11 @@ class ActorPool(Generic[T]):
                     submit(actor)
         while pending:
             (ready,), _ = ray.wait(list(pending), num_returns=1)
-            actor, k = pending.pop(ready)
+            actor, item = pending.pop(ready)
             result = ray_get(ready)
             if todo:
                 submit(actor)
-            yield k, result
+            yield item, result
 
     def close(self) -> None:
         for a in self.actors:
