@@ -10,6 +10,7 @@ when the pool closes, also on an error.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
@@ -21,13 +22,16 @@ from simmerge_ray.errors import ray_get
 from simmerge_ray.resources import ResourceAsk
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ActorPool(Generic[T]):
     """`size` actors of `actor_cls`, each built with `args`, asking `ask` (plus custom `resources`).
 
     With `max_retries` > 0 a lost actor is restarted and its calls retried, so a worker or node
-    lost mid-run costs only the calls it held (the methods must be safe to repeat)."""
+    lost mid-run costs only the calls it held (the methods must be safe to repeat). Ray retries
+    most such calls itself; one in flight when the node went may instead come back as
+    `ActorUnavailableError` ("may or may not have been executed"), and the pool resubmits it."""
 
     def __init__(self, actor_cls: type, size: int, ask: ResourceAsk, *, what: str, args: Sequence[Any] = (),
                  resources: Mapping[str, float] | None = None, max_retries: int = 0) -> None:
@@ -37,6 +41,7 @@ class ActorPool(Generic[T]):
             options["resources"] = dict(resources)
         remote_cls = ray.remote(actor_cls).options(**options)
         self.actors = [remote_cls.remote(*args) for _ in range(max(1, size))]
+        self.max_retries = max_retries
 
     def wait_ready(self) -> None:
         """Block until every actor has started (so start-up is not counted as work)."""
@@ -47,24 +52,32 @@ class ActorPool(Generic[T]):
         """(item, `actor.method(item, *args)`) as each call finishes, items handed out in order.
 
         `in_flight` calls per actor keep it busy across the driver's round trip; a failed call
-        raises at once (a SimMergeError as its own one-line message)."""
+        raises at once (a SimMergeError as its own one-line message), but for one lost with its
+        node, which is resubmitted (see the class)."""
         todo = deque(items)
-        pending: dict[Any, tuple[Any, T]] = {}
+        pending: dict[Any, tuple[Any, T, int]] = {}  # ref -> (actor, item, resubmissions so far)
 
-        def submit(actor: Any) -> None:
-            item = todo.popleft()
-            pending[getattr(actor, method).remote(item, *args)] = (actor, item)
+        def submit(actor: Any, item: T, tries: int = 0) -> None:
+            pending[getattr(actor, method).remote(item, *args)] = (actor, item, tries)
 
         for _ in range(in_flight):
             for actor in self.actors:
                 if todo:
-                    submit(actor)
+                    submit(actor, todo.popleft())
         while pending:
             (ready,), _ = ray.wait(list(pending), num_returns=1)
-            actor, item = pending.pop(ready)
-            result = ray_get(ready)
+            actor, item, tries = pending.pop(ready)
+            try:
+                result = ray_get(ready)
+            except ray.exceptions.ActorUnavailableError:
+                if tries >= self.max_retries:
+                    raise
+                log.warning("a %s call was lost with its actor's node; resubmitted (%d of %d)", method,
+                            tries + 1, self.max_retries)
+                submit(actor, item, tries + 1)  # queued by Ray until the actor is back
+                continue
             if todo:
-                submit(actor)
+                submit(actor, todo.popleft())
             yield item, result
 
     def close(self) -> None:

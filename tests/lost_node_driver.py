@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -182,11 +183,24 @@ def wait_for_nodes(ray, nodes: list[Node], work: Path, timeout: float = 180.0) -
         time.sleep(0.2)
 
 
+class _Count(logging.Handler):
+    """Counts the pool's resubmissions (a call lost with its node, which Ray did not retry)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.n = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.n += 1
+
+
 def main(work: Path) -> int:
     import ray
 
     t0 = time.perf_counter()
     result: dict = {"timings": {}}
+    resubmitted = _Count()
+    logging.getLogger("simmerge_ray.actor_pool").addHandler(resubmitted)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **HEALTH,
                 "SIMMERGE_CACHE": str(work / "cache")})
@@ -242,6 +256,7 @@ def main(work: Path) -> int:
         result["lost_merge_nodes"] = sorted(name for name, ps in pids_lost.items() if ps & unit_pids)
         result["timings"]["lost_s"] = time.perf_counter() - t
         result["alive_nodes_after"] = sum(n["Alive"] for n in ray.nodes())
+        result["resubmitted_calls"] = resubmitted.n
     finally:
         ray.shutdown()
         for node in nodes:

@@ -55,7 +55,8 @@ def test_merge_and_structural_pass_survive_a_lost_node() -> None:
             out = proc.stdout.read() if proc.stdout else ""
         assert proc.returncode == 0, f"driver exit {proc.returncode}:\n{out[-3000:]}\n{_tails(work)}"
         result = json.loads((work / "result.json").read_text())
-        print(f"two-node lost-node test: {time.monotonic() - t0:.1f} s; driver timings {result['timings']}")
+        print(f"two-node lost-node test: {time.monotonic() - t0:.1f} s; driver timings {result['timings']}; "
+              f"calls resubmitted by the pool {result.get('resubmitted_calls')}")
         assert result["ref_errors"] == {} and result["lost_errors"] == {}, result
 
         def actors(seen: dict[str, list[str]], node: str) -> set[str]:
