@@ -48,17 +48,18 @@ class ActorPool(Generic[T]):
         ray_get([a.__ray_ready__.remote() for a in self.actors])
 
     def map_unordered(self, method: str, items: Sequence[T], *, in_flight: int = 1,
-                      args: Sequence[Any] = ()) -> Iterator[tuple[T, Any]]:
-        """(item, `actor.method(item, *args)`) as each call finishes, items handed out in order.
+                      args: Sequence[Any] = ()) -> Iterator[tuple[int, Any]]:
+        """(k, `actor.method(items[k], *args)`) as each call finishes, items handed out in order;
+        callers place results by position k (an item need not be hashable or unique).
 
         `in_flight` calls per actor keep it busy across the driver's round trip; a failed call
         raises at once (a SimMergeError as its own one-line message), but for one lost with its
         node, which is resubmitted (see the class)."""
-        todo = deque(items)
-        pending: dict[Any, tuple[Any, T, int]] = {}  # ref -> (actor, item, resubmissions so far)
+        todo = deque(range(len(items)))
+        pending: dict[Any, tuple[Any, int, int]] = {}  # ref -> (actor, position, resubmissions so far)
 
-        def submit(actor: Any, item: T, tries: int = 0) -> None:
-            pending[getattr(actor, method).remote(item, *args)] = (actor, item, tries)
+        def submit(actor: Any, k: int, tries: int = 0) -> None:
+            pending[getattr(actor, method).remote(items[k], *args)] = (actor, k, tries)
 
         for _ in range(in_flight):
             for actor in self.actors:
@@ -66,7 +67,7 @@ class ActorPool(Generic[T]):
                     submit(actor, todo.popleft())
         while pending:
             (ready,), _ = ray.wait(list(pending), num_returns=1)
-            actor, item, tries = pending.pop(ready)
+            actor, k, tries = pending.pop(ready)
             try:
                 result = ray_get(ready)
             except ray.exceptions.ActorUnavailableError:
@@ -74,11 +75,11 @@ class ActorPool(Generic[T]):
                     raise
                 log.warning("a %s call was lost with its actor's node; resubmitted (%d of %d)", method,
                             tries + 1, self.max_retries)
-                submit(actor, item, tries + 1)  # queued by Ray until the actor is back
+                submit(actor, k, tries + 1)  # queued by Ray until the actor is back
                 continue
             if todo:
                 submit(actor, todo.popleft())
-            yield item, result
+            yield k, result
 
     def close(self) -> None:
         for a in self.actors:

@@ -25,20 +25,21 @@ class Squarer:
     def run(self, x: int, scale: int) -> tuple[int, int]:
         if x < 0:
             raise ConfigError(f"item {x}: negative")
-        time.sleep(1.0 if x == 0 else 0.0)  # one slow item: the other actor takes the rest meanwhile
+        time.sleep(1.0 if x == 100 else 0.0)  # one slow item: the other actor takes the rest meanwhile
         return x * x * scale + self.offset, os.getpid()
 
 
 def test_every_item_once_with_its_result_on_every_actor(ray_cluster) -> None:
     with ActorPool(Squarer, 2, ResourceAsk(0.5), what="test actor", args=(1,)) as pool:
         pool.wait_ready()
-        got = list(pool.map_unordered("run", list(range(20)), in_flight=2, args=(10,)))
+        items = list(range(100, 120))
+        got = [(items[k], r) for k, r in pool.map_unordered("run", items, in_flight=2, args=(10,))]
         actors = pool.actors
-    assert sorted(x for x, _ in got) == list(range(20))
+    assert sorted(x for x, _ in got) == items
     assert all(value == x * x * 10 + 1 for x, (value, _) in got)
     assert len({pid for _, (_, pid) in got}) == 2  # both actors took work
     order = [x for x, _ in got]
-    assert order[0] != 0 and order != sorted(order)  # the slow item held back nothing handed out after it
+    assert order[0] != 100 and order != sorted(order)  # the slow item held back nothing handed out after it
     assert all(_dies_soon(a) for a in actors)  # killed when the pool closed
 
 

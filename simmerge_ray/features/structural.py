@@ -213,7 +213,7 @@ def _run_pass(rows: Rows, plan: ReadPlan, keys: Sequence[str], cache: GramCache,
                          ask.num_cpus)) as pool:
         pool.wait_ready()
         t_ready = time.perf_counter()
-        for batch, results in pool.map_unordered("gram", tensor_batches(todo, size, n_workers)):
+        for _, results in pool.map_unordered("gram", tensor_batches(todo, size, n_workers)):
             for res in results:
                 t = res["tensor"]
                 _check_finite(rows, plan, t, res["gram"], col_pos)

@@ -74,7 +74,6 @@ def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUn
 
     ask = ResourceAsk(cpus_per_worker, 0.0, memory_per_worker)
     tasks_ref = ray.put(tasks)
-    index = {id(u): k for k, u in enumerate(units)}
     results: list[dict] = [{}] * len(units)
     with ActorPool(worker_cls, min(workers, len(units)), ask, what="merge worker", resources=resources,
                    max_retries=max_retries, args=(spec, tasks_ref, stream_bytes, chunk_elems,
@@ -83,7 +82,8 @@ def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUn
         # shares the work from the first unit; two calls in flight per actor keep the next unit
         # queued while the driver handles a result.
         pool.wait_ready()
-        for u, result in pool.map_unordered("run", units, in_flight=2, args=(partial, allow_nonfinite)):
-            results[index[id(u)]] = result
+        for k, result in pool.map_unordered("run", units, in_flight=2, args=(partial, allow_nonfinite)):
+            results[k] = result
+            u = units[k]
             progress.advance(u.elems, sum(p.last for p in u.pieces))
     return results

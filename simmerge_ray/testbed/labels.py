@@ -145,11 +145,10 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     if calls:
         ask = resources.inference_ask()
         sent = [[p for _, p in batch] for batch in calls]
-        batch_of = {id(plans): batch for plans, batch in zip(sent, calls)}
         with ActorPool(PlanEvaluator, min(settings.workers, len(calls)), ask, what="label actor",
                        args=(str(Path(catalog_path).resolve()), max(1, int(ask.num_cpus)))) as pool:
-            for plans, results in pool.map_unordered("run", sent):
-                batch = batch_of[id(plans)]
+            for k, results in pool.map_unordered("run", sent):
+                batch = calls[k]
                 for (key, plan), scores in zip(batch, results):
                     record = {"models": plan.models, "operators": plan.operators, "weighting": plan.weighting,
                               "scores": scores}
