@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.testbed.build import EVAL_MAX_LEN, task_vector_table
@@ -91,6 +91,34 @@ def merge_retention(model: torch.nn.Module, experts: dict[str, dict], base: dict
     return sum(score(model, evals[d])["accuracy"] / own[d] - 1 for d in domains) / len(domains)
 
 
+def load_run(run: Path) -> tuple[PreTrainedTokenizerFast, dict[str, list[Example]], PreTrainedModel]:
+    """A finished run's tokenizer, eval examples per domain and base model."""
+    zoo = run / "zoo"
+    tok = load_tokenizer(zoo / "checkpoints" / "base")
+    examples = {d: load_examples(zoo / "data" / d / "eval.jsonl") for d in DOMAINS}
+    model = AutoModelForCausalLM.from_pretrained(str(zoo / "checkpoints" / "base"), attn_implementation="eager",
+                                                 dtype=torch.float32)
+    return tok, examples, model
+
+
+def pretrain_skills(model: PreTrainedModel, tok: PreTrainedTokenizerFast, steps: int, share: float) -> None:
+    """Pretrain further, in place: general text with `share` of rewritten domain documents."""
+    streams = [general_texts(7)] + [rewritten_texts(d, 7) for d in DOMAINS]
+    weights = [1 - share] + [share / len(DOMAINS)] * len(DOMAINS)
+    blocks = pack_blocks(mixed_texts(streams, weights, 7), tok, 128, steps * 16)
+    train_lm(model, blocks, TrainConfig(steps=steps, lr=1e-3, batch_size=16, warmup_steps=20, seed=7))
+
+
+def train_expert(model: PreTrainedModel, base: dict[str, torch.Tensor], tok: PreTrainedTokenizerFast, domain: str,
+                 lr: float, steps: int) -> dict[str, torch.Tensor]:
+    """One expert fine-tuned from `base` on the domain's eval format (batch 8); its weights."""
+    i = DOMAINS.index(domain)
+    model.load_state_dict(base)
+    blocks = pack_blocks(get_domain(domain).train_texts(100 + i), tok, 128, steps * 8)
+    train_lm(model, blocks, TrainConfig(steps=steps, lr=lr, batch_size=8, warmup_steps=10, seed=100 + i))
+    return _state(model)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished pipeline run (its zoo's base and eval sets)")
@@ -100,21 +128,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/skill-base"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    zoo = args.run / "zoo"
-    tok = load_tokenizer(zoo / "checkpoints" / "base")
-    examples = {d: load_examples(zoo / "data" / d / "eval.jsonl") for d in DOMAINS}
+    tok, examples, model = load_run(args.run)
     evals = {d: encode(ex, tok, EVAL_MAX_LEN) for d, ex in examples.items()}
     rewritten = {d: encode([rewritten_example(d, e) for e in ex], tok, EVAL_MAX_LEN) for d, ex in examples.items()}
-    model = AutoModelForCausalLM.from_pretrained(str(zoo / "checkpoints" / "base"), attn_implementation="eager",
-                                                 dtype=torch.float32)
     result: dict = {"run": str(args.run), "steps": args.steps, "share": args.share,
                     "start": {"eval": accuracies(model, evals), "rewritten": accuracies(model, rewritten)}}
     start = _state(model)
     t0 = time.perf_counter()
-    streams = [general_texts(7)] + [rewritten_texts(d, 7) for d in DOMAINS]
-    weights = [1 - args.share] + [args.share / len(DOMAINS)] * len(DOMAINS)
-    blocks = pack_blocks(mixed_texts(streams, weights, 7), tok, 128, args.steps * 16)
-    train_lm(model, blocks, TrainConfig(steps=args.steps, lr=1e-3, batch_size=16, warmup_steps=20, seed=7))
+    pretrain_skills(model, tok, args.steps, args.share)
     base = _state(model)
     result["base"] = {"seconds": time.perf_counter() - t0, "eval": accuracies(model, evals),
                       "rewritten": accuracies(model, rewritten),
@@ -126,11 +147,8 @@ def main() -> None:
     print("| lr x steps | |tau|/|theta_0| | own accuracy (" + " / ".join(DOMAINS) + ") | 2-way | 3-way | 5-way |")
     for lr, steps in REGIMES:
         experts, own = {}, {}
-        for i, d in enumerate(DOMAINS):
-            model.load_state_dict(base)
-            blocks = pack_blocks(get_domain(d).train_texts(100 + i), tok, 128, steps * 8)
-            train_lm(model, blocks, TrainConfig(steps=steps, lr=lr, batch_size=8, warmup_steps=10, seed=100 + i))
-            experts[d] = _state(model)
+        for d in DOMAINS:
+            experts[d] = train_expert(model, base, tok, d, lr, steps)
             own[d] = score(model, evals[d])["accuracy"]
         rel = task_vector_table(base, experts)["relative_norm"]
         pairs = [merge_retention(model, experts, base, own, evals, p) for p in itertools.combinations(DOMAINS, 2)]
