@@ -119,13 +119,19 @@ def train_expert(model: PreTrainedModel, base: dict[str, torch.Tensor], tok: Pre
     return _state(model)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def study_args(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options both skill-base studies take."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished pipeline run (its zoo's base and eval sets)")
     ap.add_argument("--steps", type=int, default=3000, help="further pretraining steps of batch 16")
-    ap.add_argument("--share", type=float, default=0.6, help="share of rewritten domain documents in that pretraining")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("runs/skill-base"))
+    ap.add_argument("--out", type=Path, default=Path(out))
+    return ap
+
+
+def main() -> None:
+    ap = study_args(__doc__, "runs/skill-base")
+    ap.add_argument("--share", type=float, default=0.6, help="share of rewritten domain documents in that pretraining")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tok, examples, model = load_run(args.run)

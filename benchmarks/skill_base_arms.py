@@ -13,15 +13,13 @@ idle 2-core machine. Results: docs/testbed.md.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.skill_base import DOMAINS, REGIMES, _state, load_run, pretrain_skills, train_expert
+from benchmarks.skill_base import DOMAINS, REGIMES, _state, load_run, pretrain_skills, study_args, train_expert
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.merge.arms import ARMS
 from simmerge_ray.testbed.build import EVAL_MAX_LEN
@@ -32,12 +30,7 @@ GAP = 0.05
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", type=Path, default=Path("runs/demo"))
-    ap.add_argument("--steps", type=int, default=3000, help="skills-stage steps of batch 16")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("runs/skill-base-arms"))
-    args = ap.parse_args()
+    args = study_args(__doc__, "runs/skill-base-arms").parse_args()
     torch.set_num_threads(args.threads)
     tok, examples, model = load_run(args.run)
     evals = {d: encode(ex, tok, EVAL_MAX_LEN) for d, ex in examples.items()}
