@@ -19,14 +19,15 @@ import time
 
 import torch
 
-from benchmarks.skill_base import DOMAINS, REGIMES, _state, load_run, pretrain_skills, study_args, train_expert
+from benchmarks.skill_base import DOMAINS, REGIMES, _state, accuracies, load_run, pretrain_skills, study_args, train_expert
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.merge.arms import ARMS
 from simmerge_ray.testbed.build import EVAL_MAX_LEN
-from simmerge_ray.testbed.evaluate import encode, score
+from simmerge_ray.testbed.evaluate import encode
+from simmerge_ray.testbed.label_plans import LabelSettings
 from simmerge_ray.testbed.merging import merge_arm
 
-GAP = 0.05
+GAP = LabelSettings().epsilon  # the label run's gap rule in accuracy (0.05)
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
 
     def scores(state: dict[str, torch.Tensor], tasks: tuple[str, ...]) -> dict[str, float]:
         model.load_state_dict(state)
-        return {t: score(model, evals[t])["accuracy"] for t in tasks}
+        return accuracies(model, {t: evals[t] for t in tasks})
 
     single = {n: scores(sd, DOMAINS) for n, sd in experts.items()}
     rows = []
