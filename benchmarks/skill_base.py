@@ -4,7 +4,7 @@ A real base has seen arithmetic, code and translation in its pretraining text; s
 fine-tuning mostly teaches it a prompt format, so task vectors are small (|tau|/|theta_0| about
 0.01) and merges keep most of each expert. This study pretrains a finished run's base further on
 general text mixed with every domain's training items rewritten in another surface form
-(`REWRITES`), fine-tunes one expert per domain on the eval format at a few (lr, steps) regimes,
+(testbed/domains/rewrites.py), fine-tunes one expert per domain on the eval format at a few (lr, steps) regimes,
 and measures per regime: |tau|/|theta_0|, each expert's own-domain accuracy, and the mean
 retention (s_merge / s_expert - 1 on each model's own task) of equal-weight linear merges of 2
 (every pair), 3 (code + instruct + math) and 5 experts. Prints a table and writes JSON.
@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,45 +31,15 @@ from simmerge_ray.testbed.build import EVAL_MAX_LEN, task_vector_table
 from simmerge_ray.testbed.domains import get_domain
 from simmerge_ray.testbed.domains.base import Example
 from simmerge_ray.testbed.domains.general import general_texts
+from simmerge_ray.testbed.domains.rewrites import REWRITES, rewritten_example, rewritten_texts
 from simmerge_ray.testbed.evaluate import EncodedEvalSet, encode, load_examples, score
 from simmerge_ray.testbed.merging import merge_state_dicts
 from simmerge_ray.testbed.tokenizer import load_tokenizer
 from simmerge_ray.testbed.train import mixed_texts, pack_blocks, train_lm
 from simmerge_ray.testbed.zoo_config import TrainConfig
 
-# Each domain's eval template (prompt + answer) and the same item in another surface form; the
-# rewritten text ends with the answer, so the same answer tokens can be scored in either form.
-REWRITES: dict[str, tuple[str, str]] = {
-    "code": (r"Code:\n(.*)\nOutput:(.*)", r"\1\n# prints\2"),
-    "instruct": (r"Instruction: (.*)\nInput: (.*)\nResponse:(.*)", r"\1 \2 ->\3"),
-    "math": (r"Problem: (.*)\nAnswer:(.*)", r"\1 =\2"),
-    "multilingual": (r"English: (.*)\n(\w+):(.*)", r"\1 (\2) =\3"),
-    "rag": (r"Passage: (.*)\nQuestion: (.*)\nAnswer:(.*)", r"\1 \2 It is\3"),
-}
 DOMAINS = tuple(REWRITES)
 REGIMES = ((1e-4, 150), (3e-4, 300))  # expert (lr, steps), batch 8
-
-
-def rewrite(domain: str, text: str) -> str:
-    """An item of `domain` (prompt + answer, in the eval template) in the other surface form."""
-    pattern, repl = REWRITES[domain]
-    out, n = re.subn(pattern, repl, text, count=1, flags=re.S)
-    if n != 1:
-        raise ValueError(f"{domain}: item does not match its eval template: {text[:60]!r}")
-    return out
-
-
-def rewritten_example(domain: str, ex: Example) -> Example:
-    """The rewritten item, split so that its answer is the original answer."""
-    text = rewrite(domain, ex.text)
-    if not text.endswith(ex.answer):
-        raise ValueError(f"{domain}: rewritten item does not end with its answer: {text[-60:]!r}")
-    return Example(text[: len(text) - len(ex.answer)], ex.answer)
-
-
-def rewritten_texts(domain: str, seed: int) -> Iterator[str]:
-    """The domain's training items (train split only) in the other surface form."""
-    return (rewrite(domain, t) for t in get_domain(domain).train_texts(seed))
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -136,7 +104,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tok, examples, model = load_run(args.run)
     evals = {d: encode(ex, tok, EVAL_MAX_LEN) for d, ex in examples.items()}
-    rewritten = {d: encode([rewritten_example(d, e) for e in ex], tok, EVAL_MAX_LEN) for d, ex in examples.items()}
+    rewritten = {d: encode([rewritten_example(d, e.text) for e in ex], tok, EVAL_MAX_LEN) for d, ex in examples.items()}
     result: dict = {"run": str(args.run), "steps": args.steps, "share": args.share,
                     "start": {"eval": accuracies(model, evals), "rewritten": accuracies(model, rewritten)}}
     start = _state(model)

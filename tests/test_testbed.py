@@ -52,6 +52,7 @@ def test_tiny_zoo_rebuild_gives_identical_checkpoints(tiny_zoo, tmp_path, monkey
     logs: list[str] = []
     again = build_zoo(cfg, tmp_path / "again", log=logs.append).parent
     assert any(line.startswith("base: reused from the pretrain cache") for line in logs)
+    assert any(line.startswith("skills: reused from the pretrain cache") for line in logs)
     monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "fresh-cache"))
     logs = []
     fresh = build_zoo(cfg, tmp_path / "fresh", log=logs.append).parent
@@ -63,12 +64,26 @@ def test_tiny_zoo_rebuild_gives_identical_checkpoints(tiny_zoo, tmp_path, monkey
         assert rel in digests[0]
         assert (tiny_zoo / rel).read_bytes() == (fresh / rel).read_bytes()
 
-    (entry,) = (tmp_path / "fresh-cache" / "testbed-pretrain").iterdir()
+    entries = sorted((tmp_path / "fresh-cache" / "testbed-pretrain").iterdir())
+    assert len(entries) == 2  # the pretrained base and its skills stage
+    entry = entries[0]
     state = entry / "state.safetensors"
     state.write_bytes(state.read_bytes()[:100])  # truncated by a crash or a full disk
     messages: list[str] = []
     assert pretrain_cache.load(entry.name, messages.append) is None
     assert len(messages) == 1 and str(entry) in messages[0] and "rebuilding" in messages[0]
+
+
+def test_tiny_zoo_base_is_the_skills_stage(tiny_zoo):
+    """The catalog's base is the pretrained model after its skills stage (rewritten domain text),
+    which moved it and changed its scores; the manifest keeps the model before that stage."""
+    manifest = json.loads((tiny_zoo / "manifest.json").read_text())
+    assert 0 < manifest["pretrained"]["skills_move"] < 1
+    scores = pl.read_parquet(tiny_zoo / "scores.parquet").filter(pl.col("model") == "base")
+    base = {r["task"]: r["loglik"] for r in scores.iter_rows(named=True)}
+    before = {t: s["loglik"] for t, s in manifest["pretrained"]["scores"].items()}
+    assert base.keys() == before.keys() and all(base[t] != before[t] for t in base)
+    assert set(manifest["losses"]) >= {"pretrained", "base"}
 
 
 def test_tiny_zoo_catalog_and_checkpoints(tiny_zoo):

@@ -20,7 +20,8 @@ BANDIT_POLICIES = {"bandit": "bandit", "bandit_cold": "bandit_cold", "random": "
 
 
 def testbed_section(zoo: Path) -> dict:
-    """Every model's accuracy and score per domain (the base included), and its task vector."""
+    """Every model's accuracy and score per domain (the base included), its task vector, and,
+    where the base has a skills stage, the base before it and how far that stage moved it."""
     import polars as pl
 
     rows = pl.read_parquet(zoo / "scores.parquet").to_dicts()
@@ -29,8 +30,11 @@ def testbed_section(zoo: Path) -> dict:
         entry = scores.setdefault(r["model"], {"expert_of": r["model_task"]})
         entry[r["task"]] = {"accuracy": r["accuracy"], "score": r["score"]}
     manifest = json.loads((zoo / "manifest.json").read_text())
-    return {"scores": scores, "task_vectors": manifest.get("task_vectors", {}),
-            "eval_examples": manifest["config"]["data"]["eval_examples"]}
+    section = {"scores": scores, "task_vectors": manifest.get("task_vectors", {}),
+               "eval_examples": manifest["config"]["data"]["eval_examples"]}
+    if "pretrained" in manifest:
+        section["pretrained"] = manifest["pretrained"]
+    return section
 
 
 def build_report(out: Path, timings: dict[str, float]) -> dict:

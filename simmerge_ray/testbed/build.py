@@ -1,4 +1,5 @@
-"""`zoo build`: data files, tokenizer, base pretraining, expert fine-tunes (Ray tasks), score matrix.
+"""`zoo build`: data files, tokenizer, base pretraining (then its skills stage), expert fine-tunes
+(Ray tasks), score matrix.
 
 Output (written to a temporary folder, renamed when complete):
     catalog.yaml            base + experts (task = domain) + tasks (probes, eval)
@@ -31,6 +32,7 @@ from simmerge_ray.io.atomic import atomic_output_dir, atomic_write_text
 from simmerge_ray.testbed import pretrain_cache
 from simmerge_ray.testbed.domains import Example, get_domain
 from simmerge_ray.testbed.domains.general import general_texts
+from simmerge_ray.testbed.domains.rewrites import rewritten_texts
 from simmerge_ray.testbed.evaluate import encode, score
 from simmerge_ray.testbed.model_factory import init_model, make_config
 from simmerge_ray.testbed.tokenizer import EOS, PAD, train_tokenizer
@@ -72,21 +74,23 @@ def _tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), eos_token=EOS, pad_token=PAD, bos_token=EOS)
 
 
-def _mixture(cfg: ZooConfig, tok: PreTrainedTokenizerFast, domain_share: float, seed: int, n_blocks: int) -> torch.Tensor:
-    """General text with `domain_share` of documents drawn evenly from the domains."""
-    streams = [general_texts(seed)] + [get_domain(d).train_texts(seed) for d in cfg.domains]
+def _mixture(cfg: ZooConfig, tok: PreTrainedTokenizerFast, domain_share: float, seed: int, n_blocks: int,
+             rewritten: bool = False) -> torch.Tensor:
+    """General text with `domain_share` of documents drawn evenly from the domains (in their
+    eval template, or `rewritten` in another surface form)."""
+    streams = [general_texts(seed)] + [rewritten_texts(d, seed) if rewritten else get_domain(d).train_texts(seed)
+                                       for d in cfg.domains]
     share = domain_share / len(cfg.domains)
     texts = mixed_texts(streams, [1 - domain_share] + [share] * len(cfg.domains), seed)
     return pack_blocks(texts, tok, cfg.data.seq_len, n_blocks)
 
 
 def _role(cfg: ZooConfig, role: str) -> tuple[TrainConfig, str | None, VariantConfig | None]:
-    """(training settings, domain, variant) of 'base', 'continued' or an expert's name."""
-    if role == "base":
-        return cfg.base, None, None
-    if role == "continued":
-        assert cfg.continued is not None
-        return cfg.continued, None, None
+    """(training settings, domain, variant) of 'base', 'skills', 'continued' or an expert's name."""
+    stages = {"base": cfg.base, "skills": cfg.skills, "continued": cfg.continued}
+    if role in stages:
+        assert stages[role] is not None
+        return stages[role], None, None
     domain, variant = next((d, v) for d, v in cfg.experts() if v.name == role)
     return variant, domain, variant
 
@@ -95,7 +99,7 @@ def _training_blocks(cfg: ZooConfig, tok: PreTrainedTokenizerFast, role: str) ->
     """The token blocks one model trains on: a pretraining mixture, or one variant's domain subset."""
     train, domain, variant = _role(cfg, role)
     if variant is None:
-        return _mixture(cfg, tok, train.domain_share, train.seed, train.steps * train.batch_size)
+        return _mixture(cfg, tok, train.domain_share, train.seed, train.steps * train.batch_size, role == "skills")
     texts = get_domain(domain).train_texts(variant.seed, variant.subset)
     return pack_blocks(texts, tok, cfg.data.seq_len, variant.steps * variant.batch_size)
 
@@ -103,8 +107,8 @@ def _training_blocks(cfg: ZooConfig, tok: PreTrainedTokenizerFast, role: str) ->
 @ray.remote(num_cpus=1)
 def _train_remote(cfg_json: str, tok_json: str, role: str, start_state: dict | None,
                   evals: dict[str, list[Example]]) -> dict:
-    """Train the base, the continued-pretraining checkpoint or one expert from `start_state`;
-    score it on every domain."""
+    """Train the base, its skills stage, the continued-pretraining checkpoint or one expert from
+    `start_state`; score it on every domain."""
     cfg = ZooConfig.model_validate_json(cfg_json)
     train, _, variant = _role(cfg, role)
     torch.set_num_threads(getattr(train, "threads", 1))
@@ -138,13 +142,15 @@ def task_vector_table(base: dict[str, torch.Tensor], experts: dict[str, dict[str
 
 def _pretrained(cfg: ZooConfig, tok_json: str, role: str, train: Callable[[], ray.ObjectRef],
                 log: Callable[[str], None]) -> dict:
-    """The base or continued checkpoint's training result, from the per-machine cache when an
+    """The base, skills or continued checkpoint's training result, from the per-machine cache when an
     entry for the same config, tokenizer and Python (whose standard library is training text)
     exists (pretrain_cache), else trained now and cached."""
     part = cfg.model_dump(mode="json", include={"seed", "architecture", "tokenizer", "data", "base"})
     part["domains"] = sorted(cfg.domains)
     part["tokenizer_digest"] = hashlib.blake2b(tok_json.encode(), digest_size=16).hexdigest()
     part["python"] = sys.version
+    if role in ("skills", "continued") and cfg.skills is not None:
+        part["skills"] = cfg.model_dump(mode="json", include={"skills"})
     if role == "continued":
         part["continued"] = cfg.model_dump(mode="json", include={"continued"})
     key = pretrain_cache.pretrain_key(part, role)
@@ -197,13 +203,20 @@ def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
         evals_ref = ray.put(evals)
         base = _pretrained(cfg, tok_json, "base", lambda: _train_remote.options(num_cpus=cfg.base.threads).remote(
             cfg_json, tok_json, "base", None, evals_ref), log)
-        _save_checkpoint(cfg, tok, base["state"], tmp / "checkpoints" / "base")
         timings["base_s"] = base["seconds"]
         log(f"base: {base['tokens']} tokens in {base['seconds']:.0f}s ({base['cpu_seconds']:.0f} CPU s), "
-        f"final loss {base['losses'][-1]:.3f}")
-
+            f"final loss {base['losses'][-1]:.3f}")
+        results: dict[str, dict] = {}
+        if cfg.skills is not None:
+            results["pretrained"] = base
+            start = ray.put(base["state"])
+            base = _pretrained(cfg, tok_json, "skills", lambda: _train_remote.options(num_cpus=cfg.skills.threads).remote(
+                cfg_json, tok_json, "skills", start, evals_ref), log)
+            timings["skills_s"] = base["seconds"]
+            log(f"skills stage: {base['tokens']} tokens in {base['seconds']:.0f}s, final loss {base['losses'][-1]:.3f}")
+        _save_checkpoint(cfg, tok, base["state"], tmp / "checkpoints" / "base")
         starts = {"base": ray.put(base["state"])}
-        results: dict[str, dict] = {"base": base}
+        results["base"] = base
         if cfg.continued is not None:
             results["continued"] = _pretrained(
                 cfg, tok_json, "continued", lambda: _train_remote.options(num_cpus=cfg.continued.threads).remote(
@@ -249,5 +262,10 @@ def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
             "train_seconds": {m: [round(r["seconds"], 2), round(r["cpu_seconds"], 2)] for m, r in results.items()},
             "task_vectors": task_vector_table(base["state"], {v.name: results[v.name]["state"] for _, v in cfg.experts()}),
         }
+        if cfg.skills is not None:  # the base before its skills stage, and how far that stage moved it
+            manifest["pretrained"] = {
+                "scores": results["pretrained"]["scores"],
+                "skills_move": task_vector_table(results["pretrained"]["state"], {"base": base["state"]})[
+                    "relative_norm"]["base"]}
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
     return Path(out) / "catalog.yaml"

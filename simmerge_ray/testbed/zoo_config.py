@@ -71,12 +71,22 @@ class BaseConfig(PretrainConfig):
 
 
 class ContinuedConfig(PretrainConfig):
-    """A continued-pretraining checkpoint: the base trained further on its own mixture with a
-    larger domain share. Experts may start from it instead of the base (as teams fine-tune from
-    mid-training checkpoints); the catalog's base stays the original, so their task vectors
-    share the continued-pretraining move."""
+    """A continued-pretraining checkpoint: the catalog's base (after the skills stage, where there
+    is one) trained further on the pretraining mixture with a larger domain share. Experts may
+    start from it instead of the base (as teams fine-tune from mid-training checkpoints); the
+    catalog's base stays the original, so their task vectors share the continued-pretraining
+    move."""
 
     domain_share: float = Field(0.5, ge=0, le=1)
+
+
+class SkillsConfig(PretrainConfig):
+    """The skills stage: the pretrained base trained further on every domain's items rewritten in
+    another surface form (domains/rewrites.py), `domain_share` of documents, the rest general
+    text. Its result is the catalog's base: a model that knows the skills but not the eval
+    format, so that experts are small moves, as supervised fine-tunes of a real LLM are."""
+
+    domain_share: float = Field(1.0, ge=0, le=1, description="share of rewritten domain documents")
 
 
 class LoraConfig(_Strict):
@@ -120,6 +130,7 @@ class ZooConfig(_Strict):
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
     base: BaseConfig
+    skills: SkillsConfig | None = None
     continued: ContinuedConfig | None = None
     domains: dict[str, DomainConfig] = Field(min_length=2)
     runtime: RuntimeConfig = RuntimeConfig()
