@@ -154,7 +154,7 @@ def test_proxy_accuracy_statistics() -> None:
 @pytest.mark.parametrize("weighting", ["half", "equal"])
 def test_a_linear_plan_runs_as_one_folded_merge(built: dict, tmp_path: Path, weighting: str) -> None:
     from simmerge_ray.io.checkpoint import Checkpoint
-    from simmerge_ray.planner.execute import execute_plan, fold_coefficients
+    from simmerge_ray.planner.execute import execute_plan
 
     root = built["root"]
     plan = Plan("code", ["m1", "m2", "m3"], ["linear", "linear"], weighting=weighting)
@@ -165,7 +165,7 @@ def test_a_linear_plan_runs_as_one_folded_merge(built: dict, tmp_path: Path, wei
     results = execute_plan(plan, catalog, out, ExecOptions(workers=1), out_dtype="float32")
     assert len(results) == 1  # one pass over the tensors
     assert sorted(p.name for p in out.parent.iterdir()) == ["folded"]  # no intermediate checkpoint
-    coef = fold_coefficients(plan)
+    coef = plan.fold.linear_coefficients()
     expected = {"half": [0.25, 0.25, 0.5], "equal": [1 / 3] * 3}[weighting]
     assert list(coef.values()) == pytest.approx(expected)
     got, ref = Checkpoint.open(out), Checkpoint.open(want)
@@ -175,4 +175,4 @@ def test_a_linear_plan_runs_as_one_folded_merge(built: dict, tmp_path: Path, wei
         else:  # 1/3 is not: the folded merge rounds once per term, the steps once per step
             torch.testing.assert_close(got.read(name), ref.read(name), rtol=1e-6, atol=1e-7)
     assert "folded into one linear combination" in (out / "README.md").read_text()
-    assert fold_coefficients(built["plan"]) is None  # a SLERP step: step by step
+    assert built["plan"].fold.linear_coefficients() is None  # a SLERP step: step by step

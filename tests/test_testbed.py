@@ -183,15 +183,21 @@ def test_label_merge_matches_a_hand_merge(tiny_zoo, ray_cluster):
 
     cat = Catalog.load(tiny_zoo / "catalog.yaml")
     actor = ray_cluster.remote(PlanEvaluator).remote(str(tiny_zoo / "catalog.yaml"))
-    got = ray_cluster.get(actor.run.remote([LabelPlan(("code-a", "rag-a"), ("linear",), tasks=("code", "rag"))]))[0]
+    plans = [LabelPlan(("code-a", "rag-a"), ("linear",), tasks=("code", "rag")),
+             LabelPlan(("code-a", "rag-a", "ml-a"), ("linear", "ties"), "equal", tasks=("code", "rag", "multilingual")),
+             LabelPlan(("rag-a", "ml-a", "code-a"), ("linear", "linear"), "equal", tasks=("rag", "multilingual", "code"))]
+    got = ray_cluster.get(actor.run.remote(plans))
     ray_cluster.kill(actor)
-    a = load_file(str(cat.model("code-a").path / "model.safetensors"))
-    b = load_file(str(cat.model("rag-a").path / "model.safetensors"))
+    a, b, c = (load_file(str(cat.model(m).path / "model.safetensors")) for m in ("code-a", "rag-a", "ml-a"))
     model = AutoModelForCausalLM.from_pretrained(str(cat.base))
-    model.load_state_dict({k: 0.5 * a[k] + 0.5 * b[k] for k in a})
     tok = load_tokenizer(cat.base)
-    want = score(model, encode(load_examples(cat.tasks["rag"].eval), tok, 192))
-    assert got["rag"]["score"] == pytest.approx(want["score"], rel=1e-6)
+    rag = encode(load_examples(cat.tasks["rag"].eval), tok, 192)
+    model.load_state_dict({k: 0.5 * a[k] + 0.5 * b[k] for k in a})
+    assert got[0]["rag"]["score"] == pytest.approx(score(model, rag)["score"], rel=1e-6)
+    # the running mean of three, folded into one combination, is the mean of the three
+    model.load_state_dict({k: (a[k] + b[k] + c[k]) / 3 for k in a})
+    assert got[2]["rag"]["score"] == pytest.approx(score(model, rag)["score"], rel=1e-5)
+    assert got[1]["rag"]["score"] != pytest.approx(got[2]["rag"]["score"], rel=1e-3)  # a TIES step is not
 
 
 # ---- pure parts -------------------------------------------------------------------------------
@@ -267,6 +273,12 @@ def test_enumerate_plans_counts_and_sampling_is_seeded():
     half = LabelPlan(p.models, p.operators, "half", tasks=p.tasks)
     assert half.key(fp, digests) == LabelPlan(p.models, p.operators, tasks=p.tasks).key(fp, digests)
     assert LabelPlan(p.models, p.operators, "equal", tasks=p.tasks).key(fp, digests) != half.key(fp, digests)
+    # a fold of linear steps is one linear combination, measured once: the running mean of three
+    # models is the same merge in all six orders; half-weighted folds differ by their last model
+    linear = {w: {LabelPlan(o, ("linear", "linear"), w, tasks=tuple(experts[m] for m in o)).key(fp, digests)
+                  for o in itertools.permutations(p.models)} for w in ("equal", "half", "anchor")}
+    assert {w: len(keys) for w, keys in linear.items()} == {"equal": 1, "half": 3, "anchor": 3}
+    assert LabelPlan(p.models, ("linear", "ties"), "equal", tasks=p.tasks).key(fp, digests) not in linear["equal"]
 
 
 def test_merge_state_dicts_operators():

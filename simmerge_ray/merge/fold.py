@@ -32,6 +32,19 @@ class Fold:
         """The arm each step runs, at its share."""
         return fold_arms(self.operators, self.weighting)
 
+    def linear_coefficients(self) -> dict[str, float] | None:
+        """Each model's weight in the fold's result when every step is linear (M_j = a_j M_(j-1) +
+        b_j m_j, multiplied out), else None. Such a fold is one linear combination: it runs in one
+        pass, and folds with the same coefficients (the running mean in any order) are one merge."""
+        coef = {self.models[0]: 1.0}
+        for arm, model in zip(self.step_arms(), self.models[1:]):
+            if arm.method != "linear":
+                return None
+            a, b, _ = arm.linear_form()
+            coef = {m: a * w for m, w in coef.items()}
+            coef[model] = coef.get(model, 0.0) + b
+        return coef
+
 
 def check_fold(models: Sequence[str], operators: Sequence[str], weighting: str | None) -> None:
     """A ConfigError naming the fold when its steps do not match its models, a model repeats, or

@@ -43,21 +43,8 @@ def step_provenance(plan: Plan, catalog: Catalog, j: int, step_dir: str, plan_fi
     return Provenance(origin=origin, names=names, steps=steps, models=models)
 
 
-def fold_coefficients(plan: Plan) -> dict[str, float] | None:
-    """Each model's weight in the plan's merge when every step is linear (M_j = a_j M_(j-1) +
-    b_j m_j, multiplied out), else None."""
-    coef = {plan.models[0]: 1.0}
-    for arm, model in zip(plan.step_arms(), plan.models[1:]):
-        if arm.method != "linear":
-            return None
-        a, b, _ = arm.linear_form()
-        coef = {m: a * w for m, w in coef.items()}
-        coef[model] = coef.get(model, 0.0) + b
-    return coef
-
-
 def folded_config(plan: Plan, coef: dict[str, float], paths: dict[str, Path]) -> dict:
-    """The mergekit config of a linear plan as one merge, with its fold_coefficients."""
+    """The mergekit config of a linear plan as one merge, with its Fold.linear_coefficients."""
     missing = [m for m in plan.models if m not in paths]
     if missing:
         raise ConfigError(f"plan names models absent from the catalog: {', '.join(missing)}")
@@ -83,7 +70,7 @@ def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = Ex
     if out.exists() and not opts.overwrite:
         raise SimMergeError(f"{out}: output already exists (pass --overwrite to replace it)")
     paths = {m.name: m.path for m in catalog.models}
-    coef = fold_coefficients(plan)
+    coef = plan.fold.linear_coefficients()
     if coef is not None:
         folded = folded_config(plan, coef, paths)
         cfg = {**folded, "out_dtype": out_dtype} if out_dtype else folded

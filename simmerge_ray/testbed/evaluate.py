@@ -70,10 +70,11 @@ def encode(examples: list[Example], tokenizer: PreTrainedTokenizerFast, max_len:
 def score(model: PreTrainedModel, data: EncodedEvalSet, batch_size: int = 16) -> dict[str, float]:
     """{'score': exp(loglik), 'loglik': mean answer-token log-prob, 'accuracy': greedy hits}.
 
-    Rows are batched in length order (less padding) and only the answer positions' logits are
-    normalised, which is most of the cost saved at a 1k vocabulary.
+    Rows are batched in length order (less padding) and the output head runs on the answer
+    positions only (an eighth of a small model's cost when it ran on every position).
     """
     model.eval()
+    head = model.get_output_embeddings()
     lengths = data.attention_mask.sum(1)
     order = torch.argsort(lengths, stable=True)
     n = data.input_ids.shape[0]
@@ -84,8 +85,8 @@ def score(model: PreTrainedModel, data: EncodedEvalSet, batch_size: int = 16) ->
         width = int(lengths[rows].max())
         ids = data.input_ids[rows, :width]
         mask = data.target_mask[rows, : width - 1]
-        logits = model(input_ids=ids, attention_mask=data.attention_mask[rows, :width]).logits[:, :-1]
-        picked = logits[mask].double()  # [answer tokens, vocab]
+        hidden = model.base_model(input_ids=ids, attention_mask=data.attention_mask[rows, :width]).last_hidden_state
+        picked = head(hidden[:, :-1][mask]).double()  # [answer tokens, vocab]
         nxt = ids[:, 1:][mask]
         tok_lp = torch.log_softmax(picked, dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
         row_of = torch.arange(len(rows)).unsqueeze(1).expand_as(mask)[mask]

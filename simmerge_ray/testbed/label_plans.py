@@ -86,17 +86,17 @@ class LabelPlan(Fold):
 
     def key(self, fingerprints: dict[str, str], task_digests: dict[str, str]) -> str:
         """Content key: model and base fingerprints, operators with their parameters, eval sets;
-        the same for the two spellings of a mirrored 2-way merge."""
+        the same for the two spellings of a mirrored 2-way merge, and for every fold that is the
+        same linear combination (the running mean of three models in any of its six orders)."""
         canonical = self.canonical()
         if canonical is not self:
             return canonical.key(fingerprints, task_digests)
-        payload = {
-            "models": [fingerprints[m] for m in self.models],
-            "base": fingerprints.get("base"),
-            "steps": [[arm.method, dict(arm.params)] for arm in self.step_arms()],
-            "eval": {t: task_digests[t] for t in self.tasks},
-            "score": SCORE_VERSION,
-        }
+        coef = self.linear_coefficients()
+        merge: dict = ({"linear": sorted([fingerprints[m], round(c, 12)] for m, c in coef.items())}
+                       if coef is not None and self.k > 1 else
+                       {"models": [fingerprints[m] for m in self.models], "base": fingerprints.get("base"),
+                        "steps": [[arm.method, dict(arm.params)] for arm in self.step_arms()]})
+        payload = {**merge, "eval": {t: task_digests[t] for t in self.tasks}, "score": SCORE_VERSION}
         return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 

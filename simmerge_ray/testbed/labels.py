@@ -31,7 +31,7 @@ from simmerge_ray.io.digest_cache import file_digest
 from simmerge_ray.testbed.label_plans import LabelSettings, LabelPlan, empty_size_reasons, enumerate_plans
 from simmerge_ray.merge.arms import get_arm, get_weighting
 from simmerge_ray.testbed.label_tables import gap_summary, model_scores_table, multiway_table, pairwise_table
-from simmerge_ray.testbed.merging import merge_arm
+from simmerge_ray.testbed.merging import linear_combination, merge_arm
 
 EVAL_MAX_LEN = 192
 
@@ -76,13 +76,17 @@ class PlanEvaluator:
         memo: dict[tuple, dict[str, torch.Tensor]] = {}
         out = []
         for plan in plans:
-            cur = self.states[plan.models[0]]
-            arms = plan.step_arms()
-            for j, arm in enumerate(arms):
-                prefix = (plan.models[: j + 2], tuple(a.name for a in arms[: j + 1]))
-                if prefix not in memo:
-                    memo[prefix] = merge_arm(arm, cur, self.states[plan.models[j + 1]], self.states["base"])
-                cur = memo[prefix]
+            coef = plan.linear_coefficients()
+            if coef is not None and plan.k > 1:  # one linear combination, in one pass
+                cur = linear_combination([self.states[m] for m in coef], list(coef.values()))
+            else:
+                cur = self.states[plan.models[0]]
+                arms = plan.step_arms()
+                for j, arm in enumerate(arms):
+                    prefix = (plan.models[: j + 2], tuple(a.name for a in arms[: j + 1]))
+                    if prefix not in memo:
+                        memo[prefix] = merge_arm(arm, cur, self.states[plan.models[j + 1]], self.states["base"])
+                    cur = memo[prefix]
             self.model.load_state_dict(cur)
             out.append({t: score(self.model, self.evals[t]) for t in plan.tasks})
         return out
