@@ -125,6 +125,20 @@ def test_plan_with_a_misspelt_task_lists_the_known_ones(tmp_path: Path, capsys) 
     assert not (tmp_path / "plan").exists()
 
 
+def test_plan_with_a_bad_calibration_file_names_it(tmp_path: Path, capsys) -> None:
+    cat = _catalog(tmp_path)
+    args = ["plan", "--selector", str(tmp_path / "sel"), "--aux-selector", str(tmp_path / "sel-aux"), "--catalog",
+            str(cat), "--features", str(tmp_path / "feats"), "--task", "code", "--models", "a", "b",
+            "--out", str(tmp_path / "plan")]
+    missing = tmp_path / "calibration.json"
+    assert cli_main([*args, "--calibration", str(missing)]) == 2
+    _one_line_error(capsys, f"--calibration {missing}: no such file (a pipeline run writes multiway/calibration.json)")
+    missing.write_text('{"sizes": {}}')
+    assert cli_main([*args, "--calibration", str(missing)]) == 2
+    _one_line_error(capsys, f"{missing}: not a multi-way calibration file ('features')")
+    assert not (tmp_path / "plan").exists() and missing.read_text() == '{"sizes": {}}'
+
+
 def test_fit_on_a_folder_without_features_says_what_is_missing(tmp_path: Path, capsys) -> None:
     feats = tmp_path / "feats"
     feats.mkdir()

@@ -12,7 +12,7 @@ import pytest
 from simmerge_ray.merge.arms import STEP_ARMS, WEIGHTING_NAMES
 from simmerge_ray.planner.evaluate import JUDGED, evaluate_multiway
 
-TASKS = {"a": "x", "b": "y", "c": "z"}
+TASKS = {"a": "x", "b": "y", "c": "z", "d": "x", "e": "y", "f": "z", "g": "x", "h": "y", "i": "z"}
 
 
 def retention(models: tuple, ops: tuple, weighting: str) -> dict[str, float]:
@@ -22,13 +22,13 @@ def retention(models: tuple, ops: tuple, weighting: str) -> dict[str, float]:
         r = -0.9 + 0.3 * pos + 0.05 * ops.count("ties")
         if weighting == "anchor" and pos == 0:
             r += 0.5
-        out[m] = r + 0.01 * "abc".index(m)
+        out[m] = r + 0.01 * (ord(m) - ord("a"))
     return out
 
 
-def labels() -> pl.DataFrame:
+def labels(subsets: tuple[str, ...] = ("abc",)) -> pl.DataFrame:
     rows = []
-    for order in itertools.permutations("abc"):
+    for order in itertools.chain.from_iterable(itertools.permutations(s) for s in subsets):
         for w in WEIGHTING_NAMES:
             for ops in [(op, op) for op in STEP_ARMS] + [("linear", "ties")]:
                 kept = retention(order, ops, w)
@@ -45,9 +45,9 @@ class Oracle:
 
     sign = 1.0
 
-    def score_many(self, plans, expert) -> list[float]:
-        return [self.sign * JUDGED.score({m: 1 + r for m, r in retention(tuple(m), tuple(o), w).items()}, expert)
-                for m, o, w in plans]
+    def retentions_many(self, plans, expert) -> list[dict[str, float]]:
+        # predicted R = 1 + measured retention (negated: every score negated, the objective being linear)
+        return [{m: self.sign * (1 + r) for m, r in retention(tuple(m), tuple(o), w).items()} for m, o, w in plans]
 
 
 class Backwards(Oracle):
@@ -99,3 +99,27 @@ def test_objective_scores_retention_from_step_predictions() -> None:
     r = obj.retention("a", blind, tasks)
     assert r["e"] is None and obj.score(r, "e") == -float("inf")
     assert obj.score({"a": 1.0}, None) == pytest.approx(1.0 + 1.0)  # before the expert joins: R_expert = 1
+
+
+class Blind(Oracle):
+    """A step model that tells no plan from another: every model predicted to keep everything."""
+
+    def retentions_many(self, plans, expert) -> list[dict[str, float]]:
+        return [{m: 1.0 for m in models} for models, _, _ in plans]
+
+
+def test_calibration_on_other_subsets_learns_what_the_step_model_misses() -> None:
+    res = evaluate_multiway(labels(("abc", "def", "ghi")), Blind())["3way"]
+    assert res["subsets"] == 3 and res["targets"] == 9
+    # the blind planner takes the first plan it is shown; calibrated on the two other subsets'
+    # measured merges, the planner finds the held-out subset's best plans
+    measured = {m: r["expert_retention"] + (3 * r["mean_retention"] - r["expert_retention"]) / 2
+                for m, r in res.items() if isinstance(r, dict) and "expert_retention" in r}
+    assert measured["simmerge_calibrated"] > measured["simmerge"] + 0.3
+    assert measured["simmerge_calibrated"] == pytest.approx(measured["oracle"], abs=0.02)
+    assert measured["calibrated_random_order"] < measured["simmerge_calibrated"]
+
+
+def test_one_subset_has_nothing_to_calibrate_on() -> None:
+    res = evaluate_multiway(labels(), Oracle())["3way"]
+    assert "simmerge_calibrated" not in res and "simmerge" in res

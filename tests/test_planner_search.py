@@ -129,6 +129,37 @@ def test_beam_search_when_the_space_is_large() -> None:
     assert narrow.scored < res.scored
 
 
+def test_a_calibration_ranks_complete_plans_by_measured_shape() -> None:
+    """A calibration that has learned "the expert keeps most when it joins last, under `anchor`"
+    overrides the step model's ranking; it covers only the sizes it was fitted on."""
+    from simmerge_ray.planner.calibrate import FEATURES, MultiwayCalibration, RetentionCalibrator
+
+    models = [f"m{i}" for i in range(4)]
+    tm = TableModel(models, seed=3)
+    coef = np.zeros((len(FEATURES), 2))
+    coef[FEATURES.index("expert_position"), 0] = 1.0
+    coef[FEATURES.index("weighting_anchor"), 1] = 0.5
+    coef[FEATURES.index("intercept")] = [-0.9, -0.6]
+    cal = MultiwayCalibration({3: RetentionCalibrator(coef)}, {3: 8})
+    space = SearchSpace(task="code", candidates=models, experts=["m0"], min_k=3, max_k=3, tasks=tasks_of(models))
+    obj = Objective(retention_weight=1.0, aux_weight=1.0)
+    plain, res = search(space, tm, obj), search(space, tm, obj, calibration=cal)
+    best = res.best
+    assert best.models[-1] == "m0" and best.weighting == "anchor"
+    assert best.calibrated == {"expert_retention": pytest.approx(0.1), "others_retention": pytest.approx(-0.1),
+                               "score": pytest.approx(0.0), "subsets": 8}
+    assert best.score == pytest.approx(obj.score(best.retention, "m0"))  # the step model's own score is kept
+    assert plain.best.calibrated == {}
+    assert all(e["effect"] <= 1e-12 for e in best.excluded)
+    # the calibration round-trips, and a size it does not cover is refused
+    assert MultiwayCalibration.from_json(cal.to_json()).by_size[3].coef.tolist() == coef.tolist()
+    with pytest.raises(ConfigError, match=r"covers plans of \[3\] models, not \[2\]"):
+        search(SearchSpace(task="code", candidates=models, experts=["m0"], min_k=2, max_k=3, tasks=tasks_of(models)),
+               tm, obj, calibration=cal)
+    with pytest.raises(ConfigError, match="calibration.json: written for the features"):
+        MultiwayCalibration.from_json('{"features": ["x"], "sizes": {}}', "calibration.json")
+
+
 def test_bad_search_spaces() -> None:
     with pytest.raises(ConfigError, match="invalid"):
         SearchSpace(task="t", candidates=["a", "b"], experts=["a"], min_k=3, max_k=2)

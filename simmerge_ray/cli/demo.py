@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             r = report["multiway"][k]
             line = ", ".join(f"{name} {100 * r[m]['expert_retention']:+.1f}% / {100 * r[m]['mean_retention']:+.1f}%"
                              for m, name in (("simmerge", "SimMerge"), ("random_order", "random order"),
+                                             ("simmerge_calibrated", "SimMerge calibrated on other subsets"),
                                              ("equal_share", "model soup"), ("oracle", "oracle")) if m in r)
             print(f"{k}: retention of the expert / mean over the plan's models: {line}")
     b = report["bandit"]["regret"]

@@ -28,7 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "  simmerge plan --selector selector/ --catalog catalog.yaml --features feats/ \\\n"
                "      --task code --expert code-1 --aux math-1 --out plan-pair/\n"
                "  simmerge plan --selector selector/ --catalog catalog.yaml --features feats/ \\\n"
-               "      --task code --models code-1 math-1 rag-1 --min-way 3 --max-way 3 --out plan-3way/")
+               "      --task code --models code-1 math-1 rag-1 --min-way 3 --max-way 3 --out plan-3way/\n"
+               "  simmerge plan --selector run/selector --aux-selector run/selector_aux --catalog catalog.yaml \\\n"
+               "      --features run/features --task code --models code-1 math-1 rag-1 --min-way 3 --max-way 3 \\\n"
+               "      --calibration run/multiway/calibration.json --aux-weight 1 --out plan-3way/")
     p.add_argument("--selector", required=True, help="selector folder from `simmerge fit`")
     p.add_argument("--aux-selector", default=None,
                    help="selector fitted with --target aux_gap_closed (enables the auxiliary-gain objective)")
@@ -47,6 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weight of the expert's predicted retention in a plan's score")
     p.add_argument("--aux-weight", type=float, default=0.0,
                    help="weight of the other models' predicted retention on their own tasks (needs --aux-selector)")
+    p.add_argument("--calibration", default=None,
+                   help="multi-way mode: calibration.json from a pipeline run's multiway/ folder; plans are then "
+                        "ranked by the objective on their retentions calibrated on measured 3-/4-way merges "
+                        "(needs --aux-selector, and --min-way/--max-way within the sizes it covers)")
     p.add_argument("--out", required=True, help="folder for plan.json and the mergekit YAML file(s)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote")
     p.set_defaults(func=run)
@@ -70,7 +77,22 @@ def run(args: argparse.Namespace) -> int:
 
 def _inputs(args: argparse.Namespace, catalog) -> list:
     """What a plan is computed from: its --out may be none of them, nor hold or lie inside one."""
-    return [*catalog.paths, args.selector, args.features] + ([args.aux_selector] if args.aux_selector else [])
+    return ([*catalog.paths, args.selector, args.features] + ([args.aux_selector] if args.aux_selector else [])
+            + ([args.calibration] if getattr(args, "calibration", None) else []))
+
+
+def _calibration(args: argparse.Namespace):
+    """The --calibration file, checked; None without one."""
+    from simmerge_ray.planner.calibrate import MultiwayCalibration
+
+    if not args.calibration:
+        return None
+    path = Path(args.calibration)
+    if not path.is_file():
+        raise ConfigError(f"--calibration {path}: no such file (a pipeline run writes multiway/calibration.json)")
+    if not args.aux_selector:
+        raise ConfigError("--calibration needs --aux-selector: it reads the predicted retention of every model")
+    return MultiwayCalibration.from_json(path.read_text(), str(path))
 
 
 def _pairwise(args: argparse.Namespace, catalog) -> int:
@@ -152,11 +174,17 @@ def _multiway(args: argparse.Namespace, catalog) -> int:
         "max_way": args.max_way, "required_expert": args.required_expert, "beam_width": args.beam_width,
         "retention_weight": args.retention_weight, "aux_weight": args.aux_weight}, "simmerge plan")
     search_space(req, catalog)  # bad models or task: fail before loading the step model
-    res = plan_request(req, catalog, build_step_model(args.selector, args.features, args.aux_selector))
+    calibration = _calibration(args)
+    res = plan_request(req, catalog, build_step_model(args.selector, args.features, args.aux_selector),
+                       calibration=calibration)
     print(f"scored {res.scored} plans in {res.seconds:.2f} s ({res.plans_per_second:.0f} plans/s, "
           f"{'exhaustive' if res.exhaustive else f'beam {args.beam_width}'}); score = {args.retention_weight:g} x "
           f"predicted share of the expert's gap on {args.task} that survives"
           + (f" + {args.aux_weight:g} x the other models' mean predicted retention" if args.aux_weight else ""))
+    if calibration is not None:
+        print("ranked by the same objective on the retentions calibrated on measured "
+              + ", ".join(f"{k}-way merges ({n} subsets)" for k, n in sorted(calibration.subsets.items()))
+              + " (plan.json: calibrated)")
     for rank, p in enumerate(res.plans[:5], start=1):
         steps = " ".join(f"-[{op}]-> {m}" for op, m in zip(p.operators, p.models[1:]))
         levels = p.intervals.get("levels", {})
@@ -166,6 +194,10 @@ def _multiway(args: argparse.Namespace, catalog) -> int:
         print(f"{rank}. score {p.score:.3f}{bound}: {p.models[0]} {steps}  (weighting {p.weighting}, expert "
               f"{p.expert}; predicted share of each model's gap kept: {kept})"
               + (f"  [{flagged} flag{'s' * (flagged > 1)}]" if flagged else ""))
+        if p.calibrated:
+            print(f"   calibrated: score {p.calibrated['score']:.3f}, expert retention "
+                  f"{100 * p.calibrated['expert_retention']:+.1f}%, the others' mean "
+                  f"{100 * p.calibrated['others_retention']:+.1f}%")
     best = res.best
     for ex in best.excluded:
         print(f"left out {ex['model']}: the best plan with it scores {ex['best_score_with']:.3f} "

@@ -68,6 +68,11 @@ class RunLayout:
         return self.root / "multiway"
 
     @property
+    def multiway_calibration(self) -> Path:
+        """Calibrators of the planner's multi-way predictions, fitted on the measured merges."""
+        return self.multiway / "calibration.json"
+
+    @property
     def bandit(self) -> Path:
         return self.root / "bandit"
 

@@ -13,7 +13,8 @@ from simmerge_ray.report.charts import feature_utility_heatmap, grouped_bars
 
 PAIR_METHODS = ("simmerge", *ARM_NAMES, "majority", "oracle")
 ONE_SIDED_METHODS = ("simmerge", *PAPER_ARMS, "oracle")
-MULTI_METHODS = ("simmerge", "random_order", *STEP_ARMS, "equal_share", "oracle")
+MULTI_METHODS = ("simmerge", "random_order", "simmerge_calibrated", "calibrated_random_order", *STEP_ARMS,
+                 "equal_share", "oracle")
 RETENTIONS = ("expert_retention", "mean_retention")
 BANDIT_POLICIES = {"bandit": "bandit", "bandit_cold": "bandit_cold", "random": "uniform",
                    "greedy": "greedy_offline", "best_fixed": "best_fixed"}
@@ -91,10 +92,11 @@ def write_report(out: Path, timings: dict[str, float]) -> dict:
                                              if m in report["multiway"][k]} for k in ways for r in RETENTIONS},
                  out / "multiway_retention.png", "retention (%)",
                  "multi-way merges: retention of the expert, and mean over the plan's models")
-    grouped_bars({t: {m: d[m]["mean_retention"] for m in ("simmerge", "random_order", "equal_share", "oracle") if m in d}
+    grouped_bars({t: {m: d[m]["mean_retention"] for m in ("simmerge", "random_order", "simmerge_calibrated",
+                                                            "equal_share", "oracle") if m in d}
                   for k in ways for t, d in ((f"{k} {t}", d) for t, d in report["multiway"][k]["by_task"].items())},
                  out / "multiway_by_task.png", "mean retention (%)",
-                 "multi-way merges per target task: the planner against random order, the model soup and the oracle")
+                 "multi-way merges per target task: the planner (and calibrated) against random order, the soup and the oracle")
     data = load_pair_data(str(run.features), str(run.pair_labels))
     feature_utility_heatmap(data.x, data.y, data.feature_names, data.operators, out / "feature_utility_heatmap.png")
     atomic_write_text(out / "report.md", render_markdown(report))

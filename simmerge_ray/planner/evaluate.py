@@ -9,7 +9,10 @@ s_merge / s_model - 1 of every model on its own task:
   expectation over the labelled orders of that rule);
 - one entry per step arm: that arm at every step, in a random order under a random weighting;
 - equal_share: the equal-weight linear fold (a model soup of the subset);
-- oracle: the plan whose measured value of the planner's objective is best.
+- oracle: the plan whose measured value of the planner's objective is best;
+- simmerge_calibrated: the planner's top plan once its predicted retentions are calibrated on the
+  measured merges of the other subsets of the same size (planner/calibrate.py: leave one subset
+  out), and calibrated_random_order its weighting and step arms in a random order.
 Each entry reports `expert_retention` (the expert's) and `mean_retention` (the mean over the
 plan's models). Baselines are expectations over labelled plans, not draws: no sampling noise.
 """
@@ -19,11 +22,14 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
 from simmerge_ray.merge.arms import STEP_ARMS
+from simmerge_ray.merge.fold import Fold
+from simmerge_ray.planner.calibrate import MultiwayCalibration, RetentionCalibrator, plan_features
 from simmerge_ray.planner.objective import Objective, Outcome
 from simmerge_ray.planner.search import Replayer, StepModel
 
@@ -42,12 +48,16 @@ class PlanScorer:
         self.objective = objective
         self._replayers: dict[str, Replayer] = {}
 
-    def score_many(self, plans: Sequence[tuple[Sequence[str], Sequence[str], str | None]], expert: str) -> list[float]:
-        """Predicted objective of each (models, step arms, weighting) with `expert` as the expert."""
+    def retentions_many(self, plans: Sequence[tuple[Sequence[str], Sequence[str], str | None]], expert: str
+                        ) -> list[dict[str, float | None]]:
+        """Predicted R per model of each (models, step arms, weighting) with `expert` as the expert."""
         task = self.tasks[expert]
         rp = self._replayers.setdefault(task, Replayer(self.model, task, self.tasks))
-        return [self.objective.score(self.objective.retention(p[0][0], steps, self.tasks), expert)
-                for p, steps in zip(plans, rp.replay_many(plans))]
+        return [self.objective.retention(p[0][0], steps, self.tasks) for p, steps in zip(plans, rp.replay_many(plans))]
+
+    def score_many(self, plans: Sequence[tuple[Sequence[str], Sequence[str], str | None]], expert: str) -> list[float]:
+        """Predicted objective of each (models, step arms, weighting) with `expert` as the expert."""
+        return [self.objective.score(r, expert) for r in self.retentions_many(plans, expert)]
 
     def score(self, models: Sequence[str], ops: Sequence[str], weighting: str | None, expert: str) -> float:
         return self.score_many([(models, ops, weighting)], expert)[0]
@@ -62,40 +72,107 @@ def _mean(outcomes: list[Outcome]) -> dict[str, float]:
             "mean_retention": float(np.nanmean([o.mean_retention for o in outcomes]))}
 
 
-def evaluate_multiway(labels: pl.DataFrame, scorer: PlanScorer) -> dict:
-    """Mean measured retentions per plan size and method, overall and per target task."""
+@dataclass
+class MultiwayTarget:
+    """One (subset, expert) of the labels: its plans, their measured outcomes, the planner's
+    predicted objective, and what the calibrator reads (features) and learns (targets) of each."""
+
+    subset: tuple[str, ...]
+    expert: str
+    plans: list[tuple]  # (models, step arms, weighting, measured retention)
+    outcomes: list[Outcome]
+    predicted: list[float]
+    features: list[list[float]]
+    targets: list[list[float]]  # measured expert retention, others' mean retention (NaN: undefined)
+
+
+def _calibration_target(measured: Mapping[str, float | None], expert: str) -> list[float]:
+    others = [v for m, v in measured.items() if m != expert and v is not None]
+    e = measured.get(expert)
+    return [np.nan if e is None else float(e), float(np.mean(others)) if others else np.nan]
+
+
+def multiway_targets(labels: pl.DataFrame, scorer: PlanScorer) -> dict[int, list[MultiwayTarget]]:
+    """Every labelled 3-/4-way subset with each of its models as the expert, by plan size."""
     rows = labels.filter(pl.col("k") >= 3).select(["models", "operators", "weighting", "k", "retention"]).rows()
     subsets: dict[tuple, list[tuple]] = defaultdict(list)
     for models, ops, weighting, k, retention in rows:
         subsets[tuple(sorted(models))].append((tuple(models), tuple(ops), weighting, json.loads(retention)))
+    by_size: dict[int, list[MultiwayTarget]] = defaultdict(list)
+    for subset, plans in sorted(subsets.items()):
+        for expert in subset:
+            retentions = scorer.retentions_many([(m, o, w) for m, o, w, _ in plans], expert)
+            by_size[len(subset)].append(MultiwayTarget(
+                subset, expert, plans, [Outcome.of(r, expert) for *_, r in plans],
+                [scorer.objective.score(r, expert) for r in retentions],
+                [plan_features(Fold(m, o, w), expert, r) for (m, o, w, _), r in zip(plans, retentions)],
+                [_calibration_target(measured, expert) for *_, measured in plans]))
+    return dict(by_size)
+
+
+def _fit(targets: Sequence[MultiwayTarget]) -> RetentionCalibrator | None:
+    rows = [(x, y) for t in targets for x, y in zip(t.features, t.targets) if np.isfinite(y).all()]
+    return RetentionCalibrator.fit([x for x, _ in rows], [y for _, y in rows]) if rows else None
+
+
+def fit_calibration(by_size: Mapping[int, Sequence[MultiwayTarget]]) -> MultiwayCalibration:
+    """One calibrator per plan size, fitted on every labelled subset of that size."""
+    fitted = {k: (cal, len(targets)) for k, targets in by_size.items() if (cal := _fit(targets)) is not None}
+    return MultiwayCalibration({k: c for k, (c, _) in fitted.items()},
+                               {k: len({t.subset for t in by_size[k]}) for k in fitted})
+
+
+def _same_rule(t: MultiwayTarget, pick: int) -> Outcome:
+    """The picked plan's weighting and step arms in a random order: the mean over its orders."""
+    _, p_ops, p_w, _ = t.plans[pick]
+    return Outcome(**_mean([o for (m, ops, w, _), o in zip(t.plans, t.outcomes) if ops == p_ops and w == p_w]))
+
+
+def calibrated_picks(targets: list[MultiwayTarget], objective: Objective) -> dict[int, list[Outcome]]:
+    """Leave one subset out: each target's plan is the top one by a calibrator fitted on the other
+    subsets' targets; returns {index: [picked outcome, same rule in a random order]}."""
+    picks: dict[int, list[Outcome]] = {}
+    for subset in sorted({t.subset for t in targets}):
+        cal = _fit([t for t in targets if t.subset != subset])
+        if cal is None:
+            continue
+        for i, t in enumerate(targets):
+            if t.subset == subset:
+                pick = int(np.argmax(cal.score(t.features, objective.retention_weight, objective.aux_weight)))
+                picks[i] = [t.outcomes[pick], _same_rule(t, pick)]
+    return picks
+
+
+def evaluate_multiway(labels: pl.DataFrame, scorer: PlanScorer,
+                      by_size: Mapping[int, list[MultiwayTarget]] | None = None) -> dict:
+    """Mean measured retentions per plan size and method, overall and per target task
+    (`by_size`: multiway_targets(labels, scorer), when already computed)."""
+    by_size = multiway_targets(labels, scorer) if by_size is None else by_size
     per: dict[int, dict[str, list[Outcome]]] = defaultdict(lambda: defaultdict(list))
     per_task: dict[int, dict[str, dict[str, list[Outcome]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for subset, plans in sorted(subsets.items()):
-        k = len(subset)
-        for expert in subset:
-            task = scorer.tasks[expert]
-            outcomes = [Outcome.of(r, expert) for *_, r in plans]
-            predicted = scorer.score_many([(m, o, w) for m, o, w, _ in plans], expert)
-            pick = int(np.argmax(predicted))
-            _, p_ops, p_w, _ = plans[pick]
-            same_rule = [o for (m, ops, w, _), o in zip(plans, outcomes) if ops == p_ops and w == p_w]
-            measured = [_measured_score(scorer.objective, r, expert) for *_, r in plans]
-            values = {"simmerge": [outcomes[pick]], "random_order": same_rule,
-                      "oracle": [outcomes[int(np.argmax(measured))]]}
+    for k, targets in sorted(by_size.items()):
+        calibrated = calibrated_picks(targets, scorer.objective)
+        for i, t in enumerate(targets):
+            pick = int(np.argmax(t.predicted))
+            measured = [_measured_score(scorer.objective, r, t.expert) for *_, r in t.plans]
+            values = {"simmerge": [t.outcomes[pick]], "random_order": [_same_rule(t, pick)],
+                      "oracle": [t.outcomes[int(np.argmax(measured))]]}
+            if i in calibrated:
+                values["simmerge_calibrated"], values["calibrated_random_order"] = [calibrated[i][0]], [calibrated[i][1]]
             for op in STEP_ARMS:
-                values[op] = [o for (m, ops, w, _), o in zip(plans, outcomes) if set(ops) == {op}]
-            values["equal_share"] = [o for (m, ops, w, _), o in zip(plans, outcomes)
+                values[op] = [o for (m, ops, w, _), o in zip(t.plans, t.outcomes) if set(ops) == {op}]
+            values["equal_share"] = [o for (m, ops, w, _), o in zip(t.plans, t.outcomes)
                                      if set(ops) == {EQUAL_SHARE[0]} and w == EQUAL_SHARE[1]]
             for method, outs in values.items():
                 if outs:
                     avg = Outcome(**_mean(outs))
                     per[k][method].append(avg)
-                    per_task[k][task][method].append(avg)
+                    per_task[k][scorer.tasks[t.expert]][method].append(avg)
     result: dict = {}
     for k in sorted(per):
         by_task = {t: {m: _mean(v) for m, v in d.items()} for t, d in sorted(per_task[k].items())}
         result[f"{k}way"] = {
-            "subsets": len({s for s in subsets if len(s) == k}),
+            "subsets": len({t.subset for t in by_size[k]}),
             "targets": len(per[k]["simmerge"]),
             **{m: _mean(v) for m, v in per[k].items()},
             "by_task": by_task,

@@ -40,6 +40,9 @@ class Plan:
     expert: str = ""  # the target task's expert among `models` (default: the first model)
     retention: dict[str, float | None] = field(default_factory=dict)  # predicted R per model (objective.py)
     excluded: list[dict[str, Any]] = field(default_factory=list)  # candidates left out, with the predicted effect
+    # Ranked on measured multi-way merges (planner/calibrate.py): the calibrated expert and others'
+    # mean retention (s_merge / s_model - 1), the objective on them, and the subsets fitted on.
+    calibrated: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.models) < 2:

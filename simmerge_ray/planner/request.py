@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.planner.calibrate import MultiwayCalibration
 from simmerge_ray.planner.objective import Objective
 from simmerge_ray.planner.search import SearchResult, SearchSpace, StepModel, search
 from simmerge_ray.selector.data import features_file
@@ -102,7 +103,8 @@ def search_space(req: PlanRequest, catalog: Catalog) -> SearchSpace:
     return SearchSpace(req.task, models, experts, req.min_way, req.max_way, req.beam_width, tasks=tasks)
 
 
-def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, keep: int = 10) -> SearchResult:
+def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, keep: int = 10,
+                 calibration: MultiwayCalibration | None = None) -> SearchResult:
     """The ranked plans of one request (best first), each with its intervals, input flags and
     expert-alone comparison (planner/assess.py) when the step model is a selector.
 
@@ -115,7 +117,7 @@ def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, k
 
     space = search_space(req, catalog)
     with one_thread():
-        result = search(space, step_model, req.objective, keep=keep)
+        result = search(space, step_model, req.objective, keep=keep, calibration=calibration)
         if isinstance(step_model, SelectorStepModel):
             tasks = {**catalog.model_tasks, **space.tasks}
             for plan in result.plans:

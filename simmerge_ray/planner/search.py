@@ -20,6 +20,8 @@ import numpy as np
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.arms import STEP_ARMS, WEIGHTING_NAMES, check_arms, fold_arms, get_weighting, step_arm
+from simmerge_ray.merge.fold import Fold
+from simmerge_ray.planner.calibrate import MultiwayCalibration
 from simmerge_ray.planner.objective import Objective, StepPrediction, advance
 from simmerge_ray.planner.plan import Plan
 from simmerge_ray.planner.shares import at_share
@@ -230,8 +232,15 @@ def _share_values(rp: Replayer, jobs: list[tuple[_Partial, str]], space: SearchS
 
 
 def search(space: SearchSpace, step_model: StepModel, objective: Objective = Objective(), *,
-           keep: int = 10) -> SearchResult:
+           keep: int = 10, calibration: MultiwayCalibration | None = None) -> SearchResult:
+    """The `keep` best plans of the space. With `calibration` (planner/calibrate.py), complete
+    plans are ranked by the objective on their calibrated retentions, for sizes it covers."""
     t0 = time.perf_counter()
+    if calibration is not None:
+        missing = [k for k in range(space.min_k, space.max_k + 1) if k not in calibration.by_size]
+        if missing:
+            raise ConfigError(f"the calibration covers plans of {sorted(calibration.by_size)} models, not "
+                              f"{missing}: set --min-way/--max-way within it, or plan without --calibration")
     exhaustive = space.size() <= space.exhaustive_max_plans
     rp = Replayer(step_model, space.task, space.tasks)
     # Without an auxiliary selector nothing predicts what a model keeps when it joins a merge, so
@@ -275,13 +284,25 @@ def search(space: SearchSpace, step_model: StepModel, objective: Objective = Obj
             frontier.append(child)
     if not complete:
         raise ConfigError(f"no plan of {space.min_k}-{space.max_k} models holds an expert of {space.task!r}")
+    calibrated: dict[int, tuple[float, float]] = {}  # id(plan) -> calibrated (expert, others) retention
+    if calibration is not None:  # complete plans are ranked on the calibrated retentions instead
+        for _, c in complete:
+            calibrated[id(c)] = calibration.predict(Fold(tuple(c.models), tuple(c.ops), c.weighting),
+                                                    expert_of(c.models, space.experts), c.retention)
+        complete = [(objective.retention_weight * e + objective.aux_weight * o, c)
+                    for c, (e, o) in ((c, calibrated[id(c)]) for _, c in complete)]
     complete.sort(key=lambda sc: (-sc[0], len(sc[1].models), sc[1].models, sc[1].ops, sc[1].weighting))
     best_with: dict[str, float] = {}
     for score, c in complete:
         for x in c.models:
             best_with.setdefault(x, score)  # sorted best first: the first score seen is the best
     plans = [make_plan(space, objective, c) for _, c in complete[:keep]]
-    best = plans[0]
-    best.excluded = [{"model": m, "best_score_with": best_with[m], "effect": best_with[m] - best.score}
+    for plan, (score, c) in zip(plans, complete):
+        if id(c) in calibrated:
+            e, o = calibrated[id(c)]
+            plan.calibrated = {"expert_retention": e, "others_retention": o, "score": score,
+                               "subsets": calibration.subsets[plan.k]}
+    best, best_score = plans[0], complete[0][0]
+    best.excluded = [{"model": m, "best_score_with": best_with[m], "effect": best_with[m] - best_score}
                      for m in space.pool if m not in best.models and m in best_with]
     return SearchResult(plans, scored, time.perf_counter() - t0, exhaustive)

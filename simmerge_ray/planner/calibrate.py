@@ -1,0 +1,127 @@
+"""Multi-way calibration: measured 3-/4-way merges correct the planner's predicted retentions.
+
+The step model is fitted on pairwise labels. Propagated through a fold, its predicted retention
+ranks the expert's measured retention but hardly the other models' (README, multi-way). The
+labels also hold measured multi-way merges; a ridge regression fitted on them maps a plan's
+predicted retentions and its shape to its measured expert retention and the measured mean
+retention of the other models. Inputs:
+  - the step model's predicted R of the expert and mean R of the others (objective.py);
+  - the plan's shape: the expert's share of the final merge and the largest other share (each
+    step's share multiplied out, as for a linear fold), the fractions of TIES and SLERP steps, a
+    TIES first step, the weighting (equal, anchor; half is the baseline), the expert's position.
+It is judged leave-one-subset-out (planner/evaluate.py): a subset's plans are chosen by a
+calibrator that has never seen that subset's labels. Pure numpy: no I/O, no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.merge.fold import Fold
+
+FEATURES: tuple[str, ...] = ("pred_expert", "pred_others", "expert_share", "max_other_share", "ties_steps",
+                             "slerp_steps", "ties_first", "weighting_equal", "weighting_anchor", "expert_position",
+                             "intercept")
+RIDGE = 1e-2
+
+
+def final_shares(fold: Fold) -> dict[str, float]:
+    """Each model's share of the fold's result, the step shares multiplied out (an arm without a
+    share, run as declared, counts as an equal step)."""
+    share = {fold.models[0]: 1.0}
+    for arm, model in zip(fold.step_arms(), fold.models[1:]):
+        w = arm.share if arm.share is not None else 0.5
+        share = {m: v * (1 - w) for m, v in share.items()}
+        share[model] = w
+    return share
+
+
+def plan_features(fold: Fold, expert: str, retention: Mapping[str, float | None]) -> list[float]:
+    """One row of FEATURES for `fold` judged with `expert` as the expert; `retention` is the step
+    model's predicted R per model (objective.py), None where it cannot say (counted as 0)."""
+    share = final_shares(fold)
+    steps = len(fold.operators)
+    r_e = retention.get(expert)
+    others = [r for m, r in retention.items() if m != expert and r is not None]
+    return [
+        0.0 if r_e is None else float(r_e),
+        float(np.mean(others)) if others else 0.0,
+        share[expert],
+        max(v for m, v in share.items() if m != expert),
+        fold.operators.count("ties") / steps,
+        fold.operators.count("slerp") / steps,
+        float(fold.operators[0] == "ties"),
+        float(fold.weighting == "equal"),
+        float(fold.weighting == "anchor"),
+        fold.models.index(expert) / steps,
+        1.0,
+    ]
+
+
+@dataclass(frozen=True)
+class RetentionCalibrator:
+    """Ridge coefficients: measured (expert retention, others' mean retention) = X @ coef."""
+
+    coef: np.ndarray  # [len(FEATURES), 2]
+
+    @classmethod
+    def fit(cls, x: Sequence[Sequence[float]], y: Sequence[Sequence[float]], ridge: float = RIDGE
+            ) -> "RetentionCalibrator":
+        xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if xa.ndim != 2 or xa.shape[1] != len(FEATURES) or ya.shape != (xa.shape[0], 2):
+            raise ValueError(f"calibration rows: expected [n, {len(FEATURES)}] inputs and [n, 2] targets, "
+                             f"got {xa.shape} and {ya.shape}")
+        coef = np.linalg.solve(xa.T @ xa + ridge * np.eye(xa.shape[1]), xa.T @ ya)
+        return cls(coef)
+
+    def predict(self, x: Sequence[Sequence[float]]) -> np.ndarray:
+        """[n, 2]: predicted expert retention and others' mean retention (s_merge / s_model - 1)."""
+        return np.asarray(x, dtype=np.float64) @ self.coef
+
+    def score(self, x: Sequence[Sequence[float]], retention_weight: float = 1.0, aux_weight: float = 1.0
+              ) -> np.ndarray:
+        """The objective's value on the calibrated retentions, one per row."""
+        p = self.predict(x)
+        return retention_weight * p[:, 0] + aux_weight * p[:, 1]
+
+
+@dataclass(frozen=True)
+class MultiwayCalibration:
+    """A calibrator per plan size (3, 4, ...), fitted on every labelled subset of that size of a
+    pipeline run (`OUT/multiway/calibration.json`); `simmerge plan --calibration` ranks plans of
+    those sizes by it."""
+
+    by_size: Mapping[int, RetentionCalibrator]
+    subsets: Mapping[int, int]  # labelled subsets each calibrator was fitted on
+
+    def to_json(self) -> str:
+        return json.dumps({"features": list(FEATURES), "sizes": {
+            str(k): {"subsets": self.subsets[k], "coef": c.coef.tolist()} for k, c in sorted(self.by_size.items())}},
+            indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "calibration") -> "MultiwayCalibration":
+        try:
+            raw = json.loads(text)
+            if raw["features"] != list(FEATURES):
+                raise ConfigError(f"{where}: written for the features {raw['features']}, this version reads "
+                                  f"{list(FEATURES)}; rerun the pipeline's multiway stage")
+            sizes = raw["sizes"]
+            return cls({int(k): RetentionCalibrator(np.asarray(v["coef"], dtype=np.float64)) for k, v in sizes.items()},
+                       {int(k): int(v["subsets"]) for k, v in sizes.items()})
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{where}: not a multi-way calibration file ({e})") from None
+
+    def predict(self, fold: Fold, expert: str, retention: Mapping[str, float | None]) -> tuple[float, float] | None:
+        """Calibrated (expert retention, others' mean retention) of a plan, s_merge / s_model - 1;
+        None for a plan size without a calibrator."""
+        cal = self.by_size.get(fold.k)
+        if cal is None:
+            return None
+        e, o = cal.predict([plan_features(fold, expert, retention)])[0]
+        return float(e), float(o)

@@ -1,0 +1,43 @@
+"""Multi-way calibration (planner/calibrate.py): plan shapes and the ridge fit, without a cluster."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from simmerge_ray.merge.arms import WEIGHTING_NAMES
+from simmerge_ray.merge.fold import Fold
+from simmerge_ray.planner.calibrate import FEATURES, RetentionCalibrator, final_shares, plan_features
+
+
+@pytest.mark.parametrize("weighting", WEIGHTING_NAMES)
+def test_final_shares_are_a_linear_folds_coefficients(weighting: str) -> None:
+    for order in itertools.permutations("abcd"):
+        fold = Fold(order, ("linear",) * 3, weighting)
+        assert final_shares(fold) == pytest.approx(fold.linear_coefficients())
+    # a TIES or SLERP step at the same share gives the same shares: the shape, not the operator
+    assert final_shares(Fold(tuple("abc"), ("ties", "slerp"), weighting)) == pytest.approx(
+        Fold(tuple("abc"), ("linear", "linear"), weighting).linear_coefficients())
+
+
+def test_plan_features_describe_the_plan_for_its_expert() -> None:
+    fold = Fold(("a", "b", "c"), ("ties", "linear"), "anchor")  # shares 1/2, 1/4, 1/4
+    x = dict(zip(FEATURES, plan_features(fold, "b", {"a": 0.9, "b": 0.7, "c": None})))
+    assert x == pytest.approx({"pred_expert": 0.7, "pred_others": 0.9, "expert_share": 0.25, "max_other_share": 0.5,
+                               "ties_steps": 0.5, "slerp_steps": 0.0, "ties_first": 1.0, "weighting_equal": 0.0,
+                               "weighting_anchor": 1.0, "expert_position": 0.5, "intercept": 1.0})
+    unknown = dict(zip(FEATURES, plan_features(fold, "c", {"a": None, "b": None, "c": None})))
+    assert unknown["pred_expert"] == 0.0 and unknown["pred_others"] == 0.0
+
+
+def test_the_ridge_recovers_a_linear_relation_and_checks_shapes() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(400, len(FEATURES)))
+    truth = rng.normal(size=(len(FEATURES), 2))
+    cal = RetentionCalibrator.fit(x, x @ truth + rng.normal(scale=1e-3, size=(400, 2)))
+    assert np.abs(cal.coef - truth).max() < 0.02
+    assert cal.score(x[:3], 1.0, 2.0) == pytest.approx((x[:3] @ truth) @ np.array([1.0, 2.0]), abs=0.05)
+    with pytest.raises(ValueError, match=r"expected \[n, 11\] inputs"):
+        RetentionCalibrator.fit(x[:, :5], x[:, :2])
