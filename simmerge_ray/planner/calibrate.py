@@ -117,11 +117,12 @@ class MultiwayCalibration:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{where}: not a multi-way calibration file ({e})") from None
 
-    def predict(self, fold: Fold, expert: str, retention: Mapping[str, float | None]) -> tuple[float, float] | None:
-        """Calibrated (expert retention, others' mean retention) of a plan, s_merge / s_model - 1;
-        None for a plan size without a calibrator."""
-        cal = self.by_size.get(fold.k)
-        if cal is None:
-            return None
-        e, o = cal.predict([plan_features(fold, expert, retention)])[0]
-        return float(e), float(o)
+    def predict(self, plans: Sequence[tuple[Fold, str, Mapping[str, float | None]]]) -> np.ndarray:
+        """[n, 2]: calibrated (expert retention, others' mean retention), s_merge / s_model - 1, of
+        each (fold, expert, predicted R per model); one matrix product per plan size. A size
+        without a calibrator is a KeyError: callers check the sizes first."""
+        out = np.empty((len(plans), 2))
+        for k in {fold.k for fold, _, _ in plans}:
+            rows = [i for i, (fold, _, _) in enumerate(plans) if fold.k == k]
+            out[rows] = self.by_size[k].predict([plan_features(*plans[i]) for i in rows])
+        return out

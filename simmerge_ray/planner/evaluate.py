@@ -117,9 +117,8 @@ def _fit(targets: Sequence[MultiwayTarget]) -> RetentionCalibrator | None:
 
 def fit_calibration(by_size: Mapping[int, Sequence[MultiwayTarget]]) -> MultiwayCalibration:
     """One calibrator per plan size, fitted on every labelled subset of that size."""
-    fitted = {k: (cal, len(targets)) for k, targets in by_size.items() if (cal := _fit(targets)) is not None}
-    return MultiwayCalibration({k: c for k, (c, _) in fitted.items()},
-                               {k: len({t.subset for t in by_size[k]}) for k in fitted})
+    fitted = {k: cal for k, targets in by_size.items() if (cal := _fit(targets)) is not None}
+    return MultiwayCalibration(fitted, {k: len({t.subset for t in by_size[k]}) for k in fitted})
 
 
 def _same_rule(t: MultiwayTarget, pick: int) -> Outcome:

@@ -286,11 +286,11 @@ def search(space: SearchSpace, step_model: StepModel, objective: Objective = Obj
         raise ConfigError(f"no plan of {space.min_k}-{space.max_k} models holds an expert of {space.task!r}")
     calibrated: dict[int, tuple[float, float]] = {}  # id(plan) -> calibrated (expert, others) retention
     if calibration is not None:  # complete plans are ranked on the calibrated retentions instead
-        for _, c in complete:
-            calibrated[id(c)] = calibration.predict(Fold(tuple(c.models), tuple(c.ops), c.weighting),
-                                                    expert_of(c.models, space.experts), c.retention)
+        pred = calibration.predict([(Fold(tuple(c.models), tuple(c.ops), c.weighting),
+                                     expert_of(c.models, space.experts), c.retention) for _, c in complete])
+        calibrated = {id(c): (float(e), float(o)) for (_, c), (e, o) in zip(complete, pred)}
         complete = [(objective.retention_weight * e + objective.aux_weight * o, c)
-                    for c, (e, o) in ((c, calibrated[id(c)]) for _, c in complete)]
+                    for (_, c), (e, o) in zip(complete, pred)]
     complete.sort(key=lambda sc: (-sc[0], len(sc[1].models), sc[1].models, sc[1].ops, sc[1].weighting))
     best_with: dict[str, float] = {}
     for score, c in complete:

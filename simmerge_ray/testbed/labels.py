@@ -31,7 +31,7 @@ from simmerge_ray.io.digest_cache import file_digest
 from simmerge_ray.testbed.label_plans import LabelSettings, LabelPlan, empty_size_reasons, enumerate_plans
 from simmerge_ray.merge.arms import get_arm, get_weighting
 from simmerge_ray.testbed.label_tables import gap_summary, model_scores_table, multiway_table, pairwise_table
-from simmerge_ray.testbed.merging import linear_combination, merge_arm
+from simmerge_ray.testbed.merging import merge_arm, merge_state_dicts
 
 EVAL_MAX_LEN = 192
 
@@ -77,8 +77,9 @@ class PlanEvaluator:
         out = []
         for plan in plans:
             coef = plan.linear_coefficients()
-            if coef is not None and plan.k > 1:  # one linear combination, in one pass
-                cur = linear_combination([self.states[m] for m in coef], list(coef.values()))
+            if coef is not None and plan.k > 1:  # one linear combination in one pass, as `merge --plan` runs it
+                cur = merge_state_dicts("linear", [self.states[m] for m in coef], None,
+                                        {"weight": list(coef.values()), "normalize": False})
             else:
                 cur = self.states[plan.models[0]]
                 arms = plan.step_arms()

@@ -55,15 +55,3 @@ def merge_state_dicts(method: str, state_dicts: Sequence[StateDict], base_state_
             raise MergeError(f"{method}: merged tensor {name!r} has NaN/Inf values")
         out[name] = merged.to(ref.dtype)
     return out
-
-
-def linear_combination(state_dicts: Sequence[StateDict], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """sum_i weights[i] * state_dicts[i], tensor by tensor (in float32, back to each tensor's dtype):
-    a fold of linear steps multiplied out, merged in one pass."""
-    out = {}
-    for name, ref in state_dicts[0].items():
-        acc = torch.zeros(ref.shape, dtype=torch.float32)
-        for sd, w in zip(state_dicts, weights):
-            acc.add_(sd[name].to(torch.float32), alpha=w)
-        out[name] = acc.to(ref.dtype)
-    return out
