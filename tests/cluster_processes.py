@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -43,14 +44,40 @@ def startup_lock():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _port_window() -> range:
+    """Where this test process picks ports: below the kernel's ephemeral range, so no socket that
+    binds port 0 or connects out (Ray's workers, the other xdist worker's clients) can take a port
+    between our pick and Ray's bind, which can be seconds later (CI saw the head's client server
+    fail to bind its port 10 s after the pick); and a window per xdist worker, so the two workers
+    never pick the same port."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    low = max(low, 12000)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    slot = int(worker) % 4 if worker.isdigit() else 0
+    width = (low - 10000) // 4
+    return range(10000 + slot * width, 10000 + (slot + 1) * width)
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))  # every interface: Ray binds the node's address, not only loopback
+        except OSError:
+            return False
+    return True
+
+
 def free_ports(n: int) -> list[int]:
-    """n distinct ports that were free a moment ago (all bound at once, so never the same twice)."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """n distinct ports, free a moment ago, from this process's window (see `_port_window`)."""
+    window = _port_window()
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    ports: list[int] = []
+    while len(ports) < n:
+        port = rng.choice(window)
+        if port not in ports and _is_free(port):
+            ports.append(port)
     return ports
 
 

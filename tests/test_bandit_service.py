@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
-import socket
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cluster_processes import free_ports  # beside this file (the tests folder is on sys.path)
 
 from simmerge_ray.bandit.core import BanditCore
 from simmerge_ray.bandit.encoder import IdentityEncoder
@@ -25,12 +25,6 @@ from simmerge_ray.bandit.synthetic import SyntheticBanditSpec, synthetic_tables
 ACTOR = "simmerge-bandit-test"
 NAMESPACE = "simmerge-test"
 TOKEN = "test-token-0123456789abcdef"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Client:
@@ -69,7 +63,7 @@ def service(ray_cluster, tmp_path_factory):
     bandit.warm_start(encoder.encode(data.x), data.rewards)
     state = root / "state"
     BanditCore.create(state, encoder, bandit, feature_table=root / "features.parquet")
-    port = _free_port()
+    (port,) = free_ports(1)
     actor = serve_bandit(state, token=TOKEN, port=port, actor_name=ACTOR, namespace=NAMESPACE,
                          app_name="bandit-test")
     yield {"client": Client(port), "actor": actor, "state": state, "root": root, "x": data.x,
