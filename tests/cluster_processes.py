@@ -45,19 +45,21 @@ def startup_lock():
 
 
 def _port_window() -> range:
-    """Where this test process picks ports: below the kernel's ephemeral range, so no socket that
+    """Where this test process picks ports: above Ray's default worker ports (10002-19999, which a
+    `ray start` refuses to see reused) and below the kernel's ephemeral range, so no socket that
     binds port 0 or connects out (Ray's workers, the other xdist worker's clients) can take a port
     between our pick and Ray's bind, which can be seconds later (CI saw the head's client server
     fail to bind its port 10 s after the pick); and a window per xdist worker, so the two workers
     never pick the same port."""
     low = 32768
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, IndexError):
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    low = max(low, 12000)
+    start = 20000
+    low = max(low, start + 4000)
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
     slot = int(worker) % 4 if worker.isdigit() else 0
-    width = (low - 10000) // 4
-    return range(10000 + slot * width, 10000 + (slot + 1) * width)
+    width = (low - start) // 4
+    return range(start + slot * width, start + (slot + 1) * width)
 
 
 def _is_free(port: int) -> bool:

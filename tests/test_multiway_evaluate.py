@@ -26,12 +26,12 @@ def retention(models: tuple, ops: tuple, weighting: str) -> dict[str, float]:
     return out
 
 
-def labels(subsets: tuple[str, ...] = ("abc",)) -> pl.DataFrame:
+def labels(subsets: tuple[str, ...] = ("abc",), truth=retention) -> pl.DataFrame:
     rows = []
     for order in itertools.chain.from_iterable(itertools.permutations(s) for s in subsets):
         for w in WEIGHTING_NAMES:
             for ops in [(op, op) for op in STEP_ARMS] + [("linear", "ties")]:
-                kept = retention(order, ops, w)
+                kept = truth(order, ops, w)
                 rows.append({"models": list(order), "operators": list(ops), "weighting": w, "k": 3,
                              "retention": json.dumps(kept)})
     return pl.DataFrame(rows)
@@ -75,6 +75,31 @@ def test_a_perfect_scorer_is_the_oracle_and_baselines_are_expectations() -> None
     assert res["equal_share"]["mean_retention"] == pytest.approx(np.mean([np.mean(list(r.values())) for r in soup]))
     assert res["learned_minus_random_order"]["x"]["mean_retention"] == pytest.approx(
         res["by_task"]["x"]["simmerge"]["mean_retention"] - res["by_task"]["x"]["random_order"]["mean_retention"])
+    # what order alone buys: the pick over its rule in a random order, and that rule's best order
+    assert res["best_order"]["mean_retention"] == pytest.approx(max(np.mean(list(r.values())) for r in rand))
+    gain = res["order_gain"]
+    assert gain["simmerge"]["measured"] == pytest.approx(res["simmerge"]["mean_retention"] - want)
+    assert gain["simmerge"]["ceiling"] == pytest.approx(res["best_order"]["mean_retention"] - want)
+    assert gain["simmerge"]["ceiling"] == pytest.approx(0.0)  # this truth's mean ignores the order
+    assert gain["oracle"] == {"measured": pytest.approx(gain["simmerge"]["measured"])}  # the perfect scorer is the oracle
+
+
+def fragile_a(models: tuple, ops: tuple, weighting: str) -> dict[str, float]:
+    """The same truth, but model a keeps 0.3 less unless it joins last: the order moves the mean."""
+    out = retention(models, ops, weighting)
+    if models[-1] != "a":
+        out["a"] -= 0.3
+    return out
+
+
+def test_order_gain_is_bounded_by_the_rules_best_order() -> None:
+    res = evaluate_multiway(labels(truth=fragile_a), Backwards())["3way"]
+    gain = res["order_gain"]["simmerge"]
+    # a perfect orderer of any rule puts a last; a random order does not 2 times in 3 and then
+    # loses 0.3 / 3 of the mean: the ceiling is 0.1 x 2/3 above random
+    assert gain["ceiling"] == pytest.approx(0.2 / 3)
+    assert gain["measured"] < 0 < gain["ceiling"]
+    assert res["best_order"]["mean_retention"] > res["random_order"]["mean_retention"] > res["simmerge"]["mean_retention"]
 
 
 def test_a_backwards_scorer_picks_the_worst_plan() -> None:

@@ -14,7 +14,7 @@ from simmerge_ray.report.charts import feature_utility_heatmap, grouped_bars
 PAIR_METHODS = ("simmerge", *ARM_NAMES, "majority", "oracle")
 ONE_SIDED_METHODS = ("simmerge", *PAPER_ARMS, "oracle")
 MULTI_METHODS = ("simmerge", "random_order", "simmerge_calibrated", "calibrated_random_order", *STEP_ARMS,
-                 "equal_share", "oracle")
+                 "equal_share", "oracle", "oracle_random_order")
 RETENTIONS = ("expert_retention", "mean_retention")
 BANDIT_POLICIES = {"bandit": "bandit", "bandit_cold": "bandit_cold", "random": "uniform",
                    "greedy": "greedy_offline", "best_fixed": "best_fixed"}
@@ -66,7 +66,8 @@ def build_report(out: Path, timings: dict[str, float]) -> dict:
         "testbed": testbed_section(run.zoo),
         "multiway": {key: {m: {r: v[m][r] for r in RETENTIONS} for m in MULTI_METHODS if m in v}
                      | {"subsets": v["subsets"], "targets": v["targets"],
-                        "by_task": v["by_task"], "learned_minus_random_order": v["learned_minus_random_order"]}
+                        "by_task": v["by_task"], "learned_minus_random_order": v["learned_minus_random_order"],
+                        "order_gain": v["order_gain"]}
                      for key, v in multi.items() if key.endswith("way")},
         "bandit": {"regret": {}},
         "timings": {**timings, "total": sum(timings.values())},
@@ -93,7 +94,7 @@ def write_report(out: Path, timings: dict[str, float]) -> dict:
                  out / "multiway_retention.png", "retention (%)",
                  "multi-way merges: retention of the expert, and mean over the plan's models")
     grouped_bars({t: {m: d[m]["mean_retention"] for m in ("simmerge", "random_order", "simmerge_calibrated",
-                                                            "equal_share", "oracle") if m in d}
+                                                            "equal_share", "oracle", "oracle_random_order") if m in d}
                   for k in ways for t, d in ((f"{k} {t}", d) for t, d in report["multiway"][k]["by_task"].items())},
                  out / "multiway_by_task.png", "mean retention (%)",
                  "multi-way merges per target task: the planner (and calibrated) against random order, the soup and the oracle")
@@ -146,6 +147,11 @@ def render_markdown(report: dict) -> str:
     lines += _table(["k", *tasks_mw], [[k, *(f"{100 * d['expert_retention']:+.1f} / {100 * d['mean_retention']:+.1f}"
                                              if (d := v["learned_minus_random_order"].get(t)) else "-" for t in tasks_mw)]
                                        for k, v in mw.items()])
+    lines += ["", "What order alone buys (points of mean retention over the same rule in a random order: the "
+              "pick's, and its rule's best labelled order's, the ceiling of any planner keeping that rule):", ""]
+    gains = [m for m in ("simmerge", "simmerge_calibrated", "oracle") if any(m in v["order_gain"] for v in mw.values())]
+    lines += _table(["k", *gains], [[k, *(" / ".join(f"{100 * x:+.1f}" for x in v["order_gain"][m].values())
+                                          if m in v["order_gain"] else "-" for m in gains)] for k, v in mw.items()])
     lines += ["", "![multi-way by task](multiway_by_task.png)"]
     rounds = list(report["bandit"]["regret"]["bandit"])
     lines += ["", "![multi-way](multiway_retention.png)", "",

@@ -9,12 +9,16 @@ s_merge / s_model - 1 of every model on its own task:
   expectation over the labelled orders of that rule);
 - one entry per step arm: that arm at every step, in a random order under a random weighting;
 - equal_share: the equal-weight linear fold (a model soup of the subset);
-- oracle: the plan whose measured value of the planner's objective is best;
+- oracle: the plan whose measured value of the planner's objective is best, and
+  oracle_random_order its weighting and step arms in a random order;
 - simmerge_calibrated: the planner's top plan once its predicted retentions are calibrated on the
   measured merges of the other subsets of the same size (planner/calibrate.py: leave one subset
   out), and calibrated_random_order its weighting and step arms in a random order.
 Each entry reports `expert_retention` (the expert's) and `mean_retention` (the mean over the
 plan's models). Baselines are expectations over labelled plans, not draws: no sampling noise.
+`order_gain` says how much of "minus random order" the order itself can buy: per picked rule,
+the measured gain of the pick and of the rule's best labelled order (on mean retention) over
+the rule in a random order; a ceiling for any planner that keeps the rule.
 """
 
 from __future__ import annotations
@@ -121,15 +125,26 @@ def fit_calibration(by_size: Mapping[int, Sequence[MultiwayTarget]]) -> Multiway
     return MultiwayCalibration(fitted, {k: len({t.subset for t in by_size[k]}) for k in fitted})
 
 
+def _rule(t: MultiwayTarget, pick: int) -> list[Outcome]:
+    """Every labelled order of the picked plan's weighting and step arms."""
+    _, p_ops, p_w, _ = t.plans[pick]
+    return [o for (m, ops, w, _), o in zip(t.plans, t.outcomes) if ops == p_ops and w == p_w]
+
+
 def _same_rule(t: MultiwayTarget, pick: int) -> Outcome:
     """The picked plan's weighting and step arms in a random order: the mean over its orders."""
-    _, p_ops, p_w, _ = t.plans[pick]
-    return Outcome(**_mean([o for (m, ops, w, _), o in zip(t.plans, t.outcomes) if ops == p_ops and w == p_w]))
+    return Outcome(**_mean(_rule(t, pick)))
+
+
+def _best_order(t: MultiwayTarget, pick: int) -> Outcome:
+    """The picked rule in its labelled order of best mean retention."""
+    return max(_rule(t, pick), key=lambda o: -np.inf if np.isnan(o.mean_retention) else o.mean_retention)
 
 
 def calibrated_picks(targets: list[MultiwayTarget], objective: Objective) -> dict[int, list[Outcome]]:
     """Leave one subset out: each target's plan is the top one by a calibrator fitted on the other
-    subsets' targets; returns {index: [picked outcome, same rule in a random order]}."""
+    subsets' targets; returns {index: [picked outcome, its rule in a random order, its rule in
+    the best labelled order]}."""
     picks: dict[int, list[Outcome]] = {}
     for subset in sorted({t.subset for t in targets}):
         cal = _fit([t for t in targets if t.subset != subset])
@@ -138,7 +153,7 @@ def calibrated_picks(targets: list[MultiwayTarget], objective: Objective) -> dic
         for i, t in enumerate(targets):
             if t.subset == subset:
                 pick = int(np.argmax(cal.score(t.features, objective.retention_weight, objective.aux_weight)))
-                picks[i] = [t.outcomes[pick], _same_rule(t, pick)]
+                picks[i] = [t.outcomes[pick], _same_rule(t, pick), _best_order(t, pick)]
     return picks
 
 
@@ -154,10 +169,14 @@ def evaluate_multiway(labels: pl.DataFrame, scorer: PlanScorer,
         for i, t in enumerate(targets):
             pick = int(np.argmax(t.predicted))
             measured = [_measured_score(scorer.objective, r, t.expert) for *_, r in t.plans]
+            best = int(np.argmax(measured))
             values = {"simmerge": [t.outcomes[pick]], "random_order": [_same_rule(t, pick)],
-                      "oracle": [t.outcomes[int(np.argmax(measured))]]}
+                      "best_order": [_best_order(t, pick)], "oracle": [t.outcomes[best]],
+                      "oracle_random_order": [_same_rule(t, best)]}
             if i in calibrated:
-                values["simmerge_calibrated"], values["calibrated_random_order"] = [calibrated[i][0]], [calibrated[i][1]]
+                for key, outcome in zip(("simmerge_calibrated", "calibrated_random_order", "calibrated_best_order"),
+                                        calibrated[i]):
+                    values[key] = [outcome]
             for op in STEP_ARMS:
                 values[op] = [o for (m, ops, w, _), o in zip(t.plans, t.outcomes) if set(ops) == {op}]
             values["equal_share"] = [o for (m, ops, w, _), o in zip(t.plans, t.outcomes)
@@ -170,10 +189,12 @@ def evaluate_multiway(labels: pl.DataFrame, scorer: PlanScorer,
     result: dict = {}
     for k in sorted(per):
         by_task = {t: {m: _mean(v) for m, v in d.items()} for t, d in sorted(per_task[k].items())}
+        means = {m: _mean(v) for m, v in per[k].items()}
         result[f"{k}way"] = {
             "subsets": len({t.subset for t in by_size[k]}),
             "targets": len(per[k]["simmerge"]),
-            **{m: _mean(v) for m, v in per[k].items()},
+            **means,
+            "order_gain": _order_gain(means),
             "by_task": by_task,
             "learned_minus_random_order": {
                 t: {key: d["simmerge"][key] - d["random_order"][key] for key in ("expert_retention", "mean_retention")}
@@ -181,3 +202,22 @@ def evaluate_multiway(labels: pl.DataFrame, scorer: PlanScorer,
         }
     result["objective"] = scorer.objective.as_dict()
     return result
+
+
+# (pick, its rule in a random order, its rule in the best labelled order) per method
+_ORDER_GAIN = {"simmerge": ("simmerge", "random_order", "best_order"),
+               "simmerge_calibrated": ("simmerge_calibrated", "calibrated_random_order", "calibrated_best_order"),
+               "oracle": ("oracle", "oracle_random_order", None)}
+
+
+def _order_gain(means: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Points of mean retention over the same rule in a random order: `measured` for the pick,
+    `ceiling` for the rule's best labelled order (what a perfect orderer of that rule gets)."""
+    out = {}
+    for method, (pick, rand, best) in _ORDER_GAIN.items():
+        if pick in means:
+            gain = {"measured": means[pick]["mean_retention"] - means[rand]["mean_retention"]}
+            if best is not None:
+                gain["ceiling"] = means[best]["mean_retention"] - means[rand]["mean_retention"]
+            out[method] = gain
+    return out
