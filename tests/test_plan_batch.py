@@ -161,3 +161,57 @@ def test_cli_jsonl_and_execute_top(world, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="selector.safetensors: selector file not found"):
         run_batch(BatchSettings(requests=str(tmp_path / "req.jsonl"), selector=str(tmp_path / "sel"),
                                 catalog=str(w.catalog), features=str(w.features), out=str(tmp_path / "o2")))
+
+
+def test_calibrated_batch_matches_calibrated_single_plans(world, tmp_path: Path) -> None:
+    """--calibration ranks each request's 3-way plans on calibrated retentions, as `simmerge plan`
+    does; sizes the file does not cover are error rows; a changed file replans everything."""
+    import numpy as np
+
+    from simmerge_ray.planner.calibrate import FEATURES, MultiwayCalibration, RetentionCalibrator
+
+    w, _ = world
+    coef = np.zeros((len(FEATURES), 2))
+    coef[FEATURES.index("expert_position"), 0] = 1.0
+    coef[FEATURES.index("pred_others"), 1] = 0.5
+    coef[FEATURES.index("intercept")] = [-0.9, -0.6]
+    cal = MultiwayCalibration({3: RetentionCalibrator(coef)}, {3: 5}, {3: {"80": [0.1, 0.2]}})
+    (tmp_path / "calibration.json").write_text(cal.to_json())
+    reqs = [{"request_id": "a", "task": "code", "models": ["code-0", "math-0", "rag-0"], "min_way": 3, "max_way": 3},
+            {"request_id": "b", "task": "math", "models": ["math-1", "chat-0", "code-1", "rag-1"], "min_way": 3,
+             "max_way": 3},
+            {"request_id": "c", "task": "rag", "models": ["rag-0", "chat-1"], "max_way": 2}]
+    (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    settings = BatchSettings(requests=str(tmp_path / "req.jsonl"), selector=str(w.selector), catalog=str(w.catalog),
+                             features=str(w.features), out=str(tmp_path / "out"), aux_selector=str(w.selector),
+                             calibration=str(tmp_path / "calibration.json"), actors=1)
+    report = run_batch(settings)
+    assert (report.ok, report.errors) == (2, 1)
+    res = {r["request_id"]: r for r in pl.read_parquet(tmp_path / "out" / "results.parquet").iter_rows(named=True)}
+    assert "covers plans of [3] models, not [2]" in res["c"]["error"]
+    model = build_step_model(w.selector, w.features, w.selector)
+    catalog = Catalog.load(w.catalog)
+    for req in reqs[:2]:
+        best = plan_request(PlanRequest.parse(req), catalog, model, calibration=cal).best
+        row = res[req["request_id"]]
+        assert (row["models"], row["operators"], row["weighting"]) == (best.models, best.operators, best.weighting)
+        assert row["models"][-1] == row["expert"]  # this calibration: the expert keeps most when it joins last
+        assert row["calibrated_expert_retention"] == pytest.approx(best.calibrated["expert_retention"])
+        assert row["calibrated_others_retention"] == pytest.approx(best.calibrated["others_retention"])
+        assert row["calibrated_score"] == pytest.approx(best.calibrated["score"])
+        plan = json.loads((tmp_path / "out" / row["plan_dir"] / "plan.json").read_text())
+        assert plan["calibrated"]["intervals"]["80"]["expert_retention"] == pytest.approx(
+            [best.calibrated["expert_retention"] - 0.1, best.calibrated["expert_retention"] + 0.1])
+    # the calibration is an input of every cached answer: a changed file plans everything again
+    coef[FEATURES.index("expert_position"), 0] = -1.0
+    (tmp_path / "calibration.json").write_text(MultiwayCalibration({3: RetentionCalibrator(coef)}, {3: 5}).to_json())
+    again = run_batch(settings)
+    assert again.planned == 3 and again.cached == 0
+    flipped = pl.read_parquet(tmp_path / "out" / "results.parquet").filter(pl.col("request_id") == "a").row(0, named=True)
+    assert flipped["models"][0] == flipped["expert"]
+    # without an auxiliary selector the batch stops before any work, naming the flag
+    with pytest.raises(ConfigError, match="--calibration needs --aux-selector"):
+        run_batch(BatchSettings(requests=str(tmp_path / "req.jsonl"), selector=str(w.selector), catalog=str(w.catalog),
+                                features=str(w.features), out=str(tmp_path / "o2"),
+                                calibration=str(tmp_path / "calibration.json")))
+    assert not (tmp_path / "o2").exists()

@@ -10,6 +10,8 @@ import pytest
 from simmerge_ray.merge.arms import WEIGHTING_NAMES
 from simmerge_ray.merge.fold import Fold
 from simmerge_ray.planner.calibrate import FEATURES, RetentionCalibrator, final_shares, plan_features
+from simmerge_ray.planner.evaluate import (JUDGED, MultiwayTarget, fit_calibration, held_out_residuals,
+                                           interval_coverage)
 
 
 @pytest.mark.parametrize("weighting", WEIGHTING_NAMES)
@@ -41,3 +43,37 @@ def test_the_ridge_recovers_a_linear_relation_and_checks_shapes() -> None:
     assert cal.score(x[:3], 1.0, 2.0) == pytest.approx((x[:3] @ truth) @ np.array([1.0, 2.0]), abs=0.05)
     with pytest.raises(ValueError, match=r"expected \[n, 11\] inputs"):
         RetentionCalibrator.fit(x[:, :5], x[:, :2])
+
+
+def noisy_targets(subsets: int, sigma: float, seed: int = 0) -> list[MultiwayTarget]:
+    """Subsets whose measured retentions are a fixed linear map of the plan inputs plus noise."""
+    rng = np.random.default_rng(seed)
+    truth = rng.normal(scale=0.3, size=(len(FEATURES), 2))
+    out = []
+    for s in range(subsets):
+        for expert in ("a", "b"):
+            x = rng.uniform(size=(40, len(FEATURES)))
+            x[:, -1] = 1.0
+            y = x @ truth + rng.normal(scale=sigma, size=(40, 2))
+            out.append(MultiwayTarget((f"s{s}a", f"s{s}b", f"s{s}c"), expert, [], [], [], x.tolist(), y.tolist()))
+    return out
+
+
+def test_intervals_are_conformal_on_held_out_subsets_and_cover_at_their_level() -> None:
+    targets = noisy_targets(12, sigma=0.05)
+    res = held_out_residuals(targets)
+    assert res.shape == (12 * 2 * 40, 2)
+    cal = fit_calibration({3: targets})
+    # the half-widths are the normal quantiles of the noise (1.28 and 1.64 sigma), two-sided
+    assert cal.halfwidth[3]["80"] == pytest.approx([1.2816 * 0.05] * 2, rel=0.12)
+    assert cal.halfwidth[3]["90"] == pytest.approx([1.6449 * 0.05] * 2, rel=0.12)
+    cov = interval_coverage(targets, JUDGED)
+    for level in ("80", "90"):
+        c = cov[level]
+        assert c["plans"] == 960 and c["nominal"] == int(level) / 100
+        assert abs(c["expert"] - c["nominal"]) < 0.05 and abs(c["others"] - c["nominal"]) < 0.05
+        assert 0.0 <= c["picked_expert"] <= 1.0
+    assert cov["90"]["mean_width"][0] > cov["80"]["mean_width"][0]
+    # two subsets leave no inner residuals to take held-out widths from
+    assert interval_coverage(noisy_targets(2, 0.05), JUDGED) is None
+    assert fit_calibration({3: noisy_targets(1, 0.05)}).halfwidth == {}

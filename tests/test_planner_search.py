@@ -140,19 +140,30 @@ def test_a_calibration_ranks_complete_plans_by_measured_shape() -> None:
     coef[FEATURES.index("expert_position"), 0] = 1.0
     coef[FEATURES.index("weighting_anchor"), 1] = 0.5
     coef[FEATURES.index("intercept")] = [-0.9, -0.6]
-    cal = MultiwayCalibration({3: RetentionCalibrator(coef)}, {3: 8})
+    cal = MultiwayCalibration({3: RetentionCalibrator(coef)}, {3: 8}, {3: {"80": [0.05, 0.1], "90": [0.08, None]}})
     space = SearchSpace(task="code", candidates=models, experts=["m0"], min_k=3, max_k=3, tasks=tasks_of(models))
     obj = Objective(retention_weight=1.0, aux_weight=1.0)
     plain, res = search(space, tm, obj), search(space, tm, obj, calibration=cal)
     best = res.best
     assert best.models[-1] == "m0" and best.weighting == "anchor"
     assert best.calibrated == {"expert_retention": pytest.approx(0.1), "others_retention": pytest.approx(-0.1),
-                               "score": pytest.approx(0.0), "subsets": 8}
+                               "score": pytest.approx(0.0), "subsets": 8, "intervals": {
+                                   "80": {"expert_retention": pytest.approx([0.05, 0.15]),
+                                          "others_retention": pytest.approx([-0.2, 0.0])},
+                                   "90": {"expert_retention": pytest.approx([0.02, 0.18]),
+                                          "others_retention": [None, None]}}}
     assert best.score == pytest.approx(obj.score(best.retention, "m0"))  # the step model's own score is kept
     assert plain.best.calibrated == {}
     assert all(e["effect"] <= 1e-12 for e in best.excluded)
     # the calibration round-trips, and a size it does not cover is refused
-    assert MultiwayCalibration.from_json(cal.to_json()).by_size[3].coef.tolist() == coef.tolist()
+    back = MultiwayCalibration.from_json(cal.to_json())
+    assert back.by_size[3].coef.tolist() == coef.tolist() and back.halfwidth == cal.halfwidth
+    assert MultiwayCalibration({3: RetentionCalibrator(coef)}, {3: 8}).intervals(3, 0.1, -0.1) == {}
+    # `simmerge plan` prints the calibrated retentions with the first level's interval
+    from simmerge_ray.cli.plan import _calibrated_line
+
+    assert _calibrated_line(best.calibrated) == ("calibrated: score 0.000, expert retention +10.0% (80%: [5.0%,15.0%]), "
+                                                 "the others' mean -10.0% (80%: [-20.0%,0.0%])")
     with pytest.raises(ConfigError, match=r"covers plans of \[3\] models, not \[2\]"):
         search(SearchSpace(task="code", candidates=models, experts=["m0"], min_k=2, max_k=3, tasks=tasks_of(models)),
                tm, obj, calibration=cal)

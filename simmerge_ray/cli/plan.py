@@ -81,20 +81,6 @@ def _inputs(args: argparse.Namespace, catalog) -> list:
             + ([args.calibration] if getattr(args, "calibration", None) else []))
 
 
-def _calibration(args: argparse.Namespace):
-    """The --calibration file, checked; None without one."""
-    from simmerge_ray.planner.calibrate import MultiwayCalibration
-
-    if not args.calibration:
-        return None
-    path = Path(args.calibration)
-    if not path.is_file():
-        raise ConfigError(f"--calibration {path}: no such file (a pipeline run writes multiway/calibration.json)")
-    if not args.aux_selector:
-        raise ConfigError("--calibration needs --aux-selector: it reads the predicted retention of every model")
-    return MultiwayCalibration.from_json(path.read_text(), str(path))
-
-
 def _pairwise(args: argparse.Namespace, catalog) -> int:
     import polars as pl
 
@@ -151,6 +137,19 @@ def _pct(iv: list[float] | None) -> str:
     return "unbounded" if iv is None else f"[{100 * iv[0]:6.1f}%, {100 * iv[1]:6.1f}%]"
 
 
+def _calibrated_line(c: dict) -> str:
+    """The calibrated score and retentions, each with its first (lowest) level's interval."""
+    key, band = next(iter(c.get("intervals", {}).items()), (None, {}))
+
+    def shown(name: str) -> str:
+        lo_hi = band.get(name)
+        return f"{100 * c[name]:+.1f}%" + (f" ({key}%: {_pct(None if lo_hi[0] is None else lo_hi).replace(' ', '')})"
+                                           if lo_hi else "")
+
+    return (f"calibrated: score {c['score']:.3f}, expert retention {shown('expert_retention')}, "
+            f"the others' mean {shown('others_retention')}")
+
+
 def _print_trust(plan, alone: str, percent: bool = True) -> None:
     """Flags as one-line warnings (stderr), then how not merging compares with the best prediction."""
     for f in plan.flags:
@@ -167,14 +166,15 @@ def _print_trust(plan, alone: str, percent: bool = True) -> None:
 
 
 def _multiway(args: argparse.Namespace, catalog) -> int:
-    from simmerge_ray.planner.request import PlanRequest, plan_request, search_space, write_plans
+    from simmerge_ray.planner.request import (PlanRequest, load_calibration, plan_request, search_space,
+                                              write_plans)
 
     req = PlanRequest.parse({
         "request_id": "cli", "task": args.task, "models": args.models, "min_way": args.min_way,
         "max_way": args.max_way, "required_expert": args.required_expert, "beam_width": args.beam_width,
         "retention_weight": args.retention_weight, "aux_weight": args.aux_weight}, "simmerge plan")
     search_space(req, catalog)  # bad models or task: fail before loading the step model
-    calibration = _calibration(args)
+    calibration = load_calibration(args.calibration, args.aux_selector)
     res = plan_request(req, catalog, build_step_model(args.selector, args.features, args.aux_selector),
                        calibration=calibration)
     print(f"scored {res.scored} plans in {res.seconds:.2f} s ({res.plans_per_second:.0f} plans/s, "
@@ -195,9 +195,7 @@ def _multiway(args: argparse.Namespace, catalog) -> int:
               f"{p.expert}; predicted share of each model's gap kept: {kept})"
               + (f"  [{flagged} flag{'s' * (flagged > 1)}]" if flagged else ""))
         if p.calibrated:
-            print(f"   calibrated: score {p.calibrated['score']:.3f}, expert retention "
-                  f"{100 * p.calibrated['expert_retention']:+.1f}%, the others' mean "
-                  f"{100 * p.calibrated['others_retention']:+.1f}%")
+            print("   " + _calibrated_line(p.calibrated))
     best = res.best
     for ex in best.excluded:
         print(f"left out {ex['model']}: the best plan with it scores {ex['best_score_with']:.3f} "

@@ -12,6 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--requests", required=True, help="request table: .parquet (file or folder) or .jsonl")
     p.add_argument("--selector", required=True, help="selector folder from `simmerge fit`")
     p.add_argument("--aux-selector", default=None, help="selector fitted on aux_gap_closed (aux_weight > 0)")
+    p.add_argument("--calibration", default=None,
+                   help="calibration.json from a pipeline run's multiway/ folder (needs --aux-selector): 3-/4-way "
+                        "plans are ranked on retentions calibrated on measured merges, as `simmerge plan` does")
     p.add_argument("--catalog", required=True, help="catalog YAML the requests' model names refer to")
     p.add_argument("--features", required=True, help="features folder (features.parquet, gram.safetensors)")
     p.add_argument("--out", required=True, help="folder for results.parquet, plans/, summary.json")
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = BatchSettings(
         requests=args.requests, selector=args.selector, catalog=args.catalog, features=args.features,
-        out=args.out, aux_selector=args.aux_selector, cache=args.cache,
+        out=args.out, aux_selector=args.aux_selector, calibration=args.calibration, cache=args.cache,
         actors=args.actors or resources.max_actors(4), rows_per_block=args.rows_per_block,
         execute_top=args.execute_top, merge_workers=args.merge_workers)
     init_ray()

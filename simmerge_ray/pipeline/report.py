@@ -67,7 +67,7 @@ def build_report(out: Path, timings: dict[str, float]) -> dict:
         "multiway": {key: {m: {r: v[m][r] for r in RETENTIONS} for m in MULTI_METHODS if m in v}
                      | {"subsets": v["subsets"], "targets": v["targets"],
                         "by_task": v["by_task"], "learned_minus_random_order": v["learned_minus_random_order"],
-                        "order_gain": v["order_gain"]}
+                        "order_gain": v["order_gain"], "calibrated_intervals": v.get("calibrated_intervals")}
                      for key, v in multi.items() if key.endswith("way")},
         "bandit": {"regret": {}},
         "timings": {**timings, "total": sum(timings.values())},
@@ -152,6 +152,15 @@ def render_markdown(report: dict) -> str:
     gains = [m for m in ("simmerge", "simmerge_calibrated", "oracle") if any(m in v["order_gain"] for v in mw.values())]
     lines += _table(["k", *gains], [[k, *(" / ".join(f"{100 * x:+.1f}" for x in v["order_gain"][m].values())
                                           if m in v["order_gain"] else "-" for m in gains)] for k, v in mw.items()])
+    covered = {k: v["calibrated_intervals"] for k, v in mw.items() if v.get("calibrated_intervals")}
+    if covered:
+        lines += ["", "Calibrated intervals on held-out subsets (coverage of the expert's / the others' mean "
+                  "retention, every plan and the calibrated pick; mean width in points):", ""]
+        lines += _table(["k", "level", "every plan", "picked plan", "mean width"],
+                        [[k, f"{lv}%", f"{c['expert']:.1%} / {c['others']:.1%}",
+                          f"{c['picked_expert']:.1%} / {c['picked_others']:.1%}",
+                          " / ".join(f"{100 * w:.1f}" for w in c["mean_width"])]
+                         for k, cov in covered.items() for lv, c in cov.items()])
     lines += ["", "![multi-way by task](multiway_by_task.png)"]
     rounds = list(report["bandit"]["regret"]["bandit"])
     lines += ["", "![multi-way](multiway_retention.png)", "",

@@ -38,13 +38,13 @@ from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError, SimMergeError
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.stage_files import check_stage, stage_files
-from simmerge_ray.planner.request import PlanRequest, build_step_model, plan_request, write_plans
+from simmerge_ray.planner.request import PlanRequest, build_step_model, load_calibration, plan_request, write_plans
 from simmerge_ray.selector.data import features_file
 
 BATCH_FILES = ("results.parquet", "summary.json")  # what a rerun replaces in --out (besides plans/)
 # Bump when a change to the planner changes plans (2: intervals, flags; 3: weightings, the expert
 # anywhere, the retention objective): old entries are ignored.
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 PENDING = "pending"  # internal status: valid and not in the cache yet
 ROW_FILE = "row.json"
 
@@ -66,6 +66,11 @@ RESULT_SCHEMA = pa.schema([
     ("runner_up_operators", pa.list_(pa.string())),
     ("runner_up_score", pa.float64()),
     ("margin", pa.float64()),  # score - runner_up_score
+    # with --calibration: the best plan's calibrated retentions and the objective on them (what
+    # plans were ranked by); `score` and `margin` stay the step model's
+    ("calibrated_expert_retention", pa.float64()),
+    ("calibrated_others_retention", pa.float64()),
+    ("calibrated_score", pa.float64()),
     ("plans_scored", pa.int64()),
     ("exhaustive", pa.bool_()),
     ("search_seconds", pa.float64()),
@@ -84,6 +89,7 @@ class BatchSettings:
     features: str
     out: str
     aux_selector: str | None = None
+    calibration: str | None = None  # multiway/calibration.json of a pipeline run (needs aux_selector)
     cache: str | None = None  # default: <out>/cache
     actors: int = 2  # most actors in the pool
     rows_per_block: int = 4  # requests per block: the unit of work handed to an actor
@@ -128,6 +134,8 @@ def inputs_fingerprint(s: BatchSettings) -> str:
                           Path(s.features) / "gram_meta.json"]}
     if s.aux_selector:
         files["aux_selector"] = [Path(s.aux_selector) / "selector.json", Path(s.aux_selector) / "selector.safetensors"]
+    if s.calibration:
+        files["calibration"] = [Path(s.calibration)]
     parts: dict[str, Any] = {"version": CACHE_VERSION}
     for what, paths in files.items():
         for p in paths:
@@ -193,9 +201,11 @@ def select_rows(batch: pa.Table, pending: bool) -> pa.Table:
 class PlanWorker:
     """An actor of the pool: loads the planning inputs once, then plans block after block."""
 
-    def __init__(self, selector: str, features: str, catalog: str, aux_selector: str | None, cache_dir: str) -> None:
+    def __init__(self, selector: str, features: str, catalog: str, aux_selector: str | None, cache_dir: str,
+                 calibration: str | None = None) -> None:
         self.catalog = Catalog.load(catalog)
         self.step_model = build_step_model(selector, features, aux_selector)
+        self.calibration = load_calibration(calibration, aux_selector)
         self.cache = Path(cache_dir)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -206,7 +216,7 @@ class PlanWorker:
         base = {"key": row["key"], "task": req.task}
         tmp = self.cache / f".{row['key']}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            res = plan_request(req, self.catalog, self.step_model)
+            res = plan_request(req, self.catalog, self.step_model, calibration=self.calibration)
         except SimMergeError as e:  # a bad request: the same inputs fail the same way, so cache it
             outcome, res = {**base, "status": "error", "error": str(e)}, None
         except Exception as e:  # noqa: BLE001 - an unexpected failure: report it, retry on a rerun
@@ -221,7 +231,10 @@ class PlanWorker:
                        "runner_up_operators": runner.operators if runner else None,
                        "runner_up_score": runner.score if runner else None,
                        "margin": best.score - runner.score if runner else None,
-                       "plans_scored": res.scored, "exhaustive": res.exhaustive, "search_seconds": res.seconds}
+                       "plans_scored": res.scored, "exhaustive": res.exhaustive, "search_seconds": res.seconds,
+                       **({"calibrated_expert_retention": best.calibrated["expert_retention"],
+                           "calibrated_others_retention": best.calibrated["others_retention"],
+                           "calibrated_score": best.calibrated["score"]} if best.calibrated else {})}
         tmp.mkdir(parents=True)
         if res is not None:
             write_plans(res, self.catalog, tmp)
@@ -261,10 +274,12 @@ def run_batch(s: BatchSettings) -> BatchReport:
     t0 = time.perf_counter()
     # Absolute paths: Ray workers need not share the driver's working directory.
     s = replace(s, **{f: str(Path(getattr(s, f)).resolve()) for f in ("requests", "selector", "catalog", "features",
-                                                                      "out", "aux_selector", "cache")
+                                                                      "out", "aux_selector", "calibration", "cache")
                       if getattr(s, f)})
     out, cache = Path(s.out), s.cache_dir
-    inputs = [getattr(s, f) for f in ("requests", "selector", "catalog", "features", "aux_selector") if getattr(s, f)]
+    load_calibration(s.calibration, s.aux_selector)  # a bad file: one clear error, before any work
+    inputs = [getattr(s, f) for f in ("requests", "selector", "catalog", "features", "aux_selector", "calibration")
+              if getattr(s, f)]
     check_stage(out, BATCH_FILES, replace=True, inputs=inputs)
     ask = resources.streaming_ask()
     placement.check_placeable("plan-batch actor", ask)  # not a silent wait for a node that never comes
@@ -278,7 +293,8 @@ def run_batch(s: BatchSettings) -> BatchReport:
         planned = ray.data.from_arrow(_blocks(pending, s.rows_per_block)).map_batches(
             PlanWorker,
             fn_constructor_kwargs={"selector": s.selector, "features": s.features, "catalog": s.catalog,
-                                   "aux_selector": s.aux_selector, "cache_dir": str(cache)},
+                                   "aux_selector": s.aux_selector, "cache_dir": str(cache),
+                                   "calibration": s.calibration},
             batch_size=s.rows_per_block, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.actors),
             **ask.ray_options())

@@ -10,19 +10,22 @@ retention of the other models. Inputs:
     step's share multiplied out, as for a linear fold), the fractions of TIES and SLERP steps, a
     TIES first step, the weighting (equal, anchor; half is the baseline), the expert's position.
 It is judged leave-one-subset-out (planner/evaluate.py): a subset's plans are chosen by a
-calibrator that has never seen that subset's labels. Pure numpy: no I/O, no Ray.
+calibrator that has never seen that subset's labels. Its intervals are split-conformal on those
+leave-one-subset-out residuals: what a calibrator's error looks like on a subset it never saw.
+Pure numpy: no I/O, no Ray.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.fold import Fold
+from simmerge_ray.selector.calibration import LEVELS, conformal_quantile, level_key
 
 FEATURES: tuple[str, ...] = ("pred_expert", "pred_others", "expert_share", "max_other_share", "ties_steps",
                              "slerp_steps", "ties_first", "weighting_equal", "weighting_anchor", "expert_position",
@@ -90,19 +93,34 @@ class RetentionCalibrator:
         return retention_weight * p[:, 0] + aux_weight * p[:, 1]
 
 
+def halfwidths(abs_residuals: np.ndarray, levels: Sequence[float] = LEVELS) -> dict[str, list[float | None]]:
+    """Per level key: the conformal half-width of the expert's and of the others' retention, from
+    [n, 2] absolute residuals on held-out subsets (None: too few rows for that level)."""
+    res = np.asarray(abs_residuals, dtype=np.float64)
+    out = {}
+    for lv in levels:
+        hw = [conformal_quantile(res[:, j], lv) for j in range(2)]
+        out[level_key(lv)] = [None if np.isinf(h) else h for h in hw]
+    return out
+
+
 @dataclass(frozen=True)
 class MultiwayCalibration:
     """A calibrator per plan size (3, 4, ...), fitted on every labelled subset of that size of a
     pipeline run (`OUT/multiway/calibration.json`); `simmerge plan --calibration` ranks plans of
-    those sizes by it."""
+    those sizes by it and shows each calibrated retention with its interval."""
 
     by_size: Mapping[int, RetentionCalibrator]
     subsets: Mapping[int, int]  # labelled subsets each calibrator was fitted on
+    # per size, level key -> [expert, others] half-width (None: unbounded); empty: no intervals
+    halfwidth: Mapping[int, Mapping[str, Sequence[float | None]]] = field(default_factory=dict)
 
     def to_json(self) -> str:
+        hw = self.halfwidth
         return json.dumps({"features": list(FEATURES), "sizes": {
-            str(k): {"subsets": self.subsets[k], "coef": c.coef.tolist()} for k, c in sorted(self.by_size.items())}},
-            indent=1)
+            str(k): {"subsets": self.subsets[k], "coef": c.coef.tolist(),
+                     **({"halfwidth": {lv: list(v) for lv, v in hw[k].items()}} if k in hw else {})}
+            for k, c in sorted(self.by_size.items())}}, indent=1)
 
     @classmethod
     def from_json(cls, text: str, where: str = "calibration") -> "MultiwayCalibration":
@@ -112,10 +130,24 @@ class MultiwayCalibration:
                 raise ConfigError(f"{where}: written for the features {raw['features']}, this version reads "
                                   f"{list(FEATURES)}; rerun the pipeline's multiway stage")
             sizes = raw["sizes"]
+            halfwidth = {int(k): {str(lv): [None if h is None else float(h) for h in pair]
+                                  for lv, pair in v["halfwidth"].items()}
+                         for k, v in sizes.items() if "halfwidth" in v}
+            if any(len(pair) != 2 for hw in halfwidth.values() for pair in hw.values()):
+                raise ValueError("a half-width is not an [expert, others] pair")
             return cls({int(k): RetentionCalibrator(np.asarray(v["coef"], dtype=np.float64)) for k, v in sizes.items()},
-                       {int(k): int(v["subsets"]) for k, v in sizes.items()})
+                       {int(k): int(v["subsets"]) for k, v in sizes.items()}, halfwidth)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{where}: not a multi-way calibration file ({e})") from None
+
+    def intervals(self, k: int, expert: float, others: float) -> dict[str, dict[str, list[float | None]]]:
+        """Per level key: [low, high] of the calibrated expert and others' retention of a k-model
+        plan (None ends: unbounded); empty where the file has no intervals for k."""
+        out = {}
+        for lv, (he, ho) in self.halfwidth.get(k, {}).items():
+            out[lv] = {"expert_retention": [None, None] if he is None else [expert - he, expert + he],
+                       "others_retention": [None, None] if ho is None else [others - ho, others + ho]}
+        return out
 
     def predict(self, plans: Sequence[tuple[Fold, str, Mapping[str, float | None]]]) -> np.ndarray:
         """[n, 2]: calibrated (expert retention, others' mean retention), s_merge / s_model - 1, of

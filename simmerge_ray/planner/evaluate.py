@@ -33,7 +33,8 @@ import polars as pl
 
 from simmerge_ray.merge.arms import STEP_ARMS
 from simmerge_ray.merge.fold import Fold
-from simmerge_ray.planner.calibrate import MultiwayCalibration, RetentionCalibrator, plan_features
+from simmerge_ray.planner.calibrate import (FEATURES, MultiwayCalibration, RetentionCalibrator, halfwidths,
+                                            plan_features)
 from simmerge_ray.planner.objective import Objective, Outcome
 from simmerge_ray.planner.search import Replayer, StepModel
 
@@ -114,15 +115,75 @@ def multiway_targets(labels: pl.DataFrame, scorer: PlanScorer) -> dict[int, list
     return dict(by_size)
 
 
-def _fit(targets: Sequence[MultiwayTarget]) -> RetentionCalibrator | None:
+def _rows(targets: Sequence[MultiwayTarget]) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration inputs and targets of every plan whose targets are defined."""
     rows = [(x, y) for t in targets for x, y in zip(t.features, t.targets) if np.isfinite(y).all()]
-    return RetentionCalibrator.fit([x for x, _ in rows], [y for _, y in rows]) if rows else None
+    return (np.array([x for x, _ in rows]).reshape(-1, len(FEATURES)),
+            np.array([y for _, y in rows]).reshape(-1, 2))
+
+
+def _fit(targets: Sequence[MultiwayTarget]) -> RetentionCalibrator | None:
+    x, y = _rows(targets)
+    return RetentionCalibrator.fit(x, y) if len(x) else None
+
+
+def held_out_residuals(targets: Sequence[MultiwayTarget]) -> np.ndarray:
+    """[n, 2] absolute residuals of every plan, predicted by a calibrator fitted on the other
+    subsets only (leave one subset out): the error on a subset the calibrator never saw."""
+    out = []
+    for subset in sorted({t.subset for t in targets}):
+        cal = _fit([t for t in targets if t.subset != subset])
+        x, y = _rows([t for t in targets if t.subset == subset])
+        if cal is not None and len(x):
+            out.append(np.abs(y - cal.predict(x)))
+    return np.concatenate(out) if out else np.empty((0, 2))
 
 
 def fit_calibration(by_size: Mapping[int, Sequence[MultiwayTarget]]) -> MultiwayCalibration:
-    """One calibrator per plan size, fitted on every labelled subset of that size."""
+    """One calibrator per plan size, fitted on every labelled subset of that size, with the
+    conformal half-widths of its leave-one-subset-out residuals (sizes with one subset: none)."""
     fitted = {k: cal for k, targets in by_size.items() if (cal := _fit(targets)) is not None}
-    return MultiwayCalibration(fitted, {k: len({t.subset for t in by_size[k]}) for k in fitted})
+    widths = {k: halfwidths(res) for k in fitted if len(res := held_out_residuals(by_size[k]))}
+    return MultiwayCalibration(fitted, {k: len({t.subset for t in by_size[k]}) for k in fitted}, widths)
+
+
+def interval_coverage(targets: Sequence[MultiwayTarget], objective: Objective) -> dict[str, dict] | None:
+    """Measured coverage of the calibrated intervals on held-out subsets, nested: each subset's
+    plans are predicted, and their half-widths taken, from the other subsets only (the widths
+    from residuals of calibrators that saw neither that subset nor the residual's own). Per
+    level: over every plan, over each target's calibrated pick, and the mean widths. None with
+    fewer than 3 subsets (no inner residuals to take widths from)."""
+    subsets = sorted({t.subset for t in targets})
+    if len(subsets) < 3:
+        return None
+    inside: dict[str, list[np.ndarray]] = defaultdict(list)
+    picked: dict[str, list[np.ndarray]] = defaultdict(list)
+    widths: dict[str, list[list[float]]] = defaultdict(list)
+    for subset in subsets:
+        rest = [t for t in targets if t.subset != subset]
+        cal = _fit(rest)
+        hw = halfwidths(held_out_residuals(rest))
+        for t in targets:
+            if t.subset != subset:
+                continue
+            x, y = np.asarray(t.features, dtype=np.float64), np.asarray(t.targets, dtype=np.float64)
+            pred = cal.predict(x)
+            pick = int(np.argmax(objective.retention_weight * pred[:, 0] + objective.aux_weight * pred[:, 1]))
+            for lv, pair in hw.items():
+                h = np.array([np.inf if v is None else v for v in pair])
+                ok = np.where(np.isfinite(y), np.abs(y - pred) <= h, np.nan)
+                inside[lv].append(ok[np.isfinite(y).all(axis=1)])
+                if np.isfinite(y[pick]).all():
+                    picked[lv].append(ok[pick:pick + 1])
+                widths[lv].append([2 * v for v in h])
+    out = {}
+    for lv in inside:
+        cells, picks = np.concatenate(inside[lv]), np.concatenate(picked[lv])
+        out[lv] = {"nominal": int(lv) / 100, "plans": len(cells),
+                   "expert": float(cells[:, 0].mean()), "others": float(cells[:, 1].mean()),
+                   "picked_expert": float(picks[:, 0].mean()), "picked_others": float(picks[:, 1].mean()),
+                   "mean_width": [float(w) for w in np.mean(widths[lv], axis=0)]}
+    return out
 
 
 def _rule(t: MultiwayTarget, pick: int) -> list[Outcome]:
@@ -195,6 +256,7 @@ def evaluate_multiway(labels: pl.DataFrame, scorer: PlanScorer,
             "targets": len(per[k]["simmerge"]),
             **means,
             "order_gain": _order_gain(means),
+            "calibrated_intervals": interval_coverage(by_size[k], scorer.objective),
             "by_task": by_task,
             "learned_minus_random_order": {
                 t: {key: d["simmerge"][key] - d["random_order"][key] for key in ("expert_retention", "mean_retention")}

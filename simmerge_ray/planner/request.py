@@ -103,6 +103,19 @@ def search_space(req: PlanRequest, catalog: Catalog) -> SearchSpace:
     return SearchSpace(req.task, models, experts, req.min_way, req.max_way, req.beam_width, tasks=tasks)
 
 
+def load_calibration(path: str | None, aux_selector: str | None) -> MultiwayCalibration | None:
+    """A --calibration file, checked (None without one): it must exist, parse, and come with an
+    auxiliary selector, whose predictions of every model's retention it reads."""
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--calibration {p}: no such file (a pipeline run writes multiway/calibration.json)")
+    if not aux_selector:
+        raise ConfigError("--calibration needs --aux-selector: it reads the predicted retention of every model")
+    return MultiwayCalibration.from_json(p.read_text(), str(p))
+
+
 def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, keep: int = 10,
                  calibration: MultiwayCalibration | None = None) -> SearchResult:
     """The ranked plans of one request (best first), each with its intervals, input flags and

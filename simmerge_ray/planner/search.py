@@ -301,7 +301,8 @@ def search(space: SearchSpace, step_model: StepModel, objective: Objective = Obj
         if id(c) in calibrated:
             e, o = calibrated[id(c)]
             plan.calibrated = {"expert_retention": e, "others_retention": o, "score": score,
-                               "subsets": calibration.subsets[plan.k]}
+                               "subsets": calibration.subsets[plan.k],
+                               "intervals": calibration.intervals(plan.k, e, o)}
     best, best_score = plans[0], complete[0][0]
     best.excluded = [{"model": m, "best_score_with": best_with[m], "effect": best_with[m] - best_score}
                      for m in space.pool if m not in best.models and m in best_with]
