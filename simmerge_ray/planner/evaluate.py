@@ -178,7 +178,8 @@ def interval_coverage(targets: Sequence[MultiwayTarget], objective: Objective) -
                 widths[lv].append([2 * v for v in h])
     out = {}
     for lv in inside:
-        cells, picks = np.concatenate(inside[lv]), np.concatenate(picked[lv])
+        cells = np.concatenate(inside[lv])
+        picks = np.concatenate(picked[lv]) if picked[lv] else np.full((1, 2), np.nan)  # NaN: no defined pick
         out[lv] = {"nominal": int(lv) / 100, "plans": len(cells),
                    "expert": float(cells[:, 0].mean()), "others": float(cells[:, 1].mean()),
                    "picked_expert": float(picks[:, 0].mean()), "picked_others": float(picks[:, 1].mean()),
