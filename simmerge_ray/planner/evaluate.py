@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,14 +127,24 @@ def _fit(targets: Sequence[MultiwayTarget]) -> RetentionCalibrator | None:
     return RetentionCalibrator.fit(x, y) if len(x) else None
 
 
+def _leave_one_subset_out(targets: Sequence[MultiwayTarget]
+                          ) -> Iterator[tuple[list[MultiwayTarget], list[MultiwayTarget], RetentionCalibrator]]:
+    """Per labelled subset: its targets, the other subsets' targets, and a calibrator fitted on
+    those others only (subsets whose others give no calibrator are skipped)."""
+    for subset in sorted({t.subset for t in targets}):
+        rest = [t for t in targets if t.subset != subset]
+        cal = _fit(rest)
+        if cal is not None:
+            yield [t for t in targets if t.subset == subset], rest, cal
+
+
 def held_out_residuals(targets: Sequence[MultiwayTarget]) -> np.ndarray:
     """[n, 2] absolute residuals of every plan, predicted by a calibrator fitted on the other
     subsets only (leave one subset out): the error on a subset the calibrator never saw."""
     out = []
-    for subset in sorted({t.subset for t in targets}):
-        cal = _fit([t for t in targets if t.subset != subset])
-        x, y = _rows([t for t in targets if t.subset == subset])
-        if cal is not None and len(x):
+    for held, _, cal in _leave_one_subset_out(targets):
+        x, y = _rows(held)
+        if len(x):
             out.append(np.abs(y - cal.predict(x)))
     return np.concatenate(out) if out else np.empty((0, 2))
 
@@ -153,27 +163,23 @@ def interval_coverage(targets: Sequence[MultiwayTarget], objective: Objective) -
     from residuals of calibrators that saw neither that subset nor the residual's own). Per
     level: over every plan, over each target's calibrated pick, and the mean widths. None with
     fewer than 3 subsets (no inner residuals to take widths from)."""
-    subsets = sorted({t.subset for t in targets})
-    if len(subsets) < 3:
+    if len({t.subset for t in targets}) < 3:
         return None
     inside: dict[str, list[np.ndarray]] = defaultdict(list)
     picked: dict[str, list[np.ndarray]] = defaultdict(list)
     widths: dict[str, list[list[float]]] = defaultdict(list)
-    for subset in subsets:
-        rest = [t for t in targets if t.subset != subset]
-        cal = _fit(rest)
+    for held, rest, cal in _leave_one_subset_out(targets):
         hw = halfwidths(held_out_residuals(rest))
-        for t in targets:
-            if t.subset != subset:
-                continue
-            x, y = np.asarray(t.features, dtype=np.float64), np.asarray(t.targets, dtype=np.float64)
-            pred = cal.predict(x)
-            pick = int(np.argmax(objective.retention_weight * pred[:, 0] + objective.aux_weight * pred[:, 1]))
+        for t in held:
+            y = np.asarray(t.targets, dtype=np.float64)
+            pred = cal.predict(t.features)
+            pick = _calibrated_pick(cal, t, objective)
+            defined = np.isfinite(y).all(axis=1)
             for lv, pair in hw.items():
                 h = np.array([np.inf if v is None else v for v in pair])
-                ok = np.where(np.isfinite(y), np.abs(y - pred) <= h, np.nan)
-                inside[lv].append(ok[np.isfinite(y).all(axis=1)])
-                if np.isfinite(y[pick]).all():
+                ok = (np.abs(y - pred) <= h).astype(np.float64)
+                inside[lv].append(ok[defined])
+                if defined[pick]:
                     picked[lv].append(ok[pick:pick + 1])
                 widths[lv].append([2 * v for v in h])
     out = {}
@@ -207,16 +213,18 @@ def calibrated_picks(targets: list[MultiwayTarget], objective: Objective) -> dic
     """Leave one subset out: each target's plan is the top one by a calibrator fitted on the other
     subsets' targets; returns {index: [picked outcome, its rule in a random order, its rule in
     the best labelled order]}."""
+    index = {id(t): i for i, t in enumerate(targets)}
     picks: dict[int, list[Outcome]] = {}
-    for subset in sorted({t.subset for t in targets}):
-        cal = _fit([t for t in targets if t.subset != subset])
-        if cal is None:
-            continue
-        for i, t in enumerate(targets):
-            if t.subset == subset:
-                pick = int(np.argmax(cal.score(t.features, objective.retention_weight, objective.aux_weight)))
-                picks[i] = [t.outcomes[pick], _same_rule(t, pick), _best_order(t, pick)]
+    for held, _, cal in _leave_one_subset_out(targets):
+        for t in held:
+            pick = _calibrated_pick(cal, t, objective)
+            picks[index[id(t)]] = [t.outcomes[pick], _same_rule(t, pick), _best_order(t, pick)]
     return picks
+
+
+def _calibrated_pick(cal: RetentionCalibrator, t: MultiwayTarget, objective: Objective) -> int:
+    """The plan of `t` whose calibrated retentions score best on the objective."""
+    return int(np.argmax(cal.score(t.features, objective.retention_weight, objective.aux_weight)))
 
 
 def evaluate_multiway(labels: pl.DataFrame, scorer: PlanScorer,
