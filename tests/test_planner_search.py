@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-import json
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -167,6 +167,11 @@ def test_a_calibration_ranks_complete_plans_by_measured_shape() -> None:
     with pytest.raises(ConfigError, match=r"covers plans of \[3\] models, not \[2\]"):
         search(SearchSpace(task="code", candidates=models, experts=["m0"], min_k=2, max_k=3, tasks=tasks_of(models)),
                tm, obj, calibration=cal)
+    bad = json.loads(cal.to_json())
+    bad["sizes"]["3"]["halfwidth"]["80"] = [0.05]
+    with pytest.raises(ConfigError, match=r"calibration.json: not a multi-way calibration file \(a half-width is not "
+                                          r"an \[expert, others\] pair\)"):
+        MultiwayCalibration.from_json(json.dumps(bad), "calibration.json")
     with pytest.raises(ConfigError, match="calibration.json: written for the features"):
         MultiwayCalibration.from_json('{"features": ["x"], "sizes": {}}', "calibration.json")
 
