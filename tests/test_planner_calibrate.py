@@ -9,8 +9,8 @@ import pytest
 
 from simmerge_ray.merge.arms import WEIGHTING_NAMES
 from simmerge_ray.merge.fold import Fold
-from simmerge_ray.planner.calibrate import FEATURES, RetentionCalibrator, final_shares, plan_features
-from simmerge_ray.planner.evaluate import (JUDGED, MultiwayTarget, fit_calibration, held_out_residuals,
+from simmerge_ray.planner.calibrate import FEATURES, RetentionCalibrator, final_shares, halfwidths, plan_features
+from simmerge_ray.planner.evaluate import (JUDGED, MultiwayTarget, borrowed_residuals, fit_calibration, held_out_residuals,
                                            interval_coverage)
 
 
@@ -45,8 +45,9 @@ def test_the_ridge_recovers_a_linear_relation_and_checks_shapes() -> None:
         RetentionCalibrator.fit(x[:, :5], x[:, :2])
 
 
-def noisy_targets(subsets: int, sigma: float, seed: int = 0) -> list[MultiwayTarget]:
-    """Subsets whose measured retentions are a fixed linear map of the plan inputs plus noise."""
+def noisy_targets(subsets: int, sigma: float, seed: int = 0, k: int = 3) -> list[MultiwayTarget]:
+    """Subsets of k models whose measured retentions are a fixed linear map of the plan inputs
+    plus noise."""
     rng = np.random.default_rng(seed)
     truth = rng.normal(scale=0.3, size=(len(FEATURES), 2))
     out = []
@@ -55,7 +56,8 @@ def noisy_targets(subsets: int, sigma: float, seed: int = 0) -> list[MultiwayTar
             x = rng.uniform(size=(40, len(FEATURES)))
             x[:, -1] = 1.0
             y = x @ truth + rng.normal(scale=sigma, size=(40, 2))
-            out.append(MultiwayTarget((f"s{s}a", f"s{s}b", f"s{s}c"), expert, [], [], [], x.tolist(), y.tolist()))
+            out.append(MultiwayTarget(tuple(f"k{k}s{s}{m}" for m in "abcd"[:k]), expert, [], [], [], x.tolist(),
+                                      y.tolist()))
     return out
 
 
@@ -77,3 +79,18 @@ def test_intervals_are_conformal_on_held_out_subsets_and_cover_at_their_level() 
     # two subsets leave no inner residuals to take held-out widths from
     assert interval_coverage(noisy_targets(2, 0.05), JUDGED) is None
     assert fit_calibration({3: noisy_targets(1, 0.05)}).halfwidth == {}
+
+
+def test_a_thinly_labelled_size_takes_its_widths_from_every_size() -> None:
+    three, four = noisy_targets(12, sigma=0.05), noisy_targets(3, sigma=0.2, seed=1, k=4)
+    by_size = {3: three, 4: four}
+    cal = fit_calibration(by_size)
+    assert cal.halfwidth[3] == halfwidths(held_out_residuals(three))  # 12 subsets: widths of its own
+    pooled = np.concatenate([held_out_residuals(four), held_out_residuals(three)])
+    assert cal.halfwidth[4] == halfwidths(pooled)
+    own = halfwidths(held_out_residuals(four))["90"][0]
+    assert cal.halfwidth[3]["90"][0] < cal.halfwidth[4]["90"][0] < own  # between the two sizes' noise
+    assert borrowed_residuals(by_size, 3) is None and len(borrowed_residuals(by_size, 4)) == len(held_out_residuals(three))
+    cov = interval_coverage(four, JUDGED, borrowed_residuals(by_size, 4))
+    assert cov["90"]["widths_borrow_other_sizes"] and cov["90"]["plans"] == 3 * 2 * 40
+    assert interval_coverage(three, JUDGED)["90"]["widths_borrow_other_sizes"] is False

@@ -11,7 +11,8 @@ retention of the other models. Inputs:
     TIES first step, the weighting (equal, anchor; half is the baseline), the expert's position.
 It is judged leave-one-subset-out (planner/evaluate.py): a subset's plans are chosen by a
 calibrator that has never seen that subset's labels. Its intervals are split-conformal on those
-leave-one-subset-out residuals: what a calibrator's error looks like on a subset it never saw.
+leave-one-subset-out residuals: what a calibrator's error looks like on a subset it never saw (a
+size labelled on few subsets joins the other sizes' residuals: evaluate.OWN_WIDTHS_MIN_SUBSETS).
 Pure numpy: no I/O, no Ray.
 """
 
