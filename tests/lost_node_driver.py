@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -60,6 +61,7 @@ class Node:
         temp = work / folder
         temp.mkdir()
         nm, om, agent, agent_grpc, env_agent, metrics, client = free_ports(7)
+        self.port = nm  # how ray.nodes() names this node
         cmd = [str(RAY), "start", "--block", f"--temp-dir={temp}", "--num-cpus=2",
                f"--resources={json.dumps(slots)}", "--object-store-memory=100000000",
                "--node-ip-address=127.0.0.1", f"--node-manager-port={nm}", f"--object-manager-port={om}",
@@ -158,10 +160,13 @@ def structural(work: Path, tag: str, catalog: Catalog, workers: int) -> Stage:
 
 
 def watch(nodes: list[Node], stages: list[Stage], seen: dict[str, set[str]], until=None,
-          pids: dict[str, set[int]] | None = None) -> bool:
+          pids: dict[str, set[int]] | None = None, joining: Callable[[], None] | None = None) -> bool:
     """Record the nodes' worker titles in `seen` (and their PIDs in `pids`) every 50 ms while a
-    stage runs. With `until`, return True as soon as it holds for node 2's titles."""
+    stage runs, calling `joining` each time (a node still starting). With `until`, return True
+    as soon as it holds for node 2's titles."""
     while any(s.thread.is_alive() for s in stages):
+        if joining is not None:
+            joining()
         for node in nodes:
             workers = node.workers()
             titles = set(workers.values())
@@ -180,22 +185,28 @@ def errors(stages: dict[str, Stage]) -> dict[str, str]:
     return {name: s.error for name, s in stages.items() if s.error}
 
 
-def wait_for_nodes(ray, nodes: list[Node], work: Path, result: dict, timeout: float = 180.0,
-                   retries: int = 2) -> None:
-    """Until every node is alive. A worker node whose `ray start` gives up is started again, at
-    most `retries` times (counted in result["node_restarts"]): Ray waits a fixed 30 s for a new
-    raylet to register, which a loaded 2-core machine can miss; that is not what this test is
-    about."""
+def revive(nodes: list[Node], fresh: list[int], result: dict, retries: int = 2) -> None:
+    """Start again a just-started worker node (`nodes[i]`, i in `fresh`) whose `ray start` gave
+    up, at most `retries` times in the run (counted in result["node_restarts"]); fail, naming its
+    log, past that. Ray waits a fixed 30 s for a new raylet to register, which a loaded 2-core
+    machine can miss; that is not what this test is about."""
+    for i in fresh:
+        if nodes[i].proc.poll() is not None and result.get("node_restarts", 0) < retries:
+            result["node_restarts"] = result.get("node_restarts", 0) + 1
+            nodes[i] = nodes[i].restarted(result["node_restarts"])
+        nodes[i].check()
+
+
+def wait_for_nodes(ray, nodes: list[Node], fresh: list[int], work: Path, result: dict, timeout: float = 180.0
+                   ) -> None:
+    """Until the just-started worker nodes `nodes[i]`, i in `fresh`, are alive (each found in
+    ray.nodes() by its node manager port), reviving any whose start gave up."""
     deadline = time.monotonic() + timeout
-    n = len(nodes)
-    while sum(node["Alive"] for node in ray.nodes()) < n:
-        for i, node in enumerate(nodes):
-            if node.proc.poll() is not None and i > 0 and result.get("node_restarts", 0) < retries:
-                result["node_restarts"] = result.get("node_restarts", 0) + 1
-                nodes[i] = node.restarted(result["node_restarts"])
-            nodes[i].check()
+    while not all(nodes[i].port in {n["NodeManagerPort"] for n in ray.nodes() if n["Alive"]} for i in fresh):
+        revive(nodes, fresh, result)
         if time.monotonic() > deadline:
-            raise RuntimeError(f"fewer than {n} Ray nodes alive after {timeout:.0f} s; see {work}/*.log")
+            raise RuntimeError(f"nodes {[nodes[i].name for i in fresh]} not all alive after {timeout:.0f} s; "
+                               f"see {work}/*.log")
         time.sleep(0.2)
 
 
@@ -230,7 +241,7 @@ def main(work: Path) -> int:
         (work / "result.json").write_text(json.dumps(result, indent=2))  # progress, for a post-mortem
         connect(gcs, nodes[0].check, 90)
         nodes.append(Node(work, "node2", env, gcs, head=False))
-        wait_for_nodes(ray, nodes, work, result)
+        wait_for_nodes(ray, nodes, [1], work, result)
         result["timings"]["cluster_s"] = time.perf_counter() - t0
         (work / "result.json").write_text(json.dumps(result, indent=2))
 
@@ -262,7 +273,7 @@ def main(work: Path) -> int:
             result["killed_after_s"] = time.perf_counter() - t
         # The replacement: room for the restarted actors and the structural pass's third.
         nodes.append(Node(work, "node3", env, gcs, head=False, slots={"merge_slot": 1, "gram_slot": 2}))
-        watch(nodes, list(lost.values()), seen_lost, pids=pids_lost)
+        watch(nodes, list(lost.values()), seen_lost, pids=pids_lost, joining=lambda: revive(nodes, [2], result))
         result["lost_errors"] = errors(lost)
         result["lost_seen"] = {k: sorted(v) for k, v in seen_lost.items()}
         # Which nodes merged units, from the PIDs the merge reports per unit: the unit node 2 held
