@@ -52,7 +52,7 @@ def test_a_computed_default_is_shown_with_its_value() -> None:
     assert "--epochs EPOCHS training epochs (full batch) (default: 300)" in text
     text = " ".join(LEAVES[("label",)].format_help().split())
     assert "--subsets-4 SUBSETS_4 4-way subsets of experts of distinct tasks, each with --orders-4 orders x " \
-           "weightings x step-arm sequences (default: 3)" in text
+           "weightings x step-arm sequences (default: 6)" in text
 
 
 def test_version_prints_the_package_version(capsys: pytest.CaptureFixture) -> None:

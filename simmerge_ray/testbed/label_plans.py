@@ -37,7 +37,7 @@ class LabelSettings(BaseModel):
     weightings: tuple[str, ...] = Field(WEIGHTING_NAMES, min_length=1,
                                         description="fold weightings of sampled 3-/4-way plans")
     subsets_3: int = Field(8, ge=0)
-    subsets_4: int = Field(3, ge=0)
+    subsets_4: int = Field(6, ge=0)
     mixed_3: int = Field(2, ge=0, description="random mixed step-arm sequences per 3-way subset")
     mixed_4: int = Field(1, ge=0, description="random mixed step-arm sequences per 4-way subset")
     orders_4: int = Field(8, ge=1, description="random orders per 4-way subset (of 24)")
