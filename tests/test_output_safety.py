@@ -80,12 +80,47 @@ def test_overwrite_replaces_only_an_output_simmerge_wrote(workspace: Path, capsy
 
     out = workspace / "merged"
     assert _merge(workspace, out) == 0
-    assert json.loads((out / MARKER).read_text()) == {"written_by": "simmerge"}
-    assert not (out / OWNER_FILE).exists()
-    (out / "model.safetensors").write_bytes(b"stale")
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["written_by"] == "simmerge"
+    assert marker["files"] == sorted(p.name for p in out.iterdir() if p.name != MARKER)
+    assert "config.json" in marker["files"] and not (out / OWNER_FILE).exists()
+    shard = next(f for f in marker["files"] if f.endswith(".safetensors"))
+    (out / shard).write_bytes(b"stale")
     assert _merge(workspace, out, "--overwrite") == 0
-    assert (out / "model.safetensors").read_bytes() != b"stale"
+    assert (out / shard).read_bytes() != b"stale"
     assert sorted(p.name for p in workspace.iterdir()) == ["merge.yaml", "merged", "mine", "models"]
+
+
+@pytest.mark.parametrize("extra", ["my_eval.json", "adapter/", "sub/deeper/notes.txt"])
+def test_overwrite_refuses_an_output_holding_files_simmerge_did_not_write(workspace: Path, capsys,
+                                                                          extra: str) -> None:
+    """A user's file added to an output (or a merge run into a plan folder) is never deleted
+    with it: --overwrite names it and changes nothing."""
+    out = workspace / "merged"
+    assert _merge(workspace, out) == 0
+    target = out / extra
+    if extra.endswith("/"):
+        target.mkdir()
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("mine")
+    before = tree_hash(workspace)
+    assert _merge(workspace, out, "--overwrite") == 2
+    err = capsys.readouterr().err.strip()
+    first = extra.split("/")[0] + "/" if "/" in extra else extra
+    assert f"holds {first}, which simmerge did not write there" in err and len(err.splitlines()) == 1
+    assert tree_hash(workspace) == before and target.exists()
+
+
+def test_overwrite_refuses_an_output_whose_marker_lists_no_files(workspace: Path, capsys) -> None:
+    """An older simmerge's marker says nothing of what it wrote: refused, not guessed."""
+    out = workspace / "merged"
+    assert _merge(workspace, out) == 0
+    (out / MARKER).write_text(json.dumps({"written_by": "simmerge"}))
+    before = tree_hash(workspace)
+    assert _merge(workspace, out, "--overwrite") == 2
+    assert "does not list the files simmerge wrote" in capsys.readouterr().err
+    assert tree_hash(workspace) == before
 
 
 def test_out_dot_and_parents_of_the_current_folder_are_refused(workspace: Path, capsys,

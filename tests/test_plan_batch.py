@@ -215,3 +215,48 @@ def test_calibrated_batch_matches_calibrated_single_plans(world, tmp_path: Path)
                                 features=str(w.features), out=str(tmp_path / "o2"),
                                 calibration=str(tmp_path / "calibration.json")))
     assert not (tmp_path / "o2").exists()
+
+
+def test_rerun_keeps_what_the_user_added_and_heals_broken_cache_entries(world, tmp_path: Path) -> None:
+    """A rerun leaves a plan folder that is already its plan alone (a merge the user ran into it
+    from its step file stays); a changed plan whose folder holds such a merge becomes an error
+    row, nothing deleted; unusable cache entries are planned again and replaced."""
+    w, _ = world
+    rows = [{"request_id": "a", "task": "code", "models": ["code-0", "math-0", "rag-0"], "max_way": 3},
+            {"request_id": "b", "task": "rag", "models": ["rag-1", "chat-0", "math-1"], "max_way": 3},
+            {"request_id": "c", "task": "math", "models": ["math-0", "code-1"]},
+            {"request_id": "d", "task": "chat", "models": ["chat-0", "code-0"]}]
+    (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache = tmp_path / "cache"
+    settings = BatchSettings(requests=str(tmp_path / "req.jsonl"), selector=str(w.selector), catalog=str(w.catalog),
+                             features=str(w.features), out=str(tmp_path / "out"), actors=1, cache=str(cache))
+    first = run_batch(settings)
+    assert first.ok == 4 and first.planned == 4
+    res = pl.read_parquet(tmp_path / "out" / "results.parquet")
+    keys = dict(zip(res["request_id"].to_list(), res["key"].to_list()))
+    user_merge = tmp_path / "out" / "plans" / "a" / "step-1"
+    user_merge.mkdir()
+    (user_merge / "model.safetensors").write_bytes(b"the user's merge")
+
+    # Break three cache entries in three ways.
+    (cache / keys["b"] / "row.json").write_bytes(b"\xff\xfe{")
+    (cache / keys["c"] / "row.json").write_text("[1, 2]")
+    (cache / keys["d"] / "plan.json").unlink()
+    again = run_batch(settings)
+    assert (again.ok, again.planned, again.cached) == (4, 3, 1)
+    assert (user_merge / "model.safetensors").read_bytes() == b"the user's merge"
+    for rid in "bcd":
+        assert json.loads((cache / keys[rid] / "row.json").read_text())["status"] == "ok"
+        assert (cache / keys[rid] / "plan.json").is_file()
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == []
+    third = run_batch(settings)
+    assert (third.planned, third.cached) == (0, 4)
+
+    # Request a is now another plan: its folder holds the user's merge, so it is not replaced.
+    rows[0].update(models=["code-1", "chat-0"], max_way=2)
+    (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fourth = run_batch(settings)
+    res = pl.read_parquet(tmp_path / "out" / "results.parquet").filter(pl.col("request_id") == "a")
+    assert fourth.errors == 1 and res["status"].to_list() == ["error"]
+    assert "holds step-1/, which simmerge did not write there" in res["error"][0]
+    assert (user_merge / "model.safetensors").read_bytes() == b"the user's merge"

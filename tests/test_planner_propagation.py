@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ import yaml
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.features.structural import StructuralOptions, compute_structural
+from simmerge_ray.io.owner import OWNER_FILE
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, run_merge
@@ -110,13 +114,20 @@ def test_plan_executes_with_the_streaming_engine(built: dict, tmp_path: Path) ->
     (tmp_path / "catalog.yaml").write_text(
         f"base: {root / 'base'}\nmodels:\n" + "".join(f"  - {{name: {m}, path: {root / m}}}\n" for m in plan.models))
     out = tmp_path / "merged"
+    # The work folder of a `merge --plan` killed after its first step (its owner process is dead).
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / ".merged.plan-0dead000"
+    (stale / "step-1").mkdir(parents=True)
+    (stale / "step-1" / "model.safetensors").write_bytes(b"an intermediate")
+    (stale / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "start": "1"}))
     assert cli_main(["merge", "--plan", str(tmp_path / "plan.json"), "--catalog", str(tmp_path / "catalog.yaml"),
                      "--out", str(out), "--dtype", "float32", "--workers", "1"]) == 0
     got, want = Checkpoint.open(out), Checkpoint.open(root / "step-2")
     assert got.tensor_names == want.tensor_names
     for name in want.tensor_names:
         assert torch.equal(got.read(name), want.read(name))
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # intermediates removed
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # intermediates removed, stale too
     # The card names the catalog models and the plan's first step, not the step's temporary folder.
     card = (out / "README.md").read_text()
     prose = card[:card.index("### Configuration")]

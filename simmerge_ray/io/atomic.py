@@ -3,7 +3,6 @@ replaces only an output folder it wrote itself (see out_checks)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -12,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from simmerge_ray.errors import OutputError
-from simmerge_ray.io.out_checks import MARKER, check_output, check_replaceable
+from simmerge_ray.io.out_checks import MARKER, check_output, check_replaceable, marker_text
 from simmerge_ray.io.owner import OWNER_FILE, clean_stale, write_owner
 
 
@@ -42,16 +41,17 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False, inputs: Iterable[st
     """Yield a temporary folder beside `out`; rename it to `out` only if the block succeeds.
 
     `out` is checked first (out_checks.check_output: not an input, not the current folder, an
-    existing one replaced only with `overwrite` and only if it carries MARKER). Temporary
-    folders of killed runs beside `out` are removed. On failure the temporary folder is removed
-    and any previous `out` is left untouched.
+    existing one replaced only with `overwrite`, only if its MARKER lists everything in it).
+    When the block succeeds, MARKER records what it wrote. Temporary folders of killed runs
+    beside `out` are removed. On failure the temporary folder is removed and any previous `out`
+    is left untouched.
     """
     out = check_output(out, overwrite=overwrite, inputs=inputs)
     clean_stale(out.parent, (f".{out.name}.tmp-", f".{out.name}.old-"))
     tmp = owned_temp_dir(out.parent, f".{out.name}.tmp-")
     try:
-        (tmp / MARKER).write_text(json.dumps({"written_by": "simmerge"}) + "\n")
         yield tmp
+        (tmp / MARKER).write_text(marker_text(tmp))
         check_replaceable(out, overwrite=overwrite)  # again: it may have appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

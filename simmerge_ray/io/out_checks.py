@@ -1,20 +1,53 @@
 """Checks of an output path, run before any work: a command never replaces, deletes or writes
 into what it did not create.
 
-An output folder that simmerge wrote carries MARKER; only such a folder is replaced by
---overwrite. An output may not be, hold or lie inside one of the command's inputs, nor be the
-current folder or one above it.
+An output folder that simmerge wrote carries MARKER, which lists every entry the command wrote
+there; --overwrite replaces only such a folder, and only while it holds nothing else (a user's
+notes, or a merge run into a plan folder, are never deleted with it). An output may not be,
+hold or lie inside one of the command's inputs, nor be the current folder or one above it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from simmerge_ray.errors import ConfigError, OutputError
+from simmerge_ray.io.owner import OWNER_FILE
 
 MARKER = ".simmerge-output.json"
+
+
+def folder_entries(folder: Path) -> list[str]:
+    """Every entry below `folder` as a relative POSIX path, folders ending in '/', links not
+    followed; the marker and the owner record at the top are left out."""
+    folder = Path(folder)
+    out = []
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        out += [(rel / d).as_posix() + "/" for d in dirs]
+        out += [(rel / f).as_posix() for f in files if not (root == str(folder) and f in (MARKER, OWNER_FILE))]
+    return sorted(out)
+
+
+def marker_text(folder: Path) -> str:
+    """The marker's content for a finished output folder: what simmerge wrote in it."""
+    return json.dumps({"written_by": "simmerge", "files": folder_entries(folder)}, indent=0) + "\n"
+
+
+def _stranger(out: Path) -> str | None:
+    """The first entry of `out` that its marker does not list ('' when the marker lists nothing:
+    an older simmerge's), None when every entry is simmerge's."""
+    try:
+        listed = json.loads((out / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if not isinstance(listed, list):
+        return ""
+    known = set(listed)
+    return next((e for e in folder_entries(out) if e not in known), None)
 
 
 def _real(p: str | os.PathLike) -> Path:
@@ -62,6 +95,14 @@ def check_replaceable(out: Path, *, overwrite: bool) -> None:
     if not (out / MARKER).is_file():
         raise OutputError(f"{out}: not written by simmerge (no {MARKER}); --overwrite replaces only "
                           f"simmerge's outputs: remove it yourself or choose another --out")
+    stranger = _stranger(out)
+    if stranger == "":
+        raise OutputError(f"{out}: its {MARKER} does not list the files simmerge wrote (an older simmerge's "
+                          f"output), so --overwrite cannot tell them from yours: remove it yourself or choose "
+                          f"another --out")
+    if stranger is not None:
+        raise OutputError(f"{out}: holds {stranger}, which simmerge did not write there; --overwrite would delete "
+                          f"it: move it out, or choose another --out")
 
 
 def check_output(out: str | os.PathLike, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:

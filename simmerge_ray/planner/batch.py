@@ -35,8 +35,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from simmerge_ray.catalog import Catalog
-from simmerge_ray.errors import ConfigError, SimMergeError
+from simmerge_ray.errors import ConfigError, OutputError, SimMergeError
 from simmerge_ray.io.atomic import atomic_output_dir
+from simmerge_ray.io.out_checks import MARKER
+from simmerge_ray.planner.batch_cache import PER_RUN, RESULT_SCHEMA, ROW_FILE, publish_entry, read_entry
 from simmerge_ray.io.stage_files import check_stage, stage_files
 from simmerge_ray.planner.request import PlanRequest, build_step_model, load_calibration, plan_request, write_plans
 from simmerge_ray.selector.data import features_file
@@ -45,40 +47,8 @@ BATCH_FILES = ("results.parquet", "summary.json")  # what a rerun replaces in --
 # Bump when a change to the planner changes plans (2: intervals, flags; 3: weightings, the expert
 # anywhere, the retention objective): old entries are ignored.
 CACHE_VERSION = 4
-PENDING = "pending"  # internal status: valid and not in the cache yet
-ROW_FILE = "row.json"
 
-RESULT_SCHEMA = pa.schema([
-    ("request_id", pa.string()),
-    ("key", pa.string()),  # digest of the request's content + the inputs' fingerprints
-    ("status", pa.string()),  # ok | error
-    ("error", pa.string()),
-    ("task", pa.string()),
-    ("request", pa.string()),  # the validated request as JSON (the raw row when invalid)
-    ("models", pa.list_(pa.string())),  # chosen plan, merge order
-    ("operators", pa.list_(pa.string())),  # one per step
-    ("weighting", pa.string()),  # the fold weighting (merge/arms.py WEIGHTINGS)
-    ("expert", pa.string()),  # the target task's expert among `models`
-    ("score", pa.float64()),  # the objective's predicted value
-    ("step_utility", pa.list_(pa.float64())),  # predicted share of the expert's gap kept per step
-    ("step_aux_utility", pa.list_(pa.float64())),
-    ("runner_up_models", pa.list_(pa.string())),
-    ("runner_up_operators", pa.list_(pa.string())),
-    ("runner_up_score", pa.float64()),
-    ("margin", pa.float64()),  # score - runner_up_score
-    # with --calibration: the best plan's calibrated retentions and the objective on them (what
-    # plans were ranked by); `score` and `margin` stay the step model's
-    ("calibrated_expert_retention", pa.float64()),
-    ("calibrated_others_retention", pa.float64()),
-    ("calibrated_score", pa.float64()),
-    ("plans_scored", pa.int64()),
-    ("exhaustive", pa.bool_()),
-    ("search_seconds", pa.float64()),
-    ("plan_dir", pa.string()),  # relative to the output folder
-    ("cached", pa.bool_()),  # answered from the results cache in this run
-    ("merged", pa.string()),  # --execute-top: merged model folder, relative to the output folder
-])
-_PER_RUN = ("request_id", "request", "cached", "plan_dir", "merged")  # not stored in the cache
+PENDING = "pending"  # internal status: valid and not in the cache yet
 
 
 @dataclass(frozen=True)
@@ -151,23 +121,6 @@ def request_key(req: PlanRequest, fingerprint: str) -> str:
     return _digest({"request": req.content(), "inputs": fingerprint})
 
 
-def _cached_row(cache: Path, key: str) -> dict | None:
-    try:
-        return json.loads((cache / key / ROW_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Rename a finished folder into place; a concurrent twin (same key, same content) may win."""
-    try:
-        tmp.rename(target)
-    except OSError:
-        if not (target / ROW_FILE).exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ---- pass 1: validate, key, answer from the cache (on the driver) ---------------------------
 
 def prepare_rows(batch: pa.Table, fingerprint: str, cache_dir: str) -> pa.Table:
@@ -182,7 +135,7 @@ def prepare_rows(batch: pa.Table, fingerprint: str, cache_dir: str) -> pa.Table:
                          "request": json.dumps(raw, sort_keys=True, default=str)})
             continue
         key = request_key(req, fingerprint)
-        hit = _cached_row(Path(cache_dir), key)
+        hit = read_entry(Path(cache_dir), key)
         if hit is not None:
             rows.append({**hit, "request_id": rid, "request": req.model_dump_json(), "cached": True})
         else:
@@ -238,8 +191,8 @@ class PlanWorker:
         tmp.mkdir(parents=True)
         if res is not None:
             write_plans(res, self.catalog, tmp)
-        (tmp / ROW_FILE).write_text(json.dumps({k: v for k, v in outcome.items() if k not in _PER_RUN}))  # last
-        _publish(tmp, self.cache / row["key"])
+        (tmp / ROW_FILE).write_text(json.dumps({k: v for k, v in outcome.items() if k not in PER_RUN}))  # last
+        publish_entry(tmp, self.cache / row["key"])
         return {**outcome, "request_id": req.request_id, "request": row["request"], "cached": False}
 
 
@@ -306,7 +259,10 @@ def run_batch(s: BatchSettings) -> BatchReport:
     catalog = Catalog.load(s.catalog) if any(r["status"] == "ok" for r in rows) else None
     for r in rows:
         if r["status"] == "ok":
-            r["plan_dir"] = _materialise_plan(cache / r["key"], out / "plans" / r["request_id"], out, catalog)
+            try:
+                r["plan_dir"] = _materialise_plan(cache / r["key"], out / "plans" / r["request_id"], out, catalog)
+            except OutputError as e:  # its folder holds files simmerge did not write: kept, and said
+                _as_error(r, str(e))
     executed = _execute_top(rows, s) if s.execute_top else 0
     report = BatchReport(
         requests=len(rows), ok=sum(r["status"] == "ok" for r in rows),
@@ -326,10 +282,14 @@ def _flag_duplicate_ids(rows: list[dict]) -> list[dict]:
     for r in rows:
         n = counts.get(r["request_id"], 0)
         if n > 1:
-            r.update({f: None for f in RESULT_SCHEMA.names if f not in ("request_id", "key", "task", "request",
-                                                                         "cached")})
-            r.update(status="error", error=f"request_id {r['request_id']!r} appears {n} times in the request table")
+            _as_error(r, f"request_id {r['request_id']!r} appears {n} times in the request table")
     return rows
+
+
+def _as_error(row: dict, message: str) -> None:
+    """Turn a result row into an error row (its results cleared)."""
+    row.update({f: None for f in RESULT_SCHEMA.names if f not in ("request_id", "key", "task", "request", "cached")})
+    row.update(status="error", error=message)
 
 
 def _materialise_plan(entry: Path, target: Path, out: Path, catalog: Catalog) -> str:
@@ -338,6 +298,8 @@ def _materialise_plan(entry: Path, target: Path, out: Path, catalog: Catalog) ->
     writes them); returns its path relative to `out`."""
     from simmerge_ray.planner.plan import Plan
 
+    if (target / MARKER).is_file() and _read_bytes(target / "plan.json") == (entry / "plan.json").read_bytes():
+        return str(target.relative_to(out))  # a rerun: already this plan; what the user added stays
     with atomic_output_dir(target, overwrite=True) as tmp:
         for f in entry.iterdir():
             if f.name != ROW_FILE and not (f.name.startswith("step-") and f.suffix == ".yaml"):
@@ -345,6 +307,13 @@ def _materialise_plan(entry: Path, target: Path, out: Path, catalog: Catalog) ->
         plan = Plan.from_json((entry / "plan.json").read_text(), str(entry / "plan.json"))
         plan.write(tmp, {m.name: m.path for m in catalog.models}, catalog.base, step_root=target)
     return str(target.relative_to(out))
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _execute_top(rows: list[dict], s: BatchSettings) -> int:

@@ -8,12 +8,13 @@ the next step has read it."""
 from __future__ import annotations
 
 import shutil
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError, SimMergeError
+from simmerge_ray.io.atomic import owned_temp_dir
+from simmerge_ray.io.owner import clean_stale
 from simmerge_ray.merge.config import MergeSpec, Provenance
 from simmerge_ray.merge.executor import ExecOptions, MergeResult, run_merge
 from simmerge_ray.planner.plan import Plan
@@ -77,8 +78,8 @@ def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = Ex
         spec = replace(MergeSpec.from_dict(cfg, root=out.parent, source="plan (folded)"),
                        provenance=_folded_provenance(plan, catalog, coef, plan_file))
         return [run_merge(spec, out, opts)]
-    work = out.parent / f".{out.name}.plan-{uuid.uuid4().hex[:8]}"
-    work.mkdir(parents=True)
+    clean_stale(out.parent, (f".{out.name}.plan-",))  # the work folders of killed runs
+    work = owned_temp_dir(out.parent, f".{out.name}.plan-")
     step_dir = str(work / "step-{j}")
     configs = plan.step_configs(paths, catalog.base, step_dir=step_dir)
     results = []

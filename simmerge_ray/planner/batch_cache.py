@@ -1,0 +1,100 @@
+"""The batch planner's results cache: one folder per request key holding the result row
+(row.json, written last) and the plan files. An entry that cannot be used (a row that does not
+parse as a result, an ok row without a readable plan) is a miss: the request is planned again
+and the entry replaced, so a corrupt cache heals instead of failing every rerun."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+
+from simmerge_ray.errors import SimMergeError
+
+log = logging.getLogger(__name__)
+
+ROW_FILE = "row.json"
+
+RESULT_SCHEMA = pa.schema([
+    ("request_id", pa.string()),
+    ("key", pa.string()),  # digest of the request's content + the inputs' fingerprints
+    ("status", pa.string()),  # ok | error
+    ("error", pa.string()),
+    ("task", pa.string()),
+    ("request", pa.string()),  # the validated request as JSON (the raw row when invalid)
+    ("models", pa.list_(pa.string())),  # chosen plan, merge order
+    ("operators", pa.list_(pa.string())),  # one per step
+    ("weighting", pa.string()),  # the fold weighting (merge/arms.py WEIGHTINGS)
+    ("expert", pa.string()),  # the target task's expert among `models`
+    ("score", pa.float64()),  # the objective's predicted value
+    ("step_utility", pa.list_(pa.float64())),  # predicted share of the expert's gap kept per step
+    ("step_aux_utility", pa.list_(pa.float64())),
+    ("runner_up_models", pa.list_(pa.string())),
+    ("runner_up_operators", pa.list_(pa.string())),
+    ("runner_up_score", pa.float64()),
+    ("margin", pa.float64()),  # score - runner_up_score
+    # with --calibration: the best plan's calibrated retentions and the objective on them (what
+    # plans were ranked by); `score` and `margin` stay the step model's
+    ("calibrated_expert_retention", pa.float64()),
+    ("calibrated_others_retention", pa.float64()),
+    ("calibrated_score", pa.float64()),
+    ("plans_scored", pa.int64()),
+    ("exhaustive", pa.bool_()),
+    ("search_seconds", pa.float64()),
+    ("plan_dir", pa.string()),  # relative to the output folder
+    ("cached", pa.bool_()),  # answered from the results cache in this run
+    ("merged", pa.string()),  # --execute-top: merged model folder, relative to the output folder
+])
+PER_RUN = ("request_id", "request", "cached", "plan_dir", "merged")  # not stored in the cache
+
+
+def read_entry(cache: Path, key: str) -> dict | None:
+    """The cached result row of `key`, or None (a miss) when the entry is absent or unusable: a
+    row that does not parse as a result, or an ok row whose plan.json does not read as a plan.
+    A miss is planned again and its entry replaced (`publish_entry`)."""
+    from simmerge_ray.planner.plan import Plan
+
+    entry = cache / key
+    try:
+        row = json.loads((entry / ROW_FILE).read_text())
+        if not isinstance(row, dict) or row.get("key") != key or row.get("status") not in ("ok", "error"):
+            raise ValueError("not a result row")
+        pa.Table.from_pylist([row], schema=RESULT_SCHEMA)
+        if row["status"] == "ok":
+            Plan.from_json((entry / "plan.json").read_text(), str(entry / "plan.json"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError, pa.ArrowException, SimMergeError) as e:
+        log.warning("plan-batch cache: ignoring unusable entry %s (%s: %s); planning it again", entry,
+                    type(e).__name__, e)
+        return None
+    return row
+
+
+def publish_entry(tmp: Path, target: Path) -> None:
+    """Rename a finished folder into place. A concurrent twin (same key, same content) may win;
+    an unusable entry there (see `read_entry`) is replaced."""
+    try:
+        tmp.rename(target)
+        return
+    except OSError:
+        if not target.exists():
+            raise
+    if read_entry(target.parent, target.name) is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(target, trash)
+    except FileNotFoundError:
+        pass  # a twin removed it meanwhile
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a twin published a fresh entry meanwhile
+    shutil.rmtree(trash, ignore_errors=True)
