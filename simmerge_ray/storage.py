@@ -87,9 +87,7 @@ def upload_dir(src: Path, dest: str, *, overwrite: bool = False) -> dict:
     if exists(loc):
         if not overwrite:
             raise StorageError(f"{dest}: output already exists (pass --overwrite to replace it)")
-        if not any(loc.fs.get_file_info(loc.join(m)).type == pafs.FileType.File for m in (MARKER, SUCCESS_MARKER)):
-            raise StorageError(f"{dest}: not written by simmerge (no {MARKER} or {SUCCESS_MARKER}); "
-                               f"--overwrite replaces only simmerge's outputs")
+        check_replaceable_upload(loc, dest)
     files = sorted(p for p in src.rglob("*") if p.is_file())
     manifest: dict = {"files": {p.relative_to(src).as_posix(): p.stat().st_size for p in files}}
     manifest["bytes"] = sum(manifest["files"].values())
@@ -106,6 +104,34 @@ def upload_dir(src: Path, dest: str, *, overwrite: bool = False) -> dict:
         _delete_quietly(loc.fs, tmp)
         raise StorageError(f"{dest}: upload of {src} failed: {e}") from e
     return manifest
+
+
+def _listed_files(loc: Location) -> set[str] | None:
+    """The files simmerge says it wrote at `loc`: the `_SUCCESS` manifest's, else MARKER's
+    (a local output copied there); None when neither lists any."""
+    for name, key in ((SUCCESS_MARKER, "files"), (MARKER, "files")):
+        try:
+            with loc.fs.open_input_stream(loc.join(name)) as f:
+                listed = json.loads(f.read().decode()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(listed, (dict, list)):
+            return {f for f in listed if not f.endswith("/")}
+    return None
+
+
+def check_replaceable_upload(loc: Location, dest: str) -> None:
+    """--overwrite replaces a destination only if simmerge wrote it and it holds nothing else."""
+    listed = _listed_files(loc)
+    if listed is None:
+        raise StorageError(f"{dest}: not written by simmerge (no {MARKER} or {SUCCESS_MARKER} listing its files); "
+                           f"--overwrite replaces only simmerge's outputs")
+    found = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+    present = sorted(posixpath.relpath(i.path, loc.path) for i in found if i.type == pafs.FileType.File)
+    stranger = next((f for f in present if f not in listed and f not in (MARKER, SUCCESS_MARKER)), None)
+    if stranger is not None:
+        raise StorageError(f"{dest}: holds {stranger}, which simmerge did not write there; --overwrite would delete "
+                           f"it: move it out, or choose another destination")
 
 
 def _replace(fs: pafs.FileSystem, tmp: str, final: str) -> None:

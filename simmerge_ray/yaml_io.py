@@ -17,6 +17,12 @@ def read_yaml(path: str | Path, what: str) -> Any:
         return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a {what} file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a {what} (not UTF-8 text)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({e})") from None
 

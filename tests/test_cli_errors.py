@@ -199,10 +199,18 @@ def test_convert_loads_pickles_with_weights_only(models: Path, tmp_path: Path, c
     _one_line_error(capsys, f"{src / 'pytorch_model.bin'}: not a plain tensor checkpoint, refused")
     assert not marker.exists() and not (tmp_path / "conv").exists()
     assert tree_hash(src) == before
+    torch.save({**state, "__metadata__": torch.ones(1)}, src / "pytorch_model.bin")
+    assert cli_main(["convert", str(src), "--out", str(tmp_path / "conv"), "--allow-pickle"]) == 2
+    _one_line_error(capsys, f"{src / 'pytorch_model.bin'}: a tensor named '__metadata__' cannot be stored")
     torch.save(state, src / "pytorch_model.bin")  # plain tensors convert as before
     assert cli_main(["convert", str(src), "--out", str(tmp_path / "conv"), "--allow-pickle"]) == 0
     conv = Checkpoint.open(tmp_path / "conv")
     assert all(torch.equal(conv.read(n), t) for n, t in state.items())
+    # The legacy (pre-zip) torch.save format is a plain tensor checkpoint too.
+    torch.save(state, src / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert cli_main(["convert", str(src), "--out", str(tmp_path / "conv-legacy"), "--allow-pickle"]) == 0
+    legacy = Checkpoint.open(tmp_path / "conv-legacy")
+    assert all(torch.equal(legacy.read(n), t) for n, t in state.items())
 
 
 def test_merge_of_a_pickle_checkpoint_points_to_convert(models: Path, tmp_path: Path, capsys) -> None:
@@ -226,3 +234,61 @@ def test_label_refuses_an_unknown_weighting_before_reading_anything(tmp_path: Pa
                      "--weightings", "half", "thirds"]) == 2
     _one_line_error(capsys, "--weightings", "unknown weighting 'thirds'; known: half, equal, anchor")
     assert tree_hash(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["config-not-utf8", "config-is-a-folder", "plan-is-a-folder", "plan-models-mapping",
+                                  "plan-not-an-object"])
+def test_unreadable_configs_and_plans_are_one_line(models: Path, tmp_path: Path, capsys, case: str) -> None:
+    """A merge config or plan file that is a folder, not text, or the wrong JSON shape."""
+    cat = tmp_path / "catalog.yaml"
+    cat.write_text(yaml.safe_dump({"base": str(models / "base"), "models": [
+        {"name": "m1", "path": str(models / "m1")}, {"name": "m2", "path": str(models / "m2")}]}))
+    bad = tmp_path / "bad"
+    if case == "config-not-utf8":
+        bad = tmp_path / "bad.yaml"
+        bad.write_bytes(b"merge_method: linear\n\xff\xfe")
+        argv, needle = ["merge", str(bad)], f"{bad}: not a merge config (not UTF-8 text)"
+    elif case == "config-is-a-folder":
+        bad.mkdir()
+        argv, needle = ["merge", str(bad)], f"{bad}: a folder, not a merge config file"
+    elif case == "plan-is-a-folder":
+        bad.mkdir()
+        argv, needle = ["merge", "--plan", str(bad), "--catalog", str(cat)], f"{bad}: a folder, not a plan file"
+    else:
+        bad = tmp_path / "plan.json"
+        bad.write_text(json.dumps({"task": "code", "models": {"m1": 1, "m2": 2}, "operators": ["linear"]})
+                       if case == "plan-models-mapping" else "[1, 2]")
+        argv = ["merge", "--plan", str(bad), "--catalog", str(cat)]
+        needle = (f"{bad}: models: expected a list of names" if case == "plan-models-mapping"
+                  else f"{bad}: not a plan file (expected a JSON object, got list)")
+    before = tree_hash(models)
+    assert cli_main([*argv, "--out", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, needle)
+    assert tree_hash(models) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config, needle", [
+    ([1, 2], "config.json: expected a JSON object, got list"),
+    ({"num_hidden_layers": "two"}, "config.json: num_hidden_layers: expected a whole number, got 'two'"),
+])
+def test_a_bad_model_config_json_is_one_line(models: Path, tmp_path: Path, capsys, config, needle: str) -> None:
+    m2 = tmp_path / "m2"
+    shutil.copytree(models / "m2", m2)
+    (m2 / "config.json").write_text(json.dumps(config))
+    cfg = tmp_path / "lin.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(models / "m1"), "parameters": {"weight": 1}}, {"model": str(m2), "parameters": {"weight": 1}}]}))
+    assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, f"{m2 / needle}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_with_an_unreadable_feature_table_names_it(tmp_path: Path, capsys) -> None:
+    cat = _catalog(tmp_path)
+    (tmp_path / "feats").mkdir()
+    (tmp_path / "feats" / "features.parquet").write_text("not parquet")
+    args = ["plan", "--selector", str(tmp_path / "sel"), "--catalog", str(cat), "--features", str(tmp_path / "feats"),
+            "--task", "code", "--out", str(tmp_path / "plan")]
+    assert cli_main([*args, "--models", "a", "b"]) == 2
+    _one_line_error(capsys, f"{tmp_path / 'feats' / 'features.parquet'}: unreadable feature table")
+    assert not (tmp_path / "plan").exists()

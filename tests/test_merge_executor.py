@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -190,6 +191,8 @@ def test_nonfinite_result_fails_unless_allowed(ray_cluster, models: Path, tmp_pa
      r"model 'nowhere' not found as a local path \(nothing is downloaded"),
     ({"merge_method": "linear", "dtype": "float12", "models": [{"model": "m1", "parameters": {"weight": 1}}]},
      r"dtype: unknown dtype 'float12'"),
+    ({"merge_method": "linear", "out_dtype": "I8", "models": [{"model": "m1", "parameters": {"weight": 1}}]},
+     r"out_dtype: 'I8' is not a float dtype; use one of bfloat16, float16, float32, float64"),
 ])
 def test_bad_configs(ray_cluster, models: Path, tmp_path: Path, cfg: dict, pattern: str) -> None:
     path = _config(models, "bad", cfg)
@@ -197,6 +200,22 @@ def test_bad_configs(ray_cluster, models: Path, tmp_path: Path, cfg: dict, patte
         spec = MergeSpec.load(path)
         run_merge(spec, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_float64_output_is_written_with_its_config(ray_cluster, models: Path, tmp_path: Path) -> None:
+    """out_dtype float64: every tensor stored as F64 and config.json saying so (it used to fail
+    after the whole merge, on the config's dtype name)."""
+    cfg = _config(models, "f64", {"merge_method": "linear", "dtype": "float64", "out_dtype": "float64",
+                                  "models": [{"model": "m1", "parameters": {"weight": 1}},
+                                             {"model": "m2", "parameters": {"weight": 1}}]})
+    run_merge(MergeSpec.load(cfg), tmp_path / "out")
+    ck = Checkpoint.open(tmp_path / "out")
+    assert {e.dtype for e in ck.entries.values()} == {"F64"}
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float64"
+    name = next(iter(ck.entries))
+    want = (Checkpoint.open(models / "m1").read_f32(name).double() + Checkpoint.open(models / "m2").read_f32(name).double()) / 2
+    torch.testing.assert_close(ck.read(name), want, rtol=1e-6, atol=1e-7)
 
 
 def test_cli_refuses_existing_output_and_overwrites_on_request(ray_cluster, models: Path, tmp_path: Path,

@@ -56,6 +56,13 @@ def test_upload_refuses_existing_unless_overwrite(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "a.txt").read_bytes() == b"two"
     assert not (tmp_path / "out" / "old.txt").exists()  # replaced, not merged into
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "v1", "v2"]
+    # A file added to the published folder is not simmerge's: --overwrite names it, deletes nothing.
+    (tmp_path / "out" / "notes").mkdir()
+    (tmp_path / "out" / "notes" / "eval.json").write_text("mine")
+    with pytest.raises(storage.StorageError, match="holds notes/eval.json, which simmerge did not write there"):
+        storage.upload_dir(tmp_path / "v1", dest, overwrite=True)
+    assert (tmp_path / "out" / "a.txt").read_bytes() == b"two"
+    assert (tmp_path / "out" / "notes" / "eval.json").read_text() == "mine"
 
 
 def test_upload_to_plain_path(tmp_path: Path) -> None:

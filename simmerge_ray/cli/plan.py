@@ -10,7 +10,7 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.out_checks import check_output
 from simmerge_ray.planner.request import build_step_model
-from simmerge_ray.selector.data import features_file
+from simmerge_ray.selector.data import features_file, read_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -91,7 +91,7 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
     sel = Selector.load(args.selector)
     for m in (args.expert, args.aux):
         catalog.model(m)
-    feats = pl.read_parquet(features_file(args.features))
+    feats = read_table(features_file(args.features), "feature table")
     sel.check_schema(feats.columns, str(features_file(args.features)))
     known = sorted(feats.get_column("task").unique().to_list())
     if args.task not in known:

@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,14 +114,16 @@ class Checkpoint:
         code, is refused by torch's restricted unpickler."""
         state: dict[str, torch.Tensor] = {}
         for f in sorted(path.glob("pytorch_model*.bin")):
-            try:
-                loaded = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            try:  # zip archives (torch >= 1.6) are memory-mapped; the legacy format cannot be
+                loaded = torch.load(f, map_location="cpu", mmap=zipfile.is_zipfile(f), weights_only=True)
             except Exception as e:  # pickle and torch raise many types for a refused or corrupt file
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise CheckpointError(f"{f}: not a plain tensor checkpoint, refused ({first})") from None
             if not isinstance(loaded, dict):
                 raise CheckpointError(f"{f}: expected a dict of tensors, found {type(loaded).__name__}")
             for name, t in loaded.items():
+                if name == "__metadata__":  # the safetensors header's own key: not a tensor name
+                    raise CheckpointError(f"{f}: a tensor named '__metadata__' cannot be stored as safetensors")
                 if not isinstance(t, torch.Tensor) or t.dtype not in TORCH_TO_DTYPE:
                     what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
                     raise CheckpointError(f"{f}: entry {name!r} is {what}, not a tensor of a safetensors dtype")
@@ -142,9 +145,12 @@ class Checkpoint:
 
     @property
     def num_layers(self) -> int:
-        n = self.config.get("num_hidden_layers") or self.config.get("n_layer")
+        key = "num_hidden_layers" if self.config.get("num_hidden_layers") else "n_layer"
+        n = self.config.get(key)
         if n:
-            return int(n)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise CheckpointError(f"{self.path / 'config.json'}: {key}: expected a whole number, got {n!r}")
+            return n
         idx = [layer_index(k) for k in self.entries]
         found = [i for i in idx if i is not None]
         return max(found) + 1 if found else 0
@@ -295,9 +301,12 @@ def _read_config(path: Path) -> dict:
     if not cfg.exists():
         return {}
     try:
-        return json.loads(cfg.read_text())
+        raw = json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{cfg}: invalid JSON ({e!r})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def _shards_from_index(path: Path, index: Path) -> dict[str, set[str]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.io.safetensors_format import dtype_code
+from simmerge_ray.io.safetensors_format import FLOAT_DTYPES, TORCH_NAMES, dtype_code
 from simmerge_ray.merge.chat_templates import check_template
 from simmerge_ray.merge.modules import parse_modules
 from simmerge_ray.merge.operators import MergeMethod, Param, get_method
@@ -154,9 +154,12 @@ class MergeSpec:
         for dt_key in ("dtype", "out_dtype"):
             if raw.get(dt_key) is not None:
                 try:
-                    dtype_code(str(raw[dt_key]))
+                    code = dtype_code(str(raw[dt_key]))
                 except ValueError as e:
                     raise ConfigError(f"{source}: {dt_key}: {e}") from None
+                if code not in FLOAT_DTYPES:  # weights are merged and written as floats
+                    raise ConfigError(f"{source}: {dt_key}: {raw[dt_key]!r} is not a float dtype; use one of "
+                                      f"{', '.join(TORCH_NAMES[c] for c in sorted(FLOAT_DTYPES))}")
         names = {m.ref for sl in slices for m in (*(s.model for s in sl.sources), sl.base) if m is not None}
         tok = parse_tokenizer(raw, names, source)
         template = raw.get("chat_template")

@@ -11,14 +11,12 @@ from typing import Any
 import yaml
 
 from simmerge_ray.io.checkpoint import INDEX_FILE, Checkpoint
-from simmerge_ray.io.safetensors_format import dtype_code
+from simmerge_ray.io.safetensors_format import TORCH_NAMES, dtype_code
 from simmerge_ray.io.side_files import copy_tokenizer
 from simmerge_ray.merge.chat_templates import resolve_template
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.modules import set_depth
 from simmerge_ray.merge.tokenizer import BuiltVocabulary
-
-_TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 def write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], num_layers: int | dict[str, int], plans: list,
@@ -164,7 +162,7 @@ def output_config(spec: MergeSpec, source: Checkpoint, num_layers: int | dict[st
     out_dtype = spec.out_dtype or spec.dtype
     if out_dtype:
         key = "dtype" if "dtype" in config else "torch_dtype"
-        config[key] = _TORCH_NAMES[dtype_code(out_dtype)]
+        config[key] = TORCH_NAMES[dtype_code(out_dtype)]
     if isinstance(num_layers, dict):
         for key, n in num_layers.items():
             set_depth(config, key, n)

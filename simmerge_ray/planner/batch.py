@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError, OutputError, SimMergeError
 from simmerge_ray.io.atomic import atomic_output_dir
-from simmerge_ray.io.out_checks import MARKER
+from simmerge_ray.io.out_checks import MARKER, check_creatable, check_not_input
 from simmerge_ray.planner.batch_cache import PER_RUN, RESULT_SCHEMA, ROW_FILE, publish_entry, read_entry
 from simmerge_ray.io.stage_files import check_stage, stage_files
 from simmerge_ray.planner.request import PlanRequest, build_step_model, load_calibration, plan_request, write_plans
@@ -234,6 +234,10 @@ def run_batch(s: BatchSettings) -> BatchReport:
     inputs = [getattr(s, f) for f in ("requests", "selector", "catalog", "features", "aux_selector", "calibration")
               if getattr(s, f)]
     check_stage(out, BATCH_FILES, replace=True, inputs=inputs)
+    check_not_input(cache, inputs)
+    if cache.exists() and not cache.is_dir():
+        raise ConfigError(f"{cache}: the results cache must be a folder, and this is a file")
+    check_creatable(cache / "x")
     ask = resources.streaming_ask()
     placement.check_placeable("plan-batch actor", ask)  # not a silent wait for a node that never comes
     cache.mkdir(parents=True, exist_ok=True)
@@ -304,7 +308,7 @@ def _materialise_plan(entry: Path, target: Path, out: Path, catalog: Catalog) ->
         for f in entry.iterdir():
             if f.name != ROW_FILE and not (f.name.startswith("step-") and f.suffix == ".yaml"):
                 shutil.copy2(f, tmp / f.name)
-        plan = Plan.from_json((entry / "plan.json").read_text(), str(entry / "plan.json"))
+        plan = Plan.load(entry / "plan.json")
         plan.write(tmp, {m.name: m.path for m in catalog.models}, catalog.base, step_root=target)
     return str(target.relative_to(out))
 
@@ -329,7 +333,7 @@ def _execute_top(rows: list[dict], s: BatchSettings) -> int:
     for r in ok[: s.execute_top]:
         target = out / "merged" / f"{r['request_id']}-{r['key'][:12]}"
         if not target.exists():
-            plan = Plan.from_json((out / r["plan_dir"] / "plan.json").read_text(), r["plan_dir"])
+            plan = Plan.load(out / r["plan_dir"] / "plan.json")
             execute_plan(plan, catalog, target, ExecOptions(placement="ray", workers=s.merge_workers),
                          plan_file=out / r["plan_dir"] / "plan.json")
         r["merged"] = str(target.relative_to(out))

@@ -66,7 +66,7 @@ def read_entry(cache: Path, key: str) -> dict | None:
             raise ValueError("not a result row")
         pa.Table.from_pylist([row], schema=RESULT_SCHEMA)
         if row["status"] == "ok":
-            Plan.from_json((entry / "plan.json").read_text(), str(entry / "plan.json"))
+            Plan.load(entry / "plan.json")
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError, KeyError, pa.ArrowException, SimMergeError) as e:

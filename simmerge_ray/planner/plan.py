@@ -45,6 +45,12 @@ class Plan:
     calibrated: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("models", "operators"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name}: expected a list of names, got {value!r}")
+        if not isinstance(self.task, str):
+            raise ConfigError(f"task: expected a name, got {self.task!r}")
         if len(self.models) < 2:
             raise ConfigError(f"a plan merges at least two models, got {self.models}")
         check_fold(self.models, self.operators, self.weighting)
@@ -68,9 +74,26 @@ class Plan:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
+    def load(cls, path: Path) -> "Plan":
+        """The plan in file `path` (a plan.json); any problem is one ConfigError naming it."""
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: plan file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: a folder, not a plan file (give its plan.json)") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a plan file (not UTF-8 text)") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the plan file ({e.strerror or e})") from None
+        return cls.from_json(text, str(path))
+
+    @classmethod
     def from_json(cls, text: str, where: str = "plan") -> "Plan":
         try:
             raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
             return cls(**raw)
         except (json.JSONDecodeError, TypeError) as e:
             raise ConfigError(f"{where}: not a plan file ({e})") from None

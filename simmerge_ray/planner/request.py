@@ -21,7 +21,7 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.planner.calibrate import MultiwayCalibration
 from simmerge_ray.planner.objective import Objective
 from simmerge_ray.planner.search import SearchResult, SearchSpace, StepModel, search
-from simmerge_ray.selector.data import features_file
+from simmerge_ray.selector.data import features_file, read_table
 
 
 class PlanRequest(BaseModel):
@@ -152,16 +152,11 @@ def write_plans(result: SearchResult, catalog: Catalog, out: Path, step_root: Pa
 def build_step_model(selector_dir: str | Path, features_dir: str | Path, aux_selector_dir: str | Path | None = None):
     """The selector step model over a features folder: loads the selector(s), the feature table
     and the Gram matrices (the costly part of planning, done once per process or actor)."""
-    import polars as pl
-
     from simmerge_ray.planner.propagate import GramTable
     from simmerge_ray.planner.step_model import SelectorStepModel
     from simmerge_ray.selector.model import Selector
 
-    try:
-        feats = pl.read_parquet(features_file(features_dir))
-    except FileNotFoundError:
-        raise ConfigError(f"{features_file(features_dir)}: feature table not found") from None
+    feats = read_table(features_file(features_dir), "feature table")
     grams = GramTable.load(Path(features_dir))
     aux = Selector.load(aux_selector_dir) if aux_selector_dir else None
     return SelectorStepModel(Selector.load(selector_dir), grams, feats, aux)

@@ -138,7 +138,8 @@ def features_file(features: str | Path) -> Path:
     return p / "features.parquet" if p.is_dir() else p
 
 
-def _read_table(path: Path, what: str) -> pl.DataFrame:
+def read_table(path: Path, what: str) -> pl.DataFrame:
+    """A parquet table; a missing or unreadable file is one ConfigError naming it as `what`."""
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found")
     try:
@@ -154,7 +155,7 @@ def load_pair_data(features: str | Path, labels: str | Path, target: str = "util
     if Path(features).is_dir() and not feats_path.exists():
         raise ConfigError(f"{features}: no {feats_path.name} in this folder (run `simmerge features structural` "
                           f"and `simmerge features functional` with --out {features} first)")
-    feats, labs = _read_table(feats_path, "feature table"), _read_table(Path(labels), "labels")
+    feats, labs = read_table(feats_path, "feature table"), read_table(Path(labels), "labels")
     if target not in labs.columns:
         raise ConfigError(f"{labels}: no column {target!r}")
     return build_pair_data(labs, feats, target=target)
