@@ -270,6 +270,7 @@ def test_unreadable_configs_and_plans_are_one_line(models: Path, tmp_path: Path,
 @pytest.mark.parametrize("config, needle", [
     ([1, 2], "config.json: expected a JSON object, got list"),
     ({"num_hidden_layers": "two"}, "config.json: num_hidden_layers: expected a whole number, got 'two'"),
+    ({"num_hidden_layers": 5}, "config.json: declares 5 layers but the tensors hold blocks 0-1 only"),
 ])
 def test_a_bad_model_config_json_is_one_line(models: Path, tmp_path: Path, capsys, config, needle: str) -> None:
     m2 = tmp_path / "m2"

@@ -11,6 +11,7 @@ a bad parameter value fails first.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,6 +23,8 @@ from simmerge_ray.merge.modules import (ModuleLayout, depth_key, module_depth, m
                                         whole_model_layouts)
 from simmerge_ray.merge.tokenizer import BuiltVocabulary, token_rows
 from simmerge_ray.merge.vocabulary import VocabRemap, row_sources
+
+log = logging.getLogger(__name__)
 
 Value = float | int | bool
 
@@ -64,7 +67,7 @@ class _Part:
     def depth(self, ck: Checkpoint) -> tuple[int, str]:
         """A model's depth in this part, and where it was read (for messages)."""
         if self.layouts is None:
-            return ck.num_layers, ""
+            return checked_depth(ck), ""
         layout = self.layouts[self.module]
         return module_depth(layout, ck.config), f" ({depth_key(layout, ck.config) or 'no blocks'})"
 
@@ -90,6 +93,21 @@ def _parts(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> list[_Part]:
     if layouts is None:
         return [_Part(spec.slices)]
     return [_Part(spec.module_slices(name), name, layouts) for name in spec.modules]
+
+
+def checked_depth(ck: Checkpoint) -> int:
+    """The depth config.json declares, refused when the tensors hold fewer blocks (the output's
+    config would promise blocks it lacks). More blocks than declared (an MTP head stored as one
+    more layer) are allowed, and said: only the declared ones are merged."""
+    depth = ck.num_layers
+    found = max((i for i in map(layer_index, ck.entries) if i is not None), default=-1) + 1
+    if 0 < found < depth:
+        raise CheckpointError(f"{ck.path / 'config.json'}: declares {depth} layers but the tensors hold blocks "
+                              f"0-{found - 1} only")
+    if found > depth:
+        log.warning("%s: tensors of blocks %d-%d lie beyond the %d layers config.json declares; they are not merged",
+                    ck.path, depth, found - 1, depth)
+    return depth
 
 
 def check_parts(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> None:
