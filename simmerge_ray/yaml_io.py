@@ -10,11 +10,12 @@ import yaml
 from simmerge_ray.errors import ConfigError
 
 
-def read_yaml(path: str | Path, what: str) -> Any:
-    """Parsed YAML of `path`; a missing file or bad YAML is a ConfigError naming it as `what`."""
+def read_text(path: str | Path, what: str) -> str:
+    """The text of a user's file; missing, a folder, not UTF-8 or unreadable is one ConfigError
+    naming it as `what`."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
     except IsADirectoryError:
@@ -23,6 +24,13 @@ def read_yaml(path: str | Path, what: str) -> Any:
         raise ConfigError(f"{path}: not a {what} (not UTF-8 text)") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """Parsed YAML of `path`; a missing file or bad YAML is a ConfigError naming it as `what`."""
+    text = read_text(path, what)
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({e})") from None
 

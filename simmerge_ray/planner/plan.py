@@ -17,6 +17,7 @@ import yaml
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.arms import Arm
 from simmerge_ray.merge.fold import Fold, check_fold
+from simmerge_ray.yaml_io import read_text
 
 
 @dataclass
@@ -76,17 +77,7 @@ class Plan:
     @classmethod
     def load(cls, path: Path) -> "Plan":
         """The plan in file `path` (a plan.json); any problem is one ConfigError naming it."""
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: plan file not found") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{path}: a folder, not a plan file (give its plan.json)") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a plan file (not UTF-8 text)") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the plan file ({e.strerror or e})") from None
-        return cls.from_json(text, str(path))
+        return cls.from_json(read_text(path, "plan"), str(path))
 
     @classmethod
     def from_json(cls, text: str, where: str = "plan") -> "Plan":
