@@ -112,15 +112,20 @@ def test_overwrite_refuses_an_output_holding_files_simmerge_did_not_write(worksp
     assert tree_hash(workspace) == before and target.exists()
 
 
-def test_overwrite_refuses_an_output_whose_marker_lists_no_files(workspace: Path, capsys) -> None:
-    """An older simmerge's marker says nothing of what it wrote: refused, not guessed."""
+def test_overwrite_keeps_an_older_output_whose_marker_lists_no_files(workspace: Path, caplog) -> None:
+    """An older simmerge's marker says nothing of what it wrote, so what may be the user's
+    cannot be told apart: the old folder is kept aside whole, and the log says where."""
     out = workspace / "merged"
     assert _merge(workspace, out) == 0
     (out / MARKER).write_text(json.dumps({"written_by": "simmerge"}))
-    before = tree_hash(workspace)
-    assert _merge(workspace, out, "--overwrite") == 2
-    assert "does not list the files simmerge wrote" in capsys.readouterr().err
-    assert tree_hash(workspace) == before
+    (out / "my_eval.json").write_text("mine")
+    old = tree_hash(out)
+    with caplog.at_level("WARNING"):
+        assert _merge(workspace, out, "--overwrite") == 0
+    kept = [p for p in workspace.iterdir() if p.name.startswith("merged.kept-")]
+    assert len(kept) == 1 and tree_hash(kept[0]) == old
+    assert f"the old folder is kept at {kept[0]}" in caplog.text
+    assert "files" in json.loads((out / MARKER).read_text()) and not (out / "my_eval.json").exists()
 
 
 def test_out_dot_and_parents_of_the_current_folder_are_refused(workspace: Path, capsys,

@@ -3,6 +3,7 @@ replaces only an output folder it wrote itself (see out_checks)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
@@ -11,8 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from simmerge_ray.errors import OutputError
-from simmerge_ray.io.out_checks import MARKER, check_output, check_replaceable, marker_text
+from simmerge_ray.io.out_checks import MARKER, check_output, check_replaceable, lists_its_files, marker_text
 from simmerge_ray.io.owner import OWNER_FILE, clean_stale, write_owner
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -56,7 +59,15 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False, inputs: Iterable[st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
+    if out.exists() and not lists_its_files(out):
+        # An older simmerge's output: its marker does not say what is simmerge's, so it is kept
+        # aside whole rather than deleted.
+        kept = out.parent / f"{out.name}.kept-{uuid.uuid4().hex[:8]}"
+        os.replace(out, kept)
+        os.replace(tmp, out)
+        log.warning("%s: replaced an output written by an older simmerge, which did not list its files; the "
+                    "old folder is kept at %s (remove it once nothing of yours is in it)", out, kept)
+    elif out.exists():
         trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, trash)
         write_owner(trash)

@@ -37,6 +37,11 @@ def marker_text(folder: Path) -> str:
     return json.dumps({"written_by": "simmerge", "files": folder_entries(folder)}, indent=0) + "\n"
 
 
+def lists_its_files(out: Path) -> bool:
+    """Whether the output folder's marker lists what simmerge wrote (older markers do not)."""
+    return _stranger(out) != ""
+
+
 def _stranger(out: Path) -> str | None:
     """The first entry of `out` that its marker does not list ('' when the marker lists nothing:
     an older simmerge's), None when every entry is simmerge's."""
@@ -96,11 +101,7 @@ def check_replaceable(out: Path, *, overwrite: bool) -> None:
         raise OutputError(f"{out}: not written by simmerge (no {MARKER}); --overwrite replaces only "
                           f"simmerge's outputs: remove it yourself or choose another --out")
     stranger = _stranger(out)
-    if stranger == "":
-        raise OutputError(f"{out}: its {MARKER} does not list the files simmerge wrote (an older simmerge's "
-                          f"output), so --overwrite cannot tell them from yours: remove it yourself or choose "
-                          f"another --out")
-    if stranger is not None:
+    if stranger:  # "" is an older simmerge's output: atomic_output_dir keeps it aside, whole
         raise OutputError(f"{out}: holds {stranger}, which simmerge did not write there; --overwrite would delete "
                           f"it: move it out, or choose another --out")
 
