@@ -366,6 +366,18 @@ def test_cli_bandit_init_and_sim(tmp_path: Path):
     assert (out / "regret.png").read_bytes()[:4] == b"\x89PNG"
     assert cli_main(["bandit-init", "--state", str(state), "--features",
                      str(tmp_path / "features.parquet"), "--operators", "a,b"]) == 2  # exists
+    assert cli_main(["bandit-init", "--state", str(state), "--features", str(tmp_path / "features.parquet"),
+                     "--operators", "a,b", "--overwrite"]) == 0
+    assert BanditCore(state).bandit.arm_names == ["a", "b"]
+    # A folder of the user's (even one with a state.npz) is never written into, nor one holding
+    # the feature table.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "state.npz").write_bytes(b"the user's")
+    for folder, flags in ((mine, []), (mine, ["--overwrite"]), (tmp_path, ["--overwrite"])):
+        assert cli_main(["bandit-init", "--state", str(folder), "--features", str(tmp_path / "features.parquet"),
+                         "--operators", "a,b", *flags]) == 2
+    assert (mine / "state.npz").read_bytes() == b"the user's" and sorted(p.name for p in mine.iterdir()) == ["state.npz"]
 
 
 def test_cli_bandit_init_names_a_feature_table_without_finite_columns(tmp_path: Path,
@@ -432,7 +444,7 @@ def test_a_non_finite_state_is_never_saved_and_refused_on_load(core: BanditCore,
     with pytest.raises(NonFiniteStateError, match=r"meta.lints.arms\[0\].rr is not finite"):
         core.add_arm("dare_ties")
     assert path.read_bytes() == before and core.stats() == stats and np.isfinite(core.bandit.arms[0].rr)
-    assert sorted(p.name for p in core.state_dir.iterdir()) == ["bandit.json", STATE_FILE]
+    assert sorted(p.name for p in core.state_dir.iterdir()) == [".simmerge-output.json", "bandit.json", STATE_FILE]
     # A state poisoned before this check existed (the old service saved NaN posteriors) is a clear
     # error naming the file, not a bandit that answers with null scores.
     poisoned = tmp_path / "poisoned"

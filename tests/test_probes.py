@@ -244,8 +244,11 @@ def test_discarding_the_cache_removes_only_its_entries(resumed: dict, tmp_path: 
     shutil.copytree(resumed["cache"].root, root / "key1")
     (root / "key1" / "notes.txt").write_text("not a cache file")
     (root / "readme.md").write_text("mine")
+    (root / "experiment1").mkdir()  # a user's folder with its own meta.json, under a shared --cache
+    (root / "experiment1" / "meta.json").write_text('{"lr": 0.001}')
     assert discard_entries(root) == 1
-    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == ["key1", "key1/notes.txt", "readme.md"]
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
+        "experiment1", "experiment1/meta.json", "key1", "key1/notes.txt", "readme.md"]
 
 
 def test_corrupt_digest_store_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

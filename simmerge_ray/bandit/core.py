@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from simmerge_ray.errors import CheckpointError, ConfigError
+from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.bandit.encoder import Encoder, load_encoder
 from simmerge_ray.bandit.errors import BanditError, FeatureError, NonFiniteStateError, UnknownDecisionError
 from simmerge_ray.bandit.limits import check_features, check_prior_var, check_reward
@@ -107,9 +108,12 @@ class BanditCore:
             "max_pending": max_pending,
             "max_done": max_done,
         }
-        write_settings(state_dir, settings)
         counters = {"decisions": 0, "feedback": 0, "duplicates": 0, "expired": 0}
-        _write(state_dir, bandit, OrderedDict(), OrderedDict(), counters)
+        # Built beside and renamed into place: a folder that is not a bandit state simmerge wrote
+        # (a user's, or one holding the feature table) is never written into or replaced.
+        with atomic_output_dir(state_dir, overwrite=overwrite, inputs=[feature_table] if feature_table else []) as tmp:
+            write_settings(tmp, settings)
+            _write(tmp, bandit, OrderedDict(), OrderedDict(), counters)
         return cls(state_dir)
 
     # ----- requests

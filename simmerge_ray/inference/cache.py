@@ -118,11 +118,21 @@ class ProbeCache:
             raise CheckpointError(f"{path}: unreadable probe-cache chunk ({e}); rerun to compute it again") from None
 
 
+def _is_entry(meta: Path) -> bool:
+    """A probe-cache entry: a folder whose meta.json has the fields this cache writes. Any other
+    `*/meta.json` (a user's experiment folder under a shared --cache) is not ours."""
+    try:
+        raw = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and isinstance(raw.get("num_probes"), int)  # what the cache reads back
+
+
 def discard_entries(cache_dir: Path) -> int:
-    """Remove the probe-cache entries in `cache_dir` (folders holding a meta.json: their
-    meta.json and chunk files only); anything else there is left alone. Returns the count."""
+    """Remove the probe-cache entries in `cache_dir` (folders whose meta.json is this cache's:
+    their meta.json and chunk files only); anything else there is left alone. Returns the count."""
     removed = 0
-    for meta in sorted(Path(cache_dir).glob(f"*/{META}")):
+    for meta in sorted(m for m in Path(cache_dir).glob(f"*/{META}") if _is_entry(m)):
         for f in [*meta.parent.glob(CHUNK_GLOB), *meta.parent.glob(".chunk-*.tmp"), meta]:
             f.unlink(missing_ok=True)
         try:
