@@ -121,6 +121,10 @@ def test_feedback_is_idempotent(service):
         ("POST", "/feedback", {"decision_id": "nope", "reward": 0.1}, 404, "unknown decision id 'nope'"),
         ("POST", "/feedback", {"decision_id": "nope", "reward": 0.1, "extra": 1}, 422, "Extra inputs"),
         ("POST", "/feedback", b"[1, 2]", 422, "valid dictionary"),
+        ("POST", "/feedback", {"decision_id": "x", "reward": True}, 422, "valid number"),  # not read as 1.0
+        ("POST", "/feedback", {"decision_id": "x", "reward": "7.5"}, 422, "valid number"),
+        ("POST", "/decide", {"features": [True, 0, 0, 0]}, 422, "valid number"),
+        ("POST", "/arms", {"name": "x", "prior_var": True}, 422, "valid number"),
         ("POST", "/arms", {"name": "linear"}, 409, "'linear' already exists"),
         ("POST", "/arms", {"name": "bad name!"}, 422, "pattern"),
         ("POST", "/arms", {"name": "x", "prior": "optimistic"}, 422, "'pooled' or 'zero'"),

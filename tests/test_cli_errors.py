@@ -293,3 +293,63 @@ def test_plan_with_an_unreadable_feature_table_names_it(tmp_path: Path, capsys) 
     assert cli_main([*args, "--models", "a", "b"]) == 2
     _one_line_error(capsys, f"{tmp_path / 'feats' / 'features.parquet'}: unreadable feature table")
     assert not (tmp_path / "plan").exists()
+
+
+def _pair_tables(tmp_path: Path, utility: list) -> tuple[Path, Path]:
+    """A feature table and a label table over three model pairs (two arms each)."""
+    import polars as pl
+
+    pairs = [("x", "y"), ("y", "z"), ("x", "z")]
+    feats = tmp_path / "features.parquet"
+    pl.DataFrame({"a": [a for a, _ in pairs], "b": [b for _, b in pairs], "task": ["t"] * 3,
+                  "s_cos": [0.1, 0.5, 0.9]}).write_parquet(feats)
+    labels = tmp_path / "labels.parquet"
+    pl.DataFrame({"task": ["t"] * 6, "expert": [a for a, _ in pairs for _ in (0, 1)],
+                  "aux": [b for _, b in pairs for _ in (0, 1)], "operator": ["linear", "ties"] * 3,
+                  "utility": utility}, strict=False).write_parquet(labels)
+    return feats, labels
+
+
+@pytest.mark.parametrize("utility, needle", [
+    ([0.1, float("nan"), 0.3, 0.4, 0.5, 0.6], "column 'utility': nan is not a finite number (1 rows; first: task 't', "
+                                              "expert 'x', aux 'y', operator 'ties')"),
+    (["0.1", "0.2", "0.3", "0.4", "0.5", "0.6"], "column 'utility' holds String, not numbers"),
+])
+def test_fit_refuses_labels_that_are_not_finite_numbers(tmp_path: Path, capsys, utility: list, needle: str) -> None:
+    """A NaN utility used to train a selector of NaN weights and report success."""
+    feats, labels = _pair_tables(tmp_path, utility)
+    assert cli_main(["fit", "--features", str(feats), "--labels", str(labels), "--out", str(tmp_path / "sel")]) == 2
+    _one_line_error(capsys, f"{labels}: {needle}")
+    assert not (tmp_path / "sel").exists()
+
+
+def test_evaluate_selector_refuses_fewer_than_two_folds(tmp_path: Path, capsys) -> None:
+    feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    for folds in ("0", "1", "-3"):
+        assert cli_main(["evaluate-selector", "--features", str(feats), "--labels", str(labels), "--out",
+                         str(tmp_path / "ev"), "--folds", folds, "--tune-samples", "0"]) == 2
+        _one_line_error(capsys, f"--folds: {folds} folds cannot hold a pair out (give at least 2)")
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda d: (d / "selector.json").write_text('{"config": '), "unreadable selector (JSONDecodeError"),
+    (lambda d: (d / "selector.json").write_text("[]"), "not a selector's schema or weights (TypeError"),
+    (lambda d: (d / "selector.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}"),
+     "unreadable selector (SafetensorError"),
+    (lambda d: (d / "selector.json").write_text((d / "selector.json").read_text().replace('"hidden": 64', '"hidden": 32')),
+     "not a selector's schema or weights (RuntimeError"),
+])
+def test_a_damaged_selector_folder_is_one_line(tmp_path: Path, capsys, damage, needle: str) -> None:
+    from simmerge_ray.selector.data import build_pair_data
+    from simmerge_ray.selector.model import SelectorConfig
+    from simmerge_ray.selector.train import fit_selector
+    import polars as pl
+
+    feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    sel = fit_selector(build_pair_data(pl.read_parquet(labels), pl.read_parquet(feats)), SelectorConfig(epochs=2))
+    sel.save(tmp_path / "sel")
+    damage(tmp_path / "sel")
+    cat = _catalog(tmp_path)
+    assert cli_main(["plan", "--selector", str(tmp_path / "sel"), "--catalog", str(cat), "--features", str(feats),
+                     "--task", "t", "--expert", "a", "--aux", "b", "--out", str(tmp_path / "plan")]) == 2
+    _one_line_error(capsys, f"{tmp_path / 'sel'}", needle)

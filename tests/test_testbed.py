@@ -133,10 +133,17 @@ def test_label_run_resumes_without_redoing_finished_plans(tiny_zoo, tmp_path):
     assert not (out / "labels.parquet").exists()
     done = {p: p.stat().st_mtime_ns for p in (out / "cache").glob("*.json")}
     assert len(done) == 20
+    # A corrupt entry (a killed disk, a truncated copy) is measured again, not a crash on every rerun.
+    corrupt = sorted(done)[0]
+    corrupt.write_text('{"models": ["a"], "sco')
+    del done[corrupt]
+    lines: list[str] = []
 
-    second = run_labels(tiny_zoo / "catalog.yaml", out, LABELS, log=lambda *_: None)
-    assert second.cached == 20 and second.computed == second.total - 20 and second.complete
+    second = run_labels(tiny_zoo / "catalog.yaml", out, LABELS, log=lines.append)
+    assert second.cached == 19 and second.computed == second.total - 19 and second.complete
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())
+    assert any(f"ignoring unreadable cache entry {corrupt}" in line for line in lines)
+    assert "scores" in json.loads(corrupt.read_text())
 
     cat = Catalog.load(tiny_zoo / "catalog.yaml")
     experts = {m.name: m.task for m in cat.models}
@@ -399,6 +406,9 @@ def test_zoo_config_errors_name_the_field(tmp_path):
     bad.write_text(TINY.read_text().replace("num_heads: 2", "num_heads: 3"))
     with pytest.raises(ConfigError, match="architecture.*num_heads"):
         ZooConfig.load(bad)
+    bad.write_text(TINY.read_text().replace("{name: code-a, steps: 40, lr: 0.004", "{name: code-a, steps: 40, lr: .inf"))
+    with pytest.raises(ConfigError, match="lr"):  # used to fail inside a Ray task, after pretraining
+        ZooConfig.load(bad)
     assert ZooConfig.load(TINY).digest() == ZooConfig.load(TINY).digest()
 
 
@@ -437,3 +447,25 @@ def test_score_equals_a_per_example_computation():
     want = sum(per_example) / len(per_example)
     assert got["loglik"] == pytest.approx(want, abs=1e-5)
     assert got["score"] == pytest.approx(math.exp(want), rel=1e-5)
+
+
+def test_label_output_checks_come_before_any_work(tiny_zoo, tmp_path, capsys):
+    """`label --out` inside a model, on a file, or over a user's own label tables: one line, exit
+    2, nothing written."""
+    from simmerge_ray.cli import main
+
+    cat = Catalog.load(tiny_zoo / "catalog.yaml")
+    model = cat.models[0].path
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "labels.parquet").write_bytes(b"my own labels")
+    before = sorted(p.name for p in Path(model).iterdir())
+    for out, needle in ((Path(model) / "labels", "lies inside the input"), (afile, "not a folder"),
+                        (mine, "labels.parquet: not written by simmerge")):
+        assert main(["label", "--catalog", str(tiny_zoo / "catalog.yaml"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in Path(model).iterdir()) == before
+    assert (mine / "labels.parquet").read_bytes() == b"my own labels" and afile.read_text() == "x"

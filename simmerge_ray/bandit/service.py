@@ -36,8 +36,9 @@ from simmerge_ray.bandit.limits import FEATURE_BOUND, MAX_BODY_BYTES, MAX_FEATUR
 
 APP_NAME = "simmerge-bandit"
 
-Feature = Annotated[float, Field(allow_inf_nan=False, ge=-FEATURE_BOUND, le=FEATURE_BOUND)]
-Reward = Annotated[float, Field(allow_inf_nan=False, ge=-REWARD_BOUND, le=REWARD_BOUND)]
+# strict: a JSON number only (true, "7.5" are refused, not read as 1.0 and 7.5); ints pass.
+Feature = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-FEATURE_BOUND, le=FEATURE_BOUND)]
+Reward = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-REWARD_BOUND, le=REWARD_BOUND)]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 
@@ -74,7 +75,7 @@ class ArmRequest(BaseModel):
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
     prior: Literal["pooled", "zero"] = "pooled"
-    prior_var: Annotated[float, Field(ge=PRIOR_VAR_RANGE[0], le=PRIOR_VAR_RANGE[1])] | None = None
+    prior_var: Annotated[float, Field(strict=True, ge=PRIOR_VAR_RANGE[0], le=PRIOR_VAR_RANGE[1])] | None = None
 
 
 api = FastAPI(title="simmerge bandit", description=__doc__)

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,14 @@ def read_settings(state_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no bandit state here (create one with `simmerge bandit-init`)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the bandit settings ({e.strerror or e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def write_state(state_dir: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -79,8 +85,8 @@ def read_state(state_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         meta = json.loads(arrays.pop(_META_KEY).tobytes().decode())
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: unreadable bandit state ({e})") from e
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+        raise CheckpointError(f"{path}: unreadable bandit state ({type(e).__name__}: {e})") from None
     bad = _first_nonfinite(meta, arrays)
     if bad is not None:
         raise CheckpointError(f"{path}: {bad} is not finite; this bandit state is unusable "

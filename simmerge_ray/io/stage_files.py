@@ -42,6 +42,13 @@ def stage_owned(folder: Path) -> set[str]:
     return set().union(*(_listed(folder, m.name[len(".simmerge-stage-"):-len(".json")]) for m in markers))
 
 
+def adopt_stage_files(out: Path, stage: str, names: Sequence[str]) -> None:
+    """Record the existing `names` in `out` as `stage`'s: for a folder the stage wrote before it
+    kept a marker, recognised by the caller from the files' content."""
+    present = sorted(n for n in names if (Path(out) / n).is_file() and not (Path(out) / n).is_symlink())
+    atomic_write_text(_marker(Path(out), stage), json.dumps({"files": sorted(_listed(Path(out), stage) | set(present))}))
+
+
 def check_stage(out: Path, names: Sequence[str], *, replace: bool, inputs: Iterable[str | os.PathLike] = ()) -> None:
     """Refuse, before any work, a stage whose files could not be written or would replace a file
     simmerge did not write (or, without `replace`, any existing one)."""

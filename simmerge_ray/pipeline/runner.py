@@ -90,6 +90,19 @@ def stages(s: PipelineSettings) -> list[Stage]:
     ]
 
 
+def _read_marker(marker: Path) -> dict | None:
+    """A stage's finished-marker, or None (not done) when it is absent or unreadable: a stage
+    whose marker cannot be read simply runs again."""
+    try:
+        raw = json.loads(marker.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        print(f"{marker}: unreadable stage marker; running the stage again")
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
 def run(s: PipelineSettings, *, echo: Callable[[str], None] = print, until: str | None = None) -> dict[str, float]:
     """Run every stage, or those up to `until` (skipping finished ones); returns seconds per stage."""
     all_stages = stages(s)
@@ -106,8 +119,9 @@ def run(s: PipelineSettings, *, echo: Callable[[str], None] = print, until: str 
         key = _digest([st.name, *st.inputs, *upstream])
         marker = layout.marker(st.name)
         prefix = f"[{i}/{len(all_stages)}] {st.name:<13}"
-        if marker.exists() and json.loads(marker.read_text()).get("key") == key:
-            timings[st.name] = json.loads(marker.read_text())["seconds"]
+        done = _read_marker(marker)
+        if done is not None and done.get("key") == key:
+            timings[st.name] = float(done.get("seconds", 0.0))
             echo(f"{prefix} done earlier ({timings[st.name]:.0f} s), reused")
         else:
             echo(f"{prefix} {st.title} ...")

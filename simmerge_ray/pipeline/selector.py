@@ -127,8 +127,9 @@ def evaluate(s: SelectorSettings, *, folds: int = 5, echo: Callable[[str], None]
     from simmerge_ray.io.atomic import atomic_output_dir
     from simmerge_ray.selector.data import load_pair_data
     from simmerge_ray.selector.evaluate import ablation, evaluate_loto, evaluate_pairs, fixed_fit, gap_chart
-    from simmerge_ray.selector.folds import group_kfold
+    from simmerge_ray.selector.folds import check_folds, group_kfold
 
+    check_folds(folds)
     check_calibration_folds(s.calibration_folds)
     data = load_pair_data(s.features, s.labels, s.target)
     out = check_output(s.out, overwrite=True, inputs=[s.features, s.labels])

@@ -51,10 +51,11 @@ def check_eval_files(catalog: Catalog, tasks: set[str]) -> None:
 def label(catalog: Path, out: Path, settings: LabelSettings, *, max_plans: int | None = None,
           address: str | None = None, echo: Callable[[str], None] = print) -> LabelRunReport:
     """Measure the catalog's 2-, 3- and 4-way merges (resuming from out/cache)."""
-    from simmerge_ray.testbed.labels import check_label_catalog, run_labels
+    from simmerge_ray.testbed.labels import check_label_catalog, check_label_output, run_labels
 
     cat = Catalog.load(catalog)
     check_eval_files(cat, set(check_label_catalog(cat).values()))
+    check_label_output(Path(out), [*cat.paths, Path(catalog)])
     init_ray(address)
     rep = run_labels(Path(catalog), Path(out), settings, max_plans=max_plans)
     state = "complete: tables written" if rep.complete else "incomplete: rerun to resume"

@@ -158,4 +158,12 @@ def load_pair_data(features: str | Path, labels: str | Path, target: str = "util
     feats, labs = read_table(feats_path, "feature table"), read_table(Path(labels), "labels")
     if target not in labs.columns:
         raise ConfigError(f"{labels}: no column {target!r}")
+    bad = labs.filter(pl.col(target).is_nan() | pl.col(target).is_infinite()) if labs[target].dtype.is_float() else None
+    if bad is not None and bad.height:
+        r = bad.row(0, named=True)
+        raise ConfigError(f"{labels}: column {target!r}: {r[target]} is not a finite number ({bad.height} rows; first: "
+                          f"task {r.get('task')!r}, expert {r.get('expert')!r}, aux {r.get('aux')!r}, "
+                          f"operator {r.get('operator')!r})")
+    if not labs[target].dtype.is_numeric():
+        raise ConfigError(f"{labels}: column {target!r} holds {labs[target].dtype}, not numbers")
     return build_pair_data(labs, feats, target=target)

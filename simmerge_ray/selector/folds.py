@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from simmerge_ray.errors import ConfigError
+
 Split = tuple[np.ndarray, np.ndarray]
+
+
+def check_folds(k: int) -> None:
+    if k < 2:
+        raise ConfigError(f"--folds: {k} folds cannot hold a pair out (give at least 2)")
 
 
 def group_kfold(groups: list[str], k: int, seed: int = 0) -> list[Split]:
     """k folds over distinct groups (unordered model pairs), shuffled with `seed`."""
+    check_folds(k)
     uniq = sorted(set(groups))
     if len(uniq) < 2:
-        raise ValueError(f"need at least 2 distinct model pairs to split, got {len(uniq)}")
+        raise ConfigError(f"need at least 2 distinct model pairs to split, got {len(uniq)}")
     k = min(k, len(uniq))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(uniq))

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -141,15 +142,23 @@ class Selector:
     @classmethod
     def load(cls, path: str | Path) -> "Selector":
         path = Path(path)
+        if not path.is_dir():
+            raise ConfigError(f"{path}: not a selector folder (a `simmerge fit` output)")
         try:
             raw = json.loads((path / SCHEMA).read_text())
             state = load_file(path / WEIGHTS)
         except FileNotFoundError as e:
             raise ConfigError(f"{path}: not a selector folder ({e.filename} missing)") from None
-        cfg = SelectorConfig.from_dict(raw["config"])
-        d_in = len(raw["feature_names"]) + (len(raw["tasks"]) if cfg.task_encoding else 0)
-        net = SelectorMLP(d_in, len(raw["operators"]), cfg.hidden, cfg.depth, cfg.dropout)
-        net.load_state_dict(state)
+        except (OSError, ValueError, SafetensorError) as e:  # truncated or corrupt files
+            raise ConfigError(f"{path}: unreadable selector ({type(e).__name__}: {e})") from None
+        try:
+            cfg = SelectorConfig.from_dict(raw["config"])
+            d_in = len(raw["feature_names"]) + (len(raw["tasks"]) if cfg.task_encoding else 0)
+            net = SelectorMLP(d_in, len(raw["operators"]), cfg.hidden, cfg.depth, cfg.dropout)
+            net.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: weights of another shape
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ConfigError(f"{path / SCHEMA}: not a selector's schema or weights ({type(e).__name__}: {first})") from None
         where = str(path / SCHEMA)
         calib = Calibration.from_dict(raw["calibration"], raw["operators"], where) if "calibration" in raw else None
         domain = TrainingDomain.from_dict(raw["domain"], raw["feature_names"], where) if "domain" in raw else None

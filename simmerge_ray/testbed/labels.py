@@ -28,12 +28,16 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.digest_cache import file_digest
+from simmerge_ray.io.stage_files import adopt_stage_files, check_stage, stage_files, stage_owned
 from simmerge_ray.testbed.label_plans import LabelSettings, LabelPlan, empty_size_reasons, enumerate_plans
 from simmerge_ray.merge.arms import get_arm, get_weighting
 from simmerge_ray.testbed.label_tables import gap_summary, model_scores_table, multiway_table, pairwise_table
 from simmerge_ray.testbed.merging import merge_arm, merge_state_dicts
 
 EVAL_MAX_LEN = 192
+LABEL_STAGE = "labels"
+SUMMARY_FILE = "label_summary.json"
+LABEL_FILES = ("labels.parquet", "labels_multiway.parquet", "model_scores.parquet", "gap_summary.parquet", SUMMARY_FILE)
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,7 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     unique: dict[str, LabelPlan] = {}  # a mirrored 2-way merge is measured once, under its canonical form
     for k, p in keyed:
         unique.setdefault(k, p)
-    todo = [(k, p.canonical()) for k, p in unique.items() if not (cache / f"{k}.json").exists()]
+    todo = [(k, p.canonical()) for k, p in unique.items() if not _cached(cache / f"{k}.json", log)]
     cached = len(unique) - len(todo)
     if max_plans is not None:
         todo = todo[:max_plans]
@@ -168,6 +172,22 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     return LabelRunReport(len(unique), computed, cached, complete, time.perf_counter() - t0, Path(out))
 
 
+def _cached(entry: Path, log: Callable[[str], None]) -> bool:
+    """Whether a plan's cache entry holds its scores; an unreadable one is removed (and measured
+    again), so a corrupt cache heals instead of failing every rerun."""
+    try:
+        record = json.loads(entry.read_text())
+        if not (isinstance(record, dict) and isinstance(record.get("scores"), dict)):
+            raise ValueError("no scores")
+        return True
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as e:
+        log(f"label: ignoring unreadable cache entry {entry} ({type(e).__name__}: {e}); measuring it again")
+        entry.unlink(missing_ok=True)
+        return False
+
+
 def _write_tables(out: Path, keyed: list[tuple[str, LabelPlan]], cache: Path, experts: dict[str, str],
                   settings: LabelSettings, seconds: float) -> None:
     results = [(p, json.loads((cache / f"{k}.json").read_text())["scores"]) for k, p in keyed]
@@ -177,11 +197,6 @@ def _write_tables(out: Path, keyed: list[tuple[str, LabelPlan]], cache: Path, ex
     labels, dropped = pairwise_table([r for r in merged if r[0].k == 2], singles, experts, settings.epsilon)
     multi = multiway_table([r for r in merged if r[0].k > 2], singles, experts)
     summary = gap_summary(labels)
-    for name, df in (("labels", labels), ("labels_multiway", multi), ("model_scores", model_scores_table(singles)),
-                     ("gap_summary", summary)):
-        tmp = out / f".{name}.parquet.tmp"
-        df.write_parquet(tmp)
-        tmp.replace(out / f"{name}.parquet")
     info = {
         "settings": settings.model_dump(mode="json"),
         "metric": settings.metric,
@@ -198,4 +213,23 @@ def _write_tables(out: Path, keyed: list[tuple[str, LabelPlan]], cache: Path, ex
         "utility": summary.to_dicts(),
         "gap_closed": gap_summary(labels, "gap_closed").to_dicts(),
     }
-    atomic_write_text(out / "label_summary.json", json.dumps(info, indent=1))
+    tables = {"labels": labels, "labels_multiway": multi, "model_scores": model_scores_table(singles),
+              "gap_summary": summary}
+    with stage_files(out, LABEL_STAGE, LABEL_FILES, replace=True) as tmp:
+        for name, df in tables.items():
+            df.write_parquet(tmp / f"{name}.parquet")
+        (tmp / SUMMARY_FILE).write_text(json.dumps(info, indent=1))
+
+
+def check_label_output(out: Path, inputs: list[Path]) -> None:
+    """Refuse, before any work, an --out that is or lies in an input, is a file, or holds label
+    tables the label stage did not write (a folder it wrote before it kept a marker, recognised
+    by its label_summary.json, is adopted)."""
+    out = Path(out)
+    try:
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        summary = None
+    if isinstance(summary, dict) and {"settings", "plans", "labels_2way"} <= set(summary) and not stage_owned(out):
+        adopt_stage_files(out, LABEL_STAGE, LABEL_FILES)
+    check_stage(out, LABEL_FILES, replace=True, inputs=inputs)

@@ -52,7 +52,7 @@ class DataConfig(_Strict):
 
 class TrainConfig(_Strict):
     steps: int = Field(gt=0)
-    lr: float = Field(gt=0)
+    lr: float = Field(gt=0, allow_inf_nan=False)
     batch_size: int = Field(16, gt=0)
     warmup_steps: int = Field(10, ge=0)
     seed: int = 0
