@@ -454,3 +454,21 @@ def test_a_non_finite_state_is_never_saved_and_refused_on_load(core: BanditCore,
     np.savez(poisoned / STATE_FILE, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
     with pytest.raises(CheckpointError, match=rf"poisoned/{STATE_FILE}: meta.lints.arms\[2\].rr is not finite"):
         BanditCore(poisoned)
+
+
+def test_serve_names_a_bad_state_or_feature_table_before_starting_ray(core: BanditCore, tmp_path: Path, capsys):
+    """A missing feature table, a truncated state.npz or a non-UTF-8 bandit.json: one line, exit
+    2, before Ray (they used to fail after the deployment started, with a traceback)."""
+    args = ["serve", "--state", str(core.state_dir), "--token-file", str(tmp_path / "none")]
+    assert cli_main([*args, "--features", str(tmp_path / "nope.parquet")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{tmp_path / 'nope.parquet'}: feature table not found") and len(err.splitlines()) == 1
+    state = core.state_dir / STATE_FILE
+    state.write_bytes(state.read_bytes()[:50])
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{state}: unreadable bandit state (BadZipFile" in err and len(err.splitlines()) == 1
+    (core.state_dir / "bandit.json").write_bytes(b"\xff\xfe{")
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bandit.json: not valid JSON" in err and len(err.splitlines()) == 1

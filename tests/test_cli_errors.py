@@ -353,3 +353,12 @@ def test_a_damaged_selector_folder_is_one_line(tmp_path: Path, capsys, damage, n
     assert cli_main(["plan", "--selector", str(tmp_path / "sel"), "--catalog", str(cat), "--features", str(feats),
                      "--task", "t", "--expert", "a", "--aux", "b", "--out", str(tmp_path / "plan")]) == 2
     _one_line_error(capsys, f"{tmp_path / 'sel'}", needle)
+
+
+def test_fit_names_a_key_column_of_the_wrong_type(tmp_path: Path, capsys) -> None:
+    import polars as pl
+
+    feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    pl.read_parquet(feats).with_columns(pl.Series("a", [1, 2, 3])).write_parquet(feats)
+    assert cli_main(["fit", "--features", str(feats), "--labels", str(labels), "--out", str(tmp_path / "sel")]) == 2
+    _one_line_error(capsys, "feature table: column 'a' holds Int64, not names")

@@ -33,10 +33,9 @@ class FeatureTable:
 
     @classmethod
     def load(cls, path: Path, feature_names: Sequence[str]) -> FeatureTable:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: feature table not found")
-        return cls(pl.read_parquet(path), feature_names, source=str(path))
+        from simmerge_ray.io.tables import read_table
+
+        return cls(read_table(Path(path), "feature table"), feature_names, source=str(path))
 
     def lookup(self, a: str, b: str, task: str) -> np.ndarray:
         """x(a, b, task) as float64 [d]; names that are not in the table raise UnknownNameError."""

@@ -7,9 +7,8 @@ import signal
 import time
 from pathlib import Path
 
-import polars as pl
-
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.io.tables import read_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,12 +73,6 @@ def _config(args: argparse.Namespace):
     )
 
 
-def _read_parquet(path: Path, what: str) -> pl.DataFrame:
-    if not path.is_file():
-        raise ConfigError(f"{path}: {what} not found")
-    return pl.read_parquet(path)
-
-
 def _init(args: argparse.Namespace) -> int:
     from simmerge_ray.bandit.core import BanditCore
     from simmerge_ray.bandit.initial import initial_bandit
@@ -87,9 +80,9 @@ def _init(args: argparse.Namespace) -> int:
 
     if not (args.labels or args.operators):
         raise ConfigError("give --labels (warm start) or --operators (cold start)")
-    labels = _read_parquet(args.labels, "labels") if args.labels else None
+    labels = read_table(args.labels, "labels") if args.labels else None
     operators = [o.strip() for o in (args.operators or "").split(",") if o.strip()]
-    start = initial_bandit(_read_parquet(args.features, "feature table"),
+    start = initial_bandit(read_table(args.features, "feature table"),
                            SimSettings(bandit=_config(args), warm_weight=args.warm_weight),
                            labels=labels, operators=operators, source=str(args.features))
     if start.dropped:
@@ -104,9 +97,14 @@ def _init(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from simmerge_ray.bandit.auth import load_token
-    from simmerge_ray.bandit.state import read_settings
+    from simmerge_ray.bandit.core import BanditCore
+    from simmerge_ray.bandit.feature_table import FeatureTable
 
-    read_settings(args.state)  # clear errors before importing or starting Ray
+    # Clear errors before starting Ray: the state, and the feature table the service will look up.
+    core = BanditCore(args.state)
+    table = args.features or core.settings.get("feature_table")
+    if table:
+        FeatureTable.load(Path(table), core.encoder.feature_names)
     token = load_token(args.token_file)
     import ray
 
@@ -146,7 +144,7 @@ def _simulate(args: argparse.Namespace) -> int:
     else:
         if args.features is None:
             raise ConfigError("--labels needs --features")
-        labels, features = _read_parquet(args.labels, "labels"), _read_parquet(args.features, "feature table")
+        labels, features = read_table(args.labels, "labels"), read_table(args.features, "feature table")
     train, test = split_by_pair(replay_data(labels, features), args.test_frac, args.seed)
     settings = SimSettings(rounds=args.rounds, repeats=args.repeats, seed=args.seed, bandit=_config(args))
     every, added = replay_adding(train, test, settings, add_at=args.add_at, new_operator=args.add_operator)

@@ -10,6 +10,7 @@ import polars as pl
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.stage_files import stage_files
+from simmerge_ray.io.tables import read_table
 
 STRUCTURAL_FILE = "structural.parquet"
 FUNCTIONAL_FILE = "functional.parquet"
@@ -18,7 +19,7 @@ JOINED_FILE = "features.parquet"
 
 def join_structural(functional: pl.DataFrame, structural_path: Path) -> pl.DataFrame:
     """x(a, b, t): functional rows with the structural columns of their (a, b); every pair must exist."""
-    structural = pl.read_parquet(structural_path)
+    structural = read_table(structural_path, "structural feature table")
     missing = functional.join(structural.select("a", "b"), on=["a", "b"], how="anti")
     if missing.height:
         a, b = missing.row(0, named=True)["a"], missing.row(0, named=True)["b"]
@@ -34,7 +35,7 @@ def write_joined(out: Path) -> Path | None:
     out = Path(out)
     if not ((out / STRUCTURAL_FILE).exists() and (out / FUNCTIONAL_FILE).exists()):
         return None
-    joined = join_structural(pl.read_parquet(out / FUNCTIONAL_FILE), out / STRUCTURAL_FILE)
+    joined = join_structural(read_table(out / FUNCTIONAL_FILE, "functional feature table"), out / STRUCTURAL_FILE)
     with stage_files(out, "joined", (JOINED_FILE,), replace=True) as tmp:
         joined.write_parquet(tmp / JOINED_FILE)
     return out / JOINED_FILE

@@ -21,7 +21,8 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.planner.calibrate import MultiwayCalibration
 from simmerge_ray.planner.objective import Objective
 from simmerge_ray.planner.search import SearchResult, SearchSpace, StepModel, search
-from simmerge_ray.selector.data import features_file, read_table
+from simmerge_ray.io.tables import read_table
+from simmerge_ray.selector.data import features_file
 
 
 class PlanRequest(BaseModel):

@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.io.tables import read_table
 from simmerge_ray.features.schema import KEY_COLUMNS, feature_columns
 
 # Below this many labelled pairs ((expert, aux, task) rows) `fit` and `evaluate-selector` warn. A
@@ -99,6 +100,11 @@ def build_pair_data(labels: pl.DataFrame, features: pl.DataFrame, *,
     for col in KEY_COLUMNS:
         if col not in features.columns:
             raise ConfigError(f"feature table: missing column {col!r}")
+    for what, table, cols in (("labels table", labels, ("task", "expert", "aux", "operator")),
+                              ("feature table", features, KEY_COLUMNS)):
+        for col in cols:
+            if table[col].dtype != pl.String:
+                raise ConfigError(f"{what}: column {col!r} holds {table[col].dtype}, not names")
     ops = operators or sorted(labels["operator"].unique().to_list())
     wide = _wide(labels, ops, target)
     if target != "gap_closed" and "gap_closed" in labels.columns:
@@ -136,16 +142,6 @@ def features_file(features: str | Path) -> Path:
     """The feature table of a features folder, or the parquet file given."""
     p = Path(features)
     return p / "features.parquet" if p.is_dir() else p
-
-
-def read_table(path: Path, what: str) -> pl.DataFrame:
-    """A parquet table; a missing or unreadable file is one ConfigError naming it as `what`."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: {what} not found")
-    try:
-        return pl.read_parquet(path)
-    except (OSError, pl.exceptions.PolarsError) as e:
-        raise ConfigError(f"{path}: unreadable {what} ({str(e).splitlines()[0]})") from None
 
 
 def load_pair_data(features: str | Path, labels: str | Path, target: str = "utility") -> PairData:
