@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.io.tables import read_table
 from simmerge_ray.bandit.errors import FeatureError, UnknownNameError
 from simmerge_ray.features.schema import KEY_COLUMNS
 
@@ -33,8 +34,6 @@ class FeatureTable:
 
     @classmethod
     def load(cls, path: Path, feature_names: Sequence[str]) -> FeatureTable:
-        from simmerge_ray.io.tables import read_table
-
         return cls(read_table(Path(path), "feature table"), feature_names, source=str(path))
 
     def lookup(self, a: str, b: str, task: str) -> np.ndarray:

@@ -128,8 +128,8 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
         raise ConfigError("--dry-run takes a CONFIG.yaml (a plan's steps are configs: run it on each step file)")
     if not args.catalog:
         raise ConfigError("--plan needs --catalog (the plan names catalog models)")
-    plan = Plan.load(Path(args.plan))
     plan_file = Path(args.plan)
+    plan = Plan.load(plan_file)
     catalog = Catalog.load(args.catalog)
     check_output(args.out, overwrite=opts.overwrite, inputs=[*catalog.paths, plan_file])
     if opts.placement == "ray":

@@ -9,8 +9,8 @@ from pathlib import Path
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.out_checks import check_output
-from simmerge_ray.planner.request import build_step_model
 from simmerge_ray.io.tables import read_table
+from simmerge_ray.planner.request import build_step_model
 from simmerge_ray.selector.data import features_file
 
 

@@ -37,21 +37,27 @@ def marker_text(folder: Path) -> str:
     return json.dumps({"written_by": "simmerge", "files": folder_entries(folder)}, indent=0) + "\n"
 
 
+def _marker_files(out: Path) -> set[str] | None:
+    """What the output folder's marker says simmerge wrote; None when it lists nothing (an older
+    simmerge's marker, or none)."""
+    try:
+        listed = json.loads((out / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return set(listed) if isinstance(listed, list) else None
+
+
 def lists_its_files(out: Path) -> bool:
     """Whether the output folder's marker lists what simmerge wrote (older markers do not)."""
-    return _stranger(out) != ""
+    return _marker_files(out) is not None
 
 
 def _stranger(out: Path) -> str | None:
     """The first entry of `out` that its marker does not list ('' when the marker lists nothing:
     an older simmerge's), None when every entry is simmerge's."""
-    try:
-        listed = json.loads((out / MARKER).read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        listed = None
-    if not isinstance(listed, list):
+    known = _marker_files(out)
+    if known is None:
         return ""
-    known = set(listed)
     return next((e for e in folder_entries(out) if e not in known), None)
 
 
