@@ -461,11 +461,18 @@ def test_label_output_checks_come_before_any_work(tiny_zoo, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "labels.parquet").write_bytes(b"my own labels")
-    before = sorted(p.name for p in Path(model).iterdir())
-    for out, needle in ((Path(model) / "labels", "lies inside the input"), (afile, "not a folder"),
-                        (mine, "labels.parquet: not written by simmerge")):
-        assert main(["label", "--catalog", str(tiny_zoo / "catalog.yaml"), "--out", str(out)]) == 2
-        err = capsys.readouterr().err.strip()
-        assert needle in err and len(err.splitlines()) == 1, err
-    assert sorted(p.name for p in Path(model).iterdir()) == before
+    # A model folder that looks like an old labels folder: still an input, never adopted.
+    summary = Path(model) / "label_summary.json"
+    summary.write_text(json.dumps({"settings": {}, "plans": 1, "labels_2way": 1}))
+    try:
+        before = sorted(p.name for p in Path(model).iterdir())
+        for out, needle in ((Path(model) / "labels", "lies inside the input"), (Path(model), "the output is the input"),
+                            (afile, "not a folder"), (mine, "labels.parquet: not written by simmerge")):
+            assert main(["label", "--catalog", str(tiny_zoo / "catalog.yaml"), "--out", str(out)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert needle in err and len(err.splitlines()) == 1, err
+        assert sorted(p.name for p in Path(model).iterdir()) == before  # no stage marker written into the model
+    finally:
+        for f in (summary, Path(model) / ".simmerge-stage-labels.json"):
+            f.unlink(missing_ok=True)
     assert (mine / "labels.parquet").read_bytes() == b"my own labels" and afile.read_text() == "x"

@@ -28,6 +28,7 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.digest_cache import file_digest
+from simmerge_ray.io.out_checks import check_not_input
 from simmerge_ray.io.stage_files import adopt_stage_files, check_stage, stage_files, stage_owned
 from simmerge_ray.testbed.label_plans import LabelSettings, LabelPlan, empty_size_reasons, enumerate_plans
 from simmerge_ray.merge.arms import get_arm, get_weighting
@@ -226,6 +227,7 @@ def check_label_output(out: Path, inputs: list[Path]) -> None:
     tables the label stage did not write (a folder it wrote before it kept a marker, recognised
     by its label_summary.json, is adopted)."""
     out = Path(out)
+    check_not_input(out, inputs)  # before adopting: a marker is never written into an input
     try:
         summary = json.loads((out / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
