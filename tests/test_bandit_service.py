@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -210,8 +211,20 @@ def test_actor_refuses_a_bad_folder_and_a_name_clash(service, tmp_path):
     from simmerge_ray.bandit.actor import start_bandit_actor
     from simmerge_ray.errors import CheckpointError, ConfigError
 
-    with pytest.raises(CheckpointError, match="no bandit state here"):
+    with pytest.raises(CheckpointError, match="no bandit state here") as bad:
         start_bandit_actor(tmp_path, name="simmerge-bandit-empty", namespace=NAMESPACE)
+    assert str(tmp_path) in str(bad.value) and "\n" not in str(bad.value), "one line naming the folder, no Ray traceback"
+    import ray
+
+    deadline = time.monotonic() + 30  # the actor that could serve nothing is gone, not left running
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor("simmerge-bandit-empty", namespace=NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the bandit actor over an empty folder is still registered")
     with pytest.raises(ConfigError, match="already serves"):
         start_bandit_actor(service["root"] / "elsewhere", name=ACTOR, namespace=NAMESPACE)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from simmerge_ray.cli import main
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.features.functional import FUNCTIONAL_COLUMNS, functional_table
+from simmerge_ray.features.functional import B_TASK_COLUMNS, FUNCTIONAL_COLUMNS, functional_table, with_b_task_columns
 from simmerge_ray.features.joined import join_structural
 from simmerge_ray.features.functional_math import depth_summary, depth_thirds, kl_per_position, layer_cosines
 from simmerge_ray.inference.backend import load_backend
@@ -102,9 +102,12 @@ def test_cli_features_equal_direct_computation(zoo: dict, ray_cluster, capsys) -
             "--max-length", str(MAX_LEN), "--attn-max-length", str(ATTN_LEN), "--batch-size", "3"]
     assert main(["features", "functional", *argv]) == 0
     table = pl.read_parquet(out / "functional.parquet")
-    assert table.columns == ["a", "b", "task", *FUNCTIONAL_COLUMNS]
+    assert table.columns == ["a", "b", "task", *FUNCTIONAL_COLUMNS, *B_TASK_COLUMNS]
     assert table.select("a", "b", "task").rows() == [("a", "b", "words"), ("b", "a", "words"),
                                                      ("a", "b", "other"), ("b", "a", "other")]
+    # b's own task is a's `words` for rows (b, a, .); b itself is no task's expert: null
+    assert table["f_kl_ab_mean_on_b_task"].to_list()[1::2] == [table["f_kl_ab_mean"][1]] * 2
+    assert table["f_kl_ab_mean_on_b_task"].to_list()[0::2] == [None, None]
     got = table.filter(pl.col("task") == "words")
     assert table.filter(pl.col("task") == "other")["f_kl_ab_mean"][0] != got["f_kl_ab_mean"][0]
 
@@ -169,10 +172,26 @@ def test_width_does_not_depend_on_depth(tmp_path: Path) -> None:
         a = make_tiny_lm(tmp_path / f"a{depth}", tok, num_layers=depth, hidden_size=16, seed=1)
         b = make_tiny_lm(tmp_path / f"b{depth}", tok, num_layers=depth, hidden_size=16, seed=2)
         plan = {n: _in_process_plan(p, n, texts, tmp_path / f"c{depth}") for n, p in (("a", a), ("b", b))}
-        table = functional_table({"t": plan})
+        table = functional_table({"t": plan}, {"a": "t", "b": "t"})
         assert table.height == 2 and table.null_count().sum_horizontal().item() == 0
         widths.append(table.columns)
-    assert widths[0] == widths[1] == ["a", "b", "task", *FUNCTIONAL_COLUMNS]
+    assert widths[0] == widths[1] == ["a", "b", "task", *FUNCTIONAL_COLUMNS, *B_TASK_COLUMNS]
+
+
+def test_rows_carry_the_pair_on_the_auxiliary_s_own_task() -> None:
+    """(a, b, t) also holds (a, b)'s columns on b's task's probes; null where b has no task."""
+    rows = [{"a": a, "b": b, "task": t, **{c: float(i * 100 + j) for j, c in enumerate(FUNCTIONAL_COLUMNS)}}
+            for i, (a, b, t) in enumerate((a, b, t) for a in "xyz" for b in "xyz" if a != b for t in ("p", "q"))]
+    table = with_b_task_columns(pl.DataFrame(rows), {"x": "p", "y": "q", "z": None})
+    assert table.columns == ["a", "b", "task", *FUNCTIONAL_COLUMNS, *B_TASK_COLUMNS] and table.height == 12
+    by_key = {(r["a"], r["b"], r["task"]): r for r in table.iter_rows(named=True)}
+    for (a, b, t), r in by_key.items():
+        own = {"x": "p", "y": "q"}.get(b)
+        for c in FUNCTIONAL_COLUMNS:
+            want = None if own is None else by_key[(a, b, own)][c]
+            assert r[c + "_on_b_task"] == want, (a, b, t, c)
+    assert by_key[("x", "y", "p")]["f_kl_ab_mean_on_b_task"] == by_key[("x", "y", "q")]["f_kl_ab_mean"] != \
+        by_key[("x", "y", "p")]["f_kl_ab_mean"]
 
 
 def test_join_refuses_pairs_missing_from_structural(tmp_path: Path) -> None:

@@ -239,6 +239,26 @@ def test_truncated_chunk_is_a_miss_recomputed_and_rewritten(tiny: dict, resumed:
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_chunk_with_damaged_tensor_bytes_is_a_miss_recomputed(tiny: dict, resumed: dict, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Bytes damaged under a readable header (a bad disk or copy) fail the chunk's digest: the
+    chunk is removed and its probes run again, never read as features."""
+    probes = tiny["probes"]
+    cache = ProbeCache(shutil.copytree(resumed["cache"].root, tmp_path / "cache"))
+    victim, lost = next(iter(cache.chunk_probe_ids().items()))
+    raw = bytearray(victim.read_bytes())
+    raw[-3] ^= 0xFF  # inside the last tensor's data; the header still parses
+    victim.write_bytes(bytes(raw))
+    fresh = ProbeCache(cache.root)
+    with caplog.at_level("WARNING"):
+        report = run_model_probes(tiny["model"], probes, SETTINGS, RunOptions(), fresh)
+    assert f"{victim}: unreadable probe-cache chunk (its tensors do not match their digest)" in caplog.text
+    assert report.probes_run == len(lost) and fresh.is_complete()
+    for pid in range(probes.num_probes):
+        want, got = resumed["cache"].record(pid), fresh.record(pid)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_discarding_the_cache_removes_only_its_entries(resumed: dict, tmp_path: Path) -> None:
     root = tmp_path / "cache"
     shutil.copytree(resumed["cache"].root, root / "key1")

@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from simmerge_ray.errors import CheckpointError, ConfigError
+from simmerge_ray.errors import CheckpointError, ConfigError, SimMergeError, ray_get
 from simmerge_ray.bandit.core import BanditCore, PriorKind
 
 ACTOR_NAME = "simmerge-bandit"
@@ -23,7 +23,21 @@ NAMESPACE = "simmerge"
 
 class BanditActor:
     def __init__(self, state_dir: str):
-        self.core = BanditCore(Path(state_dir))
+        # A bad state folder is kept and raised by every call, not by the constructor: Ray hands
+        # a constructor's error back only inside a multi-line actor-death message, a method's
+        # as itself (`ray_get`), so the caller can print the one line that names the file.
+        self._core: BanditCore | None = None
+        self._error: SimMergeError | None = None
+        try:
+            self._core = BanditCore(Path(state_dir))
+        except SimMergeError as e:
+            self._error = e
+
+    @property
+    def core(self) -> BanditCore:
+        if self._core is None:
+            raise self._error or CheckpointError("bandit state not loaded")
+        return self._core
 
     def decide(self, x: list[float], arms: list[str] | None = None) -> dict[str, Any]:
         return self.core.decide(x, arms)
@@ -71,9 +85,10 @@ def start_bandit_actor(
     # Surfaces a bad state folder now, not at the first request, and refuses to silently hand
     # back a running actor of the same name that serves another folder.
     try:
-        running = ray.get(handle.settings.remote())["state_dir"]
-    except ray.exceptions.RayActorError as e:  # its constructor raised: a bad state folder
-        raise CheckpointError(f"{state_dir}: the bandit actor could not load it: {e}") from e
+        running = ray_get(handle.settings.remote())["state_dir"]
+    except SimMergeError:  # a bad state folder: this actor can serve nothing
+        ray.kill(handle, no_restart=True)
+        raise
     if running != str(Path(state_dir).resolve()):
         raise ConfigError(f"actor {namespace}/{name} already serves {running}, not {state_dir}")
     return handle

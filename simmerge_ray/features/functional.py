@@ -2,7 +2,9 @@
 
     DIR/functional.parquet  one row per ordered pair (a != b) and task:
         a, b, task (String); Float64: f_kl_ab_{mean,median,p10,p90}, f_kl_ba_{...},
-        f_act_cos_{mean,d0,d1,d2}, f_attn_cos_{mean,d0,d1,d2}
+        f_act_cos_{mean,d0,d1,d2}, f_attn_cos_{mean,d0,d1,d2}, then the same 16 columns suffixed
+        `_on_b_task`: the pair (a, b) on the probes of b's own task (null where b is no task's
+        expert or that task was not probed)
     DIR/features.parquet    functional joined with DIR/structural.parquet on (a, b)
 
 KL is over every scored position of every probe (a = first argument: f_kl_ab = KL(p_a||p_b)).
@@ -34,7 +36,10 @@ FUNCTIONAL_COLUMNS: tuple[str, ...] = (
     *(f"f_act_cos_{s}" for s in DEPTH_STATS),
     *(f"f_attn_cos_{s}" for s in DEPTH_STATS),
 )
+B_TASK_SUFFIX = "_on_b_task"
+B_TASK_COLUMNS: tuple[str, ...] = tuple(c + B_TASK_SUFFIX for c in FUNCTIONAL_COLUMNS)
 SCHEMA = {"a": pl.String, "b": pl.String, "task": pl.String, **{c: pl.Float64 for c in FUNCTIONAL_COLUMNS}}
+TABLE_SCHEMA = SCHEMA | {c: pl.Float64 for c in B_TASK_COLUMNS}
 
 
 def full_logprobs(record: dict[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
@@ -86,18 +91,35 @@ def task_pair_rows(plan: dict[str, ModelProbes], task: str) -> list[dict]:
     return rows
 
 
-def functional_table(plans: dict[str, dict[str, ModelProbes]]) -> pl.DataFrame:
-    """All tasks' pair rows in the documented schema (column order fixed)."""
+def with_b_task_columns(table: pl.DataFrame, task_of: dict[str, str | None]) -> pl.DataFrame:
+    """Give each row (a, b, task) the functional columns of (a, b) on b's own task as well.
+
+    A merge is judged on both models' tasks (the two-sided utility), but a row's probes are its
+    task's, the expert's; these columns show the selector the pair through the auxiliary's
+    probes too. Null where b is no task's expert or its task was not probed.
+    """
+    own = table.select("a", "b", pl.col("task").alias("_b_task"),
+                       *(pl.col(c).alias(c + B_TASK_SUFFIX) for c in FUNCTIONAL_COLUMNS))
+    b_task = pl.col("b").replace_strict(task_of, default=None, return_dtype=pl.String).alias("_b_task")
+    joined = table.select(*SCHEMA).with_columns(b_task).join(own, on=["a", "b", "_b_task"], how="left")
+    return joined.drop("_b_task").select(*TABLE_SCHEMA)
+
+
+def functional_table(plans: dict[str, dict[str, ModelProbes]], task_of: dict[str, str | None]) -> pl.DataFrame:
+    """All tasks' pair rows in the documented schema (column order fixed); `task_of` names each
+    model's own task (its catalog entry's), for the `_on_b_task` columns."""
     rows = [r for task, plan in plans.items() for r in task_pair_rows(plan, task)]
-    return pl.DataFrame(rows, schema=SCHEMA, orient="row") if rows else pl.DataFrame(schema=SCHEMA)
+    table = pl.DataFrame(rows, schema=SCHEMA, orient="row") if rows else pl.DataFrame(schema=SCHEMA)
+    return with_b_task_columns(table, task_of)
 
 
-def write_functional_features(plans: dict[str, dict[str, ModelProbes]], out_dir: Path) -> dict[str, Path]:
+def write_functional_features(plans: dict[str, dict[str, ModelProbes]], task_of: dict[str, str | None],
+                              out_dir: Path) -> dict[str, Path]:
     """Write DIR/functional.parquet (replacing only the one a previous run wrote: the stage
     resumes from its probe cache, so a rerun needs no --overwrite), and DIR/features.parquet
     when DIR/structural.parquet exists. No other file of DIR is touched."""
     out_dir = Path(out_dir)
-    functional = functional_table(plans)
+    functional = functional_table(plans, task_of)
     with stage_files(out_dir, "functional", (FUNCTIONAL_FILE,), replace=True) as tmp:
         functional.write_parquet(tmp / FUNCTIONAL_FILE)
     written = {"functional": out_dir / FUNCTIONAL_FILE}

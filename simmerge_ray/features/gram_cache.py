@@ -17,27 +17,18 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from simmerge_ray.io.digest_cache import cache_root
+from simmerge_ray.io.digest_cache import arrays_digest, cache_root
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = "v1"
 
 
-def _digest(arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for k in sorted(arrays):
-        a = np.ascontiguousarray(arrays[k])
-        h.update(f"{k}|{a.dtype.str}|{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def save_entry(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write `arrays` to `path` through a temporary sibling and a rename, with their digest."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    save_file(arrays, str(tmp), metadata={"digest": _digest(arrays)})
+    save_file(arrays, str(tmp), metadata={"digest": arrays_digest(arrays)})
     os.replace(tmp, path)
 
 
@@ -52,7 +43,7 @@ def load_entry(path: Path) -> dict[str, np.ndarray] | None:
         return None
     except Exception as e:  # the safetensors library raises its own SafetensorError
         return _miss(path, f"unreadable: {e}")
-    if want is not None and want != _digest(arrays):  # entries of older versions carry none
+    if want is not None and want != arrays_digest(arrays):  # entries of older versions carry none
         return _miss(path, "digest mismatch")
     return arrays
 

@@ -2,11 +2,13 @@
 
     <root>/<key>/meta.json                       what the key stands for
     <root>/<key>/chunk-<run>-<seq>.safetensors   records of one batch: "<probe>/<field>" tensors,
-                                                 header metadata "probe_ids" lists the probes
+                                                 header metadata "probe_ids" lists the probes,
+                                                 "digest" the digest of every tensor's bytes
 Chunks are written by the actors, each complete batch atomically (temp file + rename), so an
 interrupted run keeps every finished batch and a rerun computes only the probes not in a chunk.
-A chunk or meta.json that cannot be read (truncated, corrupt) is a miss: logged with its path,
-removed, and its probes computed again.
+A chunk or meta.json that cannot be read (truncated, corrupt), or a chunk whose tensors do not
+match their digest (bytes damaged under a readable header), is a miss: logged with its path,
+removed, and its probes computed again. Chunks written before the digest existed are trusted.
 The folder must be reachable by every node that runs actors (as the checkpoints must be).
 """
 
@@ -24,12 +26,18 @@ from safetensors.torch import save_file
 
 from simmerge_ray.errors import CheckpointError
 from simmerge_ray.io.atomic import atomic_write_text
-from simmerge_ray.io.digest_cache import cache_root
+from simmerge_ray.io.digest_cache import arrays_digest, cache_root
 
 log = logging.getLogger(__name__)
 
 META = "meta.json"
 CHUNK_GLOB = "chunk-*.safetensors"
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """The chunk's digest: every tensor's bytes (as raw bytes, so any dtype, bfloat16 included)."""
+    return arrays_digest({f"{k}|{t.dtype}|{tuple(t.shape)}": t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                          for k, t in tensors.items()})
 
 
 def default_cache_dir() -> Path:
@@ -42,6 +50,7 @@ class ProbeCache:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._where: dict[int, Path] = {}
+        self._verified: set[tuple[Path, int, int]] = set()  # (path, size, mtime) whose bytes match
 
     # ---- writing -------------------------------------------------------------------------
     def write_meta(self, meta: dict) -> None:
@@ -62,7 +71,7 @@ class ProbeCache:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"chunk-{run_id}-{seq:05d}.safetensors"
         tmp = self.root / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-        save_file(tensors, tmp, metadata={"probe_ids": json.dumps(sorted(records))})
+        save_file(tensors, tmp, metadata={"probe_ids": json.dumps(sorted(records)), "digest": _digest(tensors)})
         os.replace(tmp, path)
         return path
 
@@ -78,15 +87,23 @@ class ProbeCache:
         return sorted(self.root.glob(CHUNK_GLOB))
 
     def chunk_probe_ids(self) -> dict[Path, list[int]]:
-        """Probe ids per chunk file, from the headers only. A chunk whose header cannot be read
-        is removed (its probes then count as not done, and are computed again)."""
+        """Probe ids per chunk file. A chunk whose header cannot be read, or whose tensors do
+        not match its digest, is removed (its probes then count as not done, and are computed
+        again); each chunk's bytes are checked once per reader."""
         out: dict[Path, list[int]] = {}
         for path in self.chunk_files():
             try:
+                st = path.stat()
                 with safe_open(path, framework="pt") as f:
-                    ids = json.loads(f.metadata()["probe_ids"])
-                if not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
-                    raise ValueError(f"probe_ids is {ids!r}")
+                    meta = f.metadata()
+                    ids = json.loads(meta["probe_ids"])
+                    if not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
+                        raise ValueError(f"probe_ids is {ids!r}")
+                    stamp = (path, st.st_size, st.st_mtime_ns)
+                    if "digest" in meta and stamp not in self._verified:
+                        if _digest({k: f.get_tensor(k) for k in f.keys()}) != meta["digest"]:
+                            raise ValueError("its tensors do not match their digest")
+                        self._verified.add(stamp)
             except FileNotFoundError:
                 continue  # removed meanwhile by a concurrent reader
             except Exception as e:  # the safetensors library raises its own SafetensorError

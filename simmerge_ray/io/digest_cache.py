@@ -1,4 +1,5 @@
-"""Content digests of large files, remembered by (path, size, mtime) so each file is hashed once."""
+"""Content digests: of large files, remembered by (path, size, mtime) so each file is hashed once,
+and of the arrays a cache entry stores (checked when the entry is read back)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+
+import numpy as np
 
 from simmerge_ray.io.atomic import atomic_write_text
 
@@ -19,6 +23,16 @@ CHUNK = 16 * 1024 * 1024
 def cache_root() -> Path:
     """Where the project keeps caches (override with SIMMERGE_CACHE)."""
     return Path(os.environ.get("SIMMERGE_CACHE", Path.home() / ".cache" / "simmerge"))
+
+
+def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """blake2b of named arrays (names, dtypes, shapes and bytes), independent of their order."""
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}|{a.dtype.str}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def file_digest(path: Path) -> str:

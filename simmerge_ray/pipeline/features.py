@@ -159,6 +159,7 @@ def summary_lines(run: ProbeRun) -> list[str]:
 def functional(req: ProbeRequest, *, echo: Callable[[str], None] = print) -> dict[str, Path]:
     """Run the missing probes, then write out/functional.parquet (and out/features.parquet when
     the structural features are there); returns what was written."""
+    from simmerge_ray.catalog import Catalog
     from simmerge_ray.features.functional import write_functional_features
     from simmerge_ray.features.joined import FUNCTIONAL_FILE, JOINED_FILE
 
@@ -166,7 +167,7 @@ def functional(req: ProbeRequest, *, echo: Callable[[str], None] = print) -> dic
     for line in summary_lines(run):
         echo(line)
     write_manifest(run)
-    written = write_functional_features(run.plans, run.out)
+    written = write_functional_features(run.plans, Catalog.load(req.catalog).model_tasks, run.out)
     for what, path in written.items():
         echo(f"wrote {what}: {path}")
     return written

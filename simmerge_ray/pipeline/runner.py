@@ -76,7 +76,7 @@ def stages(s: PipelineSettings) -> list[Stage]:
               lambda: features.structural(run.catalog, run.features, StructuralOptions(overwrite=True)), []),
         Stage("functional", "probe inference on Ray Data and functional features",
               lambda: features.functional(features.ProbeRequest(run.catalog, run.features, features.run_options())),
-              []),
+              ["b-task-columns"]),
         Stage("labels", "merge and evaluate 2-, 3- and 4-way merges (ground truth)",
               lambda: zoo.label(run.catalog, run.labels, s.labels), _label_inputs(s.labels)),
         Stage("selector_eval", "selector on held-out pairs (Ray Tune nested), leave-one-task-out, ablation",
