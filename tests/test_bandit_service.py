@@ -229,6 +229,20 @@ def test_actor_refuses_a_bad_folder_and_a_name_clash(service, tmp_path):
         start_bandit_actor(service["root"] / "elsewhere", name=ACTOR, namespace=NAMESPACE)
 
 
+def test_actor_over_a_bad_folder_serves_once_it_is_repaired(service, tmp_path):
+    """Plain class, no Ray: the constructor never raises; each call loads the folder again, so a
+    restarted actor whose folder was unreadable serves again once it is repaired."""
+    from simmerge_ray.bandit.actor import BanditActor
+    from simmerge_ray.errors import CheckpointError
+
+    folder = tmp_path / "state"
+    actor = BanditActor(str(folder))
+    with pytest.raises(CheckpointError, match="no bandit state here"):
+        actor.stats()
+    shutil.copytree(service["state"], folder)
+    assert actor.settings()["state_dir"] == str(folder)
+
+
 # ----- hostile input (issue 21): bounds, body size, token; the saved state untouched and finite
 def _saved(service) -> bytes:
     return (service["state"] / STATE_FILE).read_bytes()

@@ -259,6 +259,19 @@ def test_chunk_with_damaged_tensor_bytes_is_a_miss_recomputed(tiny: dict, resume
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_chunk_that_cannot_be_opened_now_is_skipped_not_removed(resumed: dict, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """An I/O error is the reader's trouble (a flaky shared disk), not proof of a bad chunk: the
+    probes count as not done this time, and nothing is deleted."""
+    cache = ProbeCache(shutil.copytree(resumed["cache"].root, tmp_path / "cache"))
+    odd = cache.root / "chunk-zz-00000.safetensors"
+    odd.mkdir()  # opening it raises OSError, as EIO or ESTALE would
+    with caplog.at_level("WARNING"):
+        ids = cache.chunk_probe_ids()
+    assert odd not in ids and odd.is_dir() and "not readable now" in caplog.text
+    assert sorted(p for v in ids.values() for p in v) == sorted(resumed["cache"].done_ids())
+
+
 def test_discarding_the_cache_removes_only_its_entries(resumed: dict, tmp_path: Path) -> None:
     root = tmp_path / "cache"
     shutil.copytree(resumed["cache"].root, root / "key1")

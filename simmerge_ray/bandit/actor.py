@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from simmerge_ray.errors import CheckpointError, ConfigError, SimMergeError, ray_get
+from simmerge_ray.errors import ConfigError, SimMergeError, ray_get
 from simmerge_ray.bandit.core import BanditCore, PriorKind
 
 ACTOR_NAME = "simmerge-bandit"
@@ -23,20 +23,23 @@ NAMESPACE = "simmerge"
 
 class BanditActor:
     def __init__(self, state_dir: str):
-        # A bad state folder is kept and raised by every call, not by the constructor: Ray hands
-        # a constructor's error back only inside a multi-line actor-death message, a method's
-        # as itself (`ray_get`), so the caller can print the one line that names the file.
+        # A bad state folder is raised by every call (which tries to load it again), not by the
+        # constructor: Ray hands a constructor's error back only inside a multi-line actor-death
+        # message, a method's as itself (`ray_get`), so the caller can print the one line that
+        # names the file.
+        self._state_dir = Path(state_dir)
         self._core: BanditCore | None = None
-        self._error: SimMergeError | None = None
         try:
-            self._core = BanditCore(Path(state_dir))
-        except SimMergeError as e:
-            self._error = e
+            self._core = BanditCore(self._state_dir)
+        except SimMergeError:
+            pass  # raised again by the first call
 
     @property
     def core(self) -> BanditCore:
+        """The loaded state; loaded again on each call until it loads (a folder repaired after a
+        restart serves again without another restart)."""
         if self._core is None:
-            raise self._error or CheckpointError("bandit state not loaded")
+            self._core = BanditCore(self._state_dir)
         return self._core
 
     def decide(self, x: list[float], arms: list[str] | None = None) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from simmerge_ray.bandit.actor import ACTOR_NAME, NAMESPACE, start_bandit_actor
 from simmerge_ray.bandit.auth import check_authorization, load_token, token_digest
 from simmerge_ray.bandit.body_limit import BodyLimit
 from simmerge_ray.bandit.errors import BanditError
+from simmerge_ray.errors import CheckpointError
 from simmerge_ray.bandit.feature_table import FeatureTable
 from simmerge_ray.bandit.limits import FEATURE_BOUND, MAX_BODY_BYTES, MAX_FEATURES, PRIOR_VAR_RANGE, REWARD_BOUND
 
@@ -118,6 +119,12 @@ async def _require_token(authorization: Annotated[str | None, Header()] = None) 
     """Dependency of the writing endpoints: it runs before their body is validated, so a caller
     without the token learns nothing but 401."""
     check_authorization(authorization, serve.get_replica_context().servable_object.token_digest)
+
+
+@api.exception_handler(CheckpointError)
+async def _state_unavailable(_: Request, exc: CheckpointError) -> JSONResponse:
+    # The actor is up but its state folder does not load (it tries again on every call).
+    return JSONResponse(status_code=503, content={"detail": f"bandit state unavailable: {getattr(exc, 'cause', exc)}"})
 
 
 @api.exception_handler(ray.exceptions.RayActorError)

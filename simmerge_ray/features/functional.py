@@ -101,7 +101,8 @@ def with_b_task_columns(table: pl.DataFrame, task_of: dict[str, str | None]) -> 
     own = table.select("a", "b", pl.col("task").alias("_b_task"),
                        *(pl.col(c).alias(c + B_TASK_SUFFIX) for c in FUNCTIONAL_COLUMNS))
     b_task = pl.col("b").replace_strict(task_of, default=None, return_dtype=pl.String).alias("_b_task")
-    joined = table.select(*SCHEMA).with_columns(b_task).join(own, on=["a", "b", "_b_task"], how="left")
+    joined = table.select(*SCHEMA).with_columns(b_task).join(own, on=["a", "b", "_b_task"], how="left",
+                                                                       maintain_order="left", validate="m:1")
     return joined.drop("_b_task").select(*TABLE_SCHEMA)
 
 

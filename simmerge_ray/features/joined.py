@@ -27,7 +27,7 @@ def join_structural(functional: pl.DataFrame, structural_path: Path) -> pl.DataF
             f"{structural_path}: no structural row for pair ({a}, {b}) ({missing.height} functional rows "
             f"unmatched); was it computed from the same catalog?"
         )
-    return functional.join(structural, on=["a", "b"], how="left")
+    return functional.join(structural, on=["a", "b"], how="left", maintain_order="left", validate="m:1")
 
 
 def write_joined(out: Path) -> Path | None:

@@ -106,6 +106,9 @@ class ProbeCache:
                         self._verified.add(stamp)
             except FileNotFoundError:
                 continue  # removed meanwhile by a concurrent reader
+            except (OSError, MemoryError) as e:  # the reader's trouble (I/O, memory), not the chunk's
+                log.warning("%s: probe-cache chunk not readable now (%s); its probes run again, the file is kept", path, e)
+                continue
             except Exception as e:  # the safetensors library raises its own SafetensorError
                 log.warning("%s: unreadable probe-cache chunk (%s); removed, its probes run again", path, e)
                 path.unlink(missing_ok=True)
