@@ -83,6 +83,7 @@ class ProbeRun:
     options: RunOptions
     plans: dict[str, dict[str, ModelProbes]]
     reports: dict[tuple[str, str], RunReport]
+    model_tasks: dict[str, str | None]  # each catalog model's own task (None: no task's expert)
 
 
 def run_probes(req: ProbeRequest, *, require_comparable: bool = False, outputs: tuple[str, ...] = ()) -> ProbeRun:
@@ -118,7 +119,7 @@ def run_probes(req: ProbeRequest, *, require_comparable: bool = False, outputs: 
                                    require_comparable=require_comparable, on_start=on_start)
     for bar in bars:
         bar.close()
-    return ProbeRun(out, req.settings, req.options, plans, reports)
+    return ProbeRun(out, req.settings, req.options, plans, reports, catalog.model_tasks)
 
 
 def write_manifest(run: ProbeRun) -> Path:
@@ -159,7 +160,6 @@ def summary_lines(run: ProbeRun) -> list[str]:
 def functional(req: ProbeRequest, *, echo: Callable[[str], None] = print) -> dict[str, Path]:
     """Run the missing probes, then write out/functional.parquet (and out/features.parquet when
     the structural features are there); returns what was written."""
-    from simmerge_ray.catalog import Catalog
     from simmerge_ray.features.functional import write_functional_features
     from simmerge_ray.features.joined import FUNCTIONAL_FILE, JOINED_FILE
 
@@ -167,7 +167,7 @@ def functional(req: ProbeRequest, *, echo: Callable[[str], None] = print) -> dic
     for line in summary_lines(run):
         echo(line)
     write_manifest(run)
-    written = write_functional_features(run.plans, Catalog.load(req.catalog).model_tasks, run.out)
+    written = write_functional_features(run.plans, run.model_tasks, run.out)
     for what, path in written.items():
         echo(f"wrote {what}: {path}")
     return written
