@@ -71,14 +71,15 @@ def _is_free(port: int) -> bool:
     return True
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct ports, free a moment ago, from this process's window (see `_port_window`)."""
+def free_ports(n: int, exclude: tuple[int, ...] = ()) -> list[int]:
+    """n distinct ports, free a moment ago, from this process's window (see `_port_window`),
+    none of them in `exclude` (ports already promised to a process that has not bound them yet)."""
     window = _port_window()
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     ports: list[int] = []
     while len(ports) < n:
         port = rng.choice(window)
-        if port not in ports and _is_free(port):
+        if port not in ports and port not in exclude and _is_free(port):
             ports.append(port)
     return ports
 

@@ -60,7 +60,8 @@ class Node:
         folder = name if attempt == 0 else f"{name}-retry{attempt}"
         temp = work / folder
         temp.mkdir()
-        nm, om, agent, agent_grpc, env_agent, metrics, client = free_ports(7)
+        # the head's GCS port is not bound yet while its own ports are picked: keep it out
+        nm, om, agent, agent_grpc, env_agent, metrics, client = free_ports(7, exclude=(gcs_port,))
         self.port = nm  # how ray.nodes() names this node
         cmd = [str(RAY), "start", "--block", f"--temp-dir={temp}", "--num-cpus=2",
                f"--resources={json.dumps(slots)}", "--object-store-memory=100000000",
