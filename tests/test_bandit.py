@@ -212,6 +212,20 @@ def test_identity_encoder_standardises_and_round_trips():
         enc.encode([1.0, float("inf")])
 
 
+def test_undefined_features_are_left_out_of_the_statistics_and_imputed_with_the_mean():
+    """A column undefined in some rows (measured on the auxiliary's task, where some auxiliaries
+    have none) keeps its information elsewhere: statistics skip the gaps, a gap encodes as the mean."""
+    x = np.array([[1.0, 2.0], [3.0, np.nan], [5.0, 4.0], [7.0, np.nan]])
+    enc = IdentityEncoder.fit(["s_a", "f_b_on_b_task"], x)
+    np.testing.assert_allclose(enc.mean, [4.0, 3.0])
+    np.testing.assert_allclose(enc.scale, [np.sqrt(5.0), 1.0])
+    z = enc.encode(x)
+    np.testing.assert_allclose(z[:, 1], [-1.0, 0.0, 1.0, 0.0])
+    np.testing.assert_array_equal(enc.encode([[3.0, None]]), enc.encode([[3.0, 3.0]]))
+    with pytest.raises(ConfigError, match=r"columns defined in no row: \['f_b_on_b_task'\]"):
+        IdentityEncoder.fit(["s_a", "f_b_on_b_task"], np.c_[x[:, 0], np.full(4, np.nan)])
+
+
 def test_feature_table_lookup_names_what_is_unknown():
     _, features = synthetic_tables(SyntheticBanditSpec(n_models=3, tasks=("code",), n_features=2))
     table = FeatureTable(features, ["s_syn0", "f_syn1"])
@@ -389,8 +403,40 @@ def test_cli_bandit_init_names_a_feature_table_without_finite_columns(tmp_path: 
     state = tmp_path / "state"
     assert cli_main(["bandit-init", "--state", str(state), "--features", str(path), "--operators", "linear,ties"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"simmerge bandit-init: error: {path}: no numeric columns prefixed s_ or f_ with finite values in every row"], err
+    assert err == [f"simmerge bandit-init: error: {path}: no numeric column prefixed s_ or f_ that is defined in "
+                   "some row and never infinite"], err
     assert not state.exists()  # nothing written
+
+
+def test_a_pair_whose_auxiliary_has_no_task_is_served_with_its_features_imputed(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture[str]):
+    """A catalog model without a task has no probes of its own: the columns measured on b's task
+    are null in its rows. bandit-init keeps those columns (it dropped them all before), and a
+    decision for such a pair encodes the gap as the offline mean instead of being refused."""
+    labels, features = synthetic_tables(SyntheticBanditSpec(n_models=4, seed=3))
+    taskless = pl.col("b") == "m3"
+    features = features.with_columns(
+        pl.when(taskless).then(None).otherwise(pl.col("f_syn7")).alias("f_syn7_on_b_task"),
+        pl.lit(float("inf")).alias("s_broken"))
+    path = tmp_path / "features.parquet"
+    features.write_parquet(path)
+    labels.write_parquet(tmp_path / "labels.parquet")
+    state = tmp_path / "state"
+    assert cli_main(["bandit-init", "--state", str(state), "--features", str(path),
+                     "--labels", str(tmp_path / "labels.parquet")]) == 0
+    out = capsys.readouterr().out
+    assert "1 feature column(s) left out (defined in no row, or infinite): s_broken" in out
+    core = BanditCore(state)
+    names = core.encoder.feature_names
+    assert "f_syn7_on_b_task" in names and "s_broken" not in names
+    col = names.index("f_syn7_on_b_task")
+    defined = features.filter(~taskless)["f_syn7_on_b_task"].to_numpy()
+    assert core.encoder.mean[col] == pytest.approx(defined.mean())
+    x = FeatureTable(features, names).lookup("m0", "m3", "code")
+    assert np.isnan(x[col]) and np.isfinite(np.delete(x, col)).all()
+    z = core.encoder.encode(x)
+    assert z[0, col] == 0.0 and np.isfinite(z).all()
+    assert core.decide(x)["operator"] in core.bandit.arm_names
 
 
 def test_cli_serve_refuses_a_folder_without_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -406,9 +452,9 @@ def test_rewards_and_features_outside_the_declared_bounds_are_refused(core: Band
     for bad in (1e308, -1e308, REWARD_BOUND * 1.01, float("inf"), float("nan"), True, "0.5"):
         with pytest.raises(RewardError, match="^reward: must be"):
             core.feedback(d["decision_id"], bad)
-    for bad in ([1e308, 0.0, 0.0], [0.0, 0.0, -2 * FEATURE_BOUND], [0.0, float("nan"), 0.0]):
+    for bad in ([1e308, 0.0, 0.0], [0.0, 0.0, -2 * FEATURE_BOUND], [0.0, float("-inf"), 0.0]):
         col = next(i for i, v in enumerate(bad) if not abs(v) <= FEATURE_BOUND)
-        with pytest.raises(FeatureError, match=rf"^features\[{col}\]: must be a finite number in \[-1e\+06, 1e\+06\]"):
+        with pytest.raises(FeatureError, match=rf"^features\[{col}\]: must be a finite number in \[-1e\+06, 1e\+06\] or missing"):
             core.decide(bad)
     with pytest.raises(BanditError, match=r"^prior_var: must be in \[1e-06, 1e\+06\], got 1e-09"):
         core.add_arm("fragile", prior_var=1e-9)

@@ -92,6 +92,11 @@ def test_decide_feedback_round_trip(service):
     assert named["operator"] == "ties"
     assert client.call("GET", "/healthz") == (200, {"status": "ok", "arms": service["operators"],
                                                     "decisions": after["decisions"] + 1})
+    # A null feature is one undefined for this pair (as in the feature table), imputed with the
+    # offline mean: the posterior means are those of a request that sends the mean itself.
+    status, gap = client.call("POST", "/decide", {"features": [None, *x[0].tolist()[1:]]})
+    _, at_mean = client.call("POST", "/decide", {"features": [float(x[:, 0].mean()), *x[0].tolist()[1:]]})
+    assert status == 200 and gap["expected"] == pytest.approx(at_mean["expected"], rel=1e-12)
 
 
 def test_feedback_is_idempotent(service):

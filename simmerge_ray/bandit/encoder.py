@@ -39,7 +39,8 @@ class Encoder(Protocol):
 
 
 class IdentityEncoder:
-    """Standardise each raw feature with a mean and scale fitted once, then frozen."""
+    """Standardise each raw feature with a mean and scale fitted once, then frozen; an undefined
+    (NaN) feature is imputed with that mean, as the selector's design does."""
 
     kind = "identity"
 
@@ -58,16 +59,19 @@ class IdentityEncoder:
 
     @classmethod
     def fit(cls, feature_names: Sequence[str], x: np.ndarray) -> IdentityEncoder:
-        """Fit on the offline features; constant columns keep scale 1 (they become 0)."""
+        """Fit on the offline features, NaN (undefined for a row) left out of the statistics;
+        constant columns keep scale 1 (they become 0)."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != len(feature_names) or x.shape[0] == 0:
             raise ConfigError(
                 f"identity encoder: need a non-empty [n, {len(feature_names)}] matrix, got {x.shape}"
             )
-        if not np.all(np.isfinite(x)):
-            raise ConfigError("identity encoder: fitting features contain NaN/Inf")
-        std = x.std(axis=0)
-        return cls(feature_names, x.mean(axis=0), np.where(std > 1e-12, std, 1.0))
+        undefined = [n for n, none in zip(feature_names, np.isnan(x).all(axis=0)) if none]
+        if np.isinf(x).any() or undefined:
+            raise ConfigError("identity encoder: fitting features contain Inf"
+                              + (f" or columns defined in no row: {undefined}" if undefined else ""))
+        std = np.nanstd(x, axis=0)
+        return cls(feature_names, np.nanmean(x, axis=0), np.where(std > 1e-12, std, 1.0))
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -79,7 +83,7 @@ class IdentityEncoder:
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         x = check_features(x, len(self._names))
-        return (x - self.mean) / self.scale
+        return np.nan_to_num((x - self.mean) / self.scale, nan=0.0)  # undefined: the offline mean
 
     def spec(self) -> dict[str, Any]:
         return {

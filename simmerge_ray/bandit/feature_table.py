@@ -37,7 +37,8 @@ class FeatureTable:
         return cls(read_table(Path(path), "feature table"), feature_names, source=str(path))
 
     def lookup(self, a: str, b: str, task: str) -> np.ndarray:
-        """x(a, b, task) as float64 [d]; names that are not in the table raise UnknownNameError."""
+        """x(a, b, task) as float64 [d], NaN where undefined (a null in the table); names that are
+        not in the table raise UnknownNameError."""
         for kind, name, known in (("model", a, self.models), ("model", b, self.models),
                                   ("task", task, self.tasks)):
             if name not in known:
@@ -46,7 +47,7 @@ class FeatureTable:
         if row is None:
             raise UnknownNameError(f"{self.source}: no features for pair ({a!r}, {b!r}) on task {task!r}")
         x = self._x[row]
-        if not np.all(np.isfinite(x)):
-            bad = [n for n, v in zip(self.feature_names, x) if not np.isfinite(v)]
-            raise FeatureError(f"{self.source}: ({a}, {b}, {task}) has non-finite features {bad}")
-        return x.copy()
+        if np.isinf(x).any():
+            bad = [n for n, v in zip(self.feature_names, x) if np.isinf(v)]
+            raise FeatureError(f"{self.source}: ({a}, {b}, {task}) has infinite features {bad}")
+        return x.copy()  # NaN where a feature is undefined for this pair: the encoder imputes it

@@ -23,18 +23,21 @@ from simmerge_ray.features.schema import feature_columns
 class InitialBandit:
     encoder: IdentityEncoder
     bandit: LinTS
-    dropped: tuple[str, ...]  # feature columns left out: NaN or Inf in some row
+    dropped: tuple[str, ...]  # feature columns left out: defined in no row, or infinite in some
     contexts: int  # offline contexts absorbed; 0 for a cold start
 
 
-def finite_feature_columns(features: pl.DataFrame, source: str = "features") -> tuple[list[str], list[str]]:
-    """(kept, dropped) numeric feature columns. A column with NaN somewhere (e.g. the middle depth
-    third of a 2-layer model, which has no layer) carries no usable context."""
+def usable_feature_columns(features: pl.DataFrame, source: str = "features") -> tuple[list[str], list[str]]:
+    """(kept, dropped) numeric feature columns. A column defined in no row (e.g. the middle depth
+    third of a 2-layer model, which has no layer) or infinite somewhere carries no usable
+    context; one undefined in some rows only (e.g. measured on the auxiliary's task, where some
+    auxiliaries have none) is kept, and the encoder imputes its mean there."""
     numeric = feature_columns(features)
     values = features.select(numeric).cast(pl.Float64).fill_null(float("nan")).to_numpy()
-    kept = [c for c, ok in zip(numeric, np.isfinite(values).all(axis=0)) if ok]
+    ok = ~np.isinf(values).any(axis=0) & ~np.isnan(values).all(axis=0)
+    kept = [c for c, good in zip(numeric, ok) if good]
     if not kept:
-        raise ConfigError(f"{source}: no numeric columns prefixed s_ or f_ with finite values in every row")
+        raise ConfigError(f"{source}: no numeric column prefixed s_ or f_ that is defined in some row and never infinite")
     return kept, [c for c in numeric if c not in kept]
 
 
@@ -43,8 +46,8 @@ def initial_bandit(features: pl.DataFrame, settings: SimSettings, *, labels: pl.
     """The identity encoder fitted on every row of the feature table, and a bandit warm-started
     from `labels` (every operator they measure) or, without labels, cold with `operators`;
     `source` names the feature table in errors."""
-    names, dropped = finite_feature_columns(features, source)
-    encoder = IdentityEncoder.fit(names, features.select(names).cast(pl.Float64).to_numpy())
+    names, dropped = usable_feature_columns(features, source)
+    encoder = IdentityEncoder.fit(names, features.select(names).cast(pl.Float64).fill_null(float("nan")).to_numpy())
     if labels is not None:
         data = replay_data(labels, features, names)
         bandit = warm_bandit(encoder, data.operators, encoder.encode(data.x), data.rewards, settings)

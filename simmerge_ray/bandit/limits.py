@@ -4,7 +4,8 @@ A reward is a merge's utility (GapClosed-like, around [-2, 2]); REWARD_BOUND lea
 outliers while keeping one reward from swamping a posterior. Raw pair features are similarities,
 norms and KL bounds far below FEATURE_BOUND, which only rules out values no real feature takes
 (1e308 overflows the posterior's products). Both are checked at the HTTP front and again in the
-core, so a caller that bypasses HTTP (the actor, the simulator) gets the same refusal.
+core, so a caller that bypasses HTTP (the actor, the simulator) gets the same refusal. A missing
+feature (JSON null; NaN inside Python) is not a bad value: encoders impute it.
 """
 
 from __future__ import annotations
@@ -41,16 +42,21 @@ def check_prior_var(prior_var: float | None) -> float | None:
     return prior_var
 
 
-def check_features(x: np.ndarray | Sequence[float], width: int) -> np.ndarray:
-    """x as a float64 [n, width] matrix, or FeatureError naming the first bad value's index."""
-    arr = np.asarray(x, dtype=np.float64)
+def check_features(x: np.ndarray | Sequence[float | None], width: int) -> np.ndarray:
+    """x as a float64 [n, width] matrix, or FeatureError naming the first bad value's index.
+
+    NaN (or None) marks a feature that is undefined for this pair, as in the feature table (e.g.
+    the columns measured on the auxiliary's task when the auxiliary has none); the encoders
+    impute it with the offline mean, as the selector does. Infinite and out-of-bound values are
+    refused."""
+    arr = np.asarray(x, dtype=np.float64)  # None becomes NaN
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != width:
         raise FeatureError(f"features: expected width {width}, got shape {tuple(arr.shape)}")
-    bad = ~(np.abs(arr) <= FEATURE_BOUND)  # NaN compares False: caught here too
+    bad = np.abs(arr) > FEATURE_BOUND  # NaN compares False: missing, not bad
     if bad.any():
         row, col = (int(i) for i in np.argwhere(bad)[0])
         raise FeatureError(f"features[{col}]: must be a finite number in [-{FEATURE_BOUND:g}, "
-                           f"{FEATURE_BOUND:g}], got {arr[row, col]:g}")
+                           f"{FEATURE_BOUND:g}] or missing (null), got {arr[row, col]:g}")
     return arr

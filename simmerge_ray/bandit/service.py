@@ -48,7 +48,8 @@ class DecideRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    features: Annotated[list[Feature], Field(max_length=MAX_FEATURES)] | None = None
+    # null: a feature undefined for this pair (imputed with the offline mean, as the selector does)
+    features: Annotated[list[Feature | None], Field(max_length=MAX_FEATURES)] | None = None
     a: Name | None = None
     b: Name | None = None
     task: Name | None = None

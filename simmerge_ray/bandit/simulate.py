@@ -82,17 +82,18 @@ def replay_data(
         .sort("task", "expert", "aux")
     )
     joined = wide.join(
-        features.select(*KEY_COLUMNS, *names).rename({"a": "expert", "b": "aux"}),
+        features.select(*KEY_COLUMNS, *names).rename({"a": "expert", "b": "aux"})
+        .with_columns(pl.lit(True).alias("_has_x")),
         on=["task", "expert", "aux"],
         how="left",
     )
-    no_x = joined.filter(pl.col(names[0]).is_null())
+    no_x = joined.filter(pl.col("_has_x").is_null())
     if no_x.height:
         first = no_x.select("task", "expert", "aux").rows()[:3]
         raise ConfigError(f"features: no row for {no_x.height} labelled (task, expert, aux), e.g. {first}")
-    x = joined.select(names).cast(pl.Float64).to_numpy()
-    if not np.all(np.isfinite(x)):
-        raise ConfigError("features: non-finite values in the rows used by the labels")
+    x = joined.select(names).cast(pl.Float64).fill_null(float("nan")).to_numpy()  # NaN: undefined, imputed
+    if np.isinf(x).any():
+        raise ConfigError("features: infinite values in the rows used by the labels")
     rewards = joined.select(operators).cast(pl.Float64).fill_null(float("nan")).to_numpy()
     keys = [tuple(r) for r in joined.select("task", "expert", "aux").rows()]
     return ReplayData(keys, x, rewards, operators, tuple(names))

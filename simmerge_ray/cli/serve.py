@@ -86,7 +86,7 @@ def _init(args: argparse.Namespace) -> int:
                            SimSettings(bandit=_config(args), warm_weight=args.warm_weight),
                            labels=labels, operators=operators, source=str(args.features))
     if start.dropped:
-        print(f"bandit-init: {len(start.dropped)} feature column(s) with NaN/Inf left out: {', '.join(start.dropped)}")
+        print(f"bandit-init: {len(start.dropped)} feature column(s) left out (defined in no row, or infinite): {', '.join(start.dropped)}")
     core = BanditCore.create(args.state, start.encoder, start.bandit, feature_table=args.features,
                              overwrite=args.overwrite)
     how = f"warm start from {start.contexts} contexts" if start.contexts else "cold start"
