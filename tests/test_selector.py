@@ -160,6 +160,14 @@ def test_transfer_applies_a_selector_unchanged(data) -> None:
     extra = labels.filter(pl.col("operator") == "linear").with_columns(operator=pl.lit("dare_linear"))
     with pytest.raises(ConfigError, match="target labels have operators the selector does not predict: dare_linear"):
         evaluate_transfer(sel, build_pair_data(labels.vstack(extra), features))
+    # A column the target table holds but defines in no row (e.g. measured on the auxiliary's own
+    # task where no auxiliary has one) is imputed, not refused: the predictions are those of a
+    # target that carries the selector's training mean there.
+    blank = build_pair_data(labels, features.with_columns(pl.lit(None, dtype=pl.Float64).alias("s_x2")))
+    assert "s_x2" not in blank.feature_names and blank.undefined_features == ("s_x2",)
+    at_mean = build_pair_data(labels, features.with_columns(pl.lit(float(sel.mean[sel.feature_names.index("s_x2")]))
+                                                            .alias("s_x2")))
+    assert evaluate_transfer(sel, blank)["utility"] == evaluate_transfer(sel, at_mean)["utility"]
 
 
 def test_transfer_counts_target_pairs_outside_the_training_domain(data) -> None:

@@ -8,7 +8,7 @@ table. Feature columns are the numeric columns prefixed `s_` (structural) or `f_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ class PairData:
     operators: list[str]
     gap: np.ndarray | None = None  # [n, k] the paper's one-sided GapClosed beside a two-sided target
     aux_tasks: list[str | None] | None = None  # [n] the auxiliary's task (None: the labels lack aux_task)
+    undefined_features: tuple[str, ...] = ()  # the table's feature columns null in every row: not in x
 
     @property
     def same_task_pairs(self) -> bool | None:
@@ -53,15 +54,18 @@ class PairData:
 
     def subset(self, idx: np.ndarray | list[int]) -> "PairData":
         idx = np.asarray(idx, dtype=int)
-        return PairData(self.x[idx], self.y[idx], [self.tasks[i] for i in idx], [self.experts[i] for i in idx],
-                        [self.auxes[i] for i in idx], self.feature_names, self.operators,
-                        None if self.gap is None else self.gap[idx],
-                        None if self.aux_tasks is None else [self.aux_tasks[i] for i in idx])
+        return replace(self, x=self.x[idx], y=self.y[idx], tasks=[self.tasks[i] for i in idx],
+                       experts=[self.experts[i] for i in idx], auxes=[self.auxes[i] for i in idx],
+                       gap=None if self.gap is None else self.gap[idx],
+                       aux_tasks=None if self.aux_tasks is None else [self.aux_tasks[i] for i in idx])
 
     def select_features(self, names: list[str]) -> "PairData":
-        cols = [self.feature_names.index(n) for n in names]
-        return PairData(self.x[:, cols], self.y, self.tasks, self.experts, self.auxes, list(names), self.operators,
-                        self.gap, self.aux_tasks)
+        """These columns, in this order; one of `undefined_features` comes back as NaN (the
+        selector imputes it), as when a target zoo has no row where it is defined."""
+        nan = np.full(len(self.tasks), np.nan)
+        x = np.stack([nan if n in self.undefined_features else self.x[:, self.feature_names.index(n)]
+                      for n in names], axis=1) if names else self.x[:, :0]
+        return replace(self, x=x, feature_names=list(names), undefined_features=())
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -122,7 +126,8 @@ def build_pair_data(labels: pl.DataFrame, features: pl.DataFrame, *,
     # task vectors without a base) they leave the schema; in some rows (a LoRA expert's
     # untouched embeddings have no task-vector direction) they stay NaN, and the selector
     # imputes the training mean (0 after standardisation) for them.
-    names = [c for c in names if joined[c].null_count() < joined.height]
+    undefined = tuple(c for c in names if joined[c].null_count() == joined.height)
+    names = [c for c in names if c not in undefined]
     if joined.height == 0:
         raise ConfigError(
             f"no (task, expert, aux) row has both labels ({wide.height} labelled) and features "
@@ -135,7 +140,7 @@ def build_pair_data(labels: pl.DataFrame, features: pl.DataFrame, *,
            if all(c in joined.columns for c in gap_cols) else None)
     aux_tasks = joined["aux_task"].to_list() if "aux_task" in joined.columns else None
     return PairData(x, y, joined["task"].to_list(), joined["expert"].to_list(), joined["aux"].to_list(),
-                    names, list(ops), gap, aux_tasks)
+                    names, list(ops), gap, aux_tasks, undefined)
 
 
 def features_file(features: str | Path) -> Path:

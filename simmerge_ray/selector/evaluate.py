@@ -99,10 +99,12 @@ def evaluate_loto(data: PairData, fit: FitFn) -> dict:
 def evaluate_transfer(sel: Selector, data: PairData) -> dict:
     """A fitted selector judged, unchanged, on another zoo's pairs (no retraining).
 
-    The target table must hold every feature of the selector's schema, and its operators must
-    be ones the selector predicts; an unknown task gets no task code, as in leave-one-task-out.
+    The target table must hold every feature of the selector's schema (a column undefined in all
+    its rows, e.g. measured on the auxiliary's task where no auxiliary has one, is imputed), and
+    its operators must be ones the selector predicts; an unknown task gets no task code, as in
+    leave-one-task-out.
     """
-    sel.check_schema(data.feature_names, "target feature table")
+    sel.check_schema([*data.feature_names, *data.undefined_features], "target feature table")
     unknown = [o for o in data.operators if o not in sel.operators]
     if unknown:
         raise ConfigError(f"target labels have operators the selector does not predict: {', '.join(unknown)}")
