@@ -48,7 +48,7 @@ class SyntheticStepModel:
     def extend(self, state: tuple[int, ...], model: str, arm) -> tuple[int, ...]:
         return state + (self.index[model],)
 
-    def step_utilities(self, states, nexts, task):
+    def step_utilities(self, states, nexts, task, joining_tasks=None):
         last = np.fromiter((s[-1] for s in states), int)
         nxt = np.fromiter((self.index[m] for m in nexts), int)
         return self.u[last, nxt], None

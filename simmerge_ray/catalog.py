@@ -82,6 +82,9 @@ class Catalog(BaseModel):
             seen.add(m.name)
             if check_paths and not m.path.exists():
                 raise ConfigError(f"{where}: models[{i}] (name {m.name!r}): path {m.path} does not exist")
+            if cat.tasks and m.task is not None and m.task not in cat.tasks:  # a typo would make it task-less
+                raise ConfigError(f"{where}: models[{i}] (name {m.name!r}): task {m.task!r} is not one of tasks "
+                                  f"({', '.join(cat.tasks)})")
         if check_paths and cat.base is not None and not cat.base.exists():
             raise ConfigError(f"{where}: base: path {cat.base} does not exist")
         return cat

@@ -436,7 +436,14 @@ def test_a_pair_whose_auxiliary_has_no_task_is_served_with_its_features_imputed(
     assert np.isnan(x[col]) and np.isfinite(np.delete(x, col)).all()
     z = core.encoder.encode(x)
     assert z[0, col] == 0.0 and np.isfinite(z).all()
-    assert core.decide(x)["operator"] in core.bandit.arm_names
+    filled = x.copy()
+    filled[col] = core.encoder.mean[col]
+    assert core.decide(x)["expected"] == pytest.approx(core.decide(filled)["expected"], rel=1e-12)
+    assert core.decide(x)["expected"] != pytest.approx(core.decide(np.nan_to_num(x))["expected"], rel=1e-6)
+    # bandit-sim replays the same columns (it refused the whole table before).
+    assert cli_main(["bandit-sim", "--labels", str(tmp_path / "labels.parquet"), "--features", str(path),
+                     "--out", str(tmp_path / "sim"), "--rounds", "10", "--repeats", "1", "--add-at", "3"]) == 0
+    assert "bandit-sim: 1 feature column(s) left out (defined in no row, or infinite): s_broken" in capsys.readouterr().out
 
 
 def test_cli_serve_refuses_a_folder_without_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -462,6 +469,17 @@ def test_rewards_and_features_outside_the_declared_bounds_are_refused(core: Band
     assert core.feedback(d["decision_id"], -REWARD_BOUND)["status"] == "counted"  # the bound is allowed
     _, arrays = read_state(core.state_dir)
     assert all(np.all(np.isfinite(a)) for a in arrays.values() if a.dtype.kind == "f")
+
+
+def test_a_missing_feature_is_imputed_and_named_and_an_empty_context_refused(core: BanditCore):
+    """Inside Python NaN is a missing value (JSON null over HTTP, where a NaN literal is refused)."""
+    d = core.decide([0.1, float("nan"), 0.3])
+    assert d["imputed"] == ["s_1"] and core.decide([0.1, 0.2, 0.3])["imputed"] == []
+    assert d["expected"] == pytest.approx(core.decide([0.1, core.encoder.mean[1], 0.3])["expected"], rel=1e-12)
+    before = core.stats()
+    with pytest.raises(FeatureError, match="^features: every value is missing"):
+        core.decide([float("nan")] * 3)
+    assert core.stats() == before
 
 
 def test_a_context_whose_scores_overflow_is_refused_without_a_trace(tmp_path: Path):

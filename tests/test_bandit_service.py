@@ -97,6 +97,7 @@ def test_decide_feedback_round_trip(service):
     status, gap = client.call("POST", "/decide", {"features": [None, *x[0].tolist()[1:]]})
     _, at_mean = client.call("POST", "/decide", {"features": [float(x[:, 0].mean()), *x[0].tolist()[1:]]})
     assert status == 200 and gap["expected"] == pytest.approx(at_mean["expected"], rel=1e-12)
+    assert len(gap["imputed"]) == 1 and at_mean["imputed"] == []  # said, never silent
 
 
 def test_feedback_is_idempotent(service):
@@ -118,6 +119,7 @@ def test_feedback_is_idempotent(service):
         ("POST", "/decide", b'{"features": [1, 2', 422, "JSON decode error"),
         ("POST", "/decide", {"features": [1.0, 2.0]}, 422, "expected width 4"),
         ("POST", "/decide", b'{"features": [NaN, 0, 0, 0]}', 422, "finite number"),
+        ("POST", "/decide", {"features": [None, None, None, None]}, 422, "every value is missing"),
         ("POST", "/decide", {"a": "m1", "b": "m2"}, 422, "all of 'a', 'b' and 'task'"),
         ("POST", "/decide", {"features": [0, 0, 0, 0], "task": "code"}, 422, "not both"),
         ("POST", "/decide", {"a": "gpt5", "b": "m2", "task": "code"}, 404, "unknown model 'gpt5'"),

@@ -125,6 +125,16 @@ def test_plan_with_a_misspelt_task_lists_the_known_ones(tmp_path: Path, capsys) 
     assert not (tmp_path / "plan").exists()
 
 
+def test_a_model_whose_task_is_not_declared_is_named(tmp_path: Path, capsys) -> None:
+    """A typo in a model's task used to make it silently task-less (features, plan), and `label`
+    then blamed a `tasks.<typo>` entry that is not in the file."""
+    (tmp_path / "p.jsonl").write_text('"x"\n')
+    cat = _catalog(tmp_path, {"code": {"probes": "p.jsonl"}, "maths": {"probes": "p.jsonl"}})
+    assert cli_main(["features", "functional", "--catalog", str(cat), "--out", str(tmp_path / "feats")]) == 2
+    _one_line_error(capsys, f"{cat}: models[1] (name 'b'): task 'math' is not one of tasks (code, maths)")
+    assert not (tmp_path / "feats").exists()
+
+
 def test_plan_with_a_bad_calibration_file_names_it(tmp_path: Path, capsys) -> None:
     cat = _catalog(tmp_path)
     args = ["plan", "--selector", str(tmp_path / "sel"), "--aux-selector", str(tmp_path / "sel-aux"), "--catalog",
@@ -223,6 +233,24 @@ def test_merge_of_a_pickle_checkpoint_points_to_convert(models: Path, tmp_path: 
     assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "out")]) == 2
     err = _one_line_error(capsys, f"simmerge convert {src} --out DIR --allow-pickle")
     assert "or pass --allow-pickle" not in err
+
+
+def test_label_says_which_models_and_tasks_it_leaves_out(tmp_path: Path, capsys) -> None:
+    """A task-less model and a task without an expert are left out of the labels, said in one line
+    (here before the output check refuses --out inside the catalog's model folder)."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "good.jsonl").write_text('{"prompt": "q", "answer": "a"}\n')
+    cat = _catalog(tmp_path, {"code": {"eval": "good.jsonl"}, "math": {"eval": "good.jsonl"},
+                              "rag": {"eval": "good.jsonl"}}, base=True)
+    raw = yaml.safe_load(cat.read_text())
+    raw["models"].append({"name": "chat", "path": "c"})
+    cat.write_text(yaml.safe_dump(raw))
+    assert cli_main(["label", "--catalog", str(cat), "--out", str(tmp_path / "a" / "labels")]) == 2
+    out = capsys.readouterr()
+    assert out.out.strip().splitlines() == ["label: left out, as a merge is judged on both models' tasks: models "
+                                            "without a task (chat); tasks without an expert (rag)"]
+    assert len(out.err.strip().splitlines()) == 1 and "Traceback" not in out.err
 
 
 def test_label_refuses_an_unknown_weighting_before_reading_anything(tmp_path: Path, capsys) -> None:

@@ -49,7 +49,7 @@ class TableModel:
     def extend(self, state, model: str, arm):
         return state + (model,)
 
-    def step_utilities(self, states, nexts, task):
+    def step_utilities(self, states, nexts, task, joining_tasks=None):
         self.calls += 1
         u = np.array([[self.u[(s[-1], m, op, task)] for op in TABLE_OPS] for s, m in zip(states, nexts)])
         v = np.array([[self.v[(m, op)] for op in TABLE_OPS] for m in nexts])

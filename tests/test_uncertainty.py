@@ -111,6 +111,11 @@ def test_same_task_flags_follow_tasks_not_positions(small_selector: Selector) ->
     untagged = {**tasks, "mine": None}
     flags = input_flags(small_selector, z, ["mine", "math-1", "code-1"], untagged, "code", "mine")
     assert [(f["step"], f["shares_task_with"]) for f in flags] == [(2, ["mine"])]
+    assert "code-1 is a code expert and mine is this plan's code expert;" in flags[0]["message"]  # not "like mine"
+    # an expert the catalog gives another task is said to be planned for this one
+    flags = input_flags(small_selector, z[:1], ["math-1", "rag-1"], tasks, "code", "math-1")
+    assert [(f["kind"], f["model"], f["task"]) for f in flags] == [("expert_task", "math-1", "math")]
+    assert flags[0]["message"] == "math-1 is the catalog's math expert but is planned as the code expert: its gap is judged on code"
 
 
 def test_expert_alone_for_multiway_objectives(small_selector: Selector) -> None:
@@ -200,6 +205,61 @@ def test_plan_flags_a_same_task_pair_and_an_extreme_row(world, small_selector: S
     assert best.operators == ["slerp", "slerp"] and best.score == pytest.approx(0.09)
     assert best.intervals["levels"]["80"]["score"] == pytest.approx([0.01, 0.25])  # (0.3 -+ 0.2)^2
     assert best.expert_alone["value"] == 1.0 and best.expert_alone["better"]  # 0.09 of the gap against all of it
+
+
+def test_a_joining_model_without_a_task_is_scored_on_the_proxy_not_2u_minus_v(world, tmp_path: Path) -> None:
+    """2 U - V needs V, the auxiliary side's GapClosed, which a model without a task does not
+    have (and no label measured): for it the merge side is U, the proxy. It used to be 2 U - V
+    with a V made up from imputed inputs (an expert kept 0.486 of its gap without the auxiliary
+    selector and 0.850 with it, whatever the auxiliary weight)."""
+    feats = pl.read_parquet(world.features / "features.parquet")
+    rows = feats.filter(pl.col("a").str.starts_with("code") & ~pl.col("b").str.starts_with("code")
+                        & (pl.col("task") == "code"))
+    data = build_pair_data(pl.DataFrame([{"task": "code", "expert": a, "aux": b, "aux_task": b.split("-")[0],
+                                          "operator": op, "utility": 0.0} for a, b in zip(rows["a"], rows["b"])
+                                         for op in ("linear", "slerp", "ties")]), feats)
+    fit = fixed_fit(SelectorConfig(hidden=4, depth=1, epochs=1))
+    u_sel = known_outputs(fit(data), data, [0.2, 0.3, 0.1])
+    v_sel = known_outputs(fit(data), data, [0.5, 0.6, 0.7])
+    v_sel.meta = {"target": "aux_gap_closed"}
+    model = SelectorStepModel(u_sel, GramTable.load(world.features), feats, v_sel)
+    assert model.two_sided
+    start = model.start("code-0")
+    u, v = model.step_utilities([start, start], ["math-0", "rag-0"], "code", joining_tasks=["math", None])
+    np.testing.assert_allclose(u, [[-0.1, 0.0, -0.5], [0.2, 0.3, 0.1]], atol=1e-6)
+    np.testing.assert_allclose(v, [[0.5, 0.6, 0.7]] * 2, atol=1e-6)
+    both, _ = model.step_utilities([start, start], ["math-0", "rag-0"], "code")  # no tasks given: every one has one
+    np.testing.assert_allclose(both, [[-0.1, 0.0, -0.5]] * 2, atol=1e-6)
+    # The search passes each joining model's task from the catalog.
+    from simmerge_ray.planner.search import Replayer
+    tasks = {"code-0": "code", "math-0": "math", "rag-0": None}
+    (tagged,) = Replayer(model, "code", tasks).replay(["code-0", "math-0"], ["slerp"], None)
+    (untagged,) = Replayer(model, "code", tasks).replay(["code-0", "rag-0"], ["slerp"], None)
+    assert tagged.kept["code"] == pytest.approx(0.0, abs=1e-6) and tagged.joining == pytest.approx(0.6)
+    assert untagged.kept["code"] == pytest.approx(0.3) and untagged.joining == pytest.approx(0.6)
+
+
+def test_a_multiway_plan_says_which_retentions_it_does_not_count(world, tmp_path: Path, capsys) -> None:
+    """A joining model's retention is not predicted without an auxiliary selector, nor ever for a
+    model without a task; the plan line names each and why, instead of leaving it out silently."""
+    import yaml
+
+    raw = yaml.safe_load(world.catalog.read_text())
+    raw["base"] = str(world.catalog.parent / raw["base"]) if raw.get("base") else None
+    for m in raw["models"]:
+        m["path"] = str(world.catalog.parent / m["path"])
+        if m["name"] == "chat-0":
+            del m["task"]
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(raw))
+    w = world.__class__(tmp_path / "catalog.yaml", world.features, world.selector, world.models, world.tasks)
+    assert _plan(w, world.selector, tmp_path / "multi", "--models", "code-0", "math-0", "chat-0",
+                 "--min-way", "3", "--max-way", "3") == 0
+    first = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("1. score"))
+    kept, _, unscored = first.partition("predicted share of each model's gap kept: ")[2].partition("; ")
+    assert kept.startswith("code-0 ") and "," not in kept, first
+    assert unscored.startswith("not predicted, so not counted: ") and unscored.endswith(")"), first
+    assert set(unscored[len("not predicted, so not counted: "):-1].split(", ")) == {
+        "math-0 (no auxiliary selector)", "chat-0 (no task)"}, first
 
 
 def test_an_older_selector_folder_plans_without_intervals(world, tmp_path: Path, capsys) -> None:

@@ -118,8 +118,12 @@ class BanditCore:
 
     # ----- requests
     def decide(self, x: Sequence[float] | np.ndarray, arms: Sequence[str] | None = None) -> dict[str, Any]:
-        """Encode raw features, Thompson-sample an arm (among `arms` if given), record it as pending."""
+        """Encode raw features, Thompson-sample an arm (among `arms` if given), record it as pending.
+        Missing values (NaN) are imputed by the encoder and named in the answer's `imputed`."""
         x = check_features(x, len(self.encoder.feature_names))
+        missing = np.isnan(x[0])
+        if missing.all():
+            raise FeatureError("features: every value is missing (null): nothing to decide on")
         allowed = None if arms is None else sorted({self.bandit.arm_index(a) for a in arms})
         if allowed == []:
             raise BanditError("'arms' must name at least one arm")
@@ -146,6 +150,8 @@ class BanditCore:
             "scores": {n: float(s) for n, s in zip(names, draws)},
             "expected": {n: float(m) for n, m in zip(names, means)},
             "seq": seq,
+            # undefined for this pair, so imputed with the offline mean: said, never silent
+            "imputed": [n for n, m in zip(self.encoder.feature_names, missing) if m],
         }
 
     def feedback(self, decision_id: str, reward: float) -> dict[str, Any]:

@@ -67,9 +67,10 @@ class IdentityEncoder:
                 f"identity encoder: need a non-empty [n, {len(feature_names)}] matrix, got {x.shape}"
             )
         undefined = [n for n, none in zip(feature_names, np.isnan(x).all(axis=0)) if none]
-        if np.isinf(x).any() or undefined:
-            raise ConfigError("identity encoder: fitting features contain Inf"
-                              + (f" or columns defined in no row: {undefined}" if undefined else ""))
+        if undefined:
+            raise ConfigError(f"identity encoder: feature columns defined in no row: {undefined}")
+        if np.isinf(x).any():
+            raise ConfigError("identity encoder: fitting features contain Inf")
         std = np.nanstd(x, axis=0)
         return cls(feature_names, np.nanmean(x, axis=0), np.where(std > 1e-12, std, 1.0))
 

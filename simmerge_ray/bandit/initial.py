@@ -41,6 +41,11 @@ def usable_feature_columns(features: pl.DataFrame, source: str = "features") -> 
     return kept, [c for c in numeric if c not in kept]
 
 
+def left_out_line(dropped: Sequence[str]) -> str:
+    """What a command prints about the columns usable_feature_columns left out."""
+    return f"{len(dropped)} feature column(s) left out (defined in no row, or infinite): {', '.join(dropped)}"
+
+
 def initial_bandit(features: pl.DataFrame, settings: SimSettings, *, labels: pl.DataFrame | None = None,
                    operators: Sequence[str] = (), source: str = "features") -> InitialBandit:
     """The identity encoder fitted on every row of the feature table, and a bandit warm-started

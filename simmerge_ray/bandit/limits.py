@@ -5,7 +5,8 @@ outliers while keeping one reward from swamping a posterior. Raw pair features a
 norms and KL bounds far below FEATURE_BOUND, which only rules out values no real feature takes
 (1e308 overflows the posterior's products). Both are checked at the HTTP front and again in the
 core, so a caller that bypasses HTTP (the actor, the simulator) gets the same refusal. A missing
-feature (JSON null; NaN inside Python) is not a bad value: encoders impute it.
+feature is not a bad value (encoders impute it): JSON null over HTTP, where a NaN literal is
+refused, and NaN inside Python, where it is the only way to say missing.
 """
 
 from __future__ import annotations

@@ -186,12 +186,16 @@ def _multiway(args: argparse.Namespace, catalog) -> int:
         print("ranked by the same objective on the retentions calibrated on measured "
               + ", ".join(f"{k}-way merges ({n} subsets)" for k, n in sorted(calibration.subsets.items()))
               + " (plan.json: calibrated)")
+    task_of = {m.name: m.task for m in catalog.models}
     for rank, p in enumerate(res.plans[:5], start=1):
         steps = " ".join(f"-[{op}]-> {m}" for op, m in zip(p.operators, p.models[1:]))
         levels = p.intervals.get("levels", {})
         bound = next((f" ({key}% bound {_interval(v['score'])})" for key, v in levels.items()), "")
         flagged = sum(f["kind"] != "unchecked" for f in p.flags)
         kept = ", ".join(f"{m} {r:.2f}" for m, r in p.retention.items() if r is not None)
+        unscored = [f"{m} ({'no task' if task_of.get(m) is None else 'no auxiliary selector'})"
+                    for m, r in p.retention.items() if r is None]
+        kept += f"; not predicted, so not counted: {', '.join(unscored)}" if unscored else ""
         print(f"{rank}. score {p.score:.3f}{bound}: {p.models[0]} {steps}  (weighting {p.weighting}, expert "
               f"{p.expert}; predicted share of each model's gap kept: {kept})"
               + (f"  [{flagged} flag{'s' * (flagged > 1)}]" if flagged else ""))

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simmerge_ray import resources
-    from simmerge_ray.ray_session import init_ray
+    from simmerge_ray.ray_session import init_ray, quiet_ray_data
     from simmerge_ray.planner.batch import BatchSettings, run_batch
 
     settings = BatchSettings(
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         actors=args.actors or resources.max_actors(4), rows_per_block=args.rows_per_block,
         execute_top=args.execute_top, merge_workers=args.merge_workers)
     init_ray()
+    quiet_ray_data()
     r = run_batch(settings)
     print(f"{r.requests} requests in {r.seconds:.1f} s ({r.requests_per_second:.1f}/s, up to {r.actors} actors): "
           f"{r.ok} ok, {r.errors} errors ({r.invalid} invalid); planned {r.planned}, from cache {r.cached}"

@@ -75,7 +75,7 @@ def _config(args: argparse.Namespace):
 
 def _init(args: argparse.Namespace) -> int:
     from simmerge_ray.bandit.core import BanditCore
-    from simmerge_ray.bandit.initial import initial_bandit
+    from simmerge_ray.bandit.initial import initial_bandit, left_out_line
     from simmerge_ray.bandit.simulate import SimSettings
 
     if not (args.labels or args.operators):
@@ -86,7 +86,7 @@ def _init(args: argparse.Namespace) -> int:
                            SimSettings(bandit=_config(args), warm_weight=args.warm_weight),
                            labels=labels, operators=operators, source=str(args.features))
     if start.dropped:
-        print(f"bandit-init: {len(start.dropped)} feature column(s) left out (defined in no row, or infinite): {', '.join(start.dropped)}")
+        print(f"bandit-init: {left_out_line(start.dropped)}")
     core = BanditCore.create(args.state, start.encoder, start.bandit, feature_table=args.features,
                              overwrite=args.overwrite)
     how = f"warm start from {start.contexts} contexts" if start.contexts else "cold start"
@@ -135,6 +135,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from simmerge_ray.bandit.initial import left_out_line, usable_feature_columns
     from simmerge_ray.bandit.simulate import SimSettings, replay_data, replay_adding, split_by_pair, write_report
     from simmerge_ray.bandit.synthetic import synthetic_tables
     from simmerge_ray.io.atomic import atomic_output_dir
@@ -145,7 +146,10 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.features is None:
             raise ConfigError("--labels needs --features")
         labels, features = read_table(args.labels, "labels"), read_table(args.features, "feature table")
-    train, test = split_by_pair(replay_data(labels, features), args.test_frac, args.seed)
+    names, dropped = usable_feature_columns(features, str(args.features or "synthetic features"))
+    if dropped:  # as bandit-init leaves them out: the bandit that is simulated is the one served
+        print(f"bandit-sim: {left_out_line(dropped)}")
+    train, test = split_by_pair(replay_data(labels, features, names), args.test_frac, args.seed)
     settings = SimSettings(rounds=args.rounds, repeats=args.repeats, seed=args.seed, bandit=_config(args))
     every, added = replay_adding(train, test, settings, add_at=args.add_at, new_operator=args.add_operator)
     results = {"all_operators": every, "operator_added": added}

@@ -25,10 +25,8 @@ def replay_bandit(run: RunLayout, *, rounds: int, repeats: int, seed: int) -> No
     pairs = load_pair_data(str(run.features), str(run.pair_labels))
     usable = pl.DataFrame({"task": pairs.tasks, "expert": pairs.experts, "aux": pairs.auxes})
     labels = labels.join(usable, on=["task", "expert", "aux"], how="semi")  # rows the selector can use
-    # The replay needs finite contexts: an undefined feature takes its column mean, which is
-    # what the selector (the encoder) imputes too.
-    feats = feats.with_columns([pl.col(c).cast(pl.Float64).fill_nan(None).fill_null(pl.col(c).mean())
-                                for c in pairs.feature_names])
+    # An undefined feature stays NaN: the encoder (the selector fitted below) imputes its own
+    # training mean there, as it does when it serves.
     data = replay_data(labels, feats, pairs.feature_names)
     train, test = split_by_pair(data, 0.3, seed)
     train_keys = set(train.keys)

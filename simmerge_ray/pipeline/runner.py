@@ -86,7 +86,7 @@ def stages(s: PipelineSettings) -> list[Stage]:
               lambda: judge_multiway(run), ["calibration-intervals-v2"]),
         Stage("bandit", "online bandit replayed on held-out pairs",
               lambda: replay_bandit(run, rounds=s.sim_rounds, repeats=s.sim_repeats, seed=s.seed),
-              [str(s.sim_rounds), str(s.sim_repeats)]),
+              [str(s.sim_rounds), str(s.sim_repeats), "selector-imputes"]),
     ]
 
 

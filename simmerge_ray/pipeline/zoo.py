@@ -51,10 +51,19 @@ def check_eval_files(catalog: Catalog, tasks: set[str]) -> None:
 def label(catalog: Path, out: Path, settings: LabelSettings, *, max_plans: int | None = None,
           address: str | None = None, echo: Callable[[str], None] = print) -> LabelRunReport:
     """Measure the catalog's 2-, 3- and 4-way merges (resuming from out/cache)."""
+    import polars as pl
+
     from simmerge_ray.testbed.labels import check_label_catalog, check_label_output, run_labels
 
     cat = Catalog.load(catalog)
-    check_eval_files(cat, set(check_label_catalog(cat).values()))
+    experts = check_label_catalog(cat)
+    check_eval_files(cat, set(experts.values()))
+    taskless = [m.name for m in cat.models if m.task is None]
+    idle = [t for t in cat.tasks if t not in experts.values()]
+    if taskless or idle:  # said, so that a model or task missing from the labels is never a surprise
+        echo("label: left out, as a merge is judged on both models' tasks: "
+             + "; ".join(([f"models without a task ({', '.join(taskless)})"] if taskless else [])
+                         + ([f"tasks without an expert ({', '.join(idle)})"] if idle else [])))
     check_label_output(Path(out), [*cat.paths, Path(catalog)])
     init_ray(address)
     rep = run_labels(Path(catalog), Path(out), settings, max_plans=max_plans)
@@ -63,8 +72,9 @@ def label(catalog: Path, out: Path, settings: LabelSettings, *, max_plans: int |
     if rep.complete:
         info = json.loads((rep.out / "label_summary.json").read_text())
         dropped = info["dropped_2way_small_gap"]
-        echo(f"labels: {info['labels_2way']} labelled pairs"
-             + (f" ({dropped} dropped: the expert's and the auxiliary's scores differ by less than "
+        pairs = pl.read_parquet(rep.out / "labels.parquet").select("task", "expert", "aux").unique().height
+        echo(f"labels: {pairs} labelled pairs ({info['labels_2way']} rows, one per arm)"
+             + (f" ({dropped} rows dropped: the expert's and the auxiliary's scores differ by less than "
                 f"{info['gap_epsilon']:g}, so GapClosed is undefined)" if dropped else "")
              + f"; {info['labels_3way']} 3-way and {info['labels_4way']} 4-way plans")
     return rep

@@ -87,24 +87,31 @@ def input_flags(sel: Selector, z_rows: np.ndarray, models: list[str], model_task
                 task: str, expert: str | None = None) -> list[dict[str, Any]]:
     """Flags of each step j (merging models[:j] with models[j], standardised input z_rows[j-1]):
     a same-task step when the labels held no same-task pair, an input whose largest |z| exceeds
-    the training rows' threshold. `expert` (default models[0]) counts as a model of `task` even
+    the training rows' threshold; and an expert the catalog gives another task than `task`. `expert` (default models[0]) counts as a model of `task` even
     where the catalog gives it no task."""
     expert = expert or models[0]
+    flags: list[dict[str, Any]] = []
+    own = model_tasks.get(expert)
+    if own is not None and own != task:
+        flags.append({"kind": "expert_task", "step": None, "model": expert, "task": own,
+                      "message": f"{expert} is the catalog's {own} expert but is planned as the {task} expert: "
+                                 f"its gap is judged on {task}"})
     domain = sel.domain
     if domain is None:
-        return [{"kind": "unchecked", "step": None, "message": NO_DOMAIN}]
-    flags: list[dict[str, Any]] = []
+        return [*flags, {"kind": "unchecked", "step": None, "message": NO_DOMAIN}]
     for j in range(1, len(models)):
         merged, nxt = models[:j], models[j]
         where = (f"step {j} (merging {nxt} into {' + '.join(merged)})" if len(models) > 2
                  else f"{merged[0]} + {nxt}")
         t = model_tasks.get(nxt)
         shared = [m for m in merged if t is not None and model_tasks.get(m) == t]
+        like = f"like {', '.join(shared)}"
         if not shared and t == task and expert in merged:
             shared = [expert]  # the expert of the target task, untagged in the catalog
+            like = f"and {expert} is this plan's {task} expert"
         if domain.same_task_pairs is False and shared:
             flags.append({"kind": "same_task", "step": j, "model": nxt, "task": t, "shares_task_with": shared,
-                          "message": f"{where}: {nxt} is a {t} expert like {', '.join(shared)}; no labelled pair "
+                          "message": f"{where}: {nxt} is a {t} expert {like}; no labelled pair "
                                      f"had two experts of one task, so this prediction extrapolates"})
         out = domain.outlier(z_rows[j - 1])
         if out is not None:
@@ -120,7 +127,7 @@ def multiway_intervals(step_model: SelectorStepModel, plan: Plan, steps: list[St
                        objective: Objective, model_tasks: dict[str, str | None]) -> dict[str, Any]:
     """Per level: each step's interval on the expert's side (plan.step_utility) and the score's
     bound (SCORE_BOUND), from the selectors' calibrated half-widths per arm. A two-sided selector's
-    merge-side value 2 U - V gets the half-width 2 h_U + h_V."""
+    merge-side value 2 U - V gets the half-width 2 h_U + h_V (h_U where a task-less model joins)."""
     sel, aux = step_model.selector, step_model.aux_selector
     if sel.calibration is None or (aux is not None and aux.calibration is None):
         return {"available": False, "reason": NO_CALIBRATION}
@@ -131,7 +138,10 @@ def multiway_intervals(step_model: SelectorStepModel, plan: Plan, steps: list[St
         hv = _halfwidths(aux, ops, lv) if aux is not None else [0.0] * len(ops)
         if hu is None or hv is None:
             continue
-        hk = [2 * a + b for a, b in zip(hu, hv)] if step_model.two_sided else hu
+        # Per step: 2 h_U + h_V where the merge side is 2 U - V, h_U where it is U (one-sided
+        # selector, or a joining model without a task).
+        hk = [2 * hu[j] + hv[j] if step_model.two_sided and model_tasks.get(st.model) is not None else hu[j]
+              for j, st in enumerate(steps)]
         bounded = []
         for sign in (-1, 1):
             bounded.append([StepPrediction(st.model, st.share, {t: x + sign * hk[j] for t, x in st.kept.items()},

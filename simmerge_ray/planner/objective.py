@@ -12,7 +12,9 @@ pairwise utility weighs its two sides:
     score = retention_weight x R_expert + aux_weight x mean over the other models of R_i.
 
 Models without a task, or every joining model when no auxiliary selector is available, have no
-R_i and leave the mean. A partial plan without the expert yet counts R_expert = 1 (an optimistic
+R_i and leave the mean; where no other model has one, the mean counts 0, as for the expert alone
+(nothing measurable of theirs is kept). A model without a task also has no auxiliary side, so its
+step's merge side is the selector's U, never 2 U - V (step_model.py). A partial plan without the expert yet counts R_expert = 1 (an optimistic
 bound, so that a beam does not drop plans that add the expert late). Pure: no I/O, no Ray.
 """
 

@@ -37,11 +37,12 @@ class StepModel(Protocol):
 
     def extend(self, state: Any, model: str, arm: Any) -> Any: ...
 
-    def step_utilities(self, states: Sequence[Any], nexts: Sequence[str], task: str
-                       ) -> tuple[np.ndarray, np.ndarray | None]:
+    def step_utilities(self, states: Sequence[Any], nexts: Sequence[str], task: str,
+                       joining_tasks: Sequence[str | None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(U, V): predicted GapClosed on `task` [n, ops] of merging each state with its next
         model, and the predicted auxiliary-side GapClosed of the next model [n, ops] (None
-        without an auxiliary selector)."""
+        without an auxiliary selector); `joining_tasks` are the next models' own tasks (None for
+        a model without one)."""
         ...
 
 
@@ -62,7 +63,8 @@ class SearchSpace:
         if self.min_k < 2 or self.max_k < self.min_k:
             raise ConfigError(f"plan size range [{self.min_k}, {self.max_k}] is invalid (need 2 <= min <= max)")
         if not self.experts:
-            raise ConfigError(f"no expert of task {self.task!r} among the candidate models")
+            raise ConfigError(f"no expert of task {self.task!r} among the candidate models (a model is one by its "
+                              f"catalog task, or name it with --required-expert / required_expert)")
         if len(self.pool) < self.min_k:
             raise ConfigError(f"{len(self.pool)} models cannot make a {self.min_k}-way plan")
         if not self.weightings or not self.step_arms:
@@ -145,7 +147,8 @@ class Replayer:
                 by_task.setdefault(task, []).append((key, state, nxt))
         for task, rows in by_task.items():
             rows = list({(k, n): (k, s, n) for k, s, n in rows}.values())
-            u, v = self.model.step_utilities([s for _, s, _ in rows], [n for _, _, n in rows], task)
+            u, v = self.model.step_utilities([s for _, s, _ in rows], [n for _, _, n in rows], task,
+                                             joining_tasks=[self.tasks.get(n) for _, _, n in rows])
             for i, (key, _, nxt) in enumerate(rows):
                 self.cache[(key, nxt, task)] = (u[i:i + 1], None if v is None else v[i:i + 1])
 

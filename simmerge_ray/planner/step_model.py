@@ -23,7 +23,7 @@ class SelectorStepModel:
     predicts what the joining model keeps. The step's GapClosed on the merge-so-far side is the
     selector's own prediction for a gap_closed selector, and 2 U - V for a two-sided utility
     selector (U = (GapClosed + auxiliary GapClosed) / 2); a utility selector without its
-    auxiliary twin gives U itself, a proxy.
+    auxiliary twin, or a joining model without a task, gives U itself, a proxy.
     """
 
     def __init__(self, selector: Selector, grams: GramTable, features: pl.DataFrame,
@@ -74,8 +74,11 @@ class SelectorStepModel:
             state = self.extend(state, nxt, arm)
         return np.stack(rows)[:, [self.names.index(n) for n in self.selector.feature_names]]
 
-    def step_utilities(self, states: Sequence[MergeState], nexts: Sequence[str], task: str
-                       ) -> tuple[np.ndarray, np.ndarray | None]:
+    def step_utilities(self, states: Sequence[MergeState], nexts: Sequence[str], task: str,
+                       joining_tasks: Sequence[str | None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """`joining_tasks`: each next model's own task (None: every one has one). A model without a
+        task has no auxiliary side, so no label ever measured V for it: there the merge side is
+        U itself, the proxy, not 2 U - V."""
         x = self.features(states, nexts, task)
         tasks = [task] * len(x)
         cols = [self.names.index(n) for n in self.selector.feature_names]
@@ -85,5 +88,7 @@ class SelectorStepModel:
             cols = [self.names.index(n) for n in self.aux_selector.feature_names]
             v = self.aux_selector.predict(x[:, cols], tasks)
             if self.two_sided:
-                u = 2 * u - v
+                has_task = np.ones(len(u), bool) if joining_tasks is None else \
+                    np.array([t is not None for t in joining_tasks], bool)
+                u = np.where(has_task[:, None], 2 * u - v, u)
         return u, v
