@@ -24,10 +24,6 @@ def set_verbose(verbose: bool) -> None:
     _verbose = verbose
 
 
-def is_verbose() -> bool:
-    return _verbose
-
-
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Join the cluster the job was submitted to (RAY_ADDRESS), or start a local Ray.
 

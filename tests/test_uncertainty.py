@@ -239,6 +239,23 @@ def test_a_joining_model_without_a_task_is_scored_on_the_proxy_not_2u_minus_v(wo
     assert untagged.kept["code"] == pytest.approx(0.3) and untagged.joining == pytest.approx(0.6)
 
 
+def test_a_pairwise_plan_names_the_inputs_it_imputed(world, tmp_path: Path, capsys) -> None:
+    """An undefined (null) feature of the pair is imputed, and the plan says so instead of silently."""
+    fdir = tmp_path / "feats"
+    shutil.copytree(world.features, fdir)
+    feats = pl.read_parquet(fdir / "features.parquet")
+    pair = (pl.col("a") == "code-0") & (pl.col("b") == "math-0")
+    feats.with_columns(pl.when(pair).then(None).otherwise(pl.col("f_kl_ab_mean")).alias("f_kl_ab_mean")) \
+        .write_parquet(fdir / "features.parquet")
+    w = world.__class__(world.catalog, fdir, world.selector, world.models, world.tasks)
+    assert _plan(w, world.selector, tmp_path / "pair", "--expert", "code-0", "--aux", "math-0") == 0
+    err = capsys.readouterr().err
+    assert ("simmerge plan: warning: code-0 + math-0: 1 input(s) undefined for this pair (imputed with the "
+            "selector's training mean): f_kl_ab_mean") in err
+    flags = json.loads((tmp_path / "pair" / "plan.json").read_text())["flags"]
+    assert [f["features"] for f in flags if f["kind"] == "imputed"] == [["f_kl_ab_mean"]]
+
+
 def test_a_multiway_plan_says_which_retentions_it_does_not_count(world, tmp_path: Path, capsys) -> None:
     """A joining model's retention is not predicted without an auxiliary selector, nor ever for a
     model without a task; the plan line names each and why, instead of leaving it out silently."""

@@ -85,6 +85,7 @@ def _inputs(args: argparse.Namespace, catalog) -> list:
 def _pairwise(args: argparse.Namespace, catalog) -> int:
     import polars as pl
 
+    from simmerge_ray.features.functional import B_TASK_SUFFIX
     from simmerge_ray.planner.assess import arm_table, expert_alone, input_flags, plan_intervals
     from simmerge_ray.planner.plan import Plan
     from simmerge_ray.selector.model import Selector
@@ -107,6 +108,14 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
     plan.arms = arm_table(sel, u)
     plan.intervals = plan_intervals(sel, plan.operators, plan.step_utility)
     plan.flags = input_flags(sel, sel.standardise(x), plan.models, catalog.model_tasks, args.task)
+    undefined = [n for n, v in zip(sel.feature_names, x[0]) if v is None or v != v]  # null or NaN
+    if undefined:
+        why = (f"{args.aux} has no task, so nothing was measured on its own task; "
+               if catalog.model(args.aux).task is None and all(n.endswith(B_TASK_SUFFIX) for n in undefined) else "")
+        plan.flags.append({"kind": "imputed", "step": 1, "features": undefined,
+                           "message": f"{args.expert} + {args.aux}: {len(undefined)} input(s) undefined for this pair "
+                                      f"({why}imputed with the selector's training mean): "
+                                      f"{', '.join(undefined[:3])}{', ...' if len(undefined) > 3 else ''}"})
     plan.expert_alone = expert_alone(sel, None, plan.score)
     what = TARGET_WORDS.get(sel.meta.get("target"), "value")
     print(f"{args.expert} + {args.aux} on {args.task}: choose {sel.operators[best]}")

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from simmerge_ray.errors import CheckpointError
 from simmerge_ray.io.atomic import atomic_write_text
-from simmerge_ray.io.digest_cache import arrays_digest, cache_root
+from simmerge_ray.io.digest_cache import arrays_digest
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     """The chunk's digest: every tensor's bytes (as raw bytes, so any dtype, bfloat16 included)."""
     return arrays_digest({f"{k}|{t.dtype}|{tuple(t.shape)}": t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
                           for k, t in tensors.items()})
-
-
-def default_cache_dir() -> Path:
-    return cache_root() / "probe_outputs"
 
 
 class ProbeCache:

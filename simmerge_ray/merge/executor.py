@@ -93,10 +93,6 @@ class MergeResult:
     units: int = 0
     per_unit: list[dict] = field(default_factory=list)
 
-    @property
-    def read_gbps(self) -> float:
-        return self.bytes_read / 1e9 / max(self.seconds, 1e-9)
-
 
 @dataclass(frozen=True)
 class MergeLayout:
