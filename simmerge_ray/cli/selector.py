@@ -20,7 +20,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="utility", choices=["utility", "gap_closed", "aux_gap_closed"],
                    help="label column to predict: the two-sided utility (default), the expert side or the auxiliary side")
     p.add_argument("--tune-samples", type=int, default=8,
-                   help="Ray Tune trials of the hyperparameter search (0: no search, the default config)")
+                   help="Ray Tune trials of the hyperparameter search (0: no search, the built-in config)")
     p.add_argument("--epochs", type=int, default=300, help="training epochs (full batch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search, the folds and the initial weights")
     p.add_argument("--no-task-encoding", action="store_true", help="task-agnostic selector")
