@@ -1,4 +1,4 @@
-"""How much computing in half precision changes a merge (README: what `dtype` means).
+"""How much computing in half precision changes a merge (docs/merge.md: what `dtype` means).
 
 On tiny bf16 llama checkpoints (4 layers, hidden 64: base + three fine-tune-like variants), each
 method's config is merged twice: without `dtype`, so in the inputs' dtype (bf16) as mergekit

@@ -1,7 +1,7 @@
 """Real-world-style mergekit configs (tests/data/mergekit_configs: slices, stacking, gradients,
 filters, modules, tokenizer settings) run unchanged and match mergekit, on tiny llama, qwen2 and
 EXAONE 3 checkpoints (GPT-2-style names: transformer.wte, transformer.h.N) with tokenizers. Both
-compute in the config's `dtype` (README: what `dtype` means) and the bytes are mergekit's (SLERP
+compute in the config's `dtype` (docs/merge.md: what `dtype` means) and the bytes are mergekit's (SLERP
 to one ulp). `compute_dtype="float32"` gives the bytes of the config with
 `dtype: float32` and the same output dtype."""
 
