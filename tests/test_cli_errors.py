@@ -61,6 +61,32 @@ def test_bad_parameter_values_are_one_line(models: Path, tmp_path: Path, capsys,
     assert tree_hash(models) == before
 
 
+def test_a_models_merge_of_different_depths_is_refused_not_truncated(models: Path, tmp_path: Path, capsys) -> None:
+    """A `models:` merge of a 3-layer and a 2-layer model used to write a 2-layer model when the
+    shallower came first, silently dropping the deeper one's last layer."""
+    from dataclasses import replace
+
+    from simmerge_ray.io.synthetic import make_checkpoint
+
+    deep = tmp_path / "deep"
+    make_checkpoint(deep, replace(SPEC, num_layers=3, seed=7))
+    cfg = tmp_path / "mixed.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "parameters": {"weight": 0.5},
+                                   "models": [{"model": str(models / "m1")}, {"model": str(deep)}]}))
+    assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, f"{cfg}: models[1]: model {str(deep)!r} gives 3 layers, model {str(models / 'm1')!r} 2: "
+                            "every model of a merge must give the same number (use slices with a layer_range per source)")
+    assert not (tmp_path / "out").exists()
+    # Another vocabulary size: the error points to the setting that merges it.
+    big = tmp_path / "big"
+    make_checkpoint(big, replace(SPEC, vocab_size=72, seed=8))
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "parameters": {"weight": 0.5},
+                                   "models": [{"model": str(models / "m1")}, {"model": str(big)}]}))
+    assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, "has shape [72, 32]", "(the vocabularies differ: set tokenizer_source: union, base or a "
+                                                  "model to lay every model's rows out in one vocabulary)")
+
+
 @pytest.mark.parametrize("cfg, needle", [
     ({"merge_method": "slerp", "base_model": "m1", "parameters": {"t": -0.5},
       "models": [{"model": "m1"}, {"model": "m2"}]}, "parameters.t: expected a number in [0.0, 1.0], got -0.5"),
@@ -251,6 +277,31 @@ def test_label_says_which_models_and_tasks_it_leaves_out(tmp_path: Path, capsys)
     assert out.out.strip().splitlines() == ["label: left out, as a merge is judged on both models' tasks: models "
                                             "without a task (chat); tasks without an expert (rag)"]
     assert len(out.err.strip().splitlines()) == 1 and "Traceback" not in out.err
+
+
+def test_label_names_an_expert_that_does_not_match_the_base_before_ray(models: Path, tmp_path: Path, capsys) -> None:
+    """A deeper expert (or another vocabulary, a tied head) used to surface as an actor's
+    load_state_dict traceback after Ray started; a PEFT adapter folder is named as one."""
+    from dataclasses import replace
+
+    from simmerge_ray.io.synthetic import make_checkpoint
+
+    make_checkpoint(tmp_path / "deep", replace(SPEC, num_layers=3, seed=7))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"")  # named as an adapter before any header is read
+    (tmp_path / "good.jsonl").write_text('{"prompt": "q", "answer": "a"}\n')
+    for other, needle in ((tmp_path / "deep", "model 'b' ("), (adapter, "a PEFT adapter (adapter_config.json), not a model")):
+        cat = tmp_path / "catalog.yaml"
+        cat.write_text(yaml.safe_dump({"base": str(models / "base"), "models": [
+            {"name": "a", "path": str(models / "m1"), "task": "code"}, {"name": "b", "path": str(other), "task": "math"}],
+            "tasks": {"code": {"eval": "good.jsonl"}, "math": {"eval": "good.jsonl"}}}))
+        before = tree_hash(models)
+        assert cli_main(["label", "--catalog", str(cat), "--out", str(tmp_path / "labels")]) == 2
+        _one_line_error(capsys, needle)
+        assert tree_hash(models) == before and not (tmp_path / "labels" / "cache").exists()
+    capsys.readouterr()
 
 
 def test_label_refuses_an_unknown_weighting_before_reading_anything(tmp_path: Path, capsys) -> None:

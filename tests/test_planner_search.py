@@ -6,6 +6,7 @@ import functools
 import itertools
 import json
 import math
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,11 @@ def test_plan_json_and_yaml_round_trip(tmp_path: Path) -> None:
         Plan("code", ["a"], [])
     with pytest.raises(ConfigError, match="not a plan file"):
         Plan.from_json("{}", "p.json")
+    # The command in each step file's header pastes into a shell whatever the folder's name.
+    spaced = tmp_path / "my plans (ü)"
+    first = plan.write(spaced, paths, tmp_path / "base", step_root=spaced)[0]
+    command = first.read_text().splitlines()[1].removeprefix("#   ")
+    assert shlex.split(command) == ["simmerge", "merge", str(spaced / "step-1.yaml"), "--out", str(spaced / "step-1")]
     weighted = Plan("code", ["a", "b", "c"], ["linear", "ties"], [1.0, 0.6], [0.3, 0.4], 0.8, weighting="anchor",
                     expert="c")
     assert Plan.from_json(weighted.to_json()) == weighted

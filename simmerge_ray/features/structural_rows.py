@@ -39,7 +39,7 @@ def open_rows(catalog: Catalog) -> Rows:
                           f"models; the catalog has {len(catalog.models)}")
     ckpts = [Checkpoint.open(m.path) for m in catalog.models]
     names = list(catalog.names)
-    _check_same_tensors(names, ckpts)
+    check_same_tensors(names, ckpts)
     if catalog.base is not None:
         base = Checkpoint.open(catalog.base)
         _check_base(names[0], ckpts[0], base)
@@ -76,7 +76,7 @@ def _differences(ref: dict[str, tuple[int, ...]], other: dict[str, tuple[int, ..
     return out
 
 
-def _check_same_tensors(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> None:
+def check_same_tensors(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> None:
     ref = _signature(ckpts[0])
     problems = []
     for name, ck in zip(names[1:], ckpts[1:]):

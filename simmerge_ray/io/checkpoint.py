@@ -24,6 +24,7 @@ from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, TORC
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder: deltas of a base, not a model
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -67,6 +68,9 @@ class Checkpoint:
                 raise CheckpointError(f"{path}: expected a checkpoint folder or a .safetensors file")
             entries, _, raw = read_header(path)
             return cls(path, {}, entries, {path.name: raw})
+        if (path / ADAPTER_CONFIG).exists() and not ((path / INDEX_FILE).exists() or (path / SINGLE_FILE).exists()):
+            raise CheckpointError(f"{path}: a PEFT adapter ({ADAPTER_CONFIG}), not a model: merge it into its base "
+                                  f"first (peft's merge_and_unload) and give the merged folder")
         config = _read_config(path)
         index = path / INDEX_FILE
         if index.exists():

@@ -130,6 +130,12 @@ def slice_ranges(spec: MergeSpec, ckpts: dict[str, Checkpoint],
                 raise ConfigError(f"{spec.source}: {s.where}.layer_range: {[lo, hi]} is beyond the {depth} "
                                   f"layers{key} of model {s.model.ref!r}")
             ranges.append((lo, hi))
+        first, want = sl.sources[0].model.ref, ranges[0][1] - ranges[0][0]
+        for src, (lo, hi) in zip(sl.sources, ranges):  # else the output would take the first's depth, dropping layers
+            if hi - lo != want:
+                raise ConfigError(f"{spec.source}: {src.where}: model {src.model.ref!r} gives {hi - lo} layers, "
+                                  f"model {first!r} {want}: every model of a merge must give the same number "
+                                  f"(use slices with a layer_range per source)")
         out.append(ranges)
     return out
 
@@ -275,8 +281,11 @@ def _check_tensors(ckpts: dict[str, Checkpoint], reads: list[tuple[str, str]], *
         if ref is None:
             continue
         if (entry.shape[1:] if rows_may_differ else entry.shape) != (ref.shape[1:] if rows_may_differ else ref.shape):
+            rows_only = entry.shape[1:] == ref.shape[1:] and is_vocabulary(name, ck)
+            hint = (" (the vocabularies differ: set tokenizer_source: union, base or a model to lay every model's "
+                    "rows out in one vocabulary)" if rows_only and not rows_may_differ else "")
             raise CheckpointError(f"model {model!r} ({ck.path}): tensor {name!r} has shape {list(entry.shape)}, "
-                                  f"{ref_model!r}'s {ref_name!r} has {list(ref.shape)}")
+                                  f"{ref_model!r}'s {ref_name!r} has {list(ref.shape)}{hint}")
         if entry.dtype != ref.dtype and not (entry.dtype in FLOAT_DTYPES and ref.dtype in FLOAT_DTYPES):
             raise CheckpointError(
                 f"model {model!r} ({entry.file}): tensor {name!r} is {entry.dtype}, {ref_model!r} has {ref.dtype}: "

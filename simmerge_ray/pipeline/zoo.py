@@ -53,7 +53,7 @@ def label(catalog: Path, out: Path, settings: LabelSettings, *, max_plans: int |
     """Measure the catalog's 2-, 3- and 4-way merges (resuming from out/cache)."""
     import polars as pl
 
-    from simmerge_ray.testbed.labels import check_label_catalog, check_label_output, run_labels
+    from simmerge_ray.testbed.labels import check_label_catalog, check_label_models, check_label_output, run_labels
 
     cat = Catalog.load(catalog)
     experts = check_label_catalog(cat)
@@ -65,6 +65,7 @@ def label(catalog: Path, out: Path, settings: LabelSettings, *, max_plans: int |
              + "; ".join(([f"models without a task ({', '.join(taskless)})"] if taskless else [])
                          + ([f"tasks without an expert ({', '.join(idle)})"] if idle else [])))
     check_label_output(Path(out), [*cat.paths, Path(catalog)])
+    check_label_models(cat, experts)
     init_ray(address)
     rep = run_labels(Path(catalog), Path(out), settings, max_plans=max_plans)
     state = "complete: tables written" if rep.complete else "incomplete: rerun to resume"

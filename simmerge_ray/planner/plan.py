@@ -8,6 +8,7 @@ mergekit-compatible YAML per step.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ class Plan:
             out = "MERGED" if last else step_dir.format(j=j)
             here = str(root / f.name) if root is not None else f.name
             f.write_text(f"# step {j}/{self.k - 1} of plan {' -> '.join(self.models)}; run (after the steps before it):\n"
-                         f"#   simmerge merge {here} --out {out}\n" + yaml.safe_dump(cfg, sort_keys=False))
+                         f"#   simmerge merge {shlex.quote(here)} --out {shlex.quote(out)}\n"
+                         + yaml.safe_dump(cfg, sort_keys=False))
             files.append(f)
         return files

@@ -25,6 +25,7 @@ from simmerge_ray import resources
 from simmerge_ray.actor_pool import ActorPool
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.features.structural_rows import check_same_tensors
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.digest_cache import file_digest
@@ -112,6 +113,14 @@ def check_label_catalog(cat: Catalog) -> dict[str, str]:
     if len(set(experts.values())) < 2:
         raise ConfigError(f"{cat.source}: labels need experts of at least two tasks")
     return experts
+
+
+def check_label_models(cat: Catalog, experts: dict[str, str]) -> None:
+    """Plans are merged in memory into one model built from the base's config, so every expert
+    must match the base tensor for tensor: a deeper, wider, re-vocabularied or tied-head model is
+    named here, from the headers, before Ray starts (not in an actor's traceback)."""
+    check_same_tensors(["base", *experts], [Checkpoint.open(cat.base), *(Checkpoint.open(cat.model(m).path)
+                                                                      for m in experts)])
 
 
 def _calls(todo: list[tuple[str, LabelPlan]], per_call: int) -> list[list[tuple[str, LabelPlan]]]:
