@@ -144,6 +144,17 @@ def test_cli_features_equal_direct_computation(zoo: dict, ray_cluster, capsys) -
     assert "words/b: 7 probes, 3 truncated to 10 tokens; ran 0 (0 tokens), 7 from the cache" in capsys.readouterr().out
 
 
+def test_different_depths_or_widths_are_refused_from_the_configs() -> None:
+    """From config.json, before any probe runs (it used to surface after every model had run)."""
+    from simmerge_ray.inference.catalog_probes import check_comparable
+    from simmerge_ray.probes.errors import VocabularyError
+
+    a = ModelProbes("a", Path("ca"), "v", 10, 10, None, None, (2, 32))  # type: ignore[arg-type]
+    for shape, words in (((3, 32), "2 layers of width 32 vs 3 of 32"), ((2, 48), "2 layers of width 32 vs 2 of 48")):
+        with pytest.raises(VocabularyError, match=f"models 'a' \\(ca\\) and 'b' \\(cb\\) have {words} \\(config.json\\)"):
+            check_comparable(a, ModelProbes("b", Path("cb"), "v", 10, 10, None, None, shape))  # type: ignore[arg-type]
+
+
 def test_different_vocabularies_are_refused_before_running(zoo: dict, capsys) -> None:
     code = main(["features", "functional", "--catalog", str(zoo["root"] / "catalog_odd.yaml"),
                  "--out", str(zoo["root"] / "out_odd")])

@@ -34,6 +34,7 @@ class ModelProbes:
     vocab_size: int  # width of the model's logits (config.vocab_size)
     probes: TokenizedProbes
     cache: ProbeCache
+    shape: tuple[int, int] | None = None  # (num_hidden_layers, hidden_size) from config.json
 
 
 def tokenizer_folder(catalog: Catalog, entry: ModelEntry) -> Path:
@@ -69,12 +70,12 @@ def plan_task(catalog: Catalog, task: str, settings: ProbeSettings, cache_dir: P
             "num_layers": int(config.num_hidden_layers),
         })
         plan[entry.name] = ModelProbes(entry.name, entry.path, vocab_digest, tokenizer_size, int(config.vocab_size),
-                                        probes, cache)
+                                        probes, cache, (int(config.num_hidden_layers), int(config.hidden_size)))
     return plan
 
 
 def check_comparable(a: ModelProbes, b: ModelProbes) -> None:
-    """Refuse to compare next-token distributions unless vocabularies and token ids match."""
+    """Refuse to compare next-token distributions unless vocabularies, token ids, depth and width match."""
     if a.vocab_digest != b.vocab_digest:
         raise VocabularyError(
             f"models {a.name!r} ({a.model_dir}, {a.tokenizer_size} tokens) and {b.name!r} ({b.model_dir}, "
@@ -85,6 +86,12 @@ def check_comparable(a: ModelProbes, b: ModelProbes) -> None:
         raise VocabularyError(
             f"models {a.name!r} ({a.model_dir}) and {b.name!r} ({b.model_dir}) have vocab_size "
             f"{a.vocab_size} vs {b.vocab_size}; KL needs identical output vocabularies"
+        )
+    if a.shape is not None and b.shape is not None and a.shape != b.shape:  # else found after every probe ran
+        raise VocabularyError(
+            f"models {a.name!r} ({a.model_dir}) and {b.name!r} ({b.model_dir}) have {a.shape[0]} layers of width "
+            f"{a.shape[1]} vs {b.shape[0]} of {b.shape[1]} (config.json); functional features compare hidden states "
+            f"layer by layer, so they need the same depth and width"
         )
     if a.probes.digest() != b.probes.digest():
         raise VocabularyError(f"models {a.name!r} and {b.name!r} tokenise the probes differently")
