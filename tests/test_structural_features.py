@@ -395,15 +395,18 @@ def test_too_few_models(zoo: Path, tmp_path: Path) -> None:
 def test_models_with_different_tensors(zoo: Path, tmp_path: Path) -> None:
     make_checkpoint(tmp_path / "wide", _spec(hidden_size=48, seed=3))
     make_checkpoint(tmp_path / "deep", _spec(num_layers=5, seed=4))
+    make_checkpoint(tmp_path / "tied", _spec(tie_word_embeddings=True, seed=5))
     for m in ("ft0", "ft1"):
         (tmp_path / m).symlink_to(zoo / m)
-    cat = _catalog(tmp_path, ["ft0", "ft1", "wide", "deep"], None)
+    cat = _catalog(tmp_path, ["ft0", "ft1", "wide", "deep", "tied"], None)
     with pytest.raises(CheckpointError) as err:
         compute_structural(cat, tmp_path / "o")
     msg = str(err.value)
     assert "model 'wide'" in msg and "of 'model.embed_tokens.weight' is [64, 48] not [64, 32]" in msg
     assert "model 'deep'" in msg and "has extra 'model.layers.4." in msg
     assert "model 'ft1'" not in msg
+    assert "model 'tied'" in msg and "(a head tied to the embeddings on one side? config.json tie_word_embeddings)" in msg
+    assert msg.count("tie_word_embeddings") == 1  # the hint only where a head is missing or extra
 
 
 def test_base_of_another_architecture(zoo: Path, tmp_path: Path) -> None:

@@ -80,9 +80,12 @@ def check_same_tensors(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> Non
     ref = _signature(ckpts[0])
     problems = []
     for name, ck in zip(names[1:], ckpts[1:]):
-        diff = _differences(ref, _signature(ck))
+        other = _signature(ck)
+        diff = _differences(ref, other)
         if diff:
-            problems.append(f"model {name!r} ({ck.path}): " + "; ".join(diff))
+            heads = [n for n in ref.keys() ^ other.keys() if "lm_head" in n or "embed_out" in n]
+            hint = " (a head tied to the embeddings on one side? config.json tie_word_embeddings)" if heads else ""
+            problems.append(f"model {name!r} ({ck.path}): " + "; ".join(diff) + hint)
     if problems:
         raise CheckpointError(
             f"models do not share tensor names and shapes (compared with model {names[0]!r} at "
