@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
     plan.arms = arm_table(sel, u)
     plan.intervals = plan_intervals(sel, plan.operators, plan.step_utility)
     plan.flags = input_flags(sel, sel.standardise(x), plan.models, catalog.model_tasks, args.task)
-    undefined = [n for n, v in zip(sel.feature_names, x[0]) if v is None or v != v]  # null or NaN
+    undefined = [n for n, v in zip(sel.feature_names, x[0]) if math.isnan(v)]  # a null of the table
     if undefined:
         why = (f"{args.aux} has no task, so nothing was measured on its own task; "
                if catalog.model(args.aux).task is None and all(n.endswith(B_TASK_SUFFIX) for n in undefined) else "")
@@ -195,7 +196,7 @@ def _multiway(args: argparse.Namespace, catalog) -> int:
         print("ranked by the same objective on the retentions calibrated on measured "
               + ", ".join(f"{k}-way merges ({n} subsets)" for k, n in sorted(calibration.subsets.items()))
               + " (plan.json: calibrated)")
-    task_of = {m.name: m.task for m in catalog.models}
+    task_of = catalog.model_tasks
     for rank, p in enumerate(res.plans[:5], start=1):
         steps = " ".join(f"-[{op}]-> {m}" for op, m in zip(p.operators, p.models[1:]))
         levels = p.intervals.get("levels", {})
