@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import polars as pl
 import pytest
@@ -117,10 +119,18 @@ def test_gap_chart_written(data, tmp_path) -> None:
     assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_ray_train_fit(ray_cluster, data, tmp_path) -> None:
-    sel = train_with_ray(data, SelectorConfig(epochs=150, seed=3), num_workers=1, storage=tmp_path)
-    acc = np.mean(np.asarray(sel.choose(data.x, data.tasks)) == np.asarray([OPS[i] for i in data.y.argmax(1)]))
+def test_ray_train_fits_several_selectors_in_one_run(ray_cluster, data, tmp_path) -> None:
+    """One worker group trains each (data, config) in turn; with one worker each selector is the
+    one a local fit of the same data and seed gives, weight for weight."""
+    flipped = replace(data, y=data.y[:, ::-1].copy())  # another target on the same rows
+    jobs = [(data, SelectorConfig(epochs=150, seed=3)), (flipped, SelectorConfig(epochs=60, seed=4, hidden=32))]
+    sels = train_with_ray(jobs, num_workers=1, storage=tmp_path)
+    acc = np.mean(np.asarray(sels[0].choose(data.x, data.tasks)) == np.asarray([OPS[i] for i in data.y.argmax(1)]))
     assert acc > 0.8
+    for sel, (d, cfg) in zip(sels, jobs):
+        local = fit_selector(d, cfg)
+        assert sel.config == cfg
+        np.testing.assert_array_equal(sel.predict(d.x, d.tasks), local.predict(d.x, d.tasks))
 
 
 def test_ray_tune_search(ray_cluster, data, tmp_path) -> None:

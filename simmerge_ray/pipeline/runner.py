@@ -66,8 +66,7 @@ def stages(s: PipelineSettings) -> list[Stage]:
                                          tune_samples=s.tune_samples, seed=s.seed)
 
     def fit_both() -> None:
-        selector.fit(selectors(run.selector))
-        selector.fit(selectors(run.aux_selector, "aux_gap_closed"))
+        selector.fit_many([selectors(run.selector), selectors(run.aux_selector, "aux_gap_closed")])
 
     return [
         Stage("zoo", "build the testbed (pretrain a base, fine-tune experts)",

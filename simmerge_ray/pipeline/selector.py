@@ -87,26 +87,38 @@ def choose_config(data: PairData, s: SelectorSettings, storage: Path) -> tuple[S
 def fit(s: SelectorSettings, *, workers: int = 1, echo: Callable[[str], None] = print) -> Selector:
     """Search a config, train on every labelled pair with `workers` Ray Train workers, calibrate
     the intervals, and save the selector to s.out."""
+    return fit_many([s], workers=workers, echo=echo)[0]
+
+
+def fit_many(settings: list[SelectorSettings], *, workers: int = 1,
+             echo: Callable[[str], None] = print) -> list[Selector]:
+    """`fit` for several selectors (the pipeline's utility and auxiliary ones): every input and
+    output is checked first, each target gets its own search, and one Ray Train run trains them
+    all (a run's worker group takes longer to start than a small selector takes to train)."""
     from simmerge_ray.selector.data import load_pair_data
     from simmerge_ray.selector.evaluate import fixed_fit
     from simmerge_ray.selector.ray_fit import train_with_ray
     from simmerge_ray.selector.uncertainty import add_uncertainty
 
-    check_calibration_folds(s.calibration_folds)
-    data = load_pair_data(s.features, s.labels, s.target)
-    out = check_output(s.out, overwrite=True, inputs=[s.features, s.labels])
-    warn_few_pairs("fit", len(data))
-    init_ray(s.address)
+    inputs = []
+    for s in settings:
+        check_calibration_folds(s.calibration_folds)
+        data = load_pair_data(s.features, s.labels, s.target)
+        inputs.append((data, check_output(s.out, overwrite=True, inputs=[s.features, s.labels])))
+        warn_few_pairs("fit", len(data))
+    init_ray(settings[0].address)
     with ray_work_dir() as work:
-        cfg, trials = choose_config(data, s, work)
-        sel = train_with_ray(data, cfg, num_workers=workers, storage=work)
-    add_uncertainty(sel, data, fixed_fit(cfg), s.calibration_folds, s.seed)
-    sel.meta = {"target": s.target, "rows": len(data), "tune_trials": trials}
-    sel.save(out)
-    echo(f"selector ({s.target}) fitted on {len(data)} pairs, {len(data.feature_names)} features, "
-         f"operators {', '.join(data.operators)}; config {asdict(cfg)} -> {out}")
-    echo(calibration_line(sel))
-    return sel
+        chosen = [choose_config(data, s, work) for s, (data, _) in zip(settings, inputs)]
+        sels = train_with_ray([(data, cfg) for (data, _), (cfg, _) in zip(inputs, chosen)], num_workers=workers,
+                              storage=work)
+    for s, (data, out), (cfg, trials), sel in zip(settings, inputs, chosen, sels):
+        add_uncertainty(sel, data, fixed_fit(cfg), s.calibration_folds, s.seed)
+        sel.meta = {"target": s.target, "rows": len(data), "tune_trials": trials}
+        sel.save(out)
+        echo(f"selector ({s.target}) fitted on {len(data)} pairs, {len(data.feature_names)} features, "
+             f"operators {', '.join(data.operators)}; config {asdict(cfg)} -> {out}")
+        echo(calibration_line(sel))
+    return sels
 
 
 def calibration_line(sel: Selector) -> str:

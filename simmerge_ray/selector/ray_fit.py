@@ -84,42 +84,47 @@ def tune_selector(data: PairData, *, num_samples: int = 8, folds: int = 3, base:
 
 
 def _train_loop(config: dict) -> None:
-    """Ray Train worker: data-parallel full-batch training (DDP over gloo with >1 worker)."""
+    """Ray Train worker: data-parallel full-batch training (DDP over gloo with >1 worker) of each
+    selector in turn; rank 0 reports them as one checkpoint (folder i: the i-th selector)."""
     import ray.train
     import ray.train.torch
 
-    data: PairData = config["data"]
-    cfg = SelectorConfig.from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    sel = new_selector(data, cfg)  # statistics from all rows: identical on every worker
-    shard = data.subset(np.arange(rank, len(data), world))
-    sel.net = ray.train.torch.prepare_model(sel.net, move_to_device=False)
-    train_epochs(sel, shard, cfg.epochs)
-    net = sel.net.module if hasattr(sel.net, "module") else sel.net
-    sel.net = net
-    metrics = {"train_utility": chosen_utility(sel, data)}
+    selectors, utilities = [], []
+    for data, cfg_dict in config["jobs"]:
+        cfg = SelectorConfig.from_dict(cfg_dict)
+        sel = new_selector(data, cfg)  # statistics from all rows: identical on every worker
+        shard = data.subset(np.arange(rank, len(data), world))
+        sel.net = ray.train.torch.prepare_model(sel.net, move_to_device=False)
+        train_epochs(sel, shard, cfg.epochs)
+        sel.net = sel.net.module if hasattr(sel.net, "module") else sel.net
+        selectors.append(sel)
+        utilities.append(chosen_utility(sel, data))
+    metrics = {"train_utility": utilities}
     if rank == 0:
         with tempfile.TemporaryDirectory() as d:
-            sel.save(Path(d) / "selector")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(Path(d) / "selector")))
+            for i, sel in enumerate(selectors):
+                sel.save(Path(d) / str(i))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
         ray.train.report(metrics)
 
 
-def train_with_ray(data: PairData, cfg: SelectorConfig, *, num_workers: int = 1,
-                   storage: str | Path | None = None) -> Selector:
-    """Fit on all of `data` with a Ray Train TorchTrainer and return the trained selector."""
+def train_with_ray(jobs: list[tuple[PairData, SelectorConfig]], *, num_workers: int = 1,
+                   storage: str | Path | None = None) -> list[Selector]:
+    """Fit one selector per (data, config) on all of its data, in one Ray Train TorchTrainer run
+    (its worker group starts once: most of a small fit's time), and return them in order."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage = Path(storage or tempfile.mkdtemp(prefix="simmerge-train-")).resolve()
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"data": data, "cfg": asdict(cfg)},
+        train_loop_config={"jobs": [(data, asdict(cfg)) for data, cfg in jobs]},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False),
         run_config=RunConfig(storage_path=str(storage), name="selector-train"),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
-        return Selector.load(d)
+        return [Selector.load(Path(d) / str(i)) for i in range(len(jobs))]
