@@ -471,14 +471,28 @@ def test_rewards_and_features_outside_the_declared_bounds_are_refused(core: Band
     assert all(np.all(np.isfinite(a)) for a in arrays.values() if a.dtype.kind == "f")
 
 
-def test_a_missing_feature_is_imputed_and_named_and_an_empty_context_refused(core: BanditCore):
-    """Inside Python NaN is a missing value (JSON null over HTTP, where a NaN literal is refused)."""
+def test_a_missing_feature_is_imputed_and_named_and_an_empty_context_refused(tmp_path: Path):
+    """Inside Python NaN is a missing value (JSON null over HTTP, where a NaN literal is refused).
+    Only a column that can be undefined for a pair may be missing: one null in some offline row,
+    or one measured on the joining model's own task (null for a task-less model); a null
+    anywhere else is refused by name, without a trace, in the saved state as in the live one."""
+    z, r, _ = _linear_data(60, 3, 3, 0.1)
+    z[0, 1] = np.nan  # s_1: undefined for one offline pair
+    enc = IdentityEncoder.fit(["s_0", "s_1", "f_kl_ab_mean_on_b_task"], z)
+    bandit = LinTS(3, ["linear", "slerp", "ties"], LinTSConfig(seed=1))
+    bandit.warm_start(enc.encode(z), r)
+    core = BanditCore.create(tmp_path / "state", enc, bandit)
     d = core.decide([0.1, float("nan"), 0.3])
     assert d["imputed"] == ["s_1"] and core.decide([0.1, 0.2, 0.3])["imputed"] == []
     assert d["expected"] == pytest.approx(core.decide([0.1, core.encoder.mean[1], 0.3])["expected"], rel=1e-12)
+    assert core.decide([0.1, 0.2, float("nan")])["imputed"] == ["f_kl_ab_mean_on_b_task"]  # never null offline
     before = core.stats()
     with pytest.raises(FeatureError, match="^features: every value is missing"):
         core.decide([float("nan")] * 3)
+    for live in (core, BanditCore(tmp_path / "state")):
+        with pytest.raises(FeatureError, match=r"^features: 's_0' is missing \(null\) but defined for every pair "
+                                               r"offline; only columns undefined for some pair"):
+            live.decide([float("nan"), 0.2, 0.3])
     assert core.stats() == before
 
 

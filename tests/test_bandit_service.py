@@ -59,15 +59,18 @@ def service(ray_cluster, tmp_path_factory):
     labels, features = synthetic_tables(SyntheticBanditSpec(n_models=4, tasks=("code", "math"), n_features=4))
     features.write_parquet(root / "features.parquet")
     data = replay_data(labels, features)
-    encoder = IdentityEncoder.fit(data.feature_names, data.x)
+    offline = data.x.copy()
+    offline[0, 0] = np.nan  # the first feature is undefined for one offline pair: it may be null
+    encoder = IdentityEncoder.fit(data.feature_names, offline)
     bandit = LinTS(encoder.width, data.operators, LinTSConfig(seed=0))
-    bandit.warm_start(encoder.encode(data.x), data.rewards)
+    bandit.warm_start(encoder.encode(offline), data.rewards)
     state = root / "state"
     BanditCore.create(state, encoder, bandit, feature_table=root / "features.parquet")
     (port,) = free_ports(1)
     actor = serve_bandit(state, token=TOKEN, port=port, actor_name=ACTOR, namespace=NAMESPACE,
                          app_name="bandit-test")
-    yield {"client": Client(port), "actor": actor, "state": state, "root": root, "x": data.x,
+    yield {"client": Client(port), "actor": actor, "state": state, "root": root, "x": data.x, "offline": offline,
+           "names": data.feature_names,
            "operators": list(data.operators), "port": port}
     stop_serving(actor)  # as `simmerge serve` stops: Serve, then the actor (the session's Ray stays)
 
@@ -95,9 +98,14 @@ def test_decide_feedback_round_trip(service):
     # A null feature is one undefined for this pair (as in the feature table), imputed with the
     # offline mean: the posterior means are those of a request that sends the mean itself.
     status, gap = client.call("POST", "/decide", {"features": [None, *x[0].tolist()[1:]]})
-    _, at_mean = client.call("POST", "/decide", {"features": [float(x[:, 0].mean()), *x[0].tolist()[1:]]})
+    _, at_mean = client.call("POST", "/decide", {"features": [float(np.nanmean(service["offline"][:, 0])),
+                                                              *x[0].tolist()[1:]]})
     assert status == 200 and gap["expected"] == pytest.approx(at_mean["expected"], rel=1e-12)
-    assert len(gap["imputed"]) == 1 and at_mean["imputed"] == []  # said, never silent
+    assert gap["imputed"] == [service["names"][0]] and at_mean["imputed"] == []  # said, never silent
+    # A feature defined for every offline pair (and not measured on the joining model's task) is
+    # never missing for a real pair: its null is the client's mistake, named.
+    status, err = client.call("POST", "/decide", {"features": [x[0, 0], None, *x[0].tolist()[2:]]})
+    assert status == 422 and f"features: {service['names'][1]!r} is missing (null)" in err["detail"]
 
 
 def test_feedback_is_idempotent(service):

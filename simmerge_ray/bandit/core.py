@@ -124,6 +124,12 @@ class BanditCore:
         missing = np.isnan(x[0])
         if missing.all():
             raise FeatureError("features: every value is missing (null): nothing to decide on")
+        nullable = self.encoder.nullable
+        wrong = [n for n, m in zip(self.encoder.feature_names, missing) if m and nullable is not None and n not in nullable]
+        if wrong:
+            raise FeatureError(f"features: {wrong[0]!r} is missing (null) but defined for every pair offline; only "
+                               f"columns undefined for some pair (e.g. *_on_b_task) may be null"
+                               + (f" ({len(wrong) - 1} more)" if len(wrong) > 1 else ""))
         allowed = None if arms is None else sorted({self.bandit.arm_index(a) for a in arms})
         if allowed == []:
             raise BanditError("'arms' must name at least one arm")

@@ -15,6 +15,7 @@ import numpy as np
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.bandit.limits import check_features
+from simmerge_ray.features.schema import B_TASK_SUFFIX
 
 
 @runtime_checkable
@@ -33,6 +34,11 @@ class Encoder(Protocol):
         """Map raw features [n, d] (d = len(feature_names)) to encoded features [n, h]."""
         ...
 
+    @property
+    def nullable(self) -> frozenset[str] | None:
+        """The raw columns a context may leave undefined (null), imputed by `encode`; None: any."""
+        ...
+
     def spec(self) -> dict[str, Any]:
         """JSON-able description that `load_encoder` turns back into an equal encoder."""
         ...
@@ -44,8 +50,10 @@ class IdentityEncoder:
 
     kind = "identity"
 
-    def __init__(self, feature_names: Sequence[str], mean: np.ndarray, scale: np.ndarray):
+    def __init__(self, feature_names: Sequence[str], mean: np.ndarray, scale: np.ndarray,
+                 nullable: Sequence[str] | None = None):
         self._names = tuple(feature_names)
+        self._nullable = None if nullable is None else frozenset(nullable)
         self.mean = np.asarray(mean, dtype=np.float64)
         self.scale = np.asarray(scale, dtype=np.float64)
         d = len(self._names)
@@ -72,7 +80,11 @@ class IdentityEncoder:
         if np.isinf(x).any():
             raise ConfigError("identity encoder: fitting features contain Inf")
         std = np.nanstd(x, axis=0)
-        return cls(feature_names, np.nanmean(x, axis=0), np.where(std > 1e-12, std, 1.0))
+        # Undefined for some pair: a column null in some offline row, and the columns measured on
+        # the joining model's own task, which a new task-less model leaves null; any other null is
+        # a client's mistake, not a missing measurement.
+        nullable = [n for n, some in zip(feature_names, np.isnan(x).any(axis=0)) if some or n.endswith(B_TASK_SUFFIX)]
+        return cls(feature_names, np.nanmean(x, axis=0), np.where(std > 1e-12, std, 1.0), nullable)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -81,6 +93,10 @@ class IdentityEncoder:
     @property
     def width(self) -> int:
         return len(self._names)
+
+    @property
+    def nullable(self) -> frozenset[str] | None:
+        return self._nullable  # None for a state written before it was recorded: any column
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         x = check_features(x, len(self._names))
@@ -92,11 +108,12 @@ class IdentityEncoder:
             "feature_names": list(self._names),
             "mean": self.mean.tolist(),
             "scale": self.scale.tolist(),
+            **({} if self._nullable is None else {"nullable": sorted(self._nullable)}),
         }
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> IdentityEncoder:
-        return cls(spec["feature_names"], np.array(spec["mean"]), np.array(spec["scale"]))
+        return cls(spec["feature_names"], np.array(spec["mean"]), np.array(spec["scale"]), spec.get("nullable"))
 
 
 def _selector_encoder(spec: dict[str, Any]) -> Encoder:

@@ -86,7 +86,7 @@ def _inputs(args: argparse.Namespace, catalog) -> list:
 def _pairwise(args: argparse.Namespace, catalog) -> int:
     import polars as pl
 
-    from simmerge_ray.features.functional import B_TASK_SUFFIX
+    from simmerge_ray.features.schema import B_TASK_SUFFIX
     from simmerge_ray.planner.assess import arm_table, expert_alone, input_flags, plan_intervals
     from simmerge_ray.planner.plan import Plan
     from simmerge_ray.selector.model import Selector

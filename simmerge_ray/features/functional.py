@@ -26,6 +26,7 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.functional_math import depth_summary, distribution_summary, kl_per_position, layer_cosines
 from simmerge_ray.inference.catalog_probes import ModelProbes, check_comparable
 from simmerge_ray.features.joined import FUNCTIONAL_FILE, write_joined
+from simmerge_ray.features.schema import B_TASK_SUFFIX
 from simmerge_ray.inference.compact import expand_logprobs
 from simmerge_ray.io.stage_files import stage_files
 
@@ -36,7 +37,6 @@ FUNCTIONAL_COLUMNS: tuple[str, ...] = (
     *(f"f_act_cos_{s}" for s in DEPTH_STATS),
     *(f"f_attn_cos_{s}" for s in DEPTH_STATS),
 )
-B_TASK_SUFFIX = "_on_b_task"
 B_TASK_COLUMNS: tuple[str, ...] = tuple(c + B_TASK_SUFFIX for c in FUNCTIONAL_COLUMNS)
 SCHEMA = {"a": pl.String, "b": pl.String, "task": pl.String, **{c: pl.Float64 for c in FUNCTIONAL_COLUMNS}}
 TABLE_SCHEMA = SCHEMA | {c: pl.Float64 for c in B_TASK_COLUMNS}

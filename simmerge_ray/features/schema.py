@@ -10,6 +10,9 @@ KEY_COLUMNS: tuple[str, ...] = ("a", "b", "task")  # expert (or merge so far), j
 STRUCTURAL_PREFIX = "s_"
 FUNCTIONAL_PREFIX = "f_"
 FEATURE_PREFIXES: tuple[str, ...] = (STRUCTURAL_PREFIX, FUNCTIONAL_PREFIX)
+# Functional columns measured on the joining model's own task's probes: null where it is no task's
+# expert (a generalist), the only feature columns the feature stages leave undefined for a pair.
+B_TASK_SUFFIX = "_on_b_task"
 
 
 def feature_columns(df: pl.DataFrame, prefixes: tuple[str, ...] = FEATURE_PREFIXES) -> list[str]:

@@ -31,6 +31,12 @@ class SelectorEncoder:
     def encode(self, x: np.ndarray) -> np.ndarray:
         return self.selector.encode(x, None)
 
+    @property
+    def nullable(self) -> None:
+        """Any column: the selector imputes its training mean wherever a value is undefined, and
+        does not record which of its training columns had undefined rows."""
+        return None
+
     def head_prior(self, intercept: bool = True) -> dict[str, np.ndarray]:
         """Per operator, the selector's linear utility head on z ([W_o, b_o], the bias last as in
         the bandit's design): as a warm bandit's prior mean, each arm starts from the offline
