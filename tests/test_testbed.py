@@ -151,6 +151,7 @@ def test_label_run_resumes_without_redoing_finished_plans(tiny_zoo, tmp_path):
     cross = sum(1 for a, b in itertools.permutations(experts, 2) if experts[a] != experts[b])
     info = json.loads((out / "label_summary.json").read_text())
     assert labels.height + info["dropped_2way_small_gap"] == cross * len(ARM_NAMES)
+    assert info["pairs_2way"] == labels.select("task", "expert", "aux").unique().height == labels.height // len(ARM_NAMES)
     assert set(labels["operator"]) == set(ARM_NAMES)
     both = labels.filter(pl.col("aux_gap_closed").is_not_null())
     assert ((both["gap_closed"] + both["aux_gap_closed"]) / 2 - both["utility"]).abs().max() < 1e-12

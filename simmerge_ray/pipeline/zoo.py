@@ -51,8 +51,6 @@ def check_eval_files(catalog: Catalog, tasks: set[str]) -> None:
 def label(catalog: Path, out: Path, settings: LabelSettings, *, max_plans: int | None = None,
           address: str | None = None, echo: Callable[[str], None] = print) -> LabelRunReport:
     """Measure the catalog's 2-, 3- and 4-way merges (resuming from out/cache)."""
-    import polars as pl
-
     from simmerge_ray.testbed.labels import check_label_catalog, check_label_models, check_label_output, run_labels
 
     cat = Catalog.load(catalog)
@@ -73,8 +71,7 @@ def label(catalog: Path, out: Path, settings: LabelSettings, *, max_plans: int |
     if rep.complete:
         info = json.loads((rep.out / "label_summary.json").read_text())
         dropped = info["dropped_2way_small_gap"]
-        pairs = pl.read_parquet(rep.out / "labels.parquet").select("task", "expert", "aux").unique().height
-        echo(f"labels: {pairs} labelled pairs ({info['labels_2way']} rows, one per arm)"
+        echo(f"labels: {info['pairs_2way']} labelled pairs ({info['labels_2way']} rows, one per arm)"
              + (f" ({dropped} rows dropped: the expert's and the auxiliary's scores differ by less than "
                 f"{info['gap_epsilon']:g}, so GapClosed is undefined)" if dropped else "")
              + f"; {info['labels_3way']} 3-way and {info['labels_4way']} 4-way plans")

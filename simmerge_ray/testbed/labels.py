@@ -216,6 +216,7 @@ def _write_tables(out: Path, keyed: list[tuple[str, LabelPlan]], cache: Path, ex
         "weightings": {w: get_weighting(w).doc for w in settings.weightings},
         "plans": len(keyed),
         "labels_2way": labels.height,
+        "pairs_2way": labels.select("task", "expert", "aux").unique().height,  # rows: one per arm
         "dropped_2way_small_gap": dropped,
         "labels_3way": int((multi["k"] == 3).sum()),
         "labels_4way": int((multi["k"] == 4).sum()),
