@@ -115,3 +115,57 @@ def test_bf16_output_is_rounded_float32_result(ray_cluster, zoo, tmp_path: Path)
     for name in f32:
         assert bf16[name].dtype == torch.bfloat16
         assert torch.equal(bf16[name], f32[name].to(torch.bfloat16))
+
+
+TIED_CASES = {
+    "untied_first": {"merge_method": "linear", "models": [{"model": "m1", "parameters": {"weight": 0.6}},
+                                                          {"model": "t1", "parameters": {"weight": 0.4}}]},
+    "tied_first": {"merge_method": "linear", "models": [{"model": "t1", "parameters": {"weight": 0.6}},
+                                                        {"model": "m1", "parameters": {"weight": 0.4}}]},
+    "tied_base": {"merge_method": "ties", "base_model": "tbase", "models": [
+        {"model": "m1", "parameters": {"weight": 0.5, "density": 0.5}},
+        {"model": "t1", "parameters": {"weight": 0.5, "density": 0.5}}]},
+    "all_tied": {"merge_method": "linear", "models": [{"model": "t1", "parameters": {"weight": 0.5}},
+                                                      {"model": "t2", "parameters": {"weight": 0.5}}]},
+}
+
+
+@pytest.fixture(scope="module")
+def tied_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untied base and fine-tune beside fine-tunes that tie their head to the embeddings (no
+    lm_head.weight on disk), and a tied base of their own."""
+    from simmerge_ray.io.synthetic import make_checkpoint
+
+    root = tmp_path_factory.mktemp("tied")
+    spec = dataclasses.replace(ARCHS["llama"], dtype="float32")
+    tied = dataclasses.replace(spec, tie_word_embeddings=True)
+    make_checkpoint(root / "base", spec)
+    make_checkpoint(root / "m1", dataclasses.replace(spec, seed=1), base=root / "base", delta_std=0.01)
+    for i, name in ((2, "t1"), (3, "t2")):
+        make_checkpoint(root / name, dataclasses.replace(tied, seed=i), base=root / "base", delta_std=0.01)
+    make_checkpoint(root / "tbase", dataclasses.replace(tied, seed=4))
+    return root
+
+
+@pytest.mark.parametrize("case", list(TIED_CASES))
+def test_a_tied_head_beside_untied_ones_matches_mergekit(tied_zoo: Path, tmp_path: Path, case: str) -> None:
+    """A model that ties its head is read through its embedding (mergekit's tied_names): the head is
+    merged, and written, wherever some model stores one; the output config then unties it, so the
+    merged head is what loads. With every model tied there is no head to write."""
+    cfg = {**TIED_CASES[case], "dtype": "float32", "out_dtype": "float32"}
+    (tied_zoo / f"{case}.yaml").write_text(yaml.safe_dump(cfg))
+    ours, theirs = tmp_path / "ours", tmp_path / "mk"
+    run_merge(MergeSpec.load(tied_zoo / f"{case}.yaml"), ours, ExecOptions(workers=1))
+    run_mergekit(cfg, tied_zoo, theirs)
+    a, b = load_all(ours), load_all(theirs)
+    assert set(a) == set(b) and ("lm_head.weight" in a) == (case != "all_tied")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=2e-6, atol=2e-6, msg=f"{case} {name}")
+    if "lm_head.weight" in a:
+        m1, t1 = Checkpoint.open(tied_zoo / "m1"), Checkpoint.open(tied_zoo / "t1")
+        assert not torch.equal(a["lm_head.weight"], m1.read_f32("lm_head.weight"))
+        if TIED_CASES[case]["merge_method"] == "linear":  # t1's share of the head is its embedding
+            w = {m["model"]: m["parameters"]["weight"] for m in TIED_CASES[case]["models"]}
+            want = w["m1"] * m1.read_f32("lm_head.weight") + w["t1"] * t1.read_f32("model.embed_tokens.weight")
+            torch.testing.assert_close(a["lm_head.weight"], want, rtol=1e-6, atol=1e-6)
+    assert Checkpoint.open(ours).tied_embeddings == (case == "all_tied")

@@ -16,6 +16,7 @@ from simmerge_ray.io.side_files import copy_tokenizer
 from simmerge_ray.merge.chat_templates import resolve_template
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.modules import set_depth
+from simmerge_ray.merge.tensor_plan import TIED_HEADS
 from simmerge_ray.merge.tokenizer import BuiltVocabulary
 
 
@@ -33,6 +34,8 @@ def write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], num_layers: 
     source = ckpts[spec.base.ref] if spec.base is not None else ckpts[spec.inputs[0].ref]
     if source.path.is_dir():
         config = output_config(spec, source, num_layers, vocab.rows if vocab is not None else None)
+        if config.get("tie_word_embeddings") and any(n in TIED_HEADS for p in plans for n, _, _ in p.tensors):
+            config["tie_word_embeddings"] = False  # a head merged beside a tied model is loaded as written
         if config:
             (out / "config.json").write_text(json.dumps(config, indent=2))
         if (source.path / "generation_config.json").exists():

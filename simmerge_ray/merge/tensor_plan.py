@@ -164,6 +164,23 @@ def is_vocabulary(name: str, ck: Checkpoint) -> bool:
             and (not isinstance(size, int) or entry.shape[0] == size))
 
 
+# Output heads that a checkpoint with tie_word_embeddings stores only as its input embedding
+# (mergekit's `tied_names`): such a model's head is read from its embedding.
+TIED_HEADS: dict[str, str] = {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def tied_head(ck: Checkpoint) -> str | None:
+    """The head `ck` ties to its embedding and so does not store, or None."""
+    if not ck.tied_embeddings:
+        return None
+    return next((h for h, e in TIED_HEADS.items() if h not in ck.entries and e in ck.entries), None)
+
+
+def stored_name(ck: Checkpoint, name: str) -> str:
+    """Where `ck` stores tensor `name`: its embedding for the head it ties, else `name` itself."""
+    return TIED_HEADS[name] if name == tied_head(ck) else name
+
+
 def plan_tensors(spec: MergeSpec, ckpts: dict[str, Checkpoint], vocab: BuiltVocabulary | None = None) -> list[TensorTask]:
     """Every output tensor's task, in output order (before, blocks, after; module by module for
     a modular architecture); with `vocab` (the config builds a tokenizer) the vocabulary tensors
@@ -179,6 +196,9 @@ def _plan_part(spec: MergeSpec, ckpts: dict[str, Checkpoint], part: _Part, range
     first_slice, last = part.slices[0], part.slices[-1]
     first = ckpts[first_slice.sources[0].model.ref]
     outside = [n for n in first.tensor_names if layer_index(n) is None and part.owns(n)]
+    head = tied_head(first)
+    if head is not None and part.owns(head) and any(head in ck.entries for ck in ckpts.values()):
+        outside.append(head)  # the lead ties it, another model stores it: merged, as mergekit does
     tasks = [_task(spec, ckpts, first_slice, n, [n] * len(first_slice.sources), part.outside_t(n), vocab)
              for n in outside if part.is_pre(n)]
     out_layer = 0
@@ -203,17 +223,18 @@ def _plan_part(spec: MergeSpec, ckpts: dict[str, Checkpoint], part: _Part, range
 
 def _task(spec: MergeSpec, ckpts: dict[str, Checkpoint], sl: OutputSlice, out_name: str, in_names: list[str],
           t: float, vocab: BuiltVocabulary | None = None) -> TensorTask:
-    names = {s.model.ref: n for s, n in zip(sl.sources, in_names)}
+    names = {s.model.ref: n for s, n in zip(sl.sources, in_names)}  # what parameters are resolved on
+    reads = {ref: stored_name(ckpts[ref], n) for ref, n in names.items()}  # what is read
     lead = sl.sources[0].model.ref
     remap = None
-    if vocab is not None and is_vocabulary(names[lead], ckpts[lead]):
-        remap = _remap(spec, ckpts, sl, names, vocab)
-    _check_tensors(ckpts, [(s.model.ref, names[s.model.ref]) for s in sl.sources], rows_may_differ=remap is not None)
+    if vocab is not None and is_vocabulary(reads[lead], ckpts[lead]):
+        remap = _remap(spec, ckpts, sl, reads, vocab)
+    _check_tensors(ckpts, [(s.model.ref, reads[s.model.ref]) for s in sl.sources], rows_may_differ=remap is not None)
     method = spec.method
     inputs = method_sources(method, sl)
     base = None
     if not method.base_in_inputs and sl.base is not None:
-        base = (sl.base.ref, names[sl.base.ref])
+        base = (sl.base.ref, reads[sl.base.ref])
     shared = spec.shared_scopes(sl)
     options = {p.name: _value(spec, p, shared, out_name, t, None) for p in method.params if not p.per_model}
     per_model = {p.name: [_value(spec, p, (s.parameters, *shared), names[s.model.ref], t, s) for s in inputs]
@@ -223,7 +244,7 @@ def _task(spec: MergeSpec, ckpts: dict[str, Checkpoint], sl: OutputSlice, out_na
             method.check(out_name, options, per_model)
         except ConfigError as e:
             raise ConfigError(f"{spec.source}: {e}") from None
-    return TensorTask(out_name, tuple((s.model.ref, names[s.model.ref]) for s in inputs), base, options, per_model,
+    return TensorTask(out_name, tuple((s.model.ref, reads[s.model.ref]) for s in inputs), base, options, per_model,
                       remap)
 
 
@@ -293,8 +314,11 @@ def _check_tensors(ckpts: dict[str, Checkpoint], reads: list[tuple[str, str]], *
 
 
 def _templates(ck: Checkpoint) -> dict[str, None]:
-    """A model's tensor names with block indices set to 0 (what every block holds), in order."""
-    return dict.fromkeys(n if layer_index(n) is None else with_layer_index(n, 0) for n in ck.tensor_names)
+    """A model's tensor names with block indices set to 0 (what every block holds), in order; the
+    head it ties to its embedding counts as held."""
+    names = dict.fromkeys(n if layer_index(n) is None else with_layer_index(n, 0) for n in ck.tensor_names)
+    head = tied_head(ck)
+    return names if head is None else {**names, head: None}
 
 
 def _check_same_architecture(lead: str, ckpts: dict[str, Checkpoint]) -> None:
