@@ -395,18 +395,41 @@ def test_too_few_models(zoo: Path, tmp_path: Path) -> None:
 def test_models_with_different_tensors(zoo: Path, tmp_path: Path) -> None:
     make_checkpoint(tmp_path / "wide", _spec(hidden_size=48, seed=3))
     make_checkpoint(tmp_path / "deep", _spec(num_layers=5, seed=4))
-    make_checkpoint(tmp_path / "tied", _spec(tie_word_embeddings=True, seed=5))
+    headless = make_checkpoint(tmp_path / "headless", _spec(tie_word_embeddings=True, seed=5))
+    config = json.loads((headless / "config.json").read_text())  # no head, and no tie to explain it
+    (headless / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
     for m in ("ft0", "ft1"):
         (tmp_path / m).symlink_to(zoo / m)
-    cat = _catalog(tmp_path, ["ft0", "ft1", "wide", "deep", "tied"], None)
+    cat = _catalog(tmp_path, ["ft0", "ft1", "wide", "deep", "headless"], None)
     with pytest.raises(CheckpointError) as err:
         compute_structural(cat, tmp_path / "o")
     msg = str(err.value)
     assert "model 'wide'" in msg and "of 'model.embed_tokens.weight' is [64, 48] not [64, 32]" in msg
     assert "model 'deep'" in msg and "has extra 'model.layers.4." in msg
     assert "model 'ft1'" not in msg
-    assert "model 'tied'" in msg and "(a head tied to the embeddings on one side? config.json tie_word_embeddings)" in msg
+    assert "model 'headless'" in msg and "(a head tied to the embeddings on one side? config.json tie_word_embeddings)" in msg
     assert msg.count("tie_word_embeddings") == 1  # the hint only where a head is missing or extra
+
+
+def test_a_tied_head_is_compared_as_its_embedding(ray_cluster, zoo: Path, tmp_path: Path) -> None:
+    """A model that ties its head (no lm_head.weight on disk) beside models that store one: its
+    head is its embedding, as `merge` reads it, so its features equal those of an untied twin
+    storing that embedding as its head."""
+    tied = make_checkpoint(tmp_path / "tied", _spec(tie_word_embeddings=True, seed=7), base=zoo / "base",
+                           delta_std=0.004)
+    ck = Checkpoint.open(tied)
+    assert ck.tied_head == "lm_head.weight" and "lm_head.weight" not in ck.entries
+    tensors = {n: ck.read(n) for n in ck.entries} | {"lm_head.weight": ck.read("model.embed_tokens.weight")}
+    write_checkpoint(tmp_path / "twin", {**ck.config, "tie_word_embeddings": False},
+                     [(n, tuple(t.shape), ck.entries[ck.stored_name(n)].dtype, lambda t=t: t)
+                      for n, t in tensors.items()], 10**9)
+    for m in ("ft0", "ft1", "base"):
+        (tmp_path / m).symlink_to(zoo / m)
+    got = [pl.read_parquet(compute_structural(_catalog(tmp_path, ["ft0", "ft1", m], "base", f"{m}.yaml"),
+                                              tmp_path / f"out-{m}", OPTS).out / "structural.parquet")
+           for m in ("tied", "twin")]
+    named = got[1].with_columns(pl.col(c).replace("twin", "tied") for c in ("a", "b"))
+    assert got[0].height == 6 and got[0].equals(named)
 
 
 def test_base_of_another_architecture(zoo: Path, tmp_path: Path) -> None:

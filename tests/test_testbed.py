@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from simmerge_ray.catalog import Catalog
@@ -206,6 +207,39 @@ def test_label_merge_matches_a_hand_merge(tiny_zoo, ray_cluster):
     model.load_state_dict({k: (a[k] + b[k] + c[k]) / 3 for k in a})
     assert got[2]["rag"]["score"] == pytest.approx(score(model, rag)["score"], rel=1e-5)
     assert got[1]["rag"]["score"] != pytest.approx(got[2]["rag"]["score"], rel=1e-3)  # a TIES step is not
+
+
+def test_a_tied_expert_is_labelled_as_its_untied_twin(tiny_zoo, tmp_path):
+    """An expert that ties its head (no lm_head.weight on disk) beside experts that store one is
+    merged with its embedding as its head, as `merge` does, and scored untied: its labels equal
+    those of a twin that stores that embedding as its head."""
+    from simmerge_ray.io.synthetic import write_checkpoint
+    from simmerge_ray.testbed.labels import PlanEvaluator
+
+    raw = yaml.safe_load((tiny_zoo / "catalog.yaml").read_text())
+    raw["base"] = str(tiny_zoo / raw["base"])
+    for entry in raw["tasks"].values():
+        entry.update({k: str(tiny_zoo / v) for k, v in entry.items()})
+    src = Checkpoint.open(tiny_zoo / "checkpoints" / "code-a")
+    tensors = {n: src.read(n) for n in src.entries}
+    embed = tensors["model.embed_tokens.weight"]
+    twins = {"tied": ({k: v for k, v in tensors.items() if k != "lm_head.weight"}, True),
+             "twin": ({**tensors, "lm_head.weight": embed}, False)}
+    plans = [LabelPlan(("code-a", "rag-a"), ("linear",), tasks=("code", "rag")),
+             LabelPlan(("rag-a", "code-a"), ("ties",), tasks=("rag", "code")),
+             LabelPlan(("code-a", "rag-a", "ml-a"), ("linear", "ties"), "equal", tasks=("code", "rag", "multilingual"))]
+    got = {}
+    for kind, (state, tie) in twins.items():
+        write_checkpoint(tmp_path / kind, {**src.config, "tie_word_embeddings": tie},
+                         [(n, tuple(t.shape), src.entries["model.embed_tokens.weight"].dtype, lambda t=t: t)
+                          for n, t in state.items()], 10**9)
+        models = [{**m, "path": str(tmp_path / kind if m["name"] == "code-a" else tiny_zoo / m["path"])}
+                  for m in raw["models"]]
+        (tmp_path / f"{kind}.yaml").write_text(yaml.safe_dump({**raw, "models": models}))
+        got[kind] = PlanEvaluator(str(tmp_path / f"{kind}.yaml")).run(plans)
+    assert Checkpoint.open(tmp_path / "tied").tied_head == "lm_head.weight"
+    assert got["tied"] == got["twin"]
+    assert got["tied"][0]["code"] != PlanEvaluator(str(tiny_zoo / "catalog.yaml")).run(plans[:1])[0]["code"]
 
 
 # ---- pure parts -------------------------------------------------------------------------------

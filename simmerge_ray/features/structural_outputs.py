@@ -52,7 +52,8 @@ def write_outputs(out: Path, rows: Rows, stats: list[PairStats], keys: Sequence[
     meta: dict[str, dict] = {}
     for t in rows.tensors:
         layer = layer_index(t)
-        meta[t] = {"numel": first.entries[t].numel, "shape": list(first.entries[t].shape),
+        entry = first.entries[first.stored_name(t)]
+        meta[t] = {"numel": entry.numel, "shape": list(entry.shape),
                    "group": module_group(t), "layer": layer,
                    "third": depth_third(layer, n_layers) if layer is not None and layer < n_layers else None}
     writer = StreamingWriter(out / "gram.safetensors", [(t, (m, m), "F64") for t in rows.tensors])

@@ -33,17 +33,18 @@ class ChunkReader:
     def raw_chunks(self, tensor: str) -> Iterator[list[torch.Tensor]]:
         """Yield, per step, each checkpoint's next `chunk_elems` values in their stored dtype
         (valid until the next step)."""
-        entries = [ck.entries[tensor] for ck in self.ckpts]
+        stored = [ck.stored_name(tensor) for ck in self.ckpts]  # a tied head: its embedding
+        entries = [ck.entries[n] for ck, n in zip(self.ckpts, stored)]
         numel = entries[0].numel
         for start in range(0, numel, self.chunk_elems):
             k = min(self.chunk_elems, numel - start)
-            parts = [ck.map_range(tensor, start, k) for ck in self.ckpts]
+            parts = [ck.map_range(n, start, k) for ck, n in zip(self.ckpts, stored)]
             for i, e in enumerate(entries):
                 self.bytes_read[i] += k * DTYPE_BYTES[e.dtype]
             yield parts
             del parts
-            for ck in self.ckpts:
-                ck.release_range(tensor, start, k)
+            for ck, n in zip(self.ckpts, stored):
+                ck.release_range(n, start, k)
 
 
 class GramWorker:
@@ -64,7 +65,7 @@ class GramWorker:
 
     def _one(self, tensor: str) -> dict:
         t0 = time.perf_counter()
-        reader = ChunkReader(self.ckpts, min(self.chunk_elems, self.ckpts[0].entries[tensor].numel))
+        reader = ChunkReader(self.ckpts, min(self.chunk_elems, self.ckpts[0].entries[self.ckpts[0].stored_name(tensor)].numel))
         acc = GramAccumulator(len(self.ckpts), self.ref, self.cols, self.signed, precision=self.precision)
         for parts in reader.raw_chunks(tensor):
             acc.add_parts(parts)

@@ -28,7 +28,8 @@ class Rows:
         return self.n_models if self.has_base else 0
 
     def entry(self, row: int, tensor: str):
-        return self.ckpts[row].entries[tensor]
+        ck = self.ckpts[row]
+        return ck.entries[ck.stored_name(tensor)]
 
 
 def open_rows(catalog: Catalog) -> Rows:
@@ -47,14 +48,21 @@ def open_rows(catalog: Catalog) -> Rows:
         names.append(base_name)
         ckpts.append(base)
     first = ckpts[0]
-    tensors = sorted(n for n, e in first.entries.items() if e.dtype in FLOAT_DTYPES and e.numel > 0)
+    held = list(first.entries)
+    if first.tied_head is not None and any(first.tied_head in ck.entries for ck in ckpts):
+        held.append(first.tied_head)  # stored by another model: compared, as `merge` merges it
+    entries = {n: first.entries[first.stored_name(n)] for n in held}
+    tensors = sorted(n for n, e in entries.items() if e.dtype in FLOAT_DTYPES and e.numel > 0)
     if not tensors:
         raise CheckpointError(f"{first.path}: no floating-point tensors to compare")
     return Rows(names, ckpts, len(catalog.models), catalog.base is not None, tensors)
 
 
 def _signature(ck: Checkpoint) -> dict[str, tuple[int, ...]]:
-    return {n: tuple(e.shape) for n, e in ck.entries.items()}
+    """Tensor names and shapes; the head a checkpoint ties to its embedding counts as held (read
+    from the embedding, as mergekit's tied_names does)."""
+    sig = {n: tuple(e.shape) for n, e in ck.entries.items()}
+    return sig if ck.tied_head is None else {**sig, ck.tied_head: sig[ck.stored_name(ck.tied_head)]}
 
 
 def _differences(ref: dict[str, tuple[int, ...]], other: dict[str, tuple[int, ...]]) -> list[str]:

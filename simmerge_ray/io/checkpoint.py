@@ -42,6 +42,10 @@ def with_layer_index(tensor_name: str, index: int) -> str:
     return f"{tensor_name[:m.start(1)]}{index}{tensor_name[m.end(1):]}"
 
 
+# Output heads that a checkpoint with tie_word_embeddings stores only as its input embedding.
+TIED_HEADS: dict[str, str] = {"lm_head.weight": "model.embed_tokens.weight"}
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint folder's tensor index plus its config; reads tensors lazily."""
@@ -163,6 +167,18 @@ class Checkpoint:
     def tied_embeddings(self) -> bool:
         """True when the output head shares the input embedding (and so is absent on disk)."""
         return bool(self.config.get("tie_word_embeddings", False))
+
+    @property
+    def tied_head(self) -> str | None:
+        """The head this checkpoint ties to its embedding and so does not store, or None."""
+        if not self.tied_embeddings:
+            return None
+        return next((h for h, e in TIED_HEADS.items() if h not in self.entries and e in self.entries), None)
+
+    def stored_name(self, name: str) -> str:
+        """Where tensor `name` is stored: the embedding for the head this checkpoint ties (as
+        mergekit's `tied_names` reads it), else `name` itself."""
+        return TIED_HEADS[name] if name == self.tied_head else name
 
     @property
     def nbytes(self) -> int:

@@ -10,13 +10,12 @@ from typing import Any
 
 import yaml
 
-from simmerge_ray.io.checkpoint import INDEX_FILE, Checkpoint
+from simmerge_ray.io.checkpoint import INDEX_FILE, TIED_HEADS, Checkpoint
 from simmerge_ray.io.safetensors_format import TORCH_NAMES, dtype_code
 from simmerge_ray.io.side_files import copy_tokenizer
 from simmerge_ray.merge.chat_templates import resolve_template
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.modules import set_depth
-from simmerge_ray.merge.tensor_plan import TIED_HEADS
 from simmerge_ray.merge.tokenizer import BuiltVocabulary
 
 

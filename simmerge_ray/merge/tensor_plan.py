@@ -164,23 +164,6 @@ def is_vocabulary(name: str, ck: Checkpoint) -> bool:
             and (not isinstance(size, int) or entry.shape[0] == size))
 
 
-# Output heads that a checkpoint with tie_word_embeddings stores only as its input embedding
-# (mergekit's `tied_names`): such a model's head is read from its embedding.
-TIED_HEADS: dict[str, str] = {"lm_head.weight": "model.embed_tokens.weight"}
-
-
-def tied_head(ck: Checkpoint) -> str | None:
-    """The head `ck` ties to its embedding and so does not store, or None."""
-    if not ck.tied_embeddings:
-        return None
-    return next((h for h, e in TIED_HEADS.items() if h not in ck.entries and e in ck.entries), None)
-
-
-def stored_name(ck: Checkpoint, name: str) -> str:
-    """Where `ck` stores tensor `name`: its embedding for the head it ties, else `name` itself."""
-    return TIED_HEADS[name] if name == tied_head(ck) else name
-
-
 def plan_tensors(spec: MergeSpec, ckpts: dict[str, Checkpoint], vocab: BuiltVocabulary | None = None) -> list[TensorTask]:
     """Every output tensor's task, in output order (before, blocks, after; module by module for
     a modular architecture); with `vocab` (the config builds a tokenizer) the vocabulary tensors
@@ -196,7 +179,7 @@ def _plan_part(spec: MergeSpec, ckpts: dict[str, Checkpoint], part: _Part, range
     first_slice, last = part.slices[0], part.slices[-1]
     first = ckpts[first_slice.sources[0].model.ref]
     outside = [n for n in first.tensor_names if layer_index(n) is None and part.owns(n)]
-    head = tied_head(first)
+    head = first.tied_head
     if head is not None and part.owns(head) and any(head in ck.entries for ck in ckpts.values()):
         outside.append(head)  # the lead ties it, another model stores it: merged, as mergekit does
     tasks = [_task(spec, ckpts, first_slice, n, [n] * len(first_slice.sources), part.outside_t(n), vocab)
@@ -224,7 +207,7 @@ def _plan_part(spec: MergeSpec, ckpts: dict[str, Checkpoint], part: _Part, range
 def _task(spec: MergeSpec, ckpts: dict[str, Checkpoint], sl: OutputSlice, out_name: str, in_names: list[str],
           t: float, vocab: BuiltVocabulary | None = None) -> TensorTask:
     names = {s.model.ref: n for s, n in zip(sl.sources, in_names)}  # what parameters are resolved on
-    reads = {ref: stored_name(ckpts[ref], n) for ref, n in names.items()}  # what is read
+    reads = {ref: ckpts[ref].stored_name(n) for ref, n in names.items()}  # what is read
     lead = sl.sources[0].model.ref
     remap = None
     if vocab is not None and is_vocabulary(reads[lead], ckpts[lead]):
@@ -317,8 +300,7 @@ def _templates(ck: Checkpoint) -> dict[str, None]:
     """A model's tensor names with block indices set to 0 (what every block holds), in order; the
     head it ties to its embedding counts as held."""
     names = dict.fromkeys(n if layer_index(n) is None else with_layer_index(n, 0) for n in ck.tensor_names)
-    head = tied_head(ck)
-    return names if head is None else {**names, head: None}
+    return names if ck.tied_head is None else {**names, ck.tied_head: None}
 
 
 def _check_same_architecture(lead: str, ckpts: dict[str, Checkpoint]) -> None:

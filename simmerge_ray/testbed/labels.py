@@ -27,7 +27,7 @@ from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.structural_rows import check_same_tensors
 from simmerge_ray.io.atomic import atomic_write_text
-from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.checkpoint import TIED_HEADS, Checkpoint
 from simmerge_ray.io.digest_cache import file_digest
 from simmerge_ray.io.out_checks import check_not_input
 from simmerge_ray.io.stage_files import adopt_stage_files, check_stage, stage_files, stage_owned
@@ -52,9 +52,13 @@ class LabelRunReport:
     out: Path
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    ck = Checkpoint.open(path)
-    return {name: ck.read(name) for name in ck.entries}
+def _read_state(ck: Checkpoint, head: str | None) -> dict[str, torch.Tensor]:
+    """Every stored tensor; with `head` (some model of the catalog stores it), a model that ties
+    it to its embedding gets it as that embedding, as `merge` reads it."""
+    state = {name: ck.read(name) for name in ck.entries}
+    if head is not None and head not in state:
+        state[head] = state[ck.stored_name(head)]
+    return state
 
 
 class PlanEvaluator:
@@ -69,12 +73,18 @@ class PlanEvaluator:
 
         torch.set_num_threads(threads)
         cat = Catalog.load(catalog_path)
-        self.states = {m.name: _read_state(m.path) for m in cat.models}
-        self.states["base"] = _read_state(cat.base)
+        ckpts = {m.name: Checkpoint.open(m.path) for m in cat.models} | {"base": Checkpoint.open(cat.base)}
+        # A head stored by some model and tied by others is merged as a tensor of its own, so the
+        # scored model keeps it untied (as `merge` writes it).
+        head = next((h for h in TIED_HEADS if any(h in ck.entries for ck in ckpts.values())
+                     and any(ck.tied_head == h for ck in ckpts.values())), None)
+        self.states = {name: _read_state(ck, head) for name, ck in ckpts.items()}
         tok = load_tokenizer(cat.base)
         self.evals = {t: encode(load_examples(e.eval), tok, EVAL_MAX_LEN) for t, e in cat.tasks.items()}
-        self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(cat.base)),
-                                                      attn_implementation="eager", dtype=torch.float32)
+        config = AutoConfig.from_pretrained(str(cat.base))
+        if head is not None:
+            config.tie_word_embeddings = False
+        self.model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
 
     def run(self, plans: list[LabelPlan]) -> list[dict[str, dict[str, float]]]:
         from simmerge_ray.testbed.evaluate import score
