@@ -26,7 +26,7 @@ from simmerge_ray.bandit.feature_table import FeatureTable
 from simmerge_ray.bandit.limits import FEATURE_BOUND, REWARD_BOUND
 from simmerge_ray.bandit.lints import LinTS, LinTSConfig
 from simmerge_ray.bandit.simulate import SimSettings, most_often_best, replay_data, simulate, split_by_pair, warm_bandit
-from simmerge_ray.bandit.state import STATE_FILE, read_state, write_state
+from simmerge_ray.bandit.state import SETTINGS_FILE, STATE_FILE, read_state, write_state
 from simmerge_ray.bandit.synthetic import SyntheticBanditSpec, synthetic_tables
 from simmerge_ray.cli import main as cli_main
 from simmerge_ray.errors import CheckpointError, ConfigError
@@ -494,6 +494,11 @@ def test_a_missing_feature_is_imputed_and_named_and_an_empty_context_refused(tmp
                                                r"offline; only columns undefined for some pair"):
             live.decide([float("nan"), 0.2, 0.3])
     assert core.stats() == before
+    # A state written before encoders recorded `nullable` imputes any column, as it did then.
+    settings = json.loads((tmp_path / "state" / SETTINGS_FILE).read_text())
+    assert settings["encoder"].pop("nullable") == ["f_kl_ab_mean_on_b_task", "s_1"]
+    (tmp_path / "state" / SETTINGS_FILE).write_text(json.dumps(settings))
+    assert BanditCore(tmp_path / "state").decide([float("nan"), 0.2, 0.3])["imputed"] == ["s_0"]
 
 
 def test_a_context_whose_scores_overflow_is_refused_without_a_trace(tmp_path: Path):
