@@ -52,7 +52,7 @@ def write_outputs(out: Path, rows: Rows, stats: list[PairStats], keys: Sequence[
     meta: dict[str, dict] = {}
     for t in rows.tensors:
         layer = layer_index(t)
-        entry = first.entries[first.stored_name(t)]
+        entry = first.stored_entry(t)
         meta[t] = {"numel": entry.numel, "shape": list(entry.shape),
                    "group": module_group(t), "layer": layer,
                    "third": depth_third(layer, n_layers) if layer is not None and layer < n_layers else None}

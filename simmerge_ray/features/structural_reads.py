@@ -34,7 +34,7 @@ class ChunkReader:
         """Yield, per step, each checkpoint's next `chunk_elems` values in their stored dtype
         (valid until the next step)."""
         stored = [ck.stored_name(tensor) for ck in self.ckpts]  # a tied head: its embedding
-        entries = [ck.entries[n] for ck, n in zip(self.ckpts, stored)]
+        entries = [ck.stored_entry(tensor) for ck in self.ckpts]
         numel = entries[0].numel
         for start in range(0, numel, self.chunk_elems):
             k = min(self.chunk_elems, numel - start)
@@ -65,7 +65,7 @@ class GramWorker:
 
     def _one(self, tensor: str) -> dict:
         t0 = time.perf_counter()
-        reader = ChunkReader(self.ckpts, min(self.chunk_elems, self.ckpts[0].entries[self.ckpts[0].stored_name(tensor)].numel))
+        reader = ChunkReader(self.ckpts, min(self.chunk_elems, self.ckpts[0].stored_entry(tensor).numel))
         acc = GramAccumulator(len(self.ckpts), self.ref, self.cols, self.signed, precision=self.precision)
         for parts in reader.raw_chunks(tensor):
             acc.add_parts(parts)

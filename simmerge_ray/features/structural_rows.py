@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import CheckpointError, ConfigError
-from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.checkpoint import Checkpoint, merged_head
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES
 
 
@@ -28,8 +28,7 @@ class Rows:
         return self.n_models if self.has_base else 0
 
     def entry(self, row: int, tensor: str):
-        ck = self.ckpts[row]
-        return ck.entries[ck.stored_name(tensor)]
+        return self.ckpts[row].stored_entry(tensor)
 
 
 def open_rows(catalog: Catalog) -> Rows:
@@ -49,10 +48,9 @@ def open_rows(catalog: Catalog) -> Rows:
         ckpts.append(base)
     first = ckpts[0]
     held = list(first.entries)
-    if first.tied_head is not None and any(first.tied_head in ck.entries for ck in ckpts):
+    if first.tied_head is not None and first.tied_head == merged_head(ckpts):
         held.append(first.tied_head)  # stored by another model: compared, as `merge` merges it
-    entries = {n: first.entries[first.stored_name(n)] for n in held}
-    tensors = sorted(n for n, e in entries.items() if e.dtype in FLOAT_DTYPES and e.numel > 0)
+    tensors = sorted(n for n in held if (e := first.stored_entry(n)).dtype in FLOAT_DTYPES and e.numel > 0)
     if not tensors:
         raise CheckpointError(f"{first.path}: no floating-point tensors to compare")
     return Rows(names, ckpts, len(catalog.models), catalog.base is not None, tensors)
@@ -62,7 +60,7 @@ def _signature(ck: Checkpoint) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes; the head a checkpoint ties to its embedding counts as held (read
     from the embedding, as mergekit's tied_names does)."""
     sig = {n: tuple(e.shape) for n, e in ck.entries.items()}
-    return sig if ck.tied_head is None else {**sig, ck.tied_head: sig[ck.stored_name(ck.tied_head)]}
+    return sig if ck.tied_head is None else {**sig, ck.tied_head: tuple(ck.stored_entry(ck.tied_head).shape)}
 
 
 def _differences(ref: dict[str, tuple[int, ...]], other: dict[str, tuple[int, ...]]) -> list[str]:

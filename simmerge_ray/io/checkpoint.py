@@ -13,6 +13,7 @@ import mmap
 import os
 import re
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,15 @@ def with_layer_index(tensor_name: str, index: int) -> str:
 
 # Output heads that a checkpoint with tie_word_embeddings stores only as its input embedding.
 TIED_HEADS: dict[str, str] = {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def merged_head(ckpts: Iterable[Checkpoint]) -> str | None:
+    """The head some of `ckpts` tie to their embedding while another stores it, or None: such a
+    head is merged as a tensor of its own (mergekit's tied_names), a tied model's read from its
+    embedding."""
+    ckpts = list(ckpts)
+    return next((h for h in TIED_HEADS if any(ck.tied_head == h for ck in ckpts)
+                 and any(h in ck.entries for ck in ckpts)), None)
 
 
 @dataclass
@@ -179,6 +189,10 @@ class Checkpoint:
         """Where tensor `name` is stored: the embedding for the head this checkpoint ties (as
         mergekit's `tied_names` reads it), else `name` itself."""
         return TIED_HEADS[name] if name == self.tied_head else name
+
+    def stored_entry(self, name: str) -> TensorEntry:
+        """The entry tensor `name` is read from (a tied head's: its embedding's)."""
+        return self.entries[self.stored_name(name)]
 
     @property
     def nbytes(self) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from simmerge_ray.errors import CheckpointError, ConfigError
-from simmerge_ray.io.checkpoint import Checkpoint, layer_index, with_layer_index
+from simmerge_ray.io.checkpoint import Checkpoint, layer_index, merged_head, with_layer_index
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES
 from simmerge_ray.merge.config import MergeSpec, OutputSlice, SliceSource, evaluate_setting, method_sources
 from simmerge_ray.merge.modules import (ModuleLayout, depth_key, module_depth, module_layouts, owner,
@@ -179,8 +179,8 @@ def _plan_part(spec: MergeSpec, ckpts: dict[str, Checkpoint], part: _Part, range
     first_slice, last = part.slices[0], part.slices[-1]
     first = ckpts[first_slice.sources[0].model.ref]
     outside = [n for n in first.tensor_names if layer_index(n) is None and part.owns(n)]
-    head = first.tied_head
-    if head is not None and part.owns(head) and any(head in ck.entries for ck in ckpts.values()):
+    head = merged_head(ckpts.values())
+    if head is not None and head == first.tied_head and part.owns(head):
         outside.append(head)  # the lead ties it, another model stores it: merged, as mergekit does
     tasks = [_task(spec, ckpts, first_slice, n, [n] * len(first_slice.sources), part.outside_t(n), vocab)
              for n in outside if part.is_pre(n)]

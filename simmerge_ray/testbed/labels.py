@@ -27,7 +27,7 @@ from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.structural_rows import check_same_tensors
 from simmerge_ray.io.atomic import atomic_write_text
-from simmerge_ray.io.checkpoint import TIED_HEADS, Checkpoint
+from simmerge_ray.io.checkpoint import Checkpoint, merged_head
 from simmerge_ray.io.digest_cache import file_digest
 from simmerge_ray.io.out_checks import check_not_input
 from simmerge_ray.io.stage_files import adopt_stage_files, check_stage, stage_files, stage_owned
@@ -76,8 +76,7 @@ class PlanEvaluator:
         ckpts = {m.name: Checkpoint.open(m.path) for m in cat.models} | {"base": Checkpoint.open(cat.base)}
         # A head stored by some model and tied by others is merged as a tensor of its own, so the
         # scored model keeps it untied (as `merge` writes it).
-        head = next((h for h in TIED_HEADS if any(h in ck.entries for ck in ckpts.values())
-                     and any(ck.tied_head == h for ck in ckpts.values())), None)
+        head = merged_head(ckpts.values())
         self.states = {name: _read_state(ck, head) for name, ck in ckpts.items()}
         tok = load_tokenizer(cat.base)
         self.evals = {t: encode(load_examples(e.eval), tok, EVAL_MAX_LEN) for t, e in cat.tasks.items()}
@@ -127,8 +126,9 @@ def check_label_catalog(cat: Catalog) -> dict[str, str]:
 
 def check_label_models(cat: Catalog, experts: dict[str, str]) -> None:
     """Plans are merged in memory into one model built from the base's config, so every expert
-    must match the base tensor for tensor: a deeper, wider, re-vocabularied or tied-head model is
-    named here, from the headers, before Ray starts (not in an actor's traceback)."""
+    must match the base tensor for tensor (a tied head counts as its embedding): a deeper, wider or
+    re-vocabularied model is named here, from the headers, before Ray starts (not in an actor's
+    traceback)."""
     check_same_tensors(["base", *experts], [Checkpoint.open(cat.base), *(Checkpoint.open(cat.model(m).path)
                                                                       for m in experts)])
 
