@@ -23,6 +23,8 @@ from simmerge_ray.inference.extract import pad_batch, probe_records
 from simmerge_ray.inference.settings import ProbeSettings
 from benchmarks.synthetic_lm import make_corpus, make_tiny_lm, train_tokenizer
 from simmerge_ray.probes.tokenize import load_tokenizer, tokenize_probes, vocabulary_digest
+from simmerge_ray.io.checkpoint import Checkpoint
+from vocab_fixtures import extended_copy  # beside this file (the tests folder is on sys.path)
 
 MAX_LEN, ATTN_LEN = 10, 5
 
@@ -160,7 +162,33 @@ def test_different_vocabularies_are_refused_before_running(zoo: dict, capsys) ->
                  "--out", str(zoo["root"] / "out_odd")])
     err = capsys.readouterr().err
     assert code == 2
-    assert "models 'a'" in err and "'odd'" in err and "different tokenizer vocabularies" in err
+    assert "models 'a'" in err and "'odd'" in err and "neither vocabulary extends the other" in err
+    assert not (zoo["root"] / "out_odd").exists()
+
+
+def test_an_extended_vocabulary_is_compared_on_the_shared_ids(zoo: dict, ray_cluster, tmp_path: Path) -> None:
+    """b with two chat tokens added and its embedding and head padded (as a chat fine-tune
+    ships): compared with a on the ids they share, its next-token distributions renormalised
+    over them, so its features equal those of b itself (float32 rounding apart)."""
+    root = zoo["root"]
+    ext = extended_copy(zoo["b"], tmp_path / "b_ext", rows=Checkpoint.open(zoo["b"]).config["vocab_size"] + 6)
+    (tmp_path / "a").symlink_to(zoo["a"])
+    (tmp_path / "probes.jsonl").symlink_to(root / "probes.jsonl")
+    tables = {}
+    for b in ("b", "b_ext"):
+        if b == "b":
+            (tmp_path / "b").symlink_to(zoo["b"])
+        (tmp_path / f"{b}.yaml").write_text(
+            f"models:\n  - {{name: a, path: a, task: words}}\n  - {{name: b, path: {b}}}\n"
+            "tasks:\n  words: {probes: probes.jsonl}\n")
+        out = tmp_path / f"out-{b}"
+        assert main(["features", "functional", "--catalog", str(tmp_path / f"{b}.yaml"), "--out", str(out),
+                     "--max-length", str(MAX_LEN), "--attn-max-length", str(ATTN_LEN)]) == 0
+        tables[b] = pl.read_parquet(out / "functional.parquet")
+    got, want = tables["b_ext"], tables["b"]
+    assert got.height == want.height == 2 and want["f_kl_ab_mean"][0] > 1e-4
+    for col in FUNCTIONAL_COLUMNS:
+        np.testing.assert_allclose(got[col].to_numpy(), want[col].to_numpy(), rtol=1e-5, atol=1e-7, err_msg=col)
 
 
 def _in_process_plan(model_dir: Path, name: str, texts: list[str], root: Path) -> ModelProbes:

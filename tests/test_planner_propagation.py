@@ -187,3 +187,48 @@ def test_a_linear_plan_runs_as_one_folded_merge(built: dict, tmp_path: Path, wei
             torch.testing.assert_close(got.read(name), ref.read(name), rtol=1e-6, atol=1e-7)
     assert "folded into one linear combination" in (out / "README.md").read_text()
     assert built["plan"].fold.linear_coefficients() is None  # a SLERP step: step by step
+
+
+@pytest.mark.parametrize("operators", [["linear"], ["slerp", "linear"]])
+def test_a_plan_with_an_extended_vocabulary_keeps_the_added_tokens(tmp_path: Path, operators: list[str]) -> None:
+    """A plan over a chat fine-tune that added two tokens (embedding padded to 72 rows) and
+    models of the base's 64-token vocabulary runs (folded, or step by step) with the union of
+    the tokenizers. A linear plan merges the shared ids as without the added tokens, and each
+    added token keeps the only row it has; a SLERP step's angle is over the whole tensor, added
+    rows included (as mergekit's), so there the shared rows only come close."""
+    from simmerge_ray.io.checkpoint import Checkpoint
+    from simmerge_ray.planner.execute import execute_plan
+    from simmerge_ray.probes.tokenize import load_tokenizer
+    from vocab_fixtures import ADDED, extended_copy, with_tokenizer  # beside this file
+
+    spec = SyntheticSpec(architecture="llama", hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                         vocab_size=64, dtype="float32")
+    make_checkpoint(tmp_path / "base", spec)
+    for i in range(3):
+        make_checkpoint(tmp_path / f"m{i}", dataclasses.replace(spec, seed=i + 1), base=tmp_path / "base", delta_std=0.05)
+    for m in ("base", "m0", "m1", "m2"):
+        with_tokenizer(tmp_path / m)
+    extended_copy(tmp_path / "m1", tmp_path / "ext", rows=72)
+    models = ["m0", "ext", "m2"][:len(operators) + 1]
+    catalog = Catalog.from_dict({"base": "base", "models": [{"name": m, "path": m} for m in models]}, root=tmp_path)
+    plan = Plan("t", models, operators)
+    assert all(cfg["tokenizer_source"] == "union" for cfg in plan.step_configs({m: tmp_path / m for m in models},
+                                                                               tmp_path / "base"))
+    results = execute_plan(plan, catalog, tmp_path / "out", ExecOptions(workers=1), out_dtype="float32")
+    assert len(results) == len(operators)
+    got = Checkpoint.open(tmp_path / "out")
+    tok = load_tokenizer(tmp_path / "out")
+    assert got.config["vocab_size"] == 66 and [tok.convert_tokens_to_ids(t) for t in ADDED] == [64, 65]
+    # the same plan over m1 itself (no added tokens) gives the shared rows, and ext gives the added ones
+    plain = Catalog.from_dict({"base": "base", "models": [{"name": m, "path": "m1" if m == "ext" else m}
+                                                          for m in models]}, root=tmp_path)
+    execute_plan(plan, plain, tmp_path / "plain", ExecOptions(workers=1), out_dtype="float32")
+    want = Checkpoint.open(tmp_path / "plain")
+    ext = Checkpoint.open(tmp_path / "ext")
+    exact = operators == ["linear"]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        shared, plain_rows = got.read(name)[:64], want.read(name)
+        assert not torch.equal(shared, Checkpoint.open(tmp_path / "m0").read(name))
+        torch.testing.assert_close(shared, plain_rows, rtol=1e-6 if exact else 0, atol=1e-7 if exact else 3e-3)
+        if exact:  # the only model with the token: its row, whatever the weights
+            torch.testing.assert_close(got.read(name)[64:], ext.read(name)[64:66], rtol=1e-6, atol=1e-7)

@@ -21,6 +21,7 @@ from simmerge_ray.features.module_groups import GROUPS, depth_third, module_grou
 from simmerge_ray.features.structural import StructuralOptions, compute_structural, tensor_batches
 from simmerge_ray.io.checkpoint import Checkpoint, layer_index
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, make_config, write_checkpoint
+from vocab_fixtures import extended_copy, with_tokenizer  # beside this file (the tests folder is on sys.path)
 
 SPEC = SyntheticSpec(architecture="qwen2", hidden_size=32, num_layers=4, num_heads=4, vocab_size=64,
                      max_shard_bytes=24_000)  # several shards per model
@@ -430,6 +431,43 @@ def test_a_tied_head_is_compared_as_its_embedding(ray_cluster, zoo: Path, tmp_pa
            for m in ("tied", "twin")]
     named = got[1].with_columns(pl.col(c).replace("twin", "tied") for c in ("a", "b"))
     assert got[0].height == 6 and got[0].equals(named)
+
+
+@pytest.fixture
+def vocab_zoo(tmp_path: Path) -> Path:
+    """A base and two fine-tunes with the base's 64-token vocabulary (tokenizers saved), and
+    `ext`: `ft1` with two chat tokens added and its embedding and head padded to 72 rows."""
+    make_checkpoint(tmp_path / "base", SPEC)
+    for i in range(2):
+        make_checkpoint(tmp_path / f"ft{i}", _spec(seed=20 + i), base=tmp_path / "base", delta_std=0.004 * (i + 1))
+    for m in ("base", "ft0", "ft1"):
+        with_tokenizer(tmp_path / m)
+    extended_copy(tmp_path / "ft1", tmp_path / "ext", rows=72)
+    return tmp_path
+
+
+def test_an_extended_vocabulary_is_compared_on_the_shared_rows(ray_cluster, vocab_zoo: Path) -> None:
+    """A fine-tune that added tokens and padded its embedding is compared with the others on
+    the 64 ids they share, so its features equal, exactly, those of the model it extends."""
+    root = vocab_zoo
+    got = {m: pl.read_parquet(compute_structural(_catalog(root, ["ft0", m], "base", f"{m}.yaml"), root / f"out-{m}",
+                                                 OPTS).out / "structural.parquet") for m in ("ext", "ft1")}
+    named = got["ext"].with_columns(pl.col(c).replace("ext", "ft1") for c in ("a", "b"))
+    assert got["ft1"].height == 2 and named.equals(got["ft1"])
+    meta = json.loads((root / "out-ext" / "gram_meta.json").read_text())["tensors"]
+    assert meta["model.embed_tokens.weight"]["shape"] == [64, 32] and meta["lm_head.weight"]["numel"] == 64 * 32
+
+
+def test_vocabularies_that_disagree_on_a_shared_id_are_refused(vocab_zoo: Path) -> None:
+    root = vocab_zoo
+    with_tokenizer(root / "ft0", swap=(5, 9))
+    with pytest.raises(CheckpointError, match=r"map token id 5 to 'w6' and 'w2': neither vocabulary extends the other"):
+        compute_structural(_catalog(root, ["ft0", "ext"], "base"), root / "o", OPTS)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (root / "ft0" / f).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match=r"model 'ft0' \(.*\): its vocab_size \(64\) differs from the other "
+                                              r"models' and it has no tokenizer files"):
+        compute_structural(_catalog(root, ["ft0", "ext"], "base"), root / "o", OPTS)
 
 
 def test_base_of_another_architecture(zoo: Path, tmp_path: Path) -> None:

@@ -242,6 +242,29 @@ def test_a_tied_expert_is_labelled_as_its_untied_twin(tiny_zoo, tmp_path):
     assert got["tied"][0]["code"] != PlanEvaluator(str(tiny_zoo / "catalog.yaml")).run(plans[:1])[0]["code"]
 
 
+def test_an_expert_with_an_extended_vocabulary_is_labelled_on_the_shared_rows(tiny_zoo, tmp_path):
+    """An expert that added two chat tokens and padded its embedding and head (as a chat
+    fine-tune ships) is merged and scored on the rows it shares with the base: its labels equal
+    those of the expert it extends."""
+    from simmerge_ray.testbed.labels import PlanEvaluator, check_label_catalog, check_label_models
+    from vocab_fixtures import extended_copy  # beside this file (the tests folder is on sys.path)
+
+    raw = yaml.safe_load((tiny_zoo / "catalog.yaml").read_text())
+    raw["base"] = str(tiny_zoo / raw["base"])
+    for entry in raw["tasks"].values():
+        entry.update({k: str(tiny_zoo / v) for k, v in entry.items()})
+    src = tiny_zoo / "checkpoints" / "code-a"
+    ext = extended_copy(src, tmp_path / "ext", rows=Checkpoint.open(src).config["vocab_size"] + 6)
+    models = [{**m, "path": str(ext if m["name"] == "code-a" else tiny_zoo / m["path"])} for m in raw["models"]]
+    (tmp_path / "ext.yaml").write_text(yaml.safe_dump({**raw, "models": models}))
+    cat = Catalog.load(tmp_path / "ext.yaml")
+    check_label_models(cat, check_label_catalog(cat))  # accepted from the headers and tokenizers
+    plans = [LabelPlan(("code-a", "rag-a"), ("ties",), tasks=("code", "rag")),
+             LabelPlan(("code-a", "rag-a", "ml-a"), ("linear", "ties"), "equal", tasks=("code", "rag", "multilingual"))]
+    got = PlanEvaluator(str(tmp_path / "ext.yaml")).run(plans)
+    assert got == PlanEvaluator(str(tiny_zoo / "catalog.yaml")).run(plans)
+
+
 # ---- pure parts -------------------------------------------------------------------------------
 def test_gap_closed_and_tables_on_a_hand_checked_case():
     experts = {"c1": "code", "m1": "math", "m2": "math"}

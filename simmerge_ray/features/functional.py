@@ -42,11 +42,17 @@ SCHEMA = {"a": pl.String, "b": pl.String, "task": pl.String, **{c: pl.Float64 fo
 TABLE_SCHEMA = SCHEMA | {c: pl.Float64 for c in B_TASK_COLUMNS}
 
 
-def full_logprobs(record: dict[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
-    """[T, V] log-probs from a record in either stored form."""
+def full_logprobs(record: dict[str, torch.Tensor], vocab_size: int, shared_rows: int | None = None) -> torch.Tensor:
+    """[T, V] log-probs from a record in either stored form; with `shared_rows` (models of
+    different vocabulary sizes), the distribution over the first `shared_rows` ids, renormalised."""
     if "logp" in record:
-        return record["logp"]
-    return expand_logprobs(record["topk_idx"], record["topk_logp"], record["tail_logmass"], vocab_size)
+        logp = record["logp"]
+    else:
+        logp = expand_logprobs(record["topk_idx"], record["topk_logp"], record["tail_logmass"], vocab_size)
+    if shared_rows is None:
+        return logp
+    shared = logp[:, :shared_rows]
+    return shared - torch.logsumexp(shared, dim=-1, keepdim=True)
 
 
 def _check_shapes(a: str, b: str, ra: dict[str, torch.Tensor], rb: dict[str, torch.Tensor]) -> None:
@@ -70,7 +76,7 @@ def task_pair_rows(plan: dict[str, ModelProbes], task: str) -> list[dict]:
     num_probes = plan[names[0]].probes.num_probes if names else 0
     for pid in range(num_probes):
         recs = {n: plan[n].cache.record(pid) for n in names}
-        logps = {n: full_logprobs(recs[n], plan[n].vocab_size) for n in names}
+        logps = {n: full_logprobs(recs[n], plan[n].vocab_size, plan[n].shared_rows) for n in names}
         for a, b in pairs:
             _check_shapes(a, b, recs[a], recs[b])
             kl.setdefault((a, b), []).append(kl_per_position(logps[a], logps[b]).numpy())

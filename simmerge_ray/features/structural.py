@@ -43,6 +43,7 @@ from simmerge_ray.features.structural_outputs import assemble, pair_arrays, run_
 from simmerge_ray.features.structural_reads import GramWorker
 from simmerge_ray.features.structural_rows import Rows, open_rows
 from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.io.safetensors_format import DTYPE_BYTES
 from simmerge_ray.io.stage_files import check_stage, stage_files
 
 REF_KEY = "ref"  # cache key of the reference row (its fingerprint names the cache folder)
@@ -138,10 +139,11 @@ def compute_structural(catalog: Catalog, out: str | Path, opts: StructuralOption
     keys = [REF_KEY if i == rows.ref else rows.ckpts[i].fingerprint() for i in range(m)]
     cache = GramCache(rows.ckpts[rows.ref].fingerprint(), rows.has_base, opts.precision)
     pairs = [(i, j) for i in range(m) for j in range(i, m)]
+    cache_names = [rows.key(t) for t in rows.tensors]
     found: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     if opts.use_cache:
         for i, j in pairs:
-            got = cache.load(keys[i], keys[j], rows.tensors)
+            got = cache.load(keys[i], keys[j], cache_names)
             if got is not None:
                 found[(i, j)] = got
     plan = plan_pass(m, rows.ref, {p for p in pairs if p not in found})
@@ -154,7 +156,7 @@ def compute_structural(catalog: Catalog, out: str | Path, opts: StructuralOption
             if (i, j) not in found:
                 found[(i, j)] = pair_arrays(blocks, plan, rows.tensors, i, j)
                 if opts.use_cache:
-                    cache.save(keys[i], keys[j], rows.tensors, found[(i, j)])
+                    cache.save(keys[i], keys[j], cache_names, found[(i, j)])
         if opts.use_cache:
             shutil.rmtree(cache.work_dir(_plan_digest(plan, keys, rows)), ignore_errors=True)
     stats = assemble(found, m, len(rows.tensors))
@@ -174,7 +176,8 @@ def check_structural_out(catalog: Catalog, out: Path, overwrite: bool) -> None:
 
 def _plan_digest(plan: ReadPlan, keys: Sequence[str], rows: Rows) -> str:
     h = hashlib.blake2b(digest_size=8)
-    h.update(json.dumps([[keys[i] for i in plan.read_rows], [keys[i] for i in plan.cols], rows.tensors]).encode())
+    h.update(json.dumps([[keys[i] for i in plan.read_rows], [keys[i] for i in plan.cols],
+                         [rows.key(t) for t in rows.tensors]]).encode())
     return h.hexdigest()
 
 
@@ -186,11 +189,11 @@ def _run_pass(rows: Rows, plan: ReadPlan, keys: Sequence[str], cache: GramCache,
         work.mkdir(parents=True, exist_ok=True)
     blocks: dict[str, dict] = {}
     for t in rows.tensors:
-        saved = load_entry(GramCache.work_file(work, t)) if opts.use_cache else None
+        saved = load_entry(GramCache.work_file(work, rows.key(t))) if opts.use_cache else None
         if saved is not None:
             blocks[t] = saved
     todo = [t for t in rows.tensors if t not in blocks]
-    size = {t: sum(rows.entry(r, t).nbytes for r in plan.read_rows) for t in todo}
+    size = {t: sum(rows.numel(t) * DTYPE_BYTES[rows.entry(r, t).dtype] for r in plan.read_rows) for t in todo}
     grand, done = sum(size.values()), 0
     if progress:
         progress(0, grand)
@@ -210,7 +213,7 @@ def _run_pass(rows: Rows, plan: ReadPlan, keys: Sequence[str], cache: GramCache,
     with ActorPool(GramWorker, n_workers, ask, what="structural actor", resources=opts.resources,
                    max_retries=opts.max_retries,
                    args=(paths, ref_pos, col_pos, rows.has_base, opts.chunk_elems, opts.precision,
-                         ask.num_cpus)) as pool:
+                         ask.num_cpus, {t: rows.numel(t) for t in rows.vocab_rows})) as pool:
         pool.wait_ready()
         t_ready = time.perf_counter()
         for _, results in pool.map_unordered("gram", tensor_batches(todo, size, n_workers)):
@@ -219,7 +222,7 @@ def _run_pass(rows: Rows, plan: ReadPlan, keys: Sequence[str], cache: GramCache,
                 _check_finite(rows, plan, t, res["gram"], col_pos)
                 block = {"gram": res["gram"], "agree": res["agree"], "disagree": res["disagree"]}
                 if opts.use_cache:
-                    save_entry(GramCache.work_file(work, t), block)
+                    save_entry(GramCache.work_file(work, rows.key(t)), block)
                 blocks[t] = block
                 for r, nbytes in zip(plan.read_rows, res["bytes_read"]):
                     run.bytes_read[rows.names[r]] += nbytes

@@ -52,8 +52,7 @@ def write_outputs(out: Path, rows: Rows, stats: list[PairStats], keys: Sequence[
     meta: dict[str, dict] = {}
     for t in rows.tensors:
         layer = layer_index(t)
-        entry = first.stored_entry(t)
-        meta[t] = {"numel": entry.numel, "shape": list(entry.shape),
+        meta[t] = {"numel": rows.numel(t), "shape": list(rows.shape(t)),
                    "group": module_group(t), "layer": layer,
                    "third": depth_third(layer, n_layers) if layer is not None and layer < n_layers else None}
     writer = StreamingWriter(out / "gram.safetensors", [(t, (m, m), "F64") for t in rows.tensors])

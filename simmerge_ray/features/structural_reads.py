@@ -30,12 +30,12 @@ class ChunkReader:
         self.chunk_elems = chunk_elems
         self.bytes_read = [0] * len(self.ckpts)
 
-    def raw_chunks(self, tensor: str) -> Iterator[list[torch.Tensor]]:
+    def raw_chunks(self, tensor: str, numel: int | None = None) -> Iterator[list[torch.Tensor]]:
         """Yield, per step, each checkpoint's next `chunk_elems` values in their stored dtype
-        (valid until the next step)."""
+        (valid until the next step), over the tensor's first `numel` values (default: all)."""
         stored = [ck.stored_name(tensor) for ck in self.ckpts]  # a tied head: its embedding
         entries = [ck.stored_entry(tensor) for ck in self.ckpts]
-        numel = entries[0].numel
+        numel = entries[0].numel if numel is None else numel
         for start in range(0, numel, self.chunk_elems):
             k = min(self.chunk_elems, numel - start)
             parts = [ck.map_range(n, start, k) for ck, n in zip(self.ckpts, stored)]
@@ -51,11 +51,12 @@ class GramWorker:
     """One actor of the pool: streams its tensors and returns small matrices."""
 
     def __init__(self, paths: Sequence[str], ref: int, cols: Sequence[int], signed: bool,
-                 chunk_elems: int, precision: str, cpus: float) -> None:
+                 chunk_elems: int, precision: str, cpus: float, numels: dict[str, int] | None = None) -> None:
         torch.set_num_threads(max(1, int(cpus)))
         self.ckpts = [Checkpoint.open(p) for p in paths]
         self.ref, self.cols, self.signed, self.chunk_elems = ref, list(cols), signed, chunk_elems
         self.precision = precision
+        self.numels = numels or {}  # vocabulary tensors of models of different vocabulary sizes: shared rows
         gram_kernel.load()  # built or loaded at start-up, not inside the first tensor
 
     def gram(self, tensors: Sequence[str]) -> list[dict]:
@@ -65,9 +66,10 @@ class GramWorker:
 
     def _one(self, tensor: str) -> dict:
         t0 = time.perf_counter()
-        reader = ChunkReader(self.ckpts, min(self.chunk_elems, self.ckpts[0].stored_entry(tensor).numel))
+        numel = self.numels.get(tensor, self.ckpts[0].stored_entry(tensor).numel)
+        reader = ChunkReader(self.ckpts, min(self.chunk_elems, numel))
         acc = GramAccumulator(len(self.ckpts), self.ref, self.cols, self.signed, precision=self.precision)
-        for parts in reader.raw_chunks(tensor):
+        for parts in reader.raw_chunks(tensor, numel):
             acc.add_parts(parts)
         gram, agree, disagree = acc.result()
         return {"tensor": tensor, "gram": gram, "agree": agree, "disagree": disagree,

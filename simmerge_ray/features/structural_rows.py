@@ -4,12 +4,14 @@ opened and checked to be comparable tensor by tensor before anything is read (no
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import CheckpointError, ConfigError
 from simmerge_ray.io.checkpoint import Checkpoint, merged_head
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES
+from simmerge_ray.io.shared_vocab import SharedVocab, shared_vocab
 
 
 @dataclass
@@ -21,6 +23,21 @@ class Rows:
     n_models: int
     has_base: bool
     tensors: list[str]  # float tensors with at least one value, sorted
+    vocab_rows: dict[str, int] = field(default_factory=dict)  # vocabulary tensor -> leading rows compared
+
+    def numel(self, tensor: str) -> int:
+        """Values compared per checkpoint (the leading ones of the stored tensor)."""
+        return math.prod(self.shape(tensor))
+
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        """The shape compared: a vocabulary tensor's shared rows (models of different vocabulary
+        sizes), else the whole tensor."""
+        shape = tuple(self.ckpts[0].stored_entry(tensor).shape)
+        return (self.vocab_rows[tensor], *shape[1:]) if tensor in self.vocab_rows else shape
+
+    def key(self, tensor: str) -> str:
+        """The tensor's name in caches: with its row count when only shared rows are compared."""
+        return f"{tensor}[:{self.vocab_rows[tensor]}]" if tensor in self.vocab_rows else tensor
 
     @property
     def ref(self) -> int:
@@ -39,11 +56,15 @@ def open_rows(catalog: Catalog) -> Rows:
                           f"models; the catalog has {len(catalog.models)}")
     ckpts = [Checkpoint.open(m.path) for m in catalog.models]
     names = list(catalog.names)
-    check_same_tensors(names, ckpts)
-    if catalog.base is not None:
-        base = Checkpoint.open(catalog.base)
-        _check_base(names[0], ckpts[0], base)
+    base = Checkpoint.open(catalog.base) if catalog.base is not None else None
+    if base is not None:
         base_name = base.path.name if base.path.name not in names else f"{base.path.name}(base)"
+        vocab = shared_vocab([*names, base_name], [*ckpts, base])
+    else:
+        vocab = shared_vocab(names, ckpts)
+    check_same_tensors(names, ckpts, vocab)
+    if base is not None:
+        _check_base(names[0], ckpts[0], base, vocab)
         names.append(base_name)
         ckpts.append(base)
     first = ckpts[0]
@@ -53,14 +74,19 @@ def open_rows(catalog: Catalog) -> Rows:
     tensors = sorted(n for n in held if (e := first.stored_entry(n)).dtype in FLOAT_DTYPES and e.numel > 0)
     if not tensors:
         raise CheckpointError(f"{first.path}: no floating-point tensors to compare")
-    return Rows(names, ckpts, len(catalog.models), catalog.base is not None, tensors)
+    vocab_rows = {t: vocab.rows for t in tensors if vocab is not None and vocab.is_vocab_tensor(
+        0, t, first.stored_entry(t).shape)}
+    return Rows(names, ckpts, len(catalog.models), base is not None, tensors, vocab_rows)
 
 
-def _signature(ck: Checkpoint) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes; the head a checkpoint ties to its embedding counts as held (read
-    from the embedding, as mergekit's tied_names does)."""
+def _signature(ck: Checkpoint, vocab: SharedVocab | None = None, index: int = 0) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes compared (with `vocab`: a vocabulary tensor's shared rows, for
+    checkpoint `index`); the head a checkpoint ties to its embedding counts as held (read from
+    the embedding, as mergekit's tied_names does)."""
     sig = {n: tuple(e.shape) for n, e in ck.entries.items()}
-    return sig if ck.tied_head is None else {**sig, ck.tied_head: tuple(ck.stored_entry(ck.tied_head).shape)}
+    if ck.tied_head is not None:
+        sig[ck.tied_head] = tuple(ck.stored_entry(ck.tied_head).shape)
+    return sig if vocab is None else {n: vocab.shape(index, n, shape) for n, shape in sig.items()}
 
 
 def _differences(ref: dict[str, tuple[int, ...]], other: dict[str, tuple[int, ...]]) -> list[str]:
@@ -82,11 +108,13 @@ def _differences(ref: dict[str, tuple[int, ...]], other: dict[str, tuple[int, ..
     return out
 
 
-def check_same_tensors(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> None:
-    ref = _signature(ckpts[0])
+def check_same_tensors(names: Sequence[str], ckpts: Sequence[Checkpoint], vocab: SharedVocab | None = None) -> None:
+    """Every checkpoint holds the first one's tensors in the same shapes (with `vocab`, whose
+    sizes are given in this order: vocabulary tensors compared on their shared rows)."""
+    ref = _signature(ckpts[0], vocab, 0)
     problems = []
-    for name, ck in zip(names[1:], ckpts[1:]):
-        other = _signature(ck)
+    for index, (name, ck) in enumerate(zip(names[1:], ckpts[1:]), start=1):
+        other = _signature(ck, vocab, index)
         diff = _differences(ref, other)
         if diff:
             heads = [n for n in ref.keys() ^ other.keys() if "lm_head" in n or "embed_out" in n]
@@ -98,12 +126,12 @@ def check_same_tensors(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> Non
             f"{ckpts[0].path}): " + " | ".join(problems))
 
 
-def _check_base(first_name: str, first: Checkpoint, base: Checkpoint) -> None:
+def _check_base(first_name: str, first: Checkpoint, base: Checkpoint, vocab: SharedVocab | None) -> None:
     kinds = (first.config.get("model_type"), base.config.get("model_type"))
     if None not in kinds and kinds[0] != kinds[1]:
         raise CheckpointError(f"base {base.path} is a {kinds[1]!r} checkpoint but the models are "
                               f"{kinds[0]!r} (model {first_name!r} at {first.path})")
-    diff = _differences(_signature(first), _signature(base))
+    diff = _differences(_signature(first, vocab, 0), _signature(base, vocab, len(vocab.sizes) - 1 if vocab else 0))
     if diff:
         raise CheckpointError(f"base {base.path} does not match the models' architecture (compared with "
                               f"model {first_name!r} at {first.path}): " + "; ".join(diff))

@@ -18,6 +18,7 @@ from simmerge_ray.inference.cache import ProbeCache
 from simmerge_ray.inference.pipeline import ModelWork, ProbeJob, RunReport, run_jobs
 from simmerge_ray.inference.settings import ProbeSettings, RunOptions, cache_key
 from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.shared_vocab import SharedVocab, shared_vocab
 from simmerge_ray.probes.errors import ProbeError, VocabularyError
 from simmerge_ray.probes.loading import load_probe_texts
 from simmerge_ray.probes.tokenize import TokenizedProbes, has_tokenizer, load_tokenizer, tokenize_probes, vocabulary_digest
@@ -35,6 +36,7 @@ class ModelProbes:
     probes: TokenizedProbes
     cache: ProbeCache
     shape: tuple[int, int] | None = None  # (num_hidden_layers, hidden_size) from config.json
+    shared_rows: int | None = None  # the catalog's vocabularies differ in size: the ids all share
 
 
 def tokenizer_folder(catalog: Catalog, entry: ModelEntry) -> Path:
@@ -45,8 +47,16 @@ def tokenizer_folder(catalog: Catalog, entry: ModelEntry) -> Path:
     raise ProbeError(f"{entry.path}: model {entry.name!r} has no tokenizer files, and neither has the catalog base")
 
 
-def plan_task(catalog: Catalog, task: str, settings: ProbeSettings, cache_dir: Path) -> dict[str, ModelProbes]:
-    """Tokenise the task's probes for every model and locate each model's cache (runs nothing)."""
+def catalog_vocab(catalog: Catalog) -> SharedVocab | None:
+    """The ids the catalog's models share when their vocabulary sizes differ (checked against
+    their tokenizers), else None."""
+    return shared_vocab(catalog.names, [Checkpoint.open(m.path) for m in catalog.models])
+
+
+def plan_task(catalog: Catalog, task: str, settings: ProbeSettings, cache_dir: Path,
+              vocab: SharedVocab | None = None) -> dict[str, ModelProbes]:
+    """Tokenise the task's probes for every model and locate each model's cache (runs nothing).
+    `vocab`: catalog_vocab(catalog), given when the models' vocabulary sizes differ."""
     probe_file = catalog.task(task).probes
     if probe_file is None:
         raise ProbeError(f"{catalog.source or 'catalog'}: task {task!r} names no probe file")
@@ -70,19 +80,21 @@ def plan_task(catalog: Catalog, task: str, settings: ProbeSettings, cache_dir: P
             "num_layers": int(config.num_hidden_layers),
         })
         plan[entry.name] = ModelProbes(entry.name, entry.path, vocab_digest, tokenizer_size, int(config.vocab_size),
-                                        probes, cache, (int(config.num_hidden_layers), int(config.hidden_size)))
+                                        probes, cache, (int(config.num_hidden_layers), int(config.hidden_size)),
+                                        vocab.rows if vocab else None)
     return plan
 
 
 def check_comparable(a: ModelProbes, b: ModelProbes) -> None:
-    """Refuse to compare next-token distributions unless vocabularies, token ids, depth and width match."""
-    if a.vocab_digest != b.vocab_digest:
+    """Refuse to compare next-token distributions unless vocabularies (or, for models of different
+    vocabulary sizes, their shared ids: checked by catalog_vocab), token ids, depth and width match."""
+    if a.shared_rows is None and a.vocab_digest != b.vocab_digest:
         raise VocabularyError(
             f"models {a.name!r} ({a.model_dir}, {a.tokenizer_size} tokens) and {b.name!r} ({b.model_dir}, "
             f"{b.tokenizer_size} tokens) have different tokenizer vocabularies; KL between their next-token "
             f"distributions is undefined (functional features need identical vocabularies)"
         )
-    if a.vocab_size != b.vocab_size:
+    if a.shared_rows is None and a.vocab_size != b.vocab_size:
         raise VocabularyError(
             f"models {a.name!r} ({a.model_dir}) and {b.name!r} ({b.model_dir}) have vocab_size "
             f"{a.vocab_size} vs {b.vocab_size}; KL needs identical output vocabularies"
@@ -105,10 +117,11 @@ def probe_catalog(catalog: Catalog, settings: ProbeSettings, options: RunOptions
     Returns the plans and a run report per (task, model). `on_start(work per model)` may
     return a `progress(model name, tokens)` callable.
 
-    With `require_comparable`, every pair must share vocabulary and tokenisation (checked before
+    With `require_comparable`, every pair must share vocabulary (or extend one vocabulary) and tokenisation (checked before
     any model runs, so a mismatch costs nothing)."""
     tasks = list(catalog.tasks) if tasks is None else tasks
-    plans = {t: plan_task(catalog, t, settings, cache_dir) for t in tasks}
+    vocab = catalog_vocab(catalog)
+    plans = {t: plan_task(catalog, t, settings, cache_dir, vocab) for t in tasks}
     if require_comparable:
         for plan in plans.values():
             models = list(plan.values())

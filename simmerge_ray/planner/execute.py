@@ -15,6 +15,7 @@ from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError, SimMergeError
 from simmerge_ray.io.atomic import owned_temp_dir
 from simmerge_ray.io.owner import clean_stale
+from simmerge_ray.io.shared_vocab import output_tokenizer
 from simmerge_ray.merge.config import MergeSpec, Provenance
 from simmerge_ray.merge.executor import ExecOptions, MergeResult, run_merge
 from simmerge_ray.planner.plan import Plan
@@ -50,7 +51,8 @@ def folded_config(plan: Plan, coef: dict[str, float], paths: dict[str, Path]) ->
     if missing:
         raise ConfigError(f"plan names models absent from the catalog: {', '.join(missing)}")
     return {"merge_method": "linear", "parameters": {"normalize": False},
-            "models": [{"model": str(paths[m]), "parameters": {"weight": w}} for m, w in coef.items()]}
+            "models": [{"model": str(paths[m]), "parameters": {"weight": w}} for m, w in coef.items()],
+            **output_tokenizer([paths[m] for m in coef])}
 
 
 def _folded_provenance(plan: Plan, catalog: Catalog, coef: dict[str, float], plan_file: Path | None) -> Provenance:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.io.shared_vocab import output_tokenizer
 from simmerge_ray.merge.arms import Arm
 from simmerge_ray.merge.fold import Fold, check_fold
 from simmerge_ray.yaml_io import read_text
@@ -99,8 +100,9 @@ class Plan:
             raise ConfigError(f"plan names models absent from the catalog: {', '.join(missing)}")
         configs = []
         prev = str(paths[self.models[0]])
+        vocab = output_tokenizer([paths[m] for m in self.models] + ([base] if base is not None else []))
         for j, (arm, model) in enumerate(zip(self.step_arms(), self.models[1:]), start=1):
-            configs.append(arm.mergekit_config(prev, str(paths[model]), None if base is None else str(base)))
+            configs.append(arm.mergekit_config(prev, str(paths[model]), None if base is None else str(base)) | vocab)
             prev = step_dir.format(j=j)
         return configs
 

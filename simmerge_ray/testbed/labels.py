@@ -30,6 +30,7 @@ from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint, merged_head
 from simmerge_ray.io.digest_cache import file_digest
 from simmerge_ray.io.out_checks import check_not_input
+from simmerge_ray.io.shared_vocab import SharedVocab, shared_vocab
 from simmerge_ray.io.stage_files import adopt_stage_files, check_stage, stage_files, stage_owned
 from simmerge_ray.testbed.label_plans import LabelSettings, LabelPlan, empty_size_reasons, enumerate_plans
 from simmerge_ray.merge.arms import get_arm, get_weighting
@@ -52,13 +53,23 @@ class LabelRunReport:
     out: Path
 
 
-def _read_state(ck: Checkpoint, head: str | None) -> dict[str, torch.Tensor]:
+def _read_state(ck: Checkpoint, head: str | None, vocab: SharedVocab | None, index: int) -> dict[str, torch.Tensor]:
     """Every stored tensor; with `head` (some model of the catalog stores it), a model that ties
-    it to its embedding gets it as that embedding, as `merge` reads it."""
+    it to its embedding gets it as that embedding, as `merge` reads it; with `vocab` (models of
+    different vocabulary sizes), vocabulary tensors keep their shared rows."""
     state = {name: ck.read(name) for name in ck.entries}
     if head is not None and head not in state:
         state[head] = state[ck.stored_name(head)]
+    if vocab is not None:
+        state = {n: t[:vocab.rows] if vocab.is_vocab_tensor(index, n, t.shape) else t for n, t in state.items()}
     return state
+
+
+def label_vocab(cat: Catalog, experts: dict[str, str]) -> SharedVocab | None:
+    """The ids the base and the experts share when their vocabulary sizes differ (a fine-tune
+    that added tokens or padded its embedding): plans are merged and scored on those rows."""
+    return shared_vocab(["base", *experts], [Checkpoint.open(cat.base), *(Checkpoint.open(cat.model(m).path)
+                                                                           for m in experts)])
 
 
 class PlanEvaluator:
@@ -73,16 +84,20 @@ class PlanEvaluator:
 
         torch.set_num_threads(threads)
         cat = Catalog.load(catalog_path)
-        ckpts = {m.name: Checkpoint.open(m.path) for m in cat.models} | {"base": Checkpoint.open(cat.base)}
+        experts = check_label_catalog(cat)
+        vocab = label_vocab(cat, experts)
+        ckpts = {"base": Checkpoint.open(cat.base)} | {m: Checkpoint.open(cat.model(m).path) for m in experts}
         # A head stored by some model and tied by others is merged as a tensor of its own, so the
         # scored model keeps it untied (as `merge` writes it).
         head = merged_head(ckpts.values())
-        self.states = {name: _read_state(ck, head) for name, ck in ckpts.items()}
+        self.states = {name: _read_state(ck, head, vocab, i) for i, (name, ck) in enumerate(ckpts.items())}
         tok = load_tokenizer(cat.base)
         self.evals = {t: encode(load_examples(e.eval), tok, EVAL_MAX_LEN) for t, e in cat.tasks.items()}
         config = AutoConfig.from_pretrained(str(cat.base))
         if head is not None:
             config.tie_word_embeddings = False
+        if vocab is not None:
+            config.vocab_size = vocab.rows
         self.model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
 
     def run(self, plans: list[LabelPlan]) -> list[dict[str, dict[str, float]]]:
@@ -128,9 +143,21 @@ def check_label_models(cat: Catalog, experts: dict[str, str]) -> None:
     """Plans are merged in memory into one model built from the base's config, so every expert
     must match the base tensor for tensor (a tied head counts as its embedding): a deeper, wider or
     re-vocabularied model is named here, from the headers, before Ray starts (not in an actor's
-    traceback)."""
+    traceback). A model that extends the base's vocabulary (added tokens, padded rows) is merged
+    on the rows they share, and no eval example may need more."""
+    vocab = label_vocab(cat, experts)
     check_same_tensors(["base", *experts], [Checkpoint.open(cat.base), *(Checkpoint.open(cat.model(m).path)
-                                                                      for m in experts)])
+                                                                      for m in experts)], vocab)
+    if vocab is None:
+        return
+    from simmerge_ray.testbed.evaluate import encode, load_examples
+    from simmerge_ray.testbed.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cat.base)
+    for t, entry in sorted(cat.tasks.items()):
+        if entry.eval is not None and int(encode(load_examples(entry.eval), tok, EVAL_MAX_LEN).input_ids.max()) >= vocab.rows:
+            raise ConfigError(f"{entry.eval}: the base's tokenizer gives ids past the {vocab.rows} the models share; "
+                              f"plans are scored on those rows only")
 
 
 def _calls(todo: list[tuple[str, LabelPlan]], per_call: int) -> list[list[tuple[str, LabelPlan]]]:
@@ -148,8 +175,10 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     t0 = time.perf_counter()
     cat = Catalog.load(catalog_path)
     experts = check_label_catalog(cat)
-    fingerprints = {m.name: Checkpoint.open(m.path).fingerprint() for m in cat.models}
-    fingerprints["base"] = Checkpoint.open(cat.base).fingerprint()
+    vocab = label_vocab(cat, experts)
+    rows = f"|rows:{vocab.rows}" if vocab else ""  # merged on the shared rows: another merge than in full
+    fingerprints = {m.name: Checkpoint.open(m.path).fingerprint() + rows for m in cat.models}
+    fingerprints["base"] = Checkpoint.open(cat.base).fingerprint() + rows
     tasks = sorted(cat.tasks)
     task_digests = {t: file_digest(cat.tasks[t].eval) for t in tasks if cat.tasks[t].eval is not None}
     plans = enumerate_plans(experts, [t for t in tasks if t in task_digests], settings)

@@ -1,0 +1,90 @@
+"""The vocabulary rows that models of different vocabulary sizes share.
+
+A fine-tune that adds tokens (a chat template's) or pads its embedding to a multiple of 64 keeps
+its base's token ids and appends rows. Such models are compared, and labelled, on the leading
+ids they share: every model has a row for them and every tokenizer maps each to the same token.
+Rows past a tokenizer's last id (padding) are never shared. Vocabularies that disagree on a
+shared id are refused by that id: comparing their rows by position would compare different
+tokens (`merge` handles them with `tokenizer_source`). Only config and tokenizer files are read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from simmerge_ray.errors import CheckpointError
+from simmerge_ray.features.module_groups import module_group
+from simmerge_ray.io.checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class SharedVocab:
+    """`rows` leading ids shared by checkpoints whose config vocab sizes (`sizes`) differ."""
+
+    rows: int
+    sizes: tuple[int, ...]  # config.json vocab_size per checkpoint, in the order given
+
+    def is_vocab_tensor(self, index: int, tensor: str, shape: Sequence[int]) -> bool:
+        """An embedding or output head with one row per token of checkpoint `index`."""
+        return bool(shape) and shape[0] == self.sizes[index] and module_group(tensor) == "embed"
+
+    def shape(self, index: int, tensor: str, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape compared: a vocabulary tensor's first `rows` rows, any other tensor whole."""
+        shape = tuple(shape)
+        return (self.rows, *shape[1:]) if self.is_vocab_tensor(index, tensor, shape) else shape
+
+
+def config_vocab_size(ck: Checkpoint) -> int | None:
+    size = ck.config.get("vocab_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _tokens_by_id(name: str, ck: Checkpoint) -> list[str | None]:
+    from simmerge_ray.probes.errors import ProbeError
+    from simmerge_ray.probes.tokenize import has_tokenizer, load_tokenizer
+
+    if not has_tokenizer(ck.path):
+        raise CheckpointError(f"model {name!r} ({ck.path}): its vocab_size ({config_vocab_size(ck)}) differs from "
+                              f"the other models' and it has no tokenizer files, so the ids it shares with them "
+                              f"cannot be checked to name the same tokens")
+    try:
+        vocab = load_tokenizer(ck.path).get_vocab()
+    except ProbeError as e:
+        raise CheckpointError(str(e)) from None
+    out: list[str | None] = [None] * (max(vocab.values(), default=-1) + 1)
+    for token, i in vocab.items():
+        out[i] = token
+    return out
+
+
+def output_tokenizer(paths: Sequence[str | Path]) -> dict[str, str]:
+    """The tokenizer setting of a merge of these folders (a plan's models and base): `union`
+    (every model's tokens, so a chat fine-tune's added tokens survive) when their vocabulary
+    sizes differ, which the engine would refuse without one; else none."""
+    sizes = {config_vocab_size(Checkpoint.open(p)) for p in paths}
+    return {"tokenizer_source": "union"} if len(sizes) > 1 else {}
+
+
+def shared_vocab(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> SharedVocab | None:
+    """None when every checkpoint has the same vocab_size (compared whole, as before); else the
+    ids they share, checked against their tokenizers."""
+    sizes = [config_vocab_size(ck) for ck in ckpts]
+    if len(set(sizes)) <= 1:
+        return None
+    for name, ck, size in zip(names, ckpts, sizes):
+        if size is None:
+            raise CheckpointError(f"model {name!r} ({ck.path / 'config.json'}): no vocab_size, and the other "
+                                  f"models' differ; cannot tell which rows are its vocabulary")
+    tokens = [_tokens_by_id(name, ck) for name, ck in zip(names, ckpts)]
+    rows = min(min(size, len(t)) for size, t in zip(sizes, tokens))
+    ref = tokens[0][:rows]
+    for name, ck, t in zip(names[1:], ckpts[1:], tokens[1:]):
+        if t[:rows] != ref:
+            i = next(i for i in range(rows) if t[i] != ref[i])
+            raise CheckpointError(
+                f"models {names[0]!r} ({ckpts[0].path}) and {name!r} ({ck.path}) map token id {i} to {ref[i]!r} "
+                f"and {t[i]!r}: neither vocabulary extends the other, so their embedding rows cannot be "
+                f"compared id by id (merge them with tokenizer_source: union)")
+    return SharedVocab(rows, tuple(s for s in sizes if s is not None))
