@@ -1,5 +1,5 @@
-"""Shared fixtures: one real local Ray cluster per test session, on its own temp dir, and one
-`ray start --head` for the tests that submit jobs."""
+"""Shared fixtures: one real local Ray cluster per test session, on its own temp dir, and a
+`ray start --head` for the files whose tests submit jobs."""
 
 from __future__ import annotations
 
@@ -56,10 +56,12 @@ def ray_cluster():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head() -> Iterator[RayHead]:
     """A `ray start --head` with the jobs API, for the tests that `ray job submit` (the job tests
-    and the walkthrough's cluster block): started once per session, stopped by its process group."""
+    and the walkthrough's cluster block): started once per file that needs it, stopped by its
+    process group when that file is done, so that its idle processes (about 8% of a core) do not
+    share the cores with the rest of the suite. The two files run on different workers anyway."""
     head = RayHead()
     try:
         yield head

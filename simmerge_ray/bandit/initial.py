@@ -14,7 +14,7 @@ import polars as pl
 
 from simmerge_ray.bandit.encoder import IdentityEncoder
 from simmerge_ray.bandit.lints import LinTS
-from simmerge_ray.bandit.simulate import SimSettings, replay_data, warm_bandit
+from simmerge_ray.bandit.simulate import SimSettings, float_columns, replay_data, warm_bandit
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.schema import feature_columns
 
@@ -27,18 +27,23 @@ class InitialBandit:
     contexts: int  # offline contexts absorbed; 0 for a cold start
 
 
+def _usable(features: pl.DataFrame, source: str) -> tuple[list[str], list[str], np.ndarray]:
+    numeric = feature_columns(features)
+    values = float_columns(features, numeric)
+    ok = ~np.isinf(values).any(axis=0) & ~np.isnan(values).all(axis=0)
+    kept = [c for c, good in zip(numeric, ok) if good]
+    if not kept:
+        raise ConfigError(f"{source}: no numeric column prefixed s_ or f_ that is defined in some row and never infinite")
+    return kept, [c for c in numeric if c not in kept], values[:, ok]
+
+
 def usable_feature_columns(features: pl.DataFrame, source: str = "features") -> tuple[list[str], list[str]]:
     """(kept, dropped) numeric feature columns. A column defined in no row (e.g. the middle depth
     third of a 2-layer model, which has no layer) or infinite somewhere carries no usable
     context; one undefined in some rows only (e.g. measured on the auxiliary's task, where some
     auxiliaries have none) is kept, and the encoder imputes its mean there."""
-    numeric = feature_columns(features)
-    values = features.select(numeric).cast(pl.Float64).fill_null(float("nan")).to_numpy()
-    ok = ~np.isinf(values).any(axis=0) & ~np.isnan(values).all(axis=0)
-    kept = [c for c, good in zip(numeric, ok) if good]
-    if not kept:
-        raise ConfigError(f"{source}: no numeric column prefixed s_ or f_ that is defined in some row and never infinite")
-    return kept, [c for c in numeric if c not in kept]
+    kept, dropped, _ = _usable(features, source)
+    return kept, dropped
 
 
 def left_out_line(dropped: Sequence[str]) -> str:
@@ -51,8 +56,8 @@ def initial_bandit(features: pl.DataFrame, settings: SimSettings, *, labels: pl.
     """The identity encoder fitted on every row of the feature table, and a bandit warm-started
     from `labels` (every operator they measure) or, without labels, cold with `operators`;
     `source` names the feature table in errors."""
-    names, dropped = usable_feature_columns(features, source)
-    encoder = IdentityEncoder.fit(names, features.select(names).cast(pl.Float64).fill_null(float("nan")).to_numpy())
+    names, dropped, values = _usable(features, source)  # the table converted once
+    encoder = IdentityEncoder.fit(names, values)
     if labels is not None:
         data = replay_data(labels, features, names)
         bandit = warm_bandit(encoder, data.operators, encoder.encode(data.x), data.rewards, settings)

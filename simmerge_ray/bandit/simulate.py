@@ -42,6 +42,12 @@ POLICIES = ("bandit", "bandit_cold", "greedy_offline", "best_fixed", "uniform")
 OfflinePredictor = Callable[[np.ndarray], np.ndarray]  # raw x [n, d] -> utilities [n, k]
 
 
+def float_columns(df: pl.DataFrame, names: Sequence[str]) -> np.ndarray:
+    """The columns `names` as float64, a null read as NaN (an undefined feature: the encoder
+    imputes it)."""
+    return df.select(names).cast(pl.Float64).fill_null(float("nan")).to_numpy()
+
+
 @dataclass(frozen=True)
 class ReplayData:
     """Contexts with their raw features and the measured reward of every operator."""
@@ -91,10 +97,10 @@ def replay_data(
     if no_x.height:
         first = no_x.select("task", "expert", "aux").rows()[:3]
         raise ConfigError(f"features: no row for {no_x.height} labelled (task, expert, aux), e.g. {first}")
-    x = joined.select(names).cast(pl.Float64).fill_null(float("nan")).to_numpy()  # NaN: undefined, imputed
+    x = float_columns(joined, names)  # NaN: undefined, imputed
     if np.isinf(x).any():
         raise ConfigError("features: infinite values in the rows used by the labels")
-    rewards = joined.select(operators).cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    rewards = float_columns(joined, operators)
     keys = [tuple(r) for r in joined.select("task", "expert", "aux").rows()]
     return ReplayData(keys, x, rewards, operators, tuple(names))
 
