@@ -85,7 +85,7 @@ class Checkpoint:
         if (path / ADAPTER_CONFIG).exists() and not ((path / INDEX_FILE).exists() or (path / SINGLE_FILE).exists()):
             raise CheckpointError(f"{path}: a PEFT adapter ({ADAPTER_CONFIG}), not a model: merge it into its base "
                                   f"first (peft's merge_and_unload) and give the merged folder")
-        config = _read_config(path)
+        config = read_config(path)
         index = path / INDEX_FILE
         if index.exists():
             files = _shards_from_index(path, index)
@@ -330,7 +330,8 @@ class Checkpoint:
         return h.hexdigest()
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
+    """A model folder's config.json ({} when it has none), checked to be a JSON object."""
     cfg = path / "config.json"
     if not cfg.exists():
         return {}

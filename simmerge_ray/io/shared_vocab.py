@@ -16,7 +16,7 @@ from pathlib import Path
 
 from simmerge_ray.errors import CheckpointError
 from simmerge_ray.features.module_groups import module_group
-from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.checkpoint import Checkpoint, read_config
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,8 @@ class SharedVocab:
         return (self.rows, *shape[1:]) if self.is_vocab_tensor(index, tensor, shape) else shape
 
 
-def config_vocab_size(ck: Checkpoint) -> int | None:
-    size = ck.config.get("vocab_size")
+def config_vocab_size(config: dict) -> int | None:
+    size = config.get("vocab_size")
     return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
@@ -46,7 +46,7 @@ def _tokens_by_id(name: str, ck: Checkpoint) -> list[str | None]:
     from simmerge_ray.probes.tokenize import has_tokenizer, load_tokenizer
 
     if not has_tokenizer(ck.path):
-        raise CheckpointError(f"model {name!r} ({ck.path}): its vocab_size ({config_vocab_size(ck)}) differs from "
+        raise CheckpointError(f"model {name!r} ({ck.path}): its vocab_size ({config_vocab_size(ck.config)}) differs from "
                               f"the other models' and it has no tokenizer files, so the ids it shares with them "
                               f"cannot be checked to name the same tokens")
     try:
@@ -62,15 +62,16 @@ def _tokens_by_id(name: str, ck: Checkpoint) -> list[str | None]:
 def output_tokenizer(paths: Sequence[str | Path]) -> dict[str, str]:
     """The tokenizer setting of a merge of these folders (a plan's models and base): `union`
     (every model's tokens, so a chat fine-tune's added tokens survive) when their vocabulary
-    sizes differ, which the engine would refuse without one; else none."""
-    sizes = {config_vocab_size(Checkpoint.open(p)) for p in paths}
+    sizes differ, which the engine would refuse without one; else none. Reads only their configs:
+    a plan file may be written before its models' weights are in place."""
+    sizes = {config_vocab_size(read_config(Path(p))) for p in paths}
     return {"tokenizer_source": "union"} if len(sizes) > 1 else {}
 
 
 def shared_vocab(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> SharedVocab | None:
     """None when every checkpoint has the same vocab_size (compared whole, as before); else the
     ids they share, checked against their tokenizers."""
-    sizes = [config_vocab_size(ck) for ck in ckpts]
+    sizes = [config_vocab_size(ck.config) for ck in ckpts]
     if len(set(sizes)) <= 1:
         return None
     for name, ck, size in zip(names, ckpts, sizes):
