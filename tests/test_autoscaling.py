@@ -69,12 +69,6 @@ def _requests(models: list[str]) -> list[dict]:
     return out
 
 
-
-
-
-
-
-
 def _build_inputs(work: Path) -> tuple[dict, dict]:
     """The inputs (on the session's fixed cluster) and the reference results computed there."""
     from simmerge_ray.testbed.build import build_zoo
