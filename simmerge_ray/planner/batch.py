@@ -6,10 +6,10 @@ validates every row (PlanRequest) and keys it by a digest of its content and of 
 rest is cut into blocks of a few requests and fed to Ray Data's `map_batches` with an actor pool
 of `min_size=1, max_size=N`, started at as many actors as there are blocks (at most N): each
 actor loads the selector, the Gram matrices and the feature table once; the autoscaler adds the
-nodes the waiting actors ask for (on KubeRay too) and the pool shrinks as the queue drains. The actors are the only work placed on the cluster: no read, key or
-shuffle task waits for (or dies with) a node that an autoscaler is adding or removing. A request
-that fails (unknown model or task, missing features, bad size range) becomes an error row; it
-never stops the batch.
+nodes the waiting actors ask for (on KubeRay too) and the pool shrinks as the queue drains. The
+actors are the only work placed on the cluster: no read, key or shuffle task waits for (or dies
+with) a node that an autoscaler is adding or removing. A request that fails (unknown model or
+task, missing features, bad size range) becomes an error row; it never stops the batch.
 
 Layout of the output folder:
     results.parquet        one row per request (RESULT_SCHEMA), sorted by request_id
@@ -247,16 +247,17 @@ def run_batch(s: BatchSettings) -> BatchReport:
     fresh: list[pa.Table] = []
     if n_pending:
         build_step_model(s.selector, s.features, s.aux_selector)  # bad inputs: one clear error, before any actor
-        # Start as many actors as the work can use (an autoscaling cluster grows at once, not one
-        # actor per scaling round); min_size=1 lets the pool shrink as the queue drains.
-        initial = min(s.actors, -(-n_pending // s.rows_per_block))
-        planned = ray.data.from_arrow(_blocks(pending, s.rows_per_block)).map_batches(
+        blocks = _blocks(pending, s.rows_per_block)
+        planned = ray.data.from_arrow(blocks).map_batches(
             PlanWorker,
             fn_constructor_kwargs={"selector": s.selector, "features": s.features, "catalog": s.catalog,
                                    "aux_selector": s.aux_selector, "cache_dir": str(cache),
                                    "calibration": s.calibration},
             batch_size=s.rows_per_block, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.actors, initial_size=initial),
+            # As many actors at once as the blocks can use: an autoscaling cluster grows at once,
+            # not one actor per scaling round; min_size=1 lets the pool shrink as the queue drains.
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.actors,
+                                               initial_size=min(s.actors, len(blocks))),
             **ask.ray_options())
         fresh = list(planned.iter_batches(batch_size=None, batch_format="pyarrow"))
     order = [("request_id", "ascending"), ("key", "ascending")]
