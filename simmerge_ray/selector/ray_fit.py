@@ -21,8 +21,6 @@ from simmerge_ray.selector.folds import group_kfold
 from simmerge_ray.selector.model import Selector, SelectorConfig
 from simmerge_ray.selector.train import chosen_utility, new_selector, train_epochs
 
-SEARCH_SPACE_DOC = "hidden, depth, dropout, lr, weight_decay, task_encoding"
-
 
 def search_space(allow_task_encoding: bool = True) -> dict:
     from ray import tune
