@@ -146,6 +146,35 @@ def test_ray_tune_search(ray_cluster, data, tmp_path) -> None:
     assert trials_again == trials and again == best
 
 
+def test_held_out_evaluation_searches_each_fold_on_its_training_pairs_alone(ray_cluster, tmp_path) -> None:
+    """`evaluate-selector` is nested: fold i's config is Ray Tune's pick on fold i's training pairs
+    (a search that never saw its test pairs), and fold i's held-out predictions use that config."""
+    from simmerge_ray.pipeline.selector import SelectorSettings, choose_config, evaluate
+
+    labels, features = synthetic_tables(n_models=12)
+    labels.write_parquet(tmp_path / "labels.parquet")
+    features.write_parquet(tmp_path / "features.parquet")
+    s = SelectorSettings(tmp_path / "features.parquet", tmp_path / "labels.parquet", tmp_path / "eval",
+                         tune_samples=2, epochs=50, calibration_folds=0)
+    report = evaluate(s, folds=3, echo=lambda _: None)
+    data = build_pair_data(labels, features)
+    splits = group_kfold(data.pair_keys, 3, s.seed)
+    cfgs = [SelectorConfig.from_dict(c) for c in report["fold_configs"]]
+    assert len(cfgs) == 3 and report["config"] == report["fold_configs"][0]
+    assert len(report["tune_trials"]) == 3 * 2
+    # The last fold's config is the search on that fold's training pairs; on these tables it differs
+    # from the first fold's, so a single search reused for every fold would fail here.
+    alone, _ = choose_config(data.subset(splits[-1][0]), s, tmp_path / "search")
+    assert alone == cfgs[-1] != cfgs[0]
+    again = evaluate_pairs(data, [fixed_fit(c) for c in cfgs], folds=3, seed=s.seed)
+    assert report["held_out_pairs"]["utility"] == again["utility"]
+    # One config for every fold is the same evaluation as that config given once per fold.
+    one = evaluate_pairs(data, fixed_fit(cfgs[0]), folds=3)
+    assert one["utility"] == evaluate_pairs(data, [fixed_fit(cfgs[0])] * 3, folds=3)["utility"]
+    with pytest.raises(ValueError, match="2 fit functions for 3 folds"):
+        evaluate_pairs(data, [fixed_fit(cfgs[0])] * 2, folds=3)
+
+
 def test_transfer_applies_a_selector_unchanged(data) -> None:
     """A selector fitted on one zoo, judged on another (here: a second draw of the same rule,
     with an extra feature column and one operator fewer) without retraining."""

@@ -20,7 +20,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="utility", choices=["utility", "gap_closed", "aux_gap_closed"],
                    help="label column to predict: the two-sided utility (default), the expert side or the auxiliary side")
     p.add_argument("--tune-samples", type=int, default=8,
-                   help="Ray Tune trials of the hyperparameter search (0: no search, the built-in config)")
+                   help="Ray Tune trials of the hyperparameter search (0: no search, the built-in config); "
+                        "evaluate-selector searches once per fold, on that fold's training pairs")
     p.add_argument("--epochs", type=int, default=300, help="training epochs (full batch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search, the folds and the initial weights")
     p.add_argument("--no-task-encoding", action="store_true", help="task-agnostic selector")
@@ -41,8 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_fit)
     e = subparsers.add_parser(
         "evaluate-selector", help="held-out pairs and leave-one-task-out evaluation, ablation, chart",
-        description="Judge the selector on held-out model pairs (grouped folds) and held-out tasks; ends "
-                    "with a verdict line: SimMerge against the best fixed arm, by how much.",
+        description="Judge the selector on held-out model pairs (grouped folds, each with its own "
+                    "hyperparameter search on its training pairs) and held-out tasks; ends with a verdict "
+                    "line: SimMerge against the best fixed arm, by how much.",
         epilog="example:\n  simmerge evaluate-selector --features feats/ --labels labels/labels.parquet "
                "--out selector-eval/")
     _common(e)

@@ -8,6 +8,7 @@ test pair influences its own prediction.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -77,10 +78,12 @@ def summarize(data: PairData, pred: np.ndarray, majority: list[str] | None) -> d
     return out
 
 
-def evaluate_pairs(data: PairData, fit: FitFn, *, folds: int = 5, seed: int = 0,
+def evaluate_pairs(data: PairData, fit: FitFn | Sequence[FitFn], *, folds: int = 5, seed: int = 0,
                    calibration_folds: int = 0) -> dict:
-    """Held-out pairs; with `calibration_folds` > 0 also the measured coverage of the intervals
-    (calibrated inside each outer training part, as `fit` calibrates on all pairs)."""
+    """Held-out pairs (`fit`: one for every fold, or one per fold of group_kfold(data.pair_keys,
+    folds, seed), e.g. with hyperparameters searched on that fold's training pairs); with
+    `calibration_folds` > 0 also the measured coverage of the intervals (calibrated inside each
+    outer training part, as `fit` calibrates on all pairs)."""
     splits = group_kfold(data.pair_keys, folds, seed)
     pred, maj = out_of_fold(data, splits, fit)
     out = {"split": f"{folds}-fold by unordered model pair", **summarize(data, pred, maj)}
@@ -132,19 +135,28 @@ def fixed_fit(cfg: SelectorConfig) -> FitFn:
     return lambda train: fit_selector(train, cfg)
 
 
-def ablation(data: PairData, cfg: SelectorConfig, *, folds: int = 5, seed: int = 0) -> dict[str, dict]:
+Configs = SelectorConfig | Sequence[SelectorConfig]  # one for every fold, or one per fold
+
+
+def _fits(cfg: Configs) -> FitFn | list[FitFn]:
+    return fixed_fit(cfg) if isinstance(cfg, SelectorConfig) else [fixed_fit(c) for c in cfg]
+
+
+def ablation(data: PairData, cfg: Configs, *, folds: int = 5, seed: int = 0) -> dict[str, dict]:
     """The same folds with all features, functional only, structural only, and no task code."""
-    variants: dict[str, tuple[PairData, SelectorConfig]] = {"all features": (data, cfg)}
+    no_task = (replace(cfg, task_encoding=False) if isinstance(cfg, SelectorConfig)
+               else [replace(c, task_encoding=False) for c in cfg])
+    variants: dict[str, tuple[PairData, Configs]] = {"all features": (data, cfg)}
     func = [n for n in data.feature_names if n.startswith(FUNCTIONAL_PREFIX)]
     struct = [n for n in data.feature_names if n.startswith(STRUCTURAL_PREFIX)]
     if func:
         variants["functional only"] = (data.select_features(func), cfg)
     if struct:
         variants["structural only"] = (data.select_features(struct), cfg)
-    variants["no task encoding"] = (data, replace(cfg, task_encoding=False))
+    variants["no task encoding"] = (data, no_task)
     out = {}
     for name, (d, c) in variants.items():
-        r = evaluate_pairs(d, fixed_fit(c), folds=folds, seed=seed)
+        r = evaluate_pairs(d, _fits(c), folds=folds, seed=seed)
         out[name] = {"selection_accuracy": r["selection_accuracy"], "utility_mean": r["utility"]["simmerge"]["mean"],
                      "regret": r["regret"]["simmerge"], "features": len(d.feature_names)}
     return out

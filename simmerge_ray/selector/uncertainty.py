@@ -9,6 +9,8 @@ test pair influences neither its prediction nor its interval.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from simmerge_ray.selector.calibration import LEVELS, Calibration, calibrate, coverage
@@ -16,7 +18,7 @@ from simmerge_ray.selector.data import PairData
 from simmerge_ray.selector.domain import training_domain
 from simmerge_ray.selector.folds import Split, group_kfold
 from simmerge_ray.selector.model import Selector
-from simmerge_ray.selector.oof import FitFn, out_of_fold
+from simmerge_ray.selector.oof import FitFn, out_of_fold, per_split
 
 
 def calibrate_out_of_fold(data: PairData, fit: FitFn, folds: int, seed: int = 0) -> Calibration | None:
@@ -34,13 +36,14 @@ def add_uncertainty(sel: Selector, data: PairData, fit: FitFn, folds: int, seed:
     sel.domain = training_domain(sel.standardise(data.x), sel.feature_names, data.same_task_pairs)
 
 
-def held_out_coverage(data: PairData, splits: list[Split], pred: np.ndarray, fit: FitFn, inner_folds: int,
-                      seed: int = 0) -> dict:
+def held_out_coverage(data: PairData, splits: list[Split], pred: np.ndarray, fit: FitFn | Sequence[FitFn],
+                      inner_folds: int, seed: int = 0) -> dict:
     """Coverage of the intervals on the outer test rows of `splits` (`pred`: their out-of-fold
-    predictions), each row's half-widths calibrated on its outer training part alone."""
+    predictions), each row's half-widths calibrated on its outer training part alone (with that
+    fold's fit, where `fit` is one per split)."""
     hw = np.full((len(data), len(LEVELS), len(data.operators)), np.inf)
-    for tr, te in splits:
-        cal = calibrate_out_of_fold(data.subset(tr), fit, inner_folds, seed)
+    for (tr, te), fit_fold in zip(splits, per_split(fit, splits)):
+        cal = calibrate_out_of_fold(data.subset(tr), fit_fold, inner_folds, seed)
         if cal is not None:
             hw[te] = cal.halfwidth
     return {"method": f"per-arm split-conformal, calibrated by {inner_folds}-fold out-of-fold residuals inside "
