@@ -8,9 +8,10 @@ test pair influences its own prediction.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -136,16 +137,17 @@ def fixed_fit(cfg: SelectorConfig) -> FitFn:
 
 
 Configs = SelectorConfig | Sequence[SelectorConfig]  # one for every fold, or one per fold
+T = TypeVar("T")
 
 
-def _fits(cfg: Configs) -> FitFn | list[FitFn]:
-    return fixed_fit(cfg) if isinstance(cfg, SelectorConfig) else [fixed_fit(c) for c in cfg]
+def _each(cfg: Configs, f: Callable[[SelectorConfig], T]) -> T | list[T]:
+    """`f` of the one config, or of each fold's."""
+    return f(cfg) if isinstance(cfg, SelectorConfig) else [f(c) for c in cfg]
 
 
 def ablation(data: PairData, cfg: Configs, *, folds: int = 5, seed: int = 0) -> dict[str, dict]:
     """The same folds with all features, functional only, structural only, and no task code."""
-    no_task = (replace(cfg, task_encoding=False) if isinstance(cfg, SelectorConfig)
-               else [replace(c, task_encoding=False) for c in cfg])
+    no_task = _each(cfg, lambda c: replace(c, task_encoding=False))
     variants: dict[str, tuple[PairData, Configs]] = {"all features": (data, cfg)}
     func = [n for n in data.feature_names if n.startswith(FUNCTIONAL_PREFIX)]
     struct = [n for n in data.feature_names if n.startswith(STRUCTURAL_PREFIX)]
@@ -156,7 +158,7 @@ def ablation(data: PairData, cfg: Configs, *, folds: int = 5, seed: int = 0) -> 
     variants["no task encoding"] = (data, no_task)
     out = {}
     for name, (d, c) in variants.items():
-        r = evaluate_pairs(d, _fits(c), folds=folds, seed=seed)
+        r = evaluate_pairs(d, _each(c, fixed_fit), folds=folds, seed=seed)
         out[name] = {"selection_accuracy": r["selection_accuracy"], "utility_mean": r["utility"]["simmerge"]["mean"],
                      "regret": r["regret"]["simmerge"], "features": len(d.feature_names)}
     return out
