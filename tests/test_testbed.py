@@ -196,7 +196,15 @@ def test_label_merge_matches_a_hand_merge(tiny_zoo, ray_cluster):
              LabelPlan(("code-a", "rag-a", "ml-a"), ("linear", "ties"), "equal", tasks=("code", "rag", "multilingual")),
              LabelPlan(("rag-a", "ml-a", "code-a"), ("linear", "linear"), "equal", tasks=("rag", "multilingual", "code"))]
     got = ray_cluster.get(actor.run.remote(plans))
+    # per-example accuracies (for resampling the eval sets) average to the label's accuracy
+    examples = ray_cluster.get(actor.example_accuracy.remote(plans[:2]))
     ray_cluster.kill(actor)
+    for per_example, scores in zip(examples, got):
+        assert set(per_example) == set(scores)
+        for t, values in per_example.items():
+            assert len(values) == len(load_examples(cat.tasks[t].eval))
+            assert sum(values) / len(values) == pytest.approx(scores[t]["accuracy"], abs=1e-12)
+    assert examples[0]["code"] != examples[1]["code"]
     a, b, c = (load_file(str(cat.model(m).path / "model.safetensors")) for m in ("code-a", "rag-a", "ml-a"))
     model = AutoModelForCausalLM.from_pretrained(str(cat.base))
     tok = load_tokenizer(cat.base)

@@ -67,8 +67,9 @@ def encode(examples: list[Example], tokenizer: PreTrainedTokenizerFast, max_len:
 
 
 @torch.no_grad()
-def score(model: PreTrainedModel, data: EncodedEvalSet, batch_size: int = 16) -> dict[str, float]:
-    """{'score': exp(loglik), 'loglik': mean answer-token log-prob, 'accuracy': greedy hits}.
+def example_scores(model: PreTrainedModel, data: EncodedEvalSet, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example (float64, [n]): the mean answer-token log-prob and the share of answer tokens
+    predicted greedily; kept apart so that eval-set noise can be resampled (bootstrap).
 
     Rows are batched in length order (less padding) and the output head runs on the answer
     positions only (an eighth of a small model's cost when it ran on every position).
@@ -94,5 +95,11 @@ def score(model: PreTrainedModel, data: EncodedEvalSet, batch_size: int = 16) ->
         logliks[rows] = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, row_of, tok_lp) / count
         hit = (picked.argmax(-1) == nxt).double()
         hits[rows] = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, row_of, hit) / count
+    return logliks, hits
+
+
+def score(model: PreTrainedModel, data: EncodedEvalSet, batch_size: int = 16) -> dict[str, float]:
+    """{'score': exp(loglik), 'loglik': mean answer-token log-prob, 'accuracy': greedy hits}."""
+    logliks, hits = example_scores(model, data, batch_size)
     loglik = float(logliks.mean())
     return {"score": math.exp(loglik), "loglik": loglik, "accuracy": float(hits.mean())}

@@ -101,26 +101,42 @@ class PlanEvaluator:
         self.model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
 
     def run(self, plans: list[LabelPlan]) -> list[dict[str, dict[str, float]]]:
+        """Per plan: {task: score()}, the label run's record."""
         from simmerge_ray.testbed.evaluate import score
 
         memo: dict[tuple, dict[str, torch.Tensor]] = {}
         out = []
         for plan in plans:
-            coef = plan.linear_coefficients()
-            if coef is not None and plan.k > 1:  # one linear combination in one pass, as `merge --plan` runs it
-                cur = merge_state_dicts("linear", [self.states[m] for m in coef], None,
-                                        {"weight": list(coef.values()), "normalize": False})
-            else:
-                cur = self.states[plan.models[0]]
-                arms = plan.step_arms()
-                for j, arm in enumerate(arms):
-                    prefix = (plan.models[: j + 2], tuple(a.name for a in arms[: j + 1]))
-                    if prefix not in memo:
-                        memo[prefix] = merge_arm(arm, cur, self.states[plan.models[j + 1]], self.states["base"])
-                    cur = memo[prefix]
-            self.model.load_state_dict(cur)
+            self._load(plan, memo)
             out.append({t: score(self.model, self.evals[t]) for t in plan.tasks})
         return out
+
+    def example_accuracy(self, plans: list[LabelPlan]) -> list[dict[str, list[float]]]:
+        """Per plan: {task: accuracy of every eval example}, whose mean is run()'s accuracy."""
+        from simmerge_ray.testbed.evaluate import example_scores
+
+        memo: dict[tuple, dict[str, torch.Tensor]] = {}
+        out = []
+        for plan in plans:
+            self._load(plan, memo)
+            out.append({t: example_scores(self.model, self.evals[t])[1].tolist() for t in plan.tasks})
+        return out
+
+    def _load(self, plan: LabelPlan, memo: dict[tuple, dict[str, torch.Tensor]]) -> None:
+        """Merge the plan into the scoring model; `memo` keeps fold prefixes shared by a call's plans."""
+        coef = plan.linear_coefficients()
+        if coef is not None and plan.k > 1:  # one linear combination in one pass, as `merge --plan` runs it
+            cur = merge_state_dicts("linear", [self.states[m] for m in coef], None,
+                                    {"weight": list(coef.values()), "normalize": False})
+        else:
+            cur = self.states[plan.models[0]]
+            arms = plan.step_arms()
+            for j, arm in enumerate(arms):
+                prefix = (plan.models[: j + 2], tuple(a.name for a in arms[: j + 1]))
+                if prefix not in memo:
+                    memo[prefix] = merge_arm(arm, cur, self.states[plan.models[j + 1]], self.states["base"])
+                cur = memo[prefix]
+        self.model.load_state_dict(cur)
 
 
 def check_label_catalog(cat: Catalog) -> dict[str, str]:
