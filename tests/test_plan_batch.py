@@ -199,6 +199,10 @@ def test_calibrated_batch_matches_calibrated_single_plans(world, tmp_path: Path)
         assert row["calibrated_expert_retention"] == pytest.approx(best.calibrated["expert_retention"])
         assert row["calibrated_others_retention"] == pytest.approx(best.calibrated["others_retention"])
         assert row["calibrated_score"] == pytest.approx(best.calibrated["score"])
+        # not merging is weighed on the predicted scale (shares of gaps kept): the calibrated one (changes
+        # of accuracy) would need each other model's score with the expert alone, which no catalog holds
+        ea = best.expert_alone
+        assert ea["value"] == 1.0 and ea["best"] == pytest.approx(best.score) and ea["better"] == (best.score < 1.0)
         plan = json.loads((tmp_path / "out" / row["plan_dir"] / "plan.json").read_text())
         assert plan["calibrated"]["intervals"]["80"]["expert_retention"] == pytest.approx(
             [best.calibrated["expert_retention"] - 0.1, best.calibrated["expert_retention"] + 0.1])
