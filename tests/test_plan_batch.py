@@ -175,11 +175,13 @@ def test_calibrated_batch_matches_calibrated_single_plans(world, tmp_path: Path)
     coef[FEATURES.index("expert_position"), 0] = 1.0
     coef[FEATURES.index("pred_others"), 1] = 0.5
     coef[FEATURES.index("intercept")] = [-0.9, -0.6]
-    cal = MultiwayCalibration({3: RetentionCalibrator(coef)}, {3: 5}, {3: {"80": [0.1, 0.2]}})
+    cal = MultiwayCalibration({3: RetentionCalibrator(coef)}, {3: 5}, {3: {"80": [0.1, 0.2]}},
+                              {3: {"targets": 15, "bias": [-0.2, 0.05], "halfwidth": {"80": [0.3, 0.1]}}},
+                              {"retention_weight": 1.0, "aux_weight": 0.0})  # picks measured under the default objective
     (tmp_path / "calibration.json").write_text(cal.to_json())
     reqs = [{"request_id": "a", "task": "code", "models": ["code-0", "math-0", "rag-0"], "min_way": 3, "max_way": 3},
             {"request_id": "b", "task": "math", "models": ["math-1", "chat-0", "code-1", "rag-1"], "min_way": 3,
-             "max_way": 3},
+             "max_way": 3, "aux_weight": 0.5},
             {"request_id": "c", "task": "rag", "models": ["rag-0", "chat-1"], "max_way": 2}]
     (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs))
     settings = BatchSettings(requests=str(tmp_path / "req.jsonl"), selector=str(w.selector), catalog=str(w.catalog),
@@ -199,6 +201,11 @@ def test_calibrated_batch_matches_calibrated_single_plans(world, tmp_path: Path)
         assert row["calibrated_expert_retention"] == pytest.approx(best.calibrated["expert_retention"])
         assert row["calibrated_others_retention"] == pytest.approx(best.calibrated["others_retention"])
         assert row["calibrated_score"] == pytest.approx(best.calibrated["score"])
+        if req["request_id"] == "a":  # the calibration's objective: corrected for being the top plan
+            assert row["top_plan_expert_retention"] == pytest.approx(best.calibrated["expert_retention"] - 0.2)
+            assert row["top_plan_others_retention"] == pytest.approx(best.calibrated["others_retention"] + 0.05)
+        else:  # another objective picks other plans: no correction
+            assert row["top_plan_expert_retention"] is None and row["top_plan_others_retention"] is None
         # not merging is weighed on the predicted scale (shares of gaps kept): the calibrated one (changes
         # of accuracy) would need each other model's score with the expert alone, which no catalog holds
         ea = best.expert_alone

@@ -9,9 +9,10 @@ import pytest
 
 from simmerge_ray.merge.arms import WEIGHTING_NAMES
 from simmerge_ray.merge.fold import Fold
-from simmerge_ray.planner.calibrate import FEATURES, RetentionCalibrator, final_shares, halfwidths, plan_features
-from simmerge_ray.planner.evaluate import (JUDGED, MultiwayTarget, borrowed_residuals, fit_calibration, held_out_residuals,
-                                           interval_coverage)
+from simmerge_ray.planner.calibrate import (FEATURES, RetentionCalibrator, final_shares, halfwidths, pick_correction,
+                                            plan_features)
+from simmerge_ray.planner.evaluate import (JUDGED, MultiwayTarget, borrowed_residuals, fit_calibration,
+                                           held_out_pick_residuals, held_out_residuals, interval_coverage)
 
 
 @pytest.mark.parametrize("weighting", WEIGHTING_NAMES)
@@ -94,3 +95,44 @@ def test_a_thinly_labelled_size_takes_its_widths_from_every_size() -> None:
     cov = interval_coverage(four, JUDGED, borrowed_residuals(by_size, 4))
     assert cov["90"]["widths_borrow_other_sizes"] and cov["90"]["plans"] == 3 * 2 * 40
     assert interval_coverage(three, JUDGED)["90"]["widths_borrow_other_sizes"] is False
+
+
+def test_pick_correction_centres_on_the_median_error() -> None:
+    errors = np.column_stack([-0.1 * np.arange(1.0, 11.0), np.full(10, 0.02)])  # expert: -0.1 .. -1.0
+    corr = pick_correction(errors)
+    assert corr["targets"] == 10 and corr["bias"] == pytest.approx([-0.55, 0.02])
+    # |error - median| of the expert: 0.05, 0.05, 0.15, 0.15, ..., 0.45, 0.45; ranks 9 (80%) and 10 (90%) of 10
+    assert corr["halfwidth"]["80"] == pytest.approx([0.45, 0.0], abs=1e-12)
+    assert corr["halfwidth"]["90"] == pytest.approx([0.45, 0.0], abs=1e-12)
+    assert pick_correction(errors[:8])["halfwidth"]["90"] == [None, None]  # rank 9 of 8: unbounded
+    assert pick_correction(np.column_stack([errors[:, 0], np.full(10, np.nan)]))["bias"][1] == 0.0  # none defined
+
+
+def cursed_targets(subsets: int, seed: int = 0) -> list[MultiwayTarget]:
+    """The winner's curse: the measured expert retention rises with its prediction up to 0.8 and
+    is 0 beyond, so a linear calibrator over-predicts exactly the plans it ranks first."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in range(subsets):
+        for expert in ("a", "b"):
+            x = np.zeros((40, len(FEATURES)))
+            x[:, -1] = 1.0
+            x[:, FEATURES.index("pred_expert")] = u = rng.uniform(size=40)
+            y = np.column_stack([np.where(u < 0.8, 0.5 * u, 0.0), np.zeros(40)]) + rng.normal(scale=0.05, size=(40, 2))
+            out.append(MultiwayTarget((f"s{s}a", f"s{s}b", f"s{s}c"), expert, [], [], [], x.tolist(), y.tolist()))
+    return out
+
+
+def test_the_top_plan_is_corrected_by_the_held_out_picks_errors() -> None:
+    targets = cursed_targets(12)
+    errors = held_out_pick_residuals(targets, JUDGED)
+    assert errors.shape == (24, 2) and errors[:, 0].mean() < -0.12 and abs(errors[:, 1].mean()) < 0.03
+    cal = fit_calibration({3: targets})
+    assert cal.pick[3] == pick_correction(errors) and cal.objective == JUDGED.as_dict()
+    cov = interval_coverage(targets, JUDGED)
+    for level in ("80", "90"):
+        c = cov[level]
+        # every plan's intervals hold; at the pick they under-cover the expert, the top plan's hold
+        assert abs(c["expert"] - c["nominal"]) < 0.03
+        assert c["picked_expert"] < c["nominal"] - 0.05 and c["top_plan_expert"] >= c["nominal"] - 0.05
+        assert c["top_plan_mean_width"][0] < c["mean_width"][0]  # centred on the bias: narrower too

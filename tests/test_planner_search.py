@@ -141,7 +141,9 @@ def test_a_calibration_ranks_complete_plans_by_measured_shape() -> None:
     coef[FEATURES.index("expert_position"), 0] = 1.0
     coef[FEATURES.index("weighting_anchor"), 1] = 0.5
     coef[FEATURES.index("intercept")] = [-0.9, -0.6]
-    cal = MultiwayCalibration({3: RetentionCalibrator(coef)}, {3: 8}, {3: {"80": [0.05, 0.1], "90": [0.08, None]}})
+    pick = {"targets": 24, "bias": [-0.05, 0.02], "halfwidth": {"80": [0.2, 0.05], "90": [None, 0.07]}}
+    cal = MultiwayCalibration({3: RetentionCalibrator(coef)}, {3: 8}, {3: {"80": [0.05, 0.1], "90": [0.08, None]}},
+                              {3: pick}, {"retention_weight": 1.0, "aux_weight": 1.0})
     space = SearchSpace(task="code", candidates=models, experts=["m0"], min_k=3, max_k=3, tasks=tasks_of(models))
     obj = Objective(retention_weight=1.0, aux_weight=1.0)
     plain, res = search(space, tm, obj), search(space, tm, obj, calibration=cal)
@@ -152,27 +154,48 @@ def test_a_calibration_ranks_complete_plans_by_measured_shape() -> None:
                                    "80": {"expert_retention": pytest.approx([0.05, 0.15]),
                                           "others_retention": pytest.approx([-0.2, 0.0])},
                                    "90": {"expert_retention": pytest.approx([0.02, 0.18]),
-                                          "others_retention": [None, None]}}}
+                                          "others_retention": [None, None]}},
+                               # the top plan, corrected by the picks' median error, with their widths
+                               "top_plan": {"available": True, "expert_retention": pytest.approx(0.05),
+                                            "others_retention": pytest.approx(-0.08), "bias": [-0.05, 0.02],
+                                            "targets": 24, "intervals": {
+                                                "80": {"expert_retention": pytest.approx([-0.15, 0.25]),
+                                                       "others_retention": pytest.approx([-0.13, -0.03])},
+                                                "90": {"expert_retention": [None, None],
+                                                       "others_retention": pytest.approx([-0.15, -0.01])}}}}
+    assert all("top_plan" not in p.calibrated for p in res.plans[1:])  # only the pick is picked
+    other = search(space, tm, Objective(retention_weight=1.0, aux_weight=2.0), calibration=cal).best
+    assert other.calibrated["top_plan"] == {
+        "available": False, "reason": "its picks were measured for the objective {'retention_weight': 1.0, "
+                                      "'aux_weight': 1.0}, not {'retention_weight': 1.0, 'aux_weight': 2.0}"}
     assert best.score == pytest.approx(obj.score(best.retention, "m0"))  # the step model's own score is kept
     assert plain.best.calibrated == {}
     assert all(e["effect"] <= 1e-12 for e in best.excluded)
     # the calibration round-trips, and a size it does not cover is refused
     back = MultiwayCalibration.from_json(cal.to_json())
     assert back.by_size[3].coef.tolist() == coef.tolist() and back.halfwidth == cal.halfwidth
-    assert MultiwayCalibration({3: RetentionCalibrator(coef)}, {3: 8}).intervals(3, 0.1, -0.1) == {}
+    assert back.pick == cal.pick and back.objective == cal.objective
+    older = MultiwayCalibration({3: RetentionCalibrator(coef)}, {3: 8})  # a file written before picks were kept
+    assert older.intervals(3, 0.1, -0.1) == {}
+    assert MultiwayCalibration.from_json(older.to_json()).top_plan(3, 0.1, -0.1, obj.as_dict()) == {
+        "available": False, "reason": "the calibration holds no measured picks of 3-way plans"}
     # `simmerge plan` prints the calibrated retentions with the first level's interval
-    from simmerge_ray.cli.plan import _calibrated_line
+    from simmerge_ray.cli.plan import _calibrated_line, _top_plan_line
 
     assert _calibrated_line(best.calibrated) == ("calibrated: score 0.000, expert retention +10.0% (80%: [5.0%,15.0%]), "
                                                  "the others' mean -10.0% (80%: [-20.0%,0.0%])")
+    assert _top_plan_line(best.calibrated["top_plan"]) == (
+        "as the top plan (held-out picks of 24 targets measured -5.0 / +2.0 points off their calibrated values): "
+        "expert retention +5.0% (80%: [-15.0%,25.0%]), the others' mean -8.0% (80%: [-13.0%,-3.0%])")
     with pytest.raises(ConfigError, match=r"covers plans of \[3\] models, not \[2\]"):
         search(SearchSpace(task="code", candidates=models, experts=["m0"], min_k=2, max_k=3, tasks=tasks_of(models)),
                tm, obj, calibration=cal)
-    bad = json.loads(cal.to_json())
-    bad["sizes"]["3"]["halfwidth"]["80"] = [0.05]
-    with pytest.raises(ConfigError, match=r"calibration.json: not a multi-way calibration file \(a half-width is not "
-                                          r"an \[expert, others\] pair\)"):
-        MultiwayCalibration.from_json(json.dumps(bad), "calibration.json")
+    for field, value in (("halfwidth", {"80": [0.05]}), ("pick", pick | {"bias": [0.1]})):
+        bad = json.loads(cal.to_json())
+        bad["sizes"]["3"][field] = value
+        with pytest.raises(ConfigError, match=r"calibration.json: not a multi-way calibration file \(a half-width or "
+                                              r"bias is not an \[expert, others\] pair\)"):
+            MultiwayCalibration.from_json(json.dumps(bad), "calibration.json")
     with pytest.raises(ConfigError, match="calibration.json: written for the features"):
         MultiwayCalibration.from_json('{"features": ["x"], "sizes": {}}', "calibration.json")
 

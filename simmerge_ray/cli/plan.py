@@ -148,8 +148,8 @@ def _pct(iv: list[float] | None) -> str:
     return "unbounded" if iv is None else f"[{100 * iv[0]:6.1f}%, {100 * iv[1]:6.1f}%]"
 
 
-def _calibrated_line(c: dict) -> str:
-    """The calibrated score and retentions, each with its first (lowest) level's interval."""
+def _retentions(c: dict) -> str:
+    """The expert's and the others' retention of `c`, each with its first (lowest) level's interval."""
     key, band = next(iter(c.get("intervals", {}).items()), (None, {}))
 
     def shown(name: str) -> str:
@@ -157,8 +157,19 @@ def _calibrated_line(c: dict) -> str:
         return f"{100 * c[name]:+.1f}%" + (f" ({key}%: {_pct(None if lo_hi[0] is None else lo_hi).replace(' ', '')})"
                                            if lo_hi else "")
 
-    return (f"calibrated: score {c['score']:.3f}, expert retention {shown('expert_retention')}, "
-            f"the others' mean {shown('others_retention')}")
+    return f"expert retention {shown('expert_retention')}, the others' mean {shown('others_retention')}"
+
+
+def _calibrated_line(c: dict) -> str:
+    return f"calibrated: score {c['score']:.3f}, {_retentions(c)}"
+
+
+def _top_plan_line(top: dict) -> str:
+    """The top plan's retentions corrected for its being picked."""
+    if not top.get("available"):
+        return f"as the top plan: not corrected ({top.get('reason')})"
+    return (f"as the top plan (held-out picks of {top['targets']} targets measured {100 * top['bias'][0]:+.1f} / "
+            f"{100 * top['bias'][1]:+.1f} points off their calibrated values): {_retentions(top)}")
 
 
 def _print_trust(plan, alone: str, percent: bool = True) -> None:
@@ -211,6 +222,8 @@ def _multiway(args: argparse.Namespace, catalog) -> int:
               + (f"  [{flagged} flag{'s' * (flagged > 1)}]" if flagged else ""))
         if p.calibrated:
             print("   " + _calibrated_line(p.calibrated))
+            if "top_plan" in p.calibrated:
+                print("   " + _top_plan_line(p.calibrated["top_plan"]))
     best = res.best
     for ex in best.excluded:
         print(f"left out {ex['model']}: the best plan with it scores {ex['best_score_with']:.3f} "

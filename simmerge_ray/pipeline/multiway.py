@@ -29,5 +29,5 @@ def judge_multiway(run: RunLayout) -> dict:
     result = evaluate_multiway(labels, scorer, targets)
     run.multiway.mkdir(exist_ok=True)
     atomic_write_text(run.multiway / "multiway.json", json.dumps(result, indent=2))
-    atomic_write_text(run.multiway_calibration, fit_calibration(targets).to_json())
+    atomic_write_text(run.multiway_calibration, fit_calibration(targets, scorer.objective).to_json())
     return result

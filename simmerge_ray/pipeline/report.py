@@ -155,11 +155,15 @@ def render_markdown(report: dict) -> str:
     covered = {k: v["calibrated_intervals"] for k, v in mw.items() if v.get("calibrated_intervals")}
     if covered:
         lines += ["", "Calibrated intervals on held-out subsets (coverage of the expert's / the others' mean "
-                  "retention, every plan and the calibrated pick; mean width in points):", ""]
-        lines += _table(["k", "level", "every plan", "picked plan", "mean width", "widths from"],
+                  "retention, every plan, the calibrated pick with every plan's widths and with the top plan's "
+                  "correction and widths; mean width in points):", ""]
+        lines += _table(["k", "level", "every plan", "picked plan", "as the top plan", "mean width",
+                         "top plan's width", "widths from"],
                         [[k, f"{lv}%", f"{c['expert']:.1%} / {c['others']:.1%}",
                           f"{c['picked_expert']:.1%} / {c['picked_others']:.1%}",
+                          f"{c['top_plan_expert']:.1%} / {c['top_plan_others']:.1%}",
                           " / ".join(f"{100 * w:.1f}" for w in c["mean_width"]),
+                          " / ".join(f"{100 * w:.1f}" for w in c["top_plan_mean_width"]),
                           "every size" if c.get("widths_borrow_other_sizes") else "this size"]
                          for k, cov in covered.items() for lv, c in cov.items()])
     lines += ["", "![multi-way by task](multiway_by_task.png)"]

@@ -83,7 +83,7 @@ def stages(s: PipelineSettings) -> list[Stage]:
               [str(s.folds), *search, "search-per-fold"]),
         Stage("fit", "fit the selectors on all pairs (Ray Tune, then Ray Train)", fit_both, search),
         Stage("multiway", "plan 3- and 4-way merges and judge them on measured merges",
-              lambda: judge_multiway(run), ["calibration-intervals-v2"]),
+              lambda: judge_multiway(run), ["calibration-intervals-v3"]),
         Stage("bandit", "online bandit replayed on held-out pairs",
               lambda: replay_bandit(run, rounds=s.sim_rounds, repeats=s.sim_repeats, seed=s.seed),
               [str(s.sim_rounds), str(s.sim_repeats), "selector-imputes"]),

@@ -187,7 +187,9 @@ class PlanWorker:
                        "plans_scored": res.scored, "exhaustive": res.exhaustive, "search_seconds": res.seconds,
                        **({"calibrated_expert_retention": best.calibrated["expert_retention"],
                            "calibrated_others_retention": best.calibrated["others_retention"],
-                           "calibrated_score": best.calibrated["score"]} if best.calibrated else {})}
+                           "calibrated_score": best.calibrated["score"],
+                           **{f"top_plan_{side}": top.get(side) for side in ("expert_retention", "others_retention")
+                              for top in [best.calibrated["top_plan"]]}} if best.calibrated else {})}
         tmp.mkdir(parents=True)
         if res is not None:
             write_plans(res, self.catalog, tmp)

@@ -43,6 +43,9 @@ RESULT_SCHEMA = pa.schema([
     ("calibrated_expert_retention", pa.float64()),
     ("calibrated_others_retention", pa.float64()),
     ("calibrated_score", pa.float64()),
+    # the same retentions corrected for the plan being the top one (calibrate.py; null: unavailable)
+    ("top_plan_expert_retention", pa.float64()),
+    ("top_plan_others_retention", pa.float64()),
     ("plans_scored", pa.int64()),
     ("exhaustive", pa.bool_()),
     ("search_seconds", pa.float64()),

@@ -13,6 +13,11 @@ It is judged leave-one-subset-out (planner/evaluate.py): a subset's plans are ch
 calibrator that has never seen that subset's labels. Its intervals are split-conformal on those
 leave-one-subset-out residuals: what a calibrator's error looks like on a subset it never saw (a
 size labelled on few subsets joins the other sizes' residuals: evaluate.OWN_WIDTHS_MIN_SUBSETS).
+The top plan gets more: it is picked because its calibrated score is the highest, so its
+measured retention falls short of the prediction more often than a random plan's (the winner's
+curse; on the demo's labels the pick's expert retention came 9-20 points below its prediction).
+Its `top_plan` values are corrected by the median error of the calibrated picks on held-out
+subsets and carry intervals from those picks' errors alone.
 Pure numpy: no I/O, no Ray.
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -105,6 +111,22 @@ def halfwidths(abs_residuals: np.ndarray, levels: Sequence[float] = LEVELS) -> d
     return out
 
 
+def pick_correction(signed_residuals: np.ndarray, levels: Sequence[float] = LEVELS) -> dict[str, Any]:
+    """From [n, 2] signed errors (measured - calibrated) of calibrated picks on held-out subsets:
+    the median error of the expert's and of the others' retention (`bias`, added to a top plan's
+    prediction) and the conformal half-widths of the errors around it (`halfwidth`)."""
+    res = np.asarray(signed_residuals, dtype=np.float64).reshape(-1, 2)
+    bias = [float(np.nanmedian(res[:, j])) if np.isfinite(res[:, j]).any() else 0.0 for j in range(2)]
+    return {"targets": len(res), "bias": bias, "halfwidth": halfwidths(np.abs(res - np.array(bias)), levels)}
+
+
+def _bands(hw: Mapping[str, Sequence[float | None]], expert: float, others: float) -> dict[str, dict[str, list]]:
+    """Per level key: [low, high] of the expert's and the others' retention (None ends: unbounded)."""
+    return {lv: {"expert_retention": [None, None] if he is None else [expert - he, expert + he],
+                 "others_retention": [None, None] if ho is None else [others - ho, others + ho]}
+            for lv, (he, ho) in hw.items()}
+
+
 @dataclass(frozen=True)
 class MultiwayCalibration:
     """A calibrator per plan size (3, 4, ...), fitted on every labelled subset of that size of a
@@ -115,12 +137,17 @@ class MultiwayCalibration:
     subsets: Mapping[int, int]  # labelled subsets each calibrator was fitted on
     # per size, level key -> [expert, others] half-width (None: unbounded); empty: no intervals
     halfwidth: Mapping[int, Mapping[str, Sequence[float | None]]] = field(default_factory=dict)
+    # per size, pick_correction() of the calibrated picks under `objective`; empty: none
+    pick: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
+    objective: Mapping[str, float] | None = None  # the objective the picks were made for
 
     def to_json(self) -> str:
         hw = self.halfwidth
-        return json.dumps({"features": list(FEATURES), "sizes": {
+        return json.dumps({"features": list(FEATURES), **({"objective": dict(self.objective)} if self.objective else {}),
+                           "sizes": {
             str(k): {"subsets": self.subsets[k], "coef": c.coef.tolist(),
-                     **({"halfwidth": {lv: list(v) for lv, v in hw[k].items()}} if k in hw else {})}
+                     **({"halfwidth": {lv: list(v) for lv, v in hw[k].items()}} if k in hw else {}),
+                     **({"pick": dict(self.pick[k])} if k in self.pick else {})}
             for k, c in sorted(self.by_size.items())}}, indent=1)
 
     @classmethod
@@ -134,21 +161,38 @@ class MultiwayCalibration:
             halfwidth = {int(k): {str(lv): [None if h is None else float(h) for h in pair]
                                   for lv, pair in v["halfwidth"].items()}
                          for k, v in sizes.items() if "halfwidth" in v}
-            if any(len(pair) != 2 for hw in halfwidth.values() for pair in hw.values()):
-                raise ValueError("a half-width is not an [expert, others] pair")
+            pick = {int(k): {"targets": int(v["pick"]["targets"]), "bias": [float(b) for b in v["pick"]["bias"]],
+                             "halfwidth": {str(lv): [None if h is None else float(h) for h in pair]
+                                           for lv, pair in v["pick"]["halfwidth"].items()}}
+                    for k, v in sizes.items() if "pick" in v}
+            if any(len(pair) != 2 for hw in [*halfwidth.values(), *(p["halfwidth"] for p in pick.values())]
+                   for pair in hw.values()) or any(len(p["bias"]) != 2 for p in pick.values()):
+                raise ValueError("a half-width or bias is not an [expert, others] pair")
+            objective = raw.get("objective")
             return cls({int(k): RetentionCalibrator(np.asarray(v["coef"], dtype=np.float64)) for k, v in sizes.items()},
-                       {int(k): int(v["subsets"]) for k, v in sizes.items()}, halfwidth)
+                       {int(k): int(v["subsets"]) for k, v in sizes.items()}, halfwidth, pick,
+                       None if objective is None else {str(n): float(w) for n, w in objective.items()})
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{where}: not a multi-way calibration file ({e})") from None
 
     def intervals(self, k: int, expert: float, others: float) -> dict[str, dict[str, list[float | None]]]:
         """Per level key: [low, high] of the calibrated expert and others' retention of a k-model
         plan (None ends: unbounded); empty where the file has no intervals for k."""
-        out = {}
-        for lv, (he, ho) in self.halfwidth.get(k, {}).items():
-            out[lv] = {"expert_retention": [None, None] if he is None else [expert - he, expert + he],
-                       "others_retention": [None, None] if ho is None else [others - ho, others + ho]}
-        return out
+        return _bands(self.halfwidth.get(k, {}), expert, others)
+
+    def top_plan(self, k: int, expert: float, others: float, objective: Mapping[str, float]) -> dict[str, Any]:
+        """The top plan's calibrated retentions corrected for its being picked (`pick`), with their
+        intervals; {"available": False, "reason": ...} where the file has no picks for size k or
+        they were made for another objective (a different objective picks different plans)."""
+        p = self.pick.get(k)
+        if p is None:
+            return {"available": False, "reason": f"the calibration holds no measured picks of {k}-way plans"}
+        if self.objective is not None and dict(objective) != dict(self.objective):
+            return {"available": False, "reason": f"its picks were measured for the objective {dict(self.objective)}, "
+                                                  f"not {dict(objective)}"}
+        e, o = expert + p["bias"][0], others + p["bias"][1]
+        return {"available": True, "expert_retention": e, "others_retention": o, "bias": list(p["bias"]),
+                "targets": p["targets"], "intervals": _bands(p["halfwidth"], e, o)}
 
     def predict(self, plans: Sequence[tuple[Fold, str, Mapping[str, float | None]]]) -> np.ndarray:
         """[n, 2]: calibrated (expert retention, others' mean retention), s_merge / s_model - 1, of

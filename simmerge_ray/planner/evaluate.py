@@ -34,7 +34,7 @@ import polars as pl
 from simmerge_ray.merge.arms import STEP_ARMS
 from simmerge_ray.merge.fold import Fold
 from simmerge_ray.planner.calibrate import (FEATURES, MultiwayCalibration, RetentionCalibrator, halfwidths,
-                                            plan_features)
+                                            pick_correction, plan_features)
 from simmerge_ray.planner.objective import Objective, Outcome
 from simmerge_ray.planner.search import Replayer, StepModel
 
@@ -149,6 +149,15 @@ def held_out_residuals(targets: Sequence[MultiwayTarget]) -> np.ndarray:
     return np.concatenate(out) if out else np.empty((0, 2))
 
 
+def held_out_pick_residuals(targets: Sequence[MultiwayTarget], objective: Objective) -> np.ndarray:
+    """[n targets, 2] signed errors (measured - calibrated) of each target's calibrated pick, picked
+    and predicted by a calibrator fitted on the other subsets only (leave one subset out)."""
+    out = [np.asarray(t.targets[pick], dtype=np.float64) - cal.predict([t.features[pick]])[0]
+           for held, _, cal in _leave_one_subset_out(targets) for t in held
+           for pick in [_calibrated_pick(cal, t, objective)]]
+    return np.array(out).reshape(-1, 2)
+
+
 # A plan size labelled on fewer subsets than this takes its interval half-widths from the held-out
 # residuals of every size together. Residuals cluster by subset (each subset shifts them its own
 # way), so a quantile over two or three subsets' residuals is mostly those subsets' shifts: on the
@@ -161,66 +170,91 @@ def _subsets(targets: Sequence[MultiwayTarget]) -> int:
     return len({t.subset for t in targets})
 
 
-def borrowed_residuals(by_size: Mapping[int, Sequence[MultiwayTarget]], k: int) -> np.ndarray | None:
-    """The other sizes' held-out residuals, for a size too thinly labelled for widths of its own
-    (None: size k has enough subsets)."""
+def borrowed_residuals(by_size: Mapping[int, Sequence[MultiwayTarget]], k: int,
+                       objective: Objective | None = None) -> np.ndarray | None:
+    """The other sizes' held-out residuals (with `objective`: of their calibrated picks), for a
+    size too thinly labelled for widths of its own (None: size k has enough subsets)."""
     if _subsets(by_size[k]) >= OWN_WIDTHS_MIN_SUBSETS:
         return None
-    others = [held_out_residuals(t) for j, t in sorted(by_size.items()) if j != k]
+    others = [held_out_residuals(t) if objective is None else held_out_pick_residuals(t, objective)
+              for j, t in sorted(by_size.items()) if j != k]
     return np.concatenate([np.empty((0, 2)), *others])
 
 
-def fit_calibration(by_size: Mapping[int, Sequence[MultiwayTarget]]) -> MultiwayCalibration:
+def _joined(res: np.ndarray, borrowed: np.ndarray | None) -> np.ndarray:
+    return res if borrowed is None or not len(res) else np.concatenate([res, borrowed])
+
+
+def fit_calibration(by_size: Mapping[int, Sequence[MultiwayTarget]], objective: Objective = JUDGED
+                    ) -> MultiwayCalibration:
     """One calibrator per plan size, fitted on every labelled subset of that size, with the
-    conformal half-widths of its leave-one-subset-out residuals (joined by the other sizes' where
-    it has fewer than OWN_WIDTHS_MIN_SUBSETS subsets; none where no residual is left)."""
+    conformal half-widths of its leave-one-subset-out residuals, and the correction and widths of
+    its top plan from the leave-one-subset-out errors of the picks under `objective` (each joined
+    by the other sizes' where the size has fewer than OWN_WIDTHS_MIN_SUBSETS subsets; none where
+    no residual is left)."""
     fitted = {k: cal for k, targets in by_size.items() if (cal := _fit(targets)) is not None}
-    widths = {}
+    widths, picks = {}, {}
     for k in fitted:
-        res = held_out_residuals(by_size[k])
-        if len(res) and (borrowed := borrowed_residuals(by_size, k)) is not None:
-            res = np.concatenate([res, borrowed])
+        res = _joined(held_out_residuals(by_size[k]), borrowed_residuals(by_size, k))
         if len(res):
             widths[k] = halfwidths(res)
-    return MultiwayCalibration(fitted, {k: _subsets(by_size[k]) for k in fitted}, widths)
+        pick_res = _joined(held_out_pick_residuals(by_size[k], objective), borrowed_residuals(by_size, k, objective))
+        if len(pick_res):
+            picks[k] = pick_correction(pick_res)
+    return MultiwayCalibration(fitted, {k: _subsets(by_size[k]) for k in fitted}, widths, picks, objective.as_dict())
 
 
-def interval_coverage(targets: Sequence[MultiwayTarget], objective: Objective,
-                      borrowed: np.ndarray | None = None) -> dict[str, dict] | None:
+def _finite(pair: Sequence[float | None]) -> np.ndarray:
+    return np.array([np.inf if v is None else v for v in pair])
+
+
+def interval_coverage(targets: Sequence[MultiwayTarget], objective: Objective, borrowed: np.ndarray | None = None,
+                      borrowed_picks: np.ndarray | None = None) -> dict[str, dict] | None:
     """Measured coverage of the calibrated intervals on held-out subsets, nested: each subset's
     plans are predicted, and their half-widths taken, from the other subsets only (the widths
     from residuals of calibrators that saw neither that subset nor the residual's own, joined by
-    `borrowed`, other sizes' residuals, as fit_calibration joins them). Per level: over every
-    plan, over each target's calibrated pick, and the mean widths. None with fewer than 3 subsets
-    (no inner residuals to take widths from)."""
+    `borrowed`, other sizes' residuals, as fit_calibration joins them; the top plan's correction
+    and widths likewise from the other subsets' picks, joined by `borrowed_picks`). Per level:
+    over every plan, over each target's calibrated pick with the per-plan widths (`picked_*`) and
+    with the top plan's (`top_plan_*`), and the mean widths. None with fewer than 3 subsets (no
+    inner residuals to take widths from)."""
     if _subsets(targets) < 3:
         return None
     inside: dict[str, list[np.ndarray]] = defaultdict(list)
     picked: dict[str, list[np.ndarray]] = defaultdict(list)
+    top: dict[str, list[np.ndarray]] = defaultdict(list)
     widths: dict[str, list[list[float]]] = defaultdict(list)
+    top_widths: dict[str, list[list[float]]] = defaultdict(list)
     for held, rest, cal in _leave_one_subset_out(targets):
-        inner = held_out_residuals(rest)
-        hw = halfwidths(inner if borrowed is None else np.concatenate([inner, borrowed]))
+        hw = halfwidths(_joined(held_out_residuals(rest), borrowed))
+        corr = pick_correction(_joined(held_out_pick_residuals(rest, objective), borrowed_picks))
         for t in held:
             y = np.asarray(t.targets, dtype=np.float64)
             pred = cal.predict(t.features)
             pick = _calibrated_pick(cal, t, objective)
             defined = np.isfinite(y).all(axis=1)
+            err = y[pick] - pred[pick] - np.array(corr["bias"])
             for lv, pair in hw.items():
-                h = np.array([np.inf if v is None else v for v in pair])
+                h = _finite(pair)
                 ok = (np.abs(y - pred) <= h).astype(np.float64)
                 inside[lv].append(ok[defined])
+                widths[lv].append([2 * v for v in h])
+                h_top = _finite(corr["halfwidth"][lv])
+                top_widths[lv].append([2 * v for v in h_top])
                 if defined[pick]:
                     picked[lv].append(ok[pick:pick + 1])
-                widths[lv].append([2 * v for v in h])
+                    top[lv].append((np.abs(err) <= h_top).astype(np.float64)[None, :])
     out = {}
     for lv in inside:
         cells = np.concatenate(inside[lv])
         picks = np.concatenate(picked[lv]) if picked[lv] else np.full((1, 2), np.nan)  # NaN: no defined pick
+        tops = np.concatenate(top[lv]) if top[lv] else np.full((1, 2), np.nan)
         out[lv] = {"nominal": int(lv) / 100, "plans": len(cells),
                    "expert": float(cells[:, 0].mean()), "others": float(cells[:, 1].mean()),
                    "picked_expert": float(picks[:, 0].mean()), "picked_others": float(picks[:, 1].mean()),
+                   "top_plan_expert": float(tops[:, 0].mean()), "top_plan_others": float(tops[:, 1].mean()),
                    "mean_width": [float(w) for w in np.mean(widths[lv], axis=0)],
+                   "top_plan_mean_width": [float(w) for w in np.mean(top_widths[lv], axis=0)],
                    "widths_borrow_other_sizes": borrowed is not None}
     return out
 
@@ -297,7 +331,8 @@ def evaluate_multiway(labels: pl.DataFrame, scorer: PlanScorer,
             "targets": len(per[k]["simmerge"]),
             **means,
             "order_gain": _order_gain(means),
-            "calibrated_intervals": interval_coverage(by_size[k], scorer.objective, borrowed_residuals(by_size, k)),
+            "calibrated_intervals": interval_coverage(by_size[k], scorer.objective, borrowed_residuals(by_size, k),
+                                                      borrowed_residuals(by_size, k, scorer.objective)),
             "by_task": by_task,
             "learned_minus_random_order": {
                 t: {key: d["simmerge"][key] - d["random_order"][key] for key in ("expert_retention", "mean_retention")}

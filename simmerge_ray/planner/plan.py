@@ -44,7 +44,8 @@ class Plan:
     retention: dict[str, float | None] = field(default_factory=dict)  # predicted R per model (objective.py)
     excluded: list[dict[str, Any]] = field(default_factory=list)  # candidates left out, with the predicted effect
     # Ranked on measured multi-way merges (planner/calibrate.py): the calibrated expert and others'
-    # mean retention (s_merge / s_model - 1), the objective on them, and the subsets fitted on.
+    # mean retention (s_merge / s_model - 1), the objective on them, and the subsets fitted on;
+    # the top plan's also `top_plan`: those corrected for its being picked (calibrate.py).
     calibrated: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

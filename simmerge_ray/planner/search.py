@@ -307,6 +307,9 @@ def search(space: SearchSpace, step_model: StepModel, objective: Objective = Obj
                                "subsets": calibration.subsets[plan.k],
                                "intervals": calibration.intervals(plan.k, e, o)}
     best, best_score = plans[0], complete[0][0]
+    if best.calibrated:  # the top plan is picked for its high score: corrected for that
+        best.calibrated["top_plan"] = calibration.top_plan(best.k, best.calibrated["expert_retention"],
+                                                           best.calibrated["others_retention"], objective.as_dict())
     best.excluded = [{"model": m, "best_score_with": best_with[m], "effect": best_with[m] - best_score}
                      for m in space.pool if m not in best.models and m in best_with]
     return SearchResult(plans, scored, time.perf_counter() - t0, exhaustive)
