@@ -6,8 +6,11 @@ seed, seed+1, ... (the same folds, the same configurations: only torch's seed mo
 the run's own seed reproduces its report, and prints per seed and for the ensemble (the mean of the
 seeds' predictions) SimMerge's mean two-sided utility, its share of the headroom over the best
 fixed arm, its selection accuracy, and how often its pick agrees with the run's seed's pick.
+With `--members K` every seed's selector is itself a K-network ensemble (`simmerge fit --members`):
+how steady an ensemble's picks are from one seed to the next.
 
     python -m benchmarks.selector_seeds --run runs/demo --seeds 8 --out runs/selector-seeds-demo.json
+    python -m benchmarks.selector_seeds --run runs/demo --seeds 4 --members 8 --out runs/selector-seeds-demo-m8.json
 """
 
 from __future__ import annotations
@@ -60,25 +63,27 @@ def main() -> None:
     ap.add_argument("--out", default="runs/selector-seeds.json")
     ap.add_argument("--seeds", type=int, default=8, help="initial-weight seeds, from each fold configuration's own")
     ap.add_argument("--fold-seed", type=int, default=0, help="the outer folds' seed of the run's selector_eval")
+    ap.add_argument("--members", type=int, default=1, help="networks in each seed's selector (an ensemble)")
     args = ap.parse_args()
-    if args.seeds < 2:
-        raise SystemExit("--seeds: at least 2")
+    if args.seeds < 2 or args.members < 1:
+        raise SystemExit("--seeds: at least 2; --members: at least 1")
     run = RunLayout(Path(args.run).resolve())
     data = load_pair_data(run.feature_table, run.pair_labels, "utility")
     report = json.loads(run.selector_report.read_text())
     cfgs = [SelectorConfig(**c) for c in report["fold_configs"]]
     splits = group_kfold(data.pair_keys, len(cfgs), args.fold_seed)
     t0 = time.perf_counter()
-    preds = [out_of_fold(data, splits, [fixed_fit(replace(c, seed=c.seed + s)) for c in cfgs])[0]
+    preds = [out_of_fold(data, splits, [fixed_fit(replace(c, seed=c.seed + s, members=args.members)) for c in cfgs])[0]
              for s in range(args.seeds)]
     out = seed_report(data.y, data.tasks, preds)
     reported = report["held_out_pairs"]["utility"]["simmerge"]["mean"]
-    if abs(out["per_seed"][0]["utility"] - reported) > 1e-9:
+    if args.members == 1 and abs(out["per_seed"][0]["utility"] - reported) > 1e-9:
         raise SystemExit(f"{run.selector_report}: the run's seed reproduces {out['per_seed'][0]['utility']:.4f}, "
                          f"the report says {reported:.4f} (another --fold-seed?)")
-    out |= {"run": str(run.root), "pairs": len(data), "seeds": args.seeds, "seconds": time.perf_counter() - t0}
+    out |= {"run": str(run.root), "pairs": len(data), "seeds": args.seeds, "members": args.members,
+            "seconds": time.perf_counter() - t0}
     atomic_write_text(Path(args.out), json.dumps(out, indent=2))
-    print(f"| {run.root.name}: {len(data)} pairs | SimMerge utility | headroom share | selection accuracy | "
+    print(f"| {run.root.name}: {len(data)} pairs, {args.members} network(s) per seed | SimMerge utility | headroom share | selection accuracy | "
           "same pick as seed +0 |\n|---|---:|---:|---:|---:|")
     for label, s in [*((f"seed +{i}", s) for i, s in enumerate(out["per_seed"])),
                      (f"ensemble of {args.seeds}", out["ensemble"])]:

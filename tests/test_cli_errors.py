@@ -402,12 +402,17 @@ def test_fit_refuses_labels_that_are_not_finite_numbers(tmp_path: Path, capsys, 
     assert not (tmp_path / "sel").exists()
 
 
-def test_evaluate_selector_refuses_fewer_than_two_folds(tmp_path: Path, capsys) -> None:
+def test_selector_commands_refuse_bad_fold_and_member_counts(tmp_path: Path, capsys) -> None:
     feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     for folds in ("0", "1", "-3"):
         assert cli_main(["evaluate-selector", "--features", str(feats), "--labels", str(labels), "--out",
                          str(tmp_path / "ev"), "--folds", folds, "--tune-samples", "0"]) == 2
         _one_line_error(capsys, f"--folds: {folds} folds cannot hold a pair out (give at least 2)")
+    for command in ("fit", "evaluate-selector"):
+        assert cli_main([command, "--features", str(feats), "--labels", str(labels), "--out", str(tmp_path / "ev"),
+                         "--members", "0", "--tune-samples", "0"]) == 2
+        _one_line_error(capsys, "--members: 0 is not at least 1 (networks averaged into the selector)")
+    assert not (tmp_path / "ev").exists()
 
 
 @pytest.mark.parametrize("damage, needle", [
@@ -417,6 +422,8 @@ def test_evaluate_selector_refuses_fewer_than_two_folds(tmp_path: Path, capsys) 
      "unreadable selector (SafetensorError"),
     (lambda d: (d / "selector.json").write_text((d / "selector.json").read_text().replace('"hidden": 64', '"hidden": 32')),
      "not a selector's schema or weights (RuntimeError"),
+    (lambda d: (d / "selector.json").write_text((d / "selector.json").read_text().replace('"members": 1', '"members": 0')),
+     "not a selector's schema or weights (ConfigError: selector config: members must be an integer >= 1, got 0)"),
 ])
 def test_a_damaged_selector_folder_is_one_line(tmp_path: Path, capsys, damage, needle: str) -> None:
     from simmerge_ray.selector.data import build_pair_data

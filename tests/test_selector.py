@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.selector.data import build_pair_data
@@ -14,7 +15,7 @@ from simmerge_ray.selector.domain import training_domain
 from simmerge_ray.selector.evaluate import (ablation, evaluate_loto, evaluate_pairs, evaluate_transfer, fixed_fit,
                                              gap_chart)
 from simmerge_ray.selector.folds import group_kfold, leave_one_task_out
-from simmerge_ray.selector.model import Selector, SelectorConfig
+from simmerge_ray.selector.model import Selector, SelectorConfig, SelectorEnsemble, SelectorMLP
 from simmerge_ray.selector.ray_fit import train_with_ray, tune_selector
 from simmerge_ray.selector.train import fit_selector
 
@@ -95,13 +96,46 @@ def test_save_load_round_trip_and_schema_check(data, tmp_path) -> None:
         Selector.load(tmp_path)
 
 
-def test_bandit_head_prior_starts_from_the_selectors_prediction(data) -> None:
-    """The selector's head on its last hidden layer, as each arm's prior mean, reproduces
-    `predict`; with the evidence-fitted variances the warm bandit's mean stays close to it."""
+def test_an_ensemble_averages_members_trained_as_if_apart(data, tmp_path) -> None:
+    """members=K: K networks from consecutive draws of the seed, each fitting the labels on its own,
+    predictions averaged; the bandit's encoder is the members' predictions side by side and its
+    prior head their mean per arm; saved and loaded whole. One member keeps the plain
+    network (and its weights' names)."""
+    single = fit_selector(data, SelectorConfig(epochs=40, dropout=0.0, seed=7))
+    assert isinstance(single.net, SelectorMLP) and "body.0.weight" in single.net.state_dict()
+    ens = fit_selector(data, SelectorConfig(epochs=40, dropout=0.0, seed=7, members=3))
+    assert isinstance(ens.net, SelectorEnsemble) and len(ens.net.members) == 3
+    x = ens.design(data.x, data.tasks)
+    with torch.no_grad():
+        members = torch.stack([m(x) for m in ens.net.members]).double().numpy()
+        # the first member starts from the single network's weights and trains like it (Adam
+        # scales each weight's step by its own gradient history: a member's share of the loss
+        # changes nothing but Adam's epsilon), the others from later draws
+        assert np.abs(members[0] - single.predict(data.x, data.tasks)).max() < 1e-4
+        assert np.abs(members[1] - members[0]).max() > 1e-2
+    np.testing.assert_allclose(ens.predict(data.x, data.tasks), members.mean(0), rtol=1e-6, atol=1e-6)
+    z = ens.encode(data.x, data.tasks)
+    assert z.shape == (len(data), 3 * len(OPS)) == (len(data), ens.width)  # the members' predictions
+    head = ens.net.head
+    via_head = z @ head.weight.detach().double().numpy().T + head.bias.detach().double().numpy()
+    np.testing.assert_allclose(via_head, ens.predict(data.x, data.tasks), rtol=1e-5, atol=1e-6)
+    ens.save(tmp_path / "ens")
+    again = Selector.load(tmp_path / "ens")
+    assert again.config.members == 3
+    np.testing.assert_array_equal(again.predict(data.x, data.tasks), ens.predict(data.x, data.tasks))
+    with pytest.raises(ConfigError, match="members must be an integer >= 1, got 0"):
+        SelectorConfig(members=0)
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_bandit_head_prior_starts_from_the_selectors_prediction(data, members: int) -> None:
+    """The selector's head on its encoding (an ensemble's: the mean of its members' predictions),
+    as each arm's prior mean, reproduces `predict`; with the evidence-fitted variances the warm
+    bandit's mean stays close to it."""
     from simmerge_ray.bandit.simulate import SimSettings, warm_bandit
     from simmerge_ray.selector.encoder import SelectorEncoder
 
-    sel = fit_selector(data, SelectorConfig(epochs=50, task_encoding=False))
+    sel = fit_selector(data, SelectorConfig(epochs=50, task_encoding=False, members=members))
     enc = SelectorEncoder(sel)
     z = enc.encode(data.x)
     prior = enc.head_prior()
@@ -123,7 +157,8 @@ def test_ray_train_fits_several_selectors_in_one_run(ray_cluster, data, tmp_path
     """One worker group trains each (data, config) in turn; with one worker each selector is the
     one a local fit of the same data and seed gives, weight for weight."""
     flipped = replace(data, y=data.y[:, ::-1].copy())  # another target on the same rows
-    jobs = [(data, SelectorConfig(epochs=150, seed=3)), (flipped, SelectorConfig(epochs=60, seed=4, hidden=32))]
+    jobs = [(data, SelectorConfig(epochs=150, seed=3)), (flipped, SelectorConfig(epochs=60, seed=4, hidden=32)),
+            (data, SelectorConfig(epochs=60, seed=5, hidden=32, members=3))]
     sels = train_with_ray(jobs, num_workers=1, storage=tmp_path)
     acc = np.mean(np.asarray(sels[0].choose(data.x, data.tasks)) == np.asarray([OPS[i] for i in data.y.argmax(1)]))
     assert acc > 0.8
@@ -140,10 +175,11 @@ def test_ray_tune_search(ray_cluster, data, tmp_path) -> None:
     assert all(np.isfinite(t["val_utility"]) for t in trials)
     assert best.hidden in (32, 64, 128) and best.depth in (1, 2, 3)
     assert max(t["val_utility"] for t in trials) > 0.5
-    # Reproducible: the same data and seed give the same trials, stopped at the same epochs.
-    again, trials_again = tune_selector(data, num_samples=4, folds=3, base=SelectorConfig(epochs=100),
+    # Reproducible: the same data and seed give the same trials, stopped at the same epochs; an
+    # ensemble's search runs on single networks, so it finds the same configuration for its members.
+    again, trials_again = tune_selector(data, num_samples=4, folds=3, base=SelectorConfig(epochs=100, members=3),
                                        storage=tmp_path / "again", chunk=25)
-    assert trials_again == trials and again == best
+    assert trials_again == trials and again == replace(best, members=3)
 
 
 def test_held_out_evaluation_searches_each_fold_on_its_training_pairs_alone(ray_cluster, tmp_path) -> None:

@@ -19,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="zoo YAML (default: configs/zoo_default.yaml)")
         p.add_argument("--tune-samples", type=int, default=6, help="Ray Tune trials of the selector's search")
         p.add_argument("--folds", type=int, default=5, help="folds over model pairs of the selector evaluation")
+        p.add_argument("--members", type=int, default=1,
+                       help="networks averaged into each selector (an ensemble, as `fit --members`); default 1")
         p.add_argument("--sim-repeats", type=int, default=10, help="repeats of the bandit replay simulation")
         p.add_argument("--quick", action="store_true",
                        help="smoke-test sizes: no hyperparameter search, 3 folds, few 3/4-way labels, "
@@ -34,12 +36,14 @@ def run(args: argparse.Namespace) -> int:
     from simmerge_ray.pipeline import run as run_pipeline
     from simmerge_ray.ray_session import init_ray
     from simmerge_ray.pipeline.report import write_report
+    from simmerge_ray.pipeline.selector import check_members
     from simmerge_ray.testbed.label_plans import LabelSettings
 
+    check_members(args.members)  # before hours of zoo and labels
     out = Path(args.out).resolve()
     init_ray(args.address)
     settings = PipelineSettings(Path(args.zoo_config).resolve(), out, tune_samples=args.tune_samples,
-                                folds=args.folds, sim_repeats=args.sim_repeats, seed=args.seed)
+                                folds=args.folds, sim_repeats=args.sim_repeats, seed=args.seed, members=args.members)
     if args.quick:
         settings.tune_samples, settings.folds, settings.sim_repeats = 0, 3, 2
         settings.labels = LabelSettings(subsets_3=3, subsets_4=2, mixed_3=1, mixed_4=1, orders_4=4)

@@ -25,6 +25,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=300, help="training epochs (full batch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search, the folds and the initial weights")
     p.add_argument("--no-task-encoding", action="store_true", help="task-agnostic selector")
+    p.add_argument("--members", type=int, default=1,
+                   help="networks averaged into one selector, from consecutive initial-weight seeds (an "
+                        "ensemble: steadier picks; the search runs on single networks); default 1")
     p.add_argument("--calibration-folds", type=int, default=5,
                    help="folds by model pair whose out-of-fold residuals calibrate the prediction intervals "
                         "(evaluate-selector: inside each outer training part); 0: no intervals")
@@ -58,7 +61,7 @@ def _settings(args: argparse.Namespace) -> SelectorSettings:
     return SelectorSettings(Path(args.features), Path(args.labels), Path(args.out), target=args.target,
                             tune_samples=args.tune_samples, epochs=args.epochs, seed=args.seed,
                             task_encoding=not args.no_task_encoding, calibration_folds=args.calibration_folds,
-                            address=args.address)
+                            members=args.members, address=args.address)
 
 
 def run_fit(args: argparse.Namespace) -> int:

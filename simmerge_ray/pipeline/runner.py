@@ -30,6 +30,7 @@ class PipelineSettings:
     sim_rounds: int = 200
     sim_repeats: int = 20
     seed: int = 0
+    members: int = 1  # networks averaged into each selector (`fit --members`)
     labels: LabelSettings = field(default_factory=LabelSettings)  # the fields set are the label stage's inputs
 
 
@@ -59,11 +60,12 @@ def stages(s: PipelineSettings) -> list[Stage]:
 
     run = RunLayout(s.out)
     zoo_digest = hashlib.blake2b(Path(s.zoo_config).read_bytes(), digest_size=12).hexdigest()
-    search = ["--tune-samples", str(s.tune_samples), "--seed", str(s.seed)]
+    search = ["--tune-samples", str(s.tune_samples), "--seed", str(s.seed),
+              *(["--members", str(s.members)] if s.members != 1 else [])]  # one network: the markers as before
 
     def selectors(out: Path, target: selector.Target = "utility") -> selector.SelectorSettings:
         return selector.SelectorSettings(run.features, run.pair_labels, out, target=target,
-                                         tune_samples=s.tune_samples, seed=s.seed)
+                                         tune_samples=s.tune_samples, seed=s.seed, members=s.members)
 
     def fit_both() -> None:
         selector.fit_many([selectors(run.selector), selectors(run.aux_selector, "aux_gap_closed")])

@@ -42,12 +42,18 @@ class SelectorSettings:
     seed: int = 0  # of the search, the folds and the initial weights
     task_encoding: bool = True
     calibration_folds: int = 5  # folds of the interval calibration; 0: no intervals
+    members: int = 1  # networks averaged into the selector (an ensemble); the search uses one
     address: str | None = None  # Ray address (default: RAY_ADDRESS or a local Ray)
 
 
 def check_calibration_folds(folds: int) -> None:
     if folds < 0 or folds == 1:
         raise ConfigError(f"--calibration-folds: {folds} is not 0 (no intervals) or at least 2")
+
+
+def check_members(members: int) -> None:
+    if members < 1:
+        raise ConfigError(f"--members: {members} is not at least 1 (networks averaged into the selector)")
 
 
 def warn_few_pairs(command: str, n: int) -> None:
@@ -77,7 +83,7 @@ def choose_config(data: PairData, s: SelectorSettings, storage: Path) -> tuple[S
     from simmerge_ray.selector.model import SelectorConfig
     from simmerge_ray.selector.ray_fit import tune_selector
 
-    base = SelectorConfig(epochs=s.epochs, seed=s.seed, task_encoding=s.task_encoding)
+    base = SelectorConfig(epochs=s.epochs, seed=s.seed, task_encoding=s.task_encoding, members=s.members)
     if s.tune_samples <= 0:
         return base, []
     return tune_selector(data, num_samples=s.tune_samples, folds=3, base=base, storage=storage,
@@ -103,6 +109,7 @@ def fit_many(settings: list[SelectorSettings], *, workers: int = 1,
     inputs = []
     for s in settings:
         check_calibration_folds(s.calibration_folds)
+        check_members(s.members)
         data = load_pair_data(s.features, s.labels, s.target)
         inputs.append((data, check_output(s.out, overwrite=True, inputs=[s.features, s.labels])))
         warn_few_pairs("fit", len(data))
@@ -143,6 +150,7 @@ def evaluate(s: SelectorSettings, *, folds: int = 5, echo: Callable[[str], None]
 
     check_folds(folds)
     check_calibration_folds(s.calibration_folds)
+    check_members(s.members)
     data = load_pair_data(s.features, s.labels, s.target)
     out = check_output(s.out, overwrite=True, inputs=[s.features, s.labels])
     warn_few_pairs("evaluate-selector", len(data))

@@ -42,6 +42,11 @@ class SelectorConfig:
     epochs: int = 300
     task_encoding: bool = True
     seed: int = 0
+    members: int = 1  # networks averaged (seeds seed, seed+1, ...); 1: one network
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.members, int) and self.members >= 1):
+            raise ConfigError(f"selector config: members must be an integer >= 1, got {self.members!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SelectorConfig":
@@ -72,6 +77,49 @@ class SelectorMLP(nn.Module):
         return self.body(x)
 
 
+class SelectorEnsemble(nn.Module):
+    """Networks of one configuration from consecutive initial weights, trained side by side, whose
+    predictions are averaged: a single network's pick changes with its seed on a quarter of the
+    demo's pairs (benchmarks/selector_seeds.py), the average's much less.
+
+    Training mode returns every member's output ([members, n, arms]), so that each member fits the
+    labels on its own (train_epochs) and data-parallel training still goes through forward; eval
+    mode returns their mean. The bandit's frozen encoder is the members' predictions side by side
+    (`encode`, members x arms wide) and its prior head the average over members per arm (`head`):
+    the warm start begins at the ensemble's own prediction, and the bandit may learn to trust
+    some members more on an arm. (Their last hidden layers side by side would be as exact, but
+    members x hidden wide: 1,024 features for 8 members of 128, which made the bandit's replay
+    take tens of minutes instead of seconds.)"""
+
+    def __init__(self, members: list[SelectorMLP]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.stack([m(x) for m in self.members])
+        return out if self.training else out.mean(0)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.members], dim=1)
+
+    @property
+    def head(self) -> nn.Linear:
+        """arm a's output = the mean of every member's output for arm a."""
+        arms = self.members[0].head.out_features
+        mean = nn.Linear(arms * len(self.members), arms)
+        with torch.no_grad():
+            mean.weight.copy_(torch.eye(arms).repeat(1, len(self.members)) / len(self.members))
+            mean.bias.zero_()
+        return mean
+
+
+def build_net(d_in: int, n_out: int, cfg: SelectorConfig) -> SelectorMLP | SelectorEnsemble:
+    """cfg.members networks drawn one after the other from torch's current seed (a single one is
+    the network itself, so one-member selectors keep their weights' names)."""
+    nets = [SelectorMLP(d_in, n_out, cfg.hidden, cfg.depth, cfg.dropout) for _ in range(cfg.members)]
+    return nets[0] if cfg.members == 1 else SelectorEnsemble(nets)
+
+
 @dataclass
 class Selector:
     """A trained selector: schema + statistics + network."""
@@ -82,7 +130,7 @@ class Selector:
     mean: np.ndarray
     scale: np.ndarray
     config: SelectorConfig
-    net: SelectorMLP
+    net: SelectorMLP | SelectorEnsemble
     meta: dict[str, Any] = field(default_factory=dict)
     calibration: Calibration | None = None  # interval half-widths per arm (None: not calibrated)
     domain: TrainingDomain | None = None  # what the training rows covered (None: not recorded)
@@ -124,7 +172,9 @@ class Selector:
 
     @property
     def width(self) -> int:
-        return self.config.hidden if self.config.depth > 0 else len(self.feature_names)
+        if self.config.members > 1:  # the members' predictions (SelectorEnsemble.encode)
+            return self.config.members * len(self.operators)
+        return self.config.hidden if self.config.depth > 0 else len(self.feature_names) + len(self.tasks)
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self, out: str | Path, *, overwrite: bool = True) -> Path:
@@ -154,9 +204,9 @@ class Selector:
         try:
             cfg = SelectorConfig.from_dict(raw["config"])
             d_in = len(raw["feature_names"]) + (len(raw["tasks"]) if cfg.task_encoding else 0)
-            net = SelectorMLP(d_in, len(raw["operators"]), cfg.hidden, cfg.depth, cfg.dropout)
+            net = build_net(d_in, len(raw["operators"]), cfg)
             net.load_state_dict(state)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: weights of another shape
+        except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as e:  # RuntimeError: weights of another shape
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ConfigError(f"{path / SCHEMA}: not a selector's schema or weights ({type(e).__name__}: {first})") from None
         where = str(path / SCHEMA)

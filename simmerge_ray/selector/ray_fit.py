@@ -57,11 +57,13 @@ def _trial(config: dict, data: PairData, base: dict, folds: int, chunk: int) -> 
 def tune_selector(data: PairData, *, num_samples: int = 8, folds: int = 3, base: SelectorConfig = SelectorConfig(),
                   storage: str | Path | None = None, chunk: int = 25,
                   allow_task_encoding: bool = True) -> tuple[SelectorConfig, list[dict]]:
-    """Random search over pair-grouped inner folds of `data`; returns the best config and all trials."""
+    """Random search over pair-grouped inner folds of `data`; returns the best config and all trials.
+    Trials train single networks (an ensemble's members share the configuration they find), so a
+    search costs the same whatever `base.members` is."""
     from ray import tune
 
     base_d = {k: v for k, v in asdict(base).items() if k not in ("hidden", "depth", "dropout", "lr",
-                                                                   "weight_decay", "task_encoding")}
+                                                                   "weight_decay", "task_encoding")} | {"members": 1}
     trainable = tune.with_parameters(_trial, data=data, base=base_d, folds=folds, chunk=chunk)
     trainable = tune.with_resources(trainable, {"cpu": 1})
     storage = Path(storage or tempfile.mkdtemp(prefix="simmerge-tune-")).resolve()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from simmerge_ray.selector.data import PairData
-from simmerge_ray.selector.model import Selector, SelectorConfig, SelectorMLP
+from simmerge_ray.selector.model import Selector, SelectorConfig, build_net
 
 
 def new_selector(data: PairData, cfg: SelectorConfig) -> Selector:
@@ -21,7 +21,7 @@ def new_selector(data: PairData, cfg: SelectorConfig) -> Selector:
     tasks = sorted(set(data.tasks)) if cfg.task_encoding else []
     torch.manual_seed(cfg.seed)
     d_in = data.x.shape[1] + len(tasks)
-    net = SelectorMLP(d_in, len(data.operators), cfg.hidden, cfg.depth, cfg.dropout)
+    net = build_net(d_in, len(data.operators), cfg)
     return Selector(list(data.feature_names), list(data.operators), tasks, mean, scale, cfg, net)
 
 
@@ -43,7 +43,9 @@ def train_epochs(sel: Selector, data: PairData, epochs: int,
     """Full-batch AdamW on the mean squared error of every operator's utility.
 
     Full information labels make this a regression on all k outputs at once; the argmax of
-    the fitted utilities is the selection. Returns the optimizer so training can resume.
+    the fitted utilities is the selection. An ensemble's members each fit the labels (the mean
+    of their errors: with disjoint weights and AdamW's per-weight steps, as if trained apart).
+    Returns the optimizer so training can resume.
     """
     x = sel.design(data.x, data.tasks)
     y = torch.as_tensor(data.y, dtype=torch.float32)
@@ -55,7 +57,8 @@ def train_epochs(sel: Selector, data: PairData, epochs: int,
     with one_thread():
         for epoch in range(epochs):
             opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(sel.net(x), y)
+            out = sel.net(x)  # [n, k], or [members, n, k] for an ensemble in training mode
+            loss = torch.nn.functional.mse_loss(out, y.expand_as(out))
             loss.backward()
             opt.step()
             if on_epoch is not None:
