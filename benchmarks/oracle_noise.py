@@ -23,13 +23,11 @@ import numpy as np
 from simmerge_ray import resources
 from simmerge_ray.actor_pool import ActorPool
 from simmerge_ray.io.atomic import atomic_write_text
-from simmerge_ray.pipeline.layout import RunLayout
 from simmerge_ray.ray_session import init_ray
-from simmerge_ray.selector.data import PairData, load_pair_data
+from simmerge_ray.selector.data import PairData
 from simmerge_ray.selector.evaluate import fixed_fit
-from simmerge_ray.selector.folds import group_kfold
-from simmerge_ray.selector.model import SelectorConfig
 from simmerge_ray.selector.oof import out_of_fold
+from benchmarks.held_out_run import HeldOutRun, add_run_arguments
 from benchmarks.oracle_noise_stats import PairExamples, noise_report, unit_weights, utilities
 from simmerge_ray.testbed.label_plans import LabelPlan
 from simmerge_ray.testbed.labels import PlanEvaluator
@@ -69,18 +67,14 @@ def measure(catalog: Path, data: PairData, workers: int) -> list[PairExamples]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default="runs/demo", help="a finished pipeline run (zoo/, features/, labels/, selector_eval/)")
-    ap.add_argument("--out", default="runs/oracle-noise.json")
+    add_run_arguments(ap, "runs/oracle-noise.json")
     ap.add_argument("--reps", type=int, default=200, help="bootstrap draws, and split-half draws")
-    ap.add_argument("--fold-seed", type=int, default=0, help="the outer folds' seed of the run's selector_eval")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    run = RunLayout(Path(args.run).resolve())
-    data = load_pair_data(run.feature_table, run.pair_labels, "utility")
-    report = json.loads(run.selector_report.read_text())
-    cfgs = [SelectorConfig(**c) for c in report["fold_configs"]]
-    pred, _ = out_of_fold(data, group_kfold(data.pair_keys, len(cfgs), args.fold_seed), [fixed_fit(c) for c in cfgs])
+    held = HeldOutRun.load(args.run, args.fold_seed)
+    run, data = held.run, held.data
+    pred, _ = out_of_fold(data, held.splits, [fixed_fit(c) for c in held.configs])
     t0 = time.perf_counter()
     init_ray(None)
     pairs = measure(run.catalog, data, args.workers)
@@ -89,10 +83,7 @@ def main() -> None:
     if drift > 1e-9:
         raise SystemExit(f"{run.pair_labels}: re-measured utilities differ from the labels by up to {drift:.3g}")
     out = noise_report(pairs, pred.argmax(1), reps=args.reps, seed=args.seed)
-    reported = report["held_out_pairs"]["utility"]["simmerge"]["mean"]
-    if abs(out["picked"] - reported) > 1e-9:
-        raise SystemExit(f"{run.selector_report}: SimMerge's picks reproduce {out['picked']:.4f}, "
-                         f"the report says {reported:.4f} (another --fold-seed?)")
+    held.check_reproduced(out["picked"], "SimMerge's picks reproduce")
     out |= {"run": str(run.root), "measure_seconds": measured_s, "seconds": time.perf_counter() - t0}
     atomic_write_text(Path(args.out), json.dumps(out, indent=2))
     pct = lambda v: f"{100 * v:.2f}"  # noqa: E731

@@ -25,12 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from simmerge_ray.io.atomic import atomic_write_text
-from simmerge_ray.pipeline.layout import RunLayout
-from simmerge_ray.selector.data import load_pair_data
 from simmerge_ray.selector.evaluate import fixed_fit
-from simmerge_ray.selector.folds import group_kfold
-from simmerge_ray.selector.model import SelectorConfig
 from simmerge_ray.selector.oof import out_of_fold
+from benchmarks.held_out_run import HeldOutRun, add_run_arguments
 
 
 def pick_summary(y: np.ndarray, tasks: Sequence[str], pred: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -59,27 +56,21 @@ def seed_report(y: np.ndarray, tasks: Sequence[str], preds: Sequence[np.ndarray]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default="runs/demo", help="a finished pipeline run (features/, labels/, selector_eval/)")
-    ap.add_argument("--out", default="runs/selector-seeds.json")
+    add_run_arguments(ap, "runs/selector-seeds.json")
     ap.add_argument("--seeds", type=int, default=8, help="initial-weight seeds, from each fold configuration's own")
-    ap.add_argument("--fold-seed", type=int, default=0, help="the outer folds' seed of the run's selector_eval")
     ap.add_argument("--members", type=int, default=1, help="networks in each seed's selector (an ensemble)")
     args = ap.parse_args()
     if args.seeds < 2 or args.members < 1:
         raise SystemExit("--seeds: at least 2; --members: at least 1")
-    run = RunLayout(Path(args.run).resolve())
-    data = load_pair_data(run.feature_table, run.pair_labels, "utility")
-    report = json.loads(run.selector_report.read_text())
-    cfgs = [SelectorConfig(**c) for c in report["fold_configs"]]
-    splits = group_kfold(data.pair_keys, len(cfgs), args.fold_seed)
+    held = HeldOutRun.load(args.run, args.fold_seed)
+    run, data = held.run, held.data
     t0 = time.perf_counter()
-    preds = [out_of_fold(data, splits, [fixed_fit(replace(c, seed=c.seed + s, members=args.members)) for c in cfgs])[0]
+    preds = [out_of_fold(data, held.splits, [fixed_fit(replace(c, seed=c.seed + s, members=args.members))
+                                             for c in held.configs])[0]
              for s in range(args.seeds)]
     out = seed_report(data.y, data.tasks, preds)
-    reported = report["held_out_pairs"]["utility"]["simmerge"]["mean"]
-    if args.members == 1 and abs(out["per_seed"][0]["utility"] - reported) > 1e-9:
-        raise SystemExit(f"{run.selector_report}: the run's seed reproduces {out['per_seed'][0]['utility']:.4f}, "
-                         f"the report says {reported:.4f} (another --fold-seed?)")
+    if args.members == 1:  # the run's own selectors are single networks
+        held.check_reproduced(out["per_seed"][0]["utility"], "the run's seed reproduces")
     out |= {"run": str(run.root), "pairs": len(data), "seeds": args.seeds, "members": args.members,
             "seconds": time.perf_counter() - t0}
     atomic_write_text(Path(args.out), json.dumps(out, indent=2))

@@ -188,8 +188,9 @@ class PlanWorker:
                        **({"calibrated_expert_retention": best.calibrated["expert_retention"],
                            "calibrated_others_retention": best.calibrated["others_retention"],
                            "calibrated_score": best.calibrated["score"],
-                           **{f"top_plan_{side}": top.get(side) for side in ("expert_retention", "others_retention")
-                              for top in [best.calibrated["top_plan"]]}} if best.calibrated else {})}
+                           "top_plan_expert_retention": best.calibrated["top_plan"].get("expert_retention"),
+                           "top_plan_others_retention": best.calibrated["top_plan"].get("others_retention")}
+                          if best.calibrated else {})}
         tmp.mkdir(parents=True)
         if res is not None:
             write_plans(res, self.catalog, tmp)

@@ -42,7 +42,7 @@ class SelectorConfig:
     epochs: int = 300
     task_encoding: bool = True
     seed: int = 0
-    members: int = 1  # networks averaged (seeds seed, seed+1, ...); 1: one network
+    members: int = 1  # networks averaged, drawn one after another from `seed`; 1: one network
 
     def __post_init__(self) -> None:
         if not (isinstance(self.members, int) and self.members >= 1):
@@ -78,7 +78,7 @@ class SelectorMLP(nn.Module):
 
 
 class SelectorEnsemble(nn.Module):
-    """Networks of one configuration from consecutive initial weights, trained side by side, whose
+    """Networks of one configuration, initial weights drawn one after another, trained side by side, whose
     predictions are averaged: a single network's pick changes with its seed on a quarter of the
     demo's pairs (benchmarks/selector_seeds.py), the average's much less.
 
