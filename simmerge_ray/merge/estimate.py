@@ -3,7 +3,7 @@
 Everything `run_merge` checks before reading a tensor is checked here too (inputs, parameters,
 tokenizer, output folder). Bytes and peak memory come from the engine's own decisions per work
 unit (PieceRoutes.piece_cost); the time is the input bytes over the per-worker rates that
-`benchmarks/bench_merge.py` measured on this project's 2-core VM (README, "Benchmarks"), split
+`benchmarks/bench_merge.py` measured on this project's 2-core VM (README, "Performance"), split
 over the workers: another machine scales them, so the estimate is an order of magnitude, not a
 promise. The command's start-up is not included: 0.3 s, plus 3-4 s of importing torch for
 every method but the C kernel's linear combinations.
