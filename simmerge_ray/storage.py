@@ -75,8 +75,11 @@ def upload_dir(src: Path, dest: str, *, overwrite: bool = False) -> dict:
     """Publish the finished local folder `src` at `dest`; returns the `_SUCCESS` manifest.
 
     An existing `dest` is refused unless `overwrite`, and replaced only if simmerge wrote it (it
-    holds MARKER or `_SUCCESS`); a local `dest` may not be, hold or lie inside `src`. On failure
-    the temporary prefix is removed and a previous `dest` is left as it was.
+    holds MARKER or `_SUCCESS`); a local `dest` may not be, hold or lie inside `src`. A failure
+    while copying to the temporary prefix removes it and leaves a previous `dest` as it was. On an
+    object store, where a folder cannot be renamed, a failure while moving the files into place
+    leaves `dest` incomplete (no `_SUCCESS`; its MARKER lists the new files, so `--overwrite`
+    replaces it) and the temporary prefix, which holds the rest, in place: the error names both.
     """
     src = Path(src)
     if not src.is_dir():
@@ -97,13 +100,23 @@ def upload_dir(src: Path, dest: str, *, overwrite: bool = False) -> dict:
         loc.fs.create_dir(tmp, recursive=True)
         pafs.copy_files(str(src), tmp, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=loc.fs, use_threads=True)
-        _replace(loc.fs, tmp, loc.path)
-        with loc.fs.open_output_stream(loc.join(SUCCESS_MARKER)) as out:
-            out.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
     except OSError as e:
         _delete_quietly(loc.fs, tmp)
         raise StorageError(f"{dest}: upload of {src} failed: {e}") from e
+    try:
+        _replace(loc.fs, tmp, loc.path, sorted(manifest["files"]))
+        _write_json(loc.fs, loc.join(SUCCESS_MARKER), manifest)
+    except OSError as e:
+        left = "" if loc.fs.get_file_info(tmp).type == pafs.FileType.NotFound else \
+            f"; the files not yet moved are under {posixpath.join(posixpath.dirname(dest.rstrip('/')), posixpath.basename(tmp))}"
+        raise StorageError(f"{dest}: publishing {src} failed: {e}; {dest} is incomplete (no {SUCCESS_MARKER}), "
+                           f"rerun with --overwrite{left}") from e
     return manifest
+
+
+def _write_json(fs: pafs.FileSystem, path: str, value: dict) -> None:
+    with fs.open_output_stream(path) as out:
+        out.write(json.dumps(value, indent=1, sort_keys=True).encode())
 
 
 def _listed_files(loc: Location) -> set[str] | None:
@@ -134,20 +147,32 @@ def check_replaceable_upload(loc: Location, dest: str) -> None:
                            f"it: move it out, or choose another destination")
 
 
-def _replace(fs: pafs.FileSystem, tmp: str, final: str) -> None:
-    """Put folder `tmp` at `final`: one rename where supported, else a move of each file."""
+def _replace(fs: pafs.FileSystem, tmp: str, final: str, files: list[str]) -> None:
+    """Put folder `tmp` (holding `files`) at `final`: one rename where supported (a previous
+    `final` is put back if it fails), else a move of each file, after a MARKER listing `files`
+    (and the old `final`'s removal) makes a half-moved `final` one that --overwrite replaces."""
     had_old = fs.get_file_info(final).type != pafs.FileType.NotFound
     if isinstance(fs, pafs.LocalFileSystem):
         trash = f"{final}.old-{uuid.uuid4().hex[:8]}"
         if had_old:
             fs.move(final, trash)
-        fs.move(tmp, final)
+        try:
+            fs.move(tmp, final)
+        except OSError:
+            if had_old:
+                fs.move(trash, final)
+            raise
         if had_old:
             fs.delete_dir(trash)
         return
     if had_old:
         fs.delete_dir(final)
+    fs.create_dir(final, recursive=True)
+    if MARKER not in files:
+        _write_json(fs, posixpath.join(final, MARKER), {"files": files})
     move_files(fs, tmp, final)
+    if MARKER not in files:
+        fs.delete_file(posixpath.join(final, MARKER))
 
 
 def move_files(fs: pafs.FileSystem, src: str, dst: str) -> None:

@@ -32,7 +32,18 @@ def read_yaml(path: str | Path, what: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        raise ConfigError(f"{path}: invalid YAML{yaml_error_summary(e)}") from None
+
+
+def yaml_error_summary(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one clause: where (line and column of the file) and what."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    context = getattr(e, "context", None)
+    if mark is None or problem is None:
+        return f" ({' '.join(str(e).split())})"
+    what = f"{context}: {problem}" if context else problem
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {what}"
 
 
 def check_name(value: str) -> str:

@@ -353,7 +353,7 @@ def test_bandit_beats_uniform_and_learns_an_added_operator():
     assert added["bandit"]["at"]["150"]["mean"] < 0.5 * added["greedy_offline"]["at"]["150"]["mean"]
 
 
-def test_cli_bandit_init_and_sim(tmp_path: Path):
+def test_cli_bandit_init_and_sim(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     labels, features = synthetic_tables(SyntheticBanditSpec(n_models=5, seed=2))
     labels.write_parquet(tmp_path / "labels.parquet")
     features.write_parquet(tmp_path / "features.parquet")
@@ -383,6 +383,21 @@ def test_cli_bandit_init_and_sim(tmp_path: Path):
     assert cli_main(["bandit-init", "--state", str(state), "--features", str(tmp_path / "features.parquet"),
                      "--operators", "a,b", "--overwrite"]) == 0
     assert BanditCore(state).bandit.arm_names == ["a", "b"]
+    capsys.readouterr()
+    # The features folder works as well as its table; a name that is no arm of the registry (a
+    # typo?) is served with a warning naming the nearest arm; a repeated one is refused.
+    (tmp_path / "feats").mkdir()
+    (tmp_path / "features.parquet").rename(tmp_path / "feats" / "features.parquet")
+    assert cli_main(["bandit-init", "--state", str(state), "--features", str(tmp_path / "feats"),
+                     "--operators", "linear,tiess", "--overwrite"]) == 0
+    assert BanditCore(state).bandit.arm_names == ["linear", "tiess"]
+    assert capsys.readouterr().err.splitlines() == [
+        "simmerge bandit-init: warning: --operators: 'tiess' is not one of simmerge's arms (did you mean 'ties'?); "
+        "it is served as its own arm"]
+    assert cli_main(["bandit-init", "--state", str(state), "--features", str(tmp_path / "feats"),
+                     "--operators", "linear,ties,linear", "--overwrite"]) == 2
+    assert "--operators: 'linear' is listed twice" in capsys.readouterr().err
+    (tmp_path / "feats" / "features.parquet").rename(tmp_path / "features.parquet")
     # A folder of the user's (even one with a state.npz) is never written into, nor one holding
     # the feature table.
     mine = tmp_path / "mine"

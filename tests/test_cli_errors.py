@@ -350,11 +350,16 @@ def test_unreadable_configs_and_plans_are_one_line(models: Path, tmp_path: Path,
     ([1, 2], "config.json: expected a JSON object, got list"),
     ({"num_hidden_layers": "two"}, "config.json: num_hidden_layers: expected a whole number, got 'two'"),
     ({"num_hidden_layers": 5}, "config.json: declares 5 layers but the tensors hold blocks 0-1 only"),
+    (None, "config.json: cannot read (Is a directory)"),
 ])
 def test_a_bad_model_config_json_is_one_line(models: Path, tmp_path: Path, capsys, config, needle: str) -> None:
     m2 = tmp_path / "m2"
     shutil.copytree(models / "m2", m2)
-    (m2 / "config.json").write_text(json.dumps(config))
+    if config is None:  # a folder where the file should be
+        (m2 / "config.json").unlink()
+        (m2 / "config.json").mkdir()
+    else:
+        (m2 / "config.json").write_text(json.dumps(config))
     cfg = tmp_path / "lin.yaml"
     cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
         {"model": str(models / "m1"), "parameters": {"weight": 1}}, {"model": str(m2), "parameters": {"weight": 1}}]}))
@@ -418,6 +423,8 @@ def test_selector_commands_refuse_bad_fold_and_member_counts(tmp_path: Path, cap
 @pytest.mark.parametrize("damage, needle", [
     (lambda d: (d / "selector.json").write_text('{"config": '), "unreadable selector (JSONDecodeError"),
     (lambda d: (d / "selector.json").write_text("[]"), "not a selector's schema or weights (TypeError"),
+    (lambda d: (d / "selector.json").write_text((d / "selector.json").read_text().replace('"mean":', '"mean_":')),
+     "not a selector's schema or weights (KeyError"),
     (lambda d: (d / "selector.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}"),
      "unreadable selector (SafetensorError"),
     (lambda d: (d / "selector.json").write_text((d / "selector.json").read_text().replace('"hidden": 64', '"hidden": 32')),
@@ -448,3 +455,12 @@ def test_fit_names_a_key_column_of_the_wrong_type(tmp_path: Path, capsys) -> Non
     pl.read_parquet(feats).with_columns(pl.Series("a", [1, 2, 3])).write_parquet(feats)
     assert cli_main(["fit", "--features", str(feats), "--labels", str(labels), "--out", str(tmp_path / "sel")]) == 2
     _one_line_error(capsys, "feature table: column 'a' holds Int64, not names")
+
+
+def test_invalid_yaml_is_one_line_naming_the_file_line_and_column(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("merge_method: linear\nmodels:\n  - model: a\n  parameters: {weight: 1}\n")
+    assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, f"{cfg}: invalid YAML at line 4, column 3: while parsing a block collection: expected "
+                            "<block end>, but found '?'")
+    assert not (tmp_path / "out").exists()

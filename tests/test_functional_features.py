@@ -238,3 +238,29 @@ def test_join_refuses_pairs_missing_from_structural(tmp_path: Path) -> None:
     pl.DataFrame({"a": ["x"], "b": ["y"], "s_l2": [1.0]}).write_parquet(tmp_path / "structural.parquet")
     with pytest.raises(ConfigError, match=r"structural.parquet: no structural row for pair \(y, x\)"):
         join_structural(functional, tmp_path / "structural.parquet")
+
+
+def test_a_join_gone_stale_is_removed_not_left_beside_the_new_tables(tmp_path: Path) -> None:
+    """A feature stage rerun on another catalog leaves tables that no longer join: the old
+    features.parquet (which fit and plan read) must go, and only it: a file of the user's of
+    that name is left alone."""
+    from simmerge_ray.features.joined import write_joined
+    from simmerge_ray.io.stage_files import stage_files
+
+    functional = pl.DataFrame({"a": ["x", "y"], "b": ["y", "x"], "task": ["t", "t"], "f_kl_ab_mean": [0.1, 0.2]})
+    with stage_files(tmp_path, "functional", ("functional.parquet",), replace=True) as tmp:
+        functional.write_parquet(tmp / "functional.parquet")
+    with stage_files(tmp_path, "structural", ("structural.parquet",), replace=True) as tmp:
+        pl.DataFrame({"a": ["x", "y"], "b": ["y", "x"], "s_l2": [1.0, 1.0]}).write_parquet(tmp / "structural.parquet")
+    assert write_joined(tmp_path) == tmp_path / "features.parquet"
+    with stage_files(tmp_path, "structural", ("structural.parquet",), replace=True) as tmp:  # another catalog
+        pl.DataFrame({"a": ["x", "z"], "b": ["z", "x"], "s_l2": [1.0, 1.0]}).write_parquet(tmp / "structural.parquet")
+    with pytest.raises(ConfigError, match=r"no structural row for pair \(x, y\).*features.parquet, which joined the "
+                                          r"previous tables, was removed"):
+        write_joined(tmp_path)
+    assert not (tmp_path / "features.parquet").exists()
+    assert (tmp_path / "functional.parquet").exists() and (tmp_path / "structural.parquet").exists()
+    (tmp_path / "features.parquet").write_text("the user's")  # not a stage's: never removed
+    with pytest.raises(ConfigError, match=r"no structural row") as err:
+        write_joined(tmp_path)
+    assert "removed" not in str(err.value) and (tmp_path / "features.parquet").read_text() == "the user's"

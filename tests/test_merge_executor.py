@@ -120,7 +120,7 @@ def test_work_units_cover_every_tensor_once() -> None:
     layouts = {s.file: file_layout(list(s.tensors)) for s in shards}
     split_units = [(40,), (40,), (20, 5, 12)] + [(40,)] * 6 + [(10,)]
     for can_split, want in ((True, split_units), (False, [(100,), (5, 12), (250,)])):
-        units = plan_units(shards, layouts, can_split, 40)
+        units = plan_units(shards, layouts, lambda name, can=can_split: can, 40)
         assert [tuple(p.count for p in u.pieces) for u in units] == want
         for s in shards:
             for name, shape, code in s.tensors:

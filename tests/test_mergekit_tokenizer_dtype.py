@@ -97,6 +97,25 @@ def test_vocabulary_matches_mergekit(pairs: dict[str, Path], tmp_path: Path, cas
     _check_vocabulary(cfg, pairs[arch], tmp_path, case)
 
 
+@pytest.mark.parametrize("case", ["union_linear", "model_source_ties_fp16"])
+def test_remapped_rows_merge_the_same_in_small_work_units(pair: Path, tmp_path: Path, case: str) -> None:
+    """Tensors whose rows are remapped to the output vocabulary are merged whole: work units
+    smaller than the embedding (many workers on a large model) must not cut them into element
+    ranges, which once wrote the whole tensor at every range's offset and published a file
+    safetensors could not read."""
+    from safetensors.torch import load_file
+
+    (pair / "cfg.yaml").write_text(yaml.safe_dump({"dtype": "float32", **TOKENIZER_CASES[case]}))
+    spec = MergeSpec.load(pair / "cfg.yaml")
+    run_merge(spec, tmp_path / "whole", ExecOptions(workers=1))
+    run_merge(spec, tmp_path / "small", ExecOptions(workers=2, unit_elems=100))
+    whole, small = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "small" / "model.safetensors")
+    assert whole["model.embed_tokens.weight"].numel() > 100  # the embedding is larger than a unit
+    assert sorted(whole) == sorted(small)
+    for name in whole:
+        assert torch.equal(whole[name], small[name]), name
+
+
 def _check_vocabulary(cfg: dict, root: Path, tmp_path: Path, case: str) -> dict[str, int]:
     """Our tokenizer's tokens (added ones too) and every token's embedding and head rows are
     mergekit's; returns our vocabulary."""
@@ -317,6 +336,8 @@ def test_without_dtype_computes_in_the_inputs_dtype(stored_zoo: Path, tmp_path: 
         assert ulps(a[name], b[name]) == 0, f"{case} {name}"
     record = json.loads((ours / "simmerge_merge.json").read_text())
     assert record["compute_dtype"] == str(want).removeprefix("torch.")
+    config = json.loads((ours / "config.json").read_text())  # says what was written, not the first input's
+    assert config.get("dtype", config.get("torch_dtype")) == str(want).removeprefix("torch.")
     run_merge(MergeSpec.load(stored_zoo / "cfg.yaml"), tmp_path / "f32", ExecOptions(compute_dtype="float32"))
     (stored_zoo / "f32.yaml").write_text(yaml.safe_dump({**cfg, "dtype": "float32", "out_dtype": str(want)[6:]}))
     run_merge(MergeSpec.load(stored_zoo / "f32.yaml"), tmp_path / "same", ExecOptions())

@@ -74,9 +74,16 @@ def test_overwrite_replaces_only_an_output_simmerge_wrote(workspace: Path, capsy
     user.mkdir()
     (user / "thesis.tex").write_text("years of work")
     before = tree_hash(workspace)
-    assert _merge(workspace, user, "--overwrite") == 2
-    assert f"not written by simmerge (no {MARKER})" in capsys.readouterr().err
+    for flags in (("--overwrite",), ()):  # without the flag too: no hint to pass a flag that cannot work
+        assert _merge(workspace, user, *flags) == 2
+        assert f"not written by simmerge (no {MARKER})" in capsys.readouterr().err
     assert tree_hash(workspace) == before
+
+    empty = workspace / "made-for-it"  # an empty folder made for the output is used as it is
+    empty.mkdir()
+    assert _merge(workspace, empty) == 0
+    assert (empty / MARKER).is_file() and "config.json" in json.loads((empty / MARKER).read_text())["files"]
+    shutil.rmtree(empty)
 
     out = workspace / "merged"
     assert _merge(workspace, out) == 0

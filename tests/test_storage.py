@@ -93,3 +93,49 @@ def test_download_file(tmp_path: Path) -> None:
     assert storage.download_file(str(tmp_path / "conf.yaml"), tmp_path / "unused") == tmp_path / "conf.yaml"
     with pytest.raises(storage.StorageError, match="no such file"):
         storage.download_file(f"file://{tmp_path}/nope.yaml", tmp_path / "dl")
+
+
+def _failing_store(fail_on_move: int):
+    """An object-store-like filesystem (pyarrow over fsspec: no folder rename, the file-by-file
+    path) on the real local disk whose `fail_on_move`-th file move fails, as a network error
+    would mid-publish."""
+    fsspec_local = pytest.importorskip("fsspec.implementations.local")
+
+    class Flaky(fsspec_local.LocalFileSystem):
+        moves = 0
+
+        def mv(self, *args, **kwargs):
+            Flaky.moves += 1
+            if Flaky.moves == fail_on_move:
+                raise OSError("connection reset")
+            return super().mv(*args, **kwargs)
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(Flaky(skip_instance_cache=True)))
+
+
+def test_a_publish_failing_mid_move_keeps_every_new_file_and_can_be_replaced(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an object store the old output is removed before the new files move in; a failure
+    there must not lose the new files (the temporary prefix stays, named in the error), and the
+    half-moved destination stays one that --overwrite replaces."""
+    dest = tmp_path / "out"
+    storage.upload_dir(_folder(tmp_path / "v1", {"a.txt": b"one", "old.txt": b"x"}), str(dest))
+    v2 = _folder(tmp_path / "v2", {"a.txt": b"two", "b.txt": b"bee", "c/d.txt": b"dee"})
+    flaky = _failing_store(fail_on_move=2)
+    monkeypatch.setattr(storage, "resolve", lambda text: storage.Location(flaky, str(dest), "mem://out"))
+    with pytest.raises(storage.StorageError, match=r"mem://out: publishing .* failed: .*connection reset.*incomplete "
+                                                   r"\(no _SUCCESS\), rerun with --overwrite; the files not yet moved "
+                                                   r"are under .*\.out\.tmp-"):
+        storage.upload_dir(v2, "mem://out", overwrite=True)
+    moved = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    (tmp,) = tmp_path.glob(".out.tmp-*")
+    pending = {p.relative_to(tmp).as_posix(): p.read_bytes() for p in tmp.rglob("*") if p.is_file()}
+    assert storage.SUCCESS_MARKER not in moved and "old.txt" not in moved
+    new = {"a.txt": b"two", "b.txt": b"bee", "c/d.txt": b"dee"}
+    assert {k: v for k, v in moved.items() if k != ".simmerge-output.json"} | pending == new  # nothing lost
+    assert set(pending) and not set(pending) & set(moved)
+    monkeypatch.setattr(storage, "resolve", lambda text: storage.Location(pafs.SubTreeFileSystem("/", pafs.LocalFileSystem()),
+                                                                          str(dest).lstrip("/"), "mem://out"))
+    storage.upload_dir(v2, "mem://out", overwrite=True)  # the rerun replaces the half-moved folder
+    assert {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()
+            and p.name != storage.SUCCESS_MARKER} == new

@@ -75,6 +75,26 @@ def test_tiny_zoo_rebuild_gives_identical_checkpoints(tiny_zoo, tmp_path, monkey
     assert len(messages) == 1 and str(entry) in messages[0] and "rebuilding" in messages[0]
 
 
+def test_pretrain_cache_store_keeps_a_twin_s_entry_and_replaces_a_corrupt_one(tmp_path, monkeypatch):
+    """Two builds of one key may finish together: the second keeps the first's good entry (no
+    raw rename error); an entry load() refuses is replaced by the new one."""
+    from simmerge_ray.testbed import pretrain_cache
+
+    monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "cache"))
+    first = {"state": {"w": torch.ones(3)}, "losses": [1.0]}
+    pretrain_cache.store("k", first)
+    entry = next((tmp_path / "cache" / "testbed-pretrain").iterdir())
+    before = (entry / "state.safetensors").stat().st_mtime_ns
+    pretrain_cache.store("k", {"state": {"w": torch.ones(3)}, "losses": [1.0]})  # the twin
+    assert (entry / "state.safetensors").stat().st_mtime_ns == before
+    assert torch.equal(pretrain_cache.load("k")["state"]["w"], torch.ones(3))
+    (entry / "meta.json").write_text("{")  # corrupt
+    pretrain_cache.store("k", {"state": {"w": torch.zeros(3)}, "losses": [2.0]})
+    got = pretrain_cache.load("k")
+    assert torch.equal(got["state"]["w"], torch.zeros(3)) and got["losses"] == [2.0]
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary or old folder left
+
+
 def test_tiny_zoo_base_is_the_skills_stage(tiny_zoo):
     """The catalog's base is the pretrained model after its skills stage (rewritten domain text),
     which moved it and changed its scores; the manifest keeps the model before that stage."""

@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+import yaml
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.cli import main as simmerge
@@ -292,3 +293,30 @@ def test_an_older_selector_folder_plans_without_intervals(world, tmp_path: Path,
     plan = json.loads((tmp_path / "pair" / "plan.json").read_text())
     assert plan["intervals"]["available"] is False and plan["arms"][0]["interval"] == {}
     assert [f["kind"] for f in plan["flags"]] == ["unchecked"]
+
+
+def test_plan_refuses_features_measured_from_another_checkpoint(world, tmp_path: Path, capsys) -> None:
+    """A catalog whose model name now points at another checkpoint (a retrained expert, an
+    edited path) must not be planned from the features of the old one; a byte-identical copy of
+    the measured checkpoint elsewhere is the same model."""
+    raw = yaml.safe_load(world.catalog.read_text())
+    root = world.catalog.parent
+    entry = next(m for m in raw["models"] if m["name"] == "math-0")
+    other = next(m for m in raw["models"] if m["name"] == "code-1")
+    copy = tmp_path / "math-0-copy"
+    shutil.copytree(root / entry["path"], copy)
+    for name, path in (("stale", root / other["path"]), ("copy", copy)):
+        cat = {**raw, "base": str(root / raw["base"]) if raw.get("base") else None,
+               "models": [{**m, "path": str(path if m["name"] == "math-0" else root / m["path"])} for m in raw["models"]],
+               "tasks": {t: {k: str(root / v) for k, v in spec.items()} for t, spec in raw["tasks"].items()}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({k: v for k, v in cat.items() if v is not None}))
+        w = world.__class__(tmp_path / f"{name}.yaml", world.features, world.selector, world.models, world.tasks)
+        for args in (("--expert", "code-0", "--aux", "math-0"), ("--models", "code-0", "math-0", "--min-way", "2")):
+            rc = _plan(w, world.selector, tmp_path / f"{name}-{args[0][2:]}", *args)
+            err = capsys.readouterr().err
+            if name == "copy":
+                assert rc == 0, err
+                continue
+            assert rc == 2 and not (tmp_path / f"{name}-{args[0][2:]}").exists()
+            assert (f"simmerge plan: error: {world.features / 'gram_meta.json'}: model 'math-0' is {root / other['path']} "
+                    f"in the catalog, which is not the checkpoint its features were measured from") in err

@@ -3,3 +3,30 @@ that the commands print with)."""
 
 from simmerge_ray.report.verdict import verdict_line  # noqa: F401
 from simmerge_ray.sizes import human_bytes, human_rate  # noqa: F401
+
+
+def at_least_one(text: str) -> int:
+    """argparse type of a count (workers, actors): a whole number >= 1, else one line naming the flag."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def positive(text: str) -> float:
+    """argparse type of a positive amount (CPUs per worker)."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value

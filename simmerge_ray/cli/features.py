@@ -12,6 +12,8 @@ import argparse
 import importlib
 from pathlib import Path
 
+from simmerge_ray.cli.common import at_least_one
+
 # Modules under simmerge_ray.cli adding a `simmerge features <kind>` sub-command.
 FEATURE_MODULES: tuple[str, ...] = ("features_functional",)
 
@@ -35,9 +37,9 @@ def _register_structural(kinds: argparse._SubParsersAction) -> None:
                                                 "(structural.parquet, gram.safetensors, ...)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace this stage's files from an earlier run (no other file of --out)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=at_least_one, default=None,
                    help="actors in the pool (default: SIMMERGE_MAX_ACTORS, else one per free CPU)")
-    p.add_argument("--chunk-elems", type=int, default=1 << 20, help="values mapped per model per step")
+    p.add_argument("--chunk-elems", type=at_least_one, default=1 << 20, help="values mapped per model per step")
     p.add_argument("--precision", choices=["float32", "float64"], default="float32",
                    help="Gram products in float32 (default; ~1e-7 relative error, 1.45x faster) or float64 "
                         "(exact products of bf16 weights)")

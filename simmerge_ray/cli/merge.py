@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from simmerge_ray.cli.common import human_bytes, human_rate
+from simmerge_ray.cli.common import at_least_one, human_bytes, human_rate, positive
 from simmerge_ray.ray_session import init_ray
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.out_checks import check_output
@@ -39,10 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="output dtype of a plan's merge (default: the inputs')")
     p.add_argument("--out", required=True, help="output checkpoint folder (created; never an input)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote (never an input)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=at_least_one, default=None,
                    help="worker threads here, or merge actors on Ray (default: this machine's CPUs here; "
                         "SIMMERGE_MAX_ACTORS or 2 on Ray)")
-    p.add_argument("--cpus-per-worker", type=float, default=None,
+    p.add_argument("--cpus-per-worker", type=positive, default=None,
                    help="CPUs per worker: torch threads here, the actor's ask on Ray (default: "
                         "SIMMERGE_CPUS_PER_ACTOR or 1)")
     p.add_argument("--shard-size", default="512M", help="output shard size, e.g. 512M, 2G")

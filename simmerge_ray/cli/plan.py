@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.features.provenance import check_measured_from
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.out_checks import check_output
 from simmerge_ray.io.tables import read_table
@@ -65,16 +66,33 @@ def run(args: argparse.Namespace) -> int:
     from simmerge_ray.catalog import Catalog
 
     catalog = Catalog.load(args.catalog)
-    check_output(args.out, overwrite=args.overwrite, inputs=_inputs(args, catalog))
     if catalog.tasks:
         catalog.task(args.task)  # a typo lists the known tasks
     if args.models and (args.expert or args.aux):
         raise ConfigError("give either --expert/--aux (pairwise) or --models (multi-way), not both")
-    if args.models:
-        return _multiway(args, catalog)
+    if args.models:  # the request is checked before --out, so that a rerun's error is the request's
+        req, space = _request(args, catalog)
+        check_output(args.out, overwrite=args.overwrite, inputs=_inputs(args, catalog))
+        return _multiway(args, catalog, req, space)
     if not (args.expert and args.aux):
         raise ConfigError("pairwise mode needs --expert and --aux (or use --models for multi-way)")
+    for m in (args.expert, args.aux):
+        catalog.model(m)
+    if args.expert == args.aux:
+        raise ConfigError(f"--expert and --aux are both {args.expert!r}: a merge needs two different models")
+    check_output(args.out, overwrite=args.overwrite, inputs=_inputs(args, catalog))
     return _pairwise(args, catalog)
+
+
+def _request(args: argparse.Namespace, catalog):
+    """The multi-way request of the flags, and its search space: checked before any work."""
+    from simmerge_ray.planner.request import PlanRequest, search_space
+
+    req = PlanRequest.parse({
+        "request_id": "cli", "task": args.task, "models": args.models, "min_way": args.min_way,
+        "max_way": args.max_way, "required_expert": args.required_expert, "beam_width": args.beam_width,
+        "retention_weight": args.retention_weight, "aux_weight": args.aux_weight}, "plan request")
+    return req, search_space(req, catalog)
 
 
 def _inputs(args: argparse.Namespace, catalog) -> list:
@@ -92,8 +110,7 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
     from simmerge_ray.selector.model import Selector
 
     sel = Selector.load(args.selector)
-    for m in (args.expert, args.aux):
-        catalog.model(m)
+    check_measured_from(args.features, catalog, [args.expert, args.aux])
     feats = read_table(features_file(args.features), "feature table")
     sel.check_schema(feats.columns, str(features_file(args.features)))
     known = sorted(feats.get_column("task").unique().to_list())
@@ -187,15 +204,10 @@ def _print_trust(plan, alone: str, percent: bool = True) -> None:
           f"not merging is predicted worse: {text}, {margin} higher")
 
 
-def _multiway(args: argparse.Namespace, catalog) -> int:
-    from simmerge_ray.planner.request import (PlanRequest, load_calibration, plan_request, search_space,
-                                              write_plans)
+def _multiway(args: argparse.Namespace, catalog, req, space) -> int:
+    from simmerge_ray.planner.request import load_calibration, plan_request, write_plans
 
-    req = PlanRequest.parse({
-        "request_id": "cli", "task": args.task, "models": args.models, "min_way": args.min_way,
-        "max_way": args.max_way, "required_expert": args.required_expert, "beam_width": args.beam_width,
-        "retention_weight": args.retention_weight, "aux_weight": args.aux_weight}, "simmerge plan")
-    search_space(req, catalog)  # bad models or task: fail before loading the step model
+    check_measured_from(args.features, catalog, space.candidates)
     calibration = load_calibration(args.calibration, args.aux_selector)
     res = plan_request(req, catalog, build_step_model(args.selector, args.features, args.aux_selector),
                        calibration=calibration)

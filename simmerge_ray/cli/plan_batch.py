@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from simmerge_ray.cli.common import at_least_one
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plan-batch", help="plan merges for a table of requests (one row per target)",
@@ -20,10 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for results.parquet, plans/, summary.json")
     p.add_argument("--cache", default=None, help="results cache folder (default: OUT/cache); reruns skip "
                                                   "requests found there")
-    p.add_argument("--actors", type=int, default=None,
+    p.add_argument("--actors", type=at_least_one, default=None,
                    help="most planning actors; the pool grows from 1 with the backlog "
                         "(default: SIMMERGE_MAX_ACTORS, else 4)")
-    p.add_argument("--rows-per-block", type=int, default=4, help="requests handed to an actor at a time")
+    p.add_argument("--rows-per-block", type=at_least_one, default=4, help="requests handed to an actor at a time")
     p.add_argument("--execute-top", type=int, default=0, metavar="K",
                    help="merge the K plans with the highest predicted score (streaming engine)")
     p.add_argument("--merge-workers", type=int, default=2, help="workers of each --execute-top merge")

@@ -13,6 +13,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from simmerge_ray.cli.common import at_least_one
+
 if TYPE_CHECKING:
     from simmerge_ray.pipeline.features import ProbeRequest
 
@@ -29,7 +31,7 @@ def add_probe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("hf", "deepspeed"), default="hf",
                    help="hf: model in memory; deepspeed: ZeRO-3 inference with parameters offloaded")
     p.add_argument("--nvme-path", default=None, help="deepspeed: offload parameters to NVMe here")
-    p.add_argument("--actors", type=int, default=None, help="actors per model (default: SIMMERGE_MAX_ACTORS or 1)")
+    p.add_argument("--actors", type=at_least_one, default=None, help="actors per model (default: SIMMERGE_MAX_ACTORS or 1)")
     p.add_argument("--batch-size", type=int, default=8, help="probes per forward pass")
     p.add_argument("--max-length", type=int, default=128, help="truncate probes to this many tokens")
     p.add_argument("--attn-max-length", type=int, default=64, help="attention maps over the first N tokens")

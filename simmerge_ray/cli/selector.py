@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from simmerge_ray.cli.common import at_least_one
 from simmerge_ray.selector.data import MIN_LABELLED_PAIRS
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     f"labelled pairs it warns: too few for the selector to beat a fixed arm reliably.",
         epilog="example:\n  simmerge fit --features feats/ --labels labels/labels.parquet --out selector/")
     _common(p)
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
+    p.add_argument("--workers", type=at_least_one, default=1, help="Ray Train workers")
     p.set_defaults(func=run_fit)
     e = subparsers.add_parser(
         "evaluate-selector", help="held-out pairs and leave-one-task-out evaluation, ablation, chart",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import time
 from pathlib import Path
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.tables import read_table
+from simmerge_ray.selector.data import features_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,9 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "--labels labels/labels.parquet",
     )
     p.add_argument("--state", type=Path, required=True, help="state folder to create")
-    p.add_argument("--features", type=Path, required=True, help="features.parquet (a, b, task, s_*, f_*)")
+    p.add_argument("--features", type=Path, required=True,
+                   help="features folder or its features.parquet (a, b, task, s_*, f_*)")
     p.add_argument("--labels", type=Path, help="labels.parquet for the warm start (full information)")
-    p.add_argument("--operators", help="comma-separated arms when there are no labels (cold start)")
+    p.add_argument("--operators", help="comma-separated arms when there are no labels (cold start); a name that is "
+                                       "not one of simmerge's arms is served too, with a warning")
     _add_bandit_args(p)
     p.add_argument("--warm-weight", type=float, default=1.0, help="weight of each offline row")
     p.add_argument("--overwrite", action="store_true", help="replace a state folder that simmerge wrote")
@@ -81,18 +85,39 @@ def _init(args: argparse.Namespace) -> int:
     if not (args.labels or args.operators):
         raise ConfigError("give --labels (warm start) or --operators (cold start)")
     labels = read_table(args.labels, "labels") if args.labels else None
-    operators = [o.strip() for o in (args.operators or "").split(",") if o.strip()]
-    start = initial_bandit(read_table(args.features, "feature table"),
+    operators = _cold_start_arms(args.operators)
+    features = features_file(args.features)
+    start = initial_bandit(read_table(features, "feature table"),
                            SimSettings(bandit=_config(args), warm_weight=args.warm_weight),
-                           labels=labels, operators=operators, source=str(args.features))
+                           labels=labels, operators=operators, source=str(features))
     if start.dropped:
         print(f"bandit-init: {left_out_line(start.dropped)}")
-    core = BanditCore.create(args.state, start.encoder, start.bandit, feature_table=args.features,
+    core = BanditCore.create(args.state, start.encoder, start.bandit, feature_table=features,
                              overwrite=args.overwrite)
     how = f"warm start from {start.contexts} contexts" if start.contexts else "cold start"
     print(f"bandit state in {args.state}: arms {core.bandit.arm_names}, {start.encoder.width} features, {how}, "
           f"prior_var {core.bandit.arms[0].prior_var:.4g}, noise_var {core.bandit.noise_var:.4g}")
     return 0
+
+
+def _cold_start_arms(text: str | None) -> list[str]:
+    """--operators as a list: a repeated name is an error; a name that is not one of the registry's
+    arms (a typo, or an operator of the team's own) is served, with a warning that suggests the
+    nearest arm, since the bandit learns any arm from feedback alone."""
+    from difflib import get_close_matches
+
+    from simmerge_ray.merge.arms import ARM_NAMES
+
+    names = [o.strip() for o in (text or "").split(",") if o.strip()]
+    repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if repeated is not None:
+        raise ConfigError(f"--operators: {repeated!r} is listed twice")
+    for name in names:
+        if name not in ARM_NAMES:
+            near = get_close_matches(name, ARM_NAMES, n=1)
+            print(f"simmerge bandit-init: warning: --operators: {name!r} is not one of simmerge's arms"
+                  + (f" (did you mean {near[0]!r}?)" if near else "") + "; it is served as its own arm", file=sys.stderr)
+    return names
 
 
 def _serve(args: argparse.Namespace) -> int:

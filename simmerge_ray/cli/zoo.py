@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from simmerge_ray.cli.common import at_least_one
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     zoo = subparsers.add_parser("zoo", help="the testbed: train a zoo of small domain experts")
@@ -42,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help=f"random orders per 4-way subset, of 24 (default: {_label_default('orders_4')})")
     lab.add_argument("--weightings", nargs="+", default=None,
                      help=f"fold weightings of the 3-/4-way plans (default: {' '.join(_label_default('weightings'))})")
-    lab.add_argument("--workers", type=int, default=None, help=f"evaluator actors (default: {_label_default('workers')})")
+    lab.add_argument("--workers", type=at_least_one, default=None, help=f"evaluator actors (default: {_label_default('workers')})")
     lab.add_argument("--seed", type=int, default=None, help=f"seed of the 3-/4-way subset sampling (default: {_label_default('seed')})")
     lab.add_argument("--metric", choices=["accuracy", "score"], default=None,
                      help="what GapClosed and retention are computed on: answer-token accuracy (default) "

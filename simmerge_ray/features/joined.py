@@ -1,6 +1,7 @@
 """The joined feature table: DIR/features.parquet = functional rows with the structural columns
 of their (a, b). The two stages run in either order into one folder; whichever finishes second
-writes the join, so it always reflects both stages' latest files."""
+writes the join, so it always reflects both stages' latest files: when they no longer join
+(one stage rerun on another catalog), the old join is removed, never left beside them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import polars as pl
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.io.stage_files import stage_files
+from simmerge_ray.io.stage_files import remove_stage_file, stage_files
 from simmerge_ray.io.tables import read_table
 
 STRUCTURAL_FILE = "structural.parquet"
@@ -35,7 +36,13 @@ def write_joined(out: Path) -> Path | None:
     out = Path(out)
     if not ((out / STRUCTURAL_FILE).exists() and (out / FUNCTIONAL_FILE).exists()):
         return None
-    joined = join_structural(read_table(out / FUNCTIONAL_FILE, "functional feature table"), out / STRUCTURAL_FILE)
+    try:
+        joined = join_structural(read_table(out / FUNCTIONAL_FILE, "functional feature table"), out / STRUCTURAL_FILE)
+    except ConfigError as e:
+        if remove_stage_file(out, "joined", JOINED_FILE):
+            raise ConfigError(f"{e} ({JOINED_FILE}, which joined the previous tables, was removed: run the other "
+                              f"feature stage on this catalog)") from None
+        raise
     with stage_files(out, "joined", (JOINED_FILE,), replace=True) as tmp:
         joined.write_parquet(tmp / JOINED_FILE)
     return out / JOINED_FILE

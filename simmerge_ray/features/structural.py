@@ -126,15 +126,16 @@ def plan_pass(rows: int, ref: int, missing: set[tuple[int, int]]) -> ReadPlan:
 # ---- the pass ---------------------------------------------------------------------------------
 
 def compute_structural(catalog: Catalog, out: str | Path, opts: StructuralOptions = StructuralOptions(),
-                       progress: Callable[[int, int], None] | None = None) -> StructuralRun:
+                       progress: Callable[[int, int], None] | None = None, rows: Rows | None = None) -> StructuralRun:
     """Compute the structural features of every model pair of `catalog` into the folder `out`.
 
-    `progress(done, total)` is called with bytes of checkpoint data processed so far.
+    `progress(done, total)` is called with bytes of checkpoint data processed so far; `rows` are
+    the catalog's checkpoints already opened and checked (open_rows), e.g. before Ray started.
     """
     t0 = time.perf_counter()
     out = Path(out)
     check_structural_out(catalog, out, opts.overwrite)
-    rows = open_rows(catalog)
+    rows = rows if rows is not None else open_rows(catalog)
     m = len(rows.names)
     keys = [REF_KEY if i == rows.ref else rows.ckpts[i].fingerprint() for i in range(m)]
     cache = GramCache(rows.ckpts[rows.ref].fingerprint(), rows.has_base, opts.precision)

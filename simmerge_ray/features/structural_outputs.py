@@ -64,6 +64,7 @@ def write_outputs(out: Path, rows: Rows, stats: list[PairStats], keys: Sequence[
         "base": rows.names[n] if rows.has_base else None,
         "paths": {name: str(ck.path) for name, ck in zip(rows.names, rows.ckpts)},
         "fingerprints": {name: ck.fingerprint() for name, ck in zip(rows.names, rows.ckpts)},
+        "signatures": {name: ck.stat_signature() for name, ck in zip(rows.names, rows.ckpts)},
         "num_layers": n_layers,
         "tensors": meta,
     }, indent=1))

@@ -7,12 +7,13 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from simmerge_ray.errors import OutputError
-from simmerge_ray.io.out_checks import MARKER, check_output, check_replaceable, lists_its_files, marker_text
+from simmerge_ray.io.out_checks import (MARKER, check_output, check_replaceable, is_empty_folder, lists_its_files,
+                                        marker_text)
 from simmerge_ray.io.owner import OWNER_FILE, clean_stale, write_owner
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,31 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def publish_cache_entry(tmp: Path, target: Path, usable: Callable[[Path], bool]) -> None:
+    """Rename the finished cache entry `tmp` to `target`. A concurrent twin (same key, so same
+    content) may have published first: its entry is kept if `usable(target)`, else (a corrupt
+    entry the reader refused) it is replaced; never a raw error from the race."""
+    try:
+        tmp.rename(target)
+        return
+    except OSError:
+        if not target.exists():
+            raise
+    if usable(target):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(target, trash)
+    except FileNotFoundError:
+        pass  # a twin removed it meanwhile
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a twin published a fresh entry meanwhile
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def owned_temp_dir(parent: Path, prefix: str) -> Path:
@@ -59,7 +85,9 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False, inputs: Iterable[st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists() and not lists_its_files(out):
+    if is_empty_folder(out):
+        os.replace(tmp, out)  # a rename over an empty folder
+    elif out.exists() and not lists_its_files(out):
         # An older simmerge's output: its marker does not say what is simmerge's, so it is kept
         # aside whole rather than deleted.
         kept = out.parent / f"{out.name}.kept-{uuid.uuid4().hex[:8]}"

@@ -91,15 +91,19 @@ def check_creatable(out: Path) -> None:
         raise OutputError(f"{out}: cannot write in {probe} (read-only file system or no permission)")
 
 
+def is_empty_folder(path: Path) -> bool:
+    """A real folder with nothing in it (made for the output): replacing it loses nothing."""
+    return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
+
+
 def check_replaceable(out: Path, *, overwrite: bool) -> None:
-    """An existing `out` may be replaced only with `overwrite`, and only if simmerge wrote it."""
+    """An existing `out` may be replaced only with `overwrite`, and only if simmerge wrote it (an
+    empty folder is used as it is); what --overwrite could never replace is said so at once."""
     o = _real(out)
     if o == _real(".") or o in _real(".").parents:
         raise ConfigError(f"{out}: the output would replace the current folder; choose a new folder")
-    if not out.exists() and not out.is_symlink():
+    if not out.exists() and not out.is_symlink() or is_empty_folder(out):
         return
-    if not overwrite:
-        raise OutputError(f"{out}: output already exists (pass --overwrite to replace it)")
     if out.is_symlink() or not out.is_dir():
         raise OutputError(f"{out}: not a folder simmerge wrote (a file or link); remove it yourself "
                           f"or choose another --out")
@@ -110,6 +114,8 @@ def check_replaceable(out: Path, *, overwrite: bool) -> None:
     if stranger:  # "" is an older simmerge's output: atomic_output_dir keeps it aside, whole
         raise OutputError(f"{out}: holds {stranger}, which simmerge did not write there; --overwrite would delete "
                           f"it: move it out, or choose another --out")
+    if not overwrite:
+        raise OutputError(f"{out}: output already exists (pass --overwrite to replace it)")
 
 
 def check_output(out: str | os.PathLike, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:

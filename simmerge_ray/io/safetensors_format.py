@@ -349,10 +349,6 @@ class StreamingWriter:
         os.fsync(self._f.fileno())
         self._f.close()
 
-    def abort(self) -> None:
-        self._f.close()
-        self.path.unlink(missing_ok=True)
-
 
 class BackgroundWriter:
     """Feeds a RangeWriter from one background thread, in submission order, so the next chunk

@@ -68,6 +68,18 @@ def check_stage(out: Path, names: Sequence[str], *, replace: bool, inputs: Itera
             raise OutputError(f"{path}: not written by simmerge; remove it yourself or choose another --out")
 
 
+def remove_stage_file(out: Path, stage: str, name: str) -> bool:
+    """Remove `out/name` if `stage` wrote it (a file listed in its marker; never anything else):
+    for an output that has gone stale. Returns whether it was removed."""
+    out, path = Path(out), Path(out) / name
+    listed = _listed(out, stage)
+    if name not in listed or path.is_symlink() or not path.is_file():
+        return False
+    atomic_write_text(_marker(out, stage), json.dumps({"files": sorted(listed - {name})}))
+    path.unlink()
+    return True
+
+
 @contextmanager
 def stage_files(out: Path, stage: str, names: Sequence[str], *, replace: bool,
                 inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:

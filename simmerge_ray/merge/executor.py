@@ -154,9 +154,11 @@ def plan_merge(spec: MergeSpec, opts: ExecOptions = ExecOptions()) -> MergeLayou
     layouts = {p.file: file_layout(list(p.tensors), {"format": "pt"}) for p in shards}
     total = sum(_numels(shards).values())
     unit_elems = opts.unit_elems or max(total // (4 * opts.n_workers), 1 << 24)
-    units = plan_units(shards, layouts, spec.method.elementwise, unit_elems)
+    tasks = {t.name: t for t in task_list}
+    # Rows remapped to the output vocabulary are merged whole (PieceRoutes.fused): never cut.
+    units = plan_units(shards, layouts, lambda name: spec.method.elementwise and tasks[name].vocab is None, unit_elems)
     units.sort(key=lambda u: -u.elems)  # largest first: a pool finishes close together
-    return MergeLayout(ckpts, {t.name: t for t in task_list}, vocab, shards, layouts, units,
+    return MergeLayout(ckpts, tasks, vocab, shards, layouts, units,
                        compute_summary(task_list))
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from simmerge_ray.io.checkpoint import INDEX_FILE, TIED_HEADS, Checkpoint
-from simmerge_ray.io.safetensors_format import TORCH_NAMES, dtype_code
+from simmerge_ray.io.safetensors_format import FLOAT_DTYPES, TORCH_NAMES, dtype_code
 from simmerge_ray.io.side_files import copy_tokenizer
 from simmerge_ray.merge.chat_templates import resolve_template
 from simmerge_ray.merge.config import MergeSpec
@@ -32,7 +32,9 @@ def write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], num_layers: 
                                                  indent=2))
     source = ckpts[spec.base.ref] if spec.base is not None else ckpts[spec.inputs[0].ref]
     if source.path.is_dir():
-        config = output_config(spec, source, num_layers, vocab.rows if vocab is not None else None)
+        written = {code for p in plans for _, _, code in p.tensors if code in FLOAT_DTYPES}
+        config = output_config(spec, source, num_layers, vocab.rows if vocab is not None else None,
+                               next(iter(written)) if len(written) == 1 else None)
         if config.get("tie_word_embeddings") and any(n in TIED_HEADS for p in plans for n, _, _ in p.tensors):
             config["tie_word_embeddings"] = False  # a head merged beside a tied model is loaded as written
         if config:
@@ -153,18 +155,20 @@ def model_card(spec: MergeSpec, params: dict[str, Any], config_text: str | None,
 
 
 def output_config(spec: MergeSpec, source: Checkpoint, num_layers: int | dict[str, int],
-                  vocab_size: int | None = None) -> dict:
+                  vocab_size: int | None = None, written_dtype: str | None = None) -> dict:
     """The source's config.json with the output's num_hidden_layers (for a modular architecture,
-    each module's depth key, as mergekit writes them), dtype and vocab_size."""
+    each module's depth key, as mergekit writes them), dtype and vocab_size. The dtype is the
+    config's `out_dtype` or `dtype`, else `written_dtype` (the one float dtype of the tensors
+    written: inputs of mixed dtypes are promoted, so it may not be the source's)."""
     config = dict(source.config)
     if not config:
         return config
     if vocab_size is not None:
         config["vocab_size"] = vocab_size
-    out_dtype = spec.out_dtype or spec.dtype
+    out_dtype = dtype_code(spec.out_dtype or spec.dtype) if spec.out_dtype or spec.dtype else written_dtype
     if out_dtype:
         key = "dtype" if "dtype" in config else "torch_dtype"
-        config[key] = TORCH_NAMES[dtype_code(out_dtype)]
+        config[key] = TORCH_NAMES[out_dtype]
     if isinstance(num_layers, dict):
         for key, n in num_layers.items():
             set_depth(config, key, n)

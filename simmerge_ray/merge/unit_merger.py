@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from simmerge_ray.lazy_torch import torch
 
+from simmerge_ray.errors import MergeError
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, BackgroundWriter, RangeWriter
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.operators import MergeInputs, combine_native, ties_native
@@ -91,6 +92,9 @@ class UnitMerger:
                         continue
                     tensors = pending.result()
                     pending = fetch(i + 1)
+                    if piece.start != 0 or not piece.last:  # a whole-tensor merge written into a range
+                        raise MergeError(f"{piece.name}: a work unit holds elements {piece.start}.."
+                                         f"{piece.start + piece.count} of a tensor merged whole (internal error)")
                     merged = merge_tensor(self.spec, self.tasks[piece.name], tensors.__getitem__,
                                           allow_nonfinite=allow_nonfinite)
                     writer.write_at(piece.offset, merged.to(DTYPE_TO_TORCH[piece.dtype]))

@@ -7,6 +7,7 @@ bytes do not depend on the number of workers, their placement or retries.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,12 +45,13 @@ class WorkUnit:
         return sum(p.count for p in self.pieces)
 
 
-def plan_units(shards: list[ShardPlan], layouts: dict, split: bool, unit_elems: int) -> list[WorkUnit]:
+def plan_units(shards: list[ShardPlan], layouts: dict, split: Callable[[str], bool], unit_elems: int) -> list[WorkUnit]:
     """Cut every shard into units of about `unit_elems` elements, in file order.
 
-    With `split` (an elementwise method, see MergeMethod.elementwise) a tensor larger than a
-    unit is cut into element ranges; otherwise it is one piece (SLERP needs the whole tensor's
-    Gram matrix, TIES/DARE rank or sample over it). Units never span two files.
+    A tensor larger than a unit for which `split(name)` holds (an elementwise method on a tensor
+    it streams, see executor.plan_merge) is cut into element ranges; any other is one piece (SLERP
+    needs the whole tensor's Gram matrix, TIES/DARE rank or sample over it, a vocabulary remap
+    reads whole rows). Units never span two files.
     """
     units: list[WorkUnit] = []
     for shard in shards:
@@ -58,7 +60,7 @@ def plan_units(shards: list[ShardPlan], layouts: dict, split: bool, unit_elems: 
         size = 0
         for name, shape, code in shard.tensors:
             numel = int(np.prod(shape, dtype=np.int64))
-            step = unit_elems if split and numel > unit_elems else max(numel, 1)
+            step = unit_elems if numel > unit_elems and split(name) else max(numel, 1)
             for start in range(0, max(numel, 1), step):
                 k = min(step, numel - start)
                 if cur and size + k > unit_elems:

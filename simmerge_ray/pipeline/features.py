@@ -26,9 +26,11 @@ def structural(catalog: Path, out: Path, opts: StructuralOptions = StructuralOpt
 
     from simmerge_ray.catalog import Catalog
     from simmerge_ray.features.structural import check_structural_out, compute_structural
+    from simmerge_ray.features.structural_rows import open_rows
 
     cat = Catalog.load(catalog)
     check_structural_out(cat, Path(out), opts.overwrite)
+    rows = open_rows(cat)  # every header read and compared before Ray starts
     init_ray(address)
     with tqdm(desc="structural pass", unit="B", unit_scale=True, unit_divisor=1024, leave=False,
               disable=None) as bar:  # no bar where stderr is not a terminal
@@ -36,7 +38,7 @@ def structural(catalog: Path, out: Path, opts: StructuralOptions = StructuralOpt
             bar.total = total
             bar.update(done - bar.n)
 
-        run = compute_structural(cat, out, opts, progress)
+        run = compute_structural(cat, out, opts, progress, rows)
     read = run.total_bytes_read
     echo(f"structural features of {len(run.models)} models"
          f"{' with base ' + run.base if run.base else ''}: {run.tensors} tensors "

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError, OutputError, SimMergeError
+from simmerge_ray.features.provenance import check_measured_from
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.out_checks import MARKER, check_creatable, check_not_input
 from simmerge_ray.planner.batch_cache import PER_RUN, RESULT_SCHEMA, ROW_FILE, publish_entry, read_entry
@@ -113,6 +114,7 @@ def inputs_fingerprint(s: BatchSettings) -> str:
                 raise ConfigError(f"{p}: {what} file not found")
         parts[what] = [file_digest(p) for p in paths]
     catalog = Catalog.load(s.catalog)
+    check_measured_from(s.features, catalog, catalog.names)
     parts["catalog"] = catalog.model_dump(mode="json", exclude={"source"})
     return _digest(parts)
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
 
 from simmerge_ray.errors import SimMergeError
+from simmerge_ray.io.atomic import publish_cache_entry
 
 log = logging.getLogger(__name__)
 
@@ -80,24 +78,6 @@ def read_entry(cache: Path, key: str) -> dict | None:
 
 
 def publish_entry(tmp: Path, target: Path) -> None:
-    """Rename a finished folder into place. A concurrent twin (same key, same content) may win;
-    an unusable entry there (see `read_entry`) is replaced."""
-    try:
-        tmp.rename(target)
-        return
-    except OSError:
-        if not target.exists():
-            raise
-    if read_entry(target.parent, target.name) is not None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    try:
-        os.replace(target, trash)
-    except FileNotFoundError:
-        pass  # a twin removed it meanwhile
-    try:
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # a twin published a fresh entry meanwhile
-    shutil.rmtree(trash, ignore_errors=True)
+    """Rename a finished entry into place; a concurrent twin's usable entry is kept, an unusable
+    one (see `read_entry`) replaced."""
+    publish_cache_entry(tmp, target, lambda entry: read_entry(entry.parent, entry.name) is not None)

@@ -44,6 +44,9 @@ class PlanRequest(BaseModel):
     def _consistent(self) -> "PlanRequest":
         if self.models is not None and self.model_glob is not None:
             raise ValueError("give models or model_glob, not both")
+        repeated = next((m for i, m in enumerate(self.models or []) if m in self.models[:i]), None)
+        if repeated is not None:
+            raise ValueError(f"models: {repeated!r} is listed twice")
         if self.min_way < 2 or self.max_way < self.min_way:
             raise ValueError(f"size range [min_way={self.min_way}, max_way={self.max_way}] is invalid "
                              f"(need 2 <= min_way <= max_way)")

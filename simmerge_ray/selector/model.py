@@ -203,17 +203,19 @@ class Selector:
             raise ConfigError(f"{path}: unreadable selector ({type(e).__name__}: {e})") from None
         try:
             cfg = SelectorConfig.from_dict(raw["config"])
-            d_in = len(raw["feature_names"]) + (len(raw["tasks"]) if cfg.task_encoding else 0)
+            tasks = list(raw["tasks"])
+            d_in = len(raw["feature_names"]) + (len(tasks) if cfg.task_encoding else 0)
             net = build_net(d_in, len(raw["operators"]), cfg)
             net.load_state_dict(state)
+            mean, scale = np.asarray(raw["mean"], dtype=float), np.asarray(raw["scale"], dtype=float)
         except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as e:  # RuntimeError: weights of another shape
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ConfigError(f"{path / SCHEMA}: not a selector's schema or weights ({type(e).__name__}: {first})") from None
         where = str(path / SCHEMA)
         calib = Calibration.from_dict(raw["calibration"], raw["operators"], where) if "calibration" in raw else None
         domain = TrainingDomain.from_dict(raw["domain"], raw["feature_names"], where) if "domain" in raw else None
-        return cls(raw["feature_names"], raw["operators"], raw["tasks"], np.asarray(raw["mean"]),
-                   np.asarray(raw["scale"]), cfg, net, raw.get("meta", {}), calib, domain)
+        return cls(raw["feature_names"], raw["operators"], tasks, mean, scale, cfg, net, raw.get("meta", {}),
+                   calib, domain)
 
     def check_schema(self, available: list[str], where: str) -> None:
         """Refuse a feature table that lacks this selector's features (name the first few)."""

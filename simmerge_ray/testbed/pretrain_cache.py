@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from simmerge_ray.io.atomic import publish_cache_entry
 from simmerge_ray.io.digest_cache import cache_root
 
 # Bump when training code changes what a config produces.
@@ -66,9 +67,8 @@ def store(key: str, result: dict) -> None:
         save_file(state, str(tmp / "state.safetensors"))
         rest = {k: v for k, v in result.items() if k not in ("state", "cached")}
         (tmp / "meta.json").write_text(json.dumps({"tensors": sorted(state), "result": rest}))
-        if entry.exists():  # a corrupt entry that load() refused
-            shutil.rmtree(entry)
-        os.replace(tmp, entry)
+        # A corrupt entry load() refused is replaced; a twin build's good one is kept.
+        publish_cache_entry(tmp, entry, lambda _: load(key, log=lambda _msg: None) is not None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
