@@ -42,6 +42,13 @@ def test_every_option_has_help_and_shows_its_default(path: tuple[str, ...]) -> N
 
 
 @pytest.mark.parametrize("path", list(LEAVES), ids=" ".join)
+def test_every_command_says_what_it_does_first(path: tuple[str, ...]) -> None:
+    """`simmerge X --help` opens (after the usage) with what X does, as `simmerge --help` lists it."""
+    description = LEAVES[path].description or ""
+    assert len(description) > 10 and description.endswith(".") and description[0].isupper(), (path, description)
+
+
+@pytest.mark.parametrize("path", list(LEAVES), ids=" ".join)
 def test_every_command_has_an_example(path: tuple[str, ...]) -> None:
     epilog = LEAVES[path].epilog or ""
     assert "example" in epilog and f"simmerge {' '.join(path)} " in epilog, f"{' '.join(path)}: {epilog!r}"

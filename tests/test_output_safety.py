@@ -300,3 +300,36 @@ def test_killed_stage_leaves_the_folder_as_it_was_and_is_cleaned(tmp_path: Path)
         (new / "structural.parquet").write_text("again")
     assert not tmp.exists()
     assert (feats / "structural.parquet").read_text() == "again"
+
+
+SLOW_MERGE = """
+import sys, time
+from simmerge_ray.cli import main
+from simmerge_ray.merge.unit_merger import UnitMerger
+
+run = UnitMerger.run
+def slow(self, *args, **kwargs):  # the merge is under way, its temporary folder written
+    print("merging", flush=True)
+    time.sleep(5)
+    return run(self, *args, **kwargs)
+UnitMerger.run = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_merge_says_so_in_one_line_and_leaves_no_temporary_folder(workspace: Path, sig) -> None:
+    """Ctrl-C and SIGTERM (kill, timeout, `ray job stop`) unwind: one line, exit 130, and the
+    temporary output is removed on the way out, not left for the next run."""
+    out = workspace / "merged"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, "merge", str(workspace / "merge.yaml"), "--out",
+                             str(out), "--workers", "1", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=workspace)
+    assert proc.stdout.readline().strip() == "merging"
+    assert any(p.name.startswith(".merged.tmp-") for p in workspace.iterdir())
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == ("simmerge merge: interrupted; nothing was published (outputs appear only when complete, "
+                           "and caches resume)")
+    assert sorted(p.name for p in workspace.iterdir()) == ["merge.yaml", "models"]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 from simmerge_ray import __version__
@@ -81,6 +83,12 @@ def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.Argumen
         importlib.import_module(f"simmerge_ray.cli.{name}").register(subparsers)
     for p in _all_parsers(parser):
         p.formatter_class = HelpFormatter
+        for action in p._actions:  # `simmerge X --help` opens with the line `simmerge --help` lists X with
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    sub = action.choices[choice.dest]
+                    if sub.description is None and choice.help:
+                        sub.description = choice.help[0].upper() + choice.help[1:] + "."
     for _, p in leaf_parsers(parser):
         p.add_argument("--verbose", action="store_true",
                        help="show Ray's own logs (INFO lines, Ray Data and Tune progress reports)")
@@ -96,11 +104,33 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(modules).parse_args(argv)
     if args.verbose:
         set_verbose(True)  # never reset: stages a `demo --verbose` runs in this process stay verbose
+    previous = _interrupt_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except SimMergeError as e:
         print(f"simmerge {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (kill, timeout, ray job stop): temporary outputs are gone
+        print(f"simmerge {args.command}: interrupted; nothing was published (outputs appear only when "
+              f"complete, and caches resume)", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def raise_interrupt(signum: int, frame: object) -> None:
+    """A signal handler that unwinds like Ctrl-C."""
+    raise KeyboardInterrupt
+
+
+def _interrupt_on_sigterm():
+    """Make SIGTERM unwind like Ctrl-C, so temporary folders are removed on the way out instead
+    of being left for the next run to clean; the handler it replaced (None: left alone, where
+    the caller installed its own, or off the main thread)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, raise_interrupt)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def add_probe_flags(p: argparse.ArgumentParser) -> None:
                    help="catalog YAML (each task's probes: .jsonl with a \"text\" field, .parquet or .txt, "
                         "one probe per line)")
     p.add_argument("--out", required=True, help="output folder (shareable with `features structural`)")
-    p.add_argument("--cache", default=None, help="probe-output cache folder (default: DIR/probe_cache)")
+    p.add_argument("--cache", default=None, help="probe-output cache folder (default: OUT/probe_cache)")
     p.add_argument("--overwrite", action="store_true", help="discard the probe outputs cached in --cache first (only its cache entries)")
     p.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: all in the catalog)")
     p.add_argument("--backend", choices=("hf", "deepspeed"), default="hf",

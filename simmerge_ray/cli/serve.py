@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from simmerge_ray.cli import raise_interrupt
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.tables import read_table
 from simmerge_ray.selector.data import features_file
@@ -141,7 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
     # non-detached actor whose handles are all dropped is destroyed), and stop both on exit.
     actor = serve_bandit(args.state, token=token, host=args.host, port=args.port, feature_table=args.features)
     print(f"bandit serving on http://{args.host}:{args.port} (state {args.state}); Ctrl-C to stop", flush=True)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill`, `ray job stop`, Kubernetes
+    signal.signal(signal.SIGTERM, raise_interrupt)  # `kill`, `ray job stop`, Kubernetes
     try:
         while True:
             time.sleep(3600)
@@ -153,10 +154,6 @@ def _serve(args: argparse.Namespace) -> int:
         ray.shutdown()
     print("stopped", flush=True)
     return 0
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -289,7 +289,7 @@ def _check_tensors(ckpts: dict[str, Checkpoint], reads: list[tuple[str, str]], *
             hint = (" (the vocabularies differ: set tokenizer_source: union, base or a model to lay every model's "
                     "rows out in one vocabulary)" if rows_only and not rows_may_differ else "")
             raise CheckpointError(f"model {model!r} ({ck.path}): tensor {name!r} has shape {list(entry.shape)}, "
-                                  f"{ref_model!r}'s {ref_name!r} has {list(ref.shape)}{hint}")
+                                  f"where model {ref_model!r} has {list(ref.shape)} (tensor {ref_name!r}){hint}")
         if entry.dtype != ref.dtype and not (entry.dtype in FLOAT_DTYPES and ref.dtype in FLOAT_DTYPES):
             raise CheckpointError(
                 f"model {model!r} ({entry.file}): tensor {name!r} is {entry.dtype}, {ref_model!r} has {ref.dtype}: "

@@ -125,7 +125,8 @@ class Plan:
             last = j == self.k - 1
             out = "MERGED" if last else step_dir.format(j=j)
             here = str(root / f.name) if root is not None else f.name
-            f.write_text(f"# step {j}/{self.k - 1} of plan {' -> '.join(self.models)}; run (after the steps before it):\n"
+            when = "run:" if j == 1 else f"run after step{'s 1-' if j > 2 else ' '}{j - 1}:"
+            f.write_text(f"# step {j}/{self.k - 1} of plan {' -> '.join(self.models)}; {when}\n"
                          f"#   simmerge merge {shlex.quote(here)} --out {shlex.quote(out)}\n"
                          + yaml.safe_dump(cfg, sort_keys=False))
             files.append(f)
