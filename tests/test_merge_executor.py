@@ -111,7 +111,7 @@ def test_tensors_split_across_workers_give_the_same_bytes(ray_cluster, models: P
     assert res.bytes_read == one.bytes_read == 3 * Checkpoint.open(models / "m1").nbytes
     assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "cli")]) == 0  # local threads by default
     assert _bytes(tmp_path / "cli") == _bytes(tmp_path / "one")
-    assert "threads)" in capsys.readouterr().out
+    assert "input; 1 thread)" in capsys.readouterr().out  # one work unit (small models): one thread used
 
 
 def test_work_units_cover_every_tensor_once() -> None:
