@@ -345,3 +345,25 @@ def test_without_dtype_computes_in_the_inputs_dtype(stored_zoo: Path, tmp_path: 
     assert all(torch.equal(f32[n], same[n]) and f32[n].dtype == want for n in f32)
     if want != torch.float32:
         assert any(not torch.equal(f32[n], a[n]) for n in a)  # computing in bf16 changed bytes
+
+
+def test_vocabularies_that_map_ids_differently_are_named_when_merged_by_id(pair: Path, tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Without tokenizer_source, rows merge id by id (as mergekit does); where the models'
+    tokenizers give an id different tokens the merge says so, naming the first one."""
+    cfg = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 0.5}},
+                                                {"model": "b", "parameters": {"weight": 0.5}}]}
+    (pair / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    with caplog.at_level("WARNING"):
+        run_merge(MergeSpec.load(pair / "cfg.yaml"), tmp_path / "by-id", ExecOptions(workers=1))
+    (line,) = [r.getMessage() for r in caplog.records if "token id(s)" in r.getMessage()]
+    assert line.startswith(f"models 'a' ({pair / 'a'}) and 'b' ({pair / 'b'}) map ") and "first: id 3, 'w0' and 'w35'" in line
+    caplog.clear()
+    import shutil
+
+    shutil.copytree(pair / "a", tmp_path / "a2")  # the same tokenizer: nothing to say
+    (tmp_path / "same.yaml").write_text(yaml.safe_dump({**cfg, "models": [
+        {"model": str(pair / "a"), "parameters": {"weight": 0.5}}, {"model": str(tmp_path / "a2"), "parameters": {"weight": 0.5}}]}))
+    with caplog.at_level("WARNING"):
+        run_merge(MergeSpec.load(tmp_path / "same.yaml"), tmp_path / "same", ExecOptions(workers=1))
+    assert not [r for r in caplog.records if "token id(s)" in r.getMessage()]

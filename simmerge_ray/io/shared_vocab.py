@@ -59,6 +59,51 @@ def _tokens_by_id(name: str, ck: Checkpoint) -> list[str | None]:
     return out
 
 
+def _json_tokens(folder: Path) -> list[str | None] | None:
+    """Token by id from a folder's tokenizer.json (model vocabulary and added tokens), read as
+    JSON: no tokenizer library, so a merge still never imports torch; None without one."""
+    import json
+
+    try:
+        raw = json.loads((folder / "tokenizer.json").read_text())
+        vocab = raw["model"]["vocab"]
+        pairs = (list(vocab.items()) if isinstance(vocab, dict) else [(p[0], i) for i, p in enumerate(vocab)])
+        pairs += [(t["content"], t["id"]) for t in raw.get("added_tokens", [])]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    out: list[str | None] = [None] * (max((i for _, i in pairs if isinstance(i, int)), default=-1) + 1)
+    for token, i in pairs:
+        if isinstance(i, int) and i >= 0:
+            out[i] = token
+    return out
+
+
+def remapped_ids(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> str | None:
+    """Where models of one vocabulary size ship tokenizers that map ids to different tokens, a
+    sentence naming the first pair and id (their rows are merged id by id: right for a reserved
+    token a chat fine-tune renamed, wrong for a reordered vocabulary); None when they agree or
+    cannot be read this cheaply (identical tokenizer.json files are not parsed)."""
+    shipped = [(n, ck) for n, ck in zip(names, ckpts) if (ck.path / "tokenizer.json").is_file()]
+    if len(shipped) < 2 or len({config_vocab_size(ck.config) for _, ck in shipped}) > 1:
+        return None
+    (first, ref_ck) = shipped[0]
+    ref_bytes, ref = (ref_ck.path / "tokenizer.json").read_bytes(), None
+    for name, ck in shipped[1:]:
+        if (ck.path / "tokenizer.json").read_bytes() == ref_bytes:
+            continue
+        ref = ref if ref is not None else _json_tokens(ref_ck.path)
+        tokens = _json_tokens(ck.path)
+        if ref is None or tokens is None:
+            return None
+        differ = [i for i in range(min(len(ref), len(tokens))) if ref[i] != tokens[i]]
+        if differ:
+            i = differ[0]
+            return (f"models {first!r} ({ref_ck.path}) and {name!r} ({ck.path}) map {len(differ)} token id(s) to "
+                    f"different tokens (first: id {i}, {ref[i]!r} and {tokens[i]!r}); their embedding rows are merged "
+                    f"id by id (set tokenizer_source to merge them token by token)")
+    return None
+
+
 def output_tokenizer(paths: Sequence[str | Path]) -> dict[str, str]:
     """The tokenizer setting of a merge of these folders (a plan's models and base): `union`
     (every model's tokens, so a chat fine-tune's added tokens survive) when their vocabulary

@@ -12,6 +12,7 @@ number of workers or retries.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ import numpy as np
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.safetensors_format import TORCH_NAMES, file_layout, preallocate
+from simmerge_ray.io.shared_vocab import remapped_ids
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.output_files import write_side_files
 from simmerge_ray.merge.placements import local_cpus, run_local, run_on_ray
@@ -34,6 +36,8 @@ from simmerge_ray.merge.tokenizer import BuiltVocabulary, build_vocabulary
 from simmerge_ray.merge.piece_routes import open_inputs
 from simmerge_ray.merge.unit_merger import UnitMerger
 from simmerge_ray.merge.units import ShardPlan, WorkUnit, plan_shards, plan_units
+
+log = logging.getLogger(__name__)
 
 PLACEMENTS = ("local", "ray")
 
@@ -137,6 +141,9 @@ def check_merge(spec: MergeSpec) -> tuple[dict[str, Checkpoint], list[TensorTask
     ckpts = open_inputs(spec)
     check_parts(spec, ckpts)
     vocab = None
+    if spec.tokenizer is None and (remapped := remapped_ids([m.ref for m in spec.inputs],
+                                                          [ckpts[m.ref] for m in spec.inputs])):
+        log.warning("%s", remapped)
     if spec.tokenizer is not None:
         lead = spec.base.ref if spec.base is not None else spec.inputs[0].ref
         vocab = build_vocabulary(spec.tokenizer, {m.ref: m.path for m in spec.inputs},
