@@ -89,9 +89,19 @@ def check_finite(values: torch.Tensor, name: str, method: str, *, offset: int = 
                               values.numel())
 
 
-def nonfinite_error(name: str, method: str, count: int, first: int, offset: int, numel: int) -> MergeError:
+class NonFiniteError(MergeError):
+    """NaN/Inf in a merged tensor; `tensor` and `first` (flat index) let the caller say which
+    input holds one there (UnitMerger, which knows the inputs)."""
+
+    tensor: str = ""
+    first: int = -1
+
+
+def nonfinite_error(name: str, method: str, count: int, first: int, offset: int, numel: int) -> NonFiniteError:
     """The one-line error for `count` NaN/Inf values (the first at flat index `first`) in a merged
     tensor, or in its chunk of `numel` elements from `offset`."""
     where = f" among elements {offset}..{offset + numel - 1}" if offset else ""
-    return MergeError(f"merged tensor {name!r} has {count} NaN/Inf values{where} (first at flat index {first}; "
-                      f"{method}); pass --allow-nonfinite to write it anyway")
+    err = NonFiniteError(f"merged tensor {name!r} has {count} NaN/Inf values{where} (first at flat index {first}; "
+                         f"{method}); pass --allow-nonfinite to write it anyway")
+    err.tensor, err.first = name, first
+    return err

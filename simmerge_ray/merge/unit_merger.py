@@ -23,7 +23,7 @@ from simmerge_ray.merge.operators.magnitude_select import MagnitudeSelect
 from simmerge_ray.merge.operators.scratch import Scratch
 from simmerge_ray.merge.operators.task_arithmetic import variant_of
 from simmerge_ray.merge.piece_routes import PieceRoutes, open_inputs
-from simmerge_ray.merge.tensor_merge import check_finite, merge_tensor, nonfinite_error
+from simmerge_ray.merge.tensor_merge import NonFiniteError, check_finite, merge_tensor, nonfinite_error
 from simmerge_ray.merge.tensor_plan import TensorTask
 from simmerge_ray.merge.units import Piece, WorkUnit
 
@@ -101,11 +101,25 @@ class UnitMerger:
                     self._advance(piece.count, 1)
                     del tensors, merged
                 writer.close()
+            except NonFiniteError as e:
+                writer.abort()
+                raise NonFiniteError(f"{e}{self._nonfinite_source(e)}") from None
             except BaseException:
                 writer.abort()
                 raise
         return {"file": unit.file, "pieces": len(pieces), "elements": unit.elems, "bytes_read": self._read,
                 "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+
+    def _nonfinite_source(self, e: NonFiniteError) -> str:
+        """Which input holds NaN/Inf at the merged tensor's first bad element, as a clause of the
+        error: a corrupt input is the usual cause, an overflow of the method the other."""
+        task = self.tasks.get(e.tensor)
+        if task is None or task.vocab is not None or e.first < 0:  # remapped rows: no one index to read
+            return ""
+        held = [f"{model!r} ({self.ckpts[model].path}, tensor {name!r})" for model, name in dict.fromkeys(task.all_reads)
+                if not bool(torch.isfinite(self.ckpts[model].read_range(name, e.first, 1).float()).all())]
+        return (f"; input {' and '.join(held)} holds NaN/Inf there" if held
+                else "; every input is finite there (the method overflowed)")
 
     def _advance(self, elements: int, tensors: int = 0) -> None:
         """Report merged elements and finished tensors to the progress bar, if any."""
