@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from simmerge_ray.bandit.core import BanditCore
+from simmerge_ray.bandit.core import BanditCore, _Stale
 from simmerge_ray.bandit.encoder import IdentityEncoder, load_encoder
 from simmerge_ray.bandit.errors import (
     BanditError,
@@ -285,10 +285,12 @@ def test_state_folder_survives_a_restart_exactly(core: BanditCore, tmp_path: Pat
     pending = core.decide([0.3, -0.2, 1.0])
     done = core.decide([1.0, 0.0, 0.0])
     core.feedback(done["decision_id"], 0.4)
-    restarted = BanditCore(core.state_dir)  # what a restarted actor does
+    shutil.copytree(core.state_dir, tmp_path / "twin")
+    restarted = BanditCore(tmp_path / "twin")  # what a restarted actor does (on a copy: see below)
     assert restarted.stats() == core.stats()
     ctx = [0.5, 0.5, -0.5]
     assert restarted.decide(ctx)["scores"] == core.decide(ctx)["scores"]
+    restarted = BanditCore(core.state_dir)
     assert restarted.feedback(pending["decision_id"], 0.9)["status"] == "counted"
     assert restarted.feedback(done["decision_id"], 0.4)["status"] == "duplicate"
     # A stray temporary file from an interrupted write does not matter; a corrupt state does.
@@ -299,6 +301,33 @@ def test_state_folder_survives_a_restart_exactly(core: BanditCore, tmp_path: Pat
     (broken / STATE_FILE).write_bytes(b"not a zip")
     with pytest.raises(CheckpointError, match=STATE_FILE):
         BanditCore(broken)
+
+
+def test_two_processes_over_one_folder_take_turns_and_lose_no_update(core: BanditCore):
+    """Two services over one state folder (two `serve`s, or a RayService's old and new cluster
+    during an upgrade) used to overwrite each other's saves: each request now runs on the newest
+    saved state, and a save never replaces one it has not seen."""
+    other = BanditCore(core.state_dir)
+    mine = core.decide([0.1, 0.2, 0.3])
+    theirs = other.decide([0.3, 0.2, 0.1])  # made on a state that holds `mine`
+    assert core.feedback(theirs["decision_id"], 0.5)["status"] == "counted"
+    assert other.feedback(mine["decision_id"], 0.25)["status"] == "counted"
+    other.add_arm("dare_ties")
+    assert core.decide([0.0, 0.0, 0.0], arms=["dare_ties"])["operator"] == "dare_ties"
+    final = BanditCore(core.state_dir).stats()
+    assert (final["decisions"], final["feedback"], final["pending"]) == (3, 2, 1)
+    assert final == core.stats() == other.stats()
+    # The guard itself: a save that finds the file replaced since its read writes nothing (the
+    # request is then redone on the newer state), and drift in memory never reaches the disk.
+    stale = BanditCore(core.state_dir)
+    core.decide([0.2, 0.2, 0.2])
+    before = (core.state_dir / STATE_FILE).read_bytes()
+    stale.counters["decisions"] = 99
+    with pytest.raises(_Stale):
+        stale._persist()
+    assert (core.state_dir / STATE_FILE).read_bytes() == before
+    assert stale.decide([0.2, 0.2, 0.2])["seq"] == 4  # reloaded first: the 99 is gone
+    assert BanditCore(core.state_dir).stats()["decisions"] == 5
 
 
 def test_ledger_is_bounded_and_arms_persist(core: BanditCore):
@@ -315,6 +344,23 @@ def test_ledger_is_bounded_and_arms_persist(core: BanditCore):
     assert core.stats()["expired"] == 2
     with pytest.raises(CheckpointError, match="already exists"):
         BanditCore.create(core.state_dir, core.encoder, core.bandit)
+
+
+def test_anonymous_decisions_cannot_expire_trusted_ones(core: BanditCore):
+    """An open /decide used to let anyone push the service's own pending decisions out of the
+    ledger; decisions asked for with the token now have a budget of their own, kept on disk."""
+    kept = [core.decide([0.0, 0.1, 0.2], trusted=True)["decision_id"] for _ in range(3)]
+    flood = [core.decide([0.0, 0.1, 0.2])["decision_id"] for _ in range(12)]
+    assert core.stats()["pending"] == 8 and core.stats()["pending_trusted"] == 3 and core.stats()["expired"] == 7
+    restarted = BanditCore(core.state_dir)
+    assert all(restarted.feedback(d, 0.5)["status"] == "counted" for d in kept)
+    with pytest.raises(UnknownDecisionError):
+        restarted.feedback(flood[6], 0.5)  # the anonymous budget (5) keeps the newest anonymous five
+    assert restarted.feedback(flood[7], 0.5)["status"] == "counted"
+    more = [restarted.decide([0.0, 0.1, 0.2], trusted=True)["decision_id"] for _ in range(6)]
+    with pytest.raises(UnknownDecisionError):
+        restarted.feedback(more[0], 0.5)  # trusted decisions expire too, among themselves
+    assert restarted.stats()["pending"] == 4 + 5
 
 
 # ----- replay simulator
@@ -409,6 +455,44 @@ def test_cli_bandit_init_and_sim(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert (mine / "state.npz").read_bytes() == b"the user's" and sorted(p.name for p in mine.iterdir()) == ["state.npz"]
 
 
+def test_cli_bandit_init_over_the_selectors_encoder(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """--selector: the served bandit is the pipeline replay's (the selector's hidden layer as
+    context, its head as each arm's prior mean), and a selector refitted in place is refused."""
+    from simmerge_ray.selector.data import load_pair_data
+    from simmerge_ray.selector.encoder import SelectorEncoder
+    from simmerge_ray.selector.model import SelectorConfig
+    from simmerge_ray.selector.train import fit_selector
+
+    labels, features = synthetic_tables(SyntheticBanditSpec(n_models=5, seed=2))
+    labels.write_parquet(tmp_path / "labels.parquet")
+    features.write_parquet(tmp_path / "features.parquet")
+    pairs = load_pair_data(tmp_path / "features.parquet", tmp_path / "labels.parquet")
+    fit_selector(pairs, SelectorConfig(epochs=30, hidden=16, task_encoding=False)).save(tmp_path / "sel")
+    state, args = tmp_path / "state", ["--features", str(tmp_path / "features.parquet"), "--selector",
+                                       str(tmp_path / "sel")]
+    assert cli_main(["bandit-init", "--state", str(state), "--labels", str(tmp_path / "labels.parquet"), *args]) == 0
+    assert "the encoder of" in capsys.readouterr().out
+    core, enc = BanditCore(state), SelectorEncoder.load(tmp_path / "sel")
+    assert core.settings["encoder"]["kind"] == "selector" and core.encoder.width == enc.width == 16
+    data = replay_data(labels, features, enc.feature_names)
+    want = warm_bandit(enc, data.operators, enc.encode(data.x), data.rewards, SimSettings())
+    assert core.bandit.noise_var == want.noise_var
+    np.testing.assert_array_equal(core.bandit.mean_scores(enc.encode(data.x[:5])), want.mean_scores(enc.encode(data.x[:5])))
+    # A cold start begins at the selector's own predictions for its arms, at zero for a new one.
+    assert cli_main(["bandit-init", "--state", str(state), "--operators", "linear,lerp", "--overwrite", *args]) == 0
+    cold, head = BanditCore(state).bandit, enc.head_prior()
+    np.testing.assert_array_equal(cold.arms[0].prior_mean, head["linear"])
+    assert not cold.arms[1].prior_mean.any()
+    # The selector folder is an input: never written into; refitting it in place orphans the state.
+    assert cli_main(["bandit-init", "--state", str(tmp_path / "sel"), "--operators", "linear", "--overwrite",
+                     *args]) == 2
+    capsys.readouterr()
+    schema = tmp_path / "sel" / "selector.json"
+    schema.write_text(schema.read_text() + "\n")
+    with pytest.raises(CheckpointError, match="this selector changed since the bandit state was created over it"):
+        BanditCore(state)
+
+
 def test_cli_bandit_init_names_a_feature_table_without_finite_columns(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]):
     _, features = synthetic_tables(SyntheticBanditSpec(n_models=3, seed=1))
@@ -419,7 +503,7 @@ def test_cli_bandit_init_names_a_feature_table_without_finite_columns(tmp_path: 
     assert cli_main(["bandit-init", "--state", str(state), "--features", str(path), "--operators", "linear,ties"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"simmerge bandit-init: error: {path}: no numeric column prefixed s_ or f_ that is defined in "
-                   "some row and never infinite"], err
+                   "some row"], err
     assert not state.exists()  # nothing written
 
 
@@ -432,7 +516,7 @@ def test_a_pair_whose_auxiliary_has_no_task_is_served_with_its_features_imputed(
     taskless = pl.col("b") == "m3"
     features = features.with_columns(
         pl.when(taskless).then(None).otherwise(pl.col("f_syn7")).alias("f_syn7_on_b_task"),
-        pl.lit(float("inf")).alias("s_broken"))
+        pl.lit(float("nan")).alias("s_broken"))
     path = tmp_path / "features.parquet"
     features.write_parquet(path)
     labels.write_parquet(tmp_path / "labels.parquet")
@@ -440,7 +524,7 @@ def test_a_pair_whose_auxiliary_has_no_task_is_served_with_its_features_imputed(
     assert cli_main(["bandit-init", "--state", str(state), "--features", str(path),
                      "--labels", str(tmp_path / "labels.parquet")]) == 0
     out = capsys.readouterr().out
-    assert "1 feature column(s) left out (defined in no row, or infinite): s_broken" in out
+    assert "1 feature column(s) left out (defined in no row): s_broken" in out
     core = BanditCore(state)
     names = core.encoder.feature_names
     assert "f_syn7_on_b_task" in names and "s_broken" not in names
@@ -458,7 +542,12 @@ def test_a_pair_whose_auxiliary_has_no_task_is_served_with_its_features_imputed(
     # bandit-sim replays the same columns (it refused the whole table before).
     assert cli_main(["bandit-sim", "--labels", str(tmp_path / "labels.parquet"), "--features", str(path),
                      "--out", str(tmp_path / "sim"), "--rounds", "10", "--repeats", "1", "--add-at", "3"]) == 0
-    assert "bandit-sim: 1 feature column(s) left out (defined in no row, or infinite): s_broken" in capsys.readouterr().out
+    assert "bandit-sim: 1 feature column(s) left out (defined in no row): s_broken" in capsys.readouterr().out
+    # An infinite feature is a fault of the table, refused by name (it used to be dropped quietly).
+    features.with_columns(s_broken=pl.lit(float("inf"))).write_parquet(path)
+    assert cli_main(["bandit-init", "--state", str(tmp_path / "s2"), "--features", str(path),
+                     "--labels", str(tmp_path / "labels.parquet")]) == 2
+    assert f"{path}: column 's_broken' is inf in 36 row(s)" in capsys.readouterr().err
 
 
 def test_cli_serve_refuses_a_folder_without_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -552,6 +641,38 @@ def test_a_non_finite_state_is_never_saved_and_refused_on_load(core: BanditCore,
     np.savez(poisoned / STATE_FILE, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
     with pytest.raises(CheckpointError, match=rf"poisoned/{STATE_FILE}: meta.lints.arms\[2\].rr is not finite"):
         BanditCore(poisoned)
+
+
+def _damage_state(state_dir: Path, edit) -> None:
+    meta, arrays = read_state(state_dir)
+    edit(meta, arrays)
+    np.savez(state_dir / STATE_FILE, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+
+
+def _damage_settings(state_dir: Path, edit) -> None:
+    settings = json.loads((state_dir / SETTINGS_FILE).read_text())
+    edit(settings)
+    (state_dir / SETTINGS_FILE).write_text(json.dumps(settings))
+
+
+@pytest.mark.parametrize("damage, where, needle", [
+    (lambda d: _damage_state(d, lambda m, a: m.pop("counters")), STATE_FILE, "(missing field 'counters')"),
+    (lambda d: _damage_state(d, lambda m, a: a.pop("pending_seq")), STATE_FILE, "(missing field 'pending_seq')"),
+    (lambda d: _damage_state(d, lambda m, a: m["lints"]["config"].update(surprise=1)), STATE_FILE,
+     "unexpected keyword argument 'surprise'"),
+    (lambda d: _damage_settings(d, lambda s: s.pop("max_done")), SETTINGS_FILE, "(missing field 'max_done')"),
+    (lambda d: _damage_settings(d, lambda s: s.update(max_pending="many")), SETTINGS_FILE,
+     "('max_pending' is 'many', not a count of at least 1)"),
+])
+def test_a_damaged_state_is_one_error_naming_the_file_and_field(core: BanditCore, tmp_path: Path, damage, where,
+                                                                needle: str):
+    """A state file that parses but lacks a field used to surface as a bare KeyError or TypeError."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(core.state_dir, damaged)
+    damage(damaged)
+    with pytest.raises(CheckpointError) as e:
+        BanditCore(damaged)
+    assert str(e.value).startswith(f"{damaged / where}: damaged bandit state") and needle in str(e.value), e.value
 
 
 def test_serve_names_a_bad_state_or_feature_table_before_starting_ray(core: BanditCore, tmp_path: Path, capsys):

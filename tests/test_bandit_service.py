@@ -363,6 +363,20 @@ def test_writes_need_the_token(service, path, body):
     assert status == (422 if body.get("reward") == 1e308 else 200)
 
 
+def test_a_decision_asked_for_with_the_token_is_kept_apart(service):
+    """/decide stays open, but the token puts a decision in a pending budget that anonymous
+    callers cannot expire; a wrong token is a 401, never a silent anonymous decision."""
+    client, x = service["client"], service["x"]
+    before = client.stats()
+    assert client.call("POST", "/decide", {"features": x[3].tolist()}, token=None)[0] == 200
+    assert client.call("POST", "/decide", {"features": x[3].tolist()})[0] == 200
+    after = client.stats()
+    assert (after["decisions"], after["pending_trusted"]) == (before["decisions"] + 2, before["pending_trusted"] + 1)
+    status, reply = client.call("POST", "/decide", {"features": x[3].tolist()}, token="wrong-token-0123456789")
+    assert status == 401 and client.stats()["decisions"] == after["decisions"]
+    _one_line(reply, "authorization: wrong bandit token")
+
+
 def test_the_rayservice_import_path_builds_a_guarded_app(service, ray_cluster, tmp_path):
     """cluster/rayservice-bandit.yaml deploys `simmerge_ray.bandit.service:app`: build it the same
     way (a detached actor of its own over a copy of the state) and check the token guards it."""

@@ -407,6 +407,18 @@ def test_fit_refuses_labels_that_are_not_finite_numbers(tmp_path: Path, capsys, 
     assert not (tmp_path / "sel").exists()
 
 
+def test_fit_refuses_an_infinite_feature_naming_its_row(tmp_path: Path, capsys) -> None:
+    """An infinite feature used to make every prediction from its row NaN without a word."""
+    import polars as pl
+
+    feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    pl.read_parquet(feats).with_columns(s_cos=pl.Series([0.1, float("-inf"), 0.9])).write_parquet(feats)
+    assert cli_main(["fit", "--features", str(feats), "--labels", str(labels), "--out", str(tmp_path / "sel"),
+                     "--tune-samples", "0"]) == 2
+    _one_line_error(capsys, f"{feats}: column 's_cos' is -inf in 1 row(s) (first: a 'y', b 'z', task 't')")
+    assert not (tmp_path / "sel").exists()
+
+
 def test_selector_commands_refuse_bad_fold_and_member_counts(tmp_path: Path, capsys) -> None:
     feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     for folds in ("0", "1", "-3"):

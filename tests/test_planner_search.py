@@ -196,6 +196,12 @@ def test_a_calibration_ranks_complete_plans_by_measured_shape() -> None:
         with pytest.raises(ConfigError, match=r"calibration.json: not a multi-way calibration file \(a half-width or "
                                               r"bias is not an \[expert, others\] pair\)"):
             MultiwayCalibration.from_json(json.dumps(bad), "calibration.json")
+    for coef, needle in (([[0.0, 0.0]], r"coef has shape \[1, 2\], not \[11, 2\]"),
+                         ([[float("nan"), 0.0]] * 11, "coef holds a number that is not finite")):
+        bad = json.loads(cal.to_json())
+        bad["sizes"]["3"]["coef"] = coef
+        with pytest.raises(ConfigError, match=rf"calibration.json: not a multi-way calibration file \(sizes.3: {needle}\)"):
+            MultiwayCalibration.from_json(json.dumps(bad), "calibration.json")
     with pytest.raises(ConfigError, match="calibration.json: written for the features"):
         MultiwayCalibration.from_json('{"features": ["x"], "sizes": {}}', "calibration.json")
 

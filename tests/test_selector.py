@@ -92,6 +92,10 @@ def test_save_load_round_trip_and_schema_check(data, tmp_path) -> None:
         again.check_schema(["f_noise", "s_x1"], "features.parquet")
     with pytest.raises(ConfigError, match="selector expects 3 features"):
         again.predict(data.x[:, :2])
+    x = data.x.copy()
+    x[4, 1] = np.inf
+    with pytest.raises(ConfigError, match=f"feature '{data.feature_names[1]}' is inf in row 4"):
+        again.predict(x)
     with pytest.raises(ConfigError, match="not a selector folder"):
         Selector.load(tmp_path)
 
@@ -169,15 +173,15 @@ def test_ray_train_fits_several_selectors_in_one_run(ray_cluster, data, tmp_path
 
 
 def test_ray_tune_search(ray_cluster, data, tmp_path) -> None:
-    best, trials = tune_selector(data, num_samples=4, folds=3, base=SelectorConfig(epochs=100), storage=tmp_path,
+    best, trials = tune_selector(data, num_samples=4, folds=3, base=SelectorConfig(epochs=90), storage=tmp_path,
                                  chunk=25)
-    assert len(trials) == 4
+    assert len(trials) == 4 and {t["epochs"] for t in trials} == {90}  # the configured epochs, not 75 or 100
     assert all(np.isfinite(t["val_utility"]) for t in trials)
     assert best.hidden in (32, 64, 128) and best.depth in (1, 2, 3)
     assert max(t["val_utility"] for t in trials) > 0.5
     # Reproducible: the same data and seed give the same trials, stopped at the same epochs; an
     # ensemble's search runs on single networks, so it finds the same configuration for its members.
-    again, trials_again = tune_selector(data, num_samples=4, folds=3, base=SelectorConfig(epochs=100, members=3),
+    again, trials_again = tune_selector(data, num_samples=4, folds=3, base=SelectorConfig(epochs=90, members=3),
                                        storage=tmp_path / "again", chunk=25)
     assert trials_again == trials and again == replace(best, members=3)
 
@@ -209,6 +213,20 @@ def test_held_out_evaluation_searches_each_fold_on_its_training_pairs_alone(ray_
     assert one["utility"] == evaluate_pairs(data, [fixed_fit(cfgs[0])] * 3, folds=3)["utility"]
     with pytest.raises(ValueError, match="2 fit functions for 3 folds"):
         evaluate_pairs(data, [fixed_fit(cfgs[0])] * 2, folds=3)
+    # Leave-one-task-out is nested too: each held-out task's config is the search on the other
+    # tasks' pairs (it used to reuse the first fold's, which saw every task), without task codes.
+    from dataclasses import replace as replace_settings
+
+    from simmerge_ray.selector.evaluate import evaluate_loto
+    from simmerge_ray.selector.folds import leave_one_task_out
+
+    loto = [SelectorConfig.from_dict(c) for c in report["leave_one_task_out_configs"]]
+    tasks = leave_one_task_out(data.tasks)
+    assert len(loto) == len(tasks) > 1 and not any(c.task_encoding for c in loto)
+    last_tr, _ = list(tasks.values())[-1]
+    alone, _ = choose_config(data.subset(last_tr), replace_settings(s, task_encoding=False), tmp_path / "loto")
+    assert alone == loto[-1]
+    assert report["leave_one_task_out"]["utility"] == evaluate_loto(data, [fixed_fit(c) for c in loto])["utility"]
 
 
 def test_transfer_applies_a_selector_unchanged(data) -> None:

@@ -42,8 +42,8 @@ class BanditActor:
             self._core = BanditCore(self._state_dir)
         return self._core
 
-    def decide(self, x: list[float], arms: list[str] | None = None) -> dict[str, Any]:
-        return self.core.decide(x, arms)
+    def decide(self, x: list[float], arms: list[str] | None = None, trusted: bool = False) -> dict[str, Any]:
+        return self.core.decide(x, arms, trusted=trusted)
 
     def feedback(self, decision_id: str, reward: float) -> dict[str, Any]:
         return self.core.feedback(decision_id, reward)

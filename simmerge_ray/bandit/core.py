@@ -13,12 +13,16 @@ update, stays small.
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import os
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -30,6 +34,7 @@ from simmerge_ray.bandit.limits import check_features, check_prior_var, check_re
 from simmerge_ray.bandit.lints import LinTS
 from simmerge_ray.bandit.state import (
     SETTINGS_FILE,
+    STATE_FILE,
     read_settings,
     read_state,
     remove_stale_temporaries,
@@ -47,21 +52,96 @@ class Pending:
     arm: str
     z: np.ndarray
     seq: int
+    trusted: bool = False  # asked for with the write token: not evicted by anonymous decisions
+
+
+@contextmanager
+def _damaged(path: Path) -> Iterator[None]:
+    """A state file that parses but lacks a field, or holds one of the wrong kind, is one
+    CheckpointError naming the file and the field, not a KeyError from deep inside."""
+    try:
+        yield
+    except KeyError as e:
+        raise CheckpointError(f"{path}: damaged bandit state (missing field {e.args[0]!r})") from None
+    except (TypeError, ValueError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path}: damaged bandit state ({e})") from None
+
+
+Stamp = tuple[int, int, int]  # (inode, mtime ns, size): every save is a new file, so a new stamp
+T = TypeVar("T")
+
+
+def _stamp(path: Path) -> Stamp | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+@contextmanager
+def _folder_lock(state_dir: Path) -> Iterator[None]:
+    """An exclusive flock on the state folder itself (no lock file left behind), held for one read
+    or one check-and-save: two processes over one folder (two `serve`s, or a RayService's old and
+    new cluster during an upgrade) then take turns instead of overwriting each other."""
+    fd = os.open(state_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class _Stale(Exception):
+    """Another process saved the state since this one read it: reload, then redo the request."""
+
+
+def _on_fresh_state(method: Callable[..., T]) -> Callable[..., T]:
+    """Run a request on the newest saved state: reload first if another process saved since, and
+    redo the request if one saves between this request's reading and its saving."""
+    @functools.wraps(method)
+    def wrapper(self: BanditCore, *args: Any, **kwargs: Any) -> T:
+        for _ in range(5):
+            if _stamp(self.state_dir / STATE_FILE) != self._stamp:
+                self._load()
+            try:
+                return method(self, *args, **kwargs)
+            except _Stale:
+                continue
+        raise CheckpointError(f"{self.state_dir}: the bandit state keeps changing under this process "
+                              "(other processes are writing it); try again")
+    return wrapper
 
 
 class BanditCore:
-    """Load a state folder, serve decide/feedback/add_arm/stats, persist after each mutation."""
+    """Load a state folder, serve decide/feedback/add_arm/stats, persist after each mutation.
+    Several processes may serve one folder: each request runs on the newest saved state, and a
+    save never overwrites one it has not seen."""
 
     def __init__(self, state_dir: Path):
         self.state_dir = Path(state_dir)
         self.settings = read_settings(self.state_dir)
-        self.encoder: Encoder = load_encoder(self.settings["encoder"])
+        with _damaged(self.state_dir / SETTINGS_FILE):
+            for key in ("max_pending", "max_done"):
+                if not isinstance(self.settings[key], int) or self.settings[key] < 1:
+                    raise ValueError(f"{key!r} is {self.settings[key]!r}, not a count of at least 1")
+            self.encoder: Encoder = load_encoder(self.settings["encoder"])
         self._load()
-        remove_stale_temporaries(self.state_dir)
+        with _folder_lock(self.state_dir):  # no writer is mid-save while this is held
+            remove_stale_temporaries(self.state_dir)
 
     def _load(self) -> None:
-        """(Re)read the mutable state from disk: at start, and to undo a refused mutation."""
-        meta, arrays = read_state(self.state_dir)
+        """(Re)read the mutable state from disk: at start, after another process saved, and to
+        undo a refused mutation."""
+        with _folder_lock(self.state_dir):
+            stamp = _stamp(self.state_dir / STATE_FILE)
+            meta, arrays = read_state(self.state_dir)
+        self._stamp = stamp
+        with _damaged(self.state_dir / STATE_FILE):
+            self._unpack(meta, arrays)
+
+    def _unpack(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """The in-memory state from a state file's JSON part and arrays."""
         lints_arrays = {k.removeprefix("lints_"): v for k, v in arrays.items() if k.startswith("lints_")}
         self.bandit = LinTS.from_state(meta["lints"], lints_arrays)
         if self.bandit.width != self.encoder.width:
@@ -69,10 +149,13 @@ class BanditCore:
                 f"{self.state_dir}: bandit width {self.bandit.width} != encoder width {self.encoder.width}"
             )
         names = self.bandit.arm_names
+        # a state written before decisions could be asked for with the token has no trusted ones
+        trusted = arrays.get("pending_trusted", np.zeros(len(arrays["pending_id"]), dtype=bool))
         self.pending: OrderedDict[str, Pending] = OrderedDict(
-            (d.decode(), Pending(names[int(a)], z.copy(), int(s)))
-            for d, a, z, s in zip(
-                arrays["pending_id"], arrays["pending_arm"], arrays["pending_z"], arrays["pending_seq"]
+            (d.decode(), Pending(names[int(a)], z.copy(), int(s), bool(t)))
+            for d, a, z, s, t in zip(
+                arrays["pending_id"], arrays["pending_arm"], arrays["pending_z"], arrays["pending_seq"], trusted,
+                strict=True,
             )
         )
         self.done: OrderedDict[str, tuple[str, float]] = OrderedDict(
@@ -111,15 +194,20 @@ class BanditCore:
         counters = {"decisions": 0, "feedback": 0, "duplicates": 0, "expired": 0}
         # Built beside and renamed into place: a folder that is not a bandit state simmerge wrote
         # (a user's, or one holding the feature table) is never written into or replaced.
-        with atomic_output_dir(state_dir, overwrite=overwrite, inputs=[feature_table] if feature_table else []) as tmp:
+        inputs = [p for p in (feature_table, getattr(encoder, "path", None)) if p]  # never written into
+        with atomic_output_dir(state_dir, overwrite=overwrite, inputs=inputs) as tmp:
             write_settings(tmp, settings)
             _write(tmp, bandit, OrderedDict(), OrderedDict(), counters)
         return cls(state_dir)
 
     # ----- requests
-    def decide(self, x: Sequence[float] | np.ndarray, arms: Sequence[str] | None = None) -> dict[str, Any]:
+    @_on_fresh_state
+    def decide(self, x: Sequence[float] | np.ndarray, arms: Sequence[str] | None = None, *,
+               trusted: bool = False) -> dict[str, Any]:
         """Encode raw features, Thompson-sample an arm (among `arms` if given), record it as pending.
-        Missing values (NaN) are imputed by the encoder and named in the answer's `imputed`."""
+        Missing values (NaN) are imputed by the encoder and named in the answer's `imputed`.
+        Trusted decisions (asked for with the write token) and anonymous ones each keep up to
+        `max_pending` pending, so a flood of anonymous decisions cannot expire a trusted one."""
         x = check_features(x, len(self.encoder.feature_names))
         missing = np.isnan(x[0])
         if missing.all():
@@ -144,9 +232,10 @@ class BanditCore:
         names = self.bandit.arm_names
         seq = self.counters["decisions"]
         decision_id = uuid.uuid4().hex
-        self.pending[decision_id] = Pending(names[arm], z, seq)
-        while len(self.pending) > self.settings["max_pending"]:
-            self.pending.popitem(last=False)
+        self.pending[decision_id] = Pending(names[arm], z, seq, trusted)
+        same = [d for d, p in self.pending.items() if p.trusted == trusted]  # oldest first
+        for d in same[: max(0, len(same) - self.settings["max_pending"])]:
+            del self.pending[d]
             self.counters["expired"] += 1
         self.counters["decisions"] = seq + 1
         self._persist()
@@ -160,6 +249,7 @@ class BanditCore:
             "imputed": [n for n, m in zip(self.encoder.feature_names, missing) if m],
         }
 
+    @_on_fresh_state
     def feedback(self, decision_id: str, reward: float) -> dict[str, Any]:
         """Learn from the reward of a pending decision; a repeated id is a no-op duplicate."""
         reward = check_reward(reward)
@@ -180,6 +270,7 @@ class BanditCore:
         self._persist()
         return {"decision_id": decision_id, "operator": decision.arm, "status": "counted", "reward": reward}
 
+    @_on_fresh_state
     def add_arm(self, name: str, prior: PriorKind = "pooled", prior_var: float | None = None) -> dict[str, Any]:
         """Add an operator. 'pooled' starts it at the average of the current arms' posteriors."""
         if not name or not name.strip():
@@ -191,6 +282,7 @@ class BanditCore:
         self._persist()
         return {"arm": name, "arms": self.bandit.arm_names}
 
+    @_on_fresh_state
     def stats(self) -> dict[str, Any]:
         arms = [
             {
@@ -205,6 +297,7 @@ class BanditCore:
         return {
             **self.counters,
             "pending": len(self.pending),
+            "pending_trusted": sum(p.trusted for p in self.pending.values()),
             "arms": arms,
             "noise_var": self.bandit.noise_var,
             "encoder": self.settings["encoder"]["kind"],
@@ -214,9 +307,14 @@ class BanditCore:
 
     # ----- persistence
     def _persist(self) -> None:
-        """Save; a state that cannot be saved (non-finite) is undone in memory too, then refused."""
+        """Save; a state that cannot be saved (non-finite) is undone in memory too, then refused;
+        one that another process saved since this one read it is not overwritten (_Stale)."""
         try:
-            _write(self.state_dir, self.bandit, self.pending, self.done, self.counters)
+            with _folder_lock(self.state_dir):
+                if _stamp(self.state_dir / STATE_FILE) != self._stamp:
+                    raise _Stale
+                _write(self.state_dir, self.bandit, self.pending, self.done, self.counters)
+                self._stamp = _stamp(self.state_dir / STATE_FILE)
         except NonFiniteStateError:
             self._load()
             raise
@@ -237,6 +335,7 @@ def _write(
     arrays["pending_arm"] = np.array([index[p.arm] for p in pending.values()], dtype=np.int32)
     arrays["pending_seq"] = np.array([p.seq for p in pending.values()], dtype=np.int64)
     arrays["pending_z"] = np.array([p.z for p in pending.values()]).reshape(len(pending), bandit.width)
+    arrays["pending_trusted"] = np.array([p.trusted for p in pending.values()], dtype=bool)
     arrays["done_id"] = np.array(list(done), dtype="S32")
     arrays["done_arm"] = np.array([index[a] for a, _ in done.values()], dtype=np.int32)
     arrays["done_reward"] = np.array([r for _, r in done.values()], dtype=np.float64)

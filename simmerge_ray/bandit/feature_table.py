@@ -10,9 +10,8 @@ import numpy as np
 import polars as pl
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.io.tables import read_table
 from simmerge_ray.bandit.errors import FeatureError, UnknownNameError
-from simmerge_ray.features.schema import KEY_COLUMNS
+from simmerge_ray.features.schema import KEY_COLUMNS, read_feature_table
 
 
 class FeatureTable:
@@ -34,7 +33,7 @@ class FeatureTable:
 
     @classmethod
     def load(cls, path: Path, feature_names: Sequence[str]) -> FeatureTable:
-        return cls(read_table(Path(path), "feature table"), feature_names, source=str(path))
+        return cls(read_feature_table(Path(path)), feature_names, source=str(path))
 
     def lookup(self, a: str, b: str, task: str) -> np.ndarray:
         """x(a, b, task) as float64 [d], NaN where undefined (a null in the table); names that are

@@ -1,14 +1,16 @@
 """The HTTP front of the bandit: a Ray Serve deployment (FastAPI ingress) over the named actor.
 
     POST /decide    {"features": [...]} or {"a": .., "b": .., "task": ..}; optional "arms": [..]
-                    -> decision_id, operator, sampled scores, posterior means
+                    -> decision_id, operator, sampled scores, posterior means     (token optional)
     POST /feedback  {"decision_id": .., "reward": ..} -> status counted | duplicate     (token)
     POST /arms      {"name": .., "prior": "pooled" | "zero", "prior_var": ..}           (token)
     GET  /stats     counters and per-arm plays and mean rewards
     GET  /healthz   the actor answers
 
 Bodies over MAX_BODY_BYTES are refused (413) before they are parsed. The two writing endpoints
-need `Authorization: Bearer <token>` (401 without it; see auth.py). Bodies are validated by
+need `Authorization: Bearer <token>` (401 without it; see auth.py); /decide is open, and a
+decision asked for with the token is kept in a pending budget of its own, which anonymous
+decisions cannot expire. Bodies are validated by
 pydantic against the bounds of limits.py (malformed JSON, missing or extra fields, NaN/Inf, a
 value out of bounds -> 422, one line naming the field); errors the bandit raises carry their own
 4xx status (unknown id or name 404, duplicate arm 409, wrong feature width 422); an actor that
@@ -117,9 +119,18 @@ async def _bandit_error(_: Request, exc: BanditError) -> JSONResponse:
 
 
 async def _require_token(authorization: Annotated[str | None, Header()] = None) -> None:
-    """Dependency of the writing endpoints: it runs before their body is validated, so a caller
-    without the token learns nothing but 401."""
+    """Dependency of the writing endpoints: it runs before their body is validated against its
+    fields, so a caller without the token learns nothing but 401 (a body that is not JSON at all
+    is a 422 first: FastAPI reads JSON before it solves dependencies)."""
     check_authorization(authorization, serve.get_replica_context().servable_object.token_digest)
+
+
+async def _holds_token(authorization: Annotated[str | None, Header()] = None) -> bool:
+    """/decide: no Authorization header is an anonymous caller; one that is there must be right."""
+    if authorization is None:
+        return False
+    await _require_token(authorization)
+    return True
 
 
 @api.exception_handler(CheckpointError)
@@ -149,13 +160,13 @@ class BanditIngress:
         self.table = FeatureTable.load(Path(path), names) if path else None
 
     @api.post("/decide")
-    async def decide(self, req: DecideRequest) -> dict[str, Any]:
+    async def decide(self, req: DecideRequest, trusted: Annotated[bool, Depends(_holds_token)]) -> dict[str, Any]:
         if req.features is not None:
-            return await self.actor.decide.remote(req.features, req.arms)
+            return await self.actor.decide.remote(req.features, req.arms, trusted)
         if self.table is None:
             raise BanditError("this bandit has no feature table: send 'features' instead of names")
         x = self.table.lookup(req.a, req.b, req.task)
-        result = await self.actor.decide.remote(x.tolist(), req.arms)
+        result = await self.actor.decide.remote(x.tolist(), req.arms, trusted)
         return {**result, "pair": {"a": req.a, "b": req.b, "task": req.task}}
 
     @api.post("/feedback", dependencies=[Depends(_require_token)])

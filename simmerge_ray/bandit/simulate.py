@@ -190,16 +190,23 @@ class SimSettings:
     fit_evidence: bool = True  # empirical-Bayes prior and noise variances of the warm bandit
 
 
+def prior_bandit(encoder: Encoder, arms: Sequence[str], config: LinTSConfig) -> LinTS:
+    """A bandit before any data: each arm's prior mean is the encoder's own prediction head where it
+    has one for that arm (the offline selector's), else zero."""
+    bandit = LinTS(encoder.width, (), config)
+    head = getattr(encoder, "head_prior", None)
+    priors = head(intercept=config.intercept) if head is not None else {}
+    for arm in arms:
+        bandit.add_arm(arm, priors.get(arm))
+    return bandit
+
+
 def warm_bandit(encoder: Encoder, arms: Sequence[str], z: np.ndarray, rewards: np.ndarray,
                 settings: SimSettings) -> LinTS:
     """The warm-started bandit: each arm's prior mean is the encoder's own prediction head where it
     has one (the offline selector's), then the offline rows are absorbed and, with
     `settings.fit_evidence`, the prior and noise variances are chosen by their evidence."""
-    bandit = LinTS(encoder.width, (), settings.bandit)
-    head = getattr(encoder, "head_prior", None)
-    priors = head(intercept=settings.bandit.intercept) if head is not None else {}
-    for arm in arms:
-        bandit.add_arm(arm, priors.get(arm))
+    bandit = prior_bandit(encoder, arms, settings.bandit)
     bandit.warm_start(z, rewards, weight=settings.warm_weight)
     if settings.fit_evidence:
         bandit.fit_evidence()

@@ -11,7 +11,7 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.provenance import check_measured_from
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.out_checks import check_output
-from simmerge_ray.io.tables import read_table
+from simmerge_ray.features.schema import read_feature_table
 from simmerge_ray.planner.request import build_step_model
 from simmerge_ray.selector.data import features_file
 
@@ -111,7 +111,7 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
 
     sel = Selector.load(args.selector)
     check_measured_from(args.features, catalog, [args.expert, args.aux])
-    feats = read_table(features_file(args.features), "feature table")
+    feats = read_feature_table(features_file(args.features))
     sel.check_schema(feats.columns, str(features_file(args.features)))
     known = sorted(feats.get_column("task").unique().to_list())
     if args.task not in known:

@@ -23,7 +23,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-samples", type=int, default=8,
                    help="Ray Tune trials of the hyperparameter search (0: no search, the built-in config); "
                         "evaluate-selector searches once per fold, on that fold's training pairs")
-    p.add_argument("--epochs", type=int, default=300, help="training epochs (full batch)")
+    p.add_argument("--epochs", type=at_least_one, default=300, help="training epochs (full batch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search, the folds and the initial weights")
     p.add_argument("--no-task-encoding", action="store_true", help="task-agnostic selector")
     p.add_argument("--members", type=int, default=1,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from simmerge_ray.cli import raise_interrupt
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.features.schema import read_feature_table
 from simmerge_ray.io.tables import read_table
 from simmerge_ray.selector.data import features_file
 
@@ -17,9 +18,9 @@ from simmerge_ray.selector.data import features_file
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bandit-init",
-        help="create a bandit state folder (identity encoder; warm start from labels if given)",
+        help="create a bandit state folder (the selector's encoder or the identity; warm start from labels if given)",
         epilog="example:\n  simmerge bandit-init --state bandit/ --features feats/features.parquet "
-               "--labels labels/labels.parquet",
+               "--labels labels/labels.parquet --selector sel/",
     )
     p.add_argument("--state", type=Path, required=True, help="state folder to create")
     p.add_argument("--features", type=Path, required=True,
@@ -27,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", type=Path, help="labels.parquet for the warm start (full information)")
     p.add_argument("--operators", help="comma-separated arms when there are no labels (cold start); a name that is "
                                        "not one of simmerge's arms is served too, with a warning")
+    p.add_argument("--selector", type=Path,
+                   help="a `simmerge fit` folder: its last hidden layer encodes the contexts and its head is each "
+                        "arm's prior mean, as in the pipeline's replay (default: standardised raw features)")
     _add_bandit_args(p)
     p.add_argument("--warm-weight", type=float, default=1.0, help="weight of each offline row")
     p.add_argument("--overwrite", action="store_true", help="replace a state folder that simmerge wrote")
@@ -88,15 +92,22 @@ def _init(args: argparse.Namespace) -> int:
     labels = read_table(args.labels, "labels") if args.labels else None
     operators = _cold_start_arms(args.operators)
     features = features_file(args.features)
-    start = initial_bandit(read_table(features, "feature table"),
+    encoder = None
+    if args.selector is not None:
+        from simmerge_ray.selector.encoder import SelectorEncoder
+
+        encoder = SelectorEncoder.load(args.selector)
+    start = initial_bandit(read_feature_table(features),
                            SimSettings(bandit=_config(args), warm_weight=args.warm_weight),
-                           labels=labels, operators=operators, source=str(features))
+                           labels=labels, operators=operators, source=str(features), encoder=encoder)
     if start.dropped:
         print(f"bandit-init: {left_out_line(start.dropped)}")
     core = BanditCore.create(args.state, start.encoder, start.bandit, feature_table=features,
                              overwrite=args.overwrite)
     how = f"warm start from {start.contexts} contexts" if start.contexts else "cold start"
-    print(f"bandit state in {args.state}: arms {core.bandit.arm_names}, {start.encoder.width} features, {how}, "
+    what = f"the encoder of {args.selector} ({start.encoder.width} wide)" if args.selector else \
+        f"{start.encoder.width} features"
+    print(f"bandit state in {args.state}: arms {core.bandit.arm_names}, {what}, {how}, "
           f"prior_var {core.bandit.arms[0].prior_var:.4g}, noise_var {core.bandit.noise_var:.4g}")
     return 0
 
@@ -167,7 +178,7 @@ def _simulate(args: argparse.Namespace) -> int:
     else:
         if args.features is None:
             raise ConfigError("--labels needs --features")
-        labels, features = read_table(args.labels, "labels"), read_table(args.features, "feature table")
+        labels, features = read_table(args.labels, "labels"), read_feature_table(args.features)
     names, dropped = usable_feature_columns(features, str(args.features or "synthetic features"))
     if dropped:  # as bandit-init leaves them out: the bandit that is simulated is the one served
         print(f"bandit-sim: {left_out_line(dropped)}")

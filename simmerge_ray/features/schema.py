@@ -4,7 +4,12 @@ mark structural (weight-space) and functional (probe) features."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
+
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.io.tables import read_table
 
 KEY_COLUMNS: tuple[str, ...] = ("a", "b", "task")  # expert (or merge so far), joining model, task
 STRUCTURAL_PREFIX = "s_"
@@ -18,3 +23,24 @@ B_TASK_SUFFIX = "_on_b_task"
 def feature_columns(df: pl.DataFrame, prefixes: tuple[str, ...] = FEATURE_PREFIXES) -> list[str]:
     """The numeric columns with the given prefixes, in table order."""
     return [c for c, dtype in df.schema.items() if c.startswith(prefixes) and dtype.is_numeric()]
+
+
+def check_finite_features(df: pl.DataFrame, source: str) -> None:
+    """Refuse an infinite feature: NaN marks an undefined value (imputed), but an infinity would
+    turn every prediction made from its row into NaN without a word."""
+    for c in feature_columns(df):
+        if not df.schema[c].is_float():
+            continue
+        bad = df.filter(pl.col(c).is_infinite())
+        if bad.height:
+            r = bad.row(0, named=True)
+            key = ", ".join(f"{k} {r[k]!r}" for k in KEY_COLUMNS if k in r)
+            raise ConfigError(f"{source}: column {c!r} is {r[c]} in {bad.height} row(s) (first: {key}); "
+                              f"a feature must be finite (NaN marks undefined)")
+
+
+def read_feature_table(path: Path) -> pl.DataFrame:
+    """A feature table from disk, its feature values checked finite."""
+    df = read_table(path, "feature table")
+    check_finite_features(df, str(path))
+    return df

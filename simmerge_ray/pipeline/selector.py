@@ -146,7 +146,7 @@ def evaluate(s: SelectorSettings, *, folds: int = 5, echo: Callable[[str], None]
     from simmerge_ray.io.atomic import atomic_output_dir
     from simmerge_ray.selector.data import load_pair_data
     from simmerge_ray.selector.evaluate import ablation, evaluate_loto, evaluate_pairs, fixed_fit, gap_chart
-    from simmerge_ray.selector.folds import check_folds, group_kfold
+    from simmerge_ray.selector.folds import check_folds, group_kfold, leave_one_task_out
 
     check_folds(folds)
     check_calibration_folds(s.calibration_folds)
@@ -158,18 +158,23 @@ def evaluate(s: SelectorSettings, *, folds: int = 5, echo: Callable[[str], None]
         init_ray(s.address)
     # Nested: each outer fold's hyperparameters are searched on its training pairs only, so no
     # test pair influences the config it is predicted with, and the estimate averages over one
-    # search per fold instead of resting on a single search's noisy pick. Leave-one-task-out
-    # reuses the first fold's config.
+    # search per fold instead of resting on a single search's noisy pick. Leave-one-task-out is
+    # nested the same way: each held-out task's config is searched on the other tasks' pairs,
+    # without task codes (the held-out task has none).
     splits = group_kfold(data.pair_keys, folds, s.seed)
+    loto_splits = list(leave_one_task_out(data.tasks).values())
     with ray_work_dir() as work:
         searched = [choose_config(data.subset(tr), s, work) for tr, _ in splits]
+        loto_searched = [choose_config(data.subset(tr), replace(s, task_encoding=False), work) for tr, _ in loto_splits]
     cfgs = [cfg for cfg, _ in searched]
+    loto_cfgs = [cfg for cfg, _ in loto_searched]
     report = {
         "config": asdict(cfgs[0]),
         "fold_configs": [asdict(c) for c in cfgs],
         "held_out_pairs": evaluate_pairs(data, [fixed_fit(c) for c in cfgs], folds=folds, seed=s.seed,
                                          calibration_folds=s.calibration_folds),
-        "leave_one_task_out": evaluate_loto(data, fixed_fit(replace(cfgs[0], task_encoding=False))),
+        "leave_one_task_out": evaluate_loto(data, [fixed_fit(c) for c in loto_cfgs]),
+        "leave_one_task_out_configs": [asdict(c) for c in loto_cfgs],
         "ablation": ablation(data, cfgs, folds=folds, seed=s.seed),
         "tune_trials": [t for _, trials in searched for t in trials],
     }

@@ -79,6 +79,13 @@ class RetentionCalibrator:
 
     coef: np.ndarray  # [len(FEATURES), 2]
 
+    def __post_init__(self) -> None:
+        shape = np.shape(self.coef)
+        if shape != (len(FEATURES), 2):
+            raise ValueError(f"coef has shape {list(shape)}, not [{len(FEATURES)}, 2]")
+        if not np.all(np.isfinite(self.coef)):
+            raise ValueError("coef holds a number that is not finite")
+
     @classmethod
     def fit(cls, x: Sequence[Sequence[float]], y: Sequence[Sequence[float]], ridge: float = RIDGE
             ) -> "RetentionCalibrator":
@@ -168,8 +175,16 @@ class MultiwayCalibration:
             if any(len(pair) != 2 for hw in [*halfwidth.values(), *(p["halfwidth"] for p in pick.values())]
                    for pair in hw.values()) or any(len(p["bias"]) != 2 for p in pick.values()):
                 raise ValueError("a half-width or bias is not an [expert, others] pair")
+            if not all(np.isfinite(b) for p in pick.values() for b in p["bias"]):
+                raise ValueError("a pick's bias is not finite")
+            by_size = {}
+            for k, v in sizes.items():
+                try:
+                    by_size[int(k)] = RetentionCalibrator(np.asarray(v["coef"], dtype=np.float64))
+                except ValueError as e:
+                    raise ValueError(f"sizes.{k}: {e}") from None
             objective = raw.get("objective")
-            return cls({int(k): RetentionCalibrator(np.asarray(v["coef"], dtype=np.float64)) for k, v in sizes.items()},
+            return cls(by_size,
                        {int(k): int(v["subsets"]) for k, v in sizes.items()}, halfwidth, pick,
                        None if objective is None else {str(n): float(w) for n, w in objective.items()})
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from simmerge_ray.selector.model import Selector
+from simmerge_ray.errors import CheckpointError
+from simmerge_ray.selector.model import SCHEMA, WEIGHTS, Selector
 
 
 class SelectorEncoder:
@@ -47,12 +49,33 @@ class SelectorEncoder:
         return {op: np.append(w[i], b[i]) if intercept else w[i].copy()
                 for i, op in enumerate(self.selector.operators)}
 
+    @classmethod
+    def load(cls, path: str | Path) -> "SelectorEncoder":
+        """The encoder of a saved selector folder (`simmerge fit`'s output)."""
+        path = Path(path).resolve()
+        return cls(Selector.load(path), path)
+
     def spec(self) -> dict[str, Any]:
+        """The folder and a digest of its files: a bandit's posterior lives in this encoder's
+        space, so a selector refitted in place must not be picked up silently."""
         if self.path is None:
             raise ValueError("a selector encoder needs a saved selector folder to be rebuilt")
-        return {"kind": self.kind, "path": self.path}
+        return {"kind": self.kind, "path": self.path, "digest": _folder_digest(Path(self.path))}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "SelectorEncoder":
-        return cls(Selector.load(spec["path"]), spec["path"])
+        path = Path(spec["path"])
+        enc = cls.load(path)
+        if _folder_digest(path) != spec["digest"]:
+            raise CheckpointError(f"{path}: this selector changed since the bandit state was created over it "
+                                  f"(its posterior lives in the old selector's space); restore it or run "
+                                  f"`simmerge bandit-init` again")
+        return enc
+
+
+def _folder_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name in (SCHEMA, WEIGHTS):
+        h.update(name.encode() + b"\0" + (path / name).read_bytes())
+    return h.hexdigest()
 

@@ -93,8 +93,9 @@ def evaluate_pairs(data: PairData, fit: FitFn | Sequence[FitFn], *, folds: int =
     return out
 
 
-def evaluate_loto(data: PairData, fit: FitFn) -> dict:
-    """Leave one task out: the held-out task is new, so its task code is unknown (zeros)."""
+def evaluate_loto(data: PairData, fit: FitFn | Sequence[FitFn]) -> dict:
+    """Leave one task out (`fit`: one for every task, or one per task in sorted order): the
+    held-out task is new, so its task code is unknown (zeros)."""
     splits = leave_one_task_out(data.tasks)
     pred, maj = out_of_fold(data, list(splits.values()), fit)
     return {"split": "leave one task out", **summarize(data, pred, maj)}

@@ -47,6 +47,8 @@ class SelectorConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.members, int) and self.members >= 1):
             raise ConfigError(f"selector config: members must be an integer >= 1, got {self.members!r}")
+        if not (isinstance(self.epochs, int) and self.epochs >= 1):
+            raise ConfigError(f"selector config: epochs must be an integer >= 1, got {self.epochs!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SelectorConfig":
@@ -141,6 +143,10 @@ class Selector:
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != len(self.feature_names):
             raise ConfigError(f"selector expects {len(self.feature_names)} features, got shape {x.shape}")
+        if np.isinf(x).any():  # NaN is imputed; an infinity would make the row's predictions NaN
+            i, j = np.argwhere(np.isinf(x))[0]
+            raise ConfigError(f"selector input: feature {self.feature_names[j]!r} is {x[i, j]} in row {i}; "
+                              f"features must be finite (NaN marks undefined)")
         return (x - self.mean) / self.scale
 
     def design(self, x: np.ndarray, tasks: list[str] | None) -> torch.Tensor:

@@ -44,14 +44,16 @@ def _trial(config: dict, data: PairData, base: dict, folds: int, chunk: int) -> 
     for tr, va in splits:
         sel = new_selector(data.subset(tr), cfg)
         runs.append((sel, data.subset(tr), data.subset(va), None))
-    for step in range(max(1, cfg.epochs // chunk)):
+    done = 0
+    while done < cfg.epochs:  # reports every `chunk` epochs and at the end: exactly cfg.epochs in all
+        n = min(chunk, cfg.epochs - done)
         utils, runs_next = [], []
         for sel, tr, va, opt in runs:
-            opt = train_epochs(sel, tr, chunk, optimizer=opt)
+            opt = train_epochs(sel, tr, n, optimizer=opt)
             utils.append(chosen_utility(sel, va))
             runs_next.append((sel, tr, va, opt))
-        runs = runs_next
-        tune.report({"val_utility": float(np.mean(utils)), "epochs": (step + 1) * chunk})
+        runs, done = runs_next, done + n
+        tune.report({"val_utility": float(np.mean(utils)), "epochs": done})
 
 
 def tune_selector(data: PairData, *, num_samples: int = 8, folds: int = 3, base: SelectorConfig = SelectorConfig(),
