@@ -202,6 +202,10 @@ def test_a_calibration_ranks_complete_plans_by_measured_shape() -> None:
         bad["sizes"]["3"]["coef"] = coef
         with pytest.raises(ConfigError, match=rf"calibration.json: not a multi-way calibration file \(sizes.3: {needle}\)"):
             MultiwayCalibration.from_json(json.dumps(bad), "calibration.json")
+    bad = json.loads(cal.to_json())
+    bad["sizes"]["3"]["halfwidth"] = {"80": [float("inf"), 0.1]}
+    with pytest.raises(ConfigError, match=r"\(a half-width is not a finite number >= 0 \(null: unbounded\)\)"):
+        MultiwayCalibration.from_json(json.dumps(bad), "calibration.json")
     with pytest.raises(ConfigError, match="calibration.json: written for the features"):
         MultiwayCalibration.from_json('{"features": ["x"], "sizes": {}}', "calibration.json")
 

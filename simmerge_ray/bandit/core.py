@@ -28,6 +28,7 @@ import numpy as np
 
 from simmerge_ray.errors import CheckpointError, ConfigError
 from simmerge_ray.io.atomic import atomic_output_dir
+from simmerge_ray.io.out_checks import LOCK_FILE  # POSIX record locks on it hold across NFSv4 clients
 from simmerge_ray.bandit.encoder import Encoder, load_encoder
 from simmerge_ray.bandit.errors import BanditError, FeatureError, NonFiniteStateError, UnknownDecisionError
 from simmerge_ray.bandit.limits import check_features, check_prior_var, check_reward
@@ -67,49 +68,60 @@ def _damaged(path: Path) -> Iterator[None]:
         raise CheckpointError(f"{path}: damaged bandit state ({e})") from None
 
 
-Stamp = tuple[int, int, int]  # (inode, mtime ns, size): every save is a new file, so a new stamp
 T = TypeVar("T")
-
-
-def _stamp(path: Path) -> Stamp | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 @contextmanager
 def _folder_lock(state_dir: Path) -> Iterator[None]:
-    """An exclusive flock on the state folder itself (no lock file left behind), held for one read
-    or one check-and-save: two processes over one folder (two `serve`s, or a RayService's old and
-    new cluster during an upgrade) then take turns instead of overwriting each other."""
-    fd = os.open(state_dir, os.O_RDONLY)
+    """An exclusive lock on the state folder's lock file, held by a request from its read to its
+    save: two processes over one folder (two `serve`s, or a RayService's old and new cluster
+    during an upgrade) then take turns instead of overwriting each other. A POSIX record lock
+    belongs to the process and closing any descriptor of the file drops it: never nest this."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_dir}: the bandit state folder is gone (removed, or being replaced by "
+                              "`simmerge bandit-init --overwrite`)") from None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
 
 
-class _Stale(Exception):
-    """Another process saved the state since this one read it: reload, then redo the request."""
+class _Seen:
+    """The state file this process last read or wrote, held open: its inode cannot be reused by a
+    newer file while it is open, so a different inode at the path means another process saved
+    (a stamp of inode, mtime and size alone can repeat across two saves); a changed mtime or size
+    of the same inode means it was rewritten in place (e.g. a backup copied over it)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "rb")  # noqa: SIM115 (held for the object's life; closed with it)
+        st = os.fstat(self.file.fileno())
+        self.mark = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def current(self) -> bool:
+        """Whether the file at the path is still the one seen, unchanged."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (now.st_dev, now.st_ino, now.st_mtime_ns, now.st_size) == self.mark
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _on_fresh_state(method: Callable[..., T]) -> Callable[..., T]:
-    """Run a request on the newest saved state: reload first if another process saved since, and
-    redo the request if one saves between this request's reading and its saving."""
+    """Run a request under the folder's lock, on the newest saved state (reloaded first if
+    another process saved since this one last read or wrote it)."""
     @functools.wraps(method)
     def wrapper(self: BanditCore, *args: Any, **kwargs: Any) -> T:
-        for _ in range(5):
-            if _stamp(self.state_dir / STATE_FILE) != self._stamp:
+        with _folder_lock(self.state_dir):
+            if self._seen is None or not self._seen.current():
                 self._load()
-            try:
-                return method(self, *args, **kwargs)
-            except _Stale:
-                continue
-        raise CheckpointError(f"{self.state_dir}: the bandit state keeps changing under this process "
-                              "(other processes are writing it); try again")
+            return method(self, *args, **kwargs)
     return wrapper
 
 
@@ -126,43 +138,57 @@ class BanditCore:
                 if not isinstance(self.settings[key], int) or self.settings[key] < 1:
                     raise ValueError(f"{key!r} is {self.settings[key]!r}, not a count of at least 1")
             self.encoder: Encoder = load_encoder(self.settings["encoder"])
-        self._load()
+        self._seen: _Seen | None = None
         with _folder_lock(self.state_dir):  # no writer is mid-save while this is held
+            self._load()
             remove_stale_temporaries(self.state_dir)
 
     def _load(self) -> None:
-        """(Re)read the mutable state from disk: at start, after another process saved, and to
-        undo a refused mutation."""
-        with _folder_lock(self.state_dir):
-            stamp = _stamp(self.state_dir / STATE_FILE)
+        """(Re)read the mutable state from disk (the caller holds the folder's lock): at start,
+        after another process saved, and to undo a refused mutation. All or nothing: a state that
+        does not load leaves this process marked as having seen none, so every later request
+        tries again and none saves over it."""
+        if self._seen is not None:
+            self._seen.close()
+            self._seen = None
+        if read_settings(self.state_dir) != self.settings:
+            raise CheckpointError(f"{self.state_dir}: the bandit state was created anew since this process "
+                                  "loaded it (`bandit-init --overwrite`); restart the service")
+        seen = _Seen(self.state_dir / STATE_FILE) if (self.state_dir / STATE_FILE).is_file() else None
+        try:
             meta, arrays = read_state(self.state_dir)
-        self._stamp = stamp
-        with _damaged(self.state_dir / STATE_FILE):
-            self._unpack(meta, arrays)
+            with _damaged(self.state_dir / STATE_FILE):
+                self.bandit, self.pending, self.done, self.counters = self._unpack(meta, arrays)
+        except CheckpointError:
+            if seen is not None:
+                seen.close()
+            raise
+        self._seen = seen
 
-    def _unpack(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    def _unpack(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]
+                ) -> tuple[LinTS, OrderedDict[str, Pending], OrderedDict[str, tuple[str, float]], dict[str, int]]:
         """The in-memory state from a state file's JSON part and arrays."""
         lints_arrays = {k.removeprefix("lints_"): v for k, v in arrays.items() if k.startswith("lints_")}
-        self.bandit = LinTS.from_state(meta["lints"], lints_arrays)
-        if self.bandit.width != self.encoder.width:
+        bandit = LinTS.from_state(meta["lints"], lints_arrays)
+        if bandit.width != self.encoder.width:
             raise CheckpointError(
-                f"{self.state_dir}: bandit width {self.bandit.width} != encoder width {self.encoder.width}"
+                f"{self.state_dir}: bandit width {bandit.width} != encoder width {self.encoder.width}"
             )
-        names = self.bandit.arm_names
+        names = bandit.arm_names
         # a state written before decisions could be asked for with the token has no trusted ones
         trusted = arrays.get("pending_trusted", np.zeros(len(arrays["pending_id"]), dtype=bool))
-        self.pending: OrderedDict[str, Pending] = OrderedDict(
+        pending: OrderedDict[str, Pending] = OrderedDict(
             (d.decode(), Pending(names[int(a)], z.copy(), int(s), bool(t)))
             for d, a, z, s, t in zip(
                 arrays["pending_id"], arrays["pending_arm"], arrays["pending_z"], arrays["pending_seq"], trusted,
                 strict=True,
             )
         )
-        self.done: OrderedDict[str, tuple[str, float]] = OrderedDict(
+        done: OrderedDict[str, tuple[str, float]] = OrderedDict(
             (d.decode(), (names[int(a)], float(r)))
             for d, a, r in zip(arrays["done_id"], arrays["done_arm"], arrays["done_reward"])
         )
-        self.counters: dict[str, int] = dict(meta["counters"])
+        return bandit, pending, done, dict(meta["counters"])
 
     @classmethod
     def create(
@@ -307,17 +333,24 @@ class BanditCore:
 
     # ----- persistence
     def _persist(self) -> None:
-        """Save; a state that cannot be saved (non-finite) is undone in memory too, then refused;
-        one that another process saved since this one read it is not overwritten (_Stale)."""
+        """Save (the caller holds the folder's lock); a state that cannot be saved (non-finite, or
+        the disk refuses) is undone in memory too, then refused. A file replaced since this
+        process read it is never overwritten: under the lock that means the volume ignores locks."""
+        if self._seen is None or not self._seen.current():
+            raise CheckpointError(f"{self.state_dir / STATE_FILE}: replaced by another process while this one held "
+                                  f"the folder's lock ({LOCK_FILE}): this volume does not honour POSIX locks; serve "
+                                  "this folder from one process only")
         try:
-            with _folder_lock(self.state_dir):
-                if _stamp(self.state_dir / STATE_FILE) != self._stamp:
-                    raise _Stale
-                _write(self.state_dir, self.bandit, self.pending, self.done, self.counters)
-                self._stamp = _stamp(self.state_dir / STATE_FILE)
+            _write(self.state_dir, self.bandit, self.pending, self.done, self.counters)
+            self._seen.close()
+            self._seen = _Seen(self.state_dir / STATE_FILE)
         except NonFiniteStateError:
             self._load()
             raise
+        except OSError as e:
+            self._load()
+            raise CheckpointError(f"{self.state_dir / STATE_FILE}: not saved ({e.strerror or e}); "
+                                  "the saved state is unchanged") from None
 
 
 def _write(

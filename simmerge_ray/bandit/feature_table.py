@@ -33,7 +33,7 @@ class FeatureTable:
 
     @classmethod
     def load(cls, path: Path, feature_names: Sequence[str]) -> FeatureTable:
-        return cls(read_feature_table(Path(path)), feature_names, source=str(path))
+        return cls(read_feature_table(Path(path), feature_names), feature_names, source=str(path))
 
     def lookup(self, a: str, b: str, task: str) -> np.ndarray:
         """x(a, b, task) as float64 [d], NaN where undefined (a null in the table); names that are

@@ -111,7 +111,7 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
 
     sel = Selector.load(args.selector)
     check_measured_from(args.features, catalog, [args.expert, args.aux])
-    feats = read_feature_table(features_file(args.features))
+    feats = read_feature_table(features_file(args.features), sel.feature_names)
     sel.check_schema(feats.columns, str(features_file(args.features)))
     known = sorted(feats.get_column("task").unique().to_list())
     if args.task not in known:

@@ -97,7 +97,7 @@ def _init(args: argparse.Namespace) -> int:
         from simmerge_ray.selector.encoder import SelectorEncoder
 
         encoder = SelectorEncoder.load(args.selector)
-    start = initial_bandit(read_feature_table(features),
+    start = initial_bandit(read_feature_table(features, encoder.feature_names if encoder else None),
                            SimSettings(bandit=_config(args), warm_weight=args.warm_weight),
                            labels=labels, operators=operators, source=str(features), encoder=encoder)
     if start.dropped:

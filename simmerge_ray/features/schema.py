@@ -4,6 +4,7 @@ mark structural (weight-space) and functional (probe) features."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
@@ -25,10 +26,11 @@ def feature_columns(df: pl.DataFrame, prefixes: tuple[str, ...] = FEATURE_PREFIX
     return [c for c, dtype in df.schema.items() if c.startswith(prefixes) and dtype.is_numeric()]
 
 
-def check_finite_features(df: pl.DataFrame, source: str) -> None:
-    """Refuse an infinite feature: NaN marks an undefined value (imputed), but an infinity would
-    turn every prediction made from its row into NaN without a word."""
-    for c in feature_columns(df):
+def check_finite_features(df: pl.DataFrame, source: str, columns: Sequence[str] | None = None) -> None:
+    """Refuse an infinite feature among `columns` (default: every feature column): NaN marks an
+    undefined value (imputed), but an infinity would turn every prediction made from its row
+    into NaN without a word. A column nothing reads is not checked."""
+    for c in feature_columns(df) if columns is None else [c for c in columns if c in df.columns]:
         if not df.schema[c].is_float():
             continue
         bad = df.filter(pl.col(c).is_infinite())
@@ -39,8 +41,9 @@ def check_finite_features(df: pl.DataFrame, source: str) -> None:
                               f"a feature must be finite (NaN marks undefined)")
 
 
-def read_feature_table(path: Path) -> pl.DataFrame:
-    """A feature table from disk, its feature values checked finite."""
+def read_feature_table(path: Path, columns: Sequence[str] | None = None) -> pl.DataFrame:
+    """A feature table from disk, the feature values that will be read (`columns`, default all)
+    checked finite."""
     df = read_table(path, "feature table")
-    check_finite_features(df, str(path))
+    check_finite_features(df, str(path), columns)
     return df

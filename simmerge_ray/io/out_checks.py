@@ -18,17 +18,18 @@ from simmerge_ray.errors import ConfigError, OutputError
 from simmerge_ray.io.owner import OWNER_FILE
 
 MARKER = ".simmerge-output.json"
+LOCK_FILE = ".simmerge-lock"  # a folder's lock (the bandit's state): bookkeeping like the marker, never listed
 
 
 def folder_entries(folder: Path) -> list[str]:
     """Every entry below `folder` as a relative POSIX path, folders ending in '/', links not
-    followed; the marker and the owner record at the top are left out."""
+    followed; the marker, the owner record and the lock file at the top are left out."""
     folder = Path(folder)
     out = []
     for root, dirs, files in os.walk(folder):
         rel = Path(root).relative_to(folder)
         out += [(rel / d).as_posix() + "/" for d in dirs]
-        out += [(rel / f).as_posix() for f in files if not (root == str(folder) and f in (MARKER, OWNER_FILE))]
+        out += [(rel / f).as_posix() for f in files if not (root == str(folder) and f in (MARKER, OWNER_FILE, LOCK_FILE))]
     return sorted(out)
 
 

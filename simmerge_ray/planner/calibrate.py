@@ -177,6 +177,10 @@ class MultiwayCalibration:
                 raise ValueError("a half-width or bias is not an [expert, others] pair")
             if not all(np.isfinite(b) for p in pick.values() for b in p["bias"]):
                 raise ValueError("a pick's bias is not finite")
+            if not all(h is None or (np.isfinite(h) and h >= 0)
+                       for hw in [*halfwidth.values(), *(p["halfwidth"] for p in pick.values())]
+                       for pair in hw.values() for h in pair):
+                raise ValueError("a half-width is not a finite number >= 0 (null: unbounded)")
             by_size = {}
             for k, v in sizes.items():
                 try:
