@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -282,6 +283,32 @@ def test_discarding_the_cache_removes_only_its_entries(resumed: dict, tmp_path: 
     assert discard_entries(root) == 1
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
         "experiment1", "experiment1/meta.json", "key1", "key1/notes.txt", "readme.md"]
+
+
+_HASHER = """
+import sys
+from pathlib import Path
+from simmerge_ray.io.digest_cache import file_digest
+
+for path in sys.argv[1:]:
+    file_digest(Path(path))
+"""
+
+
+def test_processes_hashing_at_once_keep_every_digest(tmp_path: Path) -> None:
+    """Ray actors hash files side by side: each used to write the store it had read, dropping
+    the others' entries (only costing a re-hash, but never converging)."""
+    import subprocess
+    import sys
+
+    files = []
+    for i in range(60):
+        files.append(tmp_path / f"w{i}.bin")
+        files[-1].write_bytes(bytes([i]) * 100)
+    env = {**os.environ, "SIMMERGE_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", _HASHER, *map(str, files[k::3])], env=env) for k in range(3)]
+    assert all(proc.wait(timeout=120) == 0 for proc in procs)
+    assert len(json.loads((tmp_path / "cache" / "file_digests.json").read_text())) == 60
 
 
 def test_corrupt_digest_store_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -214,7 +214,8 @@ def test_held_out_evaluation_searches_each_fold_on_its_training_pairs_alone(ray_
     with pytest.raises(ValueError, match="2 fit functions for 3 folds"):
         evaluate_pairs(data, [fixed_fit(cfgs[0])] * 2, folds=3)
     # Leave-one-task-out is nested too: each held-out task's config is the search on the other
-    # tasks' pairs (it used to reuse the first fold's, which saw every task), without task codes.
+    # tasks' pairs, its inner folds holding tasks out (it used to reuse the first fold's, which saw
+    # every task), without task codes.
     from dataclasses import replace as replace_settings
 
     from simmerge_ray.selector.evaluate import evaluate_loto
@@ -224,7 +225,8 @@ def test_held_out_evaluation_searches_each_fold_on_its_training_pairs_alone(ray_
     tasks = leave_one_task_out(data.tasks)
     assert len(loto) == len(tasks) > 1 and not any(c.task_encoding for c in loto)
     last_tr, _ = list(tasks.values())[-1]
-    alone, _ = choose_config(data.subset(last_tr), replace_settings(s, task_encoding=False), tmp_path / "loto")
+    alone, _ = choose_config(data.subset(last_tr), replace_settings(s, task_encoding=False), tmp_path / "loto",
+                             by_task=True)
     assert alone == loto[-1]
     assert report["leave_one_task_out"]["utility"] == evaluate_loto(data, [fixed_fit(c) for c in loto])["utility"]
 

@@ -13,7 +13,6 @@ update, stays small.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import os
 import uuid
@@ -28,7 +27,8 @@ import numpy as np
 
 from simmerge_ray.errors import CheckpointError, ConfigError
 from simmerge_ray.io.atomic import atomic_output_dir
-from simmerge_ray.io.out_checks import LOCK_FILE  # POSIX record locks on it hold across NFSv4 clients
+from simmerge_ray.io.file_lock import exclusive_lock
+from simmerge_ray.io.out_checks import LOCK_FILE
 from simmerge_ray.bandit.encoder import Encoder, load_encoder
 from simmerge_ray.bandit.errors import BanditError, FeatureError, NonFiniteStateError, UnknownDecisionError
 from simmerge_ray.bandit.limits import check_features, check_prior_var, check_reward
@@ -73,20 +73,14 @@ T = TypeVar("T")
 
 @contextmanager
 def _folder_lock(state_dir: Path) -> Iterator[None]:
-    """An exclusive lock on the state folder's lock file, held by a request from its read to its
-    save: two processes over one folder (two `serve`s, or a RayService's old and new cluster
-    during an upgrade) then take turns instead of overwriting each other. A POSIX record lock
-    belongs to the process and closing any descriptor of the file drops it: never nest this."""
-    try:
-        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    except FileNotFoundError:
+    """The state folder's lock, held by a request from its read to its save: two processes over
+    one folder (two `serve`s, or a RayService's old and new cluster during an upgrade) then take
+    turns instead of overwriting each other."""
+    if not state_dir.is_dir():
         raise CheckpointError(f"{state_dir}: the bandit state folder is gone (removed, or being replaced by "
-                              "`simmerge bandit-init --overwrite`)") from None
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
+                              "`simmerge bandit-init --overwrite`)")
+    with exclusive_lock(state_dir / LOCK_FILE):
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 class _Seen:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.io.file_lock import exclusive_lock
 
 log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
@@ -50,10 +51,12 @@ def file_digest(path: Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     digest = h.hexdigest()
-    with _LOCK:
+    store.parent.mkdir(parents=True, exist_ok=True)
+    # Threads and processes (Ray actors hashing side by side) each add their entry to what is on
+    # disk now, so no one's write drops another's.
+    with _LOCK, exclusive_lock(store.with_name(store.name + ".lock")):
         known = _load(store)
         known[key] = digest
-        store.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(store, json.dumps(known))
     return digest
 

@@ -78,8 +78,10 @@ def ray_work_dir() -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def choose_config(data: PairData, s: SelectorSettings, storage: Path) -> tuple[SelectorConfig, list[dict]]:
-    """Ray Tune's best config on pair-grouped folds of `data` (or the default one), and its trials."""
+def choose_config(data: PairData, s: SelectorSettings, storage: Path, *, by_task: bool = False
+                  ) -> tuple[SelectorConfig, list[dict]]:
+    """Ray Tune's best config on pair-grouped folds of `data` (task-grouped with `by_task`, where
+    `data` holds at least 2 tasks), or the default one, and its trials."""
     from simmerge_ray.selector.model import SelectorConfig
     from simmerge_ray.selector.ray_fit import tune_selector
 
@@ -87,7 +89,7 @@ def choose_config(data: PairData, s: SelectorSettings, storage: Path) -> tuple[S
     if s.tune_samples <= 0:
         return base, []
     return tune_selector(data, num_samples=s.tune_samples, folds=3, base=base, storage=storage,
-                         allow_task_encoding=s.task_encoding)
+                         allow_task_encoding=s.task_encoding, by_task=by_task and len(set(data.tasks)) > 1)
 
 
 def fit(s: SelectorSettings, *, workers: int = 1, echo: Callable[[str], None] = print) -> Selector:
@@ -159,13 +161,14 @@ def evaluate(s: SelectorSettings, *, folds: int = 5, echo: Callable[[str], None]
     # Nested: each outer fold's hyperparameters are searched on its training pairs only, so no
     # test pair influences the config it is predicted with, and the estimate averages over one
     # search per fold instead of resting on a single search's noisy pick. Leave-one-task-out is
-    # nested the same way: each held-out task's config is searched on the other tasks' pairs,
-    # without task codes (the held-out task has none).
+    # nested the same way: each held-out task's config is searched on the other tasks' pairs, on
+    # inner folds that hold tasks out too, without task codes (the held-out task has none).
     splits = group_kfold(data.pair_keys, folds, s.seed)
     loto_splits = list(leave_one_task_out(data.tasks).values())
     with ray_work_dir() as work:
         searched = [choose_config(data.subset(tr), s, work) for tr, _ in splits]
-        loto_searched = [choose_config(data.subset(tr), replace(s, task_encoding=False), work) for tr, _ in loto_splits]
+        loto_searched = [choose_config(data.subset(tr), replace(s, task_encoding=False), work, by_task=True)
+                         for tr, _ in loto_splits]
     cfgs = [cfg for cfg, _ in searched]
     loto_cfgs = [cfg for cfg, _ in loto_searched]
     report = {

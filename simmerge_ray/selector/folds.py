@@ -15,11 +15,11 @@ def check_folds(k: int) -> None:
 
 
 def group_kfold(groups: list[str], k: int, seed: int = 0) -> list[Split]:
-    """k folds over distinct groups (unordered model pairs), shuffled with `seed`."""
+    """k folds over distinct groups (unordered model pairs, or tasks), shuffled with `seed`."""
     check_folds(k)
     uniq = sorted(set(groups))
     if len(uniq) < 2:
-        raise ConfigError(f"need at least 2 distinct model pairs to split, got {len(uniq)}")
+        raise ConfigError(f"need at least 2 distinct groups (model pairs or tasks) to split, got {len(uniq)}")
     k = min(k, len(uniq))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(uniq))

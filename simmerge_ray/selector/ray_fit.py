@@ -35,11 +35,11 @@ def search_space(allow_task_encoding: bool = True) -> dict:
     }
 
 
-def _trial(config: dict, data: PairData, base: dict, folds: int, chunk: int) -> None:
+def _trial(config: dict, data: PairData, base: dict, folds: int, chunk: int, by_task: bool) -> None:
     from ray import tune
 
     cfg = SelectorConfig.from_dict({**base, **config})
-    splits = group_kfold(data.pair_keys, folds, seed=cfg.seed)
+    splits = group_kfold(data.tasks if by_task else data.pair_keys, folds, seed=cfg.seed)
     runs = []
     for tr, va in splits:
         sel = new_selector(data.subset(tr), cfg)
@@ -57,16 +57,17 @@ def _trial(config: dict, data: PairData, base: dict, folds: int, chunk: int) -> 
 
 
 def tune_selector(data: PairData, *, num_samples: int = 8, folds: int = 3, base: SelectorConfig = SelectorConfig(),
-                  storage: str | Path | None = None, chunk: int = 25,
-                  allow_task_encoding: bool = True) -> tuple[SelectorConfig, list[dict]]:
-    """Random search over pair-grouped inner folds of `data`; returns the best config and all trials.
-    Trials train single networks (an ensemble's members share the configuration they find), so a
-    search costs the same whatever `base.members` is."""
+                  storage: str | Path | None = None, chunk: int = 25, allow_task_encoding: bool = True,
+                  by_task: bool = False) -> tuple[SelectorConfig, list[dict]]:
+    """Random search over pair-grouped inner folds of `data` (task-grouped with `by_task`: a
+    config chosen for tasks it has not seen); returns the best config and all trials. Trials
+    train single networks (an ensemble's members share the configuration they find), so a search
+    costs the same whatever `base.members` is."""
     from ray import tune
 
     base_d = {k: v for k, v in asdict(base).items() if k not in ("hidden", "depth", "dropout", "lr",
                                                                    "weight_decay", "task_encoding")} | {"members": 1}
-    trainable = tune.with_parameters(_trial, data=data, base=base_d, folds=folds, chunk=chunk)
+    trainable = tune.with_parameters(_trial, data=data, base=base_d, folds=folds, chunk=chunk, by_task=by_task)
     trainable = tune.with_resources(trainable, {"cpu": 1})
     storage = Path(storage or tempfile.mkdtemp(prefix="simmerge-tune-")).resolve()
     tuner = tune.Tuner(
