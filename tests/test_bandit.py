@@ -303,10 +303,10 @@ def test_state_folder_survives_a_restart_exactly(core: BanditCore, tmp_path: Pat
         BanditCore(broken)
 
 
-def test_two_processes_over_one_folder_take_turns_and_lose_no_update(core: BanditCore):
+def test_two_services_over_one_folder_see_each_others_saves(core: BanditCore):
     """Two services over one state folder (two `serve`s, or a RayService's old and new cluster
-    during an upgrade) used to overwrite each other's saves: each request now runs on the newest
-    saved state, and a save never replaces one it has not seen."""
+    during an upgrade; here two objects used in turn) used to overwrite each other's saves: each
+    request now runs on the newest saved state, and a save never replaces one it has not seen."""
     other = BanditCore(core.state_dir)
     mine = core.decide([0.1, 0.2, 0.3])
     theirs = other.decide([0.3, 0.2, 0.1])  # made on a state that holds `mine`
@@ -331,14 +331,29 @@ def test_two_processes_over_one_folder_take_turns_and_lose_no_update(core: Bandi
 
 
 _WRITER = """
-import sys
+import sys, time
+from pathlib import Path
 from simmerge_ray.bandit.core import BanditCore
 
 core = BanditCore(sys.argv[1])
+(Path(sys.argv[3]) / f"ready-{sys.argv[4]}").touch()
+while not (Path(sys.argv[3]) / "go").exists():  # all start together, so their loops overlap
+    time.sleep(0.005)
 for i in range(int(sys.argv[2])):
     d = core.decide([0.1 * (i % 7), 0.2, -0.3])
     assert core.feedback(d["decision_id"], 0.5)["status"] == "counted"
 """
+
+
+def _start_together(sync: Path, procs: list) -> None:
+    """Release processes that wait for sync/go once each has written its sync/ready-k."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while len(list(sync.glob("ready-*"))) < len(procs):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a process did not start"
+        time.sleep(0.01)
+    (sync / "go").touch()
 
 
 def test_processes_writing_one_folder_at_once_lose_nothing(core: BanditCore):
@@ -348,8 +363,11 @@ def test_processes_writing_one_folder_at_once_lose_nothing(core: BanditCore):
     import subprocess
     import sys
 
-    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(core.state_dir), "30"], stderr=subprocess.PIPE)
-             for _ in range(3)]
+    sync = core.state_dir.parent / "sync"
+    sync.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(core.state_dir), "30", str(sync), str(k)],
+                              stderr=subprocess.PIPE) for k in range(3)]
+    _start_together(sync, procs)
     for proc in procs:
         assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:]
     final = BanditCore(core.state_dir).stats()

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import polars as pl
@@ -286,11 +287,15 @@ def test_discarding_the_cache_removes_only_its_entries(resumed: dict, tmp_path: 
 
 
 _HASHER = """
-import sys
+import sys, time
 from pathlib import Path
 from simmerge_ray.io.digest_cache import file_digest
 
-for path in sys.argv[1:]:
+sync = Path(sys.argv[1])
+(sync / f"ready-{sys.argv[2]}").touch()
+while not (sync / "go").exists():  # all start together, so their writes overlap
+    time.sleep(0.005)
+for path in sys.argv[3:]:
     file_digest(Path(path))
 """
 
@@ -302,13 +307,20 @@ def test_processes_hashing_at_once_keep_every_digest(tmp_path: Path) -> None:
     import sys
 
     files = []
-    for i in range(60):
+    for i in range(150):
         files.append(tmp_path / f"w{i}.bin")
         files[-1].write_bytes(bytes([i]) * 100)
     env = {**os.environ, "SIMMERGE_CACHE": str(tmp_path / "cache")}
-    procs = [subprocess.Popen([sys.executable, "-c", _HASHER, *map(str, files[k::3])], env=env) for k in range(3)]
+    (tmp_path / "sync").mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _HASHER, str(tmp_path / "sync"), str(k), *map(str, files[k::3])],
+                              env=env) for k in range(3)]
+    deadline = time.monotonic() + 120
+    while len(list((tmp_path / "sync").glob("ready-*"))) < 3:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a hashing process did not start"
+        time.sleep(0.01)
+    (tmp_path / "sync" / "go").touch()
     assert all(proc.wait(timeout=120) == 0 for proc in procs)
-    assert len(json.loads((tmp_path / "cache" / "file_digests.json").read_text())) == 60
+    assert len(json.loads((tmp_path / "cache" / "file_digests.json").read_text())) == 150
 
 
 def test_corrupt_digest_store_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -91,7 +91,10 @@ class _Seen:
 
     def __init__(self, path: Path):
         self.path = path
-        self.file = open(path, "rb")  # noqa: SIM115 (held for the object's life; closed with it)
+        try:
+            self.file = open(path, "rb")  # noqa: SIM115 (held for the object's life; closed with it)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot open the bandit state ({e.strerror or e})") from None
         st = os.fstat(self.file.fileno())
         self.mark = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
@@ -105,6 +108,10 @@ class _Seen:
 
     def close(self) -> None:
         self.file.close()
+
+    def __del__(self) -> None:  # a dropped BanditCore closes its file without a ResourceWarning
+        if hasattr(self, "file"):
+            self.file.close()
 
 
 def _on_fresh_state(method: Callable[..., T]) -> Callable[..., T]:
@@ -153,7 +160,7 @@ class BanditCore:
             meta, arrays = read_state(self.state_dir)
             with _damaged(self.state_dir / STATE_FILE):
                 self.bandit, self.pending, self.done, self.counters = self._unpack(meta, arrays)
-        except CheckpointError:
+        except BaseException:
             if seen is not None:
                 seen.close()
             raise
@@ -336,8 +343,6 @@ class BanditCore:
                                   "this folder from one process only")
         try:
             _write(self.state_dir, self.bandit, self.pending, self.done, self.counters)
-            self._seen.close()
-            self._seen = _Seen(self.state_dir / STATE_FILE)
         except NonFiniteStateError:
             self._load()
             raise
@@ -345,6 +350,11 @@ class BanditCore:
             self._load()
             raise CheckpointError(f"{self.state_dir / STATE_FILE}: not saved ({e.strerror or e}); "
                                   "the saved state is unchanged") from None
+        self._seen.close()
+        try:
+            self._seen = _Seen(self.state_dir / STATE_FILE)
+        except CheckpointError:  # saved, but not reopened (e.g. out of descriptors): the next request reloads
+            self._seen = None
 
 
 def _write(
