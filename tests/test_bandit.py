@@ -375,6 +375,35 @@ def test_processes_writing_one_folder_at_once_lose_nothing(core: BanditCore):
     assert sum(a["plays"] for a in final["arms"]) == 90
 
 
+def test_two_cores_in_one_process_take_turns(core: BanditCore):
+    """A POSIX lock belongs to the process, so two cores over one folder in two threads of one
+    process (a library user's, not the actor's) both held it at once and saved over each other;
+    the lock now also excludes threads."""
+    import threading
+
+    errors: list[BaseException] = []
+    go = threading.Barrier(2)
+
+    def loop() -> None:
+        mine = BanditCore(core.state_dir)
+        go.wait()
+        try:
+            for i in range(40):
+                d = mine.decide([0.1 * (i % 7), 0.2, -0.3])
+                assert mine.feedback(d["decision_id"], 0.5)["status"] == "counted"
+        except BaseException as e:  # noqa: BLE001 (reported by the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=loop) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[0]
+    final = BanditCore(core.state_dir).stats()
+    assert (final["decisions"], final["feedback"], final["pending"]) == (80, 80, 0)
+
+
 def test_a_state_that_fails_to_reload_is_never_served_nor_saved_over(core: BanditCore, tmp_path: Path):
     """A reload that fails (a damaged file from another writer, a folder re-created or removed)
     used to leave the process believing it had the newest state: it then served the old one and

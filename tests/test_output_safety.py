@@ -23,6 +23,7 @@ import yaml
 from simmerge_ray.cli import main as cli_main
 from simmerge_ray.errors import ConfigError, OutputError
 from simmerge_ray.io.atomic import atomic_output_dir
+from simmerge_ray.io.file_lock import exclusive_lock
 from simmerge_ray.io.out_checks import MARKER
 from simmerge_ray.io.owner import OWNER_FILE, write_owner
 from simmerge_ray.io.stage_files import stage_files
@@ -180,6 +181,7 @@ HOLD_OPEN = """
 import sys, time
 from pathlib import Path
 from simmerge_ray.io.atomic import atomic_output_dir
+from simmerge_ray.io.file_lock import exclusive_lock
 with atomic_output_dir(Path(sys.argv[1])) as tmp:
     (tmp / "big.bin").write_bytes(b"x" * 1_000_000)
     print(tmp, flush=True)
@@ -333,3 +335,28 @@ def test_an_interrupted_merge_says_so_in_one_line_and_leaves_no_temporary_folder
     assert err.strip() == ("simmerge merge: interrupted; nothing was published (outputs appear only when complete, "
                            "and caches resume)")
     assert sorted(p.name for p in workspace.iterdir()) == ["merge.yaml", "models"]
+
+
+_TRY_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    sys.exit(3)
+"""
+
+
+def test_a_nested_lock_keeps_the_outer_one(tmp_path: Path) -> None:
+    """Closing any descriptor of a file drops the process's POSIX lock on it, so a nested use that
+    opened and closed the file of its own would have freed the outer use's lock early."""
+    lock = tmp_path / "state.lock"
+
+    def others_can_lock() -> bool:
+        return subprocess.run([sys.executable, "-c", _TRY_LOCK, str(lock)], timeout=60).returncode == 0
+
+    with exclusive_lock(lock):
+        with exclusive_lock(tmp_path / "." / "state.lock"):  # the same file by another spelling
+            assert not others_can_lock()
+        assert not others_can_lock()
+    assert others_can_lock()

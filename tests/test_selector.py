@@ -225,9 +225,13 @@ def test_held_out_evaluation_searches_each_fold_on_its_training_pairs_alone(ray_
     tasks = leave_one_task_out(data.tasks)
     assert len(loto) == len(tasks) > 1 and not any(c.task_encoding for c in loto)
     last_tr, _ = list(tasks.values())[-1]
-    alone, _ = choose_config(data.subset(last_tr), replace_settings(s, task_encoding=False), tmp_path / "loto",
-                             by_task=True)
+    no_codes = replace_settings(s, task_encoding=False)
+    alone, by_task = choose_config(data.subset(last_tr), no_codes, tmp_path / "loto", by_task=True)
     assert alone == loto[-1]
+    # ... on inner folds that hold tasks out: the same sampled configs score otherwise on pair folds.
+    _, by_pair = choose_config(data.subset(last_tr), no_codes, tmp_path / "loto-pairs")
+    assert [t["lr"] for t in by_task] == [t["lr"] for t in by_pair]
+    assert report["leave_one_task_out_trials"][-1] == by_task != by_pair
     assert report["leave_one_task_out"]["utility"] == evaluate_loto(data, [fixed_fit(c) for c in loto])["utility"]
 
 

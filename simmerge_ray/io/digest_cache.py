@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.file_lock import exclusive_lock
 
 log = logging.getLogger(__name__)
-_LOCK = threading.Lock()
 CHUNK = 16 * 1024 * 1024
 
 
@@ -42,10 +40,9 @@ def file_digest(path: Path) -> str:
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
     store = cache_root() / "file_digests.json"
-    with _LOCK:
-        known = _load(store)
-        if key in known:
-            return known[key]
+    known = _load(store)
+    if key in known:
+        return known[key]
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
@@ -54,7 +51,7 @@ def file_digest(path: Path) -> str:
     store.parent.mkdir(parents=True, exist_ok=True)
     # Threads and processes (Ray actors hashing side by side) each add their entry to what is on
     # disk now, so no one's write drops another's.
-    with _LOCK, exclusive_lock(store.with_name(store.name + ".lock")):
+    with exclusive_lock(store.with_name(store.name + ".lock")):
         known = _load(store)
         known[key] = digest
         atomic_write_text(store, json.dumps(known))

@@ -180,6 +180,7 @@ def evaluate(s: SelectorSettings, *, folds: int = 5, echo: Callable[[str], None]
         "leave_one_task_out_configs": [asdict(c) for c in loto_cfgs],
         "ablation": ablation(data, cfgs, folds=folds, seed=s.seed),
         "tune_trials": [t for _, trials in searched for t in trials],
+        "leave_one_task_out_trials": [trials for _, trials in loto_searched],
     }
     with atomic_output_dir(out, overwrite=True, inputs=[s.features, s.labels]) as tmp:
         (tmp / "selector_report.json").write_text(json.dumps(report, indent=2))
