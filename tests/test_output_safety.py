@@ -136,6 +136,24 @@ def test_overwrite_keeps_an_older_output_whose_marker_lists_no_files(workspace: 
     assert "files" in json.loads((out / MARKER).read_text()) and not (out / "my_eval.json").exists()
 
 
+def test_overwrite_passes_over_an_nfs_clients_file_of_a_removed_open_file(tmp_path: Path) -> None:
+    """A bandit state saved over while another process still reads it leaves `.nfs` + 24 hex
+    digits in the folder on NFS (the client removes it at the last close); it is not a user's file,
+    so `bandit-init --overwrite` must not refuse the folder for it. Any other name still counts."""
+    out = tmp_path / "state"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "state.json").write_text("v1")
+    (out / ".nfs00000000001234ab00000001").write_text("the old state.json")
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "state.json").write_text("v2")
+    assert (out / "state.json").read_text() == "v2"
+    (out / ".nfs-my-notes").write_text("mine")
+    with pytest.raises(OutputError, match="holds .nfs-my-notes, which simmerge did not write there"):
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "state.json").write_text("v3")
+    assert (out / ".nfs-my-notes").read_text() == "mine"
+
+
 def test_out_dot_and_parents_of_the_current_folder_are_refused(workspace: Path, capsys,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     here = workspace / "runs" / "today"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,17 +20,23 @@ from simmerge_ray.io.owner import OWNER_FILE
 
 MARKER = ".simmerge-output.json"
 LOCK_FILE = ".simmerge-lock"  # a folder's lock (the bandit's state): bookkeeping like the marker, never listed
+# An NFS client's name for a file removed while some process still holds it open (".nfs", then 24
+# hex digits); the client deletes it itself at the last close. A bandit state saved over while
+# another process reads it leaves one, which must not make the folder look like a user's.
+_NFS_SILLY = re.compile(r"\.nfs[0-9a-f]{24}")
 
 
 def folder_entries(folder: Path) -> list[str]:
     """Every entry below `folder` as a relative POSIX path, folders ending in '/', links not
-    followed; the marker, the owner record and the lock file at the top are left out."""
+    followed; the marker, the owner record and the lock file at the top, and NFS clients' files of
+    removed open files anywhere, are left out."""
     folder = Path(folder)
     out = []
     for root, dirs, files in os.walk(folder):
         rel = Path(root).relative_to(folder)
         out += [(rel / d).as_posix() + "/" for d in dirs]
-        out += [(rel / f).as_posix() for f in files if not (root == str(folder) and f in (MARKER, OWNER_FILE, LOCK_FILE))]
+        out += [(rel / f).as_posix() for f in files if not (root == str(folder) and f in (MARKER, OWNER_FILE, LOCK_FILE))
+                and not _NFS_SILLY.fullmatch(f)]
     return sorted(out)
 
 
