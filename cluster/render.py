@@ -31,6 +31,10 @@ DATA_PVC = "simmerge-data"  # ReadWriteMany volume holding checkpoints and confi
 OBJECT_STORE_SECRET = "simmerge-object-store"  # optional: AWS_ACCESS_KEY_ID, ... for s3:// outputs
 BANDIT_TOKEN_SECRET = "simmerge-bandit-token"  # required by the RayService: key `token`, the write token
 ARTIFACTS = "s3://simmerge-artifacts"
+# Outputs bound for ARTIFACTS are written here first, by the driver on the head and by actors on
+# the workers alike, so it must be the volume every pod mounts; a failed job's work stays here for
+# the same job to pick up.
+STAGING = "--staging-dir /data/staging"
 GIB = 2**30
 
 
@@ -78,8 +82,9 @@ JOBS = (
     Job("plan_batch", f"--config /data/requests.parquet --out {ARTIFACTS}/plans --selector /data/selector "
                       "--catalog /data/catalog.yaml --features /data/features --cache /data/plan-cache "
                       "--cpus-per-actor 1 --memory-per-actor 2Gi --max-actors 32", (CPU,)),
-    Job("fit", f"--config /data/configs/fit.yaml --out {ARTIFACTS}/selector --cpus-per-actor 4 "
-               "--memory-per-actor 8Gi", (CPU,)),
+    # Each Ray Tune trial and Ray Train worker reserves the streaming ask.
+    Job("fit", f"--features /data/features --labels /data/labels/labels.parquet --out {ARTIFACTS}/selector "
+               "--cpus-per-actor 4 --memory-per-actor 8Gi", (CPU,)),
     Job("pipeline", f"--config /data/configs/pipeline.yaml --out {ARTIFACTS}/pipeline {STREAMING_ASK} "
                     f"{INFERENCE_ASK}", (CPU, GPU)),
 )
@@ -198,7 +203,7 @@ def rayjob(job: Job) -> dict:
         "kind": "RayJob",
         "metadata": _meta(f"simmerge-{job.stage.replace('_', '-')}", **{"simmerge-ray/stage": job.stage}),
         "spec": {
-            "entrypoint": f"python jobs/{job.stage}.py {job.args}",
+            "entrypoint": f"python jobs/{job.stage}.py {job.args} {STAGING}",
             "runtimeEnvYAML": yaml.safe_dump(runtime_env({"SIMMERGE_NODE_TYPES": node_types(job.groups)}),
                                              sort_keys=False, width=4096),
             "submissionMode": "K8sJobMode",

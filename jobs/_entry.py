@@ -4,7 +4,9 @@ A job is the `simmerge <command>` program run inside a Ray job: it parses the jo
 output path or URI, resource asks), exports the asks as SIMMERGE_* variables, runs each step as
 `python -m simmerge_ray ...` (a child that inherits them and RAY_ADDRESS, so it joins the cluster
 the job was submitted to, set by `ray job submit` and by KubeRay, or starts a local Ray), and
-publishes the output to object storage when `--out` is a URI. Flags the job does not know are
+publishes the output to object storage when `--out` is a URI (written first under
+`--staging-dir`, which on a cluster every node must mount, and kept there after a failure so that
+the same command picks its work up). Flags the job does not know are
 passed on to the command unchanged: each command's flags are defined once, by the command.
 
 simmerge_ray is imported from the job's working directory (`ray job submit --working-dir .` puts
@@ -14,6 +16,7 @@ it first on PYTHONPATH) or, run without Ray, from the installed package (`pip in
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import signal
 import subprocess
@@ -26,6 +29,7 @@ from pathlib import Path
 import simmerge_ray
 from simmerge_ray import resources, storage
 from simmerge_ray.errors import SimMergeError
+from simmerge_ray.io.file_lock import LockHeld, exclusive_lock
 
 NOT_AVAILABLE = 3  # exit status of a job whose stage this version does not have yet
 
@@ -55,9 +59,12 @@ class Stage:
         return " + ".join("simmerge " + " ".join(step.command) for step in self.steps)
 
 
+def _workers_flags(r: resources.StageResources) -> list[str]:
+    return ["--workers", str(r.max_actors)] if r.max_actors else []
+
+
 def _merge_flags(r: resources.StageResources) -> list[str]:
-    flags = ["--cpus-per-worker", str(r.streaming.num_cpus)]
-    return flags + (["--workers", str(r.max_actors)] if r.max_actors else [])
+    return ["--cpus-per-worker", str(r.streaming.num_cpus), *_workers_flags(r)]
 
 
 STAGES: dict[str, Stage] = {
@@ -67,7 +74,8 @@ STAGES: dict[str, Stage] = {
     # two into features.parquet; flags the job does not know go to the functional step.
     "features": Stage((Step(("features", "structural"), "features", config="--catalog", extras=False),
                        Step(("features", "functional"), "features", config="--catalog", overwrite=False))),
-    "label": Stage((Step(("label",), "zoo", config="--catalog", overwrite=False),)),  # resumes from its cache
+    # Resumes from its cache; --max-actors caps its evaluator actors (--workers).
+    "label": Stage((Step(("label",), "zoo", config="--catalog", overwrite=False, resource_flags=_workers_flags),)),
     # fit and plan take their inputs as flags (--features, --labels, --selector, ...), passed through.
     "fit": Stage((Step(("fit",), "selector", config=None),)),
     "plan": Stage((Step(("plan",), "plan", config=None, overwrite=False),)),
@@ -93,7 +101,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                                       "that the finished output is uploaded to")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--staging-dir", default=None,
-                        help="local folder for outputs bound for a URI (default: the system temp dir)")
+                        help="folder where an output bound for a URI is written before its upload, kept "
+                             "after a failure so that the same command resumes; on a cluster it must be on "
+                             "storage every node mounts (default: the system temp dir, one node only)")
     resources.add_resource_flags(parser)
     return parser
 
@@ -154,31 +164,72 @@ def run(stage: str, argv: list[str] | None = None) -> int:
         print(f"{prog}: stage {stage!r} is not available in this version of simmerge_ray "
               f"(it runs `{STAGES[stage].commands}`: {reason})", file=sys.stderr)
         return NOT_AVAILABLE
-    staging = Path(tempfile.mkdtemp(prefix=f"simmerge-{stage}-", dir=args.staging_dir))
     try:
+        if args.config and all(step.config is None for step in STAGES[stage].steps):
+            raise SimMergeError(f"--config: `{STAGES[stage].commands}` takes no config file; give its inputs "
+                                f"as its own flags (see `simmerge {' '.join(STAGES[stage].steps[0].command)} --help`)")
         asks = resources.resources_from_flags(args)
         resources.export(asks)
-        config = storage.download_file(args.config, staging / "config") if args.config else None
         target = storage.resolve(args.out) if args.out else None
-        local_out = None if target is None else (target.path if target.is_plain_path else str(staging / "out"))
-        if target is not None and not target.is_plain_path and storage.exists(target) and not args.overwrite:
-            raise storage.StorageError(f"{args.out}: output already exists (pass --overwrite to replace it)")
-        for step in STAGES[stage].steps:
-            command = command_argv(step, args, extra, local_out, asks, None if config is None else str(config))
-            print(f"{prog}: simmerge {' '.join(command)}", flush=True)
-            status = run_command(command)
-            if status != 0:
-                return status
         if target is not None and not target.is_plain_path:
-            manifest = storage.upload_dir(Path(local_out), args.out, overwrite=args.overwrite)
-            print(f"{prog}: uploaded {len(manifest['files'])} files ({manifest['bytes'] / 1e6:.1f} MB) "
-                  f"to {args.out}", flush=True)
-        return 0
+            return _run_staged(stage, args, extra, asks, target)
+        with tempfile.TemporaryDirectory(prefix=f"simmerge-{stage}-") as tmp:
+            config = storage.download_file(args.config, Path(tmp)) if args.config else None
+            return _run_steps(stage, args, extra, asks, None if target is None else target.path, config)
     except SimMergeError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _run_steps(stage: str, args: argparse.Namespace, extra: list[str], asks: resources.StageResources,
+               local_out: str | None, config: Path | None) -> int:
+    for step in STAGES[stage].steps:
+        command = command_argv(step, args, extra, local_out, asks, None if config is None else str(config))
+        print(f"jobs/{stage}.py: simmerge {' '.join(command)}", flush=True)
+        status = run_command(command)
+        if status != 0:
+            return status
+    return 0
+
+
+def staging_folder(stage: str, out: str, staging_dir: str | None) -> Path:
+    """Where an output bound for the URI `out` is written first: named by the stage and the URI,
+    so that a failed run's work (label's measured merges, the pipeline's finished stages, the
+    probe cache) is found again by the same command, as with a local --out."""
+    key = hashlib.blake2b(f"{stage}|{out}".encode(), digest_size=8).hexdigest()
+    return Path(staging_dir or tempfile.gettempdir()) / f"simmerge-{stage}-{key}"
+
+
+def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: resources.StageResources,
+                target: storage.Location) -> int:
+    """Run the steps into a staging folder, upload it to `target` when they succeed and remove it;
+    after a failure it is kept (and said so) for the next run to resume."""
+    prog = f"jobs/{stage}.py"
+    if storage.exists(target) and not args.overwrite:
+        raise storage.StorageError(f"{args.out}: output already exists (pass --overwrite to replace it)")
+    staging = staging_folder(stage, args.out, args.staging_dir)
+    staging.mkdir(parents=True, exist_ok=True)
+    kept = f"{prog}: kept the unfinished work at {staging}; the same command picks it up"
+    try:
+        with exclusive_lock(staging / ".lock", blocking=False):
+            try:
+                config = storage.download_file(args.config, staging / "config") if args.config else None
+                status = _run_steps(stage, args, extra, asks, str(staging / "out"), config)
+                if status == 0:
+                    manifest = storage.upload_dir(staging / "out", args.out, overwrite=args.overwrite)
+            except BaseException:
+                print(kept, file=sys.stderr, flush=True)
+                raise
+            if status != 0:
+                print(kept, file=sys.stderr, flush=True)
+                return status
+            print(f"{prog}: uploaded {len(manifest['files'])} files ({manifest['bytes'] / 1e6:.1f} MB) "
+                  f"to {args.out}", flush=True)
+            shutil.rmtree(staging, ignore_errors=True)
+    except LockHeld:
+        raise storage.StorageError(f"{args.out}: another job is writing this output now (its staging folder "
+                                   f"{staging} is locked)") from None
+    return 0
 
 
 def main(stage: str) -> None:

@@ -1,6 +1,6 @@
 """Ray job: train the operator selector on the labels (`simmerge fit`).
 
-    ray job submit --working-dir . -- python jobs/fit.py --config fit.yaml --out DEST
+    ray job submit --working-dir . -- python jobs/fit.py --features FEATURES --labels labels.parquet --out DEST
 """
 
 from _entry import main

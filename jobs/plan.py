@@ -1,6 +1,7 @@
 """Ray job: plan a multi-way merge with the selector (`simmerge plan`).
 
-    ray job submit --working-dir . -- python jobs/plan.py --config plan.yaml --out DEST
+    ray job submit --working-dir . -- python jobs/plan.py --selector SEL --catalog catalog.yaml --features FEATURES \
+        --task code --models a b c --out DEST
 """
 
 from _entry import main

@@ -1,6 +1,6 @@
 """Ray job: the online operator bandit behind Ray Serve (`simmerge serve`).
 
-    ray job submit --working-dir . -- python jobs/serve.py --config serve.yaml
+    ray job submit --working-dir . -- python jobs/serve.py --config STATE_FOLDER   # from `simmerge bandit-init`
 """
 
 from _entry import main

@@ -82,6 +82,38 @@ def test_the_set_of_manifests() -> None:
     assert [a["import_path"] for a in apps] == ["simmerge_ray.bandit.service:app"]
 
 
+def test_every_job_runs_a_command_line_its_command_accepts() -> None:
+    """Each RayJob's entrypoint, through its job's parser, gives its `simmerge` command a line that
+    command's own parser takes (the fit job once passed a --config the job dropped, and fit then
+    missed its required --features and --labels), with outputs staged on the shared volume."""
+    import contextlib
+    import io
+
+    from simmerge_ray import resources
+    from simmerge_ray.cli import build_parser
+
+    spec = importlib.util.spec_from_file_location("_entry", REPO / "jobs" / "_entry.py")
+    entry = importlib.util.module_from_spec(spec)
+    sys.modules["_entry"] = entry
+    spec.loader.exec_module(entry)
+    cli = build_parser()
+    for doc in (yaml.safe_load(p.read_text()) for p in MANIFESTS):
+        if doc["kind"] != "RayJob":
+            continue
+        stage = doc["metadata"]["labels"]["simmerge-ray/stage"]
+        args, extra = entry.build_parser(stage).parse_known_args(shlex.split(doc["spec"]["entrypoint"])[2:])
+        assert args.staging_dir == "/data/staging", stage
+        assert not (args.config and all(step.config is None for step in entry.STAGES[stage].steps)), stage
+        asks = resources.resources_from_flags(args, {})
+        for step in entry.STAGES[stage].steps:
+            argv = entry.command_argv(step, args, extra, "/data/staging/out", asks, args.config)
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                try:
+                    cli.parse_args(argv)
+                except SystemExit:
+                    pytest.fail(f"{stage}: simmerge {' '.join(argv)}: {err.getvalue().strip().splitlines()[-1]}")
+
+
 def test_the_bandit_service_gets_its_token_from_a_secret() -> None:
     """Every pod of the RayService (the builder and the replicas may run on any) reads
     SIMMERGE_BANDIT_TOKEN from the Secret; no other manifest carries it; the import path is a

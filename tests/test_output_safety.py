@@ -378,3 +378,18 @@ def test_a_nested_lock_keeps_the_outer_one(tmp_path: Path) -> None:
             assert not others_can_lock()
         assert not others_can_lock()
     assert others_can_lock()
+
+
+def test_a_worker_that_cannot_see_the_output_file_says_so(tmp_path: Path) -> None:
+    """On a cluster the driver preallocates the shard files and actors on other nodes write their
+    ranges into them; a node that does not mount the output folder (e.g. a job's staging folder
+    left on the head's /tmp) failed with a FileNotFoundError traceback."""
+    import socket
+
+    from simmerge_ray.io.safetensors_format import RangeWriter
+
+    missing = tmp_path / ".out.tmp-1" / "model.safetensors.partial"
+    with pytest.raises(OutputError) as err:
+        RangeWriter(missing)
+    assert str(err.value) == (f"{missing}: the output file the driver created is not on this node ({socket.gethostname()}): "
+                              "on a cluster, --out (or a job's --staging-dir) must be on storage every node mounts")

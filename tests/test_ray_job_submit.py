@@ -166,6 +166,59 @@ def test_bad_resource_flag_fails_before_any_work(capsys: pytest.CaptureFixture[s
     assert not (tmp_path / "o").exists()
 
 
+def test_a_job_without_a_config_file_refuses_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """fit takes its inputs as flags (--features, --labels); a --config used to be dropped silently,
+    and the command then failed on its missing flags."""
+    entry = _load_entry()
+    assert entry.run("fit", ["--config", "/data/configs/fit.yaml", "--out", "/nowhere"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("jobs/fit.py: error: --config: `simmerge fit` takes no config file; give its inputs as its own "
+                   "flags (see `simmerge fit --help`)")
+
+
+_HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_an_output_bound_for_a_uri_is_staged_where_a_rerun_finds_it(merge_inputs: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A failed job keeps its staging folder (named by stage and URI) for the same command to pick
+    up, as a local --out keeps label's cache and the pipeline's stages; a second job writing the
+    same output at once is refused; a finished upload removes the folder."""
+    import subprocess
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the merge runs in the command's own process
+    entry = _load_entry()
+    uri, stage_dir = f"file://{tmp_path}/merged", tmp_path / "staging"
+    staging = entry.staging_folder("merge", uri, str(stage_dir))
+    config = tmp_path / "merge.yaml"
+    config.write_text((merge_inputs / "bad.yaml").read_text())
+    argv = ["--config", str(config), "--out", uri, "--staging-dir", str(stage_dir)]
+    assert entry.run("merge", argv) != 0
+    assert f"kept the unfinished work at {staging}; the same command picks it up" in capsys.readouterr().err
+    assert staging.is_dir() and not (tmp_path / "merged").exists()
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(staging / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert entry.run("merge", argv) == 2
+        assert f"{uri}: another job is writing this output now" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+
+    config.write_text((merge_inputs / "linear.yaml").read_text())
+    assert entry.run("merge", argv) == 0
+    assert (tmp_path / "merged" / "_SUCCESS").is_file() and not staging.exists()
+    assert sorted(p.name for p in stage_dir.iterdir()) == []
+
+
 def test_command_lines_built_for_the_stages() -> None:
     entry = _load_entry()
     args, extra = entry.build_parser("merge").parse_known_args(
@@ -184,6 +237,11 @@ def test_command_lines_built_for_the_stages() -> None:
         "features", "structural", "--catalog", "cat.yaml", "--out", "/f", "--overwrite"]
     assert entry.command_argv(functional, args, extra, "/f", asks, "cat.yaml") == [
         "features", "functional", "--catalog", "cat.yaml", "--out", "/f", "--batch-size", "4"]
+    # --max-actors caps label's evaluator actors, as it caps a merge's workers.
+    args, extra = entry.build_parser("label").parse_known_args(["--config", "cat.yaml", "--out", "/l", "--max-actors", "4"])
+    (label,) = entry.STAGES["label"].steps
+    assert entry.command_argv(label, args, extra, "/l", resources.resources_from_flags(args, {}), "cat.yaml") == [
+        "label", "--catalog", "cat.yaml", "--out", "/l", "--workers", "4"]
 
 
 def test_every_stage_has_its_job_script() -> None:

@@ -12,7 +12,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simmerge_ray.errors import CheckpointError
+from simmerge_ray.errors import CheckpointError, OutputError
+
+
+class LockHeld(OutputError):
+    """The lock is held by another process and the caller asked not to wait."""
 
 
 @dataclass
@@ -36,12 +40,14 @@ def _held(lock_file: Path) -> _Held:
 
 
 @contextmanager
-def exclusive_lock(lock_file: Path) -> Iterator[None]:
+def exclusive_lock(lock_file: Path, *, blocking: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on `lock_file` (created if absent, with the permissions the umask
     leaves, so that other users of a shared folder can lock it too) against other processes and
     other threads of this one. Nesting in one thread is allowed: the inner use neither opens nor
     closes the file (closing any descriptor of a file drops the process's POSIX lock on it). A lock
-    file that cannot be opened is one CheckpointError naming it."""
+    file that cannot be opened is one CheckpointError naming it. With `blocking` False, a lock held
+    by another process raises LockHeld instead of waiting (another thread of this one is waited for:
+    it holds the lock briefly)."""
     held = _held(lock_file)
     with held.thread_lock:
         if held.depth == 0:
@@ -50,9 +56,11 @@ def exclusive_lock(lock_file: Path) -> Iterator[None]:
             except OSError as e:
                 raise CheckpointError(f"{lock_file}: cannot open the lock file ({e.strerror or e})") from None
             try:
-                fcntl.lockf(fd, fcntl.LOCK_EX)
-            except BaseException:
+                fcntl.lockf(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BaseException as e:
                 os.close(fd)
+                if isinstance(e, OSError) and not blocking:
+                    raise LockHeld(f"{lock_file}: held by another process") from None
                 raise
             held.fd = fd
         held.depth += 1

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import struct
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -267,7 +268,13 @@ class RangeWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_WRONLY)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY)
+        except FileNotFoundError:
+            # The file was preallocated by the driver: absent here means this worker's node does
+            # not see the driver's output folder.
+            raise OutputError(f"{self.path}: the output file the driver created is not on this node ({socket.gethostname()}): "
+                              "on a cluster, --out (or a job's --staging-dir) must be on storage every node mounts") from None
 
     def write_at(self, offset: int, part: "torch.Tensor | np.ndarray") -> None:
         """Write `part`'s bytes at `offset`: a tensor, or a contiguous numpy buffer (the torch-free

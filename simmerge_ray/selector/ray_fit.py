@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simmerge_ray import resources
 from simmerge_ray.selector.data import PairData
 from simmerge_ray.selector.folds import group_kfold
 from simmerge_ray.selector.model import Selector, SelectorConfig
@@ -68,7 +69,7 @@ def tune_selector(data: PairData, *, num_samples: int = 8, folds: int = 3, base:
     base_d = {k: v for k, v in asdict(base).items() if k not in ("hidden", "depth", "dropout", "lr",
                                                                    "weight_decay", "task_encoding")} | {"members": 1}
     trainable = tune.with_parameters(_trial, data=data, base=base_d, folds=folds, chunk=chunk, by_task=by_task)
-    trainable = tune.with_resources(trainable, {"cpu": 1})
+    trainable = tune.with_resources(trainable, _trial_resources("cpu", "memory"))
     storage = Path(storage or tempfile.mkdtemp(prefix="simmerge-tune-")).resolve()
     tuner = tune.Tuner(
         trainable,
@@ -84,6 +85,13 @@ def tune_selector(data: PairData, *, num_samples: int = 8, folds: int = 3, base:
     trials = [{**r.config, "val_utility": r.metrics.get("val_utility"), "epochs": r.metrics.get("epochs")}
               for r in results if r.metrics]
     return replace(base, **{k: best.config[k] for k in best.config}), trials
+
+
+def _trial_resources(cpu_key: str, memory_key: str) -> dict[str, float]:
+    """What a Tune trial or a Ray Train worker reserves: the streaming ask (--cpus-per-actor,
+    --memory-per-actor; default 1 CPU), under the key names each API spells."""
+    ask = resources.streaming_ask()
+    return {cpu_key: ask.num_cpus, **({memory_key: float(ask.memory)} if ask.memory else {})}
 
 
 def _train_loop(config: dict) -> None:
@@ -125,7 +133,8 @@ def train_with_ray(jobs: list[tuple[PairData, SelectorConfig]], *, num_workers: 
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"jobs": [(data, asdict(cfg)) for data, cfg in jobs]},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
+                                     resources_per_worker=_trial_resources("CPU", "memory")),
         run_config=RunConfig(storage_path=str(storage), name="selector-train"),
     )
     result = trainer.fit()
