@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from simmerge_ray.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1), which reads an exponent without a dot (`1e-1`, `5E-3`) as a
+    string; YAML 1.2, and mergekit through pydantic, read it as a number, and so does this."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 
 
 def read_text(path: str | Path, what: str) -> str:
@@ -30,7 +41,7 @@ def read_yaml(path: str | Path, what: str) -> Any:
     """Parsed YAML of `path`; a missing file or bad YAML is a ConfigError naming it as `what`."""
     text = read_text(path, what)
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML{yaml_error_summary(e)}") from None
 

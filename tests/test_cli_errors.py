@@ -43,6 +43,8 @@ def _one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:
 @pytest.mark.parametrize("params, needle", [
     ({"weight": 0.5, "density": "abc"}, "models[0].parameters.density: expected a finite number, got 'abc'"),
     ({"weight": ".nan", "density": 0.5}, "models[0].parameters.weight: expected a finite number, got '.nan'"),
+    ({"weight": "0.5", "density": 0.5},
+     "models[0].parameters.weight: expected a finite number (this one is quoted: write it without quotes), got '0.5'"),
     ({"weight": 0.5, "density": [0.5, "x"]}, "models[0].parameters.density: expected a finite number, got 'x'"),
     ({"weight": 0.5, "density": 1.5}, "models[0].parameters.density: expected a number in [0.0, 1.0], got 1.5"),
     ({"weight": 0.5, "density": [{"filter": "mlp", "value": -0.1}, {"value": 0.5}]},
@@ -108,6 +110,9 @@ def test_a_models_merge_of_different_depths_is_refused_not_truncated(models: Pat
     ({"merge_method": "della", "base_model": "base", "models": [
         {"model": "m1", "parameters": {"weight": 1.0, "density": 0.9, "epsilon": 0.2}}]},
      "parameter 'epsilon': density 0.9 +/- epsilon 0.2 must lie in (0, 1)"),
+    ({"merge_method": "ties", "base_model": "base", "dtype": "float64", "models": [
+        {"model": "m1", "parameters": {"weight": 0.5, "density": 0.5}}, {"model": "m2", "parameters": {"weight": 0.5}}]},
+     "model.embed_tokens.weight: ties selects magnitudes in float32, bfloat16 or float16, not float64"),
     ({"merge_method": "karcher", "parameters": {"max_iter": 2.5}, "models": [{"model": "m1"}, {"model": "m2"}]},
      "parameters.max_iter: expected an integer, got 2.5"),
     ({"merge_method": "linear", "parameters": {"weight": 1.0}, "tokenizer_source": "m9",

@@ -96,3 +96,17 @@ def _check_tokenizer(cfg: dict, root: Path, ours: Path, theirs: Path) -> None:
     assert mine.get_vocab() == mk.get_vocab() == want.get_vocab()
     assert mine.model_max_length == mk.model_max_length == want.model_max_length
     assert mine.chat_template == mk.chat_template == cfg.get("chat_template")
+
+
+def test_exponents_without_a_dot_are_numbers(zoo, tmp_path: Path) -> None:
+    """`weight: 1e-1` is a string to PyYAML (YAML 1.1) and a number to mergekit (pydantic) and to
+    YAML 1.2; it was refused as "expected a finite number, got '1e-1'"."""
+    root = zoo["llama"]
+    text = ("merge_method: ties\nbase_model: base\nmodels:\n"
+            "  - model: m1\n    parameters: {weight: WEIGHT, density: DENSITY}\n"
+            "  - model: m2\n    parameters: {weight: 0.5, density: 0.5}\ndtype: float32\n")
+    for name, weight, density in (("exp", "6e-1", "3E-1"), ("dot", "0.6", "0.3")):
+        (root / f"{name}.yml").write_text(text.replace("WEIGHT", weight).replace("DENSITY", density))
+        run_merge(MergeSpec.load(root / f"{name}.yml"), tmp_path / name, ExecOptions())
+    exp, dot = load_all(tmp_path / "exp"), load_all(tmp_path / "dot")
+    assert sorted(exp) == sorted(dot) and all(torch.equal(exp[n], dot[n]) for n in exp)

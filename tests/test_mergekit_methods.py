@@ -37,6 +37,11 @@ CASES = {
     "ties_int8_mask": {"merge_method": "ties", "base_model": "base", "parameters": {"int8_mask": True}, "models": [
         {"model": "m1", "parameters": {"weight": 0.6, "density": 0.5}},
         {"model": "m2", "parameters": {"weight": 0.4, "density": 0.7}}]},
+    # each model's kept magnitudes rescaled to its task vector's l1 norm, in the compute dtype's
+    # arithmetic (the exact ratio flipped sign elections in bf16 and fp16)
+    "ties_rescale": {"merge_method": "ties", "base_model": "base", "parameters": {"rescale": True}, "models": [
+        {"model": "m1", "parameters": {"weight": 0.6, "density": 0.5}},
+        {"model": "m2", "parameters": {"weight": 0.5, "density": 0.3}}]},
     "nuslerp": {"merge_method": "nuslerp", "models": [
         {"model": "m1", "parameters": {"weight": 0.3}}, {"model": "m2", "parameters": {"weight": [0.2, 0.9]}}]},
     "nuslerp_base_row_wise": {"merge_method": "nuslerp", "base_model": "base",

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.safetensors_format import TORCH_NAMES, file_layout, preallocate
@@ -151,12 +152,24 @@ def check_merge(spec: MergeSpec) -> tuple[dict[str, Checkpoint], list[TensorTask
     return ckpts, plan_tensors(spec, ckpts, vocab), vocab
 
 
+def _check_selection_dtype(spec: MergeSpec, tasks: list[TensorTask]) -> None:
+    """The magnitude selection (TIES and kin) histograms the bits of 16- or 32-bit floats: a
+    float64 compute dtype is refused before any work, naming the first tensor."""
+    if not spec.method.chunked_masks:
+        return
+    for t in tasks:
+        if t.compute == "F64" and any(float(d) < 1 for d in t.per_model["density"]):
+            raise ConfigError(f"{spec.source}: {t.name}: {spec.method.name} selects magnitudes in float32, bfloat16 "
+                              "or float16, not float64 (the inputs' or `dtype`'s): set `dtype: float32`")
+
+
 def plan_merge(spec: MergeSpec, opts: ExecOptions = ExecOptions()) -> MergeLayout:
     """Everything about a merge but the merging: checks, shards, offsets and work units."""
     ckpts, task_list, vocab = check_merge(spec)
     merge_compute = compute_code(spec, opts.compute_dtype)
     task_list = [replace(t, compute=tensor_compute(merge_compute, (ckpts[m].entries[n].dtype for m, n in t.all_reads)))
                  for t in task_list]
+    _check_selection_dtype(spec, task_list)
     shards = plan_shards(task_list, ckpts, spec.out_dtype or spec.dtype, opts.shard_bytes)
     layouts = {p.file: file_layout(list(p.tensors), {"format": "pt"}) for p in shards}
     total = sum(_numels(shards).values())

@@ -152,9 +152,14 @@ class MagnitudeSelect:
         return MagnitudeMask(value, ties, scale)
 
     def _scale(self, kept: float) -> float:
-        """total l1 / kept l1, or 1 when either is ~0 (as sparsify.rescale_l1)."""
-        total = float(self.high_l1.sum())
-        return total / kept if total >= 1e-7 and kept >= 1e-7 else 1.0
+        """total l1 / kept l1, or 1 when either is ~0, in the arithmetic of sparsify.rescale_l1 on a
+        whole tensor (and mergekit's): both sums rounded to the compute dtype, their ratio taken
+        and rounded in it. The exact ratio would differ from it by up to half a bf16 ulp, which
+        flips TIES's sign election wherever the weighted task vectors nearly cancel."""
+        dtype = self._dtype or torch.float32
+        total = torch.tensor(float(self.high_l1.sum()), dtype=torch.float64).to(dtype)
+        kept_l1 = torch.tensor(kept, dtype=torch.float64).to(dtype)
+        return float(total / kept_l1) if total >= 1e-7 and kept_l1 >= 1e-7 else 1.0
 
 
 def select_magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:

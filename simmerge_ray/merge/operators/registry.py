@@ -22,6 +22,13 @@ from simmerge_ray.errors import ConfigError
 Value = float | int | bool
 
 
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class Param:
     """One parameter of a method. `per_model` ones are set per input model (e.g. weight).
@@ -41,6 +48,8 @@ class Param:
         """Why `value` is not valid for this parameter, or None when it is."""
         if isinstance(self.default, bool):
             return None if isinstance(value, bool) else "expected true or false"
+        if isinstance(value, str) and _is_number(value):
+            return "expected a finite number (this one is quoted: write it without quotes)"
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return "expected a finite number"
         if self.integer and value != int(value):
