@@ -276,14 +276,32 @@ def test_chunk_that_cannot_be_opened_now_is_skipped_not_removed(resumed: dict, t
 
 def test_discarding_the_cache_removes_only_its_entries(resumed: dict, tmp_path: Path) -> None:
     root = tmp_path / "cache"
-    shutil.copytree(resumed["cache"].root, root / "key1")
-    (root / "key1" / "notes.txt").write_text("not a cache file")
+    key = "0123456789abcdef01234567"  # an entry's name: settings.cache_key's 24 hex digits
+    shutil.copytree(resumed["cache"].root, root / key)
+    (root / key / "notes.txt").write_text("not a cache file")
     (root / "readme.md").write_text("mine")
     (root / "experiment1").mkdir()  # a user's folder with its own meta.json, under a shared --cache
     (root / "experiment1" / "meta.json").write_text('{"lr": 0.001}')
+    # ... even one whose files look like ours (it lost them to `probe --overwrite`)
+    shutil.copytree(resumed["cache"].root, root / "my-probe-study")
+    mine = sorted(str(p.relative_to(root)) for p in (root / "my-probe-study").rglob("*"))
     assert discard_entries(root) == 1
-    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
-        "experiment1", "experiment1/meta.json", "key1", "key1/notes.txt", "readme.md"]
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == sorted([
+        "experiment1", "experiment1/meta.json", key, f"{key}/notes.txt", "readme.md", "my-probe-study", *mine])
+
+
+def test_the_probe_cache_key_holds_the_code_and_library_versions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change of what a probe run records (the code, torch, transformers) used to be served the
+    old records from the cache."""
+    from simmerge_ray.inference import settings as probe_settings
+
+    key = probe_settings.cache_key("fp", "probes", ProbeSettings())
+    assert len(key) == 24
+    monkeypatch.setattr(probe_settings, "PROBE_CACHE_VERSION", "probe-v0")
+    assert probe_settings.cache_key("fp", "probes", ProbeSettings()) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(probe_settings, "version", lambda name: "0.0" if name == "transformers" else "2.13.0")
+    assert probe_settings.cache_key("fp", "probes", ProbeSettings()) != key
 
 
 _HASHER = """
@@ -321,6 +339,22 @@ def test_processes_hashing_at_once_keep_every_digest(tmp_path: Path) -> None:
     (tmp_path / "sync" / "go").touch()
     assert all(proc.wait(timeout=120) == 0 for proc in procs)
     assert len(json.loads((tmp_path / "cache" / "file_digests.json").read_text())) == 150
+
+
+def test_a_file_replaced_with_its_old_size_and_mtime_is_hashed_again(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fine-tunes of one architecture have one size, and unpacking an archive packed with a fixed
+    mtime gives the new file the old stamp: (path, size, mtime) returned the old model's digest,
+    and every cache keyed by the fingerprint then served the old model's results."""
+    monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"a" * 1000)
+    os.utime(f, ns=(1_000_000_000, 1_000_000_000))
+    assert file_digest(f) == hashlib.blake2b(b"a" * 1000, digest_size=16).hexdigest()
+    time.sleep(0.01)  # a later ctime, whatever the clock's resolution here
+    f.write_bytes(b"b" * 1000)
+    os.utime(f, ns=(1_000_000_000, 1_000_000_000))
+    assert file_digest(f) == hashlib.blake2b(b"b" * 1000, digest_size=16).hexdigest()
 
 
 def test_corrupt_digest_store_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

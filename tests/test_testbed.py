@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -93,6 +94,14 @@ def test_pretrain_cache_store_keeps_a_twin_s_entry_and_replaces_a_corrupt_one(tm
     got = pretrain_cache.load("k")
     assert torch.equal(got["state"]["w"], torch.zeros(3)) and got["losses"] == [2.0]
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary or old folder left
+    # Bytes damaged under an intact header (a bad disk, a partial copy) are a miss, not reused.
+    state = entry / "state.safetensors"
+    raw = bytearray(state.read_bytes())
+    raw[-1] ^= 0xFF
+    state.write_bytes(bytes(raw))
+    messages: list[str] = []
+    assert pretrain_cache.load("k", messages.append) is None
+    assert "tensor bytes differ from their digest" in messages[0] and str(entry) in messages[0]
 
 
 def test_tiny_zoo_base_is_the_skills_stage(tiny_zoo):
@@ -165,6 +174,22 @@ def test_label_run_resumes_without_redoing_finished_plans(tiny_zoo, tmp_path):
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())
     assert any(f"ignoring unreadable cache entry {corrupt}" in line for line in lines)
     assert "scores" in json.loads(corrupt.read_text())
+    # An entry that reads but lacks a task's scores is measured again too (it raised a KeyError
+    # while writing the tables, on every rerun).
+    record = json.loads(corrupt.read_text())
+    corrupt.write_text(json.dumps({**record, "scores": {}}))
+    third = run_labels(tiny_zoo / "catalog.yaml", out, LABELS, log=lines.append)
+    assert (third.cached, third.computed) == (second.total - 1, 1) and json.loads(corrupt.read_text()) == record
+    # The key covers the eval sets as the base's tokenizer encodes them, not only their files:
+    # with fewer BPE merges every plan is another measurement.
+    copy = tmp_path / "zoo-copy"
+    shutil.copytree(tiny_zoo, copy)
+    tok_file = Catalog.load(copy / "catalog.yaml").base / "tokenizer.json"
+    tok = json.loads(tok_file.read_text())
+    tok["model"]["merges"] = tok["model"]["merges"][:20]
+    tok_file.write_text(json.dumps(tok))
+    retokenised = run_labels(copy / "catalog.yaml", out, LABELS, max_plans=0, log=lambda *_: None)
+    assert (retokenised.cached, retokenised.complete) == (0, False)
 
     cat = Catalog.load(tiny_zoo / "catalog.yaml")
     experts = {m.name: m.task for m in cat.models}
@@ -322,6 +347,14 @@ def test_gap_closed_and_tables_on_a_hand_checked_case():
     assert summary["code"]["linear"] == pytest.approx(0.75) and summary["code"]["ties"] == pytest.approx(0.5)
     assert summary["code"]["oracle"] == pytest.approx(0.75) and summary["code"]["best_linear"] == 1
     assert summary["mean"]["pairs"] == 2 and summary["mean"]["best_ties"] == 0
+    # Pairs whose auxiliary side has no gap to close have no utility: with none left, the summary
+    # is empty (it raised ColumnNotFoundError, after every plan had been measured).
+    flat = {m: {"code": 0.2, "math": 0.2} for m in ("m1", "m2")}
+    flat["c1"] = {"code": 0.3, "math": 0.2}
+    labels, _ = pairwise_table(results[:2], flat, experts, epsilon=1e-3)
+    assert labels.height == 2 and labels["utility"].null_count() == 2
+    empty = gap_summary(labels)
+    assert empty.is_empty() and {"linear", "ties", "oracle", "pairs", "best_linear"} <= set(empty.columns)
 
     multi = multiway_table([(LabelPlan(("c1", "m1", "m2"), ("linear", "ties"), "equal", tasks=("code", "math", "math")),
                              {"code": 0.24, "math": 0.3})], singles, experts)
@@ -562,3 +595,27 @@ def test_label_output_checks_come_before_any_work(tiny_zoo, tmp_path, capsys):
         for f in (summary, Path(model) / ".simmerge-stage-labels.json"):
             f.unlink(missing_ok=True)
     assert (mine / "labels.parquet").read_bytes() == b"my own labels" and afile.read_text() == "x"
+
+
+def test_a_finished_stage_whose_outputs_changed_runs_again(tiny_zoo, tmp_path):
+    """A stage's marker records the files it wrote: a finished stage is reused while they are as
+    it left them; removed or truncated, it runs again (it used to be reused on its marker alone, and
+    the next stage failed on the missing file, on every rerun)."""
+    from simmerge_ray.pipeline import PipelineSettings, run
+
+    settings = PipelineSettings(TINY, tmp_path / "run")
+    lines: list[str] = []
+    run(settings, echo=lines.append, until="zoo")
+    marker = json.loads((tmp_path / "run" / ".stage-zoo.json").read_text())
+    weights = "zoo/checkpoints/base/model.safetensors"
+    assert weights in marker["files"] and "zoo/catalog.yaml" in marker["files"]
+    lines.clear()
+    run(settings, echo=lines.append, until="zoo")
+    assert lines == [f"[1/1] zoo           done earlier ({marker['seconds']:.0f} s), reused"]
+    (tmp_path / "run" / "notes.txt").write_text("mine")  # not the stage's: changes nothing
+    path = tmp_path / "run" / weights
+    path.write_bytes(path.read_bytes()[:100])
+    lines.clear()
+    run(settings, echo=lines.append, until="zoo")
+    assert lines[0] == f"[1/1] zoo           1 of its outputs changed since it finished ({weights}); running it again"
+    assert path.stat().st_size == marker["files"][weights][0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -135,13 +136,19 @@ class ProbeCache:
 
 
 def _is_entry(meta: Path) -> bool:
-    """A probe-cache entry: a folder whose meta.json has the fields this cache writes. Any other
-    `*/meta.json` (a user's experiment folder under a shared --cache) is not ours."""
+    """A probe-cache entry: a folder named as settings.cache_key names them (24 hex digits) whose
+    meta.json has the fields this cache writes. Any other `*/meta.json` (a user's experiment folder
+    under a shared --cache, whatever its meta.json holds) is not ours."""
+    if not _KEY_NAME.fullmatch(meta.parent.name):
+        return False
     try:
         raw = json.loads(meta.read_text())
     except (OSError, ValueError):
         return False
     return isinstance(raw, dict) and isinstance(raw.get("num_probes"), int)  # what the cache reads back
+
+
+_KEY_NAME = re.compile(r"[0-9a-f]{24}")
 
 
 def discard_entries(cache_dir: Path) -> int:

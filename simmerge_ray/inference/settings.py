@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 BackendName = Literal["hf", "deepspeed"]
+# Bumped whenever what a probe run records changes (extract.py, the backends): the cache key holds
+# it with the library versions that compute the records, so an upgrade measures again.
+PROBE_CACHE_VERSION = "probe-v1"
 
 
 class ProbeSettings(BaseModel):
@@ -46,6 +50,7 @@ class RunOptions(BaseModel):
 
 
 def cache_key(model_fingerprint: str, probe_digest: str, settings: ProbeSettings) -> str:
-    """Folder name of one (model, probe set, settings) output cache."""
-    payload = json.dumps([model_fingerprint, probe_digest, settings.model_dump()], sort_keys=True)
+    """Folder name of one (model, probe set, settings, code and library versions) output cache."""
+    code = [PROBE_CACHE_VERSION, version("torch"), version("transformers")]
+    payload = json.dumps([model_fingerprint, probe_digest, settings.model_dump(), code], sort_keys=True)
     return hashlib.blake2b(payload.encode(), digest_size=12).hexdigest()

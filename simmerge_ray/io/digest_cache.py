@@ -35,10 +35,13 @@ def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
 
 
 def file_digest(path: Path) -> str:
-    """blake2b of a file's bytes; a file unchanged since the last call is not read again."""
+    """blake2b of a file's bytes; a file unchanged since the last call is not read again. Unchanged
+    means the same inode, size, mtime and ctime: fine-tunes of one architecture have one size, and
+    an archive unpacked over a file can give it the old mtime, but not the old ctime, which only
+    the kernel sets (any write, rename or replacement moves it)."""
     path = Path(path).resolve()
     st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{path}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
     store = cache_root() / "file_digests.json"
     known = _load(store)
     if key in known:

@@ -2,8 +2,9 @@
 
 Each stage calls the same library function as the `simmerge` command a user would run, writing
 into its own folder of the run (layout.py). A stage that finished with the same inputs is
-skipped (a marker file holds the digest of its inputs), and the stages' own caches make an
-interrupted run resume.
+skipped (a marker file holds the digest of its inputs and the size and mtime of every file the
+stage wrote: a finished stage whose outputs were since removed, truncated or rewritten runs
+again), and the stages' own caches make an interrupted run resume.
 """
 
 from __future__ import annotations
@@ -92,6 +93,37 @@ def stages(s: PipelineSettings) -> list[Stage]:
     ]
 
 
+def _files(root: Path) -> dict[str, list[int]]:
+    """Every file under the run folder but the stage markers: relative path -> [size, mtime]."""
+    out = {}
+    for path in root.rglob("*"):
+        if path.name.startswith(".stage-") and path.parent == root:
+            continue
+        try:
+            st = path.stat()
+        except OSError:  # removed meanwhile
+            continue
+        if path.is_file():
+            out[path.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _changed_outputs(root: Path, written: dict | None) -> list[str]:
+    """The files a finished stage wrote that are no longer as it left them (a marker of an older
+    version lists none: nothing to check)."""
+    if not isinstance(written, dict):
+        return []
+    changed = []
+    for rel, stamp in sorted(written.items()):
+        try:
+            st = (root / rel).stat()
+            if [st.st_size, st.st_mtime_ns] != stamp:
+                changed.append(rel)
+        except OSError:
+            changed.append(rel)
+    return changed
+
+
 def _read_marker(marker: Path) -> dict | None:
     """A stage's finished-marker, or None (not done) when it is absent or unreadable: a stage
     whose marker cannot be read simply runs again."""
@@ -122,15 +154,21 @@ def run(s: PipelineSettings, *, echo: Callable[[str], None] = print, until: str 
         marker = layout.marker(st.name)
         prefix = f"[{i}/{len(all_stages)}] {st.name:<13}"
         done = _read_marker(marker)
-        if done is not None and done.get("key") == key:
+        changed = _changed_outputs(s.out, done.get("files")) if done is not None and done.get("key") == key else None
+        if changed == []:
             timings[st.name] = float(done.get("seconds", 0.0))
             echo(f"{prefix} done earlier ({timings[st.name]:.0f} s), reused")
         else:
+            if changed:
+                named = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
+                echo(f"{prefix} {len(changed)} of its outputs changed since it finished ({named}); running it again")
             echo(f"{prefix} {st.title} ...")
+            before = _files(s.out)
             t0 = time.perf_counter()
             st.run()
             timings[st.name] = time.perf_counter() - t0
-            atomic_write_text(marker, json.dumps({"key": key, "seconds": timings[st.name]}))
+            written = {rel: stamp for rel, stamp in _files(s.out).items() if before.get(rel) != stamp}
+            atomic_write_text(marker, json.dumps({"key": key, "seconds": timings[st.name], "files": written}))
             echo(f"{prefix} finished in {timings[st.name]:.0f} s")
         upstream.append(key)
     return timings

@@ -98,6 +98,9 @@ def gap_summary(labels: pl.DataFrame, value: str = "utility") -> pl.DataFrame:
     each arm is the best. Rows where `value` is undefined (a too small auxiliary gap) are left out."""
     ops = sorted(labels["operator"].unique().to_list())
     labels = labels.filter(pl.col(value).is_not_null())
+    if labels.is_empty():  # no pair has a gap to close: a summary without rows
+        return pl.DataFrame(schema={"task": pl.String, **{op: pl.Float64 for op in ops}, "oracle": pl.Float64,
+                                    "pairs": pl.UInt32, **{f"best_{op}": pl.UInt32 for op in ops}})
     per_pair = labels.group_by("task", "expert", "aux").agg(
         pl.col(value).max().alias("oracle"),
         pl.col("operator").sort_by(value, descending=True).first().alias("best"),

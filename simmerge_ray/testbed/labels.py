@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,7 +29,7 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.structural_rows import check_same_tensors
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint, merged_head
-from simmerge_ray.io.digest_cache import file_digest
+from simmerge_ray.io.digest_cache import arrays_digest
 from simmerge_ray.io.out_checks import check_not_input
 from simmerge_ray.io.shared_vocab import SharedVocab, shared_vocab
 from simmerge_ray.io.stage_files import adopt_stage_files, check_stage, stage_files, stage_owned
@@ -36,6 +37,9 @@ from simmerge_ray.testbed.label_plans import LabelSettings, LabelPlan, empty_siz
 from simmerge_ray.merge.arms import get_arm, get_weighting
 from simmerge_ray.testbed.label_tables import gap_summary, model_scores_table, multiway_table, pairwise_table
 from simmerge_ray.testbed.merging import merge_arm, merge_state_dicts
+
+if TYPE_CHECKING:
+    from simmerge_ray.testbed.evaluate import EncodedEvalSet
 
 EVAL_MAX_LEN = 192
 LABEL_STAGE = "labels"
@@ -79,9 +83,6 @@ class PlanEvaluator:
     def __init__(self, catalog_path: str, threads: int = 1) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from simmerge_ray.testbed.evaluate import encode, load_examples
-        from simmerge_ray.testbed.tokenizer import load_tokenizer
-
         torch.set_num_threads(threads)
         cat = Catalog.load(catalog_path)
         experts = check_label_catalog(cat)
@@ -91,8 +92,7 @@ class PlanEvaluator:
         # scored model keeps it untied (as `merge` writes it).
         head = merged_head(ckpts.values())
         self.states = {name: _read_state(ck, head, vocab, i) for i, (name, ck) in enumerate(ckpts.items())}
-        tok = load_tokenizer(cat.base)
-        self.evals = {t: encode(load_examples(e.eval), tok, EVAL_MAX_LEN) for t, e in cat.tasks.items()}
+        self.evals = encoded_evals(cat)
         config = AutoConfig.from_pretrained(str(cat.base))
         if head is not None:
             config.tie_word_embeddings = False
@@ -166,14 +166,27 @@ def check_label_models(cat: Catalog, experts: dict[str, str]) -> None:
                                                                       for m in experts)], vocab)
     if vocab is None:
         return
+    for t, data in encoded_evals(cat).items():
+        if int(data.input_ids.max()) >= vocab.rows:
+            raise ConfigError(f"{cat.tasks[t].eval}: the base's tokenizer gives ids past the {vocab.rows} the models "
+                              f"share; plans are scored on those rows only")
+
+
+def encoded_evals(cat: Catalog) -> dict[str, EncodedEvalSet]:
+    """Every task's eval set as plans are scored on it: tokenised by the base's tokenizer."""
     from simmerge_ray.testbed.evaluate import encode, load_examples
     from simmerge_ray.testbed.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cat.base)
-    for t, entry in sorted(cat.tasks.items()):
-        if entry.eval is not None and int(encode(load_examples(entry.eval), tok, EVAL_MAX_LEN).input_ids.max()) >= vocab.rows:
-            raise ConfigError(f"{entry.eval}: the base's tokenizer gives ids past the {vocab.rows} the models share; "
-                              f"plans are scored on those rows only")
+    return {t: encode(load_examples(e.eval), tok, EVAL_MAX_LEN) for t, e in sorted(cat.tasks.items())
+            if e.eval is not None}
+
+
+def eval_digest(data: EncodedEvalSet) -> str:
+    """What a label's eval side is keyed by: the encoded tokens and answer positions, so that a
+    changed tokenizer or length limit measures again (the file's bytes alone did not)."""
+    return arrays_digest({"input_ids": data.input_ids.numpy(), "attention_mask": data.attention_mask.numpy(),
+                          "target_mask": data.target_mask.numpy()})
 
 
 def _calls(todo: list[tuple[str, LabelPlan]], per_call: int) -> list[list[tuple[str, LabelPlan]]]:
@@ -196,7 +209,7 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     fingerprints = {m.name: Checkpoint.open(m.path).fingerprint() + rows for m in cat.models}
     fingerprints["base"] = Checkpoint.open(cat.base).fingerprint() + rows
     tasks = sorted(cat.tasks)
-    task_digests = {t: file_digest(cat.tasks[t].eval) for t in tasks if cat.tasks[t].eval is not None}
+    task_digests = {t: eval_digest(data) for t, data in encoded_evals(cat).items()}
     plans = enumerate_plans(experts, [t for t in tasks if t in task_digests], settings)
     keyed = [(p.key(fingerprints, task_digests), p) for p in plans]
     cache = Path(out) / "cache"
@@ -204,7 +217,7 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     unique: dict[str, LabelPlan] = {}  # a mirrored 2-way merge is measured once, under its canonical form
     for k, p in keyed:
         unique.setdefault(k, p)
-    todo = [(k, p.canonical()) for k, p in unique.items() if not _cached(cache / f"{k}.json", log)]
+    todo = [(k, p.canonical()) for k, p in unique.items() if not _cached(cache / f"{k}.json", p.tasks, log)]
     cached = len(unique) - len(todo)
     if max_plans is not None:
         todo = todo[:max_plans]
@@ -233,17 +246,23 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
 
     complete = cached + computed == len(unique)
     if complete:
-        _write_tables(Path(out), keyed, cache, experts, settings, time.perf_counter() - t0)
+        _write_tables(Path(out), keyed, cache, experts, settings, time.perf_counter() - t0, log)
     return LabelRunReport(len(unique), computed, cached, complete, time.perf_counter() - t0, Path(out))
 
 
-def _cached(entry: Path, log: Callable[[str], None]) -> bool:
-    """Whether a plan's cache entry holds its scores; an unreadable one is removed (and measured
-    again), so a corrupt cache heals instead of failing every rerun."""
+def _cached(entry: Path, tasks: tuple[str, ...], log: Callable[[str], None]) -> bool:
+    """Whether a plan's cache entry holds its scores on every one of its `tasks`; an unreadable or
+    incomplete one is removed (and measured again), so a damaged cache heals instead of failing
+    every rerun."""
     try:
         record = json.loads(entry.read_text())
-        if not (isinstance(record, dict) and isinstance(record.get("scores"), dict)):
+        scores = record.get("scores") if isinstance(record, dict) else None
+        if not isinstance(scores, dict):
             raise ValueError("no scores")
+        for t in tasks:
+            got = scores.get(t)
+            if not (isinstance(got, dict) and all(isinstance(got.get(m), (int, float)) for m in ("score", "accuracy"))):
+                raise ValueError(f"no score and accuracy on {t!r}")
         return True
     except FileNotFoundError:
         return False
@@ -254,13 +273,16 @@ def _cached(entry: Path, log: Callable[[str], None]) -> bool:
 
 
 def _write_tables(out: Path, keyed: list[tuple[str, LabelPlan]], cache: Path, experts: dict[str, str],
-                  settings: LabelSettings, seconds: float) -> None:
+                  settings: LabelSettings, seconds: float, log: Callable[[str], None]) -> None:
     results = [(p, json.loads((cache / f"{k}.json").read_text())["scores"]) for k, p in keyed]
     metric = settings.metric
     singles = {p.models[0]: {t: s[metric] for t, s in sc.items()} for p, sc in results if p.k == 1}
     merged = [(p, {t: s[metric] for t, s in sc.items()}) for p, sc in results if p.k > 1]
     labels, dropped = pairwise_table([r for r in merged if r[0].k == 2], singles, experts, settings.epsilon)
     multi = multiway_table([r for r in merged if r[0].k > 2], singles, experts)
+    if labels["utility"].is_not_null().sum() == 0:
+        log(f"label: no expert-auxiliary pair's {settings.metric} gap exceeds {settings.epsilon} on both tasks "
+            f"({dropped} pair-arm rows dropped): the tables hold no two-sided utility to fit a selector on")
     summary = gap_summary(labels)
     info = {
         "settings": settings.model_dump(mode="json"),
