@@ -510,6 +510,12 @@ def test_cli_bandit_init_and_sim(tmp_path: Path, capsys: pytest.CaptureFixture[s
     want = warm_bandit(core.encoder, data.operators, core.encoder.encode(data.x), data.rewards, SimSettings())
     assert core.bandit.noise_var == want.noise_var
     assert [a.prior_var for a in core.bandit.arms] == [a.prior_var for a in want.arms]
+    capsys.readouterr()
+    assert cli_main(["bandit-init", "--state", str(state), "--features", str(tmp_path / "features.parquet"),
+                     "--labels", str(tmp_path / "labels.parquet"), "--noise-var", "0.5", "--overwrite"]) == 0
+    assert capsys.readouterr().err.splitlines() == [  # it used to say nothing
+        "simmerge bandit-init: warning: --noise-var not used: a warm start chooses both variances by evidence on the labels"]
+    assert BanditCore(state).bandit.noise_var == want.noise_var
     out = tmp_path / "sim"
     assert cli_main(["bandit-sim", "--labels", str(tmp_path / "labels.parquet"), "--features",
                      str(tmp_path / "features.parquet"), "--out", str(out), "--rounds", "30",

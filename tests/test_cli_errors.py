@@ -156,6 +156,19 @@ def test_plan_with_a_misspelt_task_lists_the_known_ones(tmp_path: Path, capsys) 
     assert not (tmp_path / "plan").exists()
 
 
+def test_a_pairwise_plan_refuses_multiway_options(tmp_path: Path, capsys) -> None:
+    """`plan --expert --aux` used to accept and ignore --max-way, --aux-weight, --calibration...,
+    printing the same result whatever they said."""
+    (tmp_path / "p.jsonl").write_text('"x"\n')
+    cat = _catalog(tmp_path, {"code": {"probes": "p.jsonl"}, "math": {"probes": "p.jsonl"}})
+    assert cli_main(["plan", "--selector", str(tmp_path / "sel"), "--catalog", str(cat), "--features",
+                     str(tmp_path / "feats"), "--task", "code", "--expert", "a", "--aux", "b", "--max-way", "3",
+                     "--calibration", "c.json", "--out", str(tmp_path / "plan")]) == 2
+    _one_line_error(capsys, "--max-way, --calibration: multi-way options (with --models); a pairwise plan (--expert, "
+                            "--aux) ranks the arms by the selector alone")
+    assert not (tmp_path / "plan").exists()
+
+
 def test_a_model_whose_task_is_not_declared_is_named(tmp_path: Path, capsys) -> None:
     """A typo in a model's task used to make it silently task-less (features, plan), and `label`
     then blamed a `tasks.<typo>` entry that is not in the file."""

@@ -264,3 +264,30 @@ def test_a_join_gone_stale_is_removed_not_left_beside_the_new_tables(tmp_path: P
     with pytest.raises(ConfigError, match=r"no structural row") as err:
         write_joined(tmp_path)
     assert "removed" not in str(err.value) and (tmp_path / "features.parquet").read_text() == "the user's"
+
+
+def test_tables_measured_from_two_versions_of_a_model_are_not_joined(tmp_path: Path) -> None:
+    """Structural features rerun after a checkpoint changed used to rejoin the old functional
+    columns to the new structural ones, and plan accepted the table (its check read the
+    structural record only): each stage records its checkpoints and the join compares them."""
+    from simmerge_ray.features.joined import write_joined
+    from simmerge_ray.io.stage_files import stage_files
+
+    def record(fingerprint: str) -> str:
+        return json.dumps({"fingerprints": {"x": fingerprint, "y": "fy"}, "signatures": {}, "paths": {}})
+
+    with stage_files(tmp_path, "functional", ("functional.parquet", "functional_meta.json"), replace=True) as tmp:
+        pl.DataFrame({"a": ["x", "y"], "b": ["y", "x"], "task": ["t", "t"], "f_kl_ab_mean": [0.1, 0.2]}).write_parquet(
+            tmp / "functional.parquet")
+        (tmp / "functional_meta.json").write_text(record("fx-old"))
+    for fingerprint in ("fx-old", "fx-new"):  # the structural stage run before, then after the change
+        with stage_files(tmp_path, "structural", ("structural.parquet", "gram_meta.json"), replace=True) as tmp:
+            pl.DataFrame({"a": ["x", "y"], "b": ["y", "x"], "s_l2": [1.0, 1.0]}).write_parquet(tmp / "structural.parquet")
+            (tmp / "gram_meta.json").write_text(record(fingerprint))
+        if fingerprint == "fx-old":
+            assert write_joined(tmp_path) == tmp_path / "features.parquet"
+    with pytest.raises(ConfigError, match=r"functional_meta.json: model 'x' was measured from another checkpoint than the "
+                                          r"one gram_meta.json records .*features.parquet, which joined the previous "
+                                          r"tables, was removed"):
+        write_joined(tmp_path)
+    assert not (tmp_path / "features.parquet").exists()

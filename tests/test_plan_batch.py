@@ -271,3 +271,29 @@ def test_rerun_keeps_what_the_user_added_and_heals_broken_cache_entries(world, t
     assert fourth.errors == 1 and res["status"].to_list() == ["error"]
     assert "holds step-1/, which simmerge did not write there" in res["error"][0]
     assert (user_merge / "model.safetensors").read_bytes() == b"the user's merge"
+
+
+def test_a_calibration_is_refused_with_selectors_it_was_not_fitted_on(world, tmp_path: Path) -> None:
+    """A calibration maps one run's selectors' predictions to measured retentions; given with
+    another run's selectors it printed calibrated retentions and intervals that meant nothing."""
+    import numpy as np
+
+    from simmerge_ray.planner.calibrate import FEATURES, MultiwayCalibration, RetentionCalibrator
+    from simmerge_ray.planner.request import load_calibration
+    from simmerge_ray.selector.encoder import selector_digest
+
+    w, _ = world
+    other = tmp_path / "other-selector"
+    shutil.copytree(w.selector, other)
+    weights = next(p for p in other.iterdir() if p.suffix == ".safetensors")
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 1
+    weights.write_bytes(bytes(raw))
+    cal = MultiwayCalibration({3: RetentionCalibrator(np.zeros((len(FEATURES), 2)))}, {3: 5},
+                              selectors={"selector": selector_digest(w.selector), "aux_selector": selector_digest(w.selector)})
+    path = tmp_path / "calibration.json"
+    path.write_text(cal.to_json())
+    assert load_calibration(str(path), str(w.selector), str(w.selector)).selectors == cal.selectors
+    with pytest.raises(ConfigError, match=f"--calibration {path}: fitted on the predictions of another aux selector "
+                                          f"than --aux-selector {other}"):
+        load_calibration(str(path), str(other), str(w.selector))

@@ -126,6 +126,8 @@ def test_expert_alone_for_multiway_objectives(small_selector: Selector) -> None:
     assert ea == {"available": True, "target": "retention", "value": 2.0, "best": 1.5, "better": True,
                   "margin": pytest.approx(0.5)}
     assert not expert_alone(small_selector, obj, 2.5)["better"]
+    # a utility selector without its auxiliary twin: R of the expert is U, which is 0.5 alone
+    assert expert_alone(small_selector, obj, 0.9, proxy=True)["value"] == 1.0
     # pairwise plans: the selector's own target for the expert alone (utility: 0.5)
     assert expert_alone(small_selector, None, 0.6)["value"] == 0.5
 
@@ -205,7 +207,9 @@ def test_plan_flags_a_same_task_pair_and_an_extreme_row(world, small_selector: S
     assert [(f["step"], f["model"]) for f in same] == [(best.models.index("code-1"), "code-1")]
     assert best.operators == ["slerp", "slerp"] and best.score == pytest.approx(0.09)
     assert best.intervals["levels"]["80"]["score"] == pytest.approx([0.01, 0.25])  # (0.3 -+ 0.2)^2
-    assert best.expert_alone["value"] == 1.0 and best.expert_alone["better"]  # 0.09 of the gap against all of it
+    # without the auxiliary selector the expert's R is the two-sided utility U: alone, U = 0.5
+    assert best.expert_alone["value"] == 0.5 and best.expert_alone["better"]
+    assert best.expert_alone["target"] == "retention (two-sided utility proxy)"
 
 
 def test_a_joining_model_without_a_task_is_scored_on_the_proxy_not_2u_minus_v(world, tmp_path: Path) -> None:
@@ -318,5 +322,5 @@ def test_plan_refuses_features_measured_from_another_checkpoint(world, tmp_path:
                 assert rc == 0, err
                 continue
             assert rc == 2 and not (tmp_path / f"{name}-{args[0][2:]}").exists()
-            assert (f"simmerge plan: error: {world.features / 'gram_meta.json'}: model 'math-0' is {root / other['path']} "
-                    f"in the catalog, which is not the checkpoint its features were measured from") in err
+            assert (f"simmerge plan: error: {world.features / 'gram_meta.json'}: model 'math-0' ({root / other['path']}) "
+                    f"is not the checkpoint its features describe (they were measured from {root / entry['path']})") in err

@@ -76,6 +76,14 @@ def run(args: argparse.Namespace) -> int:
         return _multiway(args, catalog, req, space)
     if not (args.expert and args.aux):
         raise ConfigError("pairwise mode needs --expert and --aux (or use --models for multi-way)")
+    ignored = [flag for flag, value, default in (
+        ("--max-way", args.max_way, 4), ("--min-way", args.min_way, 2), ("--required-expert", args.required_expert, None),
+        ("--beam-width", args.beam_width, 64), ("--retention-weight", args.retention_weight, 1.0),
+        ("--aux-weight", args.aux_weight, 0.0), ("--aux-selector", args.aux_selector, None),
+        ("--calibration", args.calibration, None)) if value != default]
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)}: multi-way options (with --models); a pairwise plan (--expert, --aux) "
+                          "ranks the arms by the selector alone")
     for m in (args.expert, args.aux):
         catalog.model(m)
     if args.expert == args.aux:
@@ -208,7 +216,7 @@ def _multiway(args: argparse.Namespace, catalog, req, space) -> int:
     from simmerge_ray.planner.request import load_calibration, plan_request, write_plans
 
     check_measured_from(args.features, catalog, space.candidates)
-    calibration = load_calibration(args.calibration, args.aux_selector)
+    calibration = load_calibration(args.calibration, args.aux_selector, args.selector)
     res = plan_request(req, catalog, build_step_model(args.selector, args.features, args.aux_selector),
                        calibration=calibration)
     print(f"scored {res.scored} plans in {res.seconds:.2f} s ({res.plans_per_second:.0f} plans/s, "

@@ -102,6 +102,11 @@ def _init(args: argparse.Namespace) -> int:
                            labels=labels, operators=operators, source=str(features), encoder=encoder)
     if start.dropped:
         print(f"bandit-init: {left_out_line(start.dropped)}")
+    chosen = [flag for flag, value, default in (("--noise-var", args.noise_var, 0.04), ("--prior-var", args.prior_var, 1.0))
+              if value != default]
+    if start.contexts and chosen:
+        print(f"simmerge bandit-init: warning: {', '.join(chosen)} not used: a warm start chooses both variances by "
+              "evidence on the labels", file=sys.stderr)
     core = BanditCore.create(args.state, start.encoder, start.bandit, feature_table=features,
                              overwrite=args.overwrite)
     how = f"warm start from {start.contexts} contexts" if start.contexts else "cold start"

@@ -15,6 +15,7 @@ read once per probe for all pairs, so the N^2 step runs no model and reads each 
 
 from __future__ import annotations
 
+import json
 from itertools import combinations
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.functional_math import depth_summary, distribution_summary, kl_per_position, layer_cosines
 from simmerge_ray.inference.catalog_probes import ModelProbes, check_comparable
 from simmerge_ray.features.joined import FUNCTIONAL_FILE, write_joined
+from simmerge_ray.features.provenance import FUNCTIONAL_META_FILE, checkpoint_record
 from simmerge_ray.features.schema import B_TASK_SUFFIX
 from simmerge_ray.inference.compact import expand_logprobs
 from simmerge_ray.io.stage_files import stage_files
@@ -127,8 +129,10 @@ def write_functional_features(plans: dict[str, dict[str, ModelProbes]], task_of:
     when DIR/structural.parquet exists. No other file of DIR is touched."""
     out_dir = Path(out_dir)
     functional = functional_table(plans, task_of)
-    with stage_files(out_dir, "functional", (FUNCTIONAL_FILE,), replace=True) as tmp:
+    measured = {name: mp.model_dir for plan in plans.values() for name, mp in plan.items()}
+    with stage_files(out_dir, "functional", (FUNCTIONAL_FILE, FUNCTIONAL_META_FILE), replace=True) as tmp:
         functional.write_parquet(tmp / FUNCTIONAL_FILE)
+        (tmp / FUNCTIONAL_META_FILE).write_text(json.dumps(checkpoint_record(measured), indent=1))
     written = {"functional": out_dir / FUNCTIONAL_FILE}
     joined = write_joined(out_dir)
     if joined is not None:

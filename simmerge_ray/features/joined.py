@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.features.provenance import check_stages_agree
 from simmerge_ray.io.stage_files import remove_stage_file, stage_files
 from simmerge_ray.io.tables import read_table
 
@@ -37,6 +38,7 @@ def write_joined(out: Path) -> Path | None:
     if not ((out / STRUCTURAL_FILE).exists() and (out / FUNCTIONAL_FILE).exists()):
         return None
     try:
+        check_stages_agree(out)
         joined = join_structural(read_table(out / FUNCTIONAL_FILE, "functional feature table"), out / STRUCTURAL_FILE)
     except ConfigError as e:
         if remove_stage_file(out, "joined", JOINED_FILE):

@@ -1,6 +1,8 @@
 """Which checkpoints a features folder was measured from, checked against the catalog a plan
 names: a model name now pointing at another checkpoint (a retrained expert, an edited path)
-would otherwise be planned, and its merge files written, from another model's features."""
+would otherwise be planned, and its merge files written, from another model's features. Each
+stage keeps its own record (gram_meta.json, functional_meta.json): after one stage is rerun on a
+changed checkpoint, the other's columns are still the old model's until it is rerun too."""
 
 from __future__ import annotations
 
@@ -13,27 +15,61 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.checkpoint import Checkpoint
 
 META_FILE = "gram_meta.json"
+FUNCTIONAL_META_FILE = "functional_meta.json"
+RECORDS = (META_FILE, FUNCTIONAL_META_FILE)
+
+
+def checkpoint_record(models: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """What a stage records of the checkpoints it measured: paths, content fingerprints and stat
+    signatures, by model name."""
+    ckpts = {name: Checkpoint.open(path) for name, path in models.items()}
+    return {"paths": {n: str(ck.path) for n, ck in ckpts.items()},
+            "fingerprints": {n: ck.fingerprint() for n, ck in ckpts.items()},
+            "signatures": {n: ck.stat_signature() for n, ck in ckpts.items()}}
+
+
+def _read_record(path: Path) -> tuple[dict, dict, dict] | None:
+    """(fingerprints, signatures, paths) of a stage's record, or None when the stage left none."""
+    try:
+        meta = json.loads(path.read_text())
+        return dict(meta["fingerprints"]), dict(meta.get("signatures", {})), dict(meta.get("paths", {}))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: unreadable record of the measured checkpoints ({type(e).__name__}: {e})") from None
+
+
+def check_stages_agree(features_dir: Path) -> None:
+    """Refuse to join two stages' tables measured from different checkpoints of one model name."""
+    records = [(name, _read_record(Path(features_dir) / name)) for name in RECORDS]
+    (s_name, s_rec), (f_name, f_rec) = records
+    if s_rec is None or f_rec is None:
+        return
+    for model in sorted(set(s_rec[0]) & set(f_rec[0])):
+        if s_rec[0][model] != f_rec[0][model]:
+            raise ConfigError(f"{Path(features_dir) / f_name}: model {model!r} was measured from another checkpoint than "
+                              f"the one {s_name} records (its content changed between the two feature stages); run "
+                              f"`simmerge features functional` again, so both describe the same checkpoint")
 
 
 def check_measured_from(features_dir: str | Path, catalog: Catalog, names: Iterable[str]) -> None:
-    """Refuse when a model of `names` is not the checkpoint the structural features recorded for
-    it (its content fingerprint; the files' stat signature spares reading them when unchanged).
-    A folder without the structural stage's record (functional features only) is not checked."""
-    meta_path = Path(features_dir) / META_FILE
-    try:
-        meta = json.loads(meta_path.read_text())
-        fingerprints, signatures = dict(meta["fingerprints"]), dict(meta.get("signatures", {}))
-        paths = dict(meta.get("paths", {}))
-    except FileNotFoundError:
-        return
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{meta_path}: unreadable record of the measured checkpoints ({type(e).__name__}: {e})") from None
-    for name in dict.fromkeys(names):
-        if name not in fingerprints:
-            continue  # not measured: the feature lookup names it
-        ckpt = Checkpoint.open(catalog.model(name).path)
-        if signatures.get(name) == ckpt.stat_signature() or ckpt.fingerprint() == fingerprints[name]:
+    """Refuse when a model of `names` is not the checkpoint a feature stage recorded for it (its
+    content fingerprint; the files' stat signature spares reading them when unchanged). A stage
+    that left no record (an older folder) is not checked."""
+    for record in RECORDS:
+        meta_path = Path(features_dir) / record
+        read = _read_record(meta_path)
+        if read is None:
             continue
-        raise ConfigError(f"{meta_path}: model {name!r} is {ckpt.path} in the catalog, which is not the checkpoint "
-                          f"its features were measured from ({paths.get(name, 'unrecorded path')}); compute the "
-                          f"features again (simmerge features structural / functional) for this catalog")
+        fingerprints, signatures, paths = read
+        for name in dict.fromkeys(names):
+            if name not in fingerprints:
+                continue  # not measured: the feature lookup names it
+            ckpt = Checkpoint.open(catalog.model(name).path)
+            if signatures.get(name) == ckpt.stat_signature() or ckpt.fingerprint() == fingerprints[name]:
+                continue
+            why = ("its files changed since" if paths.get(name) == str(ckpt.path) else
+                   f"they were measured from {paths.get(name, 'an unrecorded path')}")
+            raise ConfigError(f"{meta_path}: model {name!r} ({ckpt.path}) is not the checkpoint its features describe "
+                              f"({why}); compute the features again (simmerge features structural / functional) for "
+                              f"this catalog")

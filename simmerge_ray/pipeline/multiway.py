@@ -5,6 +5,7 @@ on those outcomes (planner/calibrate.py) is fitted and saved for `simmerge plan`
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.pipeline.layout import RunLayout
@@ -18,6 +19,7 @@ def judge_multiway(run: RunLayout) -> dict:
     from simmerge_ray.catalog import Catalog
     from simmerge_ray.planner.evaluate import PlanScorer, evaluate_multiway, fit_calibration, multiway_targets
     from simmerge_ray.planner.request import build_step_model
+    from simmerge_ray.selector.encoder import selector_digest
     from simmerge_ray.selector.train import one_thread
 
     aux = run.aux_selector if run.aux_selector.exists() else None
@@ -29,5 +31,7 @@ def judge_multiway(run: RunLayout) -> dict:
     result = evaluate_multiway(labels, scorer, targets)
     run.multiway.mkdir(exist_ok=True)
     atomic_write_text(run.multiway / "multiway.json", json.dumps(result, indent=2))
-    atomic_write_text(run.multiway_calibration, fit_calibration(targets, scorer.objective).to_json())
+    fitted = replace(fit_calibration(targets, scorer.objective), selectors={
+        "selector": selector_digest(run.selector), **({"aux_selector": selector_digest(aux)} if aux else {})})
+    atomic_write_text(run.multiway_calibration, fitted.to_json())
     return result

@@ -65,16 +65,20 @@ def plan_intervals(sel: Selector, operators: list[str], u: list[float]) -> dict[
     return {"available": True, "levels": levels}
 
 
-def expert_alone(sel: Selector, objective: Objective | None, best: float) -> dict[str, Any]:
+def expert_alone(sel: Selector, objective: Objective | None, best: float, *, proxy: bool = False) -> dict[str, Any]:
     """The value of not merging under the plan's objective, against the best plan's `best`.
 
     Pairwise (`objective` None): the selector's target for the expert alone (EXPERT_ALONE).
     Multi-way: the expert keeps its whole gap (R = 1) and no other model keeps any of its own, so
-    the value is retention_weight x 1 + aux_weight x 0."""
+    the value is retention_weight x 1 + aux_weight x 0. With `proxy` (a utility selector without
+    its auxiliary twin) the plan's R of the expert is the two-sided utility U, whose value for the
+    expert alone is EXPERT_ALONE["utility"], not 1: that is what the plan is compared with (at
+    2-way, the pairwise verdict), or a plan of U = 0.57 was "worse than not merging" where the
+    pairwise plan of the same merge was better."""
     if objective is not None:
-        value = objective.retention_weight
-        return {"available": True, "target": "retention", "value": value, "best": float(best),
-                "better": bool(best < value), "margin": float(value - best)}
+        value = objective.retention_weight * (EXPERT_ALONE["utility"] if proxy else 1.0)
+        return {"available": True, "target": "retention (two-sided utility proxy)" if proxy else "retention",
+                "value": value, "best": float(best), "better": bool(best < value), "margin": float(value - best)}
     target = sel.meta.get("target")
     if target not in EXPERT_ALONE:
         return {"available": False, "reason": "the selector records no target (selector.json meta.target)"}
@@ -173,4 +177,5 @@ def assess_plan(plan: Plan, step_model: SelectorStepModel, model_tasks: dict[str
     z = sel.standardise(step_model.plan_inputs(plan.models, plan.step_arms(), plan.task))
     plan.intervals = multiway_intervals(step_model, plan, steps, objective, model_tasks)
     plan.flags = input_flags(sel, z, plan.models, model_tasks, plan.task, plan.expert)
-    plan.expert_alone = expert_alone(sel, objective, plan.score)
+    proxy = sel.meta.get("target") == "utility" and not step_model.two_sided
+    plan.expert_alone = expert_alone(sel, objective, plan.score, proxy=proxy)

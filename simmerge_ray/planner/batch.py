@@ -160,7 +160,7 @@ class PlanWorker:
                  calibration: str | None = None) -> None:
         self.catalog = Catalog.load(catalog)
         self.step_model = build_step_model(selector, features, aux_selector)
-        self.calibration = load_calibration(calibration, aux_selector)
+        self.calibration = load_calibration(calibration, aux_selector, selector)
         self.cache = Path(cache_dir)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -235,7 +235,7 @@ def run_batch(s: BatchSettings) -> BatchReport:
                                                                       "out", "aux_selector", "calibration", "cache")
                       if getattr(s, f)})
     out, cache = Path(s.out), s.cache_dir
-    load_calibration(s.calibration, s.aux_selector)  # a bad file: one clear error, before any work
+    load_calibration(s.calibration, s.aux_selector, s.selector)  # a bad file: one clear error, before any work
     inputs = [getattr(s, f) for f in ("requests", "selector", "catalog", "features", "aux_selector", "calibration")
               if getattr(s, f)]
     check_stage(out, BATCH_FILES, replace=True, inputs=inputs)

@@ -147,10 +147,13 @@ class MultiwayCalibration:
     # per size, pick_correction() of the calibrated picks under `objective`; empty: none
     pick: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
     objective: Mapping[str, float] | None = None  # the objective the picks were made for
+    # the selectors whose predictions it was fitted on: {"selector", "aux_selector"} -> selector_digest
+    selectors: Mapping[str, str] | None = None
 
     def to_json(self) -> str:
         hw = self.halfwidth
         return json.dumps({"features": list(FEATURES), **({"objective": dict(self.objective)} if self.objective else {}),
+                           **({"selectors": dict(self.selectors)} if self.selectors else {}),
                            "sizes": {
             str(k): {"subsets": self.subsets[k], "coef": c.coef.tolist(),
                      **({"halfwidth": {lv: list(v) for lv, v in hw[k].items()}} if k in hw else {}),
@@ -187,10 +190,11 @@ class MultiwayCalibration:
                     by_size[int(k)] = RetentionCalibrator(np.asarray(v["coef"], dtype=np.float64))
                 except ValueError as e:
                     raise ValueError(f"sizes.{k}: {e}") from None
-            objective = raw.get("objective")
+            objective, selectors = raw.get("objective"), raw.get("selectors")
             return cls(by_size,
                        {int(k): int(v["subsets"]) for k, v in sizes.items()}, halfwidth, pick,
-                       None if objective is None else {str(n): float(w) for n, w in objective.items()})
+                       None if objective is None else {str(n): float(w) for n, w in objective.items()},
+                       None if selectors is None else {str(n): str(d) for n, d in selectors.items()})
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{where}: not a multi-way calibration file ({e})") from None
 

@@ -108,9 +108,11 @@ def search_space(req: PlanRequest, catalog: Catalog) -> SearchSpace:
     return SearchSpace(req.task, models, experts, req.min_way, req.max_way, req.beam_width, tasks=tasks)
 
 
-def load_calibration(path: str | None, aux_selector: str | None) -> MultiwayCalibration | None:
+def load_calibration(path: str | None, aux_selector: str | None, selector: str | None = None
+                     ) -> MultiwayCalibration | None:
     """A --calibration file, checked (None without one): it must exist, parse, and come with an
-    auxiliary selector, whose predictions of every model's retention it reads."""
+    auxiliary selector, whose predictions of every model's retention it reads; it maps those
+    selectors' predictions, so a file that records others (another run's) is refused."""
     if not path:
         return None
     p = Path(path)
@@ -118,7 +120,18 @@ def load_calibration(path: str | None, aux_selector: str | None) -> MultiwayCali
         raise ConfigError(f"--calibration {p}: no such file (a pipeline run writes multiway/calibration.json)")
     if not aux_selector:
         raise ConfigError("--calibration needs --aux-selector: it reads the predicted retention of every model")
-    return MultiwayCalibration.from_json(p.read_text(), str(p))
+    cal = MultiwayCalibration.from_json(p.read_text(), str(p))
+    if cal.selectors is not None and selector is not None:
+        from simmerge_ray.selector.encoder import selector_digest
+
+        given = {"selector": selector, "aux_selector": aux_selector}
+        for role, folder in given.items():
+            if role in cal.selectors and selector_digest(folder) != cal.selectors[role]:
+                flag = "--selector" if role == "selector" else "--aux-selector"
+                raise ConfigError(f"--calibration {p}: fitted on the predictions of another {role.replace('_', ' ')} "
+                                  f"than {flag} {folder}; give the selectors of the run that wrote it, or rerun that "
+                                  f"run's multiway stage with these")
+    return cal
 
 
 def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, keep: int = 10,
@@ -133,6 +146,9 @@ def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, k
     from simmerge_ray.planner.step_model import SelectorStepModel
     from simmerge_ray.selector.train import one_thread
 
+    if req.aux_weight > 0 and not getattr(step_model, "has_aux", True):
+        raise ConfigError(f"aux_weight {req.aux_weight:g} needs the auxiliary selector (--aux-selector): without it the "
+                          "other models' retention is not predicted, and the weight would change nothing")
     space = search_space(req, catalog)
     with one_thread():
         result = search(space, step_model, req.objective, keep=keep, calibration=calibration)

@@ -60,20 +60,22 @@ class SelectorEncoder:
         space, so a selector refitted in place must not be picked up silently."""
         if self.path is None:
             raise ValueError("a selector encoder needs a saved selector folder to be rebuilt")
-        return {"kind": self.kind, "path": self.path, "digest": _folder_digest(Path(self.path))}
+        return {"kind": self.kind, "path": self.path, "digest": selector_digest(Path(self.path))}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "SelectorEncoder":
         path = Path(spec["path"])
         enc = cls.load(path)
-        if _folder_digest(path) != spec["digest"]:
+        if selector_digest(path) != spec["digest"]:
             raise CheckpointError(f"{path}: this selector changed since the bandit state was created over it "
                                   f"(its posterior lives in the old selector's space); restore it or run "
                                   f"`simmerge bandit-init` again")
         return enc
 
 
-def _folder_digest(path: Path) -> str:
+def selector_digest(path: str | Path) -> str:
+    """A selector folder's identity: its schema and weights (what every prediction is made of)."""
+    path = Path(path)
     h = hashlib.blake2b(digest_size=16)
     for name in (SCHEMA, WEIGHTS):
         h.update(name.encode() + b"\0" + (path / name).read_bytes())
