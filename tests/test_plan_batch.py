@@ -102,6 +102,7 @@ def test_batch_matches_single_plans_and_resumes(world, tmp_path: Path) -> None:
         assert (row["runner_up_models"], row["runner_up_operators"]) == (runner.models, runner.operators)
         assert row["margin"] == pytest.approx(best.score - runner.score, rel=1e-6, abs=1e-12)
         assert row["margin"] >= 0 and row["plans_scored"] == single.scored
+        assert row["flags"] == [f["kind"] for f in best.flags]
         plan = Plan.from_json((tmp_path / "out" / row["plan_dir"] / "plan.json").read_text())
         assert (plan.models, plan.operators) == (best.models, best.operators)
         assert len(list((tmp_path / "out" / row["plan_dir"]).glob("step-*.yaml"))) == best.k - 1

@@ -106,6 +106,12 @@ def test_exhaustive_finds_known_best(obj: Objective) -> None:
     expected = len(WEIGHTING_NAMES) * sum(math.perm(5, k) * 3 ** (k - 1) for k in (2, 3, 4))
     assert res.scored == expected
     assert res.plans[1].score <= res.best.score
+    # each merge listed once: at 2-way `equal` and `half` give the same shares (the runner-up was the
+    # pick itself under another name, with a margin of 0)
+    pairs = search(SearchSpace(task="code", candidates=models, experts=["m0", "m3"], min_k=2, max_k=2, tasks=tasks),
+                   tm, obj)
+    merges = [(tuple(p.models), tuple(a.name for a in p.step_arms())) for p in pairs.plans]
+    assert len(merges) == len(set(merges)) == len(pairs.plans) == 10
     # the expert is not always first: the space lets the search put it anywhere
     assert any(p.models[0] != p.expert for p in res.plans) or seq[0] == expert_of(seq, ["m0", "m3"])
     # what leaving a model out costs, for every model not in the best plan

@@ -186,6 +186,7 @@ class PlanWorker:
                        "runner_up_operators": runner.operators if runner else None,
                        "runner_up_score": runner.score if runner else None,
                        "margin": best.score - runner.score if runner else None,
+                       "flags": [f["kind"] for f in best.flags],
                        "plans_scored": res.scored, "exhaustive": res.exhaustive, "search_seconds": res.seconds,
                        **({"calibrated_expert_retention": best.calibrated["expert_retention"],
                            "calibrated_others_retention": best.calibrated["others_retention"],

@@ -36,6 +36,7 @@ RESULT_SCHEMA = pa.schema([
     ("runner_up_operators", pa.list_(pa.string())),
     ("runner_up_score", pa.float64()),
     ("margin", pa.float64()),  # score - runner_up_score
+    ("flags", pa.list_(pa.string())),  # the best plan's flag kinds (same_task, ...); messages in its plan.json
     # with --calibration: the best plan's calibrated retentions and the objective on them (what
     # plans were ranked by); `score` and `margin` stay the step model's
     ("calibrated_expert_retention", pa.float64()),

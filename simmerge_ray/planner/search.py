@@ -295,6 +295,10 @@ def search(space: SearchSpace, step_model: StepModel, objective: Objective = Obj
         complete = [(objective.retention_weight * e + objective.aux_weight * o, c)
                     for (_, c), (e, o) in zip(complete, pred)]
     complete.sort(key=lambda sc: (-sc[0], len(sc[1].models), sc[1].models, sc[1].ops, sc[1].weighting))
+    # Two weightings can give the same shares (`equal` and `half` at 2-way): one merge, listed
+    # once, so the runner-up is another merge and the margin means something.
+    seen: set[tuple] = set()
+    complete = [sc for sc in complete if not (sc[1].key in seen or seen.add(sc[1].key))]
     best_with: dict[str, float] = {}
     for score, c in complete:
         for x in c.models:
