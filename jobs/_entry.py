@@ -209,20 +209,20 @@ def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: re
         raise storage.StorageError(f"{args.out}: output already exists (pass --overwrite to replace it)")
     staging = staging_folder(stage, args.out, args.staging_dir)
     staging.mkdir(parents=True, exist_ok=True)
-    kept = f"{prog}: kept the unfinished work at {staging}; the same command picks it up"
     try:
         with exclusive_lock(staging / ".lock", blocking=False):
+            uploaded = False
             try:
                 config = storage.download_file(args.config, staging / "config") if args.config else None
                 status = _run_steps(stage, args, extra, asks, str(staging / "out"), config)
-                if status == 0:
-                    manifest = storage.upload_dir(staging / "out", args.out, overwrite=args.overwrite)
-            except BaseException:
-                print(kept, file=sys.stderr, flush=True)
-                raise
-            if status != 0:
-                print(kept, file=sys.stderr, flush=True)
-                return status
+                if status != 0:
+                    return status
+                manifest = storage.upload_dir(staging / "out", args.out, overwrite=args.overwrite)
+                uploaded = True
+            finally:
+                if not uploaded:  # a failed step, a failed upload, or an interruption
+                    print(f"{prog}: kept the unfinished work at {staging}; the same command picks it up",
+                          file=sys.stderr, flush=True)
             print(f"{prog}: uploaded {len(manifest['files'])} files ({manifest['bytes'] / 1e6:.1f} MB) "
                   f"to {args.out}", flush=True)
             shutil.rmtree(staging, ignore_errors=True)

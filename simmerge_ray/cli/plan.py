@@ -15,6 +15,10 @@ from simmerge_ray.features.schema import read_feature_table
 from simmerge_ray.planner.request import build_step_model
 from simmerge_ray.selector.data import features_file
 
+# Options of multi-way plans (flag dest -> default), which a pairwise plan refuses rather than ignores.
+MULTIWAY_ONLY = {"max_way": 4, "min_way": 2, "required_expert": None, "beam_width": 64, "retention_weight": 1.0,
+                 "aux_weight": 0.0, "aux_selector": None, "calibration": None}
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -44,14 +48,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--expert", help="pairwise mode: the expert model")
     p.add_argument("--aux", help="pairwise mode: the auxiliary model")
     p.add_argument("--models", nargs="+", help="multi-way mode: candidate models")
-    p.add_argument("--max-way", type=int, default=4, help="multi-way mode: most models in a plan")
-    p.add_argument("--min-way", type=int, default=2, help="multi-way mode: fewest models in a plan")
+    p.add_argument("--max-way", type=int, default=MULTIWAY_ONLY["max_way"], help="multi-way mode: most models in a plan")
+    p.add_argument("--min-way", type=int, default=MULTIWAY_ONLY["min_way"], help="multi-way mode: fewest models in a plan")
     p.add_argument("--required-expert", default=None, help="the expert every plan must hold")
-    p.add_argument("--beam-width", type=int, default=64,
+    p.add_argument("--beam-width", type=int, default=MULTIWAY_ONLY["beam_width"],
                    help="multi-way mode: partial plans kept per depth where exhaustive search is too large")
-    p.add_argument("--retention-weight", type=float, default=1.0,
+    p.add_argument("--retention-weight", type=float, default=MULTIWAY_ONLY["retention_weight"],
                    help="weight of the expert's predicted retention in a plan's score")
-    p.add_argument("--aux-weight", type=float, default=0.0,
+    p.add_argument("--aux-weight", type=float, default=MULTIWAY_ONLY["aux_weight"],
                    help="weight of the other models' predicted retention on their own tasks (needs --aux-selector)")
     p.add_argument("--calibration", default=None,
                    help="multi-way mode: calibration.json from a pipeline run's multiway/ folder; plans are then "
@@ -76,11 +80,7 @@ def run(args: argparse.Namespace) -> int:
         return _multiway(args, catalog, req, space)
     if not (args.expert and args.aux):
         raise ConfigError("pairwise mode needs --expert and --aux (or use --models for multi-way)")
-    ignored = [flag for flag, value, default in (
-        ("--max-way", args.max_way, 4), ("--min-way", args.min_way, 2), ("--required-expert", args.required_expert, None),
-        ("--beam-width", args.beam_width, 64), ("--retention-weight", args.retention_weight, 1.0),
-        ("--aux-weight", args.aux_weight, 0.0), ("--aux-selector", args.aux_selector, None),
-        ("--calibration", args.calibration, None)) if value != default]
+    ignored = ["--" + name.replace("_", "-") for name, default in MULTIWAY_ONLY.items() if getattr(args, name) != default]
     if ignored:
         raise ConfigError(f"{', '.join(ignored)}: multi-way options (with --models); a pairwise plan (--expert, --aux) "
                           "ranks the arms by the selector alone")

@@ -66,9 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_bandit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--noise-var", type=float, default=0.04,
+    from simmerge_ray.bandit.lints import LinTSConfig
+
+    p.add_argument("--noise-var", type=float, default=LinTSConfig.noise_var,
                    help="reward noise variance (a warm start chooses it by evidence)")
-    p.add_argument("--prior-var", type=float, default=1.0,
+    p.add_argument("--prior-var", type=float, default=LinTSConfig.prior_var,
                    help="prior variance of each arm's weights (a warm start chooses it by evidence)")
     p.add_argument("--exploration", type=float, default=1.0, help="posterior std multiplier")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior sampling")
@@ -102,8 +104,10 @@ def _init(args: argparse.Namespace) -> int:
                            labels=labels, operators=operators, source=str(features), encoder=encoder)
     if start.dropped:
         print(f"bandit-init: {left_out_line(start.dropped)}")
-    chosen = [flag for flag, value, default in (("--noise-var", args.noise_var, 0.04), ("--prior-var", args.prior_var, 1.0))
-              if value != default]
+    from simmerge_ray.bandit.lints import LinTSConfig
+
+    chosen = [flag for flag, name in (("--noise-var", "noise_var"), ("--prior-var", "prior_var"))
+              if getattr(args, name) != getattr(LinTSConfig, name)]
     if start.contexts and chosen:
         print(f"simmerge bandit-init: warning: {', '.join(chosen)} not used: a warm start chooses both variances by "
               "evidence on the labels", file=sys.stderr)

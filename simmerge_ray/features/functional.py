@@ -30,6 +30,7 @@ from simmerge_ray.features.joined import FUNCTIONAL_FILE, write_joined
 from simmerge_ray.features.provenance import FUNCTIONAL_META_FILE, checkpoint_record
 from simmerge_ray.features.schema import B_TASK_SUFFIX
 from simmerge_ray.inference.compact import expand_logprobs
+from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.stage_files import stage_files
 
 KL_STATS = ("mean", "median", "p10", "p90")
@@ -129,7 +130,7 @@ def write_functional_features(plans: dict[str, dict[str, ModelProbes]], task_of:
     when DIR/structural.parquet exists. No other file of DIR is touched."""
     out_dir = Path(out_dir)
     functional = functional_table(plans, task_of)
-    measured = {name: mp.model_dir for plan in plans.values() for name, mp in plan.items()}
+    measured = {name: Checkpoint.open(mp.model_dir) for plan in plans.values() for name, mp in plan.items()}
     with stage_files(out_dir, "functional", (FUNCTIONAL_FILE, FUNCTIONAL_META_FILE), replace=True) as tmp:
         functional.write_parquet(tmp / FUNCTIONAL_FILE)
         (tmp / FUNCTIONAL_META_FILE).write_text(json.dumps(checkpoint_record(measured), indent=1))

@@ -19,10 +19,9 @@ FUNCTIONAL_META_FILE = "functional_meta.json"
 RECORDS = (META_FILE, FUNCTIONAL_META_FILE)
 
 
-def checkpoint_record(models: dict[str, Path]) -> dict[str, dict[str, str]]:
-    """What a stage records of the checkpoints it measured: paths, content fingerprints and stat
-    signatures, by model name."""
-    ckpts = {name: Checkpoint.open(path) for name, path in models.items()}
+def checkpoint_record(ckpts: dict[str, Checkpoint]) -> dict[str, dict[str, str]]:
+    """What a stage records of the checkpoints it measured (gram_meta.json, functional_meta.json):
+    paths, content fingerprints and stat signatures, by model name."""
     return {"paths": {n: str(ck.path) for n, ck in ckpts.items()},
             "fingerprints": {n: ck.fingerprint() for n, ck in ckpts.items()},
             "signatures": {n: ck.stat_signature() for n, ck in ckpts.items()}}
@@ -56,17 +55,16 @@ def check_measured_from(features_dir: str | Path, catalog: Catalog, names: Itera
     """Refuse when a model of `names` is not the checkpoint a feature stage recorded for it (its
     content fingerprint; the files' stat signature spares reading them when unchanged). A stage
     that left no record (an older folder) is not checked."""
-    for record in RECORDS:
-        meta_path = Path(features_dir) / record
-        read = _read_record(meta_path)
-        if read is None:
+    records = [(path, read) for path in (Path(features_dir) / r for r in RECORDS)
+               if (read := _read_record(path)) is not None]
+    for name in dict.fromkeys(names):
+        measured = [(path, read) for path, read in records if name in read[0]]  # else the feature lookup names it
+        if not measured:
             continue
-        fingerprints, signatures, paths = read
-        for name in dict.fromkeys(names):
-            if name not in fingerprints:
-                continue  # not measured: the feature lookup names it
-            ckpt = Checkpoint.open(catalog.model(name).path)
-            if signatures.get(name) == ckpt.stat_signature() or ckpt.fingerprint() == fingerprints[name]:
+        ckpt = Checkpoint.open(catalog.model(name).path)
+        signature = ckpt.stat_signature()
+        for meta_path, (fingerprints, signatures, paths) in measured:
+            if signatures.get(name) == signature or ckpt.fingerprint() == fingerprints[name]:
                 continue
             why = ("its files changed since" if paths.get(name) == str(ckpt.path) else
                    f"they were measured from {paths.get(name, 'an unrecorded path')}")

@@ -14,6 +14,7 @@ import torch
 
 from simmerge_ray.features.gram_math import FEATURES, PairStats, pair_features, raw_gram, total
 from simmerge_ray.features.module_groups import GROUPS, THIRDS, depth_third, module_group
+from simmerge_ray.features.provenance import checkpoint_record
 from simmerge_ray.features.structural_rows import Rows
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import layer_index
@@ -62,9 +63,7 @@ def write_outputs(out: Path, rows: Rows, stats: list[PairStats], keys: Sequence[
     atomic_write_text(out / "gram_meta.json", json.dumps({
         "models": rows.names[:n],
         "base": rows.names[n] if rows.has_base else None,
-        "paths": {name: str(ck.path) for name, ck in zip(rows.names, rows.ckpts)},
-        "fingerprints": {name: ck.fingerprint() for name, ck in zip(rows.names, rows.ckpts)},
-        "signatures": {name: ck.stat_signature() for name, ck in zip(rows.names, rows.ckpts)},
+        **checkpoint_record(dict(zip(rows.names, rows.ckpts))),
         "num_layers": n_layers,
         "tensors": meta,
     }, indent=1))

@@ -27,18 +27,12 @@ from safetensors.torch import save_file
 
 from simmerge_ray.errors import CheckpointError
 from simmerge_ray.io.atomic import atomic_write_text
-from simmerge_ray.io.digest_cache import arrays_digest
+from simmerge_ray.io.digest_cache import tensors_digest
 
 log = logging.getLogger(__name__)
 
 META = "meta.json"
 CHUNK_GLOB = "chunk-*.safetensors"
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    """The chunk's digest: every tensor's bytes (as raw bytes, so any dtype, bfloat16 included)."""
-    return arrays_digest({f"{k}|{t.dtype}|{tuple(t.shape)}": t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-                          for k, t in tensors.items()})
 
 
 class ProbeCache:
@@ -68,7 +62,7 @@ class ProbeCache:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"chunk-{run_id}-{seq:05d}.safetensors"
         tmp = self.root / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-        save_file(tensors, tmp, metadata={"probe_ids": json.dumps(sorted(records)), "digest": _digest(tensors)})
+        save_file(tensors, tmp, metadata={"probe_ids": json.dumps(sorted(records)), "digest": tensors_digest(tensors)})
         os.replace(tmp, path)
         return path
 
@@ -98,7 +92,7 @@ class ProbeCache:
                         raise ValueError(f"probe_ids is {ids!r}")
                     stamp = (path, st.st_size, st.st_mtime_ns)
                     if "digest" in meta and stamp not in self._verified:
-                        if _digest({k: f.get_tensor(k) for k in f.keys()}) != meta["digest"]:
+                        if tensors_digest({k: f.get_tensor(k) for k in f.keys()}) != meta["digest"]:
                             raise ValueError("its tensors do not match their digest")
                         self._verified.add(stamp)
             except FileNotFoundError:

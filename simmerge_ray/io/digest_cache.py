@@ -14,6 +14,7 @@ import numpy as np
 
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.file_lock import exclusive_lock
+from simmerge_ray.lazy_torch import torch
 
 log = logging.getLogger(__name__)
 CHUNK = 16 * 1024 * 1024
@@ -32,6 +33,13 @@ def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
         h.update(f"{k}|{a.dtype.str}|{a.shape}".encode())
         h.update(memoryview(a).cast("B") if a.size else b"")  # no copy; same bytes as a.tobytes()
     return h.hexdigest()
+
+
+def tensors_digest(tensors: Mapping[str, "torch.Tensor"]) -> str:
+    """arrays_digest of named tensors, each hashed as its raw bytes (so any dtype, bfloat16
+    included), its dtype and shape in the name."""
+    return arrays_digest({f"{k}|{t.dtype}|{tuple(t.shape)}": t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                          for k, t in tensors.items()})
 
 
 def file_digest(path: Path) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,19 +94,20 @@ def stages(s: PipelineSettings) -> list[Stage]:
     ]
 
 
+def _stamp(path: Path) -> list[int] | None:
+    """[size, mtime] of a file, None when it is gone or not a file."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else None
+
+
 def _files(root: Path) -> dict[str, list[int]]:
     """Every file under the run folder but the stage markers: relative path -> [size, mtime]."""
-    out = {}
-    for path in root.rglob("*"):
-        if path.name.startswith(".stage-") and path.parent == root:
-            continue
-        try:
-            st = path.stat()
-        except OSError:  # removed meanwhile
-            continue
-        if path.is_file():
-            out[path.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns]
-    return out
+    stamps = {path.relative_to(root).as_posix(): _stamp(path) for path in root.rglob("*")
+              if not (path.name.startswith(".stage-") and path.parent == root)}
+    return {rel: stamp for rel, stamp in stamps.items() if stamp is not None}
 
 
 def _changed_outputs(root: Path, written: dict | None) -> list[str]:
@@ -113,15 +115,7 @@ def _changed_outputs(root: Path, written: dict | None) -> list[str]:
     version lists none: nothing to check)."""
     if not isinstance(written, dict):
         return []
-    changed = []
-    for rel, stamp in sorted(written.items()):
-        try:
-            st = (root / rel).stat()
-            if [st.st_size, st.st_mtime_ns] != stamp:
-                changed.append(rel)
-        except OSError:
-            changed.append(rel)
-    return changed
+    return [rel for rel, stamp in sorted(written.items()) if _stamp(root / rel) != stamp]
 
 
 def _read_marker(marker: Path) -> dict | None:

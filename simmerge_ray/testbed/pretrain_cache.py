@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from simmerge_ray.io.atomic import publish_cache_entry
-from simmerge_ray.io.digest_cache import arrays_digest, cache_root
+from simmerge_ray.io.digest_cache import cache_root, tensors_digest
 
 # Bump when training code changes what a config produces (v2: the tensors' digest in meta.json).
 CACHE_VERSION = "pretrain-v2"
@@ -37,12 +37,6 @@ def pretrain_key(cfg_payload: dict[str, Any], role: str) -> str:
     payload = {"version": CACHE_VERSION, "torch": torch.__version__, "transformers": version("transformers"),
                "role": role, "config": cfg_payload}
     return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=16).hexdigest()
-
-
-def _digest(state: dict[str, torch.Tensor]) -> str:
-    """The tensors' names, dtypes, shapes and bytes (any dtype: hashed as raw bytes)."""
-    return arrays_digest({f"{k}|{v.dtype}|{tuple(v.shape)}": v.contiguous().reshape(-1).view(torch.uint8).numpy()
-                          for k, v in state.items()})
 
 
 def _entry(key: str) -> Path:
@@ -59,7 +53,7 @@ def load(key: str, log: Callable[[str], None] = print) -> dict | None:
         state = load_file(str(entry / "state.safetensors"))
         if sorted(state) != sorted(meta["tensors"]):
             raise ValueError("tensor names differ from meta.json")
-        if _digest(state) != meta["digest"]:
+        if tensors_digest(state) != meta["digest"]:
             raise ValueError("tensor bytes differ from their digest in meta.json")
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         log(f"pretrain cache: ignoring unreadable entry {entry} ({type(e).__name__}: {e}); rebuilding it")
@@ -77,7 +71,7 @@ def store(key: str, result: dict) -> None:
         state = {k: v.contiguous() for k, v in result["state"].items()}
         save_file(state, str(tmp / "state.safetensors"))
         rest = {k: v for k, v in result.items() if k not in ("state", "cached")}
-        (tmp / "meta.json").write_text(json.dumps({"tensors": sorted(state), "digest": _digest(state), "result": rest}))
+        (tmp / "meta.json").write_text(json.dumps({"tensors": sorted(state), "digest": tensors_digest(state), "result": rest}))
         # A corrupt entry load() refused is replaced; a twin build's good one is kept.
         publish_cache_entry(tmp, entry, lambda _: load(key, log=lambda _msg: None) is not None)
     except BaseException:
