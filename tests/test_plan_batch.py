@@ -164,6 +164,43 @@ def test_cli_jsonl_and_execute_top(world, tmp_path: Path) -> None:
                                 catalog=str(w.catalog), features=str(w.features), out=str(tmp_path / "o2")))
 
 
+def test_json_rows_are_read_one_at_a_time(world, tmp_path: Path) -> None:
+    """A JSON row of an odd type, or a line that is not JSON, is that row's error, named by field or
+    line; the rest of the batch is planned (a columnar JSON reader stopped at the first such row).
+    A .json file may hold one array of the same objects."""
+    w, _ = world
+    good = [{"request_id": "a", "task": "code", "models": ["code-0", "math-0"]},
+            {"request_id": "b", "task": "math", "models": ["math-1", "rag-0"]}]
+    lines = [json.dumps(good[0]), json.dumps({"request_id": "odd", "task": "code", "models": "code-0"}), "",
+             "{not json", "[1, 2]", json.dumps({"request_id": "num", "task": 7, "models": ["code-0", "rag-0"]}),
+             json.dumps(good[1])]
+    (tmp_path / "req.jsonl").write_text("\n".join(lines) + "\n")
+    settings = BatchSettings(requests=str(tmp_path / "req.jsonl"), selector=str(w.selector), catalog=str(w.catalog),
+                             features=str(w.features), out=str(tmp_path / "out"), actors=1,
+                             cache=str(tmp_path / "cache"))
+    report = run_batch(settings)
+    assert (report.requests, report.ok, report.errors, report.invalid) == (6, 2, 4, 4)
+    res = pl.read_parquet(tmp_path / "out" / "results.parquet")
+    errors = res.filter(pl.col("status") == "error")["error"].to_list()
+    assert sorted(errors) == sorted([
+        "request num: task: Input should be a valid string",
+        f"{tmp_path / 'req.jsonl'}: line 4: not valid JSON (Expecting property name enclosed in double quotes, column 2)",
+        f"{tmp_path / 'req.jsonl'}: line 5: expected a JSON object, got list",
+        "request odd: models: Input should be a valid list"])
+    ok = res.filter(pl.col("status") == "ok").sort("request_id")
+    assert ok["request_id"].to_list() == ["a", "b"]
+
+    (tmp_path / "req.json").write_text(json.dumps(good + [3]))
+    as_array = run_batch(BatchSettings(**{**settings.__dict__, "requests": str(tmp_path / "req.json"),
+                                          "out": str(tmp_path / "out2")}))
+    assert (as_array.ok, as_array.errors, as_array.cached) == (2, 1, 2)  # the same requests, keyed alike
+    res2 = pl.read_parquet(tmp_path / "out2" / "results.parquet").sort("request_id")
+    assert res2.filter(pl.col("status") == "ok")[["request_id", "models", "operators", "score"]].equals(
+        ok[["request_id", "models", "operators", "score"]])
+    assert res2.filter(pl.col("status") == "error")["error"].to_list() == [
+        f"{tmp_path / 'req.json'}: item 2: expected a JSON object, got int"]
+
+
 def test_calibrated_batch_matches_calibrated_single_plans(world, tmp_path: Path) -> None:
     """--calibration ranks each request's 3-way plans on calibrated retentions, as `simmerge plan`
     does; sizes the file does not cover are error rows; a changed file replans everything."""

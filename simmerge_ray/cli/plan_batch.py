@@ -11,7 +11,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plan-batch", help="plan merges for a table of requests (one row per target)",
                               epilog="example:\n  simmerge plan-batch --requests requests.jsonl --selector selector/ "
                                      "--catalog catalog.yaml --features feats/ --out batch/")
-    p.add_argument("--requests", required=True, help="request table: .parquet (file or folder) or .jsonl")
+    p.add_argument("--requests", required=True, help="request table: .parquet (file or folder), .jsonl, or .json (lines or one array)")
     p.add_argument("--selector", required=True, help="selector folder from `simmerge fit`")
     p.add_argument("--aux-selector", default=None, help="selector fitted on aux_gap_closed (aux_weight > 0)")
     p.add_argument("--calibration", default=None,

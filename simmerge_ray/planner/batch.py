@@ -44,6 +44,7 @@ from simmerge_ray.io.stage_files import check_stage, stage_files
 from simmerge_ray.planner.request import PlanRequest, build_step_model, load_calibration, plan_request, write_plans
 from simmerge_ray.selector.data import features_file
 
+UNREADABLE = "__unreadable__"  # the key of a request row that could not be parsed (its message)
 BATCH_FILES = ("results.parquet", "summary.json")  # what a rerun replaces in --out (besides plans/)
 # Bump when a change to the planner changes plans (2: intervals, flags; 3: weightings, the expert
 # anywhere, the retention objective; 5: one entry per merge, flag kinds, the proxy's expert-alone):
@@ -126,15 +127,18 @@ def request_key(req: PlanRequest, fingerprint: str) -> str:
 
 # ---- pass 1: validate, key, answer from the cache (on the driver) ---------------------------
 
-def prepare_rows(batch: pa.Table, fingerprint: str, cache_dir: str) -> pa.Table:
+def prepare_rows(raws: list[dict], fingerprint: str, cache_dir: str) -> pa.Table:
     rows = []
-    for raw in batch.to_pylist():
+    for raw in raws:
         rid = str(raw.get("request_id") or "")
         try:
+            if UNREADABLE in raw:
+                raise ConfigError(raw[UNREADABLE])
             req = PlanRequest.parse(raw, f"request {rid or '(no request_id)'}")
         except ConfigError as e:
             rows.append({"request_id": rid, "key": _digest({"raw": raw, "inputs": fingerprint}), "status": "error",
-                         "error": str(e), "task": raw.get("task"), "cached": False,
+                         "error": str(e), "task": raw["task"] if isinstance(raw.get("task"), str) else None,
+                         "cached": False,
                          "request": json.dumps(raw, sort_keys=True, default=str)})
             continue
         key = request_key(req, fingerprint)
@@ -205,18 +209,43 @@ class PlanWorker:
 
 # ---- the driver ------------------------------------------------------------------------------
 
-def read_requests(path: str) -> pa.Table:
-    """The request table: a parquet file or folder, or a .jsonl/.json file of JSON lines."""
-    import pyarrow.json as pj
+def read_requests(path: str) -> list[dict]:
+    """The request table's rows: a parquet file or folder, a .jsonl file of JSON lines, or a
+    .json file of JSON lines or of one array. A JSON row that cannot be read becomes an error row
+    (keyed {UNREADABLE: message}) instead of stopping the batch, as an invalid request does."""
     import pyarrow.parquet as pq
 
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{path}: request table not found")
+    if p.suffix not in (".jsonl", ".json"):
+        try:
+            return pq.read_table(p).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise ConfigError(f"{path}: not a readable request table ({str(e).splitlines()[0]})") from None
     try:
-        return pj.read_json(p) if p.suffix in (".jsonl", ".json") else pq.read_table(p)
-    except (pa.ArrowException, OSError) as e:
-        raise ConfigError(f"{path}: not a readable request table ({str(e).splitlines()[0]})") from None
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable request table ({e})") from None
+    if p.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        return [r if isinstance(r, dict) else {UNREADABLE: f"{path}: item {i}: expected a JSON object, got "
+                                               f"{type(r).__name__}"} for i, r in enumerate(rows)]
+    out = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            row = {UNREADABLE: f"{path}: line {i}: not valid JSON ({e.msg}, column {e.colno})"}
+        if not isinstance(row, dict):
+            row = {UNREADABLE: f"{path}: line {i}: expected a JSON object, got {type(row).__name__}"}
+        out.append(row)
+    return out
 
 
 def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
