@@ -113,7 +113,7 @@ def quiet_ray_data() -> None:
     unless `--verbose`; they stay in the session's ray-data.log. Call after `init_ray`."""
     if _verbose:
         return
-    import ray.data
+    import ray.data  # noqa: F401  (importing it installs the "ray.data" handlers adjusted below)
 
     for handler in logging.getLogger("ray.data").handlers:
         if getattr(handler, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__):

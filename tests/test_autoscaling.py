@@ -11,7 +11,6 @@ by process group (and by PID) here too, however the test ends.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -25,7 +24,6 @@ import psutil
 import pytest
 import yaml
 
-from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, run_merge
 from simmerge_ray.planner.batch import BatchSettings, run_batch

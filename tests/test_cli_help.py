@@ -1,5 +1,6 @@
 """The CLI explains itself: every option has help text and shows its default, every command
-has an example, `--version` prints the package's version, `merge --help` lists the methods."""
+has an example, `--version` prints the package's version, `merge --help` lists the methods
+and `label --help` the arms, each with what it does."""
 
 from __future__ import annotations
 
@@ -69,11 +70,36 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture) -> No
     assert capsys.readouterr().out == f"simmerge {__version__}\n"
 
 
-def test_merge_help_lists_the_registered_methods() -> None:
-    text = LEAVES[("merge",)].format_help()
-    listed = text.split("merge methods (merge_method:):")[1].split("examples:")[0]
-    assert [m.strip() for m in " ".join(listed.split()).split(",")] == sorted(METHODS)
-    assert len(METHODS) == 20
+def _listing(text: str, start: str, end: str) -> dict[str, str]:
+    """name -> its text (wrapped lines joined) from a `name  text` epilog listing."""
+    out: dict[str, str] = {}
+    for line in text.split(start)[1].split(end)[0].strip("\n").splitlines():
+        if line.startswith("  ") and not line.startswith("   "):
+            name, doc = line.split(maxsplit=1)
+            out[name] = doc
+        else:
+            out[name] += " " + line.strip()
+    return out
+
+
+def test_merge_help_lists_the_registered_methods_with_what_each_computes() -> None:
+    listed = _listing(LEAVES[("merge",)].format_help(), "merge methods (merge_method:):", "examples:")
+    assert list(listed) == sorted(METHODS) and len(METHODS) == 20
+    assert all(listed[name] == METHODS[name].doc for name in METHODS)
+    assert listed["della"] == "task vectors; sparsification=magprune, sign consensus=True"
+
+
+def test_label_help_lists_the_declared_arms() -> None:
+    from simmerge_ray.merge.arms import ARMS
+
+    text = LEAVES[("label",)].format_help()
+    listed = _listing(text, "each pair merged with every one:", "fold weightings")
+    assert list(listed) == [a.name for a in ARMS]
+    assert listed["ties"] == "TIES: top-50% task-vector coordinates, sign election, disjoint mean (method ties; a paper arm)"
+    assert listed["linear_aux"] == "the weighted mean leaning towards the second model (25/75) (method linear)"
+    weightings = _listing(text, "(--weightings):", "example:")
+    assert list(weightings) == ["half", "equal", "anchor"]
+    assert weightings["equal"] == "the running mean: step j gives 1/(j+1), every model ends at 1/k"
 
 
 @pytest.mark.parametrize("n, want", [(0, "0 B"), (999, "999 B"), (1536, "1.50 KiB"), (123_456, "121 KiB"),

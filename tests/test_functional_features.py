@@ -51,9 +51,11 @@ def test_depth_thirds_use_relative_depth() -> None:
 
 
 def test_layer_cosines_flatten_per_layer() -> None:
-    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]])
-    y = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, -1.0], [1.0, -1.0]]])
-    torch.testing.assert_close(layer_cosines(x, y), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]], [[1.0, 0.0], [0.0, 10.0]]])
+    y = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, -1.0], [1.0, -1.0]], [[1.0, 0.0], [10.0, 0.0]]])
+    # The third layer's rows differ in norm: flattened, its cosine is 1/101 (the mean of its rows'
+    # cosines would be 0.5).
+    torch.testing.assert_close(layer_cosines(x, y), torch.tensor([1.0, 0.0, 1 / 101], dtype=torch.float64))
 
 
 # ---- end to end --------------------------------------------------------------------------------
@@ -171,7 +173,7 @@ def test_an_extended_vocabulary_is_compared_on_the_shared_ids(zoo: dict, ray_clu
     ships): compared with a on the ids they share, its next-token distributions renormalised
     over them, so its features equal those of b itself (float32 rounding apart)."""
     root = zoo["root"]
-    ext = extended_copy(zoo["b"], tmp_path / "b_ext", rows=Checkpoint.open(zoo["b"]).config["vocab_size"] + 6)
+    extended_copy(zoo["b"], tmp_path / "b_ext", rows=Checkpoint.open(zoo["b"]).config["vocab_size"] + 6)
     (tmp_path / "a").symlink_to(zoo["a"])
     (tmp_path / "probes.jsonl").symlink_to(root / "probes.jsonl")
     tables = {}

@@ -35,7 +35,7 @@ def _py(*folders: Path) -> list[Path]:
 
 
 def _rel(path: Path) -> str:
-    return str(path.relative_to(ROOT))
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 @cache
@@ -72,7 +72,7 @@ def test_jobs_are_thin_entry_points() -> None:
 def _imported(path: Path) -> Iterator[tuple[int, str]]:
     """(line, dotted name) of every module an import names, relative ones resolved; a name taken
     from a package (`from simmerge_ray import cli`) counts as a module too."""
-    package = list(path.relative_to(ROOT).parts[:-1])  # what a relative import of level 1 names
+    package = list(path.relative_to(ROOT).parts[:-1]) if path.is_relative_to(ROOT) else []  # what `from .` names
     for node in _nodes(path):
         if isinstance(node, ast.Import):
             yield from ((node.lineno, a.name) for a in node.names)
@@ -105,43 +105,60 @@ def test_the_library_and_jobs_do_not_import_benchmarks() -> None:
     assert not found, _report("benchmarks live in benchmarks/, outside the library and the jobs", found)
 
 
-def test_only_the_registry_lists_arms_or_methods() -> None:
-    names = set(ARM_NAMES) | set(METHODS)
-    quoted = re.compile("[\"'](?:" + "|".join(map(re.escape, sorted(names))) + ")[\"']")
+REGISTERED = set(ARM_NAMES) | set(METHODS)
+_QUOTED = re.compile("[\"'](?:" + "|".join(map(re.escape, sorted(REGISTERED))) + ")[\"']")
+
+
+def _lists_of_registered_names(path: Path) -> list[str]:
+    """Literal tuples, lists and sets of two or more arm or method names in `path`."""
+    if len(_QUOTED.findall(_text(path))) < 2:
+        return []  # too few quoted names to make a list of two
     found = []
-    for path in _py(LIBRARY, JOBS, BENCHMARKS):
-        if any(path == r or r in path.parents for r in REGISTRY) or len(quoted.findall(_text(path))) < 2:
-            continue  # the registry itself, or too few quoted names to make a list of two
-        # A docstring is one string constant: a list written inside it is no literal here.
-        for node in _nodes(path):
-            if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(node.elts) >= 2:
-                values = [e.value for e in node.elts if isinstance(e, ast.Constant)]
-                if len(values) == len(node.elts) and all(isinstance(v, str) and v in names for v in values):
-                    found.append(f"{_rel(path)}:{node.lineno} {tuple(values)}")
+    # A docstring is one string constant: a list written inside it is no literal here.
+    for node in _nodes(path):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(node.elts) >= 2:
+            values = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+            if len(values) == len(node.elts) and all(isinstance(v, str) and v in REGISTERED for v in values):
+                found.append(f"{_rel(path)}:{node.lineno} {tuple(values)}")
+    return found
+
+
+def test_only_the_registry_lists_arms_or_methods() -> None:
+    found = [f for path in _py(LIBRARY, JOBS, BENCHMARKS) if not any(path == r or r in path.parents for r in REGISTRY)
+             for f in _lists_of_registered_names(path)]
     assert not found, _report("take lists of arms or methods from simmerge_ray/merge/arms.py "
                               "(name a selection there)", found)
 
 
-def _is_sys_path(node: ast.AST) -> bool:
-    return (isinstance(node, ast.Attribute) and node.attr == "path"
-            and isinstance(node.value, ast.Name) and node.value.id == "sys")
+def _sys_path_patches(path: Path) -> list[int]:
+    """Lines that change sys.path, under whatever name: `import sys as s`, `from sys import path`."""
+    nodes = _nodes(path)
+    sys_names = {a.asname or a.name for n in nodes if isinstance(n, ast.Import) for a in n.names if a.name == "sys"}
+    path_names = {a.asname or a.name for n in nodes if isinstance(n, ast.ImportFrom) and n.module == "sys"
+                  for a in n.names if a.name == "path"}
 
+    def is_sys_path(node: ast.AST) -> bool:
+        return ((isinstance(node, ast.Attribute) and node.attr == "path"
+                 and isinstance(node.value, ast.Name) and node.value.id in sys_names)
+                or (isinstance(node, ast.Name) and node.id in path_names))
 
-def _patches_sys_path(node: ast.AST) -> bool:
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-        return node.func.attr in SYS_PATH_MUTATORS and _is_sys_path(node.func.value)
-    if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-        return any(_is_sys_path(t) or (isinstance(t, ast.Subscript) and _is_sys_path(t.value)) for t in targets)
-    return False
+    def patches(node: ast.AST) -> bool:
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            return node.func.attr in SYS_PATH_MUTATORS and is_sys_path(node.func.value)
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            return any(is_sys_path(t) or (isinstance(t, ast.Subscript) and is_sys_path(t.value)) for t in targets)
+        return False
+
+    return [node.lineno for node in nodes if patches(node)]
 
 
 def test_nothing_patches_sys_path() -> None:
     # Drivers that tests run as scripts import their neighbours through sys.path[0], which Python
     # sets; they are the only files left out.
     files = [p for p in _py(LIBRARY, JOBS, BENCHMARKS, ROOT / "cluster", ROOT / "tests")
-             if not p.name.endswith("_driver.py") and "sys.path" in _text(p)]
-    found = [f"{_rel(p)}:{node.lineno}" for p in files for node in _nodes(p) if _patches_sys_path(node)]
+             if not p.name.endswith("_driver.py") and "sys" in _text(p) and "path" in _text(p)]
+    found = [f"{_rel(p)}:{line}" for p in files for line in _sys_path_patches(p)]
     assert not found, _report("install the package (pip install -e .) or set PYTHONPATH instead of "
                               "patching sys.path", found)
 
@@ -165,3 +182,29 @@ def test_every_library_module_serves_the_library() -> None:
     orphans = [f"{_rel(p)}: imported by no library module or job" for m, p in sorted(modules.items())
                if m not in roots and m not in used and not any(u.startswith(m + ".") for u in used)]
     assert not orphans, _report("move test and experiment helpers to benchmarks/", orphans)
+
+
+def test_each_rule_sees_what_breaks_it(tmp_path: Path) -> None:
+    """The rules' detectors on files that break them (a detector that finds nothing anywhere would
+    pass every rule above), and on near misses that do not."""
+    def file(name: str, text: str) -> Path:
+        (tmp_path / name).write_text(text)
+        return tmp_path / name
+
+    patched = {"plain.py": "import sys\nsys.path.append('x')\n",
+               "alias.py": "import os, sys as _s\n_s.path.insert(0, '/tmp')\n",
+               "from_import.py": "from sys import path as _p\n_p.extend(['/tmp'])\n",
+               "slice.py": "import sys\nsys.path[:0] = ['/tmp']\n",
+               "assign.py": "import sys\nsys.path = ['/tmp']\n"}
+    for name, text in patched.items():
+        assert _sys_path_patches(file(name, text)) == [2], name
+    assert _sys_path_patches(file("reads.py", "import sys\nprint(sys.path[0])\npath = []\npath.append(1)\n")) == []
+
+    importers = [file("a.py", "from simmerge_ray import cli\n"), file("b.py", "import simmerge_ray.cli.merge as m\n"),
+                 file("c.py", "import importlib\nimportlib.import_module('simmerge_ray.cli')\n"),
+                 file("d.py", "from simmerge_ray.cli_tools import x  # another module\n")]
+    assert [f.split(":")[0] for f in _imports_of("simmerge_ray.cli", importers)] == [
+        str(importers[0]), str(importers[1]), str(importers[2])]
+
+    listed = file("arms.py", 'OPS = ("linear", "ties")\nONE = ["linear"]\nDOC = "(\'linear\', \'ties\')"\n')
+    assert _lists_of_registered_names(listed) == [f"{listed}:1 ('linear', 'ties')"]

@@ -96,9 +96,24 @@ def test_progress_counts_every_element_and_tensor(models: Path, tmp_path: Path) 
     assert stream.getvalue().startswith("\r" + "merging [")
 
 
-def test_progress_is_thread_safe_and_silent_when_disabled() -> None:
+def test_progress_counts_under_its_lock_and_is_silent_when_disabled() -> None:
+    """Merge workers advance one bar from many threads: every update holds the bar's lock (CPython
+    rarely loses an unlocked `+=`, so a lost count alone would not show a missing lock)."""
+
+    class WatchedLock:
+        def __init__(self) -> None:
+            self.lock, self.entered = threading.Lock(), 0
+
+        def __enter__(self) -> None:
+            self.lock.acquire()
+            self.entered += 1
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.release()
+
     stream = io.StringIO()
     p = Progress(40_000, 8, 10**6, enabled=False, stream=stream)
+    p._lock = watched = WatchedLock()
     threads = [threading.Thread(target=lambda: [p.advance(1, 0) for _ in range(10_000)]) for _ in range(4)]
     for t in threads:
         t.start()
@@ -107,6 +122,7 @@ def test_progress_is_thread_safe_and_silent_when_disabled() -> None:
     p.advance(0, 8)
     p.close()
     assert (p.done, p.tensors) == (40_000, 8) and stream.getvalue() == ""
+    assert watched.entered == 40_001
     assert "  0% " in Progress(10, 1, 100, enabled=False).line()
 
 

@@ -159,7 +159,16 @@ def test_della_is_seeded_per_tensor(zoo, tmp_path: Path) -> None:
         {"model": "m1", "parameters": {"weight": 1.0, "density": 0.5}},
         {"model": "m2", "parameters": {"weight": 1.0, "density": 0.5}}]}
     (root / "della_seed.yaml").write_text(yaml.safe_dump(cfg))
-    for out in ("a", "b"):
-        run_merge(MergeSpec.load(root / "della_seed.yaml", seed=7), tmp_path / out, ExecOptions())
-    a, b = load_all(tmp_path / "a"), load_all(tmp_path / "b")
+    for out, seed in (("a", 7), ("b", 7), ("c", 8)):
+        run_merge(MergeSpec.load(root / "della_seed.yaml", seed=seed), tmp_path / out, ExecOptions())
+    a, b, c = load_all(tmp_path / "a"), load_all(tmp_path / "b"), load_all(tmp_path / "c")
     assert all(torch.equal(a[n], b[n]) for n in a)
+    changed = [n for n in a if not torch.equal(a[n], c[n])]
+    assert len(changed) >= 0.9 * len(a), (len(changed), len(a))  # another seed: other masks
+    # The stream is (seed, tensor name)'s own: same-shape tensors draw differently, a name the same.
+    from simmerge_ray.merge.tensor_merge import tensor_generator
+
+    draw = lambda seed, name: torch.rand(1000, generator=tensor_generator(seed, name))  # noqa: E731
+    assert torch.equal(draw(7, "model.layers.0.mlp.up_proj.weight"), draw(7, "model.layers.0.mlp.up_proj.weight"))
+    assert not torch.equal(draw(7, "model.layers.0.mlp.up_proj.weight"), draw(7, "model.layers.1.mlp.up_proj.weight"))
+    assert not torch.equal(draw(7, "model.layers.0.mlp.up_proj.weight"), draw(8, "model.layers.0.mlp.up_proj.weight"))

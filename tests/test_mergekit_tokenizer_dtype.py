@@ -243,22 +243,29 @@ def _copy_model(src: Path, dst: Path) -> None:
 
 
 def test_chat_template_text_and_auto(pair: Path, tmp_path: Path) -> None:
-    """A Jinja text is written as given; `auto` takes the template most inputs carry."""
+    """A Jinja text is written as given; `auto` takes the template most inputs carry (not the
+    first model's), none when no input has one; a name is a built-in template."""
     from transformers import AutoTokenizer
 
+    from simmerge_ray.merge.chat_templates import resolve_template
+
     text = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    for name in ("c", "d"):
+    other = "{{ messages[-1]['content'] }}"
+    for name, template in (("c", text), ("d", text), ("e", other)):
         if not (pair / name).exists():
             _copy_model(pair / "a", pair / name)
             tok = AutoTokenizer.from_pretrained(pair / name)
-            tok.chat_template = text
+            tok.chat_template = template
             tok.save_pretrained(pair / name)
-    models = [{"model": "c", "parameters": {"weight": 1.0}}, {"model": "d", "parameters": {"weight": 1.0}}]
+    models = [{"model": m, "parameters": {"weight": 1.0}} for m in ("e", "c", "d")]  # the minority first
     for template, want in ((text.replace("] ", "]: "), text.replace("] ", "]: ")), ("auto", text)):
         cfg = {"merge_method": "linear", "tokenizer_source": "union", "chat_template": template, "models": models}
         (pair / "t.yaml").write_text(yaml.safe_dump(cfg))
         run_merge(MergeSpec.load(pair / "t.yaml"), tmp_path / "out", ExecOptions(overwrite=True))
         assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == want
+    assert resolve_template("auto", [None, other, text, None, text]) == text
+    assert resolve_template("auto", [None, None]) is None
+    assert resolve_template("chatml", [text]).startswith("{%") and "<|im_start|>" in resolve_template("chatml", [text])
 
 
 COMPUTE_CASES = {

@@ -232,3 +232,8 @@ def test_a_plan_with_an_extended_vocabulary_keeps_the_added_tokens(tmp_path: Pat
         torch.testing.assert_close(shared, plain_rows, rtol=1e-6 if exact else 0, atol=1e-7 if exact else 3e-3)
         if exact:  # the only model with the token: its row, whatever the weights
             torch.testing.assert_close(got.read(name)[64:], ext.read(name)[64:66], rtol=1e-6, atol=1e-7)
+        else:  # the other side lacks the rows (zeros): ext's rows times the step's one coefficient
+            added, own = got.read(name)[64:].double(), ext.read(name)[64:66].double()
+            scale = added.norm(dim=1) / own.norm(dim=1)
+            assert scale.min() > 0.1 and float(scale[0]) == pytest.approx(float(scale[1]), rel=1e-5)
+            torch.testing.assert_close(added, float(scale[0]) * own, rtol=1e-5, atol=1e-7)

@@ -30,6 +30,24 @@ TABLE_OPS = [a for a in ARM_NAMES if a in (*STEP_ARMS, "linear_expert", "linear_
 TASKS = ["code", "math", "rag"]
 
 
+def test_at_share_interpolates_the_linear_family_and_shifts_the_others_by_it() -> None:
+    """Hand-computed values (the search tests' reference calls at_share itself): the linear arms
+    are labelled at shares 1/4, 1/2, 3/4 (predictions 0, 1, 2 here), SLERP and TIES at 1/2."""
+    ops = ("linear", "slerp", "ties", "linear_expert", "linear_aux")
+    pred = np.array([[1.0, 3.0, 5.0, 0.0, 2.0], [10.0, 30.0, 50.0, 0.0, 20.0]])
+    cases = [("linear", 1 / 3, [1 / 3, 10 / 3]),  # a third of the way from 1/4 (0) to 1/2 (1, 10)
+             ("linear_aux", 1 / 3, [1 / 3, 10 / 3]),  # one family: the same curve from any member
+             ("linear", 0.6, [1.4, 14.0]),
+             ("linear", 0.1, [0.0, 0.0]), ("linear", 0.9, [2.0, 20.0]),  # flat beyond the ends
+             ("ties", 1 / 3, [5 + 1 / 3 - 1, 50 + 10 / 3 - 10]),  # its own value, shifted as linear moves
+             ("slerp", 0.75, [3 + 2 - 1, 30 + 20 - 10]),
+             ("ties", None, [5.0, 50.0]), ("ties", 0.5, [5.0, 50.0]), ("linear_expert", 0.25, [0.0, 0.0])]
+    for op, share, want in cases:
+        assert at_share(pred, ops, op, share) == pytest.approx(want), (op, share)
+    # Without a family of several shares there is no shape to borrow: the arm's own value.
+    assert at_share(pred[:, 1:3], ("slerp", "ties"), "ties", 1 / 3) == pytest.approx([5.0, 50.0])
+
+
 class TableModel:
     """u(prefix, next, arm, task) depends on the last model of the prefix, the next model, the
     arm and the task, so order matters; v(next, arm) on the joining model and the arm. States
@@ -113,7 +131,7 @@ def test_exhaustive_finds_known_best(obj: Objective) -> None:
     merges = [(tuple(p.models), tuple(a.name for a in p.step_arms())) for p in pairs.plans]
     assert len(merges) == len(set(merges)) == len(pairs.plans) == 10
     # the expert is not always first: the space lets the search put it anywhere
-    assert any(p.models[0] != p.expert for p in res.plans) or seq[0] == expert_of(seq, ["m0", "m3"])
+    assert any(p.models[0] != p.expert for p in res.plans)
     # what leaving a model out costs, for every model not in the best plan
     assert {e["model"] for e in res.best.excluded} == set(models) - set(res.best.models)
     assert all(e["effect"] <= 1e-12 for e in res.best.excluded)

@@ -606,6 +606,9 @@ def test_a_finished_stage_whose_outputs_changed_runs_again(tiny_zoo, tmp_path):
     settings = PipelineSettings(TINY, tmp_path / "run")
     lines: list[str] = []
     run(settings, echo=lines.append, until="zoo")
+    assert lines[0] == "[1/1] zoo           build the testbed (pretrain a base, fine-tune experts) ..."
+    assert [line for line in lines if line.startswith("zoo: ")] == [  # the stage's own lines reach echo too
+        f"zoo: 6 experts + base -> {tmp_path / 'run' / 'zoo' / 'catalog.yaml'}"]
     marker = json.loads((tmp_path / "run" / ".stage-zoo.json").read_text())
     weights = "zoo/checkpoints/base/model.safetensors"
     assert weights in marker["files"] and "zoo/catalog.yaml" in marker["files"]

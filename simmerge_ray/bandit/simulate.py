@@ -34,7 +34,7 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.bandit.encoder import Encoder, IdentityEncoder
 from simmerge_ray.features.schema import KEY_COLUMNS, feature_columns
 from simmerge_ray.bandit.lints import LinTS, LinTSConfig
-from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.io.atomic import atomic_file, atomic_write_text
 
 LABEL_COLUMNS = ("task", "expert", "aux", "operator")
 POLICIES = ("bandit", "bandit_cold", "greedy_offline", "best_fixed", "uniform")
@@ -375,7 +375,6 @@ def write_report(results: dict[str, dict[str, Any]], out_dir: Path) -> None:
         ax.set_ylabel("cumulative regret (GapClosed vs oracle)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out_dir / ".regret.png.tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(out_dir / "regret.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(out_dir / "regret.png")

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import numpy as np
 
 from simmerge_ray.bandit.errors import NonFiniteStateError
 from simmerge_ray.errors import CheckpointError
-from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.io.atomic import atomic_file, atomic_write_text
 
 SETTINGS_FILE = "bandit.json"
 STATE_FILE = "state.npz"
@@ -63,12 +61,8 @@ def write_state(state_dir: Path, meta: dict[str, Any], arrays: dict[str, np.ndar
     payload = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     np.savez(buf, **{_META_KEY: payload}, **arrays)
     path = Path(state_dir) / STATE_FILE
-    tmp = path.with_name(f".{STATE_FILE}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         tmp.write_bytes(buf.getbuffer())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(state_dir: Path) -> None:

@@ -30,3 +30,13 @@ def positive(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
+
+
+def name_listing(entries: list[tuple[str, str]], width: int = 100) -> str:
+    """`name  what it does` lines for a --help epilog (merge methods, arms), the texts aligned and
+    wrapped beside the names."""
+    import textwrap
+
+    pad = max(len(n) for n, _ in entries) + 4
+    return "\n".join(textwrap.fill(doc, width=width, initial_indent=f"  {name:<{pad - 2}}",
+                                    subsequent_indent=" " * pad) for name, doc in entries)

@@ -6,19 +6,17 @@ from __future__ import annotations
 import argparse
 import os
 
-from simmerge_ray.cli.common import at_least_one, human_bytes, human_rate, positive
+from simmerge_ray.cli.common import at_least_one, human_bytes, human_rate, name_listing, positive
 from simmerge_ray.ray_session import init_ray
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.out_checks import check_output
 
 
 def _methods_text() -> str:
-    """The registry's merge methods, wrapped, for `merge --help`."""
-    import textwrap
-
+    """The registry's merge methods and what each computes, for `merge --help`."""
     from simmerge_ray.merge.operators import METHODS
 
-    return textwrap.fill(", ".join(sorted(METHODS)), width=88, initial_indent="  ", subsequent_indent="  ")
+    return name_listing([(name, METHODS[name].doc) for name in sorted(METHODS)])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from simmerge_ray.cli.common import at_least_one
+from simmerge_ray.cli.common import at_least_one, name_listing
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "and score each merge on the tasks' eval files (JSON lines, one {\"prompt\": ..., "
                     "\"answer\": ...} per line; the answer is what the model must continue the prompt "
                     "with). Needs a catalog with a base and an eval file for every expert's task.",
-        epilog="example:\n  simmerge label --catalog catalog.yaml --out labels/")
+        epilog=f"arms (simmerge_ray/merge/arms.py), each pair merged with every one:\n{_arms_text()}\n\n"
+               f"fold weightings of 3-/4-way plans (--weightings):\n{_weightings_text()}\n\n"
+               "example:\n  simmerge label --catalog catalog.yaml --out labels/")
     lab.add_argument("--catalog", required=True, help="catalog.yaml with a base and tasks with eval files")
     lab.add_argument("--out", required=True, help="label folder; its cache/ makes reruns resume")
     lab.add_argument("--subsets-3", type=int, default=None,
@@ -52,6 +54,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lab.add_argument("--max-plans", type=int, default=None, help="measure at most this many new plans, then stop (default: all; rerun to resume)")
     lab.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     lab.set_defaults(func=run_label)
+
+
+def _arms_text() -> str:
+    from simmerge_ray.merge.arms import ARMS
+
+    return name_listing([(a.name, f"{a.doc} (method {a.method}{'; a paper arm' if a.paper else ''})") for a in ARMS])
+
+
+def _weightings_text() -> str:
+    from simmerge_ray.merge.arms import WEIGHTINGS
+
+    return name_listing([(w.name, w.doc) for w in WEIGHTINGS])
 
 
 def _label_default(field: str) -> object:

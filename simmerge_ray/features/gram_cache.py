@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from simmerge_ray.io.atomic import atomic_file
 from simmerge_ray.io.digest_cache import arrays_digest, cache_root
 
 log = logging.getLogger(__name__)
@@ -27,9 +26,8 @@ CACHE_VERSION = "v1"
 def save_entry(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write `arrays` to `path` through a temporary sibling and a rename, with their digest."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    save_file(arrays, str(tmp), metadata={"digest": arrays_digest(arrays)})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(arrays, str(tmp), metadata={"digest": arrays_digest(arrays)})
 
 
 def load_entry(path: Path) -> dict[str, np.ndarray] | None:

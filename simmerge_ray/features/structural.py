@@ -109,7 +109,7 @@ class ReadPlan:
         return not self.cols
 
 
-def plan_pass(rows: int, ref: int, missing: set[tuple[int, int]]) -> ReadPlan:
+def plan_pass(ref: int, missing: set[tuple[int, int]]) -> ReadPlan:
     """Columns covering every missing pair: rows never computed before (missing diagonal) first,
     then one side of each remaining pair. Every missing pair then has a side among the columns,
     and only the rows that appear in a missing pair (plus the reference) are read."""
@@ -147,7 +147,7 @@ def compute_structural(catalog: Catalog, out: str | Path, opts: StructuralOption
             got = cache.load(keys[i], keys[j], cache_names)
             if got is not None:
                 found[(i, j)] = got
-    plan = plan_pass(m, rows.ref, {p for p in pairs if p not in found})
+    plan = plan_pass(rows.ref, {p for p in pairs if p not in found})
     run = StructuralRun(out, rows.names[:rows.n_models], rows.names[m - 1] if rows.has_base else None,
                         len(rows.tensors), 0, {n: 0 for n in rows.names}, {n: 0 for n in rows.names}, 0,
                         len(found), 0.0)
@@ -162,7 +162,7 @@ def compute_structural(catalog: Catalog, out: str | Path, opts: StructuralOption
             shutil.rmtree(cache.work_dir(_plan_digest(plan, keys, rows)), ignore_errors=True)
     stats = assemble(found, m, len(rows.tensors))
     with stage_files(out, "structural", STRUCTURAL_FILES, replace=opts.overwrite, inputs=catalog.paths) as tmp:
-        write_outputs(tmp, rows, stats, keys)
+        write_outputs(tmp, rows, stats)
         run.seconds = time.perf_counter() - t0
         atomic_write_text(tmp / "structural_run.json", json.dumps(run_json(run), indent=2))
     write_joined(out)

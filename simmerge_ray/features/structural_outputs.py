@@ -46,7 +46,7 @@ def assemble(found: dict[tuple[int, int], dict[str, np.ndarray]], m: int, n_tens
 
 # ---- outputs ----------------------------------------------------------------------------------
 
-def write_outputs(out: Path, rows: Rows, stats: list[PairStats], keys: Sequence[str]) -> None:
+def write_outputs(out: Path, rows: Rows, stats: list[PairStats]) -> None:
     m, n = len(rows.names), rows.n_models
     first = rows.ckpts[0]
     n_layers = first.num_layers

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import uuid
 from pathlib import Path
 
 import torch
@@ -26,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from simmerge_ray.errors import CheckpointError
-from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.io.atomic import atomic_file, atomic_write_text
 from simmerge_ray.io.digest_cache import tensors_digest
 
 log = logging.getLogger(__name__)
@@ -61,9 +59,9 @@ class ProbeCache:
         tensors = {f"{pid}/{name}": t for pid, rec in records.items() for name, t in rec.items()}
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"chunk-{run_id}-{seq:05d}.safetensors"
-        tmp = self.root / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-        save_file(tensors, tmp, metadata={"probe_ids": json.dumps(sorted(records)), "digest": tensors_digest(tensors)})
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file(tensors, tmp, metadata={"probe_ids": json.dumps(sorted(records)),
+                                              "digest": tensors_digest(tensors)})
         return path
 
     # ---- reading -------------------------------------------------------------------------

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from simmerge_ray.io.digest_cache import json_digest
 
 BackendName = Literal["hf", "deepspeed"]
 # Bumped whenever what a probe run records changes (extract.py, the backends): the cache key holds
@@ -52,5 +51,4 @@ class RunOptions(BaseModel):
 def cache_key(model_fingerprint: str, probe_digest: str, settings: ProbeSettings) -> str:
     """Folder name of one (model, probe set, settings, code and library versions) output cache."""
     code = [PROBE_CACHE_VERSION, version("torch"), version("transformers")]
-    payload = json.dumps([model_fingerprint, probe_digest, settings.model_dump(), code], sort_keys=True)
-    return hashlib.blake2b(payload.encode(), digest_size=12).hexdigest()
+    return json_digest([model_fingerprint, probe_digest, settings.model_dump(), code], size=12)

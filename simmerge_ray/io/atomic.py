@@ -19,12 +19,23 @@ from simmerge_ray.io.owner import OWNER_FILE, clean_stale, write_owner
 log = logging.getLogger(__name__)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file through a temporary sibling and an atomic rename."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary sibling `.<name>.<random>.tmp` to write; renamed onto `path` when the block
+    ends, removed when it raises, so readers see the old file or the complete new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file through a temporary sibling and an atomic rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def publish_cache_entry(tmp: Path, target: Path, usable: Callable[[Path], bool]) -> None:

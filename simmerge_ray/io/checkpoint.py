@@ -88,7 +88,7 @@ class Checkpoint:
         config = read_config(path)
         index = path / INDEX_FILE
         if index.exists():
-            files = _shards_from_index(path, index)
+            files = _shards_from_index(index)
         elif (path / SINGLE_FILE).exists():
             files = {SINGLE_FILE: None}
         else:
@@ -354,7 +354,7 @@ def read_config(path: Path) -> dict:
     return raw
 
 
-def _shards_from_index(path: Path, index: Path) -> dict[str, set[str]]:
+def _shards_from_index(index: Path) -> dict[str, set[str]]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,18 @@ CHUNK = 16 * 1024 * 1024
 def cache_root() -> Path:
     """Where the project keeps caches (override with SIMMERGE_CACHE)."""
     return Path(os.environ.get("SIMMERGE_CACHE", Path.home() / ".cache" / "simmerge"))
+
+
+def json_digest(payload: object, size: int = 16, default: Callable[[object], object] | None = None) -> str:
+    """blake2b (`size` bytes, hex) of a JSON-able payload with sorted keys: a cache key or content
+    digest. `default` serialises what JSON cannot (e.g. str)."""
+    return hashlib.blake2b(json.dumps(payload, sort_keys=True, default=default).encode(), digest_size=size).hexdigest()
+
+
+def name_seed(seed: int, name: str) -> int:
+    """A 63-bit seed of (seed, name): each tensor's random draws are its own, whichever worker
+    makes them and in whatever order."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}|{name}".encode(), digest_size=8).digest(), "little") >> 1
 
 
 def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:

@@ -9,7 +9,6 @@ names (`transformer.h.N.attn.attention.q_proj`, ...), as its published checkpoin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from simmerge_ray.io.digest_cache import name_seed
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from simmerge_ray.io.side_files import copy_side_files
@@ -111,10 +111,6 @@ def _add_base_chunks(base: Checkpoint, name: str, deltas: Iterator[torch.Tensor]
         start += d.numel()
 
 
-def _tensor_seed(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}|{name}".encode(), digest_size=8).digest(), "little") >> 1
-
-
 CHUNK = 16 * 1024**2  # elements generated at a time for tensors larger than this
 
 
@@ -128,12 +124,12 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float,
     numel = int(torch.Size(shape).numel())
     offset = 1.0 if norms_at_one and "norm" in name and len(shape) == 1 and name.endswith("weight") else 0.0
     if numel <= CHUNK:
-        g = torch.Generator().manual_seed(_tensor_seed(seed, name))
+        g = torch.Generator().manual_seed(name_seed(seed, name))
         return torch.randn(shape, generator=g) * std + offset
 
     def chunks() -> Iterator[torch.Tensor]:
         for i, start in enumerate(range(0, numel, CHUNK)):
-            g = torch.Generator().manual_seed(_tensor_seed(seed, f"{name}#{i}"))
+            g = torch.Generator().manual_seed(name_seed(seed, f"{name}#{i}"))
             yield torch.randn(min(CHUNK, numel - start), generator=g) * std + offset
     return chunks()
 

@@ -30,7 +30,7 @@ class Arm:
     method: str
     params: Mapping[str, Any] = field(default_factory=dict)
     paper: bool = False  # one of the paper's three operators (one-sided GapClosed is reported for these)
-    doc: str = ""
+    doc: str = ""  # one line: what it does (`label --help` lists it)
 
     @property
     def needs_base(self) -> bool:

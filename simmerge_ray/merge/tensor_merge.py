@@ -6,9 +6,9 @@ registered operator functions, so both produce the same values).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable
 
+from simmerge_ray.io.digest_cache import name_seed
 from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.errors import ConfigError, MergeError
@@ -21,8 +21,7 @@ from simmerge_ray.merge.tensor_plan import TensorTask
 def tensor_generator(seed: int, tensor_name: str) -> torch.Generator:
     """A generator seeded by (seed, tensor name): stochastic methods give the same bytes
     whichever worker runs the tensor and however often it is retried."""
-    digest = hashlib.blake2b(f"{seed}|{tensor_name}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.Generator().manual_seed(name_seed(seed, tensor_name))
 
 
 def compute_code(spec: MergeSpec, override: str | None = None) -> str | None:

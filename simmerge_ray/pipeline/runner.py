@@ -54,7 +54,8 @@ def _label_inputs(settings: LabelSettings) -> list[str]:
     return [json.dumps(settings.model_dump(mode="json"), sort_keys=True)]
 
 
-def stages(s: PipelineSettings) -> list[Stage]:
+def stages(s: PipelineSettings, echo: Callable[[str], None] = print) -> list[Stage]:
+    """The pipeline's stages, each printing its lines through `echo`."""
     from simmerge_ray.features.structural import StructuralOptions
     from simmerge_ray.pipeline import features, selector, zoo
     from simmerge_ray.pipeline.bandit import replay_bandit
@@ -70,20 +71,22 @@ def stages(s: PipelineSettings) -> list[Stage]:
                                          tune_samples=s.tune_samples, seed=s.seed, members=s.members)
 
     def fit_both() -> None:
-        selector.fit_many([selectors(run.selector), selectors(run.aux_selector, "aux_gap_closed")])
+        selector.fit_many([selectors(run.selector), selectors(run.aux_selector, "aux_gap_closed")], echo=echo)
 
     return [
         Stage("zoo", "build the testbed (pretrain a base, fine-tune experts)",
-              lambda: zoo.build(s.zoo_config, run.zoo, overwrite=True), [zoo_digest]),
+              lambda: zoo.build(s.zoo_config, run.zoo, overwrite=True, echo=echo), [zoo_digest]),
         Stage("structural", "structural features (one streaming Gram pass)",
-              lambda: features.structural(run.catalog, run.features, StructuralOptions(overwrite=True)), []),
+              lambda: features.structural(run.catalog, run.features, StructuralOptions(overwrite=True), echo=echo),
+              []),
         Stage("functional", "probe inference on Ray Data and functional features",
-              lambda: features.functional(features.ProbeRequest(run.catalog, run.features, features.run_options())),
+              lambda: features.functional(features.ProbeRequest(run.catalog, run.features, features.run_options()),
+                                          echo=echo),
               ["b-task-columns"]),
         Stage("labels", "merge and evaluate 2-, 3- and 4-way merges (ground truth)",
-              lambda: zoo.label(run.catalog, run.labels, s.labels), _label_inputs(s.labels)),
+              lambda: zoo.label(run.catalog, run.labels, s.labels, echo=echo), _label_inputs(s.labels)),
         Stage("selector_eval", "selector on held-out pairs (Ray Tune nested), leave-one-task-out, ablation",
-              lambda: selector.evaluate(selectors(run.selector_eval), folds=s.folds),
+              lambda: selector.evaluate(selectors(run.selector_eval), folds=s.folds, echo=echo),
               [str(s.folds), *search, "search-per-fold-and-task-grouped"]),
         Stage("fit", "fit the selectors on all pairs (Ray Tune, then Ray Train)", fit_both, search),
         Stage("multiway", "plan 3- and 4-way merges and judge them on measured merges",
@@ -118,7 +121,7 @@ def _changed_outputs(root: Path, written: dict | None) -> list[str]:
     return [rel for rel, stamp in sorted(written.items()) if _stamp(root / rel) != stamp]
 
 
-def _read_marker(marker: Path) -> dict | None:
+def _read_marker(marker: Path, echo: Callable[[str], None]) -> dict | None:
     """A stage's finished-marker, or None (not done) when it is absent or unreadable: a stage
     whose marker cannot be read simply runs again."""
     try:
@@ -126,14 +129,14 @@ def _read_marker(marker: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        print(f"{marker}: unreadable stage marker; running the stage again")
+        echo(f"{marker}: unreadable stage marker; running the stage again")
         return None
     return raw if isinstance(raw, dict) else None
 
 
 def run(s: PipelineSettings, *, echo: Callable[[str], None] = print, until: str | None = None) -> dict[str, float]:
     """Run every stage, or those up to `until` (skipping finished ones); returns seconds per stage."""
-    all_stages = stages(s)
+    all_stages = stages(s, echo)
     if until is not None:
         names = [st.name for st in all_stages]
         if until not in names:
@@ -147,7 +150,7 @@ def run(s: PipelineSettings, *, echo: Callable[[str], None] = print, until: str 
         key = _digest([st.name, *st.inputs, *upstream])
         marker = layout.marker(st.name)
         prefix = f"[{i}/{len(all_stages)}] {st.name:<13}"
-        done = _read_marker(marker)
+        done = _read_marker(marker, echo)
         changed = _changed_outputs(s.out, done.get("files")) if done is not None and done.get("key") == key else None
         if changed == []:
             timings[st.name] = float(done.get("seconds", 0.0))

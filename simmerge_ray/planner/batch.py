@@ -1,6 +1,6 @@
 """Batch planning: many requests planned by an autoscaled pool of Ray actors, resumable.
 
-The request table (parquet, or JSON lines) is read by the driver: a cheap first pass there
+The request table (parquet or JSON: request_table.py) is read by the driver: a cheap first pass there
 validates every row (PlanRequest) and keys it by a digest of its content and of the inputs
 (selector, features, catalog); rows whose key is in the results cache are answered from it. The
 rest is cut into blocks of a few requests and fed to Ray Data's `map_batches` with an actor pool
@@ -21,7 +21,6 @@ Layout of the output folder:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -34,17 +33,18 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from simmerge_ray.io.digest_cache import json_digest
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError, OutputError, SimMergeError
 from simmerge_ray.features.provenance import check_measured_from
-from simmerge_ray.io.atomic import atomic_output_dir
+from simmerge_ray.io.atomic import atomic_file, atomic_output_dir
 from simmerge_ray.io.out_checks import MARKER, check_creatable, check_not_input
 from simmerge_ray.planner.batch_cache import PER_RUN, RESULT_SCHEMA, ROW_FILE, publish_entry, read_entry
 from simmerge_ray.io.stage_files import check_stage, stage_files
 from simmerge_ray.planner.request import PlanRequest, build_step_model, load_calibration, plan_request, write_plans
+from simmerge_ray.planner.request_table import UNREADABLE, read_requests
 from simmerge_ray.selector.data import features_file
 
-UNREADABLE = "__unreadable__"  # the key of a request row that could not be parsed (its message)
 BATCH_FILES = ("results.parquet", "summary.json")  # what a rerun replaces in --out (besides plans/)
 # Bump when a change to the planner changes plans (2: intervals, flags; 3: weightings, the expert
 # anywhere, the retention objective; 5: one entry per merge, flag kinds, the proxy's expert-alone):
@@ -94,8 +94,7 @@ class BatchReport:
 # ---- keys and the results cache -------------------------------------------------------------
 
 def _digest(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return json_digest(obj, default=str)
 
 
 def inputs_fingerprint(s: BatchSettings) -> str:
@@ -208,45 +207,6 @@ class PlanWorker:
 
 
 # ---- the driver ------------------------------------------------------------------------------
-
-def read_requests(path: str) -> list[dict]:
-    """The request table's rows: a parquet file or folder, a .jsonl file of JSON lines, or a
-    .json file of JSON lines or of one array. A JSON row that cannot be read becomes an error row
-    (keyed {UNREADABLE: message}) instead of stopping the batch, as an invalid request does."""
-    import pyarrow.parquet as pq
-
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{path}: request table not found")
-    if p.suffix not in (".jsonl", ".json"):
-        try:
-            return pq.read_table(p).to_pylist()
-        except (pa.ArrowException, OSError) as e:
-            raise ConfigError(f"{path}: not a readable request table ({str(e).splitlines()[0]})") from None
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not a readable request table ({e})") from None
-    if p.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-        return [r if isinstance(r, dict) else {UNREADABLE: f"{path}: item {i}: expected a JSON object, got "
-                                               f"{type(r).__name__}"} for i, r in enumerate(rows)]
-    out = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            row = {UNREADABLE: f"{path}: line {i}: not valid JSON ({e.msg}, column {e.colno})"}
-        if not isinstance(row, dict):
-            row = {UNREADABLE: f"{path}: line {i}: expected a JSON object, got {type(row).__name__}"}
-        out.append(row)
-    return out
-
 
 def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
@@ -384,6 +344,5 @@ def _write_table(table: pa.Table, path: Path) -> None:
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)

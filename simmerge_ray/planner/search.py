@@ -91,7 +91,6 @@ class SearchResult:
     scored: int
     seconds: float
     exhaustive: bool
-    notes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def best(self) -> Plan:

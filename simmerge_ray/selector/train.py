@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -38,7 +38,6 @@ def one_thread() -> Iterator[None]:
 
 
 def train_epochs(sel: Selector, data: PairData, epochs: int,
-                 on_epoch: Callable[[int, float], None] | None = None,
                  optimizer: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
     """Full-batch AdamW on the mean squared error of every operator's utility.
 
@@ -55,14 +54,12 @@ def train_epochs(sel: Selector, data: PairData, epochs: int,
                                          weight_decay=sel.config.weight_decay, foreach=True)
     sel.net.train()
     with one_thread():
-        for epoch in range(epochs):
+        for _ in range(epochs):
             opt.zero_grad()
             out = sel.net(x)  # [n, k], or [members, n, k] for an ensemble in training mode
             loss = torch.nn.functional.mse_loss(out, y.expand_as(out))
             loss.backward()
             opt.step()
-            if on_epoch is not None:
-                on_epoch(epoch, float(loss))
     sel.net.eval()
     return opt
 

@@ -13,15 +13,14 @@ docs/testbed.md):
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import random
 from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from simmerge_ray.io.digest_cache import json_digest
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.arms import ARM_NAMES, STEP_ARMS, WEIGHTING_NAMES, get_arm, get_weighting
 from simmerge_ray.merge.fold import Fold
@@ -98,7 +97,7 @@ class LabelPlan(Fold):
                        {"models": [fingerprints[m] for m in self.models], "base": fingerprints.get("base"),
                         "steps": [[arm.method, dict(arm.params)] for arm in self.step_arms()]})
         payload = {**merge, "eval": {t: task_digests[t] for t in self.tasks}, "score": SCORE_VERSION}
-        return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=16).hexdigest()
+        return json_digest(payload)
 
 
 def _distinct_task_subsets(experts: dict[str, str], k: int) -> list[tuple[str, ...]]:

@@ -11,7 +11,6 @@ no longer match their digest, is a miss, logged with its path, and is rebuilt.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from simmerge_ray.io.atomic import publish_cache_entry
-from simmerge_ray.io.digest_cache import cache_root, tensors_digest
+from simmerge_ray.io.digest_cache import cache_root, json_digest, tensors_digest
 
 # Bump when training code changes what a config produces (v2: the tensors' digest in meta.json).
 CACHE_VERSION = "pretrain-v2"
@@ -36,7 +35,7 @@ def pretrain_key(cfg_payload: dict[str, Any], role: str) -> str:
     """Digest of what shapes the `role` checkpoint (`cfg_payload`: the relevant config parts)."""
     payload = {"version": CACHE_VERSION, "torch": torch.__version__, "transformers": version("transformers"),
                "role": role, "config": cfg_payload}
-    return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=16).hexdigest()
+    return json_digest(payload)
 
 
 def _entry(key: str) -> Path:

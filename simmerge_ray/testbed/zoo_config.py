@@ -6,13 +6,12 @@ checkpoints (runtime settings such as the number of workers do not change any we
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from simmerge_ray.io.digest_cache import json_digest
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.yaml_io import check_name, read_yaml
 from simmerge_ray.testbed.domains import DOMAINS
@@ -161,7 +160,7 @@ class ZooConfig(_Strict):
     def digest(self) -> str:
         """Content digest of everything that shapes the weights (runtime excluded)."""
         payload = self.model_dump(mode="json", exclude={"runtime"})
-        return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=12).hexdigest()
+        return json_digest(payload, size=12)
 
     @classmethod
     def load(cls, path: str | Path) -> "ZooConfig":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from typing import Any
 
@@ -118,8 +118,7 @@ class MergeMethod:
     # as mergekit's version does (all but linear and SLERP); the others receive float32 inputs
     # rounded to the compute dtype and their result is rounded, as mergekit's linear/SLERP.
     native_dtype: bool = False
-    doc: str = ""
-    aliases: tuple[str, ...] = field(default=())
+    doc: str = ""  # one line: what it computes (`merge --help` lists it)
 
     @property
     def elementwise(self) -> bool:
@@ -158,10 +157,9 @@ METHODS: dict[str, MergeMethod] = {}
 
 
 def register(method: MergeMethod) -> MergeMethod:
-    for key in (method.name, *method.aliases):
-        if key in METHODS:
-            raise ValueError(f"merge method {key!r} registered twice")
-        METHODS[key] = method
+    if method.name in METHODS:
+        raise ValueError(f"merge method {method.name!r} registered twice")
+    METHODS[method.name] = method
     return method
 
 
