@@ -236,6 +236,34 @@ def test_named_chat_template_renders_as_mergekits(pair: Path, tmp_path: Path, na
             assert mine.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen) == want
 
 
+def test_a_chat_template_is_written_with_a_vocab_json_tokenizer(pair: Path, tmp_path: Path) -> None:
+    """An older checkpoint's tokenizer (vocab.json + merges.txt, no tokenizer.json) takes the
+    config's chat template as mergekit does: the merge wrote no tokenizer at all for it."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    words = ["<|endoftext|>", *(f"w{i}" for i in range(20))]
+    for name in ("old1", "old2"):
+        if not (pair / name).exists():
+            (pair / name).mkdir()
+            for f in ("model.safetensors", "config.json"):
+                shutil.copy2(pair / "a" / f, pair / name / f)
+            (pair / name / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(words)}))
+            (pair / name / "merges.txt").write_text("#version: 0.2\n")
+            (pair / name / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 64}))
+    cfg = {"merge_method": "linear", "dtype": "float32", "chat_template": "chatml",
+           "models": [{"model": "old1", "parameters": {"weight": 1.0}}, {"model": "old2", "parameters": {"weight": 1.0}}]}
+    ours, mk = _both(cfg, pair, tmp_path)
+    mine, theirs = AutoTokenizer.from_pretrained(ours), AutoTokenizer.from_pretrained(mk)
+    chat = [{"role": "user", "content": "w3 w4"}]
+    want = theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>user" in want and mine.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == want
+    assert mine.get_vocab() == theirs.get_vocab()
+
+
 def _copy_model(src: Path, dst: Path) -> None:
     import shutil
 

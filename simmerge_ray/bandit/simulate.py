@@ -34,7 +34,7 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.bandit.encoder import Encoder, IdentityEncoder
 from simmerge_ray.features.schema import KEY_COLUMNS, feature_columns
 from simmerge_ray.bandit.lints import LinTS, LinTSConfig
-from simmerge_ray.io.atomic import atomic_file, atomic_write_text
+from simmerge_ray.io.atomic import atomic_write_text
 
 LABEL_COLUMNS = ("task", "expert", "aux", "operator")
 POLICIES = ("bandit", "bandit_cold", "greedy_offline", "best_fixed", "uniform")
@@ -353,28 +353,7 @@ def _summary(
 
 def write_report(results: dict[str, dict[str, Any]], out_dir: Path) -> None:
     """regret.json (all runs) and regret.png (one panel per run) into an existing folder."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from simmerge_ray.report.charts import regret_chart
 
     atomic_write_text(out_dir / "regret.json", json.dumps(results, indent=2) + "\n")
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
-    for ax, (run, res) in zip(axes[0], results.items()):
-        t = np.arange(1, res["rounds"] + 1)
-        for name, entry in res["policies"].items():
-            mean, std = np.array(entry["cum_regret_mean"]), np.array(entry["cum_regret_std"])
-            ax.plot(t, mean, label=name)
-            ax.fill_between(t, mean - std, mean + std, alpha=0.15)
-        if res["new_operator"] is not None:
-            ax.axvline(res["add_at"], color="grey", ls="--", lw=1)
-            ax.set_title(f"{run}: '{res['new_operator']}' added after round {res['add_at']}")
-        else:
-            ax.set_title(run)
-        ax.set_xlabel("round")
-        ax.set_ylabel("cumulative regret (GapClosed vs oracle)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(out_dir / "regret.png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    regret_chart(results, out_dir / "regret.png")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import CheckpointError, ConfigError
 from simmerge_ray.io.checkpoint import Checkpoint, merged_head
-from simmerge_ray.io.safetensors_format import FLOAT_DTYPES
+from simmerge_ray.io.safetensors_format import FLOAT_DTYPES, TensorEntry
 from simmerge_ray.io.shared_vocab import SharedVocab, shared_vocab
 
 
@@ -44,7 +44,7 @@ class Rows:
         """Row the Gram is centred on: the base, else the first model."""
         return self.n_models if self.has_base else 0
 
-    def entry(self, row: int, tensor: str):
+    def entry(self, row: int, tensor: str) -> TensorEntry:
         return self.ckpts[row].stored_entry(tensor)
 
 

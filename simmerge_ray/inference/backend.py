@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from simmerge_ray.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+    from transformers.utils import ModelOutput
 
 
 @dataclass
@@ -42,7 +46,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def load_config(model_dir: Path):
+def load_config(model_dir: Path) -> PretrainedConfig:
     """The model's transformers config, or a CheckpointError naming the folder."""
     from transformers import AutoConfig
 
@@ -52,7 +56,7 @@ def load_config(model_dir: Path):
         raise CheckpointError(f"{model_dir}: cannot load model config ({e})") from None
 
 
-def split_outputs(out) -> ForwardOutputs:
+def split_outputs(out: ModelOutput) -> ForwardOutputs:
     """Keep the block outputs (drop the embedding output at index 0) and the attentions."""
     if out.attentions is None or any(a is None for a in out.attentions):
         raise CheckpointError("model returned no attention maps; it must support attn_implementation='eager'")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from simmerge_ray.io.side_files import copy_side_files
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, StreamingWriter, dtype_code
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt_neox", "cohere2", "exaone")
 
@@ -56,7 +60,7 @@ class SyntheticSpec:
     init_std: float = 0.02
 
 
-def make_config(spec: SyntheticSpec):
+def make_config(spec: SyntheticSpec) -> PretrainedConfig:
     """A transformers config object for the spec's architecture and size."""
     from transformers import AutoConfig
 
@@ -87,7 +91,7 @@ def make_config(spec: SyntheticSpec):
     return cfg
 
 
-def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors a checkpoint of this config stores (tied ones once)."""
     import transformers
 
@@ -134,7 +138,7 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float,
     return chunks()
 
 
-def write_checkpoint(out: Path, config, tensors, max_shard_bytes: int, *, overwrite: bool = False,
+def write_checkpoint(out: Path, config: PretrainedConfig | dict, tensors: Iterable[tuple[str, Sequence[int], str | torch.dtype, Callable[[], torch.Tensor]]], max_shard_bytes: int, *, overwrite: bool = False,
                      side_files_from: Path | None = None, inputs: Sequence[Path] = ()) -> Path:
     """Write tensors as a (sharded) HF folder; `tensors` yields (name, shape, dtype, producer).
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -17,6 +17,9 @@ from simmerge_ray.merge.chat_templates import resolve_template
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.modules import set_depth
 from simmerge_ray.merge.tokenizer import BuiltVocabulary
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], num_layers: int | dict[str, int], plans: list,
@@ -183,11 +186,13 @@ def output_config(spec: MergeSpec, source: Checkpoint, num_layers: int | dict[st
 
 
 def has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer_config.json").exists() and any(
-        (folder / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
+    """A tokenizer transformers loads from the folder alone: its config and a vocabulary (a fast
+    tokenizer's tokenizer.json, SentencePiece's tokenizer.model, or an older BPE's vocab.json)."""
+    return (folder / "tokenizer_config.json").is_file() and any(
+        (folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 
 
-def save_tokenizer(tokenizer, spec: MergeSpec, ckpts: dict[str, Checkpoint], out: Path) -> None:
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, spec: MergeSpec, ckpts: dict[str, Checkpoint], out: Path) -> None:
     """Save `tokenizer` (a transformers tokenizer) into `out`, with the config's chat template."""
     if spec.chat_template is not None:
         own = [] if spec.chat_template != "auto" else [_template_of(ck.path) for ck in ckpts.values()]

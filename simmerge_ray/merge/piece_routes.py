@@ -5,6 +5,8 @@ kernel (if any) runs it, and what that costs. The unit merger follows these deci
 
 from __future__ import annotations
 
+import ctypes
+
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH
 from simmerge_ray.lazy_torch import torch
@@ -100,7 +102,7 @@ class PieceRoutes:
         method = self.spec.method
         return method.native_dtype and task.compute != "F32" and method.chunked is not None
 
-    def native(self, piece: Piece):
+    def native(self, piece: Piece) -> ctypes.CDLL | None:
         """The combination kernel when it merges `piece` (a combination without a Gram pass,
         safetensors inputs, dtypes it covers, SIMMERGE_COMBINE_KERNEL not 0), else None."""
         task = self.tasks[piece.name]
@@ -112,7 +114,7 @@ class PieceRoutes:
         stored = [self.ckpts[m].entries[t].dtype for m, t in task.all_reads]
         return lib if combine_native.usable(lib, task.compute, stored, piece.dtype) else None
 
-    def ties_kernel(self, task: TensorTask, selecting: bool):
+    def ties_kernel(self, task: TensorTask, selecting: bool) -> ctypes.CDLL | None:
         """The fused TIES kernel when it covers this tensor (see ties_native.usable), else None."""
         if variant_of(self.spec.method) is None or self.work(task) != self.compute(task):
             return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -24,6 +25,9 @@ from simmerge_ray.planner.search import SearchResult, SearchSpace, StepModel, se
 from simmerge_ray.features.schema import check_finite_features
 from simmerge_ray.io.tables import read_table
 from simmerge_ray.selector.data import features_file
+
+if TYPE_CHECKING:
+    from simmerge_ray.planner.step_model import SelectorStepModel
 
 
 class PlanRequest(BaseModel):
@@ -170,7 +174,8 @@ def write_plans(result: SearchResult, catalog: Catalog, out: Path, step_root: Pa
         sort_keys=False))
 
 
-def build_step_model(selector_dir: str | Path, features_dir: str | Path, aux_selector_dir: str | Path | None = None):
+def build_step_model(selector_dir: str | Path, features_dir: str | Path,
+                     aux_selector_dir: str | Path | None = None) -> SelectorStepModel:
     """The selector step model over a features folder: loads the selector(s), the feature table
     and the Gram matrices (the costly part of planning, done once per process or actor)."""
     from simmerge_ray.planner.propagate import GramTable

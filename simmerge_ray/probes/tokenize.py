@@ -10,8 +10,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from simmerge_ray.probes.errors import ProbeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -44,7 +48,7 @@ def has_tokenizer(folder: Path) -> bool:
     return any((Path(folder) / f).exists() for f in TOKENIZER_FILES)
 
 
-def load_tokenizer(folder: str | Path):
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in a model folder (local files only, never the hub)."""
     from transformers import AutoTokenizer
 
@@ -57,13 +61,13 @@ def load_tokenizer(folder: str | Path):
         raise ProbeError(f"{folder}: cannot load tokenizer ({e})") from None
 
 
-def vocabulary_digest(tokenizer) -> str:
+def vocabulary_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     """Identity of the token -> id map (what makes two models' distributions comparable)."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return hashlib.blake2b(json.dumps(vocab).encode(), digest_size=16).hexdigest()
 
 
-def tokenize_probes(texts: list[str], tokenizer, max_length: int, *, source: str = "probes") -> TokenizedProbes:
+def tokenize_probes(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, *, source: str = "probes") -> TokenizedProbes:
     """Token ids per probe, with the tokenizer's special tokens, cut to `max_length`."""
     if max_length < 1:
         raise ProbeError(f"{source}: max_length must be at least 1, got {max_length}")

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from simmerge_ray.io.atomic import atomic_file
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 
 def _plt():
@@ -36,17 +43,16 @@ def feature_utility_heatmap(x: np.ndarray, y: np.ndarray, features: list[str], o
     fig.colorbar(im, ax=ax, label="Pearson r with GapClosed")
     ax.set_title("feature-utility correlation per operator", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
-def legend_beside(ax) -> None:
+def legend_beside(ax: Axes) -> None:
     """The legend to the right of the axes, outside them, where it covers no bar."""
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
-def bars_under_legend(fig) -> list[str]:
+def bars_under_legend(fig: Figure) -> list[str]:
     """The labels of the bars whose drawn box meets the legend's (none in a readable chart)."""
     fig.canvas.draw()
     covered = []
@@ -60,7 +66,7 @@ def bars_under_legend(fig) -> list[str]:
     return covered
 
 
-def grouped_bars_figure(values: dict[str, dict[str, float]], ylabel: str, title: str, scale: float = 100.0):
+def grouped_bars_figure(values: dict[str, dict[str, float]], ylabel: str, title: str, scale: float = 100.0) -> Figure:
     """values[group][method] -> a bar per method within each group; the legend beside the axes."""
     plt = _plt()
     groups = list(values)
@@ -81,8 +87,37 @@ def grouped_bars_figure(values: dict[str, dict[str, float]], ylabel: str, title:
 def grouped_bars(values: dict[str, dict[str, float]], path: Path, ylabel: str, title: str,
                  scale: float = 100.0) -> Path:
     """`grouped_bars_figure`, saved as a PNG at `path`."""
+    return save_figure(grouped_bars_figure(values, ylabel, title, scale), path)
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write `fig` as a PNG at `path` (its folder created; the file complete or absent) and close it."""
     plt = _plt()
-    fig = grouped_bars_figure(values, ylabel, title, scale)
-    fig.savefig(path, dpi=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
+
+
+def regret_chart(results: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Cumulative regret per policy over rounds (mean, one standard deviation shaded), one panel
+    per bandit replay; a dashed line where a new arm was added."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+    for ax, (run, res) in zip(axes[0], results.items()):
+        t = np.arange(1, res["rounds"] + 1)
+        for name, entry in res["policies"].items():
+            mean, std = np.array(entry["cum_regret_mean"]), np.array(entry["cum_regret_std"])
+            ax.plot(t, mean, label=name)
+            ax.fill_between(t, mean - std, mean + std, alpha=0.15)
+        if res["new_operator"] is not None:
+            ax.axvline(res["add_at"], color="grey", ls="--", lw=1)
+            ax.set_title(f"{run}: '{res['new_operator']}' added after round {res['add_at']}")
+        else:
+            ax.set_title(run)
+        ax.set_xlabel("round")
+        ax.set_ylabel("cumulative regret (GapClosed vs oracle)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)

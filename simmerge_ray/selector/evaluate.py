@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from simmerge_ray.selector.model import Selector, SelectorConfig
 from simmerge_ray.selector.oof import FitFn, out_of_fold
 from simmerge_ray.selector.train import fit_selector
 from simmerge_ray.selector.uncertainty import held_out_coverage
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _per_task(values: dict[str, np.ndarray], tasks: list[str]) -> dict[str, dict[str, float]]:
@@ -165,40 +168,21 @@ def ablation(data: PairData, cfg: Configs, *, folds: int = 5, seed: int = 0) -> 
     return out
 
 
-def gap_figure(report: dict, title: str):
+def gap_figure(report: dict, title: str) -> Figure:
     """Bar chart of the utility per task: SimMerge, the paper's arms, the best fixed arm, the
     majority rule and the oracle (the paper's Figure 2 layout); the legend beside the axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from simmerge_ray.report.charts import legend_beside
+    from simmerge_ray.report.charts import grouped_bars_figure
 
     gap = report["utility"]
     shown = ("simmerge", *PAPER_ARMS, report["best_fixed_operator"], "majority", "oracle")
     methods = [m for m in dict.fromkeys(shown) if m in gap]
     tasks = [t for t in gap["simmerge"] if t != "mean"] + ["mean"]
-    width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(tasks)), 3.8))
-    for i, m in enumerate(methods):
-        ax.bar(np.arange(len(tasks)) + i * width, [100 * gap[m][t] for t in tasks], width, label=m)
-    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
-    ax.set_ylabel("utility (%)")
-    ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_title(title)
-    legend_beside(ax)
-    fig.tight_layout()
-    return fig
+    return grouped_bars_figure({t: {m: gap[m][t] for m in methods} for t in tasks}, "utility (%)", title)
 
 
 def gap_chart(report: dict, path: Path, title: str) -> Path:
     """`gap_figure`, saved as a PNG at `path` (utility.png; gap_closed.png before the
     two-sided utility)."""
-    import matplotlib.pyplot as plt
+    from simmerge_ray.report.charts import save_figure
 
-    fig = gap_figure(report, title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(gap_figure(report, title), path)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from simmerge_ray.testbed.zoo_config import ArchitectureConfig
 
 
-def make_config(arch: ArchitectureConfig, vocab_size: int, eos_id: int, pad_id: int):
+def make_config(arch: ArchitectureConfig, vocab_size: int, eos_id: int, pad_id: int) -> PretrainedConfig:
     return AutoConfig.for_model(
         arch.type,
         vocab_size=vocab_size,

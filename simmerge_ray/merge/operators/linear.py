@@ -34,7 +34,7 @@ def linear(inp: MergeInputs) -> torch.Tensor:
     return out.div_(divisor) if divisor != 1.0 else out
 
 
-def linear_combination(_gram, options: dict[str, Value], per_model: dict[str, list[Value]]) -> tuple[list[float], float]:
+def linear_combination(_gram: np.ndarray | None, options: dict[str, Value], per_model: dict[str, list[Value]]) -> tuple[list[float], float]:
     """The coefficients w_i / sum_j w_j (what the merge is, for the planner's features)."""
     weights = [float(w) for w in per_model["weight"]]
     total = sum(weights) if options["normalize"] else 1.0

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, Value, register
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def passthrough(inp: MergeInputs) -> torch.Tensor:
     return inp.tensors[0] * float(inp.per_model["scale"][0])
 
 
-def passthrough_combination(_gram, _options, per_model: dict[str, list[Value]]) -> tuple[list[float], float]:
+def passthrough_combination(_gram: np.ndarray | None, _options: dict[str, Value], per_model: dict[str, list[Value]]) -> tuple[list[float], float]:
     return [float(per_model["scale"][0])], 0.0
 
 

@@ -7,10 +7,14 @@ tensors fall back to linear interpolation, where the spherical formula is ill-co
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from simmerge_ray.lazy_torch import torch
 
-from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, register
+from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, Value, register
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -49,7 +53,7 @@ def slerp(inp: MergeInputs) -> torch.Tensor:
     return v0 * c0 + v1 * c1
 
 
-def slerp_combination(gram, options, _per_model) -> tuple[list[float], float]:
+def slerp_combination(gram: np.ndarray, options: dict[str, Value], _per_model: dict[str, list[Value]]) -> tuple[list[float], float]:
     c0, c1 = slerp_coefficients_from_gram(float(options["t"]), gram[0, 0], gram[1, 1], gram[0, 1])
     return [c0, c1], 0.0
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.operators import sparsify
 from simmerge_ray.merge.operators.magnitude_select import MagnitudeMask
-from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, register
+from simmerge_ray.merge.operators.registry import MergeInputs, MergeMethod, Param, Value, register
 from simmerge_ray.merge.operators.scratch import Scratch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -144,13 +148,13 @@ def combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequenc
     return mixed.reshape(shape) if c == torch.float32 else low.copy_(mixed).reshape(shape)
 
 
-def variant_of(method) -> Variant | None:
+def variant_of(method: MergeMethod) -> Variant | None:
     """The task-arithmetic variant a registered method runs, or None for other methods."""
     fn = method.chunked or method.fn
     return getattr(fn, "keywords", {}).get("variant")
 
 
-def check_magprune(tensor_name: str, _options, per_model: dict[str, list]) -> None:
+def check_magprune(tensor_name: str, _options: dict[str, Value], per_model: dict[str, list[Value]]) -> None:
     """DELLA draws keep probabilities in [density - epsilon, density + epsilon]: both ends must
     lie strictly inside (0, 1) for a model that is sparsified (density < 1)."""
     for d, e in zip(per_model["density"], per_model["epsilon"]):
@@ -159,7 +163,8 @@ def check_magprune(tensor_name: str, _options, per_model: dict[str, list]) -> No
                               f"(tensor {tensor_name!r})")
 
 
-def task_arithmetic_combination(_gram, options, per_model) -> tuple[list[float], float]:
+def task_arithmetic_combination(_gram: np.ndarray | None, options: dict[str, Value],
+                                per_model: dict[str, list[Value]]) -> tuple[list[float], float]:
     """base + lambda * sum_i w_i (x_i - base) / D as coefficients (D = sum w when normalize)."""
     weights = [float(w) for w in per_model["weight"]]
     total = sum(weights)
