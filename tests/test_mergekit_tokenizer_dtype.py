@@ -262,6 +262,14 @@ def test_a_chat_template_is_written_with_a_vocab_json_tokenizer(pair: Path, tmp_
     want = theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert "<|im_start|>user" in want and mine.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == want
     assert mine.get_vocab() == theirs.get_vocab()
+    # Tokenizer files transformers cannot read: one line naming the folder, no output.
+    shutil.copytree(pair / "old1", tmp_path / "broken")
+    (tmp_path / "broken" / "vocab.json").write_text("{")
+    cfg["models"][0]["model"], cfg["models"][1]["model"] = str(tmp_path / "broken"), str(pair / "old2")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=f"chat_template: cannot load the tokenizer of {tmp_path / 'broken'}: "):
+        run_merge(MergeSpec.load(tmp_path / "b.yaml"), tmp_path / "out-broken", ExecOptions())
+    assert not (tmp_path / "out-broken").exists()
 
 
 def _copy_model(src: Path, dst: Path) -> None:

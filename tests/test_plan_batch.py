@@ -198,7 +198,28 @@ def test_json_rows_are_read_one_at_a_time(world, tmp_path: Path) -> None:
     assert res2.filter(pl.col("status") == "ok")[["request_id", "models", "operators", "score"]].equals(
         ok[["request_id", "models", "operators", "score"]])
     assert res2.filter(pl.col("status") == "error")["error"].to_list() == [
-        f"{tmp_path / 'req.json'}: item 2: expected a JSON object, got int"]
+        f"{tmp_path / 'req.json'}: item 3: expected a JSON object, got int"]
+
+
+def test_request_files_in_the_shapes_editors_and_tools_write(tmp_path: Path) -> None:
+    """CRLF line ends, a byte-order mark, a raw U+2028 inside a string (JSON allows it; Python's
+    splitlines breaks there), one pretty-printed object; a table without rows is refused."""
+    from simmerge_ray.planner.request_table import read_requests
+
+    row = {"request_id": "a", "task": "x\u2028y", "models": ["m1", "m2"]}
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(row, ensure_ascii=False) + "\r\n").encode() * 2)
+    assert read_requests(str(path)) == [row, row]
+    pretty = tmp_path / "one.json"
+    pretty.write_text(json.dumps(row, indent=2))
+    assert read_requests(str(pretty)) == [row]
+    for name, text in (("empty.jsonl", ""), ("blank.json", "\n\n"), ("none.json", "[]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=f"{name}: the request table has no rows"):
+            read_requests(str(tmp_path / name))
+    (tmp_path / "broken.json").write_text('[{"request_id": "a",')
+    with pytest.raises(ConfigError, match=r"broken.json: not valid JSON \(line 1, column 21"):
+        read_requests(str(tmp_path / "broken.json"))
 
 
 def test_calibrated_batch_matches_calibrated_single_plans(world, tmp_path: Path) -> None:

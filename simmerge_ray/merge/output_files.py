@@ -16,7 +16,7 @@ from simmerge_ray.io.side_files import copy_tokenizer
 from simmerge_ray.merge.chat_templates import resolve_template
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.modules import set_depth
-from simmerge_ray.merge.tokenizer import BuiltVocabulary
+from simmerge_ray.merge.tokenizer import BuiltVocabulary, load_tokenizer_at
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -50,9 +50,7 @@ def write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], num_layers: 
         if spec.chat_template is None:
             copy_tokenizer(source.path, out)
         elif has_tokenizer(source.path):
-            from transformers import AutoTokenizer
-
-            save_tokenizer(AutoTokenizer.from_pretrained(str(source.path)), spec, ckpts, out)
+            save_tokenizer(load_tokenizer_at(source.path, "chat_template"), spec, ckpts, out)
     write_provenance(spec, out, compute)
 
 
@@ -206,7 +204,5 @@ def _template_of(folder: Path) -> str | None:
     """A model's own chat template (a dict of templates: its default), None without one."""
     if not has_tokenizer(folder):
         return None
-    from transformers import AutoTokenizer
-
-    template = AutoTokenizer.from_pretrained(str(folder)).chat_template
+    template = load_tokenizer_at(folder, "chat_template: auto").chat_template
     return template.get("default") if isinstance(template, dict) else template

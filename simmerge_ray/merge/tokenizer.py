@@ -19,10 +19,13 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.vocabulary import RowSource
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,9 @@ class BuiltVocabulary:
     original: dict[str, dict[str, int]]  # model ref -> its own vocabulary
 
 
-def _load(path: Path, where: str):
+def load_tokenizer_at(path: Path, where: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in `path`; a file transformers cannot read is one ConfigError naming
+    `where` and the folder."""
     from transformers import AutoTokenizer
 
     try:
@@ -138,7 +143,7 @@ def _vocab_size(config: dict, fallback: int) -> int:
 def build_vocabulary(tok: TokenizerSpec, models: dict[str, Path], configs: dict[str, dict], base: str,
                      source: str) -> BuiltVocabulary:
     """Load every model's tokenizer, build the output's, and map each model's rows onto it."""
-    toks = {ref: _load(path, f"{source}: model {ref!r}") for ref, path in models.items()}
+    toks = {ref: load_tokenizer_at(path, f"{source}: model {ref!r}") for ref, path in models.items()}
     sizes = {ref: _vocab_size(configs[ref], len(t.get_vocab())) for ref, t in toks.items()}
     if tok.source in ("base", "union"):
         toks[base] = trimmed(toks[base], sizes[base], f"{source}: model {base!r} ({models[base]})")
@@ -147,7 +152,7 @@ def build_vocabulary(tok: TokenizerSpec, models: dict[str, Path], configs: dict[
     elif tok.source == "base":
         out = toks[base]
     else:
-        out = _load(models[tok.source], f"{source}: tokenizer")
+        out = load_tokenizer_at(models[tok.source], f"{source}: tokenizer")
     have = set(out.get_vocab())
     for t in tok.tokens:
         if t not in have:
@@ -196,7 +201,7 @@ def _reloaded(tok: Any) -> Any:
     mergekit's union)."""
     with tempfile.TemporaryDirectory() as folder:
         tok.save_pretrained(folder)
-        return _load(Path(folder), "tokenizer")
+        return load_tokenizer_at(Path(folder), "tokenizer")
 
 
 def _union(toks: dict[str, Any], sizes: dict[str, int], base: str):
