@@ -201,6 +201,35 @@ def test_json_rows_are_read_one_at_a_time(world, tmp_path: Path) -> None:
         f"{tmp_path / 'req.json'}: item 3: expected a JSON object, got int"]
 
 
+def test_a_model_changed_since_its_features_fails_only_its_requests(world, tmp_path: Path) -> None:
+    """A catalog model that now points at another checkpoint is an error row on each request that
+    could use it (named, as `simmerge plan` refuses it); the other requests are planned (the whole
+    batch used to be refused)."""
+    w, _ = world
+    raw = yaml.safe_load(w.catalog.read_text())
+    root = w.catalog.parent
+    code1 = next(m["path"] for m in raw["models"] if m["name"] == "code-1")
+    raw["models"] = [{**m, "path": str(root / (code1 if m["name"] == "math-0" else m["path"]))} for m in raw["models"]]
+    raw["base"] = str(root / raw["base"]) if raw.get("base") else None
+    raw["tasks"] = {t: {k: str(root / v) for k, v in spec.items()} for t, spec in raw["tasks"].items()}
+    (tmp_path / "stale.yaml").write_text(yaml.safe_dump({k: v for k, v in raw.items() if v is not None}))
+    rows = [{"request_id": "uses", "task": "code", "models": ["code-0", "math-0"]},
+            {"request_id": "glob", "task": "math", "model_glob": "math-*"},
+            {"request_id": "free", "task": "code", "models": ["code-0", "rag-0"]}]
+    (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = run_batch(BatchSettings(requests=str(tmp_path / "req.jsonl"), selector=str(w.selector),
+                                     catalog=str(tmp_path / "stale.yaml"), features=str(w.features),
+                                     out=str(tmp_path / "out"), actors=1))
+    assert (report.ok, report.errors, report.planned) == (1, 2, 1)
+    res = {r["request_id"]: r for r in pl.read_parquet(tmp_path / "out" / "results.parquet").iter_rows(named=True)}
+    assert res["free"]["status"] == "ok"
+    for rid in ("uses", "glob"):
+        assert res[rid]["error"] == (f"request {rid}: {w.features / 'gram_meta.json'}: model 'math-0' ({root / code1}) "
+                                     f"is not the checkpoint its features describe (they were measured from "
+                                     f"{root / 'ckpt' / 'math-0'}); compute the features again (simmerge features "
+                                     f"structural / functional) for this catalog")
+
+
 def test_request_files_in_the_shapes_editors_and_tools_write(tmp_path: Path) -> None:
     """CRLF line ends, a byte-order mark, a raw U+2028 inside a string (JSON allows it; Python's
     splitlines breaks there), one pretty-printed object; a table without rows is refused."""

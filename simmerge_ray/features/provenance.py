@@ -55,8 +55,16 @@ def check_measured_from(features_dir: str | Path, catalog: Catalog, names: Itera
     """Refuse when a model of `names` is not the checkpoint a feature stage recorded for it (its
     content fingerprint; the files' stat signature spares reading them when unchanged). A stage
     that left no record (an older folder) is not checked."""
+    for message in stale_models(features_dir, catalog, names).values():
+        raise ConfigError(message)
+
+
+def stale_models(features_dir: str | Path, catalog: Catalog, names: Iterable[str]) -> dict[str, str]:
+    """name -> why, for each model of `names` whose features describe another checkpoint (see
+    check_measured_from); the records are read once for all of them."""
     records = [(path, read) for path in (Path(features_dir) / r for r in RECORDS)
                if (read := _read_record(path)) is not None]
+    stale: dict[str, str] = {}
     for name in dict.fromkeys(names):
         measured = [(path, read) for path, read in records if name in read[0]]  # else the feature lookup names it
         if not measured:
@@ -68,6 +76,8 @@ def check_measured_from(features_dir: str | Path, catalog: Catalog, names: Itera
                 continue
             why = ("its files changed since" if paths.get(name) == str(ckpt.path) else
                    f"they were measured from {paths.get(name, 'an unrecorded path')}")
-            raise ConfigError(f"{meta_path}: model {name!r} ({ckpt.path}) is not the checkpoint its features describe "
-                              f"({why}); compute the features again (simmerge features structural / functional) for "
-                              f"this catalog")
+            stale[name] = (f"{meta_path}: model {name!r} ({ckpt.path}) is not the checkpoint its features describe "
+                           f"({why}); compute the features again (simmerge features structural / functional) for "
+                           f"this catalog")
+            break
+    return stale

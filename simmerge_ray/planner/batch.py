@@ -36,12 +36,13 @@ import pyarrow.compute as pc
 from simmerge_ray.io.digest_cache import json_digest
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError, OutputError, SimMergeError
-from simmerge_ray.features.provenance import check_measured_from
+from simmerge_ray.features.provenance import stale_models
 from simmerge_ray.io.atomic import atomic_file, atomic_output_dir
 from simmerge_ray.io.out_checks import MARKER, check_creatable, check_not_input
 from simmerge_ray.planner.batch_cache import PER_RUN, RESULT_SCHEMA, ROW_FILE, publish_entry, read_entry
 from simmerge_ray.io.stage_files import check_stage, stage_files
-from simmerge_ray.planner.request import PlanRequest, build_step_model, load_calibration, plan_request, write_plans
+from simmerge_ray.planner.request import (PlanRequest, build_step_model, candidates, load_calibration, plan_request,
+                                          write_plans)
 from simmerge_ray.planner.request_table import UNREADABLE, read_requests
 from simmerge_ray.selector.data import features_file
 
@@ -115,7 +116,6 @@ def inputs_fingerprint(s: BatchSettings) -> str:
                 raise ConfigError(f"{p}: {what} file not found")
         parts[what] = [file_digest(p) for p in paths]
     catalog = Catalog.load(s.catalog)
-    check_measured_from(s.features, catalog, catalog.names)
     parts["catalog"] = catalog.model_dump(mode="json", exclude={"source"})
     return _digest(parts)
 
@@ -126,7 +126,11 @@ def request_key(req: PlanRequest, fingerprint: str) -> str:
 
 # ---- pass 1: validate, key, answer from the cache (on the driver) ---------------------------
 
-def prepare_rows(raws: list[dict], fingerprint: str, cache_dir: str) -> pa.Table:
+def prepare_rows(raws: list[dict], fingerprint: str, cache_dir: str, catalog: Catalog,
+                 stale: dict[str, str]) -> pa.Table:
+    """Validate and key every row; answer it from the cache, or mark it pending. A request whose
+    candidates include a `stale` model (its features describe another checkpoint) is an error row
+    naming it; the rest of the batch goes on."""
     rows = []
     for raw in raws:
         rid = str(raw.get("request_id") or "")
@@ -134,6 +138,8 @@ def prepare_rows(raws: list[dict], fingerprint: str, cache_dir: str) -> pa.Table
             if UNREADABLE in raw:
                 raise ConfigError(raw[UNREADABLE])
             req = PlanRequest.parse(raw, f"request {rid or '(no request_id)'}")
+            if stale:
+                _check_fresh(req, catalog, stale)
         except ConfigError as e:
             rows.append({"request_id": rid, "key": _digest({"raw": raw, "inputs": fingerprint}), "status": "error",
                          "error": str(e), "task": raw["task"] if isinstance(raw.get("task"), str) else None,
@@ -148,6 +154,16 @@ def prepare_rows(raws: list[dict], fingerprint: str, cache_dir: str) -> pa.Table
             rows.append({"request_id": rid, "key": key, "status": PENDING, "task": req.task, "cached": False,
                          "request": req.model_dump_json()})
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def _check_fresh(req: PlanRequest, catalog: Catalog, stale: dict[str, str]) -> None:
+    try:
+        names = candidates(req, catalog)
+    except ConfigError:
+        return  # an unknown model or task: the planner names it, as for any batch
+    for name in names:
+        if name in stale:
+            raise ConfigError(f"request {req.request_id}: {stale[name]}")
 
 
 def select_rows(batch: pa.Table, pending: bool) -> pa.Table:
@@ -237,7 +253,10 @@ def run_batch(s: BatchSettings) -> BatchReport:
     ask = resources.streaming_ask()
     placement.check_placeable("plan-batch actor", ask)  # not a silent wait for a node that never comes
     cache.mkdir(parents=True, exist_ok=True)
-    keyed = prepare_rows(read_requests(s.requests), inputs_fingerprint(s), str(cache))
+    fingerprint = inputs_fingerprint(s)
+    catalog = Catalog.load(s.catalog)
+    keyed = prepare_rows(read_requests(s.requests), fingerprint, str(cache), catalog,
+                         stale_models(s.features, catalog, catalog.names))
     pending, done = select_rows(keyed, pending=True), select_rows(keyed, pending=False)
     n_pending = pending.num_rows
     fresh: list[pa.Table] = []
@@ -260,7 +279,6 @@ def run_batch(s: BatchSettings) -> BatchReport:
     rows = pa.concat_tables([done, *fresh]).cast(RESULT_SCHEMA).sort_by(order).to_pylist()
     invalid = sum(r["status"] == "error" and not r["cached"] for r in done.to_pylist())
     rows = _flag_duplicate_ids(rows)
-    catalog = Catalog.load(s.catalog) if any(r["status"] == "ok" for r in rows) else None
     for r in rows:
         if r["status"] == "ok":
             try:
