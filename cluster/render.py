@@ -92,6 +92,8 @@ JOBS = (
 # An application builder: `app(args: dict) -> serve.Application`, over the state folder args["state"].
 BANDIT_IMPORT_PATH = "simmerge_ray.bandit.service:app"
 BANDIT_STATE = "/data/bandit/state"
+BANDIT_DEPLOYMENT = "BanditIngress"  # the deployment the builder binds (simmerge_ray/bandit/service.py)
+SERVE_REPLICA_CPUS = 0.5  # light: it relays requests to the bandit actor
 # The builder and the replicas read the token from this variable, set on every pod of the service.
 BANDIT_TOKEN_ENV = [{"name": "SIMMERGE_BANDIT_TOKEN",
                      "valueFrom": {"secretKeyRef": {"name": BANDIT_TOKEN_SECRET, "key": "token"}}}]
@@ -223,6 +225,10 @@ def rayservice() -> dict:
             "route_prefix": "/",
             "args": {"state": BANDIT_STATE},  # the builder's arguments
             "runtime_env": runtime_env(),
+            # The replica asks for CPU so it is placed on the `serve` group, not on the head (which
+            # offers none, so the head keeps to the control plane); the bandit actor it starts
+            # follows it there (start_bandit_actor: detached, node affinity).
+            "deployments": [{"name": BANDIT_DEPLOYMENT, "ray_actor_options": {"num_cpus": SERVE_REPLICA_CPUS}}],
         }],
     }
     return {

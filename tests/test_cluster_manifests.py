@@ -82,6 +82,22 @@ def test_the_set_of_manifests() -> None:
     assert [a["import_path"] for a in apps] == ["simmerge_ray.bandit.service:app"]
 
 
+def test_the_bandit_replica_asks_for_the_serve_group_not_the_head() -> None:
+    """A replica that asks 0 CPU may sit on the head (num-cpus 0: the control plane's); its
+    CPU ask places it on the `serve` group, under the deployment name the builder binds."""
+    from simmerge_ray.bandit.service import BanditIngress
+
+    (service,) = [yaml.safe_load(p.read_text()) for p in MANIFESTS if p.name == "rayservice-bandit.yaml"]
+    (bandit,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    (deployment,) = bandit["deployments"]
+    assert deployment["name"] == BanditIngress.name
+    ask = deployment["ray_actor_options"]["num_cpus"]
+    cluster = service["spec"]["rayClusterConfig"]
+    assert ask > 0 and cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (serve_group,) = cluster["workerGroupSpecs"]
+    assert serve_group["minReplicas"] >= 1 and float(serve_group["rayStartParams"]["num-cpus"]) >= ask
+
+
 def test_every_job_runs_a_command_line_its_command_accepts() -> None:
     """Each RayJob's entrypoint, through its job's parser, gives its `simmerge` command a line that
     command's own parser takes (the fit job once passed a --config the job dropped, and fit then

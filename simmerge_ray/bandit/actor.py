@@ -73,8 +73,12 @@ def start_bandit_actor(
 
     The actor reserves no CPU: it is I/O-light and must not starve the cluster's other work.
     `detached`: it outlives its creator (a Serve replica started from a config, which may be
-    replaced); otherwise it belongs to the calling driver.
+    replaced) and is placed on the creator's node where it can be (an actor that asks for
+    nothing may otherwise land on the head, which a cluster keeps for its control plane);
+    otherwise it belongs to the calling driver.
     """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     remote_cls = ray.remote(BanditActor)
     handle = remote_cls.options(
         name=name,
@@ -84,6 +88,8 @@ def start_bandit_actor(
         max_task_retries=-1,
         num_cpus=0,
         lifetime="detached" if detached else None,
+        scheduling_strategy=(NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+                             if detached else None),
     ).remote(str(Path(state_dir).resolve()))
     # Surfaces a bad state folder now, not at the first request, and refuses to silently hand
     # back a running actor of the same name that serves another folder.
