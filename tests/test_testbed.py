@@ -512,6 +512,19 @@ def test_eval_encoding_marks_exactly_the_answer_tokens():
         assert int(enc.attention_mask[i].sum()) == len(tok(ex.text)["input_ids"])
 
 
+def test_the_documented_zoo_config_loads(tmp_path):
+    """docs/testbed.md's annotated zoo YAML is a config the loader accepts (it listed one domain
+    where two are required), with the defaults it shows."""
+    from simmerge_ray.testbed.zoo_config import ZooConfig
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "testbed.md").read_text()
+    example = text.split("### Zoo config (YAML)\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "zoo.yaml").write_text(example)
+    cfg = ZooConfig.load(tmp_path / "zoo.yaml")
+    assert sorted(cfg.domains) == ["code", "math"] and cfg.skills is not None and cfg.continued is not None
+    assert [(d, v.name) for d, v in cfg.experts()][:2] == [("code", "code-l"), ("math", "math-s")]
+
+
 def test_zoo_config_errors_name_the_field(tmp_path):
     good = ZooConfig.load(DEFAULT)
     assert len(good.experts()) == 15 and sum(v.lora is not None for _, v in good.experts()) == 4
