@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import shutil
 import signal
 import subprocess
@@ -200,6 +201,29 @@ def staging_folder(stage: str, out: str, staging_dir: str | None) -> Path:
     return Path(staging_dir or tempfile.gettempdir()) / f"simmerge-{stage}-{key}"
 
 
+STAGING_MARKER = ".simmerge-staging.json"  # {"stage", "out"}: the folder is this job's, to reuse and remove
+_STAGING_ENTRIES = {"config", "out", ".lock", STAGING_MARKER}  # all a staging folder ever holds
+
+
+def claim_staging(staging: Path, stage: str, out: str) -> None:
+    """Create the staging folder, or take up the one an earlier run of this job left; refuse a
+    folder of that name that is not (a job writes into it, then removes it whole)."""
+    record = {"stage": stage, "out": out}
+    marker = staging / STAGING_MARKER
+    if staging.exists():
+        try:
+            mine = json.loads(marker.read_text()) == record
+        except (OSError, ValueError):  # no marker: an older version's folder holds only its own entries
+            mine = staging.is_dir() and {p.name for p in staging.iterdir()} <= _STAGING_ENTRIES
+        if not mine:
+            raise storage.StorageError(f"{staging}: exists and is not this job's staging folder for {out} "
+                                       f"(simmerge would write into it and remove it); move it away or pass "
+                                       f"another --staging-dir")
+    staging.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        marker.write_text(json.dumps(record))
+
+
 def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: resources.StageResources,
                 target: storage.Location) -> int:
     """Run the steps into a staging folder, upload it to `target` when they succeed and remove it;
@@ -208,7 +232,7 @@ def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: re
     if storage.exists(target) and not args.overwrite:
         raise storage.StorageError(f"{args.out}: output already exists (pass --overwrite to replace it)")
     staging = staging_folder(stage, args.out, args.staging_dir)
-    staging.mkdir(parents=True, exist_ok=True)
+    claim_staging(staging, stage, args.out)
     try:
         with exclusive_lock(staging / ".lock", blocking=False):
             uploaded = False

@@ -204,6 +204,7 @@ def test_an_output_bound_for_a_uri_is_staged_where_a_rerun_finds_it(merge_inputs
     assert entry.run("merge", argv) != 0
     assert f"kept the unfinished work at {staging}; the same command picks it up" in capsys.readouterr().err
     assert staging.is_dir() and not (tmp_path / "merged").exists()
+    assert json.loads((staging / entry.STAGING_MARKER).read_text()) == {"stage": "merge", "out": uri}
 
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(staging / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
@@ -218,6 +219,13 @@ def test_an_output_bound_for_a_uri_is_staged_where_a_rerun_finds_it(merge_inputs
     assert entry.run("merge", argv) == 0
     assert (tmp_path / "merged" / "_SUCCESS").is_file() and not staging.exists()
     assert sorted(p.name for p in stage_dir.iterdir()) == []
+    # A folder of the staging folder's name that the job did not make is refused and left alone
+    # (the job writes into its staging folder and removes it whole).
+    staging.mkdir()
+    (staging / "notes.txt").write_text("mine")
+    assert entry.run("merge", [*argv, "--overwrite"]) == 2
+    assert f"{staging}: exists and is not this job's staging folder for {uri}" in capsys.readouterr().err
+    assert [p.name for p in staging.iterdir()] == ["notes.txt"]
 
 
 def test_command_lines_built_for_the_stages() -> None:
