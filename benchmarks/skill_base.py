@@ -65,7 +65,7 @@ def load_run(run: Path) -> tuple[PreTrainedTokenizerFast, dict[str, list[Example
     tok = load_tokenizer(zoo / "checkpoints" / "base")
     examples = {d: load_examples(zoo / "data" / d / "eval.jsonl") for d in DOMAINS}
     model = AutoModelForCausalLM.from_pretrained(str(zoo / "checkpoints" / "base"), attn_implementation="eager",
-                                                 dtype=torch.float32)
+                                                 dtype=torch.float32, local_files_only=True)
     return tok, examples, model
 
 

@@ -208,3 +208,25 @@ def test_each_rule_sees_what_breaks_it(tmp_path: Path) -> None:
 
     listed = file("arms.py", 'OPS = ("linear", "ties")\nONE = ["linear"]\nDOC = "(\'linear\', \'ties\')"\n')
     assert _lists_of_registered_names(listed) == [f"{listed}:1 ('linear', 'ties')"]
+
+
+def _hub_loads(path: Path) -> list[int]:
+    """Lines calling `from_pretrained` without local_files_only=True: given a name that is not a
+    local folder, transformers would look it up on the model hub."""
+    return [node.lineno for node in _nodes(path)
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "from_pretrained"
+            and not any(k.arg == "local_files_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                        for k in node.keywords)]
+
+
+def test_nothing_can_load_from_the_model_hub() -> None:
+    files = [p for p in _py(LIBRARY, JOBS, BENCHMARKS) if "from_pretrained(" in _text(p)]
+    assert files  # the rule holds of something
+    found = [f"{_rel(p)}:{line}" for p in files for line in _hub_loads(p)]
+    assert not found, _report("nothing is downloaded at run time: pass local_files_only=True", found)
+
+
+def test_the_hub_rule_sees_a_hub_load(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("from transformers import AutoModel as M\nM.from_pretrained('gpt2')\n"
+                                   "M.from_pretrained('x', local_files_only=True)\nM.from_pretrained('y', local_files_only=False)\n")
+    assert _hub_loads(tmp_path / "a.py") == [2, 4]

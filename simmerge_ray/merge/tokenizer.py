@@ -130,7 +130,7 @@ def load_tokenizer_at(path: Path, where: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), use_fast=True)
+        return AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
     except Exception as e:  # any failure to read the files is the user's to fix: say which
         raise ConfigError(f"{where}: cannot load the tokenizer of {path}: {str(e).splitlines()[0][:200]}") from None
 

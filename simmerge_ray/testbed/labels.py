@@ -93,7 +93,7 @@ class PlanEvaluator:
         head = merged_head(ckpts.values())
         self.states = {name: _read_state(ck, head, vocab, i) for i, (name, ck) in enumerate(ckpts.items())}
         self.evals = encoded_evals(cat)
-        config = AutoConfig.from_pretrained(str(cat.base))
+        config = AutoConfig.from_pretrained(str(cat.base), local_files_only=True)
         if head is not None:
             config.tie_word_embeddings = False
         if vocab is not None:
