@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from simmerge_ray.planner.step_model import SelectorStepModel
 
 SCORE_BOUND = ("the objective at every step's lower and at every step's upper bound: it holds whenever every "
-               "step's interval holds (by the union bound, with probability >= 1 - steps x (1 - level) if each "
-               "did), but steps merge intermediates that were never built, whose propagated features the "
+               "step's interval holds (by the union bound, with probability >= 1 - intervals x (1 - level) if each "
+               "did, counting two intervals for a step judged on both sides), but steps merge intermediates that were never built, whose propagated features the "
                "calibration never saw, so this bound's coverage is not measured")
 NO_CALIBRATION = ("the selector has no interval calibration (fitted before intervals existed, or with "
                   "--calibration-folds 0): refit with `simmerge fit` to get intervals")
