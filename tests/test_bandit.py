@@ -196,6 +196,21 @@ def test_an_update_that_would_make_a_posterior_non_finite_is_refused():
     assert all(np.array_equal(x, y) for x, y in zip(bandit.posterior(0), posterior))
 
 
+def test_an_arm_with_a_wide_prior_keeps_learning_one_context():
+    """With a prior variance as large as /arms allows and a small noise variance, round-off left the
+    Gram matrix of one context played ~1,000 times an eigenvalue of -1e-10, the Cholesky factor of
+    the precision failed, and every later update of the arm was refused as non-finite."""
+    bandit = LinTS(12, (), LinTSConfig(noise_var=1e-4))
+    bandit.add_arm("wide", None, 1e6)
+    x = np.abs(np.random.default_rng(0).normal(size=12)) * 2
+    for _ in range(2000):
+        bandit.update("wide", x, 0.3)
+    assert bandit.arms[0].plays == 2000
+    assert bandit.mean_scores(x[None])[0, 0] == pytest.approx(0.3, abs=0.02)
+    mean, cov = bandit.posterior(0)
+    assert np.all(np.isfinite(mean)) and np.all(np.linalg.eigvalsh(cov) > 0)
+
+
 # ----- encoder and feature table
 def test_identity_encoder_standardises_and_round_trips():
     x = np.c_[np.arange(10.0), np.full(10, 3.0)]
@@ -516,6 +531,15 @@ def test_cli_bandit_init_and_sim(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert capsys.readouterr().err.splitlines() == [  # it used to say nothing
         "simmerge bandit-init: warning: --noise-var not used: a warm start chooses both variances by evidence on the labels"]
     assert BanditCore(state).bandit.noise_var == want.noise_var
+    assert cli_main(["bandit-init", "--state", str(state), "--features", str(tmp_path / "features.parquet"),
+                     "--labels", str(tmp_path / "labels.parquet"), "--prior-var", "2.5", "--overwrite"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "simmerge bandit-init: warning: --prior-var not used: a warm start chooses both variances by evidence on the "
+        "labels (--prior-var stays the prior variance of an arm added later)"]
+    core = BanditCore(state)
+    assert [a.prior_var for a in core.bandit.arms] == [a.prior_var for a in want.arms]
+    core.bandit.add_arm("task_arithmetic")
+    assert core.bandit.arms[-1].prior_var == 2.5  # what the warning says
     out = tmp_path / "sim"
     assert cli_main(["bandit-sim", "--labels", str(tmp_path / "labels.parquet"), "--features",
                      str(tmp_path / "features.parquet"), "--out", str(out), "--rounds", "30",
@@ -593,6 +617,15 @@ def test_cli_bandit_init_over_the_selectors_encoder(tmp_path: Path, capsys: pyte
     schema.write_text(schema.read_text() + "\n")
     with pytest.raises(CheckpointError, match="this selector changed since the bandit state was created over it"):
         BanditCore(state)
+    # A task-encoded selector's hidden layer expects a task one-hot the bandit never gives: said.
+    fit_selector(pairs, SelectorConfig(epochs=30, hidden=16)).save(tmp_path / "sel_tasks")
+    assert cli_main(["bandit-init", "--state", str(tmp_path / "state_tasks"), "--features",
+                     str(tmp_path / "features.parquet"), "--selector", str(tmp_path / "sel_tasks"),
+                     "--operators", "linear"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"simmerge bandit-init: warning: {tmp_path / 'sel_tasks'} was fitted with task encoding, and the bandit's "
+        "encoder has no task code: its hidden layer and prior head see every task's one-hot as zero (a selector fitted with "
+        "--no-task-encoding encodes as it was trained)"]
 
 
 def test_cli_bandit_init_names_a_feature_table_without_finite_columns(tmp_path: Path,

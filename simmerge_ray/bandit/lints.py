@@ -133,10 +133,12 @@ class LinTS:
         return self._posterior[i]
 
     def _solve(self, arm: ArmStats) -> tuple[np.ndarray, np.ndarray]:
-        precision = np.eye(self.dim) / arm.prior_var + arm.gram / self.noise_var
-        chol = np.linalg.cholesky(precision)
-        chol_inv = np.linalg.solve(chol, np.eye(self.dim))
-        cov = chol_inv.T @ chol_inv
+        """Posterior from the eigendecomposition of the Gram matrix: I/a + G/s is positive
+        definite by construction (G's eigenvalues clipped at 0), where a Cholesky factor of it
+        failed once round-off left G an eigenvalue of -1e-10 against a large prior variance."""
+        eigenvalues, vectors = np.linalg.eigh((arm.gram + arm.gram.T) / 2)
+        precision = 1.0 / arm.prior_var + np.clip(eigenvalues, 0.0, None) / self.noise_var
+        cov = (vectors / precision) @ vectors.T
         mean = cov @ (arm.prior_mean / arm.prior_var + arm.zr / self.noise_var)
         return mean, cov
 
@@ -193,7 +195,7 @@ class LinTS:
         with np.errstate(all="ignore"):
             try:
                 mean, cov = self._solve(arm)
-            except np.linalg.LinAlgError:  # the precision matrix is no longer positive definite
+            except np.linalg.LinAlgError:  # statistics that are no longer finite
                 mean = cov = np.array([np.nan])
         values = (arm.prior_mean, arm.gram, arm.zr, arm.rr, arm.reward_sum, mean, cov)
         if not all(np.all(np.isfinite(v)) for v in values):

@@ -99,6 +99,10 @@ def _init(args: argparse.Namespace) -> int:
         from simmerge_ray.selector.encoder import SelectorEncoder
 
         encoder = SelectorEncoder.load(args.selector)
+        if encoder.selector.config.task_encoding and encoder.selector.tasks:
+            print(f"simmerge bandit-init: warning: {args.selector} was fitted with task encoding, and the bandit's "
+                  "encoder has no task code: its hidden layer and prior head see every task's one-hot as zero "
+                  "(a selector fitted with --no-task-encoding encodes as it was trained)", file=sys.stderr)
     start = initial_bandit(read_feature_table(features, encoder.feature_names if encoder else None),
                            SimSettings(bandit=_config(args), warm_weight=args.warm_weight),
                            labels=labels, operators=operators, source=str(features), encoder=encoder)
@@ -109,8 +113,9 @@ def _init(args: argparse.Namespace) -> int:
     chosen = [flag for flag, name in (("--noise-var", "noise_var"), ("--prior-var", "prior_var"))
               if getattr(args, name) != getattr(LinTSConfig, name)]
     if start.contexts and chosen:
+        later = " (--prior-var stays the prior variance of an arm added later)" if "--prior-var" in chosen else ""
         print(f"simmerge bandit-init: warning: {', '.join(chosen)} not used: a warm start chooses both variances by "
-              "evidence on the labels", file=sys.stderr)
+              f"evidence on the labels{later}", file=sys.stderr)
     core = BanditCore.create(args.state, start.encoder, start.bandit, feature_table=features,
                              overwrite=args.overwrite)
     how = f"warm start from {start.contexts} contexts" if start.contexts else "cold start"
