@@ -1,12 +1,14 @@
-"""The per-domain score: the normalised likelihood of the reference answer given the prompt.
+"""The per-domain scores: greedy answer-token accuracy (what labels are computed on by default,
+as the paper scores tasks) and, beside it, the smooth likelihood score.
 
-score = exp(mean over examples of the mean log-probability of the answer's tokens), i.e. the
-geometric-mean probability per answer token, in (0, 1], higher is better. It is smooth, so it
-separates experts from the base long before a tiny model answers exactly right, and positive,
-so ratios such as expert retention (s_merge / s_expert - 1) read the right way round.
-Texts are tokenised whole (as in training) and the answer's tokens are those that end past the
-prompt, so the score reads exactly the tokenisation the model was trained on. Greedy
-answer-token accuracy is reported beside it.
+accuracy = the mean over examples of the share of an example's answer tokens the model predicts
+greedily (teacher-forced); score = exp(mean over examples of the mean log-probability of the
+answer's tokens), i.e. the geometric-mean probability per answer token, in (0, 1]. The score is
+smooth, so it separates experts from the base long before a tiny model answers exactly right,
+and positive, so ratios such as expert retention (s_merge / s_expert - 1) read the right way
+round; `simmerge label --metric score` computes the labels on it. Texts are tokenised whole (as
+in training) and the answer's tokens are those that end past the prompt, so the scores read
+exactly the tokenisation the model was trained on.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ docs/testbed.md):
     Each subset is measured under every fold weighting (merge/arms.py WEIGHTINGS) x every step
     arm at every step plus `mixed_3` / `mixed_4` random mixed arm sequences, each such rule in
     every order (3-way) or in `orders_4` random orders (4-way), so that a rule's random-order
-    value is an expectation over measured orders and the expert sits at every position.
+    value is an expectation over measured orders: over all orders at 3-way (the expert at every
+    position); at 4-way over the sampled ones, in which each position holds each model of the
+    subset equally often overall but a given expert need not sit at every position.
 """
 
 from __future__ import annotations
