@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from simmerge_ray import kuberay
+from job_entry import load_entry  # beside this file
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = sorted((REPO / "cluster").glob("*.yaml"))
@@ -108,10 +109,7 @@ def test_every_job_runs_a_command_line_its_command_accepts() -> None:
     from simmerge_ray import resources
     from simmerge_ray.cli import build_parser
 
-    spec = importlib.util.spec_from_file_location("_entry", REPO / "jobs" / "_entry.py")
-    entry = importlib.util.module_from_spec(spec)
-    sys.modules["_entry"] = entry
-    spec.loader.exec_module(entry)
+    entry = load_entry()
     cli = build_parser()
     for doc in (yaml.safe_load(p.read_text()) for p in MANIFESTS):
         if doc["kind"] != "RayJob":

@@ -3,10 +3,8 @@ cluster manifests' asks are the jobs' asks, and fit the node types each job decl
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import yaml
 from simmerge_ray import kuberay, placement, resources
 from simmerge_ray.placement import NodeType, UnsatisfiableAsk, ask_bundle, unsatisfiable_reason
 from simmerge_ray.resources import ResourceAsk
+from job_entry import load_entry  # beside this file
 
 REPO = Path(__file__).resolve().parents[1]
 RAYJOBS = sorted((REPO / "cluster").glob("rayjob-*.yaml"))
@@ -64,15 +63,6 @@ def test_declared_node_types_inline_autoscaler_config_and_manifest(tmp_path: Pat
         placement.node_types_from_file(tmp_path / "other.yaml")
 
 
-def _entry():
-    """jobs/_entry.py as a module, as a job script imports it (from the script's own folder)."""
-    spec = importlib.util.spec_from_file_location("_entry", REPO / "jobs" / "_entry.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["_entry"] = module  # its dataclasses resolve their annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
 def test_manifest_asks_are_the_jobs_asks_and_fit_the_declared_node_types(path: Path) -> None:
     """One place: the entrypoint's flags. What the manifest checker reads from them equals what
@@ -82,7 +72,7 @@ def test_manifest_asks_are_the_jobs_asks_and_fit_the_declared_node_types(path: P
     spec = yaml.safe_load(path.read_text())["spec"]
     env_vars = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
     stage, manifest_asks = kuberay.job_asks(spec["entrypoint"], env_vars)
-    args, _ = _entry().build_parser(stage).parse_known_args(shlex.split(spec["entrypoint"])[2:])
+    args, _ = load_entry().build_parser(stage).parse_known_args(shlex.split(spec["entrypoint"])[2:])
     exported = dict(env_vars)
     resources.export(resources.resources_from_flags(args, env_vars), exported)
     job = resources.StageResources.from_env(exported)

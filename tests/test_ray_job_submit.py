@@ -3,7 +3,6 @@ of what the shared entry code does before Ray is involved."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -17,17 +16,9 @@ from simmerge_ray.errors import SimMergeError
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 from simmerge_ray.merge.arms import ARM_NAMES, PAPER_ARMS
+from job_entry import load_entry  # beside this file
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_entry():
-    """jobs/_entry.py as a module, as a job script imports it (from the script's own folder)."""
-    spec = importlib.util.spec_from_file_location("_entry", REPO / "jobs" / "_entry.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["_entry"] = module  # its dataclasses resolve their annotations through it
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +143,7 @@ def test_pipeline_refuses_an_unknown_stage_before_writing(tmp_path: Path) -> Non
 
 def test_stage_not_in_this_version_exits_with_a_clear_message(monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    entry = _load_entry()
+    entry = load_entry()
     monkeypatch.setitem(entry.STAGES, "someday", entry.Stage((entry.Step(("someday",), "someday"),)))
     assert entry.run("someday", ["--config", "x.yaml"]) == entry.NOT_AVAILABLE
     err = capsys.readouterr().err
@@ -160,7 +151,7 @@ def test_stage_not_in_this_version_exits_with_a_clear_message(monkeypatch: pytes
 
 
 def test_bad_resource_flag_fails_before_any_work(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    entry = _load_entry()
+    entry = load_entry()
     assert entry.run("merge", ["--config", "x.yaml", "--out", str(tmp_path / "o"),
                                "--gpus-per-inference-actor", "1.5"]) == 2
     assert "--gpus-per-inference-actor" in capsys.readouterr().err
@@ -170,7 +161,7 @@ def test_bad_resource_flag_fails_before_any_work(capsys: pytest.CaptureFixture[s
 def test_a_job_without_a_config_file_refuses_one(capsys: pytest.CaptureFixture[str]) -> None:
     """fit takes its inputs as flags (--features, --labels); a --config used to be dropped silently,
     and the command then failed on its missing flags."""
-    entry = _load_entry()
+    entry = load_entry()
     assert entry.run("fit", ["--config", "/data/configs/fit.yaml", "--out", "/nowhere"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("jobs/fit.py: error: --config: `simmerge fit` takes no config file; give its inputs as its own "
@@ -195,7 +186,7 @@ def test_an_output_bound_for_a_uri_is_staged_where_a_rerun_finds_it(merge_inputs
     import subprocess
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the merge runs in the command's own process
-    entry = _load_entry()
+    entry = load_entry()
     uri, stage_dir = f"file://{tmp_path}/merged", tmp_path / "staging"
     staging = entry.staging_folder("merge", uri, str(stage_dir))
     config = tmp_path / "merge.yaml"
@@ -229,7 +220,7 @@ def test_an_output_bound_for_a_uri_is_staged_where_a_rerun_finds_it(merge_inputs
 
 
 def test_command_lines_built_for_the_stages() -> None:
-    entry = _load_entry()
+    entry = load_entry()
     args, extra = entry.build_parser("merge").parse_known_args(
         ["--config", "m.yaml", "--out", "/o", "--overwrite", "--cpus-per-actor", "2", "--max-actors", "3",
          "--shard-size", "1G", "--workers", "5"])
@@ -254,7 +245,7 @@ def test_command_lines_built_for_the_stages() -> None:
 
 
 def test_every_stage_has_its_job_script() -> None:
-    entry = _load_entry()
+    entry = load_entry()
     assert set(entry.STAGES) == {"zoo_build", "probe", "features", "label", "fit", "plan", "plan_batch", "merge", "serve",
                                  "pipeline", "transfer"}
     assert set(resources.STAGE_ROLES) == set(entry.STAGES)  # the manifest checks know every stage
