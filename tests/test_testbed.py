@@ -542,6 +542,27 @@ def test_zoo_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="lr"):  # used to fail inside a Ray task, after pretraining
         ZooConfig.load(bad)
     assert ZooConfig.load(TINY).digest() == ZooConfig.load(TINY).digest()
+    bad.write_text(TINY.read_text().replace("{name: code-a, steps: 40,", "{name: code-a, subset: [150, 200], steps: 40,"))
+    with pytest.raises(ConfigError, match=r"subset is \(index, of\) with 0 <= index < of <= 100"):
+        ZooConfig.load(bad)  # used to stream forever: items fall in 100 buckets
+
+
+def test_the_order_of_the_domains_is_part_of_the_pretraining_key(tmp_path):
+    """The pretraining mixture draws its domain streams in config order, so two configs that list
+    the same domains in another order train other bases: their cache keys and digests differ (the
+    key sorted the domains, and a reordered config reused the other's base)."""
+    from simmerge_ray.testbed.build import pretrain_parts
+    from simmerge_ray.testbed.pretrain_cache import pretrain_key
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw["domains"] = dict(reversed(list(raw["domains"].items())))
+    (tmp_path / "reordered.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    a, b = ZooConfig.load(TINY), ZooConfig.load(tmp_path / "reordered.yaml")
+    assert sorted(a.domains) == sorted(b.domains) and list(a.domains) != list(b.domains)
+    assert a.digest() != b.digest()
+    for role in ("base", "skills", "continued"):
+        assert pretrain_key(pretrain_parts(a, "{}", role), role) != pretrain_key(pretrain_parts(b, "{}", role), role)
+    assert pretrain_key(pretrain_parts(a, "{}", "base"), "base") == pretrain_key(pretrain_parts(ZooConfig.load(TINY), "{}", "base"), "base")
 
 
 def test_cli_reports_bad_inputs_without_traceback(tmp_path, capsys):

@@ -140,20 +140,27 @@ def task_vector_table(base: dict[str, torch.Tensor], experts: dict[str, dict[str
             "cosine": {n: {m: round(float(cos[i, j]), 4) for j, m in enumerate(names)} for i, n in enumerate(names)}}
 
 
-def _pretrained(cfg: ZooConfig, tok_json: str, role: str, train: Callable[[], ray.ObjectRef],
-                log: Callable[[str], None]) -> dict:
-    """The base, skills or continued checkpoint's training result, from the per-machine cache when an
-    entry for the same config, tokenizer and Python (whose standard library is training text)
-    exists (pretrain_cache), else trained now and cached."""
+def pretrain_parts(cfg: ZooConfig, tok_json: str, role: str) -> dict:
+    """What shapes the base, skills or continued checkpoint: the config parts it trains from, the
+    domains in config order (the pretraining mixture draws its streams in that order), the
+    tokenizer and Python (whose standard library is training text)."""
     part = cfg.model_dump(mode="json", include={"seed", "architecture", "tokenizer", "data", "base"})
-    part["domains"] = sorted(cfg.domains)
+    part["domains"] = list(cfg.domains)
     part["tokenizer_digest"] = hashlib.blake2b(tok_json.encode(), digest_size=16).hexdigest()
     part["python"] = sys.version
     if role in ("skills", "continued") and cfg.skills is not None:
         part["skills"] = cfg.model_dump(mode="json", include={"skills"})
     if role == "continued":
         part["continued"] = cfg.model_dump(mode="json", include={"continued"})
-    key = pretrain_cache.pretrain_key(part, role)
+    return part
+
+
+def _pretrained(cfg: ZooConfig, tok_json: str, role: str, train: Callable[[], ray.ObjectRef],
+                log: Callable[[str], None]) -> dict:
+    """The base, skills or continued checkpoint's training result, from the per-machine cache when an
+    entry for the same config, tokenizer and Python (whose standard library is training text)
+    exists (pretrain_cache), else trained now and cached."""
+    key = pretrain_cache.pretrain_key(pretrain_parts(cfg, tok_json, role), role)
     hit = pretrain_cache.load(key, log)
     if hit is not None:
         log(f"{role}: reused from the pretrain cache ({key[:12]})")

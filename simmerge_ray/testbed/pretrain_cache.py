@@ -1,9 +1,10 @@
-"""A per-machine cache of the testbed's pretrained checkpoints (the base, the continued one).
+"""A per-machine cache of the testbed's pretrained checkpoints (base, skills stage, continued).
 
 Pretraining is most of a zoo build and depends only on part of the config, so a rebuild with
 new experts, or a test that builds the same zoo twice, reuses it. An entry is keyed by the
 digest of everything that shapes those weights (architecture, tokenizer, data, the training
-settings, the torch and transformers versions and CACHE_VERSION); it holds the state dict as
+settings, the domains in config order, the torch and transformers versions and CACHE_VERSION,
+which a change to the domain generators or the training loop must bump); it holds the state dict as
 safetensors plus a JSON sidecar with the scores, losses, timings and a digest of the tensors.
 Entries are written to a temporary folder and renamed; an unreadable entry, or one whose tensors
 no longer match their digest, is a miss, logged with its path, and is rebuilt.

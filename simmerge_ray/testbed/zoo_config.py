@@ -15,6 +15,7 @@ from simmerge_ray.io.digest_cache import json_digest
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.yaml_io import check_name, read_yaml
 from simmerge_ray.testbed.domains import DOMAINS
+from simmerge_ray.testbed.domains.base import BUCKETS as SUBSET_BUCKETS
 
 
 class _Strict(BaseModel):
@@ -108,8 +109,9 @@ class VariantConfig(TrainConfig):
     @field_validator("subset")
     @classmethod
     def _subset_ok(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
-        if v is not None and not (v[1] > 0 and 0 <= v[0] < v[1]):
-            raise ValueError("subset is (index, of) with 0 <= index < of")
+        if v is not None and not (0 < v[1] <= SUBSET_BUCKETS and 0 <= v[0] < v[1]):
+            raise ValueError(f"subset is (index, of) with 0 <= index < of <= {SUBSET_BUCKETS} (items fall in "
+                             f"{SUBSET_BUCKETS} hash buckets, dealt out by bucket modulo `of`)")
         return v
 
 
@@ -158,8 +160,10 @@ class ZooConfig(_Strict):
         return [(d, v) for d, cfg in self.domains.items() for v in cfg.variants]
 
     def digest(self) -> str:
-        """Content digest of everything that shapes the weights (runtime excluded)."""
+        """Content digest of everything that shapes the weights (runtime excluded), the order of
+        the domains included."""
         payload = self.model_dump(mode="json", exclude={"runtime"})
+        payload["domain_order"] = list(self.domains)  # the pretraining mixture's order; sorted keys hide it
         return json_digest(payload, size=12)
 
     @classmethod

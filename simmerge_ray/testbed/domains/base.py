@@ -31,10 +31,13 @@ class Example:
         return self.prompt + self.answer
 
 
+BUCKETS = 100  # key_bucket's range: a data subset (index, of) deals these out modulo `of`
+
+
 def key_bucket(key: str, salt: str = "") -> int:
-    """A stable number in [0, 100) for an item key (blake2b, not Python's salted hash)."""
+    """A stable number in [0, BUCKETS) for an item key (blake2b, not Python's salted hash)."""
     digest = hashlib.blake2b(f"{salt}|{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % 100
+    return int.from_bytes(digest, "big") % BUCKETS
 
 
 def split_of(key: str) -> Split:
@@ -47,7 +50,8 @@ def split_of(key: str) -> Split:
 
 
 def in_subset(key: str, subset: tuple[int, int] | None) -> bool:
-    """Whether a training item belongs to data subset (index, of); None keeps everything."""
+    """Whether a training item belongs to data subset (index, of); None keeps everything. Shares
+    are exact where `of` divides BUCKETS (a half each for the shipped (i, 2)); of 3: 34/33/33%."""
     if subset is None:
         return True
     index, of = subset
