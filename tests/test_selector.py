@@ -14,7 +14,7 @@ from simmerge_ray.selector.data import build_pair_data
 from simmerge_ray.selector.domain import training_domain
 from simmerge_ray.selector.evaluate import (ablation, evaluate_loto, evaluate_pairs, evaluate_transfer, fixed_fit,
                                              gap_chart)
-from simmerge_ray.selector.folds import group_kfold, leave_one_task_out
+from simmerge_ray.selector.folds import group_kfold, leave_one_task_out, task_group_kfold
 from simmerge_ray.selector.model import Selector, SelectorConfig, SelectorEnsemble, SelectorMLP
 from simmerge_ray.selector.ray_fit import train_with_ray, tune_selector
 from simmerge_ray.selector.train import fit_selector
@@ -36,7 +36,8 @@ def synthetic_tables(seed: int = 0, n_models: int = 16, tasks=("code", "math", "
             t = task_of[a]
             util = {"linear": 0.5 - 0.6 * x1, "slerp": 0.5 + 0.6 * x2, "ties": 0.3 + 0.4 * x1 * x2}
             for op, u in util.items():
-                lab.append({"task": t, "expert": a, "aux": b, "operator": op, "utility": u + 0.02 * rng.normal()})
+                lab.append({"task": t, "expert": a, "aux": b, "aux_task": task_of[b], "operator": op,
+                            "utility": u + 0.02 * rng.normal()})
             feat.append({"a": a, "b": b, "task": t, "s_x1": x1, "s_x2": x2, "f_noise": noise})
     return pl.DataFrame(lab), pl.DataFrame(feat)
 
@@ -60,8 +61,17 @@ def test_folds_never_split_a_pair(data) -> None:
     for tr, te in group_kfold(data.pair_keys, 5, seed=1):
         assert not set(keys[tr]) & set(keys[te])
         assert len(tr) + len(te) == len(data)
-    for task, (tr, te) in leave_one_task_out(data.tasks).items():
-        assert {data.tasks[i] for i in te} == {task} and task not in {data.tasks[i] for i in tr}
+    for task, (tr, te) in leave_one_task_out(data.tasks, data.aux_tasks).items():
+        # every pair of the task as expert is tested; none with the task on either side is trained
+        # on (a pair with it on the auxiliary side is a test pair's mirror: the same merge)
+        assert list(te) == [i for i, t in enumerate(data.tasks) if t == task]
+        assert task not in {data.tasks[i] for i in tr} | {data.aux_tasks[i] for i in tr}
+        assert len(tr) == sum(task not in (t, u) for t, u in zip(data.tasks, data.aux_tasks)) > 0
+    for tr, te in task_group_kfold(data.tasks, data.aux_tasks, 3, seed=1):
+        held = {data.tasks[i] for i in te}
+        assert not held & ({data.tasks[i] for i in tr} | {data.aux_tasks[i] for i in tr}) and len(tr) > 0
+    with pytest.raises(ConfigError, match="leaves no pair without them on either side"):
+        task_group_kfold(data.tasks, data.aux_tasks, 2, seed=1)  # a fold holding 2 of 3 tasks
 
 
 def test_selector_recovers_known_rule(data) -> None:
@@ -191,7 +201,9 @@ def test_held_out_evaluation_searches_each_fold_on_its_training_pairs_alone(ray_
     (a search that never saw its test pairs), and fold i's held-out predictions use that config."""
     from simmerge_ray.pipeline.selector import SelectorSettings, choose_config, evaluate
 
-    labels, features = synthetic_tables(n_models=12)
+    # Four tasks: leaving one out leaves three, which task-grouped inner folds need (a fold trains
+    # on the pairs with none of its held-out tasks on either side).
+    labels, features = synthetic_tables(n_models=12, tasks=("code", "math", "rag", "chat"))
     labels.write_parquet(tmp_path / "labels.parquet")
     features.write_parquet(tmp_path / "features.parquet")
     s = SelectorSettings(tmp_path / "features.parquet", tmp_path / "labels.parquet", tmp_path / "eval",
@@ -222,7 +234,7 @@ def test_held_out_evaluation_searches_each_fold_on_its_training_pairs_alone(ray_
     from simmerge_ray.selector.folds import leave_one_task_out
 
     loto = [SelectorConfig.from_dict(c) for c in report["leave_one_task_out_configs"]]
-    tasks = leave_one_task_out(data.tasks)
+    tasks = leave_one_task_out(data.tasks, data.aux_tasks)
     assert len(loto) == len(tasks) > 1 and not any(c.task_encoding for c in loto)
     last_tr, _ = list(tasks.values())[-1]
     no_codes = replace_settings(s, task_encoding=False)

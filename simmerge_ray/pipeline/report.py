@@ -59,8 +59,9 @@ def build_report(out: Path, timings: dict[str, float]) -> dict:
             "headroom_share": held["headroom_share"],
             "oracle_arm_share": held["oracle_operator_share"],
             "regret": held["regret"],
-            "leave_one_task_out": {"selection_accuracy": sel["leave_one_task_out"]["selection_accuracy"],
-                                   "utility": sel["leave_one_task_out"]["utility"]},
+            "leave_one_task_out": ({"selection_accuracy": sel["leave_one_task_out"]["selection_accuracy"],
+                                    "utility": sel["leave_one_task_out"]["utility"]}
+                                   if "utility" in sel["leave_one_task_out"] else sel["leave_one_task_out"]),
             "ablation": sel["ablation"],
         },
         "testbed": testbed_section(run.zoo),
@@ -122,7 +123,7 @@ def render_markdown(report: dict) -> str:
                      for m, v in tb["scores"].items()])
     lines += ["", f"## Pairwise arm selection ({p['split']}, {p['pairs']} expert-auxiliary pairs)", "",
               f"Selection accuracy (arm with the best measured utility): **{p['selection_accuracy']:.1%}**; "
-              f"leave one task out: {p['leave_one_task_out']['selection_accuracy']:.1%}. SimMerge minus the best "
+              f"leave one task out: {_loto_accuracy(p['leave_one_task_out'])}. SimMerge minus the best "
               f"fixed arm ({p['best_fixed_arm']}): **{100 * p['simmerge_vs_best_fixed']:+.1f} points**; "
               f"share of the oracle: {100 * (p['simmerge_share_of_oracle'] or 0):.0f}%.", "",
               "Two-sided utility (%, mean of the gap closed on the expert's and on the auxiliary's task):", ""]
@@ -176,3 +177,7 @@ def render_markdown(report: dict) -> str:
               "## Timings (s)", ""]
     lines += _table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in report["timings"].items()])
     return "\n".join(lines) + "\n"
+
+
+def _loto_accuracy(loto: dict) -> str:
+    return f"{loto['selection_accuracy']:.1%}" if "selection_accuracy" in loto else "not evaluated (fewer than 3 tasks)"

@@ -87,7 +87,7 @@ def stages(s: PipelineSettings, echo: Callable[[str], None] = print) -> list[Sta
               lambda: zoo.label(run.catalog, run.labels, s.labels, echo=echo), _label_inputs(s.labels)),
         Stage("selector_eval", "selector on held-out pairs (Ray Tune nested), leave-one-task-out, ablation",
               lambda: selector.evaluate(selectors(run.selector_eval), folds=s.folds, echo=echo),
-              [str(s.folds), *search, "search-per-fold-and-task-grouped"]),
+              [str(s.folds), *search, "search-per-fold-and-task-grouped", "loto-neither-side"]),
         Stage("fit", "fit the selectors on all pairs (Ray Tune, then Ray Train)", fit_both, search),
         Stage("multiway", "plan 3- and 4-way merges and judge them on measured merges",
               lambda: judge_multiway(run), ["calibration-intervals-v3"]),

@@ -46,6 +46,10 @@ class SelectorSettings:
     address: str | None = None  # Ray address (default: RAY_ADDRESS or a local Ray)
 
 
+LOTO_NEEDS = ("not evaluated: holding a task out leaves no training pair without it on either side "
+              "(three tasks or more are needed)")
+
+
 def check_calibration_folds(folds: int) -> None:
     if folds < 0 or folds == 1:
         raise ConfigError(f"--calibration-folds: {folds} is not 0 (no intervals) or at least 2")
@@ -81,7 +85,8 @@ def ray_work_dir() -> Iterator[Path]:
 def choose_config(data: PairData, s: SelectorSettings, storage: Path, *, by_task: bool = False
                   ) -> tuple[SelectorConfig, list[dict]]:
     """Ray Tune's best config on pair-grouped folds of `data` (task-grouped with `by_task`, where
-    `data` holds at least 2 tasks), or the default one, and its trials."""
+    `data` holds at least 3 tasks: a fold trains on the pairs with none of its held-out tasks on
+    either side), or the default one, and its trials."""
     from simmerge_ray.selector.model import SelectorConfig
     from simmerge_ray.selector.ray_fit import tune_selector
 
@@ -89,7 +94,7 @@ def choose_config(data: PairData, s: SelectorSettings, storage: Path, *, by_task
     if s.tune_samples <= 0:
         return base, []
     return tune_selector(data, num_samples=s.tune_samples, folds=3, base=base, storage=storage,
-                         allow_task_encoding=s.task_encoding, by_task=by_task and len(set(data.tasks)) > 1)
+                         allow_task_encoding=s.task_encoding, by_task=by_task and len(set(data.tasks)) > 2)
 
 
 def fit(s: SelectorSettings, *, workers: int = 1, echo: Callable[[str], None] = print) -> Selector:
@@ -164,7 +169,9 @@ def evaluate(s: SelectorSettings, *, folds: int = 5, echo: Callable[[str], None]
     # nested the same way: each held-out task's config is searched on the other tasks' pairs, on
     # inner folds that hold tasks out too, without task codes (the held-out task has none).
     splits = group_kfold(data.pair_keys, folds, s.seed)
-    loto_splits = list(leave_one_task_out(data.tasks).values())
+    loto_splits = list(leave_one_task_out(data.tasks, data.aux_tasks).values())
+    if any(len(tr) == 0 for tr, _ in loto_splits):  # two tasks: every pair has the held-out one on a side
+        loto_splits = []
     with ray_work_dir() as work:
         searched = [choose_config(data.subset(tr), s, work) for tr, _ in splits]
         loto_searched = [choose_config(data.subset(tr), replace(s, task_encoding=False), work, by_task=True)
@@ -176,7 +183,8 @@ def evaluate(s: SelectorSettings, *, folds: int = 5, echo: Callable[[str], None]
         "fold_configs": [asdict(c) for c in cfgs],
         "held_out_pairs": evaluate_pairs(data, [fixed_fit(c) for c in cfgs], folds=folds, seed=s.seed,
                                          calibration_folds=s.calibration_folds),
-        "leave_one_task_out": evaluate_loto(data, [fixed_fit(c) for c in loto_cfgs]),
+        "leave_one_task_out": (evaluate_loto(data, [fixed_fit(c) for c in loto_cfgs]) if loto_splits else
+                               {"available": False, "reason": LOTO_NEEDS}),
         "leave_one_task_out_configs": [asdict(c) for c in loto_cfgs],
         "ablation": ablation(data, cfgs, folds=folds, seed=s.seed),
         "tune_trials": [t for _, trials in searched for t in trials],
@@ -210,7 +218,8 @@ def format_summary(report: dict) -> str:
                      "arms): " + ", ".join(f"nominal {k}%: {100 * c['all_arms']:.1f}% (picked arm "
                                            f"{100 * c['picked_arm']:.1f}%)" for k, c in cov.items()))
     lo = report["leave_one_task_out"]
-    lines.append(f"leave one task out: accuracy {lo['selection_accuracy']:.1%}, SimMerge "
+    lines.append(f"leave one task out: {LOTO_NEEDS}" if lo.get("available") is False else
+                 f"leave one task out: accuracy {lo['selection_accuracy']:.1%}, SimMerge "
                  f"{100 * lo['utility']['simmerge']['mean']:.1f}% vs best fixed "
                  f"{100 * lo['utility'][lo['best_fixed_operator']]['mean']:.1f}%")
     return "\n".join(lines)

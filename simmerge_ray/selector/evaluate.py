@@ -99,9 +99,9 @@ def evaluate_pairs(data: PairData, fit: FitFn | Sequence[FitFn], *, folds: int =
 def evaluate_loto(data: PairData, fit: FitFn | Sequence[FitFn]) -> dict:
     """Leave one task out (`fit`: one for every task, or one per task in sorted order): the
     held-out task is new, so its task code is unknown (zeros)."""
-    splits = leave_one_task_out(data.tasks)
+    splits = leave_one_task_out(data.tasks, data.aux_tasks)
     pred, maj = out_of_fold(data, list(splits.values()), fit)
-    return {"split": "leave one task out", **summarize(data, pred, maj)}
+    return {"split": "leave one task out: trained on pairs with the task on neither side", **summarize(data, pred, maj)}
 
 
 def evaluate_transfer(sel: Selector, data: PairData) -> dict:

@@ -28,7 +28,27 @@ def group_kfold(groups: list[str], k: int, seed: int = 0) -> list[Split]:
     return [(np.flatnonzero(ids != f), np.flatnonzero(ids == f)) for f in range(k)]
 
 
-def leave_one_task_out(tasks: list[str]) -> dict[str, Split]:
-    """One split per task: train on every other task, test on it."""
-    arr = np.asarray(tasks)
-    return {t: (np.flatnonzero(arr != t), np.flatnonzero(arr == t)) for t in sorted(set(tasks))}
+def leave_one_task_out(tasks: list[str], aux_tasks: list[str | None] | None) -> dict[str, Split]:
+    """One split per task t: test on the pairs whose expert has task t; train on the pairs in
+    which no model has it. A row's task is its expert's; a pair with t on the auxiliary side is
+    the mirror of a test row (the same merge, measured once, its features nearly symmetric), so
+    training on it would show the "new" task's pairs to the selector. `aux_tasks` None (labels
+    without aux_task) holds out the expert side only."""
+    expert = np.asarray(tasks)
+    aux = np.asarray(aux_tasks if aux_tasks is not None else [None] * len(tasks), dtype=object)
+    return {t: (np.flatnonzero((expert != t) & (aux != t)), np.flatnonzero(expert == t)) for t in sorted(set(tasks))}
+
+
+def task_group_kfold(tasks: list[str], aux_tasks: list[str | None] | None, k: int, seed: int = 0) -> list[Split]:
+    """k folds over tasks (group_kfold of the expert's task), each fold's training rows without a
+    model of the fold's held-out tasks on either side, as in leave_one_task_out."""
+    aux = np.asarray(aux_tasks if aux_tasks is not None else [None] * len(tasks), dtype=object)
+    out = []
+    for train, test in group_kfold(tasks, k, seed):
+        held = {tasks[i] for i in test}
+        kept = train[~np.isin(aux[train], list(held))]
+        if not len(kept):
+            raise ConfigError(f"task-grouped folds: holding out {', '.join(sorted(held))} leaves no pair without "
+                              f"them on either side to train on (use more tasks or pair-grouped folds)")
+        out.append((kept, test))
+    return out

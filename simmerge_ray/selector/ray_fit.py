@@ -18,7 +18,7 @@ import numpy as np
 
 from simmerge_ray import resources
 from simmerge_ray.selector.data import PairData
-from simmerge_ray.selector.folds import group_kfold
+from simmerge_ray.selector.folds import group_kfold, task_group_kfold
 from simmerge_ray.selector.model import Selector, SelectorConfig
 from simmerge_ray.selector.train import chosen_utility, new_selector, train_epochs
 
@@ -40,7 +40,8 @@ def _trial(config: dict, data: PairData, base: dict, folds: int, chunk: int, by_
     from ray import tune
 
     cfg = SelectorConfig.from_dict({**base, **config})
-    splits = group_kfold(data.tasks if by_task else data.pair_keys, folds, seed=cfg.seed)
+    splits = (task_group_kfold(data.tasks, data.aux_tasks, folds, seed=cfg.seed) if by_task
+              else group_kfold(data.pair_keys, folds, seed=cfg.seed))
     runs = []
     for tr, va in splits:
         sel = new_selector(data.subset(tr), cfg)
