@@ -100,7 +100,7 @@ def brute_force(model: TableModel, experts, candidates, kmin, kmax, obj: Objecti
                     for j in range(1, k):
                         share = step_arm(ops[j - 1], w, j).share
                         kept = {t: value((seq[j - 1], seq[j], t), ops[j - 1], share)
-                                for t in dict.fromkeys(tasks[m] for m in seq[:j])}
+                                for t in dict.fromkeys(tasks[m] for m in seq[:j] if tasks[m] is not None)}
                         steps.append(StepPrediction(seq[j], share, kept, value((seq[j],), ops[j - 1], share)))
                     s = obj.score(obj.retention(seq[0], steps, tasks), expert)
                     if s > best[0]:
@@ -135,6 +135,43 @@ def test_exhaustive_finds_known_best(obj: Objective) -> None:
     # what leaving a model out costs, for every model not in the best plan
     assert {e["model"] for e in res.best.excluded} == set(models) - set(res.best.models)
     assert all(e["effect"] <= 1e-12 for e in res.best.excluded)
+
+
+def test_a_model_without_a_task_never_counts_as_kept() -> None:
+    """A model the catalog gives no task has no gap to keep: it leaves the others' mean wherever it
+    stands. First in the fold it used to count as fully kept (R = 1), which pulled it to the front."""
+    models = [f"m{i}" for i in range(4)] + ["x"]
+    tasks = {**tasks_of(models[:4]), "x": None}
+    obj = Objective(retention_weight=0.5, aux_weight=0.5)
+    assert obj.retention("x", [], tasks) == {"x": None}
+    space = SearchSpace(task="code", candidates=models, experts=["m0", "m3"], min_k=2, max_k=3, tasks=tasks)
+    res = search(space, TableModel(models, seed=4), obj)
+    score, seq, ops, w = brute_force(TableModel(models, seed=4), ["m0", "m3"], models, 2, 3, obj, tasks)
+    assert (res.best.models, res.best.operators, res.best.weighting) == (seq, ops, w)
+    assert res.best.score == pytest.approx(score)
+    firsts = [p for p in res.plans if p.models[0] == "x"]
+    assert all(p.retention.get("x") is None for p in firsts)
+
+
+def test_beam_search_is_deterministic_and_names_every_left_out_candidate() -> None:
+    """Partial plans without the expert all score the same (R_expert = 1), so the beam kept them in
+    the order the candidates came; the pick depended on that order. And `excluded` listed only the
+    candidates some scored plan held."""
+    models = [f"m{i}" for i in range(7)]
+    tasks = tasks_of(models)
+    tm = TableModel(models, seed=5)
+    tm.u = {k: 0.5 * v for k, v in tm.u.items()}  # every step keeps less than all: partials without the expert lead
+    picks, excluded = set(), []
+    for seed in range(6):
+        order = [str(m) for m in np.random.default_rng(seed).permutation(models)]
+        space = SearchSpace(task="code", candidates=order, experts=["m0"], min_k=4, max_k=4, beam_width=8,
+                            exhaustive_max_plans=0, tasks=tasks)
+        best = search(space, tm, Objective()).best
+        picks.add((tuple(best.models), tuple(best.operators), best.weighting))
+        excluded.append(sorted((e["model"], e["effect"]) for e in best.excluded))
+        assert {e["model"] for e in best.excluded} == set(models) - set(best.models)
+        assert all(e["effect"] is not None or "beam search dropped" in e["reason"] for e in best.excluded)
+    assert len(picks) == 1 and all(e == excluded[0] for e in excluded)
 
 
 def test_beam_search_when_the_space_is_large() -> None:

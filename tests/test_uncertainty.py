@@ -212,6 +212,18 @@ def test_plan_flags_a_same_task_pair_and_an_extreme_row(world, small_selector: S
     assert best.expert_alone["target"] == "retention (two-sided utility proxy)"
 
 
+def test_a_required_expert_of_another_task_is_judged_on_the_plan_task(world) -> None:
+    """`--task code --required-expert math-0`: the plan keeps math-0's gap on code, as the README
+    and its expert_task flag say (its retention was predicted on math, its catalog task)."""
+    from simmerge_ray.planner.request import search_space
+
+    req = PlanRequest.parse({"request_id": "x", "task": "code", "models": ["math-0", "code-1", "rag-0"],
+                             "min_way": 2, "max_way": 3, "required_expert": "math-0"})
+    space = search_space(req, Catalog.load(world.catalog))
+    assert space.experts == ["math-0"]
+    assert space.tasks == {"math-0": "code", "code-1": "code", "rag-0": "rag"}
+
+
 def test_a_joining_model_without_a_task_is_scored_on_the_proxy_not_2u_minus_v(world, tmp_path: Path) -> None:
     """2 U - V needs V, the auxiliary side's GapClosed, which a model without a task does not
     have (and no label measured): for it the merge side is U, the proxy. It used to be 2 U - V

@@ -246,8 +246,8 @@ def _multiway(args: argparse.Namespace, catalog, req, space) -> int:
                 print("   " + _top_plan_line(p.calibrated["top_plan"]))
     best = res.best
     for ex in best.excluded:
-        print(f"left out {ex['model']}: the best plan with it scores {ex['best_score_with']:.3f} "
-              f"({ex['effect']:+.3f})")
+        print(f"left out {ex['model']}: " + (f"the best plan with it scores {ex['best_score_with']:.3f} "
+                                             f"({ex['effect']:+.3f})" if ex["effect"] is not None else ex["reason"]))
     if best.intervals.get("available"):
         print("bounds: the objective at the ends of every step's interval; they hold when every step's interval "
               "holds, which is not measured for steps on unbuilt merges (plan.json: intervals)")

@@ -52,6 +52,12 @@ def advance(retention: Mapping[str, float | None], step: StepPrediction, tasks: 
     return out
 
 
+def first_retention(first: str, tasks: Mapping[str, str | None]) -> dict[str, float | None]:
+    """R of a fold's first model before any step: all of its gap (1), or None for a model
+    without a task (it has no gap, and leaves the others' mean, wherever it stands)."""
+    return {first: 1.0 if tasks.get(first) is not None else None}
+
+
 @dataclass(frozen=True)
 class Objective:
     retention_weight: float = 1.0
@@ -60,7 +66,7 @@ class Objective:
     def retention(self, first: str, steps: Sequence[StepPrediction], tasks: Mapping[str, str | None]
                   ) -> dict[str, float | None]:
         """R_i of every model of the plan (None where it cannot be predicted)."""
-        out: dict[str, float | None] = {first: 1.0}
+        out = first_retention(first, tasks)
         for step in steps:
             out = advance(out, step, tasks)
         return out

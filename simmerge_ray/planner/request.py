@@ -107,8 +107,8 @@ def search_space(req: PlanRequest, catalog: Catalog) -> SearchSpace:
     else:
         experts = [m for m in models if catalog.model(m).task == req.task]
     tasks = {m: catalog.model(m).task for m in models}
-    for e in experts:  # a required expert the catalog gives no task is the target task's
-        tasks[e] = tasks[e] or req.task
+    for e in experts:  # the expert's gap is judged on the target task, whatever the catalog gives it
+        tasks[e] = req.task
     return SearchSpace(req.task, models, experts, req.min_way, req.max_way, req.beam_width, tasks=tasks)
 
 

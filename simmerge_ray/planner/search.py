@@ -22,9 +22,12 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.arms import STEP_ARMS, WEIGHTING_NAMES, check_arms, fold_arms, get_weighting, step_arm
 from simmerge_ray.merge.fold import Fold
 from simmerge_ray.planner.calibrate import MultiwayCalibration
-from simmerge_ray.planner.objective import Objective, StepPrediction, advance
+from simmerge_ray.planner.objective import Objective, StepPrediction, advance, first_retention
 from simmerge_ray.planner.plan import Plan
 from simmerge_ray.planner.shares import at_share
+
+# `excluded` entry of a candidate that no scored complete plan holds (beam search dropped it).
+NOT_REACHED = "no complete plan holding it was scored: the beam search dropped its partial plans"
 
 
 class StepModel(Protocol):
@@ -248,7 +251,7 @@ def search(space: SearchSpace, step_model: StepModel, objective: Objective = Obj
     # Without an auxiliary selector nothing predicts what a model keeps when it joins a merge, so
     # the expert goes first (its retention is then a product of predicted GapClosed).
     starts = space.pool if step_model.has_aux else list(space.experts)
-    frontier = [_Partial(((m,), ()), rp.state((m,), ()), w, [m], [], [], {m: 1.0})
+    frontier = [_Partial(((m,), ()), rp.state((m,), ()), w, [m], [], [], first_retention(m, space.tasks))
                 for w in space.weightings for m in starts]
     complete: list[tuple[float, _Partial]] = []
     scored = 0
@@ -277,8 +280,8 @@ def search(space: SearchSpace, step_model: StepModel, objective: Objective = Obj
                     complete.append((score, child))
                 if depth < space.max_k:
                     grown.append((score, child))
-        if not exhaustive:
-            grown.sort(key=lambda sc: -sc[0])
+        if not exhaustive:  # ties (every partial plan without the expert scores alike) broken by content
+            grown.sort(key=lambda sc: (-sc[0], sc[1].models, sc[1].ops, sc[1].weighting))
             grown = grown[: space.beam_width]
         frontier = []
         for _, child in grown:
@@ -314,5 +317,7 @@ def search(space: SearchSpace, step_model: StepModel, objective: Objective = Obj
         best.calibrated["top_plan"] = calibration.top_plan(best.k, best.calibrated["expert_retention"],
                                                            best.calibrated["others_retention"], objective.as_dict())
     best.excluded = [{"model": m, "best_score_with": best_with[m], "effect": best_with[m] - best_score}
-                     for m in space.pool if m not in best.models and m in best_with]
+                     if m in best_with else
+                     {"model": m, "best_score_with": None, "effect": None, "reason": NOT_REACHED}
+                     for m in space.pool if m not in best.models]
     return SearchResult(plans, scored, time.perf_counter() - t0, exhaustive)
