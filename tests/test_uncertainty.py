@@ -222,6 +222,12 @@ def test_a_required_expert_of_another_task_is_judged_on_the_plan_task(world) -> 
     space = search_space(req, Catalog.load(world.catalog))
     assert space.experts == ["math-0"]
     assert space.tasks == {"math-0": "code", "code-1": "code", "rag-0": "rag"}
+    # ... and the plan still says so (its flags read the catalog's tasks)
+    from simmerge_ray.planner.request import build_step_model
+
+    best = plan_request(req, Catalog.load(world.catalog), build_step_model(world.selector, world.features)).best
+    (flag,) = [f for f in best.flags if f["kind"] == "expert_task"]
+    assert flag["model"] == "math-0" and "planned as the code expert: its gap is judged on code" in flag["message"]
 
 
 def test_a_joining_model_without_a_task_is_scored_on_the_proxy_not_2u_minus_v(world, tmp_path: Path) -> None:

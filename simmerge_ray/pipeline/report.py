@@ -180,4 +180,4 @@ def render_markdown(report: dict) -> str:
 
 
 def _loto_accuracy(loto: dict) -> str:
-    return f"{loto['selection_accuracy']:.1%}" if "selection_accuracy" in loto else "not evaluated (fewer than 3 tasks)"
+    return f"{loto['selection_accuracy']:.1%}" if "selection_accuracy" in loto else loto.get("reason", "not evaluated")

@@ -47,7 +47,7 @@ class SelectorSettings:
 
 
 LOTO_NEEDS = ("not evaluated: holding a task out leaves no training pair without it on either side "
-              "(three tasks or more are needed)")
+              "(it takes three tasks or more, with pairs between the others)")
 
 
 def check_calibration_folds(folds: int) -> None:
@@ -166,8 +166,9 @@ def evaluate(s: SelectorSettings, *, folds: int = 5, echo: Callable[[str], None]
     # Nested: each outer fold's hyperparameters are searched on its training pairs only, so no
     # test pair influences the config it is predicted with, and the estimate averages over one
     # search per fold instead of resting on a single search's noisy pick. Leave-one-task-out is
-    # nested the same way: each held-out task's config is searched on the other tasks' pairs, on
-    # inner folds that hold tasks out too, without task codes (the held-out task has none).
+    # nested the same way: each held-out task's config is searched on the pairs without that task
+    # on either side, on inner folds that hold tasks out too (pair folds where only 2 tasks are
+    # left), without task codes (the held-out task has none).
     splits = group_kfold(data.pair_keys, folds, s.seed)
     loto_splits = list(leave_one_task_out(data.tasks, data.aux_tasks).values())
     if any(len(tr) == 0 for tr, _ in loto_splits):  # two tasks: every pair has the held-out one on a side

@@ -168,14 +168,17 @@ def multiway_intervals(step_model: SelectorStepModel, plan: Plan, steps: list[St
 
 
 def assess_plan(plan: Plan, step_model: SelectorStepModel, model_tasks: dict[str, str | None],
-                objective: Objective) -> None:
-    """Fill a multi-way plan's intervals, flags and expert-alone comparison in place."""
+                objective: Objective, catalog_tasks: dict[str, str | None] | None = None) -> None:
+    """Fill a multi-way plan's intervals, flags and expert-alone comparison in place. `model_tasks`
+    are the tasks the plan is judged on (a required expert's is the plan's); the flags read the
+    catalog's (`catalog_tasks`, default the same), so an expert of another task is named."""
     from simmerge_ray.planner.search import Replayer
 
     sel = step_model.selector
     steps = Replayer(step_model, plan.task, model_tasks).replay(plan.models, plan.operators, plan.weighting)
     z = sel.standardise(step_model.plan_inputs(plan.models, plan.step_arms(), plan.task))
     plan.intervals = multiway_intervals(step_model, plan, steps, objective, model_tasks)
-    plan.flags = input_flags(sel, z, plan.models, model_tasks, plan.task, plan.expert)
+    plan.flags = input_flags(sel, z, plan.models, catalog_tasks if catalog_tasks is not None else model_tasks,
+                             plan.task, plan.expert)
     proxy = sel.meta.get("target") == "utility" and not step_model.two_sided
     plan.expert_alone = expert_alone(sel, objective, plan.score, proxy=proxy)

@@ -159,7 +159,7 @@ def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, k
         if isinstance(step_model, SelectorStepModel):
             tasks = {**catalog.model_tasks, **space.tasks}
             for plan in result.plans:
-                assess_plan(plan, step_model, tasks, req.objective)
+                assess_plan(plan, step_model, tasks, req.objective, catalog.model_tasks)
     return result
 
 

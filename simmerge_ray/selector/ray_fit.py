@@ -36,12 +36,10 @@ def search_space(allow_task_encoding: bool = True) -> dict:
     }
 
 
-def _trial(config: dict, data: PairData, base: dict, folds: int, chunk: int, by_task: bool) -> None:
+def _trial(config: dict, data: PairData, base: dict, splits: list, chunk: int) -> None:
     from ray import tune
 
     cfg = SelectorConfig.from_dict({**base, **config})
-    splits = (task_group_kfold(data.tasks, data.aux_tasks, folds, seed=cfg.seed) if by_task
-              else group_kfold(data.pair_keys, folds, seed=cfg.seed))
     runs = []
     for tr, va in splits:
         sel = new_selector(data.subset(tr), cfg)
@@ -69,7 +67,11 @@ def tune_selector(data: PairData, *, num_samples: int = 8, folds: int = 3, base:
 
     base_d = {k: v for k, v in asdict(base).items() if k not in ("hidden", "depth", "dropout", "lr",
                                                                    "weight_decay", "task_encoding")} | {"members": 1}
-    trainable = tune.with_parameters(_trial, data=data, base=base_d, folds=folds, chunk=chunk, by_task=by_task)
+    # The inner folds (the seed is not searched): built here, so a split that cannot be made is one
+    # error before any trial, not a failed trial per sample.
+    splits = (task_group_kfold(data.tasks, data.aux_tasks, folds, seed=base.seed) if by_task
+              else group_kfold(data.pair_keys, folds, seed=base.seed))
+    trainable = tune.with_parameters(_trial, data=data, base=base_d, splits=splits, chunk=chunk)
     trainable = tune.with_resources(trainable, _trial_resources("cpu", "memory"))
     storage = Path(storage or tempfile.mkdtemp(prefix="simmerge-tune-")).resolve()
     tuner = tune.Tuner(
