@@ -99,7 +99,7 @@ def _digest(obj: Any) -> str:
     return json_digest(obj, default=str)
 
 
-def inputs_fingerprint(s: BatchSettings) -> str:
+def inputs_fingerprint(s: BatchSettings, catalog: Catalog) -> str:
     """Digest of everything besides the request that decides a plan; a missing input is named."""
     from simmerge_ray.io.digest_cache import file_digest
 
@@ -116,7 +116,6 @@ def inputs_fingerprint(s: BatchSettings) -> str:
             if not p.is_file():
                 raise ConfigError(f"{p}: {what} file not found")
         parts[what] = [file_digest(p) for p in paths]
-    catalog = Catalog.load(s.catalog)
     parts["catalog"] = catalog.model_dump(mode="json", exclude={"source"})
     return _digest(parts)
 
@@ -254,8 +253,8 @@ def run_batch(s: BatchSettings) -> BatchReport:
     ask = resources.streaming_ask()
     placement.check_placeable("plan-batch actor", ask)  # not a silent wait for a node that never comes
     cache.mkdir(parents=True, exist_ok=True)
-    fingerprint = inputs_fingerprint(s)
     catalog = Catalog.load(s.catalog)
+    fingerprint = inputs_fingerprint(s, catalog)
     keyed = prepare_rows(read_requests(s.requests), fingerprint, str(cache), catalog,
                          stale_models(s.features, catalog, catalog.names))
     pending, done = select_rows(keyed, pending=True), select_rows(keyed, pending=False)
