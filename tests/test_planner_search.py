@@ -191,6 +191,24 @@ def test_beam_search_when_the_space_is_large() -> None:
     assert narrow.scored < res.scored
 
 
+def test_a_modest_beam_finds_the_optimum_when_merges_lose() -> None:
+    """Merging loses (every step keeps less than all), so partial plans without the expert
+    (R_expert = 1) outscore every one with it. Ranked together, they filled the beam and the
+    expert joined only late: 2 of these 6 spaces reached the optimum at width 32. Ranked within
+    strata by where the expert stands, all 6 do."""
+    models = [f"m{i}" for i in range(9)]
+    tasks = tasks_of(models)
+    for seed in range(6):
+        tm = TableModel(models, seed=seed)
+        tm.u = {k: 0.6 * v for k, v in tm.u.items()}
+        space = SearchSpace(task="code", candidates=models, experts=["m0"], min_k=3, max_k=4, beam_width=32,
+                            exhaustive_max_plans=0, tasks=tasks, weightings=("equal",))
+        res = search(space, tm, Objective())
+        score, *_ = brute_force(tm, ["m0"], models, 3, 4, Objective(), tasks, weightings=("equal",))
+        assert not res.exhaustive
+        assert res.best.score == pytest.approx(score), seed
+
+
 def test_a_calibration_ranks_complete_plans_by_measured_shape() -> None:
     """A calibration that has learned "the expert keeps most when it joins last, under `anchor`"
     overrides the step model's ranking; it covers only the sizes it was fitted on."""

@@ -49,9 +49,9 @@ from simmerge_ray.selector.data import features_file
 BATCH_FILES = ("results.parquet", "summary.json")  # what a rerun replaces in --out (besides plans/)
 # Bump when a change to the planner changes plans (2: intervals, flags; 3: weightings, the expert
 # anywhere, the retention objective; 5: one entry per merge, flag kinds, the proxy's expert-alone;
-# 6: a task-less first model, beam ties broken by content, a required expert judged on the task):
-# old entries are ignored.
-CACHE_VERSION = 6
+# 6: a task-less first model, beam ties broken by content, a required expert judged on the task;
+# 7: the beam ranks partial plans within strata by the expert's position): old entries are ignored.
+CACHE_VERSION = 7
 
 PENDING = "pending"  # internal status: valid and not in the cache yet
 

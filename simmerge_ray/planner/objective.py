@@ -14,8 +14,9 @@ pairwise utility weighs its two sides:
 Models without a task, or every joining model when no auxiliary selector is available, have no
 R_i and leave the mean; where no other model has one, the mean counts 0, as for the expert alone
 (nothing measurable of theirs is kept). A model without a task also has no auxiliary side, so its
-step's merge side is the selector's U, never 2 U - V (step_model.py). A partial plan without the expert yet counts R_expert = 1 (an optimistic
-bound, so that a beam does not drop plans that add the expert late). Pure: no I/O, no Ray.
+step's merge side is the selector's U, never 2 U - V (step_model.py). A partial plan without the
+expert yet counts R_expert = 1, so its score is comparable only with partials whose expert stands
+at the same place: the beam (search.py) ranks them within such strata. Pure: no I/O, no Ray.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Plans grow one model at a time. Each (merge so far, next model) pair is featuris
 it is judged on, and the step model predicts every arm's value for it in one batched call; each
 (weighting, step arm) then reads its value at the step's share (planner/shares.py). Prefixes are
 shared by every plan that extends them, across weightings where the shares agree. The search is
-exhaustive while the space holds at most `exhaustive_max_plans` plans, a beam beyond.
+exhaustive while the space holds at most `exhaustive_max_plans` plans, a beam beyond (`_beam`).
 """
 
 from __future__ import annotations
@@ -236,6 +236,33 @@ def _share_values(rp: Replayer, jobs: list[tuple[_Partial, str]], space: SearchS
     return kept, joining
 
 
+def _kept_mean(retention: Mapping[str, float | None]) -> float:
+    vals = [r for r in retention.values() if r is not None]
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+def _beam(grown: list[tuple[float, _Partial]], width: int, experts: Sequence[str]) -> list[tuple[float, _Partial]]:
+    """The partial plans a beam keeps: the best of each stratum by where the expert stands (or
+    not yet in), taken in turn. Scores are comparable only within a stratum: a partial plan
+    without the expert counts R_expert = 1, so one ranking of all would keep only those, and
+    one whose expert joined early has been through more steps than one whose expert just joined.
+    Ties are broken by content, so the pick never depends on the candidates' order."""
+    strata: dict[tuple[int, str], list[tuple[float, _Partial]]] = {}
+    for sc in grown:
+        e = expert_of(sc[1].models, experts)
+        strata.setdefault((-1 if e is None else sc[1].models.index(e), sc[1].weighting), []).append(sc)
+    for group in strata.values():  # then by what the plan's models keep on average (the objective may not count it)
+        group.sort(key=lambda sc: (-sc[0], -_kept_mean(sc[1].retention), sc[1].models, sc[1].ops, sc[1].weighting))
+    kept: list[tuple[float, _Partial]] = []
+    for rank in range(max(map(len, strata.values()), default=0)):
+        for _, group in sorted(strata.items()):
+            if rank < len(group):
+                kept.append(group[rank])
+                if len(kept) == width:
+                    return kept
+    return kept
+
+
 def search(space: SearchSpace, step_model: StepModel, objective: Objective = Objective(), *,
            keep: int = 10, calibration: MultiwayCalibration | None = None) -> SearchResult:
     """The `keep` best plans of the space. With `calibration` (planner/calibrate.py), complete
@@ -280,9 +307,8 @@ def search(space: SearchSpace, step_model: StepModel, objective: Objective = Obj
                     complete.append((score, child))
                 if depth < space.max_k:
                     grown.append((score, child))
-        if not exhaustive:  # ties (every partial plan without the expert scores alike) broken by content
-            grown.sort(key=lambda sc: (-sc[0], sc[1].models, sc[1].ops, sc[1].weighting))
-            grown = grown[: space.beam_width]
+        if not exhaustive:
+            grown = _beam(grown, space.beam_width, space.experts)
         frontier = []
         for _, child in grown:
             child.state = rp.extend(child.key, *child.state)  # built only for the survivors
