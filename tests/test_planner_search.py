@@ -209,6 +209,21 @@ def test_a_modest_beam_finds_the_optimum_when_merges_lose() -> None:
         assert res.best.score == pytest.approx(score), seed
 
 
+def test_linear_folds_with_the_same_coefficients_are_listed_once() -> None:
+    """[a, b, c] under `half` and [c, a, b] under `anchor` (c at 1/2, a and b at 1/4) build one
+    checkpoint, as do [a, b, c] and [b, a, c] under either: per 3-model subset there are 4 linear
+    merges (the running mean, and each model at 1/2). Each is listed once, under its best score."""
+    models = [f"m{i}" for i in range(5)]
+    tasks = tasks_of(models)
+    space = SearchSpace(task="code", candidates=models, experts=["m0"], min_k=3, max_k=3, tasks=tasks)
+    res = search(space, TableModel(models, seed=6), Objective(retention_weight=0.5, aux_weight=0.5), keep=10**6)
+    linear = [p for p in res.plans if set(p.operators) == {"linear"}]
+    assert len(linear) == 4 * math.comb(4, 2)
+    ids = [p.fold.merge_identity() for p in res.plans]
+    assert len(ids) == len(set(ids))
+    assert [p.score for p in res.plans] == sorted((p.score for p in res.plans), reverse=True)
+
+
 def test_a_calibration_ranks_complete_plans_by_measured_shape() -> None:
     """A calibration that has learned "the expert keeps most when it joins last, under `anchor`"
     overrides the step model's ranking; it covers only the sizes it was fitted on."""

@@ -45,6 +45,14 @@ class Fold:
             coef[model] = coef.get(model, 0.0) + b
         return coef
 
+    def merge_identity(self) -> tuple:
+        """What the fold builds: its linear coefficients (rounded past float32) when every step is
+        linear, else its order and step arms. Folds with one identity build one checkpoint."""
+        coef = self.linear_coefficients()
+        if coef is not None and self.k > 1:
+            return ("linear", tuple(sorted((m, round(c, 12)) for m, c in coef.items())))
+        return (self.models, tuple(a.name for a in self.step_arms()))
+
 
 def check_fold(models: Sequence[str], operators: Sequence[str], weighting: str | None) -> None:
     """A ConfigError naming the fold when its steps do not match its models, a model repeats, or

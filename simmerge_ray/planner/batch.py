@@ -50,7 +50,8 @@ BATCH_FILES = ("results.parquet", "summary.json")  # what a rerun replaces in --
 # Bump when a change to the planner changes plans (2: intervals, flags; 3: weightings, the expert
 # anywhere, the retention objective; 5: one entry per merge, flag kinds, the proxy's expert-alone;
 # 6: a task-less first model, beam ties broken by content, a required expert judged on the task;
-# 7: the beam ranks partial plans within strata by the expert's position): old entries are ignored.
+# 7: the beam ranks partial plans within strata by the expert's position, linear folds with the
+# same coefficients listed once): old entries are ignored.
 CACHE_VERSION = 7
 
 PENDING = "pending"  # internal status: valid and not in the cache yet

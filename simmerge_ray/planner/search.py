@@ -263,6 +263,24 @@ def _beam(grown: list[tuple[float, _Partial]], width: int, experts: Sequence[str
     return kept
 
 
+def _distinct_merges(ranked: list[tuple[float, _Partial]], keep: int) -> list[tuple[float, _Partial]]:
+    """The first `keep` plans of a ranking that build different checkpoints, each under its best
+    score: two weightings can give the same shares (`equal` and `half` at 2-way), and linear folds
+    with the same coefficients are one merge ([a, b, c] under `half` and [c, a, b] under `anchor`),
+    so the runner-up is another merge and the margin means something."""
+    seen: set[tuple] = set()
+    out: list[tuple[float, _Partial]] = []
+    for sc in ranked:
+        c = sc[1]
+        ident = Fold(tuple(c.models), tuple(c.ops), c.weighting).merge_identity()
+        if ident not in seen:
+            seen.add(ident)
+            out.append(sc)
+            if len(out) == keep:
+                break
+    return out
+
+
 def search(space: SearchSpace, step_model: StepModel, objective: Objective = Objective(), *,
            keep: int = 10, calibration: MultiwayCalibration | None = None) -> SearchResult:
     """The `keep` best plans of the space. With `calibration` (planner/calibrate.py), complete
@@ -323,22 +341,19 @@ def search(space: SearchSpace, step_model: StepModel, objective: Objective = Obj
         complete = [(objective.retention_weight * e + objective.aux_weight * o, c)
                     for (_, c), (e, o) in zip(complete, pred)]
     complete.sort(key=lambda sc: (-sc[0], len(sc[1].models), sc[1].models, sc[1].ops, sc[1].weighting))
-    # Two weightings can give the same shares (`equal` and `half` at 2-way): one merge, listed
-    # once, so the runner-up is another merge and the margin means something.
-    seen: set[tuple] = set()
-    complete = [sc for sc in complete if not (sc[1].key in seen or seen.add(sc[1].key))]
     best_with: dict[str, float] = {}
     for score, c in complete:
         for x in c.models:
             best_with.setdefault(x, score)  # sorted best first: the first score seen is the best
-    plans = [make_plan(space, objective, c) for _, c in complete[:keep]]
-    for plan, (score, c) in zip(plans, complete):
+    listed = _distinct_merges(complete, keep)
+    plans = [make_plan(space, objective, c) for _, c in listed]
+    for plan, (score, c) in zip(plans, listed):
         if id(c) in calibrated:
             e, o = calibrated[id(c)]
             plan.calibrated = {"expert_retention": e, "others_retention": o, "score": score,
                                "subsets": calibration.subsets[plan.k],
                                "intervals": calibration.intervals(plan.k, e, o)}
-    best, best_score = plans[0], complete[0][0]
+    best, best_score = plans[0], listed[0][0]
     if best.calibrated:  # the top plan is picked for its high score: corrected for that
         best.calibrated["top_plan"] = calibration.top_plan(best.k, best.calibrated["expert_retention"],
                                                            best.calibrated["others_retention"], objective.as_dict())
