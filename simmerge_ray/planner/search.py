@@ -90,8 +90,9 @@ class SearchSpace:
 
 @dataclass
 class SearchResult:
-    plans: list[Plan]  # best first
-    scored: int
+    plans: list[Plan]  # best first, each merge once
+    scored: int  # plans scored by the objective, partial ones included (those of fewer than min_k
+    # models, those without the expert yet): the search's work, not the number of complete plans
     seconds: float
     exhaustive: bool
 
