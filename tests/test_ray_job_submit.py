@@ -109,6 +109,8 @@ def test_whole_pipeline_job_on_the_tiny_testbed(ray_head: RayHead, tmp_path: Pat
         assert (out / chart).read_bytes()[:4] == b"\x89PNG", chart
     md = (out / "report.md").read_text()
     assert "## Multi-way plans" in md and "| simmerge |" in md
+    lo = report["pairwise"]["leave_one_task_out"]  # three tasks: held out in turn, or the reason why not
+    assert (f"leave one task out: {lo['selection_accuracy']:.1%}" if "selection_accuracy" in lo else lo["reason"]) in md
     assert "[8/8] bandit" in ray_head.logs("pipeline")
 
     # The fitted selector applied, unchanged, as a transfer job: finished stages are reused, the

@@ -9,6 +9,7 @@ from pathlib import Path
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.merge.arms import ARM_NAMES, PAPER_ARMS, STEP_ARMS
 from simmerge_ray.pipeline.layout import RunLayout
+from simmerge_ray.pipeline.selector import loto_evaluated
 from simmerge_ray.report.charts import feature_utility_heatmap, grouped_bars
 
 PAIR_METHODS = ("simmerge", *ARM_NAMES, "majority", "oracle")
@@ -61,7 +62,7 @@ def build_report(out: Path, timings: dict[str, float]) -> dict:
             "regret": held["regret"],
             "leave_one_task_out": ({"selection_accuracy": sel["leave_one_task_out"]["selection_accuracy"],
                                     "utility": sel["leave_one_task_out"]["utility"]}
-                                   if "utility" in sel["leave_one_task_out"] else sel["leave_one_task_out"]),
+                                   if loto_evaluated(sel["leave_one_task_out"]) else sel["leave_one_task_out"]),
             "ablation": sel["ablation"],
         },
         "testbed": testbed_section(run.zoo),
@@ -180,4 +181,4 @@ def render_markdown(report: dict) -> str:
 
 
 def _loto_accuracy(loto: dict) -> str:
-    return f"{loto['selection_accuracy']:.1%}" if "selection_accuracy" in loto else loto.get("reason", "not evaluated")
+    return f"{loto['selection_accuracy']:.1%}" if loto_evaluated(loto) else loto["reason"]

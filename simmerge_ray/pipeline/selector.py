@@ -50,6 +50,11 @@ LOTO_NEEDS = ("not evaluated: holding a task out leaves no training pair without
               "(it takes three tasks or more, with pairs between the others)")
 
 
+def loto_evaluated(loto: dict) -> bool:
+    """Whether a `leave_one_task_out` entry holds results; else it is {"available": False, "reason"}."""
+    return loto.get("available") is not False
+
+
 def check_calibration_folds(folds: int) -> None:
     if folds < 0 or folds == 1:
         raise ConfigError(f"--calibration-folds: {folds} is not 0 (no intervals) or at least 2")
@@ -219,7 +224,7 @@ def format_summary(report: dict) -> str:
                      "arms): " + ", ".join(f"nominal {k}%: {100 * c['all_arms']:.1f}% (picked arm "
                                            f"{100 * c['picked_arm']:.1f}%)" for k, c in cov.items()))
     lo = report["leave_one_task_out"]
-    lines.append(f"leave one task out: {LOTO_NEEDS}" if lo.get("available") is False else
+    lines.append(f"leave one task out: {lo['reason']}" if not loto_evaluated(lo) else
                  f"leave one task out: accuracy {lo['selection_accuracy']:.1%}, SimMerge "
                  f"{100 * lo['utility']['simmerge']['mean']:.1f}% vs best fixed "
                  f"{100 * lo['utility'][lo['best_fixed_operator']]['mean']:.1f}%")
