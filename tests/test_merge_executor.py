@@ -145,6 +145,18 @@ def test_mismatched_architectures_are_named(ray_cluster, models: Path, tmp_path:
         with pytest.raises(CheckpointError, match=pattern):
             run_merge(MergeSpec.load(cfg), tmp_path / "out")
         assert not (tmp_path / "out").exists()
+    # A tensor missing from one block of the first model (its other block holds it): the first
+    # model's names are what is merged, so it was left out of the output, exit 0.
+    src, gap = Checkpoint.open(models / "m1"), "model.layers.1.mlp.up_proj.weight"
+    write_checkpoint(models / "gappy", src.config, [(n, e.shape, "bfloat16", lambda n=n: src.read_f32(n))
+                                                    for n, e in src.entries.items() if n != gap], 10**9, overwrite=True)
+    for method, extra in (("linear", {}), ("ties", {"base_model": "base"})):
+        cfg = _config(models, "gappy", {"merge_method": method, **extra, "models": [
+            {"model": m, "parameters": {"weight": 1, "density": 0.5} if method == "ties" else {"weight": 1}}
+            for m in ("gappy", "m2")]})
+        with pytest.raises(CheckpointError, match=rf"model 'gappy' \(.*\) lacks tensor '{gap}', which model 'm2' holds;"):
+            run_merge(MergeSpec.load(cfg), tmp_path / "out")
+        assert not (tmp_path / "out").exists()
     _no_leftovers(tmp_path)
 
 

@@ -185,16 +185,16 @@ def _plan_part(spec: MergeSpec, ckpts: dict[str, Checkpoint], part: _Part, range
     tasks = [_task(spec, ckpts, first_slice, n, [n] * len(first_slice.sources), part.outside_t(n), vocab)
              for n in outside if part.is_pre(n)]
     out_layer = 0
+    blocks: dict[str, dict[int, list[str]]] = {}
     for sl, rng in zip(part.slices, ranges):
-        lead = ckpts[sl.sources[0].model.ref]
-        by_layer: dict[int, list[str]] = {}
-        for n in lead.tensor_names:
-            idx = layer_index(n)
-            if idx is not None and part.owns(n):
-                by_layer.setdefault(idx, []).append(n)
+        for s in sl.sources:
+            if s.model.ref not in blocks:
+                blocks[s.model.ref] = _block_tensors(ckpts[s.model.ref], part)
+        by_layer = blocks[sl.sources[0].model.ref]
         n_layers = rng[0][1] - rng[0][0]
         for k in range(n_layers):
             t = k / (n_layers - 1) if n_layers > 1 else 1.0
+            _check_block(ckpts, blocks, sl, [lo + k for lo, _ in rng])
             for name in by_layer.get(rng[0][0] + k, []):
                 ins = [with_layer_index(name, lo + k) for lo, _ in rng]
                 tasks.append(_task(spec, ckpts, sl, with_layer_index(name, out_layer), ins, t))
@@ -202,6 +202,33 @@ def _plan_part(spec: MergeSpec, ckpts: dict[str, Checkpoint], part: _Part, range
     tasks += [_task(spec, ckpts, last, n, [n] * len(last.sources), part.outside_t(n), vocab)
               for n in outside if not part.is_pre(n)]
     return tasks
+
+
+def _block_tensors(ck: Checkpoint, part: _Part) -> dict[int, list[str]]:
+    """A model's tensor names of each block (of the part's module)."""
+    out: dict[int, list[str]] = {}
+    for n in ck.tensor_names:
+        idx = layer_index(n)
+        if idx is not None and part.owns(n):
+            out.setdefault(idx, []).append(n)
+    return out
+
+
+def _check_block(ckpts: dict[str, Checkpoint], blocks: dict[str, dict[int, list[str]]], sl: OutputSlice,
+                 layers: list[int]) -> None:
+    """The lead source's block holds every tensor the other sources' blocks hold: the lead's names
+    are what is merged, so a tensor it lacks in one block (and holds in others, which the
+    architecture check sees) would be left out of the output without a word. What the others
+    lack is _check_tensors' to say."""
+    lead, lead_layer = sl.sources[0].model.ref, layers[0]
+    held = {with_layer_index(n, 0) for n in blocks[lead].get(lead_layer, [])}
+    for s, layer in zip(sl.sources[1:], layers[1:]):
+        for n in blocks[s.model.ref].get(layer, []):
+            if with_layer_index(n, 0) not in held:
+                name = with_layer_index(n, lead_layer)
+                raise CheckpointError(f"model {lead!r} ({ckpts[lead].path}) lacks tensor {name!r}, which model "
+                                      f"{s.model.ref!r} holds{f' (as {n!r})' if n != name else ''}; models must "
+                                      f"share one architecture")
 
 
 def _task(spec: MergeSpec, ckpts: dict[str, Checkpoint], sl: OutputSlice, out_name: str, in_names: list[str],
