@@ -114,6 +114,11 @@ def test_plan_executes_with_the_streaming_engine(built: dict, tmp_path: Path) ->
     (tmp_path / "catalog.yaml").write_text(
         f"base: {root / 'base'}\nmodels:\n" + "".join(f"  - {{name: {m}, path: {root / m}}}\n" for m in plan.models))
     out = tmp_path / "merged"
+    # A plan naming a model the catalog lacks: one error, and no work folder left beside --out.
+    (tmp_path / "short.yaml").write_text(f"base: {root / 'base'}\nmodels:\n  - {{name: m1, path: {root / 'm1'}}}\n")
+    assert cli_main(["merge", "--plan", str(tmp_path / "plan.json"), "--catalog", str(tmp_path / "short.yaml"),
+                     "--out", str(out)]) == 2
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     # The work folder of a `merge --plan` killed after its first step (its owner process is dead).
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

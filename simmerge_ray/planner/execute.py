@@ -82,10 +82,10 @@ def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = Ex
         return [run_merge(spec, out, opts)]
     clean_stale(out.parent, (f".{out.name}.plan-",))  # the work folders of killed runs
     work = owned_temp_dir(out.parent, f".{out.name}.plan-")
-    step_dir = str(work / "step-{j}")
-    configs = plan.step_configs(paths, catalog.base, step_dir=step_dir)
     results = []
-    try:
+    try:  # from here on the work folder goes, whatever fails (a bad plan included)
+        step_dir = str(work / "step-{j}")
+        configs = plan.step_configs(paths, catalog.base, step_dir=step_dir)
         for j, cfg in enumerate(configs, start=1):
             last = j == len(configs)
             if out_dtype:
