@@ -29,6 +29,7 @@ from pathlib import Path
 
 import simmerge_ray
 from simmerge_ray import resources, storage
+from simmerge_ray.cli import Parser
 from simmerge_ray.errors import SimMergeError
 from simmerge_ray.io.file_lock import LockHeld, exclusive_lock
 
@@ -94,7 +95,7 @@ STAGES: dict[str, Stage] = {
 
 def build_parser(stage: str) -> argparse.ArgumentParser:
     spec = STAGES[stage]
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=f"jobs/{stage}.py", allow_abbrev=False,
         description=f"Ray job: `{spec.commands}`. Unknown flags go to the command as they are.")
     parser.add_argument("--config", help="the stage's config file (path or URI)")

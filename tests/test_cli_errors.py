@@ -40,6 +40,18 @@ def _one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:
     return err
 
 
+def test_usage_errors_are_one_line(capsys) -> None:
+    """argparse printed its whole usage block before the error line."""
+    for argv, needle in ((["merge", "x.yaml", "--workers", "0"],
+                          "simmerge merge: error: argument --workers: 0 is not at least 1 (see simmerge merge --help)"),
+                         (["merge", "x.yaml"], "the following arguments are required: --out"),
+                         (["frob"], "simmerge: error: argument COMMAND: invalid choice: 'frob'")):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(argv)
+        assert exc.value.code == 2
+        _one_line_error(capsys, needle)
+
+
 @pytest.mark.parametrize("params, needle", [
     ({"weight": 0.5, "density": "abc"}, "models[0].parameters.density: expected a finite number, got 'abc'"),
     ({"weight": ".nan", "density": 0.5}, "models[0].parameters.weight: expected a finite number, got '.nan'"),

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from typing import NoReturn
 
 from simmerge_ray import __version__
 from simmerge_ray.errors import SimMergeError
@@ -69,8 +70,16 @@ def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentP
                 yield from _all_parsers(sub)
 
 
+class Parser(argparse.ArgumentParser):
+    """A usage error in one line, as every other error (argparse prints the whole usage block
+    first): what is wrong, and where the options are listed."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="simmerge",
         description="Choose how to merge LLM checkpoints from similarity signals, then merge them.",
         epilog="example:\n  simmerge merge my-merge.yaml --out merged/\n"
