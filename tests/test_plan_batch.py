@@ -62,6 +62,8 @@ BAD = [
     ({"request_id": "typo", "task": "code", "models": ["code-0", "rag-0"], "max_wya": 3},
      "max_wya: Extra inputs are not permitted"),
     ({"request_id": "bad/id", "task": "code", "models": ["code-0", "rag-0"]}, "request_id: String should match"),
+    ({"request_id": "inf-weight", "task": "code", "models": ["code-0", "rag-0"], "retention_weight": float("inf")},
+     "retention_weight: Input should be a finite number"),  # it crashed the whole batch
     ({"request_id": "dup", "task": "code", "models": ["code-0", "rag-0"]}, "request_id 'dup' appears 2 times"),
     ({"request_id": "dup", "task": "math", "models": ["math-0", "rag-0"]}, "request_id 'dup' appears 2 times"),
 ]
@@ -80,8 +82,8 @@ def test_batch_matches_single_plans_and_resumes(world, tmp_path: Path) -> None:
     assert res.height == len(table) == first.requests
     assert sorted(res["request_id"].to_list()) == sorted(r["request_id"] for r in table)
     assert (first.ok, first.errors, first.cached) == (len(good), len(BAD), 0)
-    assert first.invalid == 3  # bad-size, typo, bad/id never reach an actor
-    assert first.planned == len(table) - 3
+    assert first.invalid == 4  # bad-size, typo, bad/id, inf-weight never reach an actor
+    assert first.planned == len(table) - 4
     by_id = {r["request_id"]: r for r in res.iter_rows(named=True)}
     for req, message in BAD:
         rows = res.filter(pl.col("request_id") == req["request_id"])
@@ -124,14 +126,14 @@ def test_batch_matches_single_plans_and_resumes(world, tmp_path: Path) -> None:
 
     # Rerun: nothing is planned again; then one changed request is the only one replanned.
     again = run_batch(settings)
-    assert again.planned == 0 and again.cached == len(table) - 3
+    assert again.planned == 0 and again.cached == len(table) - 4
     res2 = pl.read_parquet(tmp_path / "out" / "results.parquet")
     changed = [c for c in res.columns if c not in ("cached", "search_seconds") and not res2[c].equals(res[c])]
-    assert changed == [] and res2["cached"].sum() == len(table) - 3
+    assert changed == [] and res2["cached"].sum() == len(table) - 4
     good[5]["max_way"] = 2
     pl.DataFrame(good + [r for r, _ in BAD], infer_schema_length=None).write_parquet(tmp_path / "requests.parquet")
     third = run_batch(settings)
-    assert third.planned == 1 and third.cached == len(table) - 4
+    assert third.planned == 1 and third.cached == len(table) - 5
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["planned"] == 1 and summary["requests"] == len(table)
 

@@ -41,8 +41,8 @@ class PlanRequest(BaseModel):
     min_way: int = 2
     max_way: int = 4
     required_expert: str | None = None
-    retention_weight: float = Field(default=1.0, ge=0)
-    aux_weight: float = Field(default=0.0, ge=0)
+    retention_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    aux_weight: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     beam_width: int = Field(default=64, ge=1)
 
     @model_validator(mode="after")
