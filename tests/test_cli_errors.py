@@ -462,6 +462,20 @@ def test_selector_commands_refuse_bad_fold_and_member_counts(tmp_path: Path, cap
     assert not (tmp_path / "ev").exists()
 
 
+def _edit_schema(folder: Path, field: str, value: float) -> None:
+    raw = json.loads((folder / "selector.json").read_text())
+    raw[field][0] = value
+    (folder / "selector.json").write_text(json.dumps(raw))
+
+
+def _nan_weight(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "selector.safetensors")
+    state["body.0.bias"][1] = float("nan")
+    save_file(state, folder / "selector.safetensors")
+
+
 @pytest.mark.parametrize("damage, needle", [
     (lambda d: (d / "selector.json").write_text('{"config": '), "unreadable selector (JSONDecodeError"),
     (lambda d: (d / "selector.json").write_text("[]"), "not a selector's schema or weights (TypeError"),
@@ -473,6 +487,10 @@ def test_selector_commands_refuse_bad_fold_and_member_counts(tmp_path: Path, cap
      "not a selector's schema or weights (RuntimeError"),
     (lambda d: (d / "selector.json").write_text((d / "selector.json").read_text().replace('"members": 1', '"members": 0')),
      "not a selector's schema or weights (ConfigError: selector config: members must be an integer >= 1, got 0)"),
+    # read, then every prediction and every plan score NaN, exit 0
+    (lambda d: _edit_schema(d, "scale", 0.0), "selector.json: scale[0] is 0.0, not a finite number > 0"),
+    (lambda d: _edit_schema(d, "mean", float("nan")), "selector.json: mean[0] is nan, not a finite number"),
+    (lambda d: _nan_weight(d), "selector.safetensors: tensor 'body.0.bias' holds NaN or Inf values"),
 ])
 def test_a_damaged_selector_folder_is_one_line(tmp_path: Path, capsys, damage, needle: str) -> None:
     from simmerge_ray.selector.data import build_pair_data

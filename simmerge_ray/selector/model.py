@@ -218,6 +218,7 @@ class Selector:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ConfigError(f"{path / SCHEMA}: not a selector's schema or weights ({type(e).__name__}: {first})") from None
         where = str(path / SCHEMA)
+        _check_finite(state, mean, scale, path)
         calib = Calibration.from_dict(raw["calibration"], raw["operators"], where) if "calibration" in raw else None
         domain = TrainingDomain.from_dict(raw["domain"], raw["feature_names"], where) if "domain" in raw else None
         return cls(raw["feature_names"], raw["operators"], tasks, mean, scale, cfg, net, raw.get("meta", {}),
@@ -231,3 +232,16 @@ class Selector:
                 f"{where}: lacks {len(missing)} of the selector's {len(self.feature_names)} features "
                 f"(e.g. {', '.join(missing[:3])}); it was trained on another feature schema"
             )
+
+
+def _check_finite(state: dict[str, torch.Tensor], mean: np.ndarray, scale: np.ndarray, path: Path) -> None:
+    """A NaN weight or a standardisation that divides by zero would make every prediction NaN,
+    and every plan's score with it: refused where the selector is read, naming what is wrong."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"{path / WEIGHTS}: tensor {name!r} holds NaN or Inf values")
+    for field, v in (("mean", mean), ("scale", scale)):
+        bad = np.flatnonzero(~np.isfinite(v) | ((v <= 0) if field == "scale" else False))
+        if bad.size:
+            need = "a finite number > 0" if field == "scale" else "a finite number"
+            raise ConfigError(f"{path / SCHEMA}: {field}[{bad[0]}] is {float(v[bad[0]])}, not {need}")
