@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -49,6 +51,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if not _verbose:
         level = logging.WARNING
     address = address or os.environ.get("RAY_ADDRESS")
+    on_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     with _without_cpp_info_lines(enabled=not _verbose):
         if address:
             ray.init(address=address, log_to_driver=True, logging_level=level)
@@ -56,6 +59,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
                 _drop_streamed_cpp_info_lines()
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=_verbose, logging_level=level)
+    if callable(on_sigterm):  # the core worker's C++ failure handler took SIGTERM over (a stack dump, exit 15):
+        signal.signal(signal.SIGTERM, on_sigterm)  # the command's own handler unwinds and cleans up again
     if not _verbose:
         for name in ("ray.tune", "ray.train", "ray.serve"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -355,6 +355,36 @@ def test_an_interrupted_merge_says_so_in_one_line_and_leaves_no_temporary_folder
     assert sorted(p.name for p in workspace.iterdir()) == ["merge.yaml", "models"]
 
 
+_SIGTERM_AFTER_RAY = """
+import sys, time
+from simmerge_ray.cli import _interrupt_on_sigterm
+from simmerge_ray.ray_session import init_ray
+_interrupt_on_sigterm()  # as the CLI does before running a command
+init_ray(num_cpus=1)
+print("ray up", flush=True)
+try:
+    time.sleep(120)
+except KeyboardInterrupt:
+    import ray
+    ray.shutdown()
+    sys.exit(130)
+"""
+
+
+def test_sigterm_still_unwinds_after_ray_starts(tmp_path: Path) -> None:
+    """Ray's core worker installs a C++ failure handler for SIGTERM: a command that had started Ray
+    (plan-batch, features, label...) died on `kill` with a native stack dump and exit 15, its
+    temporary outputs left behind, instead of unwinding to one line and exit 130."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_AFTER_RAY], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    assert proc.stdout.readline().strip() == "ray up"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGTERM received" not in err
+
+
 _TRY_LOCK = """
 import fcntl, os, sys
 fd = os.open(sys.argv[1], os.O_RDWR)
