@@ -449,6 +449,20 @@ def test_fit_refuses_an_infinite_feature_naming_its_row(tmp_path: Path, capsys) 
     assert not (tmp_path / "sel").exists()
 
 
+def test_a_feature_table_with_two_rows_for_a_pair_is_refused(tmp_path: Path, capsys) -> None:
+    """Two rows for one (a, b, task): readers took the first (plan) or joined both (fit) without a word."""
+    import polars as pl
+
+    feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    df = pl.read_parquet(feats)
+    pl.concat([df, df.head(2).with_columns(pl.col("s_cos") * 2)]).write_parquet(feats)
+    assert cli_main(["fit", "--features", str(feats), "--labels", str(labels), "--out", str(tmp_path / "sel"),
+                     "--tune-samples", "0"]) == 2
+    _one_line_error(capsys, f"{feats}: 2 (a, b, task) key(s) appear in more than one row (first: a 'x', b 'y', "
+                            f"task 't', 2 rows)")
+    assert not (tmp_path / "sel").exists()
+
+
 def test_selector_commands_refuse_bad_fold_and_member_counts(tmp_path: Path, capsys) -> None:
     feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     for folds in ("0", "1", "-3"):

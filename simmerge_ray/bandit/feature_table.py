@@ -11,7 +11,7 @@ import polars as pl
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.bandit.errors import FeatureError, UnknownNameError
-from simmerge_ray.features.schema import KEY_COLUMNS, read_feature_table
+from simmerge_ray.features.schema import KEY_COLUMNS, check_unique_keys, read_feature_table
 
 
 class FeatureTable:
@@ -23,9 +23,8 @@ class FeatureTable:
             raise ConfigError(f"{source}: missing columns {missing}")
         self.source = source
         self.feature_names = tuple(feature_names)
+        check_unique_keys(df, source)
         keys = df.select(KEY_COLUMNS).rows()
-        if len(set(keys)) != len(keys):
-            raise ConfigError(f"{source}: duplicate (a, b, task) rows")
         self._row = {key: i for i, key in enumerate(keys)}
         self._x = df.select(self.feature_names).cast(pl.Float64).to_numpy()
         self.models = frozenset(df["a"].to_list()) | frozenset(df["b"].to_list())

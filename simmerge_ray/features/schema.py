@@ -41,9 +41,20 @@ def check_finite_features(df: pl.DataFrame, source: str, columns: Sequence[str] 
                               f"a feature must be finite (NaN marks undefined)")
 
 
+def check_unique_keys(df: pl.DataFrame, source: str) -> None:
+    """One row per (a, b, task): of two rows for a pair, a reader would take either without a word."""
+    keys = [k for k in KEY_COLUMNS if k in df.columns]
+    dup = df.group_by(keys, maintain_order=True).len().filter(pl.col("len") > 1) if keys else None
+    if dup is not None and dup.height:
+        r = dup.row(0, named=True)
+        raise ConfigError(f"{source}: {dup.height} (a, b, task) key(s) appear in more than one row (first: "
+                          + ", ".join(f"{k} {r[k]!r}" for k in keys) + f", {r['len']} rows)")
+
+
 def read_feature_table(path: Path, columns: Sequence[str] | None = None) -> pl.DataFrame:
-    """A feature table from disk, the feature values that will be read (`columns`, default all)
-    checked finite."""
+    """A feature table from disk: one row per key, the feature values that will be read
+    (`columns`, default all) checked finite."""
     df = read_table(path, "feature table")
+    check_unique_keys(df, str(path))
     check_finite_features(df, str(path), columns)
     return df
