@@ -164,6 +164,7 @@ def test_cli_jsonl_and_execute_top(world, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="selector.safetensors: selector file not found"):
         run_batch(BatchSettings(requests=str(tmp_path / "req.jsonl"), selector=str(tmp_path / "sel"),
                                 catalog=str(w.catalog), features=str(w.features), out=str(tmp_path / "o2")))
+    assert not (tmp_path / "o2").exists()  # it used to hold an empty cache/
 
 
 def test_json_rows_are_read_one_at_a_time(world, tmp_path: Path) -> None:
@@ -339,16 +340,19 @@ def test_rerun_keeps_what_the_user_added_and_heals_broken_cache_entries(world, t
     user_merge.mkdir()
     (user_merge / "model.safetensors").write_bytes(b"the user's merge")
 
-    # Break three cache entries in three ways.
+    # Break four cache entries in four ways (a damaged alternatives.yaml was served as it was).
     (cache / keys["b"] / "row.json").write_bytes(b"\xff\xfe{")
     (cache / keys["c"] / "row.json").write_text("[1, 2]")
     (cache / keys["d"] / "plan.json").unlink()
+    alternatives = (cache / keys["a"] / "alternatives.yaml").read_text()
+    (cache / keys["a"] / "alternatives.yaml").write_text(alternatives[: len(alternatives) // 2])
     again = run_batch(settings)
-    assert (again.ok, again.planned, again.cached) == (4, 3, 1)
+    assert (again.ok, again.planned, again.cached) == (4, 4, 0)
     assert (user_merge / "model.safetensors").read_bytes() == b"the user's merge"
-    for rid in "bcd":
+    for rid in "abcd":
         assert json.loads((cache / keys[rid] / "row.json").read_text())["status"] == "ok"
         assert (cache / keys[rid] / "plan.json").is_file()
+    assert (cache / keys["a"] / "alternatives.yaml").read_text() == alternatives
     assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == []
     third = run_batch(settings)
     assert (third.planned, third.cached) == (0, 4)

@@ -39,7 +39,8 @@ from simmerge_ray.errors import ConfigError, OutputError, SimMergeError
 from simmerge_ray.features.provenance import stale_models
 from simmerge_ray.io.atomic import atomic_file, atomic_output_dir
 from simmerge_ray.io.out_checks import MARKER, check_creatable, check_not_input
-from simmerge_ray.planner.batch_cache import PER_RUN, RESULT_SCHEMA, ROW_FILE, publish_entry, read_entry
+from simmerge_ray.planner.batch_cache import (FILES, PER_RUN, RESULT_SCHEMA, ROW_FILE, entry_files, publish_entry,
+                                              read_entry)
 from simmerge_ray.io.stage_files import check_stage, stage_files
 from simmerge_ray.planner.request import (PlanRequest, build_step_model, candidates, load_calibration, plan_request,
                                           write_plans)
@@ -218,7 +219,8 @@ class PlanWorker:
         tmp.mkdir(parents=True)
         if res is not None:
             write_plans(res, self.catalog, tmp)
-        (tmp / ROW_FILE).write_text(json.dumps({k: v for k, v in outcome.items() if k not in PER_RUN}))  # last
+        stored = {k: v for k, v in outcome.items() if k not in PER_RUN} | {FILES: entry_files(tmp)}
+        (tmp / ROW_FILE).write_text(json.dumps(stored))  # last
         publish_entry(tmp, self.cache / row["key"])
         return {**outcome, "request_id": req.request_id, "request": row["request"], "cached": False}
 
@@ -253,7 +255,6 @@ def run_batch(s: BatchSettings) -> BatchReport:
     check_creatable(cache / "x")
     ask = resources.streaming_ask()
     placement.check_placeable("plan-batch actor", ask)  # not a silent wait for a node that never comes
-    cache.mkdir(parents=True, exist_ok=True)
     catalog = Catalog.load(s.catalog)
     fingerprint = inputs_fingerprint(s, catalog)
     keyed = prepare_rows(read_requests(s.requests), fingerprint, str(cache), catalog,
@@ -263,6 +264,7 @@ def run_batch(s: BatchSettings) -> BatchReport:
     fresh: list[pa.Table] = []
     if n_pending:
         build_step_model(s.selector, s.features, s.aux_selector)  # bad inputs: one clear error, before any actor
+        cache.mkdir(parents=True, exist_ok=True)  # only now: a batch refused above leaves --out as it was
         blocks = _blocks(pending, s.rows_per_block)
         planned = ray.data.from_arrow(blocks).map_batches(
             PlanWorker,

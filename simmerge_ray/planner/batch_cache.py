@@ -5,6 +5,7 @@ and the entry replaced, so a corrupt cache heals instead of failing every rerun.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -17,6 +18,7 @@ from simmerge_ray.io.atomic import publish_cache_entry
 log = logging.getLogger(__name__)
 
 ROW_FILE = "row.json"
+FILES = "files"  # row.json's digest of every other file of the entry
 
 RESULT_SCHEMA = pa.schema([
     ("request_id", pa.string()),
@@ -55,10 +57,18 @@ RESULT_SCHEMA = pa.schema([
 PER_RUN = ("request_id", "request", "cached", "plan_dir", "merged")  # not stored in the cache
 
 
+def entry_files(entry: Path) -> dict[str, str]:
+    """blake2b of each file of an entry but row.json, by name: written into row.json, checked on
+    every read, so a damaged file (alternatives.yaml, a step file) is a miss, never served."""
+    return {p.name: hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest()
+            for p in sorted(entry.iterdir()) if p.is_file() and p.name != ROW_FILE}
+
+
 def read_entry(cache: Path, key: str) -> dict | None:
     """The cached result row of `key`, or None (a miss) when the entry is absent or unusable: a
-    row that does not parse as a result, or an ok row whose plan.json does not read as a plan.
-    A miss is planned again and its entry replaced (`publish_entry`)."""
+    row that does not parse as a result, files that differ from the digests it records, or an ok
+    row whose plan.json does not read as a plan. A miss is planned again and its entry replaced
+    (`publish_entry`)."""
     from simmerge_ray.planner.plan import Plan
 
     entry = cache / key
@@ -66,6 +76,8 @@ def read_entry(cache: Path, key: str) -> dict | None:
         row = json.loads((entry / ROW_FILE).read_text())
         if not isinstance(row, dict) or row.get("key") != key or row.get("status") not in ("ok", "error"):
             raise ValueError("not a result row")
+        if row.pop(FILES, None) != entry_files(entry):
+            raise ValueError("its files differ from the digests row.json records")
         pa.Table.from_pylist([row], schema=RESULT_SCHEMA)
         if row["status"] == "ok":
             Plan.load(entry / "plan.json")
