@@ -154,6 +154,19 @@ def test_overwrite_passes_over_an_nfs_clients_file_of_a_removed_open_file(tmp_pa
     assert (out / ".nfs-my-notes").read_text() == "mine"
 
 
+def test_a_failed_output_leaves_no_folders_it_created_above_it(tmp_path: Path) -> None:
+    """`--out runs/x/y/out` of a merge that failed left runs/x/y/ behind, empty."""
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ValueError, match="the merge failed"):
+        with atomic_output_dir(tmp_path / "runs" / "x" / "y" / "out") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            raise ValueError("the merge failed")
+    assert list((tmp_path / "runs").iterdir()) == []  # runs/ was there before: it stays
+    with atomic_output_dir(tmp_path / "runs" / "x" / "y" / "out") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"whole")
+    assert (tmp_path / "runs" / "x" / "y" / "out" / "model.safetensors").read_bytes() == b"whole"
+
+
 def test_out_dot_and_parents_of_the_current_folder_are_refused(workspace: Path, capsys,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     here = workspace / "runs" / "today"

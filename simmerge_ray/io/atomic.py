@@ -76,6 +76,17 @@ def owned_temp_dir(parent: Path, prefix: str) -> Path:
     return tmp
 
 
+def _missing_parents(out: Path) -> list[Path]:
+    """The folders above `out` that do not exist yet, deepest first: a failed run creates them
+    for its temporary folder and removes them again, leaving the tree as it found it."""
+    missing = []
+    for parent in Path(out).parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
 @contextmanager
 def atomic_output_dir(out: Path, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; rename it to `out` only if the block succeeds.
@@ -88,6 +99,7 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False, inputs: Iterable[st
     """
     out = check_output(out, overwrite=overwrite, inputs=inputs)
     clean_stale(out.parent, (f".{out.name}.tmp-", f".{out.name}.old-"))
+    made = _missing_parents(out)
     tmp = owned_temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         yield tmp
@@ -95,6 +107,11 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False, inputs: Iterable[st
         check_replaceable(out, overwrite=overwrite)  # again: it may have appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # deepest first; one something else has written into since stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     if is_empty_folder(out):
         os.replace(tmp, out)  # a rename over an empty folder
