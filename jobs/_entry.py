@@ -29,7 +29,7 @@ from pathlib import Path
 
 import simmerge_ray
 from simmerge_ray import resources, storage
-from simmerge_ray.cli import Parser
+from simmerge_ray.arg_parser import Parser
 from simmerge_ray.errors import SimMergeError
 from simmerge_ray.io.file_lock import LockHeld, exclusive_lock
 

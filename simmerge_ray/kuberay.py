@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from simmerge_ray import resources
+from simmerge_ray.arg_parser import Parser
 from simmerge_ray.errors import ConfigError
 
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
@@ -217,7 +218,7 @@ def manifest_problems(doc: dict, crd_dir: Path, job_clusters: list[dict] = ()) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simmerge_ray.kuberay", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m simmerge_ray.kuberay", description=__doc__.splitlines()[0])
     parser.add_argument("manifests", nargs="+", type=Path)
     parser.add_argument("--crds", type=Path, required=True, help="folder with the KubeRay CRD YAML files")
     args = parser.parse_args(argv)

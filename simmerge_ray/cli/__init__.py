@@ -13,9 +13,9 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from typing import NoReturn
 
 from simmerge_ray import __version__
+from simmerge_ray.arg_parser import Parser
 from simmerge_ray.errors import SimMergeError
 
 # Modules under simmerge_ray.cli, each adding one or more subcommands.
@@ -68,14 +68,6 @@ def _all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentP
         if isinstance(action, argparse._SubParsersAction):
             for sub in dict.fromkeys(action.choices.values()):
                 yield from _all_parsers(sub)
-
-
-class Parser(argparse.ArgumentParser):
-    """A usage error in one line, as every other error (argparse prints the whole usage block
-    first): what is wrong, and where the options are listed."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
