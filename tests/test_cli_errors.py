@@ -497,6 +497,8 @@ def _nan_weight(folder: Path) -> None:
      "not a selector's schema or weights (KeyError"),
     (lambda d: (d / "selector.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}"),
      "unreadable selector (SafetensorError"),
+    (lambda d: (d / "selector.safetensors").unlink(),  # was "(None missing)"
+     "{sel}: not a selector folder ({sel}/selector.safetensors missing)"),
     (lambda d: (d / "selector.json").write_text((d / "selector.json").read_text().replace('"hidden": 64', '"hidden": 32')),
      "not a selector's schema or weights (RuntimeError"),
     (lambda d: (d / "selector.json").write_text((d / "selector.json").read_text().replace('"members": 1', '"members": 0')),
@@ -519,7 +521,7 @@ def test_a_damaged_selector_folder_is_one_line(tmp_path: Path, capsys, damage, n
     cat = _catalog(tmp_path)
     assert cli_main(["plan", "--selector", str(tmp_path / "sel"), "--catalog", str(cat), "--features", str(feats),
                      "--task", "t", "--expert", "a", "--aux", "b", "--out", str(tmp_path / "plan")]) == 2
-    _one_line_error(capsys, f"{tmp_path / 'sel'}", needle)
+    _one_line_error(capsys, f"{tmp_path / 'sel'}", needle.format(sel=tmp_path / "sel"))
 
 
 def test_fit_names_a_key_column_of_the_wrong_type(tmp_path: Path, capsys) -> None:

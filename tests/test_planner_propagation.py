@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,13 +16,17 @@ import polars as pl
 import pytest
 import torch
 import yaml
+from safetensors.numpy import load_file, save_file
 
 from simmerge_ray.catalog import Catalog
+from simmerge_ray.errors import CheckpointError, ConfigError
 from simmerge_ray.features.structural import StructuralOptions, compute_structural
 from simmerge_ray.io.owner import OWNER_FILE
+from simmerge_ray.io.safetensors_format import read_header
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, run_merge
+from simmerge_ray.planner.gram_file import AGAIN
 from simmerge_ray.planner.plan import Plan
 from benchmarks.proxy_stats import compare_columns, ranks, spearman, summarize_families
 from simmerge_ray.planner.propagate import (
@@ -103,6 +108,76 @@ def test_proxy_is_mixture_of_component_features(built: dict) -> None:
     lookup = PairLookup(table, ["f_kl_ab_mean", "s_sign_agree"])
     x = proxy_features(lookup, [state], ["m3"], "code")
     np.testing.assert_allclose(x[0], [0.4, 0.6])
+
+
+def _damaged(features: Path, at: Path, how: str) -> Path:
+    """A copy of a features folder with its Gram file or metadata damaged as `how` says."""
+    shutil.copytree(features, at)
+    path, t = at / "gram.safetensors", "lm_head.weight"
+    grams = load_file(path)
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif how == "dropped":
+        save_file({k: v for k, v in grams.items() if k != t}, path)
+    elif how == "shape":
+        save_file({**grams, t: grams[t][:3, :3].copy()}, path)
+    elif how == "float32":
+        save_file({**grams, t: grams[t].astype(np.float32)}, path)
+    elif how in ("nan", "inf"):
+        g = grams[t].copy()
+        g[1, 2] = g[2, 1] = np.nan if how == "nan" else np.inf
+        save_file({**grams, t: g}, path)
+    elif how == "no gram":
+        path.unlink()
+    elif how == "no meta":
+        (at / "gram_meta.json").unlink()
+    elif how == "meta":
+        (at / "gram_meta.json").write_text(json.dumps({"models": ["m1"], "base": None}))
+    return at
+
+
+# how the folder is damaged -> (error, message); {g} the Gram file, {d} the folder
+DAMAGES = {
+    "truncated": (CheckpointError, "{g}: truncated: tensor {last!r} ends at byte {end} but the file has {size}"),
+    "dropped": (CheckpointError, "{g}: tensor 'lm_head.weight' missing (gram_meta.json lists it); {again}"),
+    "shape": (CheckpointError, "{g}: tensor 'lm_head.weight' is F64 [3, 3], expected F64 [4, 4] (one row per model "
+                               "and base of gram_meta.json); {again}"),
+    "float32": (CheckpointError, "{g}: tensor 'lm_head.weight' is F32 [4, 4], expected F64 [4, 4] (one row per "
+                                 "model and base of gram_meta.json); {again}"),
+    "nan": (CheckpointError, "{g}: tensor 'lm_head.weight': Gram matrix holds NaN (2 of 16 entries not finite); "
+                             "{again}"),
+    "inf": (CheckpointError, "{g}: tensor 'lm_head.weight': Gram matrix holds Inf (2 of 16 entries not finite); "
+                             "{again}"),
+    "no gram": (ConfigError, "{d}: per-tensor Gram matrices missing ({g}); run `simmerge features structural` first"),
+    "no meta": (ConfigError, "{d}: per-tensor Gram matrices missing ({d}/gram_meta.json); run `simmerge features "
+                             "structural` first"),
+    "meta": (ConfigError, "{d}/gram_meta.json: unreadable Gram metadata (KeyError: 'tensors'); {again}"),
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGES))
+def test_a_damaged_gram_file_is_one_error_naming_file_and_tensor(built: dict, tmp_path: Path, how: str) -> None:
+    """Damaged Gram matrices were tracebacks (SafetensorError, KeyError, ValueError), and one NaN
+    gave plans with other scores and exit 0; a missing file was named 'None'."""
+    error, message = DAMAGES[how]
+    d = _damaged(built["root"] / "feat-small", tmp_path / "feat", how)
+    g = d / "gram.safetensors"
+    entries, _, _ = read_header(built["root"] / "feat-small" / "gram.safetensors")
+    last = max(entries.values(), key=lambda e: e.end)  # truncated: the one that runs past the end
+    with pytest.raises(error) as caught:
+        GramTable.load(d)
+    assert str(caught.value) == message.format(d=d, g=g, again=AGAIN, last=last.name, end=last.end,
+                                               size=last.end - 100)
+
+
+def test_gram_table_holds_the_file_values(built: dict) -> None:
+    feat = built["root"] / "feat-small"
+    gt = GramTable.load(feat)
+    grams = load_file(feat / "gram.safetensors")
+    assert gt.rows == ["m1", "m2", "m3", "base"] and gt.gram.shape == (len(grams), 4, 4)
+    for i, t in enumerate(gt.tensors):
+        np.testing.assert_array_equal(gt.gram[i], grams[t])
+    assert np.isfinite(gt.gram).all() and gt.scopes[""].all() and gt.scopes["_mlp"].any()
 
 
 def test_plan_executes_with_the_streaming_engine(built: dict, tmp_path: Path) -> None:

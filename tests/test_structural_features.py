@@ -593,3 +593,39 @@ def test_truncated_gram_cache_entries_are_misses_and_healed(ray_cluster, zoo: Pa
     assert all(load_entry(e) is not None for e in entries)  # rewritten whole
     assert pl.read_parquet(tmp_path / "two" / "structural.parquet").equals(
         pl.read_parquet(tmp_path / "one" / "structural.parquet"))
+
+
+def test_gram_cache_entries_rewritten_without_their_digest_are_misses_and_healed(
+        ray_cluster, zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A cache entry that is still valid safetensors but holds other values (sign counts made
+    impossible, saved without the digest) was served: s_sign_agree of its pair came out near 0."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from simmerge_ray.features.gram_cache import load_entry
+
+    monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "cache"))
+    cat = _catalog(zoo, ["ft1", "ft3"], "base", "values.yaml")
+    compute_structural(cat, tmp_path / "one", OPTS)
+    entries = sorted(e for e in (tmp_path / "cache" / "structural").rglob("*.safetensors")
+                     if len(set(e.stem.split("__"))) == 2)  # pairs of two different rows
+    assert len(entries) == 3  # 3 rows (2 models + base)
+    fresh = {e: load_file(e) for e in entries}
+    assert sorted(bool((a["agree"] > 0).all()) for a in fresh.values()) == [False, False, True]  # base: no signs
+    for e, arrays in fresh.items():
+        save_file({**arrays, "agree": np.full_like(arrays["agree"], -5)}, str(e))  # valid file, no digest
+    with caplog.at_level("WARNING"):
+        run = compute_structural(cat, tmp_path / "two", OPTS)
+    assert run.pairs_cached == 3 and run.entries_computed > 0  # the three self-pairs only
+    for e in entries:
+        assert f"{e}: Gram cache entry has no digest" in caplog.text
+        with safe_open(str(e), framework="np") as f:
+            assert (f.metadata() or {}).get("digest")  # rewritten with its digest ...
+        healed = load_entry(e)
+        assert healed is not None and set(healed) == set(fresh[e])  # ... and the values computed again
+        for k in fresh[e]:
+            np.testing.assert_array_equal(healed[k], fresh[e][k])
+    one, two = (pl.read_parquet(tmp_path / d / "structural.parquet") for d in ("one", "two"))
+    assert two.equals(one)
+    assert two["s_sign_agree"].is_between(0.0, 1.0).all()

@@ -1,7 +1,7 @@
 """The structural pass's on-disk cache: Gram entries per model pair, and per-tensor results of
 an unfinished pass. Every file is written atomically with a digest of its arrays; one that cannot
-be read or whose digest does not match (truncated, corrupt) is a miss: logged with its path,
-removed, and computed again. A bad cache file never fails a run."""
+be read, carries no digest or whose digest does not match (truncated, corrupt, rewritten) is a
+miss: logged with its path, removed, and computed again. A bad cache file never fails a run."""
 
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ def save_entry(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_entry(path: Path) -> dict[str, np.ndarray] | None:
-    """The arrays stored at `path`; None when absent, unreadable or not matching their digest
-    (such a file is removed so that it is written again)."""
+    """The arrays stored at `path`; None when absent, unreadable, without a digest or not matching
+    it (such a file is removed so that it is written again): a valid file holding wrong values
+    would otherwise be served as features."""
     try:
         with safe_open(str(path), framework="np") as f:
             want = (f.metadata() or {}).get("digest")
@@ -41,7 +42,9 @@ def load_entry(path: Path) -> dict[str, np.ndarray] | None:
         return None
     except Exception as e:  # the safetensors library raises its own SafetensorError
         return _miss(path, f"unreadable: {e}")
-    if want is not None and want != arrays_digest(arrays):  # entries of older versions carry none
+    if want is None:  # values rewritten by something else, or an entry of before the digest: unverifiable
+        return _miss(path, "has no digest")
+    if want != arrays_digest(arrays):
         return _miss(path, "digest mismatch")
     return arrays
 

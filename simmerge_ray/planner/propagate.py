@@ -12,13 +12,11 @@ weights of the fold.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-from safetensors.numpy import load_file
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.gram_math import FEATURES, PairStats, basis_change, pair_features
@@ -26,6 +24,7 @@ from simmerge_ray.features.module_groups import GROUPS, THIRDS
 from simmerge_ray.features.schema import FUNCTIONAL_PREFIX, KEY_COLUMNS
 from simmerge_ray.merge.operators.slerp import slerp_coefficients_from_gram
 from simmerge_ray.merge.arms import Arm, get_arm
+from simmerge_ray.planner.gram_file import gram_files, read_gram_meta, read_grams
 
 PROXY_PREFIXES = (FUNCTIONAL_PREFIX, "s_sign_agree")
 
@@ -43,22 +42,16 @@ class GramTable:
 
     @classmethod
     def load(cls, features_dir: str | Path) -> "GramTable":
-        d = Path(features_dir)
-        try:
-            meta = json.loads((d / "gram_meta.json").read_text())
-            grams = load_file(d / "gram.safetensors")
-        except FileNotFoundError as e:
-            raise ConfigError(f"{d}: per-tensor Gram matrices missing ({e.filename}); "
-                              f"run `simmerge features structural` first") from None
-        tensors = list(meta["tensors"])
-        info = meta["tensors"]
-        scopes = {"": np.ones(len(tensors), bool)}
+        """The folder's Gram matrices, checked against gram_meta.json (see planner/gram_file.py)."""
+        meta_path, gram_path = gram_files(Path(features_dir))
+        meta = read_gram_meta(meta_path)
+        gram = read_grams(gram_path, meta.tensors, len(meta.rows))
+        scopes = {"": np.ones(len(meta.tensors), bool)}
         for g in GROUPS:
-            scopes[f"_{g}"] = np.array([info[t]["group"] == g for t in tensors])
+            scopes[f"_{g}"] = np.array([group == g for group in meta.groups], bool)
         for k in THIRDS:
-            scopes[f"_d{k}"] = np.array([info[t]["third"] == k for t in tensors])
-        rows = meta["models"] + ([meta["base"]] if meta["base"] else [])
-        return cls(rows, meta["models"], meta["base"], tensors, np.stack([grams[t] for t in tensors]), scopes)
+            scopes[f"_d{k}"] = np.array([third == k for third in meta.thirds], bool)
+        return cls(meta.rows, meta.models, meta.base, meta.tensors, gram, scopes)
 
     def index(self, model: str) -> int:
         try:

@@ -203,8 +203,8 @@ class Selector:
         try:
             raw = json.loads((path / SCHEMA).read_text())
             state = load_file(path / WEIGHTS)
-        except FileNotFoundError as e:
-            raise ConfigError(f"{path}: not a selector folder ({e.filename} missing)") from None
+        except FileNotFoundError as e:  # safetensors' reader raises it without a file name
+            raise ConfigError(f"{path}: not a selector folder ({e.filename or path / WEIGHTS} missing)") from None
         except (OSError, ValueError, SafetensorError) as e:  # truncated or corrupt files
             raise ConfigError(f"{path}: unreadable selector ({type(e).__name__}: {e})") from None
         try:
