@@ -22,7 +22,7 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.planner.calibrate import MultiwayCalibration
 from simmerge_ray.planner.objective import Objective
 from simmerge_ray.planner.search import SearchResult, SearchSpace, StepModel, search
-from simmerge_ray.features.schema import read_feature_table
+from simmerge_ray.features.schema import check_finite_features, read_feature_table
 from simmerge_ray.selector.data import features_file
 
 if TYPE_CHECKING:
@@ -181,8 +181,10 @@ def build_step_model(selector_dir: str | Path, features_dir: str | Path,
     from simmerge_ray.planner.step_model import SelectorStepModel
     from simmerge_ray.selector.model import Selector
 
+    path = features_file(features_dir)
+    feats = read_feature_table(path, columns=[])  # readable, one row per pair; values checked below
+    grams = GramTable.load(Path(features_dir))
     sel = Selector.load(selector_dir)
     aux = Selector.load(aux_selector_dir) if aux_selector_dir else None
-    feats = read_feature_table(features_file(features_dir), [*sel.feature_names, *(aux.feature_names if aux else ())])
-    grams = GramTable.load(Path(features_dir))
+    check_finite_features(feats, str(path), [*sel.feature_names, *(aux.feature_names if aux else ())])
     return SelectorStepModel(sel, grams, feats, aux)
