@@ -154,6 +154,27 @@ def test_overwrite_passes_over_an_nfs_clients_file_of_a_removed_open_file(tmp_pa
     assert (out / ".nfs-my-notes").read_text() == "mine"
 
 
+def test_the_pipeline_refuses_a_run_folder_holding_outputs_it_did_not_begin(tmp_path: Path) -> None:
+    """A zoo the user built at RUN/zoo was rebuilt from --zoo-config by `transfer`/`pipeline --out
+    RUN`, without --overwrite. A stage's marker, written when it starts, is the run's claim: an
+    interrupted stage resumes."""
+    from simmerge_ray.errors import SimMergeError
+    from simmerge_ray.pipeline import PipelineSettings, run
+    from simmerge_ray.pipeline.layout import RunLayout
+    from simmerge_ray.pipeline.runner import _check_foreign_outputs, stages
+
+    zoo = tmp_path / "run" / "zoo"
+    zoo.mkdir(parents=True)
+    (zoo / "catalog.yaml").write_text("models: []  # the user's own zoo")
+    settings = PipelineSettings(Path(__file__).resolve().parents[1] / "configs" / "zoo_tiny.yaml", tmp_path / "run")
+    with pytest.raises(SimMergeError, match=rf"^{zoo}: already there, and no 'zoo' stage of this run folder wrote it"):
+        run(settings, until="labels")
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["catalog.yaml", "zoo"]
+    layout = RunLayout(tmp_path / "run")
+    layout.marker("zoo").write_text(json.dumps({"key": None, "started": True}))  # a run killed mid-stage
+    _check_foreign_outputs(stages(settings), layout)  # resumes
+
+
 def test_a_failed_output_leaves_no_folders_it_created_above_it(tmp_path: Path) -> None:
     """`--out runs/x/y/out` of a merge that failed left runs/x/y/ behind, empty."""
     (tmp_path / "runs").mkdir()

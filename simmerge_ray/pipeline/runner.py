@@ -42,6 +42,7 @@ class Stage:
     title: str
     run: Callable[[], None]
     inputs: list[str]  # what the stage's result depends on (digested into its marker)
+    outputs: tuple[Path, ...] = ()  # the folders it replaces (with overwrite: they are the run's own)
 
 
 def _digest(parts: list[str]) -> str:
@@ -75,25 +76,26 @@ def stages(s: PipelineSettings, echo: Callable[[str], None] = print) -> list[Sta
 
     return [
         Stage("zoo", "build the testbed (pretrain a base, fine-tune experts)",
-              lambda: zoo.build(s.zoo_config, run.zoo, overwrite=True, echo=echo), [zoo_digest]),
+              lambda: zoo.build(s.zoo_config, run.zoo, overwrite=True, echo=echo), [zoo_digest], (run.zoo,)),
         Stage("structural", "structural features (one streaming Gram pass)",
               lambda: features.structural(run.catalog, run.features, StructuralOptions(overwrite=True), echo=echo),
-              []),
+              [], (run.features,)),
         Stage("functional", "probe inference on Ray Data and functional features",
               lambda: features.functional(features.ProbeRequest(run.catalog, run.features, features.run_options()),
                                           echo=echo),
               ["b-task-columns"]),
         Stage("labels", "merge and evaluate 2-, 3- and 4-way merges (ground truth)",
-              lambda: zoo.label(run.catalog, run.labels, s.labels, echo=echo), _label_inputs(s.labels)),
+              lambda: zoo.label(run.catalog, run.labels, s.labels, echo=echo), _label_inputs(s.labels), (run.labels,)),
         Stage("selector_eval", "selector on held-out pairs (Ray Tune nested), leave-one-task-out, ablation",
               lambda: selector.evaluate(selectors(run.selector_eval), folds=s.folds, echo=echo),
-              [str(s.folds), *search, "search-per-fold-and-task-grouped", "loto-neither-side"]),
-        Stage("fit", "fit the selectors on all pairs (Ray Tune, then Ray Train)", fit_both, search),
+              [str(s.folds), *search, "search-per-fold-and-task-grouped", "loto-neither-side"], (run.selector_eval,)),
+        Stage("fit", "fit the selectors on all pairs (Ray Tune, then Ray Train)", fit_both, search,
+              (run.selector, run.aux_selector)),
         Stage("multiway", "plan 3- and 4-way merges and judge them on measured merges",
-              lambda: judge_multiway(run), ["calibration-intervals-v3"]),
+              lambda: judge_multiway(run), ["calibration-intervals-v3"], (run.multiway,)),
         Stage("bandit", "online bandit replayed on held-out pairs",
               lambda: replay_bandit(run, rounds=s.sim_rounds, repeats=s.sim_repeats, seed=s.seed),
-              [str(s.sim_rounds), str(s.sim_repeats), "selector-imputes"]),
+              [str(s.sim_rounds), str(s.sim_repeats), "selector-imputes"], (run.bandit,)),
     ]
 
 
@@ -134,6 +136,20 @@ def _read_marker(marker: Path, echo: Callable[[str], None]) -> dict | None:
     return raw if isinstance(raw, dict) else None
 
 
+def _check_foreign_outputs(all_stages: list[Stage], layout: RunLayout) -> None:
+    """Refuse, before any work, a run folder holding a stage's output that no stage of it began
+    (no marker): a stage replaces its output (a zoo the user built at RUN/zoo was rebuilt from
+    --zoo-config, without --overwrite). A stage writes its marker when it starts and again when
+    it finishes, so an interrupted run still resumes."""
+    for st in all_stages:
+        if layout.marker(st.name).exists():
+            continue
+        for out in st.outputs:
+            if out.exists():
+                raise SimMergeError(f"{out}: already there, and no {st.name!r} stage of this run folder wrote it; "
+                                    f"the stage would replace it: move it away or choose another --out")
+
+
 def run(s: PipelineSettings, *, echo: Callable[[str], None] = print, until: str | None = None) -> dict[str, float]:
     """Run every stage, or those up to `until` (skipping finished ones); returns seconds per stage."""
     all_stages = stages(s, echo)
@@ -142,8 +158,9 @@ def run(s: PipelineSettings, *, echo: Callable[[str], None] = print, until: str 
         if until not in names:
             raise SimMergeError(f"no pipeline stage {until!r}; stages: {', '.join(names)}")
         all_stages = all_stages[:names.index(until) + 1]
-    s.out.mkdir(parents=True, exist_ok=True)
     layout = RunLayout(s.out)
+    _check_foreign_outputs(all_stages, layout)
+    s.out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     upstream: list[str] = []
     for i, st in enumerate(all_stages, start=1):
@@ -160,6 +177,8 @@ def run(s: PipelineSettings, *, echo: Callable[[str], None] = print, until: str 
                 named = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
                 echo(f"{prefix} {len(changed)} of its outputs changed since it finished ({named}); running it again")
             echo(f"{prefix} {st.title} ...")
+            if done is None:  # the run folder's claim on the stage's outputs, before they appear (resumable)
+                atomic_write_text(marker, json.dumps({"key": None, "started": True}))
             before = _files(s.out)
             t0 = time.perf_counter()
             st.run()
