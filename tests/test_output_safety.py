@@ -173,6 +173,13 @@ def test_the_pipeline_refuses_a_run_folder_holding_outputs_it_did_not_begin(tmp_
     layout = RunLayout(tmp_path / "run")
     layout.marker("zoo").write_text(json.dumps({"key": None, "started": True}))  # a run killed mid-stage
     _check_foreign_outputs(stages(settings), layout)  # resumes
+    # A missing or invalid zoo config: one line before the run folder exists (a traceback, or an
+    # empty run folder left behind).
+    (tmp_path / "bad.yaml").write_text("seed: 0\n")
+    for config, message in ((tmp_path / "none.yaml", "zoo config not found"), (tmp_path / "bad.yaml", "base: Field required")):
+        with pytest.raises(SimMergeError, match=rf"^{config}: {message}"):
+            run(PipelineSettings(config, tmp_path / "run2"))
+        assert not (tmp_path / "run2").exists()
 
 
 def test_a_failed_output_leaves_no_folders_it_created_above_it(tmp_path: Path) -> None:

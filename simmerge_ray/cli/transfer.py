@@ -43,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from simmerge_ray.selector.evaluate import evaluate_transfer, gap_chart
     from simmerge_ray.selector.model import Selector
     from simmerge_ray.testbed.label_plans import LabelSettings
+    from simmerge_ray.testbed.zoo_config import ZooConfig
 
-    sel = Selector.load(args.selector)  # fail on a bad folder before hours of zoo building
+    sel = Selector.load(args.selector)  # fail on a bad folder or config before hours of zoo building
+    ZooConfig.load(args.zoo_config)
     out = Path(args.out).resolve()
     layout = RunLayout(out)
     inputs = [args.selector, args.zoo_config]

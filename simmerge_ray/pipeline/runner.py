@@ -152,6 +152,9 @@ def _check_foreign_outputs(all_stages: list[Stage], layout: RunLayout) -> None:
 
 def run(s: PipelineSettings, *, echo: Callable[[str], None] = print, until: str | None = None) -> dict[str, float]:
     """Run every stage, or those up to `until` (skipping finished ones); returns seconds per stage."""
+    from simmerge_ray.testbed.zoo_config import ZooConfig
+
+    ZooConfig.load(s.zoo_config)  # missing or invalid: one line, before the run folder exists
     all_stages = stages(s, echo)
     if until is not None:
         names = [st.name for st in all_stages]
