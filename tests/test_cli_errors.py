@@ -52,6 +52,26 @@ def test_usage_errors_are_one_line(capsys) -> None:
         _one_line_error(capsys, needle)
 
 
+def test_serve_refuses_a_port_it_cannot_listen_on_before_ray(tmp_path: Path, capsys) -> None:
+    """Out of range, or taken: Ray Serve's traceback (exit 1) after Ray had started."""
+    import socket
+
+    from simmerge_ray.cli.serve import _check_port_free
+    from simmerge_ray.errors import ConfigError
+
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["serve", "--state", str(tmp_path / "state"), "--port", "99999"])
+    assert exc.value.code == 2
+    _one_line_error(capsys, "argument --port: 99999 is not a port (1-65535)")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"--host 127.0.0.1 --port {port}: cannot listen there \(Address already"):
+            _check_port_free("127.0.0.1", port)
+    _check_port_free("127.0.0.1", port)  # free again
+
+
 @pytest.mark.parametrize("params, needle", [
     ({"weight": 0.5, "density": "abc"}, "models[0].parameters.density: expected a finite number, got 'abc'"),
     ({"weight": ".nan", "density": 0.5}, "models[0].parameters.weight: expected a finite number, got '.nan'"),

@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               epilog="example:\n  simmerge serve --state bandit/ --port 8000 --token-file bandit.token")
     p.add_argument("--state", type=Path, required=True, help="state folder from `bandit-init`")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--port", type=_port, default=8000, help="HTTP port (1-65535)")
     p.add_argument("--features", type=Path, help="feature table for name lookups (default: the state's)")
     p.add_argument("--token-file", type=Path,
                    help="file holding the token that POST /feedback and /arms require "
@@ -146,6 +146,31 @@ def _cold_start_arms(text: str | None) -> list[str]:
     return names
 
 
+def _port(text: str) -> int:
+    """argparse type of a TCP port: one line naming the flag, not Serve's traceback after Ray started."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
+    return value
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Bind and release the address before Ray starts: one line when something else listens
+    there (Serve's own failure is a traceback after Ray started)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as e:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); "
+                          f"choose another --port") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from simmerge_ray.bandit.auth import load_token
     from simmerge_ray.bandit.core import BanditCore
@@ -157,6 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
     if table:
         FeatureTable.load(Path(table), core.encoder.feature_names)
     token = load_token(args.token_file)
+    _check_port_free(args.host, args.port)
     import ray
 
     from simmerge_ray.bandit.service import serve_bandit, stop_serving
