@@ -195,6 +195,31 @@ def test_hf_and_deepspeed_backends_agree(tiny: dict, resumed: dict, tmp_path: Pa
     assert worst < 1e-4
 
 
+def test_a_refused_probe_run_writes_nothing(tiny: dict, tmp_path: Path, capsys) -> None:
+    """A bad probe file of the second task: the first task's cache entries (meta.json) were written
+    before it was read, so the refused run left OUT/probe_cache/ behind. A cache path that is a
+    file was a NotADirectoryError traceback after Ray started."""
+    from simmerge_ray.cli import main as cli_main
+    from simmerge_ray.inference.catalog_probes import probe_catalog
+
+    (tmp_path / "good.txt").write_text("the cat\n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a dog"}\n{"text": \n')
+    cat = Catalog.from_dict({"models": [{"name": "m", "path": str(tiny["model"])}],
+                             "tasks": {"a": {"probes": "good.txt"}, "b": {"probes": "bad.jsonl"}}}, root=tmp_path)
+    with pytest.raises(ProbeError, match=r"bad.jsonl: line 2: invalid JSON"):
+        probe_catalog(cat, SETTINGS, RunOptions(), tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+    (tmp_path / "catalog.yaml").write_text(f"models:\n  - {{name: m, path: {tiny['model']}}}\n"
+                                           f"tasks:\n  a: {{probes: good.txt}}\n")
+    (tmp_path / "afile").write_text("")
+    assert cli_main(["probe", "--catalog", str(tmp_path / "catalog.yaml"), "--out", str(tmp_path / "out"),
+                     "--cache", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"simmerge probe: error: {tmp_path / 'afile'}: the probe cache must be a "
+                                        f"folder, and this is a file"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_model_config_is_named_before_any_actor(tiny: dict, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -9,7 +9,7 @@ starts.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from simmerge_ray.catalog import Catalog, ModelEntry
@@ -37,6 +37,7 @@ class ModelProbes:
     cache: ProbeCache
     shape: tuple[int, int] | None = None  # (num_hidden_layers, hidden_size) from config.json
     shared_rows: int | None = None  # the catalog's vocabularies differ in size: the ids all share
+    meta: dict = field(default_factory=dict)  # its cache's meta.json, written once every task is planned
 
 
 def tokenizer_folder(catalog: Catalog, entry: ModelEntry) -> Path:
@@ -55,8 +56,8 @@ def catalog_vocab(catalog: Catalog) -> SharedVocab | None:
 
 def plan_task(catalog: Catalog, task: str, settings: ProbeSettings, cache_dir: Path,
               vocab: SharedVocab | None = None) -> dict[str, ModelProbes]:
-    """Tokenise the task's probes for every model and locate each model's cache (runs nothing).
-    `vocab`: catalog_vocab(catalog), given when the models' vocabulary sizes differ."""
+    """Tokenise the task's probes for every model and locate each model's cache (runs and
+    writes nothing). `vocab`: catalog_vocab(catalog), given when the models' vocabulary sizes differ."""
     probe_file = catalog.task(task).probes
     if probe_file is None:
         raise ProbeError(f"{catalog.source or 'catalog'}: task {task!r} names no probe file")
@@ -73,15 +74,13 @@ def plan_task(catalog: Catalog, task: str, settings: ProbeSettings, cache_dir: P
         vocab_digest, tokenizer_size, probes = tokenized[tok_dir]
         fingerprint = Checkpoint.open(entry.path).fingerprint()
         cache = ProbeCache(Path(cache_dir) / cache_key(fingerprint, probes.digest(), settings))
-        cache.write_meta({
-            "model": str(entry.path), "fingerprint": fingerprint, "probe_file": str(probe_file),
-            "probe_digest": probes.digest(), "num_probes": probes.num_probes, "truncated": probes.truncated,
-            "settings": settings.model_dump(), "vocab_size": int(config.vocab_size),
-            "num_layers": int(config.num_hidden_layers),
-        })
+        meta = {"model": str(entry.path), "fingerprint": fingerprint, "probe_file": str(probe_file),
+                "probe_digest": probes.digest(), "num_probes": probes.num_probes, "truncated": probes.truncated,
+                "settings": settings.model_dump(), "vocab_size": int(config.vocab_size),
+                "num_layers": int(config.num_hidden_layers)}
         plan[entry.name] = ModelProbes(entry.name, entry.path, vocab_digest, tokenizer_size, int(config.vocab_size),
                                         probes, cache, (int(config.num_hidden_layers), int(config.hidden_size)),
-                                        vocab.rows if vocab else None)
+                                        vocab.rows if vocab else None, meta)
     return plan
 
 
@@ -128,6 +127,9 @@ def probe_catalog(catalog: Catalog, settings: ProbeSettings, options: RunOptions
             for i, a in enumerate(models):
                 for b in models[i + 1:]:
                     check_comparable(a, b)
+    for plan in plans.values():  # every input checked: only now does anything reach the disk
+        for mp in plan.values():
+            mp.cache.write_meta(mp.meta)
     # All models in one actor pool (start-up paid once); all of a model's tasks in one load.
     # Tasks with the same probes share a cache key: run those once. DeepSpeed keeps one pool per
     # model: a ZeRO-3 engine per process, and start-up is small next to loading a model that large.

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.structural import StructuralOptions, StructuralRun
 from simmerge_ray.inference.catalog_probes import ModelProbes
 from simmerge_ray.inference.pipeline import RunReport
@@ -96,13 +97,16 @@ def run_probes(req: ProbeRequest, *, require_comparable: bool = False, outputs: 
     from simmerge_ray.catalog import Catalog
     from simmerge_ray.inference.cache import discard_entries
     from simmerge_ray.inference.catalog_probes import probe_catalog
-    from simmerge_ray.io.out_checks import check_not_input
+    from simmerge_ray.io.out_checks import check_creatable, check_not_input
     from simmerge_ray.io.stage_files import check_stage
 
     catalog = Catalog.load(req.catalog)
     out = Path(req.out)
     check_stage(out, (MANIFEST, *outputs), replace=True, inputs=catalog.paths)
     check_not_input(req.cache_dir, catalog.paths)
+    if req.cache_dir.exists() and not req.cache_dir.is_dir():
+        raise ConfigError(f"{req.cache_dir}: the probe cache must be a folder, and this is a file")
+    check_creatable(req.cache_dir / "x")
     if req.overwrite:
         discard_entries(req.cache_dir)
     init_ray(req.address)
