@@ -182,6 +182,25 @@ def test_the_pipeline_refuses_a_run_folder_holding_outputs_it_did_not_begin(tmp_
         assert not (tmp_path / "run2").exists()
 
 
+def test_an_error_raised_in_a_ray_data_operator_reaches_the_user_as_itself(ray_cluster) -> None:
+    """Ray Data wraps an operator's exception in a UserCodeException whose cause is lost on the way
+    to the driver: a probe actor's one-line CheckpointError reached the user as 120 lines of Ray."""
+    import ray
+
+    from simmerge_ray.errors import CheckpointError, surfacing_remote_errors
+
+    def refuse(batch: dict) -> dict:
+        raise CheckpointError("/models/m: tensor 'w' is [2, 3], config.json says [3, 3]")
+
+    batches = ray.data.range(4).map_batches(refuse).iter_batches()
+    with pytest.raises(CheckpointError, match=r"^/models/m: tensor 'w' is \[2, 3\], config.json says \[3, 3\]$"):
+        for _ in surfacing_remote_errors(batches):
+            pass
+    with pytest.raises(ray.exceptions.RayTaskError, match="ZeroDivisionError"):  # not ours: left as Ray raised it
+        for _ in surfacing_remote_errors(ray.data.range(4).map_batches(lambda b: {"x": [1 / 0]}).iter_batches()):
+            pass
+
+
 def test_a_failed_output_leaves_no_folders_it_created_above_it(tmp_path: Path) -> None:
     """`--out runs/x/y/out` of a merge that failed left runs/x/y/ behind, empty."""
     (tmp_path / "runs").mkdir()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simmerge_ray.errors import surfacing_remote_errors
 from simmerge_ray.inference.cache import ProbeCache
 from simmerge_ray.inference.settings import ProbeSettings, RunOptions
 from simmerge_ray.probes.tokenize import TokenizedProbes
@@ -165,7 +166,8 @@ def run_jobs(work: list[ModelWork], settings: ProbeSettings, options: RunOptions
     probes_run = [[0] * len(w.jobs) for w in work]
     tokens_run = [[0] * len(w.jobs) for w in work]
     busy = [[0.0] * len(w.jobs) for w in work]
-    for result in out.iter_batches(batch_size=None, batch_format="numpy"):
+    # A model an actor refused (config against weights...): its one line, not Ray Data's traceback.
+    for result in surfacing_remote_errors(out.iter_batches(batch_size=None, batch_format="numpy")):
         for m, job, tokens, b in zip(result["model"].tolist(), result["job"].tolist(), result["tokens"].tolist(),
                                      result["busy_s"].tolist()):
             probes_run[m][job] += 1
