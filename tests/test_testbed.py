@@ -82,17 +82,17 @@ def test_pretrain_cache_store_keeps_a_twin_s_entry_and_replaces_a_corrupt_one(tm
     from simmerge_ray.testbed import pretrain_cache
 
     monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "cache"))
-    first = {"state": {"w": torch.ones(3)}, "losses": [1.0]}
+    first = _training_result(torch.ones(3), 1.0)
     pretrain_cache.store("k", first)
     entry = next((tmp_path / "cache" / "testbed-pretrain").iterdir())
     before = (entry / "state.safetensors").stat().st_mtime_ns
-    pretrain_cache.store("k", {"state": {"w": torch.ones(3)}, "losses": [1.0]})  # the twin
+    pretrain_cache.store("k", _training_result(torch.ones(3), 1.0))  # the twin
     assert (entry / "state.safetensors").stat().st_mtime_ns == before
     assert torch.equal(pretrain_cache.load("k")["state"]["w"], torch.ones(3))
     (entry / "meta.json").write_text("{")  # corrupt
-    pretrain_cache.store("k", {"state": {"w": torch.zeros(3)}, "losses": [2.0]})
+    pretrain_cache.store("k", _training_result(torch.zeros(3), 2.0))
     got = pretrain_cache.load("k")
-    assert torch.equal(got["state"]["w"], torch.zeros(3)) and got["losses"] == [2.0]
+    assert torch.equal(got["state"]["w"], torch.zeros(3)) and got["losses"] == [3.0, 2.0]
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary or old folder left
     # Bytes damaged under an intact header (a bad disk, a partial copy) are a miss, not reused.
     state = entry / "state.safetensors"
@@ -102,6 +102,78 @@ def test_pretrain_cache_store_keeps_a_twin_s_entry_and_replaces_a_corrupt_one(tm
     messages: list[str] = []
     assert pretrain_cache.load("k", messages.append) is None
     assert "tensor bytes differ from their digest" in messages[0] and str(entry) in messages[0]
+
+
+def _training_result(w: torch.Tensor, loss: float) -> dict:
+    """A training result as `_train_remote` returns it (what the pretrain cache stores)."""
+    return {"state": {"w": w}, "losses": [loss + 1.0, loss], "seconds": 3.5, "cpu_seconds": 7.0, "tokens": 512,
+            "scores": {"code": {"score": 0.25, "loglik": -1.386, "accuracy": 0.5}}}
+
+
+def test_a_pretrain_cache_entry_whose_result_lost_its_fields_is_a_logged_miss(tmp_path, monkeypatch):
+    """An entry whose tensors match their digest but whose meta.json result lost its fields was
+    served, and every build then died on KeyError 'seconds': the result is digested and its
+    fields checked, so such an entry is a miss, logged with its path, and the next store heals it."""
+    from simmerge_ray.testbed import pretrain_cache
+    from simmerge_ray.io.digest_cache import json_digest
+
+    monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "cache"))
+    pretrain_cache.store("k", _training_result(torch.ones(3), 1.0))
+    entry = tmp_path / "cache" / "testbed-pretrain" / "k"
+    hit = pretrain_cache.load("k")
+    assert hit["seconds"] == 3.5 and hit["losses"] == [2.0, 1.0] and hit["tokens"] == 512 and hit["cached"] is True
+    assert hit["scores"] == {"code": {"score": 0.25, "loglik": -1.386, "accuracy": 0.5}}
+    meta_path = entry / "meta.json"
+    good = json.loads(meta_path.read_text())
+
+    def damaged(result: object, *, redigest: bool, drop_digest: bool = False) -> str:
+        meta = {**good, "result": result}
+        if redigest:  # consistent with its digest, still not what a build can read
+            meta["result_digest"] = json_digest(result)
+        if drop_digest:  # written before the result had a digest
+            del meta["result_digest"]
+        meta_path.write_text(json.dumps(meta))
+        messages: list[str] = []
+        assert pretrain_cache.load("k", messages.append) is None
+        assert len(messages) == 1 and str(entry) in messages[0] and "rebuilding" in messages[0], messages
+        return messages[0]
+
+    assert "differs from its digest" in damaged({}, redigest=False)  # the audit's case
+    assert "differs from its digest" in damaged({**good["result"], "seconds": 9.0}, redigest=False)
+    assert "has no 'seconds'" in damaged({k: v for k, v in good["result"].items() if k != "seconds"}, redigest=True)
+    assert "'tokens' in meta.json is a bool, not int" in damaged({**good["result"], "tokens": True}, redigest=True)
+    assert "'losses'" in damaged({**good["result"], "losses": []}, redigest=True)
+    assert "scores of task 'code'" in damaged({**good["result"], "scores": {"code": {}}}, redigest=True)
+    assert "not an object" in damaged([], redigest=True)
+    assert "no digest of its result" in damaged(good["result"], redigest=False, drop_digest=True)
+    pretrain_cache.store("k", _training_result(torch.zeros(3), 2.0))  # the rebuild replaces it
+    healed = pretrain_cache.load("k")
+    assert torch.equal(healed["state"]["w"], torch.zeros(3)) and healed["losses"] == [3.0, 2.0]
+    assert [p.name for p in entry.parent.iterdir()] == ["k"]
+
+
+def test_the_build_retrains_over_a_pretrain_entry_it_cannot_read(ray_cluster, tmp_path, monkeypatch):
+    """Through the build's own path (_pretrained): the damaged entry is logged, the stage is
+    trained again (here a stand-in task), its result returned and cached in place of the entry."""
+    from simmerge_ray.testbed import pretrain_cache
+    from simmerge_ray.testbed.build import _pretrained, pretrain_parts
+
+    monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "cache"))
+    cfg = ZooConfig.load(TINY)
+    key = pretrain_cache.pretrain_key(pretrain_parts(cfg, "{}", "base"), "base")
+    pretrain_cache.store(key, _training_result(torch.ones(3), 1.0))
+    meta_path = tmp_path / "cache" / "testbed-pretrain" / key / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "result": {}}))
+    logs: list[str] = []
+    trained = _training_result(torch.full((3,), 2.0), 0.5)
+    got = _pretrained(cfg, "{}", "base", lambda: ray_cluster.put(trained), logs.append)
+    assert got["seconds"] == 3.5 and got["losses"] == [1.5, 0.5] and torch.equal(got["state"]["w"], torch.full((3,), 2.0))
+    assert len(logs) == 1 and "ignoring unreadable entry" in logs[0] and key in logs[0]
+    logs.clear()
+    again = _pretrained(cfg, "{}", "base", lambda: pytest.fail("trained although the entry was healed"), logs.append)
+    assert again["cached"] is True and again["losses"] == [1.5, 0.5]
+    assert logs == [f"base: reused from the pretrain cache ({key[:12]})"]
 
 
 def test_tiny_zoo_base_is_the_skills_stage(tiny_zoo):
