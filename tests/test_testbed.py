@@ -619,6 +619,49 @@ def test_zoo_config_errors_name_the_field(tmp_path):
         ZooConfig.load(bad)  # used to stream forever: items fall in 100 buckets
 
 
+@pytest.mark.parametrize("old, new, field", [
+    ("base: {steps: 60,", "base: {steps: true,", r"base\.steps: Input should be a valid integer \(got True\)"),
+    ("batch_size: 8, warmup_steps: 5", "batch_size: 8.0, warmup_steps: 5", r"base\.batch_size: .*integer"),
+    ("seed: 1}", "seed: 1, threads: '2'}", r"base\.threads: .*integer \(got '2'\)"),
+    ("domain_share: 0.3,", "domain_share: false,", r"base\.domain_share: .*number \(got False\)"),
+    ("lr: 0.01, seed: 22", "lr: true, seed: 22", r"domains\.math\.variants\.1\.lr: .*number"),
+    ("head: true", "head: 1", r"domains\.math\.variants\.1\.lora\.head: .*boolean"),
+    ("alpha: 8,", "alpha: .inf,", r"domains\.math\.variants\.1\.lora\.alpha: .*finite"),
+    ("subset: [0, 2]", "subset: [true, 2]", r"domains\.multilingual\.variants\.0\.subset\.0: .*integer"),
+    ("runtime: {workers: 2}", "runtime: {workers: true}", r"runtime\.workers: .*integer"),
+    ("vocab_size: 384", "vocab_size: 384.0", r"tokenizer\.vocab_size: .*integer"),
+])
+def test_zoo_config_numbers_and_flags_take_their_own_type(tmp_path, old, new, field):
+    """Pydantic's lax mode read `steps: true` as 1 (and 8.0 as 8, '2' as 2, `head: 1` as True):
+    a typo trained another zoo without a word. Each is now one error naming the file and field."""
+    assert TINY.read_text().count(old) == 1
+    bad = tmp_path / "zoo.yaml"
+    bad.write_text(TINY.read_text().replace(old, new))
+    with pytest.raises(ConfigError, match=r"zoo\.yaml: " + field) as e:
+        ZooConfig.load(bad)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_zoo_config_floats_still_take_yaml_ints(tmp_path):
+    """A guard on the strict types (passes with and without them): a float field given a YAML int
+    (`lr: 1`, `alpha: 8`, `domain_share: 1`) is that number, with the digest the same values
+    written as floats give; an int with a fraction stays refused."""
+    raw = TINY.read_text()
+    (tmp_path / "frac.yaml").write_text(raw.replace("batch_size: 8, warmup_steps: 5", "batch_size: 8.5, warmup_steps: 5"))
+    with pytest.raises(ConfigError, match=r"frac\.yaml: base\.batch_size: Input should be a valid integer"):
+        ZooConfig.load(tmp_path / "frac.yaml")
+    ints = tmp_path / "ints.yaml"
+    ints.write_text(raw.replace("lr: 0.01, seed: 22", "lr: 1, seed: 22").replace("domain_share: 0.8", "domain_share: 1"))
+    floats = tmp_path / "floats.yaml"
+    floats.write_text(raw.replace("lr: 0.01, seed: 22", "lr: 1.0, seed: 22").replace("domain_share: 0.8", "domain_share: 1.0")
+                      .replace("alpha: 8,", "alpha: 8.0,"))
+    a, b = ZooConfig.load(ints), ZooConfig.load(floats)
+    lora = next(v for _, v in a.experts() if v.name == "math-lora")
+    assert lora.lr == 1.0 and isinstance(lora.lr, float) and lora.lora.alpha == 8.0 and a.skills.domain_share == 1.0
+    assert a.digest() == b.digest()
+    assert ZooConfig.load(TINY).digest() == "b090030aae5391034eef3b5c"  # valid configs keep their digest (and caches)
+
+
 def test_the_order_of_the_domains_is_part_of_the_pretraining_key(tmp_path):
     """The pretraining mixture draws its domain streams in config order, so two configs that list
     the same domains in another order train other bases: their cache keys and digests differ (the
