@@ -662,6 +662,22 @@ def test_zoo_config_floats_still_take_yaml_ints(tmp_path):
     assert ZooConfig.load(TINY).digest() == "b090030aae5391034eef3b5c"  # valid configs keep their digest (and caches)
 
 
+@pytest.mark.parametrize("name", ["..", "."])
+def test_an_expert_named_dot_or_dotdot_is_refused_before_any_work(tmp_path, capsys, name):
+    """`checkpoints/..` is the zoo root: an expert named `..` wrote its checkpoint files there. The
+    name is refused, one line naming the file and field, and nothing is written."""
+    from simmerge_ray.cli import main
+
+    bad = tmp_path / "zoo.yaml"
+    bad.write_text(TINY.read_text().replace("name: rag-a", f"name: '{name}'"))
+    assert main(["zoo", "build", "--config", str(bad), "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"zoo.yaml: domains.rag.variants.0.name: Value error, must be non-empty with no slashes or " \
+           f"whitespace, and not '.' or '..'" in err
+    assert not (tmp_path / "z").exists()
+
+
 def test_the_order_of_the_domains_is_part_of_the_pretraining_key(tmp_path):
     """The pretraining mixture draws its domain streams in config order, so two configs that list
     the same domains in another order train other bases: their cache keys and digests differ (the
