@@ -678,6 +678,34 @@ def test_an_expert_named_dot_or_dotdot_is_refused_before_any_work(tmp_path, caps
     assert not (tmp_path / "z").exists()
 
 
+def test_pretraining_threads_beyond_any_node_are_refused_before_any_work(ray_cluster, tmp_path, capsys):
+    """A stage asking more CPUs (`threads`) than any node has was never scheduled: the build hung
+    in silence. It is one line naming the field and the cluster's CPUs (4 in the tests' Ray), and
+    no output. Run in a thread, so that a regression fails here instead of hanging the suite."""
+    import threading
+
+    from simmerge_ray.cli import main
+
+    raw = TINY.read_text()
+    for old, new, field in (("seed: 1}", "seed: 1, threads: 8}", "base"), ("seed: 2}", "seed: 2, threads: 5}", "skills")):
+        bad = tmp_path / f"{field}.yaml"
+        bad.write_text(raw.replace(old, new))
+        out = tmp_path / f"z-{field}"
+        rc: list[int] = []
+        worker = threading.Thread(target=lambda: rc.append(main(["zoo", "build", "--config", str(bad), "--out", str(out)])),
+                                  daemon=True)
+        worker.start()
+        worker.join(120)
+        assert rc == [2], "zoo build neither failed nor finished in 120 s (the infeasible task waits forever)"
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        want = 8 if field == "base" else 5
+        assert err.startswith(f"simmerge zoo: error: {bad}: {field}.threads: the {field} pretraining task asks for "
+                              f"CPU={want} "), err
+        assert "the most: 4;" in err, err
+        assert not out.exists()
+
+
 def test_the_order_of_the_domains_is_part_of_the_pretraining_key(tmp_path):
     """The pretraining mixture draws its domain streams in config order, so two configs that list
     the same domains in another order train other bases: their cache keys and digests differ (the
