@@ -58,7 +58,8 @@ def yaml_error_summary(e: yaml.YAMLError) -> str:
 
 
 def check_name(value: str) -> str:
-    """A name usable as a folder and a table key: non-empty, no slashes or whitespace."""
-    if not value or any(c in value for c in "/\\ \t\n"):
-        raise ValueError("must be non-empty with no slashes or whitespace")
+    """A name usable as a folder and a table key: non-empty, no slashes or whitespace, and not
+    `.` or `..` (as a folder, `checkpoints/..` is the zoo root itself)."""
+    if not value or any(c in value for c in "/\\ \t\n") or value in (".", ".."):
+        raise ValueError("must be non-empty with no slashes or whitespace, and not '.' or '..'")
     return value

@@ -82,17 +82,17 @@ def test_pretrain_cache_store_keeps_a_twin_s_entry_and_replaces_a_corrupt_one(tm
     from simmerge_ray.testbed import pretrain_cache
 
     monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "cache"))
-    first = {"state": {"w": torch.ones(3)}, "losses": [1.0]}
+    first = _training_result(torch.ones(3), 1.0)
     pretrain_cache.store("k", first)
     entry = next((tmp_path / "cache" / "testbed-pretrain").iterdir())
     before = (entry / "state.safetensors").stat().st_mtime_ns
-    pretrain_cache.store("k", {"state": {"w": torch.ones(3)}, "losses": [1.0]})  # the twin
+    pretrain_cache.store("k", _training_result(torch.ones(3), 1.0))  # the twin
     assert (entry / "state.safetensors").stat().st_mtime_ns == before
     assert torch.equal(pretrain_cache.load("k")["state"]["w"], torch.ones(3))
     (entry / "meta.json").write_text("{")  # corrupt
-    pretrain_cache.store("k", {"state": {"w": torch.zeros(3)}, "losses": [2.0]})
+    pretrain_cache.store("k", _training_result(torch.zeros(3), 2.0))
     got = pretrain_cache.load("k")
-    assert torch.equal(got["state"]["w"], torch.zeros(3)) and got["losses"] == [2.0]
+    assert torch.equal(got["state"]["w"], torch.zeros(3)) and got["losses"] == [3.0, 2.0]
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary or old folder left
     # Bytes damaged under an intact header (a bad disk, a partial copy) are a miss, not reused.
     state = entry / "state.safetensors"
@@ -102,6 +102,78 @@ def test_pretrain_cache_store_keeps_a_twin_s_entry_and_replaces_a_corrupt_one(tm
     messages: list[str] = []
     assert pretrain_cache.load("k", messages.append) is None
     assert "tensor bytes differ from their digest" in messages[0] and str(entry) in messages[0]
+
+
+def _training_result(w: torch.Tensor, loss: float) -> dict:
+    """A training result as `_train_remote` returns it (what the pretrain cache stores)."""
+    return {"state": {"w": w}, "losses": [loss + 1.0, loss], "seconds": 3.5, "cpu_seconds": 7.0, "tokens": 512,
+            "scores": {"code": {"score": 0.25, "loglik": -1.386, "accuracy": 0.5}}}
+
+
+def test_a_pretrain_cache_entry_whose_result_lost_its_fields_is_a_logged_miss(tmp_path, monkeypatch):
+    """An entry whose tensors match their digest but whose meta.json result lost its fields was
+    served, and every build then died on KeyError 'seconds': the result is digested and its
+    fields checked, so such an entry is a miss, logged with its path, and the next store heals it."""
+    from simmerge_ray.testbed import pretrain_cache
+    from simmerge_ray.io.digest_cache import json_digest
+
+    monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "cache"))
+    pretrain_cache.store("k", _training_result(torch.ones(3), 1.0))
+    entry = tmp_path / "cache" / "testbed-pretrain" / "k"
+    hit = pretrain_cache.load("k")
+    assert hit["seconds"] == 3.5 and hit["losses"] == [2.0, 1.0] and hit["tokens"] == 512 and hit["cached"] is True
+    assert hit["scores"] == {"code": {"score": 0.25, "loglik": -1.386, "accuracy": 0.5}}
+    meta_path = entry / "meta.json"
+    good = json.loads(meta_path.read_text())
+
+    def damaged(result: object, *, redigest: bool, drop_digest: bool = False) -> str:
+        meta = {**good, "result": result}
+        if redigest:  # consistent with its digest, still not what a build can read
+            meta["result_digest"] = json_digest(result)
+        if drop_digest:  # written before the result had a digest
+            del meta["result_digest"]
+        meta_path.write_text(json.dumps(meta))
+        messages: list[str] = []
+        assert pretrain_cache.load("k", messages.append) is None
+        assert len(messages) == 1 and str(entry) in messages[0] and "rebuilding" in messages[0], messages
+        return messages[0]
+
+    assert "differs from its digest" in damaged({}, redigest=False)  # the audit's case
+    assert "differs from its digest" in damaged({**good["result"], "seconds": 9.0}, redigest=False)
+    assert "has no 'seconds'" in damaged({k: v for k, v in good["result"].items() if k != "seconds"}, redigest=True)
+    assert "'tokens' in meta.json is a bool, not int" in damaged({**good["result"], "tokens": True}, redigest=True)
+    assert "'losses'" in damaged({**good["result"], "losses": []}, redigest=True)
+    assert "scores of task 'code'" in damaged({**good["result"], "scores": {"code": {}}}, redigest=True)
+    assert "not an object" in damaged([], redigest=True)
+    assert "no digest of its result" in damaged(good["result"], redigest=False, drop_digest=True)
+    pretrain_cache.store("k", _training_result(torch.zeros(3), 2.0))  # the rebuild replaces it
+    healed = pretrain_cache.load("k")
+    assert torch.equal(healed["state"]["w"], torch.zeros(3)) and healed["losses"] == [3.0, 2.0]
+    assert [p.name for p in entry.parent.iterdir()] == ["k"]
+
+
+def test_the_build_retrains_over_a_pretrain_entry_it_cannot_read(ray_cluster, tmp_path, monkeypatch):
+    """Through the build's own path (_pretrained): the damaged entry is logged, the stage is
+    trained again (here a stand-in task), its result returned and cached in place of the entry."""
+    from simmerge_ray.testbed import pretrain_cache
+    from simmerge_ray.testbed.build import _pretrained, pretrain_parts
+
+    monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "cache"))
+    cfg = ZooConfig.load(TINY)
+    key = pretrain_cache.pretrain_key(pretrain_parts(cfg, "{}", "base"), "base")
+    pretrain_cache.store(key, _training_result(torch.ones(3), 1.0))
+    meta_path = tmp_path / "cache" / "testbed-pretrain" / key / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "result": {}}))
+    logs: list[str] = []
+    trained = _training_result(torch.full((3,), 2.0), 0.5)
+    got = _pretrained(cfg, "{}", "base", lambda: ray_cluster.put(trained), logs.append)
+    assert got["seconds"] == 3.5 and got["losses"] == [1.5, 0.5] and torch.equal(got["state"]["w"], torch.full((3,), 2.0))
+    assert len(logs) == 1 and "ignoring unreadable entry" in logs[0] and key in logs[0]
+    logs.clear()
+    again = _pretrained(cfg, "{}", "base", lambda: pytest.fail("trained although the entry was healed"), logs.append)
+    assert again["cached"] is True and again["losses"] == [1.5, 0.5]
+    assert logs == [f"base: reused from the pretrain cache ({key[:12]})"]
 
 
 def test_tiny_zoo_base_is_the_skills_stage(tiny_zoo):
@@ -545,6 +617,93 @@ def test_zoo_config_errors_name_the_field(tmp_path):
     bad.write_text(TINY.read_text().replace("{name: code-a, steps: 40,", "{name: code-a, subset: [150, 200], steps: 40,"))
     with pytest.raises(ConfigError, match=r"subset is \(index, of\) with 0 <= index < of <= 100"):
         ZooConfig.load(bad)  # used to stream forever: items fall in 100 buckets
+
+
+@pytest.mark.parametrize("old, new, field", [
+    ("base: {steps: 60,", "base: {steps: true,", r"base\.steps: Input should be a valid integer \(got True\)"),
+    ("batch_size: 8, warmup_steps: 5", "batch_size: 8.0, warmup_steps: 5", r"base\.batch_size: .*integer"),
+    ("seed: 1}", "seed: 1, threads: '2'}", r"base\.threads: .*integer \(got '2'\)"),
+    ("domain_share: 0.3,", "domain_share: false,", r"base\.domain_share: .*number \(got False\)"),
+    ("lr: 0.01, seed: 22", "lr: true, seed: 22", r"domains\.math\.variants\.1\.lr: .*number"),
+    ("head: true", "head: 1", r"domains\.math\.variants\.1\.lora\.head: .*boolean"),
+    ("alpha: 8,", "alpha: .inf,", r"domains\.math\.variants\.1\.lora\.alpha: .*finite"),
+    ("subset: [0, 2]", "subset: [true, 2]", r"domains\.multilingual\.variants\.0\.subset\.0: .*integer"),
+    ("runtime: {workers: 2}", "runtime: {workers: true}", r"runtime\.workers: .*integer"),
+    ("vocab_size: 384", "vocab_size: 384.0", r"tokenizer\.vocab_size: .*integer"),
+])
+def test_zoo_config_numbers_and_flags_take_their_own_type(tmp_path, old, new, field):
+    """Pydantic's lax mode read `steps: true` as 1 (and 8.0 as 8, '2' as 2, `head: 1` as True):
+    a typo trained another zoo without a word. Each is now one error naming the file and field."""
+    assert TINY.read_text().count(old) == 1
+    bad = tmp_path / "zoo.yaml"
+    bad.write_text(TINY.read_text().replace(old, new))
+    with pytest.raises(ConfigError, match=r"zoo\.yaml: " + field) as e:
+        ZooConfig.load(bad)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_zoo_config_floats_still_take_yaml_ints(tmp_path):
+    """A guard on the strict types (passes with and without them): a float field given a YAML int
+    (`lr: 1`, `alpha: 8`, `domain_share: 1`) is that number, with the digest the same values
+    written as floats give; an int with a fraction stays refused."""
+    raw = TINY.read_text()
+    (tmp_path / "frac.yaml").write_text(raw.replace("batch_size: 8, warmup_steps: 5", "batch_size: 8.5, warmup_steps: 5"))
+    with pytest.raises(ConfigError, match=r"frac\.yaml: base\.batch_size: Input should be a valid integer"):
+        ZooConfig.load(tmp_path / "frac.yaml")
+    ints = tmp_path / "ints.yaml"
+    ints.write_text(raw.replace("lr: 0.01, seed: 22", "lr: 1, seed: 22").replace("domain_share: 0.8", "domain_share: 1"))
+    floats = tmp_path / "floats.yaml"
+    floats.write_text(raw.replace("lr: 0.01, seed: 22", "lr: 1.0, seed: 22").replace("domain_share: 0.8", "domain_share: 1.0")
+                      .replace("alpha: 8,", "alpha: 8.0,"))
+    a, b = ZooConfig.load(ints), ZooConfig.load(floats)
+    lora = next(v for _, v in a.experts() if v.name == "math-lora")
+    assert lora.lr == 1.0 and isinstance(lora.lr, float) and lora.lora.alpha == 8.0 and a.skills.domain_share == 1.0
+    assert a.digest() == b.digest()
+    assert ZooConfig.load(TINY).digest() == "b090030aae5391034eef3b5c"  # valid configs keep their digest (and caches)
+
+
+@pytest.mark.parametrize("name", ["..", "."])
+def test_an_expert_named_dot_or_dotdot_is_refused_before_any_work(tmp_path, capsys, name):
+    """`checkpoints/..` is the zoo root: an expert named `..` wrote its checkpoint files there. The
+    name is refused, one line naming the file and field, and nothing is written."""
+    from simmerge_ray.cli import main
+
+    bad = tmp_path / "zoo.yaml"
+    bad.write_text(TINY.read_text().replace("name: rag-a", f"name: '{name}'"))
+    assert main(["zoo", "build", "--config", str(bad), "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"zoo.yaml: domains.rag.variants.0.name: Value error, must be non-empty with no slashes or " \
+           f"whitespace, and not '.' or '..'" in err
+    assert not (tmp_path / "z").exists()
+
+
+def test_pretraining_threads_beyond_any_node_are_refused_before_any_work(ray_cluster, tmp_path, capsys):
+    """A stage asking more CPUs (`threads`) than any node has was never scheduled: the build hung
+    in silence. It is one line naming the field and the cluster's CPUs (4 in the tests' Ray), and
+    no output. Run in a thread, so that a regression fails here instead of hanging the suite."""
+    import threading
+
+    from simmerge_ray.cli import main
+
+    raw = TINY.read_text()
+    for old, new, field in (("seed: 1}", "seed: 1, threads: 8}", "base"), ("seed: 2}", "seed: 2, threads: 5}", "skills")):
+        bad = tmp_path / f"{field}.yaml"
+        bad.write_text(raw.replace(old, new))
+        out = tmp_path / f"z-{field}"
+        rc: list[int] = []
+        worker = threading.Thread(target=lambda: rc.append(main(["zoo", "build", "--config", str(bad), "--out", str(out)])),
+                                  daemon=True)
+        worker.start()
+        worker.join(120)
+        assert rc == [2], "zoo build neither failed nor finished in 120 s (the infeasible task waits forever)"
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        want = 8 if field == "base" else 5
+        assert err.startswith(f"simmerge zoo: error: {bad}: {field}.threads: the {field} pretraining task asks for "
+                              f"CPU={want} "), err
+        assert "the most: 4;" in err, err
+        assert not out.exists()
 
 
 def test_the_order_of_the_domains_is_part_of_the_pretraining_key(tmp_path):

@@ -7,9 +7,9 @@ checkpoints (runtime settings such as the number of workers do not change any we
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from simmerge_ray.io.digest_cache import json_digest
 from simmerge_ray.errors import ConfigError
@@ -18,17 +18,25 @@ from simmerge_ray.testbed.domains import DOMAINS
 from simmerge_ray.testbed.domains.base import BUCKETS as SUBSET_BUCKETS
 
 
+# Pydantic's lax mode reads `steps: true` as 1, `2.0` or "8" as an int, `head: 1` as True: a typo
+# would train another zoo without a word. Numbers and flags take their own YAML type only (an int
+# is still a float; the tuple of `subset` still comes from a YAML list, only its items are strict).
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ArchitectureConfig(_Strict):
     type: Literal["llama", "qwen2", "mistral", "gpt_neox"] = "llama"
-    hidden_size: int = Field(64, gt=0)
-    num_layers: int = Field(4, gt=0)
-    num_heads: int = Field(4, gt=0)
-    intermediate_size: int = Field(192, gt=0)
-    max_position_embeddings: int = Field(256, gt=0)
+    hidden_size: Int = Field(64, gt=0)
+    num_layers: Int = Field(4, gt=0)
+    num_heads: Int = Field(4, gt=0)
+    intermediate_size: Int = Field(192, gt=0)
+    max_position_embeddings: Int = Field(256, gt=0)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ArchitectureConfig":
@@ -38,32 +46,32 @@ class ArchitectureConfig(_Strict):
 
 
 class TokenizerConfig(_Strict):
-    vocab_size: int = Field(1024, ge=300)
-    sample_chars: int = Field(150_000, gt=0, description="characters sampled from each source to train BPE")
-    seed: int = 0
+    vocab_size: Int = Field(1024, ge=300)
+    sample_chars: Int = Field(150_000, gt=0, description="characters sampled from each source to train BPE")
+    seed: Int = 0
 
 
 class DataConfig(_Strict):
-    seq_len: int = Field(128, gt=8)
-    eval_examples: int = Field(64, gt=0)
-    probe_prompts: int = Field(32, gt=0)
-    seed: int = 0
+    seq_len: Int = Field(128, gt=8)
+    eval_examples: Int = Field(64, gt=0)
+    probe_prompts: Int = Field(32, gt=0)
+    seed: Int = 0
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(gt=0)
-    lr: float = Field(gt=0, allow_inf_nan=False)
-    batch_size: int = Field(16, gt=0)
-    warmup_steps: int = Field(10, ge=0)
-    seed: int = 0
+    steps: Int = Field(gt=0)
+    lr: Float = Field(gt=0, allow_inf_nan=False)
+    batch_size: Int = Field(16, gt=0)
+    warmup_steps: Int = Field(10, ge=0)
+    seed: Int = 0
 
 
 class PretrainConfig(TrainConfig):
     """Pretraining on the general mixture; it runs alone, so it may use several intra-op threads
     (part of what shapes the weights: the same thread count gives the same bytes)."""
 
-    domain_share: float = Field(0.15, ge=0, le=1, description="share of documents drawn from the domains")
-    threads: int = Field(1, ge=1, le=64)
+    domain_share: Float = Field(0.15, ge=0, le=1, description="share of documents drawn from the domains")
+    threads: Int = Field(1, ge=1, le=64)
 
 
 class BaseConfig(PretrainConfig):
@@ -77,7 +85,7 @@ class ContinuedConfig(PretrainConfig):
     catalog's base stays the original, so their task vectors share the continued-pretraining
     move."""
 
-    domain_share: float = Field(0.5, ge=0, le=1)
+    domain_share: Float = Field(0.5, ge=0, le=1)
 
 
 class SkillsConfig(PretrainConfig):
@@ -86,18 +94,18 @@ class SkillsConfig(PretrainConfig):
     text. Its result is the catalog's base: a model that knows the skills but not the eval
     format, so that experts are small moves, as supervised fine-tunes of a real LLM are."""
 
-    domain_share: float = Field(1.0, ge=0, le=1, description="share of rewritten domain documents")
+    domain_share: Float = Field(1.0, ge=0, le=1, description="share of rewritten domain documents")
 
 
 class LoraConfig(_Strict):
-    rank: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
-    head: bool = Field(False, description="also adapt the output head (lm_head), not only the blocks")
+    rank: Int = Field(8, gt=0)
+    alpha: Float = Field(16.0, gt=0, allow_inf_nan=False)
+    head: Bool = Field(False, description="also adapt the output head (lm_head), not only the blocks")
 
 
 class VariantConfig(TrainConfig):
     name: str
-    subset: tuple[int, int] | None = Field(None, description="(index, of): train on one hash bucket of the data")
+    subset: tuple[Int, Int] | None = Field(None, description="(index, of): train on one hash bucket of the data")
     lora: LoraConfig | None = None
     start: Literal["base", "continued"] = Field("base", description="checkpoint the fine-tune starts from")
 
@@ -122,11 +130,11 @@ class DomainConfig(_Strict):
 class RuntimeConfig(_Strict):
     """How the build runs; nothing here changes a weight."""
 
-    workers: int = Field(2, gt=0)
+    workers: Int = Field(2, gt=0)
 
 
 class ZooConfig(_Strict):
-    seed: int = 0
+    seed: Int = 0
     architecture: ArchitectureConfig = ArchitectureConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
@@ -175,4 +183,6 @@ class ZooConfig(_Strict):
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(p) for p in err["loc"]) or "config"
-            raise ConfigError(f"{path}: {loc}: {err['msg']}") from None
+            got = err.get("input")  # a wrong type is clearer with what the YAML held (`true`, `2.0`)
+            shown = f" (got {got!r})" if err["type"].endswith("_type") and isinstance(got, (bool, int, float, str)) else ""
+            raise ConfigError(f"{path}: {loc}: {err['msg']}{shown}") from None
