@@ -227,6 +227,23 @@ def test_label_run_resumes_without_redoing_finished_plans(tiny_zoo, tmp_path):
         assert r["mean_retention"] == pytest.approx(sum(kept.values()) / 3)
 
 
+def test_label_refuses_a_negative_max_plans(tmp_path, capsys):
+    """`--max-plans -1` sliced todo[:-1]: every plan but one measured, exit 0. Refused by the
+    parser in one line naming the flag (and by run_labels, its library entry), nothing written."""
+    from simmerge_ray.cli import main
+    from simmerge_ray.testbed.labels import run_labels
+
+    out = tmp_path / "labels"
+    with pytest.raises(SystemExit) as exc:
+        main(["label", "--catalog", str(tmp_path / "catalog.yaml"), "--out", str(out), "--max-plans", "-1"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2
+    assert err == "simmerge label: error: argument --max-plans: -1 is not at least 0 (see simmerge label --help)"
+    with pytest.raises(ConfigError, match=r"^max_plans: -1 is not at least 0$"):
+        run_labels(tmp_path / "catalog.yaml", out, LABELS, max_plans=-1, log=lambda *_: None)
+    assert not out.exists()
+
+
 def test_label_merge_matches_a_hand_merge(tiny_zoo, ray_cluster):
     """One plan measured by the actor equals merging and scoring by hand."""
     from transformers import AutoModelForCausalLM

@@ -201,6 +201,8 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
                log: Callable[[str], None] = print) -> LabelRunReport:
     """Measure every plan not yet cached under `out` (at most `max_plans` new ones), then, if
     all are measured, write the tables. Ray must be initialised."""
+    if max_plans is not None and max_plans < 0:  # todo[:-1] would drop a plan without a word
+        raise ConfigError(f"max_plans: {max_plans} is not at least 0")
     t0 = time.perf_counter()
     cat = Catalog.load(catalog_path)
     experts = check_label_catalog(cat)
