@@ -244,6 +244,51 @@ def test_label_refuses_a_negative_max_plans(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_label_checks_the_base_tokenizer_and_every_config_before_any_work(tiny_zoo, tmp_path, capsys):
+    """A base without tokenizer files, a config.json without model_type, or one whose sizes are not
+    its weights' (base or expert): one line naming the folder or config.json, exit 2, before Ray
+    is asked for anything (it was a transformers or Ray actor traceback), and no --out created."""
+    from simmerge_ray.cli import main
+
+    def broken(name: str, model: str, edit) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(tiny_zoo, copy)
+        edit(copy / "checkpoints" / model)
+        return copy
+
+    def set_config(**changes):
+        def edit(folder: Path) -> None:
+            cfg = json.loads((folder / "config.json").read_text())
+            cfg.update(changes)
+            (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+        return edit
+
+    def no_tokenizer(folder: Path) -> None:
+        for f in folder.glob("tokenizer*"):
+            f.unlink()
+
+    cfg = Checkpoint.open(tiny_zoo / "checkpoints" / "base").config
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    cases = [
+        (broken("notok", "base", no_tokenizer), "checkpoints/base: the catalog's base has no tokenizer files"),
+        (broken("notype", "base", set_config(model_type=None)),
+         "checkpoints/base/config.json: model_type: missing or not a name"),
+        (broken("wide", "base", set_config(intermediate_size=inter * 2)),
+         f"checkpoints/base/config.json: does not match the weights beside it (against the model it describes, "
+         f"the weights: shape of 'model.layers.0.mlp.down_proj.weight' is [{hidden}, {inter}] not "
+         f"[{hidden}, {inter * 2}]"),
+        (broken("deep", "rag-a", set_config(num_hidden_layers=3)),
+         "checkpoints/rag-a/config.json: does not match the weights beside it (against the model it describes, "
+         "the weights: lacks 'model.layers.2.input_layernorm.weight'"),
+    ]
+    for zoo, needle in cases:
+        out = tmp_path / f"out-{zoo.name}"
+        assert main(["label", "--catalog", str(zoo / "catalog.yaml"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{zoo}/{needle}" in err, err
+        assert not out.exists()
+
+
 def test_label_merge_matches_a_hand_merge(tiny_zoo, ray_cluster):
     """One plan measured by the actor equals merging and scoring by hand."""
     from transformers import AutoModelForCausalLM

@@ -26,7 +26,7 @@ from simmerge_ray import resources
 from simmerge_ray.actor_pool import ActorPool
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.features.structural_rows import check_same_tensors
+from simmerge_ray.features.structural_rows import check_config_matches_weights, check_same_tensors
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint, merged_head
 from simmerge_ray.io.digest_cache import arrays_digest
@@ -39,6 +39,8 @@ from simmerge_ray.testbed.label_tables import gap_summary, model_scores_table, m
 from simmerge_ray.testbed.merging import merge_arm, merge_state_dicts
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
     from simmerge_ray.testbed.evaluate import EncodedEvalSet
 
 EVAL_MAX_LEN = 192
@@ -156,14 +158,19 @@ def check_label_catalog(cat: Catalog) -> dict[str, str]:
 
 
 def check_label_models(cat: Catalog, experts: dict[str, str]) -> None:
-    """Plans are merged in memory into one model built from the base's config, so every expert
-    must match the base tensor for tensor (a tied head counts as its embedding): a deeper, wider or
-    re-vocabularied model is named here, from the headers, before Ray starts (not in an actor's
-    traceback). A model that extends the base's vocabulary (added tokens, padded rows) is merged
-    on the rows they share, and no eval example may need more."""
+    """Plans are merged in memory into one model built from the base's config, so every
+    checkpoint's config.json must describe its own weights, and every expert must match the base
+    tensor for tensor (a tied head counts as its embedding): a bad config, or a deeper, wider or
+    re-vocabularied model, is named here, from the configs and headers, before Ray starts (not in
+    an actor's traceback), as is a base without a tokenizer (it encodes the eval sets). A model
+    that extends the base's vocabulary (added tokens, padded rows) is merged on the rows they
+    share, and no eval example may need more."""
+    ckpts = [Checkpoint.open(cat.base), *(Checkpoint.open(cat.model(m).path) for m in experts)]
+    for ck in ckpts:
+        check_config_matches_weights(ck)
     vocab = label_vocab(cat, experts)
-    check_same_tensors(["base", *experts], [Checkpoint.open(cat.base), *(Checkpoint.open(cat.model(m).path)
-                                                                      for m in experts)], vocab)
+    check_same_tensors(["base", *experts], ckpts, vocab)
+    base_tokenizer(cat)
     if vocab is None:
         return
     for t, data in encoded_evals(cat).items():
@@ -172,12 +179,27 @@ def check_label_models(cat: Catalog, experts: dict[str, str]) -> None:
                               f"share; plans are scored on those rows only")
 
 
+def base_tokenizer(cat: Catalog) -> PreTrainedTokenizerFast:
+    """The base's tokenizer, which encodes every eval set: a base without one is one ConfigError
+    naming its folder (transformers' own error was a traceback about sentencepiece)."""
+    from simmerge_ray.probes.tokenize import TOKENIZER_FILES, has_tokenizer
+    from simmerge_ray.testbed.tokenizer import load_tokenizer
+
+    if not has_tokenizer(cat.base):
+        raise ConfigError(f"{cat.base}: the catalog's base has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                          f"label encodes the eval sets with the base's tokenizer")
+    try:
+        return load_tokenizer(cat.base)
+    except Exception as e:  # transformers raises OSError/ValueError/JSON errors for broken files
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"{cat.base}: cannot load the catalog's base tokenizer ({first})") from None
+
+
 def encoded_evals(cat: Catalog) -> dict[str, EncodedEvalSet]:
     """Every task's eval set as plans are scored on it: tokenised by the base's tokenizer."""
     from simmerge_ray.testbed.evaluate import encode, load_examples
-    from simmerge_ray.testbed.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(cat.base)
+    tok = base_tokenizer(cat)
     return {t: encode(load_examples(e.eval), tok, EVAL_MAX_LEN) for t, e in sorted(cat.tasks.items())
             if e.eval is not None}
 
