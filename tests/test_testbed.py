@@ -172,7 +172,7 @@ def test_label_run_resumes_without_redoing_finished_plans(tiny_zoo, tmp_path):
     second = run_labels(tiny_zoo / "catalog.yaml", out, LABELS, log=lines.append)
     assert second.cached == 19 and second.computed == second.total - 19 and second.complete
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())
-    assert any(f"ignoring unreadable cache entry {corrupt}" in line for line in lines)
+    assert any(f"ignoring cache entry {corrupt}" in line for line in lines)
     assert "scores" in json.loads(corrupt.read_text())
     # An entry that reads but lacks a task's scores is measured again too (it raised a KeyError
     # while writing the tables, on every rerun).
@@ -225,6 +225,37 @@ def test_label_run_resumes_without_redoing_finished_plans(tiny_zoo, tmp_path):
         for m, t in zip(r["models"], r["model_tasks"]):
             assert kept[m] == pytest.approx(sc[t] / s[(m, t)] - 1)
         assert r["mean_retention"] == pytest.approx(sum(kept.values()) / 3)
+
+
+def test_a_label_cache_entry_is_served_only_under_its_digest(tiny_zoo, tmp_path):
+    """A cache entry edited into other valid JSON (a score changed), copied under another plan's
+    key, or stripped of its digest is a logged miss: removed, measured again, never served."""
+    from simmerge_ray.testbed.labels import run_labels
+
+    out = tmp_path / "labels"
+    assert run_labels(tiny_zoo / "catalog.yaml", out, LABELS, max_plans=4, log=lambda *_: None).computed == 4
+    entries = sorted((out / "cache").glob("*.json"))
+    originals = {p: json.loads(p.read_text()) for p in entries}
+    assert all(len(r["digest"]) == 32 for r in originals.values())
+    edited, renamed, stripped, kept = entries
+    task = next(iter(originals[edited]["scores"]))
+    wrong = originals[edited]["scores"][task]["accuracy"] + 0.5
+    edited.write_text(json.dumps({**originals[edited], "scores": {
+        **originals[edited]["scores"], task: {**originals[edited]["scores"][task], "accuracy": wrong}}}))
+    renamed.write_text(kept.read_text())  # the other plan's scores, with its (valid) digest
+    stripped.write_text(json.dumps({k: v for k, v in originals[stripped].items() if k != "digest"}))
+    lines: list[str] = []
+    rerun = run_labels(tiny_zoo / "catalog.yaml", out, LABELS, max_plans=0, log=lines.append)
+    assert (rerun.cached, rerun.computed) == (1, 0)
+    assert sorted((out / "cache").glob("*.json")) == [kept]
+    assert f"label: ignoring cache entry {edited} (digest mismatch); removed, measuring it again" in lines
+    assert f"label: ignoring cache entry {renamed} (digest mismatch); removed, measuring it again" in lines
+    assert any(line.startswith("label: ignoring 1 cache entries without a digest") and str(stripped) in line
+               for line in lines)
+    # measured again: the values of the first run, not the edited score
+    again = run_labels(tiny_zoo / "catalog.yaml", out, LABELS, max_plans=3, log=lambda *_: None)
+    assert (again.cached, again.computed) == (1, 3)
+    assert {p: json.loads(p.read_text()) for p in entries} == originals
 
 
 def test_label_refuses_a_negative_max_plans(tmp_path, capsys):
