@@ -244,7 +244,7 @@ def test_label_run_resumes_without_redoing_finished_plans(tiny_zoo, tmp_path):
     second = run_labels(tiny_zoo / "catalog.yaml", out, LABELS, log=lines.append)
     assert second.cached == 19 and second.computed == second.total - 19 and second.complete
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())
-    assert any(f"ignoring unreadable cache entry {corrupt}" in line for line in lines)
+    assert any(f"ignoring cache entry {corrupt}" in line for line in lines)
     assert "scores" in json.loads(corrupt.read_text())
     # An entry that reads but lacks a task's scores is measured again too (it raised a KeyError
     # while writing the tables, on every rerun).
@@ -297,6 +297,99 @@ def test_label_run_resumes_without_redoing_finished_plans(tiny_zoo, tmp_path):
         for m, t in zip(r["models"], r["model_tasks"]):
             assert kept[m] == pytest.approx(sc[t] / s[(m, t)] - 1)
         assert r["mean_retention"] == pytest.approx(sum(kept.values()) / 3)
+
+
+def test_a_label_cache_entry_is_served_only_under_its_digest(tiny_zoo, tmp_path):
+    """A cache entry edited into other valid JSON (a score changed), copied under another plan's
+    key, or stripped of its digest is a logged miss: removed, measured again, never served."""
+    from simmerge_ray.testbed.labels import run_labels
+
+    out = tmp_path / "labels"
+    assert run_labels(tiny_zoo / "catalog.yaml", out, LABELS, max_plans=4, log=lambda *_: None).computed == 4
+    entries = sorted((out / "cache").glob("*.json"))
+    originals = {p: json.loads(p.read_text()) for p in entries}
+    assert all(len(r["digest"]) == 32 for r in originals.values())
+    edited, renamed, stripped, kept = entries
+    task = next(iter(originals[edited]["scores"]))
+    wrong = originals[edited]["scores"][task]["accuracy"] + 0.5
+    edited.write_text(json.dumps({**originals[edited], "scores": {
+        **originals[edited]["scores"], task: {**originals[edited]["scores"][task], "accuracy": wrong}}}))
+    renamed.write_text(kept.read_text())  # the other plan's scores, with its (valid) digest
+    stripped.write_text(json.dumps({k: v for k, v in originals[stripped].items() if k != "digest"}))
+    lines: list[str] = []
+    rerun = run_labels(tiny_zoo / "catalog.yaml", out, LABELS, max_plans=0, log=lines.append)
+    assert (rerun.cached, rerun.computed) == (1, 0)
+    assert sorted((out / "cache").glob("*.json")) == [kept]
+    assert f"label: ignoring cache entry {edited} (digest mismatch); removed, measuring it again" in lines
+    assert f"label: ignoring cache entry {renamed} (digest mismatch); removed, measuring it again" in lines
+    assert any(line.startswith("label: ignoring 1 cache entries without a digest") and str(stripped) in line
+               for line in lines)
+    # measured again: the values of the first run, not the edited score
+    again = run_labels(tiny_zoo / "catalog.yaml", out, LABELS, max_plans=3, log=lambda *_: None)
+    assert (again.cached, again.computed) == (1, 3)
+    assert {p: json.loads(p.read_text()) for p in entries} == originals
+
+
+def test_label_refuses_a_negative_max_plans(tmp_path, capsys):
+    """`--max-plans -1` sliced todo[:-1]: every plan but one measured, exit 0. Refused by the
+    parser in one line naming the flag (and by run_labels, its library entry), nothing written."""
+    from simmerge_ray.cli import main
+    from simmerge_ray.testbed.labels import run_labels
+
+    out = tmp_path / "labels"
+    with pytest.raises(SystemExit) as exc:
+        main(["label", "--catalog", str(tmp_path / "catalog.yaml"), "--out", str(out), "--max-plans", "-1"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2
+    assert err == "simmerge label: error: argument --max-plans: -1 is not at least 0 (see simmerge label --help)"
+    with pytest.raises(ConfigError, match=r"^max_plans: -1 is not at least 0$"):
+        run_labels(tmp_path / "catalog.yaml", out, LABELS, max_plans=-1, log=lambda *_: None)
+    assert not out.exists()
+
+
+def test_label_checks_the_base_tokenizer_and_every_config_before_any_work(tiny_zoo, tmp_path, capsys):
+    """A base without tokenizer files, a config.json without model_type, or one whose sizes are not
+    its weights' (base or expert): one line naming the folder or config.json, exit 2, before Ray
+    is asked for anything (it was a transformers or Ray actor traceback), and no --out created."""
+    from simmerge_ray.cli import main
+
+    def broken(name: str, model: str, edit) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(tiny_zoo, copy)
+        edit(copy / "checkpoints" / model)
+        return copy
+
+    def set_config(**changes):
+        def edit(folder: Path) -> None:
+            cfg = json.loads((folder / "config.json").read_text())
+            cfg.update(changes)
+            (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+        return edit
+
+    def no_tokenizer(folder: Path) -> None:
+        for f in folder.glob("tokenizer*"):
+            f.unlink()
+
+    cfg = Checkpoint.open(tiny_zoo / "checkpoints" / "base").config
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    cases = [
+        (broken("notok", "base", no_tokenizer), "checkpoints/base: the catalog's base has no tokenizer files"),
+        (broken("notype", "base", set_config(model_type=None)),
+         "checkpoints/base/config.json: model_type: missing or not a name"),
+        (broken("wide", "base", set_config(intermediate_size=inter * 2)),
+         f"checkpoints/base/config.json: does not match the weights beside it (against the model it describes, "
+         f"the weights: shape of 'model.layers.0.mlp.down_proj.weight' is [{hidden}, {inter}] not "
+         f"[{hidden}, {inter * 2}]"),
+        (broken("deep", "rag-a", set_config(num_hidden_layers=3)),
+         "checkpoints/rag-a/config.json: does not match the weights beside it (against the model it describes, "
+         "the weights: lacks 'model.layers.2.input_layernorm.weight'"),
+    ]
+    for zoo, needle in cases:
+        out = tmp_path / f"out-{zoo.name}"
+        assert main(["label", "--catalog", str(zoo / "catalog.yaml"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{zoo}/{needle}" in err, err
+        assert not out.exists()
 
 
 def test_label_merge_matches_a_hand_merge(tiny_zoo, ray_cluster):

@@ -7,14 +7,24 @@ from simmerge_ray.sizes import human_bytes, human_rate  # noqa: F401
 
 def at_least_one(text: str) -> int:
     """argparse type of a count (workers, actors): a whole number >= 1, else one line naming the flag."""
+    return _whole_number(text, 1)
+
+
+def at_least_zero(text: str) -> int:
+    """argparse type of a limit where 0 means something (--max-plans 0: measure nothing new): a
+    whole number >= 0; a negative one would slice from the end (todo[:-1] dropped a plan)."""
+    return _whole_number(text, 0)
+
+
+def _whole_number(text: str, least: int) -> int:
     import argparse
 
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} is not at least {least}")
     return value
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from simmerge_ray.cli.common import at_least_one, name_listing
+from simmerge_ray.cli.common import at_least_one, at_least_zero, name_listing
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lab.add_argument("--metric", choices=["accuracy", "score"], default=None,
                      help="what GapClosed and retention are computed on: answer-token accuracy (default) "
                           "or the smooth likelihood score")
-    lab.add_argument("--max-plans", type=int, default=None, help="measure at most this many new plans, then stop (default: all; rerun to resume)")
+    lab.add_argument("--max-plans", type=at_least_zero, default=None, help="measure at most this many new plans, then stop (default: all; rerun to resume)")
     lab.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     lab.set_defaults(func=run_label)
 

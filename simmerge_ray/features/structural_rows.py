@@ -126,6 +126,34 @@ def check_same_tensors(names: Sequence[str], ckpts: Sequence[Checkpoint], vocab:
             f"{ckpts[0].path}): " + " | ".join(problems))
 
 
+def check_config_matches_weights(ck: Checkpoint) -> None:
+    """The model transformers builds from the folder's config.json holds exactly the stored
+    tensors in their shapes (a tied head counts as its embedding), as a strict load_state_dict
+    needs: a config edited apart from its weights (model_type dropped, another intermediate_size)
+    is named here in one line, before any work, not in a traceback from inside a Ray actor. The
+    model is built on the meta device: no memory, whatever its size."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = ck.path / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{cfg}: not found (the model is built from it)")
+    if not isinstance(ck.config.get("model_type"), str) or not ck.config["model_type"]:
+        raise CheckpointError(f"{cfg}: model_type: missing or not a name (transformers needs it to know the architecture)")
+    try:
+        config = AutoConfig.from_pretrained(str(ck.path), local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # any transformers failure here is the config's: say which file
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{cfg}: transformers cannot build a model from it ({first})") from None
+    described = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    diff = _differences(described, _signature(ck))
+    if diff:
+        raise CheckpointError(f"{cfg}: does not match the weights beside it (against the model it describes, "
+                              f"the weights: " + "; ".join(diff) + ")")
+
+
 def _check_base(first_name: str, first: Checkpoint, base: Checkpoint, vocab: SharedVocab | None) -> None:
     kinds = (first.config.get("model_type"), base.config.get("model_type"))
     if None not in kinds and kinds[0] != kinds[1]:

@@ -4,7 +4,8 @@ Each actor loads the catalog's weights, tokenizer and eval sets once, then merge
 scores the result; plans of one subset go to the same call so merge prefixes are shared. Every
 finished plan is written to `OUT/cache/<key>.json` (key = content of the models, operators,
 parameters and eval sets) as soon as its call returns, so an interrupted run resumes where it
-stopped and a rerun recomputes nothing.
+stopped and a rerun recomputes nothing. An entry carries a digest of its key and content and is
+served only when it matches (a damaged or hand-edited one is measured again).
 
 Outputs: labels.parquet (2-way), labels_multiway.parquet (3-/4-way), model_scores.parquet,
 gap_summary.parquet and label_summary.json.
@@ -26,10 +27,10 @@ from simmerge_ray import resources
 from simmerge_ray.actor_pool import ActorPool
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.features.structural_rows import check_same_tensors
+from simmerge_ray.features.structural_rows import check_config_matches_weights, check_same_tensors
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint, merged_head
-from simmerge_ray.io.digest_cache import arrays_digest
+from simmerge_ray.io.digest_cache import arrays_digest, json_digest
 from simmerge_ray.io.out_checks import check_not_input
 from simmerge_ray.io.shared_vocab import SharedVocab, shared_vocab
 from simmerge_ray.io.stage_files import adopt_stage_files, check_stage, stage_files, stage_owned
@@ -39,11 +40,14 @@ from simmerge_ray.testbed.label_tables import gap_summary, model_scores_table, m
 from simmerge_ray.testbed.merging import merge_arm, merge_state_dicts
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
     from simmerge_ray.testbed.evaluate import EncodedEvalSet
 
 EVAL_MAX_LEN = 192
 LABEL_STAGE = "labels"
 SUMMARY_FILE = "label_summary.json"
+ABSENT, NO_DIGEST = "absent", "no digest"  # cache misses run_labels does not log one by one
 LABEL_FILES = ("labels.parquet", "labels_multiway.parquet", "model_scores.parquet", "gap_summary.parquet", SUMMARY_FILE)
 
 
@@ -156,14 +160,19 @@ def check_label_catalog(cat: Catalog) -> dict[str, str]:
 
 
 def check_label_models(cat: Catalog, experts: dict[str, str]) -> None:
-    """Plans are merged in memory into one model built from the base's config, so every expert
-    must match the base tensor for tensor (a tied head counts as its embedding): a deeper, wider or
-    re-vocabularied model is named here, from the headers, before Ray starts (not in an actor's
-    traceback). A model that extends the base's vocabulary (added tokens, padded rows) is merged
-    on the rows they share, and no eval example may need more."""
+    """Plans are merged in memory into one model built from the base's config, so every
+    checkpoint's config.json must describe its own weights, and every expert must match the base
+    tensor for tensor (a tied head counts as its embedding): a bad config, or a deeper, wider or
+    re-vocabularied model, is named here, from the configs and headers, before Ray starts (not in
+    an actor's traceback), as is a base without a tokenizer (it encodes the eval sets). A model
+    that extends the base's vocabulary (added tokens, padded rows) is merged on the rows they
+    share, and no eval example may need more."""
+    ckpts = [Checkpoint.open(cat.base), *(Checkpoint.open(cat.model(m).path) for m in experts)]
+    for ck in ckpts:
+        check_config_matches_weights(ck)
     vocab = label_vocab(cat, experts)
-    check_same_tensors(["base", *experts], [Checkpoint.open(cat.base), *(Checkpoint.open(cat.model(m).path)
-                                                                      for m in experts)], vocab)
+    check_same_tensors(["base", *experts], ckpts, vocab)
+    base_tokenizer(cat)
     if vocab is None:
         return
     for t, data in encoded_evals(cat).items():
@@ -172,12 +181,27 @@ def check_label_models(cat: Catalog, experts: dict[str, str]) -> None:
                               f"share; plans are scored on those rows only")
 
 
+def base_tokenizer(cat: Catalog) -> PreTrainedTokenizerFast:
+    """The base's tokenizer, which encodes every eval set: a base without one is one ConfigError
+    naming its folder (transformers' own error was a traceback about sentencepiece)."""
+    from simmerge_ray.probes.tokenize import TOKENIZER_FILES, has_tokenizer
+    from simmerge_ray.testbed.tokenizer import load_tokenizer
+
+    if not has_tokenizer(cat.base):
+        raise ConfigError(f"{cat.base}: the catalog's base has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                          f"label encodes the eval sets with the base's tokenizer")
+    try:
+        return load_tokenizer(cat.base)
+    except Exception as e:  # transformers raises OSError/ValueError/JSON errors for broken files
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"{cat.base}: cannot load the catalog's base tokenizer ({first})") from None
+
+
 def encoded_evals(cat: Catalog) -> dict[str, EncodedEvalSet]:
     """Every task's eval set as plans are scored on it: tokenised by the base's tokenizer."""
     from simmerge_ray.testbed.evaluate import encode, load_examples
-    from simmerge_ray.testbed.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(cat.base)
+    tok = base_tokenizer(cat)
     return {t: encode(load_examples(e.eval), tok, EVAL_MAX_LEN) for t, e in sorted(cat.tasks.items())
             if e.eval is not None}
 
@@ -201,6 +225,8 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
                log: Callable[[str], None] = print) -> LabelRunReport:
     """Measure every plan not yet cached under `out` (at most `max_plans` new ones), then, if
     all are measured, write the tables. Ray must be initialised."""
+    if max_plans is not None and max_plans < 0:  # todo[:-1] would drop a plan without a word
+        raise ConfigError(f"max_plans: {max_plans} is not at least 0")
     t0 = time.perf_counter()
     cat = Catalog.load(catalog_path)
     experts = check_label_catalog(cat)
@@ -217,7 +243,19 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     unique: dict[str, LabelPlan] = {}  # a mirrored 2-way merge is measured once, under its canonical form
     for k, p in keyed:
         unique.setdefault(k, p)
-    todo = [(k, p.canonical()) for k, p in unique.items() if not _cached(cache / f"{k}.json", p.tasks, log)]
+    todo, undigested = [], []
+    for k, p in unique.items():
+        why = _entry_miss(cache / f"{k}.json", k, p.tasks)
+        if why is None:
+            continue
+        todo.append((k, p.canonical()))
+        if why == NO_DIGEST:  # every entry of an older cache: one line, not thousands
+            undigested.append(k)
+        elif why != ABSENT:
+            log(f"label: ignoring cache entry {cache / f'{k}.json'} ({why}); removed, measuring it again")
+    if undigested:
+        log(f"label: ignoring {len(undigested)} cache entries without a digest (written before entries had one, "
+            f"or rewritten by hand; e.g. {cache / f'{undigested[0]}.json'}); removed, measuring them again")
     cached = len(unique) - len(todo)
     if max_plans is not None:
         todo = todo[:max_plans]
@@ -239,6 +277,7 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
                 for (key, plan), scores in zip(batch, results):
                     record = {"models": plan.models, "operators": plan.operators, "weighting": plan.weighting,
                               "scores": scores}
+                    record["digest"] = _entry_digest(key, record)
                     atomic_write_text(cache / f"{key}.json", json.dumps(record))
                 computed += len(batch)
                 if computed % 200 < len(batch):
@@ -250,26 +289,44 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     return LabelRunReport(len(unique), computed, cached, complete, time.perf_counter() - t0, Path(out))
 
 
-def _cached(entry: Path, tasks: tuple[str, ...], log: Callable[[str], None]) -> bool:
-    """Whether a plan's cache entry holds its scores on every one of its `tasks`; an unreadable or
-    incomplete one is removed (and measured again), so a damaged cache heals instead of failing
-    every rerun."""
+def _entry_digest(key: str, record: dict) -> str:
+    """What a cache entry is checked by: its content and its key (an entry copied under another
+    plan's name does not match either), all but the digest itself."""
+    return json_digest({"key": key, **{k: v for k, v in record.items() if k != "digest"}})
+
+
+def _entry_miss(entry: Path, key: str, tasks: tuple[str, ...]) -> str | None:
+    """Why a plan's cache entry cannot be served (ABSENT, NO_DIGEST or what is wrong with it), or
+    None when it holds scores on every one of its `tasks` under a digest that matches. A bad entry
+    (unreadable, incomplete, without a digest or altered) is removed, to be measured again, so a
+    damaged cache heals instead of failing every rerun or serving wrong labels."""
     try:
         record = json.loads(entry.read_text())
-        scores = record.get("scores") if isinstance(record, dict) else None
-        if not isinstance(scores, dict):
-            raise ValueError("no scores")
-        for t in tasks:
-            got = scores.get(t)
-            if not (isinstance(got, dict) and all(isinstance(got.get(m), (int, float)) for m in ("score", "accuracy"))):
-                raise ValueError(f"no score and accuracy on {t!r}")
-        return True
     except FileNotFoundError:
-        return False
-    except (OSError, ValueError) as e:
-        log(f"label: ignoring unreadable cache entry {entry} ({type(e).__name__}: {e}); measuring it again")
-        entry.unlink(missing_ok=True)
-        return False
+        return ABSENT
+    except (OSError, ValueError, RecursionError) as e:
+        return _remove(entry, f"{type(e).__name__}: {e}")
+    if not isinstance(record, dict):
+        return _remove(entry, "not a JSON object")
+    if "digest" not in record:
+        return _remove(entry, NO_DIGEST)
+    # json round-trips floats exactly: the digest of the content read back is the one written
+    if record["digest"] != _entry_digest(key, record):
+        return _remove(entry, "digest mismatch")
+    scores = record.get("scores")
+    if not isinstance(scores, dict):
+        return _remove(entry, "no scores")
+    for t in tasks:
+        got = scores.get(t)
+        if not (isinstance(got, dict) and all(isinstance(got.get(m), (int, float)) for m in ("score", "accuracy"))):
+            return _remove(entry, f"no score and accuracy on {t!r}")
+    return None
+
+
+def _remove(entry: Path, why: str) -> str:
+    """Remove a bad entry (so that it is measured and written again) and say why."""
+    entry.unlink(missing_ok=True)
+    return why
 
 
 def _write_tables(out: Path, keyed: list[tuple[str, LabelPlan]], cache: Path, experts: dict[str, str],
