@@ -209,6 +209,18 @@ def test_a_refused_probe_run_writes_nothing(tiny: dict, tmp_path: Path, capsys) 
     with pytest.raises(ProbeError, match=r"bad.jsonl: line 2: invalid JSON"):
         probe_catalog(cat, SETTINGS, RunOptions(), tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+    # A config edited apart from its weights: it failed inside the actor (transformers' message
+    # pointed at a report printed in the actor's log).
+    wider = tmp_path / "wider"
+    shutil.copytree(tiny["model"], wider)
+    config = json.loads((wider / "config.json").read_text())
+    (wider / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    cat = Catalog.from_dict({"models": [{"name": "w", "path": str(wider)}], "tasks": {"a": {"probes": "good.txt"}}},
+                            root=tmp_path)
+    with pytest.raises(CheckpointError, match=rf"^{wider / 'config.json'}: does not match the weights beside it .*"
+                                              r"shape of 'model.layers.0.mlp.down_proj.weight' is"):
+        probe_catalog(cat, SETTINGS, RunOptions(), tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
     (tmp_path / "catalog.yaml").write_text(f"models:\n  - {{name: m, path: {tiny['model']}}}\n"
                                            f"tasks:\n  a: {{probes: good.txt}}\n")
     (tmp_path / "afile").write_text("")

@@ -126,12 +126,13 @@ def check_same_tensors(names: Sequence[str], ckpts: Sequence[Checkpoint], vocab:
             f"{ckpts[0].path}): " + " | ".join(problems))
 
 
-def check_config_matches_weights(ck: Checkpoint) -> None:
+def check_config_matches_weights(ck: Checkpoint, *, allow_extra: bool = False) -> None:
     """The model transformers builds from the folder's config.json holds exactly the stored
     tensors in their shapes (a tied head counts as its embedding), as a strict load_state_dict
     needs: a config edited apart from its weights (model_type dropped, another intermediate_size)
     is named here in one line, before any work, not in a traceback from inside a Ray actor. The
-    model is built on the meta device: no memory, whatever its size."""
+    model is built on the meta device: no memory, whatever its size. `allow_extra`: stored
+    tensors the model does not hold are fine (transformers' from_pretrained skips them)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -148,7 +149,8 @@ def check_config_matches_weights(ck: Checkpoint) -> None:
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(f"{cfg}: transformers cannot build a model from it ({first})") from None
     described = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    diff = _differences(described, _signature(ck))
+    stored = _signature(ck)
+    diff = _differences(described, {n: s for n, s in stored.items() if n in described} if allow_extra else stored)
     if diff:
         raise CheckpointError(f"{cfg}: does not match the weights beside it (against the model it describes, "
                               f"the weights: " + "; ".join(diff) + ")")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from simmerge_ray.catalog import Catalog, ModelEntry
+from simmerge_ray.features.structural_rows import check_config_matches_weights
 from simmerge_ray.inference.backend import load_config
 from simmerge_ray.inference.cache import ProbeCache
 from simmerge_ray.inference.pipeline import ModelWork, ProbeJob, RunReport, run_jobs
@@ -119,6 +120,8 @@ def probe_catalog(catalog: Catalog, settings: ProbeSettings, options: RunOptions
     With `require_comparable`, every pair must share vocabulary (or extend one vocabulary) and tokenisation (checked before
     any model runs, so a mismatch costs nothing)."""
     tasks = list(catalog.tasks) if tasks is None else tasks
+    for entry in catalog.models:  # a config edited apart from its weights: one line here, not 120 from an actor
+        check_config_matches_weights(Checkpoint.open(entry.path), allow_extra=True)
     vocab = catalog_vocab(catalog)
     plans = {t: plan_task(catalog, t, settings, cache_dir, vocab) for t in tasks}
     if require_comparable:
