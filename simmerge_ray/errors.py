@@ -63,10 +63,15 @@ def surfacing_remote_errors(items: Iterable[T]) -> Iterator[T]:
     try:
         yield from items
     except Exception as e:
-        cause = remote_cause(e)
-        if cause is not None:
-            raise cause from None
+        _raise_remote_cause(e)
         raise
+
+
+def _raise_remote_cause(error: BaseException) -> None:
+    """Raise the SimMergeError behind a Ray error (remote_cause) as itself, if there is one."""
+    cause = remote_cause(error)
+    if cause is not None:
+        raise cause from None
 
 
 def ray_get(refs: Any) -> Any:
@@ -77,9 +82,7 @@ def ray_get(refs: Any) -> Any:
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
-        cause = remote_cause(e)
-        if cause is not None:
-            raise cause from None
+        _raise_remote_cause(e)
         raise
 
 

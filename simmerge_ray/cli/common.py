@@ -16,16 +16,32 @@ def at_least_zero(text: str) -> int:
     return _whole_number(text, 0)
 
 
+def tcp_port(text: str) -> int:
+    """argparse type of a TCP port: one line naming the flag, not Serve's traceback after Ray started."""
+    import argparse
+
+    value = _int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
+    return value
+
+
 def _whole_number(text: str, least: int) -> int:
     import argparse
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = _int(text)
     if value < least:
         raise argparse.ArgumentTypeError(f"{value} is not at least {least}")
     return value
+
+
+def _int(text: str) -> int:
+    import argparse
+
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
 
 
 def positive(text: str) -> float:

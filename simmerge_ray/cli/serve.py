@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from simmerge_ray.cli import raise_interrupt
+from simmerge_ray.cli.common import tcp_port
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.schema import read_feature_table
 from simmerge_ray.io.tables import read_table
@@ -40,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               epilog="example:\n  simmerge serve --state bandit/ --port 8000 --token-file bandit.token")
     p.add_argument("--state", type=Path, required=True, help="state folder from `bandit-init`")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=_port, default=8000, help="HTTP port (1-65535)")
+    p.add_argument("--port", type=tcp_port, default=8000, help="HTTP port (1-65535)")
     p.add_argument("--features", type=Path, help="feature table for name lookups (default: the state's)")
     p.add_argument("--token-file", type=Path,
                    help="file holding the token that POST /feedback and /arms require "
@@ -144,17 +145,6 @@ def _cold_start_arms(text: str | None) -> list[str]:
             print(f"simmerge bandit-init: warning: --operators: {name!r} is not one of simmerge's arms"
                   + (f" (did you mean {near[0]!r}?)" if near else "") + "; it is served as its own arm", file=sys.stderr)
     return names
-
-
-def _port(text: str) -> int:
-    """argparse type of a TCP port: one line naming the flag, not Serve's traceback after Ray started."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
-    return value
 
 
 def _check_port_free(host: str, port: int) -> None:

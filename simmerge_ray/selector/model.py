@@ -240,8 +240,8 @@ def _check_finite(state: dict[str, torch.Tensor], mean: np.ndarray, scale: np.nd
     for name, t in state.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ConfigError(f"{path / WEIGHTS}: tensor {name!r} holds NaN or Inf values")
-    for field, v in (("mean", mean), ("scale", scale)):
-        bad = np.flatnonzero(~np.isfinite(v) | ((v <= 0) if field == "scale" else False))
+    for field, v, ok, need in (("mean", mean, np.isfinite(mean), "a finite number"),
+                               ("scale", scale, np.isfinite(scale) & (scale > 0), "a finite number > 0")):
+        bad = np.flatnonzero(~ok)
         if bad.size:
-            need = "a finite number > 0" if field == "scale" else "a finite number"
             raise ConfigError(f"{path / SCHEMA}: {field}[{bad[0]}] is {float(v[bad[0]])}, not {need}")
