@@ -24,7 +24,7 @@ from simmerge_ray.cli import main as cli_main
 from simmerge_ray.errors import ConfigError, OutputError
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.file_lock import exclusive_lock
-from simmerge_ray.io.out_checks import MARKER
+from simmerge_ray.io.out_checks import LOCK_FILE, MARKER
 from simmerge_ray.io.owner import OWNER_FILE, write_owner
 from simmerge_ray.io.stage_files import stage_files
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
@@ -152,6 +152,30 @@ def test_overwrite_passes_over_an_nfs_clients_file_of_a_removed_open_file(tmp_pa
         with atomic_output_dir(out, overwrite=True) as tmp:
             (tmp / "state.json").write_text("v3")
     assert (out / ".nfs-my-notes").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", [LOCK_FILE, OWNER_FILE])
+def test_overwrite_keeps_a_users_file_under_a_reserved_name(tmp_path: Path, name: str) -> None:
+    """The lock and owner-record names are never listed in the marker; a file under one of them
+    that does not hold what simmerge writes there is a user's, and --overwrite keeps it. The
+    bandit's own (empty) lock file does not block a replacement."""
+    out = tmp_path / "state"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "state.json").write_text("v1")
+    with exclusive_lock(out / LOCK_FILE):
+        pass
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "state.json").write_text("v2")
+    (out / name).write_text("my notes")
+    with pytest.raises(OutputError, match=f"holds {name}, which simmerge did not write there"):
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "state.json").write_text("v3")
+    assert (out / name).read_text() == "my notes" and (out / "state.json").read_text() == "v2"
+    if name == OWNER_FILE:  # what a run killed between its rename and the record's removal leaves
+        write_owner(out)
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "state.json").write_text("v3")
+        assert (out / "state.json").read_text() == "v3"
 
 
 def test_the_pipeline_refuses_a_run_folder_holding_outputs_it_did_not_begin(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from simmerge_ray.errors import ConfigError, OutputError
-from simmerge_ray.io.owner import OWNER_FILE
+from simmerge_ray.io.owner import OWNER_FILE, is_owner_record
 
 MARKER = ".simmerge-output.json"
 LOCK_FILE = ".simmerge-lock"  # a folder's lock (the bandit's state): bookkeeping like the marker, never listed
@@ -66,7 +66,19 @@ def _stranger(out: Path) -> str | None:
     known = _marker_files(out)
     if known is None:
         return ""
-    return next((e for e in folder_entries(out) if e not in known), None)
+    return _foreign_bookkeeping(out) or next((e for e in folder_entries(out) if e not in known), None)
+
+
+def _foreign_bookkeeping(out: Path) -> str | None:
+    """The reserved name at the top of `out` (never listed) whose file does not hold what simmerge
+    writes there: the bandit's lock is an empty file, an owner record one small JSON object.
+    Anything else under those names is a user's."""
+    lock, owner = out / LOCK_FILE, out / OWNER_FILE
+    if lock.is_symlink() or lock.exists() and not (lock.is_file() and lock.stat().st_size == 0):
+        return LOCK_FILE
+    if owner.is_symlink() or owner.exists() and not (owner.is_file() and is_owner_record(owner)):
+        return OWNER_FILE
+    return None
 
 
 def _real(p: str | os.PathLike) -> Path:

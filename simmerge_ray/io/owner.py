@@ -35,6 +35,16 @@ def write_owner(folder: Path) -> None:
     (Path(folder) / OWNER_FILE).write_text(json.dumps(record))
 
 
+def is_owner_record(path: Path) -> bool:
+    """Whether `path` holds what write_owner writes: a file of that name holding anything else is
+    not simmerge's (a user's file that --overwrite must not delete)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and set(record) == {"host", "pid", "start"}
+
+
 def owner_is_dead(folder: Path) -> bool:
     """True only when `folder`'s owner was a process of this host that no longer runs."""
     try:
