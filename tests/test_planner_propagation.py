@@ -127,6 +127,15 @@ def _damaged(features: Path, at: Path, how: str) -> Path:
         g = grams[t].copy()
         g[1, 2] = g[2, 1] = np.nan if how == "nan" else np.inf
         save_file({**grams, t: g}, path)
+    elif how == "unlisted":
+        save_file({**grams, "extra.weight": grams[t]}, path)
+    elif how in ("asymmetric", "negative"):
+        g = grams[t].copy()
+        if how == "asymmetric":
+            g[1, 2] += 1e-3 * np.abs(g).max()
+        else:
+            g[2, 2] = -abs(g[2, 2])
+        save_file({**grams, t: g}, path)
     elif how == "no gram":
         path.unlink()
     elif how == "no meta":
@@ -148,6 +157,12 @@ DAMAGES = {
                              "{again}"),
     "inf": (CheckpointError, "{g}: tensor 'lm_head.weight': Gram matrix holds Inf (2 of 16 entries not finite); "
                              "{again}"),
+    "unlisted": (CheckpointError, "{g}: tensor 'extra.weight' is not listed in gram_meta.json (the two files are "
+                                  "of different runs?); {again}"),
+    "asymmetric": (CheckpointError, "{g}: tensor 'lm_head.weight': not a Gram matrix (not symmetric, or a negative "
+                                    "squared norm on its diagonal); {again}"),
+    "negative": (CheckpointError, "{g}: tensor 'lm_head.weight': not a Gram matrix (not symmetric, or a negative "
+                                  "squared norm on its diagonal); {again}"),
     "no gram": (ConfigError, "{d}: per-tensor Gram matrices missing ({g}); run `simmerge features structural` first"),
     "no meta": (ConfigError, "{d}: per-tensor Gram matrices missing ({d}/gram_meta.json); run `simmerge features "
                              "structural` first"),

@@ -61,11 +61,16 @@ def read_gram_meta(path: Path) -> GramMeta:
 
 def read_grams(path: Path, tensors: list[str], rows: int) -> np.ndarray:
     """[T, R, R] float64 Gram matrices of `tensors`, in that order, from `path`. The header is
-    checked before any value is read (truncated or corrupt file, a tensor absent or not an
-    F64 [R, R] matrix), then the values (NaN or Inf): each one CheckpointError naming the file
-    and, where one is at fault, the tensor."""
+    checked before any value is read (truncated or corrupt file, a tensor absent, not an F64
+    [R, R] matrix, or one gram_meta.json does not list: the two files are of different runs), then
+    the values (NaN or Inf, not symmetric, a negative squared norm): each one CheckpointError
+    naming the file and, where one is at fault, the tensor."""
     entries, _, _ = read_header(path)  # CheckpointError naming the file: truncated, corrupt
     want = (rows, rows)
+    unlisted = sorted(entries.keys() - set(tensors))
+    if unlisted:
+        raise CheckpointError(f"{path}: tensor {unlisted[0]!r} is not listed in {GRAM_META} (the two files are "
+                              f"of different runs?); {AGAIN}")
     for t in tensors:
         entry = entries.get(t)
         if entry is None:
@@ -85,7 +90,22 @@ def read_grams(path: Path, tensors: list[str], rows: int) -> np.ndarray:
         count = int((~np.isfinite(values)).sum())
         raise CheckpointError(f"{path}: tensor {tensors[bad]!r}: Gram matrix holds {kind} ({count} of "
                               f"{values.size} entries not finite); {AGAIN}")
+    bad = not_a_gram_matrix(gram)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {tensors[bad]!r}: not a Gram matrix (not symmetric, or a negative "
+                              f"squared norm on its diagonal); {AGAIN}")
     return gram
+
+
+def not_a_gram_matrix(gram: np.ndarray, rtol: float = 1e-9) -> int | None:
+    """Index of the first [R, R] matrix of `gram` [T, R, R] that no set of vectors has as inner
+    products (asymmetric beyond rounding, or a negative diagonal entry), else None. The writer
+    symmetrises exactly, so `rtol` only leaves room for other writers' rounding."""
+    scale = np.abs(gram).max(axis=(1, 2), initial=0.0)
+    asym = np.abs(gram - gram.transpose(0, 2, 1)).max(axis=(1, 2), initial=0.0) > rtol * scale
+    negative = (np.diagonal(gram, axis1=1, axis2=2) < 0).any(axis=1)
+    bad = np.flatnonzero(asym | negative)
+    return int(bad[0]) if bad.size else None
 
 
 def nonfinite_tensor(gram: np.ndarray) -> int | None:
