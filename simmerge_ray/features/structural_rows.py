@@ -3,12 +3,12 @@ opened and checked to be comparable tensor by tensor before anything is read (no
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import math
 from dataclasses import dataclass, field
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import CheckpointError, ConfigError
+from simmerge_ray.io.architecture import check_same_tensors, differences, signature
 from simmerge_ray.io.checkpoint import Checkpoint, merged_head
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES, TensorEntry
 from simmerge_ray.io.shared_vocab import SharedVocab, shared_vocab
@@ -79,89 +79,12 @@ def open_rows(catalog: Catalog) -> Rows:
     return Rows(names, ckpts, len(catalog.models), base is not None, tensors, vocab_rows)
 
 
-def _signature(ck: Checkpoint, vocab: SharedVocab | None = None, index: int = 0) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes compared (with `vocab`: a vocabulary tensor's shared rows, for
-    checkpoint `index`); the head a checkpoint ties to its embedding counts as held (read from
-    the embedding, as mergekit's tied_names does)."""
-    sig = {n: tuple(e.shape) for n, e in ck.entries.items()}
-    if ck.tied_head is not None:
-        sig[ck.tied_head] = tuple(ck.stored_entry(ck.tied_head).shape)
-    return sig if vocab is None else {n: vocab.shape(index, n, shape) for n, shape in sig.items()}
-
-
-def _differences(ref: dict[str, tuple[int, ...]], other: dict[str, tuple[int, ...]]) -> list[str]:
-    missing = sorted(ref.keys() - other.keys())
-    extra = sorted(other.keys() - ref.keys())
-    shapes = sorted(n for n in ref.keys() & other.keys() if ref[n] != other[n])
-
-    def listed(items: list[str], fmt: Callable[[str], str]) -> str:
-        more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-        return ", ".join(fmt(n) for n in items[:3]) + more
-
-    out = []
-    if missing:
-        out.append(f"lacks {listed(missing, repr)}")
-    if extra:
-        out.append(f"has extra {listed(extra, repr)}")
-    if shapes:
-        out.append("shape " + listed(shapes, lambda n: f"of {n!r} is {list(other[n])} not {list(ref[n])}"))
-    return out
-
-
-def check_same_tensors(names: Sequence[str], ckpts: Sequence[Checkpoint], vocab: SharedVocab | None = None) -> None:
-    """Every checkpoint holds the first one's tensors in the same shapes (with `vocab`, whose
-    sizes are given in this order: vocabulary tensors compared on their shared rows)."""
-    ref = _signature(ckpts[0], vocab, 0)
-    problems = []
-    for index, (name, ck) in enumerate(zip(names[1:], ckpts[1:]), start=1):
-        other = _signature(ck, vocab, index)
-        diff = _differences(ref, other)
-        if diff:
-            heads = [n for n in ref.keys() ^ other.keys() if "lm_head" in n or "embed_out" in n]
-            hint = " (a head tied to the embeddings on one side? config.json tie_word_embeddings)" if heads else ""
-            problems.append(f"model {name!r} ({ck.path}): " + "; ".join(diff) + hint)
-    if problems:
-        raise CheckpointError(
-            f"models do not share tensor names and shapes (compared with model {names[0]!r} at "
-            f"{ckpts[0].path}): " + " | ".join(problems))
-
-
-def check_config_matches_weights(ck: Checkpoint, *, allow_extra: bool = False) -> None:
-    """The model transformers builds from the folder's config.json holds exactly the stored
-    tensors in their shapes (a tied head counts as its embedding), as a strict load_state_dict
-    needs: a config edited apart from its weights (model_type dropped, another intermediate_size)
-    is named here in one line, before any work, not in a traceback from inside a Ray actor. The
-    model is built on the meta device: no memory, whatever its size. `allow_extra`: stored
-    tensors the model does not hold are fine (transformers' from_pretrained skips them)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = ck.path / "config.json"
-    if not cfg.is_file():
-        raise CheckpointError(f"{cfg}: not found (the model is built from it)")
-    if not isinstance(ck.config.get("model_type"), str) or not ck.config["model_type"]:
-        raise CheckpointError(f"{cfg}: model_type: missing or not a name (transformers needs it to know the architecture)")
-    try:
-        config = AutoConfig.from_pretrained(str(ck.path), local_files_only=True)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception as e:  # any transformers failure here is the config's: say which file
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"{cfg}: transformers cannot build a model from it ({first})") from None
-    described = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    stored = _signature(ck)
-    diff = _differences(described, {n: s for n, s in stored.items() if n in described} if allow_extra else stored)
-    if diff:
-        raise CheckpointError(f"{cfg}: does not match the weights beside it (against the model it describes, "
-                              f"the weights: " + "; ".join(diff) + ")")
-
-
 def _check_base(first_name: str, first: Checkpoint, base: Checkpoint, vocab: SharedVocab | None) -> None:
     kinds = (first.config.get("model_type"), base.config.get("model_type"))
     if None not in kinds and kinds[0] != kinds[1]:
         raise CheckpointError(f"base {base.path} is a {kinds[1]!r} checkpoint but the models are "
                               f"{kinds[0]!r} (model {first_name!r} at {first.path})")
-    diff = _differences(_signature(first, vocab, 0), _signature(base, vocab, len(vocab.sizes) - 1 if vocab else 0))
+    diff = differences(signature(first, vocab, 0), signature(base, vocab, len(vocab.sizes) - 1 if vocab else 0))
     if diff:
         raise CheckpointError(f"base {base.path} does not match the models' architecture (compared with "
                               f"model {first_name!r} at {first.path}): " + "; ".join(diff))

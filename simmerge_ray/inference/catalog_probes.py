@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from simmerge_ray.catalog import Catalog, ModelEntry
-from simmerge_ray.features.structural_rows import check_config_matches_weights
+from simmerge_ray.io.architecture import check_config_matches_weights
 from simmerge_ray.inference.backend import load_config
 from simmerge_ray.inference.cache import ProbeCache
 from simmerge_ray.inference.pipeline import ModelWork, ProbeJob, RunReport, run_jobs

@@ -27,7 +27,7 @@ from simmerge_ray import resources
 from simmerge_ray.actor_pool import ActorPool
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.features.structural_rows import check_config_matches_weights, check_same_tensors
+from simmerge_ray.io.architecture import check_config_matches_weights, check_same_tensors
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint, merged_head
 from simmerge_ray.io.digest_cache import arrays_digest, json_digest
