@@ -13,6 +13,7 @@ option.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -267,7 +268,8 @@ def test_a_chat_template_is_written_with_a_vocab_json_tokenizer(pair: Path, tmp_
     (tmp_path / "broken" / "vocab.json").write_text("{")
     cfg["models"][0]["model"], cfg["models"][1]["model"] = str(tmp_path / "broken"), str(pair / "old2")
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ConfigError, match=f"chat_template: cannot load the tokenizer of {tmp_path / 'broken'}: "):
+    with pytest.raises(ConfigError, match=re.escape(f"chat_template: cannot load the tokenizer of {tmp_path / 'broken'}: "
+                                                    f"{tmp_path / 'broken' / 'vocab.json'} is not valid JSON: ")):
         run_merge(MergeSpec.load(tmp_path / "b.yaml"), tmp_path / "out-broken", ExecOptions())
     assert not (tmp_path / "out-broken").exists()
 

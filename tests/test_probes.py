@@ -98,6 +98,24 @@ def test_truncation_is_counted(tiny: dict) -> None:
     assert probes.ids[0][0] == tok.convert_tokens_to_ids("[BOS]")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "fields"])
+def test_a_broken_tokenizer_is_one_line_naming_the_file(tiny: dict, tmp_path: Path, damage: str) -> None:
+    """transformers' own message gives a JSON decoder's position but not the file ('Unterminated
+    string ... (char 46)'), or a bare KeyError."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny["model"], folder)
+    tok_json = folder / "tokenizer.json"
+    if damage == "truncated":
+        tok_json.write_text(tok_json.read_text()[:50])
+        want = f"{folder}: cannot load tokenizer ({tok_json} is not valid JSON: "
+    else:
+        tok_json.write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+        want = f"{folder}: cannot load tokenizer (KeyError: 'added_tokens')"
+    with pytest.raises(ProbeError) as caught:
+        load_tokenizer(folder)
+    assert str(caught.value).startswith(want) and "\n" not in str(caught.value)
+
+
 # ---- compact distributions -----------------------------------------------------------------
 def test_compact_form_round_trip() -> None:
     logp = torch.log_softmax(torch.randn(7, 50, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)

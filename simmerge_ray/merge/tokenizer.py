@@ -129,10 +129,12 @@ def load_tokenizer_at(path: Path, where: str) -> PreTrainedTokenizerBase:
     `where` and the folder."""
     from transformers import AutoTokenizer
 
+    from simmerge_ray.probes.tokenize import tokenizer_failure
+
     try:
         return AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
     except Exception as e:  # any failure to read the files is the user's to fix: say which
-        raise ConfigError(f"{where}: cannot load the tokenizer of {path}: {str(e).splitlines()[0][:200]}") from None
+        raise ConfigError(f"{where}: cannot load the tokenizer of {path}: {tokenizer_failure(path, e)}") from None
 
 
 def _vocab_size(config: dict, fallback: int) -> int:

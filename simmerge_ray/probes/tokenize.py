@@ -48,6 +48,26 @@ def has_tokenizer(folder: Path) -> bool:
     return any((Path(folder) / f).exists() for f in TOKENIZER_FILES)
 
 
+_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+               "vocab.json")
+
+
+def tokenizer_failure(folder: str | Path, error: Exception) -> str:
+    """Why a tokenizer folder did not load, in one line: the file that is not valid JSON where one
+    is (transformers' message gives a decoder's position but not the file), else the error's type
+    and first line."""
+    for name in _JSON_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except (OSError, ValueError) as e:
+                return f"{path} is not valid JSON: {e}"
+    first = (str(error).splitlines() or [""])[0]
+    first = first if len(first) <= 300 else first[:300] + "..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in a model folder (local files only, never the hub)."""
     from transformers import AutoTokenizer
@@ -58,7 +78,7 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError/JSON errors for broken files
-        raise ProbeError(f"{folder}: cannot load tokenizer ({e})") from None
+        raise ProbeError(f"{folder}: cannot load tokenizer ({tokenizer_failure(folder, e)})") from None
 
 
 def vocabulary_digest(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -184,7 +184,7 @@ def check_label_models(cat: Catalog, experts: dict[str, str]) -> None:
 def base_tokenizer(cat: Catalog) -> PreTrainedTokenizerFast:
     """The base's tokenizer, which encodes every eval set: a base without one is one ConfigError
     naming its folder (transformers' own error was a traceback about sentencepiece)."""
-    from simmerge_ray.probes.tokenize import TOKENIZER_FILES, has_tokenizer
+    from simmerge_ray.probes.tokenize import TOKENIZER_FILES, has_tokenizer, tokenizer_failure
     from simmerge_ray.testbed.tokenizer import load_tokenizer
 
     if not has_tokenizer(cat.base):
@@ -193,8 +193,8 @@ def base_tokenizer(cat: Catalog) -> PreTrainedTokenizerFast:
     try:
         return load_tokenizer(cat.base)
     except Exception as e:  # transformers raises OSError/ValueError/JSON errors for broken files
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"{cat.base}: cannot load the catalog's base tokenizer ({first})") from None
+        raise ConfigError(f"{cat.base}: cannot load the catalog's base tokenizer ({tokenizer_failure(cat.base, e)})"
+                          ) from None
 
 
 def encoded_evals(cat: Catalog) -> dict[str, EncodedEvalSet]:
