@@ -244,8 +244,9 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     for k, p in keyed:
         unique.setdefault(k, p)
     todo, undigested = [], []
+    measured: dict[str, dict] = {}  # key -> scores, as checked (the tables use these, not a second read)
     for k, p in unique.items():
-        why = _entry_miss(cache / f"{k}.json", k, p.tasks)
+        why = _entry_miss(cache / f"{k}.json", k, p.tasks, measured)
         if why is None:
             continue
         todo.append((k, p.canonical()))
@@ -279,13 +280,14 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
                               "scores": scores}
                     record["digest"] = _entry_digest(key, record)
                     atomic_write_text(cache / f"{key}.json", json.dumps(record))
+                    measured[key] = scores
                 computed += len(batch)
                 if computed % 200 < len(batch):
                     log(f"label: {computed}/{len(todo)} measured ({time.perf_counter() - t0:.0f}s)")
 
     complete = cached + computed == len(unique)
     if complete:
-        _write_tables(Path(out), keyed, cache, experts, settings, time.perf_counter() - t0, log)
+        _write_tables(Path(out), keyed, measured, experts, settings, time.perf_counter() - t0, log)
     return LabelRunReport(len(unique), computed, cached, complete, time.perf_counter() - t0, Path(out))
 
 
@@ -295,9 +297,10 @@ def _entry_digest(key: str, record: dict) -> str:
     return json_digest({"key": key, **{k: v for k, v in record.items() if k != "digest"}})
 
 
-def _entry_miss(entry: Path, key: str, tasks: tuple[str, ...]) -> str | None:
+def _entry_miss(entry: Path, key: str, tasks: tuple[str, ...], measured: dict[str, dict]) -> str | None:
     """Why a plan's cache entry cannot be served (ABSENT, NO_DIGEST or what is wrong with it), or
-    None when it holds scores on every one of its `tasks` under a digest that matches. A bad entry
+    None when it holds scores on every one of its `tasks` under a digest that matches: then its
+    scores are put in `measured` under `key`. A bad entry
     (unreadable, incomplete, without a digest or altered) is removed, to be measured again, so a
     damaged cache heals instead of failing every rerun or serving wrong labels."""
     try:
@@ -320,6 +323,7 @@ def _entry_miss(entry: Path, key: str, tasks: tuple[str, ...]) -> str | None:
         got = scores.get(t)
         if not (isinstance(got, dict) and all(isinstance(got.get(m), (int, float)) for m in ("score", "accuracy"))):
             return _remove(entry, f"no score and accuracy on {t!r}")
+    measured[key] = scores
     return None
 
 
@@ -329,9 +333,9 @@ def _remove(entry: Path, why: str) -> str:
     return why
 
 
-def _write_tables(out: Path, keyed: list[tuple[str, LabelPlan]], cache: Path, experts: dict[str, str],
+def _write_tables(out: Path, keyed: list[tuple[str, LabelPlan]], measured: dict[str, dict], experts: dict[str, str],
                   settings: LabelSettings, seconds: float, log: Callable[[str], None]) -> None:
-    results = [(p, json.loads((cache / f"{k}.json").read_text())["scores"]) for k, p in keyed]
+    results = [(p, measured[k]) for k, p in keyed]
     metric = settings.metric
     singles = {p.models[0]: {t: s[metric] for t, s in sc.items()} for p, sc in results if p.k == 1}
     merged = [(p, {t: s[metric] for t, s in sc.items()}) for p, sc in results if p.k > 1]
