@@ -75,3 +75,24 @@ def test_manifest_check_reports_bad_fields_as_problems_not_tracebacks(tmp_path: 
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, (name, proc.stderr)
         problems = [line for line in proc.stdout.splitlines() if line.startswith(f"{path}: ")]
         assert problems and all(named in line for line in problems[:1]), (name, proc.stdout)
+
+
+def test_a_relative_or_host_file_uri_is_refused_not_written_under_the_current_folder(tmp_path: Path) -> None:
+    """fsspec read file://rel/out as ./rel/out and file://localhost/x as ./localhost/x."""
+    (tmp_path / "merge.yaml").write_text("merge_method: linear\nmodels: []\n")
+    for uri in ("file://rel/out", f"file://localhost{tmp_path}/out"):
+        proc = _run(str(REPO / "jobs" / "merge.py"), "--config", "merge.yaml", "--out", uri,
+                    "--staging-dir", str(tmp_path / "staging"), cwd=tmp_path)
+        _one_line_error(proc, uri, "file:///")
+    proc = _run(str(REPO / "jobs" / "merge.py"), "--config", "file://rel/merge.yaml", "--out", str(tmp_path / "o"),
+                cwd=tmp_path)
+    _one_line_error(proc, "file://rel/merge.yaml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml"]
+
+
+def test_a_uri_whose_filesystem_cannot_start_here_is_one_line(tmp_path: Path) -> None:
+    """hdfs:// without a JVM: pyarrow raises OSError (was a traceback, exit 1)."""
+    proc = _run(str(REPO / "jobs" / "merge.py"), "--config", "merge.yaml", "--out", "hdfs://namenode/out",
+                "--staging-dir", str(tmp_path / "staging"), cwd=tmp_path)
+    _one_line_error(proc, "hdfs://namenode/out")
+    assert list(tmp_path.iterdir()) == []
