@@ -100,7 +100,18 @@ def schema_errors(doc: dict, schema: dict) -> list[str]:
 def parse_cpu(quantity: str | int | float) -> float:
     """A Kubernetes CPU quantity: '500m' -> 0.5, '4' -> 4.0."""
     text = str(quantity).strip()
-    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    try:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        raise ConfigError(f"CPU quantity {text!r} is not a number (e.g. 4, 500m)") from None
+
+
+def _first_container(group: dict) -> dict:
+    """The group's Ray container; the CRD lets `containers` be empty, which the checks cannot read."""
+    containers = group["template"]["spec"]["containers"]
+    if not containers:
+        raise ConfigError(f"group {group.get('groupName', 'head')!r}: template.spec.containers is empty")
+    return containers[0]
 
 
 @dataclass(frozen=True)
@@ -122,7 +133,7 @@ def group_capacity(group: dict) -> Capacity:
     """Ray's view of a group's node: group `resources` > rayStartParams > the container's limits."""
     params = group.get("rayStartParams", {})
     override = group.get("resources", {})
-    container = group["template"]["spec"]["containers"][0]
+    container = _first_container(group)
     limits = {**container.get("resources", {}).get("requests", {}), **container.get("resources", {}).get("limits", {})}
 
     cpus = override.get("CPU", params.get("num-cpus", limits.get("cpu", 0)))
@@ -140,7 +151,7 @@ def group_capacity(group: dict) -> Capacity:
 
 def gpu_mismatch(group: dict) -> str | None:
     """A group whose pods request GPUs must advertise the same number to Ray, and vice versa."""
-    container = group["template"]["spec"]["containers"][0]
+    container = _first_container(group)
     pod_gpus = float(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
     ray_gpus = group_capacity(group).gpus
     if pod_gpus != ray_gpus:
@@ -151,7 +162,10 @@ def gpu_mismatch(group: dict) -> str | None:
 
 def job_asks(entrypoint: str, env_vars: dict[str, str] | None = None) -> tuple[str, dict[str, resources.ResourceAsk]]:
     """The stage an entrypoint runs and the ask of each actor role it starts (flags over env_vars)."""
-    words = shlex.split(entrypoint)
+    try:
+        words = shlex.split(entrypoint)
+    except ValueError as e:  # an unbalanced quote
+        raise ConfigError(f"entrypoint {entrypoint!r}: {e}") from None
     found = [(i, m.group(1)) for i, w in enumerate(words) if (m := _JOB_SCRIPT.search(w))]
     if not found or found[0][1] not in resources.STAGE_ROLES:
         raise ConfigError(f"entrypoint {entrypoint!r} does not run a jobs/<stage>.py script "
@@ -195,20 +209,27 @@ def manifest_problems(doc: dict, crd_dir: Path, job_clusters: list[dict] = ()) -
     if kind not in CRD_FILES:
         return [f"kind {kind!r} is not one of {sorted(CRD_FILES)}"]
     problems = schema_errors(doc, strict_crd_schema(Path(crd_dir).resolve() / CRD_FILES[kind]))
-    spec = doc.get("spec", {})
+    if problems:  # the checks below read fields the schema requires
+        return problems
+    try:
+        return _semantic_problems(kind, doc.get("spec", {}), job_clusters)
+    except ConfigError as e:
+        return [str(e)]
+
+
+def _semantic_problems(kind: str, spec: dict, job_clusters: list[dict]) -> list[str]:
+    """Resource and placement problems of a schema-valid manifest's spec."""
+    problems: list[str] = []
     if kind == "RayCluster":
         problems += cluster_problems(spec)
     elif kind == "RayService":
         problems += cluster_problems(spec.get("rayClusterConfig", {}))
-        apps = yaml.safe_load(spec.get("serveConfigV2", "")) or {}
+        apps = _embedded_yaml(spec, "serveConfigV2")
         if not all(a.get("import_path") for a in apps.get("applications", [])) or not apps.get("applications"):
             problems.append("serveConfigV2: every application needs an import_path")
     elif kind == "RayJob":
-        env = yaml.safe_load(spec.get("runtimeEnvYAML", "")) or {}
-        try:
-            _, asks = job_asks(spec.get("entrypoint", ""), env.get("env_vars"))
-        except ConfigError as e:
-            return problems + [str(e)]
+        env = _embedded_yaml(spec, "runtimeEnvYAML")
+        _, asks = job_asks(spec.get("entrypoint", ""), env.get("env_vars"))
         clusters = ([spec["rayClusterSpec"]] if "rayClusterSpec" in spec else []) + list(job_clusters)
         if not clusters:
             problems.append("RayJob has no rayClusterSpec and no cluster to check it against")
@@ -217,13 +238,46 @@ def manifest_problems(doc: dict, crd_dir: Path, job_clusters: list[dict] = ()) -
     return problems
 
 
+def _embedded_yaml(spec: dict, key: str) -> dict:
+    """spec[key], a YAML mapping held in a string (runtimeEnvYAML, serveConfigV2)."""
+    try:
+        value = yaml.safe_load(spec.get(key, "")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"spec.{key} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"spec.{key} is not a YAML mapping")
+    return value
+
+
+def load_manifest(path: Path) -> dict:
+    """One manifest file as a mapping; a missing, unreadable or non-mapping file is a ConfigError."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: not a manifest (a YAML mapping with kind, spec)")
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m simmerge_ray.kuberay", description=__doc__.splitlines()[0])
     parser.add_argument("manifests", nargs="+", type=Path)
     parser.add_argument("--crds", type=Path, required=True, help="folder with the KubeRay CRD YAML files")
     args = parser.parse_args(argv)
-    docs = {p: yaml.safe_load(p.read_text()) for p in args.manifests}
-    standing = [d["spec"] for d in docs.values() if d.get("kind") == "RayCluster"]
+    try:
+        missing = [f for f in CRD_FILES.values() if not (args.crds / f).is_file()]
+        if missing:
+            raise ConfigError(f"{args.crds}: no {', '.join(missing)} (--crds is the folder of the KubeRay CRD files)")
+        docs = {p: load_manifest(p) for p in args.manifests}
+    except ConfigError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    # A RayJob is also checked against each standing RayCluster that is itself valid.
+    standing = [d["spec"] for d in docs.values()
+                if d.get("kind") == "RayCluster" and not manifest_problems(d, args.crds)]
     bad = 0
     for path, doc in docs.items():
         problems = manifest_problems(doc, args.crds, standing if doc.get("kind") == "RayJob" else [])

@@ -57,6 +57,13 @@ def resolve(dest: str | Path) -> Location:
         return Location(fs, path.rstrip("/") or "/", text)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as arrow_error:
         reason = str(arrow_error)
+    except OSError as e:  # a known scheme whose client cannot start here (hdfs:// without libjvm)
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{text}: cannot open this filesystem ({first_line})") from None
+    if text.lower().startswith("file://"):
+        # fsspec would read file://rel/x or file://host/x as a path under the current folder.
+        raise ConfigError(f"{text}: a file:// URI takes an absolute path, file:///abs/path "
+                          f"(pyarrow: {reason})")
     try:
         import fsspec.core
 
