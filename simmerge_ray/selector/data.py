@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.io.tables import read_table
+from simmerge_ray.io.tables import read_labels
 from simmerge_ray.features.schema import KEY_COLUMNS, feature_columns, read_feature_table
 
 # Below this many labelled pairs ((expert, aux, task) rows) `fit` and `evaluate-selector` warn. A
@@ -156,7 +156,7 @@ def load_pair_data(features: str | Path, labels: str | Path, target: str = "util
     if Path(features).is_dir() and not feats_path.exists():
         raise ConfigError(f"{features}: no {feats_path.name} in this folder (run `simmerge features structural` "
                           f"and `simmerge features functional` with --out {features} first)")
-    feats, labs = read_feature_table(feats_path), read_table(Path(labels), "labels")
+    feats, labs = read_feature_table(feats_path), read_labels(Path(labels))
     if target not in labs.columns:
         raise ConfigError(f"{labels}: no column {target!r}")
     bad = labs.filter(pl.col(target).is_nan() | pl.col(target).is_infinite()) if labs[target].dtype.is_float() else None
