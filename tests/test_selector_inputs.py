@@ -53,3 +53,23 @@ def test_a_label_without_a_name_is_refused_by_file_and_column(tmp_path: Path, ca
             else [command, "--features", str(f), "--labels", str(l), "--out", str(out), "--tune-samples", "0"])
     _one_line_error(cli_main(argv), capsys, str(l), "'operator'")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("field", ["mean", "scale"])
+def test_a_selector_whose_statistics_do_not_fit_its_schema_is_refused(tmp_path: Path, capsys, field: str) -> None:
+    """selector.json with one standardisation entry fewer than features loaded, and bandit-init
+    then died in numpy's broadcasting (ValueError traceback)."""
+    from simmerge_ray.selector.model import SCHEMA, Selector, SelectorConfig, build_net
+
+    f, l = _tables(tmp_path)
+    cfg = SelectorConfig(task_encoding=False, hidden=8)
+    sel_dir = Selector(["s_x", "s_y"], list(OPS), [], np.zeros(2), np.ones(2), cfg,
+                       build_net(2, len(OPS), cfg)).save(tmp_path / "sel")
+    raw = json.loads((sel_dir / SCHEMA).read_text())
+    raw[field] = raw[field][:1]
+    (sel_dir / SCHEMA).write_text(json.dumps(raw))
+    out = tmp_path / "state"
+    rc = cli_main(["bandit-init", "--state", str(out), "--features", str(f), "--labels", str(l),
+                   "--selector", str(sel_dir)])
+    _one_line_error(rc, capsys, str(sel_dir / SCHEMA), field)
+    assert not out.exists()
