@@ -73,3 +73,16 @@ def test_a_selector_whose_statistics_do_not_fit_its_schema_is_refused(tmp_path: 
                    "--selector", str(sel_dir)])
     _one_line_error(rc, capsys, str(sel_dir / SCHEMA), field)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["fit", "evaluate-selector"])
+def test_labels_for_a_pair_the_features_lack_are_refused(tmp_path: Path, capsys, command: str) -> None:
+    """Labels of a task the feature table lacks were dropped without a word, the selector fitted
+    on the rest (bandit-init refuses the same labels)."""
+    f, l = _tables(tmp_path)
+    labs = pl.read_parquet(l)
+    pl.concat([labs, labs.head(len(OPS)).with_columns(pl.lit("other").alias("task"))]).write_parquet(l)
+    out = tmp_path / "out"
+    rc = cli_main([command, "--features", str(f), "--labels", str(l), "--out", str(out), "--tune-samples", "0"])
+    _one_line_error(rc, capsys, str(f), "'other'")
+    assert not out.exists()
