@@ -12,7 +12,7 @@ from simmerge_ray.cli import raise_interrupt
 from simmerge_ray.cli.common import tcp_port
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.schema import read_feature_table
-from simmerge_ray.io.tables import read_table
+from simmerge_ray.io.tables import read_labels
 from simmerge_ray.selector.data import features_file
 
 
@@ -92,7 +92,7 @@ def _init(args: argparse.Namespace) -> int:
 
     if not (args.labels or args.operators):
         raise ConfigError("give --labels (warm start) or --operators (cold start)")
-    labels = read_table(args.labels, "labels") if args.labels else None
+    labels = read_labels(args.labels) if args.labels else None
     operators = _cold_start_arms(args.operators)
     features = features_file(args.features)
     encoder = None
@@ -208,7 +208,7 @@ def _simulate(args: argparse.Namespace) -> int:
     else:
         if args.features is None:
             raise ConfigError("--labels needs --features")
-        labels, features = read_table(args.labels, "labels"), read_feature_table(args.features)
+        labels, features = read_labels(args.labels), read_feature_table(args.features)
     names, dropped = usable_feature_columns(features, str(args.features or "synthetic features"))
     if dropped:  # as bandit-init leaves them out: the bandit that is simulated is the one served
         print(f"bandit-sim: {left_out_line(dropped)}")

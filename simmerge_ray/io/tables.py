@@ -17,3 +17,18 @@ def read_table(path: Path, what: str) -> pl.DataFrame:
         return pl.read_parquet(path)
     except (OSError, pl.exceptions.PolarsError) as e:
         raise ConfigError(f"{path}: unreadable {what} ({str(e).splitlines()[0]})") from None
+
+
+LABEL_KEYS: tuple[str, ...] = ("task", "expert", "aux", "operator")
+
+
+def read_labels(path: Path) -> pl.DataFrame:
+    """A labels table (`simmerge label`'s labels.parquet); a row with a null name among its key
+    columns is refused by file and column: it has no pair or arm to stand for, and readers sort
+    and join on these names."""
+    df = read_table(path, "labels")
+    for col in LABEL_KEYS:
+        if col in df.columns and (nulls := df[col].null_count()):
+            raise ConfigError(f"{path}: column {col!r} is null in {nulls} row(s); every label names its "
+                              f"task, expert, aux and operator")
+    return df

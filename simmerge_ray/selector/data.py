@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.io.tables import read_table
+from simmerge_ray.io.tables import read_labels
 from simmerge_ray.features.schema import KEY_COLUMNS, feature_columns, read_feature_table
 
 # Below this many labelled pairs ((expert, aux, task) rows) `fit` and `evaluate-selector` warn. A
@@ -149,6 +149,20 @@ def features_file(features: str | Path) -> Path:
     return p / "features.parquet" if p.is_dir() else p
 
 
+def _check_features_cover(labels: pl.DataFrame, features: pl.DataFrame, source: Path) -> None:
+    """Refuse labels of a (task, expert, aux) the feature table has no row for: dropping them
+    would fit the selector on part of the labels without a word (the bandit refuses them too)."""
+    keys = ("task", "expert", "aux")
+    if not all(c in labels.columns for c in keys) or not all(c in features.columns for c in KEY_COLUMNS):
+        return  # build_pair_data names the missing column
+    lacking = labels.select(keys).unique().join(
+        features.select(KEY_COLUMNS).rename({"a": "expert", "b": "aux"}), on=list(keys), how="anti")
+    if lacking.height:
+        first = lacking.sort(keys).row(0)
+        raise ConfigError(f"{source}: no row for {lacking.height} labelled (task, expert, aux), e.g. {first}; "
+                          f"measure features for every labelled pair, or drop those labels")
+
+
 def load_pair_data(features: str | Path, labels: str | Path, target: str = "utility") -> PairData:
     """PairData from a features folder (or parquet file) and a labels parquet (`target`: see
     build_pair_data)."""
@@ -156,7 +170,7 @@ def load_pair_data(features: str | Path, labels: str | Path, target: str = "util
     if Path(features).is_dir() and not feats_path.exists():
         raise ConfigError(f"{features}: no {feats_path.name} in this folder (run `simmerge features structural` "
                           f"and `simmerge features functional` with --out {features} first)")
-    feats, labs = read_feature_table(feats_path), read_table(Path(labels), "labels")
+    feats, labs = read_feature_table(feats_path), read_labels(Path(labels))
     if target not in labs.columns:
         raise ConfigError(f"{labels}: no column {target!r}")
     bad = labs.filter(pl.col(target).is_nan() | pl.col(target).is_infinite()) if labs[target].dtype.is_float() else None
@@ -167,4 +181,5 @@ def load_pair_data(features: str | Path, labels: str | Path, target: str = "util
                           f"operator {r.get('operator')!r})")
     if not labs[target].dtype.is_numeric():
         raise ConfigError(f"{labels}: column {target!r} holds {labs[target].dtype}, not numbers")
+    _check_features_cover(labs, feats, feats_path)
     return build_pair_data(labs, feats, target=target)

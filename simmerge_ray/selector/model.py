@@ -218,6 +218,7 @@ class Selector:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ConfigError(f"{path / SCHEMA}: not a selector's schema or weights ({type(e).__name__}: {first})") from None
         where = str(path / SCHEMA)
+        _check_statistics_shape(mean, scale, len(raw["feature_names"]), path)
         _check_finite(state, mean, scale, path)
         calib = Calibration.from_dict(raw["calibration"], raw["operators"], where) if "calibration" in raw else None
         domain = TrainingDomain.from_dict(raw["domain"], raw["feature_names"], where) if "domain" in raw else None
@@ -232,6 +233,15 @@ class Selector:
                 f"{where}: lacks {len(missing)} of the selector's {len(self.feature_names)} features "
                 f"(e.g. {', '.join(missing[:3])}); it was trained on another feature schema"
             )
+
+
+def _check_statistics_shape(mean: np.ndarray, scale: np.ndarray, features: int, path: Path) -> None:
+    """One mean and one scale per feature: numpy would broadcast a single entry (or fail on
+    another count) when standardising, so a schema edited or from another fit is refused here."""
+    for field, v in (("mean", mean), ("scale", scale)):
+        if v.shape != (features,):
+            raise ConfigError(f"{path / SCHEMA}: {field} holds shape {list(v.shape)}, not one entry for each "
+                              f"of the {features} features")
 
 
 def _check_finite(state: dict[str, torch.Tensor], mean: np.ndarray, scale: np.ndarray, path: Path) -> None:
