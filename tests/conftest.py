@@ -72,3 +72,12 @@ def ray_head() -> Iterator[RayHead]:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def crd_dir(repo_root: Path) -> Path:
+    """The CRDs sit in shared/ beside the repo (CI) or inside it."""
+    for candidate in (repo_root.parent / "shared" / "kuberay", repo_root / "shared" / "kuberay"):
+        if (candidate / "ray.io_rayjobs.yaml").exists():
+            return candidate
+    pytest.fail(f"KubeRay CRDs not found in {repo_root.parent / 'shared'} or {repo_root / 'shared'}")

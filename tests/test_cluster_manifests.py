@@ -23,15 +23,6 @@ MANIFESTS = sorted((REPO / "cluster").glob("*.yaml"))
 HEAVY_STAGES = {"features", "probe", "label", "merge", "fit", "pipeline", "plan_batch"}
 
 
-@pytest.fixture(scope="module")
-def crd_dir(repo_root: Path) -> Path:
-    """The CRDs sit in shared/ beside the repo (CI) or inside it."""
-    for candidate in (repo_root.parent / "shared" / "kuberay", repo_root / "shared" / "kuberay"):
-        if (candidate / "ray.io_rayjobs.yaml").exists():
-            return candidate
-    pytest.fail(f"KubeRay CRDs not found in {repo_root.parent / 'shared'} or {repo_root / 'shared'}")
-
-
 def _load(name: str) -> dict:
     return yaml.safe_load((REPO / "cluster" / name).read_text())
 

@@ -29,14 +29,6 @@ def _one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def crd_dir(repo_root: Path) -> Path:
-    for candidate in (repo_root.parent / "shared" / "kuberay", repo_root / "shared" / "kuberay"):
-        if (candidate / "ray.io_rayjobs.yaml").exists():
-            return candidate
-    pytest.fail(f"KubeRay CRDs not found in {repo_root.parent / 'shared'} or {repo_root / 'shared'}")
-
-
 def test_manifest_check_names_a_missing_unparsable_or_non_mapping_file(tmp_path: Path, crd_dir: Path) -> None:
     (tmp_path / "bad.yaml").write_text("kind: [RayJob\n")
     (tmp_path / "empty.yaml").write_text("")
