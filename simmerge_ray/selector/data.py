@@ -153,8 +153,9 @@ def _check_features_cover(labels: pl.DataFrame, features: pl.DataFrame, source: 
     """Refuse labels of a (task, expert, aux) the feature table has no row for: dropping them
     would fit the selector on part of the labels without a word (the bandit refuses them too)."""
     keys = ("task", "expert", "aux")
-    if not all(c in labels.columns for c in keys) or not all(c in features.columns for c in KEY_COLUMNS):
-        return  # build_pair_data names the missing column
+    if not all(c in labels.columns and labels[c].dtype == pl.String for c in keys) or not all(
+            c in features.columns and features[c].dtype == pl.String for c in KEY_COLUMNS):
+        return  # build_pair_data names the missing column, or the one that does not hold names
     lacking = labels.select(keys).unique().join(
         features.select(KEY_COLUMNS).rename({"a": "expert", "b": "aux"}), on=list(keys), how="anti")
     if lacking.height:
