@@ -8,6 +8,16 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def first_line(error: BaseException, fallback: str | None = None, limit: int = 300) -> str:
+    """The first line of an error's message, cut at `limit` characters, for a one-line message
+    (`fallback`, by default the error's type name, when the message is empty)."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__ if fallback is None else fallback
+    line = text.splitlines()[0]
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
 class SimMergeError(Exception):
     """Base class: a user-facing error, printed without a traceback by the CLI."""
 

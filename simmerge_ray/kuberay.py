@@ -275,12 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    # A RayJob is also checked against each standing RayCluster that is itself valid.
-    standing = [d["spec"] for d in docs.values()
-                if d.get("kind") == "RayCluster" and not manifest_problems(d, args.crds)]
+    # Every manifest is checked once; a RayJob also against each standing RayCluster that is valid.
+    problems_of = {p: manifest_problems(d, args.crds) for p, d in docs.items() if d.get("kind") != "RayJob"}
+    standing = [d["spec"] for p, d in docs.items() if d.get("kind") == "RayCluster" and not problems_of[p]]
     bad = 0
     for path, doc in docs.items():
-        problems = manifest_problems(doc, args.crds, standing if doc.get("kind") == "RayJob" else [])
+        problems = problems_of.get(path)
+        if problems is None:
+            problems = manifest_problems(doc, args.crds, standing)
         bad += bool(problems)
         for problem in problems:
             print(f"{path}: {problem}")

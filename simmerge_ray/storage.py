@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from simmerge_ray.errors import ConfigError, SimMergeError
+from simmerge_ray.errors import ConfigError, SimMergeError, first_line
 from simmerge_ray.io.out_checks import MARKER, check_not_input
 
 SUCCESS_MARKER = "_SUCCESS"
@@ -58,8 +58,7 @@ def resolve(dest: str | Path) -> Location:
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as arrow_error:
         reason = str(arrow_error)
     except OSError as e:  # a known scheme whose client cannot start here (hdfs:// without libjvm)
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{text}: cannot open this filesystem ({first_line})") from None
+        raise ConfigError(f"{text}: cannot open this filesystem ({first_line(e)})") from None
     if text.lower().startswith("file://"):
         # fsspec would read file://rel/x or file://host/x as a path under the current folder.
         raise ConfigError(f"{text}: a file:// URI takes an absolute path, file:///abs/path "

@@ -246,6 +246,15 @@ def test_fit_on_an_unreadable_label_table_names_it(tmp_path: Path, capsys) -> No
     _one_line_error(capsys, f"{tmp_path / 'labels.parquet'}: unreadable labels")
 
 
+def test_first_line_keeps_one_line_of_any_error() -> None:
+    from simmerge_ray.errors import first_line
+
+    assert first_line(ValueError("\n  bad value\nat line 3\n")) == "bad value"
+    assert first_line(KeyError()) == "KeyError"  # an empty message: the type, never an IndexError
+    assert first_line(OSError(""), fallback="") == ""
+    assert first_line(RuntimeError("x" * 500), limit=10) == "x" * 10 + "..."
+
+
 @pytest.mark.parametrize("content, needle", [
     ('{"prompt": "q", "answer": "a"}\nnot json\n', "line 2: expected a JSON object with 'prompt' and 'answer'"),
     ('{"prompt": "q", "answer": 7}\n', "example 1: 'prompt' and 'answer' must be non-empty strings"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from simmerge_ray.errors import CheckpointError
+from simmerge_ray.errors import CheckpointError, first_line
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.shared_vocab import SharedVocab
 
@@ -78,8 +78,7 @@ def check_config_matches_weights(ck: Checkpoint, *, allow_extra: bool = False) -
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as e:  # any transformers failure here is the config's: say which file
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"{cfg}: transformers cannot build a model from it ({first})") from None
+        raise CheckpointError(f"{cfg}: transformers cannot build a model from it ({first_line(e, limit=200)})") from None
     described = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     stored = signature(ck)
     diff = differences(described, {n: s for n, s in stored.items() if n in described} if allow_extra else stored)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from simmerge_ray.lazy_torch import torch
 
-from simmerge_ray.errors import CheckpointError
+from simmerge_ray.errors import CheckpointError, first_line
 from simmerge_ray.io.digest_cache import file_digest
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, TORCH_TO_DTYPE, TensorEntry, read_header
 
@@ -135,8 +135,7 @@ class Checkpoint:
             try:  # zip archives (torch >= 1.6) are memory-mapped; the legacy format cannot be
                 loaded = torch.load(f, map_location="cpu", mmap=zipfile.is_zipfile(f), weights_only=True)
             except Exception as e:  # pickle and torch raise many types for a refused or corrupt file
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise CheckpointError(f"{f}: not a plain tensor checkpoint, refused ({first})") from None
+                raise CheckpointError(f"{f}: not a plain tensor checkpoint, refused ({first_line(e)})") from None
             if not isinstance(loaded, dict):
                 raise CheckpointError(f"{f}: expected a dict of tensors, found {type(loaded).__name__}")
             for name, t in loaded.items():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
-from simmerge_ray.errors import ConfigError
+from simmerge_ray.errors import ConfigError, first_line
 
 
 def read_table(path: Path, what: str) -> pl.DataFrame:
@@ -16,7 +16,7 @@ def read_table(path: Path, what: str) -> pl.DataFrame:
     try:
         return pl.read_parquet(path)
     except (OSError, pl.exceptions.PolarsError) as e:
-        raise ConfigError(f"{path}: unreadable {what} ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: unreadable {what} ({first_line(e)})") from None
 
 
 LABEL_KEYS: tuple[str, ...] = ("task", "expert", "aux", "operator")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from simmerge_ray.errors import ConfigError
+from simmerge_ray.errors import ConfigError, first_line
 
 UNREADABLE = "__unreadable__"  # the key of a request row that could not be parsed (its message)
 
@@ -37,7 +37,7 @@ def _parquet_rows(p: Path) -> list[dict]:
     try:
         return pq.read_table(p).to_pylist()
     except (pa.ArrowException, OSError) as e:
-        raise ConfigError(f"{p}: not a readable request table ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{p}: not a readable request table ({first_line(e)})") from None
 
 
 def _json_rows(p: Path) -> list[dict]:

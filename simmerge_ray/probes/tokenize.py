@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from simmerge_ray.errors import first_line
 from simmerge_ray.probes.errors import ProbeError
 
 if TYPE_CHECKING:
@@ -63,8 +64,7 @@ def tokenizer_failure(folder: str | Path, error: Exception) -> str:
                 json.loads(path.read_bytes())
             except (OSError, ValueError) as e:
                 return f"{path} is not valid JSON: {e}"
-    first = (str(error).splitlines() or [""])[0]
-    first = first if len(first) <= 300 else first[:300] + "..."
+    first = first_line(error, fallback="")
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 

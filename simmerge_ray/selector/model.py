@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from simmerge_ray.errors import ConfigError
+from simmerge_ray.errors import ConfigError, first_line
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.selector.calibration import Calibration
 from simmerge_ray.selector.domain import TrainingDomain
@@ -215,8 +215,8 @@ class Selector:
             net.load_state_dict(state)
             mean, scale = np.asarray(raw["mean"], dtype=float), np.asarray(raw["scale"], dtype=float)
         except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as e:  # RuntimeError: weights of another shape
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ConfigError(f"{path / SCHEMA}: not a selector's schema or weights ({type(e).__name__}: {first})") from None
+            raise ConfigError(f"{path / SCHEMA}: not a selector's schema or weights "
+                              f"({type(e).__name__}: {first_line(e, fallback='')})") from None
         where = str(path / SCHEMA)
         _check_statistics_shape(mean, scale, len(raw["feature_names"]), path)
         _check_finite(state, mean, scale, path)
