@@ -16,14 +16,16 @@ it first on PYTHONPATH) or, run without Ray, from the installed package (`pip in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from simmerge_ray import resources, storage
 from simmerge_ray.arg_parser import Parser
 from simmerge_ray.errors import SimMergeError
 from simmerge_ray.io.file_lock import LockHeld, exclusive_lock
+from simmerge_ray.io.out_checks import PUBLISH_ENV
 
 NOT_AVAILABLE = 3  # exit status of a job whose stage this version does not have yet
 
@@ -225,6 +228,22 @@ def claim_staging(staging: Path, stage: str, out: str) -> None:
         marker.write_text(json.dumps(record))
 
 
+@contextlib.contextmanager
+def _publishing_to(target: storage.Location) -> Iterator[None]:
+    """Tell the steps where on this machine's disk their output ends up (file:///abs/path), so
+    that each command refuses it inside one of its inputs as it refuses a plain --out there."""
+    previous = os.environ.get(PUBLISH_ENV)
+    if target.local_path is not None:
+        os.environ[PUBLISH_ENV] = target.local_path
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PUBLISH_ENV, None)
+        else:
+            os.environ[PUBLISH_ENV] = previous
+
+
 def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: resources.StageResources,
                 target: storage.Location) -> int:
     """Run the steps into a staging folder, upload it to `target` when they succeed and remove it;
@@ -239,7 +258,8 @@ def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: re
             uploaded = False
             try:
                 config = storage.download_file(args.config, staging / "config") if args.config else None
-                status = _run_steps(stage, args, extra, asks, str(staging / "out"), config)
+                with _publishing_to(target):
+                    status = _run_steps(stage, args, extra, asks, str(staging / "out"), config)
                 if status != 0:
                     return status
                 manifest = storage.upload_dir(staging / "out", args.out, overwrite=args.overwrite)

@@ -43,6 +43,11 @@ class Location:
         """True for a path without a scheme, which stages can write to directly."""
         return "://" not in self.uri
 
+    @property
+    def local_path(self) -> str | None:
+        """The path on this machine's disk when the URI is one (file:///abs/path), else None."""
+        return self.path if isinstance(self.fs, pafs.LocalFileSystem) else None
+
     def join(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
 

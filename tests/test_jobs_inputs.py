@@ -88,3 +88,24 @@ def test_a_uri_whose_filesystem_cannot_start_here_is_one_line(tmp_path: Path) ->
                 "--staging-dir", str(tmp_path / "staging"), cwd=tmp_path)
     _one_line_error(proc, "hdfs://namenode/out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_uri_output_inside_an_input_is_refused_before_staging(tmp_path: Path) -> None:
+    """--out file:///.../model-a/merged was staged, then uploaded into the input model-a; a plain
+    path there was refused. The job now tells the command where the output is published."""
+    from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
+
+    spec = dict(architecture="llama", hidden_size=16, num_layers=1, num_heads=2, vocab_size=32)
+    make_checkpoint(tmp_path / "model-a", SyntheticSpec(**spec, seed=1))
+    make_checkpoint(tmp_path / "model-b", SyntheticSpec(**spec, seed=2))
+    before = sorted(p.name for p in (tmp_path / "model-a").iterdir())
+    (tmp_path / "merge.yaml").write_text("merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {tmp_path / m}\n    parameters: {{weight: 0.5}}\n" for m in ("model-a", "model-b")))
+    for out, overwrite, needle in ((f"file://{tmp_path}/model-a/merged", [], "lies inside the input"),
+                                   (f"file://{tmp_path}", ["--overwrite"], "holds the input")):
+        proc = _run(str(REPO / "jobs" / "merge.py"), "--config", "merge.yaml", "--out", out, *overwrite,
+                    "--staging-dir", str(tmp_path / "staging"), cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        error = next(line for line in proc.stderr.splitlines() if "error:" in line)
+        assert f"the output {needle} {tmp_path / 'model-a'}" in error and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "model-a").iterdir()) == before

@@ -19,6 +19,9 @@ from simmerge_ray.errors import ConfigError, OutputError
 from simmerge_ray.io.owner import OWNER_FILE, is_owner_record
 
 MARKER = ".simmerge-output.json"
+# Set by a job whose output is written to a staging folder and then published on this machine's
+# disk (--out file:///abs/path): the command checks that final place against its inputs too.
+PUBLISH_ENV = "SIMMERGE_PUBLISH_TO"
 LOCK_FILE = ".simmerge-lock"  # a folder's lock (the bandit's state): bookkeeping like the marker, never listed
 # An NFS client's name for a file removed while some process still holds it open (".nfs", then 24
 # hex digits); the client deletes it itself at the last close. A bandit state saved over while
@@ -87,16 +90,20 @@ def _real(p: str | os.PathLike) -> Path:
 
 def check_not_input(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
     """Refuse an output that is, holds or lies inside an input (its replacement would delete
-    the input, or its files would land among the input's)."""
-    o = _real(out)
-    for given in inputs:
-        i = _real(given)
-        if o == i:
-            raise ConfigError(f"{out}: the output is the input {given}; choose a new folder")
-        if o in i.parents:
-            raise ConfigError(f"{out}: the output holds the input {given}; choose a new folder")
-        if i in o.parents:
-            raise ConfigError(f"{out}: the output lies inside the input {given}; choose a new folder")
+    the input, or its files would land among the input's); so too the place a job publishes
+    the output to (PUBLISH_ENV)."""
+    inputs = list(inputs)
+    published = os.environ.get(PUBLISH_ENV)
+    for shown in (out, *([published] if published else [])):
+        o = _real(shown)
+        for given in inputs:
+            i = _real(given)
+            if o == i:
+                raise ConfigError(f"{shown}: the output is the input {given}; choose a new folder")
+            if o in i.parents:
+                raise ConfigError(f"{shown}: the output holds the input {given}; choose a new folder")
+            if i in o.parents:
+                raise ConfigError(f"{shown}: the output lies inside the input {given}; choose a new folder")
 
 
 def check_creatable(out: Path) -> None:
