@@ -803,6 +803,12 @@ def _damage_settings(state_dir: Path, edit) -> None:
     (lambda d: _damage_settings(d, lambda s: s.pop("max_done")), SETTINGS_FILE, "(missing field 'max_done')"),
     (lambda d: _damage_settings(d, lambda s: s.update(max_pending="many")), SETTINGS_FILE,
      "('max_pending' is 'many', not a count of at least 1)"),
+    (lambda d: _damage_settings(d, lambda s: s.update(max_done=True)), SETTINGS_FILE,
+     "('max_done' is True, not a count of at least 1)"),
+    (lambda d: _damage_settings(d, lambda s: s.pop("version")), SETTINGS_FILE, "(missing field 'version')"),
+    (lambda d: _damage_settings(d, lambda s: s.update(version=2)), SETTINGS_FILE, "this simmerge reads version 1"),
+    (lambda d: _damage_settings(d, lambda s: s.update(feature_table=5)), SETTINGS_FILE,
+     "('feature_table' is 5, not a path or null)"),
 ])
 def test_a_damaged_state_is_one_error_naming_the_file_and_field(core: BanditCore, tmp_path: Path, damage, where,
                                                                 needle: str):

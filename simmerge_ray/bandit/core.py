@@ -35,6 +35,7 @@ from simmerge_ray.bandit.limits import check_features, check_prior_var, check_re
 from simmerge_ray.bandit.lints import LinTS
 from simmerge_ray.bandit.state import (
     SETTINGS_FILE,
+    SETTINGS_VERSION,
     STATE_FILE,
     read_settings,
     read_state,
@@ -135,9 +136,16 @@ class BanditCore:
         self.state_dir = Path(state_dir)
         self.settings = read_settings(self.state_dir)
         with _damaged(self.state_dir / SETTINGS_FILE):
+            if self.settings["version"] != SETTINGS_VERSION:
+                raise ValueError(f"'version' is {self.settings['version']!r}; this simmerge reads version "
+                                 f"{SETTINGS_VERSION} (create the state anew with `simmerge bandit-init`)")
+            table = self.settings["feature_table"]
+            if table is not None and not (isinstance(table, str) and table):
+                raise ValueError(f"'feature_table' is {table!r}, not a path or null")
             for key in ("max_pending", "max_done"):
-                if not isinstance(self.settings[key], int) or self.settings[key] < 1:
-                    raise ValueError(f"{key!r} is {self.settings[key]!r}, not a count of at least 1")
+                value = self.settings[key]
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"{key!r} is {value!r}, not a count of at least 1")
             self.encoder: Encoder = load_encoder(self.settings["encoder"])
         self._seen: _Seen | None = None
         with _folder_lock(self.state_dir):  # no writer is mid-save while this is held
@@ -212,7 +220,7 @@ class BanditCore:
         if max_pending < 1 or max_done < 1:
             raise ConfigError("max_pending and max_done must be >= 1")
         settings = {
-            "version": 1,
+            "version": SETTINGS_VERSION,
             "encoder": encoder.spec(),
             "feature_table": str(Path(feature_table).resolve()) if feature_table else None,
             "max_pending": max_pending,

@@ -25,6 +25,7 @@ from simmerge_ray.errors import CheckpointError
 from simmerge_ray.io.atomic import atomic_file, atomic_write_text
 
 SETTINGS_FILE = "bandit.json"
+SETTINGS_VERSION = 1  # the layout of bandit.json this code writes and reads
 STATE_FILE = "state.npz"
 _META_KEY = "__meta__"
 
