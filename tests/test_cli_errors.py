@@ -466,6 +466,15 @@ def test_fit_refuses_labels_that_are_not_finite_numbers(tmp_path: Path, capsys, 
     assert not (tmp_path / "sel").exists()
 
 
+def test_bandit_init_refuses_a_utility_stored_as_text(tmp_path: Path, capsys) -> None:
+    """The bandit cast "0.5" to a number where fit refused it: both now refuse it, naming file and column."""
+    feats, labels = _pair_tables(tmp_path, ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6"])
+    assert cli_main(["bandit-init", "--state", str(tmp_path / "state"), "--features", str(feats),
+                     "--labels", str(labels)]) == 2
+    _one_line_error(capsys, f"{labels}: column 'utility' holds String, not numbers")
+    assert not (tmp_path / "state").exists()
+
+
 def test_fit_refuses_an_infinite_feature_naming_its_row(tmp_path: Path, capsys) -> None:
     """An infinite feature used to make every prediction from its row NaN without a word."""
     import polars as pl

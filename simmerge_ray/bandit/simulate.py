@@ -35,8 +35,8 @@ from simmerge_ray.bandit.encoder import Encoder, IdentityEncoder
 from simmerge_ray.features.schema import KEY_COLUMNS, feature_columns
 from simmerge_ray.bandit.lints import LinTS, LinTSConfig
 from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.io.tables import LABEL_KEYS
 
-LABEL_COLUMNS = ("task", "expert", "aux", "operator")
 POLICIES = ("bandit", "bandit_cold", "greedy_offline", "best_fixed", "uniform")
 
 OfflinePredictor = Callable[[np.ndarray], np.ndarray]  # raw x [n, d] -> utilities [n, k]
@@ -71,7 +71,7 @@ def replay_data(
 
     Several rows for one operator (e.g. different params) are averaged.
     """
-    missing = [c for c in (*LABEL_COLUMNS, reward) if c not in labels.columns]
+    missing = [c for c in (*LABEL_KEYS, reward) if c not in labels.columns]
     if missing:
         raise ConfigError(f"labels: missing columns {missing}")
     names = list(feature_names) if feature_names is not None else feature_columns(features)

@@ -20,15 +20,20 @@ def read_table(path: Path, what: str) -> pl.DataFrame:
 
 
 LABEL_KEYS: tuple[str, ...] = ("task", "expert", "aux", "operator")
+LABEL_SCORES: tuple[str, ...] = ("utility", "gap_closed", "aux_gap_closed")  # what fit and the bandit learn from
 
 
 def read_labels(path: Path) -> pl.DataFrame:
     """A labels table (`simmerge label`'s labels.parquet); a row with a null name among its key
     columns is refused by file and column: it has no pair or arm to stand for, and readers sort
-    and join on these names."""
+    and join on these names. A score column must hold numbers (text such as "0.5" would be cast
+    by one reader and refused by another)."""
     df = read_table(path, "labels")
     for col in LABEL_KEYS:
         if col in df.columns and (nulls := df[col].null_count()):
             raise ConfigError(f"{path}: column {col!r} is null in {nulls} row(s); every label names its "
                               f"task, expert, aux and operator")
+    for col in LABEL_SCORES:
+        if col in df.columns and not df[col].dtype.is_numeric():
+            raise ConfigError(f"{path}: column {col!r} holds {df[col].dtype}, not numbers")
     return df
