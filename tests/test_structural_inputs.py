@@ -3,6 +3,7 @@ the pass reads any weight, nothing written to --out and the inputs unchanged."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -57,3 +58,13 @@ def test_a_tensor_float_in_one_model_and_int_in_another_is_refused(models: Path,
     _run(tmp_path, entries, capsys, f"tensor {TENSOR!r} is", "I32", "BF16", str(ints / "model.safetensors"))
     assert (ints / "model.safetensors").read_bytes() == before
 
+
+def test_a_bad_num_hidden_layers_is_refused_before_the_pass(models: Path, tmp_path: Path, capsys) -> None:
+    """It was found only when the outputs were written, after every weight had been read, and
+    left an empty --out folder behind."""
+    bad = tmp_path / "bad"
+    shutil.copytree(models / "m1", bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "two"}))
+    _run(tmp_path, [("bad", bad), ("m2", models / "m2")], capsys,
+         f"{bad / 'config.json'}: num_hidden_layers: expected a whole number, got 'two'")

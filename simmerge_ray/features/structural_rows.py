@@ -68,6 +68,7 @@ def open_rows(catalog: Catalog) -> Rows:
         names.append(base_name)
         ckpts.append(base)
     first = ckpts[0]
+    first.num_layers  # a config.json num_hidden_layers that is not a count: refused now, not after the pass
     held = list(first.entries)
     if first.tied_head is not None and first.tied_head == merged_head(ckpts):
         held.append(first.tied_head)  # stored by another model: compared, as `merge` merges it
