@@ -68,12 +68,14 @@ def open_rows(catalog: Catalog) -> Rows:
         names.append(base_name)
         ckpts.append(base)
     first = ckpts[0]
+    first.num_layers  # a config.json num_hidden_layers that is not a count: refused now, not after the pass
     held = list(first.entries)
     if first.tied_head is not None and first.tied_head == merged_head(ckpts):
         held.append(first.tied_head)  # stored by another model: compared, as `merge` merges it
     tensors = sorted(n for n in held if (e := first.stored_entry(n)).dtype in FLOAT_DTYPES and e.numel > 0)
     if not tensors:
         raise CheckpointError(f"{first.path}: no floating-point tensors to compare")
+    _check_float_alike(names, ckpts, held)
     vocab_rows = {t: vocab.rows for t in tensors if vocab is not None and vocab.is_vocab_tensor(
         0, t, first.stored_entry(t).shape)}
     return Rows(names, ckpts, len(catalog.models), base is not None, tensors, vocab_rows)
@@ -90,3 +92,17 @@ def _check_base(first_name: str, first: Checkpoint, base: Checkpoint, vocab: Sha
                               f"model {first_name!r} at {first.path}): " + "; ".join(diff))
 
 
+
+
+def _check_float_alike(names: list[str], ckpts: list[Checkpoint], tensors: list[str]) -> None:
+    """A tensor stored as floats in one checkpoint and as integers (or bools) in another: compared,
+    its integers would be read as weights; skipped, the features would hang on catalog order."""
+    first = ckpts[0]
+    for t in tensors:
+        ref = first.stored_entry(t).dtype
+        for name, ck in zip(names[1:], ckpts[1:]):
+            dtype = ck.stored_entry(t).dtype
+            if (dtype in FLOAT_DTYPES) != (ref in FLOAT_DTYPES):
+                raise CheckpointError(f"tensor {t!r} is {dtype} in {name!r} ({ck.stored_entry(t).file}) but {ref} in "
+                                      f"{names[0]!r} ({first.stored_entry(t).file}): a float tensor is compared "
+                                      f"only with float tensors")
