@@ -68,7 +68,7 @@ def open_rows(catalog: Catalog) -> Rows:
         names.append(base_name)
         ckpts.append(base)
     first = ckpts[0]
-    first.num_layers  # a config.json num_hidden_layers that is not a count: refused now, not after the pass
+    _ = first.num_layers  # a config.json num_hidden_layers that is not a count: refused now, not after the pass
     held = list(first.entries)
     if first.tied_head is not None and first.tied_head == merged_head(ckpts):
         held.append(first.tied_head)  # stored by another model: compared, as `merge` merges it
@@ -90,8 +90,6 @@ def _check_base(first_name: str, first: Checkpoint, base: Checkpoint, vocab: Sha
     if diff:
         raise CheckpointError(f"base {base.path} does not match the models' architecture (compared with "
                               f"model {first_name!r} at {first.path}): " + "; ".join(diff))
-
-
 
 
 def _check_float_alike(names: list[str], ckpts: list[Checkpoint], tensors: list[str]) -> None:
