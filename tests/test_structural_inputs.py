@@ -59,6 +59,13 @@ def test_a_tensor_float_in_one_model_and_int_in_another_is_refused(models: Path,
     assert (ints / "model.safetensors").read_bytes() == before
 
 
+def test_a_lone_safetensors_file_beside_folders_is_named_as_such(models: Path, tmp_path: Path, capsys) -> None:
+    """The message named .../model.safetensors/config.json, a path that cannot exist."""
+    lone = _single_file_copy(models / "m1", tmp_path / "lone") / "model.safetensors"
+    _run(tmp_path, [("lone", lone), ("m2", models / "m2")], capsys,
+         f"model 'lone' ({lone}: a lone file, without config.json): no vocab_size")
+
+
 def test_a_bad_num_hidden_layers_is_refused_before_the_pass(models: Path, tmp_path: Path, capsys) -> None:
     """It was found only when the outputs were written, after every weight had been read, and
     left an empty --out folder behind."""

@@ -121,7 +121,8 @@ def shared_vocab(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> SharedVoc
         return None
     for name, ck, size in zip(names, ckpts, sizes):
         if size is None:
-            raise CheckpointError(f"model {name!r} ({ck.path / 'config.json'}): no vocab_size, and the other "
+            where = ck.path / "config.json" if ck.path.is_dir() else f"{ck.path}: a lone file, without config.json"
+            raise CheckpointError(f"model {name!r} ({where}): no vocab_size, and the other "
                                   f"models' differ; cannot tell which rows are its vocabulary")
     tokens = [_tokens_by_id(name, ck) for name, ck in zip(names, ckpts)]
     rows = min(min(size, len(t)) for size, t in zip(sizes, tokens))
