@@ -16,7 +16,6 @@ it first on PYTHONPATH) or, run without Ray, from the installed package (`pip in
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,10 +121,12 @@ def unavailable(stage: str) -> str | None:
     return None
 
 
-def run_command(argv: list[str]) -> int:
-    """`simmerge ARGV` as a child process; its output goes to the job's log. A job stopped by
-    `ray job stop` (SIGTERM) stops the command too rather than leaving it running."""
-    child = subprocess.Popen([sys.executable, "-m", "simmerge_ray", *argv])
+def run_command(argv: list[str], env: dict[str, str] | None = None) -> int:
+    """`simmerge ARGV` as a child process (with `env` added to this one's); its output goes to the
+    job's log. A job stopped by `ray job stop` (SIGTERM) stops the command too rather than
+    leaving it running."""
+    child = subprocess.Popen([sys.executable, "-m", "simmerge_ray", *argv],
+                             env={**os.environ, **env} if env else None)
 
     def stop(signum: int, _frame: object) -> None:
         child.terminate()
@@ -187,11 +188,11 @@ def run(stage: str, argv: list[str] | None = None) -> int:
 
 
 def _run_steps(stage: str, args: argparse.Namespace, extra: list[str], asks: resources.StageResources,
-               local_out: str | None, config: Path | None) -> int:
+               local_out: str | None, config: Path | None, env: dict[str, str] | None = None) -> int:
     for step in STAGES[stage].steps:
         command = command_argv(step, args, extra, local_out, asks, None if config is None else str(config))
         print(f"jobs/{stage}.py: simmerge {' '.join(command)}", flush=True)
-        status = run_command(command)
+        status = run_command(command, env)
         if status != 0:
             return status
     return 0
@@ -228,22 +229,6 @@ def claim_staging(staging: Path, stage: str, out: str) -> None:
         marker.write_text(json.dumps(record))
 
 
-@contextlib.contextmanager
-def _publishing_to(target: storage.Location) -> Iterator[None]:
-    """Tell the steps where on this machine's disk their output ends up (file:///abs/path), so
-    that each command refuses it inside one of its inputs as it refuses a plain --out there."""
-    previous = os.environ.get(PUBLISH_ENV)
-    if target.local_path is not None:
-        os.environ[PUBLISH_ENV] = target.local_path
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(PUBLISH_ENV, None)
-        else:
-            os.environ[PUBLISH_ENV] = previous
-
-
 def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: resources.StageResources,
                 target: storage.Location) -> int:
     """Run the steps into a staging folder, upload it to `target` when they succeed and remove it;
@@ -258,8 +243,10 @@ def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: re
             uploaded = False
             try:
                 config = storage.download_file(args.config, staging / "config") if args.config else None
-                with _publishing_to(target):
-                    status = _run_steps(stage, args, extra, asks, str(staging / "out"), config)
+                # Where on this machine's disk the output ends up (file:///abs/path): each command
+                # refuses it inside one of its inputs, as it refuses a plain --out there.
+                publish = {PUBLISH_ENV: target.local_path} if target.local_path is not None else None
+                status = _run_steps(stage, args, extra, asks, str(staging / "out"), config, publish)
                 if status != 0:
                     return status
                 manifest = storage.upload_dir(staging / "out", args.out, overwrite=args.overwrite)

@@ -278,11 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     # Every manifest is checked once; a RayJob also against each standing RayCluster that is valid.
     problems_of = {p: manifest_problems(d, args.crds) for p, d in docs.items() if d.get("kind") != "RayJob"}
     standing = [d["spec"] for p, d in docs.items() if d.get("kind") == "RayCluster" and not problems_of[p]]
+    problems_of.update({p: manifest_problems(d, args.crds, standing) for p, d in docs.items()
+                        if d.get("kind") == "RayJob"})
     bad = 0
-    for path, doc in docs.items():
-        problems = problems_of.get(path)
-        if problems is None:
-            problems = manifest_problems(doc, args.crds, standing)
+    for path in docs:
+        problems = problems_of[path]
         bad += bool(problems)
         for problem in problems:
             print(f"{path}: {problem}")
