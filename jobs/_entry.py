@@ -232,15 +232,16 @@ def claim_staging(staging: Path, stage: str, out: str) -> None:
 def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: resources.StageResources,
                 target: storage.Location) -> int:
     """Run the steps into a staging folder, upload it to `target` when they succeed and remove it;
-    after a failure it is kept (and said so) for the next run to resume."""
+    after a failure it is kept (and said so) for the next run to resume, unless the failure left
+    no work there (a bad config refused before any step wrote)."""
     prog = f"jobs/{stage}.py"
     if storage.exists(target) and not args.overwrite:
         raise storage.StorageError(f"{args.out}: output already exists (pass --overwrite to replace it)")
     staging = staging_folder(stage, args.out, args.staging_dir)
     claim_staging(staging, stage, args.out)
+    done = False  # uploaded, or failed with no work to resume: the staging folder goes
     try:
         with exclusive_lock(staging / ".lock", blocking=False):
-            uploaded = False
             try:
                 config = storage.download_file(args.config, staging / "config") if args.config else None
                 # Where on this machine's disk the output ends up (file:///abs/path): each command
@@ -250,18 +251,27 @@ def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: re
                 if status != 0:
                     return status
                 manifest = storage.upload_dir(staging / "out", args.out, overwrite=args.overwrite)
-                uploaded = True
+                done = True
             finally:
-                if not uploaded:  # a failed step, a failed upload, or an interruption
-                    print(f"{prog}: kept the unfinished work at {staging}; the same command picks it up",
-                          file=sys.stderr, flush=True)
+                if not done:  # a failed step, a failed upload, or an interruption
+                    done = not _holds_work(staging / "out")
+                    if not done:
+                        print(f"{prog}: kept the unfinished work at {staging}; the same command picks it up",
+                              file=sys.stderr, flush=True)
             print(f"{prog}: uploaded {len(manifest['files'])} files ({manifest['bytes'] / 1e6:.1f} MB) "
                   f"to {args.out}", flush=True)
-            shutil.rmtree(staging, ignore_errors=True)
     except LockHeld:
         raise storage.StorageError(f"{args.out}: another job is writing this output now (its staging folder "
                                    f"{staging} is locked)") from None
+    finally:
+        if done:  # after the lock is released: the lock file lives in the folder
+            shutil.rmtree(staging, ignore_errors=True)
     return 0
+
+
+def _holds_work(out: Path) -> bool:
+    """Whether a failed run left anything under its staging output for the next run to resume."""
+    return out.is_dir() and any(out.iterdir())
 
 
 def main(stage: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -183,8 +184,8 @@ def test_an_output_bound_for_a_uri_is_staged_where_a_rerun_finds_it(merge_inputs
                                                                     monkeypatch: pytest.MonkeyPatch,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """A failed job keeps its staging folder (named by stage and URI) for the same command to pick
-    up, as a local --out keeps label's cache and the pipeline's stages; a second job writing the
-    same output at once is refused; a finished upload removes the folder."""
+    up, as a local --out keeps label's cache and the pipeline's stages, unless it holds no work; a
+    second job writing the same output at once is refused; a finished upload removes the folder."""
     import subprocess
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the merge runs in the command's own process
@@ -194,8 +195,17 @@ def test_an_output_bound_for_a_uri_is_staged_where_a_rerun_finds_it(merge_inputs
     config = tmp_path / "merge.yaml"
     config.write_text((merge_inputs / "bad.yaml").read_text())
     argv = ["--config", str(config), "--out", uri, "--staging-dir", str(stage_dir)]
+    # Refused before any step wrote: nothing to resume, so nothing is kept or promised.
+    assert entry.run("merge", argv) != 0
+    assert "kept the unfinished work" not in capsys.readouterr().err
+    assert not staging.exists() and sorted(p.name for p in stage_dir.iterdir()) == []
+    # Work an earlier run left (here a stand-in file under the staging output) is kept for the next.
+    entry.claim_staging(staging, "merge", uri)
+    (staging / "out").mkdir()
+    (staging / "out" / "partial").write_text("an earlier run's work")
     assert entry.run("merge", argv) != 0
     assert f"kept the unfinished work at {staging}; the same command picks it up" in capsys.readouterr().err
+    assert (staging / "out" / "partial").read_text() == "an earlier run's work"
     assert staging.is_dir() and not (tmp_path / "merged").exists()
     assert json.loads((staging / entry.STAGING_MARKER).read_text()) == {"stage": "merge", "out": uri}
 
@@ -208,6 +218,7 @@ def test_an_output_bound_for_a_uri_is_staged_where_a_rerun_finds_it(merge_inputs
         holder.kill()
         holder.wait()
 
+    shutil.rmtree(staging / "out")  # the stand-in is no merge's output: merge would not write over it
     config.write_text((merge_inputs / "linear.yaml").read_text())
     assert entry.run("merge", argv) == 0
     assert (tmp_path / "merged" / "_SUCCESS").is_file() and not staging.exists()
