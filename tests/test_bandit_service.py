@@ -125,6 +125,10 @@ def test_feedback_is_idempotent(service):
     ("method", "path", "body", "status", "needle"),
     [
         ("POST", "/decide", b'{"features": [1, 2', 422, "JSON decode error"),
+        # more digits than Python converts: was a bare "There was an error parsing the body"
+        ("POST", "/feedback", b'{"decision_id": "x", "reward": ' + b"1" * 5000 + b"}", 400,
+         "body: a number has more than 4300 digits"),
+        ("POST", "/feedback", b'{"decision_id": "x", "reward": 1e999}', 422, "finite number"),
         ("POST", "/decide", {"features": [1.0, 2.0]}, 422, "expected width 4"),
         ("POST", "/decide", b'{"features": [NaN, 0, 0, 0]}', 422, "finite number"),
         ("POST", "/decide", {"features": [None, None, None, None]}, 422, "every value is missing"),

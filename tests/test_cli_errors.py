@@ -475,6 +475,21 @@ def test_bandit_init_refuses_a_utility_stored_as_text(tmp_path: Path, capsys) ->
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.parametrize("command", ["fit", "bandit-init"])
+def test_labels_of_a_pair_without_features_are_refused_by_fit_and_the_bandit_alike(tmp_path: Path, capsys,
+                                                                                   command: str) -> None:
+    """Dropping them would learn from part of the labels without a word; one check serves both."""
+    import polars as pl
+
+    feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    pl.read_parquet(feats).filter(pl.col("a") != "y").write_parquet(feats)
+    out = ["--out", str(tmp_path / "out"), "--tune-samples", "0"] if command == "fit" else ["--state", str(tmp_path / "out")]
+    assert cli_main([command, "--features", str(feats), "--labels", str(labels), *out]) == 2
+    _one_line_error(capsys, f"{feats}: no row for 1 labelled (task, expert, aux), e.g. ('t', 'y', 'z'); "
+                            f"measure features for every labelled pair, or drop those labels")
+    assert not (tmp_path / "out").exists()
+
+
 def test_fit_refuses_an_infinite_feature_naming_its_row(tmp_path: Path, capsys) -> None:
     """An infinite feature used to make every prediction from its row NaN without a word."""
     import polars as pl

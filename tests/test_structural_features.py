@@ -478,7 +478,13 @@ def test_base_of_another_architecture(zoo: Path, tmp_path: Path) -> None:
         compute_structural(_catalog(tmp_path, ["ft0", "ft1"], "neox"), tmp_path / "o")
 
 
-def test_nan_tensor_is_reported_by_name(ray_cluster, zoo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("value, needle", [
+    (float("nan"), "holds NaN or Inf values in model 'poisoned'"),
+    # finite in bf16, but its square overflows a float32 Gram (was reported as NaN or Inf)
+    (1e30, "in model 'poisoned' (POISONED) is finite but its products overflow float32 (largest |value| 1e+30); "
+           "rerun with --precision float64"),
+])
+def test_nan_tensor_is_reported_by_name(ray_cluster, zoo: Path, tmp_path: Path, value: float, needle: str) -> None:
     src = Checkpoint.open(zoo / "ft1")
     bad = "model.layers.1.self_attn.k_proj.weight"
 
@@ -486,7 +492,7 @@ def test_nan_tensor_is_reported_by_name(ray_cluster, zoo: Path, tmp_path: Path) 
         def make() -> torch.Tensor:
             t = src.read_f32(name)
             if name == bad:
-                t.view(-1)[17] = float("nan")
+                t.view(-1)[17] = value
             return t
         return make
 
@@ -494,9 +500,15 @@ def test_nan_tensor_is_reported_by_name(ray_cluster, zoo: Path, tmp_path: Path) 
                      [(n, e.shape, "bfloat16", producer(n)) for n, e in src.entries.items()], 10**9)
     (tmp_path / "ft0").symlink_to(zoo / "ft0")
     (tmp_path / "base").symlink_to(zoo / "base")
-    with pytest.raises(CheckpointError, match=rf"tensor '{bad}' holds NaN or Inf values in model 'poisoned'"):
-        compute_structural(_catalog(tmp_path, ["ft0", "poisoned"], "base"), tmp_path / "o", OPTS)
+    catalog = _catalog(tmp_path, ["ft0", "poisoned"], "base")
+    with pytest.raises(CheckpointError) as err:
+        compute_structural(catalog, tmp_path / "o", StructuralOptions(workers=1, chunk_elems=1000, precision="float32"))
+    assert str(err.value).startswith(f"tensor '{bad}' ")
+    assert needle.replace("POISONED", str(tmp_path / "poisoned")) in str(err.value)
     assert not (tmp_path / "o").exists()
+    if value == value:  # finite: float64 products hold it, as the error says
+        compute_structural(catalog, tmp_path / "o", OPTS)
+        assert (tmp_path / "o" / "structural.parquet").is_file()
 
 
 # ---- command line -----------------------------------------------------------------------------

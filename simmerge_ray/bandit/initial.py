@@ -68,7 +68,7 @@ def initial_bandit(features: pl.DataFrame, settings: SimSettings, *, labels: pl.
             raise ConfigError(f"{source}: lacks {len(lacking)} of the encoder's {len(names)} features "
                               f"(first: {lacking[0]!r}); measure them as the selector's training features were")
     if labels is not None:
-        data = replay_data(labels, features, names)
+        data = replay_data(labels, features, names, source=source)
         bandit = warm_bandit(encoder, data.operators, encoder.encode(data.x), data.rewards, settings)
         return InitialBandit(encoder, bandit, tuple(dropped), len(data.keys))
     if not operators:

@@ -12,22 +12,25 @@ need `Authorization: Bearer <token>` (401 without it; see auth.py); /decide is o
 decision asked for with the token is kept in a pending budget of its own, which anonymous
 decisions cannot expire. Bodies are validated by
 pydantic against the bounds of limits.py (malformed JSON, missing or extra fields, NaN/Inf, a
-value out of bounds -> 422, one line naming the field); errors the bandit raises carry their own
+value out of bounds -> 422, one line naming the field; a 4,300-digit number -> 400); errors the bandit raises carry their own
 4xx status (unknown id or name 404, duplicate arm 409, wrong feature width 422); an actor that
 cannot be reached is a 503. Model names are resolved through the feature table here, in the
 replica, so the actor only ever sees numbers.
 (No `from __future__ import annotations` here: FastAPI must see the request models as classes.)
 """
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import ray
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from simmerge_ray.bandit.actor import ACTOR_NAME, NAMESPACE, start_bandit_actor
 from simmerge_ray.bandit.auth import check_authorization, load_token, token_digest
@@ -106,6 +109,16 @@ async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse
         else:
             lines.append(f"{_field(loc)}: {e.get('msg', '')}")
     return JSONResponse(status_code=422, content={"detail": "; ".join(lines).replace("\n", " ")})
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    # FastAPI answers a body json.loads raises on with anything but a decode error (a number of
+    # more digits than Python converts) as a bare "error parsing the body": say what it was.
+    if exc.status_code == 400 and isinstance(exc.__cause__, ValueError) and "digits" in str(exc.__cause__):
+        return JSONResponse(status_code=400, content={
+            "detail": f"body: a number has more than {sys.get_int_max_str_digits()} digits"})
+    return await http_exception_handler(request, exc)
 
 
 @api.exception_handler(BanditError)

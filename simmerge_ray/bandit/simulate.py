@@ -32,7 +32,7 @@ import polars as pl
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.bandit.encoder import Encoder, IdentityEncoder
-from simmerge_ray.features.schema import KEY_COLUMNS, feature_columns
+from simmerge_ray.features.schema import KEY_COLUMNS, check_features_cover, feature_columns
 from simmerge_ray.bandit.lints import LinTS, LinTSConfig
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.tables import LABEL_KEYS
@@ -64,10 +64,11 @@ class ReplayData:
 
 def replay_data(
     labels: pl.DataFrame, features: pl.DataFrame, feature_names: Sequence[str] | None = None,
-    reward: str = "utility",
+    reward: str = "utility", source: str = "features",
 ) -> ReplayData:
     """Join labels (one row per task, expert, aux, operator) with x(expert, aux, task); the
-    `reward` column (the two-sided utility by default) is what a played arm earns.
+    `reward` column (the two-sided utility by default) is what a played arm earns; `source` names
+    the feature table in errors.
 
     Several rows for one operator (e.g. different params) are averaged.
     """
@@ -76,10 +77,11 @@ def replay_data(
         raise ConfigError(f"labels: missing columns {missing}")
     names = list(feature_names) if feature_names is not None else feature_columns(features)
     if not names:
-        raise ConfigError("features: no numeric columns prefixed s_ or f_")
+        raise ConfigError(f"{source}: no numeric columns prefixed s_ or f_")
     lacking = [c for c in (*KEY_COLUMNS, *names) if c not in features.columns]
     if lacking:
-        raise ConfigError(f"features: missing columns {lacking}")
+        raise ConfigError(f"{source}: missing columns {lacking}")
+    check_features_cover(labels, features, source)
     operators = tuple(sorted(labels["operator"].unique().to_list()))
     wide = (
         labels.group_by("task", "expert", "aux", "operator")
@@ -93,13 +95,11 @@ def replay_data(
         on=["task", "expert", "aux"],
         how="left",
     )
-    no_x = joined.filter(pl.col("_has_x").is_null())
-    if no_x.height:
-        first = no_x.select("task", "expert", "aux").rows()[:3]
-        raise ConfigError(f"features: no row for {no_x.height} labelled (task, expert, aux), e.g. {first}")
+    if joined["_has_x"].null_count():  # keys that are not names (check_features_cover passes them)
+        raise ConfigError(f"{source}: labelled (task, expert, aux) without a feature row; keys must be model names")
     x = float_columns(joined, names)  # NaN: undefined, imputed
     if np.isinf(x).any():
-        raise ConfigError("features: infinite values in the rows used by the labels")
+        raise ConfigError(f"{source}: infinite values in the rows used by the labels")
     rewards = float_columns(joined, operators)
     keys = [tuple(r) for r in joined.select("task", "expert", "aux").rows()]
     return ReplayData(keys, x, rewards, operators, tuple(names))

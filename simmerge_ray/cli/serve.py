@@ -209,10 +209,11 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.features is None:
             raise ConfigError("--labels needs --features")
         labels, features = read_labels(args.labels), read_feature_table(args.features)
-    names, dropped = usable_feature_columns(features, str(args.features or "synthetic features"))
+    source = str(args.features or "synthetic features")
+    names, dropped = usable_feature_columns(features, source)
     if dropped:  # as bandit-init leaves them out: the bandit that is simulated is the one served
         print(f"bandit-sim: {left_out_line(dropped)}")
-    train, test = split_by_pair(replay_data(labels, features, names), args.test_frac, args.seed)
+    train, test = split_by_pair(replay_data(labels, features, names, source=source), args.test_frac, args.seed)
     settings = SimSettings(rounds=args.rounds, repeats=args.repeats, seed=args.seed, bandit=_config(args))
     every, added = replay_adding(train, test, settings, add_at=args.add_at, new_operator=args.add_operator)
     results = {"all_operators": every, "operator_added": added}

@@ -51,6 +51,22 @@ def check_unique_keys(df: pl.DataFrame, source: str) -> None:
                           + ", ".join(f"{k} {r[k]!r}" for k in keys) + f", {r['len']} rows)")
 
 
+def check_features_cover(labels: pl.DataFrame, features: pl.DataFrame, source: str) -> None:
+    """Refuse labels of a (task, expert, aux) the feature table has no row for: a reader that
+    dropped them (the selector's fit, the bandit's warm start) would learn from part of the labels
+    without a word. Columns that are missing or hold no names are left to the reader to name."""
+    keys = ("task", "expert", "aux")
+    if not all(c in labels.columns and labels[c].dtype == pl.String for c in keys) or not all(
+            c in features.columns and features[c].dtype == pl.String for c in KEY_COLUMNS):
+        return
+    lacking = labels.select(keys).unique().join(
+        features.select(KEY_COLUMNS).rename({"a": "expert", "b": "aux"}), on=list(keys), how="anti")
+    if lacking.height:
+        first = lacking.sort(keys).row(0)
+        raise ConfigError(f"{source}: no row for {lacking.height} labelled (task, expert, aux), e.g. {first}; "
+                          f"measure features for every labelled pair, or drop those labels")
+
+
 def read_feature_table(path: Path, columns: Sequence[str] | None = None) -> pl.DataFrame:
     """A feature table from disk: one row per key, the feature values that will be read
     (`columns`, default all) checked finite."""

@@ -42,6 +42,7 @@ from simmerge_ray.features.joined import JOINED_FILE, write_joined
 from simmerge_ray.features.structural_outputs import assemble, pair_arrays, run_json, write_outputs
 from simmerge_ray.features.structural_reads import GramWorker
 from simmerge_ray.features.structural_rows import Rows, open_rows
+from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES
 from simmerge_ray.io.stage_files import check_stage, stage_files
@@ -220,7 +221,7 @@ def _run_pass(rows: Rows, plan: ReadPlan, keys: Sequence[str], cache: GramCache,
         for _, results in pool.map_unordered("gram", tensor_batches(todo, size, n_workers)):
             for res in results:
                 t = res["tensor"]
-                _check_finite(rows, plan, t, res["gram"], col_pos)
+                _check_finite(rows, plan, t, res["gram"], col_pos, opts.precision)
                 block = {"gram": res["gram"], "agree": res["agree"], "disagree": res["disagree"]}
                 if opts.use_cache:
                     save_entry(GramCache.work_file(work, rows.key(t)), block)
@@ -256,8 +257,10 @@ def tensor_batches(tensors: Sequence[str], size: dict[str, int], n_workers: int,
     return batches + ([batch] if batch else [])
 
 
-def _check_finite(rows: Rows, plan: ReadPlan, tensor: str, gram: np.ndarray, col_pos: Sequence[int]) -> None:
-    """NaN or Inf anywhere in a row makes its own Gram entry non-finite: report it by name."""
+def _check_finite(rows: Rows, plan: ReadPlan, tensor: str, gram: np.ndarray, col_pos: Sequence[int],
+                  precision: str) -> None:
+    """NaN or Inf anywhere in a row makes its own Gram entry non-finite: report it by name, and
+    tell finite weights whose products overflow `precision` from weights that hold NaN or Inf."""
     diag = {plan.cols[k]: gram[p, k] for k, p in enumerate(col_pos)}
     bad = [r for r, v in diag.items() if not np.isfinite(v)]
     if not bad:
@@ -266,7 +269,27 @@ def _check_finite(rows: Rows, plan: ReadPlan, tensor: str, gram: np.ndarray, col
         bad = [rows.ref]
     who = ", ".join(f"{'base' if r == rows.n_models else 'model'} {rows.names[r]!r} ({rows.ckpts[r].path})"
                     for r in bad)
-    raise CheckpointError(f"tensor {tensor!r} holds NaN or Inf values in {who}; "
-                          f"structural features of it would be undefined")
+    largest = [_largest_if_finite(rows.ckpts[r], tensor) for r in bad]
+    if None in largest:
+        raise CheckpointError(f"tensor {tensor!r} holds NaN or Inf values in {who}; "
+                              f"structural features of it would be undefined")
+    hint = "; rerun with --precision float64" if precision == "float32" else ""
+    raise CheckpointError(f"tensor {tensor!r} in {who} is finite but its products overflow {precision} "
+                          f"(largest |value| {max(largest):.3g}){hint}")
+
+
+def _largest_if_finite(ck: Checkpoint, tensor: str, chunk: int = 1 << 22) -> float | None:
+    """The largest |value| of a stored tensor, or None if it holds NaN or Inf (read in chunks:
+    on this error path too, a tensor is never whole in memory)."""
+    import torch
+
+    name, largest = ck.stored_name(tensor), 0.0
+    numel = ck.stored_entry(tensor).numel
+    for start in range(0, numel, chunk):
+        part = ck.read_range(name, start, min(chunk, numel - start)).double()
+        if not torch.isfinite(part).all():
+            return None
+        largest = max(largest, float(part.abs().max()))
+    return largest
 
 

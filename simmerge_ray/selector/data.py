@@ -16,7 +16,7 @@ import polars as pl
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.tables import read_labels
-from simmerge_ray.features.schema import KEY_COLUMNS, feature_columns, read_feature_table
+from simmerge_ray.features.schema import KEY_COLUMNS, check_features_cover, feature_columns, read_feature_table
 
 # Below this many labelled pairs ((expert, aux, task) rows) `fit` and `evaluate-selector` warn. A
 # rule of thumb, not a measurement: each held-out fold then holds a handful of pairs per task and
@@ -149,21 +149,6 @@ def features_file(features: str | Path) -> Path:
     return p / "features.parquet" if p.is_dir() else p
 
 
-def _check_features_cover(labels: pl.DataFrame, features: pl.DataFrame, source: Path) -> None:
-    """Refuse labels of a (task, expert, aux) the feature table has no row for: dropping them
-    would fit the selector on part of the labels without a word (the bandit refuses them too)."""
-    keys = ("task", "expert", "aux")
-    if not all(c in labels.columns and labels[c].dtype == pl.String for c in keys) or not all(
-            c in features.columns and features[c].dtype == pl.String for c in KEY_COLUMNS):
-        return  # build_pair_data names the missing column, or the one that does not hold names
-    lacking = labels.select(keys).unique().join(
-        features.select(KEY_COLUMNS).rename({"a": "expert", "b": "aux"}), on=list(keys), how="anti")
-    if lacking.height:
-        first = lacking.sort(keys).row(0)
-        raise ConfigError(f"{source}: no row for {lacking.height} labelled (task, expert, aux), e.g. {first}; "
-                          f"measure features for every labelled pair, or drop those labels")
-
-
 def load_pair_data(features: str | Path, labels: str | Path, target: str = "utility") -> PairData:
     """PairData from a features folder (or parquet file) and a labels parquet (`target`: see
     build_pair_data)."""
@@ -182,5 +167,5 @@ def load_pair_data(features: str | Path, labels: str | Path, target: str = "util
                           f"operator {r.get('operator')!r})")
     if not labs[target].dtype.is_numeric():
         raise ConfigError(f"{labels}: column {target!r} holds {labs[target].dtype}, not numbers")
-    _check_features_cover(labs, feats, feats_path)
+    check_features_cover(labs, feats, str(feats_path))
     return build_pair_data(labs, feats, target=target)
