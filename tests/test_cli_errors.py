@@ -490,6 +490,19 @@ def test_labels_of_a_pair_without_features_are_refused_by_fit_and_the_bandit_ali
     assert not (tmp_path / "out").exists()
 
 
+def test_a_feature_row_without_a_model_name_is_refused(tmp_path: Path, capsys) -> None:
+    """A null key joined nothing: its row was dropped without a word."""
+    import polars as pl
+
+    feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    df = pl.read_parquet(feats)
+    pl.concat([df, df.head(1).with_columns(pl.lit(None, pl.String).alias("b"))]).write_parquet(feats)
+    assert cli_main(["fit", "--features", str(feats), "--labels", str(labels), "--out", str(tmp_path / "sel"),
+                     "--tune-samples", "0"]) == 2
+    _one_line_error(capsys, f"{feats}: column 'b' is null in 1 row(s); every feature row names its models (a, b) and task")
+    assert not (tmp_path / "sel").exists()
+
+
 def test_fit_refuses_an_infinite_feature_naming_its_row(tmp_path: Path, capsys) -> None:
     """An infinite feature used to make every prediction from its row NaN without a word."""
     import polars as pl

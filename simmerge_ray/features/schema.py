@@ -42,8 +42,13 @@ def check_finite_features(df: pl.DataFrame, source: str, columns: Sequence[str] 
 
 
 def check_unique_keys(df: pl.DataFrame, source: str) -> None:
-    """One row per (a, b, task): of two rows for a pair, a reader would take either without a word."""
+    """One row per (a, b, task), every key a name: of two rows for a pair, a reader would take
+    either without a word, and a row without a name is one no join ever finds."""
     keys = [k for k in KEY_COLUMNS if k in df.columns]
+    for k in keys:
+        if nulls := df[k].null_count():
+            raise ConfigError(f"{source}: column {k!r} is null in {nulls} row(s); every feature row names its "
+                              f"models (a, b) and task")
     dup = df.group_by(keys, maintain_order=True).len().filter(pl.col("len") > 1) if keys else None
     if dup is not None and dup.height:
         r = dup.row(0, named=True)
