@@ -532,6 +532,16 @@ def test_gap_closed_and_tables_on_a_hand_checked_case():
     assert row["mean_retention"] == pytest.approx(sum(kept.values()) / 3)
 
 
+@pytest.mark.parametrize("field, value", [("subsets_3", True), ("seed", 1.0), ("orders_4", "8"),
+                                          ("gap_epsilon", "0.1")])
+def test_label_settings_refuse_a_count_or_number_of_another_type(field: str, value: object) -> None:
+    """True was read as 1 and "0.1" as 0.1 (pydantic's lax mode), as the zoo config never reads them."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        LabelSettings(**{field: value})
+
+
 def test_enumerate_plans_counts_and_sampling_is_seeded():
     experts = {f"{d}-{i}": d for d in ("a", "b", "c", "d") for i in range(2)}
     s = LabelSettings(subsets_3=2, subsets_4=1, mixed_3=2, mixed_4=5, orders_4=6)

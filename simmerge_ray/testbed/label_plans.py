@@ -26,6 +26,7 @@ from simmerge_ray.io.digest_cache import json_digest
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.arms import ARM_NAMES, STEP_ARMS, WEIGHTING_NAMES, get_arm, get_weighting
 from simmerge_ray.merge.fold import Fold
+from simmerge_ray.testbed.zoo_config import Float, Int  # strict: True or "8" is no count
 
 # Bump when the scoring changes: old cached results then stop matching.
 SCORE_VERSION = "loglik-v1"
@@ -37,19 +38,19 @@ class LabelSettings(BaseModel):
     step_operators: tuple[str, ...] = Field(STEP_ARMS, description="arms used as steps of sampled 3-/4-way plans")
     weightings: tuple[str, ...] = Field(WEIGHTING_NAMES, min_length=1,
                                         description="fold weightings of sampled 3-/4-way plans")
-    subsets_3: int = Field(8, ge=0)
-    subsets_4: int = Field(6, ge=0)
-    mixed_3: int = Field(2, ge=0, description="random mixed step-arm sequences per 3-way subset")
-    mixed_4: int = Field(1, ge=0, description="random mixed step-arm sequences per 4-way subset")
-    orders_4: int = Field(8, ge=1, description="random orders per 4-way subset (of 24)")
-    seed: int = 0
+    subsets_3: Int = Field(8, ge=0)
+    subsets_4: Int = Field(6, ge=0)
+    mixed_3: Int = Field(2, ge=0, description="random mixed step-arm sequences per 3-way subset")
+    mixed_4: Int = Field(1, ge=0, description="random mixed step-arm sequences per 4-way subset")
+    orders_4: Int = Field(8, ge=1, description="random orders per 4-way subset (of 24)")
+    seed: Int = 0
     metric: Literal["accuracy", "score"] = Field(
         "accuracy", description="what utilities are computed on: greedy answer-token accuracy, or the likelihood score")
-    gap_epsilon: float | None = Field(None, ge=0, description=(
+    gap_epsilon: Float | None = Field(None, ge=0, description=(
         "pairs whose expert-aux gap is smaller are dropped (default: 0.05 in accuracy, about two standard "
         "errors of a 256-example eval set; 1e-3 in score)"))
-    workers: int = Field(2, gt=0)
-    plans_per_call: int = Field(16, gt=0)
+    workers: Int = Field(2, gt=0)
+    plans_per_call: Int = Field(16, gt=0)
 
     @field_validator("weightings")
     @classmethod
