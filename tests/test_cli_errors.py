@@ -490,42 +490,40 @@ def test_labels_of_a_pair_without_features_are_refused_by_fit_and_the_bandit_ali
     assert not (tmp_path / "out").exists()
 
 
-def test_a_feature_row_without_a_model_name_is_refused(tmp_path: Path, capsys) -> None:
-    """A null key joined nothing: its row was dropped without a word."""
+def _null_b(df):
+    import polars as pl
+
+    return pl.concat([df, df.head(1).with_columns(pl.lit(None, pl.String).alias("b"))])
+
+
+def _inf_feature(df):
+    import polars as pl
+
+    return df.with_columns(s_cos=pl.Series([0.1, float("-inf"), 0.9]))
+
+
+def _two_rows(df):
+    import polars as pl
+
+    return pl.concat([df, df.head(2).with_columns(pl.col("s_cos") * 2)])
+
+
+@pytest.mark.parametrize("damage, needle", [
+    # a null key joined nothing: its row was dropped without a word
+    (_null_b, "column 'b' is null in 1 row(s); every feature row names its models (a, b) and task"),
+    # an infinite feature made every prediction from its row NaN without a word
+    (_inf_feature, "column 's_cos' is -inf in 1 row(s) (first: a 'y', b 'z', task 't')"),
+    # two rows for one (a, b, task): readers took the first (plan) or joined both (fit) without a word
+    (_two_rows, "2 (a, b, task) key(s) appear in more than one row (first: a 'x', b 'y', task 't', 2 rows)"),
+])
+def test_fit_refuses_a_damaged_feature_table_naming_the_row(tmp_path: Path, capsys, damage, needle: str) -> None:
     import polars as pl
 
     feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
-    df = pl.read_parquet(feats)
-    pl.concat([df, df.head(1).with_columns(pl.lit(None, pl.String).alias("b"))]).write_parquet(feats)
+    damage(pl.read_parquet(feats)).write_parquet(feats)
     assert cli_main(["fit", "--features", str(feats), "--labels", str(labels), "--out", str(tmp_path / "sel"),
                      "--tune-samples", "0"]) == 2
-    _one_line_error(capsys, f"{feats}: column 'b' is null in 1 row(s); every feature row names its models (a, b) and task")
-    assert not (tmp_path / "sel").exists()
-
-
-def test_fit_refuses_an_infinite_feature_naming_its_row(tmp_path: Path, capsys) -> None:
-    """An infinite feature used to make every prediction from its row NaN without a word."""
-    import polars as pl
-
-    feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
-    pl.read_parquet(feats).with_columns(s_cos=pl.Series([0.1, float("-inf"), 0.9])).write_parquet(feats)
-    assert cli_main(["fit", "--features", str(feats), "--labels", str(labels), "--out", str(tmp_path / "sel"),
-                     "--tune-samples", "0"]) == 2
-    _one_line_error(capsys, f"{feats}: column 's_cos' is -inf in 1 row(s) (first: a 'y', b 'z', task 't')")
-    assert not (tmp_path / "sel").exists()
-
-
-def test_a_feature_table_with_two_rows_for_a_pair_is_refused(tmp_path: Path, capsys) -> None:
-    """Two rows for one (a, b, task): readers took the first (plan) or joined both (fit) without a word."""
-    import polars as pl
-
-    feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
-    df = pl.read_parquet(feats)
-    pl.concat([df, df.head(2).with_columns(pl.col("s_cos") * 2)]).write_parquet(feats)
-    assert cli_main(["fit", "--features", str(feats), "--labels", str(labels), "--out", str(tmp_path / "sel"),
-                     "--tune-samples", "0"]) == 2
-    _one_line_error(capsys, f"{feats}: 2 (a, b, task) key(s) appear in more than one row (first: a 'x', b 'y', "
-                            f"task 't', 2 rows)")
+    _one_line_error(capsys, f"{feats}: {needle}")
     assert not (tmp_path / "sel").exists()
 
 
