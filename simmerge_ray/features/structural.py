@@ -42,8 +42,8 @@ from simmerge_ray.features.joined import JOINED_FILE, write_joined
 from simmerge_ray.features.structural_outputs import assemble, pair_arrays, run_json, write_outputs
 from simmerge_ray.features.structural_reads import GramWorker
 from simmerge_ray.features.structural_rows import Rows, open_rows
-from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES
 from simmerge_ray.io.stage_files import check_stage, stage_files
 
