@@ -109,3 +109,57 @@ def test_convert_of_a_complete_indexed_bin_checkpoint_reads_the_index_shards(tmp
     conv = Checkpoint.open(tmp_path / "conv")
     assert sorted(conv.tensor_names) == sorted(state)
     assert all(torch.equal(conv.read(n), t) for n, t in state.items())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from simmerge_ray.io.synthetic import SyntheticSpec, make_family
+
+    return make_family(tmp_path_factory.mktemp("models"), SyntheticSpec(
+        architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64, max_shard_bytes=20_000))
+
+
+def _merge(tmp_path: Path, cfg: dict) -> tuple[int, Path]:
+    import yaml
+
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return cli_main(["merge", str(path), "--out", str(tmp_path / "out"), "--quiet"]), path
+
+
+def test_a_model_given_as_one_shard_of_a_sharded_checkpoint_is_refused(models: Path, tmp_path: Path, capsys) -> None:
+    """Each model given as its first shard file merged those 5 tensors of 21 into a partial model
+    (exit 0): a shard named -0000N-of-0000M, or one an index beside it lists, is not a model."""
+    shard = sorted((models / "m1").glob("model-*.safetensors"))[0]
+    other = sorted((models / "m2").glob("model-*.safetensors"))[0]
+    before = tree_hash(models)
+    code, _ = _merge(tmp_path, {"merge_method": "linear", "parameters": {"weight": 1.0},
+                                "models": [{"model": str(shard)}, {"model": str(other)}]})
+    assert code == 2
+    _one_line_error(capsys, f"{shard}: one shard of a sharded checkpoint, not a whole model; give its folder "
+                            f"{models / 'm1'}")
+    assert not (tmp_path / "out").exists() and tree_hash(models) == before
+    # A shard the index lists under a name of its own is one shard too.
+    from simmerge_ray.errors import CheckpointError
+    from simmerge_ray.io.checkpoint import INDEX_FILE, Checkpoint
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    index = json.loads((models / "m1" / INDEX_FILE).read_text())
+    index["weight_map"] = {n: f.replace("model-00001-of-00005", "part-a") for n, f in index["weight_map"].items()}
+    (renamed / INDEX_FILE).write_text(json.dumps(index))
+    (renamed / "part-a.safetensors").write_bytes(shard.read_bytes())
+    with pytest.raises(CheckpointError, match="part-a.safetensors: one shard of a sharded checkpoint"):
+        Checkpoint.open(renamed / "part-a.safetensors")
+
+
+def test_a_tokenizer_source_without_tokenizer_files_says_so(models: Path, tmp_path: Path, capsys) -> None:
+    """transformers' message for a folder without tokenizer files, cut to one line, ended in
+    "Couldn't instantiate the backend tokenizer from one of: " and named no file."""
+    before = tree_hash(models)
+    code, path = _merge(tmp_path, {"merge_method": "linear", "parameters": {"weight": 1.0}, "tokenizer_source": "base",
+                                   "models": [{"model": str(models / "m1")}, {"model": str(models / "m2")}]})
+    assert code == 2
+    _one_line_error(capsys, f"{path}: model {str(models / 'm1')!r}: cannot load the tokenizer of {models / 'm1'}: "
+                            "no tokenizer files there (tokenizer.json")
+    assert not (tmp_path / "out").exists() and tree_hash(models) == before

@@ -80,6 +80,7 @@ class Checkpoint:
         if path.is_file():
             if path.suffix != ".safetensors":
                 raise CheckpointError(f"{path}: expected a checkpoint folder or a .safetensors file")
+            _refuse_shard_file(path)
             entries, _, raw = read_header(path)
             return cls(path, {}, entries, {path.name: raw})
         if (path / ADAPTER_CONFIG).exists() and not ((path / INDEX_FILE).exists() or (path / SINGLE_FILE).exists()):
@@ -360,6 +361,25 @@ def read_config(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{cfg}: expected a JSON object, got {type(raw).__name__}")
     return raw
+
+
+_SHARD_FILE_RE = re.compile(r".+-\d+-of-\d+\.safetensors")
+
+
+def _refuse_shard_file(path: Path) -> None:
+    """A lone .safetensors file must be a whole model: one shard of a sharded checkpoint (named
+    `...-00001-of-00005.safetensors`, or listed by an index beside it) would be read as a model
+    of that shard's tensors only, and a merge of such shards would silently write a part of one."""
+    index = path.parent / INDEX_FILE
+    listed = False
+    if index.is_file():
+        try:
+            listed = path.name in json.loads(index.read_text()).get("weight_map", {}).values()
+        except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+            listed = False  # an unreadable index is the folder's problem, reported when it is opened
+    if listed or _SHARD_FILE_RE.fullmatch(path.name):
+        raise CheckpointError(f"{path}: one shard of a sharded checkpoint, not a whole model; give its folder "
+                              f"{path.parent}")
 
 
 _PICKLE_SHARD_RE = re.compile(r"pytorch_model-(\d+)-of-(\d+)\.bin")
