@@ -12,14 +12,13 @@ import json
 import mmap
 import os
 import re
-import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from simmerge_ray.lazy_torch import torch
 
-from simmerge_ray.errors import CheckpointError, first_line
+from simmerge_ray.errors import CheckpointError
 from simmerge_ray.io.digest_cache import file_digest
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, TORCH_TO_DTYPE, TensorEntry, read_header
 
@@ -80,6 +79,7 @@ class Checkpoint:
         if path.is_file():
             if path.suffix != ".safetensors":
                 raise CheckpointError(f"{path}: expected a checkpoint folder or a .safetensors file")
+            _refuse_shard_file(path)
             entries, _, raw = read_header(path)
             return cls(path, {}, entries, {path.name: raw})
         if (path / ADAPTER_CONFIG).exists() and not ((path / INDEX_FILE).exists() or (path / SINGLE_FILE).exists()):
@@ -88,7 +88,7 @@ class Checkpoint:
         config = read_config(path)
         index = path / INDEX_FILE
         if index.exists():
-            files = _shards_from_index(index)
+            files = shards_from_index(index)
         elif (path / SINGLE_FILE).exists():
             files = {SINGLE_FILE: None}
         else:
@@ -128,25 +128,12 @@ class Checkpoint:
 
     @classmethod
     def _from_pickle(cls, path: Path, config: dict) -> "Checkpoint":
-        """Tensors only (`weights_only`): a pickle that would build any other object, or run
-        code, is refused by torch's restricted unpickler."""
-        state: dict[str, torch.Tensor] = {}
-        for f in sorted(path.glob("pytorch_model*.bin")):
-            try:  # zip archives (torch >= 1.6) are memory-mapped; the legacy format cannot be
-                loaded = torch.load(f, map_location="cpu", mmap=zipfile.is_zipfile(f), weights_only=True)
-            except Exception as e:  # pickle and torch raise many types for a refused or corrupt file
-                raise CheckpointError(f"{f}: not a plain tensor checkpoint, refused ({first_line(e)})") from None
-            if not isinstance(loaded, dict):
-                raise CheckpointError(f"{f}: expected a dict of tensors, found {type(loaded).__name__}")
-            for name, t in loaded.items():
-                if name == "__metadata__":  # the safetensors header's own key: not a tensor name
-                    raise CheckpointError(f"{f}: a tensor named '__metadata__' cannot be stored as safetensors")
-                if not isinstance(t, torch.Tensor) or t.dtype not in TORCH_TO_DTYPE:
-                    what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise CheckpointError(f"{f}: entry {name!r} is {what}, not a tensor of a safetensors dtype")
-            state.update(loaded)
+        """Tensors only, from the index's shards when there is one (see pickle_state)."""
+        from simmerge_ray.io.pickle_state import read_pickle_state
+
+        state, where = read_pickle_state(path)
         entries = {
-            name: TensorEntry(name, TORCH_TO_DTYPE[t.dtype], tuple(t.shape), path / "pytorch_model.bin", 0, 0)
+            name: TensorEntry(name, TORCH_TO_DTYPE[t.dtype], tuple(t.shape), path / where[name], 0, 0)
             for name, t in state.items()
         }
         return cls(path, config, entries, {}, state)
@@ -353,7 +340,27 @@ def read_config(path: Path) -> dict:
     return raw
 
 
-def _shards_from_index(index: Path) -> dict[str, set[str]]:
+_SHARD_FILE_RE = re.compile(r".+-\d+-of-\d+\.safetensors")
+
+
+def _refuse_shard_file(path: Path) -> None:
+    """A lone .safetensors file must be a whole model: one shard of a sharded checkpoint (named
+    `...-00001-of-00005.safetensors`, or listed by an index beside it) would be read as a model
+    of that shard's tensors only, and a merge of such shards would silently write a part of one."""
+    index = path.parent / INDEX_FILE
+    listed = False
+    if index.is_file():
+        try:
+            listed = path.name in json.loads(index.read_text()).get("weight_map", {}).values()
+        except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+            listed = False  # an unreadable index is the folder's problem, reported when it is opened
+    if listed or _SHARD_FILE_RE.fullmatch(path.name):
+        raise CheckpointError(f"{path}: one shard of a sharded checkpoint, not a whole model; give its folder "
+                              f"{path.parent}")
+
+
+def shards_from_index(index: Path) -> dict[str, set[str]]:
+    """Tensor names by shard file, from an index's weight_map (each shard a file inside the folder)."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:

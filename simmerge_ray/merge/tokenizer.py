@@ -126,15 +126,18 @@ class BuiltVocabulary:
 
 def load_tokenizer_at(path: Path, where: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved in `path`; a file transformers cannot read is one ConfigError naming
-    `where` and the folder."""
+    `where` and the folder, and a folder (or lone weights file) with no tokenizer files says so
+    (transformers' own message for that is cut off: "Couldn't instantiate ... from one of: ")."""
     from transformers import AutoTokenizer
 
-    from simmerge_ray.probes.tokenize import tokenizer_failure
+    from simmerge_ray.probes.tokenize import TOKENIZER_FILES, has_tokenizer, tokenizer_failure
 
     try:
         return AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
     except Exception as e:  # any failure to read the files is the user's to fix: say which
-        raise ConfigError(f"{where}: cannot load the tokenizer of {path}: {tokenizer_failure(path, e)}") from None
+        why = (tokenizer_failure(path, e) if path.is_dir() and has_tokenizer(path)
+               else f"no tokenizer files there ({', '.join(TOKENIZER_FILES)})")
+        raise ConfigError(f"{where}: cannot load the tokenizer of {path}: {why}") from None
 
 
 def _vocab_size(config: dict, fallback: int) -> int:
