@@ -151,6 +151,13 @@ def test_a_model_given_as_one_shard_of_a_sharded_checkpoint_is_refused(models: P
     (renamed / "part-a.safetensors").write_bytes(shard.read_bytes())
     with pytest.raises(CheckpointError, match="part-a.safetensors: one shard of a sharded checkpoint"):
         Checkpoint.open(renamed / "part-a.safetensors")
+    # The one shard of a one-shard checkpoint is the whole model.
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    (whole / "model-00001-of-00001.safetensors").write_bytes(shard.read_bytes())
+    (whole / INDEX_FILE).write_text(json.dumps({"weight_map": {n: "model-00001-of-00001.safetensors"
+                                                               for n in Checkpoint.open(shard.parent).entries}}))
+    assert len(Checkpoint.open(whole / "model-00001-of-00001.safetensors").entries) == 5
 
 
 def test_a_tokenizer_source_without_tokenizer_files_says_so(models: Path, tmp_path: Path, capsys) -> None:

@@ -340,7 +340,7 @@ def read_config(path: Path) -> dict:
     return raw
 
 
-_SHARD_FILE_RE = re.compile(r".+-\d+-of-\d+\.safetensors")
+_SHARD_FILE_RE = re.compile(r".+-\d+-of-(\d+)\.safetensors")
 
 
 def _refuse_shard_file(path: Path) -> None:
@@ -351,10 +351,12 @@ def _refuse_shard_file(path: Path) -> None:
     listed = False
     if index.is_file():
         try:
-            listed = path.name in json.loads(index.read_text()).get("weight_map", {}).values()
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            listed = path.name in shards and len(shards) > 1
         except (OSError, ValueError, AttributeError, TypeError, RecursionError):
             listed = False  # an unreadable index is the folder's problem, reported when it is opened
-    if listed or _SHARD_FILE_RE.fullmatch(path.name):
+    named = _SHARD_FILE_RE.fullmatch(path.name)
+    if listed or (named and int(named.group(1)) > 1):  # "-00001-of-00001" is a whole model
         raise CheckpointError(f"{path}: one shard of a sharded checkpoint, not a whole model; give its folder "
                               f"{path.parent}")
 
