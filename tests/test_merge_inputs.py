@@ -170,3 +170,26 @@ def test_a_tokenizer_source_without_tokenizer_files_says_so(models: Path, tmp_pa
     _one_line_error(capsys, f"{path}: model {str(models / 'm1')!r}: cannot load the tokenizer of {models / 'm1'}: "
                             "no tokenizer files there (tokenizer.json")
     assert not (tmp_path / "out").exists() and tree_hash(models) == before
+
+
+def test_a_base_given_as_a_lone_file_takes_the_config_from_the_first_model_folder(models: Path, tmp_path: Path,
+                                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The output's config came from the base only: given as one .safetensors file, the merged
+    folder had no config.json (transformers cannot load it) and nothing said so."""
+    from safetensors.torch import load_file, save_file
+
+    lone = tmp_path / "base.safetensors"
+    state = {}
+    for shard in sorted((models / "base").glob("*.safetensors")):
+        state.update(load_file(shard))
+    save_file(state, str(lone))
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(lone),
+           "models": [{"model": str(models / m), "parameters": {"weight": 0.5}} for m in ("m1", "m2")]}
+    with caplog.at_level("WARNING"):
+        code, _ = _merge(tmp_path, cfg)
+    assert code == 0
+    written, m1 = (json.loads(p.read_text()) for p in (tmp_path / "out" / "config.json", models / "m1" / "config.json"))
+    assert {k: v for k, v in written.items() if k not in ("dtype", "torch_dtype")} == \
+        {k: v for k, v in m1.items() if k not in ("dtype", "torch_dtype")}
+    assert f"{lone} is a lone .safetensors file: the output's config.json and tokenizer come from {models / 'm1'}" \
+        in caplog.text

@@ -4,6 +4,7 @@ provenance: simmerge_merge.json, the exact config (mergekit_config.yml) and a RE
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,8 @@ from simmerge_ray.merge.tokenizer import BuiltVocabulary, load_tokenizer_at
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+log = logging.getLogger(__name__)
+
 
 def write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], num_layers: int | dict[str, int], plans: list,
                      out: Path, vocab: BuiltVocabulary | None = None, compute: str = "float32") -> None:
@@ -33,8 +36,8 @@ def write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], num_layers: 
         total = sum((out / p.file).stat().st_size for p in plans)
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2))
-    source = ckpts[spec.base.ref] if spec.base is not None else ckpts[spec.inputs[0].ref]
-    if source.path.is_dir():
+    source = _config_source(spec, ckpts)
+    if source is not None:
         written = {code for p in plans for _, _, code in p.tensors if code in FLOAT_DTYPES}
         config = output_config(spec, source, num_layers, vocab.rows if vocab is not None else None,
                                next(iter(written)) if len(written) == 1 else None)
@@ -46,12 +49,27 @@ def write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], num_layers: 
             shutil.copy2(source.path / "generation_config.json", out / "generation_config.json")
     if vocab is not None:
         save_tokenizer(vocab.tokenizer, spec, ckpts, out)
-    elif source.path.is_dir():
+    elif source is not None:
         if spec.chat_template is None:
             copy_tokenizer(source.path, out)
         elif has_tokenizer(source.path):
             save_tokenizer(load_tokenizer_at(source.path, "chat_template"), spec, ckpts, out)
     write_provenance(spec, out, compute)
+
+
+def _config_source(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> Checkpoint | None:
+    """The folder the output's config and tokenizer come from: the base model's, else the first
+    model's. A model given as a lone .safetensors file has neither, so the next folder in that
+    order serves; with none, the output has no config.json, and the log says so."""
+    refs = ([spec.base.ref] if spec.base is not None else []) + [m.ref for m in spec.inputs]
+    source = next((ckpts[r] for r in refs if ckpts[r].path.is_dir()), None)
+    if source is None:
+        log.warning("every input is a lone .safetensors file: the output has no config.json or tokenizer "
+                    "(transformers needs a config.json beside the weights to load them)")
+    elif source is not ckpts[refs[0]]:
+        log.warning("%s is a lone .safetensors file: the output's config.json and tokenizer come from %s",
+                    ckpts[refs[0]].path, source.path)
+    return source
 
 
 CONFIG_FILE = "mergekit_config.yml"
