@@ -32,6 +32,7 @@ from simmerge_ray.features.schema import B_TASK_SUFFIX
 from simmerge_ray.inference.compact import expand_logprobs
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.stage_files import stage_files
+from simmerge_ray.probes.errors import DistributionError
 
 KL_STATS = ("mean", "median", "p10", "p90")
 DEPTH_STATS = ("mean", "d0", "d1", "d2")
@@ -67,6 +68,37 @@ def _check_shapes(a: str, b: str, ra: dict[str, torch.Tensor], rb: dict[str, tor
             )
 
 
+def check_record(name: str, task: str, pid: int, record: dict[str, torch.Tensor], logp: torch.Tensor) -> None:
+    """Refuse a model's NaN (or +inf) outputs by name: they would be written as NaN features
+    (log-probs of -inf are a model's zero probabilities, judged per pair by `check_kl`)."""
+    for what, t in (("next-token log-probs", logp), ("hidden states", record["hidden"]),
+                    ("attention maps", record["attn"])):
+        bad = torch.isnan(t) | (t == float("inf")) if t is logp else ~torch.isfinite(t)
+        if bad.any():
+            raise DistributionError(f"task {task!r}, probe {pid}: model {name!r} gave {t[bad][0].item()} in its "
+                                    f"{what}; functional features need finite outputs")
+
+
+def check_kl(kl: torch.Tensor, p: str, q: str, logp_p: torch.Tensor, logp_q: torch.Tensor, task: str,
+             pid: int) -> None:
+    """KL(p||q) is infinite where q gives zero probability (logit -inf) to a token p does not:
+    refused naming the pair, task, probe, position and token, not written as +inf for `fit`
+    to reject the whole table later, nor clamped to a finite number no model produced."""
+    bad = ~torch.isfinite(kl)
+    if not bad.any():
+        return
+    pos = int(bad.nonzero()[0])
+    zeros = ((logp_q[pos] == float("-inf")) & (logp_p[pos] > float("-inf"))).nonzero()
+    if not len(zeros):  # not a zero probability: name what was computed
+        raise DistributionError(f"task {task!r}, pair ({p!r}, {q!r}): KL({p}||{q}) is {kl[pos].item()} at probe "
+                                f"{pid}, position {pos}; functional features need it finite")
+    token = int(zeros[0])
+    raise DistributionError(
+        f"task {task!r}, pair ({p!r}, {q!r}): model {q!r} gives token {token} zero probability (logit -inf) at "
+        f"probe {pid}, position {pos}, where {p!r} gives it {logp_p[pos, token].exp().item():.3g}; "
+        f"KL({p}||{q}) is infinite, so the pair has no functional features")
+
+
 def task_pair_rows(plan: dict[str, ModelProbes], task: str) -> list[dict]:
     """Rows of every ordered pair of the plan's models on one task."""
     names = list(plan)
@@ -80,10 +112,14 @@ def task_pair_rows(plan: dict[str, ModelProbes], task: str) -> list[dict]:
     for pid in range(num_probes):
         recs = {n: plan[n].cache.record(pid) for n in names}
         logps = {n: full_logprobs(recs[n], plan[n].vocab_size, plan[n].shared_rows) for n in names}
+        for n in names:
+            check_record(n, task, pid, recs[n], logps[n])
         for a, b in pairs:
             _check_shapes(a, b, recs[a], recs[b])
-            kl.setdefault((a, b), []).append(kl_per_position(logps[a], logps[b]).numpy())
-            kl.setdefault((b, a), []).append(kl_per_position(logps[b], logps[a]).numpy())
+            for p, q in ((a, b), (b, a)):
+                pq = kl_per_position(logps[p], logps[q])
+                check_kl(pq, p, q, logps[p], logps[q], task, pid)
+                kl.setdefault((p, q), []).append(pq.numpy())
             act[(a, b)] = act.get((a, b), 0) + layer_cosines(recs[a]["hidden"], recs[b]["hidden"])
             attn[(a, b)] = attn.get((a, b), 0) + layer_cosines(recs[a]["attn"], recs[b]["attn"])
     rows = []

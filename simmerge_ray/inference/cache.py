@@ -9,6 +9,9 @@ interrupted run keeps every finished batch and a rerun computes only the probes 
 A chunk or meta.json that cannot be read (truncated, corrupt), or a chunk whose tensors do not
 match their digest (bytes damaged under a readable header), is a miss: logged with its path,
 removed, and its probes computed again. Chunks written before the digest existed are trusted.
+So is a chunk whose records do not fit the key's probes (RecordShapes: another probe set's, a
+field missing), and an entry whose meta.json names another model, probe set or settings (a
+folder copied over this key's) loses its chunks before they are read.
 The folder must be reachable by every node that runs actors (as the checkpoints must be).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,25 +37,89 @@ META = "meta.json"
 CHUNK_GLOB = "chunk-*.safetensors"
 
 
-class ProbeCache:
-    """Reader and writer of one key's chunk files."""
+# The meta.json fields a cache key stands for: an entry whose meta.json names others holds
+# another model's or probe set's outputs (a folder copied or renamed), never to be read as this key's.
+IDENTITY = ("fingerprint", "probe_digest", "settings")
 
-    def __init__(self, root: Path) -> None:
+
+@dataclass(frozen=True)
+class RecordShapes:
+    """What every record of a key must look like (its probes' lengths, the logits' width, the
+    settings): a chunk whose records do not fit (another probe set's, a field missing) is a miss."""
+
+    lengths: tuple[int, ...]  # tokens per probe
+    vocab_size: int
+    full_vocab_limit: int
+    top_k: int
+    attn_max_length: int
+
+    def problem(self, pid: int, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """Why one probe's record (field -> shape) does not fit, else None."""
+        if not 0 <= pid < len(self.lengths):
+            return f"probe {pid} is not one of the {len(self.lengths)} probes"
+        t, v = self.lengths[pid], self.vocab_size
+        ta = min(t, self.attn_max_length)
+        if v <= self.full_vocab_limit:
+            want: dict[str, tuple[int, ...] | None] = {"logp": (t, v)}
+        else:
+            k = min(self.top_k, v)
+            want = {"topk_idx": (t, k), "topk_logp": (t, k), "tail_logmass": (t,)}
+        layers = shapes.get("hidden", (0,))[0]
+        want |= {"hidden": None, "attn": (layers, ta, ta)}
+        if set(shapes) != set(want):
+            return f"probe {pid} has fields {sorted(shapes)}, expected {sorted(want)}"
+        for name, shape in want.items():
+            got = shapes[name]
+            if (shape is None and len(got) != 2) or (shape is not None and got != shape):
+                return f"probe {pid}: {name} has shape {list(got)}, expected {list(shape) if shape else '[layers, width]'}"
+        return None
+
+
+class ProbeCache:
+    """Reader and writer of one key's chunk files; with `shapes`, a reader that checks every
+    record against them (the driver's: the actors that write chunks need not)."""
+
+    def __init__(self, root: Path, shapes: RecordShapes | None = None) -> None:
         self.root = Path(root)
+        self.shapes = shapes
         self._where: dict[int, Path] = {}
         self._verified: set[tuple[Path, int, int]] = set()  # (path, size, mtime) whose bytes match
 
     # ---- writing -------------------------------------------------------------------------
+    def check_kind(self) -> None:
+        """The entry's folder and meta.json, where present, are a folder and a file: anything else
+        there is not something this cache wrote, so it is named, not deleted."""
+        if self.root.exists() and not self.root.is_dir():
+            raise CheckpointError(f"{self.root}: not a folder, where the probe cache keeps an entry; remove it")
+        if (self.root / META).exists() and not (self.root / META).is_file():
+            raise CheckpointError(f"{self.root / META}: not a file, where a probe-cache entry keeps its {META}; "
+                                  f"remove it")
+
     def write_meta(self, meta: dict) -> None:
-        """Write meta.json unless a readable one is there (an unreadable one is replaced)."""
+        """Write meta.json unless a readable one for the same key is there. An unreadable one, or
+        one without the key's fields, is replaced (its chunks are checked as they are read); one
+        naming another model, probe set or settings (IDENTITY) is another key's entry: its chunks
+        are removed too, so they are computed again rather than read as this key's."""
+        self.check_kind()
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / META
         if path.exists():
             try:
-                json.loads(path.read_text())
-                return
+                old = json.loads(path.read_text())
             except (OSError, ValueError) as e:
                 log.warning("%s: unreadable probe-cache entry (%s); writing it again", path, e)
+            else:
+                keys = [k for k in IDENTITY if k in meta]
+                if isinstance(old, dict) and all(old.get(k) == meta[k] for k in keys):
+                    return
+                if isinstance(old, dict) and keys and all(k in old for k in keys):
+                    differ = [k for k in keys if old[k] != meta[k]]
+                    log.warning("%s: probe-cache entry written for another %s; its chunks are removed and run "
+                                "again", path, "/".join(differ))
+                    for chunk in self.chunk_files():
+                        chunk.unlink(missing_ok=True)
+                else:
+                    log.warning("%s: lacks the fields of a probe-cache entry; writing it again", path)
         atomic_write_text(path, json.dumps(meta, indent=2, sort_keys=True))
 
     def write_chunk(self, records: dict[int, dict[str, torch.Tensor]], run_id: str, seq: int) -> Path:
@@ -88,6 +156,8 @@ class ProbeCache:
                     ids = json.loads(meta["probe_ids"])
                     if not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
                         raise ValueError(f"probe_ids is {ids!r}")
+                    if self.shapes is not None:
+                        self._check_shapes(f, ids)
                     stamp = (path, st.st_size, st.st_mtime_ns)
                     if "digest" in meta and stamp not in self._verified:
                         if tensors_digest({k: f.get_tensor(k) for k in f.keys()}) != meta["digest"]:
@@ -104,6 +174,20 @@ class ProbeCache:
                 continue
             out[path] = ids
         return out
+
+    def _check_shapes(self, f, ids: list[int]) -> None:
+        """Raise ValueError naming the first record of an open chunk that does not fit `shapes`
+        (read from the header: no tensor is loaded)."""
+        fields: dict[int, dict[str, tuple[int, ...]]] = {pid: {} for pid in ids}
+        for key in f.keys():
+            pid, _, name = key.partition("/")
+            if not pid.isdigit() or int(pid) not in fields:
+                raise ValueError(f"tensor {key!r} is not a record of its probes {ids}")
+            fields[int(pid)][name] = tuple(f.get_slice(key).get_shape())
+        for pid, shapes in fields.items():
+            problem = self.shapes.problem(pid, shapes)
+            if problem:
+                raise ValueError(problem)
 
     def done_ids(self) -> set[int]:
         return {pid for ids in self.chunk_probe_ids().values() for pid in ids}

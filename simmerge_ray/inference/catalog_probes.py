@@ -15,7 +15,7 @@ from pathlib import Path
 from simmerge_ray.catalog import Catalog, ModelEntry
 from simmerge_ray.io.architecture import check_config_matches_weights
 from simmerge_ray.inference.backend import load_config
-from simmerge_ray.inference.cache import ProbeCache
+from simmerge_ray.inference.cache import ProbeCache, RecordShapes
 from simmerge_ray.inference.pipeline import ModelWork, ProbeJob, RunReport, run_jobs
 from simmerge_ray.inference.settings import ProbeSettings, RunOptions, cache_key
 from simmerge_ray.io.checkpoint import Checkpoint
@@ -55,6 +55,18 @@ def catalog_vocab(catalog: Catalog) -> SharedVocab | None:
     return shared_vocab(catalog.names, [Checkpoint.open(m.path) for m in catalog.models])
 
 
+def check_token_ids(probes: TokenizedProbes, vocab_size: int, entry: ModelEntry, tok_dir: Path,
+                    probe_file: Path) -> None:
+    """A tokenizer whose ids reach past the model's embedding rows is not this model's: refused
+    here in one line, not as an index error inside an actor after Ray started."""
+    for i, ids in enumerate(probes.ids):
+        top = max(ids)
+        if top >= vocab_size:
+            raise ProbeError(f"{probe_file}: probe {i} has token id {top} (tokenizer of {tok_dir}), but model "
+                             f"{entry.name!r} has vocab_size {vocab_size} ({entry.path / 'config.json'}); the "
+                             f"tokenizer does not belong to the model")
+
+
 def plan_task(catalog: Catalog, task: str, settings: ProbeSettings, cache_dir: Path,
               vocab: SharedVocab | None = None) -> dict[str, ModelProbes]:
     """Tokenise the task's probes for every model and locate each model's cache (runs and
@@ -73,8 +85,11 @@ def plan_task(catalog: Catalog, task: str, settings: ProbeSettings, cache_dir: P
             tokenized[tok_dir] = (vocabulary_digest(tok), len(tok.get_vocab()),
                                   tokenize_probes(texts, tok, settings.max_length, source=str(probe_file)))
         vocab_digest, tokenizer_size, probes = tokenized[tok_dir]
+        check_token_ids(probes, int(config.vocab_size), entry, tok_dir, probe_file)
         fingerprint = Checkpoint.open(entry.path).fingerprint()
-        cache = ProbeCache(Path(cache_dir) / cache_key(fingerprint, probes.digest(), settings))
+        shapes = RecordShapes(tuple(len(p) for p in probes.ids), int(config.vocab_size), settings.full_vocab_limit,
+                              settings.top_k, settings.attn_max_length)
+        cache = ProbeCache(Path(cache_dir) / cache_key(fingerprint, probes.digest(), settings), shapes)
         meta = {"model": str(entry.path), "fingerprint": fingerprint, "probe_file": str(probe_file),
                 "probe_digest": probes.digest(), "num_probes": probes.num_probes, "truncated": probes.truncated,
                 "settings": settings.model_dump(), "vocab_size": int(config.vocab_size),
@@ -130,6 +145,9 @@ def probe_catalog(catalog: Catalog, settings: ProbeSettings, options: RunOptions
             for i, a in enumerate(models):
                 for b in models[i + 1:]:
                     check_comparable(a, b)
+    for plan in plans.values():
+        for mp in plan.values():
+            mp.cache.check_kind()
     for plan in plans.values():  # every input checked: only now does anything reach the disk
         for mp in plan.values():
             mp.cache.write_meta(mp.meta)

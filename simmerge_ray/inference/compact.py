@@ -29,8 +29,9 @@ def expand_logprobs(topk_idx: torch.Tensor, topk_logp: torch.Tensor, tail_logmas
     if rest <= 0:
         out = torch.empty(t, vocab_size, dtype=torch.float32)
     else:
+        # An empty tail (every other logit -inf) stays -inf: zero probability, which the
+        # functional features refuse by name rather than turn into a huge finite KL.
         fill = tail_logmass.float() - torch.log(torch.tensor(float(rest)))
-        fill = fill.clamp(min=torch.finfo(torch.float32).min)  # an empty tail stays finite
         out = fill[:, None].expand(t, vocab_size).clone()
     out.scatter_(1, topk_idx.long(), topk_logp.float())
     return out

@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.structural import StructuralOptions, StructuralRun
@@ -16,6 +17,9 @@ from simmerge_ray.inference.pipeline import RunReport
 from simmerge_ray.inference.settings import ProbeSettings, RunOptions
 from simmerge_ray.ray_session import init_ray, quiet_ray_data
 from simmerge_ray.sizes import human_bytes, human_rate
+
+if TYPE_CHECKING:
+    from simmerge_ray.catalog import Catalog
 
 MANIFEST = "probe_manifest.json"
 
@@ -89,6 +93,17 @@ class ProbeRun:
     model_tasks: dict[str, str | None]  # each catalog model's own task (None: no task's expert)
 
 
+def check_probe_catalog(catalog: Catalog, tasks: list[str] | None, *, pairs: bool) -> None:
+    """A catalog with no task to probe, or (`pairs`: functional features) fewer than two models,
+    is refused: it used to give an empty manifest or table and exit 0."""
+    where = catalog.source or "catalog"
+    if not (catalog.tasks if tasks is None else tasks):
+        raise ConfigError(f"{where}: no tasks to probe (add `tasks:` entries, each with a `probes:` file)")
+    if pairs and len(catalog.models) < 2:
+        raise ConfigError(f"{where}: functional features compare pairs of models, and the catalog names "
+                          f"{len(catalog.models)}")
+
+
 def run_probes(req: ProbeRequest, *, require_comparable: bool = False, outputs: tuple[str, ...] = ()) -> ProbeRun:
     """Check the output folder (for the manifest and `outputs`), start or join Ray, and run
     every model's missing probes, with a token progress bar on a terminal."""
@@ -101,6 +116,7 @@ def run_probes(req: ProbeRequest, *, require_comparable: bool = False, outputs: 
     from simmerge_ray.io.stage_files import check_stage
 
     catalog = Catalog.load(req.catalog)
+    check_probe_catalog(catalog, req.tasks, pairs=require_comparable)
     out = Path(req.out)
     check_stage(out, (MANIFEST, *outputs), replace=True, inputs=catalog.paths)
     check_not_input(req.cache_dir, catalog.paths)

@@ -9,3 +9,8 @@ class ProbeError(ConfigError):
 
 class VocabularyError(ConfigError):
     """Two models cannot be compared position by position: their vocabularies or tokenisation differ."""
+
+
+class DistributionError(ConfigError):
+    """A model's probe outputs make a functional feature undefined: a token it gives zero
+    probability (logit -inf) where the other model does not (KL is infinite), or NaN outputs."""
