@@ -10,11 +10,13 @@ T = TypeVar("T")
 
 def first_line(error: BaseException, fallback: str | None = None, limit: int = 300) -> str:
     """The first line of an error's message, cut at `limit` characters, for a one-line message
-    (`fallback`, by default the error's type name, when the message is empty)."""
+    (`fallback`, by default the error's type name, when the message is empty). A first line that
+    only introduces the next ("Validation error for field 'vocab_size':") is joined to it."""
     text = str(error).strip()
     if not text:
         return type(error).__name__ if fallback is None else fallback
-    line = text.splitlines()[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    line = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
     return line if len(line) <= limit else line[:limit] + "..."
 
 

@@ -253,6 +253,9 @@ def test_first_line_keeps_one_line_of_any_error() -> None:
     assert first_line(KeyError()) == "KeyError"  # an empty message: the type, never an IndexError
     assert first_line(OSError(""), fallback="") == ""
     assert first_line(RuntimeError("x" * 500), limit=10) == "x" * 10 + "..."
+    # transformers' config validation puts the reason on the line after a colon
+    assert first_line(TypeError("Validation error for field 'vocab_size':\n    TypeError: expected int, got str")) \
+        == "Validation error for field 'vocab_size': TypeError: expected int, got str"
 
 
 @pytest.mark.parametrize("content, needle", [

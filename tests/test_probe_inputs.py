@@ -102,7 +102,7 @@ def test_a_chunk_that_does_not_fit_its_probes_is_a_miss(tmp_path: Path, caplog: 
     victim = cache.write_chunk(bad, "r", 1)
     with caplog.at_level(logging.WARNING):
         assert cache.chunk_probe_ids() == {good: [0]}
-    assert not victim.exists() and f"{victim}: unreadable probe-cache chunk" in caplog.text
+    assert not victim.exists() and f"{victim}: unusable probe-cache chunk" in caplog.text
     assert ProbeCache(tmp_path / "entry").write_chunk({1: _record(2)}, "r", 2) in ProbeCache(tmp_path / "entry", SHAPES
                                                                                             ).chunk_probe_ids()
 

@@ -309,7 +309,7 @@ def test_chunk_with_damaged_tensor_bytes_is_a_miss_recomputed(tiny: dict, resume
     fresh = ProbeCache(cache.root)
     with caplog.at_level("WARNING"):
         report = run_model_probes(tiny["model"], probes, SETTINGS, RunOptions(), fresh)
-    assert f"{victim}: unreadable probe-cache chunk (its tensors do not match their digest)" in caplog.text
+    assert f"{victim}: unusable probe-cache chunk (its tensors do not match their digest)" in caplog.text
     assert report.probes_run == len(lost) and fresh.is_complete()
     for pid in range(probes.num_probes):
         want, got = resumed["cache"].record(pid), fresh.record(pid)

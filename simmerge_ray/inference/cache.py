@@ -169,7 +169,7 @@ class ProbeCache:
                 log.warning("%s: probe-cache chunk not readable now (%s); its probes run again, the file is kept", path, e)
                 continue
             except Exception as e:  # the safetensors library raises its own SafetensorError
-                log.warning("%s: unreadable probe-cache chunk (%s); removed, its probes run again", path, e)
+                log.warning("%s: unusable probe-cache chunk (%s); removed, its probes run again", path, e)
                 path.unlink(missing_ok=True)
                 continue
             out[path] = ids
