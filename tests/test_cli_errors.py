@@ -82,6 +82,10 @@ def test_serve_refuses_a_port_it_cannot_listen_on_before_ray(tmp_path: Path, cap
     ({"weight": 0.5, "density": [{"filter": "mlp", "value": -0.1}, {"value": 0.5}]},
      "models[0].parameters.density[0].value: expected a number in [0.0, 1.0], got -0.1"),
     ({"weight": [0.5, True], "density": 0.5}, "models[0].parameters.weight: expected a finite number, got True"),
+    # finite in Python, infinite in the float32 the weights are applied in (was a numpy overflow
+    # warning, then a non-finite merged tensor)
+    ({"weight": 1e300, "density": 0.5},
+     "models[0].parameters.weight: expected a number within float32's range (|x| <= 3.4e+38), got 1e+300"),
     ({"weight": 0.5, "denisty": 0.5}, "models[0].parameters: unknown parameter 'denisty' for dare_ties"),
 ])
 def test_bad_parameter_values_are_one_line(models: Path, tmp_path: Path, capsys, params: dict, needle: str) -> None:

@@ -29,6 +29,9 @@ def _is_number(text: str) -> bool:
         return False
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # np.finfo(np.float32).max
+
+
 @dataclass(frozen=True)
 class Param:
     """One parameter of a method. `per_model` ones are set per input model (e.g. weight).
@@ -52,6 +55,8 @@ class Param:
             return "expected a finite number (this one is quoted: write it without quotes)"
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return "expected a finite number"
+        if abs(value) > FLOAT32_MAX:  # parameters are applied in float32, as mergekit applies them
+            return f"expected a number within float32's range (|x| <= {FLOAT32_MAX:.3g})"
         if self.integer and value != int(value):
             return "expected an integer"
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
