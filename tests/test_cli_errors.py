@@ -601,7 +601,7 @@ def test_fit_names_a_key_column_of_the_wrong_type(tmp_path: Path, capsys) -> Non
     feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     pl.read_parquet(feats).with_columns(pl.Series("a", [1, 2, 3])).write_parquet(feats)
     assert cli_main(["fit", "--features", str(feats), "--labels", str(labels), "--out", str(tmp_path / "sel")]) == 2
-    _one_line_error(capsys, "feature table: column 'a' holds Int64, not names")
+    _one_line_error(capsys, f"{feats}: column 'a' holds Int64, not names")
 
 
 def test_invalid_yaml_is_one_line_naming_the_file_line_and_column(tmp_path: Path, capsys) -> None:

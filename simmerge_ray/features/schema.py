@@ -31,6 +31,8 @@ def check_finite_features(df: pl.DataFrame, source: str, columns: Sequence[str] 
     undefined value (imputed), but an infinity would turn every prediction made from its row
     into NaN without a word. A column nothing reads is not checked."""
     for c in feature_columns(df) if columns is None else [c for c in columns if c in df.columns]:
+        if not (df.schema[c].is_numeric() or df.schema[c] == pl.Null):  # text such as "0.5" is not cast
+            raise ConfigError(f"{source}: column {c!r} holds {df.schema[c]}, not numbers")
         if not df.schema[c].is_float():
             continue
         bad = df.filter(pl.col(c).is_infinite())
@@ -39,6 +41,18 @@ def check_finite_features(df: pl.DataFrame, source: str, columns: Sequence[str] 
             key = ", ".join(f"{k} {r[k]!r}" for k in KEY_COLUMNS if k in r)
             raise ConfigError(f"{source}: column {c!r} is {r[c]} in {bad.height} row(s) (first: {key}); "
                               f"a feature must be finite (NaN marks undefined)")
+
+
+def check_key_columns(df: pl.DataFrame, source: str) -> None:
+    """Every row names its a, b and task: readers look rows up and sort by these names, and a
+    missing column made other checks speak of duplicate keys, a null one a traceback."""
+    for c in KEY_COLUMNS:
+        if c not in df.columns:
+            raise ConfigError(f"{source}: no column {c!r} (a feature table has one row per a, b, task)")
+        if df.schema[c] not in (pl.String, pl.Categorical):
+            raise ConfigError(f"{source}: column {c!r} holds {df.schema[c]}, not names")
+        if nulls := df[c].null_count():
+            raise ConfigError(f"{source}: column {c!r} is null in {nulls} row(s); every row names its a, b and task")
 
 
 def check_unique_keys(df: pl.DataFrame, source: str) -> None:
@@ -76,6 +90,7 @@ def read_feature_table(path: Path, columns: Sequence[str] | None = None) -> pl.D
     """A feature table from disk: one row per key, the feature values that will be read
     (`columns`, default all) checked finite."""
     df = read_table(path, "feature table")
+    check_key_columns(df, str(path))
     check_unique_keys(df, str(path))
     check_finite_features(df, str(path), columns)
     return df

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from simmerge_ray.catalog import Catalog
-from simmerge_ray.errors import ConfigError
+from simmerge_ray.errors import ConfigError, first_line
 from simmerge_ray.planner.calibrate import MultiwayCalibration
 from simmerge_ray.planner.objective import Objective
 from simmerge_ray.planner.search import SearchResult, SearchSpace, StepModel, search
@@ -123,7 +123,11 @@ def load_calibration(path: str | None, aux_selector: str | None, selector: str |
         raise ConfigError(f"--calibration {p}: no such file (a pipeline run writes multiway/calibration.json)")
     if not aux_selector:
         raise ConfigError("--calibration needs --aux-selector: it reads the predicted retention of every model")
-    cal = MultiwayCalibration.from_json(p.read_text(), str(p))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:  # a binary or damaged file: one line, not a traceback
+        raise ConfigError(f"--calibration {p}: unreadable ({type(e).__name__}: {first_line(e)})") from None
+    cal = MultiwayCalibration.from_json(text, str(p))
     if cal.selectors is not None and selector is not None:
         from simmerge_ray.selector.encoder import selector_digest
 
@@ -187,4 +191,20 @@ def build_step_model(selector_dir: str | Path, features_dir: str | Path,
     sel = Selector.load(selector_dir)
     aux = Selector.load(aux_selector_dir) if aux_selector_dir else None
     check_finite_features(feats, str(path), [*sel.feature_names, *(aux.feature_names if aux else ())])
+    check_step_arms(sel.operators, Path(selector_dir))
     return SelectorStepModel(sel, grams, feats, aux)
+
+
+def check_step_arms(operators: list[str], selector_dir: Path) -> None:
+    """A multi-way plan scores every step with each of STEP_ARMS and reads every arm's share from
+    the arm registry: a selector fitted on labels without one of them (or with an arm this version
+    does not know) failed deep in the search with a traceback."""
+    from simmerge_ray.merge.arms import ARM_NAMES, STEP_ARMS
+
+    unknown = [op for op in operators if op not in ARM_NAMES]
+    missing = [op for op in STEP_ARMS if op not in operators]
+    if unknown or missing:
+        raise ConfigError(f"{selector_dir}: the selector predicts the arms {', '.join(operators)}; multi-way plans "
+                          + (f"need {', '.join(missing)} too (fit it on labels of every step arm: "
+                             f"{', '.join(STEP_ARMS)})" if missing else
+                             f"use known arms only, not {', '.join(unknown)} (known: {', '.join(ARM_NAMES)})"))

@@ -208,6 +208,7 @@ class Selector:
         except (OSError, ValueError, SafetensorError) as e:  # truncated or corrupt files
             raise ConfigError(f"{path}: unreadable selector ({type(e).__name__}: {e})") from None
         try:
+            _check_schema_fields(raw)
             cfg = SelectorConfig.from_dict(raw["config"])
             tasks = list(raw["tasks"])
             d_in = len(raw["feature_names"]) + (len(tasks) if cfg.task_encoding else 0)
@@ -233,6 +234,42 @@ class Selector:
                 f"{where}: lacks {len(missing)} of the selector's {len(self.feature_names)} features "
                 f"(e.g. {', '.join(missing[:3])}); it was trained on another feature schema"
             )
+
+
+def _names(raw: dict[str, Any], key: str) -> list[str]:
+    """raw[key] as a list of distinct non-empty names: the columns, arms and tasks the selector
+    looks up by name (a string would be read as its letters, a number or a repeat breaks lookups)."""
+    v = raw[key]
+    if not isinstance(v, list):
+        raise ConfigError(f"{key} is {type(v).__name__}, not a list of names")
+    for i, n in enumerate(v):
+        if not (isinstance(n, str) and n):
+            raise ConfigError(f"{key}[{i}] is {n!r}, not a name")
+        if n in v[:i]:
+            raise ConfigError(f"{key}: {n!r} is listed twice")
+    return v
+
+
+def _check_schema_fields(raw: dict[str, Any]) -> None:
+    """The names, meta and config of selector.json hold the types `save` writes: a hand-edited
+    field of another type was read as something else (a task list "code" as four one-letter
+    tasks, task_encoding "no" as true) or failed deep inside a plan with a traceback."""
+    for key in ("feature_names", "operators", "tasks"):
+        _names(raw, key)
+    if not raw["operators"]:
+        raise ConfigError("operators is empty")
+    meta = raw.get("meta", {})
+    if not isinstance(meta, dict) or not isinstance(meta.get("target", ""), str):
+        raise ConfigError(f"meta is {meta!r}, not an object whose target is a name")
+    cfg = raw["config"]
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config is {type(cfg).__name__}, not an object")
+    for name, f in SelectorConfig.__dataclass_fields__.items():
+        v, want = cfg.get(name, f.default), type(f.default)
+        ok = isinstance(v, bool) if want is bool else (
+            not isinstance(v, bool) and isinstance(v, (int, float) if want is float else want))
+        if not ok:
+            raise ConfigError(f"selector config: {name} is {v!r}, not {'a number' if want is float else want.__name__}")
 
 
 def _check_statistics_shape(mean: np.ndarray, scale: np.ndarray, features: int, path: Path) -> None:
