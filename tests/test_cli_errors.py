@@ -517,7 +517,7 @@ def _two_rows(df):
 
 @pytest.mark.parametrize("damage, needle", [
     # a null key joined nothing: its row was dropped without a word
-    (_null_b, "column 'b' is null in 1 row(s); every feature row names its models (a, b) and task"),
+    (_null_b, "column 'b' is null in 1 row(s); every row names its a, b and task"),
     # an infinite feature made every prediction from its row NaN without a word
     (_inf_feature, "column 's_cos' is -inf in 1 row(s) (first: a 'y', b 'z', task 't')"),
     # two rows for one (a, b, task): readers took the first (plan) or joined both (fit) without a word

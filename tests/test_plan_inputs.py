@@ -129,3 +129,40 @@ def test_a_binary_calibration_file_is_one_line(world, tmp_path: Path, capsys) ->
     assert line == (f"simmerge plan: error: --calibration {cal}: unreadable (UnicodeDecodeError: 'utf-8' codec can't "
                     f"decode byte 0xff in position 0: invalid start byte)")
     assert cal.read_bytes() == b"\xff\xfe\x00\x01"
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda d: d["sizes"]["3"].update(subsets=-2), "sizes.3.subsets is -2, not an integer >= 1"),
+    (lambda d: d["sizes"]["3"]["pick"].update(targets=1.5), "sizes.3.pick.targets is 1.5, not an integer >= 1"),
+    (lambda d: d["sizes"].update({"1": d["sizes"]["3"]}), "sizes: '1' is not a plan size (an integer >= 2)"),
+    (lambda d: d["sizes"]["3"]["halfwidth"].update(abc=[0.1, 0.1]),
+     "sizes.3: coverage level 'abc' is not a percentage in (0, 100)"),
+    (lambda d: d["objective"].update(aux_weight="nan"), "objective.aux_weight is 'nan', not a finite number"),
+    (lambda d: d["objective"].update(expert_weight=1.0),
+     "objective: unknown weight 'expert_weight' (known: retention_weight, aux_weight)"),
+])
+def test_a_hand_edited_calibration_names_the_field(edit, needle: str) -> None:
+    """These were read as something else: 1.5 picks as 1, a weight "nan" as NaN, a size "1" as a
+    plan size; negative counts and unknown weights passed."""
+    from simmerge_ray.planner.calibrate import FEATURES, MultiwayCalibration, RetentionCalibrator
+
+    pick = {"targets": 24, "bias": [-0.05, 0.02], "halfwidth": {"80": [0.2, 0.05]}}
+    cal = MultiwayCalibration({3: RetentionCalibrator(np.zeros((len(FEATURES), 2)))}, {3: 8},
+                              {3: {"80": [0.05, 0.1]}}, {3: pick}, {"retention_weight": 1.0, "aux_weight": 1.0})
+    assert MultiwayCalibration.from_json(cal.to_json()).subsets == {3: 8}
+    raw = json.loads(cal.to_json())
+    edit(raw)
+    with pytest.raises(ConfigError) as err:
+        MultiwayCalibration.from_json(json.dumps(raw), "calibration.json")
+    assert str(err.value) == f"calibration.json: not a multi-way calibration file ({needle})"
+
+
+def test_a_request_table_of_another_format_says_which_are_read(tmp_path: Path) -> None:
+    """A .csv was read as parquet: "magic bytes not found", without a word on what is read."""
+    from simmerge_ray.planner.request_table import read_requests
+
+    csv = tmp_path / "requests.csv"
+    csv.write_text("request_id,task\nr1,code\n")
+    with pytest.raises(ConfigError, match=r"requests\.csv: not a readable request table \(.*\); request tables are "
+                                          r"\.parquet, \.jsonl or \.json$"):
+        read_requests(str(csv))

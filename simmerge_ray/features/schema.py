@@ -45,7 +45,8 @@ def check_finite_features(df: pl.DataFrame, source: str, columns: Sequence[str] 
 
 def check_key_columns(df: pl.DataFrame, source: str) -> None:
     """Every row names its a, b and task: readers look rows up and sort by these names, and a
-    missing column made other checks speak of duplicate keys, a null one a traceback."""
+    missing column made other checks speak of duplicate keys, a null one a traceback (or its row
+    was dropped by every join without a word)."""
     for c in KEY_COLUMNS:
         if c not in df.columns:
             raise ConfigError(f"{source}: no column {c!r} (a feature table has one row per a, b, task)")
@@ -56,13 +57,8 @@ def check_key_columns(df: pl.DataFrame, source: str) -> None:
 
 
 def check_unique_keys(df: pl.DataFrame, source: str) -> None:
-    """One row per (a, b, task), every key a name: of two rows for a pair, a reader would take
-    either without a word, and a row without a name is one no join ever finds."""
+    """One row per (a, b, task): of two rows for a pair, a reader would take either without a word."""
     keys = [k for k in KEY_COLUMNS if k in df.columns]
-    for k in keys:
-        if nulls := df[k].null_count():
-            raise ConfigError(f"{source}: column {k!r} is null in {nulls} row(s); every feature row names its "
-                              f"models (a, b) and task")
     dup = df.group_by(keys, maintain_order=True).len().filter(pl.col("len") > 1) if keys else None
     if dup is not None and dup.height:
         r = dup.row(0, named=True)

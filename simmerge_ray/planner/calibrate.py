@@ -168,6 +168,7 @@ class MultiwayCalibration:
                 raise ConfigError(f"{where}: written for the features {raw['features']}, this version reads "
                                   f"{list(FEATURES)}; rerun the pipeline's multiway stage")
             sizes = raw["sizes"]
+            _check_fields(sizes, raw.get("objective"))
             halfwidth = {int(k): {str(lv): [None if h is None else float(h) for h in pair]
                                   for lv, pair in v["halfwidth"].items()}
                          for k, v in sizes.items() if "halfwidth" in v}
@@ -226,3 +227,34 @@ class MultiwayCalibration:
             rows = [i for i, (fold, _, _) in enumerate(plans) if fold.k == k]
             out[rows] = self.by_size[k].predict([plan_features(*plans[i]) for i in rows])
         return out
+
+
+def _count(value: object, what: str, low: int) -> None:
+    """A count as `to_json` writes it: an integer (not true, 1.5 or "8") of at least `low`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what} is {value!r}, not an integer >= {low}")
+
+
+def _check_fields(sizes: object, objective: object) -> None:
+    """The sizes, counts, coverage levels and objective weights as `to_json` writes them: a
+    hand-edited file read 1.5 picks as 1, a size "1" as a plan size, a weight "nan" as NaN."""
+    if not isinstance(sizes, dict):
+        raise ValueError(f"sizes is {type(sizes).__name__}, not an object")
+    for k, v in sizes.items():
+        if not (isinstance(k, str) and k.isdigit() and int(k) >= 2):
+            raise ValueError(f"sizes: {k!r} is not a plan size (an integer >= 2)")
+        _count(v["subsets"], f"sizes.{k}.subsets", 1)
+        if "pick" in v:
+            _count(v["pick"]["targets"], f"sizes.{k}.pick.targets", 1)
+        for hw in (v.get("halfwidth", {}), v.get("pick", {}).get("halfwidth", {})):
+            for level in hw:
+                if not (level.isdigit() and 0 < int(level) < 100):
+                    raise ValueError(f"sizes.{k}: coverage level {level!r} is not a percentage in (0, 100)")
+    if objective is not None:
+        if not isinstance(objective, dict):
+            raise ValueError(f"objective is {objective!r}, not an object")
+        for name, w in objective.items():
+            if name not in ("retention_weight", "aux_weight"):
+                raise ValueError(f"objective: unknown weight {name!r} (known: retention_weight, aux_weight)")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w):
+                raise ValueError(f"objective.{name} is {w!r}, not a finite number")

@@ -37,7 +37,8 @@ def _parquet_rows(p: Path) -> list[dict]:
     try:
         return pq.read_table(p).to_pylist()
     except (pa.ArrowException, OSError) as e:
-        raise ConfigError(f"{p}: not a readable request table ({first_line(e)})") from None
+        hint = "" if p.is_dir() or p.suffix == ".parquet" else "; request tables are .parquet, .jsonl or .json"
+        raise ConfigError(f"{p}: not a readable request table ({first_line(e)}){hint}") from None
 
 
 def _json_rows(p: Path) -> list[dict]:
