@@ -16,6 +16,20 @@ def at_least_zero(text: str) -> int:
     return _whole_number(text, 0)
 
 
+SEED_MAX = 2**32 - 1  # Ray Tune's search seeds numpy's RandomState, which takes 0 to 2**32 - 1
+
+
+def seed(text: str) -> int:
+    """argparse type of a --seed: 0 to SEED_MAX. A negative one was a ValueError traceback from
+    numpy's generator once the folds were drawn, a larger one an overflow in torch or Tune."""
+    import argparse
+
+    value = _int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed from 0 to {SEED_MAX}")
+    return value
+
+
 def tcp_port(text: str) -> int:
     """argparse type of a TCP port: one line naming the flag, not Serve's traceback after Ray started."""
     import argparse

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from simmerge_ray.cli.common import at_least_one
+from simmerge_ray.cli.common import at_least_one, at_least_zero, seed
 from simmerge_ray.selector.data import MIN_LABELLED_PAIRS
 
 if TYPE_CHECKING:
@@ -20,11 +20,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (replaced if simmerge wrote it)")
     p.add_argument("--target", default="utility", choices=["utility", "gap_closed", "aux_gap_closed"],
                    help="label column to predict: the two-sided utility (default), the expert side or the auxiliary side")
-    p.add_argument("--tune-samples", type=int, default=8,
+    p.add_argument("--tune-samples", type=at_least_zero, default=8,
                    help="Ray Tune trials of the hyperparameter search (0: no search, the built-in config); "
                         "evaluate-selector searches once per fold, on that fold's training pairs")
     p.add_argument("--epochs", type=at_least_one, default=300, help="training epochs (full batch)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the search, the folds and the initial weights")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the search, the folds and the initial weights")
     p.add_argument("--no-task-encoding", action="store_true", help="task-agnostic selector")
     p.add_argument("--members", type=int, default=1,
                    help="networks averaged into one selector, their initial weights drawn one after another "

@@ -65,6 +65,29 @@ def check_members(members: int) -> None:
         raise ConfigError(f"--members: {members} is not at least 1 (networks averaged into the selector)")
 
 
+def check_learnable(data: PairData, labels: Path, target: str) -> None:
+    """Labels a selector can learn a choice from: two arms or more, differing on some pair. With
+    one arm, or every arm tied on every pair (a label run that scored nothing), a selector was
+    fitted and judged "level with the best fixed arm" without a word that there was no choice."""
+    import numpy as np
+
+    if len(data.operators) < 2:
+        raise ConfigError(f"{labels}: column 'operator' holds one arm ({data.operators[0]!r}): nothing for the "
+                          f"selector to choose between; label two arms or more")
+    if not np.any(np.ptp(data.y, axis=1) > 0):
+        raise ConfigError(f"{labels}: column {target!r}: every arm scores the same on each of the {len(data)} "
+                          f"labelled pairs: nothing to choose between (check the label run)")
+
+
+def check_pairs_to_hold_out(data: PairData, labels: Path) -> None:
+    """Held-out evaluation needs two model pairs (was: "need at least 2 distinct groups", naming
+    no file)."""
+    keys = sorted(set(data.pair_keys))
+    if len(keys) < 2:
+        raise ConfigError(f"{labels}: labels of one model pair ({keys[0].replace('|', ', ')}): evaluate-selector "
+                          f"holds pairs out, so it needs two or more")
+
+
 def warn_few_pairs(command: str, n: int) -> None:
     """One warning line (stderr) below the documented minimum of labelled pairs."""
     if n < MIN_LABELLED_PAIRS:
@@ -123,6 +146,7 @@ def fit_many(settings: list[SelectorSettings], *, workers: int = 1,
         check_calibration_folds(s.calibration_folds)
         check_members(s.members)
         data = load_pair_data(s.features, s.labels, s.target)
+        check_learnable(data, s.labels, s.target)
         inputs.append((data, check_output(s.out, overwrite=True, inputs=[s.features, s.labels])))
         warn_few_pairs("fit", len(data))
     init_ray(settings[0].address)
@@ -164,6 +188,8 @@ def evaluate(s: SelectorSettings, *, folds: int = 5, echo: Callable[[str], None]
     check_calibration_folds(s.calibration_folds)
     check_members(s.members)
     data = load_pair_data(s.features, s.labels, s.target)
+    check_learnable(data, s.labels, s.target)
+    check_pairs_to_hold_out(data, s.labels)
     out = check_output(s.out, overwrite=True, inputs=[s.features, s.labels])
     warn_few_pairs("evaluate-selector", len(data))
     if s.tune_samples > 0:  # the folds themselves are fitted in this process

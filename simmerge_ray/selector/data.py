@@ -168,4 +168,24 @@ def load_pair_data(features: str | Path, labels: str | Path, target: str = "util
     if not labs[target].dtype.is_numeric():
         raise ConfigError(f"{labels}: column {target!r} holds {labs[target].dtype}, not numbers")
     check_features_cover(labs, feats, str(feats_path))
+    check_every_arm(labs, target, str(labels))
     return build_pair_data(labs, feats, target=target)
+
+
+def check_every_arm(labels: pl.DataFrame, target: str, source: str) -> None:
+    """Refuse a (task, expert, aux) labelled for some arms but not all: build_pair_data keeps
+    complete rows only, so the pair was dropped without a word (a pair with no value on any arm,
+    an undefined auxiliary gap, is dropped as the label stage means). Missing or unnamed columns
+    are left to build_pair_data to name."""
+    keys = ["task", "expert", "aux"]
+    if not all(c in labels.columns and labels[c].dtype == pl.String for c in (*keys, "operator")):
+        return
+    ops = sorted(labels["operator"].drop_nulls().unique().to_list())
+    have = (labels.filter(pl.col(target).is_not_null()).group_by(keys)
+            .agg(pl.col("operator").unique().alias("ops")).filter(pl.col("ops").list.len() < len(ops)).sort(keys))
+    if have.height:
+        r = have.row(0, named=True)
+        missing = [o for o in ops if o not in r["ops"]]
+        raise ConfigError(f"{source}: {have.height} labelled (task, expert, aux) lack some arm's {target!r}, e.g. "
+                          f"{(r['task'], r['expert'], r['aux'])} has none for {', '.join(map(repr, missing[:3]))}; "
+                          f"label every arm of a pair, or drop the pair")

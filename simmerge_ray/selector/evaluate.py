@@ -90,7 +90,7 @@ def evaluate_pairs(data: PairData, fit: FitFn | Sequence[FitFn], *, folds: int =
     outer training part, as `fit` calibrates on all pairs)."""
     splits = group_kfold(data.pair_keys, folds, seed)
     pred, maj = out_of_fold(data, splits, fit)
-    out = {"split": f"{folds}-fold by unordered model pair", **summarize(data, pred, maj)}
+    out = {"split": f"{len(splits)}-fold by unordered model pair", **summarize(data, pred, maj)}
     if calibration_folds > 0:
         out["intervals"] = held_out_coverage(data, splits, pred, fit, calibration_folds, seed)
     return out
@@ -102,6 +102,15 @@ def evaluate_loto(data: PairData, fit: FitFn | Sequence[FitFn]) -> dict:
     splits = leave_one_task_out(data.tasks, data.aux_tasks)
     pred, maj = out_of_fold(data, list(splits.values()), fit)
     return {"split": "leave one task out: trained on pairs with the task on neither side", **summarize(data, pred, maj)}
+
+
+def check_transferable(sel: Selector, where: Path) -> None:
+    """Transfer judges the two-sided utility: a selector fitted on another target (RUN/selector_aux,
+    `fit --target gap_closed`) predicts another quantity, and its picks were scored as if it did not."""
+    target = sel.meta.get("target", "utility")
+    if target != "utility":
+        raise ConfigError(f"{where}: a selector of target {target!r}; transfer judges the two-sided utility: "
+                          f"pass one fitted with --target utility (e.g. RUN/selector, not RUN/selector_aux)")
 
 
 def evaluate_transfer(sel: Selector, data: PairData) -> dict:
