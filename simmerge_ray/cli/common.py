@@ -16,6 +16,22 @@ def at_least_zero(text: str) -> int:
     return _whole_number(text, 0)
 
 
+def at_least_two(text: str) -> int:
+    """argparse type of a number of folds: a whole number >= 2 (one fold holds nothing out)."""
+    return _whole_number(text, 2)
+
+
+def seed_number(text: str) -> int:
+    """argparse type of a seed that reaches numpy and torch: 0 <= seed < 2**64 (numpy refuses a
+    negative one, torch a larger one, each in a traceback after hours of earlier stages)."""
+    import argparse
+
+    value = _int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed (a whole number from 0 to 2**64 - 1)")
+    return value
+
+
 def tcp_port(text: str) -> int:
     """argparse type of a TCP port: one line naming the flag, not Serve's traceback after Ray started."""
     import argparse
