@@ -21,6 +21,30 @@ _Loader.add_implicit_resolver(
     list("-+0123456789"))
 
 
+class _UniqueKeyLoader(_Loader):
+    """The loader above, refusing a key given twice in one mapping: YAML keeps the last and drops
+    the first without a word (a zoo config listing a domain twice lost its first variants). Keys
+    merged in with `<<:` may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: construct_mapping itself says so
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice in one mapping (YAML would keep only the last)",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def read_text(path: str | Path, what: str) -> str:
     """The text of a user's file; missing, a folder, not UTF-8 or unreadable is one ConfigError
     naming it as `what`."""
@@ -37,11 +61,12 @@ def read_text(path: str | Path, what: str) -> str:
         raise ConfigError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
 
 
-def read_yaml(path: str | Path, what: str) -> Any:
-    """Parsed YAML of `path`; a missing file or bad YAML is a ConfigError naming it as `what`."""
+def read_yaml(path: str | Path, what: str, *, unique_keys: bool = False) -> Any:
+    """Parsed YAML of `path`; a missing file or bad YAML (with `unique_keys`, a key given twice in
+    one mapping) is a ConfigError naming it as `what`."""
     text = read_text(path, what)
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+        return yaml.load(text, Loader=_UniqueKeyLoader if unique_keys else _Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML{yaml_error_summary(e)}") from None
 

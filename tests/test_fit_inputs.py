@@ -81,7 +81,7 @@ def _selector(root: Path, target: str = "utility") -> Path:
     return sel.save(root / "run" / ("selector" if target == "utility" else "selector_aux"))
 
 
-@pytest.mark.parametrize("command", ["fit", "evaluate-selector", "transfer", "demo"])
+@pytest.mark.parametrize("command", ["fit", "evaluate-selector", "transfer"])
 @pytest.mark.parametrize("option, value, needle", [
     # numpy's generator: ValueError traceback once the folds were drawn (fit: after Ray Train)
     ("--seed", "-1", "argument --seed: -1 is not a seed from 0 to 4294967295"),
@@ -93,19 +93,9 @@ def test_out_of_range_seed_and_search_are_refused_by_option(tmp_path: Path, caps
                                                             option: str, value: str, needle: str) -> None:
     f, l = _tables(tmp_path)
     out = tmp_path / "out"
-    argv = {"transfer": ["transfer", "--selector", str(tmp_path), "--zoo-config", str(ZOO), "--out", str(out)],
-            "demo": ["demo", "--out", str(out)]}.get(command, [command, "--features", str(f), "--labels", str(l),
-                                                               "--out", str(out)])
+    argv = (["transfer", "--selector", str(tmp_path), "--zoo-config", str(ZOO), "--out", str(out)]
+            if command == "transfer" else [command, "--features", str(f), "--labels", str(l), "--out", str(out)])
     _refused([*argv, option, value], capsys, f"simmerge {command}: error: {needle}")
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("command", ["demo", "pipeline"])
-def test_the_pipeline_refuses_bad_folds_before_building_the_zoo(tmp_path: Path, capsys, no_ray, command: str) -> None:
-    """--folds 1 was found by the selector-evaluation stage, after the zoo and the labels."""
-    out = tmp_path / "out"
-    _refused([command, "--out", str(out), "--folds", "1"], capsys, "--folds: 1 folds cannot hold a pair out")
-    _refused([command, "--out", str(out), "--sim-repeats", "0"], capsys, "argument --sim-repeats: 0 is not at least 1")
     assert not out.exists()
 
 

@@ -16,6 +16,11 @@ def at_least_zero(text: str) -> int:
     return _whole_number(text, 0)
 
 
+def at_least_two(text: str) -> int:
+    """argparse type of a number of folds: a whole number >= 2 (one fold holds nothing out)."""
+    return _whole_number(text, 2)
+
+
 SEED_MAX = 2**32 - 1  # Ray Tune's search seeds numpy's RandomState, which takes 0 to 2**32 - 1
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from simmerge_ray.cli.common import at_least_one, at_least_zero, seed
+from simmerge_ray.cli.common import at_least_one, at_least_two, at_least_zero, seed
 
 DEFAULT_ZOO = Path(__file__).resolve().parents[2] / "configs" / "zoo_default.yaml"
 
@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--zoo-config", "--config", dest="zoo_config", default=str(DEFAULT_ZOO),
                        help="zoo YAML (default: configs/zoo_default.yaml)")
         p.add_argument("--tune-samples", type=at_least_zero, default=6, help="Ray Tune trials of the selector's search")
-        p.add_argument("--folds", type=int, default=5, help="folds over model pairs of the selector evaluation")
+        p.add_argument("--folds", type=at_least_two, default=5, help="folds over model pairs of the selector evaluation")
         p.add_argument("--members", type=int, default=1,
                        help="networks averaged into each selector (an ensemble, as `fit --members`); default 1")
         p.add_argument("--sim-repeats", type=at_least_one, default=10, help="repeats of the bandit replay simulation")
@@ -37,15 +37,15 @@ def run(args: argparse.Namespace) -> int:
     from simmerge_ray.pipeline import PipelineSettings
     from simmerge_ray.pipeline import run as run_pipeline
     from simmerge_ray.ray_session import init_ray
-    from simmerge_ray.pipeline.report import write_report
+    from simmerge_ray.pipeline.report import check_report_files, write_report
+    from simmerge_ray.pipeline.runner import check_run_folder
     from simmerge_ray.pipeline.selector import check_members
-    from simmerge_ray.selector.folds import check_folds
     from simmerge_ray.testbed.label_plans import LabelSettings
 
     check_members(args.members)  # before hours of zoo and labels
-    if not args.quick:  # --quick sets 3 folds
-        check_folds(args.folds)
     out = Path(args.out).resolve()
+    check_run_folder(out)
+    check_report_files(out)  # written last, hours later: a user's report.md there is refused now
     init_ray(args.address)
     settings = PipelineSettings(Path(args.zoo_config).resolve(), out, tune_samples=args.tune_samples,
                                 folds=args.folds, sim_repeats=args.sim_repeats, seed=args.seed, members=args.members)

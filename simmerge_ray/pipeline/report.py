@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from simmerge_ray.errors import OutputError
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.merge.arms import ARM_NAMES, PAPER_ARMS, STEP_ARMS
 from simmerge_ray.pipeline.layout import RunLayout
@@ -17,6 +18,8 @@ ONE_SIDED_METHODS = ("simmerge", *PAPER_ARMS, "oracle")
 MULTI_METHODS = ("simmerge", "random_order", "simmerge_calibrated", "calibrated_random_order", *STEP_ARMS,
                  "equal_share", "oracle", "oracle_random_order")
 RETENTIONS = ("expert_retention", "mean_retention")
+REPORT_FILES = ("report.json", "report.md", "utility.png", "regret.png", "multiway_retention.png",
+                "multiway_by_task.png", "feature_utility_heatmap.png")
 BANDIT_POLICIES = {"bandit": "bandit", "bandit_cold": "bandit_cold", "random": "uniform",
                    "greedy": "greedy_offline", "best_fixed": "best_fixed"}
 
@@ -82,11 +85,35 @@ def build_report(out: Path, timings: dict[str, float]) -> dict:
     return report
 
 
+def _report_record(out: Path) -> Path:
+    return RunLayout(out).marker("report")
+
+
+def check_report_files(out: Path) -> None:
+    """The report's files lie at the top of the run folder, which may be any folder of the user's:
+    one there that no report of this run folder wrote is refused before any work (it was replaced
+    once every stage was done). The report's record lists what it wrote; a run folder from before
+    the record, with a finished bandit stage, counts as the report's."""
+    run = RunLayout(out)
+    record = _report_record(out)
+    try:
+        listed = set(json.loads(record.read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set(REPORT_FILES) if not record.exists() and run.marker("bandit").is_file() else set()
+    for name in REPORT_FILES:
+        path = Path(out) / name
+        if (path.exists() or path.is_symlink()) and (name not in listed or path.is_symlink() or not path.is_file()):
+            raise OutputError(f"{path}: not written by a simmerge report of this run folder, and the report would "
+                              f"replace it: move it away or choose another --out")
+
+
 def write_report(out: Path, timings: dict[str, float]) -> dict:
     from simmerge_ray.selector.data import load_pair_data
 
     run = RunLayout(out)
+    check_report_files(out)
     report = build_report(out, timings)
+    atomic_write_text(_report_record(out), json.dumps({"files": list(REPORT_FILES)}))  # the claim, before the files
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     shutil.copy(run.selector_eval / "utility.png", out / "utility.png")
     shutil.copy(run.bandit / "regret.png", out / "regret.png")

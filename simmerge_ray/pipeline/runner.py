@@ -17,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simmerge_ray.errors import SimMergeError
+from simmerge_ray.errors import OutputError, SimMergeError
 from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.io.out_checks import check_creatable
 from simmerge_ray.pipeline.layout import RunLayout
 from simmerge_ray.testbed.label_plans import LabelSettings
 
@@ -131,9 +132,20 @@ def _read_marker(marker: Path, echo: Callable[[str], None]) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        echo(f"{marker}: unreadable stage marker; running the stage again")
-        return None
-    return raw if isinstance(raw, dict) else None
+        raw = None
+    if isinstance(raw, dict) and _marker_fields_ok(raw):
+        return raw
+    echo(f"{marker}: unreadable stage marker; running the stage again")
+    return None
+
+
+def _marker_fields_ok(raw: dict) -> bool:
+    """Whether a marker's fields have the types the runner writes: an edited `seconds` was a
+    ValueError traceback on every rerun, and `files` that is not a mapping reused the stage
+    unchecked (only a marker of an older version, without `files`, lists nothing to check)."""
+    seconds, files = raw.get("seconds", 0.0), raw.get("files", {})
+    return (isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and isinstance(files, dict)
+            and all(isinstance(v, list) for v in files.values()))
 
 
 def _check_foreign_outputs(all_stages: list[Stage], layout: RunLayout) -> None:
@@ -150,6 +162,14 @@ def _check_foreign_outputs(all_stages: list[Stage], layout: RunLayout) -> None:
                                     f"the stage would replace it: move it away or choose another --out")
 
 
+def check_run_folder(out: Path) -> None:
+    """A run folder that is a file, lies under one, or cannot be written is one line before any
+    work (it was a FileExistsError traceback)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: not a folder; the run folder (--out) holds the stages' folders")
+    check_creatable(out)
+
+
 def run(s: PipelineSettings, *, echo: Callable[[str], None] = print, until: str | None = None) -> dict[str, float]:
     """Run every stage, or those up to `until` (skipping finished ones); returns seconds per stage."""
     from simmerge_ray.testbed.zoo_config import ZooConfig
@@ -162,6 +182,7 @@ def run(s: PipelineSettings, *, echo: Callable[[str], None] = print, until: str 
             raise SimMergeError(f"no pipeline stage {until!r}; stages: {', '.join(names)}")
         all_stages = all_stages[:names.index(until) + 1]
     layout = RunLayout(s.out)
+    check_run_folder(s.out)
     _check_foreign_outputs(all_stages, layout)
     s.out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

@@ -24,6 +24,18 @@ from simmerge_ray.testbed.domains.base import BUCKETS as SUBSET_BUCKETS
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
 Bool = Annotated[bool, Strict()]
+# A seed that reaches torch.manual_seed (the model's initial weights, a fine-tune's batches): torch
+# takes [-2**63, 2**64); one past it failed in a Ray task, after the base's pretraining.
+TorchSeed = Annotated[int, Strict(), Field(ge=-(2**63), lt=2**64)]
+
+
+class _FieldError(ValueError):
+    """A whole-config check's error that belongs to one field: ZooConfig.load names `path` (not
+    `config`, pydantic's location of a model validator)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class _Strict(BaseModel):
@@ -63,7 +75,7 @@ class TrainConfig(_Strict):
     lr: Float = Field(gt=0, allow_inf_nan=False)
     batch_size: Int = Field(16, gt=0)
     warmup_steps: Int = Field(10, ge=0)
-    seed: Int = 0
+    seed: TorchSeed = 0
 
 
 class PretrainConfig(TrainConfig):
@@ -134,7 +146,7 @@ class RuntimeConfig(_Strict):
 
 
 class ZooConfig(_Strict):
-    seed: Int = 0
+    seed: TorchSeed = 0
     architecture: ArchitectureConfig = ArchitectureConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
@@ -154,13 +166,22 @@ class ZooConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ZooConfig":
-        names = [v.name for d in self.domains.values() for v in d.variants]
-        dup = sorted({n for n in names if names.count(n) > 1} | ({"base"} & set(names)))
-        if dup:
-            raise ValueError(f"expert names must be unique and not 'base': {', '.join(dup)}")
-        orphans = [v.name for _, v in self.experts() if v.start == "continued" and self.continued is None]
-        if orphans:
-            raise ValueError(f"experts {', '.join(orphans)} start from 'continued', but the config has no 'continued' section")
+        """Expert names are folders and table keys: each used once, never 'base'; an expert that
+        starts from 'continued' needs that section. Each error names the variant's field."""
+        first: dict[str, str] = {}
+        for d, cfg in self.domains.items():
+            for i, v in enumerate(cfg.variants):
+                at = f"domains.{d}.variants.{i}"
+                if v.name == "base":
+                    raise _FieldError(f"{at}.name", "'base' is reserved for the base model; expert names must be "
+                                                    "unique and not 'base'")
+                if v.name in first:
+                    raise _FieldError(f"{at}.name", f"{v.name!r} is already the name of {first[v.name]}; expert "
+                                                    f"names must be unique and not 'base'")
+                first[v.name] = at
+                if v.start == "continued" and self.continued is None:
+                    raise _FieldError(f"{at}.start", f"expert {v.name} starts from 'continued', but the config has "
+                                                     f"no 'continued' section")
         return self
 
     def experts(self) -> list[tuple[str, VariantConfig]]:
@@ -177,11 +198,14 @@ class ZooConfig(_Strict):
     @classmethod
     def load(cls, path: str | Path) -> "ZooConfig":
         path = Path(path)
-        raw = read_yaml(path, "zoo config")
+        raw = read_yaml(path, "zoo config", unique_keys=True)  # a domain listed twice kept only its last block
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
             err = e.errors()[0]
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, _FieldError):
+                raise ConfigError(f"{path}: {cause.path}: {cause}") from None
             loc = ".".join(str(p) for p in err["loc"]) or "config"
             got = err.get("input")  # a wrong type is clearer with what the YAML held (`true`, `2.0`)
             shown = f" (got {got!r})" if err["type"].endswith("_type") and isinstance(got, (bool, int, float, str)) else ""
