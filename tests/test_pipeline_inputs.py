@@ -212,3 +212,19 @@ def test_a_record_of_an_older_version_without_files_is_still_reused(tmp_path, mo
     run(settings, echo=lines.append)
     assert len(calls) == 1 and lines[0].endswith("reused")
 
+
+
+@pytest.mark.parametrize("extra, want", [
+    ([], (6, 5, 10)),
+    (["--quick"], (0, 3, 2)),
+    # --quick used to set 3 folds, no search and 2 repeats over what the command line asked for
+    (["--quick", "--folds", "10", "--tune-samples", "4", "--sim-repeats", "5"], (4, 10, 5)),
+])
+def test_an_option_given_with_quick_wins(tmp_path, extra, want):
+    from simmerge_ray.cli import build_parser
+    from simmerge_ray.cli.demo import pipeline_settings
+
+    args = build_parser().parse_args(["pipeline", "--zoo-config", str(TINY), "--out", str(tmp_path / "run"), *extra])
+    s = pipeline_settings(args, tmp_path / "run")
+    assert (s.tune_samples, s.folds, s.sim_repeats) == want
+    assert (s.labels.subsets_3 == 3) == ("--quick" in extra)

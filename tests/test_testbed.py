@@ -299,6 +299,29 @@ def test_label_run_resumes_without_redoing_finished_plans(tiny_zoo, tmp_path):
         assert r["mean_retention"] == pytest.approx(sum(kept.values()) / 3)
 
 
+def test_a_label_cache_of_the_wrong_kind_is_named_and_left_alone(tiny_zoo, tmp_path):
+    """A file where the cache folder goes, or a folder where an entry goes, was a traceback (mkdir,
+    unlink); neither is removed: simmerge did not write them."""
+    from simmerge_ray.errors import OutputError
+    from simmerge_ray.testbed.labels import run_labels
+
+    out = tmp_path / "labels"
+    out.mkdir()
+    (out / "cache").write_text("mine")
+    with pytest.raises(OutputError, match=r"cache: not a folder, where the label run keeps its cache"):
+        run_labels(tiny_zoo / "catalog.yaml", out, LABELS, max_plans=1, log=lambda *_: None)
+    assert (out / "cache").read_text() == "mine"
+    (out / "cache").unlink()
+    run_labels(tiny_zoo / "catalog.yaml", out, LABELS, max_plans=1, log=lambda *_: None)
+    entry = next((out / "cache").glob("*.json"))
+    entry.unlink()
+    entry.mkdir()
+    (entry / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"\.json: a folder, where the label cache keeps an entry"):
+        run_labels(tiny_zoo / "catalog.yaml", out, LABELS, max_plans=1, log=lambda *_: None)
+    assert (entry / "notes.txt").read_text() == "mine"
+
+
 def test_a_label_cache_entry_is_served_only_under_its_digest(tiny_zoo, tmp_path):
     """A cache entry edited into other valid JSON (a score changed), copied under another plan's
     key, or stripped of its digest is a logged miss: removed, measured again, never served."""

@@ -26,7 +26,7 @@ import torch
 from simmerge_ray import resources
 from simmerge_ray.actor_pool import ActorPool
 from simmerge_ray.catalog import Catalog
-from simmerge_ray.errors import ConfigError
+from simmerge_ray.errors import ConfigError, OutputError
 from simmerge_ray.io.architecture import check_config_matches_weights, check_same_tensors
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint, merged_head
@@ -239,6 +239,8 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     plans = enumerate_plans(experts, [t for t in tasks if t in task_digests], settings)
     keyed = [(p.key(fingerprints, task_digests), p) for p in plans]
     cache = Path(out) / "cache"
+    if cache.exists() and not cache.is_dir():  # mkdir's FileExistsError was a traceback
+        raise OutputError(f"{cache}: not a folder, where the label run keeps its cache; move it away")
     cache.mkdir(parents=True, exist_ok=True)
     unique: dict[str, LabelPlan] = {}  # a mirrored 2-way merge is measured once, under its canonical form
     for k, p in keyed:
@@ -303,6 +305,8 @@ def _entry_miss(entry: Path, key: str, tasks: tuple[str, ...], measured: dict[st
     scores are put in `measured` under `key`. A bad entry
     (unreadable, incomplete, without a digest or altered) is removed, to be measured again, so a
     damaged cache heals instead of failing every rerun or serving wrong labels."""
+    if entry.is_dir():  # not an entry this cache wrote: named, never removed
+        raise OutputError(f"{entry}: a folder, where the label cache keeps an entry (a file); move it away")
     try:
         record = json.loads(entry.read_text())
     except FileNotFoundError:
