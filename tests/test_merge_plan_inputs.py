@@ -81,7 +81,7 @@ def _refused(models: Path, tmp_path: Path, capsys, argv: list[str], out: Path) -
     ("weighting-list", "{plan}: weighting: expected one of half, equal, anchor or null, got [0.5, 0.5]"),
     # A field of a newer version: "not a plan file (Plan.__init__() got an unexpected keyword argument ...)".
     ("unknown-field", "{plan}: unknown field 'version' (a plan written by another simmerge version?); known: task, "),
-    ("missing-field", "{plan}: missing field 'task'"),
+    ("missing-field", "{plan}: not a plan file (missing field 'task')"),
     # Named neither the plan nor the catalog: "plan names models absent from the catalog: zz".
     ("absent-model", "{plan}: models: zz not in {catalog} (it has: m1, m2, m3)"),
     ("absent-model-linear", "{plan}: models: zz not in {catalog} (it has: m1, m2, m3)"),

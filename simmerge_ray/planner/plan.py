@@ -145,4 +145,4 @@ def _check_fields(raw: dict[str, Any]) -> None:
     missing = [n for n, f in known.items()
                if n not in raw and f.default is MISSING and f.default_factory is MISSING]
     if missing:
-        raise ConfigError(f"missing field {missing[0]!r}")
+        raise ConfigError(f"not a plan file (missing field {missing[0]!r})")
