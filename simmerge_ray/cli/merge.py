@@ -120,20 +120,25 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
     from pathlib import Path
 
     from simmerge_ray.catalog import Catalog
-    from simmerge_ray.planner.execute import execute_plan
+    from simmerge_ray.merge.config import check_float_dtype
+    from simmerge_ray.planner.execute import check_plan, execute_plan
     from simmerge_ray.planner.plan import Plan
 
     if args.dry_run:  # a flag conflict, refused before any file is read
         raise ConfigError("--dry-run takes a CONFIG.yaml (a plan's steps are configs: run it on each step file)")
     if not args.catalog:
         raise ConfigError("--plan needs --catalog (the plan names catalog models)")
+    if args.dtype is not None:
+        check_float_dtype(args.dtype, "--dtype")
     plan_file = Path(args.plan)
     plan = Plan.load(plan_file)
     catalog = Catalog.load(args.catalog)
     check_output(args.out, overwrite=opts.overwrite, inputs=[*catalog.paths, plan_file])
     if opts.placement == "ray":
+        check_plan(plan, catalog, plan_file)  # every input problem fails here, before Ray starts
         init_ray(args.address)
-    results = execute_plan(plan, catalog, Path(args.out), opts, out_dtype=args.dtype, plan_file=plan_file)
+    results = execute_plan(plan, catalog, Path(args.out), opts, out_dtype=args.dtype, plan_file=plan_file,
+                           seed=args.seed)
     total = sum(r.seconds for r in results)
     how = ("as one linear merge (every step is linear: the fold's weights multiplied out)"
            if len(results) == 1 < len(plan.operators) else f"{len(results)} step(s)")

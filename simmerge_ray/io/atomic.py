@@ -76,7 +76,7 @@ def owned_temp_dir(parent: Path, prefix: str) -> Path:
     return tmp
 
 
-def _missing_parents(out: Path) -> list[Path]:
+def missing_parents(out: Path) -> list[Path]:
     """The folders above `out` that do not exist yet, deepest first: a failed run creates them
     for its temporary folder and removes them again, leaving the tree as it found it."""
     missing = []
@@ -99,7 +99,7 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False, inputs: Iterable[st
     """
     out = check_output(out, overwrite=overwrite, inputs=inputs)
     clean_stale(out.parent, (f".{out.name}.tmp-", f".{out.name}.old-"))
-    made = _missing_parents(out)
+    made = missing_parents(out)
     tmp = owned_temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         yield tmp

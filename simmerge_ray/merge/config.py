@@ -153,13 +153,7 @@ class MergeSpec:
             raise ConfigError(f"{source}: {key}: not supported with several modules (got {raw[key]!r})")
         for dt_key in ("dtype", "out_dtype"):
             if raw.get(dt_key) is not None:
-                try:
-                    code = dtype_code(str(raw[dt_key]))
-                except ValueError as e:
-                    raise ConfigError(f"{source}: {dt_key}: {e}") from None
-                if code not in FLOAT_DTYPES:  # weights are merged and written as floats
-                    raise ConfigError(f"{source}: {dt_key}: {raw[dt_key]!r} is not a float dtype; use one of "
-                                      f"{', '.join(TORCH_NAMES[c] for c in sorted(FLOAT_DTYPES))}")
+                check_float_dtype(raw[dt_key], f"{source}: {dt_key}")
         names = {m.ref for sl in slices for m in (*(s.model for s in sl.sources), sl.base) if m is not None}
         tok = parse_tokenizer(raw, names, source)
         template = raw.get("chat_template")
@@ -187,6 +181,18 @@ class MergeSpec:
     def shared_scopes(self, sl: OutputSlice) -> tuple[dict[str, Any], ...]:
         """Settings below a source's own, highest precedence first (as mergekit reads them)."""
         return sl.parameters, self.modules.get(sl.module, {}), self.parameters
+
+
+def check_float_dtype(value: Any, where: str) -> None:
+    """A ConfigError naming `where` (a config's key, or an option) unless `value` names a float
+    dtype: weights are merged and written as floats."""
+    try:
+        code = dtype_code(str(value))
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if code not in FLOAT_DTYPES:
+        raise ConfigError(f"{where}: {value!r} is not a float dtype; use one of "
+                          f"{', '.join(TORCH_NAMES[c] for c in sorted(FLOAT_DTYPES))}")
 
 
 def method_sources(method: MergeMethod, sl: OutputSlice) -> list[SliceSource]:

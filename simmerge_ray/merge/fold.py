@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.merge.arms import Arm, fold_arms, get_arm, get_weighting
+from simmerge_ray.merge.arms import WEIGHTING_NAMES, Arm, fold_arms, get_arm, get_weighting
 
 
 @dataclass(frozen=True)
@@ -63,5 +63,7 @@ def check_fold(models: Sequence[str], operators: Sequence[str], weighting: str |
         raise ConfigError(f"plan {list(models)}: a model appears twice")
     for op in operators:
         get_arm(op)
+    if weighting is not None and not isinstance(weighting, str):  # a list is unhashable: a TypeError below
+        raise ConfigError(f"weighting: expected one of {', '.join(WEIGHTING_NAMES)} or null, got {weighting!r}")
     if weighting is not None:
         get_weighting(weighting)

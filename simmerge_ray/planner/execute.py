@@ -12,12 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from simmerge_ray.catalog import Catalog
-from simmerge_ray.errors import ConfigError, SimMergeError
-from simmerge_ray.io.atomic import owned_temp_dir
+from simmerge_ray.errors import ConfigError
+from simmerge_ray.io.atomic import missing_parents, owned_temp_dir
+from simmerge_ray.io.out_checks import check_replaceable
 from simmerge_ray.io.owner import clean_stale
 from simmerge_ray.io.shared_vocab import output_tokenizer
 from simmerge_ray.merge.config import MergeSpec, Provenance
-from simmerge_ray.merge.executor import ExecOptions, MergeResult, run_merge
+from simmerge_ray.merge.executor import ExecOptions, MergeResult, check_merge, run_merge
 from simmerge_ray.planner.plan import Plan
 
 
@@ -55,6 +56,38 @@ def folded_config(plan: Plan, coef: dict[str, float], paths: dict[str, Path]) ->
             **output_tokenizer([paths[m] for m in coef])}
 
 
+def check_catalog(plan: Plan, catalog: Catalog, plan_file: Path | None = None) -> None:
+    """A ConfigError naming the plan file and the catalog when the plan names a model the catalog
+    lacks (a hand-edited plan, or another catalog), or runs an arm that needs a base the catalog
+    has none of: the step configs could not be written."""
+    where, cat = plan_file or "plan", catalog.source or "the catalog"
+    known = [m.name for m in catalog.models]
+    missing = [m for m in plan.models if m not in known]
+    if missing:
+        raise ConfigError(f"{where}: models: {', '.join(missing)} not in {cat} (it has: {', '.join(known)})")
+    if catalog.base is None:
+        for j, arm in enumerate(plan.step_arms(), start=1):
+            if arm.needs_base:
+                raise ConfigError(f"{cat}: no base, and step {j} of {where} runs {arm.name!r}, which merges "
+                                  f"task vectors against the catalog's base")
+
+
+def check_plan(plan: Plan, catalog: Catalog, plan_file: Path | None = None) -> None:
+    """Refuse, before any step runs (and before Ray starts), what would otherwise fail only at a
+    later step, after hours of earlier ones: check_catalog, and the plan's models (with the base
+    where a step needs it) not fitting together, a catalog model replaced since planning by one of
+    another shape included. Reads headers, configs and tokenizer files only."""
+    check_catalog(plan, catalog, plan_file)
+    paths = {m.name: m.path for m in catalog.models}
+    used = [paths[m] for m in plan.models]
+    needs_base = any(arm.needs_base for arm in plan.step_arms())
+    inputs = used + ([catalog.base] if needs_base else [])
+    cfg = {"merge_method": "linear",
+           "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in inputs],
+           **output_tokenizer(used + ([catalog.base] if catalog.base is not None else []))}
+    check_merge(MergeSpec.from_dict(cfg, source=f"{plan_file or 'plan'} (its models together)"))
+
+
 def _folded_provenance(plan: Plan, catalog: Catalog, coef: dict[str, float], plan_file: Path | None) -> Provenance:
     names = {str(m.path): m.name for m in catalog.models if m.name in plan.models}
     where = f" `{plan_file}`" if plan_file is not None else ""
@@ -66,21 +99,24 @@ def _folded_provenance(plan: Plan, catalog: Catalog, coef: dict[str, float], pla
 
 
 def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = ExecOptions(),
-                 out_dtype: str | None = None, plan_file: Path | None = None) -> list[MergeResult]:
+                 out_dtype: str | None = None, plan_file: Path | None = None, seed: int = 0) -> list[MergeResult]:
     """Run the plan's steps into `out`, each intermediate in a work folder beside it (removed);
-    each output's model card names the catalog models and the plan's steps, not that folder."""
+    each output's model card names the catalog models and the plan's steps, not that folder.
+    `seed` seeds stochastic arms (DARE) as `merge --seed` does a config's."""
     out = Path(out)
-    if out.exists() and not opts.overwrite:
-        raise SimMergeError(f"{out}: output already exists (pass --overwrite to replace it)")
+    check_replaceable(out, overwrite=opts.overwrite)  # an empty folder is used, as for a config
     paths = {m.name: m.path for m in catalog.models}
     coef = plan.fold.linear_coefficients()
     if coef is not None:
+        check_catalog(plan, catalog, plan_file)  # the merge below checks the models together
         folded = folded_config(plan, coef, paths)
         cfg = {**folded, "out_dtype": out_dtype} if out_dtype else folded
-        spec = replace(MergeSpec.from_dict(cfg, root=out.parent, source="plan (folded)"),
+        spec = replace(MergeSpec.from_dict(cfg, root=out.parent, source="plan (folded)", seed=seed),
                        provenance=_folded_provenance(plan, catalog, coef, plan_file))
         return [run_merge(spec, out, opts)]
+    check_plan(plan, catalog, plan_file)
     clean_stale(out.parent, (f".{out.name}.plan-",))  # the work folders of killed runs
+    made = missing_parents(out)  # created for the work folder; removed again if the run fails
     work = owned_temp_dir(out.parent, f".{out.name}.plan-")
     results = []
     try:  # from here on the work folder goes, whatever fails (a bad plan included)
@@ -90,7 +126,7 @@ def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = Ex
             last = j == len(configs)
             if out_dtype:
                 cfg = {**cfg, "out_dtype": out_dtype}
-            spec = replace(MergeSpec.from_dict(cfg, root=work, source=f"plan step {j}"),
+            spec = replace(MergeSpec.from_dict(cfg, root=work, source=f"plan step {j}", seed=seed),
                            provenance=step_provenance(plan, catalog, j, step_dir, plan_file))
             target = out if last else work / f"step-{j}"
             results.append(run_merge(spec, target, replace(opts, overwrite=opts.overwrite if last else False)))
@@ -98,4 +134,9 @@ def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = Ex
                 shutil.rmtree(work / f"step-{j - 1}", ignore_errors=True)  # no longer needed
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        for folder in made:  # deepest first; after a success the first holds `out` and stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
     return results

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,7 @@ class Plan:
             raw = json.loads(text)
             if not isinstance(raw, dict):
                 raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
+            _check_fields(raw)
             return cls(**raw)
         except (json.JSONDecodeError, TypeError) as e:
             raise ConfigError(f"{where}: not a plan file ({e})") from None
@@ -131,3 +132,17 @@ class Plan:
                          + yaml.safe_dump(cfg, sort_keys=False))
             files.append(f)
         return files
+
+
+def _check_fields(raw: dict[str, Any]) -> None:
+    """A ConfigError naming the field a plan lacks or that this version does not know (a plan
+    from another simmerge version, or a typo), not Python's message about `Plan.__init__()`."""
+    known = {f.name: f for f in fields(Plan)}
+    unknown = [k for k in raw if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown field {unknown[0]!r} (a plan written by another simmerge version?); "
+                          f"known: {', '.join(known)}")
+    missing = [n for n, f in known.items()
+               if n not in raw and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ConfigError(f"not a plan file (missing field {missing[0]!r})")

@@ -1,0 +1,170 @@
+"""`simmerge merge --plan PLAN.json --catalog CATALOG.yaml` on bad or unusual input as a new user
+gives it (a hand-edited plan, a catalog whose model was replaced, a bad --dtype, an empty --out
+folder, --seed): one line, exit 2, naming the file or option, with the inputs unchanged and
+nothing written. Each case here once printed a traceback-ish or misleading line, ran for steps
+before failing, left folders behind, or ignored the option."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from simmerge_ray.cli import main as cli_main
+from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, make_family
+from simmerge_ray.planner.plan import Plan
+
+SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64,
+                     max_shard_bytes=20_000)
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.blake2b(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """base, m1..m3; `wide`: a model of another hidden size; `nan3`: m3 with a NaN weight."""
+    root = make_family(tmp_path_factory.mktemp("plan-models"), SPEC, n=3)
+    make_checkpoint(root / "wide", SyntheticSpec(architecture="llama", hidden_size=48, num_layers=2, num_heads=4,
+                                                 vocab_size=64, max_shard_bytes=20_000, seed=9))
+    shutil.copytree(root / "m3", root / "nan3")
+    shard = sorted((root / "nan3").glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return root
+
+
+def _catalog(models: Path, tmp_path: Path, m3: str = "m3", base: bool = True, name: str = "catalog.yaml") -> Path:
+    cat = tmp_path / name
+    raw = {"models": [{"name": f"m{i}", "path": str(models / (m3 if i == 3 else f"m{i}"))} for i in (1, 2, 3)]}
+    if base:
+        raw["base"] = str(models / "base")
+    cat.write_text(yaml.safe_dump(raw))
+    return cat
+
+
+def _plan(tmp_path: Path, operators: list[str], models: list[str] | None = None, name: str = "plan.json",
+          **edits) -> Path:
+    models = models or ["m1", "m2", "m3"][:len(operators) + 1]
+    raw = json.loads(Plan(task="code", models=models, operators=operators).to_json())
+    raw.update(edits)
+    f = tmp_path / name
+    f.write_text(json.dumps(raw))
+    return f
+
+
+def _refused(models: Path, tmp_path: Path, capsys, argv: list[str], out: Path) -> str:
+    """Run `merge`; assert exit 2, one line without a traceback, nothing written beside the plan
+    (no --out, no work folder, no parent folder made for it) and the models unchanged; the line."""
+    before, listing = tree_hash(models), sorted(p.name for p in tmp_path.iterdir())
+    rc = cli_main(["merge", *argv, "--out", str(out), "--workers", "1"])
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ": warning: " not in ln]
+    assert rc == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == listing
+    assert tree_hash(models) == before
+    return err[0]
+
+
+@pytest.mark.parametrize("case, needle", [
+    # A list or mapping as the weighting: "not a plan file (unhashable type: 'list')".
+    ("weighting-list", "{plan}: weighting: expected one of half, equal, anchor or null, got [0.5, 0.5]"),
+    # A field of a newer version: "not a plan file (Plan.__init__() got an unexpected keyword argument ...)".
+    ("unknown-field", "{plan}: unknown field 'version' (a plan written by another simmerge version?); known: task, "),
+    ("missing-field", "{plan}: not a plan file (missing field 'task')"),
+    # Named neither the plan nor the catalog: "plan names models absent from the catalog: zz".
+    ("absent-model", "{plan}: models: zz not in {catalog} (it has: m1, m2, m3)"),
+    ("absent-model-linear", "{plan}: models: zz not in {catalog} (it has: m1, m2, m3)"),
+    # Named neither file: "arm 'ties' (ties) needs the catalog's base model".
+    ("no-base", "{catalog}: no base, and step 1 of {plan} runs 'ties', which merges task vectors against the "
+                "catalog's base"),
+], ids=["weighting-list", "unknown-field", "missing-field", "absent-model", "absent-model-linear", "no-base"])
+def test_a_hand_edited_plan_names_the_file_and_field(models: Path, tmp_path: Path, capsys, case: str,
+                                                     needle: str) -> None:
+    catalog = _catalog(models, tmp_path, base=case != "no-base")
+    if case == "weighting-list":
+        plan = _plan(tmp_path, ["slerp", "linear"], weighting=[0.5, 0.5])
+    elif case == "unknown-field":
+        plan = _plan(tmp_path, ["slerp", "linear"], version=3)
+    elif case == "missing-field":
+        plan = _plan(tmp_path, ["slerp", "linear"])
+        raw = json.loads(plan.read_text())
+        del raw["task"]
+        plan.write_text(json.dumps(raw))
+    elif case.startswith("absent-model"):
+        plan = _plan(tmp_path, ["linear", "linear"] if case.endswith("linear") else ["slerp", "linear"],
+                     models=["m1", "m2", "zz"])
+    else:
+        plan = _plan(tmp_path, ["ties", "linear"])
+    line = _refused(models, tmp_path, capsys, ["--plan", str(plan), "--catalog", str(catalog)], tmp_path / "merged")
+    assert needle.format(plan=plan, catalog=catalog) in line, line
+
+
+def test_a_bad_dtype_names_the_option(models: Path, tmp_path: Path, capsys) -> None:
+    """Was 'plan step 1: out_dtype: unknown dtype' (or 'plan (folded): ...'): no such key in any file."""
+    plan, catalog = _plan(tmp_path, ["slerp", "linear"]), _catalog(models, tmp_path)
+    line = _refused(models, tmp_path, capsys, ["--plan", str(plan), "--catalog", str(catalog), "--dtype", "int4"],
+                    tmp_path / "merged")
+    assert line.startswith("simmerge merge: error: --dtype: unknown dtype 'int4'; use one of"), line
+
+
+def test_a_replaced_catalog_model_is_refused_before_any_step(models: Path, tmp_path: Path, capsys) -> None:
+    """m3 replaced by a model of another shape since planning: step 1 ran first, then step 2 failed
+    naming the deleted work folder ('.merged.plan-xxxx/step-1'), and the parents made for --out stayed."""
+    plan, catalog = _plan(tmp_path, ["slerp", "linear"]), _catalog(models, tmp_path, m3="wide")
+    line = _refused(models, tmp_path, capsys, ["--plan", str(plan), "--catalog", str(catalog)],
+                    tmp_path / "new" / "deep" / "merged")
+    assert f"model '{models / 'wide'}'" in line and "has shape [64, 48]" in line and f"'{models / 'm1'}'" in line
+    assert ".plan-" not in line
+
+
+def test_a_later_step_that_fails_leaves_no_folders(models: Path, tmp_path: Path, capsys) -> None:
+    """A NaN in m3 (headers fine) fails step 2: the work folder went, but the parent folders made
+    for it (--out new/deep/merged) stayed behind."""
+    plan, catalog = _plan(tmp_path, ["slerp", "linear"]), _catalog(models, tmp_path, m3="nan3")
+    line = _refused(models, tmp_path, capsys, ["--plan", str(plan), "--catalog", str(catalog)],
+                    tmp_path / "new" / "deep" / "merged")
+    assert "NaN" in line or "non-finite" in line or "nonfinite" in line, line
+
+
+@pytest.mark.parametrize("operators", [["slerp", "linear"], ["linear", "linear"]])
+def test_an_empty_out_folder_is_used(models: Path, tmp_path: Path, operators: list[str]) -> None:
+    """An empty --out folder is used as it is for a config; a plan refused it as 'already exists'."""
+    plan, catalog = _plan(tmp_path, operators), _catalog(models, tmp_path)
+    out = tmp_path / "merged"
+    out.mkdir()
+    assert cli_main(["merge", "--plan", str(plan), "--catalog", str(catalog), "--out", str(out), "--workers", "1"]) == 0
+    assert (out / "model.safetensors").is_file() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_seed_reaches_a_plans_stochastic_step(models: Path, tmp_path: Path) -> None:
+    """--seed was ignored by --plan: a DARE step gave the same bytes for every seed, and the card said none."""
+    plan, catalog = _plan(tmp_path, ["dare_ties"]), _catalog(models, tmp_path)
+    for seed in (0, 7):
+        assert cli_main(["merge", "--plan", str(plan), "--catalog", str(catalog), "--out", str(tmp_path / f"s{seed}"),
+                         "--workers", "1", "--seed", str(seed)]) == 0
+    a, b = (load_file(tmp_path / f"s{seed}" / "model.safetensors") for seed in (0, 7))
+    assert any(not torch.equal(a[n], b[n]) for n in a)
+    assert json.loads((tmp_path / "s7" / "simmerge_merge.json").read_text())["seed"] == 7
+
+
+def test_a_ray_plan_is_checked_before_ray_starts(models: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """With --ray, Ray was started before the plan's models were looked at."""
+    import simmerge_ray.cli.merge as merge_cli
+
+    started = []
+    monkeypatch.setattr(merge_cli, "init_ray", lambda *a, **k: started.append(a))
+    plan, catalog = _plan(tmp_path, ["slerp", "linear"]), _catalog(models, tmp_path, m3="wide")
+    line = _refused(models, tmp_path, capsys, ["--plan", str(plan), "--catalog", str(catalog), "--ray"],
+                    tmp_path / "merged")
+    assert started == [] and "has shape [64, 48]" in line
