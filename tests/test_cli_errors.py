@@ -3,7 +3,6 @@ each case here once printed a traceback (or a useless line) instead."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,14 +15,11 @@ import yaml
 from simmerge_ray.cli import main as cli_main
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.synthetic import SyntheticSpec, make_family
+from input_checks import one_line_error as _one_line_error, tree_hash  # beside this file
 
 SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64,
                      max_shard_bytes=20_000)
 
-
-def tree_hash(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.blake2b(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +27,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = make_family(tmp_path_factory.mktemp("models"), SPEC)
     return root
 
-
-def _one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 def test_usage_errors_are_one_line(capsys) -> None:

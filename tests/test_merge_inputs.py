@@ -4,7 +4,6 @@ they were. Each case here was once converted or merged silently wrong, or a trac
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -13,21 +12,11 @@ import pytest
 import torch
 
 from simmerge_ray.cli import main as cli_main
+from input_checks import one_line_error as _one_line_error, tree_hash  # beside this file
 
 A, B = torch.arange(12.0).reshape(4, 3), torch.arange(5.0)
 
 
-def tree_hash(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.blake2b(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 def _index(src: Path, weight_map: dict[str, str]) -> None:

@@ -6,7 +6,6 @@ before failing, left folders behind, or ignored the option."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -19,14 +18,11 @@ from safetensors.torch import load_file, save_file
 from simmerge_ray.cli import main as cli_main
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, make_family
 from simmerge_ray.planner.plan import Plan
+from input_checks import tree_hash  # beside this file
 
 SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64,
                      max_shard_bytes=20_000)
 
-
-def tree_hash(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.blake2b(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ real processes killed with SIGKILL, and a real read-only mount where the machine
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -29,16 +28,13 @@ from simmerge_ray.io.owner import OWNER_FILE, write_owner
 from simmerge_ray.io.stage_files import stage_files
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 
+from input_checks import tree_hash  # beside this file
+
 SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64,
                      max_shard_bytes=20_000)
 SLERP = {"merge_method": "slerp", "base_model": "m1", "parameters": {"t": 0.5},
          "models": [{"model": "m1"}, {"model": "m2"}]}
 
-
-def tree_hash(root: Path) -> dict[str, str]:
-    """Every file under `root` (hidden ones included) -> blake2b of its bytes."""
-    return {str(p.relative_to(root)): hashlib.blake2b(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture()

@@ -11,6 +11,7 @@ import pytest
 
 from simmerge_ray.errors import ConfigError, OutputError
 from simmerge_ray.testbed.zoo_config import ZooConfig
+from input_checks import one_line_error as _one_line  # beside this file
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "zoo_tiny.yaml"
 
@@ -22,13 +23,6 @@ def _zoo(tmp_path: Path, old: str, new: str) -> Path:
     path.write_text(raw.replace(old, new, 1))
     return path
 
-
-def _one_line(capsys: pytest.CaptureFixture, *needles: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 # ---- the zoo config --------------------------------------------------------------------------

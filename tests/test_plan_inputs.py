@@ -5,7 +5,6 @@ case here once printed a traceback or planned from a misread input."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -21,16 +20,13 @@ from simmerge_ray.catalog import Catalog
 from simmerge_ray.cli import main as cli_main
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.planner.batch import BatchSettings, run_batch
+from input_checks import tree_hash  # beside this file
 
 
 @pytest.fixture(scope="module")
 def world(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
     return build_world(tmp_path_factory.mktemp("plan-inputs"), n_models=4)
 
-
-def tree_hash(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.blake2b(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _plan(world, tmp_path: Path, capsys, *extra: str, selector: Path | None = None, features: Path | None = None,

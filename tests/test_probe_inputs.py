@@ -23,6 +23,7 @@ from simmerge_ray.inference.catalog_probes import ModelProbes, plan_task, probe_
 from simmerge_ray.inference.settings import ProbeSettings, RunOptions
 from simmerge_ray.probes.errors import DistributionError, ProbeError
 from simmerge_ray.probes.tokenize import TokenizedProbes
+from input_checks import one_line_error as _one_line  # beside this file
 
 SETTINGS = ProbeSettings(max_length=10, attn_max_length=6)
 
@@ -42,11 +43,6 @@ def _catalog(root: Path, models: str, tasks: str = "tasks:\n  t: {probes: probes
     (root / "catalog.yaml").write_text(f"models:\n{models}{tasks}")
     return root / "catalog.yaml"
 
-
-def _one_line(capsys: pytest.CaptureFixture, *needles: str) -> None:
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert all(n in err for n in needles), err
 
 
 # ---- catalog ----------------------------------------------------------------------------------

@@ -1,0 +1,24 @@
+"""Checks shared by the tests of bad input (beside them; the tests folder is on sys.path): the
+one-line error a command must print, and a hash of a folder's files to show inputs unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    """Every file under `root` (hidden ones included) -> blake2b of its bytes."""
+    return {str(p.relative_to(root)): hashlib.blake2b(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:
+    """stderr so far: exactly one line, no traceback, holding every needle."""
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
