@@ -124,8 +124,7 @@ def test_a_run_folder_that_is_a_file_is_one_line(tmp_path, capsys, no_ray):
 def test_the_report_never_replaces_a_users_file_in_the_run_folder(tmp_path, capsys, no_ray):
     """The report's files (report.md, report.json, charts) go at the top of --out, any folder: a
     user's report.md there was replaced once every stage was done. Refused before any work; a
-    run folder whose report wrote them (its record, or an older one with a finished bandit stage)
-    is not."""
+    run folder whose report wrote them (its record, or an older run folder without one) is not."""
     from simmerge_ray.cli import main
     from simmerge_ray.pipeline.report import check_report_files
 
@@ -138,8 +137,10 @@ def test_the_report_never_replaces_a_users_file_in_the_run_folder(tmp_path, caps
     assert sorted(p.name for p in run_dir.iterdir()) == ["report.md", "todo.txt"]
     assert (run_dir / "report.md").read_text() == "my own report"
 
-    (run_dir / ".stage-bandit.json").write_text(json.dumps({"key": "k", "seconds": 1.0, "files": {}}))
-    check_report_files(run_dir)  # a run folder from before the report kept a record
+    # a run folder from before the report kept a record (any stage's record: one whose later stages
+    # are to run again, markers removed, included)
+    (run_dir / ".stage-zoo.json").write_text(json.dumps({"key": "k", "seconds": 1.0, "files": {}}))
+    check_report_files(run_dir)
     (run_dir / ".stage-report.json").write_text(json.dumps({"files": ["report.json"]}))
     with pytest.raises(OutputError, match="report.md: not written by a simmerge report"):
         check_report_files(run_dir)

@@ -92,14 +92,15 @@ def _report_record(out: Path) -> Path:
 def check_report_files(out: Path) -> None:
     """The report's files lie at the top of the run folder, which may be any folder of the user's:
     one there that no report of this run folder wrote is refused before any work (it was replaced
-    once every stage was done). The report's record lists what it wrote; a run folder from before
-    the record, with a finished bandit stage, counts as the report's."""
-    run = RunLayout(out)
+    once every stage was done). The report's record lists what it wrote; in a run folder from before
+    the record (one holding a stage's record, with a stage invalidated since or not), they count as
+    the report's."""
     record = _report_record(out)
     try:
         listed = set(json.loads(record.read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        listed = set(REPORT_FILES) if not record.exists() and run.marker("bandit").is_file() else set()
+        older = not record.exists() and any(Path(out).glob(".stage-*.json"))
+        listed = set(REPORT_FILES) if older else set()
     for name in REPORT_FILES:
         path = Path(out) / name
         if (path.exists() or path.is_symlink()) and (name not in listed or path.is_symlink() or not path.is_file()):
