@@ -164,3 +164,35 @@ def test_a_ray_plan_is_checked_before_ray_starts(models: Path, tmp_path: Path, c
     line = _refused(models, tmp_path, capsys, ["--plan", str(plan), "--catalog", str(catalog), "--ray"],
                     tmp_path / "merged")
     assert started == [] and "has shape [64, 48]" in line
+
+
+def test_a_model_changed_since_the_plan_is_refused(models: Path, tmp_path: Path, capsys) -> None:
+    """A plan carries the checkpoints its features were measured from; a catalog model retrained or
+    replaced (same shapes) between `simmerge plan` and `merge --plan` was merged without a word by a
+    plan made from another model's features. A copy elsewhere (same content) still merges."""
+    from simmerge_ray.features.provenance import META_FILE, checkpoint_record, measured_checkpoints
+    from simmerge_ray.io.checkpoint import Checkpoint
+
+    work = tmp_path / "models"
+    shutil.copytree(models, work)  # copy2 keeps the modification times: the stat signatures hold
+    feats = tmp_path / "features"
+    feats.mkdir()
+    (feats / META_FILE).write_text(json.dumps(checkpoint_record({m: Checkpoint.open(work / m) for m in ("m1", "m2")})))
+    recorded = measured_checkpoints(feats, ["m1", "m2", "m3"])
+    assert sorted(recorded) == ["m1", "m2"]  # m3 was never measured: nothing to check it against
+    plan = _plan(tmp_path, ["linear"], checkpoints=recorded)
+    cat = _catalog(work, tmp_path)
+    merge = ["merge", "--plan", str(plan), "--catalog", str(cat), "--workers", "1"]
+    assert cli_main([*merge, "--out", str(tmp_path / "same")]) == 0
+    moved = tmp_path / "m2-moved"
+    shutil.copytree(work / "m2", moved)
+    cat.write_text(cat.read_text().replace(str(work / "m2"), str(moved)))
+    assert cli_main([*merge, "--out", str(tmp_path / "moved")]) == 0  # another path, same content
+    shard = sorted(moved.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] * 2  # retrained: same names and shapes, other weights
+    save_file(tensors, shard, metadata={"format": "pt"})
+    line = _refused(work, tmp_path, capsys, [*merge[1:5]], tmp_path / "changed")
+    assert line.endswith(f"{plan}: model 'm2' ({moved}) is not the checkpoint the plan was made for (its content "
+                         f"changed since `simmerge plan`); compute its features and plan again"), line

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.features.provenance import check_measured_from
+from simmerge_ray.features.provenance import check_measured_from, measured_checkpoints
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.out_checks import check_output
 from simmerge_ray.features.schema import read_feature_table
@@ -131,6 +131,7 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
     u = sel.predict(x, [args.task])[0]
     best = int(u.argmax())
     plan = Plan(args.task, [args.expert, args.aux], [sel.operators[best]], [float(u[best])], [], float(u[best]))
+    plan.checkpoints = measured_checkpoints(args.features, plan.models)
     plan.arms = arm_table(sel, u)
     plan.intervals = plan_intervals(sel, plan.operators, plan.step_utility)
     plan.flags = input_flags(sel, sel.standardise(x), plan.models, catalog.model_tasks, args.task)
@@ -257,7 +258,8 @@ def _multiway(args: argparse.Namespace, catalog, req, space) -> int:
                  percent=False)
     out = Path(args.out)
     with atomic_output_dir(out, overwrite=args.overwrite, inputs=_inputs(args, catalog)) as tmp:
-        write_plans(res, catalog, tmp, step_root=out.resolve())
+        write_plans(res, catalog, tmp, step_root=out.resolve(),
+                    checkpoints=measured_checkpoints(args.features, res.best.models))
     print(f"wrote {out / 'plan.json'} and {res.best.k - 1} step YAML file(s); execute with "
           f"`simmerge merge --plan {out / 'plan.json'} --catalog {args.catalog} --out DIR`, or step by step "
           f"(see each step file's first lines)")

@@ -38,6 +38,32 @@ def _read_record(path: Path) -> tuple[dict, dict, dict] | None:
         raise ConfigError(f"{path}: unreadable record of the measured checkpoints ({type(e).__name__}: {e})") from None
 
 
+def measured_checkpoints(features_dir: str | Path, names: Iterable[str]) -> dict[str, dict[str, str]]:
+    """{name: {"fingerprint", "signature"}} of the checkpoints the feature stages measured (the
+    structural record first), for a plan to carry: `merge --plan` then checks it merges those.
+    Read from the records, never hashed here; a name no record holds is left out."""
+    records = [read for r in RECORDS if (read := _read_record(Path(features_dir) / r)) is not None]
+    out: dict[str, dict[str, str]] = {}
+    for name in names:
+        for fingerprints, signatures, _ in records:
+            if name in fingerprints:
+                out[name] = {"fingerprint": fingerprints[name], "signature": signatures.get(name, "")}
+                break
+    return out
+
+
+def check_unchanged(recorded: dict[str, dict[str, str]], catalog: Catalog, where: str) -> None:
+    """Refuse a catalog model that is not the checkpoint a plan recorded (`measured_checkpoints`):
+    retrained or replaced between `simmerge plan` and `merge --plan`, the merge would follow a plan
+    made from another model's features. The stat signature spares reading unchanged files."""
+    for name, rec in recorded.items():
+        ck = Checkpoint.open(catalog.model(name).path)
+        if ck.stat_signature() == rec.get("signature") or ck.fingerprint() == rec.get("fingerprint"):
+            continue
+        raise ConfigError(f"{where}: model {name!r} ({ck.path}) is not the checkpoint the plan was made for (its "
+                          f"content changed since `simmerge plan`); compute its features and plan again")
+
+
 def check_stages_agree(features_dir: Path) -> None:
     """Refuse to join two stages' tables measured from different checkpoints of one model name."""
     records = [(name, _read_record(Path(features_dir) / name)) for name in RECORDS]

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from simmerge_ray.io.digest_cache import json_digest
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError, OutputError, SimMergeError
-from simmerge_ray.features.provenance import stale_models
+from simmerge_ray.features.provenance import measured_checkpoints, stale_models
 from simmerge_ray.io.atomic import atomic_file, atomic_output_dir
 from simmerge_ray.io.out_checks import MARKER, check_creatable, check_not_input
 from simmerge_ray.planner.batch_cache import (FILES, PER_RUN, RESULT_SCHEMA, ROW_FILE, entry_files, publish_entry,
@@ -182,6 +182,7 @@ class PlanWorker:
                  calibration: str | None = None) -> None:
         self.catalog = Catalog.load(catalog)
         self.step_model = build_step_model(selector, features, aux_selector)
+        self.checkpoints = measured_checkpoints(features, self.catalog.names)  # carried by each plan
         self.calibration = load_calibration(calibration, aux_selector, selector)
         self.cache = Path(cache_dir)
 
@@ -218,7 +219,7 @@ class PlanWorker:
                           if best.calibrated else {})}
         tmp.mkdir(parents=True)
         if res is not None:
-            write_plans(res, self.catalog, tmp)
+            write_plans(res, self.catalog, tmp, checkpoints=self.checkpoints)
         stored = {k: v for k, v in outcome.items() if k not in PER_RUN} | {FILES: entry_files(tmp)}
         (tmp / ROW_FILE).write_text(json.dumps(stored))  # last
         publish_entry(tmp, self.cache / row["key"])

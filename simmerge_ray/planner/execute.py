@@ -13,6 +13,7 @@ from pathlib import Path
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.features.provenance import check_unchanged
 from simmerge_ray.io.atomic import missing_parents, owned_temp_dir
 from simmerge_ray.io.out_checks import check_replaceable
 from simmerge_ray.io.owner import clean_stale
@@ -59,7 +60,8 @@ def folded_config(plan: Plan, coef: dict[str, float], paths: dict[str, Path]) ->
 def check_catalog(plan: Plan, catalog: Catalog, plan_file: Path | None = None) -> None:
     """A ConfigError naming the plan file and the catalog when the plan names a model the catalog
     lacks (a hand-edited plan, or another catalog), or runs an arm that needs a base the catalog
-    has none of: the step configs could not be written."""
+    has none of (the step configs could not be written), or a model is no longer the checkpoint
+    the plan recorded."""
     where, cat = plan_file or "plan", catalog.source or "the catalog"
     known = [m.name for m in catalog.models]
     missing = [m for m in plan.models if m not in known]
@@ -70,6 +72,7 @@ def check_catalog(plan: Plan, catalog: Catalog, plan_file: Path | None = None) -
             if arm.needs_base:
                 raise ConfigError(f"{cat}: no base, and step {j} of {where} runs {arm.name!r}, which merges "
                                   f"task vectors against the catalog's base")
+    check_unchanged(plan.checkpoints, catalog, str(where))
 
 
 def check_plan(plan: Plan, catalog: Catalog, plan_file: Path | None = None) -> None:

@@ -47,6 +47,10 @@ class Plan:
     # mean retention (s_merge / s_model - 1), the objective on them, and the subsets fitted on;
     # the top plan's also `top_plan`: those corrected for its being picked (calibrate.py).
     calibrated: dict[str, Any] = field(default_factory=dict)
+    # The checkpoints the features were measured from, per model of the plan ({"fingerprint",
+    # "signature"}, features/provenance.py): `merge --plan` refuses a model changed since. Empty in
+    # plans written before it, or from features without records: then nothing is checked.
+    checkpoints: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("models", "operators"):
@@ -55,6 +59,9 @@ class Plan:
                 raise ConfigError(f"{name}: expected a list of names, got {value!r}")
         if not isinstance(self.task, str):
             raise ConfigError(f"task: expected a name, got {self.task!r}")
+        if not (isinstance(self.checkpoints, dict) and all(
+                isinstance(v, dict) and all(isinstance(x, str) for x in v.values()) for v in self.checkpoints.values())):
+            raise ConfigError(f"checkpoints: expected {{model: {{fingerprint, signature}}}}, got {self.checkpoints!r}")
         if len(self.models) < 2:
             raise ConfigError(f"a plan merges at least two models, got {self.models}")
         check_fold(self.models, self.operators, self.weighting)

@@ -11,6 +11,8 @@ during the search. Both raise ConfigError naming the model, task or field at fau
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -166,11 +168,15 @@ def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, k
     return result
 
 
-def write_plans(result: SearchResult, catalog: Catalog, out: Path, step_root: Path | None = None) -> None:
+def write_plans(result: SearchResult, catalog: Catalog, out: Path, step_root: Path | None = None,
+                checkpoints: Mapping[str, dict[str, str]] | None = None) -> None:
     """plan.json and step-<j>.yaml of the best plan, alternatives.yaml with the runners-up
-    (`step_root`: see Plan.write)."""
+    (`step_root`: see Plan.write; `checkpoints`: features/provenance.measured_checkpoints, kept
+    for the plan's models)."""
     out = Path(out)
-    result.best.write(out, {m.name: m.path for m in catalog.models}, catalog.base, step_root)
+    best = replace(result.best, checkpoints={m: dict(checkpoints[m]) for m in result.best.models
+                                             if checkpoints and m in checkpoints})
+    best.write(out, {m.name: m.path for m in catalog.models}, catalog.base, step_root)
     (out / "alternatives.yaml").write_text(yaml.safe_dump(
         [{"models": p.models, "operators": p.operators, "weighting": p.weighting, "expert": p.expert,
           "score": p.score} for p in result.plans[1:]],
