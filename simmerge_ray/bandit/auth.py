@@ -41,7 +41,18 @@ def load_token(token_file: Path | None = None) -> str:
                               "(POST /feedback and /arms require it)")
     if len(token) < MIN_TOKEN_CHARS:
         raise ConfigError(f"{where}: the bandit token must have at least {MIN_TOKEN_CHARS} characters")
+    check_sendable(token, where)
     return token
+
+
+def check_sendable(token: str, where: str) -> None:
+    """Refuse a token that no client can send in an `Authorization` header: a line break (a file
+    of two lines), a tab or another control character, or a non-ASCII letter (headers travel as
+    Latin-1). Such a token was accepted, and every write then answered 401."""
+    bad = next((c for c in token if not " " <= c <= "~"), None)
+    if bad is not None:
+        raise ConfigError(f"{where}: the bandit token holds {bad!r} at character {token.index(bad) + 1}; "
+                          "a token must be one line of printable ASCII (an HTTP header cannot carry it otherwise)")
 
 
 def token_digest(token: str) -> str:

@@ -230,7 +230,7 @@ class BanditCore:
         # Built beside and renamed into place: a folder that is not a bandit state simmerge wrote
         # (a user's, or one holding the feature table) is never written into or replaced.
         inputs = [p for p in (feature_table, getattr(encoder, "path", None)) if p]  # never written into
-        with atomic_output_dir(state_dir, overwrite=overwrite, inputs=inputs) as tmp:
+        with atomic_output_dir(state_dir, overwrite=overwrite, inputs=inputs, option="--state") as tmp:
             write_settings(tmp, settings)
             _write(tmp, bandit, OrderedDict(), OrderedDict(), counters)
         return cls(state_dir)

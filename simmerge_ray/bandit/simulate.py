@@ -232,10 +232,7 @@ def simulate(
     if train.operators != test.operators:
         raise ConfigError("train and test operators differ")
     if new_operator is not None:
-        if new_operator not in ops:
-            raise ConfigError(f"unknown operator to add {new_operator!r} (have {ops})")
-        if add_at is None or not 0 <= add_at < settings.rounds:
-            raise ConfigError(f"add-at round must be in [0, {settings.rounds}), got {add_at}")
+        _check_addition(ops, new_operator, add_at, settings.rounds)
     if settings.rounds < 1 or settings.repeats < 1:
         raise ConfigError("rounds and repeats must be >= 1")
     initial = [i for i, o in enumerate(ops) if o != new_operator]
@@ -285,6 +282,14 @@ def simulate(
     return _summary(regret, picks, ops, settings, new_operator, add_at, len(train.keys), len(test.keys))
 
 
+def _check_addition(ops: Sequence[str], new_operator: str, add_at: int | None, rounds: int) -> None:
+    """The operator to add is one of `ops`, added at a round of the replay."""
+    if new_operator not in ops:
+        raise ConfigError(f"unknown operator to add {new_operator!r} (have {list(ops)})")
+    if add_at is None or not 0 <= add_at < rounds:
+        raise ConfigError(f"add-at round must be in [0, {rounds}), got {add_at}")
+
+
 def most_often_best(train: ReplayData) -> str:
     """The operator that wins the most complete training contexts: holding back the usual winner is
     the hardest case for a policy, and the choice never looks at held-out rewards."""
@@ -306,6 +311,7 @@ def replay_adding(
     """Two replays over the same draws: every operator from the start, then `new_operator`
     (default: `most_often_best`) held back until round `add_at`."""
     new_operator = new_operator or most_often_best(train)
+    _check_addition(train.operators, new_operator, add_at, settings.rounds)  # before the first replay's work
     every = simulate(train, test, settings, encoder=encoder, offline_predict=offline_predict)
     added = simulate(train, test, settings, encoder=encoder, offline_predict=offline_predict,
                      new_operator=new_operator, add_at=add_at)

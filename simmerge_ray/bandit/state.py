@@ -37,6 +37,9 @@ def write_settings(state_dir: Path, settings: dict[str, Any]) -> None:
 
 def read_settings(state_dir: Path) -> dict[str, Any]:
     path = Path(state_dir) / SETTINGS_FILE
+    if Path(state_dir).exists() and not Path(state_dir).is_dir():  # was ".../state.npz/bandit.json: no state"
+        raise CheckpointError(f"{state_dir}: a file, not a bandit state folder (the folder `simmerge bandit-init` "
+                              "created)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no bandit state here (create one with `simmerge bandit-init`)")
     try:

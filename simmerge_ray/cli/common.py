@@ -77,6 +77,20 @@ def positive(text: str) -> float:
     return value
 
 
+def open_fraction(text: str) -> float:
+    """argparse type of a share strictly between 0 and 1 (a held-out fraction): one line naming
+    the flag before any table is read."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction strictly between 0 and 1")
+    return value
+
+
 def name_listing(entries: list[tuple[str, str]], width: int = 100) -> str:
     """`name  what it does` lines for a --help epilog (merge methods, arms), the texts aligned and
     wrapped beside the names."""

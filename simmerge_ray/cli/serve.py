@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 from simmerge_ray.cli import raise_interrupt
-from simmerge_ray.cli.common import tcp_port
+from simmerge_ray.cli.common import at_least_one, at_least_zero, open_fraction, positive, seed, tcp_port
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.schema import read_feature_table
-from simmerge_ray.io.tables import read_labels
+from simmerge_ray.io.tables import LABEL_KEYS, read_labels
 from simmerge_ray.selector.data import features_file
 
 
@@ -26,14 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--state", type=Path, required=True, help="state folder to create")
     p.add_argument("--features", type=Path, required=True,
                    help="features folder or its features.parquet (a, b, task, s_*, f_*)")
-    p.add_argument("--labels", type=Path, help="labels.parquet for the warm start (full information)")
-    p.add_argument("--operators", help="comma-separated arms when there are no labels (cold start); a name that is "
+    start = p.add_mutually_exclusive_group()  # with labels, --operators was ignored without a word
+    start.add_argument("--labels", type=Path, help="labels.parquet for the warm start (full information)")
+    start.add_argument("--operators", help="comma-separated arms when there are no labels (cold start); a name that is "
                                        "not one of simmerge's arms is served too, with a warning")
     p.add_argument("--selector", type=Path,
                    help="a `simmerge fit` folder: its last hidden layer encodes the contexts and its head is each "
                         "arm's prior mean, as in the pipeline's replay (default: standardised raw features)")
     _add_bandit_args(p)
-    p.add_argument("--warm-weight", type=float, default=1.0, help="weight of each offline row")
+    p.add_argument("--warm-weight", type=positive, default=1.0, help="weight of each offline row")
     p.add_argument("--overwrite", action="store_true", help="replace a state folder that simmerge wrote")
     p.set_defaults(func=_init)
 
@@ -42,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--state", type=Path, required=True, help="state folder from `bandit-init`")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=tcp_port, default=8000, help="HTTP port (1-65535)")
-    p.add_argument("--features", type=Path, help="feature table for name lookups (default: the state's)")
+    p.add_argument("--features", type=Path,
+                   help="features folder or its features.parquet, for name lookups (default: the state's)")
     p.add_argument("--token-file", type=Path,
                    help="file holding the token that POST /feedback and /arms require "
                         "(default: the SIMMERGE_BANDIT_TOKEN environment variable)")
@@ -54,27 +56,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--labels", type=Path, help="labels.parquet")
     src.add_argument("--synthetic", action="store_true", help="a synthetic problem with a known optimum")
-    p.add_argument("--features", type=Path, help="features.parquet (with --labels)")
+    p.add_argument("--features", type=Path, help="features folder or its features.parquet (with --labels)")
     p.add_argument("--out", type=Path, required=True, help="output folder (regret.json, regret.png)")
-    p.add_argument("--rounds", type=int, default=200, help="decisions per replay")
-    p.add_argument("--repeats", type=int, default=20, help="replays (different seeds) averaged")
-    p.add_argument("--test-frac", type=float, default=0.3, help="share of model pairs held out")
+    p.add_argument("--rounds", type=at_least_one, default=200, help="decisions per replay")
+    p.add_argument("--repeats", type=at_least_one, default=20, help="replays (different seeds) averaged")
+    p.add_argument("--test-frac", type=open_fraction, default=0.3, help="share of model pairs held out")
     p.add_argument("--add-operator", help="operator added as a new arm (default: most often best in training)")
-    p.add_argument("--add-at", type=int, default=60, help="it becomes available after this many rounds")
+    p.add_argument("--add-at", type=at_least_zero, default=60, help="it becomes available after this many rounds")
     _add_bandit_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote")
     p.set_defaults(func=_simulate)
 
 
+_LABEL_COLUMNS = (*LABEL_KEYS, "utility")  # what the bandit reads of a labels table (the reward: utility)
+
+
 def _add_bandit_args(p: argparse.ArgumentParser) -> None:
     from simmerge_ray.bandit.lints import LinTSConfig
 
-    p.add_argument("--noise-var", type=float, default=LinTSConfig.noise_var,
+    p.add_argument("--noise-var", type=positive, default=LinTSConfig.noise_var,
                    help="reward noise variance (a warm start chooses it by evidence)")
-    p.add_argument("--prior-var", type=float, default=LinTSConfig.prior_var,
+    p.add_argument("--prior-var", type=positive, default=LinTSConfig.prior_var,
                    help="prior variance of each arm's weights (a warm start chooses it by evidence)")
     p.add_argument("--exploration", type=float, default=1.0, help="posterior std multiplier")
-    p.add_argument("--seed", type=int, default=0, help="seed of the posterior sampling")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the posterior sampling")
 
 
 def _config(args: argparse.Namespace):
@@ -92,7 +97,7 @@ def _init(args: argparse.Namespace) -> int:
 
     if not (args.labels or args.operators):
         raise ConfigError("give --labels (warm start) or --operators (cold start)")
-    labels = read_labels(args.labels) if args.labels else None
+    labels = read_labels(args.labels, required=_LABEL_COLUMNS) if args.labels else None
     operators = _cold_start_arms(args.operators)
     features = features_file(args.features)
     encoder = None
@@ -168,7 +173,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     # Clear errors before starting Ray: the state, and the feature table the service will look up.
     core = BanditCore(args.state)
-    table = args.features or core.settings.get("feature_table")
+    # a features folder as bandit-init takes it; absolute, since the replicas read it, not this process
+    given = features_file(args.features).resolve() if args.features else None
+    table = given or core.settings.get("feature_table")
     if table:
         FeatureTable.load(Path(table), core.encoder.feature_names)
     token = load_token(args.token_file)
@@ -181,7 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
     init_ray()
     # The actor is owned by this process: keep its handle alive for as long as we serve (a
     # non-detached actor whose handles are all dropped is destroyed), and stop both on exit.
-    actor = serve_bandit(args.state, token=token, host=args.host, port=args.port, feature_table=args.features)
+    actor = serve_bandit(args.state, token=token, host=args.host, port=args.port, feature_table=given)
     print(f"bandit serving on http://{args.host}:{args.port} (state {args.state}); Ctrl-C to stop", flush=True)
     signal.signal(signal.SIGTERM, raise_interrupt)  # `kill`, `ray job stop`, Kubernetes
     try:
@@ -204,11 +211,14 @@ def _simulate(args: argparse.Namespace) -> int:
     from simmerge_ray.io.atomic import atomic_output_dir
 
     if args.synthetic:
+        if args.features is not None:  # it was ignored, and error messages named it as the table
+            raise ConfigError("--features goes with --labels; --synthetic makes its own feature table")
         labels, features = synthetic_tables()
     else:
         if args.features is None:
             raise ConfigError("--labels needs --features")
-        labels, features = read_labels(args.labels), read_feature_table(args.features)
+        labels = read_labels(args.labels, required=_LABEL_COLUMNS)
+        features = read_feature_table(features_file(args.features))  # a folder too, as bandit-init takes
     source = str(args.features or "synthetic features")
     names, dropped = usable_feature_columns(features, source)
     if dropped:  # as bandit-init leaves them out: the bandit that is simulated is the one served

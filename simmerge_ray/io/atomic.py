@@ -88,23 +88,24 @@ def missing_parents(out: Path) -> list[Path]:
 
 
 @contextmanager
-def atomic_output_dir(out: Path, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+def atomic_output_dir(out: Path, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
+                      option: str = "--out") -> Iterator[Path]:
     """Yield a temporary folder beside `out`; rename it to `out` only if the block succeeds.
 
     `out` is checked first (out_checks.check_output: not an input, not the current folder, an
     existing one replaced only with `overwrite`, only if its MARKER lists everything in it).
     When the block succeeds, MARKER records what it wrote. Temporary folders of killed runs
     beside `out` are removed. On failure the temporary folder is removed and any previous `out`
-    is left untouched.
+    is left untouched. `option` is the flag that names `out` in the errors' advice.
     """
-    out = check_output(out, overwrite=overwrite, inputs=inputs)
+    out = check_output(out, overwrite=overwrite, inputs=inputs, option=option)
     clean_stale(out.parent, (f".{out.name}.tmp-", f".{out.name}.old-"))
     made = missing_parents(out)
     tmp = owned_temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         yield tmp
         (tmp / MARKER).write_text(marker_text(tmp))
-        check_replaceable(out, overwrite=overwrite)  # again: it may have appeared meanwhile
+        check_replaceable(out, overwrite=overwrite, option=option)  # again: it may have appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:  # deepest first; one something else has written into since stays

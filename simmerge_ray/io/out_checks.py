@@ -123,9 +123,10 @@ def is_empty_folder(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
 
 
-def check_replaceable(out: Path, *, overwrite: bool) -> None:
+def check_replaceable(out: Path, *, overwrite: bool, option: str = "--out") -> None:
     """An existing `out` may be replaced only with `overwrite`, and only if simmerge wrote it (an
-    empty folder is used as it is); what --overwrite could never replace is said so at once."""
+    empty folder is used as it is); what --overwrite could never replace is said so at once.
+    `option` is the command's flag for `out`, which the advice names (bandit-init's is --state)."""
     o = _real(out)
     if o == _real(".") or o in _real(".").parents:
         raise ConfigError(f"{out}: the output would replace the current folder; choose a new folder")
@@ -133,22 +134,23 @@ def check_replaceable(out: Path, *, overwrite: bool) -> None:
         return
     if out.is_symlink() or not out.is_dir():
         raise OutputError(f"{out}: not a folder simmerge wrote (a file or link); remove it yourself "
-                          f"or choose another --out")
+                          f"or choose another {option}")
     if not (out / MARKER).is_file():
         raise OutputError(f"{out}: not written by simmerge (no {MARKER}); --overwrite replaces only "
-                          f"simmerge's outputs: remove it yourself or choose another --out")
+                          f"simmerge's outputs: remove it yourself or choose another {option}")
     stranger = _stranger(out)
     if stranger:  # "" is an older simmerge's output: atomic_output_dir keeps it aside, whole
         raise OutputError(f"{out}: holds {stranger}, which simmerge did not write there; --overwrite would delete "
-                          f"it: move it out, or choose another --out")
+                          f"it: move it out, or choose another {option}")
     if not overwrite:
         raise OutputError(f"{out}: output already exists (pass --overwrite to replace it)")
 
 
-def check_output(out: str | os.PathLike, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+def check_output(out: str | os.PathLike, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
+                 option: str = "--out") -> Path:
     """Every check of an output folder that a run will create or replace; returns it as a Path."""
     out = Path(out)
     check_not_input(out, inputs)
-    check_replaceable(out, overwrite=overwrite)
+    check_replaceable(out, overwrite=overwrite, option=option)
     check_creatable(out)
     return out

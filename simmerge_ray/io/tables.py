@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
@@ -23,12 +24,16 @@ LABEL_KEYS: tuple[str, ...] = ("task", "expert", "aux", "operator")
 LABEL_SCORES: tuple[str, ...] = ("utility", "gap_closed", "aux_gap_closed")  # what fit and the bandit learn from
 
 
-def read_labels(path: Path) -> pl.DataFrame:
+def read_labels(path: Path, required: Sequence[str] = ()) -> pl.DataFrame:
     """A labels table (`simmerge label`'s labels.parquet); a row with a null name among its key
     columns is refused by file and column: it has no pair or arm to stand for, and readers sort
     and join on these names. A score column must hold numbers (text such as "0.5" would be cast
-    by one reader and refused by another)."""
+    by one reader and refused by another). A column of `required` that is missing is named with
+    the file (a reader of the frame alone can only say "labels", e.g. for a feature table given)."""
     df = read_table(path, "labels")
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ConfigError(f"{path}: missing columns {missing} (is it a labels.parquet?)")
     for col in LABEL_KEYS:
         if col in df.columns and (nulls := df[col].null_count()):
             raise ConfigError(f"{path}: column {col!r} is null in {nulls} row(s); every label names its "
