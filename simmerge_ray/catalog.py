@@ -15,19 +15,34 @@ file unless absolute.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.yaml_io import check_name, read_yaml
 
 
+def _path_text(value: Any) -> Any:
+    """An empty path read as the catalog's own folder, and one holding a NUL byte crashed the
+    first `exists()` with a traceback: both refused where they are written."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("an empty path")
+    if isinstance(value, str) and "\0" in value:
+        raise ValueError("a path may not hold a NUL byte")
+    return value
+
+
+CatalogPath = Annotated[Path, BeforeValidator(_path_text)]
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
-    path: Path
+    path: CatalogPath
     task: str | None = None
 
     @field_validator("name")
@@ -38,15 +53,15 @@ class ModelEntry(BaseModel):
 
 class TaskEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    probes: Path | None = None
-    eval: Path | None = None
+    probes: CatalogPath | None = None
+    eval: CatalogPath | None = None
 
 
 class Catalog(BaseModel):
     """A validated catalog with absolute paths."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    base: Path | None = None
+    base: CatalogPath | None = None
     models: list[ModelEntry]
     tasks: dict[str, TaskEntry] = {}
     source: Path | None = None  # the file it was read from, for messages
@@ -54,7 +69,7 @@ class Catalog(BaseModel):
     @classmethod
     def load(cls, path: str | Path, *, check_paths: bool = True) -> "Catalog":
         path = Path(path)
-        raw = read_yaml(path, "catalog file")
+        raw = read_yaml(path, "catalog file", unique_keys=True)  # a second `models:` dropped the first
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a catalog is a mapping with a 'models' list")
         return cls.from_dict(raw, root=path.parent, source=path, check_paths=check_paths)
@@ -63,6 +78,8 @@ class Catalog(BaseModel):
     def from_dict(cls, raw: dict, *, root: Path, source: Path | None = None,
                   check_paths: bool = True) -> "Catalog":
         where = source or "catalog"
+        if "source" in raw:  # the field of the file's own path, which the file's value replaced silently
+            raise ConfigError(f"{where}: source: not a catalog key (known: base, models, tasks)")
         try:
             cat = cls.model_validate({**raw, "source": source})
         except ValidationError as e:
@@ -75,6 +92,8 @@ class Catalog(BaseModel):
             for t, e in cat.tasks.items()
         }
         cat = cat.model_copy(update={"models": models, "tasks": tasks, "base": _resolve(root, cat.base)})
+        if not cat.models:  # `probe` ran on nothing and exited 0
+            raise ConfigError(f"{where}: models: the list is empty; a catalog names at least one model")
         seen: set[str] = set()
         for i, m in enumerate(cat.models):
             if m.name in seen:
@@ -87,6 +106,7 @@ class Catalog(BaseModel):
                                   f"({', '.join(cat.tasks)})")
         if check_paths and cat.base is not None and not cat.base.exists():
             raise ConfigError(f"{where}: base: path {cat.base} does not exist")
+        _check_base_not_a_model(cat, where)
         return cat
 
     # ---- lookups -------------------------------------------------------------------------
@@ -150,10 +170,26 @@ class Catalog(BaseModel):
 
 
 def _resolve(root: Path, p: Path | None) -> Path | None:
+    """`p` with `~` expanded, relative to `root` unless absolute. The os.path forms leave an
+    unknown `~user` as it is and a symlink loop unresolved (to fail as a missing path), where
+    Path.expanduser and Path.resolve raised a RuntimeError (a traceback)."""
     if p is None:
         return None
-    p = Path(p).expanduser()
-    return p if p.is_absolute() else (root / p).resolve()
+    p = Path(os.path.expanduser(p))
+    return p if p.is_absolute() else Path(os.path.realpath(root / p))
+
+
+def _check_base_not_a_model(cat: Catalog, where: str | Path) -> None:
+    """A model whose folder is the base's has a zero task vector: its task-vector features came out
+    null and labels merged nothing in, without a word. (One folder under two model names stays
+    allowed: the project's own tests alias checkpoints so.)"""
+    if cat.base is None:
+        return
+    base = os.path.realpath(cat.base)  # unlike Path.resolve, never raises (a symlink loop)
+    for i, m in enumerate(cat.models):
+        if os.path.realpath(m.path) == base:
+            raise ConfigError(f"{where}: models[{i}] (name {m.name!r}): path {m.path} is the base's; the base is "
+                              f"listed once, under 'base'")
 
 
 def _describe_loc(raw: dict, loc: tuple) -> str:
@@ -161,7 +197,9 @@ def _describe_loc(raw: dict, loc: tuple) -> str:
     parts: list[str] = []
     node: object = raw
     for key in loc:
-        if isinstance(key, int):
+        if key == "[key]":  # a mapping's key (a task named by a number) is at fault, not its value
+            parts.append(" (the name)")
+        elif isinstance(key, int) and not isinstance(node, dict):
             label = f"[{key}]"
             if isinstance(node, list) and key < len(node) and isinstance(node[key], dict) and "name" in node[key]:
                 label += f" (name {node[key]['name']!r})"

@@ -856,7 +856,7 @@ def test_cli_reports_bad_inputs_without_traceback(tmp_path, capsys):
     assert main(["zoo", "build", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "z")]) == 2
     assert "none.yaml: zoo config not found" in capsys.readouterr().err
     cat = tmp_path / "catalog.yaml"
-    cat.write_text("models: []\n")
+    cat.write_text(f"models:\n  - {{name: a, path: {tmp_path}}}\n")  # no base
     assert main(["label", "--catalog", str(cat), "--out", str(tmp_path / "l")]) == 2
     assert "base" in capsys.readouterr().err
 

@@ -18,6 +18,8 @@ TEXT_FIELD = "text"
 def load_probe_texts(path: str | Path, *, text_field: str = TEXT_FIELD) -> list[str]:
     """All probes of a file, in file order; raises ProbeError naming the file (and line)."""
     path = Path(path)
+    if path.is_dir():  # was "probe file not found", for a folder that is there
+        raise ProbeError(f"{path}: a folder, not a probe file")
     if not path.is_file():
         raise ProbeError(f"{path}: probe file not found")
     if path.suffix == ".parquet":
