@@ -48,6 +48,7 @@ SIM = ["bandit-sim", "--synthetic", "--rounds", "5", "--repeats", "1", "--add-at
     (["--add-at", "-1"], "argument --add-at: -1 is not at least 0"),
     (["--noise-var", "0"], "argument --noise-var: 0 is not a positive number"),  # was "noise_var must be..."
     (["--prior-var", "-1"], "argument --prior-var: -1 is not a positive number"),
+    (["--exploration", "-0.5"], "argument --exploration: -0.5 is not a finite number >= 0"),  # was the library's
 ])
 def test_bandit_sim_options_out_of_range_name_the_option(tmp_path: Path, capsys, flags: list[str],
                                                          needle: str) -> None:

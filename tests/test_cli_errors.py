@@ -59,6 +59,12 @@ def test_serve_refuses_a_port_it_cannot_listen_on_before_ray(tmp_path: Path, cap
         with pytest.raises(ConfigError, match=rf"--host 127.0.0.1 --port {port}: cannot listen there \(Address already"):
             _check_port_free("127.0.0.1", port)
     _check_port_free("127.0.0.1", port)  # free again
+    # the host at fault, not the port (both said "choose another --port")
+    with pytest.raises(ConfigError, match=r"^--host 999\.1\.1\.1: not an address of this machine"):
+        _check_port_free("999.1.1.1", port)
+    with pytest.raises(ConfigError, match=r"cannot listen there \(an address this machine does not have\); "
+                                          r"choose another --host$"):
+        _check_port_free("192.0.2.1", port)  # TEST-NET-1: routed nowhere, held by no machine
 
 
 @pytest.mark.parametrize("params, needle", [
@@ -255,12 +261,14 @@ def test_first_line_keeps_one_line_of_any_error() -> None:
     ('{"prompt": "q", "answer": "a"}\nnot json\n', "line 2: expected a JSON object with 'prompt' and 'answer'"),
     ('{"prompt": "q", "answer": 7}\n', "example 1: 'prompt' and 'answer' must be non-empty strings"),
     (b"\xff\xfe\x00binary", "cannot read the eval set of task 'math'"),
+    (None, "no such file (the eval set of task 'math', the catalog's tasks.math.eval)"),  # was a raw errno line
 ])
 def test_label_checks_eval_files_before_ray_starts(tmp_path: Path, capsys, content, needle: str) -> None:
     (tmp_path / "base").mkdir()
     (tmp_path / "good.jsonl").write_text('{"prompt": "q", "answer": "a"}\n')
     bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    if content is not None:
+        bad.write_bytes(content if isinstance(content, bytes) else content.encode())
     cat = _catalog(tmp_path, {"code": {"eval": "good.jsonl"}, "math": {"eval": "bad.jsonl"}}, base=True)
     before = tree_hash(tmp_path)
     assert cli_main(["label", "--catalog", str(cat), "--out", str(tmp_path / "labels")]) == 2

@@ -68,13 +68,30 @@ def positive(text: str) -> float:
     import argparse
     import math
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
+
+
+def at_least_zero_number(text: str) -> float:
+    """argparse type of a finite amount >= 0 (the bandit's exploration: 0 is greedy)."""
+    import argparse
+    import math
+
+    value = _number(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+    return value
+
+
+def _number(text: str) -> float:
+    import argparse
+
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
 def open_fraction(text: str) -> float:

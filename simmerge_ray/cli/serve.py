@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from simmerge_ray.cli import raise_interrupt
-from simmerge_ray.cli.common import at_least_one, at_least_zero, open_fraction, positive, seed, tcp_port
+from simmerge_ray.cli.common import (at_least_one, at_least_zero, at_least_zero_number, open_fraction, positive,
+                                     seed, tcp_port)
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.schema import read_feature_table
 from simmerge_ray.io.tables import LABEL_KEYS, read_labels
@@ -78,7 +79,7 @@ def _add_bandit_args(p: argparse.ArgumentParser) -> None:
                    help="reward noise variance (a warm start chooses it by evidence)")
     p.add_argument("--prior-var", type=positive, default=LinTSConfig.prior_var,
                    help="prior variance of each arm's weights (a warm start chooses it by evidence)")
-    p.add_argument("--exploration", type=float, default=1.0, help="posterior std multiplier")
+    p.add_argument("--exploration", type=at_least_zero_number, default=1.0, help="posterior std multiplier")
     p.add_argument("--seed", type=seed, default=0, help="seed of the posterior sampling")
 
 
@@ -155,15 +156,20 @@ def _cold_start_arms(text: str | None) -> list[str]:
 def _check_port_free(host: str, port: int) -> None:
     """Bind and release the address before Ray starts: one line when something else listens
     there (Serve's own failure is a traceback after Ray started)."""
+    import errno
     import socket
 
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
+    except socket.gaierror as e:  # the host is at fault, not the port
+        raise ConfigError(f"--host {host}: not an address of this machine ({e.strerror or e}); give one of its "
+                          f"addresses or names, e.g. 127.0.0.1 or 0.0.0.0") from None
     except OSError as e:
-        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); "
-                          f"choose another --port") from None
+        what = "an address this machine does not have" if e.errno == errno.EADDRNOTAVAIL else e.strerror or e
+        fix = "choose another --host" if e.errno == errno.EADDRNOTAVAIL else "choose another --port"
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({what}); {fix}") from None
 
 
 def _serve(args: argparse.Namespace) -> int:

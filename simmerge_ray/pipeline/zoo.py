@@ -57,8 +57,12 @@ def check_eval_files(catalog: Catalog, tasks: set[str]) -> None:
         path = catalog.tasks[task].eval
         try:
             examples = load_examples(path)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file (the eval set of task {task!r}, the catalog's "
+                              f"tasks.{task}.eval)") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read the eval set of task {task!r} ({e})") from None
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise ConfigError(f"{path}: cannot read the eval set of task {task!r} ({why})") from None
         for i, ex in enumerate(examples, start=1):
             if not (isinstance(ex.prompt, str) and isinstance(ex.answer, str) and ex.prompt and ex.answer):
                 raise ConfigError(f"{path}: example {i}: 'prompt' and 'answer' must be non-empty strings")
