@@ -99,10 +99,7 @@ def open_fraction(text: str) -> float:
     the flag before any table is read."""
     import argparse
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a fraction strictly between 0 and 1")
     return value

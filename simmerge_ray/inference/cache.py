@@ -22,6 +22,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -175,7 +176,7 @@ class ProbeCache:
             out[path] = ids
         return out
 
-    def _check_shapes(self, f, ids: list[int]) -> None:
+    def _check_shapes(self, f: Any, ids: list[int]) -> None:  # f: an open safetensors.safe_open
         """Raise ValueError naming the first record of an open chunk that does not fit `shapes`
         (read from the header: no tensor is loaded)."""
         fields: dict[int, dict[str, tuple[int, ...]]] = {pid: {} for pid in ids}
