@@ -64,7 +64,7 @@ def _int(text: str) -> int:
 
 
 def positive(text: str) -> float:
-    """argparse type of a positive amount (CPUs per worker)."""
+    """argparse type of a positive, finite amount (CPUs per worker, the bandit's variances and weights)."""
     import argparse
     import math
 
