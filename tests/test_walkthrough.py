@@ -374,7 +374,8 @@ def test_the_cluster_block_runs_on_a_ray_head(walkthrough: dict, repo_root: Path
     # kubectl apply: the manifest it names, against the KubeRay CRDs (as tests/test_cluster_manifests.py).
     (kubectl,) = [c for c in walkthrough["commands"] if c.startswith("kubectl ")]
     manifest = Path(shlex.split(kubectl.replace("$REPO", str(repo_root)))[-1])
-    crds = next(d for d in (repo_root.parent / "shared" / "kuberay", repo_root / "shared" / "kuberay")
-                if (d / "ray.io_rayjobs.yaml").exists())
+    places = (repo_root.parent / "shared" / "kuberay", repo_root / "shared" / "kuberay")
+    crds = next((d for d in places if (d / "ray.io_rayjobs.yaml").exists()), None)
+    assert crds is not None, f"no KubeRay CRDs in {' or '.join(map(str, places))}: the clone sits beside shared/"
     standing = [yaml.safe_load((repo_root / "cluster" / "raycluster.yaml").read_text())["spec"]]
     assert kuberay.manifest_problems(yaml.safe_load(manifest.read_text()), crds, standing) == []

@@ -73,8 +73,15 @@ def _measured_score(objective: Objective, retention: Mapping[str, float | None],
 
 
 def _mean(outcomes: list[Outcome]) -> dict[str, float]:
-    return {"expert_retention": float(np.nanmean([o.expert_retention for o in outcomes])),
-            "mean_retention": float(np.nanmean([o.mean_retention for o in outcomes]))}
+    return {"expert_retention": _nanmean([o.expert_retention for o in outcomes]),
+            "mean_retention": _nanmean([o.mean_retention for o in outcomes])}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    """np.nanmean without its RuntimeWarning on a group with no defined value (NaN, as it gives)."""
+    a = np.asarray(values, dtype=np.float64)
+    defined = a[~np.isnan(a)]
+    return float(defined.mean()) if defined.size else float("nan")
 
 
 @dataclass
