@@ -91,7 +91,11 @@ def label(catalog: Path, out: Path, settings: LabelSettings, *, max_plans: int |
     if rep.complete:
         info = json.loads((rep.out / "label_summary.json").read_text())
         dropped = info["dropped_2way_small_gap"]
-        echo(f"labels: {info['pairs_2way']} labelled pairs ({info['labels_2way']} rows, one per arm)"
+        both = info.get("pairs_utility")  # absent from a summary an older version wrote
+        echo(f"labels: {info['pairs_2way']} labelled pairs"
+             + (f", {both} of them with both sides' gaps (the two-sided utility fit learns from)"
+                if both is not None and both != info["pairs_2way"] else "")
+             + f"; {info['labels_2way']} rows, one per arm"
              + (f" ({dropped} rows dropped: the expert's and the auxiliary's scores differ by less than "
                 f"{info['gap_epsilon']:g}, so GapClosed is undefined)" if dropped else "")
              + f"; {info['labels_3way']} 3-way and {info['labels_4way']} 4-way plans")

@@ -359,6 +359,8 @@ def _write_tables(out: Path, keyed: list[tuple[str, LabelPlan]], measured: dict[
         "plans": len(keyed),
         "labels_2way": labels.height,
         "pairs_2way": labels.select("task", "expert", "aux").unique().height,  # rows: one per arm
+        # of those, the pairs with both sides' gaps: the two-sided utility fit and the bandit learn from
+        "pairs_utility": labels.filter(labels["utility"].is_not_null()).select("task", "expert", "aux").unique().height,
         "dropped_2way_small_gap": dropped,
         "labels_3way": int((multi["k"] == 3).sum()),
         "labels_4way": int((multi["k"] == 4).sum()),
