@@ -531,12 +531,27 @@ def test_fit_refuses_a_damaged_feature_table_naming_the_row(tmp_path: Path, caps
     assert not (tmp_path / "sel").exists()
 
 
+def test_fit_reads_model_and_task_names_stored_as_categoricals(tmp_path: Path, capsys) -> None:
+    """Names written as Categorical (pandas and polars users often do) passed the feature table's
+    read and were then refused by fit's own checks: read as the strings they are."""
+    import polars as pl
+
+    feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    for path, keys in ((feats, ("a", "b", "task")), (labels, ("task", "expert", "aux", "operator"))):
+        pl.read_parquet(path).with_columns(pl.col(keys).cast(pl.Categorical)).write_parquet(path)
+    assert cli_main(["fit", "--features", str(feats), "--labels", str(labels), "--out", str(tmp_path / "sel"),
+                     "--tune-samples", "0", "--epochs", "2"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "sel" / "selector.json").is_file()
+
+
 def test_selector_commands_refuse_bad_fold_and_member_counts(tmp_path: Path, capsys) -> None:
     feats, labels = _pair_tables(tmp_path, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
-    for folds in ("0", "1", "-3"):
-        assert cli_main(["evaluate-selector", "--features", str(feats), "--labels", str(labels), "--out",
-                         str(tmp_path / "ev"), "--folds", folds, "--tune-samples", "0"]) == 2
-        _one_line_error(capsys, f"--folds: {folds} folds cannot hold a pair out (give at least 2)")
+    for folds in ("0", "1", "-3"):  # typed as demo's and transfer's --folds
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["evaluate-selector", "--features", str(feats), "--labels", str(labels), "--out",
+                      str(tmp_path / "ev"), "--folds", folds, "--tune-samples", "0"])
+        assert exc.value.code == 2
+        _one_line_error(capsys, f"argument --folds: {folds} is not at least 2")
     for command in ("fit", "evaluate-selector"):
         assert cli_main([command, "--features", str(feats), "--labels", str(labels), "--out", str(tmp_path / "ev"),
                          "--members", "0", "--tune-samples", "0"]) == 2

@@ -161,7 +161,7 @@ def test_transfer_refuses_bad_folds_before_building_the_zoo(tmp_path: Path, caps
     out = tmp_path / "out"
     for folds in ("0", "1", "-2"):
         _refused(["transfer", "--selector", str(sel), "--zoo-config", str(ZOO), "--out", str(out), "--folds", folds],
-                 capsys, f"--folds: {folds} folds cannot hold a pair out (give at least 2)")
+                 capsys, f"argument --folds: {folds} is not at least 2")
     assert not out.exists() and _hashes(sel) == before
 
 

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from simmerge_ray.cli.common import at_least_one, at_least_zero, seed
+from simmerge_ray.cli.common import at_least_one, at_least_two, at_least_zero, seed
 from simmerge_ray.selector.data import MIN_LABELLED_PAIRS
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="example:\n  simmerge evaluate-selector --features feats/ --labels labels/labels.parquet "
                "--out selector-eval/")
     _common(e)
-    e.add_argument("--folds", type=int, default=5, help="folds over model pairs (at most one per pair)")
+    e.add_argument("--folds", type=at_least_two, default=5, help="folds over model pairs (at most one per pair)")
     e.set_defaults(func=run_evaluate)
 
 

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from simmerge_ray.cli.common import at_least_zero, seed, verdict_line
+from simmerge_ray.cli.common import at_least_two, at_least_zero, seed, verdict_line
 from simmerge_ray.merge.arms import ARM_NAMES
 
 
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-reference", action="store_true",
                    help="skip the in-zoo reference (a selector fitted and judged on the target zoo)")
     p.add_argument("--tune-samples", type=at_least_zero, default=6, help="Ray Tune trials of the in-zoo reference")
-    p.add_argument("--folds", type=int, default=5, help="folds over model pairs of the in-zoo reference")
+    p.add_argument("--folds", type=at_least_two, default=5, help="folds over model pairs of the in-zoo reference")
     p.add_argument("--seed", type=seed, default=0, help="seed of every stage")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=run)
@@ -41,7 +41,6 @@ def run(args: argparse.Namespace) -> int:
     from simmerge_ray.ray_session import init_ray
     from simmerge_ray.selector.data import load_pair_data
     from simmerge_ray.selector.evaluate import check_transferable, evaluate_transfer, gap_chart
-    from simmerge_ray.selector.folds import check_folds
     from simmerge_ray.selector.model import Selector
     from simmerge_ray.testbed.label_plans import LabelSettings
     from simmerge_ray.testbed.zoo_config import ZooConfig
@@ -49,8 +48,6 @@ def run(args: argparse.Namespace) -> int:
     sel = Selector.load(args.selector)  # fail on a bad folder, config or option before hours of zoo building
     check_transferable(sel, Path(args.selector))
     ZooConfig.load(args.zoo_config)
-    if not args.no_reference:
-        check_folds(args.folds)
     out = Path(args.out).resolve()
     layout = RunLayout(out)
     inputs = [args.selector, args.zoo_config]

@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.io.tables import read_table
+from simmerge_ray.io.tables import names_as_text, read_table
 
 KEY_COLUMNS: tuple[str, ...] = ("a", "b", "task")  # expert (or merge so far), joining model, task
 STRUCTURAL_PREFIX = "s_"
@@ -85,7 +85,7 @@ def check_features_cover(labels: pl.DataFrame, features: pl.DataFrame, source: s
 def read_feature_table(path: Path, columns: Sequence[str] | None = None) -> pl.DataFrame:
     """A feature table from disk: one row per key, the feature values that will be read
     (`columns`, default all) checked finite."""
-    df = read_table(path, "feature table")
+    df = names_as_text(read_table(path, "feature table"), KEY_COLUMNS)
     check_key_columns(df, str(path))
     check_unique_keys(df, str(path))
     check_finite_features(df, str(path), columns)
