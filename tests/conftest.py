@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,6 +70,37 @@ def ray_head() -> Iterator[RayHead]:
         yield head
     finally:
         head.stop()
+
+
+@functools.cache
+def _binds_init_ray() -> tuple[str, ...]:
+    """The library modules that bind `init_ray` when imported (a top-level `from
+    simmerge_ray.ray_session import ... init_ray`), read from their source."""
+    root = Path(__file__).resolve().parents[1]
+    top = re.compile(r"^from simmerge_ray\.ray_session import [^\n]*\binit_ray\b", re.M)
+    return tuple(".".join(f.relative_to(root).with_suffix("").parts)
+                 for f in sorted((root / "simmerge_ray").rglob("*.py")) if top.search(f.read_text()))
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command that refuses its input before any work never starts Ray; one that starts it
+    fails here. Every module that binds `init_ray` at import is imported first and patched where
+    it holds it: one first imported under the patch would keep the stub for the rest of the session."""
+    import importlib
+
+    import simmerge_ray.ray_session as session
+
+    for name in _binds_init_ray():
+        importlib.import_module(name)
+    real = session.init_ray
+
+    def started(*_: object, **__: object) -> None:
+        raise AssertionError("the command started Ray before refusing its input")
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("simmerge_ray") and getattr(module, "init_ray", None) is real:
+            monkeypatch.setattr(module, "init_ray", started)
 
 
 @pytest.fixture(scope="session")

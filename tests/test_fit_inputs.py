@@ -45,19 +45,6 @@ def _hashes(*paths: Path) -> dict[str, str]:
     return {str(q): hashlib.blake2b(q.read_bytes()).hexdigest() for q in files}
 
 
-@pytest.fixture
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every case must be refused before Ray starts (transfer would build a zoo for minutes)."""
-    import simmerge_ray.pipeline.selector as stage
-    import simmerge_ray.ray_session as session
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("Ray was started: the input was not refused first")
-
-    monkeypatch.setattr(session, "init_ray", refuse)
-    monkeypatch.setattr(stage, "init_ray", refuse)
-
-
 def _refused(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> None:
     try:
         rc = cli_main(argv)

@@ -74,16 +74,6 @@ def test_a_seed_torch_cannot_take_is_refused_at_load(tmp_path, old, new, field):
 
 
 # ---- pipeline / demo options and run folder -----------------------------------------------------
-@pytest.fixture()
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A check that fails before any work never starts Ray; one that does not fails here."""
-    import simmerge_ray.ray_session
-
-    def started(*_: object, **__: object) -> None:
-        raise AssertionError("the command started Ray before refusing its input")
-
-    monkeypatch.setattr(simmerge_ray.ray_session, "init_ray", started)
-
 
 @pytest.mark.parametrize("option, value, message", [
     ("--folds", "1", "argument --folds: 1 is not at least 2"),
