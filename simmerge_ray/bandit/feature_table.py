@@ -12,6 +12,7 @@ import polars as pl
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.bandit.errors import FeatureError, UnknownNameError
 from simmerge_ray.features.schema import KEY_COLUMNS, check_key_columns, check_unique_keys, read_feature_table
+from simmerge_ray.io.tables import names_as_text
 
 
 class FeatureTable:
@@ -23,6 +24,7 @@ class FeatureTable:
             raise ConfigError(f"{source}: missing columns {missing}")
         self.source = source
         self.feature_names = tuple(feature_names)
+        df = names_as_text(df, KEY_COLUMNS)  # as read_feature_table reads them
         check_key_columns(df, source)
         check_unique_keys(df, source)
         keys = df.select(KEY_COLUMNS).rows()

@@ -167,9 +167,9 @@ def _check_port_free(host: str, port: int) -> None:
         raise ConfigError(f"--host {host}: not an address of this machine ({e.strerror or e}); give one of its "
                           f"addresses or names, e.g. 127.0.0.1 or 0.0.0.0") from None
     except OSError as e:
-        what = "an address this machine does not have" if e.errno == errno.EADDRNOTAVAIL else e.strerror or e
-        fix = "choose another --host" if e.errno == errno.EADDRNOTAVAIL else "choose another --port"
-        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({what}); {fix}") from None
+        what, fix = (("an address this machine does not have", "--host") if e.errno == errno.EADDRNOTAVAIL
+                     else (e.strerror or e, "--port"))
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({what}); choose another {fix}") from None
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -50,7 +50,7 @@ def check_key_columns(df: pl.DataFrame, source: str) -> None:
     for c in KEY_COLUMNS:
         if c not in df.columns:
             raise ConfigError(f"{source}: no column {c!r} (a feature table has one row per a, b, task)")
-        if df.schema[c] not in (pl.String, pl.Categorical):
+        if df.schema[c] != pl.String:  # readers cast Categorical and Enum names first (io/tables.names_as_text)
             raise ConfigError(f"{source}: column {c!r} holds {df.schema[c]}, not names")
         if nulls := df[c].null_count():
             raise ConfigError(f"{source}: column {c!r} is null in {nulls} row(s); every row names its a, b and task")

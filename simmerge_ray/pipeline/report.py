@@ -99,7 +99,7 @@ def check_report_files(out: Path) -> None:
     try:
         listed = set(json.loads(record.read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        older = not record.exists() and any(Path(out).glob(".stage-*.json"))
+        older = not record.exists() and any(Path(out).glob(RunLayout(out).marker("*").name))
         listed = set(REPORT_FILES) if older else set()
     for name in REPORT_FILES:
         path = Path(out) / name
