@@ -804,7 +804,7 @@ def test_an_expert_named_dot_or_dotdot_is_refused_before_any_work(tmp_path, caps
     assert not (tmp_path / "z").exists()
 
 
-def test_pretraining_threads_beyond_any_node_are_refused_before_any_work(ray_cluster, tmp_path, capsys):
+def test_pretraining_threads_beyond_any_node_are_refused_before_training(ray_cluster, tmp_path, capsys):
     """A stage asking more CPUs (`threads`) than any node has was never scheduled: the build hung
     in silence. It is one line naming the field and the cluster's CPUs (4 in the tests' Ray), and
     no output. Run in a thread, so that a regression fails here instead of hanging the suite."""
@@ -830,6 +830,38 @@ def test_pretraining_threads_beyond_any_node_are_refused_before_any_work(ray_clu
                               f"CPU={want} "), err
         assert "the most: 4;" in err, err
         assert not out.exists()
+
+
+def test_cached_pretraining_builds_whatever_threads_it_was_trained_with(tiny_zoo, tmp_path, capsys):
+    """`threads` shapes the weights (it is in the cache key), so a zoo pretrained with 8 threads on a
+    large machine keeps `threads: 8` when rebuilt on a smaller cluster. With its base and skills
+    stages cached, nothing asks for 8 CPUs: the build runs (it was refused, as an uncached one is)
+    and gives the same experts as the same stages trained with the default threads."""
+    from simmerge_ray.io.digest_cache import cache_root
+    from simmerge_ray.testbed import pretrain_cache
+    from simmerge_ray.cli import main
+    from simmerge_ray.testbed.build import _tokenizer_corpus, pretrain_parts
+
+    raw = TINY.read_text()
+    assert raw.count("seed: 1}") == 1 and raw.count("seed: 2}") == 1
+    big = tmp_path / "zoo-8-threads.yaml"
+    big.write_text(raw.replace("seed: 1}", "seed: 1, threads: 8}").replace("seed: 2}", "seed: 2, threads: 8}"))
+    small, large = ZooConfig.load(TINY), ZooConfig.load(big)
+    tok_json = train_tokenizer(_tokenizer_corpus(small), small.tokenizer.vocab_size).backend_tokenizer.to_str()
+    root = cache_root() / "testbed-pretrain"
+    for role in ("base", "skills"):  # as if trained with 8 threads elsewhere: the same tensors under its key
+        have = root / pretrain_cache.pretrain_key(pretrain_parts(small, tok_json, role), role)
+        want = root / pretrain_cache.pretrain_key(pretrain_parts(large, tok_json, role), role)
+        assert have.is_dir() and have != want
+        shutil.copytree(have, want, dirs_exist_ok=True)
+    assert main(["zoo", "build", "--config", str(big), "--out", str(tmp_path / "z")]) == 0
+    out = capsys.readouterr().out
+    assert "base: reused" in out and "skills: reused" in out, out
+    built = tmp_path / "z"
+    for name in ("base", "code-a", "math-lora"):
+        ours = load_file(str(built / "checkpoints" / name / "model.safetensors"))
+        theirs = load_file(str(tiny_zoo / "checkpoints" / name / "model.safetensors"))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
 
 
 def test_the_order_of_the_domains_is_part_of_the_pretraining_key(tmp_path):

@@ -28,24 +28,9 @@ def build(config: Path, out: Path, *, overwrite: bool = False, address: str | No
     cfg = ZooConfig.load(config)
     check_output(out, overwrite=overwrite, inputs=[config])
     init_ray(address)
-    check_stages_placeable(cfg, config)
-    catalog = build_zoo(cfg, Path(out), overwrite=overwrite)
+    catalog = build_zoo(cfg, Path(out), overwrite=overwrite, source=config)
     echo(f"zoo: {len(cfg.experts())} experts + base -> {catalog}")
     return catalog
-
-
-def check_stages_placeable(cfg: ZooConfig, config: Path) -> None:
-    """Each pretraining stage is one Ray task asking for `threads` CPUs; one no node can hold is
-    never scheduled and the build would wait forever in silence, so it is refused here (Ray must
-    be initialised), naming the field and the most CPUs a node of the cluster has."""
-    from simmerge_ray.placement import check_placeable
-    from simmerge_ray.resources import ResourceAsk
-
-    for role in ("base", "skills", "continued"):
-        stage = getattr(cfg, role)
-        if stage is not None:
-            check_placeable(f"{config}: {role}.threads: the {role} pretraining task",
-                            ResourceAsk(num_cpus=float(stage.threads)))
 
 
 def check_eval_files(catalog: Catalog, tasks: set[str]) -> None:

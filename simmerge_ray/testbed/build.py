@@ -29,6 +29,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from simmerge_ray.catalog import Catalog, ModelEntry, TaskEntry
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.atomic import atomic_output_dir, atomic_write_text
+from simmerge_ray.placement import check_placeable
+from simmerge_ray.resources import ResourceAsk
 from simmerge_ray.testbed import pretrain_cache
 from simmerge_ray.testbed.domains import Example, get_domain
 from simmerge_ray.testbed.domains.general import general_texts
@@ -156,15 +158,21 @@ def pretrain_parts(cfg: ZooConfig, tok_json: str, role: str) -> dict:
 
 
 def _pretrained(cfg: ZooConfig, tok_json: str, role: str, train: Callable[[], ray.ObjectRef],
-                log: Callable[[str], None]) -> dict:
+                log: Callable[[str], None], source: str) -> dict:
     """The base, skills or continued checkpoint's training result, from the per-machine cache when an
     entry for the same config, tokenizer and Python (whose standard library is training text)
-    exists (pretrain_cache), else trained now and cached."""
+    exists (pretrain_cache), else trained now and cached.
+
+    Training is one Ray task asking for the stage's `threads` CPUs: one no node can hold is never
+    scheduled and the build would wait in silence, so a miss checks it first (naming the field of
+    `source`, the config); a hit needs no CPUs, so a cached stage builds on a smaller cluster."""
     key = pretrain_cache.pretrain_key(pretrain_parts(cfg, tok_json, role), role)
     hit = pretrain_cache.load(key, log)
     if hit is not None:
         log(f"{role}: reused from the pretrain cache ({key[:12]})")
         return hit
+    check_placeable(f"{source}: {role}.threads: the {role} pretraining task",
+                    ResourceAsk(num_cpus=float(getattr(cfg, role).threads)))
     result = ray.get(train())
     pretrain_cache.store(key, result)
     return result
@@ -189,8 +197,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
-              log: Callable[[str], None] = print) -> Path:
-    """Build the whole zoo into `out` (Ray must be initialised); returns the catalog path."""
+              log: Callable[[str], None] = print, source: str | Path = "zoo config") -> Path:
+    """Build the whole zoo into `out` (Ray must be initialised); returns the catalog path.
+    `source` names the config in errors (its path)."""
     t_start = time.perf_counter()
     with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
         probes, evals = held_out_sets(cfg)
@@ -209,7 +218,7 @@ def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
         cfg_json = cfg.model_dump_json()
         evals_ref = ray.put(evals)
         base = _pretrained(cfg, tok_json, "base", lambda: _train_remote.options(num_cpus=cfg.base.threads).remote(
-            cfg_json, tok_json, "base", None, evals_ref), log)
+            cfg_json, tok_json, "base", None, evals_ref), log, str(source))
         timings["base_s"] = base["seconds"]
         log(f"base: {base['tokens']} tokens in {base['seconds']:.0f}s ({base['cpu_seconds']:.0f} CPU s), "
             f"final loss {base['losses'][-1]:.3f}")
@@ -218,7 +227,7 @@ def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
             results["pretrained"] = base
             start = ray.put(base["state"])
             base = _pretrained(cfg, tok_json, "skills", lambda: _train_remote.options(num_cpus=cfg.skills.threads).remote(
-                cfg_json, tok_json, "skills", start, evals_ref), log)
+                cfg_json, tok_json, "skills", start, evals_ref), log, str(source))
             timings["skills_s"] = base["seconds"]
             log(f"skills stage: {base['tokens']} tokens in {base['seconds']:.0f}s, final loss {base['losses'][-1]:.3f}")
         _save_checkpoint(cfg, tok, base["state"], tmp / "checkpoints" / "base")
@@ -227,7 +236,7 @@ def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
         if cfg.continued is not None:
             results["continued"] = _pretrained(
                 cfg, tok_json, "continued", lambda: _train_remote.options(num_cpus=cfg.continued.threads).remote(
-                    cfg_json, tok_json, "continued", starts["base"], evals_ref), log)
+                    cfg_json, tok_json, "continued", starts["base"], evals_ref), log, str(source))
             starts["continued"] = ray.put(results["continued"]["state"])
             log(f"continued pretraining: {results['continued']['seconds']:.0f}s, "
                 f"final loss {results['continued']['losses'][-1]:.3f}")
