@@ -27,12 +27,12 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from simmerge_ray.io.atomic import atomic_write_text
-from simmerge_ray.testbed.build import EVAL_MAX_LEN, task_vector_table
+from simmerge_ray.testbed.build import task_vector_table
 from simmerge_ray.testbed.domains import get_domain
 from simmerge_ray.testbed.domains.base import Example
 from simmerge_ray.testbed.domains.general import general_texts
 from simmerge_ray.testbed.domains.rewrites import REWRITES, rewritten_example, rewritten_texts
-from simmerge_ray.testbed.evaluate import EncodedEvalSet, encode, load_examples, score
+from simmerge_ray.testbed.evaluate import EVAL_MAX_LEN, EncodedEvalSet, encode, load_examples, score
 from simmerge_ray.testbed.merging import merge_state_dicts
 from simmerge_ray.testbed.tokenizer import load_tokenizer
 from simmerge_ray.testbed.train import mixed_texts, pack_blocks, train_lm

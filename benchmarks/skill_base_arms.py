@@ -22,8 +22,7 @@ import torch
 from benchmarks.skill_base import DOMAINS, REGIMES, _state, accuracies, load_run, pretrain_skills, study_args, train_expert
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.merge.arms import ARMS
-from simmerge_ray.testbed.build import EVAL_MAX_LEN
-from simmerge_ray.testbed.evaluate import encode
+from simmerge_ray.testbed.evaluate import EVAL_MAX_LEN, encode
 from simmerge_ray.testbed.label_plans import LabelSettings
 from simmerge_ray.testbed.merging import merge_arm
 

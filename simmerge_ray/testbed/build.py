@@ -35,13 +35,11 @@ from simmerge_ray.testbed import pretrain_cache
 from simmerge_ray.testbed.domains import Example, get_domain
 from simmerge_ray.testbed.domains.general import general_texts
 from simmerge_ray.testbed.domains.rewrites import rewritten_texts
-from simmerge_ray.testbed.evaluate import encode, score
+from simmerge_ray.testbed.evaluate import EVAL_MAX_LEN, encode, score
 from simmerge_ray.testbed.model_factory import init_model, make_config
 from simmerge_ray.testbed.tokenizer import EOS, PAD, train_tokenizer
 from simmerge_ray.testbed.train import mixed_texts, pack_blocks, train_lm
 from simmerge_ray.testbed.zoo_config import TrainConfig, VariantConfig, ZooConfig
-
-EVAL_MAX_LEN = 192
 
 
 def _take(it: Iterator, n: int) -> list:

@@ -24,6 +24,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.testbed.domains.base import Example
 
+# Tokens kept of each eval example (its end: the answer), alike in the zoo's scores and the labels,
+# so that an expert's score in the score matrix is the one its merges are judged against.
+EVAL_MAX_LEN = 192
+
 
 @dataclass(frozen=True)
 class EncodedEvalSet:

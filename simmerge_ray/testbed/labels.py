@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
     from simmerge_ray.testbed.evaluate import EncodedEvalSet
 
-EVAL_MAX_LEN = 192
 LABEL_STAGE = "labels"
 SUMMARY_FILE = "label_summary.json"
 ABSENT, NO_DIGEST = "absent", "no digest"  # cache misses run_labels does not log one by one
@@ -199,7 +198,7 @@ def base_tokenizer(cat: Catalog) -> PreTrainedTokenizerFast:
 
 def encoded_evals(cat: Catalog) -> dict[str, EncodedEvalSet]:
     """Every task's eval set as plans are scored on it: tokenised by the base's tokenizer."""
-    from simmerge_ray.testbed.evaluate import encode, load_examples
+    from simmerge_ray.testbed.evaluate import EVAL_MAX_LEN, encode, load_examples
 
     tok = base_tokenizer(cat)
     return {t: encode(load_examples(e.eval), tok, EVAL_MAX_LEN) for t, e in sorted(cat.tasks.items())
