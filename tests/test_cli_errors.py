@@ -559,7 +559,7 @@ def test_selector_commands_refuse_bad_fold_and_member_counts(tmp_path: Path, cap
     assert not (tmp_path / "ev").exists()
 
 
-def _edit_schema(folder: Path, field: str, value: float) -> None:
+def _edit_schema(folder: Path, field: str, value: object) -> None:
     raw = json.loads((folder / "selector.json").read_text())
     raw[field][0] = value
     (folder / "selector.json").write_text(json.dumps(raw))
@@ -589,6 +589,9 @@ def _nan_weight(folder: Path) -> None:
     # read, then every prediction and every plan score NaN, exit 0
     (lambda d: _edit_schema(d, "scale", 0.0), "selector.json: scale[0] is 0.0, not a finite number > 0"),
     (lambda d: _edit_schema(d, "mean", float("nan")), "selector.json: mean[0] is nan, not a finite number"),
+    # numpy read them as 1.0 and 0.5: a hand edit taken for a number
+    (lambda d: _edit_schema(d, "scale", True), "(ConfigError: scale[0] is True, not a number)"),
+    (lambda d: _edit_schema(d, "mean", "0.5"), "(ConfigError: mean[0] is '0.5', not a number)"),
     (lambda d: _nan_weight(d), "selector.safetensors: tensor 'body.0.bias' holds NaN or Inf values"),
 ])
 def test_a_damaged_selector_folder_is_one_line(tmp_path: Path, capsys, damage, needle: str) -> None:

@@ -256,6 +256,13 @@ def _check_schema_fields(raw: dict[str, Any]) -> None:
     tasks, task_encoding "no" as true) or failed deep inside a plan with a traceback."""
     for key in ("feature_names", "operators", "tasks"):
         _names(raw, key)
+    for key in ("mean", "scale"):  # numpy reads `true` as 1.0 and "0.5" as 0.5
+        v = raw[key]
+        if not isinstance(v, list):
+            raise ConfigError(f"{key} is {type(v).__name__}, not a list of numbers")
+        for i, x in enumerate(v):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise ConfigError(f"{key}[{i}] is {x!r}, not a number")
     if not raw["operators"]:
         raise ConfigError("operators is empty")
     meta = raw.get("meta", {})
