@@ -70,6 +70,21 @@ def test_a_hand_edited_selector_schema_names_the_field(world, tmp_path: Path, ca
     assert line == f"simmerge plan: error: {sel / 'selector.json'}: not a selector's schema or weights (ConfigError: {needle})"
 
 
+def test_a_pairwise_plan_refuses_a_selector_with_an_arm_this_version_lacks(world, tmp_path: Path, capsys) -> None:
+    """An arm renamed or dropped since the selector was fitted was listed in the plan's arm table,
+    and failed only when it was the one chosen (a KeyError deep in writing merge.yaml)."""
+    sel = tmp_path / "sel"
+    shutil.copytree(world.selector, sel)
+    raw = json.loads((sel / "selector.json").read_text())
+    known = list(raw["operators"])
+    raw["operators"][-1] = "ties_v0"
+    (sel / "selector.json").write_text(json.dumps(raw))
+    line = _plan(world, tmp_path, capsys, selector=sel)
+    assert line.startswith(f"simmerge plan: error: {sel}: the selector predicts arms this version does not know: "
+                           f"ties_v0 (known: "), line
+    assert all(a in line for a in known[:-1])
+
+
 def test_a_multiway_plan_refuses_a_selector_without_every_step_arm(world, tmp_path: Path, capsys) -> None:
     """A selector fitted on labels without slerp planned pairs, and died in the search of a
     multi-way plan (`ValueError: tuple.index(x): x not in tuple`); plan-batch the same in each actor."""

@@ -12,7 +12,7 @@ from simmerge_ray.features.provenance import check_measured_from, measured_check
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.out_checks import check_output
 from simmerge_ray.features.schema import read_feature_table
-from simmerge_ray.planner.request import build_step_model
+from simmerge_ray.planner.request import build_step_model, check_known_arms
 from simmerge_ray.selector.data import features_file
 
 # Options of multi-way plans (flag dest -> default), which a pairwise plan refuses rather than ignores.
@@ -118,6 +118,7 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
     from simmerge_ray.selector.model import Selector
 
     sel = Selector.load(args.selector)
+    check_known_arms(sel.operators, Path(args.selector))
     check_measured_from(args.features, catalog, [args.expert, args.aux])
     feats = read_feature_table(features_file(args.features), sel.feature_names)
     sel.check_schema(feats.columns, str(features_file(args.features)))

@@ -201,16 +201,25 @@ def build_step_model(selector_dir: str | Path, features_dir: str | Path,
     return SelectorStepModel(sel, grams, feats, aux)
 
 
+def check_known_arms(operators: list[str], selector_dir: Path) -> None:
+    """Every arm a selector predicts is one this version declares: one renamed or dropped since
+    the fit was listed among a plan's arms and failed only when chosen, deep in writing its config."""
+    from simmerge_ray.merge.arms import ARM_NAMES
+
+    unknown = [op for op in operators if op not in ARM_NAMES]
+    if unknown:
+        raise ConfigError(f"{selector_dir}: the selector predicts arms this version does not know: "
+                          f"{', '.join(unknown)} (known: {', '.join(ARM_NAMES)}); fit it again on this version's labels")
+
+
 def check_step_arms(operators: list[str], selector_dir: Path) -> None:
     """A multi-way plan scores every step with each of STEP_ARMS and reads every arm's share from
     the arm registry: a selector fitted on labels without one of them (or with an arm this version
     does not know) failed deep in the search with a traceback."""
-    from simmerge_ray.merge.arms import ARM_NAMES, STEP_ARMS
+    from simmerge_ray.merge.arms import STEP_ARMS
 
-    unknown = [op for op in operators if op not in ARM_NAMES]
+    check_known_arms(operators, selector_dir)
     missing = [op for op in STEP_ARMS if op not in operators]
-    if unknown or missing:
+    if missing:
         raise ConfigError(f"{selector_dir}: the selector predicts the arms {', '.join(operators)}; multi-way plans "
-                          + (f"need {', '.join(missing)} too (fit it on labels of every step arm: "
-                             f"{', '.join(STEP_ARMS)})" if missing else
-                             f"use known arms only, not {', '.join(unknown)} (known: {', '.join(ARM_NAMES)})"))
+                          f"need {', '.join(missing)} too (fit it on labels of every step arm: {', '.join(STEP_ARMS)})")
