@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from simmerge_ray.cli.common import at_least_one
+from simmerge_ray.cli.common import at_least_one, at_least_zero
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,15 +26,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="most planning actors; the pool grows from 1 with the backlog "
                         "(default: SIMMERGE_MAX_ACTORS, else 4)")
     p.add_argument("--rows-per-block", type=at_least_one, default=4, help="requests handed to an actor at a time")
-    p.add_argument("--execute-top", type=int, default=0, metavar="K",
+    p.add_argument("--execute-top", type=at_least_zero, default=0, metavar="K",
                    help="merge the K plans with the highest predicted score (streaming engine)")
-    p.add_argument("--merge-workers", type=int, default=2, help="workers of each --execute-top merge")
+    p.add_argument("--merge-workers", type=at_least_one, default=2, help="workers of each --execute-top merge")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from simmerge_ray import resources
-    from simmerge_ray.ray_session import init_ray, quiet_ray_data
     from simmerge_ray.planner.batch import BatchSettings, run_batch
 
     settings = BatchSettings(
@@ -42,8 +41,6 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, aux_selector=args.aux_selector, calibration=args.calibration, cache=args.cache,
         actors=args.actors or resources.max_actors(4), rows_per_block=args.rows_per_block,
         execute_top=args.execute_top, merge_workers=args.merge_workers)
-    init_ray()
-    quiet_ray_data()
     r = run_batch(settings)
     print(f"{r.requests} requests in {r.seconds:.1f} s ({r.requests_per_second:.1f}/s, up to {r.actors} actors): "
           f"{r.ok} ok, {r.errors} errors ({r.invalid} invalid); planned {r.planned}, from cache {r.cached}"

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simmerge_ray.io.atomic import atomic_output_dir
-    from simmerge_ray.io.out_checks import check_output
+    from simmerge_ray.io.out_checks import check_not_input, check_output
     from simmerge_ray.pipeline import PipelineSettings, RunLayout
     from simmerge_ray.pipeline import run as run_pipeline
     from simmerge_ray.ray_session import init_ray
@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     layout = RunLayout(out)
     inputs = [args.selector, args.zoo_config]
+    # A run folder holding the source selector (--out runs/demo, --selector runs/demo/selector) is the
+    # source run: its stages were rebuilt from the target config, or with the same config reused, the
+    # selector then "transferred" to the pairs it was fitted on.
+    check_not_input(out, [args.selector])
     check_output(layout.transfer, overwrite=True, inputs=inputs)
     init_ray(args.address)
     # Pairwise labels only: the multi-way labels are not needed to judge a pairwise selector.

@@ -46,6 +46,7 @@ from simmerge_ray.planner.request import (PlanRequest, build_step_model, candida
                                           write_plans)
 from simmerge_ray.planner.request_table import UNREADABLE, read_requests
 from simmerge_ray.selector.data import features_file
+from simmerge_ray.ray_session import init_ray, quiet_ray_data
 
 BATCH_FILES = ("results.parquet", "summary.json")  # what a rerun replaces in --out (besides plans/)
 # Bump when a change to the planner changes plans (2: intervals, flags; 3: weightings, the expert
@@ -240,6 +241,8 @@ def run_batch(s: BatchSettings) -> BatchReport:
 
     if s.actors < 1 or s.rows_per_block < 1:
         raise ConfigError(f"actors ({s.actors}) and rows per block ({s.rows_per_block}) must be >= 1")
+    if s.execute_top < 0 or s.merge_workers < 1:  # a negative K merged all ok plans but the last K (a slice)
+        raise ConfigError(f"execute_top ({s.execute_top}) must be >= 0 and merge_workers ({s.merge_workers}) >= 1")
     t0 = time.perf_counter()
     # Absolute paths: Ray workers need not share the driver's working directory.
     s = replace(s, **{f: str(Path(getattr(s, f)).resolve()) for f in ("requests", "selector", "catalog", "features",
@@ -254,17 +257,21 @@ def run_batch(s: BatchSettings) -> BatchReport:
     if cache.exists() and not cache.is_dir():
         raise ConfigError(f"{cache}: the results cache must be a folder, and this is a file")
     check_creatable(cache / "x")
-    ask = resources.streaming_ask()
-    placement.check_placeable("plan-batch actor", ask)  # not a silent wait for a node that never comes
     catalog = Catalog.load(s.catalog)
     fingerprint = inputs_fingerprint(s, catalog)
     keyed = prepare_rows(read_requests(s.requests), fingerprint, str(cache), catalog,
                          stale_models(s.features, catalog, catalog.names))
     pending, done = select_rows(keyed, pending=True), select_rows(keyed, pending=False)
     n_pending = pending.num_rows
-    fresh: list[pa.Table] = []
     if n_pending:
         build_step_model(s.selector, s.features, s.aux_selector)  # bad inputs: one clear error, before any actor
+    # Ray only now: every input above is refused in one line without starting (or joining) a cluster.
+    init_ray()
+    quiet_ray_data()
+    ask = resources.streaming_ask()
+    placement.check_placeable("plan-batch actor", ask)  # not a silent wait for a node that never comes
+    fresh: list[pa.Table] = []
+    if n_pending:
         cache.mkdir(parents=True, exist_ok=True)  # only now: a batch refused above leaves --out as it was
         blocks = _blocks(pending, s.rows_per_block)
         planned = ray.data.from_arrow(blocks).map_batches(

@@ -42,7 +42,7 @@ class LabelSettings(BaseModel):
     subsets_4: Int = Field(6, ge=0)
     mixed_3: Int = Field(2, ge=0, description="random mixed step-arm sequences per 3-way subset")
     mixed_4: Int = Field(1, ge=0, description="random mixed step-arm sequences per 4-way subset")
-    orders_4: Int = Field(8, ge=1, description="random orders per 4-way subset (of 24)")
+    orders_4: Int = Field(8, ge=1, le=24, description="random orders per 4-way subset (of the 24 a subset has)")
     seed: Int = 0
     metric: Literal["accuracy", "score"] = Field(
         "accuracy", description="what utilities are computed on: greedy answer-token accuracy, or the likelihood score")
