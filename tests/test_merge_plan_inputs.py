@@ -124,13 +124,28 @@ def test_a_replaced_catalog_model_is_refused_before_any_step(models: Path, tmp_p
     assert ".plan-" not in line
 
 
-def test_a_later_step_that_fails_leaves_no_folders(models: Path, tmp_path: Path, capsys) -> None:
-    """A NaN in m3 (headers fine) fails step 2: the work folder went, but the parent folders made
-    for it (--out new/deep/merged) stayed behind."""
-    plan, catalog = _plan(tmp_path, ["slerp", "linear"]), _catalog(models, tmp_path, m3="nan3")
+def test_a_first_step_that_fails_leaves_no_folders(models: Path, tmp_path: Path, capsys) -> None:
+    """A NaN in m3 (headers fine) fails step 1 of m3 -slerp-> m1 -linear-> m2: nothing finished,
+    so the work folder goes, with the parent folders made for it (--out new/deep/merged), which
+    once stayed behind."""
+    plan = _plan(tmp_path, ["slerp", "linear"], models=["m3", "m1", "m2"])
+    catalog = _catalog(models, tmp_path, m3="nan3")
     line = _refused(models, tmp_path, capsys, ["--plan", str(plan), "--catalog", str(catalog)],
                     tmp_path / "new" / "deep" / "merged")
     assert "NaN" in line or "non-finite" in line or "nonfinite" in line, line
+
+
+def test_a_later_step_that_fails_keeps_the_finished_steps(models: Path, tmp_path: Path, capsys) -> None:
+    """A NaN in m3 fails step 2: step 1 is kept in the work folder, for the same command to resume
+    from (test_plan_resume.py), and nothing else is written; the models are unchanged."""
+    plan, catalog = _plan(tmp_path, ["slerp", "linear"]), _catalog(models, tmp_path, m3="nan3")
+    before, out = tree_hash(models), tmp_path / "new" / "deep" / "merged"
+    assert cli_main(["merge", "--plan", str(plan), "--catalog", str(catalog), "--out", str(out), "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("NaN" in err[0] or "non-finite" in err[0]), err
+    [work] = list(out.parent.iterdir())
+    assert work.name.startswith(".merged.plan-") and (work / "step-1" / "config.json").is_file()
+    assert tree_hash(models) == before
 
 
 @pytest.mark.parametrize("operators", [["slerp", "linear"], ["linear", "linear"]])

@@ -140,8 +140,13 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
     results = execute_plan(plan, catalog, Path(args.out), opts, out_dtype=args.dtype, plan_file=plan_file,
                            seed=args.seed)
     total = sum(r.seconds for r in results)
-    how = ("as one linear merge (every step is linear: the fold's weights multiplied out)"
-           if len(results) == 1 < len(plan.operators) else f"{len(results)} step(s)")
+    steps = len(plan.operators)
+    if steps > 1 and plan.fold.linear_coefficients() is not None:
+        how = "as one linear merge (every step is linear: the fold's weights multiplied out)"
+    elif len(results) < steps:  # the rest were kept by an interrupted run of this --out
+        how = f"{len(results)} step(s), resuming after step {steps - len(results)} of {steps}"
+    else:
+        how = f"{len(results)} step(s)"
     print(f"executed {' -> '.join(plan.models)} ({', '.join(plan.operators)}"
           f"{f'; weighting {plan.weighting}' if plan.weighting else ''}) {how} in {total:.1f} s -> {args.out}")
     print(f"read {human_bytes(sum(r.bytes_read for r in results))}, wrote "

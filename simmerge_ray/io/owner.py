@@ -63,6 +63,16 @@ def owner_is_dead(folder: Path) -> bool:
     return start is not None and _start_time(pid) not in (None, start)
 
 
+def owned_by_this_process(folder: Path) -> bool:
+    """Whether `folder`'s owner record names this very process (host, PID and start time)."""
+    try:
+        record = json.loads((Path(folder) / OWNER_FILE).read_text())
+        host, pid, start = record["host"], int(record["pid"]), record.get("start")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return host == socket.gethostname() and pid == os.getpid() and start == _start_time(pid)
+
+
 def clean_stale(parent: Path, prefixes: tuple[str, ...]) -> list[Path]:
     """Remove the folders in `parent` whose names start with one of `prefixes` and whose owner
     died (a run killed mid-write); returns what was removed."""

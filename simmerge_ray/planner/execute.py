@@ -3,10 +3,12 @@
 A plan whose every step is a linear arm is one linear combination of its models, tensor by
 tensor: it runs as a single merge with the fold's coefficients multiplied out, in one pass and
 with no intermediate checkpoint. Other plans run step by step, each intermediate kept only until
-the next step has read it."""
+the next step has read it, or, when a run fails, until the next run of the same output resumes
+after it (planner/resume.py)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -14,13 +16,16 @@ from pathlib import Path
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.provenance import check_unchanged
-from simmerge_ray.io.atomic import missing_parents, owned_temp_dir
+from simmerge_ray.io.atomic import missing_parents
 from simmerge_ray.io.out_checks import check_replaceable
-from simmerge_ray.io.owner import clean_stale
 from simmerge_ray.io.shared_vocab import output_tokenizer
 from simmerge_ray.merge.config import MergeSpec, Provenance
 from simmerge_ray.merge.executor import ExecOptions, MergeResult, check_merge, run_merge
 from simmerge_ray.planner.plan import Plan
+from simmerge_ray.planner.resume import (StepKeys, adopt_kept, key_file, new_work_folder, record_step, release,
+                                         step_folder)
+
+log = logging.getLogger(__name__)
 
 
 def chain(models: list[str], operators: list[str]) -> str:
@@ -103,9 +108,12 @@ def _folded_provenance(plan: Plan, catalog: Catalog, coef: dict[str, float], pla
 
 def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = ExecOptions(),
                  out_dtype: str | None = None, plan_file: Path | None = None, seed: int = 0) -> list[MergeResult]:
-    """Run the plan's steps into `out`, each intermediate in a work folder beside it (removed);
+    """Run the plan's steps into `out`, each intermediate in a work folder beside it (removed on
+    success; kept when a step fails after others finished, and resumed from by the next run for
+    `out` while the steps' content keys still match: hours of big merges are not redone);
     each output's model card names the catalog models and the plan's steps, not that folder.
-    `seed` seeds stochastic arms (DARE) as `merge --seed` does a config's."""
+    `seed` seeds stochastic arms (DARE) as `merge --seed` does a config's. Returns the results of
+    the merges this run made: one for a folded plan, fewer than the steps for a resumed one."""
     out = Path(out)
     check_replaceable(out, overwrite=opts.overwrite)  # an empty folder is used, as for a config
     paths = {m.name: m.path for m in catalog.models}
@@ -118,28 +126,46 @@ def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = Ex
                        provenance=_folded_provenance(plan, catalog, coef, plan_file))
         return [run_merge(spec, out, opts)]
     check_plan(plan, catalog, plan_file)
-    clean_stale(out.parent, (f".{out.name}.plan-",))  # the work folders of killed runs
-    made = missing_parents(out)  # created for the work folder; removed again if the run fails
-    work = owned_temp_dir(out.parent, f".{out.name}.plan-")
-    results = []
-    try:  # from here on the work folder goes, whatever fails (a bad plan included)
+    steps = len(plan.operators)
+    keys = StepKeys(plan, catalog, out_dtype, seed, opts.compute_dtype, opts.allow_nonfinite)
+    made = missing_parents(out)  # created for the work folder; removed again if nothing is kept
+    work = new_work_folder(out)
+    results: list[MergeResult] = []
+    kept, done = 0, False  # kept: the deepest step whose output and key are in `work`
+    try:  # from here on the work folder goes unless it holds a finished step to resume from
+        kept = adopt_kept(out, work, keys, steps)  # and removes the work folders of dead runs
         step_dir = str(work / "step-{j}")
         configs = plan.step_configs(paths, catalog.base, step_dir=step_dir)
         for j, cfg in enumerate(configs, start=1):
+            if j <= kept:
+                continue
             last = j == len(configs)
+            key = None if last else keys.key(j)  # fingerprints of what the step reads, before it reads them
             if out_dtype:
                 cfg = {**cfg, "out_dtype": out_dtype}
             spec = replace(MergeSpec.from_dict(cfg, root=work, source=f"plan step {j}", seed=seed),
                            provenance=step_provenance(plan, catalog, j, step_dir, plan_file))
-            target = out if last else work / f"step-{j}"
+            target = out if last else step_folder(work, j)
             results.append(run_merge(spec, target, replace(opts, overwrite=opts.overwrite if last else False)))
-            if j > 1:
-                shutil.rmtree(work / f"step-{j - 1}", ignore_errors=True)  # no longer needed
+            if key is not None:
+                record_step(work, j, key)  # run_merge published the folder whole; now it may be reused
+            if j > 1:  # no longer needed: step j's key chains step j-1's
+                key_file(work, j - 1).unlink(missing_ok=True)
+                shutil.rmtree(step_folder(work, j - 1), ignore_errors=True)
+            if not last:
+                kept = j
+        done = True
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-        for folder in made:  # deepest first; after a success the first holds `out` and stays
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        if done or not kept:
+            shutil.rmtree(work, ignore_errors=True)
+            for folder in made:  # deepest first; after a success the first holds `out` and stays
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        else:
+            log.warning("%s: kept steps 1-%d of %d of the plan in %s; the same command resumes after step %d "
+                        "(unless a model they read changed); remove the folder to start afresh",
+                        out, kept, steps, work, kept)
+        release(work)  # last: a later run of this process may take it only once it is left as it stays
     return results
