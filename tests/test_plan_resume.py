@@ -199,3 +199,24 @@ def test_a_live_processes_work_folder_is_neither_taken_nor_removed(models: Path,
     assert len(_execute(models, tmp_path, tmp_path / "merged")) == 3
     assert _work(tmp_path) == [work] and tree_hash(work) == before
 
+
+
+def test_a_plans_recorded_fingerprint_stands_for_an_unchanged_checkpoint(models: Path, tmp_path: Path) -> None:
+    """A step's key takes a model's fingerprint from the plan's record while the files' stat
+    signature is the recorded one (a 111B checkpoint is not read again to key the step), and
+    computes it when the signature differs: the record is trusted only for the files it describes."""
+    from simmerge_ray.io.checkpoint import Checkpoint
+    from simmerge_ray.planner.resume import StepKeys
+
+    _, cat_file = _files(models, tmp_path)
+    cat = Catalog.load(cat_file)
+    ck = Checkpoint.open(models / "m1")
+
+    def key(checkpoints: dict) -> str:
+        return StepKeys(Plan("code", MODELS, OPERATORS, checkpoints=checkpoints), cat, None, 0, None, False).key(1)
+
+    computed = key({})
+    assert key({"m1": {"fingerprint": ck.fingerprint(), "signature": ck.stat_signature()}}) == computed
+    stand_in = key({"m1": {"fingerprint": "recorded", "signature": ck.stat_signature()}})
+    assert stand_in != computed  # taken from the record, not read
+    assert key({"m1": {"fingerprint": "recorded", "signature": "other files"}}) == computed

@@ -70,11 +70,17 @@ class StepKeys:
         self._common = {"format": KEY_FORMAT, "out_dtype": out_dtype, "seed": seed, "compute_dtype": compute_dtype,
                         "allow_nonfinite": allow_nonfinite, "engine": __version__}
         self._fingerprints: dict[str, str] = {}
+        self._recorded = {str(paths[m]): rec for m, rec in plan.checkpoints.items() if m in paths}
         self._keys: list[str] = []
 
     def _fingerprint(self, path: str) -> str:
+        """The checkpoint's fingerprint: the plan's record of it while its files' stat signature is
+        the recorded one (check_unchanged vouched for it; a 111B checkpoint is not read twice),
+        else computed through the stat-keyed digest cache."""
         if path not in self._fingerprints:
-            self._fingerprints[path] = Checkpoint.open(Path(path)).fingerprint()
+            ck, rec = Checkpoint.open(Path(path)), self._recorded.get(path, {})
+            same = bool(rec.get("fingerprint")) and ck.stat_signature() == rec.get("signature")
+            self._fingerprints[path] = rec["fingerprint"] if same else ck.fingerprint()
         return self._fingerprints[path]
 
     def _by_content(self, value: Any) -> Any:
