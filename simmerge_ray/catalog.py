@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.yaml_io import check_name, read_yaml
@@ -37,13 +37,16 @@ def _path_text(value: Any) -> Any:
 
 
 CatalogPath = Annotated[Path, BeforeValidator(_path_text)]
+# A task's name is a key of every feature and label table (the `task` column) and of the probe
+# manifest: checked as a model's name is. An empty one (`task: ''`) was taken as a task.
+TaskName = Annotated[str, AfterValidator(check_name)]
 
 
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
     path: CatalogPath
-    task: str | None = None
+    task: TaskName | None = None
 
     @field_validator("name")
     @classmethod
@@ -63,13 +66,13 @@ class Catalog(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     base: CatalogPath | None = None
     models: list[ModelEntry]
-    tasks: dict[str, TaskEntry] = {}
+    tasks: dict[TaskName, TaskEntry] = {}
     source: Path | None = None  # the file it was read from, for messages
 
     @classmethod
     def load(cls, path: str | Path, *, check_paths: bool = True) -> "Catalog":
         path = Path(path)
-        raw = read_yaml(path, "catalog file", unique_keys=True)  # a second `models:` dropped the first
+        raw = read_yaml(path, "catalog", unique_keys=True)  # a second `models:` dropped the first
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a catalog is a mapping with a 'models' list")
         return cls.from_dict(raw, root=path.parent, source=path, check_paths=check_paths)
@@ -80,6 +83,7 @@ class Catalog(BaseModel):
         where = source or "catalog"
         if "source" in raw:  # the field of the file's own path, which the file's value replaced silently
             raise ConfigError(f"{where}: source: not a catalog key (known: base, models, tasks)")
+        _check_task_keys(raw, where)
         try:
             cat = cls.model_validate({**raw, "source": source})
         except ValidationError as e:
@@ -192,12 +196,26 @@ def _check_base_not_a_model(cat: Catalog, where: str | Path) -> None:
                               f"listed once, under 'base'")
 
 
+def _check_task_keys(raw: dict, where: str | Path) -> None:
+    """A task named by YAML's other scalars (`yes:`, `null:`, `1:`) reached pydantic as true, None
+    or a number, which it shows as `tasks.1` whatever the file said: named here as YAML read it."""
+    tasks = raw.get("tasks")
+    if not isinstance(tasks, dict):
+        return
+    for key in tasks:
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: tasks.{key!r} (the name): a task name must be text, and YAML read this one "
+                              f"as {type(key).__name__} (yes/no/on/off, null and numbers are not text: quote it)")
+
+
 def _describe_loc(raw: dict, loc: tuple) -> str:
     """'models[2] (name 'x').path' style location for a pydantic error."""
     parts: list[str] = []
     node: object = raw
-    for key in loc:
-        if key == "[key]":  # a mapping's key (a task named by a number) is at fault, not its value
+    for pos, key in enumerate(loc):
+        if pos + 1 < len(loc) and loc[pos + 1] == "[key]" and isinstance(key, str):  # '' or 'a b' quoted
+            parts.append(("." if parts else "") + repr(key))
+        elif key == "[key]":  # a mapping's key (a task named by a number) is at fault, not its value
             parts.append(" (the name)")
         elif isinstance(key, int) and not isinstance(node, dict):
             label = f"[{key}]"

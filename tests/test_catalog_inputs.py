@@ -77,7 +77,8 @@ def test_a_bad_catalog_is_one_line_and_nothing_is_written(zoo: Path, tmp_path: P
 def test_a_task_named_by_a_number_names_the_task_key(zoo: Path) -> None:
     """The location read `tasks[1].[key]`, as if `tasks` were a list."""
     (zoo / "catalog.yaml").write_text("models:\n  - {name: a, path: a}\ntasks:\n  1: {probes: p.jsonl}\n")
-    with pytest.raises(ConfigError, match=r"catalog.yaml: tasks\.1 \(the name\): Input should be a valid string$"):
+    with pytest.raises(ConfigError, match=r"catalog.yaml: tasks\.1 \(the name\): a task name must be text, and "
+                                          r"YAML read this one as int \(.*quote it\)$"):
         Catalog.load(zoo / "catalog.yaml")
 
 

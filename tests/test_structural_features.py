@@ -474,7 +474,7 @@ def test_base_of_another_architecture(zoo: Path, tmp_path: Path) -> None:
     make_checkpoint(tmp_path / "neox", _spec(architecture="gpt_neox"))
     for m in ("ft0", "ft1"):
         (tmp_path / m).symlink_to(zoo / m)
-    with pytest.raises(CheckpointError, match=r"base .*neox is a 'gpt_neox' checkpoint but the models are 'qwen2'"):
+    with pytest.raises(CheckpointError, match=r"the base \(.*neox\) is a 'gpt_neox' checkpoint but model 'ft0' \(.*\) is 'qwen2'"):
         compute_structural(_catalog(tmp_path, ["ft0", "ft1"], "neox"), tmp_path / "o")
 
 

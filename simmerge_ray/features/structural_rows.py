@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import CheckpointError, ConfigError
-from simmerge_ray.io.architecture import check_same_tensors, differences, signature
+from simmerge_ray.io.architecture import check_same_model_type, check_same_tensors, differences, signature
 from simmerge_ray.io.checkpoint import Checkpoint, merged_head
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES, TensorEntry
 from simmerge_ray.io.shared_vocab import SharedVocab, shared_vocab
@@ -57,6 +57,8 @@ def open_rows(catalog: Catalog) -> Rows:
     ckpts = [Checkpoint.open(m.path) for m in catalog.models]
     names = list(catalog.names)
     base = Checkpoint.open(catalog.base) if catalog.base is not None else None
+    check_same_model_type([f"model {n!r}" for n in names] + (["the base"] if base is not None else []),
+                          [*ckpts, *([base] if base is not None else [])])  # first: shapes may agree
     if base is not None:
         base_name = base.path.name if base.path.name not in names else f"{base.path.name}(base)"
         vocab = shared_vocab([*names, base_name], [*ckpts, base])
@@ -82,10 +84,7 @@ def open_rows(catalog: Catalog) -> Rows:
 
 
 def _check_base(first_name: str, first: Checkpoint, base: Checkpoint, vocab: SharedVocab | None) -> None:
-    kinds = (first.config.get("model_type"), base.config.get("model_type"))
-    if None not in kinds and kinds[0] != kinds[1]:
-        raise CheckpointError(f"base {base.path} is a {kinds[1]!r} checkpoint but the models are "
-                              f"{kinds[0]!r} (model {first_name!r} at {first.path})")
+    """The base's tensors against the first model's (its model_type is checked with the models')."""
     diff = differences(signature(first, vocab, 0), signature(base, vocab, len(vocab.sizes) - 1 if vocab else 0))
     if diff:
         raise CheckpointError(f"base {base.path} does not match the models' architecture (compared with "

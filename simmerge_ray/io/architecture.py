@@ -58,6 +58,23 @@ def check_same_tensors(names: Sequence[str], ckpts: Sequence[Checkpoint], vocab:
             f"{ckpts[0].path}): " + " | ".join(problems))
 
 
+def check_same_model_type(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> None:
+    """Every checkpoint whose config.json names a `model_type` names the first such one's. Tensor
+    names and shapes alone let a llama and a mistral of one size through (same names, same
+    shapes), and only the base was compared with a model: two catalog models of different
+    architectures were compared as one. A checkpoint without a model_type (a lone file) is not
+    judged here."""
+    typed = [(n, ck, ck.config.get("model_type")) for n, ck in zip(names, ckpts) if ck.config.get("model_type")]
+    if not typed:
+        return
+    first, first_ck, kind = typed[0]
+    for name, ck, other in typed[1:]:
+        if other != kind:
+            raise CheckpointError(f"{name} ({ck.path}) is a {other!r} checkpoint but {first} ({first_ck.path}) is "
+                                  f"{kind!r} (config.json model_type): checkpoints of different architectures "
+                                  f"cannot be compared")
+
+
 def check_config_matches_weights(ck: Checkpoint, *, allow_extra: bool = False) -> None:
     """The model transformers builds from the folder's config.json holds exactly the stored
     tensors in their shapes (a tied head counts as its embedding), as a strict load_state_dict

@@ -14,9 +14,28 @@ import zipfile
 from pathlib import Path
 
 from simmerge_ray.errors import CheckpointError, first_line
-from simmerge_ray.io.checkpoint import PICKLE_FILES, shards_from_index
+from simmerge_ray.io.checkpoint import INDEX_FILE, PICKLE_FILES, SINGLE_FILE, Checkpoint, shards_from_index
 from simmerge_ray.io.safetensors_format import TORCH_TO_DTYPE
 from simmerge_ray.lazy_torch import torch
+
+
+def open_pickle_checkpoint(path: str | Path) -> Checkpoint:
+    """The folder's .bin checkpoint, for `convert`. Checkpoint.open prefers safetensors, so a
+    folder holding both formats was converted from its safetensors, the .bin ignored, and a
+    safetensors-only folder was copied as if converted: both refused here, by name."""
+    path = Path(path)
+    if path.is_dir():
+        bins = any((path / n).exists() for n in PICKLE_FILES) or any(path.glob("pytorch_model*.bin"))
+        st = [n for n in (INDEX_FILE, SINGLE_FILE) if (path / n).exists()] or sorted(
+            p.name for p in path.glob("*.safetensors"))
+        if not bins:
+            already = f" (it holds {st[0]}: already safetensors, use it as it is)" if st else ""
+            raise CheckpointError(f"{path}: no pytorch_model*.bin to convert{already}")
+        if st:
+            raise CheckpointError(f"{path}: holds safetensors weights ({st[0]}) beside the .bin, and a folder's "
+                                  f"safetensors are what is read: use them as they are, or move the .bin to a "
+                                  f"folder of its own to convert it")
+    return Checkpoint.open(path, allow_pickle=True)
 
 
 def read_pickle_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -70,7 +89,9 @@ def _load_pickle(f: Path) -> dict[str, torch.Tensor]:
     try:  # zip archives (torch >= 1.6) are memory-mapped; the legacy format cannot be
         loaded = torch.load(f, map_location="cpu", mmap=zipfile.is_zipfile(f), weights_only=True)
     except Exception as e:  # pickle and torch raise many types for a refused or corrupt file
-        raise CheckpointError(f"{f}: not a plain tensor checkpoint, refused ({first_line(e)})") from None
+        # the cause alone can be bare ("'101'" from a garbage file): say what kinds of file fail so
+        raise CheckpointError(f"{f}: not a plain tensor checkpoint, refused: corrupt, truncated, or pickling "
+                              f"objects other than tensors ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{f}: expected a dict of tensors, found {type(loaded).__name__}")
     for name, t in loaded.items():

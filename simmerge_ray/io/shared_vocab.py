@@ -121,7 +121,10 @@ def shared_vocab(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> SharedVoc
         return None
     for name, ck, size in zip(names, ckpts, sizes):
         if size is None:
-            where = ck.path / "config.json" if ck.path.is_dir() else f"{ck.path}: a lone file, without config.json"
+            if not ck.path.is_dir():
+                where = f"{ck.path}: a lone file, without config.json"
+            else:  # the file named may not be there: say so, not only "no vocab_size"
+                where = ck.path / "config.json" if (ck.path / "config.json").exists() else f"{ck.path}: no config.json"
             raise CheckpointError(f"model {name!r} ({where}): no vocab_size, and the other "
                                   f"models' differ; cannot tell which rows are its vocabulary")
     tokens = [_tokens_by_id(name, ck) for name, ck in zip(names, ckpts)]
