@@ -370,6 +370,22 @@ def test_label_refuses_a_negative_max_plans(tmp_path, capsys):
     assert not out.exists()
 
 
+def _joined_token(zoo: Path) -> str:
+    """A token of the base's vocabulary of plain letters, two or more: split after its first letter
+    into prompt and answer, the tokenizer joins them again."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(zoo / "checkpoints" / "base"))
+    return sorted(t for t in tok.get_vocab() if t.isalpha() and t.isascii() and len(t) > 1
+                  and tok.tokenize(t) == [t])[0]
+
+
+def _prepend_unsplittable(zoo: Path) -> None:
+    word = _joined_token(zoo)
+    evals = zoo / "data" / "math" / "eval.jsonl"
+    evals.write_text(json.dumps({"prompt": word[0], "answer": word[1:]}) + "\n" + evals.read_text())
+
+
 def test_label_checks_the_base_tokenizer_and_every_config_before_any_work(tiny_zoo, tmp_path, capsys):
     """A base without tokenizer files, a config.json without model_type, or one whose sizes are not
     its weights' (base or expert): one line naming the folder or config.json, exit 2, before Ray
@@ -406,6 +422,11 @@ def test_label_checks_the_base_tokenizer_and_every_config_before_any_work(tiny_z
         (broken("deep", "rag-a", set_config(num_hidden_layers=3)),
          "checkpoints/rag-a/config.json: does not match the weights beside it (against the model it describes, "
          "the weights: lacks 'model.layers.2.input_layernorm.weight'"),
+        # a one-letter prompt the tokenizer joins with its answer into one token: no prompt tokens to
+        # score from (an actor's error without the file, after Ray had started)
+        (broken("unsplit", "base", lambda folder: _prepend_unsplittable(folder.parents[1])),
+         "data/math/eval.jsonl: eval example with prompt 'X': no prompt or answer tokens (the base's tokenizer, "
+         "task 'math')".replace("X", _joined_token(tiny_zoo)[0])),
     ]
     for zoo, needle in cases:
         out = tmp_path / f"out-{zoo.name}"

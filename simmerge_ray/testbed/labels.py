@@ -163,18 +163,18 @@ def check_label_models(cat: Catalog, experts: dict[str, str]) -> None:
     checkpoint's config.json must describe its own weights, and every expert must match the base
     tensor for tensor (a tied head counts as its embedding): a bad config, or a deeper, wider or
     re-vocabularied model, is named here, from the configs and headers, before Ray starts (not in
-    an actor's traceback), as is a base without a tokenizer (it encodes the eval sets). A model
-    that extends the base's vocabulary (added tokens, padded rows) is merged on the rows they
+    an actor's traceback), as is a base without a tokenizer (it encodes the eval sets) or an eval
+    example it cannot split into prompt and answer tokens. A model that extends the base's vocabulary (added tokens, padded rows) is merged on the rows they
     share, and no eval example may need more."""
     ckpts = [Checkpoint.open(cat.base), *(Checkpoint.open(cat.model(m).path) for m in experts)]
     for ck in ckpts:
         check_config_matches_weights(ck)
     vocab = label_vocab(cat, experts)
     check_same_tensors(["base", *experts], ckpts, vocab)
-    base_tokenizer(cat)
+    evals = encoded_evals(cat)  # an example the base's tokenizer cannot split is named here, not in an actor
     if vocab is None:
         return
-    for t, data in encoded_evals(cat).items():
+    for t, data in evals.items():
         if int(data.input_ids.max()) >= vocab.rows:
             raise ConfigError(f"{cat.tasks[t].eval}: the base's tokenizer gives ids past the {vocab.rows} the models "
                               f"share; plans are scored on those rows only")
@@ -201,8 +201,17 @@ def encoded_evals(cat: Catalog) -> dict[str, EncodedEvalSet]:
     from simmerge_ray.testbed.evaluate import EVAL_MAX_LEN, encode, load_examples
 
     tok = base_tokenizer(cat)
-    return {t: encode(load_examples(e.eval), tok, EVAL_MAX_LEN) for t, e in sorted(cat.tasks.items())
-            if e.eval is not None}
+    out = {}
+    for t, e in sorted(cat.tasks.items()):
+        if e.eval is None:
+            continue
+        try:
+            out[t] = encode(load_examples(e.eval), tok, EVAL_MAX_LEN)
+        except ConfigError as err:  # encode knows the example, not its file
+            msg = str(err)
+            raise ConfigError(msg if msg.startswith(str(e.eval)) else f"{e.eval}: {msg} (the base's tokenizer, "
+                              f"task {t!r})") from None
+    return out
 
 
 def eval_digest(data: EncodedEvalSet) -> str:
