@@ -118,3 +118,17 @@ def test_label_refuses_more_4_way_orders_than_a_subset_has(tmp_path: Path, capsy
     assert _cli(["label", "--catalog", str(cat), "--out", str(tmp_path / "labels"), "--orders-4", "25"]) == 2
     one_line_error(capsys, "--orders-4: Input should be less than or equal to 24")
     assert tree_hash(tmp_path) == before
+
+
+def test_an_error_row_keeps_a_request_id_of_the_wrong_type_as_written(tmp_path: Path) -> None:
+    """A request_id that is not text is an error row, recorded under the id as written: 0 was
+    recorded as "" (`raw.get(...) or ""`), and the row could not be found by its id."""
+    from simmerge_ray.catalog import Catalog
+    from simmerge_ray.planner.batch import prepare_rows
+
+    cat = Catalog.from_dict({"models": [{"name": "m0", "path": "m0", "task": "t"},
+                                        {"name": "m1", "path": "m1", "task": "u"}]}, root=tmp_path, check_paths=False)
+    rows = prepare_rows([{"request_id": i, "task": "t", "models": ["m0", "m1"]} for i in (0, 7)],
+                        "inputs", str(tmp_path / "cache"), cat, {}).to_pylist()
+    assert [r["request_id"] for r in rows] == ["0", "7"]
+    assert all(r["status"] == "error" and "request_id" in r["error"] for r in rows)

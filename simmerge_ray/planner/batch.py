@@ -136,7 +136,7 @@ def prepare_rows(raws: list[dict], fingerprint: str, cache_dir: str, catalog: Ca
     naming it; the rest of the batch goes on."""
     rows = []
     for raw in raws:
-        rid = str(raw.get("request_id") or "")
+        rid = "" if raw.get("request_id") is None else str(raw["request_id"])  # an id 0 of a wrong type is "0"
         try:
             if UNREADABLE in raw:
                 raise ConfigError(raw[UNREADABLE])
