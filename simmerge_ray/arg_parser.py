@@ -5,9 +5,17 @@ block first)."""
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        """Every value given on the command line, before its type reads it: an empty or blank one
+        is refused. No option takes one, and `Path("")` is the current folder: `--out ""` wrote a
+        stage's files among the user's own there, `convert ""` converted whatever it held."""
+        if isinstance(arg_string, str) and not arg_string.strip():
+            raise argparse.ArgumentError(action, "an empty value (give a file, folder, name or number)")
+        return super()._get_value(action, arg_string)

@@ -106,6 +106,14 @@ EMPTY = {
     "functional --out": ["features", "functional", "--catalog", "{catalog}", "--out", ""],
     "convert src": ["convert", "", "--out", "o", "--allow-pickle"],
     "convert --out": ["convert", "{model}", "--out", "", "--allow-pickle"],
+    # every command's options go through the one parser: a sample of the others
+    "merge --out": ["merge", "{catalog}", "--out", " ", "--overwrite"],
+    "label --catalog": ["label", "--catalog", "", "--out", "o"],
+    "fit --features": ["fit", "--features", "", "--labels", "l.parquet", "--out", "o"],
+    "plan --task": ["plan", "--selector", "s", "--catalog", "{catalog}", "--features", "f", "--task", "",
+                    "--expert", "a", "--aux", "b", "--out", "o"],
+    "serve --state": ["serve", "--state", "", "--features", "f"],
+    "zoo build --config": ["zoo", "build", "--config", "", "--out", "o"],
 }
 
 
@@ -113,7 +121,8 @@ EMPTY = {
 def test_an_empty_path_option_is_refused(family: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch,
                                          no_ray: None, case: str) -> None:
     """`Path("")` is the current folder: `features structural --out ""` wrote its five files
-    among the user's own there, and `convert ""` converted whatever the current folder held."""
+    among the user's own there, and `convert ""` converted whatever the current folder held; the
+    other commands said "." in their errors (fit: "run ... with --out . first")."""
     work = tmp_path / "cwd"
     work.mkdir()
     (work / "notes.txt").write_text("the user's")
@@ -126,7 +135,7 @@ def test_an_empty_path_option_is_refused(family: Path, tmp_path: Path, capsys, m
     with pytest.raises(SystemExit) as exit_:
         cli_main(argv)
     assert exit_.value.code == 2
-    one_line_error(capsys, "an empty path")
+    one_line_error(capsys, "an empty value")
     assert tree_hash(work) == before
 
 

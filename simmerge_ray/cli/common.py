@@ -45,17 +45,6 @@ def tcp_port(text: str) -> int:
     return value
 
 
-def path_text(text: str) -> str:
-    """argparse type of a file or folder option: an empty or blank value is refused. `Path("")`
-    is the current folder, so `--out ""` wrote a stage's files among the user's own there, and
-    `convert ""` converted whatever the current folder held."""
-    import argparse
-
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path (give a file or folder)")
-    return text
-
-
 def _whole_number(text: str, least: int) -> int:
     import argparse
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from simmerge_ray.cli.common import path_text
 from simmerge_ray.errors import SimMergeError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("convert", help="convert a pytorch_model.bin checkpoint to safetensors",
                               epilog="example:\n  simmerge convert old-model/ --out old-model-st/ --allow-pickle")
-    p.add_argument("src", type=path_text, help="checkpoint folder holding pytorch_model*.bin")
-    p.add_argument("--out", type=path_text, required=True, help="output folder for the safetensors checkpoint (created)")
+    p.add_argument("src", help="checkpoint folder holding pytorch_model*.bin")
+    p.add_argument("--out", required=True, help="output folder for the safetensors checkpoint (created)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="required: unpickling can run code, only convert files you trust")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote")

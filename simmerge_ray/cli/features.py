@@ -12,7 +12,7 @@ import argparse
 import importlib
 from pathlib import Path
 
-from simmerge_ray.cli.common import at_least_one, path_text
+from simmerge_ray.cli.common import at_least_one
 
 # Modules under simmerge_ray.cli adding a `simmerge features <kind>` sub-command.
 FEATURE_MODULES: tuple[str, ...] = ("features_functional",)
@@ -32,8 +32,8 @@ def _register_structural(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("structural", help="weight-space features (cosines, l2, task vectors, sign "
                                             "agreement) and per-tensor Gram matrices, in one read pass",
                          epilog="example:\n  simmerge features structural --catalog catalog.yaml --out feats/")
-    p.add_argument("--catalog", type=path_text, required=True, help="catalog YAML (models, optional base)")
-    p.add_argument("--out", type=path_text, required=True, help="output folder, shareable with `features functional` "
+    p.add_argument("--catalog", required=True, help="catalog YAML (models, optional base)")
+    p.add_argument("--out", required=True, help="output folder, shareable with `features functional` "
                                                 "(structural.parquet, gram.safetensors, ...)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace this stage's files from an earlier run (no other file of --out)")

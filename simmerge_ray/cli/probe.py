@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from simmerge_ray.cli.common import at_least_one, path_text
+from simmerge_ray.cli.common import at_least_one
 
 if TYPE_CHECKING:
     from simmerge_ray.pipeline.features import ProbeRequest
@@ -21,10 +21,10 @@ if TYPE_CHECKING:
 
 def add_probe_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that runs probe inference."""
-    p.add_argument("--catalog", "--config", dest="catalog", type=path_text, required=True,
+    p.add_argument("--catalog", "--config", dest="catalog", required=True,
                    help="catalog YAML (each task's probes: .jsonl with a \"text\" field, .parquet or .txt, "
                         "one probe per line)")
-    p.add_argument("--out", type=path_text, required=True, help="output folder (shareable with `features structural`)")
+    p.add_argument("--out", required=True, help="output folder (shareable with `features structural`)")
     p.add_argument("--cache", default=None, help="probe-output cache folder (default: OUT/probe_cache)")
     p.add_argument("--overwrite", action="store_true", help="discard the probe outputs cached in --cache first (only its cache entries)")
     p.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: all in the catalog)")
