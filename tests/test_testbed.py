@@ -719,6 +719,20 @@ def test_generated_languages_follow_their_grammar():
             break
 
 
+def test_an_eval_file_skips_blank_lines_and_names_a_bad_one(tmp_path):
+    from simmerge_ray.testbed.evaluate import load_examples
+
+    f = tmp_path / "eval.jsonl"
+    f.write_text('\n{"prompt": "q1", "answer": "a1"}\n  \n{"prompt": "q2", "answer": "a2"}\n\n')
+    assert [(e.prompt, e.answer) for e in load_examples(f)] == [("q1", "a1"), ("q2", "a2")]
+    f.write_text('{"prompt": "q1", "answer": "a1"}\n\n[1]\n')
+    with pytest.raises(ConfigError, match=rf"^{f}: line 3: expected a JSON object"):
+        load_examples(f)
+    f.write_text("\n \n")
+    with pytest.raises(ConfigError, match=rf"^{f}: empty eval set$"):
+        load_examples(f)
+
+
 def test_eval_encoding_marks_exactly_the_answer_tokens():
     from simmerge_ray.testbed.domains.base import Example
 

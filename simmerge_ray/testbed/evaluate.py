@@ -39,8 +39,12 @@ class EncodedEvalSet:
 
 
 def load_examples(path: Path) -> list[Example]:
+    """An eval set (JSON lines of prompt and answer); blank lines are skipped, as in probe files
+    and request tables (an editor's trailing newline was "line N: expected a JSON object")."""
     out = []
     for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
             out.append(Example(row["prompt"], row["answer"]))
