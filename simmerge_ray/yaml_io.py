@@ -71,6 +71,16 @@ def read_yaml(path: str | Path, what: str, *, unique_keys: bool = False) -> Any:
         raise ConfigError(f"{path}: invalid YAML{yaml_error_summary(e)}") from None
 
 
+def read_yaml_documents(path: str | Path, what: str) -> list[Any]:
+    """Every document of a multi-document YAML file (`---` between them), in file order; an empty
+    document is None. A missing file or bad YAML is a ConfigError naming it as `what`."""
+    text = read_text(path, what)
+    try:
+        return list(yaml.load_all(text, Loader=_Loader))  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML{yaml_error_summary(e)}") from None
+
+
 def yaml_error_summary(e: yaml.YAMLError) -> str:
     """PyYAML's multi-line message as one clause: where (line and column of the file) and what."""
     mark = getattr(e, "problem_mark", None)

@@ -77,6 +77,16 @@ def run_mergekit(cfg: dict, root: Path, out: Path, *, copy_tokenizer: bool = Fal
                MergeOptions(copy_tokenizer=copy_tokenizer, write_model_card=False, quiet=True))
 
 
+def run_mergekit_multi(config_file: Path, out: Path, intermediates: Path) -> None:
+    """mergekit-multi (mergekit's multimerge command) in-process on a multi-document config whose
+    models are absolute paths (mergekit reads relative ones from the current folder)."""
+    from mergekit.scripts.multimerge import main
+
+    with _ties_in_index_order():
+        main.main([str(config_file), "--out-path", str(out), "-I", str(intermediates), "--no-lazy",
+                   "--no-copy-tokenizer", "--no-write-model-card", "--quiet"], standalone_mode=False)
+
+
 def load_all(folder: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):

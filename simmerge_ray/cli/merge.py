@@ -30,8 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=f"merge methods (merge_method:):\n{_methods_text()}\n\nexamples:\n"
                "  simmerge merge my-merge.yaml --out merged/\n"
                "  simmerge merge my-merge.yaml --out merged/ --dry-run\n"
+               "  simmerge merge two-stage.yaml --out merged/   # multi-document: ties, then slerp the result\n"
                "  simmerge merge --plan plan-3way/plan.json --catalog catalog.yaml --out merged-3way/")
-    p.add_argument("config", nargs="?", help="mergekit-style YAML (models/slices, merge_method, parameters, dtype)")
+    p.add_argument("config", nargs="?",
+                   help="mergekit-style YAML (models/slices, merge_method, parameters, dtype), or a multi-document "
+                        "one as mergekit-multi runs (documents with `name:`, read by later ones by that name; the "
+                        "unnamed one is the final, written to --out)")
     p.add_argument("--plan", help="a plan.json from `simmerge plan` (instead of CONFIG); needs --catalog")
     p.add_argument("--catalog", help="the catalog the plan's model names refer to")
     p.add_argument("--dtype", default=None, help="output dtype of a plan's merge (default: the inputs')")
@@ -86,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
                        compute_dtype=args.compute_dtype, progress=not args.quiet)
     if args.plan:
         return _run_plan(args, opts)
+    from simmerge_ray.merge.multi import is_multi_document
+    from simmerge_ray.yaml_io import read_yaml_documents
+
+    if is_multi_document(read_yaml_documents(args.config, "merge config")):
+        return _run_multi(args, opts)
     spec = MergeSpec.load(args.config, seed=args.seed)
     check_output(args.out, overwrite=args.overwrite, inputs=[*input_paths(spec), args.config])
     if args.dry_run:
@@ -113,6 +122,35 @@ def _dry_run(spec, opts) -> int:
     print(f"would read {human_bytes(est.bytes_read)} and write {human_bytes(est.bytes_written)}")
     print(f"peak memory per worker: about {human_bytes(est.peak_bytes_per_worker)} (plus the process itself)")
     print(f"estimated time: about {est.seconds:.0f} s at this project's measured rates")
+    return 0
+
+
+def _run_multi(args: argparse.Namespace, opts) -> int:
+    """A multi-document config (mergekit-multi's): every document checked, then its merges in
+    dependency order, the final into --out; an interrupted run resumes (merge/multi.py)."""
+    from pathlib import Path
+
+    from simmerge_ray.merge.multi import load_multi, run_multi
+
+    if args.dtype is not None:
+        raise ConfigError("--dtype is for --plan; give each document of a multi-document config its out_dtype")
+    multi = load_multi(args.config, seed=args.seed)
+    check_output(args.out, overwrite=opts.overwrite, inputs=[*multi.inputs, args.config])
+    stages = multi.graph.stages
+    order = " -> ".join(f"{s.name} ({multi.specs[s.name].method.name})" for s in stages)
+    if args.dry_run:
+        print(f"dry run: {len(stages)} merges of {args.config} in this order: {order}; every document checked, "
+              "nothing was merged or written (estimate a document alone by writing it to its own file)")
+        return 0
+    if opts.placement == "ray":
+        init_ray(args.address)  # every document was checked above, before Ray starts
+    results = run_multi(multi, Path(args.out), opts)
+    total = sum(r.seconds for r in results)
+    how = (f"{len(results)} merge(s)" if len(results) == len(stages)
+           else f"{len(results)} merge(s), resuming after {len(stages) - len(results)} kept or unneeded")
+    print(f"executed {args.config}: {order}; {how} in {total:.1f} s -> {args.out}")
+    print(f"read {human_bytes(sum(r.bytes_read for r in results))}, wrote "
+          f"{human_bytes(results[-1].bytes_written)} (the final merge's output)")
     return 0
 
 

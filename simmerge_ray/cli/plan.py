@@ -261,7 +261,9 @@ def _multiway(args: argparse.Namespace, catalog, req, space) -> int:
     with atomic_output_dir(out, overwrite=args.overwrite, inputs=_inputs(args, catalog)) as tmp:
         write_plans(res, catalog, tmp, step_root=out.resolve(),
                     checkpoints=measured_checkpoints(args.features, res.best.models))
-    print(f"wrote {out / 'plan.json'} and {res.best.k - 1} step YAML file(s); execute with "
+    multi = f", and {out / 'plan.mergekit.yaml'} (every step; runs with `simmerge merge` or mergekit-multi)" \
+        if res.best.k > 2 else ""
+    print(f"wrote {out / 'plan.json'} and {res.best.k - 1} step YAML file(s){multi}; execute with "
           f"`simmerge merge --plan {out / 'plan.json'} --catalog {args.catalog} --out DIR`, or step by step "
           f"(see each step file's first lines)")
     return 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES, TORCH_NAMES, dtype_code
@@ -120,7 +120,10 @@ class MergeSpec:
 
     @classmethod
     def from_dict(cls, raw: Any, *, root: Path | None = None, source: str = "config",
-                  seed: int = 0) -> "MergeSpec":
+                  seed: int = 0, pending: Mapping[str, Path] | None = None) -> "MergeSpec":
+        """`pending`: model references that name outputs not written yet (an earlier merge of a
+        multi-document config), taken as those paths unchecked, so the config is validated whole
+        before the merge it reads runs."""
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: a merge config is a mapping")
         for key in raw:
@@ -132,7 +135,7 @@ class MergeSpec:
             method = get_method(str(raw["merge_method"]))
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-        resolve = _path_resolver(root, source)
+        resolve = _path_resolver(root, source, pending or {})
         base = None if raw.get("base_model") is None else InputModel(str(raw["base_model"]),
                                                                      resolve(str(raw["base_model"]), "base_model"))
         check = _ParamChecker(method, source)
@@ -381,8 +384,10 @@ def _check_contract(method: MergeMethod, sl: OutputSlice, source: str) -> None:
         raise ConfigError(f"{source}: {sl.where}: merge_method {method.name!r} takes {want} {what}, got {n}")
 
 
-def _path_resolver(root: Path | None, source: str):
+def _path_resolver(root: Path | None, source: str, pending: Mapping[str, Path]):
     def resolve(ref: str, where: str) -> Path:
+        if ref in pending:
+            return Path(pending[ref])
         for cand in (Path(ref).expanduser(), (root / ref) if root else None):
             if cand is not None and cand.exists():
                 return cand.resolve()

@@ -9,21 +9,20 @@ after it (planner/resume.py)."""
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.provenance import check_unchanged
-from simmerge_ray.io.atomic import missing_parents
 from simmerge_ray.io.out_checks import check_replaceable
 from simmerge_ray.io.shared_vocab import output_tokenizer
 from simmerge_ray.merge.config import MergeSpec, Provenance
 from simmerge_ray.merge.executor import ExecOptions, MergeResult, check_merge, run_merge
 from simmerge_ray.planner.plan import Plan
-from simmerge_ray.planner.resume import (StepKeys, adopt_kept, key_file, new_work_folder, record_step, release,
-                                         step_folder)
+from simmerge_ray.merge.multi import StageGraph, run_stages
+from simmerge_ray.merge.resume import Stage
+from simmerge_ray.planner.resume import STEP, RecordedFingerprints, plan_stages, plan_words
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +112,9 @@ def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = Ex
     `out` while the steps' content keys still match: hours of big merges are not redone);
     each output's model card names the catalog models and the plan's steps, not that folder.
     `seed` seeds stochastic arms (DARE) as `merge --seed` does a config's. Returns the results of
-    the merges this run made: one for a folded plan, fewer than the steps for a resumed one."""
+    the merges this run made: one for a folded plan, fewer than the steps for a resumed one.
+    The steps run as a chain of named merges through merge/multi.py run_stages, the engine of
+    multi-document configs."""
     out = Path(out)
     check_replaceable(out, overwrite=opts.overwrite)  # an empty folder is used, as for a config
     paths = {m.name: m.path for m in catalog.models}
@@ -126,46 +127,12 @@ def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = Ex
                        provenance=_folded_provenance(plan, catalog, coef, plan_file))
         return [run_merge(spec, out, opts)]
     check_plan(plan, catalog, plan_file)
-    steps = len(plan.operators)
-    keys = StepKeys(plan, catalog, out_dtype, seed, opts.compute_dtype, opts.allow_nonfinite)
-    made = missing_parents(out)  # created for the work folder; removed again if nothing is kept
-    work = new_work_folder(out)
-    results: list[MergeResult] = []
-    kept, done = 0, False  # kept: the deepest step whose output and key are in `work`
-    try:  # from here on the work folder goes unless it holds a finished step to resume from
-        kept = adopt_kept(out, work, keys, steps)  # and removes the work folders of dead runs
-        step_dir = str(work / "step-{j}")
-        configs = plan.step_configs(paths, catalog.base, step_dir=step_dir)
-        for j, cfg in enumerate(configs, start=1):
-            if j <= kept:
-                continue
-            last = j == len(configs)
-            key = None if last else keys.key(j)  # fingerprints of what the step reads, before it reads them
-            if out_dtype:
-                cfg = {**cfg, "out_dtype": out_dtype}
-            spec = replace(MergeSpec.from_dict(cfg, root=work, source=f"plan step {j}", seed=seed),
-                           provenance=step_provenance(plan, catalog, j, step_dir, plan_file))
-            target = out if last else step_folder(work, j)
-            results.append(run_merge(spec, target, replace(opts, overwrite=opts.overwrite if last else False)))
-            if key is not None:
-                record_step(work, j, key)  # run_merge published the folder whole; now it may be reused
-            if j > 1:  # no longer needed: step j's key chains step j-1's
-                key_file(work, j - 1).unlink(missing_ok=True)
-                shutil.rmtree(step_folder(work, j - 1), ignore_errors=True)
-            if not last:
-                kept = j
-        done = True
-    finally:
-        if done or not kept:
-            shutil.rmtree(work, ignore_errors=True)
-            for folder in made:  # deepest first; after a success the first holds `out` and stays
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
-        else:
-            log.warning("%s: kept steps 1-%d of %d of the plan in %s; the same command resumes after step %d "
-                        "(unless a model they read changed); remove the folder to start afresh",
-                        out, kept, steps, work, kept)
-        release(work)  # last: a later run of this process may take it only once it is left as it stays
-    return results
+    stages = plan_stages(plan, paths, catalog.base, out_dtype, plan_file)
+
+    def provenance(stage: Stage, work: Path) -> Provenance:
+        j = int(stage.name.rsplit("-", 1)[1])
+        return step_provenance(plan, catalog, j, str(work / STEP), plan_file)
+
+    graph = StageGraph(tuple(stages), seed=seed, provenance=provenance, words=plan_words(len(stages)),
+                       source=str(plan_file or "plan"))
+    return run_stages(graph, out, opts, fingerprint=RecordedFingerprints(plan, catalog))

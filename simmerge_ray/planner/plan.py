@@ -1,8 +1,9 @@
 """A merge plan: an ordered subset of the catalog, one arm per step and a weighting (a fold,
 merge/fold.py), with the planner's predictions and how far to trust them.
 
-The target task's expert may sit anywhere in the order. A plan serialises to JSON and to one
-mergekit-compatible YAML per step.
+The target task's expert may sit anywhere in the order. A plan serialises to JSON, to one
+mergekit-compatible YAML per step, and (more than one step) to plan.mergekit.yaml, the steps as one
+multi-document config as mergekit-multi runs it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from simmerge_ray.io.shared_vocab import output_tokenizer
 from simmerge_ray.merge.arms import Arm
 from simmerge_ray.merge.fold import Fold, check_fold
 from simmerge_ray.yaml_io import read_text
+
+
+MULTI_FILE = "plan.mergekit.yaml"
+MULTI_STEP = "step-{j}"  # an intermediate's name in MULTI_FILE
 
 
 @dataclass
@@ -138,7 +143,25 @@ class Plan:
                          f"#   simmerge merge {shlex.quote(here)} --out {shlex.quote(out)}\n"
                          + yaml.safe_dump(cfg, sort_keys=False))
             files.append(f)
+        if self.k > 2:
+            self._write_multi(out_dir, paths, base, root)
         return files
+
+    def _write_multi(self, out_dir: Path, paths: dict[str, Path], base: Path | None, root: Path | None) -> Path:
+        """plan.mergekit.yaml: every step in one multi-document mergekit config (mergekit-multi's
+        format), steps 1..k-2 named `step-<j>` and read by the next step by that name, the last
+        unnamed (the final); runs with `simmerge merge` (resumable) and `mergekit-multi` alike."""
+        steps = self.step_configs(paths, base, step_dir=MULTI_STEP)
+        docs = [({"name": MULTI_STEP.format(j=j)} if j < len(steps) else {}) | cfg
+                for j, cfg in enumerate(steps, start=1)]
+        f = out_dir / MULTI_FILE
+        here = shlex.quote(str(root / MULTI_FILE) if root is not None else MULTI_FILE)
+        f.write_text(f"# plan {' -> '.join(self.models)}: its {len(steps)} steps as one multi-document mergekit "
+                     f"config (step-<j> read by the next step by name; the last document, unnamed, is the final); run:\n"
+                     f"#   simmerge merge {here} --out MERGED\n"
+                     f"#   mergekit-multi {here} --out-path MERGED -I INTERMEDIATES\n"
+                     + yaml.safe_dump_all(docs, sort_keys=False))
+        return f
 
 
 def _check_fields(raw: dict[str, Any]) -> None:
