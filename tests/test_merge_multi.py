@@ -204,8 +204,8 @@ def test_a_plan_writes_plan_mergekit_yaml_that_runs_as_merge_plan(models: Path, 
     run_mergekit_multi(folder / "plan.mergekit.yaml", tmp_path / "mk", tmp_path / "mk-steps")
     a, b = load_all(tmp_path / "multi"), load_all(tmp_path / "mk")
     assert set(a) == set(b)
-    for name in a:  # bf16-free float32 checkpoints: float32 rounding through three steps
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5, msg=name)
+    for name in a:  # float32 checkpoints, float32 math: the single-config oracle tests' tolerance
+        torch.testing.assert_close(a[name], b[name], rtol=2e-6, atol=2e-6, msg=name)
     one = Plan(task="code", models=["m1", "m2"], operators=["slerp"])  # one step: merge.yaml already
     files = one.write(tmp_path / "one", {"m1": models / "m1", "m2": models / "m2"}, models / "base")
     assert [f.name for f in files] == ["step-1.yaml"] and not (tmp_path / "one" / "plan.mergekit.yaml").exists()
