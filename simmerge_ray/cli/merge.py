@@ -147,7 +147,8 @@ def _run_multi(args: argparse.Namespace, opts) -> int:
     results = run_multi(multi, Path(args.out), opts)
     total = sum(r.seconds for r in results)
     how = (f"{len(results)} merge(s)" if len(results) == len(stages)
-           else f"{len(results)} merge(s), resuming after {len(stages) - len(results)} kept or unneeded")
+           else f"{len(results)} merge(s), resuming from what an interrupted run kept "
+                f"({len(stages) - len(results)} of {len(stages)} not rerun)")
     print(f"executed {args.config}: {order}; {how} in {total:.1f} s -> {args.out}")
     print(f"read {human_bytes(sum(r.bytes_read for r in results))}, wrote "
           f"{human_bytes(results[-1].bytes_written)} (the final merge's output)")
