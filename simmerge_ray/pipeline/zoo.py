@@ -4,6 +4,7 @@ labels). `simmerge zoo build` and `simmerge label` run these, and so does the pi
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,8 @@ def build(config: Path, out: Path, *, overwrite: bool = False, address: str | No
     init_ray(address)
     catalog = build_zoo(cfg, Path(out), overwrite=overwrite, source=config)
     echo(f"zoo: {len(cfg.experts())} experts + base -> {catalog}")
+    if (small := cfg.eval_warning()) is not None:  # allowed (the test zoos), but its labels are noise
+        print(f"simmerge: warning: {config}: {small}", file=sys.stderr)  # after: an error stays one line
     return catalog
 
 

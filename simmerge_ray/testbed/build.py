@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -155,8 +156,31 @@ def pretrain_parts(cfg: ZooConfig, tok_json: str, role: str) -> dict:
     return part
 
 
+def _role_field(cfg: ZooConfig, role: str) -> str:
+    """The config path of a stage's or expert's settings ('base', 'domains.math.variants.1')."""
+    if role in ("base", "skills", "continued"):
+        return role
+    return next(f"domains.{d}.variants.{i}" for d, c in cfg.domains.items() for i, v in enumerate(c.variants)
+                if v.name == role)
+
+
+def check_finite(cfg: ZooConfig, role: str, result: dict, source: str) -> None:
+    """Refuse a training result whose loss or weights are not finite (a learning rate that
+    diverged): such a model was saved, scored NaN and published in the zoo without a word, and
+    every merge and label built on it was NaN too. Names the stage's `lr` in the config."""
+    losses = result["losses"]
+    step = next((i for i, x in enumerate(losses) if not math.isfinite(x)), None)
+    if step is None and all(bool(torch.isfinite(t).all()) for t in result["state"].values() if t.is_floating_point()):
+        return
+    train, _, _ = _role(cfg, role)
+    what = (f"loss {losses[step]} at step {step + 1} of {len(losses)}" if step is not None
+            else "its weights hold non-finite values after training")
+    raise ConfigError(f"{source}: {_role_field(cfg, role)}.lr: {role} diverged ({what}); lower the learning "
+                      f"rate ({train.lr:g}); nothing was written")
+
+
 def _pretrained(cfg: ZooConfig, tok_json: str, role: str, train: Callable[[], ray.ObjectRef],
-                log: Callable[[str], None], source: str) -> dict:
+                log: Callable[[str], None], source: str = "zoo config") -> dict:
     """The base, skills or continued checkpoint's training result, from the per-machine cache when an
     entry for the same config, tokenizer and Python (whose standard library is training text)
     exists (pretrain_cache), else trained now and cached.
@@ -167,11 +191,13 @@ def _pretrained(cfg: ZooConfig, tok_json: str, role: str, train: Callable[[], ra
     key = pretrain_cache.pretrain_key(pretrain_parts(cfg, tok_json, role), role)
     hit = pretrain_cache.load(key, log)
     if hit is not None:
+        check_finite(cfg, role, hit, source)
         log(f"{role}: reused from the pretrain cache ({key[:12]})")
         return hit
     check_placeable(f"{source}: {role}.threads: the {role} pretraining task",
                     ResourceAsk(num_cpus=float(getattr(cfg, role).threads)))
     result = ray.get(train())
+    check_finite(cfg, role, result, source)  # before the cache keeps it
     pretrain_cache.store(key, result)
     return result
 
@@ -251,6 +277,12 @@ def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
             done, _ = ray.wait(list(pending), num_returns=1)
             name = pending.pop(done[0])
             results[name] = ray.get(done[0])
+            try:
+                check_finite(cfg, name, results[name], str(source))
+            except ConfigError:
+                for ref in pending:  # the other experts' work is lost with this zoo: stop it now
+                    ray.cancel(ref)
+                raise
             _save_checkpoint(cfg, tok, results[name]["state"], tmp / "checkpoints" / name)
             r = results[name]
             log(f"expert {name}: {r['seconds']:.0f}s ({r['cpu_seconds']:.0f} CPU s), final loss {r['losses'][-1]:.3f}")

@@ -27,6 +27,18 @@ Bool = Annotated[bool, Strict()]
 # A seed that reaches torch.manual_seed (the model's initial weights, a fine-tune's batches): torch
 # takes [-2**63, 2**64); one past it failed in a Ray task, after the base's pretraining.
 TorchSeed = Annotated[int, Strict(), Field(ge=-(2**63), lt=2**64)]
+# Tokens one training stage packs (steps x batch_size x seq_len): pack_blocks holds them all, as a
+# Python list then an int64 tensor (about 45 GiB at this bound; the large zoo's biggest stage packs
+# 5M). `steps: 1e12` was accepted, and hung after every other model had trained.
+MAX_STAGE_TOKENS = 2**30
+# Held-out examples (and probe prompts) per domain, 40x the shipped 256. A generated domain draws
+# distinct items until it has enough: math has some 15,000 per split (10,000 take 4 s), and past
+# its supply the draw never ends: 20,000 hung the build, Ray started, in silence.
+MAX_HELD_OUT = 10_000
+# Accuracy's standard error is at most sqrt(0.25 / n): 0.031 at 256 (the shipped zoos'), the
+# 0.03 the labels' gap threshold (two standard errors, docs/testbed.md) is set for. Fewer is
+# allowed (the tiny test zoo uses 24) but said.
+MIN_EVAL_EXAMPLES = 256
 
 
 class _FieldError(ValueError):
@@ -65,8 +77,8 @@ class TokenizerConfig(_Strict):
 
 class DataConfig(_Strict):
     seq_len: Int = Field(128, gt=8)
-    eval_examples: Int = Field(64, gt=0)
-    probe_prompts: Int = Field(32, gt=0)
+    eval_examples: Int = Field(64, gt=0, le=MAX_HELD_OUT)
+    probe_prompts: Int = Field(32, gt=0, le=MAX_HELD_OUT)
     seed: Int = 0
 
 
@@ -166,23 +178,54 @@ class ZooConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ZooConfig":
-        """Expert names are folders and table keys: each used once, never 'base'; an expert that
-        starts from 'continued' needs that section. Each error names the variant's field."""
-        first: dict[str, str] = {}
+        """Expert names are folders and table keys: each used once, never 'base', and distinct
+        ignoring case (on a case-insensitive file system, macOS's or Windows', `Code-A` and
+        `code-a` are one checkpoint folder: the second expert's weights replaced the first's, and
+        the catalog listed both); an expert that starts from 'continued' needs that section.
+        Each error names the variant's field."""
+        first: dict[str, tuple[str, str]] = {}
         for d, cfg in self.domains.items():
             for i, v in enumerate(cfg.variants):
                 at = f"domains.{d}.variants.{i}"
-                if v.name == "base":
-                    raise _FieldError(f"{at}.name", "'base' is reserved for the base model; expert names must be "
-                                                    "unique and not 'base'")
-                if v.name in first:
-                    raise _FieldError(f"{at}.name", f"{v.name!r} is already the name of {first[v.name]}; expert "
+                if v.name.casefold() == "base":
+                    case = "" if v.name == "base" else f"{v.name!r} differs from 'base' only in case, and "
+                    raise _FieldError(f"{at}.name", f"{case}'base' is reserved for the base model; expert names "
+                                                    f"must be unique and not 'base'")
+                if v.name.casefold() in first:
+                    other, where = first[v.name.casefold()]
+                    same = "" if other == v.name else f" ({other!r}: names that differ only in case share a folder)"
+                    raise _FieldError(f"{at}.name", f"{v.name!r} is already the name of {where}{same}; expert "
                                                     f"names must be unique and not 'base'")
-                first[v.name] = at
+                first[v.name.casefold()] = (v.name, at)
                 if v.start == "continued" and self.continued is None:
                     raise _FieldError(f"{at}.start", f"expert {v.name} starts from 'continued', but the config has "
                                                      f"no 'continued' section")
         return self
+
+    @model_validator(mode="after")
+    def _budgets(self) -> "ZooConfig":
+        """Each stage's token budget within MAX_STAGE_TOKENS, named at its `steps` (checked at
+        load: a budget past it only failed, or hung, inside its Ray task)."""
+        stages = [(k, getattr(self, k)) for k in ("base", "skills", "continued") if getattr(self, k) is not None]
+        stages += [(f"domains.{d}.variants.{i}", v) for d, cfg in self.domains.items()
+                   for i, v in enumerate(cfg.variants)]
+        for at, t in stages:
+            tokens = t.steps * t.batch_size * self.data.seq_len
+            if tokens > MAX_STAGE_TOKENS:
+                raise _FieldError(f"{at}.steps", f"{t.steps} steps x batch_size {t.batch_size} x data.seq_len "
+                                                 f"{self.data.seq_len} = {tokens:.3g} tokens, over the "
+                                                 f"{MAX_STAGE_TOKENS:.3g} one training stage can hold in memory")
+        return self
+
+    def eval_warning(self) -> str | None:
+        """Why the eval sets are too small to tell experts apart (accuracy's worst-case standard
+        error over 0.03), or None."""
+        n = self.data.eval_examples
+        if n >= MIN_EVAL_EXAMPLES:
+            return None
+        return (f"data.eval_examples: {n} examples per domain give accuracies a standard error of up to "
+                f"{(0.25 / n) ** 0.5:.3f} (over 0.03, the labels' noise floor); use {MIN_EVAL_EXAMPLES} or more "
+                f"for results, fewer only for tests")
 
     def experts(self) -> list[tuple[str, VariantConfig]]:
         """(domain, variant) in config order: the catalog's model order."""
@@ -199,6 +242,9 @@ class ZooConfig(_Strict):
     def load(cls, path: str | Path) -> "ZooConfig":
         path = Path(path)
         raw = read_yaml(path, "zoo config", unique_keys=True)  # a domain listed twice kept only its last block
+        if not isinstance(raw, dict):  # pydantic named its class ("a valid dictionary or instance of ZooConfig")
+            got = "is empty" if raw is None else f"holds a {type(raw).__name__}, not a mapping of sections"
+            raise ConfigError(f"{path}: the zoo config {got} (base, domains, ...: see configs/zoo_tiny.yaml)")
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
