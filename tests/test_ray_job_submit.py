@@ -79,6 +79,10 @@ REPORT_KEYS = (
 )
 
 
+def _not_json(name: str) -> None:
+    raise AssertionError(f"report.json holds {name}, which is not JSON")
+
+
 def _get(tree: dict, dotted: str):
     for part in dotted.split("."):
         tree = tree[part]
@@ -92,7 +96,7 @@ def test_whole_pipeline_job_on_the_tiny_testbed(ray_head: RayHead, tmp_path: Pat
     ray_head.submit("pipeline", "jobs/pipeline.py", "--config", str(REPO / "configs" / "zoo_tiny.yaml"),
                     "--out", str(out), "--quick")
     assert ray_head.wait("pipeline", timeout=1500) == "SUCCEEDED", ray_head.logs("pipeline")[-3000:]
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(), parse_constant=_not_json)  # strict JSON: no NaN
     for key in REPORT_KEYS:
         value = _get(report, key)
         assert isinstance(value, float) and value == value and abs(value) != float("inf"), key

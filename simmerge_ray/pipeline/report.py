@@ -8,6 +8,7 @@ from pathlib import Path
 
 from simmerge_ray.errors import OutputError
 from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.io.json_text import json_text
 from simmerge_ray.merge.arms import ARM_NAMES, PAPER_ARMS, STEP_ARMS
 from simmerge_ray.pipeline.layout import RunLayout
 from simmerge_ray.pipeline.selector import loto_evaluated
@@ -115,7 +116,7 @@ def write_report(out: Path, timings: dict[str, float]) -> dict:
     check_report_files(out)
     report = build_report(out, timings)
     atomic_write_text(_report_record(out), json.dumps({"files": list(REPORT_FILES)}))  # the claim, before the files
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.json", json_text(report))  # NaN (an empty group) as null: valid JSON
     shutil.copy(run.selector_eval / "utility.png", out / "utility.png")
     shutil.copy(run.bandit / "regret.png", out / "regret.png")
     ways = [k for k in report["multiway"] if k.endswith("way")]
