@@ -16,6 +16,7 @@ class Parser(argparse.ArgumentParser):
         """Every value given on the command line, before its type reads it: an empty or blank one
         is refused. No option takes one, and `Path("")` is the current folder: `--out ""` wrote a
         stage's files among the user's own there, `convert ""` converted whatever it held."""
-        if isinstance(arg_string, str) and not arg_string.strip():
+        command = isinstance(action, argparse._SubParsersAction)  # its values are the command's arguments:
+        if not command and isinstance(arg_string, str) and not arg_string.strip():  # its parser names the option
             raise argparse.ArgumentError(action, "an empty value (give a file, folder, name or number)")
         return super()._get_value(action, arg_string)

@@ -135,7 +135,8 @@ def test_an_empty_path_option_is_refused(family: Path, tmp_path: Path, capsys, m
     with pytest.raises(SystemExit) as exit_:
         cli_main(argv)
     assert exit_.value.code == 2
-    one_line_error(capsys, "an empty value")
+    flag = case.split()[-1]
+    one_line_error(capsys, f"argument {flag}: an empty value")
     assert tree_hash(work) == before
 
 
