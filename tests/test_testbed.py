@@ -867,6 +867,24 @@ def test_pretraining_threads_beyond_any_node_are_refused_before_training(ray_clu
         assert not out.exists()
 
 
+def test_a_later_stage_beyond_any_node_is_refused_before_the_base_trains(ray_cluster, tmp_path, capsys, monkeypatch):
+    """Every stage the cache lacks is checked once the tokenizer exists: a `skills.threads` no node
+    has was refused only after the base (a miss) had trained, minutes to hours later."""
+    from simmerge_ray.cli import main
+    from simmerge_ray.io.digest_cache import cache_root
+
+    monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "cold-cache"))  # the base is a miss
+    raw = TINY.read_text()
+    bad = tmp_path / "zoo.yaml"
+    bad.write_text(raw.replace("seed: 2}", "seed: 2, threads: 5}"))
+    out = tmp_path / "z"
+    assert main(["zoo", "build", "--config", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{bad}: skills.threads: the skills pretraining task asks for CPU=5 " in err, err
+    assert not (cache_root() / "testbed-pretrain").exists()  # nothing trained, nothing cached
+    assert not out.exists()
+
+
 def test_cached_pretraining_builds_whatever_threads_it_was_trained_with(tiny_zoo, tmp_path, capsys):
     """`threads` shapes the weights (it is in the cache key), so a zoo pretrained with 8 threads on a
     large machine keeps `threads: 8` when rebuilt on a smaller cluster. With its base and skills

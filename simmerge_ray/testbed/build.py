@@ -179,6 +179,20 @@ def check_finite(cfg: ZooConfig, role: str, result: dict, source: str) -> None:
                       f"rate ({train.lr:g}); nothing was written")
 
 
+def _check_stage_placeable(cfg: ZooConfig, role: str, source: str) -> None:
+    check_placeable(f"{source}: {role}.threads: the {role} pretraining task",
+                    ResourceAsk(num_cpus=float(getattr(cfg, role).threads)))
+
+
+def check_stages_placeable(cfg: ZooConfig, tok_json: str, source: str) -> None:
+    """Every pretraining stage the cache lacks, checked before the first trains: a `continued`
+    stage no node can hold was refused only after the base and skills stages had trained."""
+    for role in ("base", "skills", "continued"):
+        if getattr(cfg, role) is not None and not pretrain_cache.present(
+                pretrain_cache.pretrain_key(pretrain_parts(cfg, tok_json, role), role)):
+            _check_stage_placeable(cfg, role, source)
+
+
 def _pretrained(cfg: ZooConfig, tok_json: str, role: str, train: Callable[[], ray.ObjectRef],
                 log: Callable[[str], None], source: str = "zoo config") -> dict:
     """The base, skills or continued checkpoint's training result, from the per-machine cache when an
@@ -194,8 +208,7 @@ def _pretrained(cfg: ZooConfig, tok_json: str, role: str, train: Callable[[], ra
         check_finite(cfg, role, hit, source)
         log(f"{role}: reused from the pretrain cache ({key[:12]})")
         return hit
-    check_placeable(f"{source}: {role}.threads: the {role} pretraining task",
-                    ResourceAsk(num_cpus=float(getattr(cfg, role).threads)))
+    _check_stage_placeable(cfg, role, source)  # again: an entry found corrupt is a miss too
     result = ray.get(train())
     check_finite(cfg, role, result, source)  # before the cache keeps it
     pretrain_cache.store(key, result)
@@ -239,6 +252,7 @@ def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
         timings = {"tokenizer_s": time.perf_counter() - t0}
         log(f"tokenizer: {len(tok)} tokens in {timings['tokenizer_s']:.1f}s")
 
+        check_stages_placeable(cfg, tok_json, str(source))
         cfg_json = cfg.model_dump_json()
         evals_ref = ray.put(evals)
         base = _pretrained(cfg, tok_json, "base", lambda: _train_remote.options(num_cpus=cfg.base.threads).remote(

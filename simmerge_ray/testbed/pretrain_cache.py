@@ -52,6 +52,11 @@ def _entry(key: str) -> Path:
     return cache_root() / "testbed-pretrain" / key
 
 
+def present(key: str) -> bool:
+    """Whether an entry for `key` was published (load() still checks it whole)."""
+    return (_entry(key) / "meta.json").is_file()
+
+
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
