@@ -93,8 +93,9 @@ def yaml_error_summary(e: yaml.YAMLError) -> str:
 
 
 def check_name(value: str) -> str:
-    """A name usable as a folder and a table key: non-empty, no slashes or whitespace, and not
-    `.` or `..` (as a folder, `checkpoints/..` is the zoo root itself)."""
-    if not value or any(c in value for c in "/\\ \t\n") or value in (".", ".."):
-        raise ValueError("must be non-empty with no slashes or whitespace, and not '.' or '..'")
+    """A name usable as a folder and a table key: non-empty, no slashes, no whitespace of any kind
+    (what str.isspace() calls whitespace: a CR, a tab, a form feed, Unicode spaces) and no NUL (no
+    path holds one), and not `.` or `..` (as a folder, `checkpoints/..` is the zoo root itself)."""
+    if not value or any(c in "/\\\0" or c.isspace() for c in value) or value in (".", ".."):
+        raise ValueError("must be non-empty with no slashes or whitespace, and not '.' or '..' (nor a NUL byte)")
     return value

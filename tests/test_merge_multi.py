@@ -129,6 +129,14 @@ def _bad(m: Path, case: str) -> list[dict]:
     elif case == "no final":
         docs.append({**docs[0], "name": "spare"})
         docs[1]["name"] = "final"
+    elif case in ("named base", "named union"):  # tokenizer_source: base would read the keyword
+        name = case.split()[1]
+        docs[0]["name"] = name
+        docs[1] = {**docs[1], "base_model": name, "tokenizer_source": name,
+                   "models": [{"model": name}, {"model": str(m / "m3")}]}
+    elif case in ("NUL in a name", "CR in a name"):
+        docs[0]["name"] = "ti\0ed" if case.startswith("NUL") else "ti\red"
+        docs[1]["models"][0]["model"] = docs[1]["base_model"] = docs[0]["name"]
     return docs
 
 
@@ -140,6 +148,10 @@ def _bad(m: Path, case: str) -> list[dict]:
     ("two unnamed", ["document 3: a second unnamed merge (document 2 is unnamed too)"]),
     ("bad field in document 2", ["document 2 (unnamed): parameters.t:"]),
     ("no final", ["no unnamed final merge, and 2 merges are read by no other ('final', 'spare')"]),
+    ("named base", ["document 1: name: 'base' is a tokenizer keyword (mergekit reads `tokenizer_source: base`"]),
+    ("named union", ["document 1: name: 'union' is a tokenizer keyword"]),
+    ("NUL in a name", ["document 1: name: 'ti\\x00ed' must be non-empty with no slashes or whitespace"]),
+    ("CR in a name", ["document 1: name: 'ti\\red' must be non-empty with no slashes or whitespace"]),
 ])
 def test_a_bad_file_is_one_line_naming_the_document_and_nothing_is_written(
         family: Path, tmp_path: Path, capsys, case: str, needles: list[str]) -> None:
@@ -174,6 +186,84 @@ def test_an_interrupted_multi_document_run_resumes(models: Path, tmp_path: Path,
     assert _leftovers(tmp_path) == []
     assert _merge(cfg, "--out", tmp_path / "fresh") == 0
     assert _weights(out) == _weights(tmp_path / "fresh")
+
+
+def test_a_key_that_cannot_be_computed_leaves_the_kept_merges(models: Path, tmp_path: Path, capsys, caplog
+                                                                ) -> None:
+    """`tied` is kept (m3, which the final reads, is corrupt). The next run cannot key `tied`: m1,
+    which it reads, now has a tokenizer.model that is a symlink to itself, so stat-ing it fails
+    ("too many levels of symbolic links"; the merge itself would skip it as absent). That run
+    fails with one line naming the file, before anything moved: the kept `tied` stays where it
+    was, untouched (it used to be moved into the new work folder first, and removed with it).
+    The link gone, the same command resumes from it."""
+    caplog.set_level(logging.WARNING)
+    cfg = _write(tmp_path / "multi.yaml", _two_stage(models))
+    out = tmp_path / "merged"
+    shard, raw = _corrupt(models / "m3")
+    assert _merge(cfg, "--out", out) == 2
+    one_line_error(capsys, "simmerge merge: error: ")
+    [work] = [tmp_path / n for n in _leftovers(tmp_path)]
+    kept, inode = tree_hash(work), (work / "tied").stat().st_ino
+    shard.write_bytes(raw)
+    loop = models / "m1" / "tokenizer.model"
+    loop.symlink_to(loop.name)
+    assert _merge(cfg, "--out", out) == 2
+    one_line_error(capsys, "simmerge merge: error: ", f"{loop}: cannot stat it to key the merges that read it")
+    assert not out.exists() and [tmp_path / n for n in _leftovers(tmp_path)] == [work]
+    assert tree_hash(work) == kept and (work / "tied").stat().st_ino == inode
+    loop.unlink()
+    caplog.clear()
+    assert _merge(cfg, "--out", out) == 0
+    assert "1 merge(s), resuming" in capsys.readouterr().out
+    assert str(work) in caplog.text and _leftovers(tmp_path) == []
+    assert _merge(cfg, "--out", tmp_path / "fresh") == 0
+    assert _weights(out) == _weights(tmp_path / "fresh")
+
+
+def test_a_new_engine_format_restarts_from_the_models(models: Path, tmp_path: Path, monkeypatch) -> None:
+    """A kept merge made by an engine of another format (a method's numbers or the output's
+    files changed since) is not reused: both merges run again."""
+    from simmerge_ray.merge import resume
+
+    cfg = _write(tmp_path / "multi.yaml", _two_stage(models))
+    shard, raw = _corrupt(models / "m3")
+    assert _merge(cfg, "--out", tmp_path / "merged") == 2
+    shard.write_bytes(raw)
+    monkeypatch.setattr(resume, "ENGINE_FORMAT", resume.ENGINE_FORMAT + 1)
+    assert _merge(cfg, "--out", tmp_path / "merged") == 0
+    assert _leftovers(tmp_path) == []  # the old work folder was removed, not resumed from
+    assert _merge(cfg, "--out", tmp_path / "fresh") == 0
+    assert _weights(tmp_path / "merged") == _weights(tmp_path / "fresh")
+
+
+def test_a_fresh_run_reads_no_checkpoint_in_full_to_key_its_merges(models: Path, tmp_path: Path, monkeypatch,
+                                                                   capsys) -> None:
+    """Keying the intermediates reads no weights (their files' identity is stat-ed): no content
+    fingerprint or file digest is taken (a 111B pair would be 222 GB read before merging)."""
+    from simmerge_ray.io import checkpoint, digest_cache
+
+    def refuse(*_: object) -> str:
+        raise AssertionError("a checkpoint was read in full to key a merge")
+
+    monkeypatch.setattr(checkpoint.Checkpoint, "fingerprint", refuse)
+    monkeypatch.setattr(checkpoint, "file_digest", refuse)
+    monkeypatch.setattr(digest_cache, "file_digest", refuse)
+    cfg = _write(tmp_path / "multi.yaml", _two_stage(models))
+    assert _merge(cfg, "--out", tmp_path / "merged") == 0
+    assert "2 merge(s) in" in capsys.readouterr().out
+
+
+def test_a_model_folder_named_like_the_final_is_a_checkpoint(family: Path, tmp_path: Path) -> None:
+    """`the final` names the unnamed final merge inside the engine; a model folder of that name
+    (relative to the config) is a checkpoint to key, not a merge reference (it recursed)."""
+    shutil.copytree(family / "m1", tmp_path / "the final")
+    docs = _two_stage(family)
+    docs[0]["models"][0]["model"] = "the final"
+    cfg = _write(tmp_path / "multi.yaml", docs)
+    assert _merge(cfg, "--out", tmp_path / "merged") == 0
+    docs[0]["models"][0]["model"] = str(family / "m1")
+    assert _merge(_write(tmp_path / "by-path.yaml", docs), "--out", tmp_path / "by-path") == 0
+    assert _weights(tmp_path / "merged") == _weights(tmp_path / "by-path")
 
 
 def test_a_plan_writes_plan_mergekit_yaml_that_runs_as_merge_plan(models: Path, tmp_path: Path) -> None:
@@ -220,3 +310,15 @@ def test_a_single_named_document_is_the_final(family: Path, tmp_path: Path) -> N
     assert _merge(_write(tmp_path / "plain.yaml", [plain]), "--out", tmp_path / "plain") == 0
     assert _weights(tmp_path / "named") == _weights(tmp_path / "plain")
 
+
+
+def test_a_single_document_with_a_trailing_separator_is_a_plain_config(family: Path, tmp_path: Path) -> None:
+    """`---` after the one document (an empty second document) is still a plain config: the
+    same weights as the file without it (it was refused: "expected a single document")."""
+    doc = {k: v for k, v in _two_stage(family)[0].items() if k != "name"}
+    plain = _write(tmp_path / "plain.yaml", [doc])
+    trailing = tmp_path / "trailing.yaml"
+    trailing.write_text(plain.read_text() + "---\n")
+    assert _merge(trailing, "--out", tmp_path / "trailing") == 0
+    assert _merge(plain, "--out", tmp_path / "plain") == 0
+    assert _weights(tmp_path / "trailing") == _weights(tmp_path / "plain")

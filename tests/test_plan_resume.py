@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,10 +45,11 @@ def models(family: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(family, tmp_path / "models"))
 
 
-def _files(models: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """plan.json and catalog.yaml for the 3-step plan m1 -ties-> m2 -slerp-> m3 -slerp-> m4."""
+def _files(models: Path, tmp_path: Path, checkpoints: dict | None = None) -> tuple[Path, Path]:
+    """plan.json and catalog.yaml for the 3-step plan m1 -ties-> m2 -slerp-> m3 -slerp-> m4
+    (`checkpoints`: the models' fingerprints and stat signatures it records, as `simmerge plan`'s)."""
     plan = tmp_path / "plan.json"
-    plan.write_text(Plan(task="code", models=MODELS, operators=OPERATORS).to_json())
+    plan.write_text(Plan(task="code", models=MODELS, operators=OPERATORS, checkpoints=checkpoints or {}).to_json())
     cat = tmp_path / "catalog.yaml"
     cat.write_text(yaml.safe_dump({"base": str(models / "base"),
                                    "models": [{"name": m, "path": str(models / m)} for m in MODELS]}))
@@ -96,15 +98,15 @@ def _output(out: Path) -> dict[str, bytes]:
             for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def _execute(models: Path, tmp_path: Path, out: Path) -> list:
+def _execute(models: Path, tmp_path: Path, out: Path, checkpoints: dict | None = None) -> list:
     """execute_plan of the plan over `models` into `out` (its MergeResults: one per step run)."""
-    plan, cat = _files(models, tmp_path)
+    plan, cat = _files(models, tmp_path, checkpoints)
     return execute_plan(Plan.load(plan), Catalog.load(cat), out, ExecOptions(workers=1), plan_file=plan)
 
 
-def _fresh(models: Path, tmp_path: Path, name: str) -> dict[str, bytes]:
+def _fresh(models: Path, tmp_path: Path, name: str, checkpoints: dict | None = None) -> dict[str, bytes]:
     """The output of an uninterrupted run of the plan over `models` into another folder."""
-    assert len(_execute(models, tmp_path, tmp_path / name)) == 3
+    assert len(_execute(models, tmp_path, tmp_path / name, checkpoints)) == 3
     return _output(tmp_path / name)
 
 
@@ -200,23 +202,65 @@ def test_a_live_processes_work_folder_is_neither_taken_nor_removed(models: Path,
     assert _work(tmp_path) == [work] and tree_hash(work) == before
 
 
+def _shard_copied_over_itself(model: Path) -> None:
+    """`cp -p` of a shard over itself: the same bytes, size and mtime; a new change time."""
+    shard = sorted(model.glob("*.safetensors"))[0]
+    subprocess.run(["cp", "-p", str(shard), str(model / "copy")], check=True)
+    subprocess.run(["cp", "-p", str(model / "copy"), str(shard)], check=True)
+    (model / "copy").unlink()
 
-def test_a_plans_recorded_fingerprint_stands_for_an_unchanged_checkpoint(models: Path, tmp_path: Path) -> None:
-    """A step's key takes a model's fingerprint from the plan's record while the files' stat
-    signature is the recorded one (a 111B checkpoint is not read again to key the step), and
-    computes it when the signature differs: the record is trusted only for the files it describes."""
+
+def _shard_replaced_keeping_size_and_mtime(model: Path) -> None:
+    """Other weights of the same size, the old mtime put back (what `rsync -a` of a retrained
+    model of the same shape leaves): a size-and-mtime key takes it for the old file."""
+    shard = sorted(model.glob("*.safetensors"))[0]
+    st = shard.stat()
+    _retrain(model)
+    assert shard.stat().st_size == st.st_size
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _tokenizer_edited(model: Path) -> None:
+    """A token's text changed: a merge's tokenizer (union, base) and chat template come from here."""
+    path = model / "tokenizer_config.json"
+    path.write_text(path.read_text().replace("<|pad|>", "<|padding|>"))
+
+
+def _read(model: Path) -> None:
+    """Every file read (a fingerprint, a copy elsewhere), none written."""
+    tree_hash(model)
+    shutil.copytree(model, model.parent / "elsewhere")
+
+
+@pytest.mark.parametrize("change, resumed", [
+    (_read, True),
+    (_tokenizer_edited, False),
+    (_shard_copied_over_itself, False),
+    (_shard_replaced_keeping_size_and_mtime, False),
+], ids=["read only", "tokenizer edited", "cp -p over itself", "same size and mtime"])
+def test_a_kept_step_stands_for_the_very_same_files(models: Path, tmp_path: Path, caplog, change, resumed: bool
+                                                    ) -> None:
+    """Steps 1-2 read m1, which has a tokenizer_config.json: a kept step is reused only while
+    every file of m1 a merge reads or copies is the very same file (path, size, mtime, inode,
+    change time). Reading m1 keeps it; an edited tokenizer file, a shard copied over itself with
+    its bytes and mtime (`cp -p`), or other weights of the same size under the old mtime, make
+    all 3 steps run again, to the output of an uninterrupted run. The plan records m1's
+    fingerprint and stat signature (path, size, mtime) as `simmerge plan` does: no stand-in for
+    the files (it once was, so the last two resumed)."""
     from simmerge_ray.io.checkpoint import Checkpoint
-    from simmerge_ray.planner.resume import StepKeys
 
-    _, cat_file = _files(models, tmp_path)
-    cat = Catalog.load(cat_file)
+    caplog.set_level(logging.WARNING)
+    (models / "m1" / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|pad|>"}))
     ck = Checkpoint.open(models / "m1")
-
-    def key(checkpoints: dict) -> str:
-        return StepKeys(Plan("code", MODELS, OPERATORS, checkpoints=checkpoints), cat, None, 0, None, False).key(1)
-
-    computed = key({})
-    assert key({"m1": {"fingerprint": ck.fingerprint(), "signature": ck.stat_signature()}}) == computed
-    stand_in = key({"m1": {"fingerprint": "recorded", "signature": ck.stat_signature()}})
-    assert stand_in != computed  # taken from the record, not read
-    assert key({"m1": {"fingerprint": "recorded", "signature": "other files"}}) == computed
+    recorded = {"m1": {"fingerprint": ck.fingerprint(), "signature": ck.stat_signature()}}
+    shard, raw = _corrupt(models / "m4")
+    with pytest.raises(SimMergeError):
+        _execute(models, tmp_path, tmp_path / "merged", recorded)
+    shard.write_bytes(raw)
+    change(models / "m1")
+    caplog.clear()
+    results = _execute(models, tmp_path, tmp_path / "merged", recorded)
+    assert len(results) == (1 if resumed else 3)
+    assert ("resuming the plan after step 2 of 3" in caplog.text) == resumed
+    assert _work(tmp_path) == []
+    assert _output(tmp_path / "merged") == _fresh(models, tmp_path, "fresh", recorded)

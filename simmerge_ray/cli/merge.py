@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from simmerge_ray.cli.common import at_least_one, human_bytes, human_rate, name_listing, positive
 from simmerge_ray.ray_session import init_ray
@@ -93,9 +94,13 @@ def run(args: argparse.Namespace) -> int:
     from simmerge_ray.merge.multi import is_multi_document
     from simmerge_ray.yaml_io import read_yaml_documents
 
-    if is_multi_document(read_yaml_documents(args.config, "merge config")):
+    docs = read_yaml_documents(args.config, "merge config")
+    if is_multi_document(docs):
         return _run_multi(args, opts)
-    spec = MergeSpec.load(args.config, seed=args.seed)
+    # the one document parsed above (empty ones, as a trailing `---` makes, are no config), as
+    # MergeSpec.load reads a single-document file: relative paths under the file's folder
+    single = next((d for d in docs if d is not None), None)
+    spec = MergeSpec.from_dict(single, root=Path(args.config).parent, source=str(args.config), seed=args.seed)
     check_output(args.out, overwrite=args.overwrite, inputs=[*input_paths(spec), args.config])
     if args.dry_run:
         return _dry_run(spec, opts)
@@ -128,8 +133,6 @@ def _dry_run(spec, opts) -> int:
 def _run_multi(args: argparse.Namespace, opts) -> int:
     """A multi-document config (mergekit-multi's): every document checked, then its merges in
     dependency order, the final into --out; an interrupted run resumes (merge/multi.py)."""
-    from pathlib import Path
-
     from simmerge_ray.merge.multi import load_multi, run_multi
 
     if args.dtype is not None:
@@ -156,8 +159,6 @@ def _run_multi(args: argparse.Namespace, opts) -> int:
 
 
 def _run_plan(args: argparse.Namespace, opts) -> int:
-    from pathlib import Path
-
     from simmerge_ray.catalog import Catalog
     from simmerge_ray.merge.config import check_float_dtype
     from simmerge_ray.planner.execute import check_plan, execute_plan

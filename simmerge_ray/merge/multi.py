@@ -7,7 +7,8 @@ name wins over a folder of the same name, as in mergekit). At most one document 
 final merge, written to --out. Without one, the final is the one named merge no other reads;
 with several such merges (or, beside an unnamed final, any named merge nothing reads) the file
 is refused: simmerge keeps only the final output, so an unread merge would be thrown away.
-Names are folder names (no slashes or whitespace, not starting with `.`).
+Names are folder names (no slashes or whitespace, not starting with `.`), and not `base` or
+`union`, which mergekit reads as tokenizer keywords where a tokenizer source goes.
 
 Every document is checked before anything runs (its fields as a single config, its references,
 the graph: duplicates, cycles, the final; the checkpoints of merges that read no other merge,
@@ -15,7 +16,7 @@ headers only). The merges run in dependency order with the streaming engine, eac
 in a work folder beside --out, removed once every merge reading it has finished; the final is
 written beside --out and renamed into place. A run that fails keeps the finished intermediates
 that are still to be read, and the next run of the same --out resumes from them while their
-content keys match (merge/resume.py)."""
+keys match: the same configs over the very same files (merge/resume.py)."""
 
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.out_checks import check_replaceable
 from simmerge_ray.merge.config import MergeSpec, Provenance
 from simmerge_ray.merge.executor import ExecOptions, MergeResult, check_merge, run_merge
-from simmerge_ray.merge.resume import (KEY_SUFFIX, Stage, StageKeys, adopt_kept, key_file, kept_stages,
-                                       model_refs, new_work_folder, record_stage, release, resolve_local,
-                                       stage_folder, stages_to_run, substitute_refs)
+from simmerge_ray.merge.resume import (KEY_SUFFIX, TOKENIZER_KEYWORDS, Stage, StageKeys, adopt_kept, key_file,
+                                       kept_stages, model_refs, new_work_folder, record_stage, release,
+                                       resolve_local, stage_folder, stages_to_run, substitute_refs)
 from simmerge_ray.yaml_io import check_name, read_yaml_documents
 
 log = logging.getLogger(__name__)
@@ -71,17 +72,16 @@ def _default_words(source: str, n: int) -> Words:
     return Words(kept=names, resumed=lambda kept: f"{source} after {names(kept)}")
 
 
-def run_stages(graph: StageGraph, out: Path, opts: ExecOptions = ExecOptions(),
-               fingerprint: Callable[[Path], str] | None = None) -> list[MergeResult]:
+def run_stages(graph: StageGraph, out: Path, opts: ExecOptions = ExecOptions()) -> list[MergeResult]:
     """Run the graph's merges into `out`, each intermediate in a work folder beside it (removed
     on success; kept when a merge fails after others finished, and resumed from by the next run
-    for `out` while their content keys still match). Returns the results of the merges this run
+    for `out` while their keys still match: the same configs over the very same files). Returns the results of the merges this run
     made (the final's last): fewer than the stages for a resumed run."""
     out = Path(out)
     stages = list(graph.stages)
     check_replaceable(out, overwrite=opts.overwrite)  # an empty folder is used, as for a config
     words = graph.words or _default_words(graph.source, len(stages))
-    keys = StageKeys(stages, graph.root, graph.seed, opts.compute_dtype, opts.allow_nonfinite, fingerprint)
+    keys = StageKeys(stages, graph.root, graph.seed, opts.compute_dtype, opts.allow_nonfinite)
     made = missing_parents(out)  # created for the work folder; removed again if nothing is kept
     work = new_work_folder(out)
     results: list[MergeResult] = []
@@ -93,7 +93,7 @@ def run_stages(graph: StageGraph, out: Path, opts: ExecOptions = ExecOptions(),
         folders = {s.name: str(stage_folder(work, s.name)) for s in stages[:-1]}
         for stage in todo:
             last = stage is stages[-1]
-            key = None if last else keys.key(stage.name)  # fingerprints of what it reads, before it reads them
+            key = None if last else keys.key(stage.name)  # the files it reads, before it reads them
             cfg = substitute_refs(stage.config, {d: folders[d] for d in stage.deps})
             spec = MergeSpec.from_dict(cfg, root=graph.root or work, source=stage.source, seed=graph.seed)
             if graph.provenance is not None:
@@ -165,6 +165,10 @@ def _check_doc_name(value: Any, where: str) -> str:
     if value.startswith(".") or value.endswith(KEY_SUFFIX):
         raise ConfigError(f"{where}: name: {value!r} may not start with '.' or end with {KEY_SUFFIX!r} "
                           "(it names the merge's folder)")
+    if value in TOKENIZER_KEYWORDS:
+        raise ConfigError(f"{where}: name: {value!r} is a tokenizer keyword (mergekit reads `tokenizer_source: "
+                          f"{value}` and a tokenizer `source: {value}` as the keyword, not as this merge): give "
+                          "the merge another name")
     return value
 
 

@@ -4,14 +4,24 @@ the same --out reuses those still valid.
 
 Each kept stage `<name>` has a key file `<name>.key.json` beside its folder (written atomically
 after the folder was published, itself complete or absent): a digest of everything that shapes
-the stage's bytes: its config with every checkpoint it reads replaced by the checkpoint's content
-fingerprint (through the stat-keyed digest cache) and every earlier merge it reads by that merge's
-key. A stage's key depends only on the checkpoints it and the merges it reads read, so a model
-only a later merge reads may change and the stage stays valid.
+the stage's bytes: its config with every checkpoint it reads replaced by the identity of the
+checkpoint's files and every earlier merge it reads by that merge's key. A stage's key depends
+only on the checkpoints it and the merges it reads read, so a model only a later merge reads may
+change and the stage stays valid.
+
+A kept stage is a resume state for the same files on the same machine, not a cache shared across
+places: a checkpoint is keyed by the identity of every file of it a merge reads or copies
+(weights, index, config.json, generation_config.json, the tokenizer files): resolved path, size,
+modification time, inode and change time, without reading a byte, so keying costs a fresh run
+nothing. Any copy or edit of one of those files (`cp -p` and `rsync -a` included, which keep size
+and mtime but not inode or ctime) makes the stages that read it run again: safe, never stale.
 
 The work folder keeps its owner record (io/owner.py): another process's folder is reused or
-removed only when its owner died; this process's own only when no run here is using it. A run
-takes a kept folder by renaming it into its own, so two runs never share one."""
+removed only when its owner died; this process's own only when no run here is using it. Which
+kept stages a run reuses is decided before anything moves (a key that cannot be computed fails
+the run with every kept stage where it was); each reused stage is then renamed into the run's
+own folder (atomic: of two runs only one gets it) with its key, and only then are the left-behind
+folders removed."""
 
 from __future__ import annotations
 
@@ -27,15 +37,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simmerge_ray import __version__
+from simmerge_ray.errors import CheckpointError
 from simmerge_ray.io.atomic import atomic_write_text, owned_temp_dir
-from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.checkpoint import INDEX_FILE, SINGLE_FILE, shards_from_index
 from simmerge_ray.io.digest_cache import json_digest
 from simmerge_ray.io.owner import owned_by_this_process, owner_is_dead
+from simmerge_ray.io.side_files import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
-KEY_FORMAT = 2  # 2: keys of a graph of named merges (1: a plan's chain of steps)
+# 3: checkpoints keyed by their files' identity (2: by content fingerprint; 1: a plan's chain of steps)
+KEY_FORMAT = 3
+# The engine's part of every key: bump it when a merge method's numbers or the files of an output
+# change, so that no stage an older engine kept is reused.
+ENGINE_FORMAT = 1
 KEY_SUFFIX = ".key.json"
 # Where a mergekit config names a model (mergekit's ModelReference fields): an earlier merge's
 # name is read there, and nowhere else. `tokenizer_source`/`source` may also be a keyword.
@@ -91,48 +106,81 @@ def resolve_local(ref: str, root: Path | None) -> Path | None:
     return None
 
 
+# The files of a checkpoint folder a merge reads or copies beside its weight shards
+# (merge/output_files.py, io/side_files.py): a missing one is recorded as absent.
+SIDE_FILES = ("config.json", "generation_config.json", INDEX_FILE, *TOKENIZER_FILES)
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    """Where a file is and which file it is, from its inode's metadata only (nothing is read)."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return {"absent": str(path)}
+    except OSError as e:  # a symlink loop, an I/O error: the stages reading it cannot be proven valid
+        raise CheckpointError(f"{path}: cannot stat it to key the merges that read it "
+                              f"({e.strerror or e})") from None
+    return {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ino": st.st_ino, "ctime_ns": st.st_ctime_ns}
+
+
+def checkpoint_identity(path: Path) -> list[dict[str, Any]]:
+    """The identity of every file of the checkpoint `path` (a folder, or a lone .safetensors
+    file) that a merge reads or copies: weight shards (as Checkpoint.open picks them), the index,
+    config.json, generation_config.json and the tokenizer files."""
+    path = Path(path)
+    if not path.is_dir():
+        return [_file_identity(path)]
+    if (path / INDEX_FILE).is_file():
+        shards = list(shards_from_index(path / INDEX_FILE))
+    elif (path / SINGLE_FILE).exists():
+        shards = [SINGLE_FILE]
+    else:
+        shards = sorted(p.name for p in path.glob("*.safetensors"))
+    return [_file_identity(path / name) for name in (*shards, *SIDE_FILES)]
+
+
 class StageKeys:
-    """The content key of each stage's output, computed when first asked for (a stage's key reads
-    only the fingerprints of the checkpoints it and the stages it reads merge). `fingerprint`
-    overrides how a checkpoint folder is fingerprinted (a plan trusts its recorded ones)."""
+    """The key of each stage's output, computed when first asked for (a stage's key reads only
+    the identities of the checkpoints it and the stages it reads merge)."""
 
     def __init__(self, stages: Sequence[Stage], root: Path | None, seed: int, compute_dtype: str | None,
-                 allow_nonfinite: bool, fingerprint: Callable[[Path], str] | None = None) -> None:
+                 allow_nonfinite: bool) -> None:
         self._stages = {s.name: s for s in stages}
         self._root = root
         # Everything else that changes a stage's bytes: DARE's seed, the compute dtype, whether
-        # non-finite values were let through, and the engine's version.
+        # non-finite values were let through, and the engine's format.
         self._common = {"format": KEY_FORMAT, "seed": seed, "compute_dtype": compute_dtype,
-                        "allow_nonfinite": allow_nonfinite, "engine": __version__}
-        self._fingerprint_of = fingerprint or (lambda p: Checkpoint.open(p).fingerprint())
-        self._fingerprints: dict[Path, str] = {}
+                        "allow_nonfinite": allow_nonfinite, "engine": ENGINE_FORMAT}
+        self._identities: dict[Path, list[dict[str, Any]]] = {}
         self._keys: dict[str, str] = {}
 
-    def _fingerprint(self, path: Path) -> str:
-        if path not in self._fingerprints:
-            self._fingerprints[path] = self._fingerprint_of(path)
-        return self._fingerprints[path]
+    def _identity(self, path: Path) -> list[dict[str, Any]]:
+        if path not in self._identities:
+            self._identities[path] = checkpoint_identity(path)
+        return self._identities[path]
 
-    def _ref(self, key: str, value: str) -> Any:
-        if value in self._stages:
+    def _ref(self, key: str, value: str, deps: tuple[str, ...]) -> Any:
+        if value in deps:  # an earlier merge (never the final: nothing reads it)
             return {"merge": self.key(value)}
         if key in ("tokenizer_source", "source") and value in TOKENIZER_KEYWORDS:
             return value
         path = resolve_local(value, self._root)
-        return {"checkpoint": self._fingerprint(path)} if path is not None else value
+        return {"checkpoint": self._identity(path)} if path is not None else value
 
-    def _by_content(self, value: Any) -> Any:
+    def _by_content(self, value: Any, deps: tuple[str, ...]) -> Any:
         if isinstance(value, dict):
-            return {k: (self._ref(k, v) if k in MODEL_KEYS and isinstance(v, str)
-                        else v if k == "parameters" else self._by_content(v)) for k, v in value.items()}
+            return {k: (self._ref(k, v, deps) if k in MODEL_KEYS and isinstance(v, str)
+                        else v if k == "parameters" else self._by_content(v, deps)) for k, v in value.items()}
         if isinstance(value, list):
-            return [self._by_content(v) for v in value]
+            return [self._by_content(v, deps) for v in value]
         return value
 
     def key(self, name: str) -> str:
         """The stage's key, chained to the keys of the stages it reads."""
         if name not in self._keys:
-            payload = {**self._common, "config": self._by_content(self._stages[name].config)}
+            stage = self._stages[name]
+            payload = {**self._common, "config": self._by_content(stage.config, stage.deps)}
             self._keys[name] = json_digest(payload)
         return self._keys[name]
 
@@ -214,12 +262,37 @@ def _take(folder: Path, work: Path) -> Path | None:
     return taken
 
 
+def _claim(folder: Path, work: Path, name: str, key: str) -> bool:
+    """Move the kept stage `name` of `folder` into `work` with its key; False when another run
+    took it first. Atomic for the stage: a rename, then its key written in `work` even when the
+    run is interrupted right after the rename, or, when that fails, the folder put back."""
+    src, dst = stage_folder(folder, name), stage_folder(work, name)
+    try:
+        os.rename(src, dst)
+    except OSError:
+        return False
+    finally:
+        if dst.is_dir() and not key_file(work, name).exists():
+            try:
+                record_stage(work, name, key)
+            except BaseException:
+                os.rename(dst, src)  # where it was, beside its key: nothing lost
+                raise
+    try:
+        key_file(folder, name).unlink(missing_ok=True)
+    except OSError:
+        pass  # a key without its folder is never read
+    return True
+
+
 def adopt_kept(out: Path, work: Path, stages: Sequence[Stage], keys: StageKeys,
                describe: Callable[[list[str]], str]) -> set[str]:
     """Move the reusable stages of left-behind work folders of `out` into `work` (only those the
     run reads instead of making), and remove the left-behind folders (another graph's, a changed
     model's, a killed run's). Folders a live run owns, and folders without a readable owner
-    record, are left alone. Returns the stages this run reuses; `describe` names them in the log."""
+    record, are left alone. Every key is computed before anything moves or goes: when one
+    cannot be (an unreadable model file, Ctrl-C), every left-behind folder stays as it was.
+    Returns the stages this run reuses; `describe` names them in the log."""
     # exactly owned_temp_dir's names: `.a.plan-1234abcd`, not the work folder of an --out `a.plan-x`
     pattern = re.compile(re.escape(work_prefix(out)) + r"[0-9a-f]{8}")
     try:
@@ -228,27 +301,30 @@ def adopt_kept(out: Path, work: Path, stages: Sequence[Stage], keys: StageKeys,
     except OSError:
         return set()
     names = {s.name for s in stages[:-1]}
-    taken: list[tuple[Path, Path]] = []  # (left-behind folder, where it is now)
-    found: dict[str, Path] = {}  # stage -> the taken folder holding a valid copy
+    found: dict[str, Path] = {}  # stage -> the left-behind folder holding a valid copy
     for folder in candidates:
-        moved = _take(folder, work)
+        for name in kept_stages(folder):
+            if name in names and name not in found and recorded_key(folder, name) == keys.key(name):
+                found[name] = folder
+    claimed: dict[str, Path] = {}  # stage -> the folder it was kept in, now in `work`
+    while True:  # a stage another run took first is made here, and so may need the stages it reads
+        _, reused = stages_to_run(stages, found)
+        todo = sorted(reused - claimed.keys())
+        if not todo:
+            break
+        for name in todo:
+            if _claim(found[name], work, name, keys.key(name)):
+                claimed[name] = found[name]
+            else:
+                del found[name]
+    for folder in candidates:
+        mine = sorted(n for n, f in claimed.items() if f == folder)
+        if mine:
+            log.warning("%s: resuming %s (kept in %s, moved to %s)", out, describe(mine), folder, work)
+        moved = _take(folder, work)  # what it still holds is not reused: unneeded, or no longer valid
         if moved is None:
             continue
-        taken.append((folder, moved))
-        for name in kept_stages(moved):
-            if name in names and name not in found and recorded_key(moved, name) == keys.key(name):
-                found[name] = moved
-    _, reused = stages_to_run(stages, found)
-    sources: set[Path] = set()
-    for name in sorted(reused):
-        os.rename(stage_folder(found[name], name), stage_folder(work, name))
-        os.rename(key_file(found[name], name), key_file(work, name))
-        sources.add(found[name])
-    for folder, moved in taken:
-        if moved in sources:
-            log.warning("%s: resuming %s (kept in %s, moved to %s)", out,
-                        describe(sorted(n for n in reused if found[n] == moved)), folder, work)
-        else:
+        if not mine:
             log.warning("removed %s, left by an earlier run of this --out and not reusable", folder)
         shutil.rmtree(moved, ignore_errors=True)
     return reused

@@ -8,7 +8,6 @@ after it (planner/resume.py)."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,9 +21,7 @@ from simmerge_ray.merge.executor import ExecOptions, MergeResult, check_merge, r
 from simmerge_ray.planner.plan import Plan
 from simmerge_ray.merge.multi import StageGraph, run_stages
 from simmerge_ray.merge.resume import Stage
-from simmerge_ray.planner.resume import STEP, RecordedFingerprints, plan_stages, plan_words
-
-log = logging.getLogger(__name__)
+from simmerge_ray.planner.resume import STEP, plan_stages, plan_words
 
 
 def chain(models: list[str], operators: list[str]) -> str:
@@ -109,7 +106,8 @@ def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = Ex
                  out_dtype: str | None = None, plan_file: Path | None = None, seed: int = 0) -> list[MergeResult]:
     """Run the plan's steps into `out`, each intermediate in a work folder beside it (removed on
     success; kept when a step fails after others finished, and resumed from by the next run for
-    `out` while the steps' content keys still match: hours of big merges are not redone);
+    `out` while the steps' keys still match, the same configs over the very same model files:
+    hours of big merges are not redone);
     each output's model card names the catalog models and the plan's steps, not that folder.
     `seed` seeds stochastic arms (DARE) as `merge --seed` does a config's. Returns the results of
     the merges this run made: one for a folded plan, fewer than the steps for a resumed one.
@@ -135,4 +133,4 @@ def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = Ex
 
     graph = StageGraph(tuple(stages), seed=seed, provenance=provenance, words=plan_words(len(stages)),
                        source=str(plan_file or "plan"))
-    return run_stages(graph, out, opts, fingerprint=RecordedFingerprints(plan, catalog))
+    return run_stages(graph, out, opts)
