@@ -118,15 +118,18 @@ def test_whole_pipeline_job_on_the_tiny_testbed(ray_head: RayHead, tmp_path: Pat
     assert (f"leave one task out: {lo['selection_accuracy']:.1%}" if "selection_accuracy" in lo else lo["reason"]) in md
     assert "[8/8] bandit" in ray_head.logs("pipeline")
 
-    # The fitted selector applied, unchanged, as a transfer job: finished stages are reused, the
-    # pairwise labels come from the label cache, and the report compares it with the oracle.
+    # The fitted selector applied, unchanged, as a transfer job into a copy of the run (transfer
+    # refuses the selector's own run folder, whose labels it would replace): finished stages are
+    # reused, the pairwise labels come from the label cache, and the report compares it with the oracle.
+    target = tmp_path / "transfer-run"
+    shutil.copytree(out, target)  # times kept: the stage markers see their outputs unchanged
     ray_head.submit("transfer", "jobs/transfer.py", "--config", str(REPO / "configs" / "zoo_tiny.yaml"),
-                    "--out", str(out), "--selector", str(out / "selector"), "--no-reference")
+                    "--out", str(target), "--selector", str(out / "selector"), "--no-reference")
     assert ray_head.wait("transfer", timeout=600) == "SUCCEEDED", ray_head.logs("transfer")[-3000:]
     logs = ray_head.logs("transfer")
     # zoo and features reused; labels run again with its own settings (2-way only), from the cache
     assert "[1/4] zoo" in logs and logs.count("done earlier") == 3 and "SimMerge (transferred)" in logs
-    t = json.loads((out / "transfer" / "transfer.json").read_text())["transfer"]
+    t = json.loads((target / "transfer" / "transfer.json").read_text())["transfer"]
     assert t["n"] == report["pairwise"]["pairs"] and 0 <= t["selection_accuracy"] <= 1
     # Its own training pairs: only those above the training rows' 99th percentile of max |z| are
     # flagged, which (interpolated over n rows) is at most ceil(0.01 (n - 1)) of them.

@@ -252,13 +252,13 @@ def test_every_readme_command_runs_and_writes_its_own_folder(walkthrough: dict) 
     assert [c for c in walkthrough["out"] if c != STOP_SERVER] == [c for c in commands if not c.startswith("kubectl ")]
     assert [c.split()[1] for c in commands if c.startswith("simmerge ")] == [
         "merge", "features", "features", "label", "fit", "evaluate-selector", "plan", "merge", "plan", "merge",
-        "merge", "merge", "fit", "plan", "bandit-init", "serve"]
+        "merge", "merge", "merge", "fit", "plan", "bandit-init", "serve"]
     assert [c.split()[0] for c in commands if not c.startswith("simmerge ")] == [
         "python", "curl", "curl", "ray", "kubectl"]
     outs = [shlex.split(c)[shlex.split(c).index("--out") + 1] for c in commands if " --out " in c]
     shared = {o for o in outs if outs.count(o) > 1}
     assert shared == {"feats/"}  # the two feature stages, which own separate files there
-    for name in ("merged", "merged-pair", "merged-3way", "merged-3way-steps", "merged-cluster", "selector",
+    for name in ("merged", "merged-pair", "merged-3way", "merged-3way-multi", "merged-3way-steps", "merged-cluster", "selector",
                  "selector-eval", "selector-aux", "plan-pair", "plan-3way", "plan-3way-both", "labels", "bandit"):
         assert (ws / name).is_dir(), name
     # With the auxiliary selector every model of the plan has a predicted retention.
@@ -278,6 +278,9 @@ def test_plan_steps_run_from_any_folder_and_match_the_plan_merge(walkthrough: di
     assert str((ws / "plan-3way" / "step-1").resolve()) in refs
     got, want = _tensors(ws / "merged-3way-steps"), _tensors(ws / "merged-3way")
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    # plan.mergekit.yaml runs the same steps (a plan folded into one linear merge: float32 rounding apart)
+    multi = _tensors(ws / "merged-3way-multi")
+    assert multi.keys() == want.keys() and all(torch.allclose(multi[n], want[n], rtol=1e-5, atol=1e-6) for n in want)
     header = (ws / "plan-3way" / "step-2.yaml").read_text().splitlines()[1]
     assert header == f"#   simmerge merge {(ws / 'plan-3way' / 'step-2.yaml').resolve()} --out MERGED"
     # Model cards name what the user knows: `merge --plan`'s the catalog models and the plan's
