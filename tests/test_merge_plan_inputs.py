@@ -7,6 +7,7 @@ before failing, left folders behind, or ignored the option."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -210,4 +211,33 @@ def test_a_model_changed_since_the_plan_is_refused(models: Path, tmp_path: Path,
     save_file(tensors, shard, metadata={"format": "pt"})
     line = _refused(work, tmp_path, capsys, [*merge[1:5]], tmp_path / "changed")
     assert line.endswith(f"{plan}: model 'm2' ({moved}) is not the checkpoint the plan was made for (its content "
+                         f"changed since `simmerge plan`); compute its features and plan again"), line
+
+
+def test_a_model_retrained_in_place_with_its_old_time_is_refused(models: Path, tmp_path: Path, capsys) -> None:
+    """Fine-tunes of one architecture have one size, and `rsync -a`, `cp -p` or an unpacked archive
+    keep the old modification time: a stat signature of path, size and mtime alone matched, and the
+    plan merged a model it was not made for. The inode and ctime (only the kernel sets it) tell."""
+    from simmerge_ray.features.provenance import META_FILE, checkpoint_record, measured_checkpoints
+    from simmerge_ray.io.checkpoint import Checkpoint
+
+    work = tmp_path / "models"
+    shutil.copytree(models, work)
+    feats = tmp_path / "features"
+    feats.mkdir()
+    (feats / META_FILE).write_text(json.dumps(checkpoint_record({m: Checkpoint.open(work / m) for m in ("m1", "m2")})))
+    plan = _plan(tmp_path, ["linear"], checkpoints=measured_checkpoints(feats, ["m1", "m2"]))
+    cat = _catalog(work, tmp_path)
+    shard = sorted((work / "m2").glob("*.safetensors"))[0]
+    st = shard.stat()
+    tensors = load_file(shard)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] * 2  # same names, shapes and size; other weights
+    retrained = tmp_path / "retrained.safetensors"
+    save_file(tensors, retrained, metadata={"format": "pt"})
+    os.replace(retrained, shard)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert shard.stat().st_size == st.st_size and shard.stat().st_mtime_ns == st.st_mtime_ns
+    line = _refused(work, tmp_path, capsys, ["--plan", str(plan), "--catalog", str(cat)], tmp_path / "merged")
+    assert line.endswith(f"{plan}: model 'm2' ({work / 'm2'}) is not the checkpoint the plan was made for (its content "
                          f"changed since `simmerge plan`); compute its features and plan again"), line

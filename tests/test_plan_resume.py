@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.cli import main as cli_main
-from simmerge_ray.errors import SimMergeError
+from simmerge_ray.errors import ConfigError, SimMergeError
 from simmerge_ray.io.owner import OWNER_FILE, _start_time
 from simmerge_ray.io.synthetic import SyntheticSpec, make_family
 from simmerge_ray.merge.executor import ExecOptions
@@ -236,17 +236,19 @@ def _read(model: Path) -> None:
     (_read, True),
     (_tokenizer_edited, False),
     (_shard_copied_over_itself, False),
-    (_shard_replaced_keeping_size_and_mtime, False),
+    (_shard_replaced_keeping_size_and_mtime, None),  # None: the plan's own check refuses the model
 ], ids=["read only", "tokenizer edited", "cp -p over itself", "same size and mtime"])
-def test_a_kept_step_stands_for_the_very_same_files(models: Path, tmp_path: Path, caplog, change, resumed: bool
-                                                    ) -> None:
+def test_a_kept_step_stands_for_the_very_same_files(models: Path, tmp_path: Path, caplog, change,
+                                                    resumed: bool | None) -> None:
     """Steps 1-2 read m1, which has a tokenizer_config.json: a kept step is reused only while
     every file of m1 a merge reads or copies is the very same file (path, size, mtime, inode,
     change time). Reading m1 keeps it; an edited tokenizer file, a shard copied over itself with
     its bytes and mtime (`cp -p`), or other weights of the same size under the old mtime, make
     all 3 steps run again, to the output of an uninterrupted run. The plan records m1's
-    fingerprint and stat signature (path, size, mtime) as `simmerge plan` does: no stand-in for
-    the files (it once was, so the last two resumed)."""
+    fingerprint and stat signature as `simmerge plan` does: no stand-in for the files (it once
+    was, so the last two resumed); other weights under the old size and mtime are, moreover, not
+    the model the plan was made for (its signature holds the inode and ctime too): refused before
+    any step, the kept step left where it is."""
     from simmerge_ray.io.checkpoint import Checkpoint
 
     caplog.set_level(logging.WARNING)
@@ -259,6 +261,12 @@ def test_a_kept_step_stands_for_the_very_same_files(models: Path, tmp_path: Path
     shard.write_bytes(raw)
     change(models / "m1")
     caplog.clear()
+    if resumed is None:
+        kept = _work(tmp_path)
+        with pytest.raises(ConfigError, match=r"model 'm1' .* is not the checkpoint the plan was made for"):
+            _execute(models, tmp_path, tmp_path / "merged", recorded)
+        assert _work(tmp_path) == kept != []
+        return
     results = _execute(models, tmp_path, tmp_path / "merged", recorded)
     assert len(results) == (1 if resumed else 3)
     assert ("resuming the plan after step 2 of 3" in caplog.text) == resumed

@@ -313,13 +313,15 @@ class Checkpoint:
         return h.hexdigest()
 
     def stat_signature(self) -> str:
-        """Where the files are, their sizes and modification times: equal to a recorded one, the
-        files are the ones a fingerprint was taken of, without reading them (a fingerprint of a
-        111B checkpoint reads 222 GB when its digests are not cached on this node)."""
+        """Where the files are, their inodes, sizes, modification and change times: equal to a
+        recorded one, the files are the ones a fingerprint was taken of, without reading them (a
+        fingerprint of a 111B checkpoint reads 222 GB when its digests are not cached on this
+        node). The inode and ctime as file_digest keys them: fine-tunes of one architecture have
+        one size, and `cp -p` or an unpacked archive keeps the old mtime, not the ctime."""
         h = hashlib.blake2b(digest_size=16)
         for f in sorted({e.file for e in self.entries.values()}):
             st = Path(f).resolve().stat()
-            h.update(f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(f"{Path(f).resolve()}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}\n".encode())
         h.update(json.dumps(self.config, sort_keys=True).encode())
         return h.hexdigest()
 
