@@ -441,8 +441,8 @@ from simmerge_ray.cli import _interrupt_on_sigterm
 from simmerge_ray.ray_session import init_ray
 _interrupt_on_sigterm()  # as the CLI does before running a command
 init_ray(num_cpus=1)
-print("ray up", flush=True)
-try:
+try:  # the line inside: the signal may arrive before print returns (a KeyboardInterrupt outside the try)
+    print("ray up", flush=True)
     time.sleep(120)
 except KeyboardInterrupt:
     import ray
