@@ -182,3 +182,18 @@ def test_a_base_given_as_a_lone_file_takes_the_config_from_the_first_model_folde
         {k: v for k, v in m1.items() if k not in ("dtype", "torch_dtype")}
     assert f"{lone} is a lone .safetensors file: the output's config.json and tokenizer come from {models / 'm1'}" \
         in caplog.text
+
+
+@pytest.mark.parametrize("extra, named", [(["--dtype", "bfloat16"], "--dtype"), (["--catalog", "c.yaml"], "--catalog")])
+def test_plan_only_options_with_a_config_are_refused(models: Path, tmp_path: Path, capsys, extra: list[str],
+                                                     named: str) -> None:
+    """`merge CONFIG --dtype bfloat16` wrote the config's dtype without a word: --dtype (and
+    --catalog) are a plan's; a config sets out_dtype itself."""
+    import yaml
+
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump({"merge_method": "linear", "parameters": {"weight": 1.0},
+                                    "models": [{"model": str(models / "m1")}, {"model": str(models / "m2")}]}))
+    assert cli_main(["merge", str(path), "--out", str(tmp_path / "out"), *extra]) == 2
+    _one_line_error(capsys, f"{named} go with --plan; {path} names its models and sets its output dtype itself")
+    assert not (tmp_path / "out").exists()

@@ -80,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.config) == bool(args.plan):
         raise ConfigError("give either a CONFIG.yaml or --plan PLAN.json")
+    plan_only = [flag for flag, given in (("--catalog", args.catalog), ("--dtype", args.dtype)) if given]
+    if args.config and plan_only:  # they were ignored: a config names its models and sets its own out_dtype
+        raise ConfigError(f"{' and '.join(plan_only)} go with --plan; {args.config} names its models and sets "
+                          f"its output dtype itself (out_dtype:)")
     placement = _placement(args)
     ask = streaming_ask()
     opts = ExecOptions(placement=placement,
@@ -135,8 +139,6 @@ def _run_multi(args: argparse.Namespace, opts) -> int:
     dependency order, the final into --out; an interrupted run resumes (merge/multi.py)."""
     from simmerge_ray.merge.multi import load_multi, run_multi
 
-    if args.dtype is not None:
-        raise ConfigError("--dtype is for --plan; give each document of a multi-document config its out_dtype")
     multi = load_multi(args.config, seed=args.seed)
     check_output(args.out, overwrite=opts.overwrite, inputs=[*multi.inputs, args.config])
     stages = multi.graph.stages
