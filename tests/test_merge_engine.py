@@ -153,17 +153,3 @@ def test_fused_kernel_gives_the_torch_paths_bytes(tmp_path: Path, monkeypatch: p
     ties_native.load.cache_clear()
     files = sorted(p.name for p in (tmp_path / "out1").glob("*.safetensors"))
     assert files and all((tmp_path / "out1" / f).read_bytes() == (tmp_path / "out0" / f).read_bytes() for f in files)
-
-
-def test_dry_run_of_a_plan_is_refused_in_one_line(models: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """--dry-run takes a config; with --plan it is one line naming the fix, exit 2, nothing written."""
-    plan, catalog = tmp_path / "plan.json", tmp_path / "catalog.yaml"
-    plan.write_text("{}")
-    catalog.write_text(f"models:\n  - name: m1\n    path: {models / 'm1'}\n")
-    out = tmp_path / "merged"
-    assert cli_main(["merge", "--plan", str(plan), "--catalog", str(catalog), "--out", str(out), "--dry-run"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["simmerge merge: error: --dry-run takes a CONFIG.yaml (a plan's steps are configs: run it on each "
-                   "step file)"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.yaml", "plan.json"]

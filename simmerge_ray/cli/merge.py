@@ -6,11 +6,15 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from simmerge_ray.cli.common import at_least_one, human_bytes, human_rate, name_listing, positive
 from simmerge_ray.ray_session import init_ray
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.out_checks import check_output
+
+if TYPE_CHECKING:
+    from simmerge_ray.merge.estimate import GraphEstimate
 
 
 def _methods_text() -> str:
@@ -62,7 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "default: off, threads in this process")
     p.add_argument("--dry-run", action="store_true",
                    help="check everything and print the tensors, bytes, peak memory per worker and "
-                        "estimated time, without merging (default: off)")
+                        "estimated time, without merging; for a multi-document config or --plan, per merge, "
+                        "with the totals and the intermediates' disk at most (default: off)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar (default: a bar on stderr when it is a terminal)")
     p.set_defaults(func=run)
@@ -134,6 +139,28 @@ def _dry_run(spec, opts) -> int:
     return 0
 
 
+def _seconds(s: float) -> str:
+    return f"about {s:.0f} s" if s >= 10 else f"about {s:.1f} s"
+
+
+def _print_graph_estimate(source: str, est: GraphEstimate) -> int:
+    """One line per merge of a multi-document config or a plan (estimate.GraphEstimate), then the
+    totals and the intermediates' disk beside the output."""
+    order = " -> ".join(f"{s.name} ({s.estimate.method})" for s in est.stages)
+    n, workers = len(est.stages), max(s.estimate.workers for s in est.stages)
+    where = f"{workers} {'Ray actor' if est.stages[0].estimate.placement == 'ray' else 'thread'}{'s' * (workers != 1)}"
+    print(f"dry run: {n} merge{'s' * (n != 1)} of {source} on {where}: {order}; nothing was merged or written")
+    for s in est.stages:
+        e = s.estimate
+        print(f"  {s.name}: read {human_bytes(e.bytes_read)}, write {human_bytes(e.bytes_written)}"
+              f"{'' if s.final else ' (intermediate)'}, peak {human_bytes(e.peak_bytes_per_worker)} per worker, "
+              f"{_seconds(e.seconds)}")
+    print(f"total: read {human_bytes(est.bytes_read)}, write {human_bytes(est.bytes_written)}; intermediates need "
+          f"at most {human_bytes(est.intermediate_peak)} beside the output at once; {_seconds(est.seconds)} at this "
+          "project's measured rates")
+    return 0
+
+
 def _run_multi(args: argparse.Namespace, opts) -> int:
     """A multi-document config (mergekit-multi's): every document checked, then its merges in
     dependency order, the final into --out; an interrupted run resumes (merge/multi.py)."""
@@ -144,9 +171,9 @@ def _run_multi(args: argparse.Namespace, opts) -> int:
     stages = multi.graph.stages
     order = " -> ".join(f"{s.name} ({multi.specs[s.name].method.name})" for s in stages)
     if args.dry_run:
-        print(f"dry run: {len(stages)} merges of {args.config} in this order: {order}; every document checked, "
-              "nothing was merged or written (estimate a document alone by writing it to its own file)")
-        return 0
+        from simmerge_ray.merge.estimate import estimate_stages
+
+        return _print_graph_estimate(args.config, estimate_stages(multi.graph, opts, multi.specs))
     if opts.placement == "ray":
         init_ray(args.address)  # every document was checked above, before Ray starts
     results = run_multi(multi, Path(args.out), opts)
@@ -163,11 +190,9 @@ def _run_multi(args: argparse.Namespace, opts) -> int:
 def _run_plan(args: argparse.Namespace, opts) -> int:
     from simmerge_ray.catalog import Catalog
     from simmerge_ray.merge.config import check_float_dtype
-    from simmerge_ray.planner.execute import check_plan, execute_plan
+    from simmerge_ray.planner.execute import check_plan, estimate_plan, execute_plan
     from simmerge_ray.planner.plan import Plan
 
-    if args.dry_run:  # a flag conflict, refused before any file is read
-        raise ConfigError("--dry-run takes a CONFIG.yaml (a plan's steps are configs: run it on each step file)")
     if not args.catalog:
         raise ConfigError("--plan needs --catalog (the plan names catalog models)")
     if args.dtype is not None:
@@ -176,6 +201,10 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
     plan = Plan.load(plan_file)
     catalog = Catalog.load(args.catalog)
     check_output(args.out, overwrite=opts.overwrite, inputs=[*catalog.paths, plan_file])
+    if args.dry_run:
+        est = estimate_plan(plan, catalog, Path(args.out), opts, out_dtype=args.dtype, plan_file=plan_file,
+                            seed=args.seed)
+        return _print_graph_estimate(str(plan_file), est)
     if opts.placement == "ray":
         check_plan(plan, catalog, plan_file)  # every input problem fails here, before Ray starts
         init_ray(args.address)

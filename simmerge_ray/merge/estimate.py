@@ -11,11 +11,18 @@ every method but the C kernel's linear combinations.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+from simmerge_ray.io.checkpoint import Checkpoint, PendingCheckpoint
+from simmerge_ray.io.safetensors_format import DTYPE_BYTES, TensorEntry
 from simmerge_ray.merge.config import MergeSpec
-from simmerge_ray.merge.executor import ExecOptions, plan_merge
-from simmerge_ray.merge.piece_routes import PieceRoutes, open_inputs
+from simmerge_ray.merge.executor import ExecOptions, MergeLayout, plan_merge
+from simmerge_ray.merge.multi import StageGraph
+from simmerge_ray.merge.output_files import config_source, has_tokenizer, written_config
+from simmerge_ray.merge.piece_routes import PieceRoutes
+from simmerge_ray.merge.tensor_plan import output_layers
 
 # Input bytes per second per worker, by how the engine merges a tensor: medians of three runs of
 # benchmarks/bench_merge.py (bf16, warm page cache, 2 workers). "whole" (SLERP and the other
@@ -37,9 +44,14 @@ class MergeEstimate:
     seconds: float
 
 
-def estimate_merge(spec: MergeSpec, opts: ExecOptions = ExecOptions()) -> MergeEstimate:
-    plan = plan_merge(spec, opts)
-    routes = PieceRoutes(spec, plan.tasks, open_inputs(spec), opts.stream_bytes, opts.chunk_elems)
+def estimate_merge(spec: MergeSpec, opts: ExecOptions = ExecOptions(),
+                   pending: Mapping[str, Checkpoint] | None = None) -> MergeEstimate:
+    """The estimate of one merge; `pending`: stand-ins for inputs not written yet (plan_merge)."""
+    return _estimate(spec, plan_merge(spec, opts, pending), opts)
+
+
+def _estimate(spec: MergeSpec, plan: MergeLayout, opts: ExecOptions) -> MergeEstimate:
+    routes = PieceRoutes(spec, plan.tasks, plan.ckpts, opts.stream_bytes, opts.chunk_elems)
     read = peak = 0
     worker_seconds = 0.0
     for unit in plan.units:
@@ -53,3 +65,98 @@ def estimate_merge(spec: MergeSpec, opts: ExecOptions = ExecOptions()) -> MergeE
     seconds = worker_seconds / workers
     return MergeEstimate(spec.method.name, opts.placement, workers, len(plan.numels), len(plan.shards),
                          len(plan.units), read, written, peak, seconds)
+
+
+def pending_output(spec: MergeSpec, plan: MergeLayout, path: Path) -> PendingCheckpoint:
+    """What `spec` will write to `path`, indexed as Checkpoint.open will index it: the shards'
+    tensors at their planned offsets, the config.json and tokenizer the output gets
+    (output_files.write_side_files), so a later merge is planned on it before it exists."""
+    entries = {}
+    for shard in plan.shards:
+        layout = plan.layouts[shard.file]
+        for name, shape, code in shard.tensors:
+            begin = layout.offsets[name]
+            entries[name] = TensorEntry(name, code, tuple(shape), path / shard.file, begin,
+                                        begin + _nbytes(shape, code))
+    source = config_source(spec, plan.ckpts, warn=False)
+    config = {} if source is None else written_config(spec, source, output_layers(spec, plan.ckpts), plan.shards,
+                                                      plan.vocab)
+    if plan.vocab is not None:
+        tokenizer = plan.vocab.tokenizer
+    elif isinstance(source, PendingCheckpoint):
+        tokenizer = source.tokenizer
+    else:
+        tokenizer = source.path if source is not None and has_tokenizer(source.path) else None
+    return PendingCheckpoint(path, config, entries, tokenizer=tokenizer)
+
+
+def _nbytes(shape: tuple[int, ...], code: str) -> int:
+    n = DTYPE_BYTES[code]
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    name: str
+    final: bool  # written to --out; the others are intermediates in the work folder
+    estimate: MergeEstimate
+
+
+@dataclass(frozen=True)
+class GraphEstimate:
+    """The estimates of a graph's merges in run order, and the most disk their intermediates
+    hold at once beside the output (run_stages removes one once its last reader finished)."""
+
+    stages: tuple[StageEstimate, ...]
+    intermediate_peak: int
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(s.estimate.bytes_read for s in self.stages)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(s.estimate.bytes_written for s in self.stages)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.estimate.seconds for s in self.stages)
+
+
+def estimate_stages(graph: StageGraph, opts: ExecOptions = ExecOptions(),
+                    specs: Mapping[str, MergeSpec] | None = None) -> GraphEstimate:
+    """Estimate every merge of `graph` in its run order: a merge reading an earlier one's output
+    is planned on that output's PendingCheckpoint, so the numbers are the ones of the merge run
+    alone on the written intermediate. `specs`: the stages parsed already (by name), their earlier
+    merges referred to by name (MergeSpec.from_dict's `pending`), as load_multi does."""
+    made: dict[str, PendingCheckpoint] = {}
+    out: list[StageEstimate] = []
+    for stage in graph.stages:
+        spec = (specs or {}).get(stage.name) or MergeSpec.from_dict(
+            stage.config, root=graph.root, source=stage.source, seed=graph.seed,
+            pending={d: Path(d) for d in stage.deps})
+        plan = plan_merge(spec, opts, {d: made[d] for d in stage.deps})
+        final = stage is graph.stages[-1]
+        if not final:
+            made[stage.name] = pending_output(spec, plan, Path(stage.name))
+        out.append(StageEstimate(stage.name, final, _estimate(spec, plan, opts)))
+    return GraphEstimate(tuple(out), intermediate_peak(graph, {s.name: s.estimate.bytes_written for s in out}))
+
+
+def intermediate_peak(graph: StageGraph, written: Mapping[str, int]) -> int:
+    """The most bytes of intermediates on disk at once, as run_stages keeps them: a merge's
+    output exists from its own run (written in place) until every merge reading it finished;
+    the final's output (--out) is not counted."""
+    alive: dict[str, int] = {}
+    peak = 0
+    stages = list(graph.stages)
+    for i, stage in enumerate(stages):
+        if stage is not stages[-1]:
+            alive[stage.name] = written[stage.name]
+        peak = max(peak, sum(alive.values()))
+        for d in stage.deps:  # read by no merge still to run: removed
+            if not any(d in later.deps for later in stages[i + 1:]):
+                alive.pop(d, None)
+    return peak

@@ -17,14 +17,16 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.atomic import atomic_output_dir
-from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.checkpoint import Checkpoint, PendingCheckpoint
 from simmerge_ray.io.safetensors_format import TORCH_NAMES, file_layout, preallocate
 from simmerge_ray.io.shared_vocab import remapped_ids
 from simmerge_ray.merge.config import MergeSpec
@@ -135,11 +137,13 @@ def input_paths(spec: MergeSpec) -> list[Path]:
     return [m.path for m in spec.inputs]
 
 
-def check_merge(spec: MergeSpec) -> tuple[dict[str, Checkpoint], list[TensorTask], BuiltVocabulary | None]:
+def check_merge(spec: MergeSpec, pending: Mapping[str, Checkpoint] | None = None
+                ) -> tuple[dict[str, Checkpoint], list[TensorTask], BuiltVocabulary | None]:
     """Open the inputs (headers only), build the output tokenizer the config asks for (tokenizer
     files only), and plan every output tensor with its parameters: each problem of the inputs or
-    the config fails here, before Ray starts or any tensor is read."""
-    ckpts = open_inputs(spec)
+    the config fails here, before Ray starts or any tensor is read. `pending`: stand-ins for
+    inputs not written yet, by reference (open_inputs)."""
+    ckpts = open_inputs(spec, pending)
     check_parts(spec, ckpts)
     vocab = None
     if spec.tokenizer is None and (remapped := remapped_ids([m.ref for m in spec.inputs],
@@ -147,8 +151,11 @@ def check_merge(spec: MergeSpec) -> tuple[dict[str, Checkpoint], list[TensorTask
         log.warning("%s", remapped)
     if spec.tokenizer is not None:
         lead = spec.base.ref if spec.base is not None else spec.inputs[0].ref
-        vocab = build_vocabulary(spec.tokenizer, {m.ref: m.path for m in spec.inputs},
-                                 {ref: ck.config for ref, ck in ckpts.items()}, lead, spec.source)
+        models: dict[str, Any] = {m.ref: m.path for m in spec.inputs}
+        models.update({ref: ck.tokenizer for ref, ck in ckpts.items()  # a stand-in: the tokenizer it gets
+                       if isinstance(ck, PendingCheckpoint) and ck.tokenizer is not None})
+        vocab = build_vocabulary(spec.tokenizer, models, {ref: ck.config for ref, ck in ckpts.items()}, lead,
+                                 spec.source)
     return ckpts, plan_tensors(spec, ckpts, vocab), vocab
 
 
@@ -163,9 +170,11 @@ def _check_selection_dtype(spec: MergeSpec, tasks: list[TensorTask]) -> None:
                               "or float16, not float64 (the inputs' or `dtype`'s): set `dtype: float32`")
 
 
-def plan_merge(spec: MergeSpec, opts: ExecOptions = ExecOptions()) -> MergeLayout:
-    """Everything about a merge but the merging: checks, shards, offsets and work units."""
-    ckpts, task_list, vocab = check_merge(spec)
+def plan_merge(spec: MergeSpec, opts: ExecOptions = ExecOptions(),
+               pending: Mapping[str, Checkpoint] | None = None) -> MergeLayout:
+    """Everything about a merge but the merging: checks, shards, offsets and work units
+    (`pending`: see check_merge)."""
+    ckpts, task_list, vocab = check_merge(spec, pending)
     merge_compute = compute_code(spec, opts.compute_dtype)
     task_list = [replace(t, compute=tensor_compute(merge_compute, (ckpts[m].entries[n].dtype for m, n in t.all_reads)))
                  for t in task_list]

@@ -36,13 +36,9 @@ def write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], num_layers: 
         total = sum((out / p.file).stat().st_size for p in plans)
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2))
-    source = _config_source(spec, ckpts)
+    source = config_source(spec, ckpts)
     if source is not None:
-        written = {code for p in plans for _, _, code in p.tensors if code in FLOAT_DTYPES}
-        config = output_config(spec, source, num_layers, vocab.rows if vocab is not None else None,
-                               next(iter(written)) if len(written) == 1 else None)
-        if config.get("tie_word_embeddings") and any(n in TIED_HEADS for p in plans for n, _, _ in p.tensors):
-            config["tie_word_embeddings"] = False  # a head merged beside a tied model is loaded as written
+        config = written_config(spec, source, num_layers, plans, vocab)
         if config:
             (out / "config.json").write_text(json.dumps(config, indent=2))
         if (source.path / "generation_config.json").exists():
@@ -57,12 +53,25 @@ def write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], num_layers: 
     write_provenance(spec, out, compute)
 
 
-def _config_source(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> Checkpoint | None:
+def written_config(spec: MergeSpec, source: Checkpoint, num_layers: int | dict[str, int], plans: list,
+                   vocab: BuiltVocabulary | None) -> dict:
+    """The config.json the output gets ({}: none): also what a dry run's later merges read of it."""
+    written = {code for p in plans for _, _, code in p.tensors if code in FLOAT_DTYPES}
+    config = output_config(spec, source, num_layers, vocab.rows if vocab is not None else None,
+                           next(iter(written)) if len(written) == 1 else None)
+    if config.get("tie_word_embeddings") and any(n in TIED_HEADS for p in plans for n, _, _ in p.tensors):
+        config["tie_word_embeddings"] = False  # a head merged beside a tied model is loaded as written
+    return config
+
+
+def config_source(spec: MergeSpec, ckpts: dict[str, Checkpoint], warn: bool = True) -> Checkpoint | None:
     """The folder the output's config and tokenizer come from: the base model's, else the first
     model's. A model given as a lone .safetensors file has neither, so the next folder in that
-    order serves; with none, the output has no config.json, and the log says so."""
+    order serves; with none, the output has no config.json, and the log says so (`warn`)."""
     refs = ([spec.base.ref] if spec.base is not None else []) + [m.ref for m in spec.inputs]
-    source = next((ckpts[r] for r in refs if ckpts[r].path.is_dir()), None)
+    source = next((ckpts[r] for r in refs if ckpts[r].is_folder), None)
+    if not warn:
+        return source
     if source is None:
         log.warning("every input is a lone .safetensors file: the output has no config.json or tokenizer "
                     "(transformers needs a config.json beside the weights to load them)")

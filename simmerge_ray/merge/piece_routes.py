@@ -6,6 +6,7 @@ kernel (if any) runs it, and what that costs. The unit merger follows these deci
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Mapping
 
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH
@@ -18,9 +19,12 @@ from simmerge_ray.merge.tensor_plan import TensorTask
 from simmerge_ray.merge.units import Piece, WorkUnit
 
 
-def open_inputs(spec: MergeSpec) -> dict[str, Checkpoint]:
-    """Every input's index and config (headers only), by the config's model reference."""
-    return {m.ref: Checkpoint.open(m.path) for m in spec.inputs}
+def open_inputs(spec: MergeSpec, pending: Mapping[str, Checkpoint] | None = None) -> dict[str, Checkpoint]:
+    """Every input's index and config (headers only), by the config's model reference; a
+    reference in `pending` (an earlier merge's output, not written yet: a dry run's
+    PendingCheckpoint) is that stand-in."""
+    pending = pending or {}
+    return {m.ref: pending[m.ref] if m.ref in pending else Checkpoint.open(m.path) for m in spec.inputs}
 
 
 class PieceRoutes:

@@ -140,15 +140,27 @@ def load_tokenizer_at(path: Path, where: str) -> PreTrainedTokenizerBase:
         raise ConfigError(f"{where}: cannot load the tokenizer of {path}: {why}") from None
 
 
+def _tokenizer_of(where: Any, what: str) -> Any:
+    """A folder's tokenizer (load_tokenizer_at), or a fresh copy of one already loaded (it may be
+    trimmed or extended here)."""
+    if isinstance(where, (str, Path)):
+        return load_tokenizer_at(Path(where), what)
+    import copy
+
+    return copy.deepcopy(where)
+
+
 def _vocab_size(config: dict, fallback: int) -> int:
     size = config.get("vocab_size")
     return size if isinstance(size, int) and size > 0 else fallback
 
 
-def build_vocabulary(tok: TokenizerSpec, models: dict[str, Path], configs: dict[str, dict], base: str,
+def build_vocabulary(tok: TokenizerSpec, models: dict[str, Any], configs: dict[str, dict], base: str,
                      source: str) -> BuiltVocabulary:
-    """Load every model's tokenizer, build the output's, and map each model's rows onto it."""
-    toks = {ref: load_tokenizer_at(path, f"{source}: model {ref!r}") for ref, path in models.items()}
+    """Load every model's tokenizer, build the output's, and map each model's rows onto it.
+    `models`: each model's folder, or its tokenizer already loaded (a dry run's merge not run
+    yet: the one it builds)."""
+    toks = {ref: _tokenizer_of(path, f"{source}: model {ref!r}") for ref, path in models.items()}
     sizes = {ref: _vocab_size(configs[ref], len(t.get_vocab())) for ref, t in toks.items()}
     if tok.source in ("base", "union"):
         toks[base] = trimmed(toks[base], sizes[base], f"{source}: model {base!r} ({models[base]})")
@@ -157,7 +169,7 @@ def build_vocabulary(tok: TokenizerSpec, models: dict[str, Path], configs: dict[
     elif tok.source == "base":
         out = toks[base]
     else:
-        out = load_tokenizer_at(models[tok.source], f"{source}: tokenizer")
+        out = _tokenizer_of(models[tok.source], f"{source}: tokenizer")
     have = set(out.get_vocab())
     for t in tok.tokens:
         if t not in have:

@@ -17,6 +17,7 @@ from simmerge_ray.features.provenance import check_unchanged
 from simmerge_ray.io.out_checks import check_replaceable
 from simmerge_ray.io.shared_vocab import output_tokenizer
 from simmerge_ray.merge.config import MergeSpec, Provenance
+from simmerge_ray.merge.estimate import GraphEstimate, StageEstimate, estimate_merge, estimate_stages
 from simmerge_ray.merge.executor import ExecOptions, MergeResult, check_merge, run_merge
 from simmerge_ray.planner.plan import Plan
 from simmerge_ray.merge.multi import StageGraph, run_stages
@@ -102,6 +103,30 @@ def _folded_provenance(plan: Plan, catalog: Catalog, coef: dict[str, float], pla
                       models=tuple(str(m.path) for m in catalog.models if m.name in plan.models))
 
 
+def plan_merges(plan: Plan, catalog: Catalog, out: Path, out_dtype: str | None = None,
+                plan_file: Path | None = None, seed: int = 0) -> MergeSpec | StageGraph:
+    """What running the plan into `out` merges, checked (check_plan): one MergeSpec for a plan
+    whose every step is linear (the fold's coefficients multiplied out), else its steps as a
+    StageGraph. Shared by execute_plan and the dry run's estimate_plan, so they cannot differ."""
+    paths = {m.name: m.path for m in catalog.models}
+    coef = plan.fold.linear_coefficients()
+    if coef is not None:
+        check_catalog(plan, catalog, plan_file)  # the merge checks the models together
+        folded = folded_config(plan, coef, paths)
+        cfg = {**folded, "out_dtype": out_dtype} if out_dtype else folded
+        return replace(MergeSpec.from_dict(cfg, root=out.parent, source="plan (folded)", seed=seed),
+                       provenance=_folded_provenance(plan, catalog, coef, plan_file))
+    check_plan(plan, catalog, plan_file)
+    stages = plan_stages(plan, paths, catalog.base, out_dtype, plan_file)
+
+    def provenance(stage: Stage, work: Path) -> Provenance:
+        j = int(stage.name.rsplit("-", 1)[1])
+        return step_provenance(plan, catalog, j, str(work / STEP), plan_file)
+
+    return StageGraph(tuple(stages), seed=seed, provenance=provenance, words=plan_words(len(stages)),
+                      source=str(plan_file or "plan"))
+
+
 def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = ExecOptions(),
                  out_dtype: str | None = None, plan_file: Path | None = None, seed: int = 0) -> list[MergeResult]:
     """Run the plan's steps into `out`, each intermediate in a work folder beside it (removed on
@@ -115,22 +140,17 @@ def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = Ex
     multi-document configs."""
     out = Path(out)
     check_replaceable(out, overwrite=opts.overwrite)  # an empty folder is used, as for a config
-    paths = {m.name: m.path for m in catalog.models}
-    coef = plan.fold.linear_coefficients()
-    if coef is not None:
-        check_catalog(plan, catalog, plan_file)  # the merge below checks the models together
-        folded = folded_config(plan, coef, paths)
-        cfg = {**folded, "out_dtype": out_dtype} if out_dtype else folded
-        spec = replace(MergeSpec.from_dict(cfg, root=out.parent, source="plan (folded)", seed=seed),
-                       provenance=_folded_provenance(plan, catalog, coef, plan_file))
-        return [run_merge(spec, out, opts)]
-    check_plan(plan, catalog, plan_file)
-    stages = plan_stages(plan, paths, catalog.base, out_dtype, plan_file)
+    merges = plan_merges(plan, catalog, out, out_dtype, plan_file, seed)
+    if isinstance(merges, MergeSpec):
+        return [run_merge(merges, out, opts)]
+    return run_stages(merges, out, opts)
 
-    def provenance(stage: Stage, work: Path) -> Provenance:
-        j = int(stage.name.rsplit("-", 1)[1])
-        return step_provenance(plan, catalog, j, str(work / STEP), plan_file)
 
-    graph = StageGraph(tuple(stages), seed=seed, provenance=provenance, words=plan_words(len(stages)),
-                       source=str(plan_file or "plan"))
-    return run_stages(graph, out, opts)
+def estimate_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = ExecOptions(),
+                  out_dtype: str | None = None, plan_file: Path | None = None, seed: int = 0) -> GraphEstimate:
+    """What execute_plan would read, write, hold and take, nothing merged: a folded plan as its
+    one merge, any other step by step (estimate_stages)."""
+    merges = plan_merges(plan, catalog, Path(out), out_dtype, plan_file, seed)
+    if isinstance(merges, MergeSpec):
+        return GraphEstimate((StageEstimate("the folded plan", True, estimate_merge(merges, opts)),), 0)
+    return estimate_stages(merges, opts)
