@@ -224,9 +224,13 @@ def claim_staging(staging: Path, stage: str, out: str) -> None:
             raise storage.StorageError(f"{staging}: exists and is not this job's staging folder for {out} "
                                        f"(simmerge would write into it and remove it); move it away or pass "
                                        f"another --staging-dir")
-    staging.mkdir(parents=True, exist_ok=True)
-    if not marker.exists():
-        marker.write_text(json.dumps(record))
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        if not marker.exists():
+            marker.write_text(json.dumps(record))
+    except OSError as e:  # --staging-dir is a file, or cannot be created or written
+        raise storage.StorageError(f"--staging-dir {staging.parent}: cannot hold the staging folder "
+                                   f"({e.strerror or e})") from None
 
 
 def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: resources.StageResources,
@@ -238,6 +242,8 @@ def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: re
     if storage.exists(target) and not args.overwrite:
         raise storage.StorageError(f"{args.out}: output already exists (pass --overwrite to replace it)")
     staging = staging_folder(stage, args.out, args.staging_dir)
+    # The --staging-dir folders this run creates go with the staging folder (if they hold nothing else).
+    created = [d for d in (staging.parent, *staging.parent.parents) if not d.exists()]
     claim_staging(staging, stage, args.out)
     done = False  # uploaded, or failed with no work to resume: the staging folder goes
     try:
@@ -266,6 +272,11 @@ def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: re
     finally:
         if done:  # after the lock is released: the lock file lives in the folder
             shutil.rmtree(staging, ignore_errors=True)
+            for folder in created:  # innermost first
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: another job's staging folder is there now
+                    break
     return 0
 
 

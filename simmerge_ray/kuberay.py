@@ -34,6 +34,11 @@ CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.
 # the object store, the rest is what actors can reserve.
 RAY_DEFAULT_MEMORY_SHARE = 0.7
 _JOB_SCRIPT = re.compile(r"(?:^|/)jobs/(\w+)\.py$")
+_ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)  # a shell `VAR=value` before a command
+_SHELL_OPERATOR = re.compile(r"^[();<>|&]+$")  # what shlex's punctuation_chars makes a token of its own
+API_VERSION = "ray.io/v1"  # the CRD version whose schema is checked
+# rayStartParams that `ray start` parses as whole numbers (KubeRay passes them as --KEY=VALUE).
+_RAY_START_INTS = ("num-cpus", "num-gpus", "memory", "object-store-memory")
 
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are MBs: the C loader is 20x faster
@@ -106,6 +111,28 @@ def parse_cpu(quantity: str | int | float) -> float:
         raise ConfigError(f"CPU quantity {text!r} is not a number (e.g. 4, 500m)") from None
 
 
+def _group_name(group: dict) -> str:
+    return str(group.get("groupName", "head"))
+
+
+def _ray_start_int(group: dict, key: str) -> int | None:
+    """rayStartParams[key] as `ray start --KEY` reads it: a whole number (memory in bytes), or None."""
+    value = group.get("rayStartParams", {}).get(key)
+    if value is None:
+        return None
+    if not re.fullmatch(r"\s*[0-9]+\s*", str(value)):
+        unit = " of bytes, e.g. 23622320128" if "memory" in key else ""
+        raise ConfigError(f"group {_group_name(group)!r}: rayStartParams.{key} {value!r} is not a whole number"
+                          f"{unit} (`ray start --{key}` takes only that; the pod would not start)")
+    return int(value)
+
+
+def _gpu_count(value: Any, *, what: str) -> float:
+    if not re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*", str(value)):
+        raise ConfigError(f"{what} {value!r} is not a GPU count (e.g. 0, 1)")
+    return float(value)
+
+
 def _first_container(group: dict) -> dict:
     """The group's Ray container; the CRD lets `containers` be empty, which the checks cannot read."""
     containers = group["template"]["spec"]["containers"]
@@ -136,23 +163,29 @@ def group_capacity(group: dict) -> Capacity:
     container = _first_container(group)
     limits = {**container.get("resources", {}).get("requests", {}), **container.get("resources", {}).get("limits", {})}
 
-    cpus = override.get("CPU", params.get("num-cpus", limits.get("cpu", 0)))
-    gpus = override.get("GPU", params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))
-    if "memory" in override or "memory" in params:
-        memory: int | None = resources.parse_bytes(override.get("memory", params.get("memory")),
-                                                   what=f"group {group.get('groupName')} memory")
+    name = _group_name(group)
+    start = {key: _ray_start_int(group, key) for key in _RAY_START_INTS}  # each must parse, read or not
+    cpus = override.get("CPU", start["num-cpus"] if start["num-cpus"] is not None else limits.get("cpu", 0))
+    gpus = _gpu_count(override["GPU"], what=f"group {name!r}: resources.GPU") if "GPU" in override \
+        else start["num-gpus"] if start["num-gpus"] is not None \
+        else _gpu_count(limits.get("nvidia.com/gpu", 0), what=f"group {name!r}: nvidia.com/gpu")
+    if "memory" in override:
+        memory: int | None = resources.parse_bytes(override["memory"], what=f"group {name!r}: resources.memory")
+    elif start["memory"] is not None:
+        memory = resources.parse_bytes(str(start["memory"]), what=f"group {name!r}: rayStartParams.memory")
     elif "memory" in limits:
-        memory = int(RAY_DEFAULT_MEMORY_SHARE * resources.parse_bytes(limits["memory"], what="memory limit"))
+        memory = int(RAY_DEFAULT_MEMORY_SHARE * resources.parse_bytes(
+            limits["memory"], what=f"group {name!r}: container memory limit"))
     else:
         memory = None
-    return Capacity(group.get("groupName", "head"), parse_cpu(cpus), float(gpus), memory,
-                    int(group.get("maxReplicas", 1)))
+    return Capacity(name, parse_cpu(cpus), float(gpus), memory, int(group.get("maxReplicas", 1)))
 
 
 def gpu_mismatch(group: dict) -> str | None:
     """A group whose pods request GPUs must advertise the same number to Ray, and vice versa."""
     container = _first_container(group)
-    pod_gpus = float(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+    pod_gpus = _gpu_count(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0),
+                          what=f"worker group {_group_name(group)!r}: nvidia.com/gpu limit")
     ray_gpus = group_capacity(group).gpus
     if pod_gpus != ray_gpus:
         return (f"worker group {group.get('groupName')!r}: pods get nvidia.com/gpu={pod_gpus:g} "
@@ -160,22 +193,65 @@ def gpu_mismatch(group: dict) -> str | None:
     return None
 
 
-def job_asks(entrypoint: str, env_vars: dict[str, str] | None = None) -> tuple[str, dict[str, resources.ResourceAsk]]:
-    """The stage an entrypoint runs and the ask of each actor role it starts (flags over env_vars)."""
+def _shell_words(text: str) -> list[str]:
+    """The words and operators (&&, ;, |, ...) of a shell command line, as the job's shell splits them."""
+    lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
     try:
-        words = shlex.split(entrypoint)
+        return list(lexer)
     except ValueError as e:  # an unbalanced quote
-        raise ConfigError(f"entrypoint {entrypoint!r}: {e}") from None
-    found = [(i, m.group(1)) for i, w in enumerate(words) if (m := _JOB_SCRIPT.search(w))]
-    if not found or found[0][1] not in resources.STAGE_ROLES:
+        raise ConfigError(f"entrypoint {text!r}: {e}") from None
+
+
+def _job_commands(text: str, env: dict[str, str]) -> list[tuple[list[str], dict[str, str]]]:
+    """Each simple command of a shell line (split at &&, ;, | ...) with the environment it runs in:
+    `env` plus its own leading `VAR=value` words; `bash -c "..."` and `sh -c` are read inside."""
+    commands, current = [], []
+    for word in [*_shell_words(text), ";"]:
+        if not _SHELL_OPERATOR.match(word):
+            current.append(word)
+            continue
+        own = dict(env)
+        while current and (m := _ASSIGNMENT.match(current[0])):
+            own[m.group(1)] = m.group(2)
+            current.pop(0)
+        if current[:1] == ["exec"]:
+            current.pop(0)
+        if len(current) >= 3 and Path(current[0]).name in ("sh", "bash") and current[1] == "-c":
+            commands += _job_commands(current[2], own)
+        elif current:
+            commands.append((current, own))
+        current = []
+    return commands
+
+
+def entrypoint_jobs(entrypoint: str, env_vars: dict[str, str] | None = None
+                    ) -> list[tuple[str, dict[str, resources.ResourceAsk]]]:
+    """Every jobs/<stage>.py an entrypoint runs, with the ask of each actor role it starts (its flags
+    over the command's `VAR=value` prefix over `env_vars`, the runtime env's)."""
+    jobs = []
+    for words, env in _job_commands(entrypoint, dict(env_vars or {})):
+        found = [(i, m.group(1)) for i, w in enumerate(words) if (m := _JOB_SCRIPT.search(w))]
+        if not found:
+            continue
+        index, stage = found[0]
+        if stage not in resources.STAGE_ROLES:
+            raise ConfigError(f"entrypoint {entrypoint!r}: jobs/{stage}.py is not a job script "
+                              f"(stages: {', '.join(resources.STAGE_ROLES)})")
+        parser = argparse.ArgumentParser(allow_abbrev=False)
+        resources.add_resource_flags(parser)
+        args, _ = parser.parse_known_args(words[index + 1:])
+        asks = resources.resources_from_flags(args, env)
+        jobs.append((stage, {role: asks.for_role(role) for role in resources.STAGE_ROLES[stage]}))
+    if not jobs:
         raise ConfigError(f"entrypoint {entrypoint!r} does not run a jobs/<stage>.py script "
                           f"(stages: {', '.join(resources.STAGE_ROLES)})")
-    index, stage = found[0]
-    parser = argparse.ArgumentParser(allow_abbrev=False)
-    resources.add_resource_flags(parser)
-    args, _ = parser.parse_known_args(words[index + 1:])
-    asks = resources.resources_from_flags(args, env_vars or {})
-    return stage, {role: asks.for_role(role) for role in resources.STAGE_ROLES[stage]}
+    return jobs
+
+
+def job_asks(entrypoint: str, env_vars: dict[str, str] | None = None) -> tuple[str, dict[str, resources.ResourceAsk]]:
+    """The stage an entrypoint runs (its first job script) and the ask of each actor role it starts."""
+    return entrypoint_jobs(entrypoint, env_vars)[0]
 
 
 def placement_problems(asks: dict[str, resources.ResourceAsk], cluster_spec: dict) -> list[str]:
@@ -192,6 +268,9 @@ def placement_problems(asks: dict[str, resources.ResourceAsk], cluster_spec: dic
 
 
 def cluster_problems(cluster_spec: dict) -> list[str]:
+    head = cluster_spec.get("headGroupSpec", {})
+    for key in _RAY_START_INTS:  # the head's `ray start` parses them as the workers' does
+        _ray_start_int({"groupName": "head", **head}, key)
     problems = [m for g in cluster_spec.get("workerGroupSpecs", []) if (m := gpu_mismatch(g))]
     for g in cluster_spec.get("workerGroupSpecs", []):
         if g["minReplicas"] > g["maxReplicas"]:
@@ -206,8 +285,11 @@ def manifest_problems(doc: dict, crd_dir: Path, job_clusters: list[dict] = ()) -
     `job_clusters` (e.g. a standing RayCluster the same entrypoint is submitted to).
     """
     kind = doc.get("kind")
-    if kind not in CRD_FILES:
+    if not isinstance(kind, str) or kind not in CRD_FILES:
         return [f"kind {kind!r} is not one of {sorted(CRD_FILES)}"]
+    if doc.get("apiVersion") != API_VERSION:
+        return [f"apiVersion {doc.get('apiVersion')!r}: a {kind} here is checked against the {API_VERSION} "
+                f"schema (write apiVersion: {API_VERSION})"]
     problems = schema_errors(doc, strict_crd_schema(Path(crd_dir).resolve() / CRD_FILES[kind]))
     if problems:  # the checks below read fields the schema requires
         return problems
@@ -224,17 +306,25 @@ def _semantic_problems(kind: str, spec: dict, job_clusters: list[dict]) -> list[
         problems += cluster_problems(spec)
     elif kind == "RayService":
         problems += cluster_problems(spec.get("rayClusterConfig", {}))
-        apps = _embedded_yaml(spec, "serveConfigV2")
-        if not all(a.get("import_path") for a in apps.get("applications", [])) or not apps.get("applications"):
-            problems.append("serveConfigV2: every application needs an import_path")
+        apps = _embedded_yaml(spec, "serveConfigV2").get("applications")
+        if not isinstance(apps, list) or not apps \
+                or not all(isinstance(a, dict) and a.get("import_path") for a in apps):
+            problems.append("serveConfigV2: applications must be a list of applications, each with an import_path")
     elif kind == "RayJob":
-        env = _embedded_yaml(spec, "runtimeEnvYAML")
-        _, asks = job_asks(spec.get("entrypoint", ""), env.get("env_vars"))
+        env_vars = _embedded_yaml(spec, "runtimeEnvYAML").get("env_vars", {})
+        if not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values()):
+            raise ConfigError(f"spec.runtimeEnvYAML: env_vars must map names to strings (Ray refuses the job "
+                              f"otherwise; quote numbers), got {env_vars!r}")
+        if not spec.get("entrypoint"):
+            raise ConfigError("spec.entrypoint is missing (the `python jobs/<stage>.py ...` the job runs)")
+        jobs = entrypoint_jobs(spec["entrypoint"], env_vars)
         clusters = ([spec["rayClusterSpec"]] if "rayClusterSpec" in spec else []) + list(job_clusters)
         if not clusters:
             problems.append("RayJob has no rayClusterSpec and no cluster to check it against")
         for cluster in clusters:
-            problems += cluster_problems(cluster) + placement_problems(asks, cluster)
+            problems += cluster_problems(cluster)
+            for _, asks in jobs:
+                problems += placement_problems(asks, cluster)
     return problems
 
 
@@ -249,17 +339,29 @@ def _embedded_yaml(spec: dict, key: str) -> dict:
     return value
 
 
-def load_manifest(path: Path) -> dict:
-    """One manifest file as a mapping; a missing, unreadable or non-mapping file is a ConfigError."""
+def load_manifests(path: Path) -> list[tuple[str, dict]]:
+    """The manifests of one file, as `kubectl apply -f` reads it (documents separated by `---`,
+    empty ones skipped), each with the name its problems are reported under: the path, or
+    `path (document N)` in a file of several. A missing, unreadable or empty file, or a document
+    that is not a mapping, is a ConfigError."""
     try:
-        doc = yaml.safe_load(Path(path).read_text())
+        docs = list(yaml.safe_load_all(Path(path).read_text()))
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: not a manifest (a YAML mapping with kind, spec)")
-    return doc
+    several = sum(d is not None for d in docs) > 1
+    named = []
+    for number, doc in enumerate(docs, 1):
+        where = f"{path} (document {number})" if several else str(path)
+        if doc is None:
+            continue
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{where}: not a manifest (a YAML mapping with kind, spec)")
+        named.append((where, doc))
+    if not named:
+        raise ConfigError(f"{path}: not a manifest (the file holds no YAML document)")
+    return named
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = [f for f in CRD_FILES.values() if not (args.crds / f).is_file()]
         if missing:
             raise ConfigError(f"{args.crds}: no {', '.join(missing)} (--crds is the folder of the KubeRay CRD files)")
-        docs = {p: load_manifest(p) for p in args.manifests}
+        docs = {name: doc for p in dict.fromkeys(args.manifests) for name, doc in load_manifests(p)}
     except ConfigError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
