@@ -15,7 +15,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from simmerge_ray.lazy_torch import torch
 
@@ -330,26 +329,6 @@ class Checkpoint:
             h.update(f"{Path(f).resolve()}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}\n".encode())
         h.update(json.dumps(self.config, sort_keys=True).encode())
         return h.hexdigest()
-
-
-@dataclass
-class PendingCheckpoint(Checkpoint):
-    """The output of a merge not run yet, as Checkpoint.open will index it once written: its
-    entries (names, dtypes, shapes, byte ranges) and config.json, from the merge's plan. A dry
-    run of merges that read each other plans a later merge on it; `tokenizer` is what a merge
-    reading it loads as its tokenizer: a built one, the folder it is copied from, or None."""
-
-    tokenizer: Any = field(repr=False, default=None)
-
-    @property
-    def is_folder(self) -> bool:
-        return True  # written as a folder, with the config.json and tokenizer of its config source
-
-    def read_into(self, name: str, start: int, count: int, view: memoryview) -> None:
-        raise CheckpointError(f"{self.path}: not written yet (a merge still to run): {name!r} cannot be read")
-
-    def _map(self, entry: TensorEntry) -> mmap.mmap:
-        raise CheckpointError(f"{self.path}: not written yet (a merge still to run): {entry.name!r} cannot be read")
 
 
 def read_config(path: Path) -> dict:

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from simmerge_ray.io.checkpoint import Checkpoint, PendingCheckpoint
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.pending_checkpoint import PendingCheckpoint
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, TensorEntry
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, MergeLayout, plan_merge

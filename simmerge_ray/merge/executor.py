@@ -26,7 +26,8 @@ import numpy as np
 
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.atomic import atomic_output_dir
-from simmerge_ray.io.checkpoint import Checkpoint, PendingCheckpoint
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.pending_checkpoint import PendingCheckpoint
 from simmerge_ray.io.safetensors_format import TORCH_NAMES, file_layout, preallocate
 from simmerge_ray.io.shared_vocab import remapped_ids
 from simmerge_ray.merge.config import MergeSpec

@@ -1,0 +1,32 @@
+"""The output of a merge not run yet, as a Checkpoint: what a dry run of merges that read each
+other plans a later merge on (merge/estimate.py)."""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass, field
+from typing import Any
+
+from simmerge_ray.errors import CheckpointError
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.safetensors_format import TensorEntry
+
+
+@dataclass
+class PendingCheckpoint(Checkpoint):
+    """The output of a merge not run yet, as Checkpoint.open will index it once written: its
+    entries (names, dtypes, shapes, byte ranges) and config.json, from the merge's plan. A dry
+    run of merges that read each other plans a later merge on it; `tokenizer` is what a merge
+    reading it loads as its tokenizer: a built one, the folder it is copied from, or None."""
+
+    tokenizer: Any = field(repr=False, default=None)
+
+    @property
+    def is_folder(self) -> bool:
+        return True  # written as a folder, with the config.json and tokenizer of its config source
+
+    def read_into(self, name: str, start: int, count: int, view: memoryview) -> None:
+        raise CheckpointError(f"{self.path}: not written yet (a merge still to run): {name!r} cannot be read")
+
+    def _map(self, entry: TensorEntry) -> mmap.mmap:
+        raise CheckpointError(f"{self.path}: not written yet (a merge still to run): {entry.name!r} cannot be read")
