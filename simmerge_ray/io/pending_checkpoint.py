@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from simmerge_ray.errors import CheckpointError
@@ -24,6 +25,16 @@ class PendingCheckpoint(Checkpoint):
     @property
     def is_folder(self) -> bool:
         return True  # written as a folder, with the config.json and tokenizer of its config source
+
+    def tokenizer_json(self) -> bytes | None:
+        """The tokenizer.json the merge will write (what a later merge's id check reads): the
+        folder's it copies, or the built tokenizer's; None without one."""
+        tok = self.tokenizer
+        if isinstance(tok, (str, Path)):
+            f = Path(tok) / "tokenizer.json"
+            return f.read_bytes() if f.is_file() else None
+        backend = getattr(tok, "backend_tokenizer", None)  # a fast tokenizer; None for none
+        return None if backend is None else backend.to_str().encode()
 
     def read_into(self, name: str, start: int, count: int, view: memoryview) -> None:
         raise CheckpointError(f"{self.path}: not written yet (a merge still to run): {name!r} cannot be read")

@@ -59,17 +59,17 @@ def _tokens_by_id(name: str, ck: Checkpoint) -> list[str | None]:
     return out
 
 
-def _json_tokens(folder: Path) -> list[str | None] | None:
-    """Token by id from a folder's tokenizer.json (model vocabulary and added tokens), read as
-    JSON: no tokenizer library, so a merge still never imports torch; None without one."""
+def _json_tokens(text: bytes) -> list[str | None] | None:
+    """Token by id from a tokenizer.json's text (model vocabulary and added tokens), read as
+    JSON: no tokenizer library, so a merge still never imports torch; None when unreadable."""
     import json
 
     try:
-        raw = json.loads((folder / "tokenizer.json").read_text())
+        raw = json.loads(text)
         vocab = raw["model"]["vocab"]
         pairs = (list(vocab.items()) if isinstance(vocab, dict) else [(p[0], i) for i, p in enumerate(vocab)])
         pairs += [(t["content"], t["id"]) for t in raw.get("added_tokens", [])]
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+    except (ValueError, KeyError, TypeError, IndexError):
         return None
     out: list[str | None] = [None] * (max((i for _, i in pairs if isinstance(i, int)), default=-1) + 1)
     for token, i in pairs:
@@ -78,21 +78,33 @@ def _json_tokens(folder: Path) -> list[str | None] | None:
     return out
 
 
+def _tokenizer_json(ck: Checkpoint) -> bytes | None:
+    """The tokenizer.json a merge of `ck` reads: its folder's; for the output of a merge not run
+    yet (a dry run's PendingCheckpoint), the one that merge will write. None without one."""
+    from simmerge_ray.io.pending_checkpoint import PendingCheckpoint
+
+    if isinstance(ck, PendingCheckpoint):
+        return ck.tokenizer_json()
+    try:
+        return (ck.path / "tokenizer.json").read_bytes() if (ck.path / "tokenizer.json").is_file() else None
+    except OSError:
+        return None
+
+
 def remapped_ids(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> str | None:
     """Where models of one vocabulary size ship tokenizers that map ids to different tokens, a
     sentence naming the first pair and id (their rows are merged id by id: right for a reserved
     token a chat fine-tune renamed, wrong for a reordered vocabulary); None when they agree or
     cannot be read this cheaply (identical tokenizer.json files are not parsed)."""
-    shipped = [(n, ck) for n, ck in zip(names, ckpts) if (ck.path / "tokenizer.json").is_file()]
-    if len(shipped) < 2 or len({config_vocab_size(ck.config) for _, ck in shipped}) > 1:
+    shipped = [(n, ck, text) for n, ck in zip(names, ckpts) if (text := _tokenizer_json(ck)) is not None]
+    if len(shipped) < 2 or len({config_vocab_size(ck.config) for _, ck, _ in shipped}) > 1:
         return None
-    (first, ref_ck) = shipped[0]
-    ref_bytes, ref = (ref_ck.path / "tokenizer.json").read_bytes(), None
-    for name, ck in shipped[1:]:
-        if (ck.path / "tokenizer.json").read_bytes() == ref_bytes:
+    (first, ref_ck, ref_bytes), ref = shipped[0], None
+    for name, ck, text in shipped[1:]:
+        if text == ref_bytes:
             continue
-        ref = ref if ref is not None else _json_tokens(ref_ck.path)
-        tokens = _json_tokens(ck.path)
+        ref = ref if ref is not None else _json_tokens(ref_bytes)
+        tokens = _json_tokens(text)
         if ref is None or tokens is None:
             return None
         differ = [i for i in range(min(len(ref), len(tokens))) if ref[i] != tokens[i]]
