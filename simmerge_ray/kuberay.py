@@ -255,15 +255,19 @@ def job_asks(entrypoint: str, env_vars: dict[str, str] | None = None) -> tuple[s
 
 
 def placement_problems(asks: dict[str, resources.ResourceAsk], cluster_spec: dict) -> list[str]:
-    """One message per actor role that no worker group of `cluster_spec` can host."""
-    groups = [group_capacity(g) for g in cluster_spec.get("workerGroupSpecs", [])]
+    """One message per actor role that no group of `cluster_spec` can host. The head counts: with
+    `num-cpus` above 0 (or unset: its container's CPUs) Ray schedules actors there, and a
+    head-only cluster is a common small setup (it was reported as fitting no worker group)."""
+    head = cluster_spec.get("headGroupSpec")
+    groups = [*([group_capacity({**head, "groupName": "head", "maxReplicas": 1})] if isinstance(head, dict) else []),
+              *(group_capacity(g) for g in cluster_spec.get("workerGroupSpecs", []))]
     problems = []
     for role, ask in asks.items():
         if not any(c.fits(ask) for c in groups):
             offered = "; ".join(f"{c.group}: {c.cpus:g} CPU, {c.gpus:g} GPU, "
                                 f"{'?' if c.memory is None else f'{c.memory / 2**30:.1f} GiB'}, "
-                                f"max {c.max_replicas}" for c in groups) or "no worker groups"
-            problems.append(f"{role} actor asking {ask.ray_options()} fits no worker group ({offered})")
+                                f"max {c.max_replicas}" for c in groups) or "no groups"
+            problems.append(f"{role} actor asking {ask.ray_options()} fits no group of the cluster ({offered})")
     return problems
 
 

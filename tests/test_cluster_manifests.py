@@ -223,4 +223,17 @@ def test_cli_checks_a_folder(crd_dir: Path, tmp_path: Path, capsys: pytest.Captu
     bad["spec"]["rayClusterSpec"]["workerGroupSpecs"] = bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][:0]
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     assert kuberay.main([str(tmp_path / "bad.yaml"), "--crds", str(crd_dir)]) == 1
-    assert "fits no worker group (no worker groups)" in capsys.readouterr().out
+    assert "fits no group of the cluster (head: 0 CPU, 0 GPU" in capsys.readouterr().out  # the head offers none
+
+
+def test_a_head_only_cluster_hosts_what_its_head_offers() -> None:
+    """A RayCluster of a head alone (no worker groups) is a common small setup: Ray schedules actors
+    on the head when its num-cpus is above 0. Every ask was reported as fitting no worker group."""
+    cluster = copy.deepcopy(_standing_cluster())
+    cluster["workerGroupSpecs"] = []
+    (_, asks), = kuberay.entrypoint_jobs("python jobs/merge.py --cpus-per-actor 2")
+    assert kuberay.placement_problems(asks, cluster) != []  # the head says num-cpus '0'
+    cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] = "4"
+    assert kuberay.placement_problems(asks, cluster) == []
+    (_, big), = kuberay.entrypoint_jobs("python jobs/merge.py --cpus-per-actor 8")
+    assert "fits no group of the cluster (head: 4 CPU" in kuberay.placement_problems(big, cluster)[0]

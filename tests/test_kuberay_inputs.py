@@ -132,7 +132,7 @@ def test_every_job_of_a_shell_entrypoint_is_checked_with_its_own_asks(entrypoint
     jobs = kuberay.entrypoint_jobs(entrypoint, {"SIMMERGE_CPUS_PER_ACTOR": "2"})
     assert jobs[-1][1]["streaming"].num_cpus == 64.0
     problems = kuberay.placement_problems(jobs[-1][1], _load("raycluster.yaml")["spec"])
-    assert len(problems) == 1 and "fits no worker group" in problems[0]
+    assert len(problems) == 1 and "fits no group of the cluster" in problems[0]
 
 
 def test_flags_after_a_shell_operator_belong_to_the_next_command() -> None:
