@@ -16,7 +16,6 @@ import argparse
 import copy
 import functools
 import re
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import yaml
 from simmerge_ray import resources
 from simmerge_ray.arg_parser import Parser
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.shell_commands import shell_commands
 
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml"}
@@ -34,8 +34,6 @@ CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.
 # the object store, the rest is what actors can reserve.
 RAY_DEFAULT_MEMORY_SHARE = 0.7
 _JOB_SCRIPT = re.compile(r"(?:^|/)jobs/(\w+)\.py$")
-_ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)  # a shell `VAR=value` before a command
-_SHELL_OPERATOR = re.compile(r"^[();<>|&]+$")  # what shlex's punctuation_chars makes a token of its own
 API_VERSION = "ray.io/v1"  # the CRD version whose schema is checked
 # rayStartParams that `ray start` parses as whole numbers (KubeRay passes them as --KEY=VALUE).
 _RAY_START_INTS = ("num-cpus", "num-gpus", "memory", "object-store-memory")
@@ -158,7 +156,6 @@ class Capacity:
 
 def group_capacity(group: dict) -> Capacity:
     """Ray's view of a group's node: group `resources` > rayStartParams > the container's limits."""
-    params = group.get("rayStartParams", {})
     override = group.get("resources", {})
     container = _first_container(group)
     limits = {**container.get("resources", {}).get("requests", {}), **container.get("resources", {}).get("limits", {})}
@@ -193,44 +190,12 @@ def gpu_mismatch(group: dict) -> str | None:
     return None
 
 
-def _shell_words(text: str) -> list[str]:
-    """The words and operators (&&, ;, |, ...) of a shell command line, as the job's shell splits them."""
-    lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
-    lexer.whitespace_split = True
-    try:
-        return list(lexer)
-    except ValueError as e:  # an unbalanced quote
-        raise ConfigError(f"entrypoint {text!r}: {e}") from None
-
-
-def _job_commands(text: str, env: dict[str, str]) -> list[tuple[list[str], dict[str, str]]]:
-    """Each simple command of a shell line (split at &&, ;, | ...) with the environment it runs in:
-    `env` plus its own leading `VAR=value` words; `bash -c "..."` and `sh -c` are read inside."""
-    commands, current = [], []
-    for word in [*_shell_words(text), ";"]:
-        if not _SHELL_OPERATOR.match(word):
-            current.append(word)
-            continue
-        own = dict(env)
-        while current and (m := _ASSIGNMENT.match(current[0])):
-            own[m.group(1)] = m.group(2)
-            current.pop(0)
-        if current[:1] == ["exec"]:
-            current.pop(0)
-        if len(current) >= 3 and Path(current[0]).name in ("sh", "bash") and current[1] == "-c":
-            commands += _job_commands(current[2], own)
-        elif current:
-            commands.append((current, own))
-        current = []
-    return commands
-
-
 def entrypoint_jobs(entrypoint: str, env_vars: dict[str, str] | None = None
                     ) -> list[tuple[str, dict[str, resources.ResourceAsk]]]:
     """Every jobs/<stage>.py an entrypoint runs, with the ask of each actor role it starts (its flags
     over the command's `VAR=value` prefix over `env_vars`, the runtime env's)."""
     jobs = []
-    for words, env in _job_commands(entrypoint, dict(env_vars or {})):
+    for words, env in shell_commands(entrypoint, dict(env_vars or {})):
         found = [(i, m.group(1)) for i, w in enumerate(words) if (m := _JOB_SCRIPT.search(w))]
         if not found:
             continue

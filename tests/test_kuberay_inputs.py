@@ -171,3 +171,22 @@ def test_a_refused_job_leaves_no_staging_folder_it_made(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == \
         ["merge.yaml", "shared", "shared/other"]
+
+
+@pytest.mark.parametrize("entrypoint, stages, cpus", [
+    # a `#` inside a word is no comment: the flags after `run#2` were dropped (1 CPU asked)
+    ("python jobs/merge.py --out s3://b/run#2 --cpus-per-actor 8", ["merge"], 8.0),
+    # a multi-line entrypoint is one command per line: label got merge's flags, merge went unchecked
+    ("python jobs/label.py --cpus-per-actor 2\npython jobs/merge.py --cpus-per-actor 64", ["label", "merge"], 64.0),
+    # `bash -lc` as `bash -c` (it was "does not run a jobs/<stage>.py script")
+    ('bash -lc "cd /app && python jobs/merge.py --cpus-per-actor 8"', ["merge"], 8.0),
+    # `export` for the commands after it, `env VAR=x` for its own: both were ignored
+    ("export SIMMERGE_CPUS_PER_ACTOR=8; python jobs/merge.py", ["merge"], 8.0),
+    ("env SIMMERGE_CPUS_PER_ACTOR=8 python jobs/merge.py", ["merge"], 8.0),
+    ("# run the merge\npython jobs/merge.py --cpus-per-actor 8  # eight", ["merge"], 8.0),
+])
+def test_shell_forms_of_an_entrypoint_are_read_as_its_shell_runs_them(entrypoint: str, stages: list[str],
+                                                                       cpus: float) -> None:
+    jobs = kuberay.entrypoint_jobs(entrypoint)
+    assert [stage for stage, _ in jobs] == stages
+    assert jobs[-1][1]["streaming"].num_cpus == cpus
