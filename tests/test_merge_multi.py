@@ -164,13 +164,14 @@ def test_a_bad_file_is_one_line_naming_the_document_and_nothing_is_written(
     assert tree_hash(family) == before and cfg.read_bytes() == config
 
 
-def _interrupted(models: Path, tmp_path: Path, capsys, caplog) -> tuple[Path, Path, Path, bytes, Path]:
-    """The two-stage config run with m3 corrupt: it fails in the final, after `tied`; returns the
-    config, --out, m3's shard and its good bytes, and the work folder the run kept."""
+def _interrupted(docs: list[dict], model: Path, tmp_path: Path, capsys, caplog) -> tuple[Path, Path, Path, bytes, Path]:
+    """`docs` run with `model` (which only the final reads) corrupt: it fails in the final, after
+    the first merge; returns the config, --out, the model's shard and its good bytes, and the work
+    folder the run kept."""
     caplog.set_level(logging.WARNING)
-    cfg = _write(tmp_path / "multi.yaml", _two_stage(models))
+    cfg = _write(tmp_path / "multi.yaml", docs)
     out = tmp_path / "merged"
-    shard, raw = _corrupt(models / "m3")
+    shard, raw = _corrupt(model)
     assert _merge(cfg, "--out", out) == 2
     one_line_error(capsys, "simmerge merge: error: ")
     assert not out.exists()
@@ -182,7 +183,7 @@ def test_an_interrupted_multi_document_run_resumes(models: Path, tmp_path: Path,
     """The final reads m3, whose data is corrupt (header intact: every up-front check passes):
     the run fails after `tied`, which is kept; mended, the same command merges only the final and
     writes what an uninterrupted run writes."""
-    cfg, out, shard, raw, work = _interrupted(models, tmp_path, capsys, caplog)
+    cfg, out, shard, raw, work = _interrupted(_two_stage(models), models / "m3", tmp_path, capsys, caplog)
     assert {"tied", "tied.key.json"} <= {p.name for p in work.iterdir()}
     assert f"kept merge 'tied' of the 2 of {cfg} in {work}" in caplog.text
     shard.write_bytes(raw)
@@ -203,7 +204,7 @@ def test_a_key_that_cannot_be_computed_leaves_the_kept_merges(models: Path, tmp_
     fails with one line naming the file, before anything moved: the kept `tied` stays where it
     was, untouched (it used to be moved into the new work folder first, and removed with it).
     The link gone, the same command resumes from it."""
-    cfg, out, shard, raw, work = _interrupted(models, tmp_path, capsys, caplog)
+    cfg, out, shard, raw, work = _interrupted(_two_stage(models), models / "m3", tmp_path, capsys, caplog)
     kept, inode = tree_hash(work), (work / "tied").stat().st_ino
     shard.write_bytes(raw)
     loop = models / "m1" / "tokenizer.model"

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from simmerge_ray.cli import main as cli_main
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
@@ -24,10 +23,9 @@ from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.estimate import estimate_merge, estimate_stages
 from simmerge_ray.merge.executor import ExecOptions
 from simmerge_ray.merge.multi import load_multi
-from input_checks import one_line_error  # beside this file
 from mergekit_oracle import load_all, run_mergekit_multi
 from test_mergekit_tokenizer_dtype import _tokenizer
-from test_plan_resume import _corrupt  # header intact, data NaN
+from test_merge_multi import _interrupted, _leftovers, _merge, _write
 
 # Three vocabularies that share only part of their words, in other orders, each with its own
 # special token: a (26 words), b (26, reversed, 16 shared with a), c (26, 10 shared with b).
@@ -101,15 +99,6 @@ CASES = [("union", "union"), ("union", "base"), ("union", "by_name"), ("union", 
          ("block", "base")]
 
 
-def _write(path: Path, docs: list[dict]) -> Path:
-    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
-    return path
-
-
-def _merge(*args: str | Path) -> int:
-    return cli_main(["merge", *map(str, args), "--workers", "1", "--quiet"])
-
-
 def _by_hand(docs: list[dict], folder: Path) -> Path:
     """The documents run one by one with `simmerge merge`, the name `ab` replaced by the folder the
     first wrote; returns the final's folder."""
@@ -133,10 +122,6 @@ def _files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())
             if p.suffix == ".safetensors" or p.name in ("model.safetensors.index.json", "config.json",
                                                         *TOKENIZER_FILES)}
-
-
-def _leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".plan-" in p.name or ".tmp-" in p.name)
 
 
 def _same_as_mergekit(ours: Path, mk: Path, case: str) -> None:
@@ -241,14 +226,8 @@ def test_an_interrupted_run_resumes_unless_a_tokenizer_it_read_changed(models: P
     `ab`, which is kept. Mended, the same command reuses `ab`; with a's tokenizer.json edited
     (two words' ids exchanged, so `ab`'s union vocabulary maps other rows) it makes `ab` again.
     Either way the output is the one an uninterrupted run writes from the models as they are."""
-    caplog.set_level(logging.WARNING)
-    cfg = _write(tmp_path / "multi.yaml", [_first(models), _second(models, "union")])
-    out = tmp_path / "merged"
-    shard, raw = _corrupt(models / "c")
-    assert _merge(cfg, "--out", out) == 2
-    one_line_error(capsys, "simmerge merge: error: ")
-    assert not out.exists()
-    [work] = [tmp_path / n for n in _leftovers(tmp_path)]
+    cfg, out, shard, raw, work = _interrupted([_first(models), _second(models, "union")], models / "c", tmp_path,
+                                              capsys, caplog)
     assert {"ab", "ab.key.json"} <= {p.name for p in work.iterdir()}
     shard.write_bytes(raw)
     if edit:
