@@ -111,9 +111,9 @@ def _by_hand(docs: list[dict], folder: Path) -> Path:
 
 
 def _substituted(doc: dict, ab: Path) -> dict:
-    from simmerge_ray.merge.resume import substitute_refs
+    from simmerge_ray.merge.model_refs import substitute_refs
 
-    return substitute_refs(doc, {"ab": str(ab)})
+    return substitute_refs(doc, lambda _, ref: str(ab) if ref == "ab" else ref)
 
 
 def _files(out: Path) -> dict[str, bytes]:

@@ -86,16 +86,9 @@ class Checkpoint:
             raise CheckpointError(f"{path}: a PEFT adapter ({ADAPTER_CONFIG}), not a model: merge it into its base "
                                   f"first (peft's merge_and_unload) and give the merged folder")
         config = read_config(path)
-        index = path / INDEX_FILE
-        if index.exists():
-            files = shards_from_index(index)
-        elif (path / SINGLE_FILE).exists():
-            files = {SINGLE_FILE: None}
-        else:
-            loose = sorted(p.name for p in path.glob("*.safetensors"))
-            if loose:
-                files = {name: None for name in loose}
-            elif any((path / name).exists() for name in PICKLE_FILES) or list(path.glob("pytorch_model*.bin")):
+        files = weight_files(path)
+        if files is None:
+            if any((path / name).exists() for name in PICKLE_FILES) or list(path.glob("pytorch_model*.bin")):
                 if not allow_pickle:
                     raise CheckpointError(
                         f"{path}: holds only a pickle-based .bin checkpoint, which is not read here; "
@@ -103,8 +96,7 @@ class Checkpoint:
                         f"--allow-pickle` (only for a file you trust)"
                     )
                 return cls._from_pickle(path, config)
-            else:
-                raise CheckpointError(f"{path}: no model.safetensors, shards or index found")
+            raise CheckpointError(f"{path}: no model.safetensors, shards or index found")
         entries: dict[str, TensorEntry] = {}
         headers: dict[str, bytes] = {}
         for fname, expected in files.items():
@@ -366,6 +358,18 @@ def _refuse_shard_file(path: Path) -> None:
     if listed or (named and int(named.group(1)) > 1):  # "-00001-of-00001" is a whole model
         raise CheckpointError(f"{path}: one shard of a sharded checkpoint, not a whole model; give its folder "
                               f"{path.parent}")
+
+
+def weight_files(folder: Path) -> dict[str, set[str] | None] | None:
+    """The weight files of a checkpoint folder, as Checkpoint.open reads them: its index's shards
+    (with the tensors the index puts in each), else model.safetensors, else every .safetensors
+    file; None when it has none of these."""
+    if (folder / INDEX_FILE).exists():
+        return dict(shards_from_index(folder / INDEX_FILE))
+    if (folder / SINGLE_FILE).exists():
+        return {SINGLE_FILE: None}
+    loose = sorted(p.name for p in folder.glob("*.safetensors"))
+    return {name: None for name in loose} if loose else None
 
 
 def shards_from_index(index: Path) -> dict[str, set[str]]:

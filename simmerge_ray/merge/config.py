@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from simmerge_ray.errors import ConfigError
+from simmerge_ray.merge.model_refs import local_checkpoint
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES, TORCH_NAMES, dtype_code
 from simmerge_ray.merge.chat_templates import check_template
 from simmerge_ray.merge.modules import parse_modules
@@ -386,11 +387,8 @@ def _check_contract(method: MergeMethod, sl: OutputSlice, source: str) -> None:
 
 def _path_resolver(root: Path | None, source: str, pending: Mapping[str, Path]):
     def resolve(ref: str, where: str) -> Path:
-        if ref in pending:
-            return Path(pending[ref])
-        for cand in (Path(ref).expanduser(), (root / ref) if root else None):
-            if cand is not None and cand.exists():
-                return cand.resolve()
+        if (found := Path(pending[ref]) if ref in pending else local_checkpoint(ref, root)) is not None:
+            return found
         raise ConfigError(
             f"{source}: {where}: model {ref!r} not found as a local path (nothing is downloaded; "
             f"give a checkpoint folder)"

@@ -33,9 +33,10 @@ from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.out_checks import check_replaceable
 from simmerge_ray.merge.config import MergeSpec, Provenance
 from simmerge_ray.merge.executor import ExecOptions, MergeResult, check_merge, run_merge
+from simmerge_ray.merge.model_refs import local_checkpoint, model_refs, substitute_refs
 from simmerge_ray.merge.resume import (KEY_SUFFIX, TOKENIZER_KEYWORDS, Stage, StageKeys, adopt_kept, key_file,
-                                       kept_stages, model_refs, new_work_folder, record_stage, release,
-                                       resolve_local, stage_folder, stages_to_run, substitute_refs)
+                                       kept_stages, new_work_folder, record_stage, release, stage_folder,
+                                       stages_to_run)
 from simmerge_ray.yaml_io import check_name, read_yaml_documents
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def run_stages(graph: StageGraph, out: Path, opts: ExecOptions = ExecOptions()) 
         for stage in todo:
             last = stage is stages[-1]
             key = None if last else keys.key(stage.name)  # the files it reads, before it reads them
-            cfg = substitute_refs(stage.config, {d: folders[d] for d in stage.deps})
+            cfg = substitute_refs(stage.config, lambda _, ref: folders[ref] if ref in stage.deps else ref)
             spec = MergeSpec.from_dict(cfg, root=graph.root or work, source=stage.source, seed=graph.seed)
             if graph.provenance is not None:
                 spec = replace(spec, provenance=graph.provenance(stage, work))
@@ -228,7 +229,7 @@ def load_multi(path: str | Path, *, seed: int = 0) -> MultiConfig:
             if ref in names:
                 if ref not in found:
                     found.append(ref)
-            elif field.rsplit(".", 1)[-1] in ("model", "base_model") and resolve_local(ref, root) is None:
+            elif field.rsplit(".", 1)[-1] in ("model", "base_model") and local_checkpoint(ref, root) is None:
                 known = ", ".join(sorted(names)) or "none"
                 raise ConfigError(f"{_label(path, i, name)}: {field}: {ref!r} is neither a local checkpoint "
                                   f"folder nor the name of a merge in the file (names: {known})")

@@ -32,17 +32,18 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from simmerge_ray.errors import CheckpointError
 from simmerge_ray.io.atomic import atomic_write_text, owned_temp_dir
-from simmerge_ray.io.checkpoint import INDEX_FILE, SINGLE_FILE, shards_from_index
+from simmerge_ray.io.checkpoint import INDEX_FILE, weight_files
 from simmerge_ray.io.digest_cache import json_digest
 from simmerge_ray.io.owner import owned_by_this_process, owner_is_dead
 from simmerge_ray.io.side_files import TOKENIZER_FILES
+from simmerge_ray.merge.model_refs import local_checkpoint, substitute_refs
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,6 @@ KEY_FORMAT = 3
 # change, so that no stage an older engine kept is reused.
 ENGINE_FORMAT = 1
 KEY_SUFFIX = ".key.json"
-# Where a mergekit config names a model (mergekit's ModelReference fields): an earlier merge's
-# name is read there, and nowhere else. `tokenizer_source`/`source` may also be a keyword.
-MODEL_KEYS = frozenset({"model", "base_model", "tokenizer_source", "source"})
 TOKENIZER_KEYWORDS = frozenset({"base", "union"})
 
 _ACTIVE: set[str] = set()  # work folders of the runs in progress in this process
@@ -70,40 +68,6 @@ class Stage:
     config: dict[str, Any]
     deps: tuple[str, ...]
     source: str  # names the stage in messages ("multi.yaml: document 2 ('a')", "plan step 1")
-
-
-def model_refs(node: Any, at: str = "") -> list[tuple[str, str]]:
-    """(field, value) of every string a config gives where a model goes ('models[0].model')."""
-    out: list[tuple[str, str]] = []
-    if isinstance(node, dict):
-        for k, v in node.items():
-            where = f"{at}.{k}" if at else str(k)
-            if k in MODEL_KEYS and isinstance(v, str):
-                out.append((where, v))
-            elif k != "parameters":
-                out.extend(model_refs(v, where))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            out.extend(model_refs(v, f"{at}[{i}]"))
-    return out
-
-
-def substitute_refs(node: Any, mapping: Mapping[str, Any]) -> Any:
-    """The config with every model reference found in `mapping` replaced by its value."""
-    if isinstance(node, dict):
-        return {k: (mapping.get(v, v) if k in MODEL_KEYS and isinstance(v, str)
-                    else v if k == "parameters" else substitute_refs(v, mapping)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [substitute_refs(v, mapping) for v in node]
-    return node
-
-
-def resolve_local(ref: str, root: Path | None) -> Path | None:
-    """The checkpoint a reference names as MergeSpec resolves it (as given, else under `root`)."""
-    for cand in (Path(ref).expanduser(), (Path(root) / ref) if root else None):
-        if cand is not None and cand.exists():
-            return cand.resolve()
-    return None
 
 
 # The files of a checkpoint folder a merge reads or copies beside its weight shards
@@ -131,13 +95,7 @@ def checkpoint_identity(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_dir():
         return [_file_identity(path)]
-    if (path / INDEX_FILE).is_file():
-        shards = list(shards_from_index(path / INDEX_FILE))
-    elif (path / SINGLE_FILE).exists():
-        shards = [SINGLE_FILE]
-    else:
-        shards = sorted(p.name for p in path.glob("*.safetensors"))
-    return [_file_identity(path / name) for name in (*shards, *SIDE_FILES)]
+    return [_file_identity(path / name) for name in (*(weight_files(path) or ()), *SIDE_FILES)]
 
 
 class StageKeys:
@@ -165,22 +123,15 @@ class StageKeys:
             return {"merge": self.key(value)}
         if key in ("tokenizer_source", "source") and value in TOKENIZER_KEYWORDS:
             return value
-        path = resolve_local(value, self._root)
+        path = local_checkpoint(value, self._root)
         return {"checkpoint": self._identity(path)} if path is not None else value
-
-    def _by_content(self, value: Any, deps: tuple[str, ...]) -> Any:
-        if isinstance(value, dict):
-            return {k: (self._ref(k, v, deps) if k in MODEL_KEYS and isinstance(v, str)
-                        else v if k == "parameters" else self._by_content(v, deps)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self._by_content(v, deps) for v in value]
-        return value
 
     def key(self, name: str) -> str:
         """The stage's key, chained to the keys of the stages it reads."""
         if name not in self._keys:
             stage = self._stages[name]
-            payload = {**self._common, "config": self._by_content(stage.config, stage.deps)}
+            payload = {**self._common,
+                       "config": substitute_refs(stage.config, lambda k, v: self._ref(k, v, stage.deps))}
             self._keys[name] = json_digest(payload)
         return self._keys[name]
 

@@ -18,11 +18,9 @@ STEP = "step-{j}"
 def plan_stages(plan: Plan, paths: dict[str, Path], base: Path | None, out_dtype: str | None = None,
                 plan_file: Path | None = None) -> list[Stage]:
     """The plan's steps as stages: step j reads step j-1 by its name `step-<j-1>`."""
-    configs = plan.step_configs(paths, base, step_dir=STEP)
-    steps = len(configs)
     return [Stage(STEP.format(j=j), {**cfg, "out_dtype": out_dtype} if out_dtype else cfg,
                   (STEP.format(j=j - 1),) if j > 1 else (), f"{plan_file or 'plan'} step {j}")
-            for j, cfg in enumerate(configs, start=1)] if steps else []
+            for j, cfg in enumerate(plan.step_configs(paths, base, step_dir=STEP), start=1)]
 
 
 def plan_words(steps: int) -> Words:
