@@ -217,15 +217,21 @@ class FileLayout:
     size: int  # total file size
 
 
+def tensor_nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    """Bytes of a tensor of `shape` stored as the dtype code `dtype` (exact: Python ints)."""
+    nbytes = DTYPE_BYTES[dtype]
+    for d in shape:
+        nbytes *= d
+    return nbytes
+
+
 def file_layout(specs: list[tuple[str, tuple[int, ...], str]], metadata: dict[str, str] | None = None) -> FileLayout:
     """The layout of a file holding `specs` (name, shape, dtype code) in this order."""
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     rel: dict[str, int] = {}
     offset = 0
     for name, shape, dtype in specs:
-        nbytes = DTYPE_BYTES[dtype]
-        for d in shape:
-            nbytes *= d
+        nbytes = tensor_nbytes(shape, dtype)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         rel[name] = offset
         offset += nbytes

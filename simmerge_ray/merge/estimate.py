@@ -17,7 +17,7 @@ from pathlib import Path
 
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.pending_checkpoint import PendingCheckpoint
-from simmerge_ray.io.safetensors_format import DTYPE_BYTES, TensorEntry
+from simmerge_ray.io.safetensors_format import TensorEntry, tensor_nbytes
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, MergeLayout, plan_merge
 from simmerge_ray.merge.multi import StageGraph
@@ -78,7 +78,7 @@ def pending_output(spec: MergeSpec, plan: MergeLayout, path: Path) -> PendingChe
         for name, shape, code in shard.tensors:
             begin = layout.offsets[name]
             entries[name] = TensorEntry(name, code, tuple(shape), path / shard.file, begin,
-                                        begin + _nbytes(shape, code))
+                                        begin + tensor_nbytes(shape, code))
     source = config_source(spec, plan.ckpts, warn=False)
     config = {} if source is None else written_config(spec, source, output_layers(spec, plan.ckpts), plan.shards,
                                                       plan.vocab)
@@ -89,13 +89,6 @@ def pending_output(spec: MergeSpec, plan: MergeLayout, path: Path) -> PendingChe
     else:
         tokenizer = source.path if source is not None and has_tokenizer(source.path) else None
     return PendingCheckpoint(path, config, entries, tokenizer=tokenizer)
-
-
-def _nbytes(shape: tuple[int, ...], code: str) -> int:
-    n = DTYPE_BYTES[code]
-    for d in shape:
-        n *= d
-    return n
 
 
 @dataclass(frozen=True)

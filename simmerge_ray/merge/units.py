@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from simmerge_ray.io.checkpoint import SINGLE_FILE, Checkpoint
-from simmerge_ray.io.safetensors_format import DTYPE_BYTES, FLOAT_DTYPES, dtype_code, promoted
+from simmerge_ray.io.safetensors_format import DTYPE_BYTES, FLOAT_DTYPES, dtype_code, promoted, tensor_nbytes
 from simmerge_ray.merge.tensor_plan import TensorTask
 
 
@@ -86,7 +86,7 @@ def plan_shards(tasks: list[TensorTask], ckpts: dict[str, Checkpoint], out_dtype
             stored = (ckpts[m].entries[t].dtype for m, t in task.all_reads)
             code = dtype_code(out_dtype) if out_dtype else promoted(stored) or e.dtype
         shape = e.shape if task.vocab is None else (task.vocab.rows, *e.shape[1:])
-        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[code]
+        nbytes = tensor_nbytes(tuple(shape), code)
         if groups[-1] and size + nbytes > shard_bytes:
             groups.append([])
             size = 0
