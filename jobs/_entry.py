@@ -24,92 +24,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import simmerge_ray
 from simmerge_ray import resources, storage
-from simmerge_ray.arg_parser import Parser
 from simmerge_ray.errors import SimMergeError
 from simmerge_ray.io.file_lock import LockHeld, exclusive_lock
 from simmerge_ray.io.out_checks import PUBLISH_ENV
+from simmerge_ray.job_stages import STAGES, Stage, Step, build_parser, command_argv  # noqa: F401 (the jobs' table)
 
 NOT_AVAILABLE = 3  # exit status of a job whose stage this version does not have yet
-
-
-@dataclass(frozen=True)
-class Step:
-    """One `simmerge` command that a job runs."""
-
-    command: tuple[str, ...]  # the subcommand words, e.g. ("features", "structural")
-    module: str  # simmerge_ray/cli/<module>.py defines it
-    config: str | None = "--config"  # "positional", the flag that takes the config file, or None
-    out: bool = True  # the command takes --out
-    overwrite: bool = True  # the command takes --overwrite (replace the output)
-    extras: bool = True  # flags the job does not know are passed to this command
-    # Command flags derived from the resource asks, for commands that take them as flags.
-    resource_flags: Callable[[resources.StageResources], list[str]] = field(default=lambda r: [])
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A job's steps, run in order into the same output folder."""
-
-    steps: tuple[Step, ...]
-
-    @property
-    def commands(self) -> str:
-        return " + ".join("simmerge " + " ".join(step.command) for step in self.steps)
-
-
-def _workers_flags(r: resources.StageResources) -> list[str]:
-    return ["--workers", str(r.max_actors)] if r.max_actors else []
-
-
-def _merge_flags(r: resources.StageResources) -> list[str]:
-    return ["--cpus-per-worker", str(r.streaming.num_cpus), *_workers_flags(r)]
-
-
-STAGES: dict[str, Stage] = {
-    "zoo_build": Stage((Step(("zoo", "build"), "zoo"),)),
-    "probe": Stage((Step(("probe",), "probe", config="--catalog"),)),
-    # Structural features first (it creates the folder), then the functional ones, which join the
-    # two into features.parquet; flags the job does not know go to the functional step.
-    "features": Stage((Step(("features", "structural"), "features", config="--catalog", extras=False),
-                       Step(("features", "functional"), "features", config="--catalog", overwrite=False))),
-    # Resumes from its cache; --max-actors caps its evaluator actors (--workers).
-    "label": Stage((Step(("label",), "zoo", config="--catalog", overwrite=False, resource_flags=_workers_flags),)),
-    # fit and plan take their inputs as flags (--features, --labels, --selector, ...), passed through.
-    "fit": Stage((Step(("fit",), "selector", config=None),)),
-    "plan": Stage((Step(("plan",), "plan", config=None, overwrite=False),)),
-    # --config is the request table; the pool size comes from --max-actors (SIMMERGE_MAX_ACTORS).
-    "plan_batch": Stage((Step(("plan-batch",), "plan_batch", config="--requests", overwrite=False),)),
-    "merge": Stage((Step(("merge",), "merge", config="positional", resource_flags=_merge_flags),)),
-    # A long-running job: the bandit's HTTP server on the cluster; --config is its state folder.
-    "serve": Stage((Step(("serve",), "serve", config="--state", out=False, overwrite=False),)),
-    # --config is the zoo config; every stage runs into --out, finished stages are reused.
-    "pipeline": Stage((Step(("pipeline",), "demo", overwrite=False),)),
-    # --config is the target zoo's config; --selector (the source zoo's selector) passes through.
-    "transfer": Stage((Step(("transfer",), "transfer", overwrite=False),)),
-}
-
-
-def build_parser(stage: str) -> argparse.ArgumentParser:
-    spec = STAGES[stage]
-    parser = Parser(
-        prog=f"jobs/{stage}.py", allow_abbrev=False,
-        description=f"Ray job: `{spec.commands}`. Unknown flags go to the command as they are.")
-    parser.add_argument("--config", help="the stage's config file (path or URI)")
-    parser.add_argument("--out", help="output folder: a path, or a URI (s3://, gs://, file://...) "
-                                      "that the finished output is uploaded to")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--staging-dir", default=None,
-                        help="folder where an output bound for a URI is written before its upload, kept "
-                             "after a failure so that the same command resumes; on a cluster it must be on "
-                             "storage every node mounts (default: the system temp dir, one node only)")
-    resources.add_resource_flags(parser)
-    return parser
 
 
 def unavailable(stage: str) -> str | None:
@@ -138,25 +62,6 @@ def run_command(argv: list[str], env: dict[str, str] | None = None) -> int:
         return child.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def command_argv(step: Step, args: argparse.Namespace, extra: list[str], out: str | None,
-                 asks: resources.StageResources, config: str | None) -> list[str]:
-    """The `simmerge` argument list of one step; flags the user passed win over derived ones."""
-    argv = list(step.command)
-    if config is not None and step.config is not None:
-        argv += [config] if step.config == "positional" else [step.config, config]
-    if out is not None and step.out:
-        argv += ["--out", out]
-    if args.overwrite and step.overwrite:
-        argv.append("--overwrite")
-    extra = extra if step.extras else []
-    derived = step.resource_flags(asks)
-    given = {a.split("=", 1)[0] for a in extra if a.startswith("--")}
-    for flag, value in zip(derived[::2], derived[1::2]):
-        if flag not in given:
-            argv += [flag, value]
-    return argv + extra
 
 
 def run(stage: str, argv: list[str] | None = None) -> int:
@@ -224,13 +129,34 @@ def claim_staging(staging: Path, stage: str, out: str) -> None:
             raise storage.StorageError(f"{staging}: exists and is not this job's staging folder for {out} "
                                        f"(simmerge would write into it and remove it); move it away or pass "
                                        f"another --staging-dir")
+    created = [d for d in (staging, *staging.parents) if not d.exists()]  # innermost first
+    new_marker = False
     try:
         staging.mkdir(parents=True, exist_ok=True)
         if not marker.exists():
+            new_marker = True
             marker.write_text(json.dumps(record))
     except OSError as e:  # --staging-dir is a file, or cannot be created or written
+        _undo_claim(marker if new_marker else None, created)
         raise storage.StorageError(f"--staging-dir {staging.parent}: cannot hold the staging folder "
                                    f"({e.strerror or e})") from None
+
+
+def _undo_claim(marker: Path | None, created: list[Path]) -> None:
+    """Remove what a failed claim made: the marker it began to write, then the folders it
+    created, innermost first (one another job has put something in since stays)."""
+    try:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+    except OSError:
+        return  # a folder holding it stays
+    for folder in created:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:  # mkdir failed before making this one
+            continue
+        except OSError:
+            break
 
 
 def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: resources.StageResources,

@@ -5,10 +5,18 @@ block first)."""
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any, NoReturn
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A word that starts with a minus and a digit is a value, as argparse takes `-5`: `--shard-size
+        # -1G` was "expected one argument" rather than the option's own "size must be positive".
+        # (No option of ours is spelt like a negative number.)
+        self._negative_number_matcher = re.compile(r"^-\.?[0-9]")
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 

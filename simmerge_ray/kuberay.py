@@ -13,8 +13,10 @@ of that stage fits some worker group, e.g. that a GPU inference actor has a GPU 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
+import io
 import re
 import sys
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from simmerge_ray import resources
+from simmerge_ray import job_stages, resources
 from simmerge_ray.arg_parser import Parser
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.shell_commands import shell_commands
@@ -203,15 +205,43 @@ def entrypoint_jobs(entrypoint: str, env_vars: dict[str, str] | None = None
         if stage not in resources.STAGE_ROLES:
             raise ConfigError(f"entrypoint {entrypoint!r}: jobs/{stage}.py is not a job script "
                               f"(stages: {', '.join(resources.STAGE_ROLES)})")
-        parser = argparse.ArgumentParser(allow_abbrev=False)
-        resources.add_resource_flags(parser)
-        args, _ = parser.parse_known_args(words[index + 1:])
+        args, extra = _parsed(job_stages.build_parser(stage), words[index + 1:], entrypoint)
         asks = resources.resources_from_flags(args, env)
+        check_command_flags(stage, args, extra[1:] if extra[:1] == ["--"] else extra, asks, entrypoint)
         jobs.append((stage, {role: asks.for_role(role) for role in resources.STAGE_ROLES[stage]}))
     if not jobs:
         raise ConfigError(f"entrypoint {entrypoint!r} does not run a jobs/<stage>.py script "
                           f"(stages: {', '.join(resources.STAGE_ROLES)})")
     return jobs
+
+
+def check_command_flags(stage: str, args: argparse.Namespace, extra: list[str], asks: resources.StageResources,
+                        entrypoint: str) -> None:
+    """The command line each step of the job would run (the flags the job does not know go to the
+    command), read by the command's own parser: a misspelt flag (`--num-cpu`), a value it refuses
+    is a ConfigError naming it, not a job that fails on the cluster (options left out are not
+    checked here). The one place outside simmerge_ray/cli that reads its parsers (test_house_rules)."""
+    from simmerge_ray.cli import build_parser, leaf_parsers
+
+    for step in job_stages.STAGES[stage].steps:
+        argv = job_stages.command_argv(step, args, extra, args.out, asks, args.config)
+        parser = build_parser((step.module,))
+        for _, leaf in leaf_parsers(parser):
+            for item in (*leaf._actions, *leaf._mutually_exclusive_groups):
+                item.required = False
+        _parsed(parser, argv, entrypoint, f"jobs/{stage}.py runs `simmerge {' '.join(step.command)}` with the "
+                f"flags it does not know, and it would refuse them: ")
+
+
+def _parsed(parser: argparse.ArgumentParser, argv: list[str], entrypoint: str, runs: str = ""
+            ) -> tuple[argparse.Namespace, list[str]]:
+    """parser.parse_known_args(argv), its error (printed, then an exit) as a ConfigError."""
+    with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
+        try:
+            return parser.parse_known_args(argv) if not runs else (parser.parse_args(argv), [])
+        except SystemExit:
+            message = (err.getvalue().strip().splitlines() or ["--help is not a job's flag"])[-1]
+    raise ConfigError(f"entrypoint {entrypoint!r}: {runs}{message}")
 
 
 def job_asks(entrypoint: str, env_vars: dict[str, str] | None = None) -> tuple[str, dict[str, resources.ResourceAsk]]:

@@ -47,21 +47,26 @@ STAGE_ROLES: dict[str, tuple[str, ...]] = {
     "transfer": (STREAMING, INFERENCE),
 }
 
-_BYTES = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGTP]i?|[kmgtp])?B?\s*$")
+# Kubernetes quantity suffixes (K, k and the lowercase g/t/p of a command line are read as
+# decimal too); a lowercase `m` is refused: Kubernetes reads `500m` as 0.5 (milli), not 500e6.
+_BYTES = re.compile(r"^\s*([+-]?)([0-9]*\.?[0-9]+)\s*([KMGTP]i?|[kgtp]|m)?B?\s*$")
 _UNIT = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
 
 
 def parse_bytes(text: str, *, what: str) -> int:
-    """'8Gi' -> 8*2**30, '512M' -> 512e6, '1073741824' -> itself (Kubernetes quantity style)."""
+    """'8Gi' -> 8*2**30, '512M' -> 512e6, '1073741824' -> itself (Kubernetes quantity style); a
+    size of at least one byte, else a ConfigError naming `what` (the option, variable or field)."""
     m = _BYTES.match(str(text))
     if not m:
         raise ConfigError(f"{what}: {text!r} is not a size (examples: 8Gi, 512Mi, 2G, 1073741824)")
-    unit = m.group(2) or ""
-    unit = unit[0].upper() + unit[1:] if unit else unit
-    value = int(float(m.group(1)) * _UNIT[unit])
-    if value <= 0:
-        raise ConfigError(f"{what}: size must be positive, got {text!r}")
+    sign, number, unit = m.group(1), m.group(2), m.group(3) or ""
+    if unit == "m":
+        raise ConfigError(f"{what}: {text!r} is {number} thousandths of a byte (in a Kubernetes quantity m is "
+                          f"milli); write {number}M for {number}*10**6 bytes or {number}Mi for {number}*2**20")
+    value = int(float(number) * _UNIT[unit[:1].upper() + unit[1:]])
+    if sign == "-" or value <= 0:
+        raise ConfigError(f"{what}: size must be positive (at least one byte), got {text!r}")
     return value
 
 

@@ -93,8 +93,15 @@ def _imports_of(module: str, files: list[Path]) -> list[str]:
             for line, name in _imported(p) if name == module or name.startswith(module + ".")]
 
 
+# The KubeRay manifest check, a command of its own (`python -m simmerge_ray.kuberay`) that no job
+# runs, reads a job entrypoint's flags with the commands' own parsers (kuberay.check_command_flags):
+# a copy of every command's flags would drift from them.
+CLI_READERS = {LIBRARY / "kuberay.py"}
+
+
 def test_only_the_cli_imports_the_cli() -> None:
-    outside = [p for p in _py(LIBRARY, JOBS) if CLI not in p.parents and p.name != "__main__.py"]
+    outside = [p for p in _py(LIBRARY, JOBS) if CLI not in p.parents and p.name != "__main__.py"
+               and p not in CLI_READERS]
     found = _imports_of("simmerge_ray.cli", outside)
     assert not found, _report("the library and the jobs must not depend on the command line's code "
                               "(a job runs `python -m simmerge_ray`)", found)

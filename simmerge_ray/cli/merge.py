@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from simmerge_ray.cli.common import at_least_one, human_bytes, human_rate, name_listing, positive
+from simmerge_ray.cli.common import at_least_one, human_bytes, human_rate, name_listing, positive, seed
 from simmerge_ray.ray_session import init_ray
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.out_checks import check_output
@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="CPUs per worker: torch threads here, the actor's ask on Ray (default: "
                         "SIMMERGE_CPUS_PER_ACTOR or 1)")
     p.add_argument("--shard-size", default="512M", help="output shard size, e.g. 512M, 2G")
-    p.add_argument("--seed", type=int, default=0, help="seed of stochastic methods (DARE's and DELLA's masks)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of stochastic methods (DARE's and DELLA's masks)")
     p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype the methods compute in, whatever the config's `dtype` says (default: the "
                         "config's `dtype`, as mergekit; without one, each tensor's inputs' dtype, as mergekit); "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from simmerge_ray.cli.common import at_least_one, at_least_zero, name_listing
+from simmerge_ray.cli.common import at_least_one, at_least_zero, name_listing, seed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lab.add_argument("--weightings", nargs="+", default=None,
                      help=f"fold weightings of the 3-/4-way plans (default: {' '.join(_label_default('weightings'))})")
     lab.add_argument("--workers", type=at_least_one, default=None, help=f"evaluator actors (default: {_label_default('workers')})")
-    lab.add_argument("--seed", type=int, default=None, help=f"seed of the 3-/4-way subset sampling (default: {_label_default('seed')})")
+    lab.add_argument("--seed", type=seed, default=None, help=f"seed of the 3-/4-way subset sampling (default: {_label_default('seed')})")
     lab.add_argument("--metric", choices=["accuracy", "score"], default=None,
                      help="what GapClosed and retention are computed on: answer-token accuracy (default) "
                           "or the smooth likelihood score")

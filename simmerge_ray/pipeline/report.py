@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 from simmerge_ray.errors import OutputError
-from simmerge_ray.io.atomic import atomic_write_text
+from simmerge_ray.io.atomic import atomic_write_text, owned_temp_dir
 from simmerge_ray.io.json_text import json_text
+from simmerge_ray.io.owner import clean_stale
 from simmerge_ray.merge.arms import ARM_NAMES, PAPER_ARMS, STEP_ARMS
 from simmerge_ray.pipeline.layout import RunLayout
 from simmerge_ray.pipeline.selector import loto_evaluated
@@ -21,6 +23,7 @@ MULTI_METHODS = ("simmerge", "random_order", "simmerge_calibrated", "calibrated_
 RETENTIONS = ("expert_retention", "mean_retention")
 REPORT_FILES = ("report.json", "report.md", "utility.png", "regret.png", "multiway_retention.png",
                 "multiway_by_task.png", "feature_utility_heatmap.png")
+REPORT_TMP = ".report.tmp-"  # the folder in the run folder the report is written in, then moved out of
 BANDIT_POLICIES = {"bandit": "bandit", "bandit_cold": "bandit_cold", "random": "uniform",
                    "greedy": "greedy_offline", "best_fixed": "best_fixed"}
 
@@ -110,29 +113,46 @@ def check_report_files(out: Path) -> None:
 
 
 def write_report(out: Path, timings: dict[str, float]) -> dict:
-    from simmerge_ray.selector.data import load_pair_data
-
+    """Write the report's files into a temporary folder in the run folder, then move them into
+    place one by one (each an atomic rename): the old report.md goes first and the new one comes
+    last, so a report.md lies only beside the report.json and charts it was written with (an
+    interruption leaves the old set, or the new files without report.md, never a mixed pair)."""
     run = RunLayout(out)
     check_report_files(out)
     report = build_report(out, timings)
-    atomic_write_text(_report_record(out), json.dumps({"files": list(REPORT_FILES)}))  # the claim, before the files
-    atomic_write_text(out / "report.json", json_text(report))  # NaN (an empty group) as null: valid JSON
-    shutil.copy(run.selector_eval / "utility.png", out / "utility.png")
-    shutil.copy(run.bandit / "regret.png", out / "regret.png")
+    clean_stale(out, (REPORT_TMP,))
+    tmp = owned_temp_dir(out, REPORT_TMP)
+    try:
+        _write_report_files(run, report, tmp)
+        check_report_files(out)  # a file of the user's may have appeared meanwhile
+        atomic_write_text(_report_record(out), json.dumps({"files": list(REPORT_FILES)}))  # the claim, before the files
+        (out / "report.md").unlink(missing_ok=True)  # the report's own (checked above)
+        for name in sorted(REPORT_FILES, key=lambda n: n == "report.md"):
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _write_report_files(run: RunLayout, report: dict, tmp: Path) -> None:
+    from simmerge_ray.selector.data import load_pair_data
+
+    (tmp / "report.json").write_text(json_text(report))  # NaN (an empty group) as null: valid JSON
+    shutil.copy(run.selector_eval / "utility.png", tmp / "utility.png")
+    shutil.copy(run.bandit / "regret.png", tmp / "regret.png")
     ways = [k for k in report["multiway"] if k.endswith("way")]
     grouped_bars({f"{k} {r.split('_')[0]}": {m: report["multiway"][k][m][r] for m in MULTI_METHODS
                                              if m in report["multiway"][k]} for k in ways for r in RETENTIONS},
-                 out / "multiway_retention.png", "retention (%)",
+                 tmp / "multiway_retention.png", "retention (%)",
                  "multi-way merges: retention of the expert, and mean over the plan's models")
     grouped_bars({t: {m: d[m]["mean_retention"] for m in ("simmerge", "random_order", "simmerge_calibrated",
                                                             "equal_share", "oracle", "oracle_random_order") if m in d}
                   for k in ways for t, d in ((f"{k} {t}", d) for t, d in report["multiway"][k]["by_task"].items())},
-                 out / "multiway_by_task.png", "mean retention (%)",
+                 tmp / "multiway_by_task.png", "mean retention (%)",
                  "multi-way merges per target task: the planner (and calibrated) against random order, the soup and the oracle")
     data = load_pair_data(str(run.features), str(run.pair_labels))
-    feature_utility_heatmap(data.x, data.y, data.feature_names, data.operators, out / "feature_utility_heatmap.png")
-    atomic_write_text(out / "report.md", render_markdown(report))
-    return report
+    feature_utility_heatmap(data.x, data.y, data.feature_names, data.operators, tmp / "feature_utility_heatmap.png")
+    (tmp / "report.md").write_text(render_markdown(report))
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
