@@ -226,7 +226,8 @@ def test_plan_executes_with_the_streaming_engine(built: dict, tmp_path: Path) ->
     # The card names the catalog models and the plan's first step, not the step's temporary folder.
     card = (out / "README.md").read_text()
     prose = card[:card.index("### Configuration")]
-    assert ".merged.plan-" not in prose and ".merged.plan-" in card  # only in the config as run
+    assert ".merged.plan-" not in card  # the config as run names step 1 `step-1`, not the deleted folder
+    assert "step-1" in repr(yaml.safe_load((out / "mergekit_config.yml").read_text()))
     assert yaml.safe_load(card.split("---\n")[1])["base_model"] == [str(root / m) for m in ("m1", "m2", "m3", "base")]
     assert f"Step 2 of 2 of the plan `{tmp_path / 'plan.json'}` for task `code`: m1 -slerp-> m2 -linear-> m3." in prose
     assert "* `plan step 1: m1 -slerp-> m2` (an intermediate output, not kept)" in prose

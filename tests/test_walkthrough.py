@@ -284,7 +284,8 @@ def test_plan_steps_run_from_any_folder_and_match_the_plan_merge(walkthrough: di
     header = (ws / "plan-3way" / "step-2.yaml").read_text().splitlines()[1]
     assert header == f"#   simmerge merge {(ws / 'plan-3way' / 'step-2.yaml').resolve()} --out MERGED"
     # Model cards name what the user knows: `merge --plan`'s the catalog models and the plan's
-    # steps (its intermediate folder only in the config as run); the step files' the plan folder.
+    # steps (the config as run names a step `step-<j>`, never the deleted work folder); the step
+    # files' the plan folder.
     plan = json.loads((ws / "plan-3way" / "plan.json").read_text())
     card = (ws / "merged-3way" / "README.md").read_text()
     prose = card[:card.index("### Configuration")]
@@ -292,7 +293,7 @@ def test_plan_steps_run_from_any_folder_and_match_the_plan_merge(walkthrough: di
     if set(plan["operators"]) == {"linear"}:  # one folded merge: no step, no intermediate folder
         assert f"The plan `plan-3way/plan.json` for task `code`, {chain}, folded into one linear combination" in prose
         return
-    assert "plan-" not in prose.replace("plan-3way/plan.json", "") and ".merged-3way.plan-" in card
+    assert "plan-" not in prose.replace("plan-3way/plan.json", "") and ".merged-3way.plan-" not in card
     assert f"Step 2 of 2 of the plan `plan-3way/plan.json` for task `code`: {chain}." in prose
     assert f"* `plan step 1: {chain.rsplit(' -', 1)[0]}` (an intermediate output, not kept)" in prose
     last = plan["models"][-1]

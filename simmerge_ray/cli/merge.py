@@ -64,6 +64,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ray", action="store_true",
                    help="merge on Ray even without --address/RAY_ADDRESS (starts a local Ray); "
                         "default: off, threads in this process")
+    p.add_argument("--intermediate-dir", default=None, metavar="DIR",
+                   help="multi-document config only: write each named merge to DIR/<name> and keep it after the "
+                        "run, as mergekit-multi's --intermediate-dir; one simmerge kept there for the same configs "
+                        "over the same files is reused, any other folder of that name refused (--overwrite "
+                        "replaces simmerge's own) (default: a work folder beside --out, removed after the run)")
     p.add_argument("--dry-run", action="store_true",
                    help="check everything and print the tensors, bytes, peak memory per worker and "
                         "estimated time, without merging; for a multi-document config or --plan, per merge, "
@@ -89,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     if args.config and plan_only:  # they were ignored: a config names its models and sets its own out_dtype
         raise ConfigError(f"{' and '.join(plan_only)} go with --plan; {args.config} names its models and sets "
                           f"its output dtype itself (out_dtype:)")
+    if args.intermediate_dir is not None and args.plan:
+        raise ConfigError("--intermediate-dir goes with a multi-document config (mergekit-multi's); --plan keeps its "
+                          "steps in a work folder beside --out")
     placement = _placement(args)
     ask = streaming_ask()
     opts = ExecOptions(placement=placement,
@@ -108,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
         return _run_multi(args, opts)
     # the one document parsed above (empty ones, as a trailing `---` makes, are no config), as
     # MergeSpec.load reads a single-document file: relative paths under the file's folder
+    if args.intermediate_dir is not None:
+        raise ConfigError(f"--intermediate-dir: {args.config} is a single merge config, with no intermediate merge to "
+                          "keep (the option goes with a multi-document config, as mergekit-multi's)")
     single = next((d for d in docs if d is not None), None)
     spec = MergeSpec.from_dict(single, root=Path(args.config).parent, source=str(args.config), seed=args.seed)
     check_output(args.out, overwrite=args.overwrite, inputs=[*input_paths(spec), args.config])
@@ -143,21 +154,32 @@ def _seconds(s: float) -> str:
     return f"about {s:.0f} s" if s >= 10 else f"about {s:.1f} s"
 
 
-def _print_graph_estimate(source: str, est: GraphEstimate) -> int:
+def _print_graph_estimate(source: str, est: GraphEstimate, place: str = "beside the output") -> int:
     """One line per merge of a multi-document config or a plan (estimate.GraphEstimate), then the
-    totals and the intermediates' disk beside the output."""
+    totals and the intermediates' disk beside the output; a merge an earlier run kept is said to
+    be resumed from, and not counted."""
     order = " -> ".join(f"{s.name} ({s.estimate.method})" for s in est.stages)
-    n, workers = len(est.stages), max(s.estimate.workers for s in est.stages)
+    running = est.running
+    n, workers = len(est.stages), max(s.estimate.workers for s in running)
     where = f"{workers} {'Ray actor' if est.stages[0].estimate.placement == 'ray' else 'thread'}{'s' * (workers != 1)}"
-    print(f"dry run: {n} merge{'s' * (n != 1)} of {source} on {where}: {order}; nothing was merged or written")
+    skipped = n - len(running)
+    runs = f"; {len(running)} to run, {skipped} not (an earlier run kept what they make)" if skipped else ""
+    print(f"dry run: {n} merge{'s' * (n != 1)} of {source} on {where}: {order}{runs}; nothing was merged or written")
     for s in est.stages:
         e = s.estimate
-        print(f"  {s.name}: read {human_bytes(e.bytes_read)}, write {human_bytes(e.bytes_written)}"
-              f"{'' if s.final else ' (intermediate)'}, peak {human_bytes(e.peak_bytes_per_worker)} per worker, "
-              f"{_seconds(e.seconds)}")
+        if s.kept_in is not None:
+            print(f"  {s.name}: resumed from {s.kept_in} (kept by an earlier run for the same configs and files); "
+                  "not merged again")
+        elif not s.runs:
+            print(f"  {s.name}: not merged (only merges resumed from an earlier run read it)")
+        else:
+            print(f"  {s.name}: read {human_bytes(e.bytes_read)}, write {human_bytes(e.bytes_written)}"
+                  f"{'' if s.final else ' (intermediate)'}, peak {human_bytes(e.peak_bytes_per_worker)} per worker, "
+                  f"{_seconds(e.seconds)}")
+    kept = f" ({human_bytes(est.kept_bytes)} kept by an earlier run there already)" if est.kept_bytes else ""
     print(f"total: read {human_bytes(est.bytes_read)}, write {human_bytes(est.bytes_written)}; intermediates need "
-          f"at most {human_bytes(est.intermediate_peak)} beside the output at once; {_seconds(est.seconds)} at this "
-          "project's measured rates")
+          f"at most {human_bytes(est.intermediate_peak)} {place} at once{kept}; {_seconds(est.seconds)} at "
+          "this project's measured rates")
     return 0
 
 
@@ -168,19 +190,27 @@ def _run_multi(args: argparse.Namespace, opts) -> int:
 
     multi = load_multi(args.config, seed=args.seed)
     check_output(args.out, overwrite=opts.overwrite, inputs=[*multi.inputs, args.config])
+    keep_in = None if args.intermediate_dir is None else Path(args.intermediate_dir)
+    if keep_in is not None:
+        from simmerge_ray.merge.intermediate_dir import check_place
+
+        check_place(keep_in, Path(args.out), multi.graph.stages, [*multi.inputs, args.config])
     stages = multi.graph.stages
     order = " -> ".join(f"{s.name} ({multi.specs[s.name].method.name})" for s in stages)
     if args.dry_run:
         from simmerge_ray.merge.estimate import estimate_stages
 
-        return _print_graph_estimate(args.config, estimate_stages(multi.graph, opts, multi.specs))
+        est = estimate_stages(multi.graph, opts, multi.specs, Path(args.out), keep_in)
+        return _print_graph_estimate(args.config, est, "beside the output" if keep_in is None else f"in {keep_in}")
     if opts.placement == "ray":
         init_ray(args.address)  # every document was checked above, before Ray starts
-    results = run_multi(multi, Path(args.out), opts)
+    results = run_multi(multi, Path(args.out), opts, keep_in)
     total = sum(r.seconds for r in results)
     how = (f"{len(results)} merge(s)" if len(results) == len(stages)
            else f"{len(results)} merge(s), resuming from what an interrupted run kept "
                 f"({len(stages) - len(results)} of {len(stages)} not rerun)")
+    if keep_in is not None:
+        how += f"; intermediates kept in {keep_in}"
     print(f"executed {args.config}: {order}; {how} in {total:.1f} s -> {args.out}")
     print(f"read {human_bytes(sum(r.bytes_read for r in results))}, wrote "
           f"{human_bytes(results[-1].bytes_written)} (the final merge's output)")

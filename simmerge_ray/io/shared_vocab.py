@@ -10,7 +10,7 @@ tokens (`merge` handles them with `tokenizer_source`). Only config and tokenizer
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,11 +91,13 @@ def _tokenizer_json(ck: Checkpoint) -> bytes | None:
         return None
 
 
-def remapped_ids(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> str | None:
+def remapped_ids(names: Sequence[str], ckpts: Sequence[Checkpoint],
+                 shown: Mapping[str, str] | None = None) -> str | None:
     """Where models of one vocabulary size ship tokenizers that map ids to different tokens, a
     sentence naming the first pair and id (their rows are merged id by id: right for a reserved
     token a chat fine-tune renamed, wrong for a reordered vocabulary); None when they agree or
-    cannot be read this cheaply (identical tokenizer.json files are not parsed)."""
+    cannot be read this cheaply (identical tokenizer.json files are not parsed). `shown`: what
+    names a model instead of its folder (an earlier merge's, a temporary folder gone after the run)."""
     shipped = [(n, ck, text) for n, ck in zip(names, ckpts) if (text := _tokenizer_json(ck)) is not None]
     if len(shipped) < 2 or len({config_vocab_size(ck.config) for _, ck, _ in shipped}) > 1:
         return None
@@ -110,9 +112,11 @@ def remapped_ids(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> str | Non
         differ = [i for i in range(min(len(ref), len(tokens))) if ref[i] != tokens[i]]
         if differ:
             i = differ[0]
-            return (f"models {first!r} ({ref_ck.path}) and {name!r} ({ck.path}) map {len(differ)} token id(s) to "
-                    f"different tokens (first: id {i}, {ref[i]!r} and {tokens[i]!r}); their embedding rows are merged "
-                    f"id by id (set tokenizer_source to merge them token by token)")
+            where = shown or {}
+            return (f"models {first!r} ({where.get(first, ref_ck.path)}) and {name!r} ({where.get(name, ck.path)}) "
+                    f"map {len(differ)} token id(s) to different tokens (first: id {i}, {ref[i]!r} and "
+                    f"{tokens[i]!r}); their embedding rows are merged id by id (set tokenizer_source to merge them "
+                    "token by token)")
     return None
 
 

@@ -71,6 +71,7 @@ class Provenance:
     names: dict[str, str]  # ref -> the catalog name of a model input
     steps: dict[str, str]  # ref -> an earlier step's output, described (an intermediate folder)
     models: tuple[str, ...]  # every checkpoint behind the output so far (the card's base_model)
+    kept: dict[str, str] = field(default_factory=dict)  # ref -> the folder an earlier output is kept in
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ every method but the C kernel's linear combinations.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import os
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from simmerge_ray.io.checkpoint import Checkpoint
@@ -20,9 +21,11 @@ from simmerge_ray.io.pending_checkpoint import PendingCheckpoint
 from simmerge_ray.io.safetensors_format import TensorEntry, tensor_nbytes
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, MergeLayout, plan_merge
+from simmerge_ray.merge.intermediate_dir import plan_kept
 from simmerge_ray.merge.multi import StageGraph
 from simmerge_ray.merge.output_files import config_source, has_tokenizer, written_config
 from simmerge_ray.merge.piece_routes import PieceRoutes
+from simmerge_ray.merge.resume import StageKeys, find_kept, stage_folder, stages_to_run
 from simmerge_ray.merge.tensor_plan import output_layers
 
 # Input bytes per second per worker, by how the engine merges a tensor: medians of three runs of
@@ -96,61 +99,111 @@ class StageEstimate:
     name: str
     final: bool  # written to --out; the others are intermediates in the work folder
     estimate: MergeEstimate
+    runs: bool = True  # False: an earlier run's output is read instead (resumed), or nothing reads it
+    kept_in: str | None = None  # where the output an earlier run kept is (resumed stages only)
 
 
 @dataclass(frozen=True)
 class GraphEstimate:
-    """The estimates of a graph's merges in run order, and the most disk their intermediates
-    hold at once beside the output (run_stages removes one once its last reader finished)."""
+    """The estimates of a graph's merges in run order, and the most disk the intermediates this
+    run writes hold at once beside the output (run_stages removes one once its last reader
+    finished; --intermediate-dir keeps them all). The totals count the merges that run only:
+    those an earlier run kept are resumed from (`kept_bytes` of them on disk already)."""
 
     stages: tuple[StageEstimate, ...]
     intermediate_peak: int
+    kept_bytes: int = 0
+
+    @property
+    def running(self) -> tuple[StageEstimate, ...]:
+        return tuple(s for s in self.stages if s.runs)
 
     @property
     def bytes_read(self) -> int:
-        return sum(s.estimate.bytes_read for s in self.stages)
+        return sum(s.estimate.bytes_read for s in self.running)
 
     @property
     def bytes_written(self) -> int:
-        return sum(s.estimate.bytes_written for s in self.stages)
+        return sum(s.estimate.bytes_written for s in self.running)
 
     @property
     def seconds(self) -> float:
-        return sum(s.estimate.seconds for s in self.stages)
+        return sum(s.estimate.seconds for s in self.running)
 
 
 def estimate_stages(graph: StageGraph, opts: ExecOptions = ExecOptions(),
-                    specs: Mapping[str, MergeSpec] | None = None) -> GraphEstimate:
+                    specs: Mapping[str, MergeSpec] | None = None, out: Path | None = None,
+                    keep_in: Path | None = None) -> GraphEstimate:
     """Estimate every merge of `graph` in its run order: a merge reading an earlier one's output
     is planned on that output's PendingCheckpoint, so the numbers are the ones of the merge run
     alone on the written intermediate. `specs`: the stages parsed already (by name), their earlier
-    merges referred to by name (MergeSpec.from_dict's `pending`), as load_multi does."""
+    merges referred to by name (MergeSpec.from_dict's `pending`), as load_multi does. With `out`,
+    the merges a run into `out` would resume from (kept by an interrupted run beside it, or in
+    `keep_in`: --intermediate-dir, checked as the run checks it) are marked and not counted:
+    found by their key files and a stat of the files keyed, no weight read."""
+    resumed = resumable(graph, opts, out, keep_in) if out is not None else None
     made: dict[str, PendingCheckpoint] = {}
-    out: list[StageEstimate] = []
+    found: list[StageEstimate] = []
     for stage in graph.stages:
         spec = (specs or {}).get(stage.name) or MergeSpec.from_dict(
             stage.config, root=graph.root, source=stage.source, seed=graph.seed,
             pending={d: Path(d) for d in stage.deps})
+        if graph.provenance is not None:  # an earlier merge named as the run names it (remapped ids' warning)
+            spec = replace(spec, provenance=graph.provenance(stage))
         plan = plan_merge(spec, opts, {d: made[d] for d in stage.deps})
         final = stage is graph.stages[-1]
         if not final:
             made[stage.name] = pending_output(spec, plan, Path(stage.name))
-        out.append(StageEstimate(stage.name, final, _estimate(spec, plan, opts)))
-    return GraphEstimate(tuple(out), intermediate_peak(graph, {s.name: s.estimate.bytes_written for s in out}))
+        runs = resumed is None or stage.name in resumed[0]
+        kept_in = None if resumed is None else resumed[1].get(stage.name)
+        found.append(StageEstimate(stage.name, final, _estimate(spec, plan, opts), runs, kept_in))
+    written = {s.name: s.estimate.bytes_written for s in found}
+    runs = {s.name for s in found if s.runs}
+    kept = sum(_folder_bytes(Path(s.kept_in)) for s in found if s.kept_in is not None)
+    return GraphEstimate(tuple(found), intermediate_peak(graph, written, runs, keep=keep_in is not None), kept)
 
 
-def intermediate_peak(graph: StageGraph, written: Mapping[str, int]) -> int:
-    """The most bytes of intermediates on disk at once, as run_stages keeps them: a merge's
-    output exists from its own run (written in place) until every merge reading it finished;
-    the final's output (--out) is not counted."""
+def resumable(graph: StageGraph, opts: ExecOptions, out: Path, keep_in: Path | None = None
+              ) -> tuple[set[str], dict[str, str]]:
+    """The stages a run of `graph` into `out` merges, and the ones it reads as kept by an earlier
+    run instead, with where each is: what run_stages decides, found the same way, nothing moved."""
+    stages = list(graph.stages)
+    keys = StageKeys(stages, graph.root, graph.seed, opts.compute_dtype, opts.allow_nonfinite)
+    if keep_in is not None:
+        kept = plan_kept(keep_in, stages, keys, out=Path(out), overwrite=opts.overwrite)
+        return {s.name for s in kept.todo}, {n: str(stage_folder(kept.folder, n)) for n in kept.reused}
+    _, found = find_kept(Path(out), None, stages, keys)
+    todo, reused = stages_to_run(stages, found)
+    return {s.name for s in todo}, {n: str(stage_folder(found[n], n)) for n in reused}
+
+
+def _folder_bytes(folder: Path) -> int:
+    """The bytes of the files under `folder` (stat only)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def intermediate_peak(graph: StageGraph, written: Mapping[str, int], runs: Collection[str] | None = None,
+                      keep: bool = False) -> int:
+    """The most bytes of intermediates a run writes on disk at once, as run_stages keeps them: a
+    merge's output exists from its own run (written in place) until every merge still to run
+    reading it finished (with `keep`, --intermediate-dir's, to the end); the final's output (--out)
+    is not counted, nor are the outputs of the stages not in `runs` (resumed: on disk already)."""
+    stages = list(graph.stages)
+    todo = [s for s in stages if runs is None or s.name in runs]
     alive: dict[str, int] = {}
     peak = 0
-    stages = list(graph.stages)
-    for i, stage in enumerate(stages):
+    for i, stage in enumerate(todo):
         if stage is not stages[-1]:
             alive[stage.name] = written[stage.name]
         peak = max(peak, sum(alive.values()))
-        for d in stage.deps:  # read by no merge still to run: removed
-            if not any(d in later.deps for later in stages[i + 1:]):
+        for d in () if keep else stage.deps:  # read by no merge still to run: removed
+            if not any(d in later.deps for later in todo[i + 1:]):
                 alive.pop(d, None)
     return peak

@@ -147,8 +147,9 @@ def check_merge(spec: MergeSpec, pending: Mapping[str, Checkpoint] | None = None
     ckpts = open_inputs(spec, pending)
     check_parts(spec, ckpts)
     vocab = None
+    shown = spec.provenance.steps if spec.provenance is not None else None  # earlier merges by name
     if spec.tokenizer is None and (remapped := remapped_ids([m.ref for m in spec.inputs],
-                                                          [ckpts[m.ref] for m in spec.inputs])):
+                                                          [ckpts[m.ref] for m in spec.inputs], shown)):
         log.warning("%s", remapped)
     if spec.tokenizer is not None:
         lead = spec.base.ref if spec.base is not None else spec.inputs[0].ref

@@ -16,7 +16,10 @@ headers only). The merges run in dependency order with the streaming engine, eac
 in a work folder beside --out, removed once every merge reading it has finished; the final is
 written beside --out and renamed into place. A run that fails keeps the finished intermediates
 that are still to be read, and the next run of the same --out resumes from them while their
-keys match: the same configs over the very same files (merge/resume.py)."""
+keys match: the same configs over the very same files (merge/resume.py). With --intermediate-dir
+the intermediates go to DIR/<name> instead and are kept (merge/intermediate_dir.py). Each config is
+parsed as written, an earlier merge's name bound to its folder, so the output's recorded config,
+card and warnings name it as the file does, never by a folder that is gone after the run."""
 
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.out_checks import check_replaceable
 from simmerge_ray.merge.config import MergeSpec, Provenance
 from simmerge_ray.merge.executor import ExecOptions, MergeResult, check_merge, run_merge
-from simmerge_ray.merge.model_refs import local_checkpoint, model_refs, substitute_refs
+from simmerge_ray.merge.intermediate_dir import describe_reuse, plan_kept, record_kept
+from simmerge_ray.merge.model_refs import local_checkpoint, model_refs
 from simmerge_ray.merge.resume import (KEY_SUFFIX, TOKENIZER_KEYWORDS, Stage, StageKeys, adopt_kept, key_file,
                                        kept_stages, new_work_folder, record_stage, release, stage_folder,
                                        stages_to_run)
@@ -60,8 +64,8 @@ class StageGraph:
     stages: tuple[Stage, ...]
     root: Path | None = None  # relative model paths resolve here (a config file's folder)
     seed: int = 0  # stochastic methods' seed, every stage's
-    # The model card's account of a stage, given its work folder (None: the config alone).
-    provenance: Callable[[Stage, Path], Provenance | None] | None = None
+    # The model card's account of a stage, an earlier one named by its name (None: the config alone).
+    provenance: Callable[[Stage], Provenance] | None = None
     words: Words | None = None
     source: str = "config"
 
@@ -73,16 +77,26 @@ def _default_words(source: str, n: int) -> Words:
     return Words(kept=names, resumed=lambda kept: f"{source} after {names(kept)}")
 
 
-def run_stages(graph: StageGraph, out: Path, opts: ExecOptions = ExecOptions()) -> list[MergeResult]:
+def run_stages(graph: StageGraph, out: Path, opts: ExecOptions = ExecOptions(),
+               keep_in: Path | None = None) -> list[MergeResult]:
     """Run the graph's merges into `out`, each intermediate in a work folder beside it (removed
     on success; kept when a merge fails after others finished, and resumed from by the next run
-    for `out` while their keys still match: the same configs over the very same files). Returns the results of the merges this run
-    made (the final's last): fewer than the stages for a resumed run."""
+    for `out` while their keys still match: the same configs over the very same files). With
+    `keep_in` (--intermediate-dir) each intermediate is written to keep_in/<name> instead, kept
+    after the run, and reused while its record proves it current (merge/intermediate_dir.py).
+    Returns the results of the merges this run made (the final's last): fewer than the stages
+    for a resumed run."""
     out = Path(out)
     stages = list(graph.stages)
     check_replaceable(out, overwrite=opts.overwrite)  # an empty folder is used, as for a config
     words = graph.words or _default_words(graph.source, len(stages))
     keys = StageKeys(stages, graph.root, graph.seed, opts.compute_dtype, opts.allow_nonfinite)
+    if keep_in is not None:
+        kept = plan_kept(keep_in, stages, keys, out=out, overwrite=opts.overwrite)
+        if (line := describe_reuse(kept)) is not None:
+            log.warning("%s: %s", out, line)
+        folders = {s.name: stage_folder(kept.folder, s.name) for s in stages[:-1]}
+        return _merge_stages(graph, list(kept.todo), out, opts, keys, folders, kept.folder, replaced=kept.replaced)
     made = missing_parents(out)  # created for the work folder; removed again if nothing is kept
     work = new_work_folder(out)
     results: list[MergeResult] = []
@@ -90,28 +104,12 @@ def run_stages(graph: StageGraph, out: Path, opts: ExecOptions = ExecOptions()) 
     try:  # from here on the work folder goes unless it holds a finished stage to resume from
         reused = adopt_kept(out, work, stages, keys, words.resumed)  # and removes dead runs' folders
         todo, _ = stages_to_run(stages, reused)
-        readers = {s.name: {t.name for t in todo if s.name in t.deps} for s in stages}
-        folders = {s.name: str(stage_folder(work, s.name)) for s in stages[:-1]}
-        for stage in todo:
-            last = stage is stages[-1]
-            key = None if last else keys.key(stage.name)  # the files it reads, before it reads them
-            cfg = substitute_refs(stage.config, lambda _, ref: folders[ref] if ref in stage.deps else ref)
-            spec = MergeSpec.from_dict(cfg, root=graph.root or work, source=stage.source, seed=graph.seed)
-            if graph.provenance is not None:
-                spec = replace(spec, provenance=graph.provenance(stage, work))
-            target = out if last else stage_folder(work, stage.name)
-            results.append(run_merge(spec, target, replace(opts, overwrite=opts.overwrite if last else False)))
-            if key is not None:
-                record_stage(work, stage.name, key)  # run_merge published the folder whole; now it may be reused
-            for d in stage.deps:  # read by no merge still to run: gone
-                readers[d].discard(stage.name)
-                if not readers[d]:
-                    key_file(work, d).unlink(missing_ok=True)
-                    shutil.rmtree(stage_folder(work, d), ignore_errors=True)
+        folders = {s.name: stage_folder(work, s.name) for s in stages[:-1]}
+        results = _merge_stages(graph, todo, out, opts, keys, folders, work, replaced=None)
         done = True
     finally:
-        kept = [] if done else kept_stages(work)
-        if not kept:
+        kept_names = [] if done else kept_stages(work)
+        if not kept_names:
             shutil.rmtree(work, ignore_errors=True)
             for folder in made:  # deepest first; after a success the first holds `out` and stays
                 try:
@@ -120,8 +118,42 @@ def run_stages(graph: StageGraph, out: Path, opts: ExecOptions = ExecOptions()) 
                     break
         else:
             log.warning("%s: kept %s in %s; the same command resumes from there (unless a model they read "
-                        "changed); remove the folder to start afresh", out, words.kept(kept), work)
+                        "changed); remove the folder to start afresh", out, words.kept(kept_names), work)
         release(work)  # last: a later run of this process may take it only once it is left as it stays
+    return results
+
+
+def _merge_stages(graph: StageGraph, todo: list[Stage], out: Path, opts: ExecOptions, keys: StageKeys,
+                  folders: dict[str, Path], place: Path, *, replaced: frozenset[str] | None) -> list[MergeResult]:
+    """Merge `todo` in order, the final into `out`, each intermediate into its folder in `place`
+    and recorded by its key once published. Each config is parsed as written, an earlier merge's
+    name bound to its folder, so the output's recorded config and card name it as the user did.
+    `replaced`: None in a work folder (an intermediate goes once no merge still to run reads it),
+    else the kept folders' stages that --overwrite replaces (the rest are new; all are kept)."""
+    keep = replaced is not None
+    last_stage = graph.stages[-1]
+    readers = {s.name: {t.name for t in todo if s.name in t.deps} for s in graph.stages}
+    results: list[MergeResult] = []
+    for stage in todo:
+        last = stage is last_stage
+        key = None if last else keys.key(stage.name)  # the files it reads, before it reads them
+        spec = MergeSpec.from_dict(stage.config, root=graph.root or place, source=stage.source, seed=graph.seed,
+                                   pending={d: folders[d] for d in stage.deps})
+        if graph.provenance is not None:
+            prov = graph.provenance(stage)
+            spec = replace(spec, provenance=replace(prov, kept={d: str(folders[d]) for d in stage.deps}) if keep
+                           else prov)
+        if keep and not last:
+            key_file(place, stage.name).unlink(missing_ok=True)  # a stale record (plan_kept checked it is one)
+        overwrite = opts.overwrite if last else keep and stage.name in (replaced or ())
+        results.append(run_merge(spec, out if last else folders[stage.name], replace(opts, overwrite=overwrite)))
+        if key is not None:  # run_merge published the folder whole; now it may be reused
+            (record_kept if keep else record_stage)(place, stage.name, key)
+        for d in () if keep else stage.deps:  # read by no merge still to run: gone
+            readers[d].discard(stage.name)
+            if not readers[d]:
+                key_file(place, d).unlink(missing_ok=True)
+                shutil.rmtree(stage_folder(place, d), ignore_errors=True)
     return results
 
 
@@ -289,11 +321,11 @@ def _check_inputs(spec: MergeSpec, label: str, *, has_deps: bool, pending: set[s
 def _multi_provenance(path: Path, stages: list[Stage], checkpoints: dict[str, tuple[Path, ...]]
                       ) -> Callable[[Stage, Path], Provenance]:
     """The model card of a merge of the file: the file, the merge by name, its inputs' merges by
-    name (not by their temporary folder)."""
+    name, as the config itself does (never by a temporary folder)."""
     chain = " -> ".join(s.name for s in stages)
 
-    def provenance(stage: Stage, work: Path) -> Provenance:
-        steps = {str(stage_folder(work, d)): f"merge {d!r} of {path}" for d in stage.deps}
+    def provenance(stage: Stage) -> Provenance:
+        steps = {d: f"merge {d!r} of {path}" for d in stage.deps}
         what = f"merge {stage.name!r}" if stage is not stages[-1] or stage.name != FINAL else "the final merge"
         origin = f"{what[0].upper()}{what[1:]} of the multi-document config `{path}` ({chain})."
         return Provenance(origin=origin, names={}, steps=steps,
@@ -302,6 +334,8 @@ def _multi_provenance(path: Path, stages: list[Stage], checkpoints: dict[str, tu
     return provenance
 
 
-def run_multi(multi: MultiConfig, out: Path, opts: ExecOptions = ExecOptions()) -> list[MergeResult]:
-    """Run a loaded multi-document config into `out` (run_stages: resumable)."""
-    return run_stages(multi.graph, out, opts)
+def run_multi(multi: MultiConfig, out: Path, opts: ExecOptions = ExecOptions(),
+              keep_in: Path | None = None) -> list[MergeResult]:
+    """Run a loaded multi-document config into `out` (run_stages: resumable); `keep_in`:
+    --intermediate-dir, where the named merges are written and kept."""
+    return run_stages(multi.graph, out, opts, keep_in)

@@ -109,11 +109,13 @@ def write_provenance(spec: MergeSpec, out: Path, compute: str = "float32") -> No
     params = merge_parameters(spec)
     prov = spec.provenance
     plan = None if prov is None else {"origin": prov.origin, "model_names": prov.names, "steps": prov.steps,
-                                      "models": list(prov.models)}
+                                      "models": list(prov.models), **({"kept": prov.kept} if prov.kept else {})}
+    steps = {} if prov is None else prov.steps  # an earlier merge's output: its folder when kept, else gone
+    paths = {m.ref: prov.kept.get(m.ref) if m.ref in steps else str(m.path) for m in spec.inputs}
     (out / "simmerge_merge.json").write_text(json.dumps({
         "merge_method": spec.method.name,
         "models": [m.ref for m in spec.inputs],
-        "model_paths": {m.ref: str(m.path) for m in spec.inputs},
+        "model_paths": paths,
         "base_model": spec.base.ref if spec.base else None,
         "parameters": params,
         "dtype": spec.dtype,
@@ -135,7 +137,8 @@ def model_card(spec: MergeSpec, params: dict[str, Any], config_text: str | None,
                compute: str = "float32") -> str:
     """A Hugging Face model card: inputs, method, parameters, tool version and the config. A plan
     step's card (`spec.provenance`) names its inputs as the user knows them: catalog models by
-    name, the step before it by its place in the plan, never by a temporary folder."""
+    name, the step before it by its place in the plan; an earlier merge of a multi-document
+    config by its name: never by a temporary folder, which is gone once the run finished."""
     prov = spec.provenance
     names = {} if prov is None else {**prov.names, **prov.steps}
     bases = list(prov.models) if prov is not None else [str(m.path) for m in spec.inputs]
@@ -152,7 +155,9 @@ def model_card(spec: MergeSpec, params: dict[str, Any], config_text: str | None,
              "### Models merged", ""]
     for m in spec.inputs:
         if prov is not None and m.ref in prov.steps:
-            lines.append(f"* `{prov.steps[m.ref]}` (an intermediate output, not kept)")
+            kept = prov.kept.get(m.ref)
+            lines.append(f"* `{prov.steps[m.ref]}` (an intermediate output, "
+                         + (f"kept in {kept})" if kept else "not kept)"))
         else:
             lines.append(f"* `{names.get(m.ref, m.ref)}`" + (f" ({m.path})" if str(m.path) != names.get(m.ref, m.ref) else ""))
     lines += ["", "### Parameters", ""]
@@ -176,7 +181,8 @@ def model_card(spec: MergeSpec, params: dict[str, Any], config_text: str | None,
     if lines[-1] == "":
         lines.append("none (every parameter at its default)")
     if config_text is not None:
-        given = "as given" if prov is None else "as the plan made it (intermediate outputs by their temporary path)"
+        given = "as given" if prov is None else "as run" + (
+            " (an earlier merge by its name where a model goes: see Models merged)" if prov.steps else "")
         lines += ["", "### Configuration", "", f"The configuration used, {given} (also in `{CONFIG_FILE}`):", "",
                   "```yaml", config_text.rstrip(), "```"]
     return "\n".join(lines) + "\n"

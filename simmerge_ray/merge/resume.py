@@ -236,6 +236,27 @@ def _claim(folder: Path, work: Path, name: str, key: str) -> bool:
     return True
 
 
+def find_kept(out: Path, work: Path | None, stages: Sequence[Stage], keys: StageKeys
+              ) -> tuple[list[Path], dict[str, Path]]:
+    """The left-behind work folders of `out` (not `work`), and for each stage of `stages` one of
+    them holding a valid copy (its recorded key is the stage's key). Stat and key files only:
+    the dry run asks this too, to count the merges a run would resume from."""
+    # exactly owned_temp_dir's names: `.a.plan-1234abcd`, not the work folder of an --out `a.plan-x`
+    pattern = re.compile(re.escape(work_prefix(out)) + r"[0-9a-f]{8}")
+    try:
+        candidates = sorted(p for p in Path(out).parent.iterdir()
+                            if pattern.fullmatch(p.name) and p != work and _left_behind(p))
+    except OSError:
+        return [], {}
+    names = {s.name for s in stages[:-1]}
+    found: dict[str, Path] = {}  # stage -> the left-behind folder holding a valid copy
+    for folder in candidates:
+        for name in kept_stages(folder):
+            if name in names and name not in found and recorded_key(folder, name) == keys.key(name):
+                found[name] = folder
+    return candidates, found
+
+
 def adopt_kept(out: Path, work: Path, stages: Sequence[Stage], keys: StageKeys,
                describe: Callable[[list[str]], str]) -> set[str]:
     """Move the reusable stages of left-behind work folders of `out` into `work` (only those the
@@ -244,19 +265,7 @@ def adopt_kept(out: Path, work: Path, stages: Sequence[Stage], keys: StageKeys,
     record, are left alone. Every key is computed before anything moves or goes: when one
     cannot be (an unreadable model file, Ctrl-C), every left-behind folder stays as it was.
     Returns the stages this run reuses; `describe` names them in the log."""
-    # exactly owned_temp_dir's names: `.a.plan-1234abcd`, not the work folder of an --out `a.plan-x`
-    pattern = re.compile(re.escape(work_prefix(out)) + r"[0-9a-f]{8}")
-    try:
-        candidates = sorted(p for p in Path(out).parent.iterdir()
-                            if pattern.fullmatch(p.name) and p != work and _left_behind(p))
-    except OSError:
-        return set()
-    names = {s.name for s in stages[:-1]}
-    found: dict[str, Path] = {}  # stage -> the left-behind folder holding a valid copy
-    for folder in candidates:
-        for name in kept_stages(folder):
-            if name in names and name not in found and recorded_key(folder, name) == keys.key(name):
-                found[name] = folder
+    candidates, found = find_kept(out, work, stages, keys)
     claimed: dict[str, Path] = {}  # stage -> the folder it was kept in, now in `work`
     while True:  # a stage another run took first is made here, and so may need the stages it reads
         _, reused = stages_to_run(stages, found)

@@ -33,7 +33,7 @@ def chain(models: list[str], operators: list[str]) -> str:
 def step_provenance(plan: Plan, catalog: Catalog, j: int, step_dir: str, plan_file: Path | None = None
                     ) -> Provenance:
     """Step j's inputs as the user knows them (catalog names; step j-1 by its place in the plan),
-    for the model card of its output; `step_dir` names step i's output folder with `{j}`."""
+    for the model card of its output; `step_dir` is how step j's config names step i's output, with `{j}`."""
     names = {str(m.path): m.name for m in catalog.models if m.name in plan.models}
     if catalog.base is not None:
         names[str(catalog.base)] = "the catalog's base"
@@ -119,9 +119,9 @@ def plan_merges(plan: Plan, catalog: Catalog, out: Path, out_dtype: str | None =
     check_plan(plan, catalog, plan_file)
     stages = plan_stages(plan, paths, catalog.base, out_dtype, plan_file)
 
-    def provenance(stage: Stage, work: Path) -> Provenance:
+    def provenance(stage: Stage) -> Provenance:
         j = int(stage.name.rsplit("-", 1)[1])
-        return step_provenance(plan, catalog, j, str(work / STEP), plan_file)
+        return step_provenance(plan, catalog, j, STEP, plan_file)
 
     return StageGraph(tuple(stages), seed=seed, provenance=provenance, words=plan_words(len(stages)),
                       source=str(plan_file or "plan"))
@@ -153,4 +153,4 @@ def estimate_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = E
     merges = plan_merges(plan, catalog, Path(out), out_dtype, plan_file, seed)
     if isinstance(merges, MergeSpec):
         return GraphEstimate((StageEstimate("the folded plan", True, estimate_merge(merges, opts)),), 0)
-    return estimate_stages(merges, opts)
+    return estimate_stages(merges, opts, out=Path(out))  # the steps a run would resume after are not counted
