@@ -51,3 +51,33 @@ def test_plan_batch_prints_its_error_rows_and_names_its_files_cleanly(tmp_path: 
     assert any(ln.startswith("... and 3 more error rows: see the `error` column of ") for ln in lines)
     assert "//" not in lines[-1] and lines[-1] == f"wrote {tmp_path / 'batch' / 'results.parquet'} and " \
                                                   f"{tmp_path / 'batch' / 'plans'}/"
+
+
+@pytest.fixture(scope="module")
+def world(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+    from benchmarks.synthetic_world import build_world
+
+    return build_world(tmp_path_factory.mktemp("new-user"), n_models=4, epochs=5)
+
+
+def test_a_multiway_plan_without_aux_selector_says_its_score_is_the_utility_proxy(world, tmp_path: Path,
+                                                                                  capsys) -> None:
+    """The README's first multi-way `plan` (a utility selector, no --aux-selector) printed "score =
+    1 x predicted share of the expert's gap", then "keeping the expert alone scores 0.500": the
+    README says a retention's expert alone scores --retention-weight (1). The steps are scored on
+    the two-sided utility, a proxy whose expert-alone value is 0.5; the output now says so."""
+    from simmerge_ray.selector.model import Selector
+
+    sel = Selector.load(world.selector)
+    sel.meta = {**(sel.meta or {}), "target": "utility"}
+    sel.save(tmp_path / "sel")
+    argv = ["plan", "--selector", str(tmp_path / "sel"), "--catalog", str(world.catalog), "--features",
+            str(world.features), "--task", "code", "--models", *world.models[:3], "--min-way", "3", "--max-way", "3",
+            "--retention-weight", "2"]
+    assert cli_main([*argv, "--out", str(tmp_path / "plan")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert ("score = 2 x the expert's predicted retention on code, each step's two-sided utility standing in for "
+            "the share of its gap kept (no --aux-selector)") in lines[0]
+    (alone,) = [ln for ln in lines if ln.startswith("not merging is predicted")]
+    assert ("keeping the expert alone scores 1.000 on this objective (--retention-weight x 0.5: its own two-sided "
+            "utility, as the steps are scored), the best plan ") in alone
