@@ -81,3 +81,26 @@ def test_a_multiway_plan_without_aux_selector_says_its_score_is_the_utility_prox
     (alone,) = [ln for ln in lines if ln.startswith("not merging is predicted")]
     assert ("keeping the expert alone scores 1.000 on this objective (--retention-weight x 0.5: its own two-sided "
             "utility, as the steps are scored), the best plan ") in alone
+
+
+def test_label_counts_distinct_merges_as_merges_not_plans(tmp_path: Path, monkeypatch, no_ray) -> None:
+    """`label` began with "1555 plans (1259 distinct merges), ..., 1259 to measure" and ended with
+    "1259 measured, 0 cached of 1259 plans": the second count is the distinct merges."""
+    import simmerge_ray.pipeline.zoo as zoo
+    import simmerge_ray.testbed.labels as labels
+
+    for name in ("code", "math"):
+        (tmp_path / name).mkdir()
+        (tmp_path / f"{name}.jsonl").write_text('{"prompt": "p", "answer": " a"}\n')
+    (tmp_path / "base").mkdir()
+    (tmp_path / "catalog.yaml").write_text(
+        "base: base\nmodels:\n  - {name: code, path: code, task: code}\n  - {name: math, path: math, task: math}\n"
+        "tasks:\n  code: {eval: code.jsonl}\n  math: {eval: math.jsonl}\n")
+    monkeypatch.setattr(labels, "check_label_models", lambda *a, **k: None)
+    monkeypatch.setattr(zoo, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(labels, "run_labels", lambda *a, **k: labels.LabelRunReport(
+        total=1259, computed=1000, cached=9, complete=False, seconds=3.0, out=tmp_path / "labels"))
+    said: list[str] = []
+    zoo.label(tmp_path / "catalog.yaml", tmp_path / "labels", labels.LabelSettings(), echo=said.append)
+    assert said[-1] == (f"label: 1000 measured, 9 cached of 1259 distinct merges in 3s (incomplete: rerun to resume) "
+                        f"-> {tmp_path / 'labels'}")
