@@ -222,11 +222,12 @@ def simulate(
     offline_predict: OfflinePredictor | None = None,
     new_operator: str | None = None,
     add_at: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Replay every policy `repeats` times over the same drawn contexts; summarise the regret.
 
     With `new_operator`, that operator is hidden for the first `add_at` rounds (and from the
-    offline data).
+    offline data). `progress(done, repeats)` is called after each repeat.
     """
     ops = list(test.operators)
     if train.operators != test.operators:
@@ -279,6 +280,8 @@ def simulate(
                 policy.observe(int(row), op, reward)
                 regret[name][rep, t] = float(np.max(test.rewards[row, available])) - reward
                 picks[name][rep, t] = op
+        if progress is not None:
+            progress(rep + 1, settings.repeats)
     return _summary(regret, picks, ops, settings, new_operator, add_at, len(train.keys), len(test.keys))
 
 
@@ -307,14 +310,20 @@ def replay_adding(
     new_operator: str | None = None,
     encoder: Encoder | None = None,
     offline_predict: OfflinePredictor | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Two replays over the same draws: every operator from the start, then `new_operator`
-    (default: `most_often_best`) held back until round `add_at`."""
+    (default: `most_often_best`) held back until round `add_at`. `progress(replay, done, repeats)`
+    is called after each repeat of each replay."""
     new_operator = new_operator or most_often_best(train)
     _check_addition(train.operators, new_operator, add_at, settings.rounds)  # before the first replay's work
-    every = simulate(train, test, settings, encoder=encoder, offline_predict=offline_predict)
+    def told(replay: str) -> Callable[[int, int], None] | None:
+        return None if progress is None else (lambda done, total: progress(replay, done, total))
+
+    every = simulate(train, test, settings, encoder=encoder, offline_predict=offline_predict,
+                     progress=told("all_operators"))
     added = simulate(train, test, settings, encoder=encoder, offline_predict=offline_predict,
-                     new_operator=new_operator, add_at=add_at)
+                     new_operator=new_operator, add_at=add_at, progress=told("operator_added"))
     return every, added
 
 

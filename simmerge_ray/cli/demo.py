@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--folds", type=at_least_two, default=None,
                        help="folds over model pairs of the selector evaluation (default 5; with --quick 3)")
         p.add_argument("--members", type=int, default=1,
-                       help="networks averaged into each selector (an ensemble, as `fit --members`); default 1")
+                       help="networks averaged into each selector (an ensemble, as `fit --members`) (default: 1)")
         p.add_argument("--sim-repeats", type=at_least_one, default=None,
                        help="repeats of the bandit replay simulation (default 10; with --quick 2)")
         p.add_argument("--quick", action="store_true",

@@ -215,16 +215,23 @@ def _print_trust(plan, alone: str, percent: bool = True) -> None:
 
 
 def _multiway(args: argparse.Namespace, catalog, req, space) -> int:
+    from simmerge_ray.planner.assess import PROXY_TARGET
     from simmerge_ray.planner.request import load_calibration, plan_request, write_plans
 
     check_measured_from(args.features, catalog, space.candidates)
     calibration = load_calibration(args.calibration, args.aux_selector, args.selector)
     res = plan_request(req, catalog, build_step_model(args.selector, args.features, args.aux_selector),
                        calibration=calibration)
+    # A utility selector without --aux-selector: each step's two-sided utility U stands in for the
+    # share of the expert's gap kept, and not merging scores 0.5 on it, not 1; said, or the header
+    # and the not-merging line disagreed with what the README says a retention is.
+    proxy = res.best.expert_alone.get("target") == PROXY_TARGET
+    kept = (f"the expert's predicted retention on {args.task}, each step's two-sided utility standing in for the "
+            f"share of its gap kept (no --aux-selector)" if proxy else
+            f"predicted share of the expert's gap on {args.task} that survives")
     print(f"scored {res.scored} plans in {res.seconds:.2f} s ({res.plans_per_second:.0f} plans/s, "
           f"{'exhaustive' if res.exhaustive else f'beam {args.beam_width}'}); score = {args.retention_weight:g} x "
-          f"predicted share of the expert's gap on {args.task} that survives"
-          + (f" + {args.aux_weight:g} x the other models' mean predicted retention" if args.aux_weight else ""))
+          f"{kept}" + (f" + {args.aux_weight:g} x the other models' mean predicted retention" if args.aux_weight else ""))
     if calibration is not None:
         print("ranked by the same objective on the retentions calibrated on measured "
               + ", ".join(f"{k}-way merges ({n} subsets)" for k, n in sorted(calibration.subsets.items()))
@@ -255,7 +262,8 @@ def _multiway(args: argparse.Namespace, catalog, req, space) -> int:
               "holds, which is not measured for steps on unbuilt merges (plan.json: intervals)")
     else:
         print(f"intervals unavailable: {best.intervals.get('reason')}")
-    _print_trust(best, "keeping the expert alone scores {value} on this objective, the best plan {best}",
+    _print_trust(best, "keeping the expert alone scores {value} on this objective"
+                 + (" (--retention-weight x 0.5: its own two-sided utility, as the steps are scored)" if proxy else "") + ", the best plan {best}",
                  percent=False)
     out = Path(args.out)
     with atomic_output_dir(out, overwrite=args.overwrite, inputs=_inputs(args, catalog)) as tmp:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from simmerge_ray.cli.common import at_least_one, at_least_zero
 
@@ -45,5 +46,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"{r.requests} requests in {r.seconds:.1f} s ({r.requests_per_second:.1f}/s, up to {r.actors} actors): "
           f"{r.ok} ok, {r.errors} errors ({r.invalid} invalid); planned {r.planned}, from cache {r.cached}"
           + (f"; merged {r.executed}" if settings.execute_top else ""))
-    print(f"wrote {args.out}/results.parquet and {args.out}/plans/")
+    out = Path(args.out)
+    _print_errors(out / "results.parquet")
+    print(f"wrote {out / 'results.parquet'} and {out / 'plans'}/")
     return 0
+
+
+SHOWN_ERRORS = 5  # error rows printed after the counts; the rest are in results.parquet
+
+
+def _print_errors(results: Path) -> None:
+    """Each error row's request_id and message (the first SHOWN_ERRORS): the counts alone left the
+    user to open the parquet file to learn what went wrong."""
+    import polars as pl
+
+    errors = pl.read_parquet(results, columns=["request_id", "status", "error"]).filter(pl.col("status") == "error")
+    for row in errors.head(SHOWN_ERRORS).iter_rows(named=True):
+        print(f"error {row['request_id']}: {row['error']}")
+    if len(errors) > SHOWN_ERRORS:
+        print(f"... and {len(errors) - SHOWN_ERRORS} more error rows: see the `error` column of {results}")

@@ -28,7 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-task-encoding", action="store_true", help="task-agnostic selector")
     p.add_argument("--members", type=int, default=1,
                    help="networks averaged into one selector, their initial weights drawn one after another "
-                        "from --seed (an ensemble: steadier picks; the search runs on single networks); default 1")
+                        "from --seed (an ensemble: steadier picks; the search runs on single networks) (default: 1)")
     p.add_argument("--calibration-folds", type=int, default=5,
                    help="folds by model pair whose out-of-fold residuals calibrate the prediction intervals "
                         "(evaluate-selector: inside each outer training part); 0: no intervals")

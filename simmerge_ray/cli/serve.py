@@ -231,7 +231,16 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"bandit-sim: {left_out_line(dropped)}")
     train, test = split_by_pair(replay_data(labels, features, names, source=source), args.test_frac, args.seed)
     settings = SimSettings(rounds=args.rounds, repeats=args.repeats, seed=args.seed, bandit=_config(args))
-    every, added = replay_adding(train, test, settings, add_at=args.add_at, new_operator=args.add_operator)
+    # minutes on a labelled catalog (5 policies x rounds x repeats, twice) with nothing printed
+    # until the table: a line per quarter of each replay's repeats
+    started = time.perf_counter()
+
+    def progress(replay: str, done: int, total: int) -> None:
+        if done == total or done % max(1, total // 4) == 0:
+            print(f"bandit-sim: {replay}: {done}/{total} repeats ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    every, added = replay_adding(train, test, settings, add_at=args.add_at, new_operator=args.add_operator,
+                                 progress=progress)
     results = {"all_operators": every, "operator_added": added}
     inputs = [p for p in (args.features, args.labels) if p is not None]
     with atomic_output_dir(args.out, overwrite=args.overwrite, inputs=inputs) as tmp:

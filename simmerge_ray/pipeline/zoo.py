@@ -75,7 +75,9 @@ def label(catalog: Path, out: Path, settings: LabelSettings, *, max_plans: int |
     init_ray(address)
     rep = run_labels(Path(catalog), Path(out), settings, max_plans=max_plans)
     state = "complete: tables written" if rep.complete else "incomplete: rerun to resume"
-    echo(f"label: {rep.computed} measured, {rep.cached} cached of {rep.total} plans in {rep.seconds:.0f}s ({state}) -> {rep.out}")
+    # rep.total counts distinct merges (the run's first line: "N plans (M distinct merges)"), not plans
+    echo(f"label: {rep.computed} measured, {rep.cached} cached of {rep.total} distinct merges in {rep.seconds:.0f}s "
+         f"({state}) -> {rep.out}")
     if rep.complete:
         info = json.loads((rep.out / "label_summary.json").read_text())
         dropped = info["dropped_2way_small_gap"]

@@ -65,6 +65,9 @@ def plan_intervals(sel: Selector, operators: list[str], u: list[float]) -> dict[
     return {"available": True, "levels": levels}
 
 
+PROXY_TARGET = "retention (two-sided utility proxy)"  # expert_alone's target where U stands in for R
+
+
 def expert_alone(sel: Selector, objective: Objective | None, best: float, *, proxy: bool = False) -> dict[str, Any]:
     """The value of not merging under the plan's objective, against the best plan's `best`.
 
@@ -77,7 +80,7 @@ def expert_alone(sel: Selector, objective: Objective | None, best: float, *, pro
     pairwise plan of the same merge was better."""
     if objective is not None:
         value = objective.retention_weight * (EXPERT_ALONE["utility"] if proxy else 1.0)
-        return {"available": True, "target": "retention (two-sided utility proxy)" if proxy else "retention",
+        return {"available": True, "target": PROXY_TARGET if proxy else "retention",
                 "value": value, "best": float(best), "better": bool(best < value), "margin": float(value - best)}
     target = sel.meta.get("target")
     if target not in EXPERT_ALONE:

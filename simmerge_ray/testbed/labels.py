@@ -52,7 +52,7 @@ LABEL_FILES = ("labels.parquet", "labels_multiway.parquet", "model_scores.parque
 
 @dataclass(frozen=True)
 class LabelRunReport:
-    total: int  # plans in the run
+    total: int  # distinct merges in the run (a mirrored 2-way plan is measured once)
     computed: int  # measured by this call
     cached: int  # found in the cache
     complete: bool  # every plan measured: tables written
