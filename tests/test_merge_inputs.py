@@ -130,7 +130,8 @@ def test_a_model_given_as_one_shard_of_a_sharded_checkpoint_is_refused(models: P
     assert not (tmp_path / "out").exists() and tree_hash(models) == before
     # A shard the index lists under a name of its own is one shard too.
     from simmerge_ray.errors import CheckpointError
-    from simmerge_ray.io.checkpoint import INDEX_FILE, Checkpoint
+    from simmerge_ray.io.checkpoint import Checkpoint
+    from simmerge_ray.io.checkpoint_files import INDEX_FILE
 
     renamed = tmp_path / "renamed"
     renamed.mkdir()

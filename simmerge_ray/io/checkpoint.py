@@ -15,17 +15,17 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from simmerge_ray.lazy_torch import torch
 
 from simmerge_ray.errors import CheckpointError
+from simmerge_ray.io.checkpoint_files import (ADAPTER_CONFIG, INDEX_FILE, PICKLE_FILES, SINGLE_FILE, read_config,
+                                              refuse_shard_file, weight_files)
 from simmerge_ray.io.digest_cache import file_digest
+from simmerge_ray.io.side_files import has_loadable_tokenizer
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, TORCH_TO_DTYPE, TensorEntry, read_header
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder: deltas of a base, not a model
-PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -79,7 +79,7 @@ class Checkpoint:
         if path.is_file():
             if path.suffix != ".safetensors":
                 raise CheckpointError(f"{path}: expected a checkpoint folder or a .safetensors file")
-            _refuse_shard_file(path)
+            refuse_shard_file(path)
             entries, _, raw = read_header(path)
             return cls(path, {}, entries, {path.name: raw})
         if (path / ADAPTER_CONFIG).exists() and not ((path / INDEX_FILE).exists() or (path / SINGLE_FILE).exists()):
@@ -139,6 +139,21 @@ class Checkpoint:
     def is_folder(self) -> bool:
         """A checkpoint folder (config, tokenizer beside the weights), not a lone .safetensors file."""
         return self.path.is_dir()
+
+    def tokenizer_json(self) -> bytes | None:
+        """The tokenizer.json a merge reading this checkpoint sees (its folder's; None without one):
+        a stand-in for an output not written yet gives the one that output will get."""
+        f = self.path / "tokenizer.json"
+        try:
+            return f.read_bytes() if f.is_file() else None
+        except OSError:
+            return None
+
+    def tokenizer_source(self) -> Any:
+        """What a merge reading this checkpoint takes its tokenizer from: its folder when that holds
+        one transformers loads alone, else None; a stand-in for an output not written yet gives
+        the tokenizer that output will get (a built one, a folder, or None)."""
+        return self.path if has_loadable_tokenizer(self.path) else None
 
     @property
     def tensor_names(self) -> list[str]:
@@ -321,78 +336,3 @@ class Checkpoint:
             h.update(f"{Path(f).resolve()}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}\n".encode())
         h.update(json.dumps(self.config, sort_keys=True).encode())
         return h.hexdigest()
-
-
-def read_config(path: Path) -> dict:
-    """A model folder's config.json ({} when it has none), checked to be a JSON object."""
-    cfg = path / "config.json"
-    if not cfg.exists():
-        return {}
-    try:
-        raw = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{cfg}: invalid JSON ({e!r})") from None
-    except OSError as e:  # a folder, a dangling link, no permission
-        raise CheckpointError(f"{cfg}: cannot read ({e.strerror or e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{cfg}: expected a JSON object, got {type(raw).__name__}")
-    return raw
-
-
-_SHARD_FILE_RE = re.compile(r".+-\d+-of-(\d+)\.safetensors")
-
-
-def _refuse_shard_file(path: Path) -> None:
-    """A lone .safetensors file must be a whole model: one shard of a sharded checkpoint (named
-    `...-00001-of-00005.safetensors`, or listed by an index beside it) would be read as a model
-    of that shard's tensors only, and a merge of such shards would silently write a part of one."""
-    index = path.parent / INDEX_FILE
-    listed = False
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
-            listed = path.name in shards and len(shards) > 1
-        except (OSError, ValueError, AttributeError, TypeError, RecursionError):
-            listed = False  # an unreadable index is the folder's problem, reported when it is opened
-    named = _SHARD_FILE_RE.fullmatch(path.name)
-    if listed or (named and int(named.group(1)) > 1):  # "-00001-of-00001" is a whole model
-        raise CheckpointError(f"{path}: one shard of a sharded checkpoint, not a whole model; give its folder "
-                              f"{path.parent}")
-
-
-def weight_files(folder: Path) -> dict[str, set[str] | None] | None:
-    """The weight files of a checkpoint folder, as Checkpoint.open reads them: its index's shards
-    (with the tensors the index puts in each), else model.safetensors, else every .safetensors
-    file; None when it has none of these."""
-    if (folder / INDEX_FILE).exists():
-        return dict(shards_from_index(folder / INDEX_FILE))
-    if (folder / SINGLE_FILE).exists():
-        return {SINGLE_FILE: None}
-    loose = sorted(p.name for p in folder.glob("*.safetensors"))
-    return {name: None for name in loose} if loose else None
-
-
-def shards_from_index(index: Path) -> dict[str, set[str]]:
-    """Tensor names by shard file, from an index's weight_map (each shard a file inside the folder)."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
-        raise CheckpointError(f"{index}: invalid index file ({e!r})") from None
-    except OSError as e:
-        raise CheckpointError(f"{index}: cannot read ({e.strerror or e})") from None
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: invalid index file (weight_map is not a mapping)")
-    files: dict[str, set[str]] = {}
-    for tensor, fname in weight_map.items():
-        if not isinstance(fname, str) or not _inside(fname):
-            raise CheckpointError(f"{index}: tensor {tensor!r} is mapped to {fname!r}, which is not a file "
-                                  f"name inside the model folder")
-        files.setdefault(fname, set()).add(tensor)
-    return dict(sorted(files.items()))
-
-
-def _inside(fname: str) -> bool:
-    """A shard named in the index must be a plain relative path below the folder (no `..`, not
-    absolute), so a crafted index cannot make the reader open a file elsewhere."""
-    p = Path(fname)
-    return bool(fname) and "\\" not in fname and not p.is_absolute() and ".." not in p.parts and p.name != ""

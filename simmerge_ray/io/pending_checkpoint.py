@@ -36,6 +36,10 @@ class PendingCheckpoint(Checkpoint):
         backend = getattr(tok, "backend_tokenizer", None)  # a fast tokenizer; None for none
         return None if backend is None else backend.to_str().encode()
 
+    def tokenizer_source(self) -> Any:
+        """The tokenizer the merge will write (a built one, the folder it copies, or None)."""
+        return self.tokenizer
+
     def read_into(self, name: str, start: int, count: int, view: memoryview) -> None:
         raise CheckpointError(f"{self.path}: not written yet (a merge still to run): {name!r} cannot be read")
 

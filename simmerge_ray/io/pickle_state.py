@@ -14,7 +14,8 @@ import zipfile
 from pathlib import Path
 
 from simmerge_ray.errors import CheckpointError, first_line
-from simmerge_ray.io.checkpoint import INDEX_FILE, PICKLE_FILES, SINGLE_FILE, Checkpoint, shards_from_index
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.checkpoint_files import INDEX_FILE, PICKLE_FILES, SINGLE_FILE, shards_from_index
 from simmerge_ray.io.safetensors_format import TORCH_TO_DTYPE
 from simmerge_ray.lazy_torch import torch
 

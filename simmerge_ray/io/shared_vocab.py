@@ -16,7 +16,8 @@ from pathlib import Path
 
 from simmerge_ray.errors import CheckpointError
 from simmerge_ray.features.module_groups import module_group
-from simmerge_ray.io.checkpoint import Checkpoint, read_config
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.checkpoint_files import read_config
 
 
 @dataclass(frozen=True)
@@ -78,19 +79,6 @@ def _json_tokens(text: bytes) -> list[str | None] | None:
     return out
 
 
-def _tokenizer_json(ck: Checkpoint) -> bytes | None:
-    """The tokenizer.json a merge of `ck` reads: its folder's; for the output of a merge not run
-    yet (a dry run's PendingCheckpoint), the one that merge will write. None without one."""
-    from simmerge_ray.io.pending_checkpoint import PendingCheckpoint
-
-    if isinstance(ck, PendingCheckpoint):
-        return ck.tokenizer_json()
-    try:
-        return (ck.path / "tokenizer.json").read_bytes() if (ck.path / "tokenizer.json").is_file() else None
-    except OSError:
-        return None
-
-
 def remapped_ids(names: Sequence[str], ckpts: Sequence[Checkpoint],
                  shown: Mapping[str, str] | None = None) -> str | None:
     """Where models of one vocabulary size ship tokenizers that map ids to different tokens, a
@@ -98,7 +86,7 @@ def remapped_ids(names: Sequence[str], ckpts: Sequence[Checkpoint],
     token a chat fine-tune renamed, wrong for a reordered vocabulary); None when they agree or
     cannot be read this cheaply (identical tokenizer.json files are not parsed). `shown`: what
     names a model instead of its folder (an earlier merge's, a temporary folder gone after the run)."""
-    shipped = [(n, ck, text) for n, ck in zip(names, ckpts) if (text := _tokenizer_json(ck)) is not None]
+    shipped = [(n, ck, text) for n, ck in zip(names, ckpts) if (text := ck.tokenizer_json()) is not None]
     if len(shipped) < 2 or len({config_vocab_size(ck.config) for _, ck, _ in shipped}) > 1:
         return None
     (first, ref_ck, ref_bytes), ref = shipped[0], None

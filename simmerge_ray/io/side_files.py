@@ -9,6 +9,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
+def has_loadable_tokenizer(folder: Path) -> bool:
+    """A tokenizer transformers loads from the folder alone: its config and a vocabulary (a fast
+    tokenizer's tokenizer.json, SentencePiece's tokenizer.model, or an older BPE's vocab.json)."""
+    return (folder / "tokenizer_config.json").is_file() and any(
+        (folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
 def copy_tokenizer(src: Path, out: Path) -> None:
     for fname in TOKENIZER_FILES:
         if (src / fname).exists():

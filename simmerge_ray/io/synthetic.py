@@ -20,7 +20,8 @@ import torch
 
 from simmerge_ray.io.digest_cache import name_seed
 from simmerge_ray.io.atomic import atomic_output_dir
-from simmerge_ray.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.checkpoint_files import INDEX_FILE, SINGLE_FILE
 from simmerge_ray.io.side_files import copy_side_files
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, StreamingWriter, dtype_code
 

@@ -23,7 +23,7 @@ from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, MergeLayout, plan_merge
 from simmerge_ray.merge.intermediate_dir import plan_kept
 from simmerge_ray.merge.multi import StageGraph
-from simmerge_ray.merge.output_files import config_source, has_tokenizer, written_config
+from simmerge_ray.merge.output_files import config_source, written_config
 from simmerge_ray.merge.piece_routes import PieceRoutes
 from simmerge_ray.merge.resume import StageKeys, find_kept, stage_folder, stages_to_run
 from simmerge_ray.merge.tensor_plan import output_layers
@@ -87,10 +87,8 @@ def pending_output(spec: MergeSpec, plan: MergeLayout, path: Path) -> PendingChe
                                                       plan.vocab)
     if plan.vocab is not None:
         tokenizer = plan.vocab.tokenizer
-    elif isinstance(source, PendingCheckpoint):
-        tokenizer = source.tokenizer
     else:
-        tokenizer = source.path if source is not None and has_tokenizer(source.path) else None
+        tokenizer = None if source is None else source.tokenizer_source()
     return PendingCheckpoint(path, config, entries, tokenizer=tokenizer)
 
 

@@ -27,7 +27,6 @@ import numpy as np
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.checkpoint import Checkpoint
-from simmerge_ray.io.pending_checkpoint import PendingCheckpoint
 from simmerge_ray.io.safetensors_format import TORCH_NAMES, file_layout, preallocate
 from simmerge_ray.io.shared_vocab import remapped_ids
 from simmerge_ray.merge.config import MergeSpec
@@ -154,8 +153,8 @@ def check_merge(spec: MergeSpec, pending: Mapping[str, Checkpoint] | None = None
     if spec.tokenizer is not None:
         lead = spec.base.ref if spec.base is not None else spec.inputs[0].ref
         models: dict[str, Any] = {m.ref: m.path for m in spec.inputs}
-        models.update({ref: ck.tokenizer for ref, ck in ckpts.items()  # a stand-in: the tokenizer it gets
-                       if isinstance(ck, PendingCheckpoint) and ck.tokenizer is not None})
+        models.update({ref: tok for ref, ck in ckpts.items()  # a stand-in's: the tokenizer its output gets
+                       if (tok := ck.tokenizer_source()) is not None})
         vocab = build_vocabulary(spec.tokenizer, models, {ref: ck.config for ref, ck in ckpts.items()}, lead,
                                  spec.source)
     return ckpts, plan_tensors(spec, ckpts, vocab), vocab

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from simmerge_ray.io.checkpoint import INDEX_FILE, TIED_HEADS, Checkpoint
+from simmerge_ray.io.checkpoint import TIED_HEADS, Checkpoint
+from simmerge_ray.io.checkpoint_files import INDEX_FILE
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES, TORCH_NAMES, dtype_code
-from simmerge_ray.io.side_files import copy_tokenizer
+from simmerge_ray.io.side_files import copy_tokenizer, has_loadable_tokenizer
 from simmerge_ray.merge.chat_templates import resolve_template
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.modules import set_depth
@@ -48,7 +49,7 @@ def write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], num_layers: 
     elif source is not None:
         if spec.chat_template is None:
             copy_tokenizer(source.path, out)
-        elif has_tokenizer(source.path):
+        elif has_loadable_tokenizer(source.path):
             save_tokenizer(load_tokenizer_at(source.path, "chat_template"), spec, ckpts, out)
     write_provenance(spec, out, compute)
 
@@ -216,13 +217,6 @@ def output_config(spec: MergeSpec, source: Checkpoint, num_layers: int | dict[st
     return config
 
 
-def has_tokenizer(folder: Path) -> bool:
-    """A tokenizer transformers loads from the folder alone: its config and a vocabulary (a fast
-    tokenizer's tokenizer.json, SentencePiece's tokenizer.model, or an older BPE's vocab.json)."""
-    return (folder / "tokenizer_config.json").is_file() and any(
-        (folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-
-
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, spec: MergeSpec, ckpts: dict[str, Checkpoint], out: Path) -> None:
     """Save `tokenizer` (a transformers tokenizer) into `out`, with the config's chat template."""
     if spec.chat_template is not None:
@@ -235,7 +229,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, spec: MergeSpec, ckpts: d
 
 def _template_of(folder: Path) -> str | None:
     """A model's own chat template (a dict of templates: its default), None without one."""
-    if not has_tokenizer(folder):
+    if not has_loadable_tokenizer(folder):
         return None
     template = load_tokenizer_at(folder, "chat_template: auto").chat_template
     return template.get("default") if isinstance(template, dict) else template

@@ -39,7 +39,7 @@ from typing import Any
 
 from simmerge_ray.errors import CheckpointError
 from simmerge_ray.io.atomic import atomic_write_text, owned_temp_dir
-from simmerge_ray.io.checkpoint import INDEX_FILE, weight_files
+from simmerge_ray.io.checkpoint_files import INDEX_FILE, weight_files
 from simmerge_ray.io.digest_cache import json_digest
 from simmerge_ray.io.owner import owned_by_this_process, owner_is_dead
 from simmerge_ray.io.side_files import TOKENIZER_FILES

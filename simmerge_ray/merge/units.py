@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simmerge_ray.io.checkpoint import SINGLE_FILE, Checkpoint
+from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.checkpoint_files import SINGLE_FILE
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, FLOAT_DTYPES, dtype_code, promoted, tensor_nbytes
 from simmerge_ray.merge.tensor_plan import TensorTask
 
