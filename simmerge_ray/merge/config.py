@@ -25,7 +25,8 @@ from simmerge_ray.merge.model_refs import local_checkpoint
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES, TORCH_NAMES, dtype_code
 from simmerge_ray.merge.chat_templates import check_template
 from simmerge_ray.merge.modules import parse_modules
-from simmerge_ray.merge.operators import MergeMethod, Param, get_method
+from simmerge_ray.merge.operators import MergeMethod, get_method
+from simmerge_ray.merge.parameter_values import ParamChecker
 from simmerge_ray.merge.tokenizer import TokenizerSpec, parse_tokenizer
 from simmerge_ray.yaml_io import read_yaml
 
@@ -140,7 +141,7 @@ class MergeSpec:
         resolve = _path_resolver(root, source, pending or {})
         base = None if raw.get("base_model") is None else InputModel(str(raw["base_model"]),
                                                                      resolve(str(raw["base_model"]), "base_model"))
-        check = _ParamChecker(method, source)
+        check = ParamChecker(method, source)
         global_params = check.scope(raw.get("parameters"), "parameters")
         modules: dict[str, dict[str, Any]] = {}
         slices: tuple[OutputSlice, ...] = ()
@@ -212,79 +213,6 @@ def method_sources(method: MergeMethod, sl: OutputSlice) -> list[SliceSource]:
     return [s for s in sl.sources if s.model.ref != base]
 
 
-def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
-    """A parameter's value for one tensor: scalars as is, numeric lists interpolated at t,
-    other lists indexed at t, filtered lists matched by substring of the tensor name."""
-    if isinstance(setting, dict):
-        setting = [setting]
-    if isinstance(setting, (bool, int, float, str)):
-        return setting
-    if not setting:
-        return None
-    if all(isinstance(e, (bool, int, float, str)) for e in setting):
-        if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
-            scaled = t * (len(setting) - 1)
-            i0 = int(scaled)
-            i1 = min(len(setting) - 1, i0 + 1)
-            frac = scaled - i0
-            return (1 - frac) * setting[i0] + frac * setting[i1]
-        return setting[int(t * (len(setting) - 1))]
-    for cond in setting:
-        flt = cond.get("filter")
-        if flt is None or flt == "*" or flt in tensor_name:
-            return evaluate_setting(cond["value"], tensor_name, t)
-    return None
-
-
-class _ParamChecker:
-    """Checks a `parameters:` mapping at load: known names, and every value it can take (each
-    scalar, gradient point and filtered value) of the parameter's type and range."""
-
-    def __init__(self, method: MergeMethod, source: str) -> None:
-        self.method = method
-        self.source = source
-
-    def scope(self, value: Any, where: str) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{self.source}: {where}: expected a mapping of parameters, got {value!r}")
-        for name, setting in value.items():
-            try:
-                param = self.method.param(name)
-            except KeyError:
-                known = ", ".join(p.name for p in self.method.params) or "none"
-                raise ConfigError(f"{self.source}: {where}: unknown parameter {name!r} for "
-                                  f"{self.method.name} (known: {known})") from None
-            self._setting(param, setting, f"{where}.{name}")
-        return dict(value)
-
-    def _setting(self, param: Param, setting: Any, where: str) -> None:
-        if isinstance(setting, dict):
-            setting = [setting]
-        if isinstance(setting, list) and setting and all(isinstance(e, dict) for e in setting):
-            for i, cond in enumerate(setting):
-                extra = set(cond) - {"filter", "value"}
-                if "value" not in cond or extra:
-                    raise ConfigError(f"{self.source}: {where}[{i}]: a filtered value is "
-                                      f"{{filter: NAME, value: VALUE}}, got {cond!r}")
-                if cond.get("filter") is not None and not isinstance(cond["filter"], str):
-                    raise ConfigError(f"{self.source}: {where}[{i}].filter: expected a string, "
-                                      f"got {cond['filter']!r}")
-                self._setting(param, cond["value"], f"{where}[{i}].value")
-            return
-        values = setting if isinstance(setting, list) else [setting]
-        if isinstance(setting, list) and not setting:
-            raise ConfigError(f"{self.source}: {where}: empty list")
-        for v in values:
-            problem = param.problem(v)
-            if problem:
-                raise ConfigError(f"{self.source}: {where}: {problem}, got {v!r}")
-        if isinstance(setting, list) and len(setting) > 1 and any(isinstance(v, bool) for v in setting) \
-                and not isinstance(param.default, bool):
-            raise ConfigError(f"{self.source}: {where}: a gradient is a list of numbers, got {setting!r}")
-
-
 def _module_bodies(raw: dict, source: str) -> list[tuple[str, dict]]:
     """The mappings that hold `models` or `slices`, by module name: the config itself (name ""),
     or each of its modules."""
@@ -302,7 +230,7 @@ def _refuse_extra(entry: dict, allowed: set[str], at: str, source: str) -> None:
         raise ConfigError(f"{source}: {at}: unsupported key {sorted(extra)[0]!r}")
 
 
-def _source(entry: Any, at: str, noun: str, resolve, check: _ParamChecker, *, with_range: bool = False) -> SliceSource:
+def _source(entry: Any, at: str, noun: str, resolve, check: ParamChecker, *, with_range: bool = False) -> SliceSource:
     """One input of a slice: a `models:` entry, or a `sources:` entry (which may carry a layer_range)."""
     if not isinstance(entry, dict) or "model" not in entry:
         raise ConfigError(f"{check.source}: {at}: each {noun} needs a 'model' key")
@@ -313,7 +241,7 @@ def _source(entry: Any, at: str, noun: str, resolve, check: _ParamChecker, *, wi
     return SliceSource(model, layers, check.scope(entry.get("parameters"), f"{at}.parameters"), at)
 
 
-def _models_slice(items: Any, base: InputModel | None, method: MergeMethod, resolve, check: _ParamChecker,
+def _models_slice(items: Any, base: InputModel | None, method: MergeMethod, resolve, check: ParamChecker,
                   where: str) -> OutputSlice:
     """`models:` is one slice over every layer; a base_model not listed is added (as mergekit)."""
     source = check.source
@@ -327,7 +255,7 @@ def _models_slice(items: Any, base: InputModel | None, method: MergeMethod, reso
     return sl
 
 
-def _slices(items: Any, base: InputModel | None, method: MergeMethod, resolve, check: _ParamChecker,
+def _slices(items: Any, base: InputModel | None, method: MergeMethod, resolve, check: ParamChecker,
             where: str) -> tuple[OutputSlice, ...]:
     source = check.source
     if not isinstance(items, list):

@@ -18,7 +18,8 @@ from typing import Any
 from simmerge_ray.errors import CheckpointError, ConfigError
 from simmerge_ray.io.checkpoint import Checkpoint, layer_index, merged_head, with_layer_index
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES
-from simmerge_ray.merge.config import MergeSpec, OutputSlice, SliceSource, evaluate_setting, method_sources
+from simmerge_ray.merge.config import MergeSpec, OutputSlice, SliceSource, method_sources
+from simmerge_ray.merge.parameter_values import evaluate_setting
 from simmerge_ray.merge.modules import (ModuleLayout, depth_key, module_depth, module_layouts, owner,
                                         whole_model_layouts)
 from simmerge_ray.merge.tokenizer import BuiltVocabulary, token_rows
