@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from simmerge_ray.cli import main as cli_main
-from simmerge_ray.io.synthetic import SyntheticSpec, make_family
+from simmerge_ray.io.synthetic import SyntheticSpec
+from merge_families import family_fixtures  # beside this file
 from input_checks import one_line_error, tree_hash  # beside this file
 from mergekit_oracle import load_all, run_mergekit_multi
 from test_merge_multi import _interrupted, _leftovers, _merge, _two_stage, _weights, _write
@@ -28,15 +29,7 @@ SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_hea
                      max_shard_bytes=20_000, dtype="float32")
 
 
-@pytest.fixture(scope="module")
-def family(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_family(tmp_path_factory.mktemp("multi-dirs-models"), SPEC, n=4)
-
-
-@pytest.fixture
-def models(family: Path, tmp_path: Path) -> Path:
-    """A copy each test may corrupt."""
-    return Path(shutil.copytree(family, tmp_path / "models"))
+family, models = family_fixtures(SPEC, "multi-dirs-models")
 
 
 def _final_doc(cfg: Path) -> dict:

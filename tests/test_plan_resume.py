@@ -21,10 +21,11 @@ from simmerge_ray.catalog import Catalog
 from simmerge_ray.cli import main as cli_main
 from simmerge_ray.errors import ConfigError, SimMergeError
 from simmerge_ray.io.owner import OWNER_FILE, _start_time
-from simmerge_ray.io.synthetic import SyntheticSpec, make_family
+from simmerge_ray.io.synthetic import SyntheticSpec
 from simmerge_ray.merge.executor import ExecOptions
 from simmerge_ray.planner.execute import execute_plan
 from simmerge_ray.planner.plan import Plan
+from merge_families import family_fixtures  # beside this file
 from input_checks import one_line_error, tree_hash  # beside this file
 
 SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64,
@@ -34,15 +35,7 @@ OPERATORS = ["ties", "slerp", "slerp"]
 WORK = ".merged.plan-"
 
 
-@pytest.fixture(scope="module")
-def family(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_family(tmp_path_factory.mktemp("resume-models"), SPEC, n=4)
-
-
-@pytest.fixture
-def models(family: Path, tmp_path: Path) -> Path:
-    """A copy each test may corrupt or change."""
-    return Path(shutil.copytree(family, tmp_path / "models"))
+family, models = family_fixtures(SPEC, "resume-models")
 
 
 def _files(models: Path, tmp_path: Path, checkpoints: dict | None = None) -> tuple[Path, Path]:
