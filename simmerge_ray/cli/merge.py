@@ -219,8 +219,9 @@ def _run_multi(args: argparse.Namespace, opts) -> int:
 
 def _run_plan(args: argparse.Namespace, opts) -> int:
     from simmerge_ray.catalog import Catalog
-    from simmerge_ray.merge.config import check_float_dtype
-    from simmerge_ray.planner.execute import check_plan, estimate_plan, execute_plan
+    from simmerge_ray.merge.config import MergeSpec, check_float_dtype
+    from simmerge_ray.merge.executor import check_merge
+    from simmerge_ray.planner.execute import estimate_plan, execute_plan, plan_merges, run_planned
     from simmerge_ray.planner.plan import Plan
 
     if not args.catalog:
@@ -235,11 +236,15 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
         est = estimate_plan(plan, catalog, Path(args.out), opts, out_dtype=args.dtype, plan_file=plan_file,
                             seed=args.seed)
         return _print_graph_estimate(str(plan_file), est)
-    if opts.placement == "ray":
-        check_plan(plan, catalog, plan_file)  # every input problem fails here, before Ray starts
+    if opts.placement == "ray":  # every input problem fails before Ray starts; the plan is checked once
+        merges = plan_merges(plan, catalog, Path(args.out), args.dtype, plan_file, args.seed)
+        if isinstance(merges, MergeSpec):
+            check_merge(merges)  # the folded merge's inputs, as `merge CONFIG --ray` checks a config's
         init_ray(args.address)
-    results = execute_plan(plan, catalog, Path(args.out), opts, out_dtype=args.dtype, plan_file=plan_file,
-                           seed=args.seed)
+        results = run_planned(merges, Path(args.out), opts)
+    else:
+        results = execute_plan(plan, catalog, Path(args.out), opts, out_dtype=args.dtype, plan_file=plan_file,
+                               seed=args.seed)
     total = sum(r.seconds for r in results)
     steps = len(plan.operators)
     if steps > 1 and plan.fold.linear_coefficients() is not None:

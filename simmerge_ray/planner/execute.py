@@ -140,10 +140,15 @@ def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = Ex
     multi-document configs."""
     out = Path(out)
     check_replaceable(out, overwrite=opts.overwrite)  # an empty folder is used, as for a config
-    merges = plan_merges(plan, catalog, out, out_dtype, plan_file, seed)
+    return run_planned(plan_merges(plan, catalog, out, out_dtype, plan_file, seed), out, opts)
+
+
+def run_planned(merges: MergeSpec | StageGraph, out: Path, opts: ExecOptions = ExecOptions()) -> list[MergeResult]:
+    """Run what plan_merges made of a plan into `out`: apart from execute_plan so that a caller
+    starting Ray in between (`merge --plan --ray`) checks the plan once, before Ray starts."""
     if isinstance(merges, MergeSpec):
-        return [run_merge(merges, out, opts)]
-    return run_stages(merges, out, opts)
+        return [run_merge(merges, Path(out), opts)]
+    return run_stages(merges, Path(out), opts)
 
 
 def estimate_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = ExecOptions(),
