@@ -188,7 +188,7 @@ def _run_multi(args: argparse.Namespace, opts) -> int:
     dependency order, the final into --out; an interrupted run resumes (merge/multi.py)."""
     from simmerge_ray.merge.multi import load_multi, run_multi
 
-    multi = load_multi(args.config, seed=args.seed)
+    multi = load_multi(args.config, seed=args.seed, keeps_intermediates=args.intermediate_dir is not None)
     check_output(args.out, overwrite=opts.overwrite, inputs=[*multi.inputs, args.config])
     keep_in = None if args.intermediate_dir is None else Path(args.intermediate_dir)
     if keep_in is not None:

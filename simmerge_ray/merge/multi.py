@@ -5,8 +5,9 @@ A multi-document config is a YAML file of mergekit configs separated by `---`, e
 `name:`; a later document reads an earlier merge by giving its name where a model path goes (a
 name wins over a folder of the same name, as in mergekit). At most one document is unnamed: the
 final merge, written to --out. Without one, the final is the one named merge no other reads;
-with several such merges (or, beside an unnamed final, any named merge nothing reads) the file
-is refused: simmerge keeps only the final output, so an unread merge would be thrown away.
+with several such merges the file is refused, and so is, beside an unnamed final, a named merge
+nothing reads (simmerge keeps only the final output, so it would be thrown away) unless
+--intermediate-dir keeps every named merge: it is then run and kept there, as mergekit-multi does.
 Names are folder names (no slashes or whitespace, not starting with `.`), and not `base` or
 `union`, which mergekit reads as tokenizer keywords where a tokenizer source goes.
 
@@ -36,7 +37,7 @@ from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.out_checks import check_replaceable
 from simmerge_ray.merge.config import MergeSpec, Provenance
 from simmerge_ray.merge.executor import ExecOptions, MergeResult, check_merge, run_merge
-from simmerge_ray.merge.intermediate_dir import describe_reuse, plan_kept, record_kept
+from simmerge_ray.merge.intermediate_dir import OPTION, describe_reuse, plan_kept, record_kept
 from simmerge_ray.merge.model_refs import local_checkpoint, model_refs
 from simmerge_ray.merge.resume import (KEY_SUFFIX, TOKENIZER_KEYWORDS, Stage, StageKeys, adopt_kept, key_file,
                                        kept_stages, new_work_folder, record_stage, release, stage_folder,
@@ -230,9 +231,11 @@ def _order(path: Path, docs: list[tuple[int, str | None, dict]], deps: dict[str 
     return order
 
 
-def load_multi(path: str | Path, *, seed: int = 0) -> MultiConfig:
+def load_multi(path: str | Path, *, seed: int = 0, keeps_intermediates: bool = False) -> MultiConfig:
     """Parse and check a multi-document config (see the module docstring); every problem is one
-    ConfigError naming the file, the document (index and name) and the field."""
+    ConfigError naming the file, the document (index and name) and the field.
+    `keeps_intermediates` (--intermediate-dir, where every named merge is kept): a named merge
+    that no other reads, beside an unnamed final, is run and kept too, as mergekit-multi keeps it."""
     path = Path(path)
     root = path.parent
     raw = read_yaml_documents(path, "merge config")
@@ -272,10 +275,11 @@ def load_multi(path: str | Path, *, seed: int = 0) -> MultiConfig:
     by_name = {n: (i, cfg) for i, n, cfg in docs}
     if None in by_name:
         final: str | None = None
-        if unread:
+        if unread and not keeps_intermediates:
             raise ConfigError(f"{_label(path, by_name[unread[0]][0], unread[0])}: no other merge reads it and it "
                               f"is not the final merge (the unnamed document {by_name[None][0]}): its output would "
-                              "be thrown away; remove it, or read it in a later merge")
+                              f"be thrown away; remove it, read it in a later merge, or pass {OPTION} DIR to keep "
+                              "it in DIR/<name>")
     elif len(unread) == 1:
         final = unread[0]
     else:

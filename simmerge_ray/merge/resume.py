@@ -177,9 +177,13 @@ def kept_stages(work: Path) -> list[str]:
 
 def stages_to_run(stages: Sequence[Stage], available: Iterable[str]) -> tuple[list[Stage], set[str]]:
     """The stages a run makes, in order (the last, the final, always), and the available ones it
-    reads instead of making them: a stage runs when a running one reads it and it is not available."""
+    reads instead of making them: a stage runs when a running one reads it and it is not available.
+    A stage besides the final that no other reads (kept in --intermediate-dir, the only run that
+    allows one) is wanted for itself: it runs unless available."""
     have = set(available)
-    needed, reused = {stages[-1].name}, set()
+    read = {d for s in stages for d in s.deps}
+    unread = {s.name for s in stages[:-1] if s.name not in read}
+    needed, reused = {stages[-1].name} | (unread - have), unread & have
     for s in reversed(stages):
         if s.name not in needed:
             continue
