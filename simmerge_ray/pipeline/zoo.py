@@ -71,9 +71,9 @@ def label(catalog: Path, out: Path, settings: LabelSettings, *, max_plans: int |
              + "; ".join(([f"models without a task ({', '.join(taskless)})"] if taskless else [])
                          + ([f"tasks without an expert ({', '.join(idle)})"] if idle else [])))
     check_label_output(Path(out), [*cat.paths, Path(catalog)])
-    check_label_models(cat, experts)
+    evals = check_label_models(cat, experts)
     init_ray(address)
-    rep = run_labels(Path(catalog), Path(out), settings, max_plans=max_plans)
+    rep = run_labels(Path(catalog), Path(out), settings, max_plans=max_plans, evals=evals)
     state = "complete: tables written" if rep.complete else "incomplete: rerun to resume"
     # rep.total counts distinct merges (the run's first line: "N plans (M distinct merges)"), not plans
     echo(f"label: {rep.computed} measured, {rep.cached} cached of {rep.total} distinct merges in {rep.seconds:.0f}s "

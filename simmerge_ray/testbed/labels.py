@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -158,26 +158,26 @@ def check_label_catalog(cat: Catalog) -> dict[str, str]:
     return experts
 
 
-def check_label_models(cat: Catalog, experts: dict[str, str]) -> None:
+def check_label_models(cat: Catalog, experts: dict[str, str]) -> dict[str, EncodedEvalSet]:
     """Plans are merged in memory into one model built from the base's config, so every
     checkpoint's config.json must describe its own weights, and every expert must match the base
     tensor for tensor (a tied head counts as its embedding): a bad config, or a deeper, wider or
     re-vocabularied model, is named here, from the configs and headers, before Ray starts (not in
     an actor's traceback), as is a base without a tokenizer (it encodes the eval sets) or an eval
-    example it cannot split into prompt and answer tokens. A model that extends the base's vocabulary (added tokens, padded rows) is merged on the rows they
-    share, and no eval example may need more."""
+    example it cannot split into prompt and answer tokens. A model that extends the base's
+    vocabulary (added tokens, padded rows) is merged on the rows they share, and no eval example
+    may need more. Returns the encoded eval sets (run_labels' `evals`: not encoded twice)."""
     ckpts = [Checkpoint.open(cat.base), *(Checkpoint.open(cat.model(m).path) for m in experts)]
     for ck in ckpts:
         check_config_matches_weights(ck)
     vocab = label_vocab(cat, experts)
     check_same_tensors(["base", *experts], ckpts, vocab)
     evals = encoded_evals(cat)  # an example the base's tokenizer cannot split is named here, not in an actor
-    if vocab is None:
-        return
-    for t, data in evals.items():
+    for t, data in evals.items() if vocab is not None else ():
         if int(data.input_ids.max()) >= vocab.rows:
             raise ConfigError(f"{cat.tasks[t].eval}: the base's tokenizer gives ids past the {vocab.rows} the models "
                               f"share; plans are scored on those rows only")
+    return evals
 
 
 def base_tokenizer(cat: Catalog) -> PreTrainedTokenizerFast:
@@ -230,9 +230,10 @@ def _calls(todo: list[tuple[str, LabelPlan]], per_call: int) -> list[list[tuple[
 
 
 def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_plans: int | None = None,
-               log: Callable[[str], None] = print) -> LabelRunReport:
+               log: Callable[[str], None] = print, evals: Mapping[str, EncodedEvalSet] | None = None) -> LabelRunReport:
     """Measure every plan not yet cached under `out` (at most `max_plans` new ones), then, if
-    all are measured, write the tables. Ray must be initialised."""
+    all are measured, write the tables. Ray must be initialised. `evals`: check_label_models'
+    (else encoded here); the actors, given the catalog, encode their own in their processes."""
     if max_plans is not None and max_plans < 0:  # todo[:-1] would drop a plan without a word
         raise ConfigError(f"max_plans: {max_plans} is not at least 0")
     t0 = time.perf_counter()
@@ -243,7 +244,7 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     fingerprints = {m.name: Checkpoint.open(m.path).fingerprint() + rows for m in cat.models}
     fingerprints["base"] = Checkpoint.open(cat.base).fingerprint() + rows
     tasks = sorted(cat.tasks)
-    task_digests = {t: eval_digest(data) for t, data in encoded_evals(cat).items()}
+    task_digests = {t: eval_digest(data) for t, data in (encoded_evals(cat) if evals is None else evals).items()}
     plans = enumerate_plans(experts, [t for t in tasks if t in task_digests], settings)
     keyed = [(p.key(fingerprints, task_digests), p) for p in plans]
     cache = Path(out) / "cache"
