@@ -23,8 +23,8 @@ from simmerge_ray.errors import CheckpointError
 from simmerge_ray.io.checkpoint_files import (ADAPTER_CONFIG, INDEX_FILE, PICKLE_FILES, SINGLE_FILE, read_config,
                                               refuse_shard_file, weight_files)
 from simmerge_ray.io.digest_cache import file_digest
-from simmerge_ray.io.side_files import has_loadable_tokenizer
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, TORCH_TO_DTYPE, TensorEntry, read_header
+from simmerge_ray.io.side_files import has_loadable_tokenizer
 
 _LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
