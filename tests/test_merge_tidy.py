@@ -1,14 +1,13 @@
 """Work done once that was done twice, and a merge mergekit-multi keeps that simmerge refused:
-`merge --plan --ray` checks the plan once before Ray starts; `label` encodes the eval sets once,
-its pre-Ray check's set reused by the run; with `--intermediate-dir` a named merge no other
-document reads is run and kept in DIR/<name>, as mergekit-multi keeps it (compared with
-mergekit-multi's output), and without the option the refusal names it. Real checkpoints."""
+`merge --plan --ray` checks the plan once before Ray starts (label's eval sets encoded once:
+test_testbed); with `--intermediate-dir` a named merge no other document reads is run and kept
+in DIR/<name>, as mergekit-multi keeps it (compared with mergekit-multi's output), and without
+the option the refusal names it. Real checkpoints."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import yaml
@@ -29,55 +28,28 @@ family, models = family_fixtures(SPEC, "tidy-models")
 
 # ---- merge --plan --ray: the plan is checked once ------------------------------------------------
 
-def test_a_ray_plan_is_checked_once_before_ray_starts(models: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_ray_plan_is_checked_once_before_ray_starts(models: Path, tmp_path: Path, monkeypatch, ray_cluster
+                                                     ) -> None:
     """check_plan (headers, configs and tokenizer files of every model) ran before Ray started and
-    again inside execute_plan; now once, still before Ray starts."""
+    again inside execute_plan; now once, still before Ray starts. The real functions run (spied
+    on), on the tests' Ray cluster."""
     import simmerge_ray.cli.merge as merge_cli
     import simmerge_ray.planner.execute as execute
     from simmerge_ray.cli import main as cli_main
 
     events: list[str] = []
-    real = execute.check_plan
-    monkeypatch.setattr(execute, "check_plan", lambda *a, **k: (events.append("check_plan"), real(*a, **k))[1])
-    monkeypatch.setattr(merge_cli, "init_ray", lambda *a, **k: events.append("init_ray"))
-    monkeypatch.setattr(execute, "run_stages", lambda *a, **k: (events.append("run"), [SimpleNamespace(
-        seconds=0.0, bytes_read=0, bytes_written=0)])[1])
+
+    def spy(module, name: str) -> None:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: (events.append(name), real(*a, **k))[1])
+
+    spy(execute, "check_plan")
+    spy(merge_cli, "init_ray")
     plan, catalog = _plan_files(models, tmp_path)  # ties, slerp, slerp: run as steps, not folded
     assert cli_main(["merge", "--plan", str(plan), "--catalog", str(catalog), "--out", str(tmp_path / "merged"),
                      "--ray"]) == 0
-    assert events == ["check_plan", "init_ray", "run"]
-
-
-# ---- label: the eval sets are encoded once on the driver -------------------------------------------
-
-def test_label_encodes_the_eval_sets_once(models: Path, tmp_path: Path, monkeypatch) -> None:
-    """check_label_models encodes every eval set before Ray starts (an example the base's
-    tokenizer cannot split is named there); run_labels encoded them all again for their digests.
-    Now the run reuses the check's. (The actors encode their own: they are given the catalog.)"""
-    import simmerge_ray.pipeline.zoo as zoo
-    import simmerge_ray.testbed.labels as labels
-    from simmerge_ray.testbed.evaluate import EncodedEvalSet
-
-    for task in ("code", "math"):
-        (tmp_path / f"{task}.jsonl").write_text('{"prompt": "p", "answer": " a"}\n')
-    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump({
-        "base": str(models / "base"),
-        "models": [{"name": "code", "path": str(models / "m1"), "task": "code"},
-                   {"name": "math", "path": str(models / "m2"), "task": "math"}],
-        "tasks": {"code": {"eval": str(tmp_path / "code.jsonl")}, "math": {"eval": str(tmp_path / "math.jsonl")}}}))
-    calls = []
-
-    def encoded(cat):
-        calls.append(cat)
-        ones = torch.ones(1, 4, dtype=torch.long)
-        return {t: EncodedEvalSet(ones * i, ones, ones.bool()) for i, t in enumerate(("code", "math"))}
-
-    monkeypatch.setattr(labels, "encoded_evals", encoded)
-    monkeypatch.setattr(zoo, "init_ray", lambda *a, **k: None)
-    rep = zoo.label(tmp_path / "catalog.yaml", tmp_path / "labels", labels.LabelSettings(), max_plans=0,
-                    echo=lambda *_: None)
-    assert rep.computed == 0 and rep.total > 0
-    assert len(calls) == 1
+    assert events == ["check_plan", "init_ray"]
+    assert (tmp_path / "merged" / "config.json").is_file()
 
 
 # ---- --intermediate-dir keeps a merge no other document reads -------------------------------------

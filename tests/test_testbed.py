@@ -436,6 +436,22 @@ def test_label_checks_the_base_tokenizer_and_every_config_before_any_work(tiny_z
         assert not out.exists()
 
 
+def test_label_encodes_the_eval_sets_once_on_the_driver(tiny_zoo, tmp_path, monkeypatch):
+    """check_label_models encodes every eval set before Ray is asked for anything (an example the
+    base's tokenizer cannot split is named there); run_labels encoded them all again for their
+    digests. Now the run reuses the check's (the real function, spied on; the actors, given the
+    catalog path, encode their own in their processes)."""
+    from simmerge_ray.pipeline.zoo import label
+    from simmerge_ray.testbed import label_evals
+
+    calls = []
+    real = label_evals.encoded_evals
+    monkeypatch.setattr(label_evals, "encoded_evals", lambda cat: (calls.append(cat.source), real(cat))[1])
+    rep = label(tiny_zoo / "catalog.yaml", tmp_path / "labels", LabelSettings(), max_plans=0, echo=lambda *_: None)
+    assert rep.computed == 0 and rep.total > 0 and not rep.complete
+    assert len(calls) == 1
+
+
 def test_label_merge_matches_a_hand_merge(tiny_zoo, ray_cluster):
     """One plan measured by the actor equals merging and scoring by hand."""
     from transformers import AutoModelForCausalLM

@@ -88,7 +88,7 @@ class LabelPlan(Fold):
 
     def key(self, fingerprints: dict[str, str], task_digests: dict[str, str]) -> str:
         """Content key: model and base fingerprints, operators with their parameters, eval sets (as
-        encoded: labels.eval_digest);
+        encoded: label_evals.eval_digest);
         the same for the two spellings of a mirrored 2-way merge, and for every fold that is the
         same linear combination (the running mean of three models in any of its six orders)."""
         canonical = self.canonical()

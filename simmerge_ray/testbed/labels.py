@@ -30,18 +30,17 @@ from simmerge_ray.errors import ConfigError, OutputError
 from simmerge_ray.io.architecture import check_config_matches_weights, check_same_tensors
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import Checkpoint, merged_head
-from simmerge_ray.io.digest_cache import arrays_digest, json_digest
+from simmerge_ray.io.digest_cache import json_digest
 from simmerge_ray.io.out_checks import check_not_input
 from simmerge_ray.io.shared_vocab import SharedVocab, shared_vocab
 from simmerge_ray.io.stage_files import adopt_stage_files, check_stage, stage_files, stage_owned
+from simmerge_ray.testbed import label_evals
 from simmerge_ray.testbed.label_plans import LabelSettings, LabelPlan, empty_size_reasons, enumerate_plans
 from simmerge_ray.merge.arms import get_arm, get_weighting
 from simmerge_ray.testbed.label_tables import gap_summary, model_scores_table, multiway_table, pairwise_table
 from simmerge_ray.testbed.merging import merge_arm, merge_state_dicts
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
-
     from simmerge_ray.testbed.evaluate import EncodedEvalSet
 
 LABEL_STAGE = "labels"
@@ -95,7 +94,7 @@ class PlanEvaluator:
         # scored model keeps it untied (as `merge` writes it).
         head = merged_head(ckpts.values())
         self.states = {name: _read_state(ck, head, vocab, i) for i, (name, ck) in enumerate(ckpts.items())}
-        self.evals = encoded_evals(cat)
+        self.evals = label_evals.encoded_evals(cat)
         config = AutoConfig.from_pretrained(str(cat.base), local_files_only=True)
         if head is not None:
             config.tie_word_embeddings = False
@@ -172,53 +171,12 @@ def check_label_models(cat: Catalog, experts: dict[str, str]) -> dict[str, Encod
         check_config_matches_weights(ck)
     vocab = label_vocab(cat, experts)
     check_same_tensors(["base", *experts], ckpts, vocab)
-    evals = encoded_evals(cat)  # an example the base's tokenizer cannot split is named here, not in an actor
+    evals = label_evals.encoded_evals(cat)  # an example the base's tokenizer cannot split is named here, not in an actor
     for t, data in evals.items() if vocab is not None else ():
         if int(data.input_ids.max()) >= vocab.rows:
             raise ConfigError(f"{cat.tasks[t].eval}: the base's tokenizer gives ids past the {vocab.rows} the models "
                               f"share; plans are scored on those rows only")
     return evals
-
-
-def base_tokenizer(cat: Catalog) -> PreTrainedTokenizerFast:
-    """The base's tokenizer, which encodes every eval set: a base without one is one ConfigError
-    naming its folder (transformers' own error was a traceback about sentencepiece)."""
-    from simmerge_ray.probes.tokenize import TOKENIZER_FILES, has_tokenizer, tokenizer_failure
-    from simmerge_ray.testbed.tokenizer import load_tokenizer
-
-    if not has_tokenizer(cat.base):
-        raise ConfigError(f"{cat.base}: the catalog's base has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
-                          f"label encodes the eval sets with the base's tokenizer")
-    try:
-        return load_tokenizer(cat.base)
-    except Exception as e:  # transformers raises OSError/ValueError/JSON errors for broken files
-        raise ConfigError(f"{cat.base}: cannot load the catalog's base tokenizer ({tokenizer_failure(cat.base, e)})"
-                          ) from None
-
-
-def encoded_evals(cat: Catalog) -> dict[str, EncodedEvalSet]:
-    """Every task's eval set as plans are scored on it: tokenised by the base's tokenizer."""
-    from simmerge_ray.testbed.evaluate import EVAL_MAX_LEN, encode, load_examples
-
-    tok = base_tokenizer(cat)
-    out = {}
-    for t, e in sorted(cat.tasks.items()):
-        if e.eval is None:
-            continue
-        try:
-            out[t] = encode(load_examples(e.eval), tok, EVAL_MAX_LEN)
-        except ConfigError as err:  # encode knows the example, not its file
-            msg = str(err)
-            raise ConfigError(msg if msg.startswith(str(e.eval)) else f"{e.eval}: {msg} (the base's tokenizer, "
-                              f"task {t!r})") from None
-    return out
-
-
-def eval_digest(data: EncodedEvalSet) -> str:
-    """What a label's eval side is keyed by: the encoded tokens and answer positions, so that a
-    changed tokenizer or length limit measures again (the file's bytes alone did not)."""
-    return arrays_digest({"input_ids": data.input_ids.numpy(), "attention_mask": data.attention_mask.numpy(),
-                          "target_mask": data.target_mask.numpy()})
 
 
 def _calls(todo: list[tuple[str, LabelPlan]], per_call: int) -> list[list[tuple[str, LabelPlan]]]:
@@ -244,7 +202,8 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     fingerprints = {m.name: Checkpoint.open(m.path).fingerprint() + rows for m in cat.models}
     fingerprints["base"] = Checkpoint.open(cat.base).fingerprint() + rows
     tasks = sorted(cat.tasks)
-    task_digests = {t: eval_digest(data) for t, data in (encoded_evals(cat) if evals is None else evals).items()}
+    task_digests = {t: label_evals.eval_digest(data)
+                    for t, data in (label_evals.encoded_evals(cat) if evals is None else evals).items()}
     plans = enumerate_plans(experts, [t for t in tasks if t in task_digests], settings)
     keyed = [(p.key(fingerprints, task_digests), p) for p in plans]
     cache = Path(out) / "cache"
