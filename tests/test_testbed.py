@@ -440,16 +440,20 @@ def test_label_encodes_the_eval_sets_once_on_the_driver(tiny_zoo, tmp_path, monk
     """check_label_models encodes every eval set before Ray is asked for anything (an example the
     base's tokenizer cannot split is named there); run_labels encoded them all again for their
     digests. Now the run reuses the check's (the real function, spied on; the actors, given the
-    catalog path, encode their own in their processes)."""
+    catalog path, encode their own in their processes). Its last line counts distinct merges."""
     from simmerge_ray.pipeline.zoo import label
     from simmerge_ray.testbed import label_evals
 
     calls = []
     real = label_evals.encoded_evals
     monkeypatch.setattr(label_evals, "encoded_evals", lambda cat: (calls.append(cat.source), real(cat))[1])
-    rep = label(tiny_zoo / "catalog.yaml", tmp_path / "labels", LabelSettings(), max_plans=0, echo=lambda *_: None)
-    assert rep.computed == 0 and rep.total > 0 and not rep.complete
+    said: list[str] = []
+    rep = label(tiny_zoo / "catalog.yaml", tmp_path / "labels", LabelSettings(), max_plans=2, echo=said.append)
+    assert rep.computed == 2 and rep.total > 2 and not rep.complete
     assert len(calls) == 1
+    # It ended "2 measured, 0 cached of N plans" where N counts distinct merges (a new user's review).
+    assert said[-1] == (f"label: 2 measured, 0 cached of {rep.total} distinct merges in {rep.seconds:.0f}s "
+                        f"(incomplete: rerun to resume) -> {tmp_path / 'labels'}")
 
 
 def test_label_merge_matches_a_hand_merge(tiny_zoo, ray_cluster):
