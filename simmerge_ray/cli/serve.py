@@ -55,8 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               epilog="example:\n  simmerge bandit-sim --labels labels/labels.parquet "
                                      "--features feats/features.parquet --out bandit-sim/\n"
                                      "cost: 2 replays x --repeats x --rounds decisions of two bandits, O(operators x "
-                                     "width^2) each;\n  with the defaults about 2-4 s on the tiny zoo's or the demo's labels "
-                                     "(~90 features, 2 cores;\n  docs/bandit.md, benchmarks/bandit_sim.py)")
+                                     "width^2) each;\n  with the defaults 2-4 s of replays (~5 s for the whole command) on the tiny "
+                                     "zoo's or the demo's\n  labels (~90 features, 9 operators, 2 cores; docs/bandit.md, "
+                                     "benchmarks/bandit_sim.py)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--labels", type=Path, help="labels.parquet")
     src.add_argument("--synthetic", action="store_true", help="a synthetic problem with a known optimum")
