@@ -8,10 +8,20 @@ one matrix product per arm and the noise variance can be re-estimated afterwards
 Thompson sampling for one context only needs the marginal of the sampled score x.w_o, which is
 N(x.mu_o, x^T Sigma_o x): drawing that scalar per arm is the same policy as drawing the whole
 weight vector and costs one normal draw per arm.
+
+By default every update re-solves the played arm's posterior from its statistics (an
+eigendecomposition, O(p^3)), so a decision depends on the saved state alone. A bandit with
+`incremental = True` (the replay simulator's) instead updates the cached posterior by the
+Sherman-Morrison rank-one formula, O(p^2), takes an arm without data to be its prior (no
+solve), and re-solves exactly every `REFRESH_EVERY` updates of an arm: the same posterior up to
+round-off (as close to exact arithmetic as the re-solve's; docs/bandit.md, "Cost of a replay"),
+O(p^2) instead of O(p^3), and no LAPACK call at all in a replay of up to `REFRESH_EVERY` rounds
+(a multithreaded eigendecomposition of a small matrix is slow on a busy machine).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -22,6 +32,7 @@ from simmerge_ray.errors import ConfigError
 from simmerge_ray.bandit.errors import DuplicateArmError, NonFiniteUpdateError, RewardError, UnknownNameError
 
 NOISE_VAR_FLOOR = 1e-4
+REFRESH_EVERY = 1000  # rank-one posterior updates of an arm between two exact solves (a drift guard)
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,8 @@ class LinTS:
         self.rng = np.random.default_rng(config.seed)
         self._arms: list[ArmStats] = []
         self._posterior: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.incremental = False  # rank-one posterior updates (in memory only; see the module docstring)
+        self._rank_one: dict[int, int] = {}  # arm -> rank-one updates since its last exact solve
         for name in arms:
             self.add_arm(name)
 
@@ -129,7 +142,12 @@ class LinTS:
     def posterior(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(mean [p], covariance [p, p]) of arm i's weights."""
         if i not in self._posterior:
-            self._posterior[i] = self._solve(self._arms[i])
+            arm = self._arms[i]
+            if self.incremental and arm.weight == 0 and not arm.gram.any():  # the prior itself
+                self._posterior[i] = (arm.prior_mean.copy(), np.eye(self.dim) * arm.prior_var)
+            else:
+                self._posterior[i] = self._solve(arm)
+            self._rank_one.pop(i, None)
         return self._posterior[i]
 
     def _solve(self, arm: ArmStats) -> tuple[np.ndarray, np.ndarray]:
@@ -187,8 +205,29 @@ class LinTS:
         with np.errstate(all="ignore"):
             new = replace(a, gram=a.gram + np.outer(x, x), zr=a.zr + x * reward, rr=a.rr + reward * reward,
                           weight=a.weight + 1.0, plays=a.plays + 1, reward_sum=a.reward_sum + float(reward))
-        self._posterior[i] = self._checked_solve(new, f"reward: learning {reward:g}")
+        what = f"reward: learning {reward:g}"
+        done = self._rank_one.get(i, 0)
+        if self.incremental and i in self._posterior and done < REFRESH_EVERY:
+            self._posterior[i] = self._checked_rank_one(new, self._posterior[i], x, reward, what)
+            self._rank_one[i] = done + 1
+        else:
+            self._posterior[i] = self._checked_solve(new, what)
+            self._rank_one.pop(i, None)
         self._arms[i] = new
+
+    def _checked_rank_one(self, arm: ArmStats, posterior: tuple[np.ndarray, np.ndarray], x: np.ndarray,
+                          reward: float, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """The posterior after one more row (x, reward) by Sherman-Morrison: the precision gains
+        x x^T / noise_var, so cov' = cov - u u^T / d and mean' = mean + u (reward - x.mean) / d
+        with u = cov x, d = noise_var + x.u. NonFiniteUpdateError as `_checked_solve`."""
+        mean, cov = posterior
+        with np.errstate(all="ignore"):
+            u = cov @ x
+            d = self.noise_var + float(x @ u)
+            mean = mean + u * ((reward - float(x @ mean)) / d)
+            cov = cov - np.outer(u, u) / d  # u_i u_j = u_j u_i: stays exactly symmetric
+        self._check_finite(arm, mean, cov, what)
+        return mean, cov
 
     def _checked_solve(self, arm: ArmStats, what: str) -> tuple[np.ndarray, np.ndarray]:
         """The posterior of `arm`, or NonFiniteUpdateError if it or the statistics are not finite."""
@@ -197,11 +236,15 @@ class LinTS:
                 mean, cov = self._solve(arm)
             except np.linalg.LinAlgError:  # statistics that are no longer finite
                 mean = cov = np.array([np.nan])
-        values = (arm.prior_mean, arm.gram, arm.zr, arm.rr, arm.reward_sum, mean, cov)
-        if not all(np.all(np.isfinite(v)) for v in values):
+        self._check_finite(arm, mean, cov, what)
+        return mean, cov
+
+    @staticmethod
+    def _check_finite(arm: ArmStats, mean: np.ndarray, cov: np.ndarray, what: str) -> None:
+        arrays = (arm.prior_mean, arm.gram, arm.zr, mean, cov)
+        if not (math.isfinite(arm.rr) and math.isfinite(arm.reward_sum) and all(np.isfinite(v).all() for v in arrays)):
             raise NonFiniteUpdateError(f"{what} would make arm {arm.name!r}'s posterior non-finite; "
                                        "refused, the bandit is unchanged")
-        return mean, cov
 
     def warm_start(
         self, z: np.ndarray, rewards: np.ndarray, *, weight: float = 1.0, fit_noise: bool = True
@@ -245,21 +288,29 @@ class LinTS:
         self._posterior.clear()
 
     # ----- hyper-parameters from the offline data
-    def log_evidence(self, i: int, prior_var: float, noise_var: float) -> float:
+    def log_evidence(self, i: int, prior_var: float, noise_var: float, memo: dict[Any, Any] | None = None) -> float:
         """log p(rewards | prior_var, noise_var) of arm i's absorbed rows, weights integrated out.
 
         r - X m ~ N(0, noise_var I + prior_var X X^T); by Woodbury only the sufficient statistics
         are needed: n log s + log det(I + (a/s) G) + (R - u^T (s/a I + G)^{-1} u) / s, with
         R = |r - X m|^2 and u = X^T (r - X m), up to the constant n log 2 pi.
+
+        Both factorisations depend on the ratio a/s alone: `memo` (one dict, for one state of
+        the arms) keeps them by the exact float ratio, so a grid of (a, s) with repeated ratios
+        factorises each once and gets the very numbers it would have computed again.
         """
+        memo = {} if memo is None else memo
         arm = self._arms[i]
         a, s = float(prior_var), float(noise_var)
         m, g = arm.prior_mean, arm.gram
-        u = arm.zr - g @ m
-        resid = arm.rr - 2 * m @ arm.zr + m @ g @ m
-        eye = np.eye(self.dim)
-        _, logdet = np.linalg.slogdet(eye + (a / s) * g)
-        quad = resid - u @ np.linalg.solve(eye * (s / a) + g, u)
+        if ("u", i) not in memo:
+            memo["u", i] = (arm.zr - g @ m, arm.rr - 2 * m @ arm.zr + m @ g @ m, np.eye(self.dim))
+        u, resid, eye = memo["u", i]
+        if ("logdet", i, a / s) not in memo:
+            memo["logdet", i, a / s] = np.linalg.slogdet(eye + (a / s) * g)[1]
+        if ("uSu", i, s / a) not in memo:
+            memo["uSu", i, s / a] = u @ np.linalg.solve(eye * (s / a) + g, u)
+        logdet, quad = memo["logdet", i, a / s], resid - memo["uSu", i, s / a]
         return -0.5 * (arm.weight * np.log(2 * np.pi * s) + logdet + quad / s)
 
     def fit_evidence(self, prior_vars: Sequence[float] = tuple(np.logspace(-6, 1, 22)),
@@ -273,7 +324,8 @@ class LinTS:
         """
         if not self._arms or all(a.weight == 0 for a in self._arms):
             raise ConfigError("bandit: no absorbed rows to fit the prior and noise variances on")
-        best = max(((sum(self.log_evidence(i, a, s) for i in range(len(self._arms))), a, s)
+        memo: dict[Any, Any] = {}
+        best = max(((sum(self.log_evidence(i, a, s, memo) for i in range(len(self._arms))), a, s)
                     for a in prior_vars for s in noise_vars))
         _, prior_var, noise_var = best
         self._arms = [replace(arm, prior_var=float(prior_var)) for arm in self._arms]

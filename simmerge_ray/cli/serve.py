@@ -53,7 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("bandit-sim", help="replay simulator: cumulative regret of bandit policies",
                               epilog="example:\n  simmerge bandit-sim --labels labels/labels.parquet "
-                                     "--features feats/features.parquet --out bandit-sim/")
+                                     "--features feats/features.parquet --out bandit-sim/\n"
+                                     "cost: 2 replays x --repeats x --rounds decisions of two bandits, O(operators x "
+                                     "width^2) each;\n  with the defaults 2-4 s of replays (~5 s for the whole command) on the tiny "
+                                     "zoo's or the demo's\n  labels (~90 features, 9 operators, 2 cores; docs/bandit.md, "
+                                     "benchmarks/bandit_sim.py)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--labels", type=Path, help="labels.parquet")
     src.add_argument("--synthetic", action="store_true", help="a synthetic problem with a known optimum")
@@ -231,8 +235,8 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"bandit-sim: {left_out_line(dropped)}")
     train, test = split_by_pair(replay_data(labels, features, names, source=source), args.test_frac, args.seed)
     settings = SimSettings(rounds=args.rounds, repeats=args.repeats, seed=args.seed, bandit=_config(args))
-    # minutes on a labelled catalog (5 policies x rounds x repeats, twice) with nothing printed
-    # until the table: a line per quarter of each replay's repeats
+    # seconds on a labelled catalog since the rank-one posterior updates (minutes before, with
+    # nothing printed until the table): still a line per quarter of each replay's repeats
     started = time.perf_counter()
 
     def progress(replay: str, done: int, total: int) -> None:
