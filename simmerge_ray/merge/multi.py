@@ -323,7 +323,7 @@ def _check_inputs(spec: MergeSpec, label: str, *, has_deps: bool, pending: set[s
 
 
 def _multi_provenance(path: Path, stages: list[Stage], checkpoints: dict[str, tuple[Path, ...]]
-                      ) -> Callable[[Stage, Path], Provenance]:
+                      ) -> Callable[[Stage], Provenance]:
     """The model card of a merge of the file: the file, the merge by name, its inputs' merges by
     name, as the config itself does (never by a temporary folder)."""
     chain = " -> ".join(s.name for s in stages)
