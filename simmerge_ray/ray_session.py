@@ -50,11 +50,20 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
             _set_here.discard(var)
     if not _verbose:
         level = logging.WARNING
+    given = f"--address {address}" if address else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}"
     address = address or os.environ.get("RAY_ADDRESS")
     on_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     with _without_cpp_info_lines(enabled=not _verbose):
         if address:
-            ray.init(address=address, log_to_driver=True, logging_level=level)
+            try:
+                ray.init(address=address, log_to_driver=True, logging_level=level)
+            except ValueError as e:  # "Invalid address format: x", "Unable to parse port number ...": a traceback
+                if not re.search(r"address|port", str(e)):
+                    raise
+                from simmerge_ray.errors import ConfigError
+
+                raise ConfigError(f"{given}: not a Ray address ({e}); give the head's HOST:PORT, ray://HOST:PORT "
+                                  f"or auto") from None
             if not _verbose:
                 _drop_streamed_cpp_info_lines()
         else:

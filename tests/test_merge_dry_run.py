@@ -13,6 +13,7 @@ import yaml
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.cli import main as cli_main
+from simmerge_ray.cli.merge import _seconds
 from simmerge_ray.io.synthetic import SyntheticSpec, make_family
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.estimate import estimate_merge, estimate_stages
@@ -96,12 +97,12 @@ def test_each_merge_of_a_multi_document_config_is_estimated_as_run_alone(family:
     assert printed[0] == f"dry run: 2 merges of {cfg} on 1 thread: tied (ties) -> the final (slerp); nothing was merged or written"
     assert printed[1].startswith(f"  tied: read {human_bytes(alone1.bytes_read)}, write "
                                  f"{human_bytes(alone1.bytes_written)} (intermediate), peak "
-                                 f"{human_bytes(alone1.peak_bytes_per_worker)} per worker, about ")
+                                 f"{human_bytes(alone1.peak_bytes_per_worker)} per worker, {_seconds(alone1.seconds)}")
     assert printed[2].startswith(f"  the final: read {human_bytes(alone2.bytes_read)}, write "
                                  f"{human_bytes(alone2.bytes_written)}, peak ")
     assert printed[3].startswith(f"total: read {human_bytes(est.bytes_read)}, write {human_bytes(est.bytes_written)}; "
                                  f"intermediates need at most {human_bytes(alone1.bytes_written)} beside the output "
-                                 "at once; about ")
+                                 f"at once; {_seconds(est.seconds)}")
 
 
 def test_the_intermediates_peak_of_a_chain_and_of_a_diamond(family: Path, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.bandit.errors import FeatureError, UnknownNameError
+from simmerge_ray.bandit.errors import FeatureError, UnknownNameError, known_list
 from simmerge_ray.features.schema import KEY_COLUMNS, check_key_columns, check_unique_keys, read_feature_table
 from simmerge_ray.io.tables import names_as_text
 
@@ -39,16 +39,18 @@ class FeatureTable:
 
     def lookup(self, a: str, b: str, task: str) -> np.ndarray:
         """x(a, b, task) as float64 [d], NaN where undefined (a null in the table); names that are
-        not in the table raise UnknownNameError."""
+        not in the table raise UnknownNameError. The messages name the feature table by its file
+        name only: the service returns them to HTTP clients, who have no business with its path."""
+        where = Path(self.source).name
         for kind, name, known in (("model", a, self.models), ("model", b, self.models),
                                   ("task", task, self.tasks)):
             if name not in known:
-                raise UnknownNameError(f"{self.source}: unknown {kind} {name!r}")
+                raise UnknownNameError(f"unknown {kind} {name!r} (known {kind}s: {known_list(known)})")
         row = self._row.get((a, b, task))
         if row is None:
-            raise UnknownNameError(f"{self.source}: no features for pair ({a!r}, {b!r}) on task {task!r}")
+            raise UnknownNameError(f"{where}: no features for pair ({a!r}, {b!r}) on task {task!r}")
         x = self._x[row]
         if np.isinf(x).any():
             bad = [n for n, v in zip(self.feature_names, x) if np.isinf(v)]
-            raise FeatureError(f"{self.source}: ({a}, {b}, {task}) has infinite features {bad}")
+            raise FeatureError(f"{where}: ({a}, {b}, {task}) has infinite features {bad}")
         return x.copy()  # NaN where a feature is undefined for this pair: the encoder imputes it

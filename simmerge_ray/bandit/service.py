@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from simmerge_ray.bandit.actor import ACTOR_NAME, NAMESPACE, start_bandit_actor
 from simmerge_ray.bandit.auth import check_authorization, load_token, token_digest
 from simmerge_ray.bandit.body_limit import BodyLimit
-from simmerge_ray.bandit.errors import BanditError
+from simmerge_ray.bandit.errors import BanditError, client_text
 from simmerge_ray.errors import CheckpointError
 from simmerge_ray.bandit.feature_table import FeatureTable
 from simmerge_ray.bandit.limits import FEATURE_BOUND, MAX_BODY_BYTES, MAX_FEATURES, PRIOR_VAR_RANGE, REWARD_BOUND
@@ -128,7 +128,7 @@ async def _bandit_error(_: Request, exc: BanditError) -> JSONResponse:
     cause = getattr(exc, "cause", exc)
     status = type(exc).http_status
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(status_code=status, content={"detail": str(cause)}, headers=headers)
+    return JSONResponse(status_code=status, content={"detail": client_text(str(cause))}, headers=headers)
 
 
 async def _require_token(authorization: Annotated[str | None, Header()] = None) -> None:
@@ -149,12 +149,17 @@ async def _holds_token(authorization: Annotated[str | None, Header()] = None) ->
 @api.exception_handler(CheckpointError)
 async def _state_unavailable(_: Request, exc: CheckpointError) -> JSONResponse:
     # The actor is up but its state folder does not load (it tries again on every call).
-    return JSONResponse(status_code=503, content={"detail": f"bandit state unavailable: {getattr(exc, 'cause', exc)}"})
+    return JSONResponse(status_code=503, content={
+        "detail": f"bandit state unavailable: {client_text(str(getattr(exc, 'cause', exc)))}"})
 
 
 @api.exception_handler(ray.exceptions.RayActorError)
 async def _actor_down(_: Request, exc: ray.exceptions.RayActorError) -> JSONResponse:
-    return JSONResponse(status_code=503, content={"detail": f"bandit actor unavailable: {exc}"})
+    # Ray's message holds the actor's node address, pid and a traceback of server paths: the
+    # replica's log gets it, the client one line.
+    print(f"bandit actor unavailable: {exc}", file=sys.stderr)
+    return JSONResponse(status_code=503, content={"detail": "bandit actor unavailable (the server's log says why); "
+                                                            "retry later"})
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)

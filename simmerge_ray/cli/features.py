@@ -54,5 +54,10 @@ def run_structural(args: argparse.Namespace) -> int:
 
     opts = StructuralOptions(workers=args.workers, chunk_elems=args.chunk_elems, precision=args.precision,
                              use_cache=not args.no_cache, overwrite=args.overwrite)
+    from simmerge_ray.features.joined import JOINED_FILE
+
     structural(Path(args.catalog), Path(args.out), opts, address=args.address)
+    if not (Path(args.out) / JOINED_FILE).is_file():  # the join needs both stages' tables
+        print(f"next: simmerge features functional --catalog {args.catalog} --out {args.out} "
+              f"(it writes {JOINED_FILE}, which fit, plan and bandit-init read)")
     return 0

@@ -146,12 +146,14 @@ def _dry_run(spec, opts) -> int:
           f"{where}; nothing was merged or written")
     print(f"would read {human_bytes(est.bytes_read)} and write {human_bytes(est.bytes_written)}")
     print(f"peak memory per worker: about {human_bytes(est.peak_bytes_per_worker)} (plus the process itself)")
-    print(f"estimated time: about {est.seconds:.0f} s at this project's measured rates")
+    print(f"estimated time: {_seconds(est.seconds)} at this project's measured rates")
     return 0
 
 
 def _seconds(s: float) -> str:
-    return f"about {s:.0f} s" if s >= 10 else f"about {s:.1f} s"
+    """An estimate's time, the same way in every dry run's lines: whole seconds from 10 s, tenths
+    below, and "under 0.1 s" rather than "about 0.0 s"."""
+    return f"about {s:.0f} s" if s >= 10 else f"about {s:.1f} s" if s >= 0.05 else "under 0.1 s"
 
 
 def _print_graph_estimate(source: str, est: GraphEstimate, place: str = "beside the output") -> int:
@@ -211,7 +213,7 @@ def _run_multi(args: argparse.Namespace, opts) -> int:
                 f"({len(stages) - len(results)} of {len(stages)} not rerun)")
     if keep_in is not None:
         how += f"; intermediates kept in {keep_in}"
-    print(f"executed {args.config}: {order}; {how} in {total:.1f} s -> {args.out}")
+    print(f"executed {args.config}: {order}; {how} in {total:.1f} s -> {Path(args.out)}")
     print(f"read {human_bytes(sum(r.bytes_read for r in results))}, wrote "
           f"{human_bytes(results[-1].bytes_written)} (the final merge's output)")
     return 0
@@ -254,7 +256,7 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
     else:
         how = f"{len(results)} step(s)"
     print(f"executed {' -> '.join(plan.models)} ({', '.join(plan.operators)}"
-          f"{f'; weighting {plan.weighting}' if plan.weighting else ''}) {how} in {total:.1f} s -> {args.out}")
+          f"{f'; weighting {plan.weighting}' if plan.weighting else ''}) {how} in {total:.1f} s -> {Path(args.out)}")
     print(f"read {human_bytes(sum(r.bytes_read for r in results))}, wrote "
           f"{human_bytes(results[-1].bytes_written)} (the last step's output)")
     return 0

@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--execute-top", type=at_least_zero, default=0, metavar="K",
                    help="merge the K plans with the highest predicted score (streaming engine)")
     p.add_argument("--merge-workers", type=at_least_one, default=2, help="workers of each --execute-top merge")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=run)
 
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         requests=args.requests, selector=args.selector, catalog=args.catalog, features=args.features,
         out=args.out, aux_selector=args.aux_selector, calibration=args.calibration, cache=args.cache,
         actors=args.actors or resources.max_actors(4), rows_per_block=args.rows_per_block,
-        execute_top=args.execute_top, merge_workers=args.merge_workers)
+        execute_top=args.execute_top, merge_workers=args.merge_workers, address=args.address)
     r = run_batch(settings)
     print(f"{r.requests} requests in {r.seconds:.1f} s ({r.requests_per_second:.1f}/s, up to {r.actors} actors): "
           f"{r.ok} ok, {r.errors} errors ({r.invalid} invalid); planned {r.planned}, from cache {r.cached}"

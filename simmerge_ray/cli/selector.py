@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", required=True, help="features folder (features.parquet) or a parquet file")
     p.add_argument("--labels", required=True, help="labels.parquet from `simmerge label`")
-    p.add_argument("--out", required=True, help="output folder (replaced if simmerge wrote it)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote")
     p.add_argument("--target", default="utility", choices=["utility", "gap_closed", "aux_gap_closed"],
                    help="label column to predict: the two-sided utility (default), the expert side or the auxiliary side")
     p.add_argument("--tune-samples", type=at_least_zero, default=8,
@@ -62,7 +63,7 @@ def _settings(args: argparse.Namespace) -> SelectorSettings:
     return SelectorSettings(Path(args.features), Path(args.labels), Path(args.out), target=args.target,
                             tune_samples=args.tune_samples, epochs=args.epochs, seed=args.seed,
                             task_encoding=not args.no_task_encoding, calibration_folds=args.calibration_folds,
-                            members=args.members, address=args.address)
+                            members=args.members, address=args.address, overwrite=args.overwrite)
 
 
 def run_fit(args: argparse.Namespace) -> int:

@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--token-file", type=Path,
                    help="file holding the token that POST /feedback and /arms require "
                         "(default: the SIMMERGE_BANDIT_TOKEN environment variable)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=_serve)
 
     p = subparsers.add_parser("bandit-sim", help="replay simulator: cumulative regret of bandit policies",
@@ -195,7 +196,7 @@ def _serve(args: argparse.Namespace) -> int:
     from simmerge_ray.bandit.service import serve_bandit, stop_serving
     from simmerge_ray.ray_session import init_ray
 
-    init_ray()
+    init_ray(args.address)
     # The actor is owned by this process: keep its handle alive for as long as we serve (a
     # non-detached actor whose handles are all dropped is destroyed), and stop both on exit.
     actor = serve_bandit(args.state, token=token, host=args.host, port=args.port, feature_table=given)

@@ -77,7 +77,8 @@ def _label_default(field: str) -> object:
 def run_build(args: argparse.Namespace) -> int:
     from simmerge_ray.pipeline.zoo import build
 
-    build(Path(args.config), Path(args.out), overwrite=args.overwrite, address=args.address)
+    catalog = build(Path(args.config), Path(args.out), overwrite=args.overwrite, address=args.address)
+    print(f"next: simmerge features structural --catalog {catalog} --out feats/")
     return 0
 
 

@@ -70,7 +70,8 @@ def stages(s: PipelineSettings, echo: Callable[[str], None] = print) -> list[Sta
 
     def selectors(out: Path, target: selector.Target = "utility") -> selector.SelectorSettings:
         return selector.SelectorSettings(run.features, run.pair_labels, out, target=target,
-                                         tune_samples=s.tune_samples, seed=s.seed, members=s.members)
+                                         tune_samples=s.tune_samples, seed=s.seed, members=s.members,
+                                         overwrite=True)  # the run's own folder: a rerun replaces it
 
     def fit_both() -> None:
         selector.fit_many([selectors(run.selector), selectors(run.aux_selector, "aux_gap_closed")], echo=echo)

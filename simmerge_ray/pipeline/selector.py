@@ -44,6 +44,8 @@ class SelectorSettings:
     calibration_folds: int = 5  # folds of the interval calibration; 0: no intervals
     members: int = 1  # networks averaged into the selector (an ensemble); the search uses one
     address: str | None = None  # Ray address (default: RAY_ADDRESS or a local Ray)
+    # replace an `out` that simmerge wrote (`--overwrite`; the pipeline's stages replace their own)
+    overwrite: bool = False
 
 
 LOTO_NEEDS = ("not evaluated: holding a task out leaves no training pair without it on either side "
@@ -147,7 +149,7 @@ def fit_many(settings: list[SelectorSettings], *, workers: int = 1,
         check_members(s.members)
         data = load_pair_data(s.features, s.labels, s.target)
         check_learnable(data, s.labels, s.target)
-        inputs.append((data, check_output(s.out, overwrite=True, inputs=[s.features, s.labels])))
+        inputs.append((data, check_output(s.out, overwrite=s.overwrite, inputs=[s.features, s.labels])))
         warn_few_pairs("fit", len(data))
     init_ray(settings[0].address)
     with ray_work_dir() as work:
@@ -157,9 +159,9 @@ def fit_many(settings: list[SelectorSettings], *, workers: int = 1,
     for s, (data, out), (cfg, trials), sel in zip(settings, inputs, chosen, sels):
         add_uncertainty(sel, data, fixed_fit(cfg), s.calibration_folds, s.seed)
         sel.meta = {"target": s.target, "rows": len(data), "tune_trials": trials}
-        sel.save(out)
+        sel.save(out, overwrite=s.overwrite)
         echo(f"selector ({s.target}) fitted on {len(data)} pairs, {len(data.feature_names)} features, "
-             f"operators {', '.join(data.operators)}; config {asdict(cfg)} -> {out}")
+             f"arms {', '.join(data.operators)}; config {asdict(cfg)} -> {out}")
         echo(calibration_line(sel))
     return sels
 
@@ -190,7 +192,7 @@ def evaluate(s: SelectorSettings, *, folds: int = 5, echo: Callable[[str], None]
     data = load_pair_data(s.features, s.labels, s.target)
     check_learnable(data, s.labels, s.target)
     check_pairs_to_hold_out(data, s.labels)
-    out = check_output(s.out, overwrite=True, inputs=[s.features, s.labels])
+    out = check_output(s.out, overwrite=s.overwrite, inputs=[s.features, s.labels])
     warn_few_pairs("evaluate-selector", len(data))
     if s.tune_samples > 0:  # the folds themselves are fitted in this process
         init_ray(s.address)
@@ -222,7 +224,7 @@ def evaluate(s: SelectorSettings, *, folds: int = 5, echo: Callable[[str], None]
         "tune_trials": [t for _, trials in searched for t in trials],
         "leave_one_task_out_trials": [trials for _, trials in loto_searched],
     }
-    with atomic_output_dir(out, overwrite=True, inputs=[s.features, s.labels]) as tmp:
+    with atomic_output_dir(out, overwrite=s.overwrite, inputs=[s.features, s.labels]) as tmp:
         (tmp / "selector_report.json").write_text(json.dumps(report, indent=2))
         gap_chart(report["held_out_pairs"], tmp / "utility.png", f"{s.target} on held-out pairs")
     echo(format_summary(report))

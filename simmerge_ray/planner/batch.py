@@ -73,6 +73,7 @@ class BatchSettings:
     rows_per_block: int = 4  # requests per block: the unit of work handed to an actor
     execute_top: int = 0
     merge_workers: int = 2
+    address: str | None = None  # Ray address (default: RAY_ADDRESS or a local Ray)
 
     @property
     def cache_dir(self) -> Path:
@@ -266,7 +267,7 @@ def run_batch(s: BatchSettings) -> BatchReport:
     if n_pending:
         build_step_model(s.selector, s.features, s.aux_selector)  # bad inputs: one clear error, before any actor
     # Ray only now: every input above is refused in one line without starting (or joining) a cluster.
-    init_ray()
+    init_ray(s.address)
     quiet_ray_data()
     ask = resources.streaming_ask()
     placement.check_placeable("plan-batch actor", ask)  # not a silent wait for a node that never comes

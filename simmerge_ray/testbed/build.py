@@ -14,10 +14,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import math
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
@@ -215,12 +217,35 @@ def _pretrained(cfg: ZooConfig, tok_json: str, role: str, train: Callable[[], ra
     return result
 
 
+CPU_ACCELERATOR_NOTICE = "Setting accelerator to CPU."  # DeepSpeed's, where it finds no GPU
+
+
+class _NoCpuAcceleratorNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(CPU_ACCELERATOR_NOTICE)
+
+
+@contextmanager
+def without_cpu_accelerator_notice() -> Iterator[None]:
+    """Leave out DeepSpeed's "[WARNING] [real_accelerator.py:...] Setting accelerator to CPU" line,
+    which save_pretrained's import of DeepSpeed prints on a machine without a GPU (the testbed
+    trains on CPUs by design); every other DeepSpeed line is kept. The "DeepSpeed" logger is the
+    one DeepSpeed creates on import (logging.getLogger gives the same object, filters and all)."""
+    logger, notice = logging.getLogger("DeepSpeed"), _NoCpuAcceleratorNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def _save_checkpoint(cfg: ZooConfig, tok: PreTrainedTokenizerFast, state: dict, path: Path) -> None:
     config = make_config(cfg.architecture, len(tok), tok.eos_token_id, tok.pad_token_id)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(state)
     transformers.utils.logging.disable_progress_bar()
-    model.save_pretrained(str(path), safe_serialization=True)
+    with without_cpu_accelerator_notice():
+        model.save_pretrained(str(path), safe_serialization=True)
     tok.save_pretrained(str(path))
 
 

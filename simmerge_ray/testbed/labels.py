@@ -233,7 +233,8 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     log(f"label: {len(keyed)} plans ({len(unique)} distinct merges), {cached} cached, {len(todo)} to measure")
     sizes = Counter(p.k for p in plans if p.k > 1)
     reasons = empty_size_reasons(experts, settings)
-    log("label: " + "; ".join(f"{k}-way: {sizes[k]} plans" if sizes[k] else f"{k}-way: none ({reasons.get(k, 'no samples')})"
+    alone = sum(p.k == 1 for p in plans)  # each expert and the base, scored as they are (the gaps' ends)
+    log(f"label: {alone} models alone; " + "; ".join(f"{k}-way: {sizes[k]} plans" if sizes[k] else f"{k}-way: none ({reasons.get(k, 'no samples')})"
                               for k in (2, 3, 4)))
 
     calls = _calls(todo, settings.plans_per_call)
