@@ -44,3 +44,24 @@ def test_a_run_that_lost_the_race_for_an_intermediate_keeps_the_winners_record(m
     caplog.set_level(logging.WARNING)
     results = run_multi(load_multi(cfg, keeps_intermediates=True), tmp_path / "c", opts, keep)
     assert len(results) == 1 and "reusing merge(s) 'tied'" in caplog.text
+
+
+def test_a_dangling_link_where_a_record_goes_is_refused_not_replaced(models: Path, tmp_path: Path, capsys,
+                                                                     no_ray) -> None:
+    """DIR/tied.key.json is a user's link to a file not there (yet): it is not a record simmerge
+    wrote, so the run refuses with one line naming it, as for a link to a file, instead of
+    renaming its own record over the link."""
+    from input_checks import one_line_error
+    from simmerge_ray.cli import main
+
+    cfg = _write(tmp_path / "multi.yaml", _two_stage(models))
+    keep = tmp_path / "inter"
+    keep.mkdir()
+    link = keep / "tied.key.json"
+    link.symlink_to(tmp_path / "notes.txt")
+    argv = ["merge", str(cfg), "--out", str(tmp_path / "out"), "--intermediate-dir", str(keep), "--workers", "1",
+            "--quiet"]
+    assert main(argv) == 2
+    one_line_error(capsys, f"{link}: not a record simmerge wrote", "--intermediate-dir")
+    assert link.is_symlink() and sorted(p.name for p in keep.iterdir()) == ["tied.key.json"]
+    assert not (tmp_path / "out").exists()
