@@ -31,7 +31,7 @@ from simmerge_ray import resources, storage
 from simmerge_ray.errors import SimMergeError
 from simmerge_ray.io.file_lock import LockHeld, exclusive_lock
 from simmerge_ray.io.out_checks import PUBLISH_ENV
-from simmerge_ray.job_stages import STAGES, Stage, Step, build_parser, command_argv  # noqa: F401 (the jobs' table)
+from simmerge_ray.job_stages import STAGES, Stage, Step, build_parser, command_argv, job_args  # noqa: F401 (the jobs' table)
 
 NOT_AVAILABLE = 3  # exit status of a job whose stage this version does not have yet
 
@@ -67,8 +67,6 @@ def run_command(argv: list[str], env: dict[str, str] | None = None) -> int:
 def run(stage: str, argv: list[str] | None = None) -> int:
     """Run the job of `stage`; returns the process exit status (0 = success)."""
     args, extra = build_parser(stage).parse_known_args(argv)
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
     prog = f"jobs/{stage}.py"
     reason = unavailable(stage)
     if reason:
@@ -76,9 +74,7 @@ def run(stage: str, argv: list[str] | None = None) -> int:
               f"(it runs `{STAGES[stage].commands}`: {reason})", file=sys.stderr)
         return NOT_AVAILABLE
     try:
-        if args.config and all(step.config is None for step in STAGES[stage].steps):
-            raise SimMergeError(f"--config: `{STAGES[stage].commands}` takes no config file; give its inputs "
-                                f"as its own flags (see `simmerge {' '.join(STAGES[stage].steps[0].command)} --help`)")
+        extra = job_args(stage, args, extra)
         asks = resources.resources_from_flags(args)
         resources.export(asks)
         target = storage.resolve(args.out) if args.out else None

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from simmerge_ray import resources
 from simmerge_ray.arg_parser import Parser
+from simmerge_ray.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,17 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                              "storage every node mounts (default: the system temp dir, one node only)")
     resources.add_resource_flags(parser)
     return parser
+
+
+def job_args(stage: str, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """Check the job's own flags as the job does before any step runs (a ConfigError; the KubeRay
+    manifest check asks the same) and return the flags it passes on to its commands (a leading
+    `--` dropped)."""
+    steps = STAGES[stage].steps
+    if args.config and all(step.config is None for step in steps):
+        raise ConfigError(f"--config: `{STAGES[stage].commands}` takes no config file; give its inputs "
+                          f"as its own flags (see `simmerge {' '.join(steps[0].command)} --help`)")
+    return extra[1:] if extra[:1] == ["--"] else extra
 
 
 def command_argv(step: Step, args: argparse.Namespace, extra: list[str], out: str | None,

@@ -206,8 +206,12 @@ def entrypoint_jobs(entrypoint: str, env_vars: dict[str, str] | None = None
             raise ConfigError(f"entrypoint {entrypoint!r}: jobs/{stage}.py is not a job script "
                               f"(stages: {', '.join(resources.STAGE_ROLES)})")
         args, extra = _parsed(job_stages.build_parser(stage), words[index + 1:], entrypoint)
+        try:
+            extra = job_stages.job_args(stage, args, extra)
+        except ConfigError as e:
+            raise ConfigError(f"entrypoint {entrypoint!r}: jobs/{stage}.py would refuse it: {e}") from None
         asks = resources.resources_from_flags(args, env)
-        check_command_flags(stage, args, extra[1:] if extra[:1] == ["--"] else extra, asks, entrypoint)
+        check_command_flags(stage, args, extra, asks, entrypoint)
         jobs.append((stage, {role: asks.for_role(role) for role in resources.STAGE_ROLES[stage]}))
     if not jobs:
         raise ConfigError(f"entrypoint {entrypoint!r} does not run a jobs/<stage>.py script "

@@ -103,6 +103,16 @@ def test_the_functional_step_of_features_gets_the_job_s_unknown_flags():
     assert kuberay.entrypoint_jobs("python jobs/fit.py --features f")  # options left out are not checked
 
 
+@pytest.mark.parametrize("stage", ["fit", "plan"])
+def test_a_config_given_to_a_job_that_takes_none_is_named_by_the_manifest_check(stage):
+    """jobs/fit.py and jobs/plan.py refuse --config before any step (their commands take their
+    inputs as flags); the manifest check says so too, not a job that fails on the cluster."""
+    with pytest.raises(ConfigError, match=rf"^entrypoint .*jobs/{stage}.py would refuse it: --config: "
+                                          rf"`simmerge {stage}` takes no config file") as e:
+        kuberay.entrypoint_jobs(f"python jobs/{stage}.py --config s3://b/c.yaml --out s3://b/o")
+    assert len(str(e.value).splitlines()) == 1
+
+
 def test_the_manifest_check_reports_a_misspelt_resource_flag(tmp_path, crd_dir, capsys):
     doc = yaml.safe_load((REPO / "cluster" / "rayjob-merge.yaml").read_text())
     doc["spec"]["entrypoint"] = doc["spec"]["entrypoint"].replace("--cpus-per-actor", "--num-cpus")

@@ -78,7 +78,7 @@ def plan_kept(folder: Path, stages: Sequence[Stage], keys: StageKeys, *, out: Pa
     for stage in todo[:-1]:
         target = stage_folder(folder, stage.name)
         rec = key_file(folder, stage.name)
-        if rec.exists() and (rec.is_symlink() or not rec.is_file() or _record(folder, stage.name) is None):
+        if rec.is_symlink() or rec.exists() and (not rec.is_file() or _record(folder, stage.name) is None):
             raise OutputError(f"{rec}: not a record simmerge wrote (merge {stage.name!r} is written beside it); "
                               f"move it out, or choose another {OPTION}")
         if not target.is_symlink() and (target / MARKER).is_file() and not overwrite:

@@ -144,8 +144,9 @@ def _merge_stages(graph: StageGraph, todo: list[Stage], out: Path, opts: ExecOpt
             prov = graph.provenance(stage)
             spec = replace(spec, provenance=replace(prov, kept={d: str(folders[d]) for d in stage.deps}) if keep
                            else prov)
-        if keep and not last:
-            key_file(place, stage.name).unlink(missing_ok=True)  # a stale record (plan_kept checked it is one)
+        # A stale record in `place` stays until record_kept replaces it: it names other files than
+        # the ones this merge publishes, so it cannot vouch for them, and a concurrent run's fresh
+        # record (of a merge that run published after this one was planned) is never deleted.
         overwrite = opts.overwrite if last else keep and stage.name in (replaced or ())
         results.append(run_merge(spec, out if last else folders[stage.name], replace(opts, overwrite=overwrite)))
         if key is not None:  # run_merge published the folder whole; now it may be reused
