@@ -1,5 +1,6 @@
 """Checks shared by the tests of bad input (beside them; the tests folder is on sys.path): the
-one-line error a command must print, and a hash of a folder's files to show inputs unchanged."""
+one-line error a command must print, a hash of a folder's files to show inputs unchanged, and
+the exit status of a command whose usage error argparse raises as SystemExit."""
 
 from __future__ import annotations
 
@@ -22,3 +23,13 @@ def one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:
     for n in needles:
         assert n in err, err
     return err
+
+
+def cli_status(argv: list[str]) -> int:
+    """`simmerge argv`'s exit status, argparse's usage errors (SystemExit) included."""
+    from simmerge_ray.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)

@@ -10,17 +10,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from input_checks import one_line_error, tree_hash
+from input_checks import cli_status, one_line_error, tree_hash
 from test_fit_inputs import ZOO, _selector
 
-from simmerge_ray.cli import main as cli_main
-
-
-def _cli(argv: list[str]) -> int:
-    try:
-        return cli_main(argv)
-    except SystemExit as e:  # argparse's usage errors
-        return int(e.code)
 
 
 def _batch_inputs(root: Path) -> dict[str, Path]:
@@ -58,7 +50,7 @@ def test_plan_batch_refuses_out_of_range_merge_options(tmp_path: Path, capsys, n
                                                        needle: str) -> None:
     inputs = _batch_inputs(tmp_path)
     before = tree_hash(tmp_path)
-    assert _cli([*_batch_argv(inputs, tmp_path / "out"), option, value]) == 2
+    assert cli_status([*_batch_argv(inputs, tmp_path / "out"), option, value]) == 2
     one_line_error(capsys, f"simmerge plan-batch: error: {needle}")
     assert tree_hash(tmp_path) == before
 
@@ -92,7 +84,7 @@ def test_plan_batch_refuses_bad_input_before_ray_starts(tmp_path: Path, capsys, 
         changed = {"selector": tmp_path / "nothing"}
         needle = f"{tmp_path / 'nothing' / 'selector.json'}: selector file not found"
     before = tree_hash(tmp_path)
-    assert _cli(_batch_argv(inputs, out, **changed)) == 2
+    assert cli_status(_batch_argv(inputs, out, **changed)) == 2
     one_line_error(capsys, needle)
     assert tree_hash(tmp_path) == before
 
@@ -105,7 +97,7 @@ def test_transfer_refuses_the_source_run_folder_as_out(tmp_path: Path, capsys, n
     sel = _selector(tmp_path)  # tmp_path/run/selector
     run = sel.parent if out == "run" else tmp_path
     before = tree_hash(tmp_path)
-    assert _cli(["transfer", "--selector", str(sel), "--zoo-config", str(ZOO), "--out", str(run)]) == 2
+    assert cli_status(["transfer", "--selector", str(sel), "--zoo-config", str(ZOO), "--out", str(run)]) == 2
     one_line_error(capsys, f"{run.resolve()}: the output holds the input {sel}")
     assert tree_hash(tmp_path) == before
 
@@ -115,7 +107,7 @@ def test_label_refuses_more_4_way_orders_than_a_subset_has(tmp_path: Path, capsy
     cat = tmp_path / "catalog.yaml"
     cat.write_text("models:\n  - {name: a, path: a, task: code}\n")
     before = tree_hash(tmp_path)
-    assert _cli(["label", "--catalog", str(cat), "--out", str(tmp_path / "labels"), "--orders-4", "25"]) == 2
+    assert cli_status(["label", "--catalog", str(cat), "--out", str(tmp_path / "labels"), "--orders-4", "25"]) == 2
     one_line_error(capsys, "--orders-4: Input should be less than or equal to 24")
     assert tree_hash(tmp_path) == before
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from input_checks import one_line_error, tree_hash
+from input_checks import cli_status, one_line_error, tree_hash
 from job_entry import load_entry
 
 from simmerge_ray import kuberay, resources
@@ -20,22 +20,13 @@ from simmerge_ray.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _simmerge(argv: list[str]) -> int:
-    from simmerge_ray.cli import main
-
-    try:
-        return main(argv)
-    except SystemExit as e:  # argparse's usage error
-        return int(e.code)
-
-
 # ---- 1. --seed: 0 to 2**32 - 1 in every command ----------------------------------------------------
 
 @pytest.mark.parametrize("command", [["merge", "m.yaml", "--out", "o"], ["label", "--catalog", "c.yaml", "--out", "o"]])
 @pytest.mark.parametrize("seed", ["-1", str(2**64)])
 def test_merge_and_label_refuse_a_seed_the_other_commands_refuse(tmp_path, capsys, no_ray, monkeypatch, command, seed):
     monkeypatch.chdir(tmp_path)
-    assert _simmerge([*command, "--seed", seed]) == 2
+    assert cli_status([*command, "--seed", seed]) == 2
     one_line_error(capsys, "--seed", f"{int(seed)} is not a seed from 0 to {2**32 - 1}")
     assert list(tmp_path.iterdir()) == []
 
@@ -46,7 +37,7 @@ def test_merge_and_label_refuse_a_seed_the_other_commands_refuse(tmp_path, capsy
 def test_a_negative_shard_size_names_the_option_and_says_positive(tmp_path, capsys, no_ray, monkeypatch, argv):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert _simmerge(["merge", "m.yaml", "--out", "o", *argv]) == 2
+    assert cli_status(["merge", "m.yaml", "--out", "o", *argv]) == 2
     one_line_error(capsys, "--shard-size", "size must be positive", "-")
     assert list(tmp_path.iterdir()) == []
 
@@ -55,7 +46,7 @@ def test_a_lowercase_m_shard_size_is_refused_with_the_units_to_write(tmp_path, c
     """`512m` was read as 512e6 bytes; in a Kubernetes quantity it is 0.512 bytes."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert _simmerge(["merge", "m.yaml", "--out", "o", "--shard-size", "512m"]) == 2
+    assert cli_status(["merge", "m.yaml", "--out", "o", "--shard-size", "512m"]) == 2
     one_line_error(capsys, "--shard-size", "'512m'", "milli", "512M", "512Mi")
 
 

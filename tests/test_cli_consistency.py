@@ -17,20 +17,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from input_checks import one_line_error, tree_hash
+from input_checks import cli_status, one_line_error, tree_hash
 from test_batch_inputs import _batch_argv, _batch_inputs
 from test_fit_inputs import ZOO, _tables
 
 from simmerge_ray.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _cli(argv: list[str]) -> int:
-    try:
-        return cli_main(argv)
-    except SystemExit as e:  # argparse's usage errors
-        return int(e.code)
 
 
 def _earlier_output(out: Path) -> None:
@@ -52,7 +45,7 @@ def test_an_earlier_output_is_refused_without_overwrite(tmp_path: Path, capsys, 
     before = tree_hash(tmp_path)
     argv = [command, "--features", str(f), "--labels", str(l), "--out", str(out), "--tune-samples", "0",
             "--epochs", "2", "--calibration-folds", "0"]
-    assert _cli(argv) == 2
+    assert cli_status(argv) == 2
     one_line_error(capsys, f"simmerge {command}: error: {out}: output already exists (pass --overwrite to replace it)")
     assert tree_hash(tmp_path) == before
 
@@ -63,7 +56,7 @@ def test_evaluate_selector_replaces_its_earlier_output_with_overwrite(tmp_path: 
     _earlier_output(out)
     argv = ["evaluate-selector", "--features", str(f), "--labels", str(l), "--out", str(out), "--tune-samples", "0",
             "--epochs", "2", "--calibration-folds", "0", "--folds", "2", "--overwrite"]
-    assert _cli(argv) == 0, capsys.readouterr().err
+    assert cli_status(argv) == 0, capsys.readouterr().err
     assert json.loads((out / "selector_report.json").read_text())["held_out_pairs"]
 
 
@@ -72,7 +65,7 @@ def test_fit_with_overwrite_goes_past_the_output_check(tmp_path: Path, no_ray) -
     out = tmp_path / "out"
     _earlier_output(out)
     with pytest.raises(AssertionError, match="started Ray"):  # the check passed: the fit starts Ray
-        _cli(["fit", "--features", str(f), "--labels", str(l), "--out", str(out), "--tune-samples", "0", "--overwrite"])
+        cli_status(["fit", "--features", str(f), "--labels", str(l), "--out", str(out), "--tune-samples", "0", "--overwrite"])
 
 
 def test_the_pipelines_selector_stages_replace_their_own_folders(tmp_path: Path, monkeypatch) -> None:

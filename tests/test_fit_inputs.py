@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from input_checks import cli_status
 
-from simmerge_ray.cli import main as cli_main
 
 OPS = ("linear", "ties")
 MODELS = ("m0", "m1", "m2", "m3")
@@ -46,10 +46,7 @@ def _hashes(*paths: Path) -> dict[str, str]:
 
 
 def _refused(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> None:
-    try:
-        rc = cli_main(argv)
-    except SystemExit as e:  # argparse's usage errors
-        rc = e.code
+    rc = cli_status(argv)
     err = capsys.readouterr().err
     assert rc == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
