@@ -186,8 +186,11 @@ def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: re
                     if not done:
                         print(f"{prog}: kept the unfinished work at {staging}; the same command picks it up",
                               file=sys.stderr, flush=True)
+            # The command's own lines (its output path, a `next:` hint) named the staging folder,
+            # which goes now: say where their files are.
             print(f"{prog}: uploaded {len(manifest['files'])} files ({manifest['bytes'] / 1e6:.1f} MB) "
-                  f"to {args.out}", flush=True)
+                  f"to {args.out}; paths printed above under {staging / 'out'} are there now (the staging "
+                  f"folder is removed)", flush=True)
     except LockHeld:
         raise storage.StorageError(f"{args.out}: another job is writing this output now (its staging folder "
                                    f"{staging} is locked)") from None

@@ -8,6 +8,7 @@ Every command's help shows each option's default and an example (its parser's `e
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import signal
 import sys
@@ -102,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     modules = (SOLE_MODULE[command],) if command in SOLE_MODULE else COMMAND_MODULES
-    args = build_parser(modules).parse_args(argv)
+    parser = build_parser(modules)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's own parser, not by `simmerge` (whose --help lists no option of it)
+        leaf = _command_parser(parser, args, argv)
+        leaf.error(unrecognized(leaf, unknown))
     if args.verbose:
         set_verbose(True)  # never reset: stages a `demo --verbose` runs in this process stay verbose
     previous = _interrupt_on_sigterm()
@@ -118,6 +123,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                    argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of the subcommand that parsed `args` (demo and pipeline share a function: the
+    one whose words the command line starts with)."""
+    words = tuple(a for a in argv if not a.startswith("-"))
+    mine = [(path, p) for path, p in leaf_parsers(parser) if p._defaults.get("func") is args.func]
+    return next((p for path, p in mine if words[:len(path)] == path), mine[0][1] if mine else parser)
+
+
+def unrecognized(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """argparse's "unrecognized arguments" line, with the option of this command each misspelt one
+    most resembles (`--max-actor` -> `--max-actors`)."""
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    hints = [f"{word.split('=')[0]}: did you mean {close[0]}?" for word in unknown if word.startswith("--")
+             for close in [difflib.get_close_matches(word.split("=")[0], options, n=1, cutoff=0.7)] if close]
+    return f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
 
 
 def raise_interrupt(signum: int, frame: object) -> None:

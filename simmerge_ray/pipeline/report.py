@@ -167,7 +167,7 @@ def render_markdown(report: dict) -> str:
     domains = sorted({t for m in tb["scores"].values() for t in m if t != "expert_of"})
     lines = ["# SimMerge demo report", "",
              f"Utilities (GapClosed, retention) are computed on **{report['metric']['utilities_on']}**.", "",
-             "## Testbed: answer accuracy per model and domain", ""]
+             *_cautions(report), "## Testbed: answer accuracy per model and domain", ""]
     lines += _table(["model", "expert of", *domains],
                     [[m, v["expert_of"] or "-", *(f"{v[d]['accuracy']:.3f}" for d in domains)]
                      for m, v in tb["scores"].items()])
@@ -178,6 +178,10 @@ def render_markdown(report: dict) -> str:
               f"share of the oracle: {100 * (p['simmerge_share_of_oracle'] or 0):.0f}%.", "",
               "Two-sided utility (%, mean of the gap closed on the expert's and on the auxiliary's task):", ""]
     lines += _table(["method", *tasks], [[m, *(f"{100 * g[t]:.1f}" for t in tasks)] for m, g in p["utility"].items()])
+    if missing := [d for d in domains if d not in tasks]:  # said, not left for the reader to notice
+        lines += ["", f"No column for {', '.join(missing)}: no held-out pair with that expert has a defined "
+                      f"two-sided utility (GapClosed is undefined where the expert and the auxiliary score within "
+                      f"{report['metric'].get('gap_epsilon') or 'the labels gap_epsilon'} of each other on a task)."]
     if p["gap_closed"]:
         lines += ["", "The paper's one-sided GapClosed (%, expert's task only) of its three operators, their "
                   "oracle, and the arm SimMerge picked:", ""]
@@ -193,6 +197,7 @@ def render_markdown(report: dict) -> str:
                     [[k, f"{v['subsets']} x {v['targets'] // max(v['subsets'], 1)}",
                       *(f"{100 * v[m]['expert_retention']:.1f} / {100 * v[m]['mean_retention']:.1f}" if m in v else "-"
                         for m in MULTI_METHODS)] for k, v in mw.items()])
+    lines += ["", MULTI_LEGEND]
     lines += ["", "Planner minus random order, per target task (points of expert / mean retention):", ""]
     tasks_mw = sorted({t for v in mw.values() for t in v["learned_minus_random_order"]})
     lines += _table(["k", *tasks_mw], [[k, *(f"{100 * d['expert_retention']:+.1f} / {100 * d['mean_retention']:+.1f}"
@@ -227,6 +232,32 @@ def render_markdown(report: dict) -> str:
               "## Timings (s)", ""]
     lines += _table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in report["timings"].items()])
     return "\n".join(lines) + "\n"
+
+
+MULTI_LEGEND = ("simmerge: the planner's top plan; random_order: its weighting and step arms in a random order; "
+                "simmerge_calibrated: the top plan once the planner is calibrated on the other subsets' measured "
+                "merges, and calibrated_random_order its rule in a random order; linear, slerp, ties: that arm at "
+                "every step (random order and weighting); equal_share: the model soup (equal-weight linear fold); oracle: the best measured plan, "
+                "and oracle_random_order its rule in a random order.")
+
+
+def _cautions(report: dict) -> list[str]:
+    """What the console warned about the run's size, kept with its numbers: a report read alone
+    should say when they are a smoke test rather than a result."""
+    from simmerge_ray.selector.data import MIN_LABELLED_PAIRS
+    from simmerge_ray.testbed.zoo_config import MIN_EVAL_EXAMPLES
+
+    lines = []
+    n = report["testbed"].get("eval_examples")
+    if n is not None and n < MIN_EVAL_EXAMPLES:
+        lines.append(f"**Caution:** {n} eval examples per domain give each accuracy a standard error of up to "
+                     f"{(0.25 / n) ** 0.5:.3f}, above the labels' noise floor of 0.03: the differences between arms "
+                     f"below are mostly noise (a smoke test; use {MIN_EVAL_EXAMPLES} or more for results).")
+    pairs = report["pairwise"]["pairs"]
+    if pairs < MIN_LABELLED_PAIRS:
+        lines.append(f"**Caution:** only {pairs} labelled pairs (fewer than {MIN_LABELLED_PAIRS}): too few to trust "
+                     f"the selector over a fixed arm; label more experts or tasks.")
+    return [line for c in lines for line in (c, "")]
 
 
 def _loto_accuracy(loto: dict) -> str:
