@@ -1,6 +1,6 @@
 """The stages a Ray job runs (jobs/<stage>.py): each one's `simmerge` commands, the job's own
 flags, and the command line each step gets. jobs/_entry.py runs them; the KubeRay manifest check
-(simmerge_ray/kuberay.py) reads an entrypoint's flags with the same parser and command lines."""
+(simmerge_ray/job_entrypoint.py) reads an entrypoint's flags with the same parser and command lines."""
 
 from __future__ import annotations
 

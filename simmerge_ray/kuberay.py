@@ -3,20 +3,18 @@
 The Kubernetes API server validates a RayCluster, RayJob or RayService against the JSON schema in
 its CRD, but it silently prunes fields the schema does not declare, so a misspelt key is lost
 rather than reported. `strict_schema()` closes every object the CRD does not leave open, so a
-typo is an error here. `placement_problems()` reads the resource flags of a RayJob's entrypoint
-(`python jobs/<stage>.py ...`) the way the job itself reads them and checks that each actor role
-of that stage fits some worker group, e.g. that a GPU inference actor has a GPU group to land on.
+typo is an error here. `placement_problems()` takes the asks of a RayJob's entrypoint
+(`python jobs/<stage>.py ...`, read the way the job itself reads it: simmerge_ray/job_entrypoint.py)
+and checks that each actor role of that stage fits some worker group, e.g. that a GPU inference
+actor has a GPU group to land on.
 
     python -m simmerge_ray.kuberay cluster/*.yaml --crds ../shared/kuberay
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
 import functools
-import io
 import re
 import sys
 from dataclasses import dataclass
@@ -25,17 +23,16 @@ from typing import Any
 
 import yaml
 
-from simmerge_ray import job_stages, resources
+from simmerge_ray import resources
 from simmerge_ray.arg_parser import Parser
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.shell_commands import shell_commands
+from simmerge_ray.job_entrypoint import entrypoint_jobs
 
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml"}
 # Ray's default split of a node's memory when rayStartParams has no `memory`: about 30% goes to
 # the object store, the rest is what actors can reserve.
 RAY_DEFAULT_MEMORY_SHARE = 0.7
-_JOB_SCRIPT = re.compile(r"(?:^|/)jobs/(\w+)\.py$")
 API_VERSION = "ray.io/v1"  # the CRD version whose schema is checked
 # rayStartParams that `ray start` parses as whole numbers (KubeRay passes them as --KEY=VALUE).
 _RAY_START_INTS = ("num-cpus", "num-gpus", "memory", "object-store-memory")
@@ -190,67 +187,6 @@ def gpu_mismatch(group: dict) -> str | None:
         return (f"worker group {group.get('groupName')!r}: pods get nvidia.com/gpu={pod_gpus:g} "
                 f"but Ray is told num-gpus={ray_gpus:g}")
     return None
-
-
-def entrypoint_jobs(entrypoint: str, env_vars: dict[str, str] | None = None
-                    ) -> list[tuple[str, dict[str, resources.ResourceAsk]]]:
-    """Every jobs/<stage>.py an entrypoint runs, with the ask of each actor role it starts (its flags
-    over the command's `VAR=value` prefix over `env_vars`, the runtime env's)."""
-    jobs = []
-    for words, env in shell_commands(entrypoint, dict(env_vars or {})):
-        found = [(i, m.group(1)) for i, w in enumerate(words) if (m := _JOB_SCRIPT.search(w))]
-        if not found:
-            continue
-        index, stage = found[0]
-        if stage not in resources.STAGE_ROLES:
-            raise ConfigError(f"entrypoint {entrypoint!r}: jobs/{stage}.py is not a job script "
-                              f"(stages: {', '.join(resources.STAGE_ROLES)})")
-        args, extra = _parsed(job_stages.build_parser(stage), words[index + 1:], entrypoint)
-        try:
-            extra = job_stages.job_args(stage, args, extra)
-        except ConfigError as e:
-            raise ConfigError(f"entrypoint {entrypoint!r}: jobs/{stage}.py would refuse it: {e}") from None
-        asks = resources.resources_from_flags(args, env)
-        check_command_flags(stage, args, extra, asks, entrypoint)
-        jobs.append((stage, {role: asks.for_role(role) for role in resources.STAGE_ROLES[stage]}))
-    if not jobs:
-        raise ConfigError(f"entrypoint {entrypoint!r} does not run a jobs/<stage>.py script "
-                          f"(stages: {', '.join(resources.STAGE_ROLES)})")
-    return jobs
-
-
-def check_command_flags(stage: str, args: argparse.Namespace, extra: list[str], asks: resources.StageResources,
-                        entrypoint: str) -> None:
-    """The command line each step of the job would run (the flags the job does not know go to the
-    command), read by the command's own parser: a misspelt flag (`--num-cpu`), a value it refuses
-    is a ConfigError naming it, not a job that fails on the cluster (options left out are not
-    checked here). The one place outside simmerge_ray/cli that reads its parsers (test_house_rules)."""
-    from simmerge_ray.cli import build_parser, leaf_parsers
-
-    for step in job_stages.STAGES[stage].steps:
-        argv = job_stages.command_argv(step, args, extra, args.out, asks, args.config)
-        parser = build_parser((step.module,))
-        for _, leaf in leaf_parsers(parser):
-            for item in (*leaf._actions, *leaf._mutually_exclusive_groups):
-                item.required = False
-        _parsed(parser, argv, entrypoint, f"jobs/{stage}.py runs `simmerge {' '.join(step.command)}` with the "
-                f"flags it does not know, and it would refuse them: ")
-
-
-def _parsed(parser: argparse.ArgumentParser, argv: list[str], entrypoint: str, runs: str = ""
-            ) -> tuple[argparse.Namespace, list[str]]:
-    """parser.parse_known_args(argv), its error (printed, then an exit) as a ConfigError."""
-    with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
-        try:
-            return parser.parse_known_args(argv) if not runs else (parser.parse_args(argv), [])
-        except SystemExit:
-            message = (err.getvalue().strip().splitlines() or ["--help is not a job's flag"])[-1]
-    raise ConfigError(f"entrypoint {entrypoint!r}: {runs}{message}")
-
-
-def job_asks(entrypoint: str, env_vars: dict[str, str] | None = None) -> tuple[str, dict[str, resources.ResourceAsk]]:
-    """The stage an entrypoint runs (its first job script) and the ask of each actor role it starts."""
-    return entrypoint_jobs(entrypoint, env_vars)[0]
 
 
 def placement_problems(asks: dict[str, resources.ResourceAsk], cluster_spec: dict) -> list[str]:

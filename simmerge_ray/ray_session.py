@@ -7,9 +7,11 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,6 +20,12 @@ _verbose = False
 # Tune's classic reporter (silent with verbose=0, where the new one still prints status boxes).
 _QUIET_ENV = {"RAY_BACKEND_LOG_LEVEL": "fatal", "RAY_AIR_NEW_OUTPUT": "0"}
 _set_here: set[str] = set()
+# How long a command waits for the Ray cluster named by --address / RAY_ADDRESS (HOST:PORT) to
+# accept a connection: a head still starting gets that long; nothing listening there is one line
+# then, not Ray's own retries (about 40 s each, 20 of them: some 14 minutes).
+CONNECT_TIMEOUT_ENV = "SIMMERGE_RAY_CONNECT_TIMEOUT_S"
+DEFAULT_CONNECT_TIMEOUT_S = 60.0
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:/\[\]]+)):(?P<port>[0-9]{1,5})")
 
 
 def set_verbose(verbose: bool) -> None:
@@ -33,7 +41,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     gets Ray's Python warnings and errors only: no INFO lines, no Tune status tables, and no C++
     log lines (such as Ray Data's harmless "constructor arguments in the object store and
     max_restarts > 0"); RAY_BACKEND_LOG_LEVEL=fatal also keeps the C++ logs of a local Ray's
-    own processes out of its session log files. A variable the user set wins.
+    own processes out of its session log files. A variable the user set wins. A HOST:PORT
+    address (or `auto`) that accepts no connection within SIMMERGE_RAY_CONNECT_TIMEOUT_S seconds
+    (default 60: a head still starting gets that long) is one ConfigError line naming it, not
+    Ray's own retries, which wait some 14 minutes (wait_reachable).
     """
     import ray
 
@@ -53,6 +64,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     given = f"--address {address}" if address else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}"
     address = address or os.environ.get("RAY_ADDRESS")
     on_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if address:
+        wait_reachable(address, given)
     with _without_cpp_info_lines(enabled=not _verbose):
         if address:
             try:
@@ -73,6 +86,68 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if not _verbose:
         for name in ("ray.tune", "ray.train", "ray.serve"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _connect_timeout() -> float:
+    from simmerge_ray.errors import ConfigError
+
+    text = os.environ.get(CONNECT_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_CONNECT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ConfigError(f"{CONNECT_TIMEOUT_ENV}={text!r}: not a number of seconds (e.g. 60; 0 tries once)")
+    return value
+
+
+def _as_ray_reads_it(address: str) -> str:
+    """The HOST:PORT ray.init connects to for `address`: `auto` read from this machine's record of
+    its cluster, localhost as this node's IP (what the head's GCS listens on); "" for Ray Client
+    (ray://) and for what Ray itself refuses or resolves to no cluster (its error says so)."""
+    if "://" in address:
+        return ""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(address) or ""
+    except Exception:  # a private helper: should it move or refuse the address, Ray's init reports it
+        return address
+
+
+def wait_reachable(address: str, given: str) -> None:
+    """Wait until a HOST:PORT Ray address accepts a TCP connection, retrying (the head, or its DNS
+    name, may still be coming up) for SIMMERGE_RAY_CONNECT_TIMEOUT_S seconds (default 60); then
+    a ConfigError of one line naming `given` (the flag or variable and the address). Other forms
+    (auto, ray://HOST:PORT: Ray Client's own 30 s limit) are left to Ray."""
+    from simmerge_ray.errors import ConfigError
+
+    target = _as_ray_reads_it(address.strip())
+    m = _HOST_PORT.fullmatch(target)
+    if m is None or not 0 < int(m.group("port")) < 65536:
+        return
+    where = "there" if _HOST_PORT.fullmatch(address.strip()) else f"at {target}"  # `auto`: the address it found
+    host, port = m.group("v6") or m.group("host"), int(m.group("port"))
+    limit = _connect_timeout()
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.5, min(5.0, deadline - time.monotonic()))):
+                return
+        except socket.gaierror:
+            why = f"cannot resolve {host!r}"
+        except ConnectionRefusedError:
+            why = "connection refused: nothing listens on that port"
+        except OSError as e:
+            why = f"cannot connect: {e.strerror or e}"
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConfigError(f"{given}: no Ray cluster reachable {where} within {limit:g} s ({why}); give the "
+                              f"head's HOST:PORT (its GCS port, 6379 by default), start the cluster, or wait "
+                              f"longer with {CONNECT_TIMEOUT_ENV}=SECONDS")
+        time.sleep(min(1.0, left))
 
 
 # A C++ log line at INFO: "[2026-11-30 08:44:05,770 I 15261 15261] logging.cc:303: ..."

@@ -14,7 +14,7 @@ import yaml
 from input_checks import cli_status, one_line_error, tree_hash
 from job_entry import load_entry
 
-from simmerge_ray import kuberay, resources
+from simmerge_ray import job_entrypoint, kuberay, resources
 from simmerge_ray.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,15 +83,15 @@ def test_a_container_memory_limit_in_milli_is_a_problem_of_the_group():
 def test_a_bad_flag_of_a_merge_entrypoint_is_named(flags, culprit):
     entrypoint = f"python jobs/merge.py --config m.yaml --out s3://b/m {flags}"
     with pytest.raises(ConfigError, match=r"^entrypoint ") as e:
-        kuberay.entrypoint_jobs(entrypoint)
+        job_entrypoint.entrypoint_jobs(entrypoint)
     assert culprit in str(e.value) and len(str(e.value).splitlines()) == 1, e.value
 
 
 def test_the_functional_step_of_features_gets_the_job_s_unknown_flags():
-    assert kuberay.entrypoint_jobs("python jobs/features.py --config c.yaml --out o --batch-size 4")
+    assert job_entrypoint.entrypoint_jobs("python jobs/features.py --config c.yaml --out o --batch-size 4")
     with pytest.raises(ConfigError, match=r"simmerge features functional` .*--batch-sise 4"):
-        kuberay.entrypoint_jobs("python jobs/features.py --config c.yaml --out o --batch-sise 4")
-    assert kuberay.entrypoint_jobs("python jobs/fit.py --features f")  # options left out are not checked
+        job_entrypoint.entrypoint_jobs("python jobs/features.py --config c.yaml --out o --batch-sise 4")
+    assert job_entrypoint.entrypoint_jobs("python jobs/fit.py --features f")  # options left out are not checked
 
 
 @pytest.mark.parametrize("stage", ["fit", "plan"])
@@ -100,7 +100,7 @@ def test_a_config_given_to_a_job_that_takes_none_is_named_by_the_manifest_check(
     inputs as flags); the manifest check says so too, not a job that fails on the cluster."""
     with pytest.raises(ConfigError, match=rf"^entrypoint .*jobs/{stage}.py would refuse it: --config: "
                                           rf"`simmerge {stage}` takes no config file") as e:
-        kuberay.entrypoint_jobs(f"python jobs/{stage}.py --config s3://b/c.yaml --out s3://b/o")
+        job_entrypoint.entrypoint_jobs(f"python jobs/{stage}.py --config s3://b/c.yaml --out s3://b/o")
     assert len(str(e.value).splitlines()) == 1
 
 

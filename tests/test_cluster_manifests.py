@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
-from simmerge_ray import kuberay
+from simmerge_ray import job_entrypoint, kuberay
 from job_entry import load_entry  # beside this file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def test_gpu_actor_without_gpu_group_is_caught(crd_dir: Path) -> None:
 
 def test_gpu_ask_from_runtime_env_is_read() -> None:
     """Asks given as SIMMERGE_* env_vars in the runtime env count like flags; flags win."""
-    stage, asks = kuberay.job_asks("python jobs/label.py --config c.yaml --cpus-per-actor 3",
+    stage, asks = job_entrypoint.job_asks("python jobs/label.py --config c.yaml --cpus-per-actor 3",
                                    {"SIMMERGE_GPUS_PER_INFERENCE_ACTOR": "2", "SIMMERGE_CPUS_PER_ACTOR": "1"})
     assert stage == "label"
     assert asks["streaming"].num_cpus == 3.0 and asks["inference"].num_gpus == 2.0
@@ -194,13 +194,13 @@ def test_gpu_ask_from_runtime_env_is_read() -> None:
 
 def test_memory_and_cpu_asks_are_checked() -> None:
     cluster = _standing_cluster()
-    _, fits = kuberay.job_asks("python jobs/merge.py --cpus-per-actor 8 --memory-per-actor 22Gi")
+    _, fits = job_entrypoint.job_asks("python jobs/merge.py --cpus-per-actor 8 --memory-per-actor 22Gi")
     assert kuberay.placement_problems(fits, cluster) == []
-    _, gpu_node = kuberay.job_asks("python jobs/merge.py --cpus-per-actor 8 --memory-per-actor 23Gi")
+    _, gpu_node = job_entrypoint.job_asks("python jobs/merge.py --cpus-per-actor 8 --memory-per-actor 23Gi")
     assert kuberay.placement_problems(gpu_node, cluster) == []  # only the GPU group's nodes hold it
-    _, too_big = kuberay.job_asks("python jobs/merge.py --cpus-per-actor 8 --memory-per-actor 47Gi")
+    _, too_big = job_entrypoint.job_asks("python jobs/merge.py --cpus-per-actor 8 --memory-per-actor 47Gi")
     assert len(kuberay.placement_problems(too_big, cluster)) == 1
-    _, too_many = kuberay.job_asks("python jobs/fit.py --cpus-per-actor 9")
+    _, too_many = job_entrypoint.job_asks("python jobs/fit.py --cpus-per-actor 9")
     assert len(kuberay.placement_problems(too_many, cluster)) == 1
 
 
@@ -231,9 +231,9 @@ def test_a_head_only_cluster_hosts_what_its_head_offers() -> None:
     on the head when its num-cpus is above 0. Every ask was reported as fitting no worker group."""
     cluster = copy.deepcopy(_standing_cluster())
     cluster["workerGroupSpecs"] = []
-    (_, asks), = kuberay.entrypoint_jobs("python jobs/merge.py --cpus-per-actor 2")
+    (_, asks), = job_entrypoint.entrypoint_jobs("python jobs/merge.py --cpus-per-actor 2")
     assert kuberay.placement_problems(asks, cluster) != []  # the head says num-cpus '0'
     cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] = "4"
     assert kuberay.placement_problems(asks, cluster) == []
-    (_, big), = kuberay.entrypoint_jobs("python jobs/merge.py --cpus-per-actor 8")
+    (_, big), = job_entrypoint.entrypoint_jobs("python jobs/merge.py --cpus-per-actor 8")
     assert "fits no group of the cluster (head: 4 CPU" in kuberay.placement_problems(big, cluster)[0]

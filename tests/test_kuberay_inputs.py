@@ -13,7 +13,7 @@ import pytest
 import yaml
 from input_checks import one_line_error, tree_hash
 
-from simmerge_ray import kuberay
+from simmerge_ray import job_entrypoint, kuberay
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def test_a_bad_serve_config_is_one_problem(tmp_path: Path, crd_dir: Path, capsys
     "python jobs/merge.py --config c.yaml; python jobs/fit.py --cpus-per-actor 64",  # the second was not read
 ])
 def test_every_job_of_a_shell_entrypoint_is_checked_with_its_own_asks(entrypoint: str) -> None:
-    jobs = kuberay.entrypoint_jobs(entrypoint, {"SIMMERGE_CPUS_PER_ACTOR": "2"})
+    jobs = job_entrypoint.entrypoint_jobs(entrypoint, {"SIMMERGE_CPUS_PER_ACTOR": "2"})
     assert jobs[-1][1]["streaming"].num_cpus == 64.0
     problems = kuberay.placement_problems(jobs[-1][1], _load("raycluster.yaml")["spec"])
     assert len(problems) == 1 and "fits no group of the cluster" in problems[0]
@@ -137,7 +137,7 @@ def test_every_job_of_a_shell_entrypoint_is_checked_with_its_own_asks(entrypoint
 
 def test_flags_after_a_shell_operator_belong_to_the_next_command() -> None:
     """`... jobs/merge.py && echo --cpus-per-actor 64` gave the merge job 64 CPUs."""
-    ((stage, asks),) = kuberay.entrypoint_jobs("python jobs/merge.py --cpus-per-actor 2 && echo --cpus-per-actor 64")
+    ((stage, asks),) = job_entrypoint.entrypoint_jobs("python jobs/merge.py --cpus-per-actor 2 && echo --cpus-per-actor 64")
     assert stage == "merge" and asks["streaming"].num_cpus == 2.0
 
 
@@ -187,6 +187,6 @@ def test_a_refused_job_leaves_no_staging_folder_it_made(tmp_path: Path) -> None:
 ])
 def test_shell_forms_of_an_entrypoint_are_read_as_its_shell_runs_them(entrypoint: str, stages: list[str],
                                                                        cpus: float) -> None:
-    jobs = kuberay.entrypoint_jobs(entrypoint)
+    jobs = job_entrypoint.entrypoint_jobs(entrypoint)
     assert [stage for stage, _ in jobs] == stages
     assert jobs[-1][1]["streaming"].num_cpus == cpus

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simmerge_ray import kuberay, placement, resources
+from simmerge_ray import job_entrypoint, placement, resources
 from simmerge_ray.placement import NodeType, UnsatisfiableAsk, ask_bundle, unsatisfiable_reason
 from simmerge_ray.resources import ResourceAsk
 from job_entry import load_entry  # beside this file
@@ -71,7 +71,7 @@ def test_manifest_asks_are_the_jobs_asks_and_fit_the_declared_node_types(path: P
     worker groups."""
     spec = yaml.safe_load(path.read_text())["spec"]
     env_vars = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
-    stage, manifest_asks = kuberay.job_asks(spec["entrypoint"], env_vars)
+    stage, manifest_asks = job_entrypoint.job_asks(spec["entrypoint"], env_vars)
     args, _ = load_entry().build_parser(stage).parse_known_args(shlex.split(spec["entrypoint"])[2:])
     exported = dict(env_vars)
     resources.export(resources.resources_from_flags(args, env_vars), exported)

@@ -193,10 +193,6 @@ def _run_multi(args: argparse.Namespace, opts) -> int:
     multi = load_multi(args.config, seed=args.seed, keeps_intermediates=args.intermediate_dir is not None)
     check_output(args.out, overwrite=opts.overwrite, inputs=[*multi.inputs, args.config])
     keep_in = None if args.intermediate_dir is None else Path(args.intermediate_dir)
-    if keep_in is not None:
-        from simmerge_ray.merge.intermediate_dir import check_place
-
-        check_place(keep_in, Path(args.out), multi.graph.stages, [*multi.inputs, args.config])
     stages = multi.graph.stages
     order = " -> ".join(f"{s.name} ({multi.specs[s.name].method.name})" for s in stages)
     if args.dry_run:
@@ -204,9 +200,10 @@ def _run_multi(args: argparse.Namespace, opts) -> int:
 
         est = estimate_stages(multi.graph, opts, multi.specs, Path(args.out), keep_in)
         return _print_graph_estimate(args.config, est, "beside the output" if keep_in is None else f"in {keep_in}")
-    if opts.placement == "ray":
-        init_ray(args.address)  # every document was checked above, before Ray starts
-    results = run_multi(multi, Path(args.out), opts, keep_in)
+    # Every document was checked above; run_multi starts Ray once --out and --intermediate-dir
+    # pass its checks too, before the first merge.
+    start = (lambda: init_ray(args.address)) if opts.placement == "ray" else None
+    results = run_multi(multi, Path(args.out), opts, keep_in, start=start)
     total = sum(r.seconds for r in results)
     how = (f"{len(results)} merge(s)" if len(results) == len(stages)
            else f"{len(results)} merge(s), resuming from what an interrupted run kept "

@@ -168,7 +168,7 @@ def resumable(graph: StageGraph, opts: ExecOptions, out: Path, keep_in: Path | N
     stages = list(graph.stages)
     keys = StageKeys(stages, graph.root, graph.seed, opts.compute_dtype, opts.allow_nonfinite)
     if keep_in is not None:
-        kept = plan_kept(keep_in, stages, keys, out=Path(out), overwrite=opts.overwrite)
+        kept = plan_kept(keep_in, stages, keys, out=Path(out), overwrite=opts.overwrite, inputs=graph.inputs)
         return {s.name for s in kept.todo}, {n: str(stage_folder(kept.folder, n)) for n in kept.reused}
     _, found = find_kept(Path(out), None, stages, keys)
     todo, reused = stages_to_run(stages, found)

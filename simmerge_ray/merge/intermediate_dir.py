@@ -92,6 +92,17 @@ def plan_kept(folder: Path, stages: Sequence[Stage], keys: StageKeys, *, out: Pa
     return KeptPlan(folder, tuple(todo), frozenset(reused), frozenset(replaced))
 
 
+def appeared_meanwhile(folder: Path, name: str) -> None:
+    """After this run failed to publish DIR/<name>, which plan_kept found absent (or empty): when
+    simmerge's output is there now, another run published it meanwhile (two runs sharing DIR); say
+    so instead of advising --overwrite, which would replace that run's merge with the same one."""
+    target = stage_folder(folder, name)
+    if not target.is_symlink() and target.is_dir() and (target / MARKER).is_file():
+        raise OutputError(f"{target}: another run published merge {name!r} in {folder} meanwhile (it was not there "
+                          "when this run began); rerun the same command: it reuses that merge when it is the one "
+                          "this config asks for (the same configs over the same model files)") from None
+
+
 def _real(p: str | os.PathLike) -> Path:
     return Path(os.path.realpath(os.path.abspath(p)))
 

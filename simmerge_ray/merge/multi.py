@@ -31,13 +31,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from simmerge_ray.errors import ConfigError, SimMergeError
+from simmerge_ray.errors import ConfigError, OutputError, SimMergeError
 from simmerge_ray.io.atomic import missing_parents
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.out_checks import check_replaceable
 from simmerge_ray.merge.config import MergeSpec, Provenance
 from simmerge_ray.merge.executor import ExecOptions, MergeResult, check_merge, run_merge
-from simmerge_ray.merge.intermediate_dir import OPTION, describe_reuse, plan_kept, record_kept
+from simmerge_ray.merge.intermediate_dir import OPTION, appeared_meanwhile, describe_reuse, plan_kept, record_kept
 from simmerge_ray.merge.model_refs import local_checkpoint, model_refs
 from simmerge_ray.merge.resume import (KEY_SUFFIX, TOKENIZER_KEYWORDS, Stage, StageKeys, adopt_kept, key_file,
                                        kept_stages, new_work_folder, record_stage, release, stage_folder,
@@ -69,6 +69,9 @@ class StageGraph:
     provenance: Callable[[Stage], Provenance] | None = None
     words: Words | None = None
     source: str = "config"
+    # The files and folders the merges read (checkpoints, the config file): --intermediate-dir may
+    # not be, hold or lie inside one (merge/intermediate_dir.py check_place).
+    inputs: tuple[Path, ...] = ()
 
 
 def _default_words(source: str, n: int) -> Words:
@@ -79,12 +82,15 @@ def _default_words(source: str, n: int) -> Words:
 
 
 def run_stages(graph: StageGraph, out: Path, opts: ExecOptions = ExecOptions(),
-               keep_in: Path | None = None) -> list[MergeResult]:
+               keep_in: Path | None = None, *, start: Callable[[], None] | None = None) -> list[MergeResult]:
     """Run the graph's merges into `out`, each intermediate in a work folder beside it (removed
     on success; kept when a merge fails after others finished, and resumed from by the next run
     for `out` while their keys still match: the same configs over the very same files). With
     `keep_in` (--intermediate-dir) each intermediate is written to keep_in/<name> instead, kept
     after the run, and reused while its record proves it current (merge/intermediate_dir.py).
+    `keep_in` is checked against the graph's `inputs` (intermediate_dir.plan_kept). `start`, when
+    given, is called once every check has passed, before the first merge: the command starts Ray
+    there, so a refused --out or --intermediate-dir never starts it.
     Returns the results of the merges this run made (the final's last): fewer than the stages
     for a resumed run."""
     out = Path(out)
@@ -93,10 +99,12 @@ def run_stages(graph: StageGraph, out: Path, opts: ExecOptions = ExecOptions(),
     words = graph.words or _default_words(graph.source, len(stages))
     keys = StageKeys(stages, graph.root, graph.seed, opts.compute_dtype, opts.allow_nonfinite)
     if keep_in is not None:
-        kept = plan_kept(keep_in, stages, keys, out=out, overwrite=opts.overwrite)
+        kept = plan_kept(keep_in, stages, keys, out=out, overwrite=opts.overwrite, inputs=graph.inputs)
         if (line := describe_reuse(kept)) is not None:
             log.warning("%s: %s", out, line)
         folders = {s.name: stage_folder(kept.folder, s.name) for s in stages[:-1]}
+        if start is not None:
+            start()
         return _merge_stages(graph, list(kept.todo), out, opts, keys, folders, kept.folder, replaced=kept.replaced)
     made = missing_parents(out)  # created for the work folder; removed again if nothing is kept
     work = new_work_folder(out)
@@ -106,6 +114,8 @@ def run_stages(graph: StageGraph, out: Path, opts: ExecOptions = ExecOptions(),
         reused = adopt_kept(out, work, stages, keys, words.resumed)  # and removes dead runs' folders
         todo, _ = stages_to_run(stages, reused)
         folders = {s.name: stage_folder(work, s.name) for s in stages[:-1]}
+        if start is not None:
+            start()
         results = _merge_stages(graph, todo, out, opts, keys, folders, work, replaced=None)
         done = True
     finally:
@@ -148,7 +158,12 @@ def _merge_stages(graph: StageGraph, todo: list[Stage], out: Path, opts: ExecOpt
         # the ones this merge publishes, so it cannot vouch for them, and a concurrent run's fresh
         # record (of a merge that run published after this one was planned) is never deleted.
         overwrite = opts.overwrite if last else keep and stage.name in (replaced or ())
-        results.append(run_merge(spec, out if last else folders[stage.name], replace(opts, overwrite=overwrite)))
+        try:
+            results.append(run_merge(spec, out if last else folders[stage.name], replace(opts, overwrite=overwrite)))
+        except OutputError:
+            if keep and not last and stage.name not in (replaced or ()):
+                appeared_meanwhile(place, stage.name)  # raises its own account when it did
+            raise
         if key is not None:  # run_merge published the folder whole; now it may be reused
             (record_kept if keep else record_stage)(place, stage.name, key)
         for d in () if keep else stage.deps:  # read by no merge still to run: gone
@@ -302,8 +317,9 @@ def load_multi(path: str | Path, *, seed: int = 0, keeps_intermediates: bool = F
         _check_inputs(spec, label, has_deps=bool(deps[name]), pending=set(deps[name]))
         specs[stage_name] = spec
         stages.append(Stage(stage_name, cfg, tuple(deps[name]), label))
+    inputs = (*dict.fromkeys(p for ps in checkpoints.values() for p in ps), path)
     graph = StageGraph(tuple(stages), root=root, seed=seed, source=str(path),
-                       provenance=_multi_provenance(path, stages, checkpoints))
+                       provenance=_multi_provenance(path, stages, checkpoints), inputs=inputs)
     return MultiConfig(path, graph, specs, checkpoints)
 
 
@@ -340,7 +356,8 @@ def _multi_provenance(path: Path, stages: list[Stage], checkpoints: dict[str, tu
 
 
 def run_multi(multi: MultiConfig, out: Path, opts: ExecOptions = ExecOptions(),
-              keep_in: Path | None = None) -> list[MergeResult]:
+              keep_in: Path | None = None, *, start: Callable[[], None] | None = None) -> list[MergeResult]:
     """Run a loaded multi-document config into `out` (run_stages: resumable); `keep_in`:
-    --intermediate-dir, where the named merges are written and kept."""
-    return run_stages(multi.graph, out, opts, keep_in)
+    --intermediate-dir, where the named merges are written and kept, checked against the
+    config's inputs (its checkpoints and the file); `start`: run_stages'."""
+    return run_stages(multi.graph, out, opts, keep_in, start=start)
