@@ -39,6 +39,20 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["SIMMERGE_CACHE"] = str(tmp_path_factory.mktemp("simmerge-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _ray_only_through_the_session_cluster(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that runs a command which starts its own local Ray (init_ray, without the session
+    cluster) leaves that Ray to every later test, and the session cluster then fails to start
+    ("ray.init twice") in whichever test asks for it first: a failure that depends on the order
+    the tests run in. The test that started it fails instead; it should ask for `ray_cluster`."""
+    started_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    ray = sys.modules.get("ray")
+    if (not started_before and ray is not None and ray.is_initialized()
+            and "ray_cluster" not in request.fixturenames):
+        pytest.fail("this test started a Ray of its own: ask for the `ray_cluster` fixture", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray started by the tests (short temp dir: Ray's socket paths have a length limit)."""

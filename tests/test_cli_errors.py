@@ -531,7 +531,7 @@ def test_fit_refuses_a_damaged_feature_table_naming_the_row(tmp_path: Path, caps
     assert not (tmp_path / "sel").exists()
 
 
-def test_fit_reads_model_and_task_names_stored_as_categoricals(tmp_path: Path, capsys) -> None:
+def test_fit_reads_model_and_task_names_stored_as_categoricals(tmp_path: Path, capsys, ray_cluster) -> None:
     """Names written as Categorical (pandas and polars users often do) passed the feature table's
     read and were then refused by fit's own checks: read as the strings they are."""
     import polars as pl
