@@ -100,3 +100,18 @@ def test_the_report_carries_the_runs_cautions_and_explains_its_columns() -> None
     assert "equal_share: the model soup" in small and "oracle_random_order its rule in a random order" in small
     big = render_markdown(copy.deepcopy(_report(eval_examples=256, pairs=176)))
     assert "Caution" not in big
+
+
+def test_few_labelled_pairs_is_said_once_per_labels_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A demo's selector evaluation and its two fits read one labels file: "only 12 labelled pairs"
+    was printed three times. Once per labels file and count in a process now; another file, or
+    enough pairs, as before."""
+    from simmerge_ray.pipeline.selector import warn_few_pairs
+
+    a, b = tmp_path / "a" / "labels.parquet", tmp_path / "b" / "labels.parquet"
+    for command, n, labels in (("evaluate-selector", 12, a), ("fit", 12, a), ("fit", 12, a), ("fit", 12, b),
+                               ("fit", 60, a)):
+        warn_few_pairs(command, n, labels)
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(" labelled pairs")[0] for ln in lines] == [
+        "simmerge evaluate-selector: warning: only 12", "simmerge fit: warning: only 12"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -90,9 +91,16 @@ def check_pairs_to_hold_out(data: PairData, labels: Path) -> None:
                           f"holds pairs out, so it needs two or more")
 
 
-def warn_few_pairs(command: str, n: int) -> None:
-    """One warning line (stderr) below the documented minimum of labelled pairs."""
-    if n < MIN_LABELLED_PAIRS:
+_warned_few: set[tuple[str, int]] = set()  # (labels file, pairs) this process has warned about
+
+
+def warn_few_pairs(command: str, n: int, labels: str | Path) -> None:
+    """One warning line (stderr) below the documented minimum of labelled pairs, once per labels
+    file and count in a process: a demo's selector evaluation and its two fits read the same
+    labels, and said it three times."""
+    key = (os.path.realpath(labels), n)
+    if n < MIN_LABELLED_PAIRS and key not in _warned_few:
+        _warned_few.add(key)
         print(f"simmerge {command}: warning: only {n} labelled pairs (fewer than {MIN_LABELLED_PAIRS}): too few to "
               f"trust the selector over a fixed arm; label more experts or tasks", file=sys.stderr)
 
@@ -150,7 +158,7 @@ def fit_many(settings: list[SelectorSettings], *, workers: int = 1,
         data = load_pair_data(s.features, s.labels, s.target)
         check_learnable(data, s.labels, s.target)
         inputs.append((data, check_output(s.out, overwrite=s.overwrite, inputs=[s.features, s.labels])))
-        warn_few_pairs("fit", len(data))
+        warn_few_pairs("fit", len(data), s.labels)
     init_ray(settings[0].address)
     with ray_work_dir() as work:
         chosen = [choose_config(data, s, work) for s, (data, _) in zip(settings, inputs)]
@@ -193,7 +201,7 @@ def evaluate(s: SelectorSettings, *, folds: int = 5, echo: Callable[[str], None]
     check_learnable(data, s.labels, s.target)
     check_pairs_to_hold_out(data, s.labels)
     out = check_output(s.out, overwrite=s.overwrite, inputs=[s.features, s.labels])
-    warn_few_pairs("evaluate-selector", len(data))
+    warn_few_pairs("evaluate-selector", len(data), s.labels)
     if s.tune_samples > 0:  # the folds themselves are fitted in this process
         init_ray(s.address)
     # Nested: each outer fold's hyperparameters are searched on its training pairs only, so no
