@@ -1,8 +1,9 @@
-"""Replay simulator: how much GapClosed a policy loses against the oracle, round by round.
+"""Replay simulator: how much reward (the two-sided utility) a policy loses against the oracle,
+round by round.
 
-The labels give, for each (task, expert, aux), the measured GapClosed of every operator (full
+The labels give, for each (task, expert, aux), the measured utility of every operator (full
 information), so any policy can be replayed: each round draws a context from held-out pairs,
-the policy picks an operator, its reward is the measured GapClosed of that operator, and the
+the policy picks an operator, its reward is the measured utility of that operator, and the
 regret is the oracle's reward (best available operator) minus it. Policies:
 
 - bandit: Linear Thompson sampling warm-started on the training pairs (offline data), its prior

@@ -225,7 +225,9 @@ def render_markdown(report: dict) -> str:
     lines += ["", "![multi-way by task](multiway_by_task.png)"]
     rounds = list(report["bandit"]["regret"]["bandit"])
     lines += ["", "![multi-way](multiway_retention.png)", "",
-              "## Online bandit (cumulative regret in utility, held-out pairs)", ""]
+              "## Online bandit (cumulative regret in utility, held-out pairs)", "",
+              "Regret: the utility of the best arm for each round's pair (the oracle's pick) minus that of "
+              "the policy's pick, summed over rounds.", ""]
     lines += _table(["policy", *(f"round {r}" for r in rounds)],
                     [[n, *(f"{v:.2f}" for v in at.values())] for n, at in report["bandit"]["regret"].items()])
     lines += ["", "![regret](regret.png)", "", "![feature-utility correlations](feature_utility_heatmap.png)", "",

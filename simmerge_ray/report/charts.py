@@ -117,7 +117,7 @@ def regret_chart(results: dict[str, dict[str, Any]], path: Path) -> Path:
         else:
             ax.set_title(run)
         ax.set_xlabel("round")
-        ax.set_ylabel("cumulative regret (GapClosed vs oracle)")
+        ax.set_ylabel("cumulative regret (utility, vs the oracle's pick)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
