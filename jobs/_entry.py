@@ -7,7 +7,9 @@ the job was submitted to, set by `ray job submit` and by KubeRay, or starts a lo
 publishes the output to object storage when `--out` is a URI (written first under
 `--staging-dir`, which on a cluster every node must mount, and kept there after a failure so that
 the same command picks its work up). Flags the job does not know are
-passed on to the command unchanged: each command's flags are defined once, by the command.
+passed on to the command unchanged: each command's flags are defined once, by the command. One
+that no command of the job takes but that is close to a job flag (`--cpus-per-actr`) is refused
+before any step runs, naming the job flag.
 
 simmerge_ray is imported from the job's working directory (`ray job submit --working-dir .` puts
 it first on PYTHONPATH) or, run without Ray, from the installed package (`pip install -e .`).
@@ -27,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import simmerge_ray
-from simmerge_ray import resources, storage
+from simmerge_ray import job_entrypoint, resources, storage
 from simmerge_ray.errors import SimMergeError
 from simmerge_ray.io.file_lock import LockHeld, exclusive_lock
 from simmerge_ray.io.out_checks import PUBLISH_ENV
@@ -75,6 +77,7 @@ def run(stage: str, argv: list[str] | None = None) -> int:
         return NOT_AVAILABLE
     try:
         extra = job_args(stage, args, extra)
+        job_entrypoint.check_misspelt_job_flags(stage, extra)
         asks = resources.resources_from_flags(args)
         resources.export(asks)
         target = storage.resolve(args.out) if args.out else None

@@ -3,12 +3,14 @@
 get, each checked by the parser that will read it, and the resource ask of each actor role it
 starts. The KubeRay manifest check (simmerge_ray/kuberay.py) places those asks on the manifest's
 worker groups. The one library module that reads the commands' parsers (simmerge_ray.cli:
-tests/test_house_rules.py CLI_READERS); no job imports it."""
+tests/test_house_rules.py CLI_READERS); jobs/_entry.py asks it only whether an unknown flag is a
+misspelt job flag (check_misspelt_job_flags)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import io
 import re
 
@@ -38,6 +40,10 @@ def entrypoint_jobs(entrypoint: str, env_vars: dict[str, str] | None = None
         except ConfigError as e:
             raise ConfigError(f"entrypoint {entrypoint!r}: jobs/{stage}.py would refuse it: {e}") from None
         asks = resources.resources_from_flags(args, env)
+        try:
+            check_misspelt_job_flags(stage, extra)
+        except ConfigError as e:
+            raise ConfigError(f"entrypoint {entrypoint!r}: {e}") from None
         check_command_flags(stage, args, extra, asks, entrypoint)
         jobs.append((stage, {role: asks.for_role(role) for role in resources.STAGE_ROLES[stage]}))
     if not jobs:
@@ -62,6 +68,33 @@ def check_command_flags(stage: str, args: argparse.Namespace, extra: list[str], 
                 item.required = False
         _parsed(parser, argv, entrypoint, f"jobs/{stage}.py runs `simmerge {' '.join(step.command)}` with the "
                 f"flags it does not know, and it would refuse them: ")
+
+
+def _command_parser(step: job_stages.Step) -> argparse.ArgumentParser:
+    """The parser of a step's command (`simmerge features structural`'s, not `simmerge features`')."""
+    from simmerge_ray.cli import build_parser, leaf_parsers
+
+    return dict(leaf_parsers(build_parser((step.module,))))[(step.command[0], *step.command[1:])]
+
+
+def check_misspelt_job_flags(stage: str, extra: list[str]) -> None:
+    """A flag the job does not know goes to its commands; one that no command of the job takes
+    but that is close to a job flag (`--cpus-per-actr`, `--max-actor`) is a misspelt job flag: a
+    ConfigError naming it, before any step runs, rather than a command refusing it after the job
+    started. jobs/_entry.py asks it too (the one reader of the commands' parsers)."""
+    flags = [word.split("=", 1)[0] for word in extra if word.startswith("--") and word != "--"]
+    steps = [step for step in job_stages.STAGES[stage].steps if step.extras]
+    if not flags or not steps:
+        return
+    job_options = [o for a in job_stages.build_parser(stage)._actions for o in a.option_strings if o.startswith("--")]
+    command_options = {o for step in steps for a in _command_parser(step)._actions for o in a.option_strings}
+    for flag in flags:
+        if flag in command_options or any(o.startswith(flag) for o in command_options):  # taken, or an abbreviation
+            continue
+        close = difflib.get_close_matches(flag, job_options, n=1, cutoff=0.85)
+        if close:
+            raise ConfigError(f"{flag}: no option of `{job_stages.Stage(tuple(steps)).commands}` and not a flag of "
+                              f"jobs/{stage}.py; did you mean the job flag {close[0]}?")
 
 
 def _parsed(parser: argparse.ArgumentParser, argv: list[str], entrypoint: str, runs: str = ""

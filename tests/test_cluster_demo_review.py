@@ -115,3 +115,24 @@ def test_few_labelled_pairs_is_said_once_per_labels_file(tmp_path: Path, capsys:
     lines = capsys.readouterr().err.splitlines()
     assert [ln.split(" labelled pairs")[0] for ln in lines] == [
         "simmerge evaluate-selector: warning: only 12", "simmerge fit: warning: only 12"]
+
+
+# ---- a misspelt job flag is refused before the job's first step --------------------------------
+
+def test_a_misspelt_job_flag_is_refused_before_any_step(no_ray: None, monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`jobs/merge.py ... --cpus-per-actr 2` (meant --cpus-per-actor) was passed to `simmerge merge`,
+    which refused it (suggesting its own --cpus-per-worker) only once the job had started; now the
+    job names its own flag before running a step. A flag the command takes still goes to it."""
+    entry = load_entry()
+    ran: list[list[str]] = []
+    monkeypatch.setattr(entry, "run_command", lambda argv, env=None: ran.append(argv) or 0)
+    config = tmp_path / "m.yaml"
+    config.write_text("merge_method: linear\nmodels:\n  - model: a\n  - model: b\n")
+    for stage, typo, meant in (("merge", "--cpus-per-actr", "--cpus-per-actor"), ("label", "--max-actor", "--max-actors")):
+        args = (["--config", str(config)] if stage == "merge" else []) + ["--out", str(tmp_path / "o"), typo, "4"]
+        assert entry.run(stage, args) == 2
+        one_line_error(capsys, f"jobs/{stage}.py: error: {typo}: no option of", f"did you mean the job flag {meant}?")
+    assert not ran
+    assert entry.run("merge", ["--config", str(config), "--out", str(tmp_path / "o"), "--cpus-per-worker", "2"]) == 0
+    assert ran and "--cpus-per-worker" in ran[0]
