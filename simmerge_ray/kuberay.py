@@ -305,8 +305,13 @@ def load_manifests(path: Path) -> list[tuple[str, dict]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m simmerge_ray.kuberay", description=__doc__.splitlines()[0])
-    parser.add_argument("manifests", nargs="+", type=Path)
-    parser.add_argument("--crds", type=Path, required=True, help="folder with the KubeRay CRD YAML files")
+    parser.add_argument("manifests", nargs="+", type=Path,
+                        help="the RayJob, RayCluster and RayService manifest files (YAML; several documents "
+                             "in one file are each checked) to check against the CRDs and each other")
+    parser.add_argument("--crds", type=Path, required=True,
+                        help="folder with the KubeRay v1 CRD YAML files (ray.io_rayjobs.yaml, ...): the KubeRay "
+                             "Helm chart's crds/ folder, or ray-operator/config/crd/bases in the KubeRay "
+                             "repository (github.com/ray-project/kuberay)")
     args = parser.parse_args(argv)
     try:
         missing = [f for f in CRD_FILES.values() if not (args.crds / f).is_file()]
