@@ -136,3 +136,30 @@ def test_a_misspelt_job_flag_is_refused_before_any_step(no_ray: None, monkeypatc
     assert not ran
     assert entry.run("merge", ["--config", str(config), "--out", str(tmp_path / "o"), "--cpus-per-worker", "2"]) == 0
     assert ran and "--cpus-per-worker" in ran[0]
+
+
+# ---- the KubeRay manifest check's --help -------------------------------------------------------
+
+def test_the_manifest_check_help_says_what_manifests_are_and_where_crds_come_from(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m simmerge_ray.kuberay --help` gave `manifests` no help and said of --crds only
+    "folder with the KubeRay CRD YAML files", not where a user gets them."""
+    from simmerge_ray import kuberay
+
+    with pytest.raises(SystemExit) as e:
+        kuberay.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "manifests the RayJob, RayCluster and RayService manifest files" in text, text
+    assert "KubeRay v1 CRD" in text and "Helm chart's crds/ folder" in text and "config/crd/bases" in text, text
+
+
+# ---- report.md's testbed table -----------------------------------------------------------------
+
+def test_the_testbed_table_left_aligns_its_text_columns() -> None:
+    """The column "expert of" (a domain's name, or -) was right-aligned like the accuracies."""
+    from simmerge_ray.pipeline.report import render_markdown
+
+    lines = render_markdown(_report(eval_examples=256, pairs=176)).splitlines()
+    header = lines.index("| model | expert of | code | math | rag |")
+    assert lines[header + 1] == "|---|---|---:|---:|---:|"

@@ -155,8 +155,10 @@ def _write_report_files(run: RunLayout, report: dict, tmp: Path) -> None:
     (tmp / "report.md").write_text(render_markdown(report))
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),
+def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> list[str]:
+    """A markdown table: its first `text_columns` columns (names, words) left-aligned, the
+    numbers after them right-aligned."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * text_columns + "---:|" * (len(header) - text_columns),
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
@@ -170,7 +172,7 @@ def render_markdown(report: dict) -> str:
              *_cautions(report), "## Testbed: answer accuracy per model and domain", ""]
     lines += _table(["model", "expert of", *domains],
                     [[m, v["expert_of"] or "-", *(f"{v[d]['accuracy']:.3f}" for d in domains)]
-                     for m, v in tb["scores"].items()])
+                     for m, v in tb["scores"].items()], text_columns=2)
     lines += ["", f"## Pairwise arm selection ({p['split']}, {p['pairs']} expert-auxiliary pairs)", "",
               f"Selection accuracy (arm with the best measured utility): **{p['selection_accuracy']:.1%}**; "
               f"leave one task out: {_loto_accuracy(p['leave_one_task_out'])}. SimMerge minus the best "
