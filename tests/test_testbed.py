@@ -55,10 +55,17 @@ def test_tiny_zoo_rebuild_gives_identical_checkpoints(tiny_zoo, tmp_path, monkey
     again = build_zoo(cfg, tmp_path / "again", log=logs.append).parent
     assert any(line.startswith("base: reused from the pretrain cache") for line in logs)
     assert any(line.startswith("skills: reused from the pretrain cache") for line in logs)
+    # A reused stage's time is its training's, said as such (it read "base: N tokens in 0s (0 CPU s)").
+    base_line = next(line for line in logs if line.startswith("base: ") and "tokens" in line)
+    assert " (trained in " in base_line and "s when cached), final loss " in base_line, base_line
+    assert " CPU s" not in base_line
+    assert any(line.startswith("skills stage: ") and "s when cached), final loss" in line for line in logs)
     monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "fresh-cache"))
     logs = []
     fresh = build_zoo(cfg, tmp_path / "fresh", log=logs.append).parent
     assert not any("pretrain cache" in line for line in logs)
+    assert any(line.startswith("base: ") and " tokens in " in line and " CPU s), final loss " in line for line in logs)
+    assert not any("when cached" in line for line in logs)
     digests = [json.loads((z / "manifest.json").read_text())["digests"] for z in (tiny_zoo, again, fresh)]
     assert digests[0] == digests[1] == digests[2]
     for name in ["base", *(v.name for _, v in cfg.experts())]:

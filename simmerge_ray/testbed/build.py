@@ -217,6 +217,14 @@ def _pretrained(cfg: ZooConfig, tok_json: str, role: str, train: Callable[[], ra
     return result
 
 
+def _took(result: dict, cpu: bool = False) -> str:
+    """How long a stage's training took: now, or (a stage reused from the pretrain cache) when the
+    cache entry was made, said as such rather than as this build's time."""
+    if result.get("cached"):
+        return f"(trained in {result['seconds']:.0f}s when cached)"
+    return f"in {result['seconds']:.0f}s" + (f" ({result['cpu_seconds']:.0f} CPU s)" if cpu else "")
+
+
 CPU_ACCELERATOR_NOTICE = "Setting accelerator to CPU."  # DeepSpeed's, where it finds no GPU
 
 
@@ -283,8 +291,7 @@ def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
         base = _pretrained(cfg, tok_json, "base", lambda: _train_remote.options(num_cpus=cfg.base.threads).remote(
             cfg_json, tok_json, "base", None, evals_ref), log, str(source))
         timings["base_s"] = base["seconds"]
-        log(f"base: {base['tokens']} tokens in {base['seconds']:.0f}s ({base['cpu_seconds']:.0f} CPU s), "
-            f"final loss {base['losses'][-1]:.3f}")
+        log(f"base: {base['tokens']} tokens {_took(base, cpu=True)}, final loss {base['losses'][-1]:.3f}")
         results: dict[str, dict] = {}
         if cfg.skills is not None:
             results["pretrained"] = base
@@ -292,7 +299,7 @@ def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
             base = _pretrained(cfg, tok_json, "skills", lambda: _train_remote.options(num_cpus=cfg.skills.threads).remote(
                 cfg_json, tok_json, "skills", start, evals_ref), log, str(source))
             timings["skills_s"] = base["seconds"]
-            log(f"skills stage: {base['tokens']} tokens in {base['seconds']:.0f}s, final loss {base['losses'][-1]:.3f}")
+            log(f"skills stage: {base['tokens']} tokens {_took(base)}, final loss {base['losses'][-1]:.3f}")
         _save_checkpoint(cfg, tok, base["state"], tmp / "checkpoints" / "base")
         starts = {"base": ray.put(base["state"])}
         results["base"] = base
@@ -301,7 +308,7 @@ def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
                 cfg, tok_json, "continued", lambda: _train_remote.options(num_cpus=cfg.continued.threads).remote(
                     cfg_json, tok_json, "continued", starts["base"], evals_ref), log, str(source))
             starts["continued"] = ray.put(results["continued"]["state"])
-            log(f"continued pretraining: {results['continued']['seconds']:.0f}s, "
+            log(f"continued pretraining: {_took(results['continued'])}, "
                 f"final loss {results['continued']['losses'][-1]:.3f}")
         pending: dict = {}
         # Longest first (steps x batch, what a run's time follows): the two workers then finish
