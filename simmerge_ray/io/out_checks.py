@@ -84,7 +84,8 @@ def _foreign_bookkeeping(out: Path) -> str | None:
     return None
 
 
-def _real(p: str | os.PathLike) -> Path:
+def real_path(p: str | os.PathLike) -> Path:
+    """`p` absolute, every link resolved (never raises, unlike Path.resolve on a loop)."""
     return Path(os.path.realpath(os.path.abspath(p)))
 
 
@@ -95,9 +96,9 @@ def check_not_input(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
     inputs = list(inputs)
     published = os.environ.get(PUBLISH_ENV)
     for shown in (out, *([published] if published else [])):
-        o = _real(shown)
+        o = real_path(shown)
         for given in inputs:
-            i = _real(given)
+            i = real_path(given)
             if o == i:
                 raise ConfigError(f"{shown}: the output is the input {given}; choose a new folder")
             if o in i.parents:
@@ -109,7 +110,7 @@ def check_not_input(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
 def check_creatable(out: Path) -> None:
     """Refuse an output under a file or on a folder this process cannot write (a read-only
     mount): one line now, not an OSError traceback after the work."""
-    probe = _real(out).parent
+    probe = real_path(out).parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
@@ -127,8 +128,8 @@ def check_replaceable(out: Path, *, overwrite: bool, option: str = "--out") -> N
     """An existing `out` may be replaced only with `overwrite`, and only if simmerge wrote it (an
     empty folder is used as it is); what --overwrite could never replace is said so at once.
     `option` is the command's flag for `out`, which the advice names (bandit-init's is --state)."""
-    o = _real(out)
-    if o == _real(".") or o in _real(".").parents:
+    o = real_path(out)
+    if o == real_path(".") or o in real_path(".").parents:
         raise ConfigError(f"{out}: the output would replace the current folder; choose a new folder")
     if not out.exists() and not out.is_symlink() or is_empty_folder(out):
         return

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from simmerge_ray.errors import ConfigError, OutputError
 from simmerge_ray.io.atomic import atomic_write_text
-from simmerge_ray.io.out_checks import MARKER, check_creatable, check_not_input, check_replaceable
+from simmerge_ray.io.out_checks import MARKER, check_creatable, check_not_input, check_replaceable, real_path
 from simmerge_ray.merge.resume import Stage, StageKeys, checkpoint_identity, key_file, stage_folder, stages_to_run
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,6 @@ def appeared_meanwhile(folder: Path, name: str) -> None:
                           "this config asks for (the same configs over the same model files)") from None
 
 
-def _real(p: str | os.PathLike) -> Path:
-    return Path(os.path.realpath(os.path.abspath(p)))
-
-
 def check_place(folder: Path, out: Path, stages: Sequence[Stage], inputs: Sequence[str | os.PathLike]) -> None:
     """DIR is a folder (or to be made), not, holding or inside an input, nor --out or inside it
     (the final replaces --out whole); --out is no merge's folder in DIR."""
@@ -116,12 +112,12 @@ def check_place(folder: Path, out: Path, stages: Sequence[Stage], inputs: Sequen
         check_not_input(folder, inputs)
     except ConfigError as e:
         raise ConfigError(f"{OPTION}: {e}".replace("the output", "the folder")) from None
-    d, o = _real(folder), _real(out)
+    d, o = real_path(folder), real_path(out)
     if d == o or o in d.parents:
         raise ConfigError(f"{OPTION} {folder}: is or lies inside --out {out}, which the final merge replaces whole; "
                           "choose a folder beside it")
     for stage in stages[:-1]:
-        if _real(stage_folder(folder, stage.name)) == o:
+        if real_path(stage_folder(folder, stage.name)) == o:
             raise ConfigError(f"--out {out}: is where {OPTION} keeps merge {stage.name!r}; choose another --out")
 
 
