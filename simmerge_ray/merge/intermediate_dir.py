@@ -23,7 +23,8 @@ from pathlib import Path
 from simmerge_ray.errors import ConfigError, OutputError
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.out_checks import MARKER, check_creatable, check_not_input, check_replaceable, real_path
-from simmerge_ray.merge.resume import Stage, StageKeys, checkpoint_identity, key_file, stage_folder, stages_to_run
+from simmerge_ray.merge.resume import (Stage, StageKeys, checkpoint_identity, key_file, read_record, stage_folder,
+                                       stages_to_run)
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,8 @@ def record_kept(folder: Path, name: str, key: str) -> None:
 
 
 def _record(folder: Path, name: str) -> dict | None:
-    try:
-        record = json.loads(key_file(folder, name).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get("stage") == name else None
+    record = read_record(folder, name)
+    return record if record is not None and record.get("stage") == name else None
 
 
 def is_kept(folder: Path, name: str, key: str) -> bool:

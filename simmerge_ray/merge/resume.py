@@ -154,15 +154,21 @@ def record_stage(work: Path, name: str, key: str) -> None:
     atomic_write_text(key_file(work, name), json.dumps({"stage": name, "key": key}))
 
 
-def recorded_key(work: Path, name: str) -> str | None:
-    """The stage's recorded key; None when its folder or key file is missing or unreadable."""
-    if not stage_folder(work, name).is_dir():
-        return None
+def read_record(work: Path, name: str) -> dict | None:
+    """The stage's key file as written (record_stage, intermediate_dir.record_kept); None when it
+    is missing, unreadable or not a JSON object."""
     try:
         record = json.loads(key_file(work, name).read_text())
     except (OSError, ValueError):
         return None
-    key = record.get("key") if isinstance(record, dict) else None
+    return record if isinstance(record, dict) else None
+
+
+def recorded_key(work: Path, name: str) -> str | None:
+    """The stage's recorded key; None when its folder or key file is missing or unreadable."""
+    if not stage_folder(work, name).is_dir():
+        return None
+    key = (read_record(work, name) or {}).get("key")
     return key if isinstance(key, str) else None
 
 
