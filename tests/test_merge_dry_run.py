@@ -5,7 +5,6 @@ intermediate. Real tiny checkpoints; nothing may be written."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import yaml
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.cli import main as cli_main
 from simmerge_ray.cli.merge import _seconds
-from simmerge_ray.io.synthetic import SyntheticSpec, make_family
+from simmerge_ray.io.synthetic import SyntheticSpec
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.estimate import estimate_merge, estimate_stages
 from simmerge_ray.merge.executor import ExecOptions, run_merge
@@ -23,6 +22,7 @@ from simmerge_ray.planner.execute import estimate_plan
 from simmerge_ray.planner.plan import Plan
 from simmerge_ray.sizes import human_bytes
 from input_checks import tree_hash  # beside this file
+from merge_families import family_fixtures  # beside this file
 
 SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64,
                      max_shard_bytes=20_000, dtype="float32")
@@ -30,9 +30,7 @@ F32 = {"dtype": "float32", "out_dtype": "float32"}
 OPTS = ExecOptions(workers=1)
 
 
-@pytest.fixture(scope="module")
-def family(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_family(tmp_path_factory.mktemp("dry-run-models"), SPEC, n=4)
+family, models = family_fixtures(SPEC, "dry-run-models")
 
 
 def _files(root: Path) -> list[str]:
@@ -133,10 +131,9 @@ def _plan_files(m: Path, tmp_path: Path, operators: list[str]) -> tuple[Path, Pa
     return plan, cat
 
 
-def test_a_plan_dry_run_prints_each_step(family: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_plan_dry_run_prints_each_step(models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A 3-step plan (ties, slerp, slerp): one line per step, its intermediates' peak two steps'
     outputs; step 1 estimated as its config alone; nothing written."""
-    models = Path(shutil.copytree(family, tmp_path / "models"))
     plan, cat = _plan_files(models, tmp_path, ["ties", "slerp", "slerp"])
     before, listing = tree_hash(models), _files(tmp_path)
     out = tmp_path / "merged"

@@ -248,7 +248,7 @@ MULTI_LEGEND = ("simmerge: the planner's top plan; random_order: its weighting a
 def _cautions(report: dict) -> list[str]:
     """What the console warned about the run's size, kept with its numbers: a report read alone
     should say when they are a smoke test rather than a result."""
-    from simmerge_ray.selector.data import MIN_LABELLED_PAIRS
+    from simmerge_ray.selector.data import MIN_LABELLED_PAIRS, few_pairs_text
     from simmerge_ray.testbed.zoo_config import MIN_EVAL_EXAMPLES
 
     lines = []
@@ -259,8 +259,7 @@ def _cautions(report: dict) -> list[str]:
                      f"below are mostly noise (a smoke test; use {MIN_EVAL_EXAMPLES} or more for results).")
     pairs = report["pairwise"]["pairs"]
     if pairs < MIN_LABELLED_PAIRS:
-        lines.append(f"**Caution:** only {pairs} labelled pairs (fewer than {MIN_LABELLED_PAIRS}): too few to trust "
-                     f"the selector over a fixed arm; label more experts or tasks.")
+        lines.append(f"**Caution:** {few_pairs_text(pairs)}.")
     return [line for c in lines for line in (c, "")]
 
 

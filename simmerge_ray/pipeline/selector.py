@@ -21,7 +21,7 @@ from simmerge_ray.io.out_checks import check_output
 from simmerge_ray.ray_session import init_ray
 from simmerge_ray.report.verdict import verdict_line
 from simmerge_ray.selector.calibration import level_key
-from simmerge_ray.selector.data import MIN_LABELLED_PAIRS
+from simmerge_ray.selector.data import MIN_LABELLED_PAIRS, few_pairs_text
 
 if TYPE_CHECKING:  # torch and Ray: imported when a stage runs, not with the command line
     from simmerge_ray.selector.data import PairData
@@ -101,8 +101,7 @@ def warn_few_pairs(command: str, n: int, labels: str | Path) -> None:
     key = (os.path.realpath(labels), n)
     if n < MIN_LABELLED_PAIRS and key not in _warned_few:
         _warned_few.add(key)
-        print(f"simmerge {command}: warning: only {n} labelled pairs (fewer than {MIN_LABELLED_PAIRS}): too few to "
-              f"trust the selector over a fixed arm; label more experts or tasks", file=sys.stderr)
+        print(f"simmerge {command}: warning: {few_pairs_text(n)}", file=sys.stderr)
 
 
 @contextmanager

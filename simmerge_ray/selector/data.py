@@ -25,6 +25,13 @@ MIN_LABELLED_PAIRS = 50
 UTILITY_CLIP = (-2.0, 2.0)  # GapClosed can explode where the expert-aux gap is tiny
 
 
+def few_pairs_text(n: int) -> str:
+    """Why n labelled pairs (below MIN_LABELLED_PAIRS) are too few: the words of the console's
+    warning (pipeline/selector.warn_few_pairs) and of the report's caution."""
+    return (f"only {n} labelled pairs (fewer than {MIN_LABELLED_PAIRS}): too few to trust the selector over a "
+            f"fixed arm; label more experts or tasks")
+
+
 @dataclass
 class PairData:
     """Arrays for training and evaluation, aligned row by row."""
