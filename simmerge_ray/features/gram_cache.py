@@ -55,6 +55,11 @@ def _miss(path: Path, why: str) -> None:
     return None
 
 
+def gram_cache_root(root: Path | None = None) -> Path:
+    """The folder of every Gram cache under `root` (default: this machine's cache_root())."""
+    return (root or cache_root()) / "structural"
+
+
 class GramCache:
     """Gram entries and sign counts per unordered pair of rows, keyed by fingerprints.
 
@@ -66,7 +71,7 @@ class GramCache:
 
     def __init__(self, ref_fingerprint: str, signed: bool, precision: str, root: Path | None = None) -> None:
         kind = "base" if signed else "first"
-        self.dir = (root or cache_root()) / "structural" / CACHE_VERSION / f"{kind}-{precision}-{ref_fingerprint}"
+        self.dir = gram_cache_root(root) / CACHE_VERSION / f"{kind}-{precision}-{ref_fingerprint}"
 
     def path(self, k1: str, k2: str) -> Path:
         a, b = sorted((k1, k2))

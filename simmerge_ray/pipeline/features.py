@@ -44,12 +44,12 @@ def structural(catalog: Path, out: Path, opts: StructuralOptions = StructuralOpt
             bar.update(done - bar.n)
 
         run = compute_structural(cat, out, opts, progress, rows)
+    from simmerge_ray.features.gram_cache import gram_cache_root
     from simmerge_ray.features.joined import JOINED_FILE
-    from simmerge_ray.io.digest_cache import cache_root
 
     read = run.total_bytes_read
     # the Gram cache is this machine's (SIMMERGE_CACHE), not --out's: a fresh --out finds its rows there
-    cached = (f", {run.pairs_cached} row pairs from this machine's Gram cache ({cache_root() / 'structural'})"
+    cached = (f", {run.pairs_cached} row pairs from this machine's Gram cache ({gram_cache_root()})"
               if run.pairs_cached else "")
     joined = f" (and {JOINED_FILE}, joined with the functional table)" if (Path(out) / JOINED_FILE).is_file() else ""
     echo(f"structural features of {len(run.models)} models"
