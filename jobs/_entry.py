@@ -114,9 +114,10 @@ STAGING_MARKER = ".simmerge-staging.json"  # {"stage", "out"}: the folder is thi
 _STAGING_ENTRIES = {"config", "out", ".lock", STAGING_MARKER}  # all a staging folder ever holds
 
 
-def claim_staging(staging: Path, stage: str, out: str) -> None:
+def claim_staging(staging: Path, stage: str, out: str) -> list[Path]:
     """Create the staging folder, or take up the one an earlier run of this job left; refuse a
-    folder of that name that is not (a job writes into it, then removes it whole)."""
+    folder of that name that is not (a job writes into it, then removes it whole). Returns the
+    --staging-dir folders above it that it created, innermost first (they go with it)."""
     record = {"stage": stage, "out": out}
     marker = staging / STAGING_MARKER
     if staging.exists():
@@ -139,6 +140,7 @@ def claim_staging(staging: Path, stage: str, out: str) -> None:
         _undo_claim(marker if new_marker else None, created)
         raise storage.StorageError(f"--staging-dir {staging.parent}: cannot hold the staging folder "
                                    f"({e.strerror or e})") from None
+    return [d for d in created if d != staging]
 
 
 def _undo_claim(marker: Path | None, created: list[Path]) -> None:
@@ -168,8 +170,7 @@ def _run_staged(stage: str, args: argparse.Namespace, extra: list[str], asks: re
         raise storage.StorageError(f"{args.out}: output already exists (pass --overwrite to replace it)")
     staging = staging_folder(stage, args.out, args.staging_dir)
     # The --staging-dir folders this run creates go with the staging folder (if they hold nothing else).
-    created = [d for d in (staging.parent, *staging.parent.parents) if not d.exists()]
-    claim_staging(staging, stage, args.out)
+    created = claim_staging(staging, stage, args.out)
     done = False  # uploaded, or failed with no work to resume: the staging folder goes
     try:
         with exclusive_lock(staging / ".lock", blocking=False):

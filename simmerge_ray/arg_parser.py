@@ -5,8 +5,17 @@ block first)."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 from typing import Any, NoReturn
+
+
+def closest_option(flag: str, parser: argparse.ArgumentParser, *, cutoff: float) -> str | None:
+    """The --option of `parser` an unknown `flag` (without its `=VALUE`) most resembles, at a
+    difflib ratio of at least `cutoff`, or None: the "did you mean" of a misspelt flag."""
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(flag, options, n=1, cutoff=cutoff)
+    return close[0] if close else None
 
 
 class Parser(argparse.ArgumentParser):

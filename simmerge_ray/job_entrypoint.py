@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import io
 import re
 
 from simmerge_ray import job_stages, resources
+from simmerge_ray.arg_parser import closest_option
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.shell_commands import shell_commands
 
@@ -86,15 +86,15 @@ def check_misspelt_job_flags(stage: str, extra: list[str]) -> None:
     steps = [step for step in job_stages.STAGES[stage].steps if step.extras]
     if not flags or not steps:
         return
-    job_options = [o for a in job_stages.build_parser(stage)._actions for o in a.option_strings if o.startswith("--")]
+    job_parser = job_stages.build_parser(stage)
     command_options = {o for step in steps for a in _command_parser(step)._actions for o in a.option_strings}
     for flag in flags:
         if flag in command_options or any(o.startswith(flag) for o in command_options):  # taken, or an abbreviation
             continue
-        close = difflib.get_close_matches(flag, job_options, n=1, cutoff=0.85)
+        close = closest_option(flag, job_parser, cutoff=0.85)
         if close:
             raise ConfigError(f"{flag}: no option of `{job_stages.Stage(tuple(steps)).commands}` and not a flag of "
-                              f"jobs/{stage}.py; did you mean the job flag {close[0]}?")
+                              f"jobs/{stage}.py; did you mean the job flag {close}?")
 
 
 def _parsed(parser: argparse.ArgumentParser, argv: list[str], entrypoint: str, runs: str = ""

@@ -8,7 +8,6 @@ Every command's help shows each option's default and an example (its parser's `e
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import signal
 import sys
@@ -16,7 +15,7 @@ import threading
 from collections.abc import Iterator
 
 from simmerge_ray import __version__
-from simmerge_ray.arg_parser import Parser
+from simmerge_ray.arg_parser import Parser, closest_option
 from simmerge_ray.errors import SimMergeError
 
 # Modules under simmerge_ray.cli, each adding one or more subcommands.
@@ -137,9 +136,8 @@ def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace,
 def unrecognized(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
     """argparse's "unrecognized arguments" line, with the option of this command each misspelt one
     most resembles (`--max-actor` -> `--max-actors`)."""
-    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
-    hints = [f"{word.split('=')[0]}: did you mean {close[0]}?" for word in unknown if word.startswith("--")
-             for close in [difflib.get_close_matches(word.split("=")[0], options, n=1, cutoff=0.7)] if close]
+    flags = [word.split("=")[0] for word in unknown if word.startswith("--")]
+    hints = [f"{flag}: did you mean {close}?" for flag in flags if (close := closest_option(flag, parser, cutoff=0.7))]
     return f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
 
 
