@@ -155,10 +155,42 @@ def unsatisfiable_reason(what: str, bundle: Mapping[str, float], types: list[Nod
     for resource, amount in bundle.items():
         most = max((t.resources.get(resource, 0.0) for t in usable), default=0.0)
         if most < amount:
-            return (f"{what} asks for {resource}={_fmt(amount, resource)} ({asked}) but no node type of this "
+            together = f" ({asked})" if len(bundle) > 1 else ""
+            return (f"{what} asks for {resource}={_fmt(amount, resource)}{together} but no node type of this "
                     f"cluster offers that much {resource} (the most: {_fmt(most, resource)}; node types: {names})")
     return (f"{what} asks for {asked} together, which no single node type of this cluster offers "
             f"(node types: {names})")
+
+
+def gang_capacity(bundle: Mapping[str, float], types: list[NodeType]) -> int:
+    """How many copies of `bundle` the node types can hold at once (each node packs whole copies)."""
+    if not bundle:
+        return 1 << 30
+    return sum(t.max_count * int(min(t.resources.get(k, 0.0) / v for k, v in bundle.items()))
+               for t in types if t.max_count > 0)
+
+
+def check_gang_placeable(what: str, ask: ResourceAsk, count: int) -> None:
+    """Raise UnsatisfiableAsk when the connected cluster can never hold `count` copies of the ask at
+    once (a Ray Train worker group starts whole or not at all; Ray would wait for it forever).
+    Nodes that exist now count whole, busy or not: only "never" is refused, not "not yet"."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    types, complete = cluster_node_types()
+    if not complete:
+        return
+    bundle = ask_bundle(ask)
+    reason = unsatisfiable_reason(what, bundle, types)
+    if reason:
+        raise UnsatisfiableAsk(reason)
+    most = gang_capacity(bundle, types)
+    if most < count:
+        asked = ", ".join(f"{k}={_fmt(v, k)}" for k, v in bundle.items())
+        names = ", ".join(sorted({t.name for t in types if t.max_count > 0})) or "none"
+        raise UnsatisfiableAsk(f"{what}: {count} workers of {asked} each must run at once, but this cluster holds "
+                               f"at most {most} (node types: {names}); ask for at most {most}, or add nodes")
 
 
 def check_placeable(what: str, ask: ResourceAsk, extra: Mapping[str, float] | None = None) -> None:

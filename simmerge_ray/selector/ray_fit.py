@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simmerge_ray import resources
+from simmerge_ray import placement, resources
 from simmerge_ray.selector.data import PairData
 from simmerge_ray.selector.folds import group_kfold, task_group_kfold
 from simmerge_ray.selector.model import Selector, SelectorConfig
@@ -72,6 +72,7 @@ def tune_selector(data: PairData, *, num_samples: int = 8, folds: int = 3, base:
     splits = (task_group_kfold(data.tasks, data.aux_tasks, folds, seed=base.seed) if by_task
               else group_kfold(data.pair_keys, folds, seed=base.seed))
     trainable = tune.with_parameters(_trial, data=data, base=base_d, splits=splits, chunk=chunk)
+    placement.check_placeable("a Ray Tune trial of the selector search", resources.streaming_ask())
     trainable = tune.with_resources(trainable, _trial_resources("cpu", "memory"))
     storage = Path(storage or tempfile.mkdtemp(prefix="simmerge-tune-")).resolve()
     tuner = tune.Tuner(
@@ -132,6 +133,8 @@ def train_with_ray(jobs: list[tuple[PairData, SelectorConfig]], *, num_workers: 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    placement.check_gang_placeable(f"--workers {num_workers}: the Ray Train worker group", resources.streaming_ask(),
+                                   num_workers)
     storage = Path(storage or tempfile.mkdtemp(prefix="simmerge-train-")).resolve()
     trainer = TorchTrainer(
         _train_loop,
