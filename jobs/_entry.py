@@ -33,7 +33,7 @@ from simmerge_ray import job_entrypoint, resources, storage
 from simmerge_ray.errors import SimMergeError
 from simmerge_ray.io.file_lock import LockHeld, exclusive_lock
 from simmerge_ray.io.out_checks import PUBLISH_ENV
-from simmerge_ray.job_stages import STAGES, Stage, Step, build_parser, command_argv, job_args  # noqa: F401 (the jobs' table)
+from simmerge_ray.job_stages import STAGES, build_parser, command_argv, job_args
 
 NOT_AVAILABLE = 3  # exit status of a job whose stage this version does not have yet
 

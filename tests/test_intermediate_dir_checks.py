@@ -86,7 +86,7 @@ def test_the_run_that_lost_the_race_for_dir_name_says_so(models: Path, tmp_path:
     published = tree_hash(keep)
     folders = {s.name: stage_folder(keep, s.name) for s in stages[:-1]}
     with pytest.raises(OutputError) as e:
-        _merge_stages(graph, list(b.todo), tmp_path / "b", OPTS, keys, folders, keep, replaced=b.replaced)
+        _merge_stages(graph, list(b.todo), tmp_path / "b", OPTS, keys, folders, keep, keep=True, replaced=b.replaced)
     message = str(e.value)
     assert f"another run published merge 'tied' in {keep} meanwhile" in message, message
     assert "rerun the same command" in message and "--overwrite" not in message, message

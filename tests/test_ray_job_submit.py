@@ -153,8 +153,10 @@ def test_pipeline_refuses_an_unknown_stage_before_writing(tmp_path: Path) -> Non
 
 def test_stage_not_in_this_version_exits_with_a_clear_message(monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from simmerge_ray.job_stages import Stage, Step
+
     entry = load_entry()
-    monkeypatch.setitem(entry.STAGES, "someday", entry.Stage((entry.Step(("someday",), "someday"),)))
+    monkeypatch.setitem(entry.STAGES, "someday", Stage((Step(("someday",), "someday"),)))
     assert entry.run("someday", ["--config", "x.yaml"]) == entry.NOT_AVAILABLE
     err = capsys.readouterr().err
     assert "stage 'someday' is not available" in err and "simmerge_ray/cli/someday.py does not exist" in err

@@ -39,7 +39,7 @@ def test_a_run_that_lost_the_race_for_an_intermediate_keeps_the_winners_record(m
     record = (keep / "tied.key.json").read_bytes()
     folders = {s.name: stage_folder(keep, s.name) for s in stages[:-1]}
     with pytest.raises(OutputError, match="another run published merge 'tied'"):
-        _merge_stages(graph, list(b.todo), tmp_path / "b", opts, keys, folders, keep, replaced=b.replaced)
+        _merge_stages(graph, list(b.todo), tmp_path / "b", opts, keys, folders, keep, keep=True, replaced=b.replaced)
     assert (keep / "tied.key.json").read_bytes() == record
     caplog.set_level(logging.WARNING)
     results = run_multi(load_multi(cfg, keeps_intermediates=True), tmp_path / "c", opts, keep)

@@ -55,6 +55,15 @@ def merged_head(ckpts: Iterable[Checkpoint]) -> str | None:
                  and any(h in ck.entries for ck in ckpts)), None)
 
 
+def folder_tokenizer_json(folder: Path) -> bytes | None:
+    """`folder`'s tokenizer.json, or None without a readable one (no tokenizer to compare)."""
+    f = folder / "tokenizer.json"
+    try:
+        return f.read_bytes() if f.is_file() else None
+    except OSError:
+        return None
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint folder's tensor index plus its config; reads tensors lazily."""
@@ -143,11 +152,7 @@ class Checkpoint:
     def tokenizer_json(self) -> bytes | None:
         """The tokenizer.json a merge reading this checkpoint sees (its folder's; None without one):
         a stand-in for an output not written yet gives the one that output will get."""
-        f = self.path / "tokenizer.json"
-        try:
-            return f.read_bytes() if f.is_file() else None
-        except OSError:
-            return None
+        return folder_tokenizer_json(self.path)
 
     def tokenizer_source(self) -> Any:
         """What a merge reading this checkpoint takes its tokenizer from: its folder when that holds

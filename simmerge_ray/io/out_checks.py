@@ -89,10 +89,10 @@ def real_path(p: str | os.PathLike) -> Path:
     return Path(os.path.realpath(os.path.abspath(p)))
 
 
-def check_not_input(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
+def check_not_input(out: Path, inputs: Iterable[str | os.PathLike], *, noun: str = "the output") -> None:
     """Refuse an output that is, holds or lies inside an input (its replacement would delete
     the input, or its files would land among the input's); so too the place a job publishes
-    the output to (PUBLISH_ENV)."""
+    the output to (PUBLISH_ENV). `noun` names `out` in the message."""
     inputs = list(inputs)
     published = os.environ.get(PUBLISH_ENV)
     for shown in (out, *([published] if published else [])):
@@ -100,11 +100,11 @@ def check_not_input(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
         for given in inputs:
             i = real_path(given)
             if o == i:
-                raise ConfigError(f"{shown}: the output is the input {given}; choose a new folder")
+                raise ConfigError(f"{shown}: {noun} is the input {given}; choose a new folder")
             if o in i.parents:
-                raise ConfigError(f"{shown}: the output holds the input {given}; choose a new folder")
+                raise ConfigError(f"{shown}: {noun} holds the input {given}; choose a new folder")
             if i in o.parents:
-                raise ConfigError(f"{shown}: the output lies inside the input {given}; choose a new folder")
+                raise ConfigError(f"{shown}: {noun} lies inside the input {given}; choose a new folder")
 
 
 def check_creatable(out: Path) -> None:

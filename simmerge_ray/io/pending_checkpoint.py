@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from simmerge_ray.errors import CheckpointError
-from simmerge_ray.io.checkpoint import Checkpoint
+from simmerge_ray.io.checkpoint import Checkpoint, folder_tokenizer_json
 from simmerge_ray.io.safetensors_format import TensorEntry
 
 
@@ -31,8 +31,7 @@ class PendingCheckpoint(Checkpoint):
         folder's it copies, or the built tokenizer's; None without one."""
         tok = self.tokenizer
         if isinstance(tok, (str, Path)):
-            f = Path(tok) / "tokenizer.json"
-            return f.read_bytes() if f.is_file() else None
+            return folder_tokenizer_json(Path(tok))
         backend = getattr(tok, "backend_tokenizer", None)  # a fast tokenizer; None for none
         return None if backend is None else backend.to_str().encode()
 

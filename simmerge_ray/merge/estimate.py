@@ -187,14 +187,14 @@ def _folder_bytes(folder: Path) -> int:
     return total
 
 
-def intermediate_peak(graph: StageGraph, written: Mapping[str, int], runs: Collection[str] | None = None,
-                      keep: bool = False) -> int:
+def intermediate_peak(graph: StageGraph, written: Mapping[str, int], runs: Collection[str], *,
+                      keep: bool) -> int:
     """The most bytes of intermediates a run writes on disk at once, as run_stages keeps them: a
     merge's output exists from its own run (written in place) until every merge still to run
     reading it finished (with `keep`, --intermediate-dir's, to the end); the final's output (--out)
     is not counted, nor are the outputs of the stages not in `runs` (resumed: on disk already)."""
     stages = list(graph.stages)
-    todo = [s for s in stages if runs is None or s.name in runs]
+    todo = [s for s in stages if s.name in runs]
     alive: dict[str, int] = {}
     peak = 0
     for i, stage in enumerate(todo):

@@ -107,9 +107,9 @@ def check_place(folder: Path, out: Path, stages: Sequence[Stage], inputs: Sequen
     if folder.is_symlink() and not folder.is_dir() or folder.exists() and not folder.is_dir():
         raise ConfigError(f"{OPTION} {folder}: not a folder")
     try:
-        check_not_input(folder, inputs)
+        check_not_input(folder, inputs, noun="the folder")
     except ConfigError as e:
-        raise ConfigError(f"{OPTION}: {e}".replace("the output", "the folder")) from None
+        raise ConfigError(f"{OPTION}: {e}") from None
     d, o = real_path(folder), real_path(out)
     if d == o or o in d.parents:
         raise ConfigError(f"{OPTION} {folder}: is or lies inside --out {out}, which the final merge replaces whole; "

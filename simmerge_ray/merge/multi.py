@@ -105,7 +105,8 @@ def run_stages(graph: StageGraph, out: Path, opts: ExecOptions = ExecOptions(),
         folders = {s.name: stage_folder(kept.folder, s.name) for s in stages[:-1]}
         if start is not None:
             start()
-        return _merge_stages(graph, list(kept.todo), out, opts, keys, folders, kept.folder, replaced=kept.replaced)
+        return _merge_stages(graph, list(kept.todo), out, opts, keys, folders, kept.folder, keep=True,
+                             replaced=kept.replaced)
     made = missing_parents(out)  # created for the work folder; removed again if nothing is kept
     work = new_work_folder(out)
     results: list[MergeResult] = []
@@ -116,7 +117,7 @@ def run_stages(graph: StageGraph, out: Path, opts: ExecOptions = ExecOptions(),
         folders = {s.name: stage_folder(work, s.name) for s in stages[:-1]}
         if start is not None:
             start()
-        results = _merge_stages(graph, todo, out, opts, keys, folders, work, replaced=None)
+        results = _merge_stages(graph, todo, out, opts, keys, folders, work, keep=False)
         done = True
     finally:
         kept_names = [] if done else kept_stages(work)
@@ -135,13 +136,14 @@ def run_stages(graph: StageGraph, out: Path, opts: ExecOptions = ExecOptions(),
 
 
 def _merge_stages(graph: StageGraph, todo: list[Stage], out: Path, opts: ExecOptions, keys: StageKeys,
-                  folders: dict[str, Path], place: Path, *, replaced: frozenset[str] | None) -> list[MergeResult]:
+                  folders: dict[str, Path], place: Path, *, keep: bool,
+                  replaced: frozenset[str] = frozenset()) -> list[MergeResult]:
     """Merge `todo` in order, the final into `out`, each intermediate into its folder in `place`
     and recorded by its key once published. Each config is parsed as written, an earlier merge's
     name bound to its folder, so the output's recorded config and card name it as the user did.
-    `replaced`: None in a work folder (an intermediate goes once no merge still to run reads it),
-    else the kept folders' stages that --overwrite replaces (the rest are new; all are kept)."""
-    keep = replaced is not None
+    `keep`: the intermediates stay (--intermediate-dir), else they are in a work folder and each
+    goes once no merge still to run reads it; `replaced`: the kept folders' stages that
+    --overwrite replaces (the rest are new)."""
     last_stage = graph.stages[-1]
     readers = {s.name: {t.name for t in todo if s.name in t.deps} for s in graph.stages}
     results: list[MergeResult] = []
@@ -157,11 +159,11 @@ def _merge_stages(graph: StageGraph, todo: list[Stage], out: Path, opts: ExecOpt
         # A stale record in `place` stays until record_kept replaces it: it names other files than
         # the ones this merge publishes, so it cannot vouch for them, and a concurrent run's fresh
         # record (of a merge that run published after this one was planned) is never deleted.
-        overwrite = opts.overwrite if last else keep and stage.name in (replaced or ())
+        overwrite = opts.overwrite if last else keep and stage.name in replaced
         try:
             results.append(run_merge(spec, out if last else folders[stage.name], replace(opts, overwrite=overwrite)))
         except OutputError:
-            if keep and not last and stage.name not in (replaced or ()):
+            if keep and not last and stage.name not in replaced:
                 appeared_meanwhile(place, stage.name)  # raises its own account when it did
             raise
         if key is not None:  # run_merge published the folder whole; now it may be reused

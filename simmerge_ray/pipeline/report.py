@@ -249,13 +249,13 @@ def _cautions(report: dict) -> list[str]:
     """What the console warned about the run's size, kept with its numbers: a report read alone
     should say when they are a smoke test rather than a result."""
     from simmerge_ray.selector.data import MIN_LABELLED_PAIRS, few_pairs_text
-    from simmerge_ray.testbed.zoo_config import MIN_EVAL_EXAMPLES
+    from simmerge_ray.testbed.zoo_config import MIN_EVAL_EXAMPLES, worst_accuracy_error
 
     lines = []
     n = report["testbed"].get("eval_examples")
     if n is not None and n < MIN_EVAL_EXAMPLES:
         lines.append(f"**Caution:** {n} eval examples per domain give each accuracy a standard error of up to "
-                     f"{(0.25 / n) ** 0.5:.3f}, above the labels' noise floor of 0.03: the differences between arms "
+                     f"{worst_accuracy_error(n):.3f}, above the labels' noise floor of 0.03: the differences between arms "
                      f"below are mostly noise (a smoke test; use {MIN_EVAL_EXAMPLES} or more for results).")
     pairs = report["pairwise"]["pairs"]
     if pairs < MIN_LABELLED_PAIRS:

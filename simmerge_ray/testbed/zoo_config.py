@@ -41,6 +41,11 @@ MAX_HELD_OUT = 10_000
 MIN_EVAL_EXAMPLES = 256
 
 
+def worst_accuracy_error(n: int) -> float:
+    """The largest standard error an accuracy over `n` examples can have (at accuracy 0.5)."""
+    return (0.25 / n) ** 0.5
+
+
 class _FieldError(ValueError):
     """A whole-config check's error that belongs to one field: ZooConfig.load names `path` (not
     `config`, pydantic's location of a model validator)."""
@@ -224,7 +229,7 @@ class ZooConfig(_Strict):
         if n >= MIN_EVAL_EXAMPLES:
             return None
         return (f"data.eval_examples: {n} examples per domain give accuracies a standard error of up to "
-                f"{(0.25 / n) ** 0.5:.3f} (over 0.03, the labels' noise floor); use {MIN_EVAL_EXAMPLES} or more "
+                f"{worst_accuracy_error(n):.3f} (over 0.03, the labels' noise floor); use {MIN_EVAL_EXAMPLES} or more "
                 f"for results, fewer only for tests")
 
     def experts(self) -> list[tuple[str, VariantConfig]]:
