@@ -520,6 +520,9 @@ def test_cli_bandit_init_and_sim(tmp_path: Path, capsys: pytest.CaptureFixture[s
     core = BanditCore(state)
     assert core.bandit.arm_names == ["dare_ties", "linear", "slerp", "ties"]
     assert all(a.weight == 60 for a in core.bandit.arms)  # 5*4 ordered pairs x 3 tasks
+    assert cli_main(["bandit-init", "--out", str(tmp_path / "state2"), "--features",  # --out: as other commands
+                     str(tmp_path / "features.parquet"), "--labels", str(tmp_path / "labels.parquet")]) == 0
+    assert BanditCore(tmp_path / "state2").bandit.arm_names == core.bandit.arm_names
     # The bandit served is the one the replay simulator measures: warm_bandit, variances by evidence.
     data = replay_data(labels, features)
     want = warm_bandit(core.encoder, data.operators, core.encoder.encode(data.x), data.rewards, SimSettings())

@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="example:\n  simmerge bandit-init --state bandit/ --features feats/features.parquet "
                "--labels labels/labels.parquet --selector sel/",
     )
-    p.add_argument("--state", type=Path, required=True, help="state folder to create")
+    p.add_argument("--state", "--out", dest="state", type=Path, required=True,
+                   help="state folder to create (--out, as the other commands name their output)")
     p.add_argument("--features", type=Path, required=True,
                    help="features folder or its features.parquet (a, b, task, s_*, f_*)")
     start = p.add_mutually_exclusive_group()  # with labels, --operators was ignored without a word
