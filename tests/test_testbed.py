@@ -60,6 +60,12 @@ def test_tiny_zoo_rebuild_gives_identical_checkpoints(tiny_zoo, tmp_path, monkey
     assert " (trained in " in base_line and "s when cached), final loss " in base_line, base_line
     assert " CPU s" not in base_line
     assert any(line.startswith("skills stage: ") and "s when cached), final loss" in line for line in logs)
+    # The manifest's timings are this build's: loading the cached stages, their training time beside.
+    timings = json.loads((again / "manifest.json").read_text())["timings"]
+    first = json.loads((tiny_zoo / "manifest.json").read_text())["timings"]
+    for stage in ("base", "skills"):
+        assert timings[f"{stage}_when_cached_s"] > 0 and timings[f"{stage}_s"] < timings[f"{stage}_when_cached_s"]
+        assert f"{stage}_when_cached_s" not in first and first[f"{stage}_s"] > 0
     monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "fresh-cache"))
     logs = []
     fresh = build_zoo(cfg, tmp_path / "fresh", log=logs.append).parent

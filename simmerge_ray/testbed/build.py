@@ -6,7 +6,8 @@ Output (written to a temporary folder, renamed when complete):
     checkpoints/<name>/     HF folders (config, model.safetensors, tokenizer)
     data/<task>/probes.jsonl ({"text"}), data/<task>/eval.jsonl ({"prompt", "answer"})
     scores.parquet          model x task: loglik (the score) and accuracy
-    manifest.json           config, its digest, per-file digests, timings, training losses
+    manifest.json           config, its digest, per-file digests, training losses, timings (this
+                            build's; a cached stage's training time as <stage>_when_cached_s)
 """
 
 from __future__ import annotations
@@ -225,6 +226,17 @@ def _took(result: dict, cpu: bool = False) -> str:
     return f"in {result['seconds']:.0f}s" + (f" ({result['cpu_seconds']:.0f} CPU s)" if cpu else "")
 
 
+def _record_time(timings: dict[str, float], stage: str, result: dict, started: float) -> None:
+    """The manifest's `<stage>_s`: this build's training time, or, for a stage reused from the
+    pretrain cache, this build's time to load it, beside the training time the entry records
+    (`<stage>_when_cached_s`): a cached build's timings are its own, not a past one's."""
+    if result.get("cached"):
+        timings[f"{stage}_s"] = time.perf_counter() - started
+        timings[f"{stage}_when_cached_s"] = result["seconds"]
+    else:
+        timings[f"{stage}_s"] = result["seconds"]
+
+
 CPU_ACCELERATOR_NOTICE = "Setting accelerator to CPU."  # DeepSpeed's, where it finds no GPU
 
 
@@ -288,17 +300,19 @@ def build_zoo(cfg: ZooConfig, out: Path, *, overwrite: bool = False,
         check_stages_placeable(cfg, tok_json, str(source))
         cfg_json = cfg.model_dump_json()
         evals_ref = ray.put(evals)
+        t0 = time.perf_counter()
         base = _pretrained(cfg, tok_json, "base", lambda: _train_remote.options(num_cpus=cfg.base.threads).remote(
             cfg_json, tok_json, "base", None, evals_ref), log, str(source))
-        timings["base_s"] = base["seconds"]
+        _record_time(timings, "base", base, t0)
         log(f"base: {base['tokens']} tokens {_took(base, cpu=True)}, final loss {base['losses'][-1]:.3f}")
         results: dict[str, dict] = {}
         if cfg.skills is not None:
             results["pretrained"] = base
             start = ray.put(base["state"])
+            t0 = time.perf_counter()
             base = _pretrained(cfg, tok_json, "skills", lambda: _train_remote.options(num_cpus=cfg.skills.threads).remote(
                 cfg_json, tok_json, "skills", start, evals_ref), log, str(source))
-            timings["skills_s"] = base["seconds"]
+            _record_time(timings, "skills", base, t0)
             log(f"skills stage: {base['tokens']} tokens {_took(base)}, final loss {base['losses'][-1]:.3f}")
         _save_checkpoint(cfg, tok, base["state"], tmp / "checkpoints" / "base")
         starts = {"base": ray.put(base["state"])}
