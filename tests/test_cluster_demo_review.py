@@ -98,6 +98,8 @@ def test_the_report_carries_the_runs_cautions_and_explains_its_columns() -> None
     assert "**Caution:** only 12 labelled pairs (fewer than 50)" in small
     assert "No column for math: no held-out pair with that expert has a defined two-sided utility" in small
     assert "equal_share: the model soup" in small and "oracle_random_order its rule in a random order" in small
+    # A size with too few subsets for interval coverage had no row and no word.
+    assert "No interval coverage measured at 3way: fewer than 3 labelled subsets of that size" in small
     big = render_markdown(copy.deepcopy(_report(eval_examples=256, pairs=176)))
     assert "Caution" not in big
 
