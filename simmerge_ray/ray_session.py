@@ -75,7 +75,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
                     raise
                 from simmerge_ray.errors import ConfigError
 
-                raise ConfigError(f"{given}: not a Ray address ({e}); give the head's HOST:PORT, ray://HOST:PORT "
+                why = " ".join(str(e).split())  # Ray's advice on an http:// address spans lines
+                raise ConfigError(f"{given}: not a Ray address ({why}); give the head's HOST:PORT, ray://HOST:PORT "
                                   f"or auto") from None
             if not _verbose:
                 _drop_streamed_cpp_info_lines()

@@ -134,6 +134,22 @@ def test_a_bad_address_is_one_line_for_every_ray_command(tmp_path: Path, command
                      f"nonsense); give the head's HOST:PORT, ray://HOST:PORT or auto"], res.stderr
 
 
+
+def test_an_http_address_is_one_line_too(tmp_path: Path) -> None:
+    """RAY_ADDRESS=http://HEAD:8265 is what `ray job submit` users have set; Ray's advice on it
+    spans three lines, which the error carried as they were."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO), RAY_ADDRESS="http://127.0.0.1:8265")
+    code = "import sys; from simmerge_ray.cli import main; sys.exit(main(sys.argv[1:]))"
+    res = subprocess.run([sys.executable, "-c", code, *_argv("fit", tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ": warning: " not in ln]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("simmerge fit: error: RAY_ADDRESS=http://127.0.0.1:8265: not a Ray address ("), lines
+    assert "It looks like you set RAY_ADDRESS to an HTTP address" in lines[0] and "<head_node_ip>:6379" in lines[0]
+
+
 # ---- 3. the service's HTTP errors name no server path ---------------------------------------------
 
 def test_an_unknown_model_lists_the_known_ones_without_the_tables_path(tmp_path: Path) -> None:
