@@ -121,8 +121,10 @@ def _as_ray_reads_it(address: str) -> str:
 def wait_reachable(address: str, given: str) -> None:
     """Wait until a HOST:PORT Ray address accepts a TCP connection, retrying (the head, or its DNS
     name, may still be coming up) for SIMMERGE_RAY_CONNECT_TIMEOUT_S seconds (default 60); then
-    a ConfigError of one line naming `given` (the flag or variable and the address). Other forms
-    (auto, ray://HOST:PORT: Ray Client's own 30 s limit) are left to Ray."""
+    a ConfigError of one line naming `given` (the flag or variable and the address). A port that
+    answers as no gRPC server does (the dashboard's HTTP) is that one line at once: Ray would
+    retry it for minutes. Other forms (auto, ray://HOST:PORT: Ray Client's own 30 s limit) are
+    left to Ray."""
     from simmerge_ray.errors import ConfigError
 
     target = _as_ray_reads_it(address.strip())
@@ -135,8 +137,14 @@ def wait_reachable(address: str, given: str) -> None:
     deadline = time.monotonic() + limit
     while True:
         try:
-            with socket.create_connection((host, port), timeout=max(0.5, min(5.0, deadline - time.monotonic()))):
+            wait = max(0.5, min(5.0, deadline - time.monotonic()))
+            with socket.create_connection((host, port), timeout=wait) as sock:
+                reply = _not_grpc_reply(sock)
+            if reply is None:
                 return
+            raise ConfigError(f"{given}: {host}:{port} answers, but not as a Ray cluster's GCS (it replied "
+                              f"{reply!r}; the dashboard and `ray job submit` use port 8265); give the head's GCS "
+                              f"HOST:PORT (6379 by default)")
         except socket.gaierror:
             why = f"cannot resolve {host!r}"
         except ConnectionRefusedError:
@@ -149,6 +157,26 @@ def wait_reachable(address: str, given: str) -> None:
                               f"head's HOST:PORT (its GCS port, 6379 by default), start the cluster, or wait "
                               f"longer with {CONNECT_TIMEOUT_ENV}=SECONDS")
         time.sleep(min(1.0, left))
+
+
+# What an HTTP/2 client sends first (RFC 9113 3.4), then an empty SETTINGS frame. A gRPC server
+# (Ray's GCS) answers with a SETTINGS frame of its own: a 9-byte header whose type byte is 4.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _not_grpc_reply(sock: socket.socket, timeout_s: float = 3.0) -> str | None:
+    """The start of the reply of a server that is clearly no gRPC server (an HTTP/1 or other
+    text protocol: Ray would retry it for minutes), else None. Silence, a closed connection or a
+    TLS record (a cluster with TLS on) are not judged: Ray's own connection says what they are."""
+    try:
+        sock.settimeout(timeout_s)
+        sock.sendall(_H2_PREFACE)
+        data = sock.recv(64)
+    except OSError:
+        return None
+    if not data or data[0] in (0x15, 0x16) or (len(data) >= 4 and data[3] == 4):
+        return None
+    return data[:40].decode("latin-1").split("\n")[0].strip() or repr(data[:16])
 
 
 # A C++ log line at INFO: "[2026-11-30 08:44:05,770 I 15261 15261] logging.cc:303: ..."

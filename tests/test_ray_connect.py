@@ -105,3 +105,36 @@ def test_a_running_cluster_is_joined_by_its_address(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", head], env=_env(), capture_output=True, text=True, timeout=200,
                          cwd=tmp_path)
     assert res.returncode == 0 and "joined 7" in res.stdout, res.stdout + res.stderr
+
+
+def test_a_port_that_answers_as_a_web_server_is_one_line_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RAY_ADDRESS=HEAD:8265 (the dashboard's port, without http://) reached a server that is no
+    GCS: Ray retried it for minutes, printing C++ warnings. Its first reply says what it is."""
+    from http.server import HTTPServer, SimpleHTTPRequestHandler
+
+    monkeypatch.setenv(CONNECT_TIMEOUT_ENV, "60")
+    server = HTTPServer(("", 0), SimpleHTTPRequestHandler)  # Ray reads 127.0.0.1 as this node's IP
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    try:
+        t = time.perf_counter()
+        with pytest.raises(ConfigError) as e:
+            wait_reachable(f"127.0.0.1:{port}", f"RAY_ADDRESS=127.0.0.1:{port}")
+        assert time.perf_counter() - t < 15
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert str(e.value).startswith(f"RAY_ADDRESS=127.0.0.1:{port}: "), e.value
+    assert f":{port} answers, but not as a Ray cluster's GCS (it replied '" in str(e.value), e.value
+    assert str(e.value).endswith("the dashboard and `ray job submit` use port 8265); give the head's GCS HOST:PORT "
+                                 "(6379 by default)")
+
+
+def test_the_sessions_gcs_passes_the_check(ray_cluster) -> None:
+    """A real GCS answers the probe as a gRPC server does: it is joined, not refused."""
+    import ray
+
+    t = time.perf_counter()
+    wait_reachable(ray.get_runtime_context().gcs_address, "--address x")
+    assert time.perf_counter() - t < 5
