@@ -131,10 +131,10 @@ def test_a_worker_group_larger_than_the_cluster_fails_at_once(ray_cluster, tmp_p
     feat.write_parquet(feats)
     lab.write_parquet(labels)
     t = time.perf_counter()
-    argv = ["fit", "--features", str(feats), "--labels", str(labels), "--tune-samples", "0", "--epochs", "5",
-            "--calibration-folds", "0"]
-    assert cli_status([*argv, "--out", str(tmp_path / "sel8"), "--workers", "8"]) == 2
+    argv = ["fit", "--features", str(feats), "--labels", str(labels), "--epochs", "5", "--calibration-folds", "0"]
+    # refused before the search (64 trials would take minutes), not after it
+    assert cli_status([*argv, "--out", str(tmp_path / "sel8"), "--workers", "8", "--tune-samples", "64"]) == 2
     assert time.perf_counter() - t < 30
     assert not (tmp_path / "sel8").exists()
-    assert cli_status([*argv, "--out", str(tmp_path / "sel2"), "--workers", "2"]) == 0
+    assert cli_status([*argv, "--out", str(tmp_path / "sel2"), "--workers", "2", "--tune-samples", "0"]) == 0
     assert (tmp_path / "sel2").is_dir()

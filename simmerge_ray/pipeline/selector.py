@@ -147,7 +147,7 @@ def fit_many(settings: list[SelectorSettings], *, workers: int = 1,
     all (a run's worker group takes longer to start than a small selector takes to train)."""
     from simmerge_ray.selector.data import load_pair_data
     from simmerge_ray.selector.evaluate import fixed_fit
-    from simmerge_ray.selector.ray_fit import train_with_ray
+    from simmerge_ray.selector.ray_fit import check_train_workers, train_with_ray
     from simmerge_ray.selector.uncertainty import add_uncertainty
 
     inputs = []
@@ -159,6 +159,7 @@ def fit_many(settings: list[SelectorSettings], *, workers: int = 1,
         inputs.append((data, check_output(s.out, overwrite=s.overwrite, inputs=[s.features, s.labels])))
         warn_few_pairs("fit", len(data), s.labels)
     init_ray(settings[0].address)
+    check_train_workers(workers)  # before the search, not after it
     with ray_work_dir() as work:
         chosen = [choose_config(data, s, work) for s, (data, _) in zip(settings, inputs)]
         sels = train_with_ray([(data, cfg) for (data, _), (cfg, _) in zip(inputs, chosen)], num_workers=workers,

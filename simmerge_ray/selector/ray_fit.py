@@ -126,6 +126,13 @@ def _train_loop(config: dict) -> None:
         ray.train.report(metrics)
 
 
+def check_train_workers(num_workers: int) -> None:
+    """A worker group the connected cluster can never hold at once is one line (Ray Train would
+    wait for it in silence); callers check it before a search whose result it would train."""
+    placement.check_gang_placeable(f"--workers {num_workers}: the Ray Train worker group", resources.streaming_ask(),
+                                   num_workers)
+
+
 def train_with_ray(jobs: list[tuple[PairData, SelectorConfig]], *, num_workers: int = 1,
                    storage: str | Path | None = None) -> list[Selector]:
     """Fit one selector per (data, config) on all of its data, in one Ray Train TorchTrainer run
@@ -133,8 +140,7 @@ def train_with_ray(jobs: list[tuple[PairData, SelectorConfig]], *, num_workers: 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    placement.check_gang_placeable(f"--workers {num_workers}: the Ray Train worker group", resources.streaming_ask(),
-                                   num_workers)
+    check_train_workers(num_workers)
     storage = Path(storage or tempfile.mkdtemp(prefix="simmerge-train-")).resolve()
     trainer = TorchTrainer(
         _train_loop,
