@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class ActorPool(Generic[T]):
-    """`size` actors of `actor_cls`, each built with `args`, asking `ask` (plus custom `resources`).
+    """`size` actors of `actor_cls`, each built with `args`, asking `ask` (plus custom `resources`);
+    a size the cluster can never hold at once is refused in one line naming `size_from` (the flag
+    or variable that set it).
 
     With `max_retries` > 0 a lost actor is restarted and its calls retried, so a worker or node
     lost mid-run costs only the calls it held (the methods must be safe to repeat). Ray retries
@@ -34,8 +36,13 @@ class ActorPool(Generic[T]):
     `ActorUnavailableError` ("may or may not have been executed"), and the pool resubmits it."""
 
     def __init__(self, actor_cls: type, size: int, ask: ResourceAsk, *, what: str, args: Sequence[Any] = (),
-                 resources: Mapping[str, float] | None = None, max_retries: int = 0) -> None:
-        placement.check_placeable(what, ask, dict(resources) if resources else None)
+                 resources: Mapping[str, float] | None = None, max_retries: int = 0, size_from: str = "") -> None:
+        extra = dict(resources) if resources else None
+        placement.check_placeable(what, ask, extra)
+        # Every actor is handed work at once (and callers wait for all to start): a pool larger
+        # than the cluster can ever hold would wait forever for its last actors.
+        placement.check_gang_placeable(f"the {what} pool" + (f" ({size_from})" if size_from else ""),
+                                       ask, max(1, size), extra)
         options: dict[str, Any] = {**ask.ray_options(), "max_restarts": max_retries, "max_task_retries": max_retries}
         if resources:
             options["resources"] = dict(resources)

@@ -170,10 +170,22 @@ def gang_capacity(bundle: Mapping[str, float], types: list[NodeType]) -> int:
                for t in types if t.max_count > 0)
 
 
-def check_gang_placeable(what: str, ask: ResourceAsk, count: int) -> None:
+def most_at_once(ask: ResourceAsk, extra: Mapping[str, float] | None = None) -> int | None:
+    """How many copies of the ask the connected cluster can ever hold at once; None when that is
+    not known (Ray not initialised, or an autoscaler that may add node types not declared)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    types, complete = cluster_node_types()
+    return gang_capacity(ask_bundle(ask, extra), types) if complete else None
+
+
+def check_gang_placeable(what: str, ask: ResourceAsk, count: int, extra: Mapping[str, float] | None = None) -> None:
     """Raise UnsatisfiableAsk when the connected cluster can never hold `count` copies of the ask at
-    once (a Ray Train worker group starts whole or not at all; Ray would wait for it forever).
-    Nodes that exist now count whole, busy or not: only "never" is refused, not "not yet"."""
+    once (a Ray Train worker group starts whole or not at all, and so does an actor pool that
+    hands every actor work; Ray would wait for them forever). Nodes that exist now count whole,
+    busy or not: only "never" is refused, not "not yet"."""
     import ray
 
     if not ray.is_initialized():
@@ -181,7 +193,7 @@ def check_gang_placeable(what: str, ask: ResourceAsk, count: int) -> None:
     types, complete = cluster_node_types()
     if not complete:
         return
-    bundle = ask_bundle(ask)
+    bundle = ask_bundle(ask, extra)
     reason = unsatisfiable_reason(what, bundle, types)
     if reason:
         raise UnsatisfiableAsk(reason)

@@ -259,6 +259,10 @@ def main(work: Path) -> int:
         # the structural pass asks for a third actor, which no node can host until the
         # replacement joins, so the pass (and its actor on node 2) waits; the merge starts; node
         # 2 is killed while it merges a unit.
+        # The replacement's node type, declared as a RayJob declares its worker groups: this
+        # cluster has no autoscaler, so its node types are the nodes alive, and a pool larger than
+        # they can hold at once is refused as one that would wait forever.
+        os.environ["SIMMERGE_NODE_TYPES"] = json.dumps({"replacement": {"CPU": 2, "merge_slot": 1, "gram_slot": 2}})
         t = time.perf_counter()
         seen_lost: dict[str, set[str]] = {}
         pids_lost: dict[str, set[int]] = {}

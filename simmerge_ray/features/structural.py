@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from simmerge_ray import resources
+from simmerge_ray import placement, resources
 from simmerge_ray.actor_pool import ActorPool
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import CheckpointError, ConfigError
@@ -203,16 +203,19 @@ def _run_pass(rows: Rows, plan: ReadPlan, keys: Sequence[str], cache: GramCache,
         return blocks
     ask = resources.streaming_ask()
     if opts.workers:
-        n_workers = opts.workers
+        n_workers, size_from = opts.workers, f"--workers {opts.workers}"
     else:
         free = ray.available_resources().get("CPU", 1.0) if ray.is_initialized() else os.cpu_count() or 1
-        n_workers = resources.max_actors(max(1, int(free // max(ask.num_cpus, 1e-9))))
+        most = placement.most_at_once(ask, opts.resources)  # a memory ask can hold fewer than the free CPUs
+        n_workers = resources.max_actors(max(1, min(int(free // max(ask.num_cpus, 1e-9)), most or 1 << 30)))
+        size_from = resources.ENV_VARS["max_actors"]
     n_workers = max(1, min(n_workers, len(todo)))
     ref_pos = plan.read_rows.index(rows.ref)
     col_pos = [plan.read_rows.index(c) for c in plan.cols]
     paths = [str(rows.ckpts[r].path) for r in plan.read_rows]
     gram_kernel.load()  # built once here, not by every actor of this node at once
     with ActorPool(GramWorker, n_workers, ask, what="structural actor", resources=opts.resources,
+                   size_from=size_from,
                    max_retries=opts.max_retries,
                    args=(paths, ref_pos, col_pos, rows.has_base, opts.chunk_elems, opts.precision,
                          ask.num_cpus, {t: rows.numel(t) for t in rows.vocab_rows})) as pool:

@@ -140,11 +140,17 @@ def run_jobs(work: list[ModelWork], settings: ProbeSettings, options: RunOptions
     model and job. `progress(model, tokens)` is called per finished batch."""
     import ray
 
+    from simmerge_ray import placement
+    from simmerge_ray.resources import ResourceAsk
+
     pending = [(m, j, p) for m, w in enumerate(work) for j, job in enumerate(w.jobs)
                for p in sorted(set(range(job.probes.num_probes)) - job.cache.done_ids())]
     if not pending:
         return [[RunReport(0, 0, 0.0) for _ in w.jobs] for w in work]
     # By model, then longest first, so each batch holds similar lengths (little padding).
+    # Ray Data would only warn that the pool "may hang forever", and wait for it.
+    placement.check_placeable("a probe actor (SIMMERGE_CPUS/GPUS/MEMORY_PER_INFERENCE_ACTOR)",
+                              ResourceAsk(options.cpus_per_actor, options.gpus_per_actor, options.memory_per_actor))
     pending.sort(key=lambda r: (r[0], -len(work[r[0]].jobs[r[1]].probes.ids[r[2]])))
     # from_blocks keeps the blocks as cut and takes their metadata here; from_arrow would run a
     # remote task for it, which on a fresh cluster waits for a worker process (1.3-1.8 s here).

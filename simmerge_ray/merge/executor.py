@@ -51,6 +51,7 @@ class ExecOptions:
     # on the Ray cluster this process is connected to, restarted and retried when lost.
     placement: str = "local"
     workers: int | None = None  # None: local, this process's CPUs; Ray, 2
+    workers_from: str = "--workers, or SIMMERGE_MAX_ACTORS"  # what set `workers`, named when Ray cannot hold them
     cpus_per_worker: float = 1.0  # Ray: the actor's CPU ask; both: torch threads per worker
     memory_per_worker: int | None = None  # bytes, a Ray scheduling hint
     shard_bytes: int = 512 * 1024**2
@@ -212,7 +213,7 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
                                   threads_per_worker=int(max(1, opts.cpus_per_worker)), **common)
             else:
                 stats = run_on_ray(spec, plan.tasks, plan.units, partial, workers=opts.n_workers,
-                                   cpus_per_worker=opts.cpus_per_worker, memory_per_worker=opts.memory_per_worker,
+                                   workers_from=opts.workers_from, cpus_per_worker=opts.cpus_per_worker, memory_per_worker=opts.memory_per_worker,
                                    resources=opts.resources, max_retries=opts.max_retries, **common)
         finally:
             progress.close()

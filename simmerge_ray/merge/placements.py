@@ -63,7 +63,7 @@ def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUni
 
 
 def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUnit], partial: dict[str, Path],
-               *, workers: int, cpus_per_worker: float, memory_per_worker: int | None,
+               *, workers: int, workers_from: str, cpus_per_worker: float, memory_per_worker: int | None,
                resources: dict[str, float] | None, max_retries: int, stream_bytes: int, chunk_elems: int,
                allow_nonfinite: bool, progress: Progress, worker_cls: type[UnitMerger] = UnitMerger) -> list[dict]:
     """Units over a pool of restartable actors; a lost worker's unit is retried. Results in unit order."""
@@ -75,7 +75,7 @@ def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUn
     ask = ResourceAsk(cpus_per_worker, 0.0, memory_per_worker)
     tasks_ref = ray.put(tasks)
     results: list[dict] = [{}] * len(units)
-    with ActorPool(worker_cls, min(workers, len(units)), ask, what="merge worker", resources=resources,
+    with ActorPool(worker_cls, min(workers, len(units)), ask, what="merge worker", resources=resources, size_from=workers_from,
                    max_retries=max_retries, args=(spec, tasks_ref, stream_bytes, chunk_elems,
                                                   int(max(1, cpus_per_worker)))) as pool:
         # Units are cut for `workers` workers: start them all before handing any out, so each

@@ -364,7 +364,8 @@ def _execute_top(rows: list[dict], s: BatchSettings) -> int:
         target = out / "merged" / f"{r['request_id']}-{r['key'][:12]}"
         if not target.exists():
             plan = Plan.load(out / r["plan_dir"] / "plan.json")
-            execute_plan(plan, catalog, target, ExecOptions(placement="ray", workers=s.merge_workers),
+            opts = ExecOptions(placement="ray", workers=s.merge_workers, workers_from="--merge-workers")
+            execute_plan(plan, catalog, target, opts,
                          plan_file=out / r["plan_dir"] / "plan.json")
         r["merged"] = str(target.relative_to(out))
     return min(s.execute_top, len(ok))
