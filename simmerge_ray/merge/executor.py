@@ -213,7 +213,8 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
                                   threads_per_worker=int(max(1, opts.cpus_per_worker)), **common)
             else:
                 stats = run_on_ray(spec, plan.tasks, plan.units, partial, workers=opts.n_workers,
-                                   workers_from=opts.workers_from, cpus_per_worker=opts.cpus_per_worker, memory_per_worker=opts.memory_per_worker,
+                                   workers_from=opts.workers_from, cpus_per_worker=opts.cpus_per_worker,
+                                   memory_per_worker=opts.memory_per_worker,
                                    resources=opts.resources, max_retries=opts.max_retries, **common)
         finally:
             progress.close()

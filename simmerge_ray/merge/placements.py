@@ -75,8 +75,8 @@ def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUn
     ask = ResourceAsk(cpus_per_worker, 0.0, memory_per_worker)
     tasks_ref = ray.put(tasks)
     results: list[dict] = [{}] * len(units)
-    with ActorPool(worker_cls, min(workers, len(units)), ask, what="merge worker", resources=resources, size_from=workers_from,
-                   max_retries=max_retries, args=(spec, tasks_ref, stream_bytes, chunk_elems,
+    with ActorPool(worker_cls, min(workers, len(units)), ask, what="merge worker", resources=resources,
+                   size_from=workers_from, max_retries=max_retries, args=(spec, tasks_ref, stream_bytes, chunk_elems,
                                                   int(max(1, cpus_per_worker)))) as pool:
         # Units are cut for `workers` workers: start them all before handing any out, so each
         # shares the work from the first unit; two calls in flight per actor keep the next unit
