@@ -353,6 +353,7 @@ def _read_bytes(path: Path) -> bytes | None:
 def _execute_top(rows: list[dict], s: BatchSettings) -> int:
     """Merge the K plans of highest predicted score (a merge already there is kept: its folder
     name carries the request's key, so it was made from this very plan)."""
+    from simmerge_ray import resources
     from simmerge_ray.merge.executor import ExecOptions
     from simmerge_ray.planner.execute import execute_plan
     from simmerge_ray.planner.plan import Plan
@@ -360,11 +361,13 @@ def _execute_top(rows: list[dict], s: BatchSettings) -> int:
     catalog = Catalog.load(s.catalog)
     out = Path(s.out)
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (-r["score"], r["request_id"]))
+    ask = resources.streaming_ask()  # as `merge`'s workers ask (SIMMERGE_CPUS/MEMORY_PER_ACTOR); it asked 1 CPU
+    opts = ExecOptions(placement="ray", workers=s.merge_workers, workers_from="--merge-workers",
+                       cpus_per_worker=ask.num_cpus, memory_per_worker=ask.memory)
     for r in ok[: s.execute_top]:
         target = out / "merged" / f"{r['request_id']}-{r['key'][:12]}"
         if not target.exists():
             plan = Plan.load(out / r["plan_dir"] / "plan.json")
-            opts = ExecOptions(placement="ray", workers=s.merge_workers, workers_from="--merge-workers")
             execute_plan(plan, catalog, target, opts,
                          plan_file=out / r["plan_dir"] / "plan.json")
         r["merged"] = str(target.relative_to(out))
