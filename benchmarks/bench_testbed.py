@@ -57,7 +57,9 @@ def main() -> int:
     pl.Config.set_tbl_cols(20)
     pl.Config.set_float_precision(4)
     print(scores)
-    print(f"build: {build_s:.0f}s wall (base {manifest['timings']['base_s']:.0f}s, experts "
+    t = manifest["timings"]
+    base = f"{t['base_s']:.0f}s" + (f", trained in {t['base_when_cached_s']:.0f}s when cached" if "base_when_cached_s" in t else "")
+    print(f"build: {build_s:.0f}s wall (base {base}, experts "
           f"{manifest['timings']['experts_wall_s']:.0f}s; training CPU total {cpu:.0f}s)")
     print(f"labels: {label_s:.0f}s wall, {report.computed} plans measured, {report.cached} cached; "
           f"2-way {summary['labels_2way']} (+{summary['dropped_2way_small_gap']} dropped), "

@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 
 
 class ActorPool(Generic[T]):
-    """`size` actors of `actor_cls`, each built with `args`, asking `ask` (plus custom `resources`);
-    a size the cluster can never hold at once is refused in one line naming `size_from` (the flag
-    or variable that set it).
+    """`size` actors of `actor_cls`, each built with `args`, asking `ask` (plus custom `resources`).
+    Every actor is handed work at once (and callers wait for all to start), so a pool larger than
+    the cluster can ever hold would wait forever for its last actors: a size a user set is refused
+    in one line naming `size_from` (the flag or variable that set it); a default size (`size_from`
+    None) is cut to what the cluster holds.
 
     With `max_retries` > 0 a lost actor is restarted and its calls retried, so a worker or node
     lost mid-run costs only the calls it held (the methods must be safe to repeat). Ray retries
@@ -36,18 +38,22 @@ class ActorPool(Generic[T]):
     `ActorUnavailableError` ("may or may not have been executed"), and the pool resubmits it."""
 
     def __init__(self, actor_cls: type, size: int, ask: ResourceAsk, *, what: str, args: Sequence[Any] = (),
-                 resources: Mapping[str, float] | None = None, max_retries: int = 0, size_from: str = "") -> None:
+                 resources: Mapping[str, float] | None = None, max_retries: int = 0,
+                 size_from: str | None = None) -> None:
         extra = dict(resources) if resources else None
         placement.check_placeable(what, ask, extra)
-        # Every actor is handed work at once (and callers wait for all to start): a pool larger
-        # than the cluster can ever hold would wait forever for its last actors.
-        placement.check_gang_placeable(f"the {what} pool" + (f" ({size_from})" if size_from else ""),
-                                       ask, max(1, size), extra)
+        size = max(1, size)
+        if size_from is not None:
+            placement.check_gang_placeable(f"the {what} pool ({size_from})", ask, size, extra)
+        elif (most := placement.most_at_once(ask, extra)) is not None and most < size:
+            log.info("%s pool: cut from %d actors (a default) to %d, the most this cluster holds at once",
+                     what, size, most)
+            size = max(1, most)
         options: dict[str, Any] = {**ask.ray_options(), "max_restarts": max_retries, "max_task_retries": max_retries}
         if resources:
             options["resources"] = dict(resources)
         remote_cls = ray.remote(actor_cls).options(**options)
-        self.actors = [remote_cls.remote(*args) for _ in range(max(1, size))]
+        self.actors = [remote_cls.remote(*args) for _ in range(size)]
         self.max_retries = max_retries
 
     def wait_ready(self) -> None:

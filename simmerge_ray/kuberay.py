@@ -153,6 +153,9 @@ class Capacity:
         return self.max_replicas > 0 and ask.num_cpus <= self.cpus and ask.num_gpus <= self.gpus and memory_ok
 
 
+CRD_MAX_REPLICAS = 2**31 - 1  # a worker group's maxReplicas when it sets none (the RayCluster CRD's default)
+
+
 def group_capacity(group: dict) -> Capacity:
     """Ray's view of a group's node: group `resources` > rayStartParams > the container's limits."""
     override = group.get("resources", {})
@@ -174,7 +177,7 @@ def group_capacity(group: dict) -> Capacity:
             limits["memory"], what=f"group {name!r}: container memory limit"))
     else:
         memory = None
-    return Capacity(name, parse_cpu(cpus), float(gpus), memory, int(group.get("maxReplicas", 1)))
+    return Capacity(name, parse_cpu(cpus), float(gpus), memory, int(group.get("maxReplicas", CRD_MAX_REPLICAS)))
 
 
 def gpu_mismatch(group: dict) -> str | None:

@@ -7,7 +7,8 @@ module answers it from the node types the cluster can have:
 - the nodes alive now (`ray.nodes()`), the head included;
 - the node types an autoscaler reported to the GCS (`ClusterConfig`, written by autoscalers
   that report it; Ray's own v1 autoscaler and KubeRay's do not);
-- the node types declared in SIMMERGE_NODE_TYPES: inline JSON `{"type": {"CPU": 8, ...}}`, or
+- the node types declared in SIMMERGE_NODE_TYPES: inline JSON `{"type": {"CPU": 8, ...,
+  "max_count": 4}}` (max_count: how many such nodes at most; unbounded when left out), or
   the path of a Ray autoscaler config (its `available_node_types`) or of a KubeRay
   RayCluster/RayJob/RayService manifest (its worker groups). cluster/render.py sets it in every
   manifest's runtime env from the same worker groups it renders.
@@ -29,6 +30,10 @@ from simmerge_ray.resources import ResourceAsk
 
 NODE_TYPES_ENV = "SIMMERGE_NODE_TYPES"
 AUTOSCALER_STATUS_KEY = "__autoscaling_status"  # ray_constants.DEBUG_AUTOSCALING_STATUS (v1 monitor)
+
+
+UNBOUNDED = 1 << 30  # a declared node type without max_count: as many as the autoscaler likes
+RAY_DEFAULT_MAX_WORKERS = 2  # a Ray autoscaler config's max_workers when it sets none
 
 
 class UnsatisfiableAsk(ConfigError):
@@ -67,7 +72,7 @@ def reported_node_types() -> list[NodeType]:
     if config is None:
         return []
     return [NodeType(g.name or f"group {i}", {k: float(v) for k, v in g.resources.items()},
-                     g.max_count if g.max_count >= 0 else 1 << 30)
+                     g.max_count if g.max_count >= 0 else UNBOUNDED)
             for i, g in enumerate(config.node_group_configs)]
 
 
@@ -99,7 +104,7 @@ def declared_node_types(env: Mapping[str, str] | None = None) -> list[NodeType]:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{NODE_TYPES_ENV}: not JSON ({e})") from None
         return [NodeType(name, {k: float(v) for k, v in (spec.get("resources", spec)).items()
-                                if k != "max_count"}, int(spec.get("max_count", 1)))
+                                if k != "max_count"}, int(spec.get("max_count", UNBOUNDED)))
                 for name, spec in raw.items()]
     return node_types_from_file(Path(text))
 
@@ -118,7 +123,7 @@ def node_types_from_file(path: Path) -> list[NodeType]:
         raise ConfigError(f"{NODE_TYPES_ENV}={path}: not a mapping")
     if "available_node_types" in doc:
         return [NodeType(name, {k: float(v) for k, v in t.get("resources", {}).items()},
-                         int(t.get("max_workers", doc.get("max_workers", 1))))
+                         int(t.get("max_workers", doc.get("max_workers", RAY_DEFAULT_MAX_WORKERS))))
                 for name, t in doc["available_node_types"].items()]
     spec = doc.get("spec", {})
     cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
@@ -130,7 +135,7 @@ def node_types_from_file(path: Path) -> list[NodeType]:
         c = kuberay.group_capacity(group)
         res = {"CPU": c.cpus, "GPU": c.gpus, **({"memory": float(c.memory)} if c.memory else {}),
                **{k: float(v) for k, v in group.get("resources", {}).items() if k not in ("CPU", "GPU", "memory")}}
-        out.append(NodeType(c.group, res, c.max_replicas))
+        out.append(NodeType(c.group, res, c.max_replicas * int(group.get("numOfHosts", 1))))
     return out
 
 
@@ -163,35 +168,46 @@ def unsatisfiable_reason(what: str, bundle: Mapping[str, float], types: list[Nod
 
 
 def gang_capacity(bundle: Mapping[str, float], types: list[NodeType]) -> int:
-    """How many copies of `bundle` the node types can hold at once (each node packs whole copies)."""
+    """How many copies of `bundle` the node types can hold at once (each node packs whole copies,
+    counted as Ray does, in ten-thousandths). An upper bound: a node alive now that belongs to a
+    declared or reported type counts once as itself and again within its type's max_count, so
+    only a size beyond it is surely never placed."""
     if not bundle:
-        return 1 << 30
-    return sum(t.max_count * int(min(t.resources.get(k, 0.0) / v for k, v in bundle.items()))
-               for t in types if t.max_count > 0)
+        return UNBOUNDED
+    return min(UNBOUNDED, sum(t.max_count * min(_units(t.resources.get(k, 0.0)) // _units(v) for k, v in bundle.items())
+                              for t in types if t.max_count > 0))
 
 
-def most_at_once(ask: ResourceAsk, extra: Mapping[str, float] | None = None) -> int | None:
-    """How many copies of the ask the connected cluster can ever hold at once; None when that is
-    not known (Ray not initialised, or an autoscaler that may add node types not declared)."""
+def _units(amount: float) -> int:
+    return round(amount * 10_000)
+
+
+def _known_types() -> list[NodeType] | None:
+    """Every node type of the connected cluster, or None when that is not known: Ray not started
+    (a local Ray started later gets this machine's resources), or an autoscaler that declares none."""
     import ray
 
     if not ray.is_initialized():
         return None
     types, complete = cluster_node_types()
-    return gang_capacity(ask_bundle(ask, extra), types) if complete else None
+    return types if complete else None
+
+
+def most_at_once(ask: ResourceAsk, extra: Mapping[str, float] | None = None) -> int | None:
+    """How many copies of the ask the connected cluster can ever hold at once (gang_capacity's
+    upper bound); None when its node types are not known."""
+    types = _known_types()
+    return None if types is None else gang_capacity(ask_bundle(ask, extra), types)
 
 
 def check_gang_placeable(what: str, ask: ResourceAsk, count: int, extra: Mapping[str, float] | None = None) -> None:
     """Raise UnsatisfiableAsk when the connected cluster can never hold `count` copies of the ask at
     once (a Ray Train worker group starts whole or not at all, and so does an actor pool that
     hands every actor work; Ray would wait for them forever). Nodes that exist now count whole,
-    busy or not: only "never" is refused, not "not yet"."""
-    import ray
-
-    if not ray.is_initialized():
-        return
-    types, complete = cluster_node_types()
-    if not complete:
+    busy or not: only "never" is refused, not "not yet". Check one copy first (check_placeable)
+    where its message should name what sets the ask rather than the count."""
+    types = _known_types()
+    if types is None:
         return
     bundle = ask_bundle(ask, extra)
     reason = unsatisfiable_reason(what, bundle, types)
@@ -207,14 +223,8 @@ def check_gang_placeable(what: str, ask: ResourceAsk, count: int, extra: Mapping
 
 def check_placeable(what: str, ask: ResourceAsk, extra: Mapping[str, float] | None = None) -> None:
     """Raise UnsatisfiableAsk at once when no node type of the connected cluster can host the ask
-    (no check before Ray is initialised: a local Ray started later gets this machine's resources)."""
-    import ray
-
-    if not ray.is_initialized():
-        return
-    types, complete = cluster_node_types()
-    if not complete:
-        return
-    reason = unsatisfiable_reason(what, ask_bundle(ask, extra), types)
+    (no check while its node types are not known: _known_types)."""
+    types = _known_types()
+    reason = None if types is None else unsatisfiable_reason(what, ask_bundle(ask, extra), types)
     if reason:
         raise UnsatisfiableAsk(reason)

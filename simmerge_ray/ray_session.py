@@ -174,7 +174,7 @@ def _not_grpc_reply(sock: socket.socket, timeout_s: float = 3.0) -> str | None:
         data = sock.recv(64)
     except OSError:
         return None
-    if not data or data[0] in (0x15, 0x16) or (len(data) >= 4 and data[3] == 4):
+    if len(data) < 4 or data[0] in (0x15, 0x16) or data[3] == 4:  # too short to judge, TLS, a SETTINGS frame
         return None
     return data[:40].decode("latin-1").split("\n")[0].strip() or repr(data[:16])
 

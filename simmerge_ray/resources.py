@@ -209,3 +209,10 @@ def inference_ask() -> ResourceAsk:
 def max_actors(default: int) -> int:
     """The pool size to use: SIMMERGE_MAX_ACTORS when set, else the stage's own default."""
     return StageResources.from_env().max_actors or default
+
+
+def max_actors_from() -> str | None:
+    """What set the pool size when SIMMERGE_MAX_ACTORS did (for a pool too large to place), else
+    None: the stage's default, which a pool cuts to what the cluster holds."""
+    n = StageResources.from_env().max_actors
+    return None if n is None else f"{ENV_VARS['max_actors']}={n}"

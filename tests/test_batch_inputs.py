@@ -89,6 +89,16 @@ def test_plan_batch_refuses_bad_input_before_ray_starts(tmp_path: Path, capsys, 
     assert tree_hash(tmp_path) == before
 
 
+def test_a_results_cache_in_an_input_is_named_as_the_cache(tmp_path: Path, capsys, no_ray) -> None:
+    """--cache inside the features folder: the refusal called the cache "the output"."""
+    inputs = _batch_inputs(tmp_path)
+    before = tree_hash(tmp_path)
+    cache = inputs["features"] / "cache"
+    assert cli_status([*_batch_argv(inputs, tmp_path / "out"), "--cache", str(cache)]) == 2
+    one_line_error(capsys, f"{cache}: the results cache lies inside the input {inputs['features']}")
+    assert tree_hash(tmp_path) == before
+
+
 @pytest.mark.parametrize("out", ["run", "selector-parent"])
 def test_transfer_refuses_the_source_run_folder_as_out(tmp_path: Path, capsys, no_ray, out: str) -> None:
     """--out runs/demo with --selector runs/demo/selector ran the pipeline in the source run: a

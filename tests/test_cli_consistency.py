@@ -134,7 +134,6 @@ def test_a_bad_address_is_one_line_for_every_ray_command(tmp_path: Path, command
                      f"nonsense); give the head's HOST:PORT, ray://HOST:PORT or auto"], res.stderr
 
 
-
 def test_an_http_address_is_one_line_too(tmp_path: Path) -> None:
     """RAY_ADDRESS=http://HEAD:8265 is what `ray job submit` users have set; Ray's advice on it
     spans three lines, which the error carried as they were."""

@@ -7,6 +7,8 @@ count that a memory ask makes too large is cut to what fits instead."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from pathlib import Path
 
@@ -73,19 +75,25 @@ def test_structural_workers_beyond_the_cluster_fail_at_once(ray_cluster, zoo: Pa
              "the structural actor pool (--workers 8): 8 workers of CPU=1 each must run at once, but this cluster "
              "holds at most 4", "ask for at most 4")
     monkeypatch.setenv("SIMMERGE_MAX_ACTORS", "6")
-    _refused([*argv, "--out", str(tmp_path / "env6")], capsys, "(SIMMERGE_MAX_ACTORS): 6 workers", "at most 4")
+    _refused([*argv, "--out", str(tmp_path / "env6")], capsys, "(SIMMERGE_MAX_ACTORS=6): 6 workers", "at most 4")
     assert not (tmp_path / "w8").exists() and not (tmp_path / "env6").exists()
 
 
 def test_a_memory_ask_cuts_the_default_structural_pool_to_what_fits(ray_cluster, zoo: Path, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     """One actor per free CPU was the default whatever the memory ask: with a memory ask only one
-    actor fits, the other three waited forever (and so did the command)."""
+    actor fits, the other three waited forever (and so did the command). A default is cut, not
+    refused."""
     memory = int(ray_cluster.cluster_resources()["memory"] * 0.6)
     monkeypatch.setenv("SIMMERGE_MEMORY_PER_ACTOR", str(memory))
+    caplog.set_level(logging.INFO, logger="simmerge_ray.actor_pool")
     argv = ["features", "structural", "--catalog", str(zoo / "structural.yaml"), "--no-cache"]
     assert cli_status([*argv, "--out", str(tmp_path / "f")]) == 0
     assert (tmp_path / "f" / "structural.parquet").is_file()
+    cut = [r.getMessage() for r in caplog.records if r.name == "simmerge_ray.actor_pool"]
+    assert len(cut) == 1 and re.fullmatch(r"structural actor pool: cut from [2-4] actors \(a default\) to 1, the "
+                                          r"most this cluster holds at once", cut[0]), cut
 
 
 def test_a_merge_pool_beyond_the_cluster_fails_at_once(ray_cluster, tmp_path: Path) -> None:
@@ -99,7 +107,8 @@ def test_a_merge_pool_beyond_the_cluster_fails_at_once(ray_cluster, tmp_path: Pa
                                                r"each must run at once, but this cluster holds at most 4 "):
         run_merge(MergeSpec.load(cfg), tmp_path / "out", opts)
     assert not (tmp_path / "out").exists()
-    assert run_merge(MergeSpec.load(cfg), tmp_path / "ok", ExecOptions(placement="ray", workers=3, unit_elems=700)).units > 3
+    # The same 8 as a default (no flag set them) is cut to the 4 the cluster holds, and merges.
+    assert run_merge(MergeSpec.load(cfg), tmp_path / "ok", ExecOptions(placement="ray", workers=8, unit_elems=700)).units > 4
 
 
 def test_label_workers_beyond_the_cluster_fail_at_once(ray_cluster, zoo: Path, tmp_path: Path, capsys) -> None:
@@ -113,4 +122,5 @@ def test_a_gpu_probe_actor_on_a_cluster_without_gpus_fails_at_once(ray_cluster, 
                                                                    monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setenv("SIMMERGE_GPUS_PER_INFERENCE_ACTOR", "1")
     _refused(["probe", "--catalog", str(zoo / "lm.yaml"), "--out", str(tmp_path / "p")], capsys,
-             "a probe actor (SIMMERGE_CPUS/GPUS/MEMORY_PER_INFERENCE_ACTOR) asks for GPU=1", "(the most: 0;")
+             "a probe actor (SIMMERGE_CPUS_PER_INFERENCE_ACTOR, SIMMERGE_GPUS_PER_INFERENCE_ACTOR, "
+             "SIMMERGE_MEMORY_PER_INFERENCE_ACTOR) asks for GPU=1", "(the most: 0;")

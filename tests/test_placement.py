@@ -138,3 +138,29 @@ def test_a_worker_group_larger_than_the_cluster_fails_at_once(ray_cluster, tmp_p
     assert not (tmp_path / "sel8").exists()
     assert cli_status([*argv, "--out", str(tmp_path / "sel2"), "--workers", "2", "--tune-samples", "0"]) == 0
     assert (tmp_path / "sel2").is_dir()
+
+
+def test_max_counts_left_out_take_the_defaults_of_their_source(tmp_path: Path) -> None:
+    """A node type without a count was taken as at most one node, which the group checks then
+    refused on autoscaling clusters that could add many: inline JSON leaves it unbounded, a Ray
+    autoscaler config takes its own max_workers else Ray's 2, a KubeRay group the CRD's default
+    maxReplicas, times numOfHosts."""
+    assert placement.declared_node_types({placement.NODE_TYPES_ENV: '{"gpu": {"GPU": 1, "CPU": 8}}'}) == [
+        NodeType("gpu", {"GPU": 1.0, "CPU": 8.0}, placement.UNBOUNDED)]
+    (tmp_path / "as.yaml").write_text(yaml.safe_dump({"available_node_types": {"w": {"resources": {"CPU": 1}}}}))
+    assert placement.node_types_from_file(tmp_path / "as.yaml") == [NodeType("w", {"CPU": 1.0}, 2)]
+    doc = yaml.safe_load((REPO / "cluster" / "raycluster.yaml").read_text())
+    group = doc["spec"]["workerGroupSpecs"][0]
+    del group["maxReplicas"]
+    group["numOfHosts"] = 2
+    (tmp_path / "rc.yaml").write_text(yaml.safe_dump(doc))
+    assert placement.node_types_from_file(tmp_path / "rc.yaml")[0].max_count == 2 * (2**31 - 1)
+    unbounded = [NodeType("gpu", {"GPU": 1.0, "CPU": 8.0}, placement.UNBOUNDED)]
+    assert placement.gang_capacity({"GPU": 1.0}, unbounded) == placement.UNBOUNDED
+
+
+def test_gang_capacity_counts_fractional_asks_as_ray_does() -> None:
+    """7 CPUs hold 100 asks of 0.07 (7 / 0.07 is 99.99... in floating point: one refused too many)."""
+    assert placement.gang_capacity({"CPU": 0.07}, [NodeType("n", {"CPU": 7.0})]) == 100
+    assert placement.gang_capacity({"CPU": 0.14}, [NodeType("n", {"CPU": 7.0})]) == 50
+    assert placement.gang_capacity({"CPU": 3.0}, [NodeType("n", {"CPU": 8.0})]) == 2

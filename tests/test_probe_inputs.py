@@ -68,6 +68,16 @@ def test_a_catalog_without_tasks_is_refused(zoo: Path, tmp_path: Path, capsys, c
     assert not (tmp_path / "out").exists()
 
 
+def test_a_probe_cache_inside_a_model_is_named_as_the_cache(zoo: Path, tmp_path: Path, capsys) -> None:
+    """The refusal called the cache "the output"."""
+    (tmp_path / "probes.txt").write_text((zoo / "probes.txt").read_text())
+    cat = _catalog(tmp_path, f"  - {{name: a, path: {zoo / 'a'}, task: t}}\n  - {{name: b, path: {zoo / 'b'}, task: t}}\n")
+    cache = zoo / "a" / "cache"
+    assert cli_main(["probe", "--catalog", str(cat), "--out", str(tmp_path / "out"), "--cache", str(cache)]) == 2
+    _one_line(capsys, f"{cache}: the probe cache lies inside the input {zoo / 'a'}")
+    assert not cache.exists() and not (tmp_path / "out").exists()
+
+
 def test_functional_features_of_one_model_are_refused(zoo: Path, tmp_path: Path, capsys) -> None:
     """No pair: it used to write a table of no rows, exit 0."""
     cat = _catalog(tmp_path, f"  - {{name: a, path: {zoo / 'a'}, task: t}}\n")

@@ -63,9 +63,9 @@ def test_tiny_zoo_rebuild_gives_identical_checkpoints(tiny_zoo, tmp_path, monkey
     # The manifest's timings are this build's: loading the cached stages, their training time beside.
     timings = json.loads((again / "manifest.json").read_text())["timings"]
     first = json.loads((tiny_zoo / "manifest.json").read_text())["timings"]
-    for stage in ("base", "skills"):
-        assert timings[f"{stage}_when_cached_s"] > 0 and timings[f"{stage}_s"] < timings[f"{stage}_when_cached_s"]
-        assert f"{stage}_when_cached_s" not in first and first[f"{stage}_s"] > 0
+    for stage in ("base", "skills"):  # the training time of whichever build of the session trained it
+        trained = first.get(f"{stage}_when_cached_s", first[f"{stage}_s"])
+        assert timings[f"{stage}_when_cached_s"] == trained > 0 and timings[f"{stage}_s"] > 0
     monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "fresh-cache"))
     logs = []
     fresh = build_zoo(cfg, tmp_path / "fresh", log=logs.append).parent

@@ -38,7 +38,8 @@ def _register_structural(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace this stage's files from an earlier run (no other file of --out)")
     p.add_argument("--workers", type=at_least_one, default=None,
-                   help="actors in the pool (default: SIMMERGE_MAX_ACTORS, else one per free CPU)")
+                   help="actors in the pool (default: SIMMERGE_MAX_ACTORS, else one per free CPU, as many as the "
+                        "cluster holds with the memory ask)")
     p.add_argument("--chunk-elems", type=at_least_one, default=1 << 20, help="values mapped per model per step")
     p.add_argument("--precision", choices=["float32", "float64"], default="float32",
                    help="Gram products in float32 (default; ~1e-7 relative error, 1.45x faster) or float64 "

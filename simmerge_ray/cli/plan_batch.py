@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rows-per-block", type=at_least_one, default=4, help="requests handed to an actor at a time")
     p.add_argument("--execute-top", type=at_least_zero, default=0, metavar="K",
                    help="merge the K plans with the highest predicted score (streaming engine)")
-    p.add_argument("--merge-workers", type=at_least_one, default=2, help="workers of each --execute-top merge")
+    p.add_argument("--merge-workers", type=at_least_one, default=None,
+                   help="workers of each --execute-top merge (default: 2, fewer where the cluster holds fewer)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=run)
 

@@ -58,7 +58,7 @@ STRUCTURAL_FILES = ("structural.parquet", "structural_layers.parquet", "gram.saf
 class StructuralOptions:
     """How the pass runs; only `precision` changes the features, and only in rounding."""
 
-    workers: int | None = None  # actors in the pool (default: SIMMERGE_MAX_ACTORS, else one per free CPU)
+    workers: int | None = None  # actors (default: SIMMERGE_MAX_ACTORS, else one per free CPU the asks fit)
     chunk_elems: int = 1 << 20  # values mapped per model per step (the kernel blocks it further)
     precision: str = "float32"  # products in float32 (~1e-7 relative) or float64 (exact for bf16)
     use_cache: bool = True
@@ -204,11 +204,10 @@ def _run_pass(rows: Rows, plan: ReadPlan, keys: Sequence[str], cache: GramCache,
     ask = resources.streaming_ask()
     if opts.workers:
         n_workers, size_from = opts.workers, f"--workers {opts.workers}"
-    else:
+    else:  # one per free CPU (the pool cuts it to what a memory ask lets the cluster hold)
         free = ray.available_resources().get("CPU", 1.0) if ray.is_initialized() else os.cpu_count() or 1
-        most = placement.most_at_once(ask, opts.resources)  # a memory ask can hold fewer than the free CPUs
-        n_workers = resources.max_actors(max(1, min(int(free // max(ask.num_cpus, 1e-9)), most or 1 << 30)))
-        size_from = resources.ENV_VARS["max_actors"]
+        n_workers = resources.max_actors(max(1, int(free // max(ask.num_cpus, 1e-9))))
+        size_from = resources.max_actors_from()
     n_workers = max(1, min(n_workers, len(todo)))
     ref_pos = plan.read_rows.index(rows.ref)
     col_pos = [plan.read_rows.index(c) for c in plan.cols]

@@ -141,16 +141,18 @@ def run_jobs(work: list[ModelWork], settings: ProbeSettings, options: RunOptions
     import ray
 
     from simmerge_ray import placement
-    from simmerge_ray.resources import ResourceAsk
+    from simmerge_ray.resources import ENV_VARS, ResourceAsk
 
     pending = [(m, j, p) for m, w in enumerate(work) for j, job in enumerate(w.jobs)
                for p in sorted(set(range(job.probes.num_probes)) - job.cache.done_ids())]
     if not pending:
         return [[RunReport(0, 0, 0.0) for _ in w.jobs] for w in work]
-    # By model, then longest first, so each batch holds similar lengths (little padding).
-    # Ray Data would only warn that the pool "may hang forever", and wait for it.
-    placement.check_placeable("a probe actor (SIMMERGE_CPUS/GPUS/MEMORY_PER_INFERENCE_ACTOR)",
+    # One that no node can hold: Ray Data would only warn that the pool "may hang forever", and wait.
+    set_by = ", ".join(ENV_VARS[k] for k in ("cpus_per_inference_actor", "gpus_per_inference_actor",
+                                            "memory_per_inference_actor"))
+    placement.check_placeable(f"a probe actor ({set_by})",
                               ResourceAsk(options.cpus_per_actor, options.gpus_per_actor, options.memory_per_actor))
+    # By model, then longest first, so each batch holds similar lengths (little padding).
     pending.sort(key=lambda r: (r[0], -len(work[r[0]].jobs[r[1]].probes.ids[r[2]])))
     # from_blocks keeps the blocks as cut and takes their metadata here; from_arrow would run a
     # remote task for it, which on a fresh cluster waits for a worker process (1.3-1.8 s here).

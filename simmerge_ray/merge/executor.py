@@ -51,7 +51,9 @@ class ExecOptions:
     # on the Ray cluster this process is connected to, restarted and retried when lost.
     placement: str = "local"
     workers: int | None = None  # None: local, this process's CPUs; Ray, 2
-    workers_from: str = "--workers, or SIMMERGE_MAX_ACTORS"  # what set `workers`, named when Ray cannot hold them
+    # What set `workers` (a flag or variable), named when Ray can never hold them; None: a default,
+    # cut to what the cluster holds.
+    workers_from: str | None = None
     cpus_per_worker: float = 1.0  # Ray: the actor's CPU ask; both: torch threads per worker
     memory_per_worker: int | None = None  # bytes, a Ray scheduling hint
     shard_bytes: int = 512 * 1024**2

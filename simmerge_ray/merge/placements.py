@@ -63,7 +63,7 @@ def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUni
 
 
 def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUnit], partial: dict[str, Path],
-               *, workers: int, workers_from: str, cpus_per_worker: float, memory_per_worker: int | None,
+               *, workers: int, workers_from: str | None, cpus_per_worker: float, memory_per_worker: int | None,
                resources: dict[str, float] | None, max_retries: int, stream_bytes: int, chunk_elems: int,
                allow_nonfinite: bool, progress: Progress, worker_cls: type[UnitMerger] = UnitMerger) -> list[dict]:
     """Units over a pool of restartable actors; a lost worker's unit is retried. Results in unit order."""

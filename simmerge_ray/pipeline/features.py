@@ -126,7 +126,7 @@ def run_probes(req: ProbeRequest, *, require_comparable: bool = False, outputs: 
     check_probe_catalog(catalog, req.tasks, pairs=require_comparable)
     out = Path(req.out)
     check_stage(out, (MANIFEST, *outputs), replace=True, inputs=catalog.paths)
-    check_not_input(req.cache_dir, catalog.paths)
+    check_not_input(req.cache_dir, catalog.paths, noun="the probe cache")
     if req.cache_dir.exists() and not req.cache_dir.is_dir():
         raise ConfigError(f"{req.cache_dir}: the probe cache must be a folder, and this is a file")
     check_creatable(req.cache_dir / "x")

@@ -163,6 +163,8 @@ def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> l
 
 
 def render_markdown(report: dict) -> str:
+    from simmerge_ray.planner.evaluate import MIN_COVERAGE_SUBSETS
+
     p = report["pairwise"]
     tasks = [t for t in p["utility"]["simmerge"] if t != "mean"] + ["mean"]
     tb = report["testbed"]
@@ -224,9 +226,9 @@ def render_markdown(report: dict) -> str:
                           " / ".join(f"{100 * w:.1f}" for w in c["top_plan_mean_width"]),
                           "every size" if c.get("widths_borrow_other_sizes") else "this size"]
                          for k, cov in covered.items() for lv, c in cov.items()])
-    if uncovered := [k for k in mw if k not in covered]:
-        lines += ["", f"No interval coverage measured at {', '.join(uncovered)}: fewer than 3 labelled subsets of "
-                      "that size (each subset's widths come from the others')."]
+    if uncovered := [k for k, v in mw.items() if "calibrated_intervals" in v and k not in covered]:
+        lines += ["", f"No interval coverage measured at {', '.join(uncovered)}: fewer than {MIN_COVERAGE_SUBSETS} "
+                      "labelled subsets of that size (each subset's widths come from the others')."]
     lines += ["", "![multi-way by task](multiway_by_task.png)"]
     rounds = list(report["bandit"]["regret"]["bandit"])
     lines += ["", "![multi-way](multiway_retention.png)", "",

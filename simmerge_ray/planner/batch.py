@@ -72,7 +72,7 @@ class BatchSettings:
     actors: int = 2  # most actors in the pool
     rows_per_block: int = 4  # requests per block: the unit of work handed to an actor
     execute_top: int = 0
-    merge_workers: int = 2
+    merge_workers: int | None = None  # None: 2, fewer where the cluster holds fewer
     address: str | None = None  # Ray address (default: RAY_ADDRESS or a local Ray)
 
     @property
@@ -242,7 +242,7 @@ def run_batch(s: BatchSettings) -> BatchReport:
 
     if s.actors < 1 or s.rows_per_block < 1:
         raise ConfigError(f"actors ({s.actors}) and rows per block ({s.rows_per_block}) must be >= 1")
-    if s.execute_top < 0 or s.merge_workers < 1:  # a negative K merged all ok plans but the last K (a slice)
+    if s.execute_top < 0 or (s.merge_workers is not None and s.merge_workers < 1):  # a negative K merged all ok plans but the last K (a slice)
         raise ConfigError(f"execute_top ({s.execute_top}) must be >= 0 and merge_workers ({s.merge_workers}) >= 1")
     t0 = time.perf_counter()
     # Absolute paths: Ray workers need not share the driver's working directory.
@@ -254,7 +254,7 @@ def run_batch(s: BatchSettings) -> BatchReport:
     inputs = [getattr(s, f) for f in ("requests", "selector", "catalog", "features", "aux_selector", "calibration")
               if getattr(s, f)]
     check_stage(out, BATCH_FILES, replace=True, inputs=inputs)
-    check_not_input(cache, inputs)
+    check_not_input(cache, inputs, noun="the results cache")
     if cache.exists() and not cache.is_dir():
         raise ConfigError(f"{cache}: the results cache must be a folder, and this is a file")
     check_creatable(cache / "x")
@@ -361,9 +361,10 @@ def _execute_top(rows: list[dict], s: BatchSettings) -> int:
     catalog = Catalog.load(s.catalog)
     out = Path(s.out)
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (-r["score"], r["request_id"]))
-    ask = resources.streaming_ask()  # as `merge`'s workers ask (SIMMERGE_CPUS/MEMORY_PER_ACTOR); it asked 1 CPU
-    opts = ExecOptions(placement="ray", workers=s.merge_workers, workers_from="--merge-workers",
-                       cpus_per_worker=ask.num_cpus, memory_per_worker=ask.memory)
+    ask = resources.streaming_ask()  # what `merge`'s workers ask
+    opts = ExecOptions(placement="ray", workers=s.merge_workers or 2, cpus_per_worker=ask.num_cpus,
+                       memory_per_worker=ask.memory,
+                       workers_from=f"--merge-workers {s.merge_workers}" if s.merge_workers else None)
     for r in ok[: s.execute_top]:
         target = out / "merged" / f"{r['request_id']}-{r['key'][:12]}"
         if not target.exists():

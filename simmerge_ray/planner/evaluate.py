@@ -171,6 +171,7 @@ def held_out_pick_residuals(targets: Sequence[MultiwayTarget], objective: Object
 # demo's labels, 4-way intervals from their own 3 subsets covered the others' mean 81% of the time
 # at 90% nominal, and 90% once the 8 three-way subsets' residuals joined them.
 OWN_WIDTHS_MIN_SUBSETS = 5
+MIN_COVERAGE_SUBSETS = 3  # held-out subsets below which coverage is not measured (no inner residuals)
 
 
 def _subsets(targets: Sequence[MultiwayTarget]) -> int:
@@ -225,7 +226,7 @@ def interval_coverage(targets: Sequence[MultiwayTarget], objective: Objective, b
     over every plan, over each target's calibrated pick with the per-plan widths (`picked_*`) and
     with the top plan's (`top_plan_*`), and the mean widths. None with fewer than 3 subsets (no
     inner residuals to take widths from)."""
-    if _subsets(targets) < 3:
+    if _subsets(targets) < MIN_COVERAGE_SUBSETS:
         return None
     inside: dict[str, list[np.ndarray]] = defaultdict(list)
     picked: dict[str, list[np.ndarray]] = defaultdict(list)

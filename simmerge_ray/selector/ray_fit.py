@@ -22,6 +22,9 @@ from simmerge_ray.selector.folds import group_kfold, task_group_kfold
 from simmerge_ray.selector.model import Selector, SelectorConfig
 from simmerge_ray.selector.train import chosen_utility, new_selector, train_epochs
 
+# What sets a Tune trial's and a Ray Train worker's ask (the streaming ask), named when no node holds one.
+_ASK_VARS = f"{resources.ENV_VARS['cpus_per_actor']}, {resources.ENV_VARS['memory_per_actor']}"
+
 
 def search_space(allow_task_encoding: bool = True) -> dict:
     from ray import tune
@@ -65,6 +68,7 @@ def tune_selector(data: PairData, *, num_samples: int = 8, folds: int = 3, base:
     costs the same whatever `base.members` is."""
     from ray import tune
 
+    placement.check_placeable(f"a Ray Tune trial of the selector search ({_ASK_VARS})", resources.streaming_ask())
     base_d = {k: v for k, v in asdict(base).items() if k not in ("hidden", "depth", "dropout", "lr",
                                                                    "weight_decay", "task_encoding")} | {"members": 1}
     # The inner folds (the seed is not searched): built here, so a split that cannot be made is one
@@ -72,7 +76,6 @@ def tune_selector(data: PairData, *, num_samples: int = 8, folds: int = 3, base:
     splits = (task_group_kfold(data.tasks, data.aux_tasks, folds, seed=base.seed) if by_task
               else group_kfold(data.pair_keys, folds, seed=base.seed))
     trainable = tune.with_parameters(_trial, data=data, base=base_d, splits=splits, chunk=chunk)
-    placement.check_placeable("a Ray Tune trial of the selector search", resources.streaming_ask())
     trainable = tune.with_resources(trainable, _trial_resources("cpu", "memory"))
     storage = Path(storage or tempfile.mkdtemp(prefix="simmerge-tune-")).resolve()
     tuner = tune.Tuner(
@@ -129,8 +132,9 @@ def _train_loop(config: dict) -> None:
 def check_train_workers(num_workers: int) -> None:
     """A worker group the connected cluster can never hold at once is one line (Ray Train would
     wait for it in silence); callers check it before a search whose result it would train."""
-    placement.check_gang_placeable(f"--workers {num_workers}: the Ray Train worker group", resources.streaming_ask(),
-                                   num_workers)
+    ask = resources.streaming_ask()
+    placement.check_placeable(f"a Ray Train worker ({_ASK_VARS})", ask)  # one first: not the count's fault
+    placement.check_gang_placeable(f"--workers {num_workers}: the Ray Train worker group", ask, num_workers)
 
 
 def train_with_ray(jobs: list[tuple[PairData, SelectorConfig]], *, num_workers: int = 1,

@@ -243,7 +243,7 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
         ask = resources.inference_ask()
         sent = [[p for _, p in batch] for batch in calls]
         with ActorPool(PlanEvaluator, min(settings.workers, len(calls)), ask, what="label actor",
-                       size_from=f"--workers {settings.workers}",
+                       size_from=f"--workers {settings.workers}" if "workers" in settings.model_fields_set else None,
                        args=(str(Path(catalog_path).resolve()), max(1, int(ask.num_cpus)))) as pool:
             for k, results in pool.map_unordered("run", sent):
                 batch = calls[k]
