@@ -46,8 +46,8 @@ class ActorPool(Generic[T]):
         if size_from is not None:
             placement.check_gang_placeable(f"the {what} pool ({size_from})", ask, size, extra)
         elif (most := placement.most_at_once(ask, extra)) is not None and most < size:
-            log.info("%s pool: cut from %d actors (a default) to %d, the most this cluster holds at once",
-                     what, size, most)
+            log.warning("%s pool: %d actors, the most this cluster can hold at once (the default was %d)",
+                        what, most, size)
             size = max(1, most)
         options: dict[str, Any] = {**ask.ray_options(), "max_restarts": max_retries, "max_task_retries": max_retries}
         if resources:

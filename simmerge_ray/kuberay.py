@@ -204,7 +204,8 @@ def placement_problems(asks: dict[str, resources.ResourceAsk], cluster_spec: dic
         if not any(c.fits(ask) for c in groups):
             offered = "; ".join(f"{c.group}: {c.cpus:g} CPU, {c.gpus:g} GPU, "
                                 f"{'?' if c.memory is None else f'{c.memory / 2**30:.1f} GiB'}, "
-                                f"max {c.max_replicas}" for c in groups) or "no groups"
+                                f"max {'unbounded' if c.max_replicas == CRD_MAX_REPLICAS else c.max_replicas}"
+                                for c in groups) or "no groups"
             problems.append(f"{role} actor asking {ask.ray_options()} fits no group of the cluster ({offered})")
     return problems
 
@@ -215,7 +216,7 @@ def cluster_problems(cluster_spec: dict) -> list[str]:
         _ray_start_int({"groupName": "head", **head}, key)
     problems = [m for g in cluster_spec.get("workerGroupSpecs", []) if (m := gpu_mismatch(g))]
     for g in cluster_spec.get("workerGroupSpecs", []):
-        if g["minReplicas"] > g["maxReplicas"]:
+        if g.get("minReplicas", 0) > g.get("maxReplicas", CRD_MAX_REPLICAS):
             problems.append(f"worker group {g['groupName']!r}: minReplicas > maxReplicas")
     return problems
 

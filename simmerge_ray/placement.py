@@ -123,7 +123,8 @@ def node_types_from_file(path: Path) -> list[NodeType]:
         raise ConfigError(f"{NODE_TYPES_ENV}={path}: not a mapping")
     if "available_node_types" in doc:
         return [NodeType(name, {k: float(v) for k, v in t.get("resources", {}).items()},
-                         int(t.get("max_workers", doc.get("max_workers", RAY_DEFAULT_MAX_WORKERS))))
+                         int(t.get("max_workers", 0 if name == doc.get("head_node_type")
+                                   else doc.get("max_workers", RAY_DEFAULT_MAX_WORKERS))))
                 for name, t in doc["available_node_types"].items()]
     spec = doc.get("spec", {})
     cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
@@ -174,7 +175,8 @@ def gang_capacity(bundle: Mapping[str, float], types: list[NodeType]) -> int:
     only a size beyond it is surely never placed."""
     if not bundle:
         return UNBOUNDED
-    return min(UNBOUNDED, sum(t.max_count * min(_units(t.resources.get(k, 0.0)) // _units(v) for k, v in bundle.items())
+    return min(UNBOUNDED, sum(t.max_count * min(_units(t.resources.get(k, 0.0)) // max(1, _units(v))
+                                                for k, v in bundle.items())
                               for t in types if t.max_count > 0))
 
 

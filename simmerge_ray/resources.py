@@ -166,8 +166,9 @@ def add_resource_flags(parser: argparse.ArgumentParser) -> None:
                         f"[{ENV_VARS['gpus_per_inference_actor']}, default 0 = CPU]")
     g.add_argument("--memory-per-inference-actor",
                    help=f"memory reserved per inference actor [{ENV_VARS['memory_per_inference_actor']}]")
-    g.add_argument("--max-actors", help=f"most actors per pool; pools scale up to it with the backlog "
-                                        f"[{ENV_VARS['max_actors']}]")
+    g.add_argument("--max-actors", help=f"actors per pool (batch planning's pool scales up to it with the backlog; "
+                                        f"the structural, label and merge pools start that many, refused when the "
+                                        f"cluster can never hold them) [{ENV_VARS['max_actors']}]")
 
 
 def resources_from_flags(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> StageResources:

@@ -3,6 +3,7 @@ paired with its own result, on every actor; errors as one line; actors gone afte
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -65,3 +66,19 @@ def test_a_failed_call_raises_its_own_one_line_error(ray_cluster) -> None:
 def test_an_ask_no_node_offers_fails_before_any_actor_starts(ray_cluster) -> None:
     with pytest.raises(UnsatisfiableAsk, match=r"^test actor asks for CPU=64"):
         ActorPool(Squarer, 1, ResourceAsk(64.0), what="test actor")
+
+
+def test_a_default_size_is_cut_to_what_the_cluster_holds(ray_cluster, caplog: pytest.LogCaptureFixture) -> None:
+    """A memory ask that one actor of the fixed cluster can hold: a size a flag set is refused; the
+    same size as a default (no size_from) starts one actor, with a warning, and does the work
+    (the structural pool's one actor per free CPU waited forever for the other three)."""
+    ask = ResourceAsk(1, 0, int(ray_cluster.cluster_resources()["memory"] * 0.6))
+    with pytest.raises(UnsatisfiableAsk, match=r"^the test actor pool \(--workers 3\): 3 workers of CPU=1, memory=.* "
+                                               r"each must run at once, but this cluster holds at most 1 "):
+        ActorPool(Squarer, 3, ask, what="test actor", size_from="--workers 3")
+    caplog.set_level(logging.WARNING, logger="simmerge_ray.actor_pool")
+    with ActorPool(Squarer, 3, ask, what="test actor", args=(0,)) as pool:
+        assert len(pool.actors) == 1
+        assert sorted(r[0] for _, r in pool.map_unordered("run", [1, 2, 3], args=(1,))) == [1, 4, 9]
+    assert [r.getMessage() for r in caplog.records if r.name == "simmerge_ray.actor_pool"] == [
+        "test actor pool: 1 actors, the most this cluster can hold at once (the default was 3)"]

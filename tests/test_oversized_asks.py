@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from pathlib import Path
 
@@ -79,21 +78,25 @@ def test_structural_workers_beyond_the_cluster_fail_at_once(ray_cluster, zoo: Pa
     assert not (tmp_path / "w8").exists() and not (tmp_path / "env6").exists()
 
 
-def test_a_memory_ask_cuts_the_default_structural_pool_to_what_fits(ray_cluster, zoo: Path, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    """One actor per free CPU was the default whatever the memory ask: with a memory ask only one
-    actor fits, the other three waited forever (and so did the command). A default is cut, not
-    refused."""
-    memory = int(ray_cluster.cluster_resources()["memory"] * 0.6)
-    monkeypatch.setenv("SIMMERGE_MEMORY_PER_ACTOR", str(memory))
-    caplog.set_level(logging.INFO, logger="simmerge_ray.actor_pool")
+def test_a_memory_ask_lets_the_default_structural_pool_finish(ray_cluster, zoo: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIMMERGE_MEMORY_PER_ACTOR", str(int(ray_cluster.cluster_resources()["memory"] * 0.6)))
     argv = ["features", "structural", "--catalog", str(zoo / "structural.yaml"), "--no-cache"]
     assert cli_status([*argv, "--out", str(tmp_path / "f")]) == 0
     assert (tmp_path / "f" / "structural.parquet").is_file()
-    cut = [r.getMessage() for r in caplog.records if r.name == "simmerge_ray.actor_pool"]
-    assert len(cut) == 1 and re.fullmatch(r"structural actor pool: cut from [2-4] actors \(a default\) to 1, the "
-                                          r"most this cluster holds at once", cut[0]), cut
+
+
+def test_the_default_label_pool_is_cut_where_the_cluster_holds_fewer(ray_cluster, zoo: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch, capsys,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Label actors of 3 CPUs: the default 2 do not fit the 4-CPU cluster together; one runs."""
+    monkeypatch.setenv("SIMMERGE_CPUS_PER_INFERENCE_ACTOR", "3")
+    caplog.set_level(logging.WARNING, logger="simmerge_ray.actor_pool")
+    assert cli_status(["label", "--catalog", str(zoo / "lm.yaml"), "--out", str(tmp_path / "labels"),
+                       "--max-plans", "6"]) == 0
+    assert "label: 6 measured, 0 cached of " in capsys.readouterr().out
+    assert [r.getMessage() for r in caplog.records if r.name == "simmerge_ray.actor_pool"] == [
+        "label actor pool: 1 actors, the most this cluster can hold at once (the default was 2)"]
 
 
 def test_a_merge_pool_beyond_the_cluster_fails_at_once(ray_cluster, tmp_path: Path) -> None:
@@ -108,7 +111,8 @@ def test_a_merge_pool_beyond_the_cluster_fails_at_once(ray_cluster, tmp_path: Pa
         run_merge(MergeSpec.load(cfg), tmp_path / "out", opts)
     assert not (tmp_path / "out").exists()
     # The same 8 as a default (no flag set them) is cut to the 4 the cluster holds, and merges.
-    assert run_merge(MergeSpec.load(cfg), tmp_path / "ok", ExecOptions(placement="ray", workers=8, unit_elems=700)).units > 4
+    res = run_merge(MergeSpec.load(cfg), tmp_path / "ok", ExecOptions(placement="ray", workers=8, unit_elems=700))
+    assert res.units > 4 and res.workers == 4
 
 
 def test_label_workers_beyond_the_cluster_fail_at_once(ray_cluster, zoo: Path, tmp_path: Path, capsys) -> None:

@@ -129,12 +129,11 @@ def run(args: argparse.Namespace) -> int:
         check_merge(spec)  # every input or config problem fails here, before Ray starts
         init_ray(args.address)
     res = run_merge(spec, args.out, opts)
-    used = min(opts.n_workers, len(res.per_unit))  # as the dry run counts them: no more than the work units
     print(f"merged {len(spec.inputs)} models with {spec.method.name}: {res.tensors} tensors in "
           f"{res.shards} shard(s) -> {res.out}")
     print(f"read {human_bytes(res.bytes_read)}, wrote {human_bytes(res.bytes_written)} in {res.seconds:.1f} s "
-          f"({human_rate(res.bytes_read, res.seconds)} input; {used} "
-          f"{'Ray actor' if placement == 'ray' else 'thread'}{'s' if used != 1 else ''})")
+          f"({human_rate(res.bytes_read, res.seconds)} input; {res.workers} "
+          f"{'Ray actor' if placement == 'ray' else 'thread'}{'s' if res.workers != 1 else ''})")
     return 0
 
 

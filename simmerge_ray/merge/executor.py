@@ -102,6 +102,7 @@ class MergeResult:
     seconds: float
     units: int = 0
     per_unit: list[dict] = field(default_factory=list)
+    workers: int = 0  # that merged it: at most one per work unit, on Ray at most what the cluster holds
 
 
 @dataclass(frozen=True)
@@ -213,11 +214,12 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
             if opts.placement == "local":
                 stats = run_local(spec, plan.tasks, plan.units, partial, workers=opts.n_workers,
                                   threads_per_worker=int(max(1, opts.cpus_per_worker)), **common)
+                used = min(opts.n_workers, len(plan.units))
             else:
-                stats = run_on_ray(spec, plan.tasks, plan.units, partial, workers=opts.n_workers,
-                                   workers_from=opts.workers_from, cpus_per_worker=opts.cpus_per_worker,
-                                   memory_per_worker=opts.memory_per_worker,
-                                   resources=opts.resources, max_retries=opts.max_retries, **common)
+                stats, used = run_on_ray(spec, plan.tasks, plan.units, partial, workers=opts.n_workers,
+                                         workers_from=opts.workers_from, cpus_per_worker=opts.cpus_per_worker,
+                                         memory_per_worker=opts.memory_per_worker, resources=opts.resources,
+                                         max_retries=opts.max_retries, **common)
         finally:
             progress.close()
         with ThreadPoolExecutor(max_workers=4) as pool:  # make every shard durable, then publish it
@@ -236,6 +238,7 @@ def run_merge(spec: MergeSpec, out: str | Path, opts: ExecOptions = ExecOptions(
         seconds=time.perf_counter() - t0,
         units=len(plan.units),
         per_unit=stats,
+        workers=used,
     )
 
 

@@ -65,8 +65,10 @@ def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUni
 def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUnit], partial: dict[str, Path],
                *, workers: int, workers_from: str | None, cpus_per_worker: float, memory_per_worker: int | None,
                resources: dict[str, float] | None, max_retries: int, stream_bytes: int, chunk_elems: int,
-               allow_nonfinite: bool, progress: Progress, worker_cls: type[UnitMerger] = UnitMerger) -> list[dict]:
-    """Units over a pool of restartable actors; a lost worker's unit is retried. Results in unit order."""
+               allow_nonfinite: bool, progress: Progress, worker_cls: type[UnitMerger] = UnitMerger
+               ) -> tuple[list[dict], int]:
+    """Units over a pool of restartable actors; a lost worker's unit is retried. Results in unit
+    order, and the workers the pool started (a default count is cut to what the cluster holds)."""
     import ray
 
     from simmerge_ray.actor_pool import ActorPool
@@ -86,4 +88,5 @@ def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUn
             results[k] = result
             u = units[k]
             progress.advance(u.elems, sum(p.last for p in u.pieces))
-    return results
+        started = len(pool.actors)
+    return results, started

@@ -242,8 +242,10 @@ def run_batch(s: BatchSettings) -> BatchReport:
 
     if s.actors < 1 or s.rows_per_block < 1:
         raise ConfigError(f"actors ({s.actors}) and rows per block ({s.rows_per_block}) must be >= 1")
-    if s.execute_top < 0 or (s.merge_workers is not None and s.merge_workers < 1):  # a negative K merged all ok plans but the last K (a slice)
-        raise ConfigError(f"execute_top ({s.execute_top}) must be >= 0 and merge_workers ({s.merge_workers}) >= 1")
+    if s.execute_top < 0:  # a negative K merged all ok plans but the last K (a slice)
+        raise ConfigError(f"execute_top ({s.execute_top}) must be >= 0")
+    if s.merge_workers is not None and s.merge_workers < 1:
+        raise ConfigError(f"merge_workers ({s.merge_workers}) must be >= 1")
     t0 = time.perf_counter()
     # Absolute paths: Ray workers need not share the driver's working directory.
     s = replace(s, **{f: str(Path(getattr(s, f)).resolve()) for f in ("requests", "selector", "catalog", "features",
