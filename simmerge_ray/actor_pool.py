@@ -40,15 +40,12 @@ class ActorPool(Generic[T]):
     def __init__(self, actor_cls: type, size: int, ask: ResourceAsk, *, what: str, args: Sequence[Any] = (),
                  resources: Mapping[str, float] | None = None, max_retries: int = 0,
                  size_from: str | None = None) -> None:
-        extra = dict(resources) if resources else None
-        placement.check_placeable(what, ask, extra)
-        size = max(1, size)
-        if size_from is not None:
-            placement.check_gang_placeable(f"the {what} pool ({size_from})", ask, size, extra)
-        elif (most := placement.most_at_once(ask, extra)) is not None and most < size:
+        wanted = max(1, size)
+        size = placement.placed_count(wanted, ask, dict(resources) if resources else None, each=what,
+                                      group=None if size_from is None else f"the {what} pool ({size_from})")
+        if size < wanted:
             log.warning("%s pool: %d actors, the most this cluster can hold at once (the default was %d)",
-                        what, most, size)
-            size = max(1, most)
+                        what, size, wanted)
         options: dict[str, Any] = {**ask.ray_options(), "max_restarts": max_retries, "max_task_retries": max_retries}
         if resources:
             options["resources"] = dict(resources)

@@ -195,32 +195,35 @@ def _known_types() -> list[NodeType] | None:
     return types if complete else None
 
 
-def most_at_once(ask: ResourceAsk, extra: Mapping[str, float] | None = None) -> int | None:
-    """How many copies of the ask the connected cluster can ever hold at once (gang_capacity's
-    upper bound); None when its node types are not known."""
-    types = _known_types()
-    return None if types is None else gang_capacity(ask_bundle(ask, extra), types)
-
-
-def check_gang_placeable(what: str, ask: ResourceAsk, count: int, extra: Mapping[str, float] | None = None) -> None:
-    """Raise UnsatisfiableAsk when the connected cluster can never hold `count` copies of the ask at
-    once (a Ray Train worker group starts whole or not at all, and so does an actor pool that
-    hands every actor work; Ray would wait for them forever). Nodes that exist now count whole,
-    busy or not: only "never" is refused, not "not yet". Check one copy first (check_placeable)
-    where its message should name what sets the ask rather than the count."""
+def placed_count(count: int, ask: ResourceAsk, extra: Mapping[str, float] | None = None, *, each: str,
+                 group: str | None) -> int:
+    """How many copies of the ask to start, all at once (a Ray Train worker group starts whole or
+    not at all, and so does an actor pool that hands every actor work; Ray would wait for them
+    forever): `count`, or for a default count (`group` None) the most the connected cluster can
+    ever hold. UnsatisfiableAsk when no node type holds one copy (naming `each`, what sets the
+    ask) or when a count a user set (named by `group`) can never run at once. Nodes that exist
+    now count whole, busy or not: only "never" is refused, not "not yet". The node types are
+    read once; `count` as it is while they are not known."""
     types = _known_types()
     if types is None:
-        return
+        return count
     bundle = ask_bundle(ask, extra)
-    reason = unsatisfiable_reason(what, bundle, types)
+    reason = unsatisfiable_reason(each, bundle, types)
     if reason:
         raise UnsatisfiableAsk(reason)
     most = gang_capacity(bundle, types)
-    if most < count:
-        asked = ", ".join(f"{k}={_fmt(v, k)}" for k, v in bundle.items())
-        names = ", ".join(sorted({t.name for t in types if t.max_count > 0})) or "none"
-        raise UnsatisfiableAsk(f"{what}: {count} workers of {asked} each must run at once, but this cluster holds "
-                               f"at most {most} (node types: {names}); ask for at most {most}, or add nodes")
+    if most >= count or group is None:
+        return min(count, most)
+    asked = ", ".join(f"{k}={_fmt(v, k)}" for k, v in bundle.items())
+    names = ", ".join(sorted({t.name for t in types if t.max_count > 0})) or "none"
+    raise UnsatisfiableAsk(f"{group}: {count} workers of {asked} each must run at once, but this cluster holds "
+                           f"at most {most} (node types: {names}); ask for at most {most}, or add nodes")
+
+
+def check_gang_placeable(what: str, ask: ResourceAsk, count: int, extra: Mapping[str, float] | None = None) -> None:
+    """Raise UnsatisfiableAsk when the connected cluster can never hold `count` copies of the ask
+    at once (placed_count, `what` naming both one copy and the group)."""
+    placed_count(count, ask, extra, each=what, group=what)
 
 
 def check_placeable(what: str, ask: ResourceAsk, extra: Mapping[str, float] | None = None) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from simmerge_ray import placement, resources
+from simmerge_ray import resources
 from simmerge_ray.actor_pool import ActorPool
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import CheckpointError, ConfigError

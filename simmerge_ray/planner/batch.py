@@ -364,7 +364,7 @@ def _execute_top(rows: list[dict], s: BatchSettings) -> int:
     out = Path(s.out)
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (-r["score"], r["request_id"]))
     ask = resources.streaming_ask()  # what `merge`'s workers ask
-    opts = ExecOptions(placement="ray", workers=s.merge_workers or 2, cpus_per_worker=ask.num_cpus,
+    opts = ExecOptions(placement="ray", workers=s.merge_workers, cpus_per_worker=ask.num_cpus,
                        memory_per_worker=ask.memory,
                        workers_from=f"--merge-workers {s.merge_workers}" if s.merge_workers else None)
     for r in ok[: s.execute_top]:

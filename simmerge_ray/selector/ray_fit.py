@@ -132,9 +132,8 @@ def _train_loop(config: dict) -> None:
 def check_train_workers(num_workers: int) -> None:
     """A worker group the connected cluster can never hold at once is one line (Ray Train would
     wait for it in silence); callers check it before a search whose result it would train."""
-    ask = resources.streaming_ask()
-    placement.check_placeable(f"a Ray Train worker ({_ASK_VARS})", ask)  # one first: not the count's fault
-    placement.check_gang_placeable(f"--workers {num_workers}: the Ray Train worker group", ask, num_workers)
+    placement.placed_count(num_workers, resources.streaming_ask(), each=f"a Ray Train worker ({_ASK_VARS})",
+                           group=f"--workers {num_workers}: the Ray Train worker group")
 
 
 def train_with_ray(jobs: list[tuple[PairData, SelectorConfig]], *, num_workers: int = 1,
