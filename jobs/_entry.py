@@ -95,7 +95,9 @@ def _run_steps(stage: str, args: argparse.Namespace, extra: list[str], asks: res
                local_out: str | None, config: Path | None, env: dict[str, str] | None = None) -> int:
     for step in STAGES[stage].steps:
         command = command_argv(step, args, extra, local_out, asks, None if config is None else str(config))
-        print(f"jobs/{stage}.py: simmerge {' '.join(command)}", flush=True)
+        # The asks it runs under, as a line one can paste into a shell to rerun the step.
+        asked = [f"{var}={os.environ[var]}" for var in resources.ENV_VARS.values() if var in os.environ]
+        print(f"jobs/{stage}.py: {' '.join([*asked, 'simmerge', *command])}", flush=True)
         status = run_command(command, env)
         if status != 0:
             return status

@@ -19,7 +19,7 @@ import ray
 
 from simmerge_ray import placement
 from simmerge_ray.errors import ray_get
-from simmerge_ray.resources import ResourceAsk
+from simmerge_ray.resources import ResourceAsk, SizeFrom
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 class ActorPool(Generic[T]):
     """`size` actors of `actor_cls`, each built with `args`, asking `ask` (plus custom `resources`).
     Every actor is handed work at once (and callers wait for all to start), so a pool larger than
-    the cluster can ever hold would wait forever for its last actors: a size a user set is refused
-    in one line naming `size_from` (the flag or variable that set it); a default size (`size_from`
-    None) is cut to what the cluster holds.
+    the cluster can ever hold would wait forever for its last actors: a firm size (`size_from`, a
+    command's `--workers N`) is refused in one line naming it; a cap (SIMMERGE_MAX_ACTORS) or a
+    stage's default (`size_from` None) is cut to what the cluster holds, with a warning.
 
     With `max_retries` > 0 a lost actor is restarted and its calls retried, so a worker or node
     lost mid-run costs only the calls it held (the methods must be safe to repeat). Ray retries
@@ -39,13 +39,14 @@ class ActorPool(Generic[T]):
 
     def __init__(self, actor_cls: type, size: int, ask: ResourceAsk, *, what: str, args: Sequence[Any] = (),
                  resources: Mapping[str, float] | None = None, max_retries: int = 0,
-                 size_from: str | None = None) -> None:
+                 size_from: SizeFrom | None = None) -> None:
         wanted = max(1, size)
+        firm = size_from is not None and size_from.firm
         size = placement.placed_count(wanted, ask, dict(resources) if resources else None, each=what,
-                                      group=None if size_from is None else f"the {what} pool ({size_from})")
+                                      group=f"the {what} pool ({size_from.name})" if firm else None)
         if size < wanted:
-            log.warning("%s pool: %d actors, the most this cluster can hold at once (the default was %d)",
-                        what, size, wanted)
+            log.warning("%s pool: %d actors, the most this cluster can hold at once (%s asked for %d)",
+                        what, size, size_from.name if size_from else "the default", wanted)
         options: dict[str, Any] = {**ask.ray_options(), "max_restarts": max_retries, "max_task_retries": max_retries}
         if resources:
             options["resources"] = dict(resources)

@@ -38,12 +38,8 @@ class Stage:
         return " + ".join("simmerge " + " ".join(step.command) for step in self.steps)
 
 
-def _workers_flags(r: resources.StageResources) -> list[str]:
-    return ["--workers", str(r.max_actors)] if r.max_actors else []
-
-
 def _merge_flags(r: resources.StageResources) -> list[str]:
-    return ["--cpus-per-worker", str(r.streaming.num_cpus), *_workers_flags(r)]
+    return ["--cpus-per-worker", str(r.streaming.num_cpus)]
 
 
 STAGES: dict[str, Stage] = {
@@ -53,8 +49,10 @@ STAGES: dict[str, Stage] = {
     # two into features.parquet; flags the job does not know go to the functional step.
     "features": Stage((Step(("features", "structural"), "features", config="--catalog", extras=False),
                        Step(("features", "functional"), "features", config="--catalog", overwrite=False))),
-    # Resumes from its cache; --max-actors caps its evaluator actors (--workers).
-    "label": Stage((Step(("label",), "zoo", config="--catalog", overwrite=False, resource_flags=_workers_flags),)),
+    # Resumes from its cache. Like every pool, its evaluator actors are capped by --max-actors, which
+    # reaches the command as SIMMERGE_MAX_ACTORS (a cap, cut to what the cluster holds; a command's
+    # own --workers N is a firm count, refused when the cluster can never hold it).
+    "label": Stage((Step(("label",), "zoo", config="--catalog", overwrite=False),)),
     # fit and plan take their inputs as flags (--features, --labels, --selector, ...), passed through.
     "fit": Stage((Step(("fit",), "selector", config=None),)),
     "plan": Stage((Step(("plan",), "plan", config=None, overwrite=False),)),

@@ -167,8 +167,8 @@ def add_resource_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-per-inference-actor",
                    help=f"memory reserved per inference actor [{ENV_VARS['memory_per_inference_actor']}]")
     g.add_argument("--max-actors", help=f"actors per pool (batch planning's pool scales up to it with the backlog; "
-                                        f"the structural, label and merge pools start that many, refused when the "
-                                        f"cluster can never hold them) [{ENV_VARS['max_actors']}]")
+                                        f"the structural, label and merge pools start that many, or as many as "
+                                        f"the cluster can ever hold at once) [{ENV_VARS['max_actors']}]")
 
 
 def resources_from_flags(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> StageResources:
@@ -207,13 +207,24 @@ def inference_ask() -> ResourceAsk:
     return StageResources.from_env().inference
 
 
+@dataclass(frozen=True)
+class SizeFrom:
+    """What set an actor pool's size, named in its messages. A size that can never be placed at
+    once is refused when it is `firm` (a command's own `--workers N`: the user asked for exactly
+    that many) and cut to what the cluster holds when it is a cap (SIMMERGE_MAX_ACTORS, a job's
+    `--max-actors`: "at most"), as a stage's default is."""
+
+    name: str
+    firm: bool = True
+
+
 def max_actors(default: int) -> int:
     """The pool size to use: SIMMERGE_MAX_ACTORS when set, else the stage's own default."""
     return StageResources.from_env().max_actors or default
 
 
-def max_actors_from() -> str | None:
-    """What set the pool size when SIMMERGE_MAX_ACTORS did (for a pool too large to place), else
-    None: the stage's default, which a pool cuts to what the cluster holds."""
+def max_actors_from() -> SizeFrom | None:
+    """SIMMERGE_MAX_ACTORS as what set a pool's size (a cap) when it is set, else None (the
+    stage's default)."""
     n = StageResources.from_env().max_actors
-    return None if n is None else f"{ENV_VARS['max_actors']}={n}"
+    return None if n is None else SizeFrom(f"{ENV_VARS['max_actors']}={n}", firm=False)

@@ -14,7 +14,7 @@ import ray.cloudpickle
 from simmerge_ray.actor_pool import ActorPool
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.placement import UnsatisfiableAsk
-from simmerge_ray.resources import ResourceAsk
+from simmerge_ray.resources import ResourceAsk, SizeFrom
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
 
@@ -75,10 +75,10 @@ def test_a_default_size_is_cut_to_what_the_cluster_holds(ray_cluster, caplog: py
     ask = ResourceAsk(1, 0, int(ray_cluster.cluster_resources()["memory"] * 0.6))
     with pytest.raises(UnsatisfiableAsk, match=r"^the test actor pool \(--workers 3\): 3 workers of CPU=1, memory=.* "
                                                r"each must run at once, but this cluster holds at most 1 "):
-        ActorPool(Squarer, 3, ask, what="test actor", size_from="--workers 3")
+        ActorPool(Squarer, 3, ask, what="test actor", size_from=SizeFrom("--workers 3"))
     caplog.set_level(logging.WARNING, logger="simmerge_ray.actor_pool")
     with ActorPool(Squarer, 3, ask, what="test actor", args=(0,)) as pool:
         assert len(pool.actors) == 1
         assert sorted(r[0] for _, r in pool.map_unordered("run", [1, 2, 3], args=(1,))) == [1, 4, 9]
     assert [r.getMessage() for r in caplog.records if r.name == "simmerge_ray.actor_pool"] == [
-        "test actor pool: 1 actors, the most this cluster can hold at once (the default was 3)"]
+        "test actor pool: 1 actors, the most this cluster can hold at once (the default asked for 3)"]

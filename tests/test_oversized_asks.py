@@ -20,6 +20,7 @@ from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, make_famil
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, run_merge
 from simmerge_ray.placement import UnsatisfiableAsk
+from simmerge_ray.resources import SizeFrom
 from input_checks import cli_status, one_line_error  # beside this file
 
 SPEC = SyntheticSpec(architecture="llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=64)
@@ -67,15 +68,25 @@ def _refused(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str)
     one_line_error(capsys, *needles)
 
 
+def _pool_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "simmerge_ray.actor_pool"]
+
+
 def test_structural_workers_beyond_the_cluster_fail_at_once(ray_cluster, zoo: Path, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+                                                            monkeypatch: pytest.MonkeyPatch, capsys,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
     argv = ["features", "structural", "--catalog", str(zoo / "structural.yaml"), "--no-cache"]
     _refused([*argv, "--out", str(tmp_path / "w8"), "--workers", "8"], capsys,
              "the structural actor pool (--workers 8): 8 workers of CPU=1 each must run at once, but this cluster "
              "holds at most 4", "ask for at most 4")
+    assert not (tmp_path / "w8").exists()
+    # SIMMERGE_MAX_ACTORS (a job's --max-actors) is a cap: cut to the 4 the cluster holds, and run.
     monkeypatch.setenv("SIMMERGE_MAX_ACTORS", "6")
-    _refused([*argv, "--out", str(tmp_path / "env6")], capsys, "(SIMMERGE_MAX_ACTORS=6): 6 workers", "at most 4")
-    assert not (tmp_path / "w8").exists() and not (tmp_path / "env6").exists()
+    caplog.set_level(logging.WARNING, logger="simmerge_ray.actor_pool")
+    assert cli_status([*argv, "--out", str(tmp_path / "env6")]) == 0
+    assert (tmp_path / "env6" / "structural.parquet").is_file()
+    assert _pool_warnings(caplog) == [
+        "structural actor pool: 4 actors, the most this cluster can hold at once (SIMMERGE_MAX_ACTORS=6 asked for 6)"]
 
 
 def test_a_memory_ask_lets_the_default_structural_pool_finish(ray_cluster, zoo: Path, tmp_path: Path,
@@ -95,8 +106,8 @@ def test_the_default_label_pool_is_cut_where_the_cluster_holds_fewer(ray_cluster
     assert cli_status(["label", "--catalog", str(zoo / "lm.yaml"), "--out", str(tmp_path / "labels"),
                        "--max-plans", "6"]) == 0
     assert "label: 6 measured, 0 cached of " in capsys.readouterr().out
-    assert [r.getMessage() for r in caplog.records if r.name == "simmerge_ray.actor_pool"] == [
-        "label actor pool: 1 actors, the most this cluster can hold at once (the default was 2)"]
+    assert _pool_warnings(caplog) == [
+        "label actor pool: 1 actors, the most this cluster can hold at once (the default asked for 2)"]
 
 
 def test_a_merge_pool_beyond_the_cluster_fails_at_once(ray_cluster, tmp_path: Path) -> None:
@@ -105,21 +116,35 @@ def test_a_merge_pool_beyond_the_cluster_fails_at_once(ray_cluster, tmp_path: Pa
     cfg.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "base",
                                    "models": [{"model": "m1", "parameters": {"weight": 0.7}},
                                               {"model": "m2", "parameters": {"weight": 0.5}}]}))
-    opts = ExecOptions(placement="ray", workers=8, unit_elems=700, workers_from="--merge-workers")
+    opts = ExecOptions(placement="ray", workers=8, unit_elems=700, workers_from=SizeFrom("--merge-workers"))
     with pytest.raises(UnsatisfiableAsk, match=r"^the merge worker pool \(--merge-workers\): 8 workers of CPU=1 "
                                                r"each must run at once, but this cluster holds at most 4 "):
         run_merge(MergeSpec.load(cfg), tmp_path / "out", opts)
     assert not (tmp_path / "out").exists()
-    # The same 8 as a default (no flag set them) is cut to the 4 the cluster holds, and merges.
+    # The same 8 as a default (no flag set them) or as a cap is cut to the 4 the cluster holds, and merges.
     res = run_merge(MergeSpec.load(cfg), tmp_path / "ok", ExecOptions(placement="ray", workers=8, unit_elems=700))
     assert res.units > 4 and res.workers == 4
+    capped = ExecOptions(placement="ray", workers=8, unit_elems=700, workers_from=SizeFrom("SIMMERGE_MAX_ACTORS=8", firm=False))
+    res = run_merge(MergeSpec.load(cfg), tmp_path / "capped", capped)
+    assert res.workers == 4
+    assert (tmp_path / "capped" / "model.safetensors").read_bytes() == (tmp_path / "ok" / "model.safetensors").read_bytes()
 
 
-def test_label_workers_beyond_the_cluster_fail_at_once(ray_cluster, zoo: Path, tmp_path: Path, capsys) -> None:
-    _refused(["label", "--catalog", str(zoo / "lm.yaml"), "--out", str(tmp_path / "labels"), "--workers", "8",
-              "--max-plans", "20"], capsys,
+def test_label_workers_beyond_the_cluster_fail_at_once(ray_cluster, zoo: Path, tmp_path: Path, capsys,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    argv = ["label", "--catalog", str(zoo / "lm.yaml"), "--out", str(tmp_path / "labels"), "--max-plans", "20"]
+    _refused([*argv, "--workers", "8"], capsys,
              "the label actor pool (--workers 8): ", "workers of CPU=1 each must run at once", "at most 4")
     assert not (tmp_path / "labels" / "labels.parquet").exists()
+    # The same count as a cap (a job's --max-actors, which reaches label as SIMMERGE_MAX_ACTORS) runs on 4.
+    monkeypatch.setenv("SIMMERGE_MAX_ACTORS", "8")
+    caplog.set_level(logging.WARNING, logger="simmerge_ray.actor_pool")
+    assert cli_status(argv) == 0
+    assert "label: 20 measured, 0 cached of " in capsys.readouterr().out
+    (warning,) = _pool_warnings(caplog)
+    assert warning.startswith("label actor pool: 4 actors, the most this cluster can hold at once "
+                              "(SIMMERGE_MAX_ACTORS=8 asked for "), warning
 
 
 def test_a_gpu_probe_actor_on_a_cluster_without_gpus_fails_at_once(ray_cluster, zoo: Path, tmp_path: Path,

@@ -49,7 +49,10 @@ def test_merge_job_succeeds_and_bad_config_fails(ray_head: RayHead, merge_inputs
 
     assert ray_head.wait("merge-ok") == "SUCCEEDED", ray_head.logs("merge-ok")
     logs = ray_head.logs("merge-ok")
-    assert "--cpus-per-worker 0.5 --workers 1" in logs  # the asks reached the merge command
+    # The asks reached the merge command: the CPU ask as its flag, the --max-actors cap as the variable.
+    (line,) = [x for x in logs.splitlines() if x.startswith("jobs/merge.py: SIMMERGE_")]
+    assert "SIMMERGE_CPUS_PER_ACTOR=0.5 " in line and " SIMMERGE_MAX_ACTORS=1 simmerge merge " in line, line
+    assert "--cpus-per-worker 0.5" in logs and "input; 1 Ray actor)" in logs
     merged = Checkpoint.open(tmp_path / "merged")
     a, b = Checkpoint.open(merge_inputs / "a"), Checkpoint.open(merge_inputs / "b")
     assert set(merged.entries) == set(a.entries)
@@ -260,11 +263,15 @@ def test_command_lines_built_for_the_stages() -> None:
         "features", "structural", "--catalog", "cat.yaml", "--out", "/f", "--overwrite"]
     assert entry.command_argv(functional, args, extra, "/f", asks, "cat.yaml") == [
         "features", "functional", "--catalog", "cat.yaml", "--out", "/f", "--batch-size", "4"]
-    # --max-actors caps label's evaluator actors, as it caps a merge's workers.
+    # --max-actors is a cap that reaches label (and merge) as SIMMERGE_MAX_ACTORS, not as their firm
+    # --workers N (refused where the cluster can never hold N).
     args, extra = entry.build_parser("label").parse_known_args(["--config", "cat.yaml", "--out", "/l", "--max-actors", "4"])
     (label,) = entry.STAGES["label"].steps
-    assert entry.command_argv(label, args, extra, "/l", resources.resources_from_flags(args, {}), "cat.yaml") == [
-        "label", "--catalog", "cat.yaml", "--out", "/l", "--workers", "4"]
+    asks = resources.resources_from_flags(args, {})
+    assert entry.command_argv(label, args, extra, "/l", asks, "cat.yaml") == ["label", "--catalog", "cat.yaml", "--out", "/l"]
+    env: dict[str, str] = {}
+    resources.export(asks, env)
+    assert env["SIMMERGE_MAX_ACTORS"] == "4"
 
 
 def test_every_stage_has_its_job_script() -> None:

@@ -203,7 +203,7 @@ def _run_pass(rows: Rows, plan: ReadPlan, keys: Sequence[str], cache: GramCache,
         return blocks
     ask = resources.streaming_ask()
     if opts.workers:
-        n_workers, size_from = opts.workers, f"--workers {opts.workers}"
+        n_workers, size_from = opts.workers, resources.SizeFrom(f"--workers {opts.workers}")
     else:  # one per free CPU (the pool cuts it to what a memory ask lets the cluster hold)
         free = ray.available_resources().get("CPU", 1.0) if ray.is_initialized() else os.cpu_count() or 1
         n_workers = resources.max_actors(max(1, int(free // max(ask.num_cpus, 1e-9))))

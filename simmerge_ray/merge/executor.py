@@ -39,6 +39,7 @@ from simmerge_ray.merge.tokenizer import BuiltVocabulary, build_vocabulary
 from simmerge_ray.merge.piece_routes import open_inputs
 from simmerge_ray.merge.unit_merger import UnitMerger
 from simmerge_ray.merge.units import ShardPlan, WorkUnit, plan_shards, plan_units
+from simmerge_ray.resources import SizeFrom
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,9 @@ class ExecOptions:
     # on the Ray cluster this process is connected to, restarted and retried when lost.
     placement: str = "local"
     workers: int | None = None  # None: local, this process's CPUs; Ray, 2
-    # What set `workers` (a flag or variable), named when Ray can never hold them; None: a default,
-    # cut to what the cluster holds.
-    workers_from: str | None = None
+    # What set `workers` (a flag, refused when Ray can never hold them, or SIMMERGE_MAX_ACTORS, a cap);
+    # None: a default. A cap or a default is cut to what the cluster holds.
+    workers_from: SizeFrom | None = None
     cpus_per_worker: float = 1.0  # Ray: the actor's CPU ask; both: torch threads per worker
     memory_per_worker: int | None = None  # bytes, a Ray scheduling hint
     shard_bytes: int = 512 * 1024**2

@@ -22,6 +22,7 @@ from simmerge_ray.merge.progress import Progress
 from simmerge_ray.merge.tensor_plan import TensorTask
 from simmerge_ray.merge.unit_merger import UnitMerger
 from simmerge_ray.merge.units import WorkUnit
+from simmerge_ray.resources import SizeFrom
 
 
 def local_cpus() -> int:
@@ -63,7 +64,7 @@ def run_local(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUni
 
 
 def run_on_ray(spec: MergeSpec, tasks: dict[str, TensorTask], units: list[WorkUnit], partial: dict[str, Path],
-               *, workers: int, workers_from: str | None, cpus_per_worker: float, memory_per_worker: int | None,
+               *, workers: int, workers_from: SizeFrom | None, cpus_per_worker: float, memory_per_worker: int | None,
                resources: dict[str, float] | None, max_retries: int, stream_bytes: int, chunk_elems: int,
                allow_nonfinite: bool, progress: Progress, worker_cls: type[UnitMerger] = UnitMerger
                ) -> tuple[list[dict], int]:

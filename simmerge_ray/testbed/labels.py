@@ -242,8 +242,11 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     if calls:
         ask = resources.inference_ask()
         sent = [[p for _, p in batch] for batch in calls]
-        with ActorPool(PlanEvaluator, min(settings.workers, len(calls)), ask, what="label actor",
-                       size_from=f"--workers {settings.workers}" if "workers" in settings.model_fields_set else None,
+        if "workers" in settings.model_fields_set:
+            workers, size_from = settings.workers, resources.SizeFrom(f"--workers {settings.workers}")
+        else:  # the default, or SIMMERGE_MAX_ACTORS (a job's --max-actors) in its place
+            workers, size_from = resources.max_actors(settings.workers), resources.max_actors_from()
+        with ActorPool(PlanEvaluator, min(workers, len(calls)), ask, what="label actor", size_from=size_from,
                        args=(str(Path(catalog_path).resolve()), max(1, int(ask.num_cpus)))) as pool:
             for k, results in pool.map_unordered("run", sent):
                 batch = calls[k]
