@@ -32,6 +32,7 @@ NODE_TYPES_ENV = "SIMMERGE_NODE_TYPES"
 AUTOSCALER_STATUS_KEY = "__autoscaling_status"  # ray_constants.DEBUG_AUTOSCALING_STATUS (v1 monitor)
 
 
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
 UNBOUNDED = 1 << 30  # a declared node type without max_count: as many as the autoscaler likes
 RAY_DEFAULT_MAX_WORKERS = 2  # a Ray autoscaler config's max_workers when it sets none
 
@@ -47,6 +48,7 @@ class NodeType:
     name: str
     resources: dict[str, float]
     max_count: int = 1
+    head: bool = False  # a live node that is the cluster's head (it belongs to no worker type)
 
 
 def ask_bundle(ask: ResourceAsk, extra: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -60,8 +62,37 @@ def live_node_types() -> list[NodeType]:
     import ray
 
     return [NodeType(f"node {n['NodeManagerAddress']} ({n['NodeID'][:8]})",
-                     {k: float(v) for k, v in n["Resources"].items() if not k.startswith("node:")})
+                     {k: float(v) for k, v in n["Resources"].items() if not k.startswith("node:")},
+                     head=HEAD_RESOURCE in n["Resources"])
             for n in ray.nodes() if n["Alive"]]
+
+
+# What a live node shows beyond its type's declaration: Ray's own accounting of memory and the
+# object store, and the accelerator label it adds on GPU nodes.
+_NOT_DECLARED = ("memory", "object_store_memory", "accelerator_type:")
+
+
+def _of_type(node: NodeType, kind: NodeType) -> bool:
+    """Whether a live worker node is one of `kind`'s nodes: the same CPUs, GPUs and custom
+    resources as it declares (memory as declared and as Ray counts it differ)."""
+    keys = {"CPU", "GPU"} | {k for k in {*node.resources, *kind.resources} if not k.startswith(_NOT_DECLARED)}
+    return all(node.resources.get(k, 0.0) == kind.resources.get(k, 0.0) for k in keys)
+
+
+def counted_once(live: list[NodeType], kinds: list[NodeType]) -> list[NodeType]:
+    """The live nodes and the declared or reported node types, with each live worker node that is
+    one of a type's nodes counted within that type's max_count rather than again beside it (a
+    RayJob's cluster is its declared groups; its live workers are some of them). A live node
+    that matches no type with nodes left (the head, a node added by hand) counts as itself."""
+    left = [k.max_count for k in kinds]
+    alone = []
+    for node in live:
+        i = None if node.head else next((i for i, k in enumerate(kinds) if left[i] > 0 and _of_type(node, k)), None)
+        if i is None:
+            alone.append(node)
+        else:
+            left[i] -= 1
+    return alone + kinds
 
 
 def reported_node_types() -> list[NodeType]:
@@ -144,7 +175,7 @@ def cluster_node_types() -> tuple[list[NodeType], bool]:
     """(every node type known for the connected cluster, whether that list is complete)."""
     live, reported, declared = live_node_types(), reported_node_types(), declared_node_types()
     complete = bool(reported or declared) or not autoscaler_running()
-    return live + reported + declared, complete
+    return counted_once(live, reported + declared), complete
 
 
 def _fmt(amount: float, resource: str) -> str:
@@ -170,9 +201,8 @@ def unsatisfiable_reason(what: str, bundle: Mapping[str, float], types: list[Nod
 
 def gang_capacity(bundle: Mapping[str, float], types: list[NodeType]) -> int:
     """How many copies of `bundle` the node types can hold at once (each node packs whole copies,
-    counted as Ray does, in ten-thousandths). An upper bound: a node alive now that belongs to a
-    declared or reported type counts once as itself and again within its type's max_count, so
-    only a size beyond it is surely never placed."""
+    counted as Ray does, in ten-thousandths). With `counted_once`'s types, a live node counts once;
+    still an upper bound where a type declares more nodes than its cloud will give."""
     if not bundle:
         return UNBOUNDED
     return min(UNBOUNDED, sum(t.max_count * min(_units(t.resources.get(k, 0.0)) // max(1, _units(v))

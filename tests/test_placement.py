@@ -111,6 +111,37 @@ def test_gang_capacity_packs_whole_copies_per_node() -> None:
     assert placement.gang_capacity({"nvme": 1.0}, TYPES) == 0
 
 
+def test_a_live_node_of_a_declared_type_counts_once() -> None:
+    """A RayJob's cluster is its declared worker groups, some of them alive now: a live worker of
+    a group counts within its max_count, not again beside it (a pool of 6 three-CPU actors on
+    the 'cpu' type's 2 nodes was let through and waited). The head and a node of no declared
+    shape count as themselves, and so does a live node beyond its type's max_count."""
+    cpu = NodeType("cpu", {"CPU": 8.0, "memory": 22.0 * GIB}, 2)
+    gpu = NodeType("gpu", {"CPU": 8.0, "GPU": 1.0, "memory": 46.0 * GIB}, 1)
+    head = NodeType("node 10.0.0.1 (aaaa)", {"CPU": 8.0, "memory": 6.0 * GIB, "object_store_memory": 2.0 * GIB},
+                    head=True)
+
+    def live(name: str, **res: float) -> NodeType:  # as Ray reports a node: its own memory, the object store
+        return NodeType(name, {"memory": 19.5 * GIB, "object_store_memory": 8.0 * GIB, **res})
+
+    w1, w2, w3 = (live(f"node 10.0.0.{i} ({i}{i}{i}{i})", CPU=8.0) for i in (2, 3, 4))
+    g1 = live("node 10.0.0.5 (5555)", CPU=8.0, GPU=1.0, **{"accelerator_type:A10G": 1.0})
+    odd = live("node 10.0.0.6 (6666)", CPU=4.0)
+    types = placement.counted_once([head, w1, g1, odd], [cpu, gpu])
+    assert types == [head, odd, cpu, gpu]
+    assert placement.gang_capacity({"CPU": 3.0}, types) == 2 + 1 + 2 * 2 + 2  # was 13 with w1 and g1 twice
+    # Three live 'cpu' nodes where two are declared: the third is real, so it counts as itself.
+    assert placement.counted_once([w1, w2, w3], [cpu, gpu]) == [w3, cpu, gpu]
+    # Custom resources are part of a type's shape: a node without the declared slot is another kind.
+    slotted = NodeType("slotted", {"CPU": 8.0, "merge_slot": 1.0}, 1)
+    assert placement.counted_once([w1], [slotted]) == [w1, slotted]
+
+
+def test_the_head_is_marked_among_the_live_nodes(ray_cluster) -> None:
+    (node,) = placement.live_node_types()
+    assert node.head and node.resources["CPU"] == 4.0 and not any(k.startswith("node:") for k in node.resources)
+
+
 def test_a_worker_group_larger_than_the_cluster_fails_at_once(ray_cluster, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """`fit --workers N` beyond what the fixed 4-CPU cluster can ever hold at once is one line
