@@ -49,8 +49,8 @@ def measure(catalog: Path, data: PairData, workers: int) -> list[PairExamples]:
     calls = [keys[i:i + 16] for i in range(0, len(keys), 16)]
     got: dict[tuple, dict[str, np.ndarray]] = {}
     ask = resources.inference_ask()
-    with ActorPool(PlanEvaluator, workers, ask, what="noise actor", size_from=f"--workers {workers}",
-                   args=(str(catalog.resolve()), max(1, int(ask.num_cpus)))) as pool:
+    with ActorPool(PlanEvaluator, workers, ask, what="noise actor",
+                   size_from=resources.SizeFrom(f"--workers {workers}"), args=(str(catalog.resolve()), max(1, int(ask.num_cpus)))) as pool:
         for k, results in pool.map_unordered("example_accuracy", [[plans[key] for key in c] for c in calls]):
             got |= {key: {t: np.asarray(v) for t, v in r.items()} for key, r in zip(calls[k], results)}
 

@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -34,6 +35,7 @@ from simmerge_ray.errors import SimMergeError
 from simmerge_ray.io.file_lock import LockHeld, exclusive_lock
 from simmerge_ray.io.out_checks import PUBLISH_ENV
 from simmerge_ray.job_stages import STAGES, build_parser, command_argv, job_args
+from simmerge_ray.placement import NODE_TYPES_ENV
 
 NOT_AVAILABLE = 3  # exit status of a job whose stage this version does not have yet
 
@@ -95,9 +97,11 @@ def _run_steps(stage: str, args: argparse.Namespace, extra: list[str], asks: res
                local_out: str | None, config: Path | None, env: dict[str, str] | None = None) -> int:
     for step in STAGES[stage].steps:
         command = command_argv(step, args, extra, local_out, asks, None if config is None else str(config))
-        # The asks it runs under, as a line one can paste into a shell to rerun the step.
-        asked = [f"{var}={os.environ[var]}" for var in resources.ENV_VARS.values() if var in os.environ]
-        print(f"jobs/{stage}.py: {' '.join([*asked, 'simmerge', *command])}", flush=True)
+        # The asks it runs under (and the node types its pools are sized against), as a line one
+        # can paste into a shell to rerun the step.
+        asked = [f"{var}={os.environ[var]}" for var in (*resources.ENV_VARS.values(), NODE_TYPES_ENV)
+                 if var in os.environ]
+        print(f"jobs/{stage}.py: {shlex.join([*asked, 'simmerge', *command])}", flush=True)
         status = run_command(command, env)
         if status != 0:
             return status

@@ -41,9 +41,8 @@ class ActorPool(Generic[T]):
                  resources: Mapping[str, float] | None = None, max_retries: int = 0,
                  size_from: SizeFrom | None = None) -> None:
         wanted = max(1, size)
-        firm = size_from is not None and size_from.firm
-        size = placement.placed_count(wanted, ask, dict(resources) if resources else None, each=what,
-                                      group=f"the {what} pool ({size_from.name})" if firm else None)
+        group = f"the {what} pool ({size_from.name})" if size_from is not None and size_from.firm else None
+        size = placement.placed_count(wanted, ask, dict(resources) if resources else None, each=what, group=group)
         if size < wanted:
             log.warning("%s pool: %d actors, the most this cluster can hold at once (%s asked for %d)",
                         what, size, size_from.name if size_from else "the default", wanted)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from simmerge_ray.errors import ConfigError
@@ -33,6 +33,7 @@ AUTOSCALER_STATUS_KEY = "__autoscaling_status"  # ray_constants.DEBUG_AUTOSCALIN
 
 
 HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
+GROUP_LABEL = "ray.io/node-group"  # the node type a node was launched as (RAY_NODE_TYPE_NAME), when set
 UNBOUNDED = 1 << 30  # a declared node type without max_count: as many as the autoscaler likes
 RAY_DEFAULT_MAX_WORKERS = 2  # a Ray autoscaler config's max_workers when it sets none
 
@@ -49,6 +50,7 @@ class NodeType:
     resources: dict[str, float]
     max_count: int = 1
     head: bool = False  # a live node that is the cluster's head (it belongs to no worker type)
+    group: str | None = None  # a live node's `ray.io/node-group` label: the node type that launched it
 
 
 def ask_bundle(ask: ResourceAsk, extra: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -63,7 +65,7 @@ def live_node_types() -> list[NodeType]:
 
     return [NodeType(f"node {n['NodeManagerAddress']} ({n['NodeID'][:8]})",
                      {k: float(v) for k, v in n["Resources"].items() if not k.startswith("node:")},
-                     head=HEAD_RESOURCE in n["Resources"])
+                     head=HEAD_RESOURCE in n["Resources"], group=(n.get("Labels") or {}).get(GROUP_LABEL))
             for n in ray.nodes() if n["Alive"]]
 
 
@@ -73,26 +75,27 @@ _NOT_DECLARED = ("memory", "object_store_memory", "accelerator_type:")
 
 
 def _of_type(node: NodeType, kind: NodeType) -> bool:
-    """Whether a live worker node is one of `kind`'s nodes: the same CPUs, GPUs and custom
-    resources as it declares (memory as declared and as Ray counts it differ)."""
+    """Whether a live worker node is one of `kind`'s nodes: by the group label the autoscaler or
+    KubeRay gave it when it has one, else by shape (the same CPUs, GPUs and custom resources as
+    the type declares; memory as declared and as Ray counts it differ)."""
+    if node.group is not None:
+        return node.group == kind.name
     keys = {"CPU", "GPU"} | {k for k in {*node.resources, *kind.resources} if not k.startswith(_NOT_DECLARED)}
     return all(node.resources.get(k, 0.0) == kind.resources.get(k, 0.0) for k in keys)
 
 
 def counted_once(live: list[NodeType], kinds: list[NodeType]) -> list[NodeType]:
-    """The live nodes and the declared or reported node types, with each live worker node that is
-    one of a type's nodes counted within that type's max_count rather than again beside it (a
-    RayJob's cluster is its declared groups; its live workers are some of them). A live node
-    that matches no type with nodes left (the head, a node added by hand) counts as itself."""
+    """The live nodes, each with the resources Ray reports, and the declared or reported node
+    types, less the live worker nodes that are among a type's nodes: those count once, as
+    themselves, and the type keeps the nodes it can still add (a RayJob's cluster is its declared
+    groups; its live workers are some of them). A live node of no type with nodes left (the
+    head, a node added by hand) takes nothing from any type."""
     left = [k.max_count for k in kinds]
-    alone = []
     for node in live:
         i = None if node.head else next((i for i, k in enumerate(kinds) if left[i] > 0 and _of_type(node, k)), None)
-        if i is None:
-            alone.append(node)
-        else:
+        if i is not None:
             left[i] -= 1
-    return alone + kinds
+    return live + [replace(k, max_count=n) for k, n in zip(kinds, left)]
 
 
 def reported_node_types() -> list[NodeType]:
@@ -201,8 +204,10 @@ def unsatisfiable_reason(what: str, bundle: Mapping[str, float], types: list[Nod
 
 def gang_capacity(bundle: Mapping[str, float], types: list[NodeType]) -> int:
     """How many copies of `bundle` the node types can hold at once (each node packs whole copies,
-    counted as Ray does, in ten-thousandths). With `counted_once`'s types, a live node counts once;
-    still an upper bound where a type declares more nodes than its cloud will give."""
+    counted as Ray does, in ten-thousandths). With `counted_once`'s types a live node of a declared
+    type counts once; still an upper bound where a type declares more nodes than its cloud will
+    give, where an autoscaler's report and SIMMERGE_NODE_TYPES describe the same groups, or where
+    a live node's shape matches no declared type."""
     if not bundle:
         return UNBOUNDED
     return min(UNBOUNDED, sum(t.max_count * min(_units(t.resources.get(k, 0.0)) // max(1, _units(v))

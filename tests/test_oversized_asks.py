@@ -110,7 +110,8 @@ def test_the_default_label_pool_is_cut_where_the_cluster_holds_fewer(ray_cluster
         "label actor pool: 1 actors, the most this cluster can hold at once (the default asked for 2)"]
 
 
-def test_a_merge_pool_beyond_the_cluster_fails_at_once(ray_cluster, tmp_path: Path) -> None:
+def test_a_merge_pool_beyond_the_cluster_fails_at_once(ray_cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys, caplog: pytest.LogCaptureFixture) -> None:
     root = make_family(tmp_path / "models", SPEC)
     cfg = root / "ta.yaml"
     cfg.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "base",
@@ -121,13 +122,18 @@ def test_a_merge_pool_beyond_the_cluster_fails_at_once(ray_cluster, tmp_path: Pa
                                                r"each must run at once, but this cluster holds at most 4 "):
         run_merge(MergeSpec.load(cfg), tmp_path / "out", opts)
     assert not (tmp_path / "out").exists()
-    # The same 8 as a default (no flag set them) or as a cap is cut to the 4 the cluster holds, and merges.
+    # The same 8 as a default (no flag set them) is cut to the 4 the cluster holds, and merges.
     res = run_merge(MergeSpec.load(cfg), tmp_path / "ok", ExecOptions(placement="ray", workers=8, unit_elems=700))
     assert res.units > 4 and res.workers == 4
-    capped = ExecOptions(placement="ray", workers=8, unit_elems=700, workers_from=SizeFrom("SIMMERGE_MAX_ACTORS=8", firm=False))
-    res = run_merge(MergeSpec.load(cfg), tmp_path / "capped", capped)
-    assert res.workers == 4
-    assert (tmp_path / "capped" / "model.safetensors").read_bytes() == (tmp_path / "ok" / "model.safetensors").read_bytes()
+    # So is SIMMERGE_MAX_ACTORS, a cap (a job's --max-actors), as `simmerge merge` reads it; 8K
+    # shards make more than 6 units (a unit never spans two files).
+    monkeypatch.setenv("SIMMERGE_MAX_ACTORS", "6")
+    caplog.set_level(logging.WARNING, logger="simmerge_ray.actor_pool")
+    caplog.clear()  # the default's warning above
+    assert cli_status(["merge", str(cfg), "--out", str(tmp_path / "capped"), "--ray", "--shard-size", "8K"]) == 0
+    assert "input; 4 Ray actors)" in capsys.readouterr().out
+    assert _pool_warnings(caplog) == [
+        "merge worker pool: 4 actors, the most this cluster can hold at once (SIMMERGE_MAX_ACTORS=6 asked for 6)"]
 
 
 def test_label_workers_beyond_the_cluster_fail_at_once(ray_cluster, zoo: Path, tmp_path: Path, capsys,

@@ -113,28 +113,37 @@ def test_gang_capacity_packs_whole_copies_per_node() -> None:
 
 def test_a_live_node_of_a_declared_type_counts_once() -> None:
     """A RayJob's cluster is its declared worker groups, some of them alive now: a live worker of
-    a group counts within its max_count, not again beside it (a pool of 6 three-CPU actors on
-    the 'cpu' type's 2 nodes was let through and waited). The head and a node of no declared
-    shape count as themselves, and so does a live node beyond its type's max_count."""
-    cpu = NodeType("cpu", {"CPU": 8.0, "memory": 22.0 * GIB}, 2)
+    a group takes one off the group's max_count instead of counting again beside it (a pool of
+    6 three-CPU actors on the 'cpu' type's 2 nodes was let through and waited), and keeps the
+    resources Ray reports (a memory ask a live node holds is not refused because the type
+    declares less). The head and a node of no declared shape take nothing from any type."""
+    cpu = NodeType("cpu", {"CPU": 8.0}, 2)  # declared without memory, as an autoscaler config may
     gpu = NodeType("gpu", {"CPU": 8.0, "GPU": 1.0, "memory": 46.0 * GIB}, 1)
     head = NodeType("node 10.0.0.1 (aaaa)", {"CPU": 8.0, "memory": 6.0 * GIB, "object_store_memory": 2.0 * GIB},
                     head=True)
 
-    def live(name: str, **res: float) -> NodeType:  # as Ray reports a node: its own memory, the object store
-        return NodeType(name, {"memory": 19.5 * GIB, "object_store_memory": 8.0 * GIB, **res})
+    def live(name: str, group: str | None = None, **res: float) -> NodeType:  # as Ray reports a node
+        return NodeType(name, {"memory": 19.5 * GIB, "object_store_memory": 8.0 * GIB, **res}, group=group)
 
     w1, w2, w3 = (live(f"node 10.0.0.{i} ({i}{i}{i}{i})", CPU=8.0) for i in (2, 3, 4))
     g1 = live("node 10.0.0.5 (5555)", CPU=8.0, GPU=1.0, **{"accelerator_type:A10G": 1.0})
     odd = live("node 10.0.0.6 (6666)", CPU=4.0)
     types = placement.counted_once([head, w1, g1, odd], [cpu, gpu])
-    assert types == [head, odd, cpu, gpu]
-    assert placement.gang_capacity({"CPU": 3.0}, types) == 2 + 1 + 2 * 2 + 2  # was 13 with w1 and g1 twice
-    # Three live 'cpu' nodes where two are declared: the third is real, so it counts as itself.
-    assert placement.counted_once([w1, w2, w3], [cpu, gpu]) == [w3, cpu, gpu]
+    assert types == [head, w1, g1, odd, NodeType("cpu", {"CPU": 8.0}, 1), NodeType("gpu", gpu.resources, 0)]
+    assert placement.gang_capacity({"CPU": 3.0}, types) == 2 + 2 + 2 + 1 + 2  # was 13: w1 and g1 twice
+    # The live 'cpu' node holds a memory ask its declaration does not show.
+    assert placement.gang_capacity({"CPU": 1.0, "memory": 8.0 * GIB}, types) == 2 + 2 + 2  # w1, g1, odd
+    assert unsatisfiable_reason("a", {"CPU": 1.0, "memory": 8.0 * GIB}, types) is None
+    # Three live 'cpu' nodes where two are declared: the third is real, and the type has none left.
+    assert placement.counted_once([w1, w2, w3], [cpu]) == [w1, w2, w3, NodeType("cpu", {"CPU": 8.0}, 0)]
     # Custom resources are part of a type's shape: a node without the declared slot is another kind.
     slotted = NodeType("slotted", {"CPU": 8.0, "merge_slot": 1.0}, 1)
     assert placement.counted_once([w1], [slotted]) == [w1, slotted]
+    # A node's group label (ray.io/node-group) decides over its shape: an 8-CPU node of another
+    # group takes nothing from 'cpu', and one labelled 'slotted' is a 'slotted' node.
+    other, labelled = live("n7", group="spot", CPU=8.0), live("n8", group="slotted", CPU=8.0)
+    assert placement.counted_once([other, labelled], [cpu, slotted]) == [
+        other, labelled, cpu, NodeType("slotted", slotted.resources, 0)]
 
 
 def test_the_head_is_marked_among_the_live_nodes(ray_cluster) -> None:

@@ -52,7 +52,7 @@ def test_merge_job_succeeds_and_bad_config_fails(ray_head: RayHead, merge_inputs
     # The asks reached the merge command: the CPU ask as its flag, the --max-actors cap as the variable.
     (line,) = [x for x in logs.splitlines() if x.startswith("jobs/merge.py: SIMMERGE_")]
     assert "SIMMERGE_CPUS_PER_ACTOR=0.5 " in line and " SIMMERGE_MAX_ACTORS=1 simmerge merge " in line, line
-    assert "--cpus-per-worker 0.5" in logs and "input; 1 Ray actor)" in logs
+    assert "--cpus-per-worker 0.5" in logs
     merged = Checkpoint.open(tmp_path / "merged")
     a, b = Checkpoint.open(merge_inputs / "a"), Checkpoint.open(merge_inputs / "b")
     assert set(merged.entries) == set(a.entries)
