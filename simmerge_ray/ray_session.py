@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,6 +26,7 @@ _set_here: set[str] = set()
 # then, not Ray's own retries (about 40 s each, 20 of them: some 14 minutes).
 CONNECT_TIMEOUT_ENV = "SIMMERGE_RAY_CONNECT_TIMEOUT_S"
 DEFAULT_CONNECT_TIMEOUT_S = 60.0
+CLIENT_SCHEME = "ray://"  # Ray Client: the driver runs here, its work on the cluster through a proxy
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:/\[\]]+)):(?P<port>[0-9]{1,5})")
 
 
@@ -69,7 +71,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     with _without_cpp_info_lines(enabled=not _verbose):
         if address:
             try:
-                ray.init(address=address, log_to_driver=True, logging_level=level)
+                with warnings.catch_warnings():  # its timeout, said again below in one line
+                    warnings.filterwarnings("ignore", "Ray Client connection timed out", UserWarning)
+                    ray.init(address=address, log_to_driver=True, logging_level=level)
             except ValueError as e:  # "Invalid address format: x", "Unable to parse port number ...": a traceback
                 if not re.search(r"address|port", str(e)):
                     raise
@@ -78,6 +82,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
                 why = " ".join(str(e).split())  # Ray's advice on an http:// address spans lines
                 raise ConfigError(f"{given}: not a Ray address ({why}); give the head's HOST:PORT, ray://HOST:PORT "
                                   f"or auto") from None
+            except ConnectionError as e:  # Ray Client: a port that took the connection but no session came
+                if not address.startswith(CLIENT_SCHEME):
+                    raise
+                from simmerge_ray.errors import ConfigError
+
+                raise ConfigError(f"{given}: Ray Client could not connect ({' '.join(str(e).split())}); give "
+                                  f"{CLIENT_SCHEME}HOST:PORT of the head's Ray Client server (10001 by default)") from None
             if not _verbose:
                 _drop_streamed_cpp_info_lines()
         else:
@@ -106,8 +117,11 @@ def _connect_timeout() -> float:
 
 def _as_ray_reads_it(address: str) -> str:
     """The HOST:PORT ray.init connects to for `address`: `auto` read from this machine's record of
-    its cluster, localhost as this node's IP (what the head's GCS listens on); "" for Ray Client
-    (ray://) and for what Ray itself refuses or resolves to no cluster (its error says so)."""
+    its cluster, localhost as this node's IP (what the head's GCS listens on), a Ray Client
+    address's own (ray://HOST:PORT); "" for what Ray itself refuses or resolves to no cluster (its
+    error says so)."""
+    if address.startswith(CLIENT_SCHEME):
+        return address[len(CLIENT_SCHEME):]
     if "://" in address:
         return ""
     try:
@@ -119,19 +133,24 @@ def _as_ray_reads_it(address: str) -> str:
 
 
 def wait_reachable(address: str, given: str) -> None:
-    """Wait until a HOST:PORT Ray address accepts a TCP connection, retrying (the head, or its DNS
-    name, may still be coming up) for SIMMERGE_RAY_CONNECT_TIMEOUT_S seconds (default 60); then
-    a ConfigError of one line naming `given` (the flag or variable and the address). A port that
-    answers as no gRPC server does (the dashboard's HTTP) is that one line at once: Ray would
-    retry it for minutes. Other forms (auto, ray://HOST:PORT: Ray Client's own 30 s limit) are
-    left to Ray."""
+    """Wait until a Ray address (HOST:PORT, `auto`, or Ray Client's ray://HOST:PORT) accepts a TCP
+    connection, retrying (the head, or its DNS name, may still be coming up) for
+    SIMMERGE_RAY_CONNECT_TIMEOUT_S seconds (default 60); then a ConfigError of one line naming
+    `given` (the flag or variable and the address). A port that answers as no gRPC server does
+    (the dashboard's HTTP) is that one line at once: Ray would retry it for minutes (Ray Client
+    gives up after 30 s with a traceback)."""
     from simmerge_ray.errors import ConfigError
 
-    target = _as_ray_reads_it(address.strip())
+    address = address.strip()
+    target = _as_ray_reads_it(address)
     m = _HOST_PORT.fullmatch(target)
     if m is None or not 0 < int(m.group("port")) < 65536:
         return
-    where = "there" if _HOST_PORT.fullmatch(address.strip()) else f"at {target}"  # `auto`: the address it found
+    client = address.startswith(CLIENT_SCHEME)
+    where = "there" if client or _HOST_PORT.fullmatch(address) else f"at {target}"  # `auto`: the address it found
+    server = "Ray Client server" if client else "GCS"
+    want = (f"{CLIENT_SCHEME}HOST:PORT of the head's Ray Client server (10001 by default)" if client
+            else "the head's GCS HOST:PORT (6379 by default)")
     host, port = m.group("v6") or m.group("host"), int(m.group("port"))
     limit = _connect_timeout()
     deadline = time.monotonic() + limit
@@ -142,9 +161,8 @@ def wait_reachable(address: str, given: str) -> None:
                 reply = _not_grpc_reply(sock)
             if reply is None:
                 return
-            raise ConfigError(f"{given}: {host}:{port} answers, but not as a Ray cluster's GCS (it replied "
-                              f"{reply!r}; the dashboard and `ray job submit` use port 8265); give the head's GCS "
-                              f"HOST:PORT (6379 by default)")
+            raise ConfigError(f"{given}: {host}:{port} answers, but not as a Ray cluster's {server} (it replied "
+                              f"{reply!r}; the dashboard and `ray job submit` use port 8265); give {want}")
         except socket.gaierror:
             why = f"cannot resolve {host!r}"
         except ConnectionRefusedError:
@@ -153,9 +171,8 @@ def wait_reachable(address: str, given: str) -> None:
             why = f"cannot connect: {e.strerror or e}"
         left = deadline - time.monotonic()
         if left <= 0:
-            raise ConfigError(f"{given}: no Ray cluster reachable {where} within {limit:g} s ({why}); give the "
-                              f"head's HOST:PORT (its GCS port, 6379 by default), start the cluster, or wait "
-                              f"longer with {CONNECT_TIMEOUT_ENV}=SECONDS")
+            raise ConfigError(f"{given}: no Ray cluster reachable {where} within {limit:g} s ({why}); give "
+                              f"{want}, start the cluster, or wait longer with {CONNECT_TIMEOUT_ENV}=SECONDS")
         time.sleep(min(1.0, left))
 
 

@@ -138,3 +138,38 @@ def test_the_sessions_gcs_passes_the_check(ray_cluster) -> None:
     t = time.perf_counter()
     wait_reachable(ray.get_runtime_context().gcs_address, "--address x")
     assert time.perf_counter() - t < 5
+
+
+def test_a_ray_client_address_where_nothing_listens_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ray://HOST:PORT is waited for as HOST:PORT is (it was left to Ray Client: a traceback after
+    30 s), and the line names the Ray Client port rather than the GCS's."""
+    monkeypatch.setenv(CONNECT_TIMEOUT_ENV, "0")
+    port = _closed_port()
+    with pytest.raises(ConfigError) as e:
+        wait_reachable(f"ray://127.0.0.1:{port}", f"RAY_ADDRESS=ray://127.0.0.1:{port}")
+    assert str(e.value) == (f"RAY_ADDRESS=ray://127.0.0.1:{port}: no Ray cluster reachable there within 0 s "
+                            "(connection refused: nothing listens on that port); give ray://HOST:PORT of the head's "
+                            f"Ray Client server (10001 by default), start the cluster, or wait longer with "
+                            f"{CONNECT_TIMEOUT_ENV}=SECONDS")
+
+
+@pytest.mark.slow
+def test_a_ray_client_port_that_never_answers_is_one_line(models: Path, tmp_path: Path) -> None:
+    """A port that takes the connection and says nothing (no Ray Client server behind it): Ray
+    Client gives up after its own retries (about 40 s) with a ConnectionError, which was a
+    traceback; now one line, and Ray's warning saying the same is not printed."""
+    cfg = tmp_path / "linear.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(models / "m1"), "parameters": {"weight": 0.5}},
+        {"model": str(models / "m2"), "parameters": {"weight": 0.5}}], "dtype": "float32"}))
+    with socket.socket() as silent:
+        silent.bind(("", 0))
+        silent.listen()
+        address = f"ray://127.0.0.1:{silent.getsockname()[1]}"
+        res = subprocess.run([sys.executable, "-m", "simmerge_ray", "merge", str(cfg), "--out", str(tmp_path / "out"),
+                              "--quiet", "--address", address], env=_env(), capture_output=True, text=True,
+                             timeout=180, cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"simmerge merge: error: --address {address}: Ray Client could not connect (ray client connection timeout); "
+        "give ray://HOST:PORT of the head's Ray Client server (10001 by default)"], res.stderr
+    assert not (tmp_path / "out").exists()
