@@ -20,7 +20,7 @@ from simmerge_ray.catalog import Catalog
 from simmerge_ray.cli import main as cli_main
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.planner.batch import BatchSettings, run_batch
-from input_checks import tree_hash  # beside this file
+from input_checks import cli_status, one_line_error, tree_hash  # beside this file
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +177,21 @@ def test_a_request_table_of_another_format_says_which_are_read(tmp_path: Path) -
     with pytest.raises(ConfigError, match=r"requests\.csv: not a readable request table \(.*\); request tables are "
                                           r"\.parquet, \.jsonl or \.json$"):
         read_requests(str(csv))
+
+
+def test_the_feature_table_stands_for_its_folder(world, tmp_path: Path, capsys) -> None:
+    """`--features DIR/features.parquet`, as `fit` and `bandit-init` take it, plans as `--features
+    DIR` does (it was read as a folder: "Not a directory" on gram_meta.json inside the file);
+    another file of the folder is one line naming it."""
+    argv = ["plan", "--selector", str(world.selector), "--catalog", str(world.catalog), "--task", "code",
+            "--expert", "code-0", "--aux", "math-0"]
+    for name, features in (("by-folder", world.features), ("by-table", world.features / "features.parquet")):
+        assert cli_main([*argv, "--features", str(features), "--out", str(tmp_path / name)]) == 0
+    capsys.readouterr()
+    by_folder, by_table = (json.loads((tmp_path / n / "plan.json").read_text()) for n in ("by-folder", "by-table"))
+    assert by_table == by_folder
+    gram = world.features / "gram.safetensors"
+    assert cli_status([*argv, "--features", str(gram), "--out", str(tmp_path / "gram")]) == 2
+    one_line_error(capsys, f"argument --features: {gram} is a file; give the features folder (`simmerge features` "
+                           "writes features.parquet and the Gram files there)")
+    assert not (tmp_path / "gram").exists()

@@ -45,6 +45,23 @@ def tcp_port(text: str) -> int:
     return value
 
 
+def features_folder(text: str) -> str:
+    """argparse type of a planner's --features: the features folder (its table and the Gram
+    matrices the planner propagates). Its features.parquet, which `fit` and `bandit-init` take
+    as well, stands for the folder; another file is one line (it read as a folder: "Not a
+    directory" on a file inside it)."""
+    import argparse
+    from pathlib import Path
+
+    p = Path(text)
+    if p.is_file() and p.name == "features.parquet":
+        return str(p.parent)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give the features folder (`simmerge features` "
+                                         f"writes features.parquet and the Gram files there)")
+    return text
+
+
 def _whole_number(text: str, least: int) -> int:
     import argparse
 

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+from simmerge_ray.cli.common import features_folder
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.features.provenance import check_measured_from, measured_checkpoints
 from simmerge_ray.io.atomic import atomic_output_dir
@@ -43,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--aux-selector", default=None,
                    help="selector fitted with --target aux_gap_closed (enables the auxiliary-gain objective)")
     p.add_argument("--catalog", required=True, help="catalog YAML the model names refer to")
-    p.add_argument("--features", required=True, help="features folder (features.parquet, gram.safetensors)")
+    p.add_argument("--features", required=True, type=features_folder,
+                   help="features folder (features.parquet, gram.safetensors), or its features.parquet")
     p.add_argument("--task", required=True, help="target task")
     p.add_argument("--expert", help="pairwise mode: the expert model")
     p.add_argument("--aux", help="pairwise mode: the auxiliary model")

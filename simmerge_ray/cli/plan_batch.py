@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from simmerge_ray.cli.common import at_least_one, at_least_zero
+from simmerge_ray.cli.common import at_least_one, at_least_zero, features_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="calibration.json from a pipeline run's multiway/ folder (needs --aux-selector): 3-/4-way "
                         "plans are ranked on retentions calibrated on measured merges, as `simmerge plan` does")
     p.add_argument("--catalog", required=True, help="catalog YAML the requests' model names refer to")
-    p.add_argument("--features", required=True, help="features folder (features.parquet, gram.safetensors)")
+    p.add_argument("--features", required=True, type=features_folder,
+                   help="features folder (features.parquet, gram.safetensors), or its features.parquet")
     p.add_argument("--out", required=True, help="folder for results.parquet, plans/, summary.json")
     p.add_argument("--cache", default=None, help="results cache folder (default: OUT/cache); reruns skip "
                                                   "requests found there")
