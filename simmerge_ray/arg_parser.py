@@ -10,10 +10,19 @@ import re
 from typing import Any, NoReturn
 
 
+# Options that mean the same under another name in another command: how many actors a pool starts
+# is `--workers` where the command runs a pool of its own (merge, label, structural, fit) and
+# `--actors` where Ray Data runs it (probe, functional features, plan-batch).
+SYNONYMS = {"--workers": "--actors", "--actors": "--workers"}
+
+
 def closest_option(flag: str, parser: argparse.ArgumentParser, *, cutoff: float) -> str | None:
     """The --option of `parser` an unknown `flag` (without its `=VALUE`) most resembles, at a
-    difflib ratio of at least `cutoff`, or None: the "did you mean" of a misspelt flag."""
+    difflib ratio of at least `cutoff`, or its synonym there (SYNONYMS), or None: the "did you
+    mean" of a misspelt flag."""
     options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    if SYNONYMS.get(flag) in options:
+        return SYNONYMS[flag]
     close = difflib.get_close_matches(flag, options, n=1, cutoff=cutoff)
     return close[0] if close else None
 

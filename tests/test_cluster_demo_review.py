@@ -34,6 +34,12 @@ def test_a_misspelt_flag_is_named_by_its_command_with_the_closest_option(
     with pytest.raises(SystemExit):
         main(["features", "structural", "--catalog", "c", "--out", "o", "--bogus"])
     one_line_error(capsys, "simmerge features structural: error: unrecognized arguments: --bogus (see")
+    # A pool's size is --workers where the command runs the pool, --actors where Ray Data does.
+    for argv, given, meant in ((["probe", "--catalog", "c", "--out", "o"], "--workers", "--actors"),
+                               (["merge", str(config), "--out", "o"], "--actors", "--workers")):
+        with pytest.raises(SystemExit):
+            main([*argv, given, "2"])
+        one_line_error(capsys, f"unrecognized arguments: {given} 2 ({given}: did you mean {meant}?)")
     assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
 
 
