@@ -21,10 +21,11 @@ def closest_option(flag: str, parser: argparse.ArgumentParser, *, cutoff: float)
     difflib ratio of at least `cutoff`, or its synonym there (SYNONYMS), or None: the "did you
     mean" of a misspelt flag."""
     options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
-    if SYNONYMS.get(flag) in options:
-        return SYNONYMS[flag]
     close = difflib.get_close_matches(flag, options, n=1, cutoff=cutoff)
-    return close[0] if close else None
+    synonym = SYNONYMS.get(flag) if SYNONYMS.get(flag) in options else None
+    if synonym and close and close[0] != synonym:  # plan-batch --workers: its --actors, or its --merge-workers
+        return f"{synonym} or {close[0]}"
+    return synonym or (close[0] if close else None)
 
 
 class Parser(argparse.ArgumentParser):

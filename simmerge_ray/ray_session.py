@@ -83,8 +83,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
                 raise ConfigError(f"{given}: not a Ray address ({why}); give the head's HOST:PORT, ray://HOST:PORT "
                                   f"or auto") from None
             except ConnectionError as e:  # Ray Client: a port that took the connection but no session came
-                if not address.startswith(CLIENT_SCHEME):
-                    raise
+                if not address.startswith(CLIENT_SCHEME) or str(e) != "ray client connection timeout":
+                    raise  # a server's own failure (auth, its init) says what it is
                 from simmerge_ray.errors import ConfigError
 
                 raise ConfigError(f"{given}: Ray Client could not connect ({' '.join(str(e).split())}); give "
@@ -147,6 +147,8 @@ def wait_reachable(address: str, given: str) -> None:
     if m is None or not 0 < int(m.group("port")) < 65536:
         return
     client = address.startswith(CLIENT_SCHEME)
+    if client and any(os.environ.get(v) for v in _GRPC_PROXY_ENV):
+        return  # grpc reaches it through the proxy, which this machine's own connection cannot
     where = "there" if client or _HOST_PORT.fullmatch(address) else f"at {target}"  # `auto`: the address it found
     server = "Ray Client server" if client else "GCS"
     want = (f"{CLIENT_SCHEME}HOST:PORT of the head's Ray Client server (10001 by default)" if client
@@ -158,7 +160,7 @@ def wait_reachable(address: str, given: str) -> None:
         try:
             wait = max(0.5, min(5.0, deadline - time.monotonic()))
             with socket.create_connection((host, port), timeout=wait) as sock:
-                reply = _not_grpc_reply(sock)
+                reply = None if _tls_on() else _not_grpc_reply(sock)  # TLS ingresses answer plain text in HTTP/1
             if reply is None:
                 return
             raise ConfigError(f"{given}: {host}:{port} answers, but not as a Ray cluster's {server} (it replied "
@@ -174,6 +176,15 @@ def wait_reachable(address: str, given: str) -> None:
             raise ConfigError(f"{given}: no Ray cluster reachable {where} within {limit:g} s ({why}); give "
                               f"{want}, start the cluster, or wait longer with {CONNECT_TIMEOUT_ENV}=SECONDS")
         time.sleep(min(1.0, left))
+
+
+_GRPC_PROXY_ENV = ("grpc_proxy", "https_proxy", "http_proxy", "GRPC_PROXY", "HTTPS_PROXY", "HTTP_PROXY")
+
+
+def _tls_on() -> bool:
+    """Ray's RAY_USE_TLS: the port may be a TLS front (an ingress) whose reply to plain bytes is
+    not a gRPC frame though the cluster is behind it."""
+    return os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true", "yes")
 
 
 # What an HTTP/2 client sends first (RFC 9113 3.4), then an empty SETTINGS frame. A gRPC server

@@ -40,6 +40,10 @@ def test_a_misspelt_flag_is_named_by_its_command_with_the_closest_option(
         with pytest.raises(SystemExit):
             main([*argv, given, "2"])
         one_line_error(capsys, f"unrecognized arguments: {given} 2 ({given}: did you mean {meant}?)")
+    with pytest.raises(SystemExit):  # plan-batch has both its planning --actors and its --merge-workers
+        main(["plan-batch", "--requests", "r", "--selector", "s", "--catalog", "c", "--features", "f", "--out", "o",
+              "--workers", "2"])
+    one_line_error(capsys, "(--workers: did you mean --actors or --merge-workers?)")
     assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
 
 

@@ -195,3 +195,7 @@ def test_the_feature_table_stands_for_its_folder(world, tmp_path: Path, capsys) 
     one_line_error(capsys, f"argument --features: {gram} is a file; give the features folder (`simmerge features` "
                            "writes features.parquet and the Gram files there)")
     assert not (tmp_path / "gram").exists()
+    assert cli_status(["plan-batch", "--requests", "r.parquet", "--selector", str(world.selector), "--catalog",
+                       str(world.catalog), "--features", str(gram), "--out", str(tmp_path / "batch")]) == 2
+    one_line_error(capsys, f"simmerge plan-batch: error: argument --features: {gram} is a file; give the features folder")
+    assert not (tmp_path / "batch").exists()

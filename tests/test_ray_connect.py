@@ -173,3 +173,29 @@ def test_a_ray_client_port_that_never_answers_is_one_line(models: Path, tmp_path
         f"simmerge merge: error: --address {address}: Ray Client could not connect (ray client connection timeout); "
         "give ray://HOST:PORT of the head's Ray Client server (10001 by default)"], res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ray_client_address_behind_a_proxy_or_a_tls_front_is_left_to_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """grpc reaches ray:// through https_proxy (this machine's own connection cannot), and a TLS
+    front (RAY_USE_TLS, an ingress) may answer plain bytes in HTTP/1: neither is refused here."""
+    from http.server import HTTPServer, SimpleHTTPRequestHandler
+
+    monkeypatch.setenv(CONNECT_TIMEOUT_ENV, "0")
+    closed = f"ray://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("https_proxy", "http://proxy.invalid:3128")
+    wait_reachable(closed, f"RAY_ADDRESS={closed}")  # no error: left to Ray Client and its proxy
+    monkeypatch.delenv("https_proxy")
+    with pytest.raises(ConfigError):
+        wait_reachable(closed, f"RAY_ADDRESS={closed}")
+    server = HTTPServer(("", 0), SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    web = f"ray://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ConfigError, match="answers, but not as a Ray cluster's Ray Client server"):
+            wait_reachable(web, f"RAY_ADDRESS={web}")
+        monkeypatch.setenv("RAY_USE_TLS", "1")
+        wait_reachable(web, f"RAY_ADDRESS={web}")  # it accepts connections: that is all a TLS front shows here
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -54,11 +54,14 @@ def features_folder(text: str) -> str:
     from pathlib import Path
 
     p = Path(text)
-    if p.is_file() and p.name == "features.parquet":
-        return str(p.parent)
-    if p.exists() and not p.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file; give the features folder (`simmerge features` "
-                                         f"writes features.parquet and the Gram files there)")
+    try:
+        if p.is_file() and p.name == "features.parquet":
+            return str(p.resolve().parent)  # a link's target's folder: the Gram files lie beside the table
+        if p.exists() and not p.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a file; give the features folder (`simmerge features` "
+                                             f"writes features.parquet and the Gram files there)")
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text}: cannot read it ({e.strerror or e})") from None
     return text
 
 
