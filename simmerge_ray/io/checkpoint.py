@@ -42,8 +42,14 @@ def with_layer_index(tensor_name: str, index: int) -> str:
     return f"{tensor_name[:m.start(1)]}{index}{tensor_name[m.end(1):]}"
 
 
-# Output heads that a checkpoint with tie_word_embeddings stores only as its input embedding.
-TIED_HEADS: dict[str, str] = {"lm_head.weight": "model.embed_tokens.weight"}
+# Output heads that a checkpoint with tie_word_embeddings stores only as its input embedding, and
+# where each architecture keeps that embedding: llama/mistral/qwen2/gemma, GPT-2, BLOOM/Falcon,
+# OPT; GPT-NeoX's embed_out.
+TIED_HEADS: dict[str, tuple[str, ...]] = {
+    "lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "transformer.word_embeddings.weight",
+                       "model.decoder.embed_tokens.weight"),
+    "embed_out.weight": ("gpt_neox.embed_in.weight",),
+}
 
 
 def merged_head(ckpts: Iterable[Checkpoint]) -> str | None:
@@ -178,20 +184,26 @@ class Checkpoint:
 
     @property
     def tied_embeddings(self) -> bool:
-        """True when the output head shares the input embedding (and so is absent on disk)."""
-        return bool(self.config.get("tie_word_embeddings", False))
+        """True when the output head shares the input embedding (and so is absent on disk). A
+        config.json without the key (transformers writes it only where it differs from its own
+        default, which is to tie; GPT-2's) ties where the weights do: no head beside the embedding."""
+        tie = self.config.get("tie_word_embeddings")
+        return bool(tie) if tie is not None or not self.config else True
 
     @property
     def tied_head(self) -> str | None:
         """The head this checkpoint ties to its embedding and so does not store, or None."""
         if not self.tied_embeddings:
             return None
-        return next((h for h, e in TIED_HEADS.items() if h not in self.entries and e in self.entries), None)
+        return next((h for h, embs in TIED_HEADS.items()
+                     if h not in self.entries and any(e in self.entries for e in embs)), None)
 
     def stored_name(self, name: str) -> str:
         """Where tensor `name` is stored: the embedding for the head this checkpoint ties (as
         mergekit's `tied_names` reads it), else `name` itself."""
-        return TIED_HEADS[name] if name == self.tied_head else name
+        if name != self.tied_head:
+            return name
+        return next(e for e in TIED_HEADS[name] if e in self.entries)
 
     def stored_entry(self, name: str) -> TensorEntry:
         """The entry tensor `name` is read from (a tied head's: its embedding's)."""
