@@ -101,3 +101,32 @@ def test_functional_features_of_a_gpt2_zoo(ray_cluster, gpt2_zoo: Path, tmp_path
     assert set(zip(table["a"].to_list(), table["b"].to_list())) == {("ft0", "ft1"), ("ft1", "ft0")}
     assert set(table["task"].to_list()) == {"code", "math"} and table.height == 4
     assert table.select(pl.col("f_act_cos_mean").is_finite().all()).item()
+
+
+def test_a_zoo_of_tied_models_is_labelled_as_transformers_loads_it(ray_cluster, gpt2_zoo: Path, tmp_path: Path) -> None:
+    """Every model tied (no head stored anywhere): the scoring model's state dict lists the tied
+    head under its own name, so a strict load of the merged weights was a traceback from the
+    label actor ("Missing key(s): lm_head.weight"). The scores are those of transformers'
+    own loading of each model (its head is its wte)."""
+    import polars as pl
+    from transformers import AutoModelForCausalLM
+
+    from simmerge_ray.catalog import Catalog
+    from simmerge_ray.testbed import label_evals
+    from simmerge_ray.testbed.evaluate import score
+
+    for task in ("code", "math"):
+        (gpt2_zoo / f"{task}.eval.jsonl").write_text("".join(
+            json.dumps({"prompt": p, "answer": " " + p.split()[-1]}) + "\n" for p in make_corpus(8, seed=len(task))))
+    catalog = yaml.safe_load((gpt2_zoo / "catalog.yaml").read_text())
+    for t in ("code", "math"):
+        catalog["tasks"][t]["eval"] = f"{t}.eval.jsonl"
+    (gpt2_zoo / "labelled.yaml").write_text(yaml.safe_dump(catalog))
+    assert cli_status(["label", "--catalog", str(gpt2_zoo / "labelled.yaml"), "--out", str(tmp_path / "labels"),
+                       "--metric", "score"]) == 0  # the smooth likelihood: a head other than wte would show
+    alone = pl.read_parquet(tmp_path / "labels" / "model_scores.parquet")
+    evals = label_evals.encoded_evals(Catalog.load(gpt2_zoo / "labelled.yaml"))
+    model = AutoModelForCausalLM.from_pretrained(gpt2_zoo / "ft0", attn_implementation="eager", dtype=torch.float32)
+    want = score(model, evals["code"])
+    row = alone.filter((pl.col("model") == "ft0") & (pl.col("task") == "code")).to_dicts()
+    assert len(row) == 1 and abs(row[0]["score"] - want["score"]) < 1e-6, (row, want)

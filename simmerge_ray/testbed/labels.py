@@ -29,7 +29,7 @@ from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError, OutputError
 from simmerge_ray.io.architecture import check_config_matches_weights, check_same_tensors
 from simmerge_ray.io.atomic import atomic_write_text
-from simmerge_ray.io.checkpoint import Checkpoint, merged_head
+from simmerge_ray.io.checkpoint import TIED_HEADS, Checkpoint, merged_head
 from simmerge_ray.io.digest_cache import json_digest
 from simmerge_ray.io.out_checks import check_not_input
 from simmerge_ray.io.shared_vocab import SharedVocab, shared_vocab
@@ -101,6 +101,10 @@ class PlanEvaluator:
         if vocab is not None:
             config.vocab_size = vocab.rows
         self.model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+        # Heads the scoring model ties to its embedding: no model stores them, and loading the
+        # embedding sets them (the state dict lists a tied head under its own name too).
+        ties = head is None and config.tie_word_embeddings
+        self.tied = {h for h in TIED_HEADS if h in self.model.state_dict()} if ties else set()
 
     def run(self, plans: list[LabelPlan]) -> list[dict[str, dict[str, float]]]:
         """Per plan: {task: score()}, the label run's record."""
@@ -138,7 +142,10 @@ class PlanEvaluator:
                 if prefix not in memo:
                     memo[prefix] = merge_arm(arm, cur, self.states[plan.models[j + 1]], self.states["base"])
                 cur = memo[prefix]
-        self.model.load_state_dict(cur)
+        missing, unexpected = self.model.load_state_dict(cur, strict=False)
+        if unexpected or set(missing) - self.tied:
+            raise RuntimeError(f"merged weights do not fit the scoring model: missing "
+                               f"{sorted(set(missing) - self.tied)}, unexpected {sorted(unexpected)}")
 
 
 def check_label_catalog(cat: Catalog) -> dict[str, str]:
