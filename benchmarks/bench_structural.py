@@ -91,7 +91,8 @@ def sum_pass(catalog: Path, workers: int, chunk_elems: int, as_float: bool) -> d
     rows = open_rows(Catalog.load(catalog))
     size = {t: sum(c.entries[t].nbytes for c in rows.ckpts) for t in rows.tensors}
     with ActorPool(SumWorker, workers, resources.streaming_ask(), what="sum actor",
-                   size_from=resources.SizeFrom(f"--workers {workers}"), args=([str(c.path) for c in rows.ckpts], chunk_elems, as_float)) as pool:
+                   size_from=resources.SizeFrom(f"--workers {workers}"),
+                   args=([str(c.path) for c in rows.ckpts], chunk_elems, as_float)) as pool:
         pool.wait_ready()  # actor start-up is not read time
         t0 = time.perf_counter()
         out = [r for _, r in pool.map_unordered("run", tensor_batches(rows.tensors, size, workers))]

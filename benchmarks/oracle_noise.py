@@ -50,7 +50,8 @@ def measure(catalog: Path, data: PairData, workers: int) -> list[PairExamples]:
     got: dict[tuple, dict[str, np.ndarray]] = {}
     ask = resources.inference_ask()
     with ActorPool(PlanEvaluator, workers, ask, what="noise actor",
-                   size_from=resources.SizeFrom(f"--workers {workers}"), args=(str(catalog.resolve()), max(1, int(ask.num_cpus)))) as pool:
+                   size_from=resources.SizeFrom(f"--workers {workers}"),
+                   args=(str(catalog.resolve()), max(1, int(ask.num_cpus)))) as pool:
         for k, results in pool.map_unordered("example_accuracy", [[plans[key] for key in c] for c in calls]):
             got |= {key: {t: np.asarray(v) for t, v in r.items()} for key, r in zip(calls[k], results)}
 

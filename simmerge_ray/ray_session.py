@@ -88,7 +88,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
                 from simmerge_ray.errors import ConfigError
 
                 raise ConfigError(f"{given}: Ray Client could not connect ({' '.join(str(e).split())}); give "
-                                  f"{CLIENT_SCHEME}HOST:PORT of the head's Ray Client server (10001 by default)") from None
+                                  f"{CLIENT_SCHEME}HOST:PORT of the head's Ray Client server "
+                                  f"(10001 by default)") from None
             if not _verbose:
                 _drop_streamed_cpp_info_lines()
         else:

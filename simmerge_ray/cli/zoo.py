@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help=f"random orders per 4-way subset, of 24 (default: {_label_default('orders_4')})")
     lab.add_argument("--weightings", nargs="+", default=None,
                      help=f"fold weightings of the 3-/4-way plans (default: {' '.join(_label_default('weightings'))})")
-    lab.add_argument("--workers", type=at_least_one, default=None, help=f"evaluator actors (default: SIMMERGE_MAX_ACTORS, else {_label_default('workers')}; "
+    lab.add_argument("--workers", type=at_least_one, default=None,
+                     help=f"evaluator actors (default: SIMMERGE_MAX_ACTORS, else {_label_default('workers')}; "
                           f"either is cut to what the cluster holds)")
     lab.add_argument("--seed", type=seed, default=None, help=f"seed of the 3-/4-way subset sampling (default: {_label_default('seed')})")
     lab.add_argument("--metric", choices=["accuracy", "score"], default=None,

@@ -60,7 +60,8 @@ def written_config(spec: MergeSpec, source: Checkpoint, num_layers: int | dict[s
     written = {code for p in plans for _, _, code in p.tensors if code in FLOAT_DTYPES}
     config = output_config(spec, source, num_layers, vocab.rows if vocab is not None else None,
                            next(iter(written)) if len(written) == 1 else None)
-    if config and config.get("tie_word_embeddings", True) and any(n in TIED_HEADS for p in plans for n, _, _ in p.tensors):
+    heads = any(n in TIED_HEADS for p in plans for n, _, _ in p.tensors)
+    if config and config.get("tie_word_embeddings", True) and heads:  # transformers' default is to tie
         config["tie_word_embeddings"] = False  # a head written (beside a tied model) is loaded as written
     return config
 

@@ -366,7 +366,8 @@ def _execute_top(rows: list[dict], s: BatchSettings) -> int:
     ask = resources.streaming_ask()  # what `merge`'s workers ask
     opts = ExecOptions(placement="ray", workers=s.merge_workers, cpus_per_worker=ask.num_cpus,
                        memory_per_worker=ask.memory,
-                       workers_from=resources.SizeFrom(f"--merge-workers {s.merge_workers}") if s.merge_workers else None)
+                       workers_from=(resources.SizeFrom(f"--merge-workers {s.merge_workers}")
+                                     if s.merge_workers else None))
     for r in ok[: s.execute_top]:
         target = out / "merged" / f"{r['request_id']}-{r['key'][:12]}"
         if not target.exists():
