@@ -605,6 +605,8 @@ def test_a_damaged_selector_folder_is_one_line(tmp_path: Path, capsys, damage, n
     sel.save(tmp_path / "sel")
     damage(tmp_path / "sel")
     cat = _catalog(tmp_path)
+    (tmp_path / "feats").mkdir()  # a features folder of its own (--features FILE stands for its folder)
+    feats = feats.rename(tmp_path / "feats" / "features.parquet")
     assert cli_main(["plan", "--selector", str(tmp_path / "sel"), "--catalog", str(cat), "--features", str(feats),
                      "--task", "t", "--expert", "a", "--aux", "b", "--out", str(tmp_path / "plan")]) == 2
     _one_line_error(capsys, f"{tmp_path / 'sel'}", needle.format(sel=tmp_path / "sel"))
