@@ -178,7 +178,15 @@ def cluster_node_types() -> tuple[list[NodeType], bool]:
     """(every node type known for the connected cluster, whether that list is complete)."""
     live, reported, declared = live_node_types(), reported_node_types(), declared_node_types()
     complete = bool(reported or declared) or not autoscaler_running()
-    return counted_once(live, reported + declared), complete
+    return counted_once(live, known_kinds(reported, declared)), complete
+
+
+def known_kinds(reported: list[NodeType], declared: list[NodeType]) -> list[NodeType]:
+    """The node types an autoscaler reported, and those SIMMERGE_NODE_TYPES declares beyond them:
+    a group both name (a RayJob's manifest declared to a cluster whose autoscaler reports it too)
+    counts once, as the autoscaler reports it."""
+    named = {k.name for k in reported}
+    return reported + [k for k in declared if k.name not in named]
 
 
 def _fmt(amount: float, resource: str) -> str:
@@ -206,8 +214,8 @@ def gang_capacity(bundle: Mapping[str, float], types: list[NodeType]) -> int:
     """How many copies of `bundle` the node types can hold at once (each node packs whole copies,
     counted as Ray does, in ten-thousandths). With `counted_once`'s types a live node of a declared
     type counts once; still an upper bound where a type declares more nodes than its cloud will
-    give, where an autoscaler's report and SIMMERGE_NODE_TYPES describe the same groups, or where
-    a live node's shape matches no declared type."""
+    give, where an autoscaler's report and SIMMERGE_NODE_TYPES name the same groups differently,
+    or where a live node's shape matches no declared type."""
     if not bundle:
         return UNBOUNDED
     return min(UNBOUNDED, sum(t.max_count * min(_units(t.resources.get(k, 0.0)) // max(1, _units(v))

@@ -204,3 +204,13 @@ def test_gang_capacity_counts_fractional_asks_as_ray_does() -> None:
     assert placement.gang_capacity({"CPU": 0.07}, [NodeType("n", {"CPU": 7.0})]) == 100
     assert placement.gang_capacity({"CPU": 0.14}, [NodeType("n", {"CPU": 7.0})]) == 50
     assert placement.gang_capacity({"CPU": 3.0}, [NodeType("n", {"CPU": 8.0})]) == 2
+
+
+def test_a_group_both_reported_and_declared_counts_once() -> None:
+    """An autoscaler that reports its groups, and a RayJob whose manifest declares the same ones:
+    each group's nodes counted once (as reported), a declared group it does not report kept."""
+    reported = [NodeType("cpu", {"CPU": 8.0}, 4)]
+    declared = [NodeType("cpu", {"CPU": 8.0, "memory": 22.0 * GIB}, 8), NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, 2)]
+    kinds = placement.known_kinds(reported, declared)
+    assert kinds == [reported[0], declared[1]]
+    assert placement.gang_capacity({"CPU": 8.0}, kinds) == 4 + 2
