@@ -6,7 +6,7 @@ tensor by tensor (I/O and memory bound: merges, structural features, Gram matric
 which want an accelerator when the cluster has one. The same job runs on a laptop (defaults:
 1 CPU, no GPU) and on a cluster with GPU workers (e.g. `--gpus-per-inference-actor 1`) because
 the asks are read here, from the environment the job entry points export, and nowhere else.
-Library code calls `streaming_ask()`, `inference_ask()` and `max_actors()`.
+Library code calls `streaming_ask()`, `inference_ask()`, `max_actors()` and `pool_size()`.
 """
 
 from __future__ import annotations
@@ -223,8 +223,10 @@ def max_actors(default: int) -> int:
     return StageResources.from_env().max_actors or default
 
 
-def max_actors_from() -> SizeFrom | None:
-    """SIMMERGE_MAX_ACTORS as what set a pool's size (a cap) when it is set, else None (the
-    stage's default)."""
+def pool_size(given: int | None, default: int, flag: str = "--workers") -> tuple[int, SizeFrom | None]:
+    """An actor pool's size and what set it: the command's own `flag` when `given` (firm), else
+    SIMMERGE_MAX_ACTORS (a cap), else the stage's `default` (None)."""
+    if given:
+        return given, SizeFrom(f"{flag} {given}")
     n = StageResources.from_env().max_actors
-    return None if n is None else SizeFrom(f"{ENV_VARS['max_actors']}={n}", firm=False)
+    return (default, None) if n is None else (n, SizeFrom(f"{ENV_VARS['max_actors']}={n}", firm=False))

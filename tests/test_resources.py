@@ -94,3 +94,14 @@ def test_asks_are_usable_as_ray_options(ray_cluster) -> None:
     actor = Probe.options(**ask.ray_options()).remote()
     assert ray_cluster.get(actor.cpus.remote()) == 0.5
     ray_cluster.kill(actor)
+
+
+def test_a_pool_size_says_what_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command's own flag is firm (refused if it can never be placed); SIMMERGE_MAX_ACTORS is a
+    cap and the stage's default is None (both cut to what the cluster holds)."""
+    monkeypatch.delenv("SIMMERGE_MAX_ACTORS", raising=False)
+    assert resources.pool_size(None, 2) == (2, None)
+    assert resources.pool_size(5, 2) == (5, resources.SizeFrom("--workers 5"))
+    monkeypatch.setenv("SIMMERGE_MAX_ACTORS", "7")
+    assert resources.pool_size(None, 2) == (7, resources.SizeFrom("SIMMERGE_MAX_ACTORS=7", firm=False))
+    assert resources.pool_size(3, 2, "--merge-workers") == (3, resources.SizeFrom("--merge-workers 3"))

@@ -86,7 +86,7 @@ def _placement(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     from simmerge_ray.merge.config import MergeSpec
     from simmerge_ray.merge.executor import ExecOptions, check_merge, input_paths, run_merge
-    from simmerge_ray.resources import SizeFrom, max_actors, max_actors_from, parse_bytes, streaming_ask
+    from simmerge_ray.resources import parse_bytes, pool_size, streaming_ask
 
     if bool(args.config) == bool(args.plan):
         raise ConfigError("give either a CONFIG.yaml or --plan PLAN.json")
@@ -99,9 +99,8 @@ def run(args: argparse.Namespace) -> int:
                           "steps in a work folder beside --out")
     placement = _placement(args)
     ask = streaming_ask()
-    opts = ExecOptions(placement=placement,
-                       workers=args.workers or (max_actors(2) if placement == "ray" else None),
-                       workers_from=SizeFrom(f"--workers {args.workers}") if args.workers else max_actors_from(),
+    workers, workers_from = pool_size(args.workers, 2) if placement == "ray" else (args.workers, None)
+    opts = ExecOptions(placement=placement, workers=workers, workers_from=workers_from,
                        cpus_per_worker=args.cpus_per_worker or ask.num_cpus,
                        memory_per_worker=ask.memory,
                        shard_bytes=parse_bytes(args.shard_size, what="--shard-size"),

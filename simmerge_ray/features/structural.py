@@ -202,12 +202,9 @@ def _run_pass(rows: Rows, plan: ReadPlan, keys: Sequence[str], cache: GramCache,
     if not todo:
         return blocks
     ask = resources.streaming_ask()
-    if opts.workers:
-        n_workers, size_from = opts.workers, resources.SizeFrom(f"--workers {opts.workers}")
-    else:  # one per free CPU (the pool cuts it to what a memory ask lets the cluster hold)
-        free = ray.available_resources().get("CPU", 1.0) if ray.is_initialized() else os.cpu_count() or 1
-        n_workers = resources.max_actors(max(1, int(free // max(ask.num_cpus, 1e-9))))
-        size_from = resources.max_actors_from()
+    # By default one per free CPU (the pool cuts it to what a memory ask lets the cluster hold).
+    free = ray.available_resources().get("CPU", 1.0) if ray.is_initialized() else os.cpu_count() or 1
+    n_workers, size_from = resources.pool_size(opts.workers, max(1, int(free // max(ask.num_cpus, 1e-9))))
     n_workers = max(1, min(n_workers, len(todo)))
     ref_pos = plan.read_rows.index(rows.ref)
     col_pos = [plan.read_rows.index(c) for c in plan.cols]

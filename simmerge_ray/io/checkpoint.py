@@ -52,6 +52,13 @@ TIED_HEADS: dict[str, tuple[str, ...]] = {
 }
 
 
+def config_ties(config: dict) -> bool:
+    """Whether a config.json ties the output head to the input embedding: its
+    tie_word_embeddings, and where the key is absent, transformers' own default, which is to tie
+    (it writes the key only where it differs; GPT-2's configs leave it out). No config: untied."""
+    return bool(config.get("tie_word_embeddings", True)) if config else False
+
+
 def merged_head(ckpts: Iterable[Checkpoint]) -> str | None:
     """The head some of `ckpts` tie to their embedding while another stores it, or None: such a
     head is merged as a tensor of its own (mergekit's tied_names), a tied model's read from its
@@ -184,11 +191,9 @@ class Checkpoint:
 
     @property
     def tied_embeddings(self) -> bool:
-        """True when the output head shares the input embedding (and so is absent on disk). A
-        config.json without the key (transformers writes it only where it differs from its own
-        default, which is to tie; GPT-2's) ties where the weights do: no head beside the embedding."""
-        tie = self.config.get("tie_word_embeddings")
-        return bool(tie) if tie is not None or not self.config else True
+        """True when the output head shares the input embedding (and so is absent on disk where
+        the weights show it: tied_head)."""
+        return config_ties(self.config)
 
     @property
     def tied_head(self) -> str | None:

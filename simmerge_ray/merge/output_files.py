@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from simmerge_ray.io.checkpoint import TIED_HEADS, Checkpoint
+from simmerge_ray.io.checkpoint import TIED_HEADS, Checkpoint, config_ties
 from simmerge_ray.io.checkpoint_files import INDEX_FILE
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES, TORCH_NAMES, dtype_code
 from simmerge_ray.io.side_files import copy_tokenizer, has_loadable_tokenizer
@@ -61,7 +61,7 @@ def written_config(spec: MergeSpec, source: Checkpoint, num_layers: int | dict[s
     config = output_config(spec, source, num_layers, vocab.rows if vocab is not None else None,
                            next(iter(written)) if len(written) == 1 else None)
     heads = any(n in TIED_HEADS for p in plans for n, _, _ in p.tensors)
-    if config and config.get("tie_word_embeddings", True) and heads:  # transformers' default is to tie
+    if config_ties(config) and heads:
         config["tie_word_embeddings"] = False  # a head written (beside a tied model) is loaded as written
     return config
 

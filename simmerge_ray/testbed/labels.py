@@ -249,10 +249,8 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     if calls:
         ask = resources.inference_ask()
         sent = [[p for _, p in batch] for batch in calls]
-        if "workers" in settings.model_fields_set:
-            workers, size_from = settings.workers, resources.SizeFrom(f"--workers {settings.workers}")
-        else:  # the default, or SIMMERGE_MAX_ACTORS (a job's --max-actors) in its place
-            workers, size_from = resources.max_actors(settings.workers), resources.max_actors_from()
+        given = settings.workers if "workers" in settings.model_fields_set else None  # else the default's
+        workers, size_from = resources.pool_size(given, settings.workers)
         with ActorPool(PlanEvaluator, min(workers, len(calls)), ask, what="label actor", size_from=size_from,
                        args=(str(Path(catalog_path).resolve()), max(1, int(ask.num_cpus)))) as pool:
             for k, results in pool.map_unordered("run", sent):
