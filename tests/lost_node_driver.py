@@ -8,12 +8,12 @@ Each node is a `ray start --block` in a session of its own, with its own temp fo
 WORKDIR, its own ports and the custom resources `merge_slot` and `gram_slot` (one each): the
 merge's workers and the structural pass's actors ask for one slot each, so with two of each,
 each pool has exactly one actor on each node. Both stages run twice: once undisturbed, together;
-once with node 2 killed (its raylet and workers, SIGKILL by PID) while node 2 merges a unit and holds an
-actor of the structural pass; a third node then joins, as a replaced pod would, and the
-restarted actors finish there. Outputs go to WORKDIR/{ref,lost}-{merged,features}; WORKDIR/
-result.json records what ran where. Each node's process group id is appended to WORKDIR/pgids as
-soon as it starts, so the test can kill them even if this driver dies; this driver kills every
-group it started on the way out, whatever happened.
+once with node 2 killed (its raylet and workers, SIGKILL by PID) while node 2 merges a unit (held
+there until the kill, tests/merge_faults.py) and holds an actor of the structural pass; a third
+node then joins, as a replaced pod would, and the restarted actors finish there. Outputs go to
+WORKDIR/{ref,lost}-{merged,features}; WORKDIR/result.json records what ran where. Each node's
+process group id is appended to WORKDIR/pgids as soon as it starts, so the test can kill them even
+if this driver dies; this driver kills every group it started on the way out, whatever happened.
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ import psutil
 import yaml
 
 from cluster_processes import connect, free_ports, kill_group  # beside this file: sys.path[0] when run as a script
+from merge_faults import held_on
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.features.structural import StructuralOptions, compute_structural
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, run_merge
+from simmerge_ray.merge.unit_merger import UnitMerger
 
 RAY = Path(sys.executable).parent / "ray"
 SLOTS = {"merge_slot": 1, "gram_slot": 1}
@@ -150,8 +152,9 @@ class Stage:
             self.error = f"{type(e).__name__}: {e}"
 
 
-def merge(work: Path, tag: str, spec: MergeSpec) -> Stage:
-    opts = ExecOptions(placement="ray", workers=2, resources={"merge_slot": 1}, shard_bytes=2**20, unit_elems=1 << 14)
+def merge(work: Path, tag: str, spec: MergeSpec, worker_cls: type[UnitMerger] = UnitMerger) -> Stage:
+    opts = ExecOptions(placement="ray", workers=2, resources={"merge_slot": 1}, shard_bytes=2**20, unit_elems=1 << 14,
+                       worker_cls=worker_cls)
     return Stage(run_merge, spec, work / f"{tag}-merged", opts)
 
 
@@ -258,7 +261,9 @@ def main(work: Path) -> int:
         # The lost run, in an order that makes the kill land mid-run whatever the machine's speed:
         # the structural pass asks for a third actor, which no node can host until the
         # replacement joins, so the pass (and its actor on node 2) waits; the merge starts; node
-        # 2 is killed while it merges a unit.
+        # 2 is killed while it merges a unit: its merger holds its first unit there (a marker file
+        # says so) until the kill, which a poll of process titles alone could miss on a fast
+        # machine (the units there were all done between two polls).
         # The replacement's node type, declared as a RayJob declares its worker groups: this
         # cluster has no autoscaler, so its node types are the nodes alive, and a pool larger than
         # they can hold at once is refused as one that would wait forever.
@@ -268,10 +273,11 @@ def main(work: Path) -> int:
         pids_lost: dict[str, set[int]] = {}
         lost = {"structural": structural(work, "lost", catalog, 3)}
         watch(nodes, list(lost.values()), seen_lost, until=lambda titles: "ray::GramWorker" in titles, pids=pids_lost)
-        lost["merge"] = merge(work, "lost", spec)
-        mid = watch(nodes, [lost["merge"]], seen_lost, until=lambda titles: "ray::UnitMerger.run" in titles,
-                    pids=pids_lost)
-        result["killed_mid_run"] = mid  # False: the merge ended before a poll saw node 2 merging
+        node2_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerPort"] == nodes[1].port)
+        held = work / "held-unit"
+        lost["merge"] = merge(work, "lost", spec, held_on(node2_id, held))
+        mid = watch(nodes, [lost["merge"]], seen_lost, until=lambda titles: held.exists(), pids=pids_lost)
+        result["killed_mid_run"] = mid  # False: the merge ended and node 2 never held a unit
         if mid:  # the whole node goes, as a lost pod does: its raylet and every worker on it
             result["killed_pids"] = sorted(p.pid for p in nodes[1].processes())
             nodes[1].kill()

@@ -1,10 +1,12 @@
-"""A merge worker that dies once, abruptly, for the fault-injection tests: the library carries no
-test hook; the tests hand this subclass to the executor (`ExecOptions.worker_cls`)."""
+"""Merge workers for the fault-injection tests: one that dies once, abruptly, and one that holds
+its unit on a chosen node until that node is killed. The library carries no test hook; the tests
+hand these subclasses to the executor (`ExecOptions.worker_cls`)."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,3 +33,20 @@ def crash_once(marker: Path) -> type[UnitMerger]:
 
     CrashOnceMerger.__name__ = CrashOnceMerger.__qualname__ = "UnitMerger"  # its actors' titles, as in a real merge
     return CrashOnceMerger
+
+
+def held_on(node_id: str, marker: Path, hold_s: float = 120.0) -> type[UnitMerger]:
+    """A UnitMerger class whose units on node `node_id` wait, after writing `marker`, until that
+    node is killed (at most `hold_s`, then they merge as usual), so a test that kills the node
+    when the marker appears kills it mid-unit however fast the merge is. Elsewhere (the head, the
+    replacement a restarted actor lands on) units merge at once."""
+
+    class HeldMerger(UnitMerger):
+        def run(self, unit: WorkUnit, partial: Mapping[str, Path], allow_nonfinite: bool) -> dict:
+            if ray.get_runtime_context().get_node_id() == node_id:
+                marker.write_text(str(os.getpid()))
+                time.sleep(hold_s)
+            return super().run(unit, partial, allow_nonfinite)
+
+    HeldMerger.__name__ = HeldMerger.__qualname__ = "UnitMerger"  # its actors' titles, as in a real merge
+    return HeldMerger
