@@ -6,6 +6,7 @@ real processes killed with SIGKILL, and a real read-only mount where the machine
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -14,8 +15,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -436,7 +439,8 @@ def test_an_interrupted_merge_says_so_in_one_line_and_leaves_no_temporary_folder
 
 
 _SIGTERM_AFTER_RAY = """
-import sys, time
+import faulthandler, signal, sys, time
+faulthandler.register(signal.SIGUSR2, all_threads=True)  # the test asks for the stacks of a hang
 from simmerge_ray.cli import _interrupt_on_sigterm
 from simmerge_ray.ray_session import init_ray
 _interrupt_on_sigterm()  # as the CLI does before running a command
@@ -460,7 +464,18 @@ def test_sigterm_still_unwinds_after_ray_starts(tmp_path: Path) -> None:
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     assert proc.stdout.readline().strip() == "ray up"
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # seen once under load: say where it hangs, leave nothing running
+        proc.send_signal(signal.SIGUSR2)
+        time.sleep(2)
+        started = psutil.Process(proc.pid).children(recursive=True)  # the local cluster it started
+        proc.kill()
+        for p in started:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"no exit 120 s after SIGTERM; the child's stacks and stderr:\n{err[-8000:]}")
     assert proc.returncode == 130, err
     assert "SIGTERM received" not in err
 
