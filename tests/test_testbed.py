@@ -504,6 +504,54 @@ def test_label_merge_matches_a_hand_merge(tiny_zoo, ray_cluster):
     assert got[1]["rag"]["score"] != pytest.approx(got[2]["rag"]["score"], rel=1e-3)  # a TIES step is not
 
 
+def test_a_gpt_neox_catalog_is_checked_and_labelled_under_its_loaded_names(tiny_zoo, tmp_path):
+    """transformers saves GPT-NeoX's head as `embed_out.weight` and (from version 5) loads it as
+    `lm_head.weight`: the config check refused a gpt_neox zoo's own checkpoints ("lacks
+    'lm_head.weight'"), and with it skipped the label actors could not load their merges. A
+    2-way linear label equals the score of the same merge written by `merge` and loaded by
+    transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from simmerge_ray.io.architecture import check_config_matches_weights
+    from simmerge_ray.merge.config import MergeSpec
+    from simmerge_ray.merge.executor import ExecOptions, run_merge
+    from simmerge_ray.testbed.evaluate import load_examples, score
+    from simmerge_ray.testbed.labels import PlanEvaluator, check_label_catalog, check_label_models
+    from simmerge_ray.testbed.tokenizer import load_tokenizer
+
+    tiny = Catalog.load(tiny_zoo / "catalog.yaml")
+    tok = load_tokenizer(tiny.base)
+    arch = ArchitectureConfig(type="gpt_neox", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                              max_position_embeddings=192)
+    for name, seed in (("base", 0), ("code-a", 1), ("rag-a", 2)):
+        model = init_model(arch, len(tok), tok.eos_token_id, tok.pad_token_id, seed=0)
+        with torch.no_grad():  # a fine-tune's small move from the base
+            g = torch.Generator().manual_seed(seed)
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g) * (name != "base"))
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    ck = Checkpoint.open(tmp_path / "code-a")
+    assert "embed_out.weight" in ck.entries and "lm_head.weight" not in ck.entries
+    check_config_matches_weights(ck)  # raised: lacks 'lm_head.weight'; has extra 'embed_out.weight'
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump({
+        "base": str(tmp_path / "base"),
+        "models": [{"name": m, "path": str(tmp_path / m), "task": t} for m, t in (("code-a", "code"), ("rag-a", "rag"))],
+        "tasks": {t: {"probes": str(tiny.tasks[t].probes), "eval": str(tiny.tasks[t].eval)} for t in ("code", "rag")}}))
+    cat = Catalog.load(tmp_path / "catalog.yaml")
+    check_label_models(cat, check_label_catalog(cat))
+    got = PlanEvaluator(str(tmp_path / "catalog.yaml")).run([LabelPlan(("code-a", "rag-a"), ("linear",), tasks=("code", "rag"))])
+    spec = MergeSpec.from_dict({"merge_method": "linear", "dtype": "float32",
+                                "models": [{"model": str(tmp_path / m), "parameters": {"weight": 0.5}}
+                                           for m in ("code-a", "rag-a")]})
+    run_merge(spec, tmp_path / "merged", ExecOptions(placement="local", workers=1))
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), attn_implementation="eager")
+    for task in ("code", "rag"):
+        want = score(merged, encode(load_examples(cat.tasks[task].eval), tok, 192))
+        assert got[0][task]["score"] == pytest.approx(want["score"], rel=1e-5)
+        assert got[0][task]["accuracy"] == pytest.approx(want["accuracy"], abs=1e-9)
+
+
 def test_a_tied_expert_is_labelled_as_its_untied_twin(tiny_zoo, tmp_path):
     """An expert that ties its head (no lm_head.weight on disk) beside experts that store one is
     merged with its embedding as its head, as `merge` does, and scored untied: its labels equal

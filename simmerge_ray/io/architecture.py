@@ -75,6 +75,29 @@ def check_same_model_type(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> 
                                   f"cannot be compared")
 
 
+def loaded_name(model: object) -> Callable[[str], str]:
+    """Stored tensor name -> the name `model` (a transformers model) holds it under once loaded.
+    transformers 5 renames some stored names as it loads them (GPT-NeoX's `embed_out.` is its
+    `lm_head.`; old `LayerNorm.gamma`/`beta`), so a checkpoint it wrote itself does not hold its
+    model's state-dict names; transformers 4 renames none. Only plain renamings are followed (a
+    checkpoint whose tensors transformers splits or fuses as it loads keeps its names, and is
+    then reported as not matching)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, WeightRenaming
+    except ImportError:  # transformers 4: loaded as stored
+        return lambda name: name
+    renamings = [t for t in get_model_conversion_mapping(model)
+                 if isinstance(t, WeightRenaming) and not isinstance(t, PrefixChange)]
+
+    def rename(name: str) -> str:
+        for r in renamings:
+            name, _ = r.rename_source_key(name)
+        return name
+
+    return rename
+
+
 def check_config_matches_weights(ck: Checkpoint, *, allow_extra: bool = False) -> None:
     """The model transformers builds from the folder's config.json holds exactly the stored
     tensors in their shapes (a tied head counts as its embedding), as a strict load_state_dict
@@ -97,7 +120,8 @@ def check_config_matches_weights(ck: Checkpoint, *, allow_extra: bool = False) -
     except Exception as e:  # any transformers failure here is the config's: say which file
         raise CheckpointError(f"{cfg}: transformers cannot build a model from it ({first_line(e, limit=200)})") from None
     described = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    stored = signature(ck)
+    rename = loaded_name(model)
+    stored = {rename(n): shape for n, shape in signature(ck).items()}
     diff = differences(described, {n: s for n, s in stored.items() if n in described} if allow_extra else stored)
     if diff:
         raise CheckpointError(f"{cfg}: does not match the weights beside it (against the model it describes, "

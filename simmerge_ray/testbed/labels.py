@@ -27,7 +27,7 @@ from simmerge_ray import resources
 from simmerge_ray.actor_pool import ActorPool
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError, OutputError
-from simmerge_ray.io.architecture import check_config_matches_weights, check_same_tensors
+from simmerge_ray.io.architecture import check_config_matches_weights, check_same_tensors, loaded_name
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.io.checkpoint import TIED_HEADS, Checkpoint, merged_head
 from simmerge_ray.io.digest_cache import json_digest
@@ -101,6 +101,8 @@ class PlanEvaluator:
         if vocab is not None:
             config.vocab_size = vocab.rows
         self.model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+        rename = loaded_name(self.model)  # stored names -> the model's (GPT-NeoX's embed_out is its lm_head)
+        self.states = {m: {rename(n): t for n, t in state.items()} for m, state in self.states.items()}
         # Heads the scoring model ties to its embedding: no model stores them, and loading the
         # embedding sets them (the state dict lists a tied head under its own name too).
         ties = head is None and config.tie_word_embeddings
