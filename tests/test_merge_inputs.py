@@ -150,6 +150,30 @@ def test_a_model_given_as_one_shard_of_a_sharded_checkpoint_is_refused(models: P
     assert len(Checkpoint.open(whole / "model-00001-of-00001.safetensors").entries) == 5
 
 
+def test_models_of_different_architectures_are_merged_only_with_allow_crimes(models: Path, tmp_path: Path,
+                                                                            capsys) -> None:
+    """A llama and a mistral of one size share every tensor name and shape: their merge ran with no
+    word and wrote a config of whichever came first. mergekit refuses it without --allow-crimes."""
+    import shutil
+
+    mistral = tmp_path / "mistral-m2"
+    shutil.copytree(models / "m2", mistral)
+    config = json.loads((mistral / "config.json").read_text())
+    (mistral / "config.json").write_text(json.dumps({**config, "model_type": "mistral",
+                                                     "architectures": ["MistralForCausalLM"]}))
+    before = tree_hash(tmp_path)
+    cfg = {"merge_method": "linear", "parameters": {"weight": 0.5},
+           "models": [{"model": str(models / "m1")}, {"model": str(mistral)}]}
+    code, path = _merge(tmp_path, cfg)
+    assert code == 2
+    _one_line_error(capsys, f"model {str(mistral)!r} ({mistral / 'config.json'}) is a 'mistral' checkpoint but "
+                            f"{str(models / 'm1')!r} is 'llama' (model_type)", "--allow-crimes")
+    assert tree_hash(tmp_path) == {**before, "merge.yaml": tree_hash(tmp_path)["merge.yaml"]}
+    out = tmp_path / "out"
+    assert cli_main(["merge", str(path), "--out", str(out), "--quiet", "--allow-crimes"]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+
+
 def test_a_tokenizer_source_without_tokenizer_files_says_so(models: Path, tmp_path: Path, capsys) -> None:
     """transformers' message for a folder without tokenizer files, cut to one line, ended in
     "Couldn't instantiate the backend tokenizer from one of: " and named no file."""

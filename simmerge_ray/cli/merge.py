@@ -59,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "config's `dtype`, as mergekit; without one, each tensor's inputs' dtype, as mergekit); "
                         "the output dtype is unchanged")
     p.add_argument("--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of failing")
+    p.add_argument("--allow-crimes", action="store_true",
+                   help="merge models of different architectures (config.json model_type), as mergekit's flag; "
+                        "default: refused")
     p.add_argument("--address", default=None,
                    help="merge on this Ray cluster (default: RAY_ADDRESS when set, else no Ray)")
     p.add_argument("--ray", action="store_true",
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                        cpus_per_worker=args.cpus_per_worker or ask.num_cpus,
                        memory_per_worker=ask.memory,
                        shard_bytes=parse_bytes(args.shard_size, what="--shard-size"),
-                       allow_nonfinite=args.allow_nonfinite, overwrite=args.overwrite,
+                       allow_nonfinite=args.allow_nonfinite, allow_crimes=args.allow_crimes, overwrite=args.overwrite,
                        compute_dtype=args.compute_dtype, progress=not args.quiet)
     if args.plan:
         return _run_plan(args, opts)
@@ -125,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(spec, opts)
     if placement == "ray":
-        check_merge(spec)  # every input or config problem fails here, before Ray starts
+        check_merge(spec, allow_crimes=opts.allow_crimes)  # every input or config problem fails here, before Ray starts
         init_ray(args.address)
     res = run_merge(spec, args.out, opts)
     print(f"merged {len(spec.inputs)} models with {spec.method.name}: {res.tensors} tensors in "
@@ -189,7 +192,8 @@ def _run_multi(args: argparse.Namespace, opts) -> int:
     dependency order, the final into --out; an interrupted run resumes (merge/multi.py)."""
     from simmerge_ray.merge.multi import load_multi, run_multi
 
-    multi = load_multi(args.config, seed=args.seed, keeps_intermediates=args.intermediate_dir is not None)
+    multi = load_multi(args.config, seed=args.seed, keeps_intermediates=args.intermediate_dir is not None,
+                       allow_crimes=args.allow_crimes)
     check_output(args.out, overwrite=opts.overwrite, inputs=[*multi.inputs, args.config])
     keep_in = None if args.intermediate_dir is None else Path(args.intermediate_dir)
     stages = multi.graph.stages
@@ -237,7 +241,7 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
     if opts.placement == "ray":  # every input problem fails before Ray starts; the plan is checked once
         merges = plan_merges(plan, catalog, Path(args.out), args.dtype, plan_file, args.seed)
         if isinstance(merges, MergeSpec):
-            check_merge(merges)  # the folded merge's inputs, as `merge CONFIG --ray` checks a config's
+            check_merge(merges, allow_crimes=opts.allow_crimes)  # the folded merge's inputs, as `merge CONFIG --ray` checks a config's
         init_ray(args.address)
         results = run_planned(merges, Path(args.out), opts)
     else:

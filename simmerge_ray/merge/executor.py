@@ -67,6 +67,7 @@ class ExecOptions:
     # Elements per work unit; None: about a quarter of each worker's share, at least 16M.
     unit_elems: int | None = None
     allow_nonfinite: bool = False
+    allow_crimes: bool = False  # merge models of different architectures (model_type), as mergekit's flag
     overwrite: bool = False
     max_retries: int = 3  # Ray: restarts of a lost worker (its process or its node), and retries of its unit
     # Custom Ray resources each worker asks for, to place the merge on nodes that advertise them
@@ -142,7 +143,7 @@ def input_paths(spec: MergeSpec) -> list[Path]:
     return [m.path for m in spec.inputs]
 
 
-def check_merge(spec: MergeSpec, pending: Mapping[str, Checkpoint] | None = None
+def check_merge(spec: MergeSpec, pending: Mapping[str, Checkpoint] | None = None, *, allow_crimes: bool = False
                 ) -> tuple[dict[str, Checkpoint], list[TensorTask], BuiltVocabulary | None]:
     """Open the inputs (headers only), build the output tokenizer the config asks for (tokenizer
     files only), and plan every output tensor with its parameters: each problem of the inputs or
@@ -162,7 +163,7 @@ def check_merge(spec: MergeSpec, pending: Mapping[str, Checkpoint] | None = None
                        if (tok := ck.tokenizer_source()) is not None})
         vocab = build_vocabulary(spec.tokenizer, models, {ref: ck.config for ref, ck in ckpts.items()}, lead,
                                  spec.source)
-    return ckpts, plan_tensors(spec, ckpts, vocab), vocab
+    return ckpts, plan_tensors(spec, ckpts, vocab, allow_crimes=allow_crimes), vocab
 
 
 def _check_selection_dtype(spec: MergeSpec, tasks: list[TensorTask]) -> None:
@@ -180,7 +181,7 @@ def plan_merge(spec: MergeSpec, opts: ExecOptions = ExecOptions(),
                pending: Mapping[str, Checkpoint] | None = None) -> MergeLayout:
     """Everything about a merge but the merging: checks, shards, offsets and work units
     (`pending`: see check_merge)."""
-    ckpts, task_list, vocab = check_merge(spec, pending)
+    ckpts, task_list, vocab = check_merge(spec, pending, allow_crimes=opts.allow_crimes)
     merge_compute = compute_code(spec, opts.compute_dtype)
     task_list = [replace(t, compute=tensor_compute(merge_compute, (ckpts[m].entries[n].dtype for m, n in t.all_reads)))
                  for t in task_list]

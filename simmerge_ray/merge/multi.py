@@ -249,7 +249,8 @@ def _order(path: Path, docs: list[tuple[int, str | None, dict]], deps: dict[str 
     return order
 
 
-def load_multi(path: str | Path, *, seed: int = 0, keeps_intermediates: bool = False) -> MultiConfig:
+def load_multi(path: str | Path, *, seed: int = 0, keeps_intermediates: bool = False,
+               allow_crimes: bool = False) -> MultiConfig:
     """Parse and check a multi-document config (see the module docstring); every problem is one
     ConfigError naming the file, the document (index and name) and the field.
     `keeps_intermediates` (--intermediate-dir, where every named merge is kept): a named merge
@@ -316,7 +317,7 @@ def load_multi(path: str | Path, *, seed: int = 0, keeps_intermediates: bool = F
         own = tuple(m.path for m in spec.inputs if m.ref not in deps[name])
         behind = dict.fromkeys(p for d in deps[name] for p in checkpoints[d])
         checkpoints[stage_name] = tuple(dict.fromkeys([*behind, *own]))
-        _check_inputs(spec, label, has_deps=bool(deps[name]), pending=set(deps[name]))
+        _check_inputs(spec, label, has_deps=bool(deps[name]), pending=set(deps[name]), allow_crimes=allow_crimes)
         specs[stage_name] = spec
         stages.append(Stage(stage_name, cfg, tuple(deps[name]), label))
     inputs = (*dict.fromkeys(p for ps in checkpoints.values() for p in ps), path)
@@ -325,12 +326,12 @@ def load_multi(path: str | Path, *, seed: int = 0, keeps_intermediates: bool = F
     return MultiConfig(path, graph, specs, checkpoints)
 
 
-def _check_inputs(spec: MergeSpec, label: str, *, has_deps: bool, pending: set[str]) -> None:
+def _check_inputs(spec: MergeSpec, label: str, *, has_deps: bool, pending: set[str], allow_crimes: bool) -> None:
     """A merge that reads no other one is checked as `merge` checks a config (headers, shapes,
     tokenizers); the checkpoints of one that does are opened (headers only)."""
     try:
         if not has_deps:
-            check_merge(spec)
+            check_merge(spec, allow_crimes=allow_crimes)
             return
         for m in spec.inputs:
             if m.ref not in pending:

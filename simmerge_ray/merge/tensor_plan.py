@@ -165,11 +165,16 @@ def is_vocabulary(name: str, ck: Checkpoint) -> bool:
             and (not isinstance(size, int) or entry.shape[0] == size))
 
 
-def plan_tensors(spec: MergeSpec, ckpts: dict[str, Checkpoint], vocab: BuiltVocabulary | None = None) -> list[TensorTask]:
+def plan_tensors(spec: MergeSpec, ckpts: dict[str, Checkpoint], vocab: BuiltVocabulary | None = None, *,
+                 allow_crimes: bool = False) -> list[TensorTask]:
     """Every output tensor's task, in output order (before, blocks, after; module by module for
     a modular architecture); with `vocab` (the config builds a tokenizer) the vocabulary tensors
-    carry their rows' re-indexing."""
-    _check_same_architecture(spec.slices[0].sources[0].model.ref, ckpts)
+    carry their rows' re-indexing. Inputs of different architectures (config.json model_type)
+    are refused unless `allow_crimes` (mergekit's --allow-crimes)."""
+    lead = spec.slices[0].sources[0].model.ref
+    _check_same_architecture(lead, ckpts)  # first: tensors that cannot be merged, whatever the flag
+    if not allow_crimes:
+        _check_same_model_type(lead, ckpts)
     parts = _parts(spec, ckpts)
     ranges = [slice_ranges(spec, ckpts, part) for part in parts]  # every range checked before planning
     return [t for part, rng in zip(parts, ranges) for t in _plan_part(spec, ckpts, part, rng, vocab)]
@@ -329,6 +334,18 @@ def _templates(ck: Checkpoint) -> dict[str, None]:
     head it ties to its embedding counts as held."""
     names = dict.fromkeys(n if layer_index(n) is None else with_layer_index(n, 0) for n in ck.tensor_names)
     return names if ck.tied_head is None else {**names, ck.tied_head: None}
+
+
+def _check_same_model_type(lead: str, ckpts: dict[str, Checkpoint]) -> None:
+    """A llama and a mistral of one size share every tensor name and shape: their merge runs, and
+    its config says whichever came first. mergekit refuses it without --allow-crimes; so do we."""
+    kind = ckpts[lead].config.get("model_type")
+    for ref, ck in ckpts.items():
+        other = ck.config.get("model_type")
+        if kind and other and other != kind:
+            raise CheckpointError(f"model {ref!r} ({ck.path / 'config.json'}) is a {other!r} checkpoint but {lead!r} "
+                                  f"is {kind!r} (model_type): models of different architectures are not merged "
+                                  f"unless you pass --allow-crimes, as mergekit")
 
 
 def _check_same_architecture(lead: str, ckpts: dict[str, Checkpoint]) -> None:
