@@ -25,6 +25,19 @@ def one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:
     return err
 
 
+def as_aux_selector(selector: Path, dst: Path) -> Path:
+    """A copy of `selector` recorded as fitted on the auxiliaries' side (meta target
+    aux_gap_closed): a synthetic world's one selector standing in for its --aux-selector."""
+    import json
+    import shutil
+
+    shutil.copytree(selector, dst)
+    raw = json.loads((dst / "selector.json").read_text())
+    raw["meta"] = {**raw.get("meta", {}), "target": "aux_gap_closed"}
+    (dst / "selector.json").write_text(json.dumps(raw))
+    return dst
+
+
 def cli_status(argv: list[str]) -> int:
     """`simmerge argv`'s exit status, argparse's usage errors (SystemExit) included."""
     from simmerge_ray.cli import main

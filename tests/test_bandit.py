@@ -629,6 +629,18 @@ def test_cli_bandit_init_over_the_selectors_encoder(tmp_path: Path, capsys: pyte
         f"simmerge bandit-init: warning: {tmp_path / 'sel_tasks'} was fitted with task encoding, and the bandit's "
         "encoder has no task code: its hidden layer and prior head see every task's one-hot as zero (a selector fitted with "
         "--no-task-encoding encodes as it was trained)"]
+    # A selector fitted on another quantity than the reward (the auxiliaries' side) was taken
+    # without a word, its head the arms' prior means of the wrong quantity.
+    from input_checks import as_aux_selector  # beside this file
+
+    aux = as_aux_selector(tmp_path / "sel", tmp_path / "sel_aux")
+    assert cli_main(["bandit-init", "--state", str(tmp_path / "state_aux"), "--features",
+                     str(tmp_path / "features.parquet"), "--selector", str(aux), "--operators", "linear"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"simmerge bandit-init: error: {aux}: --selector was fitted with --target aux_gap_closed, and its head is each "
+        "arm's prior mean of the bandit's reward, the two-sided utility: give a selector fitted on utility "
+        "(`simmerge fit --target utility`, the default)"]
+    assert not (tmp_path / "state_aux").exists()
 
 
 def test_cli_bandit_init_names_a_feature_table_without_finite_columns(tmp_path: Path,

@@ -20,6 +20,7 @@ from simmerge_ray.planner.batch import BatchSettings, run_batch
 from simmerge_ray.planner.plan import Plan
 from simmerge_ray.planner.request import PlanRequest, build_step_model, plan_request
 from benchmarks.synthetic_world import build_world
+from input_checks import as_aux_selector  # beside this file
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +263,7 @@ def test_calibrated_batch_matches_calibrated_single_plans(world, tmp_path: Path)
     from simmerge_ray.planner.calibrate import FEATURES, MultiwayCalibration, RetentionCalibrator
 
     w, _ = world
+    aux = as_aux_selector(w.selector, tmp_path / "aux-selector")
     coef = np.zeros((len(FEATURES), 2))
     coef[FEATURES.index("expert_position"), 0] = 1.0
     coef[FEATURES.index("pred_others"), 1] = 0.5
@@ -276,13 +278,13 @@ def test_calibrated_batch_matches_calibrated_single_plans(world, tmp_path: Path)
             {"request_id": "c", "task": "rag", "models": ["rag-0", "chat-1"], "max_way": 2}]
     (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs))
     settings = BatchSettings(requests=str(tmp_path / "req.jsonl"), selector=str(w.selector), catalog=str(w.catalog),
-                             features=str(w.features), out=str(tmp_path / "out"), aux_selector=str(w.selector),
+                             features=str(w.features), out=str(tmp_path / "out"), aux_selector=str(aux),
                              calibration=str(tmp_path / "calibration.json"), actors=1)
     report = run_batch(settings)
     assert (report.ok, report.errors) == (2, 1)
     res = {r["request_id"]: r for r in pl.read_parquet(tmp_path / "out" / "results.parquet").iter_rows(named=True)}
     assert "covers plans of [3] models, not [2]" in res["c"]["error"]
-    model = build_step_model(w.selector, w.features, w.selector)
+    model = build_step_model(w.selector, w.features, aux)
     catalog = Catalog.load(w.catalog)
     for req in reqs[:2]:
         best = plan_request(PlanRequest.parse(req), catalog, model, calibration=cal).best

@@ -20,7 +20,7 @@ from simmerge_ray.catalog import Catalog
 from simmerge_ray.cli import main as cli_main
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.planner.batch import BatchSettings, run_batch
-from input_checks import cli_status, one_line_error, tree_hash  # beside this file
+from input_checks import as_aux_selector, cli_status, one_line_error, tree_hash  # beside this file
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,22 @@ def test_a_feature_table_of_bad_keys_or_text_features_names_the_column(world, tm
     mode = ("--models", "code-0", "math-0", "rag-0") if multiway else ("--expert", "code-0", "--aux", "math-0")
     line = _plan(world, tmp_path, capsys, features=feats, mode=mode)
     assert line == f"simmerge plan: error: {feats / 'features.parquet'}: {needle}"
+
+
+def test_selectors_in_each_others_roles_are_refused(world, tmp_path: Path, capsys) -> None:
+    """A selector fitted on the auxiliaries' side given as --selector, or one fitted on utility as
+    --aux-selector (the same folder for both, or the two swapped), planned without a word."""
+    aux = as_aux_selector(world.selector, tmp_path / "aux")
+    multi = ("--models", "code-0", "math-0", "rag-0")
+    line = _plan(world, tmp_path, capsys, "--aux-selector", str(world.selector), selector=aux, mode=multi)
+    assert line == (f"simmerge plan: error: {aux}: --selector was fitted with --target aux_gap_closed (the auxiliaries' "
+                    f"side, what --aux-selector takes); give a selector fitted on utility or gap_closed")
+    line = _plan(world, tmp_path, capsys, "--aux-selector", str(world.selector), mode=multi)
+    assert line == (f"simmerge plan: error: {world.selector}: --aux-selector was fitted with --target utility, not "
+                    f"aux_gap_closed (fit it with `simmerge fit --target aux_gap_closed`)")
+    assert cli_main(["plan", "--selector", str(world.selector), "--aux-selector", str(aux), "--catalog",
+                     str(world.catalog), "--features", str(world.features), "--task", "code", *multi,
+                     "--aux-weight", "0.5", "--out", str(tmp_path / "ok")]) == 0
 
 
 def test_a_binary_calibration_file_is_one_line(world, tmp_path: Path, capsys) -> None:

@@ -112,6 +112,10 @@ def _init(args: argparse.Namespace) -> int:
         from simmerge_ray.selector.encoder import SelectorEncoder
 
         encoder = SelectorEncoder.load(args.selector)
+        if (target := encoder.selector.meta.get("target", "utility")) != "utility":
+            raise ConfigError(f"{args.selector}: --selector was fitted with --target {target}, and its head is each "
+                              "arm's prior mean of the bandit's reward, the two-sided utility: give a selector "
+                              "fitted on utility (`simmerge fit --target utility`, the default)")
         if encoder.selector.config.task_encoding and encoder.selector.tasks:
             print(f"simmerge bandit-init: warning: {args.selector} was fitted with task encoding, and the bandit's "
                   "encoder has no task code: its hidden layer and prior head see every task's one-hot as zero "

@@ -29,6 +29,7 @@ from simmerge_ray.selector.data import features_file
 
 if TYPE_CHECKING:
     from simmerge_ray.planner.step_model import SelectorStepModel
+    from simmerge_ray.selector.model import Selector
 
 
 class PlanRequest(BaseModel):
@@ -196,9 +197,23 @@ def build_step_model(selector_dir: str | Path, features_dir: str | Path,
     grams = GramTable.load(Path(features_dir))
     sel = Selector.load(selector_dir)
     aux = Selector.load(aux_selector_dir) if aux_selector_dir else None
+    check_selector_roles(sel, Path(selector_dir), aux, Path(aux_selector_dir) if aux_selector_dir else None)
     check_finite_features(feats, str(path), [*sel.feature_names, *(aux.feature_names if aux else ())])
     check_step_arms(sel.operators, Path(selector_dir))
     return SelectorStepModel(sel, grams, feats, aux)
+
+
+def check_selector_roles(sel: Selector, selector_dir: Path, aux: Selector | None, aux_dir: Path | None) -> None:
+    """The selector predicts the expert's side (or the two-sided utility) and the auxiliary
+    selector the auxiliary's side, as each was fitted (selector.json's meta target): swapped
+    roles, or one selector given for both, planned without a word on the wrong quantities."""
+    target = sel.meta.get("target", "utility")
+    if target == "aux_gap_closed":
+        raise ConfigError(f"{selector_dir}: --selector was fitted with --target aux_gap_closed (the auxiliaries' side, "
+                          f"what --aux-selector takes); give a selector fitted on utility or gap_closed")
+    if aux is not None and (aux_target := aux.meta.get("target", "utility")) != "aux_gap_closed":
+        raise ConfigError(f"{aux_dir}: --aux-selector was fitted with --target {aux_target}, not aux_gap_closed "
+                          f"(fit it with `simmerge fit --target aux_gap_closed`)")
 
 
 def check_known_arms(operators: list[str], selector_dir: Path) -> None:
