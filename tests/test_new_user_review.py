@@ -38,7 +38,7 @@ def test_plan_batch_prints_its_error_rows_and_names_its_files_cleanly(world, tmp
     assert shown[0].startswith("error aux: ") and "--aux-selector" in shown[0]
     assert shown[1] == "error z0: " + pl.read_parquet(tmp_path / "batch" / "results.parquet").filter(
         pl.col("request_id") == "z0")["error"][0]
-    assert "1 models cannot make a 2-way plan" in shown[1]
+    assert "cannot make a 2-way plan (min_way / --min-way 2" in shown[1]
     assert any(ln.startswith("... and 2 more error rows: see the `error` column of ") for ln in lines)
     assert "//" not in lines[-1] and lines[-1] == f"wrote {tmp_path / 'batch' / 'results.parquet'} and " \
                                                   f"{tmp_path / 'batch' / 'plans'}/"

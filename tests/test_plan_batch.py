@@ -153,7 +153,7 @@ def test_cli_jsonl_and_execute_top(world, tmp_path: Path) -> None:
     res = pl.read_parquet(tmp_path / "out" / "results.parquet")
     assert res["request_id"].to_list() == ["a", "b", "c", "d"]
     assert res["status"].to_list() == ["ok", "ok", "ok", "error"]
-    assert "1 models cannot make a 2-way plan" in res["error"][3]
+    assert "cannot make a 2-way plan (min_way / --min-way 2" in res["error"][3]
     top = res.filter(pl.col("status") == "ok").sort("score", descending=True).row(0, named=True)
     merged = [r for r in res["merged"].to_list() if r]
     assert merged == [top["merged"]] and top["merged"].startswith(f"merged/{top['request_id']}-")

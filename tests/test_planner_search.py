@@ -6,6 +6,7 @@ import functools
 import itertools
 import json
 import math
+import re
 import shlex
 from pathlib import Path
 
@@ -304,12 +305,31 @@ def test_a_calibration_ranks_complete_plans_by_measured_shape() -> None:
         MultiwayCalibration.from_json('{"features": ["x"], "sizes": {}}', "calibration.json")
 
 
+@pytest.mark.parametrize("field, value, needle", [
+    ("beam_width", True, "beam_width: true is not a number"),  # planned with a beam of 1
+    ("retention_weight", True, "retention_weight: true is not a number"),  # read as 1.0
+    ("max_way", "3", 'max_way: "3" is not a number'),  # read as 3
+    ("min_way", True, "min_way: true is not a number"),  # was "size range [min_way=1, ...] is invalid"
+    ("required_expert", "", "required_expert: String should have at least 1 character"),  # ignored
+    ("models", [], "models: List should have at least 1 item"),  # was "no expert of task 'code' among ..."
+])
+def test_a_request_field_of_the_wrong_type_is_named(field: str, value, needle: str) -> None:
+    """Request rows (plan-batch's JSON lines) were coerced: a bool read as a number, a string of
+    digits as one, an empty expert name as none."""
+    from simmerge_ray.planner.request import PlanRequest
+
+    with pytest.raises(ConfigError) as e:
+        PlanRequest.parse({"request_id": "a", "task": "code", "models": ["code-0", "math-0"], field: value}, "row 3")
+    assert str(e.value).startswith(f"row 3: {needle}"), str(e.value)
+    assert PlanRequest.parse({"request_id": "a", "task": "code", "min_way": 2.0}).min_way == 2  # a float column's 2
+
+
 def test_bad_search_spaces() -> None:
     with pytest.raises(ConfigError, match="invalid"):
         SearchSpace(task="t", candidates=["a", "b"], experts=["a"], min_k=3, max_k=2)
     with pytest.raises(ConfigError, match="no expert of task 'rag'"):
         SearchSpace(task="rag", candidates=["a", "b"], experts=[])
-    with pytest.raises(ConfigError, match="1 models cannot make a 2-way plan"):
+    with pytest.raises(ConfigError, match=re.escape("1 candidate model (a) cannot make a 2-way plan (min_way / --min-way 2:")):
         SearchSpace(task="t", candidates=["a"], experts=["a"])
 
 

@@ -11,6 +11,7 @@ during the search. Both raise ConfigError naming the model, task or field at fau
 from __future__ import annotations
 
 import fnmatch
+import json
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -38,14 +39,26 @@ class PlanRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     request_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     task: str = Field(min_length=1)
-    models: list[str] | None = None  # candidate models
-    model_glob: str | None = None  # or: catalog models whose name matches (fnmatch)
+    models: list[str] | None = Field(default=None, min_length=1)  # candidate models
+    model_glob: str | None = Field(default=None, min_length=1)  # or: catalog models whose name matches (fnmatch)
     min_way: int = 2
     max_way: int = 4
-    required_expert: str | None = None
+    required_expert: str | None = Field(default=None, min_length=1)
     retention_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     aux_weight: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     beam_width: int = Field(default=64, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, raw: object) -> object:
+        """pydantic reads `true` as 1 and "3" as 3: a request row's `beam_width: true` planned with
+        a beam of 1, and `min_way: true` was reported as a size range the user never wrote."""
+        if isinstance(raw, dict):
+            for name in _NUMBERS:
+                v = raw.get(name)
+                if isinstance(v, (bool, str)):
+                    raise ValueError(f"{name}: {json.dumps(v)} is not a number")
+        return raw
 
     @model_validator(mode="after")
     def _consistent(self) -> "PlanRequest":
@@ -79,6 +92,9 @@ class PlanRequest(BaseModel):
     @property
     def objective(self) -> Objective:
         return Objective(self.retention_weight, self.aux_weight)
+
+
+_NUMBERS = ("min_way", "max_way", "retention_weight", "aux_weight", "beam_width")
 
 
 def candidates(req: PlanRequest, catalog: Catalog) -> list[str]:

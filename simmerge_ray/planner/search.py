@@ -69,7 +69,9 @@ class SearchSpace:
             raise ConfigError(f"no expert of task {self.task!r} among the candidate models (a model is one by its "
                               f"catalog task, or name it with --required-expert / required_expert)")
         if len(self.pool) < self.min_k:
-            raise ConfigError(f"{len(self.pool)} models cannot make a {self.min_k}-way plan")
+            raise ConfigError(f"{len(self.pool)} candidate model{'s' if len(self.pool) != 1 else ''} "
+                              f"({', '.join(self.pool)}) cannot make a {self.min_k}-way plan (min_way / --min-way "
+                              f"{self.min_k}: the smallest plan size asked for)")
         if not self.weightings or not self.step_arms:
             raise ConfigError("a search needs at least one weighting and one step arm")
         for w in self.weightings:
