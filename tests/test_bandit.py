@@ -572,6 +572,17 @@ def test_cli_bandit_init_and_sim(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert cli_main(["bandit-init", "--state", str(state), "--features", str(tmp_path / "feats"),
                      "--operators", "linear,ties,linear", "--overwrite"]) == 2
     assert "--operators: 'linear' is listed twice" in capsys.readouterr().err
+    # A list of no names said "give labels (warm start) or operators (cold start)", naming no flag;
+    # an existing state without --overwrite said "(pass overwrite)", after the warm start's work.
+    assert cli_main(["bandit-init", "--state", str(state), "--features", str(tmp_path / "feats"),
+                     "--operators", ",", "--overwrite"]) == 2
+    assert capsys.readouterr().err == ("simmerge bandit-init: error: --operators ',': no arm names (give them "
+                                       "comma-separated: linear,ties)\n")
+    assert cli_main(["bandit-init", "--state", str(state), "--features", str(tmp_path / "feats"),
+                     "--operators", "linear"]) == 2
+    assert capsys.readouterr().err == (f"simmerge bandit-init: error: {state}: a bandit state already exists (pass "
+                                       f"--overwrite to replace it)\n")
+    assert BanditCore(state).bandit.arm_names == ["linear", "tiess"]
     (tmp_path / "feats" / "features.parquet").rename(tmp_path / "features.parquet")
     # A folder of the user's (even one with a state.npz) is never written into, nor one holding
     # the feature table.

@@ -127,6 +127,13 @@ def _on_fresh_state(method: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+def check_new_state(state_dir: Path, overwrite: bool) -> None:
+    """A state folder is replaced only when asked: checked by `bandit-init` before its warm start's
+    work, and again when the state is written."""
+    if (Path(state_dir) / SETTINGS_FILE).exists() and not overwrite:
+        raise CheckpointError(f"{state_dir}: a bandit state already exists (pass --overwrite to replace it)")
+
+
 class BanditCore:
     """Load a state folder, serve decide/feedback/add_arm/stats, persist after each mutation.
     Several processes may serve one folder: each request runs on the newest saved state, and a
@@ -213,8 +220,7 @@ class BanditCore:
     ) -> BanditCore:
         """Write a fresh state folder (settings + initial state) and load it."""
         state_dir = Path(state_dir)
-        if (state_dir / SETTINGS_FILE).exists() and not overwrite:
-            raise CheckpointError(f"{state_dir}: a bandit state already exists (pass overwrite)")
+        check_new_state(state_dir, overwrite)
         if encoder.width != bandit.width:
             raise ConfigError(f"encoder width {encoder.width} != bandit width {bandit.width}")
         if max_pending < 1 or max_done < 1:

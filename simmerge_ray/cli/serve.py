@@ -102,8 +102,11 @@ def _init(args: argparse.Namespace) -> int:
     from simmerge_ray.bandit.initial import initial_bandit, left_out_line
     from simmerge_ray.bandit.simulate import SimSettings
 
+    from simmerge_ray.bandit.core import check_new_state
+
     if not (args.labels or args.operators):
         raise ConfigError("give --labels (warm start) or --operators (cold start)")
+    check_new_state(args.state, args.overwrite)  # before the warm start's work
     labels = read_labels(args.labels, required=_LABEL_COLUMNS) if args.labels else None
     operators = _cold_start_arms(args.operators)
     features = features_file(args.features)
@@ -152,6 +155,8 @@ def _cold_start_arms(text: str | None) -> list[str]:
     from simmerge_ray.merge.arms import ARM_NAMES
 
     names = [o.strip() for o in (text or "").split(",") if o.strip()]
+    if text is not None and not names:
+        raise ConfigError(f"--operators {text!r}: no arm names (give them comma-separated: linear,ties)")
     repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)
     if repeated is not None:
         raise ConfigError(f"--operators: {repeated!r} is listed twice")
