@@ -68,7 +68,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     on_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if address:
         wait_reachable(address, given)
-    with _without_cpp_info_lines(enabled=not _verbose):
+    with _without_cpp_info_lines(enabled=not _verbose), _sigterm_while_starting(callable(on_sigterm)):
         if address:
             try:
                 with warnings.catch_warnings():  # its timeout, said again below in one line
@@ -99,6 +99,23 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if not _verbose:
         for name in ("ray.tune", "ray.train", "ray.serve"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextmanager
+def _sigterm_while_starting(unwinds: bool) -> Iterator[None]:
+    """ray.init replaces the SIGTERM handler as it starts (its own exits with the signal's number,
+    its node's with 1 after killing what it started): a command killed then ended with exit 15,
+    no word, and Ray's processes left running. Where the command unwinds on SIGTERM (`unwinds`:
+    its handler was in place), that exit unwinds instead, after shutting down what Ray started."""
+    try:
+        yield
+    except SystemExit as e:
+        if not unwinds or e.code not in (signal.SIGTERM, 1):
+            raise
+        import ray
+
+        ray.shutdown()
+        raise KeyboardInterrupt from None
 
 
 def _connect_timeout() -> float:

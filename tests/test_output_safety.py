@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -478,6 +479,59 @@ def test_sigterm_still_unwinds_after_ray_starts(tmp_path: Path) -> None:
         pytest.fail(f"no exit 120 s after SIGTERM; the child's stacks and stderr:\n{err[-8000:]}")
     assert proc.returncode == 130, err
     assert "SIGTERM received" not in err
+
+
+_SIGTERM_WHILE_RAY_STARTS = """
+import faulthandler, signal, sys, time
+faulthandler.register(signal.SIGUSR2, all_threads=True)
+from simmerge_ray.cli import _interrupt_on_sigterm
+from simmerge_ray.ray_session import init_ray
+_interrupt_on_sigterm()
+try:
+    init_ray(num_cpus=1)
+    time.sleep(120)
+except KeyboardInterrupt:
+    import ray
+    ray.shutdown()
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+def test_sigterm_while_ray_starts_unwinds_and_leaves_nothing_running(tmp_path: Path) -> None:
+    """ray.init puts in its own SIGTERM handler as it starts (it exits with the signal's number): a
+    command killed then (`serve` while it starts, `ray job stop` of a stage) ended with exit 15, no
+    word, and Ray's agents left running. The kill lands as the command's raylet appears."""
+    from cluster_processes import processes_naming, reap  # beside this file
+
+    work = Path(tempfile.mkdtemp(prefix="st-", dir="/tmp"))  # Ray's temp root: short, for its socket paths
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled",
+                                                                          "RAY_TMPDIR": str(work)}
+    proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_WHILE_RAY_STARTS], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name() == "raylet" for p in processes_naming(work)) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR2)
+            time.sleep(2)
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"no exit 120 s after SIGTERM; the child's stacks and stderr:\n{err[-8000:]}")
+        assert (proc.returncode, err.strip().splitlines()[-1:]) == (130, ["interrupted"]), err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        left = reap(work)
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    assert left == [], [" ".join(p.cmdline())[:120] for p in left]
 
 
 _TRY_LOCK = """
