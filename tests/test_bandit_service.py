@@ -33,9 +33,9 @@ class Client:
         self.base = f"http://127.0.0.1:{port}"
 
     def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
-             token: str | None = TOKEN) -> tuple[int, Any]:
+             token: str | None = TOKEN, content_type: str = "application/json") -> tuple[int, Any]:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        headers = {"content-type": "application/json"}
+        headers = {"content-type": content_type}
         if token is not None:
             headers["authorization"] = f"Bearer {token}"
         req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
@@ -148,6 +148,10 @@ def test_feedback_is_idempotent(service):
         ("POST", "/arms", {"name": "linear"}, 409, "'linear' already exists"),
         ("POST", "/arms", {"name": "bad name!"}, 422, "pattern"),
         ("POST", "/arms", {"name": "x", "prior": "optimistic"}, 422, "'pooled' or 'zero'"),
+        # were a 400 "There was an error parsing the body", or "no arms to choose from"
+        ("POST", "/feedback", b'{"decision_id": "\xff", "reward": 0.1}', 422, "body: not UTF-8 text"),
+        ("POST", "/decide", b"[" * 100_000 + b"]" * 100_000, 422, "body: JSON nested deeper than Python parses"),
+        ("POST", "/decide", {"features": [0, 0, 0, 0], "arms": []}, 422, "arms: List should have at least 1 item"),
     ],
 )
 def test_malformed_requests_get_a_4xx_with_a_message(service, method, path, body, status, needle):
@@ -155,6 +159,14 @@ def test_malformed_requests_get_a_4xx_with_a_message(service, method, path, body
     got, reply = service["client"].call(method, path, None if raw else body, raw=raw)
     assert got == status
     assert needle in json.dumps(reply["detail"])
+
+
+def test_a_json_body_sent_as_text_says_so(service):
+    """FastAPI reads only a body declared JSON as JSON: valid JSON sent as text/plain was answered
+    "body: Input should be a valid dictionary", naming nothing of the cause."""
+    status, reply = service["client"].call("POST", "/feedback", {"decision_id": "x", "reward": 0.1},
+                                            content_type="text/plain")
+    assert (status, reply["detail"]) == (422, "body: not sent as JSON (Content-Type text/plain; send application/json)")
 
 
 def test_add_arm_then_it_is_sampled(service):

@@ -58,7 +58,7 @@ class DecideRequest(BaseModel):
     a: Name | None = None
     b: Name | None = None
     task: Name | None = None
-    arms: Annotated[list[Name], Field(max_length=1000)] | None = None  # restrict the choice to these operators
+    arms: Annotated[list[Name], Field(min_length=1, max_length=1000)] | None = None  # restrict the choice to these operators
 
     @model_validator(mode="after")
     def _one_form(self) -> "DecideRequest":
@@ -98,14 +98,17 @@ def _field(loc: tuple | list) -> str:
 
 
 @api.exception_handler(RequestValidationError)
-async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
     # One line naming each field at fault. FastAPI's default echoes the offending input, and a
     # NaN there makes the 422 itself fail to serialise (a 500): say where and what only.
     lines = []
+    kind = request.headers.get("content-type", "")
     for e in exc.errors():
         loc = e.get("loc", ())
         if e.get("type") == "json_invalid":  # loc is ('body', character position)
             lines.append(f"body: JSON decode error at character {loc[-1]}")
+        elif tuple(loc) == ("body",) and "json" not in kind:  # FastAPI reads only a JSON body as JSON
+            lines.append(f"body: not sent as JSON (Content-Type {kind or 'missing'}; send application/json)")
         else:
             lines.append(f"{_field(loc)}: {e.get('msg', '')}")
     return JSONResponse(status_code=422, content={"detail": "; ".join(lines).replace("\n", " ")})
@@ -115,9 +118,13 @@ async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     # FastAPI answers a body json.loads raises on with anything but a decode error (a number of
     # more digits than Python converts) as a bare "error parsing the body": say what it was.
-    if exc.status_code == 400 and isinstance(exc.__cause__, ValueError) and "digits" in str(exc.__cause__):
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, ValueError) and "digits" in str(cause):
         return JSONResponse(status_code=400, content={
             "detail": f"body: a number has more than {sys.get_int_max_str_digits()} digits"})
+    if exc.status_code == 400 and isinstance(cause, (UnicodeDecodeError, RecursionError)):  # malformed JSON: a 422
+        what = "not UTF-8 text" if isinstance(cause, UnicodeDecodeError) else "JSON nested deeper than Python parses"
+        return JSONResponse(status_code=422, content={"detail": f"body: {what}"})
     return await http_exception_handler(request, exc)
 
 
