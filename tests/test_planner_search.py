@@ -225,6 +225,27 @@ def test_linear_folds_with_the_same_coefficients_are_listed_once() -> None:
     assert [p.score for p in res.plans] == sorted((p.score for p in res.plans), reverse=True)
 
 
+def test_folds_whose_first_step_is_one_merge_are_listed_once() -> None:
+    """TIES or SLERP of (a, b) at equal shares is that of (b, a): the runner-up of a plan was often the
+    same merge with its first two models swapped (plan-batch's margin 0.0 on every row). A
+    2-way search lists each pair's merge by a mirrored arm once; a lopsided first step does not
+    mirror and stays two merges."""
+    from simmerge_ray.merge.fold import Fold
+
+    assert Fold(("a", "b", "c"), ("ties", "slerp"), "equal").merge_identity() == \
+        Fold(("b", "a", "c"), ("ties", "slerp"), "equal").merge_identity()
+    assert Fold(("a", "b"), ("linear_expert",)).merge_identity() == Fold(("b", "a"), ("linear_aux",)).merge_identity()
+    assert Fold(("a", "b", "c"), ("ties", "ties"), "equal").merge_identity() != \
+        Fold(("a", "c", "b"), ("ties", "ties"), "equal").merge_identity()
+    assert Fold(("a", "b"), ("dare_ties",)).merge_identity() != Fold(("b", "a"), ("dare_ties",)).merge_identity()
+    models = [f"m{i}" for i in range(4)]
+    space = SearchSpace(task="code", candidates=models, experts=["m0", "m1"], min_k=2, max_k=2,
+                        tasks=tasks_of(models), step_arms=("ties", "slerp"), weightings=("equal",))
+    res = search(space, TableModel(models, seed=2), Objective(retention_weight=0.5, aux_weight=0.5), keep=10**6)
+    pairs = [(frozenset(p.models), tuple(p.operators)) for p in res.plans]
+    assert len(pairs) == len(set(pairs)) and len(pairs) > 6
+
+
 def test_a_calibration_ranks_complete_plans_by_measured_shape() -> None:
     """A calibration that has learned "the expert keeps most when it joins last, under `anchor`"
     overrides the step model's ranking; it covers only the sizes it was fitted on."""

@@ -47,11 +47,19 @@ class Fold:
 
     def merge_identity(self) -> tuple:
         """What the fold builds: its linear coefficients (rounded past float32) when every step is
-        linear, else its order and step arms. Folds with one identity build one checkpoint."""
+        linear, else its order and step arms, the first two models in name order where the first
+        step's arm has a mirror (TIES of (a, b) is TIES of (b, a)). Folds with one identity build one
+        checkpoint (to float rounding: the order of a sum may differ)."""
         coef = self.linear_coefficients()
         if coef is not None and self.k > 1:
             return ("linear", tuple(sorted((m, round(c, 12)) for m, c in coef.items())))
-        return (self.models, tuple(a.name for a in self.step_arms()))
+        arms = self.step_arms()
+        ident = (self.models, tuple(a.name for a in arms))
+        mirror = arms[0].mirror() if arms else None  # (a, b) by an arm is (b, a) by its mirror: one first step
+        if mirror is None:
+            return ident
+        swapped = ((self.models[1], self.models[0], *self.models[2:]), (mirror, *ident[1][1:]))
+        return min(ident, swapped)
 
 
 def check_fold(models: Sequence[str], operators: Sequence[str], weighting: str | None) -> None:
