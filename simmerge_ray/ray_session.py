@@ -68,7 +68,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     on_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if address:
         wait_reachable(address, given)
-    with _without_cpp_info_lines(enabled=not _verbose), _sigterm_while_starting(callable(on_sigterm)):
+    with _without_cpp_info_lines(enabled=not _verbose), _sigterm_while_starting(on_sigterm):
         if address:
             try:
                 with warnings.catch_warnings():  # its timeout, said again below in one line
@@ -94,28 +94,33 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
                 _drop_streamed_cpp_info_lines()
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=_verbose, logging_level=level)
-    if callable(on_sigterm):  # the core worker's C++ failure handler took SIGTERM over (a stack dump, exit 15):
-        signal.signal(signal.SIGTERM, on_sigterm)  # the command's own handler unwinds and cleans up again
     if not _verbose:
         for name in ("ray.tune", "ray.train", "ray.serve"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @contextmanager
-def _sigterm_while_starting(unwinds: bool) -> Iterator[None]:
+def _sigterm_while_starting(on_sigterm: object) -> Iterator[None]:
     """ray.init replaces the SIGTERM handler as it starts (its own exits with the signal's number,
-    its node's with 1 after killing what it started): a command killed then ended with exit 15,
-    no word, and Ray's processes left running. Where the command unwinds on SIGTERM (`unwinds`:
-    its handler was in place), that exit unwinds instead, after shutting down what Ray started."""
+    its node's with 1 after killing what it started) and its core worker's C++ failure handler
+    takes SIGTERM over (a stack dump, exit 15): the command's own handler (`on_sigterm`, where it
+    is callable) is put back once init ends, however it ends. A command killed during init ended
+    with exit 15 or 1, no word, and Ray's processes left running: that exit unwinds instead, after
+    shutting down what Ray started. (Ray 2.60's init exits with no other code.)"""
+    unwinds = callable(on_sigterm)
     try:
         yield
     except SystemExit as e:
         if not unwinds or e.code not in (signal.SIGTERM, 1):
             raise
+        signal.signal(signal.SIGTERM, on_sigterm)  # a second SIGTERM unwinds too
         import ray
 
         ray.shutdown()
         raise KeyboardInterrupt from None
+    finally:
+        if unwinds:
+            signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _connect_timeout() -> float:

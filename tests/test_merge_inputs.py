@@ -172,6 +172,18 @@ def test_models_of_different_architectures_are_merged_only_with_allow_crimes(mod
     out = tmp_path / "out"
     assert cli_main(["merge", str(path), "--out", str(out), "--quiet", "--allow-crimes"]) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    # A plan over a catalog holding both, run step by step (TIES is no linear fold), the same way.
+    from simmerge_ray.planner.plan import Plan
+
+    (tmp_path / "catalog.yaml").write_text(f"base: {models / 'base'}\nmodels:\n  - {{name: m1, path: {models / 'm1'}}}\n"
+                                           f"  - {{name: m2, path: {mistral}}}\n")
+    (tmp_path / "plan.json").write_text(Plan(task="code", models=["m1", "m2"], operators=["ties"]).to_json())
+    plan_args = ["merge", "--plan", str(tmp_path / "plan.json"), "--catalog", str(tmp_path / "catalog.yaml"), "--quiet"]
+    assert cli_main([*plan_args, "--out", str(tmp_path / "p1")]) == 2
+    _one_line_error(capsys, "is a 'mistral' checkpoint but", "--allow-crimes")
+    assert cli_main([*plan_args, "--out", str(tmp_path / "p2"), "--allow-crimes", "--dry-run"]) == 0
+    assert cli_main([*plan_args, "--out", str(tmp_path / "p2"), "--allow-crimes"]) == 0
+    assert json.loads((tmp_path / "p2" / "config.json").read_text())["model_type"] == "llama"
 
 
 def test_a_tokenizer_source_without_tokenizer_files_says_so(models: Path, tmp_path: Path, capsys) -> None:

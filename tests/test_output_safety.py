@@ -511,8 +511,9 @@ def test_sigterm_while_ray_starts_unwinds_and_leaves_nothing_running(tmp_path: P
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     try:
         deadline = time.monotonic() + 120
-        while not any(p.name() == "raylet" for p in processes_naming(work)) and time.monotonic() < deadline:
+        while not any(p.name() == "raylet" for p in processes_naming(work)):
             assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no raylet of the command's Ray after 120 s"
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         try:

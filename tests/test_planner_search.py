@@ -234,7 +234,8 @@ def test_folds_whose_first_step_is_one_merge_are_listed_once() -> None:
 
     assert Fold(("a", "b", "c"), ("ties", "slerp"), "equal").merge_identity() == \
         Fold(("b", "a", "c"), ("ties", "slerp"), "equal").merge_identity()
-    assert Fold(("a", "b"), ("linear_expert",)).merge_identity() == Fold(("b", "a"), ("linear_aux",)).merge_identity()
+    assert Fold(("a", "b", "c"), ("linear_expert", "ties")).merge_identity() == \
+        Fold(("b", "a", "c"), ("linear_aux", "ties")).merge_identity()
     assert Fold(("a", "b", "c"), ("ties", "ties"), "equal").merge_identity() != \
         Fold(("a", "c", "b"), ("ties", "ties"), "equal").merge_identity()
     assert Fold(("a", "b"), ("dare_ties",)).merge_identity() != Fold(("b", "a"), ("dare_ties",)).merge_identity()

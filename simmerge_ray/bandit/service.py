@@ -107,7 +107,7 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
         loc = e.get("loc", ())
         if e.get("type") == "json_invalid":  # loc is ('body', character position)
             lines.append(f"body: JSON decode error at character {loc[-1]}")
-        elif tuple(loc) == ("body",) and "json" not in kind:  # FastAPI reads only a JSON body as JSON
+        elif tuple(loc) == ("body",) and isinstance(e.get("input"), bytes):  # FastAPI parses only a JSON type
             lines.append(f"body: not sent as JSON (Content-Type {kind or 'missing'}; send application/json)")
         else:
             lines.append(f"{_field(loc)}: {e.get('msg', '')}")

@@ -239,7 +239,8 @@ def _run_plan(args: argparse.Namespace, opts) -> int:
                             seed=args.seed)
         return _print_graph_estimate(str(plan_file), est)
     if opts.placement == "ray":  # every input problem fails before Ray starts; the plan is checked once
-        merges = plan_merges(plan, catalog, Path(args.out), args.dtype, plan_file, args.seed)
+        merges = plan_merges(plan, catalog, Path(args.out), args.dtype, plan_file, args.seed,
+                             allow_crimes=opts.allow_crimes)
         if isinstance(merges, MergeSpec):
             check_merge(merges, allow_crimes=opts.allow_crimes)  # the folded merge's inputs, as `merge CONFIG --ray` checks a config's
         init_ray(args.address)

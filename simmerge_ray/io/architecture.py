@@ -79,13 +79,13 @@ def loaded_name(model: object) -> Callable[[str], str]:
     """Stored tensor name -> the name `model` (a transformers model) holds it under once loaded.
     transformers 5 renames some stored names as it loads them (GPT-NeoX's `embed_out.` is its
     `lm_head.`; old `LayerNorm.gamma`/`beta`), so a checkpoint it wrote itself does not hold its
-    model's state-dict names; transformers 4 renames none. Only plain renamings are followed (a
-    checkpoint whose tensors transformers splits or fuses as it loads keeps its names, and is
-    then reported as not matching)."""
+    model's state-dict names. Only transformers 5's plain renamings are followed (with transformers
+    4, whose GPT-NeoX holds `embed_out`, names are taken as stored; a checkpoint whose tensors
+    transformers splits or fuses as it loads is reported as not matching)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import PrefixChange, WeightRenaming
-    except ImportError:  # transformers 4: loaded as stored
+    except ImportError:  # transformers 4
         return lambda name: name
     renamings = [t for t in get_model_conversion_mapping(model)
                  if isinstance(t, WeightRenaming) and not isinstance(t, PrefixChange)]

@@ -339,13 +339,13 @@ def _templates(ck: Checkpoint) -> dict[str, None]:
 def _check_same_model_type(lead: str, ckpts: dict[str, Checkpoint]) -> None:
     """A llama and a mistral of one size share every tensor name and shape: their merge runs, and
     its config says whichever came first. mergekit refuses it without --allow-crimes; so do we."""
-    kind = ckpts[lead].config.get("model_type")
-    for ref, ck in ckpts.items():
-        other = ck.config.get("model_type")
-        if kind and other and other != kind:
-            raise CheckpointError(f"model {ref!r} ({ck.path / 'config.json'}) is a {other!r} checkpoint but {lead!r} "
-                                  f"is {kind!r} (model_type): models of different architectures are not merged "
-                                  f"unless you pass --allow-crimes, as mergekit")
+    typed = [(ref, kind) for ref, ck in sorted(ckpts.items(), key=lambda rc: rc[0] != lead)
+             if (kind := ck.config.get("model_type"))]  # the lead first; a lone file declares none
+    for ref, kind in typed[1:]:
+        if kind != typed[0][1]:
+            raise CheckpointError(f"model {ref!r} ({ckpts[ref].path / 'config.json'}) is a {kind!r} checkpoint but "
+                                  f"{typed[0][0]!r} is {typed[0][1]!r} (model_type): models of different "
+                                  f"architectures are not merged unless you pass --allow-crimes, as mergekit does")
 
 
 def _check_same_architecture(lead: str, ckpts: dict[str, Checkpoint]) -> None:

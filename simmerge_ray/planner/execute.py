@@ -77,7 +77,7 @@ def check_catalog(plan: Plan, catalog: Catalog, plan_file: Path | None = None) -
     check_unchanged(plan.checkpoints, catalog, str(where))
 
 
-def check_plan(plan: Plan, catalog: Catalog, plan_file: Path | None = None) -> None:
+def check_plan(plan: Plan, catalog: Catalog, plan_file: Path | None = None, *, allow_crimes: bool = False) -> None:
     """Refuse, before any step runs (and before Ray starts), what would otherwise fail only at a
     later step, after hours of earlier ones: check_catalog, and the plan's models (with the base
     where a step needs it) not fitting together, a catalog model replaced since planning by one of
@@ -90,7 +90,8 @@ def check_plan(plan: Plan, catalog: Catalog, plan_file: Path | None = None) -> N
     cfg = {"merge_method": "linear",
            "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in inputs],
            **output_tokenizer(used + ([catalog.base] if catalog.base is not None else []))}
-    check_merge(MergeSpec.from_dict(cfg, source=f"{plan_file or 'plan'} (its models together)"))
+    check_merge(MergeSpec.from_dict(cfg, source=f"{plan_file or 'plan'} (its models together)"),
+                allow_crimes=allow_crimes)
 
 
 def _folded_provenance(plan: Plan, catalog: Catalog, coef: dict[str, float], plan_file: Path | None) -> Provenance:
@@ -104,7 +105,7 @@ def _folded_provenance(plan: Plan, catalog: Catalog, coef: dict[str, float], pla
 
 
 def plan_merges(plan: Plan, catalog: Catalog, out: Path, out_dtype: str | None = None,
-                plan_file: Path | None = None, seed: int = 0) -> MergeSpec | StageGraph:
+                plan_file: Path | None = None, seed: int = 0, *, allow_crimes: bool = False) -> MergeSpec | StageGraph:
     """What running the plan into `out` merges, checked (check_plan): one MergeSpec for a plan
     whose every step is linear (the fold's coefficients multiplied out), else its steps as a
     StageGraph. Shared by execute_plan and the dry run's estimate_plan, so they cannot differ."""
@@ -116,7 +117,7 @@ def plan_merges(plan: Plan, catalog: Catalog, out: Path, out_dtype: str | None =
         cfg = {**folded, "out_dtype": out_dtype} if out_dtype else folded
         return replace(MergeSpec.from_dict(cfg, root=out.parent, source="plan (folded)", seed=seed),
                        provenance=_folded_provenance(plan, catalog, coef, plan_file))
-    check_plan(plan, catalog, plan_file)
+    check_plan(plan, catalog, plan_file, allow_crimes=allow_crimes)
     stages = plan_stages(plan, paths, catalog.base, out_dtype, plan_file)
 
     def provenance(stage: Stage) -> Provenance:
@@ -140,7 +141,8 @@ def execute_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = Ex
     multi-document configs."""
     out = Path(out)
     check_replaceable(out, overwrite=opts.overwrite)  # an empty folder is used, as for a config
-    return run_planned(plan_merges(plan, catalog, out, out_dtype, plan_file, seed), out, opts)
+    return run_planned(plan_merges(plan, catalog, out, out_dtype, plan_file, seed, allow_crimes=opts.allow_crimes),
+                       out, opts)
 
 
 def run_planned(merges: MergeSpec | StageGraph, out: Path, opts: ExecOptions = ExecOptions()) -> list[MergeResult]:
@@ -155,7 +157,7 @@ def estimate_plan(plan: Plan, catalog: Catalog, out: Path, opts: ExecOptions = E
                   out_dtype: str | None = None, plan_file: Path | None = None, seed: int = 0) -> GraphEstimate:
     """What execute_plan would read, write, hold and take, nothing merged: a folded plan as its
     one merge, any other step by step (estimate_stages)."""
-    merges = plan_merges(plan, catalog, Path(out), out_dtype, plan_file, seed)
+    merges = plan_merges(plan, catalog, Path(out), out_dtype, plan_file, seed, allow_crimes=opts.allow_crimes)
     if isinstance(merges, MergeSpec):
         return GraphEstimate((StageEstimate("the folded plan", True, estimate_merge(merges, opts)),), 0)
     return estimate_stages(merges, opts, out=Path(out))  # the steps a run would resume after are not counted

@@ -101,8 +101,9 @@ class PlanEvaluator:
         if vocab is not None:
             config.vocab_size = vocab.rows
         self.model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-        rename = loaded_name(self.model)  # stored names -> the model's (GPT-NeoX's embed_out is its lm_head)
-        self.states = {m: {rename(n): t for n, t in state.items()} for m, state in self.states.items()}
+        # Merged under their stored names (stochastic arms seed each tensor's masks by its name, as
+        # `merge` does), loaded under the model's (GPT-NeoX's embed_out is its lm_head).
+        self.rename = loaded_name(self.model)
         # Heads the scoring model ties to its embedding: no model stores them, and loading the
         # embedding sets them (the state dict lists a tied head under its own name too).
         ties = head is None and config.tie_word_embeddings
@@ -144,7 +145,7 @@ class PlanEvaluator:
                 if prefix not in memo:
                     memo[prefix] = merge_arm(arm, cur, self.states[plan.models[j + 1]], self.states["base"])
                 cur = memo[prefix]
-        missing, unexpected = self.model.load_state_dict(cur, strict=False)
+        missing, unexpected = self.model.load_state_dict({self.rename(n): t for n, t in cur.items()}, strict=False)
         if unexpected or set(missing) - self.tied:
             raise RuntimeError(f"merged weights do not fit the scoring model: missing "
                                f"{sorted(set(missing) - self.tied)}, unexpected {sorted(unexpected)}")
