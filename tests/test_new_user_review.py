@@ -59,12 +59,19 @@ def test_a_multiway_plan_without_aux_selector_says_its_score_is_the_utility_prox
             str(world.features), "--task", "code", "--models", *world.models[:3], "--min-way", "3", "--max-way", "3",
             "--retention-weight", "2"]
     assert cli_main([*argv, "--out", str(tmp_path / "plan")]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    said = capsys.readouterr()
+    lines = said.out.splitlines()
+    assert "--max-way" not in said.err
     assert ("score = 2 x the expert's predicted retention on code, each step's two-sided utility standing in for "
             "the share of its gap kept (no --aux-selector)") in lines[0]
     (alone,) = [ln for ln in lines if ln.startswith("not merging is predicted")]
     assert ("keeping the expert alone scores 1.000 on this objective (--retention-weight x 0.5: its own two-sided "
             "utility, as the steps are scored), the best plan ") in alone
+    # A --max-way above the candidates was capped without a word.
+    argv[argv.index("--max-way") + 1] = "9"
+    assert cli_main([*argv, "--out", str(tmp_path / "plan9")]) == 0
+    assert "simmerge plan: warning: --max-way 9 is more than the 3 candidate models: plans of up to 3" in \
+        capsys.readouterr().err.splitlines()
 
 
 def test_bandit_sim_reports_progress_while_it_replays(tmp_path: Path, capsys, no_ray) -> None:

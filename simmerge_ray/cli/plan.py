@@ -221,6 +221,9 @@ def _multiway(args: argparse.Namespace, catalog, req, space) -> int:
     from simmerge_ray.planner.request import load_calibration, plan_request, write_plans
 
     check_measured_from(args.features, catalog, space.candidates)
+    if space.max_k > len(space.pool) and args.max_way != MULTIWAY_ONLY["max_way"]:  # asked for, and capped: said
+        print(f"simmerge plan: warning: --max-way {space.max_k} is more than the {len(space.pool)} candidate models: "
+              f"plans of up to {len(space.pool)}", file=sys.stderr)
     calibration = load_calibration(args.calibration, args.aux_selector, args.selector)
     res = plan_request(req, catalog, build_step_model(args.selector, args.features, args.aux_selector),
                        calibration=calibration)
