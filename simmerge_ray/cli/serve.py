@@ -98,11 +98,9 @@ def _config(args: argparse.Namespace):
 
 
 def _init(args: argparse.Namespace) -> int:
-    from simmerge_ray.bandit.core import BanditCore
+    from simmerge_ray.bandit.core import BanditCore, check_new_state
     from simmerge_ray.bandit.initial import initial_bandit, left_out_line
     from simmerge_ray.bandit.simulate import SimSettings
-
-    from simmerge_ray.bandit.core import check_new_state
 
     if not (args.labels or args.operators):
         raise ConfigError("give --labels (warm start) or --operators (cold start)")
