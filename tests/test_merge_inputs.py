@@ -166,8 +166,9 @@ def test_models_of_different_architectures_are_merged_only_with_allow_crimes(mod
            "models": [{"model": str(models / "m1")}, {"model": str(mistral)}]}
     code, path = _merge(tmp_path, cfg)
     assert code == 2
-    _one_line_error(capsys, f"model {str(mistral)!r} ({mistral / 'config.json'}) is a 'mistral' checkpoint but "
-                            f"{str(models / 'm1')!r} is 'llama' (model_type)", "--allow-crimes")
+    _one_line_error(capsys, f"model {str(mistral)!r} ({mistral}) is a 'mistral' checkpoint but model "
+                            f"{str(models / 'm1')!r} ({models / 'm1'}) is 'llama' (config.json model_type): checkpoints "
+                            f"of different architectures are not merged unless you pass --allow-crimes, as mergekit does")
     assert tree_hash(tmp_path) == {**before, "merge.yaml": tree_hash(tmp_path)["merge.yaml"]}
     out = tmp_path / "out"
     assert cli_main(["merge", str(path), "--out", str(out), "--quiet", "--allow-crimes"]) == 0

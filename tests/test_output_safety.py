@@ -439,6 +439,24 @@ def test_an_interrupted_merge_says_so_in_one_line_and_leaves_no_temporary_folder
     assert sorted(p.name for p in workspace.iterdir()) == ["merge.yaml", "models"]
 
 
+def _stderr_once_it_exits(proc: subprocess.Popen, timeout: float = 120) -> str:
+    """The stderr of a child sent SIGTERM, once it exits. A hang (seen once under load) fails with
+    the child's Python stacks (it registers faulthandler on SIGUSR2), after killing it and the
+    processes it started (its local Ray), so nothing is left running."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR2)
+        time.sleep(2)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        proc.kill()
+        for p in started:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        pytest.fail(f"no exit {timeout:.0f} s after SIGTERM; the child's stacks and stderr:\n"
+                    f"{proc.communicate()[1][-8000:]}")
+
+
 _SIGTERM_AFTER_RAY = """
 import faulthandler, signal, sys, time
 faulthandler.register(signal.SIGUSR2, all_threads=True)  # the test asks for the stacks of a hang
@@ -465,18 +483,7 @@ def test_sigterm_still_unwinds_after_ray_starts(tmp_path: Path) -> None:
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     assert proc.stdout.readline().strip() == "ray up"
     proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:  # seen once under load: say where it hangs, leave nothing running
-        proc.send_signal(signal.SIGUSR2)
-        time.sleep(2)
-        started = psutil.Process(proc.pid).children(recursive=True)  # the local cluster it started
-        proc.kill()
-        for p in started:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        _, err = proc.communicate()
-        pytest.fail(f"no exit 120 s after SIGTERM; the child's stacks and stderr:\n{err[-8000:]}")
+    err = _stderr_once_it_exits(proc)
     assert proc.returncode == 130, err
     assert "SIGTERM received" not in err
 
@@ -516,14 +523,7 @@ def test_sigterm_while_ray_starts_unwinds_and_leaves_nothing_running(tmp_path: P
             assert time.monotonic() < deadline, "no raylet of the command's Ray after 120 s"
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGUSR2)
-            time.sleep(2)
-            proc.kill()
-            _, err = proc.communicate()
-            pytest.fail(f"no exit 120 s after SIGTERM; the child's stacks and stderr:\n{err[-8000:]}")
+        err = _stderr_once_it_exits(proc)
         assert (proc.returncode, err.strip().splitlines()[-1:]) == (130, ["interrupted"]), err
     finally:
         if proc.poll() is None:

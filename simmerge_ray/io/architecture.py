@@ -58,12 +58,13 @@ def check_same_tensors(names: Sequence[str], ckpts: Sequence[Checkpoint], vocab:
             f"{ckpts[0].path}): " + " | ".join(problems))
 
 
-def check_same_model_type(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> None:
+def check_same_model_type(names: Sequence[str], ckpts: Sequence[Checkpoint], consequence: str = "cannot be compared"
+                          ) -> None:
     """Every checkpoint whose config.json names a `model_type` names the first such one's. Tensor
     names and shapes alone let a llama and a mistral of one size through (same names, same
     shapes), and only the base was compared with a model: two catalog models of different
-    architectures were compared as one. A checkpoint without a model_type (a lone file) is not
-    judged here."""
+    architectures were compared as one (`merge` merged them as one). A checkpoint without a
+    model_type (a lone file) is not judged here. `consequence` ends the message: what is refused."""
     typed = [(n, ck, ck.config.get("model_type")) for n, ck in zip(names, ckpts) if ck.config.get("model_type")]
     if not typed:
         return
@@ -72,7 +73,7 @@ def check_same_model_type(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> 
         if other != kind:
             raise CheckpointError(f"{name} ({ck.path}) is a {other!r} checkpoint but {first} ({first_ck.path}) is "
                                   f"{kind!r} (config.json model_type): checkpoints of different architectures "
-                                  f"cannot be compared")
+                                  f"{consequence}")
 
 
 def loaded_name(model: object) -> Callable[[str], str]:

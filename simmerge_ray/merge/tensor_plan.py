@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from simmerge_ray.errors import CheckpointError, ConfigError
+from simmerge_ray.io.architecture import check_same_model_type
 from simmerge_ray.io.checkpoint import Checkpoint, layer_index, merged_head, with_layer_index
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES
 from simmerge_ray.merge.config import MergeSpec, OutputSlice, SliceSource, method_sources
@@ -173,8 +174,10 @@ def plan_tensors(spec: MergeSpec, ckpts: dict[str, Checkpoint], vocab: BuiltVoca
     are refused unless `allow_crimes` (mergekit's --allow-crimes)."""
     lead = spec.slices[0].sources[0].model.ref
     _check_same_architecture(lead, ckpts)  # first: tensors that cannot be merged, whatever the flag
-    if not allow_crimes:
-        _check_same_model_type(lead, ckpts)
+    if not allow_crimes:  # mergekit refuses it too without the flag
+        refs = sorted(ckpts, key=lambda ref: ref != lead)  # the lead first
+        check_same_model_type([f"model {ref!r}" for ref in refs], [ckpts[ref] for ref in refs],
+                              "are not merged unless you pass --allow-crimes, as mergekit does")
     parts = _parts(spec, ckpts)
     ranges = [slice_ranges(spec, ckpts, part) for part in parts]  # every range checked before planning
     return [t for part, rng in zip(parts, ranges) for t in _plan_part(spec, ckpts, part, rng, vocab)]
@@ -334,18 +337,6 @@ def _templates(ck: Checkpoint) -> dict[str, None]:
     head it ties to its embedding counts as held."""
     names = dict.fromkeys(n if layer_index(n) is None else with_layer_index(n, 0) for n in ck.tensor_names)
     return names if ck.tied_head is None else {**names, ck.tied_head: None}
-
-
-def _check_same_model_type(lead: str, ckpts: dict[str, Checkpoint]) -> None:
-    """A llama and a mistral of one size share every tensor name and shape: their merge runs, and
-    its config says whichever came first. mergekit refuses it without --allow-crimes; so do we."""
-    typed = [(ref, kind) for ref, ck in sorted(ckpts.items(), key=lambda rc: rc[0] != lead)
-             if (kind := ck.config.get("model_type"))]  # the lead first; a lone file declares none
-    for ref, kind in typed[1:]:
-        if kind != typed[0][1]:
-            raise CheckpointError(f"model {ref!r} ({ckpts[ref].path / 'config.json'}) is a {kind!r} checkpoint but "
-                                  f"{typed[0][0]!r} is {typed[0][1]!r} (model_type): models of different "
-                                  f"architectures are not merged unless you pass --allow-crimes, as mergekit does")
 
 
 def _check_same_architecture(lead: str, ckpts: dict[str, Checkpoint]) -> None:

@@ -13,6 +13,7 @@ gap_summary.parquet and label_summary.json.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import Counter, defaultdict
@@ -103,7 +104,7 @@ class PlanEvaluator:
         self.model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
         # Merged under their stored names (stochastic arms seed each tensor's masks by its name, as
         # `merge` does), loaded under the model's (GPT-NeoX's embed_out is its lm_head).
-        self.rename = loaded_name(self.model)
+        self.rename = functools.cache(loaded_name(self.model))
         # Heads the scoring model ties to its embedding: no model stores them, and loading the
         # embedding sets them (the state dict lists a tied head under its own name too).
         ties = head is None and config.tie_word_embeddings
