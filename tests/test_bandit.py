@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from simmerge_ray.bandit.core import BanditCore
+from simmerge_ray.bandit.core import BanditCore, Call
 from simmerge_ray.bandit.encoder import IdentityEncoder, load_encoder
 from simmerge_ray.bandit.errors import (
     BanditError,
@@ -419,6 +419,70 @@ def test_two_cores_in_one_process_take_turns(core: BanditCore):
     assert (final["decisions"], final["feedback"], final["pending"]) == (80, 80, 0)
 
 
+def test_a_batch_answers_as_its_calls_one_by_one_and_saves_once(core: BanditCore, tmp_path: Path):
+    """Group commit: a batch's calls are answered as the same calls one at a time would be, its
+    refused calls leave no trace (not even a draw of the generator), and it is saved once."""
+    shutil.copytree(core.state_dir, tmp_path / "twin")
+    twin = BanditCore(tmp_path / "twin")
+    answers = core.run([
+        Call("decide", ([0.3, -0.2, 1.0], None)),
+        Call("decide", ([float("nan")] * 3, None)),  # refused: every value missing
+        Call("feedback", ("no-such-id", 0.5)),  # refused: unknown id
+        Call("add_arm", ("linear",)),  # refused: the arm exists
+        Call("add_arm", ("dare_ties",)),
+        Call("decide", ([0.5, 0.5, -0.5], ["dare_ties", "ties"])),
+        Call("stats"),
+    ])
+    assert core.saves == 1
+    assert [type(a).__name__ for a in answers] == ["dict", "FeatureError", "UnknownDecisionError",
+                                                   "DuplicateArmError", "dict", "dict", "dict"]
+    first = twin.decide([0.3, -0.2, 1.0])
+    twin.add_arm("dare_ties")
+    last = twin.decide([0.5, 0.5, -0.5], arms=["dare_ties", "ties"])
+    assert (answers[0]["scores"], answers[5]["scores"]) == (first["scores"], last["scores"])
+    assert answers[6]["decisions"] == 2 and answers[6]["pending"] == 2
+    assert BanditCore(core.state_dir).stats() == twin.stats() == core.stats()
+    # Feedback in a batch: the second reward of one id is a duplicate, as it would be one by one.
+    ids = [answers[0]["decision_id"], answers[5]["decision_id"]]
+    fb = core.run([Call("feedback", (ids[0], 0.25)), Call("feedback", (ids[1], 0.5)), Call("feedback", (ids[0], 0.75))])
+    assert [a["status"] for a in fb] == ["counted", "counted", "duplicate"] and core.saves == 2
+    saved = BanditCore(core.state_dir).stats()
+    assert (saved["feedback"], saved["duplicates"], saved["pending"]) == (2, 1, 0)
+
+
+def test_a_batch_that_cannot_be_saved_is_answered_again_one_save_each(core: BanditCore):
+    """A batch whose state is refused at the save (here an arm's statistics made non-finite in
+    memory behind the core's back) is not lost as a whole: the saved state is reloaded and each
+    call is answered again with its own save."""
+    core.bandit.arms[0].rr = float("nan")
+    answers = core.run([Call("decide", ([0.1, 0.2, 0.3], None)), Call("add_arm", ("dare_ties",))])
+    assert all(isinstance(a, dict) for a in answers), answers
+    assert core.saves == 2 and np.isfinite(core.bandit.arms[0].rr)
+    saved = BanditCore(core.state_dir).stats()
+    assert saved["decisions"] == 1 and "dare_ties" in [a["name"] for a in saved["arms"]]
+
+
+def test_the_actor_answers_calls_that_arrive_together_with_one_save(core: BanditCore):
+    """Plain class, no Ray (Ray runs an async actor's methods on one event loop, as here): calls
+    queued while no batch is under way become one batch, each answered only after its save."""
+    import asyncio
+
+    from simmerge_ray.bandit.actor import BanditActor
+
+    actor = BanditActor(str(core.state_dir))
+
+    async def together() -> list:
+        calls = [actor.decide([0.1 * i, 0.2, -0.3]) for i in range(20)] + [actor.feedback("no-such-id", 0.5)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    answers = asyncio.run(together())
+    assert sorted(a["seq"] for a in answers[:20]) == list(range(20))
+    assert isinstance(answers[20], UnknownDecisionError)
+    assert actor._core is not None and actor._core.saves == 1
+    saved = BanditCore(core.state_dir).stats()
+    assert (saved["decisions"], saved["pending"]) == (20, 5)  # the fixture keeps 5 pending
+
+
 def test_a_state_that_fails_to_reload_is_never_served_nor_saved_over(core: BanditCore, tmp_path: Path):
     """A reload that fails (a damaged file from another writer, a folder re-created or removed)
     used to leave the process believing it had the newest state: it then served the old one and
@@ -602,12 +666,15 @@ def test_cli_bandit_init_over_the_selectors_encoder(tmp_path: Path, capsys: pyte
     from simmerge_ray.selector.encoder import SelectorEncoder
     from simmerge_ray.selector.model import SelectorConfig
     from simmerge_ray.selector.train import fit_selector
+    from simmerge_ray.selector.uncertainty import add_uncertainty
 
     labels, features = synthetic_tables(SyntheticBanditSpec(n_models=5, seed=2))
     labels.write_parquet(tmp_path / "labels.parquet")
     features.write_parquet(tmp_path / "features.parquet")
     pairs = load_pair_data(tmp_path / "features.parquet", tmp_path / "labels.parquet")
-    fit_selector(pairs, SelectorConfig(epochs=30, hidden=16, task_encoding=False)).save(tmp_path / "sel")
+    sel = fit_selector(pairs, SelectorConfig(epochs=30, hidden=16, task_encoding=False))
+    add_uncertainty(sel, pairs, fit=None, folds=0)  # as `simmerge fit` does: the training rows' domain
+    sel.save(tmp_path / "sel")
     state, args = tmp_path / "state", ["--features", str(tmp_path / "features.parquet"), "--selector",
                                        str(tmp_path / "sel")]
     assert cli_main(["bandit-init", "--state", str(state), "--labels", str(tmp_path / "labels.parquet"), *args]) == 0
@@ -618,6 +685,11 @@ def test_cli_bandit_init_over_the_selectors_encoder(tmp_path: Path, capsys: pyte
     want = warm_bandit(enc, data.operators, enc.encode(data.x), data.rewards, SimSettings())
     assert core.bandit.noise_var == want.noise_var
     np.testing.assert_array_equal(core.bandit.mean_scores(enc.encode(data.x[:5])), want.mean_scores(enc.encode(data.x[:5])))
+    # Contexts are judged against the selector's own training rows (its recorded domain).
+    assert core.decide(data.x[0])["out_of_range"] is None
+    far = data.x[0] + 0.0
+    far[2] = enc.selector.mean[2] + 60 * enc.selector.scale[2]
+    assert core.decide(far)["out_of_range"]["feature"] == enc.feature_names[2]
     # A cold start begins at the selector's own predictions for its arms, at zero for a new one.
     assert cli_main(["bandit-init", "--state", str(state), "--operators", "linear,lerp", "--overwrite", *args]) == 0
     cold, head = BanditCore(state).bandit, enc.head_prior()
@@ -740,6 +812,28 @@ def test_rewards_and_features_outside_the_declared_bounds_are_refused(core: Band
     assert all(np.all(np.isfinite(a)) for a in arrays.values() if a.dtype.kind == "f")
 
 
+def test_a_context_unlike_the_offline_rows_is_flagged_not_refused(tmp_path: Path):
+    """The planner flags inputs outside the selector's training rows; the bandit's answers do too
+    (`out_of_range`, null inside), by the same rule, with a state loaded anew as with the live one."""
+    z, r, _ = _linear_data(60, 3, 3, 0.1)
+    enc = IdentityEncoder.fit(["s_0", "s_1", "f_2"], z)
+    bandit = LinTS(3, ["linear", "slerp", "ties"], LinTSConfig(seed=1))
+    bandit.warm_start(enc.encode(z), r)
+    core = BanditCore.create(tmp_path / "state", enc, bandit)
+    assert core.decide(z[3])["out_of_range"] is None
+    far = z[3].copy()
+    far[1] = enc.mean[1] + 40 * enc.scale[1]
+    for live in (core, BanditCore(tmp_path / "state")):
+        out = live.decide(far)["out_of_range"]
+        assert (out["feature"], round(out["z"], 6)) == ("s_1", 40.0) and out["threshold"] < 5
+        assert out["message"].startswith("s_1 at z = +40.0 is outside the offline rows") and "extrapolate" in out["message"]
+    # A state written before encoders recorded their offline rows flags nothing, as it did then.
+    settings = json.loads((tmp_path / "state" / SETTINGS_FILE).read_text())
+    del settings["encoder"]["domain"]
+    (tmp_path / "state" / SETTINGS_FILE).write_text(json.dumps(settings))
+    assert BanditCore(tmp_path / "state").decide(far)["out_of_range"] is None
+
+
 def test_a_missing_feature_is_imputed_and_named_and_an_empty_context_refused(tmp_path: Path):
     """Inside Python NaN is a missing value (JSON null over HTTP, where a NaN literal is refused).
     Only a column that can be undefined for a pair may be missing: one null in some offline row,
@@ -781,7 +875,12 @@ def test_a_context_whose_scores_overflow_is_refused_without_a_trace(tmp_path: Pa
         core.decide([1.0, 0.0])
     assert (core.state_dir / STATE_FILE).read_bytes() == before
     ctx = [1e-301, 0.5]
-    assert core.decide(ctx)["scores"] == BanditCore(tmp_path / "twin").decide(ctx)["scores"]
+    twin = BanditCore(tmp_path / "twin")
+    assert core.decide(ctx)["scores"] == twin.decide(ctx)["scores"]
+    # Within a batch the refusal undoes its draw only, not the calls before it.
+    batch = core.run([Call("decide", (ctx, None)), Call("decide", ([1.0, 0.0], None)), Call("decide", (ctx, None))])
+    assert isinstance(batch[1], FeatureError) and batch[0]["seq"] == 1 and batch[2]["seq"] == 2
+    assert [batch[0]["scores"], batch[2]["scores"]] == [twin.decide(ctx)["scores"], twin.decide(ctx)["scores"]]
 
 
 def test_a_non_finite_state_is_never_saved_and_refused_on_load(core: BanditCore, tmp_path: Path):

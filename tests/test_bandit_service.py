@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import shutil
@@ -238,6 +239,29 @@ def test_concurrent_clients(service):
     )
 
 
+def test_calls_in_flight_together_are_each_answered_and_saved(service):
+    """Many calls sent to the actor at once (answered in batches, one save each): every decision
+    gets its own sequence number, every reward counts once, a refused call fails alone, and what
+    the callers were told is what a process loading the folder reads."""
+    import ray
+
+    actor, x = service["actor"], service["x"]
+    before = ray.get(actor.stats.remote())
+    decided = ray.get([actor.decide.remote(x[i % len(x)].tolist(), None, True) for i in range(48)])
+    assert sorted(d["seq"] for d in decided) == list(range(before["decisions"], before["decisions"] + 48))
+    rewards = [actor.feedback.remote(d["decision_id"], 0.25) for d in decided]
+    again = actor.feedback.remote(decided[0]["decision_id"], 0.9)
+    unknown = actor.feedback.remote("no-such-id", 0.5)
+    assert [r["status"] for r in ray.get(rewards)] == ["counted"] * 48
+    assert ray.get(again)["status"] == "duplicate"
+    with pytest.raises(ray.exceptions.RayTaskError, match="unknown decision id 'no-such-id'"):
+        ray.get(unknown)
+    saved = BanditCore(service["state"]).stats()
+    assert saved == ray.get(actor.stats.remote())
+    assert (saved["decisions"] - before["decisions"], saved["feedback"] - before["feedback"],
+            saved["duplicates"] - before["duplicates"]) == (48, 48, 1)
+
+
 def test_actor_refuses_a_bad_folder_and_a_name_clash(service, tmp_path):
     from simmerge_ray.bandit.actor import start_bandit_actor
     from simmerge_ray.errors import CheckpointError, ConfigError
@@ -269,9 +293,9 @@ def test_actor_over_a_bad_folder_serves_once_it_is_repaired(service, tmp_path):
     folder = tmp_path / "state"
     actor = BanditActor(str(folder))
     with pytest.raises(CheckpointError, match="no bandit state here"):
-        actor.stats()
+        asyncio.run(actor.stats())
     shutil.copytree(service["state"], folder)
-    assert actor.settings()["state_dir"] == str(folder)
+    assert asyncio.run(actor.describe())["state_dir"] == str(folder)
 
 
 # ----- hostile input (issue 21): bounds, body size, token; the saved state untouched and finite

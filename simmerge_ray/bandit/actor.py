@@ -2,23 +2,28 @@
 
 The actor is a thin shell around `BanditCore`: its constructor loads the state folder, so when
 Ray restarts it after a crash or `ray.kill(..., no_restart=False)` it resumes from the last
-persisted update, pending decisions included. Calls are served one at a time (the state file is
-rewritten by each), and calls that were in flight when the actor died are retried on the
-restarted actor; feedback is idempotent, so a retry is never learned twice.
+persisted update, pending decisions included. It is an async actor that queues the calls it
+receives and hands them to the core in batches, one batch at a time on a worker thread: while a
+batch's state is being written, the calls that arrive queue up and become the next batch, which
+is saved with one write (group commit). Each call is answered only once its batch is saved.
+Calls that were in flight when the actor died are retried on the restarted actor; feedback is
+idempotent, so a retry is never learned twice.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from simmerge_ray.errors import ConfigError, SimMergeError, ray_get
-from simmerge_ray.bandit.core import BanditCore, PriorKind
+from simmerge_ray.bandit.core import BanditCore, Call, PriorKind, unwrap
 
 ACTOR_NAME = "simmerge-bandit"
 NAMESPACE = "simmerge"
+MAX_BATCH = 256  # calls answered by one save; bounds the wait of a call that arrives behind a flood
 
 
 class BanditActor:
@@ -29,36 +34,58 @@ class BanditActor:
         # names the file.
         self._state_dir = Path(state_dir)
         self._core: BanditCore | None = None
+        self._queue: list[tuple[Call, asyncio.Future[Any]]] = []
+        self._draining = False
         try:
             self._core = BanditCore(self._state_dir)
         except SimMergeError:
             pass  # raised again by the first call
 
-    @property
-    def core(self) -> BanditCore:
-        """The loaded state; loaded again on each call until it loads (a folder repaired after a
-        restart serves again without another restart)."""
+    def _answer(self, calls: list[Call]) -> list[dict[str, Any] | Exception]:
+        """A batch's answers (on the worker thread). The state is loaded again for each batch
+        until it loads: a folder repaired after a restart serves again without another restart."""
         if self._core is None:
             self._core = BanditCore(self._state_dir)
-        return self._core
+        return self._core.run(calls)
 
-    def decide(self, x: list[float], arms: list[str] | None = None, trusted: bool = False) -> dict[str, Any]:
-        return self.core.decide(x, arms, trusted=trusted)
+    async def _call(self, call: Call) -> dict[str, Any]:
+        """Queue `call`, start draining if no batch is under way, and wait for its answer."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((call, future))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return unwrap(await future)
 
-    def feedback(self, decision_id: str, reward: float) -> dict[str, Any]:
-        return self.core.feedback(decision_id, reward)
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                try:
+                    answers = await asyncio.to_thread(self._answer, [call for call, _ in batch])
+                except Exception as e:  # the state did not load: every call of the batch is told why
+                    answers = [e] * len(batch)
+                for (_, future), answer in zip(batch, answers, strict=True):
+                    if not future.done():  # its caller may have been cancelled
+                        future.set_result(answer)
+        finally:
+            self._draining = False
 
-    def add_arm(self, name: str, prior: PriorKind = "pooled", prior_var: float | None = None) -> dict[str, Any]:
-        return self.core.add_arm(name, prior, prior_var)
+    async def decide(self, x: list[float], arms: list[str] | None = None, trusted: bool = False) -> dict[str, Any]:
+        return await self._call(Call("decide", (x, arms), {"trusted": trusted}))
 
-    def stats(self) -> dict[str, Any]:
-        return self.core.stats()
+    async def feedback(self, decision_id: str, reward: float) -> dict[str, Any]:
+        return await self._call(Call("feedback", (decision_id, reward)))
 
-    def settings(self) -> dict[str, Any]:
-        return {**self.core.settings, "state_dir": str(self.core.state_dir)}
+    async def add_arm(self, name: str, prior: PriorKind = "pooled", prior_var: float | None = None) -> dict[str, Any]:
+        return await self._call(Call("add_arm", (name, prior, prior_var)))
 
-    def feature_names(self) -> list[str]:
-        return list(self.core.encoder.feature_names)
+    async def stats(self) -> dict[str, Any]:
+        return await self._call(Call("stats"))
+
+    async def describe(self) -> dict[str, Any]:
+        """The state's settings, its folder (`state_dir`) and the raw feature names."""
+        return await self._call(Call("describe"))
 
 
 def start_bandit_actor(
@@ -94,7 +121,7 @@ def start_bandit_actor(
     # Surfaces a bad state folder now, not at the first request, and refuses to silently hand
     # back a running actor of the same name that serves another folder.
     try:
-        running = ray_get(handle.settings.remote())["state_dir"]
+        running = ray_get(handle.describe.remote())["state_dir"]
     except SimMergeError:  # a bad state folder: this actor can serve nothing
         ray.kill(handle, no_restart=True)
         raise

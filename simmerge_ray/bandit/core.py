@@ -5,7 +5,9 @@ the bandit (a context whose scores overflow, an update, a state to save) is refu
 state unchanged, in memory and on disk. Every mutation (a decision, a counted feedback, a new
 arm) is written to the state folder before the call returns, so whatever a client was told
 survives a crash of the process that told it: a decision id handed out is pending on disk, and
-its feedback counts after a restart. Feedback is idempotent by decision id: a repeated id is
+its feedback counts after a restart. Calls that arrive together are answered as one batch
+(`BanditCore.run`): applied in order, each refused alone, and saved with one write, so a busy
+service writes its state once per batch rather than once per request (group commit). Feedback is idempotent by decision id: a repeated id is
 acknowledged as a duplicate and not learned twice. The ledger is bounded (oldest pending
 decisions expire, oldest answered ids are forgotten) so that the state file, rewritten on every
 update, stays small.
@@ -13,19 +15,18 @@ update, stays small.
 
 from __future__ import annotations
 
-import functools
 import os
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 
-from simmerge_ray.errors import CheckpointError, ConfigError
+from simmerge_ray.errors import CheckpointError, ConfigError, SimMergeError
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.file_lock import exclusive_lock
 from simmerge_ray.io.out_checks import LOCK_FILE
@@ -45,6 +46,24 @@ from simmerge_ray.bandit.state import (
 )
 
 PriorKind = Literal["pooled", "zero"]
+CallName = Literal["decide", "feedback", "add_arm", "stats", "describe"]
+_MUTATIONS = frozenset({"decide", "feedback", "add_arm"})
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request to the bandit: a method of BanditCore by name and its arguments."""
+
+    name: CallName
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def unwrap(answer: dict[str, Any] | Exception) -> dict[str, Any]:
+    """A call's answer, or its refusal raised."""
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
 
 
 @dataclass
@@ -67,9 +86,6 @@ def _damaged(path: Path) -> Iterator[None]:
         raise CheckpointError(f"{path}: damaged bandit state (missing field {e.args[0]!r})") from None
     except (TypeError, ValueError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{path}: damaged bandit state ({e})") from None
-
-
-T = TypeVar("T")
 
 
 @contextmanager
@@ -115,18 +131,6 @@ class _Seen:
             self.file.close()
 
 
-def _on_fresh_state(method: Callable[..., T]) -> Callable[..., T]:
-    """Run a request under the folder's lock, on the newest saved state (reloaded first if
-    another process saved since this one last read or wrote it)."""
-    @functools.wraps(method)
-    def wrapper(self: BanditCore, *args: Any, **kwargs: Any) -> T:
-        with _folder_lock(self.state_dir):
-            if self._seen is None or not self._seen.current():
-                self._load()
-            return method(self, *args, **kwargs)
-    return wrapper
-
-
 def check_new_state(state_dir: Path, overwrite: bool) -> None:
     """A state folder is replaced only when asked: checked by `bandit-init` before its warm start's
     work, and again when the state is written."""
@@ -155,6 +159,7 @@ class BanditCore:
                     raise ValueError(f"{key!r} is {value!r}, not a count of at least 1")
             self.encoder: Encoder = load_encoder(self.settings["encoder"])
         self._seen: _Seen | None = None
+        self.saves = 0  # state writes by this object: fewer than its calls where they came in batches
         with _folder_lock(self.state_dir):  # no writer is mid-save while this is held
             self._load()
             remove_stale_temporaries(self.state_dir)
@@ -242,13 +247,70 @@ class BanditCore:
         return cls(state_dir)
 
     # ----- requests
-    @_on_fresh_state
     def decide(self, x: Sequence[float] | np.ndarray, arms: Sequence[str] | None = None, *,
                trusted: bool = False) -> dict[str, Any]:
         """Encode raw features, Thompson-sample an arm (among `arms` if given), record it as pending.
         Missing values (NaN) are imputed by the encoder and named in the answer's `imputed`.
         Trusted decisions (asked for with the write token) and anonymous ones each keep up to
         `max_pending` pending, so a flood of anonymous decisions cannot expire a trusted one."""
+        return unwrap(self.run([Call("decide", (x, arms), {"trusted": trusted})])[0])
+
+    def feedback(self, decision_id: str, reward: float) -> dict[str, Any]:
+        """Learn from the reward of a pending decision; a repeated id is a no-op duplicate."""
+        return unwrap(self.run([Call("feedback", (decision_id, reward))])[0])
+
+    def add_arm(self, name: str, prior: PriorKind = "pooled", prior_var: float | None = None) -> dict[str, Any]:
+        """Add an operator. 'pooled' starts it at the average of the current arms' posteriors."""
+        return unwrap(self.run([Call("add_arm", (name, prior, prior_var))])[0])
+
+    def stats(self) -> dict[str, Any]:
+        return unwrap(self.run([Call("stats")])[0])
+
+    def run(self, calls: Sequence[Call]) -> list[dict[str, Any] | Exception]:
+        """Answer `calls` in order under the folder's lock, on the newest saved state (reloaded
+        first if another process saved since this one last read or wrote it), with one save for
+        all of them. A refused call (a SimMergeError, raised before it changes anything) gets its
+        error as its answer and leaves no trace; the others stand. If the batch cannot be saved
+        or a call fails unexpectedly, the saved state is reloaded and the calls are answered
+        again with one save each, so that each gets its own answer or its own error."""
+        with _folder_lock(self.state_dir):
+            if self._seen is None or not self._seen.current():
+                self._load()
+            if len(calls) == 1:
+                return [self._answer_saved(calls[0])]
+            try:
+                answers = [self._apply(call) for call in calls]
+                if any(c.name in _MUTATIONS and not isinstance(a, Exception) for c, a in zip(calls, answers)):
+                    self._persist()
+                return answers
+            except Exception:
+                self._load()  # nothing of this batch is saved: start again from what is
+                return [self._answer_saved(call) for call in calls]
+
+    def _apply(self, call: Call) -> dict[str, Any] | Exception:
+        """A call applied in memory, not saved: its answer, or its refusal (which changed nothing)."""
+        handler = {"decide": self._decide, "feedback": self._feedback, "add_arm": self._add_arm,
+                   "stats": self._stats, "describe": self._describe}[call.name]
+        try:
+            return handler(*call.args, **call.kwargs)
+        except SimMergeError as e:
+            return e
+
+    def _answer_saved(self, call: Call) -> dict[str, Any] | Exception:
+        """A call applied and saved: its answer, or its error with the saved state in memory."""
+        try:
+            answer = self._apply(call)
+            if call.name in _MUTATIONS and not isinstance(answer, Exception):
+                self._persist()  # a refusal to save has already restored the saved state
+            return answer
+        except SimMergeError as e:
+            return e
+        except Exception as e:  # a fault: drop whatever it changed in memory
+            self._load()
+            return e
+
+    def _decide(self, x: Sequence[float] | np.ndarray, arms: Sequence[str] | None = None, *,
+                trusted: bool = False) -> dict[str, Any]:
         x = check_features(x, len(self.encoder.feature_names))
         missing = np.isnan(x[0])
         if missing.all():
@@ -263,11 +325,12 @@ class BanditCore:
         if allowed == []:
             raise BanditError("'arms' must name at least one arm")
         z = self.encoder.encode(x)[0]
+        generator = self.bandit.rng.bit_generator.state
         with np.errstate(all="ignore"):
             arm, draws = self.bandit.choose(z, allowed)
             means = self.bandit.mean_scores(z)[0]
         if not (np.all(np.isfinite(draws)) and np.all(np.isfinite(means))):
-            self._load()  # rewind the generator: a refused request leaves no trace
+            self.bandit.rng.bit_generator.state = generator  # a refused request leaves no trace
             raise FeatureError("features: this context gives non-finite scores (values far outside "
                                "the encoder's range); refused")
         names = self.bandit.arm_names
@@ -279,7 +342,6 @@ class BanditCore:
             del self.pending[d]
             self.counters["expired"] += 1
         self.counters["decisions"] = seq + 1
-        self._persist()
         return {
             "decision_id": decision_id,
             "operator": names[arm],
@@ -288,16 +350,15 @@ class BanditCore:
             "seq": seq,
             # undefined for this pair, so imputed with the offline mean: said, never silent
             "imputed": [n for n, m in zip(self.encoder.feature_names, missing) if m],
+            # a context unlike the offline rows: the scores extrapolate, said, never silent
+            "out_of_range": _out_of_range(self.encoder.outlier(x)),
         }
 
-    @_on_fresh_state
-    def feedback(self, decision_id: str, reward: float) -> dict[str, Any]:
-        """Learn from the reward of a pending decision; a repeated id is a no-op duplicate."""
+    def _feedback(self, decision_id: str, reward: float) -> dict[str, Any]:
         reward = check_reward(reward)
         if decision_id in self.done:
             arm, first = self.done[decision_id]
             self.counters["duplicates"] += 1
-            self._persist()
             return {"decision_id": decision_id, "operator": arm, "status": "duplicate", "reward": first}
         decision = self.pending.get(decision_id)
         if decision is None:
@@ -308,23 +369,18 @@ class BanditCore:
         while len(self.done) > self.settings["max_done"]:
             self.done.popitem(last=False)
         self.counters["feedback"] += 1
-        self._persist()
         return {"decision_id": decision_id, "operator": decision.arm, "status": "counted", "reward": reward}
 
-    @_on_fresh_state
-    def add_arm(self, name: str, prior: PriorKind = "pooled", prior_var: float | None = None) -> dict[str, Any]:
-        """Add an operator. 'pooled' starts it at the average of the current arms' posteriors."""
+    def _add_arm(self, name: str, prior: PriorKind = "pooled", prior_var: float | None = None) -> dict[str, Any]:
         if not name or not name.strip():
             raise BanditError("arm name must be a non-empty string")
         if prior not in ("pooled", "zero"):
             raise BanditError(f"arm {name!r}: prior must be 'pooled' or 'zero', got {prior!r}")
         mean = self.bandit.pooled_prior_mean() if prior == "pooled" else None
         self.bandit.add_arm(name, prior_mean=mean, prior_var=check_prior_var(prior_var))
-        self._persist()
         return {"arm": name, "arms": self.bandit.arm_names}
 
-    @_on_fresh_state
-    def stats(self) -> dict[str, Any]:
+    def _stats(self) -> dict[str, Any]:
         arms = [
             {
                 "name": a.name,
@@ -346,6 +402,10 @@ class BanditCore:
             "encoded_width": self.encoder.width,
         }
 
+    def _describe(self) -> dict[str, Any]:
+        """What a front needs to know of the state it serves: settings, folder, feature names."""
+        return {**self.settings, "state_dir": str(self.state_dir), "feature_names": list(self.encoder.feature_names)}
+
     # ----- persistence
     def _persist(self) -> None:
         """Save (the caller holds the folder's lock); a state that cannot be saved (non-finite, or
@@ -364,11 +424,22 @@ class BanditCore:
             self._load()
             raise CheckpointError(f"{self.state_dir / STATE_FILE}: not saved ({e.strerror or e}); "
                                   "the saved state is unchanged") from None
+        self.saves += 1
         self._seen.close()
         try:
             self._seen = _Seen(self.state_dir / STATE_FILE)
         except CheckpointError:  # saved, but not reopened (e.g. out of descriptors): the next request reloads
             self._seen = None
+
+
+def _out_of_range(out: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An encoder's outlier with the sentence a client can show."""
+    if out is None:
+        return None
+    lo, hi = out["training_range"]
+    return {**out, "message": f"{out['feature']} at z = {out['z']:+.1f} is outside the offline rows (99% of them "
+                              f"have every |z| <= {out['threshold']:.1f}; this feature spanned [{lo:+.1f}, "
+                              f"{hi:+.1f}]): the scores extrapolate"}
 
 
 def _write(

@@ -16,6 +16,7 @@ import numpy as np
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.bandit.limits import check_features
 from simmerge_ray.features.schema import B_TASK_SUFFIX
+from simmerge_ray.selector.domain import TrainingDomain, training_domain
 
 
 @runtime_checkable
@@ -39,6 +40,12 @@ class Encoder(Protocol):
         """The raw columns a context may leave undefined (null), imputed by `encode`; None: any."""
         ...
 
+    def outlier(self, x: np.ndarray) -> dict[str, Any] | None:
+        """For one raw context [1, d]: its most extreme feature when the context lies outside
+        what the offline rows covered (selector/domain.py's rule), else None (also when the
+        offline rows were not recorded)."""
+        ...
+
     def spec(self) -> dict[str, Any]:
         """JSON-able description that `load_encoder` turns back into an equal encoder."""
         ...
@@ -51,9 +58,10 @@ class IdentityEncoder:
     kind = "identity"
 
     def __init__(self, feature_names: Sequence[str], mean: np.ndarray, scale: np.ndarray,
-                 nullable: Sequence[str] | None = None):
+                 nullable: Sequence[str] | None = None, domain: TrainingDomain | None = None):
         self._names = tuple(feature_names)
         self._nullable = None if nullable is None else frozenset(nullable)
+        self.domain = domain  # None for a state written before it was recorded: no flag
         self.mean = np.asarray(mean, dtype=np.float64)
         self.scale = np.asarray(scale, dtype=np.float64)
         d = len(self._names)
@@ -84,7 +92,9 @@ class IdentityEncoder:
         # the joining model's own task, which a new task-less model leaves null; any other null is
         # a client's mistake, not a missing measurement.
         nullable = [n for n, some in zip(feature_names, np.isnan(x).any(axis=0)) if some or n.endswith(B_TASK_SUFFIX)]
-        return cls(feature_names, np.nanmean(x, axis=0), np.where(std > 1e-12, std, 1.0), nullable)
+        mean, scale = np.nanmean(x, axis=0), np.where(std > 1e-12, std, 1.0)
+        domain = training_domain((x - mean) / scale, list(feature_names), same_task_pairs=None)
+        return cls(feature_names, mean, scale, nullable, domain)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -102,6 +112,11 @@ class IdentityEncoder:
         x = check_features(x, len(self._names))
         return np.nan_to_num((x - self.mean) / self.scale, nan=0.0)  # undefined: the offline mean
 
+    def outlier(self, x: np.ndarray) -> dict[str, Any] | None:
+        if self.domain is None:
+            return None
+        return self.domain.outlier(((check_features(x, len(self._names)) - self.mean) / self.scale)[0])
+
     def spec(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
@@ -109,11 +124,15 @@ class IdentityEncoder:
             "mean": self.mean.tolist(),
             "scale": self.scale.tolist(),
             **({} if self._nullable is None else {"nullable": sorted(self._nullable)}),
+            **({} if self.domain is None else {"domain": self.domain.to_dict()}),
         }
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> IdentityEncoder:
-        return cls(spec["feature_names"], np.array(spec["mean"]), np.array(spec["scale"]), spec.get("nullable"))
+        domain = (TrainingDomain.from_dict(spec["domain"], list(spec["feature_names"]), "identity encoder")
+                  if "domain" in spec else None)
+        return cls(spec["feature_names"], np.array(spec["mean"]), np.array(spec["scale"]), spec.get("nullable"),
+                   domain)
 
 
 def _selector_encoder(spec: dict[str, Any]) -> Encoder:

@@ -179,10 +179,9 @@ class BanditIngress:
         if state_dir is not None:
             start_bandit_actor(Path(state_dir), name=actor_name, namespace=namespace, detached=True)
         self.actor = ray.get_actor(actor_name, namespace=namespace)
-        settings = ray.get(self.actor.settings.remote())
-        names = ray.get(self.actor.feature_names.remote())
-        path = feature_table or settings.get("feature_table")
-        self.table = FeatureTable.load(Path(path), names) if path else None
+        described = ray.get(self.actor.describe.remote())
+        path = feature_table or described.get("feature_table")
+        self.table = FeatureTable.load(Path(path), described["feature_names"]) if path else None
 
     @api.post("/decide")
     async def decide(self, req: DecideRequest, trusted: Annotated[bool, Depends(_holds_token)]) -> dict[str, Any]:

@@ -33,6 +33,10 @@ class SelectorEncoder:
     def encode(self, x: np.ndarray) -> np.ndarray:
         return self.selector.encode(x, None)
 
+    def outlier(self, x: np.ndarray) -> dict[str, Any] | None:
+        domain = self.selector.domain
+        return None if domain is None else domain.outlier(self.selector.standardise(x)[0])
+
     @property
     def nullable(self) -> None:
         """Any column: the selector imputes its training mean wherever a value is undefined, and
