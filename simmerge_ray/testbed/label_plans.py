@@ -76,21 +76,27 @@ class LabelPlan(Fold):
     tasks: tuple[str, ...] = field(kw_only=True)  # tasks the result is scored on
 
     def canonical(self) -> LabelPlan:
-        """The same merge written one fixed way: a 2-way plan whose arm has a mirror (linear_expert
-        of (a, b) is linear_aux of (b, a); symmetric arms mirror themselves) in model-name order,
-        so the label run measures each merge once."""
-        if self.k != 2:
+        """The same merge written one fixed way, so that the label run measures each merge once:
+        where the first step's arm has a mirror (linear_expert of (a, b) is linear_aux of (b, a);
+        symmetric arms mirror themselves), the spelling whose first two models are in name order.
+        A 3- or 4-way fold whose first step is TIES or SLERP of (a, b) at equal shares is the same
+        checkpoint as the one starting from (b, a), to the bit: a sum of two terms does not
+        depend on their order (tests/test_label_plans.py)."""
+        if self.k < 2 or self.models[:2] <= self.models[1::-1]:
             return self
-        mirror = get_arm(self.operators[0]).mirror()
-        if mirror is None or self.models <= self.models[::-1]:
+        mirror = self.step_arms()[0].mirror()
+        if mirror is None:
             return self
-        return LabelPlan(self.models[::-1], (mirror,), tasks=self.tasks[::-1])
+        swapped = LabelPlan((self.models[1], self.models[0], *self.models[2:]), (mirror, *self.operators[1:]),
+                            self.weighting, tasks=self.tasks[::-1] if self.k == 2 else self.tasks)
+        return swapped if swapped.merge_identity() == self.merge_identity() else self
 
     def key(self, fingerprints: dict[str, str], task_digests: dict[str, str]) -> str:
         """Content key: model and base fingerprints, operators with their parameters, eval sets (as
         encoded: label_evals.eval_digest);
-        the same for the two spellings of a mirrored 2-way merge, and for every fold that is the
-        same linear combination (the running mean of three models in any of its six orders)."""
+        the same for the two spellings of a fold whose first step's arm has a mirror (canonical),
+        and for every fold that is the same linear combination (the running mean of three models
+        in any of its six orders)."""
         canonical = self.canonical()
         if canonical is not self:
             return canonical.key(fingerprints, task_digests)

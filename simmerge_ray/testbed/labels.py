@@ -221,7 +221,7 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     if cache.exists() and not cache.is_dir():  # mkdir's FileExistsError was a traceback
         raise OutputError(f"{cache}: not a folder, where the label run keeps its cache; move it away")
     cache.mkdir(parents=True, exist_ok=True)
-    unique: dict[str, LabelPlan] = {}  # a mirrored 2-way merge is measured once, under its canonical form
+    unique: dict[str, LabelPlan] = {}  # a merge of two spellings is measured once, under its canonical form
     for k, p in keyed:
         unique.setdefault(k, p)
     todo, undigested = [], []
