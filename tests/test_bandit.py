@@ -462,25 +462,94 @@ def test_a_batch_that_cannot_be_saved_is_answered_again_one_save_each(core: Band
     assert saved["decisions"] == 1 and "dare_ties" in [a["name"] for a in saved["arms"]]
 
 
-def test_the_actor_answers_calls_that_arrive_together_with_one_save(core: BanditCore):
+def test_the_actor_answers_calls_that_arrive_together_with_one_save(core: BanditCore, tmp_path: Path):
     """Plain class, no Ray (Ray runs an async actor's methods on one event loop, as here): calls
-    queued while no batch is under way become one batch, each answered only after its save."""
+    queued while no batch is under way become one batch, each answered only after its save. A
+    batch holds at most `max_pending` calls, so its decisions never expire each other before
+    they are answered."""
+    import asyncio
+
+    from simmerge_ray.bandit.actor import BanditActor
+
+    def together(actor: BanditActor, n: int) -> list:
+        async def calls() -> list:
+            sent = [actor.decide([0.1 * i, 0.2, -0.3]) for i in range(n)] + [actor.feedback("no-such-id", 0.5)]
+            return await asyncio.gather(*sent, return_exceptions=True)
+        return asyncio.run(calls())
+
+    roomy = BanditCore.create(tmp_path / "roomy", core.encoder, core.bandit)  # max_pending 1000
+    actor = BanditActor(str(roomy.state_dir))
+    answers = together(actor, 20)
+    assert sorted(a["seq"] for a in answers[:20]) == list(range(20)) and isinstance(answers[20], UnknownDecisionError)
+    assert actor._core is not None and actor._core.saves == 1
+    assert BanditCore(roomy.state_dir).stats()["pending"] == 20
+    # The fixture keeps 5 pending: 21 calls go in batches of 5, and each batch's ids are pending
+    # when they are answered (one batch of 20 handed out 15 ids it had expired itself).
+    small = BanditActor(str(core.state_dir))
+    answers = together(small, 20)
+    assert small._core is not None and small._core.saves == 4
+    last = [a["decision_id"] for a in answers[15:20]]
+    assert [small._core.feedback(d, 0.5)["status"] for d in last] == ["counted"] * 5
+    with pytest.raises(ValueError, match=r"more decisions than max_pending \(5\)"):
+        core.run([Call("decide", ([0.1, 0.2, 0.3], None))] * 6)
+
+
+def test_an_interrupt_raised_by_one_call_fails_that_call_only(core: BanditCore):
+    """A value whose conversion raises KeyboardInterrupt (only a Python caller of the actor can
+    send one) used to escape the batch and the actor's event loop: its batch and every later
+    call hung. It is now that call's error; the rest of the batch is answered and saved."""
+    import asyncio
+
+    from simmerge_ray.bandit.actor import BanditActor
+
+    class Interrupting:
+        def __float__(self) -> float:
+            raise KeyboardInterrupt("from a feature value")
+
+    actor = BanditActor(str(core.state_dir))
+
+    async def calls() -> list:
+        sent = [actor.decide([0.1, 0.2, 0.3]), actor.decide([Interrupting(), 0.2, 0.3]), actor.decide([0.3, 0.2, 0.1])]
+        return await asyncio.gather(*sent, return_exceptions=True)
+
+    first, bad, last = asyncio.run(calls())
+    assert isinstance(bad, RuntimeError) and "KeyboardInterrupt raised by the call: from a feature value" in str(bad)
+    assert (first["seq"], last["seq"]) == (0, 1)
+    assert asyncio.run(actor.stats())["decisions"] == 2 == BanditCore(core.state_dir).stats()["decisions"]
+    with pytest.raises(KeyboardInterrupt):  # in process, the caller's own interrupt stays one
+        core.decide([Interrupting(), 0.2, 0.3])
+    assert core.decide([0.1, 0.2, 0.3])["seq"] == 2
+
+
+def test_a_state_that_does_not_load_gives_each_caller_its_own_error(core: BanditCore):
+    """Every call of a batch whose state does not load is told why, each with its own exception
+    object: one shared object collected every caller's traceback (1 MB of error text for 256)."""
     import asyncio
 
     from simmerge_ray.bandit.actor import BanditActor
 
     actor = BanditActor(str(core.state_dir))
+    (core.state_dir / STATE_FILE).write_bytes(b"not a zip")
 
-    async def together() -> list:
-        calls = [actor.decide([0.1 * i, 0.2, -0.3]) for i in range(20)] + [actor.feedback("no-such-id", 0.5)]
-        return await asyncio.gather(*calls, return_exceptions=True)
+    async def calls() -> list:
+        return await asyncio.gather(*[actor.stats() for _ in range(4)], return_exceptions=True)
 
-    answers = asyncio.run(together())
-    assert sorted(a["seq"] for a in answers[:20]) == list(range(20))
-    assert isinstance(answers[20], UnknownDecisionError)
-    assert actor._core is not None and actor._core.saves == 1
-    saved = BanditCore(core.state_dir).stats()
-    assert (saved["decisions"], saved["pending"]) == (20, 5)  # the fixture keeps 5 pending
+    errors = asyncio.run(calls())
+    assert all(isinstance(e, CheckpointError) and "unreadable bandit state" in str(e) for e in errors)
+    assert len({id(e) for e in errors}) == 4
+
+
+def test_decide_and_feedback_refuse_what_a_python_caller_gets_wrong(core: BanditCore):
+    """Through the actor a caller passes Python values the HTTP models would have refused."""
+    with pytest.raises(FeatureError, match="^features: one context per decision, got 2 rows"):
+        core.decide([[0.1, 0.2, 0.3], [0.3, 0.2, 0.1]])
+    with pytest.raises(BanditError, match="^'arms' must be a list of arm names, got the string 'linear'"):
+        core.decide([0.1, 0.2, 0.3], arms="linear")
+    with pytest.raises(BanditError, match="^prior_var: must be a number, got True"):
+        core.add_arm("dare_ties", prior_var=True)
+    d = core.decide([0.1, 0.2, 0.3])
+    assert core.feedback(d["decision_id"], np.float32(0.5))["status"] == "counted"  # a numpy number is a number
+    assert core.stats()["decisions"] == 1 and "dare_ties" not in [a["name"] for a in core.stats()["arms"]]
 
 
 def test_a_state_that_fails_to_reload_is_never_served_nor_saved_over(core: BanditCore, tmp_path: Path):

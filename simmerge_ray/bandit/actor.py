@@ -13,13 +13,14 @@ idempotent, so a retry is never learned twice.
 from __future__ import annotations
 
 import asyncio
+import copy
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from simmerge_ray.errors import ConfigError, SimMergeError, ray_get
-from simmerge_ray.bandit.core import BanditCore, Call, PriorKind, unwrap
+from simmerge_ray.bandit.core import Answer, BanditCore, Call, PriorKind
 
 ACTOR_NAME = "simmerge-bandit"
 NAMESPACE = "simmerge"
@@ -41,7 +42,7 @@ class BanditActor:
         except SimMergeError:
             pass  # raised again by the first call
 
-    def _answer(self, calls: list[Call]) -> list[dict[str, Any] | Exception]:
+    def _answer(self, calls: list[Call]) -> list[Answer]:
         """A batch's answers (on the worker thread). The state is loaded again for each batch
         until it loads: a folder repaired after a restart serves again without another restart."""
         if self._core is None:
@@ -55,16 +56,29 @@ class BanditActor:
         if not self._draining:
             self._draining = True
             asyncio.get_running_loop().create_task(self._drain())
-        return unwrap(await future)
+        answer = await future
+        if isinstance(answer, Exception):
+            raise answer
+        if isinstance(answer, BaseException):  # an interrupt raised out of a coroutine would stop the actor's loop
+            raise RuntimeError(f"{call.name}: {type(answer).__name__} raised by the call: {answer}")
+        return answer
+
+    def _batch_size(self) -> int:
+        """Calls per batch: at most the ledger's `max_pending` (a batch's decisions must not expire
+        each other before they are answered); one until the state has loaded and says it."""
+        return 1 if self._core is None else min(MAX_BATCH, self._core.settings["max_pending"])
 
     async def _drain(self) -> None:
         try:
             while self._queue:
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                size = self._batch_size()
+                batch, self._queue = self._queue[:size], self._queue[size:]
                 try:
                     answers = await asyncio.to_thread(self._answer, [call for call, _ in batch])
-                except Exception as e:  # the state did not load: every call of the batch is told why
-                    answers = [e] * len(batch)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as e:  # noqa: BLE001 (the state did not load: every call is told why)
+                    answers = [_own_copy(e) for _ in batch]
                 for (_, future), answer in zip(batch, answers, strict=True):
                     if not future.done():  # its caller may have been cancelled
                         future.set_result(answer)
@@ -86,6 +100,15 @@ class BanditActor:
     async def describe(self) -> dict[str, Any]:
         """The state's settings, its folder (`state_dir`) and the raw feature names."""
         return await self._call(Call("describe"))
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """The error for one of the calls it answers: raised once per caller, one shared object would
+    collect every caller's traceback (1 MB of error text for a batch of 256)."""
+    try:
+        return copy.copy(error)
+    except Exception:  # noqa: BLE001 (an exception that cannot be copied is shared)
+        return error
 
 
 def start_bandit_actor(

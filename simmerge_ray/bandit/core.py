@@ -59,9 +59,12 @@ class Call:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def unwrap(answer: dict[str, Any] | Exception) -> dict[str, Any]:
+Answer = dict[str, Any] | BaseException
+
+
+def unwrap(answer: Answer) -> dict[str, Any]:
     """A call's answer, or its refusal raised."""
-    if isinstance(answer, Exception):
+    if isinstance(answer, BaseException):
         raise answer
     return answer
 
@@ -266,13 +269,18 @@ class BanditCore:
     def stats(self) -> dict[str, Any]:
         return unwrap(self.run([Call("stats")])[0])
 
-    def run(self, calls: Sequence[Call]) -> list[dict[str, Any] | Exception]:
+    def run(self, calls: Sequence[Call]) -> list[Answer]:
         """Answer `calls` in order under the folder's lock, on the newest saved state (reloaded
         first if another process saved since this one last read or wrote it), with one save for
         all of them. A refused call (a SimMergeError, raised before it changes anything) gets its
         error as its answer and leaves no trace; the others stand. If the batch cannot be saved
-        or a call fails unexpectedly, the saved state is reloaded and the calls are answered
-        again with one save each, so that each gets its own answer or its own error."""
+        or a call fails unexpectedly (any exception, even an interrupt raised by a caller's own
+        value), the saved state is reloaded and the calls are answered again with one save each,
+        so that each gets its own answer or its own error. A batch holds at most `max_pending`
+        decisions: more would expire its own before they are answered."""
+        if sum(c.name == "decide" for c in calls) > self.settings["max_pending"]:
+            raise ValueError(f"a batch of {len(calls)} calls holds more decisions than max_pending "
+                             f"({self.settings['max_pending']}): the first would expire before they are answered")
         with _folder_lock(self.state_dir):
             if self._seen is None or not self._seen.current():
                 self._load()
@@ -283,11 +291,11 @@ class BanditCore:
                 if any(c.name in _MUTATIONS and not isinstance(a, Exception) for c, a in zip(calls, answers)):
                     self._persist()
                 return answers
-            except Exception:
+            except BaseException:  # noqa: BLE001 (each call is answered again below, its error kept)
                 self._load()  # nothing of this batch is saved: start again from what is
                 return [self._answer_saved(call) for call in calls]
 
-    def _apply(self, call: Call) -> dict[str, Any] | Exception:
+    def _apply(self, call: Call) -> Answer:
         """A call applied in memory, not saved: its answer, or its refusal (which changed nothing)."""
         handler = {"decide": self._decide, "feedback": self._feedback, "add_arm": self._add_arm,
                    "stats": self._stats, "describe": self._describe}[call.name]
@@ -296,7 +304,7 @@ class BanditCore:
         except SimMergeError as e:
             return e
 
-    def _answer_saved(self, call: Call) -> dict[str, Any] | Exception:
+    def _answer_saved(self, call: Call) -> Answer:
         """A call applied and saved: its answer, or its error with the saved state in memory."""
         try:
             answer = self._apply(call)
@@ -305,13 +313,17 @@ class BanditCore:
             return answer
         except SimMergeError as e:
             return e
-        except Exception as e:  # a fault: drop whatever it changed in memory
+        except BaseException as e:  # noqa: BLE001 (a fault: drop whatever it changed in memory; raised by unwrap)
             self._load()
             return e
 
     def _decide(self, x: Sequence[float] | np.ndarray, arms: Sequence[str] | None = None, *,
                 trusted: bool = False) -> dict[str, Any]:
         x = check_features(x, len(self.encoder.feature_names))
+        if x.shape[0] != 1:
+            raise FeatureError(f"features: one context per decision, got {x.shape[0]} rows")
+        if isinstance(arms, str):  # a string is a sequence: "linear" was read as the arms 'l', 'i', ...
+            raise BanditError(f"'arms' must be a list of arm names, got the string {arms!r}")
         missing = np.isnan(x[0])
         if missing.all():
             raise FeatureError("features: every value is missing (null): nothing to decide on")

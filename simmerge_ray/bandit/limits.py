@@ -11,6 +11,7 @@ refused, and NaN inside Python, where it is the only way to say missing.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,7 +27,7 @@ MAX_FEATURES = 10_000  # raw feature width; the body limit caps it anyway
 
 def check_reward(reward: object) -> float:
     """The reward as a float, or RewardError naming the field and the bound."""
-    if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+    if isinstance(reward, (bool, np.bool_)) or not isinstance(reward, numbers.Real):  # np.float32 is a number
         raise RewardError(f"reward: must be a number, got {reward!r}")
     value = float(reward)
     if not (np.isfinite(value) and abs(value) <= REWARD_BOUND):
@@ -38,9 +39,13 @@ def check_reward(reward: object) -> float:
 def check_prior_var(prior_var: float | None) -> float | None:
     """None (the config's default) or a variance inside PRIOR_VAR_RANGE."""
     low, high = PRIOR_VAR_RANGE
-    if prior_var is not None and not (low <= prior_var <= high):  # NaN fails both comparisons
+    if prior_var is None:
+        return None
+    if isinstance(prior_var, (bool, np.bool_)) or not isinstance(prior_var, numbers.Real):  # True is no variance
+        raise BanditError(f"prior_var: must be a number, got {prior_var!r}")
+    if not (low <= prior_var <= high):  # NaN fails both comparisons
         raise BanditError(f"prior_var: must be in [{low:g}, {high:g}], got {prior_var:g}")
-    return prior_var
+    return float(prior_var)
 
 
 def check_features(x: np.ndarray | Sequence[float | None], width: int) -> np.ndarray:
