@@ -125,6 +125,12 @@ def main() -> int:
                         help="pending decisions made before measuring (the ledger keeps up to 1,000)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "bench_bandit")
     args = parser.parse_args()
+    try:
+        client_counts = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        parser.error(f"--clients: expected comma-separated counts, got {args.clients!r}")
+    if min(client_counts) < 1 or not 0 <= args.pending <= 1000:
+        parser.error("--clients: counts of at least 1; --pending: 0 to 1000 (the ledger's max_pending)")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     import ray
@@ -143,7 +149,6 @@ def main() -> int:
     served = BanditCore.create(work / "state", encoder, bandit, feature_table=work / "features.parquet")
     served.run([Call("decide", (data.x[i % len(data.x)], None)) for i in range(args.pending)])
     keys = data.keys
-    client_counts = [int(c) for c in args.clients.split(",")]
     # The bandit's own cost per decision (math + state file), no HTTP, on a throwaway copy.
     core = BanditCore.create(work / "state-core", encoder, bandit)
     rows = [{"endpoint": "decide (in-process)", **_time_core(core, data.x, args.requests)}]

@@ -56,7 +56,10 @@ def test_folds_of_one_merge_are_measured_once_and_build_the_same_bytes(tmp_path:
     """A 3-/4-way fold whose first step is a mirrored arm at equal shares (TIES, SLERP or linear
     of (a, b) is that of (b, a)) is measured once under its canonical spelling: the label run
     saves about an eighth of its task evaluations on the default zoo, and the labels do not
-    change, because the two spellings build the same checkpoint to the bit."""
+    change, because the two spellings build the same checkpoint to the bit. Not so where the
+    first two models are stored in different dtypes (a merge takes its first model's)."""
+    import itertools
+
     root = make_family(tmp_path, SPEC, n=4)
     sd = {n: load_file(str(root / n / "model.safetensors")) for n in ("base", "m1", "m2", "m3", "m4")}
 
@@ -66,25 +69,34 @@ def test_folds_of_one_merge_are_measured_once_and_build_the_same_bytes(tmp_path:
             cur = merge_arm(arm, cur, sd[model], sd["base"])
         return cur
 
-    fingerprints, digests = {m: f"fp-{m}" for m in sd}, {t: f"eval-{t}" for t in "abcd"}
-    swapped = []
+    fingerprints, digests = {m: f"fp-{m}" for m in sd}, {t: f"eval-{t}" for t in "abc"}
     for weighting in WEIGHTING_NAMES:
         for op in STEP_ARMS:
-            for models in (("m2", "m1", "m3"), ("m2", "m1", "m4", "m3")):
-                plan = LabelPlan(models, (op,) * (len(models) - 1), weighting, tasks=("a", "b", "c", "d")[:len(models)])
+            plans = [LabelPlan(o, (op, op), weighting, tasks=("a", "b", "c"))
+                     for o in itertools.permutations(("m1", "m2", "m3"))]
+            keys = {p.key(fingerprints, digests) for p in plans}
+            # (a, b, c) = (b, a, c), except under 'anchor', which gives the first step unequal
+            # shares; linear folds are keyed by their coefficients (the running mean: one merge)
+            want = {"linear": {"half": 3, "equal": 1, "anchor": 3}}.get(op, {"half": 3, "equal": 3, "anchor": 6})
+            assert len(keys) == want[weighting], (op, weighting)
+            for plan in plans:
                 canon = plan.canonical()
-                assert canon.key(fingerprints, digests) == plan.key(fingerprints, digests)
-                if canon is plan:
-                    continue
-                swapped.append((weighting, op, len(models)))
-                assert canon.models == ("m1", "m2", *models[2:]) and canon.canonical() is canon
-                built, want = fold(canon), fold(plan)
-                assert all(torch.equal(built[k], want[k]) for k in want), (weighting, op, models)
-    # 'anchor' gives the first step unequal shares: no mirror, each spelling is its own merge.
-    assert sorted(swapped) == sorted((w, op, k) for w in WEIGHTING_NAMES if w != "anchor" for op in STEP_ARMS
-                                     for k in (3, 4))
+                if canon is not plan:
+                    assert canon.models == (plan.models[1], plan.models[0], plan.models[2])
+                    built, want = fold(canon), fold(plan)
+                    assert all(torch.equal(built[k], want[k]) for k in want), (weighting, op, plan.models)
     dare = LabelPlan(("m2", "m1", "m3"), ("dare_ties", "ties"), "half", tasks=("a", "b", "c"))
     assert dare.canonical() is dare  # seeded masks follow the input order
+    # One model stored in bfloat16: swapped, the fold would take the other's dtype.
+    sd["m2"] = {k: v.to(torch.bfloat16) for k, v in sd["m2"].items()}
+    dtypes = {"base": "f32", "m1": "f32", "m2": "bf16", "m3": "f32"}
+    ties = [LabelPlan(o, ("ties", "ties"), "half", tasks=("a", "b", "c")) for o in (("m2", "m1", "m3"), ("m1", "m2", "m3"))]
+    assert not torch.equal(fold(ties[0])["lm_head.weight"], fold(ties[1])["lm_head.weight"])
+    assert ties[0].canonical(dtypes) is ties[0]
+    assert ties[0].key(fingerprints, digests, dtypes) != ties[1].key(fingerprints, digests, dtypes)
+    soups = [LabelPlan(o, ("linear", "linear"), "equal", tasks=("a", "b", "c"))
+             for o in (("m2", "m1", "m3"), ("m1", "m2", "m3"), ("m3", "m2", "m1"))]
+    assert len({p.key(fingerprints, digests, dtypes) for p in soups}) == 2  # by the first model's dtype
 
 
 @pytest.mark.parametrize("arm", ARM_NAMES)

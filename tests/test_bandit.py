@@ -521,6 +521,51 @@ def test_an_interrupt_raised_by_one_call_fails_that_call_only(core: BanditCore):
     assert core.decide([0.1, 0.2, 0.3])["seq"] == 2
 
 
+def test_a_batch_is_never_applied_twice_nor_lost_to_a_file_it_could_not_reopen(core: BanditCore):
+    """Faults injected around a save: an interrupt raised after the batch is written is raised
+    (replaying the batch applied it twice); a save whose file could not be reopened makes the
+    next call of a replay reload (it was refused as "this volume does not honour POSIX locks")."""
+
+    class InterruptedAfterSaving(BanditCore):
+        def _persist(self) -> None:
+            super()._persist()
+            raise KeyboardInterrupt("after the write")
+
+    interrupted = InterruptedAfterSaving(core.state_dir)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run([Call("decide", ([0.1, 0.2, 0.3], None)), Call("decide", ([0.3, 0.2, 0.1], None))])
+    assert BanditCore(core.state_dir).stats()["decisions"] == 2
+
+    class NotReopened(BanditCore):
+        def _persist(self) -> None:
+            super()._persist()
+            self._seen = None
+
+    lost = NotReopened(core.state_dir)
+    lost.bandit.arms[0].rr = float("nan")  # the batch's save is refused: answered again one by one
+    answers = lost.run([Call("decide", ([0.1, 0.2, 0.3], None)), Call("add_arm", ("dare_ties",))])
+    assert all(isinstance(a, dict) for a in answers), answers
+    assert BanditCore(core.state_dir).stats()["decisions"] == 3
+
+
+def test_a_call_cancelled_before_its_batch_is_not_applied(core: BanditCore):
+    import asyncio
+
+    from simmerge_ray.bandit.actor import BanditActor
+
+    actor = BanditActor(str(core.state_dir))
+
+    async def calls() -> list:
+        tasks = [asyncio.ensure_future(actor.decide([0.1 * i, 0.2, 0.3])) for i in range(3)]
+        await asyncio.sleep(0)  # all three queued, no batch begun
+        tasks[1].cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    first, cancelled, last = asyncio.run(calls())
+    assert isinstance(cancelled, asyncio.CancelledError) and (first["seq"], last["seq"]) == (0, 1)
+    assert BanditCore(core.state_dir).stats()["decisions"] == 2
+
+
 def test_a_state_that_does_not_load_gives_each_caller_its_own_error(core: BanditCore):
     """Every call of a batch whose state does not load is told why, each with its own exception
     object: one shared object collected every caller's traceback (1 MB of error text for 256)."""

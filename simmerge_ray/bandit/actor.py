@@ -37,6 +37,7 @@ class BanditActor:
         self._core: BanditCore | None = None
         self._queue: list[tuple[Call, asyncio.Future[Any]]] = []
         self._draining = False
+        self._drainer: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference
         try:
             self._core = BanditCore(self._state_dir)
         except SimMergeError:
@@ -55,7 +56,7 @@ class BanditActor:
         self._queue.append((call, future))
         if not self._draining:
             self._draining = True
-            asyncio.get_running_loop().create_task(self._drain())
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
         answer = await future
         if isinstance(answer, Exception):
             raise answer
@@ -71,8 +72,11 @@ class BanditActor:
     async def _drain(self) -> None:
         try:
             while self._queue:
+                self._queue = [(call, future) for call, future in self._queue if not future.done()]  # cancelled
                 size = self._batch_size()
                 batch, self._queue = self._queue[:size], self._queue[size:]
+                if not batch:
+                    break
                 try:
                     answers = await asyncio.to_thread(self._answer, [call for call, _ in batch])
                 except asyncio.CancelledError:
@@ -144,7 +148,12 @@ def start_bandit_actor(
     # Surfaces a bad state folder now, not at the first request, and refuses to silently hand
     # back a running actor of the same name that serves another folder.
     try:
-        running = ray_get(handle.describe.remote())["state_dir"]
+        describe = handle.describe
+    except AttributeError:  # a detached actor of an older simmerge, started before `describe` existed
+        raise ConfigError(f"actor {namespace}/{name} is running an older simmerge; stop it (ray.kill) and start "
+                          "the service again") from None
+    try:
+        running = ray_get(describe.remote())["state_dir"]
     except SimMergeError:  # a bad state folder: this actor can serve nothing
         ray.kill(handle, no_restart=True)
         raise

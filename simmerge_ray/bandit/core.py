@@ -7,10 +7,10 @@ arm) is written to the state folder before the call returns, so whatever a clien
 survives a crash of the process that told it: a decision id handed out is pending on disk, and
 its feedback counts after a restart. Calls that arrive together are answered as one batch
 (`BanditCore.run`): applied in order, each refused alone, and saved with one write, so a busy
-service writes its state once per batch rather than once per request (group commit). Feedback is idempotent by decision id: a repeated id is
-acknowledged as a duplicate and not learned twice. The ledger is bounded (oldest pending
-decisions expire, oldest answered ids are forgotten) so that the state file, rewritten on every
-update, stays small.
+service writes its state once per batch rather than once per request (group commit). Feedback
+is idempotent by decision id: a repeated id is acknowledged as a duplicate and not learned
+twice. The ledger is bounded (oldest pending decisions expire, oldest answered ids are
+forgotten) so that the state file, rewritten by every batch, stays small.
 """
 
 from __future__ import annotations
@@ -142,9 +142,9 @@ def check_new_state(state_dir: Path, overwrite: bool) -> None:
 
 
 class BanditCore:
-    """Load a state folder, serve decide/feedback/add_arm/stats, persist after each mutation.
-    Several processes may serve one folder: each request runs on the newest saved state, and a
-    save never overwrites one it has not seen."""
+    """Load a state folder, serve decide/feedback/add_arm/stats in batches (`run`), persist each
+    batch. Several processes may serve one folder: each batch runs on the newest saved state, and
+    a save never overwrites one it has not seen."""
 
     def __init__(self, state_dir: Path):
         self.state_dir = Path(state_dir)
@@ -286,12 +286,15 @@ class BanditCore:
                 self._load()
             if len(calls) == 1:
                 return [self._answer_saved(calls[0])]
+            saves = self.saves
             try:
                 answers = [self._apply(call) for call in calls]
                 if any(c.name in _MUTATIONS and not isinstance(a, Exception) for c, a in zip(calls, answers)):
                     self._persist()
                 return answers
             except BaseException:  # noqa: BLE001 (each call is answered again below, its error kept)
+                if self.saves != saves:  # raised after the batch was saved: a replay would apply it twice
+                    raise
                 self._load()  # nothing of this batch is saved: start again from what is
                 return [self._answer_saved(call) for call in calls]
 
@@ -307,6 +310,8 @@ class BanditCore:
     def _answer_saved(self, call: Call) -> Answer:
         """A call applied and saved: its answer, or its error with the saved state in memory."""
         try:
+            if self._seen is None or not self._seen.current():  # e.g. saved but not reopened
+                self._load()
             answer = self._apply(call)
             if call.name in _MUTATIONS and not isinstance(answer, Exception):
                 self._persist()  # a refusal to save has already restored the saved state
@@ -337,6 +342,7 @@ class BanditCore:
         if allowed == []:
             raise BanditError("'arms' must name at least one arm")
         z = self.encoder.encode(x)[0]
+        out_of_range = _out_of_range(self.encoder.outlier(x))  # before any change: it may raise
         generator = self.bandit.rng.bit_generator.state
         with np.errstate(all="ignore"):
             arm, draws = self.bandit.choose(z, allowed)
@@ -363,7 +369,7 @@ class BanditCore:
             # undefined for this pair, so imputed with the offline mean: said, never silent
             "imputed": [n for n, m in zip(self.encoder.feature_names, missing) if m],
             # a context unlike the offline rows: the scores extrapolate, said, never silent
-            "out_of_range": _out_of_range(self.encoder.outlier(x)),
+            "out_of_range": out_of_range,
         }
 
     def _feedback(self, decision_id: str, reward: float) -> dict[str, Any]:
@@ -429,6 +435,7 @@ class BanditCore:
                                   "this folder from one process only")
         try:
             _write(self.state_dir, self.bandit, self.pending, self.done, self.counters)
+            self.saves += 1
         except NonFiniteStateError:
             self._load()
             raise
@@ -436,7 +443,6 @@ class BanditCore:
             self._load()
             raise CheckpointError(f"{self.state_dir / STATE_FILE}: not saved ({e.strerror or e}); "
                                   "the saved state is unchanged") from None
-        self.saves += 1
         self._seen.close()
         try:
             self._seen = _Seen(self.state_dir / STATE_FILE)

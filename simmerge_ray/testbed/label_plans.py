@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -75,14 +76,18 @@ class LabelPlan(Fold):
 
     tasks: tuple[str, ...] = field(kw_only=True)  # tasks the result is scored on
 
-    def canonical(self) -> LabelPlan:
+    def canonical(self, dtypes: Mapping[str, str] | None = None) -> LabelPlan:
         """The same merge written one fixed way, so that the label run measures each merge once:
         where the first step's arm has a mirror (linear_expert of (a, b) is linear_aux of (b, a);
         symmetric arms mirror themselves), the spelling whose first two models are in name order.
-        A 3- or 4-way fold whose first step is TIES or SLERP of (a, b) at equal shares is the same
-        checkpoint as the one starting from (b, a), to the bit: a sum of two terms does not
-        depend on their order (tests/test_label_plans.py)."""
+        A 3- or 4-way fold whose first step is TIES, SLERP or linear of (a, b) at equal shares is
+        the same checkpoint as the one starting from (b, a), to the bit: a sum of two terms does
+        not depend on their order (tests/test_arms.py). `dtypes` (each model's stored dtypes, in
+        a catalog whose models are not all stored alike): a merge takes its first model's dtypes,
+        so models stored differently are never swapped."""
         if self.k < 2 or self.models[:2] <= self.models[1::-1]:
+            return self
+        if dtypes is not None and dtypes[self.models[0]] != dtypes[self.models[1]]:
             return self
         mirror = self.step_arms()[0].mirror()
         if mirror is None:
@@ -91,21 +96,24 @@ class LabelPlan(Fold):
                             self.weighting, tasks=self.tasks[::-1] if self.k == 2 else self.tasks)
         return swapped if swapped.merge_identity() == self.merge_identity() else self
 
-    def key(self, fingerprints: dict[str, str], task_digests: dict[str, str]) -> str:
+    def key(self, fingerprints: dict[str, str], task_digests: dict[str, str],
+            dtypes: Mapping[str, str] | None = None) -> str:
         """Content key: model and base fingerprints, operators with their parameters, eval sets (as
         encoded: label_evals.eval_digest);
         the same for the two spellings of a fold whose first step's arm has a mirror (canonical),
         and for every fold that is the same linear combination (the running mean of three models
-        in any of its six orders)."""
-        canonical = self.canonical()
+        in any of its six orders), made of models stored alike (`dtypes`, as in canonical: the
+        merge is cast to its first model's dtypes, which then enter the key)."""
+        canonical = self.canonical(dtypes)
         if canonical is not self:
-            return canonical.key(fingerprints, task_digests)
+            return canonical.key(fingerprints, task_digests, dtypes)
         coef = self.linear_coefficients()
         merge: dict = ({"linear": sorted([fingerprints[m], round(c, 12)] for m, c in coef.items())}
                        if coef is not None and self.k > 1 else
                        {"models": [fingerprints[m] for m in self.models], "base": fingerprints.get("base"),
                         "steps": [[arm.method, dict(arm.params)] for arm in self.step_arms()]})
-        payload = {**merge, "eval": {t: task_digests[t] for t in self.tasks}, "score": SCORE_VERSION}
+        payload = {**merge, "eval": {t: task_digests[t] for t in self.tasks}, "score": SCORE_VERSION,
+                   **({"dtypes": dtypes[self.models[0]]} if dtypes is not None and self.k > 1 else {})}
         return json_digest(payload)
 
 

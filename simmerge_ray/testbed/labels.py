@@ -72,6 +72,14 @@ def _read_state(ck: Checkpoint, head: str | None, vocab: SharedVocab | None, ind
     return state
 
 
+def stored_dtypes(ckpts: dict[str, Checkpoint]) -> dict[str, str] | None:
+    """Each model's stored dtypes (one string), or None when every model stores its tensors
+    alike: a merge is cast to its first model's dtypes, so only then may the label run swap a
+    merge's first two models (LabelPlan.canonical)."""
+    signature = {name: json_digest(sorted((n, e.dtype) for n, e in ck.entries.items())) for name, ck in ckpts.items()}
+    return None if len(set(signature.values())) <= 1 else signature
+
+
 def label_vocab(cat: Catalog, experts: dict[str, str]) -> SharedVocab | None:
     """The ids the base and the experts share when their vocabulary sizes differ (a fine-tune
     that added tokens or padded its embedding): plans are merged and scored on those rows."""
@@ -210,13 +218,14 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     experts = check_label_catalog(cat)
     vocab = label_vocab(cat, experts)
     rows = f"|rows:{vocab.rows}" if vocab else ""  # merged on the shared rows: another merge than in full
-    fingerprints = {m.name: Checkpoint.open(m.path).fingerprint() + rows for m in cat.models}
-    fingerprints["base"] = Checkpoint.open(cat.base).fingerprint() + rows
+    ckpts = {"base": Checkpoint.open(cat.base), **{m.name: Checkpoint.open(m.path) for m in cat.models}}
+    fingerprints = {name: ck.fingerprint() + rows for name, ck in ckpts.items()}
+    dtypes = stored_dtypes(ckpts)
     tasks = sorted(cat.tasks)
     task_digests = {t: label_evals.eval_digest(data)
                     for t, data in (label_evals.encoded_evals(cat) if evals is None else evals).items()}
     plans = enumerate_plans(experts, [t for t in tasks if t in task_digests], settings)
-    keyed = [(p.key(fingerprints, task_digests), p) for p in plans]
+    keyed = [(p.key(fingerprints, task_digests, dtypes), p) for p in plans]
     cache = Path(out) / "cache"
     if cache.exists() and not cache.is_dir():  # mkdir's FileExistsError was a traceback
         raise OutputError(f"{cache}: not a folder, where the label run keeps its cache; move it away")
@@ -230,7 +239,7 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
         why = _entry_miss(cache / f"{k}.json", k, p.tasks, measured)
         if why is None:
             continue
-        todo.append((k, p.canonical()))
+        todo.append((k, p.canonical(dtypes)))
         if why == NO_DIGEST:  # every entry of an older cache: one line, not thousands
             undigested.append(k)
         elif why != ABSENT:
