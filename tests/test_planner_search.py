@@ -17,7 +17,7 @@ import yaml
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.planner.plan import Plan
-from simmerge_ray.planner.objective import Objective
+from simmerge_ray.planner.objective import RETENTION_CLIP, Objective
 from simmerge_ray.planner.search import SearchSpace, search
 
 from simmerge_ray.merge.arms import ARM_NAMES, STEP_ARMS, WEIGHTING_NAMES, step_arm
@@ -152,6 +152,19 @@ def test_a_model_without_a_task_never_counts_as_kept() -> None:
     assert res.best.score == pytest.approx(score)
     firsts = [p for p in res.plans if p.models[0] == "x"]
     assert all(p.retention.get("x") is None for p in firsts)
+
+
+def test_predicted_retention_gains_do_not_compound_with_plan_size() -> None:
+    """Steps each predicted to raise the expert's task (GapClosed 1.4, as out-of-distribution pairs
+    of a tiny zoo are) used to multiply: ten models kept 1.4^9 = 20.7 of the expert's gap, and
+    larger plans always won. A model's retention is clipped after every step as each factor is."""
+    models = [f"m{i}" for i in range(10)]
+    tasks = tasks_of(models)
+    steps = [StepPrediction(m, 0.5, {tasks[prev]: 1.4 for prev in models[:j + 1]}, joining=1.2)
+             for j, m in enumerate(models[1:])]
+    r = Objective().retention("m0", steps, tasks)
+    assert r["m0"] == RETENTION_CLIP[1] == 1.5 and r["m1"] == 1.5 and r["m9"] == 1.2
+    assert Objective().retention("m0", steps[:1], tasks) == {"m0": 1.4, "m1": 1.2}
 
 
 def test_beam_search_is_deterministic_and_names_every_left_out_candidate() -> None:
