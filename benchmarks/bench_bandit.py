@@ -120,7 +120,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=400, help="requests per measurement (bounded)")
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--features", type=int, default=32, help="raw feature width of the synthetic problem")
-    parser.add_argument("--clients", default="1,4,32", help="comma-separated counts of concurrent clients")
+    parser.add_argument("--clients", default="1,4,32",
+                        help="comma-separated counts of concurrent clients (1 among them: the target's row)")
     parser.add_argument("--pending", type=int, default=0,
                         help="pending decisions made before measuring (the ledger keeps up to 1,000)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "bench_bandit")
@@ -129,8 +130,9 @@ def main() -> int:
         client_counts = [int(c) for c in args.clients.split(",")]
     except ValueError:
         parser.error(f"--clients: expected comma-separated counts, got {args.clients!r}")
-    if min(client_counts) < 1 or not 0 <= args.pending <= 1000:
-        parser.error("--clients: counts of at least 1; --pending: 0 to 1000 (the ledger's max_pending)")
+    if 1 not in client_counts or min(client_counts) < 1 or not 0 <= args.pending <= 1000:
+        parser.error("--clients: counts of at least 1, one of them 1 (the target's row); --pending: 0 to 1000 "
+                     "(the ledger's max_pending)")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     import ray
@@ -176,7 +178,10 @@ def main() -> int:
             for clients in client_counts:
                 res = _run(port, clients, max(1, args.requests // clients), make)
                 rows.append({"endpoint": label, **res})
-        # Feedback: fresh decisions, then their rewards (1 client).
+        # Feedback: fresh decisions, then their rewards (1 client). A new connection: the server
+        # closes one left idle through the timed rows (keep-alive timeout).
+        warm.close()
+        warm = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         for i in range(args.requests):
             decision_ids.append(_request(warm, *by_features(1, i))["decision_id"])
         warm.close()

@@ -169,7 +169,7 @@ async def _actor_down(_: Request, exc: ray.exceptions.RayActorError) -> JSONResp
                                                             "retry later"})
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)
 @serve.ingress(api)
 class BanditIngress:
     def __init__(self, actor_name: str, namespace: str, feature_table: str | None, token_sha256: str,
