@@ -33,7 +33,8 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-from simmerge_ray.bandit.core import BanditCore, Call
+from simmerge_ray.bandit.calls import Call
+from simmerge_ray.bandit.core import BanditCore
 from simmerge_ray.bandit.encoder import IdentityEncoder
 from simmerge_ray.bandit.lints import LinTS, LinTSConfig
 from simmerge_ray.bandit.simulate import replay_data

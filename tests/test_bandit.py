@@ -10,7 +10,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from simmerge_ray.bandit.core import BanditCore, Call
+from simmerge_ray.bandit.calls import Call
+from simmerge_ray.bandit.core import BanditCore
 from simmerge_ray.bandit.encoder import IdentityEncoder, load_encoder
 from simmerge_ray.bandit.errors import (
     BanditError,

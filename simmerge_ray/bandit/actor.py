@@ -20,7 +20,8 @@ from typing import Any
 import ray
 
 from simmerge_ray.errors import ConfigError, SimMergeError, ray_get
-from simmerge_ray.bandit.core import Answer, BanditCore, Call, PriorKind
+from simmerge_ray.bandit.calls import Answer, Call
+from simmerge_ray.bandit.core import BanditCore, PriorKind
 
 ACTOR_NAME = "simmerge-bandit"
 NAMESPACE = "simmerge"

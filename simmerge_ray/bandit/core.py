@@ -15,12 +15,10 @@ forgotten) so that the state file, rewritten by every batch, stays small.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,9 +26,9 @@ import numpy as np
 
 from simmerge_ray.errors import CheckpointError, ConfigError, SimMergeError
 from simmerge_ray.io.atomic import atomic_output_dir
-from simmerge_ray.io.file_lock import exclusive_lock
 from simmerge_ray.io.out_checks import LOCK_FILE
-from simmerge_ray.bandit.encoder import Encoder, load_encoder
+from simmerge_ray.bandit.calls import MUTATIONS, Answer, Call, unwrap
+from simmerge_ray.bandit.encoder import Encoder, load_encoder, out_of_range
 from simmerge_ray.bandit.errors import BanditError, FeatureError, NonFiniteStateError, UnknownDecisionError
 from simmerge_ray.bandit.limits import check_features, check_prior_var, check_reward
 from simmerge_ray.bandit.lints import LinTS
@@ -38,6 +36,9 @@ from simmerge_ray.bandit.state import (
     SETTINGS_FILE,
     SETTINGS_VERSION,
     STATE_FILE,
+    SeenFile,
+    damaged,
+    folder_lock,
     read_settings,
     read_state,
     remove_stale_temporaries,
@@ -46,27 +47,6 @@ from simmerge_ray.bandit.state import (
 )
 
 PriorKind = Literal["pooled", "zero"]
-CallName = Literal["decide", "feedback", "add_arm", "stats", "describe"]
-_MUTATIONS = frozenset({"decide", "feedback", "add_arm"})
-
-
-@dataclass(frozen=True)
-class Call:
-    """One request to the bandit: a method of BanditCore by name and its arguments."""
-
-    name: CallName
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-Answer = dict[str, Any] | BaseException
-
-
-def unwrap(answer: Answer) -> dict[str, Any]:
-    """A call's answer, or its refusal raised."""
-    if isinstance(answer, BaseException):
-        raise answer
-    return answer
 
 
 @dataclass
@@ -77,61 +57,6 @@ class Pending:
     z: np.ndarray
     seq: int
     trusted: bool = False  # asked for with the write token: not evicted by anonymous decisions
-
-
-@contextmanager
-def _damaged(path: Path) -> Iterator[None]:
-    """A state file that parses but lacks a field, or holds one of the wrong kind, is one
-    CheckpointError naming the file and the field, not a KeyError from deep inside."""
-    try:
-        yield
-    except KeyError as e:
-        raise CheckpointError(f"{path}: damaged bandit state (missing field {e.args[0]!r})") from None
-    except (TypeError, ValueError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"{path}: damaged bandit state ({e})") from None
-
-
-@contextmanager
-def _folder_lock(state_dir: Path) -> Iterator[None]:
-    """The state folder's lock, held by a request from its read to its save: two processes over
-    one folder (two `serve`s, or a RayService's old and new cluster during an upgrade) then take
-    turns instead of overwriting each other."""
-    if not state_dir.is_dir():
-        raise CheckpointError(f"{state_dir}: the bandit state folder is gone (removed, or being replaced by "
-                              "`simmerge bandit-init --overwrite`)")
-    with exclusive_lock(state_dir / LOCK_FILE):
-        yield
-
-
-class _Seen:
-    """The state file this process last read or wrote, held open: its inode cannot be reused by a
-    newer file while it is open, so a different inode at the path means another process saved
-    (a stamp of inode, mtime and size alone can repeat across two saves); a changed mtime or size
-    of the same inode means it was rewritten in place (e.g. a backup copied over it)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            self.file = open(path, "rb")  # noqa: SIM115 (held for the object's life; closed with it)
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot open the bandit state ({e.strerror or e})") from None
-        st = os.fstat(self.file.fileno())
-        self.mark = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def current(self) -> bool:
-        """Whether the file at the path is still the one seen, unchanged."""
-        try:
-            now = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        return (now.st_dev, now.st_ino, now.st_mtime_ns, now.st_size) == self.mark
-
-    def close(self) -> None:
-        self.file.close()
-
-    def __del__(self) -> None:  # a dropped BanditCore closes its file without a ResourceWarning
-        if hasattr(self, "file"):
-            self.file.close()
 
 
 def check_new_state(state_dir: Path, overwrite: bool) -> None:
@@ -149,7 +74,7 @@ class BanditCore:
     def __init__(self, state_dir: Path):
         self.state_dir = Path(state_dir)
         self.settings = read_settings(self.state_dir)
-        with _damaged(self.state_dir / SETTINGS_FILE):
+        with damaged(self.state_dir / SETTINGS_FILE):
             if self.settings["version"] != SETTINGS_VERSION:
                 raise ValueError(f"'version' is {self.settings['version']!r}; this simmerge reads version "
                                  f"{SETTINGS_VERSION} (create the state anew with `simmerge bandit-init`)")
@@ -161,9 +86,9 @@ class BanditCore:
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     raise ValueError(f"{key!r} is {value!r}, not a count of at least 1")
             self.encoder: Encoder = load_encoder(self.settings["encoder"])
-        self._seen: _Seen | None = None
+        self._seen: SeenFile | None = None
         self.saves = 0  # state writes by this object: fewer than its calls where they came in batches
-        with _folder_lock(self.state_dir):  # no writer is mid-save while this is held
+        with folder_lock(self.state_dir):  # no writer is mid-save while this is held
             self._load()
             remove_stale_temporaries(self.state_dir)
 
@@ -178,10 +103,10 @@ class BanditCore:
         if read_settings(self.state_dir) != self.settings:
             raise CheckpointError(f"{self.state_dir}: the bandit state was created anew since this process "
                                   "loaded it (`bandit-init --overwrite`); restart the service")
-        seen = _Seen(self.state_dir / STATE_FILE) if (self.state_dir / STATE_FILE).is_file() else None
+        seen = SeenFile(self.state_dir / STATE_FILE) if (self.state_dir / STATE_FILE).is_file() else None
         try:
             meta, arrays = read_state(self.state_dir)
-            with _damaged(self.state_dir / STATE_FILE):
+            with damaged(self.state_dir / STATE_FILE):
                 self.bandit, self.pending, self.done, self.counters = self._unpack(meta, arrays)
         except BaseException:
             if seen is not None:
@@ -281,7 +206,7 @@ class BanditCore:
         if sum(c.name == "decide" for c in calls) > self.settings["max_pending"]:
             raise ValueError(f"a batch of {len(calls)} calls holds more decisions than max_pending "
                              f"({self.settings['max_pending']}): the first would expire before they are answered")
-        with _folder_lock(self.state_dir):
+        with folder_lock(self.state_dir):
             if self._seen is None or not self._seen.current():
                 self._load()
             if len(calls) == 1:
@@ -289,7 +214,7 @@ class BanditCore:
             saves = self.saves
             try:
                 answers = [self._apply(call) for call in calls]
-                if any(c.name in _MUTATIONS and not isinstance(a, Exception) for c, a in zip(calls, answers)):
+                if any(c.name in MUTATIONS and not isinstance(a, Exception) for c, a in zip(calls, answers)):
                     self._persist()
                 return answers
             except BaseException:  # noqa: BLE001 (each call is answered again below, its error kept)
@@ -313,7 +238,7 @@ class BanditCore:
             if self._seen is None or not self._seen.current():  # e.g. saved but not reopened
                 self._load()
             answer = self._apply(call)
-            if call.name in _MUTATIONS and not isinstance(answer, Exception):
+            if call.name in MUTATIONS and not isinstance(answer, Exception):
                 self._persist()  # a refusal to save has already restored the saved state
             return answer
         except SimMergeError as e:
@@ -342,7 +267,7 @@ class BanditCore:
         if allowed == []:
             raise BanditError("'arms' must name at least one arm")
         z = self.encoder.encode(x)[0]
-        out_of_range = _out_of_range(self.encoder.outlier(x))  # before any change: it may raise
+        outside = out_of_range(self.encoder, x)  # before any change: it may raise
         generator = self.bandit.rng.bit_generator.state
         with np.errstate(all="ignore"):
             arm, draws = self.bandit.choose(z, allowed)
@@ -369,7 +294,7 @@ class BanditCore:
             # undefined for this pair, so imputed with the offline mean: said, never silent
             "imputed": [n for n, m in zip(self.encoder.feature_names, missing) if m],
             # a context unlike the offline rows: the scores extrapolate, said, never silent
-            "out_of_range": out_of_range,
+            "out_of_range": outside,
         }
 
     def _feedback(self, decision_id: str, reward: float) -> dict[str, Any]:
@@ -445,19 +370,9 @@ class BanditCore:
                                   "the saved state is unchanged") from None
         self._seen.close()
         try:
-            self._seen = _Seen(self.state_dir / STATE_FILE)
+            self._seen = SeenFile(self.state_dir / STATE_FILE)
         except CheckpointError:  # saved, but not reopened (e.g. out of descriptors): the next request reloads
             self._seen = None
-
-
-def _out_of_range(out: dict[str, Any] | None) -> dict[str, Any] | None:
-    """An encoder's outlier with the sentence a client can show."""
-    if out is None:
-        return None
-    lo, hi = out["training_range"]
-    return {**out, "message": f"{out['feature']} at z = {out['z']:+.1f} is outside the offline rows (99% of them "
-                              f"have every |z| <= {out['threshold']:.1f}; this feature spanned [{lo:+.1f}, "
-                              f"{hi:+.1f}]): the scores extrapolate"}
 
 
 def _write(

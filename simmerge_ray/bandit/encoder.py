@@ -135,6 +135,18 @@ class IdentityEncoder:
                    domain)
 
 
+def out_of_range(encoder: Encoder, x: np.ndarray) -> dict[str, Any] | None:
+    """The encoder's outlier for context `x`, with the sentence a client can show (None inside
+    the offline rows)."""
+    out = encoder.outlier(x)
+    if out is None:
+        return None
+    lo, hi = out["training_range"]
+    return {**out, "message": f"{out['feature']} at z = {out['z']:+.1f} is outside the offline rows (99% of them "
+                              f"have every |z| <= {out['threshold']:.1f}; this feature spanned [{lo:+.1f}, "
+                              f"{hi:+.1f}]): the scores extrapolate"}
+
+
 def _selector_encoder(spec: dict[str, Any]) -> Encoder:
     from simmerge_ray.selector.encoder import SelectorEncoder
 

@@ -3,9 +3,10 @@
     DIR/bandit.json   settings fixed at creation: encoder spec, feature table, ledger bounds
     DIR/state.npz     everything that changes: posteriors, generator state, pending decisions
 
-`state.npz` is rewritten after every mutation through a temporary sibling and one `os.replace`,
-so a reader (or an actor restarted after a kill) sees either the previous or the new state,
-never a mix. A state with a NaN or Inf anywhere is never written, and refused when read. The
+`state.npz` is rewritten after every batch of mutations through a temporary sibling and one
+`os.replace`, so a reader (or an actor restarted after a kill) sees either the previous or the
+new state, never a mix. A writer holds the folder's lock (`folder_lock`) from its read to its
+save, and knows whether another process saved since by the file it holds open (`SeenFile`). A state with a NaN or Inf anywhere is never written, and refused when read. The
 JSON part of the mutable state travels inside the npz as a uint8 array so the whole state is one
 file and one rename.
 """
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,8 @@ import numpy as np
 from simmerge_ray.bandit.errors import NonFiniteStateError
 from simmerge_ray.errors import CheckpointError
 from simmerge_ray.io.atomic import atomic_file, atomic_write_text
+from simmerge_ray.io.file_lock import exclusive_lock
+from simmerge_ray.io.out_checks import LOCK_FILE
 
 SETTINGS_FILE = "bandit.json"
 SETTINGS_VERSION = 1  # the layout of bandit.json this code writes and reads
@@ -107,3 +113,58 @@ def _first_nonfinite(meta: Any, arrays: dict[str, np.ndarray]) -> str | None:
         elif isinstance(value, list):
             stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
     return None
+
+
+@contextmanager
+def folder_lock(state_dir: Path) -> Iterator[None]:
+    """The state folder's lock, held by a request from its read to its save: two processes over
+    one folder (two `serve`s, or a RayService's old and new cluster during an upgrade) then take
+    turns instead of overwriting each other."""
+    if not state_dir.is_dir():
+        raise CheckpointError(f"{state_dir}: the bandit state folder is gone (removed, or being replaced by "
+                              "`simmerge bandit-init --overwrite`)")
+    with exclusive_lock(state_dir / LOCK_FILE):
+        yield
+
+
+class SeenFile:
+    """The state file this process last read or wrote, held open: its inode cannot be reused by a
+    newer file while it is open, so a different inode at the path means another process saved
+    (a stamp of inode, mtime and size alone can repeat across two saves); a changed mtime or size
+    of the same inode means it was rewritten in place (e.g. a backup copied over it)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.file = open(path, "rb")  # noqa: SIM115 (held for the object's life; closed with it)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot open the bandit state ({e.strerror or e})") from None
+        st = os.fstat(self.file.fileno())
+        self.mark = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def current(self) -> bool:
+        """Whether the file at the path is still the one seen, unchanged."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (now.st_dev, now.st_ino, now.st_mtime_ns, now.st_size) == self.mark
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __del__(self) -> None:  # a dropped BanditCore closes its file without a ResourceWarning
+        if hasattr(self, "file"):
+            self.file.close()
+
+
+@contextmanager
+def damaged(path: Path) -> Iterator[None]:
+    """A state file that parses but lacks a field, or holds one of the wrong kind, is one
+    CheckpointError naming the file and the field, not a KeyError from deep inside."""
+    try:
+        yield
+    except KeyError as e:
+        raise CheckpointError(f"{path}: damaged bandit state (missing field {e.args[0]!r})") from None
+    except (TypeError, ValueError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path}: damaged bandit state ({e})") from None
