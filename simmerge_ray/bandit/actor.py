@@ -37,7 +37,6 @@ class BanditActor:
         self._state_dir = Path(state_dir)
         self._core: BanditCore | None = None
         self._queue: list[tuple[Call, asyncio.Future[Any]]] = []
-        self._draining = False
         self._drainer: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference
         try:
             self._core = BanditCore(self._state_dir)
@@ -55,8 +54,7 @@ class BanditActor:
         """Queue `call`, start draining if no batch is under way, and wait for its answer."""
         future = asyncio.get_running_loop().create_future()
         self._queue.append((call, future))
-        if not self._draining:
-            self._draining = True
+        if self._drainer is None or self._drainer.done():  # it ends, done, in the step that saw the queue empty
             self._drainer = asyncio.get_running_loop().create_task(self._drain())
         answer = await future
         if isinstance(answer, Exception):
@@ -71,24 +69,21 @@ class BanditActor:
         return 1 if self._core is None else min(MAX_BATCH, self._core.settings["max_pending"])
 
     async def _drain(self) -> None:
-        try:
-            while self._queue:
-                self._queue = [(call, future) for call, future in self._queue if not future.done()]  # cancelled
-                size = self._batch_size()
-                batch, self._queue = self._queue[:size], self._queue[size:]
-                if not batch:
-                    break
-                try:
-                    answers = await asyncio.to_thread(self._answer, [call for call, _ in batch])
-                except asyncio.CancelledError:
-                    raise
-                except BaseException as e:  # noqa: BLE001 (the state did not load: every call is told why)
-                    answers = [_own_copy(e) for _ in batch]
-                for (_, future), answer in zip(batch, answers, strict=True):
-                    if not future.done():  # its caller may have been cancelled
-                        future.set_result(answer)
-        finally:
-            self._draining = False
+        while self._queue:
+            self._queue = [(call, future) for call, future in self._queue if not future.done()]  # cancelled
+            size = self._batch_size()
+            batch, self._queue = self._queue[:size], self._queue[size:]
+            if not batch:
+                break
+            try:
+                answers = await asyncio.to_thread(self._answer, [call for call, _ in batch])
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # noqa: BLE001 (the state did not load: every call is told why)
+                answers = [_own_copy(e) for _ in batch]
+            for (_, future), answer in zip(batch, answers, strict=True):
+                if not future.done():  # its caller may have been cancelled
+                    future.set_result(answer)
 
     async def decide(self, x: list[float], arms: list[str] | None = None, trusted: bool = False) -> dict[str, Any]:
         return await self._call(Call("decide", (x, arms), {"trusted": trusted}))

@@ -16,7 +16,7 @@ import numpy as np
 from simmerge_ray.errors import ConfigError
 from simmerge_ray.bandit.limits import check_features
 from simmerge_ray.features.schema import B_TASK_SUFFIX
-from simmerge_ray.selector.domain import TrainingDomain, training_domain
+from simmerge_ray.selector.domain import TrainingDomain, spread, training_domain
 
 
 @runtime_checkable
@@ -141,10 +141,8 @@ def out_of_range(encoder: Encoder, x: np.ndarray) -> dict[str, Any] | None:
     out = encoder.outlier(x)
     if out is None:
         return None
-    lo, hi = out["training_range"]
-    return {**out, "message": f"{out['feature']} at z = {out['z']:+.1f} is outside the offline rows (99% of them "
-                              f"have every |z| <= {out['threshold']:.1f}; this feature spanned [{lo:+.1f}, "
-                              f"{hi:+.1f}]): the scores extrapolate"}
+    return {**out, "message": f"{out['feature']} at z = {out['z']:+.1f} is outside the offline rows "
+                              f"({spread(out, 'them')}): the scores extrapolate"}
 
 
 def _selector_encoder(spec: dict[str, Any]) -> Encoder:

@@ -25,9 +25,14 @@ MAX_BODY_BYTES = 1 << 20  # 1 MiB: a decision with 10,000 features is about 200 
 MAX_FEATURES = 10_000  # raw feature width; the body limit caps it anyway
 
 
+def _is_number(value: object) -> bool:
+    """A real number, numpy's included (np.float32 is one), and not a bool (True is not 1 here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_reward(reward: object) -> float:
     """The reward as a float, or RewardError naming the field and the bound."""
-    if isinstance(reward, (bool, np.bool_)) or not isinstance(reward, numbers.Real):  # np.float32 is a number
+    if not _is_number(reward):
         raise RewardError(f"reward: must be a number, got {reward!r}")
     value = float(reward)
     if not (np.isfinite(value) and abs(value) <= REWARD_BOUND):
@@ -41,7 +46,7 @@ def check_prior_var(prior_var: float | None) -> float | None:
     low, high = PRIOR_VAR_RANGE
     if prior_var is None:
         return None
-    if isinstance(prior_var, (bool, np.bool_)) or not isinstance(prior_var, numbers.Real):  # True is no variance
+    if not _is_number(prior_var):
         raise BanditError(f"prior_var: must be a number, got {prior_var!r}")
     if not (low <= prior_var <= high):  # NaN fails both comparisons
         raise BanditError(f"prior_var: must be in [{low:g}, {high:g}], got {prior_var:g}")

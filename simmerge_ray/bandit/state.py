@@ -6,9 +6,10 @@
 `state.npz` is rewritten after every batch of mutations through a temporary sibling and one
 `os.replace`, so a reader (or an actor restarted after a kill) sees either the previous or the
 new state, never a mix. A writer holds the folder's lock (`folder_lock`) from its read to its
-save, and knows whether another process saved since by the file it holds open (`SeenFile`). A state with a NaN or Inf anywhere is never written, and refused when read. The
-JSON part of the mutable state travels inside the npz as a uint8 array so the whole state is one
-file and one rename.
+save, and knows whether another process saved since by the file it holds open (`SeenFile`). A
+state with a NaN or Inf anywhere is never written, and refused when read. The JSON part of the
+mutable state travels inside the npz as a uint8 array so the whole state is one file and one
+rename.
 """
 
 from __future__ import annotations
@@ -117,9 +118,9 @@ def _first_nonfinite(meta: Any, arrays: dict[str, np.ndarray]) -> str | None:
 
 @contextmanager
 def folder_lock(state_dir: Path) -> Iterator[None]:
-    """The state folder's lock, held by a request from its read to its save: two processes over
-    one folder (two `serve`s, or a RayService's old and new cluster during an upgrade) then take
-    turns instead of overwriting each other."""
+    """The state folder's lock, held by a batch of requests from its read to its save: two
+    processes over one folder (two `serve`s, or a RayService's old and new cluster during an
+    upgrade) then take turns instead of overwriting each other."""
     if not state_dir.is_dir():
         raise CheckpointError(f"{state_dir}: the bandit state folder is gone (removed, or being replaced by "
                               "`simmerge bandit-init --overwrite`)")

@@ -16,6 +16,7 @@ from simmerge_ray.planner.plan import Plan
 from simmerge_ray.planner.objective import Objective, StepPrediction
 from simmerge_ray.selector.calibration import level_key
 from simmerge_ray.selector.data import EXPERT_ALONE
+from simmerge_ray.selector.domain import spread
 from simmerge_ray.selector.model import Selector
 
 if TYPE_CHECKING:
@@ -122,11 +123,9 @@ def input_flags(sel: Selector, z_rows: np.ndarray, models: list[str], model_task
                                      f"had two experts of one task, so this prediction extrapolates"})
         out = domain.outlier(z_rows[j - 1])
         if out is not None:
-            lo, hi = out["training_range"]
             flags.append({"kind": "out_of_range", "step": j, **out,
                           "message": f"{where}: input outside the training rows: {out['feature']} at z = "
-                                     f"{out['z']:+.1f} (99% of training rows have every |z| <= "
-                                     f"{out['threshold']:.1f}; this feature spanned [{lo:+.1f}, {hi:+.1f}])"})
+                                     f"{out['z']:+.1f} ({spread(out, 'training rows')})"})
     return flags
 
 

@@ -18,6 +18,14 @@ from simmerge_ray.errors import ConfigError
 Z_QUANTILE = 0.99  # share of training rows whose max |z| is below the threshold
 
 
+def spread(out: dict[str, Any], rows: str) -> str:
+    """How far an outlier (TrainingDomain.outlier) lies from `rows`, in the words the planner's
+    flags and the bandit's answers share."""
+    lo, hi = out["training_range"]
+    return (f"99% of {rows} have every |z| <= {out['threshold']:.1f}; this feature spanned "
+            f"[{lo:+.1f}, {hi:+.1f}]")
+
+
 def _row_max_abs(z: np.ndarray) -> np.ndarray:
     """max |z| per row, ignoring undefined (NaN) features; 0 for a row with none defined."""
     a = np.abs(np.asarray(z, dtype=np.float64))
