@@ -159,3 +159,5 @@ def test_a_gpu_probe_actor_on_a_cluster_without_gpus_fails_at_once(ray_cluster, 
     _refused(["probe", "--catalog", str(zoo / "lm.yaml"), "--out", str(tmp_path / "p")], capsys,
              "a probe actor (SIMMERGE_CPUS_PER_INFERENCE_ACTOR, SIMMERGE_GPUS_PER_INFERENCE_ACTOR, "
              "SIMMERGE_MEMORY_PER_INFERENCE_ACTOR) asks for GPU=1", "(the most: 0;")
+    # refused before any cache entry was written (it left a meta.json per model and task)
+    assert not (tmp_path / "p" / "probe_cache").exists()

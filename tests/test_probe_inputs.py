@@ -59,6 +59,45 @@ def test_a_tokenizer_with_ids_past_the_model_s_vocabulary_is_refused_before_any_
     assert not (tmp_path / "cache").exists()
 
 
+def test_a_probe_longer_than_the_model_s_positions_is_refused_before_any_actor(zoo: Path, tmp_path: Path) -> None:
+    """A model with learned positions (GPT-2's wpe) failed with an IndexError inside a Ray Data
+    actor; a rotary one ran past its trained context without a word."""
+    short = shutil.copytree(zoo / "a", tmp_path / "short")
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4}))
+    cat = Catalog.from_dict({"models": [{"name": "short", "path": str(short)}],
+                             "tasks": {"t": {"probes": str(zoo / "probes.txt")}}}, root=tmp_path)
+    with pytest.raises(ProbeError) as caught:
+        probe_catalog(cat, SETTINGS, RunOptions(), tmp_path / "cache")
+    msg = str(caught.value)
+    assert msg.startswith(f"{zoo / 'probes.txt'}: probe ") and "\n" not in msg
+    assert msg.endswith(f"tokens (probes are cut to --max-length 10), more than the 4 positions of model 'short' "
+                        f"(max_position_embeddings, {short / 'config.json'}); pass --max-length 4 or less")
+    assert not (tmp_path / "cache").exists()
+    assert plan_task(cat, "t", ProbeSettings(max_length=4, attn_max_length=4), tmp_path / "cache")["short"]
+
+
+def test_overwrite_discards_nothing_when_the_run_is_refused(zoo: Path, tmp_path: Path, capsys) -> None:
+    """`probe --overwrite` emptied the whole cache before it read the catalog's tasks: a typo in
+    --tasks (or a bad probe file) lost every entry, and the command then failed."""
+    cat = _catalog(tmp_path, f"  - {{name: a, path: {zoo / 'a'}}}\n",
+                   f"tasks:\n  t: {{probes: {zoo / 'probes.txt'}}}\n")
+    entry = tmp_path / "cache" / "0123456789abcdef01234567"  # named and written as an entry of this cache
+    entry.mkdir(parents=True)
+    (entry / "meta.json").write_text(json.dumps({"num_probes": 4}))
+    (entry / "chunk-run-00000.safetensors").write_bytes(b"kept")
+    argv = ["probe", "--catalog", str(cat), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"),
+            "--overwrite"]
+    assert cli_main([*argv, "--tasks", "nosuch"]) == 2
+    assert "no task named 'nosuch'" in _one_line(capsys)
+    (tmp_path / "bad.jsonl").write_text('{"text": \n')
+    cat.write_text(cat.read_text().replace(str(zoo / "probes.txt"), str(tmp_path / "bad.jsonl")))
+    assert cli_main(argv) == 2
+    assert "bad.jsonl: line 1: invalid JSON" in _one_line(capsys)
+    assert sorted(p.name for p in entry.iterdir()) == ["chunk-run-00000.safetensors", "meta.json"]
+
+
+
 @pytest.mark.parametrize("command", [["probe"], ["features", "functional"]])
 def test_a_catalog_without_tasks_is_refused(zoo: Path, tmp_path: Path, capsys, command: list[str]) -> None:
     """It used to write an empty manifest (probe) or an empty functional.parquet, exit 0."""

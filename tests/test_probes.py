@@ -13,6 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from safetensors import safe_open
 
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import CheckpointError
@@ -316,6 +317,45 @@ def test_chunk_with_damaged_tensor_bytes_is_a_miss_recomputed(tiny: dict, resume
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_a_chunk_moved_from_another_entry_is_a_miss_recomputed(tiny: dict, resumed: dict, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Chunks swapped between two entries (each folder's meta.json kept) were served as the other
+    model's records: its probe ids and digest were all a chunk said of itself."""
+    probes = tiny["probes"]
+    theirs = next(iter(resumed["cache"].chunk_probe_ids()))
+    mine = ProbeCache(tmp_path / "0123456789abcdef01234567")
+    mine.write_meta({"num_probes": probes.num_probes})
+    shutil.copy(theirs, mine.root / theirs.name)
+    with caplog.at_level("WARNING"):
+        report = run_model_probes(tiny["model"], probes, SETTINGS, RunOptions(), mine)
+    assert (f"{mine.root / theirs.name}: unusable probe-cache chunk (written for the entry "
+            f"{resumed['cache'].root.name}, not this one)") in caplog.text
+    assert report.probes_run == probes.num_probes and mine.is_complete()
+    for chunk in mine.chunk_files():
+        with safe_open(chunk, framework="pt") as f:
+            assert f.metadata()["key"] == mine.root.name
+
+
+def test_overwrite_measures_again_only_what_its_run_measures(tiny: dict, ray_cluster, tmp_path: Path) -> None:
+    """`probe --overwrite --tasks a` discarded every entry of the cache, other tasks' included."""
+    from simmerge_ray.cli import main as cli_main
+
+    (tmp_path / "a.txt").write_text("the cat\nsees a dog\n")
+    (tmp_path / "b.txt").write_text("two plus three\n")
+    (tmp_path / "catalog.yaml").write_text(f"models:\n  - {{name: m, path: {tiny['model']}}}\n"
+                                           f"tasks:\n  a: {{probes: a.txt}}\n  b: {{probes: b.txt}}\n")
+    argv = ["probe", "--catalog", str(tmp_path / "catalog.yaml"), "--out", str(tmp_path / "out"),
+            "--max-length", "12"]
+    assert cli_main(argv) == 0
+    manifest = json.loads((tmp_path / "out" / "probe_manifest.json").read_text())
+    entry = {t: Path(manifest["tasks"][t]["m"]["cache"]) for t in ("a", "b")}
+    before = {t: sorted(p.name for p in entry[t].iterdir()) for t in entry}
+    assert cli_main([*argv, "--overwrite", "--tasks", "a"]) == 0
+    after = {t: sorted(p.name for p in entry[t].iterdir()) for t in entry}
+    assert after["b"] == before["b"]  # task b's entry untouched
+    assert after["a"] != before["a"] and len(after["a"]) == len(before["a"])  # task a's chunks written anew
+
+
 def test_chunk_that_cannot_be_opened_now_is_skipped_not_removed(resumed: dict, tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """An I/O error is the reader's trouble (a flaky shared disk), not proof of a bad chunk: the
@@ -340,7 +380,7 @@ def test_discarding_the_cache_removes_only_its_entries(resumed: dict, tmp_path: 
     # ... even one whose files look like ours (it lost them to `probe --overwrite`)
     shutil.copytree(resumed["cache"].root, root / "my-probe-study")
     mine = sorted(str(p.relative_to(root)) for p in (root / "my-probe-study").rglob("*"))
-    assert discard_entries(root) == 1
+    assert discard_entries(root, [key, "experiment1", "my-probe-study", "fedcba9876543210fedcba98"]) == 1
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == sorted([
         "experiment1", "experiment1/meta.json", key, f"{key}/notes.txt", "readme.md", "my-probe-study", *mine])
 

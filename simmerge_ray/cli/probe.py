@@ -26,7 +26,9 @@ def add_probe_flags(p: argparse.ArgumentParser) -> None:
                         "one probe per line)")
     p.add_argument("--out", required=True, help="output folder (shareable with `features structural`)")
     p.add_argument("--cache", default=None, help="probe-output cache folder (default: OUT/probe_cache)")
-    p.add_argument("--overwrite", action="store_true", help="discard the probe outputs cached in --cache first (only its cache entries)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="measure this run's probes again: its entries in --cache are discarded once the inputs are "
+                        "checked (other entries stay)")
     p.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: all in the catalog)")
     p.add_argument("--backend", choices=("hf", "deepspeed"), default="hf",
                    help="hf: model in memory; deepspeed: ZeRO-3 inference with parameters offloaded")

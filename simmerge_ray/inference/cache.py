@@ -3,12 +3,15 @@
     <root>/<key>/meta.json                       what the key stands for
     <root>/<key>/chunk-<run>-<seq>.safetensors   records of one batch: "<probe>/<field>" tensors,
                                                  header metadata "probe_ids" lists the probes,
-                                                 "digest" the digest of every tensor's bytes
+                                                 "digest" the digest of every tensor's bytes,
+                                                 "key" the entry it was written for
 Chunks are written by the actors, each complete batch atomically (temp file + rename), so an
 interrupted run keeps every finished batch and a rerun computes only the probes not in a chunk.
 A chunk or meta.json that cannot be read (truncated, corrupt), or a chunk whose tensors do not
-match their digest (bytes damaged under a readable header), is a miss: logged with its path,
-removed, and its probes computed again. Chunks written before the digest existed are trusted.
+match their digest (bytes damaged under a readable header), or one written for another key (a
+chunk moved between entries: its records are another model's), is a miss: logged with its path,
+removed, and its probes computed again. Chunks written before the digest or the key existed are
+trusted.
 So is a chunk whose records do not fit the key's probes (RecordShapes: another probe set's, a
 field missing), and an entry whose meta.json names another model, probe set or settings (a
 folder copied over this key's) loses its chunks before they are read.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,7 +134,7 @@ class ProbeCache:
         path = self.root / f"chunk-{run_id}-{seq:05d}.safetensors"
         with atomic_file(path) as tmp:
             save_file(tensors, tmp, metadata={"probe_ids": json.dumps(sorted(records)),
-                                              "digest": tensors_digest(tensors)})
+                                              "digest": tensors_digest(tensors), "key": self.root.name})
         return path
 
     # ---- reading -------------------------------------------------------------------------
@@ -145,8 +149,8 @@ class ProbeCache:
         return sorted(self.root.glob(CHUNK_GLOB))
 
     def chunk_probe_ids(self) -> dict[Path, list[int]]:
-        """Probe ids per chunk file. A chunk whose header cannot be read, or whose tensors do
-        not match its digest, is removed (its probes then count as not done, and are computed
+        """Probe ids per chunk file. A chunk whose header cannot be read, whose tensors do not
+        match its digest, or that was written for another entry, is removed (its probes then count as not done, and are computed
         again); each chunk's bytes are checked once per reader."""
         out: dict[Path, list[int]] = {}
         for path in self.chunk_files():
@@ -157,6 +161,8 @@ class ProbeCache:
                     ids = json.loads(meta["probe_ids"])
                     if not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
                         raise ValueError(f"probe_ids is {ids!r}")
+                    if meta.get("key", self.root.name) != self.root.name:
+                        raise ValueError(f"written for the entry {meta['key']}, not this one")
                     if self.shapes is not None:
                         self._check_shapes(f, ids)
                     stamp = (path, st.st_size, st.st_mtime_ns)
@@ -228,11 +234,12 @@ def _is_entry(meta: Path) -> bool:
 _KEY_NAME = re.compile(r"[0-9a-f]{24}")
 
 
-def discard_entries(cache_dir: Path) -> int:
-    """Remove the probe-cache entries in `cache_dir` (folders whose meta.json is this cache's:
-    their meta.json and chunk files only); anything else there is left alone. Returns the count."""
+def discard_entries(cache_dir: Path, keys: Iterable[str]) -> int:
+    """Remove the probe-cache entries `keys` of `cache_dir` (`probe --overwrite`: the ones its run
+    measures again; other runs' entries stay), each only if its meta.json is this cache's, and
+    then only its meta.json and chunk files; anything else there is left alone. Returns the count."""
     removed = 0
-    for meta in sorted(m for m in Path(cache_dir).glob(f"*/{META}") if _is_entry(m)):
+    for meta in sorted(m for m in (Path(cache_dir) / k / META for k in set(keys)) if m.is_file() and _is_entry(m)):
         for f in [*meta.parent.glob(CHUNK_GLOB), *meta.parent.glob(".chunk-*.tmp"), meta]:
             f.unlink(missing_ok=True)
         try:

@@ -15,8 +15,8 @@ from pathlib import Path
 from simmerge_ray.catalog import Catalog, ModelEntry
 from simmerge_ray.io.architecture import check_config_matches_weights
 from simmerge_ray.inference.backend import load_config
-from simmerge_ray.inference.cache import ProbeCache, RecordShapes
-from simmerge_ray.inference.pipeline import ModelWork, ProbeJob, RunReport, run_jobs
+from simmerge_ray.inference.cache import ProbeCache, RecordShapes, discard_entries
+from simmerge_ray.inference.pipeline import ModelWork, ProbeJob, RunReport, check_probe_actor, run_jobs
 from simmerge_ray.inference.settings import ProbeSettings, RunOptions, cache_key
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.shared_vocab import SharedVocab, shared_vocab
@@ -67,6 +67,20 @@ def check_token_ids(probes: TokenizedProbes, vocab_size: int, entry: ModelEntry,
                              f"tokenizer does not belong to the model")
 
 
+def check_positions(probes: TokenizedProbes, config: object, entry: ModelEntry, probe_file: Path) -> None:
+    """A probe longer than the model's positions is refused here in one line: a model with learned
+    positions (GPT-2's wpe) failed with an index error inside an actor, and a rotary one ran past
+    the context it was trained on without a word."""
+    limit = getattr(config, "max_position_embeddings", None)  # GPT-2's n_positions answers to it too
+    if not isinstance(limit, int) or limit < 1:
+        return
+    longest = max(range(len(probes.ids)), key=lambda i: len(probes.ids[i]))
+    if len(probes.ids[longest]) > limit:
+        raise ProbeError(f"{probe_file}: probe {longest} has {len(probes.ids[longest])} tokens (probes are cut to "
+                         f"--max-length {probes.max_length}), more than the {limit} positions of model {entry.name!r} "
+                         f"(max_position_embeddings, {entry.path / 'config.json'}); pass --max-length {limit} or less")
+
+
 def plan_task(catalog: Catalog, task: str, settings: ProbeSettings, cache_dir: Path,
               vocab: SharedVocab | None = None) -> dict[str, ModelProbes]:
     """Tokenise the task's probes for every model and locate each model's cache (runs and
@@ -86,6 +100,7 @@ def plan_task(catalog: Catalog, task: str, settings: ProbeSettings, cache_dir: P
                                   tokenize_probes(texts, tok, settings.max_length, source=str(probe_file)))
         vocab_digest, tokenizer_size, probes = tokenized[tok_dir]
         check_token_ids(probes, int(config.vocab_size), entry, tok_dir, probe_file)
+        check_positions(probes, config, entry, probe_file)
         fingerprint = Checkpoint.open(entry.path).fingerprint()
         shapes = RecordShapes(tuple(len(p) for p in probes.ids), int(config.vocab_size), settings.full_vocab_limit,
                               settings.top_k, settings.attn_max_length)
@@ -125,12 +140,16 @@ def check_comparable(a: ModelProbes, b: ModelProbes) -> None:
 
 
 def probe_catalog(catalog: Catalog, settings: ProbeSettings, options: RunOptions, cache_dir: Path, *,
-                  tasks: list[str] | None = None, require_comparable: bool = False,
+                  tasks: list[str] | None = None, require_comparable: bool = False, overwrite: bool = False,
+                  connect: Callable[[], object] | None = None,
                   on_start: Callable[[dict[str, list[ModelProbes]]], Callable[[str, int], object] | None] | None = None,
                   ) -> tuple[dict[str, dict[str, ModelProbes]], dict[tuple[str, str], RunReport]]:
     """Plan every task, then run every model's missing probes of all tasks in one actor pool.
-    Returns the plans and a run report per (task, model). `on_start(work per model)` may
-    return a `progress(model name, tokens)` callable.
+    Returns the plans and a run report per (task, model). `connect()` starts or joins Ray once
+    every input is checked (a bad probe file is refused at once, not after Ray's start);
+    `overwrite` then measures this run's entries again (they are discarded once the actors are
+    known to fit, so a refused run loses nothing). `on_start(work per model)` may return a
+    `progress(model name, tokens)` callable.
 
     With `require_comparable`, every pair must share vocabulary (or extend one vocabulary) and tokenisation (checked before
     any model runs, so a mismatch costs nothing)."""
@@ -145,12 +164,18 @@ def probe_catalog(catalog: Catalog, settings: ProbeSettings, options: RunOptions
             for i, a in enumerate(models):
                 for b in models[i + 1:]:
                     check_comparable(a, b)
-    for plan in plans.values():
-        for mp in plan.values():
-            mp.cache.check_kind()
-    for plan in plans.values():  # every input checked: only now does anything reach the disk
-        for mp in plan.values():
-            mp.cache.write_meta(mp.meta)
+    entries = {mp.cache.root: mp for plan in plans.values() for mp in plan.values()}
+    for mp in entries.values():
+        mp.cache.check_kind()
+    if connect is not None:
+        connect()
+    # Every input checked and the cluster known: only now does anything reach the disk.
+    if overwrite or any(set(range(mp.probes.num_probes)) - mp.cache.done_ids() for mp in entries.values()):
+        check_probe_actor(options)  # an actor no node can hold: refused before an entry is written or discarded
+    if overwrite:
+        discard_entries(cache_dir, [root.name for root in entries])
+    for mp in entries.values():
+        mp.cache.write_meta(mp.meta)
     # All models in one actor pool (start-up paid once); all of a model's tasks in one load.
     # Tasks with the same probes share a cache key: run those once. DeepSpeed keeps one pool per
     # model: a ZeRO-3 engine per process, and start-up is small next to loading a model that large.

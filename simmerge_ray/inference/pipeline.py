@@ -134,30 +134,36 @@ def _blocks(pending: list[tuple[int, int, int]], work: list[ModelWork], batch_si
     return blocks
 
 
+def check_probe_actor(options: RunOptions) -> None:
+    """A probe actor no node can hold is one line (Ray Data would only warn that the pool "may
+    hang forever", and wait). Ray must be initialised."""
+    from simmerge_ray import placement
+    from simmerge_ray.resources import ENV_VARS, ResourceAsk
+
+    set_by = ", ".join(ENV_VARS[k] for k in ("cpus_per_inference_actor", "gpus_per_inference_actor",
+                                            "memory_per_inference_actor"))
+    placement.check_placeable(f"a probe actor ({set_by})",
+                              ResourceAsk(options.cpus_per_actor, options.gpus_per_actor, options.memory_per_actor))
+
+
 def run_jobs(work: list[ModelWork], settings: ProbeSettings, options: RunOptions, *,
              progress: Callable[[int, int], object] | None = None) -> list[list[RunReport]]:
     """Run every model's probes missing from their caches through one actor pool; a report per
     model and job. `progress(model, tokens)` is called per finished batch."""
     import ray
 
-    from simmerge_ray import placement
-    from simmerge_ray.resources import ENV_VARS, ResourceAsk
-
     pending = [(m, j, p) for m, w in enumerate(work) for j, job in enumerate(w.jobs)
                for p in sorted(set(range(job.probes.num_probes)) - job.cache.done_ids())]
     if not pending:
         return [[RunReport(0, 0, 0.0) for _ in w.jobs] for w in work]
-    # One that no node can hold: Ray Data would only warn that the pool "may hang forever", and wait.
-    set_by = ", ".join(ENV_VARS[k] for k in ("cpus_per_inference_actor", "gpus_per_inference_actor",
-                                            "memory_per_inference_actor"))
-    placement.check_placeable(f"a probe actor ({set_by})",
-                              ResourceAsk(options.cpus_per_actor, options.gpus_per_actor, options.memory_per_actor))
+    check_probe_actor(options)
     # By model, then longest first, so each batch holds similar lengths (little padding).
     pending.sort(key=lambda r: (r[0], -len(work[r[0]].jobs[r[1]].probes.ids[r[2]])))
     # from_blocks keeps the blocks as cut and takes their metadata here; from_arrow would run a
     # remote task for it, which on a fresh cluster waits for a worker process (1.3-1.8 s here).
     from_blocks = getattr(ray.data, "from_blocks", ray.data.from_arrow)  # DeveloperAPI in Ray 2.60
-    ds = from_blocks(_blocks(pending, work, options.batch_size, 4 * options.num_actors))
+    blocks = _blocks(pending, work, options.batch_size, 4 * options.num_actors)
+    ds = from_blocks(blocks)
     out = ds.map_batches(
         ProbeWorker,
         fn_constructor_kwargs={"model_dirs": [str(w.model_dir) for w in work],
@@ -165,7 +171,8 @@ def run_jobs(work: list[ModelWork], settings: ProbeSettings, options: RunOptions
                                "settings": settings, "options": options},
         batch_size=options.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=options.num_actors),
+        # no more actors than blocks: the rest would start, load nothing, and make Ray Data warn
+        compute=ray.data.ActorPoolStrategy(size=min(options.num_actors, len(blocks))),
         num_cpus=options.cpus_per_actor,
         num_gpus=options.gpus_per_actor,
         **({"memory": options.memory_per_actor} if options.memory_per_actor else {}),

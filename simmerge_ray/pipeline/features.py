@@ -117,7 +117,6 @@ def run_probes(req: ProbeRequest, *, require_comparable: bool = False, outputs: 
     from tqdm import tqdm
 
     from simmerge_ray.catalog import Catalog
-    from simmerge_ray.inference.cache import discard_entries
     from simmerge_ray.inference.catalog_probes import probe_catalog
     from simmerge_ray.io.out_checks import check_creatable, check_not_input
     from simmerge_ray.io.stage_files import check_stage
@@ -130,10 +129,6 @@ def run_probes(req: ProbeRequest, *, require_comparable: bool = False, outputs: 
     if req.cache_dir.exists() and not req.cache_dir.is_dir():
         raise ConfigError(f"{req.cache_dir}: the probe cache must be a folder, and this is a file")
     check_creatable(req.cache_dir / "x")
-    if req.overwrite:
-        discard_entries(req.cache_dir)
-    init_ray(req.address)
-    quiet_ray_data()
     bars: list[tqdm] = []
 
     def on_start(work: dict[str, list[ModelProbes]]) -> Callable[[str, int], object]:
@@ -144,8 +139,13 @@ def run_probes(req: ProbeRequest, *, require_comparable: bool = False, outputs: 
         bars[:] = [tqdm(total=total, initial=cached, unit="tok", desc=f"{len(work)} models", disable=None)]
         return lambda _name, tokens: bars[0].update(tokens)
 
+    def connect() -> None:
+        init_ray(req.address)
+        quiet_ray_data()
+
     plans, reports = probe_catalog(catalog, req.settings, req.options, req.cache_dir, tasks=req.tasks,
-                                   require_comparable=require_comparable, on_start=on_start)
+                                   require_comparable=require_comparable, overwrite=req.overwrite, connect=connect,
+                                   on_start=on_start)
     for bar in bars:
         bar.close()
     return ProbeRun(out, req.settings, req.options, plans, reports, catalog.model_tasks)
