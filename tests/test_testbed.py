@@ -1051,6 +1051,11 @@ def test_score_equals_a_per_example_computation():
     want = sum(per_example) / len(per_example)
     assert got["loglik"] == pytest.approx(want, abs=1e-5)
     assert got["score"] == pytest.approx(math.exp(want), rel=1e-5)
+    # A tokenizer without a pad token (Llama's and Mistral's ship none) encodes too: padding is
+    # masked and past every row's end, so the scores are the same (label was a TypeError traceback).
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    assert score(model, encode(exs, tok, 64), batch_size=2) == got
 
 
 def test_label_output_checks_come_before_any_work(tiny_zoo, tmp_path, capsys):

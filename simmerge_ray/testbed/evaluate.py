@@ -66,7 +66,10 @@ def encode(examples: list[Example], tokenizer: PreTrainedTokenizerFast, max_len:
         rows.append((ids[-max_len:], is_answer[-max_len:]))
     width = max(len(ids) for ids, _ in rows)
     n = len(rows)
-    input_ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    # Padding sits past every row's last token and outside its attention mask, so its id changes no
+    # score; a tokenizer without a pad token (Llama's and Mistral's ship none) pads with id 0.
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((n, width), pad, dtype=torch.long)
     attention = torch.zeros((n, width), dtype=torch.long)
     target = torch.zeros((n, width), dtype=torch.bool)
     for i, (ids, ans) in enumerate(rows):
