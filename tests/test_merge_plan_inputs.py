@@ -237,3 +237,35 @@ def test_a_model_retrained_in_place_with_its_old_time_is_refused(models: Path, t
     line = _refused(work, tmp_path, capsys, ["--plan", str(plan), "--catalog", str(cat)], tmp_path / "merged")
     assert line.endswith(f"{plan}: model 'm2' ({work / 'm2'}) is not the checkpoint the plan was made for (its content "
                          f"changed since `simmerge plan`); compute its features and plan again"), line
+
+
+def test_a_plan_s_base_changed_since_the_plan_is_refused(models: Path, tmp_path: Path, capsys) -> None:
+    """The structural features measure task vectors against the base, and a TIES step merges
+    against it; a catalog pointed at another base (or a base replaced in place) merged without a
+    word, while a changed model was refused."""
+    from simmerge_ray.features.provenance import META_FILE, checkpoint_record, measured_base
+    from simmerge_ray.io.checkpoint import Checkpoint
+
+    feats = tmp_path / "features"
+    feats.mkdir()
+    measured = {m: Checkpoint.open(models / m) for m in ("m1", "m2", "base")}
+    (feats / META_FILE).write_text(json.dumps({"base": "base", **checkpoint_record(measured)}))
+    assert measured_base(feats) == {"fingerprint": measured["base"].fingerprint(),
+                                    "signature": measured["base"].stat_signature()}
+    plan = _plan(tmp_path, ["ties"], base_checkpoint=measured_base(feats))
+    cat = _catalog(models, tmp_path)
+    assert cli_main(["merge", "--plan", str(plan), "--catalog", str(cat), "--out", str(tmp_path / "same"),
+                     "--workers", "1"]) == 0
+    rebased = shutil.copytree(models / "base", tmp_path / "base2")
+    shard = sorted(rebased.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 0.01  # another base of the same shapes
+    save_file(tensors, shard, metadata={"format": "pt"})
+    other = _catalog(models, tmp_path, name="other-base.yaml")
+    other.write_text(other.read_text().replace(str(models / "base"), str(rebased)))
+    line = _refused(models, tmp_path, capsys, ["--plan", str(plan), "--catalog", str(other)], tmp_path / "merged")
+    assert line.endswith(f"{plan}: the catalog's base ({rebased}) is not the checkpoint the plan was made for "
+                         f"(another folder, or its content changed since `simmerge plan`); compute the features and "
+                         f"plan again"), line
+

@@ -342,3 +342,19 @@ def test_plan_refuses_features_measured_from_another_checkpoint(world, tmp_path:
             assert rc == 2 and not (tmp_path / f"{name}-{args[0][2:]}").exists()
             assert (f"simmerge plan: error: {world.features / 'gram_meta.json'}: model 'math-0' ({root / other['path']}) "
                     f"is not the checkpoint its features describe (they were measured from {root / entry['path']})") in err
+    # The base too: the structural features' task vectors were measured against the catalog's base.
+    from safetensors.torch import load_file, save_file
+
+    rebased = shutil.copytree(root / raw["base"], tmp_path / "base2")
+    shard = sorted(rebased.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = next(iter(tensors))
+    save_file({**tensors, name: tensors[name] + 0.01}, shard, metadata={"format": "pt"})  # another base, same shapes
+    cat = {**raw, "base": str(rebased),
+           "models": [{**m, "path": str(root / m["path"])} for m in raw["models"]],
+           "tasks": {t: {k: str(root / v) for k, v in spec.items()} for t, spec in raw["tasks"].items()}}
+    (tmp_path / "rebased.yaml").write_text(yaml.safe_dump(cat))
+    w = world.__class__(tmp_path / "rebased.yaml", world.features, world.selector, world.models, world.tasks)
+    assert _plan(w, world.selector, tmp_path / "rebased", "--expert", "code-0", "--aux", "math-0") == 2
+    assert (f"simmerge plan: error: {world.features / 'gram_meta.json'}: the catalog's base ({rebased}) "
+            f"is not the checkpoint the structural features measured task vectors against") in capsys.readouterr().err

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from simmerge_ray.cli.common import features_folder
 from simmerge_ray.errors import ConfigError
-from simmerge_ray.features.provenance import check_measured_from, measured_checkpoints
+from simmerge_ray.features.provenance import check_measured_from, measured_base, measured_checkpoints
 from simmerge_ray.io.atomic import atomic_output_dir
 from simmerge_ray.io.out_checks import check_output
 from simmerge_ray.features.schema import read_feature_table
@@ -135,6 +135,7 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
     best = int(u.argmax())
     plan = Plan(args.task, [args.expert, args.aux], [sel.operators[best]], [float(u[best])], [], float(u[best]))
     plan.checkpoints = measured_checkpoints(args.features, plan.models)
+    plan.base_checkpoint = measured_base(args.features)
     plan.arms = arm_table(sel, u)
     plan.intervals = plan_intervals(sel, plan.operators, plan.step_utility)
     plan.flags = input_flags(sel, sel.standardise(x), plan.models, catalog.model_tasks, args.task)
@@ -273,7 +274,8 @@ def _multiway(args: argparse.Namespace, catalog, req, space) -> int:
     out = Path(args.out)
     with atomic_output_dir(out, overwrite=args.overwrite, inputs=_inputs(args, catalog)) as tmp:
         write_plans(res, catalog, tmp, step_root=out.resolve(),
-                    checkpoints=measured_checkpoints(args.features, res.best.models))
+                    checkpoints=measured_checkpoints(args.features, res.best.models),
+                    base_checkpoint=measured_base(args.features))
     multi = f", and {out / 'plan.mergekit.yaml'} (every step; runs with `simmerge merge` or mergekit-multi)" \
         if res.best.k > 2 else ""
     print(f"wrote {out / 'plan.json'} and {res.best.k - 1} step YAML file(s){multi}; execute with "

@@ -29,13 +29,29 @@ def checkpoint_record(ckpts: dict[str, Checkpoint]) -> dict[str, dict[str, str]]
 
 def _read_record(path: Path) -> tuple[dict, dict, dict] | None:
     """(fingerprints, signatures, paths) of a stage's record, or None when the stage left none."""
+    return _parse(_load(path), path)
+
+
+def _parse(meta: dict | None, path: Path) -> tuple[dict, dict, dict] | None:
     try:
-        meta = json.loads(path.read_text())
-        return dict(meta["fingerprints"]), dict(meta.get("signatures", {})), dict(meta.get("paths", {}))
+        return None if meta is None else (dict(meta["fingerprints"]), dict(meta.get("signatures", {})),
+                                           dict(meta.get("paths", {})))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise _unreadable(path, e) from None
+
+
+def _load(path: Path) -> dict | None:
+    """A stage's record as read, or None when the stage left none."""
+    try:
+        return json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path}: unreadable record of the measured checkpoints ({type(e).__name__}: {e})") from None
+    except (OSError, ValueError) as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: Exception) -> ConfigError:
+    return ConfigError(f"{path}: unreadable record of the measured checkpoints ({type(e).__name__}: {e})")
 
 
 def measured_checkpoints(features_dir: str | Path, names: Iterable[str]) -> dict[str, dict[str, str]]:
@@ -52,16 +68,48 @@ def measured_checkpoints(features_dir: str | Path, names: Iterable[str]) -> dict
     return out
 
 
-def check_unchanged(recorded: dict[str, dict[str, str]], catalog: Catalog, where: str) -> None:
-    """Refuse a catalog model that is not the checkpoint a plan recorded (`measured_checkpoints`):
-    retrained or replaced between `simmerge plan` and `merge --plan`, the merge would follow a plan
-    made from another model's features. The stat signature spares reading unchanged files."""
+def measured_base(features_dir: str | Path) -> dict[str, str]:
+    """{"fingerprint", "signature"} of the base the structural features measured task vectors
+    against (gram_meta.json), for a plan to carry; {} without a base or a record."""
+    path = Path(features_dir) / META_FILE
+    meta = _load(path)
+    record = _parse(meta, path)
+    name = meta.get("base") if isinstance(meta, dict) else None
+    if record is None or not isinstance(name, str) or name not in record[0]:
+        return {}
+    return {"fingerprint": str(record[0][name]), "signature": str(record[1].get(name, ""))}
+
+
+def _same(ck: Checkpoint, recorded: dict[str, str]) -> bool:
+    """The recorded checkpoint (the stat signature spares reading unchanged files)."""
+    return ck.stat_signature() == recorded.get("signature") or ck.fingerprint() == recorded.get("fingerprint")
+
+
+def check_unchanged(recorded: dict[str, dict[str, str]], catalog: Catalog, where: str,
+                    base: dict[str, str] | None = None) -> None:
+    """Refuse a catalog model, or base (`base`: measured_base), that is not the checkpoint a plan
+    recorded (`measured_checkpoints`): retrained or replaced between `simmerge plan` and `merge
+    --plan`, the merge would follow a plan made from another model's features."""
     for name, rec in recorded.items():
         ck = Checkpoint.open(catalog.model(name).path)
-        if ck.stat_signature() == rec.get("signature") or ck.fingerprint() == rec.get("fingerprint"):
-            continue
-        raise ConfigError(f"{where}: model {name!r} ({ck.path}) is not the checkpoint the plan was made for (its "
-                          f"content changed since `simmerge plan`); compute its features and plan again")
+        if not _same(ck, rec):
+            raise ConfigError(f"{where}: model {name!r} ({ck.path}) is not the checkpoint the plan was made for (its "
+                              f"content changed since `simmerge plan`); compute its features and plan again")
+    if base and catalog.base is not None and not _same(Checkpoint.open(catalog.base), base):
+        raise ConfigError(f"{where}: the catalog's base ({catalog.base}) is not the checkpoint the plan was made "
+                          f"for (another folder, or its content changed since `simmerge plan`); compute the features "
+                          f"and plan again")
+
+
+def check_base_measured(features_dir: str | Path, catalog: Catalog) -> None:
+    """Refuse a catalog whose base is not the one the structural features measured task vectors
+    against (another folder, or its files changed since): every plan would rest on another base's
+    task vectors, while a TIES step merges against this one."""
+    recorded = measured_base(features_dir)
+    if recorded and catalog.base is not None and not _same(Checkpoint.open(catalog.base), recorded):
+        raise ConfigError(f"{Path(features_dir) / META_FILE}: the catalog's base ({catalog.base}) is not the checkpoint "
+                          f"the structural features measured task vectors against (another folder, or its files "
+                          f"changed since); run `simmerge features structural` again for this catalog")
 
 
 def check_stages_agree(features_dir: Path) -> None:
@@ -80,7 +128,8 @@ def check_stages_agree(features_dir: Path) -> None:
 def check_measured_from(features_dir: str | Path, catalog: Catalog, names: Iterable[str]) -> None:
     """Refuse when a model of `names` is not the checkpoint a feature stage recorded for it (its
     content fingerprint; the files' stat signature spares reading them when unchanged). A stage
-    that left no record (an older folder) is not checked."""
+    that left no record (an older folder) is not checked. The catalog's base too (check_base_measured)."""
+    check_base_measured(features_dir, catalog)
     for message in stale_models(features_dir, catalog, names).values():
         raise ConfigError(message)
 

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from simmerge_ray.io.digest_cache import json_digest
 from simmerge_ray.catalog import Catalog
 from simmerge_ray.errors import ConfigError, OutputError, SimMergeError
-from simmerge_ray.features.provenance import measured_checkpoints, stale_models
+from simmerge_ray.features.provenance import check_base_measured, measured_base, measured_checkpoints, stale_models
 from simmerge_ray.io.atomic import atomic_file, atomic_output_dir
 from simmerge_ray.io.out_checks import MARKER, check_creatable, check_not_input
 from simmerge_ray.planner.batch_cache import (FILES, PER_RUN, RESULT_SCHEMA, ROW_FILE, entry_files, publish_entry,
@@ -185,6 +185,7 @@ class PlanWorker:
         self.catalog = Catalog.load(catalog)
         self.step_model = build_step_model(selector, features, aux_selector)
         self.checkpoints = measured_checkpoints(features, self.catalog.names)  # carried by each plan
+        self.base_checkpoint = measured_base(features)
         self.calibration = load_calibration(calibration, aux_selector, selector)
         self.cache = Path(cache_dir)
 
@@ -221,7 +222,7 @@ class PlanWorker:
                           if best.calibrated else {})}
         tmp.mkdir(parents=True)
         if res is not None:
-            write_plans(res, self.catalog, tmp, checkpoints=self.checkpoints)
+            write_plans(res, self.catalog, tmp, checkpoints=self.checkpoints, base_checkpoint=self.base_checkpoint)
         stored = {k: v for k, v in outcome.items() if k not in PER_RUN} | {FILES: entry_files(tmp)}
         (tmp / ROW_FILE).write_text(json.dumps(stored))  # last
         publish_entry(tmp, self.cache / row["key"])
@@ -261,6 +262,7 @@ def run_batch(s: BatchSettings) -> BatchReport:
         raise ConfigError(f"{cache}: the results cache must be a folder, and this is a file")
     check_creatable(cache / "x")
     catalog = Catalog.load(s.catalog)
+    check_base_measured(s.features, catalog)  # every request's features rest on it: the batch is refused
     fingerprint = inputs_fingerprint(s, catalog)
     keyed = prepare_rows(read_requests(s.requests), fingerprint, str(cache), catalog,
                          stale_models(s.features, catalog, catalog.names))

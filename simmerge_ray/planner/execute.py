@@ -74,7 +74,7 @@ def check_catalog(plan: Plan, catalog: Catalog, plan_file: Path | None = None) -
             if arm.needs_base:
                 raise ConfigError(f"{cat}: no base, and step {j} of {where} runs {arm.name!r}, which merges "
                                   f"task vectors against the catalog's base")
-    check_unchanged(plan.checkpoints, catalog, str(where))
+    check_unchanged(plan.checkpoints, catalog, str(where), plan.base_checkpoint)
 
 
 def check_plan(plan: Plan, catalog: Catalog, plan_file: Path | None = None, *, allow_crimes: bool = False) -> None:

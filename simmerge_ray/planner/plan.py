@@ -56,6 +56,8 @@ class Plan:
     # "signature"}, features/provenance.py): `merge --plan` refuses a model changed since. Empty in
     # plans written before it, or from features without records: then nothing is checked.
     checkpoints: dict[str, dict[str, str]] = field(default_factory=dict)
+    # The base the structural features measured task vectors against, as `checkpoints` records a model.
+    base_checkpoint: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("models", "operators"):
@@ -67,6 +69,8 @@ class Plan:
         if not (isinstance(self.checkpoints, dict) and all(
                 isinstance(v, dict) and all(isinstance(x, str) for x in v.values()) for v in self.checkpoints.values())):
             raise ConfigError(f"checkpoints: expected {{model: {{fingerprint, signature}}}}, got {self.checkpoints!r}")
+        if not (isinstance(self.base_checkpoint, dict) and all(isinstance(x, str) for x in self.base_checkpoint.values())):
+            raise ConfigError(f"base_checkpoint: expected {{fingerprint, signature}}, got {self.base_checkpoint!r}")
         if len(self.models) < 2:
             raise ConfigError(f"a plan merges at least two models, got {self.models}")
         check_fold(self.models, self.operators, self.weighting)

@@ -186,13 +186,15 @@ def plan_request(req: PlanRequest, catalog: Catalog, step_model: StepModel, *, k
 
 
 def write_plans(result: SearchResult, catalog: Catalog, out: Path, step_root: Path | None = None,
-                checkpoints: Mapping[str, dict[str, str]] | None = None) -> None:
+                checkpoints: Mapping[str, dict[str, str]] | None = None,
+                base_checkpoint: Mapping[str, str] | None = None) -> None:
     """plan.json and step-<j>.yaml of the best plan, alternatives.yaml with the runners-up
-    (`step_root`: see Plan.write; `checkpoints`: features/provenance.measured_checkpoints, kept
-    for the plan's models)."""
+    (`step_root`: see Plan.write; `checkpoints` and `base_checkpoint`: features/provenance's
+    measured_checkpoints, kept for the plan's models, and measured_base)."""
     out = Path(out)
     best = replace(result.best, checkpoints={m: dict(checkpoints[m]) for m in result.best.models
-                                             if checkpoints and m in checkpoints})
+                                             if checkpoints and m in checkpoints},
+                   base_checkpoint=dict(base_checkpoint or {}))
     best.write(out, {m.name: m.path for m in catalog.models}, catalog.base, step_root)
     (out / "alternatives.yaml").write_text(yaml.safe_dump(
         [{"models": p.models, "operators": p.operators, "weighting": p.weighting, "expert": p.expert,
