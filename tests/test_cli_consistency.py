@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -246,6 +247,13 @@ def test_features_structural_names_the_next_stage_and_the_cache_it_reused(built:
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == (f"next: simmerge features functional --catalog {cat} --out {root / 'f1'} (it writes "
                          "features.parquet, which fit, plan and bandit-init read)")
+    # Paths with spaces are quoted, so the line pastes into a shell as it is (it split them).
+    spaced = cat.parent / "my catalog.yaml"
+    spaced.write_text(cat.read_text())
+    assert cli_main(["features", "structural", "--catalog", str(spaced), "--out", str(root / "f 3")]) == 0
+    command = capsys.readouterr().out.splitlines()[-1].removeprefix("next: ").split(" (it writes")[0]
+    assert shlex.split(command) == ["simmerge", "features", "functional", "--catalog", str(spaced),
+                                    "--out", str(root / "f 3")]
     # A fresh folder, its rows from the cache of this machine (not of --out): it says which. (The
     # first run may have found them there too: the tiny zoo is the other tests' zoo, bit for bit.)
     assert cli_main(["features", "structural", "--catalog", str(cat), "--out", str(root / "f2")]) == 0

@@ -188,4 +188,4 @@ def test_a_bin_folder_converts_and_a_model_without_config_is_named(family: Path,
     (bare / "config.json").unlink()
     catalog = _catalog(tmp_path, [("bare", bare), ("b", family / "m2")])
     _refused(capsys, ["features", "structural", "--catalog", str(catalog), "--out", str(tmp_path / "o")],
-             f"model 'bare' ({bare}: no config.json): no vocab_size")
+             f"model 'bare' ({bare}: no config.json): no vocab_size, beside models that state one (")

@@ -63,7 +63,7 @@ def test_a_lone_safetensors_file_beside_folders_is_named_as_such(models: Path, t
     """The message named .../model.safetensors/config.json, a path that cannot exist."""
     lone = _single_file_copy(models / "m1", tmp_path / "lone") / "model.safetensors"
     _run(tmp_path, [("lone", lone), ("m2", models / "m2")], capsys,
-         f"model 'lone' ({lone}: a lone file, without config.json): no vocab_size")
+         f"model 'lone' ({lone}: a lone file, without config.json): no vocab_size, beside models that state one (")
 
 
 def test_a_bad_num_hidden_layers_is_refused_before_the_pass(models: Path, tmp_path: Path, capsys) -> None:

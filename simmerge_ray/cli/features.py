@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from pathlib import Path
+from shlex import quote
 
 from simmerge_ray.cli.common import at_least_one
 
@@ -59,6 +60,6 @@ def run_structural(args: argparse.Namespace) -> int:
 
     structural(Path(args.catalog), Path(args.out), opts, address=args.address)
     if not (Path(args.out) / JOINED_FILE).is_file():  # the join needs both stages' tables
-        print(f"next: simmerge features functional --catalog {args.catalog} --out {args.out} "
+        print(f"next: simmerge features functional --catalog {quote(str(args.catalog))} --out {quote(str(args.out))} "
               f"(it writes {JOINED_FILE}, which fit, plan and bandit-init read)")
     return 0

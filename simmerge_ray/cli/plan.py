@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from shlex import quote
 
 from simmerge_ray.cli.common import features_folder
 from simmerge_ray.errors import ConfigError
@@ -163,7 +164,8 @@ def _pairwise(args: argparse.Namespace, catalog) -> int:
         files = plan.write(tmp, {m.name: m.path for m in catalog.models}, catalog.base, step_root=out.resolve())
         (tmp / "merge.yaml").write_text(files[0].read_text().replace(files[0].name, "merge.yaml", 1))
         files[0].unlink()
-    print(f"wrote {out / 'plan.json'} and {out / 'merge.yaml'} (run: simmerge merge {out / 'merge.yaml'} --out DIR)")
+    print(f"wrote {out / 'plan.json'} and {out / 'merge.yaml'} "
+          f"(run: simmerge merge {quote(str(out / 'merge.yaml'))} --out DIR)")
     return 0
 
 
@@ -279,6 +281,7 @@ def _multiway(args: argparse.Namespace, catalog, req, space) -> int:
     multi = f", and {out / 'plan.mergekit.yaml'} (every step; runs with `simmerge merge` or mergekit-multi)" \
         if res.best.k > 2 else ""
     print(f"wrote {out / 'plan.json'} and {res.best.k - 1} step YAML file(s){multi}; execute with "
-          f"`simmerge merge --plan {out / 'plan.json'} --catalog {args.catalog} --out DIR`, or step by step "
+          f"`simmerge merge --plan {quote(str(out / 'plan.json'))} --catalog {quote(str(args.catalog))} --out DIR`, "
+          f"or step by step "
           f"(see each step file's first lines)")
     return 0

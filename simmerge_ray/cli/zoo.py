@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from shlex import quote
 
 from simmerge_ray.cli.common import at_least_one, at_least_zero, name_listing, seed
 
@@ -80,7 +81,7 @@ def run_build(args: argparse.Namespace) -> int:
     from simmerge_ray.pipeline.zoo import build
 
     catalog = build(Path(args.config), Path(args.out), overwrite=args.overwrite, address=args.address)
-    print(f"next: simmerge features structural --catalog {catalog} --out feats/")
+    print(f"next: simmerge features structural --catalog {quote(str(catalog))} --out feats/")
     return 0
 
 

@@ -129,8 +129,11 @@ def shared_vocab(names: Sequence[str], ckpts: Sequence[Checkpoint]) -> SharedVoc
                 where = f"{ck.path}: a lone file, without config.json"
             else:  # the file named may not be there: say so, not only "no vocab_size"
                 where = ck.path / "config.json" if (ck.path / "config.json").exists() else f"{ck.path}: no config.json"
-            raise CheckpointError(f"model {name!r} ({where}): no vocab_size, and the other "
-                                  f"models' differ; cannot tell which rows are its vocabulary")
+            stated = sorted({s for s in sizes if s is not None})
+            beside = ("and the other models' differ" if len(stated) > 1 else
+                      f"beside models that state one ({stated[0]})")  # not "differ": they may all agree
+            raise CheckpointError(f"model {name!r} ({where}): no vocab_size, {beside}; cannot tell which rows are its "
+                                  f"vocabulary")
     tokens = [_tokens_by_id(name, ck) for name, ck in zip(names, ckpts)]
     rows = min(min(size, len(t)) for size, t in zip(sizes, tokens))
     ref = tokens[0][:rows]
