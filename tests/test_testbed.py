@@ -282,6 +282,9 @@ def test_label_run_resumes_without_redoing_finished_plans(tiny_zoo, tmp_path):
     cross = sum(1 for a, b in itertools.permutations(experts, 2) if experts[a] != experts[b])
     info = json.loads((out / "label_summary.json").read_text())
     assert labels.height + info["dropped_2way_small_gap"] == cross * len(ARM_NAMES)
+    # the checkpoints measured, as the feature stages record them (fit checks the two agree)
+    assert info["checkpoints"] == {"base": Checkpoint.open(cat.base).fingerprint()} | {
+        m.name: Checkpoint.open(m.path).fingerprint() for m in cat.models}
     assert info["pairs_2way"] == labels.select("task", "expert", "aux").unique().height == labels.height // len(ARM_NAMES)
     assert set(labels["operator"]) == set(ARM_NAMES)
     both = labels.filter(pl.col("aux_gap_closed").is_not_null())

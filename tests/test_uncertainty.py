@@ -358,3 +358,35 @@ def test_plan_refuses_features_measured_from_another_checkpoint(world, tmp_path:
     assert _plan(w, world.selector, tmp_path / "rebased", "--expert", "code-0", "--aux", "math-0") == 2
     assert (f"simmerge plan: error: {world.features / 'gram_meta.json'}: the catalog's base ({rebased}) "
             f"is not the checkpoint the structural features measured task vectors against") in capsys.readouterr().err
+
+
+def test_labels_from_other_checkpoints_than_the_features_are_refused(world, tmp_path: Path, capsys) -> None:
+    """fit, evaluate-selector and bandit-init trained on labels and features measured from
+    different checkpoints of a model name (or of the base) without a word: labels recorded none."""
+    from benchmarks.synthetic_world import synthetic_labels
+    from simmerge_ray.errors import ConfigError
+    from simmerge_ray.selector.data import load_pair_data
+
+    meta = json.loads((world.features / "gram_meta.json").read_text())
+    labels = tmp_path / "labels" / "labels.parquet"
+    labels.parent.mkdir()
+    synthetic_labels(pl.read_parquet(world.features / "features.parquet"), Catalog.load(world.catalog),
+                     np.random.default_rng(0)).write_parquet(labels)
+    labelled = {name: meta["fingerprints"][name] for name in world.models} | {"base": meta["fingerprints"][meta["base"]]}
+    summary = labels.parent / "label_summary.json"
+    for checkpoints in (None, labelled):  # labels of an older version record none: not checked
+        summary.write_text(json.dumps({"checkpoints": checkpoints}))
+        assert len(load_pair_data(world.features, labels)) > 0
+    model = world.models[1]
+    summary.write_text(json.dumps({"checkpoints": {**labelled, model: "retrained"}}))
+    assert simmerge(["bandit-init", "--state", str(tmp_path / "state"), "--features", str(world.features),
+                     "--labels", str(labels)]) == 2 and not (tmp_path / "state").exists()
+    assert f"model {model!r} was labelled from another checkpoint" in capsys.readouterr().err
+    with pytest.raises(ConfigError) as caught:
+        load_pair_data(world.features, labels)
+    assert str(caught.value) == (f"{labels}: model {model!r} was labelled from another checkpoint than the one "
+                                 f"{world.features / 'gram_meta.json'} records (its content changed between the two); "
+                                 f"run `simmerge label` or the feature stages again, so both describe one catalog")
+    summary.write_text(json.dumps({"checkpoints": {**labelled, "base": "another"}}))
+    with pytest.raises(ConfigError, match="labelled against another base than the one .*gram_meta.json records"):
+        load_pair_data(world.features / "features.parquet", labels)

@@ -108,6 +108,10 @@ def _init(args: argparse.Namespace) -> int:
     labels = read_labels(args.labels, required=_LABEL_COLUMNS) if args.labels else None
     operators = _cold_start_arms(args.operators)
     features = features_file(args.features)
+    if args.labels:
+        from simmerge_ray.features.provenance import check_labels_measured_alike
+
+        check_labels_measured_alike(features.parent, Path(args.labels))
     encoder = None
     if args.selector is not None:
         from simmerge_ray.selector.encoder import SelectorEncoder

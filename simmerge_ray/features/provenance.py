@@ -101,6 +101,28 @@ def check_unchanged(recorded: dict[str, dict[str, str]], catalog: Catalog, where
                           f"and plan again")
 
 
+def check_labels_measured_alike(features_dir: Path, labels: Path) -> None:
+    """Refuse labels and features measured from different checkpoints of one model name (or of
+    the base): a selector fitted on them would learn one model's labels from another's features.
+    Labels record their checkpoints in label_summary.json beside the table (since the forty-fifth
+    session); older labels, or features without records, are not checked."""
+    summary = _load(Path(labels).parent / "label_summary.json")
+    labelled = summary.get("checkpoints") if isinstance(summary, dict) else None
+    if not isinstance(labelled, dict):
+        return
+    base = measured_base(features_dir)
+    if base and isinstance(labelled.get("base"), str) and labelled["base"] != base["fingerprint"]:
+        raise ConfigError(f"{labels}: labelled against another base than the one {Path(features_dir) / META_FILE} "
+                          f"records; run `simmerge label` or the feature stages again, so both describe one catalog")
+    for record in RECORDS:
+        read = _read_record(Path(features_dir) / record)
+        for name in sorted(set(read[0]) & set(labelled) - {"base"}) if read else ():
+            if read[0][name] != labelled[name]:
+                raise ConfigError(f"{labels}: model {name!r} was labelled from another checkpoint than the one "
+                                  f"{Path(features_dir) / record} records (its content changed between the two); run "
+                                  f"`simmerge label` or the feature stages again, so both describe one catalog")
+
+
 def check_base_measured(features_dir: str | Path, catalog: Catalog) -> None:
     """Refuse a catalog whose base is not the one the structural features measured task vectors
     against (another folder, or its files changed since): every plan would rest on another base's

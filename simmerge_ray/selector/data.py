@@ -176,6 +176,9 @@ def load_pair_data(features: str | Path, labels: str | Path, target: str = "util
         raise ConfigError(f"{labels}: column {target!r} holds {labs[target].dtype}, not numbers")
     check_features_cover(labs, feats, str(feats_path))
     check_every_arm(labs, target, str(labels))
+    from simmerge_ray.features.provenance import check_labels_measured_alike
+
+    check_labels_measured_alike(feats_path.parent, Path(labels))
     return build_pair_data(labs, feats, target=target)
 
 

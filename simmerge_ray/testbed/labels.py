@@ -280,7 +280,8 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
 
     complete = cached + computed == len(unique)
     if complete:
-        _write_tables(Path(out), keyed, measured, experts, settings, time.perf_counter() - t0, log)
+        measured_from = {name: ck.fingerprint() for name, ck in ckpts.items()}  # as the feature stages record them
+        _write_tables(Path(out), keyed, measured, experts, settings, time.perf_counter() - t0, log, measured_from)
     return LabelRunReport(len(unique), computed, cached, complete, time.perf_counter() - t0, Path(out))
 
 
@@ -329,7 +330,8 @@ def _remove(entry: Path, why: str) -> str:
 
 
 def _write_tables(out: Path, keyed: list[tuple[str, LabelPlan]], measured: dict[str, dict], experts: dict[str, str],
-                  settings: LabelSettings, seconds: float, log: Callable[[str], None]) -> None:
+                  settings: LabelSettings, seconds: float, log: Callable[[str], None],
+                  checkpoints: dict[str, str]) -> None:
     results = [(p, measured[k]) for k, p in keyed]
     metric = settings.metric
     singles = {p.models[0]: {t: s[metric] for t, s in sc.items()} for p, sc in results if p.k == 1}
@@ -358,6 +360,8 @@ def _write_tables(out: Path, keyed: list[tuple[str, LabelPlan]], measured: dict[
         "seconds_last_run": seconds,
         "utility": summary.to_dicts(),
         "gap_closed": gap_summary(labels, "gap_closed").to_dicts(),
+        # content fingerprints of the base ("base") and every model: fit checks its features describe these
+        "checkpoints": checkpoints,
     }
     tables = {"labels": labels, "labels_multiway": multi, "model_scores": model_scores_table(singles),
               "gap_summary": summary}
