@@ -278,8 +278,10 @@ def _without_cpp_info_lines(enabled: bool) -> Iterator[None]:
 
 
 def quiet_ray_data() -> None:
-    """Ray Data's console logs (execution plans, progress reports every 10 s) below warnings,
-    unless `--verbose`; they stay in the session's ray-data.log. Call after `init_ray`."""
+    """Ray Data's console logs: its warnings only, unless `--verbose`; the rest stays in the
+    session's ray-data.log. Below warnings: execution plans, progress reports every 10 s. Above:
+    the two ERROR lines it prints when a task fails, before the command raises that failure
+    itself (one line for an error of ours, such as an actor's refused model). Call after `init_ray`."""
     if _verbose:
         return
     import ray.data  # noqa: F401  (importing it installs the "ray.data" handlers adjusted below)
@@ -287,3 +289,9 @@ def quiet_ray_data() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if getattr(handler, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__):
             handler.setLevel(logging.WARNING)
+            if _warnings_only not in handler.filters:
+                handler.addFilter(_warnings_only)
+
+
+def _warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR

@@ -225,6 +225,28 @@ def test_an_error_raised_in_a_ray_data_operator_reaches_the_user_as_itself(ray_c
             pass
 
 
+def test_ray_data_s_own_error_lines_stay_off_the_console(ray_cluster) -> None:
+    """Before the command's one line, Ray Data printed two ERROR lines of its own about the same
+    failure (an actor's refused --nvme-path); its warnings still show, and its log file keeps all."""
+    import logging
+    import sys
+
+    from simmerge_ray.ray_session import quiet_ray_data
+
+    quiet_ray_data()
+    quiet_ray_data()  # a second call adds no second filter
+    console = [h for h in logging.getLogger("ray.data").handlers
+               if getattr(h, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)]
+    assert console
+
+    def shown(level: int) -> bool:
+        record = logging.LogRecord("ray.data._internal.execution", level, __file__, 1, "m", None, None)
+        return record.levelno >= console[0].level and all(h.filter(record) for h in console)
+
+    assert [shown(lv) for lv in (logging.INFO, logging.WARNING, logging.ERROR)] == [False, True, False]
+    assert all(len(h.filters) == len(set(h.filters)) for h in console)
+
+
 def test_a_failed_output_leaves_no_folders_it_created_above_it(tmp_path: Path) -> None:
     """`--out runs/x/y/out` of a merge that failed left runs/x/y/ behind, empty."""
     (tmp_path / "runs").mkdir()
