@@ -356,6 +356,21 @@ def test_overwrite_measures_again_only_what_its_run_measures(tiny: dict, ray_clu
     assert after["a"] != before["a"] and len(after["a"]) == len(before["a"])  # task a's chunks written anew
 
 
+def test_byte_identical_models_are_run_once(tiny: dict, ray_cluster, tmp_path: Path) -> None:
+    """Two catalog names of the same weights share a cache key: both ran every probe into it (a
+    second set of chunks in one entry). The second reads the first's outputs."""
+    from simmerge_ray.inference.catalog_probes import probe_catalog
+
+    twin = shutil.copytree(tiny["model"], tmp_path / "twin")
+    (tmp_path / "p.txt").write_text("the cat\nsees a dog\ntwo plus three\n")
+    cat = Catalog.from_dict({"models": [{"name": "m", "path": str(tiny["model"])}, {"name": "t", "path": str(twin)}],
+                             "tasks": {"a": {"probes": "p.txt"}}}, root=tmp_path)
+    plans, reports = probe_catalog(cat, SETTINGS, RunOptions(batch_size=8), tmp_path / "cache")
+    assert plans["a"]["m"].cache.root == plans["a"]["t"].cache.root
+    assert [reports[("a", n)].probes_run for n in ("m", "t")] == [3, 0]
+    assert len(plans["a"]["m"].cache.chunk_files()) == 1 and plans["a"]["t"].cache.is_complete()
+
+
 def test_chunk_that_cannot_be_opened_now_is_skipped_not_removed(resumed: dict, tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """An I/O error is the reader's trouble (a flaky shared disk), not proof of a bad chunk: the

@@ -177,9 +177,15 @@ def probe_catalog(catalog: Catalog, settings: ProbeSettings, options: RunOptions
     for mp in entries.values():
         mp.cache.write_meta(mp.meta)
     # All models in one actor pool (start-up paid once); all of a model's tasks in one load.
-    # Tasks with the same probes share a cache key: run those once. DeepSpeed keeps one pool per
-    # model: a ZeRO-3 engine per process, and start-up is small next to loading a model that large.
-    work = [{plan[entry.name].cache.root: plan[entry.name] for plan in plans.values()} for entry in catalog.models]
+    # Tasks with the same probes share a cache key, and so do two catalog names of byte-identical
+    # weights: each key runs once, for the first model that has it (the others read its outputs).
+    # DeepSpeed keeps one pool per model: a ZeRO-3 engine per process, and start-up is small next to
+    # loading a model that large.
+    work: list[dict[Path, ModelProbes]] = []
+    for entry in catalog.models:
+        claimed = {root for w in work for root in w}
+        work.append({plan[entry.name].cache.root: plan[entry.name] for plan in plans.values()
+                     if plan[entry.name].cache.root not in claimed})
     names = [entry.name for entry in catalog.models]
     progress = on_start(dict(zip(names, (list(w.values()) for w in work)))) if on_start else None
     model_work = [ModelWork(entry.path, [ProbeJob(mp.probes, mp.cache) for mp in w.values()])
@@ -190,8 +196,10 @@ def probe_catalog(catalog: Catalog, settings: ProbeSettings, options: RunOptions
         ran = run_jobs([model_work[i] for i in pool], settings, options,
                        progress=(lambda m, tokens, pool=pool: progress(names[pool[m]], tokens)) if progress else None)
         done.update(zip(pool, ran))
+    ran_for = {root: (i, report) for i, w in enumerate(work) for root, report in zip(w, done[i])}
     reports: dict[tuple[str, str], RunReport] = {}
-    for i, (entry, w) in enumerate(zip(catalog.models, work)):
-        by_cache = dict(zip(w, done[i]))
-        reports.update({(task, entry.name): by_cache[plan[entry.name].cache.root] for task, plan in plans.items()})
+    for i, entry in enumerate(catalog.models):
+        for task, plan in plans.items():
+            owner, report = ran_for[plan[entry.name].cache.root]
+            reports[(task, entry.name)] = report if owner == i else RunReport(0, 0, report.seconds)
     return plans, reports
