@@ -336,7 +336,8 @@ def test_a_chunk_moved_from_another_entry_is_a_miss_recomputed(tiny: dict, resum
             assert f.metadata()["key"] == mine.root.name
 
 
-def test_overwrite_measures_again_only_what_its_run_measures(tiny: dict, ray_cluster, tmp_path: Path) -> None:
+def test_overwrite_measures_again_only_what_its_run_measures(tiny: dict, ray_cluster, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """`probe --overwrite --tasks a` discarded every entry of the cache, other tasks' included."""
     from simmerge_ray.cli import main as cli_main
 
@@ -354,6 +355,10 @@ def test_overwrite_measures_again_only_what_its_run_measures(tiny: dict, ray_clu
     after = {t: sorted(p.name for p in entry[t].iterdir()) for t in entry}
     assert after["b"] == before["b"]  # task b's entry untouched
     assert after["a"] != before["a"] and len(after["a"]) == len(before["a"])  # task a's chunks written anew
+    # A run refused for its actor's ask discards nothing, though --overwrite asked to measure again.
+    monkeypatch.setenv("SIMMERGE_GPUS_PER_INFERENCE_ACTOR", "64")
+    assert cli_main([*argv, "--overwrite"]) == 2
+    assert {t: sorted(p.name for p in entry[t].iterdir()) for t in entry} == after
 
 
 def test_byte_identical_models_are_run_once(tiny: dict, ray_cluster, tmp_path: Path) -> None:

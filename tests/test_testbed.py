@@ -369,6 +369,21 @@ def test_a_label_cache_entry_is_served_only_under_its_digest(tiny_zoo, tmp_path)
     assert {p: json.loads(p.read_text()) for p in entries} == originals
 
 
+def test_a_model_named_base_is_refused_even_without_a_task(tiny_zoo, tmp_path):
+    """A task-less model named 'base' stood for the catalog's base in the label keys and in
+    label_summary.json's checkpoints, so fit then refused the labels as another base's."""
+    from simmerge_ray.testbed.labels import check_label_catalog
+
+    raw = yaml.safe_load((tiny_zoo / "catalog.yaml").read_text())
+    raw["models"].append({"name": "base", "path": raw["models"][0]["path"]})
+    (tiny_zoo / "named-base.yaml").write_text(yaml.safe_dump(raw))
+    try:
+        with pytest.raises(ConfigError, match="a model may not be named 'base'"):
+            check_label_catalog(Catalog.load(tiny_zoo / "named-base.yaml"))
+    finally:
+        (tiny_zoo / "named-base.yaml").unlink()
+
+
 def test_label_refuses_a_negative_max_plans(tmp_path, capsys):
     """`--max-plans -1` sliced todo[:-1]: every plan but one measured, exit 0. Refused by the
     parser in one line naming the flag (and by run_labels, its library entry), nothing written."""

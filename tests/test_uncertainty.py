@@ -385,8 +385,13 @@ def test_labels_from_other_checkpoints_than_the_features_are_refused(world, tmp_
     with pytest.raises(ConfigError) as caught:
         load_pair_data(world.features, labels)
     assert str(caught.value) == (f"{labels}: model {model!r} was labelled from another checkpoint than the one "
-                                 f"{world.features / 'gram_meta.json'} records (its content changed between the two); "
-                                 f"run `simmerge label` or the feature stages again, so both describe one catalog")
+                                 f"{world.features / 'gram_meta.json'} records; run `simmerge label` or the feature "
+                                 f"stages again, so both describe one catalog")
+    linked = tmp_path / "elsewhere" / "features.parquet"  # the records lie beside the link's target
+    linked.parent.mkdir()
+    linked.symlink_to(world.features / "features.parquet")
+    with pytest.raises(ConfigError, match=f"model {model!r} was labelled from another checkpoint"):
+        load_pair_data(linked, labels)
     summary.write_text(json.dumps({"checkpoints": {**labelled, "base": "another"}}))
     with pytest.raises(ConfigError, match="labelled against another base than the one .*gram_meta.json records"):
         load_pair_data(world.features / "features.parquet", labels)

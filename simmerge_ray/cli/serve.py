@@ -111,7 +111,7 @@ def _init(args: argparse.Namespace) -> int:
     if args.labels:
         from simmerge_ray.features.provenance import check_labels_measured_alike
 
-        check_labels_measured_alike(features.parent, Path(args.labels))
+        check_labels_measured_alike(features, Path(args.labels))
     encoder = None
     if args.selector is not None:
         from simmerge_ray.selector.encoder import SelectorEncoder

@@ -101,26 +101,31 @@ def check_unchanged(recorded: dict[str, dict[str, str]], catalog: Catalog, where
                           f"and plan again")
 
 
-def check_labels_measured_alike(features_dir: Path, labels: Path) -> None:
+def check_labels_measured_alike(features: Path, labels: Path) -> None:
     """Refuse labels and features measured from different checkpoints of one model name (or of
     the base): a selector fitted on them would learn one model's labels from another's features.
+    `features`: the folder, or its table (its records lie beside the table a link points to).
     Labels record their checkpoints in label_summary.json beside the table (since the forty-fifth
-    session); older labels, or features without records, are not checked."""
-    summary = _load(Path(labels).parent / "label_summary.json")
+    session); older labels, or features without readable records, are not checked here."""
+    folder = Path(features) if Path(features).is_dir() else Path(features).resolve().parent
+    try:
+        summary = _load(Path(labels).parent / "label_summary.json")
+        base = measured_base(folder)
+        records = [(folder / r, read) for r in RECORDS if (read := _read_record(folder / r)) is not None]
+    except ConfigError:  # a record of an older version (no fingerprints): plan names it, when it reads one
+        return
     labelled = summary.get("checkpoints") if isinstance(summary, dict) else None
     if not isinstance(labelled, dict):
         return
-    base = measured_base(features_dir)
     if base and isinstance(labelled.get("base"), str) and labelled["base"] != base["fingerprint"]:
-        raise ConfigError(f"{labels}: labelled against another base than the one {Path(features_dir) / META_FILE} "
-                          f"records; run `simmerge label` or the feature stages again, so both describe one catalog")
-    for record in RECORDS:
-        read = _read_record(Path(features_dir) / record)
-        for name in sorted(set(read[0]) & set(labelled) - {"base"}) if read else ():
-            if read[0][name] != labelled[name]:
-                raise ConfigError(f"{labels}: model {name!r} was labelled from another checkpoint than the one "
-                                  f"{Path(features_dir) / record} records (its content changed between the two); run "
-                                  f"`simmerge label` or the feature stages again, so both describe one catalog")
+        raise ConfigError(f"{labels}: labelled against another base than the one {folder / META_FILE} records; run "
+                          f"`simmerge label` or the feature stages again, so both describe one catalog")
+    for path, (fingerprints, _, _) in records:
+        for name in sorted(set(fingerprints) & set(labelled) - {"base"}):
+            if fingerprints[name] != labelled[name]:
+                raise ConfigError(f"{labels}: model {name!r} was labelled from another checkpoint than the one {path} "
+                                  f"records; run `simmerge label` or the feature stages again, so both describe one "
+                                  f"catalog")
 
 
 def check_base_measured(features_dir: str | Path, catalog: Catalog) -> None:
@@ -167,9 +172,8 @@ def stale_models(features_dir: str | Path, catalog: Catalog, names: Iterable[str
         if not measured:
             continue
         ckpt = Checkpoint.open(catalog.model(name).path)
-        signature = ckpt.stat_signature()
         for meta_path, (fingerprints, signatures, paths) in measured:
-            if signatures.get(name) == signature or ckpt.fingerprint() == fingerprints[name]:
+            if _same(ckpt, {"signature": signatures.get(name), "fingerprint": fingerprints[name]}):
                 continue
             why = ("its files changed since" if paths.get(name) == str(ckpt.path) else
                    f"they were measured from {paths.get(name, 'an unrecorded path')}")

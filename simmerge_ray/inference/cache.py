@@ -100,6 +100,18 @@ class ProbeCache:
             raise CheckpointError(f"{self.root / META}: not a file, where a probe-cache entry keeps its {META}; "
                                   f"remove it")
 
+    def holds(self, meta: dict) -> bool:
+        """Every probe of `meta`'s key already here, under a meta.json naming that key (read only:
+        nothing is removed or rewritten, so a run refused next leaves the entry as it was)."""
+        try:
+            old = json.loads((self.root / META).read_text())
+        except (OSError, ValueError):
+            return False
+        if not (isinstance(old, dict) and all(old.get(k) == meta[k] for k in IDENTITY if k in meta)):
+            return False
+        ids = {pid for path in self.chunk_files() for pid in _header_ids(path, self.root.name)}
+        return ids >= set(range(int(meta["num_probes"])))
+
     def write_meta(self, meta: dict) -> None:
         """Write meta.json unless a readable one for the same key is there. An unreadable one, or
         one without the key's fields, is replaced (its chunks are checked as they are read); one
@@ -216,6 +228,18 @@ class ProbeCache:
                 return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
         except Exception as e:  # the safetensors library raises its own SafetensorError
             raise CheckpointError(f"{path}: unreadable probe-cache chunk ({e}); rerun to compute it again") from None
+
+
+def _header_ids(path: Path, key: str) -> list[int]:
+    """A chunk's probe ids from its header alone, [] for one that is not plainly this key's."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        ids = json.loads(meta["probe_ids"])
+    except Exception:  # unreadable: the run's reader decides what to do with it
+        return []
+    fits = meta.get("key", key) == key and isinstance(ids, list) and all(isinstance(i, int) for i in ids)
+    return ids if fits else []
 
 
 def _is_entry(meta: Path) -> bool:

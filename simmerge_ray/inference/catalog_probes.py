@@ -164,13 +164,16 @@ def probe_catalog(catalog: Catalog, settings: ProbeSettings, options: RunOptions
             for i, a in enumerate(models):
                 for b in models[i + 1:]:
                     check_comparable(a, b)
-    entries = {mp.cache.root: mp for plan in plans.values() for mp in plan.values()}
+    entries: dict[Path, ModelProbes] = {}
+    for plan in plans.values():
+        for mp in plan.values():
+            entries.setdefault(mp.cache.root, mp)  # byte-identical twins: the first runs it (below)
     for mp in entries.values():
         mp.cache.check_kind()
     if connect is not None:
         connect()
     # Every input checked and the cluster known: only now does anything reach the disk.
-    if overwrite or any(set(range(mp.probes.num_probes)) - mp.cache.done_ids() for mp in entries.values()):
+    if overwrite or not all(mp.cache.holds(mp.meta) for mp in entries.values()):
         check_probe_actor(options)  # an actor no node can hold: refused before an entry is written or discarded
     if overwrite:
         discard_entries(cache_dir, [root.name for root in entries])

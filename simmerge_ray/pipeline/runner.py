@@ -63,8 +63,13 @@ def stages(s: PipelineSettings, echo: Callable[[str], None] = print) -> list[Sta
     from simmerge_ray.pipeline.bandit import replay_bandit
     from simmerge_ray.pipeline.multiway import judge_multiway
 
+    from simmerge_ray.testbed.zoo_config import ZooConfig
+
     run = RunLayout(s.out)
     zoo_digest = hashlib.blake2b(Path(s.zoo_config).read_bytes(), digest_size=12).hexdigest()
+    # Probes are cut to the zoo's positions (the pipeline has no --max-length to pass instead).
+    positions = ZooConfig.load(s.zoo_config).architecture.max_position_embeddings
+    probing = features.ProbeSettings(max_length=min(features.ProbeSettings().max_length, positions))
     search = ["--tune-samples", str(s.tune_samples), "--seed", str(s.seed),
               *(["--members", str(s.members)] if s.members != 1 else [])]  # one network: the markers as before
 
@@ -83,8 +88,8 @@ def stages(s: PipelineSettings, echo: Callable[[str], None] = print) -> list[Sta
               lambda: features.structural(run.catalog, run.features, StructuralOptions(overwrite=True), echo=echo),
               [], (run.features,)),
         Stage("functional", "probe inference on Ray Data and functional features",
-              lambda: features.functional(features.ProbeRequest(run.catalog, run.features, features.run_options()),
-                                          echo=echo),
+              lambda: features.functional(features.ProbeRequest(run.catalog, run.features, features.run_options(),
+                                                                probing), echo=echo),
               ["b-task-columns"]),
         Stage("labels", "merge and evaluate 2-, 3- and 4-way merges (ground truth)",
               lambda: zoo.label(run.catalog, run.labels, s.labels, echo=echo), _label_inputs(s.labels), (run.labels,)),

@@ -178,7 +178,7 @@ def load_pair_data(features: str | Path, labels: str | Path, target: str = "util
     check_every_arm(labs, target, str(labels))
     from simmerge_ray.features.provenance import check_labels_measured_alike
 
-    check_labels_measured_alike(feats_path.parent, Path(labels))
+    check_labels_measured_alike(feats_path, Path(labels))
     return build_pair_data(labs, feats, target=target)
 
 

@@ -165,7 +165,7 @@ def check_label_catalog(cat: Catalog) -> dict[str, str]:
     if cat.base is None:
         raise ConfigError(f"{cat.source}: labels need a 'base' (ties merges task vectors against it)")
     experts = {m.name: m.task for m in cat.models if m.task}
-    if "base" in experts:
+    if "base" in cat.names:  # a task-less one too: it would stand for the base in the keys and records
         raise ConfigError(f"{cat.source}: a model may not be named 'base' (reserved for the catalog's base)")
     for t in sorted(set(experts.values())):
         entry = cat.tasks.get(t)
