@@ -73,7 +73,10 @@ def measured_base(features_dir: str | Path) -> dict[str, str]:
     against (gram_meta.json), for a plan to carry; {} without a base or a record."""
     path = Path(features_dir) / META_FILE
     meta = _load(path)
-    record = _parse(meta, path)
+    try:
+        record = _parse(meta, path)
+    except ConfigError:  # a record of an older version (no fingerprints): nothing to check the base against
+        return {}
     name = meta.get("base") if isinstance(meta, dict) else None
     if record is None or not isinstance(name, str) or name not in record[0]:
         return {}
