@@ -88,6 +88,11 @@ def _same(ck: Checkpoint, recorded: dict[str, str]) -> bool:
     return ck.stat_signature() == recorded.get("signature") or ck.fingerprint() == recorded.get("fingerprint")
 
 
+def _base_changed(catalog: Catalog, recorded: dict[str, str] | None) -> bool:
+    """The catalog's base is not the recorded one ({} or None: nothing recorded, nothing to check)."""
+    return bool(recorded) and catalog.base is not None and not _same(Checkpoint.open(catalog.base), recorded)
+
+
 def check_unchanged(recorded: dict[str, dict[str, str]], catalog: Catalog, where: str,
                     base: dict[str, str] | None = None) -> None:
     """Refuse a catalog model, or base (`base`: measured_base), that is not the checkpoint a plan
@@ -98,7 +103,7 @@ def check_unchanged(recorded: dict[str, dict[str, str]], catalog: Catalog, where
         if not _same(ck, rec):
             raise ConfigError(f"{where}: model {name!r} ({ck.path}) is not the checkpoint the plan was made for (its "
                               f"content changed since `simmerge plan`); compute its features and plan again")
-    if base and catalog.base is not None and not _same(Checkpoint.open(catalog.base), base):
+    if _base_changed(catalog, base):
         raise ConfigError(f"{where}: the catalog's base ({catalog.base}) is not the checkpoint the plan was made "
                           f"for (another folder, or its content changed since `simmerge plan`); compute the features "
                           f"and plan again")
@@ -135,8 +140,7 @@ def check_base_measured(features_dir: str | Path, catalog: Catalog) -> None:
     """Refuse a catalog whose base is not the one the structural features measured task vectors
     against (another folder, or its files changed since): every plan would rest on another base's
     task vectors, while a TIES step merges against this one."""
-    recorded = measured_base(features_dir)
-    if recorded and catalog.base is not None and not _same(Checkpoint.open(catalog.base), recorded):
+    if _base_changed(catalog, measured_base(features_dir)):
         raise ConfigError(f"{Path(features_dir) / META_FILE}: the catalog's base ({catalog.base}) is not the checkpoint "
                           f"the structural features measured task vectors against (another folder, or its files "
                           f"changed since); run `simmerge features structural` again for this catalog")

@@ -107,9 +107,15 @@ class ProbeCache:
             old = json.loads((self.root / META).read_text())
         except (OSError, ValueError):
             return False
-        if not (isinstance(old, dict) and all(old.get(k) == meta[k] for k in IDENTITY if k in meta)):
+        if not _same_key(old, meta):
             return False
-        ids = {pid for path in self.chunk_files() for pid in _header_ids(path, self.root.name)}
+        ids = set()
+        for path in self.chunk_files():
+            try:
+                with safe_open(path, framework="pt") as f:
+                    ids.update(_chunk_ids(f.metadata() or {}, self.root.name))
+            except Exception:  # not plainly this key's: the run's reader decides what to do with it
+                continue
         return ids >= set(range(int(meta["num_probes"])))
 
     def write_meta(self, meta: dict) -> None:
@@ -127,7 +133,7 @@ class ProbeCache:
                 log.warning("%s: unreadable probe-cache entry (%s); writing it again", path, e)
             else:
                 keys = [k for k in IDENTITY if k in meta]
-                if isinstance(old, dict) and all(old.get(k) == meta[k] for k in keys):
+                if _same_key(old, meta):
                     return
                 if isinstance(old, dict) and keys and all(k in old for k in keys):
                     differ = [k for k in keys if old[k] != meta[k]]
@@ -162,19 +168,15 @@ class ProbeCache:
 
     def chunk_probe_ids(self) -> dict[Path, list[int]]:
         """Probe ids per chunk file. A chunk whose header cannot be read, whose tensors do not
-        match its digest, or that was written for another entry, is removed (its probes then count as not done, and are computed
-        again); each chunk's bytes are checked once per reader."""
+        match its digest, or that was written for another entry, is removed (its probes then count
+        as not done, and are computed again); each chunk's bytes are checked once per reader."""
         out: dict[Path, list[int]] = {}
         for path in self.chunk_files():
             try:
                 st = path.stat()
                 with safe_open(path, framework="pt") as f:
                     meta = f.metadata()
-                    ids = json.loads(meta["probe_ids"])
-                    if not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
-                        raise ValueError(f"probe_ids is {ids!r}")
-                    if meta.get("key", self.root.name) != self.root.name:
-                        raise ValueError(f"written for the entry {meta['key']}, not this one")
+                    ids = _chunk_ids(meta, self.root.name)
                     if self.shapes is not None:
                         self._check_shapes(f, ids)
                     stamp = (path, st.st_size, st.st_mtime_ns)
@@ -230,16 +232,20 @@ class ProbeCache:
             raise CheckpointError(f"{path}: unreadable probe-cache chunk ({e}); rerun to compute it again") from None
 
 
-def _header_ids(path: Path, key: str) -> list[int]:
-    """A chunk's probe ids from its header alone, [] for one that is not plainly this key's."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        ids = json.loads(meta["probe_ids"])
-    except Exception:  # unreadable: the run's reader decides what to do with it
-        return []
-    fits = meta.get("key", key) == key and isinstance(ids, list) and all(isinstance(i, int) for i in ids)
-    return ids if fits else []
+def _chunk_ids(header: dict[str, str], key: str) -> list[int]:
+    """A chunk's probe ids from its header metadata; ValueError (or KeyError) naming what is
+    wrong with one that is not plainly entry `key`'s."""
+    ids = json.loads(header["probe_ids"])
+    if not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
+        raise ValueError(f"probe_ids is {ids!r}")
+    if header.get("key", key) != key:
+        raise ValueError(f"written for the entry {header['key']}, not this one")
+    return ids
+
+
+def _same_key(old: Any, meta: dict) -> bool:
+    """An existing meta.json (`old`, as read) names the key `meta` stands for (IDENTITY)."""
+    return isinstance(old, dict) and all(old.get(k) == meta[k] for k in IDENTITY if k in meta)
 
 
 def _is_entry(meta: Path) -> bool:

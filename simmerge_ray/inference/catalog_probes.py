@@ -184,11 +184,8 @@ def probe_catalog(catalog: Catalog, settings: ProbeSettings, options: RunOptions
     # weights: each key runs once, for the first model that has it (the others read its outputs).
     # DeepSpeed keeps one pool per model: a ZeRO-3 engine per process, and start-up is small next to
     # loading a model that large.
-    work: list[dict[Path, ModelProbes]] = []
-    for entry in catalog.models:
-        claimed = {root for w in work for root in w}
-        work.append({plan[entry.name].cache.root: plan[entry.name] for plan in plans.values()
-                     if plan[entry.name].cache.root not in claimed})
+    work = [{mp.cache.root: mp for plan in plans.values() if entries[(mp := plan[entry.name]).cache.root] is mp}
+            for entry in catalog.models]
     names = [entry.name for entry in catalog.models]
     progress = on_start(dict(zip(names, (list(w.values()) for w in work)))) if on_start else None
     model_work = [ModelWork(entry.path, [ProbeJob(mp.probes, mp.cache) for mp in w.values()])

@@ -62,13 +62,13 @@ def stages(s: PipelineSettings, echo: Callable[[str], None] = print) -> list[Sta
     from simmerge_ray.pipeline import features, selector, zoo
     from simmerge_ray.pipeline.bandit import replay_bandit
     from simmerge_ray.pipeline.multiway import judge_multiway
-
     from simmerge_ray.testbed.zoo_config import ZooConfig
 
+    # Missing or invalid: one line, before the run folder exists. Probes are cut to the zoo's
+    # positions (the pipeline has no --max-length to pass instead).
+    positions = ZooConfig.load(s.zoo_config).architecture.max_position_embeddings
     run = RunLayout(s.out)
     zoo_digest = hashlib.blake2b(Path(s.zoo_config).read_bytes(), digest_size=12).hexdigest()
-    # Probes are cut to the zoo's positions (the pipeline has no --max-length to pass instead).
-    positions = ZooConfig.load(s.zoo_config).architecture.max_position_embeddings
     probing = features.ProbeSettings(max_length=min(features.ProbeSettings().max_length, positions))
     search = ["--tune-samples", str(s.tune_samples), "--seed", str(s.seed),
               *(["--members", str(s.members)] if s.members != 1 else [])]  # one network: the markers as before
@@ -178,10 +178,7 @@ def check_run_folder(out: Path) -> None:
 
 def run(s: PipelineSettings, *, echo: Callable[[str], None] = print, until: str | None = None) -> dict[str, float]:
     """Run every stage, or those up to `until` (skipping finished ones); returns seconds per stage."""
-    from simmerge_ray.testbed.zoo_config import ZooConfig
-
-    ZooConfig.load(s.zoo_config)  # missing or invalid: one line, before the run folder exists
-    all_stages = stages(s, echo)
+    all_stages = stages(s, echo)  # the zoo config missing or invalid: one line, before the run folder exists
     if until is not None:
         names = [st.name for st in all_stages]
         if until not in names:

@@ -219,7 +219,8 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
     vocab = label_vocab(cat, experts)
     rows = f"|rows:{vocab.rows}" if vocab else ""  # merged on the shared rows: another merge than in full
     ckpts = {"base": Checkpoint.open(cat.base), **{m.name: Checkpoint.open(m.path) for m in cat.models}}
-    fingerprints = {name: ck.fingerprint() + rows for name, ck in ckpts.items()}
+    measured_from = {name: ck.fingerprint() for name, ck in ckpts.items()}  # as the feature stages record them
+    fingerprints = {name: fp + rows for name, fp in measured_from.items()}
     dtypes = stored_dtypes(ckpts)
     tasks = sorted(cat.tasks)
     task_digests = {t: label_evals.eval_digest(data)
@@ -280,7 +281,6 @@ def run_labels(catalog_path: Path, out: Path, settings: LabelSettings, *, max_pl
 
     complete = cached + computed == len(unique)
     if complete:
-        measured_from = {name: ck.fingerprint() for name, ck in ckpts.items()}  # as the feature stages record them
         _write_tables(Path(out), keyed, measured, experts, settings, time.perf_counter() - t0, log, measured_from)
     return LabelRunReport(len(unique), computed, cached, complete, time.perf_counter() - t0, Path(out))
 
