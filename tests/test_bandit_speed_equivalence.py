@@ -232,4 +232,6 @@ def test_simulate_gives_the_recorded_picks_and_regret(monkeypatch: pytest.Monkey
     for (regret, picks), replay in zip(runs, ("every", "added"), strict=True):
         for name, (want_picks, want_regret) in GOLDEN[replay].items():
             assert ["".join(map(str, row)) for row in picks[name]] == want_picks, (replay, name)
-            assert regret[name].sum(axis=1).tolist() == want_regret, (replay, name)
+            # Not bit for bit: the replay's reward tables come from matrix products whose last bits
+            # follow the CPU's SIMD width (recorded with AVX-512; an AVX2 core differs by ulps).
+            assert regret[name].sum(axis=1).tolist() == pytest.approx(want_regret, rel=1e-12, abs=0), (replay, name)
