@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -174,6 +175,7 @@ def test_ray_train_fits_several_selectors_in_one_run(ray_cluster, data, tmp_path
     jobs = [(data, SelectorConfig(epochs=150, seed=3)), (flipped, SelectorConfig(epochs=60, seed=4, hidden=32)),
             (data, SelectorConfig(epochs=60, seed=5, hidden=32, members=3))]
     sels = train_with_ray(jobs, num_workers=1, storage=tmp_path)
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in os.environ  # set for the run only
     acc = np.mean(np.asarray(sels[0].choose(data.x, data.tasks)) == np.asarray([OPS[i] for i in data.y.argmax(1)]))
     assert acc > 0.8
     for sel, (d, cfg) in zip(sels, jobs):

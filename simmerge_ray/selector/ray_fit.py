@@ -10,7 +10,10 @@ time). A search is therefore reproducible, at the cost of the epochs ASHA would 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -152,6 +155,26 @@ def train_with_ray(jobs: list[tuple[PairData, SelectorConfig]], *, num_workers: 
                                      resources_per_worker=_trial_resources("CPU", "memory")),
         run_config=RunConfig(storage_path=str(storage), name="selector-train"),
     )
-    result = trainer.fit()
+    with _prompt_health_checks():
+        result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         return [Selector.load(Path(d) / str(i)) for i in range(len(jobs))]
+
+
+# Ray Train's controller polls its workers every 2 s (the default of this variable, which it
+# passes on to the controller it starts): a fit of a few seconds then waited up to 4 s more to be
+# seen finished. A missed poll only counts after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min).
+_HEALTH_CHECK_VAR, _HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
+
+
+@contextlib.contextmanager
+def _prompt_health_checks() -> Iterator[None]:
+    """Set Ray Train's poll interval for one run, unless the user set it."""
+    if _HEALTH_CHECK_VAR in os.environ:
+        yield
+        return
+    os.environ[_HEALTH_CHECK_VAR] = _HEALTH_CHECK_S
+    try:
+        yield
+    finally:
+        os.environ.pop(_HEALTH_CHECK_VAR, None)
