@@ -66,7 +66,7 @@ def test_manifest_check_reports_bad_fields_as_problems_not_tracebacks(tmp_path: 
         proc = _run("-m", "simmerge_ray.kuberay", str(path), "--crds", str(crd_dir), cwd=tmp_path)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, (name, proc.stderr)
         problems = [line for line in proc.stdout.splitlines() if line.startswith(f"{path}: ")]
-        assert problems and all(named in line for line in problems[:1]), (name, proc.stdout)
+        assert len(problems) == 1 and named in problems[0], (name, proc.stdout)
 
 
 def test_a_relative_or_host_file_uri_is_refused_not_written_under_the_current_folder(tmp_path: Path) -> None:

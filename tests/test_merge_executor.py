@@ -210,10 +210,15 @@ def test_nonfinite_result_fails_unless_allowed(ray_cluster, models: Path, tmp_pa
 ])
 def test_bad_configs(ray_cluster, models: Path, tmp_path: Path, cfg: dict, pattern: str) -> None:
     path = _config(models, "bad", cfg)
+    if "sum to zero" not in pattern:  # refused as the config is read
+        with pytest.raises(ConfigError, match=pattern):
+            MergeSpec.load(path)
+        return
+    spec = MergeSpec.load(path)  # weights are resolved per tensor: refused by the merge, leaving nothing
     with pytest.raises(ConfigError, match=pattern):
-        spec = MergeSpec.load(path)
         run_merge(spec, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    _no_leftovers(tmp_path)
 
 
 def test_float64_output_is_written_with_its_config(ray_cluster, models: Path, tmp_path: Path) -> None:
@@ -247,7 +252,6 @@ def test_cli_refuses_existing_output_and_overwrites_on_request(ray_cluster, mode
     for f in out.glob("*.safetensors"):
         read_header(f)  # every shard complete and valid
     _no_leftovers(tmp_path)
-    assert isinstance(ConfigError("x"), SimMergeError)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -259,7 +263,10 @@ def test_cli_refuses_existing_output_and_overwrites_on_request(ray_cluster, mode
      "models": [{"model": "m1", "parameters": {"weight": 0.5}}, {"model": "m2", "parameters": {"weight": 0.7}}]},
 ], ids=["linear", "slerp", "task_arithmetic"])
 def test_streamed_tensors_equal_whole_tensor_merges(ray_cluster, models: Path, tmp_path: Path, cfg: dict) -> None:
-    """Tensors above the memory budget are merged chunk by chunk with the same result."""
+    """Tensors above the memory budget are merged chunk by chunk with the same result. SLERP
+    merges a tensor whole within the budget, so its case compares whole against chunked; linear
+    and task arithmetic always run the chunk loop (piece_routes.fused), so theirs compare odd
+    300-element chunks against one chunk per tensor (the largest has 4,096 elements)."""
     path = _config(models, "stream", {**cfg, "out_dtype": "float32"})
     # In this process: streaming is the engine's unit function, the same in every placement.
     run_merge(MergeSpec.load(path), tmp_path / "whole", ExecOptions())

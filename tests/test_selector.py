@@ -157,9 +157,11 @@ def test_bandit_head_prior_starts_from_the_selectors_prediction(data, members: i
     fresh = np.stack([np.c_[z, np.ones(len(z))] @ prior[op] for op in sel.operators], axis=1)
     np.testing.assert_allclose(fresh, sel.predict(data.x), rtol=1e-5, atol=1e-6)
     bandit = warm_bandit(enc, sel.operators, z, data.y, SimSettings())
-    assert bandit.arms[0].prior_var < 1.0  # the evidence shrinks towards the head
+    assert all(a.prior_var < 1e-2 for a in bandit.arms)  # the evidence shrinks towards the head (5e-4 here)
     moved = np.abs(bandit.mean_scores(z) - sel.predict(data.x)).mean()
-    assert moved < np.abs(sel.predict(data.x)).mean()
+    # A bandit that ignored the selector (each arm's label mean) is 0.22 from it; this one about 0.01.
+    ignored = np.abs(data.y.mean(axis=0) - sel.predict(data.x)).mean()
+    assert moved < 0.25 * ignored
 
 
 def test_gap_chart_written(data, tmp_path) -> None:

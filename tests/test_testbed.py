@@ -873,7 +873,12 @@ def test_zoo_config_errors_name_the_field(tmp_path):
     bad.write_text(TINY.read_text().replace("{name: code-a, steps: 40, lr: 0.004", "{name: code-a, steps: 40, lr: .inf"))
     with pytest.raises(ConfigError, match="lr"):  # used to fail inside a Ray task, after pretraining
         ZooConfig.load(bad)
-    assert ZooConfig.load(TINY).digest() == ZooConfig.load(TINY).digest()
+    # The digest keys the weights: how many workers build them is not part of it, a learning rate is.
+    digest = ZooConfig.load(TINY).digest()
+    bad.write_text(TINY.read_text().replace("runtime: {workers: 2}", "runtime: {workers: 1}"))
+    assert ZooConfig.load(bad).digest() == digest
+    bad.write_text(TINY.read_text().replace("{name: code-a, steps: 40, lr: 0.004", "{name: code-a, steps: 40, lr: 0.005"))
+    assert ZooConfig.load(bad).digest() != digest
     bad.write_text(TINY.read_text().replace("{name: code-a, steps: 40,", "{name: code-a, subset: [150, 200], steps: 40,"))
     with pytest.raises(ConfigError, match=r"subset is \(index, of\) with 0 <= index < of <= 100"):
         ZooConfig.load(bad)  # used to stream forever: items fall in 100 buckets
