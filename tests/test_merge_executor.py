@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from simmerge_ray.cli import main as cli_main
-from simmerge_ray.errors import CheckpointError, ConfigError, MergeError, SimMergeError
+from simmerge_ray.errors import CheckpointError, ConfigError, MergeError
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.safetensors_format import file_layout, read_header
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint, make_family, write_checkpoint
