@@ -10,8 +10,8 @@ per command, which would add minutes here; the CLI's own `init_ray` starts it, q
 gets it. `simmerge serve` runs as the process of its own a user starts in another shell (joined
 to that Ray, on a free port for the README's 8000) until its block's commands have run, then is
 stopped by its PID (SIGTERM, its own shutdown). The cluster block's `ray job submit` goes to the
-session's `ray start --head` (RAY_ADDRESS, as the README says; the job's `s3://` output becomes a
-`file://` one); its `kubectl apply` is not run (no Kubernetes here): the manifest it names is
+session's `ray start --head` (its address for the README's `--address http://HEAD:8265`; the
+job's `s3://` output becomes a `file://` one); its `kubectl apply` is not run (no Kubernetes here): the manifest it names is
 checked against the KubeRay CRDs instead.
 """
 
@@ -199,17 +199,20 @@ def run_driver(ws: Path, commands: list[str], timeout: float, shell_env: dict[st
     return out
 
 
-def runnable(blocks: list[tuple[str, str, str | None]], ws: Path, port: int) -> list[tuple[str, str]]:
+def runnable(blocks: list[tuple[str, str, str | None]], ws: Path, port: int, jobs_address: str
+             ) -> list[tuple[str, str]]:
     """(README command, command run) of every bash command of the section, in order: the
-    server's port and the job's object-store output substituted, STOP_SERVER after the server's
-    block; `kubectl` lines are left out (see the module docstring)."""
+    server's port, the cluster's job-submission address and the job's object-store output
+    substituted, STOP_SERVER after the server's block; `kubectl` lines are left out (see the
+    module docstring)."""
     steps = []
     for lang, body, skip in blocks:
         if lang != "bash" or skip is not None:
             continue
         commands = shell_commands(body)
         for c in commands:
-            run = c.replace("s3://bucket/merged", f"file://{ws / 'merged-cluster'}")
+            run = c.replace("s3://bucket/merged", f"file://{ws / 'merged-cluster'}").replace(
+                "--address http://HEAD:8265", f"--address {jobs_address}")
             if any(c.startswith(p) for p in ("simmerge serve ", "curl ")):
                 run = run.replace("--port 8000", f"--port {port}").replace("localhost:8000", f"localhost:{port}")
             if not c.startswith("kubectl "):
@@ -229,10 +232,10 @@ def walkthrough(tmp_path_factory: pytest.TempPathFactory, ray_head: RayHead) -> 
             (ws / first.split()[1]).write_text(body + "\n")
     build_workspace(ws)
     commands = [c for lang, body, skip in blocks if lang == "bash" and skip is None for c in shell_commands(body)]
-    steps = runnable(blocks, ws, free_ports(1)[0])
+    steps = runnable(blocks, ws, free_ports(1)[0], ray_head.address)
     # After the walkthrough, on a fresh Ray: --verbose brings Ray's INFO lines back.
     verbose = "simmerge merge my-merge.yaml --out merged-verbose/ --ray --workers 1 --verbose"
-    shell_env = {"RAY_ADDRESS": ray_head.address, "REPO": str(README.parent)}
+    shell_env = {"REPO": str(README.parent)}
     out = run_driver(ws, [run for _, run in steps] + ["RESTART_RAY", verbose], timeout=1800, shell_env=shell_env)
     verbose_out = out.pop(verbose)
     assert list(out) == [run for _, run in steps]  # each one ran, in order, exit 0
