@@ -217,11 +217,53 @@ def test_plan_with_a_bad_calibration_file_names_it(tmp_path: Path, capsys) -> No
             "--out", str(tmp_path / "plan")]
     missing = tmp_path / "calibration.json"
     assert cli_main([*args, "--calibration", str(missing)]) == 2
-    _one_line_error(capsys, f"--calibration {missing}: no such file (a pipeline run writes multiway/calibration.json)")
+    _one_line_error(capsys, f"--calibration {missing}: no such file (a pipeline run writes multiway/calibration.json, "
+                            "`simmerge calibrate` one from your catalog's labels)")
     missing.write_text('{"sizes": {}}')
     assert cli_main([*args, "--calibration", str(missing)]) == 2
     _one_line_error(capsys, f"{missing}: not a multi-way calibration file ('features')")
     assert not (tmp_path / "plan").exists() and missing.read_text() == '{"sizes": {}}'
+
+
+def _multiway_labels(path: Path, **columns) -> None:
+    import polars as pl
+
+    row = {"models": [["a", "b", "c"]], "operators": [["linear", "ties"]], "weighting": ["equal"], "k": [3],
+           "retention": ['{"a": -0.2, "b": -0.5, "c": -0.4}']}
+    pl.DataFrame({**row, **columns}).write_parquet(path)
+
+
+def test_calibrate_names_what_is_wrong_with_its_labels(tmp_path: Path, capsys) -> None:
+    """simmerge calibrate reads `simmerge label`'s multi-way table: each way it can be wrong is one
+    line naming the file, before any selector is read or anything is written."""
+    cat = _catalog(tmp_path)
+    (tmp_path / "feats").mkdir()
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    args = ["calibrate", "--selector", str(tmp_path / "sel"), "--aux-selector", str(tmp_path / "sel-aux"),
+            "--features", str(tmp_path / "feats"), "--labels", str(labels), "--catalog", str(cat),
+            "--out", str(tmp_path / "cal")]
+    table = labels / "labels_multiway.parquet"
+    assert cli_main(args) == 2
+    _one_line_error(capsys, f"--labels {labels}: no labels_multiway.parquet there (`simmerge label --out DIR` writes")
+    table.write_text("not parquet")
+    assert cli_main(args) == 2
+    _one_line_error(capsys, f"{table}: unreadable as a parquet table")
+    import polars as pl
+
+    pl.DataFrame({"models": [["a", "b"]], "k": [2]}).write_parquet(table)
+    assert cli_main(args) == 2
+    _one_line_error(capsys, f"{table}: no column 'operators', 'weighting', 'retention': not a table `simmerge label` wrote")
+    _multiway_labels(table, k=[2])
+    assert cli_main(args) == 2
+    _one_line_error(capsys, f"{table}: no 3- or 4-way merge measured")
+    _multiway_labels(table)  # c is not in the catalog
+    assert cli_main([*args[:-6], "--labels", str(table), *args[-4:]]) == 2
+    _one_line_error(capsys, f"{table}: model 'c' is not in the catalog (labels of another catalog?)")
+    _multiway_labels(table, models=[["a", "b", "a"]], retention=['{"a": "high"}'])
+    assert cli_main(args) == 2
+    _one_line_error(capsys, f"{table}: retention of multi-way row 0 is not a JSON object of numbers")
+    assert not (tmp_path / "cal").exists()
 
 
 def test_fit_on_a_folder_without_features_says_what_is_missing(tmp_path: Path, capsys) -> None:

@@ -20,7 +20,7 @@ LEAVES = dict(leaf_parsers(PARSER))
 def test_the_parser_has_the_documented_commands() -> None:
     names = {" ".join(path) for path in LEAVES}
     assert {"merge", "convert", "zoo build", "features structural", "features functional", "probe", "label",
-            "fit", "evaluate-selector", "plan", "plan-batch", "bandit-init", "serve", "bandit-sim", "demo",
+            "fit", "evaluate-selector", "plan", "calibrate", "plan-batch", "bandit-init", "serve", "bandit-sim", "demo",
             "pipeline", "transfer"} == names
 
 

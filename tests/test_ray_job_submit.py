@@ -120,6 +120,15 @@ def test_whole_pipeline_job_on_the_tiny_testbed(ray_head: RayHead, tmp_path: Pat
     lo = report["pairwise"]["leave_one_task_out"]  # three tasks: held out in turn, or the reason why not
     assert (f"leave one task out: {lo['selection_accuracy']:.1%}" if "selection_accuracy" in lo else lo["reason"]) in md
     assert "[8/8] bandit" in ray_head.logs("pipeline")
+    # `simmerge calibrate` on the run's selectors, features and labels writes what its multi-way
+    # stage wrote, byte for byte: a user's catalog gets the same judgement and calibration.
+    from simmerge_ray.cli import main as cli_main
+
+    assert cli_main(["calibrate", "--selector", str(out / "selector"), "--aux-selector", str(out / "selector_aux"),
+                     "--features", str(out / "features"), "--labels", str(out / "labels"),
+                     "--catalog", str(out / "zoo" / "catalog.yaml"), "--out", str(tmp_path / "calibrate")]) == 0
+    for name in ("multiway.json", "calibration.json"):
+        assert (tmp_path / "calibrate" / name).read_bytes() == (out / "multiway" / name).read_bytes(), name
 
     # The fitted selector applied, unchanged, as a transfer job into a copy of the run (transfer
     # refuses the selector's own run folder, whose labels it would replace): finished stages are

@@ -255,19 +255,25 @@ def test_every_readme_command_runs_and_writes_its_own_folder(walkthrough: dict) 
     assert [c for c in walkthrough["out"] if c != STOP_SERVER] == [c for c in commands if not c.startswith("kubectl ")]
     assert [c.split()[1] for c in commands if c.startswith("simmerge ")] == [
         "merge", "features", "features", "label", "fit", "evaluate-selector", "plan", "merge", "plan", "merge",
-        "merge", "merge", "merge", "fit", "plan", "bandit-init", "serve"]
+        "merge", "merge", "merge", "fit", "plan", "calibrate", "plan", "bandit-init", "serve"]
     assert [c.split()[0] for c in commands if not c.startswith("simmerge ")] == [
         "python", "curl", "curl", "ray", "kubectl"]
     outs = [shlex.split(c)[shlex.split(c).index("--out") + 1] for c in commands if " --out " in c]
     shared = {o for o in outs if outs.count(o) > 1}
     assert shared == {"feats/"}  # the two feature stages, which own separate files there
     for name in ("merged", "merged-pair", "merged-3way", "merged-3way-multi", "merged-3way-steps", "merged-cluster", "selector",
-                 "selector-eval", "selector-aux", "plan-pair", "plan-3way", "plan-3way-both", "labels", "bandit"):
+                 "selector-eval", "selector-aux", "plan-pair", "plan-3way", "plan-3way-both", "calibration",
+                 "plan-3way-calibrated", "labels", "bandit"):
         assert (ws / name).is_dir(), name
     # With the auxiliary selector every model of the plan has a predicted retention.
     both = json.loads((ws / "plan-3way-both" / "plan.json").read_text())
     assert both["expert"] == "code-1" and set(both["retention"]) == set(both["models"])
     assert all(r is not None for r in both["retention"].values()) and both["weighting"] in ("half", "equal", "anchor")
+    # Calibrated on the labels' own 3-way merges (two subsets here): the plan carries its calibrated values.
+    multiway = json.loads((ws / "calibration" / "multiway.json").read_text())
+    assert multiway["3way"]["subsets"] == 2 and "4way" not in multiway
+    calibrated = json.loads((ws / "plan-3way-calibrated" / "plan.json").read_text())["calibrated"]
+    assert set(calibrated) >= {"expert_retention", "others_retention", "score"}
     # No work folder of Ray Tune/Train or of a killed run beside the outputs.
     assert sorted(p.name for p in ws.iterdir() if p.name.startswith(".")) == []
     lab = json.loads((ws / "labels" / "label_summary.json").read_text())

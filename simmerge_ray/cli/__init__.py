@@ -20,14 +20,15 @@ from simmerge_ray.errors import SimMergeError
 
 # Modules under simmerge_ray.cli, each adding one or more subcommands.
 COMMAND_MODULES: tuple[str, ...] = (
-    "merge", "convert", "zoo", "features", "probe", "selector", "plan", "plan_batch", "serve", "demo", "transfer",
+    "merge", "convert", "zoo", "features", "probe", "selector", "plan", "calibrate", "plan_batch", "serve", "demo",
+    "transfer",
 )
 
 
 # Commands whose module registers nothing else: `simmerge merge ...` builds only its own parser,
 # so a merge does not pay for importing every other command's dependencies (polars, pydantic).
 SOLE_MODULE: dict[str, str] = {"merge": "merge", "convert": "convert", "plan": "plan", "plan-batch": "plan_batch",
-                               "transfer": "transfer"}
+                               "calibrate": "calibrate", "transfer": "transfer"}
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -1,14 +1,18 @@
 """The multi-way stage: the planner scores the measured 3- and 4-way plans through merges it
 never builds, and is judged against their measured outcomes; the calibration of its predictions
-on those outcomes (planner/calibrate.py) is fitted and saved for `simmerge plan`."""
+on those outcomes (planner/calibrate.py) is fitted and saved for `simmerge plan`. The pipeline runs
+it on its testbed, `simmerge calibrate` on the labels of a user's catalog."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.pipeline.layout import RunLayout
+
+MULTIWAY_FILE, CALIBRATION_FILE = "multiway.json", "calibration.json"
 
 
 def judge_multiway(run: RunLayout) -> dict:
@@ -16,22 +20,29 @@ def judge_multiway(run: RunLayout) -> dict:
     the features and the multi-way labels."""
     import polars as pl
 
+    aux = run.aux_selector if run.aux_selector.exists() else None
+    result, calibration = judge_and_calibrate(run.selector, aux, run.features, run.catalog,
+                                              pl.read_parquet(run.multiway_labels))
+    run.multiway.mkdir(exist_ok=True)
+    atomic_write_text(run.multiway / MULTIWAY_FILE, json.dumps(result, indent=2))
+    atomic_write_text(run.multiway_calibration, calibration)
+    return result
+
+
+def judge_and_calibrate(selector: Path, aux: Path | None, features: Path, catalog: Path, labels) -> tuple[dict, str]:
+    """(the planner judged on the measured multi-way merges `labels`, the calibration of its
+    predictions on them as calibration.json's text, recording the selectors it maps)."""
     from simmerge_ray.catalog import Catalog
     from simmerge_ray.planner.evaluate import PlanScorer, evaluate_multiway, fit_calibration, multiway_targets
     from simmerge_ray.planner.request import build_step_model
     from simmerge_ray.selector.encoder import selector_digest
     from simmerge_ray.selector.train import one_thread
 
-    aux = run.aux_selector if run.aux_selector.exists() else None
-    model = build_step_model(str(run.selector), str(run.features), None if aux is None else str(aux))
-    labels = pl.read_parquet(run.multiway_labels)
-    scorer = PlanScorer(model, Catalog.load(run.catalog).model_tasks)
+    model = build_step_model(str(selector), str(features), None if aux is None else str(aux))
+    scorer = PlanScorer(model, Catalog.load(catalog).model_tasks)
     with one_thread():  # many small selector calls: fastest on one thread, and unharmed by a busy machine
         targets = multiway_targets(labels, scorer)
     result = evaluate_multiway(labels, scorer, targets)
-    run.multiway.mkdir(exist_ok=True)
-    atomic_write_text(run.multiway / "multiway.json", json.dumps(result, indent=2))
     fitted = replace(fit_calibration(targets, scorer.objective), selectors={
-        "selector": selector_digest(run.selector), **({"aux_selector": selector_digest(aux)} if aux else {})})
-    atomic_write_text(run.multiway_calibration, fitted.to_json())
-    return result
+        "selector": selector_digest(selector), **({"aux_selector": selector_digest(aux)} if aux else {})})
+    return result, fitted.to_json()

@@ -139,7 +139,8 @@ def load_calibration(path: str | None, aux_selector: str | None, selector: str |
         return None
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--calibration {p}: no such file (a pipeline run writes multiway/calibration.json)")
+        raise ConfigError(f"--calibration {p}: no such file (a pipeline run writes multiway/calibration.json, "
+                          f"`simmerge calibrate` one from your catalog's labels)")
     if not aux_selector:
         raise ConfigError("--calibration needs --aux-selector: it reads the predicted retention of every model")
     try:
@@ -155,8 +156,8 @@ def load_calibration(path: str | None, aux_selector: str | None, selector: str |
             if role in cal.selectors and selector_digest(folder) != cal.selectors[role]:
                 flag = "--selector" if role == "selector" else "--aux-selector"
                 raise ConfigError(f"--calibration {p}: fitted on the predictions of another {role.replace('_', ' ')} "
-                                  f"than {flag} {folder}; give the selectors of the run that wrote it, or rerun that "
-                                  f"run's multiway stage with these")
+                                  f"than {flag} {folder}; give the selectors it was fitted with, or calibrate these "
+                                  f"(`simmerge calibrate`)")
     return cal
 
 

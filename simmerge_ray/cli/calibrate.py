@@ -1,0 +1,114 @@
+"""`simmerge calibrate`: judge the multi-way planner on the 3-/4-way merges `simmerge label`
+measured on a catalog, and calibrate its predictions on them for `simmerge plan --calibration`
+(what a pipeline run's multi-way stage does on its testbed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from simmerge_ray.cli.common import features_folder
+from simmerge_ray.errors import ConfigError
+
+MULTIWAY_LABELS = "labels_multiway.parquet"
+# The columns the planner is judged on; a table without one is not `simmerge label`'s.
+COLUMNS = ("models", "operators", "weighting", "k", "retention")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "calibrate", help="judge the multi-way planner on measured 3-/4-way merges and calibrate it for plan",
+        epilog="example:\n  simmerge calibrate --selector selector/ --aux-selector selector-aux/ --features feats/ \\\n"
+               "      --labels labels/ --catalog catalog.yaml --out calibration/\n"
+               "  simmerge plan ... --calibration calibration/calibration.json --min-way 3 --max-way 3")
+    p.add_argument("--selector", required=True, help="selector folder (`simmerge fit`, two-sided utility)")
+    p.add_argument("--aux-selector", required=True,
+                   help="selector folder fitted with --target aux_gap_closed: the calibration reads every model's "
+                        "predicted retention")
+    p.add_argument("--features", required=True, type=features_folder,
+                   help="features folder (features.parquet and the Gram matrices)")
+    p.add_argument("--labels", required=True,
+                   help=f"`simmerge label`'s output folder, or its {MULTIWAY_LABELS}: the measured 3-/4-way merges")
+    p.add_argument("--catalog", required=True, help="the catalog the labels and features were measured on")
+    p.add_argument("--out", required=True, help="output folder: calibration.json and multiway.json (created)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that simmerge wrote")
+    p.set_defaults(func=run)
+
+
+def multiway_labels_file(given: str | Path) -> Path:
+    """The multi-way labels table of a --labels folder or file."""
+    path = Path(given)
+    if path.is_dir():
+        path = path / MULTIWAY_LABELS
+    if not path.is_file():
+        raise ConfigError(f"--labels {given}: no {MULTIWAY_LABELS} there (`simmerge label --out DIR` writes "
+                          f"DIR/{MULTIWAY_LABELS} beside labels.parquet)")
+    return path
+
+
+def read_multiway_labels(path: Path, tasks: dict[str, str | None]):
+    """The table's 3-/4-way rows, checked: readable, `simmerge label`'s columns, some multi-way
+    merge, every model a model of the catalog, every retention a JSON object of numbers."""
+    import polars as pl
+
+    try:
+        table = pl.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - polars and arrow raise many types for a damaged file
+        raise ConfigError(f"{path}: unreadable as a parquet table ({type(e).__name__})") from None
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise ConfigError(f"{path}: no column {', '.join(map(repr, missing))}: not a table `simmerge label` wrote")
+    rows = table.filter(pl.col("k") >= 3)
+    if rows.height == 0:
+        raise ConfigError(f"{path}: no 3- or 4-way merge measured (label measures them for experts of at least 3 "
+                          f"distinct tasks)")
+    unknown = sorted({m for models in rows.get_column("models").to_list() for m in models} - set(tasks))
+    if unknown:
+        raise ConfigError(f"{path}: model {unknown[0]!r} is not in the catalog (labels of another catalog?)")
+    for i, text in enumerate(rows.get_column("retention").to_list()):
+        try:
+            value = json.loads(text)
+        except (TypeError, ValueError):
+            value = None
+        if not (isinstance(value, dict) and all(v is None or isinstance(v, (int, float)) for v in value.values())):
+            raise ConfigError(f"{path}: retention of multi-way row {i} is not a JSON object of numbers")
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from simmerge_ray.catalog import Catalog
+    from simmerge_ray.features.provenance import check_labels_measured_alike, check_measured_from
+    from simmerge_ray.io.atomic import atomic_output_dir
+    from simmerge_ray.io.out_checks import check_output
+    from simmerge_ray.pipeline.multiway import CALIBRATION_FILE, MULTIWAY_FILE, judge_and_calibrate
+
+    features = Path(args.features)
+    catalog = Catalog.load(args.catalog)
+    labels_file = multiway_labels_file(args.labels)
+    labels = read_multiway_labels(labels_file, catalog.model_tasks)
+    models = sorted({m for ms in labels.get_column("models").to_list() for m in ms})
+    check_measured_from(features, catalog, models)
+    check_labels_measured_alike(features, labels_file)
+    inputs = [*catalog.paths, args.selector, args.aux_selector, features, labels_file]
+    out = check_output(args.out, overwrite=args.overwrite, inputs=inputs)
+    result, calibration = judge_and_calibrate(Path(args.selector), Path(args.aux_selector), features,
+                                              Path(args.catalog), labels)
+    with atomic_output_dir(out, overwrite=args.overwrite, inputs=inputs) as tmp:
+        (tmp / MULTIWAY_FILE).write_text(json.dumps(result, indent=2))
+        (tmp / CALIBRATION_FILE).write_text(calibration)
+    for size in sorted(k for k in result if k.endswith("way")):
+        print(summary_line(size, result[size]))
+    print(f"calibration -> {out / CALIBRATION_FILE} (give it to `simmerge plan --calibration` with these selectors)")
+    return 0
+
+
+def summary_line(size: str, r: dict) -> str:
+    """The planner against random order and the model soup on one plan size, expert / mean retention."""
+    def pair(key: str) -> str:
+        v = r.get(key)
+        return "n/a" if not v else f"{100 * v['expert_retention']:+.1f} / {100 * v['mean_retention']:+.1f}"
+
+    return (f"{size}: {r['subsets']} subsets, {r['targets']} expert choices; retention, expert / mean (%): "
+            f"planner {pair('simmerge')}, calibrated (held-out subsets) {pair('simmerge_calibrated')}, "
+            f"random order {pair('random_order')}, model soup {pair('equal_share')}, oracle {pair('oracle')}")
