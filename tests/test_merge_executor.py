@@ -251,6 +251,9 @@ def test_cli_refuses_existing_output_and_overwrites_on_request(ray_cluster, mode
     assert len(list(out.glob("*.safetensors"))) > 1
     for f in out.glob("*.safetensors"):
         read_header(f)  # every shard complete and valid
+    # the index's total_size counts the tensors' bytes, headers excluded (as transformers and mergekit)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == Checkpoint.open(out).nbytes
     _no_leftovers(tmp_path)
 
 

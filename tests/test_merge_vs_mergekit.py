@@ -169,3 +169,25 @@ def test_a_tied_head_beside_untied_ones_matches_mergekit(tied_zoo: Path, tmp_pat
             want = w["m1"] * m1.read_f32("lm_head.weight") + w["t1"] * t1.read_f32("model.embed_tokens.weight")
             torch.testing.assert_close(a["lm_head.weight"], want, rtol=1e-6, atol=1e-6)
     assert Checkpoint.open(ours).tied_embeddings == (case == "all_tied")
+
+
+def test_a_gpt2_frankenmerge_takes_its_embeddings_from_the_first_slice(tmp_path: Path) -> None:
+    """GPT-2's position embedding `wpe` comes before the blocks, as `wte` does: a frankenmerge
+    takes it from its first slice's model, as mergekit does (it came from the last slice's)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    for i, name in enumerate(("g1", "g2")):
+        torch.manual_seed(i)
+        GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+            tmp_path / name)
+    cfg = {"merge_method": "passthrough", "dtype": "float32",
+           "slices": [{"sources": [{"model": "g1", "layer_range": [0, 2]}]},
+                      {"sources": [{"model": "g2", "layer_range": [1, 2]}]}]}
+    (tmp_path / "frank.yaml").write_text(yaml.safe_dump({**cfg, "slices": [
+        {"sources": [{**s, "model": str(tmp_path / s["model"])} for s in sl["sources"]]} for sl in cfg["slices"]]}))
+    run_merge(MergeSpec.load(tmp_path / "frank.yaml"), tmp_path / "ours", ExecOptions())
+    run_mergekit(cfg, tmp_path, tmp_path / "theirs")
+    ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "theirs")
+    assert set(ours) == set(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)
+    first = Checkpoint.open(tmp_path / "g1")
+    assert all(torch.equal(ours[n], first.read(n)) for n in ("transformer.wpe.weight", "transformer.wte.weight"))

@@ -228,6 +228,8 @@ def test_named_chat_template_renders_as_mergekits(pair: Path, tmp_path: Path, na
     (pair / "a2").exists() or _copy_model(pair / "a", pair / "a2")
     ours, mk = _both(cfg, pair, tmp_path)
     mine, theirs = AutoTokenizer.from_pretrained(ours), AutoTokenizer.from_pretrained(mk)
+    # how simmerge loaded the inputs (local files only) is not written into the published tokenizer
+    assert "local_files_only" not in json.loads((Path(ours) / "tokenizer_config.json").read_text())
     chats = [[{"role": "user", "content": " hi "}, {"role": "assistant", "content": "yo"},
               {"role": "user", "content": "more"}],
              [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ import yaml
 
 from simmerge_ray.io.checkpoint import TIED_HEADS, Checkpoint, config_ties
 from simmerge_ray.io.checkpoint_files import INDEX_FILE
-from simmerge_ray.io.safetensors_format import FLOAT_DTYPES, TORCH_NAMES, dtype_code
+from simmerge_ray.io.safetensors_format import DTYPE_BYTES, FLOAT_DTYPES, TORCH_NAMES, dtype_code
 from simmerge_ray.io.side_files import copy_tokenizer, has_loadable_tokenizer
 from simmerge_ray.merge.chat_templates import resolve_template
 from simmerge_ray.merge.config import MergeSpec
@@ -34,7 +35,8 @@ def write_side_files(spec: MergeSpec, ckpts: dict[str, Checkpoint], num_layers: 
     one is set, as mergekit does."""
     if len(plans) > 1:
         weight_map = {name: p.file for p in plans for name, _, _ in p.tensors}
-        total = sum((out / p.file).stat().st_size for p in plans)
+        # the tensors' bytes, headers excluded, as transformers and mergekit count an index's total_size
+        total = sum(math.prod(shape) * DTYPE_BYTES[code] for p in plans for _, shape, code in p.tensors)
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2))
     source = config_source(spec, ckpts)

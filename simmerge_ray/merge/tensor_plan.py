@@ -50,9 +50,11 @@ class TensorTask:
 
 
 def _is_pre(name: str) -> bool:
-    """Input embeddings (`embed_tokens`, GPT-2-style `wte`) come before the blocks; every other
-    tensor outside them after."""
-    return ("embed" in name or ".wte." in name) and "embed_out" not in name and "lm_head" not in name
+    """Input embeddings (`embed_tokens`, GPT-2-style `wte` and its position embedding `wpe`) come
+    before the blocks, and a frankenmerge takes them from its first slice; every other tensor
+    outside the blocks after (from its last)."""
+    return (("embed" in name or ".wte." in name or ".wpe." in name)
+            and "embed_out" not in name and "lm_head" not in name)
 
 
 @dataclass(frozen=True)

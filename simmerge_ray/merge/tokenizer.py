@@ -133,11 +133,15 @@ def load_tokenizer_at(path: Path, where: str) -> PreTrainedTokenizerBase:
     from simmerge_ray.probes.tokenize import TOKENIZER_FILES, has_tokenizer, tokenizer_failure
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
     except Exception as e:  # any failure to read the files is the user's to fix: say which
         why = (tokenizer_failure(path, e) if path.is_dir() and has_tokenizer(path)
                else f"no tokenizer files there ({', '.join(TOKENIZER_FILES)})")
         raise ConfigError(f"{where}: cannot load the tokenizer of {path}: {why}") from None
+    # How we loaded it, not a property of the tokenizer: save_pretrained would write it into the
+    # merged model's tokenizer_config.json, and whoever loads that later could not download.
+    tok.init_kwargs.pop("local_files_only", None)
+    return tok
 
 
 def _tokenizer_of(where: Any, what: str) -> Any:
