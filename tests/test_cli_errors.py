@@ -254,6 +254,9 @@ def test_calibrate_names_what_is_wrong_with_its_labels(tmp_path: Path, capsys) -
     pl.DataFrame({"models": [["a", "b"]], "k": [2]}).write_parquet(table)
     assert cli_main(args) == 2
     _one_line_error(capsys, f"{table}: no column 'operators', 'weighting', 'retention': not a table `simmerge label` wrote")
+    _multiway_labels(table, k=["3"])
+    assert cli_main(args) == 2
+    _one_line_error(capsys, f"{table}: column 'k' holds String, not what `simmerge label` writes")
     _multiway_labels(table, k=[2])
     assert cli_main(args) == 2
     _one_line_error(capsys, f"{table}: no 3- or 4-way merge measured")

@@ -229,7 +229,7 @@ def walkthrough(tmp_path_factory: pytest.TempPathFactory, ray_head: RayHead) -> 
     for lang, body, _ in blocks:
         first = body.splitlines()[0] if body else ""
         if lang == "yaml" and re.match(r"# [\w.-]+\.ya?ml\b", first):
-            (ws / first.split()[1]).write_text(body + "\n")
+            (ws / first.split()[1].rstrip(":")).write_text(body + "\n")
     build_workspace(ws)
     commands = [c for lang, body, skip in blocks if lang == "bash" and skip is None for c in shell_commands(body)]
     steps = runnable(blocks, ws, free_ports(1)[0], ray_head.address)

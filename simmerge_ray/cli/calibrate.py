@@ -59,6 +59,11 @@ def read_multiway_labels(path: Path, tasks: dict[str, str | None]):
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
         raise ConfigError(f"{path}: no column {', '.join(map(repr, missing))}: not a table `simmerge label` wrote")
+    kinds = {"k": table.schema["k"].is_integer(), "models": table.schema["models"] == pl.List(pl.String),
+             "retention": table.schema["retention"] == pl.String}
+    if not all(kinds.values()):
+        wrong = next(c for c, ok in kinds.items() if not ok)
+        raise ConfigError(f"{path}: column {wrong!r} holds {table.schema[wrong]}, not what `simmerge label` writes")
     rows = table.filter(pl.col("k") >= 3)
     if rows.height == 0:
         raise ConfigError(f"{path}: no 3- or 4-way merge measured (label measures them for experts of at least 3 "
