@@ -7,9 +7,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from simmerge_ray.cli.common import features_folder
 from simmerge_ray.errors import ConfigError
+
+if TYPE_CHECKING:
+    import polars as pl
 
 MULTIWAY_LABELS = "labels_multiway.parquet"
 # The columns the planner is judged on; a table without one is not `simmerge label`'s.
@@ -47,7 +51,7 @@ def multiway_labels_file(given: str | Path) -> Path:
     return path
 
 
-def read_multiway_labels(path: Path, tasks: dict[str, str | None]):
+def read_multiway_labels(path: Path, tasks: dict[str, str | None]) -> pl.DataFrame:
     """The table's 3-/4-way rows, checked: readable, `simmerge label`'s columns, some multi-way
     merge, every model a model of the catalog, every retention a JSON object of numbers."""
     import polars as pl

@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from simmerge_ray.io.atomic import atomic_write_text
 from simmerge_ray.pipeline.layout import RunLayout
+
+if TYPE_CHECKING:
+    import polars as pl
 
 MULTIWAY_FILE, CALIBRATION_FILE = "multiway.json", "calibration.json"
 
@@ -29,7 +33,8 @@ def judge_multiway(run: RunLayout) -> dict:
     return result
 
 
-def judge_and_calibrate(selector: Path, aux: Path | None, features: Path, catalog: Path, labels) -> tuple[dict, str]:
+def judge_and_calibrate(selector: Path, aux: Path | None, features: Path, catalog: Path, labels: pl.DataFrame
+                        ) -> tuple[dict, str]:
     """(the planner judged on the measured multi-way merges `labels`, the calibration of its
     predictions on them as calibration.json's text, recording the selectors it maps)."""
     from simmerge_ray.catalog import Catalog
