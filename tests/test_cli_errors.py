@@ -235,37 +235,53 @@ def _multiway_labels(path: Path, **columns) -> None:
 
 def test_calibrate_names_what_is_wrong_with_its_labels(tmp_path: Path, capsys) -> None:
     """simmerge calibrate reads `simmerge label`'s multi-way table: each way it can be wrong is one
-    line naming the file, before any selector is read or anything is written."""
-    cat = _catalog(tmp_path)
+    line naming the file (and the row), before any selector is read or anything is written; a row
+    that is no plan never reaches the planner (its errors named neither file nor row, or tracebacks)."""
+    import polars as pl
+
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    cat = tmp_path / "catalog.yaml"
+    cat.write_text(yaml.safe_dump({"models": [{"name": m, "path": m, "task": t}
+                                              for m, t in (("a", "code"), ("b", "math"), ("c", "rag"))]}))
     (tmp_path / "feats").mkdir()
     labels = tmp_path / "labels"
     labels.mkdir()
     args = ["calibrate", "--selector", str(tmp_path / "sel"), "--aux-selector", str(tmp_path / "sel-aux"),
             "--features", str(tmp_path / "feats"), "--labels", str(labels), "--catalog", str(cat),
             "--out", str(tmp_path / "cal")]
+    given = [*args[:-6], "--labels"], args[-4:]
     table = labels / "labels_multiway.parquet"
     assert cli_main(args) == 2
     _one_line_error(capsys, f"--labels {labels}: no labels_multiway.parquet there (`simmerge label --out DIR` writes")
     table.write_text("not parquet")
     assert cli_main(args) == 2
     _one_line_error(capsys, f"{table}: unreadable as a parquet table")
-    import polars as pl
-
     pl.DataFrame({"models": [["a", "b"]], "k": [2]}).write_parquet(table)
     assert cli_main(args) == 2
     _one_line_error(capsys, f"{table}: no column 'operators', 'weighting', 'retention': not a table `simmerge label` wrote")
-    _multiway_labels(table, k=["3"])
-    assert cli_main(args) == 2
-    _one_line_error(capsys, f"{table}: column 'k' holds String, not what `simmerge label` writes")
-    _multiway_labels(table, k=[2])
-    assert cli_main(args) == 2
-    _one_line_error(capsys, f"{table}: no 3- or 4-way merge measured")
-    _multiway_labels(table)  # c is not in the catalog
-    assert cli_main([*args[:-6], "--labels", str(table), *args[-4:]]) == 2
-    _one_line_error(capsys, f"{table}: model 'c' is not in the catalog (labels of another catalog?)")
-    _multiway_labels(table, models=[["a", "b", "a"]], retention=['{"a": "high"}'])
-    assert cli_main(args) == 2
-    _one_line_error(capsys, f"{table}: retention of multi-way row 0 is not a JSON object of numbers")
+    _multiway_labels(table)
+    pairwise = labels / "labels.parquet"
+    pairwise.write_bytes(table.read_bytes())
+    assert cli_main([*given[0], str(pairwise), *given[1]]) == 2
+    _one_line_error(capsys, f"--labels {pairwise}: the pairwise labels; give label's folder or its labels_multiway.parquet")
+    for columns, needle in (
+            ({"k": ["3"]}, "column 'k' holds String, not what `simmerge label` writes"),
+            ({"k": [2]}, "no 3- or 4-way merge measured"),
+            ({"models": [["a", "b", "d"]]}, "row 0: model 'd' is not in the catalog (labels of another catalog?)"),
+            ({"models": [["a", "b", "a"]]}, "row 0: models ['a', 'b', 'a'] are not k = 3 distinct names"),
+            ({"models": [["a", "b", "c", "a"]]}, "row 0: models ['a', 'b', 'c', 'a'] are not k = 3 distinct names"),
+            ({"operators": [["linear"]]}, "row 0: operators ['linear'] are not 2 known arms"),
+            ({"operators": [["linear", "foo"]]}, "row 0: operators ['linear', 'foo'] are not 2 known arms"),
+            ({"weighting": ["bogus"]}, "row 0: unknown weighting 'bogus'; known: half, equal, anchor"),
+            ({"retention": ['{"a": "high", "b": 0, "c": 0}']}, "row 0: retention is not a JSON object of a finite"),
+            ({"retention": ['{"zz": 0.1}']}, "row 0: retention is not a JSON object of a finite"),
+            ({"retention": ['{"a": true, "b": 0, "c": 0}']}, "row 0: retention is not a JSON object of a finite"),
+            ({"retention": ['{"a": null, "b": null, "c": null}']}, "no retention measured in any multi-way row"),
+    ):
+        _multiway_labels(table, **columns)
+        assert cli_main(args) == 2
+        _one_line_error(capsys, f"{table}: {needle}")
     assert not (tmp_path / "cal").exists()
 
 

@@ -52,10 +52,13 @@ def multiway_labels_file(given: str | Path) -> Path:
 
 
 def read_multiway_labels(path: Path, tasks: dict[str, str | None]) -> pl.DataFrame:
-    """The table's 3-/4-way rows, checked: readable, `simmerge label`'s columns, some multi-way
-    merge, every model a model of the catalog, every retention a JSON object of numbers."""
+    """The table's 3-/4-way rows, checked: readable, `simmerge label`'s columns of its types, some
+    multi-way merge, every row a plan (k distinct models of the catalog, k - 1 known arms, a known
+    weighting) with a retention per model (a number or null), some retention measured."""
     import polars as pl
 
+    if path.name == "labels.parquet":
+        raise ConfigError(f"--labels {path}: the pairwise labels; give label's folder or its {MULTIWAY_LABELS}")
     try:
         table = pl.read_parquet(path)
     except Exception as e:  # noqa: BLE001 - polars and arrow raise many types for a damaged file
@@ -64,25 +67,50 @@ def read_multiway_labels(path: Path, tasks: dict[str, str | None]) -> pl.DataFra
     if missing:
         raise ConfigError(f"{path}: no column {', '.join(map(repr, missing))}: not a table `simmerge label` wrote")
     kinds = {"k": table.schema["k"].is_integer(), "models": table.schema["models"] == pl.List(pl.String),
-             "retention": table.schema["retention"] == pl.String}
+             "operators": table.schema["operators"] == pl.List(pl.String),
+             "weighting": table.schema["weighting"] == pl.String, "retention": table.schema["retention"] == pl.String}
     if not all(kinds.values()):
         wrong = next(c for c, ok in kinds.items() if not ok)
         raise ConfigError(f"{path}: column {wrong!r} holds {table.schema[wrong]}, not what `simmerge label` writes")
-    rows = table.filter(pl.col("k") >= 3)
+    rows = table.with_row_index("row").filter(pl.col("k") >= 3)
     if rows.height == 0:
         raise ConfigError(f"{path}: no 3- or 4-way merge measured (label measures them for experts of at least 3 "
                           f"distinct tasks)")
-    unknown = sorted({m for models in rows.get_column("models").to_list() for m in models} - set(tasks))
+    measured = 0
+    for r in rows.iter_rows(named=True):
+        measured += _check_row(path, r, tasks)
+    if measured == 0:
+        raise ConfigError(f"{path}: no retention measured in any multi-way row (every value is null)")
+    return rows.drop("row")
+
+
+def _check_row(path: Path, r: dict, tasks: dict[str, str | None]) -> int:
+    """One multi-way row checked (see read_multiway_labels); returns how many retentions it measured."""
+    import math
+
+    from simmerge_ray.merge.arms import ARM_NAMES, WEIGHTING_NAMES
+
+    where = f"{path}: row {r['row']}"
+    models, ops = r["models"] or [], r["operators"] or []
+    if len(models) != r["k"] or len(set(models)) != len(models) or None in models:
+        raise ConfigError(f"{where}: models {models} are not k = {r['k']} distinct names")
+    unknown = [m for m in models if m not in tasks]
     if unknown:
-        raise ConfigError(f"{path}: model {unknown[0]!r} is not in the catalog (labels of another catalog?)")
-    for i, text in enumerate(rows.get_column("retention").to_list()):
-        try:
-            value = json.loads(text)
-        except (TypeError, ValueError):
-            value = None
-        if not (isinstance(value, dict) and all(v is None or isinstance(v, (int, float)) for v in value.values())):
-            raise ConfigError(f"{path}: retention of multi-way row {i} is not a JSON object of numbers")
-    return rows
+        raise ConfigError(f"{where}: model {unknown[0]!r} is not in the catalog (labels of another catalog?)")
+    if len(ops) != len(models) - 1 or any(op not in ARM_NAMES for op in ops):
+        raise ConfigError(f"{where}: operators {ops} are not {len(models) - 1} known arms ({', '.join(ARM_NAMES)})")
+    if r["weighting"] not in WEIGHTING_NAMES:
+        raise ConfigError(f"{where}: unknown weighting {r['weighting']!r}; known: {', '.join(WEIGHTING_NAMES)}")
+    try:
+        value = json.loads(r["retention"] or "")
+    except ValueError:
+        value = None
+    numbers = isinstance(value, dict) and all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        for v in value.values())
+    if not numbers or set(value) != set(models):
+        raise ConfigError(f"{where}: retention is not a JSON object of a finite number or null per model of the row")
+    return sum(v is not None for v in value.values())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--aux-weight", type=float, default=MULTIWAY_ONLY["aux_weight"],
                    help="weight of the other models' predicted retention on their own tasks (needs --aux-selector)")
     p.add_argument("--calibration", default=None,
-                   help="multi-way mode: calibration.json from a pipeline run's multiway/ folder; plans are then "
+                   help="multi-way mode: calibration.json from `simmerge calibrate` (or a pipeline run's multiway/); plans are then "
                         "ranked by the objective on their retentions calibrated on measured 3-/4-way merges "
                         "(needs --aux-selector, and --min-way/--max-way within the sizes it covers)")
     p.add_argument("--out", required=True, help="folder for plan.json and the mergekit YAML file(s)")

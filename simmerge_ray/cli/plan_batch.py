@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--selector", required=True, help="selector folder from `simmerge fit`")
     p.add_argument("--aux-selector", default=None, help="selector fitted on aux_gap_closed (aux_weight > 0)")
     p.add_argument("--calibration", default=None,
-                   help="calibration.json from a pipeline run's multiway/ folder (needs --aux-selector): 3-/4-way "
+                   help="calibration.json from `simmerge calibrate` or a pipeline run's multiway/ (needs --aux-selector): 3-/4-way "
                         "plans are ranked on retentions calibrated on measured merges, as `simmerge plan` does")
     p.add_argument("--catalog", required=True, help="catalog YAML the requests' model names refer to")
     p.add_argument("--features", required=True, type=features_folder,
