@@ -88,7 +88,7 @@ def _check_row(path: Path, r: dict, tasks: dict[str, str | None]) -> int:
     """One multi-way row checked (see read_multiway_labels); returns how many retentions it measured."""
     import math
 
-    from simmerge_ray.merge.arms import ARM_NAMES, WEIGHTING_NAMES
+    from simmerge_ray.merge.arms import ARM_NAMES, get_weighting
 
     where = f"{path}: row {r['row']}"
     models, ops = r["models"] or [], r["operators"] or []
@@ -99,8 +99,10 @@ def _check_row(path: Path, r: dict, tasks: dict[str, str | None]) -> int:
         raise ConfigError(f"{where}: model {unknown[0]!r} is not in the catalog (labels of another catalog?)")
     if len(ops) != len(models) - 1 or any(op not in ARM_NAMES for op in ops):
         raise ConfigError(f"{where}: operators {ops} are not {len(models) - 1} known arms ({', '.join(ARM_NAMES)})")
-    if r["weighting"] not in WEIGHTING_NAMES:
-        raise ConfigError(f"{where}: unknown weighting {r['weighting']!r}; known: {', '.join(WEIGHTING_NAMES)}")
+    try:
+        get_weighting(r["weighting"])
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     try:
         value = json.loads(r["retention"] or "")
     except ValueError:
@@ -130,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = [*catalog.paths, args.selector, args.aux_selector, features, labels_file]
     out = check_output(args.out, overwrite=args.overwrite, inputs=inputs)
     result, calibration = judge_and_calibrate(Path(args.selector), Path(args.aux_selector), features,
-                                              Path(args.catalog), labels)
+                                              catalog.model_tasks, labels)
     with atomic_output_dir(out, overwrite=args.overwrite, inputs=inputs) as tmp:
         (tmp / MULTIWAY_FILE).write_text(json.dumps(result, indent=2))
         (tmp / CALIBRATION_FILE).write_text(calibration)
