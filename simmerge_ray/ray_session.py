@@ -93,7 +93,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
             if not _verbose:
                 _drop_streamed_cpp_info_lines()
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=_verbose, logging_level=level)
+            from simmerge_ray.native import mkl_vendor_preloaded
+
+            with mkl_vendor_preloaded():  # the node's workers, where training and inference run
+                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=_verbose, logging_level=level)
     if not _verbose:
         for name in ("ray.tune", "ray.train", "ray.serve"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -114,13 +117,53 @@ def _sigterm_while_starting(on_sigterm: object) -> Iterator[None]:
         if not unwinds or e.code not in (signal.SIGTERM, 1):
             raise
         signal.signal(signal.SIGTERM, on_sigterm)  # a second SIGTERM unwinds too
-        import ray
-
-        ray.shutdown()
+        shutdown_started_ray(130)
         raise KeyboardInterrupt from None
     finally:
         if unwinds:
             signal.signal(signal.SIGTERM, on_sigterm)
+
+
+SHUTDOWN_TIMEOUT_S = 30.0  # a local Ray stops in 1-3 s; under load, seen once hanging past 120 s
+
+
+def shutdown_started_ray(exit_code: int, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+    """ray.shutdown(), bounded, for a command that started or joined Ray itself. Ray's C++
+    `shutdown_driver` was seen once hanging past 120 s after a SIGTERM under load: a command
+    stopped with Ctrl-C or `kill`, its temporary outputs already gone, then sat there for
+    minutes. Past `timeout_s` the watchdog kills the processes this one started (a local Ray's
+    node; none when joined to a cluster), says so in one line and exits with `exit_code`."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    run_bounded(ray.shutdown, timeout_s, exit_code, "Ray did not shut down")
+
+
+def run_bounded(fn: object, timeout_s: float, exit_code: int, what: str) -> None:
+    """Call `fn()`; if it has not returned after `timeout_s`, kill this process's children, write
+    `simmerge: WHAT within N s; stopped its processes` to stderr and exit with `exit_code` (no
+    unwinding: whatever could hang is what is being waited for)."""
+    import psutil
+
+    done = threading.Event()
+
+    def watchdog() -> None:
+        if done.wait(timeout_s):
+            return
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        print(f"simmerge: {what} within {timeout_s:g} s; stopped its processes", file=sys.stderr, flush=True)
+        os._exit(exit_code)
+
+    threading.Thread(target=watchdog, name="shutdown-watchdog", daemon=True).start()
+    try:
+        fn()  # type: ignore[operator]
+    finally:
+        done.set()
 
 
 def _connect_timeout() -> float:

@@ -492,8 +492,8 @@ try:  # the line inside: the signal may arrive before print returns (a KeyboardI
     print("ray up", flush=True)
     time.sleep(120)
 except KeyboardInterrupt:
-    import ray
-    ray.shutdown()
+    from simmerge_ray.ray_session import shutdown_started_ray
+    shutdown_started_ray(130)  # as the CLI does
     sys.exit(130)
 """
 
@@ -522,8 +522,8 @@ try:
     init_ray(num_cpus=1)
     time.sleep(120)
 except KeyboardInterrupt:
-    import ray
-    ray.shutdown()
+    from simmerge_ray.ray_session import shutdown_started_ray
+    shutdown_started_ray(130)  # as the CLI does
     print("interrupted", file=sys.stderr)
     sys.exit(130)
 """
@@ -597,3 +597,33 @@ def test_a_worker_that_cannot_see_the_output_file_says_so(tmp_path: Path) -> Non
         RangeWriter(missing)
     assert str(err.value) == (f"{missing}: the output file the driver created is not on this node ({socket.gethostname()}): "
                               "on a cluster, --out (or a job's --staging-dir) must be on storage every node mounts")
+
+
+_HANGING_SHUTDOWN = """
+import subprocess, sys, time
+from simmerge_ray.ray_session import run_bounded
+child = subprocess.Popen(["sleep", "600"])  # stands for a local Ray's node processes
+print(child.pid, flush=True)
+run_bounded(lambda: None, 1.0, 130, "a quick call did not return")  # returns: no exit
+print("returned", flush=True)
+run_bounded(lambda: time.sleep(600), 1.0, 130, "Ray did not shut down")  # a hang: the watchdog ends it
+print("not reached", flush=True)
+"""
+
+
+def test_a_hanging_shutdown_is_cut_short_and_its_processes_stopped(tmp_path: Path) -> None:
+    """Ray's driver shutdown was seen hanging past 120 s after a SIGTERM under load: a stopped
+    command then sat for minutes. The bounded call exits with the command's status after its
+    timeout, one line said, and the processes it started killed; a call that returns in time
+    goes on as before."""
+    proc = subprocess.Popen([sys.executable, "-c", _HANGING_SHUTDOWN], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == "simmerge: Ray did not shut down within 1 s; stopped its processes"
+    pid, returned = out.split()
+    assert returned == "returned"
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(int(pid)) and psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the child the hung call's process started is still running"
+        time.sleep(0.1)

@@ -274,6 +274,12 @@ def test_every_readme_command_runs_and_writes_its_own_folder(walkthrough: dict) 
     assert multiway["3way"]["subsets"] == 2 and "4way" not in multiway
     calibrated = json.loads((ws / "plan-3way-calibrated" / "plan.json").read_text())["calibrated"]
     assert set(calibrated) >= {"expert_retention", "others_retention", "score"}
+    # Not merging is also compared on the calibrated scale (the expert's side), where it keeps +0%.
+    top = calibrated.get("top_plan", {})
+    e = top["expert_retention"] if top.get("available") else calibrated["expert_retention"]
+    said = next(v for c, v in walkthrough["out"].items() if c.startswith("simmerge plan ") and "--calibration" in c)
+    assert (f"calibrated, the expert's side: the best plan changes code-1's score on code by {100 * e:+.1f}% "
+            f"({'as the top plan' if top.get('available') else 'calibrated'}), not merging by +0.0%") in said, said
     # No work folder of Ray Tune/Train or of a killed run beside the outputs.
     assert sorted(p.name for p in ws.iterdir() if p.name.startswith(".")) == []
     lab = json.loads((ws / "labels" / "label_summary.json").read_text())

@@ -98,7 +98,7 @@ def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.Argumen
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simmerge_ray.ray_session import set_verbose
+    from simmerge_ray.ray_session import set_verbose, shutdown_started_ray
 
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         set_verbose(True)  # never reset: stages a `demo --verbose` runs in this process stay verbose
     previous = _interrupt_on_sigterm()
+    ray_before = _ray_up()
     try:
         return int(args.func(args) or 0)
     except SimMergeError as e:
@@ -119,10 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (kill, timeout, ray job stop): temporary outputs are gone
         print(f"simmerge {args.command}: interrupted; nothing was published (outputs appear only when "
               f"complete, and caches resume)", file=sys.stderr)
+        if not ray_before and _ray_up():  # the command's own Ray, not a caller's (tests, notebooks)
+            shutdown_started_ray(130)  # bounded: after a SIGTERM it was seen hanging for minutes
         return 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _ray_up() -> bool:
+    """Whether this process is connected to Ray (without importing it where no command has)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace,

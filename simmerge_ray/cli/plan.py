@@ -219,6 +219,18 @@ def _print_trust(plan, alone: str, percent: bool = True) -> None:
           f"not merging is predicted worse: {text}, {margin} higher")
 
 
+def _calibrated_alone_line(best, task: str) -> str:
+    """Not merging against the best plan on the calibrated scale, the expert's side: there the
+    expert alone keeps its score (+0%). The line above compares predicted scores, which can favour
+    the merge where the calibrated retention says the expert loses a third of its score."""
+    top = best.calibrated.get("top_plan", {})
+    e = top["expert_retention"] if top.get("available") else best.calibrated["expert_retention"]
+    which = "as the top plan" if top.get("available") else "calibrated"
+    return (f"calibrated, the expert's side: the best plan changes {best.expert}'s score on {task} by {100 * e:+.1f}% "
+            f"({which}), not merging by +0.0%; the other models' side of not merging is not on this scale "
+            f"(their scores with the expert standing in are not in the catalog)")
+
+
 def _multiway(args: argparse.Namespace, catalog, req, space) -> int:
     from simmerge_ray.planner.assess import PROXY_TARGET
     from simmerge_ray.planner.request import load_calibration, plan_request, write_plans
@@ -273,6 +285,8 @@ def _multiway(args: argparse.Namespace, catalog, req, space) -> int:
     _print_trust(best, "keeping the expert alone scores {value} on this objective"
                  + (" (--retention-weight x 0.5: its own two-sided utility, as the steps are scored)" if proxy else "") + ", the best plan {best}",
                  percent=False)
+    if best.calibrated and best.expert_alone.get("available"):
+        print(_calibrated_alone_line(best, args.task))
     out = Path(args.out)
     with atomic_output_dir(out, overwrite=args.overwrite, inputs=_inputs(args, catalog)) as tmp:
         write_plans(res, catalog, tmp, step_root=out.resolve(),
