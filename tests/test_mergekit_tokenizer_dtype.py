@@ -414,3 +414,20 @@ def test_vocabularies_that_map_ids_differently_are_named_when_merged_by_id(pair:
     with caplog.at_level("WARNING"):
         run_merge(MergeSpec.load(tmp_path / "same.yaml"), tmp_path / "same", ExecOptions(workers=1))
     assert not [r for r in caplog.records if "token id(s)" in r.getMessage()]
+
+
+def test_the_written_config_names_dtypes_as_mergekit_reads_them(pair: Path, tmp_path: Path) -> None:
+    """simmerge takes `bf16` and `fp16` (and mergekit's `torch.` prefix); mergekit_config.yml names
+    them `bfloat16` and `float16`, so mergekit runs the written config again to the same tensors.
+    Written as given, mergekit refused it ("Unimplemented dtype")."""
+    cfg = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 0.7}},
+                                                {"model": "b", "parameters": {"weight": 0.3}}],
+           "dtype": "bf16", "out_dtype": "torch.float16"}
+    (pair / "short.yaml").write_text(yaml.safe_dump(cfg))
+    run_merge(MergeSpec.load(pair / "short.yaml"), tmp_path / "ours")
+    written = yaml.safe_load((tmp_path / "ours" / "mergekit_config.yml").read_text())
+    assert written == {**cfg, "dtype": "bfloat16", "out_dtype": "float16"}
+    run_mergekit(written, pair, tmp_path / "mk")
+    ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "mk")
+    assert ours.keys() == theirs.keys() and all(ours[n].dtype == torch.float16 for n in ours)
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)

@@ -89,10 +89,11 @@ def promoted(codes: Iterable[str]) -> str | None:
 
 
 def dtype_code(name: str) -> str:
-    """Map a user dtype name ('bfloat16', 'BF16', 'fp32', ...) to a safetensors dtype code."""
+    """Map a user dtype name ('bfloat16', 'BF16', 'fp32', 'torch.float16' as mergekit reads it, ...)
+    to a safetensors dtype code."""
     if name in TORCH_NAMES:
         return name
-    code = DTYPE_ALIASES.get(name.lower())
+    code = DTYPE_ALIASES.get(name.lower().removeprefix("torch."))
     if code is None:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPE_ALIASES)}")
     return code

@@ -105,6 +105,17 @@ def merge_parameters(spec: MergeSpec) -> dict[str, Any]:
     }
 
 
+def mergekit_dtype_names(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with `dtype` and `out_dtype` named as mergekit reads them: simmerge takes `bf16`,
+    `fp16`, `half`, `fp32` and `float`, which mergekit refuses ("Unimplemented dtype"), so a
+    mergekit_config.yml written with them as given did not run again under mergekit."""
+    out = dict(config)
+    for key in ("dtype", "out_dtype"):
+        if isinstance(out.get(key), str):
+            out[key] = TORCH_NAMES[dtype_code(out[key])]
+    return out
+
+
 def write_provenance(spec: MergeSpec, out: Path, compute: str = "float32") -> None:
     """simmerge_merge.json (method, inputs, parameters, seed, tool version), the exact config
     as mergekit_config.yml, and a README.md model card, as mergekit writes them."""
@@ -132,7 +143,7 @@ def write_provenance(spec: MergeSpec, out: Path, compute: str = "float32") -> No
     }, indent=2, default=str))
     config_text = None
     if spec.config is not None:
-        config_text = yaml.safe_dump(spec.config, sort_keys=False)
+        config_text = yaml.safe_dump(mergekit_dtype_names(spec.config), sort_keys=False)
         (out / CONFIG_FILE).write_text(config_text)
     (out / CARD_FILE).write_text(model_card(spec, params, config_text, __version__, compute))
 
