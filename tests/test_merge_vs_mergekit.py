@@ -191,3 +191,28 @@ def test_a_gpt2_frankenmerge_takes_its_embeddings_from_the_first_slice(tmp_path:
     assert set(ours) == set(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)
     first = Checkpoint.open(tmp_path / "g1")
     assert all(torch.equal(ours[n], first.read(n)) for n in ("transformer.wpe.weight", "transformer.wte.weight"))
+
+
+def test_tensors_outside_the_blocks_are_placed_as_mergekit_places_them() -> None:
+    """Every pre- and post-block tensor that mergekit's architecture files name for a one-module
+    architecture is placed on the same side here: a frankenmerge takes the first slice's pre
+    tensors and the last slice's post ones. chatglm's `rotary_pos_emb.inv_freq` and jais's
+    `relative_pe.slopes` came from the last slice."""
+    import json
+
+    import mergekit
+
+    from simmerge_ray.merge.tensor_plan import _is_pre
+
+    root = Path(mergekit.__file__).parent / "_data" / "architectures"
+    checked, wrong = 0, []
+    for f in sorted(root.glob("*.json")):
+        arch = json.loads(f.read_text())
+        if "modules" in arch:  # modular checkpoints: placed by their module layouts
+            continue
+        for key, pre in (("pre_weights", True), ("post_weights", False)):
+            for w in arch.get(key) or []:
+                checked += 1
+                if _is_pre(w["name"]) != pre:
+                    wrong.append(f"{f.stem}: {w['name']} ({key})")
+    assert checked > 100 and wrong == []

@@ -49,12 +49,17 @@ class TensorTask:
         return self.reads + ((self.base,) if self.base is not None else ())
 
 
+# Names of tensors outside the blocks that come before them: input embeddings (`embed_tokens`,
+# GPT-2-style `wte` and its position embedding `wpe`), and the position tables of chatglm
+# (`rotary_pos_emb.inv_freq`) and jais (`relative_pe.slopes`), as mergekit's architecture files
+# list them (its pre_weights; checked against them in tests/test_merge_vs_mergekit.py).
+PRE_MARKERS = ("embed", ".wte.", ".wpe.", ".rotary_pos_emb.", ".relative_pe.")
+
+
 def _is_pre(name: str) -> bool:
-    """Input embeddings (`embed_tokens`, GPT-2-style `wte` and its position embedding `wpe`) come
-    before the blocks, and a frankenmerge takes them from its first slice; every other tensor
-    outside the blocks after (from its last)."""
-    return (("embed" in name or ".wte." in name or ".wpe." in name)
-            and "embed_out" not in name and "lm_head" not in name)
+    """Whether a tensor outside the blocks comes before them: a frankenmerge takes those from its
+    first slice, every other one (norms, heads) from its last."""
+    return any(m in name for m in PRE_MARKERS) and "embed_out" not in name and "lm_head" not in name
 
 
 @dataclass(frozen=True)
