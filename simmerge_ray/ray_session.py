@@ -117,7 +117,10 @@ def _sigterm_while_starting(on_sigterm: object) -> Iterator[None]:
         if not unwinds or e.code not in (signal.SIGTERM, 1):
             raise
         signal.signal(signal.SIGTERM, on_sigterm)  # a second SIGTERM unwinds too
-        shutdown_started_ray(130)
+        import ray
+
+        # not shutdown_started_ray: init did not finish, but the node it started is shut down
+        run_bounded(ray.shutdown, SHUTDOWN_TIMEOUT_S, 130, "Ray did not shut down")
         raise KeyboardInterrupt from None
     finally:
         if unwinds:
