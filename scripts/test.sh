@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+source scripts/mkl_env.sh
 export RAY_AUTH_MODE=disabled
 # Two workers, a file each at a time: most of the long tests wait on processes of their own, so
 # the 2 cores are shared with the short files meanwhile. Files are handed out in collection order

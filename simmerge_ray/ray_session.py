@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 _verbose = False
@@ -93,10 +93,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
             if not _verbose:
                 _drop_streamed_cpp_info_lines()
         else:
-            from simmerge_ray.native import mkl_vendor_preloaded
-
-            with mkl_vendor_preloaded():  # the node's workers, where training and inference run
-                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=_verbose, logging_level=level)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=_verbose, logging_level=level)
     if not _verbose:
         for name in ("ray.tune", "ray.train", "ray.serve"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -143,10 +140,12 @@ def shutdown_started_ray(exit_code: int, timeout_s: float = SHUTDOWN_TIMEOUT_S) 
     run_bounded(ray.shutdown, timeout_s, exit_code, "Ray did not shut down")
 
 
-def run_bounded(fn: object, timeout_s: float, exit_code: int, what: str) -> None:
+def run_bounded(fn: Callable[[], object], timeout_s: float, exit_code: int, what: str) -> None:
     """Call `fn()`; if it has not returned after `timeout_s`, kill this process's children, write
-    `simmerge: WHAT within N s; stopped its processes` to stderr and exit with `exit_code` (no
-    unwinding: whatever could hang is what is being waited for)."""
+    `simmerge: WHAT within N s; stopped its processes` to stderr and exit with `exit_code`. That
+    exit does not unwind (whatever could hang is what is being waited for): a `with` block the
+    call sits in, such as a temporary output folder, is not cleaned up, and the next run of the
+    command removes what it left."""
     import psutil
 
     done = threading.Event()
@@ -155,16 +154,21 @@ def run_bounded(fn: object, timeout_s: float, exit_code: int, what: str) -> None
         if done.wait(timeout_s):
             return
         for child in psutil.Process().children(recursive=True):
+            if done.is_set():  # returned meanwhile: its caller goes on
+                return
             try:
                 child.kill()
             except psutil.Error:
                 pass
+        if done.is_set():
+            return
+        sys.stdout.flush()
         print(f"simmerge: {what} within {timeout_s:g} s; stopped its processes", file=sys.stderr, flush=True)
         os._exit(exit_code)
 
     threading.Thread(target=watchdog, name="shutdown-watchdog", daemon=True).start()
     try:
-        fn()  # type: ignore[operator]
+        fn()
     finally:
         done.set()
 

@@ -58,10 +58,8 @@ def ray_cluster():
     """A local Ray started by the tests (short temp dir: Ray's socket paths have a length limit)."""
     import ray
 
-    from simmerge_ray.native import mkl_vendor_preloaded
-
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-    with startup_lock(), mkl_vendor_preloaded():  # its workers' MKL as a command's local Ray has it
+    with startup_lock():
         ray.init(
             num_cpus=4,
             object_store_memory=300 * 1024 * 1024,

@@ -624,6 +624,11 @@ def test_a_hanging_shutdown_is_cut_short_and_its_processes_stopped(tmp_path: Pat
     pid, returned = out.split()
     assert returned == "returned"
     deadline = time.monotonic() + 10
-    while psutil.pid_exists(int(pid)) and psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE:
+    while True:
+        try:
+            if psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE:
+                break  # killed, not yet reaped
+        except psutil.NoSuchProcess:
+            break  # killed and reaped
         assert time.monotonic() < deadline, "the child the hung call's process started is still running"
         time.sleep(0.1)

@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simmerge {args.command}: interrupted; nothing was published (outputs appear only when "
               f"complete, and caches resume)", file=sys.stderr)
         if not ray_before and _ray_up():  # the command's own Ray, not a caller's (tests, notebooks)
-            shutdown_started_ray(130)  # bounded: after a SIGTERM it was seen hanging for minutes
+            try:
+                shutdown_started_ray(130)  # bounded: after a SIGTERM it was seen hanging for minutes
+            except KeyboardInterrupt:  # a second Ctrl-C: leave the rest to Ray's exit handler
+                pass
         return 130
     finally:
         if previous is not None:

@@ -222,7 +222,7 @@ def _print_trust(plan, alone: str, percent: bool = True) -> None:
 def _calibrated_alone_line(best, task: str) -> str:
     """Not merging against the best plan on the calibrated scale, the expert's side: there the
     expert alone keeps its score (+0%). The line above compares predicted scores, which can favour
-    the merge where the calibrated retention says the expert loses a third of its score."""
+    the merge where the calibrated retention says the expert loses much of its score."""
     top = best.calibrated.get("top_plan", {})
     e = top["expert_retention"] if top.get("available") else best.calibrated["expert_retention"]
     which = "as the top plan" if top.get("available") else "calibrated"

@@ -117,8 +117,9 @@ def mergekit_dtype_names(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_provenance(spec: MergeSpec, out: Path, compute: str = "float32") -> None:
-    """simmerge_merge.json (method, inputs, parameters, seed, tool version), the exact config
-    as mergekit_config.yml, and a README.md model card, as mergekit writes them."""
+    """simmerge_merge.json (method, inputs, parameters, seed, tool version), the config as
+    mergekit_config.yml (as given, dtype aliases named as mergekit reads them), and a README.md
+    model card, as mergekit writes them."""
     from simmerge_ray import __version__
 
     params = merge_parameters(spec)
