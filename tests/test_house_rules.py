@@ -177,12 +177,13 @@ def _module_name(path: Path) -> str:
 
 def test_every_library_module_serves_the_library() -> None:
     """A module that only tests or benchmarks import (synthetic worlds, experiment statistics)
-    belongs in benchmarks/; the library's roots are its command modules, `python -m simmerge_ray`
-    and what jobs/ import."""
+    belongs in benchmarks/; the library's roots are its command modules, `python -m simmerge_ray`,
+    what jobs/ import and the modules scripts/ run (`python -m simmerge_ray.mkl_vendor`)."""
     from simmerge_ray.cli import COMMAND_MODULES
     from simmerge_ray.cli.features import FEATURE_MODULES  # `simmerge features <kind>`, loaded by name
 
-    roots = ({f"simmerge_ray.cli.{m}" for m in (*COMMAND_MODULES, *FEATURE_MODULES)}
+    scripted = {m for p in (ROOT / "scripts").glob("*.sh") for m in re.findall(r"-m (simmerge_ray[\w.]*)", p.read_text())}
+    roots = ({f"simmerge_ray.cli.{m}" for m in (*COMMAND_MODULES, *FEATURE_MODULES)} | scripted
              | {"simmerge_ray", "simmerge_ray.cli", "simmerge_ray.__main__"})  # __main__: what jobs run
     modules = {_module_name(p): p for p in _py(LIBRARY)}
     used = {name for p in _py(LIBRARY, JOBS) for _, name in _imported(p)}
