@@ -59,6 +59,7 @@ CASES = {  # name: (kind, threads, batch, steps)
 
 
 def measure(case: tuple[str, int, int, int], preload: str | None) -> tuple[float, int]:
+    """(tokens per second, MKL dispatch code) of one fresh process."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | ({"LD_PRELOAD": preload} if preload else {})
     out = subprocess.run([sys.executable, "-c", _CHILD, *map(str, case)], cwd=REPO, env=env, capture_output=True,
                          text=True, check=True).stdout.split()
@@ -70,7 +71,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="measurements per row and setting, interleaved")
     p.add_argument("--json", type=Path, default=REPO / "runs" / "bench" / "mkl_vendor.json")
     args = p.parse_args()
-    from simmerge_ray.native import mkl_vendor_preload
+    from simmerge_ray.mkl_vendor import mkl_vendor_preload
 
     preload = mkl_vendor_preload()
     if preload is None:
