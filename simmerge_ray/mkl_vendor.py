@@ -2,7 +2,7 @@
 
 torch's CPU wheels link MKL, which runs a generic path on CPUs it does not recognise (AMD's). A
 process started with mkl_vendor.c in LD_PRELOAD gets MKL's kernels for its instruction set
-instead: on a 2-core AMD EPYC with AVX-512 the default zoo's llama trained 10-19% and scored 12%
+instead: on a 2-core AMD EPYC with AVX-512 the default zoo's llama trained 14-20% and scored 24%
 faster (benchmarks/bench_mkl_vendor.py; README, Performance). The preload acts at process start
 and every process of a run must have it or none (a Ray worker and its driver must compute the
 same bytes), so it is set for whole process trees: `scripts/mkl_env.sh`, which the demo and
