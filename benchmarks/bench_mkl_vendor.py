@@ -1,5 +1,6 @@
-"""Benchmark: torch's MKL with and without simmerge_ray/mkl_vendor.c preloaded (what a local Ray's
-workers get on CPUs MKL does not take for Intel's, such as AMD's).
+"""Benchmark: torch's MKL with and without simmerge_ray/mkl_vendor.c preloaded (what every process
+of the demo and the tests gets through scripts/mkl_env.sh on CPUs MKL does not take for Intel's,
+such as AMD's).
 
     .venv/bin/python -m benchmarks.bench_mkl_vendor            # 3 rounds, interleaved
     .venv/bin/python -m benchmarks.bench_mkl_vendor --rounds 1

@@ -79,8 +79,10 @@ def test_the_scripts_export_it_for_every_process_and_keep_a_users_preload(env: d
     """scripts/mkl_env.sh (sourced by demo.sh and test.sh) puts the library first in LD_PRELOAD
     and keeps what the user had there; a process it starts dispatches as the preload makes it."""
     mine = tmp_path / "mine.so"
-    out = subprocess.run(["bash", "-c", "source scripts/mkl_env.sh && echo \"$LD_PRELOAD\""], cwd=REPO,
-                         env={**env, "LD_PRELOAD": str(mine)}, capture_output=True, text=True, check=True)
+    script = REPO / "scripts" / "mkl_env.sh"
+    twice = f"source {script} && source {script} && echo \"$LD_PRELOAD\""  # from another folder, twice
+    out = subprocess.run(["bash", "-c", twice], cwd=tmp_path, env={**env, "LD_PRELOAD": str(mine)},
+                         capture_output=True, text=True, check=True)
     preload = out.stdout.strip().split(":")
     path = mkl_vendor_preload()
     assert preload == ([path] if path else []) + [str(mine)]
