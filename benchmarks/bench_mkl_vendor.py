@@ -25,7 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 _CHILD = """
-import sys, time, ctypes, pathlib, torch, yaml
+import sys, time, torch, yaml
+from simmerge_ray.mkl_vendor import libtorch_cpu
 from simmerge_ray.testbed.model_factory import init_model
 from simmerge_ray.testbed.train import train_lm
 from simmerge_ray.testbed.zoo_config import TrainConfig, ZooConfig
@@ -49,8 +50,7 @@ else:
         for _ in range(steps):
             model(x)
     tokens = steps * x.numel()
-lib = ctypes.CDLL(str(pathlib.Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-print(tokens / (time.perf_counter() - t0), lib.mkl_serv_cpu_detect())
+print(tokens / (time.perf_counter() - t0), libtorch_cpu().mkl_serv_cpu_detect())
 """
 CASES = {  # name: (kind, threads, batch, steps)
     "expert fine-tune (1 thread, batch 8)": ("train", 1, 8, 80),

@@ -15,11 +15,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
-from simmerge_ray.native import build
+from simmerge_ray.native import build_library
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("mkl_vendor.c")
@@ -40,25 +38,25 @@ def mkl_vendor_preload() -> str | None:
         return None
 
 
-def _build_if_useful() -> str | None:
+def libtorch_cpu() -> ctypes.CDLL:
+    """torch's CPU library, where MKL is linked (its dispatch: `mkl_serv_cpu_detect()`, 0 for the
+    generic path). Raises OSError where it is not there, AttributeError on a missing function."""
     import torch
 
+    return ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+
+
+def _build_if_useful() -> str | None:
     try:
-        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        recognised = lib.mkl_serv_intel_cpu_true() == 1
+        recognised = libtorch_cpu().mkl_serv_intel_cpu_true() == 1
     except (OSError, AttributeError):  # not MKL, or not linked this way: nothing to do
         return None
     if recognised:
         return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        log.warning("no C compiler found: MKL keeps its generic kernels on this CPU")
+    path = build_library(SOURCE, ("-shared", "-fPIC", "-O2"), SWITCH, "MKL keeps its generic kernels on this CPU")
+    if path is None:
         return None
-    try:
-        path = build(SOURCE, ("-shared", "-fPIC", "-O2"), cc).resolve()
-    except subprocess.CalledProcessError as e:
-        log.warning("cannot build %s (%s): MKL keeps its generic kernels on this CPU", SOURCE, e.stderr or e)
-        return None
+    path = path.resolve()
     if any(c in str(path) for c in " :"):
         log.warning("%s: LD_PRELOAD cannot name a path with a space or a colon; MKL keeps its generic kernels "
                     "(set SIMMERGE_KERNEL_DIR to another folder)", path)

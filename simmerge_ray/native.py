@@ -58,18 +58,35 @@ def build(source: Path, flags: tuple[str, ...], cc: str) -> Path:
     return target
 
 
-def load_library(source: Path, flags: tuple[str, ...], switch: str, fallback: str) -> ctypes.CDLL | None:
-    """The compiled `source`, or None when `switch` is "0" or it cannot be built (logged, naming
-    `fallback`, what runs instead)."""
+def compiler() -> str | None:
+    """The C compiler to build with: $CC, else cc or gcc on the PATH; None without one."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build_library(source: Path, flags: tuple[str, ...], switch: str, fallback: str) -> Path | None:
+    """The compiled `source` (its cached file), or None when `switch` is "0" or it cannot be built
+    (logged, naming `fallback`, what runs instead)."""
     if os.environ.get(switch, "1") == "0":
         return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = compiler()
     if cc is None:
         log.warning("no C compiler found: %s", fallback)
         return None
     try:
-        return ctypes.CDLL(str(build(source, flags, cc)))
+        return build(source, flags, cc)
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         log.warning("cannot build %s (%s): %s", source, detail, fallback)
+        return None
+
+
+def load_library(source: Path, flags: tuple[str, ...], switch: str, fallback: str) -> ctypes.CDLL | None:
+    """`build_library`'s file loaded, or None (logged) where it is not built or does not load."""
+    path = build_library(source, flags, switch, fallback)
+    if path is None:
+        return None
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as e:
+        log.warning("cannot build %s (%s): %s", source, e, fallback)
         return None

@@ -114,10 +114,7 @@ def _sigterm_while_starting(on_sigterm: object) -> Iterator[None]:
         if not unwinds or e.code not in (signal.SIGTERM, 1):
             raise
         signal.signal(signal.SIGTERM, on_sigterm)  # a second SIGTERM unwinds too
-        import ray
-
-        # not shutdown_started_ray: init did not finish, but the node it started is shut down
-        run_bounded(ray.shutdown, SHUTDOWN_TIMEOUT_S, 130, "Ray did not shut down")
+        shutdown_started_ray(130)  # init did not finish, but the node it started is shut down
         raise KeyboardInterrupt from None
     finally:
         if unwinds:
@@ -127,17 +124,16 @@ def _sigterm_while_starting(on_sigterm: object) -> Iterator[None]:
 SHUTDOWN_TIMEOUT_S = 30.0  # a local Ray stops in 1-3 s; under load, seen once hanging past 120 s
 
 
-def shutdown_started_ray(exit_code: int, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
-    """ray.shutdown(), bounded, for a command that started or joined Ray itself. Ray's C++
-    `shutdown_driver` was seen once hanging past 120 s after a SIGTERM under load: a command
-    stopped with Ctrl-C or `kill`, its temporary outputs already gone, then sat there for
-    minutes. Past `timeout_s` the watchdog kills the processes this one started (a local Ray's
-    node; none when joined to a cluster), says so in one line and exits with `exit_code`."""
+def shutdown_started_ray(exit_code: int) -> None:
+    """ray.shutdown(), bounded, for a command that started or joined Ray itself (a no-op where
+    nothing was started). Ray's C++ `shutdown_driver` was seen once hanging past 120 s after a
+    SIGTERM under load: a command stopped with Ctrl-C or `kill`, its temporary outputs already
+    gone, then sat there for minutes. Past SHUTDOWN_TIMEOUT_S the watchdog kills the processes
+    this one started (a local Ray's node; none when joined to a cluster), says so in one line and
+    exits with `exit_code`."""
     import ray
 
-    if not ray.is_initialized():
-        return
-    run_bounded(ray.shutdown, timeout_s, exit_code, "Ray did not shut down")
+    run_bounded(ray.shutdown, SHUTDOWN_TIMEOUT_S, exit_code, "Ray did not shut down")
 
 
 def run_bounded(fn: Callable[[], object], timeout_s: float, exit_code: int, what: str) -> None:

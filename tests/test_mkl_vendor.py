@@ -4,29 +4,28 @@ preload for every process of the demo and the tests."""
 
 from __future__ import annotations
 
-import ctypes
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from simmerge_ray.mkl_vendor import SWITCH, mkl_vendor_preload
+from simmerge_ray.mkl_vendor import SWITCH, libtorch_cpu, mkl_vendor_preload
+from simmerge_ray.native import compiler
 
 REPO = Path(__file__).resolve().parents[1]
-LIBTORCH = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+LIBTORCH = libtorch_cpu()
 if not hasattr(LIBTORCH, "mkl_serv_intel_cpu_true"):
     pytest.skip("torch's BLAS is not MKL here: nothing to preload", allow_module_level=True)
 RECOGNISED = LIBTORCH.mkl_serv_intel_cpu_true() == 1  # an Intel CPU: MKL dispatches by instruction set already
-HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+HAS_CC = compiler() is not None
 # MKL's dispatch code in a fresh process (0: its generic path), and a float32 product's largest
 # error against float64.
 _DISPATCH = """
-import ctypes, pathlib, torch
-lib = ctypes.CDLL(str(pathlib.Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+import torch
+from simmerge_ray.mkl_vendor import libtorch_cpu
+lib = libtorch_cpu()
 g = torch.Generator().manual_seed(0)
 a, b = torch.randn(300, 200, generator=g), torch.randn(200, 100, generator=g)
 err = ((a @ b).double() - a.double() @ b.double()).abs().max().item()
