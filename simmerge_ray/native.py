@@ -38,6 +38,19 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def cpu_vendor() -> str | None:
+    """The x86 CPU's vendor string (`GenuineIntel`, `AuthenticAMD`, ...); None on other machines."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return None
+
+
 def build(source: Path, flags: tuple[str, ...], cc: str) -> Path:
     """Compile `source` into the cache, keyed by everything the binary depends on."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout

@@ -16,6 +16,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from simmerge_ray.mkl_vendor import worker_runtime_env
+
 _verbose = False
 # Set for Ray's processes unless --verbose (and unless the user set them): the C++ log level, and
 # Tune's classic reporter (silent with verbose=0, where the new one still prints status boxes).
@@ -46,7 +48,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     own processes out of its session log files. A variable the user set wins. A HOST:PORT
     address (or `auto`) that accepts no connection within SIMMERGE_RAY_CONNECT_TIMEOUT_S seconds
     (default 60: a head still starting gets that long) is one ConfigError line naming it, not
-    Ray's own retries, which wait some 14 minutes (wait_reachable).
+    Ray's own retries, which wait some 14 minutes (wait_reachable). Where this process has
+    mkl_vendor's library, the workers of a cluster it joins take it as they start.
     """
     import ray
 
@@ -73,7 +76,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
             try:
                 with warnings.catch_warnings():  # its timeout, said again below in one line
                     warnings.filterwarnings("ignore", "Ray Client connection timed out", UserWarning)
-                    ray.init(address=address, log_to_driver=True, logging_level=level)
+                    ray.init(address=address, log_to_driver=True, logging_level=level,
+                             runtime_env=worker_runtime_env())
             except ValueError as e:  # "Invalid address format: x", "Unable to parse port number ...": a traceback
                 if not re.search(r"address|port", str(e)):
                     raise

@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from cluster_processes import RAY, free_ports, kill_group, processes_naming, reap, startup_lock
 from simmerge_ray.mkl_vendor import SWITCH, libtorch_cpu, mkl_vendor_preload
 from simmerge_ray.native import compiler
 
@@ -87,3 +89,93 @@ def test_the_scripts_export_it_for_every_process_and_keep_a_users_preload(env: d
     assert preload == ([path] if path else []) + [str(mine)]
     if not RECOGNISED:
         assert path is not None and _dispatch({**env, "LD_PRELOAD": path})[0] > 0
+
+
+# `simmerge` started without the preload: what its command (here --help, which imports every
+# command module) leaves in the process, what a child it starts gets, and what a process that
+# imported torch first gets.
+_COMMAND = """
+import contextlib, io, os, subprocess, sys
+from simmerge_ray.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    try:
+        main(["--help"])
+    except SystemExit:
+        pass
+child = subprocess.run([sys.executable, "-c", sys.argv[1]], capture_output=True, text=True, check=True).stdout
+print(os.environ.get("LD_PRELOAD", "-"), child.split()[0])
+exec(sys.argv[1])
+"""
+_TOO_LATE = """
+import torch
+from simmerge_ray.mkl_vendor import activate
+print(activate())
+""" + _DISPATCH
+
+
+@pytest.mark.skipif(RECOGNISED or not HAS_CC, reason="nothing to preload, or no compiler to build it")
+def test_simmerge_takes_it_for_itself_and_the_processes_it_starts(env: dict[str, str], tmp_path: Path) -> None:
+    """Run without the scripts, the command computes as under them: MKL's vendor check answered
+    from the global symbol scope before torch loads, LD_PRELOAD exported for its children (a local
+    Ray's workers); once torch is loaded it is too late, and nothing is loaded or exported."""
+    out = subprocess.run([sys.executable, "-c", _COMMAND, _DISPATCH], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.split()
+    preload, child_code, code, err = out
+    assert preload == mkl_vendor_preload() and Path(preload).parent == tmp_path / "kernels"
+    assert int(code) > 0 and int(child_code) == int(code) and float(err) < 1e-3
+    late = subprocess.run([sys.executable, "-c", _TOO_LATE], env=env, capture_output=True, text=True,
+                          check=True).stdout.split()
+    assert late[:2] == ["None", "0"]  # activate() did nothing; MKL's generic path
+    off = subprocess.run([sys.executable, "-c", _COMMAND, _DISPATCH], env={**env, SWITCH: "0"}, cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert off[:3] == ["-", "0", "0"]  # nothing exported; the child's and its own generic path
+
+
+_DRIVER = """
+import sys
+import ray
+from simmerge_ray.mkl_vendor import activate
+activate()
+from simmerge_ray.ray_session import init_ray
+init_ray(sys.argv[1])
+@ray.remote
+def dispatch():
+    import torch
+    from simmerge_ray.mkl_vendor import libtorch_cpu
+    torch.ones(64, 64) @ torch.ones(64, 64)
+    return libtorch_cpu().mkl_serv_cpu_detect()
+import torch
+from simmerge_ray.mkl_vendor import libtorch_cpu
+torch.ones(64, 64) @ torch.ones(64, 64)
+print(libtorch_cpu().mkl_serv_cpu_detect(), ray.get(dispatch.remote()))
+"""
+
+
+@pytest.mark.skipif(RECOGNISED or not HAS_CC, reason="nothing to preload, or no compiler to build it")
+def test_a_clusters_workers_take_it_from_their_driver(env: dict[str, str]) -> None:
+    """A cluster whose nodes were started without the preload: the workers of a driver that has
+    it take it as they start (Ray's worker setup hook), so both dispatch alike; a driver without
+    it (SIMMERGE_MKL_VENDOR=0) leaves them as they are."""
+    work = Path(tempfile.mkdtemp(prefix="rm-", dir="/tmp"))  # short: Ray's socket path limit
+    env = {**env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    with startup_lock():
+        gcs, client = free_ports(2)
+        head = subprocess.Popen([str(RAY), "start", "--head", f"--port={gcs}", "--include-dashboard=false",
+                                 f"--ray-client-server-port={client}", "--num-cpus=1", f"--temp-dir={work}",
+                                 "--object-store-memory=100000000", "--disable-usage-stats"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # its daemons share the process group head.pid
+        started, _ = head.communicate(timeout=120)
+    try:
+        assert head.returncode == 0, started
+        runs = {}
+        for name, extra in (("with", {}), ("without", {SWITCH: "0"})):
+            out = subprocess.run([sys.executable, "-c", _DRIVER, f"127.0.0.1:{gcs}"], env={**env, **extra},
+                                 capture_output=True, text=True, timeout=180)
+            assert out.returncode == 0, out.stderr[-2000:]
+            runs[name] = [int(v) for v in out.stdout.split()]
+    finally:
+        kill_group(head.pid, processes_naming(work))
+        assert not reap(work)
+    assert runs["with"][0] > 0 and runs["with"][1] == runs["with"][0]
+    assert runs["without"] == [0, 0]

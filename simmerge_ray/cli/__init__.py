@@ -98,6 +98,9 @@ def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.Argumen
 
 
 def main(argv: list[str] | None = None) -> int:
+    from simmerge_ray.mkl_vendor import activate
+
+    activate()  # before any command imports torch (on AMD CPUs: MKL's kernels for their instruction set)
     from simmerge_ray.ray_session import set_verbose, shutdown_started_ray
 
     argv = sys.argv[1:] if argv is None else argv
