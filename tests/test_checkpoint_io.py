@@ -101,7 +101,64 @@ def test_tied_embeddings_are_not_invented(tmp_path: Path) -> None:
 def test_layer_index() -> None:
     assert layer_index("model.layers.7.mlp.up_proj.weight") == 7
     assert layer_index("gpt_neox.layers.12.attention.dense.weight") == 12
+    assert layer_index("h.3.attn.c_attn.weight") == 3  # a base model's own save (GPT-2 as published)
     assert layer_index("model.embed_tokens.weight") is None
+    assert layer_index("with.3.x") is None and layer_index("model.layers_norm.weight") is None
+
+
+def test_base_model_prefixes_are_transformers_own() -> None:
+    """BASE_MODEL_PREFIX says where each listed model type's causal LM holds its base model, as
+    transformers' classes do (a stale entry would read a published checkpoint under names no
+    fine-tune of it has)."""
+    import importlib
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from simmerge_ray.io.checkpoint import BASE_MODEL_PREFIX
+
+    checked = 0
+    for model_type, prefix in BASE_MODEL_PREFIX.items():
+        cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+        cls = getattr(importlib.import_module(f"transformers.models.{model_type}"), cls_name)
+        assert cls.base_model_prefix == prefix, (model_type, cls.base_model_prefix)
+        checked += 1
+    assert checked == len(BASE_MODEL_PREFIX) >= 20
+
+
+def test_a_base_models_names_are_read_under_the_full_models(tmp_path: Path) -> None:
+    """A causal LM stored under its base model's names (GPT-2 as published: `h.0...`, `wte.weight`)
+    is read under the full model's (`transformer.h.0...`), safetensors or pickle, each entry keeping
+    its stored name; convert writes the names as stored. A base model's own config (`GPT2Model`), a
+    model type not listed, or a checkpoint with the prefix somewhere keep their names."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=32, n_positions=16)).save_pretrained(
+        tmp_path / "full")
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    stored = {n.removeprefix("transformer."): t for n, t in full.items()}
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+
+    def folder(name: str, cfg: dict, tensors: dict[str, torch.Tensor], *, pickled: bool = False) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        if pickled:
+            torch.save(tensors, tmp_path / name / "pytorch_model.bin")
+        else:
+            save_file(tensors, tmp_path / name / "model.safetensors")
+        return tmp_path / name
+
+    for ck in (Checkpoint.open(folder("hub", config, stored)),
+               Checkpoint.open(folder("hub-bin", config, stored, pickled=True), allow_pickle=True)):
+        assert set(ck.entries) == set(full) and "transformer.h.1.attn.c_attn.weight" in ck.entries
+        assert all(torch.equal(ck.read(n), full[n]) for n in full)
+        assert ck.entries["transformer.wte.weight"].name == "wte.weight" and ck.num_layers == 2
+    assert cli_main(["convert", str(tmp_path / "hub-bin"), "--out", str(tmp_path / "conv"), "--allow-pickle"]) == 0
+    assert set(load_file(tmp_path / "conv" / "model.safetensors")) == set(stored)
+    for name, cfg, tensors in (("base", {**config, "architectures": ["GPT2Model"]}, stored),
+                               ("other", {**config, "model_type": "qwen"}, stored),
+                               ("partly", config, {**stored, "transformer.extra": torch.zeros(2)})):
+        assert set(Checkpoint.open(folder(name, cfg, tensors)).entries) == set(tensors)
 
 
 def test_fingerprint_is_content_keyed(tmp_path: Path, sharded: Path) -> None:

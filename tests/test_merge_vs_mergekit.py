@@ -197,7 +197,7 @@ def test_tensors_outside_the_blocks_are_placed_as_mergekit_places_them() -> None
     """Every pre- and post-block tensor that mergekit's architecture files name for a one-module
     architecture is placed on the same side here: a frankenmerge takes the first slice's pre
     tensors and the last slice's post ones. chatglm's `rotary_pos_emb.inv_freq` and jais's
-    `relative_pe.slopes` came from the last slice."""
+    `relative_pe.slopes` came from the last slice, and an unprefixed `wte.weight` too."""
     import json
 
     import mergekit
@@ -212,7 +212,44 @@ def test_tensors_outside_the_blocks_are_placed_as_mergekit_places_them() -> None
             continue
         for key, pre in (("pre_weights", True), ("post_weights", False)):
             for w in arch.get(key) or []:
-                checked += 1
-                if _is_pre(w["name"]) != pre:
-                    wrong.append(f"{f.stem}: {w['name']} ({key})")
+                for name in (w["name"], *w.get("aliases", ())):  # `wte.weight`: GPT-2 as published
+                    checked += 1
+                    if _is_pre(name) != pre:
+                        wrong.append(f"{f.stem}: {name} ({key})")
     assert checked > 100 and wrong == []
+
+
+@pytest.mark.parametrize("case", ["frankenmerge", "mixed_names"])
+def test_gpt2_as_published_merges_as_mergekit_merges_it(tmp_path: Path, case: str) -> None:
+    """GPT-2 as its authors published it stores its base model's names (`h.0...`, `wte.weight`),
+    its fine-tunes the full model's (`transformer.h.0...`). mergekit reads both through its
+    aliases and writes the full names; so do we. Before, a frankenmerge of such checkpoints took
+    no tensor for a block (`h.0.` was not seen as one: 2 blocks written under a config of 3, the
+    embeddings from the last slice) and a published model beside its fine-tune was refused."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    for i, name in enumerate(("g1", "g2")):
+        torch.manual_seed(i)
+        GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+            tmp_path / name)
+        if name == "g1" or case == "frankenmerge":
+            weights = tmp_path / name / "model.safetensors"
+            save_file({n.removeprefix("transformer."): t for n, t in load_file(weights).items()}, weights)
+    cfg = ({"merge_method": "passthrough", "dtype": "float32",
+            "slices": [{"sources": [{"model": "g1", "layer_range": [0, 2]}]},
+                       {"sources": [{"model": "g2", "layer_range": [1, 2]}]}]} if case == "frankenmerge" else
+           {"merge_method": "linear", "dtype": "float32",
+            "models": [{"model": "g1", "parameters": {"weight": 0.3}}, {"model": "g2", "parameters": {"weight": 0.7}}]})
+    absolute = yaml.safe_load(yaml.safe_dump(cfg))
+    for m in [s for sl in absolute.get("slices", []) for s in sl["sources"]] + absolute.get("models", []):
+        m["model"] = str(tmp_path / m["model"])
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(absolute))
+    run_merge(MergeSpec.load(tmp_path / "merge.yaml"), tmp_path / "ours", ExecOptions())
+    run_mergekit(cfg, tmp_path, tmp_path / "theirs")
+    ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "theirs")
+    assert set(ours) == set(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)
+    if case == "frankenmerge":
+        assert {n for n in ours if n.startswith("transformer.h.2.")} and "transformer.h.3.ln_1.weight" not in ours
+        first = Checkpoint.open(tmp_path / "g1")
+        assert torch.equal(ours["transformer.wte.weight"], first.read("transformer.wte.weight"))

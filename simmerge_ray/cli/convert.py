@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         raise SimMergeError("convert reads pickle files, which can run code: pass --allow-pickle to confirm")
     check_output(args.out, overwrite=args.overwrite, inputs=[args.src])
     ck = open_pickle_checkpoint(args.src)
-    items = [(n, e.shape, e.dtype, (lambda n=n: ck.read(n))) for n, e in ck.entries.items()]
+    items = [(e.name, e.shape, e.dtype, (lambda n=n: ck.read(n))) for n, e in ck.entries.items()]  # names as stored
     out = write_checkpoint(args.out, ck.config, items, 2 * 1024**3, overwrite=args.overwrite,
                            side_files_from=ck.path, inputs=[args.src])
     print(f"converted {len(items)} tensors -> {out}")

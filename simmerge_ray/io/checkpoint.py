@@ -26,13 +26,39 @@ from simmerge_ray.io.digest_cache import file_digest
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, TORCH_TO_DTYPE, TensorEntry, read_header
 from simmerge_ray.io.side_files import has_loadable_tokenizer
 
-_LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")  # `h.0.` of a base model's own save too
+
+# The attribute that holds the base model in each model_type's causal LM (transformers'
+# base_model_prefix; tests/test_checkpoint_names.py checks them against it). Some checkpoints store
+# a causal LM's tensors as its base model names them (`h.0.attn.c_attn.weight`: GPT-2 and BLOOM
+# as their authors published them), fine-tunes saved from the full model with the prefix
+# (`transformer.h.0...`); read with it, as mergekit's aliases read them, the two merge. Only the
+# model types listed: elsewhere a missing prefix may be the architecture's own naming.
+BASE_MODEL_PREFIX: dict[str, str] = {
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                     "phi", "phi3", "stablelm", "starcoder2", "olmo", "olmo2", "cohere", "granite", "opt"), "model"),
+    **dict.fromkeys(("gpt2", "bloom", "falcon", "gpt_bigcode", "gpt_neo", "gptj", "codegen", "mpt"), "transformer"),
+    "gpt_neox": "gpt_neox",
+}
+HEAD_TENSORS = ("lm_head.", "embed_out.", "score.")  # outside the base model: never prefixed
 
 
 def layer_index(tensor_name: str) -> int | None:
     """Transformer block index of a tensor (`model.layers.7.mlp...` -> 7), None outside blocks."""
     m = _LAYER_RE.search(tensor_name)
     return int(m.group(1)) if m else None
+
+
+def with_base_prefix(entries: dict[str, TensorEntry], config: dict) -> dict[str, TensorEntry]:
+    """`entries` under the names the full causal LM gives them: its base model's prefix added where
+    a checkpoint of a BASE_MODEL_PREFIX type whose config names a model with a head (`...ForCausalLM`,
+    `GPT2LMHeadModel`) stores none of its tensors under it. Each entry keeps its stored name."""
+    prefix = BASE_MODEL_PREFIX.get(config.get("model_type", ""))
+    architectures = config.get("architectures") or [""]
+    head = isinstance(architectures, list) and any(k in str(architectures[0]) for k in ("For", "Head"))
+    if prefix is None or not head or any(n.startswith(f"{prefix}.") for n in entries):
+        return entries
+    return {n if n.startswith(HEAD_TENSORS) else f"{prefix}.{n}": e for n, e in entries.items()}
 
 
 def with_layer_index(tensor_name: str, index: int) -> str:
@@ -138,7 +164,7 @@ class Checkpoint:
                 if name in entries:
                     raise CheckpointError(f"{path}: tensor {name!r} appears in two shards")
                 entries[name] = entry
-        return cls(path, config, entries, headers)
+        return cls(path, config, with_base_prefix(entries, config), headers)
 
     @classmethod
     def _from_pickle(cls, path: Path, config: dict) -> "Checkpoint":
@@ -150,7 +176,7 @@ class Checkpoint:
             name: TensorEntry(name, TORCH_TO_DTYPE[t.dtype], tuple(t.shape), path / where[name], 0, 0)
             for name, t in state.items()
         }
-        return cls(path, config, entries, {}, state)
+        return cls(path, config, with_base_prefix(entries, config), {}, state)
 
     # ---- metadata ------------------------------------------------------------------------
     @property
@@ -238,7 +264,7 @@ class Checkpoint:
         """
         entry = self._entry(name)
         if self._pickled is not None:
-            return self._pickled[name]
+            return self._pickled[entry.name]
         return self.read_range(name, 0, entry.numel).reshape(entry.shape)
 
     @property
@@ -254,7 +280,7 @@ class Checkpoint:
         """
         entry = self._entry(name)
         if self._pickled is not None:
-            return self._pickled[name].reshape(-1)[start:start + count]
+            return self._pickled[entry.name].reshape(-1)[start:start + count]
         self._check_range(entry, start, count)
         if out is None:
             out = torch.empty(count, dtype=DTYPE_TO_TORCH[entry.dtype])
@@ -289,7 +315,7 @@ class Checkpoint:
         consumed stop counting against this process."""
         entry = self._entry(name)
         if self._pickled is not None:
-            return self._pickled[name].reshape(-1)[start:start + count]
+            return self._pickled[entry.name].reshape(-1)[start:start + count]
         self._check_range(entry, start, count)
         size = DTYPE_BYTES[entry.dtype]
         if count == 0:

@@ -59,7 +59,7 @@ PRE_MARKERS = ("embed", ".wte.", ".wpe.", ".rotary_pos_emb.", ".relative_pe.")
 def _is_pre(name: str) -> bool:
     """Whether a tensor outside the blocks comes before them: a frankenmerge takes those from its
     first slice, every other one (norms, heads) from its last."""
-    return any(m in name for m in PRE_MARKERS) and "embed_out" not in name and "lm_head" not in name
+    return any(m in f".{name}" for m in PRE_MARKERS) and "embed_out" not in name and "lm_head" not in name
 
 
 @dataclass(frozen=True)
