@@ -208,7 +208,7 @@ def test_tensors_outside_the_blocks_are_placed_as_mergekit_places_them() -> None
     checked, wrong = 0, []
     for f in sorted(root.glob("*.json")):
         arch = json.loads(f.read_text())
-        if "modules" in arch:  # modular checkpoints: placed by their module layouts
+        if "modules" in arch:  # modular checkpoints: placed by their module layouts, checked below
             continue
         for key, pre in (("pre_weights", True), ("post_weights", False)):
             for w in arch.get(key) or []:
@@ -217,6 +217,27 @@ def test_tensors_outside_the_blocks_are_placed_as_mergekit_places_them() -> None
                     if _is_pre(name) != pre:
                         wrong.append(f"{f.stem}: {name} ({key})")
     assert checked > 100 and wrong == []
+
+
+def test_modular_architectures_place_their_post_tensors_as_mergekit() -> None:
+    """Each module of the modular architectures we merge (simmerge_ray/merge/modules.py LAYOUTS)
+    has the post-block tensors that mergekit's architecture file declares for it, no more."""
+    import json
+
+    import mergekit
+
+    from simmerge_ray.merge.modules import LAYOUTS
+
+    root = Path(mergekit.__file__).parent / "_data" / "architectures"
+    theirs = {a: json.loads(f.read_text()) for f in root.glob("*.json")
+              for a in json.loads(f.read_text()).get("architectures", [])}
+    for arch, layouts in LAYOUTS.items():
+        modules = theirs[arch]["modules"]
+        assert set(modules) == set(layouts), arch
+        for name, module in modules.items():
+            prefix = module.get("weight_prefix") or ""
+            post = {prefix + w["name"] for w in module["architecture"].get("post_weights", [])}
+            assert set(layouts[name].post) == post, (arch, name)
 
 
 @pytest.mark.parametrize("case", ["frankenmerge", "mixed_names"])
