@@ -26,8 +26,11 @@ from simmerge_ray.native import build_library, cpu_vendor
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("mkl_vendor.c")
 SWITCH = "SIMMERGE_MKL_VENDOR"  # "0": no preload
-# What a worker of a cluster runs as it starts (Ray's worker_process_setup_hook), before any task.
-WORKER_HOOK = f"{__name__}.activate"
+# What a worker of a cluster runs as it starts, before any task: Ray's worker_process_setup_hook,
+# named through the variable Ray sets for it (tests check the name), since Ray drops the
+# runtime_env field for Ray Client drivers (ray://).
+WORKER_HOOK = f"{__name__}.activate_worker"
+HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
 
 
 def mkl_vendor_preload() -> str | None:
@@ -79,13 +82,31 @@ def activate() -> str | None:
     return path
 
 
-def worker_runtime_env() -> dict[str, str] | None:
-    """The runtime_env with which a driver that has the library joins a cluster, so that workers
-    on nodes started without it take it as they start (or None: this process has none, or the
-    job already names a setup hook, which Ray would refuse to merge with ours)."""
-    if not active() or "worker_process_setup_hook" in os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", ""):
+def activate_worker() -> None:
+    """WORKER_HOOK: `activate` in a Ray worker as it starts; one line (streamed to the driver)
+    where it cannot, on a CPU where its driver dispatches by instruction set."""
+    activate()
+    if cpu_vendor() in (None, "GenuineIntel") or active():
+        return
+    why = ("torch was imported before the hook" if "torch" in sys.modules
+           else f"{SWITCH}=0 on this node" if os.environ.get(SWITCH) == "0"
+           else "the library was not built or loaded (the line above says why)")
+    log.warning("this Ray worker (pid %d) keeps MKL's generic kernels: %s; its driver uses its instruction set's, "
+                "so their results differ in the last bits", os.getpid(), why)
+
+
+def worker_runtime_env() -> dict[str, dict[str, str]] | None:
+    """The runtime_env with which a driver joins a cluster, so that workers on nodes started
+    without the library take it as they start, as this process did or as MKL does on an Intel
+    CPU (None: SWITCH is "0", MKL keeps its generic kernels here, or the job already names a
+    setup hook, which Ray would refuse to merge with ours: said in one line)."""
+    if os.environ.get(SWITCH, "1") == "0" or not (active() or cpu_vendor() == "GenuineIntel"):
         return None
-    return {"worker_process_setup_hook": WORKER_HOOK}
+    if "worker_process_setup_hook" in os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "").lower():
+        log.warning("the job names its own worker setup hook: its workers keep the MKL kernels their nodes were "
+                    "started with (source scripts/mkl_env.sh before `ray start` on AMD nodes)")
+        return None
+    return {"env_vars": {HOOK_ENV: WORKER_HOOK}}
 
 
 def libtorch_cpu() -> ctypes.CDLL:

@@ -274,3 +274,32 @@ def test_gpt2_as_published_merges_as_mergekit_merges_it(tmp_path: Path, case: st
         assert {n for n in ours if n.startswith("transformer.h.2.")} and "transformer.h.3.ln_1.weight" not in ours
         first = Checkpoint.open(tmp_path / "g1")
         assert torch.equal(ours["transformer.wte.weight"], first.read("transformer.wte.weight"))
+
+
+def test_vocabulary_tensors_are_those_mergekit_declares() -> None:
+    """Every tensor outside the blocks that mergekit's architecture files name (aliases and module
+    prefixes included) is taken for a vocabulary tensor (re-indexed by a `tokenizer:` merge,
+    compared on shared rows) exactly where mergekit declares a vocabulary axis: BLOOM's and
+    Falcon's `word_embeddings`, GPT-NeoX's `embed_in`, InternLM2's `output` and T5's `shared`
+    were not."""
+    import json
+
+    import mergekit
+
+    from simmerge_ray.features.module_groups import is_vocabulary_name
+
+    root = Path(mergekit.__file__).parent / "_data" / "architectures"
+    checked, wrong = 0, []
+    for f in sorted(root.glob("*.json")):
+        arch = json.loads(f.read_text())
+        parts = ([(m["architecture"], m.get("weight_prefix") or "") for m in arch["modules"].values()]
+                 if "modules" in arch else [(arch, "")])
+        for part, prefix in parts:
+            for w in (part.get("pre_weights") or []) + (part.get("post_weights") or []):
+                for name in (w["name"], *w.get("aliases", ())):
+                    if "${" in name:  # phi-1's head, stored as a block past the last
+                        continue
+                    checked += 1
+                    if is_vocabulary_name(prefix + name) != (w.get("vocabulary_axis") is not None):
+                        wrong.append(f"{f.stem}: {prefix + name}")
+    assert checked > 300 and wrong == []

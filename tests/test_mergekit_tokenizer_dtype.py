@@ -1,6 +1,6 @@
 """Vocabularies, chat templates and the compute dtype, against mergekit run in-process.
 
-Two tiny checkpoints (llama, and qwen2) whose word-level tokenizers share only part of their
+Two tiny checkpoints (llama, and qwen2; gpt_neox checked without mergekit) whose word-level tokenizers share only part of their
 vocabulary, in another order, each with its own special token: the output tokenizer (`union`,
 `base`, a model, the `tokenizer:` block with per-token sources, forcing and padding) holds
 mergekit's tokens, and every token's embedding and head row equals mergekit's. mergekit numbers
@@ -21,6 +21,7 @@ import torch
 import yaml
 from mergekit_oracle import load_all, make_zoo, run_mergekit, ulps
 
+from simmerge_ray.features.module_groups import is_vocabulary_name
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 from simmerge_ray.merge.chat_templates import NAMES
 from simmerge_ray.errors import ConfigError
@@ -45,10 +46,10 @@ def _tokenizer(words: list[str], special: str):
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Per architecture (llama, qwen2), models a and b: different vocabularies (30 tokens each,
+    """Per architecture (llama, qwen2, gpt_neox), models a and b: different vocabularies (30 tokens each,
     16 shared words)."""
     out = {}
-    for arch in ("llama", "qwen2"):
+    for arch in ("llama", "qwen2", "gpt_neox"):
         root = out[arch] = tmp_path_factory.mktemp(f"vocab-{arch}")
         for seed, name in enumerate(("a", "b"), start=1):
             tok = _tokenizer(WORDS[name], SPECIAL[name])
@@ -98,6 +99,33 @@ def test_vocabulary_matches_mergekit(pairs: dict[str, Path], tmp_path: Path, cas
     _check_vocabulary(cfg, pairs[arch], tmp_path, case)
 
 
+def test_gpt_neox_embedding_rows_follow_their_tokens(pairs: dict[str, Path], tmp_path: Path) -> None:
+    """GPT-NeoX's input embedding (`embed_in`) is re-indexed with its head: a union
+    merge's row of every word both models know is the weighted mean of their rows of that word.
+    Its embedding was merged by id before (the head re-indexed, the embedding not: 30 rows under a
+    config of the union's size). mergekit cannot run here as the oracle: its GPT-NeoX file asks for
+    `attention.bias`, which transformers no longer stores."""
+    from transformers import AutoTokenizer
+
+    root = pairs["gpt_neox"]
+    cfg = {"dtype": "float32", "merge_method": "linear", "tokenizer_source": "union",
+           "models": [{"model": str(root / "a"), "parameters": {"weight": 0.6}},
+                      {"model": str(root / "b"), "parameters": {"weight": 0.4}}]}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    run_merge(MergeSpec.load(tmp_path / "cfg.yaml"), tmp_path / "ours", ExecOptions())
+    out, a, b = (load_all(p) for p in (tmp_path / "ours", root / "a", root / "b"))
+    vo, va, vb = (AutoTokenizer.from_pretrained(p).get_vocab() for p in (tmp_path / "ours", root / "a", root / "b"))
+    rows = json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"]
+    both = sorted(set(va) & set(vb) - {"<unk>", "<s>", "</s>"})
+    assert len(both) == 16
+    vocabulary = sorted(n for n in out if out[n].shape[0] == rows)
+    assert vocabulary == ["gpt_neox.embed_in.weight", "lm_head.weight"] and rows > 30  # transformers names its head so
+    for name in vocabulary:
+        for w in both:
+            want = 0.6 * a[name][va[w]].float() + 0.4 * b[name][vb[w]].float()
+            torch.testing.assert_close(out[name][vo[w]], want, msg=f"{name} {w}")
+
+
 @pytest.mark.parametrize("case", ["union_linear", "model_source_ties_fp16"])
 def test_remapped_rows_merge_the_same_in_small_work_units(pair: Path, tmp_path: Path, case: str) -> None:
     """Tensors whose rows are remapped to the output vocabulary are merged whole: work units
@@ -134,7 +162,7 @@ def _check_vocabulary(cfg: dict, root: Path, tmp_path: Path, case: str) -> dict[
     assert rows == json.loads((mk / "config.json").read_text())["vocab_size"]
     for name in a:
         assert a[name].shape == b[name].shape, name
-        if "embed_tokens" in name or "lm_head" in name:
+        if is_vocabulary_name(name):
             assert a[name].shape[0] == rows
             for tok, i in vo.items():
                 if i >= rows:  # a special token the tokenizer's own files add back on load (both sides)
@@ -144,7 +172,7 @@ def _check_vocabulary(cfg: dict, root: Path, tmp_path: Path, case: str) -> dict[
         else:  # SLERP's float32 arithmetic may differ from mergekit's in the last bit
             torch.testing.assert_close(a[name], b[name], msg=f"{case} {name}")
     if case == "block_bf16":  # a forced zero row, and a row borrowed from another token of b
-        embed = a["model.embed_tokens.weight"]
+        embed = next(t for n, t in a.items() if n.endswith(("embed_tokens.weight", "embed_in.weight")))
         assert not embed[vo["<|tool|>"]].any()
         assert embed[vo["w3"]].any()
     return vo

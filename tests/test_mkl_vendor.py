@@ -91,25 +91,23 @@ def test_the_scripts_export_it_for_every_process_and_keep_a_users_preload(env: d
         assert path is not None and _dispatch({**env, "LD_PRELOAD": path})[0] > 0
 
 
-# `simmerge` started without the preload: what its command (here --help, which imports every
-# command module) leaves in the process, what a child it starts gets, and what a process that
+# `simmerge` started without the preload: what a command (a merge of a config that is not there:
+# one line, exit 2) leaves in the process, what a child it starts gets, and what a process that
 # imported torch first gets.
 _COMMAND = """
 import contextlib, io, os, subprocess, sys
 from simmerge_ray.cli import main
-with contextlib.redirect_stdout(io.StringIO()):
-    try:
-        main(["--help"])
-    except SystemExit:
-        pass
+with contextlib.redirect_stderr(io.StringIO()):
+    assert main(["merge", "absent.yaml", "--out", "merged"]) == 2
 child = subprocess.run([sys.executable, "-c", sys.argv[1]], capture_output=True, text=True, check=True).stdout
 print(os.environ.get("LD_PRELOAD", "-"), child.split()[0])
 exec(sys.argv[1])
 """
 _TOO_LATE = """
 import torch
-from simmerge_ray.mkl_vendor import activate
+from simmerge_ray.mkl_vendor import activate, activate_worker
 print(activate())
+activate_worker()
 """ + _DISPATCH
 
 
@@ -123,9 +121,9 @@ def test_simmerge_takes_it_for_itself_and_the_processes_it_starts(env: dict[str,
     preload, child_code, code, err = out
     assert preload == mkl_vendor_preload() and Path(preload).parent == tmp_path / "kernels"
     assert int(code) > 0 and int(child_code) == int(code) and float(err) < 1e-3
-    late = subprocess.run([sys.executable, "-c", _TOO_LATE], env=env, capture_output=True, text=True,
-                          check=True).stdout.split()
-    assert late[:2] == ["None", "0"]  # activate() did nothing; MKL's generic path
+    late = subprocess.run([sys.executable, "-c", _TOO_LATE], env=env, capture_output=True, text=True, check=True)
+    assert late.stdout.split()[:2] == ["None", "0"]  # activate() did nothing; MKL's generic path
+    assert "keeps MKL's generic kernels: torch was imported before the hook" in late.stderr  # as a worker says
     off = subprocess.run([sys.executable, "-c", _COMMAND, _DISPATCH], env={**env, SWITCH: "0"}, cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout.split()
     assert off[:3] == ["-", "0", "0"]  # nothing exported; the child's and its own generic path
@@ -151,11 +149,20 @@ print(libtorch_cpu().mkl_serv_cpu_detect(), ray.get(dispatch.remote()))
 """
 
 
+def test_the_hook_is_named_through_rays_own_variable() -> None:
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+    from simmerge_ray.mkl_vendor import HOOK_ENV
+
+    assert HOOK_ENV == WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+
 @pytest.mark.skipif(RECOGNISED or not HAS_CC, reason="nothing to preload, or no compiler to build it")
 def test_a_clusters_workers_take_it_from_their_driver(env: dict[str, str]) -> None:
     """A cluster whose nodes were started without the preload: the workers of a driver that has
-    it take it as they start (Ray's worker setup hook), so both dispatch alike; a driver without
-    it (SIMMERGE_MKL_VENDOR=0) leaves them as they are."""
+    it take it as they start (Ray's worker setup hook), through the GCS address and through Ray
+    Client (`ray://`, where Ray drops the runtime_env's hook field), so both dispatch alike; a
+    driver without it (SIMMERGE_MKL_VENDOR=0) leaves them as they are."""
     work = Path(tempfile.mkdtemp(prefix="rm-", dir="/tmp"))  # short: Ray's socket path limit
     env = {**env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     with startup_lock():
@@ -169,13 +176,14 @@ def test_a_clusters_workers_take_it_from_their_driver(env: dict[str, str]) -> No
     try:
         assert head.returncode == 0, started
         runs = {}
-        for name, extra in (("with", {}), ("without", {SWITCH: "0"})):
-            out = subprocess.run([sys.executable, "-c", _DRIVER, f"127.0.0.1:{gcs}"], env={**env, **extra},
+        for name, address, extra in (("with", f"127.0.0.1:{gcs}", {}), ("client", f"ray://127.0.0.1:{client}", {}),
+                                     ("without", f"127.0.0.1:{gcs}", {SWITCH: "0"})):
+            out = subprocess.run([sys.executable, "-c", _DRIVER, address], env={**env, **extra},
                                  capture_output=True, text=True, timeout=180)
             assert out.returncode == 0, out.stderr[-2000:]
             runs[name] = [int(v) for v in out.stdout.split()]
     finally:
         kill_group(head.pid, processes_naming(work))
         assert not reap(work)
-    assert runs["with"][0] > 0 and runs["with"][1] == runs["with"][0]
+    assert runs["with"][0] > 0 and runs["with"][1] == runs["with"][0] and runs["client"] == runs["with"]
     assert runs["without"] == [0, 0]

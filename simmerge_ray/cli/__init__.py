@@ -100,11 +100,12 @@ def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.Argumen
 def main(argv: list[str] | None = None) -> int:
     from simmerge_ray.mkl_vendor import activate
 
-    activate()  # before any command imports torch (on AMD CPUs: MKL's kernels for their instruction set)
-    from simmerge_ray.ray_session import set_verbose, shutdown_started_ray
-
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and not {"-h", "--help", "--version"} & set(argv):
+        activate()  # before the command imports torch (on AMD CPUs: MKL's kernels for their instruction set)
+    from simmerge_ray.ray_session import set_verbose, shutdown_started_ray
+
     modules = (SOLE_MODULE[command],) if command in SOLE_MODULE else COMMAND_MODULES
     parser = build_parser(modules)
     args, unknown = parser.parse_known_args(argv)

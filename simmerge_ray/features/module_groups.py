@@ -22,6 +22,20 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 
+# Tensors outside the blocks with one row per token: input embeddings and output heads (with their
+# biases), as mergekit's architecture files declare them (`vocabulary_axis`; tested against all of
+# them): a `tokenizer:` merge re-indexes their rows, and models of different vocabulary sizes are
+# compared on the rows they share.
+_VOCABULARY = re.compile(r"(embed_tokens|tok_embeddings|word_embeddings|(^|\.)wte|embed_in|embed_out|output_layer|"
+                         r"vocab_projector|predictions\.(decoder\.weight|bias)$|(^|\.)(backbone\.)?embeddings\.weight$|"
+                         r"(^|\.)lm_head\.((decoder|linear)\.)?(weight|bias)$|^output\.weight$|(^|\.)shared\.weight$)")
+
+
+def is_vocabulary_name(tensor_name: str) -> bool:
+    """Whether a tensor is named as an embedding or head over the vocabulary (its rows decide)."""
+    return _VOCABULARY.search(tensor_name) is not None
+
+
 def module_group(tensor_name: str) -> str:
     """'model.layers.3.self_attn.q_proj.weight' -> 'attn'; unknown modules -> 'other'."""
     for group, pattern in _PATTERNS:

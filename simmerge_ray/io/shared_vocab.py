@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simmerge_ray.errors import CheckpointError
-from simmerge_ray.features.module_groups import module_group
+from simmerge_ray.features.module_groups import is_vocabulary_name
 from simmerge_ray.io.checkpoint import Checkpoint
 from simmerge_ray.io.checkpoint_files import read_config
 
@@ -29,7 +29,7 @@ class SharedVocab:
 
     def is_vocab_tensor(self, index: int, tensor: str, shape: Sequence[int]) -> bool:
         """An embedding or output head with one row per token of checkpoint `index`."""
-        return bool(shape) and shape[0] == self.sizes[index] and module_group(tensor) == "embed"
+        return bool(shape) and shape[0] == self.sizes[index] and is_vocabulary_name(tensor)
 
     def shape(self, index: int, tensor: str, shape: Sequence[int]) -> tuple[int, ...]:
         """The shape compared: a vocabulary tensor's first `rows` rows, any other tensor whole."""

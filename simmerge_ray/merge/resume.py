@@ -50,8 +50,9 @@ log = logging.getLogger(__name__)
 # 3: checkpoints keyed by their files' identity (2: by content fingerprint; 1: a plan's chain of steps)
 KEY_FORMAT = 3
 # The engine's part of every key: bump it when a merge method's numbers or the files of an output
-# change, so that no stage an older engine kept is reused.
-ENGINE_FORMAT = 1
+# change, so that no stage an older engine kept is reused. 2: base-model names read under the full
+# model's (GPT-2 as published), BLOOM/Falcon/GPT-NeoX embeddings re-indexed by `tokenizer:`.
+ENGINE_FORMAT = 2
 KEY_SUFFIX = ".key.json"
 TOKENIZER_KEYWORDS = frozenset({"base", "union"})
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from simmerge_ray.errors import CheckpointError, ConfigError
+from simmerge_ray.features.module_groups import is_vocabulary_name
 from simmerge_ray.io.architecture import check_same_model_type
 from simmerge_ray.io.checkpoint import Checkpoint, layer_index, merged_head, with_layer_index
 from simmerge_ray.io.safetensors_format import FLOAT_DTYPES
@@ -165,12 +166,14 @@ def output_layers(spec: MergeSpec, ckpts: dict[str, Checkpoint]) -> int | dict[s
 
 
 def is_vocabulary(name: str, ck: Checkpoint) -> bool:
-    """An embedding or head tensor whose rows are the model's tokens (mergekit's vocabulary axis 0)."""
+    """An embedding or head tensor (or a head's bias) whose rows are the model's tokens (mergekit's
+    vocabulary axis 0). BLOOM's and Falcon's `word_embeddings` and GPT-NeoX's `embed_in` were not
+    taken for one: a `tokenizer:` merge re-indexed their heads but not their embeddings."""
     entry = ck.entries.get(name)
     size = ck.config.get("vocab_size")
-    return (layer_index(name) is None and entry is not None and len(entry.shape) == 2
-            and any(k in name for k in ("embed_tokens", "lm_head", "embed_out", "wte"))
-            and (not isinstance(size, int) or entry.shape[0] == size))
+    return (layer_index(name) is None and entry is not None and is_vocabulary_name(name)
+            and (entry.shape[:1] == (size,) and len(entry.shape) <= 2 if isinstance(size, int)
+                 else len(entry.shape) == 2))
 
 
 def plan_tensors(spec: MergeSpec, ckpts: dict[str, Checkpoint], vocab: BuiltVocabulary | None = None, *,

@@ -110,7 +110,7 @@ class PlanEvaluator:
         if vocab is not None:
             config.vocab_size = vocab.rows
         self.model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-        # Merged under their stored names (stochastic arms seed each tensor's masks by its name, as
+        # Merged under their names as Checkpoint reads them (stochastic arms seed each tensor's masks by its name, as
         # `merge` does), loaded under the model's (GPT-NeoX's embed_out is its lm_head).
         self.rename = functools.cache(loaded_name(self.model))
         # Heads the scoring model ties to its embedding: no model stores them, and loading the
