@@ -303,3 +303,27 @@ def test_vocabulary_tensors_are_those_mergekit_declares() -> None:
                     if is_vocabulary_name(prefix + name) != (w.get("vocabulary_axis") is not None):
                         wrong.append(f"{f.stem}: {prefix + name}")
     assert checked > 300 and wrong == []
+
+
+def test_block_tensors_are_found_where_mergekit_finds_them() -> None:
+    """Every block tensor of mergekit's one-module architecture files (its layer templates, aliases
+    included: GPT-2's unprefixed `h.3.`) is taken for a tensor of that block; a frankenmerge
+    renumbers and a depth check counts exactly those."""
+    import json
+
+    import mergekit
+
+    from simmerge_ray.io.checkpoint import layer_index
+
+    root = Path(mergekit.__file__).parent / "_data" / "architectures"
+    checked, wrong = 0, []
+    for f in sorted(root.glob("*.json")):
+        arch = json.loads(f.read_text())
+        if "modules" in arch:  # modular: each module's blocks by its layout (modules.py)
+            continue
+        for w in (arch.get("layer_templates") or {}).get("weights", []):
+            for name in (w["name"], *w.get("aliases", ())):
+                checked += 1
+                if layer_index(name.replace("${layer_index}", "3")) != 3:
+                    wrong.append(f"{f.stem}: {name}")
+    assert checked > 600 and wrong == []
