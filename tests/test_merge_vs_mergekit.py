@@ -279,9 +279,9 @@ def test_gpt2_as_published_merges_as_mergekit_merges_it(tmp_path: Path, case: st
 def test_vocabulary_tensors_are_those_mergekit_declares() -> None:
     """Every tensor outside the blocks that mergekit's architecture files name (aliases and module
     prefixes included) is taken for a vocabulary tensor (re-indexed by a `tokenizer:` merge,
-    compared on shared rows) exactly where mergekit declares a vocabulary axis: BLOOM's and
-    Falcon's `word_embeddings`, GPT-NeoX's `embed_in`, InternLM2's `output` and T5's `shared`
-    were not."""
+    compared on shared rows) exactly where mergekit declares a vocabulary axis: Falcon's
+    `word_embeddings`, GPT-NeoX's `embed_in`, InternLM2's `output` and T5's `shared` were not.
+    BLOOM (no mergekit file) names its embedding as Falcon does, its LayerNorm beside it not."""
     import json
 
     import mergekit
@@ -292,7 +292,7 @@ def test_vocabulary_tensors_are_those_mergekit_declares() -> None:
     checked, wrong = 0, []
     for f in sorted(root.glob("*.json")):
         arch = json.loads(f.read_text())
-        parts = ([(m["architecture"], m.get("weight_prefix") or "") for m in arch["modules"].values()]
+        parts = ([(m["architecture"], (m.get("weight_prefix") or "").rstrip(".") + ".") for m in arch["modules"].values()]
                  if "modules" in arch else [(arch, "")])
         for part, prefix in parts:
             for w in (part.get("pre_weights") or []) + (part.get("post_weights") or []):
@@ -300,9 +300,16 @@ def test_vocabulary_tensors_are_those_mergekit_declares() -> None:
                     if "${" in name:  # phi-1's head, stored as a block past the last
                         continue
                     checked += 1
-                    if is_vocabulary_name(prefix + name) != (w.get("vocabulary_axis") is not None):
-                        wrong.append(f"{f.stem}: {prefix + name}")
+                    full = (prefix + name).lstrip(".")
+                    if is_vocabulary_name(full) != (w.get("vocabulary_axis") is not None):
+                        wrong.append(f"{f.stem}: {full}")
     assert checked > 300 and wrong == []
+    # Names of other models, and look-alikes that are norms, not vocabulary tables
+    assert all(map(is_vocabulary_name, ("transformer.word_embeddings.weight", "transformer.tokens_embed.weight",
+                                        "transformer.word_embedding.weight", "generator_lm_head.weight", "wte.weight",
+                                        "lm_head.bias")))
+    assert not any(map(is_vocabulary_name, ("transformer.word_embeddings_layernorm.weight", "model.output_layernorm.weight",
+                                            "embed_out_norm.weight", "transformer.wpe.weight", "lm_head.ln.weight")))
 
 
 def test_block_tensors_are_found_where_mergekit_finds_them() -> None:

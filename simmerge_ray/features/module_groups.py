@@ -26,9 +26,10 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 # biases), as mergekit's architecture files declare them (`vocabulary_axis`; tested against all of
 # them): a `tokenizer:` merge re-indexes their rows, and models of different vocabulary sizes are
 # compared on the rows they share.
-_VOCABULARY = re.compile(r"(embed_tokens|tok_embeddings|word_embeddings|(^|\.)wte|embed_in|embed_out|output_layer|"
-                         r"vocab_projector|predictions\.(decoder\.weight|bias)$|(^|\.)(backbone\.)?embeddings\.weight$|"
-                         r"(^|\.)lm_head\.((decoder|linear)\.)?(weight|bias)$|^output\.weight$|(^|\.)shared\.weight$)")
+_VOCABULARY = re.compile(r"(^|\.)(embed_tokens|tok_embeddings|tokens_embed|word_embeddings?|wte|embed_in|embed_out|"
+                         r"output_layer|vocab_projector|shared|embeddings)\.(weight|bias)$|"
+                         r"(^|\.)predictions\.(decoder\.weight|bias)$|(^|[._])lm_head\.((decoder|linear)\.)?(weight|bias)$|"
+                         r"^output\.weight$")
 
 
 def is_vocabulary_name(tensor_name: str) -> bool:

@@ -170,7 +170,7 @@ def is_vocabulary(name: str, ck: Checkpoint) -> bool:
     vocabulary axis 0). BLOOM's and Falcon's `word_embeddings` and GPT-NeoX's `embed_in` were not
     taken for one: a `tokenizer:` merge re-indexed their heads but not their embeddings."""
     entry = ck.entries.get(name)
-    size = ck.config.get("vocab_size")
+    size = ck.config.get("vocab_size") or (ck.config.get("text_config") or {}).get("vocab_size")  # Mistral3's
     return (layer_index(name) is None and entry is not None and is_vocabulary_name(name)
             and (entry.shape[:1] == (size,) and len(entry.shape) <= 2 if isinstance(size, int)
                  else len(entry.shape) == 2))
