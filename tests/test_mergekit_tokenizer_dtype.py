@@ -24,7 +24,7 @@ from mergekit_oracle import load_all, make_zoo, run_mergekit, ulps
 from simmerge_ray.features.module_groups import is_vocabulary_name
 from simmerge_ray.io.synthetic import SyntheticSpec, make_checkpoint
 from simmerge_ray.merge.chat_templates import NAMES
-from simmerge_ray.errors import ConfigError
+from simmerge_ray.errors import ConfigError, SimMergeError
 from simmerge_ray.merge.config import MergeSpec
 from simmerge_ray.merge.executor import ExecOptions, run_merge
 
@@ -459,3 +459,26 @@ def test_the_written_config_names_dtypes_as_mergekit_reads_them(pair: Path, tmp_
     ours, theirs = load_all(tmp_path / "ours"), load_all(tmp_path / "mk")
     assert ours.keys() == theirs.keys() and all(ours[n].dtype == torch.float16 for n in ours)
     assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+def test_an_embedding_shorter_than_its_tokenizer_is_one_line(pair: Path, tmp_path: Path) -> None:
+    """A model whose embedding has fewer rows than its tokenizer and config name (a truncated
+    checkpoint): a `tokenizer:` merge, which gathers each model's rows by its tokens' ids, refuses
+    it before any tensor, naming the model and the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    short = tmp_path / "short"
+    _copy_model(pair / "b", short)
+    weights = next(short.glob("*.safetensors"))
+    state = load_file(weights)
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:20].clone()
+    save_file(state, weights)
+    cfg = {"merge_method": "linear", "tokenizer_source": "union",
+           "models": [{"model": str(pair / "a"), "parameters": {"weight": 0.5}},
+                      {"model": str(short), "parameters": {"weight": 0.5}}]}
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SimMergeError) as err:
+        run_merge(MergeSpec.load(tmp_path / "short.yaml"), tmp_path / "out", ExecOptions())
+    msg = str(err.value)
+    assert "\n" not in msg and "model.embed_tokens.weight" in msg and str(short) in msg, msg
+    assert not (tmp_path / "out").exists()
