@@ -48,8 +48,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     own processes out of its session log files. A variable the user set wins. A HOST:PORT
     address (or `auto`) that accepts no connection within SIMMERGE_RAY_CONNECT_TIMEOUT_S seconds
     (default 60: a head still starting gets that long) is one ConfigError line naming it, not
-    Ray's own retries, which wait some 14 minutes (wait_reachable). Where this process has
-    mkl_vendor's library, the workers of a cluster it joins take it as they start.
+    Ray's own retries, which wait some 14 minutes (wait_reachable). Where this process's MKL
+    dispatches by instruction set (mkl_vendor's library, or an Intel CPU), the workers of a
+    cluster it joins load that library as they start (mkl_vendor.worker_runtime_env).
     """
     import ray
 

@@ -29,7 +29,7 @@ from simmerge_ray.io.side_files import has_loadable_tokenizer
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")  # `h.0.` of a base model's own save too
 
 # The attribute that holds the base model in each model_type's causal LM (transformers'
-# base_model_prefix; tests/test_checkpoint_names.py checks them against it). Some checkpoints store
+# base_model_prefix; tests/test_checkpoint_io.py checks them against it). Some checkpoints store
 # a causal LM's tensors as its base model names them (`h.0.attn.c_attn.weight`: GPT-2 and BLOOM
 # as their authors published them), fine-tunes saved from the full model with the prefix
 # (`transformer.h.0...`); read with it, as mergekit's aliases read them, the two merge. Only the
