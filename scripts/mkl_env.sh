@@ -1,5 +1,5 @@
 # Sourced by demo.sh and test.sh after setup.sh (or by you, from any folder, before Python that
-# imports torch before simmerge_ray, or `ray start`): on CPUs whose vendor torch's MKL does not recognise (AMD),
+# uses simmerge_ray as a library, or `ray start`): on CPUs whose vendor torch's MKL does not recognise (AMD),
 # every process started from this shell preloads simmerge_ray/mkl_vendor.c, so MKL takes its
 # kernels for the CPU's instruction set (see simmerge_ray/mkl_vendor.py; SIMMERGE_MKL_VENDOR=0: not).
 # It asks the repository's .venv python (else ${PYTHON:-python3}), and keeps

@@ -104,6 +104,7 @@ def test_layer_index() -> None:
     assert layer_index("h.3.attn.c_attn.weight") == 3  # a base model's own save (GPT-2 as published)
     assert layer_index("model.embed_tokens.weight") is None
     assert layer_index("with.3.x") is None and layer_index("model.layers_norm.weight") is None
+    assert layer_index("layers.0.wte.weight") is None  # phi-1's mixformer: its embedding, not a block
 
 
 def test_base_model_prefixes_are_transformers_own() -> None:

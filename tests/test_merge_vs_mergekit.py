@@ -279,8 +279,9 @@ def test_gpt2_as_published_merges_as_mergekit_merges_it(tmp_path: Path, case: st
 def test_vocabulary_tensors_are_those_mergekit_declares() -> None:
     """Every tensor outside the blocks that mergekit's architecture files name (aliases and module
     prefixes included) is taken for a vocabulary tensor (re-indexed by a `tokenizer:` merge,
-    compared on shared rows) exactly where mergekit declares a vocabulary axis: Falcon's
-    `word_embeddings`, GPT-NeoX's `embed_in`, InternLM2's `output` and T5's `shared` were not.
+    compared on shared rows) exactly where mergekit declares a vocabulary axis (phi-1's templated
+    head aside): Falcon's `word_embeddings`, GPT-NeoX's `embed_in`, InternLM2's `output`, ChatGLM's
+    `output_layer` and T5's `shared`, among others, were not.
     BLOOM (no mergekit file) names its embedding as Falcon does, its LayerNorm beside it not."""
     import json
 
@@ -326,8 +327,8 @@ def test_block_tensors_are_found_where_mergekit_finds_them() -> None:
     checked, wrong = 0, []
     for f in sorted(root.glob("*.json")):
         arch = json.loads(f.read_text())
-        if "modules" in arch:  # modular: each module's blocks by its layout (modules.py)
-            continue
+        if "modules" in arch or arch["model_type"] == "mixformer-sequential":  # modular: by its layout
+            continue  # (modules.py); phi-1's mixformer (remote code): embedding and head at layers.0/N+1
         for w in (arch.get("layer_templates") or {}).get("weights", []):
             for name in (w["name"], *w.get("aliases", ())):
                 checked += 1

@@ -26,7 +26,10 @@ from simmerge_ray.io.digest_cache import file_digest
 from simmerge_ray.io.safetensors_format import DTYPE_BYTES, DTYPE_TO_TORCH, TORCH_TO_DTYPE, TensorEntry, read_header
 from simmerge_ray.io.side_files import has_loadable_tokenizer
 
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")  # `h.0.` of a base model's own save too
+# A block's tensors: `model.layers.7.`, and GPT-2's and BLOOM's `h.7.` as published (no prefix). A
+# name that starts with `layers.` is not one: phi-1's mixformer stores its embedding and head as
+# `layers.0.` and `layers.N+1.` around its blocks, and is merged as tensors outside blocks.
+_LAYER_RE = re.compile(r"(?:^h|\.(?:layers|h|blocks|layer))\.(\d+)\.")
 
 # The attribute that holds the base model in each model_type's causal LM (transformers'
 # base_model_prefix; tests/test_checkpoint_io.py checks them against it). Some checkpoints store

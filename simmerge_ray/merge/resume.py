@@ -51,8 +51,8 @@ log = logging.getLogger(__name__)
 KEY_FORMAT = 3
 # The engine's part of every key: bump it when a merge method's numbers or the files of an output
 # change, so that no stage an older engine kept is reused. 2: base-model names read under the full
-# model's (GPT-2 as published); embeddings (BLOOM/Falcon/GPT-NeoX/InternLM2) and heads' biases
-# re-indexed by `tokenizer:`.
+# model's (GPT-2 as published); every vocabulary tensor mergekit declares (Falcon/BLOOM, GPT-NeoX,
+# InternLM2, ChatGLM embeddings and heads, heads' biases) re-indexed by `tokenizer:`.
 ENGINE_FORMAT = 2
 KEY_SUFFIX = ".key.json"
 TOKENIZER_KEYWORDS = frozenset({"base", "union"})
