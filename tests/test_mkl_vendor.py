@@ -181,10 +181,12 @@ def test_a_clusters_workers_take_it_from_their_driver(env: dict[str, str]) -> No
         runs = {}
         for name, address, extra in (("with", f"127.0.0.1:{gcs}", {}), ("client", f"ray://127.0.0.1:{client}", {}),
                                      ("without", f"127.0.0.1:{gcs}", {SWITCH: "0"})):
-            for _ in range(3):  # Ray Client's per-client server fails to start 1 run in 5-8 (grpc: epoll_wait EBADF)
+            # Ray Client's per-client server fails to start 1 run in 5-8 here, with or without the hook
+            # (grpc's epoll_wait EBADF, or a zombie the proxy asks for its command line): connect again.
+            for _ in range(3):
                 out = subprocess.run([sys.executable, "-c", _DRIVER, address], env={**env, **extra},
                                      capture_output=True, text=True, timeout=180)
-                if "Starting Ray client server failed" not in out.stderr:
+                if "Initialization failure from server" not in out.stderr:
                     break
             logs = "".join(f"\n{f.name}: {f.read_text()[-800:]}" for f in work.glob("session_2*/logs/*client_server*"))
             assert out.returncode == 0, out.stderr[-2000:] + logs  # Ray Client's own logs, where it failed
