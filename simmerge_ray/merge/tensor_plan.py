@@ -283,6 +283,7 @@ def _remap(spec: MergeSpec, ckpts: dict[str, Checkpoint], sl: OutputSlice, names
     assert spec.tokenizer is not None
     models = [s.model.ref for s in sl.sources]
     explicit, forced = token_rows(spec.tokenizer, vocab, spec.source)
+    rows = {m: ckpts[m].entries[n].shape[0] for m, n in names.items()}  # `names`: the stored names read
     for tid, src in explicit.items():
         if src.model is None:
             continue
@@ -290,15 +291,14 @@ def _remap(spec: MergeSpec, ckpts: dict[str, Checkpoint], sl: OutputSlice, names
         where = f"{spec.source}: tokenizer.tokens.{word}.source"
         if src.model not in names:
             raise ConfigError(f"{where}: model {src.model!r} is not a source of {names[models[0]]!r}")
-        n_rows = ckpts[src.model].stored_entry(names[src.model]).shape[0]
-        if src.row >= n_rows:
-            raise ConfigError(f"{where}: row {src.row} is past the {n_rows} rows of {src.model!r}'s "
+        if src.row >= rows[src.model]:
+            raise ConfigError(f"{where}: row {src.row} is past the {rows[src.model]} rows of {src.model!r}'s "
                               f"{names[src.model]!r}")
     perms = {m: vocab.perms[m] for m in models}
     for m in models:  # a truncated checkpoint: an IndexError in a worker otherwise
-        n_rows, need = ckpts[m].stored_entry(names[m]).shape[0], max(perms[m], default=-1) + 1
-        if need > n_rows:
-            raise CheckpointError(f"{ckpts[m].path}: tensor {names[m]!r} has {n_rows} rows, but model {m!r}'s "
+        need = max(perms[m], default=-1) + 1
+        if need > rows[m]:
+            raise CheckpointError(f"{ckpts[m].path}: tensor {names[m]!r} has {rows[m]} rows, but model {m!r}'s "
                                   f"tokenizer and config name ids up to {need - 1}")
     base = sl.base.ref if sl.base is not None else None
     return VocabRemap(vocab.rows, len(vocab.vocab), perms, row_sources(perms, models, base, explicit, forced), forced)
